@@ -1,0 +1,182 @@
+//! Length-prefixed framing: a 4-byte big-endian length, then that many bytes of one
+//! protobuf message.
+//!
+//! The decoder keeps "not enough bytes yet" (`Ok(None)`) apart from "these bytes can
+//! never form a valid frame" (`Err`), and checks the announced length against its
+//! limit before it reserves a single byte for the body, so a peer cannot make the
+//! relay allocate by announcing a huge frame.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub use crate::limits::DEFAULT_MAX_FRAME;
+
+/// Bytes in the length prefix.
+pub const HEADER_LEN: usize = 4;
+
+/// A frame that can never be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The announced length is over the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The decoder's limit.
+        max: usize,
+    },
+    /// The body is not a valid message of the expected type.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] prost::DecodeError),
+}
+
+/// Splits a byte stream into frames of at most `max` bytes each.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    max: usize,
+}
+
+impl Decoder {
+    /// A decoder accepting frame bodies of up to `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Decoder { max }
+    }
+
+    /// The largest body this decoder accepts.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Takes the next whole frame body off the front of `buf`.
+    ///
+    /// `Ok(None)` means more bytes are needed; `buf` then has capacity reserved for the
+    /// rest of the frame (never more than the limit).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        let Some(header) = buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let mut len_bytes = [0u8; HEADER_LEN];
+        len_bytes.copy_from_slice(header);
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        let total = HEADER_LEN + len;
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        buf.advance(HEADER_LEN);
+        Ok(Some(buf.split_to(len).freeze()))
+    }
+
+    /// Takes the next whole frame off `buf` and decodes it as `M`.
+    pub fn decode_message<M: prost::Message + Default>(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<M>, FrameError> {
+        match self.decode(buf)? {
+            Some(body) => Ok(Some(M::decode(body)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Appends `msg` to `out` as one frame.
+pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
+    let len = msg.encoded_len();
+    out.reserve(HEADER_LEN + len);
+    // Frames are bounded far below 4 GiB by every sender's own limit.
+    out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+    // Cannot fail: capacity was reserved above.
+    let _ = msg.encode(out);
+}
+
+/// The encoded size of `msg` as one frame, header included.
+pub fn encoded_len<M: prost::Message>(msg: &M) -> usize {
+    HEADER_LEN + msg.encoded_len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1;
+    use proptest::prelude::*;
+
+    fn ping(id: u64) -> v1::ClientFrame {
+        v1::ClientFrame {
+            request_id: id,
+            body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
+        }
+    }
+
+    #[test]
+    fn incomplete_is_not_an_error() {
+        let mut wire = BytesMut::new();
+        encode(&ping(1), &mut wire);
+        let mut dec = Decoder::new(1024);
+        let mut partial = BytesMut::from(&wire[..wire.len() - 1]);
+        assert!(dec.decode(&mut partial).expect("valid prefix").is_none());
+        let mut short_header = BytesMut::from(&wire[..2]);
+        assert!(dec
+            .decode(&mut short_header)
+            .expect("valid prefix")
+            .is_none());
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_before_allocation() {
+        let mut wire = BytesMut::new();
+        wire.put_u32(u32::MAX);
+        let mut dec = Decoder::new(1024);
+        let cap_before = wire.capacity();
+        match dec.decode(&mut wire) {
+            Err(FrameError::TooLarge { len, max }) => {
+                assert_eq!(len, u32::MAX as usize);
+                assert_eq!(max, 1024);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(wire.capacity(), cap_before, "no allocation for the body");
+    }
+
+    #[test]
+    fn garbage_body_is_malformed() {
+        let mut wire = BytesMut::new();
+        wire.put_u32(3);
+        wire.put_slice(&[0xff, 0xff, 0xff]);
+        let mut dec = Decoder::new(1024);
+        assert!(matches!(
+            dec.decode_message::<v1::ClientFrame>(&mut wire),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn frames_survive_any_split(ids in proptest::collection::vec(any::<u64>(), 1..20),
+                                    chunk in 1usize..64) {
+            let mut wire = BytesMut::new();
+            for id in &ids {
+                encode(&ping(*id), &mut wire);
+            }
+            let mut dec = Decoder::new(1024);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for piece in wire.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                while let Some(msg) = dec.decode_message::<v1::ClientFrame>(&mut buf)? {
+                    got.push(msg.request_id);
+                }
+            }
+            prop_assert_eq!(got, ids);
+            prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut dec = Decoder::new(256);
+            while let Ok(Some(_)) = dec.decode_message::<v1::ClientFrame>(&mut buf) {}
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Tern wire protocol: the protobuf messages exchanged between clients and relays,
+//! the length-prefixed frame codec, validated identifiers, and the byte layouts
+//! that devices sign.
+//!
+//! This crate holds wire types only: no cryptography, no storage, no I/O policy.
+//!
+//! # Layout
+//! - [`v1`]: the generated prost types for `proto/tern.proto`.
+//! - [`frame`]: length-prefixed framing, with the size limit checked before any
+//!   allocation, and "incomplete" kept apart from "invalid".
+//! - [`ids`]: [`AccountId`], [`DeviceId`], [`MessageId`], [`DeviceAddress`], each
+//!   checked when built from wire bytes.
+//! - [`auth`]: the exact bytes an identity or device key signs.
+//! - [`limits`]: protocol constants and default limits.
+//!
+//! # Quick start
+//! ```
+//! use bytes::BytesMut;
+//! use tern_proto::{frame, v1};
+//!
+//! let ping = v1::ClientFrame {
+//!     request_id: 7,
+//!     body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
+//! };
+//! let mut wire = BytesMut::new();
+//! frame::encode(&ping, &mut wire);
+//!
+//! let mut decoder = frame::Decoder::new(frame::DEFAULT_MAX_FRAME);
+//! let decoded: v1::ClientFrame = decoder.decode_message(&mut wire)?.expect("one whole frame");
+//! assert_eq!(decoded, ping);
+//! # Ok::<(), tern_proto::frame::FrameError>(())
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod frame;
+pub mod ids;
+pub mod limits;
+
+pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
+
+/// The generated protobuf types of `tern.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/tern.v1.rs"));
+}
+
+/// The ALPN protocol id every Tern connection negotiates.
+pub const ALPN: &[u8] = b"tern/1";

@@ -1,0 +1,19 @@
+//! Protocol constants and the default limits a relay starts with.
+
+/// Length of an account id.
+pub const ACCOUNT_ID_LEN: usize = 16;
+/// Length of a message id.
+pub const MESSAGE_ID_LEN: usize = 16;
+/// Length of an Ed25519 public key.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of the TLS exporter value a device signs to authenticate.
+pub const EXPORTER_LEN: usize = 32;
+
+/// Default largest envelope payload a relay accepts: 256 KiB.
+pub const DEFAULT_MAX_ENVELOPE: usize = 256 * 1024;
+/// Default largest frame: room for a batch of envelopes plus framing.
+pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
+/// No relay keeps a message longer than this: 30 days, in milliseconds.
+pub const MAX_MESSAGE_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
