@@ -32,11 +32,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod auth;
 pub mod frame;
 pub mod ids;
 pub mod limits;
 
+pub use address::{Fingerprint, RelayAddress};
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 
 /// The generated protobuf types of `tern.v1`.
@@ -47,3 +49,15 @@ pub mod v1 {
 
 /// The ALPN protocol id every Tern connection negotiates.
 pub const ALPN: &[u8] = b"tern/1";
+
+/// QUIC application close codes a relay uses.
+pub mod close {
+    /// Normal close.
+    pub const NORMAL: u32 = 0;
+    /// The peer broke the protocol (an oversized frame, no control stream).
+    pub const PROTOCOL_ERROR: u32 = 1;
+    /// A newer connection of the same device took over its deliveries.
+    pub const DISPLACED: u32 = 2;
+    /// The relay is shutting down; reconnect later.
+    pub const SHUTTING_DOWN: u32 = 3;
+}

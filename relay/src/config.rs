@@ -1,0 +1,270 @@
+//! Relay configuration: defaults that run with no file at all, a TOML file for the
+//! rest, and command-line flags over both.
+//!
+//! ```toml
+//! data_dir = "./tern-data"
+//! listen = "127.0.0.1:7443"
+//! durability = "fsync"          # or "os"
+//! advertise_host = "relay.example.org"  # host in the printed address
+//!
+//! [tls]                         # omit for a self-signed certificate kept in data_dir
+//! cert = "/etc/tern/cert.pem"
+//! key = "/etc/tern/key.pem"
+//!
+//! [limits]
+//! max_envelope_bytes = 262144
+//! max_batch = 1024
+//! max_queued_messages = 20000   # per device
+//! max_queued_bytes = 268435456  # per device
+//! max_frame_bytes = 4194304
+//! max_connections = 10000
+//! max_requests_per_connection = 1024
+//! delivery_window = 256         # unacknowledged pushes per connection
+//!
+//! [expiry]
+//! message_ttl = "30days"        # at most 30 days
+//! sweep_interval = "1m"
+//! sweep_batch = 10000
+//!
+//! [storage]
+//! cache_mb = 256
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::commit::Durability;
+use crate::core::expiry::Ttl;
+use crate::core::limits::Limits;
+use crate::error::{Error, Result};
+
+/// The relay's configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database and the self-signed certificate live.
+    pub data_dir: PathBuf,
+    /// UDP address to listen on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Host name or IP put in the printed relay address; the listen IP if unset.
+    pub advertise_host: Option<String>,
+    /// When a send is acknowledged to its sender.
+    pub durability: Durability,
+    /// Certificate; self-signed when absent.
+    pub tls: TlsConfig,
+    /// Limits.
+    pub limits: LimitsConfig,
+    /// Expiry.
+    pub expiry: ExpiryConfig,
+    /// Storage tuning.
+    pub storage: StorageConfig,
+}
+
+/// A certificate chain and key in PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// Limits; see [`Limits`] for the mailbox ones.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest envelope payload.
+    pub max_envelope_bytes: usize,
+    /// Most envelopes in one send.
+    pub max_batch: usize,
+    /// Most messages queued per device.
+    pub max_queued_messages: u64,
+    /// Most payload bytes queued per device.
+    pub max_queued_bytes: u64,
+    /// Largest frame on the control stream.
+    pub max_frame_bytes: usize,
+    /// Most concurrent connections; more are refused.
+    pub max_connections: usize,
+    /// Most requests in progress per connection; the relay stops reading past it.
+    pub max_requests_per_connection: usize,
+    /// Most unacknowledged pushes per connection.
+    pub delivery_window: usize,
+}
+
+/// Expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExpiryConfig {
+    /// How long an undelivered message is kept; at most 30 days.
+    #[serde(with = "humantime_serde")]
+    pub message_ttl: Duration,
+    /// How often the sweeper deletes expired messages.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+    /// Messages deleted per sweeper step.
+    pub sweep_batch: usize,
+}
+
+/// Storage tuning.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Database page cache, MiB.
+    pub cache_mb: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./tern-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            advertise_host: None,
+            durability: Durability::Fsync,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            expiry: ExpiryConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = Limits::default();
+        LimitsConfig {
+            max_envelope_bytes: l.max_envelope_bytes,
+            max_batch: l.max_batch,
+            max_queued_messages: l.max_queued_messages,
+            max_queued_bytes: l.max_queued_bytes,
+            max_frame_bytes: tern_proto::limits::DEFAULT_MAX_FRAME,
+            max_connections: 10_000,
+            max_requests_per_connection: 1024,
+            delivery_window: 256,
+        }
+    }
+}
+
+impl Default for ExpiryConfig {
+    fn default() -> Self {
+        ExpiryConfig {
+            message_ttl: Duration::from_millis(Ttl::MAX.as_millis()),
+            sweep_interval: Duration::from_secs(60),
+            sweep_batch: 10_000,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { cache_mb: 256 }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; keys it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values make sense together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        if self.message_ttl().is_none() {
+            return bad("expiry.message_ttl must be more than zero and at most 30 days");
+        }
+        if self.expiry.sweep_interval.is_zero() || self.expiry.sweep_batch == 0 {
+            return bad("expiry.sweep_interval and expiry.sweep_batch must be more than zero");
+        }
+        let l = &self.limits;
+        if l.max_envelope_bytes == 0 || l.max_batch == 0 || l.delivery_window == 0 {
+            return bad("limits must be more than zero");
+        }
+        if l.max_connections == 0 || l.max_requests_per_connection == 0 {
+            return bad("connection limits must be more than zero");
+        }
+        // A frame must hold at least one envelope of the largest size and its framing.
+        if l.max_frame_bytes < l.max_envelope_bytes + 1024 {
+            return bad("limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key go together");
+        }
+        Ok(())
+    }
+
+    /// The message TTL, if valid (more than zero, at most 30 days).
+    pub fn message_ttl(&self) -> Option<Ttl> {
+        let ttl = Ttl::new(self.expiry.message_ttl)?;
+        (u128::from(ttl.as_millis()) == self.expiry.message_ttl.as_millis()).then_some(ttl)
+    }
+
+    /// The mailbox limits.
+    pub fn mailbox_limits(&self) -> Limits {
+        Limits {
+            max_envelope_bytes: self.limits.max_envelope_bytes,
+            max_batch: self.limits.max_batch,
+            max_queued_messages: self.limits.max_queued_messages,
+            max_queued_bytes: self.limits.max_queued_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").expect("parses"), Config::default());
+        Config::default().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn parses_every_section() {
+        let c = Config::from_toml(
+            r#"
+            data_dir = "/var/lib/tern"
+            listen = "[::1]:0"
+            durability = "os"
+            [limits]
+            max_envelope_bytes = 1000
+            max_queued_messages = 5
+            [expiry]
+            message_ttl = "7days"
+            sweep_interval = "10s"
+            [storage]
+            cache_mb = 64
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(c.durability, Durability::Os);
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.limits.max_envelope_bytes, 1000);
+        assert_eq!(c.limits.delivery_window, 256, "unset keys keep defaults");
+        assert_eq!(c.message_ttl().map(Ttl::as_millis), Some(7 * 86_400_000));
+        assert_eq!(c.storage.cache_mb, 64);
+    }
+
+    #[test]
+    fn refuses_more_than_thirty_days_and_unknown_keys() {
+        let long = Config::from_toml("[expiry]\nmessage_ttl = \"31days\"");
+        assert!(matches!(long, Err(Error::Config(m)) if m.contains("30 days")));
+        assert!(Config::from_toml("[expiry]\nmessage_ttl = \"0s\"").is_err());
+        assert!(Config::from_toml("listne = \"127.0.0.1:1\"").is_err());
+        assert!(Config::from_toml("[tls]\ncert = \"a.pem\"").is_err());
+        assert!(Config::from_toml("[limits]\nmax_frame_bytes = 10").is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! Signature checks. Each successful check returns a proof value that only this module
+//! can build, and the mailbox API asks for those values: code that forgot to verify
+//! does not compile.
+//!
+//! Every check fails with the same opaque [`Error::Unauthorized`], whatever was wrong.
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use tern_proto::limits::EXPORTER_LEN;
+use tern_proto::{auth, AccountId, DeviceAddress};
+
+use crate::error::{Error, Result};
+
+/// Proof that this connection belongs to a device: it signed the connection's TLS
+/// exporter value with its registered key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthenticatedDevice {
+    address: DeviceAddress,
+}
+
+impl AuthenticatedDevice {
+    /// The device's mailbox address.
+    pub fn address(&self) -> &DeviceAddress {
+        &self.address
+    }
+}
+
+/// A registration whose two signatures verified: the identity vouches for the device
+/// key, and the device key signed this connection.
+#[derive(Debug)]
+pub struct VerifiedRegistration {
+    /// The account's identity key.
+    pub identity_key: [u8; 32],
+    /// The first device's key.
+    pub device_key: [u8; 32],
+}
+
+impl VerifiedRegistration {
+    /// Once the relay has stored the account, this connection is that device.
+    pub fn into_device(self, address: DeviceAddress) -> AuthenticatedDevice {
+        AuthenticatedDevice { address }
+    }
+}
+
+fn key(bytes: &[u8]) -> Result<VerifyingKey> {
+    let arr: &[u8; 32] = bytes.try_into().map_err(|_| Error::Unauthorized)?;
+    VerifyingKey::from_bytes(arr).map_err(|_| Error::Unauthorized)
+}
+
+fn verify(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> Result<()> {
+    let sig = Signature::from_slice(sig).map_err(|_| Error::Unauthorized)?;
+    key.verify_strict(msg, &sig)
+        .map_err(|_| Error::Unauthorized)
+}
+
+/// Checks a registration: `device_signature` by the identity over the device
+/// certificate (no account yet), and `session_proof` by the device over `exporter`.
+pub fn verify_registration(
+    identity_key: &[u8],
+    device_key: &[u8],
+    device_signature: &[u8],
+    session_proof: &[u8],
+    exporter: &[u8; EXPORTER_LEN],
+) -> Result<VerifiedRegistration> {
+    let identity = key(identity_key)?;
+    let device = key(device_key)?;
+    let device_bytes = device.to_bytes();
+    verify(
+        &identity,
+        &auth::device_certificate(None, &device_bytes),
+        device_signature,
+    )?;
+    verify(&device, &auth::session_proof(exporter), session_proof)?;
+    Ok(VerifiedRegistration {
+        identity_key: identity.to_bytes(),
+        device_key: device_bytes,
+    })
+}
+
+/// Checks that `identity_key` vouches for `device_key` joining `account`; returns the
+/// device key.
+pub fn verify_new_device(
+    identity_key: &[u8; 32],
+    account: &AccountId,
+    device_key: &[u8],
+    signature: &[u8],
+) -> Result<[u8; 32]> {
+    let identity = key(identity_key)?;
+    let device = key(device_key)?.to_bytes();
+    verify(
+        &identity,
+        &auth::device_certificate(Some(account), &device),
+        signature,
+    )?;
+    Ok(device)
+}
+
+/// Checks a device's signature over this connection's exporter value.
+pub fn authenticate(
+    address: DeviceAddress,
+    device_key: &[u8; 32],
+    exporter: &[u8; EXPORTER_LEN],
+    signature: &[u8],
+) -> Result<AuthenticatedDevice> {
+    verify(&key(device_key)?, &auth::session_proof(exporter), signature)?;
+    Ok(AuthenticatedDevice { address })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+    use tern_proto::DeviceId;
+
+    fn keys() -> (SigningKey, SigningKey) {
+        (
+            SigningKey::from_bytes(&[1; 32]),
+            SigningKey::from_bytes(&[2; 32]),
+        )
+    }
+
+    #[test]
+    fn registration_needs_both_signatures() {
+        let (identity, device) = keys();
+        let dev_pub = device.verifying_key().to_bytes();
+        let cert = identity
+            .sign(&auth::device_certificate(None, &dev_pub))
+            .to_bytes();
+        let exporter = [5u8; 32];
+        let proof = device.sign(&auth::session_proof(&exporter)).to_bytes();
+        let id_pub = identity.verifying_key().to_bytes();
+        assert!(verify_registration(&id_pub, &dev_pub, &cert, &proof, &exporter).is_ok());
+        // Proof from another connection.
+        assert!(verify_registration(&id_pub, &dev_pub, &cert, &proof, &[6; 32]).is_err());
+        // Certificate signed by the device itself.
+        let self_cert = device
+            .sign(&auth::device_certificate(None, &dev_pub))
+            .to_bytes();
+        assert!(verify_registration(&id_pub, &dev_pub, &self_cert, &proof, &exporter).is_err());
+        // Garbage lengths are errors, not panics.
+        assert!(verify_registration(&[1; 3], &dev_pub, &cert, &proof, &exporter).is_err());
+        assert!(verify_registration(&id_pub, &dev_pub, &cert[..10], &proof, &exporter).is_err());
+    }
+
+    #[test]
+    fn session_proof_is_bound_to_the_exporter() {
+        let (_, device) = keys();
+        let addr = DeviceAddress {
+            account: AccountId([1; 16]),
+            device: DeviceId::PRIMARY,
+        };
+        let exporter = [7u8; 32];
+        let sig = device.sign(&auth::session_proof(&exporter)).to_bytes();
+        let dev_pub = device.verifying_key().to_bytes();
+        assert_eq!(
+            authenticate(addr, &dev_pub, &exporter, &sig)
+                .map(|a| *a.address())
+                .ok(),
+            Some(addr)
+        );
+        assert!(matches!(
+            authenticate(addr, &dev_pub, &[8; 32], &sig),
+            Err(Error::Unauthorized)
+        ));
+        let other = SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes();
+        assert!(authenticate(addr, &other, &exporter, &sig).is_err());
+    }
+
+    #[test]
+    fn new_device_is_bound_to_the_account() {
+        let (identity, device) = keys();
+        let acct = AccountId([4; 16]);
+        let dev_pub = device.verifying_key().to_bytes();
+        let sig = identity
+            .sign(&auth::device_certificate(Some(&acct), &dev_pub))
+            .to_bytes();
+        let id_pub = identity.verifying_key().to_bytes();
+        assert_eq!(
+            verify_new_device(&id_pub, &acct, &dev_pub, &sig).ok(),
+            Some(dev_pub)
+        );
+        assert!(verify_new_device(&id_pub, &AccountId([5; 16]), &dev_pub, &sig).is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! The relay's rules, free of I/O: no sockets, no tokio, no clock reads. Time comes in
+//! as a `now` argument; storage is reached only by the shell that calls these.
+//!
+//! - [`limits`]: what a send may add to a mailbox.
+//! - [`expiry`]: when a message expires and whether it may still be delivered.
+//! - [`delivery`]: the per-connection window of unacknowledged deliveries.
+//! - [`auth`]: signature checks that yield [`auth::AuthenticatedDevice`] proof tokens.
+
+pub mod auth;
+pub mod delivery;
+pub mod expiry;
+pub mod limits;

@@ -1,0 +1,82 @@
+//! The relay's error type.
+
+use tern_proto::v1::ErrorCode;
+
+/// Result with the relay's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the relay. Request errors map to a wire
+/// [`ErrorCode`] with [`Error::code`]; their messages never hold identifiers or
+/// message bytes, so they are safe to send and to log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Not authenticated, a bad signature, or not allowed.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// No such account or device.
+    #[error("unknown recipient")]
+    UnknownRecipient,
+    /// The recipient's mailbox is at its limit; nothing of the request was queued.
+    #[error("mailbox full: {0}")]
+    MailboxFull(&'static str),
+    /// Something is larger than the relay accepts.
+    #[error("{what} of {size} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The relay is shutting down or at capacity.
+    #[error("unavailable: {0}")]
+    Unavailable(&'static str),
+    /// The storage backend failed.
+    #[error("storage: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The configuration is invalid.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// TLS or certificate setup failed.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// An I/O error outside storage.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// The wire code a client sees for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::BadRequest(_) => ErrorCode::BadRequest,
+            Error::Unauthorized => ErrorCode::Unauthorized,
+            Error::UnknownRecipient => ErrorCode::UnknownRecipient,
+            Error::MailboxFull(_) => ErrorCode::MailboxFull,
+            Error::TooLarge { .. } => ErrorCode::TooLarge,
+            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+
+    /// The text a client sees: internal details stay in the relay's logs.
+    pub fn client_message(&self) -> String {
+        match self.code() {
+            ErrorCode::Internal => "internal error".to_owned(),
+            _ => self.to_string(),
+        }
+    }
+}
+
+impl From<tern_proto::IdError> for Error {
+    fn from(e: tern_proto::IdError) -> Self {
+        Error::BadRequest(e.to_string())
+    }
+}

@@ -1,0 +1,450 @@
+//! One client connection: a control stream carrying pipelined requests up and
+//! responses and deliveries down.
+//!
+//! Three tasks share the work. The reader decodes frames and handles each request;
+//! sends run in their own tasks (they wait for a group commit) under a per-connection
+//! cap, so a slow disk slows the reader instead of growing memory. The writer
+//! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
+//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tern_proto::frame::{self, FrameError};
+use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
+use tern_proto::{close, DeviceAddress, MessageId};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{debug, warn};
+
+use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::delivery::DeliveryWindow;
+use crate::error::{Error, Result};
+use crate::hub::Hub;
+use crate::store::{NewMessage, StoredMessage};
+
+/// How long a new connection has to open its control stream.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Outgoing frames queued per connection before producers wait.
+const OUT_QUEUE: usize = 1024;
+/// Bytes the writer coalesces into one stream write.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Most sequence numbers in one ack.
+const MAX_ACK: usize = 4096;
+
+/// Per-connection settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnSettings {
+    pub(crate) max_frame: usize,
+    pub(crate) max_requests: usize,
+    pub(crate) delivery_window: usize,
+}
+
+struct AckCmd {
+    request_id: u64,
+    seqs: Vec<u64>,
+}
+
+struct Session {
+    conn: quinn::Connection,
+    hub: Arc<Hub>,
+    settings: Arc<ConnSettings>,
+    out: mpsc::Sender<v1::ServerFrame>,
+    requests: Arc<Semaphore>,
+    device: Option<AuthenticatedDevice>,
+    acks: Option<mpsc::Sender<AckCmd>>,
+    delivery: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Why the read loop stopped, and so how the connection is closed.
+enum End {
+    Finished,
+    Lost,
+    Protocol,
+    Shutdown,
+}
+
+/// Serves one connection until the client leaves, breaks the protocol, or the relay
+/// shuts down. Requests already being handled finish before the connection closes.
+pub(crate) async fn serve(
+    conn: quinn::Connection,
+    hub: Arc<Hub>,
+    settings: Arc<ConnSettings>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let (send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            debug!(error = %e, "connection ended before its control stream");
+            return;
+        }
+        Err(_) => {
+            conn.close(close::PROTOCOL_ERROR.into(), b"no control stream");
+            return;
+        }
+    };
+    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let writer = tokio::spawn(write_frames(send, out_rx));
+    let mut session = Session {
+        conn: conn.clone(),
+        hub,
+        requests: Arc::new(Semaphore::new(settings.max_requests)),
+        settings,
+        out,
+        device: None,
+        acks: None,
+        delivery: None,
+    };
+    let end = session.read_loop(recv, shutdown).await;
+    session.finish().await;
+    // The writer ends once every sender of its queue is gone.
+    drop(session);
+    let _ = writer.await;
+    let (code, reason): (u32, &[u8]) = match end {
+        End::Finished | End::Lost => (close::NORMAL, b"bye"),
+        End::Protocol => (close::PROTOCOL_ERROR, b"protocol error"),
+        End::Shutdown => (close::SHUTTING_DOWN, b"shutting down"),
+    };
+    conn.close(code.into(), reason);
+    debug!("connection closed");
+}
+
+impl Session {
+    async fn read_loop(
+        &mut self,
+        mut recv: quinn::RecvStream,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> End {
+        let mut decoder = frame::Decoder::new(self.settings.max_frame);
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        loop {
+            loop {
+                match decoder.decode_message::<v1::ClientFrame>(&mut buf) {
+                    Ok(Some(f)) => self.handle(f).await,
+                    Ok(None) => break,
+                    Err(FrameError::TooLarge { len, max }) => {
+                        let e = Error::TooLarge {
+                            what: "frame",
+                            size: len,
+                            max,
+                        };
+                        self.reply(0, Err(e)).await;
+                        return End::Protocol;
+                    }
+                    Err(FrameError::Malformed(_)) => {
+                        self.reply(0, Err(Error::BadRequest("malformed frame".into())))
+                            .await;
+                    }
+                }
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16 * 1024);
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return End::Shutdown,
+                read = recv.read_buf(&mut buf) => match read {
+                    Ok(0) => return End::Finished,
+                    Ok(_) => {}
+                    Err(_) => return End::Lost,
+                },
+            }
+        }
+    }
+
+    /// Waits for requests in progress, then stops the delivery task.
+    async fn finish(&mut self) {
+        let all = u32::try_from(self.settings.max_requests).unwrap_or(u32::MAX);
+        let _ = self.requests.acquire_many(all).await;
+        self.acks = None;
+        if let Some(d) = self.delivery.take() {
+            let _ = d.await;
+        }
+    }
+
+    async fn reply(&self, request_id: u64, result: Result<Reply>) {
+        let _ = self.out.send(response(request_id, result)).await;
+    }
+
+    async fn handle(&mut self, f: v1::ClientFrame) {
+        let id = f.request_id;
+        let Some(body) = f.body else {
+            return self
+                .reply(id, Err(Error::BadRequest("empty request".into())))
+                .await;
+        };
+        match body {
+            Body::Ping(_) => self.reply(id, Ok(Reply::Ping(v1::PingResponse {}))).await,
+            Body::Register(r) => {
+                let result = self.register(r).await;
+                self.reply(
+                    id,
+                    result.map(|(account_id, device_id)| {
+                        Reply::Register(v1::RegisterResponse {
+                            account_id,
+                            device_id,
+                        })
+                    }),
+                )
+                .await;
+                self.start_delivery();
+            }
+            Body::AddDevice(r) => {
+                let result = match r.account_id[..].try_into() {
+                    Ok(account) => {
+                        self.hub
+                            .add_device(&account, &r.device_key, &r.device_signature)
+                            .await
+                    }
+                    Err(e) => Err(Error::from(e)),
+                };
+                let reply =
+                    result.map(|d| Reply::AddDevice(v1::AddDeviceResponse { device_id: d.get() }));
+                self.reply(id, reply).await;
+            }
+            Body::Auth(r) => {
+                let result = self.authenticate(&r);
+                self.reply(
+                    id,
+                    result.map(|queued| Reply::Auth(v1::AuthResponse { queued })),
+                )
+                .await;
+                self.start_delivery();
+            }
+            Body::Send(r) => self.send(id, r).await,
+            Body::Ack(r) => self.ack(id, r.seqs).await,
+        }
+    }
+
+    fn exporter(&self, address: Option<&DeviceAddress>) -> Result<[u8; 32]> {
+        let context = tern_proto::auth::exporter_context(
+            address.map(|a| &a.account),
+            address.map(|a| a.device),
+        );
+        let mut out = [0u8; 32];
+        self.conn
+            .export_keying_material(&mut out, tern_proto::auth::EXPORTER_LABEL, &context)
+            .map_err(|_| Error::Tls("keying material exporter unavailable".into()))?;
+        Ok(out)
+    }
+
+    async fn register(&mut self, r: v1::RegisterRequest) -> Result<(Bytes, u32)> {
+        if self.device.is_some() {
+            return Err(Error::BadRequest("already authenticated".into()));
+        }
+        let exporter = self.exporter(None)?;
+        let verified = auth::verify_registration(
+            &r.identity_key,
+            &r.device_key,
+            &r.device_signature,
+            &r.session_proof,
+            &exporter,
+        )?;
+        let device = self.hub.register(verified).await?;
+        let addr = *device.address();
+        self.device = Some(device);
+        debug!("registered a new account");
+        Ok((
+            Bytes::copy_from_slice(addr.account.as_bytes()),
+            addr.device.get(),
+        ))
+    }
+
+    fn authenticate(&mut self, r: &v1::AuthRequest) -> Result<u64> {
+        if self.device.is_some() {
+            return Err(Error::BadRequest("already authenticated".into()));
+        }
+        let address = DeviceAddress::from_wire(&r.account_id, r.device_id)?;
+        let exporter = self.exporter(Some(&address))?;
+        let device = self.hub.authenticate(address, &exporter, &r.signature)?;
+        let queued = self.hub.usage(&device)?.messages;
+        self.device = Some(device);
+        Ok(queued)
+    }
+
+    /// Starts pushing once the connection has just been authenticated.
+    fn start_delivery(&mut self) {
+        let (Some(device), None) = (&self.device, &self.acks) else {
+            return;
+        };
+        let (acks, acks_rx) = mpsc::channel(64);
+        self.acks = Some(acks);
+        self.delivery = Some(tokio::spawn(deliver(
+            self.hub.clone(),
+            device.clone(),
+            self.settings.delivery_window,
+            self.out.clone(),
+            acks_rx,
+            self.conn.clone(),
+        )));
+    }
+
+    async fn send(&mut self, id: u64, r: v1::SendRequest) {
+        let Some(sender) = self.device.clone() else {
+            return self.reply(id, Err(Error::Unauthorized)).await;
+        };
+        let to = match DeviceAddress::from_wire(&r.recipient_account, r.recipient_device) {
+            Ok(to) => to,
+            Err(e) => return self.reply(id, Err(e.into())).await,
+        };
+        let msgs = match r
+            .envelopes
+            .into_iter()
+            .map(|e| {
+                Ok(NewMessage {
+                    message_id: MessageId::try_from(&e.message_id[..])?,
+                    payload: e.payload,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+        {
+            Ok(m) => m,
+            Err(e) => return self.reply(id, Err(e)).await,
+        };
+        // Past the cap, the reader waits here: backpressure instead of a growing queue.
+        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+            return;
+        };
+        let (hub, out) = (self.hub.clone(), self.out.clone());
+        tokio::spawn(async move {
+            let result = hub.send(&sender, to, &msgs).await;
+            let accepted = result.map(|n| Reply::Send(v1::SendResponse { accepted: n as u32 }));
+            let _ = out.send(response(id, accepted)).await;
+            drop(permit);
+        });
+    }
+
+    async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
+        if seqs.len() > MAX_ACK {
+            let e = Error::TooLarge {
+                what: "ack",
+                size: seqs.len(),
+                max: MAX_ACK,
+            };
+            return self.reply(id, Err(e)).await;
+        }
+        match &self.acks {
+            Some(acks) => {
+                let _ = acks
+                    .send(AckCmd {
+                        request_id: id,
+                        seqs,
+                    })
+                    .await;
+            }
+            None => self.reply(id, Err(Error::Unauthorized)).await,
+        }
+    }
+}
+
+fn response(request_id: u64, result: Result<Reply>) -> v1::ServerFrame {
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code() == v1::ErrorCode::Internal {
+                warn!(error = %e, "request failed");
+            } else {
+                debug!(error = %e, "request refused");
+            }
+            Reply::Error(v1::Error {
+                code: e.code() as i32,
+                message: e.client_message(),
+                retry_after_ms: 0,
+            })
+        }
+    };
+    v1::ServerFrame {
+        body: Some(v1::server_frame::Body::Response(v1::Response {
+            request_id,
+            result: Some(result),
+        })),
+    }
+}
+
+fn delivery(m: StoredMessage) -> v1::ServerFrame {
+    v1::ServerFrame {
+        body: Some(v1::server_frame::Body::Delivery(v1::Delivery {
+            seq: m.seq,
+            message_id: Bytes::copy_from_slice(m.message_id.as_bytes()),
+            payload: m.payload,
+            accepted_at_ms: m.accepted_at,
+            expires_at_ms: m.expires_at,
+        })),
+    }
+}
+
+/// Pushes the device's messages as room allows and applies its acks.
+async fn deliver(
+    hub: Arc<Hub>,
+    device: AuthenticatedDevice,
+    window_size: usize,
+    out: mpsc::Sender<v1::ServerFrame>,
+    mut acks: mpsc::Receiver<AckCmd>,
+    conn: quinn::Connection,
+) {
+    let sub = hub.subscribe(&device);
+    let mut window = DeliveryWindow::new(window_size);
+    loop {
+        tokio::select! {
+            _ = sub.changed() => {
+                if sub.displaced() {
+                    debug!("displaced by a newer connection of the same device");
+                    conn.close(close::DISPLACED.into(), b"displaced");
+                    return;
+                }
+            }
+            cmd = acks.recv() => {
+                let Some(cmd) = cmd else { return };
+                let result = hub.ack(&device, &cmd.seqs);
+                for seq in &cmd.seqs {
+                    window.on_acked(*seq);
+                }
+                let reply = result.map(|r| Reply::Ack(v1::AckResponse { deleted: r.messages as u32 }));
+                if out.send(response(cmd.request_id, reply)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let pull = match hub.pull(&device, &mut window) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "reading a mailbox failed");
+                continue;
+            }
+        };
+        for m in pull.messages {
+            if out.send(delivery(m)).await.is_err() {
+                return;
+            }
+        }
+        if pull.queue_empty {
+            let empty = v1::server_frame::Body::QueueEmpty(v1::QueueEmpty {});
+            if out
+                .send(v1::ServerFrame { body: Some(empty) })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Writes queued frames, coalescing whatever is ready into one write.
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<v1::ServerFrame>) {
+    let mut buf = BytesMut::new();
+    while let Some(f) = rx.recv().await {
+        frame::encode(&f, &mut buf);
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => frame::encode(&f, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if send.write_chunk(buf.split().freeze()).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}

@@ -1,0 +1,154 @@
+//! The relay's certificate: the operator's, or a self-signed one made on first start
+//! and kept in the data directory, so the fingerprint clients pin stays the same
+//! across restarts.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use tern_proto::Fingerprint;
+
+use crate::config::TlsConfig;
+use crate::error::{Error, Result};
+
+const CERT_FILE: &str = "relay-cert.pem";
+const KEY_FILE: &str = "relay-key.pem";
+
+/// A certificate chain with its key.
+#[derive(Debug)]
+pub struct Identity {
+    /// The chain, end-entity first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Identity {
+    /// The fingerprint clients pin: SHA-256 of the end-entity certificate.
+    pub fn fingerprint(&self) -> Fingerprint {
+        fingerprint(&self.chain[0])
+    }
+}
+
+/// SHA-256 of a certificate's DER.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
+    Fingerprint(Sha256::digest(cert.as_ref()).into())
+}
+
+fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Tls(format!("{what}: {e}"))
+}
+
+fn load(cert: &Path, key: &Path) -> Result<Identity> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| tls_err(&format!("reading {}", cert.display()), e))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&format!("parsing {}", cert.display()), e))?;
+    if chain.is_empty() {
+        return Err(Error::Tls(format!(
+            "{} holds no certificate",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| tls_err(&format!("reading {}", key.display()), e))?;
+    Ok(Identity { chain, key })
+}
+
+/// The configured certificate, or the self-signed one in `data_dir` (made now if
+/// there is none yet).
+pub fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identity> {
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        return load(cert, key);
+    }
+    let (cert, key) = (data_dir.join(CERT_FILE), data_dir.join(KEY_FILE));
+    if cert.exists() && key.exists() {
+        return load(&cert, &key);
+    }
+    let made =
+        rcgen::generate_simple_self_signed(vec!["tern-relay".to_owned(), "localhost".to_owned()])
+            .map_err(|e| tls_err("generating a certificate", e))?;
+    write_private(&key, made.signing_key.serialize_pem().as_bytes())?;
+    fs::write(&cert, made.cert.pem())?;
+    load(&cert, &key)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`.
+pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_err("protocol versions", e))?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)
+        .map_err(|e| tls_err("certificate", e))?;
+    tls.alpn_protocols = vec![tern_proto::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| tls_err("QUIC TLS config", e))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_certificate_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = load_or_create(&TlsConfig::default(), dir.path()).expect("create");
+        let again = load_or_create(&TlsConfig::default(), dir.path()).expect("load");
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(KEY_FILE))
+                .expect("key")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "key readable by owner only");
+        }
+        let other = tempfile::tempdir().expect("tempdir");
+        let fresh = load_or_create(&TlsConfig::default(), other.path()).expect("create");
+        assert_ne!(fresh.fingerprint(), first.fingerprint());
+    }
+
+    #[test]
+    fn operator_certificate_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let made = load_or_create(&TlsConfig::default(), dir.path()).expect("create");
+        let tls = TlsConfig {
+            cert: Some(dir.path().join(CERT_FILE)),
+            key: Some(dir.path().join(KEY_FILE)),
+        };
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        let loaded = load_or_create(&tls, elsewhere.path()).expect("load");
+        assert_eq!(loaded.fingerprint(), made.fingerprint());
+        let missing = TlsConfig {
+            cert: Some(dir.path().join("nope.pem")),
+            key: tls.key.clone(),
+        };
+        assert!(matches!(
+            load_or_create(&missing, elsewhere.path()),
+            Err(Error::Tls(_))
+        ));
+    }
+}

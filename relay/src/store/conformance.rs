@@ -1,0 +1,153 @@
+//! Rules every store must keep, run against each backend.
+
+use bytes::Bytes;
+use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+
+use super::*;
+
+fn addr(a: u8, d: u32) -> DeviceAddress {
+    DeviceAddress::from_wire(&[a; 16], d).expect("valid address")
+}
+
+fn msg(i: u8, len: usize) -> NewMessage {
+    NewMessage {
+        message_id: MessageId([i; 16]),
+        payload: Bytes::from(vec![i; len]),
+    }
+}
+
+pub(super) fn mailbox_rules(store: &dyn MailboxStore) {
+    let alice = addr(1, 1);
+    let alice2 = addr(1, 2);
+
+    // Order and sequence numbers.
+    let seqs = store
+        .append(&alice, &[msg(1, 10), msg(2, 20), msg(3, 30)], 1_000, 5_000)
+        .expect("append");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs increase");
+    store
+        .append(&alice2, &[msg(9, 5)], 1_000, 9_000)
+        .expect("append");
+    let read = store.read(&alice, 0, 10).expect("read");
+    assert_eq!(
+        read.iter().map(|m| m.message_id).collect::<Vec<_>>(),
+        vec![MessageId([1; 16]), MessageId([2; 16]), MessageId([3; 16])]
+    );
+    assert_eq!(read[1].payload, Bytes::from(vec![2u8; 20]));
+    assert_eq!((read[0].accepted_at, read[0].expires_at), (1_000, 5_000));
+    assert_eq!(
+        store.usage(&alice).expect("usage"),
+        Usage {
+            messages: 3,
+            bytes: 60
+        }
+    );
+
+    // Reads page from a cursor and never cross into another mailbox.
+    let page = store.read(&alice, seqs[0], 1).expect("read");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].seq, seqs[1]);
+    assert!(store.read(&alice, seqs[2], 10).expect("read").is_empty());
+    assert!(store.read(&alice, u64::MAX, 10).expect("read").is_empty());
+
+    // Remove deletes only what exists in this mailbox.
+    let other_seq = store.read(&alice2, 0, 1).expect("read")[0].seq;
+    assert_eq!(
+        store.remove(&alice, &[other_seq]).expect("remove"),
+        Usage::default()
+    );
+    assert_eq!(
+        store.read(&alice2, 0, 10).expect("read").len(),
+        1,
+        "other device untouched"
+    );
+    let removed = store
+        .remove(&alice, &[seqs[0], seqs[0], 12_345])
+        .expect("remove");
+    assert_eq!(
+        removed,
+        Usage {
+            messages: 1,
+            bytes: 10
+        }
+    );
+    assert_eq!(
+        store.usage(&alice).expect("usage"),
+        Usage {
+            messages: 2,
+            bytes: 50
+        }
+    );
+
+    // The expiry index returns what is due, oldest first, and expire deletes it.
+    assert!(store.expired(4_999, 100).expect("expired").is_empty());
+    let due = store.expired(5_000, 100).expect("expired");
+    assert_eq!(
+        due.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        seqs[1..].to_vec()
+    );
+    assert!(due.iter().all(|e| e.to == alice && e.expires_at == 5_000));
+    assert_eq!(
+        store.expired(5_000, 1).expect("expired").len(),
+        1,
+        "bounded"
+    );
+    let gone = store.expire(&alice, &due).expect("expire");
+    assert_eq!(
+        gone,
+        Usage {
+            messages: 2,
+            bytes: 50
+        }
+    );
+    assert!(store.read(&alice, 0, 10).expect("read").is_empty());
+    assert_eq!(store.usage(&alice).expect("usage"), Usage::default());
+    assert!(store.expired(5_000, 100).expect("expired").is_empty());
+    let later = store.expired(u64::MAX, 100).expect("expired");
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].to, alice2);
+
+    // Acked messages leave no expiry entry behind.
+    let s = store
+        .append(&alice, &[msg(4, 1)], 1_000, 6_000)
+        .expect("append");
+    store.remove(&alice, &s).expect("remove");
+    assert!(store
+        .expired(6_000, 100)
+        .expect("expired")
+        .iter()
+        .all(|e| e.to != alice));
+    store.flush().expect("flush");
+}
+
+pub(super) fn account_rules(store: &dyn AccountStore) {
+    let id = AccountId([7; 16]);
+    let rec = AccountRecord {
+        identity_key: [1; 32],
+        devices: vec![(DeviceId::PRIMARY, [2; 32])],
+    };
+    assert_eq!(store.get(&id).expect("get"), None);
+    store.create(&id, &rec).expect("create");
+    assert!(matches!(store.create(&id, &rec), Err(StoreError::Exists)));
+    assert_eq!(store.get(&id).expect("get"), Some(rec));
+
+    let second = store
+        .add_device(&id, &[3; 32])
+        .expect("add")
+        .expect("account exists");
+    assert_eq!(second.get(), 2);
+    assert_eq!(
+        store.add_device(&id, &[3; 32]).expect("add"),
+        Some(second),
+        "idempotent"
+    );
+    assert_eq!(
+        store
+            .add_device(&AccountId([8; 16]), &[3; 32])
+            .expect("add"),
+        None
+    );
+    let got = store.get(&id).expect("get").expect("exists");
+    assert_eq!(got.device_key(second), Some(&[3; 32]));
+    assert_eq!(got.device_key(DeviceId::PRIMARY), Some(&[2; 32]));
+}

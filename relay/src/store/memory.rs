@@ -1,0 +1,178 @@
+//! In-memory stores, for unit tests. Nothing survives the process.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
+
+use super::{
+    codec, AccountRecord, AccountStore, Expired, MailboxStore, NewMessage, StoreError, StoreResult,
+    StoredMessage, Usage,
+};
+use crate::clock::UnixMillis;
+
+/// Mailboxes and accounts in memory.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_seq: u64,
+    messages: BTreeMap<(DeviceAddress, u64), StoredMessage>,
+    expiry: BTreeSet<(UnixMillis, DeviceAddress, u64)>,
+    usage: HashMap<DeviceAddress, Usage>,
+    accounts: HashMap<AccountId, AccountRecord>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves consistent data: every method
+        // finishes its updates before it can fail.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn take(&mut self, of: &DeviceAddress, seq: u64) -> Option<StoredMessage> {
+        let msg = self.messages.remove(&(*of, seq))?;
+        self.expiry.remove(&(msg.expires_at, *of, seq));
+        let usage = self.usage.entry(*of).or_default();
+        usage.messages -= 1;
+        usage.bytes -= msg.payload.len() as u64;
+        Some(msg)
+    }
+}
+
+impl MailboxStore for MemoryStore {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[NewMessage],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        let mut inner = self.lock();
+        let mut seqs = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            inner.next_seq += 1;
+            let seq = inner.next_seq;
+            inner.messages.insert(
+                (*to, seq),
+                StoredMessage {
+                    seq,
+                    message_id: m.message_id,
+                    payload: m.payload.clone(),
+                    accepted_at,
+                    expires_at,
+                },
+            );
+            inner.expiry.insert((expires_at, *to, seq));
+            let usage = inner.usage.entry(*to).or_default();
+            usage.messages += 1;
+            usage.bytes += m.payload.len() as u64;
+            seqs.push(seq);
+        }
+        Ok(seqs)
+    }
+
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        let inner = self.lock();
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(inner
+            .messages
+            .range((*of, start)..=(*of, u64::MAX))
+            .take(max)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        let mut inner = self.lock();
+        let mut removed = Usage::default();
+        for seq in seqs {
+            if let Some(m) = inner.take(of, *seq) {
+                removed.messages += 1;
+                removed.bytes += m.payload.len() as u64;
+            }
+        }
+        Ok(removed)
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        Ok(self.lock().usage.get(of).copied().unwrap_or_default())
+    }
+
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        let inner = self.lock();
+        Ok(inner
+            .expiry
+            .iter()
+            .take_while(|(at, _, _)| *at <= now)
+            .take(max)
+            .map(|(at, to, seq)| Expired {
+                to: *to,
+                seq: *seq,
+                expires_at: *at,
+            })
+            .collect())
+    }
+
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        let seqs: Vec<u64> = entries
+            .iter()
+            .filter(|e| e.to == *of)
+            .map(|e| e.seq)
+            .collect();
+        self.remove(of, &seqs)
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+impl AccountStore for MemoryStore {
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if inner.accounts.contains_key(id) {
+            return Err(StoreError::Exists);
+        }
+        inner.accounts.insert(*id, record.clone());
+        Ok(())
+    }
+
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        Ok(self.lock().accounts.get(id).cloned())
+    }
+
+    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+        let mut inner = self.lock();
+        let Some(rec) = inner.accounts.get_mut(id) else {
+            return Ok(None);
+        };
+        if let Some((existing, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
+            return Ok(Some(*existing));
+        }
+        let next = codec::next_device_id(rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
+        rec.devices.push((next, *device_key));
+        Ok(Some(next))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conformance() {
+        super::super::conformance::mailbox_rules(&super::MemoryStore::new());
+        super::super::conformance::account_rules(&super::MemoryStore::new());
+    }
+}

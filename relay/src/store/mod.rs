@@ -1,0 +1,210 @@
+//! Storage behind narrow traits: [`MailboxStore`] for queued envelopes and
+//! [`AccountStore`] for accounts and their device keys.
+//!
+//! [`SledStore`] is the embedded default, on disk; [`MemoryStore`] is for unit tests.
+//! Only `sled.rs` names `sled::`.
+//!
+//! # Contract
+//! - Stores hold what the relay was given and nothing more: ciphertext, opaque ids,
+//!   public keys. They never learn who sent a message.
+//! - `remove` and `expire` really delete: after they return, no read returns the
+//!   message and, once flushed, it is gone from disk as far as the backend allows.
+//! - Each mutating call is atomic: a message, its expiry index entry and its device's
+//!   usage counter change together or not at all.
+//! - Writes are visible to reads at once, and durable after [`MailboxStore::flush`].
+//! - Sequence numbers increase across calls and restarts.
+//! - Callers serialise mutations per device (the relay holds a per-device lock), so a
+//!   store need not guard the usage counter's read-modify-write against itself.
+
+use bytes::Bytes;
+use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+
+use crate::clock::UnixMillis;
+
+mod memory;
+mod sled;
+
+#[cfg(test)]
+mod conformance;
+
+pub use self::memory::MemoryStore;
+pub use self::sled::SledStore;
+
+/// A storage backend failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend reported an error.
+    #[error("backend: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded.
+    #[error("corrupt record: {0}")]
+    Corrupt(&'static str),
+    /// An id chosen for a new record is taken.
+    #[error("id already exists")]
+    Exists,
+}
+
+/// Result with [`StoreError`].
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An envelope to queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The sender's id for it.
+    pub message_id: MessageId,
+    /// Ciphertext.
+    pub payload: Bytes,
+}
+
+/// A queued envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Position in the mailbox; increasing.
+    pub seq: u64,
+    /// The sender's id for it.
+    pub message_id: MessageId,
+    /// Ciphertext.
+    pub payload: Bytes,
+    /// When the relay accepted it.
+    pub accepted_at: UnixMillis,
+    /// When it expires.
+    pub expires_at: UnixMillis,
+}
+
+/// What a mailbox holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Queued messages.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+}
+
+/// An entry of the expiry index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// The mailbox.
+    pub to: DeviceAddress,
+    /// The message.
+    pub seq: u64,
+    /// When it expired.
+    pub expires_at: UnixMillis,
+}
+
+/// Queued envelopes, one mailbox per device. See the module docs for the contract.
+pub trait MailboxStore: Send + Sync + 'static {
+    /// Queues `msgs` in order, accepted at `accepted_at` and expiring at `expires_at`,
+    /// and returns their sequence numbers. Visible at once; durable after `flush`.
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[NewMessage],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>>;
+
+    /// Up to `max` messages with a sequence number above `after`, in order.
+    /// Includes expired messages: filtering is the caller's rule.
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>>;
+
+    /// Deletes the given messages where present; returns what was deleted.
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage>;
+
+    /// What the mailbox holds now.
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage>;
+
+    /// Up to `max` expiry index entries with `expires_at <= now`, oldest first.
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>>;
+
+    /// Deletes expired entries of one mailbox (from [`MailboxStore::expired`]) with
+    /// their messages; returns what was deleted.
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage>;
+
+    /// Makes every change so far durable (fsync).
+    fn flush(&self) -> StoreResult<()>;
+}
+
+/// A registered account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// Ed25519 identity public key.
+    pub identity_key: [u8; 32],
+    /// Its devices' Ed25519 public keys.
+    pub devices: Vec<(DeviceId, [u8; 32])>,
+}
+
+impl AccountRecord {
+    /// A device's public key.
+    pub fn device_key(&self, device: DeviceId) -> Option<&[u8; 32]> {
+        self.devices
+            .iter()
+            .find(|(id, _)| *id == device)
+            .map(|(_, key)| key)
+    }
+}
+
+/// Accounts and their device keys. Values are public keys: not secret, but their
+/// integrity decides who may read a mailbox.
+pub trait AccountStore: Send + Sync + 'static {
+    /// Stores a new account; `Err(Exists)` if `id` is taken.
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()>;
+
+    /// The account, if it exists.
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>>;
+
+    /// Adds a device key and returns its id; the existing id if the key is already
+    /// registered; `None` if the account does not exist.
+    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>>;
+}
+
+/// Encoding shared by the backends that store records as bytes.
+pub(crate) mod codec {
+    use super::*;
+
+    pub(crate) fn encode_account(rec: &AccountRecord) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + rec.devices.len() * 36);
+        out.extend_from_slice(&rec.identity_key);
+        for (id, key) in &rec.devices {
+            out.extend_from_slice(&id.get().to_be_bytes());
+            out.extend_from_slice(key);
+        }
+        out
+    }
+
+    pub(crate) fn decode_account(bytes: &[u8]) -> StoreResult<AccountRecord> {
+        let corrupt = StoreError::Corrupt("account");
+        let (identity, rest) = bytes
+            .split_first_chunk::<32>()
+            .ok_or(StoreError::Corrupt("account"))?;
+        if rest.len() % 36 != 0 {
+            return Err(corrupt);
+        }
+        let devices = rest
+            .chunks_exact(36)
+            .map(|c| {
+                let (id, key) = c.split_at(4);
+                let id =
+                    u32::from_be_bytes(id.try_into().map_err(|_| StoreError::Corrupt("account"))?);
+                let id = DeviceId::new(id).ok_or(StoreError::Corrupt("account"))?;
+                let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt("account"))?;
+                Ok((id, key))
+            })
+            .collect::<StoreResult<_>>()?;
+        Ok(AccountRecord {
+            identity_key: *identity,
+            devices,
+        })
+    }
+
+    /// The next device id for a record: one past the highest.
+    pub(crate) fn next_device_id(rec: &AccountRecord) -> Option<DeviceId> {
+        let max = rec
+            .devices
+            .iter()
+            .map(|(id, _)| id.get())
+            .max()
+            .unwrap_or(0);
+        DeviceId::new(max.checked_add(1)?)
+    }
+}

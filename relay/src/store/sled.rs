@@ -1,0 +1,410 @@
+//! The embedded default: sled on disk.
+//!
+//! One tree holds every mailbox, so a message, its expiry entry and its device's usage
+//! counter change in one atomic batch. Keys are tagged and big-endian, so sled's
+//! order is the order we read in:
+//!
+//! | key | value |
+//! |---|---|
+//! | `M` account device seq | message id, accepted at, expires at, payload |
+//! | `U` account device | queued messages, queued bytes |
+//! | `E` expires-at account device seq | (empty) |
+//!
+//! Accounts live in their own tree, keyed by account id.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+
+use super::{
+    codec, AccountRecord, AccountStore, Expired, MailboxStore, NewMessage, StoreError, StoreResult,
+    StoredMessage, Usage,
+};
+use crate::clock::UnixMillis;
+
+const MSG: u8 = b'M';
+const USAGE: u8 = b'U';
+const EXPIRY: u8 = b'E';
+const ADDR_LEN: usize = 20;
+const MSG_KEY_LEN: usize = 1 + ADDR_LEN + 8;
+const EXPIRY_KEY_LEN: usize = 1 + 8 + ADDR_LEN + 8;
+const MSG_HEADER_LEN: usize = 16 + 8 + 8;
+
+/// Mailboxes and accounts in a sled database on disk.
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    db: sled::Db,
+    mailboxes: sled::Tree,
+    accounts: sled::Tree,
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn addr_bytes(a: &DeviceAddress) -> [u8; ADDR_LEN] {
+    let mut out = [0u8; ADDR_LEN];
+    out[..16].copy_from_slice(a.account.as_bytes());
+    out[16..].copy_from_slice(&a.device.get().to_be_bytes());
+    out
+}
+
+fn parse_addr(bytes: &[u8]) -> StoreResult<DeviceAddress> {
+    DeviceAddress::from_wire(
+        &bytes[..16],
+        u32::from_be_bytes(fixed(&bytes[16..ADDR_LEN])?),
+    )
+    .map_err(|_| StoreError::Corrupt("address"))
+}
+
+fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("field length"))
+}
+
+fn msg_key(a: &DeviceAddress, seq: u64) -> [u8; MSG_KEY_LEN] {
+    let mut k = [0u8; MSG_KEY_LEN];
+    k[0] = MSG;
+    k[1..1 + ADDR_LEN].copy_from_slice(&addr_bytes(a));
+    k[1 + ADDR_LEN..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn usage_key(a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
+    let mut k = [0u8; 1 + ADDR_LEN];
+    k[0] = USAGE;
+    k[1..].copy_from_slice(&addr_bytes(a));
+    k
+}
+
+fn expiry_key(at: UnixMillis, a: &DeviceAddress, seq: u64) -> [u8; EXPIRY_KEY_LEN] {
+    let mut k = [0u8; EXPIRY_KEY_LEN];
+    k[0] = EXPIRY;
+    k[1..9].copy_from_slice(&at.to_be_bytes());
+    k[9..9 + ADDR_LEN].copy_from_slice(&addr_bytes(a));
+    k[9 + ADDR_LEN..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn encode_usage(u: Usage) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&u.messages.to_be_bytes());
+    v[8..].copy_from_slice(&u.bytes.to_be_bytes());
+    v
+}
+
+fn decode_usage(v: &[u8]) -> StoreResult<Usage> {
+    if v.len() != 16 {
+        return Err(StoreError::Corrupt("usage"));
+    }
+    Ok(Usage {
+        messages: u64::from_be_bytes(fixed(&v[..8])?),
+        bytes: u64::from_be_bytes(fixed(&v[8..])?),
+    })
+}
+
+fn decode_message(key: &[u8], v: &[u8]) -> StoreResult<StoredMessage> {
+    if key.len() != MSG_KEY_LEN || v.len() < MSG_HEADER_LEN {
+        return Err(StoreError::Corrupt("message"));
+    }
+    Ok(StoredMessage {
+        seq: u64::from_be_bytes(fixed(&key[1 + ADDR_LEN..])?),
+        message_id: MessageId(fixed(&v[..16])?),
+        accepted_at: u64::from_be_bytes(fixed(&v[16..24])?),
+        expires_at: u64::from_be_bytes(fixed(&v[24..32])?),
+        payload: Bytes::copy_from_slice(&v[MSG_HEADER_LEN..]),
+    })
+}
+
+/// (expires_at, payload length) of a stored message value.
+fn message_meta(v: &[u8]) -> StoreResult<(UnixMillis, u64)> {
+    if v.len() < MSG_HEADER_LEN {
+        return Err(StoreError::Corrupt("message"));
+    }
+    Ok((
+        u64::from_be_bytes(fixed(&v[24..32])?),
+        (v.len() - MSG_HEADER_LEN) as u64,
+    ))
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> StoreResult<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            // Background flushes for durability "os"; "fsync" flushes explicitly.
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(backend)?;
+        let mailboxes = db.open_tree("mailboxes").map_err(backend)?;
+        let accounts = db.open_tree("accounts").map_err(backend)?;
+        Ok(SledStore {
+            db,
+            mailboxes,
+            accounts,
+        })
+    }
+
+    /// Messages queued across every mailbox; an O(n) scan, for tests and admin tools.
+    pub fn count_messages(&self) -> StoreResult<u64> {
+        let mut n = 0;
+        for kv in self.mailboxes.scan_prefix([MSG]) {
+            kv.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn next_seq(&self) -> StoreResult<u64> {
+        // Sled's id generator is monotonic across restarts; +1 keeps 0 free as "before
+        // everything" for reads.
+        Ok(self.db.generate_id().map_err(backend)? + 1)
+    }
+
+    fn current_usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        match self.mailboxes.get(usage_key(of)).map_err(backend)? {
+            Some(v) => decode_usage(&v),
+            None => Ok(Usage::default()),
+        }
+    }
+
+    /// Deletes the messages at `seqs` and their expiry entries in one batch, plus the
+    /// extra expiry entries given, adjusting usage.
+    fn delete(
+        &self,
+        of: &DeviceAddress,
+        seqs: impl Iterator<Item = u64>,
+        extra_expiry: &[Expired],
+    ) -> StoreResult<Usage> {
+        let mut batch = sled::Batch::default();
+        let mut removed = Usage::default();
+        // Reads below do not see the pending batch: a repeated seq must count once.
+        let seqs: std::collections::BTreeSet<u64> = seqs.collect();
+        for seq in seqs {
+            let key = msg_key(of, seq);
+            if let Some(v) = self.mailboxes.get(key).map_err(backend)? {
+                let (expires_at, len) = message_meta(&v)?;
+                batch.remove(&key[..]);
+                batch.remove(&expiry_key(expires_at, of, seq)[..]);
+                removed.messages += 1;
+                removed.bytes += len;
+            }
+        }
+        for e in extra_expiry {
+            batch.remove(&expiry_key(e.expires_at, &e.to, e.seq)[..]);
+        }
+        if removed.messages > 0 {
+            let mut usage = self.current_usage(of)?;
+            usage.messages = usage.messages.saturating_sub(removed.messages);
+            usage.bytes = usage.bytes.saturating_sub(removed.bytes);
+            if usage.messages == 0 {
+                batch.remove(&usage_key(of)[..]);
+            } else {
+                batch.insert(&usage_key(of)[..], &encode_usage(usage)[..]);
+            }
+        }
+        self.mailboxes.apply_batch(batch).map_err(backend)?;
+        Ok(removed)
+    }
+}
+
+impl MailboxStore for SledStore {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[NewMessage],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        let mut usage = self.current_usage(to)?;
+        let mut batch = sled::Batch::default();
+        let mut seqs = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let seq = self.next_seq()?;
+            let mut value = Vec::with_capacity(MSG_HEADER_LEN + m.payload.len());
+            value.extend_from_slice(m.message_id.as_bytes());
+            value.extend_from_slice(&accepted_at.to_be_bytes());
+            value.extend_from_slice(&expires_at.to_be_bytes());
+            value.extend_from_slice(&m.payload);
+            batch.insert(&msg_key(to, seq)[..], value);
+            batch.insert(&expiry_key(expires_at, to, seq)[..], &[][..]);
+            usage.messages += 1;
+            usage.bytes += m.payload.len() as u64;
+            seqs.push(seq);
+        }
+        batch.insert(&usage_key(to)[..], &encode_usage(usage)[..]);
+        self.mailboxes.apply_batch(batch).map_err(backend)?;
+        Ok(seqs)
+    }
+
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(max.min(256));
+        for kv in self
+            .mailboxes
+            .range(msg_key(of, start)..=msg_key(of, u64::MAX))
+            .take(max)
+        {
+            let (k, v) = kv.map_err(backend)?;
+            out.push(decode_message(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        self.delete(of, seqs.iter().copied(), &[])
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        self.current_usage(of)
+    }
+
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        let mut end = [0u8; 9];
+        end[0] = EXPIRY;
+        end[1..].copy_from_slice(&now.to_be_bytes());
+        let mut out = Vec::new();
+        // Everything up to and including `now`: the bound is the first key past it.
+        let upper = {
+            let mut u = [0xffu8; EXPIRY_KEY_LEN];
+            u[..9].copy_from_slice(&end);
+            u
+        };
+        for kv in self.mailboxes.range(&[EXPIRY][..]..=&upper[..]).take(max) {
+            let (k, _) = kv.map_err(backend)?;
+            if k.len() != EXPIRY_KEY_LEN {
+                return Err(StoreError::Corrupt("expiry entry"));
+            }
+            out.push(Expired {
+                expires_at: u64::from_be_bytes(fixed(&k[1..9])?),
+                to: parse_addr(&k[9..9 + ADDR_LEN])?,
+                seq: u64::from_be_bytes(fixed(&k[9 + ADDR_LEN..])?),
+            });
+        }
+        Ok(out)
+    }
+
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        let mine: Vec<Expired> = entries.iter().filter(|e| e.to == *of).copied().collect();
+        // The extra entries cover an expiry entry whose message is already gone.
+        self.delete(of, mine.iter().map(|e| e.seq), &mine)
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+}
+
+impl AccountStore for SledStore {
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+        self.accounts
+            .compare_and_swap(
+                id.as_bytes(),
+                None::<&[u8]>,
+                Some(codec::encode_account(record)),
+            )
+            .map_err(backend)?
+            .map_err(|_| StoreError::Exists)
+    }
+
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        self.accounts
+            .get(id.as_bytes())
+            .map_err(backend)?
+            .map(|v| codec::decode_account(&v))
+            .transpose()
+    }
+
+    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+        // Compare-and-swap loop: concurrent adds to one account never lose a device.
+        loop {
+            let Some(old) = self.accounts.get(id.as_bytes()).map_err(backend)? else {
+                return Ok(None);
+            };
+            let mut rec = codec::decode_account(&old)?;
+            if let Some((existing, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
+                return Ok(Some(*existing));
+            }
+            let next =
+                codec::next_device_id(&rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
+            rec.devices.push((next, *device_key));
+            let swapped = self
+                .accounts
+                .compare_and_swap(id.as_bytes(), Some(old), Some(codec::encode_account(&rec)))
+                .map_err(backend)?;
+            if swapped.is_ok() {
+                return Ok(Some(next));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        super::super::conformance::mailbox_rules(&store);
+        super::super::conformance::account_rules(&store);
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let to = DeviceAddress::from_wire(&[3; 16], 1).expect("addr");
+        let seqs = {
+            let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+            let msgs: Vec<NewMessage> = (0..3u8)
+                .map(|i| NewMessage {
+                    message_id: MessageId([i; 16]),
+                    payload: Bytes::from(vec![i; 10]),
+                })
+                .collect();
+            let seqs = store.append(&to, &msgs, 1, 100).expect("append");
+            store.remove(&to, &seqs[..1]).expect("remove");
+            store.flush().expect("flush");
+            seqs
+        };
+        let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
+        let left = store.read(&to, 0, 10).expect("read");
+        assert_eq!(left.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[1..]);
+        assert_eq!(
+            store.usage(&to).expect("usage"),
+            Usage {
+                messages: 2,
+                bytes: 20
+            }
+        );
+        let later = store
+            .append(
+                &to,
+                &[NewMessage {
+                    message_id: MessageId([9; 16]),
+                    payload: Bytes::new(),
+                }],
+                1,
+                100,
+            )
+            .expect("append");
+        assert!(
+            later[0] > seqs[2],
+            "sequence numbers keep increasing after a restart"
+        );
+    }
+
+    #[test]
+    fn corrupt_records_are_errors_not_panics() {
+        assert!(decode_message(&[MSG; 3], &[0; 40]).is_err());
+        assert!(decode_usage(&[1, 2, 3]).is_err());
+        assert!(codec::decode_account(&[0; 33]).is_err());
+        assert!(message_meta(&[0; 5]).is_err());
+    }
+}
