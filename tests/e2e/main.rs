@@ -1,1 +1,8 @@
-//! End-to-end tests.
+//! End-to-end tests: the real `tern-relay` binary (or, where a test must move the
+//! clock, the relay library in-process) with real clients over QUIC on loopback, on
+//! sled databases in temporary directories.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+mod delivery;
+mod expiry;
+mod security;

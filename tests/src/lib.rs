@@ -1,1 +1,264 @@
-//! Shared helpers for the end-to-end tests.
+//! Helpers for Tern's end-to-end tests: start the real `tern-relay` binary on loopback
+//! with a temporary data directory, and drive real clients against it.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
+use tern_client::net::{Delivery, Envelope, Inbox, Incoming, RelayConnection};
+use tern_proto::{DeviceAddress, MessageId, RelayAddress};
+
+/// How long any single step of a test may take before it fails.
+pub const STEP: Duration = Duration::from_secs(15);
+
+/// The `tern-relay` binary next to this test binary, brought up to date once per
+/// test run: `cargo test -p tern-tests` alone would not rebuild another package's
+/// binary, and a stale relay makes tests pass or fail for the wrong reasons.
+pub fn relay_binary() -> PathBuf {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test binary path");
+            // target/<profile>/deps/<test> -> target/<profile>/tern-relay
+            let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
+            let bin = profile_dir.join(format!("tern-relay{}", std::env::consts::EXE_SUFFIX));
+            if let Ok(cargo) = std::env::var("CARGO") {
+                let mut cmd = Command::new(cargo);
+                cmd.args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "tern-relay",
+                    "--bin",
+                    "tern-relay",
+                ]);
+                if profile_dir.file_name().is_some_and(|n| n == "release") {
+                    cmd.arg("--release");
+                }
+                let status = cmd.status().expect("running cargo build");
+                assert!(status.success(), "building tern-relay failed");
+            }
+            assert!(bin.exists(), "no tern-relay binary at {}", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// A `tern-relay serve` process. Stopped with SIGTERM (then killed) when dropped.
+pub struct RelayProcess {
+    child: Option<Child>,
+    pub address: RelayAddress,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl RelayProcess {
+    /// Starts a relay on `data_dir`, listening on 127.0.0.1 port 0, with extra flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<RelayProcess> {
+        std::fs::create_dir_all(data_dir)?;
+        let log = data_dir.with_extension("log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let mut child = Command::new(relay_binary())
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env(
+                "TERN_LOG",
+                std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .context("spawning tern-relay")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(addr) = line.strip_prefix("tern-relay listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let mut process = RelayProcess {
+            child: Some(child),
+            address: "tern://AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:1".parse()?,
+            data_dir: data_dir.to_owned(),
+            log,
+        };
+        match rx.recv_timeout(STEP) {
+            Ok(addr) => process.address = addr.parse()?,
+            Err(_) => bail!(
+                "tern-relay did not print its address; log:\n{}",
+                std::fs::read_to_string(&process.log).unwrap_or_default()
+            ),
+        }
+        Ok(process)
+    }
+
+    /// Stops the relay with SIGTERM, as an operator would, and waits for it.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        let deadline = Instant::now() + STEP;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                bail!("tern-relay ignored SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The relay's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// A registered device with its open connection.
+pub struct Device {
+    pub conn: RelayConnection,
+    pub inbox: Inbox,
+    pub address: DeviceAddress,
+    pub key: DeviceKeyPair,
+    pub identity: IdentityKeyPair,
+}
+
+/// Registers a new account on `relay` and returns its first device, connected.
+pub async fn register(relay: &RelayAddress) -> Device {
+    let (conn, inbox) = within(RelayConnection::connect(relay))
+        .await
+        .expect("connect");
+    let (identity, key) = (IdentityKeyPair::generate(), DeviceKeyPair::generate());
+    let address = within(conn.register(&identity, &key))
+        .await
+        .expect("register");
+    Device {
+        conn,
+        inbox,
+        address,
+        key,
+        identity,
+    }
+}
+
+impl Device {
+    /// Closes this connection and opens a new, authenticated one. Returns the count
+    /// of queued messages the relay reported.
+    pub async fn reconnect(&mut self, relay: &RelayAddress) -> u64 {
+        let (conn, inbox) = within(RelayConnection::connect(relay))
+            .await
+            .expect("connect");
+        let queued = within(conn.authenticate(&self.address, &self.key))
+            .await
+            .expect("authenticate");
+        let old = std::mem::replace(&mut self.conn, conn);
+        self.inbox = inbox;
+        old.close().await;
+        queued
+    }
+
+    /// Goes offline: closes the connection, keeping the keys.
+    pub async fn go_offline(self) -> (DeviceAddress, DeviceKeyPair, IdentityKeyPair) {
+        self.conn.close().await;
+        (self.address, self.key, self.identity)
+    }
+
+    /// Connects a device that is offline.
+    pub async fn connect(
+        relay: &RelayAddress,
+        address: DeviceAddress,
+        key: DeviceKeyPair,
+        identity: IdentityKeyPair,
+    ) -> (Device, u64) {
+        let (conn, inbox) = within(RelayConnection::connect(relay))
+            .await
+            .expect("connect");
+        let queued = within(conn.authenticate(&address, &key))
+            .await
+            .expect("authenticate");
+        (
+            Device {
+                conn,
+                inbox,
+                address,
+                key,
+                identity,
+            },
+            queued,
+        )
+    }
+
+    /// The next push, failing the test after [`STEP`].
+    pub async fn next(&mut self) -> Incoming {
+        within(self.inbox.recv())
+            .await
+            .expect("connection open")
+            .expect("valid push")
+    }
+
+    /// The next delivery (skipping queue-empty markers).
+    pub async fn next_delivery(&mut self) -> Delivery {
+        loop {
+            if let Incoming::Delivery(d) = self.next().await {
+                return d;
+            }
+        }
+    }
+
+    /// Deliveries until the relay says the queue is empty.
+    pub async fn drain(&mut self) -> Vec<Delivery> {
+        let mut out = Vec::new();
+        loop {
+            match self.next().await {
+                Incoming::Delivery(d) => out.push(d),
+                Incoming::QueueEmpty => return out,
+            }
+        }
+    }
+}
+
+/// Envelope number `i`: message id and payload both derived from it.
+pub fn envelope(i: u32) -> Envelope {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&i.to_be_bytes());
+    Envelope {
+        message_id: MessageId(id),
+        payload: Bytes::from(format!("ciphertext #{i}")),
+    }
+}
+
+/// The number an envelope from [`envelope`] carries.
+pub fn number(d: &Delivery) -> u32 {
+    u32::from_be_bytes(d.message_id.0[..4].try_into().expect("4 bytes"))
+}
+
+/// Awaits `f`, failing the test after [`STEP`].
+pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(STEP, f).await.expect("step timed out")
+}

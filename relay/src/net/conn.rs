@@ -30,6 +30,10 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const OUT_QUEUE: usize = 1024;
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How long a connection closed for a protocol error lingers so the client can read
+/// the error first: a QUIC receiver drops buffered stream data when the connection
+/// closes.
+const FINAL_FLUSH: Duration = Duration::from_secs(2);
 /// Most sequence numbers in one ack.
 const MAX_ACK: usize = 4096;
 
@@ -71,9 +75,16 @@ pub(crate) async fn serve(
     conn: quinn::Connection,
     hub: Arc<Hub>,
     settings: Arc<ConnSettings>,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    let (send, recv) = match tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()).await {
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()) => opened,
+        _ = shutdown.changed() => {
+            conn.close(close::SHUTTING_DOWN.into(), b"shutting down");
+            return;
+        }
+    };
+    let (send, recv) = match opened {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             debug!(error = %e, "connection ended before its control stream");
@@ -101,6 +112,9 @@ pub(crate) async fn serve(
     // The writer ends once every sender of its queue is gone.
     drop(session);
     let _ = writer.await;
+    if matches!(end, End::Protocol) {
+        let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
+    }
     let (code, reason): (u32, &[u8]) = match end {
         End::Finished | End::Lost => (close::NORMAL, b"bye"),
         End::Protocol => (close::PROTOCOL_ERROR, b"protocol error"),

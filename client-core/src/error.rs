@@ -1,0 +1,45 @@
+//! The client's error type.
+
+use tern_proto::v1::ErrorCode;
+
+/// Result with the client's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong talking to a relay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The relay address does not parse.
+    #[error(transparent)]
+    InvalidAddress(#[from] tern_proto::address::AddressError),
+    /// The relay presented a certificate other than the pinned one.
+    #[error("the relay's certificate does not match the pinned fingerprint")]
+    FingerprintMismatch,
+    /// The connection could not be set up.
+    #[error("connecting: {0}")]
+    Connect(String),
+    /// The connection is closed.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// The relay refused the request.
+    #[error("relay refused the request ({code:?}): {message}")]
+    Relay {
+        /// The relay's error code.
+        code: ErrorCode,
+        /// The relay's explanation.
+        message: String,
+    },
+    /// The relay sent something that breaks the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The relay's error code, when the relay refused the request.
+    pub fn relay_code(&self) -> Option<ErrorCode> {
+        match self {
+            Error::Relay { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
