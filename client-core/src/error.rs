@@ -15,6 +15,9 @@ pub enum Error {
     /// The relay presented a certificate other than the pinned one.
     #[error("the relay's certificate does not match the pinned fingerprint")]
     FingerprintMismatch,
+    /// The relay refused the connection: it is at its connection limit.
+    #[error("the relay refused the connection (at capacity); retry later")]
+    Refused,
     /// The connection could not be set up.
     #[error("connecting: {0}")]
     Connect(String),

@@ -91,6 +91,23 @@ pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
     let _ = msg.encode(out);
 }
 
+/// Appends `first`, then whatever `next` yields, as frames to `out` until `next` runs
+/// dry or `out` holds `limit` bytes: one stream write for everything that is ready.
+pub fn encode_ready<M: prost::Message>(
+    first: &M,
+    mut next: impl FnMut() -> Option<M>,
+    limit: usize,
+    out: &mut BytesMut,
+) {
+    encode(first, out);
+    while out.len() < limit {
+        match next() {
+            Some(m) => encode(&m, out),
+            None => break,
+        }
+    }
+}
+
 /// The encoded size of `msg` as one frame, header included.
 pub fn encoded_len<M: prost::Message>(msg: &M) -> usize {
     HEADER_LEN + msg.encoded_len()
@@ -121,6 +138,23 @@ mod tests {
             .decode(&mut short_header)
             .expect("valid prefix")
             .is_none());
+    }
+
+    #[test]
+    fn encode_ready_stops_at_the_limit_or_when_dry() {
+        let mut queue: Vec<_> = (2..100).map(ping).collect();
+        queue.reverse();
+        let mut out = BytesMut::new();
+        encode_ready(&ping(1), || queue.pop(), 20, &mut out);
+        let one = encoded_len(&ping(1));
+        assert!(
+            out.len() >= 20 && out.len() < 20 + one,
+            "stopped at the limit: {}",
+            out.len()
+        );
+        let mut out = BytesMut::new();
+        encode_ready(&ping(1), || None, 1 << 20, &mut out);
+        assert_eq!(out.len(), one);
     }
 
     #[test]

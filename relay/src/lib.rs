@@ -14,6 +14,7 @@
 //! - [`commit`]: group commit, so concurrent sends share fsyncs.
 //! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
 //! - [`server`]: [`Relay`], a running relay with orderly shutdown.
+//! - [`cli`]: the `tern-relay` command line.
 //! - [`config`], [`clock`], [`error`].
 //!
 //! # Running one in-process
@@ -31,6 +32,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod clock;
 pub mod commit;
 pub mod config;

@@ -1,8 +1,8 @@
 //! Store-and-forward: offline queues, online pushes, acks, restarts.
 
+use crate::support::{envelope, number, register, within, Device, RelayProcess};
 use tern_client::net::Incoming;
 use tern_relay::store::{MailboxStore, SledStore};
-use tern_tests::{envelope, number, register, within, Device, RelayProcess};
 
 #[tokio::test]
 async fn offline_recipient_receives_everything_in_order_on_connect() {

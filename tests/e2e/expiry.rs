@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{envelope, number, register, within, Device};
 use tern_relay::clock::ManualClock;
 use tern_relay::config::Config;
 use tern_relay::Relay;
-use tern_tests::{envelope, number, register, within, Device};
 
 const DAY: Duration = Duration::from_secs(86_400);
 

@@ -6,3 +6,4 @@
 mod delivery;
 mod expiry;
 mod security;
+mod support;

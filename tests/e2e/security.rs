@@ -2,13 +2,13 @@
 
 use std::time::Duration;
 
+use crate::support::{envelope, register, within, Device, RelayProcess};
 use bytes::{BufMut, BytesMut};
 use tern_client::identity::DeviceKeyPair;
 use tern_client::net::{Envelope, Incoming, RelayConnection};
 use tern_client::Error;
 use tern_proto::v1::{self, ErrorCode};
 use tern_proto::{close, frame, Fingerprint, RelayAddress};
-use tern_tests::{envelope, register, within, Device, RelayProcess};
 
 #[tokio::test]
 async fn a_device_cannot_read_or_ack_another_devices_mailbox() {
@@ -218,7 +218,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     within(alice.conn.send(&bob.address, [envelope(1)]))
         .await
         .unwrap();
-    assert_eq!(tern_tests::number(&bob.next_delivery().await), 1);
+    assert_eq!(crate::support::number(&bob.next_delivery().await), 1);
     drop(idle);
 }
 
@@ -296,4 +296,38 @@ async fn info_logs_hold_no_identifiers_or_addresses() {
     for secret in [account_hex.as_str(), "127.0.0.1", "ciphertext #77"] {
         assert!(!log.contains(secret), "log holds {secret:?}:\n{log}");
     }
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_are_refused_and_others_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[limits]\nmax_connections = 2\n").unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("relay"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let alice = register(&relay.address).await;
+    let bob = register(&relay.address).await;
+    let refused = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::Refused), "{refused:?}");
+    within(alice.conn.send(&bob.address, [envelope(1)]))
+        .await
+        .unwrap();
+
+    // A slot frees up when a connection ends.
+    bob.conn.close().await;
+    let mut admitted = false;
+    for _ in 0..100 {
+        if let Ok((conn, _inbox)) = within(RelayConnection::connect(&relay.address)).await {
+            conn.ping().await.unwrap();
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(admitted, "a freed slot admits a new connection");
 }

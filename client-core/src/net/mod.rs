@@ -127,6 +127,11 @@ impl RelayConnection {
         let conn = match connecting.await {
             Ok(c) => c,
             Err(_) if mismatch.load(Ordering::Acquire) => return Err(Error::FingerprintMismatch),
+            Err(quinn::ConnectionError::ConnectionClosed(c))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                return Err(Error::Refused)
+            }
             Err(e) => return Err(Error::Connect(e.to_string())),
         };
         let (send, recv) = conn
@@ -331,13 +336,7 @@ async fn write_frames(
 ) {
     let mut buf = BytesMut::new();
     while let Some(f) = rx.recv().await {
-        frame::encode(&f, &mut buf);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => frame::encode(&f, &mut buf),
-                Err(_) => break,
-            }
-        }
+        frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;
         }

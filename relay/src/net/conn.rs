@@ -449,13 +449,7 @@ async fn deliver(
 async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<v1::ServerFrame>) {
     let mut buf = BytesMut::new();
     while let Some(f) = rx.recv().await {
-        frame::encode(&f, &mut buf);
-        while buf.len() < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => frame::encode(&f, &mut buf),
-                Err(_) => break,
-            }
-        }
+        frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;
         }

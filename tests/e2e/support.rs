@@ -1,11 +1,11 @@
-//! Helpers for Tern's end-to-end tests: start the real `tern-relay` binary on loopback
-//! with a temporary data directory, and drive real clients against it.
-#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+//! Helpers for the end-to-end tests: start the relay's command line as a real process
+//! on loopback with a temporary data directory, and drive real clients against it.
+#![allow(dead_code)] // not every test module uses every helper
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, OnceLock};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,52 +15,25 @@ use tern_client::net::{Delivery, Envelope, Inbox, Incoming, RelayConnection};
 use tern_proto::{DeviceAddress, MessageId, RelayAddress};
 
 /// How long any single step of a test may take before it fails.
-pub const STEP: Duration = Duration::from_secs(15);
+pub(crate) const STEP: Duration = Duration::from_secs(15);
 
-/// The `tern-relay` binary next to this test binary, brought up to date once per
-/// test run: `cargo test -p tern-tests` alone would not rebuild another package's
-/// binary, and a stale relay makes tests pass or fail for the wrong reasons.
-pub fn relay_binary() -> PathBuf {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("test binary path");
-            // target/<profile>/deps/<test> -> target/<profile>/tern-relay
-            let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
-            let bin = profile_dir.join(format!("tern-relay{}", std::env::consts::EXE_SUFFIX));
-            if let Ok(cargo) = std::env::var("CARGO") {
-                let mut cmd = Command::new(cargo);
-                cmd.args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "tern-relay",
-                    "--bin",
-                    "tern-relay",
-                ]);
-                if profile_dir.file_name().is_some_and(|n| n == "release") {
-                    cmd.arg("--release");
-                }
-                let status = cmd.status().expect("running cargo build");
-                assert!(status.success(), "building tern-relay failed");
-            }
-            assert!(bin.exists(), "no tern-relay binary at {}", bin.display());
-            bin
-        })
-        .clone()
+/// The relay binary under test: the `tern-relay` command line
+/// ([`tern_relay::cli::main`]), built by cargo as this package's `tern-relay-e2e`.
+pub(crate) fn relay_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tern-relay-e2e"))
 }
 
 /// A `tern-relay serve` process. Stopped with SIGTERM (then killed) when dropped.
-pub struct RelayProcess {
+pub(crate) struct RelayProcess {
     child: Option<Child>,
-    pub address: RelayAddress,
-    pub data_dir: PathBuf,
-    pub log: PathBuf,
+    pub(crate) address: RelayAddress,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) log: PathBuf,
 }
 
 impl RelayProcess {
     /// Starts a relay on `data_dir`, listening on 127.0.0.1 port 0, with extra flags.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<RelayProcess> {
+    pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<RelayProcess> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -109,7 +82,7 @@ impl RelayProcess {
     }
 
     /// Stops the relay with SIGTERM, as an operator would, and waits for it.
-    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+    pub(crate) fn stop(&mut self) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         let pid = child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
@@ -127,7 +100,7 @@ impl RelayProcess {
     }
 
     /// The relay's log so far.
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -141,16 +114,16 @@ impl Drop for RelayProcess {
 }
 
 /// A registered device with its open connection.
-pub struct Device {
-    pub conn: RelayConnection,
-    pub inbox: Inbox,
-    pub address: DeviceAddress,
-    pub key: DeviceKeyPair,
-    pub identity: IdentityKeyPair,
+pub(crate) struct Device {
+    pub(crate) conn: RelayConnection,
+    pub(crate) inbox: Inbox,
+    pub(crate) address: DeviceAddress,
+    pub(crate) key: DeviceKeyPair,
+    pub(crate) identity: IdentityKeyPair,
 }
 
 /// Registers a new account on `relay` and returns its first device, connected.
-pub async fn register(relay: &RelayAddress) -> Device {
+pub(crate) async fn register(relay: &RelayAddress) -> Device {
     let (conn, inbox) = within(RelayConnection::connect(relay))
         .await
         .expect("connect");
@@ -170,7 +143,7 @@ pub async fn register(relay: &RelayAddress) -> Device {
 impl Device {
     /// Closes this connection and opens a new, authenticated one. Returns the count
     /// of queued messages the relay reported.
-    pub async fn reconnect(&mut self, relay: &RelayAddress) -> u64 {
+    pub(crate) async fn reconnect(&mut self, relay: &RelayAddress) -> u64 {
         let (conn, inbox) = within(RelayConnection::connect(relay))
             .await
             .expect("connect");
@@ -184,13 +157,13 @@ impl Device {
     }
 
     /// Goes offline: closes the connection, keeping the keys.
-    pub async fn go_offline(self) -> (DeviceAddress, DeviceKeyPair, IdentityKeyPair) {
+    pub(crate) async fn go_offline(self) -> (DeviceAddress, DeviceKeyPair, IdentityKeyPair) {
         self.conn.close().await;
         (self.address, self.key, self.identity)
     }
 
     /// Connects a device that is offline.
-    pub async fn connect(
+    pub(crate) async fn connect(
         relay: &RelayAddress,
         address: DeviceAddress,
         key: DeviceKeyPair,
@@ -215,7 +188,7 @@ impl Device {
     }
 
     /// The next push, failing the test after [`STEP`].
-    pub async fn next(&mut self) -> Incoming {
+    pub(crate) async fn next(&mut self) -> Incoming {
         within(self.inbox.recv())
             .await
             .expect("connection open")
@@ -223,7 +196,7 @@ impl Device {
     }
 
     /// The next delivery (skipping queue-empty markers).
-    pub async fn next_delivery(&mut self) -> Delivery {
+    pub(crate) async fn next_delivery(&mut self) -> Delivery {
         loop {
             if let Incoming::Delivery(d) = self.next().await {
                 return d;
@@ -232,7 +205,7 @@ impl Device {
     }
 
     /// Deliveries until the relay says the queue is empty.
-    pub async fn drain(&mut self) -> Vec<Delivery> {
+    pub(crate) async fn drain(&mut self) -> Vec<Delivery> {
         let mut out = Vec::new();
         loop {
             match self.next().await {
@@ -244,7 +217,7 @@ impl Device {
 }
 
 /// Envelope number `i`: message id and payload both derived from it.
-pub fn envelope(i: u32) -> Envelope {
+pub(crate) fn envelope(i: u32) -> Envelope {
     let mut id = [0u8; 16];
     id[..4].copy_from_slice(&i.to_be_bytes());
     Envelope {
@@ -254,11 +227,11 @@ pub fn envelope(i: u32) -> Envelope {
 }
 
 /// The number an envelope from [`envelope`] carries.
-pub fn number(d: &Delivery) -> u32 {
+pub(crate) fn number(d: &Delivery) -> u32 {
     u32::from_be_bytes(d.message_id.0[..4].try_into().expect("4 bytes"))
 }
 
 /// Awaits `f`, failing the test after [`STEP`].
-pub async fn within<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }

@@ -1,0 +1,131 @@
+//! The `tern-relay` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::SystemClock;
+use crate::commit::Durability;
+use crate::config::Config;
+use crate::Relay;
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+#[derive(Parser)]
+#[command(
+    name = "tern-relay",
+    version,
+    about = "Tern end-to-end encrypted store-and-forward relay"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay. With no flags: data in ./tern-data, listening on 127.0.0.1:7443,
+    /// with a self-signed certificate made on first start.
+    Serve(ServeArgs),
+}
+
+#[derive(Parser)]
+struct ServeArgs {
+    /// TOML configuration file; flags override it.
+    #[arg(long, short, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (database, self-signed certificate).
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address to listen on; port 0 picks a free port.
+    #[arg(long, env = "TERN_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// Host put in the printed relay address (defaults to the listen IP).
+    #[arg(long)]
+    advertise_host: Option<String>,
+    /// When sends are acknowledged: after fsync, or after handing to the OS.
+    #[arg(long, value_enum)]
+    durability: Option<Durability>,
+    /// How long undelivered messages are kept (e.g. "7days"); at most 30 days.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    message_ttl: Option<Duration>,
+    /// Log filter (tracing-subscriber syntax), e.g. "info" or "tern_relay=debug".
+    #[arg(long, env = "TERN_LOG", default_value = "info")]
+    log: String,
+}
+
+/// Parses the command line and runs the command; what `tern-relay` does.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log)
+                .map_err(|e| format!("--log {}: {e}", args.log))?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(h) = args.advertise_host {
+        config.advertise_host = Some(h);
+    }
+    if let Some(d) = args.durability {
+        config.durability = d;
+    }
+    if let Some(t) = args.message_ttl {
+        config.expiry.message_ttl = t;
+    }
+    config.validate()?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let relay = Relay::start(&config, Arc::new(SystemClock)).await?;
+        // The address goes to stdout, on its own line, for people and scripts.
+        println!("tern-relay listening on {}", relay.address());
+        info!(durability = ?config.durability, "relay started");
+        wait_for_signal().await?;
+        info!("shutting down");
+        relay.shutdown().await?;
+        info!("stopped");
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
