@@ -23,8 +23,9 @@ pub enum Durability {
     /// After the message is fsynced to disk: survives a power cut.
     #[default]
     Fsync,
-    /// After the message is handed to the OS: survives a relay crash, not a power cut
-    /// in the next half second.
+    /// After the message is written to the database, without waiting for a flush; the
+    /// database flushes every 500 ms. A crash of the relay process or the machine can
+    /// lose the last half second of acknowledged messages (the kill -9 test shows it).
     Os,
 }
 

@@ -134,3 +134,29 @@ async fn a_restarted_relay_delivers_what_was_queued_and_not_what_was_acked() {
     let again: Vec<u32> = bob.drain().await.iter().map(number).collect();
     assert_eq!(again, (4..10).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn acknowledged_sends_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("relay");
+    let mut relay = RelayProcess::start(&data, &["--durability", "fsync"]).unwrap();
+    let alice = register(&relay.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&relay.address).await.go_offline().await;
+
+    // 200 sends in flight at once, each answered only once durable.
+    let sends = (0..200).map(|i| alice.conn.send(&bob_addr, [envelope(i)]));
+    for accepted in within(futures::future::join_all(sends)).await {
+        assert_eq!(accepted.unwrap(), 1);
+    }
+    relay.crash().unwrap();
+
+    let relay = RelayProcess::start(&data, &[]).unwrap();
+    let (mut bob, queued) = Device::connect(&relay.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(
+        queued, 200,
+        "every acknowledged send is still there after kill -9"
+    );
+    let mut got: Vec<u32> = bob.drain().await.iter().map(number).collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..200).collect::<Vec<_>>());
+}

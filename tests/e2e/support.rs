@@ -99,6 +99,14 @@ impl RelayProcess {
         }
     }
 
+    /// Kills the relay with SIGKILL: no shutdown, no final flush, as in a crash.
+    pub(crate) fn crash(&mut self) -> anyhow::Result<()> {
+        let mut child = self.child.take().context("already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// The relay's log so far.
     pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
