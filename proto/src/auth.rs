@@ -11,6 +11,24 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-tern-device-auth-v1";
 
 const DEVICE_CERT_CONTEXT: &[u8] = b"tern device certificate v1\0";
 const SESSION_PROOF_CONTEXT: &[u8] = b"tern session proof v1\0";
+const IDENTITY_DH_CONTEXT: &[u8] = b"tern x3dh identity-dh v1\0";
+const SIGNED_PREKEY_CONTEXT: &[u8] = b"tern x3dh signed-prekey v1\0";
+const SENDER_CERT_CONTEXT: &[u8] = b"tern sender certificate v1\0";
+
+/// What the identity key signs to vouch for a device's X25519 identity agreement key.
+pub fn identity_agreement_key(key: &[u8; PUBLIC_KEY_LEN]) -> Vec<u8> {
+    [IDENTITY_DH_CONTEXT, key].concat()
+}
+
+/// What the identity key signs to vouch for a signed prekey.
+pub fn signed_prekey(id: u32, key: &[u8; PUBLIC_KEY_LEN]) -> Vec<u8> {
+    [SIGNED_PREKEY_CONTEXT, &id.to_be_bytes()[..], key].concat()
+}
+
+/// What a relay signs to issue a sender certificate: the encoded `SenderCertificate`.
+pub fn sender_certificate(encoded: &[u8]) -> Vec<u8> {
+    [SENDER_CERT_CONTEXT, encoded].concat()
+}
 
 /// What the identity key signs to vouch for a device key. For the first device the
 /// account id is all zeros, since the relay has not chosen it yet.
@@ -56,6 +74,13 @@ mod tests {
         let cert = device_certificate(None, &key);
         let proof = session_proof(&[9u8; 32]);
         assert_ne!(cert[..20], proof[..20]);
+        let key = [9u8; 32];
+        assert_ne!(
+            identity_agreement_key(&key)[..20],
+            signed_prekey(0, &key)[..20]
+        );
+        assert_ne!(signed_prekey(1, &key), signed_prekey(2, &key));
+        assert_ne!(sender_certificate(&key)[..20], cert[..20]);
         let acct = AccountId([1; 16]);
         assert_ne!(device_certificate(Some(&acct), &key), cert);
         assert_ne!(

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use ed25519_dalek::Signer;
+use sha2::{Digest, Sha256};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use tokio::sync::Notify;
 
@@ -22,13 +24,73 @@ use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{
-    AccountRecord, AccountStore, MailboxStore, NewMessage, StoreError, StoredMessage, Usage,
+    AccountRecord, AccountStore, FetchedKeys, KeyStore, MailboxStore, NewMessage, OneTimeKey,
+    SignedKey, StoreError, StoredMessage, Usage,
 };
+
+/// Most one-time prekeys a device may hold on the relay.
+pub const MAX_ONE_TIME_PREKEYS: u64 = 1000;
+/// How long a sender certificate is valid.
+pub const SENDER_CERTIFICATE_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// The stores a hub works on.
+#[derive(Clone)]
+pub struct Stores {
+    /// Queued envelopes.
+    pub mailboxes: Arc<dyn MailboxStore>,
+    /// Accounts, device keys, delivery tokens.
+    pub accounts: Arc<dyn AccountStore>,
+    /// Published prekeys.
+    pub keys: Arc<dyn KeyStore>,
+}
+
+impl Stores {
+    /// Every store on one backend.
+    pub fn all<S: MailboxStore + AccountStore + KeyStore>(store: Arc<S>) -> Self {
+        Stores {
+            mailboxes: store.clone(),
+            accounts: store.clone(),
+            keys: store,
+        }
+    }
+}
+
+/// Keys a device publishes, as received (checked by [`Hub::publish_keys`]).
+#[derive(Debug, Default)]
+pub struct PublishedKeys<'a> {
+    /// Identity agreement key and the identity's signature over it.
+    pub identity_dh: Option<(&'a [u8], &'a [u8])>,
+    /// Signed prekey: id, key, the identity's signature.
+    pub signed_prekey: Option<(u32, &'a [u8], &'a [u8])>,
+    /// One-time prekeys: id, key.
+    pub one_time: Vec<(u32, &'a [u8])>,
+}
+
+/// Prekey bundles of an account's devices.
+#[derive(Debug, Clone)]
+pub struct AccountKeys {
+    /// The account's Ed25519 identity key.
+    pub identity_key: [u8; 32],
+    /// One bundle per device that has published keys.
+    pub devices: Vec<(DeviceId, FetchedKeys)>,
+}
+
+/// A sender certificate: the encoded `v1::SenderCertificate` and the relay's
+/// signature over it.
+#[derive(Debug, Clone)]
+pub struct SenderCertificate {
+    /// Encoded `v1::SenderCertificate`.
+    pub certificate: Vec<u8>,
+    /// The relay's signature over `tern_proto::auth::sender_certificate(certificate)`.
+    pub signature: [u8; 64],
+}
 
 /// Shared relay state. See the module docs.
 pub struct Hub {
     mailboxes: Arc<dyn MailboxStore>,
     accounts: Arc<dyn AccountStore>,
+    keys: Arc<dyn KeyStore>,
+    signer: ed25519_dalek::SigningKey,
     clock: Arc<dyn Clock>,
     limits: Limits,
     ttl: Ttl,
@@ -58,6 +120,10 @@ struct Waker {
     id: u64,
     notify: Notify,
     displaced: AtomicBool,
+}
+
+fn signature(sig: &[u8]) -> Result<[u8; 64]> {
+    sig.try_into().map_err(|_| Error::Unauthorized)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,18 +175,20 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// A hub over the given stores.
+    /// A hub over the given stores; `signer` signs sender certificates.
     pub fn new(
-        mailboxes: Arc<dyn MailboxStore>,
-        accounts: Arc<dyn AccountStore>,
+        stores: Stores,
         clock: Arc<dyn Clock>,
         limits: Limits,
         ttl: Ttl,
         commit: GroupCommit,
+        signer: ed25519_dalek::SigningKey,
     ) -> Self {
         Hub {
-            mailboxes,
-            accounts,
+            mailboxes: stores.mailboxes,
+            accounts: stores.accounts,
+            keys: stores.keys,
+            signer,
             clock,
             limits,
             ttl,
@@ -217,16 +285,14 @@ impl Hub {
         auth::authenticate(address, key, exporter, signature)
     }
 
-    /// Queues `msgs` for `to`, all or nothing; returns once they are durable as
-    /// configured. A connected recipient is woken at once.
+    /// Queues `msgs` from an authenticated device for `to`, all or nothing; returns
+    /// once they are durable as configured. A connected recipient is woken at once.
     pub async fn send(
         &self,
         _sender: &AuthenticatedDevice,
         to: DeviceAddress,
         msgs: &[NewMessage],
     ) -> Result<usize> {
-        self.limits
-            .check_batch(msgs.iter().map(|m| m.payload.len()))?;
         let exists = self
             .accounts
             .get(&to.account)?
@@ -234,6 +300,36 @@ impl Hub {
         if !exists {
             return Err(Error::UnknownRecipient);
         }
+        self.enqueue(to, msgs).await
+    }
+
+    /// Queues `msgs` for `to` from a sender the relay does not know, who shows the
+    /// recipient account's delivery token. A missing account and a wrong token get the
+    /// same answer, so the relay does not confirm who has an account.
+    pub async fn sealed_send(
+        &self,
+        to: DeviceAddress,
+        token: &[u8],
+        msgs: &[NewMessage],
+    ) -> Result<usize> {
+        let expected = self
+            .accounts
+            .delivery_token(&to.account)?
+            .ok_or(Error::Unauthorized)?;
+        let presented: [u8; 32] = Sha256::digest(token).into();
+        if presented != expected {
+            return Err(Error::Unauthorized);
+        }
+        let record = self.accounts.get(&to.account)?.ok_or(Error::Unauthorized)?;
+        if record.device_key(to.device).is_none() {
+            return Err(Error::UnknownRecipient);
+        }
+        self.enqueue(to, msgs).await
+    }
+
+    async fn enqueue(&self, to: DeviceAddress, msgs: &[NewMessage]) -> Result<usize> {
+        self.limits
+            .check_batch(msgs.iter().map(|m| m.payload.len()))?;
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         let slot = self.slot(&to);
@@ -258,6 +354,158 @@ impl Hub {
         appended?;
         self.commit.commit().await?;
         Ok(msgs.len())
+    }
+
+    /// Sets the device's account's delivery token hash (SHA-256 of the token).
+    pub async fn set_delivery_token(
+        &self,
+        device: &AuthenticatedDevice,
+        token_hash: &[u8],
+    ) -> Result<()> {
+        let hash: [u8; 32] = token_hash
+            .try_into()
+            .map_err(|_| Error::BadRequest("a delivery token hash is 32 bytes".into()))?;
+        self.accounts
+            .set_delivery_token(&device.address().account, &hash)?;
+        self.commit.commit().await?;
+        Ok(())
+    }
+
+    /// The key sender certificates are signed with.
+    pub fn signing_key(&self) -> [u8; 32] {
+        self.signer.verifying_key().to_bytes()
+    }
+
+    /// A certificate of `device`, signed by the relay, valid for
+    /// [`SENDER_CERTIFICATE_LIFETIME_MS`].
+    pub fn sender_certificate(&self, device: &AuthenticatedDevice) -> Result<SenderCertificate> {
+        let addr = device.address();
+        let record = self
+            .accounts
+            .get(&addr.account)?
+            .ok_or(Error::Unauthorized)?;
+        let cert = tern_proto::v1::SenderCertificate {
+            account_id: bytes::Bytes::copy_from_slice(addr.account.as_bytes()),
+            device_id: addr.device.get(),
+            identity_key: bytes::Bytes::copy_from_slice(&record.identity_key),
+            expires_at_ms: self
+                .clock
+                .now()
+                .saturating_add(SENDER_CERTIFICATE_LIFETIME_MS),
+            relay_key: bytes::Bytes::copy_from_slice(&self.signing_key()),
+        };
+        let certificate = prost::Message::encode_to_vec(&cert);
+        let signature = self
+            .signer
+            .sign(&tern_proto::auth::sender_certificate(&certificate))
+            .to_bytes();
+        Ok(SenderCertificate {
+            certificate,
+            signature,
+        })
+    }
+
+    /// Checks and stores keys a device publishes; returns its one-time pool size.
+    pub async fn publish_keys(
+        &self,
+        device: &AuthenticatedDevice,
+        keys: PublishedKeys<'_>,
+    ) -> Result<u64> {
+        let addr = device.address();
+        let record = self
+            .accounts
+            .get(&addr.account)?
+            .ok_or(Error::Unauthorized)?;
+        let identity_dh = keys
+            .identity_dh
+            .map(|(key, sig)| -> Result<SignedKey> {
+                let key = auth::verify_vouched_key(
+                    &record.identity_key,
+                    key,
+                    tern_proto::auth::identity_agreement_key,
+                    sig,
+                )?;
+                Ok(SignedKey {
+                    id: 0,
+                    key,
+                    signature: signature(sig)?,
+                })
+            })
+            .transpose()?;
+        let signed_prekey = keys
+            .signed_prekey
+            .map(|(id, key, sig)| -> Result<SignedKey> {
+                let key = auth::verify_vouched_key(
+                    &record.identity_key,
+                    key,
+                    |k| tern_proto::auth::signed_prekey(id, k),
+                    sig,
+                )?;
+                Ok(SignedKey {
+                    id,
+                    key,
+                    signature: signature(sig)?,
+                })
+            })
+            .transpose()?;
+        let one_time = keys
+            .one_time
+            .iter()
+            .map(|(id, key)| {
+                let key = (*key)
+                    .try_into()
+                    .map_err(|_| Error::BadRequest("keys are 32 bytes".into()))?;
+                Ok(OneTimeKey { id: *id, key })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let held = self.keys.one_time_count(addr)?;
+        if held.saturating_add(one_time.len() as u64) > MAX_ONE_TIME_PREKEYS {
+            return Err(Error::TooLarge {
+                what: "one-time prekey pool",
+                size: (held as usize).saturating_add(one_time.len()),
+                max: MAX_ONE_TIME_PREKEYS as usize,
+            });
+        }
+        let count = self.keys.publish(
+            addr,
+            identity_dh.as_ref(),
+            signed_prekey.as_ref(),
+            &one_time,
+        )?;
+        self.commit.commit().await?;
+        Ok(count)
+    }
+
+    /// Prekey bundles of `account`'s devices (or of one device), each consuming one
+    /// one-time prekey. Returns the account's identity key with them. Devices that have
+    /// not published keys are left out.
+    pub fn fetch_keys(
+        &self,
+        _requester: &AuthenticatedDevice,
+        account: &AccountId,
+        device: Option<DeviceId>,
+    ) -> Result<AccountKeys> {
+        let record = self.accounts.get(account)?.ok_or(Error::UnknownRecipient)?;
+        let mut bundles = Vec::new();
+        for (id, _) in record
+            .devices
+            .iter()
+            .filter(|(id, _)| device.is_none_or(|d| d == *id))
+        {
+            if let Some(keys) = self.keys.fetch(&DeviceAddress {
+                account: *account,
+                device: *id,
+            })? {
+                bundles.push((*id, keys));
+            }
+        }
+        if bundles.is_empty() {
+            return Err(Error::UnknownRecipient);
+        }
+        Ok(AccountKeys {
+            identity_key: record.identity_key,
+            devices: bundles,
+        })
     }
 
     /// Claims deliveries for a device, displacing any earlier connection of it.
@@ -380,12 +628,12 @@ mod tests {
         let commit = GroupCommit::start(store.clone(), Durability::Fsync).expect("commit");
         let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
         let hub = Arc::new(Hub::new(
-            store.clone(),
-            store.clone(),
+            Stores::all(store.clone()),
             clock.clone(),
             limits,
             ttl,
             commit,
+            ed25519_dalek::SigningKey::from_bytes(&[42; 32]),
         ));
         Fixture { hub, clock, store }
     }
@@ -631,5 +879,196 @@ mod tests {
             .expect("still subscribed");
         drop(second);
         assert_eq!(f.hub.tracked_devices(), 0);
+    }
+
+    fn identity_of(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[tokio::test]
+    async fn prekeys_are_checked_and_each_one_time_key_handed_out_once() {
+        let f = fixture(Limits::default());
+        let (alice, bob) = (device(&f.hub, 1).await, device(&f.hub, 2).await);
+        let id = identity_of(2);
+        let dh = [5u8; 32];
+        let dh_sig = id
+            .sign(&tern_proto::auth::identity_agreement_key(&dh))
+            .to_bytes();
+        let spk = [6u8; 32];
+        let spk_sig = id
+            .sign(&tern_proto::auth::signed_prekey(1, &spk))
+            .to_bytes();
+        let otk = [[7u8; 32], [8u8; 32]];
+
+        // A signed prekey signed for another id is refused, and nothing is stored.
+        let bad = PublishedKeys {
+            signed_prekey: Some((2, &spk, &spk_sig)),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.hub.publish_keys(&bob, bad).await,
+            Err(Error::Unauthorized)
+        ));
+        // Signed by someone else's identity.
+        let foreign = identity_of(9)
+            .sign(&tern_proto::auth::identity_agreement_key(&dh))
+            .to_bytes();
+        let bad = PublishedKeys {
+            identity_dh: Some((&dh, &foreign)),
+            ..Default::default()
+        };
+        assert!(f.hub.publish_keys(&bob, bad).await.is_err());
+        assert!(matches!(
+            f.hub.fetch_keys(&alice, &bob.address().account, None),
+            Err(Error::UnknownRecipient)
+        ));
+
+        let good = PublishedKeys {
+            identity_dh: Some((&dh, &dh_sig)),
+            signed_prekey: Some((1, &spk, &spk_sig)),
+            one_time: vec![(10, &otk[0]), (11, &otk[1])],
+        };
+        assert_eq!(f.hub.publish_keys(&bob, good).await.expect("publish"), 2);
+        let fetch = || {
+            f.hub
+                .fetch_keys(&alice, &bob.address().account, None)
+                .expect("fetch")
+        };
+        let AccountKeys {
+            identity_key,
+            devices: first,
+        } = fetch();
+        assert_eq!(identity_key, id.verifying_key().to_bytes());
+        assert_eq!(first[0].1.identity_dh.key, dh);
+        assert_eq!(first[0].1.signed_prekey.key, spk);
+        let second = fetch().devices;
+        let third = fetch().devices;
+        let one_time: Vec<_> = [&first, &second, &third]
+            .iter()
+            .map(|b| b[0].1.one_time.map(|k| k.id))
+            .collect();
+        assert_eq!(
+            one_time,
+            vec![Some(10), Some(11), None],
+            "once each, then the signed prekey alone"
+        );
+        let unknown = AccountId([0xee; 16]);
+        assert!(matches!(
+            f.hub.fetch_keys(&alice, &unknown, None),
+            Err(Error::UnknownRecipient)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_one_time_pool_is_capped() {
+        let f = fixture(Limits::default());
+        let bob = device(&f.hub, 2).await;
+        let keys: Vec<[u8; 32]> = (0..=MAX_ONE_TIME_PREKEYS)
+            .map(|i| [(i % 250) as u8; 32])
+            .collect();
+        let too_many = PublishedKeys {
+            one_time: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (i as u32, &k[..]))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.hub.publish_keys(&bob, too_many).await,
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn sealed_sends_need_the_recipients_delivery_token() {
+        let f = fixture(Limits::default());
+        let bob = device(&f.hub, 2).await;
+        let to = *bob.address();
+        let token = [3u8; 32];
+        // No token set yet: refused, exactly like an unknown account.
+        assert!(matches!(
+            f.hub.sealed_send(to, &token, &msgs(0..1, 4)).await,
+            Err(Error::Unauthorized)
+        ));
+        let nobody = DeviceAddress::from_wire(&[0xee; 16], 1).expect("addr");
+        assert!(matches!(
+            f.hub.sealed_send(nobody, &token, &msgs(0..1, 4)).await,
+            Err(Error::Unauthorized)
+        ));
+
+        let hash: [u8; 32] = Sha256::digest(token).into();
+        assert!(f.hub.set_delivery_token(&bob, &hash[..31]).await.is_err());
+        f.hub.set_delivery_token(&bob, &hash).await.expect("set");
+        assert_eq!(
+            f.hub
+                .sealed_send(to, &token, &msgs(0..2, 4))
+                .await
+                .expect("sealed send"),
+            2
+        );
+        assert!(matches!(
+            f.hub.sealed_send(to, &[4u8; 32], &msgs(2..3, 4)).await,
+            Err(Error::Unauthorized)
+        ));
+        let no_device = DeviceAddress {
+            account: to.account,
+            device: DeviceId::new(7).expect("id"),
+        };
+        assert!(matches!(
+            f.hub.sealed_send(no_device, &token, &msgs(2..3, 4)).await,
+            Err(Error::UnknownRecipient)
+        ));
+
+        // Rotation: the old token stops working.
+        let new_hash: [u8; 32] = Sha256::digest([5u8; 32]).into();
+        f.hub
+            .set_delivery_token(&bob, &new_hash)
+            .await
+            .expect("rotate");
+        assert!(matches!(
+            f.hub.sealed_send(to, &token, &msgs(2..3, 4)).await,
+            Err(Error::Unauthorized)
+        ));
+        assert_eq!(
+            f.hub
+                .sealed_send(to, &[5u8; 32], &msgs(2..3, 4))
+                .await
+                .expect("new token"),
+            1
+        );
+        let got = f
+            .hub
+            .pull(&bob, &mut DeliveryWindow::new(10))
+            .expect("pull");
+        assert_eq!(ids(&got), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn sender_certificates_are_signed_by_the_relay_and_expire() {
+        let f = fixture(Limits::default());
+        let alice = device(&f.hub, 1).await;
+        let cert = f.hub.sender_certificate(&alice).expect("certificate");
+        let relay_key = ed25519_dalek::VerifyingKey::from_bytes(&f.hub.signing_key()).expect("key");
+        let sig = ed25519_dalek::Signature::from_bytes(&cert.signature);
+        relay_key
+            .verify_strict(
+                &tern_proto::auth::sender_certificate(&cert.certificate),
+                &sig,
+            )
+            .expect("signed by the relay");
+        let decoded: tern_proto::v1::SenderCertificate =
+            prost::Message::decode(&cert.certificate[..]).expect("decodes");
+        assert_eq!(&decoded.account_id[..], alice.address().account.as_bytes());
+        assert_eq!(decoded.device_id, 1);
+        assert_eq!(
+            &decoded.identity_key[..],
+            &identity_of(1).verifying_key().to_bytes()
+        );
+        assert_eq!(
+            decoded.expires_at_ms,
+            f.clock.now() + SENDER_CERTIFICATE_LIFETIME_MS
+        );
+        assert_eq!(&decoded.relay_key[..], &f.hub.signing_key());
     }
 }

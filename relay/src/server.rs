@@ -15,8 +15,9 @@ use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
+use crate::hub::Stores;
 use crate::net::{self, tls, ConnSettings};
-use crate::store::{AccountStore, MailboxStore, SledStore};
+use crate::store::SledStore;
 
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
@@ -39,15 +40,14 @@ impl Relay {
             &config.data_dir.join("db"),
             config.storage.cache_mb << 20,
         )?);
-        Self::start_with(config, store.clone(), store, clock).await
+        Self::start_with(config, Stores::all(store), clock).await
     }
 
     /// Starts a relay on the given stores (the certificate still lives in
     /// `config.data_dir`).
     pub async fn start_with(
         config: &Config,
-        mailboxes: Arc<dyn MailboxStore>,
-        accounts: Arc<dyn AccountStore>,
+        stores: Stores,
         clock: Arc<dyn Clock>,
     ) -> Result<Relay> {
         config.validate()?;
@@ -62,14 +62,15 @@ impl Relay {
         let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
         let local_addr = endpoint.local_addr()?;
 
-        let commit = GroupCommit::start(mailboxes.clone(), config.durability)?;
+        let signer = tls::load_or_create_signing_key(&config.data_dir)?;
+        let commit = GroupCommit::start(stores.mailboxes.clone(), config.durability)?;
         let hub = Arc::new(Hub::new(
-            mailboxes,
-            accounts,
+            stores,
             clock,
             config.mailbox_limits(),
             ttl,
             commit,
+            signer,
         ));
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,

@@ -94,6 +94,21 @@ pub fn verify_new_device(
     Ok(device)
 }
 
+/// Checks the account identity's signature over a key it vouches for (an identity
+/// agreement key or a signed prekey, laid out by `tern_proto::auth`); returns the key.
+pub fn verify_vouched_key(
+    identity_key: &[u8; 32],
+    key: &[u8],
+    layout: impl FnOnce(&[u8; 32]) -> Vec<u8>,
+    signature: &[u8],
+) -> Result<[u8; 32]> {
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| Error::BadRequest("keys are 32 bytes".into()))?;
+    verify(&self::key(identity_key)?, &layout(&key), signature)?;
+    Ok(key)
+}
+
 /// Checks a device's signature over this connection's exporter value.
 pub fn authenticate(
     address: DeviceAddress,
@@ -163,6 +178,34 @@ mod tests {
         ));
         let other = SigningKey::from_bytes(&[3; 32]).verifying_key().to_bytes();
         assert!(authenticate(addr, &other, &exporter, &sig).is_err());
+    }
+
+    #[test]
+    fn vouched_keys_need_the_identity_signature_for_that_key_and_purpose() {
+        let (identity, device) = keys();
+        let id_pub = identity.verifying_key().to_bytes();
+        let spk = [9u8; 32];
+        let sig = identity.sign(&auth::signed_prekey(4, &spk)).to_bytes();
+        let check = |id: u32, key: &[u8], sig: &[u8]| {
+            verify_vouched_key(&id_pub, key, |k| auth::signed_prekey(id, k), sig)
+        };
+        assert_eq!(check(4, &spk, &sig).ok(), Some(spk));
+        assert!(check(5, &spk, &sig).is_err(), "other id");
+        assert!(check(4, &[8; 32], &sig).is_err(), "other key");
+        assert!(matches!(
+            check(4, &spk[..31], &sig),
+            Err(Error::BadRequest(_))
+        ));
+        let by_device = device.sign(&auth::signed_prekey(4, &spk)).to_bytes();
+        assert!(
+            check(4, &spk, &by_device).is_err(),
+            "signed by the device, not the identity"
+        );
+        let as_dh = verify_vouched_key(&id_pub, &spk, auth::identity_agreement_key, &sig);
+        assert!(
+            as_dh.is_err(),
+            "a prekey signature is no identity-key signature"
+        );
     }
 
     #[test]

@@ -7,13 +7,14 @@
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
 //! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
-use tern_proto::{close, DeviceAddress, MessageId};
+use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
@@ -21,7 +22,7 @@ use tracing::{debug, warn};
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::error::{Error, Result};
-use crate::hub::Hub;
+use crate::hub::{Hub, PublishedKeys};
 use crate::store::{NewMessage, StoredMessage};
 
 /// How long a new connection has to open its control stream.
@@ -227,8 +228,103 @@ impl Session {
                 self.start_delivery();
             }
             Body::Send(r) => self.send(id, r).await,
+            Body::SealedSend(r) => self.sealed_send(id, r).await,
             Body::Ack(r) => self.ack(id, r.seqs).await,
+            Body::RelayInfo(_) => {
+                let key = Bytes::copy_from_slice(&self.hub.signing_key());
+                self.reply(
+                    id,
+                    Ok(Reply::RelayInfo(v1::RelayInfoResponse { signing_key: key })),
+                )
+                .await
+            }
+            Body::PublishKeys(r) => {
+                let result = self.publish_keys(&r).await;
+                let reply = result.map(|n| {
+                    Reply::PublishKeys(v1::PublishKeysResponse {
+                        one_time_prekeys: n.try_into().unwrap_or(u32::MAX),
+                    })
+                });
+                self.reply(id, reply).await
+            }
+            Body::FetchKeys(r) => {
+                let reply = self.fetch_keys(&r).map(Reply::FetchKeys);
+                self.reply(id, reply).await
+            }
+            Body::SenderCertificate(_) => {
+                let cert = self
+                    .authenticated()
+                    .and_then(|d| self.hub.sender_certificate(d));
+                let reply = cert.map(|c| {
+                    Reply::SenderCertificate(v1::SenderCertificateResponse {
+                        certificate: c.certificate.into(),
+                        signature: Bytes::copy_from_slice(&c.signature),
+                    })
+                });
+                self.reply(id, reply).await
+            }
+            Body::SetDeliveryToken(r) => {
+                let result = match self.authenticated() {
+                    Ok(d) => self.hub.set_delivery_token(d, &r.token_hash).await,
+                    Err(e) => Err(e),
+                };
+                let reply =
+                    result.map(|()| Reply::SetDeliveryToken(v1::SetDeliveryTokenResponse {}));
+                self.reply(id, reply).await
+            }
         }
+    }
+
+    fn authenticated(&self) -> Result<&AuthenticatedDevice> {
+        self.device.as_ref().ok_or(Error::Unauthorized)
+    }
+
+    async fn publish_keys(&self, r: &v1::PublishKeysRequest) -> Result<u64> {
+        let device = self.authenticated()?;
+        let keys = PublishedKeys {
+            identity_dh: (!r.identity_dh.is_empty())
+                .then(|| (&r.identity_dh[..], &r.identity_dh_signature[..])),
+            signed_prekey: r
+                .signed_prekey
+                .as_ref()
+                .map(|k| (k.id, &k.public_key[..], &k.signature[..])),
+            one_time: r
+                .one_time_prekeys
+                .iter()
+                .map(|k| (k.id, &k.public_key[..]))
+                .collect(),
+        };
+        self.hub.publish_keys(device, keys).await
+    }
+
+    fn fetch_keys(&self, r: &v1::FetchKeysRequest) -> Result<v1::FetchKeysResponse> {
+        let device = self.authenticated()?;
+        let account = AccountId::try_from(&r.account_id[..])?;
+        let found = self
+            .hub
+            .fetch_keys(device, &account, DeviceId::new(r.device_id))?;
+        let identity_key = found.identity_key;
+        let signed = |k: &crate::store::SignedKey| v1::SignedPreKey {
+            id: k.id,
+            public_key: Bytes::copy_from_slice(&k.key),
+            signature: Bytes::copy_from_slice(&k.signature),
+        };
+        let bundles = found
+            .devices
+            .into_iter()
+            .map(|(id, k)| v1::PreKeyBundle {
+                device_id: id.get(),
+                identity_key: Bytes::copy_from_slice(&identity_key),
+                identity_dh: Bytes::copy_from_slice(&k.identity_dh.key),
+                identity_dh_signature: Bytes::copy_from_slice(&k.identity_dh.signature),
+                signed_prekey: Some(signed(&k.signed_prekey)),
+                one_time_prekey: k.one_time.map(|o| v1::OneTimePreKey {
+                    id: o.id,
+                    public_key: Bytes::copy_from_slice(&o.key),
+                }),
+            })
+            .collect();
+        Ok(v1::FetchKeysResponse { bundles })
     }
 
     fn exporter(&self, address: Option<&DeviceAddress>) -> Result<[u8; 32]> {
@@ -298,31 +394,49 @@ impl Session {
         let Some(sender) = self.device.clone() else {
             return self.reply(id, Err(Error::Unauthorized)).await;
         };
-        let to = match DeviceAddress::from_wire(&r.recipient_account, r.recipient_device) {
-            Ok(to) => to,
-            Err(e) => return self.reply(id, Err(e.into())).await,
-        };
-        let msgs = match r
-            .envelopes
-            .into_iter()
-            .map(|e| {
-                Ok(NewMessage {
-                    message_id: MessageId::try_from(&e.message_id[..])?,
-                    payload: e.payload,
-                })
-            })
-            .collect::<Result<Vec<_>>>()
-        {
-            Ok(m) => m,
-            Err(e) => return self.reply(id, Err(e)).await,
-        };
-        // Past the cap, the reader waits here: backpressure instead of a growing queue.
+        let parsed = DeviceAddress::from_wire(&r.recipient_account, r.recipient_device)
+            .map_err(Error::from)
+            .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
+        match parsed {
+            Ok((to, msgs)) => {
+                let hub = self.hub.clone();
+                self.spawn_send(id, async move { hub.send(&sender, to, &msgs).await })
+                    .await
+            }
+            Err(e) => self.reply(id, Err(e)).await,
+        }
+    }
+
+    /// A send from an unidentified sender: needs no authentication, only the
+    /// recipient's delivery token.
+    async fn sealed_send(&mut self, id: u64, r: v1::SealedSendRequest) {
+        let parsed = DeviceAddress::from_wire(&r.recipient_account, r.recipient_device)
+            .map_err(Error::from)
+            .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
+        match parsed {
+            Ok((to, msgs)) => {
+                let (hub, token) = (self.hub.clone(), r.delivery_token);
+                self.spawn_send(id, async move { hub.sealed_send(to, &token, &msgs).await })
+                    .await
+            }
+            Err(e) => self.reply(id, Err(e)).await,
+        }
+    }
+
+    /// Runs a send in its own task (it waits for a group commit) under the
+    /// per-connection cap: past the cap the reader waits here, which is backpressure
+    /// instead of a growing queue.
+    async fn spawn_send(
+        &mut self,
+        id: u64,
+        send: impl Future<Output = Result<usize>> + Send + 'static,
+    ) {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
             return;
         };
-        let (hub, out) = (self.hub.clone(), self.out.clone());
+        let out = self.out.clone();
         tokio::spawn(async move {
-            let result = hub.send(&sender, to, &msgs).await;
+            let result = send.await;
             let accepted = result.map(|n| Reply::Send(v1::SendResponse { accepted: n as u32 }));
             let _ = out.send(response(id, accepted)).await;
             drop(permit);
@@ -350,6 +464,17 @@ impl Session {
             None => self.reply(id, Err(Error::Unauthorized)).await,
         }
     }
+}
+
+fn envelopes(wire: Vec<v1::Envelope>) -> Result<Vec<NewMessage>> {
+    wire.into_iter()
+        .map(|e| {
+            Ok(NewMessage {
+                message_id: MessageId::try_from(&e.message_id[..])?,
+                payload: e.payload,
+            })
+        })
+        .collect()
 }
 
 fn response(request_id: u64, result: Result<Reply>) -> v1::ServerFrame {

@@ -77,7 +77,7 @@ pub fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identity> {
     load(&cert, &key)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -89,6 +89,24 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
+}
+
+const SIGNING_KEY_FILE: &str = "relay-signing-key";
+
+/// The Ed25519 key the relay signs sender certificates with, kept in `data_dir` (made
+/// on first start), so certificates stay verifiable across restarts.
+pub fn load_or_create_signing_key(data_dir: &Path) -> Result<ed25519_dalek::SigningKey> {
+    let path = data_dir.join(SIGNING_KEY_FILE);
+    if path.exists() {
+        let bytes = fs::read(&path)?;
+        let secret: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::Tls(format!("{} is not a 32-byte key", path.display())))?;
+        return Ok(ed25519_dalek::SigningKey::from_bytes(&secret));
+    }
+    let key = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
+    write_private(&path, &key.to_bytes())?;
+    Ok(key)
 }
 
 /// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`.
@@ -129,6 +147,16 @@ mod tests {
         let other = tempfile::tempdir().expect("tempdir");
         let fresh = load_or_create(&TlsConfig::default(), other.path()).expect("create");
         assert_ne!(fresh.fingerprint(), first.fingerprint());
+    }
+
+    #[test]
+    fn signing_key_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = load_or_create_signing_key(dir.path()).expect("create");
+        let b = load_or_create_signing_key(dir.path()).expect("load");
+        assert_eq!(a.verifying_key(), b.verifying_key());
+        fs::write(dir.path().join(SIGNING_KEY_FILE), b"short").expect("write");
+        assert!(load_or_create_signing_key(dir.path()).is_err());
     }
 
     #[test]

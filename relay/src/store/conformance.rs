@@ -151,3 +151,122 @@ pub(super) fn account_rules(store: &dyn AccountStore) {
     assert_eq!(got.device_key(second), Some(&[3; 32]));
     assert_eq!(got.device_key(DeviceId::PRIMARY), Some(&[2; 32]));
 }
+
+pub(super) fn key_rules(store: &(impl KeyStore + AccountStore)) {
+    let dev = addr(5, 1);
+    let signed = |id: u32, b: u8| SignedKey {
+        id,
+        key: [b; 32],
+        signature: [b; 64],
+    };
+    assert_eq!(store.fetch(&dev).expect("fetch"), None, "nothing published");
+    // A pool without the signed keys hands out nothing.
+    store
+        .publish(
+            &dev,
+            None,
+            None,
+            &[OneTimeKey {
+                id: 1,
+                key: [1; 32],
+            }],
+        )
+        .expect("publish");
+    assert_eq!(store.fetch(&dev).expect("fetch"), None);
+    let n = store
+        .publish(
+            &dev,
+            Some(&signed(0, 7)),
+            Some(&signed(10, 8)),
+            &[
+                OneTimeKey {
+                    id: 2,
+                    key: [2; 32],
+                },
+                OneTimeKey {
+                    id: 1,
+                    key: [1; 32],
+                },
+            ],
+        )
+        .expect("publish");
+    assert_eq!(n, 2, "same id replaces");
+    let first = store.fetch(&dev).expect("fetch").expect("published");
+    assert_eq!(first.identity_dh, signed(0, 7));
+    assert_eq!(first.signed_prekey, signed(10, 8));
+    let second = store.fetch(&dev).expect("fetch").expect("published");
+    let ids = [first.one_time.map(|k| k.id), second.one_time.map(|k| k.id)];
+    assert_eq!(
+        ids,
+        [Some(1), Some(2)],
+        "each one-time key once, lowest id first"
+    );
+    let third = store.fetch(&dev).expect("fetch").expect("published");
+    assert_eq!(
+        third.one_time, None,
+        "falls back to the signed prekey alone"
+    );
+    assert_eq!(store.one_time_count(&dev).expect("count"), 0);
+    // Rotation replaces the signed prekey; other devices are untouched.
+    store
+        .publish(&dev, None, Some(&signed(11, 9)), &[])
+        .expect("publish");
+    assert_eq!(
+        store
+            .fetch(&dev)
+            .expect("fetch")
+            .expect("published")
+            .signed_prekey
+            .id,
+        11
+    );
+    assert_eq!(store.fetch(&addr(5, 2)).expect("fetch"), None);
+
+    let acct = AccountId([5; 16]);
+    assert_eq!(store.delivery_token(&acct).expect("token"), None);
+    store.set_delivery_token(&acct, &[1; 32]).expect("set");
+    store.set_delivery_token(&acct, &[2; 32]).expect("rotate");
+    assert_eq!(store.delivery_token(&acct).expect("token"), Some([2; 32]));
+}
+
+pub(super) fn concurrent_fetches<S: KeyStore>(store: std::sync::Arc<S>) {
+    let dev = addr(6, 1);
+    let signed = SignedKey {
+        id: 1,
+        key: [1; 32],
+        signature: [1; 64],
+    };
+    let pool: Vec<OneTimeKey> = (0..200).map(|id| OneTimeKey { id, key: [3; 32] }).collect();
+    store
+        .publish(&dev, Some(&signed), Some(&signed), &pool)
+        .expect("publish");
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                (0..60)
+                    .filter_map(|_| {
+                        store
+                            .fetch(&dev)
+                            .expect("fetch")
+                            .and_then(|k| k.one_time)
+                            .map(|k| k.id)
+                    })
+                    .collect::<Vec<u32>>()
+            })
+        })
+        .collect();
+    let mut all: Vec<u32> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("thread"))
+        .collect();
+    let handed_out = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        handed_out,
+        "no one-time prekey was handed out twice"
+    );
+    assert_eq!(handed_out, 200, "240 fetches drain a pool of 200");
+}

@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::{
-    codec, AccountRecord, AccountStore, Expired, MailboxStore, NewMessage, StoreError, StoreResult,
-    StoredMessage, Usage,
+    codec, AccountRecord, AccountStore, Expired, FetchedKeys, KeyStore, MailboxStore, NewMessage,
+    OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
 };
 use crate::clock::UnixMillis;
 
@@ -24,6 +24,15 @@ struct Inner {
     expiry: BTreeSet<(UnixMillis, DeviceAddress, u64)>,
     usage: HashMap<DeviceAddress, Usage>,
     accounts: HashMap<AccountId, AccountRecord>,
+    tokens: HashMap<AccountId, [u8; 32]>,
+    keys: HashMap<DeviceAddress, Keys>,
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    identity_dh: Option<SignedKey>,
+    signed_prekey: Option<SignedKey>,
+    one_time: BTreeMap<u32, [u8; 32]>,
 }
 
 impl MemoryStore {
@@ -166,6 +175,66 @@ impl AccountStore for MemoryStore {
         rec.devices.push((next, *device_key));
         Ok(Some(next))
     }
+
+    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
+        self.lock().tokens.insert(*id, *token_hash);
+        Ok(())
+    }
+
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
+        Ok(self.lock().tokens.get(id).copied())
+    }
+}
+
+impl KeyStore for MemoryStore {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        let mut inner = self.lock();
+        let keys = inner.keys.entry(*of).or_default();
+        if let Some(k) = identity_dh {
+            keys.identity_dh = Some(*k);
+        }
+        if let Some(k) = signed_prekey {
+            keys.signed_prekey = Some(*k);
+        }
+        for k in one_time {
+            keys.one_time.insert(k.id, k.key);
+        }
+        Ok(keys.one_time.len() as u64)
+    }
+
+    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>> {
+        let mut inner = self.lock();
+        let Some(keys) = inner.keys.get_mut(of) else {
+            return Ok(None);
+        };
+        let (Some(identity_dh), Some(signed_prekey)) = (keys.identity_dh, keys.signed_prekey)
+        else {
+            return Ok(None);
+        };
+        let one_time = keys
+            .one_time
+            .pop_first()
+            .map(|(id, key)| OneTimeKey { id, key });
+        Ok(Some(FetchedKeys {
+            identity_dh,
+            signed_prekey,
+            one_time,
+        }))
+    }
+
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        Ok(self
+            .lock()
+            .keys
+            .get(of)
+            .map_or(0, |k| k.one_time.len() as u64))
+    }
 }
 
 #[cfg(test)]
@@ -174,5 +243,13 @@ mod tests {
     fn conformance() {
         super::super::conformance::mailbox_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
+        super::super::conformance::key_rules(&super::MemoryStore::new());
+    }
+
+    #[test]
+    fn concurrent_fetches_never_share_a_one_time_key() {
+        super::super::conformance::concurrent_fetches(std::sync::Arc::new(
+            super::MemoryStore::new(),
+        ));
     }
 }

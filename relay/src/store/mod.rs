@@ -156,6 +156,67 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Adds a device key and returns its id; the existing id if the key is already
     /// registered; `None` if the account does not exist.
     fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>>;
+
+    /// Sets the SHA-256 of the account's delivery token, replacing any earlier one.
+    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()>;
+
+    /// The SHA-256 of the account's delivery token, if it set one.
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>>;
+}
+
+/// A public key with the account identity's signature over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedKey {
+    /// Signed prekey id (0 for the identity agreement key).
+    pub id: u32,
+    /// X25519 public key.
+    pub key: [u8; 32],
+    /// Ed25519 signature by the account identity.
+    pub signature: [u8; 64],
+}
+
+/// A one-time prekey.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OneTimeKey {
+    /// Its id, chosen by the device.
+    pub id: u32,
+    /// X25519 public key.
+    pub key: [u8; 32],
+}
+
+/// What a fetch hands out for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedKeys {
+    /// The device's identity agreement key.
+    pub identity_dh: SignedKey,
+    /// Its current signed prekey.
+    pub signed_prekey: SignedKey,
+    /// One one-time prekey, now deleted from the pool; `None` when the pool was empty.
+    pub one_time: Option<OneTimeKey>,
+}
+
+/// Devices' published prekeys (public keys; their signatures are checked before they
+/// are stored).
+///
+/// Contract: [`KeyStore::fetch`] hands out each one-time prekey at most once, even to
+/// concurrent callers, and deletes it in the same step.
+pub trait KeyStore: Send + Sync + 'static {
+    /// Stores the given keys (`None` leaves the current one) and adds one-time prekeys
+    /// (replacing any with the same id); returns the size of the one-time pool.
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64>;
+
+    /// The device's keys with one one-time prekey taken out of the pool; `None` if the
+    /// device has not published an identity agreement key and a signed prekey.
+    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>>;
+
+    /// One-time prekeys left for the device.
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64>;
 }
 
 /// Encoding shared by the backends that store records as bytes.
@@ -194,6 +255,26 @@ pub(crate) mod codec {
         Ok(AccountRecord {
             identity_key: *identity,
             devices,
+        })
+    }
+
+    pub(crate) fn encode_signed(k: &SignedKey) -> [u8; 100] {
+        let mut out = [0u8; 100];
+        out[..4].copy_from_slice(&k.id.to_be_bytes());
+        out[4..36].copy_from_slice(&k.key);
+        out[36..].copy_from_slice(&k.signature);
+        out
+    }
+
+    pub(crate) fn decode_signed(v: &[u8]) -> StoreResult<SignedKey> {
+        let bad = || StoreError::Corrupt("signed key");
+        if v.len() != 100 {
+            return Err(bad());
+        }
+        Ok(SignedKey {
+            id: u32::from_be_bytes(v[..4].try_into().map_err(|_| bad())?),
+            key: v[4..36].try_into().map_err(|_| bad())?,
+            signature: v[36..].try_into().map_err(|_| bad())?,
         })
     }
 

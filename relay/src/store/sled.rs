@@ -10,7 +10,14 @@
 //! | `U` account device | queued messages, queued bytes |
 //! | `E` expires-at account device seq | (empty) |
 //!
-//! Accounts live in their own tree, keyed by account id.
+//! Accounts live in their own tree, keyed by account id; delivery token hashes in
+//! another. Prekeys live in a `keys` tree:
+//!
+//! | key | value |
+//! |---|---|
+//! | `I` account device | identity agreement key: id, key, signature |
+//! | `S` account device | signed prekey: id, key, signature |
+//! | `O` account device id | one-time prekey |
 
 use std::path::Path;
 
@@ -18,8 +25,8 @@ use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::{
-    codec, AccountRecord, AccountStore, Expired, MailboxStore, NewMessage, StoreError, StoreResult,
-    StoredMessage, Usage,
+    codec, AccountRecord, AccountStore, Expired, FetchedKeys, KeyStore, MailboxStore, NewMessage,
+    OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
 };
 use crate::clock::UnixMillis;
 
@@ -37,6 +44,15 @@ pub struct SledStore {
     db: sled::Db,
     mailboxes: sled::Tree,
     accounts: sled::Tree,
+    tokens: sled::Tree,
+    keys: sled::Tree,
+}
+
+fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
+    let mut k = [0u8; 1 + ADDR_LEN];
+    k[0] = tag;
+    k[1..].copy_from_slice(&addr_bytes(a));
+    k
 }
 
 fn backend(e: sled::Error) -> StoreError {
@@ -73,10 +89,7 @@ fn msg_key(a: &DeviceAddress, seq: u64) -> [u8; MSG_KEY_LEN] {
 }
 
 fn usage_key(a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
-    let mut k = [0u8; 1 + ADDR_LEN];
-    k[0] = USAGE;
-    k[1..].copy_from_slice(&addr_bytes(a));
-    k
+    tagged(USAGE, a)
 }
 
 fn expiry_key(at: UnixMillis, a: &DeviceAddress, seq: u64) -> [u8; EXPIRY_KEY_LEN] {
@@ -141,10 +154,14 @@ impl SledStore {
             .map_err(backend)?;
         let mailboxes = db.open_tree("mailboxes").map_err(backend)?;
         let accounts = db.open_tree("accounts").map_err(backend)?;
+        let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
+        let keys = db.open_tree("keys").map_err(backend)?;
         Ok(SledStore {
             db,
             mailboxes,
             accounts,
+            tokens,
+            keys,
         })
     }
 
@@ -342,6 +359,87 @@ impl AccountStore for SledStore {
             }
         }
     }
+
+    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
+        self.tokens
+            .insert(id.as_bytes(), &token_hash[..])
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
+        self.tokens
+            .get(id.as_bytes())
+            .map_err(backend)?
+            .map(|v| fixed(&v))
+            .transpose()
+    }
+}
+
+impl KeyStore for SledStore {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        let mut batch = sled::Batch::default();
+        if let Some(k) = identity_dh {
+            batch.insert(&tagged(b'I', of)[..], &codec::encode_signed(k)[..]);
+        }
+        if let Some(k) = signed_prekey {
+            batch.insert(&tagged(b'S', of)[..], &codec::encode_signed(k)[..]);
+        }
+        for k in one_time {
+            let mut key = tagged(b'O', of).to_vec();
+            key.extend_from_slice(&k.id.to_be_bytes());
+            batch.insert(key, &k.key[..]);
+        }
+        self.keys.apply_batch(batch).map_err(backend)?;
+        self.one_time_count(of)
+    }
+
+    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>> {
+        let get = |tag| -> StoreResult<Option<SignedKey>> {
+            self.keys
+                .get(tagged(tag, of))
+                .map_err(backend)?
+                .map(|v| codec::decode_signed(&v))
+                .transpose()
+        };
+        let (Some(identity_dh), Some(signed_prekey)) = (get(b'I')?, get(b'S')?) else {
+            return Ok(None);
+        };
+        // Take the first one-time key; `remove` is atomic, so of two concurrent
+        // fetchers only one gets it and the other moves on to the next.
+        let one_time = loop {
+            let Some(kv) = self.keys.scan_prefix(tagged(b'O', of)).next() else {
+                break None;
+            };
+            let (k, v) = kv.map_err(backend)?;
+            if self.keys.remove(&k).map_err(backend)?.is_some() {
+                break Some(OneTimeKey {
+                    id: u32::from_be_bytes(fixed(&k[1 + ADDR_LEN..])?),
+                    key: fixed(&v)?,
+                });
+            }
+        };
+        Ok(Some(FetchedKeys {
+            identity_dh,
+            signed_prekey,
+            one_time,
+        }))
+    }
+
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        let mut n = 0;
+        for kv in self.keys.scan_prefix(tagged(b'O', of)) {
+            kv.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -354,6 +452,14 @@ mod tests {
         let store = SledStore::open(dir.path(), 8 << 20).expect("open");
         super::super::conformance::mailbox_rules(&store);
         super::super::conformance::account_rules(&store);
+        super::super::conformance::key_rules(&store);
+    }
+
+    #[test]
+    fn concurrent_fetches_never_share_a_one_time_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        super::super::conformance::concurrent_fetches(std::sync::Arc::new(store));
     }
 
     #[test]
