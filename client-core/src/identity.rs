@@ -29,6 +29,16 @@ impl IdentityKeyPair {
         self.0.verifying_key().to_bytes()
     }
 
+    /// Vouches for a device's X25519 identity agreement key.
+    pub fn certify_agreement_key(&self, key: &[u8; 32]) -> [u8; 64] {
+        self.0.sign(&auth::identity_agreement_key(key)).to_bytes()
+    }
+
+    /// Vouches for a signed prekey.
+    pub fn certify_signed_prekey(&self, id: u32, key: &[u8; 32]) -> [u8; 64] {
+        self.0.sign(&auth::signed_prekey(id, key)).to_bytes()
+    }
+
     /// Vouches for `device` joining `account` (`None` while registering).
     pub fn certify_device(&self, account: Option<&AccountId>, device: &[u8; 32]) -> [u8; 64] {
         self.0

@@ -5,5 +5,6 @@
 
 mod delivery;
 mod expiry;
+mod keys;
 mod security;
 mod support;

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
 use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
 use tern_proto::{close, frame, AccountId, DeviceAddress, DeviceId, MessageId, RelayAddress};
 use tokio::io::AsyncReadExt;
@@ -49,6 +50,53 @@ pub struct Delivery {
     pub accepted_at_ms: u64,
     /// When the relay will delete it if unacknowledged (Unix ms).
     pub expires_at_ms: u64,
+}
+
+/// A public key with the account identity's signature over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedKey {
+    /// Signed prekey id (0 for an identity agreement key).
+    pub id: u32,
+    /// X25519 public key.
+    pub key: [u8; 32],
+    /// The identity's Ed25519 signature.
+    pub signature: [u8; 64],
+}
+
+/// Keys a device publishes; every part optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUpload {
+    /// The device's identity agreement key, signed by the identity.
+    pub identity_dh: Option<SignedKey>,
+    /// A new signed prekey, replacing the current one.
+    pub signed_prekey: Option<SignedKey>,
+    /// One-time prekeys to add: (id, X25519 public key).
+    pub one_time: Vec<(u32, [u8; 32])>,
+}
+
+/// One device's prekey bundle as the relay handed it out. Nothing here is verified:
+/// check the signatures before use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBundle {
+    /// The device.
+    pub device: DeviceId,
+    /// The account's Ed25519 identity key.
+    pub identity_key: [u8; 32],
+    /// The device's identity agreement key.
+    pub identity_dh: SignedKey,
+    /// Its signed prekey.
+    pub signed_prekey: SignedKey,
+    /// A one-time prekey, now consumed on the relay; `None` when none were left.
+    pub one_time_prekey: Option<(u32, [u8; 32])>,
+}
+
+/// A relay-signed sender certificate, as issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// Encoded `v1::SenderCertificate`.
+    pub certificate: Bytes,
+    /// The relay's signature over it.
+    pub signature: [u8; 64],
 }
 
 /// What the relay pushes.
@@ -267,13 +315,7 @@ impl RelayConnection {
         to: &DeviceAddress,
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> Result<u32> {
-        let envelopes = envelopes
-            .into_iter()
-            .map(|e| v1::Envelope {
-                message_id: Bytes::copy_from_slice(e.message_id.as_bytes()),
-                payload: e.payload,
-            })
-            .collect();
+        let envelopes = wire_envelopes(envelopes);
         let reply = self
             .request(Body::Send(v1::SendRequest {
                 recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
@@ -285,6 +327,148 @@ impl RelayConnection {
             Reply::Send(r) => Ok(r.accepted),
             _ => Err(Error::Protocol("unexpected reply to send".into())),
         }
+    }
+
+    /// Queues envelopes for a device without identifying the sender: the relay checks
+    /// only the recipient account's delivery token. Use a connection that is not
+    /// authenticated, so the relay cannot tie the send to a device.
+    pub async fn sealed_send(
+        &self,
+        to: &DeviceAddress,
+        delivery_token: &[u8],
+        envelopes: impl IntoIterator<Item = Envelope>,
+    ) -> Result<u32> {
+        let reply = self
+            .request(Body::SealedSend(v1::SealedSendRequest {
+                recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
+                recipient_device: to.device.get(),
+                delivery_token: Bytes::copy_from_slice(delivery_token),
+                envelopes: wire_envelopes(envelopes),
+            }))
+            .await?;
+        match reply {
+            Reply::Send(r) => Ok(r.accepted),
+            _ => Err(Error::Protocol("unexpected reply to sealed send".into())),
+        }
+    }
+
+    /// Sets this account's delivery token (the relay keeps only its SHA-256),
+    /// replacing the previous one.
+    pub async fn set_delivery_token(&self, token: &[u8]) -> Result<()> {
+        let hash = Sha256::digest(token);
+        match self
+            .request(Body::SetDeliveryToken(v1::SetDeliveryTokenRequest {
+                token_hash: Bytes::copy_from_slice(&hash),
+            }))
+            .await?
+        {
+            Reply::SetDeliveryToken(_) => Ok(()),
+            _ => Err(Error::Protocol(
+                "unexpected reply to set_delivery_token".into(),
+            )),
+        }
+    }
+
+    /// A sender certificate for this device, signed by the relay.
+    pub async fn sender_certificate(&self) -> Result<IssuedCertificate> {
+        match self
+            .request(Body::SenderCertificate(v1::SenderCertificateRequest {}))
+            .await?
+        {
+            Reply::SenderCertificate(r) => Ok(IssuedCertificate {
+                certificate: r.certificate,
+                signature: fixed(&r.signature, "certificate signature")?,
+            }),
+            _ => Err(Error::Protocol(
+                "unexpected reply to sender_certificate".into(),
+            )),
+        }
+    }
+
+    /// The key the relay signs sender certificates with.
+    pub async fn relay_signing_key(&self) -> Result<[u8; 32]> {
+        match self
+            .request(Body::RelayInfo(v1::RelayInfoRequest {}))
+            .await?
+        {
+            Reply::RelayInfo(r) => fixed(&r.signing_key, "relay signing key"),
+            _ => Err(Error::Protocol("unexpected reply to relay_info".into())),
+        }
+    }
+
+    /// Publishes this device's keys; returns how many one-time prekeys the relay holds.
+    pub async fn publish_keys(&self, upload: &KeyUpload) -> Result<u32> {
+        let signed = |k: &SignedKey| v1::SignedPreKey {
+            id: k.id,
+            public_key: Bytes::copy_from_slice(&k.key),
+            signature: Bytes::copy_from_slice(&k.signature),
+        };
+        let request = v1::PublishKeysRequest {
+            identity_dh: upload
+                .identity_dh
+                .map_or_else(Bytes::new, |k| Bytes::copy_from_slice(&k.key)),
+            identity_dh_signature: upload
+                .identity_dh
+                .map_or_else(Bytes::new, |k| Bytes::copy_from_slice(&k.signature)),
+            signed_prekey: upload.signed_prekey.as_ref().map(signed),
+            one_time_prekeys: upload
+                .one_time
+                .iter()
+                .map(|(id, key)| v1::OneTimePreKey {
+                    id: *id,
+                    public_key: Bytes::copy_from_slice(key),
+                })
+                .collect(),
+        };
+        match self.request(Body::PublishKeys(request)).await? {
+            Reply::PublishKeys(r) => Ok(r.one_time_prekeys),
+            _ => Err(Error::Protocol("unexpected reply to publish_keys".into())),
+        }
+    }
+
+    /// Prekey bundles of an account's devices (or one device), each consuming one of
+    /// that device's one-time prekeys on the relay.
+    pub async fn fetch_keys(
+        &self,
+        account: &AccountId,
+        device: Option<DeviceId>,
+    ) -> Result<Vec<DeviceBundle>> {
+        let reply = self
+            .request(Body::FetchKeys(v1::FetchKeysRequest {
+                account_id: Bytes::copy_from_slice(account.as_bytes()),
+                device_id: device.map_or(0, DeviceId::get),
+            }))
+            .await?;
+        let Reply::FetchKeys(r) = reply else {
+            return Err(Error::Protocol("unexpected reply to fetch_keys".into()));
+        };
+        r.bundles
+            .into_iter()
+            .map(|b| {
+                let spk = b
+                    .signed_prekey
+                    .ok_or_else(|| Error::Protocol("bundle without a signed prekey".into()))?;
+                Ok(DeviceBundle {
+                    device: DeviceId::try_from(b.device_id)
+                        .map_err(|e| Error::Protocol(e.to_string()))?,
+                    identity_key: fixed(&b.identity_key, "identity key")?,
+                    identity_dh: SignedKey {
+                        id: 0,
+                        key: fixed(&b.identity_dh, "identity agreement key")?,
+                        signature: fixed(&b.identity_dh_signature, "signature")?,
+                    },
+                    signed_prekey: SignedKey {
+                        id: spk.id,
+                        key: fixed(&spk.public_key, "signed prekey")?,
+                        signature: fixed(&spk.signature, "signature")?,
+                    },
+                    one_time_prekey: b
+                        .one_time_prekey
+                        .map(|o| Ok::<_, Error>((o.id, fixed(&o.public_key, "one-time prekey")?)))
+                        .transpose()?,
+                })
+            })
+            .collect()
     }
 
     /// Deletes delivered messages from this device's mailbox; returns how many the
@@ -321,6 +505,22 @@ impl RelayConnection {
         drop(self);
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
     }
+}
+
+fn wire_envelopes(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<v1::Envelope> {
+    envelopes
+        .into_iter()
+        .map(|e| v1::Envelope {
+            message_id: Bytes::copy_from_slice(e.message_id.as_bytes()),
+            payload: e.payload,
+        })
+        .collect()
+}
+
+fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N]> {
+    bytes
+        .try_into()
+        .map_err(|_| Error::Protocol(format!("{what} must be {N} bytes, got {}", bytes.len())))
 }
 
 impl Drop for RelayConnection {

@@ -1,0 +1,164 @@
+//! The key directory and sealed sends over the wire.
+
+use tern_client::net::{KeyUpload, RelayConnection, SignedKey};
+use tern_proto::v1::{self, ErrorCode};
+
+use crate::support::{envelope, number, register, within, Device, RelayProcess};
+
+fn upload(bob: &Device, spk_id: u32, one_time: std::ops::Range<u32>) -> KeyUpload {
+    let dh: [u8; 32] = rand::random();
+    let spk: [u8; 32] = rand::random();
+    KeyUpload {
+        identity_dh: Some(SignedKey {
+            id: 0,
+            key: dh,
+            signature: bob.identity.certify_agreement_key(&dh),
+        }),
+        signed_prekey: Some(SignedKey {
+            id: spk_id,
+            key: spk,
+            signature: bob.identity.certify_signed_prekey(spk_id, &spk),
+        }),
+        one_time: one_time.map(|id| (id, rand::random())).collect(),
+    }
+}
+
+#[tokio::test]
+async fn bundles_hand_out_each_one_time_prekey_once_even_to_concurrent_fetchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let bob = register(&relay.address).await;
+    let keys = upload(&bob, 1, 0..40);
+    assert_eq!(within(bob.conn.publish_keys(&keys)).await.unwrap(), 40);
+
+    // Keys signed by someone else's identity are refused.
+    let mallory = register(&relay.address).await;
+    let mut forged = upload(&mallory, 2, 0..0);
+    forged.identity_dh = None;
+    let err = within(bob.conn.publish_keys(&forged)).await.unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+
+    // Four contacts fetch Bob's bundle 12 times each, at the same time.
+    let mut contacts = Vec::new();
+    for _ in 0..4 {
+        contacts.push(register(&relay.address).await);
+    }
+    let fetches = contacts
+        .iter()
+        .flat_map(|c| (0..12).map(|_| c.conn.fetch_keys(&bob.address.account, None)));
+    let bundles: Vec<_> = within(futures::future::join_all(fetches))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    let mut one_time: Vec<u32> = bundles
+        .iter()
+        .filter_map(|b| b[0].one_time_prekey.map(|(id, _)| id))
+        .collect();
+    assert_eq!(one_time.len(), 40, "48 fetches drain a pool of 40");
+    one_time.sort_unstable();
+    one_time.dedup();
+    assert_eq!(one_time.len(), 40, "no one-time prekey handed out twice");
+    for b in &bundles {
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].identity_key, bob.identity.public());
+        assert_eq!(b[0].signed_prekey, keys.signed_prekey.unwrap());
+        assert_eq!(b[0].identity_dh, keys.identity_dh.unwrap());
+    }
+
+    // Topping up and rotating work; fetching needs an authenticated connection.
+    assert_eq!(
+        within(bob.conn.publish_keys(&upload(&bob, 3, 100..105)))
+            .await
+            .unwrap(),
+        5
+    );
+    let fresh = within(
+        contacts[0]
+            .conn
+            .fetch_keys(&bob.address.account, Some(bob.address.device)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(fresh[0].signed_prekey.id, 3);
+    assert_eq!(fresh[0].one_time_prekey.map(|(id, _)| id), Some(100));
+    let (anonymous, _inbox) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    let err = within(anonymous.fetch_keys(&bob.address.account, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+}
+
+#[tokio::test]
+async fn sealed_sends_carry_no_sender_and_need_a_valid_delivery_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let mut bob = register(&relay.address).await;
+    assert_eq!(bob.next().await, tern_client::net::Incoming::QueueEmpty);
+    let token: [u8; 32] = rand::random();
+    within(bob.conn.set_delivery_token(&token)).await.unwrap();
+
+    // A connection that never authenticates.
+    let (anonymous, _inbox) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    assert_eq!(
+        within(anonymous.sealed_send(&bob.address, &token, [envelope(1)]))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(number(&bob.next_delivery().await), 1);
+
+    for bad in [&[0u8; 32][..], &token[..31], &[]] {
+        let err = within(anonymous.sealed_send(&bob.address, bad, [envelope(2)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+    }
+    // Rotating the token retires the old one.
+    within(bob.conn.set_delivery_token(b"a new token"))
+        .await
+        .unwrap();
+    let err = within(anonymous.sealed_send(&bob.address, &token, [envelope(3)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+    within(anonymous.sealed_send(&bob.address, b"a new token", [envelope(4)]))
+        .await
+        .unwrap();
+    assert_eq!(number(&bob.next_delivery().await), 4);
+}
+
+#[tokio::test]
+async fn sender_certificates_verify_against_the_relays_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let alice = register(&relay.address).await;
+    let issued = within(alice.conn.sender_certificate()).await.unwrap();
+    let (anonymous, _inbox) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    let relay_key = within(anonymous.relay_signing_key()).await.unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&relay_key).unwrap();
+    key.verify_strict(
+        &tern_proto::auth::sender_certificate(&issued.certificate),
+        &ed25519_dalek::Signature::from_bytes(&issued.signature),
+    )
+    .unwrap();
+    let cert: v1::SenderCertificate = prost::Message::decode(&issued.certificate[..]).unwrap();
+    assert_eq!(&cert.account_id[..], alice.address.account.as_bytes());
+    assert_eq!(&cert.identity_key[..], &alice.identity.public());
+    // Only an authenticated device gets one.
+    let err = within(anonymous.sender_certificate()).await.unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+
+    // Another relay signs with another key.
+    let other = RelayProcess::start(&dir.path().join("other"), &[]).unwrap();
+    let (conn, _inbox) = within(RelayConnection::connect(&other.address))
+        .await
+        .unwrap();
+    assert_ne!(within(conn.relay_signing_key()).await.unwrap(), relay_key);
+}
