@@ -5,6 +5,7 @@
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], a pipelined connection to one relay: register,
 //!   authenticate, send envelopes, receive pushed deliveries, acknowledge them.
+//! - [`store`]: device storage: [`store::KvStore`], in memory or in sled encrypted at rest.
 //! - [`error`]: the crate's [`Error`].
 //!
 //! # Quick start
@@ -28,5 +29,6 @@
 pub mod error;
 pub mod identity;
 pub mod net;
+pub mod store;
 
 pub use error::{Error, Result};

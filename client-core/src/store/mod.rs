@@ -1,0 +1,135 @@
+//! Device storage: everything a device keeps (its keys, sessions, the outbox, received
+//! messages not yet taken by the app) behind one narrow trait, [`KvStore`], with an
+//! in-memory implementation for tests and a sled one encrypted at rest.
+//!
+//! # Contract
+//! - Values are key material and message plaintext: a store that writes to disk must
+//!   encrypt them ([`SledKv`] does, with a key the app supplies) and must not reveal
+//!   the record keys either (they name contacts).
+//! - [`KvStore::apply`] is atomic: after a crash either every operation of a batch
+//!   happened or none did; with `durable` it returns only once the batch is on disk.
+//!   The client relies on this to acknowledge a message to the relay only after the
+//!   decrypted message and the updated session are both stored.
+
+mod memory;
+mod sled;
+
+pub use self::memory::MemoryKv;
+pub use self::sled::SledKv;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A record failed to decrypt or parse: the wrong storage key, or a damaged file.
+    #[error("a stored record could not be read (wrong storage key or damaged data)")]
+    Corrupt,
+}
+
+/// Result with [`StoreError`].
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Record namespaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Namespace {
+    /// This device's own keys and address.
+    Local = 1,
+    /// Prekey secrets by id.
+    PreKeys = 2,
+    /// Ratchet sessions by contact device.
+    Sessions = 3,
+    /// Contacts' identity keys and delivery tokens, by account.
+    Contacts = 4,
+    /// Messages waiting to be sent.
+    Outbox = 5,
+    /// Decrypted messages the app has not taken yet.
+    Inbox = 6,
+    /// Message ids already received, to drop duplicates.
+    Seen = 7,
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Sets a record.
+    Put(Namespace, Vec<u8>, Vec<u8>),
+    /// Deletes a record.
+    Delete(Namespace, Vec<u8>),
+}
+
+/// A device's records. See the module docs for the contract.
+pub trait KvStore: Send + Sync + 'static {
+    /// The record, if present.
+    fn get(&self, ns: Namespace, key: &[u8]) -> StoreResult<Option<Vec<u8>>>;
+    /// Every record of a namespace, in no particular order.
+    fn scan(&self, ns: Namespace) -> StoreResult<Vec<(Vec<u8>, Vec<u8>)>>;
+    /// Applies every operation or none; with `durable`, returns once on disk.
+    fn apply(&self, ops: Vec<Op>, durable: bool) -> StoreResult<()>;
+}
+
+#[cfg(test)]
+pub(crate) mod conformance {
+    use super::*;
+
+    pub(crate) fn rules(kv: &dyn KvStore) {
+        assert_eq!(kv.get(Namespace::Sessions, b"bob").expect("get"), None);
+        kv.apply(
+            vec![
+                Op::Put(Namespace::Sessions, b"bob".to_vec(), b"state-1".to_vec()),
+                Op::Put(Namespace::Sessions, b"carol".to_vec(), b"state-2".to_vec()),
+                Op::Put(
+                    Namespace::Inbox,
+                    b"bob".to_vec(),
+                    b"other namespace".to_vec(),
+                ),
+            ],
+            true,
+        )
+        .expect("apply");
+        assert_eq!(
+            kv.get(Namespace::Sessions, b"bob").expect("get"),
+            Some(b"state-1".to_vec())
+        );
+        assert_eq!(
+            kv.get(Namespace::Inbox, b"bob").expect("get"),
+            Some(b"other namespace".to_vec())
+        );
+        let mut all = kv.scan(Namespace::Sessions).expect("scan");
+        all.sort();
+        assert_eq!(
+            all,
+            vec![
+                (b"bob".to_vec(), b"state-1".to_vec()),
+                (b"carol".to_vec(), b"state-2".to_vec())
+            ]
+        );
+        kv.apply(
+            vec![
+                Op::Delete(Namespace::Sessions, b"carol".to_vec()),
+                Op::Put(Namespace::Sessions, b"bob".to_vec(), b"state-3".to_vec()),
+                Op::Delete(Namespace::Outbox, b"absent".to_vec()),
+            ],
+            false,
+        )
+        .expect("apply");
+        assert_eq!(
+            kv.scan(Namespace::Sessions).expect("scan"),
+            vec![(b"bob".to_vec(), b"state-3".to_vec())]
+        );
+        assert!(kv.scan(Namespace::Outbox).expect("scan").is_empty());
+        // Empty keys and values are records like any other.
+        kv.apply(
+            vec![Op::Put(Namespace::Local, Vec::new(), Vec::new())],
+            true,
+        )
+        .expect("apply");
+        assert_eq!(
+            kv.get(Namespace::Local, b"").expect("get"),
+            Some(Vec::new())
+        );
+    }
+}
