@@ -5,9 +5,11 @@ use std::sync::Mutex;
 
 use super::{KvStore, Namespace, Op, StoreResult};
 
+type Records = BTreeMap<(Namespace, Vec<u8>), Vec<u8>>;
+
 /// A [`KvStore`] in memory.
 #[derive(Debug, Default)]
-pub struct MemoryKv(Mutex<BTreeMap<(Namespace, Vec<u8>), Vec<u8>>>);
+pub struct MemoryKv(Mutex<Records>);
 
 impl MemoryKv {
     /// An empty store.
@@ -15,7 +17,7 @@ impl MemoryKv {
         Self::default()
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Namespace, Vec<u8>), Vec<u8>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, Records> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
