@@ -5,6 +5,7 @@
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], a pipelined connection to one relay: register,
 //!   authenticate, send envelopes, receive pushed deliveries, acknowledge them.
+//! - [`safety`]: safety numbers two users compare to check each other's identity.
 //! - [`store`]: device storage: [`store::KvStore`], in memory or in sled encrypted at rest.
 //! - [`error`]: the crate's [`Error`].
 //!
@@ -29,6 +30,7 @@
 pub mod error;
 pub mod identity;
 pub mod net;
+pub mod safety;
 pub mod store;
 
 pub use error::{Error, Result};

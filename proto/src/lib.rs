@@ -5,7 +5,9 @@
 //! This crate holds wire types only: no cryptography, no storage, no I/O policy.
 //!
 //! # Layout
-//! - [`v1`]: the generated prost types for `proto/tern.proto`.
+//! - [`v1`]: the generated prost types for `proto/tern.proto` (client <-> relay).
+//! - [`e2e`]: the generated prost types for `proto/e2e.proto` (client <-> client,
+//!   inside envelopes).
 //! - [`frame`]: length-prefixed framing, with the size limit checked before any
 //!   allocation, and "incomplete" kept apart from "invalid".
 //! - [`ids`]: [`AccountId`], [`DeviceId`], [`MessageId`], [`DeviceAddress`], each
@@ -45,6 +47,13 @@ pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/tern.v1.rs"));
+}
+
+/// The generated protobuf types of `tern.e2e.v1`: what clients put inside envelopes.
+/// The relay never parses these.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod e2e {
+    include!(concat!(env!("OUT_DIR"), "/tern.e2e.v1.rs"));
 }
 
 /// The ALPN protocol id every Tern connection negotiates.
