@@ -2,6 +2,7 @@
 //! relays over QUIC with the relay's certificate pinned.
 //!
 //! # Layout
+//! - [`crypto`]: end-to-end cryptography: sealed sender, padding.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], a pipelined connection to one relay: register,
 //!   authenticate, send envelopes, receive pushed deliveries, acknowledge them.
@@ -27,6 +28,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod crypto;
 pub mod error;
 pub mod identity;
 pub mod net;
