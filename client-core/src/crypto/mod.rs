@@ -2,12 +2,13 @@
 //!
 //! - [`sealed`]: sealed sender, so the relay never learns who sent a message.
 //! - [`padding`]: size buckets, so the relay never learns a message's length.
+//! - [`x3dh`]: session key agreement (Signal's X3DH specification).
 //!
-//! X3DH and the Double Ratchet (Signal's published specifications) join these as the
-//! session layer lands (issue #3).
+//! The Double Ratchet joins these with the session layer (issue #3).
 
 pub mod padding;
 pub mod sealed;
+pub mod x3dh;
 
 /// A cryptographic failure. Decryption failures are deliberately opaque.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,6 +17,9 @@ pub enum CryptoError {
     /// A key is malformed or gives a non-contributory Diffie-Hellman result.
     #[error("invalid key")]
     InvalidKey,
+    /// A signature over a key does not verify.
+    #[error("invalid signature")]
+    InvalidSignature,
     /// Decryption or authentication failed.
     #[error("decryption failed")]
     Decrypt,
