@@ -3,10 +3,10 @@
 //! - [`sealed`]: sealed sender, so the relay never learns who sent a message.
 //! - [`padding`]: size buckets, so the relay never learns a message's length.
 //! - [`x3dh`]: session key agreement (Signal's X3DH specification).
-//!
-//! The Double Ratchet joins these with the session layer (issue #3).
+//! - [`ratchet`]: message encryption (Signal's Double Ratchet specification).
 
 pub mod padding;
+pub mod ratchet;
 pub mod sealed;
 pub mod x3dh;
 
@@ -26,6 +26,15 @@ pub enum CryptoError {
     /// A header or framing is malformed.
     #[error("malformed message")]
     MalformedHeader,
+    /// A message was already decrypted.
+    #[error("duplicate message")]
+    DuplicateMessage,
+    /// A message is too far ahead in its chain.
+    #[error("too many skipped messages")]
+    TooManySkipped,
+    /// A stored state does not parse, or the session cannot do this yet.
+    #[error("invalid session state")]
+    InvalidState,
     /// A sender certificate is malformed, or not signed by the trusted relay.
     #[error("invalid sender certificate")]
     InvalidCertificate,
