@@ -98,10 +98,11 @@ impl std::fmt::Debug for Session {
     }
 }
 
-fn kdf_rk(
-    rk: &[u8; 32],
-    dh: &[u8; 32],
-) -> Result<(Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>), CryptoError> {
+/// Two 32-byte keys out of a KDF step, wiped on drop.
+type KeyPair32 = (Zeroizing<[u8; 32]>, Zeroizing<[u8; 32]>);
+
+/// (new root key, chain key).
+fn kdf_rk(rk: &[u8; 32], dh: &[u8; 32]) -> Result<KeyPair32, CryptoError> {
     let mut okm = Zeroizing::new([0u8; 64]);
     Hkdf::<Sha256>::new(Some(rk), dh)
         .expand(b"tern ratchet root v1", &mut okm[..])
