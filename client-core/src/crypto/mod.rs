@@ -4,10 +4,13 @@
 //! - [`padding`]: size buckets, so the relay never learns a message's length.
 //! - [`x3dh`]: session key agreement (Signal's X3DH specification).
 //! - [`ratchet`]: message encryption (Signal's Double Ratchet specification).
+//! - [`sessions`]: the sessions with one contact device; simultaneous initiation
+//!   converges.
 
 pub mod padding;
 pub mod ratchet;
 pub mod sealed;
+pub mod sessions;
 pub mod x3dh;
 
 /// A cryptographic failure. Decryption failures are deliberately opaque.
