@@ -35,6 +35,27 @@ pub enum Error {
     /// The relay sent something that breaks the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// The device store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A cryptographic operation failed.
+    #[error(transparent)]
+    Crypto(#[from] crate::crypto::CryptoError),
+    /// A message is larger than a client sends.
+    #[error("message too large: at most {max} bytes")]
+    TooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// A contact card does not parse.
+    #[error("not a Tern contact card")]
+    InvalidContactCard,
+    /// `Client::register` was given a store that already holds a device.
+    #[error("this store already holds a registered device; open it instead")]
+    AlreadyRegistered,
+    /// `Client::open` was given a store that holds no device.
+    #[error("this store holds no registered device")]
+    NotRegistered,
 }
 
 impl Error {

@@ -28,6 +28,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod crypto;
 pub mod error;
 pub mod identity;
@@ -35,4 +36,5 @@ pub mod net;
 pub mod safety;
 pub mod store;
 
+pub use client::{Client, ContactCard, Event, Events, ReceivedMessage};
 pub use error::{Error, Result};

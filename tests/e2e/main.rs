@@ -3,6 +3,7 @@
 //! sled databases in temporary directories.
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
+mod client;
 mod delivery;
 mod expiry;
 mod keys;

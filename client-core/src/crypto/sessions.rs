@@ -9,7 +9,9 @@
 //!   When both sides initiate at once, each first adopts the other's session, then the
 //!   first reply moves both onto the same one: they converge without losing a message.
 
+use prost::Message;
 use rand::{CryptoRng, RngCore};
+use zeroize::{Zeroize, Zeroizing};
 
 use super::ratchet::{Header, Session};
 use super::x3dh::{self, AgreementKeyPair, InitialHeader, PreKeyBundle};
@@ -41,6 +43,19 @@ pub struct OurKeys<'a> {
     pub one_time_prekey: Option<&'a AgreementKeyPair>,
 }
 
+/// How a [`SessionSet`] is stored (the device store encrypts it).
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredSessionSet {
+    #[prost(bytes = "vec", optional, tag = "1")]
+    current: Option<Vec<u8>>,
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    previous: Vec<Vec<u8>>,
+    #[prost(bytes = "vec", optional, tag = "3")]
+    pending: Option<Vec<u8>>,
+    #[prost(bytes = "vec", repeated, tag = "4")]
+    opened_by: Vec<Vec<u8>>,
+}
+
 /// The sessions with one contact device.
 #[derive(Debug, Default, Clone)]
 pub struct SessionSet {
@@ -56,11 +71,73 @@ impl SessionSet {
         self.current.is_some()
     }
 
+    /// The state, for storage (the device store encrypts it).
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let stored = StoredSessionSet {
+            current: self.current.as_ref().map(|s| s.to_bytes().to_vec()),
+            previous: self
+                .previous
+                .iter()
+                .map(|s| s.to_bytes().to_vec())
+                .collect(),
+            pending: self.pending.as_ref().map(|h| h.to_bytes().to_vec()),
+            opened_by: self.opened_by.iter().map(|e| e.to_vec()).collect(),
+        };
+        let out = Zeroizing::new(stored.encode_to_vec());
+        // The intermediate copies hold key material too.
+        let mut stored = stored;
+        stored.current.zeroize();
+        stored.previous.zeroize();
+        out
+    }
+
+    /// Parses [`SessionSet::to_bytes`]; [`CryptoError::InvalidState`] on anything else.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let mut stored = StoredSessionSet::decode(bytes).map_err(|_| CryptoError::InvalidState)?;
+        let parsed = (|| {
+            if stored.previous.len() > MAX_PREVIOUS || stored.opened_by.len() > MAX_PREVIOUS + 1 {
+                return Err(CryptoError::InvalidState);
+            }
+            Ok(SessionSet {
+                current: stored
+                    .current
+                    .as_deref()
+                    .map(Session::from_bytes)
+                    .transpose()?,
+                previous: stored
+                    .previous
+                    .iter()
+                    .map(|b| Session::from_bytes(b))
+                    .collect::<Result<_, _>>()?,
+                pending: stored
+                    .pending
+                    .as_deref()
+                    .map(InitialHeader::from_bytes)
+                    .transpose()
+                    .map_err(|_| CryptoError::InvalidState)?,
+                opened_by: stored
+                    .opened_by
+                    .iter()
+                    .map(|e| <[u8; 32]>::try_from(&e[..]).map_err(|_| CryptoError::InvalidState))
+                    .collect::<Result<_, _>>()?,
+            })
+        })();
+        stored.current.zeroize();
+        stored.previous.zeroize();
+        parsed
+    }
+
     fn make_current(&mut self, session: Session) {
         if let Some(old) = self.current.replace(session) {
             self.previous.insert(0, old);
             self.previous.truncate(MAX_PREVIOUS);
         }
+    }
+
+    /// Whether the X3DH header with this ephemeral key already opened a session here
+    /// (so a prekey message carrying it needs no one-time prekey).
+    pub fn opened_by(&self, ephemeral: &[u8; 32]) -> bool {
+        self.opened_by.contains(ephemeral)
     }
 
     /// Starts a session from a contact device's bundle (verified first).
@@ -299,6 +376,26 @@ mod tests {
             ad_a, ad_b,
             "both current sessions are the same X3DH session"
         );
+    }
+
+    #[test]
+    fn a_stored_set_carries_on_after_a_restart() {
+        let (mut a, mut b) = (Party::new(), Party::new());
+        a.start(&b);
+        let m1 = a.sessions.encrypt(b"1").expect("encrypt");
+        let m2 = a.sessions.encrypt(b"2").expect("encrypt");
+        b.receive(&m2).expect("opens");
+        // Both sides restart from their stored state.
+        a.sessions = SessionSet::from_bytes(&a.sessions.to_bytes()).expect("parses");
+        b.sessions = SessionSet::from_bytes(&b.sessions.to_bytes()).expect("parses");
+        assert_eq!(b.receive(&m1).expect("skipped key survived"), b"1");
+        assert!(b.receive(&m2).is_err(), "replay still refused");
+        let reply = b.sessions.encrypt(b"r").expect("encrypt");
+        assert_eq!(a.receive(&reply).expect("reply"), b"r");
+        assert!(a.sessions.encrypt(b"3").expect("encrypt").prekey.is_none());
+        assert!(SessionSet::from_bytes(&[0xff, 0x01]).is_err());
+        let empty = SessionSet::from_bytes(&SessionSet::default().to_bytes()).expect("empty");
+        assert!(!empty.has_session());
     }
 
     #[test]

@@ -122,6 +122,22 @@ impl PreKeyBundle {
     }
 }
 
+/// Checks that `identity_key` vouches for a device's identity agreement key.
+pub fn verify_identity_dh(
+    identity_key: &[u8; 32],
+    identity_dh: &[u8; 32],
+    signature: &[u8],
+) -> Result<(), CryptoError> {
+    let identity = VerifyingKey::from_bytes(identity_key).map_err(|_| CryptoError::InvalidKey)?;
+    let signature = Signature::from_slice(signature).map_err(|_| CryptoError::InvalidSignature)?;
+    identity
+        .verify_strict(
+            &tern_proto::auth::identity_agreement_key(identity_dh),
+            &signature,
+        )
+        .map_err(|_| CryptoError::InvalidSignature)
+}
+
 /// What the initiator sends so the responder can compute the same secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitialHeader {

@@ -117,6 +117,11 @@ impl Inbox {
     pub async fn recv(&mut self) -> Option<Result<Incoming>> {
         self.0.recv().await
     }
+
+    /// The next push if one is already here.
+    pub fn try_recv(&mut self) -> Option<Result<Incoming>> {
+        self.0.try_recv().ok()
+    }
 }
 
 /// Requests waiting for a response; `None` once the connection is gone, so a late

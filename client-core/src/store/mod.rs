@@ -50,6 +50,8 @@ pub enum Namespace {
     Inbox = 6,
     /// Message ids already received, to drop duplicates.
     Seen = 7,
+    /// Messages from a contact whose identity key changed, held until accepted.
+    Held = 8,
 }
 
 /// One change in a batch.

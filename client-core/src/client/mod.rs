@@ -1,0 +1,462 @@
+//! The async [`Client`]: what a chat app links. It registers a device, keeps its keys
+//! published, sends messages end-to-end encrypted and sealed, and hands the app
+//! decrypted messages, reconnecting on its own.
+//!
+//! # Guarantees
+//! - **Nothing is lost.** [`Client::send`] returns once the message is in the device's
+//!   outbox on disk; it is retried with backoff until the relay stores it. A received
+//!   message is acknowledged to the relay only after it is decrypted and stored in the
+//!   device's inbox, and it stays there until the app calls [`Client::confirm`]:
+//!   unconfirmed messages are handed over again after a restart.
+//! - **Nothing is doubled.** Messages carry an id; a copy the relay delivers twice
+//!   (an acknowledgement lost on a dropped connection, a send retried after its reply
+//!   was lost) is recognised and dropped.
+//! - **Per-sender order.** Messages from one sender reach the app in the order sent.
+//! - **The relay learns no sender.** Messages are sealed; once a contact's delivery
+//!   token is known (from its [`ContactCard`] or from its first message) they go over
+//!   a connection that is not authenticated as anyone. Only a first message to a
+//!   contact added by account id alone goes over the authenticated connection.
+//! - **Identity changes are not silent.** If a contact's identity key changes, the app
+//!   gets [`Event::IdentityChanged`]; sending to that contact waits and its messages
+//!   are held, unread, until the user calls [`Client::accept_identity`].
+
+mod records;
+mod state;
+mod worker;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use tern_proto::address::RelayAddress;
+use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+use tokio::sync::{mpsc, watch, Mutex, Notify};
+
+use self::records::InboxRecord;
+use self::state::{NewDevice, State};
+use crate::crypto::x3dh::AgreementKeyPair;
+use crate::identity::{DeviceKeyPair, IdentityKeyPair};
+use crate::net::RelayConnection;
+use crate::store::{KvStore, StoreError};
+use crate::{Error, Result};
+
+pub use self::state::MAX_BODY;
+
+/// How long a received message id is remembered to drop duplicates: longer than a
+/// relay keeps any message.
+pub(crate) const SEEN_RETENTION_MS: u64 = 31 * 24 * 3600 * 1000;
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A decrypted message, stored on the device until the app confirms it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedMessage {
+    /// Position in this device's inbox; pass it to [`Client::confirm`].
+    pub seq: u64,
+    /// The sender's account, as the relay certified it inside the sealed envelope.
+    pub sender: AccountId,
+    /// The sender's device.
+    pub sender_device: DeviceId,
+    /// The sender's id for this message (the same for every copy of it).
+    pub message_id: MessageId,
+    /// The application's bytes.
+    pub body: Vec<u8>,
+    /// The sender's clock when it was sent (Unix ms; the sender's claim).
+    pub sent_at_ms: u64,
+    /// When this device decrypted it (Unix ms).
+    pub received_at_ms: u64,
+}
+
+impl ReceivedMessage {
+    fn from_record(seq: u64, r: &InboxRecord) -> Result<Self> {
+        let corrupt = || Error::Store(StoreError::Corrupt);
+        Ok(ReceivedMessage {
+            seq,
+            sender: AccountId::try_from(&r.sender[..]).map_err(|_| corrupt())?,
+            sender_device: DeviceId::try_from(r.sender_device).map_err(|_| corrupt())?,
+            message_id: MessageId(r.message_id[..].try_into().map_err(|_| corrupt())?),
+            body: r.body.clone(),
+            sent_at_ms: r.sent_at_ms,
+            received_at_ms: r.received_at_ms,
+        })
+    }
+}
+
+/// What the client tells the app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Connected and authenticated; queued messages follow.
+    Connected,
+    /// The connection was lost; the client reconnects with backoff.
+    Disconnected {
+        /// Why.
+        reason: String,
+    },
+    /// A new message. Call [`Client::confirm`] once the app has stored it.
+    Message(ReceivedMessage),
+    /// The relay has stored a message for every device of its recipient.
+    Sent {
+        /// The id [`Client::send`] returned.
+        message_id: MessageId,
+        /// The recipient.
+        to: AccountId,
+    },
+    /// A message was given up on (its recipient does not exist, say).
+    SendFailed {
+        /// The id [`Client::send`] returned.
+        message_id: MessageId,
+        /// The recipient.
+        to: AccountId,
+        /// Why.
+        reason: String,
+    },
+    /// A contact's identity key changed. Sending to it waits and its messages are
+    /// held until [`Client::accept_identity`]; compare safety numbers first.
+    IdentityChanged {
+        /// The contact.
+        contact: AccountId,
+    },
+    /// An envelope that could not be opened or decrypted was discarded.
+    Dropped {
+        /// Why (never message content).
+        reason: String,
+    },
+}
+
+/// The stream of [`Event`]s. Ends once the client is shut down.
+#[derive(Debug)]
+pub struct Events(mpsc::UnboundedReceiver<Event>);
+
+impl Events {
+    /// The next event; `None` once the client is shut down.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.0.recv().await
+    }
+}
+
+/// What a user hands a contact (as text or a QR code) so the contact can write to
+/// them: their account, identity key and delivery token. Sealed from the very first
+/// message, and the identity key needs no trust on first use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactCard {
+    /// The account.
+    pub account: AccountId,
+    /// Its identity key.
+    pub identity_key: [u8; 32],
+    /// Its delivery token.
+    pub delivery_token: [u8; 32],
+}
+
+const CARD_PREFIX: &str = "tern-contact:";
+const CARD_VERSION: u8 = 1;
+
+impl std::fmt::Display for ContactCard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut b = vec![CARD_VERSION];
+        b.extend_from_slice(self.account.as_bytes());
+        b.extend_from_slice(&self.identity_key);
+        b.extend_from_slice(&self.delivery_token);
+        write!(
+            f,
+            "{CARD_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+        )
+    }
+}
+
+impl std::str::FromStr for ContactCard {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidContactCard;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim().strip_prefix(CARD_PREFIX).ok_or_else(bad)?)
+            .map_err(|_| bad())?;
+        if b.len() != 1 + 16 + 32 + 32 || b[0] != CARD_VERSION {
+            return Err(bad());
+        }
+        Ok(ContactCard {
+            account: AccountId::try_from(&b[1..17]).map_err(|_| bad())?,
+            identity_key: b[17..49].try_into().map_err(|_| bad())?,
+            delivery_token: b[49..81].try_into().map_err(|_| bad())?,
+        })
+    }
+}
+
+pub(crate) struct Shared {
+    state: Mutex<State>,
+    relay: RelayAddress,
+    /// Taken at shutdown, which ends the app's [`Events`].
+    events: std::sync::Mutex<Option<mpsc::UnboundedSender<Event>>>,
+    outbox: Notify,
+    stop: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn emit(&self, event: Event) {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        // The app may have dropped its Events; the client carries on regardless.
+        if let Some(tx) = events.as_ref() {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// An end-to-end encrypted messaging client for one device. See the module docs.
+#[derive(Clone)]
+pub struct Client {
+    shared: Arc<Shared>,
+    address: DeviceAddress,
+    identity_key: [u8; 32],
+    worker: Arc<Worker>,
+}
+
+/// The background task; stopped when the last clone of the client goes.
+struct Worker(
+    std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    Arc<Shared>,
+);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.1.stop.send_replace(true);
+    }
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Creates an account on `relay` with this device as its first device, stores it
+    /// in `store` (which must be empty) and starts the client.
+    pub async fn register(
+        relay: &RelayAddress,
+        store: Arc<dyn KvStore>,
+    ) -> Result<(Client, Events)> {
+        if state::State::load(store.clone(), now_ms())?.is_some() {
+            return Err(Error::AlreadyRegistered);
+        }
+        let identity_secret = zeroize::Zeroizing::new(random_secret());
+        let device_secret = zeroize::Zeroizing::new(random_secret());
+        let identity = IdentityKeyPair::from_secret(&identity_secret);
+        let device = DeviceKeyPair::from_secret(&device_secret);
+        let identity_dh = AgreementKeyPair::generate(&mut rand::rngs::OsRng);
+        let (conn, _inbox) = RelayConnection::connect(relay).await?;
+        let address = conn.register(&identity, &device).await?;
+        let relay_signing_key = conn.relay_signing_key().await?;
+        let mut state = State::create(
+            store,
+            NewDevice {
+                relay: relay.to_string(),
+                identity_secret: &identity_secret,
+                device_secret: &device_secret,
+                identity_dh: &identity_dh,
+                address,
+                relay_signing_key,
+            },
+            now_ms(),
+        )?;
+        // Publish now, so contacts can start sessions before this device reconnects.
+        if let Some(upload) = state.key_upload(None, now_ms())? {
+            conn.publish_keys(&upload).await?;
+        }
+        state.keys_published()?;
+        conn.set_delivery_token(&state.keys.delivery_token).await?;
+        conn.close().await;
+        Ok(Client::start(state, relay.clone()))
+    }
+
+    /// Opens the device in `store` and starts the client.
+    pub async fn open(store: Arc<dyn KvStore>) -> Result<(Client, Events)> {
+        let state = State::load(store, now_ms())?.ok_or(Error::NotRegistered)?;
+        let relay: RelayAddress = state.relay().parse()?;
+        Ok(Client::start(state, relay))
+    }
+
+    fn start(state: State, relay: RelayAddress) -> (Client, Events) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let address = state.keys.address;
+        let identity_key = state.keys.identity.public();
+        // Messages stored but not confirmed before a restart come first.
+        if let Ok(pending) = state.unconfirmed() {
+            for m in pending {
+                let _ = tx.send(Event::Message(m));
+            }
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            relay,
+            events: std::sync::Mutex::new(Some(tx)),
+            outbox: Notify::new(),
+            stop: watch::channel(false).0,
+        });
+        let worker = Arc::new(Worker(
+            std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),
+            shared.clone(),
+        ));
+        (
+            Client {
+                shared,
+                address,
+                identity_key,
+                worker,
+            },
+            Events(rx),
+        )
+    }
+
+    /// This device's address (account and device id).
+    pub fn address(&self) -> DeviceAddress {
+        self.address
+    }
+
+    /// This account's id.
+    pub fn account(&self) -> AccountId {
+        self.address.account
+    }
+
+    /// This account's identity key.
+    pub fn identity_key(&self) -> [u8; 32] {
+        self.identity_key
+    }
+
+    /// The card to give contacts so they can write to this account.
+    pub async fn contact_card(&self) -> ContactCard {
+        let state = self.shared.state.lock().await;
+        ContactCard {
+            account: self.address.account,
+            identity_key: self.identity_key,
+            delivery_token: state.keys.delivery_token,
+        }
+    }
+
+    /// Adds (or refreshes) a contact from its card. A card whose identity key differs
+    /// from the one already trusted raises [`Event::IdentityChanged`].
+    pub async fn add_contact(&self, card: &ContactCard) -> Result<()> {
+        let changed = self.shared.state.lock().await.add_contact(
+            card.account,
+            card.identity_key,
+            card.delivery_token,
+        )?;
+        if changed {
+            self.shared.emit(Event::IdentityChanged {
+                contact: card.account,
+            });
+        }
+        self.shared.outbox.notify_one();
+        Ok(())
+    }
+
+    /// Queues `body` for every device of `to`. Returns once it is stored on this
+    /// device; [`Event::Sent`] follows once the relay has it.
+    pub async fn send(&self, to: &AccountId, body: &[u8]) -> Result<MessageId> {
+        let id = self.shared.state.lock().await.enqueue(to, body, now_ms())?;
+        self.shared.outbox.notify_one();
+        Ok(id)
+    }
+
+    /// The app has stored message `seq`: the device forgets it.
+    pub async fn confirm(&self, seq: u64) -> Result<()> {
+        self.shared.state.lock().await.confirm(seq)
+    }
+
+    /// Messages waiting in the outbox.
+    pub async fn outbox_len(&self) -> usize {
+        self.shared.state.lock().await.outbox_len()
+    }
+
+    /// The safety number with `contact`, from the identity key we trust for it;
+    /// `None` for an unknown contact.
+    pub async fn safety_number(&self, contact: &AccountId) -> Option<String> {
+        let state = self.shared.state.lock().await;
+        let theirs: [u8; 32] = state.contact(contact)?.identity_key[..].try_into().ok()?;
+        Some(crate::safety::safety_number(
+            (&self.identity_key, &self.address.account),
+            (&theirs, contact),
+        ))
+    }
+
+    /// The changed identity key waiting for acceptance, if any.
+    pub async fn changed_identity(&self, contact: &AccountId) -> Option<[u8; 32]> {
+        let state = self.shared.state.lock().await;
+        state.contact(contact)?.changed_identity_key[..]
+            .try_into()
+            .ok()
+    }
+
+    /// Accepts a contact's changed identity key: held messages are decrypted and
+    /// handed over, and messages waiting for the contact are sent in new sessions.
+    pub async fn accept_identity(&self, contact: &AccountId) -> Result<()> {
+        let received = {
+            let mut state = self.shared.state.lock().await;
+            let Some(held) = state.accept_identity(contact)? else {
+                return Ok(());
+            };
+            let now = now_ms();
+            let mut received = Vec::new();
+            for (_, h) in held {
+                let (Ok(device), Ok(identity_key), Ok(_)) = (
+                    DeviceId::try_from(h.sender_device),
+                    <[u8; 32]>::try_from(&h.identity_key[..]),
+                    <[u8; 16]>::try_from(&h.message_id[..]),
+                ) else {
+                    continue;
+                };
+                match state.accept(
+                    *contact,
+                    device,
+                    identity_key,
+                    &h.message_id,
+                    &h.content,
+                    now,
+                )? {
+                    state::Outcome::Message(m) => received.push(Event::Message(m)),
+                    state::Outcome::Dropped(reason) => received.push(Event::Dropped { reason }),
+                    state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
+                }
+            }
+            state.flush()?;
+            received
+        };
+        for e in received {
+            self.shared.emit(e);
+        }
+        self.shared.outbox.notify_one();
+        Ok(())
+    }
+
+    /// Stops the client: the connection closes and [`Events`] ends. Everything
+    /// stored stays stored; [`Client::open`] carries on from there.
+    pub async fn shutdown(&self) {
+        self.shared.stop.send_replace(true);
+        let handle = self
+            .worker
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+        self.shared
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
+
+fn random_secret() -> [u8; 32] {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b
+}

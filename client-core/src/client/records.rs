@@ -1,0 +1,199 @@
+//! What the client stores, record by record. Values are protobuf (prost) so the format
+//! can grow; keys are fixed-width binary so scans come back in a useful order. The
+//! device store encrypts both.
+
+use tern_proto::{AccountId, DeviceId};
+
+/// `Namespace::Local`, key [`LOCAL_KEY`]: this device's keys and counters.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct LocalRecord {
+    #[prost(string, tag = "1")]
+    pub(crate) relay: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) identity_secret: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) device_secret: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) identity_dh_secret: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub(crate) account_id: Vec<u8>,
+    #[prost(uint32, tag = "6")]
+    pub(crate) device_id: u32,
+    /// The relay's sender-certificate signing key, learned over the pinned connection.
+    #[prost(bytes = "vec", tag = "7")]
+    pub(crate) relay_signing_key: Vec<u8>,
+    /// Our delivery token: contacts need it to write to us sealed.
+    #[prost(bytes = "vec", tag = "8")]
+    pub(crate) delivery_token: Vec<u8>,
+    /// The id the next generated prekey gets (signed and one-time share the counter).
+    #[prost(uint32, tag = "9")]
+    pub(crate) next_prekey_id: u32,
+    /// The signed prekey contacts are given now.
+    #[prost(uint32, tag = "10")]
+    pub(crate) signed_prekey_id: u32,
+    #[prost(uint64, tag = "11")]
+    pub(crate) next_inbox_seq: u64,
+    #[prost(uint64, tag = "12")]
+    pub(crate) next_outbox_seq: u64,
+    /// Whether the relay has all our keys (false between generating and uploading).
+    #[prost(bool, tag = "13")]
+    pub(crate) keys_published: bool,
+}
+
+pub(crate) const LOCAL_KEY: &[u8] = b"local";
+
+/// `Namespace::PreKeys`, key [`prekey_key`]: a prekey secret.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PreKeyRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) secret: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub(crate) created_ms: u64,
+    /// Signed prekeys only: when a newer one replaced it (0 while current).
+    #[prost(uint64, tag = "3")]
+    pub(crate) replaced_ms: u64,
+}
+
+/// Which kind of prekey a [`PreKeyRecord`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PreKeyKind {
+    Signed = 1,
+    OneTime = 2,
+}
+
+pub(crate) fn prekey_key(kind: PreKeyKind, id: u32) -> Vec<u8> {
+    let mut k = vec![kind as u8];
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+pub(crate) fn parse_prekey_key(key: &[u8]) -> Option<(PreKeyKind, u32)> {
+    let (&kind, id) = key.split_first()?;
+    let id = u32::from_be_bytes(id.try_into().ok()?);
+    match kind {
+        1 => Some((PreKeyKind::Signed, id)),
+        2 => Some((PreKeyKind::OneTime, id)),
+        _ => None,
+    }
+}
+
+/// `Namespace::Contacts`, key: the account id.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ContactRecord {
+    /// The identity key we trust for this contact.
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) identity_key: Vec<u8>,
+    /// A different identity key seen since, waiting for the user to accept it.
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) changed_identity_key: Vec<u8>,
+    /// The contact's delivery token (empty until known).
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) delivery_token: Vec<u8>,
+    #[prost(message, repeated, tag = "4")]
+    pub(crate) devices: Vec<ContactDevice>,
+}
+
+impl ContactRecord {
+    pub(crate) fn blocked(&self) -> bool {
+        !self.changed_identity_key.is_empty()
+    }
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ContactDevice {
+    #[prost(uint32, tag = "1")]
+    pub(crate) device_id: u32,
+    /// The device's identity agreement key: sealed envelopes are sealed to it.
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) identity_dh: Vec<u8>,
+}
+
+/// `Namespace::Sessions` key: account id then device id.
+pub(crate) fn session_key(account: &AccountId, device: DeviceId) -> Vec<u8> {
+    let mut k = account.as_bytes().to_vec();
+    k.extend_from_slice(&device.get().to_be_bytes());
+    k
+}
+
+/// `Namespace::Outbox`, key: [`seq_key`]. A message on its way to a contact.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct OutboxRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) message_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) recipient: Vec<u8>,
+    /// The plaintext, kept until every device's copy is encrypted.
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) body: Vec<u8>,
+    #[prost(uint64, tag = "4")]
+    pub(crate) created_ms: u64,
+    /// Encrypted once per recipient device, stored before it leaves the device so a
+    /// retry resends the same ciphertext rather than reusing ratchet keys.
+    #[prost(message, repeated, tag = "5")]
+    pub(crate) copies: Vec<OutboxCopy>,
+    /// Whether `copies` is complete.
+    #[prost(bool, tag = "6")]
+    pub(crate) prepared: bool,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct OutboxCopy {
+    #[prost(uint32, tag = "1")]
+    pub(crate) device_id: u32,
+    /// An encoded `tern.e2e.v1.Content`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) content: Vec<u8>,
+    #[prost(bool, tag = "3")]
+    pub(crate) sent: bool,
+}
+
+/// `Namespace::Inbox`, key: [`seq_key`]. A decrypted message the app has not
+/// confirmed yet.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct InboxRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) sender: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) sender_device: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) message_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) body: Vec<u8>,
+    #[prost(uint64, tag = "5")]
+    pub(crate) sent_at_ms: u64,
+    #[prost(uint64, tag = "6")]
+    pub(crate) received_at_ms: u64,
+}
+
+/// `Namespace::Held`, key: [`seq_key`]. A message from a contact whose identity key
+/// changed, kept unread until the user accepts the new key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct HeldRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) sender: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) sender_device: u32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) identity_key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) message_id: Vec<u8>,
+    /// The encoded `tern.e2e.v1.Content`, still ratchet-encrypted.
+    #[prost(bytes = "vec", tag = "5")]
+    pub(crate) content: Vec<u8>,
+}
+
+pub(crate) fn seq_key(seq: u64) -> Vec<u8> {
+    seq.to_be_bytes().to_vec()
+}
+
+pub(crate) fn parse_seq_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+/// `Namespace::Seen` key: sender account then message id; the value is the time of
+/// receipt (big-endian ms), so old entries can be pruned.
+pub(crate) fn seen_key(sender: &AccountId, message_id: &[u8]) -> Vec<u8> {
+    let mut k = sender.as_bytes().to_vec();
+    k.extend_from_slice(message_id);
+    k
+}

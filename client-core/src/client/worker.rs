@@ -1,0 +1,450 @@
+//! The client's background task: one authenticated connection to receive on and for
+//! key operations, one unauthenticated connection for sealed sends, reconnecting with
+//! backoff whenever either drops.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use rand::rngs::OsRng;
+use rand::Rng;
+use tern_proto::v1::ErrorCode;
+use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+
+use super::state::{Outcome, StartError};
+use super::{now_ms, Event, Shared};
+use crate::crypto::sealed::{self, SenderCertificate};
+use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
+use crate::{Error, Result};
+
+/// Deliveries handled per durable write and acknowledgement.
+const RECEIVE_BATCH: usize = 256;
+/// Envelopes per send request.
+const SEND_BATCH: usize = 64;
+/// A sender certificate is replaced this long before it expires.
+const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
+/// How often a long-lived connection checks its keys (signed prekey rotation).
+const MAINTENANCE: Duration = Duration::from_secs(3600);
+
+/// Exponential backoff with jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(15);
+
+    fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    fn step(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        // ±25%, so many clients cut off at once do not come back at once.
+        base.mul_f64(OsRng.gen_range(0.75..1.25))
+    }
+}
+
+pub(super) async fn run(shared: std::sync::Arc<Shared>) {
+    let mut stop = shared.stop.subscribe();
+    let mut backoff = Backoff::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let result = tokio::select! {
+            r = connected(&shared, &mut backoff) => r,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let reason = match result {
+            Ok(()) => "closed".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::debug!(%reason, "relay connection lost");
+        shared.emit(Event::Disconnected { reason });
+        tokio::select! {
+            () = tokio::time::sleep(backoff.step()) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
+    let (address, device_key) = {
+        let state = shared.state.lock().await;
+        (state.keys.address, state.keys.device.clone())
+    };
+    let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
+    conn.authenticate(&address, &device_key).await?;
+    maintain_keys(shared, &conn).await?;
+    // Sealed sends go over a connection that never authenticates, so the relay
+    // cannot tie them to this device by connection.
+    let (anon, _no_deliveries) = RelayConnection::connect(&shared.relay).await?;
+    backoff.reset();
+    shared.emit(Event::Connected);
+    let result = tokio::select! {
+        r = receive_loop(shared, &conn, inbox) => r,
+        r = send_loop(shared, &conn, &anon) => r,
+        e = anon.closed() => Err(e),
+    };
+    tokio::join!(conn.close(), anon.close());
+    result
+}
+
+/// Uploads whatever keys the relay is missing: everything if a previous upload never
+/// finished, a new signed prekey when due, one-time prekeys when few are left.
+async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let held = conn.publish_keys(&KeyUpload::default()).await?;
+    let upload = shared.state.lock().await.key_upload(Some(held), now_ms())?;
+    if let Some(upload) = upload {
+        conn.publish_keys(&upload).await?;
+        shared.state.lock().await.keys_published()?;
+    }
+    Ok(())
+}
+
+async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox) -> Result<()> {
+    loop {
+        let first = inbox
+            .recv()
+            .await
+            .ok_or_else(|| Error::Closed("relay".into()))?;
+        let mut items = vec![first];
+        while items.len() < RECEIVE_BATCH {
+            match inbox.try_recv() {
+                Some(item) => items.push(item),
+                None => break,
+            }
+        }
+        let mut acks = Vec::with_capacity(items.len());
+        let mut events = Vec::new();
+        let mut failure = None;
+        let consumed = {
+            let mut state = shared.state.lock().await;
+            let now = now_ms();
+            for item in items {
+                let delivery = match item {
+                    Ok(Incoming::Delivery(d)) => d,
+                    Ok(Incoming::QueueEmpty) => continue,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
+                match state.receive(&delivery, now)? {
+                    Outcome::Message(m) => events.push(Event::Message(m)),
+                    Outcome::Held { contact, first } => {
+                        if first {
+                            events.push(Event::IdentityChanged { contact });
+                        }
+                    }
+                    Outcome::Duplicate => {}
+                    Outcome::Dropped(reason) => {
+                        tracing::debug!(%reason, "discarded an envelope");
+                        events.push(Event::Dropped { reason });
+                    }
+                }
+                acks.push(delivery.seq);
+            }
+            // Stored durably before the relay may delete anything.
+            state.flush()?;
+            std::mem::take(&mut state.consumed_prekeys)
+        };
+        for e in events {
+            shared.emit(e);
+        }
+        if !acks.is_empty() {
+            conn.ack(&acks).await?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        if consumed > 0 {
+            maintain_keys(shared, conn).await?;
+        }
+    }
+}
+
+enum Round {
+    /// Nothing left to send.
+    Idle,
+    /// Something was sent; go again.
+    Progress,
+    /// The relay refused for now (full mailbox, say); retry after a pause.
+    Wait,
+}
+
+async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &RelayConnection) -> Result<()> {
+    let mut certificate: Option<SenderCertificate> = None;
+    let mut retry = Backoff::new();
+    let mut maintenance = tokio::time::interval(MAINTENANCE);
+    maintenance.tick().await;
+    loop {
+        let notified = shared.outbox.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        match send_round(shared, conn, anon, &mut certificate).await? {
+            Round::Progress => {
+                retry.reset();
+                continue;
+            }
+            Round::Idle => tokio::select! {
+                () = &mut notified => {}
+                _ = maintenance.tick() => maintain_keys(shared, conn).await?,
+            },
+            Round::Wait => tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(retry.step()) => {}
+            },
+        }
+    }
+}
+
+/// A fresh sender certificate, fetched when the current one is about to expire.
+async fn certificate<'a>(
+    conn: &RelayConnection,
+    cached: &'a mut Option<SenderCertificate>,
+) -> Result<&'a SenderCertificate> {
+    let fresh = cached
+        .as_ref()
+        .is_some_and(|c| c.expires_at_ms > now_ms() + CERTIFICATE_MARGIN_MS);
+    if !fresh {
+        let issued = conn.sender_certificate().await?;
+        let cert = SenderCertificate::parse(&issued.certificate, &issued.signature)
+            .map_err(|e| Error::Protocol(format!("sender certificate: {e}")))?;
+        *cached = Some(cert);
+    }
+    cached
+        .as_ref()
+        .ok_or_else(|| Error::Protocol("no sender certificate".into()))
+}
+
+/// What to send to one contact device, taken from the outbox under the lock.
+struct DevicePlan {
+    device: DeviceId,
+    identity_dh: [u8; 32],
+    copies: Vec<(u64, MessageId, Vec<u8>)>,
+}
+
+async fn send_round(
+    shared: &Shared,
+    conn: &RelayConnection,
+    anon: &RelayConnection,
+    cached: &mut Option<SenderCertificate>,
+) -> Result<Round> {
+    let recipients: Vec<AccountId> = {
+        let state = shared.state.lock().await;
+        let mut seen = HashSet::new();
+        state
+            .outbox()
+            .filter_map(|(_, r)| AccountId::try_from(&r.recipient[..]).ok())
+            .filter(|a| seen.insert(*a))
+            .filter(|a| !state.contact(a).is_some_and(|c| c.blocked()))
+            .collect()
+    };
+    if recipients.is_empty() {
+        return Ok(Round::Idle);
+    }
+    let mut round = Round::Idle;
+    for recipient in recipients {
+        if shared.state.lock().await.needs_bundles(&recipient)? {
+            let bundles = match conn.fetch_keys(&recipient, None).await {
+                Ok(b) => b,
+                Err(e) if e.relay_code() == Some(ErrorCode::UnknownRecipient) => {
+                    fail_all(shared, &recipient, "no such account").await?;
+                    round = Round::Progress;
+                    continue;
+                }
+                Err(e) if e.relay_code().is_some() => {
+                    round = Round::Wait;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let started = shared
+                .state
+                .lock()
+                .await
+                .start_sessions(recipient, &bundles);
+            match started {
+                Ok(()) => {}
+                Err(StartError::IdentityChanged { first }) => {
+                    if first {
+                        shared.emit(Event::IdentityChanged { contact: recipient });
+                    }
+                    continue;
+                }
+                Err(StartError::NoDevices) => {
+                    fail_all(shared, &recipient, "the account has no devices with keys").await?;
+                    round = Round::Progress;
+                    continue;
+                }
+                Err(StartError::Fatal(e)) => return Err(e),
+            }
+        }
+        let (plans, token) = {
+            let mut state = shared.state.lock().await;
+            let now = now_ms();
+            let seqs: Vec<u64> = state
+                .outbox()
+                .filter(|(_, r)| r.recipient == recipient.as_bytes() && !r.prepared)
+                .map(|(s, _)| *s)
+                .collect();
+            for seq in seqs {
+                state.prepare(seq, now)?;
+            }
+            // The new session state is on disk before any ciphertext leaves.
+            state.flush()?;
+            let mut plans: Vec<DevicePlan> = Vec::new();
+            for (seq, r) in state.outbox() {
+                if r.recipient != recipient.as_bytes() {
+                    continue;
+                }
+                let Ok(id) = <[u8; 16]>::try_from(&r.message_id[..]) else {
+                    continue;
+                };
+                for c in r.copies.iter().filter(|c| !c.sent) {
+                    let Ok(device) = DeviceId::try_from(c.device_id) else {
+                        continue;
+                    };
+                    let plan = match plans.iter_mut().find(|p| p.device == device) {
+                        Some(p) => p,
+                        None => {
+                            let Some(identity_dh) =
+                                state.device_identity_dh(&recipient, c.device_id)
+                            else {
+                                continue;
+                            };
+                            plans.push(DevicePlan {
+                                device,
+                                identity_dh,
+                                copies: Vec::new(),
+                            });
+                            plans.last_mut().ok_or(Error::Closed("plan".into()))?
+                        }
+                    };
+                    plan.copies.push((*seq, MessageId(id), c.content.clone()));
+                }
+            }
+            let token: Option<[u8; 32]> = state
+                .contact(&recipient)
+                .and_then(|c| c.delivery_token[..].try_into().ok());
+            (plans, token)
+        };
+        for plan in plans {
+            match send_device(shared, conn, anon, cached, &recipient, &plan, token).await? {
+                Round::Idle => {}
+                Round::Progress => {
+                    if !matches!(round, Round::Wait) {
+                        round = Round::Progress;
+                    }
+                }
+                Round::Wait => round = Round::Wait,
+            }
+        }
+    }
+    Ok(round)
+}
+
+async fn send_device(
+    shared: &Shared,
+    conn: &RelayConnection,
+    anon: &RelayConnection,
+    cached: &mut Option<SenderCertificate>,
+    recipient: &AccountId,
+    plan: &DevicePlan,
+    token: Option<[u8; 32]>,
+) -> Result<Round> {
+    let to = DeviceAddress {
+        account: *recipient,
+        device: plan.device,
+    };
+    for chunk in plan.copies.chunks(SEND_BATCH) {
+        let cert = certificate(conn, cached).await?;
+        let mut envelopes = Vec::with_capacity(chunk.len());
+        for (_, id, content) in chunk {
+            let payload = sealed::seal(&mut OsRng, &plan.identity_dh, cert, content)
+                .map_err(Error::Crypto)?;
+            envelopes.push(Envelope {
+                message_id: *id,
+                payload: payload.into(),
+            });
+        }
+        let result = match &token {
+            Some(token) => anon.sealed_send(&to, token, envelopes).await,
+            // No token yet: this first message identifies its sender to the relay.
+            None => conn.send(&to, envelopes).await,
+        };
+        match result {
+            Ok(_) => {}
+            Err(e) => match e.relay_code() {
+                Some(ErrorCode::Unauthorized) if token.is_some() => {
+                    // The contact rotated its token: fall back until it sends the new one.
+                    shared.state.lock().await.drop_token(recipient)?;
+                    return Ok(Round::Progress);
+                }
+                Some(ErrorCode::UnknownRecipient) => {
+                    // The device is gone: its copies are moot.
+                    let mut state = shared.state.lock().await;
+                    state.drop_device(recipient, plan.device.get())?;
+                    for (seq, _, _) in &plan.copies {
+                        if let Some((id, to)) = state.mark_sent(*seq, &[plan.device.get()])? {
+                            shared.emit(Event::Sent { message_id: id, to });
+                        }
+                    }
+                    return Ok(Round::Progress);
+                }
+                Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
+                    let mut state = shared.state.lock().await;
+                    for (seq, _, _) in chunk {
+                        if let Some(id) = state.fail(*seq)? {
+                            shared.emit(Event::SendFailed {
+                                message_id: id,
+                                to: *recipient,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                    return Ok(Round::Progress);
+                }
+                Some(_) => return Ok(Round::Wait),
+                None => return Err(e),
+            },
+        }
+        let mut state = shared.state.lock().await;
+        for (seq, _, _) in chunk {
+            if let Some((id, to)) = state.mark_sent(*seq, &[plan.device.get()])? {
+                shared.emit(Event::Sent { message_id: id, to });
+            }
+        }
+    }
+    Ok(if plan.copies.is_empty() {
+        Round::Idle
+    } else {
+        Round::Progress
+    })
+}
+
+async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Result<()> {
+    let mut state = shared.state.lock().await;
+    let seqs: Vec<u64> = state
+        .outbox()
+        .filter(|(_, r)| r.recipient == recipient.as_bytes())
+        .map(|(s, _)| *s)
+        .collect();
+    for seq in seqs {
+        if let Some(id) = state.fail(seq)? {
+            shared.emit(Event::SendFailed {
+                message_id: id,
+                to: *recipient,
+                reason: reason.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
