@@ -22,6 +22,8 @@
 
 mod records;
 mod state;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 use std::sync::Arc;

@@ -254,6 +254,27 @@ impl State {
         id
     }
 
+    /// A fresh prekey: its id, key pair, and the op that stores its secret.
+    fn new_prekey(
+        &mut self,
+        kind: PreKeyKind,
+        now_ms: u64,
+    ) -> (u32, AgreementKeyPair, PreKeyRecord, Op) {
+        let id = self.next_prekey_id();
+        let pair = AgreementKeyPair::generate(&mut OsRng);
+        let record = PreKeyRecord {
+            secret: pair.secret_bytes().to_vec(),
+            created_ms: now_ms,
+            replaced_ms: 0,
+        };
+        let op = Op::Put(
+            Namespace::PreKeys,
+            prekey_key(kind, id),
+            record.encode_to_vec(),
+        );
+        (id, pair, record, op)
+    }
+
     /// A new signed prekey becomes current; the previous one stays for the grace period.
     fn rotate_signed_prekey(&mut self, now_ms: u64) -> (Vec<Op>, SignedKey) {
         let mut ops = Vec::new();
@@ -265,18 +286,8 @@ impl State {
                 old.encode_to_vec(),
             ));
         }
-        let id = self.next_prekey_id();
-        let pair = AgreementKeyPair::generate(&mut OsRng);
-        let record = PreKeyRecord {
-            secret: pair.secret_bytes().to_vec(),
-            created_ms: now_ms,
-            replaced_ms: 0,
-        };
-        ops.push(Op::Put(
-            Namespace::PreKeys,
-            prekey_key(PreKeyKind::Signed, id),
-            record.encode_to_vec(),
-        ));
+        let (id, pair, record, op) = self.new_prekey(PreKeyKind::Signed, now_ms);
+        ops.push(op);
         let signed = SignedKey {
             id,
             key: pair.public(),
@@ -292,18 +303,8 @@ impl State {
         let mut ops = Vec::with_capacity(n as usize + 1);
         let mut public = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            let id = self.next_prekey_id();
-            let pair = AgreementKeyPair::generate(&mut OsRng);
-            let record = PreKeyRecord {
-                secret: pair.secret_bytes().to_vec(),
-                created_ms: now_ms,
-                replaced_ms: 0,
-            };
-            ops.push(Op::Put(
-                Namespace::PreKeys,
-                prekey_key(PreKeyKind::OneTime, id),
-                record.encode_to_vec(),
-            ));
+            let (id, pair, _, op) = self.new_prekey(PreKeyKind::OneTime, now_ms);
+            ops.push(op);
             public.push((id, pair.public()));
         }
         ops.push(self.local_op());
@@ -459,6 +460,7 @@ impl State {
         }
         let mut ops = Vec::new();
         record.identity_key = std::mem::take(&mut record.changed_identity_key);
+        let accepted = record.identity_key.clone();
         for d in std::mem::take(&mut record.devices) {
             if let Ok(device) = DeviceId::try_from(d.device_id) {
                 self.sessions.remove(&(*account, device));
@@ -486,7 +488,10 @@ impl State {
                 HeldRecord::decode(&v[..]).map_err(|_| Error::Store(StoreError::Corrupt))?;
             if record.sender == account.as_bytes() {
                 ops.push(Op::Delete(Namespace::Held, k.clone()));
-                held.push((parse_seq_key(&k).unwrap_or(0), record));
+                // Messages under any other key than the accepted one are dropped.
+                if record.identity_key == accepted {
+                    held.push((parse_seq_key(&k).unwrap_or(0), record));
+                }
             }
         }
         held.sort_by_key(|(seq, _)| *seq);

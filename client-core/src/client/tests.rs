@@ -1,0 +1,438 @@
+//! The client's rules on its state, without a network: two or three devices in
+//! memory, with a relay key of the test's own to sign sender certificates.
+
+use std::sync::Arc;
+
+use ed25519_dalek::{Signer, SigningKey};
+use prost::Message;
+use rand::rngs::OsRng;
+use tern_proto::{v1, AccountId, DeviceAddress, DeviceId};
+
+use super::state::{
+    NewDevice, Outcome, State, MAX_BODY, SIGNED_PREKEY_GRACE_MS, SIGNED_PREKEY_ROTATION_MS,
+};
+use super::ContactCard;
+use crate::crypto::sealed::{self, SenderCertificate};
+use crate::crypto::x3dh::AgreementKeyPair;
+use crate::net::{Delivery, DeviceBundle};
+use crate::store::{KvStore, MemoryKv, Namespace};
+use crate::Error;
+
+const NOW: u64 = 1_800_000_000_000;
+const DAY: u64 = 24 * 3600 * 1000;
+
+struct Dev {
+    state: State,
+    kv: Arc<MemoryKv>,
+}
+
+fn relay_key() -> SigningKey {
+    SigningKey::from_bytes(&[42; 32])
+}
+
+fn dev(account: u8) -> Dev {
+    let kv = Arc::new(MemoryKv::new());
+    let state = State::create(
+        kv.clone(),
+        NewDevice {
+            relay: "tern://x@127.0.0.1:1".into(),
+            identity_secret: &rand::random(),
+            device_secret: &rand::random(),
+            identity_dh: &AgreementKeyPair::generate(&mut OsRng),
+            address: DeviceAddress {
+                account: AccountId([account; 16]),
+                device: DeviceId::PRIMARY,
+            },
+            relay_signing_key: relay_key().verifying_key().to_bytes(),
+        },
+        NOW,
+    )
+    .expect("create");
+    Dev { state, kv }
+}
+
+impl Dev {
+    fn account(&self) -> AccountId {
+        self.state.keys.address.account
+    }
+
+    fn reload(&mut self, now: u64) {
+        let kv: Arc<dyn KvStore> = self.kv.clone();
+        self.state = State::load(kv, now).expect("load").expect("a device");
+    }
+
+    /// What the relay would hand out for this device.
+    fn bundle(&mut self, with_one_time: bool) -> DeviceBundle {
+        let upload = self
+            .state
+            .key_upload(None, NOW)
+            .expect("upload")
+            .expect("keys");
+        DeviceBundle {
+            device: self.state.keys.address.device,
+            identity_key: self.state.keys.identity.public(),
+            identity_dh: upload.identity_dh.expect("identity dh"),
+            signed_prekey: upload.signed_prekey.expect("signed prekey"),
+            one_time_prekey: with_one_time.then(|| upload.one_time[0]),
+        }
+    }
+
+    fn certificate(
+        &self,
+        device: u32,
+        expires_at_ms: u64,
+        relay: &SigningKey,
+    ) -> SenderCertificate {
+        let encoded = v1::SenderCertificate {
+            account_id: self.account().as_bytes().to_vec().into(),
+            device_id: device,
+            identity_key: self.state.keys.identity.public().to_vec().into(),
+            expires_at_ms,
+            relay_key: relay.verifying_key().to_bytes().to_vec().into(),
+        }
+        .encode_to_vec();
+        let signature = relay
+            .sign(&tern_proto::auth::sender_certificate(&encoded))
+            .to_bytes();
+        SenderCertificate::parse(&encoded, &signature).expect("certificate")
+    }
+
+    /// Queues and encrypts `body` for `to`, then seals it as the relay would deliver it.
+    fn send_with(&mut self, to: &mut Dev, body: &[u8], cert: &SenderCertificate) -> Delivery {
+        let to_account = to.account();
+        if self.state.needs_bundles(&to_account).expect("needs") {
+            let bundle = to.bundle(false);
+            assert!(self.state.start_sessions(to_account, &[bundle]).is_ok());
+        }
+        let id = self.state.enqueue(&to_account, body, NOW).expect("enqueue");
+        let seq = *self.state.outbox().last().expect("queued").0;
+        self.state.prepare(seq, NOW).expect("prepare");
+        let (_, record) = self.state.outbox().last().expect("queued");
+        let content = record.copies[0].content.clone();
+        self.state.mark_sent(seq, &[1]).expect("sent");
+        let payload = sealed::seal(
+            &mut OsRng,
+            &to.state.keys.identity_dh.public(),
+            cert,
+            &content,
+        )
+        .expect("seal");
+        Delivery {
+            seq,
+            message_id: id,
+            payload: payload.into(),
+            accepted_at_ms: NOW,
+            expires_at_ms: NOW + 30 * DAY,
+        }
+    }
+
+    fn send(&mut self, to: &mut Dev, body: &[u8]) -> Delivery {
+        let cert = self.certificate(1, NOW + DAY, &relay_key());
+        self.send_with(to, body, &cert)
+    }
+
+    fn receive(&mut self, d: &Delivery) -> Outcome {
+        self.state.receive(d, NOW).expect("receive")
+    }
+
+    fn body(&mut self, d: &Delivery) -> Vec<u8> {
+        match self.receive(d) {
+            Outcome::Message(m) => m.body,
+            Outcome::Dropped(reason) => panic!("dropped: {reason}"),
+            _ => panic!("not a message"),
+        }
+    }
+}
+
+fn dropped(o: Outcome) -> bool {
+    matches!(o, Outcome::Dropped(_))
+}
+
+#[test]
+fn a_message_is_stored_once_and_kept_until_confirmed() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let d = a.send(&mut b, b"hello");
+    let Outcome::Message(m) = b.receive(&d) else {
+        panic!("not a message")
+    };
+    assert_eq!((m.body.as_slice(), m.sender), (&b"hello"[..], a.account()));
+    assert!(
+        matches!(b.receive(&d), Outcome::Duplicate),
+        "a redelivery in the same batch"
+    );
+    b.state.flush().expect("flush");
+    assert!(
+        matches!(b.receive(&d), Outcome::Duplicate),
+        "a redelivery later"
+    );
+    b.reload(NOW);
+    assert!(
+        matches!(b.receive(&d), Outcome::Duplicate),
+        "after a restart"
+    );
+    assert_eq!(b.state.unconfirmed().expect("inbox"), vec![m.clone()]);
+    b.state.confirm(m.seq).expect("confirm");
+    assert!(b.state.unconfirmed().expect("inbox").is_empty());
+    // Our token travelled inside: b can now write to a sealed.
+    assert_eq!(
+        b.state
+            .contact(&a.account())
+            .expect("contact")
+            .delivery_token,
+        a.state.keys.delivery_token.to_vec()
+    );
+}
+
+#[test]
+fn sessions_contacts_and_the_outbox_survive_restarts() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let d1 = a.send(&mut b, b"1");
+    assert_eq!(b.body(&d1), b"1");
+    b.state.flush().expect("flush");
+    a.state
+        .enqueue(&b.account(), b"queued", NOW)
+        .expect("enqueue");
+    a.reload(NOW);
+    b.reload(NOW);
+    assert_eq!(a.state.outbox_len(), 1, "the queued message is still there");
+    let reply = b.send(&mut a, b"reply");
+    assert_eq!(a.body(&reply), b"reply");
+    let d2 = a.send(&mut b, b"2");
+    assert_eq!(b.body(&d2), b"2");
+}
+
+#[test]
+fn a_one_time_prekey_opens_one_session_only() {
+    let (mut a, mut b, mut c) = (dev(1), dev(2), dev(3));
+    let bundle = b.bundle(true);
+    let (opk_id, _) = bundle.one_time_prekey.expect("one-time prekey");
+    let opk_key = super::records::prekey_key(super::records::PreKeyKind::OneTime, opk_id);
+    assert!(a
+        .state
+        .start_sessions(b.account(), std::slice::from_ref(&bundle))
+        .is_ok());
+    assert!(c.state.start_sessions(b.account(), &[bundle]).is_ok());
+    let from_a = a.send(&mut b, b"first");
+    let from_a_again = a.send(&mut b, b"second, same header");
+    let from_c = c.send(&mut b, b"same prekey");
+    assert_eq!(b.body(&from_a), b"first");
+    assert_eq!(b.state.consumed_prekeys, 1);
+    assert!(
+        b.kv.get(Namespace::PreKeys, &opk_key)
+            .expect("get")
+            .is_none(),
+        "deleted once used"
+    );
+    assert_eq!(
+        b.body(&from_a_again),
+        b"second, same header",
+        "a repeated header needs no prekey"
+    );
+    assert!(
+        dropped(b.receive(&from_c)),
+        "a used one-time prekey opens nothing"
+    );
+}
+
+#[test]
+fn an_identity_change_is_held_until_accepted() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let d = a.send(&mut b, b"before");
+    assert_eq!(b.body(&d), b"before");
+    // The same account with a new identity key (a reinstall, or an impostor).
+    let mut a2 = dev(1);
+    let m1 = a2.send(&mut b, b"new key 1");
+    let m2 = a2.send(&mut b, b"new key 2");
+    assert!(matches!(b.receive(&m1), Outcome::Held { first: true, .. }));
+    assert!(matches!(b.receive(&m2), Outcome::Held { first: false, .. }));
+    assert!(b.state.contact(&a.account()).expect("contact").blocked());
+    // Even the old key is held while the change is pending.
+    let old = a.send(&mut b, b"old key");
+    assert!(matches!(b.receive(&old), Outcome::Held { .. }));
+    let held = b
+        .state
+        .accept_identity(&a.account())
+        .expect("accept")
+        .expect("a change");
+    assert_eq!(held.len(), 2, "the old key's message is dropped");
+    let mut bodies = Vec::new();
+    for (_, h) in held {
+        let device = DeviceId::try_from(h.sender_device).expect("device");
+        let key: [u8; 32] = h.identity_key[..].try_into().expect("key");
+        if let Outcome::Message(m) = b
+            .state
+            .accept(a.account(), device, key, &h.message_id, &h.content, NOW)
+            .expect("accept")
+        {
+            bodies.push(m.body);
+        }
+    }
+    assert_eq!(bodies, vec![b"new key 1".to_vec(), b"new key 2".to_vec()]);
+    assert!(!b.state.contact(&a.account()).expect("contact").blocked());
+    assert!(
+        b.state
+            .accept_identity(&a.account())
+            .expect("accept")
+            .is_none(),
+        "nothing left"
+    );
+}
+
+#[test]
+fn a_bundle_with_a_changed_identity_blocks_sending() {
+    let (mut a, b) = (dev(1), dev(2));
+    // a trusts b's identity from b's card; the relay then hands out other keys.
+    a.state
+        .add_contact(b.account(), b.state.keys.identity.public(), [0; 32])
+        .expect("add");
+    let mut impostor = dev(2);
+    let bundle = impostor.bundle(false);
+    assert!(matches!(
+        a.state
+            .start_sessions(b.account(), std::slice::from_ref(&bundle)),
+        Err(super::state::StartError::IdentityChanged { first: true })
+    ));
+    assert!(a.state.contact(&b.account()).expect("contact").blocked());
+    assert!(matches!(
+        a.state.start_sessions(b.account(), &[bundle]),
+        Err(super::state::StartError::IdentityChanged { first: false })
+    ));
+}
+
+#[test]
+fn certificates_from_another_relay_or_expired_are_rejected() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let other_relay = SigningKey::from_bytes(&[43; 32]);
+    let foreign = a.certificate(1, NOW + DAY, &other_relay);
+    let d = a.send_with(&mut b, b"x", &foreign);
+    assert!(dropped(b.receive(&d)));
+    let expired = a.certificate(1, NOW - 1, &relay_key());
+    let d = a.send_with(&mut b, b"x", &expired);
+    assert!(dropped(b.receive(&d)));
+    assert!(b.state.unconfirmed().expect("inbox").is_empty());
+}
+
+#[test]
+fn the_sender_inside_must_match_its_certificate() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    // A certificate for another device of the same account.
+    let cert = a.certificate(2, NOW + DAY, &relay_key());
+    let d = a.send_with(&mut b, b"x", &cert);
+    assert!(dropped(b.receive(&d)));
+}
+
+#[test]
+fn a_damaged_envelope_is_dropped_and_changes_nothing() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let d = a.send(&mut b, b"intact");
+    let mut bad = d.clone();
+    let mut payload = bad.payload.to_vec();
+    let last = payload.len() - 1;
+    payload[last] ^= 1;
+    bad.payload = payload.into();
+    assert!(dropped(b.receive(&bad)));
+    let mut truncated = d.clone();
+    truncated.payload = d.payload.slice(..40);
+    assert!(dropped(b.receive(&truncated)));
+    assert_eq!(b.body(&d), b"intact");
+}
+
+#[test]
+fn signed_prekeys_rotate_and_the_old_one_works_for_a_grace_period() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let old_bundle = b.bundle(false);
+    b.state.keys_published().expect("published");
+    assert!(
+        b.state
+            .key_upload(Some(100), NOW + DAY)
+            .expect("upload")
+            .is_none(),
+        "nothing due"
+    );
+    let later = NOW + SIGNED_PREKEY_ROTATION_MS + 1;
+    let upload = b
+        .state
+        .key_upload(Some(100), later)
+        .expect("upload")
+        .expect("rotation");
+    let new = upload.signed_prekey.expect("a new signed prekey");
+    assert_ne!(new.id, old_bundle.signed_prekey.id);
+    assert!(upload.one_time.is_empty());
+    // A session started from the old bundle still opens.
+    assert!(a
+        .state
+        .start_sessions(b.account(), std::slice::from_ref(&old_bundle))
+        .is_ok());
+    let d = a.send(&mut b, b"old spk");
+    assert_eq!(b.body(&d), b"old spk");
+    // After the grace period the old secret is gone.
+    let gone = later + SIGNED_PREKEY_GRACE_MS + 1;
+    b.state.key_upload(Some(100), gone).expect("upload");
+    let mut c = dev(3);
+    assert!(c.state.start_sessions(b.account(), &[old_bundle]).is_ok());
+    let d = c.send(&mut b, b"too late");
+    assert!(dropped(b.receive(&d)));
+}
+
+#[test]
+fn one_time_prekeys_are_replenished_when_few_are_left() {
+    let mut b = dev(2);
+    b.state.keys_published().expect("published");
+    let upload = b
+        .state
+        .key_upload(Some(3), NOW)
+        .expect("upload")
+        .expect("more keys");
+    assert_eq!(upload.one_time.len(), super::state::PREKEY_BATCH as usize);
+    let ids: std::collections::HashSet<u32> = upload.one_time.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids.len(), upload.one_time.len(), "fresh ids");
+    assert!(b
+        .state
+        .key_upload(Some(100), NOW)
+        .expect("upload")
+        .is_none());
+}
+
+#[test]
+fn oversized_messages_are_refused_and_the_largest_fits() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    assert!(matches!(
+        a.state.enqueue(&b.account(), &vec![0; MAX_BODY + 1], NOW),
+        Err(Error::TooLarge { .. })
+    ));
+    let d = a.send(&mut b, &vec![7; MAX_BODY]);
+    assert_eq!(b.body(&d).len(), MAX_BODY);
+}
+
+#[test]
+fn padding_hides_the_length() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let first = a.send(&mut b, b"x"); // carries the X3DH header
+    b.body(&first);
+    let reply = b.send(&mut a, b"ok");
+    a.body(&reply);
+    let short = a.send(&mut b, b"a");
+    let long = a.send(&mut b, &[b'a'; 150]);
+    assert_eq!(short.payload.len(), long.payload.len());
+}
+
+#[test]
+fn contact_cards_round_trip_and_reject_garbage() {
+    let card = ContactCard {
+        account: AccountId([5; 16]),
+        identity_key: [6; 32],
+        delivery_token: [7; 32],
+    };
+    let text = card.to_string();
+    assert!(text.starts_with("tern-contact:"));
+    assert_eq!(text.parse::<ContactCard>().expect("parses"), card);
+    for bad in [
+        "",
+        "tern-contact:",
+        "tern-contact:AAAA",
+        &text[..text.len() - 2],
+        "x",
+    ] {
+        assert!(bad.parse::<ContactCard>().is_err(), "{bad}");
+    }
+}
