@@ -109,3 +109,181 @@ fn store_reopen(dir: &Path, name: &str) -> Arc<SledKv> {
     }
     panic!("device store stayed locked");
 }
+
+/// One side of the long conversation: a client that comes and goes, and what its
+/// app has received from the other side, in order.
+struct Side {
+    name: &'static str,
+    dir: std::path::PathBuf,
+    account: tern_proto::AccountId,
+    online: Option<(Client, tokio::task::JoinHandle<()>)>,
+    received: Arc<std::sync::Mutex<Vec<u32>>>,
+    sent: u32,
+}
+
+impl Side {
+    /// The app: records each message, then confirms it.
+    fn attach(&mut self, client: Client, mut events: Events) {
+        let received = self.received.clone();
+        let confirmer = client.clone();
+        let app = tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if let Event::Message(m) = e {
+                    let text = String::from_utf8(m.body).expect("utf-8");
+                    let n = text.rsplit('#').next().expect("#").parse().expect("number");
+                    received.lock().expect("lock").push(n);
+                    confirmer.confirm(m.seq).await.expect("confirm");
+                }
+            }
+        });
+        self.online = Some((client, app));
+    }
+
+    async fn go_offline(&mut self) {
+        if let Some((client, app)) = self.online.take() {
+            client.shutdown().await;
+            within(app).await.expect("app task");
+            drop(client);
+        }
+    }
+
+    async fn go_online(&mut self) {
+        if self.online.is_none() {
+            let (client, events) = Client::open(store_reopen(&self.dir, self.name))
+                .await
+                .expect("reopen");
+            self.attach(client, events);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_messages_arrive_exactly_once_in_order_through_offline_spells_and_restarts() {
+    use rand::{Rng, SeedableRng};
+    const TOTAL: u32 = 1000;
+    let seed: u64 = std::env::var("TERN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (TERN_TEST_SEED to repeat)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut sides = Vec::new();
+    for name in ["alice", "bob"] {
+        let (client, events) = Client::register(&relay.address, store(dir.path(), name))
+            .await
+            .expect("register");
+        let mut side = Side {
+            name,
+            dir: dir.path().to_path_buf(),
+            account: client.account(),
+            online: None,
+            received: Arc::default(),
+            sent: 0,
+        };
+        side.attach(client, events);
+        sides.push(side);
+    }
+    // Alice knows Bob's card; Bob learns of Alice from her first message.
+    let card = sides[1]
+        .online
+        .as_ref()
+        .expect("online")
+        .0
+        .contact_card()
+        .await;
+    sides[0]
+        .online
+        .as_ref()
+        .expect("online")
+        .0
+        .add_contact(&card)
+        .await
+        .expect("add");
+    let first = sides[0].online.as_ref().expect("online").0.clone();
+    first
+        .send(&sides[1].account, b"alice#0")
+        .await
+        .expect("send");
+    sides[0].sent = 1;
+    drop(first);
+    while sides[1].received.lock().expect("lock").is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut restarted_both = false;
+    while sides[0].sent + sides[1].sent < TOTAL {
+        let i = rng.gen_range(0..2);
+        match rng.gen_range(0..10) {
+            // A burst from whoever is online.
+            0..=6 => {
+                let to = sides[1 - i].account;
+                let side = &mut sides[i];
+                if let Some((client, _)) = &side.online {
+                    for _ in 0..rng.gen_range(1..=25) {
+                        if side.sent >= TOTAL / 2 {
+                            break;
+                        }
+                        let body = format!("{}#{}", side.name, side.sent);
+                        within(client.send(&to, body.as_bytes()))
+                            .await
+                            .expect("send");
+                        side.sent += 1;
+                    }
+                }
+            }
+            // Offline for a while (often with messages still in the outbox).
+            7 | 8 => sides[i].go_offline().await,
+            _ => sides[i].go_online().await,
+        }
+        if !restarted_both && sides[0].sent + sides[1].sent >= TOTAL / 2 {
+            restarted_both = true;
+            for side in sides.iter_mut() {
+                side.go_offline().await;
+            }
+            for side in sides.iter_mut() {
+                side.go_online().await;
+            }
+        }
+        // Let the network breathe now and then.
+        if rng.gen_range(0..4) == 0 {
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(0..30))).await;
+        }
+    }
+    for side in sides.iter_mut() {
+        side.go_online().await;
+    }
+    let expect_from = |side: &Side| -> Vec<u32> { (0..side.sent).collect() };
+    let (want_bob, want_alice) = (expect_from(&sides[0]), expect_from(&sides[1]));
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let bob_has = sides[1].received.lock().expect("lock").len();
+            let alice_has = sides[0].received.lock().expect("lock").len();
+            if bob_has >= want_bob.len() && alice_has >= want_alice.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("every message arrives");
+    // A moment for any stray duplicate to show up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        *sides[1].received.lock().expect("lock"),
+        want_bob,
+        "bob got alice's messages once each, in order"
+    );
+    assert_eq!(
+        *sides[0].received.lock().expect("lock"),
+        want_alice,
+        "alice got bob's messages once each, in order"
+    );
+    for side in sides.iter_mut() {
+        let (client, _) = side.online.as_ref().expect("online");
+        assert_eq!(client.outbox_len().await, 0);
+        side.go_offline().await;
+    }
+}
