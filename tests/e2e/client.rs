@@ -287,3 +287,99 @@ async fn a_thousand_messages_arrive_exactly_once_in_order_through_offline_spells
         side.go_offline().await;
     }
 }
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn positions(haystack: &[u8], needle: &[u8]) -> Vec<usize> {
+    haystack
+        .windows(needle.len())
+        .enumerate()
+        .filter(|(_, w)| *w == needle)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_relay_disk_holds_no_plaintext_and_no_sender_beside_an_envelope() {
+    const MARKER: &[u8] = b"TERN-PLAINTEXT-MARKER-5d1c";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let mut relay = RelayProcess::start(&relay_dir, &[]).expect("relay");
+    let ((carol, mut carol_events), (bob, _bob_events)) = pair(&relay.address, dir.path()).await;
+    // Bob is offline: what Carol sends stays on the relay's disk. Carol never
+    // receives anything, so her account id has no business anywhere near a mailbox.
+    let card = bob.contact_card().await;
+    bob.shutdown().await;
+    carol.add_contact(&card).await.expect("add");
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let body = [MARKER, format!(" {i}").as_bytes()].concat();
+        ids.push(carol.send(&card.account, &body).await.expect("send"));
+    }
+    let mut sent = 0;
+    while sent < ids.len() {
+        if let Event::Sent { .. } = within(carol_events.recv()).await.expect("event") {
+            sent += 1;
+        }
+    }
+    carol.shutdown().await;
+    relay.stop().expect("stop");
+
+    // No file holds the plaintext.
+    for file in files_under(&relay_dir) {
+        let bytes = std::fs::read(&file).expect("read");
+        assert!(
+            positions(&bytes, MARKER).is_empty(),
+            "marker in {}",
+            file.display()
+        );
+    }
+    // No stored record that holds an envelope names its sender: every record of
+    // every tree, read back from the relay's database.
+    let db = sled::open(relay_dir.join("db")).expect("open the relay's database");
+    let sender = carol.account();
+    let (mut envelopes, mut sender_records) = (0, 0);
+    for name in db.tree_names() {
+        for record in db.open_tree(&name).expect("tree").iter() {
+            let (k, v) = record.expect("record");
+            let has = |needle: &[u8]| {
+                !positions(&k, needle).is_empty() || !positions(&v, needle).is_empty()
+            };
+            let envelope = ids.iter().any(|id| has(id.as_bytes()));
+            let names_sender = has(sender.as_bytes());
+            envelopes += usize::from(envelope);
+            sender_records += usize::from(names_sender);
+            assert!(
+                !(envelope && names_sender),
+                "an envelope record names its sender"
+            );
+        }
+    }
+    assert_eq!(envelopes, ids.len(), "every envelope was found");
+    assert!(
+        sender_records > 0,
+        "the sender's own account record was found"
+    );
+    // The device stores are encrypted at rest too.
+    for name in ["alice", "bob"] {
+        for file in files_under(&dir.path().join(name)) {
+            let bytes = std::fs::read(&file).expect("read");
+            assert!(
+                positions(&bytes, MARKER).is_empty(),
+                "marker in {}",
+                file.display()
+            );
+        }
+    }
+}
