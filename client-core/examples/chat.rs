@@ -1,0 +1,138 @@
+//! Two people chatting end-to-end encrypted through a local relay, one per terminal.
+//!
+//! ```text
+//! cargo run --release -p tern-relay -- serve                         # terminal 1: prints tern://…
+//! cargo run -p tern-client --example chat -- tern://… ./alice        # terminal 2
+//! cargo run -p tern-client --example chat -- tern://… ./bob          # terminal 3
+//! ```
+//!
+//! Each prints its contact card. Paste Alice's card into Bob's terminal as
+//! `/add tern-contact:…`, then type: lines go to the current contact. Stop either side
+//! (Ctrl-D or `/quit`) and start it again with the same directory: messages sent
+//! meanwhile arrive, and nothing is lost or shown twice.
+//!
+//! Commands: `/add <card>`, `/card`, `/safety`, `/accept`, `/quit`.
+//!
+//! The device store is encrypted with a key kept in `<dir>/storage.key`; a real app
+//! keeps that key in the platform's keystore instead.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tern_client::store::SledKv;
+use tern_client::{Client, ContactCard, Event, Events};
+use tern_proto::{AccountId, RelayAddress};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn short(account: &AccountId) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&account.as_bytes()[..6])
+}
+
+fn storage_key(dir: &Path) -> Result<[u8; 32], BoxError> {
+    let path = dir.join("storage.key");
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(bytes[..].try_into().map_err(|_| "storage.key is damaged")?);
+    }
+    let key: [u8; 32] = rand::random();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    std::io::Write::write_all(&mut options.open(&path)?, &key)?;
+    Ok(key)
+}
+
+async fn start(relay: &RelayAddress, dir: &Path) -> Result<(Client, Events), BoxError> {
+    std::fs::create_dir_all(dir)?;
+    let store = Arc::new(SledKv::open(&dir.join("device"), &storage_key(dir)?)?);
+    match Client::open(store.clone()).await {
+        Ok(started) => Ok(started),
+        Err(tern_client::Error::NotRegistered) => {
+            println!("registering a new account on {relay}");
+            Ok(Client::register(relay, store).await?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [relay, dir] = &args[..] else {
+        eprintln!("usage: chat tern://<fingerprint>@host:port <directory>");
+        std::process::exit(2);
+    };
+    let relay: RelayAddress = relay.parse()?;
+    let (client, mut events) = start(&relay, &PathBuf::from(dir)).await?;
+    println!("you are {}", short(&client.account()));
+    println!("your card: {}", client.contact_card().await);
+    println!("type /add <card> to pick a contact, then type to talk");
+
+    let mut peer: Option<AccountId> = None;
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(Event::Message(m)) => {
+                    println!("[{}] {}", short(&m.sender), String::from_utf8_lossy(&m.body));
+                    // Printed is as far as this app stores messages.
+                    client.confirm(m.seq).await?;
+                    peer.get_or_insert(m.sender);
+                }
+                Some(Event::IdentityChanged { contact }) => println!(
+                    "!! {}'s identity key changed: compare safety numbers (/safety), then /accept",
+                    short(&contact)
+                ),
+                Some(Event::Connected) => println!("(connected)"),
+                Some(Event::Disconnected { reason }) => println!("(disconnected: {reason}; retrying)"),
+                Some(Event::SendFailed { reason, .. }) => println!("(not delivered: {reason})"),
+                Some(Event::Dropped { reason }) => println!("(discarded a message: {reason})"),
+                Some(_) => {}
+                None => break,
+            },
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                let line = line.trim();
+                if let Some(card) = line.strip_prefix("/add ") {
+                    match card.parse::<ContactCard>() {
+                        Ok(card) => {
+                            client.add_contact(&card).await?;
+                            peer = Some(card.account);
+                            println!("talking to {}", short(&card.account));
+                        }
+                        Err(e) => println!("{e}"),
+                    }
+                } else if line == "/card" {
+                    println!("{}", client.contact_card().await);
+                } else if line == "/safety" {
+                    match &peer {
+                        Some(p) => println!(
+                            "safety number: {}",
+                            client.safety_number(p).await.unwrap_or_default()
+                        ),
+                        None => println!("no contact yet"),
+                    }
+                } else if line == "/accept" {
+                    if let Some(p) = &peer {
+                        client.accept_identity(p).await?;
+                        println!("accepted {}'s new identity key", short(p));
+                    }
+                } else if line == "/quit" {
+                    break;
+                } else if !line.is_empty() {
+                    match &peer {
+                        Some(p) => {
+                            client.send(p, line.as_bytes()).await?;
+                        }
+                        None => println!("no contact yet: /add <card>"),
+                    }
+                }
+            }
+        }
+    }
+    client.shutdown().await;
+    Ok(())
+}
