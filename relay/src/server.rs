@@ -59,10 +59,15 @@ impl Relay {
         let fingerprint = identity.fingerprint();
         let mut server_config = tls::server_config(identity)?;
         server_config.transport_config(Arc::new(net::transport_config()));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)?;
+        let signer = tls::load_or_create_signing_key(&config.data_dir)?;
+        let endpoint = quinn::Endpoint::new(
+            tls::endpoint_config(&signer),
+            Some(server_config),
+            std::net::UdpSocket::bind(config.listen)?,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let local_addr = endpoint.local_addr()?;
 
-        let signer = tls::load_or_create_signing_key(&config.data_dir)?;
         let commit = GroupCommit::start(stores.mailboxes.clone(), config.durability)?;
         let hub = Arc::new(Hub::new(
             stores,

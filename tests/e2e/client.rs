@@ -100,14 +100,7 @@ async fn two_clients_talk_sealed_and_survive_restarts() {
 }
 
 fn store_reopen(dir: &Path, name: &str) -> Arc<SledKv> {
-    // sled releases its lock asynchronously after the last handle drops.
-    for _ in 0..100 {
-        if let Ok(kv) = SledKv::open(&dir.join(name), &[7u8; 32]) {
-            return Arc::new(kv);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("device store stayed locked");
+    store(dir, name)
 }
 
 /// One side of the long conversation: a client that comes and goes, and what its
@@ -382,4 +375,43 @@ async fn the_relay_disk_holds_no_plaintext_and_no_sender_beside_an_envelope() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn clients_reconnect_after_a_relay_crash_and_the_outbox_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let mut relay = RelayProcess::start(&relay_dir, &[]).expect("relay");
+    let ((alice, mut alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    alice.send(&bob.account(), b"before").await.expect("send");
+    assert_eq!(next_message(&mut bob_events).await.body, b"before");
+
+    relay.crash().expect("crash");
+    // Sent while the relay is down: held in the outbox.
+    for i in 0..3 {
+        alice
+            .send(&bob.account(), format!("during {i}").as_bytes())
+            .await
+            .expect("send");
+    }
+    assert_eq!(alice.outbox_len().await, 3);
+    let listen = format!("{}:{}", relay.address.host, relay.address.port);
+    let _relay = RelayProcess::start_at(&relay_dir, &listen, &[]).expect("restart");
+    // The restarted relay answers packets of the lost connections with stateless
+    // resets, so a client notices as soon as it sends anything (an idle one at its
+    // next keep-alive) rather than after its idle timeout, and reconnects.
+    bob.send(&alice.account(), b"after").await.expect("send");
+    for i in 0..3 {
+        assert_eq!(
+            next_message(&mut bob_events).await.body,
+            format!("during {i}").as_bytes()
+        );
+    }
+    assert_eq!(next_message(&mut alice_events).await.body, b"after");
+    alice.shutdown().await;
+    bob.shutdown().await;
 }

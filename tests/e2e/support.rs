@@ -34,6 +34,16 @@ pub(crate) struct RelayProcess {
 impl RelayProcess {
     /// Starts a relay on `data_dir`, listening on 127.0.0.1 port 0, with extra flags.
     pub(crate) fn start(data_dir: &Path, extra: &[&str]) -> anyhow::Result<RelayProcess> {
+        Self::start_at(data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a relay listening on `listen`: the port an earlier start on port 0 got,
+    /// to come back where clients expect it.
+    pub(crate) fn start_at(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<RelayProcess> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -44,7 +54,7 @@ impl RelayProcess {
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(extra)
             .env(
                 "TERN_LOG",

@@ -39,16 +39,30 @@ fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.to_string().contains("could not acquire lock")
+}
+
 impl SledKv {
     /// Opens (or creates) the store in `dir`, encrypted under `storage_key`, which the
     /// app keeps outside this store (the platform keystore, say). The wrong key is
     /// detected on the first read: records fail with [`StoreError::Corrupt`].
+    ///
+    /// A store closed a moment ago may still be locked by sled's background flusher
+    /// (it lets go asynchronously); opening waits up to a second for it.
     pub fn open(dir: &Path, storage_key: &[u8; 32]) -> StoreResult<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(16 << 20)
-            .open()
-            .map_err(backend)?;
+        let config = sled::Config::new().path(dir).cache_capacity(16 << 20);
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if attempts < 50 && is_lock_conflict(&e) => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        };
         let tree = db.open_tree("device").map_err(backend)?;
         let hk = Hkdf::<Sha256>::new(Some(b"tern device store v1"), storage_key);
         let mut value_key = Zeroizing::new([0u8; 32]);

@@ -109,6 +109,27 @@ pub fn load_or_create_signing_key(data_dir: &Path) -> Result<ed25519_dalek::Sign
     Ok(key)
 }
 
+/// The QUIC endpoint configuration, with the keys behind stateless resets and
+/// connection ids derived from the signing key so they survive restarts: packets of a
+/// connection the relay lost in a crash or restart carry ids the new process
+/// recognises as its own, and are answered with a valid reset, so clients reconnect at
+/// once instead of waiting out their idle timeout.
+pub fn endpoint_config(signer: &ed25519_dalek::SigningKey) -> quinn::EndpointConfig {
+    let mut okm = zeroize::Zeroizing::new([0u8; 40]);
+    // 40 bytes is within HKDF-SHA256's output limit, so expand cannot fail.
+    let _ = hkdf::Hkdf::<sha2::Sha256>::new(None, &signer.to_bytes())
+        .expand(b"tern relay quic endpoint keys v1", &mut okm[..]);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &okm[..32]);
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&okm[32..]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
+}
+
 /// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`.
 pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
