@@ -415,3 +415,48 @@ async fn clients_reconnect_after_a_relay_crash_and_the_outbox_catches_up() {
     alice.shutdown().await;
     bob.shutdown().await;
 }
+
+#[tokio::test]
+async fn after_a_token_rotation_contacts_fall_back_then_learn_the_new_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let ((alice, _alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    let old_card = bob.contact_card().await;
+    alice.add_contact(&old_card).await.expect("add");
+    alice.send(&bob.account(), b"sealed").await.expect("send");
+    assert_eq!(next_message(&mut bob_events).await.body, b"sealed");
+
+    bob.rotate_delivery_token().await.expect("rotate");
+    let new_card = bob.contact_card().await;
+    assert_ne!(new_card.delivery_token, old_card.delivery_token);
+    // The old token is refused at the relay once Bob's client has set the new one.
+    let (conn, _inbox) = tern_client::net::RelayConnection::connect(&relay.address)
+        .await
+        .expect("connect");
+    let to = tern_proto::DeviceAddress {
+        account: bob.account(),
+        device: tern_proto::DeviceId::PRIMARY,
+    };
+    within(async {
+        loop {
+            let refused = conn
+                .sealed_send(&to, &old_card.delivery_token, [crate::support::envelope(1)])
+                .await;
+            if refused
+                .is_err_and(|e| e.relay_code() == Some(tern_proto::v1::ErrorCode::Unauthorized))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Alice still holds the old token: her client falls back and the message arrives.
+    alice
+        .send(&bob.account(), b"after rotation")
+        .await
+        .expect("send");
+    assert_eq!(next_message(&mut bob_events).await.body, b"after rotation");
+    alice.shutdown().await;
+    bob.shutdown().await;
+}

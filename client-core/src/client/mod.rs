@@ -271,7 +271,9 @@ impl Client {
             conn.publish_keys(&upload).await?;
         }
         state.keys_published()?;
-        conn.set_delivery_token(&state.keys.delivery_token).await?;
+        let token = state.keys.delivery_token;
+        conn.set_delivery_token(&token).await?;
+        state.token_published(&token)?;
         conn.close().await;
         Ok(Client::start(state, relay.clone()))
     }
@@ -363,6 +365,16 @@ impl Client {
         let id = self.shared.state.lock().await.enqueue(to, body, now_ms())?;
         self.shared.outbox.notify_one();
         Ok(id)
+    }
+
+    /// Replaces this account's delivery token, say after blocking someone who had it:
+    /// holders of the old token can no longer send sealed. Contacts fall back to
+    /// identified sends (the relay then sees who writes) until a message from this
+    /// device brings them the new token.
+    pub async fn rotate_delivery_token(&self) -> Result<()> {
+        self.shared.state.lock().await.rotate_delivery_token()?;
+        self.shared.outbox.notify_one();
+        Ok(())
     }
 
     /// The app has stored message `seq`: the device forgets it.

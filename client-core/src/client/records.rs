@@ -38,6 +38,10 @@ pub(crate) struct LocalRecord {
     /// Whether the relay has all our keys (false between generating and uploading).
     #[prost(bool, tag = "13")]
     pub(crate) keys_published: bool,
+    /// Whether the relay has the hash of `delivery_token` (false after a rotation
+    /// until the worker has set it).
+    #[prost(bool, tag = "14")]
+    pub(crate) token_published: bool,
 }
 
 pub(crate) const LOCAL_KEY: &[u8] = b"local";

@@ -158,6 +158,7 @@ impl State {
             next_inbox_seq: 1,
             next_outbox_seq: 1,
             keys_published: false,
+            token_published: false,
         };
         let mut state = State::from_parts(kv, local)?;
         let mut ops = state.rotate_signed_prekey(now_ms).0;
@@ -403,6 +404,32 @@ impl State {
             self.kv.apply(vec![op], true).map_err(store_err)?;
         }
         Ok(())
+    }
+
+    /// Our delivery token, if the relay does not have it yet.
+    pub(crate) fn unpublished_token(&self) -> Option<[u8; 32]> {
+        (!self.local.token_published).then_some(self.keys.delivery_token)
+    }
+
+    /// Records that the relay has our delivery token `token`.
+    pub(crate) fn token_published(&mut self, token: &[u8; 32]) -> Result<()> {
+        if &self.keys.delivery_token == token && !self.local.token_published {
+            self.local.token_published = true;
+            let op = self.local_op();
+            self.kv.apply(vec![op], true).map_err(store_err)?;
+        }
+        Ok(())
+    }
+
+    /// A new delivery token: contacts holding the old one can no longer send sealed
+    /// and fall back to identified sends until a message from us brings the new one.
+    pub(crate) fn rotate_delivery_token(&mut self) -> Result<()> {
+        let token = random32();
+        self.local.delivery_token = token.to_vec();
+        self.local.token_published = false;
+        self.keys.delivery_token = token;
+        let op = self.local_op();
+        self.kv.apply(vec![op], true).map_err(store_err)
     }
 
     // ----- contacts -----

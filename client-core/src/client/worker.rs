@@ -96,9 +96,20 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     result
 }
 
+/// Sets a rotated delivery token on the relay.
+async fn publish_token(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let token = shared.state.lock().await.unpublished_token();
+    if let Some(token) = token {
+        conn.set_delivery_token(&token).await?;
+        shared.state.lock().await.token_published(&token)?;
+    }
+    Ok(())
+}
+
 /// Uploads whatever keys the relay is missing: everything if a previous upload never
 /// finished, a new signed prekey when due, one-time prekeys when few are left.
 async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    publish_token(shared, conn).await?;
     let held = conn.publish_keys(&KeyUpload::default()).await?;
     let upload = shared.state.lock().await.key_upload(Some(held), now_ms())?;
     if let Some(upload) = upload {
@@ -188,6 +199,7 @@ async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &RelayConnecti
         let notified = shared.outbox.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        publish_token(shared, conn).await?;
         match send_round(shared, conn, anon, &mut certificate).await? {
             Round::Progress => {
                 retry.reset();
