@@ -460,3 +460,123 @@ async fn after_a_token_rotation_contacts_fall_back_then_learn_the_new_token() {
     alice.shutdown().await;
     bob.shutdown().await;
 }
+
+/// A client process, killed when dropped (a failing test must not leave it behind).
+struct ClientProcess(std::process::Child);
+
+impl ClientProcess {
+    /// SIGKILL: no shutdown, no flush, as when a phone kills an app.
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ClientProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The test app in `tests/src/bin/tern-client-e2e.rs`, on `store`, its stdout in lines.
+fn client_process(store: &Path) -> (ClientProcess, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tern-client-e2e"))
+        .arg(store)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the client");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (ClientProcess(child), rx)
+}
+
+fn next_number(lines: &std::sync::mpsc::Receiver<String>) -> u32 {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(15))
+            .expect("the client printed nothing");
+        if let Some(body) = line.strip_prefix("msg ") {
+            return body.rsplit('#').next().expect("#").parse().expect("number");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_killed_mid_stream_loses_nothing() {
+    const TOTAL: u32 = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let ((alice, _alice_events), (bob, _bob_events)) = pair(&relay.address, dir.path()).await;
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    let bob_account = bob.account();
+    bob.shutdown().await;
+    drop(bob);
+    for i in 0..TOTAL {
+        alice
+            .send(&bob_account, format!("m#{i}").as_bytes())
+            .await
+            .expect("send");
+    }
+
+    // Bob's app takes some messages and is killed without warning.
+    let (mut child, lines) = client_process(&dir.path().join("bob"));
+    let mut shown = Vec::new();
+    while shown.len() < 100 {
+        shown.push(tokio::task::block_in_place(|| next_number(&lines)));
+    }
+    child.kill();
+    while let Ok(line) = lines.try_recv() {
+        if let Some(n) = line.strip_prefix("msg m#") {
+            shown.push(n.parse().expect("number"));
+        }
+    }
+    let before_crash = shown.len();
+
+    // Started again, it picks up where the device's store says, with nothing missing.
+    let (mut child, lines) = client_process(&dir.path().join("bob"));
+    let first_after = tokio::task::block_in_place(|| next_number(&lines));
+    shown.push(first_after);
+    while *shown.last().expect("some") < TOTAL - 1 {
+        shown.push(tokio::task::block_in_place(|| next_number(&lines)));
+    }
+    child.kill();
+
+    let expected_first: Vec<u32> = (0..u32::try_from(before_crash).expect("small")).collect();
+    assert_eq!(
+        shown[..before_crash],
+        expected_first[..],
+        "in order before the crash"
+    );
+    // Only messages shown but not yet confirmed when the app died may be shown again.
+    let last_before = u32::try_from(before_crash).expect("small") - 1;
+    assert!(
+        first_after <= last_before + 1,
+        "a message was lost across the crash"
+    );
+    assert!(
+        last_before + 1 - first_after <= 1,
+        "more than the one unconfirmed message was shown again"
+    );
+    let expected_after: Vec<u32> = (first_after..TOTAL).collect();
+    assert_eq!(
+        shown[before_crash..],
+        expected_after[..],
+        "in order after the crash"
+    );
+    alice.shutdown().await;
+}
