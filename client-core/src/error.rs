@@ -50,6 +50,10 @@ pub enum Error {
     /// A contact card does not parse.
     #[error("not a Tern contact card")]
     InvalidContactCard,
+    /// The contact's identity key changed and the user has not accepted the new one
+    /// (`Client::accept_identity`): nothing is sent to it until then.
+    #[error("the contact's identity key changed; compare safety numbers and accept it first")]
+    UntrustedIdentity,
     /// `Client::register` was given a store that already holds a device.
     #[error("this store already holds a registered device; open it instead")]
     AlreadyRegistered,

@@ -17,8 +17,9 @@
 //!   a connection that is not authenticated as anyone. Only a first message to a
 //!   contact added by account id alone goes over the authenticated connection.
 //! - **Identity changes are not silent.** If a contact's identity key changes, the app
-//!   gets [`Event::IdentityChanged`]; sending to that contact waits and its messages
-//!   are held, unread, until the user calls [`Client::accept_identity`].
+//!   gets [`Event::IdentityChanged`]; until the user calls [`Client::accept_identity`],
+//!   [`Client::send`] to that contact fails with [`Error::UntrustedIdentity`], messages
+//!   already queued wait, and the contact's messages are held unread.
 
 mod records;
 mod state;
@@ -117,8 +118,8 @@ pub enum Event {
         /// Why.
         reason: String,
     },
-    /// A contact's identity key changed. Sending to it waits and its messages are
-    /// held until [`Client::accept_identity`]; compare safety numbers first.
+    /// A contact's identity key changed. Sending to it is refused and its messages
+    /// are held until [`Client::accept_identity`]; compare safety numbers first.
     IdentityChanged {
         /// The contact.
         contact: AccountId,

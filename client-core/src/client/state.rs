@@ -637,6 +637,13 @@ impl State {
         if body.len() > MAX_BODY {
             return Err(Error::TooLarge { max: MAX_BODY });
         }
+        if self
+            .contacts
+            .get(recipient)
+            .is_some_and(ContactRecord::blocked)
+        {
+            return Err(Error::UntrustedIdentity);
+        }
         let mut id = [0u8; 16];
         OsRng.fill_bytes(&mut id);
         let seq = self.local.next_outbox_seq;

@@ -246,6 +246,10 @@ fn an_identity_change_is_held_until_accepted() {
     assert!(matches!(b.receive(&m1), Outcome::Held { first: true, .. }));
     assert!(matches!(b.receive(&m2), Outcome::Held { first: false, .. }));
     assert!(b.state.contact(&a.account()).expect("contact").blocked());
+    assert!(matches!(
+        b.state.enqueue(&a.account(), b"reply", NOW),
+        Err(Error::UntrustedIdentity)
+    ));
     // Even the old key is held while the change is pending.
     let old = a.send(&mut b, b"old key");
     assert!(matches!(b.receive(&old), Outcome::Held { .. }));
