@@ -19,9 +19,9 @@ use zeroize::Zeroizing;
 
 use super::records::*;
 use super::{ReceivedMessage, SEEN_RETENTION_MS};
-use crate::crypto::ratchet::Header;
-use crate::crypto::sessions::{OurKeys, SessionSet};
-use crate::crypto::x3dh::{self, AgreementKeyPair, InitialHeader, PreKeyBundle};
+use crate::crypto::message::{self, PreKeyId};
+use crate::crypto::sessions::SessionSet;
+use crate::crypto::x3dh::{AgreementKeyPair, PreKeyBundle};
 use crate::crypto::{padding, sealed, CryptoError};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 use crate::net::{Delivery, DeviceBundle, KeyUpload, SignedKey};
@@ -688,18 +688,14 @@ impl State {
             .get(&recipient)
             .map(|c| c.devices.iter().map(|d| d.device_id).collect())
             .unwrap_or_default();
-        let plaintext = Zeroizing::new(
-            e2e::Plaintext {
-                body: record.body.clone().into(),
-                delivery_token: self.keys.delivery_token.to_vec().into(),
-                sent_at_ms: now_ms,
-                sender_account: self.keys.address.account.as_bytes().to_vec().into(),
-                sender_device: self.keys.address.device.get(),
-            }
-            .encode_to_vec(),
-        );
-        let padded =
-            Zeroizing::new(padding::pad(&plaintext).ok_or(Error::TooLarge { max: MAX_BODY })?);
+        let padded = message::pad_plaintext(&e2e::Plaintext {
+            body: record.body.clone().into(),
+            delivery_token: self.keys.delivery_token.to_vec().into(),
+            sent_at_ms: now_ms,
+            sender_account: self.keys.address.account.as_bytes().to_vec().into(),
+            sender_device: self.keys.address.device.get(),
+        })
+        .ok_or(Error::TooLarge { max: MAX_BODY })?;
         let mut ops = Vec::new();
         let identity_dh_signature = self.keys.identity_dh_signature;
         for d in devices {
@@ -707,27 +703,14 @@ impl State {
                 continue;
             }
             let device = DeviceId::try_from(d).map_err(|_| Error::Store(StoreError::Corrupt))?;
-            let out = self
-                .session(&recipient, device)?
-                .encrypt(&padded)
-                .map_err(Error::Crypto)?;
-            let ratchet = e2e::RatchetMessage {
-                header: out.header.to_bytes().to_vec().into(),
-                ciphertext: out.ciphertext.into(),
-            };
-            let content = e2e::Content {
-                message: Some(match out.prekey {
-                    Some(initial) => e2e::content::Message::Prekey(e2e::PreKeyMessage {
-                        initial_header: initial.to_bytes().to_vec().into(),
-                        message: Some(ratchet),
-                        identity_dh_signature: identity_dh_signature.to_vec().into(),
-                    }),
-                    None => e2e::content::Message::Ratchet(ratchet),
-                }),
-            };
+            let content = message::encrypt(
+                self.session(&recipient, device)?,
+                &identity_dh_signature,
+                &padded,
+            )?;
             record.copies.push(OutboxCopy {
                 device_id: d,
-                content: content.encode_to_vec(),
+                content,
                 sent: false,
             });
             ops.push(self.session_op(&recipient, device)?);
@@ -887,10 +870,6 @@ impl State {
             Ok(p) => p,
             Err(e) => return Ok(Outcome::Dropped(format!("decryption: {e}"))),
         };
-        let plaintext = match padding::unpad(&plaintext).map(e2e::Plaintext::decode) {
-            Some(Ok(p)) => p,
-            _ => return Ok(Outcome::Dropped("malformed plaintext".into())),
-        };
         if plaintext.sender_account != sender.as_bytes()[..]
             || plaintext.sender_device != device.get()
         {
@@ -929,8 +908,9 @@ impl State {
         Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?))
     }
 
-    /// Decrypts in the sender device's sessions. On failure the session is unchanged
-    /// (the caller does not store it) and nothing is written.
+    /// Decrypts in the sender device's sessions. On failure nothing changes; on
+    /// success the session is updated here and its write, with the one-time prekey's
+    /// deletion, is added to `ops`.
     fn decrypt(
         &mut self,
         sender: &AccountId,
@@ -939,90 +919,51 @@ impl State {
         content: &[u8],
         contact: &mut ContactRecord,
         ops: &mut Vec<Op>,
-    ) -> std::result::Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let content = e2e::Content::decode(content).map_err(|_| CryptoError::MalformedHeader)?;
-        let ratchet = |m: Option<&e2e::RatchetMessage>| -> std::result::Result<(Header, Vec<u8>), CryptoError> {
-            let m = m.ok_or(CryptoError::MalformedHeader)?;
-            Ok((Header::from_bytes(&m.header)?, m.ciphertext.to_vec()))
+    ) -> std::result::Result<e2e::Plaintext, CryptoError> {
+        let mut set = self
+            .session(sender, device)
+            .map_err(|_| CryptoError::InvalidState)?
+            .clone();
+        let (kv, signed) = (&self.kv, &self.signed_prekeys);
+        let mut prekeys = |id: PreKeyId| -> Option<AgreementKeyPair> {
+            match id {
+                PreKeyId::Signed(id) => signed.get(&id).map(|(pair, _)| pair.clone()),
+                PreKeyId::OneTime(id) => {
+                    let bytes = kv
+                        .get(Namespace::PreKeys, &prekey_key(PreKeyKind::OneTime, id))
+                        .ok()??;
+                    let record = PreKeyRecord::decode(&bytes[..]).ok()?;
+                    Some(AgreementKeyPair::from_secret(
+                        record.secret[..].try_into().ok()?,
+                    ))
+                }
+            }
         };
-        match content.message {
-            Some(e2e::content::Message::Ratchet(m)) => {
-                let (header, ciphertext) = ratchet(Some(&m))?;
-                let set = self
-                    .session(sender, device)
-                    .map_err(|_| CryptoError::InvalidState)?;
-                // Work on a copy: a failure must leave the stored session as it was.
-                let mut trial = set.clone();
-                let plaintext = trial.decrypt(&mut OsRng, &header, &ciphertext)?;
-                *set = trial;
-                Ok(Zeroizing::new(plaintext))
-            }
-            Some(e2e::content::Message::Prekey(p)) => {
-                let initial = InitialHeader::from_bytes(&p.initial_header)?;
-                if &initial.identity_key != identity_key {
-                    return Err(CryptoError::InvalidKey);
-                }
-                x3dh::verify_identity_dh(
-                    identity_key,
-                    &initial.identity_dh,
-                    &p.identity_dh_signature,
-                )?;
-                let (header, ciphertext) = ratchet(p.message.as_ref())?;
-                let spk = self
-                    .signed_prekeys
-                    .get(&initial.signed_prekey_id)
-                    .map(|(pair, _)| pair.clone());
-                let set = self
-                    .session(sender, device)
-                    .map_err(|_| CryptoError::InvalidState)?;
-                let fresh = !set.opened_by(&initial.ephemeral);
-                let opk_key = initial
-                    .one_time_prekey_id
-                    .filter(|_| fresh)
-                    .map(|id| prekey_key(PreKeyKind::OneTime, id));
-                let opk = match &opk_key {
-                    Some(k) => {
-                        let bytes = self
-                            .kv
-                            .get(Namespace::PreKeys, k)
-                            .map_err(|_| CryptoError::InvalidState)?
-                            .ok_or(CryptoError::InvalidKey)?;
-                        let record = PreKeyRecord::decode(&bytes[..])
-                            .map_err(|_| CryptoError::InvalidState)?;
-                        let secret: [u8; 32] = record.secret[..]
-                            .try_into()
-                            .map_err(|_| CryptoError::InvalidState)?;
-                        Some(AgreementKeyPair::from_secret(secret))
-                    }
-                    None => None,
-                };
-                let (our_id, our_dh) = (self.keys.identity.public(), self.keys.identity_dh.clone());
-                let ours = OurKeys {
-                    identity_key: &our_id,
-                    identity_dh: &our_dh,
-                    signed_prekey: spk.as_ref(),
-                    one_time_prekey: opk.as_ref(),
-                };
-                let set = self
-                    .session(sender, device)
-                    .map_err(|_| CryptoError::InvalidState)?;
-                let mut trial = set.clone();
-                let plaintext =
-                    trial.decrypt_prekey(&mut OsRng, &ours, &initial, &header, &ciphertext)?;
-                *set = trial;
-                if let Some(k) = opk_key {
-                    ops.push(Op::Delete(Namespace::PreKeys, k));
-                    self.consumed_prekeys += 1;
-                }
-                contact.devices.retain(|d| d.device_id != device.get());
-                contact.devices.push(ContactDevice {
-                    device_id: device.get(),
-                    identity_dh: initial.identity_dh.to_vec(),
-                });
-                Ok(Zeroizing::new(plaintext))
-            }
-            None => Err(CryptoError::MalformedHeader),
+        let ours = (self.keys.identity.public(), self.keys.identity_dh.clone());
+        let opened = message::decrypt(
+            &mut OsRng,
+            &mut set,
+            (&ours.0, &ours.1),
+            identity_key,
+            &mut prekeys,
+            content,
+        )?;
+        self.sessions.insert((*sender, device), set);
+        if let Some(id) = opened.one_time_prekey {
+            ops.push(Op::Delete(
+                Namespace::PreKeys,
+                prekey_key(PreKeyKind::OneTime, id),
+            ));
+            self.consumed_prekeys += 1;
         }
+        if let Some(dh) = opened.sender_identity_dh {
+            contact.devices.retain(|d| d.device_id != device.get());
+            contact.devices.push(ContactDevice {
+                device_id: device.get(),
+                identity_dh: dh.to_vec(),
+            });
+        }
+        Ok(opened.plaintext)
     }
 
     /// The app has the message: it leaves the inbox.

@@ -6,7 +6,9 @@
 //! - [`ratchet`]: message encryption (Signal's Double Ratchet specification).
 //! - [`sessions`]: the sessions with one contact device; simultaneous initiation
 //!   converges.
+//! - [`message`]: one message as it travels, built from and opened into a session set.
 
+pub mod message;
 pub mod padding;
 pub mod ratchet;
 pub mod sealed;
