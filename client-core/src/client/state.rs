@@ -89,6 +89,7 @@ pub(crate) struct State {
     unflushed_seen: HashSet<Vec<u8>>,
     /// One-time prekeys consumed since the last check with the relay.
     pub(crate) consumed_prekeys: u32,
+    certificates: sealed::CertificateCache,
 }
 
 fn store_err(e: StoreError) -> Error {
@@ -221,6 +222,7 @@ impl State {
             outbox: BTreeMap::new(),
             unflushed_seen: HashSet::new(),
             consumed_prekeys: 0,
+            certificates: sealed::CertificateCache::default(),
         })
     }
 
@@ -795,7 +797,10 @@ impl State {
             Ok(opened) => opened,
             Err(e) => return Ok(Outcome::Dropped(format!("sealed envelope: {e}"))),
         };
-        if let Err(e) = cert.validate(&self.keys.relay_signing_key, now_ms) {
+        if let Err(e) = self
+            .certificates
+            .validate(&cert, &self.keys.relay_signing_key, now_ms)
+        {
             return Ok(Outcome::Dropped(format!("sender certificate: {e}")));
         }
         self.accept(

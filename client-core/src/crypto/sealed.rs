@@ -92,6 +92,47 @@ impl SenderCertificate {
     }
 }
 
+/// Certificates whose signature already verified, so a stream of messages from one
+/// sender costs one signature check per certificate rather than one per message.
+/// Expiry is still checked every time.
+#[derive(Debug, Default)]
+pub struct CertificateCache {
+    verified: std::collections::HashSet<Vec<u8>>,
+}
+
+impl CertificateCache {
+    /// Certificates remembered before the cache starts over.
+    pub const CAPACITY: usize = 4096;
+
+    /// [`SenderCertificate::validate`], skipping the signature for a certificate (the
+    /// same bytes, signature and trusted key) that verified before.
+    pub fn validate(
+        &mut self,
+        cert: &SenderCertificate,
+        trusted_relay_key: &[u8; 32],
+        now_ms: u64,
+    ) -> Result<(), CryptoError> {
+        let key = [
+            &trusted_relay_key[..],
+            &cert.signature[..],
+            &cert.encoded[..],
+        ]
+        .concat();
+        if self.verified.contains(&key) {
+            if now_ms >= cert.expires_at_ms {
+                return Err(CryptoError::ExpiredCertificate);
+            }
+            return Ok(());
+        }
+        cert.validate(trusted_relay_key, now_ms)?;
+        if self.verified.len() >= Self::CAPACITY {
+            self.verified.clear();
+        }
+        self.verified.insert(key);
+        Ok(())
+    }
+}
+
 fn keys(
     shared: &[u8; 32],
     ephemeral: &[u8; 32],
@@ -206,6 +247,32 @@ mod tests {
             .sign(&tern_proto::auth::sender_certificate(&encoded))
             .to_bytes();
         SenderCertificate::parse(&encoded, &sig).expect("well formed")
+    }
+
+    #[test]
+    fn the_cache_skips_only_what_verified_and_still_checks_expiry() {
+        let relay = SigningKey::from_bytes(&[9; 32]);
+        let trusted = relay.verifying_key().to_bytes();
+        let cert = certificate(&relay, 2_000);
+        let mut cache = CertificateCache::default();
+        cache.validate(&cert, &trusted, 1_000).expect("valid");
+        cache.validate(&cert, &trusted, 1_500).expect("cached");
+        assert_eq!(
+            cache.validate(&cert, &trusted, 2_000),
+            Err(CryptoError::ExpiredCertificate)
+        );
+        // Same signature, other bytes: not a cache hit, and fails verification.
+        let mut forged = cert.clone();
+        forged.encoded.push(0);
+        assert_eq!(
+            cache.validate(&forged, &trusted, 1_000),
+            Err(CryptoError::InvalidCertificate)
+        );
+        let other = SigningKey::from_bytes(&[8; 32]).verifying_key().to_bytes();
+        assert!(
+            cache.validate(&cert, &other, 1_000).is_err(),
+            "another relay"
+        );
     }
 
     #[test]
