@@ -289,6 +289,35 @@ impl Hub {
     /// once they are durable as configured. A connected recipient is woken at once.
     pub async fn send(
         &self,
+        sender: &AuthenticatedDevice,
+        to: DeviceAddress,
+        msgs: &[NewMessage],
+    ) -> Result<usize> {
+        let n = self.append_send(sender, to, msgs)?;
+        self.durable().await?;
+        Ok(n)
+    }
+
+    /// Queues `msgs` for `to` from a sender the relay does not know, who shows the
+    /// recipient account's delivery token. A missing account and a wrong token get the
+    /// same answer, so the relay does not confirm who has an account.
+    pub async fn sealed_send(
+        &self,
+        to: DeviceAddress,
+        token: &[u8],
+        msgs: &[NewMessage],
+    ) -> Result<usize> {
+        let n = self.append_sealed_send(to, token, msgs)?;
+        self.durable().await?;
+        Ok(n)
+    }
+
+    /// The first half of [`Hub::send`]: checks and appends, in the order of calls, but
+    /// does not wait for durability ([`Hub::durable`] does). A connection appends its
+    /// sends in the order they arrive and waits for their commits concurrently, so
+    /// pipelined sends keep their order without paying one commit each.
+    pub fn append_send(
+        &self,
         _sender: &AuthenticatedDevice,
         to: DeviceAddress,
         msgs: &[NewMessage],
@@ -300,13 +329,11 @@ impl Hub {
         if !exists {
             return Err(Error::UnknownRecipient);
         }
-        self.enqueue(to, msgs).await
+        self.append(to, msgs)
     }
 
-    /// Queues `msgs` for `to` from a sender the relay does not know, who shows the
-    /// recipient account's delivery token. A missing account and a wrong token get the
-    /// same answer, so the relay does not confirm who has an account.
-    pub async fn sealed_send(
+    /// The first half of [`Hub::sealed_send`]; see [`Hub::append_send`].
+    pub fn append_sealed_send(
         &self,
         to: DeviceAddress,
         token: &[u8],
@@ -324,10 +351,17 @@ impl Hub {
         if record.device_key(to.device).is_none() {
             return Err(Error::UnknownRecipient);
         }
-        self.enqueue(to, msgs).await
+        self.append(to, msgs)
     }
 
-    async fn enqueue(&self, to: DeviceAddress, msgs: &[NewMessage]) -> Result<usize> {
+    /// Waits until everything appended so far is durable as configured (one group
+    /// commit shared by every caller waiting at the time).
+    pub async fn durable(&self) -> Result<()> {
+        self.commit.commit().await?;
+        Ok(())
+    }
+
+    fn append(&self, to: DeviceAddress, msgs: &[NewMessage]) -> Result<usize> {
         self.limits
             .check_batch(msgs.iter().map(|m| m.payload.len()))?;
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
@@ -352,7 +386,6 @@ impl Hub {
         }
         self.release(&to, slot);
         appended?;
-        self.commit.commit().await?;
         Ok(msgs.len())
     }
 

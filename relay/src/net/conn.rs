@@ -7,7 +7,6 @@
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
 //! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -400,7 +399,7 @@ impl Session {
         match parsed {
             Ok((to, msgs)) => {
                 let hub = self.hub.clone();
-                self.spawn_send(id, async move { hub.send(&sender, to, &msgs).await })
+                self.ordered_send(id, move || hub.append_send(&sender, to, &msgs))
                     .await
             }
             Err(e) => self.reply(id, Err(e)).await,
@@ -416,27 +415,28 @@ impl Session {
         match parsed {
             Ok((to, msgs)) => {
                 let (hub, token) = (self.hub.clone(), r.delivery_token);
-                self.spawn_send(id, async move { hub.sealed_send(to, &token, &msgs).await })
+                self.ordered_send(id, move || hub.append_sealed_send(to, &token, &msgs))
                     .await
             }
             Err(e) => self.reply(id, Err(e)).await,
         }
     }
 
-    /// Runs a send in its own task (it waits for a group commit) under the
-    /// per-connection cap: past the cap the reader waits here, which is backpressure
-    /// instead of a growing queue.
-    async fn spawn_send(
-        &mut self,
-        id: u64,
-        send: impl Future<Output = Result<usize>> + Send + 'static,
-    ) {
+    /// Appends a send here, in the order requests arrive (so pipelined sends to one
+    /// device are stored in the order sent), then waits for its group commit in its
+    /// own task under the per-connection cap: past the cap the reader waits here,
+    /// which is backpressure instead of a growing queue.
+    async fn ordered_send(&mut self, id: u64, append: impl FnOnce() -> Result<usize>) {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
             return;
         };
-        let out = self.out.clone();
+        let appended = append();
+        let (out, hub) = (self.out.clone(), self.hub.clone());
         tokio::spawn(async move {
-            let result = send.await;
+            let result = match appended {
+                Ok(n) => hub.durable().await.map(|()| n),
+                Err(e) => Err(e),
+            };
             let accepted = result.map(|n| Reply::Send(v1::SendResponse { accepted: n as u32 }));
             let _ = out.send(response(id, accepted)).await;
             drop(permit);
