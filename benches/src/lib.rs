@@ -1,6 +1,8 @@
 //! Tern benchmarks. `cargo bench -p tern-benches` runs the criterion benches in
 //! `benches/`; this library holds what they share.
 
+pub mod load;
+
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};

@@ -1,0 +1,215 @@
+//! `tern-load`: load on a real `tern-relay` over QUIC with real end-to-end encryption.
+//!
+//! ```text
+//! cargo build --release -p tern-benches
+//! target/release/tern-load online --pairs 4 --messages 20000 --size 1024 --json
+//! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
+//! target/release/tern-load connections --count 10000
+//! ```
+//!
+//! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
+//! built beside this binary) on a temporary data directory and 127.0.0.1:0, and ends
+//! it. Progress goes to stderr; the report (a table, or one JSON object with `--json`)
+//! to stdout. A run that loses, doubles or reorders a message fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tern_benches::load::relay::{sibling_relay_binary, RelaySettings, RelayUnderTest};
+use tern_benches::load::{self, LoadError};
+
+#[derive(Parser)]
+#[command(
+    name = "tern-load",
+    about = "Load on a Tern relay, end-to-end encrypted, over QUIC"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// An already running relay (tern://fingerprint@host:port) instead of starting one.
+    #[arg(long)]
+    relay: Option<String>,
+    /// The relay binary to start (default: tern-relay-bench beside this binary).
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Senders and recipients all connected: throughput and end-to-end latency.
+    Online {
+        #[command(flatten)]
+        common: Common,
+        /// Sender/recipient pairs.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        pairs: u64,
+        /// Messages in all.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        messages: u64,
+        /// Application bytes per message.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
+        size: u64,
+        /// Messages per second in all (0: as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Send requests in flight per sender.
+        #[arg(long, default_value_t = 32)]
+        inflight: usize,
+        /// Relay durability: fsync or os.
+        #[arg(long, default_value = "fsync", value_parser = ["fsync", "os"])]
+        durability: String,
+    },
+    /// Recipients offline while senders enqueue, then they drain.
+    Offline {
+        #[command(flatten)]
+        common: Common,
+        /// Recipients (each with its own sender).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        recipients: u64,
+        /// Messages in all.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        messages: u64,
+        /// Application bytes per message.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
+        size: u64,
+        /// Relay durability: fsync or os.
+        #[arg(long, default_value = "fsync", value_parser = ["fsync", "os"])]
+        durability: String,
+        /// Envelopes per send request.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        batch: u64,
+        /// Send requests in flight per sender.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+    },
+    /// Idle authenticated connections: relay memory per connection.
+    Connections {
+        #[command(flatten)]
+        common: Common,
+        /// Connections to hold.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=15_000))]
+        count: u64,
+    },
+}
+
+fn relay_for(
+    common: &Common,
+    durability: &str,
+    max_connections: usize,
+) -> Result<RelayUnderTest, LoadError> {
+    if let Some(address) = &common.relay {
+        return Ok(RelayUnderTest::external(address.parse()?));
+    }
+    let binary = match &common.relay_bin {
+        Some(b) => b.clone(),
+        None => sibling_relay_binary()?,
+    };
+    RelayUnderTest::spawn(&RelaySettings {
+        binary: &binary,
+        durability,
+        max_connections,
+    })
+}
+
+async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
+    let as_usize = |v: u64| usize::try_from(v).map_err(|_| LoadError::from("value too large"));
+    match mode {
+        Mode::Online {
+            common,
+            pairs,
+            messages,
+            size,
+            rate,
+            inflight,
+            durability,
+        } => {
+            let pairs = as_usize(pairs)?;
+            let mut relay = relay_for(&common, &durability, 4 * pairs + 16)?;
+            let args = load::OnlineArgs {
+                pairs,
+                messages,
+                size: as_usize(size)?,
+                rate,
+                inflight,
+            };
+            let report = load::online(&relay, &args).await;
+            relay.stop();
+            Ok((report?, common.json))
+        }
+        Mode::Offline {
+            common,
+            recipients,
+            messages,
+            size,
+            durability,
+            batch,
+            inflight,
+        } => {
+            let recipients = as_usize(recipients)?;
+            let mut relay = relay_for(&common, &durability, 4 * recipients + 16)?;
+            let args = load::OfflineArgs {
+                recipients,
+                messages,
+                size: as_usize(size)?,
+                batch: as_usize(batch)?,
+                inflight,
+            };
+            let report = load::offline(&relay, &args).await;
+            relay.stop();
+            let mut report = report?;
+            report
+                .extra
+                .insert("fsync".into(), f64::from(u8::from(durability == "fsync")));
+            Ok((report, common.json))
+        }
+        Mode::Connections { common, count } => {
+            let count = as_usize(count)?;
+            let mut relay = relay_for(&common, "os", count + 16)?;
+            let report = load::connections(&relay, &load::ConnectionsArgs { count }).await;
+            relay.stop();
+            Ok((report?, common.json))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tern-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.mode)) {
+        Ok((report, json)) => {
+            if json {
+                match serde_json::to_string(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("tern-load: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern-load: FAILED: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! The run modes.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use rand::RngCore;
+use tern_client::net::{Envelope, Inbox, Incoming, RelayConnection};
+use tern_proto::MessageId;
+
+use super::peer::{Link, Peer};
+use super::relay::{own_peak_rss_kib, RelayUnderTest};
+use super::{now_ms, percentiles, LoadError, Report};
+
+/// `online` settings.
+#[derive(Debug, Clone)]
+pub struct OnlineArgs {
+    /// Sender/recipient pairs.
+    pub pairs: usize,
+    /// Messages in all.
+    pub messages: u64,
+    /// Application bytes per message (at least 16).
+    pub size: usize,
+    /// Messages per second in all; 0 for as fast as the senders go.
+    pub rate: f64,
+    /// Send requests in flight per sender.
+    pub inflight: usize,
+}
+
+/// `offline` settings.
+#[derive(Debug, Clone)]
+pub struct OfflineArgs {
+    /// Recipients, each with its own sender.
+    pub recipients: usize,
+    /// Messages in all.
+    pub messages: u64,
+    /// Application bytes per message (at least 16).
+    pub size: usize,
+    /// Envelopes per send request.
+    pub batch: usize,
+    /// Send requests in flight per sender.
+    pub inflight: usize,
+}
+
+/// `connections` settings.
+#[derive(Debug, Clone)]
+pub struct ConnectionsArgs {
+    /// Idle authenticated connections to hold.
+    pub count: usize,
+}
+
+/// A message body: its index and the send time (ns since `start`), then filler.
+fn body(index: u64, start: Instant, size: usize) -> Vec<u8> {
+    let mut b = vec![0x5a; size.max(16)];
+    b[..8].copy_from_slice(&index.to_be_bytes());
+    let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    b[8..16].copy_from_slice(&ns.to_be_bytes());
+    b
+}
+
+fn parse_body(b: &[u8]) -> Result<(u64, u64), LoadError> {
+    let index = u64::from_be_bytes(b.get(..8).ok_or("short body")?.try_into()?);
+    let ns = u64::from_be_bytes(b.get(8..16).ok_or("short body")?.try_into()?);
+    Ok((index, ns))
+}
+
+fn message_id() -> MessageId {
+    let mut id = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    MessageId(id)
+}
+
+/// Splits `total` over `n` as evenly as possible.
+fn share(total: u64, n: usize, i: usize) -> u64 {
+    let n = n as u64;
+    total / n + u64::from((i as u64) < total % n)
+}
+
+/// Prints progress on stderr about once a second until `done` reaches `total`.
+fn progress(label: &'static str, done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let n = done.load(Ordering::Relaxed);
+            eprintln!(
+                "  {label}: {n}/{total} ({:.0}/s)",
+                n as f64 / start.elapsed().as_secs_f64()
+            );
+            if n >= total {
+                return;
+            }
+        }
+    })
+}
+
+struct Pair {
+    link: Link,
+    /// Unauthenticated: sealed sends carry no sender.
+    anon: RelayConnection,
+    recipient: Peer,
+}
+
+async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>, LoadError> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (conn, _) = RelayConnection::connect(&relay.address).await?;
+        let recipient = Peer::register(&conn, 4).await?;
+        conn.close().await;
+        let (conn, _) = RelayConnection::connect(&relay.address).await?;
+        let sender = Peer::register(&conn, 0).await?;
+        let link = sender.link(&conn, &recipient).await?;
+        conn.close().await;
+        let (anon, _) = RelayConnection::connect(&relay.address).await?;
+        out.push(Pair {
+            link,
+            anon,
+            recipient,
+        });
+    }
+    Ok(out)
+}
+
+fn relay_stats(relay: &RelayUnderTest, cpu_before: f64, report: &mut Report) {
+    report.relay_cpu_s = relay.cpu_seconds().map_or(0.0, |c| c - cpu_before);
+    report.relay_peak_rss_kib = relay.rss_kib().map_or(0, |(_, peak)| peak);
+    report.client_peak_rss_kib = own_peak_rss_kib().unwrap_or(0);
+}
+
+/// Receives deliveries until `want` arrived, acknowledging in batches; returns the
+/// payloads in arrival order. A message id seen twice fails the run.
+async fn drain(
+    conn: &RelayConnection,
+    inbox: &mut Inbox,
+    want: u64,
+    done: &AtomicU64,
+    mut on_payload: impl FnMut(&[u8]) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let mut ids = HashSet::new();
+    let mut got = 0u64;
+    let mut acks = Vec::new();
+    while got < want {
+        let first = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
+            .await
+            .map_err(|_| format!("stalled: {got} of {want} delivered"))?
+            .ok_or("connection closed")??;
+        let mut next = Some(first);
+        while let Some(item) = next {
+            if let Incoming::Delivery(d) = item {
+                if !ids.insert(d.message_id) {
+                    return Err("a message was delivered twice".into());
+                }
+                on_payload(&d.payload)?;
+                acks.push(d.seq);
+                got += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            next = if acks.len() < 256 {
+                inbox.try_recv().transpose()?
+            } else {
+                None
+            };
+        }
+        conn.ack(&acks).await?;
+        acks.clear();
+    }
+    Ok(())
+}
+
+/// `online`: every device connected; senders seal and send one message per request,
+/// recipients open and decrypt as deliveries arrive.
+pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report, LoadError> {
+    let setup = pairs(relay, args.pairs).await?;
+    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let start = Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = progress("delivered", done.clone(), args.messages);
+    let mut tasks = Vec::new();
+    for (i, pair) in setup.into_iter().enumerate() {
+        let want = share(args.messages, args.pairs, i);
+        let Pair {
+            mut link,
+            anon,
+            mut recipient,
+        } = pair;
+        let (conn, mut inbox, _) = recipient.connect(&relay.address).await?;
+        let done = done.clone();
+        let receiver = tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(want as usize);
+            let mut next = 0u64;
+            drain(&conn, &mut inbox, want, &done, |payload| {
+                let (_, plaintext) = recipient.open(payload, now_ms())?;
+                let (index, sent_ns) = parse_body(&plaintext.body)?;
+                if index != next {
+                    return Err(format!("out of order: got {index}, expected {next}").into());
+                }
+                next += 1;
+                let now_ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                latencies.push(now_ns.saturating_sub(sent_ns) / 1000);
+                Ok(())
+            })
+            .await?;
+            conn.close().await;
+            Ok::<_, LoadError>(latencies)
+        });
+        let (size, rate, inflight) = (args.size, args.rate, args.inflight);
+        let per_pair_interval =
+            (rate > 0.0).then(|| Duration::from_secs_f64(args.pairs as f64 / rate));
+        let sender = tokio::spawn(async move {
+            let (to, token) = (link.to, link.token);
+            let mut pending = futures::stream::FuturesOrdered::new();
+            for k in 0..want {
+                if let Some(every) = per_pair_interval {
+                    tokio::time::sleep_until((start + every.mul_f64(k as f64)).into()).await;
+                }
+                // The latency clock starts here, before encryption.
+                let payload = link.seal(&body(k, start, size), now_ms())?;
+                let envelope = Envelope {
+                    message_id: message_id(),
+                    payload: payload.into(),
+                };
+                pending.push_back(anon.sealed_send(&to, &token, [envelope]));
+                while pending.len() >= inflight.max(1) {
+                    if let Some(r) = pending.next().await {
+                        r?;
+                    }
+                }
+            }
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+            drop(pending);
+            anon.close().await;
+            Ok::<_, LoadError>(())
+        });
+        tasks.push((sender, receiver));
+    }
+    let mut latencies = Vec::new();
+    for (sender, receiver) in tasks {
+        sender.await??;
+        latencies.extend(receiver.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    ticker.abort();
+    let (p50, p99, p999) = percentiles(&mut latencies);
+    let mut report = Report {
+        mode: "online".into(),
+        messages: args.messages,
+        size: args.size,
+        msgs_per_sec: args.messages as f64 / elapsed,
+        mb_per_sec: (args.messages as f64 * args.size as f64) / elapsed / 1e6,
+        p50_us: p50,
+        p99_us: p99,
+        p999_us: p999,
+        ..Report::default()
+    };
+    report.extra.insert("pairs".into(), args.pairs as f64);
+    report.extra.insert("target_rate".into(), args.rate);
+    report.extra.insert("elapsed_s".into(), elapsed);
+    relay_stats(relay, cpu_before, &mut report);
+    Ok(report)
+}
+
+/// `offline`: enqueue everything while recipients are away, then drain.
+pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Report, LoadError> {
+    let setup = pairs(relay, args.recipients).await?;
+    let start = Instant::now();
+
+    // Encrypt ahead, so phase 1 measures the relay's accept rate.
+    eprintln!("  encrypting {} messages", args.messages);
+    let encrypt_start = Instant::now();
+    let mut prepared = Vec::new();
+    let mut handles = Vec::new();
+    for (i, pair) in setup.into_iter().enumerate() {
+        let want = share(args.messages, args.recipients, i);
+        let size = args.size;
+        handles.push(tokio::task::spawn_blocking(move || {
+            let mut pair = pair;
+            let envelopes = (0..want)
+                .map(|k| {
+                    Ok(Envelope {
+                        message_id: message_id(),
+                        payload: pair.link.seal(&body(k, start, size), now_ms())?.into(),
+                    })
+                })
+                .collect::<Result<Vec<_>, LoadError>>()?;
+            Ok::<_, LoadError>((pair, envelopes))
+        }));
+    }
+    for h in handles {
+        prepared.push(h.await??);
+    }
+    let encrypt_s = encrypt_start.elapsed().as_secs_f64();
+
+    // Phase 1: accept.
+    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = progress("accepted", done.clone(), args.messages);
+    let accept_start = Instant::now();
+    let mut senders = Vec::new();
+    let mut recipients = Vec::new();
+    for (pair, envelopes) in prepared {
+        let (batch, inflight, done) = (args.batch.max(1), args.inflight.max(1), done.clone());
+        let (to, token, anon) = (pair.link.to, pair.link.token, pair.anon);
+        recipients.push((pair.recipient, envelopes.len() as u64));
+        senders.push(tokio::spawn(async move {
+            let conn = &anon;
+            let done = &done;
+            let mut request_us = stream::iter(envelopes.chunks(batch).map(<[Envelope]>::to_vec))
+                .map(|chunk| async move {
+                    let n = chunk.len() as u64;
+                    let t = Instant::now();
+                    let accepted = conn.sealed_send(&to, &token, chunk).await?;
+                    if u64::from(accepted) != n {
+                        return Err::<u64, LoadError>(
+                            format!("relay accepted {accepted} of {n}").into(),
+                        );
+                    }
+                    done.fetch_add(n, Ordering::Relaxed);
+                    Ok(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX))
+                })
+                .buffered(inflight)
+                .try_collect::<Vec<u64>>()
+                .await?;
+            anon.close().await;
+            request_us.shrink_to_fit();
+            Ok::<_, LoadError>(request_us)
+        }));
+    }
+    let mut request_us = Vec::new();
+    for s in senders {
+        request_us.extend(s.await??);
+    }
+    let accept_s = accept_start.elapsed().as_secs_f64();
+    ticker.abort();
+
+    // Phase 2: recipients come back and drain, acknowledging everything.
+    let done = Arc::new(AtomicU64::new(0));
+    let ticker = progress("drained", done.clone(), args.messages);
+    let drain_start = Instant::now();
+    let mut drains = Vec::new();
+    for (recipient, want) in recipients {
+        let (relay_address, done) = (relay.address.clone(), done.clone());
+        drains.push(tokio::spawn(async move {
+            let (conn, mut inbox, queued) = recipient.connect(&relay_address).await?;
+            if queued != want {
+                return Err::<_, LoadError>(format!("relay held {queued} of {want}").into());
+            }
+            let mut payloads = Vec::with_capacity(want as usize);
+            drain(&conn, &mut inbox, want, &done, |p| {
+                payloads.push(p.to_vec());
+                Ok(())
+            })
+            .await?;
+            conn.close().await;
+            Ok((recipient, payloads))
+        }));
+    }
+    let mut drained = Vec::new();
+    for d in drains {
+        drained.push(d.await??);
+    }
+    let drain_s = drain_start.elapsed().as_secs_f64();
+    ticker.abort();
+    let mut report = Report {
+        mode: "offline".into(),
+        messages: args.messages,
+        size: args.size,
+        msgs_per_sec: args.messages as f64 / accept_s,
+        mb_per_sec: (args.messages as f64 * args.size as f64) / accept_s / 1e6,
+        ..Report::default()
+    };
+    relay_stats(relay, cpu_before, &mut report);
+
+    // Phase 3: every message decrypts, once, in order.
+    let decrypt_start = Instant::now();
+    let mut checks = Vec::new();
+    for (mut recipient, payloads) in drained {
+        checks.push(tokio::task::spawn_blocking(move || {
+            for (expected, payload) in payloads.iter().enumerate() {
+                let (_, plaintext) = recipient.open(payload, now_ms())?;
+                let (index, _) = parse_body(&plaintext.body)?;
+                if index != expected as u64 {
+                    return Err::<(), LoadError>(
+                        format!("out of order: got {index}, expected {expected}").into(),
+                    );
+                }
+            }
+            Ok(())
+        }));
+    }
+    for c in checks {
+        c.await??;
+    }
+    let decrypt_s = decrypt_start.elapsed().as_secs_f64();
+
+    let (p50, p99, p999) = percentiles(&mut request_us);
+    report.p50_us = p50;
+    report.p99_us = p99;
+    report.p999_us = p999;
+    let n = args.messages as f64;
+    report
+        .extra
+        .insert("recipients".into(), args.recipients as f64);
+    report.extra.insert("batch".into(), args.batch as f64);
+    report.extra.insert("accept_s".into(), accept_s);
+    report.extra.insert("drain_s".into(), drain_s);
+    report
+        .extra
+        .insert("drain_msgs_per_sec".into(), n / drain_s);
+    report
+        .extra
+        .insert("encrypt_msgs_per_sec".into(), n / encrypt_s);
+    report
+        .extra
+        .insert("decrypt_msgs_per_sec".into(), n / decrypt_s);
+    Ok(report)
+}
+
+/// `connections`: idle authenticated connections; the relay's memory per connection.
+pub async fn connections(
+    relay: &RelayUnderTest,
+    args: &ConnectionsArgs,
+) -> Result<Report, LoadError> {
+    use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
+    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let open_one = |address: tern_proto::RelayAddress| async move {
+        let (conn, inbox) = RelayConnection::connect(&address).await?;
+        conn.register(&IdentityKeyPair::generate(), &DeviceKeyPair::generate())
+            .await?;
+        Ok::<_, LoadError>((conn, inbox))
+    };
+    // A first connection and a pause: what every connection shares is already there.
+    let first = open_one(relay.address.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (before, _) = relay.rss_kib().unwrap_or((0, 0));
+    let done = Arc::new(AtomicU64::new(1));
+    let total = args.count as u64;
+    let ticker = progress("connected", done.clone(), total);
+    let start = Instant::now();
+    let held: Vec<(RelayConnection, Inbox)> = stream::iter(1..args.count)
+        .map(|_| {
+            let (address, done) = (relay.address.clone(), done.clone());
+            async move {
+                let c = open_one(address).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok::<_, LoadError>(c)
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    let connect_s = start.elapsed().as_secs_f64();
+    ticker.abort();
+    // Idle: let the relay settle, then check every connection still answers.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _) = relay.rss_kib().unwrap_or((0, 0));
+    stream::iter(held.iter())
+        .map(|(c, _)| c.ping())
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let mut report = Report {
+        mode: "connections".into(),
+        rss_per_conn_kib: Some(
+            after.saturating_sub(before) as f64 / (args.count.max(2) - 1) as f64,
+        ),
+        ..Report::default()
+    };
+    relay_stats(relay, cpu_before, &mut report);
+    report.extra.insert("connections".into(), args.count as f64);
+    report.extra.insert(
+        "connect_per_sec".into(),
+        (args.count - 1) as f64 / connect_s,
+    );
+    report
+        .extra
+        .insert("relay_rss_before_kib".into(), before as f64);
+    report
+        .extra
+        .insert("relay_rss_after_kib".into(), after as f64);
+    drop(held);
+    drop(first);
+    Ok(report)
+}

@@ -1,0 +1,187 @@
+//! The relay under load: a `tern-relay` process this tool starts (and always ends), or
+//! one already running at an address given on the command line.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_proto::RelayAddress;
+
+use super::LoadError;
+
+/// A relay this run talks to.
+pub struct RelayUnderTest {
+    /// Its address, certificate fingerprint included.
+    pub address: RelayAddress,
+    child: Option<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// What a run asks of a relay it starts.
+pub struct RelaySettings<'a> {
+    /// The `tern-relay` binary.
+    pub binary: &'a Path,
+    /// `fsync` or `os`.
+    pub durability: &'a str,
+    /// Connections the relay must accept.
+    pub max_connections: usize,
+}
+
+/// The relay binary built beside this one (`cargo build --release -p tern-benches`
+/// builds both).
+pub fn sibling_relay_binary() -> Result<PathBuf, LoadError> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or("no directory for the executable")?;
+    let candidate = dir.join("tern-relay-bench");
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        Err(format!(
+            "no relay binary at {}; build it with `cargo build --release -p tern-benches` or pass --relay-bin",
+            candidate.display()
+        )
+        .into())
+    }
+}
+
+impl RelayUnderTest {
+    /// Starts a relay on a fresh temporary data directory, listening on 127.0.0.1:0.
+    pub fn spawn(settings: &RelaySettings<'_>) -> Result<Self, LoadError> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("relay.toml");
+        // Queues sized for the run, not for a phone's mailbox.
+        std::fs::write(
+            &config,
+            format!(
+                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\n",
+                settings.max_connections.max(16)
+            ),
+        )?;
+        let mut child = Command::new(settings.binary)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--durability",
+                settings.durability,
+            ])
+            .args(["--log", "warn"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", settings.binary.display()))?;
+        let stdout = child.stdout.take().ok_or("relay stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("tern-relay listening on ") {
+                    let _ = tx.send(addr.to_owned());
+                }
+            }
+        });
+        let mut relay = RelayUnderTest {
+            address: "tern://AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:1".parse()?,
+            child: Some(child),
+            _dir: Some(dir),
+        };
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| "the relay did not print its address")?;
+        relay.address = line.parse()?;
+        Ok(relay)
+    }
+
+    /// A relay someone else runs: no process statistics.
+    pub fn external(address: RelayAddress) -> Self {
+        RelayUnderTest {
+            address,
+            child: None,
+            _dir: None,
+        }
+    }
+
+    fn proc_file(&self, name: &str) -> Option<String> {
+        let pid = self.child.as_ref()?.id();
+        std::fs::read_to_string(format!("/proc/{pid}/{name}")).ok()
+    }
+
+    /// CPU time the relay has used (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        let stat = self.proc_file("stat")?;
+        // Fields after the command name, which is in parentheses and may hold spaces.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let utime: f64 = fields.get(11)?.parse().ok()?;
+        let stime: f64 = fields.get(12)?.parse().ok()?;
+        Some((utime + stime) / clock_ticks())
+    }
+
+    /// The relay's resident memory now and at its peak, in KiB.
+    pub fn rss_kib(&self) -> Option<(u64, u64)> {
+        let status = self.proc_file("status")?;
+        let field = |name: &str| -> Option<u64> {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// Stops a relay this run started: SIGTERM, then SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for RelayUnderTest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Peak resident memory of this process, in KiB.
+pub fn own_peak_rss_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
