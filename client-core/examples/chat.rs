@@ -116,9 +116,17 @@ async fn main() -> Result<(), BoxError> {
                         None => println!("no contact yet"),
                     }
                 } else if line == "/accept" {
-                    if let Some(p) = &peer {
-                        client.accept_identity(p).await?;
-                        println!("accepted {}'s new identity key", short(p));
+                    let changed = match &peer {
+                        Some(p) => client.changed_identity(p).await.map(|c| (*p, c)),
+                        None => None,
+                    };
+                    match changed {
+                        Some((p, (key, number))) => {
+                            println!("new safety number: {number}");
+                            client.accept_identity(&p, &key).await?;
+                            println!("accepted {}'s new identity key", short(&p));
+                        }
+                        None => println!("no identity change to accept"),
                     }
                 } else if line == "/quit" {
                     break;

@@ -393,59 +393,65 @@ impl Client {
     pub async fn safety_number(&self, contact: &AccountId) -> Option<String> {
         let state = self.shared.state.lock().await;
         let theirs: [u8; 32] = state.contact(contact)?.identity_key[..].try_into().ok()?;
-        Some(crate::safety::safety_number(
-            (&self.identity_key, &self.address.account),
-            (&theirs, contact),
-        ))
+        Some(self.safety_number_with(contact, &theirs))
     }
 
-    /// The changed identity key waiting for acceptance, if any.
-    pub async fn changed_identity(&self, contact: &AccountId) -> Option<[u8; 32]> {
+    /// The changed identity key waiting for acceptance, if any, with the safety
+    /// number it would give: compare that number before accepting.
+    pub async fn changed_identity(&self, contact: &AccountId) -> Option<([u8; 32], String)> {
         let state = self.shared.state.lock().await;
-        state.contact(contact)?.changed_identity_key[..]
+        let key: [u8; 32] = state.contact(contact)?.changed_identity_key[..]
             .try_into()
-            .ok()
+            .ok()?;
+        Some((key, self.safety_number_with(contact, &key)))
     }
 
-    /// Accepts a contact's changed identity key: held messages are decrypted and
-    /// handed over, and messages waiting for the contact are sent in new sessions.
-    pub async fn accept_identity(&self, contact: &AccountId) -> Result<()> {
-        let received = {
-            let mut state = self.shared.state.lock().await;
-            let Some(held) = state.accept_identity(contact)? else {
-                return Ok(());
+    fn safety_number_with(&self, contact: &AccountId, key: &[u8; 32]) -> String {
+        crate::safety::safety_number((&self.identity_key, &self.address.account), (key, contact))
+    }
+
+    /// Accepts `contact`'s changed identity key `key` (from
+    /// [`Client::changed_identity`], after comparing safety numbers): held messages
+    /// are decrypted and handed over, and messages waiting for the contact are sent in
+    /// new sessions. Returns false, changing nothing, if `key` is not the change
+    /// waiting. Also hands over messages a failed earlier call left held.
+    pub async fn accept_identity(&self, contact: &AccountId, key: &[u8; 32]) -> Result<bool> {
+        let mut state = self.shared.state.lock().await;
+        let accepted = state.accept_identity(contact, key)?;
+        let now = now_ms();
+        for (record_key, h) in state.held(contact)? {
+            let (Ok(device), Ok(identity_key)) = (
+                DeviceId::try_from(h.sender_device),
+                <[u8; 32]>::try_from(&h.identity_key[..]),
+            ) else {
+                continue;
             };
-            let now = now_ms();
-            let mut received = Vec::new();
-            for (_, h) in held {
-                let (Ok(device), Ok(identity_key), Ok(_)) = (
-                    DeviceId::try_from(h.sender_device),
-                    <[u8; 32]>::try_from(&h.identity_key[..]),
-                    <[u8; 16]>::try_from(&h.message_id[..]),
-                ) else {
-                    continue;
-                };
-                match state.accept(
-                    *contact,
-                    device,
-                    identity_key,
-                    &h.message_id,
-                    &h.content,
-                    now,
-                )? {
-                    state::Outcome::Message(m) => received.push(Event::Message(m)),
-                    state::Outcome::Dropped(reason) => received.push(Event::Dropped { reason }),
-                    state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
-                }
-            }
+            let mut delete = vec![crate::store::Op::Delete(
+                crate::store::Namespace::Held,
+                record_key,
+            )];
+            let outcome = state.accept(
+                *contact,
+                device,
+                identity_key,
+                &h.message_id,
+                &h.content,
+                now,
+                &mut delete,
+            )?;
+            // The held record goes with the message's own write, or alone if none.
+            state.apply_ops(delete)?;
             state.flush()?;
-            received
-        };
-        for e in received {
-            self.shared.emit(e);
+            // Emitted under the lock, so nothing newer from the contact overtakes it.
+            match outcome {
+                state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
+                state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),
+                state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
+            }
         }
+        drop(state);
         self.shared.outbox.notify_one();
-        Ok(())
+        Ok(accepted)
     }
 
     /// Stops the client: the connection closes and [`Events`] ends. Everything

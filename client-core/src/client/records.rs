@@ -42,6 +42,10 @@ pub(crate) struct LocalRecord {
     /// until the worker has set it).
     #[prost(bool, tag = "14")]
     pub(crate) token_published: bool,
+    /// A rotated token not yet set on the relay; it replaces `delivery_token` (and
+    /// goes into messages) only once the relay has it.
+    #[prost(bytes = "vec", tag = "15")]
+    pub(crate) pending_delivery_token: Vec<u8>,
 }
 
 pub(crate) const LOCAL_KEY: &[u8] = b"local";
@@ -95,6 +99,9 @@ pub(crate) struct ContactRecord {
     pub(crate) delivery_token: Vec<u8>,
     #[prost(message, repeated, tag = "4")]
     pub(crate) devices: Vec<ContactDevice>,
+    /// Messages held under `changed_identity_key`, to bound what a change can store.
+    #[prost(uint32, tag = "5")]
+    pub(crate) held: u32,
 }
 
 impl ContactRecord {

@@ -28,6 +28,8 @@ use crate::net::{Delivery, DeviceBundle, KeyUpload, SignedKey};
 use crate::store::{KvStore, Namespace, Op, StoreError};
 use crate::{Error, Result};
 
+/// Messages held at most per contact while an identity change waits for the user.
+pub(crate) const MAX_HELD: u32 = 1000;
 /// One-time prekeys generated per upload.
 pub(crate) const PREKEY_BATCH: u32 = 100;
 /// Below this many one-time prekeys on the relay, upload another batch.
@@ -160,6 +162,7 @@ impl State {
             next_outbox_seq: 1,
             keys_published: false,
             token_published: false,
+            pending_delivery_token: Vec::new(),
         };
         let mut state = State::from_parts(kv, local)?;
         let mut ops = state.rotate_signed_prekey(now_ms).0;
@@ -239,7 +242,15 @@ impl State {
     }
 
     fn apply(&mut self, ops: Vec<Op>) -> Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
         self.kv.apply(ops, false).map_err(store_err)
+    }
+
+    /// Writes `ops` as one batch (not durably).
+    pub(crate) fn apply_ops(&mut self, ops: Vec<Op>) -> Result<()> {
+        self.apply(ops)
     }
 
     /// Makes every change so far durable.
@@ -408,30 +419,44 @@ impl State {
         Ok(())
     }
 
-    /// Our delivery token, if the relay does not have it yet.
+    /// A delivery token the relay does not have yet: ours after registering, or a
+    /// rotated one.
     pub(crate) fn unpublished_token(&self) -> Option<[u8; 32]> {
-        (!self.local.token_published).then_some(self.keys.delivery_token)
+        if !self.local.token_published {
+            return Some(self.keys.delivery_token);
+        }
+        self.local.pending_delivery_token[..].try_into().ok()
     }
 
-    /// Records that the relay has our delivery token `token`.
+    /// Records that the relay has `token`; a rotated token takes over from here.
     pub(crate) fn token_published(&mut self, token: &[u8; 32]) -> Result<()> {
-        if &self.keys.delivery_token == token && !self.local.token_published {
-            self.local.token_published = true;
-            let op = self.local_op();
-            self.kv.apply(vec![op], true).map_err(store_err)?;
+        let mut local = self.local.clone();
+        if self.keys.delivery_token == *token {
+            local.token_published = true;
+        } else if local.pending_delivery_token == token {
+            local.delivery_token = token.to_vec();
+            local.pending_delivery_token.clear();
+            local.token_published = true;
+        } else {
+            return Ok(());
         }
+        let op = Op::Put(Namespace::Local, LOCAL_KEY.to_vec(), local.encode_to_vec());
+        self.kv.apply(vec![op], true).map_err(store_err)?;
+        self.local = local;
+        self.keys.delivery_token = *token;
         Ok(())
     }
 
-    /// A new delivery token: contacts holding the old one can no longer send sealed
-    /// and fall back to identified sends until a message from us brings the new one.
+    /// A new delivery token: once the relay has it, contacts holding the old one can no
+    /// longer send sealed and fall back to identified sends until a message from us
+    /// brings the new one.
     pub(crate) fn rotate_delivery_token(&mut self) -> Result<()> {
-        let token = random32();
-        self.local.delivery_token = token.to_vec();
-        self.local.token_published = false;
-        self.keys.delivery_token = token;
-        let op = self.local_op();
-        self.kv.apply(vec![op], true).map_err(store_err)
+        let mut local = self.local.clone();
+        local.pending_delivery_token = random32().to_vec();
+        let op = Op::Put(Namespace::Local, LOCAL_KEY.to_vec(), local.encode_to_vec());
+        self.kv.apply(vec![op], true).map_err(store_err)?;
+        self.local = local;
+        Ok(())
     }
 
     // ----- contacts -----
@@ -474,33 +499,23 @@ impl State {
         Ok(changed)
     }
 
-    /// Accepts a contact's changed identity key: old sessions go, held messages are
-    /// returned for decryption, and unsent messages are encrypted again for the new
-    /// sessions. `None` if there was no change to accept.
-    pub(crate) fn accept_identity(
-        &mut self,
-        account: &AccountId,
-    ) -> Result<Option<Vec<(u64, HeldRecord)>>> {
+    /// Accepts a contact's changed identity key, if it is still `key` (the one the
+    /// user compared): old sessions go and unsent messages will be encrypted again
+    /// for new sessions. Held messages are then taken with [`State::held`].
+    pub(crate) fn accept_identity(&mut self, account: &AccountId, key: &[u8; 32]) -> Result<bool> {
         let Some(mut record) = self.contacts.get(account).cloned() else {
-            return Ok(None);
+            return Ok(false);
         };
-        if record.changed_identity_key.is_empty() {
-            return Ok(None);
+        if record.changed_identity_key != key {
+            return Ok(false);
         }
         let mut ops = Vec::new();
         record.identity_key = std::mem::take(&mut record.changed_identity_key);
-        let accepted = record.identity_key.clone();
-        for d in std::mem::take(&mut record.devices) {
-            if let Ok(device) = DeviceId::try_from(d.device_id) {
-                self.sessions.remove(&(*account, device));
-                ops.push(Op::Delete(
-                    Namespace::Sessions,
-                    session_key(account, device),
-                ));
-            }
-        }
-        for (seq, out) in self.outbox.iter_mut() {
+        record.held = 0;
+        let mut outbox = Vec::new();
+        for (seq, out) in &self.outbox {
             if out.recipient == account.as_bytes() {
+                let mut out = out.clone();
                 out.copies.retain(|c| c.sent);
                 out.prepared = false;
                 ops.push(Op::Put(
@@ -508,24 +523,59 @@ impl State {
                     seq_key(*seq),
                     out.encode_to_vec(),
                 ));
+                outbox.push((*seq, out));
             }
         }
-        ops.push(self.put_contact(*account, record));
+        let devices = std::mem::take(&mut record.devices);
+        for d in &devices {
+            if let Ok(device) = DeviceId::try_from(d.device_id) {
+                ops.push(Op::Delete(
+                    Namespace::Sessions,
+                    session_key(account, device),
+                ));
+            }
+        }
+        ops.push(Op::Put(
+            Namespace::Contacts,
+            account.as_bytes().to_vec(),
+            record.encode_to_vec(),
+        ));
+        self.kv.apply(ops, true).map_err(store_err)?;
+        // The caches follow only once the store has the change.
+        for d in &devices {
+            if let Ok(device) = DeviceId::try_from(d.device_id) {
+                self.sessions.remove(&(*account, device));
+            }
+        }
+        self.outbox.extend(outbox);
+        self.contacts.insert(*account, record);
+        Ok(true)
+    }
+
+    /// Messages held for `account` under the identity key now trusted, oldest first,
+    /// each with its record key (pass it to [`State::accept`] to delete it with the
+    /// message's own write). Held messages under any other key are deleted.
+    pub(crate) fn held(&mut self, account: &AccountId) -> Result<Vec<(Vec<u8>, HeldRecord)>> {
+        let Some(trusted) = self.contacts.get(account).map(|c| c.identity_key.clone()) else {
+            return Ok(Vec::new());
+        };
         let mut held = Vec::new();
+        let mut stale = Vec::new();
         for (k, v) in self.kv.scan(Namespace::Held).map_err(store_err)? {
             let record =
                 HeldRecord::decode(&v[..]).map_err(|_| Error::Store(StoreError::Corrupt))?;
-            if record.sender == account.as_bytes() {
-                ops.push(Op::Delete(Namespace::Held, k.clone()));
-                // Messages under any other key than the accepted one are dropped.
-                if record.identity_key == accepted {
-                    held.push((parse_seq_key(&k).unwrap_or(0), record));
-                }
+            if record.sender != account.as_bytes() {
+                continue;
+            }
+            if record.identity_key == trusted {
+                held.push((k, record));
+            } else {
+                stale.push(Op::Delete(Namespace::Held, k));
             }
         }
-        held.sort_by_key(|(seq, _)| *seq);
-        self.apply(ops)?;
-        Ok(Some(held))
+        self.kv.apply(stale, false).map_err(store_err)?;
+        held.sort_by_key(|(k, _)| parse_seq_key(k).unwrap_or(0));
+        Ok(held)
     }
 
     fn session(&mut self, account: &AccountId, device: DeviceId) -> Result<&mut SessionSet> {
@@ -690,6 +740,10 @@ impl State {
             .get(&recipient)
             .map(|c| c.devices.iter().map(|d| d.device_id).collect())
             .unwrap_or_default();
+        if devices.is_empty() {
+            // Not prepared: the next round fetches the contact's devices first.
+            return Ok(());
+        }
         let padded = message::pad_plaintext(&e2e::Plaintext {
             body: record.body.clone().into(),
             delivery_token: self.keys.delivery_token.to_vec().into(),
@@ -780,26 +834,67 @@ impl State {
 
     /// Drops a contact device the relay no longer knows.
     pub(crate) fn drop_device(&mut self, account: &AccountId, device: u32) -> Result<()> {
-        if let Some(mut record) = self.contacts.get(account).cloned() {
+        let mut ops = Vec::new();
+        let mut contact = self.contacts.get(account).cloned();
+        if let Some(record) = contact.as_mut() {
             record.devices.retain(|d| d.device_id != device);
-            let op = self.put_contact(*account, record);
-            self.apply(vec![op])?;
+            ops.push(Op::Put(
+                Namespace::Contacts,
+                account.as_bytes().to_vec(),
+                record.encode_to_vec(),
+            ));
         }
+        // Its copies are moot; the messages wait for the contact's other devices (or
+        // fail if it has none left).
+        let mut outbox = Vec::new();
+        for (seq, out) in &self.outbox {
+            if out.recipient == account.as_bytes() {
+                let mut out = out.clone();
+                out.copies.retain(|c| c.device_id != device);
+                out.prepared = false;
+                ops.push(Op::Put(
+                    Namespace::Outbox,
+                    seq_key(*seq),
+                    out.encode_to_vec(),
+                ));
+                outbox.push((*seq, out));
+            }
+        }
+        self.apply(ops)?;
+        if let Some(record) = contact {
+            self.contacts.insert(*account, record);
+        }
+        self.outbox.extend(outbox);
+        Ok(())
+    }
+
+    /// Reloads everything from the store: after a failed write, the caches may be
+    /// ahead of what the store holds.
+    pub(crate) fn reload(&mut self, now_ms: u64) -> Result<()> {
+        let fresh = State::load(self.kv.clone(), now_ms)?.ok_or(Error::NotRegistered)?;
+        *self = fresh;
         Ok(())
     }
 
     // ----- inbox -----
 
-    /// Opens, checks and decrypts one delivery, storing the result (not durably).
+    /// Opens, checks and decrypts one delivery, storing the result (not durably). An
+    /// `Err` is a local failure: the delivery must not be acknowledged.
     pub(crate) fn receive(&mut self, delivery: &Delivery, now_ms: u64) -> Result<Outcome> {
         let (cert, content) = match sealed::open(self.keys.identity_dh.secret(), &delivery.payload)
         {
             Ok(opened) => opened,
             Err(e) => return Ok(Outcome::Dropped(format!("sealed envelope: {e}"))),
         };
+        // The certificate must have been valid when the relay accepted the message, so
+        // a device that was offline for a day still reads what was sent meanwhile.
+        let checked_at = match delivery.accepted_at_ms {
+            0 => now_ms,
+            at => at,
+        };
         if let Err(e) = self
             .certificates
-            .validate(&cert, &self.keys.relay_signing_key, now_ms)
+            .validate(&cert, &self.keys.relay_signing_key, checked_at)
         {
             return Ok(Outcome::Dropped(format!("sender certificate: {e}")));
         }
@@ -810,11 +905,14 @@ impl State {
             delivery.message_id.as_bytes(),
             &content,
             now_ms,
+            &mut Vec::new(),
         )
     }
 
     /// A message whose sender the certificate established: duplicate check, identity
-    /// check, decryption, then the inbox.
+    /// check, decryption, then the inbox. `extra` joins whatever batch this writes
+    /// (and is left for the caller if it writes none).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn accept(
         &mut self,
         sender: AccountId,
@@ -823,6 +921,7 @@ impl State {
         message_id: &[u8],
         content: &[u8],
         now_ms: u64,
+        extra: &mut Vec<Op>,
     ) -> Result<Outcome> {
         let seen = seen_key(&sender, message_id);
         if self.unflushed_seen.contains(&seen)
@@ -838,11 +937,7 @@ impl State {
         if contact.identity_key.is_empty() {
             // First contact: trust on first use; the safety number lets users check.
             contact.identity_key = identity_key.to_vec();
-        } else if contact.identity_key != identity_key || contact.blocked() {
-            let first = contact.changed_identity_key.is_empty();
-            if first {
-                contact.changed_identity_key = identity_key.to_vec();
-            }
+        } else if contact.identity_key != identity_key {
             let held = HeldRecord {
                 sender: sender.as_bytes().to_vec(),
                 sender_device: device.get(),
@@ -850,31 +945,14 @@ impl State {
                 message_id: message_id.to_vec(),
                 content: content.to_vec(),
             };
-            let seq = self.local.next_inbox_seq;
-            self.local.next_inbox_seq += 1;
-            let ops = vec![
-                Op::Put(Namespace::Held, seq_key(seq), held.encode_to_vec()),
-                self.local_op(),
-                self.put_contact(sender, contact),
-            ];
-            self.apply(ops)?;
-            return Ok(Outcome::Held {
-                contact: sender,
-                first,
-            });
+            return self.hold(held, contact, extra);
         }
-        let mut ops = Vec::new();
-        let plaintext = match self.decrypt(
-            &sender,
-            device,
-            &identity_key,
-            content,
-            &mut contact,
-            &mut ops,
-        ) {
-            Ok(p) => p,
+        let set = self.session(&sender, device)?.clone();
+        let (set, opened) = match self.decrypt_with(set, &identity_key, content)? {
+            Ok(done) => done,
             Err(e) => return Ok(Outcome::Dropped(format!("decryption: {e}"))),
         };
+        let plaintext = opened.plaintext;
         if plaintext.sender_account != sender.as_bytes()[..]
             || plaintext.sender_device != device.get()
         {
@@ -885,8 +963,16 @@ impl State {
         if plaintext.delivery_token.len() == 32 {
             contact.delivery_token = plaintext.delivery_token.to_vec();
         }
-        let seq = self.local.next_inbox_seq;
-        self.local.next_inbox_seq += 1;
+        if let Some(dh) = opened.sender_identity_dh {
+            contact.devices.retain(|d| d.device_id != device.get());
+            contact.devices.push(ContactDevice {
+                device_id: device.get(),
+                identity_dh: dh.to_vec(),
+            });
+        }
+        let mut local = self.local.clone();
+        let seq = local.next_inbox_seq;
+        local.next_inbox_seq += 1;
         let inbox = InboxRecord {
             sender: sender.as_bytes().to_vec(),
             sender_device: device.get(),
@@ -895,80 +981,138 @@ impl State {
             sent_at_ms: plaintext.sent_at_ms,
             received_at_ms: now_ms,
         };
-        ops.push(self.session_op(&sender, device)?);
-        ops.push(self.put_contact(sender, contact));
-        ops.push(Op::Put(
-            Namespace::Inbox,
-            seq_key(seq),
-            inbox.encode_to_vec(),
-        ));
-        ops.push(Op::Put(
-            Namespace::Seen,
-            seen.clone(),
-            now_ms.to_be_bytes().to_vec(),
-        ));
-        ops.push(self.local_op());
-        self.apply(ops)?;
-        self.unflushed_seen.insert(seen);
-        Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?))
-    }
-
-    /// Decrypts in the sender device's sessions. On failure nothing changes; on
-    /// success the session is updated here and its write, with the one-time prekey's
-    /// deletion, is added to `ops`.
-    fn decrypt(
-        &mut self,
-        sender: &AccountId,
-        device: DeviceId,
-        identity_key: &[u8; 32],
-        content: &[u8],
-        contact: &mut ContactRecord,
-        ops: &mut Vec<Op>,
-    ) -> std::result::Result<e2e::Plaintext, CryptoError> {
-        let mut set = self
-            .session(sender, device)
-            .map_err(|_| CryptoError::InvalidState)?
-            .clone();
-        let (kv, signed) = (&self.kv, &self.signed_prekeys);
-        let mut prekeys = |id: PreKeyId| -> Option<AgreementKeyPair> {
-            match id {
-                PreKeyId::Signed(id) => signed.get(&id).map(|(pair, _)| pair.clone()),
-                PreKeyId::OneTime(id) => {
-                    let bytes = kv
-                        .get(Namespace::PreKeys, &prekey_key(PreKeyKind::OneTime, id))
-                        .ok()??;
-                    let record = PreKeyRecord::decode(&bytes[..]).ok()?;
-                    Some(AgreementKeyPair::from_secret(
-                        record.secret[..].try_into().ok()?,
-                    ))
-                }
-            }
-        };
-        let ours = (self.keys.identity.public(), self.keys.identity_dh.clone());
-        let opened = message::decrypt(
-            &mut OsRng,
-            &mut set,
-            (&ours.0, &ours.1),
-            identity_key,
-            &mut prekeys,
-            content,
-        )?;
-        self.sessions.insert((*sender, device), set);
+        let mut ops = vec![
+            Op::Put(
+                Namespace::Sessions,
+                session_key(&sender, device),
+                set.to_bytes().to_vec(),
+            ),
+            Op::Put(
+                Namespace::Contacts,
+                sender.as_bytes().to_vec(),
+                contact.encode_to_vec(),
+            ),
+            Op::Put(Namespace::Inbox, seq_key(seq), inbox.encode_to_vec()),
+            Op::Put(Namespace::Seen, seen.clone(), now_ms.to_be_bytes().to_vec()),
+            Op::Put(Namespace::Local, LOCAL_KEY.to_vec(), local.encode_to_vec()),
+        ];
         if let Some(id) = opened.one_time_prekey {
             ops.push(Op::Delete(
                 Namespace::PreKeys,
                 prekey_key(PreKeyKind::OneTime, id),
             ));
+        }
+        ops.append(extra);
+        self.apply(ops)?;
+        // The caches follow only once the store has the change.
+        self.sessions.insert((sender, device), set);
+        self.contacts.insert(sender, contact);
+        self.local = local;
+        self.unflushed_seen.insert(seen);
+        if opened.one_time_prekey.is_some() {
             self.consumed_prekeys += 1;
         }
-        if let Some(dh) = opened.sender_identity_dh {
-            contact.devices.retain(|d| d.device_id != device.get());
-            contact.devices.push(ContactDevice {
-                device_id: device.get(),
-                identity_dh: dh.to_vec(),
-            });
+        Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?))
+    }
+
+    /// A message under an identity key other than the trusted one. Only a message
+    /// that proves the new key can raise a change: a prekey message under it that
+    /// decrypts in a fresh session, which takes the new key's secrets. Anything else
+    /// is dropped, so someone replaying another user's old certificate cannot block
+    /// that user. Held messages are kept encrypted, unread, until the user accepts.
+    fn hold(
+        &mut self,
+        held: HeldRecord,
+        mut contact: ContactRecord,
+        extra: &mut Vec<Op>,
+    ) -> Result<Outcome> {
+        let key: [u8; 32] = held.identity_key[..]
+            .try_into()
+            .map_err(|_| Error::Store(StoreError::Corrupt))?;
+        if let Err(e) = self.decrypt_with(SessionSet::default(), &key, &held.content)? {
+            return Ok(Outcome::Dropped(format!(
+                "a message under an identity key it does not prove: {e}"
+            )));
         }
-        Ok(opened.plaintext)
+        let first = contact.changed_identity_key != key;
+        if first {
+            contact.changed_identity_key = key.to_vec();
+            contact.held = 0;
+        }
+        if contact.held >= MAX_HELD {
+            return Ok(Outcome::Dropped(
+                "too many messages held for a changed identity key".into(),
+            ));
+        }
+        contact.held += 1;
+        let sender =
+            AccountId::try_from(&held.sender[..]).map_err(|_| Error::Store(StoreError::Corrupt))?;
+        let mut local = self.local.clone();
+        let seq = local.next_inbox_seq;
+        local.next_inbox_seq += 1;
+        let mut ops = vec![
+            Op::Put(Namespace::Held, seq_key(seq), held.encode_to_vec()),
+            Op::Put(Namespace::Local, LOCAL_KEY.to_vec(), local.encode_to_vec()),
+            Op::Put(
+                Namespace::Contacts,
+                sender.as_bytes().to_vec(),
+                contact.encode_to_vec(),
+            ),
+        ];
+        ops.append(extra);
+        self.apply(ops)?;
+        self.local = local;
+        self.contacts.insert(sender, contact);
+        Ok(Outcome::Held {
+            contact: sender,
+            first,
+        })
+    }
+
+    /// Decrypts `content` in `set`, a copy the caller keeps only on success. The
+    /// outer error is a local storage failure (nothing may be acknowledged); the
+    /// inner one means the message does not decrypt.
+    fn decrypt_with(
+        &self,
+        mut set: SessionSet,
+        identity_key: &[u8; 32],
+        content: &[u8],
+    ) -> Result<std::result::Result<(SessionSet, message::Decrypted), CryptoError>> {
+        let mut store_error = None;
+        let result = {
+            let (kv, signed) = (&self.kv, &self.signed_prekeys);
+            let mut prekeys = |id: PreKeyId| -> Option<AgreementKeyPair> {
+                match id {
+                    PreKeyId::Signed(id) => signed.get(&id).map(|(pair, _)| pair.clone()),
+                    PreKeyId::OneTime(id) => {
+                        let key = prekey_key(PreKeyKind::OneTime, id);
+                        let bytes = match kv.get(Namespace::PreKeys, &key) {
+                            Ok(b) => b?,
+                            Err(e) => {
+                                store_error = Some(e);
+                                return None;
+                            }
+                        };
+                        let record = PreKeyRecord::decode(&bytes[..]).ok()?;
+                        Some(AgreementKeyPair::from_secret(
+                            record.secret[..].try_into().ok()?,
+                        ))
+                    }
+                }
+            };
+            message::decrypt(
+                &mut OsRng,
+                &mut set,
+                (&self.keys.identity.public(), &self.keys.identity_dh),
+                identity_key,
+                &mut prekeys,
+                content,
+            )
+        };
+        if let Some(e) = store_error {
+            return Err(store_err(e));
+        }
+        Ok(result.map(|d| (set, d)))
     }
 
     /// The app has the message: it leaves the inbox.

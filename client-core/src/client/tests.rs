@@ -241,6 +241,7 @@ fn an_identity_change_is_held_until_accepted() {
     assert_eq!(b.body(&d), b"before");
     // The same account with a new identity key (a reinstall, or an impostor).
     let mut a2 = dev(1);
+    let new_key = a2.state.keys.identity.public();
     let m1 = a2.send(&mut b, b"new key 1");
     let m2 = a2.send(&mut b, b"new key 2");
     assert!(matches!(b.receive(&m1), Outcome::Held { first: true, .. }));
@@ -250,36 +251,92 @@ fn an_identity_change_is_held_until_accepted() {
         b.state.enqueue(&a.account(), b"reply", NOW),
         Err(Error::UntrustedIdentity)
     ));
-    // Even the old key is held while the change is pending.
+    // The trusted key's sessions still work while the change waits.
     let old = a.send(&mut b, b"old key");
-    assert!(matches!(b.receive(&old), Outcome::Held { .. }));
-    let held = b
+    assert_eq!(b.body(&old), b"old key");
+    // Accepting needs the very key the user compared.
+    assert!(!b
         .state
-        .accept_identity(&a.account())
-        .expect("accept")
-        .expect("a change");
-    assert_eq!(held.len(), 2, "the old key's message is dropped");
+        .accept_identity(&a.account(), &[9; 32])
+        .expect("accept"));
+    assert!(b
+        .state
+        .accept_identity(&a.account(), &new_key)
+        .expect("accept"));
+    let held = b.state.held(&a.account()).expect("held");
+    assert_eq!(held.len(), 2);
     let mut bodies = Vec::new();
-    for (_, h) in held {
+    for (record_key, h) in held {
         let device = DeviceId::try_from(h.sender_device).expect("device");
         let key: [u8; 32] = h.identity_key[..].try_into().expect("key");
+        let mut delete = vec![crate::store::Op::Delete(Namespace::Held, record_key)];
         if let Outcome::Message(m) = b
             .state
-            .accept(a.account(), device, key, &h.message_id, &h.content, NOW)
+            .accept(
+                a.account(),
+                device,
+                key,
+                &h.message_id,
+                &h.content,
+                NOW,
+                &mut delete,
+            )
             .expect("accept")
         {
             bodies.push(m.body);
         }
+        assert!(delete.is_empty(), "deleted with the message's own write");
     }
     assert_eq!(bodies, vec![b"new key 1".to_vec(), b"new key 2".to_vec()]);
     assert!(!b.state.contact(&a.account()).expect("contact").blocked());
     assert!(
-        b.state
-            .accept_identity(&a.account())
-            .expect("accept")
-            .is_none(),
+        b.state.held(&a.account()).expect("held").is_empty(),
         "nothing left"
     );
+    // The new sessions carry on.
+    let m3 = a2.send(&mut b, b"new key 3");
+    assert_eq!(b.body(&m3), b"new key 3");
+}
+
+#[test]
+fn only_a_message_that_proves_a_new_key_raises_a_change() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let d = a.send(&mut b, b"hi");
+    b.body(&d);
+    // Someone holding a certificate for a's account under another key (a replayed
+    // old one, say) seals junk with it: dropped, and a stays trusted.
+    let other = dev(1);
+    let cert = other.certificate(1, NOW + DAY, &relay_key());
+    let payload = sealed::seal(
+        &mut OsRng,
+        &b.state.keys.identity_dh.public(),
+        &cert,
+        b"junk",
+    )
+    .expect("seal");
+    let junk = Delivery {
+        seq: 99,
+        message_id: tern_proto::MessageId([3; 16]),
+        payload: payload.into(),
+        accepted_at_ms: NOW,
+        expires_at_ms: NOW + DAY,
+    };
+    assert!(dropped(b.receive(&junk)));
+    assert!(!b.state.contact(&a.account()).expect("contact").blocked());
+}
+
+#[test]
+fn a_certificate_is_judged_at_the_time_the_relay_accepted_the_message() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    // Valid for an hour after sending; the recipient reads it a day later.
+    let cert = a.certificate(1, NOW + 3600 * 1000, &relay_key());
+    let d = a.send_with(&mut b, b"sent while you slept", &cert);
+    let outcome = b.state.receive(&d, NOW + DAY).expect("receive");
+    assert!(matches!(outcome, Outcome::Message(_)));
+    // Expired already when the relay accepted it: refused.
+    let late = a.certificate(1, NOW - 1, &relay_key());
+    let d = a.send_with(&mut b, b"x", &late);
+    assert!(dropped(b.receive(&d)));
 }
 
 #[test]

@@ -14,12 +14,15 @@ use super::state::{Outcome, StartError};
 use super::{now_ms, Event, Shared};
 use crate::crypto::sealed::{self, SenderCertificate};
 use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
+use crate::store::StoreError;
 use crate::{Error, Result};
 
 /// Deliveries handled per durable write and acknowledgement.
 const RECEIVE_BATCH: usize = 256;
 /// Envelopes per send request.
 const SEND_BATCH: usize = 64;
+/// Content bytes per send request (the relay's frames are 4 MiB by default).
+const SEND_BYTES: usize = 1 << 20;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 /// How often a long-lived connection checks its keys (signed prekey rotation).
@@ -61,6 +64,12 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
             r = connected(&shared, &mut backoff) => r,
             _ = stop.wait_for(|s| *s) => break,
         };
+        if let Err(Error::Store(_)) = &result {
+            // A failed write may have left the caches ahead of the store.
+            if let Err(e) = shared.state.lock().await.reload(now_ms()) {
+                tracing::warn!(error = %e, "the device store cannot be read");
+            }
+        }
         let reason = match result {
             Ok(()) => "closed".to_string(),
             Err(e) => e.to_string(),
@@ -133,11 +142,11 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
             }
         }
         let mut acks = Vec::with_capacity(items.len());
-        let mut events = Vec::new();
         let mut failure = None;
         let consumed = {
             let mut state = shared.state.lock().await;
             let now = now_ms();
+            let mut events = Vec::new();
             for item in items {
                 let delivery = match item {
                     Ok(Incoming::Delivery(d)) => d,
@@ -147,28 +156,35 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
                         break;
                     }
                 };
-                match state.receive(&delivery, now)? {
-                    Outcome::Message(m) => events.push(Event::Message(m)),
-                    Outcome::Held { contact, first } => {
+                match state.receive(&delivery, now) {
+                    Ok(Outcome::Message(m)) => events.push(Event::Message(m)),
+                    Ok(Outcome::Held { contact, first }) => {
                         if first {
                             events.push(Event::IdentityChanged { contact });
                         }
                     }
-                    Outcome::Duplicate => {}
-                    Outcome::Dropped(reason) => {
+                    Ok(Outcome::Duplicate) => {}
+                    Ok(Outcome::Dropped(reason)) => {
                         tracing::debug!(%reason, "discarded an envelope");
                         events.push(Event::Dropped { reason });
+                    }
+                    // A local failure: this one is not acknowledged (the relay will
+                    // deliver it again); what came before still is.
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
                     }
                 }
                 acks.push(delivery.seq);
             }
             // Stored durably before the relay may delete anything.
             state.flush()?;
+            // Emitted under the lock, so an identity acceptance cannot interleave.
+            for e in events {
+                shared.emit(e);
+            }
             std::mem::take(&mut state.consumed_prekeys)
         };
-        for e in events {
-            shared.emit(e);
-        }
         if !acks.is_empty() {
             conn.ack(&acks).await?;
         }
@@ -308,7 +324,25 @@ async fn send_round(
                 .map(|(s, _)| *s)
                 .collect();
             for seq in seqs {
-                state.prepare(seq, now)?;
+                match state.prepare(seq, now) {
+                    Ok(()) => {}
+                    Err(e @ Error::Store(StoreError::Backend(_))) => return Err(e),
+                    // This message cannot be encrypted (a damaged session record, say):
+                    // it fails alone instead of stopping the outbox.
+                    Err(e) => {
+                        if let Some(id) = state.fail(seq)? {
+                            shared.emit(Event::SendFailed {
+                                message_id: id,
+                                to: recipient,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                // Copies all sent already (a device dropped since): it is done.
+                if let Some((id, to)) = state.mark_sent(seq, &[])? {
+                    shared.emit(Event::Sent { message_id: id, to });
+                }
             }
             // The new session state is on disk before any ciphertext leaves.
             state.flush()?;
@@ -376,7 +410,7 @@ async fn send_device(
         account: *recipient,
         device: plan.device,
     };
-    for chunk in plan.copies.chunks(SEND_BATCH) {
+    for chunk in chunks(&plan.copies) {
         let cert = certificate(conn, cached).await?;
         let mut envelopes = Vec::with_capacity(chunk.len());
         for (_, id, content) in chunk {
@@ -401,14 +435,13 @@ async fn send_device(
                     return Ok(Round::Progress);
                 }
                 Some(ErrorCode::UnknownRecipient) => {
-                    // The device is gone: its copies are moot.
-                    let mut state = shared.state.lock().await;
-                    state.drop_device(recipient, plan.device.get())?;
-                    for (seq, _, _) in &plan.copies {
-                        if let Some((id, to)) = state.mark_sent(*seq, &[plan.device.get()])? {
-                            shared.emit(Event::Sent { message_id: id, to });
-                        }
-                    }
+                    // The device is gone: its copies go; the messages wait for the
+                    // contact's other devices, or fail if it has none left.
+                    shared
+                        .state
+                        .lock()
+                        .await
+                        .drop_device(recipient, plan.device.get())?;
                     return Ok(Round::Progress);
                 }
                 Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
@@ -442,6 +475,24 @@ async fn send_device(
     })
 }
 
+/// Consecutive runs of copies for one request: at most [`SEND_BATCH`] envelopes and
+/// [`SEND_BYTES`] of content, so a request stays far below the relay's frame limit.
+fn chunks(copies: &[(u64, MessageId, Vec<u8>)]) -> Vec<&[(u64, MessageId, Vec<u8>)]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, _, content)) in copies.iter().enumerate() {
+        if i > start && (i - start == SEND_BATCH || bytes + content.len() > SEND_BYTES) {
+            out.push(&copies[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += content.len();
+    }
+    if start < copies.len() {
+        out.push(&copies[start..]);
+    }
+    out
+}
+
 async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Result<()> {
     let mut state = shared.state.lock().await;
     let seqs: Vec<u64> = state
@@ -459,4 +510,27 @@ async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_bounded_by_count_and_bytes() {
+        let copy = |n: usize| (0u64, MessageId([0; 16]), vec![0u8; n]);
+        let small: Vec<_> = (0..130).map(|_| copy(10)).collect();
+        let sizes: Vec<usize> = chunks(&small).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![64, 64, 2]);
+        let big: Vec<_> = (0..40).map(|_| copy(100_000)).collect();
+        let sizes: Vec<usize> = chunks(&big).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, vec![10, 10, 10, 10]);
+        let huge = vec![copy(2 << 20)];
+        assert_eq!(
+            chunks(&huge).len(),
+            1,
+            "one oversized copy still goes alone"
+        );
+        assert!(chunks(&[]).is_empty());
+    }
 }
