@@ -18,6 +18,8 @@ use tern_relay::store::SledStore;
 pub struct SledHub {
     /// The hub.
     pub hub: Arc<Hub>,
+    /// The store under it, for setting up state without going through sends.
+    pub store: Arc<SledStore>,
     _dir: tempfile::TempDir,
 }
 
@@ -35,7 +37,7 @@ impl SledHub {
         };
         let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let hub = Hub::new(
-            Stores::all(store),
+            Stores::all(store.clone()),
             Arc::new(SystemClock),
             limits,
             Ttl::MAX,
@@ -44,6 +46,7 @@ impl SledHub {
         );
         Ok(SledHub {
             hub: Arc::new(hub),
+            store,
             _dir: dir,
         })
     }

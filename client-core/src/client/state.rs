@@ -512,20 +512,7 @@ impl State {
         let mut ops = Vec::new();
         record.identity_key = std::mem::take(&mut record.changed_identity_key);
         record.held = 0;
-        let mut outbox = Vec::new();
-        for (seq, out) in &self.outbox {
-            if out.recipient == account.as_bytes() {
-                let mut out = out.clone();
-                out.copies.retain(|c| c.sent);
-                out.prepared = false;
-                ops.push(Op::Put(
-                    Namespace::Outbox,
-                    seq_key(*seq),
-                    out.encode_to_vec(),
-                ));
-                outbox.push((*seq, out));
-            }
-        }
+        let outbox = self.unprepared_outbox(account, |c| c.sent, &mut ops);
         let devices = std::mem::take(&mut record.devices);
         for d in &devices {
             if let Ok(device) = DeviceId::try_from(d.device_id) {
@@ -846,11 +833,28 @@ impl State {
         }
         // Its copies are moot; the messages wait for the contact's other devices (or
         // fail if it has none left).
+        let outbox = self.unprepared_outbox(account, |c| c.device_id != device, &mut ops);
+        self.apply(ops)?;
+        if let Some(record) = contact {
+            self.contacts.insert(*account, record);
+        }
+        self.outbox.extend(outbox);
+        Ok(())
+    }
+
+    /// `account`'s outbox records with only the copies `keep` keeps, marked for
+    /// preparing again; their writes go to `ops`, the caller updates the cache.
+    fn unprepared_outbox(
+        &self,
+        account: &AccountId,
+        keep: impl Fn(&OutboxCopy) -> bool,
+        ops: &mut Vec<Op>,
+    ) -> Vec<(u64, OutboxRecord)> {
         let mut outbox = Vec::new();
         for (seq, out) in &self.outbox {
             if out.recipient == account.as_bytes() {
                 let mut out = out.clone();
-                out.copies.retain(|c| c.device_id != device);
+                out.copies.retain(&keep);
                 out.prepared = false;
                 ops.push(Op::Put(
                     Namespace::Outbox,
@@ -860,12 +864,7 @@ impl State {
                 outbox.push((*seq, out));
             }
         }
-        self.apply(ops)?;
-        if let Some(record) = contact {
-            self.contacts.insert(*account, record);
-        }
-        self.outbox.extend(outbox);
-        Ok(())
+        outbox
     }
 
     /// Reloads everything from the store: after a failed write, the caches may be

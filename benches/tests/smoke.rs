@@ -1,0 +1,85 @@
+//! Each `tern-load` mode at a tiny size, so the harness cannot rot: it starts its own
+//! relay process, moves every message exactly once and prints the JSON fields.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+use std::process::Command;
+
+fn run(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-load"))
+        .args(args)
+        .args([
+            "--json",
+            "--relay-bin",
+            env!("CARGO_BIN_EXE_tern-relay-bench"),
+        ])
+        .output()
+        .expect("run tern-load");
+    assert!(
+        out.status.success(),
+        "tern-load {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn number(v: &serde_json::Value, field: &str) -> f64 {
+    v.get(field)
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or_else(|| panic!("{field} missing in {v}"))
+}
+
+const COMMON: [&str; 10] = [
+    "mode",
+    "messages",
+    "size",
+    "msgs_per_sec",
+    "mb_per_sec",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "relay_cpu_s",
+    "relay_peak_rss_kib",
+];
+
+#[test]
+fn online_moves_every_message() {
+    let v = run(&["online", "--pairs", "2", "--messages", "40", "--size", "64"]);
+    for f in &COMMON[1..] {
+        number(&v, f);
+    }
+    assert_eq!(v["mode"], "online");
+    assert_eq!(number(&v, "messages"), 40.0);
+    assert!(number(&v, "msgs_per_sec") > 0.0);
+    assert!(number(&v, "p50_us") > 0.0 && number(&v, "p99_us") >= number(&v, "p50_us"));
+    assert!(number(&v, "relay_peak_rss_kib") > 0.0);
+}
+
+#[test]
+fn offline_accepts_then_drains_every_message() {
+    let v = run(&[
+        "offline",
+        "--recipients",
+        "2",
+        "--messages",
+        "50",
+        "--size",
+        "32",
+        "--durability",
+        "fsync",
+        "--batch",
+        "8",
+    ]);
+    assert_eq!(v["mode"], "offline");
+    assert_eq!(number(&v, "messages"), 50.0);
+    assert!(number(&v, "msgs_per_sec") > 0.0);
+    assert!(number(&v, "drain_msgs_per_sec") > 0.0);
+    assert!(number(&v, "decrypt_msgs_per_sec") > 0.0);
+}
+
+#[test]
+fn connections_reports_memory_per_connection() {
+    let v = run(&["connections", "--count", "8"]);
+    assert_eq!(v["mode"], "connections");
+    assert!(number(&v, "rss_per_conn_kib") >= 0.0);
+    assert_eq!(number(&v, "connections"), 8.0);
+}
