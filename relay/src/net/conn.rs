@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
 use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
@@ -124,6 +123,9 @@ pub(crate) async fn serve(
     debug!("connection closed");
 }
 
+/// The most a single read takes from the control stream.
+const READ_CHUNK: usize = 64 * 1024;
+
 impl Session {
     async fn read_loop(
         &mut self,
@@ -131,7 +133,9 @@ impl Session {
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
         let mut decoder = frame::Decoder::new(self.settings.max_frame);
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Empty between frames: an idle connection holds no read buffer, only what
+        // quinn holds for it.
+        let mut buf = BytesMut::new();
         loop {
             loop {
                 match decoder.decode_message::<v1::ClientFrame>(&mut buf) {
@@ -152,15 +156,15 @@ impl Session {
                     }
                 }
             }
-            if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(16 * 1024);
+            if buf.is_empty() && buf.capacity() > 0 {
+                buf = BytesMut::new();
             }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Shutdown,
-                read = recv.read_buf(&mut buf) => match read {
-                    Ok(0) => return End::Finished,
-                    Ok(_) => {}
+                read = recv.read_chunk(READ_CHUNK, true) => match read {
+                    Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+                    Ok(None) => return End::Finished,
                     Err(_) => return End::Lost,
                 },
             }
