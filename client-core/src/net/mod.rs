@@ -7,6 +7,7 @@
 //! unacknowledged at once, which bounds the inbox.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -209,6 +210,12 @@ impl RelayConnection {
     }
 
     async fn request(&self, body: Body) -> Result<Reply> {
+        self.issue(body).await
+    }
+
+    /// Sends the request now, in call order, and returns the wait for its reply (which
+    /// borrows nothing, so it can be awaited later or elsewhere).
+    fn issue(&self, body: Body) -> impl Future<Output = Result<Reply>> + Send + 'static {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Some(waiting) = lock(&self.pending).as_mut() {
@@ -223,16 +230,19 @@ impl RelayConnection {
                 waiting.remove(&request_id);
             }
         }
-        match rx.await {
-            Ok(Reply::Error(e)) => Err(Error::Relay {
-                code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
-                message: e.message,
-            }),
-            Ok(reply) => Ok(reply),
-            Err(_) => Err(Error::Closed(match self.conn.close_reason() {
-                Some(e) => closed_reason(&e),
-                None => "control stream ended".into(),
-            })),
+        let conn = self.conn.clone();
+        async move {
+            match rx.await {
+                Ok(Reply::Error(e)) => Err(Error::Relay {
+                    code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+                    message: e.message,
+                }),
+                Ok(reply) => Ok(reply),
+                Err(_) => Err(Error::Closed(match conn.close_reason() {
+                    Some(e) => closed_reason(&e),
+                    None => "control stream ended".into(),
+                })),
+            }
         }
     }
 
@@ -314,46 +324,47 @@ impl RelayConnection {
     }
 
     /// Queues envelopes for one device; resolves once the relay has stored them all
-    /// (or none).
-    pub async fn send(
+    /// (or none). The request leaves when this is called, so sends issued one after
+    /// another are stored in that order even if their replies are awaited later.
+    pub fn send(
         &self,
         to: &DeviceAddress,
         envelopes: impl IntoIterator<Item = Envelope>,
-    ) -> Result<u32> {
-        let envelopes = wire_envelopes(envelopes);
-        let reply = self
-            .request(Body::Send(v1::SendRequest {
-                recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
-                recipient_device: to.device.get(),
-                envelopes,
-            }))
-            .await?;
-        match reply {
-            Reply::Send(r) => Ok(r.accepted),
-            _ => Err(Error::Protocol("unexpected reply to send".into())),
+    ) -> impl Future<Output = Result<u32>> + Send + 'static {
+        let reply = self.issue(Body::Send(v1::SendRequest {
+            recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
+            recipient_device: to.device.get(),
+            envelopes: wire_envelopes(envelopes),
+        }));
+        async move {
+            match reply.await? {
+                Reply::Send(r) => Ok(r.accepted),
+                _ => Err(Error::Protocol("unexpected reply to send".into())),
+            }
         }
     }
 
     /// Queues envelopes for a device without identifying the sender: the relay checks
     /// only the recipient account's delivery token. Use a connection that is not
-    /// authenticated, so the relay cannot tie the send to a device.
-    pub async fn sealed_send(
+    /// authenticated, so the relay cannot tie the send to a device. Like
+    /// [`RelayConnection::send`], the request leaves when this is called.
+    pub fn sealed_send(
         &self,
         to: &DeviceAddress,
         delivery_token: &[u8],
         envelopes: impl IntoIterator<Item = Envelope>,
-    ) -> Result<u32> {
-        let reply = self
-            .request(Body::SealedSend(v1::SealedSendRequest {
-                recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
-                recipient_device: to.device.get(),
-                delivery_token: Bytes::copy_from_slice(delivery_token),
-                envelopes: wire_envelopes(envelopes),
-            }))
-            .await?;
-        match reply {
-            Reply::Send(r) => Ok(r.accepted),
-            _ => Err(Error::Protocol("unexpected reply to sealed send".into())),
+    ) -> impl Future<Output = Result<u32>> + Send + 'static {
+        let reply = self.issue(Body::SealedSend(v1::SealedSendRequest {
+            recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
+            recipient_device: to.device.get(),
+            delivery_token: Bytes::copy_from_slice(delivery_token),
+            envelopes: wire_envelopes(envelopes),
+        }));
+        async move {
+            match reply.await? {
+                Reply::Send(r) => Ok(r.accepted),
+                _ => Err(Error::Protocol("unexpected reply to sealed send".into())),
+            }
         }
     }
 
