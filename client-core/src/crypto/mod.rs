@@ -6,8 +6,10 @@
 //! - [`ratchet`]: message encryption (Signal's Double Ratchet specification).
 //! - [`sessions`]: the sessions with one contact device; simultaneous initiation
 //!   converges.
+//! - [`attachment`]: attachments of any size, streamed through constant memory.
 //! - [`message`]: one message as it travels, built from and opened into a session set.
 
+pub mod attachment;
 pub mod message;
 pub mod padding;
 pub mod ratchet;
