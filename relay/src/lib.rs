@@ -10,6 +10,7 @@
 //!   checks). Time is an argument.
 //! - [`store`]: [`store::MailboxStore`] and [`store::AccountStore`], with sled (the
 //!   embedded default) and in-memory implementations.
+//! - [`blobs`]: encrypted media, content-addressed files stored once per id.
 //! - [`hub`]: ties rules to stores: per-device locks, wake-ups, group commit, sweeps.
 //! - [`commit`]: group commit, so concurrent sends share fsyncs.
 //! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
@@ -32,6 +33,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod blobs;
 pub mod cli;
 pub mod clock;
 pub mod commit;

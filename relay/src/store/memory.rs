@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::{
-    codec, AccountRecord, AccountStore, Expired, FetchedKeys, KeyStore, MailboxStore, NewMessage,
-    OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
+    KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
+    StoredMessage, UploadMeta, Usage,
 };
 use crate::clock::UnixMillis;
 
@@ -26,6 +27,9 @@ struct Inner {
     accounts: HashMap<AccountId, AccountRecord>,
     tokens: HashMap<AccountId, [u8; 32]>,
     keys: HashMap<DeviceAddress, Keys>,
+    blobs: HashMap<BlobId, BlobMeta>,
+    blob_bytes: HashMap<AccountId, u64>,
+    uploads: BTreeMap<(AccountId, BlobId), UploadMeta>,
 }
 
 #[derive(Debug, Default)]
@@ -234,6 +238,90 @@ impl KeyStore for MemoryStore {
             .keys
             .get(of)
             .map_or(0, |k| k.one_time.len() as u64))
+    }
+}
+
+impl BlobIndex for MemoryStore {
+    fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        Ok(self.lock().blobs.get(id).copied())
+    }
+
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()> {
+        let mut inner = self.lock();
+        if let Some(old) = inner.blobs.insert(*id, *meta) {
+            *inner.blob_bytes.entry(old.owner).or_default() -= old.size;
+        }
+        *inner.blob_bytes.entry(meta.owner).or_default() += meta.size;
+        inner.uploads.remove(&(meta.owner, *id));
+        Ok(())
+    }
+
+    fn touch_blob(
+        &self,
+        id: &BlobId,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Option<BlobMeta>> {
+        let mut inner = self.lock();
+        Ok(inner.blobs.get_mut(id).map(|m| {
+            m.last_used_at = now;
+            m.expires_at = m.expires_at.max(expires_at);
+            *m
+        }))
+    }
+
+    fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        let mut inner = self.lock();
+        let removed = inner.blobs.remove(id);
+        if let Some(m) = removed {
+            *inner.blob_bytes.entry(m.owner).or_default() -= m.size;
+        }
+        Ok(removed)
+    }
+
+    fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
+        let inner = self.lock();
+        let mut due: Vec<(UnixMillis, BlobId)> = inner
+            .blobs
+            .iter()
+            .filter(|(_, m)| m.expires_at <= now)
+            .map(|(id, m)| (m.expires_at, *id))
+            .collect();
+        due.sort_unstable();
+        Ok(due.into_iter().take(max).map(|(_, id)| id).collect())
+    }
+
+    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64> {
+        Ok(self.lock().blob_bytes.get(account).copied().unwrap_or(0))
+    }
+
+    fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
+        Ok(self.lock().uploads.get(&(*account, *id)).copied())
+    }
+
+    fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()> {
+        self.lock().uploads.insert((*account, *id), *meta);
+        Ok(())
+    }
+
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()> {
+        self.lock().uploads.remove(&(*account, *id));
+        Ok(())
+    }
+
+    fn stale_uploads(
+        &self,
+        before: UnixMillis,
+        max: usize,
+    ) -> StoreResult<Vec<(AccountId, BlobId)>> {
+        Ok(self
+            .lock()
+            .uploads
+            .iter()
+            .filter(|(_, m)| m.touched_at < before)
+            .take(max)
+            .map(|(k, _)| *k)
+            .collect())
     }
 }
 

@@ -125,6 +125,69 @@ pub trait MailboxStore: Send + Sync + 'static {
     fn flush(&self) -> StoreResult<()>;
 }
 
+/// A blob id: SHA-256 of the blob's (encrypted) bytes.
+pub type BlobId = [u8; 32];
+
+/// A stored blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobMeta {
+    /// Bytes.
+    pub size: u64,
+    /// When its upload completed.
+    pub created_at: UnixMillis,
+    /// Its last upload or forward.
+    pub last_used_at: UnixMillis,
+    /// When the sweeper deletes it.
+    pub expires_at: UnixMillis,
+    /// The account that uploaded it, charged for its bytes.
+    pub owner: AccountId,
+}
+
+/// An upload in progress (its bytes are in a file beside the blobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadMeta {
+    /// The size the uploader announced.
+    pub size: u64,
+    /// When it started.
+    pub started_at: UnixMillis,
+    /// When bytes last arrived.
+    pub touched_at: UnixMillis,
+}
+
+/// What the relay knows about blobs; their bytes are files the caller keeps.
+pub trait BlobIndex: Send + Sync + 'static {
+    /// A blob's record.
+    fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
+    /// Records a complete blob, charges its owner, and ends the owner's upload of it,
+    /// in one atomic change.
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()>;
+    /// Moves a blob's expiry (a forward, or a repeated upload); `None` if absent.
+    fn touch_blob(
+        &self,
+        id: &BlobId,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Option<BlobMeta>>;
+    /// Deletes a blob's record and uncharges its owner.
+    fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
+    /// Up to `max` blobs with `expires_at <= now`, soonest first.
+    fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>>;
+    /// Bytes of the blobs `account` owns.
+    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64>;
+    /// An upload in progress.
+    fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>>;
+    /// Records an upload in progress.
+    fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()>;
+    /// Forgets an upload.
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()>;
+    /// Up to `max` uploads whose bytes last arrived before `before`.
+    fn stale_uploads(
+        &self,
+        before: UnixMillis,
+        max: usize,
+    ) -> StoreResult<Vec<(AccountId, BlobId)>>;
+}
+
 /// A registered account.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountRecord {

@@ -25,8 +25,9 @@ use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::{
-    codec, AccountRecord, AccountStore, Expired, FetchedKeys, KeyStore, MailboxStore, NewMessage,
-    OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
+    KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
+    StoredMessage, UploadMeta, Usage,
 };
 use crate::clock::UnixMillis;
 
@@ -46,6 +47,7 @@ pub struct SledStore {
     accounts: sled::Tree,
     tokens: sled::Tree,
     keys: sled::Tree,
+    blobs: sled::Tree,
 }
 
 fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
@@ -156,12 +158,14 @@ impl SledStore {
         let accounts = db.open_tree("accounts").map_err(backend)?;
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
         let keys = db.open_tree("keys").map_err(backend)?;
+        let blobs = db.open_tree("blobs").map_err(backend)?;
         Ok(SledStore {
             db,
             mailboxes,
             accounts,
             tokens,
             keys,
+            blobs,
         })
     }
 
@@ -439,6 +443,213 @@ impl KeyStore for SledStore {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+// Blob index, in the "blobs" tree:
+//   'B' id            -> size, created, last used, expires (u64 each), owner (16)
+//   'X' expires id    -> ()                    expiry index
+//   'A' account       -> bytes owned (u64)
+//   'P' account id    -> size, started, touched (u64 each)   uploads in progress
+const BLOB: u8 = b'B';
+const BLOB_EXPIRY: u8 = b'X';
+const BLOB_BYTES: u8 = b'A';
+const UPLOAD: u8 = b'P';
+
+fn blob_key(id: &BlobId) -> Vec<u8> {
+    [&[BLOB][..], id].concat()
+}
+
+fn blob_expiry_key(expires_at: UnixMillis, id: &BlobId) -> Vec<u8> {
+    [&[BLOB_EXPIRY][..], &expires_at.to_be_bytes(), id].concat()
+}
+
+fn blob_bytes_key(account: &AccountId) -> Vec<u8> {
+    [&[BLOB_BYTES][..], account.as_bytes()].concat()
+}
+
+fn upload_key(account: &AccountId, id: &BlobId) -> Vec<u8> {
+    [&[UPLOAD][..], account.as_bytes(), id].concat()
+}
+
+fn encode_blob(m: &BlobMeta) -> Vec<u8> {
+    [
+        &m.size.to_be_bytes()[..],
+        &m.created_at.to_be_bytes(),
+        &m.last_used_at.to_be_bytes(),
+        &m.expires_at.to_be_bytes(),
+        m.owner.as_bytes(),
+    ]
+    .concat()
+}
+
+fn decode_blob(v: &[u8]) -> StoreResult<BlobMeta> {
+    if v.len() != 48 {
+        return Err(StoreError::Corrupt("blob record"));
+    }
+    let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
+    Ok(BlobMeta {
+        size: u(0)?,
+        created_at: u(8)?,
+        last_used_at: u(16)?,
+        expires_at: u(24)?,
+        owner: AccountId::try_from(&v[32..48]).map_err(|_| StoreError::Corrupt("blob owner"))?,
+    })
+}
+
+impl SledStore {
+    fn owned_bytes(&self, account: &AccountId) -> StoreResult<u64> {
+        match self.blobs.get(blob_bytes_key(account)).map_err(backend)? {
+            Some(v) => Ok(u64::from_be_bytes(fixed(&v)?)),
+            None => Ok(0),
+        }
+    }
+}
+
+/// Callers serialise blob index changes (the relay's blob store holds a lock), so the
+/// owner's byte count is a plain read-modify-write inside one atomic batch.
+impl BlobIndex for SledStore {
+    fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        self.blobs
+            .get(blob_key(id))
+            .map_err(backend)?
+            .map(|v| decode_blob(&v))
+            .transpose()
+    }
+
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        let mut owned = self.owned_bytes(&meta.owner)?;
+        if let Some(old) = self.blob(id)? {
+            batch.remove(blob_expiry_key(old.expires_at, id));
+            if old.owner == meta.owner {
+                owned -= old.size.min(owned);
+            } else {
+                let theirs = self.owned_bytes(&old.owner)?;
+                batch.insert(
+                    blob_bytes_key(&old.owner),
+                    &(theirs - old.size.min(theirs)).to_be_bytes(),
+                );
+            }
+        }
+        batch.insert(blob_key(id), encode_blob(meta));
+        batch.insert(blob_expiry_key(meta.expires_at, id), &[][..]);
+        batch.insert(
+            blob_bytes_key(&meta.owner),
+            &(owned + meta.size).to_be_bytes(),
+        );
+        batch.remove(upload_key(&meta.owner, id));
+        self.blobs.apply_batch(batch).map_err(backend)
+    }
+
+    fn touch_blob(
+        &self,
+        id: &BlobId,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Option<BlobMeta>> {
+        let Some(mut meta) = self.blob(id)? else {
+            return Ok(None);
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(blob_expiry_key(meta.expires_at, id));
+        meta.last_used_at = now;
+        meta.expires_at = meta.expires_at.max(expires_at);
+        batch.insert(blob_key(id), encode_blob(&meta));
+        batch.insert(blob_expiry_key(meta.expires_at, id), &[][..]);
+        self.blobs.apply_batch(batch).map_err(backend)?;
+        Ok(Some(meta))
+    }
+
+    fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        let Some(meta) = self.blob(id)? else {
+            return Ok(None);
+        };
+        let owned = self.owned_bytes(&meta.owner)?;
+        let mut batch = sled::Batch::default();
+        batch.remove(blob_key(id));
+        batch.remove(blob_expiry_key(meta.expires_at, id));
+        batch.insert(
+            blob_bytes_key(&meta.owner),
+            &(owned - meta.size.min(owned)).to_be_bytes(),
+        );
+        self.blobs.apply_batch(batch).map_err(backend)?;
+        Ok(Some(meta))
+    }
+
+    fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
+        let mut out = Vec::new();
+        for kv in self.blobs.scan_prefix([BLOB_EXPIRY]).take(max) {
+            let (k, _) = kv.map_err(backend)?;
+            let expires_at = u64::from_be_bytes(fixed(&k[1..9])?);
+            if expires_at > now {
+                break;
+            }
+            out.push(fixed(&k[9..])?);
+        }
+        Ok(out)
+    }
+
+    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64> {
+        self.owned_bytes(account)
+    }
+
+    fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
+        let Some(v) = self.blobs.get(upload_key(account, id)).map_err(backend)? else {
+            return Ok(None);
+        };
+        if v.len() != 24 {
+            return Err(StoreError::Corrupt("upload record"));
+        }
+        let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
+        Ok(Some(UploadMeta {
+            size: u(0)?,
+            started_at: u(8)?,
+            touched_at: u(16)?,
+        }))
+    }
+
+    fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()> {
+        let v = [
+            meta.size.to_be_bytes(),
+            meta.started_at.to_be_bytes(),
+            meta.touched_at.to_be_bytes(),
+        ]
+        .concat();
+        self.blobs
+            .insert(upload_key(account, id), v)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()> {
+        self.blobs
+            .remove(upload_key(account, id))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn stale_uploads(
+        &self,
+        before: UnixMillis,
+        max: usize,
+    ) -> StoreResult<Vec<(AccountId, BlobId)>> {
+        let mut out = Vec::new();
+        for kv in self.blobs.scan_prefix([UPLOAD]) {
+            if out.len() >= max {
+                break;
+            }
+            let (k, v) = kv.map_err(backend)?;
+            let touched = u64::from_be_bytes(fixed(
+                v.get(16..24).ok_or(StoreError::Corrupt("upload record"))?,
+            )?);
+            if touched < before {
+                let account = AccountId::try_from(&k[1..17])
+                    .map_err(|_| StoreError::Corrupt("upload key"))?;
+                out.push((account, fixed(&k[17..])?));
+            }
+        }
+        Ok(out)
     }
 }
 

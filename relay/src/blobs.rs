@@ -1,0 +1,764 @@
+//! Encrypted media: content-addressed blobs, stored once however often forwarded.
+//!
+//! A blob's id is the SHA-256 of its bytes, which clients encrypted with a key the
+//! relay never sees. Bytes live in files under `<data dir>/blobs/` (named by id),
+//! metadata in the [`BlobIndex`]. An upload goes to a file under `uploads/`, named by a
+//! hash of uploader and id, and becomes a blob only once its bytes hash to the id it
+//! claimed: then it is fsynced, renamed into place and its directory fsynced, and only
+//! then recorded. A wrong upload leaves nothing behind. Uploading an id the relay
+//! already has transfers nothing and extends the blob's life, as a forward does.
+//!
+//! # Rules
+//! - A blob expires `ttl` (at most 30 days) after its last upload or forward; the
+//!   sweeper deletes expired blobs, and uploads with no bytes for `abandon_after`.
+//! - Limits: blob size, concurrent uploads per account, bytes an account owns, and
+//!   upload rate per account; each refusal is a typed error.
+//! - Downloads need only the id (256 bits, unguessable).
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tern_proto::AccountId;
+
+use crate::clock::{Clock, UnixMillis};
+use crate::store::{BlobId, BlobIndex, BlobMeta, StoreError, UploadMeta};
+
+/// Limits on media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobLimits {
+    /// Largest blob.
+    pub max_blob_bytes: u64,
+    /// Uploads one account may run at once.
+    pub max_concurrent_uploads: usize,
+    /// Bytes of blobs one account may own (blobs it uploaded first).
+    pub max_account_bytes: u64,
+    /// Upload bytes per second per account, averaged over a second.
+    pub max_upload_bytes_per_sec: u64,
+    /// A blob lives this long after its last upload or forward (at most 30 days).
+    pub ttl: Duration,
+    /// An upload with no bytes for this long is deleted.
+    pub abandon_after: Duration,
+}
+
+impl Default for BlobLimits {
+    fn default() -> Self {
+        BlobLimits {
+            max_blob_bytes: 2 << 30,
+            max_concurrent_uploads: 4,
+            max_account_bytes: 20 << 30,
+            max_upload_bytes_per_sec: 200 << 20,
+            ttl: Duration::from_secs(30 * 24 * 3600),
+            abandon_after: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why a blob operation was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    /// Larger than the relay takes.
+    #[error("blob too large: {size} bytes, at most {max}")]
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The account runs as many uploads as it may.
+    #[error("too many uploads at once (at most {0})")]
+    TooManyUploads(usize),
+    /// The account owns as many bytes as it may.
+    #[error("storage quota reached")]
+    QuotaExceeded,
+    /// Faster than the account may upload; retry after the given time.
+    #[error("upload rate exceeded")]
+    RateLimited {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// No such blob (or it expired).
+    #[error("no such blob")]
+    NotFound,
+    /// No upload of this blob by this account is in progress.
+    #[error("no such upload")]
+    NoUpload,
+    /// Bytes at an offset other than where the upload stands.
+    #[error("upload is at byte {expected}, not {got}")]
+    WrongOffset {
+        /// Where the upload stands.
+        expected: u64,
+        /// Where the bytes claimed to start.
+        got: u64,
+    },
+    /// More bytes than announced.
+    #[error("more bytes than the announced size")]
+    Overflow,
+    /// Finished before all announced bytes arrived.
+    #[error("upload incomplete: {received} of {size} bytes")]
+    Incomplete {
+        /// Bytes so far.
+        received: u64,
+        /// Announced size.
+        size: u64,
+    },
+    /// The bytes do not hash to the claimed id; the upload was discarded.
+    #[error("the uploaded bytes do not match the blob id")]
+    DigestMismatch,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file operation failed.
+    #[error("blob file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result with [`BlobError`].
+pub type BlobResult<T> = Result<T, BlobError>;
+
+/// How an upload begins.
+#[derive(Debug)]
+pub enum Begin {
+    /// The relay has this blob: nothing to send; its life was extended.
+    Exists(BlobMeta),
+    /// Send bytes from `offset` (nonzero when resuming); the upload counts against the
+    /// account's concurrent uploads until the slot is dropped.
+    Upload {
+        /// Where to resume.
+        offset: u64,
+        /// Holds the account's upload slot.
+        slot: UploadSlot,
+    },
+}
+
+/// One of an account's concurrent upload slots; freed when dropped.
+#[derive(Debug)]
+pub struct UploadSlot {
+    account: AccountId,
+    active: Arc<Mutex<HashMap<AccountId, usize>>>,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        let mut active = lock(&self.active);
+        if let Some(n) = active.get_mut(&self.account) {
+            *n -= 1;
+            if *n == 0 {
+                active.remove(&self.account);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes an account uploaded in the current one-second window.
+#[derive(Debug, Default, Clone, Copy)]
+struct Window {
+    second: u64,
+    bytes: u64,
+}
+
+/// What the sweeper removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    /// Expired blobs.
+    pub blobs: u64,
+    /// Abandoned uploads.
+    pub uploads: u64,
+}
+
+/// The relay's blobs. See the module docs.
+pub struct BlobStore {
+    blobs_dir: PathBuf,
+    uploads_dir: PathBuf,
+    index: Arc<dyn BlobIndex>,
+    clock: Arc<dyn Clock>,
+    limits: BlobLimits,
+    active: Arc<Mutex<HashMap<AccountId, usize>>>,
+    windows: Mutex<HashMap<AccountId, Window>>,
+    /// Serialises index changes (see [`BlobIndex`]) and renames.
+    commit: Mutex<()>,
+    received: AtomicU64,
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobStore").finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Fsyncs a directory, so a rename or removal in it survives a crash.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl BlobStore {
+    /// Blobs under `data_dir`, metadata in `index`.
+    pub fn open(
+        data_dir: &Path,
+        index: Arc<dyn BlobIndex>,
+        clock: Arc<dyn Clock>,
+        limits: BlobLimits,
+    ) -> BlobResult<Self> {
+        let blobs_dir = data_dir.join("blobs");
+        let uploads_dir = data_dir.join("uploads");
+        fs::create_dir_all(&blobs_dir)?;
+        fs::create_dir_all(&uploads_dir)?;
+        Ok(BlobStore {
+            blobs_dir,
+            uploads_dir,
+            index,
+            clock,
+            limits,
+            active: Arc::default(),
+            windows: Mutex::default(),
+            commit: Mutex::new(()),
+            received: AtomicU64::new(0),
+        })
+    }
+
+    /// Blob bytes received over every upload since start.
+    pub fn received_bytes(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn blob_path(&self, id: &BlobId) -> PathBuf {
+        let name = hex(id);
+        self.blobs_dir.join(&name[..2]).join(name)
+    }
+
+    /// The upload's file name names neither the account nor the blob.
+    fn upload_path(&self, account: &AccountId, id: &BlobId) -> PathBuf {
+        let name = Sha256::new()
+            .chain_update(b"tern upload")
+            .chain_update(account.as_bytes())
+            .chain_update(id)
+            .finalize();
+        self.uploads_dir.join(format!("{}.part", hex(&name[..16])))
+    }
+
+    fn expires_from(&self, now: UnixMillis) -> UnixMillis {
+        now.saturating_add(millis(self.limits.ttl))
+    }
+
+    /// A blob's record, if the relay has it and it has not expired.
+    pub fn status(&self, id: &BlobId) -> BlobResult<Option<BlobMeta>> {
+        let now = self.clock.now();
+        Ok(self.index.blob(id)?.filter(|m| m.expires_at > now))
+    }
+
+    /// A forward: the blob lives another `ttl` from now. [`BlobError::NotFound`] if the
+    /// relay no longer has it (the forwarder must upload again).
+    pub fn touch(&self, id: &BlobId) -> BlobResult<BlobMeta> {
+        let _commit = lock(&self.commit);
+        let now = self.clock.now();
+        if self.status(id)?.is_none() {
+            return Err(BlobError::NotFound);
+        }
+        self.index
+            .touch_blob(id, now, self.expires_from(now))?
+            .ok_or(BlobError::NotFound)
+    }
+
+    /// Starts (or resumes) `account`'s upload of `size` bytes claimed to hash to `id`.
+    pub fn begin(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<Begin> {
+        if size > self.limits.max_blob_bytes {
+            return Err(BlobError::TooLarge {
+                size,
+                max: self.limits.max_blob_bytes,
+            });
+        }
+        if self.status(id)?.is_some() {
+            return Ok(Begin::Exists(self.touch(id)?));
+        }
+        if self.index.account_bytes(account)?.saturating_add(size) > self.limits.max_account_bytes {
+            return Err(BlobError::QuotaExceeded);
+        }
+        let slot = {
+            let mut active = lock(&self.active);
+            let n = active.entry(*account).or_default();
+            if *n >= self.limits.max_concurrent_uploads {
+                return Err(BlobError::TooManyUploads(
+                    self.limits.max_concurrent_uploads,
+                ));
+            }
+            *n += 1;
+            UploadSlot {
+                account: *account,
+                active: self.active.clone(),
+            }
+        };
+        let now = self.clock.now();
+        let path = self.upload_path(account, id);
+        let offset = match self.index.upload(account, id)? {
+            // A different announced size starts over.
+            Some(meta) if meta.size == size => fs::metadata(&path).map_or(0, |m| m.len()),
+            _ => {
+                let _ = fs::remove_file(&path);
+                0
+            }
+        };
+        let started_at = self
+            .index
+            .upload(account, id)?
+            .map_or(now, |m| m.started_at);
+        self.index.put_upload(
+            account,
+            id,
+            &UploadMeta {
+                size,
+                started_at,
+                touched_at: now,
+            },
+        )?;
+        Ok(Begin::Upload { offset, slot })
+    }
+
+    /// Charges `n` upload bytes to `account`'s rate window.
+    fn charge(&self, account: &AccountId, n: u64) -> BlobResult<()> {
+        let now = self.clock.now();
+        let second = now / 1000;
+        let mut windows = lock(&self.windows);
+        let w = windows.entry(*account).or_default();
+        if w.second != second {
+            *w = Window { second, bytes: 0 };
+        }
+        if w.bytes > 0 && w.bytes + n > self.limits.max_upload_bytes_per_sec {
+            return Err(BlobError::RateLimited {
+                retry_after: Duration::from_millis(1000 - now % 1000),
+            });
+        }
+        w.bytes += n;
+        Ok(())
+    }
+
+    /// Appends bytes to `account`'s upload of `id` at `offset`, which must be where
+    /// the upload stands. Returns the new length.
+    pub fn append(
+        &self,
+        account: &AccountId,
+        id: &BlobId,
+        offset: u64,
+        bytes: &[u8],
+    ) -> BlobResult<u64> {
+        let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
+        let path = self.upload_path(account, id);
+        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let len = file.metadata()?.len();
+        if offset != len {
+            return Err(BlobError::WrongOffset {
+                expected: len,
+                got: offset,
+            });
+        }
+        let n = bytes.len() as u64;
+        if len + n > meta.size {
+            return Err(BlobError::Overflow);
+        }
+        self.charge(account, n)?;
+        file.write_all(bytes)?;
+        self.received.fetch_add(n, Ordering::Relaxed);
+        let now = self.clock.now();
+        if now.saturating_sub(meta.touched_at) >= 1000 {
+            self.index.put_upload(
+                account,
+                id,
+                &UploadMeta {
+                    touched_at: now,
+                    ..meta
+                },
+            )?;
+        }
+        Ok(len + n)
+    }
+
+    /// Ends an upload: its bytes must all be there and hash to `id`. Then they are
+    /// fsynced, renamed into place, and recorded. A mismatch deletes the upload.
+    pub fn finish(&self, account: &AccountId, id: &BlobId) -> BlobResult<BlobMeta> {
+        let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
+        let path = self.upload_path(account, id);
+        let mut file = File::open(&path)?;
+        let received = file.metadata()?.len();
+        if received != meta.size {
+            return Err(BlobError::Incomplete {
+                received,
+                size: meta.size,
+            });
+        }
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+        if <[u8; 32]>::from(hash.finalize()) != *id {
+            drop(file);
+            self.index.remove_upload(account, id)?;
+            fs::remove_file(&path)?;
+            return Err(BlobError::DigestMismatch);
+        }
+        file.sync_all()?;
+        drop(file);
+        let _commit = lock(&self.commit);
+        let now = self.clock.now();
+        if let Some(existing) = self.status(id)? {
+            // Someone else completed the same blob meanwhile: keep theirs.
+            self.index.remove_upload(account, id)?;
+            fs::remove_file(&path)?;
+            return Ok(self
+                .index
+                .touch_blob(id, now, self.expires_from(now))?
+                .unwrap_or(existing));
+        }
+        let target = self.blob_path(id);
+        let dir = target.parent().ok_or(BlobError::NotFound)?;
+        fs::create_dir_all(dir)?;
+        fs::rename(&path, &target)?;
+        sync_dir(dir)?;
+        sync_dir(&self.uploads_dir)?;
+        let blob = BlobMeta {
+            size: meta.size,
+            created_at: now,
+            last_used_at: now,
+            expires_at: self.expires_from(now),
+            owner: *account,
+        };
+        self.index.insert_blob(id, &blob)?;
+        Ok(blob)
+    }
+
+    /// Opens a blob for reading from `offset`; returns the file and the blob's size.
+    pub fn open_read(&self, id: &BlobId, offset: u64) -> BlobResult<(File, u64)> {
+        let meta = self.status(id)?.ok_or(BlobError::NotFound)?;
+        if offset > meta.size {
+            return Err(BlobError::WrongOffset {
+                expected: meta.size,
+                got: offset,
+            });
+        }
+        let mut file = File::open(self.blob_path(id)).map_err(|_| BlobError::NotFound)?;
+        file.seek(SeekFrom::Start(offset))?;
+        Ok((file, meta.size))
+    }
+
+    /// Deletes up to `max` expired blobs (record first, then file) and uploads
+    /// abandoned for `abandon_after`.
+    pub fn sweep(&self, max: usize) -> BlobResult<Swept> {
+        let now = self.clock.now();
+        let mut swept = Swept::default();
+        for id in self.index.expired_blobs(now, max)? {
+            let _commit = lock(&self.commit);
+            // A forward may have moved it since the scan.
+            if self.index.blob(&id)?.is_some_and(|m| m.expires_at <= now) {
+                self.index.remove_blob(&id)?;
+                match fs::remove_file(self.blob_path(&id)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
+                swept.blobs += 1;
+            }
+        }
+        let before = now.saturating_sub(millis(self.limits.abandon_after));
+        for (account, id) in self.index.stale_uploads(before, max)? {
+            if lock(&self.active).contains_key(&account) {
+                // The account is uploading right now; its stale entries wait.
+                continue;
+            }
+            self.index.remove_upload(&account, &id)?;
+            match fs::remove_file(self.upload_path(&account, &id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            swept.uploads += 1;
+        }
+        Ok(swept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::store::{MemoryStore, SledStore};
+
+    fn id_of(bytes: &[u8]) -> BlobId {
+        Sha256::digest(bytes).into()
+    }
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    struct Fixture {
+        store: BlobStore,
+        clock: Arc<ManualClock>,
+        dir: tempfile::TempDir,
+    }
+
+    fn fixture(index: Arc<dyn BlobIndex>, limits: BlobLimits) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = BlobStore::open(dir.path(), index, clock.clone(), limits).expect("open");
+        Fixture { store, clock, dir }
+    }
+
+    fn upload(s: &BlobStore, account: &AccountId, bytes: &[u8]) -> BlobResult<BlobMeta> {
+        let id = id_of(bytes);
+        match s.begin(account, &id, bytes.len() as u64)? {
+            Begin::Exists(meta) => Ok(meta),
+            Begin::Upload { offset, slot } => {
+                s.append(account, &id, offset, &bytes[offset as usize..])?;
+                let meta = s.finish(account, &id);
+                drop(slot);
+                meta
+            }
+        }
+    }
+
+    const ALICE: AccountId = AccountId([1; 16]);
+    const BOB: AccountId = AccountId([2; 16]);
+
+    #[test]
+    fn an_upload_becomes_a_blob_once_and_a_repeat_sends_nothing() {
+        let sled_dir = tempfile::tempdir().expect("dir");
+        for index in [
+            Arc::new(MemoryStore::new()) as Arc<dyn BlobIndex>,
+            Arc::new(SledStore::open(sled_dir.path(), 1 << 20).expect("sled")),
+        ] {
+            let f = fixture(index, BlobLimits::default());
+            let bytes = vec![7u8; 100_000];
+            let meta = upload(&f.store, &ALICE, &bytes).expect("upload");
+            assert_eq!(meta.size, 100_000);
+            assert_eq!(f.store.received_bytes(), 100_000);
+            // Bob "uploads" the same id: nothing moves, the blob lives longer.
+            f.clock.advance(Duration::from_secs(3600));
+            let again = f.store.begin(&BOB, &id_of(&bytes), 100_000).expect("begin");
+            assert!(matches!(again, Begin::Exists(m) if m.expires_at > meta.expires_at));
+            assert_eq!(
+                f.store.received_bytes(),
+                100_000,
+                "no bytes the second time"
+            );
+            let (mut file, size) = f.store.open_read(&id_of(&bytes), 99_990).expect("read");
+            let mut tail = Vec::new();
+            file.read_to_end(&mut tail).expect("read");
+            assert_eq!((size, tail.len()), (100_000, 10));
+            let blob_files = files(&f.dir.path().join("blobs"));
+            assert_eq!(blob_files.len(), 1);
+            assert!(files(&f.dir.path().join("uploads")).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_wrong_upload_is_refused_and_leaves_nothing() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let claimed = id_of(b"what I say it is");
+        let Begin::Upload { offset, slot } = f.store.begin(&ALICE, &claimed, 5).expect("begin")
+        else {
+            panic!("new blob")
+        };
+        f.store
+            .append(&ALICE, &claimed, offset, b"other")
+            .expect("append");
+        assert!(matches!(
+            f.store.finish(&ALICE, &claimed),
+            Err(BlobError::DigestMismatch)
+        ));
+        drop(slot);
+        assert!(f.store.status(&claimed).expect("status").is_none());
+        assert!(
+            files(f.dir.path()).is_empty(),
+            "nothing behind: {:?}",
+            files(f.dir.path())
+        );
+        // Bytes past the announced size, or at the wrong offset, are refused too.
+        let id = id_of(b"abc");
+        let Begin::Upload { .. } = f.store.begin(&ALICE, &id, 3).expect("begin") else {
+            panic!("new blob")
+        };
+        assert!(matches!(
+            f.store.append(&ALICE, &id, 0, b"abcd"),
+            Err(BlobError::Overflow)
+        ));
+        assert!(matches!(
+            f.store.append(&ALICE, &id, 1, b"b"),
+            Err(BlobError::WrongOffset {
+                expected: 0,
+                got: 1
+            })
+        ));
+        assert!(matches!(
+            f.store.finish(&ALICE, &id),
+            Err(BlobError::Incomplete { .. })
+        ));
+    }
+
+    #[test]
+    fn an_interrupted_upload_resumes_where_it_stopped() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let id = id_of(&bytes);
+        let Begin::Upload { offset: 0, slot } = f.store.begin(&ALICE, &id, 200_000).expect("begin")
+        else {
+            panic!("fresh")
+        };
+        f.store
+            .append(&ALICE, &id, 0, &bytes[..70_000])
+            .expect("half");
+        drop(slot); // the connection dropped
+        let Begin::Upload {
+            offset,
+            slot: _slot,
+        } = f.store.begin(&ALICE, &id, 200_000).expect("again")
+        else {
+            panic!("resume")
+        };
+        assert_eq!(offset, 70_000);
+        f.store
+            .append(&ALICE, &id, offset, &bytes[70_000..])
+            .expect("rest");
+        f.store.finish(&ALICE, &id).expect("complete");
+        assert_eq!(f.store.received_bytes(), 200_000, "each byte once");
+    }
+
+    #[test]
+    fn expiry_deletes_the_blob_and_a_forward_moves_it() {
+        let limits = BlobLimits {
+            ttl: Duration::from_secs(3600),
+            ..BlobLimits::default()
+        };
+        let f = fixture(Arc::new(MemoryStore::new()), limits);
+        let (a, b) = (b"forwarded".to_vec(), b"left alone".to_vec());
+        upload(&f.store, &ALICE, &a).expect("a");
+        upload(&f.store, &ALICE, &b).expect("b");
+        f.clock.advance(Duration::from_secs(1800));
+        f.store.touch(&id_of(&a)).expect("forward");
+        f.clock.advance(Duration::from_secs(1801));
+        assert!(
+            f.store.status(&id_of(&b)).expect("status").is_none(),
+            "expired is gone at once"
+        );
+        let swept = f.store.sweep(100).expect("sweep");
+        assert_eq!(swept.blobs, 1);
+        assert!(
+            f.store.status(&id_of(&a)).expect("status").is_some(),
+            "the forward kept it"
+        );
+        assert_eq!(files(&f.dir.path().join("blobs")).len(), 1);
+        assert!(matches!(
+            f.store.touch(&id_of(&b)),
+            Err(BlobError::NotFound)
+        ));
+        f.clock.advance(Duration::from_secs(3600));
+        assert_eq!(f.store.sweep(100).expect("sweep").blobs, 1);
+        assert!(files(&f.dir.path().join("blobs")).is_empty());
+        assert_eq!(f.store.index.account_bytes(&ALICE).expect("bytes"), 0);
+    }
+
+    #[test]
+    fn abandoned_uploads_are_swept() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let id = id_of(b"never finished");
+        let Begin::Upload { slot, .. } = f.store.begin(&ALICE, &id, 14).expect("begin") else {
+            panic!("fresh")
+        };
+        f.store.append(&ALICE, &id, 0, b"never").expect("append");
+        drop(slot);
+        assert_eq!(
+            f.store.sweep(100).expect("sweep").uploads,
+            0,
+            "not yet abandoned"
+        );
+        f.clock.advance(Duration::from_secs(25 * 3600));
+        assert_eq!(f.store.sweep(100).expect("sweep").uploads, 1);
+        assert!(files(f.dir.path()).is_empty());
+    }
+
+    #[test]
+    fn limits_refuse_with_clear_errors() {
+        let limits = BlobLimits {
+            max_blob_bytes: 1000,
+            max_concurrent_uploads: 1,
+            max_account_bytes: 1500,
+            max_upload_bytes_per_sec: 2000,
+            ..BlobLimits::default()
+        };
+        let f = fixture(Arc::new(MemoryStore::new()), limits);
+        assert!(matches!(
+            f.store.begin(&ALICE, &[1; 32], 1001),
+            Err(BlobError::TooLarge {
+                size: 1001,
+                max: 1000
+            })
+        ));
+        let first = f.store.begin(&ALICE, &[1; 32], 10).expect("one upload");
+        assert!(matches!(
+            f.store.begin(&ALICE, &[2; 32], 10),
+            Err(BlobError::TooManyUploads(1))
+        ));
+        assert!(f.store.begin(&BOB, &[2; 32], 10).is_ok(), "per account");
+        drop(first);
+        upload(&f.store, &ALICE, &[5u8; 1000]).expect("within quota");
+        assert!(matches!(
+            f.store.begin(&ALICE, &[3; 32], 600),
+            Err(BlobError::QuotaExceeded)
+        ));
+        // Rate: an account's bytes per second.
+        let f = fixture(
+            Arc::new(MemoryStore::new()),
+            BlobLimits {
+                max_upload_bytes_per_sec: 2000,
+                ..BlobLimits::default()
+            },
+        );
+        let bytes = [6u8; 3000];
+        let id = id_of(&bytes);
+        let Begin::Upload { slot: _slot, .. } = f.store.begin(&BOB, &id, 3000).expect("begin")
+        else {
+            panic!("fresh")
+        };
+        f.store
+            .append(&BOB, &id, 0, &bytes[..1500])
+            .expect("within rate");
+        assert!(matches!(
+            f.store.append(&BOB, &id, 1500, &bytes[1500..]),
+            Err(BlobError::RateLimited { .. })
+        ));
+        f.clock.advance(Duration::from_secs(1));
+        f.store
+            .append(&BOB, &id, 1500, &bytes[1500..])
+            .expect("next second");
+        f.store.finish(&BOB, &id).expect("complete");
+    }
+}
