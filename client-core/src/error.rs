@@ -35,6 +35,9 @@ pub enum Error {
     /// The relay sent something that breaks the protocol.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// Reading or writing an attachment's bytes failed.
+    #[error("attachment: {0}")]
+    Media(String),
     /// The device store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),

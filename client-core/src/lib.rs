@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`crypto`]: end-to-end cryptography: sealed sender, padding.
+//! - [`media`]: attachments: encrypt, upload once, download, forward without re-upload.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], a pipelined connection to one relay: register,
 //!   authenticate, send envelopes, receive pushed deliveries, acknowledge them.
@@ -32,6 +33,7 @@ pub mod client;
 pub mod crypto;
 pub mod error;
 pub mod identity;
+pub mod media;
 pub mod net;
 pub mod safety;
 pub mod store;

@@ -15,7 +15,7 @@
 //!   upload rate per account; each refusal is a typed error.
 //! - Downloads need only the id (256 bits, unguessable).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -74,6 +74,9 @@ pub enum BlobError {
     /// The account runs as many uploads as it may.
     #[error("too many uploads at once (at most {0})")]
     TooManyUploads(usize),
+    /// This account is uploading this blob on another stream right now.
+    #[error("an upload of this blob is already in progress")]
+    InProgress,
     /// The account owns as many bytes as it may.
     #[error("storage quota reached")]
     QuotaExceeded,
@@ -141,11 +144,14 @@ pub enum Begin {
 #[derive(Debug)]
 pub struct UploadSlot {
     account: AccountId,
+    id: BlobId,
     active: Arc<Mutex<HashMap<AccountId, usize>>>,
+    uploading: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
 }
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
+        lock(&self.uploading).remove(&(self.account, self.id));
         let mut active = lock(&self.active);
         if let Some(n) = active.get_mut(&self.account) {
             *n -= 1;
@@ -184,6 +190,7 @@ pub struct BlobStore {
     clock: Arc<dyn Clock>,
     limits: BlobLimits,
     active: Arc<Mutex<HashMap<AccountId, usize>>>,
+    uploading: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
     windows: Mutex<HashMap<AccountId, Window>>,
     /// Serialises index changes (see [`BlobIndex`]) and renames.
     commit: Mutex<()>,
@@ -228,6 +235,7 @@ impl BlobStore {
             clock,
             limits,
             active: Arc::default(),
+            uploading: Arc::default(),
             windows: Mutex::default(),
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
@@ -292,7 +300,11 @@ impl BlobStore {
             return Err(BlobError::QuotaExceeded);
         }
         let slot = {
+            let mut uploading = lock(&self.uploading);
             let mut active = lock(&self.active);
+            if uploading.contains(&(*account, *id)) {
+                return Err(BlobError::InProgress);
+            }
             let n = active.entry(*account).or_default();
             if *n >= self.limits.max_concurrent_uploads {
                 return Err(BlobError::TooManyUploads(
@@ -300,9 +312,12 @@ impl BlobStore {
                 ));
             }
             *n += 1;
+            uploading.insert((*account, *id));
             UploadSlot {
                 account: *account,
+                id: *id,
                 active: self.active.clone(),
+                uploading: self.uploading.clone(),
             }
         };
         let now = self.clock.now();
@@ -723,6 +738,10 @@ mod tests {
             })
         ));
         let first = f.store.begin(&ALICE, &[1; 32], 10).expect("one upload");
+        assert!(matches!(
+            f.store.begin(&ALICE, &[1; 32], 10),
+            Err(BlobError::InProgress)
+        ));
         assert!(matches!(
             f.store.begin(&ALICE, &[2; 32], 10),
             Err(BlobError::TooManyUploads(1))

@@ -28,6 +28,14 @@
 //!
 //! [storage]
 //! cache_mb = 256
+//!
+//! [media]
+//! max_blob_bytes = 2147483648   # 2 GiB
+//! max_concurrent_uploads = 4    # per account
+//! max_account_bytes = 21474836480
+//! max_upload_bytes_per_sec = 209715200
+//! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
+//! abandon_after = "1day"        # uploads with no progress
 //! ```
 
 use std::net::SocketAddr;
@@ -36,6 +44,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::blobs::BlobLimits;
 use crate::commit::Durability;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
@@ -61,6 +70,42 @@ pub struct Config {
     pub expiry: ExpiryConfig,
     /// Storage tuning.
     pub storage: StorageConfig,
+    /// Encrypted media (attachments).
+    pub media: MediaConfig,
+}
+
+/// Media limits and lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    /// Largest blob, bytes.
+    pub max_blob_bytes: u64,
+    /// Uploads one account may run at once.
+    pub max_concurrent_uploads: usize,
+    /// Bytes of blobs one account may own.
+    pub max_account_bytes: u64,
+    /// Upload bytes per second per account.
+    pub max_upload_bytes_per_sec: u64,
+    /// How long a blob lives after its last upload or forward; at most 30 days.
+    #[serde(with = "humantime_serde")]
+    pub blob_ttl: Duration,
+    /// When an upload with no progress is deleted.
+    #[serde(with = "humantime_serde")]
+    pub abandon_after: Duration,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        let l = BlobLimits::default();
+        MediaConfig {
+            max_blob_bytes: l.max_blob_bytes,
+            max_concurrent_uploads: l.max_concurrent_uploads,
+            max_account_bytes: l.max_account_bytes,
+            max_upload_bytes_per_sec: l.max_upload_bytes_per_sec,
+            blob_ttl: l.ttl,
+            abandon_after: l.abandon_after,
+        }
+    }
 }
 
 /// A certificate chain and key in PEM files.
@@ -128,6 +173,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             expiry: ExpiryConfig::default(),
             storage: StorageConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -185,6 +231,14 @@ impl Config {
         if self.message_ttl().is_none() {
             return bad("expiry.message_ttl must be more than zero and at most 30 days");
         }
+        let m = &self.media;
+        if m.blob_ttl.is_zero() || m.blob_ttl > Duration::from_secs(30 * 24 * 3600) {
+            return bad("media.blob_ttl must be more than zero and at most 30 days");
+        }
+        if m.max_blob_bytes == 0 || m.max_concurrent_uploads == 0 || m.max_upload_bytes_per_sec == 0
+        {
+            return bad("media limits must be more than zero");
+        }
         if self.expiry.sweep_interval.is_zero() || self.expiry.sweep_batch == 0 {
             return bad("expiry.sweep_interval and expiry.sweep_batch must be more than zero");
         }
@@ -209,6 +263,19 @@ impl Config {
     pub fn message_ttl(&self) -> Option<Ttl> {
         let ttl = Ttl::new(self.expiry.message_ttl)?;
         (u128::from(ttl.as_millis()) == self.expiry.message_ttl.as_millis()).then_some(ttl)
+    }
+
+    /// The media limits.
+    pub fn blob_limits(&self) -> BlobLimits {
+        let m = &self.media;
+        BlobLimits {
+            max_blob_bytes: m.max_blob_bytes,
+            max_concurrent_uploads: m.max_concurrent_uploads,
+            max_account_bytes: m.max_account_bytes,
+            max_upload_bytes_per_sec: m.max_upload_bytes_per_sec,
+            ttl: m.blob_ttl,
+            abandon_after: m.abandon_after,
+        }
     }
 
     /// The mailbox limits.

@@ -48,6 +48,9 @@ pub enum Error {
     /// An I/O error outside storage.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A media (blob) request was refused or failed.
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
 }
 
 impl Error {
@@ -63,6 +66,33 @@ impl Error {
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
                 ErrorCode::Internal
             }
+            Error::Blob(b) => {
+                use crate::blobs::BlobError as B;
+                match b {
+                    B::TooLarge { .. } => ErrorCode::TooLarge,
+                    B::TooManyUploads(_) | B::InProgress | B::RateLimited { .. } => {
+                        ErrorCode::RateLimited
+                    }
+                    B::QuotaExceeded => ErrorCode::QuotaExceeded,
+                    B::NotFound => ErrorCode::NotFound,
+                    B::NoUpload
+                    | B::WrongOffset { .. }
+                    | B::Overflow
+                    | B::Incomplete { .. }
+                    | B::DigestMismatch => ErrorCode::BadRequest,
+                    _ => ErrorCode::Internal,
+                }
+            }
+        }
+    }
+
+    /// When a refused request may be retried, in ms (0: no advice).
+    pub fn retry_after_ms(&self) -> u64 {
+        match self {
+            Error::Blob(crate::blobs::BlobError::RateLimited { retry_after }) => {
+                u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
+            }
+            _ => 0,
         }
     }
 

@@ -24,8 +24,8 @@ use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{
-    AccountRecord, AccountStore, FetchedKeys, KeyStore, MailboxStore, NewMessage, OneTimeKey,
-    SignedKey, StoreError, StoredMessage, Usage,
+    AccountRecord, AccountStore, BlobIndex, FetchedKeys, KeyStore, MailboxStore, NewMessage,
+    OneTimeKey, SignedKey, StoreError, StoredMessage, Usage,
 };
 
 /// Most one-time prekeys a device may hold on the relay.
@@ -42,15 +42,18 @@ pub struct Stores {
     pub accounts: Arc<dyn AccountStore>,
     /// Published prekeys.
     pub keys: Arc<dyn KeyStore>,
+    /// Media metadata.
+    pub blobs: Arc<dyn BlobIndex>,
 }
 
 impl Stores {
     /// Every store on one backend.
-    pub fn all<S: MailboxStore + AccountStore + KeyStore>(store: Arc<S>) -> Self {
+    pub fn all<S: MailboxStore + AccountStore + KeyStore + BlobIndex>(store: Arc<S>) -> Self {
         Stores {
             mailboxes: store.clone(),
             accounts: store.clone(),
-            keys: store,
+            keys: store.clone(),
+            blobs: store,
         }
     }
 }

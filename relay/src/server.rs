@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
@@ -25,6 +26,7 @@ pub struct Relay {
     address: RelayAddress,
     local_addr: SocketAddr,
     hub: Arc<Hub>,
+    blobs: Arc<BlobStore>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -68,6 +70,15 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
 
+        let blobs = Arc::new(
+            BlobStore::open(
+                &config.data_dir,
+                stores.blobs.clone(),
+                clock.clone(),
+                config.blob_limits(),
+            )
+            .map_err(Error::from)?,
+        );
         let commit = GroupCommit::start(stores.mailboxes.clone(), config.durability)?;
         let hub = Arc::new(Hub::new(
             stores,
@@ -81,6 +92,7 @@ impl Relay {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
             delivery_window: config.limits.delivery_window,
+            blobs: blobs.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -92,6 +104,7 @@ impl Relay {
         ));
         let sweeper = tokio::spawn(sweep_loop(
             hub.clone(),
+            blobs.clone(),
             config.expiry.sweep_interval,
             config.expiry.sweep_batch,
             shutdown_rx,
@@ -108,6 +121,7 @@ impl Relay {
             },
             local_addr,
             hub,
+            blobs,
             endpoint,
             shutdown,
             tasks: vec![accept, sweeper],
@@ -129,6 +143,11 @@ impl Relay {
         &self.hub
     }
 
+    /// The media store, for operators' tools and tests (its received-bytes counter).
+    pub fn blobs(&self) -> &Arc<BlobStore> {
+        &self.blobs
+    }
+
     /// Stops accepting, lets open connections finish the requests they are handling,
     /// flushes the store and closes the endpoint.
     pub async fn shutdown(self) -> Result<()> {
@@ -146,6 +165,7 @@ impl Relay {
 
 async fn sweep_loop(
     hub: Arc<Hub>,
+    blobs: Arc<BlobStore>,
     every: Duration,
     batch: usize,
     mut shutdown: watch::Receiver<bool>,
@@ -174,6 +194,20 @@ async fn sweep_loop(
             Ok(Ok(n)) => info!(messages = n, "deleted expired messages"),
             Ok(Err(e)) => warn!(error = %e, "expiry sweep failed"),
             Err(e) => warn!(error = %e, "expiry sweep panicked"),
+        }
+        let blobs = blobs.clone();
+        let swept = tokio::task::spawn_blocking(move || blobs.sweep(batch)).await;
+        match swept {
+            Ok(Ok(s)) if s.blobs + s.uploads > 0 => {
+                info!(
+                    blobs = s.blobs,
+                    uploads = s.uploads,
+                    "deleted expired media"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "media sweep failed"),
+            Err(e) => warn!(error = %e, "media sweep panicked"),
         }
     }
 }

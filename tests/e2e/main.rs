@@ -7,5 +7,6 @@ mod client;
 mod delivery;
 mod expiry;
 mod keys;
+mod media;
 mod security;
 mod support;

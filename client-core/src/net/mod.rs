@@ -22,7 +22,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 
+mod media;
 pub mod tls;
+
+pub use media::{BlobStatus, Uploaded};
 
 /// Largest frame the client accepts from a relay.
 const MAX_FRAME: usize = tern_proto::limits::DEFAULT_MAX_FRAME;

@@ -7,7 +7,7 @@
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
 //! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -17,6 +17,7 @@ use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
+use crate::blobs::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::error::{Error, Result};
@@ -42,6 +43,7 @@ pub(crate) struct ConnSettings {
     pub(crate) max_frame: usize,
     pub(crate) max_requests: usize,
     pub(crate) delivery_window: usize,
+    pub(crate) blobs: Arc<BlobStore>,
 }
 
 struct AckCmd {
@@ -56,6 +58,8 @@ struct Session {
     out: mpsc::Sender<v1::ServerFrame>,
     requests: Arc<Semaphore>,
     device: Option<AuthenticatedDevice>,
+    /// The same device, for the connection's media streams.
+    authenticated: Arc<OnceLock<AuthenticatedDevice>>,
     acks: Option<mpsc::Sender<AckCmd>>,
     delivery: Option<tokio::task::JoinHandle<()>>,
 }
@@ -96,7 +100,15 @@ pub(crate) async fn serve(
     };
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
+    let authenticated = Arc::new(OnceLock::new());
+    let media = tokio::spawn(super::media::accept_streams(
+        conn.clone(),
+        settings.blobs.clone(),
+        authenticated.clone(),
+        shutdown.clone(),
+    ));
     let mut session = Session {
+        authenticated,
         conn: conn.clone(),
         hub,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
@@ -107,6 +119,7 @@ pub(crate) async fn serve(
         delivery: None,
     };
     let end = session.read_loop(recv, shutdown).await;
+    media.abort();
     session.finish().await;
     // The writer ends once every sender of its queue is gone.
     drop(session);
@@ -229,6 +242,16 @@ impl Session {
                 )
                 .await;
                 self.start_delivery();
+            }
+            Body::BlobStatus(r) => {
+                let blobs = self.settings.blobs.clone();
+                let reply = super::media_status(&blobs, &r.blob_id).map(Reply::BlobStatus);
+                self.reply(id, reply).await
+            }
+            Body::TouchBlob(r) => {
+                let blobs = self.settings.blobs.clone();
+                let reply = super::media_touch(&blobs, &r.blob_id).map(Reply::TouchBlob);
+                self.reply(id, reply).await
             }
             Body::Send(r) => self.send(id, r).await,
             Body::SealedSend(r) => self.sealed_send(id, r).await,
@@ -356,6 +379,7 @@ impl Session {
         )?;
         let device = self.hub.register(verified).await?;
         let addr = *device.address();
+        let _ = self.authenticated.set(device.clone());
         self.device = Some(device);
         debug!("registered a new account");
         Ok((
@@ -372,6 +396,7 @@ impl Session {
         let exporter = self.exporter(Some(&address))?;
         let device = self.hub.authenticate(address, &exporter, &r.signature)?;
         let queued = self.hub.usage(&device)?.messages;
+        let _ = self.authenticated.set(device.clone());
         self.device = Some(device);
         Ok(queued)
     }
@@ -493,7 +518,7 @@ fn response(request_id: u64, result: Result<Reply>) -> v1::ServerFrame {
             Reply::Error(v1::Error {
                 code: e.code() as i32,
                 message: e.client_message(),
-                retry_after_ms: 0,
+                retry_after_ms: e.retry_after_ms(),
             })
         }
     };

@@ -1,0 +1,260 @@
+//! Attachments: encrypt a file once with its own key, upload it once, send its
+//! [`AttachmentPointer`] in a message; recipients download and decrypt it, and anyone
+//! who has the pointer forwards it without uploading anything: the relay only keeps
+//! the blob longer.
+//!
+//! Memory stays bounded whatever the size: encryption holds two 64 KiB segments,
+//! transfers move 256 KiB at a time, decryption holds one segment. Uploads and
+//! downloads resume after a dropped connection: call them again with the same files.
+//!
+//! ```no_run
+//! # async fn run(conn: tern_client::net::RelayConnection) -> tern_client::Result<()> {
+//! use std::path::Path;
+//! use tern_client::media;
+//!
+//! let (pointer, _) =
+//!     media::upload(&conn, Path::new("photo.jpg"), Path::new("cache/photo.sealed")).await?;
+//! let bytes = pointer.to_bytes(); // put these in a message
+//! // The recipient, with the pointer from the message:
+//! let pointer = media::AttachmentPointer::from_bytes(&bytes)?;
+//! media::download(&conn, &pointer, Path::new("downloads/photo.jpg")).await?;
+//! media::forward(&conn, &pointer).await?; // then send the same bytes to someone else
+//! # Ok(()) }
+//! ```
+
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use tern_proto::e2e;
+
+use crate::crypto::attachment::{self, Decryptor};
+use crate::error::{Error, Result};
+use crate::net::{RelayConnection, Uploaded};
+
+/// Everything needed to fetch and decrypt an attachment. Travels inside end-to-end
+/// encrypted messages only: it holds the attachment's key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AttachmentPointer {
+    /// SHA-256 of the encrypted blob: its name on the relay.
+    pub blob_id: [u8; 32],
+    /// The attachment's key.
+    pub key: [u8; 32],
+    /// Plaintext bytes.
+    pub size: u64,
+    /// Encrypted bytes (what the relay stores).
+    pub sealed_size: u64,
+    /// For the app, e.g. "image/jpeg".
+    pub content_type: String,
+    /// For the app.
+    pub file_name: String,
+}
+
+impl std::fmt::Debug for AttachmentPointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachmentPointer")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttachmentPointer {
+    /// The pointer's wire form (`tern.e2e.v1.AttachmentPointer`).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        e2e::AttachmentPointer {
+            blob_id: self.blob_id.to_vec().into(),
+            key: self.key.to_vec().into(),
+            size: self.size,
+            sealed_size: self.sealed_size,
+            content_type: self.content_type.clone(),
+            file_name: self.file_name.clone(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Parses [`AttachmentPointer::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = || Error::Media("not an attachment pointer".into());
+        let p = e2e::AttachmentPointer::decode(bytes).map_err(|_| bad())?;
+        if attachment::sealed_len(p.size) != p.sealed_size {
+            return Err(bad());
+        }
+        Ok(AttachmentPointer {
+            blob_id: p.blob_id[..].try_into().map_err(|_| bad())?,
+            key: p.key[..].try_into().map_err(|_| bad())?,
+            size: p.size,
+            sealed_size: p.sealed_size,
+            content_type: p.content_type,
+            file_name: p.file_name,
+        })
+    }
+}
+
+fn media_err(e: impl std::fmt::Display) -> Error {
+    Error::Media(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::Media("worker stopped".into()))?
+}
+
+/// Encrypts the file at `plaintext` with a fresh key into `sealed` (a file the app
+/// keeps until the upload is done, so a resumed upload sends the same bytes), then
+/// uploads it. Returns the pointer and how the upload went.
+pub async fn upload(
+    conn: &RelayConnection,
+    plaintext: &Path,
+    sealed: &Path,
+) -> Result<(AttachmentPointer, Uploaded)> {
+    let pointer = encrypt_file(plaintext, sealed).await?;
+    let uploaded = resume_upload(conn, &pointer, sealed).await?;
+    Ok((pointer, uploaded))
+}
+
+/// Encrypts a file for upload: the pointer to send and the sealed file to upload.
+pub async fn encrypt_file(plaintext: &Path, sealed: &Path) -> Result<AttachmentPointer> {
+    let (src, dst) = (plaintext.to_path_buf(), sealed.to_path_buf());
+    blocking(move || {
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        OsRng.fill_bytes(&mut key[..]);
+        let input = BufReader::new(std::fs::File::open(&src).map_err(media_err)?);
+        let file = std::fs::File::create(&dst).map_err(media_err)?;
+        let mut out = BufWriter::new(&file);
+        let e = attachment::encrypt(&mut OsRng, &key, input, &mut out).map_err(media_err)?;
+        drop(out);
+        file.sync_all().map_err(media_err)?;
+        Ok(AttachmentPointer {
+            blob_id: e.blob_id,
+            key: *key,
+            size: e.size,
+            sealed_size: e.sealed_size,
+            content_type: String::new(),
+            file_name: src
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        })
+    })
+    .await
+}
+
+/// Uploads (or finishes uploading) the sealed file of `pointer`: nothing if the relay
+/// has it, only the rest if an earlier upload was cut off.
+pub async fn resume_upload(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    sealed: &Path,
+) -> Result<Uploaded> {
+    let mut file = tokio::fs::File::open(sealed).await.map_err(media_err)?;
+    conn.upload_blob(&pointer.blob_id, pointer.sealed_size, &mut file)
+        .await
+}
+
+/// A forward: the relay keeps the blob another full term, and the same pointer goes
+/// into the message to the next person; no bytes move. Fails with the relay's
+/// `NOT_FOUND` if the blob expired (the sender must upload it again).
+pub async fn forward(conn: &RelayConnection, pointer: &AttachmentPointer) -> Result<u64> {
+    conn.touch_blob(&pointer.blob_id).await
+}
+
+fn partial_path(dest: &Path) -> PathBuf {
+    let mut name = dest
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".sealed-part");
+    dest.with_file_name(name)
+}
+
+/// Downloads and decrypts an attachment into `dest`. The ciphertext streams into
+/// `<dest>.sealed-part` (so a dropped connection resumes where it stopped; call this
+/// again), then every segment is authenticated as it is decrypted and the whole blob
+/// is checked against its id before `dest` appears. Returns the plaintext size.
+pub async fn download(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    dest: &Path,
+) -> Result<u64> {
+    let partial = partial_path(dest);
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&partial)
+        .await
+        .map_err(media_err)?;
+    let have = file.metadata().await.map_err(media_err)?.len();
+    if have < pointer.sealed_size {
+        let size = conn
+            .download_blob(&pointer.blob_id, have, &mut file)
+            .await?;
+        if size != pointer.sealed_size {
+            return Err(Error::Media("the relay's blob has another size".into()));
+        }
+    }
+    drop(file);
+    let (pointer, dest) = (pointer.clone(), dest.to_path_buf());
+    blocking(move || {
+        let result = decrypt_file(&pointer, &partial, &dest);
+        // A blob that fails its checks is not kept for a resume either.
+        if result.is_err() {
+            let _ = std::fs::remove_file(&dest);
+        }
+        let _ = std::fs::remove_file(&partial);
+        result
+    })
+    .await
+}
+
+fn decrypt_file(pointer: &AttachmentPointer, sealed: &Path, dest: &Path) -> Result<u64> {
+    let mut input = std::fs::File::open(sealed).map_err(media_err)?;
+    let file = std::fs::File::create(dest).map_err(media_err)?;
+    let mut out = BufWriter::new(&file);
+    let mut d = Decryptor::new(&pointer.key, pointer.blob_id);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf).map_err(media_err)?;
+        if n == 0 {
+            break;
+        }
+        d.update(&buf[..n], &mut out).map_err(media_err)?;
+    }
+    let size = d.finish(&mut out).map_err(media_err)?;
+    drop(out);
+    file.sync_all().map_err(media_err)?;
+    if size != pointer.size {
+        return Err(Error::Media(
+            "the attachment has another size than its pointer says".into(),
+        ));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_round_trip_and_hide_their_key() {
+        let p = AttachmentPointer {
+            blob_id: [1; 32],
+            key: [2; 32],
+            size: 10,
+            sealed_size: attachment::sealed_len(10),
+            content_type: "text/plain".into(),
+            file_name: "a.txt".into(),
+        };
+        assert_eq!(
+            AttachmentPointer::from_bytes(&p.to_bytes()).expect("parses"),
+            p
+        );
+        assert!(!format!("{p:?}").contains("2, 2"));
+        let mut wrong = p.clone();
+        wrong.sealed_size += 1;
+        assert!(AttachmentPointer::from_bytes(&wrong.to_bytes()).is_err());
+        assert!(AttachmentPointer::from_bytes(&[0xff, 0xff]).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! Media on the wire: blob questions on the control stream, bytes on a stream of
+//! their own per transfer (see `proto/proto/tern.proto`, "media").
+
+use bytes::BytesMut;
+use tern_proto::frame;
+use tern_proto::v1::{self, blob_stream_response::Result as Res, client_frame::Body};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{RelayConnection, Reply};
+use crate::error::{Error, Result};
+
+/// Bytes per stream write or read.
+const CHUNK: usize = 256 * 1024;
+/// Largest response frame on a transfer stream.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// What the relay holds for a blob id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlobStatus {
+    /// Bytes.
+    pub size: u64,
+    /// When it expires unless forwarded (Unix ms).
+    pub expires_at_ms: u64,
+}
+
+/// How an upload went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Uploaded {
+    /// Bytes this call sent (0 when the relay had the blob, less than the size when
+    /// it resumed an earlier upload).
+    pub sent: u64,
+    /// The relay already had the blob: nothing was uploaded; its life was extended.
+    pub existed: bool,
+}
+
+fn relay_error(e: v1::Error) -> Error {
+    Error::Relay {
+        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+        message: e.message,
+    }
+}
+
+async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Res> {
+    let mut decoder = frame::Decoder::new(MAX_RESPONSE);
+    loop {
+        if let Some(r) = decoder
+            .decode_message::<v1::BlobStreamResponse>(buf)
+            .map_err(|e| Error::Protocol(e.to_string()))?
+        {
+            return match r.result {
+                Some(Res::Error(e)) => Err(relay_error(e)),
+                Some(other) => Ok(other),
+                None => Err(Error::Protocol("empty media response".into())),
+            };
+        }
+        match recv.read_chunk(MAX_RESPONSE, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            Ok(None) => return Err(Error::Closed("media stream ended".into())),
+            Err(e) => return Err(Error::Closed(e.to_string())),
+        }
+    }
+}
+
+impl RelayConnection {
+    /// Whether the relay has the blob; `None` if not (or it expired).
+    pub async fn blob_status(&self, blob_id: &[u8; 32]) -> Result<Option<BlobStatus>> {
+        match self
+            .request(Body::BlobStatus(v1::BlobStatusRequest {
+                blob_id: blob_id.to_vec().into(),
+            }))
+            .await?
+        {
+            Reply::BlobStatus(r) => Ok(r.exists.then_some(BlobStatus {
+                size: r.size,
+                expires_at_ms: r.expires_at_ms,
+            })),
+            _ => Err(Error::Protocol("unexpected reply to blob_status".into())),
+        }
+    }
+
+    /// A forward: the relay keeps the blob another full term. Fails with the relay's
+    /// `NOT_FOUND` if it no longer has it.
+    pub async fn touch_blob(&self, blob_id: &[u8; 32]) -> Result<u64> {
+        match self
+            .request(Body::TouchBlob(v1::TouchBlobRequest {
+                blob_id: blob_id.to_vec().into(),
+            }))
+            .await?
+        {
+            Reply::TouchBlob(r) => Ok(r.expires_at_ms),
+            _ => Err(Error::Protocol("unexpected reply to touch_blob".into())),
+        }
+    }
+
+    async fn open_transfer(
+        &self,
+        op: v1::blob_stream_request::Op,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let (mut send, recv) = self
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| Error::Closed(e.to_string()))?;
+        let mut buf = BytesMut::new();
+        frame::encode(&v1::BlobStreamRequest { op: Some(op) }, &mut buf);
+        send.write_all(&buf)
+            .await
+            .map_err(|e| Error::Closed(e.to_string()))?;
+        Ok((send, recv))
+    }
+
+    /// Uploads `size` bytes named `blob_id` from `source`, which must be positioned
+    /// at its start. The relay answers where to begin: nothing if it has the blob,
+    /// or after the bytes an earlier, interrupted upload left. Needs an authenticated
+    /// connection. The relay checks the bytes against the id before keeping them.
+    pub async fn upload_blob<R: AsyncRead + tokio::io::AsyncSeek + Unpin>(
+        &self,
+        blob_id: &[u8; 32],
+        size: u64,
+        source: &mut R,
+    ) -> Result<Uploaded> {
+        let (mut send, mut recv) = self
+            .open_transfer(v1::blob_stream_request::Op::Upload(v1::BlobUpload {
+                blob_id: blob_id.to_vec().into(),
+                size,
+            }))
+            .await?;
+        let mut buf = BytesMut::new();
+        let offset = match read_response(&mut recv, &mut buf).await? {
+            Res::UploadReady(r) if r.exists => {
+                return Ok(Uploaded {
+                    sent: 0,
+                    existed: true,
+                })
+            }
+            Res::UploadReady(r) => r.offset,
+            _ => return Err(Error::Protocol("unexpected media response".into())),
+        };
+        if offset > size {
+            return Err(Error::Protocol(
+                "the relay asked to resume past the end".into(),
+            ));
+        }
+        tokio::io::AsyncSeekExt::seek(source, std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Error::Media(e.to_string()))?;
+        let mut left = size - offset;
+        let mut chunk = vec![0u8; CHUNK];
+        while left > 0 {
+            let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
+            let n = source
+                .read(&mut chunk[..want])
+                .await
+                .map_err(|e| Error::Media(e.to_string()))?;
+            if n == 0 {
+                return Err(Error::Media("the source ended before its size".into()));
+            }
+            send.write_all(&chunk[..n])
+                .await
+                .map_err(|e| Error::Closed(e.to_string()))?;
+            left -= n as u64;
+        }
+        send.finish().map_err(|e| Error::Closed(e.to_string()))?;
+        match read_response(&mut recv, &mut buf).await? {
+            Res::UploadDone(_) => Ok(Uploaded {
+                sent: size - offset,
+                existed: false,
+            }),
+            _ => Err(Error::Protocol("unexpected media response".into())),
+        }
+    }
+
+    /// Downloads a blob from `offset` into `sink`; returns the blob's whole size.
+    /// Any connection will do: the id is the capability.
+    pub async fn download_blob<W: AsyncWrite + Unpin>(
+        &self,
+        blob_id: &[u8; 32],
+        offset: u64,
+        sink: &mut W,
+    ) -> Result<u64> {
+        let (mut send, mut recv) = self
+            .open_transfer(v1::blob_stream_request::Op::Download(v1::BlobDownload {
+                blob_id: blob_id.to_vec().into(),
+                offset,
+            }))
+            .await?;
+        let _ = send.finish();
+        let mut buf = BytesMut::new();
+        let (size, start) = match read_response(&mut recv, &mut buf).await? {
+            Res::DownloadReady(r) => (r.size, r.offset),
+            _ => return Err(Error::Protocol("unexpected media response".into())),
+        };
+        let mut got = start;
+        // Bytes that came with the response frame.
+        if !buf.is_empty() {
+            got += buf.len() as u64;
+            sink.write_all(&buf)
+                .await
+                .map_err(|e| Error::Media(e.to_string()))?;
+        }
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(c)) => {
+                    got += c.bytes.len() as u64;
+                    if got > size {
+                        return Err(Error::Protocol("more bytes than the blob's size".into()));
+                    }
+                    sink.write_all(&c.bytes)
+                        .await
+                        .map_err(|e| Error::Media(e.to_string()))?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Error::Closed(e.to_string())),
+            }
+        }
+        sink.flush()
+            .await
+            .map_err(|e| Error::Media(e.to_string()))?;
+        if got != size {
+            return Err(Error::Closed(format!(
+                "download stopped at byte {got} of {size}"
+            )));
+        }
+        Ok(size)
+    }
+}

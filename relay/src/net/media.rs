@@ -1,0 +1,232 @@
+//! Media transfers: one bidirectional QUIC stream per upload or download, beside the
+//! control stream, so a large transfer never holds up messages on the connection.
+//! The protocol is in `proto/proto/tern.proto` ("media").
+
+use std::io::Read;
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Bytes, BytesMut};
+use tern_proto::frame;
+use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
+use tokio::sync::watch;
+use tracing::debug;
+
+use crate::blobs::{Begin, BlobError, BlobStore};
+use crate::core::auth::AuthenticatedDevice;
+use crate::error::Error;
+use crate::store::BlobId;
+
+/// Largest request frame on a transfer stream.
+const MAX_REQUEST: usize = 4096;
+/// Bytes per read from the stream or the file.
+const CHUNK: usize = 256 * 1024;
+
+/// Accepts transfer streams until the connection ends or the relay shuts down.
+pub(crate) async fn accept_streams(
+    conn: quinn::Connection,
+    blobs: Arc<BlobStore>,
+    who: Arc<OnceLock<AuthenticatedDevice>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
+        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone()));
+    }
+}
+
+fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
+    bytes
+        .try_into()
+        .map_err(|_| Error::BadRequest("a blob id is 32 bytes".into()))
+}
+
+fn error_response(e: &Error) -> v1::BlobStreamResponse {
+    debug!(error = %e, "media request refused");
+    v1::BlobStreamResponse {
+        result: Some(Res::Error(v1::Error {
+            code: e.code() as i32,
+            message: e.client_message(),
+            retry_after_ms: e.retry_after_ms(),
+        })),
+    }
+}
+
+async fn respond(send: &mut quinn::SendStream, r: &v1::BlobStreamResponse) -> bool {
+    let mut buf = BytesMut::new();
+    frame::encode(r, &mut buf);
+    send.write_all(&buf).await.is_ok()
+}
+
+/// Reads the request frame that opens a transfer stream.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<v1::BlobStreamRequest, Error> {
+    let mut decoder = frame::Decoder::new(MAX_REQUEST);
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(r) = decoder
+            .decode_message::<v1::BlobStreamRequest>(&mut buf)
+            .map_err(|e| Error::BadRequest(e.to_string()))?
+        {
+            if !buf.is_empty() {
+                return Err(Error::BadRequest("bytes before the relay's answer".into()));
+            }
+            return Ok(r);
+        }
+        match recv.read_chunk(MAX_REQUEST, true).await {
+            Ok(Some(c)) => buf.extend_from_slice(&c.bytes),
+            _ => return Err(Error::BadRequest("stream ended before its request".into())),
+        }
+    }
+}
+
+async fn transfer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    blobs: Arc<BlobStore>,
+    who: Arc<OnceLock<AuthenticatedDevice>>,
+) {
+    let result = match read_request(&mut recv).await {
+        Ok(v1::BlobStreamRequest {
+            op: Some(Op::Upload(u)),
+        }) => upload(&mut send, &mut recv, &blobs, who.get(), u).await,
+        Ok(v1::BlobStreamRequest {
+            op: Some(Op::Download(d)),
+        }) => download(&mut send, &blobs, d).await,
+        Ok(_) => Err(Error::BadRequest("empty media request".into())),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        respond(&mut send, &error_response(&e)).await;
+    }
+    let _ = send.finish();
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::Unavailable("media worker stopped"))?
+        .map_err(Error::from)
+}
+
+async fn upload(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    blobs: &Arc<BlobStore>,
+    who: Option<&AuthenticatedDevice>,
+    u: v1::BlobUpload,
+) -> Result<(), Error> {
+    let account = who.ok_or(Error::Unauthorized)?.address().account;
+    let id = blob_id(&u.blob_id)?;
+    let size = u.size;
+    let b = blobs.clone();
+    let begin = blocking(move || b.begin(&account, &id, size)).await?;
+    let (mut offset, slot) = match begin {
+        Begin::Exists(meta) => {
+            respond(
+                send,
+                &v1::BlobStreamResponse {
+                    result: Some(Res::UploadReady(v1::UploadReady {
+                        offset: meta.size,
+                        exists: true,
+                    })),
+                },
+            )
+            .await;
+            return Ok(());
+        }
+        Begin::Upload { offset, slot } => (offset, slot),
+    };
+    let ready = v1::BlobStreamResponse {
+        result: Some(Res::UploadReady(v1::UploadReady {
+            offset,
+            exists: false,
+        })),
+    };
+    if !respond(send, &ready).await {
+        return Ok(());
+    }
+    loop {
+        let chunk: Bytes = match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(c)) => c.bytes,
+            Ok(None) => break,
+            // The connection dropped: the bytes so far stay for a resume.
+            Err(_) => return Ok(()),
+        };
+        loop {
+            let (b, c) = (blobs.clone(), chunk.clone());
+            match blocking(move || b.append(&account, &id, offset, &c)).await {
+                Ok(len) => {
+                    offset = len;
+                    break;
+                }
+                // Over the account's rate: the relay slows the upload down.
+                Err(Error::Blob(BlobError::RateLimited { retry_after })) => {
+                    tokio::time::sleep(retry_after).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    let b = blobs.clone();
+    let meta = blocking(move || b.finish(&account, &id)).await?;
+    drop(slot);
+    respond(
+        send,
+        &v1::BlobStreamResponse {
+            result: Some(Res::UploadDone(v1::UploadDone {
+                expires_at_ms: meta.expires_at,
+            })),
+        },
+    )
+    .await;
+    Ok(())
+}
+
+async fn download(
+    send: &mut quinn::SendStream,
+    blobs: &Arc<BlobStore>,
+    d: v1::BlobDownload,
+) -> Result<(), Error> {
+    let id = blob_id(&d.blob_id)?;
+    let b = blobs.clone();
+    let offset = d.offset;
+    let (file, size) = blocking(move || b.open_read(&id, offset)).await?;
+    let ready = v1::BlobStreamResponse {
+        result: Some(Res::DownloadReady(v1::DownloadReady { size, offset })),
+    };
+    if !respond(send, &ready).await {
+        return Ok(());
+    }
+    let mut file = Some(file);
+    let mut left = size - offset;
+    while left > 0 {
+        let Some(mut f) = file.take() else { break };
+        let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
+        let (f, chunk) = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want];
+            let n = f.read(&mut buf)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>((f, buf))
+        })
+        .await
+        .map_err(|_| Error::Unavailable("media worker stopped"))??;
+        if chunk.is_empty() {
+            // The file is shorter than its record: stop; the client sees a short blob.
+            break;
+        }
+        left -= chunk.len() as u64;
+        if send.write_chunk(Bytes::from(chunk)).await.is_err() {
+            return Ok(());
+        }
+        file = Some(f);
+    }
+    Ok(())
+}

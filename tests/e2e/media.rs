@@ -1,0 +1,374 @@
+//! Encrypted media end to end: real QUIC, sled and blob files on disk. The relay runs
+//! in-process here so a test can read its received-bytes counter and move its clock.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tern_client::media::{self, AttachmentPointer};
+use tern_client::net::RelayConnection;
+use tern_proto::v1::ErrorCode;
+use tern_relay::clock::{Clock, ManualClock, SystemClock};
+use tern_relay::config::Config;
+use tern_relay::Relay;
+
+use crate::support::{register, within};
+
+async fn relay(dir: &Path, clock: Arc<dyn Clock>, ttl: Duration) -> Relay {
+    let mut config = Config {
+        data_dir: dir.to_owned(),
+        listen: "127.0.0.1:0".parse().expect("address"),
+        ..Config::default()
+    };
+    config.media.blob_ttl = ttl;
+    config.expiry.sweep_interval = Duration::from_millis(50);
+    Relay::start(&config, clock).await.expect("relay")
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// A file of `len` bytes with `marker` at its start.
+fn plain_file(dir: &Path, name: &str, len: usize, marker: &[u8]) -> PathBuf {
+    let mut bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 253) as u8).collect();
+    let n = marker.len().min(len);
+    bytes[..n].copy_from_slice(&marker[..n]);
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write");
+    path
+}
+
+fn digest(path: &Path) -> Vec<u8> {
+    Sha256::digest(std::fs::read(path).expect("read")).to_vec()
+}
+
+#[tokio::test]
+async fn attachments_round_trip_at_the_edges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = relay(
+        &dir.path().join("relay"),
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let alice = register(relay.address()).await;
+    // Downloads need no account: a fresh connection that never authenticates.
+    let (anon, _) = RelayConnection::connect(relay.address())
+        .await
+        .expect("connect");
+    let segment = tern_client::crypto::attachment::SEGMENT;
+    for (i, len) in [0, 1, segment, segment + 1, 50 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        let src = plain_file(dir.path(), &format!("in{i}"), len, b"");
+        let (pointer, up) = within(media::upload(
+            &alice.conn,
+            &src,
+            &dir.path().join(format!("sealed{i}")),
+        ))
+        .await
+        .expect("upload");
+        assert_eq!((pointer.size, up.existed), (len as u64, false));
+        let pointer = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
+        let out = dir.path().join(format!("out{i}"));
+        assert_eq!(
+            within(media::download(&anon, &pointer, &out))
+                .await
+                .expect("download"),
+            len as u64
+        );
+        assert_eq!(digest(&out), digest(&src), "{len} bytes");
+    }
+    relay.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_forwarded_attachment_is_stored_and_uploaded_once_along_a_chain_of_ten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let relay = relay(
+        &relay_dir,
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let mut users = Vec::new();
+    for _ in 0..10 {
+        users.push(register(relay.address()).await);
+    }
+    let src = plain_file(dir.path(), "photo", 3 << 20, b"");
+    let (pointer, _) = within(media::upload(
+        &users[0].conn,
+        &src,
+        &dir.path().join("sealed"),
+    ))
+    .await
+    .expect("upload");
+    // Each user receives the pointer (in a message), downloads, and forwards it on.
+    let mut carried = pointer.to_bytes();
+    for (i, user) in users.iter().enumerate().skip(1) {
+        let pointer = AttachmentPointer::from_bytes(&carried).expect("pointer");
+        let out = dir.path().join(format!("got{i}"));
+        within(media::download(&user.conn, &pointer, &out))
+            .await
+            .expect("download");
+        assert_eq!(digest(&out), digest(&src));
+        within(media::forward(&user.conn, &pointer))
+            .await
+            .expect("forward");
+        carried = pointer.to_bytes();
+    }
+    // Someone re-sending the same sealed file uploads nothing either.
+    let again = within(media::resume_upload(
+        &users[9].conn,
+        &pointer,
+        &dir.path().join("sealed"),
+    ))
+    .await
+    .expect("upload again");
+    assert!(again.existed && again.sent == 0);
+    assert_eq!(
+        files_under(&relay_dir.join("blobs")).len(),
+        1,
+        "one blob file"
+    );
+    assert_eq!(
+        relay.blobs().received_bytes(),
+        pointer.sealed_size,
+        "uploaded once"
+    );
+    relay.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_corrupt_upload_is_refused_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let relay = relay(
+        &relay_dir,
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let alice = register(relay.address()).await;
+    let claimed: [u8; 32] = Sha256::digest(b"the bytes I claim").into();
+    let mut other = std::io::Cursor::new(b"different bytes!!".to_vec());
+    let err = within(alice.conn.upload_blob(&claimed, 17, &mut other))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.relay_code(), Some(ErrorCode::BadRequest));
+    assert!(within(alice.conn.blob_status(&claimed))
+        .await
+        .expect("status")
+        .is_none());
+    assert!(files_under(&relay_dir.join("blobs")).is_empty());
+    assert!(files_under(&relay_dir.join("uploads")).is_empty());
+    // Uploads need an account; downloads of what is not there are NOT_FOUND.
+    let (anon, _) = RelayConnection::connect(relay.address())
+        .await
+        .expect("connect");
+    let mut src = std::io::Cursor::new(b"x".to_vec());
+    let err = within(anon.upload_blob(&[1; 32], 1, &mut src))
+        .await
+        .expect_err("no account");
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+    let err = within(anon.download_blob(&[1; 32], 0, &mut Vec::new()))
+        .await
+        .expect_err("absent");
+    assert_eq!(err.relay_code(), Some(ErrorCode::NotFound));
+    relay.shutdown().await.expect("shutdown");
+}
+
+/// Yields the first `stop` bytes of a file, then fails: a connection cut mid-upload.
+struct Interrupted {
+    inner: std::io::Cursor<Vec<u8>>,
+    stop: u64,
+}
+
+impl tokio::io::AsyncRead for Interrupted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let pos = self.inner.position();
+        if pos >= self.stop {
+            return std::task::Poll::Ready(Err(std::io::Error::other("cut")));
+        }
+        let n = usize::try_from(self.stop - pos)
+            .unwrap_or(usize::MAX)
+            .min(buf.remaining());
+        let mut tmp = vec![0u8; n];
+        let got = std::io::Read::read(&mut self.inner, &mut tmp)?;
+        buf.put_slice(&tmp[..got]);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncSeek for Interrupted {
+    fn start_seek(
+        mut self: std::pin::Pin<&mut Self>,
+        pos: std::io::SeekFrom,
+    ) -> std::io::Result<()> {
+        std::io::Seek::seek(&mut self.inner, pos).map(|_| ())
+    }
+    fn poll_complete(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<u64>> {
+        std::task::Poll::Ready(Ok(self.inner.position()))
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_upload_resumes_and_sends_each_byte_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = relay(
+        &dir.path().join("relay"),
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let alice = register(relay.address()).await;
+    let src = plain_file(dir.path(), "video", 4 << 20, b"");
+    let sealed = dir.path().join("sealed");
+    let pointer = media::encrypt_file(&src, &sealed).await.expect("encrypt");
+    let bytes = std::fs::read(&sealed).expect("read");
+    let mut cut = Interrupted {
+        inner: std::io::Cursor::new(bytes),
+        stop: 1 << 20,
+    };
+    within(
+        alice
+            .conn
+            .upload_blob(&pointer.blob_id, pointer.sealed_size, &mut cut),
+    )
+    .await
+    .expect_err("cut off");
+    // The relay settles what reached it; the retry then picks up from there.
+    let uploaded = within(async {
+        loop {
+            match media::resume_upload(&alice.conn, &pointer, &sealed).await {
+                Err(e) if e.relay_code() == Some(ErrorCode::RateLimited) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("resume");
+    assert!(!uploaded.existed);
+    assert!(
+        uploaded.sent < pointer.sealed_size,
+        "resumed, not restarted"
+    );
+    assert_eq!(
+        relay.blobs().received_bytes(),
+        pointer.sealed_size,
+        "each byte once"
+    );
+    let out = dir.path().join("out");
+    within(media::download(&alice.conn, &pointer, &out))
+        .await
+        .expect("download");
+    assert_eq!(digest(&out), digest(&src));
+    relay.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn expiry_deletes_blobs_and_a_forward_moves_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let clock = Arc::new(ManualClock::starting_now());
+    let hour = Duration::from_secs(3600);
+    let relay = relay(&relay_dir, clock.clone(), hour).await;
+    let alice = register(relay.address()).await;
+    let kept_src = plain_file(dir.path(), "kept", 1000, b"");
+    let gone_src = plain_file(dir.path(), "gone", 2000, b"");
+    let (kept, _) = media::upload(&alice.conn, &kept_src, &dir.path().join("s1"))
+        .await
+        .expect("up");
+    let (gone, _) = media::upload(&alice.conn, &gone_src, &dir.path().join("s2"))
+        .await
+        .expect("up");
+    clock.advance(Duration::from_secs(40 * 60));
+    media::forward(&alice.conn, &kept).await.expect("forward");
+    clock.advance(Duration::from_secs(30 * 60));
+    // The sweeper runs every 50 ms: the unforwarded blob's file and record go.
+    within(async {
+        loop {
+            if files_under(&relay_dir.join("blobs")).len() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(alice
+        .conn
+        .blob_status(&gone.blob_id)
+        .await
+        .expect("status")
+        .is_none());
+    assert!(alice
+        .conn
+        .blob_status(&kept.blob_id)
+        .await
+        .expect("status")
+        .is_some());
+    let err = media::forward(&alice.conn, &gone)
+        .await
+        .expect_err("expired");
+    assert_eq!(err.relay_code(), Some(ErrorCode::NotFound));
+    relay.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn the_relay_disk_holds_no_attachment_plaintext() {
+    const MARKER: &[u8] = b"TERN-ATTACHMENT-MARKER-91b3";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let relay = relay(
+        &relay_dir,
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let alice = register(relay.address()).await;
+    // The marker at the start and again at a segment boundary.
+    let src = plain_file(dir.path(), "secret", 200_000, MARKER);
+    let mut bytes = std::fs::read(&src).expect("read");
+    let at = tern_client::crypto::attachment::SEGMENT;
+    bytes[at..at + MARKER.len()].copy_from_slice(MARKER);
+    std::fs::write(&src, &bytes).expect("write");
+    media::upload(&alice.conn, &src, &dir.path().join("sealed"))
+        .await
+        .expect("upload");
+    relay.shutdown().await.expect("shutdown");
+    let found = files_under(&relay_dir)
+        .into_iter()
+        .filter(|f| {
+            let data = std::fs::read(f).expect("read");
+            data.windows(MARKER.len()).any(|w| w == MARKER)
+        })
+        .collect::<Vec<_>>();
+    assert!(found.is_empty(), "marker found in {found:?}");
+    assert_eq!(
+        files_under(&relay_dir.join("blobs")).len(),
+        1,
+        "the blob is there"
+    );
+}
