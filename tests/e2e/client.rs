@@ -8,7 +8,7 @@ use tern_client::store::SledKv;
 use tern_client::{Client, Event, Events, ReceivedMessage};
 use tern_proto::address::RelayAddress;
 
-use crate::support::{within, RelayProcess};
+use crate::support::{files_under, within, RelayProcess};
 
 fn store(dir: &Path, name: &str) -> Arc<SledKv> {
     Arc::new(SledKv::open(&dir.join(name), &[7u8; 32]).expect("device store"))
@@ -279,19 +279,6 @@ async fn a_thousand_messages_arrive_exactly_once_in_order_through_offline_spells
         assert_eq!(client.outbox_len().await, 0);
         side.go_offline().await;
     }
-}
-
-fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn positions(haystack: &[u8], needle: &[u8]) -> Vec<usize> {

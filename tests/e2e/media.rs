@@ -13,7 +13,7 @@ use tern_relay::clock::{Clock, ManualClock, SystemClock};
 use tern_relay::config::Config;
 use tern_relay::Relay;
 
-use crate::support::{register, within};
+use crate::support::{files_under, register, within};
 
 async fn relay(dir: &Path, clock: Arc<dyn Clock>, ttl: Duration) -> Relay {
     let mut config = Config {
@@ -24,19 +24,6 @@ async fn relay(dir: &Path, clock: Arc<dyn Clock>, ttl: Duration) -> Relay {
     config.media.blob_ttl = ttl;
     config.expiry.sweep_interval = Duration::from_millis(50);
     Relay::start(&config, clock).await.expect("relay")
-}
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 /// A file of `len` bytes with `marker` at its start.

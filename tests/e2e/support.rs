@@ -253,3 +253,17 @@ pub(crate) fn number(d: &Delivery) -> u32 {
 pub(crate) async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
+
+/// Every file under `dir`, recursively (none if it does not exist).
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
