@@ -83,3 +83,17 @@ fn connections_reports_memory_per_connection() {
     assert!(number(&v, "rss_per_conn_kib") >= 0.0);
     assert_eq!(number(&v, "connections"), 8.0);
 }
+
+#[test]
+fn media_moves_an_attachment_both_ways() {
+    let v = run(&["media", "--size", "300000"]);
+    assert_eq!(v["mode"], "media");
+    for f in [
+        "upload_mb_per_sec",
+        "download_mb_per_sec",
+        "client_peak_rss_kib",
+        "relay_peak_rss_kib",
+    ] {
+        assert!(number(&v, f) > 0.0, "{f}");
+    }
+}

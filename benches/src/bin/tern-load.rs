@@ -5,6 +5,7 @@
 //! target/release/tern-load online --pairs 4 --messages 20000 --size 1024 --json
 //! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
 //! target/release/tern-load connections --count 10000
+//! target/release/tern-load media --size 1073741824
 //! ```
 //!
 //! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
@@ -90,6 +91,14 @@ enum Mode {
         #[arg(long, default_value_t = 8)]
         inflight: usize,
     },
+    /// One attachment up and down: MB/s each way, peak memory of relay and client.
+    Media {
+        #[command(flatten)]
+        common: Common,
+        /// Attachment bytes.
+        #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(0..=(16u64 << 30)))]
+        size: u64,
+    },
     /// Idle authenticated connections: relay memory per connection.
     Connections {
         #[command(flatten)]
@@ -169,6 +178,12 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 .extra
                 .insert("fsync".into(), f64::from(u8::from(durability == "fsync")));
             Ok((report, common.json))
+        }
+        Mode::Media { common, size } => {
+            let mut relay = relay_for(&common, "fsync", 16)?;
+            let report = load::media(&relay, &load::MediaArgs { size }).await;
+            relay.stop();
+            Ok((report?, common.json))
         }
         Mode::Connections { common, count } => {
             let count = as_usize(count)?;

@@ -7,6 +7,7 @@
 //!   connect and drain with acknowledgements (drain rate); then every message is
 //!   decrypted and checked: exactly once, in order per sender.
 //! - [`connections`]: idle authenticated connections held; relay memory per connection.
+//! - [`media`]: one attachment up and down; MB/s each way and peak memory on both sides.
 //!
 //! Devices here are [`peer::Peer`]s: tern-client's keys, connection and message crypto
 //! without the device store.
@@ -17,7 +18,9 @@ pub mod relay;
 
 use std::collections::BTreeMap;
 
-pub use self::modes::{connections, offline, online, ConnectionsArgs, OfflineArgs, OnlineArgs};
+pub use self::modes::{
+    connections, media, offline, online, ConnectionsArgs, MediaArgs, OfflineArgs, OnlineArgs,
+};
 
 /// Any failure of a run; the run fails loudly with it.
 pub type LoadError = Box<dyn std::error::Error + Send + Sync>;

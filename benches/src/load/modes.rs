@@ -44,6 +44,13 @@ pub struct OfflineArgs {
     pub inflight: usize,
 }
 
+/// `media` settings.
+#[derive(Debug, Clone)]
+pub struct MediaArgs {
+    /// Attachment bytes.
+    pub size: u64,
+}
+
 /// `connections` settings.
 #[derive(Debug, Clone)]
 pub struct ConnectionsArgs {
@@ -483,5 +490,73 @@ pub async fn connections(
         .insert("relay_rss_after_kib".into(), after as f64);
     drop(held);
     drop(first);
+    Ok(report)
+}
+
+/// `media`: one attachment encrypted, uploaded and downloaded (and decrypted and
+/// verified) through the relay; MB/s each way and both sides' peak memory.
+pub async fn media(relay: &RelayUnderTest, args: &MediaArgs) -> Result<Report, LoadError> {
+    use std::io::Write;
+    use tern_client::media;
+    let dir = tempfile::tempdir()?;
+    let plain = dir.path().join("attachment");
+    {
+        // Pseudo-random content, written in pieces: never all in memory.
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&plain)?);
+        let mut rng = rand::rngs::OsRng;
+        let mut piece = vec![0u8; 1 << 20];
+        let mut left = args.size;
+        while left > 0 {
+            let n = usize::try_from(left.min(piece.len() as u64))?;
+            rng.fill_bytes(&mut piece[..n]);
+            file.write_all(&piece[..n])?;
+            left -= n as u64;
+        }
+        file.flush()?;
+    }
+    let (conn, _inbox) = RelayConnection::connect(&relay.address).await?;
+    let _me = Peer::register(&conn, 0).await?;
+    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    eprintln!("  encrypting {} bytes", args.size);
+    let sealed = dir.path().join("sealed");
+    let t = Instant::now();
+    let pointer = media::encrypt_file(&plain, &sealed).await?;
+    let encrypt_s = t.elapsed().as_secs_f64();
+    eprintln!("  uploading");
+    let t = Instant::now();
+    let up = media::resume_upload(&conn, &pointer, &sealed).await?;
+    let upload_s = t.elapsed().as_secs_f64();
+    if up.sent != pointer.sealed_size {
+        return Err("the upload did not send every byte".into());
+    }
+    eprintln!("  downloading");
+    let out = dir.path().join("downloaded");
+    let t = Instant::now();
+    let got = media::download(&conn, &pointer, &out).await?;
+    let download_s = t.elapsed().as_secs_f64();
+    if got != args.size {
+        return Err("the download has another size".into());
+    }
+    conn.close().await;
+    let mb = pointer.sealed_size as f64 / 1e6;
+    let mut report = Report {
+        mode: "media".into(),
+        messages: 1,
+        size: usize::try_from(args.size).unwrap_or(usize::MAX),
+        ..Report::default()
+    };
+    relay_stats(relay, cpu_before, &mut report);
+    report.msgs_per_sec = 1.0 / (upload_s + download_s);
+    report.mb_per_sec = 2.0 * mb / (upload_s + download_s);
+    report
+        .extra
+        .insert("upload_mb_per_sec".into(), mb / upload_s);
+    report
+        .extra
+        .insert("download_mb_per_sec".into(), mb / download_s);
+    report.extra.insert(
+        "encrypt_mb_per_sec".into(),
+        args.size as f64 / 1e6 / encrypt_s,
+    );
     Ok(report)
 }
