@@ -198,19 +198,34 @@ impl RelayConnection {
                 .await
                 .map_err(|e| Error::Media(e.to_string()))?;
         }
+        // QUIC hands over a packet's worth at a time; the sink gets big writes.
+        let mut pending = BytesMut::with_capacity(CHUNK);
         loop {
-            match recv.read_chunk(CHUNK, true).await {
+            let ended = match recv.read_chunk(CHUNK, true).await {
                 Ok(Some(c)) => {
                     got += c.bytes.len() as u64;
                     if got > size {
                         return Err(Error::Protocol("more bytes than the blob's size".into()));
                     }
-                    sink.write_all(&c.bytes)
-                        .await
-                        .map_err(|e| Error::Media(e.to_string()))?;
+                    pending.extend_from_slice(&c.bytes);
+                    false
                 }
-                Ok(None) => break,
-                Err(e) => return Err(Error::Closed(e.to_string())),
+                Ok(None) => true,
+                Err(e) => {
+                    // Keep what arrived, so a retry resumes after it.
+                    let _ = sink.write_all(&pending).await;
+                    let _ = sink.flush().await;
+                    return Err(Error::Closed(e.to_string()));
+                }
+            };
+            if pending.len() >= CHUNK || ended {
+                sink.write_all(&pending)
+                    .await
+                    .map_err(|e| Error::Media(e.to_string()))?;
+                pending.clear();
+            }
+            if ended {
+                break;
             }
         }
         sink.flush()

@@ -20,6 +20,8 @@ use crate::store::BlobId;
 const MAX_REQUEST: usize = 4096;
 /// Bytes per read from the stream or the file.
 const CHUNK: usize = 256 * 1024;
+/// Bytes gathered from the stream per write to the upload's file.
+const WRITE: usize = 1024 * 1024;
 
 /// Accepts transfer streams until the connection ends or the relay shuts down.
 pub(crate) async fn accept_streams(
@@ -153,13 +155,31 @@ async fn upload(
     if !respond(send, &ready).await {
         return Ok(());
     }
+    let mut pending = BytesMut::new();
     loop {
-        let chunk: Bytes = match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(c)) => c.bytes,
-            Ok(None) => break,
-            // The connection dropped: the bytes so far stay for a resume.
-            Err(_) => return Ok(()),
+        // QUIC hands over a packet's worth at a time; the file gets big writes.
+        let ended = match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(c)) => {
+                pending.extend_from_slice(&c.bytes);
+                false
+            }
+            Ok(None) => true,
+            Err(_) => {
+                // The connection dropped: keep what arrived, for a resume.
+                if !pending.is_empty() {
+                    let (b, c) = (blobs.clone(), pending.split().freeze());
+                    let _ = blocking(move || b.append(&account, &id, offset, &c)).await;
+                }
+                return Ok(());
+            }
         };
+        if pending.len() < WRITE && !(ended && !pending.is_empty()) {
+            if ended {
+                break;
+            }
+            continue;
+        }
+        let chunk: Bytes = pending.split().freeze();
         loop {
             let (b, c) = (blobs.clone(), chunk.clone());
             match blocking(move || b.append(&account, &id, offset, &c)).await {
@@ -173,6 +193,9 @@ async fn upload(
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if ended {
+            break;
         }
     }
     let b = blobs.clone();
