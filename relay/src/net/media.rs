@@ -173,10 +173,10 @@ async fn upload(
                 return Ok(());
             }
         };
-        if pending.len() < WRITE && !(ended && !pending.is_empty()) {
-            if ended {
-                break;
-            }
+        if pending.is_empty() && ended {
+            break;
+        }
+        if pending.len() < WRITE && !ended {
             continue;
         }
         let chunk: Bytes = pending.split().freeze();
