@@ -572,3 +572,59 @@ async fn a_client_killed_mid_stream_loses_nothing() {
     );
     alice.shutdown().await;
 }
+
+#[tokio::test]
+async fn clients_send_download_and_forward_attachments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let ((alice, _alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    let carol = Client::register(&relay.address, store(dir.path(), "carol"))
+        .await
+        .expect("carol");
+    let (carol, mut carol_events) = carol;
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    bob.add_contact(&carol.contact_card().await)
+        .await
+        .expect("add");
+
+    let photo = dir.path().join("photo.bin");
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(&photo, &content).expect("write");
+    let pointer = within(alice.upload_attachment(&photo, &dir.path().join("photo.sealed")))
+        .await
+        .expect("upload");
+    alice
+        .send_with_attachments(&bob.account(), b"look", std::slice::from_ref(&pointer))
+        .await
+        .expect("send");
+    let m = next_message(&mut bob_events).await;
+    assert_eq!((m.body.as_slice(), m.attachments.len()), (&b"look"[..], 1));
+    let got = dir.path().join("bob.bin");
+    within(bob.download_attachment(&m.attachments[0], &got))
+        .await
+        .expect("download");
+    assert_eq!(std::fs::read(&got).expect("read"), content);
+
+    // Bob forwards it to Carol: the same pointer, no upload.
+    within(bob.forward_attachment(&carol.account(), b"fwd", &m.attachments[0]))
+        .await
+        .expect("forward");
+    let m = next_message(&mut carol_events).await;
+    assert_eq!(m.attachments[0], pointer);
+    let got = dir.path().join("carol.bin");
+    within(carol.download_attachment(&m.attachments[0], &got))
+        .await
+        .expect("download");
+    assert_eq!(std::fs::read(&got).expect("read"), content);
+    assert_eq!(
+        files_under(&dir.path().join("relay").join("blobs")).len(),
+        1,
+        "stored once"
+    );
+    for c in [alice, bob, carol] {
+        c.shutdown().await;
+    }
+}

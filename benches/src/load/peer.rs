@@ -188,6 +188,7 @@ impl Link {
             sent_at_ms: now_ms,
             sender_account: self.from.account.as_bytes().to_vec().into(),
             sender_device: self.from.device.get(),
+            attachments: Vec::new(),
         })
         .ok_or("message too large")?;
         let content = message::encrypt(&mut self.sessions, &self.identity_dh_signature, &padded)?;

@@ -39,11 +39,17 @@ use self::records::InboxRecord;
 use self::state::{NewDevice, State};
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
+use crate::media::AttachmentPointer;
 use crate::net::RelayConnection;
 use crate::store::{KvStore, StoreError};
 use crate::{Error, Result};
 
 pub use self::state::MAX_BODY;
+
+/// How long a media call waits for the client to be connected.
+const MEDIA_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Retries of an interrupted transfer.
+const MEDIA_ATTEMPTS: u32 = 8;
 
 /// How long a received message id is remembered to drop duplicates: longer than a
 /// relay keeps any message.
@@ -72,6 +78,8 @@ pub struct ReceivedMessage {
     pub sent_at_ms: u64,
     /// When this device decrypted it (Unix ms).
     pub received_at_ms: u64,
+    /// Attachments it points at: fetch them with [`Client::download_attachment`].
+    pub attachments: Vec<AttachmentPointer>,
 }
 
 impl ReceivedMessage {
@@ -85,6 +93,12 @@ impl ReceivedMessage {
             body: r.body.clone(),
             sent_at_ms: r.sent_at_ms,
             received_at_ms: r.received_at_ms,
+            // A pointer that does not parse is left out, not the message.
+            attachments: r
+                .attachments
+                .iter()
+                .filter_map(|a| AttachmentPointer::from_bytes(a).ok())
+                .collect(),
         })
     }
 }
@@ -198,7 +212,11 @@ pub(crate) struct Shared {
     events: std::sync::Mutex<Option<mpsc::UnboundedSender<Event>>>,
     outbox: Notify,
     stop: watch::Sender<bool>,
+    /// The worker's connections while connected: (authenticated, anonymous).
+    conns: watch::Sender<Option<Connections>>,
 }
+
+type Connections = (Arc<RelayConnection>, Arc<RelayConnection>);
 
 impl Shared {
     fn emit(&self, event: Event) {
@@ -302,6 +320,7 @@ impl Client {
             events: std::sync::Mutex::new(Some(tx)),
             outbox: Notify::new(),
             stop: watch::channel(false).0,
+            conns: watch::channel(None).0,
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),
@@ -363,7 +382,23 @@ impl Client {
     /// Queues `body` for every device of `to`. Returns once it is stored on this
     /// device; [`Event::Sent`] follows once the relay has it.
     pub async fn send(&self, to: &AccountId, body: &[u8]) -> Result<MessageId> {
-        let id = self.shared.state.lock().await.enqueue(to, body, now_ms())?;
+        self.send_with_attachments(to, body, &[]).await
+    }
+
+    /// Like [`Client::send`], with attachments (pointers from
+    /// [`Client::upload_attachment`], or received ones being forwarded).
+    pub async fn send_with_attachments(
+        &self,
+        to: &AccountId,
+        body: &[u8],
+        attachments: &[AttachmentPointer],
+    ) -> Result<MessageId> {
+        let id = self
+            .shared
+            .state
+            .lock()
+            .await
+            .enqueue(to, body, attachments, now_ms())?;
         self.shared.outbox.notify_one();
         Ok(id)
     }
@@ -452,6 +487,94 @@ impl Client {
         drop(state);
         self.shared.outbox.notify_one();
         Ok(accepted)
+    }
+
+    /// The worker's connections, once it has them; `Closed` if the client stops
+    /// or none comes within `MEDIA_WAIT`.
+    async fn connections(&self) -> Result<Connections> {
+        let mut rx = self.shared.conns.subscribe();
+        let waited = tokio::time::timeout(MEDIA_WAIT, rx.wait_for(Option::is_some)).await;
+        match waited {
+            Ok(Ok(c)) => c
+                .clone()
+                .ok_or_else(|| Error::Closed("not connected".into())),
+            _ => Err(Error::Closed("not connected to the relay".into())),
+        }
+    }
+
+    /// Runs a media step, retrying on a dropped connection (after the worker has
+    /// reconnected), so an interrupted transfer resumes where it stopped.
+    async fn with_retries<T, F, Fut>(&self, mut step: F) -> Result<T>
+    where
+        F: FnMut(Connections) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let conns = self.connections().await?;
+            match step(conns).await {
+                Err(Error::Closed(reason)) if attempt < MEDIA_ATTEMPTS => {
+                    tracing::debug!(%reason, "media transfer interrupted; resuming");
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(6)))
+                        .await;
+                }
+                Err(e)
+                    if e.relay_code() == Some(tern_proto::v1::ErrorCode::RateLimited)
+                        && attempt < MEDIA_ATTEMPTS =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(6)))
+                        .await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Encrypts the file at `plaintext` with a fresh key into `sealed` (a file in the
+    /// app's cache, kept until the upload is done) and uploads it, resuming across
+    /// dropped connections. Send the pointer with [`Client::send_with_attachments`].
+    pub async fn upload_attachment(
+        &self,
+        plaintext: &std::path::Path,
+        sealed: &std::path::Path,
+    ) -> Result<AttachmentPointer> {
+        let pointer = crate::media::encrypt_file(plaintext, sealed).await?;
+        self.with_retries(|(conn, _)| {
+            let pointer = pointer.clone();
+            async move { crate::media::resume_upload(&conn, &pointer, sealed).await }
+        })
+        .await?;
+        Ok(pointer)
+    }
+
+    /// Downloads, checks and decrypts an attachment into `dest`, resuming across
+    /// dropped connections. Downloads go over the connection that identifies no one.
+    pub async fn download_attachment(
+        &self,
+        pointer: &AttachmentPointer,
+        dest: &std::path::Path,
+    ) -> Result<u64> {
+        self.with_retries(
+            |(_, anon)| async move { crate::media::download(&anon, pointer, dest).await },
+        )
+        .await
+    }
+
+    /// Forwards an attachment to `to`: the relay keeps the blob another full term and
+    /// the same pointer goes out in a message; nothing is uploaded. Fails with the
+    /// relay's `NOT_FOUND` if the blob has expired (upload it again).
+    pub async fn forward_attachment(
+        &self,
+        to: &AccountId,
+        body: &[u8],
+        pointer: &AttachmentPointer,
+    ) -> Result<MessageId> {
+        self.with_retries(|(_, anon)| async move { crate::media::forward(&anon, pointer).await })
+            .await?;
+        self.send_with_attachments(to, body, std::slice::from_ref(pointer))
+            .await
     }
 
     /// Stops the client: the connection closes and [`Events`] ends. Everything

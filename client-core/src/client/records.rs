@@ -145,6 +145,9 @@ pub(crate) struct OutboxRecord {
     /// Whether `copies` is complete.
     #[prost(bool, tag = "6")]
     pub(crate) prepared: bool,
+    /// Encoded attachment pointers the message carries.
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub(crate) attachments: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -174,6 +177,9 @@ pub(crate) struct InboxRecord {
     pub(crate) sent_at_ms: u64,
     #[prost(uint64, tag = "6")]
     pub(crate) received_at_ms: u64,
+    /// Encoded attachment pointers.
+    #[prost(bytes = "vec", repeated, tag = "7")]
+    pub(crate) attachments: Vec<Vec<u8>>,
 }
 
 /// `Namespace::Held`, key: [`seq_key`]. A message from a contact whose identity key

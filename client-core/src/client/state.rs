@@ -24,6 +24,7 @@ use crate::crypto::sessions::SessionSet;
 use crate::crypto::x3dh::{AgreementKeyPair, PreKeyBundle};
 use crate::crypto::{padding, sealed, CryptoError};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
+use crate::media::AttachmentPointer;
 use crate::net::{Delivery, DeviceBundle, KeyUpload, SignedKey};
 use crate::store::{KvStore, Namespace, Op, StoreError};
 use crate::{Error, Result};
@@ -671,9 +672,15 @@ impl State {
         &mut self,
         recipient: &AccountId,
         body: &[u8],
+        attachments: &[AttachmentPointer],
         now_ms: u64,
     ) -> Result<MessageId> {
-        if body.len() > MAX_BODY {
+        let attachments: Vec<Vec<u8>> = attachments
+            .iter()
+            .map(AttachmentPointer::to_bytes)
+            .collect();
+        let size = body.len() + attachments.iter().map(|a| a.len() + 4).sum::<usize>();
+        if size > MAX_BODY {
             return Err(Error::TooLarge { max: MAX_BODY });
         }
         if self
@@ -694,6 +701,7 @@ impl State {
             created_ms: now_ms,
             copies: Vec::new(),
             prepared: false,
+            attachments,
         };
         let ops = vec![
             Op::Put(Namespace::Outbox, seq_key(seq), record.encode_to_vec()),
@@ -737,6 +745,12 @@ impl State {
             sent_at_ms: now_ms,
             sender_account: self.keys.address.account.as_bytes().to_vec().into(),
             sender_device: self.keys.address.device.get(),
+            attachments: record
+                .attachments
+                .iter()
+                .map(|a| e2e::AttachmentPointer::decode(&a[..]))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| Error::Store(StoreError::Corrupt))?,
         })
         .ok_or(Error::TooLarge { max: MAX_BODY })?;
         let mut ops = Vec::new();
@@ -979,6 +993,11 @@ impl State {
             body: plaintext.body.to_vec(),
             sent_at_ms: plaintext.sent_at_ms,
             received_at_ms: now_ms,
+            attachments: plaintext
+                .attachments
+                .iter()
+                .map(Message::encode_to_vec)
+                .collect(),
         };
         let mut ops = vec![
             Op::Put(

@@ -104,7 +104,10 @@ impl Dev {
             let bundle = to.bundle(false);
             assert!(self.state.start_sessions(to_account, &[bundle]).is_ok());
         }
-        let id = self.state.enqueue(&to_account, body, NOW).expect("enqueue");
+        let id = self
+            .state
+            .enqueue(&to_account, body, &[], NOW)
+            .expect("enqueue");
         let seq = *self.state.outbox().last().expect("queued").0;
         self.state.prepare(seq, NOW).expect("prepare");
         let (_, record) = self.state.outbox().last().expect("queued");
@@ -190,7 +193,7 @@ fn sessions_contacts_and_the_outbox_survive_restarts() {
     assert_eq!(b.body(&d1), b"1");
     b.state.flush().expect("flush");
     a.state
-        .enqueue(&b.account(), b"queued", NOW)
+        .enqueue(&b.account(), b"queued", &[], NOW)
         .expect("enqueue");
     a.reload(NOW);
     b.reload(NOW);
@@ -248,7 +251,7 @@ fn an_identity_change_is_held_until_accepted() {
     assert!(matches!(b.receive(&m2), Outcome::Held { first: false, .. }));
     assert!(b.state.contact(&a.account()).expect("contact").blocked());
     assert!(matches!(
-        b.state.enqueue(&a.account(), b"reply", NOW),
+        b.state.enqueue(&a.account(), b"reply", &[], NOW),
         Err(Error::UntrustedIdentity)
     ));
     // The trusted key's sessions still work while the change waits.
@@ -458,7 +461,8 @@ fn one_time_prekeys_are_replenished_when_few_are_left() {
 fn oversized_messages_are_refused_and_the_largest_fits() {
     let (mut a, mut b) = (dev(1), dev(2));
     assert!(matches!(
-        a.state.enqueue(&b.account(), &vec![0; MAX_BODY + 1], NOW),
+        a.state
+            .enqueue(&b.account(), &vec![0; MAX_BODY + 1], &[], NOW),
         Err(Error::TooLarge { .. })
     ));
     let d = a.send(&mut b, &vec![7; MAX_BODY]);

@@ -3,6 +3,7 @@
 //! backoff whenever either drops.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::OsRng;
@@ -81,6 +82,11 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
             _ = stop.wait_for(|s| *s) => break,
         }
     }
+    // Stopped mid-connection: close what media transfers could still be holding.
+    if let Some((conn, anon)) = shared.conns.send_replace(None) {
+        conn.close_now();
+        anon.close_now();
+    }
 }
 
 async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
@@ -95,13 +101,25 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     // cannot tie them to this device by connection.
     let (anon, _no_deliveries) = RelayConnection::connect(&shared.relay).await?;
     backoff.reset();
+    let (conn, anon) = (Arc::new(conn), Arc::new(anon));
+    // Media transfers share these connections, on streams of their own.
+    shared
+        .conns
+        .send_replace(Some((conn.clone(), anon.clone())));
     shared.emit(Event::Connected);
     let result = tokio::select! {
         r = receive_loop(shared, &conn, inbox) => r,
         r = send_loop(shared, &conn, &anon) => r,
         e = anon.closed() => Err(e),
     };
-    tokio::join!(conn.close(), anon.close());
+    shared.conns.send_replace(None);
+    for c in [conn, anon] {
+        match Arc::try_unwrap(c) {
+            Ok(c) => c.close().await,
+            // A transfer still holds it: close it under the transfer.
+            Err(c) => c.close_now(),
+        }
+    }
     result
 }
 

@@ -517,6 +517,12 @@ impl RelayConnection {
         Error::Closed(closed_reason(&self.conn.closed().await))
     }
 
+    /// Closes the connection at once, without waiting (for a connection shared with
+    /// other tasks: theirs fail with [`Error::Closed`]).
+    pub fn close_now(&self) {
+        self.conn.close(close::NORMAL.into(), b"bye");
+    }
+
     /// Closes the connection and waits briefly for the relay to see it.
     pub async fn close(self) {
         self.conn.close(close::NORMAL.into(), b"bye");
