@@ -191,6 +191,9 @@ pub struct BlobStore {
     limits: BlobLimits,
     active: Arc<Mutex<HashMap<AccountId, usize>>>,
     uploading: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
+    /// The hash of each upload so far, kept as bytes arrive so finishing need not
+    /// read the file again (after a restart or a resume it does).
+    hashing: Mutex<HashMap<(AccountId, BlobId), (u64, Sha256)>>,
     windows: Mutex<HashMap<AccountId, Window>>,
     /// Serialises index changes (see [`BlobIndex`]) and renames.
     commit: Mutex<()>,
@@ -236,6 +239,7 @@ impl BlobStore {
             limits,
             active: Arc::default(),
             uploading: Arc::default(),
+            hashing: Mutex::default(),
             windows: Mutex::default(),
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
@@ -327,6 +331,7 @@ impl BlobStore {
             Some(meta) if meta.size == size => fs::metadata(&path).map_or(0, |m| m.len()),
             _ => {
                 let _ = fs::remove_file(&path);
+                lock(&self.hashing).remove(&(*account, *id));
                 0
             }
         };
@@ -390,6 +395,17 @@ impl BlobStore {
         self.charge(account, n)?;
         file.write_all(bytes)?;
         self.received.fetch_add(n, Ordering::Relaxed);
+        let key = (*account, *id);
+        let taken = lock(&self.hashing).remove(&key);
+        let running = match taken {
+            Some((at, hash)) if at == len => Some(hash),
+            _ if len == 0 => Some(Sha256::new()),
+            _ => None,
+        };
+        if let Some(mut hash) = running {
+            hash.update(bytes);
+            lock(&self.hashing).insert(key, (len + n, hash));
+        }
         let now = self.clock.now();
         if now.saturating_sub(meta.touched_at) >= 1000 {
             self.index.put_upload(
@@ -417,16 +433,22 @@ impl BlobStore {
                 size: meta.size,
             });
         }
-        let mut hash = Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
+        let digest: [u8; 32] = match lock(&self.hashing).remove(&(*account, *id)) {
+            Some((at, hash)) if at == received => hash.finalize().into(),
+            _ => {
+                let mut hash = Sha256::new();
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                }
+                hash.finalize().into()
             }
-            hash.update(&buf[..n]);
-        }
-        if <[u8; 32]>::from(hash.finalize()) != *id {
+        };
+        if digest != *id {
             drop(file);
             self.index.remove_upload(account, id)?;
             fs::remove_file(&path)?;
@@ -501,6 +523,7 @@ impl BlobStore {
                 continue;
             }
             self.index.remove_upload(&account, &id)?;
+            lock(&self.hashing).remove(&(account, id));
             match fs::remove_file(self.upload_path(&account, &id)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

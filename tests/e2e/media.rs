@@ -359,3 +359,45 @@ async fn the_relay_disk_holds_no_attachment_plaintext() {
         "the blob is there"
     );
 }
+
+#[tokio::test]
+async fn an_interrupted_download_resumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = relay(
+        &dir.path().join("relay"),
+        Arc::new(SystemClock),
+        Duration::from_secs(86_400),
+    )
+    .await;
+    let alice = register(relay.address()).await;
+    let src = plain_file(dir.path(), "doc", 1 << 20, b"");
+    let sealed = dir.path().join("sealed");
+    let (pointer, _) = media::upload(&alice.conn, &src, &sealed)
+        .await
+        .expect("upload");
+    // A first download stopped a third of the way: its sealed part is on disk.
+    let out = dir.path().join("out");
+    let bytes = std::fs::read(&sealed).expect("read");
+    let part = dir.path().join("out.sealed-part");
+    std::fs::write(&part, &bytes[..bytes.len() / 3]).expect("write");
+    let (anon, _) = RelayConnection::connect(relay.address())
+        .await
+        .expect("connect");
+    within(media::download(&anon, &pointer, &out))
+        .await
+        .expect("resumed");
+    assert_eq!(digest(&out), digest(&src));
+    assert!(!part.exists(), "the partial file is gone");
+    // A damaged partial file is caught by the checks, and nothing is left behind.
+    let mut damaged = bytes[..bytes.len() / 3].to_vec();
+    damaged[100] ^= 1;
+    std::fs::write(&part, &damaged).expect("write");
+    let out2 = dir.path().join("out2");
+    let part2 = dir.path().join("out2.sealed-part");
+    std::fs::rename(&part, &part2).expect("rename");
+    assert!(within(media::download(&anon, &pointer, &out2))
+        .await
+        .is_err());
+    assert!(!out2.exists() && !part2.exists());
+    relay.shutdown().await.expect("shutdown");
+}
