@@ -28,6 +28,10 @@ use crate::store::{NewMessage, StoredMessage};
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Outgoing frames queued per connection before producers wait.
 const OUT_QUEUE: usize = 1024;
+
+/// A queued outgoing frame, boxed: the queue's storage is allocated in blocks of 32
+/// slots, and every connection keeps one; small slots keep idle connections small.
+type Frame = Box<v1::ServerFrame>;
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
 /// How long a connection closed for a protocol error lingers so the client can read
@@ -55,7 +59,7 @@ struct Session {
     conn: quinn::Connection,
     hub: Arc<Hub>,
     settings: Arc<ConnSettings>,
-    out: mpsc::Sender<v1::ServerFrame>,
+    out: mpsc::Sender<Frame>,
     requests: Arc<Semaphore>,
     device: Option<AuthenticatedDevice>,
     /// The same device, for the connection's media streams.
@@ -101,12 +105,6 @@ pub(crate) async fn serve(
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let authenticated = Arc::new(OnceLock::new());
-    let media = tokio::spawn(super::media::accept_streams(
-        conn.clone(),
-        settings.blobs.clone(),
-        authenticated.clone(),
-        shutdown.clone(),
-    ));
     let mut session = Session {
         authenticated,
         conn: conn.clone(),
@@ -119,7 +117,6 @@ pub(crate) async fn serve(
         delivery: None,
     };
     let end = session.read_loop(recv, shutdown).await;
-    media.abort();
     session.finish().await;
     // The writer ends once every sender of its queue is gone.
     drop(session);
@@ -175,6 +172,19 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Shutdown,
+                // Media transfers arrive as streams of their own.
+                opened = self.conn.accept_bi() => match opened {
+                    Ok(streams) => {
+                        super::media::spawn_transfer(
+                            streams,
+                            self.settings.blobs.clone(),
+                            self.authenticated.clone(),
+                        );
+                        continue;
+                    }
+                    // The connection is gone.
+                    Err(_) => return End::Lost,
+                },
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,
@@ -506,7 +516,7 @@ fn envelopes(wire: Vec<v1::Envelope>) -> Result<Vec<NewMessage>> {
         .collect()
 }
 
-fn response(request_id: u64, result: Result<Reply>) -> v1::ServerFrame {
+fn response(request_id: u64, result: Result<Reply>) -> Frame {
     let result = match result {
         Ok(r) => r,
         Err(e) => {
@@ -522,16 +532,16 @@ fn response(request_id: u64, result: Result<Reply>) -> v1::ServerFrame {
             })
         }
     };
-    v1::ServerFrame {
+    Box::new(v1::ServerFrame {
         body: Some(v1::server_frame::Body::Response(v1::Response {
             request_id,
             result: Some(result),
         })),
-    }
+    })
 }
 
-fn delivery(m: StoredMessage) -> v1::ServerFrame {
-    v1::ServerFrame {
+fn delivery(m: StoredMessage) -> Frame {
+    Box::new(v1::ServerFrame {
         body: Some(v1::server_frame::Body::Delivery(v1::Delivery {
             seq: m.seq,
             message_id: Bytes::copy_from_slice(m.message_id.as_bytes()),
@@ -539,7 +549,7 @@ fn delivery(m: StoredMessage) -> v1::ServerFrame {
             accepted_at_ms: m.accepted_at,
             expires_at_ms: m.expires_at,
         })),
-    }
+    })
 }
 
 /// Pushes the device's messages as room allows and applies its acks.
@@ -547,7 +557,7 @@ async fn deliver(
     hub: Arc<Hub>,
     device: AuthenticatedDevice,
     window_size: usize,
-    out: mpsc::Sender<v1::ServerFrame>,
+    out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
 ) {
@@ -589,7 +599,7 @@ async fn deliver(
         if pull.queue_empty {
             let empty = v1::server_frame::Body::QueueEmpty(v1::QueueEmpty {});
             if out
-                .send(v1::ServerFrame { body: Some(empty) })
+                .send(Box::new(v1::ServerFrame { body: Some(empty) }))
                 .await
                 .is_err()
             {
@@ -600,7 +610,7 @@ async fn deliver(
 }
 
 /// Writes queued frames, coalescing whatever is ready into one write.
-async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<v1::ServerFrame>) {
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>) {
     let mut buf = BytesMut::new();
     while let Some(f) = rx.recv().await {
         frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);

@@ -8,7 +8,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::{Bytes, BytesMut};
 use tern_proto::frame;
 use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
-use tokio::sync::watch;
 use tracing::debug;
 
 use crate::blobs::{Begin, BlobError, BlobStore};
@@ -23,23 +22,13 @@ const CHUNK: usize = 256 * 1024;
 /// Bytes gathered from the stream per write to the upload's file.
 const WRITE: usize = 1024 * 1024;
 
-/// Accepts transfer streams until the connection ends or the relay shuts down.
-pub(crate) async fn accept_streams(
-    conn: quinn::Connection,
+/// Serves one transfer stream the connection's peer opened, in a task of its own.
+pub(crate) fn spawn_transfer(
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
-    mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (send, recv) = tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok(s) => s,
-                Err(_) => return,
-            },
-            _ = shutdown.changed() => return,
-        };
-        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone()));
-    }
+    tokio::spawn(transfer(send, recv, blobs, who));
 }
 
 fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
