@@ -148,6 +148,7 @@ async fn drain(
     let mut ids = HashSet::new();
     let mut got = 0u64;
     let mut acks = Vec::new();
+    let mut acks_in_flight = futures::stream::FuturesUnordered::new();
     while got < want {
         let first = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
             .await
@@ -170,8 +171,15 @@ async fn drain(
                 None
             };
         }
-        conn.ack(&acks).await?;
+        // Acknowledged without waiting for the reply; every reply is checked below.
+        acks_in_flight.push(conn.ack(&acks));
         acks.clear();
+        while let Some(Some(r)) = futures::FutureExt::now_or_never(acks_in_flight.next()) {
+            r?;
+        }
+    }
+    while let Some(r) = acks_in_flight.next().await {
+        r?;
     }
     Ok(())
 }

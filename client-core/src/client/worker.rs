@@ -204,7 +204,14 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
             std::mem::take(&mut state.consumed_prekeys)
         };
         if !acks.is_empty() {
-            conn.ack(&acks).await?;
+            // Sent now; the reply is not waited for: a lost ack only means the relay
+            // delivers again, and the copy is recognised as a duplicate.
+            let ack = conn.ack(&acks);
+            tokio::spawn(async move {
+                if let Err(e) = ack.await {
+                    tracing::debug!(error = %e, "acknowledgement not confirmed");
+                }
+            });
         }
         if let Some(e) = failure {
             return Err(e);

@@ -491,16 +491,17 @@ impl RelayConnection {
     }
 
     /// Deletes delivered messages from this device's mailbox; returns how many the
-    /// relay still held.
-    pub async fn ack(&self, seqs: &[u64]) -> Result<u32> {
-        match self
-            .request(Body::Ack(v1::AckRequest {
-                seqs: seqs.to_vec(),
-            }))
-            .await?
-        {
-            Reply::Ack(r) => Ok(r.deleted),
-            _ => Err(Error::Protocol("unexpected reply to ack".into())),
+    /// relay still held. The request leaves when this is called, so a receiver need
+    /// not wait for the reply before handling what arrives next.
+    pub fn ack(&self, seqs: &[u64]) -> impl Future<Output = Result<u32>> + Send + 'static {
+        let reply = self.issue(Body::Ack(v1::AckRequest {
+            seqs: seqs.to_vec(),
+        }));
+        async move {
+            match reply.await? {
+                Reply::Ack(r) => Ok(r.deleted),
+                _ => Err(Error::Protocol("unexpected reply to ack".into())),
+            }
         }
     }
 
