@@ -78,7 +78,7 @@ impl AttachmentPointer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = || Error::Media("not an attachment pointer".into());
         let p = e2e::AttachmentPointer::decode(bytes).map_err(|_| bad())?;
-        if attachment::sealed_len(p.size) != p.sealed_size {
+        if attachment::sealed_len(p.size) != Some(p.sealed_size) {
             return Err(bad());
         }
         Ok(AttachmentPointer {
@@ -181,6 +181,7 @@ struct DecryptingSink {
     /// The blob's first bytes, kept beside the partial file for a resume.
     header: Vec<u8>,
     header_path: PathBuf,
+    blob_id: [u8; 32],
 }
 
 impl DecryptingSink {
@@ -189,7 +190,11 @@ impl DecryptingSink {
             let n = (attachment::HEADER_LEN - self.header.len()).min(buf.len());
             self.header.extend_from_slice(&buf[..n]);
             if self.header.len() == attachment::HEADER_LEN {
-                std::fs::write(&self.header_path, &self.header)?;
+                // Tied to the blob: a leftover of another download is never resumed.
+                std::fs::write(
+                    &self.header_path,
+                    [&self.header[..], &self.blob_id].concat(),
+                )?;
             }
         }
         let d = self
@@ -236,8 +241,14 @@ pub async fn download(
 ) -> Result<u64> {
     let (part, header_path) = (beside(dest, ".part"), beside(dest, ".part-header"));
     let resumable = match (std::fs::metadata(&part), std::fs::read(&header_path)) {
-        (Ok(m), Ok(header)) if header.len() == attachment::HEADER_LEN => {
-            Some((m.len() / attachment::SEGMENT as u64, header))
+        (Ok(m), Ok(saved))
+            if saved.len() == attachment::HEADER_LEN + 32
+                && saved[attachment::HEADER_LEN..] == pointer.blob_id =>
+        {
+            Some((
+                m.len() / attachment::SEGMENT as u64,
+                saved[..attachment::HEADER_LEN].to_vec(),
+            ))
         }
         _ => None,
     };
@@ -270,14 +281,19 @@ pub async fn download(
         out: BufWriter::with_capacity(256 * 1024, file),
         header,
         header_path: header_path.clone(),
+        blob_id: pointer.blob_id,
     };
-    let offset = if segments == 0 {
-        0
-    } else {
+    let resuming = sink.header.len() == attachment::HEADER_LEN;
+    // A resume starts after the header it already has, at its first missing segment.
+    let offset = if resuming {
         Decryptor::offset_of(segments)
+    } else {
+        0
     };
     let cleanup = |result: Result<u64>| {
-        if let Err(Error::Media(_) | Error::Protocol(_)) = &result {
+        // Anything but a dropped connection: the partial state is not kept (a resume
+        // that the relay refused, or that failed its checks, starts over next time).
+        if matches!(&result, Err(e) if !matches!(e, Error::Closed(_))) {
             // A blob that fails its checks is not kept for a resume.
             let _ = std::fs::remove_file(&part);
             let _ = std::fs::remove_file(&header_path);
@@ -331,7 +347,7 @@ mod tests {
             blob_id: [1; 32],
             key: [2; 32],
             size: 10,
-            sealed_size: attachment::sealed_len(10),
+            sealed_size: attachment::sealed_len(10).expect("small"),
             content_type: "text/plain".into(),
             file_name: "a.txt".into(),
         };

@@ -382,7 +382,8 @@ async fn an_interrupted_download_resumes() {
     let plain = std::fs::read(&src).expect("read");
     let segment = tern_client::crypto::attachment::SEGMENT;
     std::fs::write(dir.path().join("out.part"), &plain[..5 * segment + 100]).expect("write");
-    std::fs::write(dir.path().join("out.part-header"), &sealed_bytes[..8]).expect("write");
+    let saved_header = [&sealed_bytes[..8], &pointer.blob_id[..]].concat();
+    std::fs::write(dir.path().join("out.part-header"), &saved_header).expect("write");
     let (anon, _) = RelayConnection::connect(relay.address())
         .await
         .expect("connect");
@@ -395,10 +396,18 @@ async fn an_interrupted_download_resumes() {
         "the partial file became the file"
     );
     assert!(!dir.path().join("out.part-header").exists());
+    // Cut off inside the first segment: resumes from just after the header.
+    let early = dir.path().join("early");
+    std::fs::write(dir.path().join("early.part"), &plain[..100]).expect("write");
+    std::fs::write(dir.path().join("early.part-header"), &saved_header).expect("write");
+    within(media::download(&anon, &pointer, &early))
+        .await
+        .expect("resumed early");
+    assert_eq!(digest(&early), digest(&src));
     // A resume state that does not fit the blob fails its checks and is removed.
     let out2 = dir.path().join("out2");
     std::fs::write(dir.path().join("out2.part"), &plain[..2 * segment]).expect("write");
-    let mut header = sealed_bytes[..8].to_vec();
+    let mut header = saved_header.clone();
     header[3] ^= 1;
     std::fs::write(dir.path().join("out2.part-header"), &header).expect("write");
     assert!(within(media::download(&anon, &pointer, &out2))

@@ -48,8 +48,9 @@ pub use self::state::MAX_BODY;
 
 /// How long a media call waits for the client to be connected.
 const MEDIA_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Retries of an interrupted transfer.
-const MEDIA_ATTEMPTS: u32 = 8;
+/// Retries of an interrupted transfer: with the backoff, over a minute, longer than
+/// the relay takes to notice a connection that vanished (its idle timeout).
+const MEDIA_ATTEMPTS: u32 = 16;
 
 /// How long a received message id is remembered to drop duplicates: longer than a
 /// relay keeps any message.

@@ -65,10 +65,12 @@ pub enum AttachmentError {
     Io(#[from] std::io::Error),
 }
 
-/// The ciphertext's length for a plaintext of `len` bytes.
-pub fn sealed_len(len: u64) -> u64 {
+/// The ciphertext's length for a plaintext of `len` bytes (`None` past `u64`).
+pub fn sealed_len(len: u64) -> Option<u64> {
     let segments = len.div_ceil(SEGMENT as u64).max(1);
-    HEADER_LEN as u64 + len + segments * TAG as u64
+    (HEADER_LEN as u64)
+        .checked_add(len)?
+        .checked_add(segments.checked_mul(TAG as u64)?)
 }
 
 /// What [`encrypt`] produced.
@@ -363,7 +365,7 @@ mod tests {
             let (blob, key, e) = sealed(len);
             assert_eq!(e.size, len);
             assert_eq!(
-                blob.len() as u64,
+                Some(blob.len() as u64),
                 sealed_len(len),
                 "length formula for {len}"
             );
@@ -404,7 +406,8 @@ mod tests {
         let mut want = Sink::default();
         std::io::copy(&mut source(len, 1), &mut want).expect("copy");
         assert_eq!(sink.0.finalize(), want.0.finalize());
-        assert_eq!(e.sealed_size, sealed_len(len));
+        assert_eq!(Some(e.sealed_size), sealed_len(len));
+        assert_eq!(sealed_len(u64::MAX - 3), None);
     }
 
     #[test]

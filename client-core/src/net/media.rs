@@ -190,6 +190,11 @@ impl RelayConnection {
             Res::DownloadReady(r) => (r.size, r.offset),
             _ => return Err(Error::Protocol("unexpected media response".into())),
         };
+        if start != offset || offset > size {
+            return Err(Error::Protocol(
+                "the relay answered another range than asked".into(),
+            ));
+        }
         let mut got = start;
         // Bytes that came with the response frame.
         if !buf.is_empty() {
