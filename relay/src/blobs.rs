@@ -36,6 +36,8 @@ pub struct BlobLimits {
     pub max_blob_bytes: u64,
     /// Uploads one account may run at once.
     pub max_concurrent_uploads: usize,
+    /// Unfinished uploads one account may keep (running or waiting for a resume).
+    pub max_unfinished_uploads: usize,
     /// Bytes of blobs one account may own (blobs it uploaded first).
     pub max_account_bytes: u64,
     /// Upload bytes per second per account, averaged over a second.
@@ -51,6 +53,7 @@ impl Default for BlobLimits {
         BlobLimits {
             max_blob_bytes: 2 << 30,
             max_concurrent_uploads: 4,
+            max_unfinished_uploads: 16,
             max_account_bytes: 20 << 30,
             max_upload_bytes_per_sec: 200 << 20,
             ttl: Duration::from_secs(30 * 24 * 3600),
@@ -270,10 +273,15 @@ impl BlobStore {
         now.saturating_add(millis(self.limits.ttl))
     }
 
-    /// A blob's record, if the relay has it and it has not expired.
+    /// A blob's record, if the relay has it, its file is there, and it has not
+    /// expired. (A record without its file, left by a crash, counts as absent: the
+    /// blob can be uploaded again.)
     pub fn status(&self, id: &BlobId) -> BlobResult<Option<BlobMeta>> {
         let now = self.clock.now();
-        Ok(self.index.blob(id)?.filter(|m| m.expires_at > now))
+        Ok(self
+            .index
+            .blob(id)?
+            .filter(|m| m.expires_at > now && self.blob_path(id).exists()))
     }
 
     /// A forward: the blob lives another `ttl` from now. [`BlobError::NotFound`] if the
@@ -300,7 +308,22 @@ impl BlobStore {
         if self.status(id)?.is_some() {
             return Ok(Begin::Exists(self.touch(id)?));
         }
-        if self.index.account_bytes(account)?.saturating_add(size) > self.limits.max_account_bytes {
+        // Unfinished uploads count against the quota too, and only so many may wait.
+        let _commit = lock(&self.commit);
+        let others: Vec<(BlobId, u64)> = self
+            .index
+            .uploads_of(account)?
+            .into_iter()
+            .filter(|(other, _)| other != id)
+            .collect();
+        if others.len() >= self.limits.max_unfinished_uploads {
+            return Err(BlobError::TooManyUploads(
+                self.limits.max_unfinished_uploads,
+            ));
+        }
+        let pending: u64 = others.iter().map(|(_, n)| *n).sum();
+        let owned = self.index.account_bytes(account)?;
+        if owned.saturating_add(pending).saturating_add(size) > self.limits.max_account_bytes {
             return Err(BlobError::QuotaExceeded);
         }
         let slot = {
@@ -469,7 +492,11 @@ impl BlobStore {
         }
         let target = self.blob_path(id);
         let dir = target.parent().ok_or(BlobError::NotFound)?;
-        fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            // The new directory's own entry must survive a crash too.
+            sync_dir(&self.blobs_dir)?;
+        }
         fs::rename(&path, &target)?;
         sync_dir(dir)?;
         sync_dir(&self.uploads_dir)?;
@@ -481,6 +508,9 @@ impl BlobStore {
             owner: *account,
         };
         self.index.insert_blob(id, &blob)?;
+        // Durable before the uploader is told, so a pointer it sends never names a
+        // blob the relay forgets in a crash.
+        self.index.flush_blobs()?;
         Ok(blob)
     }
 
@@ -517,9 +547,15 @@ impl BlobStore {
             }
         }
         let before = now.saturating_sub(millis(self.limits.abandon_after));
-        for (account, id) in self.index.stale_uploads(before, max)? {
-            if lock(&self.active).contains_key(&account) {
-                // The account is uploading right now; its stale entries wait.
+        // Uploads running now are skipped, so ask for that many more.
+        let running = lock(&self.uploading).len();
+        for (account, id) in self
+            .index
+            .stale_uploads(before, max.saturating_add(running))?
+        {
+            // Held while removing: a `begin` of this very upload waits for it.
+            let uploading = lock(&self.uploading);
+            if uploading.contains(&(account, id)) {
                 continue;
             }
             self.index.remove_upload(&account, &id)?;
@@ -802,5 +838,91 @@ mod tests {
             .append(&BOB, &id, 1500, &bytes[1500..])
             .expect("next second");
         f.store.finish(&BOB, &id).expect("complete");
+    }
+
+    #[test]
+    fn unfinished_uploads_count_against_the_quota_and_are_capped() {
+        let limits = BlobLimits {
+            max_account_bytes: 1000,
+            max_unfinished_uploads: 2,
+            ..BlobLimits::default()
+        };
+        let f = fixture(Arc::new(MemoryStore::new()), limits);
+        // Two uploads left half done (their slots dropped, as by lost connections).
+        for i in 0..2u8 {
+            let Begin::Upload { slot, .. } = f.store.begin(&ALICE, &[i; 32], 400).expect("begin")
+            else {
+                panic!("fresh")
+            };
+            f.store
+                .append(&ALICE, &[i; 32], 0, &[0; 10])
+                .expect("append");
+            drop(slot);
+        }
+        assert!(matches!(
+            f.store.begin(&ALICE, &[9; 32], 100),
+            Err(BlobError::TooManyUploads(2))
+        ));
+        // Resuming one of them is fine; the quota counts both announced sizes.
+        assert!(f.store.begin(&ALICE, &[0; 32], 400).is_ok());
+        let f = fixture(
+            Arc::new(MemoryStore::new()),
+            BlobLimits {
+                max_account_bytes: 1000,
+                ..BlobLimits::default()
+            },
+        );
+        drop(f.store.begin(&ALICE, &[1; 32], 700).expect("begin"));
+        assert!(matches!(
+            f.store.begin(&ALICE, &[2; 32], 400),
+            Err(BlobError::QuotaExceeded)
+        ));
+    }
+
+    #[test]
+    fn the_sweeper_skips_only_the_upload_running_now() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let Begin::Upload { slot: running, .. } =
+            f.store.begin(&ALICE, &[1; 32], 10).expect("begin")
+        else {
+            panic!("fresh")
+        };
+        let Begin::Upload { slot, .. } = f.store.begin(&ALICE, &[2; 32], 10).expect("begin") else {
+            panic!("fresh")
+        };
+        f.store.append(&ALICE, &[2; 32], 0, b"abc").expect("append");
+        drop(slot);
+        f.clock.advance(Duration::from_secs(25 * 3600));
+        assert_eq!(
+            f.store.sweep(1).expect("sweep").uploads,
+            1,
+            "the abandoned one goes"
+        );
+        assert!(f
+            .store
+            .index
+            .upload(&ALICE, &[1; 32])
+            .expect("upload")
+            .is_some());
+        drop(running);
+        assert_eq!(f.store.sweep(1).expect("sweep").uploads, 1);
+    }
+
+    #[test]
+    fn a_record_without_its_file_counts_as_absent() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let bytes = b"lost in a crash".to_vec();
+        upload(&f.store, &ALICE, &bytes).expect("upload");
+        for file in files(&f.dir.path().join("blobs")) {
+            fs::remove_file(file).expect("remove");
+        }
+        assert!(f.store.status(&id_of(&bytes)).expect("status").is_none());
+        assert!(matches!(
+            f.store.touch(&id_of(&bytes)),
+            Err(BlobError::NotFound)
+        ));
+        let again = upload(&f.store, &ALICE, &bytes).expect("uploaded again");
+        assert_eq!(again.size, bytes.len() as u64);
+        assert_eq!(files(&f.dir.path().join("blobs")).len(), 1);
     }
 }

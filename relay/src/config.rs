@@ -32,6 +32,7 @@
 //! [media]
 //! max_blob_bytes = 2147483648   # 2 GiB
 //! max_concurrent_uploads = 4    # per account
+//! max_unfinished_uploads = 16   # per account, running or waiting for a resume
 //! max_account_bytes = 21474836480
 //! max_upload_bytes_per_sec = 209715200
 //! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
@@ -82,7 +83,9 @@ pub struct MediaConfig {
     pub max_blob_bytes: u64,
     /// Uploads one account may run at once.
     pub max_concurrent_uploads: usize,
-    /// Bytes of blobs one account may own.
+    /// Unfinished uploads one account may keep (running or waiting for a resume).
+    pub max_unfinished_uploads: usize,
+    /// Bytes of blobs one account may own (unfinished uploads count).
     pub max_account_bytes: u64,
     /// Upload bytes per second per account.
     pub max_upload_bytes_per_sec: u64,
@@ -100,6 +103,7 @@ impl Default for MediaConfig {
         MediaConfig {
             max_blob_bytes: l.max_blob_bytes,
             max_concurrent_uploads: l.max_concurrent_uploads,
+            max_unfinished_uploads: l.max_unfinished_uploads,
             max_account_bytes: l.max_account_bytes,
             max_upload_bytes_per_sec: l.max_upload_bytes_per_sec,
             blob_ttl: l.ttl,
@@ -271,6 +275,7 @@ impl Config {
         BlobLimits {
             max_blob_bytes: m.max_blob_bytes,
             max_concurrent_uploads: m.max_concurrent_uploads,
+            max_unfinished_uploads: m.max_unfinished_uploads,
             max_account_bytes: m.max_account_bytes,
             max_upload_bytes_per_sec: m.max_upload_bytes_per_sec,
             ttl: m.blob_ttl,

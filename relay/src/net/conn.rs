@@ -253,14 +253,23 @@ impl Session {
                 .await;
                 self.start_delivery();
             }
+            // File and index work, off the async threads.
             Body::BlobStatus(r) => {
                 let blobs = self.settings.blobs.clone();
-                let reply = super::media_status(&blobs, &r.blob_id).map(Reply::BlobStatus);
+                let reply = tokio::task::spawn_blocking(move || {
+                    super::media_status(&blobs, &r.blob_id).map(Reply::BlobStatus)
+                })
+                .await
+                .unwrap_or(Err(Error::Unavailable("media worker stopped")));
                 self.reply(id, reply).await
             }
             Body::TouchBlob(r) => {
                 let blobs = self.settings.blobs.clone();
-                let reply = super::media_touch(&blobs, &r.blob_id).map(Reply::TouchBlob);
+                let reply = tokio::task::spawn_blocking(move || {
+                    super::media_touch(&blobs, &r.blob_id).map(Reply::TouchBlob)
+                })
+                .await
+                .unwrap_or(Err(Error::Unavailable("media worker stopped")));
                 self.reply(id, reply).await
             }
             Body::Send(r) => self.send(id, r).await,

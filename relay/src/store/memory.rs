@@ -309,6 +309,20 @@ impl BlobIndex for MemoryStore {
         Ok(())
     }
 
+    fn uploads_of(&self, account: &AccountId) -> StoreResult<Vec<(BlobId, u64)>> {
+        Ok(self
+            .lock()
+            .uploads
+            .iter()
+            .filter(|((a, _), _)| a == account)
+            .map(|((_, id), m)| (*id, m.size))
+            .collect())
+    }
+
+    fn flush_blobs(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
     fn stale_uploads(
         &self,
         before: UnixMillis,

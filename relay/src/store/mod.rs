@@ -180,6 +180,10 @@ pub trait BlobIndex: Send + Sync + 'static {
     fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()>;
     /// Forgets an upload.
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()>;
+    /// `account`'s uploads in progress: blob id and announced size.
+    fn uploads_of(&self, account: &AccountId) -> StoreResult<Vec<(BlobId, u64)>>;
+    /// Makes every change so far durable.
+    fn flush_blobs(&self) -> StoreResult<()>;
     /// Up to `max` uploads whose bytes last arrived before `before`.
     fn stale_uploads(
         &self,

@@ -629,6 +629,27 @@ impl BlobIndex for SledStore {
         Ok(())
     }
 
+    fn uploads_of(&self, account: &AccountId) -> StoreResult<Vec<(BlobId, u64)>> {
+        let mut out = Vec::new();
+        let prefix = [&[UPLOAD][..], account.as_bytes()].concat();
+        for kv in self.blobs.scan_prefix(prefix) {
+            let (k, v) = kv.map_err(backend)?;
+            let size = u64::from_be_bytes(fixed(
+                v.get(..8).ok_or(StoreError::Corrupt("upload record"))?,
+            )?);
+            out.push((
+                fixed(k.get(17..).ok_or(StoreError::Corrupt("upload key"))?)?,
+                size,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn flush_blobs(&self) -> StoreResult<()> {
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
     fn stale_uploads(
         &self,
         before: UnixMillis,
