@@ -171,12 +171,19 @@ async fn drain(
                 None
             };
         }
-        // Acknowledged without waiting for the reply; every reply is checked below.
-        acks_in_flight.push(conn.ack(&acks));
-        acks.clear();
+        // One acknowledgement in flight at a time, not waited for: deliveries keep
+        // being handled, and acks gather into big batches (each costs the relay a
+        // write) while one is out.
         while let Some(Some(r)) = futures::FutureExt::now_or_never(acks_in_flight.next()) {
             r?;
         }
+        if acks_in_flight.is_empty() || acks.len() >= 1024 {
+            acks_in_flight.push(conn.ack(&acks));
+            acks.clear();
+        }
+    }
+    if !acks.is_empty() {
+        acks_in_flight.push(conn.ack(&acks));
     }
     while let Some(r) = acks_in_flight.next().await {
         r?;

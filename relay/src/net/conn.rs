@@ -105,6 +105,13 @@ pub(crate) async fn serve(
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let authenticated = Arc::new(OnceLock::new());
+    // Media transfers arrive as streams of their own. A task of its own accepts them:
+    // polling for them in the read loop would cost a lock on every packet read.
+    let media = tokio::spawn(super::media::accept_streams(
+        conn.clone(),
+        settings.blobs.clone(),
+        authenticated.clone(),
+    ));
     let mut session = Session {
         authenticated,
         conn: conn.clone(),
@@ -117,6 +124,7 @@ pub(crate) async fn serve(
         delivery: None,
     };
     let end = session.read_loop(recv, shutdown).await;
+    media.abort();
     session.finish().await;
     // The writer ends once every sender of its queue is gone.
     drop(session);
@@ -172,19 +180,6 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Shutdown,
-                // Media transfers arrive as streams of their own.
-                opened = self.conn.accept_bi() => match opened {
-                    Ok(streams) => {
-                        super::media::spawn_transfer(
-                            streams,
-                            self.settings.blobs.clone(),
-                            self.authenticated.clone(),
-                        );
-                        continue;
-                    }
-                    // The connection is gone.
-                    Err(_) => return End::Lost,
-                },
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,

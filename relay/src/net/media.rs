@@ -22,13 +22,16 @@ const CHUNK: usize = 256 * 1024;
 /// Bytes gathered from the stream per write to the upload's file.
 const WRITE: usize = 1024 * 1024;
 
-/// Serves one transfer stream the connection's peer opened, in a task of its own.
-pub(crate) fn spawn_transfer(
-    (send, recv): (quinn::SendStream, quinn::RecvStream),
+/// Accepts transfer streams until the connection ends, each served in a task of its
+/// own.
+pub(crate) async fn accept_streams(
+    conn: quinn::Connection,
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
 ) {
-    tokio::spawn(transfer(send, recv, blobs, who));
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone()));
+    }
 }
 
 fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
