@@ -191,10 +191,8 @@ impl DecryptingSink {
             self.header.extend_from_slice(&buf[..n]);
             if self.header.len() == attachment::HEADER_LEN {
                 // Tied to the blob: a leftover of another download is never resumed.
-                std::fs::write(
-                    &self.header_path,
-                    [&self.header[..], &self.blob_id].concat(),
-                )?;
+                // No segment is vouched for yet (see `record_progress`).
+                write_resume_record(&self.header_path, &self.header, &self.blob_id, 0)?;
             }
         }
         let d = self
@@ -229,6 +227,31 @@ impl tokio::io::AsyncWrite for DecryptingSink {
     }
 }
 
+/// header (8) || blob id (32) || whole segments vouched for (u64).
+const RECORD_LEN: usize = attachment::HEADER_LEN + 32 + 8;
+
+fn write_resume_record(
+    path: &Path,
+    header: &[u8],
+    blob_id: &[u8; 32],
+    segments: u64,
+) -> std::io::Result<()> {
+    std::fs::write(path, [header, blob_id, &segments.to_be_bytes()].concat())
+}
+
+/// After an interruption: the plaintext so far is made durable, then recorded as the
+/// point a resume may start from.
+fn record_progress(sink: &mut DecryptingSink) -> std::io::Result<()> {
+    std::io::Write::flush(&mut sink.out)?;
+    let file = sink.out.get_ref();
+    file.sync_all()?;
+    let segments = file.metadata()?.len() / attachment::SEGMENT as u64;
+    if sink.header.len() == attachment::HEADER_LEN {
+        write_resume_record(&sink.header_path, &sink.header, &sink.blob_id, segments)?;
+    }
+    Ok(())
+}
+
 /// Downloads and decrypts an attachment into `dest`, authenticating every segment as
 /// it arrives and, for a download from the start, the whole blob against its id.
 /// Plaintext goes to `<dest>.part` and is renamed to `dest` only once complete and
@@ -241,12 +264,13 @@ pub async fn download(
 ) -> Result<u64> {
     let (part, header_path) = (beside(dest, ".part"), beside(dest, ".part-header"));
     let resumable = match (std::fs::metadata(&part), std::fs::read(&header_path)) {
-        (Ok(m), Ok(saved))
-            if saved.len() == attachment::HEADER_LEN + 32
-                && saved[attachment::HEADER_LEN..] == pointer.blob_id =>
-        {
+        (Ok(m), Ok(saved)) if saved.len() == RECORD_LEN && saved[8..40] == pointer.blob_id => {
+            // Only segments both on disk and vouched for by the record (written after
+            // an fsync) count: after a crash the file's tail may be torn.
+            let recorded = u64::from_be_bytes(saved[40..48].try_into().unwrap_or([0; 8]));
+            let on_disk = m.len() / attachment::SEGMENT as u64;
             Some((
-                m.len() / attachment::SEGMENT as u64,
+                on_disk.min(recorded),
                 saved[..attachment::HEADER_LEN].to_vec(),
             ))
         }
@@ -312,7 +336,7 @@ pub async fn download(
         }
         // Interrupted: what was authenticated stays for the next call.
         Err(e) => {
-            let _ = std::io::Write::flush(&mut sink.out);
+            let _ = record_progress(&mut sink);
             return cleanup(Err(e));
         }
     }
