@@ -46,6 +46,8 @@ pub struct AttachmentPointer {
     pub size: u64,
     /// Encrypted bytes (what the relay stores).
     pub sealed_size: u64,
+    /// SHA-256 of the plaintext, checked after every download.
+    pub digest: [u8; 32],
     /// For the app, e.g. "image/jpeg".
     pub content_type: String,
     /// For the app.
@@ -68,6 +70,7 @@ impl AttachmentPointer {
             key: self.key.to_vec().into(),
             size: self.size,
             sealed_size: self.sealed_size,
+            digest: self.digest.to_vec().into(),
             content_type: self.content_type.clone(),
             file_name: self.file_name.clone(),
         }
@@ -86,6 +89,7 @@ impl AttachmentPointer {
             key: p.key[..].try_into().map_err(|_| bad())?,
             size: p.size,
             sealed_size: p.sealed_size,
+            digest: p.digest[..].try_into().map_err(|_| bad())?,
             content_type: p.content_type,
             file_name: p.file_name,
         })
@@ -132,6 +136,7 @@ pub async fn encrypt_file(plaintext: &Path, sealed: &Path) -> Result<AttachmentP
             key: *key,
             size: e.size,
             sealed_size: e.sealed_size,
+            digest: e.digest,
             content_type: String::new(),
             file_name: src
                 .file_name()
@@ -177,7 +182,7 @@ fn beside(dest: &Path, suffix: &str) -> PathBuf {
 /// 0.4 ms per 256 KiB write here).
 struct DecryptingSink {
     decryptor: Option<Decryptor>,
-    out: BufWriter<std::fs::File>,
+    out: BufWriter<Hashing>,
     /// The blob's first bytes, kept beside the partial file for a resume.
     header: Vec<u8>,
     header_path: PathBuf,
@@ -243,13 +248,43 @@ fn write_resume_record(
 /// point a resume may start from.
 fn record_progress(sink: &mut DecryptingSink) -> std::io::Result<()> {
     std::io::Write::flush(&mut sink.out)?;
-    let file = sink.out.get_ref();
+    let file = &sink.out.get_ref().file;
     file.sync_all()?;
     let segments = file.metadata()?.len() / attachment::SEGMENT as u64;
     if sink.header.len() == attachment::HEADER_LEN {
         write_resume_record(&sink.header_path, &sink.header, &sink.blob_id, segments)?;
     }
     Ok(())
+}
+
+/// Feeds a hash, writes nothing.
+struct HashOnly<'a>(&'a mut sha2::Sha256);
+
+impl std::io::Write for HashOnly<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A file that hashes what is written to it: the plaintext's digest, checked at the end.
+struct Hashing {
+    file: std::fs::File,
+    hash: sha2::Sha256,
+}
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        sha2::Digest::update(&mut self.hash, &buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 /// Downloads and decrypts an attachment into `dest`, authenticating every segment as
@@ -279,22 +314,31 @@ pub async fn download(
     let (decryptor, file, header, segments) = match resumable {
         Some((segments, header)) => {
             let file = std::fs::OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(&part)
                 .map_err(media_err)?;
             // Only whole segments count; anything after them is written again.
             file.set_len(segments * attachment::SEGMENT as u64)
                 .map_err(media_err)?;
+            // The plaintext so far goes into the digest, read back once.
+            let mut hash = <sha2::Sha256 as sha2::Digest>::new();
             let mut file = file;
+            std::io::copy(
+                &mut std::io::Read::take(&mut file, segments * attachment::SEGMENT as u64),
+                &mut HashOnly(&mut hash),
+            )
+            .map_err(media_err)?;
             std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(media_err)?;
             let d = Decryptor::resume(&pointer.key, &header, segments);
-            (d, file, header, segments)
+            (d, Hashing { file, hash }, header, segments)
         }
         None => {
             let file = std::fs::File::create(&part).map_err(media_err)?;
+            let hash = <sha2::Sha256 as sha2::Digest>::new();
             (
                 Decryptor::new(&pointer.key, pointer.blob_id),
-                file,
+                Hashing { file, hash },
                 Vec::new(),
                 0,
             )
@@ -346,13 +390,16 @@ pub async fn download(
             .take()
             .ok_or_else(|| media_err("download finished"))?;
         d.finish(&mut sink.out).map_err(media_err)?;
-        let file = sink.out.into_inner().map_err(media_err)?;
+        let Hashing { file, hash } = sink.out.into_inner().map_err(media_err)?;
         file.sync_all().map_err(media_err)?;
         let size = file.metadata().map_err(media_err)?.len();
         if size != pointer.size {
             return Err(media_err(
                 "the attachment has another size than its pointer says",
             ));
+        }
+        if <[u8; 32]>::from(sha2::Digest::finalize(hash)) != pointer.digest {
+            return Err(media_err("the attachment does not match its digest"));
         }
         std::fs::rename(&part, dest).map_err(media_err)?;
         let _ = std::fs::remove_file(&header_path);
@@ -372,6 +419,7 @@ mod tests {
             key: [2; 32],
             size: 10,
             sealed_size: attachment::sealed_len(10).expect("small"),
+            digest: [3; 32],
             content_type: "text/plain".into(),
             file_name: "a.txt".into(),
         };

@@ -416,6 +416,18 @@ async fn an_interrupted_download_resumes() {
         .await
         .expect("resumed");
     assert_eq!(digest(&torn), digest(&src));
+    // Plaintext on disk that the record vouches for but that changed since (a disk
+    // fault, a meddling app) is caught by the plaintext digest, and removed.
+    let changed = dir.path().join("changed");
+    let mut bad = plain[..3 * segment].to_vec();
+    bad[segment + 5] ^= 1;
+    std::fs::write(dir.path().join("changed.part"), &bad).expect("write");
+    std::fs::write(dir.path().join("changed.part-header"), record(3)).expect("write");
+    let err = within(media::download(&anon, &pointer, &changed))
+        .await
+        .expect_err("digest mismatch");
+    assert!(err.to_string().contains("digest"), "{err}");
+    assert!(!changed.exists() && !dir.path().join("changed.part").exists());
     // Cut off inside the first segment: resumes from just after the header.
     let early = dir.path().join("early");
     std::fs::write(dir.path().join("early.part"), &plain[..100]).expect("write");

@@ -82,6 +82,9 @@ pub struct Encrypted {
     pub size: u64,
     /// Ciphertext bytes.
     pub sealed_size: u64,
+    /// SHA-256 of the plaintext: travels in the pointer (never to the relay), so a
+    /// recipient checks the whole file, resumed downloads included.
+    pub digest: [u8; 32],
 }
 
 fn stream(key: &[u8; 32], header: &[u8; HEADER_LEN]) -> StreamBE32<ChaCha20Poly1305> {
@@ -119,6 +122,7 @@ pub fn encrypt(
     rng.fill_bytes(&mut header[1..]);
     let stream = stream(key, &header);
     let mut hash = Sha256::new();
+    let mut plain_hash = Sha256::new();
     out.write_all(&header)?;
     hash.update(header);
     let (mut size, mut sealed_size) = (0u64, HEADER_LEN as u64);
@@ -141,6 +145,7 @@ pub fn encrypt(
             .map_err(|_| AttachmentError::TooLarge)?;
         out.write_all(&segment)?;
         hash.update(&segment);
+        plain_hash.update(&current[..n]);
         size += n as u64;
         sealed_size += segment.len() as u64;
         if last {
@@ -153,6 +158,7 @@ pub fn encrypt(
     out.flush()?;
     Ok(Encrypted {
         blob_id: hash.finalize().into(),
+        digest: plain_hash.finalize().into(),
         size,
         sealed_size,
     })
@@ -371,6 +377,9 @@ mod tests {
             );
             assert_eq!(e.sealed_size, blob.len() as u64);
             assert_eq!(e.blob_id, <[u8; 32]>::from(Sha256::digest(&blob)));
+            let mut plain = Vec::new();
+            source(len, len).read_to_end(&mut plain).expect("read");
+            assert_eq!(e.digest, <[u8; 32]>::from(Sha256::digest(&plain)));
             let mut expected = Vec::new();
             source(len, len).read_to_end(&mut expected).expect("read");
             assert_eq!(
