@@ -152,7 +152,6 @@ impl SledStore {
             .cache_capacity(cache_bytes)
             // Background flushes for durability "os"; "fsync" flushes explicitly.
             .flush_every_ms(Some(500))
-            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(backend)?;
         let mailboxes = db.open_tree("mailboxes").map_err(backend)?;
