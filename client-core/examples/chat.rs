@@ -11,7 +11,9 @@
 //! (Ctrl-D or `/quit`) and start it again with the same directory: messages sent
 //! meanwhile arrive, and nothing is lost or shown twice.
 //!
-//! Commands: `/add <card>`, `/card`, `/safety`, `/accept`, `/quit`.
+//! Commands: `/add <card>`, `/card`, `/file <path>` (send an attachment; received ones
+//! land in `<dir>/downloads/`), `/forward` (the last received attachment, to the current
+//! contact, without uploading it again), `/safety`, `/accept`, `/quit`.
 //!
 //! The device store is encrypted with a key kept in `<dir>/storage.key`; a real app
 //! keeps that key in the platform's keystore instead.
@@ -72,13 +74,29 @@ async fn main() -> Result<(), BoxError> {
     println!("type /add <card> to pick a contact, then type to talk");
 
     let mut peer: Option<AccountId> = None;
+    let mut last_attachment = None;
+    let downloads = PathBuf::from(dir).join("downloads");
+    let cache = PathBuf::from(dir).join("cache");
+    std::fs::create_dir_all(&downloads)?;
+    std::fs::create_dir_all(&cache)?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     loop {
         tokio::select! {
             event = events.recv() => match event {
                 Some(Event::Message(m)) => {
                     println!("[{}] {}", short(&m.sender), String::from_utf8_lossy(&m.body));
-                    // Printed is as far as this app stores messages.
+                    for a in &m.attachments {
+                        let name = Path::new(&a.file_name)
+                            .file_name()
+                            .map_or_else(|| "attachment".into(), |n| n.to_string_lossy().into_owned());
+                        let dest = downloads.join(name);
+                        match client.download_attachment(a, &dest).await {
+                            Ok(n) => println!("    attachment: {} ({n} bytes)", dest.display()),
+                            Err(e) => println!("    attachment not downloaded: {e}"),
+                        }
+                        last_attachment = Some(a.clone());
+                    }
+                    // Printed (and downloaded) is as far as this app stores messages.
                     client.confirm(m.seq).await?;
                     peer.get_or_insert(m.sender);
                 }
@@ -127,6 +145,33 @@ async fn main() -> Result<(), BoxError> {
                             println!("accepted {}'s new identity key", short(&p));
                         }
                         None => println!("no identity change to accept"),
+                    }
+                } else if let Some(path) = line.strip_prefix("/file ") {
+                    match &peer {
+                        Some(p) => {
+                            let path = Path::new(path.trim());
+                            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                            let sealed = cache.join(format!("{}.sealed", name.clone().unwrap_or_default()));
+                            match client.upload_attachment(path, &sealed).await {
+                                Ok(pointer) => {
+                                    client
+                                        .send_with_attachments(p, name.unwrap_or_default().as_bytes(), &[pointer])
+                                        .await?;
+                                    let _ = std::fs::remove_file(&sealed);
+                                    println!("(sent {})", path.display());
+                                }
+                                Err(e) => println!("(not sent: {e})"),
+                            }
+                        }
+                        None => println!("no contact yet: /add <card>"),
+                    }
+                } else if line == "/forward" {
+                    match (&peer, &last_attachment) {
+                        (Some(p), Some(a)) => {
+                            client.forward_attachment(p, b"(forwarded)", a).await?;
+                            println!("(forwarded, nothing uploaded)");
+                        }
+                        _ => println!("no contact or no attachment received yet"),
                     }
                 } else if line == "/quit" {
                     break;
