@@ -1,29 +1,36 @@
-//! Tern client library: the device side of Tern. It owns every key, and talks to
-//! relays over QUIC with the relay's certificate pinned.
+//! Tern client library: the device side of Tern. It owns every key, encrypts end to
+//! end, and talks to relays over QUIC with the relay's certificate pinned.
 //!
 //! # Layout
-//! - [`crypto`]: end-to-end cryptography: sealed sender, padding.
+//! - [`client`]: [`Client`], what an app uses: register or open a device, send and
+//!   receive end-to-end encrypted messages and attachments; outbox, inbox, reconnects.
+//! - [`crypto`]: X3DH, the Double Ratchet, session sets, the message layer, sealed
+//!   sender, padding, attachment encryption. No I/O.
 //! - [`media`]: attachments: encrypt, upload once, download, forward without re-upload.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
-//! - [`net`]: [`net::RelayConnection`], a pipelined connection to one relay: register,
-//!   authenticate, send envelopes, receive pushed deliveries, acknowledge them.
+//! - [`net`]: [`net::RelayConnection`], the wire protocol: a pipelined connection to one
+//!   relay (register, authenticate, send, receive pushes, acknowledge, media streams).
 //! - [`safety`]: safety numbers two users compare to check each other's identity.
 //! - [`store`]: device storage: [`store::KvStore`], in memory or in sled encrypted at rest.
 //! - [`error`]: the crate's [`Error`].
 //!
 //! # Quick start
 //! ```no_run
-//! # async fn run() -> tern_client::Result<()> {
-//! use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
-//! use tern_client::net::RelayConnection;
+//! # async fn run(storage_key: [u8; 32]) -> tern_client::Result<()> {
+//! use std::sync::Arc;
+//! use tern_client::{store::SledKv, Client, ContactCard, Event};
 //!
 //! let relay = "tern://<fingerprint>@127.0.0.1:7443".parse()?;
-//! let (identity, device) = (IdentityKeyPair::generate(), DeviceKeyPair::generate());
-//! let (conn, mut inbox) = RelayConnection::connect(&relay).await?;
-//! let me = conn.register(&identity, &device).await?;
-//! while let Some(incoming) = inbox.recv().await {
-//!     // decrypt, persist, then acknowledge
-//! #   let _ = (incoming, me);
+//! let store = Arc::new(SledKv::open("device".as_ref(), &storage_key)?);
+//! let (client, mut events) = Client::register(&relay, store).await?; // later: Client::open
+//! let bob: ContactCard = "tern-contact:...".parse()?;                   // from Bob, out of band
+//! client.add_contact(&bob).await?;
+//! client.send(&bob.account, b"hello").await?;
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(m) = event {
+//!         // store m.body in the app, then:
+//!         client.confirm(m.seq).await?;
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
