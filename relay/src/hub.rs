@@ -335,6 +335,26 @@ impl Hub {
         self.append(to, msgs)
     }
 
+    /// An account's device ids, for a holder of its delivery token. A missing account
+    /// and a wrong token get the same answer, as for sealed sends.
+    pub fn list_devices(&self, account: &AccountId, token: &[u8]) -> Result<Vec<DeviceId>> {
+        self.check_token(account, token)?;
+        let record = self.accounts.get(account)?.ok_or(Error::Unauthorized)?;
+        Ok(record.devices.iter().map(|(id, _)| *id).collect())
+    }
+
+    fn check_token(&self, account: &AccountId, token: &[u8]) -> Result<()> {
+        let expected = self
+            .accounts
+            .delivery_token(account)?
+            .ok_or(Error::Unauthorized)?;
+        let presented: [u8; 32] = Sha256::digest(token).into();
+        if presented != expected {
+            return Err(Error::Unauthorized);
+        }
+        Ok(())
+    }
+
     /// The first half of [`Hub::sealed_send`]; see [`Hub::append_send`].
     pub fn append_sealed_send(
         &self,
@@ -342,14 +362,7 @@ impl Hub {
         token: &[u8],
         msgs: &[NewMessage],
     ) -> Result<usize> {
-        let expected = self
-            .accounts
-            .delivery_token(&to.account)?
-            .ok_or(Error::Unauthorized)?;
-        let presented: [u8; 32] = Sha256::digest(token).into();
-        if presented != expected {
-            return Err(Error::Unauthorized);
-        }
+        self.check_token(&to.account, token)?;
         let record = self.accounts.get(&to.account)?.ok_or(Error::Unauthorized)?;
         if record.device_key(to.device).is_none() {
             return Err(Error::UnknownRecipient);

@@ -162,3 +162,39 @@ async fn sender_certificates_verify_against_the_relays_signing_key() {
         .unwrap();
     assert_ne!(within(conn.relay_signing_key()).await.unwrap(), relay_key);
 }
+
+#[tokio::test]
+async fn a_contact_with_the_token_lists_devices_without_saying_who_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let bob = register(&relay.address).await;
+    let token = [5u8; 32];
+    within(bob.conn.set_delivery_token(&token)).await.unwrap();
+    let second = tern_client::identity::DeviceKeyPair::generate();
+    let added = within(
+        bob.conn
+            .add_device(&bob.identity, &bob.address.account, &second.public()),
+    )
+    .await
+    .unwrap();
+    // An unauthenticated connection: only the token speaks for the asker.
+    let (anon, _) = RelayConnection::connect(&relay.address).await.unwrap();
+    let mut ids = within(anon.list_devices(&bob.address.account, &token))
+        .await
+        .unwrap();
+    ids.sort();
+    assert_eq!(ids, vec![bob.address.device, added]);
+    let wrong = within(anon.list_devices(&bob.address.account, &[6u8; 32]))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.relay_code(), Some(ErrorCode::Unauthorized));
+    let nobody = tern_proto::AccountId([0xee; 16]);
+    let unknown = within(anon.list_devices(&nobody, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unknown.relay_code(),
+        Some(ErrorCode::Unauthorized),
+        "same answer: no account oracle"
+    );
+}

@@ -371,6 +371,29 @@ impl RelayConnection {
         }
     }
 
+    /// The device ids of `account`, shown its delivery token (so this works on a
+    /// connection that identifies no one).
+    pub async fn list_devices(
+        &self,
+        account: &AccountId,
+        delivery_token: &[u8],
+    ) -> Result<Vec<DeviceId>> {
+        match self
+            .request(Body::ListDevices(v1::ListDevicesRequest {
+                account_id: Bytes::copy_from_slice(account.as_bytes()),
+                delivery_token: Bytes::copy_from_slice(delivery_token),
+            }))
+            .await?
+        {
+            Reply::ListDevices(r) => r
+                .device_ids
+                .into_iter()
+                .map(|d| DeviceId::try_from(d).map_err(|e| Error::Protocol(e.to_string())))
+                .collect(),
+            _ => Err(Error::Protocol("unexpected reply to list_devices".into())),
+        }
+    }
+
     /// Sets this account's delivery token (the relay keeps only its SHA-256),
     /// replacing the previous one.
     pub async fn set_delivery_token(&self, token: &[u8]) -> Result<()> {

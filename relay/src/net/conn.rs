@@ -267,6 +267,17 @@ impl Session {
                 .unwrap_or(Err(Error::Unavailable("media worker stopped")));
                 self.reply(id, reply).await
             }
+            Body::ListDevices(r) => {
+                let reply = AccountId::try_from(&r.account_id[..])
+                    .map_err(Error::from)
+                    .and_then(|account| self.hub.list_devices(&account, &r.delivery_token))
+                    .map(|ids| {
+                        Reply::ListDevices(v1::ListDevicesResponse {
+                            device_ids: ids.into_iter().map(DeviceId::get).collect(),
+                        })
+                    });
+                self.reply(id, reply).await
+            }
             Body::Send(r) => self.send(id, r).await,
             Body::SealedSend(r) => self.sealed_send(id, r).await,
             Body::Ack(r) => self.ack(id, r.seqs).await,
