@@ -102,6 +102,9 @@ pub(crate) struct ContactRecord {
     /// Messages held under `changed_identity_key`, to bound what a change can store.
     #[prost(uint32, tag = "5")]
     pub(crate) held: u32,
+    /// When the contact's device list was last checked with the relay (Unix ms).
+    #[prost(uint64, tag = "6")]
+    pub(crate) devices_checked_ms: u64,
 }
 
 impl ContactRecord {

@@ -29,6 +29,8 @@ use crate::net::{Delivery, DeviceBundle, KeyUpload, SignedKey};
 use crate::store::{KvStore, Namespace, Op, StoreError};
 use crate::{Error, Result};
 
+/// How often a contact's device list is checked with the relay while sending to it.
+pub(crate) const DEVICE_CHECK_MS: u64 = 24 * 3600 * 1000;
 /// Messages held at most per contact while an identity change waits for the user.
 pub(crate) const MAX_HELD: u32 = 1000;
 /// One-time prekeys generated per upload.
@@ -879,6 +881,70 @@ impl State {
             }
         }
         outbox
+    }
+
+    /// The contact's delivery token, if its device list is due a check with the relay
+    /// (daily, and only for contacts we can ask anonymously).
+    pub(crate) fn devices_due(&self, account: &AccountId, now_ms: u64) -> Option<[u8; 32]> {
+        let c = self.contacts.get(account)?;
+        if c.blocked() || c.devices.is_empty() {
+            return None;
+        }
+        if now_ms.saturating_sub(c.devices_checked_ms) < DEVICE_CHECK_MS {
+            return None;
+        }
+        c.delivery_token[..].try_into().ok()
+    }
+
+    /// Applies the relay's list of a contact's devices: devices gone are dropped
+    /// (their unsent copies with them); returns the ids we have no session with yet.
+    /// The check is recorded either way.
+    pub(crate) fn update_devices(
+        &mut self,
+        account: &AccountId,
+        ids: &[u32],
+        now_ms: u64,
+    ) -> Result<Vec<u32>> {
+        let Some(mut record) = self.contacts.get(account).cloned() else {
+            return Ok(Vec::new());
+        };
+        record.devices_checked_ms = now_ms;
+        let gone: Vec<u32> = record
+            .devices
+            .iter()
+            .map(|d| d.device_id)
+            .filter(|d| !ids.contains(d))
+            .collect();
+        let new: Vec<u32> = ids
+            .iter()
+            .copied()
+            .filter(|d| !record.devices.iter().any(|k| k.device_id == *d))
+            .collect();
+        record.devices.retain(|d| ids.contains(&d.device_id));
+        let mut ops = vec![Op::Put(
+            Namespace::Contacts,
+            account.as_bytes().to_vec(),
+            record.encode_to_vec(),
+        )];
+        let outbox = if gone.is_empty() {
+            Vec::new()
+        } else {
+            self.unprepared_outbox(account, |c| !gone.contains(&c.device_id), &mut ops)
+        };
+        self.apply(ops)?;
+        self.contacts.insert(*account, record);
+        self.outbox.extend(outbox);
+        Ok(new)
+    }
+
+    /// After sessions with new devices started: unsent messages to `account` get
+    /// copies for them too.
+    pub(crate) fn reprepare(&mut self, account: &AccountId) -> Result<()> {
+        let mut ops = Vec::new();
+        let outbox = self.unprepared_outbox(account, |_| true, &mut ops);
+        self.apply(ops)?;
+        self.outbox.extend(outbox);
+        Ok(())
     }
 
     /// Reloads everything from the store: after a failed write, the caches may be

@@ -31,17 +31,22 @@ fn relay_key() -> SigningKey {
 }
 
 fn dev(account: u8) -> Dev {
+    dev_of(account, 1, &rand::random())
+}
+
+/// Device `device` of `account`, under the given identity secret.
+fn dev_of(account: u8, device: u32, identity_secret: &[u8; 32]) -> Dev {
     let kv = Arc::new(MemoryKv::new());
     let state = State::create(
         kv.clone(),
         NewDevice {
             relay: "tern://x@127.0.0.1:1".into(),
-            identity_secret: &rand::random(),
+            identity_secret,
             device_secret: &rand::random(),
             identity_dh: &AgreementKeyPair::generate(&mut OsRng),
             address: DeviceAddress {
                 account: AccountId([account; 16]),
-                device: DeviceId::PRIMARY,
+                device: DeviceId::try_from(device).expect("device id"),
             },
             relay_signing_key: relay_key().verifying_key().to_bytes(),
         },
@@ -500,4 +505,66 @@ fn contact_cards_round_trip_and_reject_garbage() {
     ] {
         assert!(bad.parse::<ContactCard>().is_err(), "{bad}");
     }
+}
+
+#[test]
+fn a_contacts_new_and_gone_devices_are_picked_up() {
+    let secret: [u8; 32] = rand::random();
+    let (mut a, mut b1) = (dev(1), dev_of(2, 1, &secret));
+    let mut b2 = dev_of(2, 2, &secret);
+    let token = [4u8; 32];
+    a.state
+        .add_contact(b1.account(), b1.state.keys.identity.public(), token)
+        .expect("add");
+    let d = a.send(&mut b1, b"first");
+    assert_eq!(b1.body(&d), b"first");
+    // Due at once (never checked), then not again for a day.
+    assert_eq!(a.state.devices_due(&b1.account(), NOW), Some(token));
+    a.state
+        .enqueue(&b1.account(), b"queued", &[], NOW)
+        .expect("enqueue");
+    let seq = *a.state.outbox().last().expect("queued").0;
+    a.state.prepare(seq, NOW).expect("prepare");
+    // The relay says the account now has devices 1 and 2.
+    let new = a
+        .state
+        .update_devices(&b1.account(), &[1, 2], NOW)
+        .expect("update");
+    assert_eq!(new, vec![2]);
+    assert_eq!(a.state.devices_due(&b1.account(), NOW + 1), None);
+    assert!(a
+        .state
+        .devices_due(&b1.account(), NOW + super::state::DEVICE_CHECK_MS)
+        .is_some());
+    let bundle = b2.bundle(false);
+    assert!(a
+        .state
+        .start_sessions(b1.account(), std::slice::from_ref(&bundle))
+        .is_ok());
+    a.state.reprepare(&b1.account()).expect("reprepare");
+    a.state.prepare(seq, NOW).expect("prepare");
+    let copies: Vec<u32> = a
+        .state
+        .outbox()
+        .find(|(s, _)| **s == seq)
+        .map(|(_, r)| r.copies.iter().map(|c| c.device_id).collect())
+        .expect("record");
+    assert_eq!(
+        copies,
+        vec![1, 2],
+        "the queued message goes to the new device too"
+    );
+    // Device 1 is gone: its unsent copy goes with it.
+    let new = a
+        .state
+        .update_devices(&b1.account(), &[2], NOW + 5)
+        .expect("update");
+    assert!(new.is_empty());
+    let copies: Vec<u32> = a
+        .state
+        .outbox()
+        .find(|(s, _)| **s == seq)
+        .map(|(_, r)| r.copies.iter().map(|c| c.device_id).collect())
+        .expect("record");
+    assert_eq!(copies, vec![2]);
 }

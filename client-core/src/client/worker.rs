@@ -258,6 +258,69 @@ async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &RelayConnecti
     }
 }
 
+/// Once a day per contact we send to: asks the relay (anonymously, with the
+/// contact's token) which devices it has, drops the ones gone and starts sessions
+/// with new ones, so their copies go out too. Refusals only postpone the check.
+async fn refresh_devices(
+    shared: &Shared,
+    conn: &RelayConnection,
+    anon: &RelayConnection,
+    recipient: &AccountId,
+) -> Result<()> {
+    let now = now_ms();
+    let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
+        return Ok(());
+    };
+    let ids = match anon.list_devices(recipient, &token).await {
+        Ok(ids) => ids,
+        Err(e) if e.relay_code().is_some() => {
+            // A rotated token, say: check again tomorrow; sends handle the rest.
+            let mut state = shared.state.lock().await;
+            let known: Vec<u32> = state
+                .contact(recipient)
+                .map(|c| c.devices.iter().map(|d| d.device_id).collect())
+                .unwrap_or_default();
+            state.update_devices(recipient, &known, now)?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let ids: Vec<u32> = ids.into_iter().map(DeviceId::get).collect();
+    let new = shared
+        .state
+        .lock()
+        .await
+        .update_devices(recipient, &ids, now)?;
+    let mut bundles = Vec::new();
+    for device in new {
+        let Ok(device) = DeviceId::try_from(device) else {
+            continue;
+        };
+        match conn.fetch_keys(recipient, Some(device)).await {
+            Ok(b) => bundles.extend(b),
+            Err(e) if e.relay_code().is_some() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if bundles.is_empty() {
+        return Ok(());
+    }
+    let mut state = shared.state.lock().await;
+    match state.start_sessions(*recipient, &bundles) {
+        Ok(()) => state.reprepare(recipient),
+        Err(StartError::IdentityChanged { first }) => {
+            if first {
+                shared.emit(Event::IdentityChanged {
+                    contact: *recipient,
+                });
+            }
+            Ok(())
+        }
+        Err(StartError::NoDevices) => Ok(()),
+        Err(StartError::Fatal(e)) => Err(e),
+    }
+}
+
 /// A fresh sender certificate, fetched when the current one is about to expire.
 async fn certificate<'a>(
     conn: &RelayConnection,
@@ -305,6 +368,7 @@ async fn send_round(
     }
     let mut round = Round::Idle;
     for recipient in recipients {
+        refresh_devices(shared, conn, anon, &recipient).await?;
         if shared.state.lock().await.needs_bundles(&recipient)? {
             let bundles = match conn.fetch_keys(&recipient, None).await {
                 Ok(b) => b,
