@@ -507,6 +507,15 @@ fn contact_cards_round_trip_and_reject_garbage() {
     }
 }
 
+/// The devices a queued message has copies for.
+fn copies_of(d: &Dev, seq: u64) -> Vec<u32> {
+    d.state
+        .outbox()
+        .find(|(s, _)| **s == seq)
+        .map(|(_, r)| r.copies.iter().map(|c| c.device_id).collect())
+        .expect("record")
+}
+
 #[test]
 fn a_contacts_new_and_gone_devices_are_picked_up() {
     let secret: [u8; 32] = rand::random();
@@ -543,12 +552,7 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
         .is_ok());
     a.state.reprepare(&b1.account()).expect("reprepare");
     a.state.prepare(seq, NOW).expect("prepare");
-    let copies: Vec<u32> = a
-        .state
-        .outbox()
-        .find(|(s, _)| **s == seq)
-        .map(|(_, r)| r.copies.iter().map(|c| c.device_id).collect())
-        .expect("record");
+    let copies = copies_of(&a, seq);
     assert_eq!(
         copies,
         vec![1, 2],
@@ -560,11 +564,6 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
         .update_devices(&b1.account(), &[2], NOW + 5)
         .expect("update");
     assert!(new.is_empty());
-    let copies: Vec<u32> = a
-        .state
-        .outbox()
-        .find(|(s, _)| **s == seq)
-        .map(|(_, r)| r.copies.iter().map(|c| c.device_id).collect())
-        .expect("record");
+    let copies = copies_of(&a, seq);
     assert_eq!(copies, vec![2]);
 }
