@@ -20,6 +20,7 @@
 //! max_connections = 10000
 //! max_requests_per_connection = 1024
 //! delivery_window = 256         # unacknowledged pushes per connection
+//! registrations_per_address_per_minute = 30
 //!
 //! [expiry]
 //! message_ttl = "30days"        # at most 30 days
@@ -142,6 +143,8 @@ pub struct LimitsConfig {
     pub max_requests_per_connection: usize,
     /// Most unacknowledged pushes per connection.
     pub delivery_window: usize,
+    /// Most accounts registered from one IP address per minute.
+    pub registrations_per_address_per_minute: u32,
 }
 
 /// Expiry.
@@ -194,6 +197,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_requests_per_connection: 1024,
             delivery_window: 256,
+            registrations_per_address_per_minute: 30,
         }
     }
 }

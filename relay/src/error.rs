@@ -36,6 +36,12 @@ pub enum Error {
     /// The relay is shutting down or at capacity.
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
+    /// Too many requests of this kind from this address; retry after the given time.
+    #[error("rate limited: retry after {retry_after_ms} ms")]
+    RateLimited {
+        /// When to retry.
+        retry_after_ms: u64,
+    },
     /// The storage backend failed.
     #[error("storage: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -63,6 +69,7 @@ impl Error {
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
                 ErrorCode::Internal
             }
@@ -89,6 +96,7 @@ impl Error {
     /// When a refused request may be retried, in ms (0: no advice).
     pub fn retry_after_ms(&self) -> u64 {
         match self {
+            Error::RateLimited { retry_after_ms } => *retry_after_ms,
             Error::Blob(crate::blobs::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }

@@ -93,6 +93,10 @@ impl Relay {
             max_requests: config.limits.max_requests_per_connection,
             delivery_window: config.limits.delivery_window,
             blobs: blobs.clone(),
+            registrations: Arc::new(crate::core::rate::RateLimiter::new(
+                config.limits.registrations_per_address_per_minute,
+                60_000,
+            )),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(

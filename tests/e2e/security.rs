@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::support::{envelope, register, within, Device, RelayProcess};
 use bytes::{BufMut, BytesMut};
-use tern_client::identity::DeviceKeyPair;
+use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
 use tern_client::net::{Envelope, Incoming, RelayConnection};
 use tern_client::Error;
 use tern_proto::v1::{self, ErrorCode};
@@ -330,4 +330,29 @@ async fn connections_past_the_limit_are_refused_and_others_keep_working() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(admitted, "a freed slot admits a new connection");
+}
+
+#[tokio::test]
+async fn registrations_from_one_address_are_rate_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nregistrations_per_address_per_minute = 2\n",
+    )
+    .unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("relay"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
+    let first = register(&relay.address).await;
+    let _second = register(&relay.address).await;
+    let (conn, _inbox) = RelayConnection::connect(&relay.address).await.unwrap();
+    let refused = within(conn.register(&IdentityKeyPair::generate(), &DeviceKeyPair::generate()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.relay_code(), Some(ErrorCode::RateLimited));
+    // Nothing else is limited: the accounts made keep working.
+    within(first.conn.ping()).await.unwrap();
 }

@@ -54,7 +54,7 @@ impl RelayUnderTest {
         std::fs::write(
             &config,
             format!(
-                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n",
+                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\nregistrations_per_address_per_minute = 4294967295\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n",
                 settings.max_connections.max(16)
             ),
         )?;

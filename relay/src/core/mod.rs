@@ -10,3 +10,4 @@ pub mod auth;
 pub mod delivery;
 pub mod expiry;
 pub mod limits;
+pub mod rate;

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 use crate::blobs::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
+use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
 use crate::hub::{Hub, PublishedKeys};
 use crate::store::{NewMessage, StoredMessage};
@@ -48,6 +49,8 @@ pub(crate) struct ConnSettings {
     pub(crate) max_requests: usize,
     pub(crate) delivery_window: usize,
     pub(crate) blobs: Arc<BlobStore>,
+    /// Registrations per peer IP address (kept in memory only).
+    pub(crate) registrations: Arc<RateLimiter<std::net::IpAddr>>,
 }
 
 struct AckCmd {
@@ -394,6 +397,11 @@ impl Session {
         if self.device.is_some() {
             return Err(Error::BadRequest("already authenticated".into()));
         }
+        let ip = self.conn.remote_address().ip();
+        self.settings
+            .registrations
+            .check(ip, self.hub.now())
+            .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })?;
         let exporter = self.exporter(None)?;
         let verified = auth::verify_registration(
             &r.identity_key,
