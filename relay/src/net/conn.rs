@@ -64,9 +64,8 @@ struct Session {
     settings: Arc<ConnSettings>,
     out: mpsc::Sender<Frame>,
     requests: Arc<Semaphore>,
-    device: Option<AuthenticatedDevice>,
-    /// The same device, for the connection's media streams.
-    authenticated: Arc<OnceLock<AuthenticatedDevice>>,
+    /// Set once, at registration or authentication; shared with the media streams.
+    device: Arc<OnceLock<AuthenticatedDevice>>,
     acks: Option<mpsc::Sender<AckCmd>>,
     delivery: Option<tokio::task::JoinHandle<()>>,
 }
@@ -107,22 +106,21 @@ pub(crate) async fn serve(
     };
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
-    let authenticated = Arc::new(OnceLock::new());
+    let device = Arc::new(OnceLock::new());
     // Media transfers arrive as streams of their own. A task of its own accepts them:
     // polling for them in the read loop would cost a lock on every packet read.
     let media = tokio::spawn(super::media::accept_streams(
         conn.clone(),
         settings.blobs.clone(),
-        authenticated.clone(),
+        device.clone(),
     ));
     let mut session = Session {
-        authenticated,
+        device,
         conn: conn.clone(),
         hub,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
         settings,
         out,
-        device: None,
         acks: None,
         delivery: None,
     };
@@ -251,24 +249,13 @@ impl Session {
                 .await;
                 self.start_delivery();
             }
-            // File and index work, off the async threads.
             Body::BlobStatus(r) => {
-                let blobs = self.settings.blobs.clone();
-                let reply = tokio::task::spawn_blocking(move || {
-                    super::media_status(&blobs, &r.blob_id).map(Reply::BlobStatus)
-                })
-                .await
-                .unwrap_or(Err(Error::Unavailable("media worker stopped")));
-                self.reply(id, reply).await
+                let reply = super::media::status(&self.settings.blobs, &r.blob_id).await;
+                self.reply(id, reply.map(Reply::BlobStatus)).await
             }
             Body::TouchBlob(r) => {
-                let blobs = self.settings.blobs.clone();
-                let reply = tokio::task::spawn_blocking(move || {
-                    super::media_touch(&blobs, &r.blob_id).map(Reply::TouchBlob)
-                })
-                .await
-                .unwrap_or(Err(Error::Unavailable("media worker stopped")));
-                self.reply(id, reply).await
+                let reply = super::media::touch(&self.settings.blobs, &r.blob_id).await;
+                self.reply(id, reply.map(Reply::TouchBlob)).await
             }
             Body::ListDevices(r) => {
                 let reply = AccountId::try_from(&r.account_id[..])
@@ -330,7 +317,7 @@ impl Session {
     }
 
     fn authenticated(&self) -> Result<&AuthenticatedDevice> {
-        self.device.as_ref().ok_or(Error::Unauthorized)
+        self.device.get().ok_or(Error::Unauthorized)
     }
 
     async fn publish_keys(&self, r: &v1::PublishKeysRequest) -> Result<u64> {
@@ -394,7 +381,7 @@ impl Session {
     }
 
     async fn register(&mut self, r: v1::RegisterRequest) -> Result<(Bytes, u32)> {
-        if self.device.is_some() {
+        if self.device.get().is_some() {
             return Err(Error::BadRequest("already authenticated".into()));
         }
         let ip = self.conn.remote_address().ip();
@@ -412,8 +399,7 @@ impl Session {
         )?;
         let device = self.hub.register(verified).await?;
         let addr = *device.address();
-        let _ = self.authenticated.set(device.clone());
-        self.device = Some(device);
+        let _ = self.device.set(device);
         debug!("registered a new account");
         Ok((
             Bytes::copy_from_slice(addr.account.as_bytes()),
@@ -422,21 +408,20 @@ impl Session {
     }
 
     fn authenticate(&mut self, r: &v1::AuthRequest) -> Result<u64> {
-        if self.device.is_some() {
+        if self.device.get().is_some() {
             return Err(Error::BadRequest("already authenticated".into()));
         }
         let address = DeviceAddress::from_wire(&r.account_id, r.device_id)?;
         let exporter = self.exporter(Some(&address))?;
         let device = self.hub.authenticate(address, &exporter, &r.signature)?;
         let queued = self.hub.usage(&device)?.messages;
-        let _ = self.authenticated.set(device.clone());
-        self.device = Some(device);
+        let _ = self.device.set(device);
         Ok(queued)
     }
 
     /// Starts pushing once the connection has just been authenticated.
     fn start_delivery(&mut self) {
-        let (Some(device), None) = (&self.device, &self.acks) else {
+        let (Some(device), None) = (self.device.get(), &self.acks) else {
             return;
         };
         let (acks, acks_rx) = mpsc::channel(64);
@@ -452,7 +437,7 @@ impl Session {
     }
 
     async fn send(&mut self, id: u64, r: v1::SendRequest) {
-        let Some(sender) = self.device.clone() else {
+        let Some(sender) = self.device.get().cloned() else {
             return self.reply(id, Err(Error::Unauthorized)).await;
         };
         let parsed = DeviceAddress::from_wire(&r.recipient_account, r.recipient_device)

@@ -34,6 +34,34 @@ pub(crate) async fn accept_streams(
     }
 }
 
+/// A control-stream question: does the relay have this blob?
+pub(crate) async fn status(
+    blobs: &Arc<BlobStore>,
+    id: &[u8],
+) -> Result<v1::BlobStatusResponse, Error> {
+    let (b, id) = (blobs.clone(), blob_id(id)?);
+    Ok(match blocking(move || b.status(&id)).await? {
+        Some(m) => v1::BlobStatusResponse {
+            exists: true,
+            size: m.size,
+            expires_at_ms: m.expires_at,
+        },
+        None => v1::BlobStatusResponse::default(),
+    })
+}
+
+/// A forward, on the control stream: the blob lives another term.
+pub(crate) async fn touch(
+    blobs: &Arc<BlobStore>,
+    id: &[u8],
+) -> Result<v1::TouchBlobResponse, Error> {
+    let (b, id) = (blobs.clone(), blob_id(id)?);
+    let meta = blocking(move || b.touch(&id)).await?;
+    Ok(v1::TouchBlobResponse {
+        expires_at_ms: meta.expires_at,
+    })
+}
+
 fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
     bytes
         .try_into()

@@ -10,42 +10,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::hub::Hub;
 
 pub(crate) mod conn;
-mod media;
+pub(crate) mod media;
 pub mod tls;
 
 pub(crate) use conn::ConnSettings;
-
-/// A control-stream media question: does the relay have this blob?
-pub(crate) fn media_status(
-    blobs: &crate::blobs::BlobStore,
-    id: &[u8],
-) -> crate::Result<tern_proto::v1::BlobStatusResponse> {
-    let id: crate::store::BlobId = id
-        .try_into()
-        .map_err(|_| crate::Error::BadRequest("a blob id is 32 bytes".into()))?;
-    Ok(match blobs.status(&id)? {
-        Some(m) => tern_proto::v1::BlobStatusResponse {
-            exists: true,
-            size: m.size,
-            expires_at_ms: m.expires_at,
-        },
-        None => tern_proto::v1::BlobStatusResponse::default(),
-    })
-}
-
-/// A forward: the blob lives another term.
-pub(crate) fn media_touch(
-    blobs: &crate::blobs::BlobStore,
-    id: &[u8],
-) -> crate::Result<tern_proto::v1::TouchBlobResponse> {
-    let id: crate::store::BlobId = id
-        .try_into()
-        .map_err(|_| crate::Error::BadRequest("a blob id is 32 bytes".into()))?;
-    let meta = blobs.touch(&id)?;
-    Ok(tern_proto::v1::TouchBlobResponse {
-        expires_at_ms: meta.expires_at,
-    })
-}
 
 /// How long open connections get to finish their requests at shutdown.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
