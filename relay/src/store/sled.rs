@@ -497,13 +497,35 @@ fn decode_blob(v: &[u8]) -> StoreResult<BlobMeta> {
     })
 }
 
-impl SledStore {
-    fn owned_bytes(&self, account: &AccountId) -> StoreResult<u64> {
-        match self.blobs.get(blob_bytes_key(account)).map_err(backend)? {
-            Some(v) => Ok(u64::from_be_bytes(fixed(&v)?)),
-            None => Ok(0),
-        }
+fn encode_upload(m: &UploadMeta) -> Vec<u8> {
+    [
+        m.size.to_be_bytes(),
+        m.started_at.to_be_bytes(),
+        m.touched_at.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn decode_upload(v: &[u8]) -> StoreResult<UploadMeta> {
+    if v.len() != 24 {
+        return Err(StoreError::Corrupt("upload record"));
     }
+    let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
+    Ok(UploadMeta {
+        size: u(0)?,
+        started_at: u(8)?,
+        touched_at: u(16)?,
+    })
+}
+
+/// An upload key's account and blob id.
+fn parse_upload_key(k: &[u8]) -> StoreResult<(AccountId, BlobId)> {
+    let account = AccountId::try_from(k.get(1..17).ok_or(StoreError::Corrupt("upload key"))?)
+        .map_err(|_| StoreError::Corrupt("upload key"))?;
+    Ok((
+        account,
+        fixed(k.get(17..).ok_or(StoreError::Corrupt("upload key"))?)?,
+    ))
 }
 
 /// Callers serialise blob index changes (the relay's blob store holds a lock), so the
@@ -519,13 +541,13 @@ impl BlobIndex for SledStore {
 
     fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()> {
         let mut batch = sled::Batch::default();
-        let mut owned = self.owned_bytes(&meta.owner)?;
+        let mut owned = self.account_bytes(&meta.owner)?;
         if let Some(old) = self.blob(id)? {
             batch.remove(blob_expiry_key(old.expires_at, id));
             if old.owner == meta.owner {
                 owned -= old.size.min(owned);
             } else {
-                let theirs = self.owned_bytes(&old.owner)?;
+                let theirs = self.account_bytes(&old.owner)?;
                 batch.insert(
                     blob_bytes_key(&old.owner),
                     &(theirs - old.size.min(theirs)).to_be_bytes(),
@@ -565,7 +587,7 @@ impl BlobIndex for SledStore {
         let Some(meta) = self.blob(id)? else {
             return Ok(None);
         };
-        let owned = self.owned_bytes(&meta.owner)?;
+        let owned = self.account_bytes(&meta.owner)?;
         let mut batch = sled::Batch::default();
         batch.remove(blob_key(id));
         batch.remove(blob_expiry_key(meta.expires_at, id));
@@ -591,33 +613,23 @@ impl BlobIndex for SledStore {
     }
 
     fn account_bytes(&self, account: &AccountId) -> StoreResult<u64> {
-        self.owned_bytes(account)
+        match self.blobs.get(blob_bytes_key(account)).map_err(backend)? {
+            Some(v) => Ok(u64::from_be_bytes(fixed(&v)?)),
+            None => Ok(0),
+        }
     }
 
     fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
-        let Some(v) = self.blobs.get(upload_key(account, id)).map_err(backend)? else {
-            return Ok(None);
-        };
-        if v.len() != 24 {
-            return Err(StoreError::Corrupt("upload record"));
-        }
-        let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
-        Ok(Some(UploadMeta {
-            size: u(0)?,
-            started_at: u(8)?,
-            touched_at: u(16)?,
-        }))
+        self.blobs
+            .get(upload_key(account, id))
+            .map_err(backend)?
+            .map(|v| decode_upload(&v))
+            .transpose()
     }
 
     fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()> {
-        let v = [
-            meta.size.to_be_bytes(),
-            meta.started_at.to_be_bytes(),
-            meta.touched_at.to_be_bytes(),
-        ]
-        .concat();
         self.blobs
-            .insert(upload_key(account, id), v)
+            .insert(upload_key(account, id), encode_upload(meta))
             .map_err(backend)?;
         Ok(())
     }
@@ -634,20 +646,13 @@ impl BlobIndex for SledStore {
         let prefix = [&[UPLOAD][..], account.as_bytes()].concat();
         for kv in self.blobs.scan_prefix(prefix) {
             let (k, v) = kv.map_err(backend)?;
-            let size = u64::from_be_bytes(fixed(
-                v.get(..8).ok_or(StoreError::Corrupt("upload record"))?,
-            )?);
-            out.push((
-                fixed(k.get(17..).ok_or(StoreError::Corrupt("upload key"))?)?,
-                size,
-            ));
+            out.push((parse_upload_key(&k)?.1, decode_upload(&v)?.size));
         }
         Ok(out)
     }
 
     fn flush_blobs(&self) -> StoreResult<()> {
-        self.db.flush().map_err(backend)?;
-        Ok(())
+        MailboxStore::flush(self)
     }
 
     fn stale_uploads(
@@ -661,13 +666,8 @@ impl BlobIndex for SledStore {
                 break;
             }
             let (k, v) = kv.map_err(backend)?;
-            let touched = u64::from_be_bytes(fixed(
-                v.get(16..24).ok_or(StoreError::Corrupt("upload record"))?,
-            )?);
-            if touched < before {
-                let account = AccountId::try_from(&k[1..17])
-                    .map_err(|_| StoreError::Corrupt("upload key"))?;
-                out.push((account, fixed(&k[17..])?));
+            if decode_upload(&v)?.touched_at < before {
+                out.push(parse_upload_key(&k)?);
             }
         }
         Ok(out)
