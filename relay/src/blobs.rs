@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tern_proto::AccountId;
 
 use crate::clock::{Clock, UnixMillis};
+use crate::core::rate::RateLimiter;
 use crate::store::{BlobId, BlobIndex, BlobMeta, StoreError, UploadMeta};
 
 /// Limits on media.
@@ -169,13 +170,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Bytes an account uploaded in the current one-second window.
-#[derive(Debug, Default, Clone, Copy)]
-struct Window {
-    second: u64,
-    bytes: u64,
-}
-
 /// What the sweeper removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Swept {
@@ -197,7 +191,8 @@ pub struct BlobStore {
     /// The hash of each upload so far, kept as bytes arrive so finishing need not
     /// read the file again (after a restart or a resume it does).
     hashing: Mutex<HashMap<(AccountId, BlobId), (u64, Sha256)>>,
-    windows: Mutex<HashMap<AccountId, Window>>,
+    /// Upload bytes per account per second.
+    rate: RateLimiter<AccountId>,
     /// Serialises index changes (see [`BlobIndex`]) and renames.
     commit: Mutex<()>,
     received: AtomicU64,
@@ -243,7 +238,7 @@ impl BlobStore {
             active: Arc::default(),
             uploading: Arc::default(),
             hashing: Mutex::default(),
-            windows: Mutex::default(),
+            rate: RateLimiter::new(limits.max_upload_bytes_per_sec, 1000),
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
         })
@@ -349,7 +344,8 @@ impl BlobStore {
         };
         let now = self.clock.now();
         let path = self.upload_path(account, id);
-        let offset = match self.index.upload(account, id)? {
+        let earlier = self.index.upload(account, id)?;
+        let offset = match earlier {
             // A different announced size starts over.
             Some(meta) if meta.size == size => fs::metadata(&path).map_or(0, |m| m.len()),
             _ => {
@@ -358,10 +354,7 @@ impl BlobStore {
                 0
             }
         };
-        let started_at = self
-            .index
-            .upload(account, id)?
-            .map_or(now, |m| m.started_at);
+        let started_at = earlier.map_or(now, |m| m.started_at);
         self.index.put_upload(
             account,
             id,
@@ -372,24 +365,6 @@ impl BlobStore {
             },
         )?;
         Ok(Begin::Upload { offset, slot })
-    }
-
-    /// Charges `n` upload bytes to `account`'s rate window.
-    fn charge(&self, account: &AccountId, n: u64) -> BlobResult<()> {
-        let now = self.clock.now();
-        let second = now / 1000;
-        let mut windows = lock(&self.windows);
-        let w = windows.entry(*account).or_default();
-        if w.second != second {
-            *w = Window { second, bytes: 0 };
-        }
-        if w.bytes > 0 && w.bytes + n > self.limits.max_upload_bytes_per_sec {
-            return Err(BlobError::RateLimited {
-                retry_after: Duration::from_millis(1000 - now % 1000),
-            });
-        }
-        w.bytes += n;
-        Ok(())
     }
 
     /// Appends bytes to `account`'s upload of `id` at `offset`, which must be where
@@ -415,7 +390,11 @@ impl BlobStore {
         if len + n > meta.size {
             return Err(BlobError::Overflow);
         }
-        self.charge(account, n)?;
+        self.rate
+            .take(*account, n, self.clock.now())
+            .map_err(|ms| BlobError::RateLimited {
+                retry_after: Duration::from_millis(ms),
+            })?;
         file.write_all(bytes)?;
         self.received.fetch_add(n, Ordering::Relaxed);
         let key = (*account, *id);

@@ -94,7 +94,7 @@ impl Relay {
             delivery_window: config.limits.delivery_window,
             blobs: blobs.clone(),
             registrations: Arc::new(crate::core::rate::RateLimiter::new(
-                config.limits.registrations_per_address_per_minute,
+                u64::from(config.limits.registrations_per_address_per_minute),
                 60_000,
             )),
         });
