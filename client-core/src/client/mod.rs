@@ -454,31 +454,8 @@ impl Client {
     pub async fn accept_identity(&self, contact: &AccountId, key: &[u8; 32]) -> Result<bool> {
         let mut state = self.shared.state.lock().await;
         let accepted = state.accept_identity(contact, key)?;
-        let now = now_ms();
-        for (record_key, h) in state.held(contact)? {
-            let (Ok(device), Ok(identity_key)) = (
-                DeviceId::try_from(h.sender_device),
-                <[u8; 32]>::try_from(&h.identity_key[..]),
-            ) else {
-                continue;
-            };
-            let mut delete = vec![crate::store::Op::Delete(
-                crate::store::Namespace::Held,
-                record_key,
-            )];
-            let outcome = state.accept(
-                *contact,
-                device,
-                identity_key,
-                &h.message_id,
-                &h.content,
-                now,
-                &mut delete,
-            )?;
-            // The held record goes with the message's own write, or alone if none.
-            state.apply_ops(delete)?;
-            state.flush()?;
-            // Emitted under the lock, so nothing newer from the contact overtakes it.
+        // Emitted under the lock, so nothing newer from the contact overtakes them.
+        for outcome in state.release_held(contact, now_ms())? {
             match outcome {
                 state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
                 state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),

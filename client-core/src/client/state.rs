@@ -251,11 +251,6 @@ impl State {
         self.kv.apply(ops, false).map_err(store_err)
     }
 
-    /// Writes `ops` as one batch (not durably).
-    pub(crate) fn apply_ops(&mut self, ops: Vec<Op>) -> Result<()> {
-        self.apply(ops)
-    }
-
     /// Makes every change so far durable.
     pub(crate) fn flush(&mut self) -> Result<()> {
         self.kv.apply(Vec::new(), true).map_err(store_err)?;
@@ -566,6 +561,40 @@ impl State {
         self.kv.apply(stale, false).map_err(store_err)?;
         held.sort_by_key(|(k, _)| parse_seq_key(k).unwrap_or(0));
         Ok(held)
+    }
+
+    /// Decrypts the messages held for `account` under the key now trusted, each
+    /// held record deleted in the same write as the message it becomes; one flush at
+    /// the end. Returns what each came to, oldest first.
+    pub(crate) fn release_held(
+        &mut self,
+        account: &AccountId,
+        now_ms: u64,
+    ) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::new();
+        for (record_key, h) in self.held(account)? {
+            let (Ok(device), Ok(identity_key)) = (
+                DeviceId::try_from(h.sender_device),
+                <[u8; 32]>::try_from(&h.identity_key[..]),
+            ) else {
+                continue;
+            };
+            let mut delete = vec![Op::Delete(Namespace::Held, record_key)];
+            let outcome = self.accept(
+                *account,
+                device,
+                identity_key,
+                &h.message_id,
+                &h.content,
+                now_ms,
+                &mut delete,
+            )?;
+            // The held record went with the message's own write, or goes alone.
+            self.apply(delete)?;
+            outcomes.push(outcome);
+        }
+        self.flush()?;
+        Ok(outcomes)
     }
 
     fn session(&mut self, account: &AccountId, device: DeviceId) -> Result<&mut SessionSet> {

@@ -271,30 +271,17 @@ fn an_identity_change_is_held_until_accepted() {
         .state
         .accept_identity(&a.account(), &new_key)
         .expect("accept"));
-    let held = b.state.held(&a.account()).expect("held");
-    assert_eq!(held.len(), 2);
-    let mut bodies = Vec::new();
-    for (record_key, h) in held {
-        let device = DeviceId::try_from(h.sender_device).expect("device");
-        let key: [u8; 32] = h.identity_key[..].try_into().expect("key");
-        let mut delete = vec![crate::store::Op::Delete(Namespace::Held, record_key)];
-        if let Outcome::Message(m) = b
-            .state
-            .accept(
-                a.account(),
-                device,
-                key,
-                &h.message_id,
-                &h.content,
-                NOW,
-                &mut delete,
-            )
-            .expect("accept")
-        {
-            bodies.push(m.body);
-        }
-        assert!(delete.is_empty(), "deleted with the message's own write");
-    }
+    assert_eq!(b.state.held(&a.account()).expect("held").len(), 2);
+    let bodies: Vec<Vec<u8>> = b
+        .state
+        .release_held(&a.account(), NOW)
+        .expect("release")
+        .into_iter()
+        .filter_map(|o| match o {
+            Outcome::Message(m) => Some(m.body),
+            _ => None,
+        })
+        .collect();
     assert_eq!(bodies, vec![b"new key 1".to_vec(), b"new key 2".to_vec()]);
     assert!(!b.state.contact(&a.account()).expect("contact").blocked());
     assert!(

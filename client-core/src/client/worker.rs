@@ -447,8 +447,8 @@ async fn send_round(
                     let Ok(device) = DeviceId::try_from(c.device_id) else {
                         continue;
                     };
-                    let plan = match plans.iter_mut().find(|p| p.device == device) {
-                        Some(p) => p,
+                    let at = match plans.iter().position(|p| p.device == device) {
+                        Some(at) => at,
                         None => {
                             let Some(identity_dh) =
                                 state.device_identity_dh(&recipient, c.device_id)
@@ -460,10 +460,12 @@ async fn send_round(
                                 identity_dh,
                                 copies: Vec::new(),
                             });
-                            plans.last_mut().ok_or(Error::Closed("plan".into()))?
+                            plans.len() - 1
                         }
                     };
-                    plan.copies.push((*seq, MessageId(id), c.content.clone()));
+                    plans[at]
+                        .copies
+                        .push((*seq, MessageId(id), c.content.clone()));
                 }
             }
             let token: Option<[u8; 32]> = state
