@@ -6,7 +6,7 @@ use tern_proto::frame;
 use tern_proto::v1::{self, blob_stream_response::Result as Res, client_frame::Body};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{RelayConnection, Reply};
+use super::{relay_error, RelayConnection, Reply};
 use crate::error::{Error, Result};
 
 /// Bytes per stream write or read.
@@ -31,13 +31,6 @@ pub struct Uploaded {
     pub sent: u64,
     /// The relay already had the blob: nothing was uploaded; its life was extended.
     pub existed: bool,
-}
-
-fn relay_error(e: v1::Error) -> Error {
-    Error::Relay {
-        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
-        message: e.message,
-    }
 }
 
 async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Res> {

@@ -236,10 +236,7 @@ impl RelayConnection {
         let conn = self.conn.clone();
         async move {
             match rx.await {
-                Ok(Reply::Error(e)) => Err(Error::Relay {
-                    code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
-                    message: e.message,
-                }),
+                Ok(Reply::Error(e)) => Err(relay_error(e)),
                 Ok(reply) => Ok(reply),
                 Err(_) => Err(Error::Closed(match conn.close_reason() {
                     Some(e) => closed_reason(&e),
@@ -564,6 +561,14 @@ fn wire_envelopes(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<v1::Enve
             payload: e.payload,
         })
         .collect()
+}
+
+/// A refusal from the relay, on the control stream or a media stream.
+fn relay_error(e: v1::Error) -> Error {
+    Error::Relay {
+        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+        message: e.message,
+    }
 }
 
 fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N]> {
