@@ -15,6 +15,11 @@ use tern_relay::Relay;
 
 use crate::support::{files_under, register, within};
 
+/// A relay on the system clock whose blobs live a day.
+async fn day_relay(dir: &Path) -> Relay {
+    relay(dir, Arc::new(SystemClock), Duration::from_secs(86_400)).await
+}
+
 async fn relay(dir: &Path, clock: Arc<dyn Clock>, ttl: Duration) -> Relay {
     let mut config = Config {
         data_dir: dir.to_owned(),
@@ -43,12 +48,7 @@ fn digest(path: &Path) -> Vec<u8> {
 #[tokio::test]
 async fn attachments_round_trip_at_the_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = relay(
-        &dir.path().join("relay"),
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&dir.path().join("relay")).await;
     let alice = register(relay.address()).await;
     // Downloads need no account: a fresh connection that never authenticates.
     let (anon, _) = RelayConnection::connect(relay.address())
@@ -85,12 +85,7 @@ async fn attachments_round_trip_at_the_edges() {
 async fn a_forwarded_attachment_is_stored_and_uploaded_once_along_a_chain_of_ten() {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay_dir = dir.path().join("relay");
-    let relay = relay(
-        &relay_dir,
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&relay_dir).await;
     let mut users = Vec::new();
     for _ in 0..10 {
         users.push(register(relay.address()).await);
@@ -143,12 +138,7 @@ async fn a_forwarded_attachment_is_stored_and_uploaded_once_along_a_chain_of_ten
 async fn a_corrupt_upload_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay_dir = dir.path().join("relay");
-    let relay = relay(
-        &relay_dir,
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&relay_dir).await;
     let alice = register(relay.address()).await;
     let claimed: [u8; 32] = Sha256::digest(b"the bytes I claim").into();
     let mut other = std::io::Cursor::new(b"different bytes!!".to_vec());
@@ -222,12 +212,7 @@ impl tokio::io::AsyncSeek for Interrupted {
 #[tokio::test]
 async fn an_interrupted_upload_resumes_and_sends_each_byte_once() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = relay(
-        &dir.path().join("relay"),
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&dir.path().join("relay")).await;
     let alice = register(relay.address()).await;
     let src = plain_file(dir.path(), "video", 4 << 20, b"");
     let sealed = dir.path().join("sealed");
@@ -328,12 +313,7 @@ async fn the_relay_disk_holds_no_attachment_plaintext() {
     const MARKER: &[u8] = b"TERN-ATTACHMENT-MARKER-91b3";
     let dir = tempfile::tempdir().expect("tempdir");
     let relay_dir = dir.path().join("relay");
-    let relay = relay(
-        &relay_dir,
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&relay_dir).await;
     let alice = register(relay.address()).await;
     // The marker at the start and again at a segment boundary.
     let src = plain_file(dir.path(), "secret", 200_000, MARKER);
@@ -363,12 +343,7 @@ async fn the_relay_disk_holds_no_attachment_plaintext() {
 #[tokio::test]
 async fn an_interrupted_download_resumes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = relay(
-        &dir.path().join("relay"),
-        Arc::new(SystemClock),
-        Duration::from_secs(86_400),
-    )
-    .await;
+    let relay = day_relay(&dir.path().join("relay")).await;
     let alice = register(relay.address()).await;
     let src = plain_file(dir.path(), "doc", 1 << 20, b"");
     let sealed = dir.path().join("sealed");

@@ -59,6 +59,18 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report for `messages` of `size` bytes moved in `seconds`.
+    pub fn rate(mode: &str, messages: u64, size: usize, seconds: f64) -> Report {
+        Report {
+            mode: mode.into(),
+            messages,
+            size,
+            msgs_per_sec: messages as f64 / seconds,
+            mb_per_sec: messages as f64 * size as f64 / seconds / 1e6,
+            ..Report::default()
+        }
+    }
+
     /// A human-readable table.
     pub fn table(&self) -> String {
         let mut rows: Vec<(String, String)> = vec![

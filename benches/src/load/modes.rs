@@ -268,15 +268,10 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
     ticker.abort();
     let (p50, p99, p999) = percentiles(&mut latencies);
     let mut report = Report {
-        mode: "online".into(),
-        messages: args.messages,
-        size: args.size,
-        msgs_per_sec: args.messages as f64 / elapsed,
-        mb_per_sec: (args.messages as f64 * args.size as f64) / elapsed / 1e6,
         p50_us: p50,
         p99_us: p99,
         p999_us: p999,
-        ..Report::default()
+        ..Report::rate("online", args.messages, args.size, elapsed)
     };
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
@@ -386,14 +381,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
     }
     let drain_s = drain_start.elapsed().as_secs_f64();
     ticker.abort();
-    let mut report = Report {
-        mode: "offline".into(),
-        messages: args.messages,
-        size: args.size,
-        msgs_per_sec: args.messages as f64 / accept_s,
-        mb_per_sec: (args.messages as f64 * args.size as f64) / accept_s / 1e6,
-        ..Report::default()
-    };
+    let mut report = Report::rate("offline", args.messages, args.size, accept_s);
     relay_stats(relay, cpu_before, &mut report);
 
     // Phase 3: every message decrypts, once, in order.
