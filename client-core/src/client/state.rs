@@ -738,8 +738,19 @@ impl State {
             Op::Put(Namespace::Outbox, seq_key(seq), record.encode_to_vec()),
             self.local_op(),
         ];
-        self.kv.apply(ops, true).map_err(store_err)?;
+        self.apply(ops)?;
         self.outbox.insert(seq, record);
+        // With sessions already there, encrypt now: the message and its session
+        // state then share one durable write instead of one each. Otherwise (or if
+        // this fails) the worker prepares it and reports what goes wrong.
+        let known = self
+            .contacts
+            .get(recipient)
+            .is_some_and(|c| !c.devices.is_empty());
+        if known {
+            let _ = self.prepare(seq, now_ms);
+        }
+        self.flush()?;
         Ok(MessageId(id))
     }
 

@@ -412,6 +412,7 @@ async fn send_round(
                 .filter(|(_, r)| r.recipient == recipient.as_bytes() && !r.prepared)
                 .map(|(s, _)| *s)
                 .collect();
+            let prepared_any = !seqs.is_empty();
             for seq in seqs {
                 match state.prepare(seq, now) {
                     Ok(()) => {}
@@ -433,8 +434,11 @@ async fn send_round(
                     shared.emit(Event::Sent { message_id: id, to });
                 }
             }
-            // The new session state is on disk before any ciphertext leaves.
-            state.flush()?;
+            // The new session state is on disk before any ciphertext leaves (messages
+            // prepared at `send` were flushed there).
+            if prepared_any {
+                state.flush()?;
+            }
             let mut plans: Vec<DevicePlan> = Vec::new();
             for (seq, r) in state.outbox() {
                 if r.recipient != recipient.as_bytes() {
