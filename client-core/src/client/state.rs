@@ -1111,15 +1111,18 @@ impl State {
                 session_key(&sender, device),
                 set.to_bytes().to_vec(),
             ),
-            Op::Put(
-                Namespace::Contacts,
-                sender.as_bytes().to_vec(),
-                contact.encode_to_vec(),
-            ),
             Op::Put(Namespace::Inbox, seq_key(seq), inbox.encode_to_vec()),
             Op::Put(Namespace::Seen, seen.clone(), now_ms.to_be_bytes().to_vec()),
             Op::Put(Namespace::Local, LOCAL_KEY.to_vec(), local.encode_to_vec()),
         ];
+        // Most messages change nothing about their sender: no contact write then.
+        if self.contacts.get(&sender) != Some(&contact) {
+            ops.push(Op::Put(
+                Namespace::Contacts,
+                sender.as_bytes().to_vec(),
+                contact.encode_to_vec(),
+            ));
+        }
         if let Some(id) = opened.one_time_prekey {
             ops.push(Op::Delete(
                 Namespace::PreKeys,
