@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use tern_benches::load::now_ms;
 use tern_benches::SledHub;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 use tern_relay::commit::Durability;
@@ -37,16 +38,6 @@ fn batch(n: u64, first_id: u64) -> Vec<NewMessage> {
             }
         })
         .collect()
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
 }
 
 fn sweep(c: &mut Criterion) {
