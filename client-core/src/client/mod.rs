@@ -266,8 +266,8 @@ impl Client {
         if state::State::load(store.clone(), now_ms())?.is_some() {
             return Err(Error::AlreadyRegistered);
         }
-        let identity_secret = zeroize::Zeroizing::new(random_secret());
-        let device_secret = zeroize::Zeroizing::new(random_secret());
+        let identity_secret = zeroize::Zeroizing::new(state::random32());
+        let device_secret = zeroize::Zeroizing::new(state::random32());
         let identity = IdentityKeyPair::from_secret(&identity_secret);
         let device = DeviceKeyPair::from_secret(&device_secret);
         let identity_dh = AgreementKeyPair::generate(&mut rand::rngs::OsRng);
@@ -574,11 +574,4 @@ impl Client {
             .unwrap_or_else(|e| e.into_inner())
             .take();
     }
-}
-
-fn random_secret() -> [u8; 32] {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    b
 }

@@ -109,7 +109,8 @@ fn account_of(b: &[u8]) -> Result<AccountId> {
     AccountId::try_from(b).map_err(|_| Error::Store(StoreError::Corrupt))
 }
 
-fn random32() -> [u8; 32] {
+/// 32 bytes from the OS's random source.
+pub(crate) fn random32() -> [u8; 32] {
     let mut b = [0u8; 32];
     OsRng.fill_bytes(&mut b);
     b
