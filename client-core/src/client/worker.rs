@@ -11,7 +11,7 @@ use rand::Rng;
 use tern_proto::v1::ErrorCode;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
-use super::state::{Outcome, StartError};
+use super::state::{Outcome, StartError, State};
 use super::{now_ms, Event, Shared};
 use crate::crypto::sealed::{self, SenderCertificate};
 use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
@@ -419,15 +419,7 @@ async fn send_round(
                     Err(e @ Error::Store(StoreError::Backend(_))) => return Err(e),
                     // This message cannot be encrypted (a damaged session record, say):
                     // it fails alone instead of stopping the outbox.
-                    Err(e) => {
-                        if let Some(id) = state.fail(seq)? {
-                            shared.emit(Event::SendFailed {
-                                message_id: id,
-                                to: recipient,
-                                reason: e.to_string(),
-                            });
-                        }
-                    }
+                    Err(e) => fail_one(shared, &mut state, seq, recipient, &e.to_string())?,
                 }
                 // Copies all sent already (a device dropped since): it is done.
                 if let Some((id, to)) = state.mark_sent(seq, &[])? {
@@ -542,13 +534,7 @@ async fn send_device(
                 Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
                     let mut state = shared.state.lock().await;
                     for (seq, _, _) in chunk {
-                        if let Some(id) = state.fail(*seq)? {
-                            shared.emit(Event::SendFailed {
-                                message_id: id,
-                                to: *recipient,
-                                reason: e.to_string(),
-                            });
-                        }
+                        fail_one(shared, &mut state, *seq, *recipient, &e.to_string())?;
                     }
                     return Ok(Round::Progress);
                 }
@@ -588,6 +574,24 @@ fn chunks(copies: &[(u64, MessageId, Vec<u8>)]) -> Vec<&[(u64, MessageId, Vec<u8
     out
 }
 
+/// Gives up on message `seq` and tells the app why.
+fn fail_one(
+    shared: &Shared,
+    state: &mut State,
+    seq: u64,
+    to: AccountId,
+    reason: &str,
+) -> Result<()> {
+    if let Some(message_id) = state.fail(seq)? {
+        shared.emit(Event::SendFailed {
+            message_id,
+            to,
+            reason: reason.to_string(),
+        });
+    }
+    Ok(())
+}
+
 async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Result<()> {
     let mut state = shared.state.lock().await;
     let seqs: Vec<u64> = state
@@ -596,13 +600,7 @@ async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Resul
         .map(|(s, _)| *s)
         .collect();
     for seq in seqs {
-        if let Some(id) = state.fail(seq)? {
-            shared.emit(Event::SendFailed {
-                message_id: id,
-                to: *recipient,
-                reason: reason.to_string(),
-            });
-        }
+        fail_one(shared, &mut state, seq, *recipient, reason)?;
     }
     Ok(())
 }
