@@ -149,20 +149,12 @@ pub enum Begin {
 pub struct UploadSlot {
     account: AccountId,
     id: BlobId,
-    active: Arc<Mutex<HashMap<AccountId, usize>>>,
     uploading: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
 }
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
         lock(&self.uploading).remove(&(self.account, self.id));
-        let mut active = lock(&self.active);
-        if let Some(n) = active.get_mut(&self.account) {
-            *n -= 1;
-            if *n == 0 {
-                active.remove(&self.account);
-            }
-        }
     }
 }
 
@@ -186,7 +178,6 @@ pub struct BlobStore {
     index: Arc<dyn BlobIndex>,
     clock: Arc<dyn Clock>,
     limits: BlobLimits,
-    active: Arc<Mutex<HashMap<AccountId, usize>>>,
     uploading: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
     /// The hash of each upload so far, kept as bytes arrive so finishing need not
     /// read the file again (after a restart or a resume it does).
@@ -235,7 +226,6 @@ impl BlobStore {
             index,
             clock,
             limits,
-            active: Arc::default(),
             uploading: Arc::default(),
             hashing: Mutex::default(),
             rate: RateLimiter::new(limits.max_upload_bytes_per_sec, 1000),
@@ -322,23 +312,21 @@ impl BlobStore {
             return Err(BlobError::QuotaExceeded);
         }
         let slot = {
+            // The uploads running now, one entry each: the account's count is theirs.
             let mut uploading = lock(&self.uploading);
-            let mut active = lock(&self.active);
             if uploading.contains(&(*account, *id)) {
                 return Err(BlobError::InProgress);
             }
-            let n = active.entry(*account).or_default();
-            if *n >= self.limits.max_concurrent_uploads {
+            let running = uploading.iter().filter(|(a, _)| a == account).count();
+            if running >= self.limits.max_concurrent_uploads {
                 return Err(BlobError::TooManyUploads(
                     self.limits.max_concurrent_uploads,
                 ));
             }
-            *n += 1;
             uploading.insert((*account, *id));
             UploadSlot {
                 account: *account,
                 id: *id,
-                active: self.active.clone(),
                 uploading: self.uploading.clone(),
             }
         };
