@@ -29,7 +29,8 @@ impl SledHub {
         let dir = tempfile::tempdir()?;
         let store =
             Arc::new(SledStore::open(dir.path(), 256 << 20).map_err(std::io::Error::other)?);
-        let commit = GroupCommit::start(store.clone(), durability)?;
+        let stores = Stores::all(store.clone());
+        let commit = GroupCommit::start(stores.flush.clone(), durability)?;
         let limits = Limits {
             max_queued_messages: u64::MAX,
             max_queued_bytes: u64::MAX,
@@ -37,7 +38,7 @@ impl SledHub {
         };
         let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
         let hub = Hub::new(
-            Stores::all(store.clone()),
+            stores,
             Arc::new(SystemClock),
             limits,
             Ttl::MAX,

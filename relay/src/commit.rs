@@ -14,7 +14,10 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::store::{MailboxStore, StoreError};
+use crate::store::StoreError;
+
+/// Makes every change so far durable: what the flusher thread runs.
+pub type Flush = Arc<dyn Fn() -> Result<(), StoreError> + Send + Sync>;
 
 /// When a send is acknowledged to its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -32,21 +35,31 @@ pub enum Durability {
 type Waiter = oneshot::Sender<Result<(), String>>;
 
 /// Shares flushes between concurrent writers. See the module docs.
-#[derive(Debug)]
 pub struct GroupCommit {
     mode: Durability,
+    flush: Flush,
     tx: Option<mpsc::Sender<Waiter>>,
     flushes: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("mode", &self.mode)
+            .field("flushes", &self.flushes())
+            .finish_non_exhaustive()
+    }
+}
+
 impl GroupCommit {
-    /// Starts the flusher thread for `store` (only needed for `Durability::Fsync`).
-    pub fn start(store: Arc<dyn MailboxStore>, mode: Durability) -> std::io::Result<Self> {
+    /// Starts the flusher thread running `flush` (only needed for `Durability::Fsync`).
+    pub fn start(flush: Flush, mode: Durability) -> std::io::Result<Self> {
         let flushes = Arc::new(AtomicU64::new(0));
         if mode == Durability::Os {
             return Ok(GroupCommit {
                 mode,
+                flush,
                 tx: None,
                 flushes,
                 thread: None,
@@ -54,11 +67,13 @@ impl GroupCommit {
         }
         let (tx, rx) = mpsc::channel::<Waiter>();
         let counter = flushes.clone();
+        let store = flush.clone();
         let thread = thread::Builder::new()
             .name("tern-group-commit".into())
             .spawn(move || flusher(&*store, &rx, &counter))?;
         Ok(GroupCommit {
             mode,
+            flush,
             tx: Some(tx),
             flushes,
             thread: Some(thread),
@@ -85,6 +100,11 @@ impl GroupCommit {
         }
     }
 
+    /// Flushes now, whatever the durability (for shutdown).
+    pub fn flush_now(&self) -> Result<(), StoreError> {
+        (self.flush)()
+    }
+
     /// Flushes run so far.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
@@ -100,12 +120,16 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher(store: &dyn MailboxStore, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
+fn flusher(
+    flush: &(dyn Fn() -> Result<(), StoreError> + Send + Sync),
+    rx: &mpsc::Receiver<Waiter>,
+    flushes: &AtomicU64,
+) {
     // Ends when every sender is dropped.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = store.flush().map_err(|e| e.to_string());
+        let result = flush().map_err(|e| e.to_string());
         flushes.fetch_add(1, Ordering::Relaxed);
         for w in batch {
             let _ = w.send(result.clone());
@@ -116,56 +140,19 @@ fn flusher(store: &dyn MailboxStore, rx: &mpsc::Receiver<Waiter>, flushes: &Atom
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::UnixMillis;
-    use crate::store::{Expired, MemoryStore, NewMessage, StoreResult, StoredMessage, Usage};
     use std::time::Duration;
-    use tern_proto::DeviceAddress;
 
-    /// A store whose flush takes as long as a slow disk's.
-    struct SlowFlush(MemoryStore);
-
-    impl MailboxStore for SlowFlush {
-        fn append(
-            &self,
-            to: &DeviceAddress,
-            m: &[NewMessage],
-            a: UnixMillis,
-            e: UnixMillis,
-        ) -> StoreResult<Vec<u64>> {
-            self.0.append(to, m, a, e)
-        }
-        fn read(
-            &self,
-            of: &DeviceAddress,
-            after: u64,
-            max: usize,
-        ) -> StoreResult<Vec<StoredMessage>> {
-            self.0.read(of, after, max)
-        }
-        fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-            self.0.remove(of, seqs)
-        }
-        fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
-            self.0.usage(of)
-        }
-        fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
-            self.0.expired(now, max)
-        }
-        fn expire(&self, of: &DeviceAddress, e: &[Expired]) -> StoreResult<Usage> {
-            self.0.expire(of, e)
-        }
-        fn flush(&self) -> StoreResult<()> {
+    /// A flush that takes as long as a slow disk's.
+    fn slow_flush() -> Flush {
+        Arc::new(|| {
             std::thread::sleep(Duration::from_millis(20));
             Ok(())
-        }
+        })
     }
 
     #[tokio::test]
     async fn concurrent_commits_share_flushes() {
-        let gc = Arc::new(
-            GroupCommit::start(Arc::new(SlowFlush(MemoryStore::new())), Durability::Fsync)
-                .expect("start"),
-        );
+        let gc = Arc::new(GroupCommit::start(slow_flush(), Durability::Fsync).expect("start"));
         let tasks: Vec<_> = (0..100)
             .map(|_| {
                 let gc = gc.clone();
@@ -186,8 +173,7 @@ mod tests {
 
     #[tokio::test]
     async fn os_durability_never_flushes() {
-        let gc = GroupCommit::start(Arc::new(SlowFlush(MemoryStore::new())), Durability::Os)
-            .expect("start");
+        let gc = GroupCommit::start(slow_flush(), Durability::Os).expect("start");
         gc.commit().await.expect("commit");
         assert_eq!(gc.flushes(), 0);
     }

@@ -28,7 +28,9 @@
 //! sweep_batch = 10000
 //!
 //! [storage]
-//! cache_mb = 256
+//! cache_mb = 256                # sled's page cache
+//! mailboxes = "log"             # "log" (segment files, index in memory) or "sled"
+//! segment_mb = 64               # mailbox log segment size
 //!
 //! [media]
 //! max_blob_bytes = 2147483648   # 2 GiB
@@ -167,6 +169,22 @@ pub struct ExpiryConfig {
 pub struct StorageConfig {
     /// Database page cache, MiB.
     pub cache_mb: u64,
+    /// Where queued envelopes live.
+    pub mailboxes: MailboxBackend,
+    /// Mailbox log segment size, MiB.
+    pub segment_mb: u64,
+}
+
+/// Where queued envelopes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailboxBackend {
+    /// An append-only log of segment files, index in memory (the default: the fast
+    /// path, one write and one shared fsync per send).
+    #[default]
+    Log,
+    /// The sled database, with everything else.
+    Sled,
 }
 
 impl Default for Config {
@@ -214,7 +232,11 @@ impl Default for ExpiryConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { cache_mb: 256 }
+        StorageConfig {
+            cache_mb: 256,
+            mailboxes: MailboxBackend::Log,
+            segment_mb: crate::store::DEFAULT_SEGMENT_BYTES >> 20,
+        }
     }
 }
 
@@ -260,6 +282,9 @@ impl Config {
         // A frame must hold at least one envelope of the largest size and its framing.
         if l.max_frame_bytes < l.max_envelope_bytes + 1024 {
             return bad("limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB");
+        }
+        if self.storage.segment_mb == 0 || self.storage.segment_mb > 1024 {
+            return bad("storage.segment_mb must be from 1 to 1024");
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");

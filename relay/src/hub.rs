@@ -17,7 +17,7 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use tokio::sync::Notify;
 
 use crate::clock::{Clock, UnixMillis};
-use crate::commit::GroupCommit;
+use crate::commit::{Flush, GroupCommit};
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
@@ -44,16 +44,38 @@ pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
     /// Media metadata.
     pub blobs: Arc<dyn BlobIndex>,
+    /// Makes every change to any of them durable.
+    pub flush: Flush,
 }
 
 impl Stores {
     /// Every store on one backend.
     pub fn all<S: MailboxStore + AccountStore + KeyStore + BlobIndex>(store: Arc<S>) -> Self {
+        Self::split(store.clone(), store)
+    }
+
+    /// Mailboxes on one backend, everything else on another.
+    pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
+    where
+        M: MailboxStore,
+        S: MailboxStore + AccountStore + KeyStore + BlobIndex,
+    {
+        let (m, r) = (mailboxes.clone(), rest.clone());
+        let same = Arc::as_ptr(&m).cast::<u8>() == Arc::as_ptr(&r).cast::<u8>();
+        let flush: Flush = if same {
+            Arc::new(move || m.flush())
+        } else {
+            Arc::new(move || {
+                m.flush()?;
+                r.flush()
+            })
+        };
         Stores {
-            mailboxes: store.clone(),
-            accounts: store.clone(),
-            keys: store.clone(),
-            blobs: store,
+            mailboxes,
+            accounts: rest.clone(),
+            keys: rest.clone(),
+            blobs: rest,
+            flush,
         }
     }
 }
@@ -645,7 +667,7 @@ impl Hub {
 
     /// Makes everything so far durable, whatever the configured durability.
     pub fn flush(&self) -> Result<()> {
-        Ok(self.mailboxes.flush()?)
+        Ok(self.commit.flush_now()?)
     }
 
     /// Entries in the per-device table; for tests of its cleanup.
@@ -674,10 +696,11 @@ mod tests {
     fn fixture(limits: Limits) -> Fixture {
         let store = Arc::new(MemoryStore::new());
         let clock = Arc::new(ManualClock::new(1_000_000));
-        let commit = GroupCommit::start(store.clone(), Durability::Fsync).expect("commit");
+        let stores = Stores::all(store.clone());
+        let commit = GroupCommit::start(stores.flush.clone(), Durability::Fsync).expect("commit");
         let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
         let hub = Arc::new(Hub::new(
-            Stores::all(store.clone()),
+            stores,
             clock.clone(),
             limits,
             ttl,

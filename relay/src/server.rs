@@ -14,11 +14,12 @@ use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
+use crate::config::MailboxBackend;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::hub::Stores;
 use crate::net::{self, tls, ConnSettings};
-use crate::store::SledStore;
+use crate::store::{LogOptions, LogStore, SledStore};
 
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
@@ -33,16 +34,28 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Starts a relay on its sled database in `config.data_dir`.
+    /// Starts a relay on its stores in `config.data_dir`: the sled database in `db/`
+    /// and, by default, the mailbox log in `mailboxes/`.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Relay> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| Error::Config(format!("creating {}: {e}", config.data_dir.display())))?;
-        let store = Arc::new(SledStore::open(
+        let sled = Arc::new(SledStore::open(
             &config.data_dir.join("db"),
             config.storage.cache_mb << 20,
         )?);
-        Self::start_with(config, Stores::all(store), clock).await
+        let stores = match config.storage.mailboxes {
+            MailboxBackend::Log => {
+                let options = LogOptions {
+                    segment_bytes: config.storage.segment_mb << 20,
+                    ..LogOptions::default()
+                };
+                let log = LogStore::open(&config.data_dir.join("mailboxes"), options)?;
+                Stores::split(Arc::new(log), sled)
+            }
+            MailboxBackend::Sled => Stores::all(sled),
+        };
+        Self::start_with(config, stores, clock).await
     }
 
     /// Starts a relay on the given stores (the certificate still lives in
@@ -79,7 +92,7 @@ impl Relay {
             )
             .map_err(Error::from)?,
         );
-        let commit = GroupCommit::start(stores.mailboxes.clone(), config.durability)?;
+        let commit = GroupCommit::start(stores.flush.clone(), config.durability)?;
         let hub = Arc::new(Hub::new(
             stores,
             clock,

@@ -1,8 +1,8 @@
 //! Store-and-forward: offline queues, online pushes, acks, restarts.
 
-use crate::support::{envelope, number, register, within, Device, RelayProcess};
+use crate::support::{envelope, files_under, number, register, within, Device, RelayProcess};
 use tern_client::net::Incoming;
-use tern_relay::store::{MailboxStore, SledStore};
+use tern_relay::store::{LogOptions, LogStore, MailboxStore, SledStore};
 
 #[tokio::test]
 async fn offline_recipient_receives_everything_in_order_on_connect() {
@@ -85,16 +85,27 @@ async fn ack_deletes_and_the_store_is_empty_afterwards() {
     drop((alice, bob));
 
     relay.stop().unwrap();
-    let store = SledStore::open(&data.join("db"), 8 << 20).unwrap();
-    assert_eq!(
-        store.count_messages().unwrap(),
-        0,
-        "no message left on disk"
-    );
+    // Not a byte of any envelope is left in any file.
+    for file in files_under(&data) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(12).any(|w| w == b"ciphertext #"),
+            "envelope bytes in {}",
+            file.display()
+        );
+    }
+    let options = LogOptions {
+        background: false,
+        ..LogOptions::default()
+    };
+    let log = LogStore::open(&data.join("mailboxes"), options).unwrap();
+    assert_eq!(log.count_messages(), 0, "no message left in the log");
     assert!(
-        store.expired(u64::MAX, 10).unwrap().is_empty(),
+        log.expired(u64::MAX, 10).unwrap().is_empty(),
         "no expiry entries left"
     );
+    let db = SledStore::open(&data.join("db"), 8 << 20).unwrap();
+    assert_eq!(db.count_messages().unwrap(), 0, "none in the database");
 }
 
 #[tokio::test]

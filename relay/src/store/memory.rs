@@ -1,6 +1,6 @@
 //! In-memory stores, for unit tests. Nothing survives the process.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
@@ -22,7 +22,7 @@ pub struct MemoryStore {
 struct Inner {
     next_seq: u64,
     messages: BTreeMap<(DeviceAddress, u64), StoredMessage>,
-    expiry: BTreeSet<(UnixMillis, DeviceAddress, u64)>,
+    expiry: super::ExpiryIndex,
     usage: HashMap<DeviceAddress, Usage>,
     accounts: HashMap<AccountId, AccountRecord>,
     tokens: HashMap<AccountId, [u8; 32]>,
@@ -125,27 +125,11 @@ impl MailboxStore for MemoryStore {
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
-        let inner = self.lock();
-        Ok(inner
-            .expiry
-            .iter()
-            .take_while(|(at, _, _)| *at <= now)
-            .take(max)
-            .map(|(at, to, seq)| Expired {
-                to: *to,
-                seq: *seq,
-                expires_at: *at,
-            })
-            .collect())
+        Ok(super::due(&self.lock().expiry, now, max))
     }
 
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
-        let seqs: Vec<u64> = entries
-            .iter()
-            .filter(|e| e.to == *of)
-            .map(|e| e.seq)
-            .collect();
-        self.remove(of, &seqs)
+        self.remove(of, &Expired::seqs_of(entries, of))
     }
 
     fn flush(&self) -> StoreResult<()> {

@@ -21,12 +21,14 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use crate::clock::UnixMillis;
 
+mod log;
 mod memory;
 mod sled;
 
 #[cfg(test)]
 mod conformance;
 
+pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::SledStore;
 
@@ -286,9 +288,57 @@ pub trait KeyStore: Send + Sync + 'static {
     fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64>;
 }
 
+/// An expiry index kept in memory, as (expires at, mailbox, seq), soonest first.
+pub(crate) type ExpiryIndex = std::collections::BTreeSet<(UnixMillis, DeviceAddress, u64)>;
+
+/// Up to `max` entries of `index` due at `now`.
+pub(crate) fn due(index: &ExpiryIndex, now: UnixMillis, max: usize) -> Vec<Expired> {
+    index
+        .iter()
+        .take_while(|(at, _, _)| *at <= now)
+        .take(max)
+        .map(|&(expires_at, to, seq)| Expired {
+            to,
+            seq,
+            expires_at,
+        })
+        .collect()
+}
+
+impl Expired {
+    /// The seqs of the entries that belong to `of`.
+    pub(crate) fn seqs_of(entries: &[Expired], of: &DeviceAddress) -> Vec<u64> {
+        entries
+            .iter()
+            .filter(|e| e.to == *of)
+            .map(|e| e.seq)
+            .collect()
+    }
+}
+
 /// Encoding shared by the backends that store records as bytes.
 pub(crate) mod codec {
     use super::*;
+
+    /// Bytes of an encoded [`DeviceAddress`].
+    pub(crate) const ADDR_LEN: usize = 20;
+
+    /// Account id, then device id (big-endian): sorts by account, then device.
+    pub(crate) fn addr_bytes(a: &DeviceAddress) -> [u8; ADDR_LEN] {
+        let mut out = [0u8; ADDR_LEN];
+        out[..16].copy_from_slice(a.account.as_bytes());
+        out[16..].copy_from_slice(&a.device.get().to_be_bytes());
+        out
+    }
+
+    pub(crate) fn parse_addr(bytes: &[u8]) -> StoreResult<DeviceAddress> {
+        let bad = || StoreError::Corrupt("address");
+        if bytes.len() != ADDR_LEN {
+            return Err(bad());
+        }
+        let device = u32::from_be_bytes(bytes[16..].try_into().map_err(|_| bad())?);
+        DeviceAddress::from_wire(&bytes[..16], device).map_err(|_| bad())
+    }
 
     pub(crate) fn encode_account(rec: &AccountRecord) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + rec.devices.len() * 36);

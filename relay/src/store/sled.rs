@@ -24,6 +24,7 @@ use std::path::Path;
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
+use super::codec::{addr_bytes, parse_addr, ADDR_LEN};
 use super::{
     codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
@@ -34,7 +35,6 @@ use crate::clock::UnixMillis;
 const MSG: u8 = b'M';
 const USAGE: u8 = b'U';
 const EXPIRY: u8 = b'E';
-const ADDR_LEN: usize = 20;
 const MSG_KEY_LEN: usize = 1 + ADDR_LEN + 8;
 const EXPIRY_KEY_LEN: usize = 1 + 8 + ADDR_LEN + 8;
 const MSG_HEADER_LEN: usize = 16 + 8 + 8;
@@ -59,21 +59,6 @@ fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn addr_bytes(a: &DeviceAddress) -> [u8; ADDR_LEN] {
-    let mut out = [0u8; ADDR_LEN];
-    out[..16].copy_from_slice(a.account.as_bytes());
-    out[16..].copy_from_slice(&a.device.get().to_be_bytes());
-    out
-}
-
-fn parse_addr(bytes: &[u8]) -> StoreResult<DeviceAddress> {
-    DeviceAddress::from_wire(
-        &bytes[..16],
-        u32::from_be_bytes(fixed(&bytes[16..ADDR_LEN])?),
-    )
-    .map_err(|_| StoreError::Corrupt("address"))
 }
 
 fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {

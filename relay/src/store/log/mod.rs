@@ -1,0 +1,767 @@
+//! Mailboxes in an append-only log: the delivery hot path's store.
+//!
+//! Envelopes are appended to segment files in `dir` ([`record`] has the format), one
+//! `write` per send and one `fdatasync` per group commit. The index (where each
+//! queued message is, and the expiry order) lives in memory and is rebuilt by one scan
+//! of the segments at start. Compared with keeping envelopes in sled, a message costs
+//! one copy into a buffer and a few map updates instead of several copy-on-write B-tree
+//! updates, and a drain reads whole runs of records with one `pread`.
+//!
+//! Deletion (P2): a removed message leaves the index at once, so it is never read
+//! again. A background pass then overwrites its record with a dead-span header and
+//! punches a hole over the ciphertext (`fallocate`), so the bytes leave the disk within
+//! about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is deleted whole.
+//! Removals are not fsynced with the ack: a machine crash in the gap between an ack and
+//! its scrub can bring the message back, and it is delivered again (clients drop
+//! duplicates by message id).
+
+mod record;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tern_proto::DeviceAddress;
+use tracing::warn;
+
+use self::record::{MessageHeader, Next, HEADER_LEN, PEEK_LEN};
+use super::{
+    Expired, ExpiryIndex, MailboxStore, NewMessage, StoreError, StoreResult, StoredMessage, Usage,
+};
+use crate::clock::UnixMillis;
+
+/// How often removed messages are scrubbed from disk, and, for durability "os", how
+/// often the log is fsynced.
+pub const SCRUB_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Segment size at which a new segment starts.
+pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Mailboxes in an append-only segment log; see the module docs.
+#[derive(Debug)]
+pub struct LogStore {
+    shared: Arc<Shared>,
+    background: Option<(mpsc::Sender<()>, thread::JoinHandle<()>)>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    segment_bytes: u64,
+    writer: Mutex<Writer>,
+    index: Mutex<Index>,
+    /// Held for a whole flush, so a flush that finds nothing dirty knows an earlier
+    /// one has finished.
+    flushing: Mutex<()>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    id: u64,
+    file: File,
+}
+
+#[derive(Debug)]
+struct Writer {
+    next_seq: u64,
+    active: Arc<Segment>,
+    /// Bytes in the active segment.
+    len: u64,
+    buf: Vec<u8>,
+    /// Written since the last flush.
+    dirty: bool,
+    /// Earlier active segments written since the last flush.
+    unsynced: Vec<Arc<Segment>>,
+    /// A segment was created since the last flush.
+    dir_dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    expires_at: UnixMillis,
+}
+
+impl Loc {
+    fn payload_len(&self) -> u64 {
+        u64::from(self.len) - record::MESSAGE_OVERHEAD as u64
+    }
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    entries: BTreeMap<u64, Loc>,
+    usage: Usage,
+}
+
+#[derive(Debug)]
+struct SegmentState {
+    segment: Arc<Segment>,
+    live: u64,
+    /// Records removed but not yet scrubbed.
+    dead: Vec<Dead>,
+}
+
+/// A removed record, or a run of adjacent ones, waiting to be scrubbed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Dead {
+    offset: u64,
+    len: u64,
+    /// The highest seq in it, kept in its dead-span header.
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    mailboxes: HashMap<DeviceAddress, Mailbox>,
+    expiry: ExpiryIndex,
+    segments: HashMap<u64, SegmentState>,
+    active: u64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every method finishes its updates before it can fail, so a poisoned lock still
+    // guards consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io(context: &str, e: std::io::Error) -> StoreError {
+    StoreError::Backend(format!("mailbox log: {context}: {e}"))
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.seg"))
+}
+
+fn segment_id(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".seg")?;
+    (hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
+fn sync_dir(dir: &Path) -> StoreResult<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing the directory", e))
+}
+
+impl Index {
+    fn insert(&mut self, to: DeviceAddress, seq: u64, loc: Loc) {
+        let mailbox = self.mailboxes.entry(to).or_default();
+        mailbox.entries.insert(seq, loc);
+        mailbox.usage.messages += 1;
+        mailbox.usage.bytes += loc.payload_len();
+        self.expiry.insert((loc.expires_at, to, seq));
+        if let Some(s) = self.segments.get_mut(&loc.segment) {
+            s.live += 1;
+        }
+    }
+
+    /// Takes the given messages out of `of`'s mailbox; returns what was removed and
+    /// the segments left with nothing live (to delete).
+    fn remove(
+        &mut self,
+        of: &DeviceAddress,
+        seqs: impl Iterator<Item = u64>,
+    ) -> (Usage, Vec<Arc<Segment>>) {
+        let mut removed = Usage::default();
+        let mut empty = Vec::new();
+        let Some(mailbox) = self.mailboxes.get_mut(of) else {
+            return (removed, empty);
+        };
+        for seq in seqs {
+            let Some(loc) = mailbox.entries.remove(&seq) else {
+                continue;
+            };
+            removed.messages += 1;
+            removed.bytes += loc.payload_len();
+            self.expiry.remove(&(loc.expires_at, *of, seq));
+            if let Some(s) = self.segments.get_mut(&loc.segment) {
+                s.live -= 1;
+                s.dead.push(Dead {
+                    offset: loc.offset,
+                    len: u64::from(loc.len),
+                    seq,
+                });
+                if s.live == 0 && loc.segment != self.active {
+                    empty.push(s.segment.clone());
+                    self.segments.remove(&loc.segment);
+                }
+            }
+        }
+        mailbox.usage.messages -= removed.messages;
+        mailbox.usage.bytes -= removed.bytes;
+        if mailbox.entries.is_empty() {
+            self.mailboxes.remove(of);
+        }
+        (removed, empty)
+    }
+}
+
+/// Options for [`LogStore::open`].
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// A new segment starts once the active one holds this many bytes.
+    pub segment_bytes: u64,
+    /// Run the background pass (scrubbing removed messages, periodic fsync). Off only
+    /// in tests that drive [`LogStore::scrub`] themselves.
+    pub background: bool,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: DEFAULT_SEGMENT_BYTES,
+            background: true,
+        }
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `dir`, rebuilding the index from its segments.
+    pub fn open(dir: &Path, options: LogOptions) -> StoreResult<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory", e))?;
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|e| io("listing", e))? {
+            let entry = entry.map_err(|e| io("listing", e))?;
+            if let Some(id) = entry.file_name().to_str().and_then(segment_id) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+
+        let mut index = Index::default();
+        let mut next_seq = 1u64;
+        let mut damaged = 0u64;
+        for &id in &ids {
+            let path = segment_path(dir, id);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| io("opening a segment", e))?;
+            let segment = Arc::new(Segment { id, file });
+            let Some(floor) = scan(&segment, &mut index, &mut next_seq, &mut damaged)? else {
+                warn!(
+                    segment = id,
+                    "mailbox log segment with a damaged header left alone"
+                );
+                continue;
+            };
+            next_seq = next_seq.max(floor);
+        }
+        if damaged > 0 {
+            warn!(damaged, "damaged mailbox log records skipped");
+        }
+
+        let active_id = ids.last().map_or(1, |id| id + 1);
+        let active = Arc::new(create_segment(dir, active_id, next_seq)?);
+        sync_dir(dir)?;
+        index.active = active_id;
+        index.segments.insert(
+            active_id,
+            SegmentState {
+                segment: active.clone(),
+                live: 0,
+                dead: Vec::new(),
+            },
+        );
+        let empty: Vec<u64> = index
+            .segments
+            .iter()
+            .filter(|(id, s)| s.live == 0 && **id != active_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in empty {
+            index.segments.remove(&id);
+            remove_segment(dir, id);
+        }
+
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            segment_bytes: options.segment_bytes.max(HEADER_LEN + 1),
+            writer: Mutex::new(Writer {
+                next_seq,
+                active,
+                len: HEADER_LEN,
+                buf: Vec::new(),
+                dirty: false,
+                unsynced: Vec::new(),
+                dir_dirty: false,
+            }),
+            index: Mutex::new(index),
+            flushing: Mutex::new(()),
+        });
+        let background = if options.background {
+            let (stop, stopped) = mpsc::channel();
+            let weak = Arc::downgrade(&shared);
+            let handle = thread::Builder::new()
+                .name("tern-mailbox-log".into())
+                .spawn(move || background(&weak, &stopped))
+                .map_err(|e| io("starting the background thread", e))?;
+            Some((stop, handle))
+        } else {
+            None
+        };
+        Ok(LogStore { shared, background })
+    }
+
+    /// Messages queued across every mailbox.
+    pub fn count_messages(&self) -> u64 {
+        let index = lock(&self.shared.index);
+        index.mailboxes.values().map(|m| m.usage.messages).sum()
+    }
+
+    /// Segment files on disk.
+    pub fn segments(&self) -> usize {
+        lock(&self.shared.index).segments.len()
+    }
+
+    /// Scrubs removed messages from disk now (the background pass does this every
+    /// [`SCRUB_INTERVAL`]).
+    pub fn scrub(&self) -> StoreResult<()> {
+        self.shared.scrub()
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        if let Some((stop, handle)) = self.background.take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        // A clean shutdown leaves nothing removed on disk.
+        if let Err(e) = self.shared.scrub().and_then(|()| self.shared.flush()) {
+            warn!(error = %e, "mailbox log: final scrub and flush failed");
+        }
+    }
+}
+
+fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(segment_path(dir, id))
+        .map_err(|e| io("creating a segment", e))?;
+    file.write_all_at(&record::header(seq_floor), 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| io("writing a segment header", e))?;
+    Ok(Segment { id, file })
+}
+
+fn remove_segment(dir: &Path, id: u64) {
+    if let Err(e) = std::fs::remove_file(segment_path(dir, id)) {
+        warn!(segment = id, error = %e, "could not delete an empty mailbox log segment");
+    }
+}
+
+/// Indexes one segment's messages; returns its seq floor, or `None` if its header is
+/// damaged.
+fn scan(
+    segment: &Arc<Segment>,
+    index: &mut Index,
+    next_seq: &mut u64,
+    damaged: &mut u64,
+) -> StoreResult<Option<u64>> {
+    let file_len = segment
+        .file
+        .metadata()
+        .map_err(|e| io("reading a segment", e))?
+        .len();
+    let mut reader = BufReader::with_capacity(1 << 20, &segment.file);
+    let mut header = [0u8; HEADER_LEN as usize];
+    if file_len < HEADER_LEN || reader.read_exact(&mut header).is_err() {
+        return Ok(None);
+    }
+    let Some(floor) = record::parse_header(&header) else {
+        return Ok(None);
+    };
+    let mut state = SegmentState {
+        segment: segment.clone(),
+        live: 0,
+        dead: Vec::new(),
+    };
+    let mut found = Vec::new();
+    let mut pos = HEADER_LEN;
+    let read = |e| io("reading a segment", e);
+    while file_len - pos >= PEEK_LEN as u64 {
+        let mut prefix = [0u8; PEEK_LEN];
+        reader.read_exact(&mut prefix).map_err(read)?;
+        let total = match record::next(&prefix, file_len - pos) {
+            Next::End => break,
+            Next::Dead(total, max_seq) => {
+                *next_seq = (*next_seq).max(max_seq.saturating_add(1));
+                let skip = i64::try_from(total - prefix.len() as u64)
+                    .map_err(|_| StoreError::Corrupt("dead span"))?;
+                reader.seek_relative(skip).map_err(read)?;
+                total
+            }
+            Next::Record(total) => {
+                let len = u32::try_from(total).map_err(|_| StoreError::Corrupt("record"))?;
+                let mut rec = vec![0u8; len as usize];
+                rec[..prefix.len()].copy_from_slice(&prefix);
+                reader.read_exact(&mut rec[prefix.len()..]).map_err(read)?;
+                match record::decode_message(&Bytes::from(rec))? {
+                    Some(m) => found.push((
+                        m.header,
+                        Loc {
+                            segment: segment.id,
+                            offset: pos,
+                            len,
+                            expires_at: m.header.expires_at,
+                        },
+                    )),
+                    None => {
+                        // Damaged, or a removal's scrub cut short: scrub it again.
+                        *damaged += 1;
+                        state.dead.push(Dead {
+                            offset: pos,
+                            len: total,
+                            seq: 0,
+                        });
+                    }
+                }
+                total
+            }
+        };
+        pos += total;
+    }
+    index.segments.insert(segment.id, state);
+    for (h, loc) in found {
+        let known = index
+            .mailboxes
+            .get(&h.to)
+            .is_some_and(|m| m.entries.contains_key(&h.seq));
+        if known {
+            *damaged += 1;
+            continue;
+        }
+        *next_seq = (*next_seq).max(h.seq + 1);
+        index.insert(h.to, h.seq, loc);
+    }
+    Ok(Some(floor))
+}
+
+fn background(shared: &Weak<Shared>, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(SCRUB_INTERVAL) {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = shared.scrub().and_then(|()| shared.flush()) {
+            warn!(error = %e, "mailbox log background pass failed");
+        }
+    }
+}
+
+impl Shared {
+    fn roll(&self, w: &mut Writer) -> StoreResult<()> {
+        let id = w.active.id + 1;
+        let segment = Arc::new(create_segment(&self.dir, id, w.next_seq)?);
+        let old = std::mem::replace(&mut w.active, segment.clone());
+        w.len = HEADER_LEN;
+        w.dir_dirty = true;
+        w.unsynced.push(old.clone());
+        let mut index = lock(&self.index);
+        index.segments.insert(
+            id,
+            SegmentState {
+                segment,
+                live: 0,
+                dead: Vec::new(),
+            },
+        );
+        index.active = id;
+        if index.segments.get(&old.id).is_some_and(|s| s.live == 0) {
+            index.segments.remove(&old.id);
+            drop(index);
+            remove_segment(&self.dir, old.id);
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        let _flushing = lock(&self.flushing);
+        let (files, dir_dirty) = {
+            let mut w = lock(&self.writer);
+            if !w.dirty && !w.dir_dirty && w.unsynced.is_empty() {
+                return Ok(());
+            }
+            let mut files = std::mem::take(&mut w.unsynced);
+            files.push(w.active.clone());
+            w.dirty = false;
+            (files, std::mem::take(&mut w.dir_dirty))
+        };
+        let synced = files
+            .iter()
+            .try_for_each(|s| s.file.sync_data())
+            .map_err(|e| io("fsync", e))
+            .and_then(|()| {
+                if dir_dirty {
+                    sync_dir(&self.dir)
+                } else {
+                    Ok(())
+                }
+            });
+        if synced.is_err() {
+            // Try again next time.
+            let mut w = lock(&self.writer);
+            w.dirty = true;
+            w.dir_dirty |= dir_dirty;
+        }
+        synced
+    }
+
+    fn scrub(&self) -> StoreResult<()> {
+        let work: Vec<(Arc<Segment>, Vec<Dead>)> = {
+            let mut index = lock(&self.index);
+            index
+                .segments
+                .values_mut()
+                .filter(|s| !s.dead.is_empty())
+                .map(|s| (s.segment.clone(), std::mem::take(&mut s.dead)))
+                .collect()
+        };
+        for (segment, mut spans) in work {
+            spans.sort_unstable();
+            let mut merged: Vec<Dead> = Vec::with_capacity(spans.len());
+            for d in spans {
+                match merged.last_mut() {
+                    Some(m) if m.offset + m.len == d.offset => {
+                        m.len += d.len;
+                        m.seq = m.seq.max(d.seq);
+                    }
+                    _ => merged.push(d),
+                }
+            }
+            let file = &segment.file;
+            let scrubbed = merged
+                .iter()
+                .try_for_each(|d| {
+                    let header = record::dead_header(d.len, d.seq)
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    file.write_all_at(&header, d.offset)
+                })
+                // The dead headers are on disk before the holes: a crash between
+                // leaves records that are dead, never ones that look torn.
+                .and_then(|()| file.sync_data())
+                .and_then(|()| {
+                    merged.iter().try_for_each(|d| {
+                        let skip = PEEK_LEN as u64;
+                        erase(file, d.offset + skip, d.len - skip)
+                    })
+                })
+                .and_then(|()| file.sync_data());
+            if let Err(e) = scrubbed {
+                return Err(io("scrubbing removed messages", e));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deallocates `len` bytes at `offset` (they read back as zeros); where holes are not
+/// supported, overwrites them with zeros.
+fn erase(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{fallocate, FallocateFlags};
+        if fallocate(
+            file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        )
+        .is_ok()
+        {
+            return Ok(());
+        }
+    }
+    let zeros = vec![0u8; 64 << 10];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64);
+        file.write_all_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+impl MailboxStore for LogStore {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[NewMessage],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        let shared = &*self.shared;
+        let mut w = lock(&shared.writer);
+        if w.len >= shared.segment_bytes {
+            shared.roll(&mut w)?;
+        }
+        let w = &mut *w;
+        let start = w.len;
+        w.buf.clear();
+        let mut placed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let seq = w.next_seq;
+            w.next_seq += 1;
+            let offset = start + w.buf.len() as u64;
+            let header = MessageHeader {
+                to: *to,
+                seq,
+                accepted_at,
+                expires_at,
+                message_id: m.message_id,
+            };
+            let len = record::encode_message(&mut w.buf, &header, &m.payload);
+            let len = u32::try_from(len).map_err(|_| StoreError::Corrupt("record too long"))?;
+            placed.push((
+                seq,
+                Loc {
+                    segment: w.active.id,
+                    offset,
+                    len,
+                    expires_at,
+                },
+            ));
+        }
+        // On failure nothing is indexed and the next append writes over the same bytes.
+        w.active
+            .file
+            .write_all_at(&w.buf, start)
+            .map_err(|e| io("appending", e))?;
+        w.len += w.buf.len() as u64;
+        w.dirty = true;
+        if w.buf.capacity() > 4 << 20 {
+            w.buf = Vec::new();
+        }
+        // Indexed before the writer is released, so a roll never deletes a segment
+        // whose messages are not counted yet.
+        let mut index = lock(&shared.index);
+        for (seq, loc) in &placed {
+            index.insert(*to, *seq, *loc);
+        }
+        Ok(placed.into_iter().map(|(seq, _)| seq).collect())
+    }
+
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // Runs of adjacent records in one segment, each read with one pread.
+        struct Run {
+            segment: Arc<Segment>,
+            start: u64,
+            end: u64,
+            items: Vec<(u64, u64, u64)>,
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        {
+            let index = lock(&self.shared.index);
+            let Some(mailbox) = index.mailboxes.get(of) else {
+                return Ok(Vec::new());
+            };
+            for (&seq, loc) in mailbox.entries.range(first..).take(max) {
+                let item = (seq, loc.offset, u64::from(loc.len));
+                match runs.last_mut() {
+                    Some(r) if r.segment.id == loc.segment && r.end == loc.offset => {
+                        r.end += u64::from(loc.len);
+                        r.items.push(item);
+                    }
+                    _ => {
+                        let Some(s) = index.segments.get(&loc.segment) else {
+                            return Err(StoreError::Corrupt("message in a missing segment"));
+                        };
+                        runs.push(Run {
+                            segment: s.segment.clone(),
+                            start: loc.offset,
+                            end: loc.offset + u64::from(loc.len),
+                            items: vec![item],
+                        });
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(runs.iter().map(|r| r.items.len()).sum());
+        let mut lost = Vec::new();
+        for run in runs {
+            let mut buf = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(usize::MAX)];
+            run.segment
+                .file
+                .read_exact_at(&mut buf, run.start)
+                .map_err(|e| io("reading", e))?;
+            let buf = Bytes::from(buf);
+            for (seq, offset, len) in run.items {
+                let at = (offset - run.start) as usize;
+                let rec = buf.slice(at..at + len as usize);
+                match record::decode_message(&rec)? {
+                    Some(m) if m.header.seq == seq && m.header.to == *of => {
+                        out.push(StoredMessage {
+                            seq,
+                            message_id: m.header.message_id,
+                            payload: m.payload,
+                            accepted_at: m.header.accepted_at,
+                            expires_at: m.header.expires_at,
+                        });
+                    }
+                    // Removed and scrubbed since it was located, or damaged on disk.
+                    _ => lost.push(seq),
+                }
+            }
+        }
+        if !lost.is_empty() {
+            let (gone, empty) = lock(&self.shared.index).remove(of, lost.into_iter());
+            for s in empty {
+                remove_segment(&self.shared.dir, s.id);
+            }
+            if gone.messages > 0 {
+                warn!(
+                    damaged = gone.messages,
+                    "damaged mailbox log records dropped"
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        let (removed, empty) = lock(&self.shared.index).remove(of, seqs.iter().copied());
+        for s in empty {
+            remove_segment(&self.shared.dir, s.id);
+        }
+        Ok(removed)
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        Ok(lock(&self.shared.index)
+            .mailboxes
+            .get(of)
+            .map_or_else(Usage::default, |m| m.usage))
+    }
+
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        Ok(super::due(&lock(&self.shared.index).expiry, now, max))
+    }
+
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        self.remove(of, &Expired::seqs_of(entries, of))
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.shared.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,358 @@
+use std::path::Path;
+
+use bytes::Bytes;
+use tern_proto::{DeviceAddress, MessageId};
+
+use super::*;
+
+fn addr(a: u8) -> DeviceAddress {
+    DeviceAddress::from_wire(&[a; 16], 1).expect("addr")
+}
+
+fn msg(i: u8, payload: &[u8]) -> NewMessage {
+    NewMessage {
+        message_id: MessageId([i; 16]),
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+fn manual(dir: &Path, segment_bytes: u64) -> LogStore {
+    LogStore::open(
+        dir,
+        LogOptions {
+            segment_bytes,
+            background: false,
+        },
+    )
+    .expect("open")
+}
+
+fn seqs(store: &LogStore, of: &DeviceAddress) -> Vec<u64> {
+    store
+        .read(of, 0, 1000)
+        .expect("read")
+        .iter()
+        .map(|m| m.seq)
+        .collect()
+}
+
+fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn disk_holds(dir: &Path, needle: &[u8]) -> bool {
+    segment_files(dir).iter().any(|p| {
+        std::fs::read(p)
+            .expect("read")
+            .windows(needle.len())
+            .any(|w| w == needle)
+    })
+}
+
+#[test]
+fn conformance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LogStore::open(dir.path(), LogOptions::default()).expect("open");
+    crate::store::conformance::mailbox_rules(&store);
+}
+
+#[test]
+fn conformance_across_many_small_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    crate::store::conformance::mailbox_rules(&manual(dir.path(), 64));
+}
+
+#[test]
+fn survives_reopen_and_keeps_sequence_numbers_rising() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (addr(1), addr(2));
+    let (kept, last) = {
+        let store = manual(dir.path(), 1 << 20);
+        let s = store
+            .append(
+                &a,
+                &[msg(1, b"one"), msg(2, b"two"), msg(3, b"three")],
+                5,
+                50,
+            )
+            .expect("append");
+        let t = store.append(&b, &[msg(4, b"four")], 6, 60).expect("append");
+        store.remove(&a, &s[..1]).expect("remove");
+        store.remove(&b, &t).expect("remove");
+        store.flush().expect("flush");
+        (s[1..].to_vec(), t[0])
+    };
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), kept);
+    let read = store.read(&a, 0, 10).expect("read");
+    assert_eq!(&read[1].payload[..], b"three");
+    assert_eq!(read[1].message_id, MessageId([3; 16]));
+    assert_eq!((read[1].accepted_at, read[1].expires_at), (5, 50));
+    assert_eq!(
+        store.usage(&a).expect("usage"),
+        Usage {
+            messages: 2,
+            bytes: 8
+        }
+    );
+    // A clean shutdown scrubs what was removed: it does not come back.
+    assert_eq!(store.usage(&b).expect("usage"), Usage::default());
+    let next = store.append(&a, &[msg(5, b"five")], 7, 70).expect("append");
+    assert!(next[0] > last, "{} after {last}", next[0]);
+    assert_eq!(store.expired(60, 10).expect("expired").len(), 2);
+}
+
+#[test]
+fn sequence_numbers_rise_even_after_every_segment_emptied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let last = {
+        let store = manual(dir.path(), 64);
+        let mut last = 0;
+        for i in 0..10 {
+            let s = store.append(&a, &[msg(i, b"x")], 1, 100).expect("append");
+            store.remove(&a, &s).expect("remove");
+            last = s[0];
+        }
+        last
+    };
+    for _ in 0..3 {
+        let store = manual(dir.path(), 64);
+        assert_eq!(store.count_messages(), 0);
+        assert_eq!(
+            segment_files(dir.path()).len(),
+            1,
+            "only the active segment"
+        );
+        let s = store.append(&a, &[msg(1, b"y")], 1, 100).expect("append");
+        assert!(s[0] > last);
+        store.remove(&a, &s).expect("remove");
+    }
+}
+
+#[test]
+fn segments_roll_and_emptied_ones_are_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = manual(dir.path(), 1024);
+    let (a, b) = (addr(1), addr(2));
+    let mut sa = Vec::new();
+    let mut sb = Vec::new();
+    for i in 0..20u8 {
+        sa.extend(
+            store
+                .append(&a, &[msg(i, &[i; 300])], 1, 100)
+                .expect("append"),
+        );
+        sb.extend(
+            store
+                .append(&b, &[msg(i, &[i; 300])], 1, 100)
+                .expect("append"),
+        );
+    }
+    let many = segment_files(dir.path()).len();
+    assert!(many > 5, "{many} segments");
+    assert_eq!(store.segments(), many);
+    // Ack all of a's and the first half of b's: segments holding only those go.
+    store.remove(&a, &sa).expect("remove");
+    store.remove(&b, &sb[..10]).expect("remove");
+    let fewer = segment_files(dir.path()).len();
+    assert!(fewer < many, "{fewer} of {many}");
+    assert_eq!(seqs(&store, &b), sb[10..]);
+    store.remove(&b, &sb[10..]).expect("remove");
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    drop(store);
+    let store = manual(dir.path(), 1024);
+    assert_eq!(store.count_messages(), 0);
+}
+
+#[test]
+fn acknowledged_ciphertext_leaves_the_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = manual(dir.path(), 1 << 20);
+    let (a, b) = (addr(1), addr(2));
+    let gone = store
+        .append(&a, &[msg(1, &[0xA1; 5000]), msg(2, &[0xA2; 5000])], 1, 100)
+        .expect("append");
+    store
+        .append(&b, &[msg(3, &[0xB3; 5000])], 1, 100)
+        .expect("append");
+    let also_gone = store
+        .append(&a, &[msg(4, &[0xA4; 64])], 1, 100)
+        .expect("append");
+    store.flush().expect("flush");
+    assert!(disk_holds(dir.path(), &[0xA1; 64]));
+    store.remove(&a, &gone).expect("remove");
+    store.remove(&a, &also_gone).expect("remove");
+    store.scrub().expect("scrub");
+    for marker in [0xA1, 0xA2, 0xA4] {
+        assert!(
+            !disk_holds(dir.path(), &[marker; 64]),
+            "{marker:#x} still on disk"
+        );
+    }
+    assert!(disk_holds(dir.path(), &[0xB3; 64]), "b's message was kept");
+    assert_eq!(store.read(&b, 0, 10).expect("read").len(), 1);
+    drop(store);
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(store.count_messages(), 1);
+    assert_eq!(
+        &store.read(&b, 0, 10).expect("read")[0].payload[..],
+        &[0xB3; 5000]
+    );
+}
+
+/// Appends `extra` to the newest segment file that holds records.
+fn damage_tail(dir: &Path, extra: &[u8]) {
+    use std::io::Write;
+    let files = segment_files(dir);
+    let path = files
+        .iter()
+        .rev()
+        .find(|p| std::fs::metadata(p).expect("meta").len() > HEADER_LEN)
+        .expect("a segment with records");
+    let mut f = OpenOptions::new().append(true).open(path).expect("open");
+    f.write_all(extra).expect("write");
+}
+
+#[test]
+fn a_torn_tail_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let kept = {
+        let store = manual(dir.path(), 1 << 20);
+        let s = store
+            .append(&a, &[msg(1, b"one"), msg(2, b"two")], 1, 100)
+            .expect("append");
+        store.flush().expect("flush");
+        s
+    };
+    // Half a record, as a crash in the middle of a write leaves it.
+    let mut torn = Vec::new();
+    let header = MessageHeader {
+        to: a,
+        seq: 999,
+        accepted_at: 1,
+        expires_at: 100,
+        message_id: MessageId([9; 16]),
+    };
+    record::encode_message(&mut torn, &header, &[7; 500]);
+    damage_tail(dir.path(), &torn[..torn.len() / 2]);
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), kept);
+    // Zeros past the end (a file extended but not written) end the log too.
+    drop(store);
+    damage_tail(dir.path(), &[0; 4096]);
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), kept);
+    let next = store
+        .append(&a, &[msg(3, b"three")], 1, 100)
+        .expect("append");
+    assert!(next[0] > kept[1]);
+}
+
+#[test]
+fn a_damaged_record_is_dropped_and_its_neighbours_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let s = {
+        let store = manual(dir.path(), 1 << 20);
+        let s = store
+            .append(
+                &a,
+                &[
+                    msg(1, &[0x11; 100]),
+                    msg(2, &[0x22; 100]),
+                    msg(3, &[0x33; 100]),
+                ],
+                1,
+                100,
+            )
+            .expect("append");
+        store.flush().expect("flush");
+        s
+    };
+    let path = segment_files(dir.path())
+        .into_iter()
+        .find(|p| {
+            std::fs::read(p)
+                .expect("read")
+                .windows(8)
+                .any(|w| w == [0x22; 8])
+        })
+        .expect("segment");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let at = bytes
+        .windows(8)
+        .position(|w| w == [0x22; 8])
+        .expect("marker");
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("write");
+
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
+
+    // Damage found while running: the read skips the record and drops it.
+    let t = store
+        .append(&a, &[msg(4, &[0x44; 100]), msg(5, &[0x55; 100])], 1, 100)
+        .expect("append");
+    store.flush().expect("flush");
+    let path = segment_files(dir.path()).pop().expect("active");
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    let bytes = std::fs::read(&path).expect("read");
+    let at = bytes
+        .windows(8)
+        .position(|w| w == [0x44; 8])
+        .expect("marker");
+    file.write_all_at(&[0], at as u64).expect("write");
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2], t[1]]);
+    assert_eq!(store.usage(&a).expect("usage").messages, 3);
+}
+
+#[test]
+fn concurrent_appends_and_acks_lose_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(manual(dir.path(), 16 << 10));
+    let handles: Vec<_> = (1..=4u8)
+        .map(|d| {
+            let store = store.clone();
+            thread::spawn(move || {
+                let to = addr(d);
+                let mut kept = Vec::new();
+                for i in 0..200u8 {
+                    let s = store
+                        .append(&to, &[msg(i, &[d; 200]), msg(i, &[d; 10])], 1, 100)
+                        .expect("append");
+                    store.remove(&to, &s[..1]).expect("remove");
+                    kept.push(s[1]);
+                    if i % 50 == 0 {
+                        store.scrub().expect("scrub");
+                    }
+                }
+                kept
+            })
+        })
+        .collect();
+    let kept: Vec<Vec<u64>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("join"))
+        .collect();
+    for (d, k) in (1..=4u8).zip(&kept) {
+        assert_eq!(seqs(&store, &addr(d)), *k);
+    }
+    drop(store);
+    let store = manual(dir.path(), 16 << 10);
+    for (d, k) in (1..=4u8).zip(&kept) {
+        assert_eq!(seqs(&store, &addr(d)), *k);
+        assert!(store
+            .read(&addr(d), 0, 1000)
+            .expect("read")
+            .iter()
+            .all(|m| m.payload.len() == 10));
+    }
+}
