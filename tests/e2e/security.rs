@@ -223,6 +223,19 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
 }
 
 #[tokio::test]
+async fn a_client_connection_may_wait_past_the_open_timeout_before_its_first_request() {
+    // The relay closes connections that never open their control stream within 10 s;
+    // a client connection opens it as it connects, however long it then waits.
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let (conn, _inbox) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    within(conn.ping()).await.unwrap();
+}
+
+#[tokio::test]
 async fn limits_are_enforced_over_the_wire_from_a_config_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("relay.toml");

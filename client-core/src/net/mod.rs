@@ -200,16 +200,18 @@ impl RelayConnection {
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(write_frames(send, out_rx));
         tokio::spawn(read_frames(recv, conn.clone(), pending.clone(), inbox_tx));
-        Ok((
-            RelayConnection {
-                endpoint,
-                conn,
-                out,
-                pending,
-                next_id: AtomicU64::new(1),
-            },
-            Inbox(inbox_rx),
-        ))
+        let connection = RelayConnection {
+            endpoint,
+            conn,
+            out,
+            pending,
+            next_id: AtomicU64::new(1),
+        };
+        // The relay sees the control stream only once something is written on it, and
+        // closes connections that stay silent for 10 s: a ping opens it at once, so a
+        // connection may wait as long as it likes for its first request.
+        drop(connection.issue(Body::Ping(v1::PingRequest {})));
+        Ok((connection, Inbox(inbox_rx)))
     }
 
     async fn request(&self, body: Body) -> Result<Reply> {
