@@ -1,4 +1,5 @@
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
@@ -355,4 +356,59 @@ fn concurrent_appends_and_acks_lose_nothing() {
             .iter()
             .all(|m| m.payload.len() == 10));
     }
+}
+
+#[test]
+fn zero_filled_spare_segments_are_used_and_read_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment = 64 << 10;
+    let options = LogOptions {
+        segment_bytes: segment,
+        background: true,
+    };
+    let a = addr(1);
+    let mut all = Vec::new();
+    {
+        let store = LogStore::open(dir.path(), options).expect("open");
+        // Past half of the first segment: the background pass prepares a spare.
+        for i in 0..20u8 {
+            all.extend(
+                store
+                    .append(&a, &[msg(i, &[i; 2000])], 1, 100)
+                    .expect("append"),
+            );
+        }
+        let spare = dir.path().join(SPARE);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while lock(&store.shared.spare).is_none() {
+            assert!(std::time::Instant::now() < deadline, "no spare prepared");
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            std::fs::metadata(&spare).expect("spare").len(),
+            segment + SPARE_SLACK
+        );
+        // Into the second segment, which is the spare.
+        for i in 20..40u8 {
+            all.extend(
+                store
+                    .append(&a, &[msg(i, &[i; 2000])], 1, 100)
+                    .expect("append"),
+            );
+        }
+        assert!(!spare.exists(), "the spare became a segment");
+        let sizes: Vec<u64> = segment_files(dir.path())
+            .iter()
+            .map(|p| std::fs::metadata(p).expect("meta").len())
+            .collect();
+        assert!(sizes.contains(&(segment + SPARE_SLACK)), "{sizes:?}");
+        assert_eq!(seqs(&store, &a), all);
+    }
+    let store = manual(dir.path(), segment);
+    assert_eq!(seqs(&store, &a), all);
+    let read = store.read(&a, 0, 100).expect("read");
+    assert!(read
+        .iter()
+        .zip(0u8..)
+        .all(|(m, i)| m.payload[..] == [i; 2000]));
 }
