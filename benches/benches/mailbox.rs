@@ -1,5 +1,6 @@
-//! Relay mailbox hot path on sled: enqueue (answered once durable as configured) then
-//! ack, through the same `Hub` the QUIC sessions call. 1 KiB envelopes.
+//! Relay mailbox hot path: enqueue (answered once durable as configured) then ack,
+//! through the same `Hub` the QUIC sessions call, on the mailbox log (the default) and
+//! on sled. 1 KiB envelopes. Ids read `shape/backend-durability`.
 //!
 //! - `single`: one envelope per send, one send at a time: with fsync, one flush each.
 //! - `batch64`: 64 envelopes per send.
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tern_benches::SledHub;
+use tern_benches::{Backend, BenchHub};
 use tern_relay::commit::Durability;
 use tern_relay::core::delivery::DeliveryWindow;
 use tern_relay::store::NewMessage;
@@ -40,9 +41,12 @@ fn mailbox(c: &mut Criterion) {
     group
         .sample_size(20)
         .measurement_time(Duration::from_secs(4));
-    for durability in [Durability::Os, Durability::Fsync] {
-        let name = format!("{durability:?}").to_lowercase();
-        let relay = SledHub::new(durability).unwrap();
+    let setups = Backend::ALL
+        .into_iter()
+        .flat_map(|b| [Durability::Os, Durability::Fsync].map(|d| (b, d)));
+    for (backend, durability) in setups {
+        let name = format!("{}-{durability:?}", backend.name()).to_lowercase();
+        let relay = BenchHub::new(backend, durability).unwrap();
         let (sender, recipient) =
             rt.block_on(async { (relay.device(1).await, relay.device(2).await) });
         let to = *recipient.address();

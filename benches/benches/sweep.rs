@@ -1,7 +1,8 @@
-//! The expiry sweep on sled: 1,000,000 messages stored, of which 10,000 have expired;
-//! one sweep pass finds and deletes those 10,000 (with their index entries and the
-//! mailboxes' usage counters) and leaves the rest. 64-byte payloads keep the setup's
-//! disk use modest; the sweep's cost is per message, not per byte.
+//! The expiry sweep, on the mailbox log and on sled: 1,000,000 messages stored, of
+//! which 10,000 have expired; one sweep pass finds and deletes those 10,000 (with
+//! their index entries and the mailboxes' usage counters) and leaves the rest. 64-byte
+//! payloads keep the setup's disk use modest; the sweep's cost is per message, not per
+//! byte.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -9,10 +10,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tern_benches::load::now_ms;
-use tern_benches::SledHub;
+use tern_benches::{Backend, BenchHub};
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 use tern_relay::commit::Durability;
-use tern_relay::store::{MailboxStore, NewMessage};
+use tern_relay::store::NewMessage;
 
 const STORED: u64 = 1_000_000;
 const EXPIRED: u64 = 10_000;
@@ -41,7 +42,13 @@ fn batch(n: u64, first_id: u64) -> Vec<NewMessage> {
 }
 
 fn sweep(c: &mut Criterion) {
-    let relay = SledHub::new(Durability::Os).unwrap();
+    for backend in Backend::ALL {
+        sweep_on(c, backend);
+    }
+}
+
+fn sweep_on(c: &mut Criterion, backend: Backend) {
+    let relay = BenchHub::new(backend, Durability::Os).unwrap();
     let now = now_ms();
     let far = now + 30 * 24 * 3600 * 1000;
     // The standing population: 1M live messages over 1,000 mailboxes.
@@ -54,7 +61,11 @@ fn sweep(c: &mut Criterion) {
             .unwrap();
     }
     relay.store.flush().unwrap();
-    eprintln!("stored {STORED} messages in {:?}", setup.elapsed());
+    eprintln!(
+        "{}: stored {STORED} messages in {:?}",
+        backend.name(),
+        setup.elapsed()
+    );
 
     let mut group = c.benchmark_group("expiry_sweep");
     group
@@ -62,7 +73,7 @@ fn sweep(c: &mut Criterion) {
         .measurement_time(Duration::from_secs(10))
         .throughput(Throughput::Elements(EXPIRED));
     let mut next_id = STORED;
-    group.bench_function("1M_stored_10k_expired", |b| {
+    group.bench_function(format!("1M_stored_10k_expired/{}", backend.name()), |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {

@@ -12,24 +12,56 @@ use tern_relay::core::auth::{self, AuthenticatedDevice};
 use tern_relay::core::expiry::Ttl;
 use tern_relay::core::limits::Limits;
 use tern_relay::hub::{Hub, Stores};
-use tern_relay::store::SledStore;
+use tern_relay::store::{LogOptions, LogStore, MailboxStore, SledStore};
 
-/// A hub over a sled store in a temporary directory, as the relay runs it.
-pub struct SledHub {
+/// Where a [`BenchHub`] keeps mailboxes, as `storage.mailboxes` chooses in the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The mailbox log (the default).
+    Log,
+    /// sled.
+    Sled,
+}
+
+impl Backend {
+    /// Both, default first.
+    pub const ALL: [Backend; 2] = [Backend::Log, Backend::Sled];
+
+    /// Its name in bench ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Log => "log",
+            Backend::Sled => "sled",
+        }
+    }
+}
+
+/// A hub over on-disk stores in a temporary directory, as the relay runs it.
+pub struct BenchHub {
     /// The hub.
     pub hub: Arc<Hub>,
-    /// The store under it, for setting up state without going through sends.
-    pub store: Arc<SledStore>,
+    /// The mailbox store under it, for setting up state without going through sends.
+    pub store: Arc<dyn MailboxStore>,
     _dir: tempfile::TempDir,
 }
 
-impl SledHub {
-    /// A fresh store with the given durability and generous limits.
-    pub fn new(durability: Durability) -> std::io::Result<Self> {
+impl BenchHub {
+    /// A fresh store with the given backend and durability, and generous limits.
+    pub fn new(backend: Backend, durability: Durability) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
-        let store =
-            Arc::new(SledStore::open(dir.path(), 256 << 20).map_err(std::io::Error::other)?);
-        let stores = Stores::all(store.clone());
+        let sled = Arc::new(
+            SledStore::open(&dir.path().join("db"), 256 << 20).map_err(std::io::Error::other)?,
+        );
+        let (stores, store): (Stores, Arc<dyn MailboxStore>) = match backend {
+            Backend::Log => {
+                let log = Arc::new(
+                    LogStore::open(&dir.path().join("mailboxes"), LogOptions::default())
+                        .map_err(std::io::Error::other)?,
+                );
+                (Stores::split(log.clone(), sled), log)
+            }
+            Backend::Sled => (Stores::all(sled.clone()), sled),
+        };
         let commit = GroupCommit::start(stores.flush.clone(), durability)?;
         let limits = Limits {
             max_queued_messages: u64::MAX,
@@ -45,7 +77,7 @@ impl SledHub {
             commit,
             signer,
         );
-        Ok(SledHub {
+        Ok(BenchHub {
             hub: Arc::new(hub),
             store,
             _dir: dir,
