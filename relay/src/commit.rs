@@ -26,9 +26,10 @@ pub enum Durability {
     /// After the message is fsynced to disk: survives a power cut.
     #[default]
     Fsync,
-    /// After the message is written to the database, without waiting for a flush; the
-    /// database flushes every 500 ms. A crash of the relay process or the machine can
-    /// lose the last half second of acknowledged messages (the kill -9 test shows it).
+    /// After the message is written to the store (for the mailbox log: handed to the
+    /// kernel), without waiting for a flush; the stores flush every 500 ms. With the
+    /// log, a crash of the relay process loses nothing; a crash of the machine can lose
+    /// the last half second of acknowledged messages.
     Os,
 }
 
