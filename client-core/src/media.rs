@@ -178,11 +178,12 @@ fn beside(dest: &Path, suffix: &str) -> PathBuf {
 
 /// Decrypts a download as it arrives: the ciphertext never touches the disk, and
 /// the plaintext file only ever holds authenticated segments, so an interrupted
-/// download resumes at the first segment it lacks. Decryption runs inline (about
-/// 0.4 ms per 256 KiB write here).
+/// download resumes at the first segment it lacks. Decryption and the digest run
+/// inline (about 0.35 ms per 256 KiB here); writing the file runs on a thread of its
+/// own ([`FileWriter`]), so the two overlap.
 struct DecryptingSink {
     decryptor: Option<Decryptor>,
-    out: BufWriter<Hashing>,
+    out: Hashing,
     /// The blob's first bytes, kept beside the partial file for a resume.
     header: Vec<u8>,
     header_path: PathBuf,
@@ -247,8 +248,7 @@ fn write_resume_record(
 /// After an interruption: the plaintext so far is made durable, then recorded as the
 /// point a resume may start from.
 fn record_progress(sink: &mut DecryptingSink) -> std::io::Result<()> {
-    std::io::Write::flush(&mut sink.out)?;
-    let file = &sink.out.get_ref().file;
+    let file = sink.out.file.finish()?;
     file.sync_all()?;
     let segments = file.metadata()?.len() / attachment::SEGMENT as u64;
     if sink.header.len() == attachment::HEADER_LEN {
@@ -272,7 +272,7 @@ impl std::io::Write for HashOnly<'_> {
 
 /// A file that hashes what is written to it: the plaintext's digest, checked at the end.
 struct Hashing {
-    file: std::fs::File,
+    file: FileWriter,
     hash: sha2::Sha256,
 }
 
@@ -287,11 +287,102 @@ impl std::io::Write for Hashing {
     }
 }
 
+/// Writes a file on a thread of its own, 256 KiB at a time, with at most
+/// [`FileWriter::QUEUED`] chunks waiting: the caller goes on decrypting while the
+/// kernel copies the last chunk into the page cache. Chunks are recycled, so the
+/// steady state allocates nothing.
+struct FileWriter {
+    buf: Vec<u8>,
+    full: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    empty: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
+}
+
+impl FileWriter {
+    const CHUNK: usize = 256 * 1024;
+    const QUEUED: usize = 4;
+
+    fn new(mut file: std::fs::File) -> std::io::Result<Self> {
+        let (full, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::QUEUED);
+        let (empty_tx, empty) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("tern-download-writer".into())
+            .spawn(move || {
+                for mut chunk in full_rx {
+                    std::io::Write::write_all(&mut file, &chunk)?;
+                    chunk.clear();
+                    let _ = empty_tx.send(chunk);
+                }
+                Ok(file)
+            })?;
+        Ok(FileWriter {
+            buf: Vec::with_capacity(Self::CHUNK),
+            full: Some(full),
+            empty,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let next = self
+            .empty
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(Self::CHUNK));
+        let chunk = std::mem::replace(&mut self.buf, next);
+        let sent = self.full.as_ref().map(|tx| tx.send(chunk));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            // The thread stopped on an error; `finish` reports it.
+            _ => Err(std::io::Error::other("the file writer stopped")),
+        }
+    }
+
+    /// Writes out everything, ends the thread and hands back the file.
+    fn finish(&mut self) -> std::io::Result<std::fs::File> {
+        let sent = self.send();
+        self.full = None;
+        let thread = self
+            .thread
+            .take()
+            .ok_or_else(|| std::io::Error::other("the file writer already finished"))?;
+        let file = thread
+            .join()
+            .map_err(|_| std::io::Error::other("the file writer panicked"))??;
+        sent.map(|()| file)
+    }
+}
+
+impl std::io::Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(Self::CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&buf[..n]);
+        if self.buf.len() == Self::CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        self.full = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Downloads and decrypts an attachment into `dest`, authenticating every segment as
-/// it arrives and, for a download from the start, the whole blob against its id.
-/// Plaintext goes to `<dest>.part` and is renamed to `dest` only once complete and
-/// checked; if the connection drops, call this again and it resumes after the last
-/// whole segment. Returns the plaintext size.
+/// it arrives (under the attachment's own key, so no other ciphertext passes) and the
+/// whole plaintext against the pointer's digest. Plaintext goes to `<dest>.part` and
+/// is renamed to `dest` only once complete and checked; if the connection drops, call
+/// this again and it resumes after the last whole segment. Returns the plaintext size.
 pub async fn download(
     conn: &RelayConnection,
     pointer: &AttachmentPointer,
@@ -311,7 +402,7 @@ pub async fn download(
         }
         _ => None,
     };
-    let (decryptor, file, header, segments) = match resumable {
+    let (decryptor, file, hash, header, segments) = match resumable {
         Some((segments, header)) => {
             let file = std::fs::OpenOptions::new()
                 .read(true)
@@ -331,22 +422,22 @@ pub async fn download(
             .map_err(media_err)?;
             std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(media_err)?;
             let d = Decryptor::resume(&pointer.key, &header, segments);
-            (d, Hashing { file, hash }, header, segments)
+            (d, file, hash, header, segments)
         }
         None => {
             let file = std::fs::File::create(&part).map_err(media_err)?;
             let hash = <sha2::Sha256 as sha2::Digest>::new();
-            (
-                Decryptor::new(&pointer.key, pointer.blob_id),
-                Hashing { file, hash },
-                Vec::new(),
-                0,
-            )
+            // The blob id is not hashed again here: a segment under the pointer's key
+            // and the plaintext digest pin the content already, and the hash would
+            // cost a third of the decryption's time.
+            let d = Decryptor::resume(&pointer.key, &[], 0);
+            (d, file, hash, Vec::new(), 0)
         }
     };
+    let file = FileWriter::new(file).map_err(media_err)?;
     let mut sink = DecryptingSink {
         decryptor: Some(decryptor),
-        out: BufWriter::with_capacity(256 * 1024, file),
+        out: Hashing { file, hash },
         header,
         header_path: header_path.clone(),
         blob_id: pointer.blob_id,
@@ -390,7 +481,8 @@ pub async fn download(
             .take()
             .ok_or_else(|| media_err("download finished"))?;
         d.finish(&mut sink.out).map_err(media_err)?;
-        let Hashing { file, hash } = sink.out.into_inner().map_err(media_err)?;
+        let Hashing { mut file, hash } = sink.out;
+        let file = file.finish().map_err(media_err)?;
         file.sync_all().map_err(media_err)?;
         let size = file.metadata().map_err(media_err)?.len();
         if size != pointer.size {
