@@ -143,7 +143,7 @@ async fn drain(
     inbox: &mut Inbox,
     want: u64,
     done: &AtomicU64,
-    mut on_payload: impl FnMut(&[u8]) -> Result<(), LoadError>,
+    mut on_payload: impl FnMut(bytes::Bytes) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
     let mut ids = HashSet::new();
     let mut got = 0u64;
@@ -160,7 +160,7 @@ async fn drain(
                 if !ids.insert(d.message_id) {
                     return Err("a message was delivered twice".into());
                 }
-                on_payload(&d.payload)?;
+                on_payload(d.payload)?;
                 acks.push(d.seq);
                 got += 1;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -213,7 +213,7 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
             let mut latencies = Vec::with_capacity(want as usize);
             let mut next = 0u64;
             drain(&conn, &mut inbox, want, &done, |payload| {
-                let (_, plaintext) = recipient.open(payload, now_ms())?;
+                let (_, plaintext) = recipient.open(&payload, now_ms())?;
                 let (index, sent_ns) = parse_body(&plaintext.body)?;
                 if index != next {
                     return Err(format!("out of order: got {index}, expected {next}").into());
@@ -366,8 +366,9 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
                 return Err::<_, LoadError>(format!("relay held {queued} of {want}").into());
             }
             let mut payloads = Vec::with_capacity(want as usize);
+            // Kept as received (no copy) and opened after the drain.
             drain(&conn, &mut inbox, want, &done, |p| {
-                payloads.push(p.to_vec());
+                payloads.push(p);
                 Ok(())
             })
             .await?;
