@@ -412,3 +412,122 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
         .zip(0u8..)
         .all(|(m, i)| m.payload[..] == [i; 2000]));
 }
+
+mod model {
+    //! The log against the in-memory store, over random appends, acks, expiry sweeps,
+    //! scrubs and restarts, with segments small enough to roll and be deleted often.
+    use super::*;
+    use crate::store::MemoryStore;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Append {
+            to: u8,
+            sizes: Vec<usize>,
+            expires_at: u64,
+        },
+        /// Acks every `nth` queued message of `of`, starting at `skip`.
+        Ack {
+            of: u8,
+            skip: usize,
+            nth: usize,
+        },
+        Sweep {
+            now: u64,
+        },
+        Scrub,
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..3u8, prop::collection::vec(0..400usize, 1..5), 10..60u64)
+                .prop_map(|(to, sizes, expires_at)| Op::Append { to, sizes, expires_at }),
+            3 => (0..3u8, 0..4usize, 1..4usize).prop_map(|(of, skip, nth)| Op::Ack { of, skip, nth }),
+            1 => (0..70u64).prop_map(|now| Op::Sweep { now }),
+            1 => Just(Op::Scrub),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    fn contents(s: &dyn MailboxStore, of: &DeviceAddress) -> Vec<(u64, MessageId, Bytes, u64)> {
+        s.read(of, 0, 10_000)
+            .expect("read")
+            .into_iter()
+            .map(|m| (m.seq, m.message_id, m.payload, m.expires_at))
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn the_log_keeps_exactly_what_the_model_keeps(ops in prop::collection::vec(op(), 1..40)) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut log = manual(dir.path(), 512);
+            let model = MemoryStore::new();
+            let mut next_id = 0u8;
+            // Payloads of 64 bytes or more, by message id: their bytes are a marker.
+            let mut markers = std::collections::HashMap::new();
+            for op in ops {
+                match op {
+                    Op::Append { to, sizes, expires_at } => {
+                        let msgs: Vec<NewMessage> = sizes
+                            .iter()
+                            .map(|&n| {
+                                next_id = next_id.wrapping_add(1);
+                                if n >= 64 {
+                                    markers.insert(MessageId([next_id; 16]), next_id);
+                                }
+                                msg(next_id, &vec![next_id; n])
+                            })
+                            .collect();
+                        let a = log.append(&addr(to), &msgs, 1, expires_at).expect("append");
+                        let b = model.append(&addr(to), &msgs, 1, expires_at).expect("append");
+                        prop_assert_eq!(a, b);
+                    }
+                    Op::Ack { of, skip, nth } => {
+                        let seqs: Vec<u64> = contents(&model, &addr(of))
+                            .iter()
+                            .skip(skip)
+                            .step_by(nth)
+                            .map(|m| m.0)
+                            .collect();
+                        let a = log.remove(&addr(of), &seqs).expect("remove");
+                        let b = model.remove(&addr(of), &seqs).expect("remove");
+                        prop_assert_eq!(a, b);
+                    }
+                    Op::Sweep { now } => {
+                        let due = log.expired(now, 1000).expect("expired");
+                        prop_assert_eq!(&due, &model.expired(now, 1000).expect("expired"));
+                        for d in &due {
+                            let a = log.expire(&d.to, &[*d]).expect("expire");
+                            let b = model.expire(&d.to, &[*d]).expect("expire");
+                            prop_assert_eq!(a, b);
+                        }
+                    }
+                    Op::Scrub => log.scrub().expect("scrub"),
+                    Op::Restart => {
+                        drop(log);
+                        log = manual(dir.path(), 512);
+                    }
+                }
+                for d in 0..3 {
+                    prop_assert_eq!(contents(&log, &addr(d)), contents(&model, &addr(d)));
+                    prop_assert_eq!(log.usage(&addr(d)).expect("usage"), model.usage(&addr(d)).expect("usage"));
+                }
+            }
+            // Whatever was acked or expired is gone from the disk once scrubbed.
+            log.scrub().expect("scrub");
+            let live: Vec<MessageId> = (0..3)
+                .flat_map(|d| contents(&model, &addr(d)))
+                .map(|m| m.1)
+                .collect();
+            prop_assert_eq!(log.count_messages() as usize, live.len());
+            for (id, marker) in &markers {
+                prop_assert_eq!(disk_holds(dir.path(), &[*marker; 64]), live.contains(id));
+            }
+            prop_assert!(segment_files(dir.path()).len() <= log.segments());
+        }
+    }
+}
