@@ -5,7 +5,7 @@
 //! - `single`: one envelope per send, one send at a time: with fsync, one flush each.
 //! - `batch64`: 64 envelopes per send.
 //! - `concurrent256`: 256 single-envelope sends in flight at once: group commit shares
-//!   flushes between them.
+//!   flushes between them. Mailbox log only: sled can deadlock under it.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -55,6 +55,11 @@ fn mailbox(c: &mut Criterion) {
             ("batch64", 64, 1),
             ("concurrent256", 1, 256),
         ] {
+            // sled 0.34 can deadlock under this load (its writers and a concurrent
+            // flush, spacejam/sled#1412; seen here in 2026-11): the bench would hang.
+            if backend == Backend::Sled && in_flight > 1 {
+                continue;
+            }
             group.throughput(Throughput::Elements((per_send * in_flight) as u64));
             group.bench_function(BenchmarkId::new(shape, &name), |b| {
                 b.iter_custom(|iters| {
