@@ -670,6 +670,13 @@ impl Hub {
         Ok(self.commit.flush_now()?)
     }
 
+    /// For a clean shutdown: finishes the stores' deferred work (acknowledged messages
+    /// still on disk are scrubbed) and flushes everything.
+    pub fn close(&self) -> Result<()> {
+        self.mailboxes.close()?;
+        self.flush()
+    }
+
     /// Entries in the per-device table; for tests of its cleanup.
     pub fn tracked_devices(&self) -> usize {
         lock(&self.devices).len()

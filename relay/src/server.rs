@@ -166,7 +166,7 @@ impl Relay {
     }
 
     /// Stops accepting, lets open connections finish the requests they are handling,
-    /// flushes the store and closes the endpoint.
+    /// scrubs acknowledged messages from disk, flushes the stores and closes the endpoint.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
@@ -174,7 +174,7 @@ impl Relay {
         }
         self.endpoint
             .close(tern_proto::close::SHUTTING_DOWN.into(), b"shutting down");
-        let flushed = self.hub.flush();
+        let flushed = self.hub.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         flushed
     }

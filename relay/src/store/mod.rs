@@ -125,6 +125,12 @@ pub trait MailboxStore: Send + Sync + 'static {
 
     /// Makes every change so far durable (fsync).
     fn flush(&self) -> StoreResult<()>;
+
+    /// Finishes deferred work (a removal's disk work) and flushes: for a clean
+    /// shutdown. The store stays usable.
+    fn close(&self) -> StoreResult<()> {
+        self.flush()
+    }
 }
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.

@@ -22,6 +22,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::Duration;
@@ -61,6 +62,12 @@ struct Shared {
     flushing: Mutex<()>,
     /// The next segment, zero-filled ahead of time (see [`Shared::prepare_spare`]).
     spare: Mutex<Option<File>>,
+    /// A segment was deleted since the last flush: the directory needs an fsync.
+    unlinked: AtomicBool,
+    /// Set by a failed fsync, and never cleared: after a failed fsync the kernel may
+    /// have dropped the dirty pages, and a later fsync would succeed without them, so
+    /// every later flush fails too (nothing more is acknowledged as durable).
+    failed: Mutex<Option<String>>,
 }
 
 #[derive(Debug)]
@@ -80,8 +87,6 @@ struct Writer {
     dirty: bool,
     /// Earlier active segments written since the last flush.
     unsynced: Vec<Arc<Segment>>,
-    /// A segment was created since the last flush.
-    dir_dirty: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -110,6 +115,9 @@ struct SegmentState {
     live: u64,
     /// Records removed but not yet scrubbed.
     dead: Vec<Dead>,
+    /// Its scan stopped at damage it could not step over: the rest of the file may
+    /// hold records, so it is never deleted (an operator can look at it).
+    pinned: bool,
 }
 
 /// A removed record, or a run of adjacent ones, waiting to be scrubbed.
@@ -199,7 +207,7 @@ impl Index {
                     len: u64::from(loc.len),
                     seq,
                 });
-                if s.live == 0 && loc.segment != self.active {
+                if s.live == 0 && !s.pinned && loc.segment != self.active {
                     empty.push(s.segment.clone());
                     self.segments.remove(&loc.segment);
                 }
@@ -271,7 +279,12 @@ impl LogStore {
             warn!(damaged, "damaged mailbox log records skipped");
         }
 
-        let active_id = ids.last().map_or(1, |id| id + 1);
+        let active_id = match ids.last() {
+            None => 1,
+            Some(id) => id
+                .checked_add(1)
+                .ok_or(StoreError::Corrupt("segment ids exhausted"))?,
+        };
         let active = Arc::new(create_segment(dir, active_id, next_seq)?);
         sync_dir(dir)?;
         index.active = active_id;
@@ -281,14 +294,16 @@ impl LogStore {
                 segment: active.clone(),
                 live: 0,
                 dead: Vec::new(),
+                pinned: false,
             },
         );
         let empty: Vec<u64> = index
             .segments
             .iter()
-            .filter(|(id, s)| s.live == 0 && **id != active_id)
+            .filter(|(id, s)| s.live == 0 && !s.pinned && **id != active_id)
             .map(|(id, _)| *id)
             .collect();
+        let deleted = !empty.is_empty();
         for id in empty {
             index.segments.remove(&id);
             remove_segment(dir, id);
@@ -304,11 +319,12 @@ impl LogStore {
                 buf: Vec::new(),
                 dirty: false,
                 unsynced: Vec::new(),
-                dir_dirty: false,
             }),
             index: Mutex::new(index),
             flushing: Mutex::new(()),
             spare: Mutex::new(None),
+            unlinked: AtomicBool::new(deleted),
+            failed: Mutex::new(None),
         });
         let _ = std::fs::remove_file(dir.join(SPARE));
         let background = if options.background {
@@ -400,6 +416,7 @@ fn scan(
         segment: segment.clone(),
         live: 0,
         dead: Vec::new(),
+        pinned: false,
     };
     let mut found = Vec::new();
     let mut pos = HEADER_LEN;
@@ -431,14 +448,21 @@ fn scan(
                             expires_at: m.header.expires_at,
                         },
                     )),
-                    None => {
-                        // Damaged, or a removal's scrub cut short: scrub it again.
+                    // Damaged, or a dead header torn by a crash. Its length is
+                    // trusted only if a valid record (or the end) follows there; it is
+                    // never scrubbed, since its extent is not known for sure.
+                    None if valid_at(&segment.file, pos + total, file_len)? => {
                         *damaged += 1;
-                        state.dead.push(Dead {
-                            offset: pos,
-                            len: total,
-                            seq: 0,
-                        });
+                    }
+                    None => {
+                        *damaged += 1;
+                        state.pinned = true;
+                        warn!(
+                            segment = segment.id,
+                            offset = pos,
+                            "mailbox log segment damaged; the rest of it is kept, unread"
+                        );
+                        break;
                     }
                 }
                 total
@@ -456,7 +480,7 @@ fn scan(
             *damaged += 1;
             continue;
         }
-        *next_seq = (*next_seq).max(h.seq + 1);
+        *next_seq = (*next_seq).max(h.seq.saturating_add(1));
         index.insert(h.to, h.seq, loc);
     }
     Ok(Some(floor))
@@ -464,6 +488,42 @@ fn scan(
 
 /// Runs every [`SCRUB_INTERVAL`], and at once when woken (a segment is half full);
 /// ends when the store's sender is dropped.
+/// Whether a scan could go on at `pos`: the end of the file, a dead span, nothing but
+/// zeros to the end (a pre-zeroed tail), or a message record whose CRC holds.
+fn valid_at(file: &File, pos: u64, file_len: u64) -> StoreResult<bool> {
+    if file_len.saturating_sub(pos) < PEEK_LEN as u64 {
+        return Ok(true);
+    }
+    let mut peek = [0u8; PEEK_LEN];
+    file.read_exact_at(&mut peek, pos)
+        .map_err(|e| io("reading a segment", e))?;
+    match record::next(&peek, file_len - pos) {
+        Next::Dead(..) => Ok(true),
+        // The end only if nothing but zeros follows (a pre-zeroed tail): zeros inside
+        // a record do not count.
+        Next::End => {
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut at = pos;
+            while at < file_len {
+                let n = usize::try_from(file_len - at).map_or(chunk.len(), |r| r.min(chunk.len()));
+                file.read_exact_at(&mut chunk[..n], at)
+                    .map_err(|e| io("reading a segment", e))?;
+                if chunk[..n].iter().any(|b| *b != 0) {
+                    return Ok(false);
+                }
+                at += n as u64;
+            }
+            Ok(true)
+        }
+        Next::Record(total) => {
+            let mut rec = vec![0u8; usize::try_from(total).unwrap_or(0)];
+            file.read_exact_at(&mut rec, pos)
+                .map_err(|e| io("reading a segment", e))?;
+            Ok(record::decode_message(&Bytes::from(rec))?.is_some())
+        }
+    }
+}
+
 fn background(shared: &Weak<Shared>, wake: &mpsc::Receiver<()>) {
     loop {
         match wake.recv_timeout(SCRUB_INTERVAL) {
@@ -529,20 +589,29 @@ impl Shared {
             return create_segment(&self.dir, id, seq_floor);
         };
         file.write_all_at(&record::header(seq_floor), 0)
+            .and_then(|()| file.sync_data())
             .map_err(|e| io("writing a segment header", e))?;
-        // Made durable, with the directory, by the next flush.
         std::fs::rename(self.dir.join(SPARE), segment_path(&self.dir, id))
             .map_err(|e| io("naming a segment", e))?;
         Ok(Segment { id, file })
+    }
+
+    /// Deletes an emptied segment; the next flush makes that durable.
+    fn delete_segment(&self, id: u64) {
+        remove_segment(&self.dir, id);
+        self.unlinked.store(true, Ordering::Release);
     }
 
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
         let segment = Arc::new(self.next_segment(id, w.next_seq)?);
+        // The new segment's header (its seq floor) is on disk, and named, before the
+        // old segment can be deleted: otherwise a crash could lose every record of
+        // the highest seqs and numbers would start again lower.
+        sync_dir(&self.dir)?;
         let old = std::mem::replace(&mut w.active, segment.clone());
         w.len = HEADER_LEN;
-        w.dir_dirty = true;
         w.unsynced.push(old.clone());
         let mut index = lock(&self.index);
         index.segments.insert(
@@ -551,45 +620,51 @@ impl Shared {
                 segment,
                 live: 0,
                 dead: Vec::new(),
+                pinned: false,
             },
         );
         index.active = id;
-        if index.segments.get(&old.id).is_some_and(|s| s.live == 0) {
+        if index
+            .segments
+            .get(&old.id)
+            .is_some_and(|s| s.live == 0 && !s.pinned)
+        {
             index.segments.remove(&old.id);
             drop(index);
-            remove_segment(&self.dir, old.id);
+            self.delete_segment(old.id);
         }
         Ok(())
     }
 
     fn flush(&self) -> StoreResult<()> {
         let _flushing = lock(&self.flushing);
-        let (files, dir_dirty) = {
+        if let Some(e) = lock(&self.failed).as_ref() {
+            return Err(StoreError::Backend(e.clone()));
+        }
+        let unlinked = self.unlinked.swap(false, Ordering::AcqRel);
+        let files = {
             let mut w = lock(&self.writer);
-            if !w.dirty && !w.dir_dirty && w.unsynced.is_empty() {
+            if !w.dirty && w.unsynced.is_empty() && !unlinked {
                 return Ok(());
             }
             let mut files = std::mem::take(&mut w.unsynced);
             files.push(w.active.clone());
             w.dirty = false;
-            (files, std::mem::take(&mut w.dir_dirty))
+            files
         };
         let synced = files
             .iter()
             .try_for_each(|s| s.file.sync_data())
             .map_err(|e| io("fsync", e))
             .and_then(|()| {
-                if dir_dirty {
+                if unlinked {
                     sync_dir(&self.dir)
                 } else {
                     Ok(())
                 }
             });
-        if synced.is_err() {
-            // Try again next time.
-            let mut w = lock(&self.writer);
-            w.dirty = true;
-            w.dir_dirty |= dir_dirty;
+        if let Err(e) = &synced {
+            *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
         }
         synced
     }
@@ -604,7 +679,8 @@ impl Shared {
                 .map(|s| (s.segment.clone(), std::mem::take(&mut s.dead)))
                 .collect()
         };
-        for (segment, mut spans) in work {
+        let mut work = work.into_iter();
+        while let Some((segment, mut spans)) = work.next() {
             spans.sort_unstable();
             let mut merged: Vec<Dead> = Vec::with_capacity(spans.len());
             for d in spans {
@@ -635,7 +711,18 @@ impl Shared {
                 })
                 .and_then(|()| file.sync_data());
             if let Err(e) = scrubbed {
-                return Err(io("scrubbing removed messages", e));
+                // What is not done stays queued (scrubbing a span twice is harmless),
+                // and a failed fsync fails every later flush.
+                let mut index = lock(&self.index);
+                for (segment, spans) in std::iter::once((segment, merged)).chain(work) {
+                    if let Some(state) = index.segments.get_mut(&segment.id) {
+                        state.dead.extend(spans);
+                    }
+                }
+                drop(index);
+                let e = io("scrubbing removed messages", e);
+                *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
+                return Err(e);
             }
         }
         Ok(())
@@ -688,7 +775,9 @@ impl MailboxStore for LogStore {
         let mut placed = Vec::with_capacity(msgs.len());
         for m in msgs {
             let seq = w.next_seq;
-            w.next_seq += 1;
+            w.next_seq = seq
+                .checked_add(1)
+                .ok_or(StoreError::Corrupt("sequence numbers exhausted"))?;
             let offset = start + w.buf.len() as u64;
             let header = MessageHeader {
                 to: *to,
@@ -709,11 +798,12 @@ impl MailboxStore for LogStore {
                 },
             ));
         }
-        // On failure nothing is indexed and the next append writes over the same bytes.
-        w.active
-            .file
-            .write_all_at(&w.buf, start)
-            .map_err(|e| io("appending", e))?;
+        // On failure nothing is indexed, and the next append starts a new segment
+        // rather than write over part of what may have reached this one.
+        if let Err(e) = w.active.file.write_all_at(&w.buf, start) {
+            w.len = w.len.max(shared.segment_bytes);
+            return Err(io("appending", e));
+        }
         let half = shared.segment_bytes / 2;
         if w.len < half && w.len + w.buf.len() as u64 >= half {
             // Half way through the segment: have the next one prepared.
@@ -803,7 +893,7 @@ impl MailboxStore for LogStore {
         if !lost.is_empty() {
             let (gone, empty) = lock(&self.shared.index).remove(of, lost.into_iter());
             for s in empty {
-                remove_segment(&self.shared.dir, s.id);
+                self.shared.delete_segment(s.id);
             }
             if gone.messages > 0 {
                 warn!(
@@ -818,7 +908,7 @@ impl MailboxStore for LogStore {
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         let (removed, empty) = lock(&self.shared.index).remove(of, seqs.iter().copied());
         for s in empty {
-            remove_segment(&self.shared.dir, s.id);
+            self.shared.delete_segment(s.id);
         }
         Ok(removed)
     }
@@ -839,6 +929,11 @@ impl MailboxStore for LogStore {
     }
 
     fn flush(&self) -> StoreResult<()> {
+        self.shared.flush()
+    }
+
+    fn close(&self) -> StoreResult<()> {
+        self.shared.scrub()?;
         self.shared.flush()
     }
 }

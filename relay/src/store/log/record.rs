@@ -8,7 +8,8 @@
 //! ```
 //!
 //! - `kind = 1`, a message: account and device (20), seq (8), accepted at (8), expires
-//!   at (8), message id (16), then the ciphertext. The CRC covers kind and body.
+//!   at (8), message id (16), then the ciphertext. The CRC covers `len`, kind and body,
+//!   so a damaged length is caught too.
 //! - `kind = 0`, a dead span: one or more removed messages, merged. It keeps the
 //!   highest seq among them (8), so sequence numbers never go back after a restart.
 //!   Its CRC covers `len`, `kind` and that seq: the rest is a punched hole (or zeros)
@@ -17,7 +18,8 @@
 //! All integers are big-endian. A scan stops at a length of zero or one that runs past
 //! the end of the file: that is the torn tail of a crash, never acknowledged (a record
 //! is acknowledged only after the fsync that covers it). A record whose CRC fails
-//! inside the file is skipped.
+//! inside the file is skipped when a valid record (or the end) follows where its length
+//! says; otherwise its length cannot be trusted and the scan of that segment stops.
 
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
@@ -83,9 +85,17 @@ pub(super) fn encode_message(out: &mut Vec<u8>, h: &MessageHeader, payload: &[u8
     out.extend_from_slice(&h.expires_at.to_be_bytes());
     out.extend_from_slice(h.message_id.as_bytes());
     out.extend_from_slice(payload);
-    let crc = crc32fast::hash(&out[start + PREFIX_LEN..]);
+    let crc = message_crc(&out[start..]);
     out[start + 4..start + PREFIX_LEN].copy_from_slice(&crc.to_be_bytes());
     out.len() - start
+}
+
+/// The CRC of a whole message record: its length, then everything after the CRC.
+fn message_crc(record: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&record[..4]);
+    hasher.update(&record[PREFIX_LEN..]);
+    hasher.finalize()
 }
 
 /// The first bytes of a dead span of `span` bytes (at least [`PEEK_LEN`]) whose
@@ -152,14 +162,13 @@ pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
     }
     let len = u32::from_be_bytes(fixed(&record[..4])?) as usize;
     let crc = u32::from_be_bytes(fixed(&record[4..8])?);
-    if len + PREFIX_LEN != record.len()
-        || record[8] != KIND_MESSAGE
-        || crc32fast::hash(&record[PREFIX_LEN..]) != crc
-    {
+    if len + PREFIX_LEN != record.len() || record[8] != KIND_MESSAGE || message_crc(record) != crc {
         return Ok(None);
     }
     let b = &record[9..MESSAGE_OVERHEAD];
-    let to = parse_addr(&b[..ADDR_LEN])?;
+    let Ok(to) = parse_addr(&b[..ADDR_LEN]) else {
+        return Ok(None);
+    };
     Ok(Some(Message {
         header: MessageHeader {
             to,
@@ -212,7 +221,7 @@ mod tests {
     fn damage_is_detected() {
         let mut buf = Vec::new();
         encode_message(&mut buf, &header_for(1), b"ciphertext");
-        for i in PREFIX_LEN..buf.len() {
+        for i in (0..4).chain(PREFIX_LEN..buf.len()) {
             let mut bad = buf.clone();
             bad[i] ^= 1;
             assert!(

@@ -257,41 +257,40 @@ fn a_torn_tail_is_ignored() {
     assert!(next[0] > kept[1]);
 }
 
+/// Three 100-byte messages (bytes 0x11, 0x22, 0x33) in one segment, flushed; their
+/// seqs, the segment's path, and the offset of the second one's payload.
+fn three_records(dir: &Path, a: &DeviceAddress) -> (Vec<u64>, std::path::PathBuf, usize) {
+    let store = manual(dir, 1 << 20);
+    let s = store
+        .append(
+            a,
+            &[
+                msg(1, &[0x11; 100]),
+                msg(2, &[0x22; 100]),
+                msg(3, &[0x33; 100]),
+            ],
+            1,
+            100,
+        )
+        .expect("append");
+    store.flush().expect("flush");
+    let has_second = |p: &std::path::PathBuf| {
+        let bytes = std::fs::read(p).expect("read");
+        bytes.windows(8).position(|w| w == [0x22; 8])
+    };
+    let (path, at) = segment_files(dir)
+        .into_iter()
+        .find_map(|p| has_second(&p).map(|at| (p, at)))
+        .expect("segment");
+    (s, path, at)
+}
+
 #[test]
 fn a_damaged_record_is_dropped_and_its_neighbours_kept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = addr(1);
-    let s = {
-        let store = manual(dir.path(), 1 << 20);
-        let s = store
-            .append(
-                &a,
-                &[
-                    msg(1, &[0x11; 100]),
-                    msg(2, &[0x22; 100]),
-                    msg(3, &[0x33; 100]),
-                ],
-                1,
-                100,
-            )
-            .expect("append");
-        store.flush().expect("flush");
-        s
-    };
-    let path = segment_files(dir.path())
-        .into_iter()
-        .find(|p| {
-            std::fs::read(p)
-                .expect("read")
-                .windows(8)
-                .any(|w| w == [0x22; 8])
-        })
-        .expect("segment");
+    let (s, path, at) = three_records(dir.path(), &a);
     let mut bytes = std::fs::read(&path).expect("read");
-    let at = bytes
-        .windows(8)
-        .position(|w| w == [0x22; 8])
-        .expect("marker");
     bytes[at] ^= 0xff;
     std::fs::write(&path, &bytes).expect("write");
 
@@ -530,4 +529,31 @@ mod model {
             prop_assert!(segment_files(dir.path()).len() <= log.segments());
         }
     }
+}
+
+#[test]
+fn a_damaged_length_keeps_what_follows_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, body) = three_records(dir.path(), &a);
+    // The second record's length now points into the middle of the third.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let second = body - record::MESSAGE_OVERHEAD;
+    bytes[second + 3] = bytes[second + 3].wrapping_add(40);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), vec![s[0]], "the scan stops at the damage");
+    // Acking what was read does not delete the file: the third record is still there.
+    store.remove(&a, &[s[0]]).expect("remove");
+    store.scrub().expect("scrub");
+    assert!(path.exists(), "a damaged segment is kept");
+    assert!(
+        disk_holds(dir.path(), &[0x33; 64]),
+        "what follows the damage is kept"
+    );
+    assert!(
+        !disk_holds(dir.path(), &[0x11; 64]),
+        "the acked record is scrubbed"
+    );
 }
