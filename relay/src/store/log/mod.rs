@@ -428,6 +428,13 @@ fn scan(
             Next::End => break,
             Next::Dead(total, max_seq) => {
                 *next_seq = (*next_seq).max(max_seq.saturating_add(1));
+                // Punched again by the next scrub: a crash between writing a dead
+                // header and punching the hole must not leave the ciphertext behind.
+                state.dead.push(Dead {
+                    offset: pos,
+                    len: total,
+                    seq: max_seq,
+                });
                 let skip = i64::try_from(total - prefix.len() as u64)
                     .map_err(|_| StoreError::Corrupt("dead span"))?;
                 reader.seek_relative(skip).map_err(read)?;

@@ -557,3 +557,29 @@ fn a_damaged_length_keeps_what_follows_on_disk() {
         "the acked record is scrubbed"
     );
 }
+
+#[test]
+fn a_scrub_cut_short_by_a_crash_is_finished_after_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, body) = three_records(dir.path(), &a);
+    // The crash came after the dead header was written, before the hole was punched.
+    let second = body - record::MESSAGE_OVERHEAD;
+    let len = record::MESSAGE_OVERHEAD as u64 + 100;
+    let header = record::dead_header(len, s[1]).expect("header");
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(&header, second as u64).expect("write");
+    drop(file);
+    assert!(disk_holds(dir.path(), &[0x22; 64]));
+
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
+    store.scrub().expect("scrub");
+    assert!(!disk_holds(dir.path(), &[0x22; 64]), "the hole is punched");
+    assert!(disk_holds(dir.path(), &[0x33; 64]));
+    drop(store);
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
+    let next = store.append(&a, &[msg(9, b"x")], 1, 100).expect("append");
+    assert!(next[0] > s[2]);
+}
