@@ -132,13 +132,27 @@ fn message_meta(v: &[u8]) -> StoreResult<(UnixMillis, u64)> {
 impl SledStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> StoreResult<Self> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             // Background flushes for durability "os"; "fsync" flushes explicitly.
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(backend)?;
+            .flush_every_ms(Some(500));
+        // sled lets go of its file lock from a background thread after the last
+        // handle drops: a store reopened at once (a restart in-process) waits for it,
+        // up to a second.
+        let mut attempts = 0;
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if attempts < 50 && e.to_string().contains("could not acquire lock") =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(backend(e)),
+            }
+        };
         let mailboxes = db.open_tree("mailboxes").map_err(backend)?;
         let accounts = db.open_tree("accounts").map_err(backend)?;
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
