@@ -1,0 +1,151 @@
+//! Rebuilding the index at start: one pass over a segment's records.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracing::warn;
+
+use super::record::{self, Next, HEADER_LEN, PEEK_LEN};
+use super::{io, Dead, Index, Loc, Segment, SegmentState};
+use crate::store::{StoreError, StoreResult};
+
+/// Indexes one segment's messages; returns its seq floor, or `None` if its header is
+/// damaged.
+pub(super) fn scan(
+    segment: &Arc<Segment>,
+    index: &mut Index,
+    next_seq: &mut u64,
+    damaged: &mut u64,
+) -> StoreResult<Option<u64>> {
+    let file_len = segment
+        .file
+        .metadata()
+        .map_err(|e| io("reading a segment", e))?
+        .len();
+    let mut reader = BufReader::with_capacity(1 << 20, &segment.file);
+    let mut header = [0u8; HEADER_LEN as usize];
+    if file_len < HEADER_LEN || reader.read_exact(&mut header).is_err() {
+        return Ok(None);
+    }
+    let Some(floor) = record::parse_header(&header) else {
+        return Ok(None);
+    };
+    let mut state = SegmentState {
+        segment: segment.clone(),
+        live: 0,
+        dead: Vec::new(),
+        pinned: false,
+    };
+    let mut found = Vec::new();
+    let mut pos = HEADER_LEN;
+    let read = |e| io("reading a segment", e);
+    while file_len - pos >= PEEK_LEN as u64 {
+        let mut prefix = [0u8; PEEK_LEN];
+        reader.read_exact(&mut prefix).map_err(read)?;
+        let total = match record::next(&prefix, file_len - pos) {
+            Next::End => break,
+            Next::Dead(total, max_seq) => {
+                *next_seq = (*next_seq).max(max_seq.saturating_add(1));
+                // Punched again by the next scrub: a crash between writing a dead
+                // header and punching the hole must not leave the ciphertext behind.
+                state.dead.push(Dead {
+                    offset: pos,
+                    len: total,
+                    seq: max_seq,
+                });
+                let skip = i64::try_from(total - prefix.len() as u64)
+                    .map_err(|_| StoreError::Corrupt("dead span"))?;
+                reader.seek_relative(skip).map_err(read)?;
+                total
+            }
+            Next::Record(total) => {
+                let len = u32::try_from(total).map_err(|_| StoreError::Corrupt("record"))?;
+                let mut rec = vec![0u8; len as usize];
+                rec[..prefix.len()].copy_from_slice(&prefix);
+                reader.read_exact(&mut rec[prefix.len()..]).map_err(read)?;
+                match record::decode_message(&Bytes::from(rec))? {
+                    Some(m) => found.push((
+                        m.header,
+                        Loc {
+                            segment: segment.id,
+                            offset: pos,
+                            len,
+                            expires_at: m.header.expires_at,
+                        },
+                    )),
+                    // Damaged, or a dead header torn by a crash. Its length is
+                    // trusted only if a valid record (or the end) follows there; it is
+                    // never scrubbed, since its extent is not known for sure.
+                    None if valid_at(&segment.file, pos + total, file_len)? => {
+                        *damaged += 1;
+                    }
+                    None => {
+                        *damaged += 1;
+                        state.pinned = true;
+                        warn!(
+                            segment = segment.id,
+                            offset = pos,
+                            "mailbox log segment damaged; the rest of it is kept, unread"
+                        );
+                        break;
+                    }
+                }
+                total
+            }
+        };
+        pos += total;
+    }
+    index.segments.insert(segment.id, state);
+    for (h, loc) in found {
+        let known = index
+            .mailboxes
+            .get(&h.to)
+            .is_some_and(|m| m.entries.contains_key(&h.seq));
+        if known {
+            *damaged += 1;
+            continue;
+        }
+        *next_seq = (*next_seq).max(h.seq.saturating_add(1));
+        index.insert(h.to, h.seq, loc);
+    }
+    Ok(Some(floor))
+}
+
+/// Whether a scan could go on at `pos`: the end of the file, a dead span, nothing but
+/// zeros to the end (a pre-zeroed tail), or a message record whose CRC holds.
+fn valid_at(file: &File, pos: u64, file_len: u64) -> StoreResult<bool> {
+    if file_len.saturating_sub(pos) < PEEK_LEN as u64 {
+        return Ok(true);
+    }
+    let mut peek = [0u8; PEEK_LEN];
+    file.read_exact_at(&mut peek, pos)
+        .map_err(|e| io("reading a segment", e))?;
+    match record::next(&peek, file_len - pos) {
+        Next::Dead(..) => Ok(true),
+        // The end only if nothing but zeros follows (a pre-zeroed tail): zeros inside
+        // a record do not count.
+        Next::End => {
+            let mut chunk = vec![0u8; 1 << 20];
+            let mut at = pos;
+            while at < file_len {
+                let n = usize::try_from(file_len - at).map_or(chunk.len(), |r| r.min(chunk.len()));
+                file.read_exact_at(&mut chunk[..n], at)
+                    .map_err(|e| io("reading a segment", e))?;
+                if chunk[..n].iter().any(|b| *b != 0) {
+                    return Ok(false);
+                }
+                at += n as u64;
+            }
+            Ok(true)
+        }
+        Next::Record(total) => {
+            let mut rec = vec![0u8; usize::try_from(total).unwrap_or(0)];
+            file.read_exact_at(&mut rec, pos)
+                .map_err(|e| io("reading a segment", e))?;
+            Ok(record::decode_message(&Bytes::from(rec))?.is_some())
+        }
+    }
+}
