@@ -120,6 +120,17 @@ struct SegmentState {
     pinned: bool,
 }
 
+impl SegmentState {
+    fn new(segment: Arc<Segment>) -> Self {
+        SegmentState {
+            segment,
+            live: 0,
+            dead: Vec::new(),
+            pinned: false,
+        }
+    }
+}
+
 /// A removed record, or a run of adjacent ones, waiting to be scrubbed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Dead {
@@ -181,6 +192,16 @@ impl Index {
         }
     }
 
+    /// Takes a segment out of the index if it may be deleted: nothing live, not the
+    /// active one, not kept for damage. Its queued scrubs go with it.
+    fn take_if_empty(&mut self, id: u64) -> Option<Arc<Segment>> {
+        let s = self.segments.get(&id)?;
+        if s.live > 0 || s.pinned || id == self.active {
+            return None;
+        }
+        self.segments.remove(&id).map(|s| s.segment)
+    }
+
     /// Takes the given messages out of `of`'s mailbox; returns what was removed and
     /// the segments left with nothing live (to delete).
     fn remove(
@@ -193,12 +214,19 @@ impl Index {
         let Some(mailbox) = self.mailboxes.get_mut(of) else {
             return (removed, empty);
         };
-        for seq in seqs {
-            let Some(loc) = mailbox.entries.remove(&seq) else {
-                continue;
-            };
+        let taken: Vec<(u64, Loc)> = seqs
+            .filter_map(|seq| Some((seq, mailbox.entries.remove(&seq)?)))
+            .collect();
+        for (_, loc) in &taken {
             removed.messages += 1;
             removed.bytes += loc.payload_len();
+        }
+        mailbox.usage.messages -= removed.messages;
+        mailbox.usage.bytes -= removed.bytes;
+        if mailbox.entries.is_empty() {
+            self.mailboxes.remove(of);
+        }
+        for (seq, loc) in taken {
             self.expiry.remove(&(loc.expires_at, *of, seq));
             if let Some(s) = self.segments.get_mut(&loc.segment) {
                 s.live -= 1;
@@ -207,16 +235,8 @@ impl Index {
                     len: u64::from(loc.len),
                     seq,
                 });
-                if s.live == 0 && !s.pinned && loc.segment != self.active {
-                    empty.push(s.segment.clone());
-                    self.segments.remove(&loc.segment);
-                }
             }
-        }
-        mailbox.usage.messages -= removed.messages;
-        mailbox.usage.bytes -= removed.bytes;
-        if mailbox.entries.is_empty() {
-            self.mailboxes.remove(of);
+            empty.extend(self.take_if_empty(loc.segment));
         }
         (removed, empty)
     }
@@ -288,25 +308,16 @@ impl LogStore {
         let active = Arc::new(create_segment(dir, active_id, next_seq)?);
         sync_dir(dir)?;
         index.active = active_id;
-        index.segments.insert(
-            active_id,
-            SegmentState {
-                segment: active.clone(),
-                live: 0,
-                dead: Vec::new(),
-                pinned: false,
-            },
-        );
-        let empty: Vec<u64> = index
+        index
             .segments
-            .iter()
-            .filter(|(id, s)| s.live == 0 && !s.pinned && **id != active_id)
-            .map(|(id, _)| *id)
-            .collect();
-        let deleted = !empty.is_empty();
-        for id in empty {
-            index.segments.remove(&id);
-            remove_segment(dir, id);
+            .insert(active_id, SegmentState::new(active.clone()));
+        let ids: Vec<u64> = index.segments.keys().copied().collect();
+        let mut deleted = false;
+        for id in ids {
+            if index.take_if_empty(id).is_some() {
+                remove_segment(dir, id);
+                deleted = true;
+            }
         }
 
         let shared = Arc::new(Shared {
@@ -432,14 +443,7 @@ impl Shared {
                 .create(true)
                 .truncate(true)
                 .open(&path)?;
-            let zeros = vec![0u8; 1 << 20];
-            let size = self.segment_bytes + SPARE_SLACK;
-            let mut at = 0;
-            while at < size {
-                let n = (size - at).min(zeros.len() as u64);
-                file.write_all_at(&zeros[..n as usize], at)?;
-                at += n;
-            }
+            write_zeros(&file, 0, self.segment_bytes + SPARE_SLACK)?;
             file.sync_all()?;
             Ok(file)
         })();
@@ -486,26 +490,19 @@ impl Shared {
         w.len = HEADER_LEN;
         w.unsynced.push(old.clone());
         let mut index = lock(&self.index);
-        index.segments.insert(
-            id,
-            SegmentState {
-                segment,
-                live: 0,
-                dead: Vec::new(),
-                pinned: false,
-            },
-        );
+        index.segments.insert(id, SegmentState::new(segment));
         index.active = id;
-        if index
-            .segments
-            .get(&old.id)
-            .is_some_and(|s| s.live == 0 && !s.pinned)
-        {
-            index.segments.remove(&old.id);
-            drop(index);
+        let emptied = index.take_if_empty(old.id);
+        drop(index);
+        if emptied.is_some() {
             self.delete_segment(old.id);
         }
         Ok(())
+    }
+
+    /// After a failed fsync every later flush fails (see `Shared::failed`).
+    fn fail(&self, e: &StoreError) {
+        *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
     }
 
     fn flush(&self) -> StoreResult<()> {
@@ -536,7 +533,7 @@ impl Shared {
                 }
             });
         if let Err(e) = &synced {
-            *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
+            self.fail(e);
         }
         synced
     }
@@ -593,7 +590,7 @@ impl Shared {
                 }
                 drop(index);
                 let e = io("scrubbing removed messages", e);
-                *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
+                self.fail(&e);
                 return Err(e);
             }
         }
@@ -618,7 +615,11 @@ fn erase(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    let zeros = vec![0u8; 64 << 10];
+    write_zeros(file, offset, len)
+}
+
+fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; (1 << 20).min(usize::try_from(len).unwrap_or(1 << 20))];
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64);

@@ -33,12 +33,7 @@ pub(super) fn scan(
     let Some(floor) = record::parse_header(&header) else {
         return Ok(None);
     };
-    let mut state = SegmentState {
-        segment: segment.clone(),
-        live: 0,
-        dead: Vec::new(),
-        pinned: false,
-    };
+    let mut state = SegmentState::new(segment.clone());
     let mut found = Vec::new();
     let mut pos = HEADER_LEN;
     let read = |e| io("reading a segment", e);
