@@ -51,7 +51,14 @@ pub struct Stores {
 impl Stores {
     /// Every store on one backend.
     pub fn all<S: MailboxStore + AccountStore + KeyStore + BlobIndex>(store: Arc<S>) -> Self {
-        Self::split(store.clone(), store)
+        let s = store.clone();
+        Stores {
+            mailboxes: store.clone(),
+            accounts: store.clone(),
+            keys: store.clone(),
+            blobs: store,
+            flush: Arc::new(move || s.flush()),
+        }
     }
 
     /// Mailboxes on one backend, everything else on another.
@@ -61,21 +68,15 @@ impl Stores {
         S: MailboxStore + AccountStore + KeyStore + BlobIndex,
     {
         let (m, r) = (mailboxes.clone(), rest.clone());
-        let same = Arc::as_ptr(&m).cast::<u8>() == Arc::as_ptr(&r).cast::<u8>();
-        let flush: Flush = if same {
-            Arc::new(move || m.flush())
-        } else {
-            Arc::new(move || {
-                m.flush()?;
-                r.flush()
-            })
-        };
         Stores {
             mailboxes,
             accounts: rest.clone(),
             keys: rest.clone(),
             blobs: rest,
-            flush,
+            flush: Arc::new(move || {
+                m.flush()?;
+                r.flush()
+            }),
         }
     }
 }
@@ -671,9 +672,9 @@ impl Hub {
     }
 
     /// For a clean shutdown: finishes the stores' deferred work (acknowledged messages
-    /// still on disk are scrubbed) and flushes everything.
+    /// still on disk are scrubbed), then flushes everything.
     pub fn close(&self) -> Result<()> {
-        self.mailboxes.close()?;
+        self.mailboxes.settle()?;
         self.flush()
     }
 

@@ -623,8 +623,8 @@ async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>
     while let Some(f) = rx.recv().await {
         // Room for what is queued now, so the batch is built without regrowing (each
         // regrowth copies it); frames that arrive meanwhile may still grow it.
-        let room = (rx.len() + 1).saturating_mul(frame::encoded_len(&*f));
-        buf.reserve(room.min(WRITE_BATCH + frame::encoded_len(&*f)));
+        let one = frame::encoded_len(&*f);
+        buf.reserve((rx.len() + 1).saturating_mul(one).min(WRITE_BATCH + one));
         frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;

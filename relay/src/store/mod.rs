@@ -126,10 +126,10 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// Makes every change so far durable (fsync).
     fn flush(&self) -> StoreResult<()>;
 
-    /// Finishes deferred work (a removal's disk work) and flushes: for a clean
-    /// shutdown. The store stays usable.
-    fn close(&self) -> StoreResult<()> {
-        self.flush()
+    /// Finishes deferred work (a removal's disk work) now rather than in the
+    /// background, for a clean shutdown; [`MailboxStore::flush`] makes it durable.
+    fn settle(&self) -> StoreResult<()> {
+        Ok(())
     }
 }
 

@@ -805,9 +805,8 @@ impl MailboxStore for LogStore {
         self.shared.flush()
     }
 
-    fn close(&self) -> StoreResult<()> {
-        self.shared.scrub()?;
-        self.shared.flush()
+    fn settle(&self) -> StoreResult<()> {
+        self.shared.scrub()
     }
 }
 
