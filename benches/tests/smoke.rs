@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use tern_benches::load::COMMON_FIELDS;
+
 fn run(args: &[&str]) -> serde_json::Value {
     let out = Command::new(env!("CARGO_BIN_EXE_tern-load"))
         .args(args)
@@ -28,23 +30,10 @@ fn number(v: &serde_json::Value, field: &str) -> f64 {
         .unwrap_or_else(|| panic!("{field} missing in {v}"))
 }
 
-const COMMON: [&str; 10] = [
-    "mode",
-    "messages",
-    "size",
-    "msgs_per_sec",
-    "mb_per_sec",
-    "p50_us",
-    "p99_us",
-    "p999_us",
-    "relay_cpu_s",
-    "relay_peak_rss_kib",
-];
-
 #[test]
 fn online_moves_every_message() {
     let v = run(&["online", "--pairs", "2", "--messages", "40", "--size", "64"]);
-    for f in &COMMON[1..] {
+    for f in &COMMON_FIELDS[1..] {
         number(&v, f);
     }
     assert_eq!(v["mode"], "online");

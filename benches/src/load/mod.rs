@@ -25,6 +25,20 @@ pub use self::modes::{
 /// Any failure of a run; the run fails loudly with it.
 pub type LoadError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The JSON fields every run prints (issue #5), beside its mode's own.
+pub const COMMON_FIELDS: [&str; 10] = [
+    "mode",
+    "messages",
+    "size",
+    "msgs_per_sec",
+    "mb_per_sec",
+    "p50_us",
+    "p99_us",
+    "p999_us",
+    "relay_cpu_s",
+    "relay_peak_rss_kib",
+];
+
 /// What a run measured: printed as a table, or as one JSON object.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
@@ -150,19 +164,7 @@ mod tests {
         };
         r.extra.insert("drain_msgs_per_sec".into(), 5.0);
         let json = serde_json::to_value(&r).expect("json");
-        for field in [
-            "mode",
-            "messages",
-            "size",
-            "msgs_per_sec",
-            "mb_per_sec",
-            "p50_us",
-            "p99_us",
-            "p999_us",
-            "relay_cpu_s",
-            "relay_peak_rss_kib",
-            "drain_msgs_per_sec",
-        ] {
+        for field in COMMON_FIELDS.iter().chain(&["drain_msgs_per_sec"]) {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert!(r.table().contains("drain_msgs_per_sec"));
