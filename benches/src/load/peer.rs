@@ -136,7 +136,7 @@ impl Peer {
         payload: &[u8],
         now_ms: u64,
     ) -> Result<(AccountId, e2e::Plaintext), LoadError> {
-        let (cert, content) = sealed::open(self.identity_dh.secret(), payload)?;
+        let (cert, content) = sealed::open(&self.identity_dh, payload)?;
         self.certificates.validate(&cert, &self.relay_key, now_ms)?;
         let sessions = self
             .sessions

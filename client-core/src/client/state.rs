@@ -1001,8 +1001,7 @@ impl State {
     /// Opens, checks and decrypts one delivery, storing the result (not durably). An
     /// `Err` is a local failure: the delivery must not be acknowledged.
     pub(crate) fn receive(&mut self, delivery: &Delivery, now_ms: u64) -> Result<Outcome> {
-        let (cert, content) = match sealed::open(self.keys.identity_dh.secret(), &delivery.payload)
-        {
+        let (cert, content) = match sealed::open(&self.keys.identity_dh, &delivery.payload) {
             Ok(opened) => opened,
             Err(e) => return Ok(Outcome::Dropped(format!("sealed envelope: {e}"))),
         };

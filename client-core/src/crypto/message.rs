@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 
 use super::ratchet::Header;
 use super::sessions::{OurKeys, SessionSet};
-use super::x3dh::{self, AgreementKeyPair, InitialHeader};
+use super::x3dh::{AgreementKeyPair, InitialHeader};
 use super::{padding, CryptoError};
 
 /// Encodes and pads a plaintext; `None` if it is larger than the largest bucket.
@@ -96,7 +96,7 @@ pub fn decrypt(
             if &initial.identity_key != sender_identity_key {
                 return Err(CryptoError::InvalidKey);
             }
-            x3dh::verify_identity_dh(
+            trial.verify_identity_dh(
                 sender_identity_key,
                 &initial.identity_dh,
                 &p.identity_dh_signature,

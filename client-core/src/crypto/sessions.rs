@@ -63,6 +63,10 @@ pub struct SessionSet {
     previous: Vec<Session>,
     pending: Option<InitialHeader>,
     opened_by: Vec<[u8; 32]>,
+    /// The last identity agreement key whose signature checked out: identity key,
+    /// agreement key, signature. A contact repeats them in every prekey message until
+    /// we answer. Not stored: after a restart the first one is checked again.
+    vouched: Option<([u8; 32], [u8; 32], [u8; 64])>,
 }
 
 impl SessionSet {
@@ -120,6 +124,7 @@ impl SessionSet {
                     .iter()
                     .map(|e| <[u8; 32]>::try_from(&e[..]).map_err(|_| CryptoError::InvalidState))
                     .collect::<Result<_, _>>()?,
+                vouched: None,
             })
         })();
         stored.current.zeroize();
@@ -132,6 +137,26 @@ impl SessionSet {
             self.previous.insert(0, old);
             self.previous.truncate(MAX_PREVIOUS);
         }
+    }
+
+    /// Checks that `identity_key` signed `identity_dh`, unless these exact bytes were
+    /// checked before (an Ed25519 verification is a third of what opening a prekey
+    /// message costs).
+    pub fn verify_identity_dh(
+        &mut self,
+        identity_key: &[u8; 32],
+        identity_dh: &[u8; 32],
+        signature: &[u8],
+    ) -> Result<(), CryptoError> {
+        let signature: [u8; 64] = signature
+            .try_into()
+            .map_err(|_| CryptoError::InvalidSignature)?;
+        if self.vouched == Some((*identity_key, *identity_dh, signature)) {
+            return Ok(());
+        }
+        x3dh::verify_identity_dh(identity_key, identity_dh, &signature)?;
+        self.vouched = Some((*identity_key, *identity_dh, signature));
+        Ok(())
     }
 
     /// Whether the X3DH header with this ephemeral key already opened a session here
@@ -269,6 +294,11 @@ mod tests {
                     .to_bytes(),
                 one_time_prekey: None,
             }
+        }
+        fn vouch(&self) -> [u8; 64] {
+            self.identity
+                .sign(&tern_proto::auth::identity_agreement_key(&self.dh.public()))
+                .to_bytes()
         }
         fn start(&mut self, other: &Party) {
             let (id, dh) = (self.id(), self.dh.clone());
@@ -412,5 +442,30 @@ mod tests {
         );
         assert_eq!(b.receive(&m).expect("the real one"), b"x");
         assert!(b.receive(&m).is_err(), "replay");
+    }
+
+    #[test]
+    fn a_remembered_identity_key_signature_skips_only_the_same_bytes() {
+        let (alice, mallory) = (Party::new(), Party::new());
+        let mut set = SessionSet::default();
+        let good = alice.vouch();
+        let (id, dh) = (alice.id(), alice.dh.public());
+        set.verify_identity_dh(&id, &dh, &good).expect("valid");
+        set.verify_identity_dh(&id, &dh, &good).expect("remembered");
+        let mut bad = good;
+        bad[0] ^= 1;
+        for (id, dh, sig) in [
+            (id, dh, &bad[..]),
+            (id, mallory.dh.public(), &good[..]),
+            (mallory.id(), dh, &good[..]),
+            (id, dh, &good[..63]),
+        ] {
+            assert!(
+                set.verify_identity_dh(&id, &dh, sig).is_err(),
+                "only the exact bytes that verified are remembered"
+            );
+        }
+        set.verify_identity_dh(&id, &dh, &good)
+            .expect("still valid");
     }
 }
