@@ -49,8 +49,8 @@ enum Mode {
     Online {
         #[command(flatten)]
         common: Common,
-        /// Sender/recipient pairs.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        /// Sender/recipient pairs (each sender runs on a thread of its own).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
         pairs: u64,
         /// Messages in all.
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]

@@ -59,10 +59,10 @@ pub struct ConnectionsArgs {
 }
 
 /// A message body: its index and the send time (ns since `start`), then filler.
-fn body(index: u64, start: Instant, size: usize) -> Vec<u8> {
+fn body(index: u64, start: Instant, sent_at: Instant, size: usize) -> Vec<u8> {
     let mut b = vec![0x5a; size.max(16)];
     b[..8].copy_from_slice(&index.to_be_bytes());
-    let ns = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let ns = u64::try_from(sent_at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX);
     b[8..16].copy_from_slice(&ns.to_be_bytes());
     b
 }
@@ -227,35 +227,48 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
             conn.close().await;
             Ok::<_, LoadError>(latencies)
         });
-        let (size, rate, inflight) = (args.size, args.rate, args.inflight);
-        let per_pair_interval =
-            (rate > 0.0).then(|| Duration::from_secs_f64(args.pairs as f64 / rate));
-        let sender = tokio::spawn(async move {
+        let (size, inflight) = (args.size, args.inflight.max(1));
+        // Sends are paced on a thread of their own: tokio's timers tick in whole
+        // milliseconds, which would release the pairs' sends in bursts. The pairs are
+        // staggered so that together they send evenly, and a message's latency runs
+        // from when it was due, so a sender that falls behind is not hidden
+        // (coordinated omission).
+        let schedule = (args.rate > 0.0).then(|| {
+            let every = Duration::from_secs_f64(args.pairs as f64 / args.rate);
+            (start + every.mul_f64(i as f64 / args.pairs as f64), every)
+        });
+        let runtime = tokio::runtime::Handle::current();
+        let sender = tokio::task::spawn_blocking(move || {
             let (to, token) = (link.to, link.token);
             let mut pending = futures::stream::FuturesOrdered::new();
             for k in 0..want {
-                if let Some(every) = per_pair_interval {
-                    tokio::time::sleep_until((start + every.mul_f64(k as f64)).into()).await;
-                }
-                // The latency clock starts here, before encryption.
-                let payload = link.seal(&body(k, start, size), now_ms())?;
+                let sent_at = match schedule {
+                    Some((first, every)) => {
+                        let due = first + every.mul_f64(k as f64);
+                        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                        due
+                    }
+                    None => Instant::now(),
+                };
+                let payload = link.seal(&body(k, start, sent_at, size), now_ms())?;
                 let envelope = Envelope {
                     message_id: message_id(),
                     payload: payload.into(),
                 };
                 pending.push_back(anon.sealed_send(&to, &token, [envelope]));
-                while pending.len() >= inflight.max(1) {
-                    if let Some(r) = pending.next().await {
+                while pending.len() >= inflight {
+                    if let Some(r) = runtime.block_on(pending.next()) {
                         r?;
                     }
                 }
             }
-            while let Some(r) = pending.next().await {
-                r?;
-            }
-            drop(pending);
-            anon.close().await;
-            Ok::<_, LoadError>(())
+            runtime.block_on(async move {
+                while let Some(r) = pending.next().await {
+                    r?;
+                }
+                anon.close().await;
+                Ok::<_, LoadError>(())
+            })
         });
         tasks.push((sender, receiver));
     }
@@ -299,7 +312,10 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
                 .map(|k| {
                     Ok(Envelope {
                         message_id: message_id(),
-                        payload: pair.link.seal(&body(k, start, size), now_ms())?.into(),
+                        payload: pair
+                            .link
+                            .seal(&body(k, start, Instant::now(), size), now_ms())?
+                            .into(),
                     })
                 })
                 .collect::<Result<Vec<_>, LoadError>>()?;
