@@ -14,10 +14,19 @@
 //! - Limits: blob size, concurrent uploads per account, bytes an account owns, and
 //!   upload rate per account; each refusal is a typed error.
 //! - Downloads need only the id (256 bits, unguessable).
+//!
+//! # Direct I/O
+//! Upload bytes gathered in a [`WriteBuf`] go to disk with `O_DIRECT` where the file
+//! system takes it, bypassing the page cache. Writing new data through the page cache
+//! costs a copy into freshly allocated pages; on the 2-core VM the benchmarks run on,
+//! that ran at 377-707 MiB/s (against 3.3-4.6 GiB/s into reused pages), about a third
+//! of an upload's CPU. Unaligned writes (a resumed upload's odd offset, the last
+//! piece) and file systems without direct I/O use the page cache as before.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -187,6 +196,100 @@ pub struct BlobStore {
     /// Serialises index changes (see [`BlobIndex`]) and renames.
     commit: Mutex<()>,
     received: AtomicU64,
+    direct: AtomicU64,
+}
+
+/// What direct I/O needs lined up: memory address, file offset and length. 4 KiB
+/// covers 512-byte and 4 KiB logical blocks.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Upload bytes gathered for one write, in memory aligned for direct I/O, reused
+/// from write to write.
+pub struct WriteBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+    room: usize,
+}
+
+impl WriteBuf {
+    /// A buffer for writes of up to `capacity` bytes (rounded up to [`DIRECT_ALIGN`]).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
+        let raw = vec![0u8; capacity + DIRECT_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        WriteBuf {
+            raw,
+            start,
+            len: 0,
+            room: capacity,
+        }
+    }
+
+    /// Empties the buffer; the next write will be at most `room` bytes (at most the
+    /// capacity), so that a write can end on an aligned file offset.
+    pub fn reset(&mut self, room: usize) {
+        self.len = 0;
+        self.room = room.min(self.raw.len() - DIRECT_ALIGN);
+    }
+
+    /// Copies in as much of `bytes` as there is room for; returns how much.
+    pub fn fill(&mut self, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.room - self.len);
+        let at = self.start + self.len;
+        self.raw[at..at + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+        n
+    }
+
+    /// Whether the next write is as large as it may be.
+    pub fn is_full(&self) -> bool {
+        self.len == self.room
+    }
+
+    /// The bytes gathered.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for WriteBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteBuf")
+            .field("len", &self.len)
+            .field("room", &self.room)
+            .finish()
+    }
+}
+
+/// Writes `bytes` at `at` in the upload `file` (at `path`): with direct I/O when
+/// address, offset and length are aligned and the file system takes it, else through
+/// the page cache. Returns whether the write was direct.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn write_upload(file: &File, path: &Path, at: u64, bytes: &[u8]) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        let aligned = at % DIRECT_ALIGN as u64 == 0
+            && bytes.len() % DIRECT_ALIGN == 0
+            && (bytes.as_ptr() as usize) % DIRECT_ALIGN == 0;
+        if aligned && !bytes.is_empty() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let direct = OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(path)
+                .and_then(|f| f.write_all_at(bytes, at));
+            match direct {
+                Ok(()) => return Ok(true),
+                // No direct I/O here (or not for this file): the page cache will do.
+                // A part written before the refusal is written over below.
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    file.write_all_at(bytes, at)?;
+    Ok(false)
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -231,12 +334,18 @@ impl BlobStore {
             rate: RateLimiter::new(limits.max_upload_bytes_per_sec, 1000),
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
+            direct: AtomicU64::new(0),
         })
     }
 
     /// Blob bytes received over every upload since start.
     pub fn received_bytes(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
+    }
+
+    /// Of those, the bytes written with direct I/O (see the module docs).
+    pub fn direct_bytes(&self) -> u64 {
+        self.direct.load(Ordering::Relaxed)
     }
 
     fn blob_path(&self, id: &BlobId) -> PathBuf {
@@ -366,7 +475,11 @@ impl BlobStore {
     ) -> BlobResult<u64> {
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
         let path = self.upload_path(account, id);
-        let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)?;
         let len = file.metadata()?.len();
         if offset != len {
             return Err(BlobError::WrongOffset {
@@ -383,7 +496,9 @@ impl BlobStore {
             .map_err(|ms| BlobError::RateLimited {
                 retry_after: Duration::from_millis(ms),
             })?;
-        file.write_all(bytes)?;
+        if write_upload(&file, &path, len, bytes)? {
+            self.direct.fetch_add(n, Ordering::Relaxed);
+        }
         self.received.fetch_add(n, Ordering::Relaxed);
         let key = (*account, *id);
         let taken = lock(&self.hashing).remove(&key);
@@ -891,5 +1006,77 @@ mod tests {
         let again = upload(&f.store, &ALICE, &bytes).expect("uploaded again");
         assert_eq!(again.size, bytes.len() as u64);
         assert_eq!(files(&f.dir.path().join("blobs")).len(), 1);
+    }
+
+    #[test]
+    fn a_write_buffer_is_aligned_and_stops_where_told() {
+        let mut buf = WriteBuf::new(10_000);
+        assert_eq!(buf.as_slice().as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert_eq!(
+            buf.fill(&[1; 20_000]),
+            3 * DIRECT_ALIGN,
+            "rounded up to 12 KiB"
+        );
+        assert!(buf.is_full());
+        buf.reset(100);
+        assert!(buf.as_slice().is_empty());
+        assert_eq!(buf.fill(&[2; 60]), 60);
+        assert_eq!(buf.fill(&[3; 60]), 40);
+        assert!(buf.is_full());
+        assert_eq!(buf.as_slice(), [[2; 60].as_slice(), &[3; 40]].concat());
+        buf.reset(usize::MAX);
+        assert_eq!(
+            buf.fill(&[4; 20_000]),
+            3 * DIRECT_ALIGN,
+            "never past capacity"
+        );
+    }
+
+    #[test]
+    fn aligned_pieces_go_direct_and_odd_ones_through_the_page_cache() {
+        let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
+        let bytes: Vec<u8> = (0..3 * DIRECT_ALIGN + 300)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let id = id_of(&bytes);
+        let Begin::Upload { slot, .. } = f
+            .store
+            .begin(&ALICE, &id, bytes.len() as u64)
+            .expect("begin")
+        else {
+            panic!("a new blob");
+        };
+        let mut buf = WriteBuf::new(2 * DIRECT_ALIGN);
+        let mut offset = 0u64;
+        // Aligned, then an odd piece (page cache), then an odd offset (page cache),
+        // then the rest.
+        for (from, to) in [
+            (0, 2 * DIRECT_ALIGN),
+            (2 * DIRECT_ALIGN, 2 * DIRECT_ALIGN + 100),
+            (2 * DIRECT_ALIGN + 100, 3 * DIRECT_ALIGN + 100),
+            (3 * DIRECT_ALIGN + 100, bytes.len()),
+        ] {
+            buf.reset(to - from);
+            assert_eq!(buf.fill(&bytes[from..to]), to - from);
+            offset = f
+                .store
+                .append(&ALICE, &id, offset, buf.as_slice())
+                .expect("append");
+        }
+        assert_eq!(f.store.received_bytes(), bytes.len() as u64);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            f.store.direct_bytes(),
+            2 * DIRECT_ALIGN as u64,
+            "only the aligned piece bypasses the page cache"
+        );
+        f.store
+            .finish(&ALICE, &id)
+            .expect("the bytes hash to the id");
+        drop(slot);
+        let (mut file, size) = f.store.open_read(&id, 0).expect("blob");
+        let mut back = Vec::new();
+        file.read_to_end(&mut back).expect("read");
+        assert_eq!((size, back), (bytes.len() as u64, bytes));
     }
 }

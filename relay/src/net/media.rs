@@ -6,11 +6,11 @@ use std::io::Read;
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
-use tern_proto::frame;
 use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
+use tern_proto::{frame, AccountId};
 use tracing::debug;
 
-use crate::blobs::{Begin, BlobError, BlobStore};
+use crate::blobs::{Begin, BlobError, BlobStore, WriteBuf, DIRECT_ALIGN};
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
 use crate::store::BlobId;
@@ -175,47 +175,37 @@ async fn upload(
     if !respond(send, &ready).await {
         return Ok(());
     }
-    let mut pending = BytesMut::new();
+    // QUIC hands over a packet's worth at a time; the file gets big aligned writes
+    // (after a resume, the first one ends on an aligned offset).
+    let room = |offset: u64| WRITE - (offset % DIRECT_ALIGN as u64) as usize;
+    let mut buf = WriteBuf::new(WRITE);
+    buf.reset(room(offset));
     loop {
-        // QUIC hands over a packet's worth at a time; the file gets big writes.
-        let ended = match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(c)) => {
-                pending.extend_from_slice(&c.bytes);
-                false
-            }
-            Ok(None) => true,
+        let chunk = match recv.read_chunk(CHUNK, true).await {
+            Ok(c) => c,
             Err(_) => {
                 // The connection dropped: keep what arrived, for a resume.
-                if !pending.is_empty() {
-                    let (b, c) = (blobs.clone(), pending.split().freeze());
-                    let _ = blocking(move || b.append(&account, &id, offset, &c)).await;
+                if !buf.as_slice().is_empty() {
+                    let _ = write_out(blobs, account, id, offset, buf).await;
                 }
                 return Ok(());
             }
         };
-        if pending.is_empty() && ended {
-            break;
-        }
-        if pending.len() < WRITE && !ended {
-            continue;
-        }
-        let chunk: Bytes = pending.split().freeze();
-        loop {
-            let (b, c) = (blobs.clone(), chunk.clone());
-            match blocking(move || b.append(&account, &id, offset, &c)).await {
-                Ok(len) => {
-                    offset = len;
-                    break;
-                }
-                // Over the account's rate: the relay slows the upload down.
-                Err(Error::Blob(BlobError::RateLimited { retry_after })) => {
-                    tokio::time::sleep(retry_after).await;
-                }
-                Err(e) => return Err(e),
+        let Some(chunk) = chunk else {
+            if !buf.as_slice().is_empty() {
+                write_out(blobs, account, id, offset, buf).await?;
             }
-        }
-        if ended {
             break;
+        };
+        let mut rest = &chunk.bytes[..];
+        while !rest.is_empty() {
+            rest = &rest[buf.fill(rest)..];
+            if buf.is_full() {
+                let (back, len) = write_out(blobs, account, id, offset, buf).await?;
+                offset = len;
+                buf = back;
+                buf.reset(room(offset));
+            }
         }
     }
     let b = blobs.clone();
@@ -231,6 +221,35 @@ async fn upload(
     )
     .await;
     Ok(())
+}
+
+/// Appends `buf` to the upload, waiting out the account's rate limit; hands the
+/// buffer back with the upload's new length.
+async fn write_out(
+    blobs: &Arc<BlobStore>,
+    account: AccountId,
+    id: BlobId,
+    offset: u64,
+    mut buf: WriteBuf,
+) -> Result<(WriteBuf, u64), Error> {
+    loop {
+        let b = blobs.clone();
+        let (back, appended) = tokio::task::spawn_blocking(move || {
+            let r = b.append(&account, &id, offset, buf.as_slice());
+            (buf, r)
+        })
+        .await
+        .map_err(|_| Error::Unavailable("media worker stopped"))?;
+        buf = back;
+        match appended {
+            Ok(len) => return Ok((buf, len)),
+            // Over the account's rate: the relay slows the upload down.
+            Err(BlobError::RateLimited { retry_after }) => {
+                tokio::time::sleep(retry_after).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn download(
