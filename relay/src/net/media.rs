@@ -2,10 +2,9 @@
 //! control stream, so a large transfer never holds up messages on the connection.
 //! The protocol is in `proto/proto/tern.proto` ("media").
 
-use std::io::Read;
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
 use tern_proto::{frame, AccountId};
 use tracing::debug;
@@ -260,35 +259,29 @@ async fn download(
     let id = blob_id(&d.blob_id)?;
     let b = blobs.clone();
     let offset = d.offset;
-    let (file, size) = blocking(move || b.open_read(&id, offset)).await?;
+    let mut reader = blocking(move || b.open_read(&id, offset, CHUNK)).await?;
     let ready = v1::BlobStreamResponse {
-        result: Some(Res::DownloadReady(v1::DownloadReady { size, offset })),
+        result: Some(Res::DownloadReady(v1::DownloadReady {
+            size: reader.size(),
+            offset,
+        })),
     };
     if !respond(send, &ready).await {
         return Ok(());
     }
-    let mut file = Some(file);
-    let mut left = size - offset;
-    while left > 0 {
-        let Some(mut f) = file.take() else { break };
-        let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
-        let (f, chunk) = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; want];
-            let n = f.read(&mut buf)?;
-            buf.truncate(n);
-            Ok::<_, std::io::Error>((f, buf))
+    loop {
+        let (back, chunk) = tokio::task::spawn_blocking(move || {
+            let chunk = reader.next_chunk();
+            (reader, chunk)
         })
         .await
-        .map_err(|_| Error::Unavailable("media worker stopped"))??;
-        if chunk.is_empty() {
-            // The file is shorter than its record: stop; the client sees a short blob.
-            break;
-        }
-        left -= chunk.len() as u64;
-        if send.write_chunk(Bytes::from(chunk)).await.is_err() {
+        .map_err(|_| Error::Unavailable("media worker stopped"))?;
+        reader = back;
+        // None early: the file is shorter than its record; the client sees a short blob.
+        let Some(chunk) = chunk? else { break };
+        if send.write_chunk(chunk).await.is_err() {
             return Ok(());
         }
-        file = Some(f);
     }
     Ok(())
 }
