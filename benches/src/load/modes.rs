@@ -195,19 +195,27 @@ async fn drain(
 /// recipients open and decrypt as deliveries arrive.
 pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report, LoadError> {
     let setup = pairs(relay, args.pairs).await?;
+    // Every recipient is connected before the clock starts, so no sender begins
+    // behind its schedule.
+    let mut connected = Vec::with_capacity(setup.len());
+    for pair in setup {
+        let (conn, inbox, _) = pair.recipient.connect(&relay.address).await?;
+        connected.push((pair, conn, inbox));
+    }
     let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
     let start = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
+    // Set when a pair fails, so the other senders stop instead of running on.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ticker = progress("delivered", done.clone(), args.messages);
     let mut tasks = Vec::new();
-    for (i, pair) in setup.into_iter().enumerate() {
+    for (i, (pair, conn, mut inbox)) in connected.into_iter().enumerate() {
         let want = share(args.messages, args.pairs, i);
         let Pair {
             mut link,
             anon,
             mut recipient,
         } = pair;
-        let (conn, mut inbox, _) = recipient.connect(&relay.address).await?;
         let done = done.clone();
         let receiver = tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(want as usize);
@@ -238,10 +246,14 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
             (start + every.mul_f64(i as f64 / args.pairs as f64), every)
         });
         let runtime = tokio::runtime::Handle::current();
+        let stop = stop.clone();
         let sender = tokio::task::spawn_blocking(move || {
             let (to, token) = (link.to, link.token);
             let mut pending = futures::stream::FuturesOrdered::new();
             for k in 0..want {
+                if stop.load(Ordering::Relaxed) {
+                    return Err("another pair failed".into());
+                }
                 let sent_at = match schedule {
                     Some((first, every)) => {
                         let due = first + every.mul_f64(k as f64);
@@ -274,8 +286,14 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
     }
     let mut latencies = Vec::new();
     for (sender, receiver) in tasks {
-        sender.await??;
-        latencies.extend(receiver.await??);
+        let pair = async { Ok::<_, LoadError>((sender.await??, receiver.await??)) }.await;
+        match pair {
+            Ok(((), l)) => latencies.extend(l),
+            Err(e) => {
+                stop.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     ticker.abort();
