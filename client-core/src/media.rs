@@ -299,7 +299,9 @@ struct FileWriter {
     buf: Chunk,
     full: Option<std::sync::mpsc::SyncSender<Chunk>>,
     empty: std::sync::mpsc::Receiver<Chunk>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
+    /// The file, and how many bytes went to it with direct I/O.
+    thread: Option<std::thread::JoinHandle<std::io::Result<(std::fs::File, u64)>>>,
+    direct_bytes: u64,
 }
 
 /// What direct I/O needs lined up: memory address, file offset and length.
@@ -359,12 +361,13 @@ fn set_direct(file: &std::fs::File, on: bool) -> bool {
 /// Writes `chunk` at `at`: directly if `direct` and it is aligned, else through the
 /// page cache (turning direct I/O off for good the first time). Direct I/O refused
 /// (`EINVAL`) falls back too; a part written before the refusal is written over.
+/// Returns whether the write was direct.
 fn write_chunk(
     file: &mut std::fs::File,
     direct: &mut bool,
     chunk: &[u8],
     at: u64,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     use std::io::{Seek, SeekFrom, Write};
     let aligned = at % DIRECT_ALIGN as u64 == 0
         && chunk.len() % DIRECT_ALIGN == 0
@@ -375,7 +378,7 @@ fn write_chunk(
             Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
                 file.seek(SeekFrom::Start(at))?;
             }
-            r => return r,
+            r => return r.map(|()| true),
         }
     }
     if *direct {
@@ -384,7 +387,7 @@ fn write_chunk(
             return Err(std::io::Error::other("could not turn direct I/O off"));
         }
     }
-    file.write_all(chunk)
+    file.write_all(chunk).map(|()| false)
 }
 
 impl FileWriter {
@@ -400,8 +403,11 @@ impl FileWriter {
             .name("tern-download-writer".into())
             .spawn(move || {
                 let mut direct = set_direct(&file, true);
+                let mut direct_bytes = 0;
                 for mut chunk in full_rx {
-                    write_chunk(&mut file, &mut direct, chunk.as_slice(), at)?;
+                    if write_chunk(&mut file, &mut direct, chunk.as_slice(), at)? {
+                        direct_bytes += chunk.len as u64;
+                    }
                     at += chunk.len as u64;
                     chunk.len = 0;
                     let _ = empty_tx.send(chunk);
@@ -409,13 +415,14 @@ impl FileWriter {
                 if direct && !set_direct(&file, false) {
                     return Err(std::io::Error::other("could not turn direct I/O off"));
                 }
-                Ok(file)
+                Ok((file, direct_bytes))
             })?;
         Ok(FileWriter {
             buf: Chunk::new(),
             full: Some(full),
             empty,
             thread: Some(thread),
+            direct_bytes: 0,
         })
     }
 
@@ -441,9 +448,10 @@ impl FileWriter {
             .thread
             .take()
             .ok_or_else(|| std::io::Error::other("the file writer already finished"))?;
-        let file = thread
+        let (file, direct_bytes) = thread
             .join()
             .map_err(|_| std::io::Error::other("the file writer panicked"))??;
+        self.direct_bytes = direct_bytes;
         sent.map(|()| file)
     }
 }
@@ -618,6 +626,33 @@ mod tests {
         assert!(AttachmentPointer::from_bytes(&[0xff, 0xff]).is_err());
     }
 
+    /// Whether the file system under `dir` takes direct I/O (asked with `open`, not
+    /// with the code under test).
+    fn direct_io_here(dir: &Path) -> bool {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let probe = dir.join("direct-probe");
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(&probe);
+            let mut chunk = Chunk::new();
+            chunk.fill(&[0; DIRECT_ALIGN]);
+            let direct = opened.is_ok_and(|mut f| f.write_all(chunk.as_slice()).is_ok());
+            let _ = std::fs::remove_file(&probe);
+            direct
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        {
+            let _ = dir;
+            false
+        }
+    }
+
     #[test]
     fn the_file_writer_writes_every_byte_from_an_aligned_or_odd_start() {
         use std::io::Write;
@@ -645,6 +680,14 @@ mod tests {
                 std::io::Seek::stream_position(&mut file).expect("position"),
                 bytes.len() as u64
             );
+            // The three whole chunks go direct from an aligned start, where the file
+            // system allows it; from an odd start nothing does.
+            let expected = if head == 0 && direct_io_here(dir.path()) {
+                3 * FileWriter::CHUNK as u64
+            } else {
+                0
+            };
+            assert_eq!(w.direct_bytes, expected, "{name}");
             drop(file);
             assert_eq!(std::fs::read(&path).expect("read"), bytes, "{name}");
         }

@@ -263,8 +263,8 @@ impl std::fmt::Debug for WriteBuf {
     }
 }
 
-/// Buffers a [`BlobReader`] keeps for reuse, at most.
-const POOLED: usize = 64;
+/// Buffers a [`BlobReader`] keeps for reuse, at most (4 MiB at 256 KiB chunks).
+const POOLED: usize = 16;
 
 /// Reads a blob out for sending, in chunks handed over without a copy: with direct
 /// I/O where the file system allows (see the module docs), into buffers that come
@@ -816,6 +816,25 @@ mod tests {
         out
     }
 
+    /// Whether the file system under `dir` takes direct I/O (Linux's ext4 and xfs do;
+    /// tmpfs before Linux 6.6 does not).
+    /// (Asked with `open`, not with the code under test.)
+    fn direct_io_here(dir: &Path) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = dir.join("direct-probe");
+        let opened = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(&probe);
+        let mut buf = WriteBuf::new(DIRECT_ALIGN);
+        buf.fill(&[0; DIRECT_ALIGN]);
+        let direct = opened.is_ok_and(|f| f.write_all_at(buf.as_slice(), 0).is_ok());
+        let _ = fs::remove_file(&probe);
+        cfg!(target_os = "linux") && direct
+    }
+
     fn read_all(reader: &mut BlobReader) -> Vec<u8> {
         let mut out = Vec::new();
         while let Some(chunk) = reader.next_chunk().expect("read") {
@@ -1214,10 +1233,14 @@ mod tests {
                 .expect("append");
         }
         assert_eq!(f.store.received_bytes(), bytes.len() as u64);
-        #[cfg(target_os = "linux")]
+        let expected = if direct_io_here(f.dir.path()) {
+            2 * DIRECT_ALIGN as u64
+        } else {
+            0
+        };
         assert_eq!(
             f.store.direct_bytes(),
-            2 * DIRECT_ALIGN as u64,
+            expected,
             "only the aligned piece bypasses the page cache"
         );
         f.store
@@ -1249,12 +1272,12 @@ mod tests {
         }
         // Chunks dropped before the next read come back: the pool stays at one buffer.
         let mut reader = f.store.open_read(&id, 0, 4096).expect("open");
-        #[cfg(target_os = "linux")]
-        assert!(
-            reader.direct,
-            "direct reads (and their offset arithmetic) are tested"
-        );
         while reader.next_chunk().expect("read").is_some() {}
+        assert_eq!(
+            reader.direct,
+            direct_io_here(f.dir.path()),
+            "direct reads (and their offset arithmetic) are tested where the file system has them"
+        );
         assert_eq!(lock(&reader.pool).len(), 1);
         // A file shorter than its record ends the read early, without an error.
         let path = f.store.blob_path(&id);

@@ -450,7 +450,10 @@ mod tests {
         let mut set = SessionSet::default();
         let good = alice.vouch();
         let (id, dh) = (alice.id(), alice.dh.public());
+        assert_eq!(set.vouched, None);
         set.verify_identity_dh(&id, &dh, &good).expect("valid");
+        let remembered = Some((id, dh, good));
+        assert_eq!(set.vouched, remembered);
         set.verify_identity_dh(&id, &dh, &good).expect("remembered");
         let mut bad = good;
         bad[0] ^= 1;
@@ -464,6 +467,7 @@ mod tests {
                 set.verify_identity_dh(&id, &dh, sig).is_err(),
                 "only the exact bytes that verified are remembered"
             );
+            assert_eq!(set.vouched, remembered, "a failure changes nothing");
         }
         set.verify_identity_dh(&id, &dh, &good)
             .expect("still valid");
