@@ -83,7 +83,11 @@ impl Decoder {
 
 /// Appends `msg` to `out` as one frame.
 pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
-    let len = msg.encoded_len();
+    put(msg, msg.encoded_len(), out);
+}
+
+/// Appends `msg`, whose encoded length is `len`, as one frame.
+fn put<M: prost::Message>(msg: &M, len: usize, out: &mut BytesMut) {
     out.reserve(HEADER_LEN + len);
     // Frames are bounded far below 4 GiB by every sender's own limit.
     out.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
@@ -93,13 +97,24 @@ pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
 
 /// Appends `first`, then whatever `next` yields, as frames to `out` until `next` runs
 /// dry or `out` holds `limit` bytes: one stream write for everything that is ready.
+/// `queued` (how many more the caller knows are waiting) sizes `out` up front, from
+/// `first`'s size, so the batch is built without regrowing: each regrowth copies it.
 pub fn encode_ready<M: prost::Message>(
     first: &M,
+    queued: usize,
     mut next: impl FnMut() -> Option<M>,
     limit: usize,
     out: &mut BytesMut,
 ) {
-    encode(first, out);
+    let len = first.encoded_len();
+    let one = HEADER_LEN + len;
+    out.reserve(
+        queued
+            .saturating_add(1)
+            .saturating_mul(one)
+            .min(limit + one),
+    );
+    put(first, len, out);
     while out.len() < limit {
         match next() {
             Some(m) => encode(&m, out),
@@ -145,7 +160,8 @@ mod tests {
         let mut queue: Vec<_> = (2..100).map(ping).collect();
         queue.reverse();
         let mut out = BytesMut::new();
-        encode_ready(&ping(1), || queue.pop(), 20, &mut out);
+        let queued = queue.len();
+        encode_ready(&ping(1), queued, || queue.pop(), 20, &mut out);
         let one = encoded_len(&ping(1));
         assert!(
             out.len() >= 20 && out.len() < 20 + one,
@@ -153,7 +169,7 @@ mod tests {
             out.len()
         );
         let mut out = BytesMut::new();
-        encode_ready(&ping(1), || None, 1 << 20, &mut out);
+        encode_ready(&ping(1), 0, || None, 1 << 20, &mut out);
         assert_eq!(out.len(), one);
     }
 

@@ -592,7 +592,7 @@ async fn write_frames(
 ) {
     let mut buf = BytesMut::new();
     while let Some(f) = rx.recv().await {
-        frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
+        frame::encode_ready(&f, rx.len(), || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;
         }

@@ -621,11 +621,7 @@ async fn deliver(
 async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>) {
     let mut buf = BytesMut::new();
     while let Some(f) = rx.recv().await {
-        // Room for what is queued now, so the batch is built without regrowing (each
-        // regrowth copies it); frames that arrive meanwhile may still grow it.
-        let one = frame::encoded_len(&*f);
-        buf.reserve((rx.len() + 1).saturating_mul(one).min(WRITE_BATCH + one));
-        frame::encode_ready(&f, || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
+        frame::encode_ready(&f, rx.len(), || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;
         }
