@@ -303,18 +303,25 @@ impl Drop for Pooled {
     }
 }
 
-/// Turns direct I/O on for `file`, if the system allows; returns whether it did.
-fn try_direct(file: &File) -> bool {
+/// Turns direct I/O on or off for `file`; whether the system took it.
+fn set_direct(file: &File, on: bool) -> bool {
     #[cfg(target_os = "linux")]
     {
         use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
         fcntl_getfl(file)
-            .and_then(|f| fcntl_setfl(file, f | OFlags::DIRECT))
+            .and_then(|f| {
+                let f = if on {
+                    f | OFlags::DIRECT
+                } else {
+                    f - OFlags::DIRECT
+                };
+                fcntl_setfl(file, f)
+            })
             .is_ok()
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = file;
+        let _ = (file, on);
         false
     }
 }
@@ -326,7 +333,7 @@ fn is_einval(e: &std::io::Error) -> bool {
 
 impl BlobReader {
     fn new(file: File, offset: u64, size: u64, chunk: usize) -> Self {
-        let direct = try_direct(&file);
+        let direct = set_direct(&file, true);
         BlobReader {
             file,
             direct,
@@ -349,11 +356,8 @@ impl BlobReader {
             Err(e) if self.direct && is_einval(&e) => {
                 // Direct I/O refused after all: the page cache will do.
                 self.direct = false;
-                #[cfg(target_os = "linux")]
-                {
-                    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-                    fcntl_getfl(&self.file)
-                        .and_then(|f| fcntl_setfl(&self.file, f - OFlags::DIRECT))?;
+                if !set_direct(&self.file, false) {
+                    return Err(e);
                 }
                 self.read()
             }
@@ -403,30 +407,20 @@ impl BlobReader {
     }
 }
 
-/// Writes `bytes` at `at` in the upload `file` (at `path`): with direct I/O when
-/// address, offset and length are aligned and the file system takes it, else through
-/// the page cache. Returns whether the write was direct.
-#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
-fn write_upload(file: &File, path: &Path, at: u64, bytes: &[u8]) -> std::io::Result<bool> {
-    #[cfg(target_os = "linux")]
-    {
-        let aligned = at % DIRECT_ALIGN as u64 == 0
-            && bytes.len() % DIRECT_ALIGN == 0
-            && (bytes.as_ptr() as usize) % DIRECT_ALIGN == 0;
-        if aligned && !bytes.is_empty() {
-            use std::os::unix::fs::OpenOptionsExt;
-            let direct = OpenOptions::new()
-                .write(true)
-                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
-                .open(path)
-                .and_then(|f| f.write_all_at(bytes, at));
-            match direct {
-                Ok(()) => return Ok(true),
-                // No direct I/O here (or not for this file): the page cache will do.
-                // A part written before the refusal is written over below.
-                Err(e) if is_einval(&e) => {}
-                Err(e) => return Err(e),
-            }
+/// Writes `bytes` at `at` in the upload `file` (opened for this write alone): with
+/// direct I/O when address, offset and length are aligned and the file system takes
+/// it, else through the page cache. Returns whether the write was direct.
+fn write_upload(file: &File, at: u64, bytes: &[u8]) -> std::io::Result<bool> {
+    let aligned = at % DIRECT_ALIGN as u64 == 0
+        && bytes.len() % DIRECT_ALIGN == 0
+        && (bytes.as_ptr() as usize) % DIRECT_ALIGN == 0;
+    if aligned && !bytes.is_empty() && set_direct(file, true) {
+        match file.write_all_at(bytes, at) {
+            Ok(()) => return Ok(true),
+            // No direct I/O here (or not for this file): the page cache will do. A
+            // part written before the refusal is written over below.
+            Err(e) if is_einval(&e) && set_direct(file, false) => {}
+            Err(e) => return Err(e),
         }
     }
     file.write_all_at(bytes, at)?;
@@ -637,7 +631,7 @@ impl BlobStore {
             .map_err(|ms| BlobError::RateLimited {
                 retry_after: Duration::from_millis(ms),
             })?;
-        if write_upload(&file, &path, len, bytes)? {
+        if write_upload(&file, len, bytes)? {
             self.direct.fetch_add(n, Ordering::Relaxed);
         }
         self.received.fetch_add(n, Ordering::Relaxed);
