@@ -128,13 +128,17 @@ async fn transfer(
 }
 
 /// Runs blocking file work off the async threads.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::Unavailable("media worker stopped"))
+}
+
+/// [`off_thread`] for blob store calls.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Error::Unavailable("media worker stopped"))?
-        .map_err(Error::from)
+    Ok(off_thread(f).await??)
 }
 
 async fn upload(
@@ -233,12 +237,11 @@ async fn write_out(
 ) -> Result<(WriteBuf, u64), Error> {
     loop {
         let b = blobs.clone();
-        let (back, appended) = tokio::task::spawn_blocking(move || {
+        let (back, appended) = off_thread(move || {
             let r = b.append(&account, &id, offset, buf.as_slice());
             (buf, r)
         })
-        .await
-        .map_err(|_| Error::Unavailable("media worker stopped"))?;
+        .await?;
         buf = back;
         match appended {
             Ok(len) => return Ok((buf, len)),
@@ -270,12 +273,11 @@ async fn download(
         return Ok(());
     }
     loop {
-        let (back, chunk) = tokio::task::spawn_blocking(move || {
+        let (back, chunk) = off_thread(move || {
             let chunk = reader.next_chunk();
             (reader, chunk)
         })
-        .await
-        .map_err(|_| Error::Unavailable("media worker stopped"))?;
+        .await?;
         reader = back;
         // None early: the file is shorter than its record; the client sees a short blob.
         let Some(chunk) = chunk? else { break };
