@@ -338,12 +338,18 @@ pub(crate) mod codec {
     }
 
     pub(crate) fn parse_addr(bytes: &[u8]) -> StoreResult<DeviceAddress> {
-        let bad = || StoreError::Corrupt("address");
         if bytes.len() != ADDR_LEN {
-            return Err(bad());
+            return Err(StoreError::Corrupt("address"));
         }
-        let device = u32::from_be_bytes(bytes[16..].try_into().map_err(|_| bad())?);
-        DeviceAddress::from_wire(&bytes[..16], device).map_err(|_| bad())
+        DeviceAddress::from_wire(&bytes[..16], u32::from_be_bytes(fixed(&bytes[16..])?))
+            .map_err(|_| StoreError::Corrupt("address"))
+    }
+
+    /// `bytes` as a fixed-size field; a record with another length is corrupt.
+    pub(crate) fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {
+        bytes
+            .try_into()
+            .map_err(|_| StoreError::Corrupt("field length"))
     }
 
     pub(crate) fn encode_account(rec: &AccountRecord) -> Vec<u8> {

@@ -24,7 +24,7 @@ use std::path::Path;
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
-use super::codec::{addr_bytes, parse_addr, ADDR_LEN};
+use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::{
     codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
@@ -59,12 +59,6 @@ fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
 
 fn backend(e: sled::Error) -> StoreError {
     StoreError::Backend(e.to_string())
-}
-
-fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("field length"))
 }
 
 fn msg_key(a: &DeviceAddress, seq: u64) -> [u8; MSG_KEY_LEN] {

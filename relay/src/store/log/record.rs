@@ -25,7 +25,7 @@ use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
 use crate::clock::UnixMillis;
-use crate::store::codec::{addr_bytes, parse_addr, ADDR_LEN};
+use crate::store::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use crate::store::{StoreError, StoreResult};
 
 /// "TERNLOG" and a format version.
@@ -85,13 +85,14 @@ pub(super) fn encode_message(out: &mut Vec<u8>, h: &MessageHeader, payload: &[u8
     out.extend_from_slice(&h.expires_at.to_be_bytes());
     out.extend_from_slice(h.message_id.as_bytes());
     out.extend_from_slice(payload);
-    let crc = message_crc(&out[start..]);
+    let crc = record_crc(&out[start..]);
     out[start + 4..start + PREFIX_LEN].copy_from_slice(&crc.to_be_bytes());
     out.len() - start
 }
 
-/// The CRC of a whole message record: its length, then everything after the CRC.
-fn message_crc(record: &[u8]) -> u32 {
+/// A record's CRC: over its length, then everything after the CRC (for a dead span,
+/// everything in its header).
+fn record_crc(record: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&record[..4]);
     hasher.update(&record[PREFIX_LEN..]);
@@ -107,16 +108,9 @@ pub(super) fn dead_header(span: u64, max_seq: u64) -> StoreResult<[u8; PEEK_LEN]
     h[..4].copy_from_slice(&len.to_be_bytes());
     h[8] = KIND_DEAD;
     h[9..].copy_from_slice(&max_seq.to_be_bytes());
-    let crc = dead_crc(&h);
+    let crc = record_crc(&h);
     h[4..8].copy_from_slice(&crc.to_be_bytes());
     Ok(h)
-}
-
-fn dead_crc(h: &[u8; PEEK_LEN]) -> u32 {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&h[..4]);
-    hasher.update(&h[8..]);
-    hasher.finalize()
 }
 
 /// What a record prefix says comes next.
@@ -138,7 +132,7 @@ pub(super) fn next(peek: &[u8; PEEK_LEN], remaining: u64) -> Next {
         return Next::End;
     }
     let crc = u32::from_be_bytes([peek[4], peek[5], peek[6], peek[7]]);
-    if peek[8] == KIND_DEAD && crc == dead_crc(peek) {
+    if peek[8] == KIND_DEAD && crc == record_crc(peek) {
         let mut seq = [0u8; 8];
         seq.copy_from_slice(&peek[9..]);
         Next::Dead(total, u64::from_be_bytes(seq))
@@ -162,7 +156,7 @@ pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
     }
     let len = u32::from_be_bytes(fixed(&record[..4])?) as usize;
     let crc = u32::from_be_bytes(fixed(&record[4..8])?);
-    if len + PREFIX_LEN != record.len() || record[8] != KIND_MESSAGE || message_crc(record) != crc {
+    if len + PREFIX_LEN != record.len() || record[8] != KIND_MESSAGE || record_crc(record) != crc {
         return Ok(None);
     }
     let b = &record[9..MESSAGE_OVERHEAD];
@@ -179,12 +173,6 @@ pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
         },
         payload: record.slice(MESSAGE_OVERHEAD..),
     }))
-}
-
-fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {
-    bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("field length"))
 }
 
 #[cfg(test)]
