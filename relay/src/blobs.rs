@@ -829,6 +829,11 @@ mod tests {
         cfg!(target_os = "linux") && direct
     }
 
+    /// `n` bytes that differ from block to block, so a misplaced block shows.
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8).collect()
+    }
+
     fn read_all(reader: &mut BlobReader) -> Vec<u8> {
         let mut out = Vec::new();
         while let Some(chunk) = reader.next_chunk().expect("read") {
@@ -1198,9 +1203,7 @@ mod tests {
     #[test]
     fn aligned_pieces_go_direct_and_odd_ones_through_the_page_cache() {
         let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
-        let bytes: Vec<u8> = (0..3 * DIRECT_ALIGN + 300)
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let bytes = pattern(3 * DIRECT_ALIGN + 300);
         let id = id_of(&bytes);
         let Begin::Upload { slot, .. } = f
             .store
@@ -1249,9 +1252,7 @@ mod tests {
     #[test]
     fn a_reader_returns_every_byte_from_any_offset_and_reuses_its_buffers() {
         let f = fixture(Arc::new(MemoryStore::new()), BlobLimits::default());
-        let bytes: Vec<u8> = (0..5 * DIRECT_ALIGN + 123)
-            .map(|i| (i % 253) as u8)
-            .collect();
+        let bytes = pattern(5 * DIRECT_ALIGN + 123);
         upload(&f.store, &ALICE, &bytes).expect("upload");
         let id = id_of(&bytes);
         for offset in [0, 1, 4095, 4096, 10_000, bytes.len() - 1, bytes.len()] {

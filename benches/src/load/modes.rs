@@ -176,7 +176,7 @@ async fn drain(
     inbox: &mut Inbox,
     want: u64,
     done: &AtomicU64,
-    mut on_payload: impl FnMut(bytes::Bytes) -> Result<(), LoadError>,
+    mut on_payload: impl FnMut(&[u8]) -> Result<(), LoadError>,
 ) -> Result<(), LoadError> {
     let mut ids = HashSet::with_capacity(usize::try_from(want).unwrap_or(0));
     let mut got = 0u64;
@@ -193,7 +193,7 @@ async fn drain(
                 if !ids.insert(d.message_id) {
                     return Err("a message was delivered twice".into());
                 }
-                on_payload(d.payload)?;
+                on_payload(&d.payload)?;
                 acks.push(d.seq);
                 got += 1;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -254,7 +254,7 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
             let mut latencies = Vec::with_capacity(want as usize);
             let mut next = 0u64;
             drain(&conn, &mut inbox, want, &done, |payload| {
-                let (_, plaintext) = recipient.open(&payload, now_ms())?;
+                let (_, plaintext) = recipient.open(payload, now_ms())?;
                 let (index, sent_ns) = parse_body(&plaintext.body)?;
                 if index != next {
                     return Err(format!("out of order: got {index}, expected {next}").into());
@@ -440,7 +440,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
             }
             // Kept and opened after the drain.
             drain(&conn, &mut inbox, want, &done, |p| {
-                payloads.push(&p);
+                payloads.push(p);
                 Ok(())
             })
             .await?;
