@@ -67,11 +67,10 @@ impl GroupCommit {
             });
         }
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let counter = flushes.clone();
-        let store = flush.clone();
+        let (counter, run) = (flushes.clone(), flush.clone());
         let thread = thread::Builder::new()
             .name("tern-group-commit".into())
-            .spawn(move || flusher(&*store, &rx, &counter))?;
+            .spawn(move || flusher(&run, &rx, &counter))?;
         Ok(GroupCommit {
             mode,
             flush,
@@ -121,11 +120,7 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher(
-    flush: &(dyn Fn() -> Result<(), StoreError> + Send + Sync),
-    rx: &mpsc::Receiver<Waiter>,
-    flushes: &AtomicU64,
-) {
+fn flusher(flush: &Flush, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
     // Ends when every sender is dropped.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
