@@ -87,6 +87,21 @@ struct Writer {
     dirty: bool,
     /// Earlier active segments written since the last flush.
     unsynced: Vec<Arc<Segment>>,
+    /// The active segment started as an empty file, not a zero-filled spare, so it
+    /// grows with every append (see [`EARLY_SPARE`]).
+    grows: bool,
+}
+
+impl Writer {
+    /// Bytes in the active segment at which the background pass prepares a spare.
+    fn spare_due(&self, segment_bytes: u64) -> u64 {
+        let half = segment_bytes / 2;
+        if self.grows {
+            half.min(EARLY_SPARE)
+        } else {
+            half
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -162,6 +177,12 @@ fn io(context: &str, e: std::io::Error) -> StoreError {
 const SPARE: &str = "spare.tmp";
 /// Room in a spare beyond the segment size, for the send that crosses it.
 const SPARE_SLACK: u64 = 4 << 20;
+/// A segment that starts as an empty file (at open, or when no spare is ready)
+/// grows with every append, and then each fdatasync writes its inode too: measured
+/// here at 4,000 msg/s online, p99 5.9–6.3 ms instead of 2.9–3.4. Once it holds
+/// this much (traffic, not a test or an idle relay) a spare is prepared and the log
+/// moves to it at the next append.
+const EARLY_SPARE: u64 = 1 << 20;
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.seg"))
@@ -330,6 +351,7 @@ impl LogStore {
                 buf: Vec::new(),
                 dirty: false,
                 unsynced: Vec::new(),
+                grows: true,
             }),
             index: Mutex::new(index),
             flushing: Mutex::new(()),
@@ -402,7 +424,7 @@ fn remove_segment(dir: &Path, id: u64) {
     }
 }
 
-/// Runs every [`SCRUB_INTERVAL`], and at once when woken (a segment is half full);
+/// Runs every [`SCRUB_INTERVAL`], and at once when woken (a spare is due);
 /// ends when the store's sender is dropped.
 fn background(shared: &Weak<Shared>, wake: &mpsc::Receiver<()>) {
     loop {
@@ -427,12 +449,16 @@ impl Shared {
     /// Zero-fills the next segment's file ahead of time, if none is ready. Appends
     /// into a file whose size does not change need no inode write at each fdatasync:
     /// measured here, 130 us per write+fdatasync instead of 200.
-    /// Only once the active segment is half full, so an idle relay writes nothing.
+    /// Only once the active segment is half full (or holds [`EARLY_SPARE`], if it
+    /// grows), so an idle relay writes nothing.
     fn prepare_spare(&self) -> StoreResult<()> {
         // One lock at a time: a roll takes the writer's, then the spare's.
         let ready = lock(&self.spare).is_some();
-        let used = lock(&self.writer).len;
-        if ready || used < self.segment_bytes / 2 {
+        let (used, due) = {
+            let w = lock(&self.writer);
+            (w.len, w.spare_due(self.segment_bytes))
+        };
+        if ready || used < due {
             return Ok(());
         }
         let path = self.dir.join(SPARE);
@@ -459,17 +485,18 @@ impl Shared {
         }
     }
 
-    /// The next segment: the spare if one is ready, else a new empty file.
-    fn next_segment(&self, id: u64, seq_floor: u64) -> StoreResult<Segment> {
+    /// The next segment: the spare if one is ready, else a new empty file (and
+    /// whether it is that, which grows).
+    fn next_segment(&self, id: u64, seq_floor: u64) -> StoreResult<(Segment, bool)> {
         let Some(file) = lock(&self.spare).take() else {
-            return create_segment(&self.dir, id, seq_floor);
+            return Ok((create_segment(&self.dir, id, seq_floor)?, true));
         };
         file.write_all_at(&record::header(seq_floor), 0)
             .and_then(|()| file.sync_data())
             .map_err(|e| io("writing a segment header", e))?;
         std::fs::rename(self.dir.join(SPARE), segment_path(&self.dir, id))
             .map_err(|e| io("naming a segment", e))?;
-        Ok(Segment { id, file })
+        Ok((Segment { id, file }, false))
     }
 
     /// Deletes an emptied segment; the next flush makes that durable.
@@ -481,13 +508,15 @@ impl Shared {
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
-        let segment = Arc::new(self.next_segment(id, w.next_seq)?);
+        let (segment, grows) = self.next_segment(id, w.next_seq)?;
+        let segment = Arc::new(segment);
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.
         sync_dir(&self.dir)?;
         let old = std::mem::replace(&mut w.active, segment.clone());
         w.len = HEADER_LEN;
+        w.grows = grows;
         w.unsynced.push(old.clone());
         let mut index = lock(&self.index);
         index.segments.insert(id, SegmentState::new(segment));
@@ -639,7 +668,10 @@ impl MailboxStore for LogStore {
     ) -> StoreResult<Vec<u64>> {
         let shared = &*self.shared;
         let mut w = lock(&shared.writer);
-        if w.len >= shared.segment_bytes {
+        // A growing segment is left as soon as a spare is ready.
+        if w.len >= shared.segment_bytes
+            || (w.grows && w.len >= EARLY_SPARE && lock(&shared.spare).is_some())
+        {
             shared.roll(&mut w)?;
         }
         let w = &mut *w;
@@ -677,9 +709,10 @@ impl MailboxStore for LogStore {
             w.len = w.len.max(shared.segment_bytes);
             return Err(io("appending", e));
         }
-        let half = shared.segment_bytes / 2;
-        if w.len < half && w.len + w.buf.len() as u64 >= half {
-            // Half way through the segment: have the next one prepared.
+        let due = w.spare_due(shared.segment_bytes);
+        if w.len < due && w.len + w.buf.len() as u64 >= due {
+            // Half way through the segment (or into a growing one): have the next
+            // one prepared.
             if let Some((wake, _)) = &self.background {
                 let _ = wake.send(());
             }

@@ -412,6 +412,67 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
         .all(|(m, i)| m.payload[..] == [i; 2000]));
 }
 
+#[test]
+fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
+    // The first segment starts empty, so every fsync of it also writes its inode.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment = 16 << 20;
+    let store = manual(dir.path(), segment);
+    let a = addr(1);
+    let payload = [7u8; 2000];
+    let per = (payload.len() + record::MESSAGE_OVERHEAD) as u64;
+    let below = (EARLY_SPARE - HEADER_LEN) / per;
+    let mut all = Vec::new();
+    for i in 0..below {
+        all.extend(
+            store
+                .append(&a, &[msg(i as u8, &payload)], 1, 100)
+                .expect("append"),
+        );
+    }
+    // Too little for a relay in use (a test, an idle node): no spare.
+    store.shared.prepare_spare().expect("prepare");
+    assert!(!dir.path().join(SPARE).exists());
+    all.extend(
+        store
+            .append(&a, &[msg(1, &payload)], 1, 100)
+            .expect("append"),
+    );
+    store.shared.prepare_spare().expect("prepare");
+    assert!(
+        dir.path().join(SPARE).exists(),
+        "a spare for a segment in use"
+    );
+    assert_eq!(store.segments(), 1);
+    // The next append moves to the spare, long before the segment is full.
+    all.extend(
+        store
+            .append(&a, &[msg(2, &payload)], 1, 100)
+            .expect("append"),
+    );
+    assert_eq!(store.segments(), 2);
+    let files = segment_files(dir.path());
+    let size = |p: &std::path::PathBuf| std::fs::metadata(p).expect("meta").len();
+    assert!(size(&files[0]) < 2 * EARLY_SPARE, "{}", size(&files[0]));
+    assert_eq!(size(&files[1]), segment + SPARE_SLACK);
+    for i in 0..10 {
+        all.extend(
+            store
+                .append(&a, &[msg(i, &payload)], 1, 100)
+                .expect("append"),
+        );
+    }
+    assert_eq!(
+        size(&files[1]),
+        segment + SPARE_SLACK,
+        "appends do not grow it"
+    );
+    // A pre-zeroed segment is not left early: no spare until it is half full.
+    store.shared.prepare_spare().expect("prepare");
+    assert!(!dir.path().join(SPARE).exists());
+    assert_eq!(seqs(&store, &a), all);
+}
+
 mod model {
     //! The log against the in-memory store, over random appends, acks, expiry sweeps,
     //! scrubs and restarts, with segments small enough to roll and be deleted often.
