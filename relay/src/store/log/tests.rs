@@ -413,6 +413,53 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
 }
 
 #[test]
+fn a_failed_write_loses_nothing_stored_and_the_log_carries_on_in_a_new_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = manual(dir.path(), 1 << 20);
+    let mut kept = store
+        .append(&a, &[msg(1, b"first"), msg(2, b"second")], 1, 100)
+        .expect("append");
+    // The disk refuses the next write: the writer's handle to the active segment is
+    // swapped for a read-only one, so `pwrite` fails (EBADF) as on an I/O error.
+    {
+        let mut w = lock(&store.shared.writer);
+        let path = segment_path(dir.path(), w.active.id);
+        let read_only = File::open(path).expect("open read-only");
+        let id = w.active.id;
+        w.active = Arc::new(Segment {
+            id,
+            file: read_only,
+        });
+    }
+    let err = store
+        .append(&a, &[msg(3, b"refused")], 1, 100)
+        .expect_err("the write fails");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    // What was stored is still there, and the failed append left nothing behind.
+    assert_eq!(seqs(&store, &a), kept);
+    assert_eq!(store.usage(&a).expect("usage").messages, 2);
+    // The next append goes to a new segment instead of writing over the old one.
+    kept.extend(
+        store
+            .append(&a, &[msg(4, b"after")], 1, 100)
+            .expect("append after the failure"),
+    );
+    assert_eq!(store.segments(), 2);
+    store.flush().expect("flush");
+    drop(store);
+    let store = manual(dir.path(), 1 << 20);
+    assert_eq!(seqs(&store, &a), kept);
+    let payloads: Vec<Bytes> = store
+        .read(&a, 0, 10)
+        .expect("read")
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(payloads, [&b"first"[..], b"second", b"after"]);
+}
+
+#[test]
 fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     // The first segment starts empty, so every fsync of it also writes its inode.
     let dir = tempfile::tempdir().expect("tempdir");
