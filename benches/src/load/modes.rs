@@ -163,10 +163,41 @@ async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>, LoadError>
     Ok(out)
 }
 
-fn relay_stats(relay: &RelayUnderTest, cpu_before: f64, report: &mut Report) {
-    report.relay_cpu_s = relay.cpu_seconds().map_or(0.0, |c| c - cpu_before);
+/// The relay's CPU time and context switches at the start of a measured phase.
+struct RelayBefore {
+    cpu_s: f64,
+    switches: Option<u64>,
+}
+
+impl RelayBefore {
+    fn now(relay: &RelayUnderTest) -> Self {
+        RelayBefore {
+            cpu_s: relay.cpu_seconds().unwrap_or(0.0),
+            switches: relay.context_switches(),
+        }
+    }
+}
+
+/// The relay's CPU time, memory and context switches since `before`; per message
+/// too, for `messages` handled.
+fn relay_stats(relay: &RelayUnderTest, before: &RelayBefore, messages: u64, report: &mut Report) {
+    report.relay_cpu_s = relay.cpu_seconds().map_or(0.0, |c| c - before.cpu_s);
     report.relay_peak_rss_kib = relay.rss_kib().map_or(0, |(_, peak)| peak);
     report.client_peak_rss_kib = own_peak_rss_kib().unwrap_or(0);
+    if messages == 0 {
+        return;
+    }
+    let per = |x: f64| x / messages as f64;
+    if report.relay_cpu_s > 0.0 {
+        let us = per(report.relay_cpu_s * 1e6);
+        report.extra.insert("relay_cpu_us_per_msg".into(), us);
+    }
+    if let (Some(before), Some(after)) = (before.switches, relay.context_switches()) {
+        let switches = per(after.saturating_sub(before) as f64);
+        report
+            .extra
+            .insert("relay_switches_per_msg".into(), switches);
+    }
 }
 
 /// Receives deliveries until `want` arrived, acknowledging in batches; returns the
@@ -235,7 +266,7 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
         let (conn, inbox, _) = pair.recipient.connect(&relay.address).await?;
         connected.push((pair, conn, inbox));
     }
-    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let relay_before = RelayBefore::now(relay);
     let start = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
     // Set when a pair fails, so the other senders stop instead of running on.
@@ -340,7 +371,7 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
     report.extra.insert("elapsed_s".into(), elapsed);
-    relay_stats(relay, cpu_before, &mut report);
+    relay_stats(relay, &relay_before, args.messages, &mut report);
     Ok(report)
 }
 
@@ -379,7 +410,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
     let encrypt_s = encrypt_start.elapsed().as_secs_f64();
 
     // Phase 1: accept.
-    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let relay_before = RelayBefore::now(relay);
     let done = Arc::new(AtomicU64::new(0));
     let ticker = progress("accepted", done.clone(), args.messages);
     let accept_start = Instant::now();
@@ -455,7 +486,8 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
     let drain_s = drain_start.elapsed().as_secs_f64();
     ticker.abort();
     let mut report = Report::rate("offline", args.messages, args.size, accept_s);
-    relay_stats(relay, cpu_before, &mut report);
+    // Per message: its accept and its drain together.
+    relay_stats(relay, &relay_before, args.messages, &mut report);
 
     // Phase 3: every message decrypts, once, in order.
     let decrypt_start = Instant::now();
@@ -508,7 +540,7 @@ pub async fn connections(
     args: &ConnectionsArgs,
 ) -> Result<Report, LoadError> {
     use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
-    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let relay_before = RelayBefore::now(relay);
     let open_one = |address: tern_proto::RelayAddress| async move {
         let (conn, inbox) = RelayConnection::connect(&address).await?;
         conn.register(&IdentityKeyPair::generate(), &DeviceKeyPair::generate())
@@ -552,7 +584,7 @@ pub async fn connections(
         ),
         ..Report::default()
     };
-    relay_stats(relay, cpu_before, &mut report);
+    relay_stats(relay, &relay_before, 0, &mut report);
     report.extra.insert("connections".into(), args.count as f64);
     report.extra.insert(
         "connect_per_sec".into(),
@@ -592,7 +624,7 @@ pub async fn media(relay: &RelayUnderTest, args: &MediaArgs) -> Result<Report, L
     }
     let (conn, _inbox) = RelayConnection::connect(&relay.address).await?;
     let _me = Peer::register(&conn, 0).await?;
-    let cpu_before = relay.cpu_seconds().unwrap_or(0.0);
+    let relay_before = RelayBefore::now(relay);
     eprintln!("  encrypting {} bytes", args.size);
     let sealed = dir.path().join("sealed");
     let t = Instant::now();
@@ -621,7 +653,7 @@ pub async fn media(relay: &RelayUnderTest, args: &MediaArgs) -> Result<Report, L
         size: usize::try_from(args.size).unwrap_or(usize::MAX),
         ..Report::default()
     };
-    relay_stats(relay, cpu_before, &mut report);
+    relay_stats(relay, &relay_before, 0, &mut report);
     report.msgs_per_sec = 1.0 / (upload_s + download_s);
     report.mb_per_sec = 2.0 * mb / (upload_s + download_s);
     report

@@ -122,6 +122,26 @@ impl RelayUnderTest {
         Some((utime + stime) / clock_ticks())
     }
 
+    /// Context switches (voluntary and not) summed over the relay's threads now
+    /// alive: each is a thread going to sleep or being put aside, the cost that
+    /// grows per message at low rates.
+    pub fn context_switches(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        let mut total = 0;
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue; // the thread ended meanwhile
+            };
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Some(total)
+    }
+
     /// The relay's resident memory now and at its peak, in KiB.
     pub fn rss_kib(&self) -> Option<(u64, u64)> {
         let status = self.proc_file("status")?;
