@@ -1,6 +1,6 @@
 //! The run modes.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use tern_client::net::{Envelope, Inbox, Incoming, RelayConnection};
 use tern_proto::MessageId;
 
 use super::peer::{Link, Peer};
-use super::relay::{own_peak_rss_kib, RelayUnderTest};
+use super::relay::{own_peak_rss_kib, switches_since, RelayUnderTest};
 use super::{now_ms, percentiles, LoadError, Report};
 
 /// `online` settings.
@@ -166,7 +166,7 @@ async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>, LoadError>
 /// The relay's CPU time and context switches at the start of a measured phase.
 struct RelayBefore {
     cpu_s: f64,
-    switches: Option<u64>,
+    switches: Option<HashMap<u32, u64>>,
 }
 
 impl RelayBefore {
@@ -192,8 +192,8 @@ fn relay_stats(relay: &RelayUnderTest, before: &RelayBefore, messages: u64, repo
         let us = per(report.relay_cpu_s * 1e6);
         report.extra.insert("relay_cpu_us_per_msg".into(), us);
     }
-    if let (Some(before), Some(after)) = (before.switches, relay.context_switches()) {
-        let switches = per(after.saturating_sub(before) as f64);
+    if let (Some(start), Some(end)) = (&before.switches, relay.context_switches()) {
+        let switches = per(switches_since(start, &end) as f64);
         report
             .extra
             .insert("relay_switches_per_msg".into(), switches);

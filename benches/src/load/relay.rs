@@ -1,6 +1,7 @@
 //! The relay under load: a `tern-relay` process this tool starts (and always ends), or
 //! one already running at an address given on the command line.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -122,24 +123,28 @@ impl RelayUnderTest {
         Some((utime + stime) / clock_ticks())
     }
 
-    /// Context switches (voluntary and not) summed over the relay's threads now
-    /// alive: each is a thread going to sleep or being put aside, the cost that
-    /// grows per message at low rates.
-    pub fn context_switches(&self) -> Option<u64> {
+    /// Context switches (voluntary and not) of each of the relay's threads now alive,
+    /// by thread id: each is a thread going to sleep or being put aside, the cost
+    /// that grows per message at low rates. See [`switches_since`].
+    pub fn context_switches(&self) -> Option<HashMap<u32, u64>> {
         let pid = self.child.as_ref()?.id();
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let mut total = 0;
+        let mut by_thread = HashMap::new();
         for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
             let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
                 continue; // the thread ended meanwhile
             };
-            total += status
+            let switches = status
                 .lines()
                 .filter(|l| l.contains("ctxt_switches:"))
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
+                .sum();
+            by_thread.insert(tid, switches);
         }
-        Some(total)
+        Some(by_thread)
     }
 
     /// The relay's resident memory now and at its peak, in KiB.
@@ -181,6 +186,16 @@ impl Drop for RelayUnderTest {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Context switches between two [`RelayUnderTest::context_switches`] readings: a
+/// thread started in between counts in full; one that ended in between is missed
+/// (the relay's long-lived threads, its workers and writers, do not end).
+pub fn switches_since(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> u64 {
+    after
+        .iter()
+        .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
 }
 
 /// Clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux).

@@ -422,6 +422,8 @@ fn a_failed_write_loses_nothing_stored_and_the_log_carries_on_in_a_new_segment()
         .expect("append");
     // The disk refuses the next write: the writer's handle to the active segment is
     // swapped for a read-only one, so `pwrite` fails (EBADF) as on an I/O error.
+    // Nothing of the record reaches the file here; a record torn part way is what
+    // `a_torn_tail_is_ignored` covers.
     {
         let mut w = lock(&store.shared.writer);
         let path = segment_path(dir.path(), w.active.id);
@@ -502,10 +504,12 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     let size = |p: &std::path::PathBuf| std::fs::metadata(p).expect("meta").len();
     assert!(size(&files[0]) < 2 * EARLY_SPARE, "{}", size(&files[0]));
     assert_eq!(size(&files[1]), segment + SPARE_SLACK);
-    for i in 0..10 {
+    // Past EARLY_SPARE in the pre-zeroed segment: it does not grow, and it is not
+    // left early (no spare until it is half full).
+    for i in 0..=below {
         all.extend(
             store
-                .append(&a, &[msg(i, &payload)], 1, 100)
+                .append(&a, &[msg(i as u8, &payload)], 1, 100)
                 .expect("append"),
         );
     }
@@ -514,9 +518,54 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
         segment + SPARE_SLACK,
         "appends do not grow it"
     );
-    // A pre-zeroed segment is not left early: no spare until it is half full.
     store.shared.prepare_spare().expect("prepare");
     assert!(!dir.path().join(SPARE).exists());
+    all.extend(
+        store
+            .append(&a, &[msg(3, &payload)], 1, 100)
+            .expect("append"),
+    );
+    assert_eq!(store.segments(), 2);
+    let stored: Vec<u64> = store
+        .read(&a, 0, all.len() + 1)
+        .expect("read")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(stored, all);
+}
+
+#[test]
+fn the_background_pass_prepares_the_early_spare_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = LogOptions {
+        segment_bytes: 16 << 20,
+        background: true,
+    };
+    let store = LogStore::open(dir.path(), options).expect("open");
+    let a = addr(1);
+    let payload = [7u8; 4000];
+    let mut all = Vec::new();
+    while lock(&store.shared.writer).len < EARLY_SPARE {
+        all.extend(
+            store
+                .append(&a, &[msg(1, &payload)], 1, 100)
+                .expect("append"),
+        );
+    }
+    // Woken by the append that crossed EARLY_SPARE (its timer alone would also do,
+    // within SCRUB_INTERVAL).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lock(&store.shared.spare).is_none() {
+        assert!(std::time::Instant::now() < deadline, "no spare prepared");
+        thread::sleep(Duration::from_millis(10));
+    }
+    all.extend(
+        store
+            .append(&a, &[msg(2, &payload)], 1, 100)
+            .expect("append"),
+    );
+    assert_eq!(store.segments(), 2);
     assert_eq!(seqs(&store, &a), all);
 }
 
