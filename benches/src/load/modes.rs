@@ -213,18 +213,41 @@ async fn drain(
     let mut got = 0u64;
     let mut acks = Vec::new();
     let mut acks_in_flight = futures::stream::FuturesUnordered::new();
+    let mut last_seq = 0;
     while got < want {
-        let first = tokio::time::timeout(Duration::from_secs(30), inbox.recv())
-            .await
-            .map_err(|_| format!("stalled: {got} of {want} delivered"))?
-            .ok_or("connection closed")??;
-        let mut next = Some(first);
+        let first = tokio::select! {
+            // An answered ack lets the gathered ones go at once, even when no delivery
+            // comes: the relay's window may be full of exactly the messages they ack.
+            // (Checking only when a delivery arrives once deadlocked the drain.)
+            Some(r) = acks_in_flight.next(), if !acks_in_flight.is_empty() => {
+                r?;
+                if !acks.is_empty() {
+                    acks_in_flight.push(conn.ack(&acks));
+                    acks.clear();
+                }
+                continue;
+            }
+            item = tokio::time::timeout(Duration::from_secs(30), inbox.recv()) => item,
+        };
+        let Ok(first) = first else {
+            // Enough state to tell a relay that stopped pushing from one waiting for acks.
+            let ping = tokio::time::timeout(Duration::from_secs(5), conn.ping()).await;
+            return Err(format!(
+                "stalled: {got} of {want} delivered (last seq {last_seq}); {} acks gathered, \
+                 {} ack requests out; ping: {ping:?}",
+                acks.len(),
+                acks_in_flight.len(),
+            )
+            .into());
+        };
+        let mut next = Some(first.ok_or("connection closed")??);
         while let Some(item) = next {
             if let Incoming::Delivery(d) = item {
                 if !ids.insert(d.message_id) {
                     return Err("a message was delivered twice".into());
                 }
                 on_payload(&d.payload)?;
+                last_seq = d.seq;
                 acks.push(d.seq);
                 got += 1;
                 done.fetch_add(1, Ordering::Relaxed);
@@ -238,10 +261,7 @@ async fn drain(
         // One acknowledgement in flight at a time, not waited for: deliveries keep
         // being handled, and acks gather into big batches (each costs the relay a
         // write) while one is out.
-        while let Some(Some(r)) = futures::FutureExt::now_or_never(acks_in_flight.next()) {
-            r?;
-        }
-        if acks_in_flight.is_empty() || acks.len() >= 1024 {
+        if !acks.is_empty() && (acks_in_flight.is_empty() || acks.len() >= 1024) {
             acks_in_flight.push(conn.ack(&acks));
             acks.clear();
         }
