@@ -88,3 +88,16 @@ fn media_moves_an_attachment_both_ways() {
         assert!(number(&v, f) > 0.0, "{f}");
     }
 }
+
+#[test]
+fn a_failed_run_says_why_on_stdout_too() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-load"))
+        .args(["online", "--json", "--relay-bin", "/nonexistent/tern-relay"])
+        .output()
+        .expect("run tern-load");
+    assert!(!out.status.success());
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let error = v["error"].as_str().expect("an error field");
+    assert!(error.contains("/nonexistent/tern-relay"), "{error}");
+}

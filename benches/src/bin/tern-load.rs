@@ -11,7 +11,8 @@
 //! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
 //! built beside this binary) on a temporary data directory and 127.0.0.1:0, and ends
 //! it. Progress goes to stderr; the report (a table, or one JSON object with `--json`)
-//! to stdout. A run that loses, doubles or reorders a message fails.
+//! to stdout. A run that loses, doubles or reorders a message fails: the reason goes to
+//! stderr, and with `--json` also to stdout as `{"error": "..."}`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -195,8 +196,19 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
     }
 }
 
+/// Whether the report goes out as JSON.
+fn wants_json(mode: &Mode) -> bool {
+    match mode {
+        Mode::Online { common, .. }
+        | Mode::Offline { common, .. }
+        | Mode::Media { common, .. }
+        | Mode::Connections { common, .. } => common.json,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = wants_json(&cli.mode);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -224,6 +236,10 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("tern-load: FAILED: {e}");
+            // A script reading stdout sees why, even if it drops stderr.
+            if json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
             ExitCode::FAILURE
         }
     }
