@@ -28,6 +28,13 @@ fn manual(dir: &Path, segment_bytes: u64) -> LogStore {
     .expect("open")
 }
 
+/// Appends one message to `to` (accepted at 1, expiring at 100); returns its seq.
+fn one(store: &LogStore, to: &DeviceAddress, i: u8, payload: &[u8]) -> u64 {
+    store
+        .append(to, &[msg(i, payload)], 1, 100)
+        .expect("append")[0]
+}
+
 fn seqs(store: &LogStore, of: &DeviceAddress) -> Vec<u64> {
     store
         .read(of, 0, 1000)
@@ -473,20 +480,12 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     let below = (EARLY_SPARE - HEADER_LEN) / per;
     let mut all = Vec::new();
     for i in 0..below {
-        all.extend(
-            store
-                .append(&a, &[msg(i as u8, &payload)], 1, 100)
-                .expect("append"),
-        );
+        all.push(one(&store, &a, i as u8, &payload));
     }
     // Too little for a relay in use (a test, an idle node): no spare.
     store.shared.prepare_spare().expect("prepare");
     assert!(!dir.path().join(SPARE).exists());
-    all.extend(
-        store
-            .append(&a, &[msg(1, &payload)], 1, 100)
-            .expect("append"),
-    );
+    all.push(one(&store, &a, 1, &payload));
     store.shared.prepare_spare().expect("prepare");
     assert!(
         dir.path().join(SPARE).exists(),
@@ -494,11 +493,7 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     );
     assert_eq!(store.segments(), 1);
     // The next append moves to the spare, long before the segment is full.
-    all.extend(
-        store
-            .append(&a, &[msg(2, &payload)], 1, 100)
-            .expect("append"),
-    );
+    all.push(one(&store, &a, 2, &payload));
     assert_eq!(store.segments(), 2);
     let files = segment_files(dir.path());
     let size = |p: &std::path::PathBuf| std::fs::metadata(p).expect("meta").len();
@@ -507,11 +502,7 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     // Past EARLY_SPARE in the pre-zeroed segment: it does not grow, and it is not
     // left early (no spare until it is half full).
     for i in 0..=below {
-        all.extend(
-            store
-                .append(&a, &[msg(i as u8, &payload)], 1, 100)
-                .expect("append"),
-        );
+        all.push(one(&store, &a, i as u8, &payload));
     }
     assert_eq!(
         size(&files[1]),
@@ -520,11 +511,7 @@ fn a_segment_that_grows_is_left_for_a_spare_once_traffic_comes() {
     );
     store.shared.prepare_spare().expect("prepare");
     assert!(!dir.path().join(SPARE).exists());
-    all.extend(
-        store
-            .append(&a, &[msg(3, &payload)], 1, 100)
-            .expect("append"),
-    );
+    all.push(one(&store, &a, 3, &payload));
     assert_eq!(store.segments(), 2);
     let stored: Vec<u64> = store
         .read(&a, 0, all.len() + 1)
@@ -547,11 +534,7 @@ fn the_background_pass_prepares_the_early_spare_by_itself() {
     let payload = [7u8; 4000];
     let mut all = Vec::new();
     while lock(&store.shared.writer).len < EARLY_SPARE {
-        all.extend(
-            store
-                .append(&a, &[msg(1, &payload)], 1, 100)
-                .expect("append"),
-        );
+        all.push(one(&store, &a, 1, &payload));
     }
     // Woken by the append that crossed EARLY_SPARE (its timer alone would also do,
     // within SCRUB_INTERVAL).
@@ -560,11 +543,7 @@ fn the_background_pass_prepares_the_early_spare_by_itself() {
         assert!(std::time::Instant::now() < deadline, "no spare prepared");
         thread::sleep(Duration::from_millis(10));
     }
-    all.extend(
-        store
-            .append(&a, &[msg(2, &payload)], 1, 100)
-            .expect("append"),
-    );
+    all.push(one(&store, &a, 2, &payload));
     assert_eq!(store.segments(), 2);
     assert_eq!(seqs(&store, &a), all);
 }
