@@ -204,6 +204,19 @@ pub struct BlobStore {
 /// covers 512-byte and 4 KiB logical blocks.
 pub const DIRECT_ALIGN: usize = 4096;
 
+/// `n` (at least 1) rounded up to a multiple of [`DIRECT_ALIGN`].
+fn align_up(n: usize) -> usize {
+    n.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN
+}
+
+/// A zeroed buffer with room for `len` bytes from an aligned start: the vector and
+/// that start (it stays aligned: the vector is never grown).
+fn aligned_vec(len: usize) -> (Vec<u8>, usize) {
+    let raw = vec![0u8; len + DIRECT_ALIGN];
+    let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+    (raw, start)
+}
+
 /// Upload bytes gathered for one write, in memory aligned for direct I/O, reused
 /// from write to write.
 pub struct WriteBuf {
@@ -216,9 +229,8 @@ pub struct WriteBuf {
 impl WriteBuf {
     /// A buffer for writes of up to `capacity` bytes (rounded up to [`DIRECT_ALIGN`]).
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN;
-        let raw = vec![0u8; capacity + DIRECT_ALIGN];
-        let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+        let capacity = align_up(capacity);
+        let (raw, start) = aligned_vec(capacity);
         WriteBuf {
             raw,
             start,
@@ -339,7 +351,7 @@ impl BlobReader {
             direct,
             pos: offset,
             size,
-            chunk: chunk.div_ceil(DIRECT_ALIGN).max(1) * DIRECT_ALIGN,
+            chunk: align_up(chunk),
             pool: Arc::new(Mutex::new(Vec::new())),
         }
     }
@@ -377,10 +389,13 @@ impl BlobReader {
             .unwrap_or(usize::MAX)
             .min(self.chunk);
         let io_len = want.div_ceil(align as usize) * align as usize;
-        let mut buf = lock(&self.pool)
-            .pop()
-            .unwrap_or_else(|| vec![0u8; self.chunk + 2 * DIRECT_ALIGN]);
-        let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let (mut buf, start) = match lock(&self.pool).pop() {
+            Some(buf) => {
+                let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
+                (buf, start)
+            }
+            None => aligned_vec(self.chunk),
+        };
         let mut got = 0;
         while got < want {
             let n = self
