@@ -6,7 +6,7 @@ pub mod load;
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
-use tern_relay::clock::SystemClock;
+use tern_platform::clock::SystemClock;
 use tern_relay::commit::{Durability, GroupCommit};
 use tern_relay::core::auth::{self, AuthenticatedDevice};
 use tern_relay::core::expiry::Ttl;

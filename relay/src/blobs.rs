@@ -36,7 +36,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tern_proto::AccountId;
 
-use crate::clock::{Clock, UnixMillis};
+use tern_platform::clock::{Clock, UnixMillis};
 use crate::core::rate::RateLimiter;
 use crate::store::{BlobId, BlobIndex, BlobMeta, StoreError, UploadMeta};
 
@@ -805,7 +805,7 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use tern_platform::clock::ManualClock;
     use crate::store::{MemoryStore, SledStore};
 
     fn id_of(bytes: &[u8]) -> BlobId {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::clock::SystemClock;
+use tern_platform::clock::SystemClock;
 use crate::commit::Durability;
 use crate::config::Config;
 use crate::Relay;

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use tokio::sync::Notify;
 
-use crate::clock::{Clock, UnixMillis};
+use tern_platform::clock::{Clock, UnixMillis};
 use crate::commit::{Flush, GroupCommit};
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::delivery::DeliveryWindow;
@@ -687,7 +687,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use tern_platform::clock::ManualClock;
     use crate::commit::Durability;
     use crate::store::MemoryStore;
     use bytes::Bytes;

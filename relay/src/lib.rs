@@ -16,13 +16,14 @@
 //! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
 //! - [`server`]: [`Relay`], a running relay with orderly shutdown.
 //! - [`cli`]: the `tern-relay` command line.
-//! - [`config`], [`clock`], [`error`].
+//! - [`config`], [`error`]. Time comes from [`tern_platform::clock`].
 //!
 //! # Running one in-process
 //! ```no_run
 //! # async fn run() -> tern_relay::Result<()> {
 //! use std::sync::Arc;
-//! use tern_relay::{clock::SystemClock, config::Config, Relay};
+//! use tern_platform::clock::SystemClock;
+//! use tern_relay::{config::Config, Relay};
 //!
 //! let mut config = Config::default();
 //! config.listen = "127.0.0.1:0".parse().expect("address");
@@ -35,7 +36,6 @@
 
 pub mod blobs;
 pub mod cli;
-pub mod clock;
 pub mod commit;
 pub mod config;
 pub mod core;

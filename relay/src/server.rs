@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::blobs::BlobStore;
-use crate::clock::Clock;
+use tern_platform::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::config::MailboxBackend;

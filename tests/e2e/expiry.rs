@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::support::{envelope, number, register, within, Device};
-use tern_relay::clock::ManualClock;
+use tern_platform::clock::ManualClock;
 use tern_relay::config::Config;
 use tern_relay::Relay;
 

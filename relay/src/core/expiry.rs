@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tern_proto::limits::MAX_MESSAGE_TTL_MS;
 
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 /// How long messages live; at most 30 days.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 /// Keys remembered before windows that have ended are forgotten.
 const PRUNE_AT: usize = 100_000;

@@ -10,7 +10,7 @@ use super::{
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 /// Mailboxes and accounts in memory.
 #[derive(Debug, Default)]

@@ -19,7 +19,7 @@
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 mod log;
 mod memory;

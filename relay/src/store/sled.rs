@@ -30,7 +30,7 @@ use super::{
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 const MSG: u8 = b'M';
 const USAGE: u8 = b'U';

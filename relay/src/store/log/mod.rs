@@ -35,7 +35,7 @@ use self::record::{MessageHeader, HEADER_LEN, PEEK_LEN};
 use super::{
     Expired, ExpiryIndex, MailboxStore, NewMessage, StoreError, StoreResult, StoredMessage, Usage,
 };
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 
 /// How often removed messages are scrubbed from disk, and, for durability "os", how
 /// often the log is fsynced.

@@ -24,7 +24,7 @@
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
-use crate::clock::UnixMillis;
+use tern_platform::clock::UnixMillis;
 use crate::store::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use crate::store::{StoreError, StoreResult};
 
