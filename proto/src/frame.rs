@@ -9,6 +9,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub use crate::limits::DEFAULT_MAX_FRAME;
+use crate::reply::{ServerFrameError, ServerMessage};
+use crate::request::{ClientRequest, RequestError};
+use crate::v1;
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -81,6 +84,40 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Takes the next whole frame off `buf`, decodes it as the wire message `M` and
+    /// checks it into the domain type `T`. The three outcomes stay apart:
+    /// `Ok(None)` needs more bytes; `Err` is a frame that can never be read;
+    /// `Ok(Some(Err(_)))` decoded but does not validate (a [`RequestError`] keeps
+    /// the request id, so it can still be answered).
+    pub fn decode_checked<M, T>(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<T, T::Error>>, FrameError>
+    where
+        M: prost::Message + Default,
+        T: TryFrom<M>,
+    {
+        Ok(self.decode_message::<M>(buf)?.map(T::try_from))
+    }
+
+    /// [`Decoder::decode_checked`] for the relay: the next client frame as a request.
+    pub fn decode_request(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<ClientRequest, RequestError>>, FrameError> {
+        self.decode_checked::<v1::ClientFrame, ClientRequest>(buf)
+    }
+
+    /// [`Decoder::decode_checked`] for the client: the next server frame.
+    pub fn decode_server_message(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<ServerMessage, ServerFrameError>>, FrameError> {
+        self.decode_checked::<v1::ServerFrame, ServerMessage>(buf)
+    }
+}
+
 /// Appends `msg` to `out` as one frame.
 pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
     put(msg, msg.encoded_len(), out);
@@ -131,7 +168,6 @@ pub fn encoded_len<M: prost::Message>(msg: &M) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1;
     use proptest::prelude::*;
 
     fn ping(id: u64) -> v1::ClientFrame {
