@@ -237,6 +237,48 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn typed_decoding_keeps_incomplete_invalid_and_refused_apart() {
+        use crate::{ErrorCode, Request};
+        let mut wire = BytesMut::new();
+        encode(&ping(1), &mut wire);
+        encode(
+            &v1::ClientFrame {
+                request_id: 2,
+                body: None,
+            },
+            &mut wire,
+        );
+        wire.put_u32(3);
+        wire.put_slice(&[0xff, 0xff, 0xff]);
+        wire.put_u32(100);
+        let mut dec = Decoder::new(1024);
+        let first = dec.decode_request(&mut wire).expect("readable");
+        assert!(matches!(
+            first,
+            Some(Ok(ClientRequest {
+                id: 1,
+                request: Request::Ping
+            }))
+        ));
+        let refused = dec.decode_request(&mut wire).expect("readable");
+        assert!(
+            matches!(&refused, Some(Err(e)) if e.id() == 2 && e.code() == ErrorCode::BadRequest)
+        );
+        assert!(matches!(
+            dec.decode_request(&mut wire),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(dec.decode_request(&mut wire).expect("a prefix").is_none());
+
+        let mut wire = BytesMut::new();
+        encode(&v1::ServerFrame::from(ServerMessage::QueueEmpty), &mut wire);
+        assert_eq!(
+            dec.decode_server_message(&mut wire).expect("readable"),
+            Some(Ok(ServerMessage::QueueEmpty))
+        );
+    }
+
     proptest! {
         #[test]
         fn frames_survive_any_split(ids in proptest::collection::vec(any::<u64>(), 1..20),

@@ -74,7 +74,7 @@ pub enum Reply {
 /// A refusal: the code, a human-readable detail (never identifiers or message
 /// bytes), and when to retry (0: no advice).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{code}: {message}")]
+#[error("{}", if message.is_empty() { code.as_str() } else { message.as_str() })]
 pub struct ErrorReply {
     /// Why.
     pub code: ErrorCode,
@@ -122,6 +122,17 @@ pub struct Delivery {
 pub struct ServerFrameError {
     request_id: Option<u64>,
     malformed: Malformed,
+}
+
+impl ErrorReply {
+    /// A refusal with no retry advice.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
 }
 
 impl ServerFrameError {

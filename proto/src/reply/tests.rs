@@ -94,6 +94,17 @@ fn every_reply_and_message_round_trips() {
 }
 
 #[test]
+fn an_error_reply_shows_its_message_or_else_its_code() {
+    let e = ErrorReply::new(ErrorCode::BadRequest, "bad request: empty request");
+    assert_eq!(e.to_string(), "bad request: empty request");
+    assert_eq!(e.retry_after_ms, 0);
+    assert_eq!(
+        ErrorReply::new(ErrorCode::NotFound, "").to_string(),
+        "not found"
+    );
+}
+
+#[test]
 fn an_unknown_error_code_is_unspecified() {
     let frame = v1::ServerFrame {
         body: Some(Body::Response(v1::Response {

@@ -5,6 +5,24 @@
 //! (ids, fixed lengths, counts), so a relay's services receive only well-formed
 //! requests; the checks that need state (signatures, accounts, quotas) stay with the
 //! services. A refused frame becomes a [`RequestError`] that keeps the request id.
+//!
+//! # Keeping a relay's answers
+//! Each malformed field gets the code a relay has always answered it with (see
+//! [`RequestError`]). A relay checked some things before the fields, and keeps
+//! today's answers by checking them first when a request is refused here:
+//! - `register` and `auth` on a connection that is already authenticated:
+//!   `BAD_REQUEST` ("already authenticated"); `register` over the per-address rate:
+//!   `RATE_LIMITED`.
+//! - `send`, `publish_keys`, `fetch_keys`, `set_delivery_token` on a connection that
+//!   is not authenticated: `UNAUTHORIZED` ([`RequestKind::needs_authentication`]).
+//!   Not `ack`: an oversized ack is `TOO_LARGE` on any connection.
+//! - A media upload on a connection that is not authenticated: `UNAUTHORIZED`
+//!   before its blob id is looked at.
+//!
+//! Fields are checked in the order a relay read them, so when several are wrong, the
+//! first is reported. A request with a signature of the right length that does not
+//! verify and, later, a malformed field is refused here for the field, where a relay
+//! that verified first answered `UNAUTHORIZED`.
 
 use bytes::Bytes;
 
