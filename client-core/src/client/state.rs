@@ -676,7 +676,10 @@ impl State {
                 continue;
             }
             // A bundle that does not verify is skipped, not fatal: other devices work.
-            if set.initiate(&mut OsRng, &our_id, &our_dh, &bundle).is_err() {
+            let started = bundle
+                .verify()
+                .and_then(|bundle| set.initiate(&mut OsRng, &our_id, &our_dh, &bundle));
+            if started.is_err() {
                 tracing::warn!("a contact device's prekey bundle failed verification; skipped");
                 continue;
             }
