@@ -46,4 +46,4 @@ pub mod safety;
 pub mod store;
 
 pub use client::{Client, ContactCard, Event, Events, ReceivedMessage};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorCode, Result};

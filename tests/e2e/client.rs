@@ -450,8 +450,7 @@ async fn after_a_token_rotation_contacts_fall_back_then_learn_the_new_token() {
             let refused = conn
                 .sealed_send(&to, &old_card.delivery_token, [crate::support::envelope(1)])
                 .await;
-            if refused
-                .is_err_and(|e| e.relay_code() == Some(tern_proto::v1::ErrorCode::Unauthorized))
+            if refused.is_err_and(|e| e.relay_code() == Some(tern_client::ErrorCode::Unauthorized))
             {
                 break;
             }

@@ -498,7 +498,7 @@ impl Client {
                         .await;
                 }
                 Err(e)
-                    if e.relay_code() == Some(tern_proto::v1::ErrorCode::RateLimited)
+                    if e.relay_code() == Some(crate::ErrorCode::RateLimited)
                         && attempt < MEDIA_ATTEMPTS =>
                 {
                     attempt += 1;

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use rand::rngs::OsRng;
 use rand::Rng;
-use tern_proto::v1::ErrorCode;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::state::{Outcome, StartError, State};
@@ -16,7 +15,7 @@ use super::{now_ms, Event, Shared};
 use crate::crypto::sealed::{self, SenderCertificate};
 use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
 use crate::store::StoreError;
-use crate::{Error, Result};
+use crate::{Error, ErrorCode, Result};
 
 /// Deliveries handled per durable write and acknowledgement.
 const RECEIVE_BATCH: usize = 256;

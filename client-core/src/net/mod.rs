@@ -567,8 +567,24 @@ fn wire_envelopes(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<v1::Enve
 
 /// A refusal from the relay, on the control stream or a media stream.
 fn relay_error(e: v1::Error) -> Error {
+    use crate::error::ErrorCode as Code;
+    use v1::ErrorCode as Wire;
+    let code = match Wire::try_from(e.code).unwrap_or(Wire::Unspecified) {
+        Wire::Unspecified => Code::Unspecified,
+        Wire::BadRequest => Code::BadRequest,
+        Wire::Unauthorized => Code::Unauthorized,
+        Wire::UnknownRecipient => Code::UnknownRecipient,
+        Wire::MailboxFull => Code::MailboxFull,
+        Wire::TooLarge => Code::TooLarge,
+        Wire::RateLimited => Code::RateLimited,
+        Wire::Expired => Code::Expired,
+        Wire::Internal => Code::Internal,
+        Wire::Unavailable => Code::Unavailable,
+        Wire::NotFound => Code::NotFound,
+        Wire::QuotaExceeded => Code::QuotaExceeded,
+    };
     Error::Relay {
-        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+        code,
         message: e.message,
     }
 }
