@@ -45,5 +45,5 @@ pub mod net;
 pub mod safety;
 pub mod store;
 
-pub use client::{Client, ContactCard, Event, Events, ReceivedMessage};
+pub use client::{Client, ClientOptions, ContactCard, Event, Events, ReceivedMessage};
 pub use error::{Error, ErrorCode, Result};
