@@ -97,7 +97,7 @@ pub struct DeviceBundle {
 /// A relay-signed sender certificate, as issued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IssuedCertificate {
-    /// Encoded `v1::SenderCertificate`.
+    /// The encoded certificate, as the relay signed it.
     pub certificate: Bytes,
     /// The relay's signature over it.
     pub signature: [u8; 64],
