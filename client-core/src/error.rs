@@ -1,5 +1,8 @@
 //! The client's error type.
 
+/// Why a relay refused a request (tern-proto's domain code, not a wire type).
+pub use tern_proto::ErrorCode;
+
 /// Result with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -61,36 +64,6 @@ pub enum Error {
     /// `Client::open` was given a store that holds no device.
     #[error("this store holds no registered device")]
     NotRegistered,
-}
-
-/// Why a relay refused a request: the protocol's error codes as the client sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorCode {
-    /// The relay gave no code, or one this client does not know.
-    Unspecified,
-    /// The request is malformed.
-    BadRequest,
-    /// Not authenticated, a bad signature, or not allowed for this device.
-    Unauthorized,
-    /// No such account or device.
-    UnknownRecipient,
-    /// The recipient's mailbox is full; retry later.
-    MailboxFull,
-    /// An envelope or frame is larger than the relay accepts.
-    TooLarge,
-    /// Too many requests; retry later.
-    RateLimited,
-    /// The message has expired.
-    Expired,
-    /// The relay failed; nothing was stored for this request.
-    Internal,
-    /// The relay is shutting down or overloaded.
-    Unavailable,
-    /// No such blob (never uploaded, or expired).
-    NotFound,
-    /// The account's storage quota is used up.
-    QuotaExceeded,
 }
 
 impl Error {

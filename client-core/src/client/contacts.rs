@@ -7,10 +7,10 @@ use tern_proto::{AccountId, DeviceId};
 use super::state::{corrupt, Outcome, State};
 use crate::crypto::sessions::SessionSet;
 use crate::crypto::x3dh::PreKeyBundle;
-use crate::net::DeviceBundle;
 use crate::store::records::{ContactDevice, ContactRecord, HeldRecord};
 use crate::store::{Batch, InboxStore, SessionStore};
 use crate::{Error, Result};
+use tern_proto::DeviceBundle;
 
 /// How often a contact's device list is checked with the relay while sending to it.
 pub(crate) const DEVICE_CHECK_MS: u64 = 24 * 3600 * 1000;

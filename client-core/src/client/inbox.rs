@@ -12,10 +12,10 @@ use crate::crypto::message::{self, PreKeyId};
 use crate::crypto::sessions::SessionSet;
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::crypto::{sealed, CryptoError};
-use crate::net::Delivery;
 use crate::store::records::{seen_key, ContactDevice, HeldRecord, InboxRecord, PreKeyKind};
 use crate::store::{Batch, InboxStore, PreKeyStore, StoreError};
 use crate::{Error, Result};
+use tern_proto::Delivery;
 
 impl State {
     /// Opens, checks and decrypts one delivery, storing the result (not durably). An

@@ -5,10 +5,10 @@ use rand::{CryptoRng, RngCore};
 
 use super::state::{fixed32, random32, State};
 use crate::crypto::x3dh::AgreementKeyPair;
-use crate::net::{KeyUpload, SignedKey};
 use crate::store::records::{PreKeyKind, PreKeyRecord};
 use crate::store::{Batch, PreKeyStore};
 use crate::Result;
+use tern_proto::{KeyUpload, SignedKey};
 
 /// One-time prekeys generated per upload.
 pub(crate) const PREKEY_BATCH: u32 = 100;

@@ -4,9 +4,8 @@
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
-use prost::Message;
 use rand::rngs::OsRng;
-use tern_proto::{v1, AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::keys::{SIGNED_PREKEY_GRACE_MS, SIGNED_PREKEY_ROTATION_MS};
 use super::outbox::MAX_BODY;
@@ -14,9 +13,9 @@ use super::state::{NewDevice, Outcome, State};
 use super::ContactCard;
 use crate::crypto::sealed::{self, SenderCertificate};
 use crate::crypto::x3dh::AgreementKeyPair;
-use crate::net::{Delivery, DeviceBundle};
 use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
+use tern_proto::{Delivery, DeviceBundle};
 
 const NOW: u64 = 1_800_000_000_000;
 const DAY: u64 = 24 * 3600 * 1000;
@@ -89,14 +88,14 @@ impl Dev {
         expires_at_ms: u64,
         relay: &SigningKey,
     ) -> SenderCertificate {
-        let encoded = v1::SenderCertificate {
-            account_id: self.account().as_bytes().to_vec().into(),
-            device_id: device,
-            identity_key: self.state.keys.identity.public().to_vec().into(),
+        let encoded = tern_proto::SenderCertificate {
+            account: self.account(),
+            device: DeviceId::try_from(device).expect("device id"),
+            identity_key: self.state.keys.identity.public(),
             expires_at_ms,
-            relay_key: relay.verifying_key().to_bytes().to_vec().into(),
+            relay_key: relay.verifying_key().to_bytes(),
         }
-        .encode_to_vec();
+        .encode();
         let signature = relay
             .sign(&tern_proto::auth::sender_certificate(&encoded))
             .to_bytes();
