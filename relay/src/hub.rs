@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use tokio::sync::Notify;
 
+use tern_platform::clock::{Clock, UnixMillis};
 use crate::commit::{Flush, GroupCommit};
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::delivery::DeliveryWindow;
@@ -26,7 +27,6 @@ use crate::store::{
     AccountRecord, AccountStore, BlobIndex, FetchedKeys, KeyStore, MailboxStore, NewMessage,
     OneTimeKey, SignedKey, StoreError, StoredMessage, Usage,
 };
-use tern_platform::clock::{Clock, UnixMillis};
 
 /// Most one-time prekeys a device may hold on the relay.
 pub const MAX_ONE_TIME_PREKEYS: u64 = 1000;
@@ -687,12 +687,12 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_platform::clock::ManualClock;
     use crate::commit::Durability;
     use crate::store::MemoryStore;
     use bytes::Bytes;
     use ed25519_dalek::{Signer, SigningKey};
     use std::time::Duration;
-    use tern_platform::clock::ManualClock;
     use tern_proto::MessageId;
 
     struct Fixture {

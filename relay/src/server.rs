@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::blobs::BlobStore;
+use tern_platform::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
 use crate::config::MailboxBackend;
@@ -19,7 +20,6 @@ use crate::hub::Hub;
 use crate::hub::Stores;
 use crate::net::{self, tls, ConnSettings};
 use crate::store::{LogOptions, LogStore, SledStore};
-use tern_platform::clock::Clock;
 
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
