@@ -3,7 +3,7 @@
 
 use bytes::BytesMut;
 use tern_proto::frame;
-use tern_proto::v1::{self, blob_stream_response::Result as Res, client_frame::Body};
+use tern_proto::v1::{self, blob_stream_response::Result as Res};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{relay_error, RelayConnection, Reply};
@@ -58,14 +58,12 @@ impl RelayConnection {
     /// Whether the relay has the blob; `None` if not (or it expired).
     pub async fn blob_status(&self, blob_id: &[u8; 32]) -> Result<Option<BlobStatus>> {
         match self
-            .request(Body::BlobStatus(v1::BlobStatusRequest {
-                blob_id: blob_id.to_vec().into(),
-            }))
+            .request(tern_proto::Request::BlobStatus { blob_id: *blob_id })
             .await?
         {
-            Reply::BlobStatus(r) => Ok(r.exists.then_some(BlobStatus {
-                size: r.size,
-                expires_at_ms: r.expires_at_ms,
+            Reply::BlobStatus(status) => Ok(status.map(|s| BlobStatus {
+                size: s.size,
+                expires_at_ms: s.expires_at_ms,
             })),
             _ => Err(Error::Protocol("unexpected reply to blob_status".into())),
         }
@@ -75,12 +73,10 @@ impl RelayConnection {
     /// `NOT_FOUND` if it no longer has it.
     pub async fn touch_blob(&self, blob_id: &[u8; 32]) -> Result<u64> {
         match self
-            .request(Body::TouchBlob(v1::TouchBlobRequest {
-                blob_id: blob_id.to_vec().into(),
-            }))
+            .request(tern_proto::Request::TouchBlob { blob_id: *blob_id })
             .await?
         {
-            Reply::TouchBlob(r) => Ok(r.expires_at_ms),
+            Reply::TouchBlob { expires_at_ms } => Ok(expires_at_ms),
             _ => Err(Error::Protocol("unexpected reply to touch_blob".into())),
         }
     }
