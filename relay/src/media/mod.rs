@@ -36,9 +36,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tern_proto::AccountId;
 
-use tern_platform::clock::{Clock, UnixMillis};
 use crate::core::rate::RateLimiter;
 use crate::store::{BlobId, BlobIndex, BlobMeta, StoreError, UploadMeta};
+use tern_platform::clock::{Clock, UnixMillis};
 
 /// Limits on media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -805,8 +805,8 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tern_platform::clock::ManualClock;
     use crate::store::{MemoryStore, SledStore};
+    use tern_platform::clock::ManualClock;
 
     fn id_of(bytes: &[u8]) -> BlobId {
         Sha256::digest(bytes).into()
