@@ -48,7 +48,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::blobs::BlobLimits;
+use crate::media::BlobLimits;
 use crate::commit::Durability;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;

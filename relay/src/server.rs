@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::blobs::BlobStore;
+use crate::media::BlobStore;
 use tern_platform::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;

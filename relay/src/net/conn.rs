@@ -17,7 +17,7 @@ use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
-use crate::blobs::BlobStore;
+use crate::media::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;

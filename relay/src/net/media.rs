@@ -5,13 +5,14 @@
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
+use tern_platform::direct_io::{AlignedBuf, DIRECT_ALIGN};
+use tern_proto::frame;
 use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
-use tern_proto::{frame, AccountId};
 use tracing::debug;
 
-use crate::blobs::{Begin, BlobError, BlobStore, WriteBuf, DIRECT_ALIGN};
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
+use crate::media::{Begin, BlobError, BlobStore};
 use crate::store::BlobId;
 
 /// Largest request frame on a transfer stream.
@@ -148,12 +149,13 @@ async fn upload(
     who: Option<&AuthenticatedDevice>,
     u: v1::BlobUpload,
 ) -> Result<(), Error> {
-    let account = who.ok_or(Error::Unauthorized)?.address().account;
+    // Uploads are owned by an account: only an authenticated device may start one.
+    let device = who.ok_or(Error::Unauthorized)?.clone();
     let id = blob_id(&u.blob_id)?;
     let size = u.size;
-    let b = blobs.clone();
-    let begin = blocking(move || b.begin(&account, &id, size)).await?;
-    let (mut offset, slot) = match begin {
+    let (b, d) = (blobs.clone(), device.clone());
+    let begin = blocking(move || b.begin(&d, &id, size)).await?;
+    let (mut offset, running) = match begin {
         Begin::Exists(meta) => {
             respond(
                 send,
@@ -167,7 +169,7 @@ async fn upload(
             .await;
             return Ok(());
         }
-        Begin::Upload { offset, slot } => (offset, slot),
+        Begin::Upload { offset, running } => (offset, running),
     };
     let ready = v1::BlobStreamResponse {
         result: Some(Res::UploadReady(v1::UploadReady {
@@ -181,7 +183,7 @@ async fn upload(
     // QUIC hands over a packet's worth at a time; the file gets big aligned writes
     // (after a resume, the first one ends on an aligned offset).
     let room = |offset: u64| WRITE - (offset % DIRECT_ALIGN as u64) as usize;
-    let mut buf = WriteBuf::new(WRITE);
+    let mut buf = AlignedBuf::new(WRITE);
     buf.reset(room(offset));
     loop {
         let chunk = match recv.read_chunk(CHUNK, true).await {
@@ -189,14 +191,14 @@ async fn upload(
             Err(_) => {
                 // The connection dropped: keep what arrived, for a resume.
                 if !buf.as_slice().is_empty() {
-                    let _ = write_out(blobs, account, id, offset, buf).await;
+                    let _ = write_out(blobs, &device, id, offset, buf).await;
                 }
                 return Ok(());
             }
         };
         let Some(chunk) = chunk else {
             if !buf.as_slice().is_empty() {
-                write_out(blobs, account, id, offset, buf).await?;
+                write_out(blobs, &device, id, offset, buf).await?;
             }
             break;
         };
@@ -204,7 +206,7 @@ async fn upload(
         while !rest.is_empty() {
             rest = &rest[buf.fill(rest)..];
             if buf.is_full() {
-                let (back, len) = write_out(blobs, account, id, offset, buf).await?;
+                let (back, len) = write_out(blobs, &device, id, offset, buf).await?;
                 offset = len;
                 buf = back;
                 buf.reset(room(offset));
@@ -212,8 +214,8 @@ async fn upload(
         }
     }
     let b = blobs.clone();
-    let meta = blocking(move || b.finish(&account, &id)).await?;
-    drop(slot);
+    let meta = blocking(move || b.finish(&device, &id)).await?;
+    drop(running);
     respond(
         send,
         &v1::BlobStreamResponse {
@@ -230,15 +232,15 @@ async fn upload(
 /// buffer back with the upload's new length.
 async fn write_out(
     blobs: &Arc<BlobStore>,
-    account: AccountId,
+    device: &AuthenticatedDevice,
     id: BlobId,
     offset: u64,
-    mut buf: WriteBuf,
-) -> Result<(WriteBuf, u64), Error> {
+    mut buf: AlignedBuf,
+) -> Result<(AlignedBuf, u64), Error> {
     loop {
-        let b = blobs.clone();
+        let (b, d) = (blobs.clone(), device.clone());
         let (back, appended) = off_thread(move || {
-            let r = b.append(&account, &id, offset, buf.as_slice());
+            let r = b.append(&d, &id, offset, buf.as_slice());
             (buf, r)
         })
         .await?;
