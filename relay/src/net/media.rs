@@ -1,13 +1,17 @@
 //! Media transfers: one bidirectional QUIC stream per upload or download, beside the
 //! control stream, so a large transfer never holds up messages on the connection.
-//! The protocol is in `proto/proto/tern.proto` ("media").
+//! The protocol is in `proto/proto/tern.proto` ("media"); its opening request and the
+//! relay's answers are tern-proto's typed [`BlobStreamRequest`] and
+//! [`BlobStreamResponse`]. The blob bytes that follow go between the stream and the
+//! files as they are, never through a wire type.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
 use tern_platform::direct_io::{AlignedBuf, DIRECT_ALIGN};
-use tern_proto::frame;
-use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
+use tern_proto::v1::{self, blob_stream_request::Op};
+use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse, ErrorCode};
+use tern_proto::{ErrorReply, Reply};
 use tracing::debug;
 
 use crate::core::auth::AuthenticatedDevice;
@@ -34,58 +38,43 @@ pub(crate) async fn accept_streams(
     }
 }
 
-/// A control-stream question: does the relay have this blob?
-pub(crate) async fn status(
-    blobs: &Arc<BlobStore>,
-    id: &[u8],
-) -> Result<v1::BlobStatusResponse, Error> {
-    let (b, id) = (blobs.clone(), blob_id(id)?);
-    Ok(match blocking(move || b.status(&id)).await? {
-        Some(m) => v1::BlobStatusResponse {
-            exists: true,
-            size: m.size,
-            expires_at_ms: m.expires_at,
-        },
-        None => v1::BlobStatusResponse::default(),
-    })
+/// A control-stream question: does the relay have this blob? Answers
+/// [`Reply::BlobStatus`].
+pub(crate) async fn status(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, Error> {
+    let (b, id) = (blobs.clone(), *id);
+    let meta = blocking(move || b.status(&id)).await?;
+    Ok(Reply::BlobStatus(meta.map(|m| BlobStatus {
+        size: m.size,
+        expires_at_ms: m.expires_at,
+    })))
 }
 
-/// A forward, on the control stream: the blob lives another term.
-pub(crate) async fn touch(
-    blobs: &Arc<BlobStore>,
-    id: &[u8],
-) -> Result<v1::TouchBlobResponse, Error> {
-    let (b, id) = (blobs.clone(), blob_id(id)?);
+/// A forward, on the control stream: the blob lives another term. Answers
+/// [`Reply::TouchBlob`].
+pub(crate) async fn touch(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, Error> {
+    let (b, id) = (blobs.clone(), *id);
     let meta = blocking(move || b.touch(&id)).await?;
-    Ok(v1::TouchBlobResponse {
+    Ok(Reply::TouchBlob {
         expires_at_ms: meta.expires_at,
     })
 }
 
-fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
-    bytes
-        .try_into()
-        .map_err(|_| Error::BadRequest("a blob id is 32 bytes".into()))
-}
-
-fn error_response(e: &Error) -> v1::BlobStreamResponse {
+fn error_response(e: &Error) -> BlobStreamResponse {
     debug!(error = %e, "media request refused");
-    v1::BlobStreamResponse {
-        result: Some(Res::Error(v1::Error {
-            code: e.code() as i32,
-            message: e.client_message(),
-            retry_after_ms: e.retry_after_ms(),
-        })),
-    }
+    BlobStreamResponse::Error(ErrorReply {
+        code: ErrorCode::from(e.code()),
+        message: e.client_message(),
+        retry_after_ms: e.retry_after_ms(),
+    })
 }
 
-async fn respond(send: &mut quinn::SendStream, r: &v1::BlobStreamResponse) -> bool {
+async fn respond(send: &mut quinn::SendStream, r: BlobStreamResponse) -> bool {
     let mut buf = BytesMut::new();
-    frame::encode(r, &mut buf);
+    frame::encode(&v1::BlobStreamResponse::from(r), &mut buf);
     send.write_all(&buf).await.is_ok()
 }
 
-/// Reads the request frame that opens a transfer stream.
+/// Reads the request frame that opens a transfer stream, as it came.
 async fn read_request(recv: &mut quinn::RecvStream) -> Result<v1::BlobStreamRequest, Error> {
     let mut decoder = frame::Decoder::new(MAX_REQUEST);
     let mut buf = BytesMut::new();
@@ -112,20 +101,61 @@ async fn transfer(
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
 ) {
-    let result = match read_request(&mut recv).await {
-        Ok(v1::BlobStreamRequest {
-            op: Some(Op::Upload(u)),
-        }) => upload(&mut send, &mut recv, &blobs, who.get(), u).await,
-        Ok(v1::BlobStreamRequest {
-            op: Some(Op::Download(d)),
-        }) => download(&mut send, &blobs, d).await,
-        Ok(_) => Err(Error::BadRequest("empty media request".into())),
+    let transfer = read_request(&mut recv)
+        .await
+        .and_then(|r| check(r, who.get()));
+    let result = match transfer {
+        Ok(Transfer::Upload {
+            device,
+            blob_id,
+            size,
+        }) => upload(&mut send, &mut recv, &blobs, device, blob_id, size).await,
+        Ok(Transfer::Download { blob_id, offset }) => {
+            download(&mut send, &blobs, blob_id, offset).await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        respond(&mut send, &error_response(&e)).await;
+        respond(&mut send, error_response(&e)).await;
     }
     let _ = send.finish();
+}
+
+/// A transfer stream's opening request, checked.
+enum Transfer<'a> {
+    /// An upload by the device the connection authenticated as.
+    Upload {
+        device: &'a AuthenticatedDevice,
+        blob_id: BlobId,
+        size: u64,
+    },
+    /// A download (the id is the capability).
+    Download { blob_id: BlobId, offset: u64 },
+}
+
+/// Checks the opening request into its typed form. An upload needs the device the
+/// connection authenticated as; on a connection that is not authenticated it is
+/// refused as such before its fields are looked at, as the relay always has.
+fn check(
+    request: v1::BlobStreamRequest,
+    who: Option<&AuthenticatedDevice>,
+) -> Result<Transfer<'_>, Error> {
+    if who.is_none() && matches!(request.op, Some(Op::Upload(_))) {
+        return Err(Error::Unauthorized);
+    }
+    let request = BlobStreamRequest::try_from(request)
+        .map_err(|m| Error::BadRequest(m.problem().to_string()))?;
+    Ok(match (request, who) {
+        (BlobStreamRequest::Upload { blob_id, size }, Some(device)) => Transfer::Upload {
+            device,
+            blob_id,
+            size,
+        },
+        (BlobStreamRequest::Upload { .. }, None) => return Err(Error::Unauthorized),
+        (BlobStreamRequest::Download { blob_id, offset }, _) => {
+            Transfer::Download { blob_id, offset }
+        }
+    })
 }
 
 /// Runs blocking file work off the async threads.
@@ -146,38 +176,30 @@ async fn upload(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     blobs: &Arc<BlobStore>,
-    who: Option<&AuthenticatedDevice>,
-    u: v1::BlobUpload,
+    device: &AuthenticatedDevice,
+    id: BlobId,
+    size: u64,
 ) -> Result<(), Error> {
-    // Uploads are owned by an account: only an authenticated device may start one.
-    let device = who.ok_or(Error::Unauthorized)?.clone();
-    let id = blob_id(&u.blob_id)?;
-    let size = u.size;
+    // The device's account will own the blob.
+    let device = device.clone();
     let (b, d) = (blobs.clone(), device.clone());
     let begin = blocking(move || b.begin(&d, &id, size)).await?;
     let (mut offset, running) = match begin {
         Begin::Exists(meta) => {
-            respond(
-                send,
-                &v1::BlobStreamResponse {
-                    result: Some(Res::UploadReady(v1::UploadReady {
-                        offset: meta.size,
-                        exists: true,
-                    })),
-                },
-            )
-            .await;
+            let ready = BlobStreamResponse::UploadReady {
+                offset: meta.size,
+                exists: true,
+            };
+            respond(send, ready).await;
             return Ok(());
         }
         Begin::Upload { offset, running } => (offset, running),
     };
-    let ready = v1::BlobStreamResponse {
-        result: Some(Res::UploadReady(v1::UploadReady {
-            offset,
-            exists: false,
-        })),
+    let ready = BlobStreamResponse::UploadReady {
+        offset,
+        exists: false,
     };
-    if !respond(send, &ready).await {
+    if !respond(send, ready).await {
         return Ok(());
     }
     // QUIC hands over a packet's worth at a time; the file gets big aligned writes
@@ -216,15 +238,10 @@ async fn upload(
     let b = blobs.clone();
     let meta = blocking(move || b.finish(&device, &id)).await?;
     drop(running);
-    respond(
-        send,
-        &v1::BlobStreamResponse {
-            result: Some(Res::UploadDone(v1::UploadDone {
-                expires_at_ms: meta.expires_at,
-            })),
-        },
-    )
-    .await;
+    let done = BlobStreamResponse::UploadDone {
+        expires_at_ms: meta.expires_at,
+    };
+    respond(send, done).await;
     Ok(())
 }
 
@@ -259,19 +276,16 @@ async fn write_out(
 async fn download(
     send: &mut quinn::SendStream,
     blobs: &Arc<BlobStore>,
-    d: v1::BlobDownload,
+    id: BlobId,
+    offset: u64,
 ) -> Result<(), Error> {
-    let id = blob_id(&d.blob_id)?;
     let b = blobs.clone();
-    let offset = d.offset;
     let mut reader = blocking(move || b.open_read(&id, offset, CHUNK)).await?;
-    let ready = v1::BlobStreamResponse {
-        result: Some(Res::DownloadReady(v1::DownloadReady {
-            size: reader.size(),
-            offset,
-        })),
+    let ready = BlobStreamResponse::DownloadReady {
+        size: reader.size(),
+        offset,
     };
-    if !respond(send, &ready).await {
+    if !respond(send, ready).await {
         return Ok(());
     }
     loop {
