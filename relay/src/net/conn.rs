@@ -17,12 +17,12 @@ use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
-use crate::media::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
 use crate::hub::{Hub, PublishedKeys};
+use crate::media::BlobStore;
 use crate::store::{NewMessage, StoredMessage};
 
 /// How long a new connection has to open its control stream.
