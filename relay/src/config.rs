@@ -48,11 +48,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::blobs::BlobLimits;
 use crate::commit::Durability;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
+use crate::media::BlobLimits;
 
 /// The relay's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -10,7 +10,7 @@
 //!   checks). Time is an argument.
 //! - [`store`]: [`store::MailboxStore`] and [`store::AccountStore`], with sled (the
 //!   embedded default) and in-memory implementations.
-//! - [`blobs`]: encrypted media, content-addressed files stored once per id.
+//! - [`media`]: encrypted media, content-addressed files stored once per id.
 //! - [`hub`]: ties rules to stores: per-device locks, wake-ups, group commit, sweeps.
 //! - [`commit`]: group commit, so concurrent sends share fsyncs.
 //! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
@@ -34,13 +34,13 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod blobs;
 pub mod cli;
 pub mod commit;
 pub mod config;
 pub mod core;
 pub mod error;
 pub mod hub;
+pub mod media;
 pub mod net;
 pub mod server;
 pub mod store;

@@ -10,7 +10,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::blobs::BlobStore;
 use tern_platform::clock::Clock;
 use crate::commit::GroupCommit;
 use crate::config::Config;
@@ -18,6 +17,7 @@ use crate::config::MailboxBackend;
 use crate::error::{Error, Result};
 use crate::hub::Hub;
 use crate::hub::Stores;
+use crate::media::BlobStore;
 use crate::net::{self, tls, ConnSettings};
 use crate::store::{LogOptions, LogStore, SledStore};
 

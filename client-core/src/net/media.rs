@@ -1,9 +1,11 @@
 //! Media on the wire: blob questions on the control stream, bytes on a stream of
-//! their own per transfer (see `proto/proto/tern.proto`, "media").
+//! their own per transfer (see `proto/proto/tern.proto`, "media"). A transfer opens
+//! with tern-proto's typed [`BlobStreamRequest`] and [`BlobStreamResponse`]; the
+//! blob bytes that follow go between the stream and the file as they are.
 
 use bytes::BytesMut;
-use tern_proto::frame;
-use tern_proto::v1::{self, blob_stream_response::Result as Res};
+use tern_proto::v1;
+use tern_proto::{frame, BlobStreamRequest, BlobStreamResponse};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{relay_error, RelayConnection, Reply};
@@ -14,14 +16,7 @@ const CHUNK: usize = 256 * 1024;
 /// Largest response frame on a transfer stream.
 const MAX_RESPONSE: usize = 64 * 1024;
 
-/// What the relay holds for a blob id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlobStatus {
-    /// Bytes.
-    pub size: u64,
-    /// When it expires unless forwarded (Unix ms).
-    pub expires_at_ms: u64,
-}
+pub use tern_proto::BlobStatus;
 
 /// How an upload went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +28,21 @@ pub struct Uploaded {
     pub existed: bool,
 }
 
-async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Res> {
+/// Reads the relay's next answer on a transfer stream; a refusal is [`Error::Relay`].
+async fn read_response(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<BlobStreamResponse> {
     let mut decoder = frame::Decoder::new(MAX_RESPONSE);
     loop {
         if let Some(r) = decoder
-            .decode_message::<v1::BlobStreamResponse>(buf)
+            .decode_checked::<v1::BlobStreamResponse, BlobStreamResponse>(buf)
             .map_err(|e| Error::Protocol(e.to_string()))?
         {
-            return match r.result {
-                Some(Res::Error(e)) => Err(relay_error(e)),
-                Some(other) => Ok(other),
-                None => Err(Error::Protocol("empty media response".into())),
+            return match r {
+                Ok(BlobStreamResponse::Error(e)) => Err(relay_error(e)),
+                Ok(other) => Ok(other),
+                Err(e) => Err(Error::Protocol(e.problem().to_string())),
             };
         }
         match recv.read_chunk(MAX_RESPONSE, true).await {
@@ -61,10 +60,7 @@ impl RelayConnection {
             .request(tern_proto::Request::BlobStatus { blob_id: *blob_id })
             .await?
         {
-            Reply::BlobStatus(status) => Ok(status.map(|s| BlobStatus {
-                size: s.size,
-                expires_at_ms: s.expires_at_ms,
-            })),
+            Reply::BlobStatus(status) => Ok(status),
             _ => Err(Error::Protocol("unexpected reply to blob_status".into())),
         }
     }
@@ -83,7 +79,7 @@ impl RelayConnection {
 
     async fn open_transfer(
         &self,
-        op: v1::blob_stream_request::Op,
+        request: BlobStreamRequest,
     ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         let (mut send, recv) = self
             .conn
@@ -91,7 +87,7 @@ impl RelayConnection {
             .await
             .map_err(|e| Error::Closed(e.to_string()))?;
         let mut buf = BytesMut::new();
-        frame::encode(&v1::BlobStreamRequest { op: Some(op) }, &mut buf);
+        frame::encode(&v1::BlobStreamRequest::from(request), &mut buf);
         send.write_all(&buf)
             .await
             .map_err(|e| Error::Closed(e.to_string()))?;
@@ -109,20 +105,20 @@ impl RelayConnection {
         source: &mut R,
     ) -> Result<Uploaded> {
         let (mut send, mut recv) = self
-            .open_transfer(v1::blob_stream_request::Op::Upload(v1::BlobUpload {
-                blob_id: blob_id.to_vec().into(),
+            .open_transfer(BlobStreamRequest::Upload {
+                blob_id: *blob_id,
                 size,
-            }))
+            })
             .await?;
         let mut buf = BytesMut::new();
         let offset = match read_response(&mut recv, &mut buf).await? {
-            Res::UploadReady(r) if r.exists => {
+            BlobStreamResponse::UploadReady { exists: true, .. } => {
                 return Ok(Uploaded {
                     sent: 0,
                     existed: true,
                 })
             }
-            Res::UploadReady(r) => r.offset,
+            BlobStreamResponse::UploadReady { offset, .. } => offset,
             _ => return Err(Error::Protocol("unexpected media response".into())),
         };
         if offset > size {
@@ -151,7 +147,7 @@ impl RelayConnection {
         }
         send.finish().map_err(|e| Error::Closed(e.to_string()))?;
         match read_response(&mut recv, &mut buf).await? {
-            Res::UploadDone(_) => Ok(Uploaded {
+            BlobStreamResponse::UploadDone { .. } => Ok(Uploaded {
                 sent: size - offset,
                 existed: false,
             }),
@@ -168,15 +164,15 @@ impl RelayConnection {
         sink: &mut W,
     ) -> Result<u64> {
         let (mut send, mut recv) = self
-            .open_transfer(v1::blob_stream_request::Op::Download(v1::BlobDownload {
-                blob_id: blob_id.to_vec().into(),
+            .open_transfer(BlobStreamRequest::Download {
+                blob_id: *blob_id,
                 offset,
-            }))
+            })
             .await?;
         let _ = send.finish();
         let mut buf = BytesMut::new();
         let (size, start) = match read_response(&mut recv, &mut buf).await? {
-            Res::DownloadReady(r) => (r.size, r.offset),
+            BlobStreamResponse::DownloadReady { size, offset } => (size, offset),
             _ => return Err(Error::Protocol("unexpected media response".into())),
         };
         if start != offset || offset > size {

@@ -17,12 +17,12 @@ use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
-use crate::blobs::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
 use crate::hub::{Hub, PublishedKeys};
+use crate::media::BlobStore;
 use crate::store::{NewMessage, StoredMessage};
 
 /// How long a new connection has to open its control stream.
@@ -250,12 +250,18 @@ impl Session {
                 self.start_delivery();
             }
             Body::BlobStatus(r) => {
-                let reply = super::media::status(&self.settings.blobs, &r.blob_id).await;
-                self.reply(id, reply.map(Reply::BlobStatus)).await
+                let reply = match <[u8; 32]>::try_from(&r.blob_id[..]) {
+                    Ok(blob) => super::media::status(&self.settings.blobs, &blob).await,
+                    Err(_) => Err(Error::BadRequest("a blob id is 32 bytes".into())),
+                };
+                self.reply(id, reply.map(Into::into)).await
             }
             Body::TouchBlob(r) => {
-                let reply = super::media::touch(&self.settings.blobs, &r.blob_id).await;
-                self.reply(id, reply.map(Reply::TouchBlob)).await
+                let reply = match <[u8; 32]>::try_from(&r.blob_id[..]) {
+                    Ok(blob) => super::media::touch(&self.settings.blobs, &blob).await,
+                    Err(_) => Err(Error::BadRequest("a blob id is 32 bytes".into())),
+                };
+                self.reply(id, reply.map(Into::into)).await
             }
             Body::ListDevices(r) => {
                 let reply = AccountId::try_from(&r.account_id[..])
