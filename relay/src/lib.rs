@@ -6,17 +6,27 @@
 //! ciphertext under the recipient's (account, device) address.
 //!
 //! # Layout
-//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, signature
-//!   checks). Time is an argument.
-//! - [`store`]: [`store::MailboxStore`] and [`store::AccountStore`], with sled (the
-//!   embedded default) and in-memory implementations.
-//! - [`blobs`]: encrypted media, content-addressed files stored once per id.
-//! - [`hub`]: ties rules to stores: per-device locks, wake-ups, group commit, sweeps.
-//! - [`commit`]: group commit, so concurrent sends share fsyncs.
-//! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
-//! - [`server`]: [`Relay`], a running relay with orderly shutdown.
+//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, rate, and the
+//!   signature checks that yield proof tokens). Time is an argument.
+//! - The services, each applying rules to stores:
+//!   - [`mailboxes`]: queued messages per device: per-device ordering, subscriptions
+//!     and wake-ups, one append-then-commit call, pull, ack, sweep.
+//!   - [`accounts`]: accounts and devices, session proofs, delivery tokens.
+//!   - `keys`: the key directory (signed and one-time prekeys).
+//!   - `certificates`: sender certificates, signed with the relay's key.
+//!   - [`blobs`]: encrypted media, content-addressed files stored once per id.
+//! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
+//!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
+//! - `net`: QUIC endpoint, TLS certificate, per-connection sessions that decode a
+//!   request, call a service and encode its answer.
+//! - [`server`]: [`Relay`], a running relay with orderly shutdown, and the
+//!   [`server::Services`] it builds.
 //! - [`cli`]: the `tern-relay` command line.
-//! - [`config`], [`error`]. Time comes from [`tern_platform::clock`].
+//! - [`config`] (a leaf: it imports no service), [`error`]. Time comes from
+//!   [`tern_platform::clock`].
+//!
+//! Modules exported only for benches and tests are marked so; the rest is
+//! `pub(crate)`.
 //!
 //! # Running one in-process
 //! ```no_run
@@ -34,16 +44,20 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod blobs;
+pub(crate) mod certificates;
 pub mod cli;
-pub mod commit;
 pub mod config;
 pub mod core;
 pub mod error;
-pub mod hub;
-pub mod net;
+pub(crate) mod keys;
+pub mod mailboxes;
+pub(crate) mod net;
 pub mod server;
 pub mod store;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};
 pub use server::Relay;

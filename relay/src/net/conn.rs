@@ -22,7 +22,9 @@ use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
-use crate::hub::{Hub, PublishedKeys};
+use crate::keys::PublishedKeys;
+use crate::mailboxes::Appended;
+use crate::server::Services;
 use crate::store::{NewMessage, StoredMessage};
 
 /// How long a new connection has to open its control stream.
@@ -31,7 +33,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const OUT_QUEUE: usize = 1024;
 
 /// A queued outgoing frame, boxed: the queue's storage is allocated in blocks of 32
-/// slots, and every connection keeps one; small slots keep idle connections small.
+/// entries, and every connection keeps one; small entries keep idle connections small.
 type Frame = Box<v1::ServerFrame>;
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -60,7 +62,7 @@ struct AckCmd {
 
 struct Session {
     conn: quinn::Connection,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     settings: Arc<ConnSettings>,
     out: mpsc::Sender<Frame>,
     requests: Arc<Semaphore>,
@@ -82,7 +84,7 @@ enum End {
 /// shuts down. Requests already being handled finish before the connection closes.
 pub(crate) async fn serve(
     conn: quinn::Connection,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     settings: Arc<ConnSettings>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -117,7 +119,7 @@ pub(crate) async fn serve(
     let mut session = Session {
         device,
         conn: conn.clone(),
-        hub,
+        services,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
         settings,
         out,
@@ -230,7 +232,8 @@ impl Session {
             Body::AddDevice(r) => {
                 let result = match r.account_id[..].try_into() {
                     Ok(account) => {
-                        self.hub
+                        self.services
+                            .accounts()
                             .add_device(&account, &r.device_key, &r.device_signature)
                             .await
                     }
@@ -260,7 +263,11 @@ impl Session {
             Body::ListDevices(r) => {
                 let reply = AccountId::try_from(&r.account_id[..])
                     .map_err(Error::from)
-                    .and_then(|account| self.hub.list_devices(&account, &r.delivery_token))
+                    .and_then(|account| {
+                        self.services
+                            .accounts()
+                            .list_devices(&account, &r.delivery_token)
+                    })
                     .map(|ids| {
                         Reply::ListDevices(v1::ListDevicesResponse {
                             device_ids: ids.into_iter().map(DeviceId::get).collect(),
@@ -272,7 +279,7 @@ impl Session {
             Body::SealedSend(r) => self.sealed_send(id, r).await,
             Body::Ack(r) => self.ack(id, r.seqs).await,
             Body::RelayInfo(_) => {
-                let key = Bytes::copy_from_slice(&self.hub.signing_key());
+                let key = Bytes::copy_from_slice(&self.services.certificates().signing_key());
                 self.reply(
                     id,
                     Ok(Reply::RelayInfo(v1::RelayInfoResponse { signing_key: key })),
@@ -295,7 +302,7 @@ impl Session {
             Body::SenderCertificate(_) => {
                 let cert = self
                     .authenticated()
-                    .and_then(|d| self.hub.sender_certificate(d));
+                    .and_then(|d| self.services.certificates().issue(d));
                 let reply = cert.map(|c| {
                     Reply::SenderCertificate(v1::SenderCertificateResponse {
                         certificate: c.certificate.into(),
@@ -306,7 +313,12 @@ impl Session {
             }
             Body::SetDeliveryToken(r) => {
                 let result = match self.authenticated() {
-                    Ok(d) => self.hub.set_delivery_token(d, &r.token_hash).await,
+                    Ok(d) => {
+                        self.services
+                            .accounts()
+                            .set_delivery_token(d, &r.token_hash)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 let reply =
@@ -335,15 +347,16 @@ impl Session {
                 .map(|k| (k.id, &k.public_key[..]))
                 .collect(),
         };
-        self.hub.publish_keys(device, keys).await
+        self.services.keys().publish(device, keys).await
     }
 
     fn fetch_keys(&self, r: &v1::FetchKeysRequest) -> Result<v1::FetchKeysResponse> {
         let device = self.authenticated()?;
         let account = AccountId::try_from(&r.account_id[..])?;
         let found = self
-            .hub
-            .fetch_keys(device, &account, DeviceId::new(r.device_id))?;
+            .services
+            .keys()
+            .fetch(device, &account, DeviceId::new(r.device_id))?;
         let identity_key = found.identity_key;
         let signed = |k: &crate::store::SignedKey| v1::SignedPreKey {
             id: k.id,
@@ -387,7 +400,7 @@ impl Session {
         let ip = self.conn.remote_address().ip();
         self.settings
             .registrations
-            .check(ip, self.hub.now())
+            .check(ip, self.services.now())
             .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })?;
         let exporter = self.exporter(None)?;
         let verified = auth::verify_registration(
@@ -397,7 +410,7 @@ impl Session {
             &r.session_proof,
             &exporter,
         )?;
-        let device = self.hub.register(verified).await?;
+        let device = self.services.accounts().register(verified).await?;
         let addr = *device.address();
         let _ = self.device.set(device);
         debug!("registered a new account");
@@ -413,8 +426,11 @@ impl Session {
         }
         let address = DeviceAddress::from_wire(&r.account_id, r.device_id)?;
         let exporter = self.exporter(Some(&address))?;
-        let device = self.hub.authenticate(address, &exporter, &r.signature)?;
-        let queued = self.hub.usage(&device)?.messages;
+        let device = self
+            .services
+            .accounts()
+            .authenticate(address, &exporter, &r.signature)?;
+        let queued = self.services.mailboxes().usage(&device)?.messages;
         let _ = self.device.set(device);
         Ok(queued)
     }
@@ -427,7 +443,7 @@ impl Session {
         let (acks, acks_rx) = mpsc::channel(64);
         self.acks = Some(acks);
         self.delivery = Some(tokio::spawn(deliver(
-            self.hub.clone(),
+            self.services.clone(),
             device.clone(),
             self.settings.delivery_window,
             self.out.clone(),
@@ -445,9 +461,11 @@ impl Session {
             .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
         match parsed {
             Ok((to, msgs)) => {
-                let hub = self.hub.clone();
-                self.ordered_send(id, move || hub.append_send(&sender, to, &msgs))
-                    .await
+                self.ordered_send(id, |services| {
+                    let to = services.accounts().recipient(&sender, to)?;
+                    services.mailboxes().append(&to, &msgs)
+                })
+                .await
             }
             Err(e) => self.reply(id, Err(e)).await,
         }
@@ -461,9 +479,13 @@ impl Session {
             .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
         match parsed {
             Ok((to, msgs)) => {
-                let (hub, token) = (self.hub.clone(), r.delivery_token);
-                self.ordered_send(id, move || hub.append_sealed_send(to, &token, &msgs))
-                    .await
+                self.ordered_send(id, |services| {
+                    let to = services
+                        .accounts()
+                        .sealed_recipient(to, &r.delivery_token)?;
+                    services.mailboxes().append(&to, &msgs)
+                })
+                .await
             }
             Err(e) => self.reply(id, Err(e)).await,
         }
@@ -473,15 +495,15 @@ impl Session {
     /// device are stored in the order sent), then waits for its group commit in its
     /// own task under the per-connection cap: past the cap the reader waits here,
     /// which is backpressure instead of a growing queue.
-    async fn ordered_send(&mut self, id: u64, append: impl FnOnce() -> Result<usize>) {
+    async fn ordered_send(&mut self, id: u64, append: impl FnOnce(&Services) -> Result<Appended>) {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
             return;
         };
-        let appended = append();
-        let (out, hub) = (self.out.clone(), self.hub.clone());
+        let appended = append(&self.services);
+        let out = self.out.clone();
         tokio::spawn(async move {
             let result = match appended {
-                Ok(n) => hub.durable().await.map(|()| n),
+                Ok(appended) => appended.commit().await,
                 Err(e) => Err(e),
             };
             let accepted = result.map(|n| Reply::Send(v1::SendResponse { accepted: n as u32 }));
@@ -562,14 +584,15 @@ fn delivery(m: StoredMessage) -> Frame {
 
 /// Pushes the device's messages as room allows and applies its acks.
 async fn deliver(
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     device: AuthenticatedDevice,
     window_size: usize,
     out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
 ) {
-    let sub = hub.subscribe(&device);
+    let mailboxes = services.mailboxes();
+    let sub = mailboxes.subscribe(&device);
     let mut window = DeliveryWindow::new(window_size);
     loop {
         tokio::select! {
@@ -582,7 +605,7 @@ async fn deliver(
             }
             cmd = acks.recv() => {
                 let Some(cmd) = cmd else { return };
-                let result = hub.ack(&device, &cmd.seqs);
+                let result = mailboxes.ack(&device, &cmd.seqs);
                 for seq in &cmd.seqs {
                     window.on_acked(*seq);
                 }
@@ -592,7 +615,7 @@ async fn deliver(
                 }
             }
         }
-        let pull = match hub.pull(&device, &mut window) {
+        let pull = match mailboxes.pull(&device, &mut window) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "reading a mailbox failed");

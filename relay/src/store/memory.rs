@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys, Flush,
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
@@ -131,7 +131,9 @@ impl MailboxStore for MemoryStore {
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
         self.remove(of, &Expired::seqs_of(entries, of))
     }
+}
 
+impl Flush for MemoryStore {
     fn flush(&self) -> StoreResult<()> {
         Ok(())
     }

@@ -26,7 +26,7 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys, Flush,
     KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
@@ -308,7 +308,9 @@ impl MailboxStore for SledStore {
         // The extra entries cover an expiry entry whose message is already gone.
         self.delete(of, mine.iter().map(|e| e.seq), &mine)
     }
+}
 
+impl Flush for SledStore {
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map(|_| ()).map_err(backend)
     }
@@ -645,7 +647,7 @@ impl BlobIndex for SledStore {
     }
 
     fn flush_blobs(&self) -> StoreResult<()> {
-        MailboxStore::flush(self)
+        Flush::flush(self)
     }
 
     fn stale_uploads(

@@ -33,7 +33,8 @@ use tracing::warn;
 
 use self::record::{MessageHeader, HEADER_LEN, PEEK_LEN};
 use super::{
-    Expired, ExpiryIndex, MailboxStore, NewMessage, StoreError, StoreResult, StoredMessage, Usage,
+    Expired, ExpiryIndex, Flush, MailboxStore, NewMessage, StoreError, StoreResult, StoredMessage,
+    Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -837,12 +838,14 @@ impl MailboxStore for LogStore {
         self.remove(of, &Expired::seqs_of(entries, of))
     }
 
-    fn flush(&self) -> StoreResult<()> {
-        self.shared.flush()
-    }
-
     fn settle(&self) -> StoreResult<()> {
         self.shared.scrub()
+    }
+}
+
+impl Flush for LogStore {
+    fn flush(&self) -> StoreResult<()> {
+        self.shared.flush()
     }
 }
 

@@ -1,7 +1,9 @@
-//! Group commit: concurrent writers share fsyncs.
+//! Group commit: concurrent writers share fsyncs. It makes every store durable (it
+//! runs the [`Flush`] of the composed [`super::Stores`]), so it lives with them.
 //!
 //! A writer first applies its change to the store (visible, not yet durable), then
-//! awaits [`GroupCommit::commit`]. One flusher thread takes every waiter that has
+//! joins the next flush with [`GroupCommit::join`] and awaits the [`PendingCommit`]
+//! (or awaits [`GroupCommit::commit`], which does both). One flusher thread takes every waiter that has
 //! arrived, runs one `flush`, and answers them all; waiters that arrive during that
 //! flush share the next one. A flush costs about the same for one message as for a
 //! thousand, so throughput scales with concurrency instead of being capped at one
@@ -14,10 +16,7 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::store::StoreError;
-
-/// Makes every change so far durable: what the flusher thread runs.
-pub type Flush = Arc<dyn Fn() -> Result<(), StoreError> + Send + Sync>;
+use super::{Flush, StoreError};
 
 /// When a send is acknowledged to its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,7 +37,7 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// Shares flushes between concurrent writers. See the module docs.
 pub struct GroupCommit {
     mode: Durability,
-    flush: Flush,
+    flush: Arc<dyn Flush>,
     tx: Option<mpsc::Sender<Waiter>>,
     flushes: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
@@ -55,7 +54,7 @@ impl std::fmt::Debug for GroupCommit {
 
 impl GroupCommit {
     /// Starts the flusher thread running `flush` (only needed for `Durability::Fsync`).
-    pub fn start(flush: Flush, mode: Durability) -> std::io::Result<Self> {
+    pub fn start(flush: Arc<dyn Flush>, mode: Durability) -> std::io::Result<Self> {
         let flushes = Arc::new(AtomicU64::new(0));
         if mode == Durability::Os {
             return Ok(GroupCommit {
@@ -87,27 +86,53 @@ impl GroupCommit {
 
     /// Resolves once every change applied before this call is durable as configured.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        let Some(tx) = &self.tx else {
-            return Ok(());
-        };
-        let (done, wait) = oneshot::channel();
-        tx.send(done)
-            .map_err(|_| StoreError::Backend("group commit stopped".into()))?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Backend(e)),
-            Err(_) => Err(StoreError::Backend("group commit stopped".into())),
-        }
+        self.join().wait().await
+    }
+
+    /// Joins the next flush: the returned [`PendingCommit`] resolves once every change
+    /// applied before this call is durable as configured. Joining at once and waiting
+    /// later lets a caller keep its order without holding anything across the wait.
+    pub fn join(&self) -> PendingCommit {
+        let waiter = self.tx.as_ref().map(|tx| {
+            let (done, wait) = oneshot::channel();
+            // A stopped flusher drops `done`, and the wait reports it.
+            let _ = tx.send(done);
+            wait
+        });
+        PendingCommit { waiter }
     }
 
     /// Flushes now, whatever the durability (for shutdown).
     pub fn flush_now(&self) -> Result<(), StoreError> {
-        (self.flush)()
+        self.flush.flush()
     }
 
     /// Flushes run so far.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
+    }
+}
+
+/// A place in a group commit, from [`GroupCommit::join`]: await [`PendingCommit::wait`]
+/// to know the changes before it are durable.
+#[derive(Debug)]
+#[must_use = "changes are not known to be durable until the commit is awaited"]
+pub struct PendingCommit {
+    /// `None` when nothing is to be waited for (`Durability::Os`).
+    waiter: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+impl PendingCommit {
+    /// Resolves once the changes applied before it was made are durable as configured.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        let Some(wait) = self.waiter else {
+            return Ok(());
+        };
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Backend(e)),
+            Err(_) => Err(StoreError::Backend("group commit stopped".into())),
+        }
     }
 }
 
@@ -120,12 +145,12 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher(flush: &Flush, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
+fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
     // Ends when every sender is dropped.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = flush().map_err(|e| e.to_string());
+        let result = flush.flush().map_err(|e| e.to_string());
         flushes.fetch_add(1, Ordering::Relaxed);
         for w in batch {
             let _ = w.send(result.clone());
@@ -139,11 +164,17 @@ mod tests {
     use std::time::Duration;
 
     /// A flush that takes as long as a slow disk's.
-    fn slow_flush() -> Flush {
-        Arc::new(|| {
+    struct SlowFlush;
+
+    impl Flush for SlowFlush {
+        fn flush(&self) -> Result<(), StoreError> {
             std::thread::sleep(Duration::from_millis(20));
             Ok(())
-        })
+        }
+    }
+
+    fn slow_flush() -> Arc<dyn Flush> {
+        Arc::new(SlowFlush)
     }
 
     #[tokio::test]
