@@ -9,6 +9,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 pub use crate::limits::DEFAULT_MAX_FRAME;
+use crate::reply::{ServerFrameError, ServerMessage};
+use crate::request::{ClientRequest, RequestError};
+use crate::v1;
 
 /// Bytes in the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -81,6 +84,40 @@ impl Decoder {
     }
 }
 
+impl Decoder {
+    /// Takes the next whole frame off `buf`, decodes it as the wire message `M` and
+    /// checks it into the domain type `T`. The three outcomes stay apart:
+    /// `Ok(None)` needs more bytes; `Err` is a frame that can never be read;
+    /// `Ok(Some(Err(_)))` decoded but does not validate (a [`RequestError`] keeps
+    /// the request id, so it can still be answered).
+    pub fn decode_checked<M, T>(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<T, T::Error>>, FrameError>
+    where
+        M: prost::Message + Default,
+        T: TryFrom<M>,
+    {
+        Ok(self.decode_message::<M>(buf)?.map(T::try_from))
+    }
+
+    /// [`Decoder::decode_checked`] for the relay: the next client frame as a request.
+    pub fn decode_request(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<ClientRequest, RequestError>>, FrameError> {
+        self.decode_checked::<v1::ClientFrame, ClientRequest>(buf)
+    }
+
+    /// [`Decoder::decode_checked`] for the client: the next server frame.
+    pub fn decode_server_message(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Result<ServerMessage, ServerFrameError>>, FrameError> {
+        self.decode_checked::<v1::ServerFrame, ServerMessage>(buf)
+    }
+}
+
 /// Appends `msg` to `out` as one frame.
 pub fn encode<M: prost::Message>(msg: &M, out: &mut BytesMut) {
     put(msg, msg.encoded_len(), out);
@@ -131,7 +168,6 @@ pub fn encoded_len<M: prost::Message>(msg: &M) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1;
     use proptest::prelude::*;
 
     fn ping(id: u64) -> v1::ClientFrame {
@@ -199,6 +235,48 @@ mod tests {
             dec.decode_message::<v1::ClientFrame>(&mut wire),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn typed_decoding_keeps_incomplete_invalid_and_refused_apart() {
+        use crate::{ErrorCode, Request};
+        let mut wire = BytesMut::new();
+        encode(&ping(1), &mut wire);
+        encode(
+            &v1::ClientFrame {
+                request_id: 2,
+                body: None,
+            },
+            &mut wire,
+        );
+        wire.put_u32(3);
+        wire.put_slice(&[0xff, 0xff, 0xff]);
+        wire.put_u32(100);
+        let mut dec = Decoder::new(1024);
+        let first = dec.decode_request(&mut wire).expect("readable");
+        assert!(matches!(
+            first,
+            Some(Ok(ClientRequest {
+                id: 1,
+                request: Request::Ping
+            }))
+        ));
+        let refused = dec.decode_request(&mut wire).expect("readable");
+        assert!(
+            matches!(&refused, Some(Err(e)) if e.id() == 2 && e.code() == ErrorCode::BadRequest)
+        );
+        assert!(matches!(
+            dec.decode_request(&mut wire),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(dec.decode_request(&mut wire).expect("a prefix").is_none());
+
+        let mut wire = BytesMut::new();
+        encode(&v1::ServerFrame::from(ServerMessage::QueueEmpty), &mut wire);
+        assert_eq!(
+            dec.decode_server_message(&mut wire).expect("readable"),
+            Some(Ok(ServerMessage::QueueEmpty))
+        );
     }
 
     proptest! {

@@ -1,47 +1,97 @@
 //! Tern wire protocol: the protobuf messages exchanged between clients and relays,
-//! the length-prefixed frame codec, validated identifiers, and the byte layouts
-//! that devices sign.
+//! the typed requests and replies they carry, the length-prefixed frame codec,
+//! validated identifiers, and the byte layouts that devices sign.
 //!
-//! This crate holds wire types only: no cryptography, no storage, no I/O policy.
+//! This crate holds wire types only: no cryptography, no storage, no I/O policy. It is
+//! the only place that converts to and from the generated [`v1`] types: relay and
+//! client speak in [`ClientRequest`], [`ServerMessage`] and the media messages, and
+//! convert at the edge with `TryFrom` (which validates) and `From` (which cannot
+//! fail).
 //!
 //! # Layout
-//! - [`v1`]: the generated prost types for `proto/tern.proto` (client <-> relay).
-//! - [`e2e`]: the generated prost types for `proto/e2e.proto` (client <-> client,
-//!   inside envelopes).
+//! - [`request`]: [`ClientRequest`] and [`Request`], one variant per request;
+//!   `TryFrom<v1::ClientFrame>` checks ids, lengths and counts and refuses with a
+//!   [`RequestError`] that keeps the request id and the [`ErrorCode`] to answer with.
+//! - [`reply`]: [`ServerMessage`] (response, delivery, end of queue), [`Reply`],
+//!   [`ErrorReply`] and [`Delivery`].
+//! - [`code`]: the domain [`ErrorCode`].
+//! - [`error`]: [`Malformed`] and [`Problem`]: which field of a wire message was
+//!   wrong and how.
+//! - [`keys`]: prekeys as published ([`KeyUpload`]) and fetched ([`DeviceBundle`]).
+//! - [`certificate`]: [`SenderCertificate`] with its exact wire encoding, and
+//!   [`IssuedCertificate`].
+//! - [`media`]: [`BlobId`], [`BlobStatus`], and the transfer stream's
+//!   [`BlobStreamRequest`] and [`BlobStreamResponse`].
 //! - [`frame`]: length-prefixed framing, with the size limit checked before any
-//!   allocation, and "incomplete" kept apart from "invalid".
+//!   allocation, and "incomplete" kept apart from "invalid" (and, for typed
+//!   decoding, "invalid" apart from "decoded but refused").
 //! - [`ids`]: [`AccountId`], [`DeviceId`], [`MessageId`], [`DeviceAddress`], each
 //!   checked when built from wire bytes.
 //! - [`auth`]: the exact bytes an identity or device key signs.
+//! - [`address`]: relay addresses with their pinned certificate fingerprint.
 //! - [`limits`]: protocol constants and default limits.
+//! - [`v1`]: the generated prost types for `proto/tern.proto` (client <-> relay).
+//! - [`e2e`]: the generated prost types for `proto/e2e.proto` (client <-> client,
+//!   inside envelopes).
 //!
 //! # Quick start
+//! A client frames a typed request; a relay decodes and checks it in one step, and
+//! answers a refused request by its id.
 //! ```
 //! use bytes::BytesMut;
-//! use tern_proto::{frame, v1};
+//! use tern_proto::{frame, v1, ClientRequest, ErrorCode, Request, ServerMessage};
 //!
-//! let ping = v1::ClientFrame {
-//!     request_id: 7,
-//!     body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
-//! };
+//! let ping = ClientRequest { id: 7, request: Request::Ping };
 //! let mut wire = BytesMut::new();
-//! frame::encode(&ping, &mut wire);
+//! frame::encode(&v1::ClientFrame::from(ping.clone()), &mut wire);
+//! // A request the relay must refuse: a fetch for an account id of 3 bytes.
+//! let bad = v1::ClientFrame {
+//!     request_id: 8,
+//!     body: Some(v1::client_frame::Body::FetchKeys(v1::FetchKeysRequest {
+//!         account_id: vec![1, 2, 3].into(),
+//!         device_id: 0,
+//!     })),
+//! };
+//! frame::encode(&bad, &mut wire);
 //!
 //! let mut decoder = frame::Decoder::new(frame::DEFAULT_MAX_FRAME);
-//! let decoded: v1::ClientFrame = decoder.decode_message(&mut wire)?.expect("one whole frame");
-//! assert_eq!(decoded, ping);
+//! let first = decoder.decode_request(&mut wire)?.expect("one whole frame");
+//! assert_eq!(first, Ok(ping));
+//! let refused = decoder.decode_request(&mut wire)?.expect("one whole frame");
+//! let error = refused.expect_err("a 3-byte account id");
+//! assert_eq!((error.id(), error.code()), (8, ErrorCode::BadRequest));
+//!
+//! // The relay's answer, as the client reads it back.
+//! let answer = ServerMessage::Response { id: error.id(), result: Err(error.to_reply()) };
+//! let frame = v1::ServerFrame::from(answer.clone());
+//! assert_eq!(ServerMessage::try_from(frame), Ok(answer));
+//! assert!(decoder.decode_request(&mut wire)?.is_none(), "nothing left");
 //! # Ok::<(), tern_proto::frame::FrameError>(())
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod address;
 pub mod auth;
+pub mod certificate;
+pub mod code;
+pub mod error;
 pub mod frame;
 pub mod ids;
+pub mod keys;
 pub mod limits;
+pub mod media;
+pub mod reply;
+pub mod request;
 
 pub use address::{Fingerprint, RelayAddress};
+pub use certificate::{IssuedCertificate, SenderCertificate};
+pub use code::ErrorCode;
+pub use error::{Malformed, Problem};
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
+pub use keys::{DeviceBundle, KeyUpload, SignedKey};
+pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};
+pub use reply::{Delivery, ErrorReply, Reply, ServerFrameError, ServerMessage};
+pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind};
 
 /// The generated protobuf types of `tern.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -17,3 +17,11 @@ pub const DEFAULT_MAX_ENVELOPE: usize = 256 * 1024;
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;
 /// No relay keeps a message longer than this: 30 days, in milliseconds.
 pub const MAX_MESSAGE_TTL_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+/// Length of an X25519 public key (identity agreement keys and prekeys).
+pub const AGREEMENT_KEY_LEN: usize = 32;
+/// Length of a blob id: the SHA-256 of the blob's bytes.
+pub const BLOB_ID_LEN: usize = 32;
+/// Length of a delivery token hash: the SHA-256 of the token.
+pub const TOKEN_HASH_LEN: usize = 32;
+/// Most sequence numbers in one ack; a relay refuses a longer ack with `TOO_LARGE`.
+pub const MAX_ACK_SEQS: usize = 4096;

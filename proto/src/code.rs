@@ -1,0 +1,131 @@
+//! The error codes a relay answers with, as a domain enum.
+
+use std::fmt;
+
+use crate::v1;
+
+/// Why a relay refused a request: one variant per `tern.v1.ErrorCode`.
+///
+/// A code this version does not know decodes as [`ErrorCode::Unspecified`], so a
+/// newer relay's answer is still an error, never a panic or a success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// No code given, or one this version does not know.
+    Unspecified,
+    /// The request is malformed: a missing field, a wrong length, an unknown variant.
+    BadRequest,
+    /// Not authenticated, a bad signature, or not allowed for this device.
+    Unauthorized,
+    /// No such account or device.
+    UnknownRecipient,
+    /// The recipient's mailbox holds its maximum count or bytes; retry later.
+    MailboxFull,
+    /// An envelope, frame or list is larger than the relay accepts.
+    TooLarge,
+    /// Too many requests; retry after the given time.
+    RateLimited,
+    /// The message has expired.
+    Expired,
+    /// The relay failed; nothing was stored for this request.
+    Internal,
+    /// The relay is shutting down or overloaded; retry elsewhere or later.
+    Unavailable,
+    /// No such blob (never uploaded, or expired).
+    NotFound,
+    /// The account's storage quota is used up.
+    QuotaExceeded,
+}
+
+impl ErrorCode {
+    /// The code for a wire value; unknown values are [`ErrorCode::Unspecified`].
+    pub fn from_wire(code: i32) -> Self {
+        v1::ErrorCode::try_from(code).map_or(ErrorCode::Unspecified, ErrorCode::from)
+    }
+
+    /// The wire value.
+    pub fn to_wire(self) -> i32 {
+        v1::ErrorCode::from(self) as i32
+    }
+
+    /// A short lowercase name, for logs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unspecified => "unspecified",
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownRecipient => "unknown recipient",
+            ErrorCode::MailboxFull => "mailbox full",
+            ErrorCode::TooLarge => "too large",
+            ErrorCode::RateLimited => "rate limited",
+            ErrorCode::Expired => "expired",
+            ErrorCode::Internal => "internal error",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not found",
+            ErrorCode::QuotaExceeded => "quota exceeded",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<v1::ErrorCode> for ErrorCode {
+    fn from(code: v1::ErrorCode) -> Self {
+        match code {
+            v1::ErrorCode::Unspecified => ErrorCode::Unspecified,
+            v1::ErrorCode::BadRequest => ErrorCode::BadRequest,
+            v1::ErrorCode::Unauthorized => ErrorCode::Unauthorized,
+            v1::ErrorCode::UnknownRecipient => ErrorCode::UnknownRecipient,
+            v1::ErrorCode::MailboxFull => ErrorCode::MailboxFull,
+            v1::ErrorCode::TooLarge => ErrorCode::TooLarge,
+            v1::ErrorCode::RateLimited => ErrorCode::RateLimited,
+            v1::ErrorCode::Expired => ErrorCode::Expired,
+            v1::ErrorCode::Internal => ErrorCode::Internal,
+            v1::ErrorCode::Unavailable => ErrorCode::Unavailable,
+            v1::ErrorCode::NotFound => ErrorCode::NotFound,
+            v1::ErrorCode::QuotaExceeded => ErrorCode::QuotaExceeded,
+        }
+    }
+}
+
+impl From<ErrorCode> for v1::ErrorCode {
+    fn from(code: ErrorCode) -> Self {
+        match code {
+            ErrorCode::Unspecified => v1::ErrorCode::Unspecified,
+            ErrorCode::BadRequest => v1::ErrorCode::BadRequest,
+            ErrorCode::Unauthorized => v1::ErrorCode::Unauthorized,
+            ErrorCode::UnknownRecipient => v1::ErrorCode::UnknownRecipient,
+            ErrorCode::MailboxFull => v1::ErrorCode::MailboxFull,
+            ErrorCode::TooLarge => v1::ErrorCode::TooLarge,
+            ErrorCode::RateLimited => v1::ErrorCode::RateLimited,
+            ErrorCode::Expired => v1::ErrorCode::Expired,
+            ErrorCode::Internal => v1::ErrorCode::Internal,
+            ErrorCode::Unavailable => v1::ErrorCode::Unavailable,
+            ErrorCode::NotFound => v1::ErrorCode::NotFound,
+            ErrorCode::QuotaExceeded => v1::ErrorCode::QuotaExceeded,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
+        for wire in 0..=11 {
+            let code = ErrorCode::from_wire(wire);
+            assert_eq!(code.to_wire(), wire);
+            assert_ne!(code.as_str(), "");
+        }
+        assert_eq!(ErrorCode::from_wire(1), ErrorCode::BadRequest);
+        assert_eq!(ErrorCode::from_wire(10), ErrorCode::NotFound);
+        for unknown in [-1, 12, 1000, i32::MAX, i32::MIN] {
+            assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Relay -> client messages as domain types: [`ServerMessage`] (a response, a
+//! delivery, the end of the queue), [`Reply`] (a successful response) and
+//! [`ErrorReply`] (a refusal).
+//!
+//! `TryFrom<v1::ServerFrame>` checks what a relay sends (ids, key lengths in
+//! bundles, signature lengths). A response whose reply is malformed fails only its
+//! own request: [`ServerFrameError::request_id`] says which.
+
+use bytes::Bytes;
+
+use crate::certificate::IssuedCertificate;
+use crate::code::ErrorCode;
+use crate::error::{array, bad_id, Malformed, Problem};
+use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
+use crate::keys::DeviceBundle;
+use crate::limits::PUBLIC_KEY_LEN;
+use crate::media::BlobStatus;
+use crate::v1::{self, response::Result as Wire, server_frame::Body};
+
+#[cfg(test)]
+mod tests;
+
+/// A successful answer, one variant per `Response` result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The new account's first device; the connection is now that device.
+    Register(DeviceAddress),
+    /// The added device's id.
+    AddDevice(DeviceId),
+    /// Authenticated.
+    Auth {
+        /// Messages waiting in the mailbox at authentication.
+        queued: u64,
+    },
+    /// Answers both `Send` and `SealedSend`: every envelope is stored.
+    Send {
+        /// How many envelopes were queued.
+        accepted: u32,
+    },
+    /// Acknowledged.
+    Ack {
+        /// How many of the acknowledged messages were still stored.
+        deleted: u32,
+    },
+    /// Pong.
+    Ping,
+    /// Keys stored.
+    PublishKeys {
+        /// One-time prekeys the relay now holds for the device.
+        one_time_prekeys: u32,
+    },
+    /// Prekey bundles, one per device that has published keys.
+    FetchKeys(Vec<DeviceBundle>),
+    /// A sender certificate for the authenticated device.
+    SenderCertificate(IssuedCertificate),
+    /// Delivery token set.
+    SetDeliveryToken,
+    /// The relay's sender-certificate signing key.
+    RelayInfo {
+        /// Ed25519 public key.
+        signing_key: [u8; PUBLIC_KEY_LEN],
+    },
+    /// What the relay holds for a blob; `None` if nothing (or it expired).
+    BlobStatus(Option<BlobStatus>),
+    /// The blob lives another term.
+    TouchBlob {
+        /// Its new expiry (Unix ms).
+        expires_at_ms: u64,
+    },
+    /// An account's device ids.
+    ListDevices(Vec<DeviceId>),
+}
+
+/// A refusal: the code, a human-readable detail (never identifiers or message
+/// bytes), and when to retry (0: no advice).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", if message.is_empty() { code.as_str() } else { message.as_str() })]
+pub struct ErrorReply {
+    /// Why.
+    pub code: ErrorCode,
+    /// Detail for people.
+    pub message: String,
+    /// Retry after this many ms; 0 when there is no advice.
+    pub retry_after_ms: u64,
+}
+
+/// A message a relay pushes to its client on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerMessage {
+    /// The answer to request `id` (0: a frame the relay could not read).
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        result: Result<Reply, ErrorReply>,
+    },
+    /// A queued or new message.
+    Delivery(Delivery),
+    /// Everything queued when the connection authenticated has been pushed.
+    QueueEmpty,
+}
+
+/// A message pushed by the relay. Acknowledge it with its `seq` once it is safely
+/// stored on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The relay's sequence number; acknowledge with it.
+    pub seq: u64,
+    /// The sender's message id.
+    pub message_id: MessageId,
+    /// Ciphertext.
+    pub payload: Bytes,
+    /// When the relay accepted it (Unix ms).
+    pub accepted_at_ms: u64,
+    /// When the relay will delete it if unacknowledged (Unix ms).
+    pub expires_at_ms: u64,
+}
+
+/// A server frame that decoded but is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{malformed}")]
+pub struct ServerFrameError {
+    request_id: Option<u64>,
+    malformed: Malformed,
+}
+
+impl ErrorReply {
+    /// A refusal with no retry advice.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorReply {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
+}
+
+impl ServerFrameError {
+    /// `Some(id)` when the frame is a response to request `id` whose reply is
+    /// malformed: that request fails, the connection can carry on. `None` when the
+    /// frame as a whole is broken (no body, a response without a result, a delivery
+    /// with a bad message id): the connection cannot be trusted further.
+    pub fn request_id(&self) -> Option<u64> {
+        self.request_id
+    }
+
+    /// What was wrong.
+    pub fn malformed(&self) -> &Malformed {
+        &self.malformed
+    }
+}
+
+impl From<ErrorReply> for v1::Error {
+    fn from(e: ErrorReply) -> Self {
+        v1::Error {
+            code: e.code.to_wire(),
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }
+    }
+}
+
+/// Unknown codes become [`ErrorCode::Unspecified`].
+impl From<v1::Error> for ErrorReply {
+    fn from(e: v1::Error) -> Self {
+        ErrorReply {
+            code: ErrorCode::from_wire(e.code),
+            message: e.message,
+            retry_after_ms: e.retry_after_ms,
+        }
+    }
+}
+
+fn copy(bytes: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(bytes)
+}
+
+impl From<Reply> for Wire {
+    fn from(reply: Reply) -> Self {
+        match reply {
+            Reply::Register(address) => Wire::Register(v1::RegisterResponse {
+                account_id: copy(address.account.as_bytes()),
+                device_id: address.device.get(),
+            }),
+            Reply::AddDevice(device) => Wire::AddDevice(v1::AddDeviceResponse {
+                device_id: device.get(),
+            }),
+            Reply::Auth { queued } => Wire::Auth(v1::AuthResponse { queued }),
+            Reply::Send { accepted } => Wire::Send(v1::SendResponse { accepted }),
+            Reply::Ack { deleted } => Wire::Ack(v1::AckResponse { deleted }),
+            Reply::Ping => Wire::Ping(v1::PingResponse {}),
+            Reply::PublishKeys { one_time_prekeys } => {
+                Wire::PublishKeys(v1::PublishKeysResponse { one_time_prekeys })
+            }
+            Reply::FetchKeys(bundles) => Wire::FetchKeys(v1::FetchKeysResponse {
+                bundles: bundles.iter().map(v1::PreKeyBundle::from).collect(),
+            }),
+            Reply::SenderCertificate(c) => Wire::SenderCertificate(v1::SenderCertificateResponse {
+                certificate: c.certificate,
+                signature: copy(&c.signature),
+            }),
+            Reply::SetDeliveryToken => Wire::SetDeliveryToken(v1::SetDeliveryTokenResponse {}),
+            Reply::RelayInfo { signing_key } => Wire::RelayInfo(v1::RelayInfoResponse {
+                signing_key: copy(&signing_key),
+            }),
+            Reply::BlobStatus(status) => Wire::BlobStatus(match status {
+                Some(s) => v1::BlobStatusResponse {
+                    exists: true,
+                    size: s.size,
+                    expires_at_ms: s.expires_at_ms,
+                },
+                None => v1::BlobStatusResponse::default(),
+            }),
+            Reply::TouchBlob { expires_at_ms } => {
+                Wire::TouchBlob(v1::TouchBlobResponse { expires_at_ms })
+            }
+            Reply::ListDevices(ids) => Wire::ListDevices(v1::ListDevicesResponse {
+                device_ids: ids.into_iter().map(DeviceId::get).collect(),
+            }),
+        }
+    }
+}
+
+impl From<Result<Reply, ErrorReply>> for Wire {
+    fn from(result: Result<Reply, ErrorReply>) -> Self {
+        match result {
+            Ok(reply) => reply.into(),
+            Err(e) => Wire::Error(e.into()),
+        }
+    }
+}
+
+const BAD: ErrorCode = ErrorCode::BadRequest;
+
+/// Checks one response result; `Err(ErrorReply)` inside `Ok` is the relay's refusal.
+impl TryFrom<Wire> for Result<Reply, ErrorReply> {
+    type Error = Malformed;
+    fn try_from(wire: Wire) -> Result<Self, Malformed> {
+        Ok(Ok(match wire {
+            Wire::Error(e) => return Ok(Err(e.into())),
+            Wire::Register(r) => Reply::Register(DeviceAddress {
+                account: AccountId::try_from(&r.account_id[..])
+                    .map_err(bad_id("register_response.account_id"))?,
+                device: DeviceId::try_from(r.device_id)
+                    .map_err(bad_id("register_response.device_id"))?,
+            }),
+            Wire::AddDevice(r) => Reply::AddDevice(
+                DeviceId::try_from(r.device_id).map_err(bad_id("add_device_response.device_id"))?,
+            ),
+            Wire::Auth(r) => Reply::Auth { queued: r.queued },
+            Wire::Send(r) => Reply::Send {
+                accepted: r.accepted,
+            },
+            Wire::Ack(r) => Reply::Ack { deleted: r.deleted },
+            Wire::Ping(v1::PingResponse {}) => Reply::Ping,
+            Wire::PublishKeys(r) => Reply::PublishKeys {
+                one_time_prekeys: r.one_time_prekeys,
+            },
+            Wire::FetchKeys(r) => Reply::FetchKeys(
+                r.bundles
+                    .iter()
+                    .map(DeviceBundle::try_from)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Wire::SenderCertificate(r) => Reply::SenderCertificate(IssuedCertificate {
+                signature: array(
+                    &r.signature,
+                    "sender_certificate_response.signature",
+                    "a certificate signature",
+                    BAD,
+                )?,
+                certificate: r.certificate,
+            }),
+            Wire::SetDeliveryToken(v1::SetDeliveryTokenResponse {}) => Reply::SetDeliveryToken,
+            Wire::RelayInfo(r) => Reply::RelayInfo {
+                signing_key: array(
+                    &r.signing_key,
+                    "relay_info_response.signing_key",
+                    "a relay signing key",
+                    BAD,
+                )?,
+            },
+            Wire::BlobStatus(r) => Reply::BlobStatus(r.exists.then_some(BlobStatus {
+                size: r.size,
+                expires_at_ms: r.expires_at_ms,
+            })),
+            Wire::TouchBlob(r) => Reply::TouchBlob {
+                expires_at_ms: r.expires_at_ms,
+            },
+            Wire::ListDevices(r) => Reply::ListDevices(
+                r.device_ids
+                    .into_iter()
+                    .map(|d| {
+                        DeviceId::try_from(d).map_err(bad_id("list_devices_response.device_ids"))
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+        }))
+    }
+}
+
+impl From<Delivery> for v1::Delivery {
+    fn from(d: Delivery) -> Self {
+        v1::Delivery {
+            seq: d.seq,
+            message_id: copy(d.message_id.as_bytes()),
+            payload: d.payload,
+            accepted_at_ms: d.accepted_at_ms,
+            expires_at_ms: d.expires_at_ms,
+        }
+    }
+}
+
+impl TryFrom<v1::Delivery> for Delivery {
+    type Error = Malformed;
+    fn try_from(d: v1::Delivery) -> Result<Self, Malformed> {
+        Ok(Delivery {
+            seq: d.seq,
+            message_id: MessageId::try_from(&d.message_id[..])
+                .map_err(bad_id("delivery.message_id"))?,
+            payload: d.payload,
+            accepted_at_ms: d.accepted_at_ms,
+            expires_at_ms: d.expires_at_ms,
+        })
+    }
+}
+
+impl From<ServerMessage> for v1::ServerFrame {
+    fn from(m: ServerMessage) -> Self {
+        let body = match m {
+            ServerMessage::Response { id, result } => Body::Response(v1::Response {
+                request_id: id,
+                result: Some(result.into()),
+            }),
+            ServerMessage::Delivery(d) => Body::Delivery(d.into()),
+            ServerMessage::QueueEmpty => Body::QueueEmpty(v1::QueueEmpty {}),
+        };
+        v1::ServerFrame { body: Some(body) }
+    }
+}
+
+impl TryFrom<v1::ServerFrame> for ServerMessage {
+    type Error = ServerFrameError;
+    fn try_from(frame: v1::ServerFrame) -> Result<Self, ServerFrameError> {
+        let whole = |malformed| ServerFrameError {
+            request_id: None,
+            malformed,
+        };
+        match frame.body {
+            Some(Body::Response(r)) => {
+                let id = r.request_id;
+                let wire = r.result.ok_or_else(|| {
+                    whole(Malformed::new(
+                        "response.result",
+                        Problem::Missing("response without a result"),
+                        BAD,
+                    ))
+                })?;
+                let result = wire.try_into().map_err(|malformed| ServerFrameError {
+                    request_id: Some(id),
+                    malformed,
+                })?;
+                Ok(ServerMessage::Response { id, result })
+            }
+            Some(Body::Delivery(d)) => Ok(ServerMessage::Delivery(d.try_into().map_err(whole)?)),
+            Some(Body::QueueEmpty(v1::QueueEmpty {})) => Ok(ServerMessage::QueueEmpty),
+            None => Err(whole(Malformed::new(
+                "server_frame.body",
+                Problem::Missing("empty frame"),
+                BAD,
+            ))),
+        }
+    }
+}

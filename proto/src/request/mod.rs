@@ -1,0 +1,540 @@
+//! Client -> relay requests as domain types.
+//!
+//! [`ClientRequest`] is one `ClientFrame`: a request id and a [`Request`]. Its
+//! `TryFrom<v1::ClientFrame>` does every check that needs nothing but the frame
+//! (ids, fixed lengths, counts), so a relay's services receive only well-formed
+//! requests; the checks that need state (signatures, accounts, quotas) stay with the
+//! services. A refused frame becomes a [`RequestError`] that keeps the request id.
+//!
+//! # Keeping a relay's answers
+//! Each malformed field gets the code a relay has always answered it with (see
+//! [`RequestError`]). A relay checked some things before the fields, and keeps
+//! today's answers by checking them first when a request is refused here:
+//! - `register` and `auth` on a connection that is already authenticated:
+//!   `BAD_REQUEST` ("already authenticated"); `register` over the per-address rate:
+//!   `RATE_LIMITED`.
+//! - `send`, `publish_keys`, `fetch_keys`, `set_delivery_token` on a connection that
+//!   is not authenticated: `UNAUTHORIZED` ([`RequestKind::needs_authentication`]).
+//!   Not `ack`: an oversized ack is `TOO_LARGE` on any connection.
+//! - A media upload on a connection that is not authenticated: `UNAUTHORIZED`
+//!   before its blob id is looked at.
+//!
+//! Fields are checked in the order a relay read them, so when several are wrong, the
+//! first is reported. A request with a signature of the right length that does not
+//! verify and, later, a malformed field is refused here for the field, where a relay
+//! that verified first answered `UNAUTHORIZED`.
+
+use bytes::Bytes;
+
+use crate::code::ErrorCode;
+use crate::error::{array, bad_id, Malformed, Problem};
+use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
+use crate::keys::KeyUpload;
+use crate::limits::{BLOB_ID_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, SIGNATURE_LEN, TOKEN_HASH_LEN};
+use crate::media::BlobId;
+use crate::v1::{self, client_frame::Body};
+
+mod error;
+#[cfg(test)]
+mod tests;
+
+pub use error::RequestError;
+
+/// An envelope to queue: the sender's message id and the ciphertext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Unique per message; the recipient drops duplicates by it.
+    pub message_id: MessageId,
+    /// Ciphertext, never interpreted by the relay.
+    pub payload: Bytes,
+}
+
+/// One request with the id its reply will carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRequest {
+    /// Chosen by the client; the reply carries it back.
+    pub id: u64,
+    /// What is asked.
+    pub request: Request,
+}
+
+/// Every request a client can make, one variant per `ClientFrame` body. See
+/// `proto/proto/tern.proto` for what each does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Creates an account with its first device and authenticates the connection.
+    Register {
+        /// Ed25519 identity key of the account.
+        identity_key: [u8; PUBLIC_KEY_LEN],
+        /// Ed25519 key of the first device.
+        device_key: [u8; PUBLIC_KEY_LEN],
+        /// The identity's signature over `auth::device_certificate(None, device_key)`.
+        device_signature: [u8; SIGNATURE_LEN],
+        /// The device's signature over `auth::session_proof` of this connection.
+        session_proof: [u8; SIGNATURE_LEN],
+    },
+    /// Adds a device to an account, vouched for by its identity key.
+    AddDevice {
+        /// The account.
+        account: AccountId,
+        /// Ed25519 key of the new device.
+        device_key: [u8; PUBLIC_KEY_LEN],
+        /// The identity's signature over `auth::device_certificate(Some(account), ..)`.
+        device_signature: [u8; SIGNATURE_LEN],
+    },
+    /// Authenticates the connection as a device.
+    Auth {
+        /// The device.
+        address: DeviceAddress,
+        /// The device's signature over `auth::session_proof` of this connection.
+        signature: [u8; SIGNATURE_LEN],
+    },
+    /// Queues envelopes for one device (authenticated connections).
+    Send {
+        /// The recipient.
+        to: DeviceAddress,
+        /// What to queue, all or nothing.
+        envelopes: Vec<Envelope>,
+    },
+    /// Deletes delivered messages from the authenticated device's mailbox.
+    Ack {
+        /// Sequence numbers, at most [`MAX_ACK_SEQS`].
+        seqs: Vec<u64>,
+    },
+    /// A round trip.
+    Ping,
+    /// Publishes the authenticated device's keys.
+    PublishKeys(KeyUpload),
+    /// Fetches prekey bundles of an account's devices.
+    FetchKeys {
+        /// The account.
+        account: AccountId,
+        /// One device, or `None` (0 on the wire) for all of them.
+        device: Option<DeviceId>,
+    },
+    /// Asks for a sender certificate of the authenticated device.
+    SenderCertificate,
+    /// Sets the SHA-256 of the account's delivery token.
+    SetDeliveryToken {
+        /// SHA-256 of the token.
+        token_hash: [u8; TOKEN_HASH_LEN],
+    },
+    /// Queues envelopes from an unidentified sender who shows a delivery token.
+    SealedSend {
+        /// The recipient.
+        to: DeviceAddress,
+        /// The recipient account's delivery token (any length; the relay hashes it).
+        delivery_token: Bytes,
+        /// What to queue, all or nothing.
+        envelopes: Vec<Envelope>,
+    },
+    /// Asks for the relay's signing key.
+    RelayInfo,
+    /// Whether the relay has a blob.
+    BlobStatus {
+        /// The blob.
+        blob_id: BlobId,
+    },
+    /// A forward: the blob lives another full term.
+    TouchBlob {
+        /// The blob.
+        blob_id: BlobId,
+    },
+    /// An account's device ids, for a holder of its delivery token.
+    ListDevices {
+        /// The account.
+        account: AccountId,
+        /// Its delivery token (any length; the relay hashes it).
+        delivery_token: Bytes,
+    },
+}
+
+/// Which request, without its content: for logs, metrics and error answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RequestKind {
+    /// [`Request::Register`].
+    Register,
+    /// [`Request::AddDevice`].
+    AddDevice,
+    /// [`Request::Auth`].
+    Auth,
+    /// [`Request::Send`].
+    Send,
+    /// [`Request::Ack`].
+    Ack,
+    /// [`Request::Ping`].
+    Ping,
+    /// [`Request::PublishKeys`].
+    PublishKeys,
+    /// [`Request::FetchKeys`].
+    FetchKeys,
+    /// [`Request::SenderCertificate`].
+    SenderCertificate,
+    /// [`Request::SetDeliveryToken`].
+    SetDeliveryToken,
+    /// [`Request::SealedSend`].
+    SealedSend,
+    /// [`Request::RelayInfo`].
+    RelayInfo,
+    /// [`Request::BlobStatus`].
+    BlobStatus,
+    /// [`Request::TouchBlob`].
+    TouchBlob,
+    /// [`Request::ListDevices`].
+    ListDevices,
+}
+
+impl RequestKind {
+    /// The `ClientFrame` field name (`register`, `add_device`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestKind::Register => "register",
+            RequestKind::AddDevice => "add_device",
+            RequestKind::Auth => "auth",
+            RequestKind::Send => "send",
+            RequestKind::Ack => "ack",
+            RequestKind::Ping => "ping",
+            RequestKind::PublishKeys => "publish_keys",
+            RequestKind::FetchKeys => "fetch_keys",
+            RequestKind::SenderCertificate => "sender_certificate",
+            RequestKind::SetDeliveryToken => "set_delivery_token",
+            RequestKind::SealedSend => "sealed_send",
+            RequestKind::RelayInfo => "relay_info",
+            RequestKind::BlobStatus => "blob_status",
+            RequestKind::TouchBlob => "touch_blob",
+            RequestKind::ListDevices => "list_devices",
+        }
+    }
+
+    /// Whether the request needs a connection authenticated as a device (`send`,
+    /// `ack`, `publish_keys`, `fetch_keys`, `sender_certificate`,
+    /// `set_delivery_token`). Note for a relay keeping today's answers: for all but
+    /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
+    /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
+    pub fn needs_authentication(self) -> bool {
+        matches!(
+            self,
+            RequestKind::Send
+                | RequestKind::Ack
+                | RequestKind::PublishKeys
+                | RequestKind::FetchKeys
+                | RequestKind::SenderCertificate
+                | RequestKind::SetDeliveryToken
+        )
+    }
+}
+
+impl std::fmt::Display for RequestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Request {
+    /// Which request this is.
+    pub fn kind(&self) -> RequestKind {
+        match self {
+            Request::Register { .. } => RequestKind::Register,
+            Request::AddDevice { .. } => RequestKind::AddDevice,
+            Request::Auth { .. } => RequestKind::Auth,
+            Request::Send { .. } => RequestKind::Send,
+            Request::Ack { .. } => RequestKind::Ack,
+            Request::Ping => RequestKind::Ping,
+            Request::PublishKeys(_) => RequestKind::PublishKeys,
+            Request::FetchKeys { .. } => RequestKind::FetchKeys,
+            Request::SenderCertificate => RequestKind::SenderCertificate,
+            Request::SetDeliveryToken { .. } => RequestKind::SetDeliveryToken,
+            Request::SealedSend { .. } => RequestKind::SealedSend,
+            Request::RelayInfo => RequestKind::RelayInfo,
+            Request::BlobStatus { .. } => RequestKind::BlobStatus,
+            Request::TouchBlob { .. } => RequestKind::TouchBlob,
+            Request::ListDevices { .. } => RequestKind::ListDevices,
+        }
+    }
+}
+
+fn body_kind(body: &Body) -> RequestKind {
+    match body {
+        Body::Register(_) => RequestKind::Register,
+        Body::AddDevice(_) => RequestKind::AddDevice,
+        Body::Auth(_) => RequestKind::Auth,
+        Body::Send(_) => RequestKind::Send,
+        Body::Ack(_) => RequestKind::Ack,
+        Body::Ping(_) => RequestKind::Ping,
+        Body::PublishKeys(_) => RequestKind::PublishKeys,
+        Body::FetchKeys(_) => RequestKind::FetchKeys,
+        Body::SenderCertificate(_) => RequestKind::SenderCertificate,
+        Body::SetDeliveryToken(_) => RequestKind::SetDeliveryToken,
+        Body::SealedSend(_) => RequestKind::SealedSend,
+        Body::RelayInfo(_) => RequestKind::RelayInfo,
+        Body::BlobStatus(_) => RequestKind::BlobStatus,
+        Body::TouchBlob(_) => RequestKind::TouchBlob,
+        Body::ListDevices(_) => RequestKind::ListDevices,
+    }
+}
+
+const BAD: ErrorCode = ErrorCode::BadRequest;
+const UNAUTHORIZED: ErrorCode = ErrorCode::Unauthorized;
+
+fn address(
+    account: &[u8],
+    device: u32,
+    account_field: &'static str,
+    device_field: &'static str,
+) -> Result<DeviceAddress, Malformed> {
+    Ok(DeviceAddress {
+        account: AccountId::try_from(account).map_err(bad_id(account_field))?,
+        device: DeviceId::try_from(device).map_err(bad_id(device_field))?,
+    })
+}
+
+fn envelopes(wire: Vec<v1::Envelope>, field: &'static str) -> Result<Vec<Envelope>, Malformed> {
+    wire.into_iter()
+        .map(|e| {
+            Ok(Envelope {
+                message_id: MessageId::try_from(&e.message_id[..]).map_err(bad_id(field))?,
+                payload: e.payload,
+            })
+        })
+        .collect()
+}
+
+fn blob_id(bytes: &[u8], field: &'static str) -> Result<BlobId, Malformed> {
+    array::<BLOB_ID_LEN>(bytes, field, "a blob id", BAD)
+}
+
+impl TryFrom<Body> for Request {
+    type Error = Malformed;
+
+    /// Checks one body. Fields are checked in the order a relay has always looked at
+    /// them, so the first malformed field is the one it reported.
+    fn try_from(body: Body) -> Result<Self, Malformed> {
+        Ok(match body {
+            Body::Register(r) => Request::Register {
+                identity_key: array(
+                    &r.identity_key,
+                    "register.identity_key",
+                    "an identity key",
+                    UNAUTHORIZED,
+                )?,
+                device_key: array(
+                    &r.device_key,
+                    "register.device_key",
+                    "a device key",
+                    UNAUTHORIZED,
+                )?,
+                device_signature: array(
+                    &r.device_signature,
+                    "register.device_signature",
+                    "a signature",
+                    UNAUTHORIZED,
+                )?,
+                session_proof: array(
+                    &r.session_proof,
+                    "register.session_proof",
+                    "a signature",
+                    UNAUTHORIZED,
+                )?,
+            },
+            Body::AddDevice(r) => Request::AddDevice {
+                account: AccountId::try_from(&r.account_id[..])
+                    .map_err(bad_id("add_device.account_id"))?,
+                device_key: array(
+                    &r.device_key,
+                    "add_device.device_key",
+                    "a device key",
+                    UNAUTHORIZED,
+                )?,
+                device_signature: array(
+                    &r.device_signature,
+                    "add_device.device_signature",
+                    "a signature",
+                    UNAUTHORIZED,
+                )?,
+            },
+            Body::Auth(r) => Request::Auth {
+                address: address(
+                    &r.account_id,
+                    r.device_id,
+                    "auth.account_id",
+                    "auth.device_id",
+                )?,
+                signature: array(&r.signature, "auth.signature", "a signature", UNAUTHORIZED)?,
+            },
+            Body::Send(r) => Request::Send {
+                to: address(
+                    &r.recipient_account,
+                    r.recipient_device,
+                    "send.recipient_account",
+                    "send.recipient_device",
+                )?,
+                envelopes: envelopes(r.envelopes, "send.envelopes.message_id")?,
+            },
+            Body::Ack(r) => {
+                if r.seqs.len() > MAX_ACK_SEQS {
+                    return Err(Malformed::new(
+                        "ack.seqs",
+                        Problem::TooMany {
+                            what: "ack",
+                            got: r.seqs.len(),
+                            max: MAX_ACK_SEQS,
+                        },
+                        ErrorCode::TooLarge,
+                    ));
+                }
+                Request::Ack { seqs: r.seqs }
+            }
+            Body::Ping(v1::PingRequest {}) => Request::Ping,
+            Body::PublishKeys(r) => Request::PublishKeys(KeyUpload::try_from(&r)?),
+            Body::FetchKeys(r) => Request::FetchKeys {
+                account: AccountId::try_from(&r.account_id[..])
+                    .map_err(bad_id("fetch_keys.account_id"))?,
+                device: DeviceId::new(r.device_id),
+            },
+            Body::SenderCertificate(v1::SenderCertificateRequest {}) => Request::SenderCertificate,
+            Body::SetDeliveryToken(r) => Request::SetDeliveryToken {
+                token_hash: array(
+                    &r.token_hash,
+                    "set_delivery_token.token_hash",
+                    "a delivery token hash",
+                    BAD,
+                )?,
+            },
+            Body::SealedSend(r) => Request::SealedSend {
+                to: address(
+                    &r.recipient_account,
+                    r.recipient_device,
+                    "sealed_send.recipient_account",
+                    "sealed_send.recipient_device",
+                )?,
+                envelopes: envelopes(r.envelopes, "sealed_send.envelopes.message_id")?,
+                delivery_token: r.delivery_token,
+            },
+            Body::RelayInfo(v1::RelayInfoRequest {}) => Request::RelayInfo,
+            Body::BlobStatus(r) => Request::BlobStatus {
+                blob_id: blob_id(&r.blob_id, "blob_status.blob_id")?,
+            },
+            Body::TouchBlob(r) => Request::TouchBlob {
+                blob_id: blob_id(&r.blob_id, "touch_blob.blob_id")?,
+            },
+            Body::ListDevices(r) => Request::ListDevices {
+                account: AccountId::try_from(&r.account_id[..])
+                    .map_err(bad_id("list_devices.account_id"))?,
+                delivery_token: r.delivery_token,
+            },
+        })
+    }
+}
+
+impl TryFrom<v1::ClientFrame> for ClientRequest {
+    type Error = RequestError;
+
+    fn try_from(frame: v1::ClientFrame) -> Result<Self, RequestError> {
+        let id = frame.request_id;
+        let Some(body) = frame.body else {
+            let empty = Malformed::new("client_frame.body", Problem::Missing("empty request"), BAD);
+            return Err(RequestError::new(id, None, empty));
+        };
+        let kind = body_kind(&body);
+        let request = Request::try_from(body).map_err(|e| RequestError::new(id, Some(kind), e))?;
+        Ok(ClientRequest { id, request })
+    }
+}
+
+fn copy(bytes: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(bytes)
+}
+
+fn wire_envelopes(envelopes: Vec<Envelope>) -> Vec<v1::Envelope> {
+    envelopes
+        .into_iter()
+        .map(|e| v1::Envelope {
+            message_id: copy(e.message_id.as_bytes()),
+            payload: e.payload,
+        })
+        .collect()
+}
+
+impl From<Request> for Body {
+    fn from(request: Request) -> Self {
+        match request {
+            Request::Register {
+                identity_key,
+                device_key,
+                device_signature,
+                session_proof,
+            } => Body::Register(v1::RegisterRequest {
+                identity_key: copy(&identity_key),
+                device_key: copy(&device_key),
+                device_signature: copy(&device_signature),
+                session_proof: copy(&session_proof),
+            }),
+            Request::AddDevice {
+                account,
+                device_key,
+                device_signature,
+            } => Body::AddDevice(v1::AddDeviceRequest {
+                account_id: copy(account.as_bytes()),
+                device_key: copy(&device_key),
+                device_signature: copy(&device_signature),
+            }),
+            Request::Auth { address, signature } => Body::Auth(v1::AuthRequest {
+                account_id: copy(address.account.as_bytes()),
+                device_id: address.device.get(),
+                signature: copy(&signature),
+            }),
+            Request::Send { to, envelopes } => Body::Send(v1::SendRequest {
+                recipient_account: copy(to.account.as_bytes()),
+                recipient_device: to.device.get(),
+                envelopes: wire_envelopes(envelopes),
+            }),
+            Request::Ack { seqs } => Body::Ack(v1::AckRequest { seqs }),
+            Request::Ping => Body::Ping(v1::PingRequest {}),
+            Request::PublishKeys(upload) => Body::PublishKeys((&upload).into()),
+            Request::FetchKeys { account, device } => Body::FetchKeys(v1::FetchKeysRequest {
+                account_id: copy(account.as_bytes()),
+                device_id: device.map_or(0, DeviceId::get),
+            }),
+            Request::SenderCertificate => Body::SenderCertificate(v1::SenderCertificateRequest {}),
+            Request::SetDeliveryToken { token_hash } => {
+                Body::SetDeliveryToken(v1::SetDeliveryTokenRequest {
+                    token_hash: copy(&token_hash),
+                })
+            }
+            Request::SealedSend {
+                to,
+                delivery_token,
+                envelopes,
+            } => Body::SealedSend(v1::SealedSendRequest {
+                recipient_account: copy(to.account.as_bytes()),
+                recipient_device: to.device.get(),
+                delivery_token,
+                envelopes: wire_envelopes(envelopes),
+            }),
+            Request::RelayInfo => Body::RelayInfo(v1::RelayInfoRequest {}),
+            Request::BlobStatus { blob_id } => Body::BlobStatus(v1::BlobStatusRequest {
+                blob_id: copy(&blob_id),
+            }),
+            Request::TouchBlob { blob_id } => Body::TouchBlob(v1::TouchBlobRequest {
+                blob_id: copy(&blob_id),
+            }),
+            Request::ListDevices {
+                account,
+                delivery_token,
+            } => Body::ListDevices(v1::ListDevicesRequest {
+                account_id: copy(account.as_bytes()),
+                delivery_token,
+            }),
+        }
+    }
+}
+
+impl From<ClientRequest> for v1::ClientFrame {
+    fn from(r: ClientRequest) -> Self {
+        v1::ClientFrame {
+            request_id: r.id,
+            body: Some(r.request.into()),
+        }
+    }
+}

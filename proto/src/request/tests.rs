@@ -1,0 +1,666 @@
+use bytes::Bytes;
+use proptest::prelude::*;
+use prost::Message;
+
+use super::*;
+use crate::keys::SignedKey;
+
+/// typed -> v1 -> bytes -> v1 -> typed.
+fn round_trip(r: ClientRequest) -> Result<ClientRequest, RequestError> {
+    let bytes = v1::ClientFrame::from(r).encode_to_vec();
+    ClientRequest::try_from(v1::ClientFrame::decode(&bytes[..]).expect("decodes"))
+}
+
+fn address() -> DeviceAddress {
+    DeviceAddress {
+        account: AccountId([1; 16]),
+        device: DeviceId::PRIMARY,
+    }
+}
+
+fn envelope(n: u8) -> Envelope {
+    Envelope {
+        message_id: MessageId([n; 16]),
+        payload: Bytes::from(vec![n; 40]),
+    }
+}
+
+fn signed(id: u32) -> SignedKey {
+    SignedKey {
+        id,
+        key: [7; 32],
+        signature: [8; 64],
+    }
+}
+
+/// One valid request of every kind.
+fn one_of_each() -> Vec<Request> {
+    vec![
+        Request::Register {
+            identity_key: [1; 32],
+            device_key: [2; 32],
+            device_signature: [3; 64],
+            session_proof: [4; 64],
+        },
+        Request::AddDevice {
+            account: AccountId([5; 16]),
+            device_key: [6; 32],
+            device_signature: [7; 64],
+        },
+        Request::Auth {
+            address: address(),
+            signature: [9; 64],
+        },
+        Request::Send {
+            to: address(),
+            envelopes: vec![envelope(1), envelope(2)],
+        },
+        Request::Ack {
+            seqs: vec![1, 5, 9],
+        },
+        Request::Ping,
+        Request::PublishKeys(KeyUpload {
+            identity_dh: Some(signed(0)),
+            signed_prekey: Some(signed(3)),
+            one_time: vec![(1, [1; 32]), (2, [2; 32])],
+        }),
+        Request::FetchKeys {
+            account: AccountId([3; 16]),
+            device: None,
+        },
+        Request::SenderCertificate,
+        Request::SetDeliveryToken {
+            token_hash: [4; 32],
+        },
+        Request::SealedSend {
+            to: address(),
+            delivery_token: Bytes::from_static(b"token"),
+            envelopes: vec![envelope(3)],
+        },
+        Request::RelayInfo,
+        Request::BlobStatus { blob_id: [5; 32] },
+        Request::TouchBlob { blob_id: [6; 32] },
+        Request::ListDevices {
+            account: AccountId([7; 16]),
+            delivery_token: Bytes::from_static(b"t"),
+        },
+    ]
+}
+
+#[test]
+fn one_request_of_every_kind_round_trips() {
+    let all = one_of_each();
+    let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
+    kinds.dedup();
+    assert_eq!(kinds.len(), 15, "every ClientFrame body");
+    for (id, request) in all.into_iter().enumerate() {
+        let r = ClientRequest {
+            id: id as u64,
+            request,
+        };
+        assert_eq!(round_trip(r.clone()), Ok(r));
+    }
+}
+
+#[test]
+fn the_wire_form_is_what_the_client_sent_before() {
+    // A send as `client-core` built it by hand.
+    let by_hand = v1::ClientFrame {
+        request_id: 3,
+        body: Some(Body::Send(v1::SendRequest {
+            recipient_account: Bytes::copy_from_slice(&[1; 16]),
+            recipient_device: 1,
+            envelopes: vec![v1::Envelope {
+                message_id: Bytes::copy_from_slice(&[1; 16]),
+                payload: Bytes::from(vec![1; 40]),
+            }],
+        })),
+    };
+    let typed = ClientRequest {
+        id: 3,
+        request: Request::Send {
+            to: address(),
+            envelopes: vec![envelope(1)],
+        },
+    };
+    assert_eq!(
+        v1::ClientFrame::from(typed).encode_to_vec(),
+        by_hand.encode_to_vec()
+    );
+    // FetchKeys for every device is device_id 0; an identity_dh left out is empty.
+    let fetch = Body::from(Request::FetchKeys {
+        account: AccountId([3; 16]),
+        device: None,
+    });
+    assert!(matches!(
+        fetch,
+        Body::FetchKeys(v1::FetchKeysRequest { device_id: 0, .. })
+    ));
+    let Body::PublishKeys(p) = Body::from(Request::PublishKeys(KeyUpload::default())) else {
+        panic!("publish keys");
+    };
+    assert_eq!(p, v1::PublishKeysRequest::default());
+}
+
+#[test]
+fn payloads_are_not_copied() {
+    let payload = Bytes::from(vec![9u8; 1000]);
+    let frame = v1::ClientFrame {
+        request_id: 1,
+        body: Some(Body::Send(v1::SendRequest {
+            recipient_account: Bytes::copy_from_slice(&[1; 16]),
+            recipient_device: 1,
+            envelopes: vec![v1::Envelope {
+                message_id: Bytes::copy_from_slice(&[1; 16]),
+                payload: payload.clone(),
+            }],
+        })),
+    };
+    let Ok(ClientRequest {
+        request: Request::Send { envelopes, .. },
+        ..
+    }) = ClientRequest::try_from(frame)
+    else {
+        panic!("a valid send");
+    };
+    assert_eq!(envelopes[0].payload.as_ptr(), payload.as_ptr());
+}
+
+/// Valid bodies, one per kind, to break one field at a time.
+fn valid(kind: RequestKind) -> Body {
+    one_of_each()
+        .into_iter()
+        .find(|r| r.kind() == kind)
+        .map(Body::from)
+        .expect("one of each")
+}
+
+fn refused(body: Body) -> RequestError {
+    let frame = v1::ClientFrame {
+        request_id: 41,
+        body: Some(body),
+    };
+    match ClientRequest::try_from(frame) {
+        Ok(r) => panic!("accepted {r:?}"),
+        Err(e) => e,
+    }
+}
+
+const SHORT: Bytes = Bytes::from_static(&[1; 3]);
+
+/// Each malformed field, with the field named and the code the relay answers with.
+fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
+    use ErrorCode::{BadRequest as BAD, TooLarge, Unauthorized as UNAUTH};
+    let register = |f: fn(&mut v1::RegisterRequest)| {
+        let Body::Register(mut r) = valid(RequestKind::Register) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::Register(r)
+    };
+    let add = |f: fn(&mut v1::AddDeviceRequest)| {
+        let Body::AddDevice(mut r) = valid(RequestKind::AddDevice) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::AddDevice(r)
+    };
+    let auth = |f: fn(&mut v1::AuthRequest)| {
+        let Body::Auth(mut r) = valid(RequestKind::Auth) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::Auth(r)
+    };
+    let send = |f: fn(&mut v1::SendRequest)| {
+        let Body::Send(mut r) = valid(RequestKind::Send) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::Send(r)
+    };
+    let sealed = |f: fn(&mut v1::SealedSendRequest)| {
+        let Body::SealedSend(mut r) = valid(RequestKind::SealedSend) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::SealedSend(r)
+    };
+    let publish = |f: fn(&mut v1::PublishKeysRequest)| {
+        let Body::PublishKeys(mut r) = valid(RequestKind::PublishKeys) else {
+            unreachable!()
+        };
+        f(&mut r);
+        Body::PublishKeys(r)
+    };
+    vec![
+        (
+            register(|r| r.identity_key = SHORT),
+            "register.identity_key",
+            UNAUTH,
+        ),
+        (
+            register(|r| r.device_key = Bytes::new()),
+            "register.device_key",
+            UNAUTH,
+        ),
+        (
+            register(|r| r.device_signature = SHORT),
+            "register.device_signature",
+            UNAUTH,
+        ),
+        (
+            register(|r| r.session_proof = SHORT),
+            "register.session_proof",
+            UNAUTH,
+        ),
+        (add(|r| r.account_id = SHORT), "add_device.account_id", BAD),
+        (
+            add(|r| r.device_key = SHORT),
+            "add_device.device_key",
+            UNAUTH,
+        ),
+        (
+            add(|r| r.device_signature = Bytes::new()),
+            "add_device.device_signature",
+            UNAUTH,
+        ),
+        (auth(|r| r.account_id = SHORT), "auth.account_id", BAD),
+        (auth(|r| r.device_id = 0), "auth.device_id", BAD),
+        (auth(|r| r.signature = SHORT), "auth.signature", UNAUTH),
+        (
+            send(|r| r.recipient_account = SHORT),
+            "send.recipient_account",
+            BAD,
+        ),
+        (
+            send(|r| r.recipient_device = 0),
+            "send.recipient_device",
+            BAD,
+        ),
+        (
+            send(|r| r.envelopes[1].message_id = SHORT),
+            "send.envelopes.message_id",
+            BAD,
+        ),
+        (
+            Body::Ack(v1::AckRequest {
+                seqs: vec![1; MAX_ACK_SEQS + 1],
+            }),
+            "ack.seqs",
+            TooLarge,
+        ),
+        (
+            publish(|r| r.identity_dh = SHORT),
+            "publish_keys.identity_dh",
+            BAD,
+        ),
+        (
+            publish(|r| r.identity_dh_signature = SHORT),
+            "publish_keys.identity_dh_signature",
+            UNAUTH,
+        ),
+        (
+            publish(|r| {
+                if let Some(k) = r.signed_prekey.as_mut() {
+                    k.public_key = SHORT;
+                }
+            }),
+            "publish_keys.signed_prekey.public_key",
+            BAD,
+        ),
+        (
+            publish(|r| {
+                if let Some(k) = r.signed_prekey.as_mut() {
+                    k.signature = Bytes::new();
+                }
+            }),
+            "publish_keys.signed_prekey.signature",
+            UNAUTH,
+        ),
+        (
+            publish(|r| r.one_time_prekeys[1].public_key = SHORT),
+            "publish_keys.one_time_prekeys.public_key",
+            BAD,
+        ),
+        (
+            Body::FetchKeys(v1::FetchKeysRequest {
+                account_id: SHORT,
+                device_id: 1,
+            }),
+            "fetch_keys.account_id",
+            BAD,
+        ),
+        (
+            Body::SetDeliveryToken(v1::SetDeliveryTokenRequest { token_hash: SHORT }),
+            "set_delivery_token.token_hash",
+            BAD,
+        ),
+        (
+            sealed(|r| r.recipient_account = SHORT),
+            "sealed_send.recipient_account",
+            BAD,
+        ),
+        (
+            sealed(|r| r.recipient_device = 0),
+            "sealed_send.recipient_device",
+            BAD,
+        ),
+        (
+            sealed(|r| r.envelopes[0].message_id = Bytes::new()),
+            "sealed_send.envelopes.message_id",
+            BAD,
+        ),
+        (
+            Body::BlobStatus(v1::BlobStatusRequest { blob_id: SHORT }),
+            "blob_status.blob_id",
+            BAD,
+        ),
+        (
+            Body::TouchBlob(v1::TouchBlobRequest {
+                blob_id: Bytes::from_static(&[0; 33]),
+            }),
+            "touch_blob.blob_id",
+            BAD,
+        ),
+        (
+            Body::ListDevices(v1::ListDevicesRequest {
+                account_id: SHORT,
+                delivery_token: SHORT,
+            }),
+            "list_devices.account_id",
+            BAD,
+        ),
+    ]
+}
+
+#[test]
+fn each_malformed_field_is_refused_with_the_relays_code_and_the_request_id() {
+    for (body, field, code) in malformed_cases() {
+        let kind = body_kind(&body);
+        let e = refused(body);
+        assert_eq!(
+            (e.id(), e.kind(), e.field(), e.code()),
+            (41, Some(kind), field, code),
+            "{e}"
+        );
+        let reply = e.to_reply();
+        assert_eq!((reply.code, reply.retry_after_ms), (code, 0));
+        assert_eq!(reply.message, e.client_message());
+        if code == ErrorCode::Unauthorized {
+            assert_eq!(reply.message, "unauthorized", "opaque, as before");
+        }
+    }
+}
+
+#[test]
+fn every_kind_that_has_fields_to_break_is_covered() {
+    let covered: Vec<_> = malformed_cases()
+        .iter()
+        .map(|(b, _, _)| body_kind(b))
+        .collect();
+    for r in one_of_each() {
+        let kind = r.kind();
+        let nothing_to_check = matches!(
+            kind,
+            RequestKind::Ping | RequestKind::SenderCertificate | RequestKind::RelayInfo
+        );
+        assert!(nothing_to_check || covered.contains(&kind), "{kind}");
+    }
+}
+
+#[test]
+fn messages_stay_close_to_the_relays() {
+    let e = refused(Body::Send(v1::SendRequest {
+        recipient_account: Bytes::from_static(&[1; 15]),
+        recipient_device: 1,
+        envelopes: vec![],
+    }));
+    assert_eq!(
+        e.client_message(),
+        "bad request: account id must be 16 bytes, got 15"
+    );
+    let e = refused(Body::Auth(v1::AuthRequest {
+        account_id: Bytes::from_static(&[1; 16]),
+        device_id: 0,
+        signature: Bytes::new(),
+    }));
+    assert_eq!(e.client_message(), "bad request: device id 0 is reserved");
+    let e = refused(Body::Ack(v1::AckRequest {
+        seqs: vec![0; 5000],
+    }));
+    assert_eq!(e.client_message(), "ack of 5000 exceeds the limit of 4096");
+    assert_eq!(
+        e.problem(),
+        &Problem::TooMany {
+            what: "ack",
+            got: 5000,
+            max: MAX_ACK_SEQS
+        }
+    );
+}
+
+#[test]
+fn an_empty_body_is_a_bad_request_that_keeps_its_id() {
+    let e = ClientRequest::try_from(v1::ClientFrame {
+        request_id: 5,
+        body: None,
+    })
+    .expect_err("no body");
+    assert_eq!(
+        (e.id(), e.kind(), e.code()),
+        (5, None, ErrorCode::BadRequest)
+    );
+    assert_eq!(e.client_message(), "bad request: empty request");
+}
+
+#[test]
+fn edges_that_are_valid() {
+    // An ack of exactly the limit; an empty send; fetch keys for device 0 (all).
+    let ack = Body::Ack(v1::AckRequest {
+        seqs: vec![1; MAX_ACK_SEQS],
+    });
+    assert!(
+        matches!(Request::try_from(ack), Ok(Request::Ack { seqs }) if seqs.len() == MAX_ACK_SEQS)
+    );
+    let fetch = Body::FetchKeys(v1::FetchKeysRequest {
+        account_id: Bytes::from_static(&[1; 16]),
+        device_id: 0,
+    });
+    assert_eq!(
+        Request::try_from(fetch),
+        Ok(Request::FetchKeys {
+            account: AccountId([1; 16]),
+            device: None
+        })
+    );
+    // An empty identity_dh leaves it unchanged, whatever its signature field holds.
+    let publish = Body::PublishKeys(v1::PublishKeysRequest {
+        identity_dh_signature: SHORT,
+        ..Default::default()
+    });
+    assert_eq!(
+        Request::try_from(publish),
+        Ok(Request::PublishKeys(KeyUpload::default()))
+    );
+    // Delivery tokens are any bytes: the relay hashes them.
+    let list = Body::ListDevices(v1::ListDevicesRequest {
+        account_id: Bytes::from_static(&[1; 16]),
+        delivery_token: Bytes::new(),
+    });
+    assert!(Request::try_from(list).is_ok());
+}
+
+#[test]
+fn needs_authentication_is_the_protocols_list() {
+    let needing: Vec<_> = one_of_each()
+        .iter()
+        .map(Request::kind)
+        .filter(|k| k.needs_authentication())
+        .map(RequestKind::as_str)
+        .collect();
+    assert_eq!(
+        needing,
+        [
+            "send",
+            "ack",
+            "publish_keys",
+            "fetch_keys",
+            "sender_certificate",
+            "set_delivery_token"
+        ]
+    );
+}
+
+fn any_address() -> impl Strategy<Value = DeviceAddress> {
+    (any::<[u8; 16]>(), 1u32..).prop_map(|(a, d)| DeviceAddress {
+        account: AccountId(a),
+        device: DeviceId::new(d).expect("not 0"),
+    })
+}
+
+fn any_envelopes() -> impl Strategy<Value = Vec<Envelope>> {
+    proptest::collection::vec(
+        (
+            any::<[u8; 16]>(),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        )
+            .prop_map(|(id, payload)| Envelope {
+                message_id: MessageId(id),
+                payload: payload.into(),
+            }),
+        0..4,
+    )
+}
+
+fn any_signed(with_id: bool) -> impl Strategy<Value = SignedKey> {
+    (any::<u32>(), any::<[u8; 32]>(), any::<[u8; 64]>()).prop_map(move |(id, key, signature)| {
+        SignedKey {
+            id: if with_id { id } else { 0 },
+            key,
+            signature,
+        }
+    })
+}
+
+fn any_bytes() -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..40).prop_map(Bytes::from)
+}
+
+fn any_request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 64]>(),
+            any::<[u8; 64]>()
+        )
+            .prop_map(
+                |(identity_key, device_key, device_signature, session_proof)| Request::Register {
+                    identity_key,
+                    device_key,
+                    device_signature,
+                    session_proof
+                }
+            ),
+        (any::<[u8; 16]>(), any::<[u8; 32]>(), any::<[u8; 64]>()).prop_map(
+            |(a, device_key, device_signature)| Request::AddDevice {
+                account: AccountId(a),
+                device_key,
+                device_signature
+            }
+        ),
+        (any_address(), any::<[u8; 64]>())
+            .prop_map(|(address, signature)| Request::Auth { address, signature }),
+        (any_address(), any_envelopes())
+            .prop_map(|(to, envelopes)| Request::Send { to, envelopes }),
+        proptest::collection::vec(any::<u64>(), 0..50).prop_map(|seqs| Request::Ack { seqs }),
+        Just(Request::Ping),
+        (
+            proptest::option::of(any_signed(false)),
+            proptest::option::of(any_signed(true)),
+            proptest::collection::vec((any::<u32>(), any::<[u8; 32]>()), 0..4)
+        )
+            .prop_map(
+                |(identity_dh, signed_prekey, one_time)| Request::PublishKeys(KeyUpload {
+                    identity_dh,
+                    signed_prekey,
+                    one_time
+                })
+            ),
+        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(a, d)| Request::FetchKeys {
+            account: AccountId(a),
+            device: DeviceId::new(d)
+        }),
+        Just(Request::SenderCertificate),
+        any::<[u8; 32]>().prop_map(|token_hash| Request::SetDeliveryToken { token_hash }),
+        (any_address(), any_bytes(), any_envelopes()).prop_map(
+            |(to, delivery_token, envelopes)| Request::SealedSend {
+                to,
+                delivery_token,
+                envelopes
+            }
+        ),
+        Just(Request::RelayInfo),
+        any::<[u8; 32]>().prop_map(|blob_id| Request::BlobStatus { blob_id }),
+        any::<[u8; 32]>().prop_map(|blob_id| Request::TouchBlob { blob_id }),
+        (any::<[u8; 16]>(), any_bytes()).prop_map(|(a, delivery_token)| Request::ListDevices {
+            account: AccountId(a),
+            delivery_token
+        }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_valid_request_round_trips(id in any::<u64>(), request in any_request()) {
+        let r = ClientRequest { id, request };
+        prop_assert_eq!(round_trip(r.clone()), Ok(r));
+    }
+
+    #[test]
+    fn any_bytes_decode_and_check_without_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(frame) = v1::ClientFrame::decode(&bytes[..]) {
+            let id = frame.request_id;
+            match ClientRequest::try_from(frame) {
+                // What is accepted goes back to the wire and checks the same.
+                Ok(r) => prop_assert_eq!(round_trip(r.clone()), Ok(r)),
+                Err(e) => prop_assert_eq!(e.id(), id),
+            }
+        }
+    }
+
+    #[test]
+    fn any_frame_of_a_known_shape_checks_without_panicking(
+        id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..15,
+    ) {
+        // Valid protobuf with arbitrary field contents reaches every check.
+        let body = match which {
+            0 => Body::Register(v1::RegisterRequest { identity_key: a, device_key: b, device_signature: c.clone(), session_proof: c }),
+            1 => Body::AddDevice(v1::AddDeviceRequest { account_id: a, device_key: b, device_signature: c }),
+            2 => Body::Auth(v1::AuthRequest { account_id: a, device_id: n, signature: b }),
+            3 => Body::Send(v1::SendRequest { recipient_account: a, recipient_device: n, envelopes: vec![v1::Envelope { message_id: b, payload: c }] }),
+            4 => Body::Ack(v1::AckRequest { seqs }),
+            5 => Body::PublishKeys(v1::PublishKeysRequest {
+                identity_dh: a, identity_dh_signature: b.clone(),
+                signed_prekey: Some(v1::SignedPreKey { id: n, public_key: b.clone(), signature: c.clone() }),
+                one_time_prekeys: vec![v1::OneTimePreKey { id: n, public_key: c }],
+            }),
+            6 => Body::FetchKeys(v1::FetchKeysRequest { account_id: a, device_id: n }),
+            7 => Body::SetDeliveryToken(v1::SetDeliveryTokenRequest { token_hash: a }),
+            8 => Body::SealedSend(v1::SealedSendRequest { recipient_account: a, recipient_device: n, delivery_token: b, envelopes: vec![v1::Envelope { message_id: c, payload: Bytes::new() }] }),
+            9 => Body::BlobStatus(v1::BlobStatusRequest { blob_id: a }),
+            10 => Body::TouchBlob(v1::TouchBlobRequest { blob_id: a }),
+            11 => Body::ListDevices(v1::ListDevicesRequest { account_id: a, delivery_token: b }),
+            12 => Body::Ping(v1::PingRequest {}),
+            13 => Body::RelayInfo(v1::RelayInfoRequest {}),
+            _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
+        };
+        let kind = body_kind(&body);
+        match ClientRequest::try_from(v1::ClientFrame { request_id: id, body: Some(body) }) {
+            Ok(r) => prop_assert_eq!(r.request.kind(), kind),
+            Err(e) => prop_assert_eq!((e.id(), e.kind()), (id, Some(kind))),
+        }
+    }
+}
