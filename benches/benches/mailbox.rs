@@ -14,16 +14,16 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tern_benches::{Backend, BenchRelay};
 use tern_relay::core::delivery::DeliveryWindow;
-use tern_relay::store::{Durability, NewMessage};
+use tern_relay::store::{Durability, Envelope};
 
 const SIZE: usize = 1024;
 
-fn messages(n: usize, start: u64) -> Vec<NewMessage> {
+fn messages(n: usize, start: u64) -> Vec<Envelope> {
     (0..n as u64)
         .map(|i| {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(start + i).to_be_bytes());
-            NewMessage {
+            Envelope {
                 message_id: tern_proto::MessageId(id),
                 payload: Bytes::from(vec![0xa5; SIZE]),
             }

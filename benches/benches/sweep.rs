@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tern_benches::load::now_ms;
 use tern_benches::{Backend, BenchRelay};
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
-use tern_relay::store::{Durability, NewMessage};
+use tern_relay::store::{Durability, Envelope};
 
 const STORED: u64 = 1_000_000;
 const EXPIRED: u64 = 10_000;
@@ -27,12 +27,12 @@ fn device(i: u64) -> DeviceAddress {
     }
 }
 
-fn batch(n: u64, first_id: u64) -> Vec<NewMessage> {
+fn batch(n: u64, first_id: u64) -> Vec<Envelope> {
     (0..n)
         .map(|i| {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(first_id + i).to_be_bytes());
-            NewMessage {
+            Envelope {
                 message_id: MessageId(id),
                 payload: Bytes::from(vec![0x5a; 64]),
             }

@@ -13,7 +13,7 @@ use tern_relay::core::expiry::Ttl;
 use tern_relay::core::limits::Limits;
 use tern_relay::server::Services;
 use tern_relay::store::{
-    Durability, LogOptions, LogStore, MailboxStore, NewMessage, SledStore, Stores,
+    Durability, Envelope, LogOptions, LogStore, MailboxStore, SledStore, Stores,
 };
 
 /// Where a [`BenchRelay`] keeps mailboxes, as `storage.mailboxes` chooses in the relay.
@@ -117,7 +117,7 @@ impl BenchRelay {
         &self,
         sender: &AuthenticatedDevice,
         to: DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
     ) -> tern_relay::Result<usize> {
         let to = self.services.accounts().recipient(sender, to)?;
         self.services.mailboxes().append(&to, msgs)?.commit().await

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use ed25519_dalek::Signer;
 use tern_platform::clock::Clock;
+use tern_proto::{IssuedCertificate, SenderCertificate};
 
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::{Error, Result};
@@ -13,16 +14,6 @@ use crate::store::AccountStore;
 
 /// How long a sender certificate is valid.
 pub(crate) const SENDER_CERTIFICATE_LIFETIME_MS: u64 = 24 * 60 * 60 * 1000;
-
-/// A sender certificate: the encoded `v1::SenderCertificate` and the relay's
-/// signature over it.
-#[derive(Debug, Clone)]
-pub(crate) struct SenderCertificate {
-    /// Encoded `v1::SenderCertificate`.
-    pub(crate) certificate: Vec<u8>,
-    /// The relay's signature over `tern_proto::auth::sender_certificate(certificate)`.
-    pub(crate) signature: [u8; 64],
-}
 
 /// Issues sender certificates signed with the relay's key.
 pub(crate) struct CertificateIssuer {
@@ -60,29 +51,29 @@ impl CertificateIssuer {
 
     /// A certificate of `device`, signed by the relay, valid for
     /// [`SENDER_CERTIFICATE_LIFETIME_MS`].
-    pub(crate) fn issue(&self, device: &AuthenticatedDevice) -> Result<SenderCertificate> {
+    pub(crate) fn issue(&self, device: &AuthenticatedDevice) -> Result<IssuedCertificate> {
         let addr = device.address();
         let record = self
             .accounts
             .get(&addr.account)?
             .ok_or(Error::Unauthorized)?;
-        let cert = tern_proto::v1::SenderCertificate {
-            account_id: bytes::Bytes::copy_from_slice(addr.account.as_bytes()),
-            device_id: addr.device.get(),
-            identity_key: bytes::Bytes::copy_from_slice(&record.identity_key),
+        let certificate = SenderCertificate {
+            account: addr.account,
+            device: addr.device,
+            identity_key: record.identity_key,
             expires_at_ms: self
                 .clock
                 .now()
                 .saturating_add(SENDER_CERTIFICATE_LIFETIME_MS),
-            relay_key: bytes::Bytes::copy_from_slice(&self.signing_key()),
-        };
-        let certificate = prost::Message::encode_to_vec(&cert);
+            relay_key: self.signing_key(),
+        }
+        .encode();
         let signature = self
             .signer
             .sign(&tern_proto::auth::sender_certificate(&certificate))
             .to_bytes();
-        Ok(SenderCertificate {
-            certificate,
+        Ok(IssuedCertificate {
+            certificate: certificate.into(),
             signature,
         })
     }
@@ -113,10 +104,12 @@ mod tests {
                 &sig,
             )
             .expect("signed by the relay");
-        let decoded: tern_proto::v1::SenderCertificate =
-            prost::Message::decode(&cert.certificate[..]).expect("decodes");
-        assert_eq!(&decoded.account_id[..], alice.address().account.as_bytes());
-        assert_eq!(decoded.device_id, 1);
+        let decoded = SenderCertificate::decode(&cert.certificate).expect("decodes");
+        assert_eq!(
+            decoded.account.as_bytes(),
+            alice.address().account.as_bytes()
+        );
+        assert_eq!(decoded.device.get(), 1);
         assert_eq!(
             &decoded.identity_key[..],
             &identity_of(1).verifying_key().to_bytes()

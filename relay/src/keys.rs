@@ -4,25 +4,14 @@
 
 use std::sync::Arc;
 
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::error::{Error, Result};
-use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey, SignedKey};
+use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
 
 /// Most one-time prekeys a device may hold on the relay.
 pub(crate) const MAX_ONE_TIME_PREKEYS: u64 = 1000;
-
-/// Keys a device publishes, as received (checked by [`KeyDirectory::publish`]).
-#[derive(Debug, Default)]
-pub(crate) struct PublishedKeys<'a> {
-    /// Identity agreement key and the identity's signature over it.
-    pub(crate) identity_dh: Option<(&'a [u8], &'a [u8])>,
-    /// Signed prekey: id, key, the identity's signature.
-    pub(crate) signed_prekey: Option<(u32, &'a [u8], &'a [u8])>,
-    /// One-time prekeys: id, key.
-    pub(crate) one_time: Vec<(u32, &'a [u8])>,
-}
 
 /// Prekey bundles of an account's devices.
 #[derive(Debug, Clone)]
@@ -46,8 +35,21 @@ impl std::fmt::Debug for KeyDirectory {
     }
 }
 
-fn signature(sig: &[u8]) -> Result<[u8; 64]> {
-    sig.try_into().map_err(|_| Error::Unauthorized)
+impl AccountKeys {
+    /// The bundles as a fetch answers them.
+    pub(crate) fn into_bundles(self) -> Vec<DeviceBundle> {
+        let identity_key = self.identity_key;
+        self.devices
+            .into_iter()
+            .map(|(device, k)| DeviceBundle {
+                device,
+                identity_key,
+                identity_dh: k.identity_dh,
+                signed_prekey: k.signed_prekey,
+                one_time_prekey: k.one_time.map(|o| (o.id, o.key)),
+            })
+            .collect()
+    }
 }
 
 impl KeyDirectory {
@@ -65,58 +67,38 @@ impl KeyDirectory {
     }
 
     /// Checks and stores keys a device publishes; returns its one-time pool size.
+    /// Nothing is stored unless every signature verifies.
     pub(crate) async fn publish(
         &self,
         device: &AuthenticatedDevice,
-        keys: PublishedKeys<'_>,
+        keys: &KeyUpload,
     ) -> Result<u64> {
         let addr = device.address();
         let record = self
             .accounts
             .get(&addr.account)?
             .ok_or(Error::Unauthorized)?;
-        let identity_dh = keys
-            .identity_dh
-            .map(|(key, sig)| -> Result<SignedKey> {
-                let key = auth::verify_vouched_key(
-                    &record.identity_key,
-                    key,
-                    tern_proto::auth::identity_agreement_key,
-                    sig,
-                )?;
-                Ok(SignedKey {
-                    id: 0,
-                    key,
-                    signature: signature(sig)?,
-                })
-            })
-            .transpose()?;
-        let signed_prekey = keys
-            .signed_prekey
-            .map(|(id, key, sig)| -> Result<SignedKey> {
-                let key = auth::verify_vouched_key(
-                    &record.identity_key,
-                    key,
-                    |k| tern_proto::auth::signed_prekey(id, k),
-                    sig,
-                )?;
-                Ok(SignedKey {
-                    id,
-                    key,
-                    signature: signature(sig)?,
-                })
-            })
-            .transpose()?;
-        let one_time = keys
+        if let Some(k) = &keys.identity_dh {
+            auth::verify_vouched_key(
+                &record.identity_key,
+                &k.key,
+                tern_proto::auth::identity_agreement_key,
+                &k.signature,
+            )?;
+        }
+        if let Some(k) = &keys.signed_prekey {
+            auth::verify_vouched_key(
+                &record.identity_key,
+                &k.key,
+                |key| tern_proto::auth::signed_prekey(k.id, key),
+                &k.signature,
+            )?;
+        }
+        let one_time: Vec<OneTimeKey> = keys
             .one_time
             .iter()
-            .map(|(id, key)| {
-                let key = (*key)
-                    .try_into()
-                    .map_err(|_| Error::BadRequest("keys are 32 bytes".into()))?;
-                Ok(OneTimeKey { id: *id, key })
-            })
-            .collect::<Result<Vec<_>>>()?;
+            .map(|&(id, key)| OneTimeKey { id, key })
+            .collect();
         let held = self.keys.one_time_count(addr)?;
         if held.saturating_add(one_time.len() as u64) > MAX_ONE_TIME_PREKEYS {
             return Err(Error::TooLarge {
@@ -127,8 +109,8 @@ impl KeyDirectory {
         }
         let count = self.keys.publish(
             addr,
-            identity_dh.as_ref(),
-            signed_prekey.as_ref(),
+            keys.identity_dh.as_ref(),
+            keys.signed_prekey.as_ref(),
             &one_time,
         )?;
         self.commit.commit().await?;
@@ -174,6 +156,15 @@ mod tests {
     use crate::core::limits::Limits;
     use crate::testing::{device, fixture, identity_of};
     use ed25519_dalek::Signer;
+    use tern_proto::SignedKey;
+
+    fn signed(id: u32, key: &[u8; 32], signature: &[u8; 64]) -> Option<SignedKey> {
+        Some(SignedKey {
+            id,
+            key: *key,
+            signature: *signature,
+        })
+    }
 
     #[tokio::test]
     async fn prekeys_are_checked_and_each_one_time_key_handed_out_once() {
@@ -191,23 +182,23 @@ mod tests {
         let otk = [[7u8; 32], [8u8; 32]];
 
         // A signed prekey signed for another id is refused, and nothing is stored.
-        let bad = PublishedKeys {
-            signed_prekey: Some((2, &spk, &spk_sig)),
+        let bad = KeyUpload {
+            signed_prekey: signed(2, &spk, &spk_sig),
             ..Default::default()
         };
         assert!(matches!(
-            f.services.keys().publish(&bob, bad).await,
+            f.services.keys().publish(&bob, &bad).await,
             Err(Error::Unauthorized)
         ));
         // Signed by someone else's identity.
         let foreign = identity_of(9)
             .sign(&tern_proto::auth::identity_agreement_key(&dh))
             .to_bytes();
-        let bad = PublishedKeys {
-            identity_dh: Some((&dh, &foreign)),
+        let bad = KeyUpload {
+            identity_dh: signed(0, &dh, &foreign),
             ..Default::default()
         };
-        assert!(f.services.keys().publish(&bob, bad).await.is_err());
+        assert!(f.services.keys().publish(&bob, &bad).await.is_err());
         assert!(matches!(
             f.services
                 .keys()
@@ -215,15 +206,15 @@ mod tests {
             Err(Error::UnknownRecipient)
         ));
 
-        let good = PublishedKeys {
-            identity_dh: Some((&dh, &dh_sig)),
-            signed_prekey: Some((1, &spk, &spk_sig)),
-            one_time: vec![(10, &otk[0]), (11, &otk[1])],
+        let good = KeyUpload {
+            identity_dh: signed(0, &dh, &dh_sig),
+            signed_prekey: signed(1, &spk, &spk_sig),
+            one_time: vec![(10, otk[0]), (11, otk[1])],
         };
         assert_eq!(
             f.services
                 .keys()
-                .publish(&bob, good)
+                .publish(&bob, &good)
                 .await
                 .expect("publish"),
             2
@@ -266,16 +257,16 @@ mod tests {
         let keys: Vec<[u8; 32]> = (0..=MAX_ONE_TIME_PREKEYS)
             .map(|i| [(i % 250) as u8; 32])
             .collect();
-        let too_many = PublishedKeys {
+        let too_many = KeyUpload {
             one_time: keys
                 .iter()
                 .enumerate()
-                .map(|(i, k)| (i as u32, &k[..]))
+                .map(|(i, k)| (i as u32, *k))
                 .collect(),
             ..Default::default()
         };
         assert!(matches!(
-            f.services.keys().publish(&bob, too_many).await,
+            f.services.keys().publish(&bob, &too_many).await,
             Err(Error::TooLarge { .. })
         ));
     }

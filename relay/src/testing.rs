@@ -15,7 +15,7 @@ use crate::core::limits::Limits;
 use crate::error::Result;
 use crate::mailboxes::Pull;
 use crate::server::Services;
-use crate::store::{Durability, MemoryStore, NewMessage, Stores};
+use crate::store::{Durability, Envelope, MemoryStore, Stores};
 
 pub(crate) struct Fixture {
     pub(crate) services: Arc<Services>,
@@ -49,7 +49,7 @@ impl Fixture {
         &self,
         sender: &AuthenticatedDevice,
         to: DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
     ) -> Result<usize> {
         let to = self.services.accounts().recipient(sender, to)?;
         self.services.mailboxes().append(&to, msgs)?.commit().await
@@ -60,7 +60,7 @@ impl Fixture {
         &self,
         to: DeviceAddress,
         token: &[u8],
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
     ) -> Result<usize> {
         let to = self.services.accounts().sealed_recipient(to, token)?;
         self.services.mailboxes().append(&to, msgs)?.commit().await
@@ -86,9 +86,9 @@ pub(crate) async fn device(f: &Fixture, seed: u8) -> AuthenticatedDevice {
     f.services.accounts().register(reg).await.expect("register")
 }
 
-pub(crate) fn msgs(range: std::ops::Range<u8>, len: usize) -> Vec<NewMessage> {
+pub(crate) fn msgs(range: std::ops::Range<u8>, len: usize) -> Vec<Envelope> {
     range
-        .map(|i| NewMessage {
+        .map(|i| Envelope {
             message_id: MessageId([i; 16]),
             payload: Bytes::from(vec![i; len]),
         })

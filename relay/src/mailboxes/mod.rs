@@ -25,7 +25,7 @@ use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
-use crate::store::{GroupCommit, MailboxStore, NewMessage, PendingCommit, StoredMessage, Usage};
+use crate::store::{Envelope, GroupCommit, MailboxStore, PendingCommit, StoredMessage, Usage};
 
 mod active;
 
@@ -111,7 +111,7 @@ impl Mailboxes {
     /// Queues `msgs` for `to`, all or nothing, in the order of calls, and wakes a
     /// connected recipient. Await the returned [`Appended::commit`] before telling the
     /// sender they are stored.
-    pub fn append(&self, to: &Recipient, msgs: &[NewMessage]) -> Result<Appended> {
+    pub fn append(&self, to: &Recipient, msgs: &[Envelope]) -> Result<Appended> {
         let to = to.address();
         self.limits
             .check_batch(msgs.iter().map(|m| m.payload.len()))?;

@@ -71,7 +71,7 @@ fn error_response(e: &Error) -> v1::BlobStreamResponse {
     debug!(error = %e, "media request refused");
     v1::BlobStreamResponse {
         result: Some(Res::Error(v1::Error {
-            code: e.code() as i32,
+            code: e.code().to_wire(),
             message: e.client_message(),
             retry_after_ms: e.retry_after_ms(),
         })),

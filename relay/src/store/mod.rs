@@ -60,14 +60,10 @@ pub enum StoreError {
 /// Result with [`StoreError`].
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// An envelope to queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The sender's id for it.
-    pub message_id: MessageId,
-    /// Ciphertext.
-    pub payload: Bytes,
-}
+/// An envelope to queue: the request's own type, stored without a copy.
+pub use tern_proto::Envelope;
+/// A public key with the account identity's signature over it, as published.
+pub use tern_proto::SignedKey;
 
 /// A queued envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +115,7 @@ pub trait MailboxStore: Flush {
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>>;
@@ -252,17 +248,6 @@ pub trait AccountStore: Send + Sync + 'static {
 
     /// The SHA-256 of the account's delivery token, if it set one.
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>>;
-}
-
-/// A public key with the account identity's signature over it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SignedKey {
-    /// Signed prekey id (0 for the identity agreement key).
-    pub id: u32,
-    /// X25519 public key.
-    pub key: [u8; 32],
-    /// Ed25519 signature by the account identity.
-    pub signature: [u8; 64],
 }
 
 /// A one-time prekey.

@@ -26,8 +26,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys, Flush,
-    KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
+    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
@@ -229,7 +229,7 @@ impl MailboxStore for SledStore {
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
@@ -695,8 +695,8 @@ mod tests {
         let to = DeviceAddress::from_wire(&[3; 16], 1).expect("addr");
         let seqs = {
             let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-            let msgs: Vec<NewMessage> = (0..3u8)
-                .map(|i| NewMessage {
+            let msgs: Vec<Envelope> = (0..3u8)
+                .map(|i| Envelope {
                     message_id: MessageId([i; 16]),
                     payload: Bytes::from(vec![i; 10]),
                 })
@@ -719,7 +719,7 @@ mod tests {
         let later = store
             .append(
                 &to,
-                &[NewMessage {
+                &[Envelope {
                     message_id: MessageId([9; 16]),
                     payload: Bytes::new(),
                 }],

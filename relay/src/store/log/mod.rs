@@ -33,7 +33,7 @@ use tracing::warn;
 
 use self::record::{MessageHeader, HEADER_LEN, PEEK_LEN};
 use super::{
-    Expired, ExpiryIndex, Flush, MailboxStore, NewMessage, StoreError, StoreResult, StoredMessage,
+    Envelope, Expired, ExpiryIndex, Flush, MailboxStore, StoreError, StoreResult, StoredMessage,
     Usage,
 };
 use tern_platform::clock::UnixMillis;
@@ -663,7 +663,7 @@ impl MailboxStore for LogStore {
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
