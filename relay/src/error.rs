@@ -6,8 +6,9 @@ use tern_proto::{ErrorCode, ErrorReply};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the relay. Request errors map to the protocol's
-/// [`ErrorCode`] with [`Error::code`] (a whole answer: [`Error::to_reply`]); their messages never hold identifiers or
-/// message bytes, so they are safe to send and to log.
+/// [`ErrorCode`] with [`Error::code`] (a whole answer: [`Error::to_reply`]); their
+/// messages never hold identifiers or message bytes, so they are safe to send and to
+/// log.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -97,7 +97,7 @@ pub fn verify_registration(
 
 /// Checks that `identity_key` vouches for `device_key` joining `account`; returns the
 /// device key.
-pub fn verify_new_device(
+pub(crate) fn verify_new_device(
     identity_key: &[u8; 32],
     account: &AccountId,
     device_key: &[u8],
@@ -115,7 +115,7 @@ pub fn verify_new_device(
 
 /// Checks the account identity's signature over a key it vouches for (an identity
 /// agreement key or a signed prekey, laid out by `tern_proto::auth`); returns the key.
-pub fn verify_vouched_key(
+pub(crate) fn verify_vouched_key(
     identity_key: &[u8; 32],
     key: &[u8],
     layout: impl FnOnce(&[u8; 32]) -> Vec<u8>,

@@ -3,9 +3,9 @@
 //!
 //! A writer first applies its change to the store (visible, not yet durable), then
 //! joins the next flush with [`GroupCommit::join`] and awaits the [`PendingCommit`]
-//! (or awaits [`GroupCommit::commit`], which does both). One flusher thread takes every waiter that has
-//! arrived, runs one `flush`, and answers them all; waiters that arrive during that
-//! flush share the next one. A flush costs about the same for one message as for a
+//! (or awaits [`GroupCommit::commit`], which does both). One flusher thread takes
+//! every waiter that has arrived, runs one `flush`, and answers them all; waiters that
+//! arrive during that flush share the next one. A flush costs about the same for one message as for a
 //! thousand, so throughput scales with concurrency instead of being capped at one
 //! message per fsync.
 

@@ -5,7 +5,7 @@
 //! - [`LogStore`]: the mailbox log (the default for mailboxes), segment files with
 //!   the index in memory.
 //! - [`SledStore`]: everything on disk in sled (the default for all but mailboxes);
-//!   only `sled.rs` names `sled::`.
+//!   only `sled/` names `sled::`.
 //! - [`MemoryStore`]: everything in memory, for tests.
 //! - [`Stores`]: how the backends are put together for a relay.
 //! - [`GroupCommit`]: makes every store durable, one flush shared by concurrent writers.
