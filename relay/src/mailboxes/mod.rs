@@ -25,7 +25,7 @@ use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
-use crate::store::{Envelope, GroupCommit, MailboxStore, PendingCommit, StoredMessage, Usage};
+use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
 
 mod active;
 
@@ -57,7 +57,10 @@ impl std::fmt::Debug for Mailboxes {
 #[must_use = "the messages are not known to be durable until `commit` is awaited"]
 pub struct Appended {
     accepted: usize,
-    commit: PendingCommit,
+    /// Joined only when awaited: a reader that appends a burst of requests before it
+    /// yields lets all of them share one flush, instead of starting a flush after the
+    /// first.
+    commit: Arc<GroupCommit>,
 }
 
 impl Appended {
@@ -69,7 +72,7 @@ impl Appended {
     /// Waits until the messages are durable as configured (one group commit shared by
     /// every caller waiting at the time); returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        self.commit.wait().await?;
+        self.commit.commit().await?;
         Ok(self.accepted)
     }
 }
@@ -126,7 +129,7 @@ impl Mailboxes {
         })?;
         Ok(Appended {
             accepted: msgs.len(),
-            commit: self.commit.join(),
+            commit: self.commit.clone(),
         })
     }
 

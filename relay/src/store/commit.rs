@@ -2,10 +2,9 @@
 //! runs the [`Flush`] of the composed [`super::Stores`]), so it lives with them.
 //!
 //! A writer first applies its change to the store (visible, not yet durable), then
-//! joins the next flush with [`GroupCommit::join`] and awaits the [`PendingCommit`]
-//! (or awaits [`GroupCommit::commit`], which does both). One flusher thread takes
-//! every waiter that has arrived, runs one `flush`, and answers them all; waiters that
-//! arrive during that flush share the next one. A flush costs about the same for one message as for a
+//! awaits [`GroupCommit::commit`]. One flusher thread takes every waiter that has
+//! arrived, runs one `flush`, and answers them all; waiters that arrive during that
+//! flush share the next one. A flush costs about the same for one message as for a
 //! thousand, so throughput scales with concurrency instead of being capped at one
 //! message per fsync.
 
@@ -86,20 +85,17 @@ impl GroupCommit {
 
     /// Resolves once every change applied before this call is durable as configured.
     pub async fn commit(&self) -> Result<(), StoreError> {
-        self.join().wait().await
-    }
-
-    /// Joins the next flush: the returned [`PendingCommit`] resolves once every change
-    /// applied before this call is durable as configured. Joining at once and waiting
-    /// later lets a caller keep its order without holding anything across the wait.
-    pub fn join(&self) -> PendingCommit {
-        let waiter = self.tx.as_ref().map(|tx| {
-            let (done, wait) = oneshot::channel();
-            // A stopped flusher drops `done`, and the wait reports it.
-            let _ = tx.send(done);
-            wait
-        });
-        PendingCommit { waiter }
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        let (done, wait) = oneshot::channel();
+        tx.send(done)
+            .map_err(|_| StoreError::Backend("group commit stopped".into()))?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Backend(e)),
+            Err(_) => Err(StoreError::Backend("group commit stopped".into())),
+        }
     }
 
     /// Flushes now, whatever the durability (for shutdown).
@@ -110,29 +106,6 @@ impl GroupCommit {
     /// Flushes run so far.
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)
-    }
-}
-
-/// A place in a group commit, from [`GroupCommit::join`]: await [`PendingCommit::wait`]
-/// to know the changes before it are durable.
-#[derive(Debug)]
-#[must_use = "changes are not known to be durable until the commit is awaited"]
-pub struct PendingCommit {
-    /// `None` when nothing is to be waited for (`Durability::Os`).
-    waiter: Option<oneshot::Receiver<Result<(), String>>>,
-}
-
-impl PendingCommit {
-    /// Resolves once the changes applied before it was made are durable as configured.
-    pub async fn wait(self) -> Result<(), StoreError> {
-        let Some(wait) = self.waiter else {
-            return Ok(());
-        };
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Backend(e)),
-            Err(_) => Err(StoreError::Backend("group commit stopped".into())),
-        }
     }
 }
 

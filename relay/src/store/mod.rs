@@ -36,7 +36,7 @@ mod sled;
 #[cfg(test)]
 mod conformance;
 
-pub use self::commit::{Durability, GroupCommit, PendingCommit};
+pub use self::commit::{Durability, GroupCommit};
 pub use self::compose::Stores;
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
