@@ -4,7 +4,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
+use super::record::MessageHeader;
 use super::*;
+use crate::store::{Envelope, Flush, MailboxStore};
 
 fn addr(a: u8) -> DeviceAddress {
     DeviceAddress::from_wire(&[a; 16], 1).expect("addr")
