@@ -1,5 +1,5 @@
 //! Relay mailbox hot path: enqueue (answered once durable as configured) then ack,
-//! through the same `Hub` the QUIC sessions call, on the mailbox log (the default) and
+//! through the same services the QUIC sessions call, on the mailbox log (the default) and
 //! on sled. 1 KiB envelopes. Ids read `shape/backend-durability`.
 //!
 //! - `single`: one envelope per send, one send at a time: with fsync, one flush each.
@@ -12,19 +12,18 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tern_benches::{Backend, BenchHub};
-use tern_relay::commit::Durability;
+use tern_benches::{Backend, BenchRelay};
 use tern_relay::core::delivery::DeliveryWindow;
-use tern_relay::store::NewMessage;
+use tern_relay::store::{Durability, Envelope};
 
 const SIZE: usize = 1024;
 
-fn messages(n: usize, start: u64) -> Vec<NewMessage> {
+fn messages(n: usize, start: u64) -> Vec<Envelope> {
     (0..n as u64)
         .map(|i| {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(start + i).to_be_bytes());
-            NewMessage {
+            Envelope {
                 message_id: tern_proto::MessageId(id),
                 payload: Bytes::from(vec![0xa5; SIZE]),
             }
@@ -46,7 +45,7 @@ fn mailbox(c: &mut Criterion) {
         .flat_map(|b| [Durability::Os, Durability::Fsync].map(|d| (b, d)));
     for (backend, durability) in setups {
         let name = format!("{}-{durability:?}", backend.name()).to_lowercase();
-        let relay = BenchHub::new(backend, durability).unwrap();
+        let relay = BenchRelay::new(backend, durability).unwrap();
         let (sender, recipient) =
             rt.block_on(async { (relay.device(1).await, relay.device(2).await) });
         let to = *recipient.address();
@@ -69,23 +68,31 @@ fn mailbox(c: &mut Criterion) {
                             let start = Instant::now();
                             if in_flight == 1 {
                                 let msgs = messages(per_send, it * 64);
-                                relay.hub.send(&sender, to, &msgs).await.unwrap();
+                                relay.send(&sender, to, &msgs).await.unwrap();
                             } else {
                                 let sends = (0..in_flight).map(|k| {
-                                    let (hub, sender) = (relay.hub.clone(), sender.clone());
+                                    let (services, sender) =
+                                        (relay.services.clone(), sender.clone());
                                     let msgs =
                                         messages(per_send, (it * in_flight as u64 + k as u64) * 64);
-                                    tokio::spawn(async move { hub.send(&sender, to, &msgs).await })
+                                    tokio::spawn(async move {
+                                        let to = services.accounts().recipient(&sender, to)?;
+                                        services.mailboxes().append(&to, &msgs)?.commit().await
+                                    })
                                 });
                                 for r in futures::future::join_all(sends).await {
                                     r.unwrap().unwrap();
                                 }
                             }
                             let mut window = DeliveryWindow::new(per_send * in_flight);
-                            let pulled = relay.hub.pull(&recipient, &mut window).unwrap();
+                            let pulled = relay
+                                .services
+                                .mailboxes()
+                                .pull(&recipient, &mut window)
+                                .unwrap();
                             let seqs: Vec<u64> = pulled.messages.iter().map(|m| m.seq).collect();
                             assert_eq!(seqs.len(), per_send * in_flight);
-                            relay.hub.ack(&recipient, &seqs).unwrap();
+                            relay.services.mailboxes().ack(&recipient, &seqs).unwrap();
                             total += start.elapsed();
                         }
                         total

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tern_benches::load::now_ms;
-use tern_benches::{Backend, BenchHub};
+use tern_benches::{Backend, BenchRelay};
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
-use tern_relay::commit::Durability;
-use tern_relay::store::NewMessage;
+use tern_relay::store::{Durability, Envelope};
 
 const STORED: u64 = 1_000_000;
 const EXPIRED: u64 = 10_000;
@@ -28,12 +27,12 @@ fn device(i: u64) -> DeviceAddress {
     }
 }
 
-fn batch(n: u64, first_id: u64) -> Vec<NewMessage> {
+fn batch(n: u64, first_id: u64) -> Vec<Envelope> {
     (0..n)
         .map(|i| {
             let mut id = [0u8; 16];
             id[..8].copy_from_slice(&(first_id + i).to_be_bytes());
-            NewMessage {
+            Envelope {
                 message_id: MessageId(id),
                 payload: Bytes::from(vec![0x5a; 64]),
             }
@@ -48,7 +47,7 @@ fn sweep(c: &mut Criterion) {
 }
 
 fn sweep_on(c: &mut Criterion, backend: Backend) {
-    let relay = BenchHub::new(backend, Durability::Os).unwrap();
+    let relay = BenchRelay::new(backend, Durability::Os).unwrap();
     let now = now_ms();
     let far = now + 30 * 24 * 3600 * 1000;
     // The standing population: 1M live messages over 1,000 mailboxes.
@@ -91,7 +90,7 @@ fn sweep_on(c: &mut Criterion, backend: Backend) {
                     next_id += EXPIRED / 100;
                 }
                 let start = Instant::now();
-                let deleted = relay.hub.sweep(EXPIRED as usize).unwrap();
+                let deleted = relay.services.mailboxes().sweep(EXPIRED as usize).unwrap();
                 total += start.elapsed();
                 assert_eq!(deleted, EXPIRED, "exactly the expired ones go");
             }

@@ -7,14 +7,16 @@ use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
 use tern_platform::clock::SystemClock;
-use tern_relay::commit::{Durability, GroupCommit};
+use tern_proto::DeviceAddress;
 use tern_relay::core::auth::{self, AuthenticatedDevice};
 use tern_relay::core::expiry::Ttl;
 use tern_relay::core::limits::Limits;
-use tern_relay::hub::{Hub, Stores};
-use tern_relay::store::{LogOptions, LogStore, MailboxStore, SledStore};
+use tern_relay::server::Services;
+use tern_relay::store::{
+    Durability, Envelope, LogOptions, LogStore, MailboxStore, SledStore, Stores,
+};
 
-/// Where a [`BenchHub`] keeps mailboxes, as `storage.mailboxes` chooses in the relay.
+/// Where a [`BenchRelay`] keeps mailboxes, as `storage.mailboxes` chooses in the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     /// The mailbox log (the default).
@@ -36,16 +38,17 @@ impl Backend {
     }
 }
 
-/// A hub over on-disk stores in a temporary directory, as the relay runs it.
-pub struct BenchHub {
-    /// The hub.
-    pub hub: Arc<Hub>,
+/// The relay's services over on-disk stores in a temporary directory, as the relay
+/// runs them.
+pub struct BenchRelay {
+    /// The services.
+    pub services: Arc<Services>,
     /// The mailbox store under it, for setting up state without going through sends.
     pub store: Arc<dyn MailboxStore>,
     _dir: tempfile::TempDir,
 }
 
-impl BenchHub {
+impl BenchRelay {
     /// A fresh store with the given backend and durability, and generous limits.
     pub fn new(backend: Backend, durability: Durability) -> std::io::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -62,23 +65,22 @@ impl BenchHub {
             }
             Backend::Sled => (Stores::all(sled.clone()), sled),
         };
-        let commit = GroupCommit::start(stores.flush.clone(), durability)?;
         let limits = Limits {
             max_queued_messages: u64::MAX,
             max_queued_bytes: u64::MAX,
             ..Limits::default()
         };
         let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let hub = Hub::new(
+        let services = Services::new(
             stores,
             Arc::new(SystemClock),
             limits,
             Ttl::MAX,
-            commit,
+            durability,
             signer,
-        );
-        Ok(BenchHub {
-            hub: Arc::new(hub),
+        )?;
+        Ok(BenchRelay {
+            services: Arc::new(services),
             store,
             _dir: dir,
         })
@@ -102,9 +104,22 @@ impl BenchHub {
             &exporter,
         )
         .unwrap_or_else(|e| panic!("bench keys are valid: {e}"));
-        self.hub
+        self.services
+            .accounts()
             .register(verified)
             .await
             .unwrap_or_else(|e| panic!("register: {e}"))
+    }
+
+    /// Sends `msgs` from `sender` to `to` as a connection does: checks the
+    /// recipient, appends, and waits for the group commit.
+    pub async fn send(
+        &self,
+        sender: &AuthenticatedDevice,
+        to: DeviceAddress,
+        msgs: &[Envelope],
+    ) -> tern_relay::Result<usize> {
+        let to = self.services.accounts().recipient(sender, to)?;
+        self.services.mailboxes().append(&to, msgs)?.commit().await
     }
 }

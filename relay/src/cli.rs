@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_platform::clock::SystemClock;
-use crate::commit::Durability;
 use crate::config::Config;
+use crate::store::Durability;
 use crate::Relay;
 use clap::{Parser, Subcommand};
+use tern_platform::clock::SystemClock;
 use tracing::info;
 
 #[derive(Parser)]

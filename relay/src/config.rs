@@ -48,11 +48,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::commit::Durability;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::error::{Error, Result};
-use crate::media::BlobLimits;
+use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
 /// The relay's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -101,16 +100,17 @@ pub struct MediaConfig {
 }
 
 impl Default for MediaConfig {
+    // The same values as the media service's own defaults (a test in `server.rs` holds
+    // them together); written out so that the configuration imports no service.
     fn default() -> Self {
-        let l = BlobLimits::default();
         MediaConfig {
-            max_blob_bytes: l.max_blob_bytes,
-            max_concurrent_uploads: l.max_concurrent_uploads,
-            max_unfinished_uploads: l.max_unfinished_uploads,
-            max_account_bytes: l.max_account_bytes,
-            max_upload_bytes_per_sec: l.max_upload_bytes_per_sec,
-            blob_ttl: l.ttl,
-            abandon_after: l.abandon_after,
+            max_blob_bytes: 2 << 30,
+            max_concurrent_uploads: 4,
+            max_unfinished_uploads: 16,
+            max_account_bytes: 20 << 30,
+            max_upload_bytes_per_sec: 200 << 20,
+            blob_ttl: Duration::from_secs(30 * 24 * 3600),
+            abandon_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -235,7 +235,7 @@ impl Default for StorageConfig {
         StorageConfig {
             cache_mb: 256,
             mailboxes: MailboxBackend::Log,
-            segment_mb: crate::store::DEFAULT_SEGMENT_BYTES >> 20,
+            segment_mb: DEFAULT_SEGMENT_BYTES >> 20,
         }
     }
 }
@@ -296,20 +296,6 @@ impl Config {
     pub fn message_ttl(&self) -> Option<Ttl> {
         let ttl = Ttl::new(self.expiry.message_ttl)?;
         (u128::from(ttl.as_millis()) == self.expiry.message_ttl.as_millis()).then_some(ttl)
-    }
-
-    /// The media limits.
-    pub fn blob_limits(&self) -> BlobLimits {
-        let m = &self.media;
-        BlobLimits {
-            max_blob_bytes: m.max_blob_bytes,
-            max_concurrent_uploads: m.max_concurrent_uploads,
-            max_unfinished_uploads: m.max_unfinished_uploads,
-            max_account_bytes: m.max_account_bytes,
-            max_upload_bytes_per_sec: m.max_upload_bytes_per_sec,
-            ttl: m.blob_ttl,
-            abandon_after: m.abandon_after,
-        }
     }
 
     /// The mailbox limits.

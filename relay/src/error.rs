@@ -1,13 +1,14 @@
 //! The relay's error type.
 
-use tern_proto::v1::ErrorCode;
+use tern_proto::{ErrorCode, ErrorReply};
 
 /// Result with the relay's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in the relay. Request errors map to a wire
-/// [`ErrorCode`] with [`Error::code`]; their messages never hold identifiers or
-/// message bytes, so they are safe to send and to log.
+/// Everything that can go wrong in the relay. Request errors map to the protocol's
+/// [`ErrorCode`] with [`Error::code`] (a whole answer: [`Error::to_reply`]); their
+/// messages never hold identifiers or message bytes, so they are safe to send and to
+/// log.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -60,7 +61,7 @@ pub enum Error {
 }
 
 impl Error {
-    /// The wire code a client sees for this error.
+    /// The code a client sees for this error.
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::BadRequest(_) => ErrorCode::BadRequest,
@@ -109,6 +110,15 @@ impl Error {
         match self.code() {
             ErrorCode::Internal => "internal error".to_owned(),
             _ => self.to_string(),
+        }
+    }
+
+    /// The answer a client gets: code, message and retry advice.
+    pub fn to_reply(&self) -> ErrorReply {
+        ErrorReply {
+            code: self.code(),
+            message: self.client_message(),
+            retry_after_ms: self.retry_after_ms(),
         }
     }
 }

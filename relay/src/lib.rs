@@ -6,17 +6,73 @@
 //! ciphertext under the recipient's (account, device) address.
 //!
 //! # Layout
-//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, signature
-//!   checks). Time is an argument.
-//! - [`store`]: [`store::MailboxStore`] and [`store::AccountStore`], with sled (the
-//!   embedded default) and in-memory implementations.
-//! - [`media`]: encrypted media, content-addressed files stored once per id.
-//! - [`hub`]: ties rules to stores: per-device locks, wake-ups, group commit, sweeps.
-//! - [`commit`]: group commit, so concurrent sends share fsyncs.
-//! - [`net`]: QUIC endpoint, TLS certificate, per-connection sessions.
-//! - [`server`]: [`Relay`], a running relay with orderly shutdown.
+//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, rate, and the
+//!   signature checks that yield proof tokens). Time is an argument.
+//! - The services, each applying rules to stores:
+//!   - [`mailboxes`]: queued messages per device: per-device ordering, subscriptions
+//!     and wake-ups, one append-then-commit call, pull, ack, sweep.
+//!   - [`accounts`]: accounts and devices, session proofs, delivery tokens.
+//!   - `keys`: the key directory (signed and one-time prekeys).
+//!   - `certificates`: sender certificates, signed with the relay's key.
+//!   - [`media`]: encrypted media, content-addressed files stored once per id.
+//! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
+//!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
+//! - `net`: QUIC endpoint, TLS certificate, per-connection sessions that decode a
+//!   request, call a service and encode its answer.
+//! - [`server`]: [`Relay`], a running relay with orderly shutdown, and the
+//!   [`server::Services`] it builds.
 //! - [`cli`]: the `tern-relay` command line.
-//! - [`config`], [`error`]. Time comes from [`tern_platform::clock`].
+//! - [`config`] (a leaf: it imports no service), [`error`]. Time comes from
+//!   [`tern_platform::clock`].
+//!
+//! [`accounts`], [`mailboxes`], [`core`] and [`store`] are exported for benches and
+//! tests, which drive the services through [`server::Services`] without a network;
+//! `keys`, `certificates` and `net` are crate-private.
+//!
+//! # The services without a network
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> tern_relay::Result<()> {
+//! use std::sync::Arc;
+//! use ed25519_dalek::{Signer, SigningKey};
+//! use tern_platform::clock::SystemClock;
+//! use tern_relay::core::{auth, delivery::DeliveryWindow, expiry::Ttl, limits::Limits};
+//! use tern_relay::server::Services;
+//! use tern_relay::store::{Durability, Envelope, MemoryStore, Stores};
+//!
+//! let stores = Stores::all(Arc::new(MemoryStore::new()));
+//! let clock = Arc::new(SystemClock);
+//! let signer = SigningKey::from_bytes(&[9; 32]);
+//! let services =
+//!     Services::new(stores, clock, Limits::default(), Ttl::MAX, Durability::Fsync, signer)?;
+//!
+//! // A registration, as a connection proves it: the identity vouches for the device,
+//! // the device signs the connection's exporter value.
+//! let (identity, device) = (SigningKey::from_bytes(&[1; 32]), SigningKey::from_bytes(&[2; 32]));
+//! let exporter = [7; 32];
+//! let device_key = device.verifying_key().to_bytes();
+//! let verified = auth::verify_registration(
+//!     &identity.verifying_key().to_bytes(),
+//!     &device_key,
+//!     &identity.sign(&tern_proto::auth::device_certificate(None, &device_key)).to_bytes(),
+//!     &device.sign(&tern_proto::auth::session_proof(&exporter)).to_bytes(),
+//!     &exporter,
+//! )?;
+//! let alice = services.accounts().register(verified).await?;
+//!
+//! // One append, then its group commit; a note to self.
+//! let to = services.accounts().recipient(&alice, *alice.address())?;
+//! let note = Envelope {
+//!     message_id: tern_proto::MessageId([1; 16]),
+//!     payload: "hi".into(),
+//! };
+//! assert_eq!(services.mailboxes().append(&to, &[note])?.commit().await?, 1);
+//!
+//! let pulled = services.mailboxes().pull(&alice, &mut DeliveryWindow::new(8))?;
+//! assert_eq!(pulled.messages[0].payload, "hi");
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Running one in-process
 //! ```no_run
@@ -34,16 +90,26 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub mod cli;
-pub mod commit;
-pub mod config;
+// Exported for benches and tests: they drive the services without a network.
+pub mod accounts;
 pub mod core;
-pub mod error;
-pub mod hub;
-pub mod media;
-pub mod net;
-pub mod server;
+pub mod mailboxes;
 pub mod store;
+
+// Exported for media tests (the received-bytes counter).
+pub mod media;
+
+// The binary and embedders.
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod server;
+
+pub(crate) mod certificates;
+pub(crate) mod keys;
+pub(crate) mod net;
+#[cfg(test)]
+mod testing;
 
 pub use error::{Error, Result};
 pub use server::Relay;

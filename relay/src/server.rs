@@ -1,5 +1,5 @@
-//! Assembles a running relay: stores, hub, QUIC endpoint, sweeper, and an orderly
-//! shutdown.
+//! Assembles a running relay: stores, services, QUIC endpoint, sweeper, and an
+//! orderly shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,23 +10,104 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use tern_platform::clock::Clock;
-use crate::commit::GroupCommit;
-use crate::config::Config;
-use crate::config::MailboxBackend;
+use tern_platform::clock::{Clock, UnixMillis};
+
+use crate::accounts::Accounts;
+use crate::certificates::CertificateIssuer;
+use crate::config::{Config, MailboxBackend, MediaConfig};
+use crate::core::expiry::Ttl;
+use crate::core::limits::Limits;
 use crate::error::{Error, Result};
-use crate::hub::Hub;
-use crate::hub::Stores;
-use crate::media::BlobStore;
+use crate::keys::KeyDirectory;
+use crate::mailboxes::Mailboxes;
+use crate::media::{BlobLimits, BlobStore};
 use crate::net::{self, tls, ConnSettings};
-use crate::store::{LogOptions, LogStore, SledStore};
+use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
+
+/// The relay's services over one set of stores, sharing one group commit.
+pub struct Services {
+    accounts: Accounts,
+    keys: KeyDirectory,
+    certificates: CertificateIssuer,
+    mailboxes: Mailboxes,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("mailboxes", &self.mailboxes)
+            .field("certificates", &self.certificates)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Services {
+    /// Services over `stores`, durable as `durability` says (this starts the group
+    /// commit's flusher thread); `signer` signs sender certificates.
+    pub fn new(
+        stores: Stores,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        ttl: Ttl,
+        durability: Durability,
+        signer: ed25519_dalek::SigningKey,
+    ) -> std::io::Result<Self> {
+        let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
+        Ok(Services {
+            accounts: Accounts::new(stores.accounts.clone(), commit.clone()),
+            keys: KeyDirectory::new(stores.accounts.clone(), stores.keys, commit.clone()),
+            certificates: CertificateIssuer::new(stores.accounts, signer, clock.clone()),
+            mailboxes: Mailboxes::new(stores.mailboxes, clock.clone(), limits, ttl, commit),
+            clock,
+        })
+    }
+
+    /// Accounts, devices and delivery tokens.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
+    }
+
+    /// Queued messages.
+    pub fn mailboxes(&self) -> &Mailboxes {
+        &self.mailboxes
+    }
+
+    /// The key directory.
+    pub(crate) fn keys(&self) -> &KeyDirectory {
+        &self.keys
+    }
+
+    /// Sender certificates.
+    pub(crate) fn certificates(&self) -> &CertificateIssuer {
+        &self.certificates
+    }
+
+    /// The current time from the relay's clock.
+    pub(crate) fn now(&self) -> UnixMillis {
+        self.clock.now()
+    }
+}
+
+/// The media limits a configuration sets.
+fn blob_limits(m: &MediaConfig) -> BlobLimits {
+    BlobLimits {
+        max_blob_bytes: m.max_blob_bytes,
+        max_concurrent_uploads: m.max_concurrent_uploads,
+        max_unfinished_uploads: m.max_unfinished_uploads,
+        max_account_bytes: m.max_account_bytes,
+        max_upload_bytes_per_sec: m.max_upload_bytes_per_sec,
+        ttl: m.blob_ttl,
+        abandon_after: m.abandon_after,
+    }
+}
 
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
 pub struct Relay {
     address: RelayAddress,
     local_addr: SocketAddr,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     blobs: Arc<BlobStore>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
@@ -88,19 +169,18 @@ impl Relay {
                 &config.data_dir,
                 stores.blobs.clone(),
                 clock.clone(),
-                config.blob_limits(),
+                blob_limits(&config.media),
             )
             .map_err(Error::from)?,
         );
-        let commit = GroupCommit::start(stores.flush.clone(), config.durability)?;
-        let hub = Arc::new(Hub::new(
+        let services = Arc::new(Services::new(
             stores,
             clock,
             config.mailbox_limits(),
             ttl,
-            commit,
+            config.durability,
             signer,
-        ));
+        )?);
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
@@ -114,13 +194,13 @@ impl Relay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
             endpoint.clone(),
-            hub.clone(),
+            services.clone(),
             settings,
             config.limits.max_connections,
             shutdown_rx.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(
-            hub.clone(),
+            services.clone(),
             blobs.clone(),
             config.expiry.sweep_interval,
             config.expiry.sweep_batch,
@@ -137,7 +217,7 @@ impl Relay {
                 port: local_addr.port(),
             },
             local_addr,
-            hub,
+            services,
             blobs,
             endpoint,
             shutdown,
@@ -155,9 +235,9 @@ impl Relay {
         self.local_addr
     }
 
-    /// The shared state, for operators' tools and tests.
-    pub fn hub(&self) -> &Arc<Hub> {
-        &self.hub
+    /// The services, for operators' tools and tests.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.services
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).
@@ -174,14 +254,14 @@ impl Relay {
         }
         self.endpoint
             .close(tern_proto::close::SHUTTING_DOWN.into(), b"shutting down");
-        let flushed = self.hub.close();
+        let flushed = self.services.mailboxes.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         flushed
     }
 }
 
 async fn sweep_loop(
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     blobs: Arc<BlobStore>,
     every: Duration,
     batch: usize,
@@ -194,11 +274,11 @@ async fn sweep_loop(
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
-        let hub = hub.clone();
+        let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {
             let mut total = 0;
             loop {
-                let n = hub.sweep(batch)?;
+                let n = services.mailboxes.sweep(batch)?;
                 total += n;
                 if n < batch as u64 {
                     return Ok::<_, Error>(total);
@@ -226,5 +306,15 @@ async fn sweep_loop(
             Ok(Err(e)) => warn!(error = %e, "media sweep failed"),
             Err(e) => warn!(error = %e, "media sweep panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_media_config_is_the_default_blob_limits() {
+        assert_eq!(blob_limits(&MediaConfig::default()), BlobLimits::default());
     }
 }

@@ -11,7 +11,16 @@ use tern_proto::{auth, AccountId, DeviceAddress};
 use crate::error::{Error, Result};
 
 /// Proof that this connection belongs to a device: it signed the connection's TLS
-/// exporter value with its registered key.
+/// exporter value with its registered key. Only [`authenticate`] and the accounts
+/// service (from a [`VerifiedRegistration`]) make one; code outside this crate cannot:
+///
+/// ```compile_fail,E0451
+/// use tern_proto::{AccountId, DeviceAddress, DeviceId};
+/// use tern_relay::core::auth::AuthenticatedDevice;
+///
+/// let address = DeviceAddress { account: AccountId([1; 16]), device: DeviceId::PRIMARY };
+/// let forged = AuthenticatedDevice { address }; // the field is private
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedDevice {
     address: DeviceAddress,
@@ -25,18 +34,28 @@ impl AuthenticatedDevice {
 }
 
 /// A registration whose two signatures verified: the identity vouches for the device
-/// key, and the device key signed this connection.
+/// key, and the device key signed this connection. Only [`verify_registration`] makes
+/// one, and only the accounts service turns it into an [`AuthenticatedDevice`].
 #[derive(Debug)]
 pub struct VerifiedRegistration {
-    /// The account's identity key.
-    pub identity_key: [u8; 32],
-    /// The first device's key.
-    pub device_key: [u8; 32],
+    identity_key: [u8; 32],
+    device_key: [u8; 32],
 }
 
 impl VerifiedRegistration {
-    /// Once the relay has stored the account, this connection is that device.
-    pub fn into_device(self, address: DeviceAddress) -> AuthenticatedDevice {
+    /// The account's identity key.
+    pub fn identity_key(&self) -> &[u8; 32] {
+        &self.identity_key
+    }
+
+    /// The first device's key.
+    pub fn device_key(&self) -> &[u8; 32] {
+        &self.device_key
+    }
+
+    /// Once the accounts service has stored the account at `address`, this
+    /// connection is that device.
+    pub(crate) fn into_device(self, address: DeviceAddress) -> AuthenticatedDevice {
         AuthenticatedDevice { address }
     }
 }
@@ -78,7 +97,7 @@ pub fn verify_registration(
 
 /// Checks that `identity_key` vouches for `device_key` joining `account`; returns the
 /// device key.
-pub fn verify_new_device(
+pub(crate) fn verify_new_device(
     identity_key: &[u8; 32],
     account: &AccountId,
     device_key: &[u8],
@@ -96,7 +115,7 @@ pub fn verify_new_device(
 
 /// Checks the account identity's signature over a key it vouches for (an identity
 /// agreement key or a signed prekey, laid out by `tern_proto::auth`); returns the key.
-pub fn verify_vouched_key(
+pub(crate) fn verify_vouched_key(
     identity_key: &[u8; 32],
     key: &[u8],
     layout: impl FnOnce(&[u8; 32]) -> Vec<u8>,

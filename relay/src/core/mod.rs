@@ -5,9 +5,12 @@
 //! - [`expiry`]: when a message expires and whether it may still be delivered.
 //! - [`delivery`]: the per-connection window of unacknowledged deliveries.
 //! - [`auth`]: signature checks that yield [`auth::AuthenticatedDevice`] proof tokens.
+//! - `rate`: per-key rate limits (registrations per address, media bytes per account).
+//!
+//! Exported for benches and tests: `auth`, `delivery`, `expiry`, `limits`.
 
 pub mod auth;
 pub mod delivery;
 pub mod expiry;
 pub mod limits;
-pub mod rate;
+pub(crate) mod rate;

@@ -13,7 +13,7 @@ const PRUNE_AT: usize = 100_000;
 
 /// A fixed-window counter per key.
 #[derive(Debug)]
-pub struct RateLimiter<K> {
+pub(crate) struct RateLimiter<K> {
     per_window: u64,
     window_ms: u64,
     counts: Mutex<HashMap<K, (u64, u64)>>,
@@ -21,7 +21,7 @@ pub struct RateLimiter<K> {
 
 impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// At most `per_window` units per key per `window_ms`.
-    pub fn new(per_window: u64, window_ms: u64) -> Self {
+    pub(crate) fn new(per_window: u64, window_ms: u64) -> Self {
         RateLimiter {
             per_window,
             window_ms: window_ms.max(1),
@@ -30,7 +30,7 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     }
 
     /// Counts one event for `key` at `now`; see [`RateLimiter::take`].
-    pub fn check(&self, key: K, now: UnixMillis) -> Result<(), u64> {
+    pub(crate) fn check(&self, key: K, now: UnixMillis) -> Result<(), u64> {
         self.take(key, 1, now)
     }
 
@@ -38,7 +38,7 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
     /// (the refused amount is not counted). An amount larger than a whole window
     /// passes when the window is still untouched, so it is slowed, never refused for
     /// good.
-    pub fn take(&self, key: K, amount: u64, now: UnixMillis) -> Result<(), u64> {
+    pub(crate) fn take(&self, key: K, amount: u64, now: UnixMillis) -> Result<(), u64> {
         let window = now / self.window_ms;
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if counts.len() >= PRUNE_AT {

@@ -12,8 +12,11 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tern_proto::frame::{self, FrameError};
-use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
-use tern_proto::{close, AccountId, DeviceAddress, DeviceId, MessageId};
+use tern_proto::v1;
+use tern_proto::{
+    close, ClientRequest, Delivery, DeviceAddress, ErrorCode, Reply, Request, RequestError,
+    RequestKind, ServerMessage,
+};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
@@ -21,9 +24,10 @@ use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
-use crate::hub::{Hub, PublishedKeys};
+use crate::mailboxes::Appended;
 use crate::media::BlobStore;
-use crate::store::{NewMessage, StoredMessage};
+use crate::server::Services;
+use crate::store::{Envelope, StoredMessage};
 
 /// How long a new connection has to open its control stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,7 +35,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const OUT_QUEUE: usize = 1024;
 
 /// A queued outgoing frame, boxed: the queue's storage is allocated in blocks of 32
-/// slots, and every connection keeps one; small slots keep idle connections small.
+/// entries, and every connection keeps one; small entries keep idle connections small.
 type Frame = Box<v1::ServerFrame>;
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -39,8 +43,6 @@ const WRITE_BATCH: usize = 64 * 1024;
 /// the error first: a QUIC receiver drops buffered stream data when the connection
 /// closes.
 const FINAL_FLUSH: Duration = Duration::from_secs(2);
-/// Most sequence numbers in one ack.
-const MAX_ACK: usize = 4096;
 
 /// Per-connection settings.
 #[derive(Debug, Clone)]
@@ -60,7 +62,7 @@ struct AckCmd {
 
 struct Session {
     conn: quinn::Connection,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     settings: Arc<ConnSettings>,
     out: mpsc::Sender<Frame>,
     requests: Arc<Semaphore>,
@@ -82,7 +84,7 @@ enum End {
 /// shuts down. Requests already being handled finish before the connection closes.
 pub(crate) async fn serve(
     conn: quinn::Connection,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     settings: Arc<ConnSettings>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -117,7 +119,7 @@ pub(crate) async fn serve(
     let mut session = Session {
         device,
         conn: conn.clone(),
-        hub,
+        services,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
         settings,
         out,
@@ -157,8 +159,9 @@ impl Session {
         let mut buf = BytesMut::new();
         loop {
             loop {
-                match decoder.decode_message::<v1::ClientFrame>(&mut buf) {
-                    Ok(Some(f)) => self.handle(f).await,
+                match decoder.decode_request(&mut buf) {
+                    Ok(Some(Ok(request))) => self.handle(request).await,
+                    Ok(Some(Err(refused))) => self.refuse(refused).await,
                     Ok(None) => break,
                     Err(FrameError::TooLarge { len, max }) => {
                         let e = Error::TooLarge {
@@ -204,120 +207,137 @@ impl Session {
         let _ = self.out.send(response(request_id, result)).await;
     }
 
-    async fn handle(&mut self, f: v1::ClientFrame) {
-        let id = f.request_id;
-        let Some(body) = f.body else {
-            return self
-                .reply(id, Err(Error::BadRequest("empty request".into())))
-                .await;
+    /// Answers a request the request layer refused, after the checks the relay has
+    /// always made before looking at the fields (see `tern_proto::request`), so the
+    /// answers stay what they were.
+    async fn refuse(&mut self, refused: RequestError) {
+        let id = refused.id();
+        let earlier = match refused.kind() {
+            Some(RequestKind::Register) => self.may_register().err(),
+            Some(RequestKind::Auth) => self.unauthenticated().err(),
+            Some(kind) if kind.needs_authentication() && kind != RequestKind::Ack => {
+                self.authenticated().err()
+            }
+            _ => None,
         };
-        match body {
-            Body::Ping(_) => self.reply(id, Ok(Reply::Ping(v1::PingResponse {}))).await,
-            Body::Register(r) => {
-                let result = self.register(r).await;
-                self.reply(
-                    id,
-                    result.map(|(account_id, device_id)| {
-                        Reply::Register(v1::RegisterResponse {
-                            account_id,
-                            device_id,
-                        })
-                    }),
-                )
-                .await;
+        let answer = match earlier {
+            Some(e) => e.to_reply(),
+            None => {
+                debug!(error = %refused, "request refused");
+                refused.to_reply()
+            }
+        };
+        let message = ServerMessage::Response {
+            id,
+            result: Err(answer),
+        };
+        let _ = self.out.send(Box::new(message.into())).await;
+    }
+
+    async fn handle(&mut self, request: ClientRequest) {
+        let id = request.id;
+        match request.request {
+            Request::Ping => self.reply(id, Ok(Reply::Ping)).await,
+            Request::Register {
+                identity_key,
+                device_key,
+                device_signature,
+                session_proof,
+            } => {
+                let result = self
+                    .register(
+                        &identity_key,
+                        &device_key,
+                        &device_signature,
+                        &session_proof,
+                    )
+                    .await;
+                self.reply(id, result.map(Reply::Register)).await;
                 self.start_delivery();
             }
-            Body::AddDevice(r) => {
-                let result = match r.account_id[..].try_into() {
-                    Ok(account) => {
-                        self.hub
-                            .add_device(&account, &r.device_key, &r.device_signature)
-                            .await
-                    }
-                    Err(e) => Err(Error::from(e)),
-                };
-                let reply =
-                    result.map(|d| Reply::AddDevice(v1::AddDeviceResponse { device_id: d.get() }));
-                self.reply(id, reply).await;
+            Request::AddDevice {
+                account,
+                device_key,
+                device_signature,
+            } => {
+                let result = self
+                    .services
+                    .accounts()
+                    .add_device(&account, &device_key, &device_signature)
+                    .await;
+                self.reply(id, result.map(Reply::AddDevice)).await;
             }
-            Body::Auth(r) => {
-                let result = self.authenticate(&r);
-                self.reply(
-                    id,
-                    result.map(|queued| Reply::Auth(v1::AuthResponse { queued })),
-                )
-                .await;
+            Request::Auth { address, signature } => {
+                let result = self.authenticate(address, &signature);
+                self.reply(id, result.map(|queued| Reply::Auth { queued }))
+                    .await;
                 self.start_delivery();
             }
-            Body::BlobStatus(r) => {
-                let reply = match <[u8; 32]>::try_from(&r.blob_id[..]) {
-                    Ok(blob) => super::media::status(&self.settings.blobs, &blob).await,
-                    Err(_) => Err(Error::BadRequest("a blob id is 32 bytes".into())),
-                };
-                self.reply(id, reply.map(Into::into)).await
-            }
-            Body::TouchBlob(r) => {
-                let reply = match <[u8; 32]>::try_from(&r.blob_id[..]) {
-                    Ok(blob) => super::media::touch(&self.settings.blobs, &blob).await,
-                    Err(_) => Err(Error::BadRequest("a blob id is 32 bytes".into())),
-                };
-                self.reply(id, reply.map(Into::into)).await
-            }
-            Body::ListDevices(r) => {
-                let reply = AccountId::try_from(&r.account_id[..])
-                    .map_err(Error::from)
-                    .and_then(|account| self.hub.list_devices(&account, &r.delivery_token))
-                    .map(|ids| {
-                        Reply::ListDevices(v1::ListDevicesResponse {
-                            device_ids: ids.into_iter().map(DeviceId::get).collect(),
-                        })
-                    });
+            Request::BlobStatus { blob_id } => {
+                let reply = super::media::status(&self.settings.blobs, &blob_id).await;
                 self.reply(id, reply).await
             }
-            Body::Send(r) => self.send(id, r).await,
-            Body::SealedSend(r) => self.sealed_send(id, r).await,
-            Body::Ack(r) => self.ack(id, r.seqs).await,
-            Body::RelayInfo(_) => {
-                let key = Bytes::copy_from_slice(&self.hub.signing_key());
-                self.reply(
-                    id,
-                    Ok(Reply::RelayInfo(v1::RelayInfoResponse { signing_key: key })),
-                )
-                .await
-            }
-            Body::PublishKeys(r) => {
-                let result = self.publish_keys(&r).await;
-                let reply = result.map(|n| {
-                    Reply::PublishKeys(v1::PublishKeysResponse {
-                        one_time_prekeys: n.try_into().unwrap_or(u32::MAX),
-                    })
-                });
+            Request::TouchBlob { blob_id } => {
+                let reply = super::media::touch(&self.settings.blobs, &blob_id).await;
                 self.reply(id, reply).await
             }
-            Body::FetchKeys(r) => {
-                let reply = self.fetch_keys(&r).map(Reply::FetchKeys);
+            Request::ListDevices {
+                account,
+                delivery_token,
+            } => {
+                let reply = self
+                    .services
+                    .accounts()
+                    .list_devices(&account, &delivery_token)
+                    .map(Reply::ListDevices);
                 self.reply(id, reply).await
             }
-            Body::SenderCertificate(_) => {
-                let cert = self
-                    .authenticated()
-                    .and_then(|d| self.hub.sender_certificate(d));
-                let reply = cert.map(|c| {
-                    Reply::SenderCertificate(v1::SenderCertificateResponse {
-                        certificate: c.certificate.into(),
-                        signature: Bytes::copy_from_slice(&c.signature),
-                    })
-                });
-                self.reply(id, reply).await
+            Request::Send { to, envelopes } => self.send(id, to, envelopes).await,
+            Request::SealedSend {
+                to,
+                delivery_token,
+                envelopes,
+            } => self.sealed_send(id, to, delivery_token, envelopes).await,
+            Request::Ack { seqs } => self.ack(id, seqs).await,
+            Request::RelayInfo => {
+                let signing_key = self.services.certificates().signing_key();
+                self.reply(id, Ok(Reply::RelayInfo { signing_key })).await
             }
-            Body::SetDeliveryToken(r) => {
+            Request::PublishKeys(upload) => {
                 let result = match self.authenticated() {
-                    Ok(d) => self.hub.set_delivery_token(d, &r.token_hash).await,
+                    Ok(device) => self.services.keys().publish(device, &upload).await,
                     Err(e) => Err(e),
                 };
-                let reply =
-                    result.map(|()| Reply::SetDeliveryToken(v1::SetDeliveryTokenResponse {}));
+                let reply = result.map(|n| Reply::PublishKeys {
+                    one_time_prekeys: n.try_into().unwrap_or(u32::MAX),
+                });
                 self.reply(id, reply).await
+            }
+            Request::FetchKeys { account, device } => {
+                let reply = self.authenticated().and_then(|requester| {
+                    let found = self.services.keys().fetch(requester, &account, device)?;
+                    Ok(Reply::FetchKeys(found.into_bundles()))
+                });
+                self.reply(id, reply).await
+            }
+            Request::SenderCertificate => {
+                let cert = self
+                    .authenticated()
+                    .and_then(|d| self.services.certificates().issue(d));
+                self.reply(id, cert.map(Reply::SenderCertificate)).await
+            }
+            Request::SetDeliveryToken { token_hash } => {
+                let result = match self.authenticated() {
+                    Ok(d) => {
+                        self.services
+                            .accounts()
+                            .set_delivery_token(d, &token_hash)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                self.reply(id, result.map(|()| Reply::SetDeliveryToken))
+                    .await
             }
         }
     }
@@ -326,52 +346,23 @@ impl Session {
         self.device.get().ok_or(Error::Unauthorized)
     }
 
-    async fn publish_keys(&self, r: &v1::PublishKeysRequest) -> Result<u64> {
-        let device = self.authenticated()?;
-        let keys = PublishedKeys {
-            identity_dh: (!r.identity_dh.is_empty())
-                .then(|| (&r.identity_dh[..], &r.identity_dh_signature[..])),
-            signed_prekey: r
-                .signed_prekey
-                .as_ref()
-                .map(|k| (k.id, &k.public_key[..], &k.signature[..])),
-            one_time: r
-                .one_time_prekeys
-                .iter()
-                .map(|k| (k.id, &k.public_key[..]))
-                .collect(),
-        };
-        self.hub.publish_keys(device, keys).await
+    /// Registering and authenticating are for connections that are neither yet.
+    fn unauthenticated(&self) -> Result<()> {
+        match self.device.get() {
+            Some(_) => Err(Error::BadRequest("already authenticated".into())),
+            None => Ok(()),
+        }
     }
 
-    fn fetch_keys(&self, r: &v1::FetchKeysRequest) -> Result<v1::FetchKeysResponse> {
-        let device = self.authenticated()?;
-        let account = AccountId::try_from(&r.account_id[..])?;
-        let found = self
-            .hub
-            .fetch_keys(device, &account, DeviceId::new(r.device_id))?;
-        let identity_key = found.identity_key;
-        let signed = |k: &crate::store::SignedKey| v1::SignedPreKey {
-            id: k.id,
-            public_key: Bytes::copy_from_slice(&k.key),
-            signature: Bytes::copy_from_slice(&k.signature),
-        };
-        let bundles = found
-            .devices
-            .into_iter()
-            .map(|(id, k)| v1::PreKeyBundle {
-                device_id: id.get(),
-                identity_key: Bytes::copy_from_slice(&identity_key),
-                identity_dh: Bytes::copy_from_slice(&k.identity_dh.key),
-                identity_dh_signature: Bytes::copy_from_slice(&k.identity_dh.signature),
-                signed_prekey: Some(signed(&k.signed_prekey)),
-                one_time_prekey: k.one_time.map(|o| v1::OneTimePreKey {
-                    id: o.id,
-                    public_key: Bytes::copy_from_slice(&o.key),
-                }),
-            })
-            .collect();
-        Ok(v1::FetchKeysResponse { bundles })
+    /// Whether this connection may register now; counts the attempt against the
+    /// peer address's rate.
+    fn may_register(&self) -> Result<()> {
+        self.unauthenticated()?;
+        let ip = self.conn.remote_address().ip();
+        self.settings
+            .registrations
+            .check(ip, self.services.now())
+            .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })
     }
 
     fn exporter(&self, address: Option<&DeviceAddress>) -> Result<[u8; 32]> {
@@ -386,41 +377,37 @@ impl Session {
         Ok(out)
     }
 
-    async fn register(&mut self, r: v1::RegisterRequest) -> Result<(Bytes, u32)> {
-        if self.device.get().is_some() {
-            return Err(Error::BadRequest("already authenticated".into()));
-        }
-        let ip = self.conn.remote_address().ip();
-        self.settings
-            .registrations
-            .check(ip, self.hub.now())
-            .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })?;
+    async fn register(
+        &mut self,
+        identity_key: &[u8; 32],
+        device_key: &[u8; 32],
+        device_signature: &[u8; 64],
+        session_proof: &[u8; 64],
+    ) -> Result<DeviceAddress> {
+        self.may_register()?;
         let exporter = self.exporter(None)?;
         let verified = auth::verify_registration(
-            &r.identity_key,
-            &r.device_key,
-            &r.device_signature,
-            &r.session_proof,
+            identity_key,
+            device_key,
+            device_signature,
+            session_proof,
             &exporter,
         )?;
-        let device = self.hub.register(verified).await?;
+        let device = self.services.accounts().register(verified).await?;
         let addr = *device.address();
         let _ = self.device.set(device);
         debug!("registered a new account");
-        Ok((
-            Bytes::copy_from_slice(addr.account.as_bytes()),
-            addr.device.get(),
-        ))
+        Ok(addr)
     }
 
-    fn authenticate(&mut self, r: &v1::AuthRequest) -> Result<u64> {
-        if self.device.get().is_some() {
-            return Err(Error::BadRequest("already authenticated".into()));
-        }
-        let address = DeviceAddress::from_wire(&r.account_id, r.device_id)?;
+    fn authenticate(&mut self, address: DeviceAddress, signature: &[u8; 64]) -> Result<u64> {
+        self.unauthenticated()?;
         let exporter = self.exporter(Some(&address))?;
-        let device = self.hub.authenticate(address, &exporter, &r.signature)?;
-        let queued = self.hub.usage(&device)?.messages;
+        let device = self
+            .services
+            .accounts()
+            .authenticate(address, &exporter, signature)?;
+        let queued = self.services.mailboxes().usage(&device)?.messages;
         let _ = self.device.set(device);
         Ok(queued)
     }
@@ -433,7 +420,7 @@ impl Session {
         let (acks, acks_rx) = mpsc::channel(64);
         self.acks = Some(acks);
         self.delivery = Some(tokio::spawn(deliver(
-            self.hub.clone(),
+            self.services.clone(),
             device.clone(),
             self.settings.delivery_window,
             self.out.clone(),
@@ -442,69 +429,55 @@ impl Session {
         )));
     }
 
-    async fn send(&mut self, id: u64, r: v1::SendRequest) {
+    async fn send(&mut self, id: u64, to: DeviceAddress, envelopes: Vec<Envelope>) {
         let Some(sender) = self.device.get().cloned() else {
             return self.reply(id, Err(Error::Unauthorized)).await;
         };
-        let parsed = DeviceAddress::from_wire(&r.recipient_account, r.recipient_device)
-            .map_err(Error::from)
-            .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
-        match parsed {
-            Ok((to, msgs)) => {
-                let hub = self.hub.clone();
-                self.ordered_send(id, move || hub.append_send(&sender, to, &msgs))
-                    .await
-            }
-            Err(e) => self.reply(id, Err(e)).await,
-        }
+        self.ordered_send(id, |services| {
+            let to = services.accounts().recipient(&sender, to)?;
+            services.mailboxes().append(&to, &envelopes)
+        })
+        .await
     }
 
     /// A send from an unidentified sender: needs no authentication, only the
     /// recipient's delivery token.
-    async fn sealed_send(&mut self, id: u64, r: v1::SealedSendRequest) {
-        let parsed = DeviceAddress::from_wire(&r.recipient_account, r.recipient_device)
-            .map_err(Error::from)
-            .and_then(|to| Ok((to, envelopes(r.envelopes)?)));
-        match parsed {
-            Ok((to, msgs)) => {
-                let (hub, token) = (self.hub.clone(), r.delivery_token);
-                self.ordered_send(id, move || hub.append_sealed_send(to, &token, &msgs))
-                    .await
-            }
-            Err(e) => self.reply(id, Err(e)).await,
-        }
+    async fn sealed_send(
+        &mut self,
+        id: u64,
+        to: DeviceAddress,
+        token: Bytes,
+        envelopes: Vec<Envelope>,
+    ) {
+        self.ordered_send(id, |services| {
+            let to = services.accounts().sealed_recipient(to, &token)?;
+            services.mailboxes().append(&to, &envelopes)
+        })
+        .await
     }
 
     /// Appends a send here, in the order requests arrive (so pipelined sends to one
     /// device are stored in the order sent), then waits for its group commit in its
     /// own task under the per-connection cap: past the cap the reader waits here,
     /// which is backpressure instead of a growing queue.
-    async fn ordered_send(&mut self, id: u64, append: impl FnOnce() -> Result<usize>) {
+    async fn ordered_send(&mut self, id: u64, append: impl FnOnce(&Services) -> Result<Appended>) {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
             return;
         };
-        let appended = append();
-        let (out, hub) = (self.out.clone(), self.hub.clone());
+        let appended = append(&self.services);
+        let out = self.out.clone();
         tokio::spawn(async move {
             let result = match appended {
-                Ok(n) => hub.durable().await.map(|()| n),
+                Ok(appended) => appended.commit().await,
                 Err(e) => Err(e),
             };
-            let accepted = result.map(|n| Reply::Send(v1::SendResponse { accepted: n as u32 }));
+            let accepted = result.map(|n| Reply::Send { accepted: n as u32 });
             let _ = out.send(response(id, accepted)).await;
             drop(permit);
         });
     }
 
     async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
-        if seqs.len() > MAX_ACK {
-            let e = Error::TooLarge {
-                what: "ack",
-                size: seqs.len(),
-                max: MAX_ACK,
-            };
-            return self.reply(id, Err(e)).await;
-        }
         match &self.acks {
             Some(acks) => {
                 let _ = acks
@@ -519,63 +492,40 @@ impl Session {
     }
 }
 
-fn envelopes(wire: Vec<v1::Envelope>) -> Result<Vec<NewMessage>> {
-    wire.into_iter()
-        .map(|e| {
-            Ok(NewMessage {
-                message_id: MessageId::try_from(&e.message_id[..])?,
-                payload: e.payload,
-            })
-        })
-        .collect()
-}
-
-fn response(request_id: u64, result: Result<Reply>) -> Frame {
-    let result = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if e.code() == v1::ErrorCode::Internal {
-                warn!(error = %e, "request failed");
-            } else {
-                debug!(error = %e, "request refused");
-            }
-            Reply::Error(v1::Error {
-                code: e.code() as i32,
-                message: e.client_message(),
-                retry_after_ms: e.retry_after_ms(),
-            })
+fn response(id: u64, result: Result<Reply>) -> Frame {
+    let result = result.map_err(|e| {
+        if e.code() == ErrorCode::Internal {
+            warn!(error = %e, "request failed");
+        } else {
+            debug!(error = %e, "request refused");
         }
-    };
-    Box::new(v1::ServerFrame {
-        body: Some(v1::server_frame::Body::Response(v1::Response {
-            request_id,
-            result: Some(result),
-        })),
-    })
+        e.to_reply()
+    });
+    Box::new(ServerMessage::Response { id, result }.into())
 }
 
 fn delivery(m: StoredMessage) -> Frame {
-    Box::new(v1::ServerFrame {
-        body: Some(v1::server_frame::Body::Delivery(v1::Delivery {
-            seq: m.seq,
-            message_id: Bytes::copy_from_slice(m.message_id.as_bytes()),
-            payload: m.payload,
-            accepted_at_ms: m.accepted_at,
-            expires_at_ms: m.expires_at,
-        })),
-    })
+    let d = Delivery {
+        seq: m.seq,
+        message_id: m.message_id,
+        payload: m.payload,
+        accepted_at_ms: m.accepted_at,
+        expires_at_ms: m.expires_at,
+    };
+    Box::new(ServerMessage::Delivery(d).into())
 }
 
 /// Pushes the device's messages as room allows and applies its acks.
 async fn deliver(
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     device: AuthenticatedDevice,
     window_size: usize,
     out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
 ) {
-    let sub = hub.subscribe(&device);
+    let mailboxes = services.mailboxes();
+    let sub = mailboxes.subscribe(&device);
     let mut window = DeliveryWindow::new(window_size);
     loop {
         tokio::select! {
@@ -588,17 +538,17 @@ async fn deliver(
             }
             cmd = acks.recv() => {
                 let Some(cmd) = cmd else { return };
-                let result = hub.ack(&device, &cmd.seqs);
+                let result = mailboxes.ack(&device, &cmd.seqs);
                 for seq in &cmd.seqs {
                     window.on_acked(*seq);
                 }
-                let reply = result.map(|r| Reply::Ack(v1::AckResponse { deleted: r.messages as u32 }));
+                let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
                 if out.send(response(cmd.request_id, reply)).await.is_err() {
                     return;
                 }
             }
         }
-        let pull = match hub.pull(&device, &mut window) {
+        let pull = match mailboxes.pull(&device, &mut window) {
             Ok(p) => p,
             Err(e) => {
                 warn!(error = %e, "reading a mailbox failed");
@@ -611,12 +561,8 @@ async fn deliver(
             }
         }
         if pull.queue_empty {
-            let empty = v1::server_frame::Body::QueueEmpty(v1::QueueEmpty {});
-            if out
-                .send(Box::new(v1::ServerFrame { body: Some(empty) }))
-                .await
-                .is_err()
-            {
+            let empty = ServerMessage::QueueEmpty.into();
+            if out.send(Box::new(empty)).await.is_err() {
                 return;
             }
         }

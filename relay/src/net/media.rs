@@ -10,8 +10,8 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use tern_platform::direct_io::{AlignedBuf, DIRECT_ALIGN};
 use tern_proto::v1::{self, blob_stream_request::Op};
-use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse, ErrorCode};
-use tern_proto::{ErrorReply, Reply};
+use tern_proto::Reply;
+use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse};
 use tracing::debug;
 
 use crate::core::auth::AuthenticatedDevice;
@@ -61,11 +61,7 @@ pub(crate) async fn touch(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, 
 
 fn error_response(e: &Error) -> BlobStreamResponse {
     debug!(error = %e, "media request refused");
-    BlobStreamResponse::Error(ErrorReply {
-        code: ErrorCode::from(e.code()),
-        message: e.client_message(),
-        retry_after_ms: e.retry_after_ms(),
-    })
+    BlobStreamResponse::Error(e.to_reply())
 }
 
 async fn respond(send: &mut quinn::SendStream, r: BlobStreamResponse) -> bool {

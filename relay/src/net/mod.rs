@@ -7,11 +7,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::hub::Hub;
+use crate::server::Services;
 
 pub(crate) mod conn;
 pub(crate) mod media;
-pub mod tls;
+pub(crate) mod tls;
 
 pub(crate) use conn::ConnSettings;
 
@@ -32,12 +32,12 @@ pub(crate) fn transport_config() -> quinn::TransportConfig {
 /// finish the requests they are handling.
 pub(crate) async fn accept_loop(
     endpoint: quinn::Endpoint,
-    hub: Arc<Hub>,
+    services: Arc<Services>,
     settings: Arc<ConnSettings>,
     max_connections: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let connection_permits = Arc::new(Semaphore::new(max_connections));
     let mut conns = JoinSet::new();
     let mut next_id: u64 = 0;
     loop {
@@ -45,7 +45,7 @@ pub(crate) async fn accept_loop(
             _ = shutdown.changed() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let Ok(permit) = connection_permits.clone().try_acquire_owned() else {
                     debug!("connection limit reached; refusing");
                     incoming.refuse();
                     continue;
@@ -53,14 +53,15 @@ pub(crate) async fn accept_loop(
                 next_id += 1;
                 // The span names a counter, never the peer's address (P9).
                 let span = tracing::debug_span!("conn", id = next_id);
-                let (hub, settings, shutdown) = (hub.clone(), settings.clone(), shutdown.clone());
+                let (services, settings, shutdown) =
+                    (services.clone(), settings.clone(), shutdown.clone());
                 conns.spawn(
                     async move {
                         match incoming.await {
-                            Ok(conn) => conn::serve(conn, hub, settings, shutdown).await,
+                            Ok(conn) => conn::serve(conn, services, settings, shutdown).await,
                             Err(e) => debug!(error = %e, "handshake failed"),
                         }
-                        drop(slot);
+                        drop(permit);
                     }
                     .instrument(span),
                 );

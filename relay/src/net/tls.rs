@@ -20,22 +20,22 @@ const KEY_FILE: &str = "relay-key.pem";
 
 /// A certificate chain with its key.
 #[derive(Debug)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// The chain, end-entity first.
-    pub chain: Vec<CertificateDer<'static>>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
     /// The private key.
-    pub key: PrivateKeyDer<'static>,
+    pub(crate) key: PrivateKeyDer<'static>,
 }
 
 impl Identity {
     /// The fingerprint clients pin: SHA-256 of the end-entity certificate.
-    pub fn fingerprint(&self) -> Fingerprint {
+    pub(crate) fn fingerprint(&self) -> Fingerprint {
         fingerprint(&self.chain[0])
     }
 }
 
 /// SHA-256 of a certificate's DER.
-pub fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
+pub(crate) fn fingerprint(cert: &CertificateDer<'_>) -> Fingerprint {
     Fingerprint(Sha256::digest(cert.as_ref()).into())
 }
 
@@ -61,7 +61,7 @@ fn load(cert: &Path, key: &Path) -> Result<Identity> {
 
 /// The configured certificate, or the self-signed one in `data_dir` (made now if
 /// there is none yet).
-pub fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identity> {
+pub(crate) fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identity> {
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
         return load(cert, key);
     }
@@ -95,7 +95,7 @@ const SIGNING_KEY_FILE: &str = "relay-signing-key";
 
 /// The Ed25519 key the relay signs sender certificates with, kept in `data_dir` (made
 /// on first start), so certificates stay verifiable across restarts.
-pub fn load_or_create_signing_key(data_dir: &Path) -> Result<ed25519_dalek::SigningKey> {
+pub(crate) fn load_or_create_signing_key(data_dir: &Path) -> Result<ed25519_dalek::SigningKey> {
     let path = data_dir.join(SIGNING_KEY_FILE);
     if path.exists() {
         let bytes = fs::read(&path)?;
@@ -114,7 +114,7 @@ pub fn load_or_create_signing_key(data_dir: &Path) -> Result<ed25519_dalek::Sign
 /// connection the relay lost in a crash or restart carry ids the new process
 /// recognises as its own, and are answered with a valid reset, so clients reconnect at
 /// once instead of waiting out their idle timeout.
-pub fn endpoint_config(signer: &ed25519_dalek::SigningKey) -> quinn::EndpointConfig {
+pub(crate) fn endpoint_config(signer: &ed25519_dalek::SigningKey) -> quinn::EndpointConfig {
     let mut okm = zeroize::Zeroizing::new([0u8; 40]);
     // 40 bytes is within HKDF-SHA256's output limit, so expand cannot fail.
     let _ = hkdf::Hkdf::<sha2::Sha256>::new(None, &signer.to_bytes())
@@ -131,7 +131,7 @@ pub fn endpoint_config(signer: &ed25519_dalek::SigningKey) -> quinn::EndpointCon
 }
 
 /// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`.
-pub fn server_config(identity: Identity) -> Result<quinn::ServerConfig> {
+pub(crate) fn server_config(identity: Identity) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

@@ -9,8 +9,8 @@ fn addr(a: u8, d: u32) -> DeviceAddress {
     DeviceAddress::from_wire(&[a; 16], d).expect("valid address")
 }
 
-fn msg(i: u8, len: usize) -> NewMessage {
-    NewMessage {
+fn msg(i: u8, len: usize) -> Envelope {
+    Envelope {
         message_id: MessageId([i; 16]),
         payload: Bytes::from(vec![i; len]),
     }

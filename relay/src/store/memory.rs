@@ -6,8 +6,8 @@ use std::sync::{Mutex, MutexGuard};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
-    KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
+    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
@@ -67,7 +67,7 @@ impl MailboxStore for MemoryStore {
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
@@ -131,7 +131,9 @@ impl MailboxStore for MemoryStore {
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
         self.remove(of, &Expired::seqs_of(entries, of))
     }
+}
 
+impl Flush for MemoryStore {
     fn flush(&self) -> StoreResult<()> {
         Ok(())
     }

@@ -1,8 +1,14 @@
-//! Storage behind narrow traits: [`MailboxStore`] for queued envelopes and
-//! [`AccountStore`] for accounts and their device keys.
+//! Storage behind narrow traits: [`MailboxStore`] for queued envelopes,
+//! [`AccountStore`] for accounts and their device keys, [`KeyStore`] for published
+//! prekeys and [`BlobIndex`] for media records; every backend also implements [`Flush`].
 //!
-//! [`SledStore`] is the embedded default, on disk; [`MemoryStore`] is for unit tests.
-//! Only `sled.rs` names `sled::`.
+//! - [`LogStore`]: the mailbox log (the default for mailboxes), segment files with
+//!   the index in memory.
+//! - [`SledStore`]: everything on disk in sled (the default for all but mailboxes);
+//!   only `sled/` names `sled::`.
+//! - [`MemoryStore`]: everything in memory, for tests.
+//! - [`Stores`]: how the backends are put together for a relay.
+//! - [`GroupCommit`]: makes every store durable, one flush shared by concurrent writers.
 //!
 //! # Contract
 //! - Stores hold what the relay was given and nothing more: ciphertext, opaque ids,
@@ -11,7 +17,7 @@
 //!   message and, once flushed, it is gone from disk as far as the backend allows.
 //! - Each mutating call is atomic: a message, its expiry index entry and its device's
 //!   usage counter change together or not at all.
-//! - Writes are visible to reads at once, and durable after [`MailboxStore::flush`].
+//! - Writes are visible to reads at once, and durable after [`Flush::flush`].
 //! - Sequence numbers increase across calls and restarts.
 //! - Callers serialise mutations per device (the relay holds a per-device lock), so a
 //!   store need not guard the usage counter's read-modify-write against itself.
@@ -21,6 +27,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use tern_platform::clock::UnixMillis;
 
+mod commit;
+mod compose;
 mod log;
 mod memory;
 mod sled;
@@ -28,6 +36,8 @@ mod sled;
 #[cfg(test)]
 mod conformance;
 
+pub use self::commit::{Durability, GroupCommit};
+pub use self::compose::Stores;
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::SledStore;
@@ -50,14 +60,10 @@ pub enum StoreError {
 /// Result with [`StoreError`].
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// An envelope to queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewMessage {
-    /// The sender's id for it.
-    pub message_id: MessageId,
-    /// Ciphertext.
-    pub payload: Bytes,
-}
+/// An envelope to queue: the request's own type, stored without a copy.
+pub use tern_proto::Envelope;
+/// A public key with the account identity's signature over it, as published.
+pub use tern_proto::SignedKey;
 
 /// A queued envelope.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,14 +100,22 @@ pub struct Expired {
     pub expires_at: UnixMillis,
 }
 
+/// A backend that can make its changes durable. Its own trait so that a backend that
+/// holds no mailboxes need not implement [`MailboxStore`] to be flushed.
+pub trait Flush: Send + Sync + 'static {
+    /// Makes every change so far durable (fsync).
+    fn flush(&self) -> StoreResult<()>;
+}
+
 /// Queued envelopes, one mailbox per device. See the module docs for the contract.
-pub trait MailboxStore: Send + Sync + 'static {
+pub trait MailboxStore: Flush {
     /// Queues `msgs` in order, accepted at `accepted_at` and expiring at `expires_at`,
-    /// and returns their sequence numbers. Visible at once; durable after `flush`.
+    /// and returns their sequence numbers. Visible at once; durable after
+    /// [`Flush::flush`].
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>>;
@@ -123,11 +137,8 @@ pub trait MailboxStore: Send + Sync + 'static {
     /// their messages; returns what was deleted.
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage>;
 
-    /// Makes every change so far durable (fsync).
-    fn flush(&self) -> StoreResult<()>;
-
     /// Finishes deferred work (a removal's disk work) now rather than in the
-    /// background, for a clean shutdown; [`MailboxStore::flush`] makes it durable.
+    /// background, for a clean shutdown; [`Flush::flush`] makes it durable.
     fn settle(&self) -> StoreResult<()> {
         Ok(())
     }
@@ -237,17 +248,6 @@ pub trait AccountStore: Send + Sync + 'static {
 
     /// The SHA-256 of the account's delivery token, if it set one.
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>>;
-}
-
-/// A public key with the account identity's signature over it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SignedKey {
-    /// Signed prekey id (0 for the identity agreement key).
-    pub id: u32,
-    /// X25519 public key.
-    pub key: [u8; 32],
-    /// Ed25519 signature by the account identity.
-    pub signature: [u8; 64],
 }
 
 /// A one-time prekey.

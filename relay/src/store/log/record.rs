@@ -24,9 +24,9 @@
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
-use tern_platform::clock::UnixMillis;
 use crate::store::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use crate::store::{StoreError, StoreResult};
+use tern_platform::clock::UnixMillis;
 
 /// "TERNLOG" and a format version.
 pub(super) const MAGIC: &[u8; 8] = b"TERNLOG\x01";

@@ -4,14 +4,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
+use super::record::MessageHeader;
 use super::*;
+use crate::store::{Envelope, Flush, MailboxStore};
 
 fn addr(a: u8) -> DeviceAddress {
     DeviceAddress::from_wire(&[a; 16], 1).expect("addr")
 }
 
-fn msg(i: u8, payload: &[u8]) -> NewMessage {
-    NewMessage {
+fn msg(i: u8, payload: &[u8]) -> Envelope {
+    Envelope {
         message_id: MessageId([i; 16]),
         payload: Bytes::copy_from_slice(payload),
     }
@@ -607,7 +609,7 @@ mod model {
             for op in ops {
                 match op {
                     Op::Append { to, sizes, expires_at } => {
-                        let msgs: Vec<NewMessage> = sizes
+                        let msgs: Vec<Envelope> = sizes
                             .iter()
                             .map(|&n| {
                                 next_id = next_id.wrapping_add(1);

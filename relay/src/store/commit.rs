@@ -1,4 +1,5 @@
-//! Group commit: concurrent writers share fsyncs.
+//! Group commit: concurrent writers share fsyncs. It makes every store durable (it
+//! runs the [`Flush`] of the composed [`super::Stores`]), so it lives with them.
 //!
 //! A writer first applies its change to the store (visible, not yet durable), then
 //! awaits [`GroupCommit::commit`]. One flusher thread takes every waiter that has
@@ -14,10 +15,7 @@ use std::thread;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::store::StoreError;
-
-/// Makes every change so far durable: what the flusher thread runs.
-pub type Flush = Arc<dyn Fn() -> Result<(), StoreError> + Send + Sync>;
+use super::{Flush, StoreError};
 
 /// When a send is acknowledged to its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -38,7 +36,7 @@ type Waiter = oneshot::Sender<Result<(), String>>;
 /// Shares flushes between concurrent writers. See the module docs.
 pub struct GroupCommit {
     mode: Durability,
-    flush: Flush,
+    flush: Arc<dyn Flush>,
     tx: Option<mpsc::Sender<Waiter>>,
     flushes: Arc<AtomicU64>,
     thread: Option<thread::JoinHandle<()>>,
@@ -55,7 +53,7 @@ impl std::fmt::Debug for GroupCommit {
 
 impl GroupCommit {
     /// Starts the flusher thread running `flush` (only needed for `Durability::Fsync`).
-    pub fn start(flush: Flush, mode: Durability) -> std::io::Result<Self> {
+    pub fn start(flush: Arc<dyn Flush>, mode: Durability) -> std::io::Result<Self> {
         let flushes = Arc::new(AtomicU64::new(0));
         if mode == Durability::Os {
             return Ok(GroupCommit {
@@ -102,7 +100,7 @@ impl GroupCommit {
 
     /// Flushes now, whatever the durability (for shutdown).
     pub fn flush_now(&self) -> Result<(), StoreError> {
-        (self.flush)()
+        self.flush.flush()
     }
 
     /// Flushes run so far.
@@ -120,12 +118,12 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher(flush: &Flush, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
+fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64) {
     // Ends when every sender is dropped.
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = flush().map_err(|e| e.to_string());
+        let result = flush.flush().map_err(|e| e.to_string());
         flushes.fetch_add(1, Ordering::Relaxed);
         for w in batch {
             let _ = w.send(result.clone());
@@ -139,11 +137,17 @@ mod tests {
     use std::time::Duration;
 
     /// A flush that takes as long as a slow disk's.
-    fn slow_flush() -> Flush {
-        Arc::new(|| {
+    struct SlowFlush;
+
+    impl Flush for SlowFlush {
+        fn flush(&self) -> Result<(), StoreError> {
             std::thread::sleep(Duration::from_millis(20));
             Ok(())
-        })
+        }
+    }
+
+    fn slow_flush() -> Arc<dyn Flush> {
+        Arc::new(SlowFlush)
     }
 
     #[tokio::test]

@@ -26,8 +26,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Expired, FetchedKeys,
-    KeyStore, MailboxStore, NewMessage, OneTimeKey, SignedKey, StoreError, StoreResult,
+    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
+    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
     StoredMessage, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
@@ -229,7 +229,7 @@ impl MailboxStore for SledStore {
     fn append(
         &self,
         to: &DeviceAddress,
-        msgs: &[NewMessage],
+        msgs: &[Envelope],
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
@@ -308,7 +308,9 @@ impl MailboxStore for SledStore {
         // The extra entries cover an expiry entry whose message is already gone.
         self.delete(of, mine.iter().map(|e| e.seq), &mine)
     }
+}
 
+impl Flush for SledStore {
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map(|_| ()).map_err(backend)
     }
@@ -645,7 +647,7 @@ impl BlobIndex for SledStore {
     }
 
     fn flush_blobs(&self) -> StoreResult<()> {
-        MailboxStore::flush(self)
+        Flush::flush(self)
     }
 
     fn stale_uploads(
@@ -668,74 +670,4 @@ impl BlobIndex for SledStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn conformance() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-        super::super::conformance::mailbox_rules(&store);
-        super::super::conformance::account_rules(&store);
-        super::super::conformance::key_rules(&store);
-    }
-
-    #[test]
-    fn concurrent_fetches_never_share_a_one_time_key() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-        super::super::conformance::concurrent_fetches(std::sync::Arc::new(store));
-    }
-
-    #[test]
-    fn survives_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let to = DeviceAddress::from_wire(&[3; 16], 1).expect("addr");
-        let seqs = {
-            let store = SledStore::open(dir.path(), 8 << 20).expect("open");
-            let msgs: Vec<NewMessage> = (0..3u8)
-                .map(|i| NewMessage {
-                    message_id: MessageId([i; 16]),
-                    payload: Bytes::from(vec![i; 10]),
-                })
-                .collect();
-            let seqs = store.append(&to, &msgs, 1, 100).expect("append");
-            store.remove(&to, &seqs[..1]).expect("remove");
-            store.flush().expect("flush");
-            seqs
-        };
-        let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
-        let left = store.read(&to, 0, 10).expect("read");
-        assert_eq!(left.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[1..]);
-        assert_eq!(
-            store.usage(&to).expect("usage"),
-            Usage {
-                messages: 2,
-                bytes: 20
-            }
-        );
-        let later = store
-            .append(
-                &to,
-                &[NewMessage {
-                    message_id: MessageId([9; 16]),
-                    payload: Bytes::new(),
-                }],
-                1,
-                100,
-            )
-            .expect("append");
-        assert!(
-            later[0] > seqs[2],
-            "sequence numbers keep increasing after a restart"
-        );
-    }
-
-    #[test]
-    fn corrupt_records_are_errors_not_panics() {
-        assert!(decode_message(&[MSG; 3], &[0; 40]).is_err());
-        assert!(decode_usage(&[1, 2, 3]).is_err());
-        assert!(codec::decode_account(&[0; 33]).is_err());
-        assert!(message_meta(&[0; 5]).is_err());
-    }
-}
+mod tests;

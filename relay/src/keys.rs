@@ -1,0 +1,273 @@
+//! The key directory: devices publish their identity agreement key, signed prekey and
+//! one-time prekeys; others fetch them to start sessions. Signatures are checked
+//! before anything is stored, and each one-time prekey is handed out once.
+
+use std::sync::Arc;
+
+use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
+
+use crate::core::auth::{self, AuthenticatedDevice};
+use crate::error::{Error, Result};
+use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
+
+/// Most one-time prekeys a device may hold on the relay.
+pub(crate) const MAX_ONE_TIME_PREKEYS: u64 = 1000;
+
+/// Prekey bundles of an account's devices.
+#[derive(Debug, Clone)]
+pub(crate) struct AccountKeys {
+    /// The account's Ed25519 identity key.
+    pub(crate) identity_key: [u8; 32],
+    /// One bundle per device that has published keys.
+    pub(crate) devices: Vec<(DeviceId, FetchedKeys)>,
+}
+
+/// The key directory service. See the module docs.
+pub(crate) struct KeyDirectory {
+    accounts: Arc<dyn AccountStore>,
+    keys: Arc<dyn KeyStore>,
+    commit: Arc<GroupCommit>,
+}
+
+impl std::fmt::Debug for KeyDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyDirectory").finish_non_exhaustive()
+    }
+}
+
+impl AccountKeys {
+    /// The bundles as a fetch answers them.
+    pub(crate) fn into_bundles(self) -> Vec<DeviceBundle> {
+        let identity_key = self.identity_key;
+        self.devices
+            .into_iter()
+            .map(|(device, k)| DeviceBundle {
+                device,
+                identity_key,
+                identity_dh: k.identity_dh,
+                signed_prekey: k.signed_prekey,
+                one_time_prekey: k.one_time.map(|o| (o.id, o.key)),
+            })
+            .collect()
+    }
+}
+
+impl KeyDirectory {
+    /// Keys kept in `keys`, checked against the identity keys in `accounts`.
+    pub(crate) fn new(
+        accounts: Arc<dyn AccountStore>,
+        keys: Arc<dyn KeyStore>,
+        commit: Arc<GroupCommit>,
+    ) -> Self {
+        KeyDirectory {
+            accounts,
+            keys,
+            commit,
+        }
+    }
+
+    /// Checks and stores keys a device publishes; returns its one-time pool size.
+    /// Nothing is stored unless every signature verifies.
+    pub(crate) async fn publish(
+        &self,
+        device: &AuthenticatedDevice,
+        keys: &KeyUpload,
+    ) -> Result<u64> {
+        let addr = device.address();
+        let record = self
+            .accounts
+            .get(&addr.account)?
+            .ok_or(Error::Unauthorized)?;
+        if let Some(k) = &keys.identity_dh {
+            auth::verify_vouched_key(
+                &record.identity_key,
+                &k.key,
+                tern_proto::auth::identity_agreement_key,
+                &k.signature,
+            )?;
+        }
+        if let Some(k) = &keys.signed_prekey {
+            auth::verify_vouched_key(
+                &record.identity_key,
+                &k.key,
+                |key| tern_proto::auth::signed_prekey(k.id, key),
+                &k.signature,
+            )?;
+        }
+        let one_time: Vec<OneTimeKey> = keys
+            .one_time
+            .iter()
+            .map(|&(id, key)| OneTimeKey { id, key })
+            .collect();
+        let held = self.keys.one_time_count(addr)?;
+        if held.saturating_add(one_time.len() as u64) > MAX_ONE_TIME_PREKEYS {
+            return Err(Error::TooLarge {
+                what: "one-time prekey pool",
+                size: (held as usize).saturating_add(one_time.len()),
+                max: MAX_ONE_TIME_PREKEYS as usize,
+            });
+        }
+        let count = self.keys.publish(
+            addr,
+            keys.identity_dh.as_ref(),
+            keys.signed_prekey.as_ref(),
+            &one_time,
+        )?;
+        self.commit.commit().await?;
+        Ok(count)
+    }
+
+    /// Prekey bundles of `account`'s devices (or of one device), each consuming one
+    /// one-time prekey. Returns the account's identity key with them. Devices that have
+    /// not published keys are left out.
+    pub(crate) fn fetch(
+        &self,
+        _requester: &AuthenticatedDevice,
+        account: &AccountId,
+        device: Option<DeviceId>,
+    ) -> Result<AccountKeys> {
+        let record = self.accounts.get(account)?.ok_or(Error::UnknownRecipient)?;
+        let mut bundles = Vec::new();
+        for (id, _) in record
+            .devices
+            .iter()
+            .filter(|(id, _)| device.is_none_or(|d| d == *id))
+        {
+            if let Some(keys) = self.keys.fetch(&DeviceAddress {
+                account: *account,
+                device: *id,
+            })? {
+                bundles.push((*id, keys));
+            }
+        }
+        if bundles.is_empty() {
+            return Err(Error::UnknownRecipient);
+        }
+        Ok(AccountKeys {
+            identity_key: record.identity_key,
+            devices: bundles,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::limits::Limits;
+    use crate::testing::{device, fixture, identity_of};
+    use ed25519_dalek::Signer;
+    use tern_proto::SignedKey;
+
+    fn signed(id: u32, key: &[u8; 32], signature: &[u8; 64]) -> Option<SignedKey> {
+        Some(SignedKey {
+            id,
+            key: *key,
+            signature: *signature,
+        })
+    }
+
+    #[tokio::test]
+    async fn prekeys_are_checked_and_each_one_time_key_handed_out_once() {
+        let f = fixture(Limits::default());
+        let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+        let id = identity_of(2);
+        let dh = [5u8; 32];
+        let dh_sig = id
+            .sign(&tern_proto::auth::identity_agreement_key(&dh))
+            .to_bytes();
+        let spk = [6u8; 32];
+        let spk_sig = id
+            .sign(&tern_proto::auth::signed_prekey(1, &spk))
+            .to_bytes();
+        let otk = [[7u8; 32], [8u8; 32]];
+
+        // A signed prekey signed for another id is refused, and nothing is stored.
+        let bad = KeyUpload {
+            signed_prekey: signed(2, &spk, &spk_sig),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.services.keys().publish(&bob, &bad).await,
+            Err(Error::Unauthorized)
+        ));
+        // Signed by someone else's identity.
+        let foreign = identity_of(9)
+            .sign(&tern_proto::auth::identity_agreement_key(&dh))
+            .to_bytes();
+        let bad = KeyUpload {
+            identity_dh: signed(0, &dh, &foreign),
+            ..Default::default()
+        };
+        assert!(f.services.keys().publish(&bob, &bad).await.is_err());
+        assert!(matches!(
+            f.services
+                .keys()
+                .fetch(&alice, &bob.address().account, None),
+            Err(Error::UnknownRecipient)
+        ));
+
+        let good = KeyUpload {
+            identity_dh: signed(0, &dh, &dh_sig),
+            signed_prekey: signed(1, &spk, &spk_sig),
+            one_time: vec![(10, otk[0]), (11, otk[1])],
+        };
+        assert_eq!(
+            f.services
+                .keys()
+                .publish(&bob, &good)
+                .await
+                .expect("publish"),
+            2
+        );
+        let fetch = || {
+            f.services
+                .keys()
+                .fetch(&alice, &bob.address().account, None)
+                .expect("fetch")
+        };
+        let AccountKeys {
+            identity_key,
+            devices: first,
+        } = fetch();
+        assert_eq!(identity_key, id.verifying_key().to_bytes());
+        assert_eq!(first[0].1.identity_dh.key, dh);
+        assert_eq!(first[0].1.signed_prekey.key, spk);
+        let second = fetch().devices;
+        let third = fetch().devices;
+        let one_time: Vec<_> = [&first, &second, &third]
+            .iter()
+            .map(|b| b[0].1.one_time.map(|k| k.id))
+            .collect();
+        assert_eq!(
+            one_time,
+            vec![Some(10), Some(11), None],
+            "once each, then the signed prekey alone"
+        );
+        let unknown = AccountId([0xee; 16]);
+        assert!(matches!(
+            f.services.keys().fetch(&alice, &unknown, None),
+            Err(Error::UnknownRecipient)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_one_time_pool_is_capped() {
+        let f = fixture(Limits::default());
+        let bob = device(&f, 2).await;
+        let keys: Vec<[u8; 32]> = (0..=MAX_ONE_TIME_PREKEYS)
+            .map(|i| [(i % 250) as u8; 32])
+            .collect();
+        let too_many = KeyUpload {
+            one_time: keys
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (i as u32, *k))
+                .collect(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            f.services.keys().publish(&bob, &too_many).await,
+            Err(Error::TooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,146 @@
+//! The table of mailboxes in use: each one's ordering lock and its subscriber, kept
+//! only while something uses the mailbox.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tern_proto::DeviceAddress;
+use tokio::sync::Notify;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded sections leave consistent state even if a store call panics.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Mailboxes in use, by device. See the module docs.
+#[derive(Default)]
+pub(crate) struct ActiveMailboxes {
+    devices: Mutex<HashMap<DeviceAddress, Arc<MailboxState>>>,
+    next_subscriber: AtomicU64,
+}
+
+/// One mailbox's in-memory state, present while something uses it.
+#[derive(Default)]
+struct MailboxState {
+    /// Serialises this mailbox's mutations.
+    ordering: Mutex<()>,
+    subscriber: Mutex<Option<Arc<Wakeup>>>,
+}
+
+/// How a subscription is told the mailbox changed or it was displaced.
+struct Wakeup {
+    id: u64,
+    notify: Notify,
+    displaced: AtomicBool,
+}
+
+impl ActiveMailboxes {
+    fn state(&self, addr: &DeviceAddress) -> Arc<MailboxState> {
+        lock(&self.devices).entry(*addr).or_default().clone()
+    }
+
+    /// Drops the map's entry when nothing else holds it. States are cloned only under
+    /// the map lock, so a count of one there means nobody can still be using it.
+    fn release(&self, addr: &DeviceAddress, state: Arc<MailboxState>) {
+        drop(state);
+        let mut devices = lock(&self.devices);
+        if let Some(s) = devices.get(addr) {
+            if Arc::strong_count(s) == 1 && lock(&s.subscriber).is_none() {
+                devices.remove(addr);
+            }
+        }
+    }
+
+    /// Runs `mutate` under the mailbox's ordering lock (held for the store call only,
+    /// never across an `.await`); wakes its subscriber if `mutate` succeeded and
+    /// `wake` says so.
+    pub(crate) fn ordered<T, E>(
+        &self,
+        addr: &DeviceAddress,
+        wake: bool,
+        mutate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let state = self.state(addr);
+        let result = {
+            let _ordering = lock(&state.ordering);
+            mutate()
+        };
+        if wake && result.is_ok() {
+            if let Some(w) = lock(&state.subscriber).as_ref() {
+                w.notify.notify_one();
+            }
+        }
+        self.release(addr, state);
+        result
+    }
+
+    /// Claims deliveries for `address`, displacing any earlier subscription of it.
+    pub(crate) fn subscribe(self: &Arc<Self>, address: DeviceAddress) -> Subscription {
+        let wakeup = Arc::new(Wakeup {
+            id: self.next_subscriber.fetch_add(1, Ordering::Relaxed),
+            notify: Notify::new(),
+            displaced: AtomicBool::new(false),
+        });
+        let state = self.state(&address);
+        if let Some(old) = lock(&state.subscriber).replace(wakeup.clone()) {
+            old.displaced.store(true, Ordering::Release);
+            old.notify.notify_one();
+        }
+        // Start with a wake-up so the first read happens without waiting.
+        wakeup.notify.notify_one();
+        Subscription {
+            active: self.clone(),
+            address,
+            wakeup,
+        }
+    }
+
+    /// Entries in the table; for tests of its cleanup.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.devices).len()
+    }
+}
+
+/// A device's claim on its deliveries. A newer subscription for the same device
+/// displaces this one; dropping it releases the claim.
+pub struct Subscription {
+    active: Arc<ActiveMailboxes>,
+    address: DeviceAddress,
+    wakeup: Arc<Wakeup>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("displaced", &self.displaced())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Resolves when the mailbox may have new messages, or this subscription was
+    /// displaced. A wake-up that came before this call is not lost.
+    pub async fn changed(&self) {
+        self.wakeup.notify.notified().await
+    }
+
+    /// Whether a newer connection of the same device took over.
+    pub fn displaced(&self) -> bool {
+        self.wakeup.displaced.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let state = self.active.state(&self.address);
+        {
+            let mut sub = lock(&state.subscriber);
+            if sub.as_ref().is_some_and(|w| w.id == self.wakeup.id) {
+                *sub = None;
+            }
+        }
+        self.active.release(&self.address, state);
+    }
+}

@@ -1,0 +1,211 @@
+//! Mailboxes: the messages queued for each device, with the rules of
+//! [`crate::core`] applied to the [`MailboxStore`].
+//!
+//! - Appending is one call, [`Mailboxes::append`], that stores at once and returns an
+//!   [`Appended`] whose [`Appended::commit`] waits for the group commit. A connection
+//!   appends its sends in the order they arrive and waits for their commits
+//!   concurrently, so pipelined sends keep their order without paying one commit each.
+//! - Every call that changes a mailbox takes that device's ordering lock for the few
+//!   microseconds of the store call, never across an `.await`: an append allocates its
+//!   sequence numbers and inserts under it, so a reader that has seen sequence number
+//!   `n` has seen every message below `n`.
+//! - A connected device holds a [`Subscription`], woken by appends to its mailbox.
+//! - [`Mailboxes::pull`] fills a delivery window, [`Mailboxes::ack`] deletes,
+//!   [`Mailboxes::sweep`] deletes what expired.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tern_platform::clock::Clock;
+use tern_proto::DeviceAddress;
+
+use crate::accounts::Recipient;
+use crate::core::auth::AuthenticatedDevice;
+use crate::core::delivery::DeliveryWindow;
+use crate::core::expiry::{is_expired, Ttl};
+use crate::core::limits::Limits;
+use crate::error::{Error, Result};
+use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
+
+mod active;
+
+use self::active::ActiveMailboxes;
+pub use self::active::Subscription;
+
+/// The mailboxes service. See the module docs.
+pub struct Mailboxes {
+    store: Arc<dyn MailboxStore>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    ttl: Ttl,
+    commit: Arc<GroupCommit>,
+    active: Arc<ActiveMailboxes>,
+}
+
+impl std::fmt::Debug for Mailboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailboxes")
+            .field("limits", &self.limits)
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Messages [`Mailboxes::append`] stored: visible at once, durable once
+/// [`Appended::commit`] resolves.
+#[derive(Debug)]
+#[must_use = "the messages are not known to be durable until `commit` is awaited"]
+pub struct Appended {
+    accepted: usize,
+    /// Joined only when awaited: a reader that appends a burst of requests before it
+    /// yields lets all of them share one flush, instead of starting a flush after the
+    /// first.
+    commit: Arc<GroupCommit>,
+}
+
+impl Appended {
+    /// How many messages were stored.
+    pub fn accepted(&self) -> usize {
+        self.accepted
+    }
+
+    /// Waits until the messages are durable as configured (one group commit shared by
+    /// every caller waiting at the time); returns how many there were.
+    pub async fn commit(self) -> Result<usize> {
+        self.commit.commit().await?;
+        Ok(self.accepted)
+    }
+}
+
+/// What [`Mailboxes::pull`] found.
+#[derive(Debug, Default)]
+pub struct Pull {
+    /// Messages to push, in order; already recorded in the window.
+    pub messages: Vec<StoredMessage>,
+    /// The backlog is drained for the first time on this window: tell the client.
+    pub queue_empty: bool,
+}
+
+impl Mailboxes {
+    /// Mailboxes kept in `store`, under `limits`, each message kept for `ttl`;
+    /// appends are made durable through `commit`.
+    pub fn new(
+        store: Arc<dyn MailboxStore>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        ttl: Ttl,
+        commit: Arc<GroupCommit>,
+    ) -> Self {
+        Mailboxes {
+            store,
+            clock,
+            limits,
+            ttl,
+            commit,
+            active: Arc::default(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Queues `msgs` for `to`, all or nothing, in the order of calls, and wakes a
+    /// connected recipient. Await the returned [`Appended::commit`] before telling the
+    /// sender they are stored.
+    pub fn append(&self, to: &Recipient, msgs: &[Envelope]) -> Result<Appended> {
+        let to = to.address();
+        self.limits
+            .check_batch(msgs.iter().map(|m| m.payload.len()))?;
+        let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
+        let now = self.clock.now();
+        self.active.ordered(to, true, || {
+            let usage = self.store.usage(to)?;
+            self.limits.check_enqueue(usage, msgs.len() as u64, bytes)?;
+            self.store
+                .append(to, msgs, now, self.ttl.expires_at(now))
+                .map_err(Error::from)
+        })?;
+        Ok(Appended {
+            accepted: msgs.len(),
+            commit: self.commit.clone(),
+        })
+    }
+
+    /// Claims deliveries for a device, displacing any earlier connection of it.
+    pub fn subscribe(&self, device: &AuthenticatedDevice) -> Subscription {
+        self.active.subscribe(*device.address())
+    }
+
+    /// Fills `window` with the next messages to push to `device`, in order. Expired
+    /// messages are skipped, never returned, even before the sweeper deletes them.
+    pub fn pull(&self, device: &AuthenticatedDevice, window: &mut DeliveryWindow) -> Result<Pull> {
+        let mut pull = Pull::default();
+        while window.room() > 0 {
+            let want = window.room();
+            let batch = self.store.read(device.address(), window.cursor(), want)?;
+            let now = self.clock.now();
+            let short = batch.len() < want;
+            for m in batch {
+                if is_expired(now, m.expires_at) {
+                    window.on_skipped(m.seq);
+                } else if window.on_pushed(m.seq) {
+                    pull.messages.push(m);
+                }
+            }
+            if short {
+                pull.queue_empty = window.on_drained();
+                break;
+            }
+        }
+        Ok(pull)
+    }
+
+    /// Deletes acknowledged messages from the device's own mailbox.
+    pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Usage> {
+        let addr = device.address();
+        Ok(self
+            .active
+            .ordered(addr, false, || self.store.remove(addr, seqs))?)
+    }
+
+    /// What a device's mailbox holds.
+    pub fn usage(&self, device: &AuthenticatedDevice) -> Result<Usage> {
+        Ok(self.store.usage(device.address())?)
+    }
+
+    /// Deletes up to `batch` expired messages; returns how many it deleted. Costs what
+    /// is expired, not what is stored.
+    pub fn sweep(&self, batch: usize) -> Result<u64> {
+        let due = self.store.expired(self.clock.now(), batch)?;
+        let mut by_device: BTreeMap<DeviceAddress, Vec<_>> = BTreeMap::new();
+        for e in due {
+            by_device.entry(e.to).or_default().push(e);
+        }
+        let mut deleted = 0;
+        for (addr, entries) in by_device {
+            let removed = self
+                .active
+                .ordered(&addr, false, || self.store.expire(&addr, &entries))?;
+            deleted += removed.messages;
+        }
+        Ok(deleted)
+    }
+
+    /// For a clean shutdown: finishes the store's deferred work (acknowledged messages
+    /// still on disk are scrubbed), then flushes every store.
+    pub fn close(&self) -> Result<()> {
+        self.store.settle()?;
+        Ok(self.commit.flush_now()?)
+    }
+
+    /// Entries in the per-device table; for tests of its cleanup.
+    #[cfg(test)]
+    pub(crate) fn tracked_devices(&self) -> usize {
+        self.active.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

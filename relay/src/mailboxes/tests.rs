@@ -1,0 +1,240 @@
+use std::time::Duration;
+
+use tern_proto::{DeviceAddress, DeviceId};
+
+use crate::core::delivery::DeliveryWindow;
+use crate::core::limits::Limits;
+use crate::error::Error;
+use crate::store::{MailboxStore, Usage};
+use crate::testing::{device, fixture, ids, msgs};
+
+#[tokio::test]
+async fn delivers_in_order_and_ack_deletes() {
+    let f = fixture(Limits::default());
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    f.send(&alice, *bob.address(), &msgs(0..3, 8))
+        .await
+        .expect("send");
+    f.send(&alice, *bob.address(), &msgs(3..5, 8))
+        .await
+        .expect("send");
+
+    let mut window = DeliveryWindow::new(3);
+    let first = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("pull");
+    assert_eq!(ids(&first), vec![0, 1, 2], "window of three");
+    assert!(!first.queue_empty);
+    assert!(
+        f.services
+            .mailboxes()
+            .pull(&bob, &mut window)
+            .expect("pull")
+            .messages
+            .is_empty(),
+        "window full"
+    );
+
+    let seqs: Vec<u64> = first.messages.iter().map(|m| m.seq).collect();
+    let removed = f.services.mailboxes().ack(&bob, &seqs).expect("ack");
+    assert_eq!(removed.messages, 3);
+    seqs.iter().for_each(|s| assert!(window.on_acked(*s)));
+    let rest = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("pull");
+    assert_eq!(ids(&rest), vec![3, 4]);
+    assert!(rest.queue_empty);
+    f.services
+        .mailboxes()
+        .ack(
+            &bob,
+            &rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        )
+        .expect("ack");
+    assert_eq!(
+        f.services.mailboxes().usage(&bob).expect("usage"),
+        Usage::default(),
+        "store is empty after acks"
+    );
+    assert_eq!(
+        f.services.mailboxes().tracked_devices(),
+        0,
+        "no per-device state left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_device_cannot_ack_another_devices_mailbox() {
+    let f = fixture(Limits::default());
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    f.send(&alice, *bob.address(), &msgs(0..2, 8))
+        .await
+        .expect("send");
+    let seqs: Vec<u64> = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut DeliveryWindow::new(10))
+        .expect("pull")
+        .messages
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(
+        f.services
+            .mailboxes()
+            .ack(&alice, &seqs)
+            .expect("ack")
+            .messages,
+        0
+    );
+    assert_eq!(
+        f.services.mailboxes().usage(&bob).expect("usage").messages,
+        2
+    );
+    let mut alice_window = DeliveryWindow::new(10);
+    assert!(f
+        .services
+        .mailboxes()
+        .pull(&alice, &mut alice_window)
+        .expect("pull")
+        .messages
+        .is_empty());
+}
+
+#[tokio::test]
+async fn limits_refuse_whole_sends_and_keep_what_is_stored() {
+    let f = fixture(Limits {
+        max_envelope_bytes: 16,
+        max_batch: 4,
+        max_queued_messages: 5,
+        max_queued_bytes: 60,
+    });
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    let to = *bob.address();
+    f.send(&alice, to, &msgs(0..4, 10)).await.expect("send");
+    assert!(matches!(
+        f.send(&alice, to, &msgs(4..6, 1)).await,
+        Err(Error::MailboxFull(_))
+    ));
+    assert!(matches!(
+        f.send(&alice, to, &msgs(4..5, 21)).await,
+        Err(Error::TooLarge { .. })
+    ));
+    f.send(&alice, to, &msgs(4..5, 16))
+        .await
+        .expect("exactly at the envelope limit");
+    // 4x10 + 16 = 56 bytes, 5 messages: now full on count.
+    assert!(matches!(
+        f.send(&alice, to, &msgs(5..6, 1)).await,
+        Err(Error::MailboxFull(_))
+    ));
+    assert!(matches!(
+        f.send(&alice, to, &msgs(0..5, 1)).await,
+        Err(Error::TooLarge { .. })
+    ));
+    assert_eq!(
+        f.services.mailboxes().usage(&bob).expect("usage"),
+        Usage {
+            messages: 5,
+            bytes: 56
+        }
+    );
+    let all = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut DeliveryWindow::new(100))
+        .expect("pull");
+    assert_eq!(ids(&all), vec![0, 1, 2, 3, 4], "nothing stored was lost");
+}
+
+#[tokio::test]
+async fn unknown_recipients_are_refused() {
+    let f = fixture(Limits::default());
+    let alice = device(&f, 1).await;
+    let nobody = DeviceAddress::from_wire(&[0xee; 16], 1).expect("addr");
+    assert!(matches!(
+        f.send(&alice, nobody, &msgs(0..1, 1)).await,
+        Err(Error::UnknownRecipient)
+    ));
+    let no_device = DeviceAddress {
+        account: alice.address().account,
+        device: DeviceId::new(9).expect("id"),
+    };
+    assert!(matches!(
+        f.send(&alice, no_device, &msgs(0..1, 1)).await,
+        Err(Error::UnknownRecipient)
+    ));
+}
+
+#[tokio::test]
+async fn expired_messages_are_never_delivered_and_are_swept() {
+    let f = fixture(Limits::default());
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    f.send(&alice, *bob.address(), &msgs(0..2, 8))
+        .await
+        .expect("send");
+    f.clock.advance(Duration::from_secs(1800));
+    f.send(&alice, *bob.address(), &msgs(2..3, 8))
+        .await
+        .expect("send");
+    f.clock.advance(Duration::from_secs(1800));
+
+    // The first two are exactly at their expiry: never delivered, swept or not.
+    let pull = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut DeliveryWindow::new(10))
+        .expect("pull");
+    assert_eq!(ids(&pull), vec![2]);
+    assert!(pull.queue_empty);
+
+    assert_eq!(
+        f.services.mailboxes().sweep(1).expect("sweep"),
+        1,
+        "bounded batch"
+    );
+    assert_eq!(f.services.mailboxes().sweep(100).expect("sweep"), 1);
+    assert_eq!(f.services.mailboxes().sweep(100).expect("sweep"), 0);
+    assert_eq!(f.store.usage(bob.address()).expect("usage").messages, 1);
+    f.clock.advance(Duration::from_secs(1800));
+    assert_eq!(f.services.mailboxes().sweep(100).expect("sweep"), 1);
+    assert_eq!(
+        f.store.usage(bob.address()).expect("usage"),
+        Usage::default()
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_wake_and_displace() {
+    let f = fixture(Limits::default());
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    let first = f.services.mailboxes().subscribe(&bob);
+    first.changed().await; // the initial wake-up
+    f.send(&alice, *bob.address(), &msgs(0..1, 1))
+        .await
+        .expect("send");
+    tokio::time::timeout(Duration::from_secs(5), first.changed())
+        .await
+        .expect("woken by a send");
+    assert!(!first.displaced());
+    let second = f.services.mailboxes().subscribe(&bob);
+    tokio::time::timeout(Duration::from_secs(5), first.changed())
+        .await
+        .expect("woken by displacement");
+    assert!(first.displaced());
+    second.changed().await; // its initial wake-up
+    drop(first);
+    // The displaced subscription's drop leaves the new one in place.
+    f.send(&alice, *bob.address(), &msgs(1..2, 1))
+        .await
+        .expect("send");
+    tokio::time::timeout(Duration::from_secs(5), second.changed())
+        .await
+        .expect("still subscribed");
+    drop(second);
+    assert_eq!(f.services.mailboxes().tracked_devices(), 0);
+}

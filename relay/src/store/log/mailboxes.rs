@@ -1,0 +1,210 @@
+//! The [`MailboxStore`] verbs of the log, and its [`Flush`]: appends go through the
+//! writer, everything else through the in-memory index.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tern_platform::clock::UnixMillis;
+use tern_proto::DeviceAddress;
+use tracing::warn;
+
+use super::record::{self, MessageHeader};
+use super::{io, lock, Loc, LogStore, Segment, EARLY_SPARE};
+use crate::store::{
+    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Usage,
+};
+
+impl MailboxStore for LogStore {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        let shared = &*self.shared;
+        let mut w = lock(&shared.writer);
+        if w.len >= shared.segment_bytes {
+            shared.roll(&mut w)?;
+        } else if w.grows && w.len >= EARLY_SPARE && lock(&shared.spare).is_some() {
+            // A growing segment is left as soon as a spare is ready; if that fails,
+            // this one still has room.
+            if let Err(e) = shared.roll(&mut w) {
+                warn!(error = %e, "mailbox log: moving to a prepared segment failed");
+            }
+        }
+        let w = &mut *w;
+        let start = w.len;
+        w.buf.clear();
+        let mut placed = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let seq = w.next_seq;
+            w.next_seq = seq
+                .checked_add(1)
+                .ok_or(StoreError::Corrupt("sequence numbers exhausted"))?;
+            let offset = start + w.buf.len() as u64;
+            let header = MessageHeader {
+                to: *to,
+                seq,
+                accepted_at,
+                expires_at,
+                message_id: m.message_id,
+            };
+            let len = record::encode_message(&mut w.buf, &header, &m.payload);
+            let len = u32::try_from(len).map_err(|_| StoreError::Corrupt("record too long"))?;
+            placed.push((
+                seq,
+                Loc {
+                    segment: w.active.id,
+                    offset,
+                    len,
+                    expires_at,
+                },
+            ));
+        }
+        // On failure nothing is indexed, and the next append starts a new segment
+        // rather than write over part of what may have reached this one.
+        if let Err(e) = w.active.file.write_all_at(&w.buf, start) {
+            w.len = w.len.max(shared.segment_bytes);
+            return Err(io("appending", e));
+        }
+        let due = w.spare_due(shared.segment_bytes);
+        if w.len < due && w.len + w.buf.len() as u64 >= due {
+            // Half way through the segment (or into a growing one): have the next
+            // one prepared.
+            if let Some((wake, _)) = &self.background {
+                let _ = wake.send(());
+            }
+        }
+        w.len += w.buf.len() as u64;
+        w.dirty = true;
+        if w.buf.capacity() > 4 << 20 {
+            w.buf = Vec::new();
+        }
+        // Indexed before the writer is released, so a roll never deletes a segment
+        // whose messages are not counted yet.
+        let mut index = lock(&shared.index);
+        for (seq, loc) in &placed {
+            index.insert(*to, *seq, *loc);
+        }
+        Ok(placed.into_iter().map(|(seq, _)| seq).collect())
+    }
+
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // Runs of adjacent records in one segment, each read with one pread.
+        struct Run {
+            segment: Arc<Segment>,
+            start: u64,
+            end: u64,
+            items: Vec<(u64, u64, u64)>,
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        {
+            let index = lock(&self.shared.index);
+            let Some(mailbox) = index.mailboxes.get(of) else {
+                return Ok(Vec::new());
+            };
+            for (&seq, loc) in mailbox.entries.range(first..).take(max) {
+                let item = (seq, loc.offset, u64::from(loc.len));
+                match runs.last_mut() {
+                    Some(r) if r.segment.id == loc.segment && r.end == loc.offset => {
+                        r.end += u64::from(loc.len);
+                        r.items.push(item);
+                    }
+                    _ => {
+                        let Some(s) = index.segments.get(&loc.segment) else {
+                            return Err(StoreError::Corrupt("message in a missing segment"));
+                        };
+                        runs.push(Run {
+                            segment: s.segment.clone(),
+                            start: loc.offset,
+                            end: loc.offset + u64::from(loc.len),
+                            items: vec![item],
+                        });
+                    }
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(runs.iter().map(|r| r.items.len()).sum());
+        let mut lost = Vec::new();
+        for run in runs {
+            let mut buf = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(usize::MAX)];
+            run.segment
+                .file
+                .read_exact_at(&mut buf, run.start)
+                .map_err(|e| io("reading", e))?;
+            let buf = Bytes::from(buf);
+            for (seq, offset, len) in run.items {
+                let at = (offset - run.start) as usize;
+                let rec = buf.slice(at..at + len as usize);
+                match record::decode_message(&rec)? {
+                    Some(m) if m.header.seq == seq && m.header.to == *of => {
+                        out.push(StoredMessage {
+                            seq,
+                            message_id: m.header.message_id,
+                            payload: m.payload,
+                            accepted_at: m.header.accepted_at,
+                            expires_at: m.header.expires_at,
+                        });
+                    }
+                    // Removed and scrubbed since it was located, or damaged on disk.
+                    _ => lost.push(seq),
+                }
+            }
+        }
+        if !lost.is_empty() {
+            let (gone, empty) = lock(&self.shared.index).remove(of, lost.into_iter());
+            for s in empty {
+                self.shared.delete_segment(s.id);
+            }
+            if gone.messages > 0 {
+                warn!(
+                    damaged = gone.messages,
+                    "damaged mailbox log records dropped"
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        let (removed, empty) = lock(&self.shared.index).remove(of, seqs.iter().copied());
+        for s in empty {
+            self.shared.delete_segment(s.id);
+        }
+        Ok(removed)
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        Ok(lock(&self.shared.index)
+            .mailboxes
+            .get(of)
+            .map_or_else(Usage::default, |m| m.usage))
+    }
+
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        Ok(crate::store::due(
+            &lock(&self.shared.index).expiry,
+            now,
+            max,
+        ))
+    }
+
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        self.remove(of, &Expired::seqs_of(entries, of))
+    }
+
+    fn settle(&self) -> StoreResult<()> {
+        self.shared.scrub()
+    }
+}
+
+impl Flush for LogStore {
+    fn flush(&self) -> StoreResult<()> {
+        self.shared.flush()
+    }
+}

@@ -1,0 +1,104 @@
+//! What the services' unit tests share: services over a memory store on a manual
+//! clock, registered devices, and sends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ed25519_dalek::{Signer, SigningKey};
+use tern_platform::clock::ManualClock;
+use tern_proto::{DeviceAddress, MessageId};
+
+use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::expiry::Ttl;
+use crate::core::limits::Limits;
+use crate::error::Result;
+use crate::mailboxes::Pull;
+use crate::server::Services;
+use crate::store::{Durability, Envelope, MemoryStore, Stores};
+
+pub(crate) struct Fixture {
+    pub(crate) services: Arc<Services>,
+    pub(crate) clock: Arc<ManualClock>,
+    pub(crate) store: Arc<MemoryStore>,
+}
+
+pub(crate) fn fixture(limits: Limits) -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
+    let services = Services::new(
+        Stores::all(store.clone()),
+        clock.clone(),
+        limits,
+        ttl,
+        Durability::Fsync,
+        SigningKey::from_bytes(&[42; 32]),
+    )
+    .expect("services");
+    Fixture {
+        services: Arc::new(services),
+        clock,
+        store,
+    }
+}
+
+impl Fixture {
+    /// A send from an authenticated device, as a connection makes it.
+    pub(crate) async fn send(
+        &self,
+        sender: &AuthenticatedDevice,
+        to: DeviceAddress,
+        msgs: &[Envelope],
+    ) -> Result<usize> {
+        let to = self.services.accounts().recipient(sender, to)?;
+        self.services.mailboxes().append(&to, msgs)?.commit().await
+    }
+
+    /// A sealed send, as a connection makes it.
+    pub(crate) async fn sealed_send(
+        &self,
+        to: DeviceAddress,
+        token: &[u8],
+        msgs: &[Envelope],
+    ) -> Result<usize> {
+        let to = self.services.accounts().sealed_recipient(to, token)?;
+        self.services.mailboxes().append(&to, msgs)?.commit().await
+    }
+}
+
+pub(crate) async fn device(f: &Fixture, seed: u8) -> AuthenticatedDevice {
+    let identity = SigningKey::from_bytes(&[seed; 32]);
+    let dev = SigningKey::from_bytes(&[seed.wrapping_add(100); 32]);
+    let dev_pub = dev.verifying_key().to_bytes();
+    let exporter = [seed; 32];
+    let reg = auth::verify_registration(
+        &identity.verifying_key().to_bytes(),
+        &dev_pub,
+        &identity
+            .sign(&tern_proto::auth::device_certificate(None, &dev_pub))
+            .to_bytes(),
+        &dev.sign(&tern_proto::auth::session_proof(&exporter))
+            .to_bytes(),
+        &exporter,
+    )
+    .expect("valid registration");
+    f.services.accounts().register(reg).await.expect("register")
+}
+
+pub(crate) fn msgs(range: std::ops::Range<u8>, len: usize) -> Vec<Envelope> {
+    range
+        .map(|i| Envelope {
+            message_id: MessageId([i; 16]),
+            payload: Bytes::from(vec![i; len]),
+        })
+        .collect()
+}
+
+pub(crate) fn ids(pull: &Pull) -> Vec<u8> {
+    pull.messages.iter().map(|m| m.message_id.0[0]).collect()
+}
+
+pub(crate) fn identity_of(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
