@@ -52,7 +52,8 @@ fn bob() -> Bob {
 
 fn sessions(b: &Bob) -> (Session, Session) {
     let alice_dh = AgreementKeyPair::generate(&mut OsRng);
-    let (header, sk_a) = x3dh::initiate(&mut OsRng, &[1; 32], &alice_dh, &b.bundle).unwrap();
+    let verified = b.bundle.verify().unwrap();
+    let (header, sk_a) = x3dh::initiate(&mut OsRng, &[1; 32], &alice_dh, &verified).unwrap();
     let sk_b = x3dh::respond(&b.bundle.identity_key, &b.dh, &b.spk, Some(&b.opk), &header).unwrap();
     let alice = Session::init_initiator(&mut OsRng, &sk_a, b.spk.public()).unwrap();
     (alice, Session::init_responder(&sk_b, b.spk.clone()))
@@ -90,7 +91,9 @@ fn crypto(c: &mut Criterion) {
     c.bench_function("x3dh_initiate_respond", |bench| {
         let alice_dh = AgreementKeyPair::generate(&mut OsRng);
         bench.iter(|| {
-            let (header, _) = x3dh::initiate(&mut OsRng, &[1; 32], &alice_dh, &b.bundle).unwrap();
+            // Verifying the bundle is part of starting a session.
+            let verified = b.bundle.verify().unwrap();
+            let (header, _) = x3dh::initiate(&mut OsRng, &[1; 32], &alice_dh, &verified).unwrap();
             x3dh::respond(&b.bundle.identity_key, &b.dh, &b.spk, Some(&b.opk), &header).unwrap()
         })
     });

@@ -1,6 +1,7 @@
 //! The client's error type.
 
-use tern_proto::v1::ErrorCode;
+/// Why a relay refused a request (tern-proto's domain code, not a wire type).
+pub use tern_proto::ErrorCode;
 
 /// Result with the client's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -3,16 +3,25 @@
 //!
 //! # Layout
 //! - [`client`]: [`Client`], what an app uses: register or open a device, send and
-//!   receive end-to-end encrypted messages and attachments; outbox, inbox, reconnects.
-//! - [`crypto`]: X3DH, the Double Ratchet, session sets, the message layer, sealed
-//!   sender, padding, attachment encryption. No I/O.
+//!   receive end-to-end encrypted messages and attachments. The async shell
+//!   (`client/mod.rs`, and `worker.rs`, which only moves bytes to and from the relay)
+//!   over rules free of I/O that take the time and the random source as arguments:
+//!   `state.rs` (what is cached, loading and writing), `keys.rs` (prekeys, their
+//!   rotation, the delivery token), `contacts.rs` (contacts, identity changes, held
+//!   messages, sessions), `outbox.rs` (queue, encrypt, seal) and `inbox.rs` (open,
+//!   check, decrypt, store). [`ClientOptions`] supplies the clock.
+//! - [`crypto`]: X3DH (with [`crypto::x3dh::VerifiedBundle`]), the Double Ratchet,
+//!   session sets, the message layer, sealed sender, padding, attachment encryption.
+//!   No I/O.
 //! - [`media`]: attachments: encrypt, upload once, download, forward without re-upload.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], the wire protocol: a pipelined connection to one
 //!   relay (register, authenticate, send, receive pushes, acknowledge, media streams).
 //! - [`safety`]: safety numbers two users compare to check each other's identity.
-//! - [`store`]: device storage: [`store::KvStore`], in memory or in sled encrypted at rest.
-//! - [`error`]: the crate's [`Error`].
+//! - [`store`]: device storage: [`store::KvStore`], in memory or in sled encrypted at
+//!   rest, and inside the crate the typed stores over it (identity, prekeys,
+//!   sessions, contacts, outbox, inbox) whose writes go out as one atomic batch.
+//! - [`error`]: the crate's [`Error`], with the relay's refusals as [`ErrorCode`].
 //!
 //! # Quick start
 //! ```no_run
@@ -45,5 +54,5 @@ pub mod net;
 pub mod safety;
 pub mod store;
 
-pub use client::{Client, ContactCard, Event, Events, ReceivedMessage};
-pub use error::{Error, Result};
+pub use client::{Client, ClientOptions, ContactCard, Event, Events, ReceivedMessage};
+pub use error::{Error, ErrorCode, Result};

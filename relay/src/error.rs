@@ -57,7 +57,7 @@ pub enum Error {
     Io(#[from] std::io::Error),
     /// A media (blob) request was refused or failed.
     #[error(transparent)]
-    Blob(#[from] crate::blobs::BlobError),
+    Blob(#[from] crate::media::BlobError),
 }
 
 impl Error {
@@ -75,7 +75,7 @@ impl Error {
                 ErrorCode::Internal
             }
             Error::Blob(b) => {
-                use crate::blobs::BlobError as B;
+                use crate::media::BlobError as B;
                 match b {
                     B::TooLarge { .. } => ErrorCode::TooLarge,
                     B::TooManyUploads(_) | B::InProgress | B::RateLimited { .. } => {
@@ -98,7 +98,7 @@ impl Error {
     pub fn retry_after_ms(&self) -> u64 {
         match self {
             Error::RateLimited { retry_after_ms } => *retry_after_ms,
-            Error::Blob(crate::blobs::BlobError::RateLimited { retry_after }) => {
+            Error::Blob(crate::media::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }
             _ => 0,

@@ -14,7 +14,7 @@
 //!   - [`accounts`]: accounts and devices, session proofs, delivery tokens.
 //!   - `keys`: the key directory (signed and one-time prekeys).
 //!   - `certificates`: sender certificates, signed with the relay's key.
-//!   - [`blobs`]: encrypted media, content-addressed files stored once per id.
+//!   - [`media`]: encrypted media, content-addressed files stored once per id.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
 //! - `net`: QUIC endpoint, TLS certificate, per-connection sessions that decode a
@@ -97,7 +97,7 @@ pub mod mailboxes;
 pub mod store;
 
 // Exported for media tests (the received-bytes counter).
-pub mod blobs;
+pub mod media;
 
 // The binary and embedders.
 pub mod cli;

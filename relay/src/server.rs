@@ -13,7 +13,6 @@ use tracing::{info, warn};
 use tern_platform::clock::{Clock, UnixMillis};
 
 use crate::accounts::Accounts;
-use crate::blobs::{BlobLimits, BlobStore};
 use crate::certificates::CertificateIssuer;
 use crate::config::{Config, MailboxBackend, MediaConfig};
 use crate::core::expiry::Ttl;
@@ -21,6 +20,7 @@ use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
+use crate::media::{BlobLimits, BlobStore};
 use crate::net::{self, tls, ConnSettings};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 

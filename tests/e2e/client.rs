@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tern_client::store::SledKv;
-use tern_client::{Client, Event, Events, ReceivedMessage};
+use tern_client::{Client, ClientOptions, Event, Events, ReceivedMessage};
+use tern_platform::clock::{Clock, ManualClock};
 use tern_proto::address::RelayAddress;
 
 use crate::support::{files_under, within, RelayProcess};
@@ -450,8 +451,7 @@ async fn after_a_token_rotation_contacts_fall_back_then_learn_the_new_token() {
             let refused = conn
                 .sealed_send(&to, &old_card.delivery_token, [crate::support::envelope(1)])
                 .await;
-            if refused
-                .is_err_and(|e| e.relay_code() == Some(tern_proto::v1::ErrorCode::Unauthorized))
+            if refused.is_err_and(|e| e.relay_code() == Some(tern_client::ErrorCode::Unauthorized))
             {
                 break;
             }
@@ -643,4 +643,34 @@ async fn clients_send_download_and_forward_attachments() {
     for c in [alice, bob, carol] {
         c.shutdown().await;
     }
+}
+
+/// A client reads the time from the clock its options give it, not from the system:
+/// two clients an hour ahead stamp and receive messages at that hour.
+#[tokio::test]
+async fn clients_take_their_time_from_the_clock_they_are_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let clock = Arc::new(ManualClock::starting_now());
+    clock.advance(Duration::from_secs(3600));
+    let options = ClientOptions::new().clock(clock.clone());
+    let (alice, _alice_events) =
+        Client::register_with(&relay.address, store(dir.path(), "alice"), options.clone())
+            .await
+            .expect("alice");
+    let (bob, mut bob_events) =
+        Client::register_with(&relay.address, store(dir.path(), "bob"), options)
+            .await
+            .expect("bob");
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    alice.send(&bob.account(), b"later").await.expect("send");
+    let m = next_message(&mut bob_events).await;
+    assert_eq!(m.body, b"later");
+    assert_eq!(m.sent_at_ms, clock.now());
+    assert_eq!(m.received_at_ms, clock.now());
+    alice.shutdown().await;
+    bob.shutdown().await;
 }

@@ -1,7 +1,8 @@
 //! The key directory and sealed sends over the wire.
 
 use tern_client::net::{KeyUpload, RelayConnection, SignedKey};
-use tern_proto::v1::{self, ErrorCode};
+use tern_client::ErrorCode;
+use tern_proto::v1;
 
 use crate::support::{envelope, number, register, within, Device, RelayProcess};
 

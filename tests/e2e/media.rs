@@ -8,7 +8,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tern_client::media::{self, AttachmentPointer};
 use tern_client::net::RelayConnection;
-use tern_proto::v1::ErrorCode;
+use tern_client::ErrorCode;
 use tern_platform::clock::{Clock, ManualClock, SystemClock};
 use tern_relay::config::Config;
 use tern_relay::Relay;

@@ -7,7 +7,8 @@ use bytes::{BufMut, BytesMut};
 use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
 use tern_client::net::{Envelope, Incoming, RelayConnection};
 use tern_client::Error;
-use tern_proto::v1::{self, ErrorCode};
+use tern_client::ErrorCode;
+use tern_proto::v1;
 use tern_proto::{close, frame, Fingerprint, RelayAddress};
 
 #[tokio::test]
@@ -142,9 +143,9 @@ async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> v1::
     }
 }
 
-fn error_code(r: &v1::Response) -> Option<ErrorCode> {
+fn error_code(r: &v1::Response) -> Option<v1::ErrorCode> {
     match &r.result {
-        Some(v1::response::Result::Error(e)) => ErrorCode::try_from(e.code).ok(),
+        Some(v1::response::Result::Error(e)) => v1::ErrorCode::try_from(e.code).ok(),
         _ => None,
     }
 }
@@ -168,7 +169,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(
         (r.request_id, error_code(&r)),
-        (0, Some(ErrorCode::BadRequest))
+        (0, Some(v1::ErrorCode::BadRequest))
     );
 
     // A request with no body.
@@ -192,7 +193,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(
         (r.request_id, error_code(&r)),
-        (5, Some(ErrorCode::BadRequest))
+        (5, Some(v1::ErrorCode::BadRequest))
     );
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(r.request_id, 6);
@@ -204,7 +205,7 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     huge.put_u32(1 << 30);
     send.write_all(&huge).await.unwrap();
     let r = read_response(&mut recv, &mut buf).await;
-    assert_eq!(error_code(&r), Some(ErrorCode::TooLarge));
+    assert_eq!(error_code(&r), Some(v1::ErrorCode::TooLarge));
     let closed = within(conn.closed()).await;
     assert!(
         matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == close::PROTOCOL_ERROR.into()),

@@ -117,7 +117,8 @@ impl Peer {
                 signed_prekey: bundle.signed_prekey.key,
                 signed_prekey_signature: bundle.signed_prekey.signature,
                 one_time_prekey: bundle.one_time_prekey,
-            },
+            }
+            .verify()?,
         )?;
         Ok(Link {
             to: to.address,

@@ -21,30 +21,34 @@
 //!   [`Client::send`] to that contact fails with [`Error::UntrustedIdentity`], messages
 //!   already queued wait, and the contact's messages are held unread.
 
-mod records;
+mod contacts;
+mod inbox;
+mod keys;
+mod outbox;
 mod state;
 #[cfg(test)]
 mod tests;
 mod worker;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use rand::rngs::OsRng;
+use tern_platform::clock::{Clock, SystemClock};
 use tern_proto::address::RelayAddress;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
-use self::records::InboxRecord;
 use self::state::{NewDevice, State};
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 use crate::media::AttachmentPointer;
 use crate::net::RelayConnection;
+use crate::store::records::InboxRecord;
 use crate::store::{KvStore, StoreError};
 use crate::{Error, Result};
 
-pub use self::state::MAX_BODY;
+pub use self::outbox::MAX_BODY;
 
 /// How long a media call waits for the client to be connected.
 const MEDIA_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -56,10 +60,39 @@ const MEDIA_ATTEMPTS: u32 = 16;
 /// relay keeps any message.
 pub(crate) const SEEN_RETENTION_MS: u64 = 31 * 24 * 3600 * 1000;
 
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// How a [`Client`] is set up beyond its relay and store; the defaults are what
+/// [`Client::register`] and [`Client::open`] use.
+#[derive(Clone)]
+pub struct ClientOptions {
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions").finish_non_exhaustive()
+    }
+}
+
+impl ClientOptions {
+    /// The defaults: the system clock.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The clock every rule reads the time from (message times, key rotation,
+    /// certificate checks); a test passes a `ManualClock` it moves by hand.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
 }
 
 /// A decrypted message, stored on the device until the app confirms it.
@@ -208,6 +241,7 @@ impl std::str::FromStr for ContactCard {
 
 pub(crate) struct Shared {
     state: Mutex<State>,
+    clock: Arc<dyn Clock>,
     relay: RelayAddress,
     /// Taken at shutdown, which ends the app's [`Events`].
     events: std::sync::Mutex<Option<mpsc::UnboundedSender<Event>>>,
@@ -220,6 +254,10 @@ pub(crate) struct Shared {
 type Connections = (Arc<RelayConnection>, Arc<RelayConnection>);
 
 impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.clock.now()
+    }
+
     fn emit(&self, event: Event) {
         let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
         // The app may have dropped its Events; the client carries on regardless.
@@ -263,14 +301,24 @@ impl Client {
         relay: &RelayAddress,
         store: Arc<dyn KvStore>,
     ) -> Result<(Client, Events)> {
-        if state::State::load(store.clone(), now_ms())?.is_some() {
+        Client::register_with(relay, store, ClientOptions::default()).await
+    }
+
+    /// [`Client::register`] with [`ClientOptions`].
+    pub async fn register_with(
+        relay: &RelayAddress,
+        store: Arc<dyn KvStore>,
+        options: ClientOptions,
+    ) -> Result<(Client, Events)> {
+        let clock = options.clock;
+        if state::State::load(store.clone(), clock.now())?.is_some() {
             return Err(Error::AlreadyRegistered);
         }
-        let identity_secret = zeroize::Zeroizing::new(state::random32());
-        let device_secret = zeroize::Zeroizing::new(state::random32());
+        let identity_secret = zeroize::Zeroizing::new(state::random32(&mut OsRng));
+        let device_secret = zeroize::Zeroizing::new(state::random32(&mut OsRng));
         let identity = IdentityKeyPair::from_secret(&identity_secret);
         let device = DeviceKeyPair::from_secret(&device_secret);
-        let identity_dh = AgreementKeyPair::generate(&mut rand::rngs::OsRng);
+        let identity_dh = AgreementKeyPair::generate(&mut OsRng);
         let (conn, _inbox) = RelayConnection::connect(relay).await?;
         let address = conn.register(&identity, &device).await?;
         let relay_signing_key = conn.relay_signing_key().await?;
@@ -284,10 +332,11 @@ impl Client {
                 address,
                 relay_signing_key,
             },
-            now_ms(),
+            clock.now(),
+            &mut OsRng,
         )?;
         // Publish now, so contacts can start sessions before this device reconnects.
-        if let Some(upload) = state.key_upload(None, now_ms())? {
+        if let Some(upload) = state.key_upload(None, clock.now(), &mut OsRng)? {
             conn.publish_keys(&upload).await?;
         }
         state.keys_published()?;
@@ -295,17 +344,25 @@ impl Client {
         conn.set_delivery_token(&token).await?;
         state.token_published(&token)?;
         conn.close().await;
-        Ok(Client::start(state, relay.clone()))
+        Ok(Client::start(state, relay.clone(), clock))
     }
 
     /// Opens the device in `store` and starts the client.
     pub async fn open(store: Arc<dyn KvStore>) -> Result<(Client, Events)> {
-        let state = State::load(store, now_ms())?.ok_or(Error::NotRegistered)?;
-        let relay: RelayAddress = state.relay().parse()?;
-        Ok(Client::start(state, relay))
+        Client::open_with(store, ClientOptions::default()).await
     }
 
-    fn start(state: State, relay: RelayAddress) -> (Client, Events) {
+    /// [`Client::open`] with [`ClientOptions`].
+    pub async fn open_with(
+        store: Arc<dyn KvStore>,
+        options: ClientOptions,
+    ) -> Result<(Client, Events)> {
+        let state = State::load(store, options.clock.now())?.ok_or(Error::NotRegistered)?;
+        let relay: RelayAddress = state.relay().parse()?;
+        Ok(Client::start(state, relay, options.clock))
+    }
+
+    fn start(state: State, relay: RelayAddress, clock: Arc<dyn Clock>) -> (Client, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
         let address = state.keys.address;
         let identity_key = state.keys.identity.public();
@@ -317,6 +374,7 @@ impl Client {
         }
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            clock,
             relay,
             events: std::sync::Mutex::new(Some(tx)),
             outbox: Notify::new(),
@@ -394,12 +452,13 @@ impl Client {
         body: &[u8],
         attachments: &[AttachmentPointer],
     ) -> Result<MessageId> {
+        let now = self.shared.now_ms();
         let id = self
             .shared
             .state
             .lock()
             .await
-            .enqueue(to, body, attachments, now_ms())?;
+            .enqueue(to, body, attachments, now, &mut OsRng)?;
         self.shared.outbox.notify_one();
         Ok(id)
     }
@@ -409,7 +468,11 @@ impl Client {
     /// identified sends (the relay then sees who writes) until a message from this
     /// device brings them the new token.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        self.shared.state.lock().await.rotate_delivery_token()?;
+        self.shared
+            .state
+            .lock()
+            .await
+            .rotate_delivery_token(&mut OsRng)?;
         self.shared.outbox.notify_one();
         Ok(())
     }
@@ -455,7 +518,7 @@ impl Client {
         let mut state = self.shared.state.lock().await;
         let accepted = state.accept_identity(contact, key)?;
         // Emitted under the lock, so nothing newer from the contact overtakes them.
-        for outcome in state.release_held(contact, now_ms())? {
+        for outcome in state.release_held(contact, self.shared.now_ms(), &mut OsRng)? {
             match outcome {
                 state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
                 state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),
@@ -498,7 +561,7 @@ impl Client {
                         .await;
                 }
                 Err(e)
-                    if e.relay_code() == Some(tern_proto::v1::ErrorCode::RateLimited)
+                    if e.relay_code() == Some(crate::ErrorCode::RateLimited)
                         && attempt < MEDIA_ATTEMPTS =>
                 {
                     attempt += 1;

@@ -4,19 +4,18 @@
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
-use prost::Message;
 use rand::rngs::OsRng;
-use tern_proto::{v1, AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
-use super::state::{
-    NewDevice, Outcome, State, MAX_BODY, SIGNED_PREKEY_GRACE_MS, SIGNED_PREKEY_ROTATION_MS,
-};
+use super::keys::{SIGNED_PREKEY_GRACE_MS, SIGNED_PREKEY_ROTATION_MS};
+use super::outbox::MAX_BODY;
+use super::state::{NewDevice, Outcome, State};
 use super::ContactCard;
 use crate::crypto::sealed::{self, SenderCertificate};
 use crate::crypto::x3dh::AgreementKeyPair;
-use crate::net::{Delivery, DeviceBundle};
 use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
+use tern_proto::{Delivery, DeviceBundle};
 
 const NOW: u64 = 1_800_000_000_000;
 const DAY: u64 = 24 * 3600 * 1000;
@@ -51,6 +50,7 @@ fn dev_of(account: u8, device: u32, identity_secret: &[u8; 32]) -> Dev {
             relay_signing_key: relay_key().verifying_key().to_bytes(),
         },
         NOW,
+        &mut OsRng,
     )
     .expect("create");
     Dev { state, kv }
@@ -70,7 +70,7 @@ impl Dev {
     fn bundle(&mut self, with_one_time: bool) -> DeviceBundle {
         let upload = self
             .state
-            .key_upload(None, NOW)
+            .key_upload(None, NOW, &mut OsRng)
             .expect("upload")
             .expect("keys");
         DeviceBundle {
@@ -88,14 +88,14 @@ impl Dev {
         expires_at_ms: u64,
         relay: &SigningKey,
     ) -> SenderCertificate {
-        let encoded = v1::SenderCertificate {
-            account_id: self.account().as_bytes().to_vec().into(),
-            device_id: device,
-            identity_key: self.state.keys.identity.public().to_vec().into(),
+        let encoded = tern_proto::SenderCertificate {
+            account: self.account(),
+            device: DeviceId::try_from(device).expect("device id"),
+            identity_key: self.state.keys.identity.public(),
             expires_at_ms,
-            relay_key: relay.verifying_key().to_bytes().to_vec().into(),
+            relay_key: relay.verifying_key().to_bytes(),
         }
-        .encode_to_vec();
+        .encode();
         let signature = relay
             .sign(&tern_proto::auth::sender_certificate(&encoded))
             .to_bytes();
@@ -107,11 +107,14 @@ impl Dev {
         let to_account = to.account();
         if self.state.needs_bundles(&to_account).expect("needs") {
             let bundle = to.bundle(false);
-            assert!(self.state.start_sessions(to_account, &[bundle]).is_ok());
+            assert!(self
+                .state
+                .start_sessions(to_account, &[bundle], &mut OsRng)
+                .is_ok());
         }
         let id = self
             .state
-            .enqueue(&to_account, body, &[], NOW)
+            .enqueue(&to_account, body, &[], NOW, &mut OsRng)
             .expect("enqueue");
         let seq = *self.state.outbox().last().expect("queued").0;
         self.state.prepare(seq, NOW).expect("prepare");
@@ -140,7 +143,7 @@ impl Dev {
     }
 
     fn receive(&mut self, d: &Delivery) -> Outcome {
-        self.state.receive(d, NOW).expect("receive")
+        self.state.receive(d, NOW, &mut OsRng).expect("receive")
     }
 
     fn body(&mut self, d: &Delivery) -> Vec<u8> {
@@ -198,7 +201,7 @@ fn sessions_contacts_and_the_outbox_survive_restarts() {
     assert_eq!(b.body(&d1), b"1");
     b.state.flush().expect("flush");
     a.state
-        .enqueue(&b.account(), b"queued", &[], NOW)
+        .enqueue(&b.account(), b"queued", &[], NOW, &mut OsRng)
         .expect("enqueue");
     a.reload(NOW);
     b.reload(NOW);
@@ -214,12 +217,16 @@ fn a_one_time_prekey_opens_one_session_only() {
     let (mut a, mut b, mut c) = (dev(1), dev(2), dev(3));
     let bundle = b.bundle(true);
     let (opk_id, _) = bundle.one_time_prekey.expect("one-time prekey");
-    let opk_key = super::records::prekey_key(super::records::PreKeyKind::OneTime, opk_id);
+    let opk_key =
+        crate::store::records::prekey_key(crate::store::records::PreKeyKind::OneTime, opk_id);
     assert!(a
         .state
-        .start_sessions(b.account(), std::slice::from_ref(&bundle))
+        .start_sessions(b.account(), std::slice::from_ref(&bundle), &mut OsRng)
         .is_ok());
-    assert!(c.state.start_sessions(b.account(), &[bundle]).is_ok());
+    assert!(c
+        .state
+        .start_sessions(b.account(), &[bundle], &mut OsRng)
+        .is_ok());
     let from_a = a.send(&mut b, b"first");
     let from_a_again = a.send(&mut b, b"second, same header");
     let from_c = c.send(&mut b, b"same prekey");
@@ -256,7 +263,8 @@ fn an_identity_change_is_held_until_accepted() {
     assert!(matches!(b.receive(&m2), Outcome::Held { first: false, .. }));
     assert!(b.state.contact(&a.account()).expect("contact").blocked());
     assert!(matches!(
-        b.state.enqueue(&a.account(), b"reply", &[], NOW),
+        b.state
+            .enqueue(&a.account(), b"reply", &[], NOW, &mut OsRng),
         Err(Error::UntrustedIdentity)
     ));
     // The trusted key's sessions still work while the change waits.
@@ -274,7 +282,7 @@ fn an_identity_change_is_held_until_accepted() {
     assert_eq!(b.state.held(&a.account()).expect("held").len(), 2);
     let bodies: Vec<Vec<u8>> = b
         .state
-        .release_held(&a.account(), NOW)
+        .release_held(&a.account(), NOW, &mut OsRng)
         .expect("release")
         .into_iter()
         .filter_map(|o| match o {
@@ -326,7 +334,7 @@ fn a_certificate_is_judged_at_the_time_the_relay_accepted_the_message() {
     // Valid for an hour after sending; the recipient reads it a day later.
     let cert = a.certificate(1, NOW + 3600 * 1000, &relay_key());
     let d = a.send_with(&mut b, b"sent while you slept", &cert);
-    let outcome = b.state.receive(&d, NOW + DAY).expect("receive");
+    let outcome = b.state.receive(&d, NOW + DAY, &mut OsRng).expect("receive");
     assert!(matches!(outcome, Outcome::Message(_)));
     // Expired already when the relay accepted it: refused.
     let late = a.certificate(1, NOW - 1, &relay_key());
@@ -345,13 +353,13 @@ fn a_bundle_with_a_changed_identity_blocks_sending() {
     let bundle = impostor.bundle(false);
     assert!(matches!(
         a.state
-            .start_sessions(b.account(), std::slice::from_ref(&bundle)),
-        Err(super::state::StartError::IdentityChanged { first: true })
+            .start_sessions(b.account(), std::slice::from_ref(&bundle), &mut OsRng),
+        Err(super::contacts::StartError::IdentityChanged { first: true })
     ));
     assert!(a.state.contact(&b.account()).expect("contact").blocked());
     assert!(matches!(
-        a.state.start_sessions(b.account(), &[bundle]),
-        Err(super::state::StartError::IdentityChanged { first: false })
+        a.state.start_sessions(b.account(), &[bundle], &mut OsRng),
+        Err(super::contacts::StartError::IdentityChanged { first: false })
     ));
 }
 
@@ -400,7 +408,7 @@ fn signed_prekeys_rotate_and_the_old_one_works_for_a_grace_period() {
     b.state.keys_published().expect("published");
     assert!(
         b.state
-            .key_upload(Some(100), NOW + DAY)
+            .key_upload(Some(100), NOW + DAY, &mut OsRng)
             .expect("upload")
             .is_none(),
         "nothing due"
@@ -408,7 +416,7 @@ fn signed_prekeys_rotate_and_the_old_one_works_for_a_grace_period() {
     let later = NOW + SIGNED_PREKEY_ROTATION_MS + 1;
     let upload = b
         .state
-        .key_upload(Some(100), later)
+        .key_upload(Some(100), later, &mut OsRng)
         .expect("upload")
         .expect("rotation");
     let new = upload.signed_prekey.expect("a new signed prekey");
@@ -417,15 +425,20 @@ fn signed_prekeys_rotate_and_the_old_one_works_for_a_grace_period() {
     // A session started from the old bundle still opens.
     assert!(a
         .state
-        .start_sessions(b.account(), std::slice::from_ref(&old_bundle))
+        .start_sessions(b.account(), std::slice::from_ref(&old_bundle), &mut OsRng)
         .is_ok());
     let d = a.send(&mut b, b"old spk");
     assert_eq!(b.body(&d), b"old spk");
     // After the grace period the old secret is gone.
     let gone = later + SIGNED_PREKEY_GRACE_MS + 1;
-    b.state.key_upload(Some(100), gone).expect("upload");
+    b.state
+        .key_upload(Some(100), gone, &mut OsRng)
+        .expect("upload");
     let mut c = dev(3);
-    assert!(c.state.start_sessions(b.account(), &[old_bundle]).is_ok());
+    assert!(c
+        .state
+        .start_sessions(b.account(), &[old_bundle], &mut OsRng)
+        .is_ok());
     let d = c.send(&mut b, b"too late");
     assert!(dropped(b.receive(&d)));
 }
@@ -436,15 +449,15 @@ fn one_time_prekeys_are_replenished_when_few_are_left() {
     b.state.keys_published().expect("published");
     let upload = b
         .state
-        .key_upload(Some(3), NOW)
+        .key_upload(Some(3), NOW, &mut OsRng)
         .expect("upload")
         .expect("more keys");
-    assert_eq!(upload.one_time.len(), super::state::PREKEY_BATCH as usize);
+    assert_eq!(upload.one_time.len(), super::keys::PREKEY_BATCH as usize);
     let ids: std::collections::HashSet<u32> = upload.one_time.iter().map(|(id, _)| *id).collect();
     assert_eq!(ids.len(), upload.one_time.len(), "fresh ids");
     assert!(b
         .state
-        .key_upload(Some(100), NOW)
+        .key_upload(Some(100), NOW, &mut OsRng)
         .expect("upload")
         .is_none());
 }
@@ -454,7 +467,7 @@ fn oversized_messages_are_refused_and_the_largest_fits() {
     let (mut a, mut b) = (dev(1), dev(2));
     assert!(matches!(
         a.state
-            .enqueue(&b.account(), &vec![0; MAX_BODY + 1], &[], NOW),
+            .enqueue(&b.account(), &vec![0; MAX_BODY + 1], &[], NOW, &mut OsRng),
         Err(Error::TooLarge { .. })
     ));
     let d = a.send(&mut b, &vec![7; MAX_BODY]);
@@ -517,7 +530,7 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
     // Due at once (never checked), then not again for a day.
     assert_eq!(a.state.devices_due(&b1.account(), NOW), Some(token));
     a.state
-        .enqueue(&b1.account(), b"queued", &[], NOW)
+        .enqueue(&b1.account(), b"queued", &[], NOW, &mut OsRng)
         .expect("enqueue");
     let seq = *a.state.outbox().last().expect("queued").0;
     a.state.prepare(seq, NOW).expect("prepare");
@@ -530,12 +543,12 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
     assert_eq!(a.state.devices_due(&b1.account(), NOW + 1), None);
     assert!(a
         .state
-        .devices_due(&b1.account(), NOW + super::state::DEVICE_CHECK_MS)
+        .devices_due(&b1.account(), NOW + super::contacts::DEVICE_CHECK_MS)
         .is_some());
     let bundle = b2.bundle(false);
     assert!(a
         .state
-        .start_sessions(b1.account(), std::slice::from_ref(&bundle))
+        .start_sessions(b1.account(), std::slice::from_ref(&bundle), &mut OsRng)
         .is_ok());
     a.state.reprepare(&b1.account()).expect("reprepare");
     a.state.prepare(seq, NOW).expect("prepare");

@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use rand::rngs::OsRng;
 use rand::Rng;
-use tern_proto::v1::ErrorCode;
-use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
-use super::state::{Outcome, StartError, State};
-use super::{now_ms, Event, Shared};
-use crate::crypto::sealed::{self, SenderCertificate};
+use super::contacts::StartError;
+use super::outbox::{DeviceSends, SealedCopy};
+use super::state::{Outcome, State};
+use super::{Event, Shared};
+use crate::crypto::sealed::SenderCertificate;
 use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
 use crate::store::StoreError;
-use crate::{Error, Result};
+use crate::{Error, ErrorCode, Result};
 
 /// Deliveries handled per durable write and acknowledgement.
 const RECEIVE_BATCH: usize = 256;
@@ -67,7 +68,7 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
         };
         if let Err(Error::Store(_)) = &result {
             // A failed write may have left the caches ahead of the store.
-            if let Err(e) = shared.state.lock().await.reload(now_ms()) {
+            if let Err(e) = shared.state.lock().await.reload(shared.now_ms()) {
                 tracing::warn!(error = %e, "the device store cannot be read");
             }
         }
@@ -138,7 +139,12 @@ async fn publish_token(shared: &Shared, conn: &RelayConnection) -> Result<()> {
 async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
     publish_token(shared, conn).await?;
     let held = conn.publish_keys(&KeyUpload::default()).await?;
-    let upload = shared.state.lock().await.key_upload(Some(held), now_ms())?;
+    let now = shared.now_ms();
+    let upload = shared
+        .state
+        .lock()
+        .await
+        .key_upload(Some(held), now, &mut OsRng)?;
     if let Some(upload) = upload {
         conn.publish_keys(&upload).await?;
         shared.state.lock().await.keys_published()?;
@@ -163,7 +169,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
         let mut failure = None;
         let consumed = {
             let mut state = shared.state.lock().await;
-            let now = now_ms();
+            let now = shared.now_ms();
             let mut events = Vec::new();
             for item in items {
                 let delivery = match item {
@@ -174,7 +180,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
                         break;
                     }
                 };
-                match state.receive(&delivery, now) {
+                match state.receive(&delivery, now, &mut OsRng) {
                     Ok(Outcome::Message(m)) => events.push(Event::Message(m)),
                     Ok(Outcome::Held { contact, first }) => {
                         if first {
@@ -267,7 +273,7 @@ async fn refresh_devices(
     anon: &RelayConnection,
     recipient: &AccountId,
 ) -> Result<()> {
-    let now = now_ms();
+    let now = shared.now_ms();
     let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
         return Ok(());
     };
@@ -306,7 +312,7 @@ async fn refresh_devices(
         return Ok(());
     }
     let mut state = shared.state.lock().await;
-    match state.start_sessions(*recipient, &bundles) {
+    match state.start_sessions(*recipient, &bundles, &mut OsRng) {
         Ok(()) => state.reprepare(recipient),
         Err(StartError::IdentityChanged { first }) => {
             if first {
@@ -325,10 +331,11 @@ async fn refresh_devices(
 async fn certificate<'a>(
     conn: &RelayConnection,
     cached: &'a mut Option<SenderCertificate>,
+    now_ms: u64,
 ) -> Result<&'a SenderCertificate> {
     let fresh = cached
         .as_ref()
-        .is_some_and(|c| c.expires_at_ms > now_ms() + CERTIFICATE_MARGIN_MS);
+        .is_some_and(|c| c.expires_at_ms > now_ms + CERTIFICATE_MARGIN_MS);
     if !fresh {
         let issued = conn.sender_certificate().await?;
         let cert = SenderCertificate::parse(&issued.certificate, &issued.signature)
@@ -338,13 +345,6 @@ async fn certificate<'a>(
     cached
         .as_ref()
         .ok_or_else(|| Error::Protocol("no sender certificate".into()))
-}
-
-/// What to send to one contact device, taken from the outbox under the lock.
-struct DevicePlan {
-    device: DeviceId,
-    identity_dh: [u8; 32],
-    copies: Vec<(u64, MessageId, Vec<u8>)>,
 }
 
 async fn send_round(
@@ -387,7 +387,7 @@ async fn send_round(
                 .state
                 .lock()
                 .await
-                .start_sessions(recipient, &bundles);
+                .start_sessions(recipient, &bundles, &mut OsRng);
             match started {
                 Ok(()) => {}
                 Err(StartError::IdentityChanged { first }) => {
@@ -404,9 +404,9 @@ async fn send_round(
                 Err(StartError::Fatal(e)) => return Err(e),
             }
         }
-        let (plans, token) = {
+        let unsent = {
             let mut state = shared.state.lock().await;
-            let now = now_ms();
+            let now = shared.now_ms();
             let seqs: Vec<u64> = state
                 .outbox()
                 .filter(|(_, r)| r.recipient == recipient.as_bytes() && !r.prepared)
@@ -431,46 +431,24 @@ async fn send_round(
             if prepared_any {
                 state.flush()?;
             }
-            let mut plans: Vec<DevicePlan> = Vec::new();
-            for (seq, r) in state.outbox() {
-                if r.recipient != recipient.as_bytes() {
-                    continue;
-                }
-                let Ok(id) = <[u8; 16]>::try_from(&r.message_id[..]) else {
-                    continue;
-                };
-                for c in r.copies.iter().filter(|c| !c.sent) {
-                    let Ok(device) = DeviceId::try_from(c.device_id) else {
-                        continue;
-                    };
-                    let at = match plans.iter().position(|p| p.device == device) {
-                        Some(at) => at,
-                        None => {
-                            let Some(identity_dh) =
-                                state.device_identity_dh(&recipient, c.device_id)
-                            else {
-                                continue;
-                            };
-                            plans.push(DevicePlan {
-                                device,
-                                identity_dh,
-                                copies: Vec::new(),
-                            });
-                            plans.len() - 1
-                        }
-                    };
-                    plans[at]
-                        .copies
-                        .push((*seq, MessageId(id), c.content.clone()));
-                }
-            }
-            let token: Option<[u8; 32]> = state
-                .contact(&recipient)
-                .and_then(|c| c.delivery_token[..].try_into().ok());
-            (plans, token)
+            let unsent = state.outbox().any(|(_, r)| {
+                r.recipient == recipient.as_bytes() && r.copies.iter().any(|c| !c.sent)
+            });
+            unsent
         };
+        if !unsent {
+            continue;
+        }
+        // Sealing happens in the outbox, under a certificate fetched here; what
+        // comes back are the bytes to send.
+        let cert = certificate(conn, cached, shared.now_ms()).await?;
+        let (plans, token) = shared
+            .state
+            .lock()
+            .await
+            .sealed_sends(&recipient, cert, &mut OsRng)?;
         for plan in plans {
-            match send_device(shared, conn, anon, cached, &recipient, &plan, token).await? {
+            match send_device(shared, conn, anon, &recipient, &plan, token).await? {
                 Round::Idle => {}
                 Round::Progress => {
                     if !matches!(round, Round::Wait) {
@@ -488,9 +466,8 @@ async fn send_device(
     shared: &Shared,
     conn: &RelayConnection,
     anon: &RelayConnection,
-    cached: &mut Option<SenderCertificate>,
     recipient: &AccountId,
-    plan: &DevicePlan,
+    plan: &DeviceSends,
     token: Option<[u8; 32]>,
 ) -> Result<Round> {
     let to = DeviceAddress {
@@ -498,16 +475,10 @@ async fn send_device(
         device: plan.device,
     };
     for chunk in chunks(&plan.copies) {
-        let cert = certificate(conn, cached).await?;
-        let mut envelopes = Vec::with_capacity(chunk.len());
-        for (_, id, content) in chunk {
-            let payload = sealed::seal(&mut OsRng, &plan.identity_dh, cert, content)
-                .map_err(Error::Crypto)?;
-            envelopes.push(Envelope {
-                message_id: *id,
-                payload: payload.into(),
-            });
-        }
+        let envelopes = chunk.iter().map(|c| Envelope {
+            message_id: c.message_id,
+            payload: c.payload.clone().into(),
+        });
         let result = match &token {
             Some(token) => anon.sealed_send(&to, token, envelopes).await,
             // No token yet: this first message identifies its sender to the relay.
@@ -533,8 +504,8 @@ async fn send_device(
                 }
                 Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
                     let mut state = shared.state.lock().await;
-                    for (seq, _, _) in chunk {
-                        fail_one(shared, &mut state, *seq, *recipient, &e.to_string())?;
+                    for c in chunk {
+                        fail_one(shared, &mut state, c.seq, *recipient, &e.to_string())?;
                     }
                     return Ok(Round::Progress);
                 }
@@ -543,8 +514,8 @@ async fn send_device(
             },
         }
         let mut state = shared.state.lock().await;
-        for (seq, _, _) in chunk {
-            if let Some((id, to)) = state.mark_sent(*seq, &[plan.device.get()])? {
+        for c in chunk {
+            if let Some((id, to)) = state.mark_sent(c.seq, &[plan.device.get()])? {
                 shared.emit(Event::Sent { message_id: id, to });
             }
         }
@@ -557,16 +528,16 @@ async fn send_device(
 }
 
 /// Consecutive runs of copies for one request: at most [`SEND_BATCH`] envelopes and
-/// [`SEND_BYTES`] of content, so a request stays far below the relay's frame limit.
-fn chunks(copies: &[(u64, MessageId, Vec<u8>)]) -> Vec<&[(u64, MessageId, Vec<u8>)]> {
+/// [`SEND_BYTES`] of payload, so a request stays far below the relay's frame limit.
+fn chunks(copies: &[SealedCopy]) -> Vec<&[SealedCopy]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (i, (_, _, content)) in copies.iter().enumerate() {
-        if i > start && (i - start == SEND_BATCH || bytes + content.len() > SEND_BYTES) {
+    for (i, copy) in copies.iter().enumerate() {
+        if i > start && (i - start == SEND_BATCH || bytes + copy.payload.len() > SEND_BYTES) {
             out.push(&copies[start..i]);
             (start, bytes) = (i, 0);
         }
-        bytes += content.len();
+        bytes += copy.payload.len();
     }
     if start < copies.len() {
         out.push(&copies[start..]);
@@ -608,10 +579,15 @@ async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_proto::MessageId;
 
     #[test]
     fn requests_are_bounded_by_count_and_bytes() {
-        let copy = |n: usize| (0u64, MessageId([0; 16]), vec![0u8; n]);
+        let copy = |n: usize| SealedCopy {
+            seq: 0,
+            message_id: MessageId([0; 16]),
+            payload: vec![0u8; n],
+        };
         let small: Vec<_> = (0..130).map(|_| copy(10)).collect();
         let sizes: Vec<usize> = chunks(&small).iter().map(|c| c.len()).collect();
         assert_eq!(sizes, vec![64, 64, 2]);

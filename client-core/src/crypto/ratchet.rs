@@ -462,8 +462,13 @@ mod tests {
             one_time_prekey: None,
         };
         let alice_dh = AgreementKeyPair::generate(&mut OsRng);
-        let (header, sk_a) =
-            x3dh::initiate(&mut OsRng, &[1; 32], &alice_dh, &bundle).expect("initiate");
+        let (header, sk_a) = x3dh::initiate(
+            &mut OsRng,
+            &[1; 32],
+            &alice_dh,
+            &bundle.verify().expect("verify"),
+        )
+        .expect("initiate");
         let sk_b =
             x3dh::respond(&bundle.identity_key, &bob_dh, &bob_spk, None, &header).expect("respond");
         let alice = Session::init_initiator(&mut OsRng, &sk_a, bob_spk.public()).expect("init");

@@ -16,7 +16,7 @@ use hkdf::Hkdf;
 use prost::Message;
 use rand::{CryptoRng, RngCore};
 use sha2::Sha256;
-use tern_proto::{e2e, v1, AccountId, DeviceId};
+use tern_proto::{e2e, AccountId, DeviceId};
 use x25519_dalek::{EphemeralSecret, PublicKey};
 use zeroize::Zeroizing;
 
@@ -48,19 +48,16 @@ impl SenderCertificate {
     /// Parses a certificate as the relay issued it. Checks its form, not its
     /// signature: see [`SenderCertificate::validate`].
     pub fn parse(encoded: &[u8], signature: &[u8]) -> Result<Self, CryptoError> {
-        let cert =
-            v1::SenderCertificate::decode(encoded).map_err(|_| CryptoError::InvalidCertificate)?;
-        let fixed = |b: &[u8]| -> Result<[u8; 32], CryptoError> {
-            b.try_into().map_err(|_| CryptoError::InvalidCertificate)
-        };
+        // tern-proto owns the certificate's encoding; the signature covers the bytes
+        // exactly as issued, so those are kept too.
+        let cert = tern_proto::SenderCertificate::decode(encoded)
+            .map_err(|_| CryptoError::InvalidCertificate)?;
         Ok(SenderCertificate {
-            account: AccountId::try_from(&cert.account_id[..])
-                .map_err(|_| CryptoError::InvalidCertificate)?,
-            device: DeviceId::try_from(cert.device_id)
-                .map_err(|_| CryptoError::InvalidCertificate)?,
-            identity_key: fixed(&cert.identity_key)?,
+            account: cert.account,
+            device: cert.device,
+            identity_key: cert.identity_key,
             expires_at_ms: cert.expires_at_ms,
-            relay_key: fixed(&cert.relay_key)?,
+            relay_key: cert.relay_key,
             encoded: encoded.to_vec(),
             signature: signature
                 .try_into()
@@ -239,14 +236,14 @@ mod tests {
     use rand::rngs::OsRng;
 
     fn certificate(relay: &SigningKey, expires_at_ms: u64) -> SenderCertificate {
-        let encoded = v1::SenderCertificate {
-            account_id: vec![1u8; 16].into(),
-            device_id: 2,
-            identity_key: vec![3u8; 32].into(),
+        let encoded = tern_proto::SenderCertificate {
+            account: AccountId([1; 16]),
+            device: DeviceId::try_from(2).expect("device id"),
+            identity_key: [3; 32],
             expires_at_ms,
-            relay_key: relay.verifying_key().to_bytes().to_vec().into(),
+            relay_key: relay.verifying_key().to_bytes(),
         }
-        .encode_to_vec();
+        .encode();
         let sig = relay
             .sign(&tern_proto::auth::sender_certificate(&encoded))
             .to_bytes();

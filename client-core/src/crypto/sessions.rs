@@ -14,7 +14,7 @@ use rand::{CryptoRng, RngCore};
 use zeroize::{Zeroize, Zeroizing};
 
 use super::ratchet::{Header, Session};
-use super::x3dh::{self, AgreementKeyPair, InitialHeader, PreKeyBundle};
+use super::x3dh::{self, AgreementKeyPair, InitialHeader, VerifiedBundle};
 use super::CryptoError;
 
 /// Previous sessions kept for receiving.
@@ -165,16 +165,16 @@ impl SessionSet {
         self.opened_by.contains(ephemeral)
     }
 
-    /// Starts a session from a contact device's bundle (verified first).
+    /// Starts a session from a contact device's verified bundle.
     pub fn initiate(
         &mut self,
         rng: &mut (impl RngCore + CryptoRng),
         our_identity_key: &[u8; 32],
         our_identity_dh: &AgreementKeyPair,
-        bundle: &PreKeyBundle,
+        bundle: &VerifiedBundle,
     ) -> Result<(), CryptoError> {
         let (header, shared) = x3dh::initiate(rng, our_identity_key, our_identity_dh, bundle)?;
-        let session = Session::init_initiator(rng, &shared, bundle.signed_prekey)?;
+        let session = Session::init_initiator(rng, &shared, bundle.bundle().signed_prekey)?;
         self.make_current(session);
         self.pending = Some(header);
         Ok(())
@@ -256,6 +256,7 @@ impl SessionSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::x3dh::PreKeyBundle;
     use ed25519_dalek::{Signer, SigningKey};
     use rand::rngs::OsRng;
 
@@ -303,7 +304,12 @@ mod tests {
         fn start(&mut self, other: &Party) {
             let (id, dh) = (self.id(), self.dh.clone());
             self.sessions
-                .initiate(&mut OsRng, &id, &dh, &other.bundle())
+                .initiate(
+                    &mut OsRng,
+                    &id,
+                    &dh,
+                    &other.bundle().verify().expect("verify"),
+                )
                 .expect("initiate");
         }
         fn receive(&mut self, m: &Outgoing) -> Result<Vec<u8>, CryptoError> {

@@ -82,7 +82,9 @@ fn contributory(out: [u8; 32]) -> Result<Zeroizing<[u8; 32]>, CryptoError> {
     Ok(out)
 }
 
-/// A device's keys as fetched from the relay.
+/// A device's keys as fetched from the relay. Nothing here is trusted until
+/// [`PreKeyBundle::verify`] turns it into a [`VerifiedBundle`], the only form
+/// [`initiate`] takes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreKeyBundle {
     /// The account's Ed25519 identity key.
@@ -101,9 +103,27 @@ pub struct PreKeyBundle {
     pub one_time_prekey: Option<(u32, [u8; 32])>,
 }
 
+/// A [`PreKeyBundle`] whose signatures verified against its identity key. Only
+/// [`PreKeyBundle::verify`] makes one (its field is private), so holding one proves
+/// the check ran on exactly these keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedBundle(PreKeyBundle);
+
+impl VerifiedBundle {
+    /// The verified keys.
+    pub fn bundle(&self) -> &PreKeyBundle {
+        &self.0
+    }
+}
+
 impl PreKeyBundle {
     /// Checks both signatures against the bundle's identity key.
-    pub fn verify(&self) -> Result<(), CryptoError> {
+    pub fn verify(&self) -> Result<VerifiedBundle, CryptoError> {
+        self.check_signatures()?;
+        Ok(VerifiedBundle(self.clone()))
+    }
+
+    fn check_signatures(&self) -> Result<(), CryptoError> {
         let identity =
             VerifyingKey::from_bytes(&self.identity_key).map_err(|_| CryptoError::InvalidKey)?;
         let check = |msg: Vec<u8>, sig: &[u8; 64]| {
@@ -218,14 +238,14 @@ fn associated_data(a_id: &[u8; 32], b_id: &[u8; 32], a_dh: &[u8; 32], b_dh: &[u8
     [&a_id[..], b_id, a_dh, b_dh].concat()
 }
 
-/// The initiator's side: verifies the bundle, then agrees on a secret.
+/// The initiator's side: agrees on a secret with a verified bundle.
 pub fn initiate(
     rng: &mut (impl RngCore + CryptoRng),
     our_identity_key: &[u8; 32],
     our_identity_dh: &AgreementKeyPair,
-    bundle: &PreKeyBundle,
+    bundle: &VerifiedBundle,
 ) -> Result<(InitialHeader, SharedSecret), CryptoError> {
-    bundle.verify()?;
+    let bundle = bundle.bundle();
     // The ephemeral takes part in three DHs, so it is a static secret used once and
     // wiped when dropped at the end of this function.
     let ek = AgreementKeyPair::generate(rng);
@@ -330,7 +350,10 @@ mod tests {
         for with_opk in [true, false] {
             let b = bundle(&bob, with_opk);
             let a_id = alice.identity.verifying_key().to_bytes();
-            let (header, sk_a) = initiate(&mut OsRng, &a_id, &alice.dh, &b).expect("initiate");
+            let (header, sk_a) = b
+                .verify()
+                .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+                .expect("initiate");
             assert_eq!(header.one_time_prekey_id.is_some(), with_opk);
             let header = InitialHeader::from_bytes(&header.to_bytes()).expect("round trip");
             let opk = with_opk.then_some(&bob.opk);
@@ -346,7 +369,10 @@ mod tests {
         let (alice, bob) = (device(), device());
         let b = bundle(&bob, true);
         let a_id = alice.identity.verifying_key().to_bytes();
-        let (header, sk_a) = initiate(&mut OsRng, &a_id, &alice.dh, &b).expect("initiate");
+        let (header, sk_a) = b
+            .verify()
+            .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+            .expect("initiate");
         let other = AgreementKeyPair::generate(&mut OsRng);
         let sk =
             respond(&b.identity_key, &bob.dh, &other, Some(&bob.opk), &header).expect("respond");
@@ -364,19 +390,25 @@ mod tests {
         let mut b = bundle(&bob, true);
         b.signed_prekey_id = 8;
         assert_eq!(
-            initiate(&mut OsRng, &a_id, &alice.dh, &b).err(),
+            b.verify()
+                .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+                .err(),
             Some(CryptoError::InvalidSignature)
         );
         let mut b = bundle(&bob, true);
         b.identity_dh = AgreementKeyPair::generate(&mut OsRng).public();
         assert_eq!(
-            initiate(&mut OsRng, &a_id, &alice.dh, &b).err(),
+            b.verify()
+                .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+                .err(),
             Some(CryptoError::InvalidSignature)
         );
         let mut b = bundle(&bob, true);
         b.identity_key = alice.identity.verifying_key().to_bytes();
         assert!(
-            initiate(&mut OsRng, &a_id, &alice.dh, &b).is_err(),
+            b.verify()
+                .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+                .is_err(),
             "signed by another identity"
         );
     }
@@ -392,7 +424,9 @@ mod tests {
             .to_bytes();
         let a_id = alice.identity.verifying_key().to_bytes();
         assert_eq!(
-            initiate(&mut OsRng, &a_id, &alice.dh, &b).err(),
+            b.verify()
+                .and_then(|b| initiate(&mut OsRng, &a_id, &alice.dh, &b))
+                .err(),
             Some(CryptoError::InvalidKey)
         );
         assert!(InitialHeader::from_bytes(&[0; HEADER_LEN - 1]).is_err());

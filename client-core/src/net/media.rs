@@ -1,9 +1,11 @@
 //! Media on the wire: blob questions on the control stream, bytes on a stream of
-//! their own per transfer (see `proto/proto/tern.proto`, "media").
+//! their own per transfer (see `proto/proto/tern.proto`, "media"). A transfer opens
+//! with tern-proto's typed [`BlobStreamRequest`] and [`BlobStreamResponse`]; the
+//! blob bytes that follow go between the stream and the file as they are.
 
 use bytes::BytesMut;
-use tern_proto::frame;
-use tern_proto::v1::{self, blob_stream_response::Result as Res, client_frame::Body};
+use tern_proto::v1;
+use tern_proto::{frame, BlobStreamRequest, BlobStreamResponse};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{relay_error, RelayConnection, Reply};
@@ -14,14 +16,7 @@ const CHUNK: usize = 256 * 1024;
 /// Largest response frame on a transfer stream.
 const MAX_RESPONSE: usize = 64 * 1024;
 
-/// What the relay holds for a blob id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BlobStatus {
-    /// Bytes.
-    pub size: u64,
-    /// When it expires unless forwarded (Unix ms).
-    pub expires_at_ms: u64,
-}
+pub use tern_proto::BlobStatus;
 
 /// How an upload went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,17 +28,21 @@ pub struct Uploaded {
     pub existed: bool,
 }
 
-async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Res> {
+/// Reads the relay's next answer on a transfer stream; a refusal is [`Error::Relay`].
+async fn read_response(
+    recv: &mut quinn::RecvStream,
+    buf: &mut BytesMut,
+) -> Result<BlobStreamResponse> {
     let mut decoder = frame::Decoder::new(MAX_RESPONSE);
     loop {
         if let Some(r) = decoder
-            .decode_message::<v1::BlobStreamResponse>(buf)
+            .decode_checked::<v1::BlobStreamResponse, BlobStreamResponse>(buf)
             .map_err(|e| Error::Protocol(e.to_string()))?
         {
-            return match r.result {
-                Some(Res::Error(e)) => Err(relay_error(e)),
-                Some(other) => Ok(other),
-                None => Err(Error::Protocol("empty media response".into())),
+            return match r {
+                Ok(BlobStreamResponse::Error(e)) => Err(relay_error(e)),
+                Ok(other) => Ok(other),
+                Err(e) => Err(Error::Protocol(e.problem().to_string())),
             };
         }
         match recv.read_chunk(MAX_RESPONSE, true).await {
@@ -58,15 +57,10 @@ impl RelayConnection {
     /// Whether the relay has the blob; `None` if not (or it expired).
     pub async fn blob_status(&self, blob_id: &[u8; 32]) -> Result<Option<BlobStatus>> {
         match self
-            .request(Body::BlobStatus(v1::BlobStatusRequest {
-                blob_id: blob_id.to_vec().into(),
-            }))
+            .request(tern_proto::Request::BlobStatus { blob_id: *blob_id })
             .await?
         {
-            Reply::BlobStatus(r) => Ok(r.exists.then_some(BlobStatus {
-                size: r.size,
-                expires_at_ms: r.expires_at_ms,
-            })),
+            Reply::BlobStatus(status) => Ok(status),
             _ => Err(Error::Protocol("unexpected reply to blob_status".into())),
         }
     }
@@ -75,19 +69,17 @@ impl RelayConnection {
     /// `NOT_FOUND` if it no longer has it.
     pub async fn touch_blob(&self, blob_id: &[u8; 32]) -> Result<u64> {
         match self
-            .request(Body::TouchBlob(v1::TouchBlobRequest {
-                blob_id: blob_id.to_vec().into(),
-            }))
+            .request(tern_proto::Request::TouchBlob { blob_id: *blob_id })
             .await?
         {
-            Reply::TouchBlob(r) => Ok(r.expires_at_ms),
+            Reply::TouchBlob { expires_at_ms } => Ok(expires_at_ms),
             _ => Err(Error::Protocol("unexpected reply to touch_blob".into())),
         }
     }
 
     async fn open_transfer(
         &self,
-        op: v1::blob_stream_request::Op,
+        request: BlobStreamRequest,
     ) -> Result<(quinn::SendStream, quinn::RecvStream)> {
         let (mut send, recv) = self
             .conn
@@ -95,7 +87,7 @@ impl RelayConnection {
             .await
             .map_err(|e| Error::Closed(e.to_string()))?;
         let mut buf = BytesMut::new();
-        frame::encode(&v1::BlobStreamRequest { op: Some(op) }, &mut buf);
+        frame::encode(&v1::BlobStreamRequest::from(request), &mut buf);
         send.write_all(&buf)
             .await
             .map_err(|e| Error::Closed(e.to_string()))?;
@@ -113,20 +105,20 @@ impl RelayConnection {
         source: &mut R,
     ) -> Result<Uploaded> {
         let (mut send, mut recv) = self
-            .open_transfer(v1::blob_stream_request::Op::Upload(v1::BlobUpload {
-                blob_id: blob_id.to_vec().into(),
+            .open_transfer(BlobStreamRequest::Upload {
+                blob_id: *blob_id,
                 size,
-            }))
+            })
             .await?;
         let mut buf = BytesMut::new();
         let offset = match read_response(&mut recv, &mut buf).await? {
-            Res::UploadReady(r) if r.exists => {
+            BlobStreamResponse::UploadReady { exists: true, .. } => {
                 return Ok(Uploaded {
                     sent: 0,
                     existed: true,
                 })
             }
-            Res::UploadReady(r) => r.offset,
+            BlobStreamResponse::UploadReady { offset, .. } => offset,
             _ => return Err(Error::Protocol("unexpected media response".into())),
         };
         if offset > size {
@@ -155,7 +147,7 @@ impl RelayConnection {
         }
         send.finish().map_err(|e| Error::Closed(e.to_string()))?;
         match read_response(&mut recv, &mut buf).await? {
-            Res::UploadDone(_) => Ok(Uploaded {
+            BlobStreamResponse::UploadDone { .. } => Ok(Uploaded {
                 sent: size - offset,
                 existed: false,
             }),
@@ -172,15 +164,15 @@ impl RelayConnection {
         sink: &mut W,
     ) -> Result<u64> {
         let (mut send, mut recv) = self
-            .open_transfer(v1::blob_stream_request::Op::Download(v1::BlobDownload {
-                blob_id: blob_id.to_vec().into(),
+            .open_transfer(BlobStreamRequest::Download {
+                blob_id: *blob_id,
                 offset,
-            }))
+            })
             .await?;
         let _ = send.finish();
         let mut buf = BytesMut::new();
         let (size, start) = match read_response(&mut recv, &mut buf).await? {
-            Res::DownloadReady(r) => (r.size, r.offset),
+            BlobStreamResponse::DownloadReady { size, offset } => (size, offset),
             _ => return Err(Error::Protocol("unexpected media response".into())),
         };
         if start != offset || offset > size {

@@ -5,6 +5,12 @@
 //! from any number of tasks, and each resolves when its response arrives. Deliveries
 //! pushed by the relay come out of the [`Inbox`]; the relay bounds how many are
 //! unacknowledged at once, which bounds the inbox.
+//!
+//! Requests are built as tern-proto's typed [`Request`]s and converted to the wire
+//! there; what the relay sends is decoded and validated by tern-proto
+//! ([`ServerMessage`]) before anything here looks at it. The domain types both sides
+//! share ([`Envelope`], [`Delivery`], [`SignedKey`], [`KeyUpload`], [`DeviceBundle`],
+//! [`IssuedCertificate`]) are tern-proto's, re-exported.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,8 +20,10 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
-use tern_proto::v1::{self, client_frame::Body, response::Result as Reply};
-use tern_proto::{close, frame, AccountId, DeviceAddress, DeviceId, MessageId, RelayAddress};
+use tern_proto::{
+    close, frame, v1, AccountId, ClientRequest, DeviceAddress, DeviceId, ErrorReply, RelayAddress,
+    Reply, Request, ServerMessage,
+};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,77 +39,7 @@ pub use media::{BlobStatus, Uploaded};
 const MAX_FRAME: usize = tern_proto::limits::DEFAULT_MAX_FRAME;
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// An envelope to send: the sender's message id and the ciphertext.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    /// Unique per message; the recipient drops duplicates by it.
-    pub message_id: MessageId,
-    /// Ciphertext.
-    pub payload: Bytes,
-}
-
-/// A message pushed by the relay. Acknowledge it with its `seq` once it is safely
-/// stored on the device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    /// The relay's sequence number; acknowledge with it.
-    pub seq: u64,
-    /// The sender's message id.
-    pub message_id: MessageId,
-    /// Ciphertext.
-    pub payload: Bytes,
-    /// When the relay accepted it (Unix ms).
-    pub accepted_at_ms: u64,
-    /// When the relay will delete it if unacknowledged (Unix ms).
-    pub expires_at_ms: u64,
-}
-
-/// A public key with the account identity's signature over it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SignedKey {
-    /// Signed prekey id (0 for an identity agreement key).
-    pub id: u32,
-    /// X25519 public key.
-    pub key: [u8; 32],
-    /// The identity's Ed25519 signature.
-    pub signature: [u8; 64],
-}
-
-/// Keys a device publishes; every part optional.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyUpload {
-    /// The device's identity agreement key, signed by the identity.
-    pub identity_dh: Option<SignedKey>,
-    /// A new signed prekey, replacing the current one.
-    pub signed_prekey: Option<SignedKey>,
-    /// One-time prekeys to add: (id, X25519 public key).
-    pub one_time: Vec<(u32, [u8; 32])>,
-}
-
-/// One device's prekey bundle as the relay handed it out. Nothing here is verified:
-/// check the signatures before use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceBundle {
-    /// The device.
-    pub device: DeviceId,
-    /// The account's Ed25519 identity key.
-    pub identity_key: [u8; 32],
-    /// The device's identity agreement key.
-    pub identity_dh: SignedKey,
-    /// Its signed prekey.
-    pub signed_prekey: SignedKey,
-    /// A one-time prekey, now consumed on the relay; `None` when none were left.
-    pub one_time_prekey: Option<(u32, [u8; 32])>,
-}
-
-/// A relay-signed sender certificate, as issued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IssuedCertificate {
-    /// Encoded `v1::SenderCertificate`.
-    pub certificate: Bytes,
-    /// The relay's signature over it.
-    pub signature: [u8; 64],
-}
+pub use tern_proto::{Delivery, DeviceBundle, Envelope, IssuedCertificate, KeyUpload, SignedKey};
 
 /// What the relay pushes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +68,7 @@ impl Inbox {
 
 /// Requests waiting for a response; `None` once the connection is gone, so a late
 /// request fails at once instead of waiting forever.
-type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Result<Reply>>>>>>;
 
 /// A pipelined connection to a relay. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -210,26 +148,27 @@ impl RelayConnection {
         // The relay sees the control stream only once something is written on it, and
         // closes connections that stay silent for 10 s: a ping opens it at once, so a
         // connection may wait as long as it likes for its first request.
-        drop(connection.issue(Body::Ping(v1::PingRequest {})));
+        drop(connection.issue(Request::Ping));
         Ok((connection, Inbox(inbox_rx)))
     }
 
-    async fn request(&self, body: Body) -> Result<Reply> {
-        self.issue(body).await
+    /// Sends `request` and waits for its reply; a refusal is [`Error::Relay`].
+    async fn request(&self, request: Request) -> Result<Reply> {
+        self.issue(request).await
     }
 
     /// Sends the request now, in call order, and returns the wait for its reply (which
     /// borrows nothing, so it can be awaited later or elsewhere).
-    fn issue(&self, body: Body) -> impl Future<Output = Result<Reply>> + Send + 'static {
+    fn issue(&self, request: Request) -> impl Future<Output = Result<Reply>> + Send + 'static {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Some(waiting) = lock(&self.pending).as_mut() {
             waiting.insert(request_id, tx);
         }
-        let sent = self.out.send(v1::ClientFrame {
-            request_id,
-            body: Some(body),
-        });
+        let sent = self.out.send(v1::ClientFrame::from(ClientRequest {
+            id: request_id,
+            request,
+        }));
         if sent.is_err() {
             if let Some(waiting) = lock(&self.pending).as_mut() {
                 waiting.remove(&request_id);
@@ -238,8 +177,7 @@ impl RelayConnection {
         let conn = self.conn.clone();
         async move {
             match rx.await {
-                Ok(Reply::Error(e)) => Err(relay_error(e)),
-                Ok(reply) => Ok(reply),
+                Ok(result) => result,
                 Err(_) => Err(Error::Closed(match conn.close_reason() {
                     Some(e) => closed_reason(&e),
                     None => "control stream ended".into(),
@@ -267,19 +205,16 @@ impl RelayConnection {
         let device_key = device.public();
         let proof = device.prove_session(&self.exporter(None, None)?);
         let reply = self
-            .request(Body::Register(v1::RegisterRequest {
-                identity_key: Bytes::copy_from_slice(&identity.public()),
-                device_key: Bytes::copy_from_slice(&device_key),
-                device_signature: Bytes::copy_from_slice(
-                    &identity.certify_device(None, &device_key),
-                ),
-                session_proof: Bytes::copy_from_slice(&proof),
-            }))
+            .request(Request::Register {
+                identity_key: identity.public(),
+                device_key,
+                device_signature: identity.certify_device(None, &device_key),
+                session_proof: proof,
+            })
             .await?;
         match reply {
-            Reply::Register(r) => DeviceAddress::from_wire(&r.account_id, r.device_id)
-                .map_err(|e| Error::Protocol(e.to_string())),
-            _ => Err(Error::Protocol("unexpected reply to register".into())),
+            Reply::Register(address) => Ok(address),
+            _ => Err(unexpected("register")),
         }
     }
 
@@ -291,19 +226,15 @@ impl RelayConnection {
         device_key: &[u8; 32],
     ) -> Result<DeviceId> {
         let reply = self
-            .request(Body::AddDevice(v1::AddDeviceRequest {
-                account_id: Bytes::copy_from_slice(account.as_bytes()),
-                device_key: Bytes::copy_from_slice(device_key),
-                device_signature: Bytes::copy_from_slice(
-                    &identity.certify_device(Some(account), device_key),
-                ),
-            }))
+            .request(Request::AddDevice {
+                account: *account,
+                device_key: *device_key,
+                device_signature: identity.certify_device(Some(account), device_key),
+            })
             .await?;
         match reply {
-            Reply::AddDevice(r) => {
-                DeviceId::try_from(r.device_id).map_err(|e| Error::Protocol(e.to_string()))
-            }
-            _ => Err(Error::Protocol("unexpected reply to add_device".into())),
+            Reply::AddDevice(device) => Ok(device),
+            _ => Err(unexpected("add_device")),
         }
     }
 
@@ -313,15 +244,14 @@ impl RelayConnection {
         let proof =
             key.prove_session(&self.exporter(Some(&address.account), Some(address.device))?);
         let reply = self
-            .request(Body::Auth(v1::AuthRequest {
-                account_id: Bytes::copy_from_slice(address.account.as_bytes()),
-                device_id: address.device.get(),
-                signature: Bytes::copy_from_slice(&proof),
-            }))
+            .request(Request::Auth {
+                address: *address,
+                signature: proof,
+            })
             .await?;
         match reply {
-            Reply::Auth(r) => Ok(r.queued),
-            _ => Err(Error::Protocol("unexpected reply to auth".into())),
+            Reply::Auth { queued } => Ok(queued),
+            _ => Err(unexpected("auth")),
         }
     }
 
@@ -333,15 +263,14 @@ impl RelayConnection {
         to: &DeviceAddress,
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> impl Future<Output = Result<u32>> + Send + 'static {
-        let reply = self.issue(Body::Send(v1::SendRequest {
-            recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
-            recipient_device: to.device.get(),
-            envelopes: wire_envelopes(envelopes),
-        }));
+        let reply = self.issue(Request::Send {
+            to: *to,
+            envelopes: envelopes.into_iter().collect(),
+        });
         async move {
             match reply.await? {
-                Reply::Send(r) => Ok(r.accepted),
-                _ => Err(Error::Protocol("unexpected reply to send".into())),
+                Reply::Send { accepted } => Ok(accepted),
+                _ => Err(unexpected("send")),
             }
         }
     }
@@ -356,16 +285,15 @@ impl RelayConnection {
         delivery_token: &[u8],
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> impl Future<Output = Result<u32>> + Send + 'static {
-        let reply = self.issue(Body::SealedSend(v1::SealedSendRequest {
-            recipient_account: Bytes::copy_from_slice(to.account.as_bytes()),
-            recipient_device: to.device.get(),
+        let reply = self.issue(Request::SealedSend {
+            to: *to,
             delivery_token: Bytes::copy_from_slice(delivery_token),
-            envelopes: wire_envelopes(envelopes),
-        }));
+            envelopes: envelopes.into_iter().collect(),
+        });
         async move {
             match reply.await? {
-                Reply::Send(r) => Ok(r.accepted),
-                _ => Err(Error::Protocol("unexpected reply to sealed send".into())),
+                Reply::Send { accepted } => Ok(accepted),
+                _ => Err(unexpected("sealed send")),
             }
         }
     }
@@ -378,92 +306,51 @@ impl RelayConnection {
         delivery_token: &[u8],
     ) -> Result<Vec<DeviceId>> {
         match self
-            .request(Body::ListDevices(v1::ListDevicesRequest {
-                account_id: Bytes::copy_from_slice(account.as_bytes()),
+            .request(Request::ListDevices {
+                account: *account,
                 delivery_token: Bytes::copy_from_slice(delivery_token),
-            }))
+            })
             .await?
         {
-            Reply::ListDevices(r) => r
-                .device_ids
-                .into_iter()
-                .map(|d| DeviceId::try_from(d).map_err(|e| Error::Protocol(e.to_string())))
-                .collect(),
-            _ => Err(Error::Protocol("unexpected reply to list_devices".into())),
+            Reply::ListDevices(ids) => Ok(ids),
+            _ => Err(unexpected("list_devices")),
         }
     }
 
     /// Sets this account's delivery token (the relay keeps only its SHA-256),
     /// replacing the previous one.
     pub async fn set_delivery_token(&self, token: &[u8]) -> Result<()> {
-        let hash = Sha256::digest(token);
+        let token_hash = Sha256::digest(token).into();
         match self
-            .request(Body::SetDeliveryToken(v1::SetDeliveryTokenRequest {
-                token_hash: Bytes::copy_from_slice(&hash),
-            }))
+            .request(Request::SetDeliveryToken { token_hash })
             .await?
         {
-            Reply::SetDeliveryToken(_) => Ok(()),
-            _ => Err(Error::Protocol(
-                "unexpected reply to set_delivery_token".into(),
-            )),
+            Reply::SetDeliveryToken => Ok(()),
+            _ => Err(unexpected("set_delivery_token")),
         }
     }
 
     /// A sender certificate for this device, signed by the relay.
     pub async fn sender_certificate(&self) -> Result<IssuedCertificate> {
-        match self
-            .request(Body::SenderCertificate(v1::SenderCertificateRequest {}))
-            .await?
-        {
-            Reply::SenderCertificate(r) => Ok(IssuedCertificate {
-                certificate: r.certificate,
-                signature: fixed(&r.signature, "certificate signature")?,
-            }),
-            _ => Err(Error::Protocol(
-                "unexpected reply to sender_certificate".into(),
-            )),
+        match self.request(Request::SenderCertificate).await? {
+            Reply::SenderCertificate(issued) => Ok(issued),
+            _ => Err(unexpected("sender_certificate")),
         }
     }
 
     /// The key the relay signs sender certificates with.
     pub async fn relay_signing_key(&self) -> Result<[u8; 32]> {
-        match self
-            .request(Body::RelayInfo(v1::RelayInfoRequest {}))
-            .await?
-        {
-            Reply::RelayInfo(r) => fixed(&r.signing_key, "relay signing key"),
-            _ => Err(Error::Protocol("unexpected reply to relay_info".into())),
+        match self.request(Request::RelayInfo).await? {
+            Reply::RelayInfo { signing_key } => Ok(signing_key),
+            _ => Err(unexpected("relay_info")),
         }
     }
 
     /// Publishes this device's keys; returns how many one-time prekeys the relay holds.
     pub async fn publish_keys(&self, upload: &KeyUpload) -> Result<u32> {
-        let signed = |k: &SignedKey| v1::SignedPreKey {
-            id: k.id,
-            public_key: Bytes::copy_from_slice(&k.key),
-            signature: Bytes::copy_from_slice(&k.signature),
-        };
-        let request = v1::PublishKeysRequest {
-            identity_dh: upload
-                .identity_dh
-                .map_or_else(Bytes::new, |k| Bytes::copy_from_slice(&k.key)),
-            identity_dh_signature: upload
-                .identity_dh
-                .map_or_else(Bytes::new, |k| Bytes::copy_from_slice(&k.signature)),
-            signed_prekey: upload.signed_prekey.as_ref().map(signed),
-            one_time_prekeys: upload
-                .one_time
-                .iter()
-                .map(|(id, key)| v1::OneTimePreKey {
-                    id: *id,
-                    public_key: Bytes::copy_from_slice(key),
-                })
-                .collect(),
-        };
-        match self.request(Body::PublishKeys(request)).await? {
-            Reply::PublishKeys(r) => Ok(r.one_time_prekeys),
-            _ => Err(Error::Protocol("unexpected reply to publish_keys".into())),
+        match self.request(Request::PublishKeys(upload.clone())).await? {
+            Reply::PublishKeys { one_time_prekeys } => Ok(one_time_prekeys),
+            _ => Err(unexpected("publish_keys")),
         }
     }
 
@@ -474,64 +361,38 @@ impl RelayConnection {
         account: &AccountId,
         device: Option<DeviceId>,
     ) -> Result<Vec<DeviceBundle>> {
-        let reply = self
-            .request(Body::FetchKeys(v1::FetchKeysRequest {
-                account_id: Bytes::copy_from_slice(account.as_bytes()),
-                device_id: device.map_or(0, DeviceId::get),
-            }))
-            .await?;
-        let Reply::FetchKeys(r) = reply else {
-            return Err(Error::Protocol("unexpected reply to fetch_keys".into()));
-        };
-        r.bundles
-            .into_iter()
-            .map(|b| {
-                let spk = b
-                    .signed_prekey
-                    .ok_or_else(|| Error::Protocol("bundle without a signed prekey".into()))?;
-                Ok(DeviceBundle {
-                    device: DeviceId::try_from(b.device_id)
-                        .map_err(|e| Error::Protocol(e.to_string()))?,
-                    identity_key: fixed(&b.identity_key, "identity key")?,
-                    identity_dh: SignedKey {
-                        id: 0,
-                        key: fixed(&b.identity_dh, "identity agreement key")?,
-                        signature: fixed(&b.identity_dh_signature, "signature")?,
-                    },
-                    signed_prekey: SignedKey {
-                        id: spk.id,
-                        key: fixed(&spk.public_key, "signed prekey")?,
-                        signature: fixed(&spk.signature, "signature")?,
-                    },
-                    one_time_prekey: b
-                        .one_time_prekey
-                        .map(|o| Ok::<_, Error>((o.id, fixed(&o.public_key, "one-time prekey")?)))
-                        .transpose()?,
-                })
+        match self
+            .request(Request::FetchKeys {
+                account: *account,
+                device,
             })
-            .collect()
+            .await?
+        {
+            Reply::FetchKeys(bundles) => Ok(bundles),
+            _ => Err(unexpected("fetch_keys")),
+        }
     }
 
     /// Deletes delivered messages from this device's mailbox; returns how many the
     /// relay still held. The request leaves when this is called, so a receiver need
     /// not wait for the reply before handling what arrives next.
     pub fn ack(&self, seqs: &[u64]) -> impl Future<Output = Result<u32>> + Send + 'static {
-        let reply = self.issue(Body::Ack(v1::AckRequest {
+        let reply = self.issue(Request::Ack {
             seqs: seqs.to_vec(),
-        }));
+        });
         async move {
             match reply.await? {
-                Reply::Ack(r) => Ok(r.deleted),
-                _ => Err(Error::Protocol("unexpected reply to ack".into())),
+                Reply::Ack { deleted } => Ok(deleted),
+                _ => Err(unexpected("ack")),
             }
         }
     }
 
     /// A round trip to the relay.
     pub async fn ping(&self) -> Result<()> {
-        match self.request(Body::Ping(v1::PingRequest {})).await? {
-            Reply::Ping(_) => Ok(()),
-            _ => Err(Error::Protocol("unexpected reply to ping".into())),
+        match self.request(Request::Ping).await? {
+            Reply::Ping => Ok(()),
+            _ => Err(unexpected("ping")),
         }
     }
 
@@ -555,28 +416,18 @@ impl RelayConnection {
     }
 }
 
-fn wire_envelopes(envelopes: impl IntoIterator<Item = Envelope>) -> Vec<v1::Envelope> {
-    envelopes
-        .into_iter()
-        .map(|e| v1::Envelope {
-            message_id: Bytes::copy_from_slice(e.message_id.as_bytes()),
-            payload: e.payload,
-        })
-        .collect()
-}
-
-/// A refusal from the relay, on the control stream or a media stream.
-fn relay_error(e: v1::Error) -> Error {
+/// A refusal from the relay, on the control stream or a media stream (which may
+/// pass the wire's `v1::Error` as it is).
+fn relay_error(e: impl Into<ErrorReply>) -> Error {
+    let e = e.into();
     Error::Relay {
-        code: v1::ErrorCode::try_from(e.code).unwrap_or(v1::ErrorCode::Unspecified),
+        code: e.code,
         message: e.message,
     }
 }
 
-fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N]> {
-    bytes
-        .try_into()
-        .map_err(|_| Error::Protocol(format!("{what} must be {N} bytes, got {}", bytes.len())))
+fn unexpected(request: &str) -> Error {
+    Error::Protocol(format!("unexpected reply to {request}"))
 }
 
 impl Drop for RelayConnection {
@@ -609,7 +460,7 @@ async fn read_frames(
     let mut decoder = frame::Decoder::new(MAX_FRAME);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let failure = loop {
-        match decoder.decode_message::<v1::ServerFrame>(&mut buf) {
+        match decoder.decode_server_message(&mut buf) {
             Ok(Some(f)) => {
                 if let Err(e) = dispatch(f, &pending, &inbox) {
                     break e;
@@ -642,35 +493,29 @@ async fn read_frames(
 }
 
 fn dispatch(
-    f: v1::ServerFrame,
+    message: std::result::Result<ServerMessage, tern_proto::ServerFrameError>,
     pending: &Pending,
     inbox: &mpsc::UnboundedSender<Result<Incoming>>,
 ) -> Result<()> {
-    match f.body {
-        Some(v1::server_frame::Body::Response(r)) => {
-            let result = r
-                .result
-                .ok_or_else(|| Error::Protocol("response without a result".into()))?;
-            if let Some(tx) = lock(pending).as_mut().and_then(|w| w.remove(&r.request_id)) {
-                let _ = tx.send(result);
-            }
-            // Request id 0 answers a frame the relay could not read; nothing waits for it.
+    let (id, result) = match message {
+        Ok(ServerMessage::Response { id, result }) => (id, result.map_err(relay_error)),
+        Ok(ServerMessage::Delivery(d)) => {
+            let _ = inbox.send(Ok(Incoming::Delivery(d)));
+            return Ok(());
         }
-        Some(v1::server_frame::Body::Delivery(d)) => {
-            let message_id = MessageId::try_from(&d.message_id[..])
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            let _ = inbox.send(Ok(Incoming::Delivery(Delivery {
-                seq: d.seq,
-                message_id,
-                payload: d.payload,
-                accepted_at_ms: d.accepted_at_ms,
-                expires_at_ms: d.expires_at_ms,
-            })));
-        }
-        Some(v1::server_frame::Body::QueueEmpty(_)) => {
+        Ok(ServerMessage::QueueEmpty) => {
             let _ = inbox.send(Ok(Incoming::QueueEmpty));
+            return Ok(());
         }
-        None => return Err(Error::Protocol("empty frame".into())),
+        // A reply that does not validate fails its request, not the connection.
+        Err(e) => match e.request_id() {
+            Some(id) => (id, Err(Error::Protocol(e.to_string()))),
+            None => return Err(Error::Protocol(e.to_string())),
+        },
+    };
+    if let Some(tx) = lock(pending).as_mut().and_then(|w| w.remove(&id)) {
+        let _ = tx.send(result);
     }
+    // Request id 0 answers a frame the relay could not read; nothing waits for it.
     Ok(())
 }

@@ -2,6 +2,11 @@
 //! messages not yet taken by the app) behind one narrow trait, [`KvStore`], with an
 //! in-memory implementation for tests and a sled one encrypted at rest.
 //!
+//! Inside the crate, typed stores sit over it (`typed.rs`): one trait per kind of
+//! record (identity, prekeys, sessions, contacts, outbox, inbox) for reads, and one
+//! `Batch` of typed writes across all of them, committed as one [`KvStore::apply`].
+//! `records.rs` holds the record keys and encodings, which are the disk format.
+//!
 //! # Contract
 //! - Values are key material and message plaintext: a store that writes to disk must
 //!   encrypt them ([`SledKv`] does, with a key the app supplies) and must not reveal
@@ -12,10 +17,15 @@
 //!   decrypted message and the updated session are both stored.
 
 mod memory;
+pub(crate) mod records;
 mod sled;
+mod typed;
 
 pub use self::memory::MemoryKv;
 pub use self::sled::SledKv;
+pub(crate) use self::typed::{
+    Batch, ContactStore, IdentityStore, InboxStore, OutboxStore, PreKeyStore, SessionStore,
+};
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]

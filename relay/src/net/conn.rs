@@ -14,18 +14,18 @@ use bytes::{Bytes, BytesMut};
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
-    close, BlobStatus, ClientRequest, Delivery, DeviceAddress, ErrorCode, Reply, Request,
-    RequestError, RequestKind, ServerMessage,
+    close, ClientRequest, Delivery, DeviceAddress, ErrorCode, Reply, Request, RequestError,
+    RequestKind, ServerMessage,
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
-use crate::blobs::BlobStore;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::RateLimiter;
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
+use crate::media::BlobStore;
 use crate::server::Services;
 use crate::store::{Envelope, StoredMessage};
 
@@ -275,19 +275,10 @@ impl Session {
             }
             Request::BlobStatus { blob_id } => {
                 let reply = super::media::status(&self.settings.blobs, &blob_id).await;
-                let reply = reply.map(|s| {
-                    Reply::BlobStatus(s.exists.then_some(BlobStatus {
-                        size: s.size,
-                        expires_at_ms: s.expires_at_ms,
-                    }))
-                });
                 self.reply(id, reply).await
             }
             Request::TouchBlob { blob_id } => {
                 let reply = super::media::touch(&self.settings.blobs, &blob_id).await;
-                let reply = reply.map(|t| Reply::TouchBlob {
-                    expires_at_ms: t.expires_at_ms,
-                });
                 self.reply(id, reply).await
             }
             Request::ListDevices {

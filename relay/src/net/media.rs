@@ -1,17 +1,21 @@
 //! Media transfers: one bidirectional QUIC stream per upload or download, beside the
 //! control stream, so a large transfer never holds up messages on the connection.
-//! The protocol is in `proto/proto/tern.proto` ("media").
+//! The protocol is in `proto/proto/tern.proto` ("media"); its opening request and the
+//! relay's answers are tern-proto's typed [`BlobStreamRequest`] and
+//! [`BlobStreamResponse`]. The blob bytes that follow go between the stream and the
+//! files as they are, never through a wire type.
 
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
-use tern_proto::v1::{self, blob_stream_request::Op, blob_stream_response::Result as Res};
-use tern_proto::{frame, AccountId};
+use tern_platform::direct_io::{AlignedBuf, DIRECT_ALIGN};
+use tern_proto::v1::{self, blob_stream_request::Op};
+use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse, Reply};
 use tracing::debug;
 
-use crate::blobs::{Begin, BlobError, BlobStore, WriteBuf, DIRECT_ALIGN};
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
+use crate::media::{Begin, BlobError, BlobStore};
 use crate::store::BlobId;
 
 /// Largest request frame on a transfer stream.
@@ -33,58 +37,39 @@ pub(crate) async fn accept_streams(
     }
 }
 
-/// A control-stream question: does the relay have this blob?
-pub(crate) async fn status(
-    blobs: &Arc<BlobStore>,
-    id: &[u8],
-) -> Result<v1::BlobStatusResponse, Error> {
-    let (b, id) = (blobs.clone(), blob_id(id)?);
-    Ok(match blocking(move || b.status(&id)).await? {
-        Some(m) => v1::BlobStatusResponse {
-            exists: true,
-            size: m.size,
-            expires_at_ms: m.expires_at,
-        },
-        None => v1::BlobStatusResponse::default(),
-    })
+/// A control-stream question: does the relay have this blob? Answers
+/// [`Reply::BlobStatus`].
+pub(crate) async fn status(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, Error> {
+    let (b, id) = (blobs.clone(), *id);
+    let meta = blocking(move || b.status(&id)).await?;
+    Ok(Reply::BlobStatus(meta.map(|m| BlobStatus {
+        size: m.size,
+        expires_at_ms: m.expires_at,
+    })))
 }
 
-/// A forward, on the control stream: the blob lives another term.
-pub(crate) async fn touch(
-    blobs: &Arc<BlobStore>,
-    id: &[u8],
-) -> Result<v1::TouchBlobResponse, Error> {
-    let (b, id) = (blobs.clone(), blob_id(id)?);
+/// A forward, on the control stream: the blob lives another term. Answers
+/// [`Reply::TouchBlob`].
+pub(crate) async fn touch(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, Error> {
+    let (b, id) = (blobs.clone(), *id);
     let meta = blocking(move || b.touch(&id)).await?;
-    Ok(v1::TouchBlobResponse {
+    Ok(Reply::TouchBlob {
         expires_at_ms: meta.expires_at,
     })
 }
 
-fn blob_id(bytes: &[u8]) -> Result<BlobId, Error> {
-    bytes
-        .try_into()
-        .map_err(|_| Error::BadRequest("a blob id is 32 bytes".into()))
-}
-
-fn error_response(e: &Error) -> v1::BlobStreamResponse {
+fn error_response(e: &Error) -> BlobStreamResponse {
     debug!(error = %e, "media request refused");
-    v1::BlobStreamResponse {
-        result: Some(Res::Error(v1::Error {
-            code: e.code().to_wire(),
-            message: e.client_message(),
-            retry_after_ms: e.retry_after_ms(),
-        })),
-    }
+    BlobStreamResponse::Error(e.to_reply())
 }
 
-async fn respond(send: &mut quinn::SendStream, r: &v1::BlobStreamResponse) -> bool {
+async fn respond(send: &mut quinn::SendStream, r: BlobStreamResponse) -> bool {
     let mut buf = BytesMut::new();
-    frame::encode(r, &mut buf);
+    frame::encode(&v1::BlobStreamResponse::from(r), &mut buf);
     send.write_all(&buf).await.is_ok()
 }
 
-/// Reads the request frame that opens a transfer stream.
+/// Reads the request frame that opens a transfer stream, as it came.
 async fn read_request(recv: &mut quinn::RecvStream) -> Result<v1::BlobStreamRequest, Error> {
     let mut decoder = frame::Decoder::new(MAX_REQUEST);
     let mut buf = BytesMut::new();
@@ -111,20 +96,61 @@ async fn transfer(
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
 ) {
-    let result = match read_request(&mut recv).await {
-        Ok(v1::BlobStreamRequest {
-            op: Some(Op::Upload(u)),
-        }) => upload(&mut send, &mut recv, &blobs, who.get(), u).await,
-        Ok(v1::BlobStreamRequest {
-            op: Some(Op::Download(d)),
-        }) => download(&mut send, &blobs, d).await,
-        Ok(_) => Err(Error::BadRequest("empty media request".into())),
+    let transfer = read_request(&mut recv)
+        .await
+        .and_then(|r| check(r, who.get()));
+    let result = match transfer {
+        Ok(Transfer::Upload {
+            device,
+            blob_id,
+            size,
+        }) => upload(&mut send, &mut recv, &blobs, device, blob_id, size).await,
+        Ok(Transfer::Download { blob_id, offset }) => {
+            download(&mut send, &blobs, blob_id, offset).await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        respond(&mut send, &error_response(&e)).await;
+        respond(&mut send, error_response(&e)).await;
     }
     let _ = send.finish();
+}
+
+/// A transfer stream's opening request, checked.
+enum Transfer<'a> {
+    /// An upload by the device the connection authenticated as.
+    Upload {
+        device: &'a AuthenticatedDevice,
+        blob_id: BlobId,
+        size: u64,
+    },
+    /// A download (the id is the capability).
+    Download { blob_id: BlobId, offset: u64 },
+}
+
+/// Checks the opening request into its typed form. An upload needs the device the
+/// connection authenticated as; on a connection that is not authenticated it is
+/// refused as such before its fields are looked at, as the relay always has.
+fn check(
+    request: v1::BlobStreamRequest,
+    who: Option<&AuthenticatedDevice>,
+) -> Result<Transfer<'_>, Error> {
+    if who.is_none() && matches!(request.op, Some(Op::Upload(_))) {
+        return Err(Error::Unauthorized);
+    }
+    let request = BlobStreamRequest::try_from(request)
+        .map_err(|m| Error::BadRequest(m.problem().to_string()))?;
+    Ok(match (request, who) {
+        (BlobStreamRequest::Upload { blob_id, size }, Some(device)) => Transfer::Upload {
+            device,
+            blob_id,
+            size,
+        },
+        (BlobStreamRequest::Upload { .. }, None) => return Err(Error::Unauthorized),
+        (BlobStreamRequest::Download { blob_id, offset }, _) => {
+            Transfer::Download { blob_id, offset }
+        }
+    })
 }
 
 /// Runs blocking file work off the async threads.
@@ -145,43 +171,36 @@ async fn upload(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     blobs: &Arc<BlobStore>,
-    who: Option<&AuthenticatedDevice>,
-    u: v1::BlobUpload,
+    device: &AuthenticatedDevice,
+    id: BlobId,
+    size: u64,
 ) -> Result<(), Error> {
-    let account = who.ok_or(Error::Unauthorized)?.address().account;
-    let id = blob_id(&u.blob_id)?;
-    let size = u.size;
-    let b = blobs.clone();
-    let begin = blocking(move || b.begin(&account, &id, size)).await?;
-    let (mut offset, slot) = match begin {
+    // The device's account will own the blob.
+    let device = device.clone();
+    let (b, d) = (blobs.clone(), device.clone());
+    let begin = blocking(move || b.begin(&d, &id, size)).await?;
+    let (mut offset, running) = match begin {
         Begin::Exists(meta) => {
-            respond(
-                send,
-                &v1::BlobStreamResponse {
-                    result: Some(Res::UploadReady(v1::UploadReady {
-                        offset: meta.size,
-                        exists: true,
-                    })),
-                },
-            )
-            .await;
+            let ready = BlobStreamResponse::UploadReady {
+                offset: meta.size,
+                exists: true,
+            };
+            respond(send, ready).await;
             return Ok(());
         }
-        Begin::Upload { offset, slot } => (offset, slot),
+        Begin::Upload { offset, running } => (offset, running),
     };
-    let ready = v1::BlobStreamResponse {
-        result: Some(Res::UploadReady(v1::UploadReady {
-            offset,
-            exists: false,
-        })),
+    let ready = BlobStreamResponse::UploadReady {
+        offset,
+        exists: false,
     };
-    if !respond(send, &ready).await {
+    if !respond(send, ready).await {
         return Ok(());
     }
     // QUIC hands over a packet's worth at a time; the file gets big aligned writes
     // (after a resume, the first one ends on an aligned offset).
     let room = |offset: u64| WRITE - (offset % DIRECT_ALIGN as u64) as usize;
-    let mut buf = WriteBuf::new(WRITE);
+    let mut buf = AlignedBuf::new(WRITE);
     buf.reset(room(offset));
     loop {
         let chunk = match recv.read_chunk(CHUNK, true).await {
@@ -189,14 +208,14 @@ async fn upload(
             Err(_) => {
                 // The connection dropped: keep what arrived, for a resume.
                 if !buf.as_slice().is_empty() {
-                    let _ = write_out(blobs, account, id, offset, buf).await;
+                    let _ = write_out(blobs, &device, id, offset, buf).await;
                 }
                 return Ok(());
             }
         };
         let Some(chunk) = chunk else {
             if !buf.as_slice().is_empty() {
-                write_out(blobs, account, id, offset, buf).await?;
+                write_out(blobs, &device, id, offset, buf).await?;
             }
             break;
         };
@@ -204,7 +223,7 @@ async fn upload(
         while !rest.is_empty() {
             rest = &rest[buf.fill(rest)..];
             if buf.is_full() {
-                let (back, len) = write_out(blobs, account, id, offset, buf).await?;
+                let (back, len) = write_out(blobs, &device, id, offset, buf).await?;
                 offset = len;
                 buf = back;
                 buf.reset(room(offset));
@@ -212,17 +231,12 @@ async fn upload(
         }
     }
     let b = blobs.clone();
-    let meta = blocking(move || b.finish(&account, &id)).await?;
-    drop(slot);
-    respond(
-        send,
-        &v1::BlobStreamResponse {
-            result: Some(Res::UploadDone(v1::UploadDone {
-                expires_at_ms: meta.expires_at,
-            })),
-        },
-    )
-    .await;
+    let meta = blocking(move || b.finish(&device, &id)).await?;
+    drop(running);
+    let done = BlobStreamResponse::UploadDone {
+        expires_at_ms: meta.expires_at,
+    };
+    respond(send, done).await;
     Ok(())
 }
 
@@ -230,15 +244,15 @@ async fn upload(
 /// buffer back with the upload's new length.
 async fn write_out(
     blobs: &Arc<BlobStore>,
-    account: AccountId,
+    device: &AuthenticatedDevice,
     id: BlobId,
     offset: u64,
-    mut buf: WriteBuf,
-) -> Result<(WriteBuf, u64), Error> {
+    mut buf: AlignedBuf,
+) -> Result<(AlignedBuf, u64), Error> {
     loop {
-        let b = blobs.clone();
+        let (b, d) = (blobs.clone(), device.clone());
         let (back, appended) = off_thread(move || {
-            let r = b.append(&account, &id, offset, buf.as_slice());
+            let r = b.append(&d, &id, offset, buf.as_slice());
             (buf, r)
         })
         .await?;
@@ -257,19 +271,16 @@ async fn write_out(
 async fn download(
     send: &mut quinn::SendStream,
     blobs: &Arc<BlobStore>,
-    d: v1::BlobDownload,
+    id: BlobId,
+    offset: u64,
 ) -> Result<(), Error> {
-    let id = blob_id(&d.blob_id)?;
     let b = blobs.clone();
-    let offset = d.offset;
     let mut reader = blocking(move || b.open_read(&id, offset, CHUNK)).await?;
-    let ready = v1::BlobStreamResponse {
-        result: Some(Res::DownloadReady(v1::DownloadReady {
-            size: reader.size(),
-            offset,
-        })),
+    let ready = BlobStreamResponse::DownloadReady {
+        size: reader.size(),
+        offset,
     };
-    if !respond(send, &ready).await {
+    if !respond(send, ready).await {
         return Ok(());
     }
     loop {

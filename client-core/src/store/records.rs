@@ -1,6 +1,7 @@
-//! What the client stores, record by record. Values are protobuf (prost) so the format
-//! can grow; keys are fixed-width binary so scans come back in a useful order. The
-//! device store encrypts both.
+//! What the client stores, record by record: the disk format, so keys and encodings
+//! never change. Values are protobuf (prost) so the format can grow; keys are
+//! fixed-width binary so scans come back in a useful order. The device store encrypts
+//! both.
 
 use tern_proto::{AccountId, DeviceId};
 

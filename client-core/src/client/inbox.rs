@@ -1,0 +1,216 @@
+//! What comes in: a delivery is opened (sealed sender), its certificate checked, its
+//! content decrypted and stored in the inbox until the app confirms it; duplicates
+//! are recognised, and messages under a changed identity key are held.
+
+use prost::Message;
+use rand::{CryptoRng, RngCore};
+use tern_proto::{AccountId, DeviceId};
+
+use super::state::{Outcome, State};
+use super::ReceivedMessage;
+use crate::crypto::message::{self, PreKeyId};
+use crate::crypto::sessions::SessionSet;
+use crate::crypto::x3dh::AgreementKeyPair;
+use crate::crypto::{sealed, CryptoError};
+use crate::store::records::{seen_key, ContactDevice, HeldRecord, InboxRecord, PreKeyKind};
+use crate::store::{Batch, InboxStore, PreKeyStore, StoreError};
+use crate::{Error, Result};
+use tern_proto::Delivery;
+
+impl State {
+    /// Opens, checks and decrypts one delivery, storing the result (not durably). An
+    /// `Err` is a local failure: the delivery must not be acknowledged.
+    pub(crate) fn receive(
+        &mut self,
+        delivery: &Delivery,
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<Outcome> {
+        let (cert, content) = match sealed::open(&self.keys.identity_dh, &delivery.payload) {
+            Ok(opened) => opened,
+            Err(e) => return Ok(Outcome::Dropped(format!("sealed envelope: {e}"))),
+        };
+        // The certificate must have been valid when the relay accepted the message, so
+        // a device that was offline for a day still reads what was sent meanwhile.
+        let checked_at = match delivery.accepted_at_ms {
+            0 => now_ms,
+            at => at,
+        };
+        if let Err(e) = self
+            .certificates
+            .validate(&cert, &self.keys.relay_signing_key, checked_at)
+        {
+            return Ok(Outcome::Dropped(format!("sender certificate: {e}")));
+        }
+        self.accept(
+            cert.account,
+            cert.device,
+            cert.identity_key,
+            delivery.message_id.as_bytes(),
+            &content,
+            now_ms,
+            rng,
+            &mut Batch::new(),
+        )
+    }
+
+    /// A message whose sender the certificate established: duplicate check, identity
+    /// check, decryption, then the inbox. `extra` joins whatever batch this writes
+    /// (and is left for the caller if it writes none).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn accept(
+        &mut self,
+        sender: AccountId,
+        device: DeviceId,
+        identity_key: [u8; 32],
+        message_id: &[u8],
+        content: &[u8],
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+        extra: &mut Batch,
+    ) -> Result<Outcome> {
+        let seen = seen_key(&sender, message_id);
+        if self.unflushed_seen.contains(&seen) || self.kv.seen(&sender, message_id)? {
+            return Ok(Outcome::Duplicate);
+        }
+        let mut contact = self.contacts.get(&sender).cloned().unwrap_or_default();
+        if contact.identity_key.is_empty() {
+            // First contact: trust on first use; the safety number lets users check.
+            contact.identity_key = identity_key.to_vec();
+        } else if contact.identity_key != identity_key {
+            let held = HeldRecord {
+                sender: sender.as_bytes().to_vec(),
+                sender_device: device.get(),
+                identity_key: identity_key.to_vec(),
+                message_id: message_id.to_vec(),
+                content: content.to_vec(),
+            };
+            return self.hold(held, contact, rng, extra);
+        }
+        let set = self.session(&sender, device)?.clone();
+        let (set, opened) = match self.decrypt_with(set, &identity_key, content, rng)? {
+            Ok(done) => done,
+            Err(e) => return Ok(Outcome::Dropped(format!("decryption: {e}"))),
+        };
+        let plaintext = opened.plaintext;
+        if plaintext.sender_account != sender.as_bytes()[..]
+            || plaintext.sender_device != device.get()
+        {
+            return Ok(Outcome::Dropped(
+                "the sender inside the message differs from its certificate".into(),
+            ));
+        }
+        if plaintext.delivery_token.len() == 32 {
+            contact.delivery_token = plaintext.delivery_token.to_vec();
+        }
+        if let Some(dh) = opened.sender_identity_dh {
+            contact.devices.retain(|d| d.device_id != device.get());
+            contact.devices.push(ContactDevice {
+                device_id: device.get(),
+                identity_dh: dh.to_vec(),
+            });
+        }
+        let mut local = self.local.clone();
+        let seq = local.next_inbox_seq;
+        local.next_inbox_seq += 1;
+        let inbox = InboxRecord {
+            sender: sender.as_bytes().to_vec(),
+            sender_device: device.get(),
+            message_id: message_id.to_vec(),
+            body: plaintext.body.to_vec(),
+            sent_at_ms: plaintext.sent_at_ms,
+            received_at_ms: now_ms,
+            attachments: plaintext
+                .attachments
+                .iter()
+                .map(Message::encode_to_vec)
+                .collect(),
+        };
+        let mut batch = Batch::new();
+        batch.put_session(&sender, device, &set.to_bytes());
+        batch.put_inbox(seq, &inbox);
+        batch.put_seen(&sender, message_id, now_ms);
+        batch.put_local(&local);
+        // Most messages change nothing about their sender: no contact write then.
+        if self.contacts.get(&sender) != Some(&contact) {
+            batch.put_contact(&sender, &contact);
+        }
+        if let Some(id) = opened.one_time_prekey {
+            batch.delete_prekey(PreKeyKind::OneTime, id);
+        }
+        batch.append(extra);
+        self.commit(batch, false)?;
+        // The caches follow only once the store has the change.
+        self.sessions.insert((sender, device), set);
+        self.contacts.insert(sender, contact);
+        self.local = local;
+        self.unflushed_seen.insert(seen);
+        if opened.one_time_prekey.is_some() {
+            self.consumed_prekeys += 1;
+        }
+        Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?))
+    }
+
+    /// Decrypts `content` in `set`, a copy the caller keeps only on success. The
+    /// outer error is a local storage failure (nothing may be acknowledged); the
+    /// inner one means the message does not decrypt.
+    pub(super) fn decrypt_with(
+        &self,
+        mut set: SessionSet,
+        identity_key: &[u8; 32],
+        content: &[u8],
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<std::result::Result<(SessionSet, message::Decrypted), CryptoError>> {
+        let mut store_error = None;
+        let result = {
+            let (kv, signed) = (&self.kv, &self.signed_prekeys);
+            let mut prekeys = |id: PreKeyId| -> Option<AgreementKeyPair> {
+                match id {
+                    PreKeyId::Signed(id) => signed.get(&id).map(|(pair, _)| pair.clone()),
+                    PreKeyId::OneTime(id) => {
+                        let record = match kv.prekey(PreKeyKind::OneTime, id) {
+                            Ok(r) => r?,
+                            // A record that does not parse is a key we do not have.
+                            Err(StoreError::Corrupt) => return None,
+                            Err(e) => {
+                                store_error = Some(e);
+                                return None;
+                            }
+                        };
+                        Some(AgreementKeyPair::from_secret(
+                            record.secret[..].try_into().ok()?,
+                        ))
+                    }
+                }
+            };
+            message::decrypt(
+                rng,
+                &mut set,
+                (&self.keys.identity.public(), &self.keys.identity_dh),
+                identity_key,
+                &mut prekeys,
+                content,
+            )
+        };
+        if let Some(e) = store_error {
+            return Err(Error::Store(e));
+        }
+        Ok(result.map(|d| (set, d)))
+    }
+
+    /// The app has the message: it leaves the inbox.
+    pub(crate) fn confirm(&mut self, seq: u64) -> Result<()> {
+        let mut batch = Batch::new();
+        batch.delete_inbox(seq);
+        self.commit(batch, true)
+    }
+
+    /// Messages received but not yet confirmed by the app, oldest first.
+    pub(crate) fn unconfirmed(&self) -> Result<Vec<ReceivedMessage>> {
+        self.kv
+            .inbox()?
+            .iter()
+            .map(|(seq, record)| ReceivedMessage::from_record(*seq, record))
+            .collect()
+    }
+}

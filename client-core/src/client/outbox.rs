@@ -1,0 +1,283 @@
+//! What goes out: a message is queued, encrypted once per recipient device (the
+//! ciphertext stored before it leaves, so a retry resends it rather than reusing
+//! ratchet keys), sealed for each device under the current sender certificate, and
+//! marked sent device by device. The network worker only moves the sealed bytes.
+
+use prost::Message;
+use rand::{CryptoRng, RngCore};
+use tern_proto::{e2e, AccountId, DeviceId, MessageId};
+
+use super::state::{account_of, corrupt, State};
+use crate::crypto::sealed::{self, SenderCertificate};
+use crate::crypto::{message, padding};
+use crate::media::AttachmentPointer;
+use crate::store::records::{ContactRecord, OutboxCopy, OutboxRecord};
+use crate::store::Batch;
+use crate::{Error, Result};
+
+/// The largest message body `send` accepts: what fits the largest padding bucket
+/// with the plaintext's own fields.
+pub const MAX_BODY: usize = padding::MAX_PLAINTEXT - 256;
+
+/// One envelope ready to leave: sealed for its recipient device.
+pub(crate) struct SealedCopy {
+    /// The outbox message it is a copy of.
+    pub(crate) seq: u64,
+    pub(crate) message_id: MessageId,
+    /// The sealed-sender envelope's bytes.
+    pub(crate) payload: Vec<u8>,
+}
+
+/// Every unsent copy for one contact device, in outbox order.
+pub(crate) struct DeviceSends {
+    pub(crate) device: DeviceId,
+    pub(crate) copies: Vec<SealedCopy>,
+}
+
+impl State {
+    /// Queues `body` for `recipient`: stored before this returns.
+    pub(crate) fn enqueue(
+        &mut self,
+        recipient: &AccountId,
+        body: &[u8],
+        attachments: &[AttachmentPointer],
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<MessageId> {
+        let attachments: Vec<Vec<u8>> = attachments
+            .iter()
+            .map(AttachmentPointer::to_bytes)
+            .collect();
+        let size = body.len() + attachments.iter().map(|a| a.len() + 4).sum::<usize>();
+        if size > MAX_BODY {
+            return Err(Error::TooLarge { max: MAX_BODY });
+        }
+        if self
+            .contacts
+            .get(recipient)
+            .is_some_and(ContactRecord::blocked)
+        {
+            return Err(Error::UntrustedIdentity);
+        }
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        let seq = self.local.next_outbox_seq;
+        self.local.next_outbox_seq += 1;
+        let record = OutboxRecord {
+            message_id: id.to_vec(),
+            recipient: recipient.as_bytes().to_vec(),
+            body: body.to_vec(),
+            created_ms: now_ms,
+            copies: Vec::new(),
+            prepared: false,
+            attachments,
+        };
+        let mut batch = Batch::new();
+        batch.put_outbox(seq, &record);
+        batch.put_local(&self.local);
+        self.commit(batch, false)?;
+        self.outbox.insert(seq, record);
+        // With sessions already there, encrypt now: the message and its session
+        // state then share one durable write instead of one each. Otherwise (or if
+        // this fails) the worker prepares it and reports what goes wrong.
+        let known = self
+            .contacts
+            .get(recipient)
+            .is_some_and(|c| !c.devices.is_empty());
+        if known {
+            let _ = self.prepare(seq, now_ms);
+        }
+        self.flush()?;
+        Ok(MessageId(id))
+    }
+
+    pub(crate) fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// The outbox, oldest first.
+    pub(crate) fn outbox(&self) -> impl Iterator<Item = (&u64, &OutboxRecord)> {
+        self.outbox.iter()
+    }
+
+    /// Encrypts message `seq` for every device of its recipient that has no copy.
+    pub(crate) fn prepare(&mut self, seq: u64, now_ms: u64) -> Result<()> {
+        let Some(mut record) = self.outbox.get(&seq).cloned() else {
+            return Ok(());
+        };
+        if record.prepared {
+            return Ok(());
+        }
+        let recipient = account_of(&record.recipient)?;
+        let devices: Vec<u32> = self
+            .contacts
+            .get(&recipient)
+            .map(|c| c.devices.iter().map(|d| d.device_id).collect())
+            .unwrap_or_default();
+        if devices.is_empty() {
+            // Not prepared: the next round fetches the contact's devices first.
+            return Ok(());
+        }
+        let padded = message::pad_plaintext(&e2e::Plaintext {
+            body: record.body.clone().into(),
+            delivery_token: self.keys.delivery_token.to_vec().into(),
+            sent_at_ms: now_ms,
+            sender_account: self.keys.address.account.as_bytes().to_vec().into(),
+            sender_device: self.keys.address.device.get(),
+            attachments: record
+                .attachments
+                .iter()
+                .map(|a| e2e::AttachmentPointer::decode(&a[..]))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| corrupt())?,
+        })
+        .ok_or(Error::TooLarge { max: MAX_BODY })?;
+        let mut batch = Batch::new();
+        let identity_dh_signature = self.keys.identity_dh_signature;
+        for d in devices {
+            if record.copies.iter().any(|c| c.device_id == d) {
+                continue;
+            }
+            let device = DeviceId::try_from(d).map_err(|_| corrupt())?;
+            let content = message::encrypt(
+                self.session(&recipient, device)?,
+                &identity_dh_signature,
+                &padded,
+            )?;
+            record.copies.push(OutboxCopy {
+                device_id: d,
+                content,
+                sent: false,
+            });
+            self.save_session(&recipient, device, &mut batch)?;
+        }
+        record.prepared = true;
+        batch.put_outbox(seq, &record);
+        self.commit(batch, false)?;
+        self.outbox.insert(seq, record);
+        Ok(())
+    }
+
+    /// Every unsent copy to `recipient`, grouped by device and sealed for it under
+    /// `certificate`, with the contact's delivery token when we have one (without it
+    /// the send has to identify us). Copies for a device with no known sealing key
+    /// wait.
+    pub(crate) fn sealed_sends(
+        &self,
+        recipient: &AccountId,
+        certificate: &SenderCertificate,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<(Vec<DeviceSends>, Option<[u8; 32]>)> {
+        let mut plans: Vec<(DeviceSends, [u8; 32])> = Vec::new();
+        for (seq, r) in self.outbox() {
+            if r.recipient != recipient.as_bytes() {
+                continue;
+            }
+            let Ok(id) = <[u8; 16]>::try_from(&r.message_id[..]) else {
+                continue;
+            };
+            for c in r.copies.iter().filter(|c| !c.sent) {
+                let Ok(device) = DeviceId::try_from(c.device_id) else {
+                    continue;
+                };
+                let at = match plans.iter().position(|(p, _)| p.device == device) {
+                    Some(at) => at,
+                    None => {
+                        let Some(identity_dh) = self.device_identity_dh(recipient, c.device_id)
+                        else {
+                            continue;
+                        };
+                        let sends = DeviceSends {
+                            device,
+                            copies: Vec::new(),
+                        };
+                        plans.push((sends, identity_dh));
+                        plans.len() - 1
+                    }
+                };
+                let (sends, identity_dh) = &mut plans[at];
+                let payload = sealed::seal(rng, identity_dh, certificate, &c.content)?;
+                sends.copies.push(SealedCopy {
+                    seq: *seq,
+                    message_id: MessageId(id),
+                    payload,
+                });
+            }
+        }
+        let token: Option<[u8; 32]> = self
+            .contact(recipient)
+            .and_then(|c| c.delivery_token[..].try_into().ok());
+        Ok((plans.into_iter().map(|(p, _)| p).collect(), token))
+    }
+
+    /// Marks copies sent; returns the message id once every copy is.
+    pub(crate) fn mark_sent(
+        &mut self,
+        seq: u64,
+        devices: &[u32],
+    ) -> Result<Option<(MessageId, AccountId)>> {
+        let Some(record) = self.outbox.get_mut(&seq) else {
+            return Ok(None);
+        };
+        for c in record.copies.iter_mut() {
+            if devices.contains(&c.device_id) {
+                c.sent = true;
+            }
+        }
+        let mut batch = Batch::new();
+        if record.prepared && record.copies.iter().all(|c| c.sent) {
+            let done = self.outbox.remove(&seq).ok_or_else(corrupt)?;
+            batch.delete_outbox(seq);
+            self.commit(batch, false)?;
+            let id = <[u8; 16]>::try_from(&done.message_id[..]).map_err(|_| corrupt())?;
+            return Ok(Some((MessageId(id), account_of(&done.recipient)?)));
+        }
+        batch.put_outbox(seq, record);
+        self.commit(batch, false)?;
+        Ok(None)
+    }
+
+    /// Gives up on a message (the recipient does not exist, say).
+    pub(crate) fn fail(&mut self, seq: u64) -> Result<Option<MessageId>> {
+        let Some(record) = self.outbox.remove(&seq) else {
+            return Ok(None);
+        };
+        let mut batch = Batch::new();
+        batch.delete_outbox(seq);
+        self.commit(batch, false)?;
+        Ok(<[u8; 16]>::try_from(&record.message_id[..])
+            .ok()
+            .map(MessageId))
+    }
+
+    /// `account`'s outbox records with only the copies `keep` keeps, marked for
+    /// preparing again; their writes go to `batch`, the caller updates the cache.
+    pub(super) fn unprepared_outbox(
+        &self,
+        account: &AccountId,
+        keep: impl Fn(&OutboxCopy) -> bool,
+        batch: &mut Batch,
+    ) -> Vec<(u64, OutboxRecord)> {
+        let mut outbox = Vec::new();
+        for (seq, out) in &self.outbox {
+            if out.recipient == account.as_bytes() {
+                let mut out = out.clone();
+                out.copies.retain(&keep);
+                out.prepared = false;
+                batch.put_outbox(*seq, &out);
+                outbox.push((*seq, out));
+            }
+        }
+        outbox
+    }
+
+    /// After sessions with new devices started: unsent messages to `account` get
+    /// copies for them too.
+    pub(crate) fn reprepare(&mut self, account: &AccountId) -> Result<()> {
+        let mut batch = Batch::new();
+        let outbox = self.unprepared_outbox(account, |_| true, &mut batch);
+        self.commit(batch, false)?;
+        self.outbox.extend(outbox);
+        Ok(())
+    }
+}

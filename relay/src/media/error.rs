@@ -1,0 +1,71 @@
+//! Why a media operation was refused or failed.
+
+use std::time::Duration;
+
+use crate::store::StoreError;
+
+/// Why a blob operation was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlobError {
+    /// Larger than the relay takes.
+    #[error("blob too large: {size} bytes, at most {max}")]
+    TooLarge {
+        /// Announced size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The account runs as many uploads as it may.
+    #[error("too many uploads at once (at most {0})")]
+    TooManyUploads(usize),
+    /// This account is uploading this blob on another stream right now.
+    #[error("an upload of this blob is already in progress")]
+    InProgress,
+    /// The account owns as many bytes as it may.
+    #[error("storage quota reached")]
+    QuotaExceeded,
+    /// Faster than the account may upload; retry after the given time.
+    #[error("upload rate exceeded")]
+    RateLimited {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// No such blob (or it expired).
+    #[error("no such blob")]
+    NotFound,
+    /// No upload of this blob by this account is in progress.
+    #[error("no such upload")]
+    NoUpload,
+    /// Bytes at an offset other than where the upload stands.
+    #[error("upload is at byte {expected}, not {got}")]
+    WrongOffset {
+        /// Where the upload stands.
+        expected: u64,
+        /// Where the bytes claimed to start.
+        got: u64,
+    },
+    /// More bytes than announced.
+    #[error("more bytes than the announced size")]
+    Overflow,
+    /// Finished before all announced bytes arrived.
+    #[error("upload incomplete: {received} of {size} bytes")]
+    Incomplete {
+        /// Bytes so far.
+        received: u64,
+        /// Announced size.
+        size: u64,
+    },
+    /// The bytes do not hash to the claimed id; the upload was discarded.
+    #[error("the uploaded bytes do not match the blob id")]
+    DigestMismatch,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A file operation failed.
+    #[error("blob file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result with [`BlobError`].
+pub type BlobResult<T> = Result<T, BlobError>;
