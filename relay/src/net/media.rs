@@ -10,8 +10,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::BytesMut;
 use tern_platform::direct_io::{AlignedBuf, DIRECT_ALIGN};
 use tern_proto::v1::{self, blob_stream_request::Op};
-use tern_proto::Reply;
-use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse};
+use tern_proto::{frame, BlobStatus, BlobStreamRequest, BlobStreamResponse, Reply};
 use tracing::debug;
 
 use crate::core::auth::AuthenticatedDevice;
