@@ -1,6 +1,7 @@
 //! The client's error type.
 
 /// Why a relay refused a request (tern-proto's domain code, not a wire type).
+#[doc(no_inline)]
 pub use tern_proto::ErrorCode;
 
 /// Result with the client's [`Error`].

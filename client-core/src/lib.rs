@@ -55,4 +55,6 @@ pub mod safety;
 pub mod store;
 
 pub use client::{Client, ClientOptions, ContactCard, Event, Events, ReceivedMessage};
-pub use error::{Error, ErrorCode, Result};
+#[doc(no_inline)]
+pub use error::ErrorCode;
+pub use error::{Error, Result};

@@ -158,18 +158,25 @@ impl State {
         Ok(())
     }
 
-    /// Every unsent copy to `recipient`, grouped by device and sealed for it under
-    /// `certificate`, with the contact's delivery token when we have one (without it
-    /// the send has to identify us). Copies for a device with no known sealing key
-    /// wait.
+    /// Up to `max` unsent copies to `recipient`, oldest first, grouped by device and
+    /// sealed for it under `certificate`, with the contact's delivery token when we
+    /// have one (without it the send has to identify us). Copies for a device with no
+    /// known sealing key wait. `max` bounds how long the caller holds the state and
+    /// how long a sealed copy waits to leave, so a backlog never goes out under a
+    /// certificate that expired while it was being sent.
     pub(crate) fn sealed_sends(
         &self,
         recipient: &AccountId,
         certificate: &SenderCertificate,
+        max: usize,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<(Vec<DeviceSends>, Option<[u8; 32]>)> {
         let mut plans: Vec<(DeviceSends, [u8; 32])> = Vec::new();
+        let mut sealed = 0;
         for (seq, r) in self.outbox() {
+            if sealed == max {
+                break;
+            }
             if r.recipient != recipient.as_bytes() {
                 continue;
             }
@@ -177,6 +184,9 @@ impl State {
                 continue;
             };
             for c in r.copies.iter().filter(|c| !c.sent) {
+                if sealed == max {
+                    break;
+                }
                 let Ok(device) = DeviceId::try_from(c.device_id) else {
                     continue;
                 };
@@ -197,6 +207,7 @@ impl State {
                 };
                 let (sends, identity_dh) = &mut plans[at];
                 let payload = sealed::seal(rng, identity_dh, certificate, &c.content)?;
+                sealed += 1;
                 sends.copies.push(SealedCopy {
                     seq: *seq,
                     message_id: MessageId(id),

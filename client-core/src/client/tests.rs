@@ -567,3 +567,39 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
     let copies = copies_of(&a, seq);
     assert_eq!(copies, vec![2]);
 }
+
+#[test]
+fn a_backlog_is_sealed_in_bounded_batches_oldest_first() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    let to = bob.account();
+    let bundle = bob.bundle(false);
+    assert!(alice
+        .state
+        .start_sessions(to, &[bundle], &mut OsRng)
+        .is_ok());
+    let mut seqs = Vec::new();
+    for i in 0..5u8 {
+        alice
+            .state
+            .enqueue(&to, &[i; 8], &[], NOW, &mut OsRng)
+            .expect("enqueue");
+        let seq = *alice.state.outbox().last().expect("queued").0;
+        alice.state.prepare(seq, NOW).expect("prepare");
+        seqs.push(seq);
+    }
+    let cert = alice.certificate(1, NOW + DAY, &relay_key());
+    let mut sent = Vec::new();
+    for round in 0..4 {
+        let (plans, _) = alice
+            .state
+            .sealed_sends(&to, &cert, 2, &mut OsRng)
+            .expect("seal");
+        let copies: Vec<_> = plans.iter().flat_map(|p| p.copies.iter()).collect();
+        assert!(copies.len() <= 2, "round {round}: at most the limit");
+        for c in copies {
+            sent.push(c.seq);
+            alice.state.mark_sent(c.seq, &[1]).expect("sent");
+        }
+    }
+    assert_eq!(sent, seqs, "every copy once, oldest first");
+}

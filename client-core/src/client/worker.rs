@@ -25,6 +25,8 @@ const RECEIVE_BATCH: usize = 256;
 const SEND_BATCH: usize = 64;
 /// Content bytes per send request (the relay's frames are 4 MiB by default).
 const SEND_BYTES: usize = 1 << 20;
+/// Copies sealed for one recipient per send round (four full requests).
+const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 /// How often a long-lived connection checks its keys (signed prekey rotation).
@@ -439,14 +441,16 @@ async fn send_round(
         if !unsent {
             continue;
         }
-        // Sealing happens in the outbox, under a certificate fetched here; what
-        // comes back are the bytes to send.
+        // Sealing happens in the outbox, under a certificate checked here; what comes
+        // back are the bytes to send. A bounded batch per round: a backlog goes out
+        // over several rounds, each under a certificate checked again.
         let cert = certificate(conn, cached, shared.now_ms()).await?;
-        let (plans, token) = shared
-            .state
-            .lock()
-            .await
-            .sealed_sends(&recipient, cert, &mut OsRng)?;
+        let (plans, token) =
+            shared
+                .state
+                .lock()
+                .await
+                .sealed_sends(&recipient, cert, SEAL_PER_ROUND, &mut OsRng)?;
         for plan in plans {
             match send_device(shared, conn, anon, &recipient, &plan, token).await? {
                 Round::Idle => {}

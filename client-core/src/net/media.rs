@@ -16,6 +16,7 @@ const CHUNK: usize = 256 * 1024;
 /// Largest response frame on a transfer stream.
 const MAX_RESPONSE: usize = 64 * 1024;
 
+#[doc(no_inline)]
 pub use tern_proto::BlobStatus;
 
 /// How an upload went.

@@ -33,12 +33,17 @@ use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 mod media;
 pub mod tls;
 
-pub use media::{BlobStatus, Uploaded};
+#[doc(no_inline)]
+pub use media::BlobStatus;
+pub use media::Uploaded;
 
 /// Largest frame the client accepts from a relay.
 const MAX_FRAME: usize = tern_proto::limits::DEFAULT_MAX_FRAME;
 const WRITE_BATCH: usize = 64 * 1024;
 
+// Not inlined: tern-proto's pages list the wire conversions, which are not this crate's
+// API.
+#[doc(no_inline)]
 pub use tern_proto::{Delivery, DeviceBundle, Envelope, IssuedCertificate, KeyUpload, SignedKey};
 
 /// What the relay pushes.

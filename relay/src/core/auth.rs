@@ -129,7 +129,7 @@ pub(crate) fn verify_vouched_key(
 }
 
 /// Checks a device's signature over this connection's exporter value.
-pub fn authenticate(
+pub(crate) fn authenticate(
     address: DeviceAddress,
     device_key: &[u8; 32],
     exporter: &[u8; EXPORTER_LEN],
