@@ -11,7 +11,7 @@ use tern_proto::{auth, AccountId, DeviceAddress};
 use crate::error::{Error, Result};
 
 /// Proof that this connection belongs to a device: it signed the connection's TLS
-/// exporter value with its registered key. Only [`authenticate`] and the accounts
+/// exporter value with its registered key. Only this module's `authenticate` and the accounts
 /// service (from a [`VerifiedRegistration`]) make one; code outside this crate cannot:
 ///
 /// ```compile_fail,E0451
