@@ -1,12 +1,19 @@
 //! The key directory: devices publish their identity agreement key, signed prekey and
 //! one-time prekeys; others fetch them to start sessions. Signatures are checked
 //! before anything is stored, and each one-time prekey is handed out once.
+//!
+//! Fetches are limited per requesting account, and one-time prekeys per target device
+//! (`one_time_prekeys_per_device`, below what a device replenishes), so nobody drains
+//! a device's pool. Past the device's rate a fetch by default gets the bundle without
+//! a one-time prekey rather than a refusal: X3DH works without one, so a flood of
+//! fetches cannot stop others from starting sessions (`over_prekey_limit`).
 
 use std::sync::Arc;
 
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
 use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::rate::RateLimits;
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
 
@@ -27,6 +34,7 @@ pub(crate) struct KeyDirectory {
     accounts: Arc<dyn AccountStore>,
     keys: Arc<dyn KeyStore>,
     commit: Arc<GroupCommit>,
+    rates: Arc<RateLimits>,
 }
 
 impl std::fmt::Debug for KeyDirectory {
@@ -53,16 +61,19 @@ impl AccountKeys {
 }
 
 impl KeyDirectory {
-    /// Keys kept in `keys`, checked against the identity keys in `accounts`.
+    /// Keys kept in `keys`, checked against the identity keys in `accounts`, handed
+    /// out under `rates`.
     pub(crate) fn new(
         accounts: Arc<dyn AccountStore>,
         keys: Arc<dyn KeyStore>,
         commit: Arc<GroupCommit>,
+        rates: Arc<RateLimits>,
     ) -> Self {
         KeyDirectory {
             accounts,
             keys,
             commit,
+            rates,
         }
     }
 
@@ -118,26 +129,33 @@ impl KeyDirectory {
     }
 
     /// Prekey bundles of `account`'s devices (or of one device), each consuming one
-    /// one-time prekey. Returns the account's identity key with them. Devices that have
-    /// not published keys are left out.
+    /// one-time prekey while the device's rate allows. Returns the account's identity
+    /// key with them. Devices that have not published keys are left out.
     pub(crate) fn fetch(
         &self,
-        _requester: &AuthenticatedDevice,
+        requester: &AuthenticatedDevice,
         account: &AccountId,
         device: Option<DeviceId>,
     ) -> Result<AccountKeys> {
+        self.rates.fetch_keys(&requester.address().account)?;
         let record = self.accounts.get(account)?.ok_or(Error::UnknownRecipient)?;
-        let mut bundles = Vec::new();
+        // Every device's decision first: a refusal must not follow a key handed out.
+        let mut wanted = Vec::new();
         for (id, _) in record
             .devices
             .iter()
             .filter(|(id, _)| device.is_none_or(|d| d == *id))
         {
-            if let Some(keys) = self.keys.fetch(&DeviceAddress {
+            let addr = DeviceAddress {
                 account: *account,
                 device: *id,
-            })? {
-                bundles.push((*id, keys));
+            };
+            wanted.push((addr, self.rates.take_one_time_prekey(&addr)?));
+        }
+        let mut bundles = Vec::new();
+        for (addr, one_time) in wanted {
+            if let Some(keys) = self.keys.fetch(&addr, one_time)? {
+                bundles.push((addr.device, keys));
             }
         }
         if bundles.is_empty() {
