@@ -364,6 +364,32 @@ mod tests {
     }
 
     #[test]
+    fn parses_rate_limits_and_refuses_bad_ones() {
+        let c = Config::from_toml(
+            "[rate_limits]\nsends_per_account = \"50/10s\"\nmax_devices_per_account = 4\nover_prekey_limit = \"refuse\"\n",
+        )
+        .expect("parses");
+        let r = &c.rate_limits;
+        assert_eq!(r.sends_per_account.burst.get(), 50);
+        assert_eq!(r.sends_per_account.period, Duration::from_secs(10));
+        assert_eq!(r.max_devices_per_account, 4);
+        assert_eq!(r.over_prekey_limit, PrekeyLimit::Refuse);
+        assert_eq!(r.intake_above_queued, 1000, "unset keys keep defaults");
+        for bad in [
+            "sends_per_account = \"0/1m\"",
+            "sends_per_account = \"10\"",
+            "sends_per_account = \"10/never\"",
+            "max_devices_per_account = 0",
+            "max_keys = 0",
+            "over_prekey_limit = \"ignore\"",
+            "sends_per_second = 5",
+        ] {
+            let text = format!("[rate_limits]\n{bad}\n");
+            assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn refuses_more_than_thirty_days_and_unknown_keys() {
         let long = Config::from_toml("[expiry]\nmessage_ttl = \"31days\"");
         assert!(matches!(long, Err(Error::Config(m)) if m.contains("30 days")));

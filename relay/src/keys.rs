@@ -171,9 +171,12 @@ impl KeyDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RateLimitsConfig;
     use crate::core::limits::Limits;
-    use crate::testing::{device, fixture, identity_of};
+    use crate::store::KeyStore;
+    use crate::testing::{device, fixture, fixture_with, identity_of};
     use ed25519_dalek::Signer;
+    use std::time::Duration;
     use tern_proto::SignedKey;
 
     fn signed(id: u32, key: &[u8; 32], signature: &[u8; 64]) -> Option<SignedKey> {
@@ -266,6 +269,148 @@ mod tests {
             f.services.keys().fetch(&alice, &unknown, None),
             Err(Error::UnknownRecipient)
         ));
+    }
+
+    /// Publishes a bundle with `n` one-time prekeys for `dev`, registered with `seed`.
+    async fn publish(f: &crate::testing::Fixture, dev: &AuthenticatedDevice, seed: u8, n: u32) {
+        let id = identity_of(seed);
+        let (dh, spk) = ([5u8; 32], [6u8; 32]);
+        let upload = KeyUpload {
+            identity_dh: signed(
+                0,
+                &dh,
+                &id.sign(&tern_proto::auth::identity_agreement_key(&dh))
+                    .to_bytes(),
+            ),
+            signed_prekey: signed(
+                1,
+                &spk,
+                &id.sign(&tern_proto::auth::signed_prekey(1, &spk))
+                    .to_bytes(),
+            ),
+            one_time: (0..n).map(|i| (i, [i as u8; 32])).collect(),
+        };
+        f.services
+            .keys()
+            .publish(dev, &upload)
+            .await
+            .expect("publish");
+    }
+
+    fn one_time_of(keys: &AccountKeys) -> Option<u32> {
+        keys.devices[0].1.one_time.map(|k| k.id)
+    }
+
+    #[tokio::test]
+    async fn fetches_are_limited_per_requester() {
+        let rates = RateLimitsConfig {
+            fetch_keys_per_requester: "3/1h".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob, carol) = (
+            device(&f, 1).await,
+            device(&f, 2).await,
+            device(&f, 3).await,
+        );
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        for _ in 0..3 {
+            f.services
+                .keys()
+                .fetch(&alice, &bob_account, None)
+                .expect("within");
+        }
+        let refused = f.services.keys().fetch(&alice, &bob_account, None);
+        let Err(Error::RateLimited { retry_after_ms }) = refused else {
+            panic!("expected RATE_LIMITED, got {refused:?}");
+        };
+        assert_eq!(retry_after_ms, 1_200_000);
+        f.services
+            .keys()
+            .fetch(&carol, &bob_account, None)
+            .expect("Carol's own rate");
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        f.services
+            .keys()
+            .fetch(&alice, &bob_account, None)
+            .expect("after the wait");
+    }
+
+    #[tokio::test]
+    async fn one_time_prekeys_are_withheld_past_the_device_rate() {
+        let rates = RateLimitsConfig {
+            one_time_prekeys_per_device: "2/1day".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob, carol) = (
+            device(&f, 1).await,
+            device(&f, 2).await,
+            device(&f, 3).await,
+        );
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        let fetch = |by| {
+            f.services
+                .keys()
+                .fetch(by, &bob_account, None)
+                .expect("fetch")
+        };
+        assert_eq!(one_time_of(&fetch(&alice)), Some(0));
+        assert_eq!(one_time_of(&fetch(&carol)), Some(1));
+        // The drain stops here for everyone, but sessions can still start.
+        let third = fetch(&carol);
+        assert_eq!(one_time_of(&third), None, "withheld");
+        assert_eq!(
+            third.devices[0].1.signed_prekey.id, 1,
+            "the rest of the bundle"
+        );
+        assert_eq!(one_time_of(&fetch(&alice)), None);
+        assert_eq!(f.store.one_time_count(bob.address()).expect("count"), 8);
+        f.clock.advance(Duration::from_secs(12 * 3600));
+        assert_eq!(
+            one_time_of(&fetch(&alice)),
+            Some(2),
+            "half a day refills one"
+        );
+        assert_eq!(one_time_of(&fetch(&alice)), None);
+    }
+
+    #[tokio::test]
+    async fn one_time_prekey_fetches_may_be_refused_instead() {
+        let rates = RateLimitsConfig {
+            one_time_prekeys_per_device: "2/1day".parse().expect("rate"),
+            over_prekey_limit: crate::config::PrekeyLimit::Refuse,
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        for _ in 0..2 {
+            f.services
+                .keys()
+                .fetch(&alice, &bob_account, None)
+                .expect("within");
+        }
+        let refused = f.services.keys().fetch(&alice, &bob_account, None);
+        let Err(Error::RateLimited { retry_after_ms }) = refused else {
+            panic!("expected RATE_LIMITED, got {refused:?}");
+        };
+        assert_eq!(retry_after_ms, 43_200_000);
+        assert_eq!(
+            f.store.one_time_count(bob.address()).expect("count"),
+            8,
+            "none taken"
+        );
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        let keys = f
+            .services
+            .keys()
+            .fetch(&alice, &bob_account, None)
+            .expect("after");
+        assert_eq!(one_time_of(&keys), Some(2));
     }
 
     #[tokio::test]

@@ -220,4 +220,6 @@ impl Mailboxes {
 }
 
 #[cfg(test)]
+mod rate_tests;
+#[cfg(test)]
 mod tests;
