@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ed25519_dalek::{Signer, SigningKey};
 use tern_platform::clock::SystemClock;
 use tern_proto::DeviceAddress;
+use tern_relay::config::RateLimitsConfig;
 use tern_relay::core::auth::{self, AuthenticatedDevice};
 use tern_relay::core::expiry::Ttl;
 use tern_relay::core::limits::Limits;
@@ -71,13 +72,24 @@ impl BenchRelay {
             ..Limits::default()
         };
         let signer = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let services = Services::new(
+        // Rates far above what a bench sends: the checks run, nothing is refused.
+        let fast: tern_relay::core::rate::Rate =
+            "4000000000/1s".parse().map_err(std::io::Error::other)?;
+        let rates = RateLimitsConfig {
+            sends_per_account: fast,
+            sealed_sends_per_token: fast,
+            sealed_sends_per_prefix: fast,
+            intake_per_sender_per_mailbox: fast,
+            ..RateLimitsConfig::default()
+        };
+        let services = Services::with_rate_limits(
             stores,
             Arc::new(SystemClock),
             limits,
             Ttl::MAX,
             durability,
             signer,
+            &rates,
         )?;
         Ok(BenchRelay {
             services: Arc::new(services),

@@ -33,6 +33,8 @@ pub enum Error {
         code: ErrorCode,
         /// The relay's explanation.
         message: String,
+        /// When to retry, in ms (0: no advice); set with `RATE_LIMITED`.
+        retry_after_ms: u64,
     },
     /// The relay sent something that breaks the protocol.
     #[error("protocol: {0}")]
@@ -72,6 +74,16 @@ impl Error {
     pub fn relay_code(&self) -> Option<ErrorCode> {
         match self {
             Error::Relay { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// When the relay advises retrying a refused request (a rate limit's wait).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Relay { retry_after_ms, .. } if *retry_after_ms > 0 => {
+                Some(std::time::Duration::from_millis(*retry_after_ms))
+            }
             _ => None,
         }
     }

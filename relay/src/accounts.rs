@@ -3,6 +3,11 @@
 //!
 //! Every check that fails for want of a key or a token gets the same opaque
 //! [`Error::Unauthorized`], so the relay does not confirm who has an account.
+//!
+//! Devices are added only by a device of the same account, at most
+//! `max_devices_per_account` of them ([`Error::TooManyDevices`]) and at the
+//! `add_device_per_account` rate. A [`Recipient`] carries who sends, for the send and
+//! intake limits that [`crate::mailboxes::Mailboxes::append`] applies.
 
 use std::sync::Arc;
 
@@ -11,6 +16,7 @@ use subtle::ConstantTimeEq;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
+use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{AccountRecord, AccountStore, GroupCommit, StoreError};
 
@@ -20,6 +26,7 @@ use crate::store::{AccountRecord, AccountStore, GroupCommit, StoreError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recipient {
     address: DeviceAddress,
+    from: SenderKey,
 }
 
 impl Recipient {
@@ -27,12 +34,18 @@ impl Recipient {
     pub fn address(&self) -> &DeviceAddress {
         &self.address
     }
+
+    /// Who sends, as the rate limits count it.
+    pub fn sender(&self) -> &SenderKey {
+        &self.from
+    }
 }
 
 /// The accounts service. See the module docs.
 pub struct Accounts {
     store: Arc<dyn AccountStore>,
     commit: Arc<GroupCommit>,
+    rates: Arc<RateLimits>,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -42,9 +55,18 @@ impl std::fmt::Debug for Accounts {
 }
 
 impl Accounts {
-    /// Accounts kept in `store`; changes are made durable through `commit`.
-    pub fn new(store: Arc<dyn AccountStore>, commit: Arc<GroupCommit>) -> Self {
-        Accounts { store, commit }
+    /// Accounts kept in `store`, under `rates`; changes are made durable through
+    /// `commit`.
+    pub fn new(
+        store: Arc<dyn AccountStore>,
+        commit: Arc<GroupCommit>,
+        rates: Arc<RateLimits>,
+    ) -> Self {
+        Accounts {
+            store,
+            commit,
+            rates,
+        }
     }
 
     /// Creates an account for a verified registration; the connection becomes its
@@ -69,15 +91,31 @@ impl Accounts {
         }))
     }
 
-    /// Adds a device vouched for by the account's identity key.
+    /// Adds a device vouched for by the account's identity key, for a device of that
+    /// account (else [`Error::Unauthorized`]). A key already on the account gets its
+    /// id again; a new one needs room ([`Error::TooManyDevices`]) and the account's
+    /// `AddDevice` rate ([`Error::RateLimited`]).
     pub async fn add_device(
         &self,
+        by: &AuthenticatedDevice,
         account: &AccountId,
         device_key: &[u8; 32],
         signature: &[u8; 64],
     ) -> Result<DeviceId> {
+        if by.address().account != *account {
+            return Err(Error::Unauthorized);
+        }
         let record = self.store.get(account)?.ok_or(Error::Unauthorized)?;
         let key = auth::verify_new_device(&record.identity_key, account, device_key, signature)?;
+        if let Some((id, _)) = record.devices.iter().find(|(_, k)| k == device_key) {
+            return Ok(*id);
+        }
+        // Concurrent adds may pass this check together; the rate bounds by how much.
+        let max = self.rates.max_devices();
+        if record.devices.len() >= max {
+            return Err(Error::TooManyDevices { max });
+        }
+        self.rates.add_device(account)?;
         let id = self
             .store
             .add_device(account, &key)?
@@ -125,7 +163,7 @@ impl Accounts {
 
     /// `to` as the recipient of an authenticated sender's messages, if it is a
     /// registered device.
-    pub fn recipient(&self, _sender: &AuthenticatedDevice, to: DeviceAddress) -> Result<Recipient> {
+    pub fn recipient(&self, sender: &AuthenticatedDevice, to: DeviceAddress) -> Result<Recipient> {
         let exists = self
             .store
             .get(&to.account)?
@@ -133,19 +171,31 @@ impl Accounts {
         if !exists {
             return Err(Error::UnknownRecipient);
         }
-        Ok(Recipient { address: to })
+        Ok(Recipient {
+            address: to,
+            from: SenderKey::Account(sender.address().account),
+        })
     }
 
     /// `to` as the recipient of a sender the relay does not know, who shows the
     /// recipient account's delivery token. A missing account and a wrong token get the
-    /// same answer, so the relay does not confirm who has an account.
-    pub fn sealed_recipient(&self, to: DeviceAddress, token: &[u8]) -> Result<Recipient> {
+    /// same answer, so the relay does not confirm who has an account. `from` is the
+    /// address prefix the send came from: the sealed send limits count it.
+    pub fn sealed_recipient(
+        &self,
+        to: DeviceAddress,
+        token: &[u8],
+        from: AddressPrefix,
+    ) -> Result<Recipient> {
         self.check_token(&to.account, token)?;
         let record = self.store.get(&to.account)?.ok_or(Error::Unauthorized)?;
         if record.device_key(to.device).is_none() {
             return Err(Error::UnknownRecipient);
         }
-        Ok(Recipient { address: to })
+        Ok(Recipient {
+            address: to,
+            from: SenderKey::Prefix(from),
+        })
     }
 
     /// Compares the token's hash with the stored one in constant time, so the time
@@ -166,9 +216,96 @@ impl Accounts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RateLimitsConfig;
     use crate::core::delivery::DeliveryWindow;
     use crate::core::limits::Limits;
-    use crate::testing::{device, fixture, ids, msgs};
+    use crate::testing::{device, fixture, fixture_with, ids, msgs};
+    use ed25519_dalek::Signer;
+    use std::time::Duration;
+
+    fn device_key(i: u8) -> [u8; 32] {
+        ed25519_dalek::SigningKey::from_bytes(&[i; 32])
+            .verifying_key()
+            .to_bytes()
+    }
+
+    #[tokio::test]
+    async fn devices_are_added_by_the_account_itself_up_to_the_cap() {
+        let rates = RateLimitsConfig {
+            max_devices_per_account: 3,
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+        // Bob's identity signed it, but Alice's connection asks: refused.
+        let bob_account = bob.address().account;
+        let signature = crate::testing::identity_of(2)
+            .sign(&tern_proto::auth::device_certificate(
+                Some(&bob_account),
+                &device_key(50),
+            ))
+            .to_bytes();
+        let foreign = f
+            .services
+            .accounts()
+            .add_device(&alice, &bob_account, &device_key(50), &signature)
+            .await;
+        assert!(matches!(foreign, Err(Error::Unauthorized)), "{foreign:?}");
+
+        let second = f.add_device(&bob, 2, device_key(50)).await.expect("second");
+        assert_eq!(
+            f.add_device(&bob, 2, device_key(50)).await.expect("again"),
+            second,
+            "a key already there keeps its id"
+        );
+        f.add_device(&bob, 2, device_key(51)).await.expect("third");
+        let full = f.add_device(&bob, 2, device_key(52)).await;
+        assert!(
+            matches!(full, Err(Error::TooManyDevices { max: 3 })),
+            "{full:?}"
+        );
+        assert_eq!(
+            full.map_err(|e| e.code()).unwrap_err(),
+            tern_proto::ErrorCode::QuotaExceeded
+        );
+        assert_eq!(
+            f.store
+                .get(&bob_account)
+                .expect("get")
+                .expect("bob")
+                .devices
+                .len(),
+            3,
+            "nothing was added past the cap"
+        );
+        // A signature by another identity is still refused before anything else.
+        let forged = f.add_device(&bob, 9, device_key(53)).await;
+        assert!(matches!(forged, Err(Error::Unauthorized)), "{forged:?}");
+    }
+
+    #[tokio::test]
+    async fn add_device_is_rate_limited_per_account_and_recovers() {
+        let rates = RateLimitsConfig {
+            add_device_per_account: "2/1day".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+        f.add_device(&bob, 2, device_key(50)).await.expect("first");
+        f.add_device(&bob, 2, device_key(51)).await.expect("second");
+        let retry_after_ms = match f.add_device(&bob, 2, device_key(52)).await {
+            Err(Error::RateLimited { retry_after_ms }) => retry_after_ms,
+            other => panic!("expected RATE_LIMITED, got {other:?}"),
+        };
+        assert_eq!(retry_after_ms, 43_200_000, "one add refills in half a day");
+        f.add_device(&alice, 1, device_key(60))
+            .await
+            .expect("another account has its own rate");
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        f.add_device(&bob, 2, device_key(52))
+            .await
+            .expect("after the wait");
+    }
 
     #[tokio::test]
     async fn sealed_sends_need_the_recipients_delivery_token() {

@@ -20,7 +20,20 @@
 //! max_connections = 10000
 //! max_requests_per_connection = 1024
 //! delivery_window = 256         # unacknowledged pushes per connection
-//! registrations_per_address_per_minute = 30
+//!
+//! [rate_limits]                 # "N/period": a burst of N, refilled over the period
+//! registrations_per_prefix = "30/1h"     # per IPv4 address or IPv6 /64
+//! max_devices_per_account = 16
+//! add_device_per_account = "5/1day"
+//! sends_per_account = "1000/1m"          # envelopes
+//! sealed_sends_per_token = "600/1m"      # envelopes to one account
+//! sealed_sends_per_prefix = "600/1m"     # envelopes from one address or /64
+//! intake_per_sender_per_mailbox = "500/1day"
+//! intake_above_queued = 1000    # ...counted once a mailbox holds this many
+//! fetch_keys_per_requester = "200/1h"
+//! one_time_prekeys_per_device = "75/1day"
+//! over_prekey_limit = "withhold"  # or "refuse"
+//! max_keys = 1000000            # per limit, about 100 bytes each
 //!
 //! [expiry]
 //! message_ttl = "30days"        # at most 30 days
@@ -53,6 +66,10 @@ use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
+mod rate;
+
+pub use self::rate::{PrekeyLimit, RateLimitsConfig};
+
 /// The relay's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -69,6 +86,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Limits.
     pub limits: LimitsConfig,
+    /// Per-account and per-sender limits.
+    pub rate_limits: RateLimitsConfig,
     /// Expiry.
     pub expiry: ExpiryConfig,
     /// Storage tuning.
@@ -145,8 +164,6 @@ pub struct LimitsConfig {
     pub max_requests_per_connection: usize,
     /// Most unacknowledged pushes per connection.
     pub delivery_window: usize,
-    /// Most accounts registered from one IP address per minute.
-    pub registrations_per_address_per_minute: u32,
 }
 
 /// Expiry.
@@ -196,6 +213,7 @@ impl Default for Config {
             durability: Durability::Fsync,
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
             expiry: ExpiryConfig::default(),
             storage: StorageConfig::default(),
             media: MediaConfig::default(),
@@ -215,7 +233,6 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_requests_per_connection: 1024,
             delivery_window: 256,
-            registrations_per_address_per_minute: 30,
         }
     }
 }
@@ -286,6 +303,7 @@ impl Config {
         if self.storage.segment_mb == 0 || self.storage.segment_mb > 1024 {
             return bad("storage.segment_mb must be from 1 to 1024");
         }
+        self.rate_limits.validate().map_err(Error::Config)?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }
@@ -343,6 +361,32 @@ mod tests {
         assert_eq!(c.limits.delivery_window, 256, "unset keys keep defaults");
         assert_eq!(c.message_ttl().map(Ttl::as_millis), Some(7 * 86_400_000));
         assert_eq!(c.storage.cache_mb, 64);
+    }
+
+    #[test]
+    fn parses_rate_limits_and_refuses_bad_ones() {
+        let c = Config::from_toml(
+            "[rate_limits]\nsends_per_account = \"50/10s\"\nmax_devices_per_account = 4\nover_prekey_limit = \"refuse\"\n",
+        )
+        .expect("parses");
+        let r = &c.rate_limits;
+        assert_eq!(r.sends_per_account.burst.get(), 50);
+        assert_eq!(r.sends_per_account.period, Duration::from_secs(10));
+        assert_eq!(r.max_devices_per_account, 4);
+        assert_eq!(r.over_prekey_limit, PrekeyLimit::Refuse);
+        assert_eq!(r.intake_above_queued, 1000, "unset keys keep defaults");
+        for bad in [
+            "sends_per_account = \"0/1m\"",
+            "sends_per_account = \"10\"",
+            "sends_per_account = \"10/never\"",
+            "max_devices_per_account = 0",
+            "max_keys = 0",
+            "over_prekey_limit = \"ignore\"",
+            "sends_per_second = 5",
+        ] {
+            let text = format!("[rate_limits]\n{bad}\n");
+            assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -43,6 +43,12 @@ pub enum Error {
         /// When to retry.
         retry_after_ms: u64,
     },
+    /// The account has as many devices as the relay allows; one must go first.
+    #[error("the account has the most devices allowed ({max})")]
+    TooManyDevices {
+        /// The cap.
+        max: usize,
+    },
     /// The storage backend failed.
     #[error("storage: {0}")]
     Store(#[from] crate::store::StoreError),
@@ -71,6 +77,7 @@ impl Error {
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Unavailable(_) => ErrorCode::Unavailable,
             Error::RateLimited { .. } => ErrorCode::RateLimited,
+            Error::TooManyDevices { .. } => ErrorCode::QuotaExceeded,
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
                 ErrorCode::Internal
             }

@@ -1,12 +1,19 @@
 //! The key directory: devices publish their identity agreement key, signed prekey and
 //! one-time prekeys; others fetch them to start sessions. Signatures are checked
 //! before anything is stored, and each one-time prekey is handed out once.
+//!
+//! Fetches are limited per requesting account, and one-time prekeys per target device
+//! (`one_time_prekeys_per_device`, below what a device replenishes), so nobody drains
+//! a device's pool. Past the device's rate a fetch by default gets the bundle without
+//! a one-time prekey rather than a refusal: X3DH works without one, so a flood of
+//! fetches cannot stop others from starting sessions (`over_prekey_limit`).
 
 use std::sync::Arc;
 
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
 use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::rate::RateLimits;
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
 
@@ -27,6 +34,7 @@ pub(crate) struct KeyDirectory {
     accounts: Arc<dyn AccountStore>,
     keys: Arc<dyn KeyStore>,
     commit: Arc<GroupCommit>,
+    rates: Arc<RateLimits>,
 }
 
 impl std::fmt::Debug for KeyDirectory {
@@ -53,16 +61,19 @@ impl AccountKeys {
 }
 
 impl KeyDirectory {
-    /// Keys kept in `keys`, checked against the identity keys in `accounts`.
+    /// Keys kept in `keys`, checked against the identity keys in `accounts`, handed
+    /// out under `rates`.
     pub(crate) fn new(
         accounts: Arc<dyn AccountStore>,
         keys: Arc<dyn KeyStore>,
         commit: Arc<GroupCommit>,
+        rates: Arc<RateLimits>,
     ) -> Self {
         KeyDirectory {
             accounts,
             keys,
             commit,
+            rates,
         }
     }
 
@@ -118,26 +129,33 @@ impl KeyDirectory {
     }
 
     /// Prekey bundles of `account`'s devices (or of one device), each consuming one
-    /// one-time prekey. Returns the account's identity key with them. Devices that have
-    /// not published keys are left out.
+    /// one-time prekey while the device's rate allows. Returns the account's identity
+    /// key with them. Devices that have not published keys are left out.
     pub(crate) fn fetch(
         &self,
-        _requester: &AuthenticatedDevice,
+        requester: &AuthenticatedDevice,
         account: &AccountId,
         device: Option<DeviceId>,
     ) -> Result<AccountKeys> {
+        self.rates.fetch_keys(&requester.address().account)?;
         let record = self.accounts.get(account)?.ok_or(Error::UnknownRecipient)?;
-        let mut bundles = Vec::new();
+        // Every device's decision first: a refusal must not follow a key handed out.
+        let mut wanted = Vec::new();
         for (id, _) in record
             .devices
             .iter()
             .filter(|(id, _)| device.is_none_or(|d| d == *id))
         {
-            if let Some(keys) = self.keys.fetch(&DeviceAddress {
+            let addr = DeviceAddress {
                 account: *account,
                 device: *id,
-            })? {
-                bundles.push((*id, keys));
+            };
+            wanted.push((addr, self.rates.take_one_time_prekey(&addr)?));
+        }
+        let mut bundles = Vec::new();
+        for (addr, one_time) in wanted {
+            if let Some(keys) = self.keys.fetch(&addr, one_time)? {
+                bundles.push((addr.device, keys));
             }
         }
         if bundles.is_empty() {
@@ -153,9 +171,12 @@ impl KeyDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RateLimitsConfig;
     use crate::core::limits::Limits;
-    use crate::testing::{device, fixture, identity_of};
+    use crate::store::KeyStore;
+    use crate::testing::{device, fixture, fixture_with, identity_of};
     use ed25519_dalek::Signer;
+    use std::time::Duration;
     use tern_proto::SignedKey;
 
     fn signed(id: u32, key: &[u8; 32], signature: &[u8; 64]) -> Option<SignedKey> {
@@ -248,6 +269,148 @@ mod tests {
             f.services.keys().fetch(&alice, &unknown, None),
             Err(Error::UnknownRecipient)
         ));
+    }
+
+    /// Publishes a bundle with `n` one-time prekeys for `dev`, registered with `seed`.
+    async fn publish(f: &crate::testing::Fixture, dev: &AuthenticatedDevice, seed: u8, n: u32) {
+        let id = identity_of(seed);
+        let (dh, spk) = ([5u8; 32], [6u8; 32]);
+        let upload = KeyUpload {
+            identity_dh: signed(
+                0,
+                &dh,
+                &id.sign(&tern_proto::auth::identity_agreement_key(&dh))
+                    .to_bytes(),
+            ),
+            signed_prekey: signed(
+                1,
+                &spk,
+                &id.sign(&tern_proto::auth::signed_prekey(1, &spk))
+                    .to_bytes(),
+            ),
+            one_time: (0..n).map(|i| (i, [i as u8; 32])).collect(),
+        };
+        f.services
+            .keys()
+            .publish(dev, &upload)
+            .await
+            .expect("publish");
+    }
+
+    fn one_time_of(keys: &AccountKeys) -> Option<u32> {
+        keys.devices[0].1.one_time.map(|k| k.id)
+    }
+
+    #[tokio::test]
+    async fn fetches_are_limited_per_requester() {
+        let rates = RateLimitsConfig {
+            fetch_keys_per_requester: "3/1h".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob, carol) = (
+            device(&f, 1).await,
+            device(&f, 2).await,
+            device(&f, 3).await,
+        );
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        for _ in 0..3 {
+            f.services
+                .keys()
+                .fetch(&alice, &bob_account, None)
+                .expect("within");
+        }
+        let refused = f.services.keys().fetch(&alice, &bob_account, None);
+        let Err(Error::RateLimited { retry_after_ms }) = refused else {
+            panic!("expected RATE_LIMITED, got {refused:?}");
+        };
+        assert_eq!(retry_after_ms, 1_200_000);
+        f.services
+            .keys()
+            .fetch(&carol, &bob_account, None)
+            .expect("Carol's own rate");
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        f.services
+            .keys()
+            .fetch(&alice, &bob_account, None)
+            .expect("after the wait");
+    }
+
+    #[tokio::test]
+    async fn one_time_prekeys_are_withheld_past_the_device_rate() {
+        let rates = RateLimitsConfig {
+            one_time_prekeys_per_device: "2/1day".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob, carol) = (
+            device(&f, 1).await,
+            device(&f, 2).await,
+            device(&f, 3).await,
+        );
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        let fetch = |by| {
+            f.services
+                .keys()
+                .fetch(by, &bob_account, None)
+                .expect("fetch")
+        };
+        assert_eq!(one_time_of(&fetch(&alice)), Some(0));
+        assert_eq!(one_time_of(&fetch(&carol)), Some(1));
+        // The drain stops here for everyone, but sessions can still start.
+        let third = fetch(&carol);
+        assert_eq!(one_time_of(&third), None, "withheld");
+        assert_eq!(
+            third.devices[0].1.signed_prekey.id, 1,
+            "the rest of the bundle"
+        );
+        assert_eq!(one_time_of(&fetch(&alice)), None);
+        assert_eq!(f.store.one_time_count(bob.address()).expect("count"), 8);
+        f.clock.advance(Duration::from_secs(12 * 3600));
+        assert_eq!(
+            one_time_of(&fetch(&alice)),
+            Some(2),
+            "half a day refills one"
+        );
+        assert_eq!(one_time_of(&fetch(&alice)), None);
+    }
+
+    #[tokio::test]
+    async fn one_time_prekey_fetches_may_be_refused_instead() {
+        let rates = RateLimitsConfig {
+            one_time_prekeys_per_device: "2/1day".parse().expect("rate"),
+            over_prekey_limit: crate::config::PrekeyLimit::Refuse,
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+        publish(&f, &bob, 2, 10).await;
+        let bob_account = bob.address().account;
+        for _ in 0..2 {
+            f.services
+                .keys()
+                .fetch(&alice, &bob_account, None)
+                .expect("within");
+        }
+        let refused = f.services.keys().fetch(&alice, &bob_account, None);
+        let Err(Error::RateLimited { retry_after_ms }) = refused else {
+            panic!("expected RATE_LIMITED, got {refused:?}");
+        };
+        assert_eq!(retry_after_ms, 43_200_000);
+        assert_eq!(
+            f.store.one_time_count(bob.address()).expect("count"),
+            8,
+            "none taken"
+        );
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        let keys = f
+            .services
+            .keys()
+            .fetch(&alice, &bob_account, None)
+            .expect("after");
+        assert_eq!(one_time_of(&keys), Some(2));
     }
 
     #[tokio::test]

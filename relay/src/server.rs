@@ -10,13 +10,14 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use tern_platform::clock::{Clock, UnixMillis};
+use tern_platform::clock::Clock;
 
 use crate::accounts::Accounts;
 use crate::certificates::CertificateIssuer;
-use crate::config::{Config, MailboxBackend, MediaConfig};
+use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
+use crate::core::rate::RateLimits;
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
@@ -30,7 +31,7 @@ pub struct Services {
     keys: KeyDirectory,
     certificates: CertificateIssuer,
     mailboxes: Mailboxes,
-    clock: Arc<dyn Clock>,
+    rates: Arc<RateLimits>,
 }
 
 impl std::fmt::Debug for Services {
@@ -44,7 +45,8 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     /// Services over `stores`, durable as `durability` says (this starts the group
-    /// commit's flusher thread); `signer` signs sender certificates.
+    /// commit's flusher thread); `signer` signs sender certificates. The rate limits
+    /// are the defaults of `[rate_limits]`.
     pub fn new(
         stores: Stores,
         clock: Arc<dyn Clock>,
@@ -53,13 +55,29 @@ impl Services {
         durability: Durability,
         signer: ed25519_dalek::SigningKey,
     ) -> std::io::Result<Self> {
+        let rates = RateLimitsConfig::default();
+        Self::with_rate_limits(stores, clock, limits, ttl, durability, signer, &rates)
+    }
+
+    /// [`Services::new`] under the given rate limits.
+    pub fn with_rate_limits(
+        stores: Stores,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        ttl: Ttl,
+        durability: Durability,
+        signer: ed25519_dalek::SigningKey,
+        rates: &RateLimitsConfig,
+    ) -> std::io::Result<Self> {
         let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
+        let rates = Arc::new(RateLimits::new(rates, clock.clone()));
+        let (accounts, keys) = (stores.accounts.clone(), stores.keys);
         Ok(Services {
-            accounts: Accounts::new(stores.accounts.clone(), commit.clone()),
-            keys: KeyDirectory::new(stores.accounts.clone(), stores.keys, commit.clone()),
+            accounts: Accounts::new(accounts.clone(), commit.clone(), rates.clone()),
+            keys: KeyDirectory::new(accounts, keys, commit.clone(), rates.clone()),
             certificates: CertificateIssuer::new(stores.accounts, signer, clock.clone()),
-            mailboxes: Mailboxes::new(stores.mailboxes, clock.clone(), limits, ttl, commit),
-            clock,
+            mailboxes: Mailboxes::new(stores.mailboxes, clock, limits, ttl, commit, rates.clone()),
+            rates,
         })
     }
 
@@ -83,9 +101,9 @@ impl Services {
         &self.certificates
     }
 
-    /// The current time from the relay's clock.
-    pub(crate) fn now(&self) -> UnixMillis {
-        self.clock.now()
+    /// The per-account and per-sender limits.
+    pub fn rate_limits(&self) -> &RateLimits {
+        &self.rates
     }
 }
 
@@ -173,23 +191,20 @@ impl Relay {
             )
             .map_err(Error::from)?,
         );
-        let services = Arc::new(Services::new(
+        let services = Arc::new(Services::with_rate_limits(
             stores,
             clock,
             config.mailbox_limits(),
             ttl,
             config.durability,
             signer,
+            &config.rate_limits,
         )?);
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
             delivery_window: config.limits.delivery_window,
             blobs: blobs.clone(),
-            registrations: Arc::new(crate::core::rate::RateLimiter::new(
-                u64::from(config.limits.registrations_per_address_per_minute),
-                60_000,
-            )),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -276,6 +291,8 @@ async fn sweep_loop(
         }
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {
+            // Rate limit keys whose buckets refilled go first: one pass over each.
+            services.rates.housekeep();
             let mut total = 0;
             loop {
                 let n = services.mailboxes.sweep(batch)?;

@@ -9,9 +9,11 @@ use ed25519_dalek::{Signer, SigningKey};
 use tern_platform::clock::ManualClock;
 use tern_proto::{DeviceAddress, MessageId};
 
+use crate::config::RateLimitsConfig;
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
+use crate::core::rate::AddressPrefix;
 use crate::error::Result;
 use crate::mailboxes::Pull;
 use crate::server::Services;
@@ -24,16 +26,22 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn fixture(limits: Limits) -> Fixture {
+    fixture_with(limits, &RateLimitsConfig::default())
+}
+
+/// A fixture under the given rate limits.
+pub(crate) fn fixture_with(limits: Limits, rates: &RateLimitsConfig) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(1_000_000));
     let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
-    let services = Services::new(
+    let services = Services::with_rate_limits(
         Stores::all(store.clone()),
         clock.clone(),
         limits,
         ttl,
         Durability::Fsync,
         SigningKey::from_bytes(&[42; 32]),
+        rates,
     )
     .expect("services");
     Fixture {
@@ -55,15 +63,45 @@ impl Fixture {
         self.services.mailboxes().append(&to, msgs)?.commit().await
     }
 
-    /// A sealed send, as a connection makes it.
+    /// A sealed send from 127.0.0.1, as a connection makes it.
     pub(crate) async fn sealed_send(
         &self,
         to: DeviceAddress,
         token: &[u8],
         msgs: &[Envelope],
     ) -> Result<usize> {
-        let to = self.services.accounts().sealed_recipient(to, token)?;
+        self.sealed_send_from([127, 0, 0, 1], to, token, msgs).await
+    }
+
+    /// A sealed send from the IPv4 address `from`.
+    pub(crate) async fn sealed_send_from(
+        &self,
+        from: [u8; 4],
+        to: DeviceAddress,
+        token: &[u8],
+        msgs: &[Envelope],
+    ) -> Result<usize> {
+        let from = AddressPrefix::from(std::net::IpAddr::from(from));
+        let to = self.services.accounts().sealed_recipient(to, token, from)?;
         self.services.mailboxes().append(&to, msgs)?.commit().await
+    }
+
+    /// Adds a device with key `key` to `by`'s account, signed by the identity of
+    /// `seed` (the seed `by` was registered with).
+    pub(crate) async fn add_device(
+        &self,
+        by: &AuthenticatedDevice,
+        seed: u8,
+        key: [u8; 32],
+    ) -> Result<tern_proto::DeviceId> {
+        let account = by.address().account;
+        let signature = identity_of(seed)
+            .sign(&tern_proto::auth::device_certificate(Some(&account), &key))
+            .to_bytes();
+        self.services
+            .accounts()
+            .add_device(by, &account, &key, &signature)
+            .await
     }
 }
 

@@ -7,6 +7,7 @@ mod client;
 mod delivery;
 mod expiry;
 mod keys;
+mod limits;
 mod media;
 mod security;
 mod support;

@@ -352,7 +352,7 @@ async fn registrations_from_one_address_are_rate_limited() {
     let config = dir.path().join("relay.toml");
     std::fs::write(
         &config,
-        "[limits]\nregistrations_per_address_per_minute = 2\n",
+        "[rate_limits]\nregistrations_per_prefix = \"2/1h\"\n",
     )
     .unwrap();
     let relay = RelayProcess::start(

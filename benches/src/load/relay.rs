@@ -11,6 +11,19 @@ use tern_proto::RelayAddress;
 
 use super::LoadError;
 
+/// Rate limits far above any load this tool makes: the checks still run, so a run
+/// measures their cost, but nothing is refused.
+const UNTHROTTLED: &str = "[rate_limits]
+registrations_per_prefix = \"4000000000/1s\"
+add_device_per_account = \"4000000000/1s\"
+sends_per_account = \"4000000000/1s\"
+sealed_sends_per_token = \"4000000000/1s\"
+sealed_sends_per_prefix = \"4000000000/1s\"
+intake_per_sender_per_mailbox = \"4000000000/1s\"
+fetch_keys_per_requester = \"4000000000/1s\"
+one_time_prekeys_per_device = \"4000000000/1s\"
+";
+
 /// A relay this run talks to.
 pub struct RelayUnderTest {
     /// Its address, certificate fingerprint included.
@@ -55,7 +68,7 @@ impl RelayUnderTest {
         std::fs::write(
             &config,
             format!(
-                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\nregistrations_per_address_per_minute = 4294967295\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n",
+                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n{UNTHROTTLED}",
                 settings.max_connections.max(16)
             ),
         )?;

@@ -223,7 +223,8 @@ impl RelayConnection {
         }
     }
 
-    /// Adds a device to `account`, vouched for by its identity key.
+    /// Adds a device to `account`, vouched for by its identity key. The relay takes
+    /// it only from a connection authenticated as a device of that account.
     pub async fn add_device(
         &self,
         identity: &IdentityKeyPair,
@@ -428,6 +429,7 @@ fn relay_error(e: impl Into<ErrorReply>) -> Error {
     Error::Relay {
         code: e.code,
         message: e.message,
+        retry_after_ms: e.retry_after_ms,
     }
 }
 

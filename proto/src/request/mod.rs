@@ -207,15 +207,17 @@ impl RequestKind {
         }
     }
 
-    /// Whether the request needs a connection authenticated as a device (`send`,
-    /// `ack`, `publish_keys`, `fetch_keys`, `sender_certificate`,
-    /// `set_delivery_token`). Note for a relay keeping today's answers: for all but
+    /// Whether the request needs a connection authenticated as a device
+    /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys`,
+    /// `sender_certificate`, `set_delivery_token`; `add_device` as a device of the
+    /// same account). Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
         matches!(
             self,
-            RequestKind::Send
+            RequestKind::AddDevice
+                | RequestKind::Send
                 | RequestKind::Ack
                 | RequestKind::PublishKeys
                 | RequestKind::FetchKeys

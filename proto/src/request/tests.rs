@@ -502,6 +502,7 @@ fn needs_authentication_is_the_protocols_list() {
     assert_eq!(
         needing,
         [
+            "add_device",
             "send",
             "ack",
             "publish_keys",

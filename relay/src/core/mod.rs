@@ -5,12 +5,14 @@
 //! - [`expiry`]: when a message expires and whether it may still be delivered.
 //! - [`delivery`]: the per-connection window of unacknowledged deliveries.
 //! - [`auth`]: signature checks that yield [`auth::AuthenticatedDevice`] proof tokens.
-//! - `rate`: per-key rate limits (registrations per address, media bytes per account).
+//! - [`rate`]: per-key rate limits ([`rate::RateLimits`]: registrations, devices,
+//!   sends, intake, prekeys; media bytes per account). The one rule that holds a
+//!   clock: governor reads the relay's `Clock` itself.
 //!
-//! Exported for benches and tests: `auth`, `delivery`, `expiry`, `limits`.
+//! Exported for benches and tests: `auth`, `delivery`, `expiry`, `limits`, `rate`.
 
 pub mod auth;
 pub mod delivery;
 pub mod expiry;
 pub mod limits;
-pub(crate) mod rate;
+pub mod rate;

@@ -1,85 +1,354 @@
-//! Rate limits: at most `per_window` units (events, bytes) per key in each fixed
-//! window of time. Time is an argument; keys stay in memory only (an address is never
-//! logged or stored, P9).
+//! Rate limits: keyed GCRA limiters from the `governor` crate, on the relay's
+//! [`Clock`] (tests move a `ManualClock`; nothing sleeps).
+//!
+//! A rate `N/period` allows a burst of `N` and refills one unit every `period / N`.
+//! A refusal says when the request would fit ([`Error::RateLimited`]).
+//!
+//! Keys live in memory only: never on disk, never in a log line (P9; an
+//! [`AddressPrefix`] has no `Display`, and its `Debug` hides the address). Memory is
+//! bounded twice: [`KeyedLimit::housekeep`] (run by the relay every sweep interval)
+//! forgets keys whose bucket is full again, and a table at `max_keys` refuses keys it
+//! does not hold until housekeeping makes room.
 
-use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{NotKeyed, StateStore};
+use governor::Quota;
 use std::hash::Hash;
-use std::sync::Mutex;
+use tern_platform::clock::Clock;
 
-use tern_platform::clock::UnixMillis;
+use crate::error::{Error, Result};
 
-/// Keys remembered before windows that have ended are forgotten.
-const PRUNE_AT: usize = 100_000;
+mod rules;
 
-/// A fixed-window counter per key.
-#[derive(Debug)]
-pub(crate) struct RateLimiter<K> {
-    per_window: u64,
-    window_ms: u64,
-    counts: Mutex<HashMap<K, (u64, u64)>>,
+pub use self::rules::RateLimits;
+
+/// How soon a key refused for a full table may retry: housekeeping runs about this
+/// often (the default sweep interval).
+pub const FULL_TABLE_RETRY_MS: u64 = 60_000;
+
+/// A rate: a burst of `burst`, refilled evenly over `period`. Written `"N/period"`
+/// (`"1000/1m"`, `"5/1day"`), the period in humantime's syntax.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// The most units taken at once after a quiet spell.
+    pub burst: NonZeroU32,
+    /// The time in which a whole burst refills.
+    pub period: Duration,
 }
 
-impl<K: Hash + Eq + Copy> RateLimiter<K> {
-    /// At most `per_window` units per key per `window_ms`.
-    pub(crate) fn new(per_window: u64, window_ms: u64) -> Self {
-        RateLimiter {
-            per_window,
-            window_ms: window_ms.max(1),
-            counts: Mutex::new(HashMap::new()),
+impl Rate {
+    /// `burst` per `period`; `None` if either is zero.
+    pub fn new(burst: u32, period: Duration) -> Option<Rate> {
+        let burst = NonZeroU32::new(burst)?;
+        (!period.is_zero()).then_some(Rate { burst, period })
+    }
+
+    fn quota(self) -> Quota {
+        let per_unit = (self.period / self.burst.get()).max(Duration::from_nanos(1));
+        // `with_period` is `None` only for a zero period, ruled out just above.
+        Quota::with_period(per_unit).map_or_else(
+            || Quota::per_second(self.burst),
+            |q| q.allow_burst(self.burst),
+        )
+    }
+}
+
+impl std::fmt::Debug for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.burst,
+            humantime::format_duration(self.period)
+        )
+    }
+}
+
+impl FromStr for Rate {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Rate, String> {
+        let (n, period) = s
+            .split_once('/')
+            .ok_or_else(|| format!("a rate is \"N/period\", like \"100/1m\"; got {s:?}"))?;
+        let n: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("the count in {s:?} is not a number"))?;
+        let period = humantime::parse_duration(period.trim())
+            .map_err(|e| format!("the period in {s:?}: {e}"))?;
+        Rate::new(n, period).ok_or_else(|| format!("{s:?}: count and period must be above zero"))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Rate, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The relay's clock as governor's: time since the Unix epoch.
+#[derive(Clone)]
+struct GovernorClock(Arc<dyn Clock>);
+
+impl governor::clock::Clock for GovernorClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.0.now())
+    }
+}
+
+/// The network address a request came from, as rate limits count it: an IPv4
+/// address, or the /64 prefix of an IPv6 address (one host usually owns a whole /64).
+/// IPv4-mapped IPv6 addresses count as IPv4.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressPrefix {
+    /// An IPv4 address.
+    V4(u32),
+    /// The first 64 bits of an IPv6 address.
+    V6(u64),
+}
+
+impl From<IpAddr> for AddressPrefix {
+    fn from(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => AddressPrefix::V4(v4.into()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressPrefix::V4(v4.into()),
+                None => AddressPrefix::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+impl std::fmt::Debug for AddressPrefix {
+    // Never the address itself (P9).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AddressPrefix::V4(_) => "AddressPrefix::V4(..)",
+            AddressPrefix::V6(_) => "AddressPrefix::V6(..)",
+        })
+    }
+}
+
+/// Who a send comes from, as intake limits count it: the sender's account, or for a
+/// sealed send (sender unknown to the relay) the address prefix it came from.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum SenderKey {
+    /// An authenticated sender's account.
+    Account(tern_proto::AccountId),
+    /// A sealed sender's address prefix.
+    Prefix(AddressPrefix),
+}
+
+/// The key table under a [`KeyedLimit`]: governor's `DashMap` store, plus a count of
+/// keys so that the cap costs one atomic load on the hot path.
+struct KeyTable<K: Hash + Eq + Clone> {
+    map: DashMapStateStore<K>,
+    count: AtomicUsize,
+}
+
+/// The table as governor's state store; shared with the [`KeyedLimit`] that checks
+/// the cap.
+struct SharedKeys<K: Hash + Eq + Clone>(Arc<KeyTable<K>>);
+
+impl<K: Hash + Eq + Clone> StateStore for SharedKeys<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> std::result::Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> std::result::Result<(T, Nanos), E>,
+    {
+        if let Some(state) = self.0.map.get(key) {
+            return state.measure_and_replace(&NotKeyed::NonKey, f);
+        }
+        let state = self.0.map.entry(key.clone()).or_insert_with(|| {
+            self.0.count.fetch_add(1, Ordering::Relaxed);
+            Default::default()
+        });
+        state.measure_and_replace(&NotKeyed::NonKey, f)
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for SharedKeys<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.map.retain_recent(drop_below);
+        self.0.count.store(self.0.map.len(), Ordering::Relaxed);
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&self.0.map);
+    }
+
+    fn len(&self) -> usize {
+        self.0.count.load(Ordering::Relaxed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One rate per key, over at most `max_keys` keys.
+pub struct KeyedLimit<K: Hash + Eq + Clone> {
+    limiter: governor::RateLimiter<K, SharedKeys<K>, GovernorClock, NoOpMiddleware<Duration>>,
+    keys: Arc<KeyTable<K>>,
+    rate: Rate,
+    max_keys: usize,
+}
+
+impl<K: Hash + Eq + Clone> std::fmt::Debug for KeyedLimit<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedLimit")
+            .field("rate", &self.rate)
+            .field("keys", &self.len())
+            .field("max_keys", &self.max_keys)
+            .finish()
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedLimit<K> {
+    /// `rate` per key, at most `max_keys` keys, time from `clock`.
+    pub fn new(rate: Rate, max_keys: usize, clock: Arc<dyn Clock>) -> Self {
+        let keys = Arc::new(KeyTable {
+            map: DashMapStateStore::default(),
+            count: AtomicUsize::new(0),
+        });
+        let limiter = governor::RateLimiter::new(
+            rate.quota(),
+            SharedKeys(keys.clone()),
+            GovernorClock(clock),
+        );
+        KeyedLimit {
+            limiter,
+            keys,
+            rate,
+            max_keys,
         }
     }
 
-    /// Counts one event for `key` at `now`; see [`RateLimiter::take`].
-    pub(crate) fn check(&self, key: K, now: UnixMillis) -> Result<(), u64> {
-        self.take(key, 1, now)
+    /// The rate in force.
+    pub fn rate(&self) -> Rate {
+        self.rate
     }
 
-    /// Counts `amount` units for `key` at `now`; `Err(retry_after_ms)` past the limit
-    /// (the refused amount is not counted). An amount larger than a whole window
-    /// passes when the window is still untouched, so it is slowed, never refused for
-    /// good.
-    pub(crate) fn take(&self, key: K, amount: u64, now: UnixMillis) -> Result<(), u64> {
-        let window = now / self.window_ms;
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if counts.len() >= PRUNE_AT {
-            counts.retain(|_, (w, _)| *w == window);
+    /// Takes one unit for `key`; see [`KeyedLimit::check_n`].
+    pub fn check(&self, key: &K) -> Result<()> {
+        self.check_n(key, 1)
+    }
+
+    /// Takes `n` units for `key`, or none: past the rate, [`Error::RateLimited`] with
+    /// the time after which the same request fits. More than a whole burst counts as
+    /// a whole burst, so a large request is slowed, never refused for good.
+    pub fn check_n(&self, key: &K, n: u32) -> Result<()> {
+        let Some(n) = NonZeroU32::new(n.min(self.rate.burst.get())) else {
+            return Ok(());
+        };
+        if self.keys.count.load(Ordering::Relaxed) >= self.max_keys
+            && !self.keys.map.contains_key(key)
+        {
+            return Err(Error::RateLimited {
+                retry_after_ms: FULL_TABLE_RETRY_MS,
+            });
         }
-        let entry = counts.entry(key).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => {
+                let now = governor::clock::Clock::now(self.limiter.clock());
+                let wait = not_until.wait_time_from(now);
+                // Rounded up: retrying at the advised time must succeed.
+                let ms = wait.as_nanos().div_ceil(1_000_000).max(1);
+                Err(Error::RateLimited {
+                    retry_after_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+                })
+            }
+            // `n` is at most the burst, so this cannot happen; refuse for a period.
+            Err(_) => Err(Error::RateLimited {
+                retry_after_ms: u64::try_from(self.rate.period.as_millis()).unwrap_or(u64::MAX),
+            }),
         }
-        let fits = entry.1.saturating_add(amount) <= self.per_window;
-        if self.per_window == 0 || !(fits || entry.1 == 0) {
-            return Err((window + 1) * self.window_ms - now);
+    }
+
+    /// Forgets keys whose bucket has refilled (they are as good as new) and returns
+    /// memory to the allocator. Costs one pass over the table.
+    pub fn housekeep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Keys held now.
+    pub fn len(&self) -> usize {
+        self.keys.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bytes per second per key, over a [`KeyedLimit`]. Past a million bytes a second
+/// they are counted in units of several bytes: governor counts time in nanoseconds,
+/// and a unit must take long enough to refill for its rate to stay exact.
+pub struct ByteRate<K: Hash + Eq + Clone> {
+    limit: KeyedLimit<K>,
+    unit: u64,
+}
+
+impl<K: Hash + Eq + Clone> std::fmt::Debug for ByteRate<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ByteRate")
+            .field("limit", &self.limit)
+            .field("unit", &self.unit)
+            .finish()
+    }
+}
+
+impl<K: Hash + Eq + Clone> ByteRate<K> {
+    /// `per_sec` bytes a second per key (at least one), at most `max_keys` keys.
+    pub fn new(per_sec: u64, max_keys: usize, clock: Arc<dyn Clock>) -> Self {
+        let per_sec = per_sec.max(1);
+        let unit = per_sec.div_ceil(1_000_000);
+        let burst = u32::try_from(per_sec / unit).unwrap_or(u32::MAX).max(1);
+        let rate = Rate {
+            burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+            period: Duration::from_secs(1),
+        };
+        ByteRate {
+            limit: KeyedLimit::new(rate, max_keys, clock),
+            unit,
         }
-        entry.1 = entry.1.saturating_add(amount);
-        Ok(())
+    }
+
+    /// Takes `bytes` for `key`, as [`KeyedLimit::check_n`] does: more than a second's
+    /// worth passes only after a quiet second.
+    pub fn check(&self, key: &K, bytes: u64) -> Result<()> {
+        let units = u32::try_from(bytes.div_ceil(self.unit)).unwrap_or(u32::MAX);
+        self.limit.check_n(key, units)
+    }
+
+    /// See [`KeyedLimit::housekeep`].
+    pub fn housekeep(&self) {
+        self.limit.housekeep();
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_per_key_and_window() {
-        let r = RateLimiter::new(2, 60_000);
-        assert_eq!(r.check(1, 0), Ok(()));
-        assert_eq!(r.check(1, 10), Ok(()));
-        assert_eq!(r.check(1, 20), Err(59_980));
-        assert_eq!(r.check(2, 20), Ok(()), "another key has its own count");
-        assert_eq!(r.check(1, 60_000), Ok(()), "a new window");
-        let zero = RateLimiter::new(0, 1000);
-        assert_eq!(zero.check(1, 500), Err(500));
-    }
-
-    #[test]
-    fn amounts_fill_the_window_and_a_big_one_passes_alone() {
-        let r = RateLimiter::new(2000, 1000);
-        assert_eq!(r.take(1, 1500, 0), Ok(()));
-        assert_eq!(r.take(1, 600, 10), Err(990));
-        assert_eq!(r.take(1, 500, 10), Ok(()));
-        assert_eq!(r.take(1, 5000, 1000), Ok(()), "alone in a fresh window");
-        assert_eq!(r.take(1, 1, 1001), Err(999));
-    }
-}
+mod tests;

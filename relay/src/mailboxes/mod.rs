@@ -10,6 +10,11 @@
 //!   sequence numbers and inserts under it, so a reader that has seen sequence number
 //!   `n` has seen every message below `n`.
 //! - A connected device holds a [`Subscription`], woken by appends to its mailbox.
+//! - An append first takes the sender's rate (per account, or for a sealed send per
+//!   token and per address prefix), then, once the mailbox holds
+//!   `intake_above_queued` messages, the rate of that sender into that mailbox: a
+//!   flood from one sender stops at its own limit and the mailbox still takes its
+//!   other contacts' messages (see [`crate::core::rate::RateLimits`]).
 //! - [`Mailboxes::pull`] fills a delivery window, [`Mailboxes::ack`] deletes,
 //!   [`Mailboxes::sweep`] deletes what expired.
 
@@ -24,6 +29,7 @@ use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
+use crate::core::rate::RateLimits;
 use crate::error::{Error, Result};
 use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
 
@@ -39,6 +45,7 @@ pub struct Mailboxes {
     limits: Limits,
     ttl: Ttl,
     commit: Arc<GroupCommit>,
+    rates: Arc<RateLimits>,
     active: Arc<ActiveMailboxes>,
 }
 
@@ -87,14 +94,15 @@ pub struct Pull {
 }
 
 impl Mailboxes {
-    /// Mailboxes kept in `store`, under `limits`, each message kept for `ttl`;
-    /// appends are made durable through `commit`.
+    /// Mailboxes kept in `store`, under `limits` and `rates`, each message kept for
+    /// `ttl`; appends are made durable through `commit`.
     pub fn new(
         store: Arc<dyn MailboxStore>,
         clock: Arc<dyn Clock>,
         limits: Limits,
         ttl: Ttl,
         commit: Arc<GroupCommit>,
+        rates: Arc<RateLimits>,
     ) -> Self {
         Mailboxes {
             store,
@@ -102,6 +110,7 @@ impl Mailboxes {
             limits,
             ttl,
             commit,
+            rates,
             active: Arc::default(),
         }
     }
@@ -114,15 +123,18 @@ impl Mailboxes {
     /// Queues `msgs` for `to`, all or nothing, in the order of calls, and wakes a
     /// connected recipient. Await the returned [`Appended::commit`] before telling the
     /// sender they are stored.
-    pub fn append(&self, to: &Recipient, msgs: &[Envelope]) -> Result<Appended> {
-        let to = to.address();
+    pub fn append(&self, recipient: &Recipient, msgs: &[Envelope]) -> Result<Appended> {
+        let (to, from) = (recipient.address(), recipient.sender());
         self.limits
             .check_batch(msgs.iter().map(|m| m.payload.len()))?;
+        let n = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
+        self.rates.send(from, to, n)?;
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         self.active.ordered(to, true, || {
             let usage = self.store.usage(to)?;
             self.limits.check_enqueue(usage, msgs.len() as u64, bytes)?;
+            self.rates.intake(from, to, usage.messages, n)?;
             self.store
                 .append(to, msgs, now, self.ttl.expires_at(now))
                 .map_err(Error::from)
@@ -207,5 +219,7 @@ impl Mailboxes {
     }
 }
 
+#[cfg(test)]
+mod rate_tests;
 #[cfg(test)]
 mod tests;

@@ -54,7 +54,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::AccountId;
 
 use crate::core::auth::AuthenticatedDevice;
-use crate::core::rate::RateLimiter;
+use crate::core::rate::ByteRate;
 use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta};
 
 mod error;
@@ -151,7 +151,7 @@ pub struct BlobStore {
     /// The uploads running on a stream now (see [`RunningUpload`]).
     running: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
     /// Upload bytes per account per second.
-    rate: RateLimiter<AccountId>,
+    rate: ByteRate<AccountId>,
     /// Serialises index changes (see [`BlobIndex`]) and renames.
     commit: Mutex<()>,
     received: AtomicU64,
@@ -176,13 +176,14 @@ impl BlobStore {
         clock: Arc<dyn Clock>,
         limits: BlobLimits,
     ) -> BlobResult<Self> {
+        let rate = ByteRate::new(limits.max_upload_bytes_per_sec, 1_000_000, clock.clone());
         Ok(BlobStore {
             files: BlobFiles::open(data_dir)?,
             index,
             clock,
             limits,
             running: Arc::default(),
-            rate: RateLimiter::new(limits.max_upload_bytes_per_sec, 1000),
+            rate,
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
             direct: AtomicU64::new(0),
@@ -331,9 +332,9 @@ impl BlobStore {
             return Err(BlobError::Overflow);
         }
         self.rate
-            .take(*account, n, self.clock.now())
-            .map_err(|ms| BlobError::RateLimited {
-                retry_after: Duration::from_millis(ms),
+            .check(account, n)
+            .map_err(|e| BlobError::RateLimited {
+                retry_after: Duration::from_millis(e.retry_after_ms()),
             })?;
         if self.files.append(account, id, file, bytes)? {
             self.direct.fetch_add(n, Ordering::Relaxed);
@@ -421,6 +422,7 @@ impl BlobStore {
     /// Deletes up to `max` expired blobs (record first, then file) and uploads
     /// abandoned for `abandon_after`.
     pub(crate) fn sweep(&self, max: usize) -> BlobResult<Swept> {
+        self.rate.housekeep();
         let now = self.clock.now();
         let mut swept = Swept::default();
         for id in self.index.expired_blobs(now, max)? {

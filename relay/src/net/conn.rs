@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::delivery::DeliveryWindow;
-use crate::core::rate::RateLimiter;
+use crate::core::rate::AddressPrefix;
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
 use crate::media::BlobStore;
@@ -51,8 +51,6 @@ pub(crate) struct ConnSettings {
     pub(crate) max_requests: usize,
     pub(crate) delivery_window: usize,
     pub(crate) blobs: Arc<BlobStore>,
-    /// Registrations per peer IP address (kept in memory only).
-    pub(crate) registrations: Arc<RateLimiter<std::net::IpAddr>>,
 }
 
 struct AckCmd {
@@ -62,6 +60,8 @@ struct AckCmd {
 
 struct Session {
     conn: quinn::Connection,
+    /// The peer's address as rate limits count it (in memory only, P9).
+    prefix: AddressPrefix,
     services: Arc<Services>,
     settings: Arc<ConnSettings>,
     out: mpsc::Sender<Frame>,
@@ -118,6 +118,7 @@ pub(crate) async fn serve(
     ));
     let mut session = Session {
         device,
+        prefix: conn.remote_address().ip().into(),
         conn: conn.clone(),
         services,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
@@ -260,11 +261,13 @@ impl Session {
                 device_key,
                 device_signature,
             } => {
-                let result = self
-                    .services
-                    .accounts()
-                    .add_device(&account, &device_key, &device_signature)
-                    .await;
+                let result = match self.authenticated() {
+                    Ok(by) => {
+                        let accounts = self.services.accounts();
+                        (accounts.add_device(by, &account, &device_key, &device_signature)).await
+                    }
+                    Err(e) => Err(e),
+                };
                 self.reply(id, result.map(Reply::AddDevice)).await;
             }
             Request::Auth { address, signature } => {
@@ -355,14 +358,10 @@ impl Session {
     }
 
     /// Whether this connection may register now; counts the attempt against the
-    /// peer address's rate.
+    /// peer address prefix's rate.
     fn may_register(&self) -> Result<()> {
         self.unauthenticated()?;
-        let ip = self.conn.remote_address().ip();
-        self.settings
-            .registrations
-            .check(ip, self.services.now())
-            .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })
+        self.services.rate_limits().registration(self.prefix)
     }
 
     fn exporter(&self, address: Option<&DeviceAddress>) -> Result<[u8; 32]> {
@@ -449,8 +448,9 @@ impl Session {
         token: Bytes,
         envelopes: Vec<Envelope>,
     ) {
+        let from = self.prefix;
         self.ordered_send(id, |services| {
-            let to = services.accounts().sealed_recipient(to, &token)?;
+            let to = services.accounts().sealed_recipient(to, &token, from)?;
             services.mailboxes().append(&to, &envelopes)
         })
         .await

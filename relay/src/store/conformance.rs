@@ -159,7 +159,11 @@ pub(super) fn key_rules(store: &(impl KeyStore + AccountStore)) {
         key: [b; 32],
         signature: [b; 64],
     };
-    assert_eq!(store.fetch(&dev).expect("fetch"), None, "nothing published");
+    assert_eq!(
+        store.fetch(&dev, true).expect("fetch"),
+        None,
+        "nothing published"
+    );
     // A pool without the signed keys hands out nothing.
     store
         .publish(
@@ -172,7 +176,7 @@ pub(super) fn key_rules(store: &(impl KeyStore + AccountStore)) {
             }],
         )
         .expect("publish");
-    assert_eq!(store.fetch(&dev).expect("fetch"), None);
+    assert_eq!(store.fetch(&dev, true).expect("fetch"), None);
     let n = store
         .publish(
             &dev,
@@ -191,17 +195,20 @@ pub(super) fn key_rules(store: &(impl KeyStore + AccountStore)) {
         )
         .expect("publish");
     assert_eq!(n, 2, "same id replaces");
-    let first = store.fetch(&dev).expect("fetch").expect("published");
+    let withheld = store.fetch(&dev, false).expect("fetch").expect("published");
+    assert_eq!(withheld.one_time, None, "asked for none, none taken");
+    assert_eq!(store.one_time_count(&dev).expect("count"), 2);
+    let first = store.fetch(&dev, true).expect("fetch").expect("published");
     assert_eq!(first.identity_dh, signed(0, 7));
     assert_eq!(first.signed_prekey, signed(10, 8));
-    let second = store.fetch(&dev).expect("fetch").expect("published");
+    let second = store.fetch(&dev, true).expect("fetch").expect("published");
     let ids = [first.one_time.map(|k| k.id), second.one_time.map(|k| k.id)];
     assert_eq!(
         ids,
         [Some(1), Some(2)],
         "each one-time key once, lowest id first"
     );
-    let third = store.fetch(&dev).expect("fetch").expect("published");
+    let third = store.fetch(&dev, true).expect("fetch").expect("published");
     assert_eq!(
         third.one_time, None,
         "falls back to the signed prekey alone"
@@ -213,14 +220,14 @@ pub(super) fn key_rules(store: &(impl KeyStore + AccountStore)) {
         .expect("publish");
     assert_eq!(
         store
-            .fetch(&dev)
+            .fetch(&dev, true)
             .expect("fetch")
             .expect("published")
             .signed_prekey
             .id,
         11
     );
-    assert_eq!(store.fetch(&addr(5, 2)).expect("fetch"), None);
+    assert_eq!(store.fetch(&addr(5, 2), true).expect("fetch"), None);
 
     let acct = AccountId([5; 16]);
     assert_eq!(store.delivery_token(&acct).expect("token"), None);
@@ -247,7 +254,7 @@ pub(super) fn concurrent_fetches<S: KeyStore>(store: std::sync::Arc<S>) {
                 (0..60)
                     .filter_map(|_| {
                         store
-                            .fetch(&dev)
+                            .fetch(&dev, true)
                             .expect("fetch")
                             .and_then(|k| k.one_time)
                             .map(|k| k.id)

@@ -198,7 +198,7 @@ impl KeyStore for MemoryStore {
         Ok(keys.one_time.len() as u64)
     }
 
-    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>> {
+    fn fetch(&self, of: &DeviceAddress, take: bool) -> StoreResult<Option<FetchedKeys>> {
         let mut inner = self.lock();
         let Some(keys) = inner.keys.get_mut(of) else {
             return Ok(None);
@@ -207,9 +207,9 @@ impl KeyStore for MemoryStore {
         else {
             return Ok(None);
         };
-        let one_time = keys
-            .one_time
-            .pop_first()
+        let one_time = take
+            .then(|| keys.one_time.pop_first())
+            .flatten()
             .map(|(id, key)| OneTimeKey { id, key });
         Ok(Some(FetchedKeys {
             identity_dh,

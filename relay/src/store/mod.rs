@@ -286,9 +286,10 @@ pub trait KeyStore: Send + Sync + 'static {
         one_time: &[OneTimeKey],
     ) -> StoreResult<u64>;
 
-    /// The device's keys with one one-time prekey taken out of the pool; `None` if the
-    /// device has not published an identity agreement key and a signed prekey.
-    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>>;
+    /// The device's keys, with one one-time prekey taken out of the pool if
+    /// `one_time` (else none is taken or returned); `None` if the device has not
+    /// published an identity agreement key and a signed prekey.
+    fn fetch(&self, of: &DeviceAddress, one_time: bool) -> StoreResult<Option<FetchedKeys>>;
 
     /// One-time prekeys left for the device.
     fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64>;

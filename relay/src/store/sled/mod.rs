@@ -399,7 +399,7 @@ impl KeyStore for SledStore {
         self.one_time_count(of)
     }
 
-    fn fetch(&self, of: &DeviceAddress) -> StoreResult<Option<FetchedKeys>> {
+    fn fetch(&self, of: &DeviceAddress, take: bool) -> StoreResult<Option<FetchedKeys>> {
         let get = |tag| -> StoreResult<Option<SignedKey>> {
             self.keys
                 .get(tagged(tag, of))
@@ -413,6 +413,9 @@ impl KeyStore for SledStore {
         // Take the first one-time key; `remove` is atomic, so of two concurrent
         // fetchers only one gets it and the other moves on to the next.
         let one_time = loop {
+            if !take {
+                break None;
+            }
             let Some(kv) = self.keys.scan_prefix(tagged(b'O', of)).next() else {
                 break None;
             };

@@ -1,0 +1,129 @@
+//! The relay's rate rules, one [`KeyedLimit`] each, built from `[rate_limits]`.
+
+use std::sync::Arc;
+
+use tern_platform::clock::Clock;
+use tern_proto::{AccountId, DeviceAddress};
+
+use super::{AddressPrefix, KeyedLimit, SenderKey};
+use crate::config::{PrekeyLimit, RateLimitsConfig};
+use crate::error::Result;
+
+/// Every per-account and per-sender limit of the relay. The services call the checks;
+/// the relay calls [`RateLimits::housekeep`] every sweep interval.
+#[derive(Debug)]
+pub struct RateLimits {
+    registrations: KeyedLimit<AddressPrefix>,
+    add_device: KeyedLimit<AccountId>,
+    sends: KeyedLimit<AccountId>,
+    sealed_per_token: KeyedLimit<AccountId>,
+    sealed_per_prefix: KeyedLimit<AddressPrefix>,
+    intake: KeyedLimit<(DeviceAddress, SenderKey)>,
+    fetch_per_requester: KeyedLimit<AccountId>,
+    one_time_per_device: KeyedLimit<DeviceAddress>,
+    max_devices: usize,
+    intake_above_queued: u64,
+    over_prekey_limit: PrekeyLimit,
+}
+
+impl RateLimits {
+    /// The limits `config` sets, on `clock`.
+    pub fn new(config: &RateLimitsConfig, clock: Arc<dyn Clock>) -> Self {
+        let max = config.max_keys;
+        let c = &clock;
+        RateLimits {
+            registrations: KeyedLimit::new(config.registrations_per_prefix, max, c.clone()),
+            add_device: KeyedLimit::new(config.add_device_per_account, max, c.clone()),
+            sends: KeyedLimit::new(config.sends_per_account, max, c.clone()),
+            sealed_per_token: KeyedLimit::new(config.sealed_sends_per_token, max, c.clone()),
+            sealed_per_prefix: KeyedLimit::new(config.sealed_sends_per_prefix, max, c.clone()),
+            intake: KeyedLimit::new(config.intake_per_sender_per_mailbox, max, c.clone()),
+            fetch_per_requester: KeyedLimit::new(config.fetch_keys_per_requester, max, c.clone()),
+            one_time_per_device: KeyedLimit::new(config.one_time_prekeys_per_device, max, clock),
+            max_devices: config.max_devices_per_account,
+            intake_above_queued: config.intake_above_queued,
+            over_prekey_limit: config.over_prekey_limit,
+        }
+    }
+
+    /// A registration from `prefix`.
+    pub fn registration(&self, prefix: AddressPrefix) -> Result<()> {
+        self.registrations.check(&prefix)
+    }
+
+    /// An `AddDevice` for `account`.
+    pub fn add_device(&self, account: &AccountId) -> Result<()> {
+        self.add_device.check(account)
+    }
+
+    /// Devices an account may have.
+    pub fn max_devices(&self) -> usize {
+        self.max_devices
+    }
+
+    /// `n` envelopes from `from` (before the mailbox is looked at): the sender
+    /// account's rate, or for a sealed send the token's and the prefix's.
+    pub fn send(&self, from: &SenderKey, to: &DeviceAddress, n: u32) -> Result<()> {
+        match from {
+            SenderKey::Account(account) => self.sends.check_n(account, n),
+            SenderKey::Prefix(prefix) => {
+                self.sealed_per_token.check_n(&to.account, n)?;
+                self.sealed_per_prefix.check_n(prefix, n)
+            }
+        }
+    }
+
+    /// `n` envelopes from `from` into the mailbox `to`, which holds `queued` messages.
+    pub fn intake(&self, from: &SenderKey, to: &DeviceAddress, queued: u64, n: u32) -> Result<()> {
+        if queued < self.intake_above_queued {
+            return Ok(());
+        }
+        self.intake.check_n(&(*to, *from), n)
+    }
+
+    /// A `FetchKeys` from `requester`.
+    pub fn fetch_keys(&self, requester: &AccountId) -> Result<()> {
+        self.fetch_per_requester.check(requester)
+    }
+
+    /// Whether a fetch may take one of `device`'s one-time prekeys: `Ok(true)` yes,
+    /// `Ok(false)` answer without one, `Err` refuse (as configured).
+    pub fn take_one_time_prekey(&self, device: &DeviceAddress) -> Result<bool> {
+        match (
+            self.one_time_per_device.check(device),
+            self.over_prekey_limit,
+        ) {
+            (Ok(()), _) => Ok(true),
+            (Err(_), PrekeyLimit::Withhold) => Ok(false),
+            (Err(e), PrekeyLimit::Refuse) => Err(e),
+        }
+    }
+
+    /// Forgets keys whose buckets have refilled, in every limit.
+    pub fn housekeep(&self) {
+        self.registrations.housekeep();
+        self.add_device.housekeep();
+        self.sends.housekeep();
+        self.sealed_per_token.housekeep();
+        self.sealed_per_prefix.housekeep();
+        self.intake.housekeep();
+        self.fetch_per_requester.housekeep();
+        self.one_time_per_device.housekeep();
+    }
+
+    /// Keys held over every limit; for tests and metrics.
+    pub fn keys(&self) -> usize {
+        [
+            self.registrations.len(),
+            self.add_device.len(),
+            self.sends.len(),
+            self.sealed_per_token.len(),
+            self.sealed_per_prefix.len(),
+            self.intake.len(),
+            self.fetch_per_requester.len(),
+            self.one_time_per_device.len(),
+        ]
+        .iter()
+        .sum()
+    }
+}

@@ -1,0 +1,147 @@
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use tern_platform::clock::ManualClock;
+
+use super::*;
+
+fn limit(rate: &str, max_keys: usize) -> (KeyedLimit<u32>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let rate = rate.parse().expect("rate");
+    (KeyedLimit::new(rate, max_keys, clock.clone()), clock)
+}
+
+fn retry(r: Result<()>) -> u64 {
+    match r {
+        Err(Error::RateLimited { retry_after_ms }) => retry_after_ms,
+        other => panic!("expected RATE_LIMITED, got {other:?}"),
+    }
+}
+
+#[test]
+fn rates_parse_and_print() {
+    let r: Rate = "1000/1m".parse().expect("parses");
+    assert_eq!(r.burst.get(), 1000);
+    assert_eq!(r.period, Duration::from_secs(60));
+    assert_eq!(r.to_string(), "1000/1m");
+    let d: Rate = " 5 / 1day ".parse().expect("spaces");
+    assert_eq!(d.period, Duration::from_secs(86_400));
+    for bad in ["", "5", "0/1m", "5/0s", "x/1m", "5/soon", "-1/1m"] {
+        assert!(bad.parse::<Rate>().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_burst_then_a_refusal_with_the_time_that_works() {
+    let (l, clock) = limit("3/1m", 100);
+    for _ in 0..3 {
+        l.check(&1).expect("within the burst");
+    }
+    let wait = retry(l.check(&1));
+    assert_eq!(wait, 20_000, "one unit refills every 20 s");
+    l.check(&2).expect("another key has its own bucket");
+    clock.advance(Duration::from_millis(wait - 1));
+    assert!(l.check(&1).is_err(), "not a moment early");
+    clock.advance(Duration::from_millis(1));
+    l.check(&1).expect("at the advised time");
+    assert!(l.check(&1).is_err(), "one unit, not a new burst");
+    clock.advance(Duration::from_secs(60));
+    for _ in 0..3 {
+        l.check(&1).expect("a full burst after a quiet period");
+    }
+}
+
+#[test]
+fn amounts_are_all_or_nothing_and_a_huge_one_is_only_slowed() {
+    let (l, clock) = limit("10/10s", 100);
+    l.check_n(&1, 6).expect("six of ten");
+    let wait = retry(l.check_n(&1, 6));
+    assert_eq!(wait, 2_000, "two more units refill in 2 s");
+    l.check_n(&1, 4)
+        .expect("the four left: the refused six took nothing");
+    clock.advance(Duration::from_secs(10));
+    l.check_n(&1, 50)
+        .expect("more than a burst passes after a quiet spell");
+    assert!(l.check(&1).is_err(), "...and counts as a whole burst");
+    l.check_n(&1, 0).expect("nothing is always fine");
+}
+
+#[test]
+fn housekeeping_forgets_refilled_keys() {
+    let (l, clock) = limit("2/1h", 100);
+    for k in 0..50 {
+        l.check(&k).expect("fresh keys");
+    }
+    l.check(&0).expect("second unit of key 0");
+    assert_eq!(l.len(), 50);
+    l.housekeep();
+    assert_eq!(l.len(), 50, "nothing has refilled yet");
+    // Governor keeps a key one refill interval (30 min here) past a full bucket.
+    clock.advance(Duration::from_secs(3600));
+    l.housekeep();
+    assert_eq!(l.len(), 1, "only key 0, which took two, is kept");
+    clock.advance(Duration::from_secs(1800));
+    l.housekeep();
+    assert!(l.is_empty());
+}
+
+#[test]
+fn a_full_table_refuses_new_keys_until_housekeeping() {
+    let (l, clock) = limit("1/1m", 3);
+    for k in 0..3 {
+        l.check(&k).expect("room");
+    }
+    assert_eq!(retry(l.check(&9)), FULL_TABLE_RETRY_MS, "no room for key 9");
+    assert_eq!(retry(l.check(&0)), 60_000, "a held key is limited as usual");
+    assert_eq!(l.len(), 3, "the table did not grow");
+    clock.advance(Duration::from_secs(120));
+    l.check(&1).expect("key 1 refilled and is held");
+    l.housekeep();
+    assert_eq!(l.len(), 1, "keys 0 and 2 are forgotten, key 1 is not");
+    l.check(&9).expect("room again");
+}
+
+#[test]
+fn byte_rates_of_any_size() {
+    let clock = Arc::new(ManualClock::new(5_000));
+    let small = ByteRate::new(2000, 10, clock.clone());
+    small.check(&1u8, 1500).expect("within a second's bytes");
+    let e = small.check(&1, 1500);
+    assert!(
+        matches!(
+            e,
+            Err(Error::RateLimited {
+                retry_after_ms: 500
+            })
+        ),
+        "{e:?}"
+    );
+    clock.advance(Duration::from_secs(1));
+    small.check(&1, 1500).expect("the next second");
+    // A terabyte a second does not fit a u32 of bytes; it still limits.
+    let huge = ByteRate::new(1 << 40, 10, clock.clone());
+    let almost_half = (1 << 39) - (1 << 30);
+    huge.check(&1u8, almost_half).expect("half");
+    huge.check(&1, almost_half).expect("the other half");
+    assert!(huge.check(&1, 4 << 30).is_err(), "the second is used up");
+    clock.advance(Duration::from_secs(1));
+    huge.check(&1, 1 << 39).expect("the next second");
+}
+
+#[test]
+fn prefixes_group_an_ipv6_64_and_keep_ipv4_addresses_apart() {
+    let p = |ip: IpAddr| AddressPrefix::from(ip);
+    let a: Ipv6Addr = "2001:db8:1:2:aaaa::1".parse().expect("ip");
+    let b: Ipv6Addr = "2001:db8:1:2:ffff::9".parse().expect("ip");
+    let c: Ipv6Addr = "2001:db8:1:3::1".parse().expect("ip");
+    assert_eq!(p(a.into()), p(b.into()), "one /64");
+    assert_ne!(p(a.into()), p(c.into()), "another /64");
+    let v4 = Ipv4Addr::new(192, 0, 2, 1);
+    assert_ne!(p(v4.into()), p(Ipv4Addr::new(192, 0, 2, 2).into()));
+    assert_eq!(
+        p(v4.to_ipv6_mapped().into()),
+        p(v4.into()),
+        "mapped is IPv4"
+    );
+    let shown = format!("{:?} {:?}", p(v4.into()), p(a.into()));
+    assert!(!shown.contains("192") && !shown.contains("2001"), "{shown}");
+}
