@@ -393,6 +393,14 @@ async fn clients_reconnect_after_a_relay_crash_and_the_outbox_catches_up() {
         .expect("add");
     alice.send(&bob.account(), b"before").await.expect("send");
     assert_eq!(next_message(&mut bob_events).await.body, b"before");
+    // Bob can have it before Alice has the relay's answer: wait until her outbox is
+    // empty, so that what it holds after the crash is what was sent during it.
+    within(async {
+        while alice.outbox_len().await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     relay.crash().expect("crash");
     // Sent while the relay is down: held in the outbox.
