@@ -164,6 +164,10 @@ pub struct LimitsConfig {
     pub max_requests_per_connection: usize,
     /// Most unacknowledged pushes per connection.
     pub delivery_window: usize,
+    /// Replaced by `rate_limits.registrations_per_prefix`; still read so that a
+    /// configuration written for an earlier relay starts: when set, it becomes that
+    /// rate as "N/1m".
+    pub registrations_per_address_per_minute: Option<u32>,
 }
 
 /// Expiry.
@@ -233,6 +237,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_requests_per_connection: 1024,
             delivery_window: 256,
+            registrations_per_address_per_minute: None,
         }
     }
 }
@@ -267,7 +272,13 @@ impl Config {
 
     /// Parses TOML text.
     pub fn from_toml(text: &str) -> Result<Config> {
-        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        let mut config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        if let Some(n) = config.limits.registrations_per_address_per_minute {
+            config.rate_limits.registrations_per_prefix =
+                crate::core::rate::Rate::new(n, Duration::from_secs(60)).ok_or_else(|| {
+                    Error::Config("limits.registrations_per_address_per_minute is 0".into())
+                })?;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -361,6 +372,15 @@ mod tests {
         assert_eq!(c.limits.delivery_window, 256, "unset keys keep defaults");
         assert_eq!(c.message_ttl().map(Ttl::as_millis), Some(7 * 86_400_000));
         assert_eq!(c.storage.cache_mb, 64);
+    }
+
+    #[test]
+    fn an_earlier_relays_registration_limit_still_reads() {
+        let c = Config::from_toml("[limits]\nregistrations_per_address_per_minute = 12\n")
+            .expect("parses");
+        let r = c.rate_limits.registrations_per_prefix;
+        assert_eq!((r.burst.get(), r.period), (12, Duration::from_secs(60)));
+        assert!(Config::from_toml("[limits]\nregistrations_per_address_per_minute = 0\n").is_err());
     }
 
     #[test]
