@@ -8,5 +8,6 @@ mod delivery;
 mod expiry;
 mod keys;
 mod media;
+mod media_privacy;
 mod security;
 mod support;
