@@ -33,7 +33,7 @@
 //! quota. A forward, or an upload of a blob the relay already has, charges no one,
 //! and deleting a blob uncharges no one: its charge expires on its own, at most a
 //! day after the blob would have without forwards. Expiry times the relay reports
-//! ([`reported_expiry`]) are rounded down to the UTC day, so they do not give away
+//! (`reported_expiry`) are rounded down to the UTC day, so they do not give away
 //! the exact time of the last upload or forward.
 //!
 //! # Direct I/O
