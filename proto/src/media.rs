@@ -20,7 +20,8 @@ pub type BlobId = [u8; BLOB_ID_LEN];
 pub struct BlobStatus {
     /// Bytes.
     pub size: u64,
-    /// When it expires unless forwarded (Unix ms).
+    /// When it expires unless forwarded (Unix ms), rounded down by the relay to the
+    /// start of its UTC day.
     pub expires_at_ms: u64,
 }
 
@@ -66,7 +67,8 @@ pub enum BlobStreamResponse {
     },
     /// The upload hashed to its id and is stored.
     UploadDone {
-        /// When it expires unless forwarded (Unix ms).
+        /// When it expires unless forwarded (Unix ms), rounded down by the relay to the
+        /// start of its UTC day.
         expires_at_ms: u64,
     },
 }

@@ -49,7 +49,7 @@
 //! max_blob_bytes = 2147483648   # 2 GiB
 //! max_concurrent_uploads = 4    # per account
 //! max_unfinished_uploads = 16   # per account, running or waiting for a resume
-//! max_account_bytes = 21474836480
+//! max_account_bytes = 21474836480  # charged per upload until its blob's expiry day
 //! max_upload_bytes_per_sec = 209715200
 //! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
 //! abandon_after = "1day"        # uploads with no progress
@@ -106,7 +106,8 @@ pub struct MediaConfig {
     pub max_concurrent_uploads: usize,
     /// Unfinished uploads one account may keep (running or waiting for a resume).
     pub max_unfinished_uploads: usize,
-    /// Bytes of blobs one account may own (unfinished uploads count).
+    /// Bytes charged to one account: each finished upload until the end of the UTC
+    /// day its blob was to expire on, plus unfinished uploads.
     pub max_account_bytes: u64,
     /// Upload bytes per second per account.
     pub max_upload_bytes_per_sec: u64,

@@ -9,5 +9,6 @@ mod expiry;
 mod keys;
 mod limits;
 mod media;
+mod media_privacy;
 mod security;
 mod support;

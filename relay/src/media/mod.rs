@@ -19,10 +19,22 @@
 //! # Rules
 //! - A blob expires `ttl` (at most 30 days) after its last upload or forward; the
 //!   sweeper deletes expired blobs, and uploads with no bytes for `abandon_after`.
-//! - Limits: blob size, concurrent uploads per account, bytes an account owns, and
-//!   upload rate per account; each refusal is a typed error.
-//! - Uploads need an authenticated device (an [`AuthenticatedDevice`]); its account
-//!   owns the blob. Downloads need only the id (256 bits, unguessable).
+//! - Limits: blob size, concurrent uploads per account, bytes charged to an account,
+//!   and upload rate per account; each refusal is a typed error.
+//! - Uploads need an authenticated device (an [`AuthenticatedDevice`]). Downloads
+//!   need only the id (256 bits, unguessable).
+//!
+//! # Who uploaded what
+//! A finished blob's record names no account, so a later download or forward cannot
+//! be tied to its uploader through the relay's records. The account is kept only
+//! while its upload is unfinished (to resume it and to count it). Completing the
+//! upload charges the account the blob's size until the end of the UTC day the blob
+//! is to expire on (see [`BlobIndex`]); charges due today or later make up the
+//! quota. A forward, or an upload of a blob the relay already has, charges no one,
+//! and deleting a blob uncharges no one: its charge expires on its own, at most a
+//! day after the blob would have without forwards. Expiry times the relay reports
+//! (`reported_expiry`) are rounded down to the UTC day, so they do not give away
+//! the exact time of the last upload or forward.
 //!
 //! # Direct I/O
 //! Upload bytes gathered in an [`AlignedBuf`] go to disk with `O_DIRECT` where the
@@ -55,7 +67,7 @@ use tern_proto::AccountId;
 
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::rate::ByteRate;
-use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta};
+use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta, DAY_MS};
 
 mod error;
 mod files;
@@ -75,7 +87,8 @@ pub struct BlobLimits {
     pub max_concurrent_uploads: usize,
     /// Unfinished uploads one account may keep (running or waiting for a resume).
     pub max_unfinished_uploads: usize,
-    /// Bytes of blobs one account may own (blobs it uploaded first).
+    /// Bytes one account may have charged at once: its finished uploads until their
+    /// charges expire (see the module docs), plus its unfinished ones.
     pub max_account_bytes: u64,
     /// Upload bytes per second per account, averaged over a second.
     pub max_upload_bytes_per_sec: u64,
@@ -140,6 +153,15 @@ pub(crate) struct Swept {
     pub(crate) blobs: u64,
     /// Abandoned uploads.
     pub(crate) uploads: u64,
+    /// Charges of past days.
+    pub(crate) charges: u64,
+}
+
+/// An expiry as the relay reports it: rounded down to the start of its UTC day.
+/// Down, so a client errs toward forwarding or uploading again early, never toward
+/// relying on a blob that is gone.
+pub(crate) fn reported_expiry(expires_at: UnixMillis) -> UnixMillis {
+    expires_at - expires_at % DAY_MS
 }
 
 /// The relay's blobs. See the module docs.
@@ -231,7 +253,7 @@ impl BlobStore {
     }
 
     /// Starts (or resumes) `device`'s upload of `size` bytes claimed to hash to `id`;
-    /// its account will own the blob.
+    /// its account is charged for it when it completes.
     pub(crate) fn begin(
         &self,
         device: &AuthenticatedDevice,
@@ -262,8 +284,8 @@ impl BlobStore {
             ));
         }
         let pending: u64 = others.iter().map(|(_, n)| *n).sum();
-        let owned = self.index.account_bytes(account)?;
-        if owned.saturating_add(pending).saturating_add(size) > self.limits.max_account_bytes {
+        let charged = self.index.account_bytes(account, self.clock.now())?;
+        if charged.saturating_add(pending).saturating_add(size) > self.limits.max_account_bytes {
             return Err(BlobError::QuotaExceeded);
         }
         let running = {
@@ -355,7 +377,8 @@ impl BlobStore {
     }
 
     /// Ends `device`'s upload: its bytes must all be there and hash to `id`. Then they
-    /// are fsynced, renamed into place, and recorded. A mismatch deletes the upload.
+    /// are fsynced, renamed into place, and recorded, and the account charged (see the
+    /// module docs). A mismatch deletes the upload.
     pub(crate) fn finish(&self, device: &AuthenticatedDevice, id: &BlobId) -> BlobResult<BlobMeta> {
         let account = &device.address().account;
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
@@ -391,9 +414,8 @@ impl BlobStore {
             created_at: now,
             last_used_at: now,
             expires_at: self.expires_from(now),
-            owner: *account,
         };
-        self.index.insert_blob(id, &blob)?;
+        self.index.insert_blob(id, &blob, account)?;
         // Durable before the uploader is told, so a pointer it sends never names a
         // blob the relay forgets in a crash.
         self.index.flush_blobs()?;
@@ -419,8 +441,8 @@ impl BlobStore {
             .map_err(|_| BlobError::NotFound)
     }
 
-    /// Deletes up to `max` expired blobs (record first, then file) and uploads
-    /// abandoned for `abandon_after`.
+    /// Deletes up to `max` expired blobs (record first, then file), uploads abandoned
+    /// for `abandon_after`, and charges of past days.
     pub(crate) fn sweep(&self, max: usize) -> BlobResult<Swept> {
         self.rate.housekeep();
         let now = self.clock.now();
@@ -450,6 +472,7 @@ impl BlobStore {
             self.files.remove_upload(&account, &id)?;
             swept.uploads += 1;
         }
+        swept.charges = self.index.expire_charges(now, max)? as u64;
         Ok(swept)
     }
 }

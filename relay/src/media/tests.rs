@@ -221,13 +221,21 @@ fn expiry_deletes_the_blob_and_a_forward_moves_it() {
     f.clock.advance(Duration::from_secs(3600));
     assert_eq!(f.store.sweep(100).expect("sweep").blobs, 1);
     assert!(files(&f.dir.path().join("blobs")).is_empty());
-    assert_eq!(
-        f.store
-            .index
-            .account_bytes(&ALICE.address().account)
-            .expect("bytes"),
-        0
-    );
+    // Deleting the blobs uncharged no one: the charges run to the end of the UTC day
+    // they were to expire on (without the forward), then the sweep deletes them.
+    let alice = ALICE.address().account;
+    let charged = |f: &Fixture| f.store.index.account_bytes(&alice, f.clock.now());
+    let size = (a.len() + b.len()) as u64;
+    assert_eq!(charged(&f).expect("bytes"), size);
+    let start = 1_800_000_000_000;
+    let next_day = (start + 3_600_000) / DAY_MS * DAY_MS + DAY_MS;
+    f.clock
+        .advance(Duration::from_millis(next_day - 1 - f.clock.now()));
+    assert_eq!(charged(&f).expect("bytes"), size);
+    assert_eq!(f.store.sweep(100).expect("sweep").charges, 0);
+    f.clock.advance(Duration::from_millis(1));
+    assert_eq!(charged(&f).expect("bytes"), 0);
+    assert_eq!(f.store.sweep(100).expect("sweep").charges, 1);
 }
 
 #[test]
@@ -482,4 +490,59 @@ fn a_reader_returns_every_byte_from_any_offset_and_reuses_its_buffers() {
         .expect("truncate");
     let mut reader = f.store.open_read(&id, 100, 4096).expect("open");
     assert_eq!(read_all(&mut reader), bytes[100..4096 + 10]);
+}
+
+#[test]
+fn only_the_uploader_is_charged_and_the_charge_expires_with_its_day() {
+    let sled_dir = tempfile::tempdir().expect("dir");
+    for index in [
+        Arc::new(MemoryStore::new()) as Arc<dyn BlobIndex>,
+        Arc::new(SledStore::open(sled_dir.path(), 1 << 20).expect("sled")),
+    ] {
+        let limits = BlobLimits {
+            max_account_bytes: 1500,
+            ttl: Duration::from_secs(2 * 86_400),
+            ..BlobLimits::default()
+        };
+        let f = fixture(index, limits);
+        let (alice, bob) = (ALICE.address().account, BOB.address().account);
+        let bytes = vec![3u8; 1000];
+        let id = id_of(&bytes);
+        let meta = upload(&f.store, &ALICE, &bytes).expect("upload");
+        assert_eq!(f.store.index.upload(&alice, &id).expect("upload"), None);
+        // Bob's upload of the same blob and his forward, a day later, move it and
+        // charge no one.
+        f.clock.advance(Duration::from_secs(28 * 3600));
+        upload(&f.store, &BOB, &bytes).expect("exists");
+        f.store.touch(&id).expect("forward");
+        let now = f.clock.now();
+        assert_eq!(f.store.index.account_bytes(&bob, now).expect("bob"), 0);
+        assert_eq!(
+            f.store.index.account_bytes(&alice, now).expect("alice"),
+            1000
+        );
+        assert!(matches!(
+            f.store.begin(&ALICE, &[8; 32], 600),
+            Err(BlobError::QuotaExceeded)
+        ));
+        assert!(f.store.begin(&BOB, &[8; 32], 600).is_ok());
+        // The day after the one Alice's upload was to expire on, her quota is free
+        // again though the blob lives on, forwarded.
+        let free_from = (meta.expires_at / DAY_MS + 1) * DAY_MS;
+        f.clock
+            .advance(Duration::from_millis(free_from - f.clock.now()));
+        assert!(f.store.status(&id).expect("status").is_some());
+        assert!(f.store.begin(&ALICE, &[8; 32], 1500).is_ok());
+        assert_eq!(f.store.sweep(100).expect("sweep").charges, 1);
+    }
+}
+
+#[test]
+fn reported_expiry_is_the_start_of_its_utc_day() {
+    assert_eq!(reported_expiry(0), 0);
+    assert_eq!(reported_expiry(DAY_MS - 1), 0);
+    assert_eq!(reported_expiry(DAY_MS), DAY_MS);
+    // 2027-01-15T08:00:00.123Z -> 2027-01-15T00:00:00Z
+    let t = 1_800_000_000_123;
+    assert_eq!(reported_expiry(t), t - 8 * 3_600_000 - 123);
 }

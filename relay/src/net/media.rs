@@ -15,7 +15,7 @@ use tracing::debug;
 
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
-use crate::media::{Begin, BlobError, BlobStore};
+use crate::media::{reported_expiry, Begin, BlobError, BlobStore};
 use crate::store::BlobId;
 
 /// Largest request frame on a transfer stream.
@@ -38,13 +38,14 @@ pub(crate) async fn accept_streams(
 }
 
 /// A control-stream question: does the relay have this blob? Answers
-/// [`Reply::BlobStatus`].
+/// [`Reply::BlobStatus`], its expiry rounded down to the UTC day, as every expiry
+/// the relay reports ([`reported_expiry`]).
 pub(crate) async fn status(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, Error> {
     let (b, id) = (blobs.clone(), *id);
     let meta = blocking(move || b.status(&id)).await?;
     Ok(Reply::BlobStatus(meta.map(|m| BlobStatus {
         size: m.size,
-        expires_at_ms: m.expires_at,
+        expires_at_ms: reported_expiry(m.expires_at),
     })))
 }
 
@@ -54,7 +55,7 @@ pub(crate) async fn touch(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, 
     let (b, id) = (blobs.clone(), *id);
     let meta = blocking(move || b.touch(&id)).await?;
     Ok(Reply::TouchBlob {
-        expires_at_ms: meta.expires_at,
+        expires_at_ms: reported_expiry(meta.expires_at),
     })
 }
 
@@ -234,7 +235,7 @@ async fn upload(
     let meta = blocking(move || b.finish(&device, &id)).await?;
     drop(running);
     let done = BlobStreamResponse::UploadDone {
-        expires_at_ms: meta.expires_at,
+        expires_at_ms: reported_expiry(meta.expires_at),
     };
     respond(send, done).await;
     Ok(())

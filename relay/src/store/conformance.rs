@@ -277,3 +277,146 @@ pub(super) fn concurrent_fetches<S: KeyStore>(store: std::sync::Arc<S>) {
     );
     assert_eq!(handed_out, 200, "240 fetches drain a pool of 200");
 }
+
+/// The blob index: records, expiry, uploads, and charges that expire by UTC day.
+pub(super) fn blob_rules(store: &dyn BlobIndex) {
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    // Noon of a UTC day, so "later the same day" is well inside it.
+    let day = 20_000;
+    let noon = day * DAY_MS + DAY_MS / 2;
+    let meta = |size, expires_at| BlobMeta {
+        size,
+        created_at: noon,
+        last_used_at: noon,
+        expires_at,
+    };
+    let upload = UploadMeta {
+        size: 100,
+        started_at: noon,
+        touched_at: noon,
+    };
+
+    // An upload is tied to its account until the blob is inserted, which ends it.
+    store.put_upload(&alice, &[1; 32], &upload).expect("upload");
+    assert_eq!(
+        store.uploads_of(&alice).expect("uploads"),
+        vec![([1; 32], 100)]
+    );
+    assert!(store.uploads_of(&bob).expect("uploads").is_empty());
+    store
+        .insert_blob(&[1; 32], &meta(100, noon + 2 * DAY_MS), &alice)
+        .expect("insert");
+    assert_eq!(store.upload(&alice, &[1; 32]).expect("upload"), None);
+    assert_eq!(
+        store.blob(&[1; 32]).expect("blob"),
+        Some(meta(100, noon + 2 * DAY_MS))
+    );
+
+    // Charges add up per account, whatever day they run to.
+    store
+        .insert_blob(&[2; 32], &meta(50, noon + 10 * DAY_MS), &alice)
+        .expect("insert");
+    store
+        .insert_blob(&[3; 32], &meta(7, noon + DAY_MS), &bob)
+        .expect("insert");
+    assert_eq!(store.account_bytes(&alice, noon).expect("bytes"), 150);
+    assert_eq!(store.account_bytes(&bob, noon).expect("bytes"), 7);
+
+    // A forward moves the blob, not the charge; a removal uncharges no one.
+    let touched = store
+        .touch_blob(&[1; 32], noon + DAY_MS, noon + 20 * DAY_MS)
+        .expect("touch")
+        .expect("present");
+    assert_eq!(
+        (touched.last_used_at, touched.expires_at),
+        (noon + DAY_MS, noon + 20 * DAY_MS)
+    );
+    assert_eq!(store.touch_blob(&[9; 32], noon, noon).expect("touch"), None);
+    assert_eq!(
+        store.remove_blob(&[2; 32]).expect("remove"),
+        Some(meta(50, noon + 10 * DAY_MS))
+    );
+    assert_eq!(store.blob(&[2; 32]).expect("blob"), None);
+    assert_eq!(store.account_bytes(&alice, noon).expect("bytes"), 150);
+
+    // Expiry index: soonest first, only what is due.
+    assert_eq!(
+        store.expired_blobs(noon + DAY_MS, 10).expect("expired"),
+        vec![[3; 32]]
+    );
+    assert_eq!(
+        store
+            .expired_blobs(noon + 30 * DAY_MS, 10)
+            .expect("expired"),
+        vec![[3; 32], [1; 32]]
+    );
+    assert_eq!(
+        store
+            .expired_blobs(noon + 30 * DAY_MS, 1)
+            .expect("expired")
+            .len(),
+        1
+    );
+
+    // A charge is due until the end of the UTC day its blob was to expire on.
+    let last_ms_of = |d: u64| (d + 1) * DAY_MS - 1;
+    assert_eq!(
+        store
+            .account_bytes(&alice, last_ms_of(day + 2))
+            .expect("bytes"),
+        150
+    );
+    assert_eq!(
+        store
+            .account_bytes(&alice, (day + 3) * DAY_MS)
+            .expect("bytes"),
+        50,
+        "the first charge ended with its day, though the blob was forwarded"
+    );
+    assert_eq!(
+        store
+            .account_bytes(&bob, (day + 2) * DAY_MS)
+            .expect("bytes"),
+        0
+    );
+    // The sweep deletes charges of past days, a bounded number at a time.
+    assert_eq!(
+        store.expire_charges((day + 3) * DAY_MS, 1).expect("expire"),
+        1
+    );
+    assert_eq!(
+        store
+            .expire_charges((day + 3) * DAY_MS, 10)
+            .expect("expire"),
+        1
+    );
+    assert_eq!(
+        store
+            .expire_charges((day + 3) * DAY_MS, 10)
+            .expect("expire"),
+        0
+    );
+    assert_eq!(store.account_bytes(&alice, noon).expect("bytes"), 50);
+    assert_eq!(store.account_bytes(&bob, noon).expect("bytes"), 0);
+
+    // Stale uploads: by when bytes last arrived.
+    store.put_upload(&bob, &[4; 32], &upload).expect("upload");
+    store
+        .put_upload(
+            &alice,
+            &[5; 32],
+            &UploadMeta {
+                touched_at: noon + 10,
+                ..upload
+            },
+        )
+        .expect("upload");
+    assert_eq!(
+        store.stale_uploads(noon + 1, 10).expect("stale"),
+        vec![(bob, [4; 32])]
+    );
+    assert_eq!(store.stale_uploads(noon + 11, 10).expect("stale").len(), 2);
+    assert_eq!(store.stale_uploads(noon + 11, 1).expect("stale").len(), 1);
+    store.remove_upload(&bob, &[4; 32]).expect("remove");
+    assert_eq!(store.upload(&bob, &[4; 32]).expect("upload"), None);
+}

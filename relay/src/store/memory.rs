@@ -28,7 +28,8 @@ struct Inner {
     tokens: HashMap<AccountId, [u8; 32]>,
     keys: HashMap<DeviceAddress, Keys>,
     blobs: HashMap<BlobId, BlobMeta>,
-    blob_bytes: HashMap<AccountId, u64>,
+    /// (account, UTC day of expiry) -> bytes charged.
+    charges: BTreeMap<(AccountId, u64), u64>,
     uploads: BTreeMap<(AccountId, BlobId), UploadMeta>,
 }
 
@@ -232,13 +233,15 @@ impl BlobIndex for MemoryStore {
         Ok(self.lock().blobs.get(id).copied())
     }
 
-    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()> {
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta, uploader: &AccountId) -> StoreResult<()> {
         let mut inner = self.lock();
-        if let Some(old) = inner.blobs.insert(*id, *meta) {
-            *inner.blob_bytes.entry(old.owner).or_default() -= old.size;
-        }
-        *inner.blob_bytes.entry(meta.owner).or_default() += meta.size;
-        inner.uploads.remove(&(meta.owner, *id));
+        inner.blobs.insert(*id, *meta);
+        let charge = inner
+            .charges
+            .entry((*uploader, super::utc_day(meta.expires_at)))
+            .or_default();
+        *charge = charge.saturating_add(meta.size);
+        inner.uploads.remove(&(*uploader, *id));
         Ok(())
     }
 
@@ -257,12 +260,7 @@ impl BlobIndex for MemoryStore {
     }
 
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
-        let mut inner = self.lock();
-        let removed = inner.blobs.remove(id);
-        if let Some(m) = removed {
-            *inner.blob_bytes.entry(m.owner).or_default() -= m.size;
-        }
-        Ok(removed)
+        Ok(self.lock().blobs.remove(id))
     }
 
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
@@ -277,8 +275,28 @@ impl BlobIndex for MemoryStore {
         Ok(due.into_iter().take(max).map(|(_, id)| id).collect())
     }
 
-    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64> {
-        Ok(self.lock().blob_bytes.get(account).copied().unwrap_or(0))
+    fn account_bytes(&self, account: &AccountId, now: UnixMillis) -> StoreResult<u64> {
+        Ok(self
+            .lock()
+            .charges
+            .range((*account, super::utc_day(now))..=(*account, u64::MAX))
+            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n)))
+    }
+
+    fn expire_charges(&self, now: UnixMillis, max: usize) -> StoreResult<usize> {
+        let today = super::utc_day(now);
+        let mut inner = self.lock();
+        let past: Vec<(AccountId, u64)> = inner
+            .charges
+            .keys()
+            .filter(|(_, day)| *day < today)
+            .take(max)
+            .copied()
+            .collect();
+        for k in &past {
+            inner.charges.remove(k);
+        }
+        Ok(past.len())
     }
 
     fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
@@ -332,6 +350,7 @@ mod tests {
         super::super::conformance::mailbox_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
+        super::super::conformance::blob_rules(&super::MemoryStore::new());
     }
 
     #[test]

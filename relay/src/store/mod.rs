@@ -147,7 +147,9 @@ pub trait MailboxStore: Flush {
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.
 pub type BlobId = [u8; 32];
 
-/// A stored blob.
+/// A stored blob. It names no account: who uploaded it is forgotten when the upload
+/// completes, and the uploader's quota is a [charge](BlobIndex::account_bytes) that
+/// expires on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlobMeta {
     /// Bytes.
@@ -158,8 +160,6 @@ pub struct BlobMeta {
     pub last_used_at: UnixMillis,
     /// When the sweeper deletes it.
     pub expires_at: UnixMillis,
-    /// The account that uploaded it, charged for its bytes.
-    pub owner: AccountId,
 }
 
 /// An upload in progress (its bytes are in a file beside the blobs).
@@ -173,26 +173,45 @@ pub struct UploadMeta {
     pub touched_at: UnixMillis,
 }
 
+/// Milliseconds in a UTC day (Unix time has no leap seconds).
+pub const DAY_MS: u64 = 86_400_000;
+
+/// The UTC day `t` falls on, counted from the Unix epoch.
+pub fn utc_day(t: UnixMillis) -> u64 {
+    t / DAY_MS
+}
+
 /// What the relay knows about blobs; their bytes are files the caller keeps.
+///
+/// Privacy contract: a blob's record names no account. An account appears only in
+/// its unfinished uploads (until they complete or are abandoned) and in its charges:
+/// one amount per UTC day on which charged blobs expire, so at most 31 per account
+/// with the 30-day cap on a blob's life, each deleted once its day has passed.
 pub trait BlobIndex: Send + Sync + 'static {
     /// A blob's record.
     fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
-    /// Records a complete blob, charges its owner, and ends the owner's upload of it,
-    /// in one atomic change.
-    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()>;
+    /// Records a complete blob, in one atomic change: its record (naming no one), a
+    /// charge of `meta.size` bytes to `uploader` until the end of the UTC day of
+    /// `meta.expires_at`, and the end of `uploader`'s upload of it.
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta, uploader: &AccountId) -> StoreResult<()>;
     /// Moves a blob's expiry (a forward, or a repeated upload); `None` if absent.
+    /// Charges no one.
     fn touch_blob(
         &self,
         id: &BlobId,
         now: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Option<BlobMeta>>;
-    /// Deletes a blob's record and uncharges its owner.
+    /// Deletes a blob's record. Uncharges no one: the charge expires on its own.
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
     /// Up to `max` blobs with `expires_at <= now`, soonest first.
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>>;
-    /// Bytes of the blobs `account` owns.
-    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64>;
+    /// Bytes charged to `account` that are still due at `now`: its charges for the
+    /// UTC day of `now` and later.
+    fn account_bytes(&self, account: &AccountId, now: UnixMillis) -> StoreResult<u64>;
+    /// Deletes up to `max` charges for UTC days before that of `now`; returns how
+    /// many it deleted.
+    fn expire_charges(&self, now: UnixMillis, max: usize) -> StoreResult<usize>;
     /// An upload in progress.
     fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>>;
     /// Records an upload in progress.

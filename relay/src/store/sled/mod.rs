@@ -18,6 +18,9 @@
 //! | `I` account device | identity agreement key: id, key, signature |
 //! | `S` account device | signed prekey: id, key, signature |
 //! | `O` account device id | one-time prekey |
+//!
+//! The blob index (`blobs`): records naming no account in one tree, what is tied to
+//! an account (uploads in progress, quota charges) in another.
 
 use std::path::Path;
 
@@ -26,10 +29,11 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
-    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
-    StoredMessage, UploadMeta, Usage,
+    codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
+    MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
 };
+
+mod blobs;
 use tern_platform::clock::UnixMillis;
 
 const MSG: u8 = b'M';
@@ -47,7 +51,10 @@ pub struct SledStore {
     accounts: sled::Tree,
     tokens: sled::Tree,
     keys: sled::Tree,
+    /// Blob records and their expiry index; no account ids.
     blobs: sled::Tree,
+    /// Uploads in progress and quota charges: what ties an account to media.
+    blob_quota: sled::Tree,
 }
 
 fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
@@ -152,14 +159,18 @@ impl SledStore {
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
         let keys = db.open_tree("keys").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
-        Ok(SledStore {
+        let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
+        let store = SledStore {
             db,
             mailboxes,
             accounts,
             tokens,
             keys,
             blobs,
-        })
+            blob_quota,
+        };
+        store.migrate_blobs()?;
+        Ok(store)
     }
 
     /// Messages queued across every mailbox; an O(n) scan, for tests and admin tools.
@@ -441,234 +452,6 @@ impl KeyStore for SledStore {
             n += 1;
         }
         Ok(n)
-    }
-}
-
-// Blob index, in the "blobs" tree:
-//   'B' id            -> size, created, last used, expires (u64 each), owner (16)
-//   'X' expires id    -> ()                    expiry index
-//   'A' account       -> bytes owned (u64)
-//   'P' account id    -> size, started, touched (u64 each)   uploads in progress
-const BLOB: u8 = b'B';
-const BLOB_EXPIRY: u8 = b'X';
-const BLOB_BYTES: u8 = b'A';
-const UPLOAD: u8 = b'P';
-
-fn blob_key(id: &BlobId) -> Vec<u8> {
-    [&[BLOB][..], id].concat()
-}
-
-fn blob_expiry_key(expires_at: UnixMillis, id: &BlobId) -> Vec<u8> {
-    [&[BLOB_EXPIRY][..], &expires_at.to_be_bytes(), id].concat()
-}
-
-fn blob_bytes_key(account: &AccountId) -> Vec<u8> {
-    [&[BLOB_BYTES][..], account.as_bytes()].concat()
-}
-
-fn upload_key(account: &AccountId, id: &BlobId) -> Vec<u8> {
-    [&[UPLOAD][..], account.as_bytes(), id].concat()
-}
-
-fn encode_blob(m: &BlobMeta) -> Vec<u8> {
-    [
-        &m.size.to_be_bytes()[..],
-        &m.created_at.to_be_bytes(),
-        &m.last_used_at.to_be_bytes(),
-        &m.expires_at.to_be_bytes(),
-        m.owner.as_bytes(),
-    ]
-    .concat()
-}
-
-fn decode_blob(v: &[u8]) -> StoreResult<BlobMeta> {
-    if v.len() != 48 {
-        return Err(StoreError::Corrupt("blob record"));
-    }
-    let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
-    Ok(BlobMeta {
-        size: u(0)?,
-        created_at: u(8)?,
-        last_used_at: u(16)?,
-        expires_at: u(24)?,
-        owner: AccountId::try_from(&v[32..48]).map_err(|_| StoreError::Corrupt("blob owner"))?,
-    })
-}
-
-fn encode_upload(m: &UploadMeta) -> Vec<u8> {
-    [
-        m.size.to_be_bytes(),
-        m.started_at.to_be_bytes(),
-        m.touched_at.to_be_bytes(),
-    ]
-    .concat()
-}
-
-fn decode_upload(v: &[u8]) -> StoreResult<UploadMeta> {
-    if v.len() != 24 {
-        return Err(StoreError::Corrupt("upload record"));
-    }
-    let u = |i: usize| -> StoreResult<u64> { Ok(u64::from_be_bytes(fixed(&v[i..i + 8])?)) };
-    Ok(UploadMeta {
-        size: u(0)?,
-        started_at: u(8)?,
-        touched_at: u(16)?,
-    })
-}
-
-/// An upload key's account and blob id.
-fn parse_upload_key(k: &[u8]) -> StoreResult<(AccountId, BlobId)> {
-    let account = AccountId::try_from(k.get(1..17).ok_or(StoreError::Corrupt("upload key"))?)
-        .map_err(|_| StoreError::Corrupt("upload key"))?;
-    Ok((
-        account,
-        fixed(k.get(17..).ok_or(StoreError::Corrupt("upload key"))?)?,
-    ))
-}
-
-/// Callers serialise blob index changes (the relay's blob store holds a lock), so the
-/// owner's byte count is a plain read-modify-write inside one atomic batch.
-impl BlobIndex for SledStore {
-    fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
-        self.blobs
-            .get(blob_key(id))
-            .map_err(backend)?
-            .map(|v| decode_blob(&v))
-            .transpose()
-    }
-
-    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta) -> StoreResult<()> {
-        let mut batch = sled::Batch::default();
-        let mut owned = self.account_bytes(&meta.owner)?;
-        if let Some(old) = self.blob(id)? {
-            batch.remove(blob_expiry_key(old.expires_at, id));
-            if old.owner == meta.owner {
-                owned -= old.size.min(owned);
-            } else {
-                let theirs = self.account_bytes(&old.owner)?;
-                batch.insert(
-                    blob_bytes_key(&old.owner),
-                    &(theirs - old.size.min(theirs)).to_be_bytes(),
-                );
-            }
-        }
-        batch.insert(blob_key(id), encode_blob(meta));
-        batch.insert(blob_expiry_key(meta.expires_at, id), &[][..]);
-        batch.insert(
-            blob_bytes_key(&meta.owner),
-            &(owned + meta.size).to_be_bytes(),
-        );
-        batch.remove(upload_key(&meta.owner, id));
-        self.blobs.apply_batch(batch).map_err(backend)
-    }
-
-    fn touch_blob(
-        &self,
-        id: &BlobId,
-        now: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> StoreResult<Option<BlobMeta>> {
-        let Some(mut meta) = self.blob(id)? else {
-            return Ok(None);
-        };
-        let mut batch = sled::Batch::default();
-        batch.remove(blob_expiry_key(meta.expires_at, id));
-        meta.last_used_at = now;
-        meta.expires_at = meta.expires_at.max(expires_at);
-        batch.insert(blob_key(id), encode_blob(&meta));
-        batch.insert(blob_expiry_key(meta.expires_at, id), &[][..]);
-        self.blobs.apply_batch(batch).map_err(backend)?;
-        Ok(Some(meta))
-    }
-
-    fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
-        let Some(meta) = self.blob(id)? else {
-            return Ok(None);
-        };
-        let owned = self.account_bytes(&meta.owner)?;
-        let mut batch = sled::Batch::default();
-        batch.remove(blob_key(id));
-        batch.remove(blob_expiry_key(meta.expires_at, id));
-        batch.insert(
-            blob_bytes_key(&meta.owner),
-            &(owned - meta.size.min(owned)).to_be_bytes(),
-        );
-        self.blobs.apply_batch(batch).map_err(backend)?;
-        Ok(Some(meta))
-    }
-
-    fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
-        let mut out = Vec::new();
-        for kv in self.blobs.scan_prefix([BLOB_EXPIRY]).take(max) {
-            let (k, _) = kv.map_err(backend)?;
-            let expires_at = u64::from_be_bytes(fixed(&k[1..9])?);
-            if expires_at > now {
-                break;
-            }
-            out.push(fixed(&k[9..])?);
-        }
-        Ok(out)
-    }
-
-    fn account_bytes(&self, account: &AccountId) -> StoreResult<u64> {
-        match self.blobs.get(blob_bytes_key(account)).map_err(backend)? {
-            Some(v) => Ok(u64::from_be_bytes(fixed(&v)?)),
-            None => Ok(0),
-        }
-    }
-
-    fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
-        self.blobs
-            .get(upload_key(account, id))
-            .map_err(backend)?
-            .map(|v| decode_upload(&v))
-            .transpose()
-    }
-
-    fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()> {
-        self.blobs
-            .insert(upload_key(account, id), encode_upload(meta))
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()> {
-        self.blobs
-            .remove(upload_key(account, id))
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    fn uploads_of(&self, account: &AccountId) -> StoreResult<Vec<(BlobId, u64)>> {
-        let mut out = Vec::new();
-        let prefix = [&[UPLOAD][..], account.as_bytes()].concat();
-        for kv in self.blobs.scan_prefix(prefix) {
-            let (k, v) = kv.map_err(backend)?;
-            out.push((parse_upload_key(&k)?.1, decode_upload(&v)?.size));
-        }
-        Ok(out)
-    }
-
-    fn flush_blobs(&self) -> StoreResult<()> {
-        Flush::flush(self)
-    }
-
-    fn stale_uploads(
-        &self,
-        before: UnixMillis,
-        max: usize,
-    ) -> StoreResult<Vec<(AccountId, BlobId)>> {
-        let mut out = Vec::new();
-        for kv in self.blobs.scan_prefix([UPLOAD]) {
-            if out.len() >= max {
-                break;
-            }
-            let (k, v) = kv.map_err(backend)?;
-            if decode_upload(&v)?.touched_at < before {
-                out.push(parse_upload_key(&k)?);
-            }
-        }
-        Ok(out)
     }
 }
 

@@ -7,6 +7,7 @@ fn conformance() {
     super::super::conformance::mailbox_rules(&store);
     super::super::conformance::account_rules(&store);
     super::super::conformance::key_rules(&store);
+    super::super::conformance::blob_rules(&store);
 }
 
 #[test]
@@ -66,4 +67,99 @@ fn corrupt_records_are_errors_not_panics() {
     assert!(decode_usage(&[1, 2, 3]).is_err());
     assert!(codec::decode_account(&[0; 33]).is_err());
     assert!(message_meta(&[0; 5]).is_err());
+    assert!(blobs::decode_blob(&[0; 48]).is_err());
+    assert!(blobs::decode_blob_v1(&[0; 32]).is_err());
+}
+
+#[test]
+fn format_1_blob_records_lose_their_uploader_at_open() {
+    use super::super::{BlobIndex, BlobMeta, DAY_MS};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let owner = [0xA7u8; 16];
+    let expires_at = 20_000 * DAY_MS + 5;
+    // A database as format 1 wrote it: owner in the record, a running total, and
+    // an upload in progress, all in the "blobs" tree.
+    {
+        let db = sled::open(dir.path()).expect("open");
+        let tree = db.open_tree("blobs").expect("tree");
+        let record = [
+            &100u64.to_be_bytes()[..],
+            &1u64.to_be_bytes(),
+            &2u64.to_be_bytes(),
+            &expires_at.to_be_bytes(),
+            &owner,
+        ]
+        .concat();
+        tree.insert([&[b'B'][..], &[1; 32]].concat(), record)
+            .expect("record");
+        tree.insert(
+            [&[b'X'][..], &expires_at.to_be_bytes(), &[1; 32]].concat(),
+            &[][..],
+        )
+        .expect("expiry");
+        tree.insert([&[b'A'][..], &owner].concat(), &100u64.to_be_bytes()[..])
+            .expect("total");
+        let upload = [5u64.to_be_bytes(), 1u64.to_be_bytes(), 1u64.to_be_bytes()].concat();
+        tree.insert([&[b'P'][..], &owner, &[2; 32]].concat(), upload)
+            .expect("upload");
+        db.flush().expect("flush");
+    }
+    for _ in 0..2 {
+        // Opened twice: the second open finds format 2 and changes nothing.
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open migrates");
+        let account = AccountId(owner);
+        assert_eq!(
+            store.blob(&[1; 32]).expect("blob"),
+            Some(BlobMeta {
+                size: 100,
+                created_at: 1,
+                last_used_at: 2,
+                expires_at,
+            })
+        );
+        assert_eq!(
+            store.account_bytes(&account, expires_at).expect("charge"),
+            100
+        );
+        assert_eq!(
+            store
+                .account_bytes(&account, expires_at + DAY_MS)
+                .expect("charge"),
+            0
+        );
+        assert_eq!(
+            store
+                .upload(&account, &[2; 32])
+                .expect("upload")
+                .map(|u| u.size),
+            Some(5)
+        );
+        assert_eq!(
+            store.expired_blobs(expires_at, 10).expect("expired"),
+            vec![[1; 32]]
+        );
+        for kv in store.blobs.iter() {
+            let (k, v) = kv.expect("record");
+            assert!(
+                !k.windows(16).any(|w| w == owner) && !v.windows(16).any(|w| w == owner),
+                "the blobs tree names the uploader: {k:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_blob_index_of_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = sled::open(dir.path()).expect("open");
+        let tree = db.open_tree("blobs").expect("tree");
+        tree.insert([b'V'], &(blobs::FORMAT + 1).to_be_bytes()[..])
+            .expect("version");
+        db.flush().expect("flush");
+    }
+    assert!(matches!(
+        SledStore::open(dir.path(), 8 << 20),
+        Err(StoreError::Corrupt(_))
+    ));
 }
