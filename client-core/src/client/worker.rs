@@ -23,8 +23,10 @@ use crate::{Error, ErrorCode, Result};
 const RECEIVE_BATCH: usize = 256;
 /// Envelopes per send request.
 const SEND_BATCH: usize = 64;
-/// Content bytes per send request (the relay's frames are 4 MiB by default).
-const SEND_BYTES: usize = 1 << 20;
+/// Content bytes per send request: sealed sends go on a connection that never
+/// authenticates, where the relay's frames are 264 KiB by default (a larger single
+/// envelope still goes alone).
+const SEND_BYTES: usize = 256 * 1024 - 4096;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 /// How often a long-lived connection checks its keys (signed prekey rotation).
