@@ -189,7 +189,9 @@ impl Relay {
             max_requests: config.limits.max_requests_per_connection,
             delivery_window: config.limits.delivery_window,
             delivery_window_bytes: config.limits.delivery_window_bytes,
-            unauthenticated_frame: c.unauthenticated_frame_bytes,
+            unauthenticated_frame: c
+                .unauthenticated_frame_bytes
+                .min(config.limits.max_frame_bytes),
             authenticated_receive_window: c.authenticated_receive_window,
             auth_deadline: c.auth_deadline,
             anonymous_idle: c.anonymous_idle,
