@@ -103,6 +103,7 @@ pub mod media;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod logging;
 pub mod server;
 
 pub(crate) mod certificates;

@@ -243,3 +243,29 @@ async fn address_validation_with_retry_still_connects() {
         "every new connection was asked to validate its address:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn the_relay_log_never_holds_a_peer_address_even_from_dependencies() {
+    // Every crate at trace, quinn's included: whatever a dependency prints about a
+    // peer goes through the relay's formatter, which redacts addresses.
+    let dir = tempfile::tempdir().unwrap();
+    let mut relay = relay_with(dir.path(), "", &["--log", "trace"]);
+    let alice = register_from(&relay.address, "127.0.0.2").await;
+    within(alice.conn.ping()).await.unwrap();
+    // A handshake that fails: an unpinned certificate is refused by the client.
+    let (config, _) =
+        tern_client::net::tls::pinned_client_config(tern_proto::Fingerprint([1; 32])).unwrap();
+    let mut endpoint = quinn::Endpoint::client(local("127.0.0.2")).unwrap();
+    endpoint.set_default_client_config(config);
+    let target = format!("{}:{}", relay.address.host, relay.address.port)
+        .parse()
+        .unwrap();
+    assert!(within(endpoint.connect(target, "x").unwrap())
+        .await
+        .is_err());
+    alice.conn.close().await;
+    relay.stop().unwrap();
+    let log = relay.log_text();
+    assert!(log.contains("quinn"), "dependencies' lines were captured");
+    assert!(!log.contains("127.0.0.2"), "a peer address in the log");
+}
