@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(sizes, vec![64, 64, 2]);
         let big: Vec<_> = (0..40).map(|_| copy(100_000)).collect();
         let sizes: Vec<usize> = chunks(&big).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, vec![10, 10, 10, 10]);
+        assert_eq!(sizes, vec![2; 20], "fits a frame before authentication");
         let huge = vec![copy(2 << 20)];
         assert_eq!(
             chunks(&huge).len(),
