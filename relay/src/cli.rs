@@ -77,6 +77,8 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 .map_err(|e| format!("--log {}: {e}", args.log))?,
         )
         .with_writer(std::io::stderr)
+        // Dependencies' lines may name peers: every line is redacted (P9).
+        .event_format(crate::logging::Redacting(tracing_subscriber::fmt::format()))
         .init();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,

@@ -20,6 +20,7 @@
 //! max_connections = 10000
 //! max_requests_per_connection = 1024
 //! delivery_window = 256         # unacknowledged pushes per connection
+//! delivery_window_bytes = 4194304  # and their payload bytes (one push always fits)
 //!
 //! [rate_limits]                 # "N/period": a burst of N, refilled over the period
 //! registrations_per_prefix = "30/1h"     # per IPv4 address or IPv6 /64
@@ -34,6 +35,20 @@
 //! one_time_prekeys_per_device = "75/1day"
 //! over_prekey_limit = "withhold"  # or "refuse"
 //! max_keys = 1000000            # per limit, about 100 bytes each
+//!
+//! [connections]                 # before authentication; see net/admission.rs
+//! max_unauthenticated = 2000    # connections not yet authenticated nor anonymous
+//! max_per_address = 32          # open connections per IPv4 address or IPv6 /64
+//! max_handshakes_per_address = 8
+//! ipv4_prefix_bits = 32         # what counts as one address
+//! ipv6_prefix_bits = 64
+//! retry = "under_load"          # QUIC address validation: "always", "under_load", "never"
+//! retry_above_handshakes = 64   # handshakes in progress that count as load
+//! auth_deadline = "10s"         # to authenticate or make an anonymous request
+//! anonymous_idle = "5m"         # an anonymous connection with no request is closed
+//! unauthenticated_frame_bytes = 270336
+//! unauthenticated_receive_window = 524288
+//! authenticated_receive_window = 16777216
 //!
 //! [expiry]
 //! message_ttl = "30days"        # at most 30 days
@@ -66,8 +81,10 @@ use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
+mod connections;
 mod rate;
 
+pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::rate::{PrekeyLimit, RateLimitsConfig};
 
 /// The relay's configuration.
@@ -94,6 +111,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Encrypted media (attachments).
     pub media: MediaConfig,
+    /// Admission of connections and what they may do before authentication.
+    pub connections: ConnectionsConfig,
 }
 
 /// Media limits and lifetime.
@@ -165,6 +184,9 @@ pub struct LimitsConfig {
     pub max_requests_per_connection: usize,
     /// Most unacknowledged pushes per connection.
     pub delivery_window: usize,
+    /// Most payload bytes of unacknowledged pushes per connection (one push always
+    /// fits, whatever its size).
+    pub delivery_window_bytes: usize,
     /// Replaced by `rate_limits.registrations_per_prefix`; still read so that a
     /// configuration written for an earlier relay starts: when set, it becomes that
     /// rate as "N/1m".
@@ -222,6 +244,7 @@ impl Default for Config {
             expiry: ExpiryConfig::default(),
             storage: StorageConfig::default(),
             media: MediaConfig::default(),
+            connections: ConnectionsConfig::default(),
         }
     }
 }
@@ -238,6 +261,7 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             max_requests_per_connection: 1024,
             delivery_window: 256,
+            delivery_window_bytes: 4 << 20,
             registrations_per_address_per_minute: None,
         }
     }
@@ -302,7 +326,11 @@ impl Config {
             return bad("expiry.sweep_interval and expiry.sweep_batch must be more than zero");
         }
         let l = &self.limits;
-        if l.max_envelope_bytes == 0 || l.max_batch == 0 || l.delivery_window == 0 {
+        if l.max_envelope_bytes == 0
+            || l.max_batch == 0
+            || l.delivery_window == 0
+            || l.delivery_window_bytes == 0
+        {
             return bad("limits must be more than zero");
         }
         if l.max_connections == 0 || l.max_requests_per_connection == 0 {
@@ -312,6 +340,7 @@ impl Config {
         if l.max_frame_bytes < l.max_envelope_bytes + 1024 {
             return bad("limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB");
         }
+        self.connections.validate(l)?;
         if self.storage.segment_mb == 0 || self.storage.segment_mb > 1024 {
             return bad("storage.segment_mb must be from 1 to 1024");
         }

@@ -17,11 +17,13 @@
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
-//! - `net`: QUIC endpoint, TLS certificate, per-connection sessions that decode a
+//! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
+//!   caps, Retry, the unauthenticated pool), per-connection sessions that decode a
 //!   request, call a service and encode its answer.
 //! - [`server`]: [`Relay`], a running relay with orderly shutdown, and the
 //!   [`server::Services`] it builds.
-//! - [`cli`]: the `tern-relay` command line.
+//! - [`cli`]: the `tern-relay` command line; [`logging`]: its log formatter, which
+//!   redacts IP addresses from every line (P9).
 //! - [`config`] (a leaf: it imports no service), [`error`]. Time comes from
 //!   [`tern_platform::clock`].
 //!
@@ -103,6 +105,7 @@ pub mod media;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod logging;
 pub mod server;
 
 pub(crate) mod certificates;

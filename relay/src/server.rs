@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore};
-use crate::net::{self, tls, ConnSettings};
+use crate::net::{self, tls, Admission, ConnSettings};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 
 /// The relay's services over one set of stores, sharing one group commit.
@@ -172,7 +172,10 @@ impl Relay {
         let identity = tls::load_or_create(&config.tls, &config.data_dir)?;
         let fingerprint = identity.fingerprint();
         let mut server_config = tls::server_config(identity)?;
-        server_config.transport_config(Arc::new(net::transport_config()));
+        let c = &config.connections;
+        server_config.transport_config(Arc::new(net::transport_config(
+            c.unauthenticated_receive_window,
+        )));
         let signer = tls::load_or_create_signing_key(&config.data_dir)?;
         let endpoint = quinn::Endpoint::new(
             tls::endpoint_config(&signer),
@@ -204,6 +207,13 @@ impl Relay {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
             delivery_window: config.limits.delivery_window,
+            delivery_window_bytes: config.limits.delivery_window_bytes,
+            unauthenticated_frame: c
+                .unauthenticated_frame_bytes
+                .min(config.limits.max_frame_bytes),
+            authenticated_receive_window: c.authenticated_receive_window,
+            auth_deadline: c.auth_deadline,
+            anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -211,7 +221,7 @@ impl Relay {
             endpoint.clone(),
             services.clone(),
             settings,
-            config.limits.max_connections,
+            Admission::new(c, config.limits.max_connections),
             shutdown_rx.clone(),
         ));
         let sweeper = tokio::spawn(sweep_loop(

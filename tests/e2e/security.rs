@@ -226,9 +226,16 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
 #[tokio::test]
 async fn a_client_connection_may_wait_past_the_open_timeout_before_its_first_request() {
     // The relay closes connections that never open their control stream within 10 s;
-    // a client connection opens it as it connects, however long it then waits.
+    // a client connection opens it as it connects, however long it then waits (up to
+    // the deadline to authenticate, here set longer).
     let dir = tempfile::tempdir().unwrap();
-    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[connections]\nauth_deadline = \"60s\"\n").unwrap();
+    let relay = RelayProcess::start(
+        &dir.path().join("relay"),
+        &["--config", config.to_str().unwrap()],
+    )
+    .unwrap();
     let (conn, _inbox) = within(RelayConnection::connect(&relay.address))
         .await
         .unwrap();

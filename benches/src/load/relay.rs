@@ -64,12 +64,16 @@ impl RelayUnderTest {
     pub fn spawn(settings: &RelaySettings<'_>) -> Result<Self, LoadError> {
         let dir = tempfile::tempdir()?;
         let config = dir.path().join("relay.toml");
-        // Queues sized for the run, not for a phone's mailbox.
+        // Queues sized for the run, not for a phone's mailbox. Every connection comes
+        // from 127.0.0.1, many at once, and the anonymous ones wait through the setup:
+        // the per-address caps and the deadlines are raised (the checks still run).
+        let max_connections = settings.max_connections.max(16);
         std::fs::write(
             &config,
             format!(
-                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n{UNTHROTTLED}",
-                settings.max_connections.max(16)
+                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {max_connections}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n[connections]\nmax_per_address = {per_address}\nmax_handshakes_per_address = 1024\nmax_unauthenticated = {unauthenticated}\nauth_deadline = \"1h\"\nanonymous_idle = \"1h\"\n\n{UNTHROTTLED}",
+                per_address = 2 * max_connections,
+                unauthenticated = max_connections.max(2000),
             ),
         )?;
         let mut child = Command::new(settings.binary)

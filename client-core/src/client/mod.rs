@@ -21,6 +21,7 @@
 //!   [`Client::send`] to that contact fails with [`Error::UntrustedIdentity`], messages
 //!   already queued wait, and the contact's messages are held unread.
 
+mod anonymous;
 mod contacts;
 mod inbox;
 mod keys;
@@ -39,6 +40,7 @@ use tern_proto::address::RelayAddress;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
+use self::anonymous::AnonymousLink;
 use self::state::{NewDevice, State};
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
@@ -249,9 +251,11 @@ pub(crate) struct Shared {
     stop: watch::Sender<bool>,
     /// The worker's connections while connected: (authenticated, anonymous).
     conns: watch::Sender<Option<Connections>>,
+    /// The anonymous connection, which lives apart from the authenticated one.
+    anon: Arc<AnonymousLink>,
 }
 
-type Connections = (Arc<RelayConnection>, Arc<RelayConnection>);
+type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
 
 impl Shared {
     fn now_ms(&self) -> u64 {
@@ -375,11 +379,12 @@ impl Client {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             clock,
-            relay,
+            relay: relay.clone(),
             events: std::sync::Mutex::new(Some(tx)),
             outbox: Notify::new(),
             stop: watch::channel(false).0,
             conns: watch::channel(None).0,
+            anon: Arc::new(AnonymousLink::new(relay.clone())),
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),
@@ -597,9 +602,9 @@ impl Client {
         pointer: &AttachmentPointer,
         dest: &std::path::Path,
     ) -> Result<u64> {
-        self.with_retries(
-            |(_, anon)| async move { crate::media::download(&anon, pointer, dest).await },
-        )
+        self.with_retries(|(_, anon)| async move {
+            crate::media::download(&*anon.get().await?, pointer, dest).await
+        })
         .await
     }
 
@@ -612,8 +617,10 @@ impl Client {
         body: &[u8],
         pointer: &AttachmentPointer,
     ) -> Result<MessageId> {
-        self.with_retries(|(_, anon)| async move { crate::media::forward(&anon, pointer).await })
-            .await?;
+        self.with_retries(|(_, anon)| async move {
+            crate::media::forward(&*anon.get().await?, pointer).await
+        })
+        .await?;
         self.send_with_attachments(to, body, std::slice::from_ref(pointer))
             .await
     }

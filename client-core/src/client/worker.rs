@@ -10,6 +10,7 @@ use rand::rngs::OsRng;
 use rand::Rng;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
+use super::anonymous::AnonymousLink;
 use super::contacts::StartError;
 use super::outbox::{DeviceSends, SealedCopy};
 use super::state::{Outcome, State};
@@ -23,8 +24,10 @@ use crate::{Error, ErrorCode, Result};
 const RECEIVE_BATCH: usize = 256;
 /// Envelopes per send request.
 const SEND_BATCH: usize = 64;
-/// Content bytes per send request (the relay's frames are 4 MiB by default).
-const SEND_BYTES: usize = 1 << 20;
+/// Content bytes per send request: sealed sends go on a connection that never
+/// authenticates, where the relay's frames are 264 KiB by default (a larger single
+/// envelope still goes alone).
+const SEND_BYTES: usize = 256 * 1024 - 4096;
 /// Copies sealed for one recipient per send round (four full requests).
 const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
@@ -86,10 +89,10 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
         }
     }
     // Stopped mid-connection: close what media transfers could still be holding.
-    if let Some((conn, anon)) = shared.conns.send_replace(None) {
+    if let Some((conn, _)) = shared.conns.send_replace(None) {
         conn.close_now();
-        anon.close_now();
     }
+    shared.anon.close_now().await;
 }
 
 async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
@@ -100,11 +103,10 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
     conn.authenticate(&address, &device_key).await?;
     maintain_keys(shared, &conn).await?;
-    // Sealed sends go over a connection that never authenticates, so the relay
-    // cannot tie them to this device by connection.
-    let (anon, _no_deliveries) = RelayConnection::connect(&shared.relay).await?;
     backoff.reset();
-    let (conn, anon) = (Arc::new(conn), Arc::new(anon));
+    // Sealed sends go over a connection that never authenticates (`shared.anon`),
+    // so the relay cannot tie them to this device by connection.
+    let (conn, anon) = (Arc::new(conn), shared.anon.clone());
     // Media transfers share these connections, on streams of their own.
     shared
         .conns
@@ -113,15 +115,12 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     let result = tokio::select! {
         r = receive_loop(shared, &conn, inbox) => r,
         r = send_loop(shared, &conn, &anon) => r,
-        e = anon.closed() => Err(e),
     };
     shared.conns.send_replace(None);
-    for c in [conn, anon] {
-        match Arc::try_unwrap(c) {
-            Ok(c) => c.close().await,
-            // A transfer still holds it: close it under the transfer.
-            Err(c) => c.close_now(),
-        }
+    match Arc::try_unwrap(conn) {
+        Ok(c) => c.close().await,
+        // A transfer still holds it: close it under the transfer.
+        Err(c) => c.close_now(),
     }
     result
 }
@@ -239,7 +238,7 @@ enum Round {
     Wait,
 }
 
-async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &RelayConnection) -> Result<()> {
+async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &AnonymousLink) -> Result<()> {
     let mut certificate: Option<SenderCertificate> = None;
     let mut retry = Backoff::new();
     let mut maintenance = tokio::time::interval(MAINTENANCE);
@@ -272,14 +271,14 @@ async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &RelayConnecti
 async fn refresh_devices(
     shared: &Shared,
     conn: &RelayConnection,
-    anon: &RelayConnection,
+    anon: &AnonymousLink,
     recipient: &AccountId,
 ) -> Result<()> {
     let now = shared.now_ms();
     let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
         return Ok(());
     };
-    let ids = match anon.list_devices(recipient, &token).await {
+    let ids = match anon.get().await?.list_devices(recipient, &token).await {
         Ok(ids) => ids,
         Err(e) if e.relay_code().is_some() => {
             // A rotated token, say: check again tomorrow; sends handle the rest.
@@ -352,7 +351,7 @@ async fn certificate<'a>(
 async fn send_round(
     shared: &Shared,
     conn: &RelayConnection,
-    anon: &RelayConnection,
+    anon: &AnonymousLink,
     cached: &mut Option<SenderCertificate>,
 ) -> Result<Round> {
     let recipients: Vec<AccountId> = {
@@ -469,7 +468,7 @@ async fn send_round(
 async fn send_device(
     shared: &Shared,
     conn: &RelayConnection,
-    anon: &RelayConnection,
+    anon: &AnonymousLink,
     recipient: &AccountId,
     plan: &DeviceSends,
     token: Option<[u8; 32]>,
@@ -484,7 +483,7 @@ async fn send_device(
             payload: c.payload.clone().into(),
         });
         let result = match &token {
-            Some(token) => anon.sealed_send(&to, token, envelopes).await,
+            Some(token) => anon.get().await?.sealed_send(&to, token, envelopes).await,
             // No token yet: this first message identifies its sender to the relay.
             None => conn.send(&to, envelopes).await,
         };
@@ -597,7 +596,7 @@ mod tests {
         assert_eq!(sizes, vec![64, 64, 2]);
         let big: Vec<_> = (0..40).map(|_| copy(100_000)).collect();
         let sizes: Vec<usize> = chunks(&big).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, vec![10, 10, 10, 10]);
+        assert_eq!(sizes, vec![2; 20], "fits a frame before authentication");
         let huge = vec![copy(2 << 20)];
         assert_eq!(
             chunks(&huge).len(),

@@ -106,15 +106,24 @@ fn closed_reason(e: &quinn::ConnectionError) -> String {
 impl RelayConnection {
     /// Connects to `relay`, refusing any certificate but the pinned one.
     pub async fn connect(relay: &RelayAddress) -> Result<(RelayConnection, Inbox)> {
+        Self::connect_from(relay, None).await
+    }
+
+    /// [`RelayConnection::connect`] from a socket bound to `local` (any address of
+    /// the relay's family, port chosen by the system, when `None`).
+    pub async fn connect_from(
+        relay: &RelayAddress,
+        local: Option<SocketAddr>,
+    ) -> Result<(RelayConnection, Inbox)> {
         let target: SocketAddr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
             .await
             .map_err(|e| Error::Connect(format!("resolving the relay: {e}")))?
             .next()
             .ok_or_else(|| Error::Connect("the relay's host has no address".into()))?;
-        let bind: SocketAddr = if target.is_ipv6() {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        } else {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        let bind: SocketAddr = match local {
+            Some(local) => local,
+            None if target.is_ipv6() => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+            None => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
         };
         let (config, mismatch) =
             tls::pinned_client_config(relay.fingerprint).map_err(Error::Connect)?;
@@ -405,6 +414,11 @@ impl RelayConnection {
     /// Resolves when the connection closes, with the reason.
     pub async fn closed(&self) -> Error {
         Error::Closed(closed_reason(&self.conn.closed().await))
+    }
+
+    /// Whether the connection has closed: by either side, or lost.
+    pub fn is_closed(&self) -> bool {
+        self.conn.close_reason().is_some()
     }
 
     /// Closes the connection at once, without waiting (for a connection shared with

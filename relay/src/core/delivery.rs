@@ -8,27 +8,47 @@
 //! drained and [`DeliveryWindow::on_drained`] says whether to tell the client.
 //! A connection never pushes the same message twice; unacknowledged messages are
 //! pushed again only on the device's next connection.
+//!
+//! The window is bounded in messages and in payload bytes. An empty window always
+//! takes one message, however large, so no message is stuck; otherwise the bytes in
+//! flight never exceed the byte bound.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 /// Unacknowledged deliveries of one connection, bounded for backpressure.
 #[derive(Debug, Clone)]
 pub struct DeliveryWindow {
     max: usize,
+    max_bytes: usize,
+    bytes: usize,
     cursor: u64,
-    in_flight: BTreeSet<u64>,
+    /// Payload bytes of each unacknowledged push.
+    in_flight: BTreeMap<u64, usize>,
     announced_empty: bool,
 }
 
 impl DeliveryWindow {
-    /// A window of at most `max` (at least 1) unacknowledged messages.
+    /// A window of at most `max` (at least 1) unacknowledged messages, of any size.
     pub fn new(max: usize) -> Self {
         DeliveryWindow {
             max: max.max(1),
+            max_bytes: usize::MAX,
+            bytes: 0,
             cursor: 0,
-            in_flight: BTreeSet::new(),
+            in_flight: BTreeMap::new(),
             announced_empty: false,
         }
+    }
+
+    /// The same window, also bounded to `max_bytes` of unacknowledged payload.
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Payload bytes pushed and not acknowledged.
+    pub fn bytes_in_flight(&self) -> usize {
+        self.bytes
     }
 
     /// Reads start after this sequence number.
@@ -36,8 +56,12 @@ impl DeliveryWindow {
         self.cursor
     }
 
-    /// How many more messages may be pushed now.
+    /// How many more messages may be pushed now, at most (each push must also fit
+    /// the byte bound); 0 once the bytes in flight reach it.
     pub fn room(&self) -> usize {
+        if self.bytes >= self.max_bytes {
+            return 0;
+        }
         self.max - self.in_flight.len()
     }
 
@@ -46,15 +70,20 @@ impl DeliveryWindow {
         self.in_flight.len()
     }
 
-    /// Records a push of `seq`, which must come after the cursor. Returns false (and
-    /// changes nothing) for a message already pushed on this connection, or when the
-    /// window is full.
-    pub fn on_pushed(&mut self, seq: u64) -> bool {
+    /// Records a push of `seq` with `bytes` of payload, which must come after the
+    /// cursor. Returns false (and changes nothing) for a message already pushed on
+    /// this connection, or when the window is full or the message does not fit it.
+    pub fn on_pushed(&mut self, seq: u64, bytes: usize) -> bool {
         if seq <= self.cursor || self.room() == 0 {
             return false;
         }
+        let fits = self.bytes.saturating_add(bytes) <= self.max_bytes;
+        if !fits && !self.in_flight.is_empty() {
+            return false;
+        }
         self.cursor = seq;
-        self.in_flight.insert(seq);
+        self.in_flight.insert(seq, bytes);
+        self.bytes = self.bytes.saturating_add(bytes);
         true
     }
 
@@ -66,7 +95,13 @@ impl DeliveryWindow {
 
     /// Records an acknowledgement; true if it freed room in the window.
     pub fn on_acked(&mut self, seq: u64) -> bool {
-        self.in_flight.remove(&seq)
+        match self.in_flight.remove(&seq) {
+            Some(bytes) => {
+                self.bytes -= bytes;
+                true
+            }
+            None => false,
+        }
     }
 
     /// A read found nothing more: returns true the first time, when the client should
@@ -84,29 +119,68 @@ mod tests {
     fn window_bounds_pushes_and_acks_free_room() {
         let mut w = DeliveryWindow::new(2);
         assert_eq!(w.room(), 2);
-        assert!(w.on_pushed(5));
-        assert!(w.on_pushed(9));
+        assert!(w.on_pushed(5, 1));
+        assert!(w.on_pushed(9, 1));
         assert_eq!(w.room(), 0);
-        assert!(!w.on_pushed(10), "window full");
+        assert!(!w.on_pushed(10, 1), "window full");
         assert_eq!(w.cursor(), 9);
         assert!(w.on_acked(5));
         assert!(!w.on_acked(5), "second ack frees nothing");
         assert!(!w.on_acked(77), "unknown seq frees nothing");
         assert_eq!(w.room(), 1);
-        assert!(w.on_pushed(10));
+        assert!(w.on_pushed(10, 1));
     }
 
     #[test]
     fn never_pushes_twice_or_backwards() {
         let mut w = DeliveryWindow::new(10);
-        assert!(w.on_pushed(3));
-        assert!(!w.on_pushed(3));
-        assert!(!w.on_pushed(2));
+        assert!(w.on_pushed(3, 1));
+        assert!(!w.on_pushed(3, 1));
+        assert!(!w.on_pushed(2, 1));
         w.on_skipped(8);
         assert_eq!(w.cursor(), 8);
-        assert!(!w.on_pushed(7));
+        assert!(!w.on_pushed(7, 1));
         w.on_skipped(4);
         assert_eq!(w.cursor(), 8, "skips never move the cursor back");
+    }
+
+    #[test]
+    fn bytes_bound_the_window_but_one_message_always_fits() {
+        let mut w = DeliveryWindow::new(10).with_max_bytes(100);
+        assert!(w.on_pushed(1, 1000), "an empty window takes any message");
+        assert_eq!(w.room(), 0);
+        assert!(!w.on_pushed(2, 1));
+        assert!(w.on_acked(1));
+        assert_eq!(w.bytes_in_flight(), 0);
+        assert!(w.on_pushed(2, 60));
+        assert!(!w.on_pushed(3, 41), "would pass the byte bound");
+        assert_eq!(w.cursor(), 2, "a refused push leaves the cursor");
+        assert!(w.on_pushed(3, 40));
+        assert_eq!(w.room(), 0, "exactly at the bound");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn pushed_bytes_never_exceed_the_bound_or_one_message(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0usize..300), 0..300),
+        ) {
+            let mut w = DeliveryWindow::new(8).with_max_bytes(500);
+            let mut next = 1;
+            let mut largest = 0;
+            for (push, size) in ops {
+                if push {
+                    if w.on_pushed(next, size) {
+                        largest = largest.max(size);
+                    }
+                    next += 1;
+                } else if let Some((&seq, _)) = w.in_flight.iter().next() {
+                    w.on_acked(seq);
+                }
+                proptest::prop_assert!(w.bytes_in_flight() <= 500 || w.in_flight() == 1);
+                proptest::prop_assert!(w.in_flight() <= 8);
+                proptest::prop_assert_eq!(w.bytes_in_flight(), w.in_flight.values().sum::<usize>());
+            }
+        }
     }
 
     #[test]

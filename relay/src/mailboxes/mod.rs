@@ -162,8 +162,11 @@ impl Mailboxes {
             for m in batch {
                 if is_expired(now, m.expires_at) {
                     window.on_skipped(m.seq);
-                } else if window.on_pushed(m.seq) {
+                } else if window.on_pushed(m.seq, m.payload.len()) {
                     pull.messages.push(m);
+                } else {
+                    // Past the window's byte bound: the rest waits for acks.
+                    return Ok(pull);
                 }
             }
             if short {

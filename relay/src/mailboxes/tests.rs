@@ -238,3 +238,28 @@ async fn subscriptions_wake_and_displace() {
     drop(second);
     assert_eq!(f.services.mailboxes().tracked_devices(), 0);
 }
+
+#[tokio::test]
+async fn pull_stops_at_the_windows_byte_bound_and_never_says_empty_early() {
+    let f = fixture(Limits::default());
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    f.send(&alice, *bob.address(), &msgs(0..5, 8))
+        .await
+        .expect("send");
+    let mut window = DeliveryWindow::new(100).with_max_bytes(20);
+    let first = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("pull");
+    assert_eq!(ids(&first), vec![0, 1], "a third would pass 20 bytes");
+    assert!(!first.queue_empty);
+    assert!(window.on_acked(first.messages[0].seq));
+    let next = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("pull");
+    assert_eq!(ids(&next), vec![2]);
+    assert!(!next.queue_empty);
+}

@@ -6,6 +6,14 @@
 //! cap, so a slow disk slows the reader instead of growing memory. The writer
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
 //! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
+//!
+//! A connection starts [`Standing::Pending`]: a small frame limit and flow-control
+//! window, and a deadline (`connections.auth_deadline`, counted from its first
+//! packet). Authenticating makes it [`Standing::Authenticated`] and lifts both; a
+//! first successful anonymous request (a sealed send, device list, blob status or
+//! touch, a download) makes it [`Standing::Anonymous`], which keeps the small limits
+//! and is closed after `connections.anonymous_idle` without one. Either trades the
+//! connection's place in the unauthenticated pool for one of `max_connections`.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -26,8 +34,14 @@ use crate::core::rate::AddressPrefix;
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
 use crate::media::BlobStore;
+use crate::net::admission::AdmissionGuard;
+use crate::net::media::Activity;
+
+mod standing;
 use crate::server::Services;
 use crate::store::{Envelope, StoredMessage};
+pub(crate) use standing::Admitted;
+use standing::Standing;
 
 /// How long a new connection has to open its control stream.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +64,13 @@ pub(crate) struct ConnSettings {
     pub(crate) max_frame: usize,
     pub(crate) max_requests: usize,
     pub(crate) delivery_window: usize,
+    pub(crate) delivery_window_bytes: usize,
+    /// Largest frame before authentication.
+    pub(crate) unauthenticated_frame: usize,
+    /// Connection receive window once authenticated.
+    pub(crate) authenticated_receive_window: u32,
+    pub(crate) auth_deadline: Duration,
+    pub(crate) anonymous_idle: Duration,
     pub(crate) blobs: Arc<BlobStore>,
 }
 
@@ -70,6 +91,14 @@ struct Session {
     device: Arc<OnceLock<AuthenticatedDevice>>,
     acks: Option<mpsc::Sender<AckCmd>>,
     delivery: Option<tokio::task::JoinHandle<()>>,
+    standing: Standing,
+    admission: AdmissionGuard,
+    /// When a connection that is not authenticated is closed.
+    deadline: tokio::time::Instant,
+    /// Media transfers, which count as anonymous requests.
+    activity: Arc<Activity>,
+    /// Set when a request must end the connection.
+    ending: Option<End>,
 }
 
 /// Why the read loop stopped, and so how the connection is closed.
@@ -78,6 +107,12 @@ enum End {
     Lost,
     Protocol,
     Shutdown,
+    /// Not authenticated, nor an anonymous request, by the deadline.
+    Deadline,
+    /// Anonymous and idle past `anonymous_idle`.
+    Idle,
+    /// No place among `max_connections` for this connection.
+    Full,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol, or the relay
@@ -86,10 +121,14 @@ pub(crate) async fn serve(
     conn: quinn::Connection,
     services: Arc<Services>,
     settings: Arc<ConnSettings>,
+    admitted: Admitted,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let open_by = admitted
+        .deadline
+        .min(tokio::time::Instant::now() + OPEN_TIMEOUT);
     let opened = tokio::select! {
-        opened = tokio::time::timeout(OPEN_TIMEOUT, conn.accept_bi()) => opened,
+        opened = tokio::time::timeout_at(open_by, conn.accept_bi()) => opened,
         _ = shutdown.changed() => {
             conn.close(close::SHUTTING_DOWN.into(), b"shutting down");
             return;
@@ -109,12 +148,14 @@ pub(crate) async fn serve(
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let device = Arc::new(OnceLock::new());
+    let activity = Arc::new(Activity::default());
     // Media transfers arrive as streams of their own. A task of its own accepts them:
     // polling for them in the read loop would cost a lock on every packet read.
     let media = tokio::spawn(super::media::accept_streams(
         conn.clone(),
         settings.blobs.clone(),
         device.clone(),
+        activity.clone(),
     ));
     let mut session = Session {
         device,
@@ -126,6 +167,11 @@ pub(crate) async fn serve(
         out,
         acks: None,
         delivery: None,
+        standing: Standing::Pending,
+        admission: admitted.guard,
+        deadline: admitted.deadline,
+        activity,
+        ending: None,
     };
     let end = session.read_loop(recv, shutdown).await;
     media.abort();
@@ -133,13 +179,16 @@ pub(crate) async fn serve(
     // The writer ends once every sender of its queue is gone.
     drop(session);
     let _ = writer.await;
-    if matches!(end, End::Protocol) {
+    if matches!(end, End::Protocol | End::Full) {
         let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
     }
     let (code, reason): (u32, &[u8]) = match end {
         End::Finished | End::Lost => (close::NORMAL, b"bye"),
         End::Protocol => (close::PROTOCOL_ERROR, b"protocol error"),
         End::Shutdown => (close::SHUTTING_DOWN, b"shutting down"),
+        End::Deadline => (close::PROTOCOL_ERROR, b"authentication deadline"),
+        End::Idle => (close::NORMAL, b"idle"),
+        End::Full => (close::NORMAL, b"at capacity"),
     };
     conn.close(code.into(), reason);
     debug!("connection closed");
@@ -154,14 +203,25 @@ impl Session {
         mut recv: quinn::RecvStream,
         mut shutdown: watch::Receiver<bool>,
     ) -> End {
-        let mut decoder = frame::Decoder::new(self.settings.max_frame);
+        let mut decoder = frame::Decoder::new(self.frame_limit());
         // Empty between frames: an idle connection holds no read buffer, only what
         // quinn holds for it.
         let mut buf = BytesMut::new();
+        let deadline = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(deadline);
+        let activity = self.activity.clone();
         loop {
             loop {
                 match decoder.decode_request(&mut buf) {
-                    Ok(Some(Ok(request))) => self.handle(request).await,
+                    Ok(Some(Ok(request))) => {
+                        self.handle(request).await;
+                        if let Some(end) = self.ending.take() {
+                            return end;
+                        }
+                        if decoder.max() != self.frame_limit() {
+                            decoder = frame::Decoder::new(self.frame_limit());
+                        }
+                    }
                     Ok(Some(Err(refused))) => self.refuse(refused).await,
                     Ok(None) => break,
                     Err(FrameError::TooLarge { len, max }) => {
@@ -182,9 +242,27 @@ impl Session {
             if buf.is_empty() && buf.capacity() > 0 {
                 buf = BytesMut::new();
             }
+            if deadline.deadline() != self.deadline {
+                deadline.as_mut().reset(self.deadline);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return End::Shutdown,
+                () = &mut deadline, if self.standing != Standing::Authenticated => {
+                    match self.standing {
+                        Standing::Pending => return End::Deadline,
+                        // A long download is not idle.
+                        _ if activity.busy() => {
+                            self.anonymous_request();
+                        }
+                        _ => return End::Idle,
+                    }
+                }
+                () = activity.notified(), if self.standing != Standing::Authenticated => {
+                    if !self.anonymous_request() {
+                        return End::Full;
+                    }
+                }
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,
@@ -245,6 +323,9 @@ impl Session {
                 device_signature,
                 session_proof,
             } => {
+                if self.standing != Standing::Authenticated && !self.take_place(id).await {
+                    return;
+                }
                 let result = self
                     .register(
                         &identity_key,
@@ -277,30 +358,46 @@ impl Session {
                 self.start_delivery();
             }
             Request::BlobStatus { blob_id } => {
+                if !self.take_place(id).await {
+                    return;
+                }
                 let reply = super::media::status(&self.settings.blobs, &blob_id).await;
-                self.reply(id, reply).await
+                self.anonymous_reply(id, reply).await
             }
             Request::TouchBlob { blob_id } => {
+                if !self.take_place(id).await {
+                    return;
+                }
                 let reply = super::media::touch(&self.settings.blobs, &blob_id).await;
-                self.reply(id, reply).await
+                self.anonymous_reply(id, reply).await
             }
             Request::ListDevices {
                 account,
                 delivery_token,
             } => {
+                if !self.take_place(id).await {
+                    return;
+                }
                 let reply = self
                     .services
                     .accounts()
                     .list_devices(&account, &delivery_token)
                     .map(Reply::ListDevices);
-                self.reply(id, reply).await
+                self.anonymous_reply(id, reply).await
             }
             Request::Send { to, envelopes } => self.send(id, to, envelopes).await,
             Request::SealedSend {
                 to,
                 delivery_token,
                 envelopes,
-            } => self.sealed_send(id, to, delivery_token, envelopes).await,
+            } => {
+                if !self.take_place(id).await {
+                    return;
+                }
+                if self.sealed_send(id, to, delivery_token, envelopes).await {
+                    self.anonymous_request();
+                }
+            }
             Request::Ack { seqs } => self.ack(id, seqs).await,
             Request::RelayInfo => {
                 let signing_key = self.services.certificates().signing_key();
@@ -395,6 +492,7 @@ impl Session {
         let device = self.services.accounts().register(verified).await?;
         let addr = *device.address();
         let _ = self.device.set(device);
+        self.authenticated_now();
         debug!("registered a new account");
         Ok(addr)
     }
@@ -407,7 +505,12 @@ impl Session {
             .accounts()
             .authenticate(address, &exporter, signature)?;
         let queued = self.services.mailboxes().usage(&device)?.messages;
+        if !self.admission.promote() {
+            self.ending = Some(End::Full);
+            return Err(Error::Unavailable("at capacity"));
+        }
         let _ = self.device.set(device);
+        self.authenticated_now();
         Ok(queued)
     }
 
@@ -421,7 +524,10 @@ impl Session {
         self.delivery = Some(tokio::spawn(deliver(
             self.services.clone(),
             device.clone(),
-            self.settings.delivery_window,
+            (
+                self.settings.delivery_window,
+                self.settings.delivery_window_bytes,
+            ),
             self.out.clone(),
             acks_rx,
             self.conn.clone(),
@@ -436,7 +542,7 @@ impl Session {
             let to = services.accounts().recipient(&sender, to)?;
             services.mailboxes().append(&to, &envelopes)
         })
-        .await
+        .await;
     }
 
     /// A send from an unidentified sender: needs no authentication, only the
@@ -447,7 +553,7 @@ impl Session {
         to: DeviceAddress,
         token: Bytes,
         envelopes: Vec<Envelope>,
-    ) {
+    ) -> bool {
         let from = self.prefix;
         self.ordered_send(id, |services| {
             let to = services.accounts().sealed_recipient(to, &token, from)?;
@@ -459,12 +565,18 @@ impl Session {
     /// Appends a send here, in the order requests arrive (so pipelined sends to one
     /// device are stored in the order sent), then waits for its group commit in its
     /// own task under the per-connection cap: past the cap the reader waits here,
-    /// which is backpressure instead of a growing queue.
-    async fn ordered_send(&mut self, id: u64, append: impl FnOnce(&Services) -> Result<Appended>) {
+    /// which is backpressure instead of a growing queue. True if the append was
+    /// accepted (its commit may still fail).
+    async fn ordered_send(
+        &mut self,
+        id: u64,
+        append: impl FnOnce(&Services) -> Result<Appended>,
+    ) -> bool {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
-            return;
+            return false;
         };
         let appended = append(&self.services);
+        let stored = appended.is_ok();
         let out = self.out.clone();
         tokio::spawn(async move {
             let result = match appended {
@@ -475,6 +587,7 @@ impl Session {
             let _ = out.send(response(id, accepted)).await;
             drop(permit);
         });
+        stored
     }
 
     async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
@@ -519,14 +632,14 @@ fn delivery(m: StoredMessage) -> Frame {
 async fn deliver(
     services: Arc<Services>,
     device: AuthenticatedDevice,
-    window_size: usize,
+    (window_size, window_bytes): (usize, usize),
     out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
 ) {
     let mailboxes = services.mailboxes();
     let sub = mailboxes.subscribe(&device);
-    let mut window = DeliveryWindow::new(window_size);
+    let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     loop {
         tokio::select! {
             _ = sub.changed() => {

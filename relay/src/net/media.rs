@@ -5,6 +5,7 @@
 //! [`BlobStreamResponse`]. The blob bytes that follow go between the stream and the
 //! files as they are, never through a wire type.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::BytesMut;
@@ -25,15 +26,55 @@ const CHUNK: usize = 256 * 1024;
 /// Bytes gathered from the stream per write to the upload's file.
 const WRITE: usize = 1024 * 1024;
 
+/// Transfers in progress on one connection. A download is an anonymous request: the
+/// connection's read loop is told when one starts and ends, and does not count an
+/// anonymous connection idle while one runs.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    transfers: AtomicUsize,
+    notify: tokio::sync::Notify,
+}
+
+impl Activity {
+    /// Resolves at the next start or end of a transfer (one already signalled
+    /// counts).
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Whether a transfer is running.
+    pub(crate) fn busy(&self) -> bool {
+        self.transfers.load(Ordering::Acquire) > 0
+    }
+
+    fn begin(self: &Arc<Self>) -> Running {
+        self.transfers.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_one();
+        Running(self.clone())
+    }
+}
+
+/// A transfer in progress; its end is signalled when dropped.
+struct Running(Arc<Activity>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.transfers.fetch_sub(1, Ordering::AcqRel);
+        self.0.notify.notify_one();
+    }
+}
+
 /// Accepts transfer streams until the connection ends, each served in a task of its
 /// own.
 pub(crate) async fn accept_streams(
     conn: quinn::Connection,
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
+    activity: Arc<Activity>,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone()));
+        let activity = activity.clone();
+        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone(), activity));
     }
 }
 
@@ -96,6 +137,7 @@ async fn transfer(
     mut recv: quinn::RecvStream,
     blobs: Arc<BlobStore>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
+    activity: Arc<Activity>,
 ) {
     let transfer = read_request(&mut recv)
         .await
@@ -107,6 +149,7 @@ async fn transfer(
             size,
         }) => upload(&mut send, &mut recv, &blobs, device, blob_id, size).await,
         Ok(Transfer::Download { blob_id, offset }) => {
+            let _running = activity.begin();
             download(&mut send, &blobs, blob_id, offset).await
         }
         Err(e) => Err(e),

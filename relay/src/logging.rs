@@ -1,0 +1,185 @@
+//! Log output that holds no IP address (P9), whoever wrote the line.
+//!
+//! The relay's own lines never name a peer, but its dependencies' may: quinn-udp
+//! warns about a failed send with the destination address, and quinn-proto traces
+//! peers. [`Redacting`] wraps the event formatter: each formatted line goes through
+//! [`redact_addresses`] before it is written, at every level.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// What an address is replaced with.
+pub const REDACTED: &str = "<addr>";
+
+/// An event formatter that formats with `F`, then redacts addresses.
+#[derive(Debug, Clone, Default)]
+pub struct Redacting<F>(pub F);
+
+impl<S, N, F> FormatEvent<S, N> for Redacting<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let mut line = String::new();
+        self.0.format_event(ctx, Writer::new(&mut line), event)?;
+        writer.write_str(&redact_addresses(&line))
+    }
+}
+
+/// `text` with every IPv4 and IPv6 address replaced by [`REDACTED`], with its port
+/// (`1.2.3.4:443`, `[::1]:443`), brackets and zone (`fe80::1%eth0`). Errs towards
+/// redacting: any run that parses as an address goes, whatever it meant.
+pub fn redact_addresses(text: &str) -> Cow<'_, str> {
+    let spans = find_addresses(text.as_bytes());
+    if spans.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, end) in spans {
+        // Spans start and end beside ASCII bytes, so they are char boundaries.
+        out.push_str(text.get(at..start).unwrap_or_default());
+        out.push_str(REDACTED);
+        at = end;
+    }
+    out.push_str(text.get(at..).unwrap_or_default());
+    Cow::Owned(out)
+}
+
+fn is_word(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+fn is_address_byte(b: u8) -> bool {
+    b.is_ascii_hexdigit() || b == b':' || b == b'.'
+}
+
+/// The byte spans of addresses in `b`, in order, not overlapping.
+fn find_addresses(b: &[u8]) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if !is_address_byte(b[i]) {
+            i += 1;
+            continue;
+        }
+        let mut end = i;
+        while end < b.len() && is_address_byte(b[end]) {
+            end += 1;
+        }
+        if let Some(span) = address_in_run(b, i, end) {
+            spans.push(span);
+            // The rest of the run may hold another.
+            i = span.1;
+        } else {
+            i = end;
+        }
+    }
+    spans
+}
+
+/// An address in the run `b[start..end]` of hex digits, colons and dots, with what
+/// belongs to it around the run (zone, brackets, port).
+fn address_in_run(b: &[u8], start: usize, end: usize) -> Option<(usize, usize)> {
+    let (mut s, mut e) = (start, end);
+    // A lone colon or dot at either end is punctuation ("peer:1.2.3.4", "at 1.2.3.4.").
+    if b[s] == b':' && b.get(s + 1) != Some(&b':') {
+        s += 1;
+    }
+    while e > s && (b[e - 1] == b'.' || (b[e - 1] == b':' && !(e - s >= 2 && b[e - 2] == b':'))) {
+        e -= 1;
+    }
+    if s >= e {
+        return None;
+    }
+    // IPv6: the run from its start, or from just after a colon in it ("a:::1").
+    for p in s..e {
+        if p == s || b[p - 1] == b':' {
+            if let Some(span) = ipv6_at(b, p, e) {
+                return Some(span);
+            }
+        }
+    }
+    // IPv4, perhaps with a port: a run of digits and dots in it, even glued to a
+    // word ("v10.0.0.1", "a:10.0.0.1").
+    let mut p = s;
+    while p < e {
+        let len = b[p..e]
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || **c == b'.')
+            .count();
+        if len == 0 {
+            p += 1;
+            continue;
+        }
+        let (mut from, mut to) = (p, p + len);
+        while from < to && b[from] == b'.' {
+            from += 1;
+        }
+        while to > from && b[to - 1] == b'.' {
+            to -= 1;
+        }
+        let quad = std::str::from_utf8(&b[from..to]).ok()?;
+        if quad.parse::<Ipv4Addr>().is_ok() {
+            return Some((from, with_port(b, to)));
+        }
+        p += len;
+    }
+    None
+}
+
+/// An IPv6 address exactly at `b[s..e]`, standing apart from words around it (so
+/// that `quinn::endpoint` stays), with its zone, brackets and port.
+fn ipv6_at(b: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
+    if s >= e || (s > 0 && is_word(b[s - 1])) || (e < b.len() && is_word(b[e])) {
+        return None;
+    }
+    let candidate = std::str::from_utf8(&b[s..e]).ok()?;
+    if candidate.bytes().filter(|&c| c == b':').count() < 2 {
+        return None;
+    }
+    candidate.parse::<Ipv6Addr>().ok()?;
+    let mut end = e;
+    if b.get(end) == Some(&b'%') {
+        end += 1;
+        while end < b.len() && is_word(b[end]) {
+            end += 1;
+        }
+    }
+    if s > 0 && b[s - 1] == b'[' && b.get(end) == Some(&b']') {
+        return Some((s - 1, with_port(b, end + 1)));
+    }
+    Some((s, end))
+}
+
+/// `at` moved past a `:port` there, if any.
+fn with_port(b: &[u8], at: usize) -> usize {
+    if b.get(at) != Some(&b':') {
+        return at;
+    }
+    let digits = b[at + 1..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    if digits == 0 {
+        at
+    } else {
+        at + 1 + digits
+    }
+}
+
+#[cfg(test)]
+mod tests;
