@@ -12,6 +12,10 @@
 //! - A connected device holds a [`Subscription`], woken by appends to its mailbox.
 //! - [`Mailboxes::pull`] fills a delivery window, [`Mailboxes::ack`] deletes,
 //!   [`Mailboxes::sweep`] deletes what expired.
+//! - Deletion (P2): an acked message leaves the store's reads at once and is marked
+//!   deleted on disk before `ack` returns; the returned [`Acked::commit`] shares the
+//!   sends' group commit, so under `durability = "fsync"` an ack answered after it
+//!   survives any crash (see `store::log` for the disk side).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -74,6 +78,29 @@ impl Appended {
     pub async fn commit(self) -> Result<usize> {
         self.commit.commit().await?;
         Ok(self.accepted)
+    }
+}
+
+/// Messages [`Mailboxes::ack`] deleted: gone from reads at once, durable once
+/// [`Acked::commit`] resolves.
+#[derive(Debug)]
+#[must_use = "the deletion is not known to be durable until `commit` is awaited"]
+pub struct Acked {
+    deleted: Usage,
+    commit: Arc<GroupCommit>,
+}
+
+impl Acked {
+    /// What was deleted.
+    pub fn deleted(&self) -> Usage {
+        self.deleted
+    }
+
+    /// Waits until the deletion is durable as configured (the group commit that sends
+    /// share); returns what was deleted.
+    pub async fn commit(self) -> Result<Usage> {
+        self.commit.commit().await?;
+        Ok(self.deleted)
     }
 }
 
@@ -162,12 +189,18 @@ impl Mailboxes {
         Ok(pull)
     }
 
-    /// Deletes acknowledged messages from the device's own mailbox.
-    pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Usage> {
+    /// Deletes acknowledged messages from the device's own mailbox: gone from reads at
+    /// once, marked deleted on disk before this returns (for the log), and durable
+    /// once the returned [`Acked::commit`] resolves. Answer the ack only then.
+    pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Acked> {
         let addr = device.address();
-        Ok(self
+        let deleted = self
             .active
-            .ordered(addr, false, || self.store.remove(addr, seqs))?)
+            .ordered(addr, false, || self.store.remove(addr, seqs))?;
+        Ok(Acked {
+            deleted,
+            commit: self.commit.clone(),
+        })
     }
 
     /// What a device's mailbox holds.

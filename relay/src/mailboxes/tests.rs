@@ -38,7 +38,14 @@ async fn delivers_in_order_and_ack_deletes() {
     );
 
     let seqs: Vec<u64> = first.messages.iter().map(|m| m.seq).collect();
-    let removed = f.services.mailboxes().ack(&bob, &seqs).expect("ack");
+    let removed = f
+        .services
+        .mailboxes()
+        .ack(&bob, &seqs)
+        .expect("ack")
+        .commit()
+        .await
+        .expect("commit");
     assert_eq!(removed.messages, 3);
     seqs.iter().for_each(|s| assert!(window.on_acked(*s)));
     let rest = f
@@ -54,7 +61,10 @@ async fn delivers_in_order_and_ack_deletes() {
             &bob,
             &rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
         )
-        .expect("ack");
+        .expect("ack")
+        .commit()
+        .await
+        .expect("commit");
     assert_eq!(
         f.services.mailboxes().usage(&bob).expect("usage"),
         Usage::default(),
@@ -88,6 +98,7 @@ async fn a_device_cannot_ack_another_devices_mailbox() {
             .mailboxes()
             .ack(&alice, &seqs)
             .expect("ack")
+            .deleted()
             .messages,
         0
     );

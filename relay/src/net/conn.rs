@@ -423,6 +423,7 @@ impl Session {
             self.services.clone(),
             device.clone(),
             self.settings.delivery_window,
+            self.settings.max_requests,
             self.out.clone(),
             acks_rx,
             self.conn.clone(),
@@ -520,6 +521,7 @@ async fn deliver(
     services: Arc<Services>,
     device: AuthenticatedDevice,
     window_size: usize,
+    max_committing: usize,
     out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
@@ -527,6 +529,7 @@ async fn deliver(
     let mailboxes = services.mailboxes();
     let sub = mailboxes.subscribe(&device);
     let mut window = DeliveryWindow::new(window_size);
+    let committing = Arc::new(Semaphore::new(max_committing));
     loop {
         tokio::select! {
             _ = sub.changed() => {
@@ -542,10 +545,22 @@ async fn deliver(
                 for seq in &cmd.seqs {
                     window.on_acked(*seq);
                 }
-                let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
-                if out.send(response(cmd.request_id, reply)).await.is_err() {
+                // Answered only once the deletion is durable, from a task of its own:
+                // pushing goes on while the commit's fsync runs. Past the cap of
+                // commits in flight this loop waits, as the reader does for sends.
+                let Ok(permit) = committing.clone().acquire_owned().await else {
                     return;
-                }
+                };
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let result = match result {
+                        Ok(acked) => acked.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
+                    let _ = out.send(response(cmd.request_id, reply)).await;
+                    drop(permit);
+                });
             }
         }
         let pull = match mailboxes.pull(&device, &mut window) {

@@ -172,11 +172,7 @@ impl MailboxStore for LogStore {
     }
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        let (removed, empty) = lock(&self.shared.index).remove(of, seqs.iter().copied());
-        for s in empty {
-            self.shared.delete_segment(s.id);
-        }
-        Ok(removed)
+        self.shared.remove(of, seqs)
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {

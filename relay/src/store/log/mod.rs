@@ -17,6 +17,7 @@
 
 mod mailboxes;
 mod record;
+mod remove;
 mod scan;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,6 +63,8 @@ struct Shared {
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
     unlinked: AtomicBool,
+    /// Segments that removals wrote dead headers into since the last flush.
+    ack_dirty: Mutex<Vec<Arc<Segment>>>,
     /// Set by a failed fsync, and never cleared: after a failed fsync the kernel may
     /// have dropped the dirty pages, and a later fsync would succeed without them, so
     /// every later flush fails too (nothing more is acknowledged as durable).
@@ -220,45 +223,6 @@ impl Index {
         }
         self.segments.remove(&id).map(|s| s.segment)
     }
-
-    /// Takes the given messages out of `of`'s mailbox; returns what was removed and
-    /// the segments left with nothing live (to delete).
-    fn remove(
-        &mut self,
-        of: &DeviceAddress,
-        seqs: impl Iterator<Item = u64>,
-    ) -> (Usage, Vec<Arc<Segment>>) {
-        let mut removed = Usage::default();
-        let mut empty = Vec::new();
-        let Some(mailbox) = self.mailboxes.get_mut(of) else {
-            return (removed, empty);
-        };
-        let taken: Vec<(u64, Loc)> = seqs
-            .filter_map(|seq| Some((seq, mailbox.entries.remove(&seq)?)))
-            .collect();
-        for (_, loc) in &taken {
-            removed.messages += 1;
-            removed.bytes += loc.payload_len();
-        }
-        mailbox.usage.messages -= removed.messages;
-        mailbox.usage.bytes -= removed.bytes;
-        if mailbox.entries.is_empty() {
-            self.mailboxes.remove(of);
-        }
-        for (seq, loc) in taken {
-            self.expiry.remove(&(loc.expires_at, *of, seq));
-            if let Some(s) = self.segments.get_mut(&loc.segment) {
-                s.live -= 1;
-                s.dead.push(Dead {
-                    offset: loc.offset,
-                    len: u64::from(loc.len),
-                    seq,
-                });
-            }
-            empty.extend(self.take_if_empty(loc.segment));
-        }
-        (removed, empty)
-    }
 }
 
 /// Options for [`LogStore::open`].
@@ -355,6 +319,7 @@ impl LogStore {
             flushing: Mutex::new(()),
             spare: Mutex::new(None),
             unlinked: AtomicBool::new(deleted),
+            ack_dirty: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
         });
         let _ = std::fs::remove_file(dir.join(SPARE));
@@ -538,16 +503,25 @@ impl Shared {
             return Err(StoreError::Backend(e.clone()));
         }
         let unlinked = self.unlinked.swap(false, Ordering::AcqRel);
-        let files = {
+        let acked = std::mem::take(&mut *lock(&self.ack_dirty));
+        let mut files = {
             let mut w = lock(&self.writer);
-            if !w.dirty && w.unsynced.is_empty() && !unlinked {
+            if !w.dirty && w.unsynced.is_empty() && !unlinked && acked.is_empty() {
                 return Ok(());
             }
             let mut files = std::mem::take(&mut w.unsynced);
-            files.push(w.active.clone());
+            // An ack alone leaves the active segment as it was.
+            if w.dirty || !files.is_empty() || unlinked {
+                files.push(w.active.clone());
+            }
             w.dirty = false;
             files
         };
+        for s in acked {
+            if files.iter().all(|f| f.id != s.id) {
+                files.push(s);
+            }
+        }
         let synced = files
             .iter()
             .try_for_each(|s| s.file.sync_data())

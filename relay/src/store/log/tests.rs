@@ -721,3 +721,102 @@ fn a_scrub_cut_short_by_a_crash_is_finished_after_the_restart() {
     let next = store.append(&a, &[msg(9, b"x")], 1, 100).expect("append");
     assert!(next[0] > s[2]);
 }
+
+/// Drops a store the way a crash does: no final scrub, no flush.
+fn crash(store: LogStore) {
+    std::mem::forget(store);
+}
+
+/// Swaps the handle every later write to segment `id` goes through for a read-only
+/// one, so `pwrite` fails (EBADF) as on an I/O error.
+fn refuse_writes(store: &LogStore, dir: &Path, id: u64) {
+    let read_only = File::open(segment_path(dir, id)).expect("open read-only");
+    let mut index = lock(&store.shared.index);
+    let state = index.segments.get_mut(&id).expect("segment");
+    state.segment = Arc::new(Segment {
+        id,
+        file: read_only,
+    });
+}
+
+#[test]
+fn a_removal_is_on_disk_before_any_scrub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    // Two records to a segment, so the removals touch two that are kept.
+    let store = manual(dir.path(), 300);
+    let s: Vec<u64> = (1..=4).map(|i| one(&store, &a, i, &[i; 80])).collect();
+    store.flush().expect("flush");
+    assert_eq!(store.segments(), 2);
+    store.remove(&a, &[s[0], s[2]]).expect("remove");
+    crash(store);
+    let store = manual(dir.path(), 300);
+    assert_eq!(seqs(&store, &a), vec![s[1], s[3]], "acked ones stay gone");
+    // The scan queued them for the scrub, which takes their ciphertext.
+    assert!(disk_holds(dir.path(), &[3; 80]));
+    store.scrub().expect("scrub");
+    assert!(!disk_holds(dir.path(), &[3; 80]));
+    assert!(disk_holds(dir.path(), &[4; 80]));
+}
+
+#[test]
+fn a_flush_syncs_the_segments_removals_wrote() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = manual(dir.path(), 1 << 20);
+    let s = one(&store, &a, 1, b"one");
+    one(&store, &a, 2, b"two");
+    store.flush().expect("flush");
+    let active = lock(&store.shared.writer).active.id;
+    store.remove(&a, &[s]).expect("remove");
+    let dirty: Vec<u64> = lock(&store.shared.ack_dirty).iter().map(|s| s.id).collect();
+    assert_eq!(dirty, vec![active]);
+    assert!(
+        !lock(&store.shared.writer).dirty,
+        "no append since the flush"
+    );
+    store.flush().expect("flush");
+    assert!(lock(&store.shared.ack_dirty).is_empty());
+    // The flush really syncs what a removal wrote: a segment whose sync fails (on
+    // /dev/null, fdatasync gives EINVAL) fails it, though no append is pending.
+    store.remove(&a, &[s + 1]).expect("remove");
+    let failing = Arc::new(Segment {
+        id: active,
+        file: File::open("/dev/null").expect("/dev/null"),
+    });
+    *lock(&store.shared.ack_dirty) = vec![failing];
+    assert!(store.flush().is_err(), "the ack's segment was synced");
+    crash(store);
+}
+
+#[test]
+fn a_failed_removal_write_refuses_the_ack_and_keeps_the_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = manual(dir.path(), 64);
+    let s: Vec<u64> = (1..=3).map(|i| one(&store, &a, i, &[i; 80])).collect();
+    store.flush().expect("flush");
+    let segment_of = |seq: u64| {
+        let index = lock(&store.shared.index);
+        index.mailboxes[&a].entries[&seq].segment
+    };
+    refuse_writes(&store, dir.path(), segment_of(s[1]));
+    let before = store.usage(&a).expect("usage");
+    let err = store.remove(&a, &[s[1]]).expect_err("the write fails");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert_eq!(seqs(&store, &a), s, "nothing was removed");
+    assert_eq!(store.usage(&a).expect("usage"), before);
+    assert_eq!(store.expired(100, 10).expect("expired").len(), 3);
+    // In one ack over several segments, what was marked before the failure is
+    // removed and the rest kept.
+    let err = store.remove(&a, &[s[0], s[1], s[2]]);
+    assert!(err.is_err());
+    assert_eq!(seqs(&store, &a), vec![s[1], s[2]]);
+    assert_eq!(store.usage(&a).expect("usage").messages, 2);
+    store.flush().expect("flush");
+    crash(store);
+    let store = manual(dir.path(), 64);
+    assert_eq!(seqs(&store, &a), vec![s[1], s[2]], "kept across a restart");
+    store.remove(&a, &[s[1], s[2]]).expect("remove");
+    assert!(seqs(&store, &a).is_empty());
+}
