@@ -4,6 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 mod client;
+mod crash;
 mod delivery;
 mod expiry;
 mod keys;
