@@ -211,7 +211,11 @@ impl Mailboxes {
     /// Deletes up to `batch` expired messages; returns how many it deleted. Costs what
     /// is expired, not what is stored.
     pub fn sweep(&self, batch: usize) -> Result<u64> {
-        let due = self.store.expired(self.clock.now(), batch)?;
+        let now = self.clock.now();
+        // Kept files first: a kept segment whose deadline passed is then deleted as
+        // soon as this sweep expires its last messages.
+        self.store.sweep_files(now)?;
+        let due = self.store.expired(now, batch)?;
         let mut by_device: BTreeMap<DeviceAddress, Vec<_>> = BTreeMap::new();
         for e in due {
             by_device.entry(e.to).or_default().push(e);

@@ -197,6 +197,10 @@ impl MailboxStore for LogStore {
     fn settle(&self) -> StoreResult<()> {
         self.shared.scrub()
     }
+
+    fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
+        self.shared.sweep_files(now)
+    }
 }
 
 impl Flush for LogStore {

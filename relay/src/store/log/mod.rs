@@ -16,6 +16,7 @@
 //! duplicates by message id).
 
 mod mailboxes;
+mod pinned;
 mod record;
 mod remove;
 mod scan;
@@ -30,7 +31,7 @@ use std::thread;
 use std::time::Duration;
 
 use tern_proto::DeviceAddress;
-use tracing::warn;
+use tracing::{info, warn};
 
 use self::record::{HEADER_LEN, PEEK_LEN};
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
@@ -162,6 +163,8 @@ struct Index {
     expiry: ExpiryIndex,
     segments: HashMap<u64, SegmentState>,
     active: u64,
+    /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
+    deadlines: Vec<(u64, UnixMillis)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,6 +237,9 @@ pub struct LogOptions {
     /// messages, periodic fsync). Off only in tests that drive [`LogStore::scrub`]
     /// themselves.
     pub background: bool,
+    /// The time at open, from the relay's clock: messages expired by then are not
+    /// indexed, and segments kept for damage are deleted 30 days after it.
+    pub now: UnixMillis,
 }
 
 impl Default for LogOptions {
@@ -241,6 +247,7 @@ impl Default for LogOptions {
         LogOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             background: true,
+            now: 0,
         }
     }
 }
@@ -259,8 +266,12 @@ impl LogStore {
         ids.sort_unstable();
 
         let mut index = Index::default();
-        let mut next_seq = 1u64;
-        let mut damaged = 0u64;
+        let now = options.now;
+        let mut counts = scan::Counts {
+            next_seq: 1,
+            ..scan::Counts::default()
+        };
+        let mut deleted = false;
         for &id in &ids {
             let path = segment_path(dir, id);
             let file = OpenOptions::new()
@@ -269,18 +280,51 @@ impl LogStore {
                 .open(&path)
                 .map_err(|e| io("opening a segment", e))?;
             let segment = Arc::new(Segment { id, file });
-            let Some(floor) = scan::scan(&segment, &mut index, &mut next_seq, &mut damaged)? else {
-                warn!(
-                    segment = id,
-                    "mailbox log segment with a damaged header left alone"
-                );
+            let scanned = scan::scan(&segment, &mut index, now, &mut counts)?;
+            let kept = index.segments.get(&id).is_none_or(|s| s.pinned);
+            let deadline = if kept {
+                pinned::deadline(dir, id, now)?
+            } else {
+                UnixMillis::MAX
+            };
+            let Some(floor) = scanned else {
+                if deadline <= now {
+                    remove_segment(dir, id);
+                    pinned::remove_sidecar(dir, id);
+                    deleted = true;
+                } else {
+                    warn!(
+                        segment = id,
+                        "mailbox log segment with a damaged header kept until its deadline"
+                    );
+                    index.deadlines.push((id, deadline));
+                }
                 continue;
             };
-            next_seq = next_seq.max(floor);
+            if kept {
+                if deadline <= now {
+                    if let Some(s) = index.segments.get_mut(&id) {
+                        s.pinned = false;
+                    }
+                } else {
+                    index.deadlines.push((id, deadline));
+                }
+            }
+            counts.next_seq = counts.next_seq.max(floor);
         }
-        if damaged > 0 {
-            warn!(damaged, "damaged mailbox log records skipped");
+        if counts.damaged > 0 {
+            warn!(
+                damaged = counts.damaged,
+                "damaged mailbox log records skipped"
+            );
         }
+        if counts.expired > 0 {
+            info!(
+                expired = counts.expired,
+                "expired mailbox log records dropped at start"
+            );
+        }
+        let next_seq = counts.next_seq;
 
         let active_id = match ids.last() {
             None => 1,
@@ -295,10 +339,10 @@ impl LogStore {
             .segments
             .insert(active_id, SegmentState::new(active.clone()));
         let ids: Vec<u64> = index.segments.keys().copied().collect();
-        let mut deleted = false;
         for id in ids {
             if index.take_if_empty(id).is_some() {
                 remove_segment(dir, id);
+                pinned::remove_sidecar(dir, id);
                 deleted = true;
             }
         }
@@ -465,6 +509,7 @@ impl Shared {
     /// Deletes an emptied segment; the next flush makes that durable.
     fn delete_segment(&self, id: u64) {
         remove_segment(&self.dir, id);
+        pinned::remove_sidecar(&self.dir, id);
         self.unlinked.store(true, Ordering::Release);
     }
 

@@ -25,6 +25,7 @@ fn manual(dir: &Path, segment_bytes: u64) -> LogStore {
         LogOptions {
             segment_bytes,
             background: false,
+            now: 0,
         },
     )
     .expect("open")
@@ -373,6 +374,7 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
     let options = LogOptions {
         segment_bytes: segment,
         background: true,
+        now: 0,
     };
     let a = addr(1);
     let mut all = Vec::new();
@@ -530,6 +532,7 @@ fn the_background_pass_prepares_the_early_spare_by_itself() {
     let options = LogOptions {
         segment_bytes: 16 << 20,
         background: true,
+        now: 0,
     };
     let store = LogStore::open(dir.path(), options).expect("open");
     let a = addr(1);
@@ -819,4 +822,140 @@ fn a_failed_removal_write_refuses_the_ack_and_keeps_the_message() {
     assert_eq!(seqs(&store, &a), vec![s[1], s[2]], "kept across a restart");
     store.remove(&a, &[s[1], s[2]]).expect("remove");
     assert!(seqs(&store, &a).is_empty());
+}
+
+fn open_at(dir: &Path, now: UnixMillis) -> LogStore {
+    LogStore::open(
+        dir,
+        LogOptions {
+            segment_bytes: 1 << 20,
+            background: false,
+            now,
+        },
+    )
+    .expect("open")
+}
+
+#[test]
+fn a_message_expired_at_start_is_not_indexed_and_is_scrubbed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (addr(1), addr(2));
+    let store = open_at(dir.path(), 0);
+    let old = store
+        .append(&a, &[msg(1, &[0x55; 80])], 1, 100)
+        .expect("append");
+    let young = store
+        .append(&b, &[msg(2, &[0x66; 80])], 1, 1000)
+        .expect("append");
+    store.flush().expect("flush");
+    crash(store);
+    let store = open_at(dir.path(), 100);
+    assert!(seqs(&store, &a).is_empty(), "expired: never indexed");
+    assert_eq!(store.usage(&a).expect("usage"), Usage::default());
+    assert_eq!(store.expired(u64::MAX, 10).expect("expired").len(), 1);
+    assert_eq!(seqs(&store, &b), young);
+    assert!(disk_holds(dir.path(), &[0x55; 64]));
+    store.scrub().expect("scrub");
+    assert!(!disk_holds(dir.path(), &[0x55; 64]), "punched");
+    assert!(disk_holds(dir.path(), &[0x66; 64]));
+    let next = store
+        .append(&a, &[msg(3, b"x")], 100, 1000)
+        .expect("append");
+    assert!(next[0] > old[0] && next[0] > young[0]);
+}
+
+fn sidecar(dir: &Path, id: u64) -> Option<UnixMillis> {
+    std::fs::read_to_string(pinned::sidecar_path(dir, id))
+        .ok()
+        .map(|s| s.trim().parse().expect("a deadline"))
+}
+
+#[test]
+fn a_segment_kept_for_damage_is_deleted_at_its_deadline() {
+    use tern_proto::limits::MAX_MESSAGE_TTL_MS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, body) = three_records(dir.path(), &a);
+    let id = segment_id(path.file_name().and_then(|n| n.to_str()).expect("name")).expect("id");
+    // The second record's length now points into the middle of the third: the scan
+    // stops there and the segment is kept.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let second = body - record::MESSAGE_OVERHEAD;
+    bytes[second + 3] = bytes[second + 3].wrapping_add(40);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let store = open_at(dir.path(), 10);
+    let deadline = 10 + MAX_MESSAGE_TTL_MS;
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    drop(store);
+    // A later start keeps the first deadline.
+    let store = open_at(dir.path(), 50);
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    assert_eq!(seqs(&store, &a), vec![s[0]]);
+    store.sweep_files(deadline - 1).expect("sweep");
+    assert!(path.exists());
+    // At the deadline it goes as soon as its readable messages are gone (they have
+    // expired by then), with what the scan could not read.
+    store.sweep_files(deadline).expect("sweep");
+    assert!(path.exists(), "one message still indexed");
+    let due = store.expired(deadline, 10).expect("expired");
+    store.expire(&a, &due).expect("expire");
+    assert!(!path.exists(), "deleted");
+    assert_eq!(sidecar(dir.path(), id), None, "with its sidecar");
+    assert!(!disk_holds(dir.path(), &[0x33; 64]));
+}
+
+#[test]
+fn a_segment_with_a_damaged_header_is_deleted_at_its_deadline() {
+    use tern_proto::limits::MAX_MESSAGE_TTL_MS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (_, path, _) = three_records(dir.path(), &a);
+    let id = segment_id(path.file_name().and_then(|n| n.to_str()).expect("name")).expect("id");
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(b"XX", 0).expect("damage the header");
+    drop(file);
+
+    let store = open_at(dir.path(), 10);
+    let deadline = 10 + MAX_MESSAGE_TTL_MS;
+    assert!(seqs(&store, &a).is_empty());
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    drop(store);
+    let store = open_at(dir.path(), 20);
+    assert_eq!(
+        sidecar(dir.path(), id),
+        Some(deadline),
+        "the deadline never moves"
+    );
+    store.sweep_files(deadline - 1).expect("sweep");
+    assert!(path.exists());
+    store.sweep_files(deadline).expect("sweep");
+    assert!(!path.exists());
+    assert_eq!(sidecar(dir.path(), id), None);
+    drop(store);
+    // A start after the deadline deletes such a segment at once.
+    let (_, path, _) = three_records(dir.path(), &a);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(b"XX", 0).expect("damage the header");
+    drop(file);
+    drop(open_at(dir.path(), 30));
+    assert!(path.exists());
+    drop(open_at(dir.path(), 30 + MAX_MESSAGE_TTL_MS));
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_segment_with_damaged_records_goes_when_its_last_message_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, at) = three_records(dir.path(), &a);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("write");
+    let store = open_at(dir.path(), 0);
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
+    let due = store.expired(100, 10).expect("expired");
+    store.expire(&a, &due).expect("expire");
+    assert!(!path.exists(), "deleted with the damaged record in it");
+    assert!(!disk_holds(dir.path(), &[0x22; 64]));
 }
