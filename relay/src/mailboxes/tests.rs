@@ -1,3 +1,4 @@
+use std::sync::Arc;
 use std::time::Duration;
 
 use tern_proto::{DeviceAddress, DeviceId};
@@ -248,4 +249,37 @@ async fn subscriptions_wake_and_displace() {
         .expect("still subscribed");
     drop(second);
     assert_eq!(f.services.mailboxes().tracked_devices(), 0);
+}
+
+#[test]
+fn a_sweep_deletes_log_segments_kept_past_their_deadline() {
+    use crate::core::expiry::Ttl;
+    use crate::store::{GroupCommit, LogOptions, LogStore};
+    use tern_platform::clock::{Clock, ManualClock};
+    use tern_proto::limits::MAX_MESSAGE_TTL_MS;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A segment whose header no scan can read: kept, but only until its deadline.
+    let damaged = dir.path().join("0000000000000001.seg");
+    std::fs::write(&damaged, [0xEEu8; 200]).expect("write");
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let options = LogOptions {
+        background: false,
+        now: clock.now(),
+        ..LogOptions::default()
+    };
+    let store = Arc::new(LogStore::open(dir.path(), options).expect("open"));
+    let commit = GroupCommit::start(store.clone(), crate::store::Durability::Os).expect("commit");
+    let mailboxes = super::Mailboxes::new(
+        store,
+        clock.clone(),
+        Limits::default(),
+        Ttl::MAX,
+        Arc::new(commit),
+    );
+    mailboxes.sweep(100).expect("sweep");
+    assert!(damaged.exists());
+    clock.advance(Duration::from_millis(MAX_MESSAGE_TTL_MS));
+    mailboxes.sweep(100).expect("sweep");
+    assert!(!damaged.exists(), "deleted at its deadline");
 }
