@@ -2,7 +2,7 @@
 //! killed with SIGKILL and restarted again and again. It must lose no acknowledged
 //! send (P10) and deliver no message again once its ack was answered (P2).
 //!
-//! The suite runs [`DEFAULT_KILLS`] kills on each mailbox backend (about 15 s each).
+//! The suite runs [`DEFAULT_KILLS`] kills on each mailbox backend (a few seconds each).
 //! For a long run set `TERN_CRASH_KILLS`, e.g.
 //! `TERN_CRASH_KILLS=100 cargo test -p tern-tests --test e2e crash -- --nocapture`;
 //! the figures are printed.

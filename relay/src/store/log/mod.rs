@@ -8,12 +8,17 @@
 //! updates, and a drain reads whole runs of records with one `pread`.
 //!
 //! Deletion (P2): a removed message leaves the index at once, so it is never read
-//! again. A background pass then overwrites its record with a dead-span header and
-//! punches a hole over the ciphertext (`fallocate`), so the bytes leave the disk within
-//! about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is deleted whole.
-//! Removals are not fsynced with the ack: a machine crash in the gap between an ack and
-//! its scrub can bring the message back, and it is delivered again (clients drop
-//! duplicates by message id).
+//! again, and before `remove` returns its record is overwritten in place with a
+//! dead-span header ([`remove`]), which a restart's scan skips. The next flush fsyncs
+//! the segments written, so an ack answered after its group commit survives any crash;
+//! without that commit (`durability = "os"`), a process crash cannot bring the message
+//! back and a machine crash can bring back the last [`SCRUB_INTERVAL`]. A background
+//! pass then punches a hole over the ciphertext (`fallocate`), so the bytes leave the
+//! disk within about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is
+//! deleted whole.
+//!
+//! Expiry (P3): a start does not index what has expired by then, and a segment kept for
+//! damage is deleted 30 days after it was first found ([`pinned`]).
 
 mod mailboxes;
 mod pinned;
