@@ -5,7 +5,9 @@
 //! sends run in their own tasks (they wait for a group commit) under a per-connection
 //! cap, so a slow disk slows the reader instead of growing memory. The writer
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
-//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
+//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks,
+//! and answers each ack from a task of its own once the deletion's group commit is
+//! done, so pushing never waits for an fsync.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;

@@ -8,8 +8,8 @@
 //! updates, and a drain reads whole runs of records with one `pread`.
 //!
 //! Deletion (P2): a removed message leaves the index at once, so it is never read
-//! again, and before `remove` returns its record is overwritten in place with a
-//! dead-span header ([`remove`]), which a restart's scan skips. The next flush fsyncs
+//! again, and before `remove` (an ack) returns its record is overwritten in place with
+//! a dead-span header ([`remove`]), which a restart's scan skips. The next flush fsyncs
 //! the segments written, so an ack answered after its group commit survives any crash;
 //! without that commit (`durability = "os"`), a process crash cannot bring the message
 //! back and a machine crash can bring back the last [`SCRUB_INTERVAL`]. A background

@@ -1,4 +1,4 @@
-//! Removing messages (acks and expiry): marked deleted on disk before the call returns.
+//! Removing messages (acks): marked deleted on disk before the call returns.
 //!
 //! A removal takes the entries out of the index, then writes a dead-span header
 //! ([`record::dead_header`]) over each record in place, so a restart's scan skips it,
@@ -92,8 +92,8 @@ impl Index {
     }
 
     /// Takes messages out and queues them for the scrub at once, with no header
-    /// written now (for records found damaged or already gone); returns what was
-    /// removed and the segments left with nothing live.
+    /// written now (for expired messages, and records found damaged or already gone);
+    /// returns what was removed and the segments left with nothing live.
     pub(super) fn remove(
         &mut self,
         of: &DeviceAddress,
