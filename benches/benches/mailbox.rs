@@ -92,7 +92,15 @@ fn mailbox(c: &mut Criterion) {
                                 .unwrap();
                             let seqs: Vec<u64> = pulled.messages.iter().map(|m| m.seq).collect();
                             assert_eq!(seqs.len(), per_send * in_flight);
-                            relay.services.mailboxes().ack(&recipient, &seqs).unwrap();
+                            // The ack is answered once durable, as the relay does.
+                            relay
+                                .services
+                                .mailboxes()
+                                .ack(&recipient, &seqs)
+                                .unwrap()
+                                .commit()
+                                .await
+                                .unwrap();
                             total += start.elapsed();
                         }
                         total

@@ -147,6 +147,7 @@ impl Relay {
             MailboxBackend::Log => {
                 let options = LogOptions {
                     segment_bytes: config.storage.segment_mb << 20,
+                    now: clock.now(),
                     ..LogOptions::default()
                 };
                 let log = LogStore::open(&config.data_dir.join("mailboxes"), options)?;

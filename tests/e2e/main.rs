@@ -5,6 +5,7 @@
 
 mod client;
 mod connections;
+mod crash;
 mod delivery;
 mod expiry;
 mod keys;

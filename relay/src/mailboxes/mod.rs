@@ -17,6 +17,10 @@
 //!   other contacts' messages (see [`crate::core::rate::RateLimits`]).
 //! - [`Mailboxes::pull`] fills a delivery window, [`Mailboxes::ack`] deletes,
 //!   [`Mailboxes::sweep`] deletes what expired.
+//! - Deletion (P2): an acked message leaves the store's reads at once and is marked
+//!   deleted on disk before `ack` returns; the returned [`Acked::commit`] shares the
+//!   sends' group commit, so under `durability = "fsync"` an ack answered after it
+//!   survives any crash (see `store::log` for the disk side).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -81,6 +85,29 @@ impl Appended {
     pub async fn commit(self) -> Result<usize> {
         self.commit.commit().await?;
         Ok(self.accepted)
+    }
+}
+
+/// Messages [`Mailboxes::ack`] deleted: gone from reads at once, durable once
+/// [`Acked::commit`] resolves.
+#[derive(Debug)]
+#[must_use = "the deletion is not known to be durable until `commit` is awaited"]
+pub struct Acked {
+    deleted: Usage,
+    commit: Arc<GroupCommit>,
+}
+
+impl Acked {
+    /// What was deleted.
+    pub fn deleted(&self) -> Usage {
+        self.deleted
+    }
+
+    /// Waits until the deletion is durable as configured (the group commit that sends
+    /// share); returns what was deleted.
+    pub async fn commit(self) -> Result<Usage> {
+        self.commit.commit().await?;
+        Ok(self.deleted)
     }
 }
 
@@ -177,12 +204,18 @@ impl Mailboxes {
         Ok(pull)
     }
 
-    /// Deletes acknowledged messages from the device's own mailbox.
-    pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Usage> {
+    /// Deletes acknowledged messages from the device's own mailbox: gone from reads at
+    /// once, marked deleted on disk before this returns (for the log), and durable
+    /// once the returned [`Acked::commit`] resolves. Answer the ack only then.
+    pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Acked> {
         let addr = device.address();
-        Ok(self
+        let deleted = self
             .active
-            .ordered(addr, false, || self.store.remove(addr, seqs))?)
+            .ordered(addr, false, || self.store.remove(addr, seqs))?;
+        Ok(Acked {
+            deleted,
+            commit: self.commit.clone(),
+        })
     }
 
     /// What a device's mailbox holds.
@@ -193,7 +226,11 @@ impl Mailboxes {
     /// Deletes up to `batch` expired messages; returns how many it deleted. Costs what
     /// is expired, not what is stored.
     pub fn sweep(&self, batch: usize) -> Result<u64> {
-        let due = self.store.expired(self.clock.now(), batch)?;
+        let now = self.clock.now();
+        // Kept files first: a kept segment whose deadline passed is then deleted as
+        // soon as this sweep expires its last messages.
+        self.store.sweep_files(now)?;
+        let due = self.store.expired(now, batch)?;
         let mut by_device: BTreeMap<DeviceAddress, Vec<_>> = BTreeMap::new();
         for e in due {
             by_device.entry(e.to).or_default().push(e);

@@ -5,7 +5,9 @@
 //! sends run in their own tasks (they wait for a group commit) under a per-connection
 //! cap, so a slow disk slows the reader instead of growing memory. The writer
 //! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
-//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks.
+//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks,
+//! and answers each ack from a task of its own once the deletion's group commit is
+//! done, so pushing never waits for an fsync.
 //!
 //! A connection starts [`Standing::Pending`]: a small frame limit and flow-control
 //! window, and a deadline (`connections.auth_deadline`, counted from its first
@@ -528,6 +530,7 @@ impl Session {
                 self.settings.delivery_window,
                 self.settings.delivery_window_bytes,
             ),
+            self.settings.max_requests,
             self.out.clone(),
             acks_rx,
             self.conn.clone(),
@@ -633,6 +636,7 @@ async fn deliver(
     services: Arc<Services>,
     device: AuthenticatedDevice,
     (window_size, window_bytes): (usize, usize),
+    max_committing: usize,
     out: mpsc::Sender<Frame>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
@@ -640,6 +644,7 @@ async fn deliver(
     let mailboxes = services.mailboxes();
     let sub = mailboxes.subscribe(&device);
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
+    let committing = Arc::new(Semaphore::new(max_committing));
     loop {
         tokio::select! {
             _ = sub.changed() => {
@@ -655,10 +660,22 @@ async fn deliver(
                 for seq in &cmd.seqs {
                     window.on_acked(*seq);
                 }
-                let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
-                if out.send(response(cmd.request_id, reply)).await.is_err() {
+                // Answered only once the deletion is durable, from a task of its own:
+                // pushing goes on while the commit's fsync runs. Past the cap of
+                // commits in flight this loop waits, as the reader does for sends.
+                let Ok(permit) = committing.clone().acquire_owned().await else {
                     return;
-                }
+                };
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let result = match result {
+                        Ok(acked) => acked.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
+                    let _ = out.send(response(cmd.request_id, reply)).await;
+                    drop(permit);
+                });
             }
         }
         let pull = match mailboxes.pull(&device, &mut window) {

@@ -142,6 +142,12 @@ pub trait MailboxStore: Flush {
     fn settle(&self) -> StoreResult<()> {
         Ok(())
     }
+
+    /// Deletes files the store kept past their messages (the log's segments kept for
+    /// damage) whose deadline is `now` or earlier; called by every sweep.
+    fn sweep_files(&self, _now: UnixMillis) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.

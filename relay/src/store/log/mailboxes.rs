@@ -172,11 +172,7 @@ impl MailboxStore for LogStore {
     }
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        let (removed, empty) = lock(&self.shared.index).remove(of, seqs.iter().copied());
-        for s in empty {
-            self.shared.delete_segment(s.id);
-        }
-        Ok(removed)
+        self.shared.remove(of, seqs)
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -195,11 +191,23 @@ impl MailboxStore for LogStore {
     }
 
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
-        self.remove(of, &Expired::seqs_of(entries, of))
+        // No header is written now, unlike an ack: a restart never indexes an expired
+        // message, so the scrub's write is soon enough, and a sweep of thousands
+        // costs no write each.
+        let seqs = Expired::seqs_of(entries, of);
+        let (removed, empty) = lock(&self.shared.index).remove(of, seqs.into_iter());
+        for s in empty {
+            self.shared.delete_segment(s.id);
+        }
+        Ok(removed)
     }
 
     fn settle(&self) -> StoreResult<()> {
         self.shared.scrub()
+    }
+
+    fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
+        self.shared.sweep_files(now)
     }
 }
 

@@ -8,15 +8,22 @@
 //! updates, and a drain reads whole runs of records with one `pread`.
 //!
 //! Deletion (P2): a removed message leaves the index at once, so it is never read
-//! again. A background pass then overwrites its record with a dead-span header and
-//! punches a hole over the ciphertext (`fallocate`), so the bytes leave the disk within
-//! about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is deleted whole.
-//! Removals are not fsynced with the ack: a machine crash in the gap between an ack and
-//! its scrub can bring the message back, and it is delivered again (clients drop
-//! duplicates by message id).
+//! again, and before `remove` (an ack) returns its record is overwritten in place with
+//! a dead-span header ([`remove`]), which a restart's scan skips. The next flush fsyncs
+//! the segments written, so an ack answered after its group commit survives any crash;
+//! without that commit (`durability = "os"`), a process crash cannot bring the message
+//! back and a machine crash can bring back the last [`SCRUB_INTERVAL`]. A background
+//! pass then punches a hole over the ciphertext (`fallocate`), so the bytes leave the
+//! disk within about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is
+//! deleted whole.
+//!
+//! Expiry (P3): a start does not index what has expired by then, and a segment kept for
+//! damage is deleted 30 days after it was first found ([`pinned`]).
 
 mod mailboxes;
+mod pinned;
 mod record;
+mod remove;
 mod scan;
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,7 +36,7 @@ use std::thread;
 use std::time::Duration;
 
 use tern_proto::DeviceAddress;
-use tracing::warn;
+use tracing::{info, warn};
 
 use self::record::{HEADER_LEN, PEEK_LEN};
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
@@ -62,6 +69,8 @@ struct Shared {
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
     unlinked: AtomicBool,
+    /// Segments that removals wrote dead headers into since the last flush.
+    ack_dirty: Mutex<Vec<Arc<Segment>>>,
     /// Set by a failed fsync, and never cleared: after a failed fsync the kernel may
     /// have dropped the dirty pages, and a later fsync would succeed without them, so
     /// every later flush fails too (nothing more is acknowledged as durable).
@@ -159,6 +168,8 @@ struct Index {
     expiry: ExpiryIndex,
     segments: HashMap<u64, SegmentState>,
     active: u64,
+    /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
+    deadlines: Vec<(u64, UnixMillis)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -220,45 +231,6 @@ impl Index {
         }
         self.segments.remove(&id).map(|s| s.segment)
     }
-
-    /// Takes the given messages out of `of`'s mailbox; returns what was removed and
-    /// the segments left with nothing live (to delete).
-    fn remove(
-        &mut self,
-        of: &DeviceAddress,
-        seqs: impl Iterator<Item = u64>,
-    ) -> (Usage, Vec<Arc<Segment>>) {
-        let mut removed = Usage::default();
-        let mut empty = Vec::new();
-        let Some(mailbox) = self.mailboxes.get_mut(of) else {
-            return (removed, empty);
-        };
-        let taken: Vec<(u64, Loc)> = seqs
-            .filter_map(|seq| Some((seq, mailbox.entries.remove(&seq)?)))
-            .collect();
-        for (_, loc) in &taken {
-            removed.messages += 1;
-            removed.bytes += loc.payload_len();
-        }
-        mailbox.usage.messages -= removed.messages;
-        mailbox.usage.bytes -= removed.bytes;
-        if mailbox.entries.is_empty() {
-            self.mailboxes.remove(of);
-        }
-        for (seq, loc) in taken {
-            self.expiry.remove(&(loc.expires_at, *of, seq));
-            if let Some(s) = self.segments.get_mut(&loc.segment) {
-                s.live -= 1;
-                s.dead.push(Dead {
-                    offset: loc.offset,
-                    len: u64::from(loc.len),
-                    seq,
-                });
-            }
-            empty.extend(self.take_if_empty(loc.segment));
-        }
-        (removed, empty)
-    }
 }
 
 /// Options for [`LogStore::open`].
@@ -270,6 +242,9 @@ pub struct LogOptions {
     /// messages, periodic fsync). Off only in tests that drive [`LogStore::scrub`]
     /// themselves.
     pub background: bool,
+    /// The time at open, from the relay's clock: messages expired by then are not
+    /// indexed, and segments kept for damage are deleted 30 days after it.
+    pub now: UnixMillis,
 }
 
 impl Default for LogOptions {
@@ -277,6 +252,7 @@ impl Default for LogOptions {
         LogOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
             background: true,
+            now: 0,
         }
     }
 }
@@ -295,8 +271,12 @@ impl LogStore {
         ids.sort_unstable();
 
         let mut index = Index::default();
-        let mut next_seq = 1u64;
-        let mut damaged = 0u64;
+        let now = options.now;
+        let mut counts = scan::Counts {
+            next_seq: 1,
+            ..scan::Counts::default()
+        };
+        let mut deleted = false;
         for &id in &ids {
             let path = segment_path(dir, id);
             let file = OpenOptions::new()
@@ -305,18 +285,51 @@ impl LogStore {
                 .open(&path)
                 .map_err(|e| io("opening a segment", e))?;
             let segment = Arc::new(Segment { id, file });
-            let Some(floor) = scan::scan(&segment, &mut index, &mut next_seq, &mut damaged)? else {
-                warn!(
-                    segment = id,
-                    "mailbox log segment with a damaged header left alone"
-                );
+            let scanned = scan::scan(&segment, &mut index, now, &mut counts)?;
+            let kept = index.segments.get(&id).is_none_or(|s| s.pinned);
+            let deadline = if kept {
+                pinned::deadline(dir, id, now)?
+            } else {
+                UnixMillis::MAX
+            };
+            let Some(floor) = scanned else {
+                if deadline <= now {
+                    remove_segment(dir, id);
+                    pinned::remove_sidecar(dir, id);
+                    deleted = true;
+                } else {
+                    warn!(
+                        segment = id,
+                        "mailbox log segment with a damaged header kept until its deadline"
+                    );
+                    index.deadlines.push((id, deadline));
+                }
                 continue;
             };
-            next_seq = next_seq.max(floor);
+            if kept {
+                if deadline <= now {
+                    if let Some(s) = index.segments.get_mut(&id) {
+                        s.pinned = false;
+                    }
+                } else {
+                    index.deadlines.push((id, deadline));
+                }
+            }
+            counts.next_seq = counts.next_seq.max(floor);
         }
-        if damaged > 0 {
-            warn!(damaged, "damaged mailbox log records skipped");
+        if counts.damaged > 0 {
+            warn!(
+                damaged = counts.damaged,
+                "damaged mailbox log records skipped"
+            );
         }
+        if counts.expired > 0 {
+            info!(
+                expired = counts.expired,
+                "expired mailbox log records dropped at start"
+            );
+        }
+        let next_seq = counts.next_seq;
 
         let active_id = match ids.last() {
             None => 1,
@@ -331,10 +344,10 @@ impl LogStore {
             .segments
             .insert(active_id, SegmentState::new(active.clone()));
         let ids: Vec<u64> = index.segments.keys().copied().collect();
-        let mut deleted = false;
         for id in ids {
             if index.take_if_empty(id).is_some() {
                 remove_segment(dir, id);
+                pinned::remove_sidecar(dir, id);
                 deleted = true;
             }
         }
@@ -355,6 +368,7 @@ impl LogStore {
             flushing: Mutex::new(()),
             spare: Mutex::new(None),
             unlinked: AtomicBool::new(deleted),
+            ack_dirty: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
         });
         let _ = std::fs::remove_file(dir.join(SPARE));
@@ -500,6 +514,7 @@ impl Shared {
     /// Deletes an emptied segment; the next flush makes that durable.
     fn delete_segment(&self, id: u64) {
         remove_segment(&self.dir, id);
+        pinned::remove_sidecar(&self.dir, id);
         self.unlinked.store(true, Ordering::Release);
     }
 
@@ -538,16 +553,25 @@ impl Shared {
             return Err(StoreError::Backend(e.clone()));
         }
         let unlinked = self.unlinked.swap(false, Ordering::AcqRel);
-        let files = {
+        let acked = std::mem::take(&mut *lock(&self.ack_dirty));
+        let mut files = {
             let mut w = lock(&self.writer);
-            if !w.dirty && w.unsynced.is_empty() && !unlinked {
+            if !w.dirty && w.unsynced.is_empty() && !unlinked && acked.is_empty() {
                 return Ok(());
             }
             let mut files = std::mem::take(&mut w.unsynced);
-            files.push(w.active.clone());
+            // An ack alone leaves the active segment as it was.
+            if w.dirty || !files.is_empty() || unlinked {
+                files.push(w.active.clone());
+            }
             w.dirty = false;
             files
         };
+        for s in acked {
+            if files.iter().all(|f| f.id != s.id) {
+                files.push(s);
+            }
+        }
         let synced = files
             .iter()
             .try_for_each(|s| s.file.sync_data())

@@ -10,16 +10,34 @@ use tracing::warn;
 
 use super::record::{self, Next, HEADER_LEN, PEEK_LEN};
 use super::{io, Dead, Index, Loc, Segment, SegmentState};
+use crate::core::expiry::is_expired;
 use crate::store::{StoreError, StoreResult};
+use tern_platform::clock::UnixMillis;
 
-/// Indexes one segment's messages; returns its seq floor, or `None` if its header is
-/// damaged.
+/// What a scan counts across segments.
+#[derive(Debug, Default)]
+pub(super) struct Counts {
+    /// The next free sequence number.
+    pub(super) next_seq: u64,
+    /// Records skipped as damaged.
+    pub(super) damaged: u64,
+    /// Messages expired at `now`: not indexed, queued for the scrub.
+    pub(super) expired: u64,
+}
+
+/// Indexes one segment's messages that have not expired at `now`; returns its seq
+/// floor, or `None` if its header is damaged.
 pub(super) fn scan(
     segment: &Arc<Segment>,
     index: &mut Index,
-    next_seq: &mut u64,
-    damaged: &mut u64,
+    now: UnixMillis,
+    counts: &mut Counts,
 ) -> StoreResult<Option<u64>> {
+    let Counts {
+        next_seq,
+        damaged,
+        expired,
+    } = counts;
     let file_len = segment
         .file
         .metadata()
@@ -62,6 +80,17 @@ pub(super) fn scan(
                 rec[..prefix.len()].copy_from_slice(&prefix);
                 reader.read_exact(&mut rec[prefix.len()..]).map_err(read)?;
                 match record::decode_message(&Bytes::from(rec))? {
+                    // Expiry wins over a restart: never indexed, and punched by the
+                    // first scrub.
+                    Some(m) if is_expired(now, m.header.expires_at) => {
+                        *next_seq = (*next_seq).max(m.header.seq.saturating_add(1));
+                        state.dead.push(Dead {
+                            offset: pos,
+                            len: total,
+                            seq: m.header.seq,
+                        });
+                        *expired += 1;
+                    }
                     Some(m) => found.push((
                         m.header,
                         Loc {

@@ -25,6 +25,7 @@ fn manual(dir: &Path, segment_bytes: u64) -> LogStore {
         LogOptions {
             segment_bytes,
             background: false,
+            now: 0,
         },
     )
     .expect("open")
@@ -373,6 +374,7 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
     let options = LogOptions {
         segment_bytes: segment,
         background: true,
+        now: 0,
     };
     let a = addr(1);
     let mut all = Vec::new();
@@ -530,6 +532,7 @@ fn the_background_pass_prepares_the_early_spare_by_itself() {
     let options = LogOptions {
         segment_bytes: 16 << 20,
         background: true,
+        now: 0,
     };
     let store = LogStore::open(dir.path(), options).expect("open");
     let a = addr(1);
@@ -720,4 +723,239 @@ fn a_scrub_cut_short_by_a_crash_is_finished_after_the_restart() {
     assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
     let next = store.append(&a, &[msg(9, b"x")], 1, 100).expect("append");
     assert!(next[0] > s[2]);
+}
+
+/// Drops a store the way a crash does: no final scrub, no flush.
+fn crash(store: LogStore) {
+    std::mem::forget(store);
+}
+
+/// Swaps the handle every later write to segment `id` goes through for a read-only
+/// one, so `pwrite` fails (EBADF) as on an I/O error.
+fn refuse_writes(store: &LogStore, dir: &Path, id: u64) {
+    let read_only = File::open(segment_path(dir, id)).expect("open read-only");
+    let mut index = lock(&store.shared.index);
+    let state = index.segments.get_mut(&id).expect("segment");
+    state.segment = Arc::new(Segment {
+        id,
+        file: read_only,
+    });
+}
+
+#[test]
+fn a_removal_is_on_disk_before_any_scrub() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    // Two records to a segment, so the removals touch two that are kept.
+    let store = manual(dir.path(), 300);
+    let s: Vec<u64> = (1..=4).map(|i| one(&store, &a, i, &[i; 80])).collect();
+    store.flush().expect("flush");
+    assert_eq!(store.segments(), 2);
+    store.remove(&a, &[s[0], s[2]]).expect("remove");
+    crash(store);
+    let store = manual(dir.path(), 300);
+    assert_eq!(seqs(&store, &a), vec![s[1], s[3]], "acked ones stay gone");
+    // The scan queued them for the scrub, which takes their ciphertext.
+    assert!(disk_holds(dir.path(), &[3; 80]));
+    store.scrub().expect("scrub");
+    assert!(!disk_holds(dir.path(), &[3; 80]));
+    assert!(disk_holds(dir.path(), &[4; 80]));
+}
+
+#[test]
+fn a_flush_syncs_the_segments_removals_wrote() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = manual(dir.path(), 1 << 20);
+    let s = one(&store, &a, 1, b"one");
+    one(&store, &a, 2, b"two");
+    store.flush().expect("flush");
+    let active = lock(&store.shared.writer).active.id;
+    store.remove(&a, &[s]).expect("remove");
+    let dirty: Vec<u64> = lock(&store.shared.ack_dirty).iter().map(|s| s.id).collect();
+    assert_eq!(dirty, vec![active]);
+    assert!(
+        !lock(&store.shared.writer).dirty,
+        "no append since the flush"
+    );
+    store.flush().expect("flush");
+    assert!(lock(&store.shared.ack_dirty).is_empty());
+    // The flush really syncs what a removal wrote: a segment whose sync fails (on
+    // /dev/null, fdatasync gives EINVAL) fails it, though no append is pending.
+    store.remove(&a, &[s + 1]).expect("remove");
+    let failing = Arc::new(Segment {
+        id: active,
+        file: File::open("/dev/null").expect("/dev/null"),
+    });
+    *lock(&store.shared.ack_dirty) = vec![failing];
+    assert!(store.flush().is_err(), "the ack's segment was synced");
+    crash(store);
+}
+
+#[test]
+fn a_failed_removal_write_refuses_the_ack_and_keeps_the_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = manual(dir.path(), 64);
+    let s: Vec<u64> = (1..=3).map(|i| one(&store, &a, i, &[i; 80])).collect();
+    store.flush().expect("flush");
+    let segment_of = |seq: u64| {
+        let index = lock(&store.shared.index);
+        index.mailboxes[&a].entries[&seq].segment
+    };
+    refuse_writes(&store, dir.path(), segment_of(s[1]));
+    let before = store.usage(&a).expect("usage");
+    let err = store.remove(&a, &[s[1]]).expect_err("the write fails");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert_eq!(seqs(&store, &a), s, "nothing was removed");
+    assert_eq!(store.usage(&a).expect("usage"), before);
+    assert_eq!(store.expired(100, 10).expect("expired").len(), 3);
+    // In one ack over several segments, what was marked before the failure is
+    // removed and the rest kept.
+    let err = store.remove(&a, &[s[0], s[1], s[2]]);
+    assert!(err.is_err());
+    assert_eq!(seqs(&store, &a), vec![s[1], s[2]]);
+    assert_eq!(store.usage(&a).expect("usage").messages, 2);
+    store.flush().expect("flush");
+    crash(store);
+    let store = manual(dir.path(), 64);
+    assert_eq!(seqs(&store, &a), vec![s[1], s[2]], "kept across a restart");
+    store.remove(&a, &[s[1], s[2]]).expect("remove");
+    assert!(seqs(&store, &a).is_empty());
+}
+
+fn open_at(dir: &Path, now: UnixMillis) -> LogStore {
+    LogStore::open(
+        dir,
+        LogOptions {
+            segment_bytes: 1 << 20,
+            background: false,
+            now,
+        },
+    )
+    .expect("open")
+}
+
+#[test]
+fn a_message_expired_at_start_is_not_indexed_and_is_scrubbed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (addr(1), addr(2));
+    let store = open_at(dir.path(), 0);
+    let old = store
+        .append(&a, &[msg(1, &[0x55; 80])], 1, 100)
+        .expect("append");
+    let young = store
+        .append(&b, &[msg(2, &[0x66; 80])], 1, 1000)
+        .expect("append");
+    store.flush().expect("flush");
+    crash(store);
+    let store = open_at(dir.path(), 100);
+    assert!(seqs(&store, &a).is_empty(), "expired: never indexed");
+    assert_eq!(store.usage(&a).expect("usage"), Usage::default());
+    assert_eq!(store.expired(u64::MAX, 10).expect("expired").len(), 1);
+    assert_eq!(seqs(&store, &b), young);
+    assert!(disk_holds(dir.path(), &[0x55; 64]));
+    store.scrub().expect("scrub");
+    assert!(!disk_holds(dir.path(), &[0x55; 64]), "punched");
+    assert!(disk_holds(dir.path(), &[0x66; 64]));
+    let next = store
+        .append(&a, &[msg(3, b"x")], 100, 1000)
+        .expect("append");
+    assert!(next[0] > old[0] && next[0] > young[0]);
+}
+
+fn sidecar(dir: &Path, id: u64) -> Option<UnixMillis> {
+    std::fs::read_to_string(pinned::sidecar_path(dir, id))
+        .ok()
+        .map(|s| s.trim().parse().expect("a deadline"))
+}
+
+#[test]
+fn a_segment_kept_for_damage_is_deleted_at_its_deadline() {
+    use tern_proto::limits::MAX_MESSAGE_TTL_MS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, body) = three_records(dir.path(), &a);
+    let id = segment_id(path.file_name().and_then(|n| n.to_str()).expect("name")).expect("id");
+    // The second record's length now points into the middle of the third: the scan
+    // stops there and the segment is kept.
+    let mut bytes = std::fs::read(&path).expect("read");
+    let second = body - record::MESSAGE_OVERHEAD;
+    bytes[second + 3] = bytes[second + 3].wrapping_add(40);
+    std::fs::write(&path, &bytes).expect("write");
+
+    let store = open_at(dir.path(), 10);
+    let deadline = 10 + MAX_MESSAGE_TTL_MS;
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    drop(store);
+    // A later start keeps the first deadline.
+    let store = open_at(dir.path(), 50);
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    assert_eq!(seqs(&store, &a), vec![s[0]]);
+    store.sweep_files(deadline - 1).expect("sweep");
+    assert!(path.exists());
+    // At the deadline it goes as soon as its readable messages are gone (they have
+    // expired by then), with what the scan could not read.
+    store.sweep_files(deadline).expect("sweep");
+    assert!(path.exists(), "one message still indexed");
+    let due = store.expired(deadline, 10).expect("expired");
+    store.expire(&a, &due).expect("expire");
+    assert!(!path.exists(), "deleted");
+    assert_eq!(sidecar(dir.path(), id), None, "with its sidecar");
+    assert!(!disk_holds(dir.path(), &[0x33; 64]));
+}
+
+#[test]
+fn a_segment_with_a_damaged_header_is_deleted_at_its_deadline() {
+    use tern_proto::limits::MAX_MESSAGE_TTL_MS;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (_, path, _) = three_records(dir.path(), &a);
+    let id = segment_id(path.file_name().and_then(|n| n.to_str()).expect("name")).expect("id");
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(b"XX", 0).expect("damage the header");
+    drop(file);
+
+    let store = open_at(dir.path(), 10);
+    let deadline = 10 + MAX_MESSAGE_TTL_MS;
+    assert!(seqs(&store, &a).is_empty());
+    assert_eq!(sidecar(dir.path(), id), Some(deadline));
+    drop(store);
+    let store = open_at(dir.path(), 20);
+    assert_eq!(
+        sidecar(dir.path(), id),
+        Some(deadline),
+        "the deadline never moves"
+    );
+    store.sweep_files(deadline - 1).expect("sweep");
+    assert!(path.exists());
+    store.sweep_files(deadline).expect("sweep");
+    assert!(!path.exists());
+    assert_eq!(sidecar(dir.path(), id), None);
+    drop(store);
+    // A start after the deadline deletes such a segment at once.
+    let (_, path, _) = three_records(dir.path(), &a);
+    let file = OpenOptions::new().write(true).open(&path).expect("open");
+    file.write_all_at(b"XX", 0).expect("damage the header");
+    drop(file);
+    drop(open_at(dir.path(), 30));
+    assert!(path.exists());
+    drop(open_at(dir.path(), 30 + MAX_MESSAGE_TTL_MS));
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_segment_with_damaged_records_goes_when_its_last_message_does() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let (s, path, at) = three_records(dir.path(), &a);
+    let mut bytes = std::fs::read(&path).expect("read");
+    bytes[at] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("write");
+    let store = open_at(dir.path(), 0);
+    assert_eq!(seqs(&store, &a), vec![s[0], s[2]]);
+    let due = store.expired(100, 10).expect("expired");
+    store.expire(&a, &due).expect("expire");
+    assert!(!path.exists(), "deleted with the damaged record in it");
+    assert!(!disk_holds(dir.path(), &[0x22; 64]));
 }
