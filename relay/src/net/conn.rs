@@ -24,14 +24,13 @@ use bytes::{Bytes, BytesMut};
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
-    close, ClientRequest, Delivery, DeviceAddress, ErrorCode, Reply, Request, RequestError,
-    RequestKind, ServerMessage,
+    close, ClientRequest, DeviceAddress, ErrorCode, Reply, Request, RequestError, RequestKind,
+    ServerMessage,
 };
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, warn};
 
 use crate::core::auth::{self, AuthenticatedDevice};
-use crate::core::delivery::DeliveryWindow;
 use crate::core::rate::AddressPrefix;
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
@@ -39,9 +38,10 @@ use crate::media::BlobStore;
 use crate::net::admission::AdmissionGuard;
 use crate::net::media::Activity;
 
+mod push;
 mod standing;
 use crate::server::Services;
-use crate::store::{Envelope, StoredMessage};
+use crate::store::Envelope;
 pub(crate) use standing::Admitted;
 use standing::Standing;
 
@@ -523,7 +523,7 @@ impl Session {
         };
         let (acks, acks_rx) = mpsc::channel(64);
         self.acks = Some(acks);
-        self.delivery = Some(tokio::spawn(deliver(
+        self.delivery = Some(tokio::spawn(push::deliver(
             self.services.clone(),
             device.clone(),
             (
@@ -618,85 +618,6 @@ fn response(id: u64, result: Result<Reply>) -> Frame {
         e.to_reply()
     });
     Box::new(ServerMessage::Response { id, result }.into())
-}
-
-fn delivery(m: StoredMessage) -> Frame {
-    let d = Delivery {
-        seq: m.seq,
-        message_id: m.message_id,
-        payload: m.payload,
-        accepted_at_ms: m.accepted_at,
-        expires_at_ms: m.expires_at,
-    };
-    Box::new(ServerMessage::Delivery(d).into())
-}
-
-/// Pushes the device's messages as room allows and applies its acks.
-async fn deliver(
-    services: Arc<Services>,
-    device: AuthenticatedDevice,
-    (window_size, window_bytes): (usize, usize),
-    max_committing: usize,
-    out: mpsc::Sender<Frame>,
-    mut acks: mpsc::Receiver<AckCmd>,
-    conn: quinn::Connection,
-) {
-    let mailboxes = services.mailboxes();
-    let sub = mailboxes.subscribe(&device);
-    let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
-    let committing = Arc::new(Semaphore::new(max_committing));
-    loop {
-        tokio::select! {
-            _ = sub.changed() => {
-                if sub.displaced() {
-                    debug!("displaced by a newer connection of the same device");
-                    conn.close(close::DISPLACED.into(), b"displaced");
-                    return;
-                }
-            }
-            cmd = acks.recv() => {
-                let Some(cmd) = cmd else { return };
-                let result = mailboxes.ack(&device, &cmd.seqs);
-                for seq in &cmd.seqs {
-                    window.on_acked(*seq);
-                }
-                // Answered only once the deletion is durable, from a task of its own:
-                // pushing goes on while the commit's fsync runs. Past the cap of
-                // commits in flight this loop waits, as the reader does for sends.
-                let Ok(permit) = committing.clone().acquire_owned().await else {
-                    return;
-                };
-                let out = out.clone();
-                tokio::spawn(async move {
-                    let result = match result {
-                        Ok(acked) => acked.commit().await,
-                        Err(e) => Err(e),
-                    };
-                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
-                    let _ = out.send(response(cmd.request_id, reply)).await;
-                    drop(permit);
-                });
-            }
-        }
-        let pull = match mailboxes.pull(&device, &mut window) {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %e, "reading a mailbox failed");
-                continue;
-            }
-        };
-        for m in pull.messages {
-            if out.send(delivery(m)).await.is_err() {
-                return;
-            }
-        }
-        if pull.queue_empty {
-            let empty = ServerMessage::QueueEmpty.into();
-            if out.send(Box::new(empty)).await.is_err() {
-                return;
-            }
-        }
-    }
 }
 
 /// Writes queued frames, coalescing whatever is ready into one write.

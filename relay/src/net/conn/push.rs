@@ -1,0 +1,94 @@
+//! Pushing a device's messages: the delivery task that owns its [`DeliveryWindow`],
+//! pushes on wake-ups, and applies acks, answering each from a task of its own once
+//! the deletion's group commit is done.
+
+use std::sync::Arc;
+
+use tern_proto::{close, Delivery, Reply, ServerMessage};
+use tokio::sync::{mpsc, Semaphore};
+use tracing::{debug, warn};
+
+use super::{response, AckCmd, Frame};
+use crate::core::auth::AuthenticatedDevice;
+use crate::core::delivery::DeliveryWindow;
+use crate::server::Services;
+use crate::store::StoredMessage;
+
+fn delivery(m: StoredMessage) -> Frame {
+    let d = Delivery {
+        seq: m.seq,
+        message_id: m.message_id,
+        payload: m.payload,
+        accepted_at_ms: m.accepted_at,
+        expires_at_ms: m.expires_at,
+    };
+    Box::new(ServerMessage::Delivery(d).into())
+}
+
+/// Pushes the device's messages as room allows and applies its acks.
+pub(super) async fn deliver(
+    services: Arc<Services>,
+    device: AuthenticatedDevice,
+    (window_size, window_bytes): (usize, usize),
+    max_committing: usize,
+    out: mpsc::Sender<Frame>,
+    mut acks: mpsc::Receiver<AckCmd>,
+    conn: quinn::Connection,
+) {
+    let mailboxes = services.mailboxes();
+    let sub = mailboxes.subscribe(&device);
+    let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
+    let committing = Arc::new(Semaphore::new(max_committing));
+    loop {
+        tokio::select! {
+            _ = sub.changed() => {
+                if sub.displaced() {
+                    debug!("displaced by a newer connection of the same device");
+                    conn.close(close::DISPLACED.into(), b"displaced");
+                    return;
+                }
+            }
+            cmd = acks.recv() => {
+                let Some(cmd) = cmd else { return };
+                let result = mailboxes.ack(&device, &cmd.seqs);
+                for seq in &cmd.seqs {
+                    window.on_acked(*seq);
+                }
+                // Answered only once the deletion is durable, from a task of its own:
+                // pushing goes on while the commit's fsync runs. Past the cap of
+                // commits in flight this loop waits, as the reader does for sends.
+                let Ok(permit) = committing.clone().acquire_owned().await else {
+                    return;
+                };
+                let out = out.clone();
+                tokio::spawn(async move {
+                    let result = match result {
+                        Ok(acked) => acked.commit().await,
+                        Err(e) => Err(e),
+                    };
+                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
+                    let _ = out.send(response(cmd.request_id, reply)).await;
+                    drop(permit);
+                });
+            }
+        }
+        let pull = match mailboxes.pull(&device, &mut window) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "reading a mailbox failed");
+                continue;
+            }
+        };
+        for m in pull.messages {
+            if out.send(delivery(m)).await.is_err() {
+                return;
+            }
+        }
+        if pull.queue_empty {
+            let empty = ServerMessage::QueueEmpty.into();
+            if out.send(Box::new(empty)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
