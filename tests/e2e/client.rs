@@ -682,3 +682,38 @@ async fn clients_take_their_time_from_the_clock_they_are_given() {
     alice.shutdown().await;
     bob.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_idle_client_is_not_disconnected_by_the_deadline_for_strangers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[connections]\nauth_deadline = \"1s\"\nanonymous_idle = \"1s\"\n",
+    )
+    .expect("config");
+    let flags = ["--config", config.to_str().expect("path")];
+    let relay = RelayProcess::start(&dir.path().join("relay"), &flags).expect("relay");
+    let ((alice, mut alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    alice.send(&bob.account(), b"first").await.expect("send");
+    assert_eq!(next_message(&mut bob_events).await.body, b"first");
+    // Idle for three of the relay's deadlines: it closes the anonymous connection the
+    // sealed send used, which must cost no reconnect of the authenticated one.
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(event) = tokio::time::timeout_at(quiet, alice_events.recv()).await {
+        match event {
+            Some(Event::Disconnected { reason }) => panic!("alice reconnected: {reason}"),
+            Some(_) => {}
+            None => panic!("alice's events ended"),
+        }
+    }
+    // The next sealed send opens a new anonymous connection on its own.
+    alice.send(&bob.account(), b"second").await.expect("send");
+    assert_eq!(next_message(&mut bob_events).await.body, b"second");
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
