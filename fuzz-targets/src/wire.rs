@@ -84,7 +84,7 @@ pub fn requests(data: &[u8]) {
     }
     if let Ok(wire) = v1::BlobStreamRequest::decode(data) {
         if let Ok(request) = BlobStreamRequest::try_from(wire) {
-            let back = v1::BlobStreamRequest::from(request.clone()).encode_to_vec();
+            let back = v1::BlobStreamRequest::from(request).encode_to_vec();
             let again = v1::BlobStreamRequest::decode(&back[..]).expect("our own encoding");
             assert_eq!(BlobStreamRequest::try_from(again).ok(), Some(request));
         }
