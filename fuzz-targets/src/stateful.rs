@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 
+use rand::rngs::StdRng;
 use tern_client::crypto::message::{self, PreKeyId};
 use tern_client::crypto::sessions::SessionSet;
 use tern_proto::{e2e, AccountId, DeviceAddress, DeviceId, Envelope, MessageId};
@@ -45,6 +46,9 @@ impl Client {
 
 /// The relay's mailboxes and the two clients.
 struct World {
+    /// One generator for the whole run: a generator seeded afresh for each call would
+    /// give every ratchet step the same key.
+    rng: StdRng,
     store: MemoryStore,
     clients: [Client; 2],
     /// Every body each side sent, to check that what is accepted was sent.
@@ -58,6 +62,7 @@ struct World {
 pub fn two_clients(data: &[u8]) {
     let f = &*FIXTURE;
     let mut world = World {
+        rng: rng(),
         store: MemoryStore::new(),
         clients: [Client::new(&f.alice, 1), Client::new(&f.bob, 11)],
         sent: [HashSet::new(), HashSet::new()],
@@ -66,7 +71,7 @@ pub fn two_clients(data: &[u8]) {
     let alice = &mut world.clients[0];
     alice
         .sessions
-        .initiate(&mut rng(), &f.alice.id(), &f.alice.dh, &verified)
+        .initiate(&mut world.rng, &f.alice.id(), &f.alice.dh, &verified)
         .expect("initiate");
     for &op in data.iter().take(MAX_OPS) {
         let side = usize::from(op >> 7);
@@ -152,7 +157,7 @@ impl World {
         let (id, dh, spk) = (client.party.id(), &client.party.dh, &client.party.spk);
         let mut prekeys = |p: PreKeyId| (p == PreKeyId::Signed(1)).then(|| spk.clone());
         let opened = message::decrypt(
-            &mut rng(),
+            &mut self.rng,
             &mut client.sessions,
             (&id, dh),
             &sender.id(),
