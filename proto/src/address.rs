@@ -100,6 +100,11 @@ impl FromStr for RelayAddress {
         if host.is_empty() {
             return Err(AddressError("missing host"));
         }
+        // Brackets only delimit an IPv6 literal: inside a host they would print back
+        // as a different address.
+        if host.contains(['[', ']']) {
+            return Err(AddressError("bracket in host"));
+        }
         let port = port.parse().map_err(|_| AddressError("bad port"))?;
         Ok(RelayAddress {
             fingerprint,
@@ -137,6 +142,11 @@ mod tests {
             format!("tern://{fp}@:1"),
             "tern://AAAA@h:1".to_owned(),
             "tern://!!!@h:1".to_owned(),
+            // A bracket inside the host would print back as another address (found
+            // by the ids_and_addresses fuzz target).
+            format!("tern://{fp}@a]:1:80"),
+            format!("tern://{fp}@[a]b]:80"),
+            format!("tern://{fp}@a[b:80"),
         ] {
             assert!(bad.parse::<RelayAddress>().is_err(), "{bad}");
         }

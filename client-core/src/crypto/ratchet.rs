@@ -424,11 +424,12 @@ impl<'a> Reader<'a> {
         let mut key = self.key()?;
         match flag {
             1 => Ok(Some(key)),
-            0 => {
+            // An absent key is stored as zeros: anything else is not our encoding.
+            0 if key == [0; 32] => Ok(None),
+            _ => {
                 key.zeroize();
-                Ok(None)
+                Err(CryptoError::InvalidState)
             }
-            _ => Err(CryptoError::InvalidState),
         }
     }
 }
@@ -577,6 +578,26 @@ mod tests {
         extra.push(0);
         assert!(Session::from_bytes(&extra).is_err());
         assert!(Header::from_bytes(&[0; 39]).is_err());
+    }
+
+    #[test]
+    fn an_absent_key_must_be_zeros() {
+        // Found by the ratchet fuzz target: an absent key's bytes were ignored, so a
+        // record with stray bytes there parsed but stored back differently.
+        let (a, _) = pair();
+        let good = a.to_bytes();
+        // Alice has a sending chain and no receiving chain yet: the receiving chain's
+        // flag is at 1 + 32 + 33 + 32 + 33.
+        let flag = 1 + 32 + 33 + 32 + 33;
+        assert_eq!(good[flag], 0);
+        let mut stray = good.to_vec();
+        stray[flag + 5] = 1;
+        assert_eq!(
+            Session::from_bytes(&stray).err(),
+            Some(CryptoError::InvalidState)
+        );
+        let parsed = Session::from_bytes(&good).expect("parses");
+        assert!(*parsed.to_bytes() == *good);
     }
 
     proptest! {

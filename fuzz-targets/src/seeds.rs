@@ -1,0 +1,462 @@
+//! Valid inputs for every target, made by the code under test itself, plus a few
+//! edge cases: the seed corpus. `cargo run -p tern-fuzz-targets --example
+//! write_corpus` writes them under `fuzz/corpus/<target>/seed-<name>`.
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use rand::RngCore;
+use tern_client::crypto::{attachment, sealed};
+use tern_client::ContactCard;
+use tern_proto::address::Fingerprint;
+use tern_proto::frame;
+use tern_proto::{
+    v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Delivery,
+    DeviceAddress, DeviceBundle, DeviceId, Envelope, ErrorCode, ErrorReply, KeyUpload, MessageId,
+    RelayAddress, Reply, Request, ServerMessage, SignedKey,
+};
+use tern_relay::store::{Flush, LogOptions, LogStore, MailboxStore};
+
+use crate::crypto::ATTACHMENT_KEY;
+use crate::fixture::{next_messages, rng, FIXTURE};
+use crate::stateful::encode_ops;
+use crate::store::SEGMENT_NAME;
+
+/// One seed: target, file name (without the `seed-` prefix), bytes.
+pub type Seed = (&'static str, String, Vec<u8>);
+
+/// Every seed of every target.
+pub fn all() -> Vec<Seed> {
+    let mut out = Vec::new();
+    let mut add = |target: &'static str, name: &str, bytes: Vec<u8>| {
+        out.push((target, name.to_owned(), bytes));
+    };
+    for (name, request) in client_requests() {
+        add(
+            "requests",
+            name,
+            v1::ClientFrame::from(request).encode_to_vec(),
+        );
+    }
+    for (name, request) in blob_requests() {
+        add(
+            "requests",
+            name,
+            v1::BlobStreamRequest::from(request).encode_to_vec(),
+        );
+    }
+    for (name, message) in server_messages() {
+        add(
+            "replies",
+            name,
+            v1::ServerFrame::from(message).encode_to_vec(),
+        );
+    }
+    for (name, response) in blob_responses() {
+        add(
+            "replies",
+            name,
+            v1::BlobStreamResponse::from(response).encode_to_vec(),
+        );
+    }
+    frames(&mut add);
+    ids(&mut add);
+    crypto(&mut add);
+    add("log_scan", "empty", Vec::new());
+    add("log_scan", "three-mailboxes", segment());
+    add(
+        "two_clients",
+        "conversation",
+        encode_ops(&[
+            (0, 0, 0),
+            (0, 0, 0),
+            (2, 1, 0),
+            (2, 1, 0),
+            (0, 1, 0),
+            (2, 0, 0),
+        ]),
+    );
+    add(
+        "two_clients",
+        "drop-duplicate-reorder-corrupt-restart",
+        encode_ops(&[
+            (0, 0, 0),
+            (0, 0, 0),
+            (0, 0, 0),
+            (0, 0, 0),
+            (3, 1, 0),
+            (4, 1, 0),
+            (2, 1, 0),
+            (5, 1, 1),
+            (6, 1, 3),
+            (7, 1, 0),
+            (2, 1, 0),
+            (0, 1, 0),
+            (7, 0, 0),
+            (2, 0, 0),
+        ]),
+    );
+    out
+}
+
+fn address(account: u8, device: u32) -> DeviceAddress {
+    DeviceAddress {
+        account: AccountId([account; 16]),
+        device: DeviceId::new(device).unwrap_or(DeviceId::PRIMARY),
+    }
+}
+
+fn envelope(n: u8, len: usize) -> Envelope {
+    Envelope {
+        message_id: MessageId([n; 16]),
+        payload: Bytes::from(vec![n; len]),
+    }
+}
+
+fn signed(id: u32) -> SignedKey {
+    SignedKey {
+        id,
+        key: [id as u8; 32],
+        signature: [3; 64],
+    }
+}
+
+fn client_requests() -> Vec<(&'static str, ClientRequest)> {
+    let r = |id, request| ClientRequest { id, request };
+    vec![
+        ("ping", r(1, Request::Ping)),
+        (
+            "register",
+            r(
+                2,
+                Request::Register {
+                    identity_key: [1; 32],
+                    device_key: [2; 32],
+                    device_signature: [3; 64],
+                    session_proof: [4; 64],
+                },
+            ),
+        ),
+        (
+            "add-device",
+            r(
+                3,
+                Request::AddDevice {
+                    account: AccountId([5; 16]),
+                    device_key: [6; 32],
+                    device_signature: [7; 64],
+                },
+            ),
+        ),
+        (
+            "auth",
+            r(
+                4,
+                Request::Auth {
+                    address: address(8, 2),
+                    signature: [9; 64],
+                },
+            ),
+        ),
+        (
+            "send",
+            r(
+                5,
+                Request::Send {
+                    to: address(10, 1),
+                    envelopes: vec![envelope(1, 40), envelope(2, 0)],
+                },
+            ),
+        ),
+        (
+            "ack",
+            r(
+                6,
+                Request::Ack {
+                    seqs: vec![1, 2, u64::MAX],
+                },
+            ),
+        ),
+        (
+            "publish-keys",
+            r(
+                7,
+                Request::PublishKeys(KeyUpload {
+                    identity_dh: Some(signed(1)),
+                    signed_prekey: Some(signed(2)),
+                    one_time: vec![(3, [3; 32]), (4, [4; 32])],
+                }),
+            ),
+        ),
+        (
+            "fetch-keys",
+            r(
+                8,
+                Request::FetchKeys {
+                    account: AccountId([11; 16]),
+                    device: None,
+                },
+            ),
+        ),
+        ("sender-certificate", r(9, Request::SenderCertificate)),
+        (
+            "set-delivery-token",
+            r(
+                10,
+                Request::SetDeliveryToken {
+                    token_hash: [12; 32],
+                },
+            ),
+        ),
+        (
+            "sealed-send",
+            r(
+                11,
+                Request::SealedSend {
+                    to: address(13, 3),
+                    delivery_token: Bytes::from_static(b"token"),
+                    envelopes: vec![envelope(4, 100)],
+                },
+            ),
+        ),
+        ("relay-info", r(12, Request::RelayInfo)),
+        (
+            "blob-status",
+            r(13, Request::BlobStatus { blob_id: [14; 32] }),
+        ),
+        (
+            "touch-blob",
+            r(14, Request::TouchBlob { blob_id: [15; 32] }),
+        ),
+        (
+            "list-devices",
+            r(
+                15,
+                Request::ListDevices {
+                    account: AccountId([16; 16]),
+                    delivery_token: Bytes::from_static(b"token"),
+                },
+            ),
+        ),
+    ]
+}
+
+fn blob_requests() -> Vec<(&'static str, BlobStreamRequest)> {
+    vec![
+        (
+            "upload",
+            BlobStreamRequest::Upload {
+                blob_id: [1; 32],
+                size: 1 << 20,
+            },
+        ),
+        (
+            "download",
+            BlobStreamRequest::Download {
+                blob_id: [2; 32],
+                offset: 100,
+            },
+        ),
+    ]
+}
+
+fn server_messages() -> Vec<(&'static str, ServerMessage)> {
+    let ok = |id, reply| ServerMessage::Response {
+        id,
+        result: Ok(reply),
+    };
+    let bundle = DeviceBundle {
+        device: DeviceId::PRIMARY,
+        identity_key: [1; 32],
+        identity_dh: signed(1),
+        signed_prekey: signed(2),
+        one_time_prekey: Some((3, [3; 32])),
+    };
+    vec![
+        ("register", ok(1, Reply::Register(address(1, 1)))),
+        ("auth", ok(2, Reply::Auth { queued: 3 })),
+        ("send", ok(3, Reply::Send { accepted: 2 })),
+        ("ack", ok(4, Reply::Ack { deleted: 1 })),
+        ("fetch-keys", ok(5, Reply::FetchKeys(vec![bundle]))),
+        (
+            "blob-status",
+            ok(
+                6,
+                Reply::BlobStatus(Some(BlobStatus {
+                    size: 10,
+                    expires_at_ms: 20,
+                })),
+            ),
+        ),
+        (
+            "list-devices",
+            ok(7, Reply::ListDevices(vec![DeviceId::PRIMARY])),
+        ),
+        (
+            "rate-limited",
+            ServerMessage::Response {
+                id: 8,
+                result: Err(ErrorReply {
+                    code: ErrorCode::RateLimited,
+                    message: "slow down".into(),
+                    retry_after_ms: 1500,
+                }),
+            },
+        ),
+        (
+            "delivery",
+            ServerMessage::Delivery(Delivery {
+                seq: 9,
+                message_id: MessageId([9; 16]),
+                payload: Bytes::from_static(b"ciphertext"),
+                accepted_at_ms: 1,
+                expires_at_ms: 2,
+            }),
+        ),
+        ("queue-empty", ServerMessage::QueueEmpty),
+    ]
+}
+
+fn blob_responses() -> Vec<(&'static str, BlobStreamResponse)> {
+    vec![
+        (
+            "upload-ready",
+            BlobStreamResponse::UploadReady {
+                offset: 5,
+                exists: false,
+            },
+        ),
+        (
+            "download-ready",
+            BlobStreamResponse::DownloadReady {
+                size: 10,
+                offset: 0,
+            },
+        ),
+        (
+            "blob-error",
+            BlobStreamResponse::Error(ErrorReply::new(ErrorCode::NotFound, "")),
+        ),
+    ]
+}
+
+fn frames(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    let mut client = BytesMut::new();
+    for (_, request) in client_requests().into_iter().take(6) {
+        frame::encode(&v1::ClientFrame::from(request), &mut client);
+    }
+    let mut server = BytesMut::new();
+    for (_, message) in server_messages() {
+        frame::encode(&v1::ServerFrame::from(message), &mut server);
+    }
+    let with = |control: u8, stream: &[u8]| [&[control][..], stream].concat();
+    add("frame_decoder", "client-whole", with(0x3f, &client));
+    add("frame_decoder", "client-chunks-of-3", with(0x02, &client));
+    add("frame_decoder", "server-chunks-of-7", with(0x86, &server));
+    add("frame_decoder", "server-small-limit", with(0xc0, &server));
+    add(
+        "frame_decoder",
+        "too-large",
+        with(0x00, &[0xff, 0xff, 0xff, 0xff, 1]),
+    );
+    add(
+        "frame_decoder",
+        "torn",
+        with(0x01, &client[..client.len() - 3]),
+    );
+}
+
+fn ids(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    add("ids_and_addresses", "account", vec![7; 16]);
+    add(
+        "ids_and_addresses",
+        "device-address",
+        [&2u32.to_be_bytes()[..], &[7; 16]].concat(),
+    );
+    for (name, host) in [
+        ("v4", "127.0.0.1"),
+        ("v6", "::1"),
+        ("name", "relay.example.org"),
+    ] {
+        let address = RelayAddress {
+            fingerprint: Fingerprint([0xab; 32]),
+            host: host.into(),
+            port: 7443,
+        };
+        add("ids_and_addresses", name, address.to_string().into_bytes());
+    }
+    let card = ContactCard {
+        account: AccountId([1; 16]),
+        identity_key: [2; 32],
+        delivery_token: [3; 32],
+    };
+    add("contact_card", "card", card.to_string().into_bytes());
+    add("contact_card", "padded", format!("  {card}\n").into_bytes());
+}
+
+fn crypto(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    let f = &*FIXTURE;
+    add("x3dh_header", "alice-to-bob", f.initial.to_bytes().to_vec());
+    let mut with_one_time = f.initial.clone();
+    with_one_time.one_time_prekey_id = Some(9);
+    add("x3dh_header", "one-time", with_one_time.to_bytes().to_vec());
+    for (i, m) in next_messages(3).into_iter().enumerate() {
+        add("ratchet", &format!("alice-{i}"), m);
+    }
+    add("ratchet", "bob-session", f.bob_session.to_bytes().to_vec());
+    add("session_record", "empty", Vec::new());
+    let mut set = tern_client::crypto::sessions::SessionSet::default();
+    let verified = f.bob.bundle().verify().expect("fixed keys verify");
+    set.initiate(&mut rng(), &f.alice.id(), &f.alice.dh, &verified)
+        .expect("initiate");
+    add("session_record", "pending", set.to_bytes().to_vec());
+    let _ = set.encrypt(b"one").expect("encrypt");
+    add("session_record", "after-send", set.to_bytes().to_vec());
+
+    let sealed =
+        sealed::seal(&mut rng(), &f.bob.dh.public(), &f.certificate, b"content").expect("seal");
+    add("sealed_open", "to-bob", sealed);
+    let (encoded, signature) = f.certificate.as_issued();
+    let len = u8::try_from(encoded.len()).expect("a certificate under 256 bytes");
+    add(
+        "sealed_open",
+        "certificate",
+        [&[len][..], encoded, &signature[..]].concat(),
+    );
+
+    for (name, size, control) in [
+        ("empty", 0, 0),
+        ("small", 100, 0),
+        ("two-segments", 70_000, 3),
+    ] {
+        let mut plaintext = vec![0u8; size];
+        rng().fill_bytes(&mut plaintext);
+        let mut ciphertext = Vec::new();
+        attachment::encrypt(&mut rng(), &ATTACHMENT_KEY, &plaintext[..], &mut ciphertext)
+            .expect("encrypt");
+        add("attachment", name, [&[control][..], &ciphertext].concat());
+    }
+}
+
+/// A segment the log itself wrote: three mailboxes, one message removed.
+fn segment() -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let options = LogOptions {
+        background: false,
+        ..LogOptions::default()
+    };
+    {
+        let store = LogStore::open(dir.path(), options).expect("open");
+        for (n, to) in [address(1, 1), address(2, 1), address(2, 2)]
+            .iter()
+            .enumerate()
+        {
+            let msgs = [envelope(n as u8, 10 + n), envelope(n as u8 + 10, 0)];
+            store
+                .append(to, &msgs, 1, 2_000_000_000_000)
+                .expect("append");
+        }
+        store.remove(&address(1, 1), &[1]).expect("remove");
+        store.flush().expect("flush");
+    }
+    std::fs::read(dir.path().join(SEGMENT_NAME)).expect("the first segment")
+}
