@@ -7,48 +7,95 @@
 //! cannot pair the two by their timing, and an idle anonymous connection closed by the
 //! relay costs no reconnect of the authenticated one.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tern_proto::RelayAddress;
 use tokio::sync::Mutex;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::net::{Inbox, RelayConnection};
 
 /// A lazily (re)opened anonymous connection to one relay; see the module docs.
 pub(crate) struct AnonymousLink {
     relay: RelayAddress,
+    current: Mutex<Current>,
+}
+
+#[derive(Default)]
+struct Current {
     /// The open connection, with its inbox (which stays empty: nothing is delivered
     /// to a connection that never authenticates).
-    current: Mutex<Option<(Arc<RelayConnection>, Inbox)>>,
+    open: Option<(Arc<RelayConnection>, Inbox)>,
+    /// The client stopped: no connection is opened again.
+    stopped: bool,
 }
 
 impl AnonymousLink {
     pub(crate) fn new(relay: RelayAddress) -> Self {
         AnonymousLink {
             relay,
-            current: Mutex::new(None),
+            current: Mutex::new(Current::default()),
         }
     }
 
     /// The open connection, or a new one if there is none or the relay closed it.
     pub(crate) async fn get(&self) -> Result<Arc<RelayConnection>> {
         let mut current = self.current.lock().await;
-        if let Some((conn, _)) = current.as_ref() {
+        if current.stopped {
+            return Err(Error::Closed("the client is stopping".into()));
+        }
+        if let Some((conn, _)) = current.open.as_ref() {
             if !conn.is_closed() {
                 return Ok(conn.clone());
             }
         }
         let (conn, inbox) = RelayConnection::connect(&self.relay).await?;
         let conn = Arc::new(conn);
-        *current = Some((conn.clone(), inbox));
+        current.open = Some((conn.clone(), inbox));
         Ok(conn)
     }
 
-    /// Closes the open connection, if any (the client is stopping).
+    /// Runs `op` on the connection, and once more on a new one if the relay closed
+    /// it meanwhile: the relay closes an idle anonymous connection whenever its time
+    /// is up, which must not fail the request (nor, through it, the authenticated
+    /// connection). A request retried this way may have reached the relay once
+    /// already; recipients drop duplicates by message id.
+    pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: Fn(Arc<RelayConnection>) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        match op(self.get().await?).await {
+            Err(Error::Closed(_)) => op(self.get().await?).await,
+            other => other,
+        }
+    }
+
+    /// Closes the open connection, if any, for good (the client is stopping).
     pub(crate) async fn close_now(&self) {
-        if let Some((conn, _)) = self.current.lock().await.take() {
+        let mut current = self.current.lock().await;
+        current.stopped = true;
+        if let Some((conn, _)) = current.open.take() {
             conn.close_now();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_link_opens_nothing() {
+        let relay: RelayAddress = format!("tern://{}@127.0.0.1:9", "A".repeat(43))
+            .parse()
+            .expect("address");
+        let link = AnonymousLink::new(relay);
+        link.close_now().await;
+        // Refused at once: no connection is attempted to the (absent) relay.
+        assert!(matches!(link.get().await, Err(Error::Closed(_))));
+        let ran = link.run(|_| async { Ok(()) }).await;
+        assert!(matches!(ran, Err(Error::Closed(_))));
     }
 }

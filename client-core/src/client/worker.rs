@@ -278,7 +278,8 @@ async fn refresh_devices(
     let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
         return Ok(());
     };
-    let ids = match anon.get().await?.list_devices(recipient, &token).await {
+    let list = anon.run(|c| async move { c.list_devices(recipient, &token).await });
+    let ids = match list.await {
         Ok(ids) => ids,
         Err(e) if e.relay_code().is_some() => {
             // A rotated token, say: check again tomorrow; sends handle the rest.
@@ -478,14 +479,16 @@ async fn send_device(
         device: plan.device,
     };
     for chunk in chunks(&plan.copies) {
-        let envelopes = chunk.iter().map(|c| Envelope {
-            message_id: c.message_id,
-            payload: c.payload.clone().into(),
-        });
+        let envelopes = || {
+            chunk.iter().map(|c| Envelope {
+                message_id: c.message_id,
+                payload: c.payload.clone().into(),
+            })
+        };
         let result = match &token {
-            Some(token) => anon.get().await?.sealed_send(&to, token, envelopes).await,
+            Some(token) => anon.run(|c| c.sealed_send(&to, token, envelopes())).await,
             // No token yet: this first message identifies its sender to the relay.
-            None => conn.send(&to, envelopes).await,
+            None => conn.send(&to, envelopes()).await,
         };
         match result {
             Ok(_) => {}

@@ -51,8 +51,13 @@ pub(super) async fn deliver(
             cmd = acks.recv() => {
                 let Some(cmd) = cmd else { return };
                 let result = mailboxes.ack(&device, &cmd.seqs);
-                for seq in &cmd.seqs {
-                    window.on_acked(*seq);
+                // A failed ack put (some of) its messages back: the window keeps them
+                // in flight, so its cursor never passes a message still stored; the
+                // client retries the ack or reconnects.
+                if result.is_ok() {
+                    for seq in &cmd.seqs {
+                        window.on_acked(*seq);
+                    }
                 }
                 // Answered only once the deletion is durable, from a task of its own:
                 // pushing goes on while the commit's fsync runs. Past the cap of
