@@ -10,13 +10,13 @@
 //! forgets keys whose bucket is full again, and a table at `max_keys` refuses keys it
 //! does not hold until housekeeping makes room.
 
-use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::core::prefix::AddressPrefix;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
@@ -112,39 +112,6 @@ impl governor::clock::Clock for GovernorClock {
 
     fn now(&self) -> Duration {
         Duration::from_millis(self.0.now())
-    }
-}
-
-/// The network address a request came from, as rate limits count it: an IPv4
-/// address, or the /64 prefix of an IPv6 address (one host usually owns a whole /64).
-/// IPv4-mapped IPv6 addresses count as IPv4.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AddressPrefix {
-    /// An IPv4 address.
-    V4(u32),
-    /// The first 64 bits of an IPv6 address.
-    V6(u64),
-}
-
-impl From<IpAddr> for AddressPrefix {
-    fn from(ip: IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(v4) => AddressPrefix::V4(v4.into()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddressPrefix::V4(v4.into()),
-                None => AddressPrefix::V6((u128::from(v6) >> 64) as u64),
-            },
-        }
-    }
-}
-
-impl std::fmt::Debug for AddressPrefix {
-    // Never the address itself (P9).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            AddressPrefix::V4(_) => "AddressPrefix::V4(..)",
-            AddressPrefix::V6(_) => "AddressPrefix::V6(..)",
-        })
     }
 }
 

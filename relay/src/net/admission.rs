@@ -16,30 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{ConnectionsConfig, Retry};
-
-/// The leading bits of an address that count as one peer. Deliberately neither
-/// `Display` nor `Debug`: it must not reach a log (P9).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum AddressPrefix {
-    V4(u32),
-    V6(u128),
-}
-
-impl AddressPrefix {
-    /// The prefix of `ip`; an IPv4-mapped IPv6 address counts as its IPv4 address.
-    pub(crate) fn of(ip: IpAddr, v4_bits: u8, v6_bits: u8) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(a) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(v4_bits)).unwrap_or(0);
-                AddressPrefix::V4(u32::from(a) & mask)
-            }
-            IpAddr::V6(a) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(v6_bits)).unwrap_or(0);
-                AddressPrefix::V6(u128::from(a) & mask)
-            }
-        }
-    }
-}
+use crate::core::prefix::AddressPrefix;
 
 /// What the accept loop does with a new connection.
 pub(crate) enum Decision {
@@ -171,6 +148,12 @@ pub(crate) struct AdmissionGuard {
 }
 
 impl AdmissionGuard {
+    /// The peer's address prefix, as `[connections]` counts peers; rate limits count
+    /// by it too.
+    pub(crate) fn prefix(&self) -> AddressPrefix {
+        self.prefix
+    }
+
     /// The handshake ended (either way).
     pub(crate) fn handshake_done(&mut self) {
         if std::mem::take(&mut self.handshaking) {

@@ -161,7 +161,7 @@ pub(crate) async fn serve(
     ));
     let mut session = Session {
         device,
-        prefix: conn.remote_address().ip().into(),
+        prefix: admitted.guard.prefix(),
         conn: conn.clone(),
         services,
         requests: Arc::new(Semaphore::new(settings.max_requests)),
