@@ -7,12 +7,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
 use tern_client::net::{Incoming, RelayConnection};
 use tern_client::Error;
 use tern_proto::{close, frame, v1, RelayAddress};
 
-use crate::support::{envelope, number, within, Device, RelayProcess};
+use crate::support::{envelope, number, register_from, within, RelayProcess};
 
 /// Starts a relay with `config` as its configuration file, and `extra` flags.
 fn relay_with(dir: &Path, config: &str, extra: &[&str]) -> RelayProcess {
@@ -38,22 +37,6 @@ async fn raw_from(
     let target = format!("{}:{}", relay.host, relay.port).parse().unwrap();
     let conn = within(endpoint.connect(target, &relay.host).unwrap()).await?;
     Ok((endpoint, conn))
-}
-
-/// Registers a new account from a socket bound to `from`.
-async fn register_from(relay: &RelayAddress, from: &str) -> Device {
-    let (conn, inbox) = within(RelayConnection::connect_from(relay, Some(local(from))))
-        .await
-        .unwrap();
-    let (identity, key) = (IdentityKeyPair::generate(), DeviceKeyPair::generate());
-    let address = within(conn.register(&identity, &key)).await.unwrap();
-    Device {
-        conn,
-        inbox,
-        address,
-        key,
-        identity,
-    }
 }
 
 fn is_refused(e: &quinn::ConnectionError) -> bool {
@@ -94,8 +77,8 @@ async fn one_address_cannot_lock_out_another() {
     assert!(is_refused(&refused), "{refused:?}");
 
     // 127.0.0.2 registers, sends and receives as if nothing were going on.
-    let alice = register_from(&relay.address, "127.0.0.2").await;
-    let mut bob = register_from(&relay.address, "127.0.0.2").await;
+    let alice = register_from(&relay.address, Some(local("127.0.0.2"))).await;
+    let mut bob = register_from(&relay.address, Some(local("127.0.0.2"))).await;
     assert_eq!(bob.next().await, Incoming::QueueEmpty);
     within(alice.conn.send(&bob.address, [envelope(1)]))
         .await
@@ -146,7 +129,7 @@ async fn idle_unauthenticated_connections_are_closed_after_the_deadline() {
         .unwrap();
     assert_eq!(within(anonymous.blob_status(&[7; 32])).await.unwrap(), None);
     // Authenticated: no deadline.
-    let alice = register_from(&relay.address, "127.0.0.1").await;
+    let alice = register_from(&relay.address, Some(local("127.0.0.1"))).await;
 
     let e = within(silent.closed()).await;
     assert!(
@@ -209,7 +192,7 @@ async fn frames_before_authentication_are_held_to_the_smaller_limit() {
 
     // Once authenticated, the same frame is fine: a send of one 250 KiB envelope
     // plus one of 60 KiB goes in one request.
-    let alice = register_from(&relay.address, "127.0.0.1").await;
+    let alice = register_from(&relay.address, Some(local("127.0.0.1"))).await;
     let big = |i| tern_client::net::Envelope {
         payload: vec![i as u8; if i == 0 { 250 * 1024 } else { 60 * 1024 }].into(),
         ..envelope(i)
@@ -227,8 +210,8 @@ async fn address_validation_with_retry_still_connects() {
         "[connections]\nretry = \"always\"\nmax_per_address = 2\n",
         &["--log", "tern_relay=debug"],
     );
-    let alice = register_from(&relay.address, "127.0.0.1").await;
-    let mut bob = register_from(&relay.address, "127.0.0.1").await;
+    let alice = register_from(&relay.address, Some(local("127.0.0.1"))).await;
+    let mut bob = register_from(&relay.address, Some(local("127.0.0.1"))).await;
     within(alice.conn.send(&bob.address, [envelope(5)]))
         .await
         .unwrap();
@@ -250,7 +233,7 @@ async fn the_relay_log_never_holds_a_peer_address_even_from_dependencies() {
     // peer goes through the relay's formatter, which redacts addresses.
     let dir = tempfile::tempdir().unwrap();
     let mut relay = relay_with(dir.path(), "", &["--log", "trace"]);
-    let alice = register_from(&relay.address, "127.0.0.2").await;
+    let alice = register_from(&relay.address, Some(local("127.0.0.2"))).await;
     within(alice.conn.ping()).await.unwrap();
     // A handshake that fails: an unpinned certificate is refused by the client.
     let (config, _) =

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // not every test module uses every helper
 
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -142,7 +143,12 @@ pub(crate) struct Device {
 
 /// Registers a new account on `relay` and returns its first device, connected.
 pub(crate) async fn register(relay: &RelayAddress) -> Device {
-    let (conn, inbox) = within(RelayConnection::connect(relay))
+    register_from(relay, None).await
+}
+
+/// [`register`] from a socket bound to `local` (the system's choice when `None`).
+pub(crate) async fn register_from(relay: &RelayAddress, local: Option<SocketAddr>) -> Device {
+    let (conn, inbox) = within(RelayConnection::connect_from(relay, local))
         .await
         .expect("connect");
     let (identity, key) = (IdentityKeyPair::generate(), DeviceKeyPair::generate());
