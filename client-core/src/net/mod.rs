@@ -380,6 +380,7 @@ impl RelayConnection {
             .request(Request::FetchKeys {
                 account: *account,
                 device,
+                delivery_token: None,
             })
             .await?
         {

@@ -415,7 +415,9 @@ impl Session {
                 });
                 self.reply(id, reply).await
             }
-            Request::FetchKeys { account, device } => {
+            Request::FetchKeys {
+                account, device, ..
+            } => {
                 let reply = self.authenticated().and_then(|requester| {
                     let found = self.services.keys().fetch(requester, &account, device)?;
                     Ok(Reply::FetchKeys(found.into_bundles()))
