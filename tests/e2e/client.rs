@@ -732,3 +732,88 @@ async fn an_idle_client_is_not_disconnected_by_the_deadline_for_strangers() {
     alice.shutdown().await;
     bob.shutdown().await;
 }
+
+#[tokio::test]
+async fn identified_session_start_leaves_no_relay_side_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    // Debug lines name each request's kind and the standing of its connection.
+    let mut relay =
+        RelayProcess::start(&relay_dir, &["--log", "info,tern_relay=debug"]).expect("relay");
+    let ((alice, _alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    // Alice has Bob's card, so his delivery token: she starts a session with him.
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    alice
+        .send(&bob.account(), b"hello bob")
+        .await
+        .expect("send");
+    let m = next_message(&mut bob_events).await;
+    assert_eq!(
+        (m.body.as_slice(), m.sender),
+        (&b"hello bob"[..], alice.account())
+    );
+    bob.confirm(m.seq).await.expect("confirm");
+    let (a, b) = (alice.account(), bob.account());
+    alice.shutdown().await;
+    bob.shutdown().await;
+    relay.stop().expect("stop");
+
+    // The bundle was fetched, and never on an authenticated connection.
+    let log = std::fs::read_to_string(&relay.log).expect("log");
+    let fetches: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("kind=fetch_keys"))
+        .collect();
+    assert!(!fetches.is_empty(), "no fetch logged at debug:\n{log}");
+    assert!(
+        fetches
+            .iter()
+            .all(|l| !l.contains("standing=Authenticated")),
+        "an authenticated fetch: {fetches:#?}"
+    );
+    // No log line names both accounts, in any form an id is written.
+    let forms = |id: &tern_proto::AccountId| {
+        let hex: String = id.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        [hex.clone(), hex.to_uppercase(), format!("{id:?}")]
+    };
+    for line in log.lines() {
+        let names = |id| forms(id).iter().any(|f| line.contains(f.as_str()));
+        assert!(!(names(&a) && names(&b)), "a line names both: {line}");
+    }
+
+    // No record of the relay's database holds both ids: every record of every tree.
+    let db = sled::open(relay_dir.join("db")).expect("open the relay's database");
+    let mut trees_with = std::collections::BTreeSet::new();
+    for name in db.tree_names() {
+        for record in db.open_tree(&name).expect("tree").iter() {
+            let (k, v) = record.expect("record");
+            let has = |id: &tern_proto::AccountId| {
+                !positions(&k, id.as_bytes()).is_empty() || !positions(&v, id.as_bytes()).is_empty()
+            };
+            let tree = String::from_utf8_lossy(&name).into_owned();
+            assert!(!(has(&a) && has(&b)), "a record of tree {tree} holds both");
+            if has(&a) || has(&b) {
+                trees_with.insert(tree);
+            }
+        }
+    }
+    drop(db);
+    // Each id only where the account itself lives: its record, token and keys.
+    let allowed = ["accounts", "delivery_tokens", "keys"];
+    assert!(
+        trees_with.iter().all(|t| allowed.contains(&t.as_str())),
+        "{trees_with:?}"
+    );
+    // Nor does any other file (mailbox segments, blobs): a file counts as one record.
+    for file in files_under(&relay_dir) {
+        if file.starts_with(relay_dir.join("db")) {
+            continue;
+        }
+        let bytes = std::fs::read(&file).expect("read");
+        let has = |id: &tern_proto::AccountId| !positions(&bytes, id.as_bytes()).is_empty();
+        assert!(!(has(&a) && has(&b)), "{} holds both", file.display());
+    }
+}

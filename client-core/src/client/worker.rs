@@ -1,6 +1,6 @@
 //! The client's background task: one authenticated connection to receive on and for
-//! key operations, one unauthenticated connection for sealed sends, reconnecting with
-//! backoff whenever either drops.
+//! its own keys, and the anonymous link (`anonymous.rs`) for sealed sends, device
+//! lists and contacts' prekey bundles, reconnecting with backoff whenever either drops.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rand::rngs::OsRng;
 use rand::Rng;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId};
 
 use super::anonymous::AnonymousLink;
 use super::contacts::StartError;
@@ -304,7 +304,7 @@ async fn refresh_devices(
         let Ok(device) = DeviceId::try_from(device) else {
             continue;
         };
-        match conn.fetch_keys(recipient, Some(device)).await {
+        match fetch_bundles(conn, anon, recipient, Some(device), Some(token)).await {
             Ok(b) => bundles.extend(b),
             Err(e) if e.relay_code().is_some() => {}
             Err(e) => return Err(e),
@@ -326,6 +326,29 @@ async fn refresh_devices(
         }
         Err(StartError::NoDevices) => Ok(()),
         Err(StartError::Fatal(e)) => Err(e),
+    }
+}
+
+/// A contact's prekey bundles (one device, or all). With its delivery token they are
+/// fetched on the anonymous link, so the relay does not learn who starts a session
+/// with whom. Without one (a contact added by account id alone, or one whose token
+/// was rotated, until its next message brings the new one) only the authenticated
+/// connection can fetch, and the relay sees who asks.
+async fn fetch_bundles(
+    conn: &RelayConnection,
+    anon: &AnonymousLink,
+    recipient: &AccountId,
+    device: Option<DeviceId>,
+    token: Option<[u8; 32]>,
+) -> Result<Vec<DeviceBundle>> {
+    match token {
+        Some(token) => {
+            let fetch = |c: Arc<RelayConnection>| async move {
+                c.fetch_keys_with_token(recipient, device, &token).await
+            };
+            anon.run(fetch).await
+        }
+        None => conn.fetch_keys(recipient, device).await,
     }
 }
 
@@ -371,9 +394,20 @@ async fn send_round(
     let mut round = Round::Idle;
     for recipient in recipients {
         refresh_devices(shared, conn, anon, &recipient).await?;
-        if shared.state.lock().await.needs_bundles(&recipient)? {
-            let bundles = match conn.fetch_keys(&recipient, None).await {
+        let (needs_bundles, token) = {
+            let mut state = shared.state.lock().await;
+            (state.needs_bundles(&recipient)?, state.token_of(&recipient))
+        };
+        if needs_bundles {
+            let bundles = match fetch_bundles(conn, anon, &recipient, None, token).await {
                 Ok(b) => b,
+                Err(e) if token.is_some() && e.relay_code() == Some(ErrorCode::Unauthorized) => {
+                    // The contact rotated its token (or has no account): as for a
+                    // sealed send, fall back until its next message brings the new one.
+                    shared.state.lock().await.drop_token(&recipient)?;
+                    round = Round::Progress;
+                    continue;
+                }
                 Err(e) if e.relay_code() == Some(ErrorCode::UnknownRecipient) => {
                     fail_all(shared, &recipient, "no such account").await?;
                     round = Round::Progress;
