@@ -32,6 +32,10 @@ const SEND_BYTES: usize = 256 * 1024 - 4096;
 const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
+/// The most a ping after an anonymous connection's loss waits to go out.
+const LOSS_PING_JITTER_MS: u64 = 1000;
+/// How long that ping may take before the authenticated connection is given up.
+const LOSS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a long-lived connection checks its keys (signed prekey rotation).
 const MAINTENANCE: Duration = Duration::from_secs(3600);
 
@@ -115,6 +119,7 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     let result = tokio::select! {
         r = receive_loop(shared, &conn, inbox) => r,
         r = send_loop(shared, &conn, &anon) => r,
+        r = check_when_anonymous_lost(&conn, &anon) => r,
     };
     shared.conns.send_replace(None);
     match Arc::try_unwrap(conn) {
@@ -123,6 +128,23 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         Err(c) => c.close_now(),
     }
     result
+}
+
+/// Whenever the anonymous link loses a connection (reset, as by a relay that
+/// restarted, or timed out), pings the authenticated connection: a restarted relay has
+/// forgotten it too, and it is then found dead in a round trip instead of at its next
+/// keep-alive. The ping waits a random moment first, so its timing pairs the two
+/// connections less exactly; an error (or no answer) ends the connection.
+async fn check_when_anonymous_lost(conn: &RelayConnection, anon: &AnonymousLink) -> Result<()> {
+    loop {
+        anon.lost().await;
+        let pause = Duration::from_millis(OsRng.gen_range(0..LOSS_PING_JITTER_MS));
+        tokio::time::sleep(pause).await;
+        match tokio::time::timeout(LOSS_PING_TIMEOUT, conn.ping()).await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(Error::Closed("no answer to a ping".into())),
+        }
+    }
 }
 
 /// Sets a rotated delivery token on the relay.

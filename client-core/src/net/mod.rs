@@ -440,6 +440,19 @@ impl RelayConnection {
         Error::Closed(closed_reason(&self.conn.closed().await))
     }
 
+    /// Resolves when the connection ends: true if it was lost (reset by a relay that
+    /// no longer knows it, say after a restart, or timed out), false if either side
+    /// closed it. Holds no handle on the connection itself.
+    pub fn lost(&self) -> impl Future<Output = bool> + Send + 'static {
+        let conn = self.conn.clone();
+        async move {
+            matches!(
+                conn.closed().await,
+                quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut
+            )
+        }
+    }
+
     /// Whether the connection has closed: by either side, or lost.
     pub fn is_closed(&self) -> bool {
         self.conn.close_reason().is_some()
