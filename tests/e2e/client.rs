@@ -781,6 +781,12 @@ async fn identified_session_start_leaves_no_relay_side_link() {
             .all(|l| !l.contains("standing=Authenticated")),
         "an authenticated fetch: {fetches:#?}"
     );
+    // Nothing about it above debug (P9).
+    assert!(
+        !log.lines()
+            .any(|l| !l.contains(" DEBUG ") && l.contains("fetch")),
+        "a fetch logged above debug:\n{log}"
+    );
     // No log line names both accounts, in any form an id is written.
     let forms = |id: &tern_proto::AccountId| {
         let hex: String = id.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
