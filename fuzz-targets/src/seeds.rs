@@ -194,6 +194,7 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 Request::FetchKeys {
                     account: AccountId([11; 16]),
                     device: None,
+                    delivery_token: None,
                 },
             ),
         ),

@@ -198,19 +198,26 @@ impl Accounts {
         })
     }
 
-    /// Compares the token's hash with the stored one in constant time, so the time
-    /// taken tells nothing of how much of a guess was right.
     fn check_token(&self, account: &AccountId, token: &[u8]) -> Result<()> {
-        let expected = self
-            .store
-            .delivery_token(account)?
-            .ok_or(Error::Unauthorized)?;
-        let presented: [u8; 32] = Sha256::digest(token).into();
-        if !bool::from(presented.ct_eq(&expected)) {
-            return Err(Error::Unauthorized);
-        }
-        Ok(())
+        check_delivery_token(self.store.as_ref(), account, token)
     }
+}
+
+/// Whether `token` is `account`'s delivery token: its hash is compared with the
+/// stored one in constant time, so the time taken tells nothing of how much of a
+/// guess was right. An account without a token (or none at all) gets the same
+/// [`Error::Unauthorized`] as a wrong token.
+pub(crate) fn check_delivery_token(
+    store: &dyn AccountStore,
+    account: &AccountId,
+    token: &[u8],
+) -> Result<()> {
+    let expected = store.delivery_token(account)?.ok_or(Error::Unauthorized)?;
+    let presented: [u8; 32] = Sha256::digest(token).into();
+    if !bool::from(presented.ct_eq(&expected)) {
+        return Err(Error::Unauthorized);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
