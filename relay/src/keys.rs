@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
 use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::budget::Budget;
 use crate::core::rate::RateLimits;
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
@@ -35,6 +36,7 @@ pub(crate) struct KeyDirectory {
     keys: Arc<dyn KeyStore>,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for KeyDirectory {
@@ -68,12 +70,14 @@ impl KeyDirectory {
         keys: Arc<dyn KeyStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         KeyDirectory {
             accounts,
             keys,
             commit,
             rates,
+            budget,
         }
     }
 
@@ -84,6 +88,7 @@ impl KeyDirectory {
         device: &AuthenticatedDevice,
         keys: &KeyUpload,
     ) -> Result<u64> {
+        self.budget.check_reserve()?;
         let addr = device.address();
         let record = self
             .accounts

@@ -15,6 +15,7 @@ use tern_platform::clock::Clock;
 use crate::accounts::Accounts;
 use crate::certificates::CertificateIssuer;
 use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig};
+use crate::core::budget::Budget;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
@@ -32,6 +33,7 @@ pub struct Services {
     certificates: CertificateIssuer,
     mailboxes: Mailboxes,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Services {
@@ -59,7 +61,7 @@ impl Services {
         Self::with_rate_limits(stores, clock, limits, ttl, durability, signer, &rates)
     }
 
-    /// [`Services::new`] under the given rate limits.
+    /// [`Services::new`] under the given rate limits (and the default budgets).
     pub fn with_rate_limits(
         stores: Stores,
         clock: Arc<dyn Clock>,
@@ -69,15 +71,43 @@ impl Services {
         signer: ed25519_dalek::SigningKey,
         rates: &RateLimitsConfig,
     ) -> std::io::Result<Self> {
+        let budget = Arc::new(Budget::default());
+        Self::with_budget(
+            stores, clock, limits, ttl, durability, signer, rates, budget,
+        )
+    }
+
+    /// [`Services::with_rate_limits`] under the given relay-wide budgets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_budget(
+        stores: Stores,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        ttl: Ttl,
+        durability: Durability,
+        signer: ed25519_dalek::SigningKey,
+        rates: &RateLimitsConfig,
+        budget: Arc<Budget>,
+    ) -> std::io::Result<Self> {
         let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
         let rates = Arc::new(RateLimits::new(rates, clock.clone()));
         let (accounts, keys) = (stores.accounts.clone(), stores.keys);
+        let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
-            accounts: Accounts::new(accounts.clone(), commit.clone(), rates.clone()),
-            keys: KeyDirectory::new(accounts, keys, commit.clone(), rates.clone()),
+            accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),
+            keys: KeyDirectory::new(accounts, keys, c.clone(), r.clone(), b.clone()),
             certificates: CertificateIssuer::new(stores.accounts, signer, clock.clone()),
-            mailboxes: Mailboxes::new(stores.mailboxes, clock, limits, ttl, commit, rates.clone()),
+            mailboxes: Mailboxes::new(
+                stores.mailboxes,
+                clock,
+                limits,
+                ttl,
+                commit,
+                rates.clone(),
+                budget.clone(),
+            ),
             rates,
+            budget,
         })
     }
 
@@ -104,6 +134,11 @@ impl Services {
     /// The per-account and per-sender limits.
     pub fn rate_limits(&self) -> &RateLimits {
         &self.rates
+    }
+
+    /// The relay-wide budgets and the disk reserve.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 }
 
@@ -186,16 +221,18 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
 
+        let budget = Arc::new(Budget::new(config.budget.limits()));
         let blobs = Arc::new(
             BlobStore::open(
                 &config.data_dir,
                 stores.blobs.clone(),
                 clock.clone(),
                 blob_limits(&config.media),
+                budget.clone(),
             )
             .map_err(Error::from)?,
         );
-        let services = Arc::new(Services::with_rate_limits(
+        let services = Arc::new(Services::with_budget(
             stores,
             clock,
             config.mailbox_limits(),
@@ -203,6 +240,7 @@ impl Relay {
             config.durability,
             signer,
             &config.rate_limits,
+            budget,
         )?);
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,

@@ -12,7 +12,7 @@ use tracing::warn;
 use super::record::{self, MessageHeader};
 use super::{io, lock, Loc, LogStore, Segment, EARLY_SPARE};
 use crate::store::{
-    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Usage,
+    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Totals, Usage,
 };
 
 impl MailboxStore for LogStore {
@@ -180,6 +180,10 @@ impl MailboxStore for LogStore {
             .mailboxes
             .get(of)
             .map_or_else(Usage::default, |m| m.usage))
+    }
+
+    fn totals(&self) -> Totals {
+        lock(&self.shared.index).totals()
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {

@@ -170,6 +170,8 @@ struct Index {
     active: u64,
     /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
     deadlines: Vec<(u64, UnixMillis)>,
+    /// The sum of every mailbox's usage, kept beside them.
+    totals: Usage,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,7 +181,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn io(context: &str, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("mailbox log: {context}: {e}"))
+    StoreError::from_io(&format!("mailbox log: {context}"), &e)
 }
 
 /// The file a spare segment is prepared in.
@@ -216,9 +218,30 @@ impl Index {
         mailbox.entries.insert(seq, loc);
         mailbox.usage.messages += 1;
         mailbox.usage.bytes += loc.payload_len();
+        self.count(1, loc.payload_len());
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
+        }
+    }
+
+    /// Adds to the totals (a removal: [`Index::uncount`]).
+    fn count(&mut self, messages: u64, bytes: u64) {
+        self.totals.messages += messages;
+        self.totals.bytes += bytes;
+    }
+
+    fn uncount(&mut self, removed: Usage) {
+        self.totals.messages -= removed.messages;
+        self.totals.bytes -= removed.bytes;
+    }
+
+    /// What every mailbox holds together.
+    fn totals(&self) -> super::Totals {
+        super::Totals {
+            messages: self.totals.messages,
+            bytes: self.totals.bytes,
+            mailboxes: self.mailboxes.len() as u64,
         }
     }
 
