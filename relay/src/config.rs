@@ -56,7 +56,7 @@
 //! max_index_bytes = 1073741824  # estimated memory of the mailbox index
 //! max_blob_bytes = 107374182400 # finished blobs (100 GiB)
 //! min_free_disk_bytes = 1073741824  # below this free space (or the percentage below,
-//! min_free_disk_percent = 5     # whichever is more) sends and uploads are refused
+//! min_free_disk_percent = 0     # whichever is more) sends and uploads are refused
 //! disk_check_interval = "1s"    # how often free space is sampled
 //!
 //! [expiry]

@@ -97,7 +97,7 @@ mod tests {
         assert_eq!(c.budget.min_free_disk_bytes, 0);
         assert_eq!(c.budget.disk_check_interval, Duration::from_millis(250));
         assert_eq!(
-            c.budget.min_free_disk_percent, 5,
+            c.budget.min_free_disk_percent, 0,
             "unset keys keep defaults"
         );
         for bad in [
@@ -122,6 +122,6 @@ mod tests {
         assert_eq!(b.max_index_bytes, 1 << 30);
         assert_eq!(b.max_blob_bytes, 100 << 30);
         assert_eq!(b.min_free_disk_bytes, 1 << 30);
-        assert_eq!(b.min_free_disk_percent, 5);
+        assert_eq!(b.min_free_disk_percent, 0);
     }
 }

@@ -30,9 +30,9 @@ fn assert_full(e: &Error) {
 }
 
 fn full_disk() -> [DiskSample; 1] {
-    // 5% of 100 GiB is more than 1 GiB: the reserve is 5 GiB.
+    // Under the default reserve of 1 GiB.
     [DiskSample {
-        free: 4 << 30,
+        free: (1 << 30) - 1,
         size: 100 << 30,
     }]
 }
@@ -168,7 +168,7 @@ async fn under_the_reserve_writes_are_refused_and_drains_work() {
 
     // Space is back: so are sends.
     assert!(!budget.record_disk(&[DiskSample {
-        free: 6 << 30,
+        free: 1 << 30,
         size: 100 << 30,
     }]));
     f.send(&alice, *bob.address(), &msgs(3..4, 8))
