@@ -180,3 +180,21 @@ async fn under_the_reserve_writes_are_refused_and_drains_work() {
         .await
         .expect("registration");
 }
+
+#[test]
+fn a_full_disk_is_unavailable_with_a_retry_time() {
+    let enospc = std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+    let e = Error::from(crate::store::StoreError::from_io("appending", &enospc));
+    assert!(matches!(e, Error::Store(crate::store::StoreError::NoSpace)));
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert_eq!(e.retry_after_ms(), RETRY_AFTER_MS);
+    let other = std::io::Error::other("bad sector");
+    let e = Error::from(crate::store::StoreError::from_io("appending", &other));
+    assert_eq!(
+        e.code(),
+        ErrorCode::Internal,
+        "other I/O errors stay internal"
+    );
+    let blob = crate::media::BlobError::from(enospc);
+    assert_eq!(Error::from(blob).code(), ErrorCode::Unavailable);
+}

@@ -166,6 +166,7 @@ impl BlobFiles {
         let mut direct = !bytes.is_empty()
             && direct_io::is_aligned(len, bytes)
             && direct_io::set_direct(&file, true);
+        crate::store::fault::check(crate::store::fault::Site::BlobWrite)?;
         let was_direct = direct_io::write_all_at(&file, len, bytes, &mut direct)?;
         let key = (*account, *id);
         let taken = lock(&self.hashing).remove(&key);

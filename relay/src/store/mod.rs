@@ -9,6 +9,7 @@
 //! - [`MemoryStore`]: everything in memory, for tests.
 //! - [`Stores`]: how the backends are put together for a relay.
 //! - [`GroupCommit`]: makes every store durable, one flush shared by concurrent writers.
+//! - [`fault`]: test-only injection of a full disk (ENOSPC) at chosen writes.
 //!
 //! # Contract
 //! - Stores hold what the relay was given and nothing more: ciphertext, opaque ids,
@@ -29,6 +30,7 @@ use tern_platform::clock::UnixMillis;
 
 mod commit;
 mod compose;
+pub mod fault;
 mod log;
 mod memory;
 mod sled;

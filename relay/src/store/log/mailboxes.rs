@@ -65,7 +65,9 @@ impl MailboxStore for LogStore {
         }
         // On failure nothing is indexed, and the next append starts a new segment
         // rather than write over part of what may have reached this one.
-        if let Err(e) = w.active.file.write_all_at(&w.buf, start) {
+        let written = crate::store::fault::check(crate::store::fault::Site::LogAppend)
+            .and_then(|()| w.active.file.write_all_at(&w.buf, start));
+        if let Err(e) = written {
             w.len = w.len.max(shared.segment_bytes);
             return Err(io("appending", e));
         }
