@@ -241,3 +241,127 @@ async fn the_queued_messages_budget_is_relay_wide() {
         .await
         .expect("taken after Bob's drain");
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped.
+struct SmallFs {
+    path: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        SmallFs {
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Fills the file system under `dir` with one file until a write finds it full.
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![0xa5u8; 64 << 10];
+    // Bounded: a 64 MiB tmpfs takes at most 1024 blocks.
+    for _ in 0..100_000 {
+        if f.write_all(&block).and_then(|()| f.sync_data()).is_err() {
+            return path;
+        }
+    }
+    panic!("the file system never filled up");
+}
+
+/// The real kernel's ENOSPC, sled and fsync included, on a 64 MiB tmpfs. Needs root;
+/// `.ci/run` runs it when `id -u` is 0:
+/// `cargo test -p tern-tests --test e2e storage::enospc_on_a_real_small_filesystem -- --ignored`
+#[tokio::test]
+#[ignore = "needs root to mount a tmpfs; run as documented above"]
+async fn enospc_on_a_real_small_filesystem() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::mount(&dir.path().join("small"), "64m");
+    let faults = dir.path().join("no-faults");
+    let config = "durability = \"fsync\"\n[storage]\nsegment_mb = 1\ncache_mb = 8\n\
+                  [budget]\nmin_free_disk_bytes = 0\n";
+    let mut r = relay(&fs.path, "127.0.0.1:0", config, &faults);
+    let alice = register(&r.address).await;
+    let bob = register(&r.address).await;
+    let (bob_at, key, identity) = bob.go_offline().await;
+    let filler = fill(&fs.path);
+
+    // Sends go into what the log prepared ahead, then are refused; each answer is
+    // either stored or refused with UNAVAILABLE.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..20_000u32 {
+        let mut e = envelope(i);
+        e.payload = vec![i as u8; 4000].into();
+        match within(alice.conn.send(&bob_at, [e])).await {
+            Ok(_) => accepted.push(i),
+            Err(err) => {
+                if err.relay_code() != Some(ErrorCode::Unavailable) {
+                    panic!("{err}; relay log:\n{}", r.log_text());
+                }
+                assert!(err.retry_after().is_some(), "{err}");
+                refused += 1;
+                if refused == 3 {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(refused, 3, "the disk never refused a send");
+    // A registration writes sled, which may still have room in what it allocated;
+    // if it has none, the refusal is typed.
+    let (conn, _inbox) = within(tern_client::net::RelayConnection::connect(&r.address))
+        .await
+        .unwrap();
+    let registered = within(conn.register(
+        &tern_client::identity::IdentityKeyPair::generate(),
+        &tern_client::identity::DeviceKeyPair::generate(),
+    ))
+    .await;
+    if let Err(e) = registered {
+        assert_eq!(e.relay_code(), Some(ErrorCode::Unavailable), "{e}");
+    }
+
+    // Drains and acks work on the full disk.
+    let (mut bob, _) = Device::connect(&r.address, bob_at, key, identity).await;
+    let mut got = Vec::new();
+    while got.len() < accepted.len() {
+        let d = bob.next_delivery().await;
+        got.push(d);
+        if got.len() % 200 == 0 || got.len() == accepted.len() {
+            ack(&bob, &got[got.len() - got.len().min(200)..]).await;
+        }
+    }
+    assert_eq!(numbers(&got), accepted);
+
+    // A crash, room made, a restart: nothing acked comes back, sends are taken.
+    r.crash().unwrap();
+    std::fs::remove_file(filler).unwrap();
+    let r = relay(&fs.path, &same_port(&r), config, &faults);
+    assert_eq!(
+        bob.reconnect(&r.address).await,
+        0,
+        "acked messages stay deleted"
+    );
+    within(bob.conn.send(&bob.address, [envelope(1)]))
+        .await
+        .expect("a send once there is room");
+    drop(r);
+}

@@ -447,9 +447,16 @@ fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
         .create_new(true)
         .open(segment_path(dir, id))
         .map_err(|e| io("creating a segment", e))?;
-    file.write_all_at(&record::header(seq_floor), 0)
+    if let Err(e) = file
+        .write_all_at(&record::header(seq_floor), 0)
         .and_then(|()| file.sync_data())
-        .map_err(|e| io("writing a segment header", e))?;
+    {
+        // It holds nothing: removed, so that the next roll (after a full disk) can
+        // create it again.
+        drop(file);
+        remove_segment(dir, id);
+        return Err(io("writing a segment header", e));
+    }
     Ok(Segment { id, file })
 }
 
@@ -545,11 +552,17 @@ impl Shared {
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
         let (segment, grows) = self.next_segment(id, w.next_seq)?;
-        let segment = Arc::new(segment);
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            // Not in use and holding no records: removed, so the next roll can
+            // create it again.
+            drop(segment);
+            remove_segment(&self.dir, id);
+            return Err(e);
+        }
+        let segment = Arc::new(segment);
         let old = std::mem::replace(&mut w.active, segment.clone());
         w.len = HEADER_LEN;
         w.grows = grows;
