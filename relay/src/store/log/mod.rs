@@ -25,6 +25,7 @@ mod pinned;
 mod record;
 mod remove;
 mod scan;
+mod totals;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -222,26 +223,6 @@ impl Index {
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
-        }
-    }
-
-    /// Adds to the totals (a removal: [`Index::uncount`]).
-    fn count(&mut self, messages: u64, bytes: u64) {
-        self.totals.messages += messages;
-        self.totals.bytes += bytes;
-    }
-
-    fn uncount(&mut self, removed: Usage) {
-        self.totals.messages -= removed.messages;
-        self.totals.bytes -= removed.bytes;
-    }
-
-    /// What every mailbox holds together.
-    fn totals(&self) -> super::Totals {
-        super::Totals {
-            messages: self.totals.messages,
-            bytes: self.totals.bytes,
-            mailboxes: self.mailboxes.len() as u64,
         }
     }
 
@@ -451,8 +432,7 @@ fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
         .write_all_at(&record::header(seq_floor), 0)
         .and_then(|()| file.sync_data())
     {
-        // It holds nothing: removed, so that the next roll (after a full disk) can
-        // create it again.
+        // It holds nothing: removed, so the next roll (after a full disk) can retry.
         drop(file);
         remove_segment(dir, id);
         return Err(io("writing a segment header", e));
@@ -556,8 +536,7 @@ impl Shared {
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.
         if let Err(e) = sync_dir(&self.dir) {
-            // Not in use and holding no records: removed, so the next roll can
-            // create it again.
+            // Not in use and holding no records: removed, so the next roll can retry.
             drop(segment);
             remove_segment(&self.dir, id);
             return Err(e);
