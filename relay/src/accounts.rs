@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
+use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{AccountRecord, AccountStore, GroupCommit, StoreError};
@@ -46,6 +47,7 @@ pub struct Accounts {
     store: Arc<dyn AccountStore>,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -61,17 +63,21 @@ impl Accounts {
         store: Arc<dyn AccountStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         Accounts {
             store,
             commit,
             rates,
+            budget,
         }
     }
 
     /// Creates an account for a verified registration; the connection becomes its
     /// first device. Durable before it returns.
     pub async fn register(&self, reg: VerifiedRegistration) -> Result<AuthenticatedDevice> {
+        // sled must not meet a full disk (see ARCHITECTURE.md, "Budgets and a full disk").
+        self.budget.check_reserve()?;
         let record = AccountRecord {
             identity_key: *reg.identity_key(),
             devices: vec![(DeviceId::PRIMARY, *reg.device_key())],

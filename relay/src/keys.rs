@@ -21,6 +21,7 @@ use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
 use crate::accounts::check_delivery_token;
 use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
@@ -78,6 +79,7 @@ pub(crate) struct KeyDirectory {
     keys: Arc<dyn KeyStore>,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for KeyDirectory {
@@ -111,12 +113,14 @@ impl KeyDirectory {
         keys: Arc<dyn KeyStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         KeyDirectory {
             accounts,
             keys,
             commit,
             rates,
+            budget,
         }
     }
 
@@ -127,6 +131,7 @@ impl KeyDirectory {
         device: &AuthenticatedDevice,
         keys: &KeyUpload,
     ) -> Result<u64> {
+        self.budget.check_reserve()?;
         let addr = device.address();
         let record = self
             .accounts

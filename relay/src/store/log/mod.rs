@@ -25,6 +25,7 @@ mod pinned;
 mod record;
 mod remove;
 mod scan;
+mod totals;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -170,6 +171,8 @@ struct Index {
     active: u64,
     /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
     deadlines: Vec<(u64, UnixMillis)>,
+    /// The sum of every mailbox's usage, kept beside them.
+    totals: Usage,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -179,7 +182,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn io(context: &str, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("mailbox log: {context}: {e}"))
+    StoreError::from_io(&format!("mailbox log: {context}"), &e)
 }
 
 /// The file a spare segment is prepared in.
@@ -216,6 +219,7 @@ impl Index {
         mailbox.entries.insert(seq, loc);
         mailbox.usage.messages += 1;
         mailbox.usage.bytes += loc.payload_len();
+        self.count(1, loc.payload_len());
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
@@ -424,9 +428,15 @@ fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
         .create_new(true)
         .open(segment_path(dir, id))
         .map_err(|e| io("creating a segment", e))?;
-    file.write_all_at(&record::header(seq_floor), 0)
+    if let Err(e) = file
+        .write_all_at(&record::header(seq_floor), 0)
         .and_then(|()| file.sync_data())
-        .map_err(|e| io("writing a segment header", e))?;
+    {
+        // It holds nothing: removed, so the next roll (after a full disk) can retry.
+        drop(file);
+        remove_segment(dir, id);
+        return Err(io("writing a segment header", e));
+    }
     Ok(Segment { id, file })
 }
 
@@ -522,11 +532,16 @@ impl Shared {
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
         let (segment, grows) = self.next_segment(id, w.next_seq)?;
-        let segment = Arc::new(segment);
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            // Not in use and holding no records: removed, so the next roll can retry.
+            drop(segment);
+            remove_segment(&self.dir, id);
+            return Err(e);
+        }
+        let segment = Arc::new(segment);
         let old = std::mem::replace(&mut w.active, segment.clone());
         w.len = HEADER_LEN;
         w.grows = grows;
