@@ -10,7 +10,7 @@ use crate::store::Durability;
 use crate::Relay;
 use clap::{Parser, Subcommand};
 use tern_platform::clock::SystemClock;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -110,6 +110,13 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         // The address goes to stdout, on its own line, for people and scripts.
         println!("tern-relay listening on {}", relay.address());
         info!(durability = ?config.durability, "relay started");
+        if crate::store::fault::COMPILED_IN && std::env::var_os(crate::store::fault::VAR).is_some()
+        {
+            warn!(
+                "fault injection is active ({}): a test build",
+                crate::store::fault::VAR
+            );
+        }
         wait_for_signal().await?;
         info!("shutting down");
         relay.shutdown().await?;

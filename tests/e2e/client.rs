@@ -564,7 +564,9 @@ async fn a_client_killed_mid_stream_loses_nothing() {
         shown.push(tokio::task::block_in_place(|| next_number(&lines)));
     }
     child.kill();
-    while let Ok(line) = lines.try_recv() {
+    // Every line it printed before it died: the reader ends at the pipe's end (a
+    // `try_recv` here raced the reader thread on a busy machine).
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
         if let Some(n) = line.strip_prefix("msg m#") {
             shown.push(n.parse().expect("number"));
         }

@@ -91,9 +91,11 @@ async fn enospc_refuses_sends_and_keeps_everything() {
     let refused = within(media::resume_upload(&alice.conn, &pointer, &sealed))
         .await
         .expect_err("no space for the second write");
-    if let Some(code) = refused.relay_code() {
-        assert_eq!(code, ErrorCode::Unavailable, "{refused}");
-    }
+    assert_eq!(
+        refused.relay_code(),
+        Some(ErrorCode::Unavailable),
+        "{refused}"
+    );
     std::fs::write(&faults, "log_append=enospc").unwrap();
     let uploaded = within(async {
         loop {

@@ -421,15 +421,18 @@ async fn send_round(
             (state.needs_bundles(&recipient)?, state.token_of(&recipient))
         };
         if needs_bundles {
-            let bundles = match fetch_bundles(conn, anon, &recipient, None, token).await {
-                Ok(b) => b,
+            let fetched = match fetch_bundles(conn, anon, &recipient, None, token).await {
+                // A rotated token, or a relay from before token fetches (which
+                // refuses them on a connection that has not authenticated): fetch as
+                // ourselves rather than not at all. The token is kept; a refused
+                // sealed send is what drops it.
                 Err(e) if token.is_some() && e.relay_code() == Some(ErrorCode::Unauthorized) => {
-                    // The contact rotated its token (or has no account): as for a
-                    // sealed send, fall back until its next message brings the new one.
-                    shared.state.lock().await.drop_token(&recipient)?;
-                    round = Round::Progress;
-                    continue;
+                    conn.fetch_keys(&recipient, None).await
                 }
+                other => other,
+            };
+            let bundles = match fetched {
+                Ok(b) => b,
                 Err(e) if e.relay_code() == Some(ErrorCode::UnknownRecipient) => {
                     fail_all(shared, &recipient, "no such account").await?;
                     round = Round::Progress;

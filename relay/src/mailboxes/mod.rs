@@ -159,14 +159,16 @@ impl Mailboxes {
         self.limits
             .check_batch(msgs.iter().map(|m| m.payload.len()))?;
         let n = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
-        self.rates.send(from, to, n)?;
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         self.active.ordered(to, true, || {
+            // Capacity first: a send refused for a full mailbox or relay does not
+            // use up its sender's rate.
             let usage = self.store.usage(to)?;
             self.limits.check_enqueue(usage, msgs.len() as u64, bytes)?;
             self.budget
                 .check_enqueue(self.store.totals(), msgs.len() as u64, bytes)?;
+            self.rates.send(from, to, n)?;
             self.rates.intake(from, to, usage.messages, n)?;
             self.store
                 .append(to, msgs, now, self.ttl.expires_at(now))

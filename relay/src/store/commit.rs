@@ -31,7 +31,7 @@ pub enum Durability {
     Os,
 }
 
-type Waiter = oneshot::Sender<Result<(), String>>;
+type Waiter = oneshot::Sender<Result<(), StoreError>>;
 
 /// Shares flushes between concurrent writers. See the module docs.
 pub struct GroupCommit {
@@ -93,7 +93,8 @@ impl GroupCommit {
             .map_err(|_| StoreError::Backend("group commit stopped".into()))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreError::Backend(e)),
+            // NoSpace stays NoSpace: a full disk at flush is refused as one at write.
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(StoreError::Backend("group commit stopped".into())),
         }
     }
@@ -123,7 +124,7 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = flush.flush().map_err(|e| e.to_string());
+        let result = flush.flush();
         flushes.fetch_add(1, Ordering::Relaxed);
         for w in batch {
             let _ = w.send(result.clone());

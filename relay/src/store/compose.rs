@@ -45,11 +45,10 @@ impl Stores {
     /// Mailboxes on one backend, everything else on another (which holds no
     /// mailboxes, so it need not be a [`MailboxStore`]).
     ///
-    /// The flush flushes only the backends written since the last flush, so a
-    /// backend that fails (sled after a full disk) fails only the commits that wrote
-    /// to it: mailbox acks and sends still commit while no registration, key upload
-    /// or blob record was written since. A flush that writes both fails if either
-    /// fails.
+    /// The flush flushes only the backends written since the last flush, so mailbox
+    /// acks and sends do not wait for sled when nothing was written to it. A backend
+    /// whose flush failed is flushed again by every later flush until one succeeds
+    /// (see `Marked::flush_if_written`); a flush fails if either backend's does.
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,

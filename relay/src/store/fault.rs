@@ -1,9 +1,12 @@
 //! Test-only fault injection: makes chosen writes fail with ENOSPC, so the relay's
 //! handling of a full disk runs in a real process without filling a real disk.
 //!
-//! Compiled in only for unit tests and with the cargo feature `fault-injection`
-//! (the end-to-end tests' relay binary has it; a release build does not, and refuses
-//! to start when `TERN_FAULTS` is set, see [`refuse_unless_compiled_in`]).
+//! Compiled in only for unit tests and with the cargo feature `fault-injection`. The
+//! end-to-end tests' relay binary has it, and so does any build that includes the
+//! `tests` crate (`--workspace`: cargo unifies features); `cargo build -p tern-relay`
+//! and a plain `cargo build` at the root (the default members leave `tests` out) do
+//! not. A relay without it refuses to start when `TERN_FAULTS` is set (see
+//! [`refuse_unless_compiled_in`]); one with it warns at start when a plan is set.
 //!
 //! `TERN_FAULTS` holds a plan, or `file:<path>` naming a file that holds one and is
 //! read again at every write it covers (no file, or an empty one: no faults), so a

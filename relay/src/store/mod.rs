@@ -45,7 +45,7 @@ pub use self::memory::MemoryStore;
 pub use self::sled::SledStore;
 
 /// A storage backend failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The backend reported an error.

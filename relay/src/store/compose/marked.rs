@@ -40,15 +40,20 @@ impl<S: ?Sized> Marked<S> {
 
 impl<S: Flush + ?Sized> Marked<S> {
     /// Flushes the store if it was written since the last flush. The flag is cleared
-    /// first, so a write during the flush marks it again. A failed flush fails the
-    /// commits waiting on it and leaves the flag clear: a later flush tries this
-    /// store again only once it is written again, so a broken store does not fail
-    /// commits that never wrote to it.
+    /// first, so a write during the flush marks it again. A failed flush sets it
+    /// again: a write it did not make durable may belong to a commit of a later
+    /// batch, which must not be answered before a flush of this store succeeds. So
+    /// a store that cannot flush fails every commit until it can again; a store that
+    /// was not written is never flushed, and never fails a commit.
     pub(super) fn flush_if_written(&self) -> StoreResult<()> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        self.store.flush()
+        let flushed = self.store.flush();
+        if flushed.is_err() {
+            self.dirty.store(true, Ordering::Release);
+        }
+        flushed
     }
 }
 

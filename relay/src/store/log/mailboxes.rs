@@ -69,6 +69,13 @@ impl MailboxStore for LogStore {
             .and_then(|()| w.active.file.write_all_at(&w.buf, start));
         if let Err(e) = written {
             w.len = w.len.max(shared.segment_bytes);
+            // Part of the batch may have reached the file; a restart's scan must not
+            // deliver a send that was refused. Best effort: where nothing arrived,
+            // there is nothing to cover.
+            let max_seq = placed.last().map_or(0, |(seq, _)| *seq);
+            if let Ok(dead) = record::dead_header(w.buf.len() as u64, max_seq) {
+                let _ = w.active.file.write_all_at(&dead, start);
+            }
             return Err(io("appending", e));
         }
         let due = w.spare_due(shared.segment_bytes);

@@ -20,6 +20,7 @@
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
+mod holes;
 mod mailboxes;
 mod pinned;
 mod record;
@@ -39,6 +40,7 @@ use std::time::Duration;
 use tern_proto::DeviceAddress;
 use tracing::{info, warn};
 
+use self::holes::{erase, write_zeros};
 use self::record::{HEADER_LEN, PEEK_LEN};
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
 use tern_platform::clock::UnixMillis;
@@ -628,6 +630,10 @@ impl Shared {
                 }
             }
             let file = &segment.file;
+            // Only a failed fsync latches (the kernel may have dropped dirty pages);
+            // a failed header write or hole punch (a full disk can refuse to split
+            // an extent) leaves the spans queued for the next pass.
+            let sync = |file: &File| file.sync_data().map_err(|e| (e, true));
             let scrubbed = merged
                 .iter()
                 .try_for_each(|d| {
@@ -635,19 +641,22 @@ impl Shared {
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                     file.write_all_at(&header, d.offset)
                 })
+                .map_err(|e| (e, false))
                 // The dead headers are on disk before the holes: a crash between
                 // leaves records that are dead, never ones that look torn.
-                .and_then(|()| file.sync_data())
+                .and_then(|()| sync(file))
                 .and_then(|()| {
-                    merged.iter().try_for_each(|d| {
-                        let skip = PEEK_LEN as u64;
-                        erase(file, d.offset + skip, d.len - skip)
-                    })
+                    merged
+                        .iter()
+                        .try_for_each(|d| {
+                            let skip = PEEK_LEN as u64;
+                            erase(file, d.offset + skip, d.len - skip)
+                        })
+                        .map_err(|e| (e, false))
                 })
-                .and_then(|()| file.sync_data());
-            if let Err(e) = scrubbed {
-                // What is not done stays queued (scrubbing a span twice is harmless),
-                // and a failed fsync fails every later flush.
+                .and_then(|()| sync(file));
+            if let Err((e, latch)) = scrubbed {
+                // What is not done stays queued (scrubbing a span twice is harmless).
                 let mut index = lock(&self.index);
                 for (segment, spans) in std::iter::once((segment, merged)).chain(work) {
                     if let Some(state) = index.segments.get_mut(&segment.id) {
@@ -656,43 +665,14 @@ impl Shared {
                 }
                 drop(index);
                 let e = io("scrubbing removed messages", e);
-                self.fail(&e);
+                if latch {
+                    self.fail(&e);
+                }
                 return Err(e);
             }
         }
         Ok(())
     }
-}
-
-/// Deallocates `len` bytes at `offset` (they read back as zeros); where holes are not
-/// supported, overwrites them with zeros.
-fn erase(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        use rustix::fs::{fallocate, FallocateFlags};
-        if fallocate(
-            file,
-            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
-            offset,
-            len,
-        )
-        .is_ok()
-        {
-            return Ok(());
-        }
-    }
-    write_zeros(file, offset, len)
-}
-
-fn write_zeros(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let zeros = vec![0u8; (1 << 20).min(usize::try_from(len).unwrap_or(1 << 20))];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64);
-        file.write_all_at(&zeros[..n as usize], offset + done)?;
-        done += n;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
