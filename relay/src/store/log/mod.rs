@@ -17,6 +17,9 @@
 //! disk within about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is
 //! deleted whole.
 //!
+//! Seqs are per mailbox (`store/seq.rs`); an open's epoch is above every seq and segment
+//! floor found, and its segments' floor, `epoch << 40`, outlives their messages.
+//!
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
@@ -39,6 +42,7 @@ use tern_proto::DeviceAddress;
 use tracing::{info, warn};
 
 use self::record::{HEADER_LEN, PEEK_LEN};
+use super::seq::{self, SeqCounters};
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
 use tern_platform::clock::UnixMillis;
 
@@ -85,7 +89,7 @@ struct Segment {
 
 #[derive(Debug)]
 struct Writer {
-    next_seq: u64,
+    seqs: SeqCounters,
     active: Arc<Segment>,
     /// Bytes in the active segment.
     len: u64,
@@ -329,7 +333,9 @@ impl LogStore {
                 "expired mailbox log records dropped at start"
             );
         }
-        let next_seq = counts.next_seq;
+        // Above every seq on disk (messages, dead spans, segment floors).
+        let seqs = SeqCounters::new(seq::epoch_after(counts.next_seq))?;
+        let floor = seq::floor(seqs.epoch());
 
         let active_id = match ids.last() {
             None => 1,
@@ -337,7 +343,7 @@ impl LogStore {
                 .checked_add(1)
                 .ok_or(StoreError::Corrupt("segment ids exhausted"))?,
         };
-        let active = Arc::new(create_segment(dir, active_id, next_seq)?);
+        let active = Arc::new(create_segment(dir, active_id, floor)?);
         sync_dir(dir)?;
         index.active = active_id;
         index
@@ -356,7 +362,7 @@ impl LogStore {
             dir: dir.to_path_buf(),
             segment_bytes: options.segment_bytes.max(HEADER_LEN + 1),
             writer: Mutex::new(Writer {
-                next_seq,
+                seqs,
                 active,
                 len: HEADER_LEN,
                 buf: Vec::new(),
@@ -521,7 +527,8 @@ impl Shared {
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
-        let (segment, grows) = self.next_segment(id, w.next_seq)?;
+        let floor = seq::floor(w.seqs.epoch());
+        let (segment, grows) = self.next_segment(id, floor)?;
         let segment = Arc::new(segment);
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of

@@ -1,7 +1,9 @@
 //! The on-disk format of mailbox log segments.
 //!
 //! A segment starts with a header (magic, format version, the sequence-number floor at
-//! its creation, CRC). Records follow back to back:
+//! its creation, CRC). The floor is `epoch << 40` of the open that created it
+//! (`store/seq.rs`); segments from before per-mailbox seqs hold the next relay-wide seq
+//! there, below `1 << 40`, and read the same way. Records follow back to back:
 //!
 //! ```text
 //! len: u32 | crc: u32 | kind: u8 | body: len - 1 bytes
@@ -11,7 +13,8 @@
 //!   at (8), message id (16), then the ciphertext. The CRC covers `len`, kind and body,
 //!   so a damaged length is caught too.
 //! - `kind = 0`, a dead span: one or more removed messages, merged. It keeps the
-//!   highest seq among them (8), so sequence numbers never go back after a restart.
+//!   highest seq among them (8), so the next open's epoch is above it and sequence
+//!   numbers never go back after a restart.
 //!   Its CRC covers `len`, `kind` and that seq: the rest is a punched hole (or zeros)
 //!   that the scan skips.
 //!

@@ -9,6 +9,10 @@
 //! | `M` account device seq | message id, accepted at, expires at, payload |
 //! | `U` account device | queued messages, queued bytes |
 //! | `E` expires-at account device seq | (empty) |
+//! | `Q` | the epoch of the last open's sequence numbers |
+//!
+//! Sequence numbers are per mailbox (`store/seq.rs`): each open takes the next epoch,
+//! flushed before any append, and counts each mailbox's messages in memory.
 //!
 //! Accounts live in their own tree, keyed by account id; delivery token hashes in
 //! another. Prekeys live in a `keys` tree:
@@ -23,11 +27,13 @@
 //! an account (uploads in progress, quota charges) in another.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
+use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
     MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
@@ -39,6 +45,7 @@ use tern_platform::clock::UnixMillis;
 const MSG: u8 = b'M';
 const USAGE: u8 = b'U';
 const EXPIRY: u8 = b'E';
+const EPOCH: [u8; 1] = [b'Q'];
 const MSG_KEY_LEN: usize = 1 + ADDR_LEN + 8;
 const EXPIRY_KEY_LEN: usize = 1 + 8 + ADDR_LEN + 8;
 const MSG_HEADER_LEN: usize = 16 + 8 + 8;
@@ -55,6 +62,8 @@ pub struct SledStore {
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
     blob_quota: sled::Tree,
+    /// This open's seq epoch and each mailbox's count in it.
+    seqs: Arc<Mutex<SeqCounters>>,
 }
 
 fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
@@ -130,6 +139,25 @@ fn message_meta(v: &[u8]) -> StoreResult<(UnixMillis, u64)> {
     ))
 }
 
+/// Counters for a new epoch, one above the last open's (an old database, whose seqs
+/// came from sled's id generator and are far below epoch 1, has none yet). The new
+/// epoch is on disk before any seq of it is handed out, so a crash cannot repeat it.
+fn next_epoch(db: &sled::Db, mailboxes: &sled::Tree) -> StoreResult<SeqCounters> {
+    let last = match mailboxes.get(EPOCH).map_err(backend)? {
+        Some(v) => u64::from_be_bytes(fixed(&v)?),
+        None => 0,
+    };
+    let epoch = last
+        .checked_add(1)
+        .ok_or(StoreError::Corrupt("sequence number epochs exhausted"))?;
+    let counters = SeqCounters::new(epoch)?;
+    mailboxes
+        .insert(EPOCH, &epoch.to_be_bytes()[..])
+        .map_err(backend)?;
+    db.flush().map_err(backend)?;
+    Ok(counters)
+}
+
 impl SledStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> StoreResult<Self> {
@@ -160,6 +188,7 @@ impl SledStore {
         let keys = db.open_tree("keys").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
+        let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
         let store = SledStore {
             db,
             mailboxes,
@@ -168,6 +197,7 @@ impl SledStore {
             keys,
             blobs,
             blob_quota,
+            seqs,
         };
         store.migrate_blobs()?;
         Ok(store)
@@ -181,12 +211,6 @@ impl SledStore {
             n += 1;
         }
         Ok(n)
-    }
-
-    fn next_seq(&self) -> StoreResult<u64> {
-        // Sled's id generator is monotonic across restarts; +1 keeps 0 free as "before
-        // everything" for reads.
-        Ok(self.db.generate_id().map_err(backend)? + 1)
     }
 
     fn current_usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -246,9 +270,12 @@ impl MailboxStore for SledStore {
     ) -> StoreResult<Vec<u64>> {
         let mut usage = self.current_usage(to)?;
         let mut batch = sled::Batch::default();
-        let mut seqs = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let seq = self.next_seq()?;
+        let seqs = self
+            .seqs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(to, msgs.len())?;
+        for (m, &seq) in msgs.iter().zip(&seqs) {
             let mut value = Vec::with_capacity(MSG_HEADER_LEN + m.payload.len());
             value.extend_from_slice(m.message_id.as_bytes());
             value.extend_from_slice(&accepted_at.to_be_bytes());
@@ -258,7 +285,6 @@ impl MailboxStore for SledStore {
             batch.insert(&expiry_key(expires_at, to, seq)[..], &[][..]);
             usage.messages += 1;
             usage.bytes += m.payload.len() as u64;
-            seqs.push(seq);
         }
         batch.insert(&usage_key(to)[..], &encode_usage(usage)[..]);
         self.mailboxes.apply_batch(batch).map_err(backend)?;
