@@ -154,6 +154,15 @@ pub(super) struct Message {
 /// Decodes one whole record (prefix included). `Ok(None)` for a record that is not a
 /// valid message: a damaged one, or one overwritten since it was located.
 pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
+    Ok(decode_header(record)?.map(|header| Message {
+        header,
+        payload: record.slice(MESSAGE_OVERHEAD..),
+    }))
+}
+
+/// The header of one whole record (prefix included), as [`decode_message`] but with
+/// no copy of the payload: what a scan at start needs.
+pub(super) fn decode_header(record: &[u8]) -> StoreResult<Option<MessageHeader>> {
     if record.len() < MESSAGE_OVERHEAD {
         return Ok(None);
     }
@@ -166,15 +175,12 @@ pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
     let Ok(to) = parse_addr(&b[..ADDR_LEN]) else {
         return Ok(None);
     };
-    Ok(Some(Message {
-        header: MessageHeader {
-            to,
-            seq: u64::from_be_bytes(fixed(&b[20..28])?),
-            accepted_at: u64::from_be_bytes(fixed(&b[28..36])?),
-            expires_at: u64::from_be_bytes(fixed(&b[36..44])?),
-            message_id: MessageId(fixed(&b[44..60])?),
-        },
-        payload: record.slice(MESSAGE_OVERHEAD..),
+    Ok(Some(MessageHeader {
+        to,
+        seq: u64::from_be_bytes(fixed(&b[20..28])?),
+        accepted_at: u64::from_be_bytes(fixed(&b[28..36])?),
+        expires_at: u64::from_be_bytes(fixed(&b[36..44])?),
+        message_id: MessageId(fixed(&b[44..60])?),
     }))
 }
 
