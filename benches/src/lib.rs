@@ -82,7 +82,16 @@ impl BenchRelay {
             intake_per_sender_per_mailbox: fast,
             ..RateLimitsConfig::default()
         };
-        let services = Services::with_rate_limits(
+        // Relay-wide budgets out of the way too (the checks still run).
+        let budget = tern_relay::core::budget::BudgetLimits {
+            max_queued_messages: u64::MAX,
+            max_queued_bytes: u64::MAX,
+            max_index_bytes: u64::MAX,
+            max_blob_bytes: u64::MAX,
+            min_free_disk_bytes: 0,
+            min_free_disk_percent: 0,
+        };
+        let services = Services::with_budget(
             stores,
             Arc::new(SystemClock),
             limits,
@@ -90,6 +99,7 @@ impl BenchRelay {
             durability,
             signer,
             &rates,
+            Arc::new(tern_relay::core::budget::Budget::new(budget)),
         )?;
         Ok(BenchRelay {
             services: Arc::new(services),

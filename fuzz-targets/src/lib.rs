@@ -14,6 +14,7 @@
 //! - [`crypto`]: the X3DH header, the ratchet header and session, the stored session
 //!   set, sealed sender, attachment decryption.
 //! - [`store`]: the relay's mailbox log scan.
+//! - [`logs`]: the relay's redaction of addresses from log lines.
 //! - [`stateful`]: two clients' sessions through a relay mailbox that drops,
 //!   duplicates, reorders and corrupts.
 //! - [`seeds`]: valid inputs made by the code itself, for the seed corpus.
@@ -28,12 +29,14 @@
 
 pub mod crypto;
 mod fixture;
+pub mod logs;
 pub mod seeds;
 pub mod stateful;
 pub mod store;
 pub mod wire;
 
 pub use crypto::{attachment, ratchet, sealed_open, session_record, x3dh_header};
+pub use logs::redact;
 pub use stateful::two_clients;
 pub use store::log_scan;
 pub use wire::{contact_card, frame_decoder, ids_and_addresses, replies, requests};
@@ -56,6 +59,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("attachment", attachment),
     ("log_scan", log_scan),
     ("two_clients", two_clients),
+    ("redact", redact),
 ];
 
 /// The body of the target called `name`.

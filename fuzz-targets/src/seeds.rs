@@ -194,6 +194,7 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 Request::FetchKeys {
                     account: AccountId([11; 16]),
                     device: None,
+                    delivery_token: None,
                 },
             ),
         ),
@@ -391,6 +392,13 @@ fn ids(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
     };
     add("contact_card", "card", card.to_string().into_bytes());
     add("contact_card", "padded", format!("  {card}\n").into_bytes());
+    for (name, line) in [
+        ("quinn-udp", "WARN quinn_udp: sendmsg error: Os { code: 1 }, destination: 203.0.113.9:4433, src_ip: Some(10.0.0.1)"),
+        ("v6-port", "peer [2001:db8::17%eth0]:443 closed; next fe80::1 and ::ffff:192.0.2.1."),
+        ("module-path", "INFO tern_relay::net::conn: closed after 10.5s at 12:30:01"),
+    ] {
+        add("redact", name, line.as_bytes().to_vec());
+    }
 }
 
 fn crypto(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {

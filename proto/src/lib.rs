@@ -49,7 +49,7 @@
 //!     request_id: 8,
 //!     body: Some(v1::client_frame::Body::FetchKeys(v1::FetchKeysRequest {
 //!         account_id: vec![1, 2, 3].into(),
-//!         device_id: 0,
+//!         ..Default::default()
 //!     })),
 //! };
 //! frame::encode(&bad, &mut wire);

@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
+use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{AccountRecord, AccountStore, GroupCommit, StoreError};
@@ -46,6 +47,7 @@ pub struct Accounts {
     store: Arc<dyn AccountStore>,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -61,17 +63,21 @@ impl Accounts {
         store: Arc<dyn AccountStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         Accounts {
             store,
             commit,
             rates,
+            budget,
         }
     }
 
     /// Creates an account for a verified registration; the connection becomes its
     /// first device. Durable before it returns.
     pub async fn register(&self, reg: VerifiedRegistration) -> Result<AuthenticatedDevice> {
+        // sled must not meet a full disk (see ARCHITECTURE.md, "Budgets and a full disk").
+        self.budget.check_reserve()?;
         let record = AccountRecord {
             identity_key: *reg.identity_key(),
             devices: vec![(DeviceId::PRIMARY, *reg.device_key())],
@@ -198,19 +204,26 @@ impl Accounts {
         })
     }
 
-    /// Compares the token's hash with the stored one in constant time, so the time
-    /// taken tells nothing of how much of a guess was right.
     fn check_token(&self, account: &AccountId, token: &[u8]) -> Result<()> {
-        let expected = self
-            .store
-            .delivery_token(account)?
-            .ok_or(Error::Unauthorized)?;
-        let presented: [u8; 32] = Sha256::digest(token).into();
-        if !bool::from(presented.ct_eq(&expected)) {
-            return Err(Error::Unauthorized);
-        }
-        Ok(())
+        check_delivery_token(self.store.as_ref(), account, token)
     }
+}
+
+/// Whether `token` is `account`'s delivery token: its hash is compared with the
+/// stored one in constant time, so the time taken tells nothing of how much of a
+/// guess was right. An account without a token (or none at all) gets the same
+/// [`Error::Unauthorized`] as a wrong token.
+pub(crate) fn check_delivery_token(
+    store: &dyn AccountStore,
+    account: &AccountId,
+    token: &[u8],
+) -> Result<()> {
+    let expected = store.delivery_token(account)?.ok_or(Error::Unauthorized)?;
+    let presented: [u8; 32] = Sha256::digest(token).into();
+    if !bool::from(presented.ct_eq(&expected)) {
+        return Err(Error::Unauthorized);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

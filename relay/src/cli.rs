@@ -100,6 +100,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.expiry.message_ttl = t;
     }
     config.validate()?;
+    crate::store::fault::refuse_unless_compiled_in()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -50,6 +50,15 @@
 //! unauthenticated_receive_window = 524288
 //! authenticated_receive_window = 16777216
 //!
+//! [budget]                    # relay-wide; see ARCHITECTURE.md "Budgets and a full disk"
+//! max_queued_messages = 5000000 # across every mailbox
+//! max_queued_bytes = 53687091200  # their payload bytes (50 GiB)
+//! max_index_bytes = 1073741824  # estimated memory of the mailbox index
+//! max_blob_bytes = 107374182400 # finished blobs (100 GiB)
+//! min_free_disk_bytes = 1073741824  # below this free space (or the percentage below,
+//! min_free_disk_percent = 0     # whichever is more) sends and uploads are refused
+//! disk_check_interval = "1s"    # how often free space is sampled
+//!
 //! [expiry]
 //! message_ttl = "30days"        # at most 30 days
 //! sweep_interval = "1m"
@@ -81,9 +90,11 @@ use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
+mod budget;
 mod connections;
 mod rate;
 
+pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::rate::{PrekeyLimit, RateLimitsConfig};
 
@@ -113,6 +124,8 @@ pub struct Config {
     pub media: MediaConfig,
     /// Admission of connections and what they may do before authentication.
     pub connections: ConnectionsConfig,
+    /// Relay-wide budgets and the free-disk reserve.
+    pub budget: BudgetConfig,
 }
 
 /// Media limits and lifetime.
@@ -245,6 +258,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             media: MediaConfig::default(),
             connections: ConnectionsConfig::default(),
+            budget: BudgetConfig::default(),
         }
     }
 }
@@ -345,6 +359,7 @@ impl Config {
             return bad("storage.segment_mb must be from 1 to 1024");
         }
         self.rate_limits.validate().map_err(Error::Config)?;
+        self.budget.validate()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }

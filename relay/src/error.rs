@@ -2,6 +2,8 @@
 
 use tern_proto::{ErrorCode, ErrorReply};
 
+use crate::store::StoreError;
+
 /// Result with the relay's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -49,9 +51,18 @@ pub enum Error {
         /// The cap.
         max: usize,
     },
+    /// A relay-wide budget is spent, or free disk space is at its reserve; nothing of
+    /// the request was stored. Retry after the given time (or at another relay).
+    #[error("storage full: {what}")]
+    StorageFull {
+        /// Which budget: a fixed phrase.
+        what: &'static str,
+        /// When to retry.
+        retry_after_ms: u64,
+    },
     /// The storage backend failed.
     #[error("storage: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
     /// The configuration is invalid.
     #[error("configuration: {0}")]
     Config(String),
@@ -75,7 +86,8 @@ impl Error {
             Error::UnknownRecipient => ErrorCode::UnknownRecipient,
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
-            Error::Unavailable(_) => ErrorCode::Unavailable,
+            Error::Unavailable(_) | Error::StorageFull { .. } => ErrorCode::Unavailable,
+            Error::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
             Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::TooManyDevices { .. } => ErrorCode::QuotaExceeded,
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
@@ -89,6 +101,7 @@ impl Error {
                         ErrorCode::RateLimited
                     }
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
+                    B::StorageFull { .. } | B::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
                     B::NotFound => ErrorCode::NotFound,
                     B::NoUpload
                     | B::WrongOffset { .. }
@@ -104,7 +117,14 @@ impl Error {
     /// When a refused request may be retried, in ms (0: no advice).
     pub fn retry_after_ms(&self) -> u64 {
         match self {
-            Error::RateLimited { retry_after_ms } => *retry_after_ms,
+            Error::RateLimited { retry_after_ms } | Error::StorageFull { retry_after_ms, .. } => {
+                *retry_after_ms
+            }
+            Error::Store(StoreError::NoSpace)
+            | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace)) => {
+                crate::core::budget::RETRY_AFTER_MS
+            }
+            Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,
             Error::Blob(crate::media::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }
@@ -126,6 +146,15 @@ impl Error {
             code: self.code(),
             message: self.client_message(),
             retry_after_ms: self.retry_after_ms(),
+        }
+    }
+}
+
+impl From<crate::core::budget::Full> for Error {
+    fn from(f: crate::core::budget::Full) -> Self {
+        Error::StorageFull {
+            what: f.what,
+            retry_after_ms: f.retry_after_ms,
         }
     }
 }

@@ -2,7 +2,14 @@
 //! one-time prekeys; others fetch them to start sessions. Signatures are checked
 //! before anything is stored, and each one-time prekey is handed out once.
 //!
-//! Fetches are limited per requesting account, and one-time prekeys per target device
+//! A fetch comes from an authenticated device, or from anyone who shows the target
+//! account's delivery token ([`Requester`]): a contact's client fetches on a
+//! connection that identifies no one, so the relay does not learn who starts a
+//! session with whom. A wrong token, and an account that does not exist, both get
+//! `UNAUTHORIZED`, as for a sealed send.
+//!
+//! Fetches are limited per requester (its account, or its address prefix when it has
+//! no authenticated device), and one-time prekeys per target device
 //! (`one_time_prekeys_per_device`, below what a device replenishes), so nobody drains
 //! a device's pool. Past the device's rate a fetch by default gets the bundle without
 //! a one-time prekey rather than a refusal: X3DH works without one, so a flood of
@@ -12,8 +19,10 @@ use std::sync::Arc;
 
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId, KeyUpload};
 
+use crate::accounts::check_delivery_token;
 use crate::core::auth::{self, AuthenticatedDevice};
-use crate::core::rate::RateLimits;
+use crate::core::budget::Budget;
+use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, FetchedKeys, GroupCommit, KeyStore, OneTimeKey};
 
@@ -29,12 +38,48 @@ pub(crate) struct AccountKeys {
     pub(crate) devices: Vec<(DeviceId, FetchedKeys)>,
 }
 
+/// Who fetches keys, and what speaks for it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Requester<'a> {
+    /// An authenticated device, with no token (the fetch of older clients).
+    Device(&'a AuthenticatedDevice),
+    /// Anyone showing the target account's delivery token: counted against the
+    /// authenticated device's account if there is one, else the address prefix.
+    Token {
+        token: &'a [u8],
+        device: Option<&'a AuthenticatedDevice>,
+        from: AddressPrefix,
+    },
+}
+
+impl<'a> From<&'a AuthenticatedDevice> for Requester<'a> {
+    fn from(device: &'a AuthenticatedDevice) -> Self {
+        Requester::Device(device)
+    }
+}
+
+impl Requester<'_> {
+    /// Who the per-requester limit counts.
+    fn key(&self) -> SenderKey {
+        match self {
+            Requester::Device(d)
+            | Requester::Token {
+                device: Some(d), ..
+            } => SenderKey::Account(d.address().account),
+            Requester::Token {
+                device: None, from, ..
+            } => SenderKey::Prefix(*from),
+        }
+    }
+}
+
 /// The key directory service. See the module docs.
 pub(crate) struct KeyDirectory {
     accounts: Arc<dyn AccountStore>,
     keys: Arc<dyn KeyStore>,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for KeyDirectory {
@@ -68,12 +113,14 @@ impl KeyDirectory {
         keys: Arc<dyn KeyStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         KeyDirectory {
             accounts,
             keys,
             commit,
             rates,
+            budget,
         }
     }
 
@@ -84,6 +131,7 @@ impl KeyDirectory {
         device: &AuthenticatedDevice,
         keys: &KeyUpload,
     ) -> Result<u64> {
+        self.budget.check_reserve()?;
         let addr = device.address();
         let record = self
             .accounts
@@ -131,13 +179,17 @@ impl KeyDirectory {
     /// Prekey bundles of `account`'s devices (or of one device), each consuming one
     /// one-time prekey while the device's rate allows. Returns the account's identity
     /// key with them. Devices that have not published keys are left out.
-    pub(crate) fn fetch(
+    pub(crate) fn fetch<'a>(
         &self,
-        requester: &AuthenticatedDevice,
+        requester: impl Into<Requester<'a>>,
         account: &AccountId,
         device: Option<DeviceId>,
     ) -> Result<AccountKeys> {
-        self.rates.fetch_keys(&requester.address().account)?;
+        let requester = requester.into();
+        self.rates.fetch_keys(&requester.key())?;
+        if let Requester::Token { token, .. } = requester {
+            check_delivery_token(self.accounts.as_ref(), account, token)?;
+        }
         let record = self.accounts.get(account)?.ok_or(Error::UnknownRecipient)?;
         // Every device's decision first: a refusal must not follow a key handed out.
         let mut wanted = Vec::new();
@@ -176,6 +228,7 @@ mod tests {
     use crate::store::KeyStore;
     use crate::testing::{device, fixture, fixture_with, identity_of};
     use ed25519_dalek::Signer;
+    use sha2::Digest as _;
     use std::time::Duration;
     use tern_proto::SignedKey;
 
@@ -334,6 +387,102 @@ mod tests {
         f.services
             .keys()
             .fetch(&alice, &bob_account, None)
+            .expect("after the wait");
+    }
+
+    fn from(ip: [u8; 4]) -> AddressPrefix {
+        AddressPrefix::from(std::net::IpAddr::from(ip))
+    }
+
+    fn with_token<'a>(token: &'a [u8], ip: [u8; 4]) -> Requester<'a> {
+        Requester::Token {
+            token,
+            device: None,
+            from: from(ip),
+        }
+    }
+
+    /// Bob, with keys and the delivery token `token`.
+    async fn bob_with_token(f: &crate::testing::Fixture, token: &[u8]) -> AuthenticatedDevice {
+        let bob = device(f, 2).await;
+        publish(f, &bob, 2, 10).await;
+        let hash: [u8; 32] = sha2::Sha256::digest(token).into();
+        (f.services.accounts().set_delivery_token(&bob, &hash))
+            .await
+            .expect("token");
+        bob
+    }
+
+    #[tokio::test]
+    async fn a_delivery_token_fetches_without_a_device_and_a_wrong_one_is_refused() {
+        let f = fixture(Limits::default());
+        let bob = bob_with_token(&f, b"bob's token").await;
+        let account = bob.address().account;
+        let keys = f.services.keys();
+        let got = (keys.fetch(with_token(b"bob's token", [10, 0, 0, 1]), &account, None))
+            .expect("with the token");
+        assert_eq!(got.identity_key, identity_of(2).verifying_key().to_bytes());
+        assert_eq!(
+            one_time_of(&got),
+            Some(0),
+            "a one-time prekey, as for a device"
+        );
+        for wrong in [&b"bob's tokeN"[..], b"", &[0u8; 32]] {
+            let refused = keys.fetch(with_token(wrong, [10, 0, 0, 1]), &account, None);
+            assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
+        }
+        // An account that does not exist answers as a wrong token does.
+        let nobody = keys.fetch(
+            with_token(b"bob's token", [10, 0, 0, 1]),
+            &AccountId([0xee; 16]),
+            None,
+        );
+        assert!(matches!(nobody, Err(Error::Unauthorized)), "{nobody:?}");
+        // An authenticated device showing a token is checked too.
+        let alice = device(&f, 1).await;
+        let shown = Requester::Token {
+            token: b"wrong",
+            device: Some(&alice),
+            from: from([10, 0, 0, 1]),
+        };
+        assert!(matches!(
+            keys.fetch(shown, &account, None),
+            Err(Error::Unauthorized)
+        ));
+        // Refusals took no one-time prekey.
+        assert_eq!(f.store.one_time_count(bob.address()).expect("count"), 9);
+    }
+
+    #[tokio::test]
+    async fn token_fetches_are_limited_per_address_prefix() {
+        let rates = RateLimitsConfig {
+            fetch_keys_per_requester: "3/1h".parse().expect("rate"),
+            ..RateLimitsConfig::default()
+        };
+        let f = fixture_with(Limits::default(), &rates);
+        let bob = bob_with_token(&f, b"t").await;
+        let account = bob.address().account;
+        let keys = f.services.keys();
+        for _ in 0..3 {
+            keys.fetch(with_token(b"t", [10, 0, 0, 1]), &account, None)
+                .expect("within");
+        }
+        let refused = keys.fetch(with_token(b"t", [10, 0, 0, 1]), &account, None);
+        let Err(Error::RateLimited { retry_after_ms }) = refused else {
+            panic!("expected RATE_LIMITED, got {refused:?}");
+        };
+        assert_eq!(retry_after_ms, 1_200_000);
+        // Wrong tokens count too: guessing costs the same rate.
+        let guess = keys.fetch(with_token(b"guess", [10, 0, 0, 1]), &account, None);
+        assert!(matches!(guess, Err(Error::RateLimited { .. })), "{guess:?}");
+        // Another address, and an authenticated device, have rates of their own.
+        keys.fetch(with_token(b"t", [10, 0, 0, 2]), &account, None)
+            .expect("another address");
+        let alice = device(&f, 1).await;
+        keys.fetch(&alice, &account, None)
+            .expect("a device's own rate");
+        f.clock.advance(Duration::from_millis(retry_after_ms));
+        keys.fetch(with_token(b"t", [10, 0, 0, 1]), &account, None)
             .expect("after the wait");
     }
 

@@ -6,8 +6,9 @@
 //! ciphertext under the recipient's (account, device) address.
 //!
 //! # Layout
-//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, rate, and the
-//!   signature checks that yield proof tokens). Time is an argument.
+//! - [`core`]: the rules, free of I/O (limits, expiry, delivery window, rate,
+//!   relay-wide budgets, and the signature checks that yield proof tokens). Time is an
+//!   argument.
 //! - The services, each applying rules to stores:
 //!   - [`mailboxes`]: queued messages per device: per-device ordering, subscriptions
 //!     and wake-ups, one append-then-commit call, pull, ack, sweep.

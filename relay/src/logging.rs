@@ -80,7 +80,8 @@ fn find_addresses(b: &[u8]) -> Vec<(usize, usize)> {
         while end < b.len() && is_address_byte(b[end]) {
             end += 1;
         }
-        if let Some(span) = address_in_run(b, i, end) {
+        let floor = spans.last().map_or(0, |&(_, e)| e);
+        if let Some(span) = address_in_run(b, i, end, floor) {
             spans.push(span);
             // The rest of the run may hold another.
             i = span.1;
@@ -92,8 +93,9 @@ fn find_addresses(b: &[u8]) -> Vec<(usize, usize)> {
 }
 
 /// An address in the run `b[start..end]` of hex digits, colons and dots, with what
-/// belongs to it around the run (zone, brackets, port).
-fn address_in_run(b: &[u8], start: usize, end: usize) -> Option<(usize, usize)> {
+/// belongs to it around the run (zone, brackets, port). `b[..floor]` is already
+/// redacted: its end is a boundary, as `<addr>` will be in the output.
+fn address_in_run(b: &[u8], start: usize, end: usize, floor: usize) -> Option<(usize, usize)> {
     let (mut s, mut e) = (start, end);
     // A lone colon or dot at either end is punctuation ("peer:1.2.3.4", "at 1.2.3.4.").
     if b[s] == b':' && b.get(s + 1) != Some(&b':') {
@@ -108,7 +110,7 @@ fn address_in_run(b: &[u8], start: usize, end: usize) -> Option<(usize, usize)> 
     // IPv6: the run from its start, or from just after a colon in it ("a:::1").
     for p in s..e {
         if p == s || b[p - 1] == b':' {
-            if let Some(span) = ipv6_at(b, p, e) {
+            if let Some(span) = ipv6_at(b, p, e, floor) {
                 return Some(span);
             }
         }
@@ -142,9 +144,10 @@ fn address_in_run(b: &[u8], start: usize, end: usize) -> Option<(usize, usize)> 
 }
 
 /// An IPv6 address exactly at `b[s..e]`, standing apart from words around it (so
-/// that `quinn::endpoint` stays), with its zone, brackets and port.
-fn ipv6_at(b: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
-    if s >= e || (s > 0 && is_word(b[s - 1])) || (e < b.len() && is_word(b[e])) {
+/// that `quinn::endpoint` stays; the end of a redacted span at `floor` is no word),
+/// with its zone, brackets and port.
+fn ipv6_at(b: &[u8], s: usize, e: usize, floor: usize) -> Option<(usize, usize)> {
+    if s >= e || (s > floor && is_word(b[s - 1])) || (e < b.len() && is_word(b[e])) {
         return None;
     }
     let candidate = std::str::from_utf8(&b[s..e]).ok()?;

@@ -15,6 +15,7 @@ use tern_platform::clock::Clock;
 use crate::accounts::Accounts;
 use crate::certificates::CertificateIssuer;
 use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig};
+use crate::core::budget::{Budget, DiskSample};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
@@ -32,6 +33,7 @@ pub struct Services {
     certificates: CertificateIssuer,
     mailboxes: Mailboxes,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
 }
 
 impl std::fmt::Debug for Services {
@@ -59,7 +61,7 @@ impl Services {
         Self::with_rate_limits(stores, clock, limits, ttl, durability, signer, &rates)
     }
 
-    /// [`Services::new`] under the given rate limits.
+    /// [`Services::new`] under the given rate limits (and the default budgets).
     pub fn with_rate_limits(
         stores: Stores,
         clock: Arc<dyn Clock>,
@@ -69,15 +71,43 @@ impl Services {
         signer: ed25519_dalek::SigningKey,
         rates: &RateLimitsConfig,
     ) -> std::io::Result<Self> {
+        let budget = Arc::new(Budget::default());
+        Self::with_budget(
+            stores, clock, limits, ttl, durability, signer, rates, budget,
+        )
+    }
+
+    /// [`Services::with_rate_limits`] under the given relay-wide budgets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_budget(
+        stores: Stores,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+        ttl: Ttl,
+        durability: Durability,
+        signer: ed25519_dalek::SigningKey,
+        rates: &RateLimitsConfig,
+        budget: Arc<Budget>,
+    ) -> std::io::Result<Self> {
         let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
         let rates = Arc::new(RateLimits::new(rates, clock.clone()));
         let (accounts, keys) = (stores.accounts.clone(), stores.keys);
+        let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
-            accounts: Accounts::new(accounts.clone(), commit.clone(), rates.clone()),
-            keys: KeyDirectory::new(accounts, keys, commit.clone(), rates.clone()),
+            accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),
+            keys: KeyDirectory::new(accounts, keys, c.clone(), r.clone(), b.clone()),
             certificates: CertificateIssuer::new(stores.accounts, signer, clock.clone()),
-            mailboxes: Mailboxes::new(stores.mailboxes, clock, limits, ttl, commit, rates.clone()),
+            mailboxes: Mailboxes::new(
+                stores.mailboxes,
+                clock,
+                limits,
+                ttl,
+                commit,
+                rates.clone(),
+                budget.clone(),
+            ),
             rates,
+            budget,
         })
     }
 
@@ -104,6 +134,11 @@ impl Services {
     /// The per-account and per-sender limits.
     pub fn rate_limits(&self) -> &RateLimits {
         &self.rates
+    }
+
+    /// The relay-wide budgets and the disk reserve.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 }
 
@@ -194,16 +229,22 @@ impl Relay {
         )?;
         let local_addr = endpoint.local_addr()?;
 
+        let budget = Arc::new(Budget::new(config.budget.limits()));
+        // Sampled once before serving, so a relay started on a full disk refuses
+        // from its first request.
+        let data_dirs = ["db", "mailboxes", "blobs"].map(|d| config.data_dir.join(d));
+        record_disk(&budget, &data_dirs);
         let blobs = Arc::new(
             BlobStore::open(
                 &config.data_dir,
                 stores.blobs.clone(),
                 clock.clone(),
                 blob_limits(&config.media),
+                budget.clone(),
             )
             .map_err(Error::from)?,
         );
-        let services = Arc::new(Services::with_rate_limits(
+        let services = Arc::new(Services::with_budget(
             stores,
             clock,
             config.mailbox_limits(),
@@ -211,6 +252,7 @@ impl Relay {
             config.durability,
             signer,
             &config.rate_limits,
+            budget,
         )?);
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
@@ -240,6 +282,12 @@ impl Relay {
             config.expiry.sweep_batch,
             shutdown_rx,
         ));
+        let disk = tokio::spawn(disk_loop(
+            services.budget.clone(),
+            data_dirs,
+            config.budget.disk_check_interval,
+            shutdown.subscribe(),
+        ));
         let host = config
             .advertise_host
             .clone()
@@ -255,7 +303,7 @@ impl Relay {
             blobs,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper],
+            tasks: vec![accept, sweeper, disk],
         })
     }
 
@@ -291,6 +339,50 @@ impl Relay {
         let flushed = self.services.mailboxes.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         flushed
+    }
+}
+
+/// Free space and size of the file system holding `path`. Free is what an
+/// unprivileged writer may use (`f_bavail`): blocks reserved for root are not
+/// counted, since root in a container may not be allowed them either.
+fn disk_sample(path: &std::path::Path) -> std::io::Result<DiskSample> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(DiskSample {
+        free: s.f_bavail.saturating_mul(s.f_frsize),
+        size: s.f_blocks.saturating_mul(s.f_frsize),
+    })
+}
+
+/// Samples the data file systems into `budget`; a directory not there yet (no blob
+/// stored) or a failed sample is skipped.
+fn record_disk(budget: &Budget, dirs: &[std::path::PathBuf]) {
+    let samples: Vec<DiskSample> = dirs
+        .iter()
+        .filter(|d| d.exists())
+        .filter_map(|d| disk_sample(d).ok())
+        .collect();
+    let was = budget.below_reserve();
+    let below = budget.record_disk(&samples);
+    if below && !was {
+        warn!("free disk space is at the reserve: sends, uploads, registrations and key uploads are refused until it is back");
+    } else if was && !below {
+        info!("free disk space is above the reserve again");
+    }
+}
+
+async fn disk_loop(
+    budget: Arc<Budget>,
+    dirs: [std::path::PathBuf; 3],
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => record_disk(&budget, &dirs),
+        }
     }
 }
 

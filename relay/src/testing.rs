@@ -11,6 +11,7 @@ use tern_proto::{DeviceAddress, MessageId};
 
 use crate::config::RateLimitsConfig;
 use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::budget::Budget;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::AddressPrefix;
@@ -31,10 +32,19 @@ pub(crate) fn fixture(limits: Limits) -> Fixture {
 
 /// A fixture under the given rate limits.
 pub(crate) fn fixture_with(limits: Limits, rates: &RateLimitsConfig) -> Fixture {
+    fixture_with_budget(limits, rates, Arc::default())
+}
+
+/// A fixture under the given rate limits and relay-wide budget.
+pub(crate) fn fixture_with_budget(
+    limits: Limits,
+    rates: &RateLimitsConfig,
+    budget: Arc<Budget>,
+) -> Fixture {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(1_000_000));
     let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
-    let services = Services::with_rate_limits(
+    let services = Services::with_budget(
         Stores::all(store.clone()),
         clock.clone(),
         limits,
@@ -42,6 +52,7 @@ pub(crate) fn fixture_with(limits: Limits, rates: &RateLimitsConfig) -> Fixture 
         Durability::Fsync,
         SigningKey::from_bytes(&[42; 32]),
         rates,
+        budget,
     )
     .expect("services");
     Fixture {
@@ -106,11 +117,20 @@ impl Fixture {
 }
 
 pub(crate) async fn device(f: &Fixture, seed: u8) -> AuthenticatedDevice {
+    f.services
+        .accounts()
+        .register(registration(seed))
+        .await
+        .expect("register")
+}
+
+/// A verified registration of a new account from `seed`.
+pub(crate) fn registration(seed: u8) -> auth::VerifiedRegistration {
     let identity = SigningKey::from_bytes(&[seed; 32]);
     let dev = SigningKey::from_bytes(&[seed.wrapping_add(100); 32]);
     let dev_pub = dev.verifying_key().to_bytes();
     let exporter = [seed; 32];
-    let reg = auth::verify_registration(
+    auth::verify_registration(
         &identity.verifying_key().to_bytes(),
         &dev_pub,
         &identity
@@ -120,8 +140,7 @@ pub(crate) async fn device(f: &Fixture, seed: u8) -> AuthenticatedDevice {
             .to_bytes(),
         &exporter,
     )
-    .expect("valid registration");
-    f.services.accounts().register(reg).await.expect("register")
+    .expect("valid registration")
 }
 
 pub(crate) fn msgs(range: std::ops::Range<u8>, len: usize) -> Vec<Envelope> {

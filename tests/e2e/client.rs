@@ -423,21 +423,14 @@ async fn clients_reconnect_after_a_relay_crash_and_the_outbox_catches_up() {
             format!("during {i}").as_bytes()
         );
     }
-    // Alice's authenticated connection is idle: it notices the restarted relay at its
-    // next keep-alive (every 15 s) and reconnects. Her anonymous connection noticed at
-    // once, but no longer takes the authenticated one down with it (the relay must not
-    // be able to pair them by timing), so this wait is longer than one step.
-    let after = tokio::time::timeout(Duration::from_secs(45), async {
-        loop {
-            match alice_events.recv().await {
-                Some(Event::Message(m)) => return m,
-                Some(_) => {}
-                None => panic!("alice's events ended"),
-            }
-        }
-    })
-    .await
-    .expect("alice reconnects within three keep-alives");
+    // Alice's authenticated connection is idle. Her anonymous connection was reset by
+    // the restarted relay (its sealed sends were in flight), and that loss makes her
+    // client ping the authenticated one, which is reset too: she reconnects in a round
+    // trip (plus up to a second of jitter), not at her next keep-alive (every 15 s,
+    // about 14 s from here): 8 s leaves room for a loaded machine.
+    let after = tokio::time::timeout(Duration::from_secs(8), next_message(&mut alice_events))
+        .await
+        .expect("alice reconnects well before her next keep-alive");
     assert_eq!(after.body, b"after");
     alice.shutdown().await;
     bob.shutdown().await;
@@ -707,8 +700,13 @@ async fn an_idle_client_is_not_disconnected_by_the_deadline_for_strangers() {
         "[connections]\nauth_deadline = \"1s\"\nanonymous_idle = \"1s\"\n",
     )
     .expect("config");
-    let flags = ["--config", config.to_str().expect("path")];
-    let relay = RelayProcess::start(&dir.path().join("relay"), &flags).expect("relay");
+    let flags = [
+        "--config",
+        config.to_str().expect("path"),
+        "--log",
+        "info,tern_relay=debug",
+    ];
+    let mut relay = RelayProcess::start(&dir.path().join("relay"), &flags).expect("relay");
     let ((alice, mut alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
     alice
         .add_contact(&bob.contact_card().await)
@@ -731,4 +729,104 @@ async fn an_idle_client_is_not_disconnected_by_the_deadline_for_strangers() {
     assert_eq!(next_message(&mut bob_events).await.body, b"second");
     alice.shutdown().await;
     bob.shutdown().await;
+    relay.stop().expect("stop");
+    // The relay's idle close is not a loss: no client pinged its authenticated
+    // connection over it (a lost anonymous connection makes them ping).
+    let log = std::fs::read_to_string(&relay.log).expect("log");
+    assert!(log.contains("kind=sealed_send"), "requests logged at debug");
+    assert!(
+        !log.contains("kind=ping standing=Authenticated"),
+        "a ping after an idle close"
+    );
+}
+
+#[tokio::test]
+async fn identified_session_start_leaves_no_relay_side_link() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    // Debug lines name each request's kind and the standing of its connection.
+    let mut relay =
+        RelayProcess::start(&relay_dir, &["--log", "info,tern_relay=debug"]).expect("relay");
+    let ((alice, _alice_events), (bob, mut bob_events)) = pair(&relay.address, dir.path()).await;
+    // Alice has Bob's card, so his delivery token: she starts a session with him.
+    alice
+        .add_contact(&bob.contact_card().await)
+        .await
+        .expect("add");
+    alice
+        .send(&bob.account(), b"hello bob")
+        .await
+        .expect("send");
+    let m = next_message(&mut bob_events).await;
+    assert_eq!(
+        (m.body.as_slice(), m.sender),
+        (&b"hello bob"[..], alice.account())
+    );
+    bob.confirm(m.seq).await.expect("confirm");
+    let (a, b) = (alice.account(), bob.account());
+    alice.shutdown().await;
+    bob.shutdown().await;
+    relay.stop().expect("stop");
+
+    // The bundle was fetched, and never on an authenticated connection.
+    let log = std::fs::read_to_string(&relay.log).expect("log");
+    let fetches: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("kind=fetch_keys"))
+        .collect();
+    assert!(!fetches.is_empty(), "no fetch logged at debug:\n{log}");
+    assert!(
+        fetches
+            .iter()
+            .all(|l| !l.contains("standing=Authenticated")),
+        "an authenticated fetch: {fetches:#?}"
+    );
+    // Nothing about it above debug (P9).
+    assert!(
+        !log.lines()
+            .any(|l| !l.contains(" DEBUG ") && l.contains("fetch")),
+        "a fetch logged above debug:\n{log}"
+    );
+    // No log line names both accounts, in any form an id is written.
+    let forms = |id: &tern_proto::AccountId| {
+        let hex: String = id.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        [hex.clone(), hex.to_uppercase(), format!("{id:?}")]
+    };
+    for line in log.lines() {
+        let names = |id| forms(id).iter().any(|f| line.contains(f.as_str()));
+        assert!(!(names(&a) && names(&b)), "a line names both: {line}");
+    }
+
+    // No record of the relay's database holds both ids: every record of every tree.
+    let db = sled::open(relay_dir.join("db")).expect("open the relay's database");
+    let mut trees_with = std::collections::BTreeSet::new();
+    for name in db.tree_names() {
+        for record in db.open_tree(&name).expect("tree").iter() {
+            let (k, v) = record.expect("record");
+            let has = |id: &tern_proto::AccountId| {
+                !positions(&k, id.as_bytes()).is_empty() || !positions(&v, id.as_bytes()).is_empty()
+            };
+            let tree = String::from_utf8_lossy(&name).into_owned();
+            assert!(!(has(&a) && has(&b)), "a record of tree {tree} holds both");
+            if has(&a) || has(&b) {
+                trees_with.insert(tree);
+            }
+        }
+    }
+    drop(db);
+    // Each id only where the account itself lives: its record, token and keys.
+    let allowed = ["accounts", "delivery_tokens", "keys"];
+    assert!(
+        trees_with.iter().all(|t| allowed.contains(&t.as_str())),
+        "{trees_with:?}"
+    );
+    // Nor does any other file (mailbox segments, blobs): a file counts as one record.
+    for file in files_under(&relay_dir) {
+        if file.starts_with(relay_dir.join("db")) {
+            continue;
+        }
+        let bytes = std::fs::read(&file).expect("read");
+        let has = |id: &tern_proto::AccountId| !positions(&bytes, id.as_bytes()).is_empty();
+        assert!(!(has(&a) && has(&b)), "{} holds both", file.display());
+    }
 }

@@ -199,3 +199,130 @@ async fn a_contact_with_the_token_lists_devices_without_saying_who_asks() {
         "same answer: no account oracle"
     );
 }
+
+/// Starts a relay with `config` as its configuration file.
+fn relay_with(dir: &std::path::Path, config: &str) -> RelayProcess {
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, config).unwrap();
+    RelayProcess::start(&dir.join("relay"), &["--config", file.to_str().unwrap()]).unwrap()
+}
+
+#[tokio::test]
+async fn a_contact_with_the_token_fetches_keys_on_a_connection_that_never_authenticates() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_with(dir.path(), "[connections]\nauth_deadline = \"1s\"\n");
+    let bob = register(&relay.address).await;
+    let keys = upload(&bob, 1, 0..5);
+    within(bob.conn.publish_keys(&keys)).await.unwrap();
+    let token = [5u8; 32];
+    within(bob.conn.set_delivery_token(&token)).await.unwrap();
+
+    let (anon, _inbox) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    // Without a token, an unauthenticated connection is refused as ever.
+    let err = within(anon.fetch_keys(&bob.address.account, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+    let bundles = within(anon.fetch_keys_with_token(&bob.address.account, None, &token))
+        .await
+        .unwrap();
+    assert_eq!(bundles.len(), 1);
+    assert_eq!(bundles[0].device, bob.address.device);
+    assert_eq!(bundles[0].identity_key, bob.identity.public());
+    assert_eq!(bundles[0].signed_prekey, keys.signed_prekey.unwrap());
+    assert_eq!(bundles[0].one_time_prekey.map(|(id, _)| id), Some(0));
+    let one =
+        within(anon.fetch_keys_with_token(&bob.address.account, Some(bob.address.device), &token))
+            .await
+            .unwrap();
+    assert_eq!(one[0].one_time_prekey.map(|(id, _)| id), Some(1));
+
+    for bad in [&[6u8; 32][..], &token[..31]] {
+        let err = within(anon.fetch_keys_with_token(&bob.address.account, None, bad))
+            .await
+            .unwrap_err();
+        assert_eq!(err.relay_code(), Some(ErrorCode::Unauthorized));
+    }
+    let nobody = tern_proto::AccountId([0xee; 16]);
+    let err = within(anon.fetch_keys_with_token(&nobody, None, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.relay_code(),
+        Some(ErrorCode::Unauthorized),
+        "same answer: no account oracle"
+    );
+    // An authenticated device may show the token too.
+    let carol = register(&relay.address).await;
+    let got = within(
+        carol
+            .conn
+            .fetch_keys_with_token(&bob.address.account, None, &token),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got[0].one_time_prekey.map(|(id, _)| id), Some(2));
+
+    // The fetch counted as an anonymous request: past the authentication deadline,
+    // which closes a connection that only pinged, the fetching one still works.
+    let (pinger, _i) = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap();
+    within(pinger.ping()).await.unwrap();
+    within(pinger.closed()).await;
+    within(anon.ping()).await.unwrap();
+}
+
+#[tokio::test]
+async fn token_fetches_are_limited_per_address_and_recover() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three fetches, refilled at one per second.
+    let relay = relay_with(
+        dir.path(),
+        "[rate_limits]\nfetch_keys_per_requester = \"3/3s\"\n",
+    );
+    let bob = register(&relay.address).await;
+    within(bob.conn.publish_keys(&upload(&bob, 1, 0..20)))
+        .await
+        .unwrap();
+    let token = [5u8; 32];
+    within(bob.conn.set_delivery_token(&token)).await.unwrap();
+    let from = |ip: &str| Some(format!("{ip}:0").parse().unwrap());
+    let connect = |ip| RelayConnection::connect_from(&relay.address, from(ip));
+    let (first, _i1) = within(connect("127.0.0.1")).await.unwrap();
+    for _ in 0..3 {
+        within(first.fetch_keys_with_token(&bob.address.account, None, &token))
+            .await
+            .unwrap();
+    }
+    let refused = within(first.fetch_keys_with_token(&bob.address.account, None, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.relay_code(), Some(ErrorCode::RateLimited));
+    let wait = refused.retry_after().expect("a retry time");
+    assert!(
+        wait > std::time::Duration::ZERO && wait <= std::time::Duration::from_secs(1),
+        "{wait:?}"
+    );
+    // Counted by address, not by connection: a new one from there is refused too.
+    let (second, _i2) = within(connect("127.0.0.1")).await.unwrap();
+    let err = within(second.fetch_keys_with_token(&bob.address.account, None, &token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.relay_code(), Some(ErrorCode::RateLimited));
+    // Another address has its own rate, and so has an authenticated device.
+    let (other, _i3) = within(connect("127.0.0.2")).await.unwrap();
+    within(other.fetch_keys_with_token(&bob.address.account, None, &token))
+        .await
+        .unwrap();
+    within(bob.conn.fetch_keys(&bob.address.account, None))
+        .await
+        .unwrap();
+    // At the advised time (the relay's clock is real here) it is taken again.
+    tokio::time::sleep(wait).await;
+    within(first.fetch_keys_with_token(&bob.address.account, None, &token))
+        .await
+        .unwrap();
+}

@@ -13,4 +13,5 @@ mod limits;
 mod media;
 mod media_privacy;
 mod security;
+mod storage;
 mod support;

@@ -45,6 +45,16 @@ impl RelayProcess {
         listen: &str,
         extra: &[&str],
     ) -> anyhow::Result<RelayProcess> {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    /// [`RelayProcess::start_at`] with extra environment variables (`TERN_FAULTS`).
+    pub(crate) fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<RelayProcess> {
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.with_extension("log");
         let log_file = std::fs::OpenOptions::new()
@@ -57,6 +67,7 @@ impl RelayProcess {
             .arg(data_dir)
             .args(["--listen", listen])
             .args(extra)
+            .envs(env.iter().copied())
             .env(
                 "TERN_LOG",
                 std::env::var("TERN_TEST_LOG").unwrap_or_else(|_| "info".into()),

@@ -85,11 +85,13 @@ impl RelayUnderTest {
         // Queues sized for the run, not for a phone's mailbox. Every connection comes
         // from 127.0.0.1, many at once, and the anonymous ones wait through the setup:
         // the per-address caps and the deadlines are raised (the checks still run).
+        // The relay-wide budgets are raised for restarts with 10,000,000 messages; the
+        // free-disk reserve keeps its default.
         let max_connections = settings.max_connections.max(16);
         std::fs::write(
             &config,
             format!(
-                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {max_connections}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n[connections]\nmax_per_address = {per_address}\nmax_handshakes_per_address = 1024\nmax_unauthenticated = {unauthenticated}\nauth_deadline = \"1h\"\nanonymous_idle = \"1h\"\n\n{UNTHROTTLED}",
+                "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {max_connections}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n[budget]\nmax_queued_messages = 1000000000000\nmax_queued_bytes = 1099511627776\nmax_index_bytes = 1099511627776\nmax_blob_bytes = 1099511627776\n\n[connections]\nmax_per_address = {per_address}\nmax_handshakes_per_address = 1024\nmax_unauthenticated = {unauthenticated}\nauth_deadline = \"1h\"\nanonymous_idle = \"1h\"\n\n{UNTHROTTLED}",
                 per_address = 2 * max_connections,
                 unauthenticated = max_connections.max(2000),
             ),

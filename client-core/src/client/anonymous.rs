@@ -6,12 +6,17 @@
 //! authenticated connection: never opened or closed because that one was, so the relay
 //! cannot pair the two by their timing, and an idle anonymous connection closed by the
 //! relay costs no reconnect of the authenticated one.
+//!
+//! A connection that is lost rather than closed (reset by a restarted relay, or timed
+//! out) is reported through [`AnonymousLink::lost`]: the worker then pings its
+//! authenticated connection, which a restarted relay has forgotten too, so that one is
+//! found dead in a round trip rather than at its next keep-alive.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tern_proto::RelayAddress;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::error::{Error, Result};
 use crate::net::{Inbox, RelayConnection};
@@ -20,6 +25,8 @@ use crate::net::{Inbox, RelayConnection};
 pub(crate) struct AnonymousLink {
     relay: RelayAddress,
     current: Mutex<Current>,
+    /// Signalled when an open connection is lost (not closed).
+    lost: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -36,6 +43,7 @@ impl AnonymousLink {
         AnonymousLink {
             relay,
             current: Mutex::new(Current::default()),
+            lost: Arc::new(Notify::new()),
         }
     }
 
@@ -51,6 +59,13 @@ impl AnonymousLink {
             }
         }
         let (conn, inbox) = RelayConnection::connect(&self.relay).await?;
+        let (ended, lost) = (conn.lost(), self.lost.clone());
+        // Ends with the connection; the relay's idle close is no loss.
+        tokio::spawn(async move {
+            if ended.await {
+                lost.notify_one();
+            }
+        });
         let conn = Arc::new(conn);
         current.open = Some((conn.clone(), inbox));
         Ok(conn)
@@ -70,6 +85,12 @@ impl AnonymousLink {
             Err(Error::Closed(_)) => op(self.get().await?).await,
             other => other,
         }
+    }
+
+    /// Resolves once a connection of the link has been lost (reset or timed out)
+    /// since the last call; one loss wakes one waiter.
+    pub(crate) async fn lost(&self) {
+        self.lost.notified().await
     }
 
     /// Closes the open connection, if any, for good (the client is stopping).

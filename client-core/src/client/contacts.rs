@@ -265,6 +265,13 @@ impl State {
         self.commit(batch, false).map_err(StartError::Fatal)
     }
 
+    /// The contact's delivery token, if we know one.
+    pub(crate) fn token_of(&self, account: &AccountId) -> Option<[u8; 32]> {
+        self.contacts.get(account)?.delivery_token[..]
+            .try_into()
+            .ok()
+    }
+
     /// The contact's delivery token, if its device list is due a check with the relay
     /// (daily, and only for contacts we can ask anonymously).
     pub(crate) fn devices_due(&self, account: &AccountId, now_ms: u64) -> Option<[u8; 32]> {

@@ -14,8 +14,9 @@
 //! - **Per-sender order.** Messages from one sender reach the app in the order sent.
 //! - **The relay learns no sender.** Messages are sealed; once a contact's delivery
 //!   token is known (from its [`ContactCard`] or from its first message) they go over
-//!   a connection that is not authenticated as anyone. Only a first message to a
-//!   contact added by account id alone goes over the authenticated connection.
+//!   a connection that is not authenticated as anyone, and so do the prekey fetches
+//!   that start sessions with it. Only a first message to a contact added by account
+//!   id alone (and the fetch of its keys) goes over the authenticated connection.
 //! - **Identity changes are not silent.** If a contact's identity key changes, the app
 //!   gets [`Event::IdentityChanged`]; until the user calls [`Client::accept_identity`],
 //!   [`Client::send`] to that contact fails with [`Error::UntrustedIdentity`], messages

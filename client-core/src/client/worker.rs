@@ -1,6 +1,6 @@
 //! The client's background task: one authenticated connection to receive on and for
-//! key operations, one unauthenticated connection for sealed sends, reconnecting with
-//! backoff whenever either drops.
+//! its own keys, and the anonymous link (`anonymous.rs`) for sealed sends, device
+//! lists and contacts' prekey bundles, reconnecting with backoff whenever either drops.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rand::rngs::OsRng;
 use rand::Rng;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId};
 
 use super::anonymous::AnonymousLink;
 use super::contacts::StartError;
@@ -32,6 +32,10 @@ const SEND_BYTES: usize = 256 * 1024 - 4096;
 const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
+/// The most a ping after an anonymous connection's loss waits to go out.
+const LOSS_PING_JITTER_MS: u64 = 1000;
+/// How long that ping may take before the authenticated connection is given up.
+const LOSS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a long-lived connection checks its keys (signed prekey rotation).
 const MAINTENANCE: Duration = Duration::from_secs(3600);
 
@@ -115,6 +119,7 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     let result = tokio::select! {
         r = receive_loop(shared, &conn, inbox) => r,
         r = send_loop(shared, &conn, &anon) => r,
+        r = check_when_anonymous_lost(&conn, &anon) => r,
     };
     shared.conns.send_replace(None);
     match Arc::try_unwrap(conn) {
@@ -123,6 +128,23 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         Err(c) => c.close_now(),
     }
     result
+}
+
+/// Whenever the anonymous link loses a connection (reset, as by a relay that
+/// restarted, or timed out), pings the authenticated connection: a restarted relay has
+/// forgotten it too, and it is then found dead in a round trip instead of at its next
+/// keep-alive. The ping waits a random moment first, so its timing pairs the two
+/// connections less exactly; an error (or no answer) ends the connection.
+async fn check_when_anonymous_lost(conn: &RelayConnection, anon: &AnonymousLink) -> Result<()> {
+    loop {
+        anon.lost().await;
+        let pause = Duration::from_millis(OsRng.gen_range(0..LOSS_PING_JITTER_MS));
+        tokio::time::sleep(pause).await;
+        match tokio::time::timeout(LOSS_PING_TIMEOUT, conn.ping()).await {
+            Ok(answer) => answer?,
+            Err(_) => return Err(Error::Closed("no answer to a ping".into())),
+        }
+    }
 }
 
 /// Sets a rotated delivery token on the relay.
@@ -304,7 +326,7 @@ async fn refresh_devices(
         let Ok(device) = DeviceId::try_from(device) else {
             continue;
         };
-        match conn.fetch_keys(recipient, Some(device)).await {
+        match fetch_bundles(conn, anon, recipient, Some(device), Some(token)).await {
             Ok(b) => bundles.extend(b),
             Err(e) if e.relay_code().is_some() => {}
             Err(e) => return Err(e),
@@ -326,6 +348,29 @@ async fn refresh_devices(
         }
         Err(StartError::NoDevices) => Ok(()),
         Err(StartError::Fatal(e)) => Err(e),
+    }
+}
+
+/// A contact's prekey bundles (one device, or all). With its delivery token they are
+/// fetched on the anonymous link, so the relay does not learn who starts a session
+/// with whom. Without one (a contact added by account id alone, or one whose token
+/// was rotated, until its next message brings the new one) only the authenticated
+/// connection can fetch, and the relay sees who asks.
+async fn fetch_bundles(
+    conn: &RelayConnection,
+    anon: &AnonymousLink,
+    recipient: &AccountId,
+    device: Option<DeviceId>,
+    token: Option<[u8; 32]>,
+) -> Result<Vec<DeviceBundle>> {
+    match token {
+        Some(token) => {
+            let fetch = |c: Arc<RelayConnection>| async move {
+                c.fetch_keys_with_token(recipient, device, &token).await
+            };
+            anon.run(fetch).await
+        }
+        None => conn.fetch_keys(recipient, device).await,
     }
 }
 
@@ -371,9 +416,20 @@ async fn send_round(
     let mut round = Round::Idle;
     for recipient in recipients {
         refresh_devices(shared, conn, anon, &recipient).await?;
-        if shared.state.lock().await.needs_bundles(&recipient)? {
-            let bundles = match conn.fetch_keys(&recipient, None).await {
+        let (needs_bundles, token) = {
+            let mut state = shared.state.lock().await;
+            (state.needs_bundles(&recipient)?, state.token_of(&recipient))
+        };
+        if needs_bundles {
+            let bundles = match fetch_bundles(conn, anon, &recipient, None, token).await {
                 Ok(b) => b,
+                Err(e) if token.is_some() && e.relay_code() == Some(ErrorCode::Unauthorized) => {
+                    // The contact rotated its token (or has no account): as for a
+                    // sealed send, fall back until its next message brings the new one.
+                    shared.state.lock().await.drop_token(&recipient)?;
+                    round = Round::Progress;
+                    continue;
+                }
                 Err(e) if e.relay_code() == Some(ErrorCode::UnknownRecipient) => {
                     fail_all(shared, &recipient, "no such account").await?;
                     round = Round::Progress;

@@ -370,16 +370,40 @@ impl RelayConnection {
     }
 
     /// Prekey bundles of an account's devices (or one device), each consuming one of
-    /// that device's one-time prekeys on the relay.
+    /// that device's one-time prekeys on the relay. Needs an authenticated
+    /// connection, and tells the relay who asks; see [`RelayConnection::fetch_keys_with_token`].
     pub async fn fetch_keys(
         &self,
         account: &AccountId,
         device: Option<DeviceId>,
     ) -> Result<Vec<DeviceBundle>> {
+        self.fetch_keys_as(account, device, None).await
+    }
+
+    /// Like [`RelayConnection::fetch_keys`], for a holder of the account's delivery
+    /// token, on any connection: on one that never authenticates, the relay does not
+    /// learn who fetches. A wrong token (or no such account) is `UNAUTHORIZED`.
+    pub async fn fetch_keys_with_token(
+        &self,
+        account: &AccountId,
+        device: Option<DeviceId>,
+        delivery_token: &[u8],
+    ) -> Result<Vec<DeviceBundle>> {
+        let token = Bytes::copy_from_slice(delivery_token);
+        self.fetch_keys_as(account, device, Some(token)).await
+    }
+
+    async fn fetch_keys_as(
+        &self,
+        account: &AccountId,
+        device: Option<DeviceId>,
+        delivery_token: Option<Bytes>,
+    ) -> Result<Vec<DeviceBundle>> {
         match self
             .request(Request::FetchKeys {
                 account: *account,
                 device,
+                delivery_token,
             })
             .await?
         {
@@ -414,6 +438,19 @@ impl RelayConnection {
     /// Resolves when the connection closes, with the reason.
     pub async fn closed(&self) -> Error {
         Error::Closed(closed_reason(&self.conn.closed().await))
+    }
+
+    /// Resolves when the connection ends: true if it was lost (reset by a relay that
+    /// no longer knows it, say after a restart, or timed out), false if either side
+    /// closed it. Holds no handle on the connection itself.
+    pub fn lost(&self) -> impl Future<Output = bool> + Send + 'static {
+        let conn = self.conn.clone();
+        async move {
+            matches!(
+                conn.closed().await,
+                quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut
+            )
+        }
     }
 
     /// Whether the connection has closed: by either side, or lost.

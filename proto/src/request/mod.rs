@@ -15,6 +15,8 @@
 //!   `RATE_LIMITED`.
 //! - `send`, `publish_keys`, `fetch_keys`, `set_delivery_token` on a connection that
 //!   is not authenticated: `UNAUTHORIZED` ([`RequestKind::needs_authentication`]).
+//!   A `fetch_keys` with a delivery token needs no authentication, but a malformed
+//!   one is still answered so there: the relay cannot see the token of a refused frame.
 //!   Not `ack`: an oversized ack is `TOO_LARGE` on any connection.
 //! - A media upload on a connection that is not authenticated: `UNAUTHORIZED`
 //!   before its blob id is looked at.
@@ -111,6 +113,10 @@ pub enum Request {
         account: AccountId,
         /// One device, or `None` (0 on the wire) for all of them.
         device: Option<DeviceId>,
+        /// The account's delivery token (any length; the relay hashes it): with one,
+        /// any connection may fetch, without one only an authenticated device. An
+        /// empty token on the wire is `None`.
+        delivery_token: Option<Bytes>,
     },
     /// Asks for a sender certificate of the authenticated device.
     SenderCertificate,
@@ -208,9 +214,9 @@ impl RequestKind {
     }
 
     /// Whether the request needs a connection authenticated as a device
-    /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys`,
-    /// `sender_certificate`, `set_delivery_token`; `add_device` as a device of the
-    /// same account). Note for a relay keeping today's answers: for all but
+    /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys` without a delivery
+    /// token, `sender_certificate`, `set_delivery_token`; `add_device` as a device of
+    /// the same account). Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
@@ -393,6 +399,7 @@ impl TryFrom<Body> for Request {
                 account: AccountId::try_from(&r.account_id[..])
                     .map_err(bad_id("fetch_keys.account_id"))?,
                 device: DeviceId::new(r.device_id),
+                delivery_token: (!r.delivery_token.is_empty()).then_some(r.delivery_token),
             },
             Body::SenderCertificate(v1::SenderCertificateRequest {}) => Request::SenderCertificate,
             Body::SetDeliveryToken(r) => Request::SetDeliveryToken {
@@ -494,9 +501,14 @@ impl From<Request> for Body {
             Request::Ack { seqs } => Body::Ack(v1::AckRequest { seqs }),
             Request::Ping => Body::Ping(v1::PingRequest {}),
             Request::PublishKeys(upload) => Body::PublishKeys((&upload).into()),
-            Request::FetchKeys { account, device } => Body::FetchKeys(v1::FetchKeysRequest {
+            Request::FetchKeys {
+                account,
+                device,
+                delivery_token,
+            } => Body::FetchKeys(v1::FetchKeysRequest {
                 account_id: copy(account.as_bytes()),
                 device_id: device.map_or(0, DeviceId::get),
+                delivery_token: delivery_token.unwrap_or_default(),
             }),
             Request::SenderCertificate => Body::SenderCertificate(v1::SenderCertificateRequest {}),
             Request::SetDeliveryToken { token_hash } => {

@@ -67,6 +67,12 @@ fn one_of_each() -> Vec<Request> {
         Request::FetchKeys {
             account: AccountId([3; 16]),
             device: None,
+            delivery_token: None,
+        },
+        Request::FetchKeys {
+            account: AccountId([3; 16]),
+            device: DeviceId::new(2),
+            delivery_token: Some(Bytes::from_static(b"token")),
         },
         Request::SenderCertificate,
         Request::SetDeliveryToken {
@@ -131,10 +137,23 @@ fn the_wire_form_is_what_the_client_sent_before() {
     let fetch = Body::from(Request::FetchKeys {
         account: AccountId([3; 16]),
         device: None,
+        delivery_token: None,
     });
     assert!(matches!(
-        fetch,
-        Body::FetchKeys(v1::FetchKeysRequest { device_id: 0, .. })
+        &fetch,
+        Body::FetchKeys(v1::FetchKeysRequest { device_id: 0, delivery_token, .. })
+            if delivery_token.is_empty()
+    ));
+    // A token is field 3, as is.
+    let fetch = Body::from(Request::FetchKeys {
+        account: AccountId([3; 16]),
+        device: DeviceId::new(1),
+        delivery_token: Some(Bytes::from_static(b"t0ken")),
+    });
+    assert!(matches!(
+        &fetch,
+        Body::FetchKeys(v1::FetchKeysRequest { device_id: 1, delivery_token, .. })
+            if delivery_token == &b"t0ken"[..]
     ));
     let Body::PublishKeys(p) = Body::from(Request::PublishKeys(KeyUpload::default())) else {
         panic!("publish keys");
@@ -327,6 +346,7 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             Body::FetchKeys(v1::FetchKeysRequest {
                 account_id: SHORT,
                 device_id: 1,
+                delivery_token: Bytes::from_static(b"t"),
             }),
             "fetch_keys.account_id",
             BAD,
@@ -466,12 +486,28 @@ fn edges_that_are_valid() {
     let fetch = Body::FetchKeys(v1::FetchKeysRequest {
         account_id: Bytes::from_static(&[1; 16]),
         device_id: 0,
+        delivery_token: Bytes::new(),
     });
     assert_eq!(
         Request::try_from(fetch),
         Ok(Request::FetchKeys {
             account: AccountId([1; 16]),
-            device: None
+            device: None,
+            delivery_token: None,
+        })
+    );
+    // A token of any length is taken as it is; an empty one is no token.
+    let fetch = Body::FetchKeys(v1::FetchKeysRequest {
+        account_id: Bytes::from_static(&[1; 16]),
+        device_id: 7,
+        delivery_token: Bytes::from_static(&[9; 100]),
+    });
+    assert_eq!(
+        Request::try_from(fetch),
+        Ok(Request::FetchKeys {
+            account: AccountId([1; 16]),
+            device: DeviceId::new(7),
+            delivery_token: Some(Bytes::from_static(&[9; 100])),
         })
     );
     // An empty identity_dh leaves it unchanged, whatever its signature field holds.
@@ -493,12 +529,14 @@ fn edges_that_are_valid() {
 
 #[test]
 fn needs_authentication_is_the_protocols_list() {
-    let needing: Vec<_> = one_of_each()
+    let mut needing: Vec<_> = one_of_each()
         .iter()
         .map(Request::kind)
         .filter(|k| k.needs_authentication())
         .map(RequestKind::as_str)
         .collect();
+    // Two fetches, with and without a token: the kind is one.
+    needing.dedup();
     assert_eq!(
         needing,
         [
@@ -589,10 +627,16 @@ fn any_request() -> impl Strategy<Value = Request> {
                     one_time
                 })
             ),
-        (any::<[u8; 16]>(), any::<u32>()).prop_map(|(a, d)| Request::FetchKeys {
-            account: AccountId(a),
-            device: DeviceId::new(d)
-        }),
+        (
+            any::<[u8; 16]>(),
+            any::<u32>(),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 1..40))
+        )
+            .prop_map(|(a, d, t)| Request::FetchKeys {
+                account: AccountId(a),
+                device: DeviceId::new(d),
+                delivery_token: t.map(Bytes::from),
+            }),
         Just(Request::SenderCertificate),
         any::<[u8; 32]>().prop_map(|token_hash| Request::SetDeliveryToken { token_hash }),
         (any_address(), any_bytes(), any_envelopes()).prop_map(
@@ -648,7 +692,7 @@ proptest! {
                 signed_prekey: Some(v1::SignedPreKey { id: n, public_key: b.clone(), signature: c.clone() }),
                 one_time_prekeys: vec![v1::OneTimePreKey { id: n, public_key: c }],
             }),
-            6 => Body::FetchKeys(v1::FetchKeysRequest { account_id: a, device_id: n }),
+            6 => Body::FetchKeys(v1::FetchKeysRequest { account_id: a, device_id: n, delivery_token: b }),
             7 => Body::SetDeliveryToken(v1::SetDeliveryTokenRequest { token_hash: a }),
             8 => Body::SealedSend(v1::SealedSendRequest { recipient_account: a, recipient_device: n, delivery_token: b, envelopes: vec![v1::Envelope { message_id: c, payload: Bytes::new() }] }),
             9 => Body::BlobStatus(v1::BlobStatusRequest { blob_id: a }),

@@ -42,7 +42,9 @@ pub struct RateLimitsConfig {
     /// a recipient who keeps up is never slowed, a flooded one still hears from each
     /// contact.
     pub intake_above_queued: u64,
-    /// `FetchKeys` requests per requesting account.
+    /// `FetchKeys` requests per requester: its account when the connection is
+    /// authenticated, else (a fetch with a delivery token) its IPv4 address or IPv6
+    /// /64. Wrong tokens count too.
     pub fetch_keys_per_requester: Rate,
     /// One-time prekeys handed out per device.
     pub one_time_prekeys_per_device: Rate,

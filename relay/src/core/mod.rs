@@ -7,13 +7,16 @@
 //! - [`auth`]: signature checks that yield [`auth::AuthenticatedDevice`] proof tokens.
 //! - [`prefix`]: which peers count as one (an IPv4 address, an IPv6 /64), for
 //!   connection caps and rate limits alike.
+//! - [`budget`]: relay-wide budgets (queued messages and bytes, index memory, blob
+//!   bytes) and the free-disk reserve.
 //! - [`rate`]: per-key rate limits ([`rate::RateLimits`]: registrations, devices,
 //!   sends, intake, prekeys; media bytes per account). The one rule that holds a
 //!   clock: governor reads the relay's `Clock` itself.
 //!
-//! Exported for benches and tests: `auth`, `delivery`, `expiry`, `limits`, `prefix`, `rate`.
+//! Exported for benches and tests: `auth`, `budget`, `delivery`, `expiry`, `limits`, `prefix`, `rate`.
 
 pub mod auth;
+pub mod budget;
 pub mod delivery;
 pub mod expiry;
 pub mod limits;

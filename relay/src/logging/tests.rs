@@ -24,6 +24,8 @@ fn addresses_ports_brackets_and_zones_go() {
         ("[fe80::1%2]:443", "<addr>"),
         ("::ffff:192.0.2.1", "<addr>"),
         ("2001:db8:1:2:3:4:5:6", "<addr>"),
+        // Found by fuzzing: an address right after another's zone.
+        ("[2001:db8::17%e8::17%e4:443 x", "[<addr><addr>:443 x"),
         (
             "Transmit { destination: 127.0.0.1:5000, src_ip: Some(127.0.0.1), ecn: None }",
             "Transmit { destination: <addr>, src_ip: Some(<addr>), ecn: None }",

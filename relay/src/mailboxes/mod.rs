@@ -30,6 +30,7 @@ use tern_proto::DeviceAddress;
 
 use crate::accounts::Recipient;
 use crate::core::auth::AuthenticatedDevice;
+use crate::core::budget::Budget;
 use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
@@ -50,6 +51,7 @@ pub struct Mailboxes {
     ttl: Ttl,
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
+    budget: Arc<Budget>,
     active: Arc<ActiveMailboxes>,
 }
 
@@ -121,8 +123,8 @@ pub struct Pull {
 }
 
 impl Mailboxes {
-    /// Mailboxes kept in `store`, under `limits` and `rates`, each message kept for
-    /// `ttl`; appends are made durable through `commit`.
+    /// Mailboxes kept in `store`, under `limits`, `rates` and the relay-wide `budget`,
+    /// each message kept for `ttl`; appends are made durable through `commit`.
     pub fn new(
         store: Arc<dyn MailboxStore>,
         clock: Arc<dyn Clock>,
@@ -130,6 +132,7 @@ impl Mailboxes {
         ttl: Ttl,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
+        budget: Arc<Budget>,
     ) -> Self {
         Mailboxes {
             store,
@@ -138,6 +141,7 @@ impl Mailboxes {
             ttl,
             commit,
             rates,
+            budget,
             active: Arc::default(),
         }
     }
@@ -161,6 +165,8 @@ impl Mailboxes {
         self.active.ordered(to, true, || {
             let usage = self.store.usage(to)?;
             self.limits.check_enqueue(usage, msgs.len() as u64, bytes)?;
+            self.budget
+                .check_enqueue(self.store.totals(), msgs.len() as u64, bytes)?;
             self.rates.intake(from, to, usage.messages, n)?;
             self.store
                 .append(to, msgs, now, self.ttl.expires_at(now))
@@ -259,6 +265,8 @@ impl Mailboxes {
     }
 }
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod rate_tests;
 #[cfg(test)]

@@ -306,6 +306,7 @@ fn a_sweep_deletes_log_segments_kept_past_their_deadline() {
         Ttl::MAX,
         Arc::new(commit),
         rates,
+        Arc::default(),
     );
     mailboxes.sweep(100).expect("sweep");
     assert!(damaged.exists());

@@ -59,12 +59,39 @@ pub enum BlobError {
     /// The bytes do not hash to the claimed id; the upload was discarded.
     #[error("the uploaded bytes do not match the blob id")]
     DigestMismatch,
+    /// A relay-wide budget is spent, free disk space is at its reserve, or a write
+    /// found the disk full; an upload keeps what it has and can resume later.
+    #[error("storage full: retry later")]
+    StorageFull {
+        /// When to retry, ms.
+        retry_after_ms: u64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A file operation failed.
     #[error("blob file: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for BlobError {
+    fn from(e: std::io::Error) -> Self {
+        if crate::store::is_no_space(&e) {
+            BlobError::StorageFull {
+                retry_after_ms: crate::core::budget::RETRY_AFTER_MS,
+            }
+        } else {
+            BlobError::Io(e)
+        }
+    }
+}
+
+impl From<crate::core::budget::Full> for BlobError {
+    fn from(f: crate::core::budget::Full) -> Self {
+        BlobError::StorageFull {
+            retry_after_ms: f.retry_after_ms,
+        }
+    }
 }
 
 /// Result with [`BlobError`].

@@ -64,6 +64,21 @@ fn remove_if_there(path: &Path) -> std::io::Result<()> {
 }
 
 impl BlobFiles {
+    /// Bytes of every blob file (once, at start: it reads each directory).
+    pub(crate) fn stored_bytes(&self) -> std::io::Result<u64> {
+        let mut total = 0;
+        for shard in fs::read_dir(&self.blobs_dir)? {
+            let shard = shard?;
+            if !shard.file_type()?.is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(shard.path())? {
+                total += f?.metadata()?.len();
+            }
+        }
+        Ok(total)
+    }
+
     /// The files under `data_dir`; makes their directories if need be.
     pub(crate) fn open(data_dir: &Path) -> std::io::Result<Self> {
         let blobs_dir = data_dir.join("blobs");
@@ -151,6 +166,7 @@ impl BlobFiles {
         let mut direct = !bytes.is_empty()
             && direct_io::is_aligned(len, bytes)
             && direct_io::set_direct(&file, true);
+        crate::store::fault::check(crate::store::fault::Site::BlobWrite)?;
         let was_direct = direct_io::write_all_at(&file, len, bytes, &mut direct)?;
         let key = (*account, *id);
         let taken = lock(&self.hashing).remove(&key);

@@ -66,6 +66,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::AccountId;
 
 use crate::core::auth::AuthenticatedDevice;
+use crate::core::budget::Budget;
 use crate::core::rate::ByteRate;
 use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta, DAY_MS};
 
@@ -170,6 +171,8 @@ pub struct BlobStore {
     index: Arc<dyn BlobIndex>,
     clock: Arc<dyn Clock>,
     limits: BlobLimits,
+    /// The relay-wide blob bytes and the disk reserve.
+    budget: Arc<Budget>,
     /// The uploads running on a stream now (see [`RunningUpload`]).
     running: Arc<Mutex<HashSet<(AccountId, BlobId)>>>,
     /// Upload bytes per account per second.
@@ -191,16 +194,21 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl BlobStore {
-    /// Blobs under `data_dir`, metadata in `index`.
+    /// Blobs under `data_dir`, metadata in `index`; their bytes count against
+    /// `budget` (the files found are counted now).
     pub(crate) fn open(
         data_dir: &Path,
         index: Arc<dyn BlobIndex>,
         clock: Arc<dyn Clock>,
         limits: BlobLimits,
+        budget: Arc<Budget>,
     ) -> BlobResult<Self> {
         let rate = ByteRate::new(limits.max_upload_bytes_per_sec, 1_000_000, clock.clone());
+        let files = BlobFiles::open(data_dir)?;
+        budget.add_blob_bytes(files.stored_bytes()?);
         Ok(BlobStore {
-            files: BlobFiles::open(data_dir)?,
+            files,
+            budget,
             index,
             clock,
             limits,
@@ -270,6 +278,8 @@ impl BlobStore {
         if self.status(id)?.is_some() {
             return Ok(Begin::Exists(self.touch(id)?));
         }
+        // A resumed upload is checked again: under the reserve it waits.
+        self.budget.check_upload(size)?;
         // Unfinished uploads count against the quota too, and only so many may wait.
         let _commit = lock(&self.commit);
         let others: Vec<(BlobId, u64)> = self
@@ -416,6 +426,7 @@ impl BlobStore {
             expires_at: self.expires_from(now),
         };
         self.index.insert_blob(id, &blob, account)?;
+        self.budget.add_blob_bytes(blob.size);
         // Durable before the uploader is told, so a pointer it sends never names a
         // blob the relay forgets in a crash.
         self.index.flush_blobs()?;
@@ -450,9 +461,10 @@ impl BlobStore {
         for id in self.index.expired_blobs(now, max)? {
             let _commit = lock(&self.commit);
             // A forward may have moved it since the scan.
-            if self.index.blob(&id)?.is_some_and(|m| m.expires_at <= now) {
+            if let Some(m) = self.index.blob(&id)?.filter(|m| m.expires_at <= now) {
                 self.index.remove_blob(&id)?;
                 self.files.remove_blob(&id)?;
+                self.budget.remove_blob_bytes(m.size);
                 swept.blobs += 1;
             }
         }

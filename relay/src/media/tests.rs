@@ -47,13 +47,28 @@ struct Fixture {
     store: BlobStore,
     clock: Arc<ManualClock>,
     dir: tempfile::TempDir,
+    budget: Arc<Budget>,
 }
 
 fn fixture(index: Arc<dyn BlobIndex>, limits: BlobLimits) -> Fixture {
+    fixture_with_budget(index, limits, Arc::default())
+}
+
+fn fixture_with_budget(
+    index: Arc<dyn BlobIndex>,
+    limits: BlobLimits,
+    budget: Arc<Budget>,
+) -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = Arc::new(ManualClock::new(1_800_000_000_000));
-    let store = BlobStore::open(dir.path(), index, clock.clone(), limits).expect("open");
-    Fixture { store, clock, dir }
+    let store =
+        BlobStore::open(dir.path(), index, clock.clone(), limits, budget.clone()).expect("open");
+    Fixture {
+        store,
+        clock,
+        dir,
+        budget,
+    }
 }
 
 fn upload(s: &BlobStore, device: &AuthenticatedDevice, bytes: &[u8]) -> BlobResult<BlobMeta> {
@@ -545,4 +560,51 @@ fn reported_expiry_is_the_start_of_its_utc_day() {
     // 2027-01-15T08:00:00.123Z -> 2027-01-15T00:00:00Z
     let t = 1_800_000_000_123;
     assert_eq!(reported_expiry(t), t - 8 * 3_600_000 - 123);
+}
+
+#[test]
+fn blob_bytes_are_a_relay_wide_budget_and_the_reserve_stops_uploads_not_downloads() {
+    use crate::core::budget::{BudgetLimits, DiskSample};
+    let budget = Arc::new(Budget::new(BudgetLimits {
+        max_blob_bytes: 1500,
+        ..BudgetLimits::default()
+    }));
+    let f = fixture_with_budget(Arc::new(MemoryStore::new()), BlobLimits::default(), budget);
+    let first = upload(&f.store, &ALICE, &[1u8; 1000]).expect("within the budget");
+    assert_eq!(f.budget.blob_bytes(), 1000);
+    assert!(matches!(
+        upload(&f.store, &BOB, &[2u8; 600]),
+        Err(BlobError::StorageFull { .. })
+    ));
+    upload(&f.store, &BOB, &[2u8; 500]).expect("exactly the budget");
+
+    // Under the reserve: uploads wait, a download and a forward of a blob go on.
+    f.budget.record_disk(&[DiskSample {
+        free: 0,
+        size: 1 << 40,
+    }]);
+    let e = upload(&f.store, &BOB, &[3u8; 10]).expect_err("under the reserve");
+    assert!(matches!(e, BlobError::StorageFull { .. }));
+    let e = crate::error::Error::from(e);
+    assert_eq!(e.code(), tern_proto::ErrorCode::Unavailable);
+    assert!(e.retry_after_ms() > 0);
+    let id = id_of(&[1u8; 1000]);
+    let mut reader = f.store.open_read(&id, 0, 4096).expect("download");
+    assert_eq!(read_all(&mut reader), vec![1u8; 1000]);
+    assert_eq!(f.store.touch(&id).expect("forward").size, first.size);
+
+    // A store opened on the same files counts them; the sweep gives bytes back.
+    let again = Arc::new(Budget::default());
+    BlobStore::open(
+        f.dir.path(),
+        Arc::new(MemoryStore::new()),
+        f.clock.clone(),
+        BlobLimits::default(),
+        again.clone(),
+    )
+    .expect("open");
+    assert_eq!(again.blob_bytes(), 1500);
+    f.clock.advance(Duration::from_secs(31 * 24 * 3600));
+    f.store.sweep(100).expect("sweep");
+    assert_eq!(f.budget.blob_bytes(), 0);
 }

@@ -12,8 +12,8 @@
 //! A connection starts [`Standing::Pending`]: a small frame limit and flow-control
 //! window, and a deadline (`connections.auth_deadline`, counted from its first
 //! packet). Authenticating makes it [`Standing::Authenticated`] and lifts both; a
-//! first successful anonymous request (a sealed send, device list, blob status or
-//! touch, a download) makes it [`Standing::Anonymous`], which keeps the small limits
+//! first successful anonymous request (a sealed send, device list, key fetch with a
+//! delivery token, blob status or touch, a download) makes it [`Standing::Anonymous`], which keeps the small limits
 //! and is closed after `connections.anonymous_idle` without one. Either trades the
 //! connection's place in the unauthenticated pool for one of `max_connections`.
 
@@ -38,6 +38,7 @@ use crate::media::BlobStore;
 use crate::net::admission::AdmissionGuard;
 use crate::net::media::Activity;
 
+mod keys;
 mod push;
 mod standing;
 use crate::server::Services;
@@ -317,6 +318,8 @@ impl Session {
 
     async fn handle(&mut self, request: ClientRequest) {
         let id = request.id;
+        // Kinds and standings only (P9); tests read it to see which path a request took.
+        debug!(kind = %request.request.kind(), standing = ?self.standing, "request");
         match request.request {
             Request::Ping => self.reply(id, Ok(Reply::Ping)).await,
             Request::Register {
@@ -415,13 +418,11 @@ impl Session {
                 });
                 self.reply(id, reply).await
             }
-            Request::FetchKeys { account, device } => {
-                let reply = self.authenticated().and_then(|requester| {
-                    let found = self.services.keys().fetch(requester, &account, device)?;
-                    Ok(Reply::FetchKeys(found.into_bundles()))
-                });
-                self.reply(id, reply).await
-            }
+            Request::FetchKeys {
+                account,
+                device,
+                delivery_token,
+            } => self.fetch_keys(id, account, device, delivery_token).await,
             Request::SenderCertificate => {
                 let cert = self
                     .authenticated()

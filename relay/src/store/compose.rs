@@ -5,6 +5,10 @@ use std::sync::Arc;
 
 use super::{AccountStore, BlobIndex, Flush, KeyStore, MailboxStore, StoreResult};
 
+mod marked;
+
+use self::marked::Marked;
+
 /// The stores a relay works on.
 #[derive(Clone)]
 pub struct Stores {
@@ -40,11 +44,19 @@ impl Stores {
 
     /// Mailboxes on one backend, everything else on another (which holds no
     /// mailboxes, so it need not be a [`MailboxStore`]).
+    ///
+    /// The flush flushes only the backends written since the last flush, so a
+    /// backend that fails (sled after a full disk) fails only the commits that wrote
+    /// to it: mailbox acks and sends still commit while no registration, key upload
+    /// or blob record was written since. A flush that writes both fails if either
+    /// fails.
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,
         S: AccountStore + KeyStore + BlobIndex + Flush,
     {
+        let mailboxes = Arc::new(Marked::new(mailboxes));
+        let rest = Arc::new(Marked::new(rest));
         Stores {
             mailboxes: mailboxes.clone(),
             accounts: rest.clone(),
@@ -55,12 +67,17 @@ impl Stores {
     }
 }
 
-/// Flushes the mailboxes, then the rest.
-struct FlushBoth(Arc<dyn Flush>, Arc<dyn Flush>);
+/// Flushes the mailboxes, then the rest, each only if written since its last flush;
+/// both are tried, and the first error is returned.
+struct FlushBoth<M: ?Sized, S: ?Sized>(Arc<Marked<M>>, Arc<Marked<S>>);
 
-impl Flush for FlushBoth {
+impl<M: Flush + ?Sized, S: Flush + ?Sized> Flush for FlushBoth<M, S> {
     fn flush(&self) -> StoreResult<()> {
-        self.0.flush()?;
-        self.1.flush()
+        let mailboxes = self.0.flush_if_written();
+        let rest = self.1.flush_if_written();
+        mailboxes.and(rest)
     }
 }
+
+#[cfg(test)]
+mod tests;

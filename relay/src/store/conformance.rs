@@ -491,3 +491,39 @@ pub(super) fn blob_rules(store: &dyn BlobIndex) {
     store.remove_upload(&bob, &[4; 32]).expect("remove");
     assert_eq!(store.upload(&bob, &[4; 32]).expect("upload"), None);
 }
+
+/// [`MailboxStore::totals`] follows appends, removals and expiry (run on an empty
+/// store).
+pub(super) fn totals_rules(store: &dyn MailboxStore) {
+    let (a, b) = (addr(7, 1), addr(8, 1));
+    let totals = |messages, bytes, mailboxes| Totals {
+        messages,
+        bytes,
+        mailboxes,
+    };
+    assert_eq!(store.totals(), Totals::default());
+    let seqs = store
+        .append(&a, &[msg(1, 10), msg(2, 20)], 1_000, 5_000)
+        .expect("append");
+    store
+        .append(&b, &[msg(3, 5)], 1_000, 2_000)
+        .expect("append");
+    assert_eq!(store.totals(), totals(3, 35, 2));
+    store
+        .remove(&a, &[seqs[0], seqs[0], 999_999])
+        .expect("remove");
+    assert_eq!(
+        store.totals(),
+        totals(2, 25, 2),
+        "a repeat or absent seq counts nothing"
+    );
+    let due = store.expired(2_000, 10).expect("expired");
+    store.expire(&b, &due).expect("expire");
+    assert_eq!(
+        store.totals(),
+        totals(1, 20, 1),
+        "an emptied mailbox is not counted"
+    );
+    store.remove(&a, &[seqs[1]]).expect("remove");
+    assert_eq!(store.totals(), Totals::default());
+}

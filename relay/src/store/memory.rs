@@ -9,7 +9,7 @@ use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
     FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
-    StoredMessage, UploadMeta, Usage,
+    StoredMessage, Totals, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -26,6 +26,8 @@ struct Inner {
     messages: BTreeMap<(DeviceAddress, u64), StoredMessage>,
     expiry: super::ExpiryIndex,
     usage: HashMap<DeviceAddress, Usage>,
+    /// The sum of `usage`.
+    totals: Usage,
     accounts: HashMap<AccountId, AccountRecord>,
     tokens: HashMap<AccountId, [u8; 32]>,
     keys: HashMap<DeviceAddress, Keys>,
@@ -62,6 +64,11 @@ impl Inner {
         let usage = self.usage.entry(*of).or_default();
         usage.messages -= 1;
         usage.bytes -= msg.payload.len() as u64;
+        if usage.messages == 0 {
+            self.usage.remove(of);
+        }
+        self.totals.messages -= 1;
+        self.totals.bytes -= msg.payload.len() as u64;
         Some(msg)
     }
 }
@@ -91,6 +98,8 @@ impl MailboxStore for MemoryStore {
             let usage = inner.usage.entry(*to).or_default();
             usage.messages += 1;
             usage.bytes += m.payload.len() as u64;
+            inner.totals.messages += 1;
+            inner.totals.bytes += m.payload.len() as u64;
         }
         Ok(seqs)
     }
@@ -122,6 +131,15 @@ impl MailboxStore for MemoryStore {
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         Ok(self.lock().usage.get(of).copied().unwrap_or_default())
+    }
+
+    fn totals(&self) -> Totals {
+        let inner = self.lock();
+        Totals {
+            messages: inner.totals.messages,
+            bytes: inner.totals.bytes,
+            mailboxes: inner.usage.len() as u64,
+        }
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
@@ -348,6 +366,7 @@ mod tests {
     fn conformance() {
         super::super::conformance::mailbox_rules(&super::MemoryStore::new());
         super::super::conformance::seqs_are_per_mailbox(&super::MemoryStore::new());
+        super::super::conformance::totals_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
         super::super::conformance::blob_rules(&super::MemoryStore::new());

@@ -9,6 +9,7 @@
 //! - [`MemoryStore`]: everything in memory, for tests.
 //! - [`Stores`]: how the backends are put together for a relay.
 //! - [`GroupCommit`]: makes every store durable, one flush shared by concurrent writers.
+//! - [`fault`]: test-only injection of a full disk (ENOSPC) at chosen writes.
 //!
 //! # Contract
 //! - Stores hold what the relay was given and nothing more: ciphertext, opaque ids,
@@ -31,6 +32,7 @@ use tern_platform::clock::UnixMillis;
 
 mod commit;
 mod compose;
+pub mod fault;
 mod log;
 mod memory;
 mod seq;
@@ -58,6 +60,28 @@ pub enum StoreError {
     /// An id chosen for a new record is taken.
     #[error("id already exists")]
     Exists,
+    /// A write found the disk full (ENOSPC): that write failed, and nothing stored
+    /// before it was lost.
+    #[error("no space left on the device")]
+    NoSpace,
+}
+
+impl StoreError {
+    /// `e` as a store error: [`StoreError::NoSpace`] for ENOSPC, else a backend error
+    /// with `context`.
+    pub(crate) fn from_io(context: &str, e: &std::io::Error) -> StoreError {
+        if is_no_space(e) {
+            StoreError::NoSpace
+        } else {
+            StoreError::Backend(format!("{context}: {e}"))
+        }
+    }
+}
+
+/// Whether an I/O error is ENOSPC (matched on the errno: `ErrorKind::StorageFull` is
+/// newer than the minimum Rust version).
+pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
 
 /// Result with [`StoreError`].
@@ -90,6 +114,18 @@ pub struct Usage {
     pub messages: u64,
     /// Their payload bytes.
     pub bytes: u64,
+}
+
+/// What every mailbox holds together; kept as the stores change, so reading it is
+/// O(1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Queued messages.
+    pub messages: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Mailboxes holding at least one message.
+    pub mailboxes: u64,
 }
 
 /// An entry of the expiry index.
@@ -132,6 +168,9 @@ pub trait MailboxStore: Flush {
 
     /// What the mailbox holds now.
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage>;
+
+    /// What every mailbox holds together, in O(1) (for the relay-wide budgets).
+    fn totals(&self) -> Totals;
 
     /// Up to `max` expiry index entries with `expires_at <= now`, oldest first.
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>>;

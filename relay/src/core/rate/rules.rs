@@ -19,7 +19,7 @@ pub struct RateLimits {
     sealed_per_token: KeyedLimit<AccountId>,
     sealed_per_prefix: KeyedLimit<AddressPrefix>,
     intake: KeyedLimit<(DeviceAddress, SenderKey)>,
-    fetch_per_requester: KeyedLimit<AccountId>,
+    fetch_per_requester: KeyedLimit<SenderKey>,
     one_time_per_device: KeyedLimit<DeviceAddress>,
     max_devices: usize,
     intake_above_queued: u64,
@@ -81,8 +81,10 @@ impl RateLimits {
         self.intake.check_n(&(*to, *from), n)
     }
 
-    /// A `FetchKeys` from `requester`.
-    pub fn fetch_keys(&self, requester: &AccountId) -> Result<()> {
+    /// A `FetchKeys` from `requester`: an authenticated device's account, or for a
+    /// fetch with a delivery token on a connection that is not authenticated, the
+    /// address prefix it came from.
+    pub fn fetch_keys(&self, requester: &SenderKey) -> Result<()> {
         self.fetch_per_requester.check(requester)
     }
 

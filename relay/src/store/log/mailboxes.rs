@@ -12,7 +12,7 @@ use tracing::warn;
 use super::record::{self, MessageHeader};
 use super::{io, lock, Loc, LogStore, Segment, EARLY_SPARE};
 use crate::store::{
-    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Usage,
+    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Totals, Usage,
 };
 
 impl MailboxStore for LogStore {
@@ -61,7 +61,9 @@ impl MailboxStore for LogStore {
         }
         // On failure nothing is indexed, and the next append starts a new segment
         // rather than write over part of what may have reached this one.
-        if let Err(e) = w.active.file.write_all_at(&w.buf, start) {
+        let written = crate::store::fault::check(crate::store::fault::Site::LogAppend)
+            .and_then(|()| w.active.file.write_all_at(&w.buf, start));
+        if let Err(e) = written {
             w.len = w.len.max(shared.segment_bytes);
             return Err(io("appending", e));
         }
@@ -176,6 +178,10 @@ impl MailboxStore for LogStore {
             .mailboxes
             .get(of)
             .map_or_else(Usage::default, |m| m.usage))
+    }
+
+    fn totals(&self) -> Totals {
+        lock(&self.shared.index).totals()
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {

@@ -17,9 +17,6 @@
 //! disk within about [`SCRUB_INTERVAL`]; a segment whose messages are all gone is
 //! deleted whole.
 //!
-//! Seqs are per mailbox (`store/seq.rs`); an open's epoch is above every seq and segment
-//! floor found, and its segments' floor, `epoch << 40`, outlives their messages.
-//!
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
@@ -28,6 +25,7 @@ mod pinned;
 mod record;
 mod remove;
 mod scan;
+mod totals;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -42,7 +40,7 @@ use tern_proto::DeviceAddress;
 use tracing::{info, warn};
 
 use self::record::{HEADER_LEN, PEEK_LEN};
-use super::seq::{self, SeqCounters};
+use super::seq::{self, SeqCounters}; // per-mailbox seqs, in an epoch above every seq found
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
 use tern_platform::clock::UnixMillis;
 
@@ -174,6 +172,8 @@ struct Index {
     active: u64,
     /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
     deadlines: Vec<(u64, UnixMillis)>,
+    /// The sum of every mailbox's usage, kept beside them.
+    totals: Usage,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -183,7 +183,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn io(context: &str, e: std::io::Error) -> StoreError {
-    StoreError::Backend(format!("mailbox log: {context}: {e}"))
+    StoreError::from_io(&format!("mailbox log: {context}"), &e)
 }
 
 /// The file a spare segment is prepared in.
@@ -220,6 +220,7 @@ impl Index {
         mailbox.entries.insert(seq, loc);
         mailbox.usage.messages += 1;
         mailbox.usage.bytes += loc.payload_len();
+        self.count(1, loc.payload_len());
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
@@ -333,9 +334,7 @@ impl LogStore {
                 "expired mailbox log records dropped at start"
             );
         }
-        // Above every seq on disk (messages, dead spans, segment floors).
         let seqs = SeqCounters::new(seq::epoch_after(counts.next_seq))?;
-        let floor = seq::floor(seqs.epoch());
 
         let active_id = match ids.last() {
             None => 1,
@@ -343,7 +342,7 @@ impl LogStore {
                 .checked_add(1)
                 .ok_or(StoreError::Corrupt("segment ids exhausted"))?,
         };
-        let active = Arc::new(create_segment(dir, active_id, floor)?);
+        let active = Arc::new(create_segment(dir, active_id, seq::floor(seqs.epoch()))?);
         sync_dir(dir)?;
         index.active = active_id;
         index
@@ -430,9 +429,15 @@ fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
         .create_new(true)
         .open(segment_path(dir, id))
         .map_err(|e| io("creating a segment", e))?;
-    file.write_all_at(&record::header(seq_floor), 0)
+    if let Err(e) = file
+        .write_all_at(&record::header(seq_floor), 0)
         .and_then(|()| file.sync_data())
-        .map_err(|e| io("writing a segment header", e))?;
+    {
+        // It holds nothing: removed, so the next roll (after a full disk) can retry.
+        drop(file);
+        remove_segment(dir, id);
+        return Err(io("writing a segment header", e));
+    }
     Ok(Segment { id, file })
 }
 
@@ -527,13 +532,17 @@ impl Shared {
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
-        let floor = seq::floor(w.seqs.epoch());
-        let (segment, grows) = self.next_segment(id, floor)?;
-        let segment = Arc::new(segment);
+        let (segment, grows) = self.next_segment(id, seq::floor(w.seqs.epoch()))?;
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            // Not in use and holding no records: removed, so the next roll can retry.
+            drop(segment);
+            remove_segment(&self.dir, id);
+            return Err(e);
+        }
+        let segment = Arc::new(segment);
         let old = std::mem::replace(&mut w.active, segment.clone());
         w.len = HEADER_LEN;
         w.grows = grows;

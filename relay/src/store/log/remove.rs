@@ -45,7 +45,9 @@ impl Index {
         }
         mailbox.usage.messages -= removed.messages;
         mailbox.usage.bytes -= removed.bytes;
-        if mailbox.entries.is_empty() {
+        let empty = mailbox.entries.is_empty();
+        self.uncount(removed);
+        if empty {
             self.mailboxes.remove(of);
         }
         let taken = taken
@@ -71,6 +73,8 @@ impl Index {
             mailbox.usage.bytes += t.loc.payload_len();
             self.expiry.insert((t.loc.expires_at, *of, t.seq));
         }
+        let bytes = taken.iter().map(|t| t.loc.payload_len()).sum();
+        self.count(taken.len() as u64, bytes);
     }
 
     /// Queues taken messages for the scrub; returns the segments left with nothing

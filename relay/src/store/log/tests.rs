@@ -1035,3 +1035,23 @@ fn a_segment_with_damaged_records_goes_when_its_last_message_does() {
     assert!(!path.exists(), "deleted with the damaged record in it");
     assert!(!disk_holds(dir.path(), &[0x22; 64]));
 }
+
+#[test]
+fn totals_follow_changes_and_are_rebuilt_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = manual(dir.path(), 1 << 20);
+        crate::store::conformance::totals_rules(&store);
+        let s = store
+            .append(&addr(1), &[msg(1, b"one"), msg(2, b"two!")], 5, u64::MAX)
+            .expect("append");
+        store
+            .append(&addr(2), &[msg(3, b"x")], 5, u64::MAX)
+            .expect("append");
+        store.remove(&addr(1), &[s[0]]).expect("remove");
+        store.flush().expect("flush");
+    }
+    let store = manual(dir.path(), 1 << 20);
+    let t = store.totals();
+    assert_eq!((t.messages, t.bytes, t.mailboxes), (2, 5, 2));
+}

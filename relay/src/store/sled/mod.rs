@@ -27,6 +27,7 @@
 //! an account (uploads in progress, quota charges) in another.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -36,7 +37,7 @@ use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
-    MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Usage,
+    MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
 };
 
 mod blobs;
@@ -64,6 +65,44 @@ pub struct SledStore {
     blob_quota: sled::Tree,
     /// This open's seq epoch and each mailbox's count in it.
     seqs: Arc<Mutex<SeqCounters>>,
+    /// What every mailbox holds, summed from the usage keys at open.
+    totals: Arc<SledTotals>,
+}
+
+/// [`Totals`] as atomics, changed after each batch that changes a usage key.
+#[derive(Debug, Default)]
+struct SledTotals {
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    mailboxes: AtomicU64,
+}
+
+impl SledTotals {
+    /// A mailbox went from `before` to `after`.
+    fn change(&self, before: Usage, after: Usage) {
+        let add = |a: &AtomicU64, from: u64, to: u64| {
+            if to >= from {
+                a.fetch_add(to - from, Ordering::Relaxed);
+            } else {
+                a.fetch_sub(from - to, Ordering::Relaxed);
+            }
+        };
+        add(&self.messages, before.messages, after.messages);
+        add(&self.bytes, before.bytes, after.bytes);
+        add(
+            &self.mailboxes,
+            u64::from(before.messages > 0),
+            u64::from(after.messages > 0),
+        );
+    }
+
+    fn read(&self) -> Totals {
+        Totals {
+            messages: self.messages.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            mailboxes: self.mailboxes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
@@ -74,7 +113,10 @@ fn tagged(tag: u8, a: &DeviceAddress) -> [u8; 1 + ADDR_LEN] {
 }
 
 fn backend(e: sled::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    match e {
+        sled::Error::Io(io) => StoreError::from_io("sled", &io),
+        e => StoreError::Backend(e.to_string()),
+    }
 }
 
 fn msg_key(a: &DeviceAddress, seq: u64) -> [u8; MSG_KEY_LEN] {
@@ -198,8 +240,10 @@ impl SledStore {
             blobs,
             blob_quota,
             seqs,
+            totals: Arc::default(),
         };
         store.migrate_blobs()?;
+        store.sum_usage()?;
         Ok(store)
     }
 
@@ -211,6 +255,15 @@ impl SledStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Sums the usage keys into the totals (once, at open: O(mailboxes)).
+    fn sum_usage(&self) -> StoreResult<()> {
+        for kv in self.mailboxes.scan_prefix([USAGE]) {
+            let (_, v) = kv.map_err(backend)?;
+            self.totals.change(Usage::default(), decode_usage(&v)?);
+        }
+        Ok(())
     }
 
     fn current_usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -245,8 +298,10 @@ impl SledStore {
         for e in extra_expiry {
             batch.remove(&expiry_key(e.expires_at, &e.to, e.seq)[..]);
         }
+        let mut change = None;
         if removed.messages > 0 {
-            let mut usage = self.current_usage(of)?;
+            let before = self.current_usage(of)?;
+            let mut usage = before;
             usage.messages = usage.messages.saturating_sub(removed.messages);
             usage.bytes = usage.bytes.saturating_sub(removed.bytes);
             if usage.messages == 0 {
@@ -254,8 +309,12 @@ impl SledStore {
             } else {
                 batch.insert(&usage_key(of)[..], &encode_usage(usage)[..]);
             }
+            change = Some((before, usage));
         }
         self.mailboxes.apply_batch(batch).map_err(backend)?;
+        if let Some((before, after)) = change {
+            self.totals.change(before, after);
+        }
         Ok(removed)
     }
 }
@@ -268,7 +327,8 @@ impl MailboxStore for SledStore {
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
-        let mut usage = self.current_usage(to)?;
+        let before = self.current_usage(to)?;
+        let mut usage = before;
         let mut batch = sled::Batch::default();
         let seqs = self
             .seqs
@@ -288,6 +348,7 @@ impl MailboxStore for SledStore {
         }
         batch.insert(&usage_key(to)[..], &encode_usage(usage)[..]);
         self.mailboxes.apply_batch(batch).map_err(backend)?;
+        self.totals.change(before, usage);
         Ok(seqs)
     }
 
@@ -313,6 +374,10 @@ impl MailboxStore for SledStore {
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         self.current_usage(of)
+    }
+
+    fn totals(&self) -> Totals {
+        self.totals.read()
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {

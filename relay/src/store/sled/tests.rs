@@ -172,3 +172,27 @@ fn a_blob_index_of_a_newer_format_is_refused() {
         Err(StoreError::Corrupt(_))
     ));
 }
+
+#[test]
+fn totals_follow_changes_and_are_summed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = DeviceAddress::from_wire(&[1; 16], 1).expect("addr");
+    let b = DeviceAddress::from_wire(&[2; 16], 1).expect("addr");
+    let env = |i: u8, n: usize| Envelope {
+        message_id: MessageId([i; 16]),
+        payload: Bytes::from(vec![i; n]),
+    };
+    {
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        super::super::conformance::totals_rules(&store);
+        let s = store
+            .append(&a, &[env(1, 3), env(2, 4)], 5, u64::MAX)
+            .expect("append");
+        store.append(&b, &[env(3, 1)], 5, u64::MAX).expect("append");
+        store.remove(&a, &[s[0]]).expect("remove");
+        store.flush().expect("flush");
+    }
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    let t = store.totals();
+    assert_eq!((t.messages, t.bytes, t.mailboxes), (2, 5, 2));
+}

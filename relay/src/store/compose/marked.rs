@@ -1,0 +1,183 @@
+//! Stores that note when they were written: a flag per store, set after each call
+//! that may change it and cleared by the group commit's flush, which then flushes
+//! only the stores written since the last one (see [`super::Stores::split`]).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tern_platform::clock::UnixMillis;
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
+
+use crate::store::{
+    AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired, FetchedKeys,
+    Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreResult, StoredMessage, Totals,
+    UploadMeta, Usage,
+};
+
+/// A store and its written-since-the-last-flush flag.
+pub(super) struct Marked<S: ?Sized> {
+    pub(super) store: Arc<S>,
+    dirty: AtomicBool,
+}
+
+impl<S: ?Sized> Marked<S> {
+    pub(super) fn new(store: Arc<S>) -> Self {
+        // Dirty at first: whatever was written before counts.
+        Marked {
+            store,
+            dirty: AtomicBool::new(true),
+        }
+    }
+
+    /// Runs a call that may write, then sets the flag. After, not before: a flush
+    /// that clears the flag between the mark and the write would miss the write.
+    pub(super) fn write<T>(&self, f: impl FnOnce(&S) -> T) -> T {
+        let out = f(&self.store);
+        self.dirty.store(true, Ordering::Release);
+        out
+    }
+}
+
+impl<S: Flush + ?Sized> Marked<S> {
+    /// Flushes the store if it was written since the last flush. The flag is cleared
+    /// first, so a write during the flush marks it again. A failed flush fails the
+    /// commits waiting on it and leaves the flag clear: a later flush tries this
+    /// store again only once it is written again, so a broken store does not fail
+    /// commits that never wrote to it.
+    pub(super) fn flush_if_written(&self) -> StoreResult<()> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.store.flush()
+    }
+}
+
+impl<S: Flush + ?Sized> Flush for Marked<S> {
+    fn flush(&self) -> StoreResult<()> {
+        self.flush_if_written()
+    }
+}
+
+impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        self.write(|s| s.append(to, msgs, accepted_at, expires_at))
+    }
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        self.store.read(of, after, max)
+    }
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        self.write(|s| s.remove(of, seqs))
+    }
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        self.store.usage(of)
+    }
+    fn totals(&self) -> Totals {
+        self.store.totals()
+    }
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        self.store.expired(now, max)
+    }
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        self.write(|s| s.expire(of, entries))
+    }
+    fn settle(&self) -> StoreResult<()> {
+        self.write(|s| s.settle())
+    }
+    fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
+        self.write(|s| s.sweep_files(now))
+    }
+}
+
+impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+        self.write(|s| s.create(id, record))
+    }
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        self.store.get(id)
+    }
+    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+        self.write(|s| s.add_device(id, device_key))
+    }
+    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
+        self.write(|s| s.set_delivery_token(id, token_hash))
+    }
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
+        self.store.delivery_token(id)
+    }
+}
+
+impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        self.write(|s| s.publish(of, identity_dh, signed_prekey, one_time))
+    }
+    fn fetch(&self, of: &DeviceAddress, one_time: bool) -> StoreResult<Option<FetchedKeys>> {
+        // Taking a one-time prekey deletes it.
+        self.write(|s| s.fetch(of, one_time))
+    }
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        self.store.one_time_count(of)
+    }
+}
+
+impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
+    fn blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        self.store.blob(id)
+    }
+    fn insert_blob(&self, id: &BlobId, meta: &BlobMeta, uploader: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.insert_blob(id, meta, uploader))
+    }
+    fn touch_blob(
+        &self,
+        id: &BlobId,
+        now: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Option<BlobMeta>> {
+        self.write(|s| s.touch_blob(id, now, expires_at))
+    }
+    fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
+        self.write(|s| s.remove_blob(id))
+    }
+    fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
+        self.store.expired_blobs(now, max)
+    }
+    fn account_bytes(&self, account: &AccountId, now: UnixMillis) -> StoreResult<u64> {
+        self.store.account_bytes(account, now)
+    }
+    fn expire_charges(&self, now: UnixMillis, max: usize) -> StoreResult<usize> {
+        self.write(|s| s.expire_charges(now, max))
+    }
+    fn upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<Option<UploadMeta>> {
+        self.store.upload(account, id)
+    }
+    fn put_upload(&self, account: &AccountId, id: &BlobId, meta: &UploadMeta) -> StoreResult<()> {
+        self.write(|s| s.put_upload(account, id, meta))
+    }
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> StoreResult<()> {
+        self.write(|s| s.remove_upload(account, id))
+    }
+    fn uploads_of(&self, account: &AccountId) -> StoreResult<Vec<(BlobId, u64)>> {
+        self.store.uploads_of(account)
+    }
+    fn flush_blobs(&self) -> StoreResult<()> {
+        self.store.flush_blobs()
+    }
+    fn stale_uploads(
+        &self,
+        before: UnixMillis,
+        max: usize,
+    ) -> StoreResult<Vec<(AccountId, BlobId)>> {
+        self.store.stale_uploads(before, max)
+    }
+}
