@@ -101,3 +101,29 @@ fn a_failed_run_says_why_on_stdout_too() {
     let error = v["error"].as_str().expect("an error field");
     assert!(error.contains("/nonexistent/tern-relay"), "{error}");
 }
+
+#[test]
+fn restart_keeps_every_message_and_reports_the_time_to_serve() {
+    let v = run(&[
+        "restart",
+        "--recipients",
+        "2",
+        "--messages",
+        "300",
+        "--batch",
+        "64",
+        "--drain",
+        "1",
+    ]);
+    assert_eq!(v["mode"], "restart");
+    assert_eq!(number(&v, "drained_before_restart"), 150.0);
+    assert_eq!(number(&v, "messages"), 300.0);
+    let (address, ping) = (
+        number(&v, "restart_to_address_s"),
+        number(&v, "restart_to_ping_s"),
+    );
+    assert!(address > 0.0 && ping >= address, "{address} then {ping}");
+    assert!(number(&v, "relay_peak_rss_kib") > 0.0);
+    assert!(number(&v, "restart_relay_rss_kib") > 0.0);
+    assert!(number(&v, "mailbox_disk_mib") > 0.0);
+}

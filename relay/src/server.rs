@@ -185,7 +185,15 @@ impl Relay {
                     now: clock.now(),
                     ..LogOptions::default()
                 };
+                let opening = std::time::Instant::now();
                 let log = LogStore::open(&config.data_dir.join("mailboxes"), options)?;
+                // A start's index rebuild is its longest step (benches/README.md).
+                info!(
+                    messages = log.count_messages(),
+                    segments = log.segments(),
+                    ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "mailbox log opened"
+                );
                 Stores::split(Arc::new(log), sled)
             }
             MailboxBackend::Sled => Stores::all(sled),

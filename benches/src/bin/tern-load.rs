@@ -6,6 +6,7 @@
 //! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
 //! target/release/tern-load connections --count 10000
 //! target/release/tern-load media --size 1073741824
+//! target/release/tern-load restart --messages 1000000 --dir /work/tmp
 //! ```
 //!
 //! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
@@ -18,7 +19,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use tern_benches::load::relay::{sibling_relay_binary, RelaySettings, RelayUnderTest};
+use tern_benches::load::relay::{
+    sibling_relay_binary, RelaySettings, RelayUnderTest, START_TIMEOUT,
+};
 use tern_benches::load::{self, LoadError};
 
 #[derive(Parser)]
@@ -108,6 +111,43 @@ enum Mode {
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(2..=15_000))]
         count: u64,
     },
+    /// N messages queued, the relay stopped (SIGTERM) and started again on the same
+    /// data: time until it serves (address printed, Ping answered), and its memory.
+    Restart {
+        #[command(flatten)]
+        common: Common,
+        /// Messages queued before the restart, in all.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+        messages: u64,
+        /// Recipients (each with its own sender).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        recipients: u64,
+        /// Bytes per envelope (opaque bytes: the relay never opens one).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(8..=65_536))]
+        size: u64,
+        /// Envelopes per send request.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        batch: u64,
+        /// Send requests in flight per sender.
+        #[arg(long, default_value_t = 8)]
+        inflight: usize,
+        /// Relay durability while queueing: fsync or os.
+        #[arg(long, default_value = "os", value_parser = ["fsync", "os"])]
+        durability: String,
+        /// Directory for the run's data (a new directory inside it, deleted after the
+        /// run); default: the system's temporary directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Seconds the restarted relay may take to print its address.
+        #[arg(long, default_value_t = 1800)]
+        start_timeout: u64,
+        /// The relay's log filter (`info` shows how long the mailbox log took to open).
+        #[arg(long, default_value = "warn")]
+        relay_log: String,
+        /// Recipients that drain (and acknowledge) all of theirs before the restart.
+        #[arg(long, default_value_t = 0)]
+        drain: u64,
+    },
 }
 
 fn relay_for(
@@ -126,6 +166,9 @@ fn relay_for(
         binary: &binary,
         durability,
         max_connections,
+        dir: None,
+        start_timeout: START_TIMEOUT,
+        log: "warn",
     })
 }
 
@@ -193,6 +236,50 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             relay.stop();
             Ok((report?, common.json))
         }
+        Mode::Restart {
+            common,
+            messages,
+            recipients,
+            size,
+            batch,
+            inflight,
+            durability,
+            dir,
+            start_timeout,
+            relay_log,
+            drain,
+        } => {
+            if common.relay.is_some() {
+                return Err("restart starts its own relay: --relay does not apply".into());
+            }
+            let binary = match &common.relay_bin {
+                Some(b) => b.clone(),
+                None => sibling_relay_binary()?,
+            };
+            let run_dir = match &dir {
+                Some(parent) => tempfile::tempdir_in(parent)?,
+                None => tempfile::tempdir()?,
+            };
+            let recipients = as_usize(recipients)?;
+            let settings = RelaySettings {
+                binary: &binary,
+                durability: &durability,
+                max_connections: 4 * recipients + 16,
+                dir: Some(run_dir.path()),
+                start_timeout: std::time::Duration::from_secs(start_timeout),
+                log: &relay_log,
+            };
+            let args = load::RestartArgs {
+                messages,
+                recipients,
+                size: as_usize(size)?,
+                batch: as_usize(batch)?,
+                inflight,
+                drained: as_usize(drain)?,
+            };
+            let report = load::restart(&settings, &args).await?;
+            Ok((report, common.json))
+        }
     }
 }
 
@@ -202,7 +289,8 @@ fn wants_json(mode: &Mode) -> bool {
         Mode::Online { common, .. }
         | Mode::Offline { common, .. }
         | Mode::Media { common, .. }
-        | Mode::Connections { common, .. } => common.json,
+        | Mode::Connections { common, .. }
+        | Mode::Restart { common, .. } => common.json,
     }
 }
 

@@ -8,6 +8,8 @@
 //!   decrypted and checked: exactly once, in order per sender.
 //! - [`connections`]: idle authenticated connections held; relay memory per connection.
 //! - [`media`]: one attachment up and down; MB/s each way and peak memory on both sides.
+//! - [`restart()`]: N messages queued, the relay stopped (SIGTERM) and started again on
+//!   the same data: the time until it serves, and its memory.
 //!
 //! Devices here are [`peer::Peer`]s: tern-client's keys, connection and message crypto
 //! without the device store.
@@ -15,12 +17,14 @@
 mod modes;
 pub mod peer;
 pub mod relay;
+mod restart;
 
 use std::collections::BTreeMap;
 
 pub use self::modes::{
     connections, media, offline, online, ConnectionsArgs, MediaArgs, OfflineArgs, OnlineArgs,
 };
+pub use self::restart::{restart, RestartArgs};
 
 /// Any failure of a run; the run fails loudly with it.
 pub type LoadError = Box<dyn std::error::Error + Send + Sync>;

@@ -73,20 +73,24 @@ fn parse_body(b: &[u8]) -> Result<(u64, u64), LoadError> {
     Ok((index, ns))
 }
 
-fn message_id() -> MessageId {
+pub(super) fn message_id() -> MessageId {
     let mut id = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut id);
     MessageId(id)
 }
 
 /// Splits `total` over `n` as evenly as possible.
-fn share(total: u64, n: usize, i: usize) -> u64 {
+pub(super) fn share(total: u64, n: usize, i: usize) -> u64 {
     let n = n as u64;
     total / n + u64::from((i as u64) < total % n)
 }
 
 /// Prints progress on stderr about once a second until `done` reaches `total`.
-fn progress(label: &'static str, done: Arc<AtomicU64>, total: u64) -> tokio::task::JoinHandle<()> {
+pub(super) fn progress(
+    label: &'static str,
+    done: Arc<AtomicU64>,
+    total: u64,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let start = Instant::now();
         loop {
@@ -136,14 +140,14 @@ impl Kept {
     }
 }
 
-struct Pair {
-    link: Link,
+pub(super) struct Pair {
+    pub(super) link: Link,
     /// Unauthenticated: sealed sends carry no sender.
-    anon: RelayConnection,
-    recipient: Peer,
+    pub(super) anon: RelayConnection,
+    pub(super) recipient: Peer,
 }
 
-async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>, LoadError> {
+pub(super) async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>, LoadError> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let (conn, _) = RelayConnection::connect(&relay.address).await?;
@@ -202,7 +206,7 @@ fn relay_stats(relay: &RelayUnderTest, before: &RelayBefore, messages: u64, repo
 
 /// Receives deliveries until `want` arrived, acknowledging in batches; returns the
 /// payloads in arrival order. A message id seen twice fails the run.
-async fn drain(
+pub(super) async fn drain(
     conn: &RelayConnection,
     inbox: &mut Inbox,
     want: u64,

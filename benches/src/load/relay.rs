@@ -40,7 +40,17 @@ pub struct RelaySettings<'a> {
     pub durability: &'a str,
     /// Connections the relay must accept.
     pub max_connections: usize,
+    /// Where the configuration and the data directory go; kept after the relay stops
+    /// (a restart starts on it again). `None`: a temporary directory, deleted after.
+    pub dir: Option<&'a Path>,
+    /// How long the relay may take to print its address (a start rebuilds its index).
+    pub start_timeout: Duration,
+    /// The relay's log filter (its `--log`); its log goes to this tool's stderr.
+    pub log: &'a str,
 }
+
+/// How long a relay on a fresh data directory may take to start.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The relay binary built beside this one (`cargo build --release -p tern-benches`
 /// builds both).
@@ -62,8 +72,16 @@ pub fn sibling_relay_binary() -> Result<PathBuf, LoadError> {
 impl RelayUnderTest {
     /// Starts a relay on a fresh temporary data directory, listening on 127.0.0.1:0.
     pub fn spawn(settings: &RelaySettings<'_>) -> Result<Self, LoadError> {
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("relay.toml");
+        let temporary = match settings.dir {
+            Some(_) => None,
+            None => Some(tempfile::tempdir()?),
+        };
+        let dir = match (&temporary, settings.dir) {
+            (Some(t), _) => t.path(),
+            (None, Some(d)) => d,
+            (None, None) => return Err("no directory for the relay".into()),
+        };
+        let config = dir.join("relay.toml");
         // Queues sized for the run, not for a phone's mailbox. Every connection comes
         // from 127.0.0.1, many at once, and the anonymous ones wait through the setup:
         // the per-address caps and the deadlines are raised (the checks still run).
@@ -83,14 +101,14 @@ impl RelayUnderTest {
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .args([
                 "--listen",
                 "127.0.0.1:0",
                 "--durability",
                 settings.durability,
             ])
-            .args(["--log", "warn"])
+            .args(["--log", settings.log])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -108,10 +126,10 @@ impl RelayUnderTest {
         let mut relay = RelayUnderTest {
             address: "tern://AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:1".parse()?,
             child: Some(child),
-            _dir: Some(dir),
+            _dir: temporary,
         };
         let line = rx
-            .recv_timeout(Duration::from_secs(30))
+            .recv_timeout(settings.start_timeout)
             .map_err(|_| "the relay did not print its address")?;
         relay.address = line.parse()?;
         Ok(relay)
@@ -179,6 +197,34 @@ impl RelayUnderTest {
                 .ok()
         };
         Some((field("VmRSS:")?, field("VmHWM:")?))
+    }
+
+    /// The relay process's id, if this run started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops a relay this run started with SIGTERM and waits up to `timeout` for it to
+    /// exit; returns the seconds that took. Past the timeout it is killed, and that is
+    /// an error: the relay did not shut down cleanly.
+    pub fn terminate(&mut self, timeout: Duration) -> Result<f64, LoadError> {
+        let mut child = self.child.take().ok_or("no relay process to stop")?;
+        let start = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()?;
+        while start.elapsed() < timeout {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    return Err(format!("the relay exited with {status}").into());
+                }
+                return Ok(start.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(format!("the relay did not exit within {timeout:?} of SIGTERM").into())
     }
 
     /// Stops a relay this run started: SIGTERM, then SIGKILL after 10 s.

@@ -5,6 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
+use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
     FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
@@ -20,7 +21,8 @@ pub struct MemoryStore {
 
 #[derive(Debug, Default)]
 struct Inner {
-    next_seq: u64,
+    /// Epoch 0: nothing outlives the process, so there is never a later one.
+    seqs: SeqCounters,
     messages: BTreeMap<(DeviceAddress, u64), StoredMessage>,
     expiry: super::ExpiryIndex,
     usage: HashMap<DeviceAddress, Usage>,
@@ -80,10 +82,8 @@ impl MailboxStore for MemoryStore {
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
         let mut inner = self.lock();
-        let mut seqs = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            inner.next_seq += 1;
-            let seq = inner.next_seq;
+        let seqs = inner.seqs.take(to, msgs.len())?;
+        for (m, &seq) in msgs.iter().zip(&seqs) {
             inner.messages.insert(
                 (*to, seq),
                 StoredMessage {
@@ -100,7 +100,6 @@ impl MailboxStore for MemoryStore {
             usage.bytes += m.payload.len() as u64;
             inner.totals.messages += 1;
             inner.totals.bytes += m.payload.len() as u64;
-            seqs.push(seq);
         }
         Ok(seqs)
     }
@@ -366,6 +365,7 @@ mod tests {
     #[test]
     fn conformance() {
         super::super::conformance::mailbox_rules(&super::MemoryStore::new());
+        super::super::conformance::seqs_are_per_mailbox(&super::MemoryStore::new());
         super::super::conformance::totals_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());

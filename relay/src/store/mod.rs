@@ -19,7 +19,9 @@
 //! - Each mutating call is atomic: a message, its expiry index entry and its device's
 //!   usage counter change together or not at all.
 //! - Writes are visible to reads at once, and durable after [`Flush::flush`].
-//! - Sequence numbers increase across calls and restarts.
+//! - Sequence numbers are per mailbox (`store/seq.rs`): they increase across calls and
+//!   restarts, a mailbox's seq is never handed out again (even after it emptied and
+//!   the store restarted), and one mailbox's traffic never moves another's seqs.
 //! - Callers serialise mutations per device (the relay holds a per-device lock), so a
 //!   store need not guard the usage counter's read-modify-write against itself.
 
@@ -33,6 +35,7 @@ mod compose;
 pub mod fault;
 mod log;
 mod memory;
+mod seq;
 mod sled;
 
 #[cfg(test)]

@@ -38,11 +38,7 @@ impl MailboxStore for LogStore {
         let start = w.len;
         w.buf.clear();
         let mut placed = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let seq = w.next_seq;
-            w.next_seq = seq
-                .checked_add(1)
-                .ok_or(StoreError::Corrupt("sequence numbers exhausted"))?;
+        for (m, seq) in msgs.iter().zip(w.seqs.take(to, msgs.len())?) {
             let offset = start + w.buf.len() as u64;
             let header = MessageHeader {
                 to: *to,

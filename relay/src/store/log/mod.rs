@@ -42,6 +42,7 @@ use tracing::{info, warn};
 
 use self::holes::{erase, write_zeros};
 use self::record::{HEADER_LEN, PEEK_LEN};
+use super::seq::{self, SeqCounters}; // per-mailbox seqs, in an epoch above every seq found
 use super::{ExpiryIndex, StoreError, StoreResult, Usage};
 use tern_platform::clock::UnixMillis;
 
@@ -88,7 +89,7 @@ struct Segment {
 
 #[derive(Debug)]
 struct Writer {
-    next_seq: u64,
+    seqs: SeqCounters,
     active: Arc<Segment>,
     /// Bytes in the active segment.
     len: u64,
@@ -335,7 +336,7 @@ impl LogStore {
                 "expired mailbox log records dropped at start"
             );
         }
-        let next_seq = counts.next_seq;
+        let seqs = SeqCounters::new(seq::epoch_after(counts.next_seq))?;
 
         let active_id = match ids.last() {
             None => 1,
@@ -343,7 +344,7 @@ impl LogStore {
                 .checked_add(1)
                 .ok_or(StoreError::Corrupt("segment ids exhausted"))?,
         };
-        let active = Arc::new(create_segment(dir, active_id, next_seq)?);
+        let active = Arc::new(create_segment(dir, active_id, seq::floor(seqs.epoch()))?);
         sync_dir(dir)?;
         index.active = active_id;
         index
@@ -362,7 +363,7 @@ impl LogStore {
             dir: dir.to_path_buf(),
             segment_bytes: options.segment_bytes.max(HEADER_LEN + 1),
             writer: Mutex::new(Writer {
-                next_seq,
+                seqs,
                 active,
                 len: HEADER_LEN,
                 buf: Vec::new(),
@@ -533,7 +534,7 @@ impl Shared {
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         let id = w.active.id + 1;
-        let (segment, grows) = self.next_segment(id, w.next_seq)?;
+        let (segment, grows) = self.next_segment(id, seq::floor(w.seqs.epoch()))?;
         // The new segment's header (its seq floor) is on disk, and named, before the
         // old segment can be deleted: otherwise a crash could lose every record of
         // the highest seqs and numbers would start again lower.

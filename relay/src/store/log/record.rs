@@ -1,7 +1,9 @@
 //! The on-disk format of mailbox log segments.
 //!
 //! A segment starts with a header (magic, format version, the sequence-number floor at
-//! its creation, CRC). Records follow back to back:
+//! its creation, CRC). The floor is `epoch << 40` of the open that created it
+//! (`store/seq.rs`); segments from before per-mailbox seqs hold the next relay-wide seq
+//! there, below `1 << 40`, and read the same way. Records follow back to back:
 //!
 //! ```text
 //! len: u32 | crc: u32 | kind: u8 | body: len - 1 bytes
@@ -11,7 +13,8 @@
 //!   at (8), message id (16), then the ciphertext. The CRC covers `len`, kind and body,
 //!   so a damaged length is caught too.
 //! - `kind = 0`, a dead span: one or more removed messages, merged. It keeps the
-//!   highest seq among them (8), so sequence numbers never go back after a restart.
+//!   highest seq among them (8), so the next open's epoch is above it and sequence
+//!   numbers never go back after a restart.
 //!   Its CRC covers `len`, `kind` and that seq: the rest is a punched hole (or zeros)
 //!   that the scan skips.
 //!
@@ -151,6 +154,15 @@ pub(super) struct Message {
 /// Decodes one whole record (prefix included). `Ok(None)` for a record that is not a
 /// valid message: a damaged one, or one overwritten since it was located.
 pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
+    Ok(decode_header(record)?.map(|header| Message {
+        header,
+        payload: record.slice(MESSAGE_OVERHEAD..),
+    }))
+}
+
+/// The header of one whole record (prefix included), as [`decode_message`] but with
+/// no copy of the payload: what a scan at start needs.
+pub(super) fn decode_header(record: &[u8]) -> StoreResult<Option<MessageHeader>> {
     if record.len() < MESSAGE_OVERHEAD {
         return Ok(None);
     }
@@ -163,15 +175,12 @@ pub(super) fn decode_message(record: &Bytes) -> StoreResult<Option<Message>> {
     let Ok(to) = parse_addr(&b[..ADDR_LEN]) else {
         return Ok(None);
     };
-    Ok(Some(Message {
-        header: MessageHeader {
-            to,
-            seq: u64::from_be_bytes(fixed(&b[20..28])?),
-            accepted_at: u64::from_be_bytes(fixed(&b[28..36])?),
-            expires_at: u64::from_be_bytes(fixed(&b[36..44])?),
-            message_id: MessageId(fixed(&b[44..60])?),
-        },
-        payload: record.slice(MESSAGE_OVERHEAD..),
+    Ok(Some(MessageHeader {
+        to,
+        seq: u64::from_be_bytes(fixed(&b[20..28])?),
+        accepted_at: u64::from_be_bytes(fixed(&b[28..36])?),
+        expires_at: u64::from_be_bytes(fixed(&b[36..44])?),
+        message_id: MessageId(fixed(&b[44..60])?),
     }))
 }
 

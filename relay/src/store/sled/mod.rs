@@ -9,6 +9,10 @@
 //! | `M` account device seq | message id, accepted at, expires at, payload |
 //! | `U` account device | queued messages, queued bytes |
 //! | `E` expires-at account device seq | (empty) |
+//! | `Q` | the epoch of the last open's sequence numbers |
+//!
+//! Sequence numbers are per mailbox (`store/seq.rs`): each open takes the next epoch,
+//! flushed before any append, and counts each mailbox's messages in memory.
 //!
 //! Accounts live in their own tree, keyed by account id; delivery token hashes in
 //! another. Prekeys live in a `keys` tree:
@@ -24,12 +28,13 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
+use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
     MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
@@ -41,6 +46,7 @@ use tern_platform::clock::UnixMillis;
 const MSG: u8 = b'M';
 const USAGE: u8 = b'U';
 const EXPIRY: u8 = b'E';
+const EPOCH: [u8; 1] = [b'Q'];
 const MSG_KEY_LEN: usize = 1 + ADDR_LEN + 8;
 const EXPIRY_KEY_LEN: usize = 1 + 8 + ADDR_LEN + 8;
 const MSG_HEADER_LEN: usize = 16 + 8 + 8;
@@ -57,6 +63,8 @@ pub struct SledStore {
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
     blob_quota: sled::Tree,
+    /// This open's seq epoch and each mailbox's count in it.
+    seqs: Arc<Mutex<SeqCounters>>,
     /// What every mailbox holds, summed from the usage keys at open.
     totals: Arc<SledTotals>,
 }
@@ -173,6 +181,25 @@ fn message_meta(v: &[u8]) -> StoreResult<(UnixMillis, u64)> {
     ))
 }
 
+/// Counters for a new epoch, one above the last open's (an old database, whose seqs
+/// came from sled's id generator and are far below epoch 1, has none yet). The new
+/// epoch is on disk before any seq of it is handed out, so a crash cannot repeat it.
+fn next_epoch(db: &sled::Db, mailboxes: &sled::Tree) -> StoreResult<SeqCounters> {
+    let last = match mailboxes.get(EPOCH).map_err(backend)? {
+        Some(v) => u64::from_be_bytes(fixed(&v)?),
+        None => 0,
+    };
+    let epoch = last
+        .checked_add(1)
+        .ok_or(StoreError::Corrupt("sequence number epochs exhausted"))?;
+    let counters = SeqCounters::new(epoch)?;
+    mailboxes
+        .insert(EPOCH, &epoch.to_be_bytes()[..])
+        .map_err(backend)?;
+    db.flush().map_err(backend)?;
+    Ok(counters)
+}
+
 impl SledStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> StoreResult<Self> {
@@ -203,6 +230,7 @@ impl SledStore {
         let keys = db.open_tree("keys").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
+        let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
         let store = SledStore {
             db,
             mailboxes,
@@ -211,6 +239,7 @@ impl SledStore {
             keys,
             blobs,
             blob_quota,
+            seqs,
             totals: Arc::default(),
         };
         store.migrate_blobs()?;
@@ -235,12 +264,6 @@ impl SledStore {
             self.totals.change(Usage::default(), decode_usage(&v)?);
         }
         Ok(())
-    }
-
-    fn next_seq(&self) -> StoreResult<u64> {
-        // Sled's id generator is monotonic across restarts; +1 keeps 0 free as "before
-        // everything" for reads.
-        Ok(self.db.generate_id().map_err(backend)? + 1)
     }
 
     fn current_usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -307,9 +330,12 @@ impl MailboxStore for SledStore {
         let before = self.current_usage(to)?;
         let mut usage = before;
         let mut batch = sled::Batch::default();
-        let mut seqs = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let seq = self.next_seq()?;
+        let seqs = self
+            .seqs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(to, msgs.len())?;
+        for (m, &seq) in msgs.iter().zip(&seqs) {
             let mut value = Vec::with_capacity(MSG_HEADER_LEN + m.payload.len());
             value.extend_from_slice(m.message_id.as_bytes());
             value.extend_from_slice(&accepted_at.to_be_bytes());
@@ -319,7 +345,6 @@ impl MailboxStore for SledStore {
             batch.insert(&expiry_key(expires_at, to, seq)[..], &[][..]);
             usage.messages += 1;
             usage.bytes += m.payload.len() as u64;
-            seqs.push(seq);
         }
         batch.insert(&usage_key(to)[..], &encode_usage(usage)[..]);
         self.mailboxes.apply_batch(batch).map_err(backend)?;

@@ -5,9 +5,18 @@ fn conformance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = SledStore::open(dir.path(), 8 << 20).expect("open");
     super::super::conformance::mailbox_rules(&store);
+    super::super::conformance::seqs_are_per_mailbox(&store);
     super::super::conformance::account_rules(&store);
     super::super::conformance::key_rules(&store);
     super::super::conformance::blob_rules(&store);
+}
+
+#[test]
+fn seqs_grow_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    super::super::conformance::seqs_grow_across_reopen(&|| {
+        Box::new(SledStore::open(dir.path(), 8 << 20).expect("open"))
+    });
 }
 
 #[test]
