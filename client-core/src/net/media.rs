@@ -3,6 +3,8 @@
 //! with tern-proto's typed [`BlobStreamRequest`] and [`BlobStreamResponse`]; the
 //! blob bytes that follow go between the stream and the file as they are.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use tern_proto::v1;
 use tern_proto::{frame, BlobStreamRequest, BlobStreamResponse};
@@ -51,6 +53,19 @@ async fn read_response(
             Ok(None) => return Err(Error::Closed("media stream ended".into())),
             Err(e) => return Err(Error::Closed(e.to_string())),
         }
+    }
+}
+
+/// How long a stopped upload waits for the relay to say why.
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+
+/// Why an upload's write failed: the relay stops the stream when it refuses the
+/// bytes (a full disk, a budget), after answering with the reason, which is then
+/// the error; otherwise the write's own.
+async fn refusal(recv: &mut quinn::RecvStream, buf: &mut BytesMut, e: quinn::WriteError) -> Error {
+    match tokio::time::timeout(REFUSAL_WAIT, read_response(recv, buf)).await {
+        Ok(Err(answer)) if answer.relay_code().is_some() => answer,
+        _ => Error::Closed(e.to_string()),
     }
 }
 
@@ -141,9 +156,9 @@ impl RelayConnection {
             if n == 0 {
                 return Err(Error::Media("the source ended before its size".into()));
             }
-            send.write_all(&chunk[..n])
-                .await
-                .map_err(|e| Error::Closed(e.to_string()))?;
+            if let Err(e) = send.write_all(&chunk[..n]).await {
+                return Err(refusal(&mut recv, &mut buf, e).await);
+            }
             left -= n as u64;
         }
         send.finish().map_err(|e| Error::Closed(e.to_string()))?;
