@@ -85,7 +85,7 @@ impl Appended {
     /// Waits until the messages are durable as configured (one group commit shared by
     /// every caller waiting at the time); returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        self.commit.commit().await?;
+        self.commit.commit_mailboxes().await?;
         Ok(self.accepted)
     }
 }
@@ -108,7 +108,7 @@ impl Acked {
     /// Waits until the deletion is durable as configured (the group commit that sends
     /// share); returns what was deleted.
     pub async fn commit(self) -> Result<Usage> {
-        self.commit.commit().await?;
+        self.commit.commit_mailboxes().await?;
         Ok(self.deleted)
     }
 }

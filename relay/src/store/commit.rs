@@ -31,7 +31,14 @@ pub enum Durability {
     Os,
 }
 
-type Waiter = oneshot::Sender<Result<(), StoreError>>;
+/// What a commit waits for: every store, or the mailboxes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    All,
+    Mailboxes,
+}
+
+type Waiter = (Scope, oneshot::Sender<Result<(), StoreError>>);
 
 /// Shares flushes between concurrent writers. See the module docs.
 pub struct GroupCommit {
@@ -85,11 +92,21 @@ impl GroupCommit {
 
     /// Resolves once every change applied before this call is durable as configured.
     pub async fn commit(&self) -> Result<(), StoreError> {
+        self.commit_scoped(Scope::All).await
+    }
+
+    /// [`GroupCommit::commit`] for a writer that changed only mailboxes: it does not
+    /// fail because another store could not flush.
+    pub async fn commit_mailboxes(&self) -> Result<(), StoreError> {
+        self.commit_scoped(Scope::Mailboxes).await
+    }
+
+    async fn commit_scoped(&self, scope: Scope) -> Result<(), StoreError> {
         let Some(tx) = &self.tx else {
             return Ok(());
         };
         let (done, wait) = oneshot::channel();
-        tx.send(done)
+        tx.send((scope, done))
             .map_err(|_| StoreError::Backend("group commit stopped".into()))?;
         match wait.await {
             Ok(Ok(())) => Ok(()),
@@ -124,10 +141,14 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        let result = flush.flush();
+        let (mailboxes, rest) = flush.flush_parts();
+        let all = mailboxes.clone().and(rest);
         flushes.fetch_add(1, Ordering::Relaxed);
-        for w in batch {
-            let _ = w.send(result.clone());
+        for (scope, w) in batch {
+            let _ = w.send(match scope {
+                Scope::All => all.clone(),
+                Scope::Mailboxes => mailboxes.clone(),
+            });
         }
     }
 }
@@ -170,6 +191,27 @@ mod tests {
             flushes <= 10,
             "{flushes} flushes for 100 concurrent commits"
         );
+    }
+
+    /// Mailboxes that flush, and a rest that cannot (sled after an I/O error).
+    struct RestFails;
+
+    impl Flush for RestFails {
+        fn flush(&self) -> Result<(), StoreError> {
+            let (m, r) = self.flush_parts();
+            m.and(r)
+        }
+        fn flush_parts(&self) -> (Result<(), StoreError>, Result<(), StoreError>) {
+            (Ok(()), Err(StoreError::NoSpace))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_rest_fails_its_commits_and_not_the_mailboxes() {
+        let gc = GroupCommit::start(Arc::new(RestFails), Durability::Fsync).expect("start");
+        gc.commit_mailboxes().await.expect("sends and acks go on");
+        assert!(matches!(gc.commit().await, Err(StoreError::NoSpace)));
+        gc.commit_mailboxes().await.expect("still");
     }
 
     #[tokio::test]

@@ -48,7 +48,10 @@ impl Stores {
     /// The flush flushes only the backends written since the last flush, so mailbox
     /// acks and sends do not wait for sled when nothing was written to it. A backend
     /// whose flush failed is flushed again by every later flush until one succeeds
-    /// (see `Marked::flush_if_written`); a flush fails if either backend's does.
+    /// (see `Marked::flush_if_written`), and fails every commit that may have written
+    /// to it: sled latches an I/O error until it is opened again, so after one,
+    /// registrations and key uploads fail until a restart while mailbox sends and
+    /// acks ([`GroupCommit::commit_mailboxes`]) go on.
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,
@@ -72,9 +75,12 @@ struct FlushBoth<M: ?Sized, S: ?Sized>(Arc<Marked<M>>, Arc<Marked<S>>);
 
 impl<M: Flush + ?Sized, S: Flush + ?Sized> Flush for FlushBoth<M, S> {
     fn flush(&self) -> StoreResult<()> {
-        let mailboxes = self.0.flush_if_written();
-        let rest = self.1.flush_if_written();
+        let (mailboxes, rest) = self.flush_parts();
         mailboxes.and(rest)
+    }
+
+    fn flush_parts(&self) -> (StoreResult<()>, StoreResult<()>) {
+        (self.0.flush_if_written(), self.1.flush_if_written())
     }
 }
 

@@ -144,6 +144,14 @@ pub struct Expired {
 pub trait Flush: Send + Sync + 'static {
     /// Makes every change so far durable (fsync).
     fn flush(&self) -> StoreResult<()>;
+
+    /// [`Flush::flush`], with the outcome for the mailboxes apart from the rest's:
+    /// where they are separate stores, a commit that wrote only mailboxes (a send, an
+    /// ack) does not fail because the rest could not flush.
+    fn flush_parts(&self) -> (StoreResult<()>, StoreResult<()>) {
+        let all = self.flush();
+        (all.clone(), all)
+    }
 }
 
 /// Queued envelopes, one mailbox per device. See the module docs for the contract.

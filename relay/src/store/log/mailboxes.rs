@@ -70,7 +70,9 @@ impl MailboxStore for LogStore {
             // there is nothing to cover.
             let max_seq = placed.last().map_or(0, |(seq, _)| *seq);
             if let Ok(dead) = record::dead_header(w.buf.len() as u64, max_seq) {
-                let _ = w.active.file.write_all_at(&dead, start);
+                if w.active.file.write_all_at(&dead, start).is_ok() {
+                    w.dirty = true;
+                }
             }
             return Err(io("appending", e));
         }

@@ -418,8 +418,10 @@ impl Drop for LogStore {
             let _ = handle.join();
         }
         // A clean shutdown leaves nothing removed on disk.
-        if let Err(e) = self.shared.scrub().and_then(|()| self.shared.flush()) {
-            warn!(error = %e, "mailbox log: final scrub and flush failed");
+        for done in [self.shared.scrub(), self.shared.flush()] {
+            if let Err(e) = done {
+                warn!(error = %e, "mailbox log: final scrub or flush failed");
+            }
         }
     }
 }
@@ -460,12 +462,16 @@ fn background(shared: &Weak<Shared>, wake: &mpsc::Receiver<()>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let pass = shared
-            .prepare_spare()
-            .and_then(|()| shared.scrub())
-            .and_then(|()| shared.flush());
-        if let Err(e) = pass {
-            warn!(error = %e, "mailbox log background pass failed");
+        // Each step on its own: a scrub that a full disk refuses must not skip the
+        // flush, which under `durability = "os"` is the only one.
+        for (step, done) in [
+            ("preparing a segment", shared.prepare_spare()),
+            ("scrubbing", shared.scrub()),
+            ("flushing", shared.flush()),
+        ] {
+            if let Err(e) = done {
+                warn!(step, error = %e, "mailbox log background pass failed");
+            }
         }
     }
 }
@@ -483,7 +489,11 @@ impl Shared {
             let w = lock(&self.writer);
             (w.len, w.spare_due(self.segment_bytes))
         };
-        if ready || used < due {
+        // On a nearly full disk the next segment grows instead: zeros written ahead
+        // would take the last free blocks, every pass.
+        let room = rustix::fs::statvfs(&self.dir)
+            .map_or(u64::MAX, |v| v.f_bavail.saturating_mul(v.f_frsize));
+        if ready || used < due || room < 2 * (self.segment_bytes + SPARE_SLACK) {
             return Ok(());
         }
         let path = self.dir.join(SPARE);
@@ -617,6 +627,7 @@ impl Shared {
                 .map(|s| (s.segment.clone(), std::mem::take(&mut s.dead)))
                 .collect()
         };
+        let mut first = None;
         let mut work = work.into_iter();
         while let Some((segment, mut spans)) = work.next() {
             spans.sort_unstable();
@@ -657,9 +668,16 @@ impl Shared {
                 })
                 .and_then(|()| sync(file));
             if let Err((e, latch)) = scrubbed {
-                // What is not done stays queued (scrubbing a span twice is harmless).
+                // Queued again (scrubbing a span twice is harmless); the other
+                // segments go on.
                 let mut index = lock(&self.index);
-                for (segment, spans) in std::iter::once((segment, merged)).chain(work) {
+                // After a failed fsync nothing more is tried: the rest is queued too.
+                let rest = if latch {
+                    work.by_ref().collect()
+                } else {
+                    Vec::new()
+                };
+                for (segment, spans) in std::iter::once((segment, merged)).chain(rest) {
                     if let Some(state) = index.segments.get_mut(&segment.id) {
                         state.dead.extend(spans);
                     }
@@ -668,11 +686,12 @@ impl Shared {
                 let e = io("scrubbing removed messages", e);
                 if latch {
                     self.fail(&e);
+                    return Err(e);
                 }
-                return Err(e);
+                first.get_or_insert(e);
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 
