@@ -107,10 +107,12 @@ fn address_in_run(b: &[u8], start: usize, end: usize, floor: usize) -> Option<(u
     if s >= e {
         return None;
     }
-    // IPv6: the run from its start, or from just after a colon in it ("a:::1").
+    // IPv6: the longest address from the run's start, else from just after a colon
+    // in it; the rest of the run is searched again ("fe40::1:db8::17" holds two).
     for p in s..e {
         if p == s || b[p - 1] == b':' {
-            if let Some(span) = ipv6_at(b, p, e, floor) {
+            let mut longest = (p + 2..=e.min(p + MAX_IPV6_TEXT)).rev();
+            if let Some(span) = longest.find_map(|q| ipv6_at(b, p, q, floor)) {
                 return Some(span);
             }
         }
@@ -142,6 +144,10 @@ fn address_in_run(b: &[u8], start: usize, end: usize, floor: usize) -> Option<(u
     }
     None
 }
+
+/// The longest text of an IPv6 address without its zone
+/// (`ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255`).
+const MAX_IPV6_TEXT: usize = 45;
 
 /// An IPv6 address exactly at `b[s..e]`, standing apart from words around it (so
 /// that `quinn::endpoint` stays; the end of a redacted span at `floor` is no word),

@@ -17,7 +17,7 @@ fn addresses_ports_brackets_and_zones_go() {
         ("peer=10.1.2.3:443,", "peer=<addr>,"),
         ("peer:10.1.2.3.", "peer:<addr>."),
         ("v10.0.0.1", "v<addr>"),
-        ("a:::1", "a:<addr>"),
+        ("a:::1", "<addr>:1"), // "a::" is an address too; ":1" is none
         ("[::1]:443", "<addr>"),
         ("to [2001:db8::8a2e:370:7334]:9 ok", "to <addr> ok"),
         ("fe80::1%eth0 up", "<addr> up"),
@@ -26,6 +26,8 @@ fn addresses_ports_brackets_and_zones_go() {
         ("2001:db8:1:2:3:4:5:6", "<addr>"),
         // Found by fuzzing: an address right after another's zone.
         ("[2001:db8::17%e8::17%e4:443 x", "[<addr><addr>:443 x"),
+        // Found by fuzzing: two addresses in one run of hex digits and colons.
+        ("at fe40::1001:db8::17 x", "at <addr><addr> x"),
         (
             "Transmit { destination: 127.0.0.1:5000, src_ip: Some(127.0.0.1), ecn: None }",
             "Transmit { destination: <addr>, src_ip: Some(<addr>), ecn: None }",
