@@ -107,18 +107,29 @@ fn address_in_run(b: &[u8], start: usize, end: usize, floor: usize) -> Option<(u
     if s >= e {
         return None;
     }
-    // IPv6: the longest address from the run's start, else from just after a colon
-    // in it; the rest of the run is searched again ("fe40::1:db8::17" holds two).
-    for p in s..e {
-        if p == s || b[p - 1] == b':' {
-            let mut longest = (p + 2..=e.min(p + MAX_IPV6_TEXT)).rev();
-            if let Some(span) = longest.find_map(|q| ipv6_at(b, p, q, floor)) {
-                return Some(span);
-            }
-        }
+    // Whichever starts first: the rest of the run is searched again after it
+    // ("2.0.2.31:db8::17" holds an IPv4 address, then an IPv6 one).
+    match (ipv6_in(b, s, e, floor), ipv4_in(b, s, e)) {
+        (Some(v6), Some(v4)) if v4.0 < v6.0 => Some(v4),
+        (v6, v4) => v6.or(v4),
     }
-    // IPv4, perhaps with a port: a run of digits and dots in it, even glued to a
-    // word ("v10.0.0.1", "a:10.0.0.1").
+}
+
+/// The first IPv6 address in the trimmed run `b[s..e]`: the longest from the run's
+/// start, else from just after a colon in it ("fe40::1:db8::17" holds two).
+fn ipv6_in(b: &[u8], s: usize, e: usize, floor: usize) -> Option<(usize, usize)> {
+    (s..e)
+        .filter(|&p| p == s || b[p - 1] == b':')
+        .find_map(|p| {
+            (p + 2..=e.min(p + MAX_IPV6_TEXT))
+                .rev()
+                .find_map(|q| ipv6_at(b, p, q, floor))
+        })
+}
+
+/// The first IPv4 address in the trimmed run `b[s..e]`, perhaps with a port: a run of
+/// digits and dots in it, even glued to a word ("v10.0.0.1", "a:10.0.0.1").
+fn ipv4_in(b: &[u8], s: usize, e: usize) -> Option<(usize, usize)> {
     let mut p = s;
     while p < e {
         let len = b[p..e]

@@ -28,6 +28,7 @@ fn addresses_ports_brackets_and_zones_go() {
         ("[2001:db8::17%e8::17%e4:443 x", "[<addr><addr>:443 x"),
         // Found by fuzzing: two addresses in one run of hex digits and colons.
         ("at fe40::1001:db8::17 x", "at <addr><addr> x"),
+        ("at 2.0.2.31:db8::17 x", "at <addr>:<addr> x"),
         (
             "Transmit { destination: 127.0.0.1:5000, src_ip: Some(127.0.0.1), ecn: None }",
             "Transmit { destination: <addr>, src_ip: Some(<addr>), ecn: None }",

@@ -51,7 +51,7 @@ impl Stores {
     /// (see `Marked::flush_if_written`), and fails every commit that may have written
     /// to it: sled latches an I/O error until it is opened again, so after one,
     /// registrations and key uploads fail until a restart while mailbox sends and
-    /// acks ([`GroupCommit::commit_mailboxes`]) go on.
+    /// acks ([`super::GroupCommit::commit_mailboxes`]) go on.
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,
