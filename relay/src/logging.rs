@@ -43,9 +43,27 @@ where
 /// (`1.2.3.4:443`, `[::1]:443`), brackets and zone (`fe80::1%eth0`). Errs towards
 /// redacting: any run that parses as an address goes, whatever it meant.
 pub fn redact_addresses(text: &str) -> Cow<'_, str> {
+    let mut out = Cow::Borrowed(text);
+    // Again on its own output until nothing changes: what is left beside a redacted
+    // address can be one itself ("::fde23.0.2.33" leaves "::fde"). `<addr>` joins no
+    // address, so each pass shrinks what could be one, and a few passes end it.
+    for _ in 0..MAX_PASSES {
+        match redact_once(&out) {
+            Some(next) => out = Cow::Owned(next),
+            None => break,
+        }
+    }
+    out
+}
+
+/// Passes of [`redact_addresses`]; a line needs two at most in practice.
+const MAX_PASSES: usize = 8;
+
+/// `text` with the addresses found in one scan replaced, or `None` if there are none.
+fn redact_once(text: &str) -> Option<String> {
     let spans = find_addresses(text.as_bytes());
     if spans.is_empty() {
-        return Cow::Borrowed(text);
+        return None;
     }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
@@ -56,7 +74,7 @@ pub fn redact_addresses(text: &str) -> Cow<'_, str> {
         at = end;
     }
     out.push_str(text.get(at..).unwrap_or_default());
-    Cow::Owned(out)
+    Some(out)
 }
 
 fn is_word(b: u8) -> bool {

@@ -29,6 +29,7 @@ fn addresses_ports_brackets_and_zones_go() {
         // Found by fuzzing: two addresses in one run of hex digits and colons.
         ("at fe40::1001:db8::17 x", "at <addr><addr> x"),
         ("at 2.0.2.31:db8::17 x", "at <addr>:<addr> x"),
+        ("at ::fde23.0.2.33 x", "at <addr><addr> x"),
         (
             "Transmit { destination: 127.0.0.1:5000, src_ip: Some(127.0.0.1), ecn: None }",
             "Transmit { destination: <addr>, src_ip: Some(<addr>), ecn: None }",
