@@ -22,7 +22,7 @@ pub(crate) const EPOCH_SHIFT: u32 = 40;
 
 /// The highest epoch: a seq must stay below `u64::MAX`, which reads use as "past
 /// everything".
-const MAX_EPOCH: u64 = (u64::MAX >> EPOCH_SHIFT) - 1;
+pub(crate) const MAX_EPOCH: u64 = (u64::MAX >> EPOCH_SHIFT) - 1;
 
 /// The epoch after the one `seq` belongs to.
 pub(crate) fn epoch_after(seq: u64) -> u64 {

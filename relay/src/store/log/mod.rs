@@ -20,6 +20,7 @@
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
+mod files;
 mod holes;
 mod mailboxes;
 mod pinned;
@@ -40,6 +41,7 @@ use std::time::Duration;
 use tern_proto::DeviceAddress;
 use tracing::{info, warn};
 
+use self::files::{create_segment, remove_segment, segment_id, segment_path, sync_dir};
 use self::holes::{erase, write_zeros};
 use self::record::{HEADER_LEN, PEEK_LEN};
 use super::seq::{self, SeqCounters}; // per-mailbox seqs, in an epoch above every seq found
@@ -199,23 +201,6 @@ const SPARE_SLACK: u64 = 4 << 20;
 /// and the log moves to it at the next append.
 const EARLY_SPARE: u64 = 1 << 20;
 
-fn segment_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:016x}.seg"))
-}
-
-fn segment_id(name: &str) -> Option<u64> {
-    let hex = name.strip_suffix(".seg")?;
-    (hex.len() == 16)
-        .then(|| u64::from_str_radix(hex, 16).ok())
-        .flatten()
-}
-
-fn sync_dir(dir: &Path) -> StoreResult<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing the directory", e))
-}
-
 impl Index {
     fn insert(&mut self, to: DeviceAddress, seq: u64, loc: Loc) {
         let mailbox = self.mailboxes.entry(to).or_default();
@@ -284,6 +269,8 @@ impl LogStore {
             ..scan::Counts::default()
         };
         let mut deleted = false;
+        // The newest segment with a floor, as (id, epoch), and those with none.
+        let (mut known, mut headless) = ((0, 0), Vec::new());
         for &id in &ids {
             let path = segment_path(dir, id);
             let file = OpenOptions::new()
@@ -300,6 +287,7 @@ impl LogStore {
                 UnixMillis::MAX
             };
             let Some(floor) = scanned else {
+                headless.push(id);
                 if deadline <= now {
                     remove_segment(dir, id);
                     pinned::remove_sidecar(dir, id);
@@ -323,6 +311,13 @@ impl LogStore {
                 }
             }
             counts.next_seq = counts.next_seq.max(floor);
+            known = (id, floor >> seq::EPOCH_SHIFT);
+        }
+        // A damaged header hides its segment's epoch; every open starts a segment, so
+        // it is at most the nearest earlier floor's plus the segment ids between.
+        for id in headless.into_iter().filter(|&id| id > known.0) {
+            let bound = known.1.saturating_add(id - known.0);
+            counts.next_seq = counts.next_seq.max(seq::floor(bound.min(seq::MAX_EPOCH)));
         }
         if counts.damaged > 0 {
             warn!(
@@ -423,31 +418,6 @@ impl Drop for LogStore {
                 warn!(error = %e, "mailbox log: final scrub or flush failed");
             }
         }
-    }
-}
-
-fn create_segment(dir: &Path, id: u64, seq_floor: u64) -> StoreResult<Segment> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(segment_path(dir, id))
-        .map_err(|e| io("creating a segment", e))?;
-    if let Err(e) = file
-        .write_all_at(&record::header(seq_floor), 0)
-        .and_then(|()| file.sync_data())
-    {
-        // It holds nothing: removed, so the next roll (after a full disk) can retry.
-        drop(file);
-        remove_segment(dir, id);
-        return Err(io("writing a segment header", e));
-    }
-    Ok(Segment { id, file })
-}
-
-fn remove_segment(dir: &Path, id: u64) {
-    if let Err(e) = std::fs::remove_file(segment_path(dir, id)) {
-        warn!(segment = id, error = %e, "could not delete an empty mailbox log segment");
     }
 }
 

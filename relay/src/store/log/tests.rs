@@ -1055,3 +1055,25 @@ fn totals_follow_changes_and_are_rebuilt_at_open() {
     let t = store.totals();
     assert_eq!((t.messages, t.bytes, t.mailboxes), (2, 5, 2));
 }
+
+#[test]
+fn a_damaged_header_on_the_newest_segment_still_moves_the_epoch_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let mut given = Vec::new();
+    for _ in 0..3 {
+        let store = manual(dir.path(), 1 << 20);
+        given.push(one(&store, &a, 1, b"x"));
+        crash(store);
+        // The newest segment holds the only trace of this epoch: its header goes.
+        let newest = segment_files(dir.path()).pop().expect("a segment");
+        let file = OpenOptions::new().write(true).open(&newest).expect("open");
+        file.write_all_at(b"XX", 0).expect("damage the header");
+    }
+    let store = manual(dir.path(), 1 << 20);
+    let next = one(&store, &a, 2, b"y");
+    assert!(
+        given.iter().all(|g| next > *g),
+        "{next} repeats an epoch of {given:?}"
+    );
+}
