@@ -342,24 +342,13 @@ impl Relay {
     }
 }
 
-/// Free space and size of the file system holding `path`. Free is what an
-/// unprivileged writer may use (`f_bavail`): blocks reserved for root are not
-/// counted, since root in a container may not be allowed them either.
-fn disk_sample(path: &std::path::Path) -> std::io::Result<DiskSample> {
-    let s = rustix::fs::statvfs(path)?;
-    Ok(DiskSample {
-        free: s.f_bavail.saturating_mul(s.f_frsize),
-        size: s.f_blocks.saturating_mul(s.f_frsize),
-    })
-}
-
 /// Samples the data file systems into `budget`; a directory not there yet (no blob
 /// stored) or a failed sample is skipped.
 fn record_disk(budget: &Budget, dirs: &[std::path::PathBuf]) {
     let samples: Vec<DiskSample> = dirs
         .iter()
         .filter(|d| d.exists())
-        .filter_map(|d| disk_sample(d).ok())
+        .filter_map(|d| crate::store::disk_sample(d).ok())
         .collect();
     let was = budget.below_reserve();
     let below = budget.record_disk(&samples);

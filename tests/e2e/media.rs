@@ -15,6 +15,23 @@ use tern_relay::Relay;
 
 use crate::support::{files_under, register, within};
 
+/// Resumes an upload once the relay has settled the stream cut before (until then
+/// it answers `RATE_LIMITED`).
+pub(crate) async fn resume_once_settled(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    sealed: &Path,
+) -> tern_client::Result<tern_client::net::Uploaded> {
+    loop {
+        match media::resume_upload(conn, pointer, sealed).await {
+            Err(e) if e.relay_code() == Some(ErrorCode::RateLimited) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A relay on the system clock whose blobs live a day.
 async fn day_relay(dir: &Path) -> Relay {
     relay(dir, Arc::new(SystemClock), Duration::from_secs(86_400)).await
@@ -230,18 +247,9 @@ async fn an_interrupted_upload_resumes_and_sends_each_byte_once() {
     .await
     .expect_err("cut off");
     // The relay settles what reached it; the retry then picks up from there.
-    let uploaded = within(async {
-        loop {
-            match media::resume_upload(&alice.conn, &pointer, &sealed).await {
-                Err(e) if e.relay_code() == Some(ErrorCode::RateLimited) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("resume");
+    let uploaded = within(resume_once_settled(&alice.conn, &pointer, &sealed))
+        .await
+        .expect("resume");
     assert!(!uploaded.existed);
     assert!(
         uploaded.sent < pointer.sealed_size,

@@ -97,17 +97,12 @@ async fn enospc_refuses_sends_and_keeps_everything() {
         "{refused}"
     );
     std::fs::write(&faults, "log_append=enospc").unwrap();
-    let uploaded = within(async {
-        loop {
-            match media::resume_upload(&alice.conn, &pointer, &sealed).await {
-                // The relay may still be settling the refused stream.
-                Err(e) if e.relay_code() == Some(ErrorCode::RateLimited) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => return other,
-            }
-        }
-    })
+    // The relay may still be settling the refused stream.
+    let uploaded = within(crate::media::resume_once_settled(
+        &alice.conn,
+        &pointer,
+        &sealed,
+    ))
     .await
     .expect("resumed");
     assert!(

@@ -30,6 +30,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use tern_platform::clock::UnixMillis;
 
+use crate::core::budget::DiskSample;
+
 mod commit;
 mod compose;
 pub mod fault;
@@ -82,6 +84,17 @@ impl StoreError {
 /// newer than the minimum Rust version).
 pub(crate) fn is_no_space(e: &std::io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+}
+
+/// Free space and size of the file system holding `path`. Free is what an
+/// unprivileged writer may use (`f_bavail`): blocks reserved for root are not
+/// counted, since root in a container may not be allowed them either.
+pub(crate) fn disk_sample(path: &std::path::Path) -> std::io::Result<DiskSample> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(DiskSample {
+        free: s.f_bavail.saturating_mul(s.f_frsize),
+        size: s.f_blocks.saturating_mul(s.f_frsize),
+    })
 }
 
 /// Result with [`StoreError`].

@@ -461,8 +461,7 @@ impl Shared {
         };
         // On a nearly full disk the next segment grows instead: zeros written ahead
         // would take the last free blocks, every pass.
-        let room = rustix::fs::statvfs(&self.dir)
-            .map_or(u64::MAX, |v| v.f_bavail.saturating_mul(v.f_frsize));
+        let room = super::disk_sample(&self.dir).map_or(u64::MAX, |d| d.free);
         if ready || used < due || room < 2 * (self.segment_bytes + SPARE_SLACK) {
             return Ok(());
         }
