@@ -164,10 +164,10 @@ impl Mailboxes {
         self.active.ordered(to, true, || {
             // Capacity first: a send refused for a full mailbox or relay does not
             // use up its sender's rate.
-            let usage = self.store.usage(to)?;
+            let (usage, totals) = self.store.usage_and_totals(to)?;
             self.limits.check_enqueue(usage, msgs.len() as u64, bytes)?;
             self.budget
-                .check_enqueue(self.store.totals(), msgs.len() as u64, bytes)?;
+                .check_enqueue(totals, msgs.len() as u64, bytes)?;
             self.rates.send(from, to, n)?;
             self.rates.intake(from, to, usage.messages, n)?;
             self.store

@@ -509,6 +509,10 @@ pub(super) fn totals_rules(store: &dyn MailboxStore) {
         .append(&b, &[msg(3, 5)], 1_000, 2_000)
         .expect("append");
     assert_eq!(store.totals(), totals(3, 35, 2));
+    assert_eq!(
+        store.usage_and_totals(&a).expect("usage and totals"),
+        (store.usage(&a).expect("usage"), totals(3, 35, 2))
+    );
     store
         .remove(&a, &[seqs[0], seqs[0], 999_999])
         .expect("remove");

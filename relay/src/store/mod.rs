@@ -193,6 +193,12 @@ pub trait MailboxStore: Flush {
     /// What every mailbox holds together, in O(1) (for the relay-wide budgets).
     fn totals(&self) -> Totals;
 
+    /// [`MailboxStore::usage`] and [`MailboxStore::totals`] in one read: a send checks
+    /// both, and a store with one index answers them under one lock.
+    fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
+        Ok((self.usage(of)?, self.totals()))
+    }
+
     /// Up to `max` expiry index entries with `expires_at <= now`, oldest first.
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>>;
 

@@ -85,6 +85,9 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn totals(&self) -> Totals {
         self.store.totals()
     }
+    fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
+        self.store.usage_and_totals(of)
+    }
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
         self.store.expired(now, max)
     }

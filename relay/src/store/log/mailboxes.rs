@@ -183,14 +183,20 @@ impl MailboxStore for LogStore {
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
-        Ok(lock(&self.shared.index)
-            .mailboxes
-            .get(of)
-            .map_or_else(Usage::default, |m| m.usage))
+        self.usage_and_totals(of).map(|(usage, _)| usage)
     }
 
     fn totals(&self) -> Totals {
         lock(&self.shared.index).totals()
+    }
+
+    fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
+        let index = lock(&self.shared.index);
+        let usage = index
+            .mailboxes
+            .get(of)
+            .map_or_else(Usage::default, |m| m.usage);
+        Ok((usage, index.totals()))
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
