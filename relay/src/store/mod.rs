@@ -198,6 +198,30 @@ pub trait MailboxStore: Flush {
     fn sweep_files(&self, _now: UnixMillis) -> StoreResult<()> {
         Ok(())
     }
+
+    /// Deletes every message of the mailbox, as [`MailboxStore::remove`] does (on the
+    /// log: dead headers at once, the bytes punched by the next scrub or
+    /// [`MailboxStore::settle`]); returns what was deleted. For account deletion.
+    fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        let mut purged = Usage::default();
+        // Each round deletes at least one message or ends, so the loop is bounded by
+        // the mailbox's size.
+        loop {
+            let page = self.read(of, 0, 4096)?;
+            if page.is_empty() {
+                return Ok(purged);
+            }
+            let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+            let removed = self.remove(of, &seqs)?;
+            if removed.messages == 0 {
+                return Err(StoreError::Corrupt(
+                    "purge: read messages that remove cannot find",
+                ));
+            }
+            purged.messages += removed.messages;
+            purged.bytes += removed.bytes;
+        }
+    }
 }
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.
@@ -284,6 +308,13 @@ pub trait BlobIndex: Send + Sync + 'static {
         before: UnixMillis,
         max: usize,
     ) -> StoreResult<Vec<(AccountId, BlobId)>>;
+    /// `account`'s charges, due or not yet expired: (UTC day, bytes), by day.
+    fn charges_of(&self, account: &AccountId) -> StoreResult<Vec<(u64, u64)>>;
+    /// Deletes everything that ties `account` to media, in one atomic change: its
+    /// charges (with their expiry entries) and its uploads in progress. Returns the
+    /// ids of those uploads, whose partial files the caller deletes. Finished blobs
+    /// name no one and are left to expire (ARCHITECTURE §14).
+    fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>>;
 }
 
 /// A registered account.
@@ -323,6 +354,10 @@ pub trait AccountStore: Send + Sync + 'static {
 
     /// The SHA-256 of the account's delivery token, if it set one.
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>>;
+
+    /// Deletes the account and its delivery token hash in one atomic change; returns
+    /// the record it deleted, `None` if there was none.
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>>;
 }
 
 /// A one-time prekey.
@@ -368,6 +403,23 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// One-time prekeys left for the device.
     fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64>;
+
+    /// What the device has published, without taking anything (for export).
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published>;
+
+    /// Deletes every key the device published, in one atomic change.
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()>;
+}
+
+/// What a device has published, as counts and ids (no key bytes): the export's view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Whether an identity agreement key is stored.
+    pub identity_dh: bool,
+    /// The id of the stored signed prekey.
+    pub signed_prekey_id: Option<u32>,
+    /// One-time prekeys left.
+    pub one_time: u64,
 }
 
 /// An expiry index kept in memory, as (expires at, mailbox, seq), soonest first.

@@ -37,7 +37,8 @@ use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
-    MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    MailboxStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult, StoredMessage, Totals,
+    Usage,
 };
 
 mod blobs;
@@ -475,6 +476,23 @@ impl AccountStore for SledStore {
             .map(|v| fixed(&v))
             .transpose()
     }
+
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        let removed = (&self.accounts, &self.tokens)
+            .transaction(|(accounts, tokens)| {
+                tokens.remove(id.as_bytes())?;
+                Ok(accounts.remove(id.as_bytes())?)
+            })
+            .map_err(
+                |e: TransactionError<ConflictableTransactionError>| match e {
+                    TransactionError::Storage(e) => backend(e),
+                    TransactionError::Abort(_) => StoreError::Backend("transaction aborted".into()),
+                },
+            )?;
+        removed.map(|v| codec::decode_account(&v)).transpose()
+    }
 }
 
 impl KeyStore for SledStore {
@@ -543,6 +561,29 @@ impl KeyStore for SledStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        let signed = match self.keys.get(tagged(b'S', of)).map_err(backend)? {
+            Some(v) => Some(codec::decode_signed(&v)?.id),
+            None => None,
+        };
+        Ok(Published {
+            identity_dh: self.keys.contains_key(tagged(b'I', of)).map_err(backend)?,
+            signed_prekey_id: signed,
+            one_time: self.one_time_count(of)?,
+        })
+    }
+
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&tagged(b'I', of)[..]);
+        batch.remove(&tagged(b'S', of)[..]);
+        for kv in self.keys.scan_prefix(tagged(b'O', of)) {
+            let (k, _) = kv.map_err(backend)?;
+            batch.remove(k);
+        }
+        self.keys.apply_batch(batch).map_err(backend)
     }
 }
 
