@@ -28,6 +28,29 @@ enum Command {
     /// Run the relay. With no flags: data in ./tern-data, listening on 127.0.0.1:7443,
     /// with a self-signed certificate made on first start.
     Serve(ServeArgs),
+    /// Operator commands on a stopped relay's data directory.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Delete an account and everything the relay holds for it (keys, queued
+    /// messages, delivery token, media charges and unfinished uploads). Refused while
+    /// a relay runs on the data directory.
+    DeleteAccount(AdminArgs),
+}
+
+#[derive(Parser)]
+struct AdminArgs {
+    /// The account id: 32 hexadecimal digits.
+    account: String,
+    /// TOML configuration file (for the data directory and storage settings).
+    #[arg(long, short, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides the configuration's.
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -60,6 +83,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,6 +147,27 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         info!("stopped");
         Ok::<_, Box<dyn std::error::Error>>(())
     })
+}
+
+fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let account = crate::admin::parse_account(&args.account)?;
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    crate::store::fault::refuse_unless_compiled_in()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deleted = runtime.block_on(crate::admin::delete_account(&config, account))?;
+    println!(
+        "account deleted: {} devices, {} queued messages, {} unfinished uploads",
+        deleted.devices, deleted.messages, deleted.uploads
+    );
+    Ok(())
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -552,6 +552,20 @@ pub(super) fn deletion_rules(store: &(impl AccountStore + KeyStore + BlobIndex))
     assert_eq!(store.delivery_token(&bob).expect("token"), Some([2; 32]));
     store.create(&alice, &rec(3)).expect("the id is free again");
 
+    // Deletion intents.
+    assert!(store.deletions().expect("intents").is_empty());
+    let devices = [DeviceId::PRIMARY, DeviceId::new(3).expect("id")];
+    store.put_deletion(&alice, &devices[..1]).expect("intent");
+    store.put_deletion(&alice, &devices).expect("replaced");
+    store.put_deletion(&bob, &[]).expect("intent");
+    let mut intents = store.deletions().expect("intents");
+    intents.sort();
+    assert_eq!(intents, vec![(alice, devices.to_vec()), (bob, vec![])]);
+    store.remove_deletion(&alice).expect("done");
+    store.remove_deletion(&bob).expect("done");
+    store.remove_deletion(&bob).expect("idempotent");
+    assert!(store.deletions().expect("intents").is_empty());
+
     // Keys: published counts, then removal of one device's keys only.
     let (a1, a2) = (addr(21, 1), addr(22, 1));
     let signed = |id: u32| SignedKey {

@@ -30,6 +30,7 @@ struct Inner {
     totals: Usage,
     accounts: HashMap<AccountId, AccountRecord>,
     tokens: HashMap<AccountId, [u8; 32]>,
+    deletions: BTreeMap<AccountId, Vec<DeviceId>>,
     keys: HashMap<DeviceAddress, Keys>,
     blobs: HashMap<BlobId, BlobMeta>,
     /// (account, UTC day of expiry) -> bytes charged.
@@ -197,6 +198,25 @@ impl AccountStore for MemoryStore {
         let mut inner = self.lock();
         inner.tokens.remove(id);
         Ok(inner.accounts.remove(id))
+    }
+
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.lock().deletions.insert(*id, devices.to_vec());
+        Ok(())
+    }
+
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        Ok(self
+            .lock()
+            .deletions
+            .iter()
+            .map(|(a, d)| (*a, d.clone()))
+            .collect())
+    }
+
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.lock().deletions.remove(id);
+        Ok(())
     }
 }
 

@@ -64,6 +64,10 @@ pub enum StoreError {
     /// before it was lost.
     #[error("no space left on the device")]
     NoSpace,
+    /// Another process holds the store (sled's exclusive lock on its database): a
+    /// running relay, or an admin command.
+    #[error("data directory in use by a running relay; stop it")]
+    Locked,
 }
 
 impl StoreError {
@@ -358,6 +362,16 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Deletes the account and its delivery token hash in one atomic change; returns
     /// the record it deleted, `None` if there was none.
     fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>>;
+
+    /// Records the intent to delete the account and its devices, so a start finishes
+    /// a deletion that a crash interrupted. Replaces an earlier intent for it.
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()>;
+
+    /// Every recorded deletion intent.
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>>;
+
+    /// Forgets a deletion intent (the deletion is complete).
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()>;
 }
 
 /// A one-time prekey.
@@ -533,6 +547,22 @@ pub(crate) mod codec {
             key: v[4..36].try_into().map_err(|_| bad())?,
             signature: v[36..].try_into().map_err(|_| bad())?,
         })
+    }
+
+    pub(crate) fn encode_devices(devices: &[DeviceId]) -> Vec<u8> {
+        devices.iter().flat_map(|d| d.get().to_be_bytes()).collect()
+    }
+
+    pub(crate) fn decode_devices(v: &[u8]) -> StoreResult<Vec<DeviceId>> {
+        if v.len() % 4 != 0 {
+            return Err(StoreError::Corrupt("deletion intent"));
+        }
+        v.chunks_exact(4)
+            .map(|c| {
+                DeviceId::new(u32::from_be_bytes(fixed(c)?))
+                    .ok_or(StoreError::Corrupt("deletion intent"))
+            })
+            .collect()
     }
 
     /// The next device id for a record: one past the highest.

@@ -121,6 +121,15 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
     fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         self.write(|s| s.remove_account(id))
     }
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.write(|s| s.put_deletion(id, devices))
+    }
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        self.store.deletions()
+    }
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_deletion(id))
+    }
 }
 
 impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {

@@ -60,6 +60,8 @@ pub struct SledStore {
     accounts: sled::Tree,
     tokens: sled::Tree,
     keys: sled::Tree,
+    /// Deletion intents: account id -> its device ids, until the deletion completes.
+    deletions: sled::Tree,
     /// Blob records and their expiry index; no account ids.
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
@@ -222,6 +224,9 @@ impl SledStore {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Locked)
+                }
                 Err(e) => return Err(backend(e)),
             }
         };
@@ -229,6 +234,7 @@ impl SledStore {
         let accounts = db.open_tree("accounts").map_err(backend)?;
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
         let keys = db.open_tree("keys").map_err(backend)?;
+        let deletions = db.open_tree("deletions").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
         let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
@@ -238,6 +244,7 @@ impl SledStore {
             accounts,
             tokens,
             keys,
+            deletions,
             blobs,
             blob_quota,
             seqs,
@@ -492,6 +499,27 @@ impl AccountStore for SledStore {
                 },
             )?;
         removed.map(|v| codec::decode_account(&v)).transpose()
+    }
+
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.deletions
+            .insert(id.as_bytes(), codec::encode_devices(devices))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        let mut out = Vec::new();
+        for kv in self.deletions.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            out.push((AccountId(fixed(&k)?), codec::decode_devices(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.deletions.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
     }
 }
 
