@@ -3,11 +3,11 @@
 //!
 //! [`AccountDeletion::delete`] runs these steps, each idempotent:
 //! 1. The id joins the [`Tombstones`] (in memory): from then on every lookup of the
-//!    account ([`Hidden`] for the account store, the mailbox append under the device
+//!    account (`Hidden` for the account store, the mailbox append under the device
 //!    lock) finds nothing, so a send that resolved its recipient just before cannot
 //!    queue after the purge, and every answer is that of an unknown account.
 //! 2. A deletion intent (account → device ids) is written and made durable.
-//! 3. The removals: discovery (a hook, [`AccountDeletion::detach_discovery`]), each
+//! 3. The removals: discovery (a hook, `AccountDeletion::detach_discovery`), each
 //!    device's published keys, the account's media charges and unfinished uploads
 //!    (record and `.part` file; finished blobs name no one and expire on their own,
 //!    ARCHITECTURE §14), each device's mailbox, then the account record and its
