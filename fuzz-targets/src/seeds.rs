@@ -238,6 +238,15 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 },
             ),
         ),
+        (
+            "delete-account",
+            r(
+                16,
+                Request::DeleteAccount {
+                    signature: [17; 64],
+                },
+            ),
+        ),
     ]
 }
 

@@ -20,9 +20,10 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use tern_proto::limits::EXPORTER_LEN;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
-use crate::core::auth::VerifiedDeletion;
+use crate::core::auth::{verify_deletion, AuthenticatedDevice, VerifiedDeletion};
 use crate::error::{Error, Result};
 use crate::media::BlobStore;
 use crate::server::Services;
@@ -204,6 +205,27 @@ impl AccountDeletion {
         stores.accounts.put_deletion(&account, &devices)?;
         self.services.commit().commit().await?;
         self.run(&account, &devices).await
+    }
+
+    /// A deletion asked for on a connection authenticated as `device`: checks the
+    /// account's identity key's `signature` over the account and `exporter` (this
+    /// connection's exporter output for the device's address, as `Auth` uses), then
+    /// deletes. A bad signature, or an account already being deleted, is
+    /// [`Error::Unauthorized`].
+    pub async fn delete_signed(
+        &self,
+        device: &AuthenticatedDevice,
+        exporter: &[u8; EXPORTER_LEN],
+        signature: &[u8],
+    ) -> Result<Deleted> {
+        let account = device.address().account;
+        if self.services.tombstones().contains(&account) {
+            return Err(Error::Unauthorized);
+        }
+        let record = self.services.stores().accounts.get(&account)?;
+        let identity = record.ok_or(Error::Unauthorized)?.identity_key;
+        let verified = verify_deletion(&identity, &account, exporter, signature)?;
+        self.delete(DeletionAuthority::Account(verified)).await
     }
 
     /// Finishes every deletion a crash interrupted; called at start, before the

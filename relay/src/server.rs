@@ -311,6 +311,7 @@ impl Relay {
             auth_deadline: c.auth_deadline,
             anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
+            deletion: deletion.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(

@@ -626,6 +626,25 @@ impl Client {
             .await
     }
 
+    /// Deletes this account on the relay, for every device: the relay removes its
+    /// devices, queued messages, keys, delivery token, media charges and unfinished
+    /// uploads, and then answers for it as for an id that never existed. Signed by
+    /// the identity key over the current connection (waits up to 30 s for one).
+    /// Once the relay has answered, the client stops ([`Events`] ends) and every
+    /// record in this device's store is deleted, including messages not yet
+    /// confirmed: take what the app keeps first. [`Client::open`] on that store is
+    /// then [`Error::NotRegistered`]. Other devices of the account find their
+    /// connections refused and should clear their stores too.
+    pub async fn delete_account(&self) -> Result<()> {
+        let identity = self.shared.state.lock().await.keys.identity.clone();
+        let (conn, _) = self.connections().await?;
+        conn.delete_account(&identity, &self.address).await?;
+        self.shutdown().await;
+        let state = self.shared.state.lock().await;
+        crate::store::clear(state.kv.as_ref())?;
+        Ok(())
+    }
+
     /// Stops the client: the connection closes and [`Events`] ends. Everything
     /// stored stays stored; [`Client::open`] carries on from there.
     pub async fn shutdown(&self) {

@@ -309,3 +309,51 @@ async fn a_deletion_interrupted_after_its_first_removal_is_finished_at_start() {
     assert!(w2.f.services.tombstones().contains(&account));
     assert_eq!(w2.deletion.resume().await.expect("nothing left"), 0);
 }
+
+#[tokio::test]
+async fn a_signed_deletion_needs_the_identity_over_this_connection() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let exporter = [9u8; 32];
+    let sign = |seed: u8, exporter: &[u8; 32]| {
+        identity_of(seed)
+            .sign(&tern_proto::auth::account_deletion(&account, exporter))
+            .to_bytes()
+    };
+    let refused = |r: crate::Result<Deleted>| matches!(r, Err(Error::Unauthorized));
+    // Another identity, another connection, Alice's device asking with Bob's signature.
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &exporter, &sign(1, &exporter))
+            .await
+    ));
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &[8; 32], &sign(2, &exporter))
+            .await
+    ));
+    assert!(refused(
+        w.deletion
+            .delete_signed(&alice, &exporter, &sign(2, &exporter))
+            .await
+    ));
+    assert!(
+        w.f.store.get(&account).expect("get").is_some(),
+        "nothing deleted yet"
+    );
+
+    let deleted = w
+        .deletion
+        .delete_signed(&bob, &exporter, &sign(2, &exporter))
+        .await
+        .expect("deleted");
+    assert_eq!(deleted.devices, 2);
+    assert!(w.f.store.get(&account).expect("get").is_none());
+    // Once more, as a replay on the same connection would: the account is gone.
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &exporter, &sign(2, &exporter))
+            .await
+    ));
+}
