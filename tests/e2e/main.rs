@@ -6,6 +6,7 @@
 mod client;
 mod connections;
 mod crash;
+mod deletion;
 mod delivery;
 mod expiry;
 mod keys;

@@ -349,7 +349,8 @@ impl RelayConnection {
     /// Deletes the account this connection is authenticated for (as `address`),
     /// signed by its `identity` key over this connection's exporter value, so the
     /// request cannot be replayed elsewhere. Returns once the relay has deleted
-    /// everything durably; the relay then closes the connection.
+    /// everything durably, and closes the connection, which can do nothing more
+    /// (the relay closes it too, with `ACCOUNT_DELETED`).
     pub async fn delete_account(
         &self,
         identity: &IdentityKeyPair,
@@ -358,7 +359,10 @@ impl RelayConnection {
         let exporter = self.exporter(Some(&address.account), Some(address.device))?;
         let signature = identity.sign_account_deletion(&address.account, &exporter);
         match self.request(Request::DeleteAccount { signature }).await? {
-            Reply::DeleteAccount => Ok(()),
+            Reply::DeleteAccount => {
+                self.close_now();
+                Ok(())
+            }
             _ => Err(unexpected("delete_account")),
         }
     }
