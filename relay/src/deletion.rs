@@ -284,4 +284,4 @@ impl AccountDeletion {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -110,6 +110,7 @@ pub mod cli;
 pub mod config;
 pub mod deletion;
 pub mod error;
+pub mod export;
 pub mod logging;
 pub mod server;
 

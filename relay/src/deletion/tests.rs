@@ -13,16 +13,16 @@ use crate::media::{Begin, BlobLimits};
 use crate::store::{BlobIndex, KeyStore, MailboxStore, Published, Usage};
 use crate::testing::{device, fixture, identity_of, msgs, Fixture};
 
-const TOKEN: [u8; 32] = [3; 32];
+pub(crate) const TOKEN: [u8; 32] = [3; 32];
 
-struct World {
-    f: Fixture,
-    blobs: Arc<BlobStore>,
-    deletion: AccountDeletion,
-    _dir: tempfile::TempDir,
+pub(crate) struct World {
+    pub(crate) f: Fixture,
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) deletion: AccountDeletion,
+    pub(crate) _dir: tempfile::TempDir,
 }
 
-fn world() -> World {
+pub(crate) fn world() -> World {
     let f = fixture(Limits::default());
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs = Arc::new(
@@ -72,7 +72,7 @@ async fn publish(f: &Fixture, dev: &AuthenticatedDevice, seed: u8) {
 
 /// Bob (seed 2) with a token, keys, two devices holding messages, a charge and an
 /// unfinished upload; Alice (seed 1) sends to him.
-async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice) {
+pub(crate) async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice) {
     let f = &w.f;
     let (alice, bob) = (device(f, 1).await, device(f, 2).await);
     let hash: [u8; 32] = Sha256::digest(TOKEN).into();
