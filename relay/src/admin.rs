@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::core::budget::Budget;
 use crate::deletion::{AccountDeletion, Deleted, DeletionAuthority, Operator};
 use crate::error::{Error, Result};
+use crate::export::{ExportOptions, Exported};
 use crate::media::BlobStore;
 use crate::server::Services;
 
@@ -80,6 +81,22 @@ pub async fn delete_account(config: &Config, account: AccountId) -> Result<Delet
     Ok(deleted)
 }
 
+/// `tern-relay admin export-account`: finishes interrupted deletions (an account
+/// being deleted has no export), then writes the account's export to `out`.
+pub async fn export_account(
+    config: &Config,
+    account: AccountId,
+    options: ExportOptions,
+    out: &mut dyn std::io::Write,
+) -> Result<Exported> {
+    let offline = open(config).await?;
+    offline.deletion.resume().await?;
+    let now = SystemClock.now();
+    let exported = crate::export::write(offline.services.stores(), &account, now, options, out);
+    offline.services.mailboxes().close()?;
+    exported
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +137,40 @@ mod tests {
             matches!(unknown, Err(Error::UnknownRecipient)),
             "{unknown:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_offline_export_then_deletion_of_an_account() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let offline = open(&config).await.expect("open");
+        let device = offline
+            .services
+            .accounts()
+            .register(crate::testing::registration(4))
+            .await
+            .expect("register");
+        offline.services.mailboxes().close().expect("close");
+        drop(offline);
+        let account = device.address().account;
+        let mut out = Vec::new();
+        let options = ExportOptions::default();
+        let exported = export_account(&config, account, options, &mut out)
+            .await
+            .expect("export");
+        assert_eq!((exported.devices, exported.messages), (1, 0));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        let id: String = account
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v["account"]["id"], id.as_str());
+        delete_account(&config, account).await.expect("delete");
+        let gone = export_account(&config, account, options, &mut Vec::new()).await;
+        assert!(matches!(gone, Err(Error::UnknownRecipient)), "{gone:?}");
     }
 }

@@ -10,6 +10,7 @@ use crate::store::Durability;
 use crate::Relay;
 use clap::{Parser, Subcommand};
 use tern_platform::clock::SystemClock;
+use tern_proto::AccountId;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -39,6 +40,23 @@ enum AdminCommand {
     /// messages, delivery token, media charges and unfinished uploads). Refused while
     /// a relay runs on the data directory.
     DeleteAccount(AdminArgs),
+    /// Write everything the relay holds about an account as JSON (the format is
+    /// relay/schema/account-export-v1.schema.json). Refused while a relay runs on the
+    /// data directory.
+    ExportAccount(ExportArgs),
+}
+
+#[derive(Parser)]
+struct ExportArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Include each queued message's ciphertext (base64).
+    #[arg(long)]
+    ciphertexts: bool,
+    /// Write to this file (created with mode 0600; it must not exist; nothing is
+    /// left there if the export fails) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -84,6 +102,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
+        Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,7 +168,8 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
+/// The account and configuration an admin command names.
+fn admin_target(args: AdminArgs) -> Result<(AccountId, Config), Box<dyn std::error::Error>> {
     let account = crate::admin::parse_account(&args.account)?;
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
@@ -159,6 +179,74 @@ fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.data_dir = d;
     }
     crate::store::fault::refuse_unless_compiled_in()?;
+    Ok((account, config))
+}
+
+fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (account, config) = admin_target(args.admin)?;
+    let options = crate::export::ExportOptions {
+        include_ciphertexts: args.ciphertexts,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let exported = match &args.out {
+        Some(path) => {
+            // Written beside the target, then renamed: a failed export leaves no file.
+            if path.exists() {
+                return Err(format!("{} exists", path.display()).into());
+            }
+            let partial = path.with_extension("partial");
+            let written = write_export(&runtime, &config, account, options, &partial);
+            match written {
+                Ok(exported) => {
+                    std::fs::rename(&partial, path)?;
+                    exported
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+        }
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            runtime.block_on(crate::admin::export_account(
+                &config, account, options, &mut out,
+            ))?
+        }
+    };
+    eprintln!(
+        "account exported: {} devices, {} queued messages",
+        exported.devices, exported.messages
+    );
+    Ok(())
+}
+
+/// Writes an export to a new file at `path`, mode 0600, synced.
+fn write_export(
+    runtime: &tokio::runtime::Runtime,
+    config: &Config,
+    account: AccountId,
+    options: crate::export::ExportOptions,
+    path: &std::path::Path,
+) -> Result<crate::export::Exported, Box<dyn std::error::Error>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let mut out = std::io::BufWriter::new(file);
+    let exported = runtime.block_on(crate::admin::export_account(
+        config, account, options, &mut out,
+    ))?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(exported)
+}
+
+fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (account, config) = admin_target(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -9,6 +9,7 @@ mod crash;
 mod deletion;
 mod delivery;
 mod expiry;
+mod export;
 mod keys;
 mod limits;
 mod media;
