@@ -266,6 +266,12 @@ fn blob_requests() -> Vec<(&'static str, BlobStreamRequest)> {
                 offset: 100,
             },
         ),
+        (
+            "export",
+            BlobStreamRequest::Export {
+                include_ciphertexts: true,
+            },
+        ),
     ]
 }
 
@@ -346,6 +352,7 @@ fn blob_responses() -> Vec<(&'static str, BlobStreamResponse)> {
             "blob-error",
             BlobStreamResponse::Error(ErrorReply::new(ErrorCode::NotFound, "")),
         ),
+        ("export-ready", BlobStreamResponse::ExportReady),
     ]
 }
 

@@ -39,6 +39,7 @@ pub struct Services {
     stores: Stores,
     tombstones: Arc<crate::deletion::Tombstones>,
     commit: Arc<GroupCommit>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Services {
@@ -110,7 +111,7 @@ impl Services {
             certificates: CertificateIssuer::new(accounts, signer, clock.clone()),
             mailboxes: Mailboxes::new(
                 stores.mailboxes.clone(),
-                clock,
+                clock.clone(),
                 limits,
                 ttl,
                 commit.clone(),
@@ -123,7 +124,13 @@ impl Services {
             stores,
             tombstones,
             commit,
+            clock,
         })
+    }
+
+    /// The services' clock.
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     /// The stores, unfiltered (a deleted account's remains are visible here).

@@ -55,13 +55,7 @@ async fn an_offline_export_holds_the_queue_and_validates_against_the_schema() {
         String::from_utf8_lossy(&done.stderr)
     );
     let export: Value = serde_json::from_slice(&std::fs::read(&out).expect("read")).expect("JSON");
-    let schema: Value = serde_json::from_str(tern_relay::export::SCHEMA_V1).expect("schema");
-    let validator = jsonschema::validator_for(&schema).expect("valid schema");
-    let errors: Vec<String> = validator
-        .iter_errors(&export)
-        .map(|e| e.to_string())
-        .collect();
-    assert!(errors.is_empty(), "{errors:?}");
+    validate(&export);
     assert_eq!(export["account"]["id"], id.as_str());
     assert_eq!(export["account"]["delivery_token_set"], true);
     let items = &export["account"]["devices"][0]["queue"]["items"];
@@ -87,4 +81,91 @@ async fn an_offline_export_holds_the_queue_and_validates_against_the_schema() {
     let gone = admin(&["export-account", &id, "--out", &again_arg], &relay_dir);
     assert!(!gone.status.success());
     assert!(!again.exists());
+}
+
+fn validate(export: &Value) {
+    let schema: Value = serde_json::from_str(tern_relay::export::SCHEMA_V1).expect("schema");
+    let validator = jsonschema::validator_for(&schema).expect("valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(export)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test]
+async fn a_client_exports_its_account_over_its_authenticated_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let alice = register(&relay.address).await;
+    let bob = register(&relay.address).await;
+    // Pushed to Bob, never acknowledged: still queued.
+    within(alice.conn.send(&bob.address, [envelope(1), envelope(2)]))
+        .await
+        .expect("send");
+    let mut out = Vec::new();
+    let len = within(bob.conn.export_account(true, &mut out))
+        .await
+        .expect("export");
+    assert_eq!(len, out.len() as u64);
+    let export: Value = serde_json::from_slice(&out).expect("JSON");
+    validate(&export);
+    assert_eq!(
+        export["account"]["id"],
+        hex(bob.address.account.as_bytes()).as_str()
+    );
+    let items = &export["account"]["devices"][0]["queue"]["items"];
+    for (i, n) in [1u32, 2].into_iter().enumerate() {
+        let e = envelope(n);
+        assert_eq!(items[i]["message_id"], hex(&e.message_id.0).as_str());
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&e.payload);
+        assert_eq!(items[i]["ciphertext"], b64.as_str());
+    }
+    let mut without = Vec::new();
+    within(bob.conn.export_account(false, &mut without))
+        .await
+        .expect("export");
+    let without: Value = serde_json::from_slice(&without).expect("JSON");
+    assert!(without["account"]["devices"][0]["queue"]["items"][0]
+        .get("ciphertext")
+        .is_none());
+
+    // Only for an authenticated connection's own account.
+    let (anon, _) = within(tern_client::net::RelayConnection::connect(&relay.address))
+        .await
+        .expect("connect");
+    let refused = within(anon.export_account(false, &mut Vec::new()))
+        .await
+        .expect_err("not authenticated");
+    assert_eq!(
+        refused.relay_code(),
+        Some(tern_client::ErrorCode::Unauthorized)
+    );
+
+    // The client's call writes a file only its user can read.
+    let store = std::sync::Arc::new(
+        tern_client::store::SledKv::open(&dir.path().join("carol"), &[7u8; 32]).expect("store"),
+    );
+    let (carol, _events) = tern_client::Client::register(&relay.address, store)
+        .await
+        .expect("carol");
+    let path = dir.path().join("carol-export.json");
+    within(carol.export_account(&path, false))
+        .await
+        .expect("export");
+    let export: Value = serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+    validate(&export);
+    assert_eq!(
+        export["account"]["id"],
+        hex(carol.account().as_bytes()).as_str()
+    );
+    assert_eq!(export["account"]["delivery_token_set"], true);
+    assert_eq!(
+        export["account"]["devices"][0]["prekeys"]["identity_dh"],
+        true
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    carol.shutdown().await;
 }

@@ -645,6 +645,26 @@ impl Client {
         Ok(())
     }
 
+    /// Writes everything the relay holds about this account to a new file `dest`
+    /// (mode 0600): JSON in the shape of the relay's `account-export-v1.schema.json`,
+    /// with queued messages' ciphertexts if `include_ciphertexts`. Nothing is left at
+    /// `dest` if the export fails. Returns its size.
+    pub async fn export_account(&self, dest: &std::path::Path, ciphertexts: bool) -> Result<u64> {
+        let (conn, _) = self.connections().await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .await
+            .map_err(|e| Error::Media(e.to_string()))?;
+        let written = conn.export_account(ciphertexts, &mut file).await;
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(dest).await;
+        }
+        written
+    }
+
     /// Stops the client: the connection closes and [`Events`] ends. Everything
     /// stored stays stored; [`Client::open`] carries on from there.
     pub async fn shutdown(&self) {

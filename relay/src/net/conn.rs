@@ -161,6 +161,7 @@ pub(crate) async fn serve(
     let media = tokio::spawn(super::media::accept_streams(
         conn.clone(),
         settings.blobs.clone(),
+        services.clone(),
         device.clone(),
         activity.clone(),
     ));
