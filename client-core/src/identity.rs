@@ -45,6 +45,18 @@ impl IdentityKeyPair {
             .sign(&auth::device_certificate(account, device))
             .to_bytes()
     }
+
+    /// Asks the relay to delete `account`, on the connection whose exporter value
+    /// (for the authenticated device's address) is `exporter`.
+    pub(crate) fn sign_account_deletion(
+        &self,
+        account: &AccountId,
+        exporter: &[u8; 32],
+    ) -> [u8; 64] {
+        self.0
+            .sign(&auth::account_deletion(account, exporter))
+            .to_bytes()
+    }
 }
 
 impl DeviceKeyPair {

@@ -238,6 +238,15 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 },
             ),
         ),
+        (
+            "delete-account",
+            r(
+                16,
+                Request::DeleteAccount {
+                    signature: [17; 64],
+                },
+            ),
+        ),
     ]
 }
 
@@ -255,6 +264,12 @@ fn blob_requests() -> Vec<(&'static str, BlobStreamRequest)> {
             BlobStreamRequest::Download {
                 blob_id: [2; 32],
                 offset: 100,
+            },
+        ),
+        (
+            "export",
+            BlobStreamRequest::Export {
+                include_ciphertexts: true,
             },
         ),
     ]
@@ -337,6 +352,7 @@ fn blob_responses() -> Vec<(&'static str, BlobStreamResponse)> {
             "blob-error",
             BlobStreamResponse::Error(ErrorReply::new(ErrorCode::NotFound, "")),
         ),
+        ("export-ready", BlobStreamResponse::ExportReady),
     ]
 }
 

@@ -14,6 +14,7 @@ const SESSION_PROOF_CONTEXT: &[u8] = b"tern session proof v1\0";
 const IDENTITY_DH_CONTEXT: &[u8] = b"tern x3dh identity-dh v1\0";
 const SIGNED_PREKEY_CONTEXT: &[u8] = b"tern x3dh signed-prekey v1\0";
 const SENDER_CERT_CONTEXT: &[u8] = b"tern sender certificate v1\0";
+const ACCOUNT_DELETION_CONTEXT: &[u8] = b"tern delete account v1\0";
 
 /// What the identity key signs to vouch for a device's X25519 identity agreement key.
 pub fn identity_agreement_key(key: &[u8; PUBLIC_KEY_LEN]) -> Vec<u8> {
@@ -64,6 +65,14 @@ pub fn session_proof(exporter: &[u8; EXPORTER_LEN]) -> Vec<u8> {
     out
 }
 
+/// What the account's identity key signs to delete the account: the context string,
+/// the account id and the exporter output of this connection (for
+/// `exporter_context(Some(account), Some(device))`), so the signature deletes only
+/// this account and cannot be replayed on another connection.
+pub fn account_deletion(account: &AccountId, exporter: &[u8; EXPORTER_LEN]) -> Vec<u8> {
+    [ACCOUNT_DELETION_CONTEXT, account.as_bytes(), exporter].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,6 +92,19 @@ mod tests {
         assert_ne!(sender_certificate(&key)[..20], cert[..20]);
         let acct = AccountId([1; 16]);
         assert_ne!(device_certificate(Some(&acct), &key), cert);
+        let deletion = account_deletion(&acct, &key);
+        for other in [
+            &cert,
+            &proof,
+            &identity_agreement_key(&key),
+            &signed_prekey(0, &key),
+            &sender_certificate(&key),
+            &device_certificate(Some(&acct), &key),
+        ] {
+            assert_ne!(deletion[..20], other[..20]);
+        }
+        assert_ne!(deletion, account_deletion(&AccountId([2; 16]), &key));
+        assert_ne!(deletion, account_deletion(&acct, &[8; 32]));
         assert_ne!(
             exporter_context(Some(&acct), DeviceId::new(2)),
             exporter_context(Some(&acct), DeviceId::new(3))

@@ -119,4 +119,7 @@ pub mod close {
     pub const DISPLACED: u32 = 2;
     /// The relay is shutting down; reconnect later.
     pub const SHUTTING_DOWN: u32 = 3;
+    /// The connection's account was deleted (at its request); there is nothing to
+    /// reconnect to.
+    pub const ACCOUNT_DELETED: u32 = 4;
 }

@@ -43,6 +43,11 @@ pub enum BlobStreamRequest {
         /// Where to start (a resumed download).
         offset: u64,
     },
+    /// Export the authenticated device's account (an authenticated connection).
+    Export {
+        /// Include each queued message's ciphertext.
+        include_ciphertexts: bool,
+    },
 }
 
 /// A relay's answer on a transfer stream.
@@ -71,6 +76,8 @@ pub enum BlobStreamResponse {
         /// start of its UTC day.
         expires_at_ms: u64,
     },
+    /// The export's JSON follows, until the relay finishes the stream.
+    ExportReady,
 }
 
 fn blob_id(bytes: &[u8], field: &'static str) -> Result<BlobId, Malformed> {
@@ -91,6 +98,9 @@ impl TryFrom<v1::BlobStreamRequest> for BlobStreamRequest {
                 blob_id: blob_id(&d.blob_id, "blob_download.blob_id")?,
                 offset: d.offset,
             }),
+            Some(Op::Export(e)) => Ok(BlobStreamRequest::Export {
+                include_ciphertexts: e.include_ciphertexts,
+            }),
             None => Err(Malformed::new(
                 "blob_stream_request.op",
                 Problem::Missing("empty media request"),
@@ -110,6 +120,11 @@ impl From<BlobStreamRequest> for v1::BlobStreamRequest {
             BlobStreamRequest::Download { blob_id, offset } => Op::Download(v1::BlobDownload {
                 blob_id: Bytes::copy_from_slice(&blob_id),
                 offset,
+            }),
+            BlobStreamRequest::Export {
+                include_ciphertexts,
+            } => Op::Export(v1::ExportRequest {
+                include_ciphertexts,
             }),
         };
         v1::BlobStreamRequest { op: Some(op) }
@@ -133,6 +148,7 @@ impl TryFrom<v1::BlobStreamResponse> for BlobStreamResponse {
             Some(Res::UploadDone(r)) => BlobStreamResponse::UploadDone {
                 expires_at_ms: r.expires_at_ms,
             },
+            Some(Res::ExportReady(v1::ExportReady {})) => BlobStreamResponse::ExportReady,
             None => {
                 return Err(Malformed::new(
                     "blob_stream_response.result",
@@ -157,6 +173,7 @@ impl From<BlobStreamResponse> for v1::BlobStreamResponse {
             BlobStreamResponse::UploadDone { expires_at_ms } => {
                 Res::UploadDone(v1::UploadDone { expires_at_ms })
             }
+            BlobStreamResponse::ExportReady => Res::ExportReady(v1::ExportReady {}),
         };
         v1::BlobStreamResponse {
             result: Some(result),
@@ -185,6 +202,9 @@ mod tests {
                 blob_id: [2; 32],
                 offset: 0,
             },
+            BlobStreamRequest::Export {
+                include_ciphertexts: true,
+            },
         ] {
             let wire = through_bytes(v1::BlobStreamRequest::from(r));
             assert_eq!(BlobStreamRequest::try_from(wire), Ok(r));
@@ -205,6 +225,7 @@ mod tests {
             },
             BlobStreamResponse::DownloadReady { size: 9, offset: 3 },
             BlobStreamResponse::UploadDone { expires_at_ms: 11 },
+            BlobStreamResponse::ExportReady,
         ] {
             let wire = through_bytes(v1::BlobStreamResponse::from(r.clone()));
             assert_eq!(BlobStreamResponse::try_from(wire), Ok(r));

@@ -10,6 +10,7 @@ use crate::store::Durability;
 use crate::Relay;
 use clap::{Parser, Subcommand};
 use tern_platform::clock::SystemClock;
+use tern_proto::AccountId;
 use tracing::{info, warn};
 
 #[derive(Parser)]
@@ -28,6 +29,46 @@ enum Command {
     /// Run the relay. With no flags: data in ./tern-data, listening on 127.0.0.1:7443,
     /// with a self-signed certificate made on first start.
     Serve(ServeArgs),
+    /// Operator commands on a stopped relay's data directory.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Delete an account and everything the relay holds for it (keys, queued
+    /// messages, delivery token, media charges and unfinished uploads). Refused while
+    /// a relay runs on the data directory.
+    DeleteAccount(AdminArgs),
+    /// Write everything the relay holds about an account as JSON (the format is
+    /// relay/schema/account-export-v1.schema.json). Refused while a relay runs on the
+    /// data directory.
+    ExportAccount(ExportArgs),
+}
+
+#[derive(Parser)]
+struct ExportArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// Include each queued message's ciphertext (base64).
+    #[arg(long)]
+    ciphertexts: bool,
+    /// Write to this file (created with mode 0600; it must not exist; nothing is
+    /// left there if the export fails) instead of standard output.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct AdminArgs {
+    /// The account id: 32 hexadecimal digits.
+    account: String,
+    /// TOML configuration file (for the data directory and storage settings).
+    #[arg(long, short, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides the configuration's.
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -60,6 +101,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
+        Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -123,6 +166,96 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         info!("stopped");
         Ok::<_, Box<dyn std::error::Error>>(())
     })
+}
+
+/// The account and configuration an admin command names.
+fn admin_target(args: AdminArgs) -> Result<(AccountId, Config), Box<dyn std::error::Error>> {
+    let account = crate::admin::parse_account(&args.account)?;
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    crate::store::fault::refuse_unless_compiled_in()?;
+    Ok((account, config))
+}
+
+fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (account, config) = admin_target(args.admin)?;
+    let options = crate::export::ExportOptions {
+        include_ciphertexts: args.ciphertexts,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let exported = match &args.out {
+        Some(path) => {
+            // Written beside the target, then renamed: a failed export leaves no file.
+            if path.exists() {
+                return Err(format!("{} exists", path.display()).into());
+            }
+            let partial = path.with_extension("partial");
+            let written = write_export(&runtime, &config, account, options, &partial);
+            match written {
+                Ok(exported) => {
+                    std::fs::rename(&partial, path)?;
+                    exported
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+        }
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            runtime.block_on(crate::admin::export_account(
+                &config, account, options, &mut out,
+            ))?
+        }
+    };
+    eprintln!(
+        "account exported: {} devices, {} queued messages",
+        exported.devices, exported.messages
+    );
+    Ok(())
+}
+
+/// Writes an export to a new file at `path`, mode 0600, synced.
+fn write_export(
+    runtime: &tokio::runtime::Runtime,
+    config: &Config,
+    account: AccountId,
+    options: crate::export::ExportOptions,
+    path: &std::path::Path,
+) -> Result<crate::export::Exported, Box<dyn std::error::Error>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    let mut out = std::io::BufWriter::new(file);
+    let exported = runtime.block_on(crate::admin::export_account(
+        config, account, options, &mut out,
+    ))?;
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(exported)
+}
+
+fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (account, config) = admin_target(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deleted = runtime.block_on(crate::admin::delete_account(&config, account))?;
+    println!(
+        "account deleted: {} devices, {} queued messages, {} unfinished uploads",
+        deleted.devices, deleted.messages, deleted.uploads
+    );
+    Ok(())
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

@@ -16,6 +16,8 @@
 //!   - `keys`: the key directory (signed and one-time prekeys).
 //!   - `certificates`: sender certificates, signed with the relay's key.
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
+//!   - [`deletion`]: account deletion, with the tombstones that hide a deleted
+//!     account from every other service.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
@@ -103,9 +105,12 @@ pub mod store;
 pub mod media;
 
 // The binary and embedders.
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod deletion;
 pub mod error;
+pub mod export;
 pub mod logging;
 pub mod server;
 

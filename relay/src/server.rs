@@ -19,6 +19,7 @@ use crate::core::budget::{Budget, DiskSample};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
+use crate::deletion::AccountDeletion;
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
@@ -34,6 +35,11 @@ pub struct Services {
     mailboxes: Mailboxes,
     rates: Arc<RateLimits>,
     budget: Arc<Budget>,
+    /// The stores without the tombstone filter, for deletion and export.
+    stores: Stores,
+    tombstones: Arc<crate::deletion::Tombstones>,
+    commit: Arc<GroupCommit>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Services {
@@ -91,24 +97,55 @@ impl Services {
     ) -> std::io::Result<Self> {
         let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
         let rates = Arc::new(RateLimits::new(rates, clock.clone()));
-        let (accounts, keys) = (stores.accounts.clone(), stores.keys);
+        let tombstones = Arc::new(crate::deletion::Tombstones::default());
+        // Every service sees a deleted account as absent (`deletion::Hidden`).
+        let accounts: Arc<dyn crate::store::AccountStore> = Arc::new(crate::deletion::Hidden::new(
+            stores.accounts.clone(),
+            tombstones.clone(),
+        ));
+        let keys = stores.keys.clone();
         let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
             accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),
-            keys: KeyDirectory::new(accounts, keys, c.clone(), r.clone(), b.clone()),
-            certificates: CertificateIssuer::new(stores.accounts, signer, clock.clone()),
+            keys: KeyDirectory::new(accounts.clone(), keys, c.clone(), r.clone(), b.clone()),
+            certificates: CertificateIssuer::new(accounts, signer, clock.clone()),
             mailboxes: Mailboxes::new(
-                stores.mailboxes,
-                clock,
+                stores.mailboxes.clone(),
+                clock.clone(),
                 limits,
                 ttl,
-                commit,
+                commit.clone(),
                 rates.clone(),
                 budget.clone(),
-            ),
+            )
+            .with_tombstones(tombstones.clone()),
             rates,
             budget,
+            stores,
+            tombstones,
+            commit,
+            clock,
         })
+    }
+
+    /// The services' clock.
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The stores, unfiltered (a deleted account's remains are visible here).
+    pub(crate) fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// Accounts deleted (or being deleted) since start.
+    pub fn tombstones(&self) -> &Arc<crate::deletion::Tombstones> {
+        &self.tombstones
+    }
+
+    /// The group commit every service shares.
+    pub(crate) fn commit(&self) -> &Arc<GroupCommit> {
+        &self.commit
     }
 
     /// Accounts, devices and delivery tokens.
@@ -143,7 +180,7 @@ impl Services {
 }
 
 /// The media limits a configuration sets.
-fn blob_limits(m: &MediaConfig) -> BlobLimits {
+pub(crate) fn blob_limits(m: &MediaConfig) -> BlobLimits {
     BlobLimits {
         max_blob_bytes: m.max_blob_bytes,
         max_concurrent_uploads: m.max_concurrent_uploads,
@@ -155,6 +192,40 @@ fn blob_limits(m: &MediaConfig) -> BlobLimits {
     }
 }
 
+/// Opens the stores in `config.data_dir`: the sled database in `db/` (first: its
+/// exclusive lock keeps a second process, a relay or an admin command, out of the
+/// whole data directory) and, by default, the mailbox log in `mailboxes/`.
+pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| Error::Config(format!("creating {}: {e}", config.data_dir.display())))?;
+    let sled = Arc::new(SledStore::open(
+        &config.data_dir.join("db"),
+        config.storage.cache_mb << 20,
+    )?);
+    let stores = match config.storage.mailboxes {
+        MailboxBackend::Log => {
+            let options = LogOptions {
+                segment_bytes: config.storage.segment_mb << 20,
+                now: clock.now(),
+                ..LogOptions::default()
+            };
+            let opening = std::time::Instant::now();
+            let log = LogStore::open(&config.data_dir.join("mailboxes"), options)?;
+            // A start's index rebuild is its longest step (benches/README.md).
+            info!(
+                messages = log.count_messages(),
+                segments = log.segments(),
+                ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "mailbox log opened"
+            );
+            Stores::split(Arc::new(log), sled)
+        }
+        MailboxBackend::Sled => Stores::all(sled),
+    };
+    Ok(stores)
+}
+
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
 pub struct Relay {
@@ -162,6 +233,7 @@ pub struct Relay {
     local_addr: SocketAddr,
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    deletion: Arc<AccountDeletion>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -171,33 +243,7 @@ impl Relay {
     /// Starts a relay on its stores in `config.data_dir`: the sled database in `db/`
     /// and, by default, the mailbox log in `mailboxes/`.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Relay> {
-        config.validate()?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| Error::Config(format!("creating {}: {e}", config.data_dir.display())))?;
-        let sled = Arc::new(SledStore::open(
-            &config.data_dir.join("db"),
-            config.storage.cache_mb << 20,
-        )?);
-        let stores = match config.storage.mailboxes {
-            MailboxBackend::Log => {
-                let options = LogOptions {
-                    segment_bytes: config.storage.segment_mb << 20,
-                    now: clock.now(),
-                    ..LogOptions::default()
-                };
-                let opening = std::time::Instant::now();
-                let log = LogStore::open(&config.data_dir.join("mailboxes"), options)?;
-                // A start's index rebuild is its longest step (benches/README.md).
-                info!(
-                    messages = log.count_messages(),
-                    segments = log.segments(),
-                    ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "mailbox log opened"
-                );
-                Stores::split(Arc::new(log), sled)
-            }
-            MailboxBackend::Sled => Stores::all(sled),
-        };
+        let stores = open_stores(config, clock.as_ref())?;
         Self::start_with(config, stores, clock).await
     }
 
@@ -254,6 +300,12 @@ impl Relay {
             &config.rate_limits,
             budget,
         )?);
+        // Deletions a crash interrupted are finished before anything is served.
+        let deletion = Arc::new(AccountDeletion::new(services.clone(), blobs.clone()));
+        let resumed = deletion.resume().await?;
+        if resumed > 0 {
+            info!(resumed, "interrupted account deletions finished");
+        }
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
@@ -266,6 +318,7 @@ impl Relay {
             auth_deadline: c.auth_deadline,
             anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
+            deletion: deletion.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -301,6 +354,7 @@ impl Relay {
             local_addr,
             services,
             blobs,
+            deletion,
             endpoint,
             shutdown,
             tasks: vec![accept, sweeper, disk],
@@ -320,6 +374,11 @@ impl Relay {
     /// The services, for operators' tools and tests.
     pub fn services(&self) -> &Arc<Services> {
         &self.services
+    }
+
+    /// Account deletion, for operators' tools and tests.
+    pub fn deletion(&self) -> &Arc<AccountDeletion> {
+        &self.deletion
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

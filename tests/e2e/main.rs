@@ -6,8 +6,10 @@
 mod client;
 mod connections;
 mod crash;
+mod deletion;
 mod delivery;
 mod expiry;
+mod export;
 mod keys;
 mod limits;
 mod media;

@@ -186,9 +186,9 @@ async fn a_corrupt_upload_is_refused_and_leaves_nothing() {
 }
 
 /// Yields the first `stop` bytes of a file, then fails: a connection cut mid-upload.
-struct Interrupted {
-    inner: std::io::Cursor<Vec<u8>>,
-    stop: u64,
+pub(crate) struct Interrupted {
+    pub(crate) inner: std::io::Cursor<Vec<u8>>,
+    pub(crate) stop: u64,
 }
 
 impl tokio::io::AsyncRead for Interrupted {

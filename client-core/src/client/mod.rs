@@ -626,6 +626,45 @@ impl Client {
             .await
     }
 
+    /// Deletes this account on the relay, for every device: the relay removes its
+    /// devices, queued messages, keys, delivery token, media charges and unfinished
+    /// uploads, and then answers for it as for an id that never existed. Signed by
+    /// the identity key over the current connection (waits up to 30 s for one).
+    /// Once the relay has answered, the client stops ([`Events`] ends) and every
+    /// record in this device's store is deleted, including messages not yet
+    /// confirmed: take what the app keeps first. [`Client::open`] on that store is
+    /// then [`Error::NotRegistered`]. Other devices of the account find their
+    /// connections refused and should clear their stores too.
+    pub async fn delete_account(&self) -> Result<()> {
+        let identity = self.shared.state.lock().await.keys.identity.clone();
+        let (conn, _) = self.connections().await?;
+        conn.delete_account(&identity, &self.address).await?;
+        self.shutdown().await;
+        let state = self.shared.state.lock().await;
+        crate::store::clear(state.kv.as_ref())?;
+        Ok(())
+    }
+
+    /// Writes everything the relay holds about this account to a new file `dest`
+    /// (mode 0600): JSON in the shape of the relay's `account-export-v1.schema.json`,
+    /// with queued messages' ciphertexts if `include_ciphertexts`. Nothing is left at
+    /// `dest` if the export fails. Returns its size.
+    pub async fn export_account(&self, dest: &std::path::Path, ciphertexts: bool) -> Result<u64> {
+        let (conn, _) = self.connections().await?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dest)
+            .await
+            .map_err(|e| Error::Media(e.to_string()))?;
+        let written = conn.export_account(ciphertexts, &mut file).await;
+        if written.is_err() {
+            let _ = tokio::fs::remove_file(dest).await;
+        }
+        written
+    }
+
     /// Stops the client: the connection closes and [`Events`] ends. Everything
     /// stored stays stored; [`Client::open`] carries on from there.
     pub async fn shutdown(&self) {

@@ -603,3 +603,16 @@ fn a_backlog_is_sealed_in_bounded_batches_oldest_first() {
     }
     assert_eq!(sent, seqs, "every copy once, oldest first");
 }
+
+#[test]
+fn a_cleared_store_holds_no_device() {
+    let a = dev(1);
+    assert!(!a.kv.scan(Namespace::Local).expect("scan").is_empty());
+    assert!(!a.kv.scan(Namespace::PreKeys).expect("scan").is_empty());
+    crate::store::clear(a.kv.as_ref()).expect("clear");
+    for ns in Namespace::ALL {
+        assert!(a.kv.scan(ns).expect("scan").is_empty(), "{ns:?}");
+    }
+    let kv: Arc<dyn KvStore> = a.kv.clone();
+    assert!(State::load(kv, NOW).expect("load").is_none());
+}

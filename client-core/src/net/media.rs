@@ -244,4 +244,41 @@ impl RelayConnection {
         }
         Ok(size)
     }
+    /// Writes into `sink` everything the relay holds about this connection's account
+    /// (authenticated connections only): one JSON document in the shape of the
+    /// relay's `account-export-v1.schema.json`, with each queued message's ciphertext
+    /// if `include_ciphertexts`. Returns the bytes written. A relay that fails part
+    /// way resets the stream: that is an error here, never a short document.
+    pub async fn export_account<W: AsyncWrite + Unpin>(
+        &self,
+        include_ciphertexts: bool,
+        sink: &mut W,
+    ) -> Result<u64> {
+        let (mut send, mut recv) = self
+            .open_transfer(BlobStreamRequest::Export {
+                include_ciphertexts,
+            })
+            .await?;
+        let _ = send.finish();
+        let mut buf = BytesMut::new();
+        match read_response(&mut recv, &mut buf).await? {
+            BlobStreamResponse::ExportReady => {}
+            _ => return Err(Error::Protocol("unexpected media response".into())),
+        }
+        let media = |e: std::io::Error| Error::Media(e.to_string());
+        let mut got = buf.len() as u64;
+        sink.write_all(&buf).await.map_err(media)?;
+        loop {
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(c)) => {
+                    got += c.bytes.len() as u64;
+                    sink.write_all(&c.bytes).await.map_err(media)?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Error::Closed(format!("export cut short: {e}"))),
+            }
+        }
+        sink.flush().await.map_err(media)?;
+        Ok(got)
+    }
 }

@@ -96,6 +96,7 @@ fn closed_reason(e: &quinn::ConnectionError) -> String {
                 Ok(close::DISPLACED) => "displaced by a newer connection of this device".into(),
                 Ok(close::SHUTTING_DOWN) => "relay shutting down".into(),
                 Ok(close::PROTOCOL_ERROR) => "relay reported a protocol error".into(),
+                Ok(close::ACCOUNT_DELETED) => "the account was deleted".into(),
                 _ => "closed".into(),
             }
         }
@@ -342,6 +343,27 @@ impl RelayConnection {
         {
             Reply::SetDeliveryToken => Ok(()),
             _ => Err(unexpected("set_delivery_token")),
+        }
+    }
+
+    /// Deletes the account this connection is authenticated for (as `address`),
+    /// signed by its `identity` key over this connection's exporter value, so the
+    /// request cannot be replayed elsewhere. Returns once the relay has deleted
+    /// everything durably, and closes the connection, which can do nothing more
+    /// (the relay closes it too, with `ACCOUNT_DELETED`).
+    pub async fn delete_account(
+        &self,
+        identity: &IdentityKeyPair,
+        address: &DeviceAddress,
+    ) -> Result<()> {
+        let exporter = self.exporter(Some(&address.account), Some(address.device))?;
+        let signature = identity.sign_account_deletion(&address.account, &exporter);
+        match self.request(Request::DeleteAccount { signature }).await? {
+            Reply::DeleteAccount => {
+                self.close_now();
+                Ok(())
+            }
+            _ => Err(unexpected("delete_account")),
         }
     }
 

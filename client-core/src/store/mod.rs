@@ -64,6 +64,29 @@ pub enum Namespace {
     Held = 8,
 }
 
+impl Namespace {
+    /// Every namespace.
+    pub(crate) const ALL: [Namespace; 8] = [
+        Namespace::Local,
+        Namespace::PreKeys,
+        Namespace::Sessions,
+        Namespace::Contacts,
+        Namespace::Outbox,
+        Namespace::Inbox,
+        Namespace::Seen,
+        Namespace::Held,
+    ];
+}
+
+/// Deletes every record of every namespace, in one durable batch.
+pub(crate) fn clear(kv: &dyn KvStore) -> StoreResult<()> {
+    let mut ops = Vec::new();
+    for ns in Namespace::ALL {
+        ops.extend(kv.scan(ns)?.into_iter().map(|(k, _)| Op::Delete(ns, k)));
+    }
+    kv.apply(ops, true)
+}
+
 /// One change in a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

@@ -69,6 +69,8 @@ pub enum Reply {
     },
     /// An account's device ids.
     ListDevices(Vec<DeviceId>),
+    /// The account is deleted (durably); the relay closes the connection next.
+    DeleteAccount,
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -217,6 +219,7 @@ impl From<Reply> for Wire {
             Reply::ListDevices(ids) => Wire::ListDevices(v1::ListDevicesResponse {
                 device_ids: ids.into_iter().map(DeviceId::get).collect(),
             }),
+            Reply::DeleteAccount => Wire::DeleteAccount(v1::DeleteAccountResponse {}),
         }
     }
 }
@@ -295,6 +298,7 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
                     })
                     .collect::<Result<_, _>>()?,
             ),
+            Wire::DeleteAccount(v1::DeleteAccountResponse {}) => Reply::DeleteAccount,
         }))
     }
 }

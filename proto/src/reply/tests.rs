@@ -59,6 +59,7 @@ fn one_of_each() -> Vec<Reply> {
         Reply::BlobStatus(None),
         Reply::TouchBlob { expires_at_ms: 12 },
         Reply::ListDevices(vec![DeviceId::PRIMARY, DeviceId::new(3).expect("not 0")]),
+        Reply::DeleteAccount,
     ]
 }
 

@@ -13,8 +13,8 @@
 //! - `register` and `auth` on a connection that is already authenticated:
 //!   `BAD_REQUEST` ("already authenticated"); `register` over the per-address rate:
 //!   `RATE_LIMITED`.
-//! - `send`, `publish_keys`, `fetch_keys`, `set_delivery_token` on a connection that
-//!   is not authenticated: `UNAUTHORIZED` ([`RequestKind::needs_authentication`]).
+//! - `send`, `publish_keys`, `fetch_keys`, `set_delivery_token`, `delete_account` on
+//!   a connection that is not authenticated: `UNAUTHORIZED` ([`RequestKind::needs_authentication`]).
 //!   A `fetch_keys` with a delivery token needs no authentication, but a malformed
 //!   one is still answered so there: the relay cannot see the token of a refused frame.
 //!   Not `ack`: an oversized ack is `TOO_LARGE` on any connection.
@@ -153,6 +153,11 @@ pub enum Request {
         /// Its delivery token (any length; the relay hashes it).
         delivery_token: Bytes,
     },
+    /// Deletes the authenticated device's account.
+    DeleteAccount {
+        /// The identity key's signature over [`crate::auth::account_deletion`].
+        signature: [u8; SIGNATURE_LEN],
+    },
 }
 
 /// Which request, without its content: for logs, metrics and error answers.
@@ -189,6 +194,8 @@ pub enum RequestKind {
     TouchBlob,
     /// [`Request::ListDevices`].
     ListDevices,
+    /// [`Request::DeleteAccount`].
+    DeleteAccount,
 }
 
 impl RequestKind {
@@ -210,13 +217,14 @@ impl RequestKind {
             RequestKind::BlobStatus => "blob_status",
             RequestKind::TouchBlob => "touch_blob",
             RequestKind::ListDevices => "list_devices",
+            RequestKind::DeleteAccount => "delete_account",
         }
     }
 
     /// Whether the request needs a connection authenticated as a device
     /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys` without a delivery
-    /// token, `sender_certificate`, `set_delivery_token`; `add_device` as a device of
-    /// the same account). Note for a relay keeping today's answers: for all but
+    /// token, `sender_certificate`, `set_delivery_token`, `delete_account`;
+    /// `add_device` as a device of the same account). Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
@@ -229,6 +237,7 @@ impl RequestKind {
                 | RequestKind::FetchKeys
                 | RequestKind::SenderCertificate
                 | RequestKind::SetDeliveryToken
+                | RequestKind::DeleteAccount
         )
     }
 }
@@ -258,6 +267,7 @@ impl Request {
             Request::BlobStatus { .. } => RequestKind::BlobStatus,
             Request::TouchBlob { .. } => RequestKind::TouchBlob,
             Request::ListDevices { .. } => RequestKind::ListDevices,
+            Request::DeleteAccount { .. } => RequestKind::DeleteAccount,
         }
     }
 }
@@ -279,6 +289,7 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::BlobStatus(_) => RequestKind::BlobStatus,
         Body::TouchBlob(_) => RequestKind::TouchBlob,
         Body::ListDevices(_) => RequestKind::ListDevices,
+        Body::DeleteAccount(_) => RequestKind::DeleteAccount,
     }
 }
 
@@ -432,6 +443,14 @@ impl TryFrom<Body> for Request {
                     .map_err(bad_id("list_devices.account_id"))?,
                 delivery_token: r.delivery_token,
             },
+            Body::DeleteAccount(r) => Request::DeleteAccount {
+                signature: array(
+                    &r.signature,
+                    "delete_account.signature",
+                    "a signature",
+                    UNAUTHORIZED,
+                )?,
+            },
         })
     }
 }
@@ -539,6 +558,9 @@ impl From<Request> for Body {
             } => Body::ListDevices(v1::ListDevicesRequest {
                 account_id: copy(account.as_bytes()),
                 delivery_token,
+            }),
+            Request::DeleteAccount { signature } => Body::DeleteAccount(v1::DeleteAccountRequest {
+                signature: copy(&signature),
             }),
         }
     }

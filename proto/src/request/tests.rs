@@ -90,6 +90,7 @@ fn one_of_each() -> Vec<Request> {
             account: AccountId([7; 16]),
             delivery_token: Bytes::from_static(b"t"),
         },
+        Request::DeleteAccount { signature: [8; 64] },
     ]
 }
 
@@ -98,7 +99,7 @@ fn one_request_of_every_kind_round_trips() {
     let all = one_of_each();
     let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
     kinds.dedup();
-    assert_eq!(kinds.len(), 15, "every ClientFrame body");
+    assert_eq!(kinds.len(), 16, "every ClientFrame body");
     for (id, request) in all.into_iter().enumerate() {
         let r = ClientRequest {
             id: id as u64,
@@ -391,6 +392,11 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             "list_devices.account_id",
             BAD,
         ),
+        (
+            Body::DeleteAccount(v1::DeleteAccountRequest { signature: SHORT }),
+            "delete_account.signature",
+            UNAUTHORIZED,
+        ),
     ]
 }
 
@@ -546,7 +552,8 @@ fn needs_authentication_is_the_protocols_list() {
             "publish_keys",
             "fetch_keys",
             "sender_certificate",
-            "set_delivery_token"
+            "set_delivery_token",
+            "delete_account"
         ]
     );
 }
@@ -653,6 +660,7 @@ fn any_request() -> impl Strategy<Value = Request> {
             account: AccountId(a),
             delivery_token
         }),
+        any::<[u8; 64]>().prop_map(|signature| Request::DeleteAccount { signature }),
     ]
 }
 
@@ -678,7 +686,7 @@ proptest! {
     #[test]
     fn any_frame_of_a_known_shape_checks_without_panicking(
         id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
-        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..15,
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..16,
     ) {
         // Valid protobuf with arbitrary field contents reaches every check.
         let body = match which {
@@ -700,6 +708,7 @@ proptest! {
             11 => Body::ListDevices(v1::ListDevicesRequest { account_id: a, delivery_token: b }),
             12 => Body::Ping(v1::PingRequest {}),
             13 => Body::RelayInfo(v1::RelayInfoRequest {}),
+            14 => Body::DeleteAccount(v1::DeleteAccountRequest { signature: a }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

@@ -60,6 +60,38 @@ impl VerifiedRegistration {
     }
 }
 
+/// Proof that the account's identity key asked, on this connection, for the
+/// account's deletion. Only [`verify_deletion`] makes one; the deletion service asks
+/// for it (or for the operator's offline authority).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedDeletion {
+    account: AccountId,
+}
+
+impl VerifiedDeletion {
+    /// The account to delete.
+    pub fn account(&self) -> &AccountId {
+        &self.account
+    }
+}
+
+/// Checks a deletion request: `signature` by `identity_key` over
+/// `tern_proto::auth::account_deletion(account, exporter)`, where `exporter` is this
+/// connection's exporter output for the authenticated device's address.
+pub fn verify_deletion(
+    identity_key: &[u8; 32],
+    account: &AccountId,
+    exporter: &[u8; EXPORTER_LEN],
+    signature: &[u8],
+) -> Result<VerifiedDeletion> {
+    verify(
+        &key(identity_key)?,
+        &auth::account_deletion(account, exporter),
+        signature,
+    )?;
+    Ok(VerifiedDeletion { account: *account })
+}
+
 fn key(bytes: &[u8]) -> Result<VerifyingKey> {
     let arr: &[u8; 32] = bytes.try_into().map_err(|_| Error::Unauthorized)?;
     VerifyingKey::from_bytes(arr).map_err(|_| Error::Unauthorized)
@@ -241,5 +273,46 @@ mod tests {
             Some(dev_pub)
         );
         assert!(verify_new_device(&id_pub, &AccountId([5; 16]), &dev_pub, &sig).is_err());
+    }
+
+    #[test]
+    fn deletion_needs_the_identity_over_this_account_and_connection() {
+        let (identity, device) = keys();
+        let (acct, exporter) = (AccountId([4; 16]), [7u8; 32]);
+        let id_pub = identity.verifying_key().to_bytes();
+        let sig = identity
+            .sign(&auth::account_deletion(&acct, &exporter))
+            .to_bytes();
+        assert_eq!(
+            verify_deletion(&id_pub, &acct, &exporter, &sig)
+                .map(|v| *v.account())
+                .ok(),
+            Some(acct)
+        );
+        let refused = |r: Result<VerifiedDeletion>| matches!(r, Err(Error::Unauthorized));
+        assert!(
+            refused(verify_deletion(&id_pub, &acct, &[8; 32], &sig)),
+            "other connection"
+        );
+        assert!(refused(verify_deletion(
+            &id_pub,
+            &AccountId([5; 16]),
+            &exporter,
+            &sig
+        )));
+        let by_device = device
+            .sign(&auth::account_deletion(&acct, &exporter))
+            .to_bytes();
+        assert!(refused(verify_deletion(
+            &id_pub, &acct, &exporter, &by_device
+        )));
+        let proof = identity.sign(&auth::session_proof(&exporter)).to_bytes();
+        assert!(refused(verify_deletion(&id_pub, &acct, &exporter, &proof)));
+        assert!(refused(verify_deletion(
+            &id_pub,
+            &acct,
+            &exporter,
+            &sig[..10]
+        )));
     }
 }

@@ -34,7 +34,8 @@ use crate::core::budget::Budget;
 use crate::core::delivery::DeliveryWindow;
 use crate::core::expiry::{is_expired, Ttl};
 use crate::core::limits::Limits;
-use crate::core::rate::RateLimits;
+use crate::core::rate::{RateLimits, SenderKey};
+use crate::deletion::Tombstones;
 use crate::error::{Error, Result};
 use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
 
@@ -53,6 +54,7 @@ pub struct Mailboxes {
     rates: Arc<RateLimits>,
     budget: Arc<Budget>,
     active: Arc<ActiveMailboxes>,
+    tombstones: Arc<Tombstones>,
 }
 
 impl std::fmt::Debug for Mailboxes {
@@ -143,7 +145,15 @@ impl Mailboxes {
             rates,
             budget,
             active: Arc::default(),
+            tombstones: Arc::default(),
         }
+    }
+
+    /// These mailboxes refuse appends to the accounts in `tombstones`, as to unknown
+    /// ones.
+    pub(crate) fn with_tombstones(mut self, tombstones: Arc<Tombstones>) -> Self {
+        self.tombstones = tombstones;
+        self
     }
 
     /// The limits in force.
@@ -162,6 +172,15 @@ impl Mailboxes {
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         self.active.ordered(to, true, || {
+            // Checked under the device lock, which a deletion's purge takes too: a
+            // send that resolved its recipient before the deletion began cannot
+            // queue after the purge.
+            if self.tombstones.contains(&to.account) {
+                return Err(match from {
+                    SenderKey::Account(_) => Error::UnknownRecipient,
+                    SenderKey::Prefix(_) => Error::Unauthorized,
+                });
+            }
             // Capacity first: a send refused for a full mailbox or relay does not
             // use up its sender's rate.
             let (usage, totals) = self.store.usage_and_totals(to)?;
@@ -224,6 +243,18 @@ impl Mailboxes {
             deleted,
             commit: self.commit.clone(),
         })
+    }
+
+    /// Deletes every message of a mailbox under its device lock (account deletion).
+    pub(crate) fn purge(&self, addr: &DeviceAddress) -> Result<Usage> {
+        Ok(self
+            .active
+            .ordered(addr, false, || self.store.purge(addr))?)
+    }
+
+    /// Finishes the store's deferred removal work now (the log's scrub).
+    pub(crate) fn settle(&self) -> Result<()> {
+        Ok(self.store.settle()?)
     }
 
     /// What a device's mailbox holds.

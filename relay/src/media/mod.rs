@@ -452,6 +452,23 @@ impl BlobStore {
             .map_err(|_| BlobError::NotFound)
     }
 
+    /// Deletes what ties `account` to media (account deletion): its unfinished
+    /// uploads' partial files, then, in one change, their records and its charges.
+    /// Files first: a crash between the two leaves records that a rerun finds again,
+    /// never a file that no record names. Finished blobs name no one and stay until
+    /// they expire. Returns how many uploads it deleted.
+    pub(crate) fn remove_account(&self, account: &AccountId) -> BlobResult<usize> {
+        for (id, _) in self.index.uploads_of(account)? {
+            self.files.remove_upload(account, &id)?;
+        }
+        let removed = self.index.remove_account_media(account)?;
+        // An upload begun since the listing: its file goes too.
+        for id in &removed {
+            self.files.remove_upload(account, id)?;
+        }
+        Ok(removed.len())
+    }
+
     /// Deletes up to `max` expired blobs (record first, then file), uploads abandoned
     /// for `abandon_after`, and charges of past days.
     pub(crate) fn sweep(&self, max: usize) -> BlobResult<Swept> {

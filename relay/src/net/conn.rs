@@ -32,6 +32,7 @@ use tracing::{debug, warn};
 
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::rate::AddressPrefix;
+use crate::deletion::AccountDeletion;
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
 use crate::media::BlobStore;
@@ -75,6 +76,7 @@ pub(crate) struct ConnSettings {
     pub(crate) auth_deadline: Duration,
     pub(crate) anonymous_idle: Duration,
     pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) deletion: Arc<AccountDeletion>,
 }
 
 struct AckCmd {
@@ -116,6 +118,8 @@ enum End {
     Idle,
     /// No place among `max_connections` for this connection.
     Full,
+    /// The connection's account was deleted.
+    Deleted,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol, or the relay
@@ -157,6 +161,7 @@ pub(crate) async fn serve(
     let media = tokio::spawn(super::media::accept_streams(
         conn.clone(),
         settings.blobs.clone(),
+        services.clone(),
         device.clone(),
         activity.clone(),
     ));
@@ -182,7 +187,7 @@ pub(crate) async fn serve(
     // The writer ends once every sender of its queue is gone.
     drop(session);
     let _ = writer.await;
-    if matches!(end, End::Protocol | End::Full) {
+    if matches!(end, End::Protocol | End::Full | End::Deleted) {
         let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
     }
     let (code, reason): (u32, &[u8]) = match end {
@@ -192,6 +197,7 @@ pub(crate) async fn serve(
         End::Deadline => (close::PROTOCOL_ERROR, b"authentication deadline"),
         End::Idle => (close::NORMAL, b"idle"),
         End::Full => (close::NORMAL, b"at capacity"),
+        End::Deleted => (close::ACCOUNT_DELETED, b"account deleted"),
     };
     conn.close(code.into(), reason);
     debug!("connection closed");
@@ -442,7 +448,27 @@ impl Session {
                 self.reply(id, result.map(|()| Reply::SetDeliveryToken))
                     .await
             }
+            Request::DeleteAccount { signature } => {
+                let result = self.delete_account(&signature).await;
+                if result.is_ok() {
+                    self.ending = Some(End::Deleted);
+                }
+                self.reply(id, result.map(|()| Reply::DeleteAccount)).await
+            }
         }
+    }
+
+    /// Deletes this connection's account; returns once the deletion is durable and
+    /// scrubbed. The signature covers the exporter value `Auth` used, so it is bound
+    /// to this connection.
+    async fn delete_account(&self, signature: &[u8; 64]) -> Result<()> {
+        let device = self.authenticated()?;
+        let exporter = self.exporter(Some(device.address()))?;
+        let deleted = (self.settings.deletion)
+            .delete_signed(device, &exporter, signature)
+            .await?;
+        debug!(?deleted, "account deleted");
+        Ok(())
     }
 
     fn authenticated(&self) -> Result<&AuthenticatedDevice> {

@@ -16,7 +16,9 @@ use tracing::debug;
 
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
+use crate::export::ExportOptions;
 use crate::media::{reported_expiry, Begin, BlobError, BlobStore};
+use crate::server::Services;
 use crate::store::BlobId;
 
 /// Largest request frame on a transfer stream.
@@ -69,13 +71,27 @@ impl Drop for Running {
 pub(crate) async fn accept_streams(
     conn: quinn::Connection,
     blobs: Arc<BlobStore>,
+    services: Arc<Services>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
     activity: Arc<Activity>,
 ) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let activity = activity.clone();
-        tokio::spawn(transfer(send, recv, blobs.clone(), who.clone(), activity));
+        let on = Streams {
+            blobs: blobs.clone(),
+            services: services.clone(),
+            who: who.clone(),
+            activity: activity.clone(),
+        };
+        tokio::spawn(transfer(send, recv, on));
     }
+}
+
+/// What a transfer stream works with.
+struct Streams {
+    blobs: Arc<BlobStore>,
+    services: Arc<Services>,
+    who: Arc<OnceLock<AuthenticatedDevice>>,
+    activity: Arc<Activity>,
 }
 
 /// A control-stream question: does the relay have this blob? Answers
@@ -100,12 +116,12 @@ pub(crate) async fn touch(blobs: &Arc<BlobStore>, id: &BlobId) -> Result<Reply, 
     })
 }
 
-fn error_response(e: &Error) -> BlobStreamResponse {
+pub(super) fn error_response(e: &Error) -> BlobStreamResponse {
     debug!(error = %e, "media request refused");
     BlobStreamResponse::Error(e.to_reply())
 }
 
-async fn respond(send: &mut quinn::SendStream, r: BlobStreamResponse) -> bool {
+pub(super) async fn respond(send: &mut quinn::SendStream, r: BlobStreamResponse) -> bool {
     let mut buf = BytesMut::new();
     frame::encode(&v1::BlobStreamResponse::from(r), &mut buf);
     send.write_all(&buf).await.is_ok()
@@ -132,13 +148,13 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<v1::BlobStreamRequ
     }
 }
 
-async fn transfer(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    blobs: Arc<BlobStore>,
-    who: Arc<OnceLock<AuthenticatedDevice>>,
-    activity: Arc<Activity>,
-) {
+async fn transfer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, on: Streams) {
+    let Streams {
+        blobs,
+        services,
+        who,
+        activity,
+    } = on;
     let transfer = read_request(&mut recv)
         .await
         .and_then(|r| check(r, who.get()));
@@ -151,6 +167,9 @@ async fn transfer(
         Ok(Transfer::Download { blob_id, offset }) => {
             let _running = activity.begin();
             download(&mut send, &blobs, blob_id, offset).await
+        }
+        Ok(Transfer::Export { device, options }) => {
+            super::export::stream(&mut send, &services, device, options).await
         }
         Err(e) => Err(e),
     };
@@ -170,6 +189,11 @@ enum Transfer<'a> {
     },
     /// A download (the id is the capability).
     Download { blob_id: BlobId, offset: u64 },
+    /// An export of the account the connection authenticated for.
+    Export {
+        device: &'a AuthenticatedDevice,
+        options: ExportOptions,
+    },
 }
 
 /// Checks the opening request into its typed form. An upload needs the device the
@@ -179,7 +203,7 @@ fn check(
     request: v1::BlobStreamRequest,
     who: Option<&AuthenticatedDevice>,
 ) -> Result<Transfer<'_>, Error> {
-    if who.is_none() && matches!(request.op, Some(Op::Upload(_))) {
+    if who.is_none() && matches!(request.op, Some(Op::Upload(_) | Op::Export(_))) {
         return Err(Error::Unauthorized);
     }
     let request = BlobStreamRequest::try_from(request)
@@ -190,7 +214,20 @@ fn check(
             blob_id,
             size,
         },
-        (BlobStreamRequest::Upload { .. }, None) => return Err(Error::Unauthorized),
+        (BlobStreamRequest::Upload { .. } | BlobStreamRequest::Export { .. }, None) => {
+            return Err(Error::Unauthorized)
+        }
+        (
+            BlobStreamRequest::Export {
+                include_ciphertexts,
+            },
+            Some(device),
+        ) => Transfer::Export {
+            device,
+            options: ExportOptions {
+                include_ciphertexts,
+            },
+        },
         (BlobStreamRequest::Download { blob_id, offset }, _) => {
             Transfer::Download { blob_id, offset }
         }

@@ -11,6 +11,7 @@ use crate::server::Services;
 
 pub(crate) mod admission;
 pub(crate) mod conn;
+mod export;
 pub(crate) mod media;
 pub(crate) mod tls;
 

@@ -13,7 +13,8 @@
 //! test arms and clears faults while the relay runs. A plan is a comma-separated
 //! list of `<site>=enospc`, each optionally with `@after:<n>`: the first `n` writes
 //! at that site (counted from the start of the process) succeed, later ones fail.
-//! Sites: `log_append` (the mailbox log's append), `blob_write` (an upload's bytes).
+//! Sites: `log_append` (the mailbox log's append), `blob_write` (an upload's bytes),
+//! `account_deletion` (between an account deletion's first and second removal).
 //! Example: `TERN_FAULTS=log_append=enospc@after:100,blob_write=enospc`.
 
 use std::io;
@@ -25,6 +26,9 @@ pub(crate) enum Site {
     LogAppend,
     /// The media service writing an upload's bytes.
     BlobWrite,
+    /// Account deletion, after its first store removal (a device's keys): a failure
+    /// here leaves a half-done deletion for the next start to finish.
+    AccountDeletion,
 }
 
 /// The environment variable that holds the plan.
@@ -79,19 +83,20 @@ mod enabled {
     use super::{Site, VAR};
 
     /// Writes seen per site, for `@after:n`.
-    static CALLS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+    static CALLS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
     fn index(site: Site) -> usize {
         match site {
             Site::LogAppend => 0,
             Site::BlobWrite => 1,
+            Site::AccountDeletion => 2,
         }
     }
 
     /// A parsed plan: for each site, `Some(n)` fails every write after the first `n`.
     #[derive(Debug, Default, PartialEq, Eq)]
     pub(super) struct Plan {
-        after: [Option<u64>; 2],
+        after: [Option<u64>; 3],
     }
 
     impl Plan {
@@ -104,6 +109,7 @@ mod enabled {
                 let site = match site.trim() {
                     "log_append" => Site::LogAppend,
                     "blob_write" => Site::BlobWrite,
+                    "account_deletion" => Site::AccountDeletion,
                     other => return Err(format!("{VAR}: unknown site {other:?}")),
                 };
                 let (kind, after) = match rest.split_once('@') {

@@ -8,8 +8,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
-    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult,
-    StoredMessage, Totals, UploadMeta, Usage,
+    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreError,
+    StoreResult, StoredMessage, Totals, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -30,6 +30,7 @@ struct Inner {
     totals: Usage,
     accounts: HashMap<AccountId, AccountRecord>,
     tokens: HashMap<AccountId, [u8; 32]>,
+    deletions: BTreeMap<AccountId, Vec<DeviceId>>,
     keys: HashMap<DeviceAddress, Keys>,
     blobs: HashMap<BlobId, BlobMeta>,
     /// (account, UTC day of expiry) -> bytes charged.
@@ -192,6 +193,31 @@ impl AccountStore for MemoryStore {
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
         Ok(self.lock().tokens.get(id).copied())
     }
+
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        let mut inner = self.lock();
+        inner.tokens.remove(id);
+        Ok(inner.accounts.remove(id))
+    }
+
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.lock().deletions.insert(*id, devices.to_vec());
+        Ok(())
+    }
+
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        Ok(self
+            .lock()
+            .deletions
+            .iter()
+            .map(|(a, d)| (*a, d.clone()))
+            .collect())
+    }
+
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.lock().deletions.remove(id);
+        Ok(())
+    }
 }
 
 impl KeyStore for MemoryStore {
@@ -242,6 +268,23 @@ impl KeyStore for MemoryStore {
             .keys
             .get(of)
             .map_or(0, |k| k.one_time.len() as u64))
+    }
+
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        Ok(self
+            .lock()
+            .keys
+            .get(of)
+            .map_or_else(Published::default, |k| Published {
+                identity_dh: k.identity_dh.is_some(),
+                signed_prekey_id: k.signed_prekey.map(|s| s.id),
+                one_time: k.one_time.len() as u64,
+            }))
+    }
+
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.lock().keys.remove(of);
+        Ok(())
     }
 }
 
@@ -358,6 +401,30 @@ impl BlobIndex for MemoryStore {
             .map(|(k, _)| *k)
             .collect())
     }
+
+    fn charges_of(&self, account: &AccountId) -> StoreResult<Vec<(u64, u64)>> {
+        Ok(self
+            .lock()
+            .charges
+            .range((*account, 0)..=(*account, u64::MAX))
+            .map(|((_, day), n)| (*day, *n))
+            .collect())
+    }
+
+    fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>> {
+        let mut inner = self.lock();
+        inner.charges.retain(|(a, _), _| a != account);
+        let mine: Vec<BlobId> = inner
+            .uploads
+            .keys()
+            .filter(|(a, _)| a == account)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in &mine {
+            inner.uploads.remove(&(*account, *id));
+        }
+        Ok(mine)
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +437,8 @@ mod tests {
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
         super::super::conformance::blob_rules(&super::MemoryStore::new());
+        super::super::conformance::deletion_rules(&super::MemoryStore::new());
+        super::super::conformance::purge_rules(&super::MemoryStore::new());
     }
 
     #[test]

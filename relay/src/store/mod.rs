@@ -66,6 +66,10 @@ pub enum StoreError {
     /// before it was lost.
     #[error("no space left on the device")]
     NoSpace,
+    /// Another process holds the store (sled's exclusive lock on its database): a
+    /// running relay, or an admin command.
+    #[error("data directory in use by a running relay; stop it")]
+    Locked,
 }
 
 impl StoreError {
@@ -217,6 +221,30 @@ pub trait MailboxStore: Flush {
     fn sweep_files(&self, _now: UnixMillis) -> StoreResult<()> {
         Ok(())
     }
+
+    /// Deletes every message of the mailbox, as [`MailboxStore::remove`] does (on the
+    /// log: dead headers at once, the bytes punched by the next scrub or
+    /// [`MailboxStore::settle`]); returns what was deleted. For account deletion.
+    fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        let mut purged = Usage::default();
+        // Each round deletes at least one message or ends, so the loop is bounded by
+        // the mailbox's size.
+        loop {
+            let page = self.read(of, 0, 4096)?;
+            if page.is_empty() {
+                return Ok(purged);
+            }
+            let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+            let removed = self.remove(of, &seqs)?;
+            if removed.messages == 0 {
+                return Err(StoreError::Corrupt(
+                    "purge: read messages that remove cannot find",
+                ));
+            }
+            purged.messages += removed.messages;
+            purged.bytes += removed.bytes;
+        }
+    }
 }
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.
@@ -303,6 +331,13 @@ pub trait BlobIndex: Send + Sync + 'static {
         before: UnixMillis,
         max: usize,
     ) -> StoreResult<Vec<(AccountId, BlobId)>>;
+    /// `account`'s charges, due or not yet expired: (UTC day, bytes), by day.
+    fn charges_of(&self, account: &AccountId) -> StoreResult<Vec<(u64, u64)>>;
+    /// Deletes everything that ties `account` to media, in one atomic change: its
+    /// charges (with their expiry entries) and its uploads in progress. Returns the
+    /// ids of those uploads, whose partial files the caller deletes. Finished blobs
+    /// name no one and are left to expire (ARCHITECTURE §14).
+    fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>>;
 }
 
 /// A registered account.
@@ -342,6 +377,20 @@ pub trait AccountStore: Send + Sync + 'static {
 
     /// The SHA-256 of the account's delivery token, if it set one.
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>>;
+
+    /// Deletes the account and its delivery token hash in one atomic change; returns
+    /// the record it deleted, `None` if there was none.
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>>;
+
+    /// Records the intent to delete the account and its devices, so a start finishes
+    /// a deletion that a crash interrupted. Replaces an earlier intent for it.
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()>;
+
+    /// Every recorded deletion intent.
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>>;
+
+    /// Forgets a deletion intent (the deletion is complete).
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()>;
 }
 
 /// A one-time prekey.
@@ -387,6 +436,23 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// One-time prekeys left for the device.
     fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64>;
+
+    /// What the device has published, without taking anything (for export).
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published>;
+
+    /// Deletes every key the device published, in one atomic change.
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()>;
+}
+
+/// What a device has published, as counts and ids (no key bytes): the export's view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Whether an identity agreement key is stored.
+    pub identity_dh: bool,
+    /// The id of the stored signed prekey.
+    pub signed_prekey_id: Option<u32>,
+    /// One-time prekeys left.
+    pub one_time: u64,
 }
 
 /// An expiry index kept in memory, as (expires at, mailbox, seq), soonest first.
@@ -500,6 +566,22 @@ pub(crate) mod codec {
             key: v[4..36].try_into().map_err(|_| bad())?,
             signature: v[36..].try_into().map_err(|_| bad())?,
         })
+    }
+
+    pub(crate) fn encode_devices(devices: &[DeviceId]) -> Vec<u8> {
+        devices.iter().flat_map(|d| d.get().to_be_bytes()).collect()
+    }
+
+    pub(crate) fn decode_devices(v: &[u8]) -> StoreResult<Vec<DeviceId>> {
+        if v.len() % 4 != 0 {
+            return Err(StoreError::Corrupt("deletion intent"));
+        }
+        v.chunks_exact(4)
+            .map(|c| {
+                DeviceId::new(u32::from_be_bytes(fixed(c)?))
+                    .ok_or(StoreError::Corrupt("deletion intent"))
+            })
+            .collect()
     }
 
     /// The next device id for a record: one past the highest.

@@ -10,8 +10,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::store::{
     AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired, FetchedKeys,
-    Flush, KeyStore, MailboxStore, OneTimeKey, SignedKey, StoreResult, StoredMessage, Totals,
-    UploadMeta, Usage,
+    Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreResult, StoredMessage,
+    Totals, UploadMeta, Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -100,6 +100,9 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
         self.write(|s| s.sweep_files(now))
     }
+    fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        self.write(|s| s.purge(of))
+    }
 }
 
 impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
@@ -117,6 +120,18 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
     }
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
         self.store.delivery_token(id)
+    }
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        self.write(|s| s.remove_account(id))
+    }
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.write(|s| s.put_deletion(id, devices))
+    }
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        self.store.deletions()
+    }
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_deletion(id))
     }
 }
 
@@ -136,6 +151,12 @@ impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {
     }
     fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
         self.store.one_time_count(of)
+    }
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        self.store.published(of)
+    }
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.remove_device(of))
     }
 }
 
@@ -187,5 +208,11 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
         max: usize,
     ) -> StoreResult<Vec<(AccountId, BlobId)>> {
         self.store.stale_uploads(before, max)
+    }
+    fn charges_of(&self, account: &AccountId) -> StoreResult<Vec<(u64, u64)>> {
+        self.store.charges_of(account)
+    }
+    fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>> {
+        self.write(|s| s.remove_account_media(account))
     }
 }

@@ -65,3 +65,10 @@ fn only_written_stores_are_flushed_and_a_failed_one_until_it_succeeds() {
     both.flush().expect("nothing to flush");
     assert_eq!(flushes(&rest), 4);
 }
+
+#[test]
+fn the_deletion_verbs_reach_the_wrapped_store() {
+    let store = Marked::new(Arc::new(crate::store::MemoryStore::new()));
+    crate::store::conformance::deletion_rules(&store);
+    crate::store::conformance::purge_rules(&store);
+}

@@ -1077,3 +1077,40 @@ fn a_damaged_header_on_the_newest_segment_still_moves_the_epoch_on() {
         "{next} repeats an epoch of {given:?}"
     );
 }
+
+#[test]
+fn purge_conformance() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    crate::store::conformance::purge_rules(&manual(dir.path(), 64));
+    let big = tempfile::tempdir().expect("tempdir");
+    crate::store::conformance::purge_rules(
+        &LogStore::open(big.path(), LogOptions::default()).expect("open"),
+    );
+}
+
+#[test]
+fn a_purged_mailbox_leaves_no_address_or_payload_in_the_segments_after_settle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = manual(dir.path(), 4096);
+    let (gone, kept) = (addr(0x5a), addr(0x6b));
+    for i in 0..20u8 {
+        one(&store, &gone, i, b"secret-payload-of-the-deleted");
+        one(&store, &kept, i, b"payload-that-stays");
+    }
+    store.flush().expect("flush");
+    let gone_addr = crate::store::codec::addr_bytes(&gone);
+    assert!(disk_holds(dir.path(), &gone_addr), "the test can see it");
+    assert_eq!(store.purge(&gone).expect("purge").messages, 20);
+    store.settle().expect("settle");
+    store.flush().expect("flush");
+    assert!(!disk_holds(dir.path(), &gone_addr));
+    assert!(!disk_holds(dir.path(), b"secret-payload-of-the-deleted"));
+    assert!(disk_holds(dir.path(), b"payload-that-stays"));
+    drop(store);
+    let store = manual(dir.path(), 4096);
+    assert!(
+        seqs(&store, &gone).is_empty(),
+        "nothing comes back at a restart"
+    );
+    assert_eq!(seqs(&store, &kept).len(), 20);
+}

@@ -363,4 +363,38 @@ impl BlobIndex for SledStore {
         }
         Ok(out)
     }
+
+    fn charges_of(&self, account: &AccountId) -> StoreResult<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for kv in self
+            .blob_quota
+            .scan_prefix([&[CHARGE][..], account.as_bytes()].concat())
+        {
+            let (k, v) = kv.map_err(backend)?;
+            let day = k.get(17..).ok_or(StoreError::Corrupt("charge key"))?;
+            out.push((u64::from_be_bytes(fixed(day)?), decode_charge(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>> {
+        // One batch in one tree: the charges, their expiry entries and the uploads go
+        // together or not at all.
+        let mut batch = sled::Batch::default();
+        for (day, _) in self.charges_of(account)? {
+            batch.remove(charge_key(account, day));
+            batch.remove(charge_expiry_key(day, account));
+        }
+        let mut uploads = Vec::new();
+        for kv in self
+            .blob_quota
+            .scan_prefix([&[UPLOAD][..], account.as_bytes()].concat())
+        {
+            let (k, _) = kv.map_err(backend)?;
+            uploads.push(parse_upload_key(&k)?.1);
+            batch.remove(k);
+        }
+        self.blob_quota.apply_batch(batch).map_err(backend)?;
+        Ok(uploads)
+    }
 }

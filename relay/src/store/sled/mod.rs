@@ -37,7 +37,8 @@ use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
     codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
-    MailboxStore, OneTimeKey, SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    MailboxStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult, StoredMessage, Totals,
+    Usage,
 };
 
 mod blobs;
@@ -59,6 +60,8 @@ pub struct SledStore {
     accounts: sled::Tree,
     tokens: sled::Tree,
     keys: sled::Tree,
+    /// Deletion intents: account id -> its device ids, until the deletion completes.
+    deletions: sled::Tree,
     /// Blob records and their expiry index; no account ids.
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
@@ -221,6 +224,9 @@ impl SledStore {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::Locked)
+                }
                 Err(e) => return Err(backend(e)),
             }
         };
@@ -228,6 +234,7 @@ impl SledStore {
         let accounts = db.open_tree("accounts").map_err(backend)?;
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
         let keys = db.open_tree("keys").map_err(backend)?;
+        let deletions = db.open_tree("deletions").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
         let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
@@ -237,6 +244,7 @@ impl SledStore {
             accounts,
             tokens,
             keys,
+            deletions,
             blobs,
             blob_quota,
             seqs,
@@ -475,6 +483,44 @@ impl AccountStore for SledStore {
             .map(|v| fixed(&v))
             .transpose()
     }
+
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        use sled::Transactional;
+        let removed = (&self.accounts, &self.tokens)
+            .transaction(|(accounts, tokens)| {
+                tokens.remove(id.as_bytes())?;
+                Ok(accounts.remove(id.as_bytes())?)
+            })
+            .map_err(
+                |e: TransactionError<ConflictableTransactionError>| match e {
+                    TransactionError::Storage(e) => backend(e),
+                    TransactionError::Abort(_) => StoreError::Backend("transaction aborted".into()),
+                },
+            )?;
+        removed.map(|v| codec::decode_account(&v)).transpose()
+    }
+
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.deletions
+            .insert(id.as_bytes(), codec::encode_devices(devices))
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        let mut out = Vec::new();
+        for kv in self.deletions.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            out.push((AccountId(fixed(&k)?), codec::decode_devices(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.deletions.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
+    }
 }
 
 impl KeyStore for SledStore {
@@ -543,6 +589,29 @@ impl KeyStore for SledStore {
             n += 1;
         }
         Ok(n)
+    }
+
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        let signed = match self.keys.get(tagged(b'S', of)).map_err(backend)? {
+            Some(v) => Some(codec::decode_signed(&v)?.id),
+            None => None,
+        };
+        Ok(Published {
+            identity_dh: self.keys.contains_key(tagged(b'I', of)).map_err(backend)?,
+            signed_prekey_id: signed,
+            one_time: self.one_time_count(of)?,
+        })
+    }
+
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(&tagged(b'I', of)[..]);
+        batch.remove(&tagged(b'S', of)[..]);
+        for kv in self.keys.scan_prefix(tagged(b'O', of)) {
+            let (k, _) = kv.map_err(backend)?;
+            batch.remove(k);
+        }
+        self.keys.apply_batch(batch).map_err(backend)
     }
 }
 

@@ -9,6 +9,8 @@ fn conformance() {
     super::super::conformance::account_rules(&store);
     super::super::conformance::key_rules(&store);
     super::super::conformance::blob_rules(&store);
+    super::super::conformance::deletion_rules(&store);
+    super::super::conformance::purge_rules(&store);
 }
 
 #[test]

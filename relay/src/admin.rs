@@ -1,0 +1,176 @@
+//! Operator commands that work on a stopped relay's data directory: the credential is
+//! file-system access to it. They open the stores as a relay does, so they refuse
+//! while a relay runs on the directory (sled's exclusive lock on `db/`, taken first:
+//! [`crate::store::StoreError::Locked`]).
+
+use std::sync::Arc;
+
+use tern_platform::clock::{Clock, SystemClock};
+use tern_proto::AccountId;
+
+use crate::config::Config;
+use crate::core::budget::Budget;
+use crate::deletion::{AccountDeletion, Deleted, DeletionAuthority, Operator};
+use crate::error::{Error, Result};
+use crate::export::{ExportOptions, Exported};
+use crate::media::BlobStore;
+use crate::server::Services;
+
+/// An account id from its 32 hex digits.
+pub fn parse_account(hex: &str) -> Result<AccountId> {
+    let hex = hex.trim();
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::BadRequest(
+            "an account id is 32 hexadecimal digits".into(),
+        ));
+    }
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+            .map_err(|_| Error::BadRequest("not hexadecimal".into()))?;
+    }
+    Ok(AccountId(id))
+}
+
+/// The services and deletion of a stopped relay's data directory.
+struct Offline {
+    services: Arc<Services>,
+    deletion: AccountDeletion,
+}
+
+async fn open(config: &Config) -> Result<Offline> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let stores = crate::server::open_stores(config, clock.as_ref())?;
+    let ttl = config
+        .message_ttl()
+        .ok_or_else(|| Error::Config("invalid message_ttl".into()))?;
+    let budget = Arc::new(Budget::new(config.budget.limits()));
+    let blobs = Arc::new(BlobStore::open(
+        &config.data_dir,
+        stores.blobs.clone(),
+        clock.clone(),
+        crate::server::blob_limits(&config.media),
+        budget.clone(),
+    )?);
+    // No certificate is issued offline: a throwaway key stands in for the relay's.
+    let signer = ed25519_dalek::SigningKey::from_bytes(&rand::random());
+    let services = Arc::new(Services::with_budget(
+        stores,
+        clock,
+        config.mailbox_limits(),
+        ttl,
+        config.durability,
+        signer,
+        &config.rate_limits,
+        budget,
+    )?);
+    let deletion = AccountDeletion::new(services.clone(), blobs);
+    Ok(Offline { services, deletion })
+}
+
+/// `tern-relay admin delete-account`: finishes interrupted deletions, deletes the
+/// account, scrubs the mailbox log and flushes every store.
+pub async fn delete_account(config: &Config, account: AccountId) -> Result<Deleted> {
+    let offline = open(config).await?;
+    offline.deletion.resume().await?;
+    let deleted = offline
+        .deletion
+        .delete(DeletionAuthority::Operator(Operator::offline(), account))
+        .await?;
+    offline.services.mailboxes().close()?;
+    Ok(deleted)
+}
+
+/// `tern-relay admin export-account`: finishes interrupted deletions (an account
+/// being deleted has no export), then writes the account's export to `out`.
+pub async fn export_account(
+    config: &Config,
+    account: AccountId,
+    options: ExportOptions,
+    out: &mut dyn std::io::Write,
+) -> Result<Exported> {
+    let offline = open(config).await?;
+    offline.deletion.resume().await?;
+    let now = SystemClock.now();
+    let exported = crate::export::write(offline.services.stores(), &account, now, options, out);
+    offline.services.mailboxes().close()?;
+    exported
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_ids_are_32_hex_digits() {
+        assert_eq!(
+            parse_account("000102030405060708090a0B0c0d0e0f").expect("id"),
+            AccountId([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
+        );
+        for bad in [
+            "",
+            "00",
+            &"0".repeat(33),
+            &"g".repeat(32),
+            "é".repeat(16).as_str(),
+        ] {
+            assert!(parse_account(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_offline_commands_refuse_while_the_data_directory_is_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let held = open(&config).await.expect("first open");
+        let second = delete_account(&config, AccountId([1; 16])).await;
+        match second {
+            Err(e) => assert!(e.to_string().contains("in use by a running relay"), "{e}"),
+            Ok(d) => panic!("opened twice: {d:?}"),
+        }
+        drop(held);
+        let unknown = delete_account(&config, AccountId([1; 16])).await;
+        assert!(
+            matches!(unknown, Err(Error::UnknownRecipient)),
+            "{unknown:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_offline_export_then_deletion_of_an_account() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let offline = open(&config).await.expect("open");
+        let device = offline
+            .services
+            .accounts()
+            .register(crate::testing::registration(4))
+            .await
+            .expect("register");
+        offline.services.mailboxes().close().expect("close");
+        drop(offline);
+        let account = device.address().account;
+        let mut out = Vec::new();
+        let options = ExportOptions::default();
+        let exported = export_account(&config, account, options, &mut out)
+            .await
+            .expect("export");
+        assert_eq!((exported.devices, exported.messages), (1, 0));
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+        let id: String = account
+            .as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v["account"]["id"], id.as_str());
+        delete_account(&config, account).await.expect("delete");
+        let gone = export_account(&config, account, options, &mut Vec::new()).await;
+        assert!(matches!(gone, Err(Error::UnknownRecipient)), "{gone:?}");
+    }
+}

@@ -1,0 +1,287 @@
+//! Account deletion (P6): everything the relay holds for an account goes, and the
+//! account then behaves exactly like one that never existed.
+//!
+//! [`AccountDeletion::delete`] runs these steps, each idempotent:
+//! 1. The id joins the [`Tombstones`] (in memory): from then on every lookup of the
+//!    account (`Hidden` for the account store, the mailbox append under the device
+//!    lock) finds nothing, so a send that resolved its recipient just before cannot
+//!    queue after the purge, and every answer is that of an unknown account.
+//! 2. A deletion intent (account → device ids) is written and made durable.
+//! 3. The removals: discovery (a hook, `AccountDeletion::detach_discovery`), each
+//!    device's published keys, the account's media charges and unfinished uploads
+//!    (record and `.part` file; finished blobs name no one and expire on their own,
+//!    ARCHITECTURE §14), each device's mailbox, then the account record and its
+//!    delivery token hash.
+//! 4. A group commit, the mailbox store's settle (the log punches the purged records'
+//!    bytes now), then the intent is removed and committed. Only then is the caller
+//!    answered.
+//! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tern_proto::limits::EXPORTER_LEN;
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
+
+use crate::core::auth::{verify_deletion, AuthenticatedDevice, VerifiedDeletion};
+use crate::error::{Error, Result};
+use crate::media::BlobStore;
+use crate::server::Services;
+use crate::store::{AccountRecord, AccountStore, StoreResult};
+
+/// Accounts being deleted or deleted since this process started. Kept for the
+/// process's life: 16 bytes per deletion, and a send resolved before a deletion
+/// still finds the id here when it reaches the mailbox lock.
+#[derive(Debug, Default)]
+pub struct Tombstones {
+    ids: Mutex<HashSet<AccountId>>,
+}
+
+impl Tombstones {
+    fn lock(&self) -> MutexGuard<'_, HashSet<AccountId>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `id` is deleted (or being deleted).
+    pub fn contains(&self, id: &AccountId) -> bool {
+        self.lock().contains(id)
+    }
+
+    fn insert(&self, id: AccountId) {
+        self.lock().insert(id);
+    }
+}
+
+/// The account store as the services see it: a tombstoned account is absent, so
+/// every check that looks an account up (Auth, Send, SealedSend, FetchKeys,
+/// ListDevices, key uploads, certificates) answers as for an unknown id, with no
+/// code of its own. Writes to a tombstoned account are dropped.
+pub(crate) struct Hidden {
+    store: Arc<dyn AccountStore>,
+    tombstones: Arc<Tombstones>,
+}
+
+impl Hidden {
+    pub(crate) fn new(store: Arc<dyn AccountStore>, tombstones: Arc<Tombstones>) -> Self {
+        Hidden { store, tombstones }
+    }
+
+    fn gone(&self, id: &AccountId) -> bool {
+        self.tombstones.contains(id)
+    }
+}
+
+impl AccountStore for Hidden {
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+        if self.gone(id) {
+            // A fresh random id that collides with a deleted one: try another.
+            return Err(crate::store::StoreError::Exists);
+        }
+        self.store.create(id, record)
+    }
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.get(id)
+    }
+    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.add_device(id, device_key)
+    }
+    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
+        if self.gone(id) {
+            // A connection of the deleted account, not yet closed: nothing to keep.
+            return Ok(());
+        }
+        self.store.set_delivery_token(id, token_hash)
+    }
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.delivery_token(id)
+    }
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        self.store.remove_account(id)
+    }
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        self.store.put_deletion(id, devices)
+    }
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        self.store.deletions()
+    }
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.store.remove_deletion(id)
+    }
+}
+
+/// The operator's authority to delete any account: access to the data directory
+/// (the offline admin command) or the relay's own start-time resume. Only this
+/// crate makes one.
+#[derive(Debug)]
+pub struct Operator(());
+
+impl Operator {
+    /// For the admin command and the resume at start.
+    pub(crate) fn offline() -> Self {
+        Operator(())
+    }
+}
+
+/// Who may delete an account.
+#[derive(Debug)]
+pub enum DeletionAuthority {
+    /// The account's identity key signed the request on this connection.
+    Account(VerifiedDeletion),
+    /// The operator, offline (see [`Operator`]).
+    Operator(Operator, AccountId),
+}
+
+impl DeletionAuthority {
+    fn account(&self) -> AccountId {
+        match self {
+            DeletionAuthority::Account(v) => *v.account(),
+            DeletionAuthority::Operator(_, id) => *id,
+        }
+    }
+}
+
+/// What a deletion removed, for the operator's output and tests (no identifiers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Devices whose keys and mailboxes were removed.
+    pub devices: u64,
+    /// Queued messages deleted.
+    pub messages: u64,
+    /// Unfinished uploads deleted.
+    pub uploads: u64,
+}
+
+/// The deletion service. See the module docs.
+pub struct AccountDeletion {
+    services: Arc<Services>,
+    blobs: Arc<BlobStore>,
+}
+
+impl std::fmt::Debug for AccountDeletion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountDeletion").finish_non_exhaustive()
+    }
+}
+
+impl AccountDeletion {
+    /// Deletion over the relay's services and media store.
+    pub fn new(services: Arc<Services>, blobs: Arc<BlobStore>) -> Self {
+        AccountDeletion { services, blobs }
+    }
+
+    /// Deletes the account; returns once everything is removed, committed and
+    /// scrubbed from the mailbox log. An account that does not exist (and has no
+    /// intent left) is [`Error::UnknownRecipient`].
+    pub async fn delete(&self, authority: DeletionAuthority) -> Result<Deleted> {
+        let account = authority.account();
+        let stores = self.services.stores();
+        self.services.tombstones().insert(account);
+        let pending = stores
+            .accounts
+            .deletions()?
+            .into_iter()
+            .find(|(a, _)| *a == account)
+            .map(|(_, d)| d);
+        let devices = match (stores.accounts.get(&account)?, pending) {
+            (Some(rec), pending) => {
+                let mut ids: Vec<DeviceId> = rec.devices.iter().map(|(id, _)| *id).collect();
+                ids.extend(pending.into_iter().flatten());
+                ids.sort_unstable();
+                ids.dedup();
+                ids
+            }
+            (None, Some(pending)) => pending,
+            (None, None) => return Err(Error::UnknownRecipient),
+        };
+        stores.accounts.put_deletion(&account, &devices)?;
+        self.services.commit().commit().await?;
+        self.run(&account, &devices).await
+    }
+
+    /// A deletion asked for on a connection authenticated as `device`: checks the
+    /// account's identity key's `signature` over the account and `exporter` (this
+    /// connection's exporter output for the device's address, as `Auth` uses), then
+    /// deletes. A bad signature, or an account already being deleted, is
+    /// [`Error::Unauthorized`].
+    pub async fn delete_signed(
+        &self,
+        device: &AuthenticatedDevice,
+        exporter: &[u8; EXPORTER_LEN],
+        signature: &[u8],
+    ) -> Result<Deleted> {
+        let account = device.address().account;
+        if self.services.tombstones().contains(&account) {
+            return Err(Error::Unauthorized);
+        }
+        let record = self.services.stores().accounts.get(&account)?;
+        let identity = record.ok_or(Error::Unauthorized)?.identity_key;
+        let verified = verify_deletion(&identity, &account, exporter, signature)?;
+        self.delete(DeletionAuthority::Account(verified)).await
+    }
+
+    /// Finishes every deletion a crash interrupted; called at start, before the
+    /// relay serves. Returns how many it finished.
+    pub async fn resume(&self) -> Result<usize> {
+        let intents = self.services.stores().accounts.deletions()?;
+        for (account, devices) in &intents {
+            self.services.tombstones().insert(*account);
+            self.run(account, devices).await?;
+        }
+        Ok(intents.len())
+    }
+
+    async fn run(&self, account: &AccountId, devices: &[DeviceId]) -> Result<Deleted> {
+        let stores = self.services.stores();
+        let addrs: Vec<DeviceAddress> = devices
+            .iter()
+            .map(|&device| DeviceAddress {
+                account: *account,
+                device,
+            })
+            .collect();
+        let mut deleted = Deleted {
+            devices: addrs.len() as u64,
+            ..Deleted::default()
+        };
+        self.detach_discovery(account)?;
+        for (i, addr) in addrs.iter().enumerate() {
+            stores.keys.remove_device(addr)?;
+            if i == 0 {
+                crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
+                    .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
+            }
+        }
+        deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;
+        for addr in &addrs {
+            deleted.messages += self.services.mailboxes().purge(addr)?.messages;
+        }
+        stores.accounts.remove_account(account)?;
+        let commit = self.services.commit();
+        commit.commit().await?;
+        self.services.mailboxes().settle()?;
+        commit.commit().await?;
+        stores.accounts.remove_deletion(account)?;
+        commit.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Discovery's part of a deletion: the account's tag and any verification
+    /// session. A hook left for the discovery packages of issue 13 (Package A's
+    /// `DiscoveryStore::detach`, Package B's verification sessions), which the merge
+    /// fills; until then the relay holds no discovery data to remove.
+    fn detach_discovery(&self, _account: &AccountId) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;

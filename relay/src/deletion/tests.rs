@@ -1,0 +1,359 @@
+use std::sync::Arc;
+
+use ed25519_dalek::Signer;
+use sha2::{Digest, Sha256};
+use tern_proto::{AccountId, DeviceAddress, DeviceId, KeyUpload, SignedKey};
+
+use super::*;
+use crate::core::auth::{self, AuthenticatedDevice};
+use crate::core::limits::Limits;
+use crate::core::rate::AddressPrefix;
+use crate::keys::Requester;
+use crate::media::{Begin, BlobLimits};
+use crate::store::{BlobIndex, KeyStore, MailboxStore, Published, Usage};
+use crate::testing::{device, fixture, identity_of, msgs, Fixture};
+
+pub(crate) const TOKEN: [u8; 32] = [3; 32];
+
+pub(crate) struct World {
+    pub(crate) f: Fixture,
+    pub(crate) blobs: Arc<BlobStore>,
+    pub(crate) deletion: AccountDeletion,
+    pub(crate) _dir: tempfile::TempDir,
+}
+
+pub(crate) fn world() -> World {
+    let f = fixture(Limits::default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = Arc::new(
+        BlobStore::open(
+            dir.path(),
+            f.store.clone(),
+            f.clock.clone(),
+            BlobLimits::default(),
+            f.services.budget().clone(),
+        )
+        .expect("blobs"),
+    );
+    let deletion = AccountDeletion::new(f.services.clone(), blobs.clone());
+    World {
+        f,
+        blobs,
+        deletion,
+        _dir: dir,
+    }
+}
+
+async fn publish(f: &Fixture, dev: &AuthenticatedDevice, seed: u8) {
+    let id = identity_of(seed);
+    let (dh, spk) = ([5u8; 32], [6u8; 32]);
+    let signed = |i: u32, key: [u8; 32], sig: ed25519_dalek::Signature| {
+        Some(SignedKey {
+            id: i,
+            key,
+            signature: sig.to_bytes(),
+        })
+    };
+    let upload = KeyUpload {
+        identity_dh: signed(
+            0,
+            dh,
+            id.sign(&tern_proto::auth::identity_agreement_key(&dh)),
+        ),
+        signed_prekey: signed(1, spk, id.sign(&tern_proto::auth::signed_prekey(1, &spk))),
+        one_time: (0..4).map(|i| (i, [i as u8; 32])).collect(),
+    };
+    f.services
+        .keys()
+        .publish(dev, &upload)
+        .await
+        .expect("publish");
+}
+
+/// Bob (seed 2) with a token, keys, two devices holding messages, a charge and an
+/// unfinished upload; Alice (seed 1) sends to him.
+pub(crate) async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice) {
+    let f = &w.f;
+    let (alice, bob) = (device(f, 1).await, device(f, 2).await);
+    let hash: [u8; 32] = Sha256::digest(TOKEN).into();
+    f.services
+        .accounts()
+        .set_delivery_token(&bob, &hash)
+        .await
+        .expect("token");
+    let second = f
+        .add_device(&bob, 2, [77; 32])
+        .await
+        .expect("second device");
+    publish(f, &bob, 2).await;
+    let bob2 = DeviceAddress {
+        account: bob.address().account,
+        device: second,
+    };
+    f.send(&alice, *bob.address(), &msgs(0..3, 8))
+        .await
+        .expect("send");
+    f.send(&alice, bob2, &msgs(3..5, 8)).await.expect("send");
+    // A finished blob (a charge) and an unfinished upload.
+    let done = b"a finished blob";
+    let id: [u8; 32] = Sha256::digest(done).into();
+    let Begin::Upload { offset, running } =
+        w.blobs.begin(&bob, &id, done.len() as u64).expect("begin")
+    else {
+        panic!("new upload")
+    };
+    w.blobs.append(&bob, &id, offset, done).expect("append");
+    w.blobs.finish(&bob, &id).expect("finish");
+    drop(running);
+    let part: [u8; 32] = Sha256::digest(b"half").into();
+    let Begin::Upload { offset, running } = w.blobs.begin(&bob, &part, 100).expect("begin") else {
+        panic!("new upload")
+    };
+    w.blobs
+        .append(&bob, &part, offset, b"half")
+        .expect("append");
+    drop(running);
+    (alice, bob)
+}
+
+fn verified(seed: u8, account: &AccountId) -> VerifiedDeletion {
+    let exporter = [seed; 32];
+    let sig = identity_of(seed)
+        .sign(&tern_proto::auth::account_deletion(account, &exporter))
+        .to_bytes();
+    auth::verify_deletion(
+        &identity_of(seed).verifying_key().to_bytes(),
+        account,
+        &exporter,
+        &sig,
+    )
+    .expect("verified")
+}
+
+/// Every store's view of `account` is empty.
+fn nothing_left(w: &World, account: &AccountId, devices: &[DeviceId]) {
+    let s = &w.f.store;
+    assert_eq!(AccountStore::get(s.as_ref(), account).expect("get"), None);
+    assert_eq!(s.delivery_token(account).expect("token"), None);
+    assert!(s.deletions().expect("intents").is_empty());
+    for &device in devices {
+        let addr = DeviceAddress {
+            account: *account,
+            device,
+        };
+        assert_eq!(s.usage(&addr).expect("usage"), Usage::default());
+        assert!(s.read(&addr, 0, 10).expect("read").is_empty());
+        assert_eq!(s.published(&addr).expect("keys"), Published::default());
+    }
+    assert!(s.uploads_of(account).expect("uploads").is_empty());
+    assert!(s.charges_of(account).expect("charges").is_empty());
+}
+
+/// The (code, message) of an error, which a client sees.
+fn seen<T: std::fmt::Debug>(r: crate::Result<T>) -> (tern_proto::ErrorCode, String) {
+    let e = r.expect_err("refused");
+    (e.code(), e.client_message())
+}
+
+#[tokio::test]
+async fn a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let devices: Vec<DeviceId> =
+        w.f.store
+            .get(&account)
+            .expect("get")
+            .expect("bob")
+            .devices
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+    let deleted = w
+        .deletion
+        .delete(DeletionAuthority::Account(verified(2, &account)))
+        .await
+        .expect("delete");
+    assert_eq!(
+        deleted,
+        Deleted {
+            devices: 2,
+            messages: 5,
+            uploads: 1
+        }
+    );
+    nothing_left(&w, &account, &devices);
+    let parts = std::fs::read_dir(w._dir.path().join("uploads"))
+        .expect("uploads dir")
+        .count();
+    assert_eq!(parts, 0, "the unfinished upload's file is gone");
+
+    // The finished blob names no one and stays until it expires.
+    let done: [u8; 32] = Sha256::digest(b"a finished blob").into();
+    assert!(w.f.store.blob(&done).expect("blob").is_some());
+
+    let unknown = DeviceAddress {
+        account: AccountId([0xee; 16]),
+        device: DeviceId::PRIMARY,
+    };
+    let f = &w.f;
+    let prefix = AddressPrefix::from(std::net::IpAddr::from([127, 0, 0, 1]));
+    let send = |to| f.services.accounts().recipient(&alice, to).map(|_| ());
+    assert_eq!(seen(send(*bob.address())), seen(send(unknown)));
+    let sealed = |to| {
+        f.services
+            .accounts()
+            .sealed_recipient(to, &TOKEN, prefix)
+            .map(|_| ())
+    };
+    assert_eq!(seen(sealed(*bob.address())), seen(sealed(unknown)));
+    let fetch = |a: &AccountId| f.services.keys().fetch(&alice, a, None).map(|_| ());
+    assert_eq!(seen(fetch(&account)), seen(fetch(&unknown.account)));
+    let fetch_token = |a: &AccountId| {
+        f.services
+            .keys()
+            .fetch(
+                Requester::Token {
+                    token: &TOKEN,
+                    device: None,
+                    from: prefix,
+                },
+                a,
+                None,
+            )
+            .map(|_| ())
+    };
+    assert_eq!(
+        seen(fetch_token(&account)),
+        seen(fetch_token(&unknown.account))
+    );
+    let list = |a: &AccountId| f.services.accounts().list_devices(a, &TOKEN);
+    assert_eq!(seen(list(&account)), seen(list(&unknown.account)));
+    let exporter = [2u8; 32];
+    let proof = ed25519_dalek::SigningKey::from_bytes(&[102; 32])
+        .sign(&tern_proto::auth::session_proof(&exporter))
+        .to_bytes();
+    let auth = |addr| f.services.accounts().authenticate(addr, &exporter, &proof);
+    assert_eq!(seen(auth(*bob.address())), seen(auth(unknown)));
+
+    // Deleting again: unknown, as for any id.
+    let again = w
+        .deletion
+        .delete(DeletionAuthority::Operator(Operator::offline(), account))
+        .await;
+    assert!(matches!(again, Err(Error::UnknownRecipient)), "{again:?}");
+    // Alice is untouched.
+    assert!(f
+        .store
+        .get(&alice.address().account)
+        .expect("get")
+        .is_some());
+}
+
+#[tokio::test]
+async fn a_send_resolved_before_the_deletion_cannot_queue_after_it() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let resolved =
+        w.f.services
+            .accounts()
+            .recipient(&alice, *bob.address())
+            .expect("resolved");
+    w.deletion
+        .delete(DeletionAuthority::Account(verified(
+            2,
+            &bob.address().account,
+        )))
+        .await
+        .expect("delete");
+    let late = w.f.services.mailboxes().append(&resolved, &msgs(9..10, 8));
+    assert!(matches!(late, Err(Error::UnknownRecipient)), "{late:?}");
+    assert_eq!(
+        w.f.store.usage(bob.address()).expect("usage"),
+        Usage::default()
+    );
+}
+
+#[tokio::test]
+async fn a_deletion_interrupted_after_its_first_removal_is_finished_at_start() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let s = &w.f.store;
+    let devices: Vec<DeviceId> = s
+        .get(&account)
+        .expect("get")
+        .expect("bob")
+        .devices
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    // What a crash after step 3's first removal leaves: the intent and one device's
+    // keys gone, everything else still there.
+    s.put_deletion(&account, &devices).expect("intent");
+    s.remove_device(bob.address()).expect("keys");
+
+    // A restart: fresh services over the same store, which resume first.
+    let w2 = World {
+        f: Fixture {
+            services: w.f.services.clone(),
+            clock: w.f.clock.clone(),
+            store: w.f.store.clone(),
+        },
+        blobs: w.blobs.clone(),
+        deletion: AccountDeletion::new(w.f.services.clone(), w.blobs.clone()),
+        _dir: tempfile::tempdir().expect("tempdir"),
+    };
+    assert_eq!(w2.deletion.resume().await.expect("resume"), 1);
+    nothing_left(&w2, &account, &devices);
+    assert!(w2.f.services.tombstones().contains(&account));
+    assert_eq!(w2.deletion.resume().await.expect("nothing left"), 0);
+}
+
+#[tokio::test]
+async fn a_signed_deletion_needs_the_identity_over_this_connection() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let exporter = [9u8; 32];
+    let sign = |seed: u8, exporter: &[u8; 32]| {
+        identity_of(seed)
+            .sign(&tern_proto::auth::account_deletion(&account, exporter))
+            .to_bytes()
+    };
+    let refused = |r: crate::Result<Deleted>| matches!(r, Err(Error::Unauthorized));
+    // Another identity, another connection, Alice's device asking with Bob's signature.
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &exporter, &sign(1, &exporter))
+            .await
+    ));
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &[8; 32], &sign(2, &exporter))
+            .await
+    ));
+    assert!(refused(
+        w.deletion
+            .delete_signed(&alice, &exporter, &sign(2, &exporter))
+            .await
+    ));
+    assert!(
+        w.f.store.get(&account).expect("get").is_some(),
+        "nothing deleted yet"
+    );
+
+    let deleted = w
+        .deletion
+        .delete_signed(&bob, &exporter, &sign(2, &exporter))
+        .await
+        .expect("deleted");
+    assert_eq!(deleted.devices, 2);
+    assert!(w.f.store.get(&account).expect("get").is_none());
+    // Once more, as a replay on the same connection would: the account is gone.
+    assert!(refused(
+        w.deletion
+            .delete_signed(&bob, &exporter, &sign(2, &exporter))
+            .await
+    ));
+}

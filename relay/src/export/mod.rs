@@ -1,0 +1,182 @@
+//! Account export (P8): everything the relay holds about an account, as one JSON
+//! document in the shape of `relay/schema/account-export-v1.schema.json`.
+//!
+//! [`write()`] streams it: queued messages are read a page at a time and written one
+//! by one, so a large mailbox never sits in memory whole. It holds no phone number
+//! and no delivery token (only whether one is set), and message ciphertexts only
+//! when asked for. It reads the stores as they are; the caller decides who may ask
+//! (the offline admin command; a client request is not built yet).
+
+pub mod model;
+#[cfg(test)]
+mod tests;
+
+use std::io::Write;
+
+use base64::Engine as _;
+use tern_platform::clock::UnixMillis;
+use tern_proto::{AccountId, DeviceAddress};
+
+use crate::error::{Error, Result};
+use crate::store::Stores;
+use model::{Charge, Media, Prekeys, QueueItem, Upload};
+
+/// The export format's version; the schema's `version` is this constant.
+pub const EXPORT_VERSION: u32 = 1;
+
+/// The export's `schema` field.
+pub const EXPORT_SCHEMA: &str = "tern-account-export";
+
+/// The JSON Schema (2020-12) of version [`EXPORT_VERSION`].
+pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.json");
+
+/// Messages read from a mailbox at a time.
+const PAGE: usize = 256;
+
+/// What to put in an export.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Include each queued message's ciphertext (base64).
+    pub include_ciphertexts: bool,
+}
+
+/// Counts of what an export held (no identifiers), for the operator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exported {
+    /// Devices.
+    pub devices: u64,
+    /// Queued messages.
+    pub messages: u64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn json<T: serde::Serialize>(out: &mut dyn Write, value: &T) -> Result<()> {
+    serde_json::to_writer(&mut *out, value).map_err(|e| Error::Io(e.into()))
+}
+
+/// Writes the export of `account` to `out`; an account that does not exist is
+/// [`Error::UnknownRecipient`] (and nothing is written).
+pub fn write(
+    stores: &Stores,
+    account: &AccountId,
+    now: UnixMillis,
+    options: ExportOptions,
+    out: &mut dyn Write,
+) -> Result<Exported> {
+    let record = stores
+        .accounts
+        .get(account)?
+        .ok_or(Error::UnknownRecipient)?;
+    let token_set = stores.accounts.delivery_token(account)?.is_some();
+    let mut exported = Exported::default();
+    write!(
+        out,
+        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","delivery_token_set":{token_set},"devices":["#,
+        hex(account.as_bytes()),
+        b64(&record.identity_key),
+    )?;
+    for (i, (device, key)) in record.devices.iter().enumerate() {
+        let addr = DeviceAddress {
+            account: *account,
+            device: *device,
+        };
+        let published = stores.keys.published(&addr)?;
+        let usage = stores.mailboxes.usage(&addr)?;
+        let prekeys = Prekeys {
+            identity_dh: published.identity_dh,
+            signed_prekey_id: published.signed_prekey_id,
+            one_time: published.one_time,
+        };
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        write!(
+            out,
+            r#"{{"id":{},"key":"{}","prekeys":"#,
+            device.get(),
+            b64(key)
+        )?;
+        json(out, &prekeys)?;
+        write!(
+            out,
+            r#","queue":{{"messages":{},"bytes":{},"items":["#,
+            usage.messages, usage.bytes
+        )?;
+        exported.messages += write_queue(stores, &addr, options, out)?;
+        out.write_all(b"]}}")?;
+        exported.devices += 1;
+    }
+    out.write_all(br#"]},"discovery":null,"media":"#)?;
+    json(out, &media(stores, account)?)?;
+    out.write_all(b"}")?;
+    out.flush()?;
+    Ok(exported)
+}
+
+/// Streams a mailbox's messages, a page at a time; returns how many.
+fn write_queue(
+    stores: &Stores,
+    addr: &DeviceAddress,
+    options: ExportOptions,
+    out: &mut dyn Write,
+) -> Result<u64> {
+    let (mut after, mut written) = (0u64, 0u64);
+    // Each page moves `after` past its last seq, so the loop ends with the mailbox.
+    loop {
+        let page = stores.mailboxes.read(addr, after, PAGE)?;
+        let Some(last) = page.last() else {
+            return Ok(written);
+        };
+        after = last.seq;
+        for m in &page {
+            if written > 0 {
+                out.write_all(b",")?;
+            }
+            json(
+                out,
+                &QueueItem {
+                    seq: m.seq,
+                    message_id: hex(m.message_id.as_bytes()),
+                    bytes: m.payload.len() as u64,
+                    accepted_at_ms: m.accepted_at,
+                    expires_at_ms: m.expires_at,
+                    ciphertext: options.include_ciphertexts.then(|| b64(&m.payload)),
+                },
+            )?;
+            written += 1;
+        }
+    }
+}
+
+fn media(stores: &Stores, account: &AccountId) -> Result<Media> {
+    let charges = stores
+        .blobs
+        .charges_of(account)?
+        .into_iter()
+        .map(|(utc_day, bytes)| Charge { utc_day, bytes })
+        .collect();
+    let mut uploads = Vec::new();
+    for (id, size) in stores.blobs.uploads_of(account)? {
+        // Finished or abandoned since the listing: not in progress any more.
+        if let Some(meta) = stores.blobs.upload(account, &id)? {
+            uploads.push(Upload {
+                blob_id: hex(&id),
+                size,
+                started_at_ms: meta.started_at,
+                last_progress_ms: meta.touched_at,
+            });
+        }
+    }
+    Ok(Media {
+        charges,
+        uploads_in_progress: uploads,
+        owned_blobs: Vec::new(),
+    })
+}

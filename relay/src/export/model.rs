@@ -1,0 +1,68 @@
+//! The parts of an account export that are written whole (serde); the writer in
+//! `export/mod.rs` puts them together and streams the queued messages one by one.
+//! The document's shape is `relay/schema/account-export-v1.schema.json`.
+
+use serde::Serialize;
+
+/// A device's published keys: what is stored, not the keys themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Prekeys {
+    /// Whether an identity agreement key is stored.
+    pub identity_dh: bool,
+    /// The id of the stored signed prekey.
+    pub signed_prekey_id: Option<u32>,
+    /// One-time prekeys left.
+    pub one_time: u64,
+}
+
+/// One queued message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueItem {
+    /// Its place in the device's mailbox.
+    pub seq: u64,
+    /// The sender's id for it (hex, 32 digits).
+    pub message_id: String,
+    /// Ciphertext length.
+    pub bytes: u64,
+    /// When the relay accepted it (Unix ms).
+    pub accepted_at_ms: u64,
+    /// When it expires (Unix ms).
+    pub expires_at_ms: u64,
+    /// The ciphertext (base64), only when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ciphertext: Option<String>,
+}
+
+/// A media quota charge: bytes uploaded on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Charge {
+    /// Days since the Unix epoch.
+    pub utc_day: u64,
+    /// Bytes charged.
+    pub bytes: u64,
+}
+
+/// An upload not yet finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Upload {
+    /// The blob id (hex, 64 digits).
+    pub blob_id: String,
+    /// The size announced.
+    pub size: u64,
+    /// When it started (Unix ms).
+    pub started_at_ms: u64,
+    /// When bytes last arrived (Unix ms).
+    pub last_progress_ms: u64,
+}
+
+/// The account's media: charges and unfinished uploads. Finished blobs name no
+/// account on the relay, so `owned_blobs` is always empty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Media {
+    /// Charges not yet expired, by day.
+    pub charges: Vec<Charge>,
+    /// Uploads in progress.
+    pub uploads_in_progress: Vec<Upload>,
+    /// Always empty (see the type's docs).
+    pub owned_blobs: Vec<String>,
+}

@@ -1,0 +1,154 @@
+use serde_json::Value;
+use tern_proto::DeviceAddress;
+
+use super::*;
+use crate::deletion::tests::{fill, world};
+use sha2::{Digest, Sha256};
+
+use crate::deletion::tests::TOKEN;
+use crate::store::{AccountStore, BlobIndex, MailboxStore};
+
+fn schema() -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(SCHEMA_V1).expect("the schema is JSON");
+    jsonschema::validator_for(&schema).expect("a valid JSON Schema")
+}
+
+fn export(stores: &Stores, account: &AccountId, options: ExportOptions) -> Value {
+    let mut out = Vec::new();
+    write(stores, account, 1_000, options, &mut out).expect("export");
+    serde_json::from_slice(&out).expect("JSON")
+}
+
+fn valid(v: &Value) {
+    let validator = schema();
+    let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+#[tokio::test]
+async fn an_export_holds_every_stored_item_and_matches_the_schema() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let stores = w.f.services.stores();
+    let v = export(stores, &account, ExportOptions::default());
+    valid(&v);
+    assert_eq!(v["schema"], EXPORT_SCHEMA);
+    assert_eq!(v["version"], EXPORT_VERSION);
+    let acct = &v["account"];
+    assert_eq!(acct["id"], hex(account.as_bytes()));
+    assert_eq!(acct["delivery_token_set"], true);
+    let record = AccountStore::get(w.f.store.as_ref(), &account)
+        .expect("get")
+        .expect("bob");
+    assert_eq!(acct["identity_key"], b64(&record.identity_key));
+    let devices = acct["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), record.devices.len());
+    for (d, (id, key)) in devices.iter().zip(&record.devices) {
+        assert_eq!(d["id"], id.get());
+        assert_eq!(d["key"], b64(key));
+        let addr = DeviceAddress {
+            account,
+            device: *id,
+        };
+        let stored = w.f.store.read(&addr, 0, 100).expect("read");
+        let items = d["queue"]["items"].as_array().expect("items");
+        assert_eq!(d["queue"]["messages"], stored.len() as u64);
+        assert_eq!(items.len(), stored.len());
+        for (item, m) in items.iter().zip(&stored) {
+            assert_eq!(item["seq"], m.seq);
+            assert_eq!(item["message_id"], hex(m.message_id.as_bytes()));
+            assert_eq!(item["bytes"], m.payload.len() as u64);
+            assert!(item.get("ciphertext").is_none(), "not asked for");
+        }
+    }
+    // Bob's first device published keys (4 one-time prekeys), the second did not.
+    assert_eq!(devices[0]["queue"]["messages"], 3);
+    assert_eq!(devices[1]["queue"]["messages"], 2);
+    assert_eq!(
+        devices[0]["prekeys"],
+        serde_json::json!({"identity_dh": true, "signed_prekey_id": 1, "one_time": 4})
+    );
+    assert_eq!(
+        devices[1]["prekeys"],
+        serde_json::json!({"identity_dh": false, "signed_prekey_id": null, "one_time": 0})
+    );
+    let media = &v["media"];
+    let charged: u64 =
+        w.f.store
+            .charges_of(&account)
+            .expect("charges")
+            .iter()
+            .map(|(_, b)| b)
+            .sum();
+    assert!(charged > 0);
+    assert_eq!(media["charges"][0]["bytes"], charged);
+    assert_eq!(
+        media["uploads_in_progress"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(media["uploads_in_progress"][0]["size"], 100);
+    assert_eq!(media["owned_blobs"], serde_json::json!([]));
+    assert_eq!(v["discovery"], Value::Null);
+    let text = v.to_string();
+    let hash: [u8; 32] = Sha256::digest(TOKEN).into();
+    for secret in [&TOKEN, &hash] {
+        assert!(!text.contains(&hex(secret)) && !text.contains(&b64(secret)));
+    }
+}
+
+#[tokio::test]
+async fn ciphertexts_are_in_only_when_asked_for_and_match() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let stores = w.f.services.stores();
+    let v = export(
+        stores,
+        &bob.address().account,
+        ExportOptions {
+            include_ciphertexts: true,
+        },
+    );
+    valid(&v);
+    let items = &v["account"]["devices"][0]["queue"]["items"];
+    let stored = w.f.store.read(bob.address(), 0, 100).expect("read");
+    assert_eq!(items.as_array().map(Vec::len), Some(stored.len()));
+    for (item, m) in items.as_array().into_iter().flatten().zip(&stored) {
+        assert_eq!(item["ciphertext"], b64(&m.payload));
+    }
+}
+
+#[test]
+fn the_schema_is_version_1_and_refuses_what_it_does_not_name() {
+    let raw: Value = serde_json::from_str(SCHEMA_V1).expect("JSON");
+    assert_eq!(raw["properties"]["version"]["const"], EXPORT_VERSION);
+    assert_eq!(raw["properties"]["schema"]["const"], EXPORT_SCHEMA);
+    let mut doc = serde_json::json!({
+        "schema": EXPORT_SCHEMA, "version": 1, "generated_at_ms": 5,
+        "account": {"id": "00".repeat(16), "identity_key": b64(&[1; 32]),
+            "delivery_token_set": false, "devices": []},
+        "discovery": null,
+        "media": {"charges": [], "uploads_in_progress": [], "owned_blobs": []}
+    });
+    assert!(schema().is_valid(&doc));
+    doc["account"]["phone"] = Value::from("+15550100");
+    assert!(!schema().is_valid(&doc), "an extra field");
+    doc["account"].as_object_mut().map(|a| a.remove("phone"));
+    doc["version"] = Value::from(2);
+    assert!(!schema().is_valid(&doc), "another version");
+}
+
+#[tokio::test]
+async fn an_unknown_account_has_no_export() {
+    let w = world();
+    let mut out = Vec::new();
+    let r = write(
+        w.f.services.stores(),
+        &AccountId([9; 16]),
+        0,
+        ExportOptions::default(),
+        &mut out,
+    );
+    assert!(matches!(r, Err(Error::UnknownRecipient)));
+    assert!(out.is_empty());
+}
