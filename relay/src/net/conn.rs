@@ -442,6 +442,13 @@ impl Session {
                 self.reply(id, result.map(|()| Reply::SetDeliveryToken))
                     .await
             }
+            Request::DiscoveryEvaluate { .. }
+            | Request::DiscoveryLookup { .. }
+            | Request::DiscoveryFilter { .. }
+            | Request::SetDiscoverable(_) => {
+                let e = Error::Unavailable("discovery is not enabled");
+                self.reply(id, Err(e)).await
+            }
         }
     }
 
