@@ -17,6 +17,8 @@ use tern_platform::clock::UnixMillis;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Discovery tags, apart: no call touches both.
+    pub(super) discovery: Mutex<super::discovery::MemDiscovery>,
 }
 
 #[derive(Debug, Default)]
@@ -370,6 +372,7 @@ mod tests {
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
         super::super::conformance::blob_rules(&super::MemoryStore::new());
+        super::super::conformance::discovery_rules(&super::MemoryStore::new());
     }
 
     #[test]
