@@ -16,6 +16,8 @@
 //!   - `keys`: the key directory (signed and one-time prekeys).
 //!   - `certificates`: sender certificates, signed with the relay's key.
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
+//!   - [`discovery`]: contact discovery: the OPRF key, tags of verified numbers,
+//!     evaluation and lookup limits, and the published filter.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
@@ -101,6 +103,9 @@ pub mod store;
 
 // Exported for media tests (the received-bytes counter).
 pub mod media;
+
+// Exported for phone verification, benches and tests.
+pub mod discovery;
 
 // The binary and embedders.
 pub mod cli;

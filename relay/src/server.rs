@@ -19,6 +19,7 @@ use crate::core::budget::{Budget, DiskSample};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
+use crate::discovery::{self, Discovery, Oprf};
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
@@ -155,6 +156,9 @@ fn blob_limits(m: &MediaConfig) -> BlobLimits {
     }
 }
 
+/// How often the publisher checks whether the UTC day changed.
+const PUBLISH_CHECK: Duration = Duration::from_secs(60);
+
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
 pub struct Relay {
@@ -162,6 +166,7 @@ pub struct Relay {
     local_addr: SocketAddr,
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    discovery: Arc<Discovery>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -244,6 +249,14 @@ impl Relay {
             )
             .map_err(Error::from)?,
         );
+        let discovery = Arc::new(Discovery::new(
+            Oprf::load_or_create(&config.data_dir, &mut rand::rngs::OsRng)?,
+            stores.discovery.clone(),
+            stores.accounts.clone(),
+            clock.clone(),
+            &config.discovery,
+            config.data_dir.join("discovery"),
+        )?);
         let services = Arc::new(Services::with_budget(
             stores,
             clock,
@@ -266,6 +279,7 @@ impl Relay {
             auth_deadline: c.auth_deadline,
             anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
+            discovery: discovery.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -288,6 +302,11 @@ impl Relay {
             config.budget.disk_check_interval,
             shutdown.subscribe(),
         ));
+        let publisher = tokio::spawn(discovery::publish_loop(
+            discovery.clone(),
+            PUBLISH_CHECK,
+            shutdown.subscribe(),
+        ));
         let host = config
             .advertise_host
             .clone()
@@ -301,9 +320,10 @@ impl Relay {
             local_addr,
             services,
             blobs,
+            discovery,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper, disk],
+            tasks: vec![accept, sweeper, disk, publisher],
         })
     }
 
@@ -320,6 +340,11 @@ impl Relay {
     /// The services, for operators' tools and tests.
     pub fn services(&self) -> &Arc<Services> {
         &self.services
+    }
+
+    /// Contact discovery: phone verification attaches tags through it.
+    pub fn discovery(&self) -> &Arc<Discovery> {
+        &self.discovery
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).
