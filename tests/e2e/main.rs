@@ -7,6 +7,7 @@ mod client;
 mod connections;
 mod crash;
 mod delivery;
+mod discovery;
 mod expiry;
 mod keys;
 mod limits;

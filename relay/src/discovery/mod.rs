@@ -94,6 +94,8 @@ pub struct Discovery {
     lookups: KeyedLimit<AccountId>,
     /// Serialises the account bucket's read-charge-write.
     charging: Mutex<()>,
+    /// One publication at a time (they write the same files).
+    publishing: Mutex<()>,
     evaluations: Arc<Semaphore>,
     /// Where the published files live (`<data>/discovery`).
     dir: PathBuf,
@@ -134,6 +136,7 @@ impl Discovery {
             accounts,
             clock,
             charging: Mutex::new(()),
+            publishing: Mutex::new(()),
             evaluations: Arc::new(Semaphore::new(config.max_concurrent_evaluations)),
             config: config.clone(),
             dir,
@@ -280,6 +283,7 @@ impl Discovery {
     /// Builds today's files from the store and serves them from now on. On failure
     /// the files served before stay (and the error is logged and returned).
     pub fn republish(&self) -> Result<()> {
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let day = utc_day(self.clock.now());
         let built = self
             .store
