@@ -308,10 +308,12 @@ impl FilterSnapshot {
             return Err(FilterDecodeError::TooLarge);
         }
         // h0 < seg_count_len, h1 and h2 one and two aligned segments on: in bounds
-        // exactly when the array is seg_count_len + 2 segments, segment-aligned.
+        // exactly when the array is seg_count_len + 2 segments, segment-aligned, with
+        // at least one segment counted (with none, xorf's hashes index past the end).
         let descriptor_ok = seg_len.is_power_of_two()
             && seg_len <= MAX_SEGMENT_LENGTH
             && seg_mask == seg_len - 1
+            && seg_count_len >= seg_len
             && seg_count_len % seg_len == 0
             && u64::from(seg_count_len) + 2 * u64::from(seg_len) == u64::from(slots)
             && keys <= slots;

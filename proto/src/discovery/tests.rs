@@ -89,6 +89,22 @@ fn a_snapshot_decoder_refuses_what_could_index_out_of_bounds() {
             "case {i}"
         );
     }
+    // No segment counted (found by review): xorf's third hash would index past the
+    // array, so `contains` would panic on a filter the decoder let through.
+    let mut headless = Vec::new();
+    headless.extend_from_slice(b"TDF1");
+    for v in [3u32, 0] {
+        headless.extend_from_slice(&v.to_le_bytes());
+    }
+    headless.extend_from_slice(&7u64.to_le_bytes());
+    for v in [4u32, 3, 0, 8] {
+        headless.extend_from_slice(&v.to_le_bytes());
+    }
+    headless.push(0);
+    assert_eq!(
+        FilterSnapshot::decode(&headless).map(|_| ()),
+        Err(FilterDecodeError::Descriptor)
+    );
     // A zero value where the bitmap says non-zero.
     let mut zero = good.clone();
     let first_value = zero.len() - 4;
