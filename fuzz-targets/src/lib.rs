@@ -10,7 +10,8 @@
 //! `cargo test` replays the corpus without a fuzzer. See `fuzz/README.md`.
 //!
 //! # Layout
-//! - [`wire`]: frames, requests, replies, ids and addresses, contact cards.
+//! - [`wire`]: frames, requests, replies, ids and addresses, contact cards, the
+//!   published discovery filter.
 //! - [`crypto`]: the X3DH header, the ratchet header and session, the stored session
 //!   set, sealed sender, attachment decryption.
 //! - [`store`]: the relay's mailbox log scan.
@@ -39,7 +40,9 @@ pub use crypto::{attachment, ratchet, sealed_open, session_record, x3dh_header};
 pub use logs::redact;
 pub use stateful::two_clients;
 pub use store::log_scan;
-pub use wire::{contact_card, frame_decoder, ids_and_addresses, replies, requests};
+pub use wire::{
+    contact_card, discovery_filter, frame_decoder, ids_and_addresses, replies, requests,
+};
 
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
@@ -60,6 +63,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("log_scan", log_scan),
     ("two_clients", two_clients),
     ("redact", redact),
+    ("discovery_filter", discovery_filter),
 ];
 
 /// The body of the target called `name`.

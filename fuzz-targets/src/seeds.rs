@@ -8,6 +8,7 @@ use rand::RngCore;
 use tern_client::crypto::{attachment, sealed};
 use tern_client::ContactCard;
 use tern_proto::address::Fingerprint;
+use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterKind, FilterPart, Tag};
 use tern_proto::frame;
 use tern_proto::{
     v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Delivery,
@@ -61,6 +62,7 @@ pub fn all() -> Vec<Seed> {
     frames(&mut add);
     ids(&mut add);
     crypto(&mut add);
+    discovery(&mut add);
     add("log_scan", "empty", Vec::new());
     add("log_scan", "three-mailboxes", segment());
     add(
@@ -96,6 +98,39 @@ pub fn all() -> Vec<Seed> {
         ]),
     );
     out
+}
+
+/// Snapshots of 0, 1 and 100 keys, a delta chain, and a snapshot cut short.
+fn discovery(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
+    use tern_proto::discovery::{FilterDelta, FilterSnapshot};
+    let keys: Vec<u64> = (1..=100u64)
+        .map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    for n in [0, 1, 100] {
+        let snapshot = FilterSnapshot::build(20_000, keys[..n].to_vec()).expect("distinct keys");
+        add(
+            "discovery_filter",
+            &format!("snapshot-{n}"),
+            snapshot.encode(),
+        );
+    }
+    let full = FilterSnapshot::build(20_000, keys.clone()).expect("distinct keys");
+    let bytes = full.encode();
+    add(
+        "discovery_filter",
+        "snapshot-truncated",
+        bytes[..bytes.len() / 2].to_vec(),
+    );
+    let first = FilterDelta::between(20_000, &keys[..50], 20_001, &keys[10..60]);
+    let second = FilterDelta::between(20_001, &keys[10..60], 20_002, &keys[..0]);
+    let mut chain = first.encode();
+    second.encode_into(&mut chain);
+    add("discovery_filter", "deltas-two", chain);
+    add(
+        "discovery_filter",
+        "delta-empty",
+        FilterDelta::between(1, &[], 2, &[]).encode(),
+    );
 }
 
 fn address(account: u8, device: u32) -> DeviceAddress {
@@ -247,6 +282,36 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 },
             ),
         ),
+        (
+            "discovery-evaluate",
+            r(
+                16,
+                Request::DiscoveryEvaluate {
+                    blinded: BlindedBatch::new(Bytes::from(vec![17; 2 * 32])).expect("2 points"),
+                },
+            ),
+        ),
+        (
+            "discovery-lookup",
+            r(
+                17,
+                Request::DiscoveryLookup {
+                    tags: vec![Tag([18; 16])],
+                },
+            ),
+        ),
+        (
+            "discovery-filter",
+            r(
+                18,
+                Request::DiscoveryFilter {
+                    since_day: 20_000,
+                    day: 20_001,
+                    part: 1,
+                },
+            ),
+        ),
+        ("set-discoverable", r(19, Request::SetDiscoverable(true))),
     ]
 }
 
@@ -306,6 +371,30 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         (
             "list-devices",
             ok(7, Reply::ListDevices(vec![DeviceId::PRIMARY])),
+        ),
+        (
+            "discovery-found",
+            ok(
+                10,
+                Reply::DiscoveryFound(vec![DiscoveredAccount {
+                    tag: Tag([1; 16]),
+                    account: AccountId([2; 16]),
+                    identity_key: [3; 32],
+                }]),
+            ),
+        ),
+        (
+            "discovery-filter-part",
+            ok(
+                11,
+                Reply::DiscoveryFilterPart(FilterPart {
+                    day: 20_000,
+                    kind: FilterKind::Snapshot,
+                    parts: 2,
+                    part: 0,
+                    data: Bytes::from_static(b"TDF1"),
+                }),
+            ),
         ),
         (
             "rate-limited",

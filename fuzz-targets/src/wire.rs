@@ -161,3 +161,26 @@ pub fn contact_card(data: &[u8]) {
         assert_eq!(printed.parse::<ContactCard>().ok(), Some(card), "{printed}");
     }
 }
+
+/// A published discovery filter as a client downloads it: a snapshot ("TDF1") or
+/// concatenated deltas ("TDD1"). Rules: no panic; what decodes encodes back to the
+/// same bytes (the encodings are canonical); a decoded snapshot answers any key
+/// without indexing out of bounds.
+pub fn discovery_filter(data: &[u8]) {
+    use tern_proto::discovery::{FilterDelta, FilterKey, FilterSnapshot};
+    if let Ok(snapshot) = FilterSnapshot::decode(data) {
+        assert_eq!(snapshot.encode(), data, "snapshot re-encodes");
+        for chunk in data.chunks(8).take(64) {
+            let mut key = [0u8; 8];
+            key[..chunk.len()].copy_from_slice(chunk);
+            let _ = snapshot.contains(FilterKey(u64::from_le_bytes(key)));
+        }
+    }
+    if let Ok(deltas) = FilterDelta::decode_all(data) {
+        let mut again = Vec::new();
+        for d in &deltas {
+            d.encode_into(&mut again);
+        }
+        assert_eq!(again, data, "deltas re-encode");
+    }
+}

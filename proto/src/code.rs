@@ -35,6 +35,8 @@ pub enum ErrorCode {
     NotFound,
     /// The account's storage quota is used up.
     QuotaExceeded,
+    /// Discovery needs a verified phone number.
+    NotVerified,
 }
 
 impl ErrorCode {
@@ -63,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotFound => "not found",
             ErrorCode::QuotaExceeded => "quota exceeded",
+            ErrorCode::NotVerified => "not verified",
         }
     }
 }
@@ -88,6 +91,7 @@ impl From<v1::ErrorCode> for ErrorCode {
             v1::ErrorCode::Unavailable => ErrorCode::Unavailable,
             v1::ErrorCode::NotFound => ErrorCode::NotFound,
             v1::ErrorCode::QuotaExceeded => ErrorCode::QuotaExceeded,
+            v1::ErrorCode::NotVerified => ErrorCode::NotVerified,
         }
     }
 }
@@ -107,6 +111,7 @@ impl From<ErrorCode> for v1::ErrorCode {
             ErrorCode::Unavailable => v1::ErrorCode::Unavailable,
             ErrorCode::NotFound => v1::ErrorCode::NotFound,
             ErrorCode::QuotaExceeded => v1::ErrorCode::QuotaExceeded,
+            ErrorCode::NotVerified => v1::ErrorCode::NotVerified,
         }
     }
 }
@@ -117,14 +122,14 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
-        for wire in 0..=11 {
+        for wire in (0..=11).chain([14]) {
             let code = ErrorCode::from_wire(wire);
             assert_eq!(code.to_wire(), wire);
             assert_ne!(code.as_str(), "");
         }
         assert_eq!(ErrorCode::from_wire(1), ErrorCode::BadRequest);
         assert_eq!(ErrorCode::from_wire(10), ErrorCode::NotFound);
-        for unknown in [-1, 12, 1000, i32::MAX, i32::MIN] {
+        for unknown in [-1, 12, 13, 15, 1000, i32::MAX, i32::MIN] {
             assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
         }
     }

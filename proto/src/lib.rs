@@ -15,6 +15,9 @@
 //! - [`reply`]: [`ServerMessage`] (response, delivery, end of queue), [`Reply`],
 //!   [`ErrorReply`] and [`Delivery`].
 //! - [`code`]: the domain [`ErrorCode`].
+//! - [`discovery`]: contact discovery as bytes: [`discovery::Tag`],
+//!   [`discovery::FilterKey`], blinded batches, and the published filter's snapshot
+//!   and delta encodings with their checking decoders.
 //! - [`error`]: [`Malformed`] and [`Problem`]: which field of a wire message was
 //!   wrong and how.
 //! - [`keys`]: prekeys as published ([`KeyUpload`]) and fetched ([`DeviceBundle`]).
@@ -74,6 +77,7 @@ pub mod address;
 pub mod auth;
 pub mod certificate;
 pub mod code;
+pub mod discovery;
 pub mod error;
 pub mod frame;
 pub mod ids;

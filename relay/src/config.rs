@@ -77,6 +77,15 @@
 //! max_upload_bytes_per_sec = 209715200
 //! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
 //! abandon_after = "1day"        # uploads with no progress
+//!
+//! [discovery]                   # contact discovery; see ARCHITECTURE.md "Discovery"
+//! enabled = true
+//! per_account = { burst = 50000, refill = "6/1h" }   # evaluated numbers per account
+//! per_prefix = { burst = 100000, refill = "60/1h" }  # ...per IPv4 address or IPv6 /64
+//! lookups_per_account = { burst = 10000, refill = "100/1h" }  # tags looked up
+//! keep_deltas = 30              # daily filter deltas kept; older clients get a snapshot
+//! max_concurrent_evaluations = 2  # batches evaluated at once (blocking threads)
+//! default_discoverable = true   # a newly verified number can be found
 //! ```
 
 use std::net::SocketAddr;
@@ -92,10 +101,12 @@ use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
 mod budget;
 mod connections;
+mod discovery;
 mod rate;
 
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
+pub use self::discovery::{BucketRate, DiscoveryConfig};
 pub use self::rate::{PrekeyLimit, RateLimitsConfig};
 
 /// The relay's configuration.
@@ -126,6 +137,8 @@ pub struct Config {
     pub connections: ConnectionsConfig,
     /// Relay-wide budgets and the free-disk reserve.
     pub budget: BudgetConfig,
+    /// Contact discovery.
+    pub discovery: DiscoveryConfig,
 }
 
 /// Media limits and lifetime.
@@ -259,6 +272,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             connections: ConnectionsConfig::default(),
             budget: BudgetConfig::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -360,6 +374,7 @@ impl Config {
         }
         self.rate_limits.validate().map_err(Error::Config)?;
         self.budget.validate()?;
+        self.discovery.validate()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }

@@ -75,6 +75,9 @@ pub enum Error {
     /// A media (blob) request was refused or failed.
     #[error(transparent)]
     Blob(#[from] crate::media::BlobError),
+    /// A discovery request was refused.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
 impl Error {
@@ -92,6 +95,14 @@ impl Error {
             Error::TooManyDevices { .. } => ErrorCode::QuotaExceeded,
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
                 ErrorCode::Internal
+            }
+            Error::Discovery(d) => {
+                use crate::discovery::DiscoveryError as D;
+                match d {
+                    D::InvalidPoint { .. } => ErrorCode::BadRequest,
+                    D::NotVerified => ErrorCode::NotVerified,
+                    D::Gone => ErrorCode::NotFound,
+                }
             }
             Error::Blob(b) => {
                 use crate::media::BlobError as B;

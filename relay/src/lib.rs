@@ -18,6 +18,8 @@
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
 //!   - [`deletion`]: account deletion, with the tombstones that hide a deleted
 //!     account from every other service.
+//!   - [`discovery`]: contact discovery: the OPRF key, tags of verified numbers,
+//!     evaluation and lookup limits, and the published filter.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
@@ -103,6 +105,9 @@ pub mod store;
 
 // Exported for media tests (the received-bytes counter).
 pub mod media;
+
+// Exported for phone verification, benches and tests.
+pub mod discovery;
 
 // The binary and embedders.
 pub mod admin;

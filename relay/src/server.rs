@@ -20,6 +20,7 @@ use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
 use crate::deletion::AccountDeletion;
+use crate::discovery::{self, Discovery, Oprf};
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
@@ -225,6 +226,8 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
     };
     Ok(stores)
 }
+/// How often the publisher checks whether the UTC day changed.
+const PUBLISH_CHECK: Duration = Duration::from_secs(60);
 
 /// A running relay. Dropping it without [`Relay::shutdown`] stops it abruptly.
 #[derive(Debug)]
@@ -234,6 +237,7 @@ pub struct Relay {
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
     deletion: Arc<AccountDeletion>,
+    discovery: Arc<Discovery>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -290,6 +294,14 @@ impl Relay {
             )
             .map_err(Error::from)?,
         );
+        let discovery = Arc::new(Discovery::new(
+            Oprf::load_or_create(&config.data_dir, &mut rand::rngs::OsRng)?,
+            stores.discovery.clone(),
+            stores.accounts.clone(),
+            clock.clone(),
+            &config.discovery,
+            config.data_dir.join("discovery"),
+        )?);
         let services = Arc::new(Services::with_budget(
             stores,
             clock,
@@ -319,6 +331,7 @@ impl Relay {
             anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
             deletion: deletion.clone(),
+            discovery: discovery.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -341,6 +354,11 @@ impl Relay {
             config.budget.disk_check_interval,
             shutdown.subscribe(),
         ));
+        let publisher = tokio::spawn(discovery::publish_loop(
+            discovery.clone(),
+            PUBLISH_CHECK,
+            shutdown.subscribe(),
+        ));
         let host = config
             .advertise_host
             .clone()
@@ -355,9 +373,10 @@ impl Relay {
             services,
             blobs,
             deletion,
+            discovery,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper, disk],
+            tasks: vec![accept, sweeper, disk, publisher],
         })
     }
 
@@ -379,6 +398,11 @@ impl Relay {
     /// Account deletion, for operators' tools and tests.
     pub fn deletion(&self) -> &Arc<AccountDeletion> {
         &self.deletion
+    }
+
+    /// Contact discovery: phone verification attaches tags through it.
+    pub fn discovery(&self) -> &Arc<Discovery> {
+        &self.discovery
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

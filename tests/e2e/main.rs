@@ -8,6 +8,7 @@ mod connections;
 mod crash;
 mod deletion;
 mod delivery;
+mod discovery;
 mod expiry;
 mod export;
 mod keys;

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use crate::certificate::IssuedCertificate;
 use crate::code::ErrorCode;
+use crate::discovery::{DiscoveredAccount, FilterKind, FilterPart, Tag, POINT_LEN};
 use crate::error::{array, bad_id, Malformed, Problem};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
 use crate::keys::DeviceBundle;
@@ -71,6 +72,14 @@ pub enum Reply {
     ListDevices(Vec<DeviceId>),
     /// The account is deleted (durably); the relay closes the connection next.
     DeleteAccount,
+    /// Evaluated points, 32 bytes each, in the order asked.
+    DiscoveryEvaluated(Bytes),
+    /// The tags found and discoverable.
+    DiscoveryFound(Vec<DiscoveredAccount>),
+    /// One part of the published filter.
+    DiscoveryFilterPart(FilterPart),
+    /// Discoverability set.
+    SetDiscoverable,
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -220,6 +229,30 @@ impl From<Reply> for Wire {
                 device_ids: ids.into_iter().map(DeviceId::get).collect(),
             }),
             Reply::DeleteAccount => Wire::DeleteAccount(v1::DeleteAccountResponse {}),
+            Reply::DiscoveryEvaluated(evaluated) => {
+                Wire::DiscoveryEvaluated(v1::DiscoveryEvaluated { evaluated })
+            }
+            Reply::DiscoveryFound(found) => Wire::DiscoveryFound(v1::DiscoveryFound {
+                accounts: found
+                    .into_iter()
+                    .map(|a| v1::DiscoveredAccount {
+                        tag: copy(&a.tag.0),
+                        account_id: copy(a.account.as_bytes()),
+                        identity_key: copy(&a.identity_key),
+                    })
+                    .collect(),
+            }),
+            Reply::DiscoveryFilterPart(p) => Wire::DiscoveryFilterPart(v1::DiscoveryFilterPart {
+                day: p.day,
+                kind: match p.kind {
+                    FilterKind::Snapshot => v1::FilterKind::Snapshot,
+                    FilterKind::Deltas => v1::FilterKind::Deltas,
+                } as i32,
+                parts: p.parts,
+                part: p.part,
+                data: p.data,
+            }),
+            Reply::SetDiscoverable => Wire::SetDiscoverable(v1::SetDiscoverableResponse {}),
         }
     }
 }
@@ -299,6 +332,67 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
                     .collect::<Result<_, _>>()?,
             ),
             Wire::DeleteAccount(v1::DeleteAccountResponse {}) => Reply::DeleteAccount,
+            Wire::DiscoveryEvaluated(r) => {
+                if r.evaluated.is_empty() || r.evaluated.len() % POINT_LEN != 0 {
+                    return Err(Malformed::new(
+                        "discovery_evaluated.evaluated",
+                        Problem::Missing("32-byte points"),
+                        BAD,
+                    ));
+                }
+                Reply::DiscoveryEvaluated(r.evaluated)
+            }
+            Wire::DiscoveryFound(r) => Reply::DiscoveryFound(
+                r.accounts
+                    .iter()
+                    .map(|a| {
+                        Ok(DiscoveredAccount {
+                            tag: Tag(array(
+                                &a.tag,
+                                "discovered_account.tag",
+                                "a discovery tag",
+                                BAD,
+                            )?),
+                            account: AccountId::try_from(&a.account_id[..])
+                                .map_err(bad_id("discovered_account.account_id"))?,
+                            identity_key: array(
+                                &a.identity_key,
+                                "discovered_account.identity_key",
+                                "an identity key",
+                                BAD,
+                            )?,
+                        })
+                    })
+                    .collect::<Result<_, Malformed>>()?,
+            ),
+            Wire::DiscoveryFilterPart(r) => {
+                let kind = match v1::FilterKind::try_from(r.kind) {
+                    Ok(v1::FilterKind::Snapshot) => FilterKind::Snapshot,
+                    Ok(v1::FilterKind::Deltas) => FilterKind::Deltas,
+                    _ => {
+                        return Err(Malformed::new(
+                            "discovery_filter_part.kind",
+                            Problem::Missing("a filter kind"),
+                            BAD,
+                        ))
+                    }
+                };
+                if r.part >= r.parts {
+                    return Err(Malformed::new(
+                        "discovery_filter_part.part",
+                        Problem::Missing("a part below the part count"),
+                        BAD,
+                    ));
+                }
+                Reply::DiscoveryFilterPart(FilterPart {
+                    day: r.day,
+                    kind,
+                    parts: r.parts,
+                    part: r.part,
+                    data: r.data,
+                })
+            }
+            Wire::SetDiscoverable(v1::SetDiscoverableResponse {}) => Reply::SetDiscoverable,
         }))
     }
 }

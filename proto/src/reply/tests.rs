@@ -60,7 +60,54 @@ fn one_of_each() -> Vec<Reply> {
         Reply::TouchBlob { expires_at_ms: 12 },
         Reply::ListDevices(vec![DeviceId::PRIMARY, DeviceId::new(3).expect("not 0")]),
         Reply::DeleteAccount,
+        Reply::DiscoveryEvaluated(Bytes::from(vec![3; 64])),
+        Reply::DiscoveryFound(vec![DiscoveredAccount {
+            tag: Tag([4; 16]),
+            account: AccountId([5; 16]),
+            identity_key: [6; 32],
+        }]),
+        Reply::DiscoveryFound(vec![]),
+        Reply::DiscoveryFilterPart(FilterPart {
+            day: 20_000,
+            kind: FilterKind::Deltas,
+            parts: 3,
+            part: 2,
+            data: Bytes::from_static(b"TDD1"),
+        }),
+        Reply::SetDiscoverable,
     ]
+}
+
+#[test]
+fn malformed_discovery_replies_fail_their_request() {
+    let bad = [
+        Wire::DiscoveryEvaluated(v1::DiscoveryEvaluated {
+            evaluated: Bytes::from(vec![1; 33]),
+        }),
+        Wire::DiscoveryEvaluated(v1::DiscoveryEvaluated::default()),
+        Wire::DiscoveryFound(v1::DiscoveryFound {
+            accounts: vec![v1::DiscoveredAccount {
+                tag: Bytes::from(vec![1; 15]),
+                account_id: Bytes::from(vec![1; 16]),
+                identity_key: Bytes::from(vec![1; 32]),
+            }],
+        }),
+        Wire::DiscoveryFilterPart(v1::DiscoveryFilterPart {
+            kind: 7,
+            parts: 1,
+            ..Default::default()
+        }),
+        Wire::DiscoveryFilterPart(v1::DiscoveryFilterPart {
+            kind: v1::FilterKind::Snapshot as i32,
+            parts: 2,
+            part: 2,
+            ..Default::default()
+        }),
+    ];
+    for wire in bad {
+        let e = ServerMessage::try_from(response(9, wire)).expect_err("malformed");
+        assert_eq!(e.request_id(), Some(9));
+    }
 }
 
 #[test]

@@ -29,6 +29,7 @@
 use bytes::Bytes;
 
 use crate::code::ErrorCode;
+use crate::discovery::{tags_from_bytes, tags_to_bytes, BlindedBatch, Tag};
 use crate::error::{array, bad_id, Malformed, Problem};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
 use crate::keys::KeyUpload;
@@ -158,6 +159,27 @@ pub enum Request {
         /// The identity key's signature over [`crate::auth::account_deletion`].
         signature: [u8; SIGNATURE_LEN],
     },
+    /// Evaluates blinded OPRF points (authenticated, verified accounts).
+    DiscoveryEvaluate {
+        /// The points, length-checked.
+        blinded: BlindedBatch,
+    },
+    /// Looks up tags of filter hits (authenticated, verified accounts).
+    DiscoveryLookup {
+        /// 1..=256 tags.
+        tags: Vec<Tag>,
+    },
+    /// A part of the published filter (any connection).
+    DiscoveryFilter {
+        /// 0 for the latest snapshot; else the last day the client has.
+        since_day: u32,
+        /// The artefact's day while its parts download; 0 for the latest.
+        day: u32,
+        /// Which part, from 0.
+        part: u32,
+    },
+    /// Whether the account's verified number can be found.
+    SetDiscoverable(bool),
 }
 
 /// Which request, without its content: for logs, metrics and error answers.
@@ -196,6 +218,14 @@ pub enum RequestKind {
     ListDevices,
     /// [`Request::DeleteAccount`].
     DeleteAccount,
+    /// [`Request::DiscoveryEvaluate`].
+    DiscoveryEvaluate,
+    /// [`Request::DiscoveryLookup`].
+    DiscoveryLookup,
+    /// [`Request::DiscoveryFilter`].
+    DiscoveryFilter,
+    /// [`Request::SetDiscoverable`].
+    SetDiscoverable,
 }
 
 impl RequestKind {
@@ -218,13 +248,18 @@ impl RequestKind {
             RequestKind::TouchBlob => "touch_blob",
             RequestKind::ListDevices => "list_devices",
             RequestKind::DeleteAccount => "delete_account",
+            RequestKind::DiscoveryEvaluate => "discovery_evaluate",
+            RequestKind::DiscoveryLookup => "discovery_lookup",
+            RequestKind::DiscoveryFilter => "discovery_filter",
+            RequestKind::SetDiscoverable => "set_discoverable",
         }
     }
 
     /// Whether the request needs a connection authenticated as a device
     /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys` without a delivery
-    /// token, `sender_certificate`, `set_delivery_token`, `delete_account`;
-    /// `add_device` as a device of the same account). Note for a relay keeping today's answers: for all but
+    /// token, `sender_certificate`, `set_delivery_token`, `delete_account`,
+    /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`; `add_device` as a
+    /// device of the same account). `discovery_filter` is anonymous. Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
@@ -238,6 +273,9 @@ impl RequestKind {
                 | RequestKind::SenderCertificate
                 | RequestKind::SetDeliveryToken
                 | RequestKind::DeleteAccount
+                | RequestKind::DiscoveryEvaluate
+                | RequestKind::DiscoveryLookup
+                | RequestKind::SetDiscoverable
         )
     }
 }
@@ -268,6 +306,10 @@ impl Request {
             Request::TouchBlob { .. } => RequestKind::TouchBlob,
             Request::ListDevices { .. } => RequestKind::ListDevices,
             Request::DeleteAccount { .. } => RequestKind::DeleteAccount,
+            Request::DiscoveryEvaluate { .. } => RequestKind::DiscoveryEvaluate,
+            Request::DiscoveryLookup { .. } => RequestKind::DiscoveryLookup,
+            Request::DiscoveryFilter { .. } => RequestKind::DiscoveryFilter,
+            Request::SetDiscoverable(_) => RequestKind::SetDiscoverable,
         }
     }
 }
@@ -290,6 +332,10 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::TouchBlob(_) => RequestKind::TouchBlob,
         Body::ListDevices(_) => RequestKind::ListDevices,
         Body::DeleteAccount(_) => RequestKind::DeleteAccount,
+        Body::DiscoveryEvaluate(_) => RequestKind::DiscoveryEvaluate,
+        Body::DiscoveryLookup(_) => RequestKind::DiscoveryLookup,
+        Body::DiscoveryFilter(_) => RequestKind::DiscoveryFilter,
+        Body::SetDiscoverable(_) => RequestKind::SetDiscoverable,
     }
 }
 
@@ -451,6 +497,18 @@ impl TryFrom<Body> for Request {
                     UNAUTHORIZED,
                 )?,
             },
+            Body::DiscoveryEvaluate(r) => Request::DiscoveryEvaluate {
+                blinded: BlindedBatch::new(r.blinded)?,
+            },
+            Body::DiscoveryLookup(r) => Request::DiscoveryLookup {
+                tags: tags_from_bytes(&r.tags, "discovery_lookup.tags")?,
+            },
+            Body::DiscoveryFilter(r) => Request::DiscoveryFilter {
+                since_day: r.since_day,
+                day: r.day,
+                part: r.part,
+            },
+            Body::SetDiscoverable(r) => Request::SetDiscoverable(r.discoverable),
         })
     }
 }
@@ -562,6 +620,28 @@ impl From<Request> for Body {
             Request::DeleteAccount { signature } => Body::DeleteAccount(v1::DeleteAccountRequest {
                 signature: copy(&signature),
             }),
+            Request::DiscoveryEvaluate { blinded } => {
+                Body::DiscoveryEvaluate(v1::DiscoveryEvaluateRequest {
+                    blinded: blinded.into_bytes(),
+                })
+            }
+            Request::DiscoveryLookup { tags } => {
+                Body::DiscoveryLookup(v1::DiscoveryLookupRequest {
+                    tags: tags_to_bytes(&tags),
+                })
+            }
+            Request::DiscoveryFilter {
+                since_day,
+                day,
+                part,
+            } => Body::DiscoveryFilter(v1::DiscoveryFilterRequest {
+                since_day,
+                day,
+                part,
+            }),
+            Request::SetDiscoverable(discoverable) => {
+                Body::SetDiscoverable(v1::SetDiscoverableRequest { discoverable })
+            }
         }
     }
 }

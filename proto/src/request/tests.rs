@@ -91,6 +91,18 @@ fn one_of_each() -> Vec<Request> {
             delivery_token: Bytes::from_static(b"t"),
         },
         Request::DeleteAccount { signature: [8; 64] },
+        Request::DiscoveryEvaluate {
+            blinded: BlindedBatch::new(Bytes::from(vec![9; 4 * 32])).expect("4 points"),
+        },
+        Request::DiscoveryLookup {
+            tags: vec![Tag([1; 16]), Tag([2; 16])],
+        },
+        Request::DiscoveryFilter {
+            since_day: 20_000,
+            day: 20_001,
+            part: 3,
+        },
+        Request::SetDiscoverable(false),
     ]
 }
 
@@ -99,7 +111,7 @@ fn one_request_of_every_kind_round_trips() {
     let all = one_of_each();
     let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
     kinds.dedup();
-    assert_eq!(kinds.len(), 16, "every ClientFrame body");
+    assert_eq!(kinds.len(), 20, "every ClientFrame body");
     for (id, request) in all.into_iter().enumerate() {
         let r = ClientRequest {
             id: id as u64,
@@ -397,6 +409,25 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             "delete_account.signature",
             UNAUTHORIZED,
         ),
+        (
+            Body::DiscoveryEvaluate(v1::DiscoveryEvaluateRequest {
+                blinded: Bytes::from(vec![1; 3 * 32]),
+            }),
+            "discovery_evaluate.blinded",
+            BAD,
+        ),
+        (
+            Body::DiscoveryEvaluate(v1::DiscoveryEvaluateRequest {
+                blinded: Bytes::from(vec![1; 8192 * 32]),
+            }),
+            "discovery_evaluate.blinded",
+            TooLarge,
+        ),
+        (
+            Body::DiscoveryLookup(v1::DiscoveryLookupRequest { tags: SHORT }),
+            "discovery_lookup.tags",
+            BAD,
+        ),
     ]
 }
 
@@ -429,7 +460,11 @@ fn every_kind_that_has_fields_to_break_is_covered() {
         let kind = r.kind();
         let nothing_to_check = matches!(
             kind,
-            RequestKind::Ping | RequestKind::SenderCertificate | RequestKind::RelayInfo
+            RequestKind::Ping
+                | RequestKind::SenderCertificate
+                | RequestKind::RelayInfo
+                | RequestKind::DiscoveryFilter
+                | RequestKind::SetDiscoverable
         );
         assert!(nothing_to_check || covered.contains(&kind), "{kind}");
     }
@@ -553,9 +588,73 @@ fn needs_authentication_is_the_protocols_list() {
             "fetch_keys",
             "sender_certificate",
             "set_delivery_token",
-            "delete_account"
+            "delete_account",
+            "discovery_evaluate",
+            "discovery_lookup",
+            "set_discoverable"
         ]
     );
+}
+
+fn evaluate(len: usize) -> Result<ClientRequest, RequestError> {
+    ClientRequest::try_from(v1::ClientFrame {
+        request_id: 5,
+        body: Some(Body::DiscoveryEvaluate(v1::DiscoveryEvaluateRequest {
+            blinded: Bytes::from(vec![1; len]),
+        })),
+    })
+}
+
+fn lookup(len: usize) -> Result<ClientRequest, RequestError> {
+    ClientRequest::try_from(v1::ClientFrame {
+        request_id: 6,
+        body: Some(Body::DiscoveryLookup(v1::DiscoveryLookupRequest {
+            tags: Bytes::from(vec![1; len]),
+        })),
+    })
+}
+
+#[test]
+fn a_blinded_batch_is_a_power_of_two_of_points_up_to_4096() {
+    for points in [1, 2, 4, 64, 1024, 4096] {
+        let r = evaluate(points * 32).expect("a valid batch");
+        let Request::DiscoveryEvaluate { blinded } = r.request else {
+            panic!("an evaluate")
+        };
+        assert_eq!(blinded.len(), points);
+    }
+    for len in [0, 31, 33, 3 * 32, 5 * 32, 4095 * 32, 32 * 4096 + 1] {
+        let e = evaluate(len).expect_err("not a power of two of points");
+        assert_eq!(
+            (e.id(), e.code(), e.field()),
+            (5, ErrorCode::BadRequest, "discovery_evaluate.blinded"),
+            "{len} bytes"
+        );
+    }
+    for len in [4097 * 32, 8192 * 32, 1 << 20] {
+        let e = evaluate(len).expect_err("too many points");
+        assert_eq!(
+            (e.code(), e.kind()),
+            (ErrorCode::TooLarge, Some(RequestKind::DiscoveryEvaluate))
+        );
+    }
+}
+
+#[test]
+fn a_lookup_holds_one_to_256_tags() {
+    for tags in [1, 2, 255, 256] {
+        assert!(lookup(tags * 16).is_ok(), "{tags} tags");
+    }
+    for len in [0, 15, 17, 16 * 3 + 1] {
+        let e = lookup(len).expect_err("not whole tags");
+        assert_eq!(
+            (e.id(), e.code()),
+            (6, ErrorCode::BadRequest),
+            "{len} bytes"
+        );
+    }
+    let e = lookup(257 * 16).expect_err("too many tags");
+    assert_eq!(e.code(), ErrorCode::TooLarge);
 }
 
 fn any_address() -> impl Strategy<Value = DeviceAddress> {
@@ -686,7 +785,7 @@ proptest! {
     #[test]
     fn any_frame_of_a_known_shape_checks_without_panicking(
         id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
-        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..16,
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..20,
     ) {
         // Valid protobuf with arbitrary field contents reaches every check.
         let body = match which {
@@ -708,7 +807,11 @@ proptest! {
             11 => Body::ListDevices(v1::ListDevicesRequest { account_id: a, delivery_token: b }),
             12 => Body::Ping(v1::PingRequest {}),
             13 => Body::RelayInfo(v1::RelayInfoRequest {}),
-            14 => Body::DeleteAccount(v1::DeleteAccountRequest { signature: a }),
+            14 => Body::DiscoveryEvaluate(v1::DiscoveryEvaluateRequest { blinded: a }),
+            15 => Body::DiscoveryLookup(v1::DiscoveryLookupRequest { tags: a }),
+            16 => Body::DiscoveryFilter(v1::DiscoveryFilterRequest { since_day: n, day: n, part: n }),
+            17 => Body::SetDiscoverable(v1::SetDiscoverableRequest { discoverable: n % 2 == 0 }),
+            18 => Body::DeleteAccount(v1::DeleteAccountRequest { signature: a }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

@@ -77,6 +77,7 @@ pub(crate) struct ConnSettings {
     pub(crate) anonymous_idle: Duration,
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) deletion: Arc<AccountDeletion>,
+    pub(crate) discovery: Arc<crate::discovery::Discovery>,
 }
 
 struct AckCmd {
@@ -454,6 +455,43 @@ impl Session {
                     self.ending = Some(End::Deleted);
                 }
                 self.reply(id, result.map(|()| Reply::DeleteAccount)).await
+            }
+            Request::DiscoveryEvaluate { blinded } => {
+                let d = &self.settings.discovery;
+                let result = match self.authenticated() {
+                    Ok(by) => {
+                        d.evaluate(&by.address().account, self.prefix, &blinded)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                self.reply(id, result.map(Reply::DiscoveryEvaluated)).await
+            }
+            Request::DiscoveryLookup { tags } => {
+                let result = self
+                    .authenticated()
+                    .and_then(|by| self.settings.discovery.lookup(&by.address().account, &tags));
+                self.reply(id, result.map(Reply::DiscoveryFound)).await
+            }
+            Request::SetDiscoverable(on) => {
+                let result = self.authenticated().and_then(|by| {
+                    (self.settings.discovery).set_discoverable(&by.address().account, on)
+                });
+                self.reply(id, result.map(|()| Reply::SetDiscoverable))
+                    .await
+            }
+            Request::DiscoveryFilter {
+                since_day,
+                day,
+                part,
+            } => {
+                if !self.take_place(id).await {
+                    return;
+                }
+                let reply = (self.settings.discovery)
+                    .filter_part(since_day, day, part)
+                    .map(Reply::DiscoveryFilterPart);
+                self.anonymous_reply(id, reply).await
             }
         }
     }

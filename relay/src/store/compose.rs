@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{AccountStore, BlobIndex, Flush, KeyStore, MailboxStore, StoreResult};
+use super::{AccountStore, BlobIndex, DiscoveryStore, Flush, KeyStore, MailboxStore, StoreResult};
 
 mod marked;
 
@@ -20,6 +20,9 @@ pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
     /// Media metadata.
     pub blobs: Arc<dyn BlobIndex>,
+    /// Discovery tags. Their writes flush themselves (they are rare), so the group
+    /// commit need not know of them.
+    pub discovery: Arc<dyn DiscoveryStore>,
     /// Makes every change to any of them durable.
     pub flush: Arc<dyn Flush>,
 }
@@ -32,8 +35,12 @@ impl std::fmt::Debug for Stores {
 
 impl Stores {
     /// Every store on one backend.
-    pub fn all<S: MailboxStore + AccountStore + KeyStore + BlobIndex>(store: Arc<S>) -> Self {
+    pub fn all<S>(store: Arc<S>) -> Self
+    where
+        S: MailboxStore + AccountStore + KeyStore + BlobIndex + DiscoveryStore,
+    {
         Stores {
+            discovery: store.clone(),
             mailboxes: store.clone(),
             accounts: store.clone(),
             keys: store.clone(),
@@ -55,8 +62,9 @@ impl Stores {
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,
-        S: AccountStore + KeyStore + BlobIndex + Flush,
+        S: AccountStore + KeyStore + BlobIndex + DiscoveryStore + Flush,
     {
+        let discovery = rest.clone();
         let mailboxes = Arc::new(Marked::new(mailboxes));
         let rest = Arc::new(Marked::new(rest));
         Stores {
@@ -64,6 +72,7 @@ impl Stores {
             accounts: rest.clone(),
             keys: rest.clone(),
             blobs: rest.clone(),
+            discovery,
             flush: Arc::new(FlushBoth(mailboxes, rest)),
         }
     }

@@ -691,3 +691,90 @@ pub(super) fn purge_rules(store: &dyn MailboxStore) {
         .iter()
         .all(|e| e.to != a));
 }
+
+pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
+    use tern_proto::discovery::{FilterKey, Tag};
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    let rec = |account, key, discoverable| TagRecord {
+        account,
+        key: FilterKey(key),
+        discoverable,
+        verified_at: 86_400_000,
+    };
+    let (t1, t2) = (Tag([1; 16]), Tag([2; 16]));
+    assert_eq!(store.by_tag(&t1).expect("by_tag"), None);
+    assert!(
+        !store.set_discoverable(&alice, false).expect("set"),
+        "no tag yet"
+    );
+
+    assert_eq!(
+        store
+            .attach(&alice, &t1, &rec(alice, 11, true))
+            .expect("attach"),
+        None
+    );
+    assert_eq!(
+        store.by_tag(&t1).expect("by_tag"),
+        Some(rec(alice, 11, true))
+    );
+    assert_eq!(
+        store.of_account(&alice).expect("of_account"),
+        Some((t1, rec(alice, 11, true)))
+    );
+    // Verifying the same number again changes nothing but the record.
+    assert_eq!(
+        store
+            .attach(&alice, &t1, &rec(alice, 11, true))
+            .expect("again"),
+        None
+    );
+
+    // A new number for alice drops her old tag.
+    assert_eq!(
+        store
+            .attach(&alice, &t2, &rec(alice, 22, true))
+            .expect("attach"),
+        None
+    );
+    assert_eq!(store.by_tag(&t1).expect("by_tag"), None);
+    assert_eq!(store.discoverable_keys().expect("keys"), vec![22]);
+
+    // The number moves to bob: alice loses it, and is told about.
+    assert_eq!(
+        store.attach(&bob, &t2, &rec(bob, 22, true)).expect("move"),
+        Some(alice)
+    );
+    assert_eq!(store.of_account(&alice).expect("of_account"), None);
+    assert_eq!(
+        store.by_tag(&t2).expect("by_tag").map(|r| r.account),
+        Some(bob)
+    );
+
+    // Discoverability leaves the published keys, not the record.
+    assert!(store.set_discoverable(&bob, false).expect("set"));
+    assert!(store.discoverable_keys().expect("keys").is_empty());
+    assert_eq!(
+        store.by_tag(&t2).expect("by_tag").map(|r| r.discoverable),
+        Some(false)
+    );
+    assert!(store.set_discoverable(&bob, true).expect("set"));
+
+    // Buckets, and detach removes everything of the account.
+    assert_eq!(store.bucket(&bob).expect("bucket"), None);
+    store.set_bucket(&bob, 12_345).expect("set_bucket");
+    assert_eq!(store.bucket(&bob).expect("bucket"), Some(12_345));
+    store
+        .attach(&alice, &t1, &rec(alice, 11, true))
+        .expect("attach");
+    store.detach(&bob).expect("detach");
+    assert_eq!(store.by_tag(&t2).expect("by_tag"), None);
+    assert_eq!(store.of_account(&bob).expect("of_account"), None);
+    assert_eq!(store.bucket(&bob).expect("bucket"), None);
+    assert_eq!(
+        store.discoverable_keys().expect("keys"),
+        vec![11],
+        "alice stays"
+    );
+    store.detach(&bob).expect("detach twice");
+}

@@ -17,6 +17,8 @@ use tern_platform::clock::UnixMillis;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// Discovery tags, apart: no call touches both.
+    pub(super) discovery: Mutex<super::discovery::MemDiscovery>,
 }
 
 #[derive(Debug, Default)]
@@ -439,6 +441,7 @@ mod tests {
         super::super::conformance::blob_rules(&super::MemoryStore::new());
         super::super::conformance::deletion_rules(&super::MemoryStore::new());
         super::super::conformance::purge_rules(&super::MemoryStore::new());
+        super::super::conformance::discovery_rules(&super::MemoryStore::new());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Storage behind narrow traits: [`MailboxStore`] for queued envelopes,
 //! [`AccountStore`] for accounts and their device keys, [`KeyStore`] for published
-//! prekeys and [`BlobIndex`] for media records; every backend also implements [`Flush`].
+//! prekeys, [`BlobIndex`] for media records and [`DiscoveryStore`] for discovery tags;
+//! every backend also implements [`Flush`].
 //!
 //! - [`LogStore`]: the mailbox log (the default for mailboxes), segment files with
 //!   the index in memory.
@@ -34,6 +35,7 @@ use crate::core::budget::DiskSample;
 
 mod commit;
 mod compose;
+mod discovery;
 pub mod fault;
 mod log;
 mod memory;
@@ -45,6 +47,7 @@ mod conformance;
 
 pub use self::commit::{Durability, GroupCommit};
 pub use self::compose::Stores;
+pub use self::discovery::{DiscoveryStore, TagRecord};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::SledStore;

@@ -42,6 +42,7 @@ use super::{
 };
 
 mod blobs;
+mod discovery;
 use tern_platform::clock::UnixMillis;
 
 const MSG: u8 = b'M';
@@ -66,6 +67,8 @@ pub struct SledStore {
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
     blob_quota: sled::Tree,
+    /// Discovery tags and buckets (`sled/discovery.rs`); no numbers.
+    discovery: sled::Tree,
     /// This open's seq epoch and each mailbox's count in it.
     seqs: Arc<Mutex<SeqCounters>>,
     /// What every mailbox holds, summed from the usage keys at open.
@@ -237,6 +240,7 @@ impl SledStore {
         let deletions = db.open_tree("deletions").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
+        let discovery = db.open_tree("discovery").map_err(backend)?;
         let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
         let store = SledStore {
             db,
@@ -247,6 +251,7 @@ impl SledStore {
             deletions,
             blobs,
             blob_quota,
+            discovery,
             seqs,
             totals: Arc::default(),
         };

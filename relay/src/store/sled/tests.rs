@@ -11,6 +11,30 @@ fn conformance() {
     super::super::conformance::blob_rules(&store);
     super::super::conformance::deletion_rules(&store);
     super::super::conformance::purge_rules(&store);
+    super::super::conformance::discovery_rules(&store);
+}
+
+#[test]
+fn discovery_tags_survive_reopen() {
+    use crate::store::{DiscoveryStore, TagRecord};
+    use tern_proto::discovery::{FilterKey, Tag};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let alice = AccountId([1; 16]);
+    let rec = TagRecord {
+        account: alice,
+        key: FilterKey(7),
+        discoverable: true,
+        verified_at: 0,
+    };
+    {
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        store.attach(&alice, &Tag([3; 16]), &rec).expect("attach");
+        store.set_bucket(&alice, 99).expect("bucket");
+        store.flush().expect("flush");
+    }
+    let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
+    assert_eq!(store.by_tag(&Tag([3; 16])).expect("by_tag"), Some(rec));
+    assert_eq!(store.bucket(&alice).expect("bucket"), Some(99));
 }
 
 #[test]

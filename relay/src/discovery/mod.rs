@@ -1,0 +1,344 @@
+//! Contact discovery: the relay's side of P5 and P6.
+//!
+//! A verified number becomes a tag (the first 16 bytes of its OPRF output under the
+//! relay's key, see [`oprf`]) and a filter key (the next 8); the relay keeps the tag
+//! with its account in a [`DiscoveryStore`], and forgets the number. Clients:
+//! 1. download the filter of every discoverable filter key ([`publish`]): a daily
+//!    snapshot and small daily deltas, on any connection;
+//! 2. send their address book's numbers blinded ([`Discovery::evaluate`]), charged
+//!    per point to the account's bucket (kept in the store, so a restart refills
+//!    nothing) and to the address prefix's (in memory);
+//! 3. unblind, test the filter locally, and look up only the hits' tags
+//!    ([`Discovery::lookup`]), which answers account id and identity key of the tags
+//!    that exist *and* are discoverable: a missing tag and a hidden one look alike.
+//!
+//! What the relay learns: that an account evaluated k points (k is the padded batch
+//! size, not which numbers), and which tags it looked up (its hits: contacts it would
+//! message anyway). Evaluation and lookups need a verified number (`NOT_VERIFIED`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use tern_platform::clock::{Clock, UnixMillis};
+use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
+use tern_proto::AccountId;
+use tokio::sync::Semaphore;
+use tracing::error;
+
+use crate::config::DiscoveryConfig;
+use crate::core::rate::{AddressPrefix, KeyedLimit};
+use crate::error::{Error, Result};
+use crate::store::{AccountStore, DiscoveryStore, TagRecord, DAY_MS};
+
+pub mod oprf;
+pub mod publish;
+
+pub use self::oprf::Oprf;
+use self::publish::Published;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod vectors;
+
+/// Why a discovery request was refused (beyond rate limits and the store).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// Point `index` of the batch is not a canonical ristretto255 encoding, or is
+    /// the identity. Nothing was charged.
+    #[error("point {index} is not a ristretto255 point")]
+    InvalidPoint {
+        /// Its position in the batch, from 0.
+        index: usize,
+    },
+    /// The account has no verified number.
+    #[error("discovery needs a verified phone number")]
+    NotVerified,
+    /// The filter day asked for is no longer published; start again from part 0.
+    #[error("that filter day is no longer published")]
+    Gone,
+}
+
+/// Keys remembered by the in-memory buckets, per bucket.
+const MAX_BUCKET_KEYS: usize = 1_000_000;
+
+/// One GCRA step over a stored theoretical arrival time: `n` units at `now`, one
+/// unit refilled every `interval` ms, at most `burst` units held. The new TAT to
+/// store, or the ms after which the same request fits.
+pub fn gcra(tat: Option<u64>, now: u64, interval: u64, burst: u64, n: u64) -> Result<u64, u64> {
+    let start = tat.unwrap_or(now).max(now);
+    let new = start.saturating_add(n.saturating_mul(interval));
+    let limit = now.saturating_add(burst.saturating_mul(interval));
+    if new <= limit {
+        Ok(new)
+    } else {
+        Err(new - limit)
+    }
+}
+
+/// The day (since the Unix epoch, UTC) of `now`.
+pub fn utc_day(now: UnixMillis) -> u32 {
+    u32::try_from(now / DAY_MS).unwrap_or(u32::MAX)
+}
+
+/// The discovery service.
+pub struct Discovery {
+    oprf: Arc<Oprf>,
+    store: Arc<dyn DiscoveryStore>,
+    accounts: Arc<dyn AccountStore>,
+    clock: Arc<dyn Clock>,
+    config: DiscoveryConfig,
+    per_prefix: KeyedLimit<AddressPrefix>,
+    lookups: KeyedLimit<AccountId>,
+    /// Serialises the account bucket's read-charge-write.
+    charging: Mutex<()>,
+    /// One publication at a time (they write the same files).
+    publishing: Mutex<()>,
+    evaluations: Arc<Semaphore>,
+    /// Where the published files live (`<data>/discovery`).
+    dir: PathBuf,
+    published: RwLock<Arc<Published>>,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    /// The service over its stores; files are published under `dir`.
+    pub fn new(
+        oprf: Oprf,
+        store: Arc<dyn DiscoveryStore>,
+        accounts: Arc<dyn AccountStore>,
+        clock: Arc<dyn Clock>,
+        config: &DiscoveryConfig,
+        dir: PathBuf,
+    ) -> Result<Self> {
+        let rate = |b: &crate::config::BucketRate| {
+            b.as_rate()
+                .ok_or_else(|| Error::Config("discovery bucket of zero".into()))
+        };
+        Ok(Discovery {
+            oprf: Arc::new(oprf),
+            per_prefix: KeyedLimit::new(rate(&config.per_prefix)?, MAX_BUCKET_KEYS, clock.clone()),
+            lookups: KeyedLimit::new(
+                rate(&config.lookups_per_account)?,
+                MAX_BUCKET_KEYS,
+                clock.clone(),
+            ),
+            store,
+            accounts,
+            clock,
+            charging: Mutex::new(()),
+            publishing: Mutex::new(()),
+            evaluations: Arc::new(Semaphore::new(config.max_concurrent_evaluations)),
+            config: config.clone(),
+            dir,
+            published: RwLock::new(Arc::new(Published::empty())),
+        })
+    }
+
+    /// The OPRF key.
+    pub fn oprf(&self) -> &Oprf {
+        &self.oprf
+    }
+
+    /// The tag store.
+    pub fn store(&self) -> &Arc<dyn DiscoveryStore> {
+        &self.store
+    }
+
+    fn enabled(&self) -> Result<()> {
+        if self.config.enabled {
+            Ok(())
+        } else {
+            Err(Error::Unavailable("discovery is not enabled"))
+        }
+    }
+
+    fn verified(&self, account: &AccountId) -> Result<TagRecord> {
+        match self.store.of_account(account)? {
+            Some((_, rec)) => Ok(rec),
+            None => Err(DiscoveryError::NotVerified.into()),
+        }
+    }
+
+    /// Gives `account` the tag of `number` (its E.164 bytes), once verification has
+    /// proved the account holds it; discoverable as `default_discoverable` says. The
+    /// number is not kept. Returns the account that held the number before, if
+    /// another (it loses its tag). Called by phone verification.
+    pub fn attach_verified(&self, account: &AccountId, number: &[u8]) -> Result<Option<AccountId>> {
+        let (tag, key) = self.oprf.tag_of(number)?;
+        let now = self.clock.now();
+        let rec = TagRecord {
+            account: *account,
+            key,
+            discoverable: self.config.default_discoverable,
+            verified_at: now - now % DAY_MS,
+        };
+        Ok(self.store.attach(account, &tag, &rec)?)
+    }
+
+    /// Charges `n` points to the account's bucket (stored) and the prefix's (in
+    /// memory): both or neither.
+    fn charge(&self, account: &AccountId, prefix: AddressPrefix, n: u32) -> Result<()> {
+        let _one = self.charging.lock().unwrap_or_else(|e| e.into_inner());
+        let b = &self.config.per_account;
+        let now = self.clock.now();
+        let tat = gcra(
+            self.store.bucket(account)?,
+            now,
+            b.interval_ms(),
+            u64::from(b.burst),
+            u64::from(n),
+        )
+        .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })?;
+        self.per_prefix.check_n(&prefix, n)?;
+        self.store.set_bucket(account, tat)?;
+        Ok(())
+    }
+
+    /// Evaluates a verified account's blinded batch: every point is decoded first
+    /// (a bad one is `BAD_REQUEST` and nothing is charged), then the padded batch
+    /// size is charged, then the batch is evaluated on a blocking thread, at most
+    /// `max_concurrent_evaluations` at once.
+    pub async fn evaluate(
+        &self,
+        account: &AccountId,
+        prefix: AddressPrefix,
+        blinded: &BlindedBatch,
+    ) -> Result<Bytes> {
+        self.enabled()?;
+        self.verified(account)?;
+        let batch = self.oprf.check_batch(blinded.as_bytes())?;
+        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+        self.charge(account, prefix, n)?;
+        let _permit = self
+            .evaluations
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Unavailable("shutting down"))?;
+        let oprf = self.oprf.clone();
+        let out = tokio::task::spawn_blocking(move || oprf.evaluate_checked(&batch))
+            .await
+            .map_err(|_| Error::Unavailable("evaluation failed"))?;
+        Ok(Bytes::from(out))
+    }
+
+    /// The accounts of the tags that exist and are discoverable, for a verified
+    /// account; each tag costs one unit of its lookup bucket.
+    pub fn lookup(&self, account: &AccountId, tags: &[Tag]) -> Result<Vec<DiscoveredAccount>> {
+        self.enabled()?;
+        self.verified(account)?;
+        self.lookups
+            .check_n(account, u32::try_from(tags.len()).unwrap_or(u32::MAX))?;
+        let mut found = Vec::new();
+        for tag in tags {
+            let Some(rec) = self.store.by_tag(tag)? else {
+                continue;
+            };
+            if !rec.discoverable {
+                continue;
+            }
+            if let Some(a) = self.accounts.get(&rec.account)? {
+                found.push(DiscoveredAccount {
+                    tag: *tag,
+                    account: rec.account,
+                    identity_key: a.identity_key,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    /// Sets whether the account can be found: lookups see it at once, the filter
+    /// from the next day's files.
+    pub fn set_discoverable(&self, account: &AccountId, on: bool) -> Result<()> {
+        self.enabled()?;
+        if self.store.set_discoverable(account, on)? {
+            Ok(())
+        } else {
+            Err(DiscoveryError::NotVerified.into())
+        }
+    }
+
+    /// A part of the published filter (see [`publish::Published::part`]).
+    pub fn filter_part(&self, since_day: u32, day: u32, part: u32) -> Result<FilterPart> {
+        self.enabled()?;
+        let published = self
+            .published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        published.part(since_day, day, part)
+    }
+
+    /// Builds today's files from the store and serves them from now on. On failure
+    /// the files served before stay (and the error is logged and returned).
+    pub fn republish(&self) -> Result<()> {
+        let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        let day = utc_day(self.clock.now());
+        let built = self
+            .store
+            .discoverable_keys()
+            .map_err(Error::from)
+            .and_then(|keys| publish::publish_day(&self.dir, day, keys, self.config.keep_deltas));
+        match built {
+            Ok(p) => {
+                *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                Ok(())
+            }
+            Err(e) => {
+                error!(error = %e, "discovery filter not published; yesterday's stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// The day of the files served now (0 before the first publication).
+    pub fn published_day(&self) -> u32 {
+        self.published
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .day()
+    }
+
+    /// Forgets in-memory buckets that have refilled.
+    pub fn housekeep(&self) {
+        self.per_prefix.housekeep();
+        self.lookups.housekeep();
+    }
+}
+
+/// Publishes at once, then whenever the UTC day has changed, checking every
+/// `check` until `shutdown`. The build runs on a blocking thread.
+pub async fn publish_loop(
+    discovery: Arc<Discovery>,
+    check: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last = None;
+    let mut tick = tokio::time::interval(check);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let today = utc_day(discovery.clock.now());
+        if last == Some(today) {
+            discovery.housekeep();
+            continue;
+        }
+        let d = discovery.clone();
+        if let Ok(Ok(())) = tokio::task::spawn_blocking(move || d.republish()).await {
+            last = Some(today);
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The published filter: once a UTC day, the relay builds a BinaryFuse32 of every
+//! discoverable filter key and writes, under `<data>/discovery/`:
+//! - `snapshot-<day>.tf`: the whole filter ([`FilterSnapshot`], "TDF1");
+//! - `keys-<day>.bin`: the sorted keys (u64 LE), the base of the next delta;
+//! - `delta-<day>.td`: keys added and removed since the last published day
+//!   ([`FilterDelta`], "TDD1").
+//!
+//! It keeps `keep_deltas` deltas and the last two snapshots and key lists. The files
+//! hold filter keys only: no tags, no account ids, no numbers. A key that left the
+//! store (an account deleted, or no longer discoverable) leaves the next day's files.
+//!
+//! Serving: `since_day = 0`, or a day older than the deltas kept (or not a day the
+//! relay published), gets the latest snapshot; otherwise the deltas after
+//! `since_day`, concatenated, oldest first. An artefact is served in parts of at
+//! most [`MAX_FILTER_PART`] bytes; `day` pins it while its parts download.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tern_proto::discovery::{FilterDelta, FilterKind, FilterPart, FilterSnapshot, MAX_FILTER_PART};
+
+use super::DiscoveryError;
+use crate::error::{Error, Result};
+
+/// What the relay serves until the next publication.
+#[derive(Debug, Default)]
+pub struct Published {
+    day: u32,
+    snapshot: Bytes,
+    /// Encoded deltas by the day they bring the set to.
+    deltas: BTreeMap<u32, (u32, Bytes)>,
+    /// Concatenated deltas by `since_day`, made on first request.
+    joined: Mutex<HashMap<u32, Bytes>>,
+}
+
+impl Published {
+    /// Nothing published yet.
+    pub fn empty() -> Self {
+        Published::default()
+    }
+
+    /// The day of the snapshot (0: none).
+    pub fn day(&self) -> u32 {
+        self.day
+    }
+
+    /// The deltas from `since_day` to today, if they are all kept and chain.
+    fn deltas_since(&self, since_day: u32) -> Option<Bytes> {
+        let mut joined = self.joined.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = joined.get(&since_day) {
+            return Some(b.clone());
+        }
+        let mut out = Vec::new();
+        let mut at = since_day;
+        for (day, (base, bytes)) in self.deltas.range(since_day + 1..) {
+            if *base != at {
+                return None;
+            }
+            out.extend_from_slice(bytes);
+            at = *day;
+        }
+        if at != self.day {
+            return None;
+        }
+        let out = Bytes::from(out);
+        joined.insert(since_day, out.clone());
+        Some(out)
+    }
+
+    /// Part `part` of what a client at `since_day` needs, for the artefact of `day`
+    /// (0: today's).
+    pub fn part(&self, since_day: u32, day: u32, part: u32) -> Result<FilterPart> {
+        if self.day == 0 {
+            return Err(Error::Unavailable("no discovery filter published yet"));
+        }
+        if day != 0 && day != self.day {
+            return Err(DiscoveryError::Gone.into());
+        }
+        let (kind, data) = match since_day {
+            0 => (FilterKind::Snapshot, self.snapshot.clone()),
+            s if s >= self.day => (FilterKind::Deltas, Bytes::new()),
+            s => match self.deltas_since(s) {
+                Some(d) => (FilterKind::Deltas, d),
+                None => (FilterKind::Snapshot, self.snapshot.clone()),
+            },
+        };
+        let parts = data.len().div_ceil(MAX_FILTER_PART).max(1);
+        let parts = u32::try_from(parts).unwrap_or(u32::MAX);
+        if part >= parts {
+            return Err(Error::BadRequest(format!(
+                "part {part} of an artefact of {parts}"
+            )));
+        }
+        let from = part as usize * MAX_FILTER_PART;
+        let to = (from + MAX_FILTER_PART).min(data.len());
+        Ok(FilterPart {
+            day: self.day,
+            kind,
+            parts,
+            part,
+            data: data.slice(from..to),
+        })
+    }
+}
+
+fn name(kind: &str, day: u32, ext: &str) -> String {
+    format!("{kind}-{day}.{ext}")
+}
+
+/// The days of the files `<kind>-<day>.<ext>` in `dir`, ascending.
+fn days(dir: &Path, kind: &str, ext: &str) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let file = entry?.file_name();
+        let Some(file) = file.to_str() else { continue };
+        let day = file
+            .strip_prefix(kind)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_suffix(ext))
+            .and_then(|r| r.strip_suffix('.'))
+            .and_then(|d| d.parse::<u32>().ok());
+        out.extend(day);
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Writes `bytes` to `dir/file` through a temporary file and a rename.
+fn write_atomic(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{file}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(file))?;
+    Ok(())
+}
+
+fn read_keys(path: &Path) -> Result<Vec<u64>> {
+    let bytes = fs::read(path)?;
+    if bytes.len() % 8 != 0 {
+        return Err(Error::Config(format!(
+            "{} is not a key list",
+            path.display()
+        )));
+    }
+    let keys: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect();
+    if keys.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(Error::Config(format!("{} is not sorted", path.display())));
+    }
+    Ok(keys)
+}
+
+/// Builds and writes `day`'s files from `keys` (any order, duplicates allowed),
+/// prunes old ones, and returns what to serve. Run again on the same day (a
+/// restart), it rewrites that day's files against the last earlier day.
+pub fn publish_day(
+    dir: &Path,
+    day: u32,
+    mut keys: Vec<u64>,
+    keep_deltas: u32,
+) -> Result<Published> {
+    fs::create_dir_all(dir)?;
+    keys.sort_unstable();
+    keys.dedup();
+    let snapshot = FilterSnapshot::build(day, keys.clone())
+        .map_err(|e| Error::Config(format!("building the discovery filter: {e}")))?;
+    let base = days(dir, "keys", "bin")?.into_iter().rfind(|d| *d < day);
+    if let Some(base) = base {
+        let old = read_keys(&dir.join(name("keys", base, "bin")))?;
+        let delta = FilterDelta::between(base, &old, day, &keys);
+        write_atomic(dir, &name("delta", day, "td"), &delta.encode())?;
+    }
+    let snapshot_bytes = snapshot.encode();
+    write_atomic(dir, &name("snapshot", day, "tf"), &snapshot_bytes)?;
+    let list: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    write_atomic(dir, &name("keys", day, "bin"), &list)?;
+    fs::File::open(dir)?.sync_all()?;
+    prune(dir, day, keep_deltas)?;
+
+    let mut deltas = BTreeMap::new();
+    for d in days(dir, "delta", "td")? {
+        let bytes = fs::read(dir.join(name("delta", d, "td")))?;
+        match FilterDelta::decode(&bytes) {
+            Ok(delta) if delta.day == d => {
+                deltas.insert(d, (delta.base_day, Bytes::from(bytes)));
+            }
+            // A damaged delta breaks the chain there: clients behind it get the snapshot.
+            _ => {}
+        }
+    }
+    Ok(Published {
+        day,
+        snapshot: Bytes::from(snapshot_bytes),
+        deltas,
+        joined: Mutex::default(),
+    })
+}
+
+/// Keeps the newest `keep_deltas` deltas up to `day`, and the two newest snapshots
+/// and key lists.
+fn prune(dir: &Path, day: u32, keep_deltas: u32) -> Result<()> {
+    let drop_old = |kind: &str, ext: &str, keep: usize| -> Result<()> {
+        let all: Vec<u32> = days(dir, kind, ext)?
+            .into_iter()
+            .filter(|d| *d <= day)
+            .collect();
+        for d in &all[..all.len().saturating_sub(keep)] {
+            fs::remove_file(dir.join(name(kind, *d, ext)))?;
+        }
+        Ok(())
+    };
+    drop_old("delta", "td", keep_deltas as usize)?;
+    drop_old("snapshot", "tf", 2)?;
+    drop_old("keys", "bin", 2)
+}

@@ -1,0 +1,532 @@
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use rand::SeedableRng;
+use tern_platform::clock::ManualClock;
+use tern_proto::discovery::{FilterDelta, FilterKey, FilterKind, FilterSnapshot};
+use tern_proto::ErrorCode;
+use voprf::{EvaluationElement, OprfClient, Ristretto255};
+
+use super::*;
+use crate::config::BucketRate;
+use crate::store::{AccountRecord, MemoryStore, SledStore};
+
+const START: u64 = 20_000 * DAY_MS + 3_600_000;
+
+struct Fx {
+    discovery: Discovery,
+    clock: Arc<ManualClock>,
+    store: Arc<MemoryStore>,
+    _dir: tempfile::TempDir,
+}
+
+fn config() -> DiscoveryConfig {
+    DiscoveryConfig::default()
+}
+
+fn fx_with(config: &DiscoveryConfig) -> Fx {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(START));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let oprf = Oprf::load_or_create(dir.path(), &mut rng).expect("key");
+    let discovery = Discovery::new(
+        oprf,
+        store.clone(),
+        store.clone(),
+        clock.clone(),
+        config,
+        dir.path().join("discovery"),
+    )
+    .expect("service");
+    Fx {
+        discovery,
+        clock,
+        store,
+        _dir: dir,
+    }
+}
+
+fn fx() -> Fx {
+    fx_with(&config())
+}
+
+fn account(n: u8) -> AccountId {
+    AccountId([n; 16])
+}
+
+impl Fx {
+    /// An account with a verified number.
+    fn user(&self, n: u8, number: &str) -> AccountId {
+        let a = account(n);
+        self.store
+            .create(
+                &a,
+                &AccountRecord {
+                    identity_key: [n; 32],
+                    devices: vec![],
+                },
+            )
+            .expect("create");
+        self.discovery
+            .attach_verified(&a, number.as_bytes())
+            .expect("attach");
+        a
+    }
+}
+
+fn prefix(last: u8) -> AddressPrefix {
+    AddressPrefix::from(IpAddr::from([192, 0, 2, last]))
+}
+
+/// A client's blinded batch of `numbers`, padded with blinded dummies to a power of
+/// two, and its states.
+fn blind(numbers: &[&str], pad_to: usize) -> (BlindedBatch, Vec<OprfClient<Ristretto255>>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut bytes = Vec::new();
+    let mut states = Vec::new();
+    for i in 0..pad_to {
+        let input = numbers
+            .get(i)
+            .map_or(b"padding".to_vec(), |n| n.as_bytes().to_vec());
+        let r = OprfClient::<Ristretto255>::blind(&input, &mut rng).expect("blind");
+        bytes.extend_from_slice(&r.message.serialize());
+        states.push(r.state);
+    }
+    (BlindedBatch::new(bytes.into()).expect("batch"), states)
+}
+
+fn code(e: &Error) -> ErrorCode {
+    e.code()
+}
+
+#[test]
+fn gcra_allows_a_burst_then_one_per_interval() {
+    // Burst 3, one unit every 10 ms.
+    let mut tat = None;
+    for _ in 0..3 {
+        tat = Some(gcra(tat, 0, 10, 3, 1).expect("within the burst"));
+    }
+    assert_eq!(gcra(tat, 0, 10, 3, 1), Err(10));
+    assert_eq!(gcra(tat, 9, 10, 3, 1), Err(1));
+    assert!(gcra(tat, 10, 10, 3, 1).is_ok());
+    assert_eq!(
+        gcra(None, 0, 10, 3, 4),
+        Err(10),
+        "more than the burst waits"
+    );
+    assert_eq!(
+        gcra(Some(5), 1_000, 10, 3, 3),
+        Ok(1_030),
+        "an old TAT is full"
+    );
+}
+
+#[tokio::test]
+async fn a_verified_account_gets_the_oprf_of_its_numbers() {
+    let f = fx();
+    let alice = f.user(1, "+15550000001");
+    let (batch, states) = blind(&["+15550000002", "+15550000003"], 2);
+    let out = f
+        .discovery
+        .evaluate(&alice, prefix(1), &batch)
+        .await
+        .expect("evaluated");
+    assert_eq!(out.len(), 64);
+    for (i, number) in ["+15550000002", "+15550000003"].iter().enumerate() {
+        let e = EvaluationElement::<Ristretto255>::deserialize(&out[32 * i..32 * (i + 1)])
+            .expect("point");
+        let output = states[i].finalize(number.as_bytes(), &e).expect("finalize");
+        let mut o = [0u8; 64];
+        o.copy_from_slice(&output);
+        assert_eq!(
+            split_output_of(&o),
+            f.discovery.oprf().tag_of(number.as_bytes()).expect("tag"),
+            "the client's output is the relay's own evaluation"
+        );
+    }
+}
+
+fn split_output_of(o: &[u8; 64]) -> (Tag, FilterKey) {
+    tern_proto::discovery::split_output(o)
+}
+
+#[tokio::test]
+async fn an_unverified_account_may_not_evaluate_nor_look_up() {
+    let f = fx();
+    let (batch, _) = blind(&["+15550000002"], 1);
+    let e = f
+        .discovery
+        .evaluate(&account(9), prefix(1), &batch)
+        .await
+        .expect_err("not verified");
+    assert_eq!(code(&e), ErrorCode::NotVerified);
+    let e = f
+        .discovery
+        .lookup(&account(9), &[Tag([1; 16])])
+        .expect_err("not verified");
+    assert_eq!(code(&e), ErrorCode::NotVerified);
+    let e = f
+        .discovery
+        .set_discoverable(&account(9), false)
+        .expect_err("no tag");
+    assert_eq!(code(&e), ErrorCode::NotVerified);
+}
+
+#[tokio::test]
+async fn a_bad_point_is_a_typed_error_and_charges_nothing() {
+    let f = fx();
+    let alice = f.user(1, "+15550000001");
+    let (good, _) = blind(&["+15550000002", "+15550000003", "a", "b"], 4);
+    let identity = [0u8; 32];
+    let not_a_point = [0xffu8; 32];
+    // 2^255 - 18 = p - 1 is not canonical... use p itself: non-canonical encoding of 0.
+    let mut non_canonical = [0xffu8; 32];
+    non_canonical[0] = 0xed;
+    non_canonical[31] = 0x7f;
+    for (index, bad) in [(0usize, identity), (2, not_a_point), (3, non_canonical)] {
+        let mut bytes = good.as_bytes().to_vec();
+        bytes[32 * index..32 * (index + 1)].copy_from_slice(&bad);
+        let batch = BlindedBatch::new(bytes.into()).expect("length is fine");
+        let e = f
+            .discovery
+            .evaluate(&alice, prefix(1), &batch)
+            .await
+            .expect_err("bad point");
+        assert!(
+            matches!(e, Error::Discovery(DiscoveryError::InvalidPoint { index: i }) if i == index),
+            "{e:?}"
+        );
+        assert_eq!(code(&e), ErrorCode::BadRequest);
+    }
+    assert_eq!(
+        f.store.bucket(&alice).expect("bucket"),
+        None,
+        "nothing charged"
+    );
+}
+
+#[tokio::test]
+async fn the_account_bucket_empties_refills_and_survives_in_the_store() {
+    let mut c = config();
+    c.per_account = BucketRate {
+        burst: 4096,
+        refill: "1/1m".parse().expect("rate"),
+    };
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    let (big, _) = blind(&[], 4096);
+    f.discovery
+        .evaluate(&alice, prefix(1), &big)
+        .await
+        .expect("one whole burst");
+    let (one, _) = blind(&[], 1);
+    let e = f
+        .discovery
+        .evaluate(&alice, prefix(1), &one)
+        .await
+        .expect_err("empty");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert_eq!(e.retry_after_ms(), 60_000);
+    // Another address does not help: the bucket is the account's.
+    let e = f
+        .discovery
+        .evaluate(&alice, prefix(2), &one)
+        .await
+        .expect_err("empty");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert!(
+        f.store.bucket(&alice).expect("bucket").is_some(),
+        "kept in the store"
+    );
+    f.clock.advance(std::time::Duration::from_secs(60));
+    f.discovery
+        .evaluate(&alice, prefix(1), &one)
+        .await
+        .expect("refilled one");
+}
+
+#[tokio::test]
+async fn the_prefix_bucket_limits_a_second_account_and_a_refusal_charges_no_account() {
+    let mut c = config();
+    c.per_prefix = BucketRate {
+        burst: 4096,
+        refill: "1/1m".parse().expect("rate"),
+    };
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    let bob = f.user(2, "+15550000002");
+    let (big, _) = blind(&[], 4096);
+    f.discovery
+        .evaluate(&alice, prefix(1), &big)
+        .await
+        .expect("alice's burst");
+    let (two, _) = blind(&[], 2);
+    let e = f
+        .discovery
+        .evaluate(&bob, prefix(1), &two)
+        .await
+        .expect_err("same address");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert!(e.retry_after_ms() > 0);
+    assert_eq!(
+        f.store.bucket(&bob).expect("bucket"),
+        None,
+        "bob not charged"
+    );
+    f.discovery
+        .evaluate(&bob, prefix(2), &two)
+        .await
+        .expect("another address is limited separately");
+}
+
+#[test]
+fn lookups_find_only_discoverable_tags_and_are_limited() {
+    let mut c = config();
+    c.lookups_per_account = BucketRate {
+        burst: 256,
+        refill: "1/1m".parse().expect("rate"),
+    };
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    let bob = f.user(2, "+15550000002");
+    let carol = f.user(3, "+15550000003");
+    f.discovery.set_discoverable(&carol, false).expect("hide");
+    let tag = |n: &str| f.discovery.oprf().tag_of(n.as_bytes()).expect("tag").0;
+    let asked = [
+        tag("+15550000002"),
+        tag("+15550000003"),
+        tag("+15559999999"),
+    ];
+    let found = f.discovery.lookup(&alice, &asked).expect("lookup");
+    assert_eq!(found.len(), 1, "carol is hidden, the third is no user");
+    assert_eq!(
+        (found[0].tag, found[0].account, found[0].identity_key),
+        (asked[0], bob, [2; 32])
+    );
+    let many = vec![asked[0]; 253];
+    f.discovery
+        .lookup(&alice, &many)
+        .expect("253 more: 256 in all");
+    let e = f
+        .discovery
+        .lookup(&alice, &[asked[0]])
+        .expect_err("limited");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    f.clock.advance(std::time::Duration::from_secs(60));
+    assert_eq!(
+        f.discovery
+            .lookup(&alice, &[asked[0]])
+            .expect("refilled")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_moved_or_detached_number_is_gone_from_lookups_at_once() {
+    let f = fx();
+    let alice = f.user(1, "+15550000001");
+    let bob = f.user(2, "+15550000002");
+    let tag = f.discovery.oprf().tag_of(b"+15550000002").expect("tag").0;
+    assert_eq!(f.discovery.lookup(&alice, &[tag]).expect("lookup").len(), 1);
+    f.store.detach(&bob).expect("detach");
+    assert!(f
+        .discovery
+        .lookup(&alice, &[tag])
+        .expect("lookup")
+        .is_empty());
+    // Bob's old number verified by a new account moves the tag.
+    let dave = account(4);
+    let previous = f
+        .discovery
+        .attach_verified(&dave, b"+15550000001")
+        .expect("attach");
+    assert_eq!(previous, Some(alice));
+}
+
+#[test]
+fn the_key_file_is_private_and_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let a = Oprf::load_or_create(dir.path(), &mut rng).expect("create");
+    let b = Oprf::load_or_create(dir.path(), &mut rng).expect("load");
+    assert_eq!(
+        a.tag_of(b"+15550000001").expect("a"),
+        b.tag_of(b"+15550000001").expect("b")
+    );
+    let path = dir.path().join(oprf::KEY_FILE);
+    assert_eq!(std::fs::read(&path).expect("read").len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    std::fs::write(&path, b"short").expect("write");
+    assert!(Oprf::load_or_create(dir.path(), &mut rng).is_err());
+    std::fs::write(&path, [0u8; 32]).expect("write");
+    assert!(
+        Oprf::load_or_create(dir.path(), &mut rng).is_err(),
+        "zero key"
+    );
+    assert_eq!(format!("{a:?}"), "Oprf(..)");
+}
+
+fn keys_of(f: &Fx) -> Vec<u64> {
+    let mut k = f.store.discoverable_keys().expect("keys");
+    k.sort_unstable();
+    k
+}
+
+fn fetch_all(f: &Fx, since_day: u32) -> (FilterKind, u32, Vec<u8>) {
+    let first = f.discovery.filter_part(since_day, 0, 0).expect("part 0");
+    let mut data = first.data.to_vec();
+    for part in 1..first.parts {
+        let p = f
+            .discovery
+            .filter_part(since_day, first.day, part)
+            .expect("part");
+        assert_eq!(
+            (p.kind, p.day, p.parts),
+            (first.kind, first.day, first.parts)
+        );
+        data.extend_from_slice(&p.data);
+    }
+    (first.kind, first.day, data)
+}
+
+#[test]
+fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
+    let f = fx();
+    let e = f.discovery.filter_part(0, 0, 0).expect_err("nothing yet");
+    assert_eq!(code(&e), ErrorCode::Unavailable);
+    let alice = f.user(1, "+15550000001");
+    let bob = f.user(2, "+15550000002");
+    f.discovery.republish().expect("day 0");
+    let day0 = utc_day(START);
+    let (kind, day, snap) = fetch_all(&f, 0);
+    assert_eq!((kind, day), (FilterKind::Snapshot, day0));
+    let snap = FilterSnapshot::decode(&snap).expect("decodes");
+    for k in keys_of(&f) {
+        assert!(snap.contains(FilterKey(k)));
+    }
+    let before = keys_of(&f);
+
+    // Next day: bob hides, carol arrives, alice's account is deleted.
+    f.clock.advance(std::time::Duration::from_millis(DAY_MS));
+    f.discovery.set_discoverable(&bob, false).expect("hide");
+    f.user(3, "+15550000003");
+    f.store.detach(&alice).expect("delete");
+    f.discovery.republish().expect("day 1");
+    let after = keys_of(&f);
+    let (kind, day, data) = fetch_all(&f, day0);
+    assert_eq!((kind, day), (FilterKind::Deltas, day0 + 1));
+    let deltas = FilterDelta::decode_all(&data).expect("decodes");
+    assert_eq!(
+        deltas,
+        vec![FilterDelta::between(day0, &before, day0 + 1, &after)]
+    );
+    assert_eq!(deltas[0].added.len(), 1);
+    assert_eq!(deltas[0].removed.len(), 2, "hidden bob and deleted alice");
+
+    // Up to date: no deltas; too old or unknown: the snapshot; a stale day: Gone.
+    assert_eq!(fetch_all(&f, day0 + 1).2, Vec::<u8>::new());
+    assert_eq!(fetch_all(&f, day0 - 5).0, FilterKind::Snapshot);
+    let e = f
+        .discovery
+        .filter_part(0, day0, 0)
+        .expect_err("yesterday's");
+    assert_eq!(code(&e), ErrorCode::NotFound);
+    let e = f.discovery.filter_part(0, 0, 7).expect_err("no such part");
+    assert_eq!(code(&e), ErrorCode::BadRequest);
+
+    // A day the relay was down is spanned by one delta.
+    f.clock
+        .advance(std::time::Duration::from_millis(3 * DAY_MS));
+    f.discovery.republish().expect("day 4");
+    let (kind, day, data) = fetch_all(&f, day0);
+    assert_eq!((kind, day), (FilterKind::Deltas, day0 + 4));
+    assert_eq!(FilterDelta::decode_all(&data).expect("decodes").len(), 2);
+}
+
+#[test]
+fn published_files_hold_no_tags_and_old_ones_are_pruned() {
+    let mut c = config();
+    c.keep_deltas = 2;
+    let f = fx_with(&c);
+    f.user(1, "+15550000001");
+    for _ in 0..5 {
+        f.discovery.republish().expect("publish");
+        f.clock.advance(std::time::Duration::from_millis(DAY_MS));
+    }
+    let dir = f._dir.path().join("discovery");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf8"))
+        .collect();
+    names.sort();
+    let d = utc_day(START);
+    let want = [
+        format!("delta-{}.td", d + 3),
+        format!("delta-{}.td", d + 4),
+        format!("keys-{}.bin", d + 3),
+        format!("keys-{}.bin", d + 4),
+        format!("snapshot-{}.tf", d + 3),
+        format!("snapshot-{}.tf", d + 4),
+    ];
+    assert_eq!(names, want);
+    let tag = f.discovery.oprf().tag_of(b"+15550000001").expect("tag").0;
+    for n in names {
+        let bytes = std::fs::read(dir.join(n)).expect("read");
+        assert!(!bytes.windows(16).any(|w| w == tag.0), "no tag on disk");
+        assert!(!bytes.windows(12).any(|w| w == &b"+15550000001"[..]));
+    }
+}
+
+#[test]
+fn a_large_snapshot_is_served_in_parts_that_fit_an_anonymous_frame() {
+    let f = fx();
+    for i in 0..120_000u32 {
+        let rec = TagRecord {
+            account: AccountId([0; 16]),
+            key: FilterKey(u64::from(i).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1),
+            discoverable: true,
+            verified_at: 0,
+        };
+        let mut t = [0u8; 16];
+        t[..4].copy_from_slice(&i.to_le_bytes());
+        let a = AccountId::try_from(&t[..]).expect("id");
+        f.store
+            .attach(&a, &Tag(t), &TagRecord { account: a, ..rec })
+            .expect("attach");
+    }
+    f.discovery.republish().expect("publish");
+    let first = f.discovery.filter_part(0, 0, 0).expect("part");
+    assert!(first.parts >= 3, "{} parts", first.parts);
+    assert_eq!(first.data.len(), tern_proto::discovery::MAX_FILTER_PART);
+    let (_, _, data) = fetch_all(&f, 0);
+    let snap = FilterSnapshot::decode(&data).expect("whole");
+    assert_eq!(snap.keys, 120_000);
+}
+
+#[test]
+fn the_sled_store_serves_discovery_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled = Arc::new(SledStore::open(&dir.path().join("db"), 8 << 20).expect("open"));
+    let clock = Arc::new(ManualClock::new(START));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let d = Discovery::new(
+        Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
+        sled.clone(),
+        sled.clone(),
+        clock,
+        &config(),
+        dir.path().join("discovery"),
+    )
+    .expect("service");
+    d.attach_verified(&account(1), b"+15550000001")
+        .expect("attach");
+    d.republish().expect("publish");
+    assert_eq!(d.published_day(), utc_day(START));
+}

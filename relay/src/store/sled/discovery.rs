@@ -1,0 +1,196 @@
+//! [`DiscoveryStore`] on sled, in the tree `discovery`:
+//! - `T` ‖ tag(16) → account(16) ‖ filter key(8, LE) ‖ flags(1: bit 0 discoverable) ‖
+//!   verified day start(8, LE, Unix ms)
+//! - `A` ‖ account(16) → tag(16)
+//! - `B` ‖ account(16) → bucket TAT(8, LE, Unix ms)
+//!
+//! No number, no hash of one. Changes to tags are flushed before they return (they
+//! come once per verification or setting); bucket writes ride sled's periodic flush.
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
+use tern_proto::AccountId;
+
+use super::{backend, SledStore};
+use crate::store::{DiscoveryStore, StoreError, StoreResult, TagRecord};
+
+const RECORD_LEN: usize = 16 + 8 + 1 + 8;
+
+fn key(prefix: u8, id: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(prefix);
+    k.extend_from_slice(id);
+    k
+}
+
+fn tag_key(tag: &Tag) -> Vec<u8> {
+    key(b'T', &tag.0)
+}
+
+fn account_key(account: &AccountId) -> Vec<u8> {
+    key(b'A', account.as_bytes())
+}
+
+fn bucket_key(account: &AccountId) -> Vec<u8> {
+    key(b'B', account.as_bytes())
+}
+
+fn encode(rec: &TagRecord) -> [u8; RECORD_LEN] {
+    let mut out = [0u8; RECORD_LEN];
+    out[..16].copy_from_slice(rec.account.as_bytes());
+    out[16..24].copy_from_slice(&rec.key.0.to_le_bytes());
+    out[24] = u8::from(rec.discoverable);
+    out[25..].copy_from_slice(&rec.verified_at.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> StoreResult<TagRecord> {
+    let b: &[u8; RECORD_LEN] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("discovery tag record"))?;
+    let account =
+        AccountId::try_from(&b[..16]).map_err(|_| StoreError::Corrupt("discovery tag record"))?;
+    let mut k = [0u8; 8];
+    k.copy_from_slice(&b[16..24]);
+    let mut day = [0u8; 8];
+    day.copy_from_slice(&b[25..]);
+    Ok(TagRecord {
+        account,
+        key: FilterKey(u64::from_le_bytes(k)),
+        discoverable: b[24] & 1 == 1,
+        verified_at: u64::from_le_bytes(day),
+    })
+}
+
+fn tag_of(bytes: &[u8]) -> StoreResult<Tag> {
+    let t: [u8; TAG_LEN] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("discovery account record"))?;
+    Ok(Tag(t))
+}
+
+fn u64_of(bytes: &[u8]) -> StoreResult<u64> {
+    let b: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("discovery bucket"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl SledStore {
+    fn flush_discovery(&self) -> StoreResult<()> {
+        self.discovery.flush().map(|_| ()).map_err(backend)
+    }
+}
+
+impl DiscoveryStore for SledStore {
+    fn attach(
+        &self,
+        account: &AccountId,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> StoreResult<Option<AccountId>> {
+        let previous = (&self.discovery,)
+            .transaction(|(t,)| {
+                if let Some(old) = t.remove(account_key(account))? {
+                    t.remove(tag_key(&tag_of(&old).map_err(abort)?))?;
+                }
+                let previous = match t.insert(tag_key(tag), &encode(rec)[..])? {
+                    Some(old) => Some(decode(&old).map_err(abort)?.account),
+                    None => None,
+                };
+                if let Some(p) = previous {
+                    t.remove(account_key(&p))?;
+                }
+                t.insert(account_key(account), &tag.0[..])?;
+                Ok(previous.filter(|p| p != account))
+            })
+            .map_err(tx_error)?;
+        self.flush_discovery()?;
+        Ok(previous)
+    }
+
+    fn by_tag(&self, tag: &Tag) -> StoreResult<Option<TagRecord>> {
+        match self.discovery.get(tag_key(tag)).map_err(backend)? {
+            Some(v) => decode(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>> {
+        let Some(t) = self.discovery.get(account_key(account)).map_err(backend)? else {
+            return Ok(None);
+        };
+        let tag = tag_of(&t)?;
+        Ok(self.by_tag(&tag)?.map(|r| (tag, r)))
+    }
+
+    fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {
+        let changed = (&self.discovery,)
+            .transaction(|(t,)| {
+                let Some(tag) = t.get(account_key(account))? else {
+                    return Ok(false);
+                };
+                let k = key(b'T', &tag);
+                let Some(v) = t.get(&k)? else {
+                    return Ok(false);
+                };
+                let mut rec = decode(&v).map_err(abort)?;
+                rec.discoverable = on;
+                t.insert(k, &encode(&rec)[..])?;
+                Ok(true)
+            })
+            .map_err(tx_error)?;
+        self.flush_discovery()?;
+        Ok(changed)
+    }
+
+    fn detach(&self, account: &AccountId) -> StoreResult<()> {
+        (&self.discovery,)
+            .transaction(|(t,)| {
+                if let Some(tag) = t.remove(account_key(account))? {
+                    t.remove(key(b'T', &tag))?;
+                }
+                t.remove(bucket_key(account))?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.flush_discovery()
+    }
+
+    fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
+        let mut out = Vec::new();
+        for item in self.discovery.scan_prefix([b'T']) {
+            let (_, v) = item.map_err(backend)?;
+            let rec = decode(&v)?;
+            if rec.discoverable {
+                out.push(rec.key.0);
+            }
+        }
+        Ok(out)
+    }
+
+    fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
+        match self.discovery.get(bucket_key(account)).map_err(backend)? {
+            Some(v) => u64_of(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
+        self.discovery
+            .insert(bucket_key(account), &tat.to_le_bytes()[..])
+            .map_err(backend)?;
+        Ok(())
+    }
+}
