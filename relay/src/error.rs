@@ -102,6 +102,7 @@ impl Error {
                     D::InvalidPoint { .. } => ErrorCode::BadRequest,
                     D::NotVerified => ErrorCode::NotVerified,
                     D::Gone => ErrorCode::NotFound,
+                    D::Busy { .. } => ErrorCode::Unavailable,
                 }
             }
             Error::Blob(b) => {
@@ -136,6 +137,9 @@ impl Error {
                 crate::core::budget::RETRY_AFTER_MS
             }
             Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,
+            Error::Discovery(crate::discovery::DiscoveryError::Busy { retry_after_ms }) => {
+                *retry_after_ms
+            }
             Error::Blob(crate::media::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }

@@ -59,6 +59,10 @@ pub struct DiscoveryConfig {
     pub keep_deltas: u32,
     /// Batches evaluated at once, each on a blocking thread.
     pub max_concurrent_evaluations: usize,
+    /// Batches that may wait for one of those; past them a batch is refused
+    /// (`UNAVAILABLE` with a retry time) before anything is charged, so a flood
+    /// cannot grow memory (a waiting batch holds at most 128 KiB).
+    pub max_queued_evaluations: usize,
     /// Whether a newly verified number is discoverable until its account says not.
     pub default_discoverable: bool,
 }
@@ -84,6 +88,7 @@ impl Default for DiscoveryConfig {
             lookups_per_account: bucket(10_000, 100, HOUR),
             keep_deltas: 30,
             max_concurrent_evaluations: 2,
+            max_queued_evaluations: 16,
             default_discoverable: true,
         }
     }

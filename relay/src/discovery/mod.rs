@@ -6,8 +6,10 @@
 //! 1. download the filter of every discoverable filter key ([`publish`]): a daily
 //!    snapshot and small daily deltas, on any connection;
 //! 2. send their address book's numbers blinded ([`Discovery::evaluate`]), charged
-//!    per point to the account's bucket (kept in the store, so a restart refills
-//!    nothing) and to the address prefix's (in memory);
+//!    per point (the padded batch size, before any point is decoded) to the
+//!    account's bucket and to its verified number's (both kept in the store, so
+//!    neither a restart nor moving the number to a fresh account refills anything)
+//!    and to the address prefix's (in memory);
 //! 3. unblind, test the filter locally, and look up only the hits' tags
 //!    ([`Discovery::lookup`]), which answers account id and identity key of the tags
 //!    that exist *and* are discoverable: a missing tag and a hidden one look alike.
@@ -17,6 +19,7 @@
 //! message anyway). Evaluation and lookups need a verified number (`NOT_VERIFIED`).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -59,7 +62,18 @@ pub enum DiscoveryError {
     /// The filter day asked for is no longer published; start again from part 0.
     #[error("that filter day is no longer published")]
     Gone,
+    /// As many batches as `max_queued_evaluations` already wait for evaluation;
+    /// nothing was charged. `UNAVAILABLE`, retry after `retry_after_ms`.
+    #[error("too many evaluations waiting; retry later")]
+    Busy {
+        /// When to try again, in ms.
+        retry_after_ms: u64,
+    },
 }
+
+/// What a refusal for a full evaluation queue advises: about the time the batches
+/// already queued take (4096 points at ~40 µs, per slot of concurrency).
+const BUSY_RETRY_MS: u64 = 500;
 
 /// Keys remembered by the in-memory buckets, per bucket.
 const MAX_BUCKET_KEYS: usize = 1_000_000;
@@ -97,6 +111,8 @@ pub struct Discovery {
     /// One publication at a time (they write the same files).
     publishing: Mutex<()>,
     evaluations: Arc<Semaphore>,
+    /// Batches admitted to evaluation (waiting for a permit or running).
+    admitted: Arc<AtomicUsize>,
     /// Where the published files live (`<data>/discovery`).
     dir: PathBuf,
     published: RwLock<Arc<Published>>,
@@ -138,6 +154,7 @@ impl Discovery {
             charging: Mutex::new(()),
             publishing: Mutex::new(()),
             evaluations: Arc::new(Semaphore::new(config.max_concurrent_evaluations)),
+            admitted: Arc::new(AtomicUsize::new(0)),
             config: config.clone(),
             dir,
             published: RwLock::new(Arc::new(Published::empty())),
@@ -162,9 +179,9 @@ impl Discovery {
         }
     }
 
-    fn verified(&self, account: &AccountId) -> Result<TagRecord> {
+    fn verified(&self, account: &AccountId) -> Result<(Tag, TagRecord)> {
         match self.store.of_account(account)? {
-            Some((_, rec)) => Ok(rec),
+            Some(found) => Ok(found),
             None => Err(DiscoveryError::NotVerified.into()),
         }
     }
@@ -185,29 +202,41 @@ impl Discovery {
         Ok(self.store.attach(account, &tag, &rec)?)
     }
 
-    /// Charges `n` points to the account's bucket (stored) and the prefix's (in
-    /// memory): both or neither.
-    fn charge(&self, account: &AccountId, prefix: AddressPrefix, n: u32) -> Result<()> {
+    /// Charges `n` points to the account's bucket and its number's (both stored,
+    /// the number's by its tag) and to the prefix's (in memory): all or none.
+    fn charge(&self, account: &AccountId, tag: &Tag, prefix: AddressPrefix, n: u32) -> Result<()> {
         let _one = self.charging.lock().unwrap_or_else(|e| e.into_inner());
         let b = &self.config.per_account;
         let now = self.clock.now();
-        let tat = gcra(
-            self.store.bucket(account)?,
-            now,
-            b.interval_ms(),
-            u64::from(b.burst),
-            u64::from(n),
-        )
-        .map_err(|retry_after_ms| Error::RateLimited { retry_after_ms })?;
+        let step = |tat| gcra(tat, now, b.interval_ms(), u64::from(b.burst), u64::from(n));
+        let (account_tat, number_tat) = match (
+            step(self.store.bucket(account)?),
+            step(self.store.number_bucket(tag)?),
+        ) {
+            (Ok(a), Ok(t)) => (a, t),
+            (Err(a), Err(t)) => {
+                return Err(Error::RateLimited {
+                    retry_after_ms: a.max(t),
+                })
+            }
+            (Err(retry_after_ms), _) | (_, Err(retry_after_ms)) => {
+                return Err(Error::RateLimited { retry_after_ms })
+            }
+        };
         self.per_prefix.check_n(&prefix, n)?;
-        self.store.set_bucket(account, tat)?;
+        self.store
+            .set_buckets(account, account_tat, tag, number_tat)?;
         Ok(())
     }
 
-    /// Evaluates a verified account's blinded batch: every point is decoded first
-    /// (a bad one is `BAD_REQUEST` and nothing is charged), then the padded batch
-    /// size is charged, then the batch is evaluated on a blocking thread, at most
-    /// `max_concurrent_evaluations` at once.
+    /// Evaluates a verified account's blinded batch. In order: a place among the
+    /// `max_concurrent_evaluations + max_queued_evaluations` batches admitted (or
+    /// [`DiscoveryError::Busy`], nothing charged); the padded batch size charged,
+    /// once (the relay decodes nothing it has not been paid for, so a batch with a
+    /// bad point costs its sender as much as a good one); an evaluation permit; then
+    /// on a blocking thread every point decoded (the first bad one is
+    /// [`DiscoveryError::InvalidPoint`], `BAD_REQUEST`, and none is evaluated) and
+    /// evaluated.
     pub async fn evaluate(
         &self,
         account: &AccountId,
@@ -215,10 +244,10 @@ impl Discovery {
         blinded: &BlindedBatch,
     ) -> Result<Bytes> {
         self.enabled()?;
-        self.verified(account)?;
-        let batch = self.oprf.check_batch(blinded.as_bytes())?;
-        let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-        self.charge(account, prefix, n)?;
+        let (tag, _) = self.verified(account)?;
+        let _place = self.admit()?;
+        let n = u32::try_from(blinded.len()).unwrap_or(u32::MAX);
+        self.charge(account, &tag, prefix, n)?;
         let _permit = self
             .evaluations
             .clone()
@@ -226,10 +255,28 @@ impl Discovery {
             .await
             .map_err(|_| Error::Unavailable("shutting down"))?;
         let oprf = self.oprf.clone();
-        let out = tokio::task::spawn_blocking(move || oprf.evaluate_checked(&batch))
+        let bytes = blinded.clone().into_bytes();
+        let out = tokio::task::spawn_blocking(move || oprf.evaluate_batch(&bytes))
             .await
-            .map_err(|_| Error::Unavailable("evaluation failed"))?;
+            .map_err(|_| Error::Unavailable("evaluation failed"))??;
         Ok(Bytes::from(out))
+    }
+
+    /// A place among the batches admitted to evaluation, given back on drop.
+    fn admit(&self) -> Result<Admitted> {
+        let max = self.config.max_concurrent_evaluations + self.config.max_queued_evaluations;
+        let taken = self
+            .admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        match taken {
+            Ok(_) => Ok(Admitted(self.admitted.clone())),
+            Err(_) => Err(DiscoveryError::Busy {
+                retry_after_ms: BUSY_RETRY_MS,
+            }
+            .into()),
+        }
     }
 
     /// The accounts of the tags that exist and are discoverable, for a verified
@@ -280,16 +327,22 @@ impl Discovery {
         published.part(since_day, day, part)
     }
 
-    /// Builds today's files from the store and serves them from now on. On failure
-    /// the files served before stay (and the error is logged and returned).
+    /// Serves today's files: those already written today if they are whole (a
+    /// restart during the day), else built from the store. On failure the files
+    /// served before stay (and the error is logged and returned).
     pub fn republish(&self) -> Result<()> {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let day = utc_day(self.clock.now());
-        let built = self
-            .store
-            .discoverable_keys()
-            .map_err(Error::from)
-            .and_then(|keys| publish::publish_day(&self.dir, day, keys, self.config.keep_deltas));
+        let built = match publish::load_day(&self.dir, day) {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) | Err(_) => self
+                .store
+                .discoverable_keys()
+                .map_err(Error::from)
+                .and_then(|keys| {
+                    publish::publish_day(&self.dir, day, keys, self.config.keep_deltas)
+                }),
+        };
         match built {
             Ok(p) => {
                 *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
@@ -314,6 +367,15 @@ impl Discovery {
     pub fn housekeep(&self) {
         self.per_prefix.housekeep();
         self.lookups.housekeep();
+    }
+}
+
+/// A batch's place among those admitted to evaluation.
+struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -9,6 +9,13 @@
 //! hold filter keys only: no tags, no account ids, no numbers. A key that left the
 //! store (an account deleted, or no longer discoverable) leaves the next day's files.
 //!
+//! A relay restarted during a day serves that day's files as they are, if they are
+//! there and whole (the snapshot decodes, is that day's and holds exactly the day's
+//! key list, and the delta to it decodes and starts from the last earlier key list):
+//! the day's artefacts never change once published, so clients that fetched part of
+//! them before the restart can finish. Only missing or damaged files are rebuilt
+//! from the store.
+//!
 //! Serving: `since_day = 0`, or a day older than the deltas kept (or not a day the
 //! relay published), gets the latest snapshot; otherwise the deltas after
 //! `since_day`, concatenated, oldest first. An artefact is served in parts of at
@@ -18,10 +25,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Mutex;
 
 use bytes::Bytes;
-use tern_proto::discovery::{FilterDelta, FilterKind, FilterPart, FilterSnapshot, MAX_FILTER_PART};
+use tern_proto::discovery::{
+    FilterDelta, FilterKey, FilterKind, FilterPart, FilterSnapshot, MAX_FILTER_PART,
+};
 
 use super::DiscoveryError;
 use crate::error::{Error, Result};
@@ -31,10 +39,12 @@ use crate::error::{Error, Result};
 pub struct Published {
     day: u32,
     snapshot: Bytes,
-    /// Encoded deltas by the day they bring the set to.
-    deltas: BTreeMap<u32, (u32, Bytes)>,
-    /// Concatenated deltas by `since_day`, made on first request.
-    joined: Mutex<HashMap<u32, Bytes>>,
+    /// The chain of kept deltas that ends at `day`, encoded and concatenated,
+    /// oldest first: what a client at the chain's first base day needs.
+    pub(super) chain: Bytes,
+    /// Where in `chain` the deltas after each base day start. Memory is linear in
+    /// the days kept: every `since_day` is a slice of the one `chain`.
+    starts: HashMap<u32, usize>,
 }
 
 impl Published {
@@ -48,27 +58,39 @@ impl Published {
         self.day
     }
 
+    /// What to serve for `day`: its snapshot, and of `deltas` (encoded, by the day
+    /// they bring the set to, with their base day) the chain that ends at `day`.
+    fn new(day: u32, snapshot: Bytes, deltas: &BTreeMap<u32, (u32, Bytes)>) -> Self {
+        let mut links = Vec::new();
+        let mut at = day;
+        // Each step goes to an earlier day, so this ends within `deltas.len()` steps.
+        while let Some((base, bytes)) = deltas.get(&at) {
+            if *base >= at {
+                break;
+            }
+            links.push((*base, bytes));
+            at = *base;
+        }
+        links.reverse();
+        let mut chain = Vec::with_capacity(links.iter().map(|(_, b)| b.len()).sum());
+        let mut starts = HashMap::with_capacity(links.len());
+        for (base, bytes) in links {
+            starts.insert(base, chain.len());
+            chain.extend_from_slice(bytes);
+        }
+        Published {
+            day,
+            snapshot,
+            chain: Bytes::from(chain),
+            starts,
+        }
+    }
+
     /// The deltas from `since_day` to today, if they are all kept and chain.
     fn deltas_since(&self, since_day: u32) -> Option<Bytes> {
-        let mut joined = self.joined.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = joined.get(&since_day) {
-            return Some(b.clone());
-        }
-        let mut out = Vec::new();
-        let mut at = since_day;
-        for (day, (base, bytes)) in self.deltas.range(since_day + 1..) {
-            if *base != at {
-                return None;
-            }
-            out.extend_from_slice(bytes);
-            at = *day;
-        }
-        if at != self.day {
-            return None;
-        }
-        let out = Bytes::from(out);
-        joined.insert(since_day, out.clone());
-        Some(out)
+        self.starts
+            .get(&since_day)
+            .map(|&from| self.chain.slice(from..))
     }
 
     /// Part `part` of what a client at `since_day` needs, for the artefact of `day`
@@ -158,9 +180,43 @@ fn read_keys(path: &Path) -> Result<Vec<u64>> {
     Ok(keys)
 }
 
+/// `day`'s files as published before (a restart during the day), if they are all
+/// there and whole (see the module docs); `None` if they must be built.
+pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
+    let snapshot_bytes = match fs::read(dir.join(name("snapshot", day, "tf"))) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let Ok(snapshot) = FilterSnapshot::decode(&snapshot_bytes) else {
+        return Ok(None);
+    };
+    let Ok(keys) = read_keys(&dir.join(name("keys", day, "bin"))) else {
+        return Ok(None);
+    };
+    let whole = snapshot.day == day
+        && snapshot.keys as usize == keys.len()
+        && keys.iter().all(|k| snapshot.contains(FilterKey(*k)));
+    if !whole {
+        return Ok(None);
+    }
+    if let Some(base) = days(dir, "keys", "bin")?.into_iter().rfind(|d| *d < day) {
+        let delta = fs::read(dir.join(name("delta", day, "td"))).ok();
+        let chained = delta
+            .as_deref()
+            .map(FilterDelta::decode)
+            .is_some_and(|d| d.is_ok_and(|d| d.base_day == base && d.day == day));
+        if !chained {
+            return Ok(None);
+        }
+    }
+    load_deltas(dir, day, Bytes::from(snapshot_bytes)).map(Some)
+}
+
 /// Builds and writes `day`'s files from `keys` (any order, duplicates allowed),
-/// prunes old ones, and returns what to serve. Run again on the same day (a
-/// restart), it rewrites that day's files against the last earlier day.
+/// prunes old ones, and returns what to serve. Called for a day already published
+/// (when [`load_day`] found its files damaged), it rewrites that day's files
+/// against the last earlier day.
 pub fn publish_day(
     dir: &Path,
     day: u32,
@@ -184,7 +240,11 @@ pub fn publish_day(
     write_atomic(dir, &name("keys", day, "bin"), &list)?;
     fs::File::open(dir)?.sync_all()?;
     prune(dir, day, keep_deltas)?;
+    load_deltas(dir, day, Bytes::from(snapshot_bytes))
+}
 
+/// What to serve for `day`: its snapshot and the kept deltas in `dir`.
+fn load_deltas(dir: &Path, day: u32, snapshot: Bytes) -> Result<Published> {
     let mut deltas = BTreeMap::new();
     for d in days(dir, "delta", "td")? {
         let bytes = fs::read(dir.join(name("delta", d, "td")))?;
@@ -196,12 +256,7 @@ pub fn publish_day(
             _ => {}
         }
     }
-    Ok(Published {
-        day,
-        snapshot: Bytes::from(snapshot_bytes),
-        deltas,
-        joined: Mutex::default(),
-    })
+    Ok(Published::new(day, snapshot, &deltas))
 }
 
 /// Keeps the newest `keep_deltas` deltas up to `day`, and the two newest snapshots

@@ -9,12 +9,13 @@ use voprf::{EvaluationElement, OprfClient, Ristretto255};
 
 use super::*;
 use crate::config::BucketRate;
+use crate::store::Flush;
 use crate::store::{AccountRecord, MemoryStore, SledStore};
 
 const START: u64 = 20_000 * DAY_MS + 3_600_000;
 
 struct Fx {
-    discovery: Discovery,
+    discovery: Arc<Discovery>,
     clock: Arc<ManualClock>,
     store: Arc<MemoryStore>,
     _dir: tempfile::TempDir,
@@ -40,7 +41,7 @@ fn fx_with(config: &DiscoveryConfig) -> Fx {
     )
     .expect("service");
     Fx {
-        discovery,
+        discovery: Arc::new(discovery),
         clock,
         store,
         _dir: dir,
@@ -174,7 +175,7 @@ async fn an_unverified_account_may_not_evaluate_nor_look_up() {
 }
 
 #[tokio::test]
-async fn a_bad_point_is_a_typed_error_and_charges_nothing() {
+async fn a_bad_point_is_a_typed_error_and_its_batch_is_charged_once() {
     let f = fx();
     let alice = f.user(1, "+15550000001");
     let (good, _) = blind(&["+15550000002", "+15550000003", "a", "b"], 4);
@@ -199,11 +200,108 @@ async fn a_bad_point_is_a_typed_error_and_charges_nothing() {
         );
         assert_eq!(code(&e), ErrorCode::BadRequest);
     }
+    // Three batches of 4: the relay decoded nothing it was not paid for, and charged
+    // each batch once.
+    let interval = config().per_account.interval_ms();
     assert_eq!(
         f.store.bucket(&alice).expect("bucket"),
-        None,
-        "nothing charged"
+        Some(START + 12 * interval)
     );
+    let tag = f.store.of_account(&alice).expect("tag").expect("some").0;
+    assert_eq!(
+        f.store.number_bucket(&tag).expect("bucket"),
+        Some(START + 12 * interval)
+    );
+}
+
+#[tokio::test]
+async fn a_full_evaluation_queue_refuses_before_charging() {
+    let mut c = config();
+    c.max_concurrent_evaluations = 1;
+    c.max_queued_evaluations = 1;
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    // Hold the only permit: admitted batches wait.
+    let permit = f
+        .discovery
+        .evaluations
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("permit");
+    let (batch, _) = blind(&[], 2);
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            let (d, b) = (f.discovery.clone(), batch.clone());
+            tokio::spawn(async move { d.evaluate(&alice, prefix(1), &b).await })
+        })
+        .collect();
+    for _ in 0..10_000 {
+        if f.discovery.admitted.load(Ordering::Acquire) == 2 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(f.discovery.admitted.load(Ordering::Acquire), 2);
+    let charged = f.store.bucket(&alice).expect("bucket");
+    let e = f
+        .discovery
+        .evaluate(&alice, prefix(1), &batch)
+        .await
+        .expect_err("queue full");
+    assert!(
+        matches!(e, Error::Discovery(DiscoveryError::Busy { .. })),
+        "{e:?}"
+    );
+    assert_eq!(code(&e), ErrorCode::Unavailable);
+    assert!(e.retry_after_ms() > 0);
+    assert_eq!(
+        f.store.bucket(&alice).expect("bucket"),
+        charged,
+        "the refused batch charged nothing"
+    );
+    drop(permit);
+    for w in waiting {
+        assert_eq!(w.await.expect("join").expect("evaluated").len(), 64);
+    }
+    assert_eq!(
+        f.discovery.admitted.load(Ordering::Acquire),
+        0,
+        "places given back"
+    );
+    f.discovery
+        .evaluate(&alice, prefix(1), &batch)
+        .await
+        .expect("room again");
+}
+
+/// A discovery service over a sled store in `dir` (opened again on each call), as
+/// a relay started on that data directory has.
+fn on_sled(
+    dir: &std::path::Path,
+    clock: Arc<ManualClock>,
+    c: &DiscoveryConfig,
+) -> (Arc<Discovery>, Arc<SledStore>) {
+    let sled = Arc::new(SledStore::open(&dir.join("db"), 8 << 20).expect("open"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let d = Discovery::new(
+        Oprf::load_or_create(dir, &mut rng).expect("key"),
+        sled.clone(),
+        sled.clone(),
+        clock,
+        c,
+        dir.join("discovery"),
+    )
+    .expect("service");
+    (Arc::new(d), sled)
+}
+
+fn create(store: &dyn AccountStore, a: &AccountId) {
+    let rec = AccountRecord {
+        identity_key: [7; 32],
+        devices: vec![],
+    };
+    store.create(a, &rec).expect("create");
 }
 
 #[tokio::test]
@@ -213,13 +311,28 @@ async fn the_account_bucket_empties_refills_and_survives_in_the_store() {
         burst: 4096,
         refill: "1/1m".parse().expect("rate"),
     };
-    let f = fx_with(&c);
-    let alice = f.user(1, "+15550000001");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &c);
+    let alice = account(1);
+    create(sled.as_ref(), &alice);
+    d.attach_verified(&alice, b"+15550000001").expect("attach");
+    struct F {
+        discovery: Arc<Discovery>,
+        clock: Arc<ManualClock>,
+    }
     let (big, _) = blind(&[], 4096);
-    f.discovery
-        .evaluate(&alice, prefix(1), &big)
+    d.evaluate(&alice, prefix(1), &big)
         .await
         .expect("one whole burst");
+    // The relay stops and starts again on the same data directory.
+    sled.flush().expect("flush");
+    drop((d, sled));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &c);
+    let f = F {
+        discovery: d,
+        clock,
+    };
     let (one, _) = blind(&[], 1);
     let e = f
         .discovery
@@ -236,7 +349,7 @@ async fn the_account_bucket_empties_refills_and_survives_in_the_store() {
         .expect_err("empty");
     assert_eq!(code(&e), ErrorCode::RateLimited);
     assert!(
-        f.store.bucket(&alice).expect("bucket").is_some(),
+        sled.bucket(&alice).expect("bucket").is_some(),
         "kept in the store"
     );
     f.clock.advance(std::time::Duration::from_secs(60));
@@ -529,4 +642,137 @@ fn the_sled_store_serves_discovery_too() {
         .expect("attach");
     d.republish().expect("publish");
     assert_eq!(d.published_day(), utc_day(START));
+}
+
+#[tokio::test]
+async fn moving_the_number_to_a_fresh_account_does_not_refill_its_budget() {
+    let mut c = config();
+    c.per_account = BucketRate {
+        burst: 4096,
+        refill: "1/1m".parse().expect("rate"),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &c);
+    let (alice, fresh) = (account(1), account(2));
+    create(sled.as_ref(), &alice);
+    create(sled.as_ref(), &fresh);
+    d.attach_verified(&alice, b"+15550000001").expect("attach");
+    let (big, _) = blind(&[], 4096);
+    d.evaluate(&alice, prefix(1), &big)
+        .await
+        .expect("the burst");
+    // The number is verified again on a fresh account (and the relay restarts).
+    assert_eq!(
+        d.attach_verified(&fresh, b"+15550000001").expect("move"),
+        Some(alice)
+    );
+    sled.flush().expect("flush");
+    drop((d, sled));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &c);
+    assert_eq!(
+        sled.bucket(&fresh).expect("bucket"),
+        None,
+        "a fresh account"
+    );
+    let (one, _) = blind(&[], 1);
+    let e = d
+        .evaluate(&fresh, prefix(2), &one)
+        .await
+        .expect_err("the number's budget is spent");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert_eq!(e.retry_after_ms(), 60_000);
+    // Deleting the account keeps the number's bucket (it names no account).
+    sled.detach(&fresh).expect("detach");
+    let tag = d.oprf().tag_of(b"+15550000001").expect("tag").0;
+    assert!(sled.number_bucket(&tag).expect("bucket").is_some());
+    clock.advance(std::time::Duration::from_secs(60));
+    d.attach_verified(&fresh, b"+15550000001").expect("again");
+    d.evaluate(&fresh, prefix(2), &one)
+        .await
+        .expect("refilled one");
+}
+
+#[test]
+fn a_restart_during_the_day_serves_that_days_files_and_rebuilds_damaged_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &config());
+    d.attach_verified(&account(1), b"+15550000001")
+        .expect("attach");
+    d.republish().expect("day 0");
+    let first = d.filter_part(0, 0, 0).expect("part");
+    // Later the same day a number arrives, and the relay restarts.
+    d.attach_verified(&account(2), b"+15550000002")
+        .expect("attach");
+    sled.flush().expect("flush");
+    drop((d, sled));
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &config());
+    let snapshot = dir
+        .path()
+        .join("discovery")
+        .join(format!("snapshot-{}.tf", utc_day(START)));
+    let written = std::fs::metadata(&snapshot)
+        .expect("meta")
+        .modified()
+        .expect("mtime");
+    d.republish().expect("reopened");
+    assert_eq!(
+        d.filter_part(0, first.day, 0).expect("same artefact"),
+        first,
+        "the day's files are served as they were"
+    );
+    assert_eq!(
+        std::fs::metadata(&snapshot)
+            .expect("meta")
+            .modified()
+            .expect("mtime"),
+        written,
+        "and not rewritten"
+    );
+    // A damaged snapshot is rebuilt from the store, with the new number.
+    let mut bytes = std::fs::read(&snapshot).expect("read");
+    let last = bytes.len() - 1;
+    bytes.truncate(last);
+    std::fs::write(&snapshot, &bytes).expect("damage");
+    drop((d, sled));
+    let (d, _sled) = on_sled(dir.path(), clock, &config());
+    d.republish().expect("rebuilt");
+    let part = d.filter_part(0, 0, 0).expect("part");
+    let snap = FilterSnapshot::decode(&part.data).expect("whole");
+    assert_eq!(snap.keys, 2);
+    let (_, key) = d.oprf().tag_of(b"+15550000002").expect("tag");
+    assert!(snap.contains(key));
+}
+
+#[test]
+fn deltas_for_every_day_kept_share_one_chain() {
+    let mut c = config();
+    c.keep_deltas = 40;
+    let f = fx_with(&c);
+    f.user(1, "+15550000001");
+    let day0 = utc_day(START);
+    for i in 0..30u8 {
+        f.user(10 + i, &format!("+1555100{:04}", i));
+        f.discovery.republish().expect("publish");
+        f.clock.advance(std::time::Duration::from_millis(DAY_MS));
+    }
+    let published = f.discovery.published.read().expect("lock").clone();
+    let chain = published.chain.len();
+    let mut total = 0;
+    for since in day0..day0 + 29 {
+        let (kind, _, data) = fetch_all(&f, since);
+        assert_eq!(kind, FilterKind::Deltas);
+        assert_eq!(
+            FilterDelta::decode_all(&data).expect("decodes").len() as u32,
+            day0 + 29 - since
+        );
+        total += data.len();
+    }
+    assert!(total > chain, "many days were served");
+    assert_eq!(
+        f.discovery.published.read().expect("lock").chain.len(),
+        chain,
+        "from one chain, not one copy per day"
+    );
 }

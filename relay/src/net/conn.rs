@@ -39,6 +39,7 @@ use crate::media::BlobStore;
 use crate::net::admission::AdmissionGuard;
 use crate::net::media::Activity;
 
+mod discovery;
 mod keys;
 mod push;
 mod standing;
@@ -456,43 +457,14 @@ impl Session {
                 }
                 self.reply(id, result.map(|()| Reply::DeleteAccount)).await
             }
-            Request::DiscoveryEvaluate { blinded } => {
-                let d = &self.settings.discovery;
-                let result = match self.authenticated() {
-                    Ok(by) => {
-                        d.evaluate(&by.address().account, self.prefix, &blinded)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                self.reply(id, result.map(Reply::DiscoveryEvaluated)).await
-            }
-            Request::DiscoveryLookup { tags } => {
-                let result = self
-                    .authenticated()
-                    .and_then(|by| self.settings.discovery.lookup(&by.address().account, &tags));
-                self.reply(id, result.map(Reply::DiscoveryFound)).await
-            }
-            Request::SetDiscoverable(on) => {
-                let result = self.authenticated().and_then(|by| {
-                    (self.settings.discovery).set_discoverable(&by.address().account, on)
-                });
-                self.reply(id, result.map(|()| Reply::SetDiscoverable))
-                    .await
-            }
+            Request::DiscoveryEvaluate { blinded } => self.discovery_evaluate(id, blinded).await,
+            Request::DiscoveryLookup { tags } => self.discovery_lookup(id, tags).await,
+            Request::SetDiscoverable(on) => self.set_discoverable(id, on).await,
             Request::DiscoveryFilter {
                 since_day,
                 day,
                 part,
-            } => {
-                if !self.take_place(id).await {
-                    return;
-                }
-                let reply = (self.settings.discovery)
-                    .filter_part(since_day, day, part)
-                    .map(Reply::DiscoveryFilterPart);
-                self.anonymous_reply(id, reply).await
-            }
+            } => self.discovery_filter(id, since_day, day, part).await,
         }
     }
 

@@ -764,6 +764,16 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
     assert_eq!(store.bucket(&bob).expect("bucket"), None);
     store.set_bucket(&bob, 12_345).expect("set_bucket");
     assert_eq!(store.bucket(&bob).expect("bucket"), Some(12_345));
+    assert_eq!(store.number_bucket(&t2).expect("number_bucket"), None);
+    store
+        .set_buckets(&bob, 23_456, &t2, 34_567)
+        .expect("set_buckets");
+    assert_eq!(store.bucket(&bob).expect("bucket"), Some(23_456));
+    assert_eq!(
+        store.number_bucket(&t2).expect("number_bucket"),
+        Some(34_567)
+    );
+    assert_eq!(store.number_bucket(&t1).expect("number_bucket"), None);
     store
         .attach(&alice, &t1, &rec(alice, 11, true))
         .expect("attach");
@@ -771,6 +781,11 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
     assert_eq!(store.by_tag(&t2).expect("by_tag"), None);
     assert_eq!(store.of_account(&bob).expect("of_account"), None);
     assert_eq!(store.bucket(&bob).expect("bucket"), None);
+    assert_eq!(
+        store.number_bucket(&t2).expect("number_bucket"),
+        Some(34_567),
+        "the number's bucket names no account and outlives it"
+    );
     assert_eq!(
         store.discoverable_keys().expect("keys"),
         vec![11],

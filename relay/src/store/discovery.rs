@@ -53,6 +53,18 @@ pub trait DiscoveryStore: Send + Sync + 'static {
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>>;
     /// Stores the account's evaluation bucket.
     fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()>;
+    /// The evaluation bucket of a verified number, by its tag: it follows the number
+    /// from account to account, and outlives `detach` (it names no account). An entry
+    /// whose time has passed is a full bucket, the same as none, and may be dropped.
+    fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>>;
+    /// Stores one charge: the account's bucket and its number's, both at once.
+    fn set_buckets(
+        &self,
+        account: &AccountId,
+        account_tat: u64,
+        tag: &Tag,
+        number_tat: u64,
+    ) -> StoreResult<()>;
 }
 
 /// [`MemoryStore`]'s discovery tables.
@@ -61,6 +73,7 @@ pub(super) struct MemDiscovery {
     tags: HashMap<Tag, TagRecord>,
     accounts: HashMap<AccountId, Tag>,
     buckets: HashMap<AccountId, u64>,
+    number_buckets: HashMap<Tag, u64>,
 }
 
 impl MemoryStore {
@@ -139,6 +152,23 @@ impl DiscoveryStore for MemoryStore {
 
     fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
         self.discovery().buckets.insert(*account, tat);
+        Ok(())
+    }
+
+    fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
+        Ok(self.discovery().number_buckets.get(tag).copied())
+    }
+
+    fn set_buckets(
+        &self,
+        account: &AccountId,
+        account_tat: u64,
+        tag: &Tag,
+        number_tat: u64,
+    ) -> StoreResult<()> {
+        let mut d = self.discovery();
+        d.buckets.insert(*account, account_tat);
+        d.number_buckets.insert(*tag, number_tat);
         Ok(())
     }
 }

@@ -3,6 +3,9 @@
 //!   verified day start(8, LE, Unix ms)
 //! - `A` ‖ account(16) → tag(16)
 //! - `B` ‖ account(16) → bucket TAT(8, LE, Unix ms)
+//! - `N` ‖ SHA-256("tern discovery number bucket v1\0" ‖ tag)[..16] → the number's
+//!   bucket TAT (8, LE, Unix ms). Hashed so that the entry, which outlives the
+//!   account's deletion until it refills, holds neither tag nor account.
 //!
 //! No number, no hash of one. Changes to tags are flushed before they return (they
 //! come once per verification or setting); bucket writes ride sled's periodic flush.
@@ -33,6 +36,14 @@ fn account_key(account: &AccountId) -> Vec<u8> {
 
 fn bucket_key(account: &AccountId) -> Vec<u8> {
     key(b'B', account.as_bytes())
+}
+
+fn number_bucket_key(tag: &Tag) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"tern discovery number bucket v1\0");
+    h.update(tag.0);
+    key(b'N', &h.finalize()[..16])
 }
 
 fn encode(rec: &TagRecord) -> [u8; RECORD_LEN] {
@@ -192,5 +203,29 @@ impl DiscoveryStore for SledStore {
             .insert(bucket_key(account), &tat.to_le_bytes()[..])
             .map_err(backend)?;
         Ok(())
+    }
+
+    fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
+        match self
+            .discovery
+            .get(number_bucket_key(tag))
+            .map_err(backend)?
+        {
+            Some(v) => u64_of(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn set_buckets(
+        &self,
+        account: &AccountId,
+        account_tat: u64,
+        tag: &Tag,
+        number_tat: u64,
+    ) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(bucket_key(account), &account_tat.to_le_bytes()[..]);
+        batch.insert(number_bucket_key(tag), &number_tat.to_le_bytes()[..]);
+        self.discovery.apply_batch(batch).map_err(backend)
     }
 }
