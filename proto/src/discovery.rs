@@ -239,6 +239,21 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// The most slots a BinaryFuse32 of `keys` keys has. xorf (arity 3) makes
+/// `(max(⌈capacity / L⌉, 3) − 2 + 2) · L` slots, capacity = round(keys · factor) with
+/// factor ≤ 5.86 (at 2 keys; less for more) and segment length
+/// L = 2^⌊log₃.₃₃ keys + 2.25⌋ ≤ 4.76 · keys^0.58: below 21 · keys + 12. The bound
+/// leaves room for that formula to change a little.
+pub fn max_slots(keys: usize) -> usize {
+    keys.max(1).saturating_mul(32).saturating_add(64)
+}
+
+/// How many of a built filter's keys may have a zero value (left out of the
+/// encoding): each has odds of 2^-32, so this many never happens by chance.
+fn zero_values_allowed(keys: usize) -> usize {
+    4 + keys / (1 << 16)
+}
+
 impl FilterSnapshot {
     /// Builds the filter of `keys` (sorted and deduplicated here; any order in).
     pub fn build(day: u32, mut keys: Vec<u64>) -> Result<Self, &'static str> {
@@ -335,6 +350,18 @@ impl FilterSnapshot {
             std::cmp::Ordering::Less => return Err(FilterDecodeError::Truncated),
             std::cmp::Ordering::Greater => return Err(FilterDecodeError::Trailing),
             std::cmp::Ordering::Equal => {}
+        }
+        // Before the slot array is allocated (4 bytes a slot), the slots must be what
+        // the values present can justify: a built filter gives a value to exactly one
+        // slot per key (zero, so left out, with odds 2^-32 each), and has at most
+        // `max_slots(keys)` slots. Without this, a header and a zero bitmap of 32 MiB
+        // would cost a 1 GiB allocation.
+        let keys_us = keys as usize;
+        if nonzero > keys_us || keys_us - nonzero > zero_values_allowed(keys_us) {
+            return Err(FilterDecodeError::Bitmap);
+        }
+        if slots > max_slots(keys_us) {
+            return Err(FilterDecodeError::Descriptor);
         }
         let mut fingerprints = vec![0u32; slots].into_boxed_slice();
         let mut next = values.chunks_exact(4);

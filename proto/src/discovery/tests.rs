@@ -174,7 +174,98 @@ fn a_delta_decoder_refuses_unsorted_overlapping_or_short_lists() {
     );
 }
 
+/// A snapshot header, fields in order, little-endian.
+fn header(keys: u32, seg_len: u32, seg_count_len: u32, slots: u32) -> Vec<u8> {
+    let mut h = b"TDF1".to_vec();
+    for v in [1u32, keys] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h.extend_from_slice(&5u64.to_le_bytes());
+    for v in [seg_len, seg_len - 1, seg_count_len, slots] {
+        h.extend_from_slice(&v.to_le_bytes());
+    }
+    h
+}
+
+#[test]
+fn slots_beyond_what_the_keys_justify_are_refused_before_allocating() {
+    // A consistent descriptor of 2^25 slots, no key, and its whole (zero) bitmap: 4 MiB
+    // of input that, decoded, would be a 128 MiB slot array. (2^28 slots, the most
+    // the header may state, would be 1 GiB from a 32 MiB bitmap.)
+    let slots = 1u32 << 25;
+    let seg = 1u32 << 18;
+    let mut b = header(0, seg, slots - 2 * seg, slots);
+    b.resize(b.len() + (slots as usize) / 8, 0);
+    assert_eq!(
+        FilterSnapshot::decode(&b).map(|_| ()),
+        Err(FilterDecodeError::Descriptor)
+    );
+    // The same with a key claimed but no value present: the counts disagree.
+    let mut b = header(1_000_000, seg, slots - 2 * seg, slots);
+    b.resize(b.len() + (slots as usize) / 8, 0);
+    assert_eq!(
+        FilterSnapshot::decode(&b).map(|_| ()),
+        Err(FilterDecodeError::Bitmap)
+    );
+    // Real filters stay within the bound, from 0 keys up.
+    for n in [0usize, 1, 2, 3, 4, 5, 7, 10, 31, 100, 1000, 4097, 100_000] {
+        let snap = FilterSnapshot::build(1, keys(n, 3)).expect("builds");
+        assert!(snap.filter.fingerprints.len() <= max_slots(n), "{n} keys");
+        FilterSnapshot::decode(&snap.encode()).expect("decodes");
+    }
+}
+
+/// A small real snapshot and delta, encoded, for mutation.
+fn encoded(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let old = keys(n, seed);
+    let mut new = keys(n / 2, seed ^ 1);
+    new.extend_from_slice(&old[..n / 2]);
+    new.sort_unstable();
+    new.dedup();
+    let mut sorted_old = old.clone();
+    sorted_old.sort_unstable();
+    let snap = FilterSnapshot::build(2, new.clone()).expect("builds");
+    let delta = FilterDelta::between(1, &sorted_old, 2, &new);
+    (snap.encode(), delta.encode())
+}
+
 proptest! {
+    #[test]
+    fn mutated_snapshots_and_deltas_give_typed_errors_never_panics(
+        n in 0usize..300,
+        seed in any::<u64>(),
+        edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+        field in 0usize..9,
+        value in prop_oneof![Just(0u32), Just(1), Just(u32::MAX), Just(1 << 28), Just(1 << 18), any::<u32>()],
+        cut in any::<usize>(),
+        probes in proptest::collection::vec(any::<u64>(), 1..16),
+    ) {
+        let (snap, delta) = encoded(n, seed);
+        for original in [snap, delta] {
+            let mut b = original.clone();
+            // A header field (4 bytes at 4·field) set to a chosen value.
+            if 4 * field + 4 <= b.len() {
+                b[4 * field..4 * field + 4].copy_from_slice(&value.to_le_bytes());
+            }
+            for (at, byte) in &edits {
+                let len = b.len().max(1);
+                if let Some(x) = b.get_mut(at % len) {
+                    *x ^= byte;
+                }
+            }
+            let truncated = &b[..cut % (b.len() + 1)];
+            for input in [&b[..], truncated] {
+                if let Ok(s) = FilterSnapshot::decode(input) {
+                    prop_assert!(s.filter.fingerprints.len() <= max_slots(s.keys as usize));
+                    for p in &probes {
+                        let _ = s.contains(FilterKey(*p));
+                    }
+                }
+                let _ = FilterDelta::decode_all(input);
+            }
+        }
+    }
+
     #[test]
     fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = FilterSnapshot::decode(&bytes);
