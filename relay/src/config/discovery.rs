@@ -55,6 +55,10 @@ pub struct DiscoveryConfig {
     pub per_prefix: BucketRate,
     /// Looked-up tags per account (in memory).
     pub lookups_per_account: BucketRate,
+    /// Filter parts (each at most 192 KiB) downloaded per IPv4 address or IPv6 /64,
+    /// on any connection (in memory): `"600/1h"` is a burst of 600 parts (about
+    /// 110 MiB) refilled over an hour. A 1M-user snapshot is 22 parts, a day's delta one.
+    pub filter_parts_per_prefix: Rate,
     /// Daily deltas kept for download; a client further behind gets the snapshot.
     pub keep_deltas: u32,
     /// Batches evaluated at once, each on a blocking thread.
@@ -86,6 +90,10 @@ impl Default for DiscoveryConfig {
             per_account: bucket(50_000, 6, HOUR),
             per_prefix: bucket(100_000, 60, HOUR),
             lookups_per_account: bucket(10_000, 100, HOUR),
+            filter_parts_per_prefix: Rate::new(600, HOUR).unwrap_or(Rate {
+                burst: std::num::NonZeroU32::MIN,
+                period: HOUR,
+            }),
             keep_deltas: 30,
             max_concurrent_evaluations: 2,
             max_queued_evaluations: 16,
@@ -136,6 +144,8 @@ mod tests {
         assert_eq!(c.per_account.interval_ms(), 600_000, "6 an hour");
         assert_eq!(c.per_prefix.interval_ms(), 60_000, "60 an hour");
         assert_eq!(c.lookups_per_account.interval_ms(), 36_000, "100 an hour");
+        assert_eq!(c.filter_parts_per_prefix, "600/1h".parse().expect("rate"));
+        assert_eq!(c.max_queued_evaluations, 16);
         assert_eq!(parse("").expect("empty"), c);
     }
 

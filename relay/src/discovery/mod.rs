@@ -106,6 +106,7 @@ pub struct Discovery {
     config: DiscoveryConfig,
     per_prefix: KeyedLimit<AddressPrefix>,
     lookups: KeyedLimit<AccountId>,
+    filter_parts: KeyedLimit<AddressPrefix>,
     /// Serialises the account bucket's read-charge-write.
     charging: Mutex<()>,
     /// One publication at a time (they write the same files).
@@ -145,6 +146,11 @@ impl Discovery {
             per_prefix: KeyedLimit::new(rate(&config.per_prefix)?, MAX_BUCKET_KEYS, clock.clone()),
             lookups: KeyedLimit::new(
                 rate(&config.lookups_per_account)?,
+                MAX_BUCKET_KEYS,
+                clock.clone(),
+            ),
+            filter_parts: KeyedLimit::new(
+                config.filter_parts_per_prefix,
                 MAX_BUCKET_KEYS,
                 clock.clone(),
             ),
@@ -316,9 +322,18 @@ impl Discovery {
         }
     }
 
-    /// A part of the published filter (see [`publish::Published::part`]).
-    pub fn filter_part(&self, since_day: u32, day: u32, part: u32) -> Result<FilterPart> {
+    /// A part of the published filter (see [`publish::Published::part`]), charged
+    /// one unit of `filter_parts_per_prefix` to the address prefix it was asked from
+    /// (before anything is looked at, so failures count too).
+    pub fn filter_part(
+        &self,
+        from: AddressPrefix,
+        since_day: u32,
+        day: u32,
+        part: u32,
+    ) -> Result<FilterPart> {
         self.enabled()?;
+        self.filter_parts.check(&from)?;
         let published = self
             .published
             .read()
@@ -367,6 +382,7 @@ impl Discovery {
     pub fn housekeep(&self) {
         self.per_prefix.housekeep();
         self.lookups.housekeep();
+        self.filter_parts.housekeep();
     }
 }
 

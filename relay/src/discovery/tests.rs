@@ -493,12 +493,15 @@ fn keys_of(f: &Fx) -> Vec<u64> {
 }
 
 fn fetch_all(f: &Fx, since_day: u32) -> (FilterKind, u32, Vec<u8>) {
-    let first = f.discovery.filter_part(since_day, 0, 0).expect("part 0");
+    let first = f
+        .discovery
+        .filter_part(prefix(1), since_day, 0, 0)
+        .expect("part 0");
     let mut data = first.data.to_vec();
     for part in 1..first.parts {
         let p = f
             .discovery
-            .filter_part(since_day, first.day, part)
+            .filter_part(prefix(1), since_day, first.day, part)
             .expect("part");
         assert_eq!(
             (p.kind, p.day, p.parts),
@@ -512,7 +515,10 @@ fn fetch_all(f: &Fx, since_day: u32) -> (FilterKind, u32, Vec<u8>) {
 #[test]
 fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
     let f = fx();
-    let e = f.discovery.filter_part(0, 0, 0).expect_err("nothing yet");
+    let e = f
+        .discovery
+        .filter_part(prefix(1), 0, 0, 0)
+        .expect_err("nothing yet");
     assert_eq!(code(&e), ErrorCode::Unavailable);
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
@@ -548,10 +554,13 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
     assert_eq!(fetch_all(&f, day0 - 5).0, FilterKind::Snapshot);
     let e = f
         .discovery
-        .filter_part(0, day0, 0)
+        .filter_part(prefix(1), 0, day0, 0)
         .expect_err("yesterday's");
     assert_eq!(code(&e), ErrorCode::NotFound);
-    let e = f.discovery.filter_part(0, 0, 7).expect_err("no such part");
+    let e = f
+        .discovery
+        .filter_part(prefix(1), 0, 0, 7)
+        .expect_err("no such part");
     assert_eq!(code(&e), ErrorCode::BadRequest);
 
     // A day the relay was down is spanned by one delta.
@@ -615,7 +624,7 @@ fn a_large_snapshot_is_served_in_parts_that_fit_an_anonymous_frame() {
             .expect("attach");
     }
     f.discovery.republish().expect("publish");
-    let first = f.discovery.filter_part(0, 0, 0).expect("part");
+    let first = f.discovery.filter_part(prefix(1), 0, 0, 0).expect("part");
     assert!(first.parts >= 3, "{} parts", first.parts);
     assert_eq!(first.data.len(), tern_proto::discovery::MAX_FILTER_PART);
     let (_, _, data) = fetch_all(&f, 0);
@@ -701,7 +710,7 @@ fn a_restart_during_the_day_serves_that_days_files_and_rebuilds_damaged_ones() {
     d.attach_verified(&account(1), b"+15550000001")
         .expect("attach");
     d.republish().expect("day 0");
-    let first = d.filter_part(0, 0, 0).expect("part");
+    let first = d.filter_part(prefix(1), 0, 0, 0).expect("part");
     // Later the same day a number arrives, and the relay restarts.
     d.attach_verified(&account(2), b"+15550000002")
         .expect("attach");
@@ -718,7 +727,8 @@ fn a_restart_during_the_day_serves_that_days_files_and_rebuilds_damaged_ones() {
         .expect("mtime");
     d.republish().expect("reopened");
     assert_eq!(
-        d.filter_part(0, first.day, 0).expect("same artefact"),
+        d.filter_part(prefix(1), 0, first.day, 0)
+            .expect("same artefact"),
         first,
         "the day's files are served as they were"
     );
@@ -738,7 +748,7 @@ fn a_restart_during_the_day_serves_that_days_files_and_rebuilds_damaged_ones() {
     drop((d, sled));
     let (d, _sled) = on_sled(dir.path(), clock, &config());
     d.republish().expect("rebuilt");
-    let part = d.filter_part(0, 0, 0).expect("part");
+    let part = d.filter_part(prefix(1), 0, 0, 0).expect("part");
     let snap = FilterSnapshot::decode(&part.data).expect("whole");
     assert_eq!(snap.keys, 2);
     let (_, key) = d.oprf().tag_of(b"+15550000002").expect("tag");
@@ -775,4 +785,37 @@ fn deltas_for_every_day_kept_share_one_chain() {
         chain,
         "from one chain, not one copy per day"
     );
+}
+
+#[test]
+fn filter_parts_are_charged_to_the_address_prefix() {
+    let mut c = config();
+    c.filter_parts_per_prefix = "3/1m".parse().expect("rate");
+    let f = fx_with(&c);
+    f.user(1, "+15550000001");
+    f.discovery.republish().expect("publish");
+    for _ in 0..3 {
+        f.discovery
+            .filter_part(prefix(1), 0, 0, 0)
+            .expect("within the burst");
+    }
+    let e = f
+        .discovery
+        .filter_part(prefix(1), 0, 0, 0)
+        .expect_err("spent");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert_eq!(e.retry_after_ms(), 20_000);
+    // A bad request counts too; another address is limited separately.
+    let e = f
+        .discovery
+        .filter_part(prefix(1), 0, 0, 9)
+        .expect_err("spent");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    f.discovery
+        .filter_part(prefix(2), 0, 0, 0)
+        .expect("another address");
+    f.clock.advance(std::time::Duration::from_secs(20));
+    f.discovery
+        .filter_part(prefix(1), 0, 0, 0)
+        .expect("refilled");
 }

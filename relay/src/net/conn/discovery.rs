@@ -41,7 +41,7 @@ impl Session {
             return;
         }
         let reply = (self.settings.discovery)
-            .filter_part(since_day, day, part)
+            .filter_part(self.prefix, since_day, day, part)
             .map(Reply::DiscoveryFilterPart);
         self.anonymous_reply(id, reply).await
     }
