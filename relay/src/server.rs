@@ -294,14 +294,14 @@ impl Relay {
             )
             .map_err(Error::from)?,
         );
-        let discovery = Arc::new(Discovery::new(
+        let discovery = Discovery::new(
             Oprf::load_or_create(&config.data_dir, &mut rand::rngs::OsRng)?,
             stores.discovery.clone(),
             stores.accounts.clone(),
             clock.clone(),
             &config.discovery,
             config.data_dir.join("discovery"),
-        )?);
+        )?;
         let services = Arc::new(Services::with_budget(
             stores,
             clock,
@@ -312,6 +312,7 @@ impl Relay {
             &config.rate_limits,
             budget,
         )?);
+        let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
         // Deletions a crash interrupted are finished before anything is served.
         let deletion = Arc::new(AccountDeletion::new(services.clone(), blobs.clone()));
         let resumed = deletion.resume().await?;

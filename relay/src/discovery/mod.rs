@@ -32,7 +32,7 @@ use tracing::error;
 use crate::config::DiscoveryConfig;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
 use crate::error::{Error, Result};
-use crate::store::{AccountStore, DiscoveryStore, TagRecord, DAY_MS};
+use crate::store::{AccountStore, DiscoveryStore, GroupCommit, TagRecord, DAY_MS};
 
 pub mod oprf;
 pub mod publish;
@@ -117,6 +117,9 @@ pub struct Discovery {
     /// Where the published files live (`<data>/discovery`).
     dir: PathBuf,
     published: RwLock<Arc<Published>>,
+    /// Makes bucket charges durable before the answer (none: the store's own
+    /// periodic flush, for tests and tools).
+    commit: Option<Arc<GroupCommit>>,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -164,7 +167,15 @@ impl Discovery {
             config: config.clone(),
             dir,
             published: RwLock::new(Arc::new(Published::empty())),
+            commit: None,
         })
+    }
+
+    /// Answers evaluations only once their charge is durable as `commit` makes
+    /// every store's writes (with `durability = "fsync"`, after a shared fsync).
+    pub fn with_commit(mut self, commit: Arc<GroupCommit>) -> Self {
+        self.commit = Some(commit);
+        self
     }
 
     /// The OPRF key.
@@ -254,18 +265,30 @@ impl Discovery {
         let _place = self.admit()?;
         let n = u32::try_from(blinded.len()).unwrap_or(u32::MAX);
         self.charge(account, &tag, prefix, n)?;
-        let _permit = self
-            .evaluations
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Unavailable("shutting down"))?;
-        let oprf = self.oprf.clone();
-        let bytes = blinded.clone().into_bytes();
-        let out = tokio::task::spawn_blocking(move || oprf.evaluate_batch(&bytes))
-            .await
-            .map_err(|_| Error::Unavailable("evaluation failed"))??;
-        Ok(Bytes::from(out))
+        // The charge's flush and the evaluation overlap; the answer waits for both.
+        let durable = async {
+            match &self.commit {
+                Some(c) => c.commit().await.map_err(Error::from),
+                None => Ok(()),
+            }
+        };
+        let evaluated = async {
+            let _permit = self
+                .evaluations
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Error::Unavailable("shutting down"))?;
+            let oprf = self.oprf.clone();
+            let bytes = blinded.clone().into_bytes();
+            let out = tokio::task::spawn_blocking(move || oprf.evaluate_batch(&bytes))
+                .await
+                .map_err(|_| Error::Unavailable("evaluation failed"))??;
+            Ok::<_, Error>(Bytes::from(out))
+        };
+        let (durable, evaluated) = tokio::join!(durable, evaluated);
+        durable?;
+        evaluated
     }
 
     /// A place among the batches admitted to evaluation, given back on drop.

@@ -819,3 +819,34 @@ fn filter_parts_are_charged_to_the_address_prefix() {
         .filter_part(prefix(1), 0, 0, 0)
         .expect("refilled");
 }
+
+#[tokio::test]
+async fn an_evaluation_is_answered_after_its_charge_is_committed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sled = Arc::new(SledStore::open(&dir.path().join("db"), 8 << 20).expect("open"));
+    let stores = crate::store::Stores::split(Arc::new(MemoryStore::new()), sled.clone());
+    let commit = Arc::new(
+        GroupCommit::start(stores.flush.clone(), crate::store::Durability::Fsync).expect("start"),
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let d = Discovery::new(
+        Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
+        stores.discovery.clone(),
+        stores.accounts.clone(),
+        Arc::new(ManualClock::new(START)),
+        &config(),
+        dir.path().join("discovery"),
+    )
+    .expect("service")
+    .with_commit(commit.clone());
+    let alice = account(1);
+    create(stores.accounts.as_ref(), &alice);
+    d.attach_verified(&alice, b"+15550000001").expect("attach");
+    let before = commit.flushes();
+    let (batch, _) = blind(&[], 8);
+    d.evaluate(&alice, prefix(1), &batch)
+        .await
+        .expect("evaluated");
+    assert!(commit.flushes() > before, "the answer waited for a flush");
+    assert!(sled.bucket(&alice).expect("bucket").is_some());
+}

@@ -20,8 +20,8 @@ pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
     /// Media metadata.
     pub blobs: Arc<dyn BlobIndex>,
-    /// Discovery tags. Their writes flush themselves (they are rare), so the group
-    /// commit need not know of them.
+    /// Discovery tags and evaluation buckets. Tag changes flush themselves (they are
+    /// rare); bucket charges are made durable by the group commit.
     pub discovery: Arc<dyn DiscoveryStore>,
     /// Makes every change to any of them durable.
     pub flush: Arc<dyn Flush>,
@@ -64,7 +64,6 @@ impl Stores {
         M: MailboxStore,
         S: AccountStore + KeyStore + BlobIndex + DiscoveryStore + Flush,
     {
-        let discovery = rest.clone();
         let mailboxes = Arc::new(Marked::new(mailboxes));
         let rest = Arc::new(Marked::new(rest));
         Stores {
@@ -72,7 +71,7 @@ impl Stores {
             accounts: rest.clone(),
             keys: rest.clone(),
             blobs: rest.clone(),
-            discovery,
+            discovery: rest.clone(),
             flush: Arc::new(FlushBoth(mailboxes, rest)),
         }
     }

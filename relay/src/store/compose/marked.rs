@@ -6,12 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tern_platform::clock::UnixMillis;
+use tern_proto::discovery::Tag;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::store::{
-    AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired, FetchedKeys,
-    Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreResult, StoredMessage,
-    Totals, UploadMeta, Usage,
+    AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore, Envelope, Expired,
+    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreResult,
+    StoredMessage, TagRecord, Totals, UploadMeta, Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -214,5 +215,49 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
     }
     fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>> {
         self.write(|s| s.remove_account_media(account))
+    }
+}
+
+impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
+    fn attach(
+        &self,
+        account: &AccountId,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> StoreResult<Option<AccountId>> {
+        self.write(|s| s.attach(account, tag, rec))
+    }
+    fn by_tag(&self, tag: &Tag) -> StoreResult<Option<TagRecord>> {
+        self.store.by_tag(tag)
+    }
+    fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>> {
+        self.store.of_account(account)
+    }
+    fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {
+        self.write(|s| s.set_discoverable(account, on))
+    }
+    fn detach(&self, account: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.detach(account))
+    }
+    fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
+        self.store.discoverable_keys()
+    }
+    fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
+        self.store.bucket(account)
+    }
+    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
+        self.write(|s| s.set_bucket(account, tat))
+    }
+    fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
+        self.store.number_bucket(tag)
+    }
+    fn set_buckets(
+        &self,
+        account: &AccountId,
+        account_tat: u64,
+        tag: &Tag,
+        number_tat: u64,
+    ) -> StoreResult<()> {
+        self.write(|s| s.set_buckets(account, account_tat, tag, number_tat))
     }
 }

@@ -8,7 +8,9 @@
 //!   account's deletion until it refills, holds neither tag nor account.
 //!
 //! No number, no hash of one. Changes to tags are flushed before they return (they
-//! come once per verification or setting); bucket writes ride sled's periodic flush.
+//! come once per verification or setting); bucket writes are not: the relay makes
+//! them durable with its group commit (one fsync shared by concurrent writers)
+//! before it answers the evaluation that charged them.
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
