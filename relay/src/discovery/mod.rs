@@ -36,6 +36,7 @@ use crate::store::{AccountStore, DiscoveryStore, GroupCommit, TagRecord, DAY_MS}
 
 pub mod oprf;
 pub mod publish;
+pub mod seed;
 
 pub use self::oprf::Oprf;
 use self::publish::Published;

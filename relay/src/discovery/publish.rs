@@ -129,6 +129,19 @@ impl Published {
     }
 }
 
+/// A file whose presence says the tags changed behind the relay's back (seeding,
+/// [`super::seed`]): the next publication builds from the store even if the day's
+/// files are whole, then removes it.
+const STALE: &str = "stale";
+
+/// Marks the published files stale (see [`STALE`]).
+pub fn mark_stale(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::File::create(dir.join(STALE))?.sync_all()?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 fn name(kind: &str, day: u32, ext: &str) -> String {
     format!("{kind}-{day}.{ext}")
 }
@@ -183,6 +196,9 @@ fn read_keys(path: &Path) -> Result<Vec<u64>> {
 /// `day`'s files as published before (a restart during the day), if they are all
 /// there and whole (see the module docs); `None` if they must be built.
 pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
+    if dir.join(STALE).exists() {
+        return Ok(None);
+    }
     let snapshot_bytes = match fs::read(dir.join(name("snapshot", day, "tf"))) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -240,6 +256,10 @@ pub fn publish_day(
     write_atomic(dir, &name("keys", day, "bin"), &list)?;
     fs::File::open(dir)?.sync_all()?;
     prune(dir, day, keep_deltas)?;
+    match fs::remove_file(dir.join(STALE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
     load_deltas(dir, day, Bytes::from(snapshot_bytes))
 }
 

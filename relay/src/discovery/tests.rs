@@ -850,3 +850,52 @@ async fn an_evaluation_is_answered_after_its_charge_is_committed() {
     assert!(commit.flushes() > before, "the answer waited for a flush");
     assert!(sled.bucket(&alice).expect("bucket").is_some());
 }
+
+#[test]
+fn seeding_a_stopped_relays_data_directory_attaches_and_republishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(ManualClock::new(START));
+    let alice = account(1);
+    let (d, sled) = on_sled(dir.path(), clock.clone(), &config());
+    create(sled.as_ref(), &alice);
+    d.republish().expect("today's files, without alice");
+    sled.flush().expect("flush");
+    drop((d, sled));
+
+    let e = seed::attach_numbers(dir.path(), &[(alice, "15550000001")]).expect_err("not E.164");
+    assert_eq!(code(&e), ErrorCode::BadRequest);
+    let e = seed::attach_numbers(dir.path(), &[(account(9), "+15550000009")])
+        .expect_err("no such account");
+    assert_eq!(code(&e), ErrorCode::BadRequest);
+    assert_eq!(
+        seed::attach_numbers(dir.path(), &[(alice, "+15550000001")]).expect("seeded"),
+        1
+    );
+    let numbers: Vec<String> = (0..500).map(|i| format!("+1555200{i:04}")).collect();
+    let refs: Vec<&str> = numbers.iter().map(String::as_str).collect();
+    let made = seed::synthetic_accounts(dir.path(), &refs, 7).expect("synthetic");
+    assert_eq!(made.len(), 500);
+
+    // The relay starts again: today's files are rebuilt with the seeded tags.
+    let (d, sled) = on_sled(dir.path(), clock, &config());
+    assert_eq!(sled.discoverable_keys().expect("keys").len(), 501);
+    d.republish().expect("publish");
+    let snap = FilterSnapshot::decode(&d.filter_part(prefix(1), 0, 0, 0).expect("part").data)
+        .expect("whole");
+    assert_eq!(snap.keys, 501);
+    let tag = |n: &str| d.oprf().tag_of(n.as_bytes()).expect("tag");
+    assert!(snap.contains(tag("+15550000001").1));
+    let asked = [tag(&made[0].number).0, tag(&made[499].number).0];
+    let found = d.lookup(&alice, &asked).expect("lookup");
+    assert_eq!(
+        found
+            .iter()
+            .map(|f| (f.account, f.identity_key))
+            .collect::<Vec<_>>(),
+        vec![
+            (made[0].account, made[0].identity_key),
+            (made[499].account, made[499].identity_key)
+        ]
+    );
+    assert!(!dir.path().join("discovery").join("stale").exists());
+}

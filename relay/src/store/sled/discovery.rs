@@ -106,6 +106,20 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Writes tags for accounts and tags that hold none yet, in one batch, without
+    /// the checks and the flush of [`DiscoveryStore::attach`]: for seeding test and
+    /// load data ([`crate::discovery::seed`]) only.
+    pub(crate) fn attach_fresh(&self, items: &[(AccountId, Tag, TagRecord)]) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for (account, tag, rec) in items {
+            batch.insert(tag_key(tag), &encode(rec)[..]);
+            batch.insert(account_key(account), &tag.0[..]);
+        }
+        self.discovery.apply_batch(batch).map_err(backend)
+    }
+}
+
 impl DiscoveryStore for SledStore {
     fn attach(
         &self,
