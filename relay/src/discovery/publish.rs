@@ -9,7 +9,8 @@
 //! hold filter keys only: no tags, no account ids, no numbers. A key that left the
 //! store (an account deleted, or no longer discoverable) leaves the next day's files.
 //!
-//! A relay restarted during a day serves that day's files as they are, if they are
+//! A relay restarted during a day serves that day's files as they are, unless a
+//! `stale` file says the tags changed behind its back ([`mark_stale`]), if they are
 //! there and whole (the snapshot decodes, is that day's and holds exactly the day's
 //! key list, and the delta to it decodes and starts from the last earlier key list):
 //! the day's artefacts never change once published, so clients that fetched part of
@@ -134,7 +135,8 @@ impl Published {
 /// files are whole, then removes it.
 const STALE: &str = "stale";
 
-/// Marks the published files stale (see [`STALE`]).
+/// Marks the published files stale: the next publication builds from the store
+/// even if the day's files are whole (see [`load_day`]).
 pub fn mark_stale(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir)?;
     fs::File::create(dir.join(STALE))?.sync_all()?;
