@@ -184,6 +184,14 @@ impl AccountDeletion {
     pub async fn delete(&self, authority: DeletionAuthority) -> Result<Deleted> {
         let account = authority.account();
         let stores = self.services.stores();
+        if let DeletionAuthority::Account(v) = &authority {
+            // The proof names the key it was checked with: it must be the account's
+            // identity key, checked before the account is hidden.
+            match stores.accounts.get(&account)? {
+                Some(rec) if rec.identity_key == *v.identity_key() => {}
+                _ => return Err(Error::Unauthorized),
+            }
+        }
         self.services.tombstones().insert(account);
         let pending = stores
             .accounts

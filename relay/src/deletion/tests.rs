@@ -357,3 +357,22 @@ async fn a_signed_deletion_needs_the_identity_over_this_connection() {
             .await
     ));
 }
+
+#[tokio::test]
+async fn a_verified_deletion_under_a_key_that_is_not_the_accounts_identity_deletes_nothing() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    // Alice's identity (seed 1) validly signed a deletion of Bob's account: the
+    // signature checks out against the key it names, which is not Bob's.
+    let forged = verified(1, &account);
+    let refused = w.deletion.delete(DeletionAuthority::Account(forged)).await;
+    assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
+    assert!(w.f.store.get(&account).expect("get").is_some());
+    assert!(
+        !w.f.services.tombstones().contains(&account),
+        "a refused deletion hides nothing"
+    );
+    assert!(w.f.store.deletions().expect("intents").is_empty());
+    assert_eq!(w.f.store.usage(bob.address()).expect("usage").messages, 3);
+}
