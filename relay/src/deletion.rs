@@ -18,28 +18,65 @@
 //! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use tokio::sync::watch;
 
 use tern_proto::limits::EXPORTER_LEN;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedKey};
 
 use crate::core::auth::{verify_deletion, AuthenticatedDevice, VerifiedDeletion};
 use crate::error::{Error, Result};
 use crate::media::BlobStore;
 use crate::server::Services;
-use crate::store::{AccountRecord, AccountStore, StoreResult};
+use crate::store::{
+    AccountRecord, AccountStore, FetchedKeys, KeyStore, OneTimeKey, Published, StoreResult,
+};
+
+/// Stripes of the per-account write barrier: few enough to keep, many enough that
+/// unrelated accounts rarely share one.
+const STRIPES: usize = 64;
 
 /// Accounts being deleted or deleted since this process started. Kept for the
 /// process's life: 16 bytes per deletion, and a send resolved before a deletion
 /// still finds the id here when it reaches the mailbox lock.
-#[derive(Debug, Default)]
+///
+/// Also the barrier between a deletion and the writes that check the account first
+/// (key publish, delivery token, added device, media upload): such a write holds
+/// [`Tombstones::live`]'s guard (a shared lock of the account's stripe) across its
+/// check and its write, and a deletion adds the id under the stripe's exclusive
+/// lock. So a write either finishes before the deletion's removals start (which
+/// then remove what it wrote) or sees the tombstone and writes nothing.
+#[derive(Debug)]
 pub struct Tombstones {
     ids: Mutex<HashSet<AccountId>>,
+    stripes: [RwLock<()>; STRIPES],
+    /// Counts deletions, so connections can look whether theirs is among them.
+    deleted: watch::Sender<u64>,
 }
+
+impl Default for Tombstones {
+    fn default() -> Self {
+        Tombstones {
+            ids: Mutex::default(),
+            stripes: std::array::from_fn(|_| RwLock::new(())),
+            deleted: watch::channel(0).0,
+        }
+    }
+}
+
+/// Held by a write to an account that is not deleted, from its check to its end.
+#[must_use = "the account may be deleted once this is dropped"]
+pub(crate) struct Live<'a>(#[allow(dead_code)] RwLockReadGuard<'a, ()>);
 
 impl Tombstones {
     fn lock(&self) -> MutexGuard<'_, HashSet<AccountId>> {
         self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stripe(&self, id: &AccountId) -> &RwLock<()> {
+        // Account ids are random, chosen by the relay: any byte spreads them.
+        &self.stripes[usize::from(id.0[0]) % STRIPES]
     }
 
     /// Whether `id` is deleted (or being deleted).
@@ -47,8 +84,27 @@ impl Tombstones {
         self.lock().contains(id)
     }
 
-    fn insert(&self, id: AccountId) {
-        self.lock().insert(id);
+    /// The guard for a write to `id`, `None` if the account is deleted. Hold it
+    /// across the check and the write, and take no other `live` guard meanwhile.
+    pub(crate) fn live(&self, id: &AccountId) -> Option<Live<'_>> {
+        let guard = self.stripe(id).read().unwrap_or_else(|e| e.into_inner());
+        (!self.contains(id)).then_some(Live(guard))
+    }
+
+    /// Marks `id` deleted once the writes that checked it are done; connections
+    /// watching [`Tombstones::watch`] are told.
+    pub(crate) fn insert(&self, id: AccountId) {
+        {
+            let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
+            self.lock().insert(id);
+        }
+        self.deleted.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes on each deletion: a connection then checks whether its account is
+    /// among the deleted ones.
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.deleted.subscribe()
     }
 }
 
@@ -86,16 +142,16 @@ impl AccountStore for Hidden {
         self.store.get(id)
     }
     fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
-        if self.gone(id) {
+        let Some(_live) = self.tombstones.live(id) else {
             return Ok(None);
-        }
+        };
         self.store.add_device(id, device_key)
     }
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
-        if self.gone(id) {
+        let Some(_live) = self.tombstones.live(id) else {
             // A connection of the deleted account, not yet closed: nothing to keep.
             return Ok(());
-        }
+        };
         self.store.set_delivery_token(id, token_hash)
     }
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
@@ -115,6 +171,47 @@ impl AccountStore for Hidden {
     }
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.store.remove_deletion(id)
+    }
+}
+
+/// The key store as the services see it: a publish checks the account and writes
+/// under [`Tombstones::live`], so no key outlives a deletion running meanwhile.
+pub(crate) struct HiddenKeys {
+    store: Arc<dyn KeyStore>,
+    tombstones: Arc<Tombstones>,
+}
+
+impl HiddenKeys {
+    pub(crate) fn new(store: Arc<dyn KeyStore>, tombstones: Arc<Tombstones>) -> Self {
+        HiddenKeys { store, tombstones }
+    }
+}
+
+impl KeyStore for HiddenKeys {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        let Some(_live) = self.tombstones.live(&of.account) else {
+            // Deleted since the caller looked the account up: keep nothing.
+            return Ok(0);
+        };
+        self.store.publish(of, identity_dh, signed_prekey, one_time)
+    }
+    fn fetch(&self, of: &DeviceAddress, one_time: bool) -> StoreResult<Option<FetchedKeys>> {
+        self.store.fetch(of, one_time)
+    }
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        self.store.one_time_count(of)
+    }
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        self.store.published(of)
+    }
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.store.remove_device(of)
     }
 }
 
@@ -175,6 +272,7 @@ impl std::fmt::Debug for AccountDeletion {
 impl AccountDeletion {
     /// Deletion over the relay's services and media store.
     pub fn new(services: Arc<Services>, blobs: Arc<BlobStore>) -> Self {
+        blobs.refuse_deleted(services.tombstones().clone());
         AccountDeletion { services, blobs }
     }
 

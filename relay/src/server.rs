@@ -104,7 +104,10 @@ impl Services {
             stores.accounts.clone(),
             tombstones.clone(),
         ));
-        let keys = stores.keys.clone();
+        let keys: Arc<dyn crate::store::KeyStore> = Arc::new(crate::deletion::HiddenKeys::new(
+            stores.keys.clone(),
+            tombstones.clone(),
+        ));
         let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
             accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),

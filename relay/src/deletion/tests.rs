@@ -376,3 +376,58 @@ async fn a_verified_deletion_under_a_key_that_is_not_the_accounts_identity_delet
     assert!(w.f.store.deletions().expect("intents").is_empty());
     assert_eq!(w.f.store.usage(bob.address()).expect("usage").messages, 3);
 }
+
+#[tokio::test]
+async fn a_deleted_accounts_devices_can_neither_send_nor_upload() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let before = w.f.store.usage(alice.address()).expect("usage");
+    w.deletion
+        .delete(DeletionAuthority::Operator(
+            Operator::offline(),
+            bob.address().account,
+        ))
+        .await
+        .expect("delete");
+    // Bob's connection, not yet closed, sends to Alice: refused, nothing queued.
+    let sent = w.f.send(&bob, *alice.address(), &msgs(7..8, 8)).await;
+    assert!(matches!(sent, Err(Error::Unauthorized)), "{sent:?}");
+    assert_eq!(w.f.store.usage(alice.address()).expect("usage"), before);
+    // Nor can it start, continue or finish an upload.
+    let new: [u8; 32] = Sha256::digest(b"new").into();
+    assert!(w.blobs.begin(&bob, &new, 3).is_err());
+    let part: [u8; 32] = Sha256::digest(b"half").into();
+    assert!(w.blobs.append(&bob, &part, 4, b"more").is_err());
+    assert!(w.blobs.finish(&bob, &part).is_err());
+    let account = bob.address().account;
+    assert!(w.f.store.uploads_of(&account).expect("uploads").is_empty());
+    let parts = std::fs::read_dir(w._dir.path().join("uploads"))
+        .expect("uploads dir")
+        .count();
+    assert_eq!(parts, 0, "no .part file made again");
+}
+
+#[test]
+fn a_deletion_waits_for_a_write_that_checked_the_account_and_later_ones_see_it() {
+    let tombstones = Arc::new(Tombstones::default());
+    let account = AccountId([5; 16]);
+    let live = tombstones.live(&account).expect("not deleted");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let t = tombstones.clone();
+    let deleting = std::thread::spawn(move || {
+        t.insert(account);
+        let _ = done_tx.send(());
+    });
+    // The write that checked the account is still running: the deletion cannot
+    // have started its removals.
+    assert!(done_rx
+        .recv_timeout(std::time::Duration::from_millis(300))
+        .is_err());
+    drop(live);
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the deletion goes on once the write is done");
+    deleting.join().expect("join");
+    assert!(tombstones.live(&account).is_none());
+    assert!(tombstones.live(&AccountId([6; 16])).is_some());
+}

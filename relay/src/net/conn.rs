@@ -220,6 +220,9 @@ impl Session {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         let activity = self.activity.clone();
+        // Another connection may delete this one's account: then it closes too.
+        let mut deletions = self.services.tombstones().watch();
+        let mut watching = true;
         loop {
             loop {
                 match decoder.decode_request(&mut buf) {
@@ -271,6 +274,14 @@ impl Session {
                 () = activity.notified(), if self.standing != Standing::Authenticated => {
                     if !self.anonymous_request() {
                         return End::Full;
+                    }
+                }
+                changed = deletions.changed(), if watching => {
+                    watching = changed.is_ok();
+                    if self.device.get().is_some_and(|d| {
+                        self.services.tombstones().contains(&d.address().account)
+                    }) {
+                        return End::Deleted;
                     }
                 }
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
