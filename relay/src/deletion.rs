@@ -309,7 +309,7 @@ impl AccountDeletion {
             (None, None) => return Err(Error::UnknownRecipient),
         };
         stores.accounts.put_deletion(&account, &devices)?;
-        self.services.commit().commit().await?;
+        self.durable().await?;
         self.run(&account, &devices).await
     }
 
@@ -371,13 +371,26 @@ impl AccountDeletion {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;
         }
         stores.accounts.remove_account(account)?;
-        let commit = self.services.commit();
-        commit.commit().await?;
+        // Removals durable before the scrub, the scrub before the intent goes.
+        self.durable().await?;
         self.services.mailboxes().settle()?;
-        commit.commit().await?;
+        self.durable().await?;
         stores.accounts.remove_deletion(account)?;
-        commit.commit().await?;
+        self.durable().await?;
         Ok(deleted)
+    }
+
+    /// Makes every change so far durable, whatever `durability` says: the intent
+    /// must survive a crash for the deletion to be finished, and its removal is the
+    /// promise that the account is gone (under `"os"` a commit does not flush).
+    async fn durable(&self) -> Result<()> {
+        let commit = self.services.commit();
+        if commit.mode() == crate::store::Durability::Os {
+            commit.flush_now()?;
+        } else {
+            commit.commit().await?;
+        }
+        Ok(())
     }
 
     /// Discovery's part of a deletion: the account's tag and any verification

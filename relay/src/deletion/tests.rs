@@ -431,3 +431,67 @@ fn a_deletion_waits_for_a_write_that_checked_the_account_and_later_ones_see_it()
     assert!(tombstones.live(&account).is_none());
     assert!(tombstones.live(&AccountId([6; 16])).is_some());
 }
+
+/// Records, at each flush, how many deletion intents the store holds.
+struct Watching {
+    store: Arc<crate::store::MemoryStore>,
+    seen: std::sync::Mutex<Vec<usize>>,
+}
+
+impl crate::store::Flush for Watching {
+    fn flush(&self) -> crate::store::StoreResult<()> {
+        let n = self.store.deletions()?.len();
+        self.seen.lock().expect("seen").push(n);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn under_os_durability_the_intent_is_flushed_when_written_and_when_removed() {
+    let store = Arc::new(crate::store::MemoryStore::new());
+    let watching = Arc::new(Watching {
+        store: store.clone(),
+        seen: std::sync::Mutex::default(),
+    });
+    let mut stores = crate::store::Stores::all(store.clone());
+    stores.flush = watching.clone();
+    let clock = Arc::new(tern_platform::clock::ManualClock::new(1_000_000));
+    let services = Arc::new(
+        crate::server::Services::new(
+            stores,
+            clock.clone(),
+            Limits::default(),
+            crate::core::expiry::Ttl::new(std::time::Duration::from_secs(3600)).expect("ttl"),
+            crate::store::Durability::Os,
+            ed25519_dalek::SigningKey::from_bytes(&[42; 32]),
+        )
+        .expect("services"),
+    );
+    let f = Fixture {
+        services: services.clone(),
+        clock,
+        store,
+    };
+    let bob = device(&f, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = Arc::new(
+        BlobStore::open(
+            dir.path(),
+            f.store.clone(),
+            f.clock.clone(),
+            BlobLimits::default(),
+            services.budget().clone(),
+        )
+        .expect("blobs"),
+    );
+    AccountDeletion::new(services, blobs)
+        .delete(DeletionAuthority::Account(verified(
+            2,
+            &bob.address().account,
+        )))
+        .await
+        .expect("delete");
+    let seen = watching.seen.lock().expect("seen").clone();
+    assert!(seen.contains(&1), "the intent made durable: {seen:?}");
+    assert_eq!(seen.last(), Some(&0), "its removal made durable: {seen:?}");
+}
