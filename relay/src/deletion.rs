@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tokio::sync::watch;
+use tracing::warn;
 
 use tern_proto::limits::EXPORTER_LEN;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedKey};
@@ -257,10 +258,34 @@ pub struct Deleted {
     pub uploads: u64,
 }
 
+/// What [`AccountDeletion::retry_pending`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Deletions finished.
+    pub finished: usize,
+    /// Deletions that failed again (left for the next try).
+    pub failed: usize,
+}
+
+/// A deletion running in this process (see [`AccountDeletion::running`]).
+struct Running<'a> {
+    set: &'a Mutex<HashSet<AccountId>>,
+    account: AccountId,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.account);
+    }
+}
+
 /// The deletion service. See the module docs.
 pub struct AccountDeletion {
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    /// Accounts whose deletion runs now: a retry leaves them alone.
+    running: Mutex<HashSet<AccountId>>,
 }
 
 impl std::fmt::Debug for AccountDeletion {
@@ -273,7 +298,11 @@ impl AccountDeletion {
     /// Deletion over the relay's services and media store.
     pub fn new(services: Arc<Services>, blobs: Arc<BlobStore>) -> Self {
         blobs.refuse_deleted(services.tombstones().clone());
-        AccountDeletion { services, blobs }
+        AccountDeletion {
+            services,
+            blobs,
+            running: Mutex::default(),
+        }
     }
 
     /// Deletes the account; returns once everything is removed, committed and
@@ -308,6 +337,8 @@ impl AccountDeletion {
             (None, Some(pending)) => pending,
             (None, None) => return Err(Error::UnknownRecipient),
         };
+        // A retry running it meanwhile is harmless (every step is idempotent).
+        let _running = self.running(&account);
         stores.accounts.put_deletion(&account, &devices)?;
         self.durable().await?;
         self.run(&account, &devices).await
@@ -335,18 +366,60 @@ impl AccountDeletion {
     }
 
     /// Finishes every deletion a crash interrupted; called at start, before the
-    /// relay serves. Returns how many it finished.
+    /// relay serves. Returns how many it finished; one that fails again is logged
+    /// and left to the sweeper ([`AccountDeletion::retry_pending`]), its account
+    /// hidden meanwhile.
     pub async fn resume(&self) -> Result<usize> {
+        Ok(self.retry_pending(usize::MAX).await?.finished)
+    }
+
+    /// Re-runs up to `max` recorded deletions that are not running now (a failed
+    /// or interrupted one); the sweeper calls it. Every recorded account is hidden
+    /// first, retried now or not. A failure is logged at warn, without the id, and
+    /// retried next time.
+    pub async fn retry_pending(&self, max: usize) -> Result<Retried> {
         let intents = self.services.stores().accounts.deletions()?;
-        for (account, devices) in &intents {
-            self.services.tombstones().insert(*account);
-            self.run(account, devices).await?;
+        let tombstones = self.services.tombstones();
+        for (account, _) in &intents {
+            if !tombstones.contains(account) {
+                tombstones.insert(*account);
+            }
         }
-        Ok(intents.len())
+        let mut retried = Retried::default();
+        for (account, devices) in intents.iter().take(max) {
+            let Some(_running) = self.running(account) else {
+                continue;
+            };
+            match self.run(account, devices).await {
+                Ok(_) => retried.finished += 1,
+                Err(e) => {
+                    retried.failed += 1;
+                    warn!(error = %e, "an account deletion failed part way; it is retried at the next sweep");
+                }
+            }
+        }
+        Ok(retried)
+    }
+
+    /// Marks `account`'s deletion as running here, `None` if it already is.
+    fn running(&self, account: &AccountId) -> Option<Running<'_>> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(*account).then_some(Running {
+            set: &self.running,
+            account: *account,
+        })
     }
 
     async fn run(&self, account: &AccountId, devices: &[DeviceId]) -> Result<Deleted> {
         let stores = self.services.stores();
+        // The intent's devices and the record's, while it is there: an intent whose
+        // device list was unreadable still removes every device's data.
+        let mut devices = devices.to_vec();
+        if let Some(rec) = stores.accounts.get(account)? {
+            devices.extend(rec.devices.iter().map(|(id, _)| *id));
+        }
+        devices.sort_unstable();
+        devices.dedup();
         let addrs: Vec<DeviceAddress> = devices
             .iter()
             .map(|&device| DeviceAddress {

@@ -229,6 +229,8 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
     };
     Ok(stores)
 }
+/// Failed account deletions the sweeper retries per pass.
+const RETRIES_PER_SWEEP: usize = 16;
 /// How often the publisher checks whether the UTC day changed.
 const PUBLISH_CHECK: Duration = Duration::from_secs(60);
 
@@ -347,6 +349,7 @@ impl Relay {
         let sweeper = tokio::spawn(sweep_loop(
             services.clone(),
             blobs.clone(),
+            deletion.clone(),
             config.expiry.sweep_interval,
             config.expiry.sweep_batch,
             shutdown_rx,
@@ -464,6 +467,7 @@ async fn disk_loop(
 async fn sweep_loop(
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    deletion: Arc<AccountDeletion>,
     every: Duration,
     batch: usize,
     mut shutdown: watch::Receiver<bool>,
@@ -474,6 +478,10 @@ async fn sweep_loop(
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
+        }
+        // Deletions that failed part way (they log their own failures).
+        if let Err(e) = deletion.retry_pending(RETRIES_PER_SWEEP).await {
+            warn!(error = %e, "pending account deletions not read");
         }
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {

@@ -495,3 +495,34 @@ async fn under_os_durability_the_intent_is_flushed_when_written_and_when_removed
     assert!(seen.contains(&1), "the intent made durable: {seen:?}");
     assert_eq!(seen.last(), Some(&0), "its removal made durable: {seen:?}");
 }
+
+#[tokio::test]
+async fn a_deletion_that_failed_part_way_is_finished_by_a_later_sweep() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let s = &w.f.store;
+    let devices: Vec<DeviceId> = s
+        .get(&account)
+        .expect("get")
+        .expect("bob")
+        .devices
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    // What a deletion whose removals failed leaves in a running relay.
+    w.f.services.tombstones().insert(account);
+    s.put_deletion(&account, &devices).expect("intent");
+    s.remove_device(bob.address()).expect("keys");
+    let retried = w.deletion.retry_pending(8).await.expect("retry");
+    assert_eq!(
+        retried,
+        Retried {
+            finished: 1,
+            failed: 0
+        }
+    );
+    nothing_left(&w, &account, &devices);
+    let again = w.deletion.retry_pending(8).await.expect("retry");
+    assert_eq!(again, Retried::default());
+}
