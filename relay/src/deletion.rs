@@ -18,6 +18,7 @@
 //! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash.
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tokio::sync::watch;
@@ -286,6 +287,8 @@ pub struct AccountDeletion {
     blobs: Arc<BlobStore>,
     /// Accounts whose deletion runs now: a retry leaves them alone.
     running: Mutex<HashSet<AccountId>>,
+    /// A deletion failed (or was left) since the last retry: the sweeper retries.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AccountDeletion {
@@ -302,6 +305,7 @@ impl AccountDeletion {
             services,
             blobs,
             running: Mutex::default(),
+            failed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -341,7 +345,27 @@ impl AccountDeletion {
         let _running = self.running(&account);
         stores.accounts.put_deletion(&account, &devices)?;
         self.durable().await?;
-        self.run(&account, &devices).await
+        let done = self.run(&account, &devices).await;
+        if done.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        done
+    }
+
+    /// For the sweeper: retries up to `max` recorded deletions if one failed since
+    /// the last call (else reads nothing).
+    pub async fn sweep(&self, max: usize) -> Result<Retried> {
+        if !self.failed.swap(false, Ordering::Relaxed) {
+            return Ok(Retried::default());
+        }
+        let retried = self.retry_pending(max).await;
+        if retried
+            .as_ref()
+            .map_or(true, |r| r.failed > 0 || r.finished >= max)
+        {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        retried
     }
 
     /// A deletion asked for on a connection authenticated as `device`: checks the
@@ -394,6 +418,7 @@ impl AccountDeletion {
                 Ok(_) => retried.finished += 1,
                 Err(e) => {
                     retried.failed += 1;
+                    self.failed.store(true, Ordering::Relaxed);
                     warn!(error = %e, "an account deletion failed part way; it is retried at the next sweep");
                 }
             }

@@ -480,7 +480,7 @@ async fn sweep_loop(
             _ = tick.tick() => {}
         }
         // Deletions that failed part way (they log their own failures).
-        if let Err(e) = deletion.retry_pending(RETRIES_PER_SWEEP).await {
+        if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
             warn!(error = %e, "pending account deletions not read");
         }
         let services = services.clone();

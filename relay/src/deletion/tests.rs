@@ -514,7 +514,15 @@ async fn a_deletion_that_failed_part_way_is_finished_by_a_later_sweep() {
     w.f.services.tombstones().insert(account);
     s.put_deletion(&account, &devices).expect("intent");
     s.remove_device(bob.address()).expect("keys");
-    let retried = w.deletion.retry_pending(8).await.expect("retry");
+    // Nothing failed in this process yet: the sweep reads nothing.
+    assert_eq!(
+        w.deletion.sweep(8).await.expect("sweep"),
+        Retried::default()
+    );
+    w.deletion
+        .failed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let retried = w.deletion.sweep(8).await.expect("sweep");
     assert_eq!(
         retried,
         Retried {
