@@ -469,6 +469,9 @@ impl AccountDeletion {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;
         }
         stores.accounts.remove_account(account)?;
+        // Again: an evaluation that passed its check before the first detach may
+        // have stored a bucket since (discovery takes no tombstone guard yet).
+        self.detach_discovery(account)?;
         // Removals durable before the scrub, the scrub before the intent goes.
         self.durable().await?;
         self.services.mailboxes().settle()?;
@@ -491,11 +494,12 @@ impl AccountDeletion {
         Ok(())
     }
 
-    /// Discovery's part of a deletion: the account's tag and any verification
-    /// session. A hook left for the discovery packages of issue 13 (Package A's
-    /// `DiscoveryStore::detach`, Package B's verification sessions), which the merge
-    /// fills; until then the relay holds no discovery data to remove.
-    fn detach_discovery(&self, _account: &AccountId) -> Result<()> {
+    /// Discovery's part of a deletion: the account's tag (lookups stop finding it
+    /// at once, the filter drops its key from the next day's files) and its stored
+    /// evaluation bucket. The phone verification sessions are in memory only and
+    /// not yet reachable from here (the verification package wires them).
+    fn detach_discovery(&self, account: &AccountId) -> Result<()> {
+        self.services.stores().discovery.detach(account)?;
         Ok(())
     }
 }

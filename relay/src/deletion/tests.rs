@@ -651,3 +651,38 @@ async fn a_deletion_that_failed_part_way_is_finished_by_a_later_sweep() {
     let again = w.deletion.retry_pending(8).await.expect("retry");
     assert_eq!(again, Retried::default());
 }
+
+#[tokio::test]
+async fn a_deletion_detaches_the_accounts_discovery_tag_and_bucket() {
+    use crate::store::TagRecord;
+    use tern_proto::discovery::{FilterKey, Tag};
+    for backend in BACKENDS {
+        let w = world_on(backend);
+        let (alice, bob) = fill(&w).await;
+        let d = &w.stores.discovery;
+        let tag = |a: &AuthenticatedDevice, n: u8| {
+            let rec = TagRecord {
+                account: a.address().account,
+                key: FilterKey(u64::from(n)),
+                discoverable: true,
+                verified_at: 0,
+            };
+            d.attach(&a.address().account, &Tag([n; 16]), &rec)
+                .expect("attach");
+            d.set_bucket(&a.address().account, 1_000 + u64::from(n))
+                .expect("bucket");
+        };
+        tag(&alice, 1);
+        tag(&bob, 2);
+        let account = bob.address().account;
+        w.deletion
+            .delete(DeletionAuthority::Operator(Operator::offline(), account))
+            .await
+            .expect("delete");
+        assert_eq!(d.by_tag(&Tag([2; 16])).expect("by_tag"), None);
+        assert_eq!(d.of_account(&account).expect("of_account"), None);
+        assert_eq!(d.bucket(&account).expect("bucket"), None);
+        assert_eq!(d.discoverable_keys().expect("keys"), vec![1], "{backend:?}");
+        assert!(d.by_tag(&Tag([1; 16])).expect("by_tag").is_some());
+    }
+}
