@@ -1,21 +1,22 @@
-//! Account deletion (P6): everything the relay holds for an account goes, and the
+//! Account deletion (P7): everything the relay holds for an account goes, and the
 //! account then behaves exactly like one that never existed.
 //!
 //! [`AccountDeletion::delete`] runs these steps, each idempotent:
-//! 1. The id joins the [`Tombstones`] (in memory): from then on every lookup of the
-//!    account (`Hidden` for the account store, the mailbox append under the device
-//!    lock) finds nothing, so a send that resolved its recipient just before cannot
-//!    queue after the purge, and every answer is that of an unknown account.
-//! 2. A deletion intent (account → device ids) is written and made durable.
-//! 3. The removals: discovery (a hook, `AccountDeletion::detach_discovery`), each
-//!    device's published keys, the account's media charges and unfinished uploads
-//!    (record and `.part` file; finished blobs name no one and expire on their own,
-//!    ARCHITECTURE §14), each device's mailbox, then the account record and its
-//!    delivery token hash.
-//! 4. A group commit, the mailbox store's settle (the log punches the purged records'
-//!    bytes now), then the intent is removed and committed. Only then is the caller
+//! 1. An account's own request is checked against its stored identity key. Then the
+//!    id joins the [`Tombstones`] (in memory), behind a per-account barrier that
+//!    writes checking the account hold (`Tombstones::live`): from then on every
+//!    lookup finds nothing, no write to the account lands, and its other connections
+//!    are closed with `ACCOUNT_DELETED`.
+//! 2. A deletion intent (account → device ids) is written and flushed.
+//! 3. The removals: the discovery tag and bucket, each device's published keys, the
+//!    account's media charges and unfinished uploads (record and `.part` file;
+//!    finished blobs name no one and expire on their own, ARCHITECTURE §14), each
+//!    device's mailbox, then the account record and its delivery token hash.
+//! 4. A flush, the mailbox store's settle (the log punches the purged records' bytes
+//!    now), a flush, then the intent is removed and flushed. Only then is the caller
 //!    answered.
-//! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash.
+//! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash; the
+//!    sweeper retries one that failed ([`AccountDeletion::sweep`]).
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -45,7 +46,7 @@ const STRIPES: usize = 64;
 ///
 /// Also the barrier between a deletion and the writes that check the account first
 /// (key publish, delivery token, added device, media upload): such a write holds
-/// [`Tombstones::live`]'s guard (a shared lock of the account's stripe) across its
+/// `Tombstones::live`'s guard (a shared lock of the account's stripe) across its
 /// check and its write, and a deletion adds the id under the stripe's exclusive
 /// lock. So a write either finishes before the deletion's removals start (which
 /// then remove what it wrote) or sees the tombstone and writes nothing.
@@ -94,7 +95,7 @@ impl Tombstones {
     }
 
     /// Marks `id` deleted once the writes that checked it are done; connections
-    /// watching [`Tombstones::watch`] are told.
+    /// watching `Tombstones::watch` are told.
     pub(crate) fn insert(&self, id: AccountId) {
         {
             let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
@@ -177,7 +178,7 @@ impl AccountStore for Hidden {
 }
 
 /// The key store as the services see it: a publish checks the account and writes
-/// under [`Tombstones::live`], so no key outlives a deletion running meanwhile.
+/// under `Tombstones::live`, so no key outlives a deletion running meanwhile.
 pub(crate) struct HiddenKeys {
     store: Arc<dyn KeyStore>,
     tombstones: Arc<Tombstones>,
