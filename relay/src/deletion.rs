@@ -109,6 +109,42 @@ impl Tombstones {
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.deleted.subscribe()
     }
+
+    /// For a connection whose device (once authenticated) is `device`: another
+    /// connection may delete its account, and then it closes too.
+    pub(crate) fn watch_for(
+        self: &Arc<Self>,
+        device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
+    ) -> DeletionWatch {
+        DeletionWatch {
+            tombstones: self.clone(),
+            changes: self.watch(),
+            device,
+        }
+    }
+}
+
+/// Resolves [`DeletionWatch::account_deleted`] once a connection's account is deleted.
+pub(crate) struct DeletionWatch {
+    tombstones: Arc<Tombstones>,
+    changes: watch::Receiver<u64>,
+    device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
+}
+
+impl DeletionWatch {
+    /// Resolves once the connection is authenticated and its account deleted (it
+    /// checks on each deletion; pending forever if the tombstones are gone).
+    pub(crate) async fn account_deleted(&mut self) {
+        loop {
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let account = self.device.get().map(|d| d.address().account);
+            if account.is_some_and(|a| self.tombstones.contains(&a)) {
+                return;
+            }
+        }
+    }
 }
 
 /// The account store as the services see it: a tombstoned account is absent, so

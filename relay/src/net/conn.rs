@@ -220,9 +220,7 @@ impl Session {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         let activity = self.activity.clone();
-        // Another connection may delete this one's account: then it closes too.
-        let mut deletions = self.services.tombstones().watch();
-        let mut watching = true;
+        let mut deleted = self.services.tombstones().watch_for(self.device.clone());
         loop {
             loop {
                 match decoder.decode_request(&mut buf) {
@@ -276,14 +274,7 @@ impl Session {
                         return End::Full;
                     }
                 }
-                changed = deletions.changed(), if watching => {
-                    watching = changed.is_ok();
-                    if self.device.get().is_some_and(|d| {
-                        self.services.tombstones().contains(&d.address().account)
-                    }) {
-                        return End::Deleted;
-                    }
-                }
+                () = deleted.account_deleted() => return End::Deleted,
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,
