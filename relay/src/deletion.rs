@@ -1,45 +1,85 @@
-//! Account deletion (P6): everything the relay holds for an account goes, and the
+//! Account deletion (P7): everything the relay holds for an account goes, and the
 //! account then behaves exactly like one that never existed.
 //!
 //! [`AccountDeletion::delete`] runs these steps, each idempotent:
-//! 1. The id joins the [`Tombstones`] (in memory): from then on every lookup of the
-//!    account (`Hidden` for the account store, the mailbox append under the device
-//!    lock) finds nothing, so a send that resolved its recipient just before cannot
-//!    queue after the purge, and every answer is that of an unknown account.
-//! 2. A deletion intent (account → device ids) is written and made durable.
-//! 3. The removals: discovery (a hook, `AccountDeletion::detach_discovery`), each
-//!    device's published keys, the account's media charges and unfinished uploads
-//!    (record and `.part` file; finished blobs name no one and expire on their own,
-//!    ARCHITECTURE §14), each device's mailbox, then the account record and its
-//!    delivery token hash.
-//! 4. A group commit, the mailbox store's settle (the log punches the purged records'
-//!    bytes now), then the intent is removed and committed. Only then is the caller
+//! 1. An account's own request is checked against its stored identity key. Then the
+//!    id joins the [`Tombstones`] (in memory), behind a per-account barrier that
+//!    writes checking the account hold (`Tombstones::live`): from then on every
+//!    lookup finds nothing, no write to the account lands, and its other connections
+//!    are closed with `ACCOUNT_DELETED`.
+//! 2. A deletion intent (account → device ids) is written and flushed.
+//! 3. The removals: the discovery tag and bucket, each device's published keys, the
+//!    account's media charges and unfinished uploads (record and `.part` file;
+//!    finished blobs name no one and expire on their own, ARCHITECTURE §14), each
+//!    device's mailbox, then the account record and its delivery token hash.
+//! 4. A flush, the mailbox store's settle (the log punches the purged records' bytes
+//!    now), a flush, then the intent is removed and flushed. Only then is the caller
 //!    answered.
-//! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash.
+//! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash; the
+//!    sweeper retries one that failed ([`AccountDeletion::sweep`]).
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+
+use tokio::sync::watch;
+use tracing::warn;
 
 use tern_proto::limits::EXPORTER_LEN;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedKey};
 
 use crate::core::auth::{verify_deletion, AuthenticatedDevice, VerifiedDeletion};
 use crate::error::{Error, Result};
 use crate::media::BlobStore;
 use crate::server::Services;
-use crate::store::{AccountRecord, AccountStore, StoreResult};
+use crate::store::{
+    AccountRecord, AccountStore, FetchedKeys, KeyStore, OneTimeKey, Published, StoreResult,
+};
+
+/// Stripes of the per-account write barrier: few enough to keep, many enough that
+/// unrelated accounts rarely share one.
+const STRIPES: usize = 64;
 
 /// Accounts being deleted or deleted since this process started. Kept for the
 /// process's life: 16 bytes per deletion, and a send resolved before a deletion
 /// still finds the id here when it reaches the mailbox lock.
-#[derive(Debug, Default)]
+///
+/// Also the barrier between a deletion and the writes that check the account first
+/// (key publish, delivery token, added device, media upload): such a write holds
+/// `Tombstones::live`'s guard (a shared lock of the account's stripe) across its
+/// check and its write, and a deletion adds the id under the stripe's exclusive
+/// lock. So a write either finishes before the deletion's removals start (which
+/// then remove what it wrote) or sees the tombstone and writes nothing.
+#[derive(Debug)]
 pub struct Tombstones {
     ids: Mutex<HashSet<AccountId>>,
+    stripes: [RwLock<()>; STRIPES],
+    /// Counts deletions, so connections can look whether theirs is among them.
+    deleted: watch::Sender<u64>,
 }
+
+impl Default for Tombstones {
+    fn default() -> Self {
+        Tombstones {
+            ids: Mutex::default(),
+            stripes: std::array::from_fn(|_| RwLock::new(())),
+            deleted: watch::channel(0).0,
+        }
+    }
+}
+
+/// Held by a write to an account that is not deleted, from its check to its end.
+#[must_use = "the account may be deleted once this is dropped"]
+pub(crate) struct Live<'a>(#[allow(dead_code)] RwLockReadGuard<'a, ()>);
 
 impl Tombstones {
     fn lock(&self) -> MutexGuard<'_, HashSet<AccountId>> {
         self.ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stripe(&self, id: &AccountId) -> &RwLock<()> {
+        // Account ids are random, chosen by the relay: any byte spreads them.
+        &self.stripes[usize::from(id.0[0]) % STRIPES]
     }
 
     /// Whether `id` is deleted (or being deleted).
@@ -47,8 +87,63 @@ impl Tombstones {
         self.lock().contains(id)
     }
 
-    fn insert(&self, id: AccountId) {
-        self.lock().insert(id);
+    /// The guard for a write to `id`, `None` if the account is deleted. Hold it
+    /// across the check and the write, and take no other `live` guard meanwhile.
+    pub(crate) fn live(&self, id: &AccountId) -> Option<Live<'_>> {
+        let guard = self.stripe(id).read().unwrap_or_else(|e| e.into_inner());
+        (!self.contains(id)).then_some(Live(guard))
+    }
+
+    /// Marks `id` deleted once the writes that checked it are done; connections
+    /// watching `Tombstones::watch` are told.
+    pub(crate) fn insert(&self, id: AccountId) {
+        {
+            let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
+            self.lock().insert(id);
+        }
+        self.deleted.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes on each deletion: a connection then checks whether its account is
+    /// among the deleted ones.
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.deleted.subscribe()
+    }
+
+    /// For a connection whose device (once authenticated) is `device`: another
+    /// connection may delete its account, and then it closes too.
+    pub(crate) fn watch_for(
+        self: &Arc<Self>,
+        device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
+    ) -> DeletionWatch {
+        DeletionWatch {
+            tombstones: self.clone(),
+            changes: self.watch(),
+            device,
+        }
+    }
+}
+
+/// Resolves [`DeletionWatch::account_deleted`] once a connection's account is deleted.
+pub(crate) struct DeletionWatch {
+    tombstones: Arc<Tombstones>,
+    changes: watch::Receiver<u64>,
+    device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
+}
+
+impl DeletionWatch {
+    /// Resolves once the connection is authenticated and its account deleted (it
+    /// checks on each deletion; pending forever if the tombstones are gone).
+    pub(crate) async fn account_deleted(&mut self) {
+        loop {
+            if self.changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let account = self.device.get().map(|d| d.address().account);
+            if account.is_some_and(|a| self.tombstones.contains(&a)) {
+                return;
+            }
+        }
     }
 }
 
@@ -86,16 +181,16 @@ impl AccountStore for Hidden {
         self.store.get(id)
     }
     fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
-        if self.gone(id) {
+        let Some(_live) = self.tombstones.live(id) else {
             return Ok(None);
-        }
+        };
         self.store.add_device(id, device_key)
     }
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
-        if self.gone(id) {
+        let Some(_live) = self.tombstones.live(id) else {
             // A connection of the deleted account, not yet closed: nothing to keep.
             return Ok(());
-        }
+        };
         self.store.set_delivery_token(id, token_hash)
     }
     fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
@@ -115,6 +210,47 @@ impl AccountStore for Hidden {
     }
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.store.remove_deletion(id)
+    }
+}
+
+/// The key store as the services see it: a publish checks the account and writes
+/// under `Tombstones::live`, so no key outlives a deletion running meanwhile.
+pub(crate) struct HiddenKeys {
+    store: Arc<dyn KeyStore>,
+    tombstones: Arc<Tombstones>,
+}
+
+impl HiddenKeys {
+    pub(crate) fn new(store: Arc<dyn KeyStore>, tombstones: Arc<Tombstones>) -> Self {
+        HiddenKeys { store, tombstones }
+    }
+}
+
+impl KeyStore for HiddenKeys {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        let Some(_live) = self.tombstones.live(&of.account) else {
+            // Deleted since the caller looked the account up: keep nothing.
+            return Ok(0);
+        };
+        self.store.publish(of, identity_dh, signed_prekey, one_time)
+    }
+    fn fetch(&self, of: &DeviceAddress, one_time: bool) -> StoreResult<Option<FetchedKeys>> {
+        self.store.fetch(of, one_time)
+    }
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        self.store.one_time_count(of)
+    }
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        self.store.published(of)
+    }
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.store.remove_device(of)
     }
 }
 
@@ -160,10 +296,36 @@ pub struct Deleted {
     pub uploads: u64,
 }
 
+/// What [`AccountDeletion::retry_pending`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retried {
+    /// Deletions finished.
+    pub finished: usize,
+    /// Deletions that failed again (left for the next try).
+    pub failed: usize,
+}
+
+/// A deletion running in this process (see [`AccountDeletion::running`]).
+struct Running<'a> {
+    set: &'a Mutex<HashSet<AccountId>>,
+    account: AccountId,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        set.remove(&self.account);
+    }
+}
+
 /// The deletion service. See the module docs.
 pub struct AccountDeletion {
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    /// Accounts whose deletion runs now: a retry leaves them alone.
+    running: Mutex<HashSet<AccountId>>,
+    /// A deletion failed (or was left) since the last retry: the sweeper retries.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for AccountDeletion {
@@ -175,7 +337,13 @@ impl std::fmt::Debug for AccountDeletion {
 impl AccountDeletion {
     /// Deletion over the relay's services and media store.
     pub fn new(services: Arc<Services>, blobs: Arc<BlobStore>) -> Self {
-        AccountDeletion { services, blobs }
+        blobs.refuse_deleted(services.tombstones().clone());
+        AccountDeletion {
+            services,
+            blobs,
+            running: Mutex::default(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Deletes the account; returns once everything is removed, committed and
@@ -184,6 +352,14 @@ impl AccountDeletion {
     pub async fn delete(&self, authority: DeletionAuthority) -> Result<Deleted> {
         let account = authority.account();
         let stores = self.services.stores();
+        if let DeletionAuthority::Account(v) = &authority {
+            // The proof names the key it was checked with: it must be the account's
+            // identity key, checked before the account is hidden.
+            match stores.accounts.get(&account)? {
+                Some(rec) if rec.identity_key == *v.identity_key() => {}
+                _ => return Err(Error::Unauthorized),
+            }
+        }
         self.services.tombstones().insert(account);
         let pending = stores
             .accounts
@@ -202,9 +378,31 @@ impl AccountDeletion {
             (None, Some(pending)) => pending,
             (None, None) => return Err(Error::UnknownRecipient),
         };
+        // A retry running it meanwhile is harmless (every step is idempotent).
+        let _running = self.running(&account);
         stores.accounts.put_deletion(&account, &devices)?;
-        self.services.commit().commit().await?;
-        self.run(&account, &devices).await
+        self.durable().await?;
+        let done = self.run(&account, &devices).await;
+        if done.is_err() {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        done
+    }
+
+    /// For the sweeper: retries up to `max` recorded deletions if one failed since
+    /// the last call (else reads nothing).
+    pub async fn sweep(&self, max: usize) -> Result<Retried> {
+        if !self.failed.swap(false, Ordering::Relaxed) {
+            return Ok(Retried::default());
+        }
+        let retried = self.retry_pending(max).await;
+        if retried
+            .as_ref()
+            .map_or(true, |r| r.failed > 0 || r.finished >= max)
+        {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        retried
     }
 
     /// A deletion asked for on a connection authenticated as `device`: checks the
@@ -229,18 +427,61 @@ impl AccountDeletion {
     }
 
     /// Finishes every deletion a crash interrupted; called at start, before the
-    /// relay serves. Returns how many it finished.
+    /// relay serves. Returns how many it finished; one that fails again is logged
+    /// and left to the sweeper ([`AccountDeletion::retry_pending`]), its account
+    /// hidden meanwhile.
     pub async fn resume(&self) -> Result<usize> {
+        Ok(self.retry_pending(usize::MAX).await?.finished)
+    }
+
+    /// Re-runs up to `max` recorded deletions that are not running now (a failed
+    /// or interrupted one); the sweeper calls it. Every recorded account is hidden
+    /// first, retried now or not. A failure is logged at warn, without the id, and
+    /// retried next time.
+    pub async fn retry_pending(&self, max: usize) -> Result<Retried> {
         let intents = self.services.stores().accounts.deletions()?;
-        for (account, devices) in &intents {
-            self.services.tombstones().insert(*account);
-            self.run(account, devices).await?;
+        let tombstones = self.services.tombstones();
+        for (account, _) in &intents {
+            if !tombstones.contains(account) {
+                tombstones.insert(*account);
+            }
         }
-        Ok(intents.len())
+        let mut retried = Retried::default();
+        for (account, devices) in intents.iter().take(max) {
+            let Some(_running) = self.running(account) else {
+                continue;
+            };
+            match self.run(account, devices).await {
+                Ok(_) => retried.finished += 1,
+                Err(e) => {
+                    retried.failed += 1;
+                    self.failed.store(true, Ordering::Relaxed);
+                    warn!(error = %e, "an account deletion failed part way; it is retried at the next sweep");
+                }
+            }
+        }
+        Ok(retried)
+    }
+
+    /// Marks `account`'s deletion as running here, `None` if it already is.
+    fn running(&self, account: &AccountId) -> Option<Running<'_>> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(*account).then_some(Running {
+            set: &self.running,
+            account: *account,
+        })
     }
 
     async fn run(&self, account: &AccountId, devices: &[DeviceId]) -> Result<Deleted> {
         let stores = self.services.stores();
+        // The intent's devices and the record's, while it is there: an intent whose
+        // device list was unreadable still removes every device's data.
+        let mut devices = devices.to_vec();
+        if let Some(rec) = stores.accounts.get(account)? {
+            devices.extend(rec.devices.iter().map(|(id, _)| *id));
+        }
+        devices.sort_unstable();
+        devices.dedup();
         let addrs: Vec<DeviceAddress> = devices
             .iter()
             .map(|&device| DeviceAddress {
@@ -265,20 +506,37 @@ impl AccountDeletion {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;
         }
         stores.accounts.remove_account(account)?;
-        let commit = self.services.commit();
-        commit.commit().await?;
+        // Again: an evaluation that passed its check before the first detach may
+        // have stored a bucket since (discovery takes no tombstone guard yet).
+        self.detach_discovery(account)?;
+        // Removals durable before the scrub, the scrub before the intent goes.
+        self.durable().await?;
         self.services.mailboxes().settle()?;
-        commit.commit().await?;
+        self.durable().await?;
         stores.accounts.remove_deletion(account)?;
-        commit.commit().await?;
+        self.durable().await?;
         Ok(deleted)
     }
 
-    /// Discovery's part of a deletion: the account's tag and any verification
-    /// session. A hook left for the discovery packages of issue 13 (Package A's
-    /// `DiscoveryStore::detach`, Package B's verification sessions), which the merge
-    /// fills; until then the relay holds no discovery data to remove.
-    fn detach_discovery(&self, _account: &AccountId) -> Result<()> {
+    /// Makes every change so far durable, whatever `durability` says: the intent
+    /// must survive a crash for the deletion to be finished, and its removal is the
+    /// promise that the account is gone (under `"os"` a commit does not flush).
+    async fn durable(&self) -> Result<()> {
+        let commit = self.services.commit();
+        if commit.mode() == crate::store::Durability::Os {
+            commit.flush_now()?;
+        } else {
+            commit.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Discovery's part of a deletion: the account's tag (lookups stop finding it
+    /// at once, the filter drops its key from the next day's files) and its stored
+    /// evaluation bucket. The phone verification sessions are in memory only and
+    /// not yet reachable from here (the verification package wires them).
+    fn detach_discovery(&self, account: &AccountId) -> Result<()> {
+        self.services.stores().discovery.detach(account)?;
         Ok(())
     }
 }

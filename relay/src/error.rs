@@ -115,6 +115,7 @@ impl Error {
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
                     B::StorageFull { .. } | B::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
                     B::NotFound => ErrorCode::NotFound,
+                    B::AccountGone => ErrorCode::Unauthorized,
                     B::NoUpload
                     | B::WrongOffset { .. }
                     | B::Overflow

@@ -104,7 +104,10 @@ impl Services {
             stores.accounts.clone(),
             tombstones.clone(),
         ));
-        let keys = stores.keys.clone();
+        let keys: Arc<dyn crate::store::KeyStore> = Arc::new(crate::deletion::HiddenKeys::new(
+            stores.keys.clone(),
+            tombstones.clone(),
+        ));
         let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
             accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),
@@ -226,6 +229,8 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
     };
     Ok(stores)
 }
+/// Failed account deletions the sweeper retries per pass.
+const RETRIES_PER_SWEEP: usize = 16;
 /// How often the publisher checks whether the UTC day changed.
 const PUBLISH_CHECK: Duration = Duration::from_secs(60);
 
@@ -345,6 +350,7 @@ impl Relay {
         let sweeper = tokio::spawn(sweep_loop(
             services.clone(),
             blobs.clone(),
+            deletion.clone(),
             config.expiry.sweep_interval,
             config.expiry.sweep_batch,
             shutdown_rx,
@@ -462,6 +468,7 @@ async fn disk_loop(
 async fn sweep_loop(
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
+    deletion: Arc<AccountDeletion>,
     every: Duration,
     batch: usize,
     mut shutdown: watch::Receiver<bool>,
@@ -472,6 +479,10 @@ async fn sweep_loop(
         tokio::select! {
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
+        }
+        // Deletions that failed part way (they log their own failures).
+        if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
+            warn!(error = %e, "pending account deletions not read");
         }
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {

@@ -35,6 +35,28 @@ pub(crate) fn fixture_with(limits: Limits, rates: &RateLimitsConfig) -> Fixture 
     fixture_with_budget(limits, rates, Arc::default())
 }
 
+/// A fixture over `stores` (default limits); `store` is only carried along.
+pub(crate) fn fixture_on(stores: Stores, store: Arc<MemoryStore>) -> Fixture {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let ttl = Ttl::new(Duration::from_secs(3600)).expect("ttl");
+    let services = Services::with_budget(
+        stores,
+        clock.clone(),
+        Limits::default(),
+        ttl,
+        Durability::Fsync,
+        SigningKey::from_bytes(&[42; 32]),
+        &RateLimitsConfig::default(),
+        Arc::default(),
+    )
+    .expect("services");
+    Fixture {
+        services: Arc::new(services),
+        clock,
+        store,
+    }
+}
+
 /// A fixture under the given rate limits and relay-wide budget.
 pub(crate) fn fixture_with_budget(
     limits: Limits,

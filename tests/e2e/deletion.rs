@@ -357,3 +357,36 @@ async fn a_client_that_deletes_its_account_stops_and_forgets_it() {
     anon.close().await;
     alice.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_deletion_closes_every_other_connection_of_the_account() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let addr = relay.address.clone();
+    let alice = register(&addr).await;
+    let bob = register(&addr).await;
+    let account = bob.address.account;
+    let key2 = DeviceKeyPair::generate();
+    let device2 = within(bob.conn.add_device(&bob.identity, &account, &key2.public()))
+        .await
+        .expect("second device");
+    let bob2 = DeviceAddress {
+        account,
+        device: device2,
+    };
+    let (second, _) = Device::connect(&addr, bob2, key2, bob.identity.clone()).await;
+
+    within(bob.conn.delete_account(&bob.identity, &bob.address))
+        .await
+        .expect("deleted");
+    let Error::Closed(why) = within(second.conn.closed()).await else {
+        panic!("closed")
+    };
+    assert_eq!(why, "the account was deleted");
+    // Another account's connection stays.
+    within(alice.conn.send(&alice.address, [envelope(1)]))
+        .await
+        .expect("alice still served");
+    alice.conn.close().await;
+    relay.stop().expect("stop");
+}

@@ -62,16 +62,24 @@ impl VerifiedRegistration {
 
 /// Proof that the account's identity key asked, on this connection, for the
 /// account's deletion. Only [`verify_deletion`] makes one; the deletion service asks
-/// for it (or for the operator's offline authority).
+/// for it (or for the operator's offline authority). It carries the key the
+/// signature was checked with: the deletion service compares it with the account's
+/// stored identity key, so a proof under any other key deletes nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedDeletion {
     account: AccountId,
+    identity_key: [u8; 32],
 }
 
 impl VerifiedDeletion {
     /// The account to delete.
     pub fn account(&self) -> &AccountId {
         &self.account
+    }
+
+    /// The key the signature was checked with (not yet known to be the account's).
+    pub fn identity_key(&self) -> &[u8; 32] {
+        &self.identity_key
     }
 }
 
@@ -89,7 +97,10 @@ pub fn verify_deletion(
         &auth::account_deletion(account, exporter),
         signature,
     )?;
-    Ok(VerifiedDeletion { account: *account })
+    Ok(VerifiedDeletion {
+        account: *account,
+        identity_key: *identity_key,
+    })
 }
 
 fn key(bytes: &[u8]) -> Result<VerifyingKey> {

@@ -10,25 +10,59 @@ use crate::core::limits::Limits;
 use crate::core::rate::AddressPrefix;
 use crate::keys::Requester;
 use crate::media::{Begin, BlobLimits};
-use crate::store::{BlobIndex, KeyStore, MailboxStore, Published, Usage};
-use crate::testing::{device, fixture, identity_of, msgs, Fixture};
+use crate::store::{Published, Usage};
+use crate::testing::{device, identity_of, msgs, Fixture};
 
 pub(crate) const TOKEN: [u8; 32] = [3; 32];
 
 pub(crate) struct World {
     pub(crate) f: Fixture,
+    /// The stores under the services (memory, sled, or the log beside sled).
+    pub(crate) stores: crate::store::Stores,
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) deletion: AccountDeletion,
     pub(crate) _dir: tempfile::TempDir,
 }
 
+/// The backends the deletion rules run on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Backend {
+    Memory,
+    Sled,
+    /// The mailbox log for mailboxes, sled for the rest (the relay's default).
+    Log,
+}
+
+pub(crate) const BACKENDS: [Backend; 3] = [Backend::Memory, Backend::Sled, Backend::Log];
+
 pub(crate) fn world() -> World {
-    let f = fixture(Limits::default());
+    world_on(Backend::Memory)
+}
+
+pub(crate) fn world_on(backend: Backend) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
+    let memory = Arc::new(crate::store::MemoryStore::new());
+    let sled =
+        || Arc::new(crate::store::SledStore::open(&dir.path().join("db"), 8 << 20).expect("sled"));
+    let stores = match backend {
+        Backend::Memory => crate::store::Stores::all(memory.clone()),
+        Backend::Sled => crate::store::Stores::all(sled()),
+        Backend::Log => {
+            let options = crate::store::LogOptions {
+                background: false,
+                now: 1_000_000,
+                ..crate::store::LogOptions::default()
+            };
+            let log =
+                crate::store::LogStore::open(&dir.path().join("mailboxes"), options).expect("log");
+            crate::store::Stores::split(Arc::new(log), sled())
+        }
+    };
+    let f = crate::testing::fixture_on(stores.clone(), memory);
     let blobs = Arc::new(
         BlobStore::open(
             dir.path(),
-            f.store.clone(),
+            stores.blobs.clone(),
             f.clock.clone(),
             BlobLimits::default(),
             f.services.budget().clone(),
@@ -38,9 +72,74 @@ pub(crate) fn world() -> World {
     let deletion = AccountDeletion::new(f.services.clone(), blobs.clone());
     World {
         f,
+        stores,
         blobs,
         deletion,
         _dir: dir,
+    }
+}
+
+/// The stores' reads and writes the tests use, whatever the backend.
+pub(crate) struct S<'a>(pub(crate) &'a crate::store::Stores);
+
+#[allow(dead_code)]
+impl S<'_> {
+    pub(crate) fn get(&self, a: &AccountId) -> crate::store::StoreResult<Option<AccountRecord>> {
+        self.0.accounts.get(a)
+    }
+    pub(crate) fn delivery_token(
+        &self,
+        a: &AccountId,
+    ) -> crate::store::StoreResult<Option<[u8; 32]>> {
+        self.0.accounts.delivery_token(a)
+    }
+    pub(crate) fn deletions(&self) -> crate::store::StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        self.0.accounts.deletions()
+    }
+    pub(crate) fn put_deletion(
+        &self,
+        a: &AccountId,
+        d: &[DeviceId],
+    ) -> crate::store::StoreResult<()> {
+        self.0.accounts.put_deletion(a, d)
+    }
+    pub(crate) fn usage(&self, d: &DeviceAddress) -> crate::store::StoreResult<Usage> {
+        self.0.mailboxes.usage(d)
+    }
+    pub(crate) fn read(
+        &self,
+        d: &DeviceAddress,
+        after: u64,
+        max: usize,
+    ) -> crate::store::StoreResult<Vec<crate::store::StoredMessage>> {
+        self.0.mailboxes.read(d, after, max)
+    }
+    pub(crate) fn published(&self, d: &DeviceAddress) -> crate::store::StoreResult<Published> {
+        self.0.keys.published(d)
+    }
+    pub(crate) fn remove_device(&self, d: &DeviceAddress) -> crate::store::StoreResult<()> {
+        self.0.keys.remove_device(d)
+    }
+    pub(crate) fn uploads_of(
+        &self,
+        a: &AccountId,
+    ) -> crate::store::StoreResult<Vec<([u8; 32], u64)>> {
+        self.0.blobs.uploads_of(a)
+    }
+    pub(crate) fn charges_of(&self, a: &AccountId) -> crate::store::StoreResult<Vec<(u64, u64)>> {
+        self.0.blobs.charges_of(a)
+    }
+    pub(crate) fn blob(
+        &self,
+        id: &[u8; 32],
+    ) -> crate::store::StoreResult<Option<crate::store::BlobMeta>> {
+        self.0.blobs.blob(id)
+    }
+}
+
+impl World {
+    pub(crate) fn s(&self) -> S<'_> {
+        S(&self.stores)
     }
 }
 
@@ -132,8 +231,8 @@ fn verified(seed: u8, account: &AccountId) -> VerifiedDeletion {
 
 /// Every store's view of `account` is empty.
 fn nothing_left(w: &World, account: &AccountId, devices: &[DeviceId]) {
-    let s = &w.f.store;
-    assert_eq!(AccountStore::get(s.as_ref(), account).expect("get"), None);
+    let s = w.s();
+    assert_eq!(s.get(account).expect("get"), None);
     assert_eq!(s.delivery_token(account).expect("token"), None);
     assert!(s.deletions().expect("intents").is_empty());
     for &device in devices {
@@ -157,18 +256,24 @@ fn seen<T: std::fmt::Debug>(r: crate::Result<T>) -> (tern_proto::ErrorCode, Stri
 
 #[tokio::test]
 async fn a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one() {
-    let w = world();
+    for backend in BACKENDS {
+        a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one_on(backend).await;
+    }
+}
+
+async fn a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one_on(backend: Backend) {
+    let w = world_on(backend);
     let (alice, bob) = fill(&w).await;
     let account = bob.address().account;
-    let devices: Vec<DeviceId> =
-        w.f.store
-            .get(&account)
-            .expect("get")
-            .expect("bob")
-            .devices
-            .iter()
-            .map(|(id, _)| *id)
-            .collect();
+    let devices: Vec<DeviceId> = w
+        .s()
+        .get(&account)
+        .expect("get")
+        .expect("bob")
+        .devices
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
     let deleted = w
         .deletion
         .delete(DeletionAuthority::Account(verified(2, &account)))
@@ -190,7 +295,7 @@ async fn a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one() {
 
     // The finished blob names no one and stays until it expires.
     let done: [u8; 32] = Sha256::digest(b"a finished blob").into();
-    assert!(w.f.store.blob(&done).expect("blob").is_some());
+    assert!(w.s().blob(&done).expect("blob").is_some());
 
     let unknown = DeviceAddress {
         account: AccountId([0xee; 16]),
@@ -243,16 +348,18 @@ async fn a_deleted_account_leaves_nothing_and_answers_like_an_unknown_one() {
         .await;
     assert!(matches!(again, Err(Error::UnknownRecipient)), "{again:?}");
     // Alice is untouched.
-    assert!(f
-        .store
-        .get(&alice.address().account)
-        .expect("get")
-        .is_some());
+    assert!(w.s().get(&alice.address().account).expect("get").is_some());
 }
 
 #[tokio::test]
 async fn a_send_resolved_before_the_deletion_cannot_queue_after_it() {
-    let w = world();
+    for backend in BACKENDS {
+        a_send_resolved_before_the_deletion_cannot_queue_after_it_on(backend).await;
+    }
+}
+
+async fn a_send_resolved_before_the_deletion_cannot_queue_after_it_on(backend: Backend) {
+    let w = world_on(backend);
     let (alice, bob) = fill(&w).await;
     let resolved =
         w.f.services
@@ -268,18 +375,21 @@ async fn a_send_resolved_before_the_deletion_cannot_queue_after_it() {
         .expect("delete");
     let late = w.f.services.mailboxes().append(&resolved, &msgs(9..10, 8));
     assert!(matches!(late, Err(Error::UnknownRecipient)), "{late:?}");
-    assert_eq!(
-        w.f.store.usage(bob.address()).expect("usage"),
-        Usage::default()
-    );
+    assert_eq!(w.s().usage(bob.address()).expect("usage"), Usage::default());
 }
 
 #[tokio::test]
 async fn a_deletion_interrupted_after_its_first_removal_is_finished_at_start() {
-    let w = world();
+    for backend in BACKENDS {
+        a_deletion_interrupted_after_its_first_removal_is_finished_at_start_on(backend).await;
+    }
+}
+
+async fn a_deletion_interrupted_after_its_first_removal_is_finished_at_start_on(backend: Backend) {
+    let w = world_on(backend);
     let (_, bob) = fill(&w).await;
     let account = bob.address().account;
-    let s = &w.f.store;
+    let s = w.s();
     let devices: Vec<DeviceId> = s
         .get(&account)
         .expect("get")
@@ -300,6 +410,7 @@ async fn a_deletion_interrupted_after_its_first_removal_is_finished_at_start() {
             clock: w.f.clock.clone(),
             store: w.f.store.clone(),
         },
+        stores: w.stores.clone(),
         blobs: w.blobs.clone(),
         deletion: AccountDeletion::new(w.f.services.clone(), w.blobs.clone()),
         _dir: tempfile::tempdir().expect("tempdir"),
@@ -339,7 +450,7 @@ async fn a_signed_deletion_needs_the_identity_over_this_connection() {
             .await
     ));
     assert!(
-        w.f.store.get(&account).expect("get").is_some(),
+        w.s().get(&account).expect("get").is_some(),
         "nothing deleted yet"
     );
 
@@ -349,11 +460,229 @@ async fn a_signed_deletion_needs_the_identity_over_this_connection() {
         .await
         .expect("deleted");
     assert_eq!(deleted.devices, 2);
-    assert!(w.f.store.get(&account).expect("get").is_none());
+    assert!(w.s().get(&account).expect("get").is_none());
     // Once more, as a replay on the same connection would: the account is gone.
     assert!(refused(
         w.deletion
             .delete_signed(&bob, &exporter, &sign(2, &exporter))
             .await
     ));
+}
+
+#[tokio::test]
+async fn a_verified_deletion_under_a_key_that_is_not_the_accounts_identity_deletes_nothing() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    // Alice's identity (seed 1) validly signed a deletion of Bob's account: the
+    // signature checks out against the key it names, which is not Bob's.
+    let forged = verified(1, &account);
+    let refused = w.deletion.delete(DeletionAuthority::Account(forged)).await;
+    assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
+    assert!(w.s().get(&account).expect("get").is_some());
+    assert!(
+        !w.f.services.tombstones().contains(&account),
+        "a refused deletion hides nothing"
+    );
+    assert!(w.s().deletions().expect("intents").is_empty());
+    assert_eq!(w.s().usage(bob.address()).expect("usage").messages, 3);
+}
+
+#[tokio::test]
+async fn a_deleted_accounts_devices_can_neither_send_nor_upload() {
+    for backend in BACKENDS {
+        a_deleted_accounts_devices_can_neither_send_nor_upload_on(backend).await;
+    }
+}
+
+async fn a_deleted_accounts_devices_can_neither_send_nor_upload_on(backend: Backend) {
+    let w = world_on(backend);
+    let (alice, bob) = fill(&w).await;
+    let before = w.s().usage(alice.address()).expect("usage");
+    w.deletion
+        .delete(DeletionAuthority::Operator(
+            Operator::offline(),
+            bob.address().account,
+        ))
+        .await
+        .expect("delete");
+    // Bob's connection, not yet closed, sends to Alice: refused, nothing queued.
+    let sent = w.f.send(&bob, *alice.address(), &msgs(7..8, 8)).await;
+    assert!(matches!(sent, Err(Error::Unauthorized)), "{sent:?}");
+    assert_eq!(w.s().usage(alice.address()).expect("usage"), before);
+    // Nor can it start, continue or finish an upload.
+    let new: [u8; 32] = Sha256::digest(b"new").into();
+    assert!(w.blobs.begin(&bob, &new, 3).is_err());
+    let part: [u8; 32] = Sha256::digest(b"half").into();
+    assert!(w.blobs.append(&bob, &part, 4, b"more").is_err());
+    assert!(w.blobs.finish(&bob, &part).is_err());
+    let account = bob.address().account;
+    assert!(w.s().uploads_of(&account).expect("uploads").is_empty());
+    let parts = std::fs::read_dir(w._dir.path().join("uploads"))
+        .expect("uploads dir")
+        .count();
+    assert_eq!(parts, 0, "no .part file made again");
+}
+
+#[test]
+fn a_deletion_waits_for_a_write_that_checked_the_account_and_later_ones_see_it() {
+    let tombstones = Arc::new(Tombstones::default());
+    let account = AccountId([5; 16]);
+    let live = tombstones.live(&account).expect("not deleted");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let t = tombstones.clone();
+    let deleting = std::thread::spawn(move || {
+        t.insert(account);
+        let _ = done_tx.send(());
+    });
+    // The write that checked the account is still running: the deletion cannot
+    // have started its removals.
+    assert!(done_rx
+        .recv_timeout(std::time::Duration::from_millis(300))
+        .is_err());
+    drop(live);
+    done_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the deletion goes on once the write is done");
+    deleting.join().expect("join");
+    assert!(tombstones.live(&account).is_none());
+    assert!(tombstones.live(&AccountId([6; 16])).is_some());
+}
+
+/// Records, at each flush, how many deletion intents the store holds.
+struct Watching {
+    store: Arc<crate::store::MemoryStore>,
+    seen: std::sync::Mutex<Vec<usize>>,
+}
+
+impl crate::store::Flush for Watching {
+    fn flush(&self) -> crate::store::StoreResult<()> {
+        let n = self.store.deletions()?.len();
+        self.seen.lock().expect("seen").push(n);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn under_os_durability_the_intent_is_flushed_when_written_and_when_removed() {
+    let store = Arc::new(crate::store::MemoryStore::new());
+    let watching = Arc::new(Watching {
+        store: store.clone(),
+        seen: std::sync::Mutex::default(),
+    });
+    let mut stores = crate::store::Stores::all(store.clone());
+    stores.flush = watching.clone();
+    let clock = Arc::new(tern_platform::clock::ManualClock::new(1_000_000));
+    let services = Arc::new(
+        crate::server::Services::new(
+            stores,
+            clock.clone(),
+            Limits::default(),
+            crate::core::expiry::Ttl::new(std::time::Duration::from_secs(3600)).expect("ttl"),
+            crate::store::Durability::Os,
+            ed25519_dalek::SigningKey::from_bytes(&[42; 32]),
+        )
+        .expect("services"),
+    );
+    let f = Fixture {
+        services: services.clone(),
+        clock,
+        store,
+    };
+    let bob = device(&f, 2).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs = Arc::new(
+        BlobStore::open(
+            dir.path(),
+            f.store.clone(),
+            f.clock.clone(),
+            BlobLimits::default(),
+            services.budget().clone(),
+        )
+        .expect("blobs"),
+    );
+    AccountDeletion::new(services, blobs)
+        .delete(DeletionAuthority::Account(verified(
+            2,
+            &bob.address().account,
+        )))
+        .await
+        .expect("delete");
+    let seen = watching.seen.lock().expect("seen").clone();
+    assert!(seen.contains(&1), "the intent made durable: {seen:?}");
+    assert_eq!(seen.last(), Some(&0), "its removal made durable: {seen:?}");
+}
+
+#[tokio::test]
+async fn a_deletion_that_failed_part_way_is_finished_by_a_later_sweep() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let s = w.s();
+    let devices: Vec<DeviceId> = s
+        .get(&account)
+        .expect("get")
+        .expect("bob")
+        .devices
+        .iter()
+        .map(|(id, _)| *id)
+        .collect();
+    // What a deletion whose removals failed leaves in a running relay.
+    w.f.services.tombstones().insert(account);
+    s.put_deletion(&account, &devices).expect("intent");
+    s.remove_device(bob.address()).expect("keys");
+    // Nothing failed in this process yet: the sweep reads nothing.
+    assert_eq!(
+        w.deletion.sweep(8).await.expect("sweep"),
+        Retried::default()
+    );
+    w.deletion
+        .failed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let retried = w.deletion.sweep(8).await.expect("sweep");
+    assert_eq!(
+        retried,
+        Retried {
+            finished: 1,
+            failed: 0
+        }
+    );
+    nothing_left(&w, &account, &devices);
+    let again = w.deletion.retry_pending(8).await.expect("retry");
+    assert_eq!(again, Retried::default());
+}
+
+#[tokio::test]
+async fn a_deletion_detaches_the_accounts_discovery_tag_and_bucket() {
+    use crate::store::TagRecord;
+    use tern_proto::discovery::{FilterKey, Tag};
+    for backend in BACKENDS {
+        let w = world_on(backend);
+        let (alice, bob) = fill(&w).await;
+        let d = &w.stores.discovery;
+        let tag = |a: &AuthenticatedDevice, n: u8| {
+            let rec = TagRecord {
+                account: a.address().account,
+                key: FilterKey(u64::from(n)),
+                discoverable: true,
+                verified_at: 0,
+            };
+            d.attach(&a.address().account, &Tag([n; 16]), &rec)
+                .expect("attach");
+            d.set_bucket(&a.address().account, 1_000 + u64::from(n))
+                .expect("bucket");
+        };
+        tag(&alice, 1);
+        tag(&bob, 2);
+        let account = bob.address().account;
+        w.deletion
+            .delete(DeletionAuthority::Operator(Operator::offline(), account))
+            .await
+            .expect("delete");
+        assert_eq!(d.by_tag(&Tag([2; 16])).expect("by_tag"), None);
+        assert_eq!(d.of_account(&account).expect("of_account"), None);
+        assert_eq!(d.bucket(&account).expect("bucket"), None);
+        assert_eq!(d.discoverable_keys().expect("keys"), vec![1], "{backend:?}");
+        assert!(d.by_tag(&Tag([1; 16])).expect("by_tag").is_some());
+    }
 }

@@ -181,6 +181,10 @@ impl Mailboxes {
                     SenderKey::Prefix(_) => Error::Unauthorized,
                 });
             }
+            // A deleted account's connection, not yet closed, sends no more.
+            if matches!(from, SenderKey::Account(a) if self.tombstones.contains(a)) {
+                return Err(Error::Unauthorized);
+            }
             // Capacity first: a send refused for a full mailbox or relay does not
             // use up its sender's rate.
             let (usage, totals) = self.store.usage_and_totals(to)?;

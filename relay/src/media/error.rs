@@ -66,6 +66,9 @@ pub enum BlobError {
         /// When to retry, ms.
         retry_after_ms: u64,
     },
+    /// The uploading account was deleted (its connection is being closed).
+    #[error("not authenticated")]
+    AccountGone,
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),

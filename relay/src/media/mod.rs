@@ -181,6 +181,9 @@ pub struct BlobStore {
     commit: Mutex<()>,
     received: AtomicU64,
     direct: AtomicU64,
+    /// Deleted accounts: set by the deletion service, whose removals no upload
+    /// writes after (see [`crate::deletion::Tombstones::live`]).
+    tombstones: std::sync::OnceLock<Arc<crate::deletion::Tombstones>>,
 }
 
 impl std::fmt::Debug for BlobStore {
@@ -217,7 +220,21 @@ impl BlobStore {
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
             direct: AtomicU64::new(0),
+            tombstones: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Refuses every upload step of the accounts in `tombstones` from now on.
+    pub(crate) fn refuse_deleted(&self, tombstones: Arc<crate::deletion::Tombstones>) {
+        let _ = self.tombstones.set(tombstones);
+    }
+
+    /// The guard an upload step holds from its checks to its last write.
+    fn live(&self, account: &AccountId) -> BlobResult<Option<crate::deletion::Live<'_>>> {
+        match self.tombstones.get() {
+            Some(t) => t.live(account).map(Some).ok_or(BlobError::AccountGone),
+            None => Ok(None),
+        }
     }
 
     /// Blob bytes received over every upload since start. Exported for tests and
@@ -269,6 +286,7 @@ impl BlobStore {
         size: u64,
     ) -> BlobResult<Begin> {
         let account = &device.address().account;
+        let _live = self.live(account)?;
         if size > self.limits.max_blob_bytes {
             return Err(BlobError::TooLarge {
                 size,
@@ -350,6 +368,9 @@ impl BlobStore {
         bytes: &[u8],
     ) -> BlobResult<u64> {
         let account = &device.address().account;
+        // Held to the end: an append never makes a `.part` file again after a
+        // deletion removed it.
+        let _live = self.live(account)?;
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
         let file = self.files.open_upload(account, id)?;
         let len = file.len;
@@ -391,6 +412,7 @@ impl BlobStore {
     /// module docs). A mismatch deletes the upload.
     pub(crate) fn finish(&self, device: &AuthenticatedDevice, id: &BlobId) -> BlobResult<BlobMeta> {
         let account = &device.address().account;
+        let _live = self.live(account)?;
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
         let mut upload = self.files.complete_upload(account, id)?;
         if upload.len != meta.size {

@@ -221,6 +221,7 @@ impl Session {
         let deadline = tokio::time::sleep_until(self.deadline);
         tokio::pin!(deadline);
         let activity = self.activity.clone();
+        let mut deleted = self.services.tombstones().watch_for(self.device.clone());
         loop {
             loop {
                 match decoder.decode_request(&mut buf) {
@@ -274,6 +275,7 @@ impl Session {
                         return End::Full;
                     }
                 }
+                () = deleted.account_deleted() => return End::Deleted,
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,

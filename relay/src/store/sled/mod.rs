@@ -513,11 +513,30 @@ impl AccountStore for SledStore {
         Ok(())
     }
 
+    /// An unreadable record does not stop a start: one whose device list is bad is
+    /// returned with none (the deletion then takes the account record's), one whose
+    /// key is no account id is skipped. Both are counted in one warn, without ids.
     fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
         let mut out = Vec::new();
+        let (mut skipped, mut no_devices) = (0u64, 0u64);
         for kv in self.deletions.iter() {
             let (k, v) = kv.map_err(backend)?;
-            out.push((AccountId(fixed(&k)?), codec::decode_devices(&v)?));
+            let Ok(id) = fixed(&k) else {
+                skipped += 1;
+                continue;
+            };
+            let devices = codec::decode_devices(&v).unwrap_or_else(|_| {
+                no_devices += 1;
+                Vec::new()
+            });
+            out.push((AccountId(id), devices));
+        }
+        if skipped + no_devices > 0 {
+            tracing::warn!(
+                skipped,
+                no_devices,
+                "unreadable account deletion intents (store corruption)"
+            );
         }
         Ok(out)
     }

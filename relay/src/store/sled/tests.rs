@@ -222,3 +222,25 @@ fn totals_follow_changes_and_are_summed_at_open() {
     let t = store.totals();
     assert_eq!((t.messages, t.bytes, t.mailboxes), (2, 5, 2));
 }
+
+#[test]
+fn an_unreadable_deletion_intent_is_skipped_or_kept_with_no_devices() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    let (alice, bob) = (AccountId([1; 16]), AccountId([2; 16]));
+    store
+        .put_deletion(&alice, &[DeviceId::PRIMARY])
+        .expect("intent");
+    // Bob's device list cut short; a key that is no account id at all.
+    store
+        .deletions
+        .insert(bob.as_bytes(), &[0u8, 0, 1][..])
+        .expect("insert");
+    store
+        .deletions
+        .insert(&[9u8; 5][..], &[0u8, 0, 0, 1][..])
+        .expect("insert");
+    let mut found = store.deletions().expect("readable ones");
+    found.sort();
+    assert_eq!(found, vec![(alice, vec![DeviceId::PRIMARY]), (bob, vec![])]);
+}
