@@ -14,7 +14,7 @@
 //! 4. Each key is tested against the local copy of the relay's published filter
 //!    ([`LocalFilter`]); only hits are looked up by tag.
 //!
-//! [`forget`] deletes every record of the namespace (outputs, filter) at once.
+//! `Client::forget_discovery` deletes every record of the namespace (outputs, filter) at once.
 
 mod filter;
 mod normalise;
