@@ -19,6 +19,8 @@ use crate::{Error, Result};
 
 /// Filter downloads restarted when the relay publishes a new day mid-download.
 const FILTER_ATTEMPTS: u32 = 3;
+/// Reruns of a sync whose connection dropped (a relay restart, say).
+const CLOSED_ATTEMPTS: u32 = 5;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
 /// What [`Client::discover`] found.
@@ -58,6 +60,43 @@ impl Client {
         numbers: &[S],
         default_region: &str,
     ) -> Result<DiscoveryReport> {
+        self.on_connection(|conn| self.discover_on(conn, numbers, default_region))
+            .await
+    }
+
+    /// Runs `step` on the authenticated connection, again on the next one if the
+    /// connection drops meanwhile (what it did is cached, so a rerun repeats
+    /// nothing it finished). Other errors, `RATE_LIMITED` included, go to the app.
+    async fn on_connection<T, F, Fut>(&self, mut step: F) -> Result<T>
+    where
+        F: FnMut(Arc<RelayConnection>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let (conn, _) = self.connections().await?;
+            match step(conn.clone()).await {
+                Err(Error::Closed(_)) if attempt < CLOSED_ATTEMPTS => {
+                    attempt += 1;
+                    // The worker notices the drop and reconnects; wait for it.
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(200 << attempt),
+                        conn.closed(),
+                    )
+                    .await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn discover_on<S: AsRef<str>>(
+        &self,
+        conn: Arc<RelayConnection>,
+        numbers: &[S],
+        default_region: &str,
+    ) -> Result<DiscoveryReport> {
         let kv = self.shared.state.lock().await.kv.clone();
         let mut report = DiscoveryReport::default();
         let mut book = BTreeMap::new();
@@ -79,7 +118,6 @@ impl Client {
                 None => new.push(e164),
             }
         }
-        let (conn, _) = self.connections().await?;
         report.evaluated = new.len();
         let day = u32::try_from(self.shared.now_ms() / DAY_MS).unwrap_or(u32::MAX);
         let chunks = tokio::task::spawn_blocking(move || discovery::blind(&new, &mut OsRng))
@@ -135,8 +173,8 @@ impl Client {
     /// books: lookups follow at once, the published filter from the relay's next
     /// day. Needs a verified number (`NOT_VERIFIED`).
     pub async fn set_discoverable(&self, discoverable: bool) -> Result<()> {
-        let (conn, _) = self.connections().await?;
-        conn.set_discoverable(discoverable).await
+        self.on_connection(|conn| async move { conn.set_discoverable(discoverable).await })
+            .await
     }
 
     /// Deletes everything discovery cached on this device (every number's OPRF

@@ -24,7 +24,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
 use tern_proto::AccountId;
 use tokio::sync::Semaphore;
-use tracing::error;
+use tracing::{error, info};
 
 use crate::config::DiscoveryConfig;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
@@ -33,6 +33,7 @@ use crate::store::{AccountStore, DiscoveryStore, TagRecord, DAY_MS};
 
 pub mod oprf;
 pub mod publish;
+pub mod seed;
 
 pub use self::oprf::Oprf;
 use self::publish::Published;
@@ -285,13 +286,20 @@ impl Discovery {
     pub fn republish(&self) -> Result<()> {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let day = utc_day(self.clock.now());
+        let started = std::time::Instant::now();
+        let mut count = 0;
         let built = self
             .store
             .discoverable_keys()
             .map_err(Error::from)
-            .and_then(|keys| publish::publish_day(&self.dir, day, keys, self.config.keep_deltas));
+            .and_then(|keys| {
+                count = keys.len();
+                publish::publish_day(&self.dir, day, keys, self.config.keep_deltas)
+            });
         match built {
             Ok(p) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                info!(day, keys = count, ms, "discovery filter published");
                 *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
                 Ok(())
             }
