@@ -24,7 +24,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
 use tern_proto::AccountId;
 use tokio::sync::Semaphore;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::config::DiscoveryConfig;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
@@ -215,6 +215,12 @@ impl Discovery {
         prefix: AddressPrefix,
         blinded: &BlindedBatch,
     ) -> Result<Bytes> {
+        // Sizes only: what the relay sees of an address book (tests compare it).
+        debug!(
+            batch = blinded.len(),
+            bytes = blinded.as_bytes().len(),
+            "discovery_evaluate"
+        );
         self.enabled()?;
         self.verified(account)?;
         let batch = self.oprf.check_batch(blinded.as_bytes())?;

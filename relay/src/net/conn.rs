@@ -457,12 +457,6 @@ impl Session {
                 self.reply(id, result.map(|()| Reply::DeleteAccount)).await
             }
             Request::DiscoveryEvaluate { blinded } => {
-                // Sizes only: what the relay sees of an address book (tests compare it).
-                debug!(
-                    batch = blinded.len(),
-                    bytes = blinded.as_bytes().len(),
-                    "discovery_evaluate"
-                );
                 let d = &self.settings.discovery;
                 let result = match self.authenticated() {
                     Ok(by) => {
