@@ -10,7 +10,8 @@
 //! evaluations of the padded book), filter bytes per user, the delta at 1% churn
 //! against the snapshot, the filter build time for N keys on one core (the same
 //! code the relay's publication runs, measured in this process), and the request
-//! and reply bytes of the sync (whole frames, as encoded on the wire).
+//! and reply bytes of the sync's two round trips, evaluation and lookups (whole
+//! frames, as encoded on the wire).
 
 use std::time::{Duration, Instant};
 
@@ -172,6 +173,7 @@ pub async fn discovery(
         (Some(a), Some(b)) => b - a,
         _ => f64::NAN,
     };
+    let (evaluate_request, evaluate_reply) = (sync_request, sync_reply);
     let tags: Vec<Tag> = outputs
         .iter()
         .filter(|(_, o)| filter.contains(o.key))
@@ -244,7 +246,15 @@ pub async fn discovery(
         delta as f64 / encoded.len() as f64,
     );
     e.insert("filter_build_s".into(), build_s);
-    e.insert("sync_request_bytes".into(), sync_request as f64);
-    e.insert("sync_reply_bytes".into(), sync_reply as f64);
+    e.insert("evaluate_request_bytes".into(), evaluate_request as f64);
+    e.insert("evaluate_reply_bytes".into(), evaluate_reply as f64);
+    e.insert(
+        "lookup_request_bytes".into(),
+        (sync_request - evaluate_request) as f64,
+    );
+    e.insert(
+        "lookup_reply_bytes".into(),
+        (sync_reply - evaluate_reply) as f64,
+    );
     Ok(report)
 }
