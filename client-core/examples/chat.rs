@@ -13,7 +13,16 @@
 //!
 //! Commands: `/add <card>`, `/card`, `/file <path>` (send an attachment; received ones
 //! land in `<dir>/downloads/`), `/forward` (the last received attachment, to the current
-//! contact, without uploading it again), `/safety`, `/accept`, `/quit`.
+//! contact, without uploading it again), `/safety`, `/accept`, `/quit`, and:
+//! - `/discover <numbers…>` (separated by commas, or by spaces if there is no comma) or
+//!   `/discover @<file>` (one number per line): which are discoverable users; they
+//!   become contacts, the first one found the current contact if there is none.
+//!   National formats are read in the region of `TERN_REGION` (default `US`). Needs a
+//!   verified number.
+//! - `/export [--ciphertexts]`: everything the relay holds about this account, as JSON
+//!   in `<dir>/export-<time>.json`.
+//! - `/delete-account confirm`: deletes the account on the relay and this device's
+//!   store, then quits.
 //!
 //! The device store is encrypted with a key kept in `<dir>/storage.key`; a real app
 //! keeps that key in the platform's keystore instead.
@@ -58,6 +67,21 @@ async fn start(relay: &RelayAddress, dir: &Path) -> Result<(Client, Events), Box
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The numbers of `/discover`'s arguments: `@file` (one per line), or a list.
+fn book(args: &str) -> std::io::Result<Vec<String>> {
+    let text = match args.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path.trim())?,
+        None if args.contains(',') => args.replace(',', "\n"),
+        None => args.split_whitespace().collect::<Vec<_>>().join("\n"),
+    };
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 #[tokio::main]
@@ -172,6 +196,58 @@ async fn main() -> Result<(), BoxError> {
                             println!("(forwarded, nothing uploaded)");
                         }
                         _ => println!("no contact or no attachment received yet"),
+                    }
+                } else if let Some(args) = line.strip_prefix("/discover") {
+                    let numbers = match book(args.trim()) {
+                        Ok(n) => n,
+                        Err(e) => {
+                            println!("(cannot read the numbers: {e})");
+                            continue;
+                        }
+                    };
+                    let region = std::env::var("TERN_REGION").unwrap_or_else(|_| "US".into());
+                    match client.discover(&numbers, &region).await {
+                        Ok(report) => {
+                            for (number, account) in &report.found {
+                                println!("{number} uses Tern: {}", short(account));
+                            }
+                            for bad in &report.invalid {
+                                println!("{bad:?} is not a phone number");
+                            }
+                            println!(
+                                "({} found of {} numbers; {} newly evaluated)",
+                                report.found.len(),
+                                numbers.len(),
+                                report.evaluated
+                            );
+                            if let (None, Some((_, account))) = (&peer, report.found.first()) {
+                                peer = Some(*account);
+                                println!("talking to {}", short(account));
+                            }
+                        }
+                        Err(e) => println!("(discovery failed: {e})"),
+                    }
+                } else if let Some(args) = line.strip_prefix("/export") {
+                    let ciphertexts = args.trim() == "--ciphertexts";
+                    let millis = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis());
+                    let dest = PathBuf::from(dir).join(format!("export-{millis}.json"));
+                    match client.export_account(&dest, ciphertexts).await {
+                        Ok(n) => println!("(exported {n} bytes to {})", dest.display()),
+                        Err(e) => println!("(export failed: {e})"),
+                    }
+                } else if let Some(args) = line.strip_prefix("/delete-account") {
+                    if args.trim() != "confirm" {
+                        println!("this deletes the account for good: type /delete-account confirm");
+                        continue;
+                    }
+                    match client.delete_account().await {
+                        Ok(()) => {
+                            println!("account deleted; this device's store is empty");
+                            return Ok(());
+                        }
+                        Err(e) => println!("(not deleted: {e})"),
                     }
                 } else if line == "/quit" {
                     break;

@@ -13,6 +13,8 @@
 //! - [`crypto`]: X3DH (with [`crypto::x3dh::VerifiedBundle`]), the Double Ratchet,
 //!   session sets, the message layer, sealed sender, padding, attachment encryption.
 //!   No I/O.
+//! - [`discovery`]: contact discovery's device side: normalising numbers, blinding
+//!   them for the relay's OPRF, the cache of outputs, the local copy of the filter.
 //! - [`media`]: attachments: encrypt, upload once, download, forward without re-upload.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], the wire protocol: a pipelined connection to one
@@ -47,6 +49,7 @@
 
 pub mod client;
 pub mod crypto;
+pub mod discovery;
 pub mod error;
 pub mod identity;
 pub mod media;

@@ -129,3 +129,193 @@ async fn the_filter_is_anonymous_and_evaluation_needs_an_account() {
     }
     relay.shutdown().await.unwrap();
 }
+
+// ---- The client's discovery against real relay processes (issue 13, package D). ----
+//
+// Accounts become discoverable through verification; until that lands here, the
+// relay's offline seed hook (`tern_relay::discovery::seed`) attaches their numbers
+// while the relay is stopped.
+
+mod client_sync {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use tern_client::store::SledKv;
+    use tern_client::{Client, ErrorCode, Events};
+    use tern_proto::AccountId;
+    use tern_relay::config::Config;
+
+    use crate::support::{within, RelayProcess};
+
+    fn store(dir: &Path, name: &str) -> Arc<SledKv> {
+        Arc::new(SledKv::open(&dir.join(name), &[9u8; 32]).expect("device store"))
+    }
+
+    /// Users' numbers, in E.164, and how one address book writes them.
+    const USERS: [(&str, &str); 4] = [
+        ("+442079460101", "020 7946 0101"),
+        ("+442079460102", "+44 (0)20 7946 0102"),
+        ("+442079460103", "0044 20 7946 0103"),
+        ("+442079460104", "+44-20-7946-0104"),
+    ];
+    const SYNCER: &str = "+442079460100";
+    const OTHER_SYNCER: &str = "+442079460200";
+
+    /// The relay's `discovery_evaluate` lines so far, as `batch=… bytes=…`.
+    fn evaluations(relay: &RelayProcess) -> Vec<String> {
+        relay
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("discovery_evaluate") && l.contains("batch="))
+            .map(|l| {
+                let at = l.find("batch=").expect("batch");
+                l[at..].trim().to_owned()
+            })
+            .collect()
+    }
+
+    async fn discover(c: &Client, book: &[String]) -> tern_client::client::DiscoveryReport {
+        // The relay publishes its first filter just after it starts listening.
+        for _ in 0..100 {
+            match within(c.discover(book, "GB")).await {
+                Err(e) if e.relay_code() == Some(ErrorCode::Unavailable) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => return other.expect("discover"),
+            }
+        }
+        panic!("no discovery filter published");
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        relay: RelayProcess,
+        syncer: (Client, Events),
+        other: (Client, Events),
+        users: Vec<(Client, Events)>,
+    }
+
+    /// A relay with six accounts: two that sync, four users with numbers, all
+    /// seeded offline, the relay restarted on its port.
+    async fn world() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("relay");
+        let mut relay =
+            RelayProcess::start(&data, &["--log", "info,tern_relay=debug"]).expect("relay");
+        let mut reg = Vec::new();
+        for name in ["syncer", "other", "u1", "u2", "u3", "u4"] {
+            reg.push(
+                Client::register(&relay.address, store(dir.path(), name))
+                    .await
+                    .expect("register"),
+            );
+        }
+        let mut pairs: Vec<(AccountId, String)> = vec![
+            (reg[0].0.account(), SYNCER.into()),
+            (reg[1].0.account(), OTHER_SYNCER.into()),
+        ];
+        for (i, (e164, _)) in USERS.iter().enumerate() {
+            pairs.push((reg[2 + i].0.account(), (*e164).into()));
+        }
+        let port = relay.address.port;
+        relay.stop().expect("stop");
+        let config = Config {
+            data_dir: data.clone(),
+            ..Config::default()
+        };
+        assert_eq!(
+            tern_relay::discovery::seed::attach_numbers(
+                &config.data_dir,
+                &pairs
+                    .iter()
+                    .map(|(a, n)| (*a, n.as_str()))
+                    .collect::<Vec<_>>()
+            )
+            .expect("seed"),
+            6
+        );
+        let relay = RelayProcess::start_at(
+            &data,
+            &format!("127.0.0.1:{port}"),
+            &["--log", "info,tern_relay=debug"],
+        )
+        .expect("restart");
+        let mut reg = reg.into_iter();
+        let syncer = reg.next().expect("syncer");
+        let other = reg.next().expect("other");
+        World {
+            _dir: dir,
+            relay,
+            syncer,
+            other,
+            users: reg.collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn finds_exactly_the_discoverable_contacts_and_caches_what_it_evaluated() {
+        let w = world().await;
+        let syncer = &w.syncer.0;
+        // The fourth user turns discoverability off: lookups follow at once.
+        within(w.users[3].0.set_discoverable(false))
+            .await
+            .expect("off");
+        let mut book: Vec<String> = USERS.iter().map(|(_, b)| (*b).to_owned()).collect();
+        book.extend((0..5).map(|i| format!("020 7946 09{i:02}"))); // non-users
+        book.push("not a number".into());
+        book.push("+44 20".into());
+        book.push(USERS[0].0.into()); // a duplicate, in another format
+
+        let report = discover(syncer, &book).await;
+        let mut expected: Vec<(String, AccountId)> = (0..3)
+            .map(|i| (USERS[i].0.to_owned(), w.users[i].0.account()))
+            .collect();
+        expected.sort();
+        assert_eq!(report.found, expected);
+        assert_eq!(
+            report.invalid,
+            vec!["not a number".to_owned(), "+44 20".into()]
+        );
+        assert_eq!(report.evaluated, 9);
+        // One batch of 9 numbers, padded to 16 points.
+        assert_eq!(evaluations(&w.relay), vec!["batch=16 bytes=512".to_owned()]);
+        // Each found user is a contact now, known by its identity key.
+        for u in &w.users[..3] {
+            assert!(syncer.safety_number(&u.0.account()).await.is_some());
+        }
+        assert!(syncer
+            .safety_number(&w.users[3].0.account())
+            .await
+            .is_none());
+
+        // A second sync of the same book evaluates nothing.
+        let again = discover(syncer, &book).await;
+        assert_eq!((again.found, again.evaluated), (expected.clone(), 0));
+        assert_eq!(evaluations(&w.relay).len(), 1);
+
+        // Forgetting discovery: the next sync evaluates every number again.
+        within(syncer.forget_discovery()).await.expect("forget");
+        let fresh = discover(syncer, &book).await;
+        assert_eq!((fresh.found, fresh.evaluated), (expected, 9));
+        assert_eq!(evaluations(&w.relay).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn the_relay_sees_the_same_of_two_books_of_one_size() {
+        let w = world().await;
+        let book_a: Vec<String> = (0..300)
+            .map(|i| format!("+44207946{:04}", 1000 + i))
+            .collect();
+        let book_b: Vec<String> = (0..300)
+            .map(|i| format!("020 7946 {:04}", 5000 + i))
+            .collect();
+        let a = discover(&w.syncer.0, &book_a).await;
+        let seen_a = evaluations(&w.relay);
+        let b = discover(&w.other.0, &book_b).await;
+        let seen_b: Vec<String> = evaluations(&w.relay)[seen_a.len()..].to_vec();
+        assert_eq!((a.evaluated, b.evaluated), (300, 300));
+        assert!(a.found.is_empty() && b.found.is_empty());
+        assert_eq!(seen_a, vec!["batch=512 bytes=16384".to_owned()]);
+        assert_eq!(seen_a, seen_b);
+    }
+}

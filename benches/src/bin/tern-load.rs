@@ -7,6 +7,7 @@
 //! target/release/tern-load connections --count 10000
 //! target/release/tern-load media --size 1073741824
 //! target/release/tern-load restart --messages 1000000 --dir /work/tmp
+//! target/release/tern-load discovery --users 100000 --book 1000 --hits 0.5
 //! ```
 //!
 //! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
@@ -148,6 +149,27 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         drain: u64,
     },
+    /// N discoverable accounts seeded offline, then one address book synced: relay
+    /// CPU per evaluated number, filter and delta sizes, build time, sync bytes.
+    Discovery {
+        #[command(flatten)]
+        common: Common,
+        /// Discoverable accounts on the relay.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        users: u64,
+        /// Numbers in the address book.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+        book: u64,
+        /// Share of the book that are users.
+        #[arg(long, default_value_t = 0.5)]
+        hits: f64,
+        /// Evaluations of the whole book, for the CPU figure.
+        #[arg(long, default_value_t = 8)]
+        rounds: u64,
+        /// Directory for the run's data (a new directory inside it, deleted after).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn relay_for(
@@ -280,6 +302,42 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             let report = load::restart(&settings, &args).await?;
             Ok((report, common.json))
         }
+        Mode::Discovery {
+            common,
+            users,
+            book,
+            hits,
+            rounds,
+            dir,
+        } => {
+            if common.relay.is_some() {
+                return Err("discovery seeds its own relay: --relay does not apply".into());
+            }
+            let binary = match &common.relay_bin {
+                Some(b) => b.clone(),
+                None => sibling_relay_binary()?,
+            };
+            let run_dir = match &dir {
+                Some(parent) => tempfile::tempdir_in(parent)?,
+                None => tempfile::tempdir()?,
+            };
+            let settings = RelaySettings {
+                binary: &binary,
+                durability: "os",
+                max_connections: 16,
+                dir: Some(run_dir.path()),
+                start_timeout: START_TIMEOUT,
+                log: "warn",
+            };
+            let args = load::discovery::DiscoveryArgs {
+                users: as_usize(users)?,
+                book: as_usize(book)?,
+                hits,
+                rounds: as_usize(rounds)?,
+            };
+            let report = load::discovery::discovery(&settings, &args).await?;
+            Ok((report, common.json))
+        }
     }
 }
 
@@ -290,7 +348,8 @@ fn wants_json(mode: &Mode) -> bool {
         | Mode::Offline { common, .. }
         | Mode::Media { common, .. }
         | Mode::Connections { common, .. }
-        | Mode::Restart { common, .. } => common.json,
+        | Mode::Restart { common, .. }
+        | Mode::Discovery { common, .. } => common.json,
     }
 }
 

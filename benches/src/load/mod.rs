@@ -14,6 +14,7 @@
 //! Devices here are [`peer::Peer`]s: tern-client's keys, connection and message crypto
 //! without the device store.
 
+pub mod discovery;
 mod modes;
 pub mod peer;
 pub mod relay;

@@ -24,6 +24,7 @@
 
 mod anonymous;
 mod contacts;
+mod discovery;
 mod inbox;
 mod keys;
 mod outbox;
@@ -51,6 +52,7 @@ use crate::store::records::InboxRecord;
 use crate::store::{KvStore, StoreError};
 use crate::{Error, Result};
 
+pub use self::discovery::DiscoveryReport;
 pub use self::outbox::MAX_BODY;
 
 /// How long a media call waits for the client to be connected.

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 
+mod discovery;
 mod media;
 pub mod tls;
 

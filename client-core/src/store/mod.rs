@@ -62,11 +62,13 @@ pub enum Namespace {
     Seen = 7,
     /// Messages from a contact whose identity key changed, held until accepted.
     Held = 8,
+    /// Contact discovery: cached OPRF outputs by number, and the relay's filter.
+    Discovery = 9,
 }
 
 impl Namespace {
     /// Every namespace.
-    pub(crate) const ALL: [Namespace; 8] = [
+    pub(crate) const ALL: [Namespace; 9] = [
         Namespace::Local,
         Namespace::PreKeys,
         Namespace::Sessions,
@@ -75,6 +77,7 @@ impl Namespace {
         Namespace::Inbox,
         Namespace::Seen,
         Namespace::Held,
+        Namespace::Discovery,
     ];
 }
 

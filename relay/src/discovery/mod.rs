@@ -27,7 +27,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
 use tern_proto::AccountId;
 use tokio::sync::Semaphore;
-use tracing::error;
+use tracing::{debug, error, info};
 
 use crate::config::DiscoveryConfig;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
@@ -261,6 +261,12 @@ impl Discovery {
         prefix: AddressPrefix,
         blinded: &BlindedBatch,
     ) -> Result<Bytes> {
+        // Sizes only: what the relay sees of an address book (tests compare it).
+        debug!(
+            batch = blinded.len(),
+            bytes = blinded.as_bytes().len(),
+            "discovery_evaluate"
+        );
         self.enabled()?;
         let (tag, _) = self.verified(account)?;
         let _place = self.admit()?;
@@ -372,6 +378,8 @@ impl Discovery {
     pub fn republish(&self) -> Result<()> {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let day = utc_day(self.clock.now());
+        let started = std::time::Instant::now();
+        let mut count = 0;
         let built = match publish::load_day(&self.dir, day) {
             Ok(Some(p)) => Ok(p),
             Ok(None) | Err(_) => self
@@ -379,11 +387,14 @@ impl Discovery {
                 .discoverable_keys()
                 .map_err(Error::from)
                 .and_then(|keys| {
+                    count = keys.len();
                     publish::publish_day(&self.dir, day, keys, self.config.keep_deltas)
                 }),
         };
         match built {
             Ok(p) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                info!(day, keys = count, ms, "discovery filter published");
                 *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
                 Ok(())
             }
