@@ -27,6 +27,7 @@ use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore};
 use crate::net::{self, tls, Admission, ConnSettings};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
+use crate::verification::Verification;
 
 /// The relay's services over one set of stores, sharing one group commit.
 pub struct Services {
@@ -238,6 +239,7 @@ pub struct Relay {
     blobs: Arc<BlobStore>,
     deletion: Arc<AccountDeletion>,
     discovery: Arc<Discovery>,
+    verification: Arc<Verification>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -302,6 +304,12 @@ impl Relay {
             &config.discovery,
             config.data_dir.join("discovery"),
         )?);
+        let verification = Arc::new(Verification::new(
+            &config.verification,
+            crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
+            discovery.clone(),
+            clock.clone(),
+        ));
         let services = Arc::new(Services::with_budget(
             stores,
             clock,
@@ -332,6 +340,7 @@ impl Relay {
             blobs: blobs.clone(),
             deletion: deletion.clone(),
             discovery: discovery.clone(),
+            verification: verification.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -359,6 +368,11 @@ impl Relay {
             PUBLISH_CHECK,
             shutdown.subscribe(),
         ));
+        let verifications = tokio::spawn(crate::verification::sweep_loop(
+            verification.clone(),
+            config.verification.sweep_interval,
+            shutdown.subscribe(),
+        ));
         let host = config
             .advertise_host
             .clone()
@@ -374,9 +388,10 @@ impl Relay {
             blobs,
             deletion,
             discovery,
+            verification,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper, disk, publisher],
+            tasks: vec![accept, sweeper, disk, publisher, verifications],
         })
     }
 
@@ -403,6 +418,11 @@ impl Relay {
     /// Contact discovery: phone verification attaches tags through it.
     pub fn discovery(&self) -> &Arc<Discovery> {
         &self.discovery
+    }
+
+    /// Phone verification, for tests and operators' tools.
+    pub fn verification(&self) -> &Arc<Verification> {
+        &self.verification
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

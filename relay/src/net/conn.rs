@@ -42,6 +42,7 @@ use crate::net::media::Activity;
 mod keys;
 mod push;
 mod standing;
+mod verification;
 use crate::server::Services;
 use crate::store::Envelope;
 pub(crate) use standing::Admitted;
@@ -78,6 +79,7 @@ pub(crate) struct ConnSettings {
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) deletion: Arc<AccountDeletion>,
     pub(crate) discovery: Arc<crate::discovery::Discovery>,
+    pub(crate) verification: Arc<crate::verification::Verification>,
 }
 
 struct AckCmd {
@@ -479,6 +481,9 @@ impl Session {
                 });
                 self.reply(id, result.map(|()| Reply::SetDiscoverable))
                     .await
+            }
+            r @ (Request::StartVerification { .. } | Request::CheckVerification { .. }) => {
+                self.verification(id, r).await
             }
             Request::DiscoveryFilter {
                 since_day,
