@@ -112,10 +112,8 @@ impl VerificationConfig {
             VerifierKind::Webhook if self.webhook.is_none() => {
                 bad("verification.verifier = \"webhook\" needs [verification.webhook]")
             }
-            VerifierKind::DevFile if !self.allow_dev_verifier => bad(
-                "verification.verifier = \"dev-file\" is for development: set \
-                 verification.allow_dev_verifier = true or pass --allow-dev-verifier",
-            ),
+            // `dev-file` without its allowance is refused when the relay starts
+            // (`verification::verifier_from_config`): the flag comes after the file.
             _ => Ok(()),
         }
     }
@@ -142,9 +140,9 @@ mod tests {
     }
 
     #[test]
-    fn dev_file_needs_the_explicit_allowance() {
-        let e = parse("verifier = \"dev-file\"").expect_err("refused");
-        assert!(e.contains("allow_dev_verifier"), "{e}");
+    fn dev_file_parses_with_and_without_the_allowance() {
+        let c = parse("verifier = \"dev-file\"").expect("parsed; refused at start");
+        assert!(!c.allow_dev_verifier);
         let c = parse("verifier = \"dev-file\"\nallow_dev_verifier = true").expect("allowed");
         assert_eq!(c.verifier, VerifierKind::DevFile);
     }

@@ -129,7 +129,9 @@ pub fn verifier_from_config(
         VerifierKind::DevFile => {
             if !config.allow_dev_verifier {
                 return Err(Error::Config(
-                    "the dev-file verifier needs verification.allow_dev_verifier".into(),
+                    "verification.verifier = \"dev-file\" is for development: set \
+                     verification.allow_dev_verifier = true or pass --allow-dev-verifier"
+                        .into(),
                 ));
             }
             Some(Arc::new(file::FileVerifier::new(data_dir)?))
