@@ -9,6 +9,7 @@ mod crash;
 mod deletion;
 mod delivery;
 mod discovery;
+mod discovery_privacy;
 mod expiry;
 mod export;
 // The test HTTP server (a gateway for the verification webhook).
