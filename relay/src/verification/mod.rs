@@ -2,7 +2,7 @@
 //! number by returning a 6-digit code the relay sent to it, and the relay keeps only
 //! the number's discovery tag ([`Discovery::attach_verified`]), never the number.
 //!
-//! - Sessions live in memory ([`session`]): a number is held from the start of its
+//! - Sessions live in memory (`session.rs`): a number is held from the start of its
 //!   session to its end (verified, out of attempts, replaced by a new start, or
 //!   expired and swept), zeroized as it drops, and never written to disk or logs.
 //! - Codes are uniform in `0..10^6` (OS randomness), valid `code_ttl` (10 minutes),
