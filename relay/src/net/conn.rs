@@ -43,8 +43,7 @@ mod keys;
 mod push;
 mod standing;
 mod verification;
-use crate::server::Services;
-use crate::store::Envelope;
+use crate::{server::Services, store::Envelope};
 pub(crate) use standing::Admitted;
 use standing::Standing;
 
@@ -482,9 +481,6 @@ impl Session {
                 self.reply(id, result.map(|()| Reply::SetDiscoverable))
                     .await
             }
-            r @ (Request::StartVerification { .. } | Request::CheckVerification { .. }) => {
-                self.verification(id, r).await
-            }
             Request::DiscoveryFilter {
                 since_day,
                 day,
@@ -498,6 +494,7 @@ impl Session {
                     .map(Reply::DiscoveryFilterPart);
                 self.anonymous_reply(id, reply).await
             }
+            verification => self.verification(id, verification).await,
         }
     }
 
