@@ -35,6 +35,9 @@ pub enum Error {
         message: String,
         /// When to retry, in ms (0: no advice); set with `RATE_LIMITED`.
         retry_after_ms: u64,
+        /// With `WRONG_CODE`: codes the verification session still accepts (0: it
+        /// is closed; start again).
+        attempts_left: u32,
     },
     /// The relay sent something that breaks the protocol.
     #[error("protocol: {0}")]
@@ -64,6 +67,12 @@ pub enum Error {
     /// `Client::register` was given a store that already holds a device.
     #[error("this store already holds a registered device; open it instead")]
     AlreadyRegistered,
+    /// Not an E.164 number (`+`, a non-zero digit, 6 to 14 more digits).
+    #[error("not an E.164 phone number")]
+    InvalidNumber,
+    /// A verification code is not six digits.
+    #[error("a verification code is six digits")]
+    InvalidCode,
     /// `Client::open` was given a store that holds no device.
     #[error("this store holds no registered device")]
     NotRegistered,
@@ -74,6 +83,18 @@ impl Error {
     pub fn relay_code(&self) -> Option<ErrorCode> {
         match self {
             Error::Relay { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// With `WRONG_CODE`: how many more codes the verification session accepts.
+    pub fn attempts_left(&self) -> Option<u32> {
+        match self {
+            Error::Relay {
+                code: ErrorCode::WrongCode,
+                attempts_left,
+                ..
+            } => Some(*attempts_left),
             _ => None,
         }
     }

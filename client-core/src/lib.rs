@@ -61,3 +61,5 @@ pub use client::{Client, ClientOptions, ContactCard, Event, Events, ReceivedMess
 #[doc(no_inline)]
 pub use error::ErrorCode;
 pub use error::{Error, Result};
+#[doc(no_inline)]
+pub use tern_proto::VerificationId;

@@ -11,9 +11,9 @@ use tern_proto::address::Fingerprint;
 use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterKind, FilterPart, Tag};
 use tern_proto::frame;
 use tern_proto::{
-    v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Delivery,
-    DeviceAddress, DeviceBundle, DeviceId, Envelope, ErrorCode, ErrorReply, KeyUpload, MessageId,
-    RelayAddress, Reply, Request, ServerMessage, SignedKey,
+    v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Code,
+    Delivery, DeviceAddress, DeviceBundle, DeviceId, Envelope, ErrorCode, ErrorReply, KeyUpload,
+    MessageId, RelayAddress, Reply, Request, ServerMessage, SignedKey, VerificationId, E164,
 };
 use tern_relay::store::{Flush, LogOptions, LogStore, MailboxStore};
 
@@ -312,6 +312,25 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
             ),
         ),
         ("set-discoverable", r(19, Request::SetDiscoverable(true))),
+        (
+            "start-verification",
+            r(
+                20,
+                Request::StartVerification {
+                    number: E164::parse("+15550100123").expect("E.164"),
+                },
+            ),
+        ),
+        (
+            "check-verification",
+            r(
+                21,
+                Request::CheckVerification {
+                    session: VerificationId([22; 16]),
+                    code: Code::parse("123456").expect("6 digits"),
+                },
+            ),
+        ),
     ]
 }
 
@@ -404,7 +423,26 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
                     code: ErrorCode::RateLimited,
                     message: "slow down".into(),
                     retry_after_ms: 1500,
+                    attempts_left: 0,
                 }),
+            },
+        ),
+        (
+            "verification-started",
+            ok(
+                12,
+                Reply::VerificationStarted {
+                    session: VerificationId([12; 16]),
+                    expires_at_ms: 600_000,
+                },
+            ),
+        ),
+        ("verified", ok(13, Reply::Verified { discoverable: true })),
+        (
+            "wrong-code",
+            ServerMessage::Response {
+                id: 14,
+                result: Err(ErrorReply::wrong_code(4)),
             },
         ),
         (

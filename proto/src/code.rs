@@ -35,6 +35,10 @@ pub enum ErrorCode {
     NotFound,
     /// The account's storage quota is used up.
     QuotaExceeded,
+    /// Not an E.164 phone number.
+    InvalidNumber,
+    /// A wrong verification code; the reply says how many attempts are left.
+    WrongCode,
     /// Discovery needs a verified phone number.
     NotVerified,
 }
@@ -65,6 +69,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotFound => "not found",
             ErrorCode::QuotaExceeded => "quota exceeded",
+            ErrorCode::InvalidNumber => "invalid number",
+            ErrorCode::WrongCode => "wrong code",
             ErrorCode::NotVerified => "not verified",
         }
     }
@@ -91,6 +97,8 @@ impl From<v1::ErrorCode> for ErrorCode {
             v1::ErrorCode::Unavailable => ErrorCode::Unavailable,
             v1::ErrorCode::NotFound => ErrorCode::NotFound,
             v1::ErrorCode::QuotaExceeded => ErrorCode::QuotaExceeded,
+            v1::ErrorCode::InvalidNumber => ErrorCode::InvalidNumber,
+            v1::ErrorCode::WrongCode => ErrorCode::WrongCode,
             v1::ErrorCode::NotVerified => ErrorCode::NotVerified,
         }
     }
@@ -111,6 +119,8 @@ impl From<ErrorCode> for v1::ErrorCode {
             ErrorCode::Unavailable => v1::ErrorCode::Unavailable,
             ErrorCode::NotFound => v1::ErrorCode::NotFound,
             ErrorCode::QuotaExceeded => v1::ErrorCode::QuotaExceeded,
+            ErrorCode::InvalidNumber => v1::ErrorCode::InvalidNumber,
+            ErrorCode::WrongCode => v1::ErrorCode::WrongCode,
             ErrorCode::NotVerified => v1::ErrorCode::NotVerified,
         }
     }
@@ -122,14 +132,16 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
-        for wire in (0..=11).chain([14]) {
+        for wire in 0..=14 {
             let code = ErrorCode::from_wire(wire);
             assert_eq!(code.to_wire(), wire);
             assert_ne!(code.as_str(), "");
         }
         assert_eq!(ErrorCode::from_wire(1), ErrorCode::BadRequest);
         assert_eq!(ErrorCode::from_wire(10), ErrorCode::NotFound);
-        for unknown in [-1, 12, 13, 15, 1000, i32::MAX, i32::MIN] {
+        assert_eq!(ErrorCode::from_wire(12), ErrorCode::InvalidNumber);
+        assert_eq!(ErrorCode::from_wire(13), ErrorCode::WrongCode);
+        for unknown in [-1, 15, 1000, i32::MAX, i32::MIN] {
             assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
         }
     }

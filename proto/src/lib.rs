@@ -86,6 +86,7 @@ pub mod limits;
 pub mod media;
 pub mod reply;
 pub mod request;
+pub mod verification;
 
 pub use address::{Fingerprint, RelayAddress};
 pub use certificate::{IssuedCertificate, SenderCertificate};
@@ -96,6 +97,7 @@ pub use keys::{DeviceBundle, KeyUpload, SignedKey};
 pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};
 pub use reply::{Delivery, ErrorReply, Reply, ServerFrameError, ServerMessage};
 pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind};
+pub use verification::{Code, VerificationId, E164};
 
 /// The generated protobuf types of `tern.v1`.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

@@ -214,6 +214,7 @@ mod tests {
                 code: ErrorCode::QuotaExceeded,
                 message: "quota".into(),
                 retry_after_ms: 5,
+                attempts_left: 0,
             }),
             BlobStreamResponse::UploadReady {
                 offset: 7,

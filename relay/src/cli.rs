@@ -91,6 +91,9 @@ struct ServeArgs {
     /// How long undelivered messages are kept (e.g. "7days"); at most 30 days.
     #[arg(long, value_parser = humantime::parse_duration)]
     message_ttl: Option<Duration>,
+    /// Allows `verification.verifier = "dev-file"` (codes written to files; development only).
+    #[arg(long)]
+    allow_dev_verifier: bool,
     /// Log filter (tracing-subscriber syntax), e.g. "info" or "tern_relay=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
@@ -141,6 +144,9 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(t) = args.message_ttl {
         config.expiry.message_ttl = t;
+    }
+    if args.allow_dev_verifier {
+        config.verification.allow_dev_verifier = true;
     }
     config.validate()?;
     crate::store::fault::refuse_unless_compiled_in()?;

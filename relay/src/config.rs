@@ -88,6 +88,21 @@
 //! max_queued_evaluations = 16   # batches waiting for those; more: UNAVAILABLE + retry
 //! filter_parts_per_prefix = "600/1h"  # filter parts downloaded per IPv4 / IPv6 /64
 //! default_discoverable = true   # a newly verified number can be found
+//!
+//! [verification]                # phone numbers; see ARCHITECTURE.md "Phone verification"
+//! verifier = "none"             # "none" (starts are UNAVAILABLE), "webhook" or "dev-file"
+//! allow_dev_verifier = false    # "dev-file" needs this or --allow-dev-verifier
+//! code_ttl = "10m"              # a code's lifetime (at most 1h)
+//! max_attempts = 5              # codes a session accepts
+//! starts_per_number = "3/1h"    # keyed by an HMAC of the number (per-process key)
+//! starts_per_prefix = "10/1h"   # per IPv4 address or IPv6 /64
+//! starts_per_account = "5/1day"
+//! sweep_interval = "1m"         # expired sessions dropped
+//! [verification.webhook]        # for verifier = "webhook"
+//! url = "https://sms.example.org/send"  # POST {"to","code","message"} (JSON)
+//! bearer_token_file = "/etc/tern/sms-token"  # optional: Authorization: Bearer <token>
+//! timeout = "10s"
+//! allow_http = false            # http:// only with this, and only to a loopback host
 //! ```
 
 use std::net::SocketAddr;
@@ -105,11 +120,13 @@ mod budget;
 mod connections;
 mod discovery;
 mod rate;
+mod verification;
 
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
 pub use self::rate::{PrekeyLimit, RateLimitsConfig};
+pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
 
 /// The relay's configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -141,6 +158,8 @@ pub struct Config {
     pub budget: BudgetConfig,
     /// Contact discovery.
     pub discovery: DiscoveryConfig,
+    /// Phone verification.
+    pub verification: VerificationConfig,
 }
 
 /// Media limits and lifetime.
@@ -275,6 +294,7 @@ impl Default for Config {
             connections: ConnectionsConfig::default(),
             budget: BudgetConfig::default(),
             discovery: DiscoveryConfig::default(),
+            verification: VerificationConfig::default(),
         }
     }
 }
@@ -377,6 +397,7 @@ impl Config {
         self.rate_limits.validate().map_err(Error::Config)?;
         self.budget.validate()?;
         self.discovery.validate()?;
+        self.verification.validate()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }

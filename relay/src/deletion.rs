@@ -326,6 +326,8 @@ pub struct AccountDeletion {
     running: Mutex<HashSet<AccountId>>,
     /// A deletion failed (or was left) since the last retry: the sweeper retries.
     failed: std::sync::atomic::AtomicBool,
+    /// Open phone verifications (memory only): the account's session ends with it.
+    verification: Option<Arc<crate::verification::Verification>>,
 }
 
 impl std::fmt::Debug for AccountDeletion {
@@ -343,7 +345,18 @@ impl AccountDeletion {
             blobs,
             running: Mutex::default(),
             failed: std::sync::atomic::AtomicBool::new(false),
+            verification: None,
         }
+    }
+
+    /// Also ends the account's open phone verification (its number, held in memory
+    /// only until the session ends, goes at once).
+    pub fn with_verification(
+        mut self,
+        verification: Arc<crate::verification::Verification>,
+    ) -> Self {
+        self.verification = Some(verification);
+        self
     }
 
     /// Deletes the account; returns once everything is removed, committed and
@@ -536,6 +549,9 @@ impl AccountDeletion {
     /// evaluation bucket. The phone verification sessions are in memory only and
     /// not yet reachable from here (the verification package wires them).
     fn detach_discovery(&self, account: &AccountId) -> Result<()> {
+        if let Some(v) = &self.verification {
+            v.forget_account(account);
+        }
         self.services.stores().discovery.detach(account)?;
         Ok(())
     }

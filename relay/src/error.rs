@@ -78,6 +78,9 @@ pub enum Error {
     /// A discovery request was refused.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// A phone verification check was refused.
+    #[error(transparent)]
+    Verification(#[from] crate::verification::VerificationError),
 }
 
 impl Error {
@@ -103,6 +106,14 @@ impl Error {
                     D::NotVerified => ErrorCode::NotVerified,
                     D::Gone => ErrorCode::NotFound,
                     D::Busy { .. } => ErrorCode::Unavailable,
+                }
+            }
+            Error::Verification(v) => {
+                use crate::verification::VerificationError as V;
+                match v {
+                    V::NotFound => ErrorCode::NotFound,
+                    V::Expired => ErrorCode::Expired,
+                    V::WrongCode { .. } => ErrorCode::WrongCode,
                 }
             }
             Error::Blob(b) => {
@@ -162,6 +173,12 @@ impl Error {
             code: self.code(),
             message: self.client_message(),
             retry_after_ms: self.retry_after_ms(),
+            attempts_left: match self {
+                Error::Verification(crate::verification::VerificationError::WrongCode {
+                    attempts_left,
+                }) => *attempts_left,
+                _ => 0,
+            },
         }
     }
 }

@@ -20,6 +20,8 @@
 //!     account from every other service.
 //!   - [`discovery`]: contact discovery: the OPRF key, tags of verified numbers,
 //!     evaluation and lookup limits, and the published filter.
+//!   - [`verification`]: phone verification sessions, verifiers (webhook, dev
+//!     file), start limits; a verified number becomes a discovery tag.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
@@ -108,6 +110,7 @@ pub mod media;
 
 // Exported for phone verification, benches and tests.
 pub mod discovery;
+pub mod verification;
 
 // The binary and embedders.
 pub mod admin;

@@ -3,7 +3,7 @@
 //! The relay's own lines never name a peer, but its dependencies' may: quinn-udp
 //! warns about a failed send with the destination address, and quinn-proto traces
 //! peers. [`Redacting`] wraps the event formatter: each formatted line goes through
-//! [`redact_addresses`] before it is written, at every level.
+//! [`redact_addresses`] and [`redact_numbers`] before it is written, at every level.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -35,7 +35,41 @@ where
     ) -> fmt::Result {
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
-        writer.write_str(&redact_addresses(&line))
+        writer.write_str(&redact_numbers(&redact_addresses(&line)))
+    }
+}
+
+/// What a phone number is replaced with.
+pub const REDACTED_NUMBER: &str = "<number>";
+
+/// `text` with every `+` followed by 7 to 15 ASCII digits (an E.164 number, and the
+/// digits after it if more follow) replaced by [`REDACTED_NUMBER`]. Defence in depth:
+/// the relay never logs a number, this catches a dependency's line that would.
+pub fn redact_numbers(text: &str) -> Cow<'_, str> {
+    let b = text.as_bytes();
+    let mut out: Option<String> = None;
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        if b[i] == b'+' {
+            let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if digits >= 7 {
+                let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                // `+` and digits are ASCII: these are char boundaries.
+                o.push_str(text.get(copied..i).unwrap_or_default());
+                o.push_str(REDACTED_NUMBER);
+                i += 1 + digits;
+                copied = i;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    match out {
+        Some(mut o) => {
+            o.push_str(text.get(copied..).unwrap_or_default());
+            Cow::Owned(o)
+        }
+        None => Cow::Borrowed(text),
     }
 }
 

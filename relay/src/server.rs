@@ -27,6 +27,7 @@ use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore};
 use crate::net::{self, tls, Admission, ConnSettings};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
+use crate::verification::Verification;
 
 /// The relay's services over one set of stores, sharing one group commit.
 pub struct Services {
@@ -243,6 +244,7 @@ pub struct Relay {
     blobs: Arc<BlobStore>,
     deletion: Arc<AccountDeletion>,
     discovery: Arc<Discovery>,
+    verification: Arc<Verification>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -309,7 +311,7 @@ impl Relay {
         )?;
         let services = Arc::new(Services::with_budget(
             stores,
-            clock,
+            clock.clone(),
             config.mailbox_limits(),
             ttl,
             config.durability,
@@ -318,8 +320,17 @@ impl Relay {
             budget,
         )?);
         let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
+        let verification = Arc::new(Verification::new(
+            &config.verification,
+            crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
+            discovery.clone(),
+            clock.clone(),
+        ));
         // Deletions a crash interrupted are finished before anything is served.
-        let deletion = Arc::new(AccountDeletion::new(services.clone(), blobs.clone()));
+        let deletion = Arc::new(
+            AccountDeletion::new(services.clone(), blobs.clone())
+                .with_verification(verification.clone()),
+        );
         let resumed = deletion.resume().await?;
         if resumed > 0 {
             info!(resumed, "interrupted account deletions finished");
@@ -338,6 +349,7 @@ impl Relay {
             blobs: blobs.clone(),
             deletion: deletion.clone(),
             discovery: discovery.clone(),
+            verification: verification.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept = tokio::spawn(net::accept_loop(
@@ -366,6 +378,11 @@ impl Relay {
             PUBLISH_CHECK,
             shutdown.subscribe(),
         ));
+        let verifications = tokio::spawn(crate::verification::sweep_loop(
+            verification.clone(),
+            config.verification.sweep_interval,
+            shutdown.subscribe(),
+        ));
         let host = config
             .advertise_host
             .clone()
@@ -381,9 +398,10 @@ impl Relay {
             blobs,
             deletion,
             discovery,
+            verification,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper, disk, publisher],
+            tasks: vec![accept, sweeper, disk, publisher, verifications],
         })
     }
 
@@ -410,6 +428,11 @@ impl Relay {
     /// Contact discovery: phone verification attaches tags through it.
     pub fn discovery(&self) -> &Arc<Discovery> {
         &self.discovery
+    }
+
+    /// Phone verification, for tests and operators' tools.
+    pub fn verification(&self) -> &Arc<Verification> {
+        &self.verification
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

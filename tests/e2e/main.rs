@@ -9,8 +9,13 @@ mod crash;
 mod deletion;
 mod delivery;
 mod discovery;
+mod discovery_privacy;
 mod expiry;
 mod export;
+// The test HTTP server (a gateway for the verification webhook).
+#[path = "../src/http.rs"]
+#[allow(unreachable_pub)]
+mod http;
 mod keys;
 mod limits;
 mod media;
@@ -18,3 +23,4 @@ mod media_privacy;
 mod security;
 mod storage;
 mod support;
+mod verification;

@@ -31,6 +31,7 @@ mod outbox;
 mod state;
 #[cfg(test)]
 mod tests;
+mod verification;
 mod worker;
 
 use std::sync::Arc;

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tern_proto::{
-    close, frame, v1, AccountId, ClientRequest, DeviceAddress, DeviceId, ErrorReply, RelayAddress,
-    Reply, Request, ServerMessage,
+    close, frame, v1, AccountId, ClientRequest, Code, DeviceAddress, DeviceId, ErrorReply,
+    RelayAddress, Reply, Request, ServerMessage, VerificationId, E164,
 };
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
@@ -368,6 +368,27 @@ impl RelayConnection {
         }
     }
 
+    /// Starts verifying `number` for this connection's account: the relay sends a
+    /// 6-digit code to it. Returns the session and when its code expires (Unix ms).
+    pub async fn start_verification(&self, number: E164) -> Result<(VerificationId, u64)> {
+        match self.request(Request::StartVerification { number }).await? {
+            Reply::VerificationStarted {
+                session,
+                expires_at_ms,
+            } => Ok((session, expires_at_ms)),
+            _ => Err(unexpected("start_verification")),
+        }
+    }
+
+    /// Answers a verification session with its code; on success the account now has
+    /// the number's discovery tag, and the answer is whether it is discoverable.
+    pub async fn check_verification(&self, session: VerificationId, code: Code) -> Result<bool> {
+        match (self.request(Request::CheckVerification { session, code })).await? {
+            Reply::Verified { discoverable } => Ok(discoverable),
+            _ => Err(unexpected("check_verification")),
+        }
+    }
+
     /// A sender certificate for this device, signed by the relay.
     pub async fn sender_certificate(&self) -> Result<IssuedCertificate> {
         match self.request(Request::SenderCertificate).await? {
@@ -504,6 +525,7 @@ fn relay_error(e: impl Into<ErrorReply>) -> Error {
         code: e.code,
         message: e.message,
         retry_after_ms: e.retry_after_ms,
+        attempts_left: e.attempts_left,
     }
 }
 

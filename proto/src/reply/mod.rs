@@ -17,6 +17,7 @@ use crate::keys::DeviceBundle;
 use crate::limits::PUBLIC_KEY_LEN;
 use crate::media::BlobStatus;
 use crate::v1::{self, response::Result as Wire, server_frame::Body};
+use crate::verification::{VerificationId, VERIFICATION_ID_LEN};
 
 #[cfg(test)]
 mod tests;
@@ -80,6 +81,18 @@ pub enum Reply {
     DiscoveryFilterPart(FilterPart),
     /// Discoverability set.
     SetDiscoverable,
+    /// A verification code is on its way.
+    VerificationStarted {
+        /// The session to answer with the code.
+        session: VerificationId,
+        /// When the code expires (Unix ms).
+        expires_at_ms: u64,
+    },
+    /// The number is verified.
+    Verified {
+        /// Whether the account is now discoverable by it.
+        discoverable: bool,
+    },
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -93,6 +106,8 @@ pub struct ErrorReply {
     pub message: String,
     /// Retry after this many ms; 0 when there is no advice.
     pub retry_after_ms: u64,
+    /// For [`ErrorCode::WrongCode`]: codes the session still accepts; else 0.
+    pub attempts_left: u32,
 }
 
 /// A message a relay pushes to its client on the control stream.
@@ -142,6 +157,15 @@ impl ErrorReply {
             code,
             message: message.into(),
             retry_after_ms: 0,
+            attempts_left: 0,
+        }
+    }
+
+    /// [`ErrorCode::WrongCode`] with the attempts the session still accepts.
+    pub fn wrong_code(attempts_left: u32) -> Self {
+        ErrorReply {
+            attempts_left,
+            ..ErrorReply::new(ErrorCode::WrongCode, "wrong code")
         }
     }
 }
@@ -167,6 +191,7 @@ impl From<ErrorReply> for v1::Error {
             code: e.code.to_wire(),
             message: e.message,
             retry_after_ms: e.retry_after_ms,
+            attempts_left: e.attempts_left,
         }
     }
 }
@@ -178,6 +203,7 @@ impl From<v1::Error> for ErrorReply {
             code: ErrorCode::from_wire(e.code),
             message: e.message,
             retry_after_ms: e.retry_after_ms,
+            attempts_left: e.attempts_left,
         }
     }
 }
@@ -253,6 +279,14 @@ impl From<Reply> for Wire {
                 data: p.data,
             }),
             Reply::SetDiscoverable => Wire::SetDiscoverable(v1::SetDiscoverableResponse {}),
+            Reply::VerificationStarted {
+                session,
+                expires_at_ms,
+            } => Wire::VerificationStarted(v1::VerificationStarted {
+                session_id: copy(&session.0),
+                expires_at_ms,
+            }),
+            Reply::Verified { discoverable } => Wire::Verified(v1::Verified { discoverable }),
         }
     }
 }
@@ -393,6 +427,18 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
                 })
             }
             Wire::SetDiscoverable(v1::SetDiscoverableResponse {}) => Reply::SetDiscoverable,
+            Wire::VerificationStarted(r) => Reply::VerificationStarted {
+                session: VerificationId(array::<VERIFICATION_ID_LEN>(
+                    &r.session_id,
+                    "verification_started.session_id",
+                    "a verification session id",
+                    BAD,
+                )?),
+                expires_at_ms: r.expires_at_ms,
+            },
+            Wire::Verified(r) => Reply::Verified {
+                discoverable: r.discoverable,
+            },
         }))
     }
 }

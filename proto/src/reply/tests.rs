@@ -75,7 +75,40 @@ fn one_of_each() -> Vec<Reply> {
             data: Bytes::from_static(b"TDD1"),
         }),
         Reply::SetDiscoverable,
+        Reply::VerificationStarted {
+            session: VerificationId([8; 16]),
+            expires_at_ms: 600_000,
+        },
+        Reply::Verified { discoverable: true },
+        Reply::Verified {
+            discoverable: false,
+        },
     ]
+}
+
+#[test]
+fn malformed_verification_replies_fail_their_request() {
+    for len in [0, 15, 17] {
+        let wire = Wire::VerificationStarted(v1::VerificationStarted {
+            session_id: Bytes::from(vec![1; len]),
+            expires_at_ms: 1,
+        });
+        let e = ServerMessage::try_from(response(9, wire)).expect_err("malformed");
+        assert_eq!(e.request_id(), Some(9));
+        assert_eq!(e.malformed().field(), "verification_started.session_id");
+    }
+}
+
+#[test]
+fn a_wrong_code_carries_its_attempts_left() {
+    let m = ServerMessage::Response {
+        id: 4,
+        result: Err(ErrorReply::wrong_code(3)),
+    };
+    let Ok(ServerMessage::Response { result: Err(e), .. }) = round_trip(m) else {
+        panic!("an error reply")
+    };
+    assert_eq!((e.code, e.attempts_left), (ErrorCode::WrongCode, 3));
 }
 
 #[test]
@@ -126,6 +159,7 @@ fn every_reply_and_message_round_trips() {
             code: ErrorCode::RateLimited,
             message: "rate limited: retry after 5 ms".into(),
             retry_after_ms: 5,
+            attempts_left: 0,
         }),
     });
     messages.push(ServerMessage::Delivery(Delivery {
@@ -161,6 +195,7 @@ fn an_unknown_error_code_is_unspecified() {
                 code: 99,
                 message: "from the future".into(),
                 retry_after_ms: 0,
+                attempts_left: 0,
             })),
         })),
     };
@@ -373,10 +408,10 @@ proptest! {
     }
 
     #[test]
-    fn error_replies_round_trip(id in any::<u64>(), code in 0i32..12, message in ".{0,40}", retry_after_ms in any::<u64>()) {
+    fn error_replies_round_trip(id in any::<u64>(), code in 0i32..15, message in ".{0,40}", retry_after_ms in any::<u64>(), attempts_left in any::<u32>()) {
         let m = ServerMessage::Response {
             id,
-            result: Err(ErrorReply { code: ErrorCode::from_wire(code), message, retry_after_ms }),
+            result: Err(ErrorReply { code: ErrorCode::from_wire(code), message, retry_after_ms, attempts_left }),
         };
         prop_assert_eq!(round_trip(m.clone()), Ok(m));
     }

@@ -78,6 +78,7 @@ impl RequestError {
             code: self.code(),
             message: self.client_message(),
             retry_after_ms: 0,
+            attempts_left: 0,
         }
     }
 }

@@ -36,6 +36,7 @@ use crate::keys::KeyUpload;
 use crate::limits::{BLOB_ID_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, SIGNATURE_LEN, TOKEN_HASH_LEN};
 use crate::media::BlobId;
 use crate::v1::{self, client_frame::Body};
+use crate::verification::{Code, VerificationId, E164, VERIFICATION_ID_LEN};
 
 mod error;
 #[cfg(test)]
@@ -180,6 +181,18 @@ pub enum Request {
     },
     /// Whether the account's verified number can be found.
     SetDiscoverable(bool),
+    /// Starts verifying a phone number for the authenticated account.
+    StartVerification {
+        /// The number, checked against the E.164 pattern.
+        number: E164,
+    },
+    /// Answers a verification session with its code.
+    CheckVerification {
+        /// The session, from [`crate::Reply::VerificationStarted`].
+        session: VerificationId,
+        /// Six digits.
+        code: Code,
+    },
 }
 
 /// Which request, without its content: for logs, metrics and error answers.
@@ -226,6 +239,10 @@ pub enum RequestKind {
     DiscoveryFilter,
     /// [`Request::SetDiscoverable`].
     SetDiscoverable,
+    /// [`Request::StartVerification`].
+    StartVerification,
+    /// [`Request::CheckVerification`].
+    CheckVerification,
 }
 
 impl RequestKind {
@@ -252,13 +269,16 @@ impl RequestKind {
             RequestKind::DiscoveryLookup => "discovery_lookup",
             RequestKind::DiscoveryFilter => "discovery_filter",
             RequestKind::SetDiscoverable => "set_discoverable",
+            RequestKind::StartVerification => "start_verification",
+            RequestKind::CheckVerification => "check_verification",
         }
     }
 
     /// Whether the request needs a connection authenticated as a device
     /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys` without a delivery
     /// token, `sender_certificate`, `set_delivery_token`, `delete_account`,
-    /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`; `add_device` as a
+    /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`,
+    /// `start_verification`, `check_verification`; `add_device` as a
     /// device of the same account). `discovery_filter` is anonymous. Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
@@ -276,6 +296,8 @@ impl RequestKind {
                 | RequestKind::DiscoveryEvaluate
                 | RequestKind::DiscoveryLookup
                 | RequestKind::SetDiscoverable
+                | RequestKind::StartVerification
+                | RequestKind::CheckVerification
         )
     }
 }
@@ -310,6 +332,8 @@ impl Request {
             Request::DiscoveryLookup { .. } => RequestKind::DiscoveryLookup,
             Request::DiscoveryFilter { .. } => RequestKind::DiscoveryFilter,
             Request::SetDiscoverable(_) => RequestKind::SetDiscoverable,
+            Request::StartVerification { .. } => RequestKind::StartVerification,
+            Request::CheckVerification { .. } => RequestKind::CheckVerification,
         }
     }
 }
@@ -336,6 +360,8 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::DiscoveryLookup(_) => RequestKind::DiscoveryLookup,
         Body::DiscoveryFilter(_) => RequestKind::DiscoveryFilter,
         Body::SetDiscoverable(_) => RequestKind::SetDiscoverable,
+        Body::StartVerification(_) => RequestKind::StartVerification,
+        Body::CheckVerification(_) => RequestKind::CheckVerification,
     }
 }
 
@@ -509,6 +535,22 @@ impl TryFrom<Body> for Request {
                 part: r.part,
             },
             Body::SetDiscoverable(r) => Request::SetDiscoverable(r.discoverable),
+            Body::StartVerification(r) => {
+                // The wire string is dropped here; wipe it so only the E164 keeps the number.
+                let number = zeroize::Zeroizing::new(r.number);
+                Request::StartVerification {
+                    number: E164::parse(&number)?,
+                }
+            }
+            Body::CheckVerification(r) => Request::CheckVerification {
+                session: VerificationId(array::<VERIFICATION_ID_LEN>(
+                    &r.session_id,
+                    "check_verification.session_id",
+                    "a verification session id",
+                    BAD,
+                )?),
+                code: Code::parse(&r.code)?,
+            },
         })
     }
 }
@@ -641,6 +683,17 @@ impl From<Request> for Body {
             }),
             Request::SetDiscoverable(discoverable) => {
                 Body::SetDiscoverable(v1::SetDiscoverableRequest { discoverable })
+            }
+            Request::StartVerification { number } => {
+                Body::StartVerification(v1::StartVerificationRequest {
+                    number: number.as_str().to_owned(),
+                })
+            }
+            Request::CheckVerification { session, code } => {
+                Body::CheckVerification(v1::CheckVerificationRequest {
+                    session_id: copy(&session.0),
+                    code: code.as_str().to_owned(),
+                })
             }
         }
     }

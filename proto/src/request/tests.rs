@@ -103,6 +103,13 @@ fn one_of_each() -> Vec<Request> {
             part: 3,
         },
         Request::SetDiscoverable(false),
+        Request::StartVerification {
+            number: E164::parse("+15550100123").expect("E.164"),
+        },
+        Request::CheckVerification {
+            session: VerificationId([7; 16]),
+            code: Code::parse("012345").expect("6 digits"),
+        },
     ]
 }
 
@@ -111,7 +118,7 @@ fn one_request_of_every_kind_round_trips() {
     let all = one_of_each();
     let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
     kinds.dedup();
-    assert_eq!(kinds.len(), 20, "every ClientFrame body");
+    assert_eq!(kinds.len(), 22, "every ClientFrame body");
     for (id, request) in all.into_iter().enumerate() {
         let r = ClientRequest {
             id: id as u64,
@@ -428,6 +435,29 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             "discovery_lookup.tags",
             BAD,
         ),
+        (
+            Body::StartVerification(v1::StartVerificationRequest {
+                number: "+0123456789".into(),
+            }),
+            "start_verification.number",
+            ErrorCode::InvalidNumber,
+        ),
+        (
+            Body::CheckVerification(v1::CheckVerificationRequest {
+                session_id: SHORT,
+                code: "123456".into(),
+            }),
+            "check_verification.session_id",
+            BAD,
+        ),
+        (
+            Body::CheckVerification(v1::CheckVerificationRequest {
+                session_id: Bytes::from_static(&[1; 16]),
+                code: "12345".into(),
+            }),
+            "check_verification.code",
+            BAD,
+        ),
     ]
 }
 
@@ -591,7 +621,9 @@ fn needs_authentication_is_the_protocols_list() {
             "delete_account",
             "discovery_evaluate",
             "discovery_lookup",
-            "set_discoverable"
+            "set_discoverable",
+            "start_verification",
+            "check_verification"
         ]
     );
 }
@@ -760,6 +792,13 @@ fn any_request() -> impl Strategy<Value = Request> {
             delivery_token
         }),
         any::<[u8; 64]>().prop_map(|signature| Request::DeleteAccount { signature }),
+        "\\+[1-9][0-9]{6,14}".prop_map(|n| Request::StartVerification {
+            number: E164::parse(&n).expect("matches the pattern")
+        }),
+        (any::<[u8; 16]>(), 0u32..1_000_000).prop_map(|(s, c)| Request::CheckVerification {
+            session: VerificationId(s),
+            code: Code::from_number(c).expect("below 10^6")
+        }),
     ]
 }
 
@@ -785,7 +824,7 @@ proptest! {
     #[test]
     fn any_frame_of_a_known_shape_checks_without_panicking(
         id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
-        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..20,
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..22, text in ".{0,20}",
     ) {
         // Valid protobuf with arbitrary field contents reaches every check.
         let body = match which {
@@ -812,6 +851,8 @@ proptest! {
             16 => Body::DiscoveryFilter(v1::DiscoveryFilterRequest { since_day: n, day: n, part: n }),
             17 => Body::SetDiscoverable(v1::SetDiscoverableRequest { discoverable: n % 2 == 0 }),
             18 => Body::DeleteAccount(v1::DeleteAccountRequest { signature: a }),
+            19 => Body::StartVerification(v1::StartVerificationRequest { number: text }),
+            20 => Body::CheckVerification(v1::CheckVerificationRequest { session_id: a, code: text }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

@@ -686,3 +686,59 @@ async fn a_deletion_detaches_the_accounts_discovery_tag_and_bucket() {
         assert!(d.by_tag(&Tag([1; 16])).expect("by_tag").is_some());
     }
 }
+
+#[tokio::test]
+async fn a_deletion_ends_the_accounts_open_phone_verification() {
+    use crate::config::{VerificationConfig, VerifierKind};
+    use crate::verification::{verifier_from_config, Verification};
+    let w = world_on(Backend::Memory);
+    let (alice, bob) = fill(&w).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+    let discovery = Arc::new(
+        crate::discovery::Discovery::new(
+            crate::discovery::Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
+            w.stores.discovery.clone(),
+            w.stores.accounts.clone(),
+            w.f.clock.clone(),
+            &crate::config::DiscoveryConfig::default(),
+            dir.path().join("discovery"),
+        )
+        .expect("discovery"),
+    );
+    let config = VerificationConfig {
+        verifier: VerifierKind::DevFile,
+        allow_dev_verifier: true,
+        ..VerificationConfig::default()
+    };
+    let verifier = verifier_from_config(&config, dir.path()).expect("dev-file");
+    let verification = Arc::new(Verification::new(
+        &config,
+        verifier,
+        discovery,
+        w.f.clock.clone(),
+    ));
+    let prefix = crate::core::prefix::AddressPrefix::from(std::net::IpAddr::from([127, 0, 0, 1]));
+    for (dev, number) in [(&alice, "+15550100123"), (&bob, "+15550100124")] {
+        let number = tern_proto::verification::E164::parse(number).expect("E.164");
+        verification
+            .start(&dev.address().account, prefix, number)
+            .await
+            .expect("start");
+    }
+    let deletion = AccountDeletion::new(w.f.services.clone(), w.blobs.clone())
+        .with_verification(verification.clone());
+    let account = bob.address().account;
+    deletion
+        .delete(DeletionAuthority::Operator(Operator::offline(), account))
+        .await
+        .expect("delete");
+    assert!(
+        verification.pending(&account).is_none(),
+        "the session ended"
+    );
+    assert!(
+        verification.pending(&alice.address().account).is_some(),
+        "another account's session stays"
+    );
+}

@@ -126,3 +126,22 @@ fn a_quinn_udp_warning_through_the_installed_formatter_names_no_address() {
     );
     assert_eq!(text.matches(REDACTED).count(), 2, "{text}");
 }
+
+#[test]
+fn phone_numbers_are_redacted_too() {
+    assert_eq!(redact_numbers("to=+15550100123 code"), "to=<number> code");
+    assert_eq!(
+        redact_numbers("{\"to\":\"+447700900123\"} and +1234567890123456789"),
+        "{\"to\":\"<number>\"} and <number>"
+    );
+    for kept in ["+123456", "1 + 2", "+", "a+b", "15550100123"] {
+        assert_eq!(redact_numbers(kept), kept);
+    }
+}
+
+proptest! {
+    #[test]
+    fn redacting_numbers_never_panics(text in "\\PC{0,80}") {
+        let _ = redact_numbers(&text);
+    }
+}

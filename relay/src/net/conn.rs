@@ -43,8 +43,8 @@ mod discovery;
 mod keys;
 mod push;
 mod standing;
-use crate::server::Services;
-use crate::store::Envelope;
+mod verification;
+use crate::{server::Services, store::Envelope};
 pub(crate) use standing::Admitted;
 use standing::Standing;
 
@@ -79,6 +79,7 @@ pub(crate) struct ConnSettings {
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) deletion: Arc<AccountDeletion>,
     pub(crate) discovery: Arc<crate::discovery::Discovery>,
+    pub(crate) verification: Arc<crate::verification::Verification>,
 }
 
 struct AckCmd {
@@ -467,6 +468,9 @@ impl Session {
                 day,
                 part,
             } => self.discovery_filter(id, since_day, day, part).await,
+            request @ (Request::StartVerification { .. } | Request::CheckVerification { .. }) => {
+                self.verification(id, request).await
+            }
         }
     }
 

@@ -1,0 +1,329 @@
+//! Phone verification (issue 13, item 1): an account proves it holds an E.164
+//! number by returning a 6-digit code the relay sent to it, and the relay keeps only
+//! the number's discovery tag ([`Discovery::attach_verified`]), never the number.
+//!
+//! - Sessions live in memory (`session.rs`): a number is held from the start of its
+//!   session to its end (verified, out of attempts, replaced by a new start, or
+//!   expired and swept), zeroized as it drops, and never written to disk or logs.
+//! - Codes are uniform in `0..10^6` (OS randomness), valid `code_ttl` (10 minutes),
+//!   at most `max_attempts` (5) tries, compared in constant time.
+//! - Starts are limited per address prefix (IPv4, IPv6 /64), per account, and per
+//!   number; the number's limiter key is an HMAC-SHA256 of it under a key drawn at
+//!   start and held only in memory, so even the limiter does not hold the number.
+//! - Codes go out through a [`Verifier`]: [`webhook::WebhookVerifier`] or, for
+//!   development, [`file::FileVerifier`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use rand::{Rng, RngCore};
+use sha2::Sha256;
+use tern_platform::clock::Clock;
+use tern_proto::{AccountId, Code, VerificationId, E164};
+use tracing::debug;
+use zeroize::Zeroizing;
+
+use crate::config::{VerificationConfig, VerifierKind};
+use crate::core::rate::{AddressPrefix, KeyedLimit};
+use crate::discovery::Discovery;
+use crate::error::{Error, Result};
+
+pub mod file;
+mod session;
+#[cfg(test)]
+mod tests;
+pub mod webhook;
+
+use session::{Checked, Session, Sessions};
+
+/// What [`Verifier::send_code`] returns.
+pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), VerifierError>> + Send + 'a>>;
+
+/// Delivers codes to numbers.
+pub trait Verifier: Send + Sync + 'static {
+    /// Delivers `code` for `number`; the relay forgets `number` when the session ends.
+    fn send_code<'a>(
+        &'a self,
+        number: &'a E164,
+        code: &'a Code,
+        session: &'a VerificationId,
+    ) -> SendFuture<'a>;
+
+    /// The session ended (verified, closed, replaced, expired): forget what was kept
+    /// for it.
+    fn session_ended(&self, _session: &VerificationId) {}
+}
+
+/// Why a code could not be sent. Never carries the number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum VerifierError {
+    /// The gateway answered with this non-2xx status.
+    #[error("the verifier refused the code (status {0})")]
+    Rejected(u16),
+    /// The gateway could not be reached.
+    #[error("the verifier is unreachable")]
+    Unreachable,
+    /// The gateway did not answer in time.
+    #[error("the verifier timed out")]
+    Timeout,
+}
+
+/// Why a check was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerificationError {
+    /// No such session for this account (never started, closed, or verified).
+    #[error("no such verification session")]
+    NotFound,
+    /// The code expired; start again.
+    #[error("the verification code expired")]
+    Expired,
+    /// The code is wrong; this many tries remain (0: the session is closed).
+    #[error("wrong code")]
+    WrongCode {
+        /// Tries left.
+        attempts_left: u32,
+    },
+}
+
+/// Keys remembered per start limiter.
+const MAX_LIMIT_KEYS: usize = 1_000_000;
+
+/// The verification service.
+pub struct Verification {
+    verifier: Option<Arc<dyn Verifier>>,
+    sessions: Mutex<Sessions>,
+    discovery: Arc<Discovery>,
+    clock: Arc<dyn Clock>,
+    code_ttl_ms: u64,
+    max_attempts: u32,
+    per_number: KeyedLimit<[u8; 16]>,
+    per_prefix: KeyedLimit<AddressPrefix>,
+    per_account: KeyedLimit<AccountId>,
+    /// Keys the per-number limiter; drawn at start, never stored.
+    number_key: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verification")
+            .field("enabled", &self.verifier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds the verifier `config` names (`None` for `"none"`).
+pub fn verifier_from_config(
+    config: &VerificationConfig,
+    data_dir: &std::path::Path,
+) -> Result<Option<Arc<dyn Verifier>>> {
+    Ok(match config.verifier {
+        VerifierKind::None => None,
+        VerifierKind::Webhook => {
+            let w = (config.webhook.as_ref())
+                .ok_or_else(|| Error::Config("verification.webhook is missing".into()))?;
+            Some(Arc::new(webhook::WebhookVerifier::new(w)?))
+        }
+        VerifierKind::DevFile => {
+            if !config.allow_dev_verifier {
+                return Err(Error::Config(
+                    "verification.verifier = \"dev-file\" is for development: set \
+                     verification.allow_dev_verifier = true or pass --allow-dev-verifier"
+                        .into(),
+                ));
+            }
+            Some(Arc::new(file::FileVerifier::new(data_dir)?))
+        }
+    })
+}
+
+impl Verification {
+    /// The service; `verifier` `None` answers every start `UNAVAILABLE`.
+    pub fn new(
+        config: &VerificationConfig,
+        verifier: Option<Arc<dyn Verifier>>,
+        discovery: Arc<Discovery>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(&mut key[..]);
+        Verification {
+            verifier,
+            sessions: Mutex::new(Sessions::default()),
+            discovery,
+            code_ttl_ms: u64::try_from(config.code_ttl.as_millis()).unwrap_or(u64::MAX),
+            max_attempts: config.max_attempts,
+            per_number: KeyedLimit::new(config.starts_per_number, MAX_LIMIT_KEYS, clock.clone()),
+            per_prefix: KeyedLimit::new(config.starts_per_prefix, MAX_LIMIT_KEYS, clock.clone()),
+            per_account: KeyedLimit::new(config.starts_per_account, MAX_LIMIT_KEYS, clock.clone()),
+            clock,
+            number_key: key,
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The per-number limiter's key: HMAC-SHA256(process key, number), 16 bytes.
+    fn number_limit_key(&self, number: &E164) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.number_key[..]) {
+            mac.update(number.as_bytes());
+            let tag = mac.finalize().into_bytes();
+            out.copy_from_slice(&tag[..16]);
+        }
+        out
+    }
+
+    /// Starts a session for `account` from `prefix`: checks the start limits (prefix,
+    /// account, number), replaces the account's earlier session, and sends a new code.
+    /// Returns the session and when its code expires (Unix ms).
+    pub async fn start(
+        &self,
+        account: &AccountId,
+        prefix: AddressPrefix,
+        number: E164,
+    ) -> Result<(VerificationId, u64)> {
+        let Some(verifier) = self.verifier.clone() else {
+            return Err(Error::Unavailable("phone verification is not offered"));
+        };
+        self.per_prefix.check(&prefix)?;
+        self.per_account.check(account)?;
+        self.per_number.check(&self.number_limit_key(&number))?;
+        let (id, code) = {
+            let mut rng = rand::rngs::OsRng;
+            let mut id = [0u8; 16];
+            rng.fill_bytes(&mut id);
+            let code = Code::from_number(rng.gen_range(0..1_000_000))
+                .ok_or(Error::Unavailable("no code"))?;
+            (VerificationId(id), code)
+        };
+        let expires_at = self.clock.now().saturating_add(self.code_ttl_ms);
+        let send_number = number.clone();
+        let replaced = self.sessions().insert(
+            id,
+            Session {
+                account: *account,
+                number,
+                code: code.clone(),
+                expires_at,
+                attempts_left: self.max_attempts,
+            },
+        );
+        if let Some(old) = replaced {
+            verifier.session_ended(&old);
+        }
+        let sent = verifier.send_code(&send_number, &code, &id).await;
+        drop(send_number);
+        if let Err(e) = sent {
+            self.sessions().remove(&id);
+            verifier.session_ended(&id);
+            debug!(error = %e, "verification code not sent");
+            return Err(Error::Unavailable("the verifier could not send a code"));
+        }
+        Ok((id, expires_at))
+    }
+
+    /// Checks `code` for `account`'s session. Right: the number's tag is attached to
+    /// the account (durably, before this returns), the session ends, and the answer
+    /// is whether the account is now discoverable. Wrong: `WRONG_CODE` with the tries
+    /// left; an account's existing tag is untouched by any failure.
+    pub async fn check(
+        &self,
+        account: &AccountId,
+        session: &VerificationId,
+        code: &Code,
+    ) -> Result<bool> {
+        let now = self.clock.now();
+        let checked = self.sessions().check(session, account, code, now);
+        let number = match checked {
+            Checked::Verified(number) => number,
+            Checked::Wrong { attempts_left } => {
+                if attempts_left == 0 {
+                    self.ended(session);
+                }
+                return Err(VerificationError::WrongCode { attempts_left }.into());
+            }
+            Checked::NotFound => return Err(VerificationError::NotFound.into()),
+            Checked::Expired => {
+                self.ended(session);
+                return Err(VerificationError::Expired.into());
+            }
+        };
+        self.ended(session);
+        let discovery = self.discovery.clone();
+        let account = *account;
+        // attach_verified flushes the tag store: keep the fsync off the runtime.
+        let discoverable = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let moved = discovery.attach_verified(&account, number.as_bytes())?;
+            drop(number);
+            if moved.is_some() {
+                debug!("a verified number moved from another account");
+            }
+            Ok(discovery
+                .store()
+                .of_account(&account)?
+                .is_some_and(|(_, rec)| rec.discoverable))
+        })
+        .await
+        .map_err(|_| Error::Unavailable("verification interrupted"))??;
+        Ok(discoverable)
+    }
+
+    fn ended(&self, session: &VerificationId) {
+        if let Some(v) = &self.verifier {
+            v.session_ended(session);
+        }
+    }
+
+    /// Drops expired sessions and forgets refilled limiter keys; returns how many
+    /// sessions ended.
+    pub fn sweep(&self) -> usize {
+        let expired = self.sessions().sweep(self.clock.now());
+        for id in &expired {
+            self.ended(id);
+        }
+        self.per_number.housekeep();
+        self.per_prefix.housekeep();
+        self.per_account.housekeep();
+        expired.len()
+    }
+
+    /// Ends the account's open session, if any (account deletion).
+    pub fn forget_account(&self, account: &AccountId) {
+        let removed = self.sessions().remove_account(account);
+        if let Some(id) = removed {
+            self.ended(&id);
+        }
+    }
+
+    /// The account's open session: when its code expires and the tries left.
+    pub fn pending(&self, account: &AccountId) -> Option<(u64, u32)> {
+        self.sessions().of_account(account)
+    }
+
+    /// Open sessions.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions().len()
+    }
+}
+
+/// Sweeps every `interval` until `shutdown`.
+pub async fn sweep_loop(
+    verification: Arc<Verification>,
+    interval: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                verification.sweep();
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

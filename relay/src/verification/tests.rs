@@ -1,0 +1,403 @@
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rand::SeedableRng;
+use tern_platform::clock::ManualClock;
+use tern_proto::{ErrorCode, Request};
+
+use super::*;
+use crate::config::DiscoveryConfig;
+use crate::discovery::Oprf;
+use crate::store::{MemoryStore, DAY_MS};
+
+const START: u64 = 20_000 * DAY_MS + 3_600_000;
+
+/// Records every code it is asked to send, by session; fails on demand.
+#[derive(Default)]
+struct Recording {
+    codes: Mutex<HashMap<VerificationId, (String, String)>>,
+    ended: Mutex<Vec<VerificationId>>,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Verifier for Recording {
+    fn send_code<'a>(
+        &'a self,
+        number: &'a E164,
+        code: &'a Code,
+        session: &'a VerificationId,
+    ) -> SendFuture<'a> {
+        Box::pin(async move {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(VerifierError::Rejected(500));
+            }
+            let mut codes = self.codes.lock().expect("lock");
+            codes.insert(*session, (number.as_str().into(), code.as_str().into()));
+            Ok(())
+        })
+    }
+
+    fn session_ended(&self, session: &VerificationId) {
+        self.ended.lock().expect("lock").push(*session);
+    }
+}
+
+struct Fx {
+    v: Verification,
+    sent: Arc<Recording>,
+    clock: Arc<ManualClock>,
+    discovery: Arc<Discovery>,
+    _dir: tempfile::TempDir,
+}
+
+fn fx_with(config: &VerificationConfig) -> Fx {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(START));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let discovery = Arc::new(
+        Discovery::new(
+            Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
+            store.clone(),
+            store,
+            clock.clone(),
+            &DiscoveryConfig::default(),
+            dir.path().join("discovery"),
+        )
+        .expect("discovery"),
+    );
+    let sent = Arc::new(Recording::default());
+    let v = Verification::new(config, Some(sent.clone()), discovery.clone(), clock.clone());
+    Fx {
+        v,
+        sent,
+        clock,
+        discovery,
+        _dir: dir,
+    }
+}
+
+fn fx() -> Fx {
+    fx_with(&VerificationConfig::default())
+}
+
+fn account(n: u8) -> AccountId {
+    AccountId([n; 16])
+}
+
+fn prefix(last: u8) -> AddressPrefix {
+    AddressPrefix::from(IpAddr::from([192, 0, 2, last]))
+}
+
+fn number(s: &str) -> E164 {
+    E164::parse(s).expect("E.164")
+}
+
+impl Fx {
+    async fn start(&self, a: u8, n: &str) -> Result<VerificationId> {
+        self.v
+            .start(&account(a), prefix(a), number(n))
+            .await
+            .map(|(id, _)| id)
+    }
+
+    fn code_of(&self, id: &VerificationId) -> Code {
+        let codes = self.sent.codes.lock().expect("lock");
+        Code::parse(&codes.get(id).expect("sent").1).expect("6 digits")
+    }
+
+    fn wrong_code_of(&self, id: &VerificationId) -> Code {
+        let right = self.code_of(id);
+        let n: u32 = right.as_str().parse().expect("digits");
+        Code::from_number((n + 1) % 1_000_000).expect("below 10^6")
+    }
+
+    fn tag_of(&self, a: u8) -> Option<tern_proto::discovery::Tag> {
+        let found = self.discovery.store().of_account(&account(a));
+        found.expect("store").map(|(tag, _)| tag)
+    }
+}
+
+fn code_of(e: &Error) -> ErrorCode {
+    e.code()
+}
+
+#[test]
+fn malformed_numbers_are_invalid_number_before_any_service() {
+    for bad in [
+        "0123",
+        "+0123456789",
+        "+1234567890123456",
+        "+1555abc0123",
+        "",
+        "+",
+    ] {
+        let frame = tern_proto::v1::ClientFrame {
+            request_id: 5,
+            body: Some(tern_proto::v1::client_frame::Body::StartVerification(
+                tern_proto::v1::StartVerificationRequest { number: bad.into() },
+            )),
+        };
+        let e = tern_proto::ClientRequest::try_from(frame).expect_err("refused");
+        assert_eq!(e.code(), ErrorCode::InvalidNumber, "{bad:?}");
+        assert!(!e.client_message().contains("123"), "no digits echoed");
+    }
+    let ok = Request::StartVerification {
+        number: number("+15550100123"),
+    };
+    assert_eq!(ok.kind().as_str(), "start_verification");
+}
+
+#[tokio::test]
+async fn a_right_code_attaches_the_tag_and_ends_the_session() {
+    let f = fx();
+    let id = f.start(1, "+15550100123").await.expect("started");
+    let (sent_to, _) = f.sent.codes.lock().expect("lock")[&id].clone();
+    assert_eq!(sent_to, "+15550100123");
+    assert_eq!(f.tag_of(1), None);
+    let discoverable = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert!(discoverable.expect("verified"), "discoverable by default");
+    let (want, _) = f.discovery.oprf().tag_of(b"+15550100123").expect("tag");
+    assert_eq!(f.tag_of(1), Some(want));
+    assert_eq!(f.v.open_sessions(), 0);
+    assert_eq!(*f.sent.ended.lock().expect("lock"), vec![id]);
+    let again = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert_eq!(again.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+}
+
+#[tokio::test]
+async fn wrong_codes_count_down_then_the_session_is_gone() {
+    let f = fx();
+    let id = f.start(1, "+15550100123").await.expect("started");
+    let wrong = f.wrong_code_of(&id);
+    for left in (0..5).rev() {
+        let e =
+            f.v.check(&account(1), &id, &wrong)
+                .await
+                .expect_err("wrong");
+        assert_eq!(e.code(), ErrorCode::WrongCode);
+        assert_eq!(e.to_reply().attempts_left, left);
+    }
+    // Even the right code is too late now.
+    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+    assert_eq!(f.tag_of(1), None);
+}
+
+#[tokio::test]
+async fn a_code_expires_after_ten_minutes() {
+    let f = fx();
+    let id = f.start(1, "+15550100123").await.expect("started");
+    f.clock.advance(Duration::from_secs(599));
+    let wrong = f.wrong_code_of(&id);
+    let e =
+        f.v.check(&account(1), &id, &wrong)
+            .await
+            .expect_err("wrong");
+    assert_eq!(e.to_reply().attempts_left, 4, "still open at 9:59");
+    f.clock.advance(Duration::from_secs(1));
+    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::Expired));
+    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+}
+
+#[tokio::test]
+async fn the_sweep_drops_expired_sessions() {
+    let f = fx();
+    let a = f.start(1, "+15550100123").await.expect("started");
+    f.clock.advance(Duration::from_secs(300));
+    let _b = f.start(2, "+15550100124").await.expect("started");
+    f.clock.advance(Duration::from_secs(300));
+    assert_eq!(f.v.sweep(), 1);
+    assert_eq!(f.v.open_sessions(), 1);
+    assert_eq!(*f.sent.ended.lock().expect("lock"), vec![a]);
+}
+
+#[tokio::test]
+async fn a_failed_verification_of_a_new_number_keeps_the_existing_tag() {
+    let f = fx();
+    let id = f.start(1, "+15550100123").await.expect("started");
+    f.v.check(&account(1), &id, &f.code_of(&id))
+        .await
+        .expect("verified");
+    let before = f.tag_of(1).expect("tag");
+    // A new number: wrong five times, then another one expires.
+    let id = f.start(1, "+447700900123").await.expect("started");
+    let wrong = f.wrong_code_of(&id);
+    for _ in 0..5 {
+        let _ = f.v.check(&account(1), &id, &wrong).await;
+    }
+    let id = f.start(1, "+447700900124").await.expect("started");
+    f.clock.advance(Duration::from_secs(601));
+    let _ = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    assert_eq!(f.tag_of(1), Some(before));
+}
+
+#[tokio::test]
+async fn one_session_per_account_a_new_start_replaces_the_old() {
+    let f = fx();
+    let first = f.start(1, "+15550100123").await.expect("started");
+    let second = f.start(1, "+15550100124").await.expect("started");
+    assert_eq!(f.v.open_sessions(), 1);
+    let e = f.v.check(&account(1), &first, &f.code_of(&first)).await;
+    assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+    assert!(f.sent.ended.lock().expect("lock").contains(&first));
+    f.v.check(&account(1), &second, &f.code_of(&second))
+        .await
+        .expect("the new one works");
+}
+
+#[tokio::test]
+async fn another_accounts_session_is_not_found() {
+    let f = fx();
+    let id = f.start(1, "+15550100123").await.expect("started");
+    let e = f.v.check(&account(2), &id, &f.code_of(&id)).await;
+    assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+    // ...and cost the owner nothing.
+    f.v.check(&account(1), &id, &f.code_of(&id))
+        .await
+        .expect("verified");
+}
+
+#[tokio::test]
+async fn a_verifier_failure_is_unavailable_and_leaves_no_session() {
+    let f = fx();
+    f.sent.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = f.start(1, "+15550100123").await.expect_err("not sent");
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert_eq!(f.v.open_sessions(), 0);
+}
+
+#[tokio::test]
+async fn without_a_verifier_starts_are_unavailable() {
+    let f = fx();
+    let v = Verification::new(
+        &VerificationConfig::default(),
+        None,
+        f.discovery.clone(),
+        f.clock.clone(),
+    );
+    let e = v
+        .start(&account(1), prefix(1), number("+15550100123"))
+        .await
+        .expect_err("off");
+    assert_eq!(e.code(), ErrorCode::Unavailable);
+}
+
+#[tokio::test]
+async fn starts_are_limited_per_number_prefix_and_account() {
+    let f = fx();
+    // Per number (3/1h), from different accounts and addresses.
+    for a in 1..=3 {
+        f.start(a, "+15550100123").await.expect("within the rate");
+    }
+    let e = f.start(4, "+15550100123").await.expect_err("limited");
+    assert_eq!(e.code(), ErrorCode::RateLimited);
+    assert!(e.retry_after_ms() > 0 && e.retry_after_ms() <= 20 * 60 * 1000);
+    f.start(4, "+15550100999").await.expect("another number");
+    // Per prefix (10/1h): one address, ten accounts, ten numbers.
+    let from = prefix(200);
+    for i in 0..10u8 {
+        let n = number(&format!("+1555020{i:04}"));
+        f.v.start(&account(100 + i), from, n).await.expect("within");
+    }
+    let e = (f.v)
+        .start(&account(120), from, number("+15550300000"))
+        .await
+        .expect_err("limited");
+    assert_eq!(e.code(), ErrorCode::RateLimited);
+    // A second address is limited separately.
+    (f.v)
+        .start(&account(120), prefix(201), number("+15550300000"))
+        .await
+        .expect("another address");
+    // Per account (5/1day), from different addresses.
+    for i in 0..4u8 {
+        let n = number(&format!("+1555040{i:04}"));
+        f.v.start(&account(120), prefix(210 + i), n)
+            .await
+            .expect("within");
+    }
+    let e = (f.v)
+        .start(&account(120), prefix(220), number("+15550500000"))
+        .await
+        .expect_err("limited");
+    assert_eq!(e.code(), ErrorCode::RateLimited);
+    // Refilled after the clock moves past the advice.
+    f.clock.advance(Duration::from_millis(e.retry_after_ms()));
+    (f.v)
+        .start(&account(120), prefix(220), number("+15550500000"))
+        .await
+        .expect("refilled");
+}
+
+#[test]
+fn the_number_limiter_key_is_not_the_number() {
+    let f = fx();
+    let n = number("+15550100123");
+    let k = f.v.number_limit_key(&n);
+    assert_eq!(k, f.v.number_limit_key(&n), "stable within a process");
+    assert_ne!(k, f.v.number_limit_key(&number("+15550100124")));
+    let other = fx();
+    assert_ne!(k, other.v.number_limit_key(&n), "keyed per process");
+}
+
+#[test]
+fn webhook_urls_need_https_or_loopback_http_when_allowed() {
+    let url = |s: &str| reqwest::Url::parse(s).expect("url");
+    assert!(webhook::check_url(&url("https://sms.example/send"), false).is_ok());
+    assert!(webhook::check_url(&url("http://sms.example/send"), false).is_err());
+    assert!(webhook::check_url(&url("http://sms.example/send"), true).is_err());
+    assert!(webhook::check_url(&url("http://127.0.0.1:8080/send"), false).is_err());
+    for ok in [
+        "http://127.0.0.1:8080/",
+        "http://[::1]:80/",
+        "http://localhost/x",
+    ] {
+        assert!(webhook::check_url(&url(ok), true).is_ok(), "{ok}");
+    }
+    assert!(webhook::check_url(&url("ftp://127.0.0.1/"), true).is_err());
+}
+
+#[tokio::test]
+async fn the_dev_file_verifier_names_files_by_session_and_deletes_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let leftover = dir.path().join(file::DIR);
+    std::fs::create_dir_all(&leftover).expect("dir");
+    std::fs::write(leftover.join("old"), b"123456").expect("write");
+    let v = file::FileVerifier::new(dir.path()).expect("verifier");
+    assert!(!leftover.join("old").exists(), "a previous run's codes go");
+    let id = VerificationId([0xab; 16]);
+    let code = Code::parse("042042").expect("code");
+    v.send_code(&number("+15550100123"), &code, &id)
+        .await
+        .expect("written");
+    let path = v.path_of(&id);
+    assert_eq!(
+        path.file_name().and_then(|n| n.to_str()),
+        Some(&*id.to_hex())
+    );
+    assert_eq!(std::fs::read(&path).expect("read"), b"042042");
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    v.session_ended(&id);
+    assert!(!path.exists());
+}
+
+#[test]
+fn the_dev_file_verifier_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = VerificationConfig {
+        verifier: VerifierKind::DevFile,
+        ..VerificationConfig::default()
+    };
+    assert!(verifier_from_config(&config, dir.path()).is_err());
+    assert!(!dir.path().join(file::DIR).exists());
+    config.allow_dev_verifier = true;
+    assert!(verifier_from_config(&config, dir.path())
+        .expect("allowed")
+        .is_some());
+}
