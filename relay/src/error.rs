@@ -103,6 +103,7 @@ impl Error {
                     D::NotVerified => ErrorCode::NotVerified,
                     D::Gone => ErrorCode::NotFound,
                     D::Busy { .. } => ErrorCode::Unavailable,
+                    D::KeyMissing { .. } | D::KeyMode { .. } => ErrorCode::Internal,
                 }
             }
             Error::Blob(b) => {

@@ -59,6 +59,9 @@ pub struct DiscoveryConfig {
     /// on any connection (in memory): `"600/1h"` is a burst of 600 parts (about
     /// 110 MiB) refilled over an hour. A 1M-user snapshot is 22 parts, a day's delta one.
     pub filter_parts_per_prefix: Rate,
+    /// Changes of the discoverable setting per account (in memory): `"10/1h"`. A
+    /// request that changes nothing costs nothing.
+    pub settings_per_account: Rate,
     /// Daily deltas kept for download; a client further behind gets the snapshot.
     pub keep_deltas: u32,
     /// Batches evaluated at once, each on a blocking thread.
@@ -91,6 +94,10 @@ impl Default for DiscoveryConfig {
             per_prefix: bucket(100_000, 60, HOUR),
             lookups_per_account: bucket(10_000, 100, HOUR),
             filter_parts_per_prefix: Rate::new(600, HOUR).unwrap_or(Rate {
+                burst: std::num::NonZeroU32::MIN,
+                period: HOUR,
+            }),
+            settings_per_account: Rate::new(10, HOUR).unwrap_or(Rate {
                 burst: std::num::NonZeroU32::MIN,
                 period: HOUR,
             }),
@@ -146,6 +153,7 @@ mod tests {
         assert_eq!(c.lookups_per_account.interval_ms(), 36_000, "100 an hour");
         assert_eq!(c.filter_parts_per_prefix, "600/1h".parse().expect("rate"));
         assert_eq!(c.max_queued_evaluations, 16);
+        assert_eq!(c.settings_per_account, "10/1h".parse().expect("rate"));
         assert_eq!(parse("").expect("empty"), c);
     }
 

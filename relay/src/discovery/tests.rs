@@ -97,6 +97,14 @@ fn blind(numbers: &[&str], pad_to: usize) -> (BlindedBatch, Vec<OprfClient<Ristr
     (BlindedBatch::new(bytes.into()).expect("batch"), states)
 }
 
+/// Runs a future that needs no reactor (no group commit in these fixtures).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 fn code(e: &Error) -> ErrorCode {
     e.code()
 }
@@ -170,6 +178,7 @@ async fn an_unverified_account_may_not_evaluate_nor_look_up() {
     let e = f
         .discovery
         .set_discoverable(&account(9), false)
+        .await
         .expect_err("no tag");
     assert_eq!(code(&e), ErrorCode::NotVerified);
 }
@@ -404,7 +413,7 @@ fn lookups_find_only_discoverable_tags_and_are_limited() {
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
     let carol = f.user(3, "+15550000003");
-    f.discovery.set_discoverable(&carol, false).expect("hide");
+    block_on(f.discovery.set_discoverable(&carol, false)).expect("hide");
     let tag = |n: &str| f.discovery.oprf().tag_of(n.as_bytes()).expect("tag").0;
     let asked = [
         tag("+15550000002"),
@@ -534,7 +543,7 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
 
     // Next day: bob hides, carol arrives, alice's account is deleted.
     f.clock.advance(std::time::Duration::from_millis(DAY_MS));
-    f.discovery.set_discoverable(&bob, false).expect("hide");
+    block_on(f.discovery.set_discoverable(&bob, false)).expect("hide");
     f.user(3, "+15550000003");
     f.store.detach(&alice).expect("delete");
     f.discovery.republish().expect("day 1");
@@ -898,4 +907,98 @@ fn seeding_a_stopped_relays_data_directory_attaches_and_republishes() {
         ]
     );
     assert!(!dir.path().join("discovery").join("stale").exists());
+}
+
+#[tokio::test]
+async fn the_discoverable_setting_is_limited_and_a_request_that_changes_nothing_is_free() {
+    let mut c = config();
+    c.settings_per_account = "2/1h".parse().expect("rate");
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    let found = |f: &Fx| {
+        f.store
+            .of_account(&alice)
+            .expect("of")
+            .map(|(_, r)| r.discoverable)
+    };
+    for _ in 0..5 {
+        f.discovery
+            .set_discoverable(&alice, true)
+            .await
+            .expect("no change");
+    }
+    f.discovery
+        .set_discoverable(&alice, false)
+        .await
+        .expect("hide");
+    f.discovery
+        .set_discoverable(&alice, true)
+        .await
+        .expect("show");
+    assert_eq!(found(&f), Some(true));
+    let e = f
+        .discovery
+        .set_discoverable(&alice, false)
+        .await
+        .expect_err("third change");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert_eq!(found(&f), Some(true), "a refused change changes nothing");
+    f.discovery
+        .set_discoverable(&alice, true)
+        .await
+        .expect("no change, still free");
+}
+
+#[test]
+fn housekeeping_sweeps_a_deleted_accounts_number_bucket() {
+    let f = fx();
+    let alice = f.user(1, "+15550000001");
+    let (tag, _) = f.discovery.oprf().tag_of(b"+15550000001").expect("tag");
+    let (batch, _) = blind(&["+15550000002"], 1);
+    block_on(f.discovery.evaluate(&alice, prefix(1), &batch)).expect("charged");
+    assert!(f.store.number_bucket(&tag).expect("nb").is_some());
+    f.store.detach(&alice).expect("deleted");
+    assert_eq!(f.discovery.housekeep().expect("sweep"), 0, "not refilled");
+    assert!(f.store.number_bucket(&tag).expect("nb").is_some());
+    f.clock.advance(std::time::Duration::from_millis(
+        crate::store::DETACHED_NUMBER_RETENTION_MS,
+    ));
+    assert_eq!(f.discovery.housekeep().expect("sweep"), 1);
+    assert_eq!(f.store.number_bucket(&tag).expect("nb"), None);
+}
+
+#[test]
+fn a_missing_key_with_tags_in_the_store_or_a_readable_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let path = dir.path().join(oprf::KEY_FILE);
+    let e = Oprf::open(dir.path(), true, &mut rng).expect_err("tags but no key");
+    assert!(
+        matches!(&e, Error::Discovery(DiscoveryError::KeyMissing { key }) if *key == path),
+        "{e}"
+    );
+    assert!(e.to_string().contains("discovery-oprf-key"), "{e}");
+    assert!(!path.exists(), "no new key was made");
+    let a = Oprf::open(dir.path(), false, &mut rng).expect("no tags: a new key");
+    let b = Oprf::open(dir.path(), true, &mut rng).expect("kept");
+    assert_eq!(
+        a.tag_of(b"+15550000001").expect("a"),
+        b.tag_of(b"+15550000001").expect("b")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = Oprf::open(dir.path(), true, &mut rng).expect_err("world-readable");
+        assert!(
+            matches!(
+                e,
+                Error::Discovery(DiscoveryError::KeyMode { mode: 0o644, .. })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Oprf::open(dir.path(), true, &mut rng).expect("0600 again");
+    }
 }
