@@ -412,7 +412,8 @@ impl Discovery {
         let day = utc_day(self.clock.now());
         let built = match publish::load_day(&self.dir, day) {
             Ok(Some(p)) => Ok(p),
-            Ok(None) | Err(_) => self
+            Err(e) => Err(e),
+            Ok(None) => self
                 .store
                 .discoverable_keys()
                 .map_err(Error::from)

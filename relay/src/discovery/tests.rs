@@ -495,6 +495,23 @@ fn the_key_file_is_private_and_kept() {
     assert_eq!(format!("{a:?}"), "Oprf(..)");
 }
 
+/// `n` more discoverable tags, straight in the store: a snapshot large enough that
+/// a few days' deltas are smaller than it (else it is served instead).
+fn bulk(f: &Fx, n: u32) {
+    for i in 0..n {
+        let mut id = [0xb0; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        let (account, tag) = (AccountId(id), Tag(id));
+        let rec = TagRecord {
+            account,
+            key: FilterKey(u64::from(i) << 20),
+            discoverable: true,
+            verified_at: 0,
+        };
+        f.store.attach(&account, &tag, &rec).expect("bulk");
+    }
+}
+
 fn keys_of(f: &Fx) -> Vec<u64> {
     let mut k = f.store.discoverable_keys().expect("keys");
     k.sort_unstable();
@@ -531,6 +548,7 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
     assert_eq!(code(&e), ErrorCode::Unavailable);
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
+    bulk(&f, 100);
     f.discovery.republish().expect("day 0");
     let day0 = utc_day(START);
     let (kind, day, snap) = fetch_all(&f, 0);
@@ -770,6 +788,7 @@ fn deltas_for_every_day_kept_share_one_chain() {
     c.keep_deltas = 40;
     let f = fx_with(&c);
     f.user(1, "+15550000001");
+    bulk(&f, 1000);
     let day0 = utc_day(START);
     for i in 0..30u8 {
         f.user(10 + i, &format!("+1555100{:04}", i));
@@ -884,6 +903,9 @@ fn seeding_a_stopped_relays_data_directory_attaches_and_republishes() {
     let refs: Vec<&str> = numbers.iter().map(String::as_str).collect();
     let made = seed::synthetic_accounts(dir.path(), &refs, 7).expect("synthetic");
     assert_eq!(made.len(), 500);
+    let e = seed::synthetic_accounts(dir.path(), &["+15559999999", "+15550000001"], 8)
+        .expect_err("alice's number is held");
+    assert_eq!(code(&e), ErrorCode::BadRequest);
 
     // The relay starts again: today's files are rebuilt with the seeded tags.
     let (d, sled) = on_sled(dir.path(), clock, &config());
@@ -1001,4 +1023,65 @@ fn a_missing_key_with_tags_in_the_store_or_a_readable_key_refuses_to_start() {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         Oprf::open(dir.path(), true, &mut rng).expect("0600 again");
     }
+}
+
+#[test]
+fn deltas_larger_than_the_snapshot_are_answered_with_the_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    publish::publish_day(dir.path(), 10, (1..=1000).collect(), 30).expect("day 10");
+    // Every key changes: the delta (2000 keys) is larger than the snapshot.
+    let p = publish::publish_day(dir.path(), 11, (5000..6000).collect(), 30).expect("day 11");
+    assert_eq!(p.part(10, 0, 0).expect("part").kind, FilterKind::Snapshot);
+    // One key more: that delta is small, but the chain from day 10 is not.
+    let p = publish::publish_day(dir.path(), 12, (5000..6001).collect(), 30).expect("day 12");
+    let small = p.part(11, 0, 0).expect("part");
+    assert_eq!(small.kind, FilterKind::Deltas);
+    assert_eq!(
+        FilterDelta::decode_all(&small.data).expect("delta").len(),
+        1
+    );
+    assert_eq!(p.part(10, 0, 0).expect("part").kind, FilterKind::Snapshot);
+}
+
+#[test]
+fn file_names_not_written_by_the_relay_are_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for junk in [
+        "keys-05.bin",
+        "keys-+5.bin",
+        "delta-007.td",
+        "snapshot-08.tf",
+    ] {
+        std::fs::write(dir.path().join(junk), b"junk").expect("write");
+    }
+    for day in 10..14 {
+        publish::publish_day(dir.path(), day, vec![1, 2, u64::from(day)], 1).expect("publish");
+    }
+    assert!(dir.path().join("keys-05.bin").exists());
+    assert!(!dir.path().join("keys-10.bin").exists(), "pruned");
+    assert!(dir.path().join("keys-13.bin").exists());
+}
+
+#[test]
+fn a_days_files_that_cannot_be_read_are_not_rebuilt_under_the_same_day() {
+    let f = fx();
+    f.user(1, "+15550000001");
+    f.discovery.republish().expect("day 0");
+    let first = f.discovery.filter_part(prefix(1), 0, 0, 0).expect("part");
+    f.user(2, "+15550000002");
+    // Not missing, not damaged: unreadable (a directory where the file was).
+    let snapshot = f
+        .discovery
+        .dir
+        .join(format!("snapshot-{}.tf", utc_day(START)));
+    std::fs::remove_file(&snapshot).expect("rm");
+    std::fs::create_dir(&snapshot).expect("dir");
+    assert!(publish::load_day(&f.discovery.dir, utc_day(START)).is_err());
+    assert!(f.discovery.republish().is_err(), "the error is returned");
+    assert_eq!(
+        f.discovery.filter_part(prefix(1), 0, 0, 0).expect("part"),
+        first,
+        "and what was served stays"
+    );
+    assert!(snapshot.is_dir(), "nothing rewritten");
 }

@@ -50,7 +50,7 @@ pub trait DiscoveryStore: Send + Sync + 'static {
     ) -> StoreResult<Option<AccountId>>;
     /// The record of a tag.
     fn by_tag(&self, tag: &Tag) -> StoreResult<Option<TagRecord>>;
-    /// The account's tag and its record.
+    /// The account's tag and its record, if the record names the account.
     fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>>;
     /// Sets whether the account can be found; false if it has no tag.
     fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool>;
@@ -141,9 +141,12 @@ impl DiscoveryStore for MemoryStore {
 
     fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>> {
         let d = self.discovery();
-        Ok(d.accounts
-            .get(account)
-            .and_then(|t| d.tags.get(t).map(|r| (*t, *r))))
+        Ok(d.accounts.get(account).and_then(|t| {
+            d.tags
+                .get(t)
+                .filter(|r| r.account == *account)
+                .map(|r| (*t, *r))
+        }))
     }
 
     fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {

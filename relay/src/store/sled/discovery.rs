@@ -189,7 +189,11 @@ impl DiscoveryStore for SledStore {
             return Ok(None);
         };
         let tag = tag_of(&t)?;
-        Ok(self.by_tag(&tag)?.map(|r| (tag, r)))
+        // Only a record that names the account: a stale `A` entry is no tag.
+        Ok(self
+            .by_tag(&tag)?
+            .filter(|r| r.account == *account)
+            .map(|r| (tag, r)))
     }
 
     fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {
