@@ -70,6 +70,28 @@ pub enum DiscoveryError {
         /// When to try again, in ms.
         retry_after_ms: u64,
     },
+    /// No filter has been published yet (the relay just started, or its first
+    /// publication failed). `UNAVAILABLE`, retry after `retry_after_ms`.
+    #[error("no discovery filter published yet")]
+    NotPublished {
+        /// When to try again, in ms (the publisher retries every minute).
+        retry_after_ms: u64,
+    },
+    /// The part asked for is past the artefact's last. `BAD_REQUEST`.
+    #[error("part {part} of an artefact of {parts}")]
+    NoSuchPart {
+        /// The part asked for.
+        part: u32,
+        /// How many the artefact has.
+        parts: u32,
+    },
+    /// The OPRF refused the number's bytes (only input over 65,535 bytes).
+    /// `BAD_REQUEST`.
+    #[error("number not accepted by the OPRF")]
+    NumberRejected,
+    /// An evaluation's blocking task failed (a panic). `INTERNAL`, logged.
+    #[error("evaluation failed")]
+    EvaluationFailed,
     /// At start: the database holds tags but the OPRF key file is missing, so every
     /// tag would silently stop matching. The relay refuses to start.
     #[error(
@@ -313,7 +335,7 @@ impl Discovery {
             let bytes = blinded.clone().into_bytes();
             let out = tokio::task::spawn_blocking(move || oprf.evaluate_batch(&bytes))
                 .await
-                .map_err(|_| Error::Unavailable("evaluation failed"))??;
+                .map_err(|_| DiscoveryError::EvaluationFailed)??;
             Ok::<_, Error>(Bytes::from(out))
         };
         let (durable, evaluated) = tokio::join!(durable, evaluated);

@@ -99,7 +99,7 @@ impl Oprf {
         let out = self
             .server
             .evaluate(number)
-            .map_err(|_| Error::BadRequest("number not accepted by the OPRF".into()))?;
+            .map_err(|_| DiscoveryError::NumberRejected)?;
         let mut bytes = [0u8; OUTPUT_LEN];
         bytes.copy_from_slice(&out);
         Ok(split_output(&bytes))

@@ -36,6 +36,10 @@ use tern_proto::discovery::{
 use super::DiscoveryError;
 use crate::error::{Error, Result};
 
+/// What a request before the first publication is advised: the publisher checks
+/// every minute.
+const NOT_PUBLISHED_RETRY_MS: u64 = 60_000;
+
 /// What the relay serves until the next publication.
 #[derive(Debug, Default)]
 pub struct Published {
@@ -101,7 +105,10 @@ impl Published {
     /// (0: today's).
     pub fn part(&self, since_day: u32, day: u32, part: u32) -> Result<FilterPart> {
         if self.day == 0 {
-            return Err(Error::Unavailable("no discovery filter published yet"));
+            return Err(DiscoveryError::NotPublished {
+                retry_after_ms: NOT_PUBLISHED_RETRY_MS,
+            }
+            .into());
         }
         if day != 0 && day != self.day {
             return Err(DiscoveryError::Gone.into());
@@ -117,9 +124,7 @@ impl Published {
         let parts = data.len().div_ceil(MAX_FILTER_PART).max(1);
         let parts = u32::try_from(parts).unwrap_or(u32::MAX);
         if part >= parts {
-            return Err(Error::BadRequest(format!(
-                "part {part} of an artefact of {parts}"
-            )));
+            return Err(DiscoveryError::NoSuchPart { part, parts }.into());
         }
         let from = part as usize * MAX_FILTER_PART;
         let to = (from + MAX_FILTER_PART).min(data.len());

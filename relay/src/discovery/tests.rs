@@ -546,6 +546,11 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
         .filter_part(prefix(1), 0, 0, 0)
         .expect_err("nothing yet");
     assert_eq!(code(&e), ErrorCode::Unavailable);
+    assert_eq!(
+        e.retry_after_ms(),
+        60_000,
+        "the publisher retries every minute"
+    );
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
     bulk(&f, 100);
@@ -589,6 +594,10 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
         .filter_part(prefix(1), 0, 0, 7)
         .expect_err("no such part");
     assert_eq!(code(&e), ErrorCode::BadRequest);
+    assert!(matches!(
+        e,
+        Error::Discovery(DiscoveryError::NoSuchPart { part: 7, parts: 1 })
+    ));
 
     // A day the relay was down is spanned by one delta.
     f.clock
