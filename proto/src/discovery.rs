@@ -7,6 +7,9 @@
 //! [`FilterKey`] (bytes 16..24, what the published filter holds). The two come from
 //! separate bytes, so the published keys never let anyone make a lookup.
 //!
+//! The OPRF's input is the number in E.164 with its `+`, as ASCII bytes
+//! (`b"+15550000001"`): client and relay must agree on it byte for byte.
+//!
 //! No cryptography here: whether a point is a valid ristretto255 encoding is the
 //! relay's check.
 
@@ -242,10 +245,21 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// The most slots a BinaryFuse32 of `keys` keys has. xorf (arity 3) makes
 /// `(max(⌈capacity / L⌉, 3) − 2 + 2) · L` slots, capacity = round(keys · factor) with
 /// factor ≤ 5.86 (at 2 keys; less for more) and segment length
-/// L = 2^⌊log₃.₃₃ keys + 2.25⌋ ≤ 4.76 · keys^0.58: below 21 · keys + 12. The bound
-/// leaves room for that formula to change a little.
+/// L = 2^⌊log₃.₃₃ keys + 2.25⌋ ≤ 4.76 · keys^0.58: below 21 · keys + 12. From 2^16
+/// keys the factor is at most 1.19 and L at most 2^18, so the slots are below
+/// 1.19 · keys + 1 + 3 · 2^18: the bound there is 1.3 · keys + 3 · 2^18, which keeps
+/// what a hostile snapshot can make a client allocate near the bytes it sent (4 per
+/// key) rather than 8 times them. The bounds leave room for the formula to change a
+/// little.
 pub fn max_slots(keys: usize) -> usize {
-    keys.max(1).saturating_mul(32).saturating_add(64)
+    if keys < 1 << 16 {
+        keys.max(1).saturating_mul(32).saturating_add(64)
+    } else {
+        (keys / 10)
+            .saturating_mul(13)
+            .saturating_add(13)
+            .saturating_add(3 * MAX_SEGMENT_LENGTH as usize)
+    }
 }
 
 /// How many of a built filter's keys may have a zero value (left out of the

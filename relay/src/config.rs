@@ -84,7 +84,7 @@
 //! per_prefix = { burst = 100000, refill = "60/1h" }  # ...per IPv4 address or IPv6 /64
 //! lookups_per_account = { burst = 10000, refill = "100/1h" }  # tags looked up
 //! keep_deltas = 30              # daily filter deltas kept; older clients get a snapshot
-//! max_concurrent_evaluations = 2  # batches evaluated at once (blocking threads)
+//! max_concurrent_evaluations = 1  # batches evaluated at once (default: half the cores)
 //! max_queued_evaluations = 16   # batches waiting for those; more: UNAVAILABLE + retry
 //! filter_parts_per_prefix = "600/1h"  # filter parts downloaded per IPv4 / IPv6 /64
 //! default_discoverable = true   # a newly verified number can be found

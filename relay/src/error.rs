@@ -105,7 +105,11 @@ impl Error {
                     D::InvalidPoint { .. } => ErrorCode::BadRequest,
                     D::NotVerified => ErrorCode::NotVerified,
                     D::Gone => ErrorCode::NotFound,
-                    D::Busy { .. } => ErrorCode::Unavailable,
+                    D::Busy { .. } | D::NotPublished { .. } => ErrorCode::Unavailable,
+                    D::NoSuchPart { .. } | D::NumberRejected => ErrorCode::BadRequest,
+                    D::EvaluationFailed | D::KeyMissing { .. } | D::KeyMode { .. } => {
+                        ErrorCode::Internal
+                    }
                 }
             }
             Error::Verification(v) => {
@@ -149,9 +153,10 @@ impl Error {
                 crate::core::budget::RETRY_AFTER_MS
             }
             Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,
-            Error::Discovery(crate::discovery::DiscoveryError::Busy { retry_after_ms }) => {
-                *retry_after_ms
-            }
+            Error::Discovery(
+                crate::discovery::DiscoveryError::Busy { retry_after_ms }
+                | crate::discovery::DiscoveryError::NotPublished { retry_after_ms },
+            ) => *retry_after_ms,
             Error::Blob(crate::media::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }

@@ -302,7 +302,11 @@ impl Relay {
             .map_err(Error::from)?,
         );
         let discovery = Discovery::new(
-            Oprf::load_or_create(&config.data_dir, &mut rand::rngs::OsRng)?,
+            Oprf::open(
+                &config.data_dir,
+                stores.discovery.holds_tags()?,
+                &mut rand::rngs::OsRng,
+            )?,
             stores.discovery.clone(),
             stores.accounts.clone(),
             clock.clone(),

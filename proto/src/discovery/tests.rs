@@ -208,11 +208,22 @@ fn slots_beyond_what_the_keys_justify_are_refused_before_allocating() {
         Err(FilterDecodeError::Bitmap)
     );
     // Real filters stay within the bound, from 0 keys up.
-    for n in [0usize, 1, 2, 3, 4, 5, 7, 10, 31, 100, 1000, 4097, 100_000] {
+    for n in [
+        0usize, 1, 2, 3, 4, 5, 7, 10, 31, 100, 1000, 4097, 65_535, 65_536, 100_000, 300_000,
+    ] {
         let snap = FilterSnapshot::build(1, keys(n, 3)).expect("builds");
         assert!(snap.filter.fingerprints.len() <= max_slots(n), "{n} keys");
         FilterSnapshot::decode(&snap.encode()).expect("decodes");
     }
+}
+
+#[test]
+fn a_large_snapshot_cannot_claim_many_more_slots_than_its_keys() {
+    for keys in [1usize << 16, 1_000_000, 10_000_000] {
+        let bound = max_slots(keys);
+        assert!(bound < keys * 13 / 10 + 800_000, "{keys}: {bound}");
+    }
+    assert!(max_slots((1 << 16) - 1) >= 21 * ((1 << 16) - 1) + 12);
 }
 
 /// A small real snapshot and delta, encoded, for mutation.

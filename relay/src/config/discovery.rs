@@ -59,9 +59,14 @@ pub struct DiscoveryConfig {
     /// on any connection (in memory): `"600/1h"` is a burst of 600 parts (about
     /// 110 MiB) refilled over an hour. A 1M-user snapshot is 22 parts, a day's delta one.
     pub filter_parts_per_prefix: Rate,
+    /// Changes of the discoverable setting per account (in memory): `"10/1h"`. A
+    /// request that changes nothing costs nothing.
+    pub settings_per_account: Rate,
     /// Daily deltas kept for download; a client further behind gets the snapshot.
     pub keep_deltas: u32,
-    /// Batches evaluated at once, each on a blocking thread.
+    /// Batches evaluated at once, each on a blocking thread (a batch of 4096 points
+    /// takes a core for about 165 ms). Default: half the machine's cores, at least
+    /// one, so discovery never holds every core.
     pub max_concurrent_evaluations: usize,
     /// Batches that may wait for one of those; past them a batch is refused
     /// (`UNAVAILABLE` with a retry time) before anything is charged, so a flood
@@ -83,6 +88,10 @@ fn bucket(burst: u32, per: u32, period: Duration) -> BucketRate {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+fn half_the_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
 impl Default for DiscoveryConfig {
     fn default() -> Self {
         DiscoveryConfig {
@@ -94,8 +103,12 @@ impl Default for DiscoveryConfig {
                 burst: std::num::NonZeroU32::MIN,
                 period: HOUR,
             }),
+            settings_per_account: Rate::new(10, HOUR).unwrap_or(Rate {
+                burst: std::num::NonZeroU32::MIN,
+                period: HOUR,
+            }),
             keep_deltas: 30,
-            max_concurrent_evaluations: 2,
+            max_concurrent_evaluations: half_the_cores(),
             max_queued_evaluations: 16,
             default_discoverable: true,
         }
@@ -146,6 +159,10 @@ mod tests {
         assert_eq!(c.lookups_per_account.interval_ms(), 36_000, "100 an hour");
         assert_eq!(c.filter_parts_per_prefix, "600/1h".parse().expect("rate"));
         assert_eq!(c.max_queued_evaluations, 16);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(c.max_concurrent_evaluations >= 1);
+        assert!(c.max_concurrent_evaluations <= cores.div_ceil(2));
+        assert_eq!(c.settings_per_account, "10/1h".parse().expect("rate"));
         assert_eq!(parse("").expect("empty"), c);
     }
 

@@ -27,7 +27,7 @@ use tern_platform::clock::{Clock, UnixMillis};
 use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
 use tern_proto::AccountId;
 use tokio::sync::Semaphore;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::config::DiscoveryConfig;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
@@ -70,6 +70,51 @@ pub enum DiscoveryError {
         /// When to try again, in ms.
         retry_after_ms: u64,
     },
+    /// No filter has been published yet (the relay just started, or its first
+    /// publication failed). `UNAVAILABLE`, retry after `retry_after_ms`.
+    #[error("no discovery filter published yet")]
+    NotPublished {
+        /// When to try again, in ms (the publisher retries every minute).
+        retry_after_ms: u64,
+    },
+    /// The part asked for is past the artefact's last. `BAD_REQUEST`.
+    #[error("part {part} of an artefact of {parts}")]
+    NoSuchPart {
+        /// The part asked for.
+        part: u32,
+        /// How many the artefact has.
+        parts: u32,
+    },
+    /// The OPRF refused the number's bytes (only input over 65,535 bytes).
+    /// `BAD_REQUEST`.
+    #[error("number not accepted by the OPRF")]
+    NumberRejected,
+    /// An evaluation's blocking task failed (a panic). `INTERNAL`, logged.
+    #[error("evaluation failed")]
+    EvaluationFailed,
+    /// At start: the database holds tags but the OPRF key file is missing, so every
+    /// tag would silently stop matching. The relay refuses to start.
+    #[error(
+        "{} is missing but db/ holds discovery tags made with it: restore that file \
+         from where it was kept apart from db/ (a new key would make every tag useless)",
+        key.display()
+    )]
+    KeyMissing {
+        /// The key file expected.
+        key: PathBuf,
+    },
+    /// At start: the OPRF key file can be read by others than its owner.
+    #[error(
+        "{} has mode {mode:o}; it must be 0600: run `chmod 600 {}`",
+        key.display(),
+        key.display()
+    )]
+    KeyMode {
+        /// The key file.
+        key: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 /// What a refusal for a full evaluation queue advises: about the time the batches
@@ -78,6 +123,9 @@ const BUSY_RETRY_MS: u64 = 500;
 
 /// Keys remembered by the in-memory buckets, per bucket.
 const MAX_BUCKET_KEYS: usize = 1_000_000;
+
+/// Detached number buckets removed or stamped per housekeeping (every minute).
+const NUMBER_SWEEP_MAX: usize = 10_000;
 
 /// One GCRA step over a stored theoretical arrival time: `n` units at `now`, one
 /// unit refilled every `interval` ms, at most `burst` units held. The new TAT to
@@ -107,6 +155,8 @@ pub struct Discovery {
     config: DiscoveryConfig,
     per_prefix: KeyedLimit<AddressPrefix>,
     lookups: KeyedLimit<AccountId>,
+    /// Changes of the discoverable setting, per account.
+    settings: KeyedLimit<AccountId>,
     filter_parts: KeyedLimit<AddressPrefix>,
     /// Serialises the account bucket's read-charge-write.
     charging: Mutex<()>,
@@ -153,6 +203,7 @@ impl Discovery {
                 MAX_BUCKET_KEYS,
                 clock.clone(),
             ),
+            settings: KeyedLimit::new(config.settings_per_account, MAX_BUCKET_KEYS, clock.clone()),
             filter_parts: KeyedLimit::new(
                 config.filter_parts_per_prefix,
                 MAX_BUCKET_KEYS,
@@ -290,7 +341,7 @@ impl Discovery {
             let bytes = blinded.clone().into_bytes();
             let out = tokio::task::spawn_blocking(move || oprf.evaluate_batch(&bytes))
                 .await
-                .map_err(|_| Error::Unavailable("evaluation failed"))??;
+                .map_err(|_| DiscoveryError::EvaluationFailed)??;
             Ok::<_, Error>(Bytes::from(out))
         };
         let (durable, evaluated) = tokio::join!(durable, evaluated);
@@ -342,13 +393,22 @@ impl Discovery {
     }
 
     /// Sets whether the account can be found: lookups see it at once, the filter
-    /// from the next day's files.
-    pub fn set_discoverable(&self, account: &AccountId, on: bool) -> Result<()> {
+    /// from the next day's files. A request that changes nothing answers at once;
+    /// a change costs one unit of `settings_per_account` and is durable (through
+    /// the group commit) before the answer.
+    pub async fn set_discoverable(&self, account: &AccountId, on: bool) -> Result<()> {
         self.enabled()?;
-        if self.store.set_discoverable(account, on)? {
-            Ok(())
-        } else {
-            Err(DiscoveryError::NotVerified.into())
+        let (_, rec) = self.verified(account)?;
+        if rec.discoverable == on {
+            return Ok(());
+        }
+        self.settings.check(account)?;
+        if !self.store.set_discoverable(account, on)? {
+            return Err(DiscoveryError::NotVerified.into());
+        }
+        match &self.commit {
+            Some(c) => c.commit().await.map_err(Error::from),
+            None => Ok(()),
         }
     }
 
@@ -382,7 +442,8 @@ impl Discovery {
         let mut count = 0;
         let built = match publish::load_day(&self.dir, day) {
             Ok(Some(p)) => Ok(p),
-            Ok(None) | Err(_) => self
+            Err(e) => Err(e),
+            Ok(None) => self
                 .store
                 .discoverable_keys()
                 .map_err(Error::from)
@@ -413,11 +474,16 @@ impl Discovery {
             .day()
     }
 
-    /// Forgets in-memory buckets that have refilled.
-    pub fn housekeep(&self) {
+    /// Forgets in-memory buckets that have refilled, and sweeps the stored buckets
+    /// of detached numbers (see [`DiscoveryStore::sweep_number_buckets`]).
+    pub fn housekeep(&self) -> Result<usize> {
         self.per_prefix.housekeep();
         self.lookups.housekeep();
         self.filter_parts.housekeep();
+        self.settings.housekeep();
+        Ok(self
+            .store
+            .sweep_number_buckets(self.clock.now(), NUMBER_SWEEP_MAX)?)
     }
 }
 
@@ -431,7 +497,8 @@ impl Drop for Admitted {
 }
 
 /// Publishes at once, then whenever the UTC day has changed, checking every
-/// `check` until `shutdown`. The build runs on a blocking thread.
+/// `check` until `shutdown`; housekeeps on every check, whether or not the
+/// publication succeeds. Both run on a blocking thread.
 pub async fn publish_loop(
     discovery: Arc<Discovery>,
     check: std::time::Duration,
@@ -445,12 +512,16 @@ pub async fn publish_loop(
             _ = tick.tick() => {}
         }
         let today = utc_day(discovery.clock.now());
-        if last == Some(today) {
-            discovery.housekeep();
-            continue;
-        }
         let d = discovery.clone();
-        if let Ok(Ok(())) = tokio::task::spawn_blocking(move || d.republish()).await {
+        let publish = last != Some(today);
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(e) = d.housekeep() {
+                warn!(error = %e, "discovery housekeeping failed");
+            }
+            !publish || d.republish().is_ok()
+        })
+        .await;
+        if let Ok(true) = done {
             last = Some(today);
         }
     }

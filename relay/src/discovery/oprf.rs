@@ -64,12 +64,29 @@ impl Oprf {
     }
 
     /// The key in `data_dir`, made with `rng` and written there if there is none.
+    /// A key file others may read is refused ([`DiscoveryError::KeyMode`]).
     pub fn load_or_create<R: RngCore + CryptoRng>(data_dir: &Path, rng: &mut R) -> Result<Self> {
+        Self::open(data_dir, false, rng)
+    }
+
+    /// As [`Oprf::load_or_create`], but when `store_holds_tags` a missing key is
+    /// [`DiscoveryError::KeyMissing`] instead of a new key: the relay's start.
+    pub fn open<R: RngCore + CryptoRng>(
+        data_dir: &Path,
+        store_holds_tags: bool,
+        rng: &mut R,
+    ) -> Result<Self> {
         let path = data_dir.join(KEY_FILE);
         match fs::read(&path) {
-            Ok(bytes) => return Self::from_key(&bytes),
+            Ok(bytes) => {
+                check_mode(&path)?;
+                return Self::from_key(&bytes);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
+        }
+        if store_holds_tags {
+            return Err(DiscoveryError::KeyMissing { key: path }.into());
         }
         let oprf = Self::generate(rng)?;
         write_key(data_dir, &oprf.server.serialize())?;
@@ -82,7 +99,7 @@ impl Oprf {
         let out = self
             .server
             .evaluate(number)
-            .map_err(|_| Error::BadRequest("number not accepted by the OPRF".into()))?;
+            .map_err(|_| DiscoveryError::NumberRejected)?;
         let mut bytes = [0u8; OUTPUT_LEN];
         bytes.copy_from_slice(&out);
         Ok(split_output(&bytes))
@@ -123,6 +140,23 @@ impl Oprf {
         let batch = self.check_batch(blinded)?;
         Ok(self.evaluate_checked(&batch))
     }
+}
+
+/// Refuses a key file with any permission for group or others.
+fn check_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(DiscoveryError::KeyMode {
+                key: path.to_owned(),
+                mode,
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Writes the key: a 0600 temporary file, synced, renamed, then the directory synced.

@@ -19,7 +19,8 @@
 //!
 //! Serving: `since_day = 0`, or a day older than the deltas kept (or not a day the
 //! relay published), gets the latest snapshot; otherwise the deltas after
-//! `since_day`, concatenated, oldest first. An artefact is served in parts of at
+//! `since_day`, concatenated, oldest first, unless they are at least as large as
+//! the snapshot, which is then served instead (the reply's `kind` says which). An artefact is served in parts of at
 //! most [`MAX_FILTER_PART`] bytes; `day` pins it while its parts download.
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,6 +35,10 @@ use tern_proto::discovery::{
 
 use super::DiscoveryError;
 use crate::error::{Error, Result};
+
+/// What a request before the first publication is advised: the publisher checks
+/// every minute.
+const NOT_PUBLISHED_RETRY_MS: u64 = 60_000;
 
 /// What the relay serves until the next publication.
 #[derive(Debug, Default)]
@@ -87,10 +92,12 @@ impl Published {
         }
     }
 
-    /// The deltas from `since_day` to today, if they are all kept and chain.
+    /// The deltas from `since_day` to today, if they are all kept, chain, and are
+    /// smaller than the snapshot (else the snapshot is the cheaper answer).
     fn deltas_since(&self, since_day: u32) -> Option<Bytes> {
         self.starts
             .get(&since_day)
+            .filter(|&&from| self.chain.len() - from < self.snapshot.len())
             .map(|&from| self.chain.slice(from..))
     }
 
@@ -98,7 +105,10 @@ impl Published {
     /// (0: today's).
     pub fn part(&self, since_day: u32, day: u32, part: u32) -> Result<FilterPart> {
         if self.day == 0 {
-            return Err(Error::Unavailable("no discovery filter published yet"));
+            return Err(DiscoveryError::NotPublished {
+                retry_after_ms: NOT_PUBLISHED_RETRY_MS,
+            }
+            .into());
         }
         if day != 0 && day != self.day {
             return Err(DiscoveryError::Gone.into());
@@ -114,9 +124,7 @@ impl Published {
         let parts = data.len().div_ceil(MAX_FILTER_PART).max(1);
         let parts = u32::try_from(parts).unwrap_or(u32::MAX);
         if part >= parts {
-            return Err(Error::BadRequest(format!(
-                "part {part} of an artefact of {parts}"
-            )));
+            return Err(DiscoveryError::NoSuchPart { part, parts }.into());
         }
         let from = part as usize * MAX_FILTER_PART;
         let to = (from + MAX_FILTER_PART).min(data.len());
@@ -159,7 +167,9 @@ fn days(dir: &Path, kind: &str, ext: &str) -> Result<Vec<u32>> {
             .and_then(|r| r.strip_prefix('-'))
             .and_then(|r| r.strip_suffix(ext))
             .and_then(|r| r.strip_suffix('.'))
-            .and_then(|d| d.parse::<u32>().ok());
+            .and_then(|d| d.parse::<u32>().ok())
+            // Only names the relay writes: "keys-05.bin" is not day 5's.
+            .filter(|d| name(kind, *d, ext) == file);
         out.extend(day);
     }
     out.sort_unstable();
@@ -196,7 +206,9 @@ fn read_keys(path: &Path) -> Result<Vec<u64>> {
 }
 
 /// `day`'s files as published before (a restart during the day), if they are all
-/// there and whole (see the module docs); `None` if they must be built.
+/// there and whole (see the module docs); `None` if they must be built (missing,
+/// damaged, or marked stale). Any other I/O error is returned: the day's files are
+/// not rebuilt under the same day because a read failed.
 pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
     if dir.join(STALE).exists() {
         return Ok(None);
@@ -209,8 +221,10 @@ pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
     let Ok(snapshot) = FilterSnapshot::decode(&snapshot_bytes) else {
         return Ok(None);
     };
-    let Ok(keys) = read_keys(&dir.join(name("keys", day, "bin"))) else {
-        return Ok(None);
+    let keys = match read_keys(&dir.join(name("keys", day, "bin"))) {
+        Ok(keys) => keys,
+        Err(Error::Io(e)) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        Err(_) => return Ok(None),
     };
     let whole = snapshot.day == day
         && snapshot.keys as usize == keys.len()
@@ -219,7 +233,11 @@ pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
         return Ok(None);
     }
     if let Some(base) = days(dir, "keys", "bin")?.into_iter().rfind(|d| *d < day) {
-        let delta = fs::read(dir.join(name("delta", day, "td"))).ok();
+        let delta = match fs::read(dir.join(name("delta", day, "td"))) {
+            Ok(bytes) => Some(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
         let chained = delta
             .as_deref()
             .map(FilterDelta::decode)
@@ -290,7 +308,10 @@ fn prune(dir: &Path, day: u32, keep_deltas: u32) -> Result<()> {
             .filter(|d| *d <= day)
             .collect();
         for d in &all[..all.len().saturating_sub(keep)] {
-            fs::remove_file(dir.join(name(kind, *d, ext)))?;
+            match fs::remove_file(dir.join(name(kind, *d, ext))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
         }
         Ok(())
     };

@@ -112,7 +112,8 @@ pub fn attach_numbers(data_dir: &Path, pairs: &[(AccountId, &str)]) -> Result<us
 /// Creates one account per number, fast (for `tern-load discovery`): a random id
 /// (from `seed`), random identity and primary-device keys, and the number's tag,
 /// discoverable. The numbers must be distinct, E.164, and held by no account yet
-/// (not checked beyond the syntax: a number already held would have two records).
+/// (a number already held is refused before anything is written; duplicates within
+/// `numbers` are not checked).
 /// Fast because nothing is flushed until the end and the tags (one OPRF each) are
 /// computed on every core; not measured at 1M yet.
 pub fn synthetic_accounts(
@@ -124,6 +125,14 @@ pub fn synthetic_accounts(
         return Err(Error::BadRequest(format!("number {i} is not E.164")));
     }
     let (store, oprf) = open(data_dir)?;
+    let tags = tags(&oprf, numbers)?;
+    // A number held already would get a second record (and its old account's
+    // entry would point at the new one's): refused before anything is written.
+    for (i, (tag, _)) in tags.iter().enumerate() {
+        if store.by_tag(tag)?.is_some() {
+            return Err(Error::BadRequest(format!("number {i} is held already")));
+        }
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut made = Vec::with_capacity(numbers.len());
     for number in numbers {
@@ -151,7 +160,6 @@ pub fn synthetic_accounts(
             number: (*number).to_owned(),
         });
     }
-    let tags = tags(&oprf, numbers)?;
     let items: Vec<(AccountId, Tag, TagRecord)> = made
         .iter()
         .zip(tags)

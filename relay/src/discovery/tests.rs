@@ -97,6 +97,14 @@ fn blind(numbers: &[&str], pad_to: usize) -> (BlindedBatch, Vec<OprfClient<Ristr
     (BlindedBatch::new(bytes.into()).expect("batch"), states)
 }
 
+/// Runs a future that needs no reactor (no group commit in these fixtures).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
 fn code(e: &Error) -> ErrorCode {
     e.code()
 }
@@ -170,6 +178,7 @@ async fn an_unverified_account_may_not_evaluate_nor_look_up() {
     let e = f
         .discovery
         .set_discoverable(&account(9), false)
+        .await
         .expect_err("no tag");
     assert_eq!(code(&e), ErrorCode::NotVerified);
 }
@@ -404,7 +413,7 @@ fn lookups_find_only_discoverable_tags_and_are_limited() {
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
     let carol = f.user(3, "+15550000003");
-    f.discovery.set_discoverable(&carol, false).expect("hide");
+    block_on(f.discovery.set_discoverable(&carol, false)).expect("hide");
     let tag = |n: &str| f.discovery.oprf().tag_of(n.as_bytes()).expect("tag").0;
     let asked = [
         tag("+15550000002"),
@@ -486,6 +495,23 @@ fn the_key_file_is_private_and_kept() {
     assert_eq!(format!("{a:?}"), "Oprf(..)");
 }
 
+/// `n` more discoverable tags, straight in the store: a snapshot large enough that
+/// a few days' deltas are smaller than it (else it is served instead).
+fn bulk(f: &Fx, n: u32) {
+    for i in 0..n {
+        let mut id = [0xb0; 16];
+        id[..4].copy_from_slice(&i.to_le_bytes());
+        let (account, tag) = (AccountId(id), Tag(id));
+        let rec = TagRecord {
+            account,
+            key: FilterKey(u64::from(i) << 20),
+            discoverable: true,
+            verified_at: 0,
+        };
+        f.store.attach(&account, &tag, &rec).expect("bulk");
+    }
+}
+
 fn keys_of(f: &Fx) -> Vec<u64> {
     let mut k = f.store.discoverable_keys().expect("keys");
     k.sort_unstable();
@@ -520,8 +546,14 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
         .filter_part(prefix(1), 0, 0, 0)
         .expect_err("nothing yet");
     assert_eq!(code(&e), ErrorCode::Unavailable);
+    assert_eq!(
+        e.retry_after_ms(),
+        60_000,
+        "the publisher retries every minute"
+    );
     let alice = f.user(1, "+15550000001");
     let bob = f.user(2, "+15550000002");
+    bulk(&f, 100);
     f.discovery.republish().expect("day 0");
     let day0 = utc_day(START);
     let (kind, day, snap) = fetch_all(&f, 0);
@@ -534,7 +566,7 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
 
     // Next day: bob hides, carol arrives, alice's account is deleted.
     f.clock.advance(std::time::Duration::from_millis(DAY_MS));
-    f.discovery.set_discoverable(&bob, false).expect("hide");
+    block_on(f.discovery.set_discoverable(&bob, false)).expect("hide");
     f.user(3, "+15550000003");
     f.store.detach(&alice).expect("delete");
     f.discovery.republish().expect("day 1");
@@ -562,6 +594,10 @@ fn publication_across_days_gives_exact_deltas_and_a_snapshot() {
         .filter_part(prefix(1), 0, 0, 7)
         .expect_err("no such part");
     assert_eq!(code(&e), ErrorCode::BadRequest);
+    assert!(matches!(
+        e,
+        Error::Discovery(DiscoveryError::NoSuchPart { part: 7, parts: 1 })
+    ));
 
     // A day the relay was down is spanned by one delta.
     f.clock
@@ -761,6 +797,7 @@ fn deltas_for_every_day_kept_share_one_chain() {
     c.keep_deltas = 40;
     let f = fx_with(&c);
     f.user(1, "+15550000001");
+    bulk(&f, 1000);
     let day0 = utc_day(START);
     for i in 0..30u8 {
         f.user(10 + i, &format!("+1555100{:04}", i));
@@ -875,6 +912,9 @@ fn seeding_a_stopped_relays_data_directory_attaches_and_republishes() {
     let refs: Vec<&str> = numbers.iter().map(String::as_str).collect();
     let made = seed::synthetic_accounts(dir.path(), &refs, 7).expect("synthetic");
     assert_eq!(made.len(), 500);
+    let e = seed::synthetic_accounts(dir.path(), &["+15559999999", "+15550000001"], 8)
+        .expect_err("alice's number is held");
+    assert_eq!(code(&e), ErrorCode::BadRequest);
 
     // The relay starts again: today's files are rebuilt with the seeded tags.
     let (d, sled) = on_sled(dir.path(), clock, &config());
@@ -898,4 +938,159 @@ fn seeding_a_stopped_relays_data_directory_attaches_and_republishes() {
         ]
     );
     assert!(!dir.path().join("discovery").join("stale").exists());
+}
+
+#[tokio::test]
+async fn the_discoverable_setting_is_limited_and_a_request_that_changes_nothing_is_free() {
+    let mut c = config();
+    c.settings_per_account = "2/1h".parse().expect("rate");
+    let f = fx_with(&c);
+    let alice = f.user(1, "+15550000001");
+    let found = |f: &Fx| {
+        f.store
+            .of_account(&alice)
+            .expect("of")
+            .map(|(_, r)| r.discoverable)
+    };
+    for _ in 0..5 {
+        f.discovery
+            .set_discoverable(&alice, true)
+            .await
+            .expect("no change");
+    }
+    f.discovery
+        .set_discoverable(&alice, false)
+        .await
+        .expect("hide");
+    f.discovery
+        .set_discoverable(&alice, true)
+        .await
+        .expect("show");
+    assert_eq!(found(&f), Some(true));
+    let e = f
+        .discovery
+        .set_discoverable(&alice, false)
+        .await
+        .expect_err("third change");
+    assert_eq!(code(&e), ErrorCode::RateLimited);
+    assert_eq!(found(&f), Some(true), "a refused change changes nothing");
+    f.discovery
+        .set_discoverable(&alice, true)
+        .await
+        .expect("no change, still free");
+}
+
+#[test]
+fn housekeeping_sweeps_a_deleted_accounts_number_bucket() {
+    let f = fx();
+    let alice = f.user(1, "+15550000001");
+    let (tag, _) = f.discovery.oprf().tag_of(b"+15550000001").expect("tag");
+    let (batch, _) = blind(&["+15550000002"], 1);
+    block_on(f.discovery.evaluate(&alice, prefix(1), &batch)).expect("charged");
+    assert!(f.store.number_bucket(&tag).expect("nb").is_some());
+    f.store.detach(&alice).expect("deleted");
+    assert_eq!(f.discovery.housekeep().expect("sweep"), 0, "not refilled");
+    assert!(f.store.number_bucket(&tag).expect("nb").is_some());
+    f.clock.advance(std::time::Duration::from_millis(
+        crate::store::DETACHED_NUMBER_RETENTION_MS,
+    ));
+    assert_eq!(f.discovery.housekeep().expect("sweep"), 1);
+    assert_eq!(f.store.number_bucket(&tag).expect("nb"), None);
+}
+
+#[test]
+fn a_missing_key_with_tags_in_the_store_or_a_readable_key_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let path = dir.path().join(oprf::KEY_FILE);
+    let e = Oprf::open(dir.path(), true, &mut rng).expect_err("tags but no key");
+    assert!(
+        matches!(&e, Error::Discovery(DiscoveryError::KeyMissing { key }) if *key == path),
+        "{e}"
+    );
+    assert!(e.to_string().contains("discovery-oprf-key"), "{e}");
+    assert!(!path.exists(), "no new key was made");
+    let a = Oprf::open(dir.path(), false, &mut rng).expect("no tags: a new key");
+    let b = Oprf::open(dir.path(), true, &mut rng).expect("kept");
+    assert_eq!(
+        a.tag_of(b"+15550000001").expect("a"),
+        b.tag_of(b"+15550000001").expect("b")
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = Oprf::open(dir.path(), true, &mut rng).expect_err("world-readable");
+        assert!(
+            matches!(
+                e,
+                Error::Discovery(DiscoveryError::KeyMode { mode: 0o644, .. })
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Oprf::open(dir.path(), true, &mut rng).expect("0600 again");
+    }
+}
+
+#[test]
+fn deltas_larger_than_the_snapshot_are_answered_with_the_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    publish::publish_day(dir.path(), 10, (1..=1000).collect(), 30).expect("day 10");
+    // Every key changes: the delta (2000 keys) is larger than the snapshot.
+    let p = publish::publish_day(dir.path(), 11, (5000..6000).collect(), 30).expect("day 11");
+    assert_eq!(p.part(10, 0, 0).expect("part").kind, FilterKind::Snapshot);
+    // One key more: that delta is small, but the chain from day 10 is not.
+    let p = publish::publish_day(dir.path(), 12, (5000..6001).collect(), 30).expect("day 12");
+    let small = p.part(11, 0, 0).expect("part");
+    assert_eq!(small.kind, FilterKind::Deltas);
+    assert_eq!(
+        FilterDelta::decode_all(&small.data).expect("delta").len(),
+        1
+    );
+    assert_eq!(p.part(10, 0, 0).expect("part").kind, FilterKind::Snapshot);
+}
+
+#[test]
+fn file_names_not_written_by_the_relay_are_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for junk in [
+        "keys-05.bin",
+        "keys-+5.bin",
+        "delta-007.td",
+        "snapshot-08.tf",
+    ] {
+        std::fs::write(dir.path().join(junk), b"junk").expect("write");
+    }
+    for day in 10..14 {
+        publish::publish_day(dir.path(), day, vec![1, 2, u64::from(day)], 1).expect("publish");
+    }
+    assert!(dir.path().join("keys-05.bin").exists());
+    assert!(!dir.path().join("keys-10.bin").exists(), "pruned");
+    assert!(dir.path().join("keys-13.bin").exists());
+}
+
+#[test]
+fn a_days_files_that_cannot_be_read_are_not_rebuilt_under_the_same_day() {
+    let f = fx();
+    f.user(1, "+15550000001");
+    f.discovery.republish().expect("day 0");
+    let first = f.discovery.filter_part(prefix(1), 0, 0, 0).expect("part");
+    f.user(2, "+15550000002");
+    // Not missing, not damaged: unreadable (a directory where the file was).
+    let snapshot = f
+        .discovery
+        .dir
+        .join(format!("snapshot-{}.tf", utc_day(START)));
+    std::fs::remove_file(&snapshot).expect("rm");
+    std::fs::create_dir(&snapshot).expect("dir");
+    assert!(publish::load_day(&f.discovery.dir, utc_day(START)).is_err());
+    assert!(f.discovery.republish().is_err(), "the error is returned");
+    assert_eq!(
+        f.discovery.filter_part(prefix(1), 0, 0, 0).expect("part"),
+        first,
+        "and what was served stays"
+    );
+    assert!(snapshot.is_dir(), "nothing rewritten");
 }

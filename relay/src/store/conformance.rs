@@ -703,6 +703,7 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
     };
     let (t1, t2) = (Tag([1; 16]), Tag([2; 16]));
     assert_eq!(store.by_tag(&t1).expect("by_tag"), None);
+    assert!(!store.holds_tags().expect("holds"));
     assert!(
         !store.set_discoverable(&alice, false).expect("set"),
         "no tag yet"
@@ -718,6 +719,7 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
         store.by_tag(&t1).expect("by_tag"),
         Some(rec(alice, 11, true))
     );
+    assert!(store.holds_tags().expect("holds"));
     assert_eq!(
         store.of_account(&alice).expect("of_account"),
         Some((t1, rec(alice, 11, true)))
@@ -792,4 +794,87 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
         "alice stays"
     );
     store.detach(&bob).expect("detach twice");
+    number_buckets_after_detach(store);
+}
+
+/// A detached number's bucket stays while it is not refilled, at most
+/// [`DETACHED_NUMBER_RETENTION_MS`] after the first sweep that sees it, and for as
+/// long as the number is held again.
+fn number_buckets_after_detach(store: &dyn DiscoveryStore) {
+    use super::DETACHED_NUMBER_RETENTION_MS as KEEP;
+    use tern_proto::discovery::{FilterKey, Tag};
+    let (carol, dave, erin) = (AccountId([3; 16]), AccountId([4; 16]), AccountId([5; 16]));
+    let rec = |account| TagRecord {
+        account,
+        key: FilterKey(33),
+        discoverable: true,
+        verified_at: 0,
+    };
+    let (t3, t4, t5, t6) = (Tag([3; 16]), Tag([4; 16]), Tag([5; 16]), Tag([6; 16]));
+    let now = 1_000_000;
+    for (a, t, tat) in [
+        (carol, t3, now + 500),
+        (dave, t4, u64::MAX / 2),
+        (erin, t5, u64::MAX / 2),
+    ] {
+        store.attach(&a, &t, &rec(a)).expect("attach");
+        store.set_buckets(&a, tat, &t, tat).expect("charge");
+    }
+    // An attached number's bucket is never swept, refilled or not; bob's old
+    // number (detached above) had refilled.
+    assert_eq!(
+        store.sweep_number_buckets(now + 1000, 100).expect("sweep"),
+        1
+    );
+    assert_eq!(store.number_bucket(&Tag([2; 16])).expect("nb"), None);
+    assert_eq!(store.number_bucket(&t3).expect("nb"), Some(now + 500));
+    store.detach(&carol).expect("detach");
+    store.detach(&dave).expect("detach");
+    // erin moves to another number: her old one is detached too.
+    store.attach(&erin, &t6, &rec(erin)).expect("new number");
+    // Not refilled yet, and first seen now: everything stays.
+    assert_eq!(store.sweep_number_buckets(now, 100).expect("sweep"), 0);
+    assert_eq!(store.number_bucket(&t3).expect("nb"), Some(now + 500));
+    // carol's has refilled: it goes.
+    assert_eq!(
+        store.sweep_number_buckets(now + 500, 100).expect("sweep"),
+        1
+    );
+    assert_eq!(store.number_bucket(&t3).expect("nb"), None);
+    // dave's number is verified again: its bucket stays past the retention.
+    store.attach(&carol, &t4, &rec(carol)).expect("re-verified");
+    assert_eq!(
+        store
+            .sweep_number_buckets(now + KEEP - 1, 100)
+            .expect("sweep"),
+        0
+    );
+    assert_eq!(store.number_bucket(&t5).expect("nb"), Some(u64::MAX / 2));
+    assert_eq!(
+        store.sweep_number_buckets(now + KEEP, 100).expect("sweep"),
+        1
+    );
+    assert_eq!(
+        store.number_bucket(&t5).expect("nb"),
+        None,
+        "erin's old number expired"
+    );
+    assert_eq!(
+        store.number_bucket(&t4).expect("nb"),
+        Some(u64::MAX / 2),
+        "held again"
+    );
+    assert_eq!(store.sweep_number_buckets(u64::MAX, 100).expect("sweep"), 0);
+    // At most `max` a call.
+    for i in 0..3u8 {
+        let (a, t) = (AccountId([10 + i; 16]), Tag([10 + i; 16]));
+        store.attach(&a, &t, &rec(a)).expect("attach");
+        store.set_buckets(&a, now + 1, &t, now + 1).expect("charge");
+        store.detach(&a).expect("detach");
+    }
+    assert_eq!(store.sweep_number_buckets(now + 2, 2).expect("sweep"), 2);
+    assert_eq!(store.sweep_number_buckets(now + 2, 2).expect("sweep"), 1);
+    for a in [carol, erin] {
+        store.detach(&a).expect("clean");
+    }
 }

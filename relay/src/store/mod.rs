@@ -47,7 +47,7 @@ mod conformance;
 
 pub use self::commit::{Durability, GroupCommit};
 pub use self::compose::Stores;
-pub use self::discovery::{DiscoveryStore, TagRecord};
+pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::SledStore;

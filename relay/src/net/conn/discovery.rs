@@ -29,9 +29,11 @@ impl Session {
     }
 
     pub(super) async fn set_discoverable(&mut self, id: u64, on: bool) {
-        let result = self
-            .authenticated()
-            .and_then(|by| (self.settings.discovery).set_discoverable(&by.address().account, on));
+        let d = self.settings.discovery.clone();
+        let result = match self.authenticated() {
+            Ok(by) => d.set_discoverable(&by.address().account, on).await,
+            Err(e) => Err(e),
+        };
         self.reply(id, result.map(|()| Reply::SetDiscoverable))
             .await
     }

@@ -239,6 +239,12 @@ impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
     fn detach(&self, account: &AccountId) -> StoreResult<()> {
         self.write(|s| s.detach(account))
     }
+    fn sweep_number_buckets(&self, now: UnixMillis, max: usize) -> StoreResult<usize> {
+        self.write(|s| s.sweep_number_buckets(now, max))
+    }
+    fn holds_tags(&self) -> StoreResult<bool> {
+        self.store.holds_tags()
+    }
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
         self.store.discoverable_keys()
     }

@@ -5,19 +5,27 @@
 //! - `B` ‖ account(16) → bucket TAT(8, LE, Unix ms)
 //! - `N` ‖ SHA-256("tern discovery number bucket v1\0" ‖ tag)[..16] → the number's
 //!   bucket TAT (8, LE, Unix ms). Hashed so that the entry, which outlives the
-//!   account's deletion until it refills, holds neither tag nor account.
+//!   account's deletion for a while, holds neither tag nor account (it is still a
+//!   keyed pseudonym of the number, linkable to it with the OPRF key).
+//! - `D` ‖ the same 16 bytes → expiry (8, LE, Unix ms; 0 until a sweep saw it): the
+//!   number's bucket is detached (its account was deleted or changed number).
 //!
-//! No number, no hash of one. Changes to tags are flushed before they return (they
-//! come once per verification or setting); bucket writes are not: the relay makes
-//! them durable with its group commit (one fsync shared by concurrent writers)
-//! before it answers the evaluation that charged them.
+//! No number, no hash of one anyone without the OPRF key can compute. `attach` and
+//! `detach` flush before they return (once per verification or deletion); the
+//! discoverable setting, bucket writes and sweeps do not: the relay makes them
+//! durable with its group commit (one fsync shared by concurrent writers) before
+//! it answers the request that made them.
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
 use tern_proto::AccountId;
 
 use super::{backend, SledStore};
-use crate::store::{DiscoveryStore, StoreError, StoreResult, TagRecord};
+use tern_platform::clock::UnixMillis;
+
+use crate::store::{
+    DiscoveryStore, StoreError, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS,
+};
 
 const RECORD_LEN: usize = 16 + 8 + 1 + 8;
 
@@ -46,6 +54,23 @@ fn number_bucket_key(tag: &Tag) -> Vec<u8> {
     h.update(b"tern discovery number bucket v1\0");
     h.update(tag.0);
     key(b'N', &h.finalize()[..16])
+}
+
+fn detached_key(tag: &Tag) -> Vec<u8> {
+    let mut k = number_bucket_key(tag);
+    k[0] = b'D';
+    k
+}
+
+/// Marks `tag`'s number bucket detached, if it has one and is not marked yet.
+fn detach_number(
+    t: &sled::transaction::TransactionalTree,
+    tag: &Tag,
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    if t.get(number_bucket_key(tag))?.is_some() && t.get(detached_key(tag))?.is_none() {
+        t.insert(detached_key(tag), &0u64.to_le_bytes()[..])?;
+    }
+    Ok(())
 }
 
 fn encode(rec: &TagRecord) -> [u8; RECORD_LEN] {
@@ -130,8 +155,13 @@ impl DiscoveryStore for SledStore {
         let previous = (&self.discovery,)
             .transaction(|(t,)| {
                 if let Some(old) = t.remove(account_key(account))? {
-                    t.remove(tag_key(&tag_of(&old).map_err(abort)?))?;
+                    let old = tag_of(&old).map_err(abort)?;
+                    t.remove(tag_key(&old))?;
+                    if old != *tag {
+                        detach_number(t, &old)?;
+                    }
                 }
+                t.remove(detached_key(tag))?;
                 let previous = match t.insert(tag_key(tag), &encode(rec)[..])? {
                     Some(old) => Some(decode(&old).map_err(abort)?.account),
                     None => None,
@@ -159,7 +189,11 @@ impl DiscoveryStore for SledStore {
             return Ok(None);
         };
         let tag = tag_of(&t)?;
-        Ok(self.by_tag(&tag)?.map(|r| (tag, r)))
+        // Only a record that names the account: a stale `A` entry is no tag.
+        Ok(self
+            .by_tag(&tag)?
+            .filter(|r| r.account == *account)
+            .map(|r| (tag, r)))
     }
 
     fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {
@@ -173,12 +207,13 @@ impl DiscoveryStore for SledStore {
                     return Ok(false);
                 };
                 let mut rec = decode(&v).map_err(abort)?;
-                rec.discoverable = on;
-                t.insert(k, &encode(&rec)[..])?;
+                if rec.discoverable != on {
+                    rec.discoverable = on;
+                    t.insert(k, &encode(&rec)[..])?;
+                }
                 Ok(true)
             })
             .map_err(tx_error)?;
-        self.flush_discovery()?;
         Ok(changed)
     }
 
@@ -186,13 +221,65 @@ impl DiscoveryStore for SledStore {
         (&self.discovery,)
             .transaction(|(t,)| {
                 if let Some(tag) = t.remove(account_key(account))? {
-                    t.remove(key(b'T', &tag))?;
+                    let tag = tag_of(&tag).map_err(abort)?;
+                    t.remove(tag_key(&tag))?;
+                    detach_number(t, &tag)?;
                 }
                 t.remove(bucket_key(account))?;
                 Ok(())
             })
             .map_err(tx_error)?;
         self.flush_discovery()
+    }
+
+    fn sweep_number_buckets(&self, now: UnixMillis, max: usize) -> StoreResult<usize> {
+        let (mut removed, mut changes) = (0, 0);
+        for item in self.discovery.scan_prefix([b'D']) {
+            if changes >= max {
+                break;
+            }
+            let (dkey, _) = item.map_err(backend)?;
+            let mut nkey = dkey.to_vec();
+            nkey[0] = b'N';
+            // Re-read inside a transaction: an attach may hold the number again.
+            let done = (&self.discovery,)
+                .transaction(|(t,)| {
+                    let Some(expiry) = t.get(&dkey)? else {
+                        return Ok(None);
+                    };
+                    let expiry = u64_of(&expiry).map_err(abort)?;
+                    let tat = match t.get(&nkey)? {
+                        Some(v) => Some(u64_of(&v).map_err(abort)?),
+                        None => None,
+                    };
+                    if tat.is_none_or(|x| x <= now) || (expiry != 0 && expiry <= now) {
+                        t.remove(&dkey)?;
+                        Ok(Some(t.remove(nkey.as_slice())?.is_some()))
+                    } else if expiry == 0 {
+                        let at = now.saturating_add(DETACHED_NUMBER_RETENTION_MS);
+                        t.insert(&dkey, &at.to_le_bytes()[..])?;
+                        Ok(Some(false))
+                    } else {
+                        Ok(None)
+                    }
+                })
+                .map_err(tx_error)?;
+            if let Some(gone) = done {
+                changes += 1;
+                removed += usize::from(gone);
+            }
+        }
+        Ok(removed)
+    }
+
+    fn holds_tags(&self) -> StoreResult<bool> {
+        Ok(self
+            .discovery
+            .scan_prefix([b'T'])
+            .next()
+            .transpose()
+            .map_err(backend)?
+            .is_some())
     }
 
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
