@@ -167,12 +167,29 @@ impl Hidden {
 }
 
 impl AccountStore for Hidden {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+    fn create_on(
+        &self,
+        id: &AccountId,
+        record: &AccountRecord,
+        day: Option<u32>,
+    ) -> StoreResult<()> {
         if self.gone(id) {
             // A fresh random id that collides with a deleted one: try another.
             return Err(crate::store::StoreError::Exists);
         }
-        self.store.create(id, record)
+        self.store.create_on(id, record, day)
+    }
+    fn days(&self, id: &AccountId) -> StoreResult<Option<crate::store::AccountDays>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.days(id)
+    }
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
+        let Some(_live) = self.tombstones.live(&of.account) else {
+            return Ok(false);
+        };
+        self.store.touch_device(of, day)
     }
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         if self.gone(id) {
@@ -180,11 +197,16 @@ impl AccountStore for Hidden {
         }
         self.store.get(id)
     }
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+    fn add_device(
+        &self,
+        id: &AccountId,
+        key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>> {
         let Some(_live) = self.tombstones.live(id) else {
             return Ok(None);
         };
-        self.store.add_device(id, device_key)
+        self.store.add_device(id, key, day)
     }
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
         let Some(_live) = self.tombstones.live(id) else {

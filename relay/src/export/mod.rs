@@ -18,7 +18,7 @@ use tern_platform::clock::UnixMillis;
 use tern_proto::{AccountId, DeviceAddress};
 
 use crate::error::{Error, Result};
-use crate::store::{Stores, DAY_MS};
+use crate::store::{AccountDays, Stores, DAY_MS};
 use model::{
     Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Upload,
     Verification,
@@ -71,6 +71,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A day as JSON: its number, or `null` when unknown.
+fn day(d: Option<u32>) -> String {
+    d.map_or_else(|| "null".to_owned(), |d| d.to_string())
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -105,6 +110,10 @@ pub fn write_with(
         .get(account)?
         .ok_or(Error::UnknownRecipient)?;
     let token_set = stores.accounts.delivery_token(account)?.is_some();
+    let days = stores
+        .accounts
+        .days(account)?
+        .unwrap_or_else(|| AccountDays::unknown(&record));
     let tag = stores.discovery.of_account(account)?;
     let full_at = |tat: Option<u64>| tat.filter(|&t| t > now);
     let rate_limits = RateLimits {
@@ -128,9 +137,10 @@ pub fn write_with(
     let mut exported = Exported::default();
     write!(
         out,
-        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","delivery_token_set":{token_set},"devices":["#,
+        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","created_day":{},"delivery_token_set":{token_set},"devices":["#,
         hex(account.as_bytes()),
         b64(&record.identity_key),
+        day(days.created),
     )?;
     for (i, (device, key)) in record.devices.iter().enumerate() {
         let addr = DeviceAddress {
@@ -149,9 +159,11 @@ pub fn write_with(
         }
         write!(
             out,
-            r#"{{"id":{},"key":"{}","prekeys":"#,
+            r#"{{"id":{},"key":"{}","created_day":{},"last_seen_day":{},"prekeys":"#,
             device.get(),
-            b64(key)
+            b64(key),
+            day(days.of(*device).created),
+            day(days.of(*device).last_seen),
         )?;
         json(out, &prekeys)?;
         write!(

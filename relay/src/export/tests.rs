@@ -59,8 +59,26 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
     let (_, bob) = fill(&w).await;
     let account = bob.address().account;
     let stores = w.f.services.stores();
+    // Registered on day 0; the first device signs in again on day 3.
+    w.f.clock
+        .advance(std::time::Duration::from_millis(3 * DAY_MS));
+    let exporter = [2u8; 32];
+    let proof = ed25519_dalek::Signer::sign(
+        &ed25519_dalek::SigningKey::from_bytes(&[102; 32]),
+        &tern_proto::auth::session_proof(&exporter),
+    )
+    .to_bytes();
+    w.f.services
+        .accounts()
+        .authenticate(*bob.address(), &exporter, &proof)
+        .expect("authenticate");
     let v = export(stores, &account, ExportOptions::default());
     valid(&v);
+    assert_eq!(v["account"]["created_day"], 0);
+    let days = |d: &Value| (d["created_day"].clone(), d["last_seen_day"].clone());
+    let devs = &v["account"]["devices"];
+    assert_eq!(days(&devs[0]), (Value::from(0), Value::from(3)));
+    assert_eq!(days(&devs[1]), (Value::from(0), Value::from(0)));
     assert_eq!(v["schema"], EXPORT_SCHEMA);
     assert_eq!(v["version"], EXPORT_VERSION);
     let acct = &v["account"];
@@ -201,7 +219,7 @@ fn the_schema_is_version_1_and_refuses_what_it_does_not_name() {
     let mut doc = serde_json::json!({
         "schema": EXPORT_SCHEMA, "version": 1, "generated_at_ms": 5,
         "account": {"id": "00".repeat(16), "identity_key": b64(&[1; 32]),
-            "delivery_token_set": false, "devices": []},
+            "created_day": null, "delivery_token_set": false, "devices": []},
         "discovery": null,
         "verification": {"verified_at_day": null, "pending": false},
         "rate_limits": {"discovery_evaluations": {"account_full_at_ms": null, "number_full_at_ms": null}},

@@ -203,18 +203,18 @@ pub(super) fn account_rules(store: &dyn AccountStore) {
     assert_eq!(store.get(&id).expect("get"), Some(rec));
 
     let second = store
-        .add_device(&id, &[3; 32])
+        .add_device(&id, &[3; 32], 1)
         .expect("add")
         .expect("account exists");
     assert_eq!(second.get(), 2);
     assert_eq!(
-        store.add_device(&id, &[3; 32]).expect("add"),
+        store.add_device(&id, &[3; 32], 1).expect("add"),
         Some(second),
         "idempotent"
     );
     assert_eq!(
         store
-            .add_device(&AccountId([8; 16]), &[3; 32])
+            .add_device(&AccountId([8; 16]), &[3; 32], 1)
             .expect("add"),
         None
     );
@@ -792,4 +792,93 @@ pub(super) fn discovery_rules(store: &dyn DiscoveryStore) {
         "alice stays"
     );
     store.detach(&bob).expect("detach twice");
+}
+
+/// Created and last-seen days: stamped at creation and at an added device, moved
+/// on at most once per day, gone with the account.
+pub(super) fn day_rules(store: &dyn AccountStore) {
+    let id = AccountId([21; 16]);
+    let rec = AccountRecord {
+        identity_key: [1; 32],
+        devices: vec![(DeviceId::PRIMARY, [2; 32])],
+    };
+    assert_eq!(store.days(&id).expect("days"), None);
+    store.create_on(&id, &rec, Some(10)).expect("create");
+    let primary = DeviceDays {
+        created: Some(10),
+        last_seen: Some(10),
+    };
+    let days = store.days(&id).expect("days").expect("account");
+    assert_eq!(days.created, Some(10));
+    assert_eq!(days.devices, vec![(DeviceId::PRIMARY, primary)]);
+    let second = store
+        .add_device(&id, &[3; 32], 12)
+        .expect("add")
+        .expect("account exists");
+    let a = DeviceAddress {
+        account: id,
+        device: DeviceId::PRIMARY,
+    };
+    assert!(!store.touch_device(&a, 10).expect("touch"), "seen today");
+    assert!(!store.touch_device(&a, 9).expect("touch"), "never back");
+    assert!(store.touch_device(&a, 13).expect("touch"), "a new day");
+    assert!(!store.touch_device(&a, 13).expect("touch"), "once a day");
+    let days = store.days(&id).expect("days").expect("account");
+    assert_eq!(
+        days.devices,
+        vec![
+            (
+                DeviceId::PRIMARY,
+                DeviceDays {
+                    created: Some(10),
+                    last_seen: Some(13)
+                }
+            ),
+            (
+                second,
+                DeviceDays {
+                    created: Some(12),
+                    last_seen: Some(12)
+                }
+            ),
+        ]
+    );
+    assert_eq!(
+        store.get(&id).expect("get").map(|r| r.devices.len()),
+        Some(2)
+    );
+    // Unknown devices and accounts: nothing to touch.
+    let ghost = DeviceAddress {
+        account: id,
+        device: DeviceId::new(9).expect("id"),
+    };
+    assert!(!store.touch_device(&ghost, 14).expect("touch"));
+    let nobody = DeviceAddress {
+        account: AccountId([22; 16]),
+        device: DeviceId::PRIMARY,
+    };
+    assert!(!store.touch_device(&nobody, 14).expect("touch"));
+    assert_eq!(store.days(&nobody.account).expect("days"), None);
+    // `create` without a day: unknown, until a touch gives the last-seen day.
+    let plain = AccountId([23; 16]);
+    store.create(&plain, &rec).expect("create");
+    let unknown = store.days(&plain).expect("days").expect("account");
+    assert_eq!(unknown.created, None);
+    assert_eq!(unknown.devices[0].1, DeviceDays::default());
+    let p = DeviceAddress {
+        account: plain,
+        device: DeviceId::PRIMARY,
+    };
+    assert!(store.touch_device(&p, 5).expect("touch"));
+    let touched = store.days(&plain).expect("days").expect("account");
+    assert_eq!(
+        touched.devices[0].1,
+        DeviceDays {
+            created: None,
+            last_seen: Some(5)
+        },
+        "a touch never invents a created day"
+    );
+    store.remove_account(&id).expect("remove");
+    assert_eq!(store.days(&id).expect("days"), None);
 }

@@ -31,16 +31,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+use tern_proto::{DeviceAddress, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
-    codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
-    MailboxStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult, StoredMessage, Totals,
-    Usage,
+    codec, Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
+    SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
 };
 
+mod accounts;
 mod blobs;
 mod discovery;
 use tern_platform::clock::UnixMillis;
@@ -428,122 +428,6 @@ impl MailboxStore for SledStore {
 impl Flush for SledStore {
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map(|_| ()).map_err(backend)
-    }
-}
-
-impl AccountStore for SledStore {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
-        self.accounts
-            .compare_and_swap(
-                id.as_bytes(),
-                None::<&[u8]>,
-                Some(codec::encode_account(record)),
-            )
-            .map_err(backend)?
-            .map_err(|_| StoreError::Exists)
-    }
-
-    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
-        self.accounts
-            .get(id.as_bytes())
-            .map_err(backend)?
-            .map(|v| codec::decode_account(&v))
-            .transpose()
-    }
-
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
-        // Compare-and-swap loop: concurrent adds to one account never lose a device.
-        loop {
-            let Some(old) = self.accounts.get(id.as_bytes()).map_err(backend)? else {
-                return Ok(None);
-            };
-            let mut rec = codec::decode_account(&old)?;
-            if let Some((existing, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
-                return Ok(Some(*existing));
-            }
-            let next =
-                codec::next_device_id(&rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
-            rec.devices.push((next, *device_key));
-            let swapped = self
-                .accounts
-                .compare_and_swap(id.as_bytes(), Some(old), Some(codec::encode_account(&rec)))
-                .map_err(backend)?;
-            if swapped.is_ok() {
-                return Ok(Some(next));
-            }
-        }
-    }
-
-    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
-        self.tokens
-            .insert(id.as_bytes(), &token_hash[..])
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
-        self.tokens
-            .get(id.as_bytes())
-            .map_err(backend)?
-            .map(|v| fixed(&v))
-            .transpose()
-    }
-
-    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
-        use sled::Transactional;
-        let removed = (&self.accounts, &self.tokens)
-            .transaction(|(accounts, tokens)| {
-                tokens.remove(id.as_bytes())?;
-                Ok(accounts.remove(id.as_bytes())?)
-            })
-            .map_err(
-                |e: TransactionError<ConflictableTransactionError>| match e {
-                    TransactionError::Storage(e) => backend(e),
-                    TransactionError::Abort(_) => StoreError::Backend("transaction aborted".into()),
-                },
-            )?;
-        removed.map(|v| codec::decode_account(&v)).transpose()
-    }
-
-    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
-        self.deletions
-            .insert(id.as_bytes(), codec::encode_devices(devices))
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// An unreadable record does not stop a start: one whose device list is bad is
-    /// returned with none (the deletion then takes the account record's), one whose
-    /// key is no account id is skipped. Both are counted in one warn, without ids.
-    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
-        let mut out = Vec::new();
-        let (mut skipped, mut no_devices) = (0u64, 0u64);
-        for kv in self.deletions.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            let Ok(id) = fixed(&k) else {
-                skipped += 1;
-                continue;
-            };
-            let devices = codec::decode_devices(&v).unwrap_or_else(|_| {
-                no_devices += 1;
-                Vec::new()
-            });
-            out.push((AccountId(id), devices));
-        }
-        if skipped + no_devices > 0 {
-            tracing::warn!(
-                skipped,
-                no_devices,
-                "unreadable account deletion intents (store corruption)"
-            );
-        }
-        Ok(out)
-    }
-
-    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
-        self.deletions.remove(id.as_bytes()).map_err(backend)?;
-        Ok(())
     }
 }
 
