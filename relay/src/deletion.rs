@@ -274,6 +274,9 @@ impl KeyStore for HiddenKeys {
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
         self.store.remove_device(of)
     }
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.store.remove_account_keys(account)
+    }
 }
 
 /// The operator's authority to delete any account: access to the data directory
@@ -516,13 +519,10 @@ impl AccountDeletion {
             ..Deleted::default()
         };
         self.detach_discovery(account)?;
-        for (i, addr) in addrs.iter().enumerate() {
-            stores.keys.remove_device(addr)?;
-            if i == 0 {
-                crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
-                    .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
-            }
-        }
+        // By a scan of the account's keys: also those of a device no list names.
+        stores.keys.remove_account_keys(account)?;
+        crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
+            .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
         deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;
         for addr in &addrs {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;

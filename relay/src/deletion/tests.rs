@@ -686,3 +686,39 @@ async fn a_deletion_detaches_the_accounts_discovery_tag_and_bucket() {
         assert!(d.by_tag(&Tag([1; 16])).expect("by_tag").is_some());
     }
 }
+
+#[tokio::test]
+async fn keys_of_a_device_no_record_or_intent_names_are_deleted_too() {
+    for backend in BACKENDS {
+        let w = world_on(backend);
+        let (alice, bob) = fill(&w).await;
+        let stray = |a: &AuthenticatedDevice| DeviceAddress {
+            account: a.address().account,
+            device: DeviceId::new(99).expect("id"),
+        };
+        let signed = tern_proto::SignedKey {
+            id: 3,
+            key: [3; 32],
+            signature: [0; 64],
+        };
+        for a in [&alice, &bob] {
+            w.stores
+                .keys
+                .publish(&stray(a), Some(&signed), Some(&signed), &[])
+                .expect("publish");
+        }
+        w.deletion
+            .delete(DeletionAuthority::Operator(
+                Operator::offline(),
+                bob.address().account,
+            ))
+            .await
+            .expect("delete");
+        let published = |a| w.stores.keys.published(&a).expect("published");
+        assert_eq!(published(stray(&bob)), Published::default(), "{backend:?}");
+        assert!(
+            published(stray(&alice)).identity_dh,
+            "another account's stay"
+        );
+    }
+}

@@ -882,3 +882,37 @@ pub(super) fn day_rules(store: &dyn AccountStore) {
     store.remove_account(&id).expect("remove");
     assert_eq!(store.days(&id).expect("days"), None);
 }
+
+/// `remove_account` deletes every key under the account, of any device (also one
+/// that no record or intent names), and nothing of another account.
+pub(super) fn key_account_rules(store: &dyn KeyStore) {
+    let signed = |id: u32| SignedKey {
+        id,
+        key: [id as u8; 32],
+        signature: [0; 64],
+    };
+    let otks = [OneTimeKey {
+        id: 1,
+        key: [5; 32],
+    }];
+    let mine = [addr(31, 1), addr(31, 2), addr(31, 77)];
+    let (before, after) = (addr(30, 1), addr(32, 1));
+    for a in mine.iter().chain([&before, &after]) {
+        store
+            .publish(a, Some(&signed(1)), Some(&signed(2)), &otks)
+            .expect("publish");
+    }
+    store
+        .remove_account_keys(&AccountId([31; 16]))
+        .expect("remove account keys");
+    for a in &mine {
+        assert_eq!(store.published(a).expect("published"), Published::default());
+        assert_eq!(store.fetch(a, true).expect("fetch"), None);
+    }
+    for a in [&before, &after] {
+        assert_eq!(store.published(a).expect("published").one_time, 1);
+    }
+    store
+        .remove_account_keys(&AccountId([31; 16]))
+        .expect("idempotent");
+}

@@ -330,6 +330,11 @@ impl KeyStore for MemoryStore {
         self.lock().keys.remove(of);
         Ok(())
     }
+
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.lock().keys.retain(|a, _| a.account != *account);
+        Ok(())
+    }
 }
 
 impl BlobIndex for MemoryStore {
@@ -481,6 +486,7 @@ mod tests {
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::day_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
+        super::super::conformance::key_account_rules(&super::MemoryStore::new());
         super::super::conformance::blob_rules(&super::MemoryStore::new());
         super::super::conformance::deletion_rules(&super::MemoryStore::new());
         super::super::conformance::purge_rules(&super::MemoryStore::new());

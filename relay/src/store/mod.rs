@@ -472,6 +472,11 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Deletes every key the device published, in one atomic change.
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()>;
+
+    /// Deletes every key published by any device of the account, in one atomic
+    /// change: a scan of the account's keys, so a device that no record names
+    /// loses its keys too (account deletion).
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()>;
 }
 
 /// What a device has published, as counts and ids (no key bytes): the export's view.

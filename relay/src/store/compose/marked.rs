@@ -175,6 +175,9 @@ impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
         self.write(|s| s.remove_device(of))
     }
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_account_keys(account))
+    }
 }
 
 impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {

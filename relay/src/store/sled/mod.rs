@@ -521,6 +521,21 @@ impl KeyStore for SledStore {
         }
         self.keys.apply_batch(batch).map_err(backend)
     }
+
+    fn remove_account_keys(&self, account: &tern_proto::AccountId) -> StoreResult<()> {
+        // Every key is a tag, then the device address, which starts with the account.
+        let mut batch = sled::Batch::default();
+        for tag in [b'I', b'S', b'O'] {
+            let mut prefix = [0u8; 17];
+            prefix[0] = tag;
+            prefix[1..].copy_from_slice(account.as_bytes());
+            for kv in self.keys.scan_prefix(prefix) {
+                let (k, _) = kv.map_err(backend)?;
+                batch.remove(k);
+            }
+        }
+        self.keys.apply_batch(batch).map_err(backend)
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ fn conformance() {
     super::super::conformance::account_rules(&store);
     super::super::conformance::day_rules(&store);
     super::super::conformance::key_rules(&store);
+    super::super::conformance::key_account_rules(&store);
     super::super::conformance::blob_rules(&store);
     super::super::conformance::deletion_rules(&store);
     super::super::conformance::purge_rules(&store);
