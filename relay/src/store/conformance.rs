@@ -681,6 +681,35 @@ pub(super) fn purge_rules(store: &dyn MailboxStore) {
     assert_eq!(store.usage(&a).expect("usage"), Usage::default());
     assert_eq!(store.purge(&a).expect("again"), Usage::default());
     assert_eq!(store.read(&a2, 0, 10).expect("read").len(), 1);
+    // `seqs` lists what `read` reads, in pages, never across mailboxes.
+    let listed = store.seqs(&a2, 0, 10).expect("seqs");
+    assert_eq!(listed, vec![store.read(&a2, 0, 1).expect("read")[0].seq]);
+    assert!(store.seqs(&a2, listed[0], 10).expect("seqs").is_empty());
+    assert!(store.seqs(&a2, u64::MAX, 10).expect("seqs").is_empty());
+    // A mailbox of more than two purge pages.
+    let big = addr(33, 1);
+    let one: Vec<Envelope> = (0..=255u8).map(|i| msg(i, 1)).collect();
+    let pages = 2 * PURGE_PAGE / one.len() + 1;
+    for _ in 0..pages {
+        store.append(&big, &one, 1_000, 9_000).expect("append");
+    }
+    let n = (pages * one.len()) as u64;
+    let seqs = store.seqs(&big, 0, 3).expect("seqs");
+    let read: Vec<u64> = store
+        .read(&big, 0, 3)
+        .expect("read")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, read);
+    assert_eq!(
+        store.purge(&big).expect("purge"),
+        Usage {
+            messages: n,
+            bytes: n
+        }
+    );
+    assert!(store.seqs(&big, 0, 10).expect("seqs").is_empty());
     assert_eq!(store.read(&b, 0, 10).expect("read").len(), 1);
     let after = store.totals();
     assert_eq!(after.messages, before.messages + 2);
@@ -915,4 +944,65 @@ pub(super) fn key_account_rules(store: &dyn KeyStore) {
     store
         .remove_account_keys(&AccountId([31; 16]))
         .expect("idempotent");
+}
+
+/// A mailbox store whose reads fail: the purge must get by with seqs.
+struct NoPayloads(MemoryStore);
+
+impl Flush for NoPayloads {
+    fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+impl MailboxStore for NoPayloads {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        self.0.append(to, msgs, accepted_at, expires_at)
+    }
+    fn read(&self, _: &DeviceAddress, _: u64, _: usize) -> StoreResult<Vec<StoredMessage>> {
+        Err(StoreError::Backend("payloads read".into()))
+    }
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        self.0.seqs(of, after, max)
+    }
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        assert!(seqs.len() <= PURGE_PAGE, "a bounded page");
+        self.0.remove(of, seqs)
+    }
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        self.0.usage(of)
+    }
+    fn totals(&self) -> Totals {
+        self.0.totals()
+    }
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        self.0.expired(now, max)
+    }
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        self.0.expire(of, entries)
+    }
+}
+
+#[test]
+fn a_purge_reads_no_payload_and_removes_in_bounded_pages() {
+    let store = NoPayloads(MemoryStore::new());
+    let a = addr(40, 1);
+    let many: Vec<Envelope> = (0..=255u8).map(|i| msg(i, 2)).collect();
+    for _ in 0..9 {
+        store.append(&a, &many, 1_000, 9_000).expect("append");
+    }
+    assert_eq!(
+        store.purge(&a).expect("purge"),
+        Usage {
+            messages: 9 * 256,
+            bytes: 9 * 512
+        }
+    );
+    assert_eq!(store.usage(&a).expect("usage"), Usage::default());
 }

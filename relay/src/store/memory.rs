@@ -121,6 +121,19 @@ impl MailboxStore for MemoryStore {
             .collect())
     }
 
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .lock()
+            .messages
+            .range((*of, start)..=(*of, u64::MAX))
+            .take(max)
+            .map(|((_, seq), _)| *seq)
+            .collect())
+    }
+
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         let mut inner = self.lock();
         let mut removed = Usage::default();

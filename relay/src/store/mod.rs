@@ -227,23 +227,36 @@ pub trait MailboxStore: Flush {
         Ok(())
     }
 
+    /// Up to `max` seqs of the mailbox's messages after `after`, in order, without
+    /// reading their payloads where the backend can (purge, export counts).
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        Ok(self
+            .read(of, after, max)?
+            .into_iter()
+            .map(|m| m.seq)
+            .collect())
+    }
+
     /// Deletes every message of the mailbox, as [`MailboxStore::remove`] does (on the
     /// log: dead headers at once, the bytes punched by the next scrub or
     /// [`MailboxStore::settle`]); returns what was deleted. For account deletion.
+    /// It reads seqs only, [`PURGE_PAGE`] at a time: memory stays bounded whatever
+    /// the mailbox holds.
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         let mut purged = Usage::default();
-        // Each round deletes at least one message or ends, so the loop is bounded by
+        let mut after = 0;
+        // Each round moves `after` past the seqs it read, so the loop is bounded by
         // the mailbox's size.
         loop {
-            let page = self.read(of, 0, 4096)?;
-            if page.is_empty() {
+            let seqs = self.seqs(of, after, PURGE_PAGE)?;
+            let Some(&last) = seqs.last() else {
                 return Ok(purged);
-            }
-            let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+            };
+            after = last;
             let removed = self.remove(of, &seqs)?;
             if removed.messages == 0 {
                 return Err(StoreError::Corrupt(
-                    "purge: read messages that remove cannot find",
+                    "purge: listed messages that remove cannot find",
                 ));
             }
             purged.messages += removed.messages;
@@ -251,6 +264,9 @@ pub trait MailboxStore: Flush {
         }
     }
 }
+
+/// Seqs a purge lists and removes at a time (8 KiB of seqs).
+pub const PURGE_PAGE: usize = 1024;
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.
 pub type BlobId = [u8; 32];

@@ -101,6 +101,9 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
         self.write(|s| s.sweep_files(now))
     }
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        self.store.seqs(of, after, max)
+    }
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         self.write(|s| s.purge(of))
     }

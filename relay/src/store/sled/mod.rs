@@ -37,7 +37,7 @@ use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
     codec, Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage, PURGE_PAGE,
 };
 
 mod accounts;
@@ -377,6 +377,26 @@ impl MailboxStore for SledStore {
         {
             let (k, v) = kv.map_err(backend)?;
             out.push(decode_message(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // The seq is the key's tail; values (with payloads) are dropped unread.
+        let mut out = Vec::with_capacity(max.min(PURGE_PAGE));
+        for kv in self
+            .mailboxes
+            .range(msg_key(of, start)..=msg_key(of, u64::MAX))
+            .take(max)
+        {
+            let (k, _) = kv.map_err(backend)?;
+            let tail = k
+                .get(1 + ADDR_LEN..)
+                .ok_or(StoreError::Corrupt("message key"))?;
+            out.push(u64::from_be_bytes(fixed(tail)?));
         }
         Ok(out)
     }
