@@ -528,6 +528,9 @@ impl AccountDeletion {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;
         }
         stores.accounts.remove_account(account)?;
+        // In-memory buckets too: none outlives the account by more than a request
+        // already past its checks (housekeeping forgets that one once it refills).
+        self.services.rate_limits().forget_account(account);
         // Again: an evaluation that passed its check before the first detach may
         // have stored a bucket since (discovery takes no tombstone guard yet).
         self.detach_discovery(account)?;

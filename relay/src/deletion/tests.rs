@@ -722,3 +722,21 @@ async fn keys_of_a_device_no_record_or_intent_names_are_deleted_too() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_deletion_forgets_the_accounts_in_memory_rate_buckets() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let (a, b) = (alice.address().account, bob.address().account);
+    let rates = w.f.services.rate_limits();
+    // Bob added a device and uploaded; Alice sent.
+    assert!(rates.holds_account(&b) && rates.holds_account(&a));
+    assert!(w.blobs.upload_rate_holds(&b));
+    w.deletion
+        .delete(DeletionAuthority::Operator(Operator::offline(), b))
+        .await
+        .expect("delete");
+    assert!(!rates.holds_account(&b), "rate limits");
+    assert!(!w.blobs.upload_rate_holds(&b), "upload rate");
+    assert!(rates.holds_account(&a), "another account's stay");
+}
