@@ -19,7 +19,8 @@ use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
-use crate::store::{AccountRecord, AccountStore, GroupCommit, StoreError};
+use crate::store::{utc_day, AccountRecord, AccountStore, GroupCommit, StoreError};
+use tern_platform::clock::Clock;
 
 /// Proof that a device address belongs to a registered device, and that the sender
 /// may queue messages for it. Only [`Accounts::recipient`] and
@@ -48,6 +49,8 @@ pub struct Accounts {
     commit: Arc<GroupCommit>,
     rates: Arc<RateLimits>,
     budget: Arc<Budget>,
+    /// For the created and last-seen days.
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -58,19 +61,26 @@ impl std::fmt::Debug for Accounts {
 
 impl Accounts {
     /// Accounts kept in `store`, under `rates`; changes are made durable through
-    /// `commit`.
+    /// `commit`; days are those of `clock`.
     pub fn new(
         store: Arc<dyn AccountStore>,
         commit: Arc<GroupCommit>,
         rates: Arc<RateLimits>,
         budget: Arc<Budget>,
+        clock: Arc<dyn Clock>,
     ) -> Self {
         Accounts {
             store,
             commit,
             rates,
             budget,
+            clock,
         }
+    }
+
+    /// Today, as the account records count days.
+    fn today(&self) -> u32 {
+        u32::try_from(utc_day(self.clock.now())).unwrap_or(u32::MAX - 1)
     }
 
     /// Creates an account for a verified registration; the connection becomes its
@@ -84,7 +94,7 @@ impl Accounts {
         };
         let account = loop {
             let id = AccountId(rand::random());
-            match self.store.create(&id, &record) {
+            match self.store.create_on(&id, &record, Some(self.today())) {
                 Ok(()) => break id,
                 Err(StoreError::Exists) => continue,
                 Err(e) => return Err(e.into()),
@@ -124,13 +134,15 @@ impl Accounts {
         self.rates.add_device(account)?;
         let id = self
             .store
-            .add_device(account, &key)?
+            .add_device(account, &key, self.today())?
             .ok_or(Error::Unauthorized)?;
         self.commit.commit().await?;
         Ok(id)
     }
 
-    /// Checks a device's session proof.
+    /// Checks a device's session proof; on success moves the device's last-seen
+    /// day on (one write per device per day at most, none on later sessions that
+    /// day).
     pub fn authenticate(
         &self,
         address: DeviceAddress,
@@ -144,7 +156,12 @@ impl Accounts {
         let key = record
             .device_key(address.device)
             .ok_or(Error::Unauthorized)?;
-        auth::authenticate(address, key, exporter, signature)
+        let device = auth::authenticate(address, key, exporter, signature)?;
+        // The day is a courtesy for the export; failing to store it fails no session.
+        if let Err(e) = self.store.touch_device(&address, self.today()) {
+            tracing::debug!(error = %e, "last-seen day not stored");
+        }
+        Ok(device)
     }
 
     /// Sets the device's account's delivery token hash (SHA-256 of the token).

@@ -167,12 +167,29 @@ impl Hidden {
 }
 
 impl AccountStore for Hidden {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+    fn create_on(
+        &self,
+        id: &AccountId,
+        record: &AccountRecord,
+        day: Option<u32>,
+    ) -> StoreResult<()> {
         if self.gone(id) {
             // A fresh random id that collides with a deleted one: try another.
             return Err(crate::store::StoreError::Exists);
         }
-        self.store.create(id, record)
+        self.store.create_on(id, record, day)
+    }
+    fn days(&self, id: &AccountId) -> StoreResult<Option<crate::store::AccountDays>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.days(id)
+    }
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
+        let Some(_live) = self.tombstones.live(&of.account) else {
+            return Ok(false);
+        };
+        self.store.touch_device(of, day)
     }
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         if self.gone(id) {
@@ -180,11 +197,16 @@ impl AccountStore for Hidden {
         }
         self.store.get(id)
     }
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+    fn add_device(
+        &self,
+        id: &AccountId,
+        key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>> {
         let Some(_live) = self.tombstones.live(id) else {
             return Ok(None);
         };
-        self.store.add_device(id, device_key)
+        self.store.add_device(id, key, day)
     }
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
         let Some(_live) = self.tombstones.live(id) else {
@@ -251,6 +273,9 @@ impl KeyStore for HiddenKeys {
     }
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
         self.store.remove_device(of)
+    }
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.store.remove_account_keys(account)
     }
 }
 
@@ -350,7 +375,8 @@ impl AccountDeletion {
     }
 
     /// Also ends the account's open phone verification (its number, held in memory
-    /// only until the session ends, goes at once).
+    /// only until the session ends, goes at once) and drops its in-memory discovery
+    /// buckets (lookups, settings).
     pub fn with_verification(
         mut self,
         verification: Arc<crate::verification::Verification>,
@@ -507,18 +533,18 @@ impl AccountDeletion {
             ..Deleted::default()
         };
         self.detach_discovery(account)?;
-        for (i, addr) in addrs.iter().enumerate() {
-            stores.keys.remove_device(addr)?;
-            if i == 0 {
-                crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
-                    .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
-            }
-        }
+        // By a scan of the account's keys: also those of a device no list names.
+        stores.keys.remove_account_keys(account)?;
+        crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
+            .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
         deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;
         for addr in &addrs {
             deleted.messages += self.services.mailboxes().purge(addr)?.messages;
         }
         stores.accounts.remove_account(account)?;
+        // In-memory buckets too: none outlives the account by more than a request
+        // already past its checks (housekeeping forgets that one once it refills).
+        self.services.rate_limits().forget_account(account);
         // Again: an evaluation that passed its check before the first detach may
         // have stored a bucket since (discovery takes no tombstone guard yet).
         self.detach_discovery(account)?;
@@ -551,6 +577,7 @@ impl AccountDeletion {
     fn detach_discovery(&self, account: &AccountId) -> Result<()> {
         if let Some(v) = &self.verification {
             v.forget_account(account);
+            v.discovery().forget_account(account);
         }
         self.services.stores().discovery.detach(account)?;
         Ok(())

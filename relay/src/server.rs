@@ -111,7 +111,13 @@ impl Services {
         ));
         let (c, r, b) = (&commit, &rates, &budget);
         Ok(Services {
-            accounts: Accounts::new(accounts.clone(), c.clone(), r.clone(), b.clone()),
+            accounts: Accounts::new(
+                accounts.clone(),
+                c.clone(),
+                r.clone(),
+                b.clone(),
+                clock.clone(),
+            ),
             keys: KeyDirectory::new(accounts.clone(), keys, c.clone(), r.clone(), b.clone()),
             certificates: CertificateIssuer::new(accounts, signer, clock.clone()),
             mailboxes: Mailboxes::new(

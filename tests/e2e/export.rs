@@ -58,6 +58,23 @@ async fn an_offline_export_holds_the_queue_and_validates_against_the_schema() {
     validate(&export);
     assert_eq!(export["account"]["id"], id.as_str());
     assert_eq!(export["account"]["delivery_token_set"], true);
+    // Registered, and signed in, today (UTC days; the test may straddle midnight).
+    let today = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        / 86_400;
+    let device = &export["account"]["devices"][0];
+    for day in [
+        &export["account"]["created_day"],
+        &device["created_day"],
+        &device["last_seen_day"],
+    ] {
+        let day = day.as_u64().expect("a day");
+        assert!(day + 1 >= today && day <= today, "{day} vs {today}");
+    }
+    assert_eq!(export["discovery"], Value::Null, "no number verified");
+    assert_eq!(export["verification"]["pending"], false);
     let items = &export["account"]["devices"][0]["queue"]["items"];
     for (i, n) in [1u32, 2].into_iter().enumerate() {
         let e = envelope(n);

@@ -260,6 +260,26 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
         self.limiter.shrink_to_fit();
     }
 
+    /// Forgets `key`'s bucket at once (account deletion): a later check starts full.
+    pub fn forget(&self, key: &K) {
+        if self.keys.map.remove(key).is_some() {
+            self.keys.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forgets every key `drop` picks; one pass over the table.
+    pub fn forget_where(&self, drop: impl Fn(&K) -> bool) {
+        self.keys.map.retain(|k, _| !drop(k));
+        self.keys
+            .count
+            .store(self.keys.map.len(), Ordering::Relaxed);
+    }
+
+    /// Whether a key `pick` picks is held; one pass over the table.
+    pub fn holds(&self, pick: impl Fn(&K) -> bool) -> bool {
+        self.keys.map.iter().any(|e| pick(e.key()))
+    }
+
     /// Keys held now.
     pub fn len(&self) -> usize {
         self.keys.count.load(Ordering::Relaxed)
@@ -314,6 +334,16 @@ impl<K: Hash + Eq + Clone> ByteRate<K> {
     /// See [`KeyedLimit::housekeep`].
     pub fn housekeep(&self) {
         self.limit.housekeep();
+    }
+
+    /// See [`KeyedLimit::forget`].
+    pub fn forget(&self, key: &K) {
+        self.limit.forget(key);
+    }
+
+    /// Whether `key` has a bucket.
+    pub fn holds(&self, key: &K) -> bool {
+        self.limit.holds(|k| k == key)
     }
 }
 

@@ -742,3 +742,57 @@ async fn a_deletion_ends_the_accounts_open_phone_verification() {
         "another account's session stays"
     );
 }
+
+#[tokio::test]
+async fn keys_of_a_device_no_record_or_intent_names_are_deleted_too() {
+    for backend in BACKENDS {
+        let w = world_on(backend);
+        let (alice, bob) = fill(&w).await;
+        let stray = |a: &AuthenticatedDevice| DeviceAddress {
+            account: a.address().account,
+            device: DeviceId::new(99).expect("id"),
+        };
+        let signed = tern_proto::SignedKey {
+            id: 3,
+            key: [3; 32],
+            signature: [0; 64],
+        };
+        for a in [&alice, &bob] {
+            w.stores
+                .keys
+                .publish(&stray(a), Some(&signed), Some(&signed), &[])
+                .expect("publish");
+        }
+        w.deletion
+            .delete(DeletionAuthority::Operator(
+                Operator::offline(),
+                bob.address().account,
+            ))
+            .await
+            .expect("delete");
+        let published = |a| w.stores.keys.published(&a).expect("published");
+        assert_eq!(published(stray(&bob)), Published::default(), "{backend:?}");
+        assert!(
+            published(stray(&alice)).identity_dh,
+            "another account's stay"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deletion_forgets_the_accounts_in_memory_rate_buckets() {
+    let w = world();
+    let (alice, bob) = fill(&w).await;
+    let (a, b) = (alice.address().account, bob.address().account);
+    let rates = w.f.services.rate_limits();
+    // Bob added a device and uploaded; Alice sent.
+    assert!(rates.holds_account(&b) && rates.holds_account(&a));
+    assert!(w.blobs.upload_rate_holds(&b));
+    w.deletion
+        .delete(DeletionAuthority::Operator(Operator::offline(), b))
+        .await
+        .expect("delete");
+    assert!(!rates.holds_account(&b), "rate limits");
+    assert!(!w.blobs.upload_rate_holds(&b), "upload rate");
+    assert!(rates.holds_account(&a), "another account's stay");
+}

@@ -474,6 +474,14 @@ impl Discovery {
             .day()
     }
 
+    /// Forgets the account's in-memory buckets (lookups, settings) at once: its
+    /// deletion leaves nothing of it here. Its stored buckets go with
+    /// [`DiscoveryStore::detach`].
+    pub fn forget_account(&self, account: &AccountId) {
+        self.lookups.forget(account);
+        self.settings.forget(account);
+    }
+
     /// Forgets in-memory buckets that have refilled, and sweeps the stored buckets
     /// of detached numbers (see [`DiscoveryStore::sweep_number_buckets`]).
     pub fn housekeep(&self) -> Result<usize> {

@@ -18,8 +18,11 @@ use tern_platform::clock::UnixMillis;
 use tern_proto::{AccountId, DeviceAddress};
 
 use crate::error::{Error, Result};
-use crate::store::Stores;
-use model::{Charge, Media, Prekeys, QueueItem, Upload};
+use crate::store::{AccountDays, Stores, DAY_MS};
+use model::{
+    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Upload,
+    Verification,
+};
 
 /// The export format's version; the schema's `version` is this constant.
 pub const EXPORT_VERSION: u32 = 1;
@@ -40,6 +43,21 @@ pub struct ExportOptions {
     pub include_ciphertexts: bool,
 }
 
+/// State the stores do not hold, from the services that keep it in memory.
+#[derive(Clone, Copy, Default)]
+pub struct Live<'a> {
+    /// Whether a phone verification session is open for an account; none: `false`.
+    pub verification_pending: Option<&'a (dyn Fn(&AccountId) -> bool + Sync)>,
+}
+
+impl std::fmt::Debug for Live<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Live")
+            .field("verification_pending", &self.verification_pending.is_some())
+            .finish()
+    }
+}
+
 /// Counts of what an export held (no identifiers), for the operator.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Exported {
@@ -53,6 +71,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A day as JSON: its number, or `null` when unknown.
+fn day(d: Option<u32>) -> String {
+    d.map_or_else(|| "null".to_owned(), |d| d.to_string())
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -61,8 +84,7 @@ fn json<T: serde::Serialize>(out: &mut dyn Write, value: &T) -> Result<()> {
     serde_json::to_writer(&mut *out, value).map_err(|e| Error::Io(e.into()))
 }
 
-/// Writes the export of `account` to `out`; an account that does not exist is
-/// [`Error::UnknownRecipient`] (and nothing is written).
+/// [`write_with`] without live state: no verification session is reported open.
 pub fn write(
     stores: &Stores,
     account: &AccountId,
@@ -70,17 +92,55 @@ pub fn write(
     options: ExportOptions,
     out: &mut dyn Write,
 ) -> Result<Exported> {
+    write_with(stores, account, now, options, Live::default(), out)
+}
+
+/// Writes the export of `account` to `out`; an account that does not exist is
+/// [`Error::UnknownRecipient`] (and nothing is written).
+pub fn write_with(
+    stores: &Stores,
+    account: &AccountId,
+    now: UnixMillis,
+    options: ExportOptions,
+    live: Live<'_>,
+    out: &mut dyn Write,
+) -> Result<Exported> {
     let record = stores
         .accounts
         .get(account)?
         .ok_or(Error::UnknownRecipient)?;
     let token_set = stores.accounts.delivery_token(account)?.is_some();
+    let days = stores
+        .accounts
+        .days(account)?
+        .unwrap_or_else(|| AccountDays::unknown(&record));
+    let tag = stores.discovery.of_account(account)?;
+    let full_at = |tat: Option<u64>| tat.filter(|&t| t > now);
+    let rate_limits = RateLimits {
+        discovery_evaluations: EvaluationBuckets {
+            account_full_at_ms: full_at(stores.discovery.bucket(account)?),
+            number_full_at_ms: match &tag {
+                Some((tag, _)) => full_at(stores.discovery.number_bucket(tag)?),
+                None => None,
+            },
+        },
+    };
+    let verification = Verification {
+        verified_at_day: tag.as_ref().map(|(_, r)| r.verified_at / DAY_MS),
+        pending: live.verification_pending.is_some_and(|f| f(account)),
+    };
+    let discovery = tag.map(|(tag, r)| Discovery {
+        tag: hex(&tag.0),
+        discoverable: r.discoverable,
+        verified_at_day: r.verified_at / DAY_MS,
+    });
     let mut exported = Exported::default();
     write!(
         out,
-        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","delivery_token_set":{token_set},"devices":["#,
+        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","created_day":{},"delivery_token_set":{token_set},"devices":["#,
         hex(account.as_bytes()),
         b64(&record.identity_key),
+        day(days.created),
     )?;
     for (i, (device, key)) in record.devices.iter().enumerate() {
         let addr = DeviceAddress {
@@ -99,9 +159,11 @@ pub fn write(
         }
         write!(
             out,
-            r#"{{"id":{},"key":"{}","prekeys":"#,
+            r#"{{"id":{},"key":"{}","created_day":{},"last_seen_day":{},"prekeys":"#,
             device.get(),
-            b64(key)
+            b64(key),
+            day(days.of(*device).created),
+            day(days.of(*device).last_seen),
         )?;
         json(out, &prekeys)?;
         write!(
@@ -113,7 +175,13 @@ pub fn write(
         out.write_all(b"]}}")?;
         exported.devices += 1;
     }
-    out.write_all(br#"]},"discovery":null,"media":"#)?;
+    out.write_all(br#"]},"discovery":"#)?;
+    json(out, &discovery)?;
+    out.write_all(br#","verification":"#)?;
+    json(out, &verification)?;
+    out.write_all(br#","rate_limits":"#)?;
+    json(out, &rate_limits)?;
+    out.write_all(br#","media":"#)?;
     json(out, &media(stores, account)?)?;
     out.write_all(b"}")?;
     out.flush()?;

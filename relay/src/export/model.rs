@@ -66,3 +66,40 @@ pub struct Media {
     /// Always empty (see the type's docs).
     pub owned_blobs: Vec<String>,
 }
+
+/// The account's discovery tag and setting (never a number).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Discovery {
+    /// The tag (hex, 32 digits): an OPRF output, useless without the relay's key.
+    pub tag: String,
+    /// Whether lookups find the account and the published filter holds its key.
+    pub discoverable: bool,
+    /// The UTC day (since the Unix epoch) the number was verified.
+    pub verified_at_day: u64,
+}
+
+/// Phone verification state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// The UTC day a number was verified; `None` without a verified number.
+    pub verified_at_day: Option<u64>,
+    /// Whether a verification session is open (sessions are held in memory only).
+    pub pending: bool,
+}
+
+/// A stored bucket, as the time it is full again; `None` when it is full now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EvaluationBuckets {
+    /// The account's bucket (Unix ms).
+    pub account_full_at_ms: Option<u64>,
+    /// The bucket of the account's verified number (Unix ms).
+    pub number_full_at_ms: Option<u64>,
+}
+
+/// Rate-limit state the relay stores for the account (media charges are under
+/// `media`; other limits are kept in memory only and expire on their own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RateLimits {
+    /// The discovery evaluation buckets.
+    pub discovery_evaluations: EvaluationBuckets,
+}

@@ -6,17 +6,45 @@ use crate::deletion::tests::{fill, world};
 use sha2::{Digest, Sha256};
 
 use crate::deletion::tests::TOKEN;
-use crate::store::{AccountStore, BlobIndex, MailboxStore};
+use crate::store::{AccountStore, BlobIndex, MailboxStore, TagRecord, DAY_MS};
+use tern_proto::discovery::{FilterKey, Tag};
 
 fn schema() -> jsonschema::Validator {
     let schema: Value = serde_json::from_str(SCHEMA_V1).expect("the schema is JSON");
     jsonschema::validator_for(&schema).expect("a valid JSON Schema")
 }
 
+/// When the tests export: day 3, noon.
+const NOW: u64 = 3 * DAY_MS + DAY_MS / 2;
+
 fn export(stores: &Stores, account: &AccountId, options: ExportOptions) -> Value {
+    export_live(stores, account, options, Live::default())
+}
+
+fn export_live(stores: &Stores, account: &AccountId, options: ExportOptions, live: Live) -> Value {
     let mut out = Vec::new();
-    write(stores, account, 1_000, options, &mut out).expect("export");
+    write_with(stores, account, NOW, options, live, &mut out).expect("export");
     serde_json::from_slice(&out).expect("JSON")
+}
+
+/// Gives `account` a discovery tag verified on day 2, and its buckets.
+fn discoverable(stores: &Stores, account: &AccountId, account_tat: u64, number_tat: u64) -> Tag {
+    let tag = Tag([0xab; 16]);
+    let rec = TagRecord {
+        account: *account,
+        key: FilterKey(7),
+        discoverable: false,
+        verified_at: 2 * DAY_MS,
+    };
+    stores
+        .discovery
+        .attach(account, &tag, &rec)
+        .expect("attach");
+    stores
+        .discovery
+        .set_buckets(account, account_tat, &tag, number_tat)
+        .expect("buckets");
+    tag
 }
 
 fn valid(v: &Value) {
@@ -31,8 +59,26 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
     let (_, bob) = fill(&w).await;
     let account = bob.address().account;
     let stores = w.f.services.stores();
+    // Registered on day 0; the first device signs in again on day 3.
+    w.f.clock
+        .advance(std::time::Duration::from_millis(3 * DAY_MS));
+    let exporter = [2u8; 32];
+    let proof = ed25519_dalek::Signer::sign(
+        &ed25519_dalek::SigningKey::from_bytes(&[102; 32]),
+        &tern_proto::auth::session_proof(&exporter),
+    )
+    .to_bytes();
+    w.f.services
+        .accounts()
+        .authenticate(*bob.address(), &exporter, &proof)
+        .expect("authenticate");
     let v = export(stores, &account, ExportOptions::default());
     valid(&v);
+    assert_eq!(v["account"]["created_day"], 0);
+    let days = |d: &Value| (d["created_day"].clone(), d["last_seen_day"].clone());
+    let devs = &v["account"]["devices"];
+    assert_eq!(days(&devs[0]), (Value::from(0), Value::from(3)));
+    assert_eq!(days(&devs[1]), (Value::from(0), Value::from(0)));
     assert_eq!(v["schema"], EXPORT_SCHEMA);
     assert_eq!(v["version"], EXPORT_VERSION);
     let acct = &v["account"];
@@ -89,7 +135,15 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
     );
     assert_eq!(media["uploads_in_progress"][0]["size"], 100);
     assert_eq!(media["owned_blobs"], serde_json::json!([]));
-    assert_eq!(v["discovery"], Value::Null);
+    assert_eq!(v["discovery"], Value::Null, "no tag");
+    assert_eq!(
+        v["verification"],
+        serde_json::json!({"verified_at_day": null, "pending": false})
+    );
+    assert_eq!(
+        v["rate_limits"]["discovery_evaluations"],
+        serde_json::json!({"account_full_at_ms": null, "number_full_at_ms": null})
+    );
     let text = v.to_string();
     let hash: [u8; 32] = Sha256::digest(TOKEN).into();
     for secret in [&TOKEN, &hash] {
@@ -118,6 +172,45 @@ async fn ciphertexts_are_in_only_when_asked_for_and_match() {
     }
 }
 
+#[tokio::test]
+async fn the_discovery_tag_setting_buckets_and_verification_are_exported() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let stores = w.f.services.stores();
+    // The account's bucket refills after the export; its number's already has.
+    let tag = discoverable(stores, &account, NOW + 5_000, NOW - 1);
+    let pending = |a: &AccountId| *a == account;
+    let v = export_live(
+        stores,
+        &account,
+        ExportOptions::default(),
+        Live {
+            verification_pending: Some(&pending),
+        },
+    );
+    valid(&v);
+    assert_eq!(
+        v["discovery"],
+        serde_json::json!({"tag": hex(&tag.0), "discoverable": false, "verified_at_day": 2})
+    );
+    assert_eq!(
+        v["verification"],
+        serde_json::json!({"verified_at_day": 2, "pending": true})
+    );
+    assert_eq!(
+        v["rate_limits"]["discovery_evaluations"],
+        serde_json::json!({"account_full_at_ms": NOW + 5_000, "number_full_at_ms": null})
+    );
+    stores
+        .discovery
+        .set_discoverable(&account, true)
+        .expect("on");
+    let v = export(stores, &account, ExportOptions::default());
+    assert_eq!(v["discovery"]["discoverable"], true);
+    assert_eq!(v["verification"]["pending"], false, "no sessions given");
+}
+
 #[test]
 fn the_schema_is_version_1_and_refuses_what_it_does_not_name() {
     let raw: Value = serde_json::from_str(SCHEMA_V1).expect("JSON");
@@ -126,14 +219,20 @@ fn the_schema_is_version_1_and_refuses_what_it_does_not_name() {
     let mut doc = serde_json::json!({
         "schema": EXPORT_SCHEMA, "version": 1, "generated_at_ms": 5,
         "account": {"id": "00".repeat(16), "identity_key": b64(&[1; 32]),
-            "delivery_token_set": false, "devices": []},
+            "created_day": null, "delivery_token_set": false, "devices": []},
         "discovery": null,
+        "verification": {"verified_at_day": null, "pending": false},
+        "rate_limits": {"discovery_evaluations": {"account_full_at_ms": null, "number_full_at_ms": null}},
         "media": {"charges": [], "uploads_in_progress": [], "owned_blobs": []}
     });
     assert!(schema().is_valid(&doc));
     doc["account"]["phone"] = Value::from("+15550100");
     assert!(!schema().is_valid(&doc), "an extra field");
     doc["account"].as_object_mut().map(|a| a.remove("phone"));
+    doc["discovery"] = serde_json::json!({"tag": "00".repeat(16), "discoverable": true,
+        "verified_at_day": 1, "number": "+15550100"});
+    assert!(!schema().is_valid(&doc), "a number beside the tag");
+    doc["discovery"] = Value::Null;
     doc["version"] = Value::from(2);
     assert!(!schema().is_valid(&doc), "another version");
 }

@@ -474,12 +474,14 @@ impl BlobStore {
             .map_err(|_| BlobError::NotFound)
     }
 
-    /// Deletes what ties `account` to media (account deletion): its unfinished
-    /// uploads' partial files, then, in one change, their records and its charges.
+    /// Deletes what ties `account` to media (account deletion): its upload-rate
+    /// bucket, its unfinished uploads' partial files, then, in one change, their
+    /// records and its charges.
     /// Files first: a crash between the two leaves records that a rerun finds again,
     /// never a file that no record names. Finished blobs name no one and stay until
     /// they expire. Returns how many uploads it deleted.
     pub(crate) fn remove_account(&self, account: &AccountId) -> BlobResult<usize> {
+        self.rate.forget(account);
         for (id, _) in self.index.uploads_of(account)? {
             self.files.remove_upload(account, &id)?;
         }
@@ -489,6 +491,12 @@ impl BlobStore {
             self.files.remove_upload(account, id)?;
         }
         Ok(removed.len())
+    }
+
+    /// Whether the account has an upload-rate bucket (for tests).
+    #[cfg(test)]
+    pub(crate) fn upload_rate_holds(&self, account: &AccountId) -> bool {
+        self.rate.holds(account)
     }
 
     /// Deletes up to `max` expired blobs (record first, then file), uploads abandoned

@@ -165,6 +165,7 @@ pub(crate) async fn serve(
         conn.clone(),
         settings.blobs.clone(),
         services.clone(),
+        settings.verification.clone(),
         device.clone(),
         activity.clone(),
     ));

@@ -45,6 +45,7 @@ impl Write for ToStream {
 pub(super) async fn stream(
     send: &mut quinn::SendStream,
     services: &Arc<Services>,
+    verification: &Arc<crate::verification::Verification>,
     device: &AuthenticatedDevice,
     options: ExportOptions,
 ) -> Result<(), Error> {
@@ -57,10 +58,15 @@ pub(super) async fn stream(
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel(IN_FLIGHT);
     let s = services.clone();
+    let v = verification.clone();
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToStream(tx));
         let now = s.clock().now();
-        crate::export::write(s.stores(), &account, now, options, &mut out)
+        let pending = |a: &tern_proto::AccountId| v.pending(a).is_some();
+        let live = crate::export::Live {
+            verification_pending: Some(&pending),
+        };
+        crate::export::write_with(s.stores(), &account, now, options, live, &mut out)
     });
     let mut sent = true;
     while let Some(chunk) = rx.recv().await {

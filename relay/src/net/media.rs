@@ -20,6 +20,7 @@ use crate::export::ExportOptions;
 use crate::media::{reported_expiry, Begin, BlobError, BlobStore};
 use crate::server::Services;
 use crate::store::BlobId;
+use crate::verification::Verification;
 
 /// Largest request frame on a transfer stream.
 const MAX_REQUEST: usize = 4096;
@@ -72,6 +73,7 @@ pub(crate) async fn accept_streams(
     conn: quinn::Connection,
     blobs: Arc<BlobStore>,
     services: Arc<Services>,
+    verification: Arc<Verification>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
     activity: Arc<Activity>,
 ) {
@@ -79,6 +81,7 @@ pub(crate) async fn accept_streams(
         let on = Streams {
             blobs: blobs.clone(),
             services: services.clone(),
+            verification: verification.clone(),
             who: who.clone(),
             activity: activity.clone(),
         };
@@ -90,6 +93,8 @@ pub(crate) async fn accept_streams(
 struct Streams {
     blobs: Arc<BlobStore>,
     services: Arc<Services>,
+    /// Open phone verifications, which an export reports.
+    verification: Arc<Verification>,
     who: Arc<OnceLock<AuthenticatedDevice>>,
     activity: Arc<Activity>,
 }
@@ -152,6 +157,7 @@ async fn transfer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, on: 
     let Streams {
         blobs,
         services,
+        verification,
         who,
         activity,
     } = on;
@@ -169,7 +175,7 @@ async fn transfer(mut send: quinn::SendStream, mut recv: quinn::RecvStream, on: 
             download(&mut send, &blobs, blob_id, offset).await
         }
         Ok(Transfer::Export { device, options }) => {
-            super::export::stream(&mut send, &services, device, options).await
+            super::export::stream(&mut send, &services, &verification, device, options).await
         }
         Err(e) => Err(e),
     };

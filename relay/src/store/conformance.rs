@@ -5,11 +5,14 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 
 use super::*;
 
-fn addr(a: u8, d: u32) -> DeviceAddress {
+mod more;
+pub(super) use more::{day_rules, key_account_rules};
+
+pub(super) fn addr(a: u8, d: u32) -> DeviceAddress {
     DeviceAddress::from_wire(&[a; 16], d).expect("valid address")
 }
 
-fn msg(i: u8, len: usize) -> Envelope {
+pub(super) fn msg(i: u8, len: usize) -> Envelope {
     Envelope {
         message_id: MessageId([i; 16]),
         payload: Bytes::from(vec![i; len]),
@@ -203,18 +206,18 @@ pub(super) fn account_rules(store: &dyn AccountStore) {
     assert_eq!(store.get(&id).expect("get"), Some(rec));
 
     let second = store
-        .add_device(&id, &[3; 32])
+        .add_device(&id, &[3; 32], 1)
         .expect("add")
         .expect("account exists");
     assert_eq!(second.get(), 2);
     assert_eq!(
-        store.add_device(&id, &[3; 32]).expect("add"),
+        store.add_device(&id, &[3; 32], 1).expect("add"),
         Some(second),
         "idempotent"
     );
     assert_eq!(
         store
-            .add_device(&AccountId([8; 16]), &[3; 32])
+            .add_device(&AccountId([8; 16]), &[3; 32], 1)
             .expect("add"),
         None
     );
@@ -681,6 +684,35 @@ pub(super) fn purge_rules(store: &dyn MailboxStore) {
     assert_eq!(store.usage(&a).expect("usage"), Usage::default());
     assert_eq!(store.purge(&a).expect("again"), Usage::default());
     assert_eq!(store.read(&a2, 0, 10).expect("read").len(), 1);
+    // `seqs` lists what `read` reads, in pages, never across mailboxes.
+    let listed = store.seqs(&a2, 0, 10).expect("seqs");
+    assert_eq!(listed, vec![store.read(&a2, 0, 1).expect("read")[0].seq]);
+    assert!(store.seqs(&a2, listed[0], 10).expect("seqs").is_empty());
+    assert!(store.seqs(&a2, u64::MAX, 10).expect("seqs").is_empty());
+    // A mailbox of more than two purge pages.
+    let big = addr(33, 1);
+    let one: Vec<Envelope> = (0..=255u8).map(|i| msg(i, 1)).collect();
+    let pages = 2 * PURGE_PAGE / one.len() + 1;
+    for _ in 0..pages {
+        store.append(&big, &one, 1_000, 9_000).expect("append");
+    }
+    let n = (pages * one.len()) as u64;
+    let seqs = store.seqs(&big, 0, 3).expect("seqs");
+    let read: Vec<u64> = store
+        .read(&big, 0, 3)
+        .expect("read")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, read);
+    assert_eq!(
+        store.purge(&big).expect("purge"),
+        Usage {
+            messages: n,
+            bytes: n
+        }
+    );
+    assert!(store.seqs(&big, 0, 10).expect("seqs").is_empty());
     assert_eq!(store.read(&b, 0, 10).expect("read").len(), 1);
     let after = store.totals();
     assert_eq!(after.messages, before.messages + 2);

@@ -7,9 +7,9 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::seq::SeqCounters;
 use super::{
-    codec, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, Envelope, Expired,
-    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreError,
-    StoreResult, StoredMessage, Totals, UploadMeta, Usage,
+    codec, AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DeviceDays,
+    Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
+    SignedKey, StoreError, StoreResult, StoredMessage, Totals, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -31,6 +31,7 @@ struct Inner {
     /// The sum of `usage`.
     totals: Usage,
     accounts: HashMap<AccountId, AccountRecord>,
+    days: HashMap<AccountId, AccountDays>,
     tokens: HashMap<AccountId, [u8; 32]>,
     deletions: BTreeMap<AccountId, Vec<DeviceId>>,
     keys: HashMap<DeviceAddress, Keys>,
@@ -120,6 +121,19 @@ impl MailboxStore for MemoryStore {
             .collect())
     }
 
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .lock()
+            .messages
+            .range((*of, start)..=(*of, u64::MAX))
+            .take(max)
+            .map(|((_, seq), _)| *seq)
+            .collect())
+    }
+
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         let mut inner = self.lock();
         let mut removed = Usage::default();
@@ -161,20 +175,58 @@ impl Flush for MemoryStore {
 }
 
 impl AccountStore for MemoryStore {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+    fn create_on(
+        &self,
+        id: &AccountId,
+        record: &AccountRecord,
+        day: Option<u32>,
+    ) -> StoreResult<()> {
         let mut inner = self.lock();
         if inner.accounts.contains_key(id) {
             return Err(StoreError::Exists);
         }
         inner.accounts.insert(*id, record.clone());
+        let devices = record
+            .devices
+            .iter()
+            .map(|(d, _)| (*d, DeviceDays::new_on(day)))
+            .collect();
+        inner.days.insert(
+            *id,
+            AccountDays {
+                created: day,
+                devices,
+            },
+        );
         Ok(())
+    }
+
+    fn days(&self, id: &AccountId) -> StoreResult<Option<AccountDays>> {
+        Ok(self.lock().days.get(id).cloned())
+    }
+
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        let Some(days) = inner.days.get_mut(&of.account) else {
+            return Ok(false);
+        };
+        Ok(days
+            .devices
+            .iter_mut()
+            .find(|(d, _)| *d == of.device)
+            .is_some_and(|(_, d)| d.touch(day)))
     }
 
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         Ok(self.lock().accounts.get(id).cloned())
     }
 
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
+    fn add_device(
+        &self,
+        id: &AccountId,
+        device_key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>> {
         let mut inner = self.lock();
         let Some(rec) = inner.accounts.get_mut(id) else {
             return Ok(None);
@@ -184,6 +236,8 @@ impl AccountStore for MemoryStore {
         }
         let next = codec::next_device_id(rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
         rec.devices.push((next, *device_key));
+        let days = inner.days.entry(*id).or_default();
+        days.devices.push((next, DeviceDays::new_on(Some(day))));
         Ok(Some(next))
     }
 
@@ -199,6 +253,7 @@ impl AccountStore for MemoryStore {
     fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         let mut inner = self.lock();
         inner.tokens.remove(id);
+        inner.days.remove(id);
         Ok(inner.accounts.remove(id))
     }
 
@@ -286,6 +341,11 @@ impl KeyStore for MemoryStore {
 
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
         self.lock().keys.remove(of);
+        Ok(())
+    }
+
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.lock().keys.retain(|a, _| a.account != *account);
         Ok(())
     }
 }
@@ -437,7 +497,9 @@ mod tests {
         super::super::conformance::seqs_are_per_mailbox(&super::MemoryStore::new());
         super::super::conformance::totals_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
+        super::super::conformance::day_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());
+        super::super::conformance::key_account_rules(&super::MemoryStore::new());
         super::super::conformance::blob_rules(&super::MemoryStore::new());
         super::super::conformance::deletion_rules(&super::MemoryStore::new());
         super::super::conformance::purge_rules(&super::MemoryStore::new());

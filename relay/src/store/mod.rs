@@ -35,6 +35,7 @@ use crate::core::budget::DiskSample;
 
 mod commit;
 mod compose;
+pub(crate) mod days;
 mod discovery;
 pub mod fault;
 mod log;
@@ -47,6 +48,7 @@ mod conformance;
 
 pub use self::commit::{Durability, GroupCommit};
 pub use self::compose::Stores;
+pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
@@ -225,23 +227,36 @@ pub trait MailboxStore: Flush {
         Ok(())
     }
 
+    /// Up to `max` seqs of the mailbox's messages after `after`, in order, without
+    /// reading their payloads where the backend can (purge, export counts).
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        Ok(self
+            .read(of, after, max)?
+            .into_iter()
+            .map(|m| m.seq)
+            .collect())
+    }
+
     /// Deletes every message of the mailbox, as [`MailboxStore::remove`] does (on the
     /// log: dead headers at once, the bytes punched by the next scrub or
     /// [`MailboxStore::settle`]); returns what was deleted. For account deletion.
+    /// It reads seqs only, [`PURGE_PAGE`] at a time: memory stays bounded whatever
+    /// the mailbox holds.
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         let mut purged = Usage::default();
-        // Each round deletes at least one message or ends, so the loop is bounded by
+        let mut after = 0;
+        // Each round moves `after` past the seqs it read, so the loop is bounded by
         // the mailbox's size.
         loop {
-            let page = self.read(of, 0, 4096)?;
-            if page.is_empty() {
+            let seqs = self.seqs(of, after, PURGE_PAGE)?;
+            let Some(&last) = seqs.last() else {
                 return Ok(purged);
-            }
-            let seqs: Vec<u64> = page.iter().map(|m| m.seq).collect();
+            };
+            after = last;
             let removed = self.remove(of, &seqs)?;
             if removed.messages == 0 {
                 return Err(StoreError::Corrupt(
-                    "purge: read messages that remove cannot find",
+                    "purge: listed messages that remove cannot find",
                 ));
             }
             purged.messages += removed.messages;
@@ -249,6 +264,9 @@ pub trait MailboxStore: Flush {
         }
     }
 }
+
+/// Seqs a purge lists and removes at a time (8 KiB of seqs).
+pub const PURGE_PAGE: usize = 1024;
 
 /// A blob id: SHA-256 of the blob's (encrypted) bytes.
 pub type BlobId = [u8; 32];
@@ -365,15 +383,40 @@ impl AccountRecord {
 /// Accounts and their device keys. Values are public keys: not secret, but their
 /// integrity decides who may read a mailbox.
 pub trait AccountStore: Send + Sync + 'static {
-    /// Stores a new account; `Err(Exists)` if `id` is taken.
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()>;
+    /// Stores a new account; `Err(Exists)` if `id` is taken. Its days are unknown.
+    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
+        self.create_on(id, record, None)
+    }
+
+    /// Stores a new account created on UTC day `day`, which is also the created and
+    /// last-seen day of each of its devices; `Err(Exists)` if `id` is taken.
+    fn create_on(
+        &self,
+        id: &AccountId,
+        record: &AccountRecord,
+        day: Option<u32>,
+    ) -> StoreResult<()>;
+
+    /// The account's created day and its devices' days; `None` without the account.
+    fn days(&self, id: &AccountId) -> StoreResult<Option<AccountDays>>;
+
+    /// Moves the device's last-seen day on to `day`, writing only when it is later
+    /// than the stored one: at most one write per device per day. Whether it wrote;
+    /// `false` for an unknown account or device.
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool>;
 
     /// The account, if it exists.
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>>;
 
-    /// Adds a device key and returns its id; the existing id if the key is already
-    /// registered; `None` if the account does not exist.
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>>;
+    /// Adds a device key, created (and seen) on UTC day `day`, and returns its id;
+    /// the existing id if the key is already registered; `None` if the account does
+    /// not exist.
+    fn add_device(
+        &self,
+        id: &AccountId,
+        device_key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>>;
 
     /// Sets the SHA-256 of the account's delivery token, replacing any earlier one.
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()>;
@@ -445,6 +488,11 @@ pub trait KeyStore: Send + Sync + 'static {
 
     /// Deletes every key the device published, in one atomic change.
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()>;
+
+    /// Deletes every key published by any device of the account, in one atomic
+    /// change: a scan of the account's keys, so a device that no record names
+    /// loses its keys too (account deletion).
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()>;
 }
 
 /// What a device has published, as counts and ids (no key bytes): the export's view.
@@ -516,39 +564,15 @@ pub(crate) mod codec {
             .map_err(|_| StoreError::Corrupt("field length"))
     }
 
-    pub(crate) fn encode_account(rec: &AccountRecord) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + rec.devices.len() * 36);
-        out.extend_from_slice(&rec.identity_key);
-        for (id, key) in &rec.devices {
-            out.extend_from_slice(&id.get().to_be_bytes());
-            out.extend_from_slice(key);
-        }
-        out
+    #[cfg(test)]
+    pub(crate) use super::days::ACCOUNT_V2;
+
+    pub(crate) fn encode_account(rec: &AccountRecord, days: &super::AccountDays) -> Vec<u8> {
+        super::days::encode(rec, days)
     }
 
     pub(crate) fn decode_account(bytes: &[u8]) -> StoreResult<AccountRecord> {
-        let corrupt = StoreError::Corrupt("account");
-        let (identity, rest) = bytes
-            .split_first_chunk::<32>()
-            .ok_or(StoreError::Corrupt("account"))?;
-        if rest.len() % 36 != 0 {
-            return Err(corrupt);
-        }
-        let devices = rest
-            .chunks_exact(36)
-            .map(|c| {
-                let (id, key) = c.split_at(4);
-                let id =
-                    u32::from_be_bytes(id.try_into().map_err(|_| StoreError::Corrupt("account"))?);
-                let id = DeviceId::new(id).ok_or(StoreError::Corrupt("account"))?;
-                let key: [u8; 32] = key.try_into().map_err(|_| StoreError::Corrupt("account"))?;
-                Ok((id, key))
-            })
-            .collect::<StoreResult<_>>()?;
-        Ok(AccountRecord {
-            identity_key: *identity,
-            devices,
-        })
+        super::days::decode(bytes).map(|(rec, _)| rec)
     }
 
     pub(crate) fn encode_signed(k: &SignedKey) -> [u8; 100] {

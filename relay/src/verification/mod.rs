@@ -300,6 +300,11 @@ impl Verification {
         }
     }
 
+    /// The discovery service verified numbers attach their tags to.
+    pub fn discovery(&self) -> &Arc<Discovery> {
+        &self.discovery
+    }
+
     /// The account's open session: when its code expires and the tries left.
     pub fn pending(&self, account: &AccountId) -> Option<(u64, u32)> {
         self.sessions().of_account(account)

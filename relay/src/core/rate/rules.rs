@@ -113,6 +113,33 @@ impl RateLimits {
         self.one_time_per_device.housekeep();
     }
 
+    /// Forgets every bucket keyed by the account or one of its devices, or naming it
+    /// as a sender (account deletion). A pass over the intake and prekey tables.
+    pub fn forget_account(&self, account: &AccountId) {
+        let sender = SenderKey::Account(*account);
+        self.add_device.forget(account);
+        self.sends.forget(account);
+        self.sealed_per_token.forget(account);
+        self.fetch_per_requester.forget(&sender);
+        self.intake
+            .forget_where(|(to, from)| to.account == *account || *from == sender);
+        self.one_time_per_device
+            .forget_where(|d| d.account == *account);
+    }
+
+    /// Whether any bucket is keyed by the account or names it (for tests).
+    pub fn holds_account(&self, account: &AccountId) -> bool {
+        let sender = SenderKey::Account(*account);
+        self.add_device.holds(|k| k == account)
+            || self.sends.holds(|k| k == account)
+            || self.sealed_per_token.holds(|k| k == account)
+            || self.fetch_per_requester.holds(|k| *k == sender)
+            || self
+                .intake
+                .holds(|(to, from)| to.account == *account || *from == sender)
+            || self.one_time_per_device.holds(|d| d.account == *account)
+    }
+
     /// Keys held over every limit; for tests and metrics.
     pub fn keys(&self) -> usize {
         [

@@ -145,3 +145,51 @@ fn prefixes_group_an_ipv6_64_and_keep_ipv4_addresses_apart() {
     let shown = format!("{:?} {:?}", p(v4.into()), p(a.into()));
     assert!(!shown.contains("192") && !shown.contains("2001"), "{shown}");
 }
+
+#[test]
+fn a_forgotten_key_starts_full_and_frees_its_place() {
+    let (l, _clock) = limit("2/1h", 2);
+    for key in [1, 2] {
+        l.check(&key).expect("first");
+        l.check(&key).expect("second");
+        assert!(l.check(&key).is_err(), "empty");
+    }
+    assert!(l.check(&3).is_err(), "the table is full");
+    l.forget(&1);
+    assert_eq!(l.len(), 1);
+    assert!(!l.holds(|k| *k == 1));
+    l.check(&1).expect("full again after forgetting");
+    l.forget_where(|k| *k >= 1);
+    assert!(l.is_empty());
+    l.check(&3).expect("room again");
+}
+
+#[test]
+fn forgetting_an_account_drops_every_key_that_names_it() {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let r = RateLimits::new(&crate::config::RateLimitsConfig::default(), clock);
+    let (a, b) = (
+        tern_proto::AccountId([1; 16]),
+        tern_proto::AccountId([2; 16]),
+    );
+    let dev = |account| tern_proto::DeviceAddress {
+        account,
+        device: tern_proto::DeviceId::PRIMARY,
+    };
+    let prefix = AddressPrefix::of(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 32, 64);
+    for (me, other) in [(a, b), (b, a)] {
+        r.add_device(&me).expect("add device");
+        r.send(&SenderKey::Account(me), &dev(other), 1)
+            .expect("send");
+        r.send(&SenderKey::Prefix(prefix), &dev(me), 1)
+            .expect("sealed");
+        r.intake(&SenderKey::Account(other), &dev(me), u64::MAX, 1)
+            .expect("intake");
+        r.fetch_keys(&SenderKey::Account(me)).expect("fetch");
+        r.take_one_time_prekey(&dev(me)).expect("prekey");
+    }
+    assert!(r.holds_account(&a) && r.holds_account(&b));
+    r.forget_account(&a);
+    assert!(!r.holds_account(&a), "nothing keyed by or naming a is left");
+    assert!(r.holds_account(&b));
+}

@@ -10,9 +10,9 @@ use tern_proto::discovery::Tag;
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::store::{
-    AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore, Envelope, Expired,
-    FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published, SignedKey, StoreResult,
-    StoredMessage, TagRecord, Totals, UploadMeta, Usage,
+    AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore,
+    Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
+    SignedKey, StoreResult, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -101,20 +101,39 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn sweep_files(&self, now: UnixMillis) -> StoreResult<()> {
         self.write(|s| s.sweep_files(now))
     }
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        self.store.seqs(of, after, max)
+    }
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         self.write(|s| s.purge(of))
     }
 }
 
 impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
-        self.write(|s| s.create(id, record))
+    fn create_on(
+        &self,
+        id: &AccountId,
+        record: &AccountRecord,
+        day: Option<u32>,
+    ) -> StoreResult<()> {
+        self.write(|s| s.create_on(id, record, day))
+    }
+    fn days(&self, id: &AccountId) -> StoreResult<Option<AccountDays>> {
+        self.store.days(id)
+    }
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
+        self.write(|s| s.touch_device(of, day))
     }
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         self.store.get(id)
     }
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
-        self.write(|s| s.add_device(id, device_key))
+    fn add_device(
+        &self,
+        id: &AccountId,
+        key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>> {
+        self.write(|s| s.add_device(id, key, day))
     }
     fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
         self.write(|s| s.set_delivery_token(id, token_hash))
@@ -158,6 +177,9 @@ impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {
     }
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
         self.write(|s| s.remove_device(of))
+    }
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_account_keys(account))
     }
 }
 

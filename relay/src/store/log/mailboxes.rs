@@ -178,6 +178,21 @@ impl MailboxStore for LogStore {
         Ok(out)
     }
 
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // From the in-memory index: no segment is read.
+        let index = lock(&self.shared.index);
+        Ok(index.mailboxes.get(of).map_or_else(Vec::new, |m| {
+            m.entries
+                .range(first..)
+                .take(max)
+                .map(|(s, _)| *s)
+                .collect()
+        }))
+    }
+
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         self.shared.remove(of, seqs)
     }

@@ -31,16 +31,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+use tern_proto::{DeviceAddress, MessageId};
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
-    codec, AccountRecord, AccountStore, Envelope, Expired, FetchedKeys, Flush, KeyStore,
-    MailboxStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult, StoredMessage, Totals,
-    Usage,
+    codec, Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
+    SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage, PURGE_PAGE,
 };
 
+mod accounts;
 mod blobs;
 mod discovery;
 use tern_platform::clock::UnixMillis;
@@ -381,6 +381,26 @@ impl MailboxStore for SledStore {
         Ok(out)
     }
 
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(start) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // The seq is the key's tail; values (with payloads) are dropped unread.
+        let mut out = Vec::with_capacity(max.min(PURGE_PAGE));
+        for kv in self
+            .mailboxes
+            .range(msg_key(of, start)..=msg_key(of, u64::MAX))
+            .take(max)
+        {
+            let (k, _) = kv.map_err(backend)?;
+            let tail = k
+                .get(1 + ADDR_LEN..)
+                .ok_or(StoreError::Corrupt("message key"))?;
+            out.push(u64::from_be_bytes(fixed(tail)?));
+        }
+        Ok(out)
+    }
+
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         self.delete(of, seqs.iter().copied(), &[])
     }
@@ -428,122 +448,6 @@ impl MailboxStore for SledStore {
 impl Flush for SledStore {
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map(|_| ()).map_err(backend)
-    }
-}
-
-impl AccountStore for SledStore {
-    fn create(&self, id: &AccountId, record: &AccountRecord) -> StoreResult<()> {
-        self.accounts
-            .compare_and_swap(
-                id.as_bytes(),
-                None::<&[u8]>,
-                Some(codec::encode_account(record)),
-            )
-            .map_err(backend)?
-            .map_err(|_| StoreError::Exists)
-    }
-
-    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
-        self.accounts
-            .get(id.as_bytes())
-            .map_err(backend)?
-            .map(|v| codec::decode_account(&v))
-            .transpose()
-    }
-
-    fn add_device(&self, id: &AccountId, device_key: &[u8; 32]) -> StoreResult<Option<DeviceId>> {
-        // Compare-and-swap loop: concurrent adds to one account never lose a device.
-        loop {
-            let Some(old) = self.accounts.get(id.as_bytes()).map_err(backend)? else {
-                return Ok(None);
-            };
-            let mut rec = codec::decode_account(&old)?;
-            if let Some((existing, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
-                return Ok(Some(*existing));
-            }
-            let next =
-                codec::next_device_id(&rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
-            rec.devices.push((next, *device_key));
-            let swapped = self
-                .accounts
-                .compare_and_swap(id.as_bytes(), Some(old), Some(codec::encode_account(&rec)))
-                .map_err(backend)?;
-            if swapped.is_ok() {
-                return Ok(Some(next));
-            }
-        }
-    }
-
-    fn set_delivery_token(&self, id: &AccountId, token_hash: &[u8; 32]) -> StoreResult<()> {
-        self.tokens
-            .insert(id.as_bytes(), &token_hash[..])
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
-        self.tokens
-            .get(id.as_bytes())
-            .map_err(backend)?
-            .map(|v| fixed(&v))
-            .transpose()
-    }
-
-    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
-        use sled::transaction::{ConflictableTransactionError, TransactionError};
-        use sled::Transactional;
-        let removed = (&self.accounts, &self.tokens)
-            .transaction(|(accounts, tokens)| {
-                tokens.remove(id.as_bytes())?;
-                Ok(accounts.remove(id.as_bytes())?)
-            })
-            .map_err(
-                |e: TransactionError<ConflictableTransactionError>| match e {
-                    TransactionError::Storage(e) => backend(e),
-                    TransactionError::Abort(_) => StoreError::Backend("transaction aborted".into()),
-                },
-            )?;
-        removed.map(|v| codec::decode_account(&v)).transpose()
-    }
-
-    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
-        self.deletions
-            .insert(id.as_bytes(), codec::encode_devices(devices))
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// An unreadable record does not stop a start: one whose device list is bad is
-    /// returned with none (the deletion then takes the account record's), one whose
-    /// key is no account id is skipped. Both are counted in one warn, without ids.
-    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
-        let mut out = Vec::new();
-        let (mut skipped, mut no_devices) = (0u64, 0u64);
-        for kv in self.deletions.iter() {
-            let (k, v) = kv.map_err(backend)?;
-            let Ok(id) = fixed(&k) else {
-                skipped += 1;
-                continue;
-            };
-            let devices = codec::decode_devices(&v).unwrap_or_else(|_| {
-                no_devices += 1;
-                Vec::new()
-            });
-            out.push((AccountId(id), devices));
-        }
-        if skipped + no_devices > 0 {
-            tracing::warn!(
-                skipped,
-                no_devices,
-                "unreadable account deletion intents (store corruption)"
-            );
-        }
-        Ok(out)
-    }
-
-    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
-        self.deletions.remove(id.as_bytes()).map_err(backend)?;
-        Ok(())
     }
 }
 
@@ -634,6 +538,21 @@ impl KeyStore for SledStore {
         for kv in self.keys.scan_prefix(tagged(b'O', of)) {
             let (k, _) = kv.map_err(backend)?;
             batch.remove(k);
+        }
+        self.keys.apply_batch(batch).map_err(backend)
+    }
+
+    fn remove_account_keys(&self, account: &tern_proto::AccountId) -> StoreResult<()> {
+        // Every key is a tag, then the device address, which starts with the account.
+        let mut batch = sled::Batch::default();
+        for tag in [b'I', b'S', b'O'] {
+            let mut prefix = [0u8; 17];
+            prefix[0] = tag;
+            prefix[1..].copy_from_slice(account.as_bytes());
+            for kv in self.keys.scan_prefix(prefix) {
+                let (k, _) = kv.map_err(backend)?;
+                batch.remove(k);
+            }
         }
         self.keys.apply_batch(batch).map_err(backend)
     }

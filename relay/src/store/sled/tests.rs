@@ -1,4 +1,6 @@
 use super::*;
+use crate::store::AccountStore;
+use tern_proto::{AccountId, DeviceId};
 
 #[test]
 fn conformance() {
@@ -7,7 +9,9 @@ fn conformance() {
     super::super::conformance::mailbox_rules(&store);
     super::super::conformance::seqs_are_per_mailbox(&store);
     super::super::conformance::account_rules(&store);
+    super::super::conformance::day_rules(&store);
     super::super::conformance::key_rules(&store);
+    super::super::conformance::key_account_rules(&store);
     super::super::conformance::blob_rules(&store);
     super::super::conformance::deletion_rules(&store);
     super::super::conformance::purge_rules(&store);
@@ -243,4 +247,74 @@ fn an_unreadable_deletion_intent_is_skipped_or_kept_with_no_devices() {
     let mut found = store.deletions().expect("readable ones");
     found.sort();
     assert_eq!(found, vec![(alice, vec![DeviceId::PRIMARY]), (bob, vec![])]);
+}
+
+#[test]
+fn an_account_record_in_the_first_format_is_read_and_kept_on_its_next_write() {
+    use crate::store::DeviceDays;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    let id = AccountId([5; 16]);
+    // The first format: identity key, then (device id, key) per device; no days.
+    let mut old = vec![2u8; 32];
+    old.extend_from_slice(&1u32.to_be_bytes());
+    old.extend_from_slice(&[3; 32]);
+    store.accounts.insert(id.as_bytes(), old).expect("insert");
+    let rec = store.get(&id).expect("get").expect("account");
+    assert_eq!(rec.identity_key, [2; 32]);
+    assert_eq!(rec.devices, vec![(DeviceId::PRIMARY, [3; 32])]);
+    let days = store.days(&id).expect("days").expect("account");
+    assert_eq!(days.created, None);
+    assert_eq!(
+        days.devices,
+        vec![(DeviceId::PRIMARY, DeviceDays::default())]
+    );
+    // A touch writes the new format; the record and its devices are unchanged.
+    let a = DeviceAddress {
+        account: id,
+        device: DeviceId::PRIMARY,
+    };
+    assert!(store.touch_device(&a, 40).expect("touch"));
+    let second = store
+        .add_device(&id, &[4; 32], 41)
+        .expect("add")
+        .expect("account");
+    let raw = store
+        .accounts
+        .get(id.as_bytes())
+        .expect("get")
+        .expect("raw");
+    assert_eq!(
+        raw[0],
+        codec::ACCOUNT_V2,
+        "rewritten in the versioned format"
+    );
+    let rec = store.get(&id).expect("get").expect("account");
+    assert_eq!(
+        rec.devices,
+        vec![(DeviceId::PRIMARY, [3; 32]), (second, [4; 32])]
+    );
+    let days = store.days(&id).expect("days").expect("account");
+    assert_eq!(
+        days.devices[0].1,
+        DeviceDays {
+            created: None,
+            last_seen: Some(40)
+        }
+    );
+    assert_eq!(
+        days.devices[1].1,
+        DeviceDays {
+            created: Some(41),
+            last_seen: Some(41)
+        }
+    );
+    // A record of neither format is corrupt, not a panic.
+    store
+        .accounts
+        .insert(id.as_bytes(), vec![9u8; 33])
+        .expect("insert");
+    assert!(matches!(store.get(&id), Err(StoreError::Corrupt(_))));
+    assert!(matches!(store.days(&id), Err(StoreError::Corrupt(_))));
+    assert!(store.touch_device(&a, 42).is_err());
 }
