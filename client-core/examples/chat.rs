@@ -13,7 +13,12 @@
 //!
 //! Commands: `/add <card>`, `/card`, `/file <path>` (send an attachment; received ones
 //! land in `<dir>/downloads/`), `/forward` (the last received attachment, to the current
-//! contact, without uploading it again), `/safety`, `/accept`, `/quit`, and:
+//! contact, without uploading it again), `/safety`, `/accept`, `/help`, `/quit`, and:
+//! - `/verify <number>` (E.164, say `+12015550123`): the relay sends the number a
+//!   code and the chat prints the session id (hex); `/code <session> <code>`
+//!   confirms it, verifying the number (the relay keeps only its discovery tag).
+//!   With `tern-relay serve --allow-dev-verifier` and `verifier = "dev-file"`, the
+//!   code is in the relay's `<data>/dev-verification/<session>`.
 //! - `/discover <numbers…>` (separated by commas, or by spaces if there is no comma) or
 //!   `/discover @<file>` (one number per line): which are discoverable users; they
 //!   become contacts, the first one found the current contact if there is none.
@@ -32,11 +37,25 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use tern_client::store::SledKv;
-use tern_client::{Client, ContactCard, Event, Events};
+use tern_client::{Client, ContactCard, Event, Events, VerificationId};
 use tern_proto::{AccountId, RelayAddress};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// What `/help` prints.
+const HELP: &str = "\
+/add <card>                  pick a contact by its card
+/card                        print your card
+/file <path>                 send an attachment
+/forward                     pass the last attachment on
+/safety, /accept             safety number; accept a changed identity key
+/verify <+number>            send a code to your number; prints the session
+/code <session> <code>       confirm the code: your number is verified
+/discover <numbers…|@file>   which numbers are discoverable users
+/export [--ciphertexts]      what the relay holds about you, as JSON
+/delete-account confirm      delete this account for good
+/quit";
 
 fn short(account: &AccountId) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&account.as_bytes()[..6])
@@ -69,6 +88,18 @@ async fn start(relay: &RelayAddress, dir: &Path) -> Result<(Client, Events), Box
     }
 }
 
+/// A verification session id as `/verify` printed it: 32 hex digits.
+fn session(hex: &str) -> Option<VerificationId> {
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(VerificationId(id))
+}
+
 /// The numbers of `/discover`'s arguments: `@file` (one per line), or a list.
 fn book(args: &str) -> std::io::Result<Vec<String>> {
     let text = match args.strip_prefix('@') {
@@ -95,7 +126,7 @@ async fn main() -> Result<(), BoxError> {
     let (client, mut events) = start(&relay, &PathBuf::from(dir)).await?;
     println!("you are {}", short(&client.account()));
     println!("your card: {}", client.contact_card().await);
-    println!("type /add <card> to pick a contact, then type to talk");
+    println!("type /add <card> to pick a contact, then type to talk; /help for commands");
 
     let mut peer: Option<AccountId> = None;
     let mut last_attachment = None;
@@ -197,6 +228,32 @@ async fn main() -> Result<(), BoxError> {
                         }
                         _ => println!("no contact or no attachment received yet"),
                     }
+                } else if let Some(number) = line.strip_prefix("/verify ") {
+                    match client.start_verification(number.trim()).await {
+                        Ok(id) => println!(
+                            "(code sent; type /code {} <code>)",
+                            id.to_hex()
+                        ),
+                        Err(e) => println!("(verification not started: {e})"),
+                    }
+                } else if let Some(args) = line.strip_prefix("/code ") {
+                    let mut parts = args.split_whitespace();
+                    let (Some(id), Some(code), None) = (
+                        parts.next().and_then(session),
+                        parts.next(),
+                        parts.next(),
+                    ) else {
+                        println!("usage: /code <session, 32 hex digits> <6-digit code>");
+                        continue;
+                    };
+                    match client.confirm_verification(id, code).await {
+                        Ok(true) => println!("(verified; discoverable by your number)"),
+                        Ok(false) => println!("(verified; not discoverable)"),
+                        Err(e) => match e.attempts_left() {
+                            Some(n) => println!("(wrong code; {n} attempts left)"),
+                            None => println!("(not verified: {e})"),
+                        },
+                    }
                 } else if let Some(args) = line.strip_prefix("/discover") {
                     let numbers = match book(args.trim()) {
                         Ok(n) => n,
@@ -249,6 +306,8 @@ async fn main() -> Result<(), BoxError> {
                         }
                         Err(e) => println!("(not deleted: {e})"),
                     }
+                } else if line == "/help" {
+                    println!("{HELP}");
                 } else if line == "/quit" {
                     break;
                 } else if !line.is_empty() {

@@ -132,9 +132,10 @@ async fn the_filter_is_anonymous_and_evaluation_needs_an_account() {
 
 // ---- The client's discovery against real relay processes (issue 13, package D). ----
 //
-// Accounts become discoverable through verification; until that lands here, the
-// relay's offline seed hook (`tern_relay::discovery::seed`) attaches their numbers
-// while the relay is stopped.
+// Here the relay's offline seed hook (`tern_relay::discovery::seed`) attaches the
+// numbers while the relay is stopped; the round trip through verification (webhook
+// and dev-file verifier, `set_discoverable(false)`, a restart with the filter marked
+// stale, then discovery) is in discovery_privacy.rs.
 
 mod client_sync {
     use std::path::Path;
