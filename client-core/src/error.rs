@@ -73,6 +73,9 @@ pub enum Error {
     /// A verification code is not six digits.
     #[error("a verification code is six digits")]
     InvalidCode,
+    /// The relay's discovery answer breaks the protocol (points, filter parts).
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
     /// `Client::open` was given a store that holds no device.
     #[error("this store holds no registered device")]
     NotRegistered,

@@ -572,8 +572,8 @@ impl AccountDeletion {
 
     /// Discovery's part of a deletion: the account's tag (lookups stop finding it
     /// at once, the filter drops its key from the next day's files) and its stored
-    /// evaluation bucket. The phone verification sessions are in memory only and
-    /// not yet reachable from here (the verification package wires them).
+    /// evaluation bucket; with the verification service, the account's open session
+    /// and discovery's in-memory buckets.
     fn detach_discovery(&self, account: &AccountId) -> Result<()> {
         if let Some(v) = &self.verification {
             v.forget_account(account);

@@ -118,6 +118,7 @@ impl Error {
                     V::NotFound => ErrorCode::NotFound,
                     V::Expired => ErrorCode::Expired,
                     V::WrongCode { .. } => ErrorCode::WrongCode,
+                    V::NotSent { .. } => ErrorCode::Unavailable,
                 }
             }
             Error::Blob(b) => {
@@ -157,6 +158,9 @@ impl Error {
                 crate::discovery::DiscoveryError::Busy { retry_after_ms }
                 | crate::discovery::DiscoveryError::NotPublished { retry_after_ms },
             ) => *retry_after_ms,
+            Error::Verification(crate::verification::VerificationError::NotSent {
+                retry_after_ms,
+            }) => *retry_after_ms,
             Error::Blob(crate::media::BlobError::RateLimited { retry_after }) => {
                 u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX)
             }

@@ -330,12 +330,15 @@ impl Relay {
             budget,
         )?);
         let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
-        let verification = Arc::new(Verification::new(
-            &config.verification,
-            crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
-            discovery.clone(),
-            clock.clone(),
-        ));
+        let verification = Arc::new(
+            Verification::new(
+                &config.verification,
+                crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
+                discovery.clone(),
+                clock.clone(),
+            )
+            .with_tombstones(services.tombstones().clone()),
+        );
         // Deletions a crash interrupted are finished before anything is served.
         let deletion = Arc::new(
             AccountDeletion::new(services.clone(), blobs.clone())

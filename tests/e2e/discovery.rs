@@ -1,5 +1,5 @@
 //! Discovery over the wire, with the relay in-process (a test attaches a verified
-//! number through its service, as phone verification will): the anonymous filter
+//! number through its service, as phone verification does): the anonymous filter
 //! download and the authentication gate on evaluation, lookups and the setting.
 
 use std::sync::Arc;

@@ -28,8 +28,17 @@ pub(crate) fn relay_with(
     let config = config.to_string_lossy().into_owned();
     let mut args = vec!["--config", config.as_str()];
     args.extend_from_slice(extra);
-    RelayProcess::start(data_dir, &args)
+    RelayProcess::start_with_env(data_dir, "127.0.0.1:0", &args, PROXIES)
 }
+
+/// Proxy variables pointing at a closed port: the webhook must not follow them
+/// (a plain-http gateway on loopback would otherwise get numbers via the proxy).
+const PROXIES: &[(&str, &str)] = &[
+    ("HTTP_PROXY", "http://127.0.0.1:9"),
+    ("http_proxy", "http://127.0.0.1:9"),
+    ("HTTPS_PROXY", "http://127.0.0.1:9"),
+    ("ALL_PROXY", "http://127.0.0.1:9"),
+];
 
 /// The `[verification]` block for a webhook to `server`.
 pub(crate) fn webhook_toml(server: &TestHttpServer, rates: &str) -> String {
@@ -184,10 +193,13 @@ async fn starts_are_limited_per_number_and_per_address() {
         "{wait:?}"
     );
 
-    // Per address: 4 starts from 127.0.0.1 (the refused one above counted too).
+    // Per address: 4 starts from 127.0.0.1 (the refused one above spent nothing).
     within(devices[2].conn.start_verification(e164("+15550100200")))
         .await
-        .expect("the fourth");
+        .expect("the third charged");
+    within(devices[1].conn.start_verification(e164("+15550100202")))
+        .await
+        .expect("the fourth charged");
     let fifth = within(devices[2].conn.start_verification(e164("+15550100201"))).await;
     assert_eq!(code_of(&fifth), Some(ErrorCode::RateLimited));
     assert!(fifth.expect_err("limited").retry_after().is_some());

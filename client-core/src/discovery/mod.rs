@@ -171,6 +171,38 @@ pub enum BlindError {
     },
 }
 
+/// Why a relay's discovery answer could not be used: the relay broke the protocol
+/// (or, for [`BlindError::Blind`], the OPRF library refused an input).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiscoveryError {
+    /// An evaluation's points are missing or not points.
+    #[error(transparent)]
+    Evaluation(#[from] BlindError),
+    /// The filter does not decode, or its deltas do not follow (after a fresh
+    /// snapshot was tried).
+    #[error(transparent)]
+    Filter(#[from] LocalFilterError),
+    /// The relay announced more filter parts than a filter can have.
+    #[error("the relay's filter has {parts} parts, more than {max}")]
+    TooManyParts {
+        /// Parts announced.
+        parts: u32,
+        /// The most a filter can have.
+        max: u32,
+    },
+    /// A filter part's day, kind, count or number differs from what was asked or
+    /// from the first part, or it is larger than a part can be.
+    #[error("filter part {part} does not belong to the filter being downloaded")]
+    PartMismatch {
+        /// The part asked for.
+        part: u32,
+    },
+    /// Deltas were sent to a device that asked for a snapshot.
+    #[error("the relay sent deltas for no snapshot")]
+    DeltasWithoutSnapshot,
+}
+
 /// One batch of blinded numbers with what unblinds them; the padding's states are
 /// dropped (their outputs are never used).
 pub struct BlindedChunk {

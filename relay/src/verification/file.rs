@@ -5,7 +5,7 @@
 //! `config/verification.rs`).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tern_proto::{Code, VerificationId, E164};
@@ -23,11 +23,25 @@ pub struct FileVerifier {
 }
 
 impl FileVerifier {
-    /// Creates `<data_dir>/dev-verification` (0700) and empties it: codes of a
+    /// Creates `<data_dir>/dev-verification` (0700; a symlink there is refused) and empties it: codes of a
     /// previous run belong to sessions that no longer exist.
     pub fn new(data_dir: &Path) -> std::io::Result<Self> {
         let dir = data_dir.join(DIR);
-        std::fs::create_dir_all(&dir)?;
+        // A symlink here would have its target chmodded and emptied below.
+        match std::fs::symlink_metadata(&dir) {
+            Ok(m) if !m.file_type().is_dir() => {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a directory (a symlink is refused)",
+                    dir.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(data_dir)?;
+                std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+            }
+            Err(e) => return Err(e),
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();

@@ -8,8 +8,11 @@
 //! - Codes are uniform in `0..10^6` (OS randomness), valid `code_ttl` (10 minutes),
 //!   at most `max_attempts` (5) tries, compared in constant time.
 //! - Starts are limited per address prefix (IPv4, IPv6 /64), per account, and per
-//!   number; the number's limiter key is an HMAC-SHA256 of it under a key drawn at
+//!   number, charged to all three or none (`limits.rs`); the number's limiter key is an HMAC-SHA256 of it under a key drawn at
 //!   start and held only in memory, so even the limiter does not hold the number.
+//! - A deleted account (tombstoned) can neither start nor check, and a check holds
+//!   the tombstones' write guard across the attach, so a deletion cannot slip
+//!   between its check and the tag it writes.
 //! - Codes go out through a [`Verifier`]: [`webhook::WebhookVerifier`] or, for
 //!   development, [`file::FileVerifier`].
 
@@ -26,16 +29,19 @@ use tracing::debug;
 use zeroize::Zeroizing;
 
 use crate::config::{VerificationConfig, VerifierKind};
-use crate::core::rate::{AddressPrefix, KeyedLimit};
+use crate::core::rate::AddressPrefix;
+use crate::deletion::Tombstones;
 use crate::discovery::Discovery;
 use crate::error::{Error, Result};
 
 pub mod file;
+mod limits;
 mod session;
 #[cfg(test)]
 mod tests;
 pub mod webhook;
 
+use limits::StartLimits;
 use session::{Checked, Session, Sessions};
 
 /// What [`Verifier::send_code`] returns.
@@ -86,6 +92,26 @@ pub enum VerificationError {
         /// Tries left.
         attempts_left: u32,
     },
+    /// The verifier could not deliver the code; `UNAVAILABLE`, retry after
+    /// `retry_after_ms` (an hour when the gateway refused the request itself).
+    #[error("the verifier could not send a code")]
+    NotSent {
+        /// When a retry may succeed.
+        retry_after_ms: u64,
+    },
+}
+
+impl From<VerifierError> for VerificationError {
+    fn from(e: VerifierError) -> Self {
+        let retry_after_ms = match e {
+            // The gateway refused this request (a destination it does not serve,
+            // its credentials): soon again would fail the same way.
+            VerifierError::Rejected(s) if (400..500).contains(&s) && s != 429 => 3_600_000,
+            VerifierError::Rejected(_) => 60_000,
+            VerifierError::Unreachable | VerifierError::Timeout => 30_000,
+        };
+        VerificationError::NotSent { retry_after_ms }
+    }
 }
 
 /// Keys remembered per start limiter.
@@ -99,9 +125,8 @@ pub struct Verification {
     clock: Arc<dyn Clock>,
     code_ttl_ms: u64,
     max_attempts: u32,
-    per_number: KeyedLimit<[u8; 16]>,
-    per_prefix: KeyedLimit<AddressPrefix>,
-    per_account: KeyedLimit<AccountId>,
+    limits: StartLimits,
+    tombstones: Option<Arc<Tombstones>>,
     /// Keys the per-number limiter; drawn at start, never stored.
     number_key: Zeroizing<[u8; 32]>,
 }
@@ -155,12 +180,28 @@ impl Verification {
             discovery,
             code_ttl_ms: u64::try_from(config.code_ttl.as_millis()).unwrap_or(u64::MAX),
             max_attempts: config.max_attempts,
-            per_number: KeyedLimit::new(config.starts_per_number, MAX_LIMIT_KEYS, clock.clone()),
-            per_prefix: KeyedLimit::new(config.starts_per_prefix, MAX_LIMIT_KEYS, clock.clone()),
-            per_account: KeyedLimit::new(config.starts_per_account, MAX_LIMIT_KEYS, clock.clone()),
+            limits: StartLimits::new(
+                config.starts_per_prefix,
+                config.starts_per_account,
+                config.starts_per_number,
+                MAX_LIMIT_KEYS,
+            ),
+            tombstones: None,
             clock,
             number_key: key,
         }
+    }
+
+    /// Refuses deleted accounts (`UNAUTHORIZED`), as the relay's other services do.
+    pub fn with_tombstones(mut self, tombstones: Arc<Tombstones>) -> Self {
+        self.tombstones = Some(tombstones);
+        self
+    }
+
+    fn deleted(&self, account: &AccountId) -> bool {
+        self.tombstones
+            .as_ref()
+            .is_some_and(|t| t.contains(account))
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -178,8 +219,8 @@ impl Verification {
         out
     }
 
-    /// Starts a session for `account` from `prefix`: checks the start limits (prefix,
-    /// account, number), replaces the account's earlier session, and sends a new code.
+    /// Starts a session for `account` from `prefix`: refuses a deleted account,
+    /// charges the start limits (prefix, account, number: all or none), replaces the account's earlier session, and sends a new code.
     /// Returns the session and when its code expires (Unix ms).
     pub async fn start(
         &self,
@@ -190,9 +231,11 @@ impl Verification {
         let Some(verifier) = self.verifier.clone() else {
             return Err(Error::Unavailable("phone verification is not offered"));
         };
-        self.per_prefix.check(&prefix)?;
-        self.per_account.check(account)?;
-        self.per_number.check(&self.number_limit_key(&number))?;
+        if self.deleted(account) {
+            return Err(Error::Unauthorized);
+        }
+        let now = self.clock.now();
+        (self.limits).charge(&prefix, account, &self.number_limit_key(&number), now)?;
         let (id, code) = {
             let mut rng = rand::rngs::OsRng;
             let mut id = [0u8; 16];
@@ -222,7 +265,7 @@ impl Verification {
             self.sessions().remove(&id);
             verifier.session_ended(&id);
             debug!(error = %e, "verification code not sent");
-            return Err(Error::Unavailable("the verifier could not send a code"));
+            return Err(VerificationError::from(e).into());
         }
         Ok((id, expires_at))
     }
@@ -230,13 +273,18 @@ impl Verification {
     /// Checks `code` for `account`'s session. Right: the number's tag is attached to
     /// the account (durably, before this returns), the session ends, and the answer
     /// is whether the account is now discoverable. Wrong: `WRONG_CODE` with the tries
-    /// left; an account's existing tag is untouched by any failure.
+    /// left; an account's existing tag is untouched by any failure. A deleted
+    /// account is `UNAUTHORIZED`, and no deletion lands between that check and the
+    /// tag's write.
     pub async fn check(
         &self,
         account: &AccountId,
         session: &VerificationId,
         code: &Code,
     ) -> Result<bool> {
+        if self.deleted(account) {
+            return Err(Error::Unauthorized);
+        }
         let now = self.clock.now();
         let checked = self.sessions().check(session, account, code, now);
         let number = match checked {
@@ -255,11 +303,19 @@ impl Verification {
         };
         self.ended(session);
         let discovery = self.discovery.clone();
+        let tombstones = self.tombstones.clone();
         let account = *account;
         // attach_verified flushes the tag store: keep the fsync off the runtime.
         let discoverable = tokio::task::spawn_blocking(move || -> Result<bool> {
+            // Held across the write: a deletion marks the account only after it, and
+            // its detach then removes the tag.
+            let live = match &tombstones {
+                Some(t) => Some(t.live(&account).ok_or(Error::Unauthorized)?),
+                None => None,
+            };
             let moved = discovery.attach_verified(&account, number.as_bytes())?;
             drop(number);
+            drop(live);
             if moved.is_some() {
                 debug!("a verified number moved from another account");
             }
@@ -286,9 +342,7 @@ impl Verification {
         for id in &expired {
             self.ended(id);
         }
-        self.per_number.housekeep();
-        self.per_prefix.housekeep();
-        self.per_account.housekeep();
+        self.limits.sweep(self.clock.now());
         expired.len()
     }
 

@@ -267,7 +267,59 @@ async fn a_verifier_failure_is_unavailable_and_leaves_no_session() {
     f.sent.fail.store(true, std::sync::atomic::Ordering::SeqCst);
     let e = f.start(1, "+15550100123").await.expect_err("not sent");
     assert_eq!(e.code(), ErrorCode::Unavailable);
+    assert_eq!(
+        e.retry_after_ms(),
+        60_000,
+        "a gateway's 5xx: retry in a minute"
+    );
     assert_eq!(f.v.open_sessions(), 0);
+    // A gateway that refuses the request itself: not worth retrying soon.
+    assert_eq!(
+        VerificationError::from(VerifierError::Rejected(400)),
+        VerificationError::NotSent {
+            retry_after_ms: 3_600_000
+        }
+    );
+    assert_eq!(
+        VerificationError::from(VerifierError::Timeout),
+        VerificationError::NotSent {
+            retry_after_ms: 30_000
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_account_can_neither_start_nor_check() {
+    let f = fx();
+    let tombstones = Arc::new(crate::deletion::Tombstones::default());
+    let v = Verification::new(
+        &VerificationConfig::default(),
+        Some(f.sent.clone()),
+        f.discovery.clone(),
+        f.clock.clone(),
+    )
+    .with_tombstones(tombstones.clone());
+    let (id, _) = (v.start(&account(1), prefix(1), number("+15550100123")))
+        .await
+        .expect("start");
+    let code = f.code_of(&id);
+    // Deleted while its session is open: the right code attaches nothing.
+    tombstones.insert(account(1));
+    let e = v.check(&account(1), &id, &code).await.expect_err("deleted");
+    assert_eq!(e.code(), ErrorCode::Unauthorized);
+    assert_eq!(f.tag_of(1), None);
+    let e = (v.start(&account(1), prefix(1), number("+15550100124")))
+        .await
+        .expect_err("deleted");
+    assert_eq!(e.code(), ErrorCode::Unauthorized);
+    // Another account is unaffected.
+    let (id, _) = (v.start(&account(2), prefix(2), number("+15550100125")))
+        .await
+        .expect("start");
+    v.check(&account(2), &id, &f.code_of(&id))
+        .await
+        .expect("verified");
+    assert!(f.tag_of(2).is_some());
 }
 
 #[tokio::test]
@@ -331,6 +383,62 @@ async fn starts_are_limited_per_number_prefix_and_account() {
         .start(&account(120), prefix(220), number("+15550500000"))
         .await
         .expect("refilled");
+}
+
+#[tokio::test]
+async fn a_refused_start_spends_none_of_the_other_limits() {
+    let f = fx();
+    // The number's limit (3/1h) spent by three others.
+    for a in 1..=3 {
+        f.start(a, "+15550100123").await.expect("within the rate");
+    }
+    // Account 4 is refused five times for that number from one address...
+    for _ in 0..5 {
+        let e = f
+            .start(4, "+15550100123")
+            .await
+            .expect_err("number limited");
+        assert_eq!(e.code(), ErrorCode::RateLimited);
+    }
+    // ...and still has its five starts a day, and the address its ten an hour.
+    for i in 0..5u8 {
+        f.start(4, &format!("+1555060{i:04}"))
+            .await
+            .expect("account not charged");
+    }
+    // The account's limit refuses now: the number and the address are not charged.
+    for _ in 0..5 {
+        let e = f
+            .start(4, "+15550700000")
+            .await
+            .expect_err("account limited");
+        assert_eq!(e.code(), ErrorCode::RateLimited);
+    }
+    for a in 5..=7u8 {
+        (f.v)
+            .start(&account(a), prefix(4), number("+15550700000"))
+            .await
+            .expect("number and address not charged");
+    }
+}
+
+#[test]
+fn the_dev_file_verifier_refuses_a_symlinked_directory() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let kept = elsewhere.path().join("keep");
+    std::fs::write(&kept, b"x").expect("file");
+    std::os::unix::fs::symlink(elsewhere.path(), data.path().join(file::DIR)).expect("link");
+    file::FileVerifier::new(data.path()).expect_err("a symlink");
+    assert!(kept.exists(), "the target is not emptied");
+    // A data directory without it gets a fresh 0700 directory.
+    let fresh = tempfile::tempdir().expect("tempdir");
+    file::FileVerifier::new(fresh.path()).expect("created");
+    let mode = std::fs::metadata(fresh.path().join(file::DIR)).expect("dir");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o700
+    );
 }
 
 #[test]

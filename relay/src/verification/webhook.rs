@@ -65,6 +65,9 @@ impl WebhookVerifier {
         };
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Proxy variables of the environment would carry a loopback http
+            // gateway's numbers off the machine: the URL configured is the only hop.
+            .no_proxy()
             .timeout(config.timeout)
             .build()
             .map_err(|e| Error::Config(format!("verification.webhook: {e}")))?;

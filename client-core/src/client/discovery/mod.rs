@@ -3,22 +3,21 @@
 //! this account can be found; forgetting what discovery cached. The rules are in
 //! [`crate::discovery`]; this is the async shell over the authenticated connection.
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use rand::rngs::OsRng;
-use tern_proto::discovery::{Tag, MAX_LOOKUP_TAGS};
 use tern_proto::AccountId;
 
 use super::state::State;
 use super::{Client, Event};
-use crate::discovery::{self, CachedOutput, LocalFilter};
+use crate::discovery;
 use crate::net::RelayConnection;
-use crate::store::{Batch, KvStore};
+use crate::store::Batch;
 use crate::{Error, Result};
 
-/// Filter downloads restarted when the relay publishes a new day mid-download.
-const FILTER_ATTEMPTS: u32 = 3;
+mod sync;
+#[cfg(test)]
+mod tests;
+
 /// Reruns of a sync whose connection dropped (a relay restart, say).
 const CLOSED_ATTEMPTS: u32 = 5;
 const DAY_MS: u64 = 24 * 3600 * 1000;
@@ -53,8 +52,10 @@ impl Client {
     /// sync, or a snapshot), and only the numbers it holds are looked up, 256 per
     /// request: the relay learns those contacts, as it would at a first message.
     /// Needs a verified number (`NOT_VERIFIED`); evaluations are rate limited
-    /// (`RATE_LIMITED` with a retry time; outputs of batches answered before are
-    /// kept).
+    /// (`RATE_LIMITED` with a retry time). Every batch the relay answered is cached
+    /// before an error returns (another batch's, the filter's or a lookup's), so a
+    /// retry sends only what was not answered. A relay that breaks the protocol
+    /// gives [`Error::Discovery`].
     pub async fn discover<S: AsRef<str>>(
         &self,
         numbers: &[S],
@@ -98,75 +99,19 @@ impl Client {
         default_region: &str,
     ) -> Result<DiscoveryReport> {
         let kv = self.shared.state.lock().await.kv.clone();
-        let mut report = DiscoveryReport::default();
-        let mut book = BTreeMap::new();
-        for n in numbers {
-            match discovery::normalise(n.as_ref(), default_region) {
-                Some(e164) => {
-                    book.insert(e164, ());
-                }
-                None => report.invalid.push(n.as_ref().to_owned()),
-            }
-        }
-        let mut outputs: HashMap<String, CachedOutput> = HashMap::new();
-        let mut new = Vec::new();
-        for e164 in book.into_keys() {
-            match discovery::cached(&*kv, &e164)? {
-                Some(o) => {
-                    outputs.insert(e164, o);
-                }
-                None => new.push(e164),
-            }
-        }
-        report.evaluated = new.len();
         let day = u32::try_from(self.shared.now_ms() / DAY_MS).unwrap_or(u32::MAX);
-        let chunks = tokio::task::spawn_blocking(move || discovery::blind(&new, &mut OsRng))
+        let synced = sync::sync(&*conn, &*kv, numbers, default_region, day, self.account()).await?;
+        let changed = self
+            .shared
+            .state
+            .lock()
             .await
-            .map_err(|_| Error::Protocol("blinding stopped".into()))?
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-        // Every batch leaves now, the filter request right after: one round trip.
-        let replies: Vec<_> = chunks
-            .iter()
-            .map(|c| conn.discovery_evaluate(c.blinded.clone()))
-            .collect();
-        let filter = refresh_filter(&conn, &*kv).await?;
-        for (chunk, reply) in chunks.iter().zip(replies) {
-            let points = reply.await?;
-            let out = chunk
-                .finalize(&points, day)
-                .map_err(|e| Error::Protocol(e.to_string()))?;
-            discovery::cache(&*kv, &out)?;
-            outputs.extend(out);
-        }
-        let hits: HashMap<Tag, String> = outputs
-            .into_iter()
-            .filter(|(_, o)| filter.contains(o.key))
-            .map(|(n, o)| (o.tag, n))
-            .collect();
-        let tags: Vec<Tag> = hits.keys().copied().collect();
-        let lookups: Vec<_> = tags
-            .chunks(MAX_LOOKUP_TAGS)
-            .map(|c| conn.discovery_lookup(c.to_vec()))
-            .collect();
-        let mut found = Vec::new();
-        for lookup in lookups {
-            for a in lookup.await? {
-                if a.account == self.account() {
-                    continue;
-                }
-                if let Some(number) = hits.get(&a.tag) {
-                    report.found.push((number.clone(), a.account));
-                    found.push((a.account, a.identity_key));
-                }
-            }
-        }
-        report.found.sort();
-        let changed = self.shared.state.lock().await.add_discovered(&found)?;
+            .add_discovered(&synced.found)?;
         for contact in changed {
             self.shared.emit(Event::IdentityChanged { contact });
         }
         self.shared.outbox.notify_one();
-        Ok(report)
+        Ok(synced.report)
     }
 
     /// Sets whether this account's verified number can be found by others' address
@@ -180,72 +125,14 @@ impl Client {
     /// Deletes everything discovery cached on this device (every number's OPRF
     /// output and the filter) in one durable write: the next [`Client::discover`]
     /// evaluates every number again. Contacts already added stay.
+    ///
+    /// Call it when the relay's discovery key changed (its operator says so, or
+    /// its data directory was rebuilt): cached outputs and the filter are tied to
+    /// the old key and nothing on the wire tells the device, so until then known
+    /// numbers are looked up under tags the relay no longer holds.
     pub async fn forget_discovery(&self) -> Result<()> {
         let kv = self.shared.state.lock().await.kv.clone();
         Ok(discovery::forget(&*kv)?)
-    }
-}
-
-/// Brings the stored filter up to the relay's latest day (deltas if it keeps them
-/// back to ours and they stay small, else a snapshot), stores it and returns it.
-async fn refresh_filter(conn: &Arc<RelayConnection>, kv: &dyn KvStore) -> Result<LocalFilter> {
-    let mut local = discovery::load_filter(kv)?;
-    let mut attempt = 0;
-    loop {
-        let since = match &local {
-            Some(f) if !f.wants_snapshot() => f.day(),
-            _ => 0,
-        };
-        let first = conn.discovery_filter(since, 0, 0).await?;
-        let (day, kind) = (first.day, first.kind);
-        let rest: Vec<_> = (1..first.parts)
-            .map(|p| conn.discovery_filter(since, day, p))
-            .collect();
-        let mut data = first.data.to_vec();
-        let mut gone = false;
-        for part in rest {
-            match part.await {
-                Ok(p) => data.extend_from_slice(&p.data),
-                // A new day was published meanwhile: start again.
-                Err(e)
-                    if attempt + 1 < FILTER_ATTEMPTS
-                        && e.relay_code() == Some(crate::ErrorCode::NotFound) =>
-                {
-                    gone = true;
-                    break;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        if gone {
-            attempt += 1;
-            continue;
-        }
-        let bad = |e: discovery::LocalFilterError| Error::Protocol(e.to_string());
-        let filter = match (kind, local.take()) {
-            (tern_proto::discovery::FilterKind::Deltas, Some(mut f)) => {
-                if !data.is_empty() {
-                    for d in tern_proto::discovery::FilterDelta::decode_all(&data)
-                        .map_err(|e| bad(e.into()))?
-                    {
-                        f.apply(&d).map_err(bad)?;
-                    }
-                    discovery::store_filter(kv, &f, false)?;
-                }
-                f
-            }
-            (tern_proto::discovery::FilterKind::Deltas, None) => {
-                return Err(Error::Protocol("deltas sent for no snapshot".into()))
-            }
-            (_, _) => {
-                let snapshot = tern_proto::discovery::FilterSnapshot::decode(&data)
-                    .map_err(|e| bad(e.into()))?;
-                let f = LocalFilter::new(snapshot);
-                discovery::store_filter(kv, &f, true)?;
-                f
-            }
-        };
-        return Ok(filter);
     }
 }
 
