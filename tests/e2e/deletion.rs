@@ -1,7 +1,8 @@
 //! Account deletion on a real relay process: afterwards the relay answers for the
 //! account exactly as for an id that never existed, and neither its database nor any
-//! other file of its data directory holds the account's id or its messages. Other
-//! accounts' media stays.
+//! other file of its data directory holds the account's id or its messages (nor its
+//! discovery tag record, its evaluation bucket or an open verification's code file).
+//! Other accounts' media stays.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -92,6 +93,10 @@ fn nothing_of(relay_dir: &Path, gone: &AccountId, kept: &AccountId, payloads: &[
         files_under(&relay_dir.join("uploads")).is_empty(),
         "no upload in progress left"
     );
+    assert!(
+        files_under(&relay_dir.join("dev-verification")).is_empty(),
+        "no verification code left"
+    );
     for file in &files {
         let bytes = std::fs::read(file).expect("read");
         let name = file.to_string_lossy();
@@ -110,11 +115,39 @@ fn nothing_of(relay_dir: &Path, gone: &AccountId, kept: &AccountId, payloads: &[
 async fn a_deleted_account_leaves_nothing_and_answers_like_one_that_never_existed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay_dir = dir.path().join("relay");
-    let mut relay = RelayProcess::start(&relay_dir, &[]).expect("relay");
+    let mut relay = crate::verification::relay_with(
+        &relay_dir,
+        "[verification]\nverifier = \"dev-file\"\n",
+        &["--allow-dev-verifier"],
+    )
+    .expect("relay");
     let addr = relay.address.clone();
     let alice = register(&addr).await;
     let bob = register(&addr).await;
     let account = bob.address.account;
+
+    // A verified number (its discovery tag names the account), an evaluation (its
+    // stored bucket), and a second verification left open at the deletion.
+    let number = |n: &str| tern_proto::verification::E164::parse(n).expect("E.164");
+    let (session, _) = within(bob.conn.start_verification(number("+12015550188")))
+        .await
+        .expect("started");
+    let code = std::fs::read_to_string(relay_dir.join("dev-verification").join(session.to_hex()))
+        .expect("the code file");
+    let code = tern_proto::verification::Code::parse(&code).expect("6 digits");
+    assert!(within(bob.conn.check_verification(session, code))
+        .await
+        .expect("verified"));
+    let chunk =
+        tern_client::discovery::blind(&["+12015550199".to_string()], &mut rand::thread_rng())
+            .expect("blind")
+            .remove(0);
+    within(bob.conn.discovery_evaluate(chunk.blinded))
+        .await
+        .expect("evaluated");
+    within(bob.conn.start_verification(number("+12015550177")))
+        .await
+        .expect("a session left open");
 
     // Fill Bob's account: a second device (offline, with queued messages), keys for
     // both, a token, messages for both, a finished and an unfinished upload, and a
