@@ -55,6 +55,10 @@ pub struct RateLimitsConfig {
     pub max_keys: usize,
 }
 
+/// The largest `max_devices_per_account` allowed: device ids run from 1 up to it,
+/// which a deletion whose account record is unreadable relies on.
+pub const MAX_DEVICES_BOUND: usize = 1000;
+
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
@@ -89,7 +93,7 @@ impl Default for RateLimitsConfig {
 impl RateLimitsConfig {
     /// Checks the values; the message names the key.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.max_devices_per_account == 0 || self.max_devices_per_account > 1000 {
+        if self.max_devices_per_account == 0 || self.max_devices_per_account > MAX_DEVICES_BOUND {
             return Err("rate_limits.max_devices_per_account must be from 1 to 1000".into());
         }
         if self.max_keys == 0 {
