@@ -50,6 +50,9 @@ pub struct RateLimitsConfig {
     pub one_time_prekeys_per_device: Rate,
     /// What a fetch past `one_time_prekeys_per_device` gets.
     pub over_prekey_limit: PrekeyLimit,
+    /// Account exports an account asks for (each reads its whole mailbox); past it
+    /// refused with `RATE_LIMITED` and a retry time.
+    pub exports_per_account: Rate,
     /// Keys each limit remembers at most (about 100 bytes each); a new key past it is
     /// refused until housekeeping (every `expiry.sweep_interval`) makes room.
     pub max_keys: usize,
@@ -85,6 +88,7 @@ impl Default for RateLimitsConfig {
             fetch_keys_per_requester: rate(200, HOUR),
             one_time_prekeys_per_device: rate(75, DAY),
             over_prekey_limit: PrekeyLimit::Withhold,
+            exports_per_account: rate(4, DAY),
             max_keys: 1_000_000,
         }
     }

@@ -5,7 +5,8 @@
 //! by one, so a large mailbox never sits in memory whole. It holds no phone number
 //! and no delivery token (only whether one is set), and message ciphertexts only
 //! when asked for. It reads the stores as they are; the caller decides who may ask
-//! (the offline admin command; a client request is not built yet).
+//! (the offline admin command, or the account's own request over a transfer stream:
+//! `net/export.rs`, limited by `rate_limits.exports_per_account`).
 
 pub mod model;
 #[cfg(test)]
@@ -33,8 +34,9 @@ pub const EXPORT_SCHEMA: &str = "tern-account-export";
 /// The JSON Schema (2020-12) of version [`EXPORT_VERSION`].
 pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.json");
 
-/// Messages read from a mailbox at a time.
-const PAGE: usize = 256;
+/// Messages read from a mailbox at a time. The store reads payloads too, so a page
+/// holds at most this many envelopes (4 MiB at the default 256 KiB envelope limit).
+const PAGE: usize = 16;
 
 /// What to put in an export.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
