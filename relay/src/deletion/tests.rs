@@ -748,6 +748,11 @@ async fn a_deletion_ends_the_accounts_open_phone_verification() {
         verification.pending(&alice.address().account).is_some(),
         "another account's session stays"
     );
+    assert!(
+        !verification.holds_start_limit(&account),
+        "its start bucket is forgotten"
+    );
+    assert!(verification.holds_start_limit(&alice.address().account));
 }
 
 #[tokio::test]

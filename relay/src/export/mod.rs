@@ -21,7 +21,7 @@ use tern_proto::{AccountId, DeviceAddress};
 use crate::error::{Error, Result};
 use crate::store::{AccountDays, Stores, DAY_MS};
 use model::{
-    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Upload,
+    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Session, Upload,
     Verification,
 };
 
@@ -48,8 +48,9 @@ pub struct ExportOptions {
 /// State the stores do not hold, from the services that keep it in memory.
 #[derive(Clone, Copy, Default)]
 pub struct Live<'a> {
-    /// Whether a phone verification session is open for an account; none: `false`.
-    pub verification_pending: Option<&'a (dyn Fn(&AccountId) -> bool + Sync)>,
+    /// An account's open phone verification session: its expiry (Unix ms) and the
+    /// code checks it has left; none given: no session.
+    pub verification_pending: Option<&'a (dyn Fn(&AccountId) -> Option<(u64, u32)> + Sync)>,
 }
 
 impl std::fmt::Debug for Live<'_> {
@@ -127,9 +128,17 @@ pub fn write_with(
             },
         },
     };
+    let session =
+        live.verification_pending
+            .and_then(|f| f(account))
+            .map(|(expires_at_ms, attempts_left)| Session {
+                expires_at_ms,
+                attempts_left,
+            });
     let verification = Verification {
         verified_at_day: tag.as_ref().map(|(_, r)| r.verified_at / DAY_MS),
-        pending: live.verification_pending.is_some_and(|f| f(account)),
+        pending: session.is_some(),
+        session,
     };
     let discovery = tag.map(|(tag, r)| Discovery {
         tag: hex(&tag.0),
@@ -212,7 +221,7 @@ fn write_queue(
             json(
                 out,
                 &QueueItem {
-                    seq: m.seq,
+                    seq: m.seq.to_string(),
                     message_id: hex(m.message_id.as_bytes()),
                     bytes: m.payload.len() as u64,
                     accepted_at_ms: m.accepted_at,

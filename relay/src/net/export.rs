@@ -67,7 +67,7 @@ pub(super) async fn stream(
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToStream(tx));
         let now = s.clock().now();
-        let pending = |a: &tern_proto::AccountId| v.pending(a).is_some();
+        let pending = |a: &tern_proto::AccountId| v.pending(a);
         let live = crate::export::Live {
             verification_pending: Some(&pending),
         };
