@@ -45,12 +45,15 @@ pub struct ExportOptions {
     pub include_ciphertexts: bool,
 }
 
+/// An account's open verification session: (expiry in Unix ms, checks left).
+pub type PendingSession<'a> = dyn Fn(&AccountId) -> Option<(u64, u32)> + Sync + 'a;
+
 /// State the stores do not hold, from the services that keep it in memory.
 #[derive(Clone, Copy, Default)]
 pub struct Live<'a> {
     /// An account's open phone verification session: its expiry (Unix ms) and the
     /// code checks it has left; none given: no session.
-    pub verification_pending: Option<&'a (dyn Fn(&AccountId) -> Option<(u64, u32)> + Sync)>,
+    pub verification_pending: Option<&'a PendingSession<'a>>,
 }
 
 impl std::fmt::Debug for Live<'_> {
