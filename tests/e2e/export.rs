@@ -182,6 +182,20 @@ async fn a_client_exports_its_account_over_its_authenticated_connection() {
     assert!(without["account"]["devices"][0]["queue"]["items"][0]
         .get("ciphertext")
         .is_none());
+    // `exports_per_account` = "4/1day": two more, then refused with a retry time.
+    for _ in 0..2 {
+        within(bob.conn.export_account(false, &mut Vec::new()))
+            .await
+            .expect("export");
+    }
+    let limited = within(bob.conn.export_account(false, &mut Vec::new()))
+        .await
+        .expect_err("a fifth export today");
+    assert_eq!(
+        limited.relay_code(),
+        Some(tern_client::ErrorCode::RateLimited)
+    );
+    assert!(limited.retry_after().is_some_and(|d| !d.is_zero()));
 
     // Only for an authenticated connection's own account.
     let (anon, _) = within(tern_client::net::RelayConnection::connect(&relay.address))
