@@ -82,7 +82,7 @@ pub async fn delete_account(config: &Config, account: AccountId) -> Result<Delet
 }
 
 /// `tern-relay admin export-account`: finishes interrupted deletions (an account
-/// being deleted has no export), then writes the account's export to `out`.
+/// being deleted has no export, also when finishing its deletion fails), then writes the account's export to `out`.
 pub async fn export_account(
     config: &Config,
     account: AccountId,
@@ -91,8 +91,19 @@ pub async fn export_account(
 ) -> Result<Exported> {
     let offline = open(config).await?;
     offline.deletion.resume().await?;
+    let stores = offline.services.stores();
+    // A deletion that failed again is not finished: what is left is no export.
+    if stores
+        .accounts
+        .deletions()?
+        .iter()
+        .any(|(a, _)| *a == account)
+    {
+        offline.services.mailboxes().close()?;
+        return Err(crate::Error::UnknownRecipient);
+    }
     let now = SystemClock.now();
-    let exported = crate::export::write(offline.services.stores(), &account, now, options, out);
+    let exported = crate::export::write(stores, &account, now, options, out);
     offline.services.mailboxes().close()?;
     exported
 }

@@ -198,22 +198,10 @@ fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let exported = match &args.out {
         Some(path) => {
-            // Written beside the target, then renamed: a failed export leaves no file.
             if path.exists() {
                 return Err(format!("{} exists", path.display()).into());
             }
-            let partial = path.with_extension("partial");
-            let written = write_export(&runtime, &config, account, options, &partial);
-            match written {
-                Ok(exported) => {
-                    std::fs::rename(&partial, path)?;
-                    exported
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&partial);
-                    return Err(e);
-                }
-            }
+            export_to_file(&runtime, &config, account, options, path)?
         }
         None => {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -229,8 +217,11 @@ fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// Writes an export to a new file at `path`, mode 0600, synced.
-fn write_export(
+/// Writes an export to a file of a name of its own beside `path` (made here, so only
+/// a file this command created is ever removed), then links it to `path`, which
+/// fails rather than replace a file that appeared meanwhile, and syncs the
+/// directory. A failed export leaves no file.
+fn export_to_file(
     runtime: &tokio::runtime::Runtime,
     config: &Config,
     account: AccountId,
@@ -238,16 +229,44 @@ fn write_export(
     path: &std::path::Path,
 ) -> Result<crate::export::Exported, Box<dyn std::error::Error>> {
     use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    let mut out = std::io::BufWriter::new(file);
-    let exported = runtime.block_on(crate::admin::export_account(
-        config, account, options, &mut out,
-    ))?;
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| format!("{} names no file", path.display()))?
+        .to_string_lossy();
+    let (mut file, partial) = (|| {
+        // Bounded: a name taken is another process's file, left alone.
+        for n in 0..64u32 {
+            let partial = dir.join(format!(".{name}.{}.{n}.partial", std::process::id()));
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial);
+            match opened {
+                Ok(file) => return Ok((file, partial)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists))
+    })()?;
+    let written = (|| -> Result<_, Box<dyn std::error::Error>> {
+        let mut out = std::io::BufWriter::new(&mut file);
+        let exported = runtime.block_on(crate::admin::export_account(
+            config, account, options, &mut out,
+        ))?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::hard_link(&partial, path)?;
+        Ok(exported)
+    })();
+    let removed = std::fs::remove_file(&partial);
+    let exported = written?;
+    removed?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(exported)
 }
 

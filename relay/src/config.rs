@@ -125,7 +125,7 @@ mod verification;
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
-pub use self::rate::{PrekeyLimit, RateLimitsConfig};
+pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};
 pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
 
 /// The relay's configuration.

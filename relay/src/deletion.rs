@@ -2,12 +2,13 @@
 //! account then behaves exactly like one that never existed.
 //!
 //! [`AccountDeletion::delete`] runs these steps, each idempotent:
-//! 1. An account's own request is checked against its stored identity key. Then the
-//!    id joins the [`Tombstones`] (in memory), behind a per-account barrier that
+//! 1. An account's own request is checked against its stored identity key. A
+//!    deletion intent (account → device ids) is written and flushed; a failure here
+//!    hides nothing (the sweeper finishes an intent that landed).
+//! 2. The id joins the [`Tombstones`] (in memory), behind a per-account barrier that
 //!    writes checking the account hold (`Tombstones::live`): from then on every
 //!    lookup finds nothing, no write to the account lands, and its other connections
-//!    are closed with `ACCOUNT_DELETED`.
-//! 2. A deletion intent (account → device ids) is written and flushed.
+//!    are closed with `ACCOUNT_DELETED`. Any later failure is left to the sweeper.
 //! 3. The removals: the discovery tag and bucket, each device's published keys, the
 //!    account's media charges and unfinished uploads (record and `.part` file;
 //!    finished blobs name no one and expire on their own, ARCHITECTURE §14), each
@@ -16,7 +17,11 @@
 //!    now), a flush, then the intent is removed and flushed. Only then is the caller
 //!    answered.
 //! 5. At start, [`AccountDeletion::resume`] re-runs every intent left by a crash; the
-//!    sweeper retries one that failed ([`AccountDeletion::sweep`]).
+//!    sweeper retries one that failed ([`AccountDeletion::sweep`]). A record that
+//!    does not decode is removed all the same, its mailboxes found by device number.
+//!
+//! The barrier's exclusive lock, the removals and the flushes run on blocking
+//! threads, never on an async worker.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -390,38 +395,61 @@ impl AccountDeletion {
     /// intent left) is [`Error::UnknownRecipient`].
     pub async fn delete(&self, authority: DeletionAuthority) -> Result<Deleted> {
         let account = authority.account();
-        let stores = self.services.stores();
+        let stores = self.services.stores().clone();
+        let record = match stores.accounts.get(&account) {
+            Ok(record) => Found::Record(record),
+            Err(crate::store::StoreError::Corrupt(_)) => Found::Corrupt,
+            Err(e) => return Err(e.into()),
+        };
         if let DeletionAuthority::Account(v) = &authority {
             // The proof names the key it was checked with: it must be the account's
             // identity key, checked before the account is hidden.
-            match stores.accounts.get(&account)? {
-                Some(rec) if rec.identity_key == *v.identity_key() => {}
+            match &record {
+                Found::Record(Some(rec)) if rec.identity_key == *v.identity_key() => {}
                 _ => return Err(Error::Unauthorized),
             }
         }
-        self.services.tombstones().insert(account);
         let pending = stores
             .accounts
             .deletions()?
             .into_iter()
             .find(|(a, _)| *a == account)
             .map(|(_, d)| d);
-        let devices = match (stores.accounts.get(&account)?, pending) {
-            (Some(rec), pending) => {
+        let devices = match (record, pending) {
+            (Found::Record(Some(rec)), pending) => {
                 let mut ids: Vec<DeviceId> = rec.devices.iter().map(|(id, _)| *id).collect();
                 ids.extend(pending.into_iter().flatten());
                 ids.sort_unstable();
                 ids.dedup();
                 ids
             }
-            (None, Some(pending)) => pending,
-            (None, None) => return Err(Error::UnknownRecipient),
+            (Found::Corrupt, pending) => pending.unwrap_or_default(),
+            (Found::Record(None), Some(pending)) => pending,
+            (Found::Record(None), None) => return Err(Error::UnknownRecipient),
         };
         // A retry running it meanwhile is harmless (every step is idempotent).
         let _running = self.running(&account);
-        stores.accounts.put_deletion(&account, &devices)?;
-        self.durable().await?;
-        let done = self.run(&account, &devices).await;
+        // The intent is durable before the account is hidden: a failure up to here
+        // leaves the account as it was, one after it is the sweeper's to finish. A
+        // device added before the tombstone is found by `run` in the record.
+        let intent = stores.accounts.put_deletion(&account, &devices);
+        if let Err(e) = intent {
+            // Maybe half written: the sweeper finishes it if it landed.
+            self.failed.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        let done = match self.durable().await {
+            Ok(()) => {
+                let tombstones = self.services.tombstones().clone();
+                blocking(move || {
+                    tombstones.insert(account);
+                    Ok(())
+                })
+                .await?;
+                self.run(&account, &devices).await
+            }
+            Err(e) => Err(e),
+        };
         if done.is_err() {
             self.failed.store(true, Ordering::Relaxed);
         }
@@ -479,12 +507,17 @@ impl AccountDeletion {
     /// retried next time.
     pub async fn retry_pending(&self, max: usize) -> Result<Retried> {
         let intents = self.services.stores().accounts.deletions()?;
-        let tombstones = self.services.tombstones();
-        for (account, _) in &intents {
-            if !tombstones.contains(account) {
-                tombstones.insert(*account);
+        let tombstones = self.services.tombstones().clone();
+        let accounts: Vec<AccountId> = intents.iter().map(|(a, _)| *a).collect();
+        blocking(move || {
+            for account in &accounts {
+                if !tombstones.contains(account) {
+                    tombstones.insert(*account);
+                }
             }
-        }
+            Ok(())
+        })
+        .await?;
         let mut retried = Retried::default();
         for (account, devices) in intents.iter().take(max) {
             let Some(_running) = self.running(account) else {
@@ -512,13 +545,92 @@ impl AccountDeletion {
     }
 
     async fn run(&self, account: &AccountId, devices: &[DeviceId]) -> Result<Deleted> {
+        let removal = Removal {
+            services: self.services.clone(),
+            blobs: self.blobs.clone(),
+            verification: self.verification.clone(),
+            account: *account,
+            devices: devices.to_vec(),
+        };
+        let deleted = blocking(move || removal.remove()).await?;
+        // Removals durable before the scrub, the scrub before the intent goes.
+        self.durable().await?;
+        let services = self.services.clone();
+        blocking(move || services.mailboxes().settle()).await?;
+        self.durable().await?;
+        self.services.stores().accounts.remove_deletion(account)?;
+        self.durable().await?;
+        Ok(deleted)
+    }
+
+    /// Makes every change so far durable, whatever `durability` says: the intent
+    /// must survive a crash for the deletion to be finished, and its removal is the
+    /// promise that the account is gone (under `"os"` a commit does not flush; the
+    /// flush then runs on a blocking thread).
+    async fn durable(&self) -> Result<()> {
+        let commit = self.services.commit();
+        if commit.mode() == crate::store::Durability::Os {
+            let services = self.services.clone();
+            blocking(move || Ok(services.commit().flush_now()?)).await?;
+        } else {
+            commit.commit().await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the account store answered for the account's record.
+enum Found {
+    Record(Option<AccountRecord>),
+    /// A record that does not decode: the account exists, its devices are unknown.
+    Corrupt,
+}
+
+/// Runs `f` (store I/O, the barrier's exclusive lock) on a blocking thread, so a
+/// deletion never stalls an async worker.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| crate::store::StoreError::Backend("account deletion task failed".into()))?
+}
+
+/// The store removals of one deletion, run on a blocking thread.
+struct Removal {
+    services: Arc<Services>,
+    blobs: Arc<BlobStore>,
+    verification: Option<Arc<crate::verification::Verification>>,
+    account: AccountId,
+    devices: Vec<DeviceId>,
+}
+
+impl Removal {
+    fn remove(self) -> Result<Deleted> {
+        let account = &self.account;
         let stores = self.services.stores();
         // The intent's devices and the record's, while it is there: an intent whose
         // device list was unreadable still removes every device's data.
-        let mut devices = devices.to_vec();
-        if let Some(rec) = stores.accounts.get(account)? {
-            devices.extend(rec.devices.iter().map(|(id, _)| *id));
+        let mut devices = self.devices.clone();
+        let mut probed = Vec::new();
+        match stores.accounts.get(account) {
+            Ok(record) => devices.extend(
+                record
+                    .iter()
+                    .flat_map(|r| r.devices.iter().map(|(id, _)| *id)),
+            ),
+            Err(crate::store::StoreError::Corrupt(_)) => {
+                // Device ids are given in order from 1, and an account never holds
+                // more than the configured maximum (at most this bound).
+                warn!("an account record being deleted does not decode; its mailboxes are found by device number");
+                probed = (1..=crate::config::MAX_DEVICES_BOUND)
+                    .filter_map(|n| u32::try_from(n).ok().and_then(DeviceId::new))
+                    .collect();
+            }
+            Err(e) => return Err(e.into()),
         }
+        devices.sort_unstable();
+        devices.dedup();
+        let known = devices.clone();
+        devices.extend(probed);
         devices.sort_unstable();
         devices.dedup();
         let addrs: Vec<DeviceAddress> = devices
@@ -528,53 +640,38 @@ impl AccountDeletion {
                 device,
             })
             .collect();
-        let mut deleted = Deleted {
-            devices: addrs.len() as u64,
-            ..Deleted::default()
-        };
-        self.detach_discovery(account)?;
+        let mut deleted = Deleted::default();
+        self.detach_discovery()?;
         // By a scan of the account's keys: also those of a device no list names.
         stores.keys.remove_account_keys(account)?;
         crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
             .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
         deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;
         for addr in &addrs {
-            deleted.messages += self.services.mailboxes().purge(addr)?.messages;
+            let purged = self.services.mailboxes().purge(addr)?;
+            deleted.messages += purged.messages;
+            deleted.devices += u64::from(purged.messages > 0 || known.contains(&addr.device));
         }
-        stores.accounts.remove_account(account)?;
+        match stores.accounts.remove_account(account) {
+            // A record that does not decode is removed all the same.
+            Ok(_) | Err(crate::store::StoreError::Corrupt(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
         // In-memory buckets too: none outlives the account by more than a request
         // already past its checks (housekeeping forgets that one once it refills).
         self.services.rate_limits().forget_account(account);
         // Again: an evaluation that passed its check before the first detach may
         // have stored a bucket since (discovery takes no tombstone guard yet).
-        self.detach_discovery(account)?;
-        // Removals durable before the scrub, the scrub before the intent goes.
-        self.durable().await?;
-        self.services.mailboxes().settle()?;
-        self.durable().await?;
-        stores.accounts.remove_deletion(account)?;
-        self.durable().await?;
+        self.detach_discovery()?;
         Ok(deleted)
-    }
-
-    /// Makes every change so far durable, whatever `durability` says: the intent
-    /// must survive a crash for the deletion to be finished, and its removal is the
-    /// promise that the account is gone (under `"os"` a commit does not flush).
-    async fn durable(&self) -> Result<()> {
-        let commit = self.services.commit();
-        if commit.mode() == crate::store::Durability::Os {
-            commit.flush_now()?;
-        } else {
-            commit.commit().await?;
-        }
-        Ok(())
     }
 
     /// Discovery's part of a deletion: the account's tag (lookups stop finding it
     /// at once, the filter drops its key from the next day's files) and its stored
     /// evaluation bucket; with the verification service, the account's open session
     /// and discovery's in-memory buckets.
-    fn detach_discovery(&self, account: &AccountId) -> Result<()> {
+    fn detach_discovery(&self) -> Result<()> {
+        let account = &self.account;
         if let Some(v) = &self.verification {
             v.forget_account(account);
             v.discovery().forget_account(account);

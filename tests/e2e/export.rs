@@ -13,7 +13,16 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn admin(args: &[&str], data_dir: &std::path::Path) -> std::process::Output {
+    admin_with(args, data_dir, &[])
+}
+
+fn admin_with(
+    args: &[&str],
+    data_dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     Command::new(relay_binary())
+        .envs(env.iter().copied())
         .arg("admin")
         .args(args)
         .arg("--data-dir")
@@ -40,11 +49,24 @@ async fn an_offline_export_holds_the_queue_and_validates_against_the_schema() {
     let out = dir.path().join("export.json");
     let out_arg = out.to_string_lossy().into_owned();
     let args = ["export-account", &id, "--ciphertexts", "--out", &out_arg];
+    // The user's own file, where an older export put its partial file.
+    let mine = dir.path().join("export.partial");
+    std::fs::write(&mine, b"mine").expect("write");
 
     let busy = admin(&args, &relay_dir);
     assert!(!busy.status.success());
     assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by a running relay"));
     assert!(!out.exists(), "a failed export leaves no file");
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    let partials = left
+        .iter()
+        .filter(|n| n.to_string_lossy().ends_with(".partial"))
+        .count();
+    assert_eq!(partials, 1, "no partial file of its own left: {left:?}");
+    assert_eq!(std::fs::read(&mine).expect("still there"), b"mine");
     alice.conn.close().await;
     relay.stop().expect("stop");
 
@@ -86,13 +108,27 @@ async fn an_offline_export_holds_the_queue_and_validates_against_the_schema() {
     let mode = std::fs::metadata(&out).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 
-    // After an offline deletion there is nothing to export.
-    let deleted = admin(&["delete-account", &id], &relay_dir);
-    assert!(
-        deleted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&deleted.stderr)
+    // A deletion that fails part way, and fails again when the export resumes it:
+    // the export refuses the half-deleted account.
+    let faults = [("TERN_FAULTS", "account_deletion=enospc")];
+    let failed = admin_with(&["delete-account", &id], &relay_dir, &faults);
+    assert!(!failed.status.success());
+    let half = dir.path().join("half.json");
+    let half_arg = half.to_string_lossy().into_owned();
+    let refused = admin_with(
+        &["export-account", &id, "--out", &half_arg],
+        &relay_dir,
+        &faults,
     );
+    assert!(
+        !refused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+    assert!(!half.exists());
+
+    // Without the fault, the export's resume finishes the deletion: after it there
+    // is nothing to export.
     let again = dir.path().join("again.json");
     let again_arg = again.to_string_lossy().into_owned();
     let gone = admin(&["export-account", &id, "--out", &again_arg], &relay_dir);
@@ -146,6 +182,20 @@ async fn a_client_exports_its_account_over_its_authenticated_connection() {
     assert!(without["account"]["devices"][0]["queue"]["items"][0]
         .get("ciphertext")
         .is_none());
+    // `exports_per_account` = "4/1day": two more, then refused with a retry time.
+    for _ in 0..2 {
+        within(bob.conn.export_account(false, &mut Vec::new()))
+            .await
+            .expect("export");
+    }
+    let limited = within(bob.conn.export_account(false, &mut Vec::new()))
+        .await
+        .expect_err("a fifth export today");
+    assert_eq!(
+        limited.relay_code(),
+        Some(tern_client::ErrorCode::RateLimited)
+    );
+    assert!(limited.retry_after().is_some_and(|d| !d.is_zero()));
 
     // Only for an authenticated connection's own account.
     let (anon, _) = within(tern_client::net::RelayConnection::connect(&relay.address))

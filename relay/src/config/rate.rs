@@ -50,10 +50,17 @@ pub struct RateLimitsConfig {
     pub one_time_prekeys_per_device: Rate,
     /// What a fetch past `one_time_prekeys_per_device` gets.
     pub over_prekey_limit: PrekeyLimit,
+    /// Account exports an account asks for (each reads its whole mailbox); past it
+    /// refused with `RATE_LIMITED` and a retry time.
+    pub exports_per_account: Rate,
     /// Keys each limit remembers at most (about 100 bytes each); a new key past it is
     /// refused until housekeeping (every `expiry.sweep_interval`) makes room.
     pub max_keys: usize,
 }
+
+/// The largest `max_devices_per_account` allowed: device ids run from 1 up to it,
+/// which a deletion whose account record is unreadable relies on.
+pub const MAX_DEVICES_BOUND: usize = 1000;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -81,6 +88,7 @@ impl Default for RateLimitsConfig {
             fetch_keys_per_requester: rate(200, HOUR),
             one_time_prekeys_per_device: rate(75, DAY),
             over_prekey_limit: PrekeyLimit::Withhold,
+            exports_per_account: rate(4, DAY),
             max_keys: 1_000_000,
         }
     }
@@ -89,7 +97,7 @@ impl Default for RateLimitsConfig {
 impl RateLimitsConfig {
     /// Checks the values; the message names the key.
     pub(crate) fn validate(&self) -> Result<(), String> {
-        if self.max_devices_per_account == 0 || self.max_devices_per_account > 1000 {
+        if self.max_devices_per_account == 0 || self.max_devices_per_account > MAX_DEVICES_BOUND {
             return Err("rate_limits.max_devices_per_account must be from 1 to 1000".into());
         }
         if self.max_keys == 0 {

@@ -40,6 +40,11 @@ pub(crate) fn world() -> World {
 }
 
 pub(crate) fn world_on(backend: Backend) -> World {
+    world_with(backend, |_| {})
+}
+
+/// [`world_on`], with the stores changed by `wrap` (to inject failures).
+pub(crate) fn world_with(backend: Backend, wrap: impl FnOnce(&mut crate::store::Stores)) -> World {
     let dir = tempfile::tempdir().expect("tempdir");
     let memory = Arc::new(crate::store::MemoryStore::new());
     let sled =
@@ -58,6 +63,8 @@ pub(crate) fn world_on(backend: Backend) -> World {
             crate::store::Stores::split(Arc::new(log), sled())
         }
     };
+    let mut stores = stores;
+    wrap(&mut stores);
     let f = crate::testing::fixture_on(stores.clone(), memory);
     let blobs = Arc::new(
         BlobStore::open(
@@ -741,6 +748,11 @@ async fn a_deletion_ends_the_accounts_open_phone_verification() {
         verification.pending(&alice.address().account).is_some(),
         "another account's session stays"
     );
+    assert!(
+        !verification.holds_start_limit(&account),
+        "its start bucket is forgotten"
+    );
+    assert!(verification.holds_start_limit(&alice.address().account));
 }
 
 #[tokio::test]
@@ -795,4 +807,173 @@ async fn a_deletion_forgets_the_accounts_in_memory_rate_buckets() {
     assert!(!rates.holds_account(&b), "rate limits");
     assert!(!w.blobs.upload_rate_holds(&b), "upload rate");
     assert!(rates.holds_account(&a), "another account's stay");
+}
+
+/// An account store whose intent writes fail while `fail_puts` is above 0, and
+/// whose record reads fail as corrupt once `corrupt` is set; flushes fail while
+/// `fail_flushes` is above 0.
+struct Faulty {
+    accounts: Arc<dyn AccountStore>,
+    flush: Arc<dyn crate::store::Flush>,
+    fail_puts: std::sync::atomic::AtomicU32,
+    fail_flushes: std::sync::atomic::AtomicU32,
+    corrupt: std::sync::atomic::AtomicBool,
+}
+
+impl Faulty {
+    fn wrap(stores: &mut crate::store::Stores) -> Arc<Faulty> {
+        let faulty = Arc::new(Faulty {
+            accounts: stores.accounts.clone(),
+            flush: stores.flush.clone(),
+            fail_puts: 0.into(),
+            fail_flushes: 0.into(),
+            corrupt: false.into(),
+        });
+        stores.accounts = faulty.clone();
+        stores.flush = faulty.clone();
+        faulty
+    }
+
+    fn take(n: &std::sync::atomic::AtomicU32) -> bool {
+        n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+            .is_ok()
+    }
+
+    fn corrupt(&self) -> bool {
+        self.corrupt.load(Ordering::Relaxed)
+    }
+}
+
+fn disk_full() -> crate::store::StoreError {
+    crate::store::StoreError::Backend("injected".into())
+}
+
+impl crate::store::Flush for Faulty {
+    fn flush(&self) -> crate::store::StoreResult<()> {
+        if Faulty::take(&self.fail_flushes) {
+            return Err(disk_full());
+        }
+        self.flush.flush()
+    }
+}
+
+impl AccountStore for Faulty {
+    fn create_on(&self, id: &AccountId, r: &AccountRecord, day: Option<u32>) -> StoreResult<()> {
+        self.accounts.create_on(id, r, day)
+    }
+    fn days(&self, id: &AccountId) -> StoreResult<Option<crate::store::AccountDays>> {
+        self.accounts.days(id)
+    }
+    fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
+        self.accounts.touch_device(of, day)
+    }
+    fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        if self.corrupt() {
+            return Err(crate::store::StoreError::Corrupt("account"));
+        }
+        self.accounts.get(id)
+    }
+    fn add_device(
+        &self,
+        id: &AccountId,
+        key: &[u8; 32],
+        day: u32,
+    ) -> StoreResult<Option<DeviceId>> {
+        self.accounts.add_device(id, key, day)
+    }
+    fn set_delivery_token(&self, id: &AccountId, hash: &[u8; 32]) -> StoreResult<()> {
+        self.accounts.set_delivery_token(id, hash)
+    }
+    fn delivery_token(&self, id: &AccountId) -> StoreResult<Option<[u8; 32]>> {
+        self.accounts.delivery_token(id)
+    }
+    fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
+        // Like sled: the record goes, then fails to decode.
+        let removed = self.accounts.remove_account(id)?;
+        if self.corrupt() && removed.is_some() {
+            return Err(crate::store::StoreError::Corrupt("account"));
+        }
+        Ok(removed)
+    }
+    fn put_deletion(&self, id: &AccountId, devices: &[DeviceId]) -> StoreResult<()> {
+        if Faulty::take(&self.fail_puts) {
+            return Err(disk_full());
+        }
+        self.accounts.put_deletion(id, devices)
+    }
+    fn deletions(&self) -> StoreResult<Vec<(AccountId, Vec<DeviceId>)>> {
+        self.accounts.deletions()
+    }
+    fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
+        self.accounts.remove_deletion(id)
+    }
+}
+
+fn devices_of(w: &World, account: &AccountId) -> Vec<DeviceId> {
+    let rec = w.s().get(account).expect("get").expect("record");
+    rec.devices.iter().map(|(id, _)| *id).collect()
+}
+
+#[tokio::test]
+async fn a_deletion_whose_intent_cannot_be_written_hides_nothing_and_can_be_asked_again() {
+    let mut faulty = None;
+    let w = world_with(Backend::Sled, |s| faulty = Some(Faulty::wrap(s)));
+    let faulty = faulty.expect("wrapped");
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let devices = devices_of(&w, &account);
+    faulty.fail_puts.store(1, Ordering::Relaxed);
+    let authority = || DeletionAuthority::Operator(Operator::offline(), account);
+    assert!(w.deletion.delete(authority()).await.is_err());
+    // Not hidden: the account works and its owner may ask again.
+    assert!(!w.f.services.tombstones().contains(&account));
+    assert!(w.s().get(&account).expect("get").is_some());
+    w.deletion.delete(authority()).await.expect("asked again");
+    nothing_left(&w, &account, &devices);
+}
+
+#[tokio::test]
+async fn a_deletion_whose_flush_fails_is_finished_by_the_sweeper() {
+    for fails in [1, 2, 4] {
+        let mut faulty = None;
+        let w = world_with(Backend::Sled, |s| faulty = Some(Faulty::wrap(s)));
+        let faulty = faulty.expect("wrapped");
+        let (_, bob) = fill(&w).await;
+        let account = bob.address().account;
+        let devices = devices_of(&w, &account);
+        faulty.fail_flushes.store(fails, Ordering::Relaxed);
+        let authority = DeletionAuthority::Operator(Operator::offline(), account);
+        assert!(w.deletion.delete(authority).await.is_err(), "{fails}");
+        let mut finished = 0;
+        for _ in 0..8 {
+            finished += w.deletion.sweep(8).await.map_or(0, |r| r.finished);
+            if finished > 0 {
+                break;
+            }
+        }
+        assert_eq!(finished, 1, "{fails}");
+        nothing_left(&w, &account, &devices);
+        assert!(w.f.services.tombstones().contains(&account));
+    }
+}
+
+#[tokio::test]
+async fn an_account_whose_record_is_corrupt_is_deleted_by_its_devices_found_otherwise() {
+    for backend in BACKENDS {
+        let mut faulty = None;
+        let w = world_with(backend, |s| faulty = Some(Faulty::wrap(s)));
+        let faulty = faulty.expect("wrapped");
+        let (_, bob) = fill(&w).await;
+        let account = bob.address().account;
+        let devices = devices_of(&w, &account);
+        faulty.corrupt.store(true, Ordering::Relaxed);
+        let deleted = w
+            .deletion
+            .delete(DeletionAuthority::Operator(Operator::offline(), account))
+            .await
+            .expect("deleted though its record is unreadable");
+        assert_eq!(deleted.messages, 5, "{backend:?}");
+        faulty.corrupt.store(false, Ordering::Relaxed);
+        nothing_left(&w, &account, &devices);
+    }
 }

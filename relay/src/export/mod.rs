@@ -5,7 +5,8 @@
 //! by one, so a large mailbox never sits in memory whole. It holds no phone number
 //! and no delivery token (only whether one is set), and message ciphertexts only
 //! when asked for. It reads the stores as they are; the caller decides who may ask
-//! (the offline admin command; a client request is not built yet).
+//! (the offline admin command, or the account's own request over a transfer stream:
+//! `net/export.rs`, limited by `rate_limits.exports_per_account`).
 
 pub mod model;
 #[cfg(test)]
@@ -20,7 +21,7 @@ use tern_proto::{AccountId, DeviceAddress};
 use crate::error::{Error, Result};
 use crate::store::{AccountDays, Stores, DAY_MS};
 use model::{
-    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Upload,
+    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Session, Upload,
     Verification,
 };
 
@@ -33,8 +34,9 @@ pub const EXPORT_SCHEMA: &str = "tern-account-export";
 /// The JSON Schema (2020-12) of version [`EXPORT_VERSION`].
 pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.json");
 
-/// Messages read from a mailbox at a time.
-const PAGE: usize = 256;
+/// Messages read from a mailbox at a time. The store reads payloads too, so a page
+/// holds at most this many envelopes (4 MiB at the default 256 KiB envelope limit).
+const PAGE: usize = 16;
 
 /// What to put in an export.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,11 +45,15 @@ pub struct ExportOptions {
     pub include_ciphertexts: bool,
 }
 
+/// An account's open verification session: (expiry in Unix ms, checks left).
+pub type PendingSession<'a> = dyn Fn(&AccountId) -> Option<(u64, u32)> + Sync + 'a;
+
 /// State the stores do not hold, from the services that keep it in memory.
 #[derive(Clone, Copy, Default)]
 pub struct Live<'a> {
-    /// Whether a phone verification session is open for an account; none: `false`.
-    pub verification_pending: Option<&'a (dyn Fn(&AccountId) -> bool + Sync)>,
+    /// An account's open phone verification session: its expiry (Unix ms) and the
+    /// code checks it has left; none given: no session.
+    pub verification_pending: Option<&'a PendingSession<'a>>,
 }
 
 impl std::fmt::Debug for Live<'_> {
@@ -125,9 +131,17 @@ pub fn write_with(
             },
         },
     };
+    let session =
+        live.verification_pending
+            .and_then(|f| f(account))
+            .map(|(expires_at_ms, attempts_left)| Session {
+                expires_at_ms,
+                attempts_left,
+            });
     let verification = Verification {
         verified_at_day: tag.as_ref().map(|(_, r)| r.verified_at / DAY_MS),
-        pending: live.verification_pending.is_some_and(|f| f(account)),
+        pending: session.is_some(),
+        session,
     };
     let discovery = tag.map(|(tag, r)| Discovery {
         tag: hex(&tag.0),
@@ -210,7 +224,7 @@ fn write_queue(
             json(
                 out,
                 &QueueItem {
-                    seq: m.seq,
+                    seq: m.seq.to_string(),
                     message_id: hex(m.message_id.as_bytes()),
                     bytes: m.payload.len() as u64,
                     accepted_at_ms: m.accepted_at,

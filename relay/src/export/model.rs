@@ -18,8 +18,9 @@ pub struct Prekeys {
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueItem {
-    /// Its place in the device's mailbox.
-    pub seq: u64,
+    /// Its place in the device's mailbox, in decimal: a string because seqs pass
+    /// 2^53, past which JSON readers that use doubles lose digits.
+    pub seq: String,
     /// The sender's id for it (hex, 32 digits).
     pub message_id: String,
     /// Ciphertext length.
@@ -85,6 +86,17 @@ pub struct Verification {
     pub verified_at_day: Option<u64>,
     /// Whether a verification session is open (sessions are held in memory only).
     pub pending: bool,
+    /// The open session, `None` without one.
+    pub session: Option<Session>,
+}
+
+/// An open phone verification session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Session {
+    /// When its code expires (Unix ms).
+    pub expires_at_ms: u64,
+    /// Code checks it has left.
+    pub attempts_left: u32,
 }
 
 /// A stored bucket, as the time it is full again; `None` when it is full now.

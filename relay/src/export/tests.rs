@@ -102,7 +102,7 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
         assert_eq!(d["queue"]["messages"], stored.len() as u64);
         assert_eq!(items.len(), stored.len());
         for (item, m) in items.iter().zip(&stored) {
-            assert_eq!(item["seq"], m.seq);
+            assert_eq!(item["seq"], m.seq.to_string(), "a decimal string");
             assert_eq!(item["message_id"], hex(m.message_id.as_bytes()));
             assert_eq!(item["bytes"], m.payload.len() as u64);
             assert!(item.get("ciphertext").is_none(), "not asked for");
@@ -138,7 +138,7 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
     assert_eq!(v["discovery"], Value::Null, "no tag");
     assert_eq!(
         v["verification"],
-        serde_json::json!({"verified_at_day": null, "pending": false})
+        serde_json::json!({"verified_at_day": null, "pending": false, "session": null})
     );
     assert_eq!(
         v["rate_limits"]["discovery_evaluations"],
@@ -180,7 +180,7 @@ async fn the_discovery_tag_setting_buckets_and_verification_are_exported() {
     let stores = w.f.services.stores();
     // The account's bucket refills after the export; its number's already has.
     let tag = discoverable(stores, &account, NOW + 5_000, NOW - 1);
-    let pending = |a: &AccountId| *a == account;
+    let pending = |a: &AccountId| (*a == account).then_some((NOW + 600_000, 4));
     let v = export_live(
         stores,
         &account,
@@ -196,7 +196,8 @@ async fn the_discovery_tag_setting_buckets_and_verification_are_exported() {
     );
     assert_eq!(
         v["verification"],
-        serde_json::json!({"verified_at_day": 2, "pending": true})
+        serde_json::json!({"verified_at_day": 2, "pending": true,
+            "session": {"expires_at_ms": NOW + 600_000, "attempts_left": 4}})
     );
     assert_eq!(
         v["rate_limits"]["discovery_evaluations"],
@@ -221,7 +222,7 @@ fn the_schema_is_version_1_and_refuses_what_it_does_not_name() {
         "account": {"id": "00".repeat(16), "identity_key": b64(&[1; 32]),
             "created_day": null, "delivery_token_set": false, "devices": []},
         "discovery": null,
-        "verification": {"verified_at_day": null, "pending": false},
+        "verification": {"verified_at_day": null, "pending": false, "session": null},
         "rate_limits": {"discovery_evaluations": {"account_full_at_ms": null, "number_full_at_ms": null}},
         "media": {"charges": [], "uploads_in_progress": [], "owned_blobs": []}
     });

@@ -412,7 +412,10 @@ impl BlobStore {
     /// module docs). A mismatch deletes the upload.
     pub(crate) fn finish(&self, device: &AuthenticatedDevice, id: &BlobId) -> BlobResult<BlobMeta> {
         let account = &device.address().account;
-        let _live = self.live(account)?;
+        // The barrier is not held across the hash and the fsync (long for a big
+        // upload): a deletion waiting for it would stall the sign-ins of every
+        // account in its stripe. It is taken again for the rename and the records.
+        drop(self.live(account)?);
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
         let mut upload = self.files.complete_upload(account, id)?;
         if upload.len != meta.size {
@@ -429,6 +432,15 @@ impl BlobStore {
             return Err(BlobError::DigestMismatch);
         }
         BlobFiles::sync(upload)?;
+        let _live = match self.live(account) {
+            Ok(live) => live,
+            Err(e) => {
+                // Deleted meanwhile: its removals may have listed this upload
+                // already; its file goes here too (a second unlink is harmless).
+                let _ = self.files.remove_upload(account, id);
+                return Err(e);
+            }
+        };
         let _commit = lock(&self.commit);
         let now = self.clock.now();
         if let Some(existing) = self.status(id)? {

@@ -19,6 +19,9 @@ use crate::server::Services;
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the writer and the stream.
 const IN_FLIGHT: usize = 4;
+/// How long one chunk may wait for the client to read it: a client that stops
+/// reading ends its export, and the writer's blocking thread with it.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The stream's reset code when an export fails after it began.
 const FAILED: u32 = 1;
 
@@ -40,7 +43,8 @@ impl Write for ToStream {
 }
 
 /// Streams the export of `device`'s account. An account being deleted is refused as
-/// unauthenticated, before anything is sent; a failure once the JSON has begun
+/// unauthenticated, and one past `exports_per_account` as rate limited, before
+/// anything is sent; a client that reads nothing for `WRITE_TIMEOUT` ends it; a failure once the JSON has begun
 /// resets the stream, so the client never takes a cut document for a whole one.
 pub(super) async fn stream(
     send: &mut quinn::SendStream,
@@ -53,6 +57,7 @@ pub(super) async fn stream(
     if services.tombstones().contains(&account) {
         return Err(Error::Unauthorized);
     }
+    services.rate_limits().export(&account)?;
     if !respond(send, BlobStreamResponse::ExportReady).await {
         return Ok(());
     }
@@ -62,7 +67,7 @@ pub(super) async fn stream(
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToStream(tx));
         let now = s.clock().now();
-        let pending = |a: &tern_proto::AccountId| v.pending(a).is_some();
+        let pending = |a: &tern_proto::AccountId| v.pending(a);
         let live = crate::export::Live {
             verification_pending: Some(&pending),
         };
@@ -70,7 +75,8 @@ pub(super) async fn stream(
     });
     let mut sent = true;
     while let Some(chunk) = rx.recv().await {
-        if send.write_all(&chunk).await.is_err() {
+        let wrote = tokio::time::timeout(WRITE_TIMEOUT, send.write_all(&chunk)).await;
+        if !matches!(wrote, Ok(Ok(()))) {
             sent = false;
             break;
         }
@@ -88,7 +94,11 @@ pub(super) async fn stream(
                 "account exported"
             );
         }
-        Ok(_) => {}
+        Ok(_) => {
+            // The client stopped reading (or left): it must not take the cut
+            // document for a whole one.
+            let _ = send.reset(FAILED.into());
+        }
         Err(e) => {
             debug!(error = %e, "export failed part way");
             let _ = send.reset(FAILED.into());

@@ -109,6 +109,20 @@ impl StartLimits {
         }
     }
 
+    /// Forgets the account's bucket (account deletion); the prefix's and the
+    /// number's name no account.
+    pub(super) fn forget_account(&self, account: &AccountId) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.tats.remove(account);
+    }
+
+    /// Whether the account has a bucket (for tests).
+    #[cfg(test)]
+    pub(super) fn holds_account(&self, account: &AccountId) -> bool {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.1.tats.contains_key(account)
+    }
+
     /// Forgets refilled keys.
     pub(super) fn sweep(&self, now: u64) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());

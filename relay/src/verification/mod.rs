@@ -346,12 +346,20 @@ impl Verification {
         expired.len()
     }
 
-    /// Ends the account's open session, if any (account deletion).
+    /// Ends the account's open session, if any, and forgets its start bucket
+    /// (account deletion).
     pub fn forget_account(&self, account: &AccountId) {
         let removed = self.sessions().remove_account(account);
         if let Some(id) = removed {
             self.ended(&id);
         }
+        self.limits.forget_account(account);
+    }
+
+    /// Whether the account has a start bucket (for tests).
+    #[cfg(test)]
+    pub(crate) fn holds_start_limit(&self, account: &AccountId) -> bool {
+        self.limits.holds_account(account)
     }
 
     /// The discovery service verified numbers attach their tags to.

@@ -21,6 +21,7 @@ pub struct RateLimits {
     intake: KeyedLimit<(DeviceAddress, SenderKey)>,
     fetch_per_requester: KeyedLimit<SenderKey>,
     one_time_per_device: KeyedLimit<DeviceAddress>,
+    exports: KeyedLimit<AccountId>,
     max_devices: usize,
     intake_above_queued: u64,
     over_prekey_limit: PrekeyLimit,
@@ -39,7 +40,12 @@ impl RateLimits {
             sealed_per_prefix: KeyedLimit::new(config.sealed_sends_per_prefix, max, c.clone()),
             intake: KeyedLimit::new(config.intake_per_sender_per_mailbox, max, c.clone()),
             fetch_per_requester: KeyedLimit::new(config.fetch_keys_per_requester, max, c.clone()),
-            one_time_per_device: KeyedLimit::new(config.one_time_prekeys_per_device, max, clock),
+            one_time_per_device: KeyedLimit::new(
+                config.one_time_prekeys_per_device,
+                max,
+                c.clone(),
+            ),
+            exports: KeyedLimit::new(config.exports_per_account, max, clock),
             max_devices: config.max_devices_per_account,
             intake_above_queued: config.intake_above_queued,
             over_prekey_limit: config.over_prekey_limit,
@@ -101,6 +107,11 @@ impl RateLimits {
         }
     }
 
+    /// An account export asked for by `account`.
+    pub fn export(&self, account: &AccountId) -> Result<()> {
+        self.exports.check(account)
+    }
+
     /// Forgets keys whose buckets have refilled, in every limit.
     pub fn housekeep(&self) {
         self.registrations.housekeep();
@@ -111,6 +122,7 @@ impl RateLimits {
         self.intake.housekeep();
         self.fetch_per_requester.housekeep();
         self.one_time_per_device.housekeep();
+        self.exports.housekeep();
     }
 
     /// Forgets every bucket keyed by the account or one of its devices, or naming it
@@ -118,6 +130,7 @@ impl RateLimits {
     pub fn forget_account(&self, account: &AccountId) {
         let sender = SenderKey::Account(*account);
         self.add_device.forget(account);
+        self.exports.forget(account);
         self.sends.forget(account);
         self.sealed_per_token.forget(account);
         self.fetch_per_requester.forget(&sender);
@@ -131,6 +144,7 @@ impl RateLimits {
     pub fn holds_account(&self, account: &AccountId) -> bool {
         let sender = SenderKey::Account(*account);
         self.add_device.holds(|k| k == account)
+            || self.exports.holds(|k| k == account)
             || self.sends.holds(|k| k == account)
             || self.sealed_per_token.holds(|k| k == account)
             || self.fetch_per_requester.holds(|k| *k == sender)
@@ -151,6 +165,7 @@ impl RateLimits {
             self.intake.len(),
             self.fetch_per_requester.len(),
             self.one_time_per_device.len(),
+            self.exports.len(),
         ]
         .iter()
         .sum()

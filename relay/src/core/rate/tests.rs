@@ -187,9 +187,30 @@ fn forgetting_an_account_drops_every_key_that_names_it() {
             .expect("intake");
         r.fetch_keys(&SenderKey::Account(me)).expect("fetch");
         r.take_one_time_prekey(&dev(me)).expect("prekey");
+        r.export(&me).expect("export");
     }
     assert!(r.holds_account(&a) && r.holds_account(&b));
     r.forget_account(&a);
     assert!(!r.holds_account(&a), "nothing keyed by or naming a is left");
     assert!(r.holds_account(&b));
+}
+
+#[test]
+fn a_fifth_export_in_a_day_is_refused_with_a_retry_time() {
+    let clock = Arc::new(ManualClock::new(1_000_000));
+    let r = RateLimits::new(&crate::config::RateLimitsConfig::default(), clock.clone());
+    let a = tern_proto::AccountId([1; 16]);
+    for _ in 0..4 {
+        r.export(&a).expect("within the default 4/1day");
+    }
+    let refused = r.export(&a).expect_err("the fifth");
+    assert_eq!(refused.code(), tern_proto::ErrorCode::RateLimited);
+    assert!(matches!(
+        refused,
+        crate::Error::RateLimited { retry_after_ms } if retry_after_ms > 0
+    ));
+    r.export(&tern_proto::AccountId([2; 16]))
+        .expect("another account's own limit");
+    clock.advance(std::time::Duration::from_secs(6 * 3600));
+    r.export(&a).expect("a quarter of a day refills one");
 }

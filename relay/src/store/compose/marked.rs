@@ -37,6 +37,22 @@ impl<S: ?Sized> Marked<S> {
         self.dirty.store(true, Ordering::Release);
         out
     }
+
+    /// [`Marked::write`] that sets the flag only when `wrote` says the call may
+    /// have written (an error may have written part).
+    pub(super) fn write_if<T>(&self, f: impl FnOnce(&S) -> T, wrote: impl Fn(&T) -> bool) -> T {
+        let out = f(&self.store);
+        if wrote(&out) {
+            self.dirty.store(true, Ordering::Release);
+        }
+        out
+    }
+
+    /// Whether the store was written since its last flush.
+    #[cfg(test)]
+    pub(super) fn written(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
 }
 
 impl<S: Flush + ?Sized> Marked<S> {
@@ -122,7 +138,9 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
         self.store.days(id)
     }
     fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
-        self.write(|s| s.touch_device(of, day))
+        // Most sign-ins touch a device already seen today and write nothing: they
+        // must not make the next commit flush this store.
+        self.write_if(|s| s.touch_device(of, day), |r| !matches!(r, Ok(false)))
     }
     fn get(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         self.store.get(id)

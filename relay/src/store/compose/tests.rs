@@ -72,3 +72,29 @@ fn the_deletion_verbs_reach_the_wrapped_store() {
     crate::store::conformance::deletion_rules(&store);
     crate::store::conformance::purge_rules(&store);
 }
+
+#[test]
+fn a_sign_in_on_a_day_already_touched_leaves_the_store_clean() {
+    use crate::store::{AccountRecord, AccountStore};
+    use tern_proto::{AccountId, DeviceAddress, DeviceId};
+    let store = Marked::new(Arc::new(crate::store::MemoryStore::new()));
+    let account = AccountId([9; 16]);
+    let device = DeviceId::new(1).expect("device");
+    let record = AccountRecord {
+        identity_key: [1; 32],
+        devices: vec![(device, [2; 32])],
+    };
+    store
+        .create_on(&account, &record, Some(10))
+        .expect("create");
+    store.flush_if_written().expect("flush");
+    assert!(!store.written());
+    let of = DeviceAddress { account, device };
+    assert!(
+        !store.touch_device(&of, 10).expect("touch"),
+        "already today"
+    );
+    assert!(!store.written(), "nothing written, nothing to flush");
+    assert!(store.touch_device(&of, 11).expect("touch"), "a new day");
+    assert!(store.written());
+}
