@@ -328,6 +328,18 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 Request::CheckVerification {
                     session: VerificationId([22; 16]),
                     code: Code::parse("123456").expect("6 digits"),
+                    discoverable: None,
+                },
+            ),
+        ),
+        (
+            "check-verification-hidden",
+            r(
+                22,
+                Request::CheckVerification {
+                    session: VerificationId([23; 16]),
+                    code: Code::parse("654321").expect("6 digits"),
+                    discoverable: Some(false),
                 },
             ),
         ),

@@ -147,6 +147,31 @@ async fn a_number_is_verified_through_the_dev_file_and_the_file_goes() {
 }
 
 #[tokio::test]
+async fn the_check_carries_the_choice_to_stay_hidden() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("relay");
+    let toml = "[verification]\nverifier = \"dev-file\"\n";
+    let relay = relay_with(&data, toml, &["--allow-dev-verifier"]).expect("relay");
+    for (number, choice, want) in [
+        ("+15550100123", Some(false), false),
+        ("+15550100124", None, true),
+        ("+15550100125", Some(true), true),
+    ] {
+        let user = register(&relay.address).await;
+        let (session, _) = within(user.conn.start_verification(e164(number)))
+            .await
+            .expect("started");
+        let file = data.join("dev-verification").join(session.to_hex());
+        let digits = std::fs::read_to_string(&file).expect("the code file");
+        let code = Code::parse(&digits).expect("6 digits");
+        let discoverable = within(user.conn.check_verification_as(session, code, choice))
+            .await
+            .expect("verified");
+        assert_eq!(discoverable, want, "{choice:?}");
+    }
+}
+
+#[tokio::test]
 async fn the_dev_file_verifier_is_refused_without_its_allowance() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("relay");

@@ -28,14 +28,40 @@ impl Client {
 
     /// Confirms session `id` with the `code` the user received (six digits, else
     /// [`Error::InvalidCode`], which costs no attempt). On success the number is
-    /// verified and the answer is whether the account is now discoverable by it
-    /// (the relay's default, normally on). A wrong code is the relay's `WRONG_CODE`
-    /// with [`Error::attempts_left`]; after the last one, or after 10 minutes
-    /// (`EXPIRED`), the session is gone (`NOT_FOUND`): start again. A failed
-    /// verification never touches a number verified before.
+    /// verified and the answer is whether the account is now discoverable by it:
+    /// the relay's `discovery.default_discoverable`, normally on. Use this when the
+    /// app keeps the relay's default; when the user has chosen, use
+    /// [`Self::confirm_verification_with`], which never leaves the account
+    /// discoverable against that choice, not even for a moment. A wrong code is the
+    /// relay's `WRONG_CODE` with [`Error::attempts_left`]; after the last one, or
+    /// after 10 minutes (`EXPIRED`), the session is gone (`NOT_FOUND`): start again.
+    /// A failed verification never touches a number verified before.
     pub async fn confirm_verification(&self, id: VerificationId, code: &str) -> Result<bool> {
+        self.confirm_code(id, code, None).await
+    }
+
+    /// [`Self::confirm_verification`] with the user's choice: the number's tag is
+    /// attached discoverable as `discoverable` says, in the same step that verifies
+    /// it (a later [`Self::set_discoverable`] would leave a moment in which the
+    /// account can be found). Returns whether the account is discoverable, which
+    /// is `discoverable`.
+    pub async fn confirm_verification_with(
+        &self,
+        id: VerificationId,
+        code: &str,
+        discoverable: bool,
+    ) -> Result<bool> {
+        self.confirm_code(id, code, Some(discoverable)).await
+    }
+
+    async fn confirm_code(
+        &self,
+        id: VerificationId,
+        code: &str,
+        choice: Option<bool>,
+    ) -> Result<bool> {
         let code = Code::parse(code.trim()).map_err(|_| Error::InvalidCode)?;
         let (conn, _) = self.connections().await?;
-        conn.check_verification(id, code).await
+        conn.check_verification_as(id, code, choice).await
     }
 }

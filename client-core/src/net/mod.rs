@@ -381,9 +381,27 @@ impl RelayConnection {
     }
 
     /// Answers a verification session with its code; on success the account now has
-    /// the number's discovery tag, and the answer is whether it is discoverable.
+    /// the number's discovery tag, discoverable as the relay's default says, and the
+    /// answer is whether it is discoverable.
     pub async fn check_verification(&self, session: VerificationId, code: Code) -> Result<bool> {
-        match (self.request(Request::CheckVerification { session, code })).await? {
+        self.check_verification_as(session, code, None).await
+    }
+
+    /// [`Self::check_verification`] with the account's choice: `Some(d)` attaches
+    /// the tag discoverable as `d` from its first moment, `None` as the relay's
+    /// default.
+    pub async fn check_verification_as(
+        &self,
+        session: VerificationId,
+        code: Code,
+        discoverable: Option<bool>,
+    ) -> Result<bool> {
+        let request = Request::CheckVerification {
+            session,
+            code,
+            discoverable,
+        };
+        match self.request(request).await? {
             Reply::Verified { discoverable } => Ok(discoverable),
             _ => Err(unexpected("check_verification")),
         }

@@ -192,6 +192,9 @@ pub enum Request {
         session: VerificationId,
         /// Six digits.
         code: Code,
+        /// Whether the number's tag is discoverable once attached; `None` leaves
+        /// it to the relay's `discovery.default_discoverable`.
+        discoverable: Option<bool>,
     },
 }
 
@@ -550,6 +553,7 @@ impl TryFrom<Body> for Request {
                     BAD,
                 )?),
                 code: Code::parse(&r.code)?,
+                discoverable: r.discoverable,
             },
         })
     }
@@ -689,12 +693,15 @@ impl From<Request> for Body {
                     number: number.as_str().to_owned(),
                 })
             }
-            Request::CheckVerification { session, code } => {
-                Body::CheckVerification(v1::CheckVerificationRequest {
-                    session_id: copy(&session.0),
-                    code: code.as_str().to_owned(),
-                })
-            }
+            Request::CheckVerification {
+                session,
+                code,
+                discoverable,
+            } => Body::CheckVerification(v1::CheckVerificationRequest {
+                session_id: copy(&session.0),
+                code: code.as_str().to_owned(),
+                discoverable,
+            }),
         }
     }
 }

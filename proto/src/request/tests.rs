@@ -109,6 +109,12 @@ fn one_of_each() -> Vec<Request> {
         Request::CheckVerification {
             session: VerificationId([7; 16]),
             code: Code::parse("012345").expect("6 digits"),
+            discoverable: None,
+        },
+        Request::CheckVerification {
+            session: VerificationId([8; 16]),
+            code: Code::parse("999999").expect("6 digits"),
+            discoverable: Some(false),
         },
     ]
 }
@@ -446,6 +452,7 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             Body::CheckVerification(v1::CheckVerificationRequest {
                 session_id: SHORT,
                 code: "123456".into(),
+                discoverable: None,
             }),
             "check_verification.session_id",
             BAD,
@@ -454,6 +461,7 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             Body::CheckVerification(v1::CheckVerificationRequest {
                 session_id: Bytes::from_static(&[1; 16]),
                 code: "12345".into(),
+                discoverable: Some(true),
             }),
             "check_verification.code",
             BAD,
@@ -795,10 +803,13 @@ fn any_request() -> impl Strategy<Value = Request> {
         "\\+[1-9][0-9]{6,14}".prop_map(|n| Request::StartVerification {
             number: E164::parse(&n).expect("matches the pattern")
         }),
-        (any::<[u8; 16]>(), 0u32..1_000_000).prop_map(|(s, c)| Request::CheckVerification {
-            session: VerificationId(s),
-            code: Code::from_number(c).expect("below 10^6")
-        }),
+        (any::<[u8; 16]>(), 0u32..1_000_000, any::<Option<bool>>()).prop_map(
+            |(s, c, discoverable)| Request::CheckVerification {
+                session: VerificationId(s),
+                code: Code::from_number(c).expect("below 10^6"),
+                discoverable,
+            }
+        ),
     ]
 }
 
@@ -852,7 +863,11 @@ proptest! {
             17 => Body::SetDiscoverable(v1::SetDiscoverableRequest { discoverable: n % 2 == 0 }),
             18 => Body::DeleteAccount(v1::DeleteAccountRequest { signature: a }),
             19 => Body::StartVerification(v1::StartVerificationRequest { number: text }),
-            20 => Body::CheckVerification(v1::CheckVerificationRequest { session_id: a, code: text }),
+            20 => Body::CheckVerification(v1::CheckVerificationRequest {
+                session_id: a,
+                code: text,
+                discoverable: (n % 3 != 0).then_some(n % 2 == 0),
+            }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

@@ -258,14 +258,26 @@ impl Discovery {
     /// Gives `account` the tag of `number` (its E.164 bytes), once verification has
     /// proved the account holds it; discoverable as `default_discoverable` says. The
     /// number is not kept. Returns the account that held the number before, if
-    /// another (it loses its tag). Called by phone verification.
+    /// another (it loses its tag).
     pub fn attach_verified(&self, account: &AccountId, number: &[u8]) -> Result<Option<AccountId>> {
+        self.attach_verified_as(account, number, None)
+    }
+
+    /// [`Self::attach_verified`] with the account's choice: `Some(d)` makes the tag
+    /// discoverable as `d` from its first write, `None` as `default_discoverable`.
+    /// Called by phone verification.
+    pub fn attach_verified_as(
+        &self,
+        account: &AccountId,
+        number: &[u8],
+        discoverable: Option<bool>,
+    ) -> Result<Option<AccountId>> {
         let (tag, key) = self.oprf.tag_of(number)?;
         let now = self.clock.now();
         let rec = TagRecord {
             account: *account,
             key,
-            discoverable: self.config.default_discoverable,
+            discoverable: discoverable.unwrap_or(self.config.default_discoverable),
             verified_at: now - now % DAY_MS,
         };
         Ok(self.store.attach(account, &tag, &rec)?)

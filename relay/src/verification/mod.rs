@@ -271,8 +271,9 @@ impl Verification {
     }
 
     /// Checks `code` for `account`'s session. Right: the number's tag is attached to
-    /// the account (durably, before this returns), the session ends, and the answer
-    /// is whether the account is now discoverable. Wrong: `WRONG_CODE` with the tries
+    /// the account (durably, before this returns), discoverable as `discoverable`
+    /// says (`None`: `discovery.default_discoverable`), the session ends, and the
+    /// answer is whether the account is now discoverable. Wrong: `WRONG_CODE` with the tries
     /// left; an account's existing tag is untouched by any failure. A deleted
     /// account is `UNAUTHORIZED`, and no deletion lands between that check and the
     /// tag's write.
@@ -281,6 +282,7 @@ impl Verification {
         account: &AccountId,
         session: &VerificationId,
         code: &Code,
+        discoverable: Option<bool>,
     ) -> Result<bool> {
         if self.deleted(account) {
             return Err(Error::Unauthorized);
@@ -305,7 +307,7 @@ impl Verification {
         let discovery = self.discovery.clone();
         let tombstones = self.tombstones.clone();
         let account = *account;
-        // attach_verified flushes the tag store: keep the fsync off the runtime.
+        // attach_verified_as flushes the tag store: keep the fsync off the runtime.
         let discoverable = tokio::task::spawn_blocking(move || -> Result<bool> {
             // Held across the write: a deletion marks the account only after it, and
             // its detach then removes the tag.
@@ -313,7 +315,7 @@ impl Verification {
                 Some(t) => Some(t.live(&account).ok_or(Error::Unauthorized)?),
                 None => None,
             };
-            let moved = discovery.attach_verified(&account, number.as_bytes())?;
+            let moved = discovery.attach_verified_as(&account, number.as_bytes(), discoverable)?;
             drop(number);
             drop(live);
             if moved.is_some() {

@@ -9,7 +9,7 @@ use tern_proto::{ErrorCode, Request};
 use super::*;
 use crate::config::DiscoveryConfig;
 use crate::discovery::Oprf;
-use crate::store::{MemoryStore, DAY_MS};
+use crate::store::{AccountRecord, AccountStore, MemoryStore, DAY_MS};
 
 const START: u64 = 20_000 * DAY_MS + 3_600_000;
 
@@ -48,6 +48,7 @@ struct Fx {
     sent: Arc<Recording>,
     clock: Arc<ManualClock>,
     discovery: Arc<Discovery>,
+    store: Arc<MemoryStore>,
     _dir: tempfile::TempDir,
 }
 
@@ -60,7 +61,7 @@ fn fx_with(config: &VerificationConfig) -> Fx {
         Discovery::new(
             Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
             store.clone(),
-            store,
+            store.clone(),
             clock.clone(),
             &DiscoveryConfig::default(),
             dir.path().join("discovery"),
@@ -74,6 +75,7 @@ fn fx_with(config: &VerificationConfig) -> Fx {
         sent,
         clock,
         discovery,
+        store,
         _dir: dir,
     }
 }
@@ -156,14 +158,49 @@ async fn a_right_code_attaches_the_tag_and_ends_the_session() {
     let (sent_to, _) = f.sent.codes.lock().expect("lock")[&id].clone();
     assert_eq!(sent_to, "+15550100123");
     assert_eq!(f.tag_of(1), None);
-    let discoverable = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let discoverable = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert!(discoverable.expect("verified"), "discoverable by default");
     let (want, _) = f.discovery.oprf().tag_of(b"+15550100123").expect("tag");
     assert_eq!(f.tag_of(1), Some(want));
     assert_eq!(f.v.open_sessions(), 0);
     assert_eq!(*f.sent.ended.lock().expect("lock"), vec![id]);
-    let again = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let again = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(again.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
+}
+
+#[tokio::test]
+async fn the_check_can_attach_a_hidden_tag() {
+    let f = fx();
+    for (n, number) in [(1, "+15550100123"), (2, "+15550100124")] {
+        let record = AccountRecord {
+            identity_key: [n; 32],
+            devices: vec![],
+        };
+        f.store.create(&account(n), &record).expect("create");
+        let id = f.start(n, number).await.expect("started");
+        let choice = (n == 2).then_some(false);
+        let discoverable = f.v.check(&account(n), &id, &f.code_of(&id), choice).await;
+        assert_eq!(
+            discoverable.expect("verified"),
+            n == 1,
+            "the answer says the choice"
+        );
+    }
+    let (hidden, hidden_key) = f.discovery.oprf().tag_of(b"+15550100124").expect("tag");
+    let (shown, shown_key) = f.discovery.oprf().tag_of(b"+15550100123").expect("tag");
+    assert_eq!(f.tag_of(2), Some(hidden), "verified, only not findable");
+    let found = f
+        .discovery
+        .lookup(&account(1), &[hidden, shown])
+        .expect("lookup");
+    let found: Vec<_> = found.iter().map(|d| (d.tag, d.account)).collect();
+    assert_eq!(
+        found,
+        vec![(shown, account(1))],
+        "the hidden tag is not found"
+    );
+    let keys = f.discovery.store().discoverable_keys().expect("keys");
+    assert!(keys.contains(&shown_key.0) && !keys.contains(&hidden_key.0));
 }
 
 #[tokio::test]
@@ -173,14 +210,14 @@ async fn wrong_codes_count_down_then_the_session_is_gone() {
     let wrong = f.wrong_code_of(&id);
     for left in (0..5).rev() {
         let e =
-            f.v.check(&account(1), &id, &wrong)
+            f.v.check(&account(1), &id, &wrong, None)
                 .await
                 .expect_err("wrong");
         assert_eq!(e.code(), ErrorCode::WrongCode);
         assert_eq!(e.to_reply().attempts_left, left);
     }
     // Even the right code is too late now.
-    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let e = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
     assert_eq!(f.tag_of(1), None);
 }
@@ -192,14 +229,14 @@ async fn a_code_expires_after_ten_minutes() {
     f.clock.advance(Duration::from_secs(599));
     let wrong = f.wrong_code_of(&id);
     let e =
-        f.v.check(&account(1), &id, &wrong)
+        f.v.check(&account(1), &id, &wrong, None)
             .await
             .expect_err("wrong");
     assert_eq!(e.to_reply().attempts_left, 4, "still open at 9:59");
     f.clock.advance(Duration::from_secs(1));
-    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let e = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::Expired));
-    let e = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let e = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
 }
 
@@ -219,7 +256,7 @@ async fn the_sweep_drops_expired_sessions() {
 async fn a_failed_verification_of_a_new_number_keeps_the_existing_tag() {
     let f = fx();
     let id = f.start(1, "+15550100123").await.expect("started");
-    f.v.check(&account(1), &id, &f.code_of(&id))
+    f.v.check(&account(1), &id, &f.code_of(&id), None)
         .await
         .expect("verified");
     let before = f.tag_of(1).expect("tag");
@@ -227,11 +264,11 @@ async fn a_failed_verification_of_a_new_number_keeps_the_existing_tag() {
     let id = f.start(1, "+447700900123").await.expect("started");
     let wrong = f.wrong_code_of(&id);
     for _ in 0..5 {
-        let _ = f.v.check(&account(1), &id, &wrong).await;
+        let _ = f.v.check(&account(1), &id, &wrong, None).await;
     }
     let id = f.start(1, "+447700900124").await.expect("started");
     f.clock.advance(Duration::from_secs(601));
-    let _ = f.v.check(&account(1), &id, &f.code_of(&id)).await;
+    let _ = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(f.tag_of(1), Some(before));
 }
 
@@ -241,10 +278,12 @@ async fn one_session_per_account_a_new_start_replaces_the_old() {
     let first = f.start(1, "+15550100123").await.expect("started");
     let second = f.start(1, "+15550100124").await.expect("started");
     assert_eq!(f.v.open_sessions(), 1);
-    let e = f.v.check(&account(1), &first, &f.code_of(&first)).await;
+    let e =
+        f.v.check(&account(1), &first, &f.code_of(&first), None)
+            .await;
     assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
     assert!(f.sent.ended.lock().expect("lock").contains(&first));
-    f.v.check(&account(1), &second, &f.code_of(&second))
+    f.v.check(&account(1), &second, &f.code_of(&second), None)
         .await
         .expect("the new one works");
 }
@@ -253,10 +292,10 @@ async fn one_session_per_account_a_new_start_replaces_the_old() {
 async fn another_accounts_session_is_not_found() {
     let f = fx();
     let id = f.start(1, "+15550100123").await.expect("started");
-    let e = f.v.check(&account(2), &id, &f.code_of(&id)).await;
+    let e = f.v.check(&account(2), &id, &f.code_of(&id), None).await;
     assert_eq!(e.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
     // ...and cost the owner nothing.
-    f.v.check(&account(1), &id, &f.code_of(&id))
+    f.v.check(&account(1), &id, &f.code_of(&id), None)
         .await
         .expect("verified");
 }
@@ -305,7 +344,10 @@ async fn a_deleted_account_can_neither_start_nor_check() {
     let code = f.code_of(&id);
     // Deleted while its session is open: the right code attaches nothing.
     tombstones.insert(account(1));
-    let e = v.check(&account(1), &id, &code).await.expect_err("deleted");
+    let e = v
+        .check(&account(1), &id, &code, None)
+        .await
+        .expect_err("deleted");
     assert_eq!(e.code(), ErrorCode::Unauthorized);
     assert_eq!(f.tag_of(1), None);
     let e = (v.start(&account(1), prefix(1), number("+15550100124")))
@@ -316,7 +358,7 @@ async fn a_deleted_account_can_neither_start_nor_check() {
     let (id, _) = (v.start(&account(2), prefix(2), number("+15550100125")))
         .await
         .expect("start");
-    v.check(&account(2), &id, &f.code_of(&id))
+    v.check(&account(2), &id, &f.code_of(&id), None)
         .await
         .expect("verified");
     assert!(f.tag_of(2).is_some());

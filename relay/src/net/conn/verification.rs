@@ -26,8 +26,14 @@ impl Session {
                     expires_at_ms,
                 })
             }
-            Request::CheckVerification { session, code } => {
-                let discoverable = service.check(&account, &session, &code).await?;
+            Request::CheckVerification {
+                session,
+                code,
+                discoverable,
+            } => {
+                let discoverable = service
+                    .check(&account, &session, &code, discoverable)
+                    .await?;
                 Ok(Reply::Verified { discoverable })
             }
             _ => Err(Error::BadRequest("not a verification request".into())),
