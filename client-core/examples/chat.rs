@@ -16,7 +16,8 @@
 //! contact, without uploading it again), `/safety`, `/accept`, `/help`, `/quit`, and:
 //! - `/verify <number>` (E.164, say `+12015550123`): the relay sends the number a
 //!   code and the chat prints the session id (hex); `/code <session> <code>`
-//!   confirms it, verifying the number (the relay keeps only its discovery tag).
+//!   confirms it, verifying the number (the relay keeps only its discovery tag);
+//!   `/code <session> <code> hidden` verifies it without making it discoverable.
 //!   With `tern-relay serve --allow-dev-verifier` and `verifier = "dev-file"`, the
 //!   code is in the relay's `<data>/dev-verification/<session>`.
 //! - `/discover <numbers…>` (separated by commas, or by spaces if there is no comma) or
@@ -51,7 +52,7 @@ const HELP: &str = "\
 /forward                     pass the last attachment on
 /safety, /accept             safety number; accept a changed identity key
 /verify <+number>            send a code to your number; prints the session
-/code <session> <code>       confirm the code: your number is verified
+/code <session> <code> [hidden]  confirm the code (hidden: not discoverable)
 /discover <numbers…|@file>   which numbers are discoverable users
 /export [--ciphertexts]      what the relay holds about you, as JSON
 /delete-account confirm      delete this account for good
@@ -238,15 +239,23 @@ async fn main() -> Result<(), BoxError> {
                     }
                 } else if let Some(args) = line.strip_prefix("/code ") {
                     let mut parts = args.split_whitespace();
-                    let (Some(id), Some(code), None) = (
+                    let (Some(id), Some(code), hidden) = (
                         parts.next().and_then(session),
                         parts.next(),
                         parts.next(),
                     ) else {
-                        println!("usage: /code <session, 32 hex digits> <6-digit code>");
+                        println!("usage: /code <session, 32 hex digits> <6-digit code> [hidden]");
                         continue;
                     };
-                    match client.confirm_verification(id, code).await {
+                    let confirmed = match hidden {
+                        None => client.confirm_verification(id, code).await,
+                        Some("hidden") => client.confirm_verification_with(id, code, false).await,
+                        Some(_) => {
+                            println!("usage: /code <session, 32 hex digits> <6-digit code> [hidden]");
+                            continue;
+                        }
+                    };
+                    match confirmed {
                         Ok(true) => println!("(verified; discoverable by your number)"),
                         Ok(false) => println!("(verified; not discoverable)"),
                         Err(e) => match e.attempts_left() {
