@@ -172,6 +172,22 @@ enum Mode {
     },
 }
 
+/// The relay binary to start: `--relay-bin`, else the one beside this tool.
+fn relay_binary(common: &Common) -> Result<PathBuf, LoadError> {
+    match &common.relay_bin {
+        Some(b) => Ok(b.clone()),
+        None => sibling_relay_binary(),
+    }
+}
+
+/// A run directory of its own, under `parent` if given (removed when dropped).
+fn run_dir(parent: Option<&PathBuf>) -> Result<tempfile::TempDir, LoadError> {
+    Ok(match parent {
+        Some(parent) => tempfile::tempdir_in(parent)?,
+        None => tempfile::tempdir()?,
+    })
+}
+
 fn relay_for(
     common: &Common,
     durability: &str,
@@ -180,10 +196,7 @@ fn relay_for(
     if let Some(address) = &common.relay {
         return Ok(RelayUnderTest::external(address.parse()?));
     }
-    let binary = match &common.relay_bin {
-        Some(b) => b.clone(),
-        None => sibling_relay_binary()?,
-    };
+    let binary = relay_binary(common)?;
     RelayUnderTest::spawn(&RelaySettings {
         binary: &binary,
         durability,
@@ -274,14 +287,8 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             if common.relay.is_some() {
                 return Err("restart starts its own relay: --relay does not apply".into());
             }
-            let binary = match &common.relay_bin {
-                Some(b) => b.clone(),
-                None => sibling_relay_binary()?,
-            };
-            let run_dir = match &dir {
-                Some(parent) => tempfile::tempdir_in(parent)?,
-                None => tempfile::tempdir()?,
-            };
+            let binary = relay_binary(&common)?;
+            let run_dir = run_dir(dir.as_ref())?;
             let recipients = as_usize(recipients)?;
             let settings = RelaySettings {
                 binary: &binary,
@@ -313,14 +320,8 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             if common.relay.is_some() {
                 return Err("discovery seeds its own relay: --relay does not apply".into());
             }
-            let binary = match &common.relay_bin {
-                Some(b) => b.clone(),
-                None => sibling_relay_binary()?,
-            };
-            let run_dir = match &dir {
-                Some(parent) => tempfile::tempdir_in(parent)?,
-                None => tempfile::tempdir()?,
-            };
+            let binary = relay_binary(&common)?;
+            let run_dir = run_dir(dir.as_ref())?;
             let settings = RelaySettings {
                 binary: &binary,
                 durability: "os",
