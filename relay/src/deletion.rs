@@ -58,6 +58,10 @@ const STRIPES: usize = 64;
 #[derive(Debug)]
 pub struct Tombstones {
     ids: Mutex<HashSet<AccountId>>,
+    /// Whether any id was ever inserted: every send and account read asks
+    /// `contains`, and on a relay that has deleted nothing since its start the
+    /// answer must not cost a relay-wide lock.
+    any: std::sync::atomic::AtomicBool,
     stripes: [RwLock<()>; STRIPES],
     /// Counts deletions, so connections can look whether theirs is among them.
     deleted: watch::Sender<u64>,
@@ -67,6 +71,7 @@ impl Default for Tombstones {
     fn default() -> Self {
         Tombstones {
             ids: Mutex::default(),
+            any: std::sync::atomic::AtomicBool::new(false),
             stripes: std::array::from_fn(|_| RwLock::new(())),
             deleted: watch::channel(0).0,
         }
@@ -89,7 +94,9 @@ impl Tombstones {
 
     /// Whether `id` is deleted (or being deleted).
     pub fn contains(&self, id: &AccountId) -> bool {
-        self.lock().contains(id)
+        // Set after the id is in `ids`; a check ordered after the insert by a lock
+        // (the stripe, a device lock) sees it.
+        self.any.load(Ordering::SeqCst) && self.lock().contains(id)
     }
 
     /// The guard for a write to `id`, `None` if the account is deleted. Hold it
@@ -105,6 +112,7 @@ impl Tombstones {
         {
             let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
             self.lock().insert(id);
+            self.any.store(true, Ordering::SeqCst);
         }
         self.deleted.send_modify(|n| *n = n.wrapping_add(1));
     }
