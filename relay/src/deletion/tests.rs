@@ -676,8 +676,13 @@ async fn a_deletion_detaches_the_accounts_discovery_tag_and_bucket() {
             };
             d.attach(&a.address().account, &Tag([n; 16]), &rec)
                 .expect("attach");
-            d.set_bucket(&a.address().account, 1_000 + u64::from(n))
-                .expect("bucket");
+            d.set_buckets(
+                &a.address().account,
+                1_000 + u64::from(n),
+                &Tag([100 + n; 16]),
+                1_000 + u64::from(n),
+            )
+            .expect("bucket");
         };
         tag(&alice, 1);
         tag(&bob, 2);

@@ -70,8 +70,6 @@ pub trait DiscoveryStore: Send + Sync + 'static {
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>>;
     /// The account's evaluation bucket: its GCRA theoretical arrival time (Unix ms).
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>>;
-    /// Stores the account's evaluation bucket.
-    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()>;
     /// The evaluation bucket of a verified number, by its tag: it follows the number
     /// from account to account, and outlives `detach` for a while (see there). An
     /// entry whose time has passed is a full bucket, the same as none.
@@ -213,11 +211,6 @@ impl DiscoveryStore for MemoryStore {
 
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
         Ok(self.discovery().buckets.get(account).copied())
-    }
-
-    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
-        self.discovery().buckets.insert(*account, tat);
-        Ok(())
     }
 
     fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {

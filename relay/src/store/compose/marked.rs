@@ -291,9 +291,6 @@ impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
         self.store.bucket(account)
     }
-    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
-        self.write(|s| s.set_bucket(account, tat))
-    }
     fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
         self.store.number_bucket(tag)
     }

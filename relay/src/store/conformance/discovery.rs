@@ -74,7 +74,9 @@ pub(in crate::store) fn discovery_rules(store: &dyn DiscoveryStore) {
 
     // Buckets, and detach removes everything of the account.
     assert_eq!(store.bucket(&bob).expect("bucket"), None);
-    store.set_bucket(&bob, 12_345).expect("set_bucket");
+    store
+        .set_buckets(&bob, 12_345, &Tag([9; 16]), 12_345)
+        .expect("set_buckets");
     assert_eq!(store.bucket(&bob).expect("bucket"), Some(12_345));
     assert_eq!(store.number_bucket(&t2).expect("number_bucket"), None);
     store

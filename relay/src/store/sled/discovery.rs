@@ -301,13 +301,6 @@ impl DiscoveryStore for SledStore {
         }
     }
 
-    fn set_bucket(&self, account: &AccountId, tat: u64) -> StoreResult<()> {
-        self.discovery
-            .insert(bucket_key(account), &tat.to_le_bytes()[..])
-            .map_err(backend)?;
-        Ok(())
-    }
-
     fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
         match self
             .discovery

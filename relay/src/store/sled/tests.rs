@@ -33,7 +33,9 @@ fn discovery_tags_survive_reopen() {
     {
         let store = SledStore::open(dir.path(), 8 << 20).expect("open");
         store.attach(&alice, &Tag([3; 16]), &rec).expect("attach");
-        store.set_bucket(&alice, 99).expect("bucket");
+        store
+            .set_buckets(&alice, 99, &Tag([9; 16]), 99)
+            .expect("bucket");
         store.flush().expect("flush");
     }
     let store = SledStore::open(dir.path(), 8 << 20).expect("reopen");
