@@ -23,7 +23,8 @@
 //!   - [`verification`]: phone verification sessions, verifiers (webhook, dev
 //!     file), start limits; a verified number becomes a discovery tag.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
-//!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]).
+//!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]);
+//!   [`store::pg`]: the shared PostgreSQL backend (#15; so far its migrations).
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
 //!   caps, Retry, the unauthenticated pool), per-connection sessions that decode a
 //!   request, call a service and encode its answer.
@@ -33,6 +34,8 @@
 //!   redacts IP addresses from every line (P9).
 //! - [`config`] (a leaf: it imports no service), [`error`]. Time comes from
 //!   [`tern_platform::clock`].
+//! - [`testing`]: test helpers other crates' tests use too ([`testing::TestPostgres`]: a
+//!   real PostgreSQL cluster per test).
 //!
 //! [`accounts`], [`mailboxes`], [`core`] and [`store`] are exported for benches and
 //! tests, which drive the services through [`server::Services`] without a network;
@@ -125,8 +128,7 @@ pub mod server;
 pub(crate) mod certificates;
 pub(crate) mod keys;
 pub(crate) mod net;
-#[cfg(test)]
-mod testing;
+pub mod testing;
 
 pub use error::{Error, Result};
 pub use server::Relay;

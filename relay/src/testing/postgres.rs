@@ -1,0 +1,382 @@
+//! A real PostgreSQL cluster per test, from the server binaries of Debian's `postgresql`
+//! package (never a mock).
+//!
+//! Each cluster lives in its own `/tmp/tern-pg-*` directory and listens only on a Unix
+//! socket there (`listen_addresses=''`, port 5432), so clusters never race for a TCP port.
+//! `initdb` runs once per test process into a template that every cluster copies. As root
+//! (CI), `initdb` and `pg_ctl` run as the `postgres` user, since `initdb` refuses root.
+//! Dropping a [`TestPostgres`] stops the server (`pg_ctl stop -m immediate`) and removes
+//! its directory; directories left by killed test runs are cleaned at the next start.
+//!
+//! These are test helpers: they panic, with a message saying what is missing, when
+//! PostgreSQL cannot be found or started.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+const MISSING: &str = "PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: install \
+     Debian's `postgresql` package (`apt-get install postgresql`) or set TERN_PG_BIN";
+
+/// The port in every cluster's own socket directory.
+const PORT: u16 = 5432;
+/// The superuser `initdb` creates (trust authentication on the socket).
+const USER: &str = "tern";
+/// Written into each directory, so a later run can tell a dead run's leftovers.
+const OWNER_FILE: &str = "owner.pid";
+
+/// A running PostgreSQL cluster in a temporary directory, stopped and removed on drop.
+pub struct TestPostgres {
+    dir: Option<TempDir>,
+    bin: PathBuf,
+}
+
+impl TestPostgres {
+    /// Starts a cluster with `fsync=off` (for tests that never crash the machine).
+    pub fn start() -> TestPostgres {
+        TestPostgres::start_with(&[])
+    }
+
+    /// Starts a cluster with extra server settings (`-c name=value`), which override the
+    /// defaults (for durability tests: `("fsync", "on")`).
+    pub fn start_with(settings: &[(&str, &str)]) -> TestPostgres {
+        let bin = bin_dir().clone();
+        remove_stale(&bin);
+        let template = template(&bin);
+        let dir = temp_dir();
+        let data = dir.path().join("data");
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(template)
+            .arg(&data)
+            .output()
+            .expect("run cp");
+        check("cp -a <template> <data>", &cp);
+        let mut options = format!(
+            "-c listen_addresses='' -c unix_socket_directories='{}' -c port={PORT} \
+             -c fsync=off -c max_connections=60",
+            dir.path().display()
+        );
+        for (name, value) in settings {
+            options.push_str(&format!(" -c {name}='{value}'"));
+        }
+        let log = dir.path().join("log");
+        let out = pg_command(&bin, "pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "30", "-o", &options, "start"])
+            .output()
+            .expect("run pg_ctl start");
+        if !out.status.success() {
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            panic!(
+                "pg_ctl start failed ({}): {}{}\nserver log:\n{log}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        TestPostgres {
+            dir: Some(dir),
+            bin,
+        }
+    }
+
+    /// The cluster's directory (its socket directory; `data/` and `log` are inside).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("cluster directory").path()
+    }
+
+    /// A libpq keyword connection string for database `db` (superuser `tern`, no password).
+    pub fn conn_str(&self, db: &str) -> String {
+        format!(
+            "host={} port={PORT} user={USER} dbname={db}",
+            self.dir().display()
+        )
+    }
+
+    /// Creates database `name` (with `createdb` from the same installation).
+    pub fn create_db(&self, name: &str) {
+        let out = Command::new(self.bin.join("createdb"))
+            .arg("-h")
+            .arg(self.dir())
+            .args(["-p", &PORT.to_string(), "-U", USER, name])
+            .output()
+            .expect("run createdb");
+        check("createdb", &out);
+    }
+
+    /// The postmaster's process id (line 1 of `postmaster.pid`), while it runs.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        postmaster_pid(&self.dir().join("data"))
+    }
+
+    /// Kills the postmaster with SIGKILL, as a machine or process crash would.
+    pub fn kill(&self) {
+        if let Some(pid) = self
+            .postmaster_pid()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.dir().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            stop(&self.bin, &dir.path().join("data"));
+            // A killed postmaster's backends exit on their own; removal does not wait.
+            drop(dir);
+        }
+    }
+}
+
+/// Where initdb, pg_ctl and postgres are: `$TERN_PG_BIN`, else `initdb` on `PATH` (its
+/// symlinks resolved, so its siblings are found), else the newest
+/// `/usr/lib/postgresql/<major>/bin`.
+fn bin_dir() -> &'static PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let has = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+        if let Some(dir) = std::env::var_os("TERN_PG_BIN") {
+            let dir = PathBuf::from(dir);
+            assert!(has(&dir), "TERN_PG_BIN={}: {MISSING}", dir.display());
+            return dir;
+        }
+        let on_path = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.join("initdb"))
+            .find(|f| f.is_file())
+            .and_then(|f| fs::canonicalize(f).ok())
+            .and_then(|f| f.parent().map(Path::to_path_buf));
+        if let Some(dir) = on_path.filter(|d| has(d)) {
+            return dir;
+        }
+        let mut installed: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((major, e.path().join("bin")))
+            })
+            .filter(|(_, d)| has(d))
+            .collect();
+        installed.sort();
+        installed.pop().map(|(_, d)| d).expect(MISSING)
+    })
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A server command, run as `postgres` when we are root.
+fn pg_command(bin: &Path, name: &str) -> Command {
+    let program = bin.join(name);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A new `/tmp/tern-pg-*` directory owned by whoever runs the server.
+fn temp_dir() -> TempDir {
+    // /tmp keeps the socket path under the 107-byte limit.
+    let dir = tempfile::Builder::new()
+        .prefix("tern-pg-")
+        .tempdir_in("/tmp")
+        .expect("create a temporary directory under /tmp");
+    fs::write(dir.path().join(OWNER_FILE), std::process::id().to_string())
+        .expect("write owner.pid");
+    if is_root() {
+        chown_postgres(dir.path());
+    }
+    dir
+}
+
+fn chown_postgres(path: &Path) {
+    let out = Command::new("chown")
+        .args([OsStr::new("-R"), OsStr::new("postgres:"), path.as_os_str()])
+        .output()
+        .expect("run chown");
+    check("chown -R postgres: <dir>", &out);
+}
+
+/// The initialised data directory every cluster of this process copies.
+fn template(bin: &Path) -> &'static Path {
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        // Kept for the process's life; the next run's `remove_stale` deletes it.
+        let dir = temp_dir().keep();
+        let data = dir.join("data");
+        let out = pg_command(bin, "initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", USER, "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("run initdb");
+        check("initdb", &out);
+        data
+    })
+}
+
+/// Stops and removes the clusters of test processes that are gone (killed runs leave
+/// them), each by its own `postmaster.pid`, never by a process name.
+fn remove_stale(bin: &Path) {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Ok(entries) = fs::read_dir("/tmp") else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if !name.to_string_lossy().starts_with("tern-pg-") {
+                continue;
+            }
+            let dir = entry.path();
+            let owner = fs::read_to_string(dir.join(OWNER_FILE))
+                .ok()
+                .and_then(|s| s.trim().parse::<i32>().ok());
+            let Some(owner) = owner else { continue };
+            if alive(owner) {
+                continue;
+            }
+            stop(bin, &dir.join("data"));
+            let _ = fs::remove_dir_all(&dir);
+        }
+    });
+}
+
+fn stop(bin: &Path, data: &Path) {
+    if postmaster_pid(data).is_some_and(alive) {
+        let _ = pg_command(bin, "pg_ctl")
+            .arg("-D")
+            .arg(data)
+            .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+            .output();
+    }
+}
+
+fn postmaster_pid(data: &Path) -> Option<i32> {
+    let text = fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+/// Whether process `pid` exists and is not a zombie waiting to be reaped.
+pub(crate) fn alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn check(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    async fn select_one(pg: &TestPostgres, db: &str) -> i32 {
+        let (client, conn) = tokio_postgres::connect(&pg.conn_str(db), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let row = client.query_one("SELECT 1", &[]).await.expect("select");
+        row.get(0)
+    }
+
+    fn gone_within(pid: i32, limit: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if !alive(pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        !alive(pid)
+    }
+
+    #[tokio::test]
+    async fn starts_and_answers_on_its_socket() {
+        let pg = TestPostgres::start();
+        assert_eq!(select_one(&pg, "postgres").await, 1);
+        assert!(pg.dir().join(format!(".s.PGSQL.{PORT}")).exists());
+        assert!(pg.postmaster_pid().is_some_and(alive));
+    }
+
+    #[tokio::test]
+    async fn two_clusters_run_at_once_apart() {
+        let a = TestPostgres::start();
+        let b = TestPostgres::start();
+        assert_ne!(a.dir(), b.dir());
+        a.create_db("only_a");
+        assert_eq!(select_one(&a, "only_a").await, 1);
+        assert_eq!(select_one(&b, "postgres").await, 1);
+        let on_b = tokio_postgres::connect(&b.conn_str("only_a"), tokio_postgres::NoTls).await;
+        assert!(on_b.is_err(), "b has no database only_a");
+    }
+
+    #[test]
+    fn drop_stops_the_server_and_removes_its_dir() {
+        let pg = TestPostgres::start_with(&[("fsync", "on")]);
+        let pid = pg.postmaster_pid().expect("postmaster pid");
+        let dir = pg.dir().to_path_buf();
+        assert!(alive(pid));
+        drop(pg);
+        assert!(
+            gone_within(pid, Duration::from_secs(10)),
+            "postmaster {pid} still runs"
+        );
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn kill_ends_the_postmaster() {
+        let pg = TestPostgres::start();
+        let pid = pg.postmaster_pid().expect("postmaster pid");
+        pg.kill();
+        assert!(
+            gone_within(pid, Duration::from_secs(10)),
+            "postmaster {pid} still runs"
+        );
+        assert!(
+            pg.log_text().contains("database system is ready"),
+            "{}",
+            pg.log_text()
+        );
+    }
+}
