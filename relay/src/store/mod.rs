@@ -40,6 +40,7 @@ mod discovery;
 pub mod fault;
 mod log;
 mod memory;
+pub mod pg;
 mod seq;
 mod sled;
 
