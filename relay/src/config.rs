@@ -65,6 +65,7 @@
 //! sweep_batch = 10000
 //!
 //! [storage]
+//! backend = "embedded"          # or "postgres": nodes sharing one database ([postgres])
 //! cache_mb = 256                # sled's page cache
 //! mailboxes = "log"             # "log" (segment files, index in memory) or "sled"
 //! segment_mb = 64               # mailbox log segment size
@@ -103,6 +104,16 @@
 //! bearer_token_file = "/etc/tern/sms-token"  # optional: Authorization: Bearer <token>
 //! timeout = "10s"
 //! allow_http = false            # http:// only with this, and only to a loopback host
+//!
+//! [postgres]                    # for storage.backend = "postgres"
+//! url = "host=db1,db2 dbname=tern user=tern target_session_attrs=read-write"
+//! password_file = "/etc/tern/pg-password"  # optional
+//! pool_size = 16                # connections per node
+//! connect_timeout = "2s"
+//! statement_timeout = "2s"      # past it a request fails as UNAVAILABLE
+//! ca_file = "/etc/tern/pg-ca.pem"  # TLS to the database (required when set)
+//! node_id = "relay-1"           # default: host name + random suffix
+//! recheck_interval = "1s"       # connected mailboxes re-read (lost notifications)
 //! ```
 
 use std::net::SocketAddr;
@@ -119,12 +130,14 @@ use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 mod budget;
 mod connections;
 mod discovery;
+mod postgres;
 mod rate;
 mod verification;
 
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
+pub use self::postgres::PostgresConfig;
 pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};
 pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
 
@@ -160,6 +173,8 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// Phone verification.
     pub verification: VerificationConfig,
+    /// The shared database, for `storage.backend = "postgres"`.
+    pub postgres: PostgresConfig,
 }
 
 /// Media limits and lifetime.
@@ -258,12 +273,26 @@ pub struct ExpiryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Where the relay keeps its state: its own data directory, or a PostgreSQL
+    /// database shared by any number of relay nodes.
+    pub backend: StorageBackend,
     /// Database page cache, MiB.
     pub cache_mb: u64,
     /// Where queued envelopes live.
     pub mailboxes: MailboxBackend,
     /// Mailbox log segment size, MiB.
     pub segment_mb: u64,
+}
+
+/// Where the relay keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The data directory: the mailbox log and sled (one node, nothing to set up).
+    #[default]
+    Embedded,
+    /// A PostgreSQL database (`[postgres]`) shared by relay nodes.
+    Postgres,
 }
 
 /// Where queued envelopes live.
@@ -295,6 +324,7 @@ impl Default for Config {
             budget: BudgetConfig::default(),
             discovery: DiscoveryConfig::default(),
             verification: VerificationConfig::default(),
+            postgres: PostgresConfig::default(),
         }
     }
 }
@@ -330,6 +360,7 @@ impl Default for ExpiryConfig {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: StorageBackend::Embedded,
             cache_mb: 256,
             mailboxes: MailboxBackend::Log,
             segment_mb: DEFAULT_SEGMENT_BYTES >> 20,
@@ -398,6 +429,8 @@ impl Config {
         self.budget.validate()?;
         self.discovery.validate()?;
         self.verification.validate()?;
+        self.postgres
+            .validate(self.storage.backend == StorageBackend::Postgres)?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }
@@ -489,6 +522,36 @@ mod tests {
         ] {
             let text = format!("[rate_limits]\n{bad}\n");
             assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn postgres_needs_a_url_and_sane_values() {
+        let text = "[storage]\nbackend = \"postgres\"\n";
+        assert!(
+            matches!(Config::from_toml(text), Err(Error::Config(m)) if m.contains("postgres.url"))
+        );
+        let c = Config::from_toml(&format!(
+            "{text}[postgres]\nurl = \"host=/tmp dbname=tern\"\nstatement_timeout = \"500ms\"\n"
+        ))
+        .expect("parses");
+        assert_eq!(c.storage.backend, StorageBackend::Postgres);
+        assert_eq!(c.postgres.statement_timeout, Duration::from_millis(500));
+        assert_eq!(c.postgres.pool_size, 16, "unset keys keep defaults");
+        assert!(
+            !format!("{c:?}").contains("/tmp"),
+            "the url stays out of Debug"
+        );
+        for bad in [
+            "pool_size = 1",
+            "connect_timeout = \"1ms\"",
+            "node_id = \"a b\"",
+            "recheck_interval = \"2m\"",
+        ] {
+            assert!(
+                Config::from_toml(&format!("[postgres]\n{bad}\n")).is_err(),
+                "{bad}"
+            );
         }
     }
 

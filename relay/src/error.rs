@@ -93,7 +93,9 @@ impl Error {
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Unavailable(_) | Error::StorageFull { .. } => ErrorCode::Unavailable,
-            Error::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
+            Error::Store(StoreError::NoSpace | StoreError::Unavailable(_)) => {
+                ErrorCode::Unavailable
+            }
             Error::RateLimited { .. } => ErrorCode::RateLimited,
             Error::TooManyDevices { .. } => ErrorCode::QuotaExceeded,
             Error::Store(_) | Error::Config(_) | Error::Tls(_) | Error::Io(_) => {
@@ -129,7 +131,10 @@ impl Error {
                         ErrorCode::RateLimited
                     }
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
-                    B::StorageFull { .. } | B::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
+                    B::StorageFull { .. }
+                    | B::Store(StoreError::NoSpace | StoreError::Unavailable(_)) => {
+                        ErrorCode::Unavailable
+                    }
                     B::NotFound => ErrorCode::NotFound,
                     B::AccountGone => ErrorCode::Unauthorized,
                     B::NoUpload
@@ -154,6 +159,10 @@ impl Error {
                 crate::core::budget::RETRY_AFTER_MS
             }
             Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,
+            Error::Store(StoreError::Unavailable(_))
+            | Error::Blob(crate::media::BlobError::Store(StoreError::Unavailable(_))) => {
+                UNAVAILABLE_RETRY_MS
+            }
             Error::Discovery(
                 crate::discovery::DiscoveryError::Busy { retry_after_ms }
                 | crate::discovery::DiscoveryError::NotPublished { retry_after_ms },
@@ -170,8 +179,14 @@ impl Error {
 
     /// The text a client sees: internal details stay in the relay's logs.
     pub fn client_message(&self) -> String {
-        match self.code() {
-            ErrorCode::Internal => "internal error".to_owned(),
+        match (self.code(), self) {
+            (ErrorCode::Internal, _) => "internal error".to_owned(),
+            // The detail names the database's hosts: the relay's logs only.
+            (
+                _,
+                Error::Store(StoreError::Unavailable(_))
+                | Error::Blob(crate::media::BlobError::Store(StoreError::Unavailable(_))),
+            ) => "storage unavailable; retry".to_owned(),
             _ => self.to_string(),
         }
     }
@@ -191,6 +206,10 @@ impl Error {
         }
     }
 }
+
+/// Retry advice when a shared backend is unreachable: about what a failover or a
+/// database restart takes to be noticed, so clients neither hammer nor stall.
+pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
 
 impl From<crate::core::budget::Full> for Error {
     fn from(f: crate::core::budget::Full) -> Self {

@@ -76,6 +76,12 @@ pub enum StoreError {
     /// running relay, or an admin command.
     #[error("data directory in use by a running relay; stop it")]
     Locked,
+    /// A shared backend (the database, the object store) could not be reached in time,
+    /// lost the connection, or is read-only (a standby during failover): nothing was
+    /// changed, or the change is unknown and the caller acknowledged nothing. Worth a
+    /// retry once the backend is back.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {

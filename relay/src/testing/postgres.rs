@@ -35,6 +35,7 @@ const OWNER_FILE: &str = "owner.pid";
 pub struct TestPostgres {
     dir: Option<TempDir>,
     bin: PathBuf,
+    options: String,
 }
 
 impl TestPostgres {
@@ -66,28 +67,49 @@ impl TestPostgres {
         for (name, value) in settings {
             options.push_str(&format!(" -c {name}='{value}'"));
         }
-        let log = dir.path().join("log");
-        let out = pg_command(&bin, "pg_ctl")
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .args(["-w", "-t", "30", "-o", &options, "start"])
-            .output()
-            .expect("run pg_ctl start");
-        if !out.status.success() {
-            let log = fs::read_to_string(&log).unwrap_or_default();
-            panic!(
-                "pg_ctl start failed ({}): {}{}\nserver log:\n{log}",
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        TestPostgres {
+        let pg = TestPostgres {
             dir: Some(dir),
             bin,
+            options,
+        };
+        pg.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
+        pg
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let log = self.dir().join("log");
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir().join("data"))
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "30", "-o", &self.options, "start"])
+            .output()
+            .expect("run pg_ctl start");
+        if out.status.success() {
+            return Ok(());
         }
+        let log = fs::read_to_string(&log).unwrap_or_default();
+        Err(format!(
+            "pg_ctl start failed ({}): {}{}\nserver log:\n{log}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// Starts the cluster again after [`TestPostgres::kill`] (crash recovery runs), with
+    /// the same settings. Waits up to 10 s for the killed server's backends to exit.
+    pub fn restart(&self) {
+        let mut last = String::new();
+        for _ in 0..50 {
+            match self.pg_ctl_start() {
+                Ok(()) => return,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        panic!("restart: {last}");
     }
 
     /// The cluster's directory (its socket directory; `data/` and `log` are inside).
@@ -119,13 +141,17 @@ impl TestPostgres {
         postmaster_pid(&self.dir().join("data"))
     }
 
-    /// Kills the postmaster with SIGKILL, as a machine or process crash would.
+    /// Kills the server with SIGKILL, as a machine or process crash would: the
+    /// postmaster and every backend (left alone, a backend answers its connection until
+    /// it notices the postmaster is gone).
     pub fn kill(&self) {
-        if let Some(pid) = self
-            .postmaster_pid()
-            .and_then(rustix::process::Pid::from_raw)
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
+        let mut pids = children_of(pid);
+        pids.insert(0, pid);
+        for p in pids.into_iter().filter_map(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
         }
     }
 
@@ -188,6 +214,26 @@ fn is_root() -> bool {
 }
 
 /// A server command, run as `postgres` when we are root.
+/// The processes whose parent is `pid` (from `/proc/<pid>/stat`, field 4).
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name is in parentheses and may hold spaces.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split(' ').nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 fn pg_command(bin: &Path, name: &str) -> Command {
     let program = bin.join(name);
     if is_root() {

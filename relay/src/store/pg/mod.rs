@@ -1,5 +1,408 @@
 //! The shared backend (#15): every store in one PostgreSQL database, so any number of
-//! relay nodes can serve the same accounts. For now only its schema and how it is
-//! migrated; the stores follow.
+//! relay nodes can serve the same accounts (ARCHITECTURE.md "Beyond one machine").
+//!
+//! The store traits are synchronous and the relay calls them from its runtime's
+//! workers, so [`PgBackend`] owns a small runtime of its own (`tern-pg`) that runs the
+//! pool's connections, and every call waits on it through [`PgBackend::run`] with a
+//! deadline: a database that is down or slow makes a call fail as
+//! [`StoreError::Unavailable`] in bounded time, never hang a worker.
+//!
+//! - `migrate`: versioned schema migrations under an advisory lock.
+//! - `lease`: leases on database time, so one node runs each sweep.
+//! - `cluster`: the facts every node must share (certificate, signing key).
 
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+
+use super::{Durability, StoreError, StoreResult};
+
+pub mod cluster;
+pub mod lease;
 pub mod migrate;
+
+/// How to reach the database (from `[postgres]`).
+#[derive(Clone)]
+pub struct PgOptions {
+    /// libpq keywords or a URL; several hosts are tried in order.
+    pub url: String,
+    /// The password, when kept apart from the URL.
+    pub password: Option<Vec<u8>>,
+    /// Pool size.
+    pub pool_size: usize,
+    /// Connect (and pool wait) deadline.
+    pub connect_timeout: Duration,
+    /// Per-statement deadline.
+    pub statement_timeout: Duration,
+    /// PEM roots for TLS; TLS is required when set.
+    pub ca_file: Option<PathBuf>,
+    /// This node's name.
+    pub node_id: String,
+    /// `Fsync`: a commit returns once durable (`synchronous_commit = on`, and on a
+    /// synchronous standby too when the primary names one). `Os`: once written.
+    pub durability: Durability,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("node_id", &self.node_id)
+            .field("pool_size", &self.pool_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgOptions {
+    /// Options with the defaults of `[postgres]` for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgOptions {
+            url: url.into(),
+            password: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(2),
+            ca_file: None,
+            node_id: default_node_id(),
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// The host name and a random suffix: unique per start, readable in `nodes`.
+pub fn default_node_id() -> String {
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(40)
+        .collect::<String>();
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+/// Every store on one PostgreSQL database.
+pub struct PgBackend {
+    // `None` only while dropping (a runtime may not be dropped on a runtime thread).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    deadline: Duration,
+    node_id: String,
+    hosts: String,
+}
+
+impl std::fmt::Debug for PgBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgBackend")
+            .field("node_id", &self.node_id)
+            .field("hosts", &self.hosts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgBackend {
+    /// Connects, applies the migrations this binary has (once, whichever node gets
+    /// there first), and returns the backend. A database that cannot be reached is
+    /// [`StoreError::Unavailable`] naming its hosts (never the password).
+    pub fn open(opts: &PgOptions) -> StoreResult<PgBackend> {
+        let mut config: tokio_postgres::Config = opts
+            .url
+            .parse()
+            .map_err(|e| StoreError::Backend(format!("postgres.url does not parse: {e}")))?;
+        if let Some(password) = &opts.password {
+            config.password(password);
+        }
+        let hosts = describe_hosts(&config);
+        config.connect_timeout(opts.connect_timeout);
+        config.application_name("tern-relay");
+        let commit = match opts.durability {
+            Durability::Fsync => "on",
+            Durability::Os => "off",
+        };
+        // Session settings ride in the start-up packet: no round trip per connection.
+        config.options(format!(
+            "-c synchronous_commit={commit} -c statement_timeout={} \
+             -c idle_in_transaction_session_timeout={}",
+            opts.statement_timeout.as_millis(),
+            opts.statement_timeout.as_millis().saturating_mul(5),
+        ));
+        let tls = match &opts.ca_file {
+            Some(path) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(tls_connector(path)?)
+            }
+            None => None,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tern-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Backend(format!("database runtime: {e}")))?;
+        let manager_config = ManagerConfig {
+            // A connection that broke (failover, restart) is dropped on its way back
+            // and the pool connects afresh, to whichever host is the primary now.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
+            None => Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(opts.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(opts.connect_timeout))
+            .create_timeout(Some(opts.connect_timeout))
+            .recycle_timeout(Some(opts.connect_timeout))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
+        let backend = PgBackend {
+            runtime: Some(runtime),
+            pool,
+            config,
+            tls,
+            deadline: opts.connect_timeout + opts.statement_timeout,
+            node_id: opts.node_id.clone(),
+            hosts,
+        };
+        backend.run(async {
+            let mut client = backend.client().await?;
+            migrate::migrate(&mut client)
+                .await
+                .map_err(|e| match e {
+                    migrate::MigrateError::Database(e) => backend.classify(&e),
+                    migrate::MigrateError::Migration(e) => {
+                        StoreError::Backend(format!("PostgreSQL migration failed: {e}"))
+                    }
+                })
+                .map(drop)
+        })?;
+        Ok(backend)
+    }
+
+    /// This node's name.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The database's hosts, for messages (`host:port`, or socket directories).
+    pub fn hosts(&self) -> &str {
+        &self.hosts
+    }
+
+    /// Runs `fut` on the database runtime and waits for it, at most the deadline
+    /// (connect plus statement timeout). Callable from anywhere: a plain thread, a
+    /// blocking task, a multi-thread runtime's worker (which it hands over to the
+    /// runtime's other tasks while it waits), or a current-thread runtime (through a
+    /// scoped thread, as that runtime cannot lend its only worker).
+    pub fn run<T, F>(&self, fut: F) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>> + Send,
+        T: Send,
+    {
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::Backend("database runtime stopped".into()));
+        };
+        let deadline = self.deadline;
+        let hosts = &self.hosts;
+        let bounded = async move {
+            match tokio::time::timeout(deadline, fut).await {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Unavailable(format!(
+                    "PostgreSQL at {hosts}: no answer within {deadline:?}"
+                ))),
+            }
+        };
+        let handle = runtime.handle();
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Err(_) => handle.block_on(bounded),
+            Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
+                s.spawn(|| handle.block_on(bounded))
+                    .join()
+                    .unwrap_or_else(|_| Err(StoreError::Backend("database call panicked".into())))
+            }),
+            Ok(_) => tokio::task::block_in_place(|| handle.block_on(bounded)),
+        }
+    }
+
+    /// A pooled connection; a pool that cannot connect is `Unavailable`.
+    pub async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => self.classify(&e),
+            e => StoreError::Unavailable(format!("PostgreSQL at {}: {e}", self.hosts)),
+        })
+    }
+
+    /// A connection of its own, outside the pool (LISTEN, which a pooled connection
+    /// cannot keep). Its driver task runs on the database runtime until the client
+    /// is dropped or the connection breaks; `on_message` sees what arrives unasked
+    /// (notifications, notices).
+    pub async fn dedicated(
+        &self,
+        on_message: impl FnMut(tokio_postgres::AsyncMessage) + Send + 'static,
+    ) -> StoreResult<tokio_postgres::Client> {
+        use futures::StreamExt;
+        async fn drive<S, T>(
+            mut conn: tokio_postgres::Connection<S, T>,
+            mut on_message: impl FnMut(tokio_postgres::AsyncMessage) + Send + 'static,
+        ) where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+            T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(Ok(m)) = messages.next().await {
+                on_message(m);
+            }
+        }
+        let handle = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("database runtime stopped".into()))?
+            .handle();
+        match &self.tls {
+            Some(tls) => {
+                let (client, conn) = self
+                    .config
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| self.classify(&e))?;
+                handle.spawn(drive(conn, on_message));
+                Ok(client)
+            }
+            None => {
+                let (client, conn) = self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(|e| self.classify(&e))?;
+                handle.spawn(drive(conn, on_message));
+                Ok(client)
+            }
+        }
+    }
+
+    /// A database error as a store error: the connection's failures, a read-only
+    /// primary (a standby after failover), timeouts and overload are `Unavailable`.
+    pub fn classify(&self, e: &tokio_postgres::Error) -> StoreError {
+        classify(e, &self.hosts)
+    }
+
+    /// Runs `op` again once when it failed on a serialization failure or a deadlock
+    /// (the database chose it as the victim; a retry then usually succeeds).
+    pub async fn retrying<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+    {
+        match op().await {
+            Err(e) if is_retryable(&e) => op().await.map_err(|e| self.classify(&e)),
+            r => r.map_err(|e| self.classify(&e)),
+        }
+    }
+}
+
+// Every call commits before it returns (under `synchronous_commit`, so durably, and on
+// a synchronous standby when one is named): there is nothing left to flush.
+impl super::Flush for PgBackend {
+    fn flush(&self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        // The relay may drop the backend on one of its own runtime's threads, where
+        // dropping a runtime (which blocks) is refused.
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Whether `e` is a serialization failure or deadlock worth one retry.
+pub fn is_retryable(e: &tokio_postgres::Error) -> bool {
+    matches!(
+        e.code(),
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+    )
+}
+
+/// See [`PgBackend::classify`].
+pub fn classify(e: &tokio_postgres::Error, hosts: &str) -> StoreError {
+    let unavailable = || StoreError::Unavailable(format!("PostgreSQL at {hosts}: {e}"));
+    match e.code() {
+        // No SQLSTATE: the connection itself failed (refused, reset, closed, TLS).
+        None => unavailable(),
+        Some(code) => {
+            let c = code.code();
+            if c.starts_with("08") // connection exception
+                || c.starts_with("53") // insufficient resources (too many connections)
+                || c.starts_with("57P") // shutdown, crash recovery, cannot connect now
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION // a standby, after failover
+                || *code == SqlState::QUERY_CANCELED // statement_timeout
+                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+            {
+                unavailable()
+            } else if *code == SqlState::UNIQUE_VIOLATION {
+                StoreError::Exists
+            } else {
+                StoreError::Backend(format!("PostgreSQL: {e}"))
+            }
+        }
+    }
+}
+
+/// The hosts of `config` for messages: `host:port` or socket directories.
+fn describe_hosts(config: &tokio_postgres::Config) -> String {
+    let ports = config.get_ports();
+    let mut out = Vec::new();
+    for (i, host) in config.get_hosts().iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        out.push(match host {
+            Host::Tcp(h) => format!("{h}:{port}"),
+            Host::Unix(p) => format!("{}:{port}", p.display()),
+        });
+    }
+    if out.is_empty() {
+        "localhost:5432".to_owned()
+    } else {
+        out.join(",")
+    }
+}
+
+/// rustls (ring) trusting only the certificates in `ca_file`.
+fn tls_connector(
+    ca_file: &std::path::Path,
+) -> StoreResult<tokio_postgres_rustls::MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let bad =
+        |m: String| StoreError::Backend(format!("postgres.ca_file {}: {m}", ca_file.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+#[cfg(test)]
+pub(crate) mod testdb;
+#[cfg(test)]
+mod tests;

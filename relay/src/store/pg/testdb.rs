@@ -1,0 +1,25 @@
+//! A database per test, and backends on it as nodes of one relay.
+
+#![allow(clippy::expect_used)]
+
+use std::time::Duration;
+
+use super::{PgBackend, PgOptions};
+use crate::testing::TestPostgres;
+
+/// A fresh cluster with database `tern`, and options for it with short deadlines.
+pub(crate) fn db() -> (TestPostgres, PgOptions) {
+    let pg = TestPostgres::start();
+    pg.create_db("tern");
+    let mut opts = PgOptions::new(pg.conn_str("tern"));
+    opts.connect_timeout = Duration::from_millis(500);
+    opts.statement_timeout = Duration::from_millis(1000);
+    (pg, opts)
+}
+
+/// A backend (a relay node) named `id` on the database of `opts`.
+pub(crate) fn node(opts: &PgOptions, id: &str) -> PgBackend {
+    let mut opts = opts.clone();
+    opts.node_id = id.to_owned();
+    PgBackend::open(&opts).expect("open")
+}

@@ -1,0 +1,160 @@
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use super::cluster::Fact;
+use super::*;
+
+use super::testdb::{db, node};
+
+#[test]
+fn two_nodes_open_at_once_and_share_the_schema() {
+    let (_pg, opts) = db();
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| node(&opts, "a"));
+        let b = s.spawn(|| node(&opts, "b"));
+        (a.join().expect("a"), b.join().expect("b"))
+    });
+    for backend in [&a, &b] {
+        let versions: i64 = backend
+            .run(async {
+                let c = backend.client().await?;
+                let row = c
+                    .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+                    .await
+                    .map_err(|e| backend.classify(&e))?;
+                Ok(row.get(0))
+            })
+            .expect("history");
+        assert!(versions >= 1);
+    }
+}
+
+#[test]
+fn a_database_that_is_not_there_at_start_is_unavailable_naming_its_hosts() {
+    let dir = tempfile::Builder::new()
+        .prefix("tern-pg-none-")
+        .tempdir_in("/tmp")
+        .expect("dir");
+    let mut opts = PgOptions::new(format!(
+        "host={} port=5432 user=tern dbname=tern",
+        dir.path().display()
+    ));
+    opts.connect_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = PgBackend::open(&opts).expect_err("nothing listens");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    match err {
+        StoreError::Unavailable(m) => {
+            assert!(m.contains("PostgreSQL"), "{m}");
+            assert!(m.contains(&dir.path().display().to_string()), "{m}");
+        }
+        e => panic!("want Unavailable, got {e:?}"),
+    }
+}
+
+#[test]
+fn a_password_in_the_url_never_shows_in_errors() {
+    let dir = tempfile::Builder::new()
+        .prefix("tern-pg-none-")
+        .tempdir_in("/tmp")
+        .expect("dir");
+    let mut opts = PgOptions::new(format!(
+        "host={} user=tern password=hunter2secret dbname=tern",
+        dir.path().display()
+    ));
+    opts.connect_timeout = Duration::from_millis(300);
+    let err = PgBackend::open(&opts).expect_err("nothing listens");
+    assert!(!format!("{err} {err:?}").contains("hunter2secret"));
+    assert!(!format!("{opts:?}").contains("hunter2secret"));
+}
+
+#[test]
+fn a_database_lost_while_serving_is_unavailable_then_recovers_by_itself() {
+    let (pg, opts) = db();
+    let a = node(&opts, "a");
+    assert!(a.try_hold("x", Duration::from_secs(60)).expect("hold"));
+    pg.kill();
+    let started = Instant::now();
+    let err = a
+        .try_hold("x", Duration::from_secs(60))
+        .expect_err("database is down");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the deadline"
+    );
+    pg.restart();
+    // The pool drops the broken connections and connects afresh: no reopen.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match a.try_hold("x", Duration::from_secs(60)) {
+            Ok(held) => {
+                assert!(held);
+                break;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery: {e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_lease_has_one_holder_and_passes_on_when_it_lapses() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let ttl = Duration::from_millis(400);
+    assert!(a.try_hold("sweep", ttl).expect("a"));
+    assert!(!b.try_hold("sweep", ttl).expect("b"));
+    assert!(a.try_hold("sweep", ttl).expect("a renews"));
+    assert!(b.try_hold("other", ttl).expect("another lease"));
+    std::thread::sleep(ttl + Duration::from_millis(200));
+    assert!(b.try_hold("sweep", ttl).expect("b after the lapse"));
+    assert!(!a.try_hold("sweep", ttl).expect("a lost it"));
+    b.release("sweep").expect("release");
+    assert!(a.try_hold("sweep", ttl).expect("a after the release"));
+}
+
+#[test]
+fn cluster_facts_are_recorded_once_and_a_differing_node_is_refused() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let fact = |v: &[u8]| Fact {
+        name: "cert",
+        value: v.to_vec(),
+        file: "/data/cert.pem".into(),
+    };
+    a.check_cluster(&[fact(b"one")]).expect("first");
+    b.check_cluster(&[fact(b"one")]).expect("same");
+    match b.check_cluster(&[fact(b"two")]) {
+        Err(StoreError::Backend(m)) => assert!(m.contains("/data/cert.pem"), "{m}"),
+        r => panic!("want a refusal, got {r:?}"),
+    }
+}
+
+#[test]
+fn calls_work_from_plain_threads_and_both_kinds_of_runtime() {
+    let (_pg, opts) = db();
+    let a = std::sync::Arc::new(node(&opts, "a"));
+    let hold = |b: &PgBackend| b.try_hold("t", Duration::from_secs(5)).expect("hold");
+    assert!(hold(&a));
+    let current = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let b = a.clone();
+    assert!(current.block_on(async move { hold(&b) }));
+    let multi = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    let b = a.clone();
+    assert!(multi
+        .block_on(async move { tokio::spawn(async move { hold(&b) }).await })
+        .expect("task"));
+    // Dropped on a runtime thread: no panic.
+    multi.block_on(async move { drop(a) });
+}
