@@ -24,7 +24,10 @@
 //!     file), start limits; a verified number becomes a discovery tag.
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]);
-//!   [`store::pg`]: the shared PostgreSQL backend (#15; so far its migrations).
+//!   [`store::pg`]: the shared PostgreSQL backend, for relays of several nodes.
+//! - [`cluster`]: what a node does when several share one database: cross-node
+//!   wake-ups and displacement (hints behind [`cluster::notify::Notifier`], with a
+//!   periodic re-check), the node heartbeat.
 //! - `net`: QUIC endpoint, TLS certificate, admission of new connections (per-address
 //!   caps, Retry, the unauthenticated pool), per-connection sessions that decode a
 //!   request, call a service and encode its answer.
@@ -118,6 +121,7 @@ pub mod verification;
 // The binary and embedders.
 pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod deletion;
 pub mod error;

@@ -26,6 +26,7 @@ use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore};
 use crate::net::{self, tls, Admission, ConnSettings};
+use crate::store::pg::PgBackend;
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 use crate::verification::Verification;
 
@@ -319,6 +320,16 @@ impl Relay {
             &config.discovery,
             config.data_dir.join("discovery"),
         )?;
+        let shared = stores.shared.clone();
+        if let Some(pg) = &shared {
+            check_cluster(
+                pg,
+                &fingerprint,
+                &signer,
+                discovery.oprf(),
+                &config.data_dir,
+            )?;
+        }
         let services = Arc::new(Services::with_budget(
             stores,
             clock.clone(),
@@ -365,6 +376,23 @@ impl Relay {
             verification: verification.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        if let Some(pg) = &shared {
+            let notifier =
+                crate::cluster::notify::PgNotifier::start(pg.clone(), shutdown.subscribe());
+            services
+                .mailboxes
+                .join_cluster(crate::cluster::Cluster::start(
+                    pg.clone(),
+                    services.mailboxes.active(),
+                    notifier,
+                    config.postgres.recheck_interval,
+                    shutdown.subscribe(),
+                ));
+            info!(
+                node = pg.node_id(),
+                "joined the relay's other nodes on PostgreSQL"
+            );
+        }
         let accept = tokio::spawn(net::accept_loop(
             endpoint.clone(),
             services.clone(),
@@ -516,14 +544,20 @@ async fn sweep_loop(
             _ = shutdown.changed() => return,
             _ = tick.tick() => {}
         }
+        // Per node: rate limit keys whose buckets refilled (the limits are per node).
+        let rates = services.rates.clone();
+        let _ = tokio::task::spawn_blocking(move || rates.housekeep()).await;
+        // What the stores hold is swept by one node at a time, when several share
+        // them: the holder of the lease (renewed each pass, lapsing after three).
+        if !holds_sweep_lease(&services, every).await {
+            continue;
+        }
         // Deletions that failed part way (they log their own failures).
         if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
             warn!(error = %e, "pending account deletions not read");
         }
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            // Rate limit keys whose buckets refilled go first: one pass over each.
-            services.rates.housekeep();
             let mut total = 0;
             loop {
                 let n = services.mailboxes.sweep(batch)?;
@@ -555,6 +589,67 @@ async fn sweep_loop(
             Err(e) => warn!(error = %e, "media sweep panicked"),
         }
     }
+}
+
+/// The name of the lease whose holder sweeps the shared stores.
+pub(crate) const SWEEP_LEASE: &str = "sweep";
+
+/// Whether this node sweeps now: always on its own stores; on shared ones, when it
+/// holds (or takes) the sweep lease, for three sweep intervals.
+async fn holds_sweep_lease(services: &Services, every: Duration) -> bool {
+    let Some(pg) = services.stores.shared.clone() else {
+        return true;
+    };
+    let held = tokio::task::spawn_blocking(move || pg.try_hold(SWEEP_LEASE, every * 3)).await;
+    match held {
+        Ok(Ok(held)) => held,
+        Ok(Err(e)) => {
+            warn!(error = %e, "the sweep lease could not be read; skipping this sweep");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// Records this node's certificate, sender-certificate key and OPRF key in the shared
+/// database on the first start, and refuses to start a node whose files differ from
+/// its peers' (ARCHITECTURE.md "Beyond one machine"). Only fingerprints go in: the
+/// certificate's SHA-256, the signing key's public half, and the OPRF of a fixed
+/// string (the key itself would, with the tags, let a reader test phone numbers).
+fn check_cluster(
+    pg: &PgBackend,
+    fingerprint: &tern_proto::Fingerprint,
+    signer: &ed25519_dalek::SigningKey,
+    oprf: &crate::discovery::Oprf,
+    data_dir: &std::path::Path,
+) -> Result<()> {
+    use crate::store::pg::cluster::Fact;
+    let (check, _) = oprf.tag_of(b"tern cluster check v1")?;
+    let file = |name: &str| data_dir.join(name).display().to_string();
+    let facts = [
+        Fact {
+            name: "tls-certificate-sha256",
+            value: fingerprint.0.to_vec(),
+            file: format!(
+                "the TLS certificate ({}, or [tls] cert)",
+                file("relay-cert.pem")
+            ),
+        },
+        Fact {
+            name: "sender-certificate-public-key",
+            value: signer.verifying_key().to_bytes().to_vec(),
+            file: file("relay-signing-key"),
+        },
+        Fact {
+            name: "discovery-oprf-check",
+            value: check.0.to_vec(),
+            file: file(crate::discovery::oprf::KEY_FILE),
+        },
+    ];
+    pg.check_cluster(&facts).map_err(|e| match e {
+        crate::store::StoreError::Backend(m) => Error::Config(m),
+        e => Error::Store(e),
+    })
 }
 
 #[cfg(test)]

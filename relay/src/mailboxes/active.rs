@@ -96,6 +96,34 @@ impl ActiveMailboxes {
         }
     }
 
+    /// Wakes the device's subscriber, if it has one here (a hint from another node).
+    pub(crate) fn wake(&self, addr: &DeviceAddress) {
+        let devices = lock(&self.devices);
+        if let Some(w) = devices.get(addr).and_then(|s| lock(&s.subscriber).clone()) {
+            w.notify.notify_one();
+        }
+    }
+
+    /// Displaces the device's subscriber `id`, if it is still the one here (a newer
+    /// connection of the device on another node).
+    pub(crate) fn displace(&self, addr: &DeviceAddress, id: u64) {
+        let devices = lock(&self.devices);
+        if let Some(w) = devices.get(addr).and_then(|s| lock(&s.subscriber).clone()) {
+            if w.id == id {
+                w.displaced.store(true, Ordering::Release);
+                w.notify.notify_one();
+            }
+        }
+    }
+
+    /// Every subscribed device here, with its subscriber's id.
+    pub(crate) fn subscribed(&self) -> Vec<(DeviceAddress, u64)> {
+        lock(&self.devices)
+            .iter()
+            .filter_map(|(a, s)| Some((*a, lock(&s.subscriber).as_ref()?.id)))
+            .collect()
+    }
+
     /// Entries in the table; for tests of its cleanup.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -124,6 +152,11 @@ impl Subscription {
     /// displaced. A wake-up that came before this call is not lost.
     pub async fn changed(&self) {
         self.wakeup.notify.notified().await
+    }
+
+    /// This subscription's id, unique on this node while it runs.
+    pub fn id(&self) -> u64 {
+        self.wakeup.id
     }
 
     /// Whether a newer connection of the same device took over.

@@ -29,6 +29,7 @@ use tern_platform::clock::Clock;
 use tern_proto::DeviceAddress;
 
 use crate::accounts::Recipient;
+use crate::cluster::Cluster;
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::budget::Budget;
 use crate::core::delivery::DeliveryWindow;
@@ -41,7 +42,7 @@ use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
 
 mod active;
 
-use self::active::ActiveMailboxes;
+pub(crate) use self::active::ActiveMailboxes;
 pub use self::active::Subscription;
 
 /// The mailboxes service. See the module docs.
@@ -55,6 +56,7 @@ pub struct Mailboxes {
     budget: Arc<Budget>,
     active: Arc<ActiveMailboxes>,
     tombstones: Arc<Tombstones>,
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 impl std::fmt::Debug for Mailboxes {
@@ -76,6 +78,8 @@ pub struct Appended {
     /// yields lets all of them share one flush, instead of starting a flush after the
     /// first.
     commit: Arc<GroupCommit>,
+    /// Told after the commit, so other nodes wake the recipient (several nodes).
+    hint: Option<(Arc<Cluster>, DeviceAddress)>,
 }
 
 impl Appended {
@@ -88,6 +92,9 @@ impl Appended {
     /// every caller waiting at the time); returns how many there were.
     pub async fn commit(self) -> Result<usize> {
         self.commit.commit_mailboxes().await?;
+        if let Some((cluster, to)) = &self.hint {
+            cluster.mail(to);
+        }
         Ok(self.accepted)
     }
 }
@@ -146,6 +153,7 @@ impl Mailboxes {
             budget,
             active: Arc::default(),
             tombstones: Arc::default(),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
@@ -200,7 +208,24 @@ impl Mailboxes {
         Ok(Appended {
             accepted: msgs.len(),
             commit: self.commit.clone(),
+            hint: self.cluster.get().map(|c| (c.clone(), *to)),
         })
+    }
+
+    /// The table of mailboxes in use (for the cluster's cross-node wake-ups).
+    pub(crate) fn active(&self) -> Arc<ActiveMailboxes> {
+        self.active.clone()
+    }
+
+    /// Joins these mailboxes to the other nodes of the relay: appends are announced
+    /// to them after their commit. Once; later calls are ignored.
+    pub(crate) fn join_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// The cluster these mailboxes joined, if the relay has several nodes.
+    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// Claims deliveries for a device, displacing any earlier connection of it.

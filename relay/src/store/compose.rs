@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::pg::PgBackend;
 use super::{AccountStore, BlobIndex, DiscoveryStore, Flush, KeyStore, MailboxStore, StoreResult};
 
 mod marked;
@@ -25,6 +26,9 @@ pub struct Stores {
     pub discovery: Arc<dyn DiscoveryStore>,
     /// Makes every change to any of them durable.
     pub flush: Arc<dyn Flush>,
+    /// The shared database when every store is on it (a relay of several nodes):
+    /// leases, cross-node hints and the cluster's facts go through it.
+    pub shared: Option<Arc<PgBackend>>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -46,6 +50,7 @@ impl Stores {
             keys: store.clone(),
             blobs: store.clone(),
             flush: store,
+            shared: None,
         }
     }
 
@@ -73,6 +78,7 @@ impl Stores {
             blobs: rest.clone(),
             discovery: rest.clone(),
             flush: Arc::new(FlushBoth(mailboxes, rest)),
+            shared: None,
         }
     }
 }

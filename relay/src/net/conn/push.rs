@@ -37,6 +37,12 @@ pub(super) async fn deliver(
 ) {
     let mailboxes = services.mailboxes();
     let sub = mailboxes.subscribe(&device);
+    // With several nodes: displaces the device's connection on another node; the
+    // claim is withdrawn when this loop ends.
+    let _claim = match mailboxes.cluster() {
+        Some(cluster) => Some(cluster.claim(*device.address(), sub.id()).await),
+        None => None,
+    };
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     let committing = Arc::new(Semaphore::new(max_committing));
     loop {

@@ -238,14 +238,24 @@ impl PgBackend {
         })
     }
 
+    /// Runs `fut` as a task on the database runtime (the node's background work on
+    /// the database: notifications, re-checks, heartbeats).
+    pub fn spawn<F>(&self, fut: F) -> Option<tokio::task::JoinHandle<F::Output>>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        Some(self.runtime.as_ref()?.spawn(fut))
+    }
+
     /// A connection of its own, outside the pool (LISTEN, which a pooled connection
     /// cannot keep). Its driver task runs on the database runtime until the client
-    /// is dropped or the connection breaks; `on_message` sees what arrives unasked
-    /// (notifications, notices).
+    /// is dropped or the connection breaks (then the returned handle finishes);
+    /// `on_message` sees what arrives unasked (notifications, notices).
     pub async fn dedicated(
         &self,
         on_message: impl FnMut(tokio_postgres::AsyncMessage) + Send + 'static,
-    ) -> StoreResult<tokio_postgres::Client> {
+    ) -> StoreResult<(tokio_postgres::Client, tokio::task::JoinHandle<()>)> {
         use futures::StreamExt;
         async fn drive<S, T>(
             mut conn: tokio_postgres::Connection<S, T>,
@@ -271,8 +281,7 @@ impl PgBackend {
                     .connect(tls.clone())
                     .await
                     .map_err(|e| self.classify(&e))?;
-                handle.spawn(drive(conn, on_message));
-                Ok(client)
+                Ok((client, handle.spawn(drive(conn, on_message))))
             }
             None => {
                 let (client, conn) = self
@@ -280,8 +289,7 @@ impl PgBackend {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(|e| self.classify(&e))?;
-                handle.spawn(drive(conn, on_message));
-                Ok(client)
+                Ok((client, handle.spawn(drive(conn, on_message))))
             }
         }
     }

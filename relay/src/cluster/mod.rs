@@ -1,0 +1,350 @@
+//! Relay nodes sharing one database (`storage.backend = "postgres"`): what a node
+//! does so that the others' work reaches its connected devices at once.
+//!
+//! - Mail: after a send commits, its node publishes a [`Hint::Mail`]; the node holding
+//!   the recipient's connection wakes it, and the delivery reads the mailbox.
+//! - Displacement: a device's delivery stream is claimed in `device_sessions` (node,
+//!   connection); a newer claim on any node displaces the older connection, told by a
+//!   [`Hint::Claimed`].
+//! - Re-check: hints are best effort, so every `recheck_interval` (and whenever hints
+//!   may have been lost) a node reads the head of every mailbox it has a connection for
+//!   and the claim of each, wakes what moved and displaces what another node claimed.
+//!   A lost hint delays a delivery by at most the interval; it never loses one.
+//! - Heartbeat: each node writes `nodes.heartbeat_ms` every few seconds; claims of a
+//!   node silent for a minute are swept by whichever node holds the sweep lease.
+
+pub mod notify;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::DeviceAddress;
+use tokio::sync::{mpsc, watch};
+use tracing::debug;
+
+use self::notify::{Event, Hint, Notifier};
+use crate::mailboxes::ActiveMailboxes;
+use crate::store::codec::addr_bytes;
+use crate::store::pg::lease::NOW_MS;
+use crate::store::pg::PgBackend;
+use crate::store::{StoreError, StoreResult};
+
+/// Devices re-checked per statement.
+const RECHECK_CHUNK: usize = 5_000;
+/// How often a node writes its heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// A node silent this long is gone: its claims are swept.
+const NODE_SILENT_MS: i64 = 60_000;
+
+/// This node's part in a cluster of relay nodes. See the module docs.
+pub struct Cluster {
+    pg: Arc<PgBackend>,
+    active: Arc<ActiveMailboxes>,
+    notifier: Arc<dyn Notifier>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("node", &self.pg.node_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Starts following the other nodes: hints, the re-check every `recheck`, and the
+    /// heartbeat, until `stop` turns true.
+    pub(crate) fn start(
+        pg: Arc<PgBackend>,
+        active: Arc<ActiveMailboxes>,
+        notifier: Arc<dyn Notifier>,
+        recheck: Duration,
+        stop: watch::Receiver<bool>,
+    ) -> Arc<Cluster> {
+        let cluster = Arc::new(Cluster {
+            pg: pg.clone(),
+            active,
+            notifier: notifier.clone(),
+        });
+        if let Some(events) = notifier.events() {
+            pg.spawn(cluster.clone().follow(events, recheck, stop.clone()));
+        }
+        pg.spawn(cluster.clone().heartbeat(stop));
+        cluster
+    }
+
+    /// Tells the other nodes that `to` has new mail (call after the commit).
+    pub fn mail(&self, to: &DeviceAddress) {
+        self.notifier.publish(Hint::Mail(*to));
+    }
+
+    /// Claims `addr`'s deliveries for this node's subscription `id`, displacing any
+    /// connection of the device on another node. The claim is withdrawn on drop.
+    pub(crate) async fn claim(self: &Arc<Self>, addr: DeviceAddress, id: u64) -> Claim {
+        let this = self.clone();
+        let claimed = self
+            .on_db(async move {
+                let client = this.pg.client().await?;
+                let a = addr_bytes(&addr);
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO device_sessions (account, device, node, conn, since_ms) \
+                             VALUES ($1, $2, $3, $4, {NOW_MS}) ON CONFLICT (account, device) DO UPDATE \
+                             SET node = EXCLUDED.node, conn = EXCLUDED.conn, since_ms = EXCLUDED.since_ms"
+                        ),
+                        &[
+                            &&a[..16],
+                            &i64::from(addr.device.get()),
+                            &this.pg.node_id(),
+                            &(id as i64),
+                        ],
+                    )
+                    .await
+                    .map_err(|e| this.pg.classify(&e))
+            })
+            .await;
+        match claimed {
+            Ok(_) => self.notifier.publish(Hint::Claimed(addr)),
+            // The re-check cannot displace the other connection without the row; it
+            // goes when that connection ends or this device reconnects.
+            Err(e) => debug!(error = %e, "claiming a device's deliveries failed"),
+        }
+        Claim {
+            cluster: self.clone(),
+            addr,
+            id,
+        }
+    }
+
+    /// Runs `fut` on the database runtime and awaits it from any runtime.
+    async fn on_db<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+    ) -> StoreResult<T> {
+        match self.pg.spawn(fut) {
+            Some(task) => task
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into()))),
+            None => Err(StoreError::Backend("database runtime stopped".into())),
+        }
+    }
+
+    async fn follow(
+        self: Arc<Self>,
+        mut events: mpsc::Receiver<Event>,
+        recheck: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut heads: HashMap<DeviceAddress, i64> = HashMap::new();
+        let mut tick = tokio::time::interval(recheck);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return,
+                ev = events.recv(), if listening => match ev {
+                    Some(Event::Hints(hints)) => {
+                        let mut claimed = Vec::new();
+                        for h in hints {
+                            match h {
+                                Hint::Mail(a) => self.active.wake(&a),
+                                Hint::Claimed(a) => claimed.push(a),
+                            }
+                        }
+                        if !claimed.is_empty() {
+                            self.recheck(&claimed, &mut heads, false).await;
+                        }
+                    }
+                    Some(Event::Resync) => self.recheck_all(&mut heads, true).await,
+                    None => listening = false,
+                },
+                _ = tick.tick() => self.recheck_all(&mut heads, false).await,
+            }
+        }
+    }
+
+    async fn recheck_all(&self, heads: &mut HashMap<DeviceAddress, i64>, wake_all: bool) {
+        let subscribed = self.active.subscribed();
+        heads.retain(|a, _| subscribed.iter().any(|(s, _)| s == a));
+        let addrs: Vec<DeviceAddress> = subscribed.into_iter().map(|(a, _)| a).collect();
+        for chunk in addrs.chunks(RECHECK_CHUNK) {
+            self.recheck(chunk, heads, wake_all).await;
+        }
+    }
+
+    /// Reads the mailbox heads and claims of `addrs` (those subscribed here): wakes
+    /// each whose head moved since the last look (all of them with `wake_all`), and
+    /// displaces each that another connection claimed.
+    async fn recheck(
+        &self,
+        addrs: &[DeviceAddress],
+        heads: &mut HashMap<DeviceAddress, i64>,
+        wake_all: bool,
+    ) {
+        let accounts: Vec<Vec<u8>> = addrs
+            .iter()
+            .map(|a| a.account.as_bytes().to_vec())
+            .collect();
+        let devices: Vec<i64> = addrs.iter().map(|a| i64::from(a.device.get())).collect();
+        let pg = self.pg.clone();
+        let rows = self
+            .on_db(async move {
+                let client = pg.client().await?;
+                let rows = client
+                    .query(
+                        "SELECT u.a, u.d, h.last_seq, s.node, s.conn \
+                         FROM unnest($1::bytea[], $2::int8[]) AS u(a, d) \
+                         LEFT JOIN mailbox_heads h ON h.account = u.a AND h.device = u.d \
+                         LEFT JOIN device_sessions s ON s.account = u.a AND s.device = u.d",
+                        &[&accounts, &devices],
+                    )
+                    .await
+                    .map_err(|e| pg.classify(&e))?;
+                Ok(rows
+                    .into_iter()
+                    .map(|r| {
+                        let a: Vec<u8> = r.get(0);
+                        let d: i64 = r.get(1);
+                        let seq: Option<i64> = r.get(2);
+                        let claim: Option<(String, i64)> = r
+                            .get::<_, Option<String>>(3)
+                            .zip(r.get::<_, Option<i64>>(4));
+                        (a, d, seq, claim)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                debug!(error = %e, "re-checking connected mailboxes failed");
+                return;
+            }
+        };
+        let local: HashMap<DeviceAddress, u64> = self.active.subscribed().into_iter().collect();
+        for (account, device, seq, claim) in rows {
+            let Ok(addr) = DeviceAddress::from_wire(&account, device as u32) else {
+                continue;
+            };
+            let Some(&id) = local.get(&addr) else {
+                continue;
+            };
+            if let Some((node, conn)) = claim {
+                if node != self.pg.node_id() || conn != id as i64 {
+                    self.active.displace(&addr, id);
+                    continue;
+                }
+            }
+            let seq = seq.unwrap_or(0);
+            // First seen: the subscription began with a read of its own.
+            let moved = heads.insert(addr, seq).is_some_and(|old| old != seq);
+            if wake_all || moved {
+                self.active.wake(&addr);
+            }
+        }
+    }
+
+    async fn heartbeat(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tick.tick() => {
+                    if let Err(e) = self.beat().await {
+                        debug!(error = %e, "node heartbeat failed");
+                    }
+                }
+            }
+        }
+        // A clean stop withdraws this node's claims at once.
+        let pg = self.pg.clone();
+        let _ = self
+            .on_db(async move {
+                let client = pg.client().await?;
+                for sql in [
+                    "DELETE FROM device_sessions WHERE node = $1",
+                    "DELETE FROM nodes WHERE node = $1",
+                ] {
+                    client
+                        .execute(sql, &[&pg.node_id()])
+                        .await
+                        .map_err(|e| pg.classify(&e))?;
+                }
+                Ok(())
+            })
+            .await;
+    }
+
+    async fn beat(&self) -> StoreResult<()> {
+        let pg = self.pg.clone();
+        self.on_db(async move {
+            let client = pg.client().await?;
+            client
+                .execute(
+                    &format!(
+                        "INSERT INTO nodes (node, started_ms, heartbeat_ms) VALUES ($1, {NOW_MS}, {NOW_MS}) \
+                         ON CONFLICT (node) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
+                    ),
+                    &[&pg.node_id()],
+                )
+                .await
+                .map_err(|e| pg.classify(&e))?;
+            Ok(())
+        })
+        .await?;
+        // The sweep of silent nodes runs on one node at a time.
+        let pg = self.pg.clone();
+        let held = tokio::task::spawn_blocking(move || pg.try_hold("sweep:nodes", 3 * HEARTBEAT))
+            .await
+            .map_err(|_| StoreError::Backend("lease task failed".into()))??;
+        if !held {
+            return Ok(());
+        }
+        let pg = self.pg.clone();
+        self.on_db(async move {
+            let client = pg.client().await?;
+            let silent = format!("SELECT node FROM nodes WHERE heartbeat_ms < {NOW_MS} - $1");
+            for sql in [
+                format!("DELETE FROM device_sessions WHERE node IN ({silent})"),
+                format!("DELETE FROM nodes WHERE node IN ({silent})"),
+            ] {
+                client
+                    .execute(&sql, &[&NODE_SILENT_MS])
+                    .await
+                    .map_err(|e| pg.classify(&e))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A device's claim on its deliveries on this node; withdrawn on drop (if still this
+/// connection's: a newer claim elsewhere stays).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    cluster: Arc<Cluster>,
+    addr: DeviceAddress,
+    id: u64,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let pg = self.cluster.pg.clone();
+        let (addr, id) = (self.addr, self.id);
+        pg.clone().spawn(async move {
+            let Ok(client) = pg.client().await else {
+                return;
+            };
+            let a = addr_bytes(&addr);
+            let _ = client
+                .execute(
+                    "DELETE FROM device_sessions WHERE account = $1 AND device = $2 AND node = $3 AND conn = $4",
+                    &[&&a[..16], &i64::from(addr.device.get()), &pg.node_id(), &(id as i64)],
+                )
+                .await;
+        });
+    }
+}
