@@ -114,6 +114,7 @@
 //! ca_file = "/etc/tern/pg-ca.pem"  # TLS to the database (required when set)
 //! node_id = "relay-1"           # default: host name + random suffix
 //! recheck_interval = "1s"       # connected mailboxes re-read (lost notifications)
+//! notify = true                 # LISTEN/NOTIFY between nodes; false: re-check only
 //! ```
 
 use std::net::SocketAddr;

@@ -67,9 +67,11 @@ impl Cluster {
             active,
             notifier: notifier.clone(),
         });
-        if let Some(events) = notifier.events() {
-            pg.spawn(cluster.clone().follow(events, recheck, stop.clone()));
-        }
+        pg.spawn(
+            cluster
+                .clone()
+                .follow(notifier.events(), recheck, stop.clone()),
+        );
         pg.spawn(cluster.clone().heartbeat(stop));
         cluster
     }
@@ -133,14 +135,16 @@ impl Cluster {
 
     async fn follow(
         self: Arc<Self>,
-        mut events: mpsc::Receiver<Event>,
+        events: Option<mpsc::Receiver<Event>>,
         recheck: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
         let mut heads: HashMap<DeviceAddress, i64> = HashMap::new();
         let mut tick = tokio::time::interval(recheck);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listening = true;
+        let mut listening = events.is_some();
+        let (_none, idle) = mpsc::channel(1);
+        let mut events = events.unwrap_or(idle);
         loop {
             tokio::select! {
                 _ = stop.changed() => return,

@@ -55,6 +55,20 @@ pub trait Notifier: Send + Sync + 'static {
     fn events(&self) -> Option<mpsc::Receiver<Event>>;
 }
 
+/// No hints at all: every cross-node change is found by the re-check (for
+/// PostgreSQL-compatible engines without LISTEN/NOTIFY, such as CockroachDB; set
+/// `[postgres] notify = false` and a short `recheck_interval`).
+#[derive(Debug, Default)]
+pub struct NoHints;
+
+impl Notifier for NoHints {
+    fn publish(&self, _hint: Hint) {}
+
+    fn events(&self) -> Option<mpsc::Receiver<Event>> {
+        None
+    }
+}
+
 /// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a pooled
 /// connection outside any transaction, after the change it announces committed:
 /// inside the transaction it would hold PostgreSQL's notification lock through the

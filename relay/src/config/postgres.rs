@@ -39,6 +39,10 @@ pub struct PostgresConfig {
     /// notification delays a delivery by at most this much.
     #[serde(with = "humantime_serde")]
     pub recheck_interval: Duration,
+    /// Whether nodes tell each other of new mail at once (LISTEN/NOTIFY). Off for an
+    /// engine without it (CockroachDB): deliveries across nodes then wait for the
+    /// re-check.
+    pub notify: bool,
 }
 
 impl Default for PostgresConfig {
@@ -52,6 +56,7 @@ impl Default for PostgresConfig {
             ca_file: None,
             node_id: None,
             recheck_interval: Duration::from_secs(1),
+            notify: true,
         }
     }
 }
@@ -67,6 +72,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("ca_file", &self.ca_file)
             .field("node_id", &self.node_id)
             .field("recheck_interval", &self.recheck_interval)
+            .field("notify", &self.notify)
             .finish_non_exhaustive()
     }
 }

@@ -1,0 +1,252 @@
+//! Several relay nodes over one real PostgreSQL database: a message sent on one node
+//! is pushed from another, a newer connection on any node displaces the older, acks
+//! on one node delete what another stored, and the database's failures are
+//! UNAVAILABLE, never a lost or invented acknowledgement.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tern_client::net::Incoming;
+use tern_proto::ErrorCode;
+use tern_relay::testing::TestPostgres;
+
+use crate::support::{envelope, number, register, within, Device, RelayProcess, STEP};
+
+/// One database and the nodes' data directories.
+struct Nodes {
+    pg: TestPostgres,
+    dir: tempfile::TempDir,
+}
+
+impl Nodes {
+    fn new() -> Nodes {
+        let pg = TestPostgres::start_with(&[("fsync", "on")]);
+        pg.create_db("tern");
+        Nodes {
+            pg,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn toml(&self, extra: &str) -> String {
+        format!(
+            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\n{extra}\n",
+            self.pg.conn_str("tern")
+        )
+    }
+
+    /// Starts node `name` with `[postgres]` keys `extra`; `peer` is a node whose
+    /// certificate and keys it shares, as an operator copies them.
+    fn start(&self, name: &str, extra: &str, peer: Option<&RelayProcess>) -> RelayProcess {
+        self.try_start(name, extra, peer).expect("node starts")
+    }
+
+    fn try_start(
+        &self,
+        name: &str,
+        extra: &str,
+        peer: Option<&RelayProcess>,
+    ) -> anyhow::Result<RelayProcess> {
+        let dir = self.data_dir(name);
+        std::fs::create_dir_all(&dir)?;
+        if let Some(peer) = peer {
+            copy_shared_files(&peer.data_dir, &dir);
+        }
+        start_with_toml(&dir, &self.toml(extra))
+    }
+}
+
+fn start_with_toml(dir: &Path, toml: &str) -> anyhow::Result<RelayProcess> {
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, toml)?;
+    let config = config.to_string_lossy().into_owned();
+    RelayProcess::start(dir, &["--config", &config])
+}
+
+/// The files every node of one relay shares: the TLS certificate and key, the
+/// sender-certificate signing key, the discovery OPRF key.
+fn copy_shared_files(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).expect("peer dir").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("relay-") || name == "discovery-oprf-key" {
+            let dest = to.join(&name);
+            if !dest.exists() {
+                std::fs::copy(entry.path(), &dest).expect("copy");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_send_on_one_node_is_pushed_from_another_at_once() {
+    let nodes = Nodes::new();
+    // A re-check a minute apart: a push within the test's step came by notification.
+    let a = nodes.start("a", "recheck_interval = \"60s\"", None);
+    let b = nodes.start("b", "recheck_interval = \"60s\"", Some(&a));
+    assert_eq!(
+        a.address.fingerprint, b.address.fingerprint,
+        "one certificate"
+    );
+    let alice = register(&a.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
+    let (mut bob, queued) = Device::connect(&b.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(queued, 0);
+    assert_eq!(bob.next().await, Incoming::QueueEmpty);
+
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let sent = Instant::now();
+        within(alice.conn.send(&bob.address, [envelope(i)]))
+            .await
+            .expect("send on a");
+        let d = bob.next_delivery().await;
+        latencies.push(sent.elapsed());
+        assert_eq!(number(&d), i);
+        within(bob.conn.ack(&[d.seq])).await.expect("ack on b");
+    }
+    latencies.sort();
+    println!(
+        "cross-node send→push over 20 messages: p50 {:?}, max {:?}",
+        latencies[10], latencies[19]
+    );
+    assert!(latencies[19] < Duration::from_secs(10), "{latencies:?}");
+}
+
+#[tokio::test]
+async fn without_notifications_the_recheck_still_delivers() {
+    let nodes = Nodes::new();
+    let extra = "notify = false\nrecheck_interval = \"200ms\"";
+    let a = nodes.start("a", extra, None);
+    let b = nodes.start("b", extra, Some(&a));
+    let alice = register(&a.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
+    let (mut bob, _) = Device::connect(&b.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(bob.next().await, Incoming::QueueEmpty);
+    within(alice.conn.send(&bob.address, [envelope(7)]))
+        .await
+        .expect("send on a");
+    assert_eq!(number(&bob.next_delivery().await), 7);
+}
+
+#[tokio::test]
+async fn a_newer_connection_on_another_node_displaces_the_older() {
+    let nodes = Nodes::new();
+    let a = nodes.start("a", "", None);
+    let b = nodes.start("b", "", Some(&a));
+    let bob = register(&a.address).await;
+    let (bob_addr, bob_key, bob_id) = (bob.address, bob.key.clone(), bob.identity.clone());
+    let (on_b, _) = Device::connect(&b.address, bob_addr, bob_key, bob_id).await;
+    let reason = within(bob.conn.closed()).await;
+    assert!(reason.to_string().contains("displaced"), "{reason}");
+    assert!(!on_b.conn.is_closed(), "the newer connection stays");
+}
+
+#[tokio::test]
+async fn acks_on_one_node_delete_what_another_stored_and_a_restart_serves_the_rest() {
+    let nodes = Nodes::new();
+    let mut a = nodes.start("a", "", None);
+    let b = nodes.start("b", "", Some(&a));
+    let alice = register(&a.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
+    within(alice.conn.send(&bob_addr, (0..10).map(envelope)))
+        .await
+        .expect("send on a");
+    alice.conn.close().await;
+
+    let (mut bob, queued) =
+        Device::connect(&b.address, bob_addr, bob_key.clone(), bob_id.clone()).await;
+    assert_eq!(queued, 10);
+    let got = bob.drain().await;
+    assert_eq!(
+        got.iter().map(number).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    let first: Vec<u64> = got[..4].iter().map(|d| d.seq).collect();
+    within(bob.conn.ack(&first)).await.expect("ack on b");
+    bob.conn.close().await;
+
+    // Node a, restarted, serves what is left from the database.
+    a.stop().expect("stop a");
+    let a = nodes.start("a", "", None);
+    let (mut bob, queued) = Device::connect(&a.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(queued, 6, "the acks on b deleted four");
+    let rest: Vec<u32> = bob.drain().await.iter().map(number).collect();
+    assert_eq!(rest, (4..10).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_node_with_other_keys_is_refused_naming_the_file() {
+    let nodes = Nodes::new();
+    let _a = nodes.start("a", "", None);
+    // No files copied: b makes its own certificate and keys.
+    let err = nodes
+        .try_start("b", "", None)
+        .err()
+        .expect("b must not start");
+    let text = format!("{err:#}");
+    assert!(text.contains("relay-cert.pem"), "{text}");
+}
+
+#[tokio::test]
+async fn a_database_down_at_start_is_named() {
+    let nodes = Nodes::new();
+    let missing = nodes.dir.path().join("no-database-here");
+    std::fs::create_dir_all(&missing).expect("dir");
+    let toml = format!(
+        "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"host={} dbname=tern user=tern\"\nconnect_timeout = \"500ms\"\n",
+        missing.display()
+    );
+    let dir = nodes.data_dir("a");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let err = start_with_toml(&dir, &toml)
+        .err()
+        .expect("no database, no start");
+    let text = format!("{err:#}");
+    assert!(text.contains("PostgreSQL"), "{text}");
+    assert!(text.contains("no-database-here"), "{text}");
+}
+
+#[tokio::test]
+async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_itself() {
+    let nodes = Nodes::new();
+    let a = nodes.start(
+        "a",
+        "statement_timeout = \"1s\"\nconnect_timeout = \"500ms\"",
+        None,
+    );
+    let alice = register(&a.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
+    within(alice.conn.send(&bob_addr, [envelope(1)]))
+        .await
+        .expect("send");
+
+    nodes.pg.kill();
+    let err = within(alice.conn.send(&bob_addr, [envelope(2)]))
+        .await
+        .expect_err("no database, no acknowledgement");
+    assert_eq!(err.relay_code(), Some(ErrorCode::Unavailable), "{err}");
+
+    nodes.pg.restart();
+    let deadline = Instant::now() + STEP;
+    let mut next = 3;
+    loop {
+        match within(alice.conn.send(&bob_addr, [envelope(next)])).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.relay_code(), Some(ErrorCode::Unavailable), "{e}");
+                assert!(Instant::now() < deadline, "sends did not recover: {e}");
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    // Only what was acknowledged is delivered: #1 and the send that succeeded.
+    let (mut bob, queued) = Device::connect(&a.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(queued, 2);
+    let got: Vec<u32> = bob.drain().await.iter().map(number).collect();
+    assert_eq!(got, vec![1, next]);
+}
