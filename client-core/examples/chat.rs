@@ -120,7 +120,7 @@ fn book(args: &str) -> std::io::Result<Vec<String>> {
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [relay, dir] = &args[..] else {
-        eprintln!("usage: chat tern://<fingerprint>@host:port <directory>");
+        eprintln!("usage: chat tern://<fingerprint>@host:port[,host:port…] <directory>");
         std::process::exit(2);
     };
     let relay: RelayAddress = relay.parse()?;

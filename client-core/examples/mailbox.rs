@@ -21,7 +21,7 @@ use tern_proto::{MessageId, RelayAddress};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(arg) = std::env::args().nth(1) else {
-        eprintln!("usage: mailbox tern://<fingerprint>@host:port");
+        eprintln!("usage: mailbox tern://<fingerprint>@host:port[,host:port…]");
         std::process::exit(2);
     };
     let relay: RelayAddress = arg.parse()?;

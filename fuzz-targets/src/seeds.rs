@@ -533,13 +533,19 @@ fn ids(add: &mut impl FnMut(&'static str, &str, Vec<u8>)) {
         ("v6", "::1"),
         ("name", "relay.example.org"),
     ] {
-        let address = RelayAddress {
-            fingerprint: Fingerprint([0xab; 32]),
-            host: host.into(),
-            port: 7443,
-        };
+        let address = RelayAddress::new(Fingerprint([0xab; 32]), host, 7443);
         add("ids_and_addresses", name, address.to_string().into_bytes());
     }
+    let mut nodes = RelayAddress::new(Fingerprint([0xab; 32]), "relay1.example.org", 7443);
+    nodes.more_hosts = vec![tern_proto::address::RelayHost {
+        host: "2001:db8::2".into(),
+        port: 7443,
+    }];
+    add(
+        "ids_and_addresses",
+        "several-hosts",
+        nodes.to_string().into_bytes(),
+    );
     let card = ContactCard {
         account: AccountId([1; 16]),
         identity_key: [2; 32],

@@ -429,11 +429,7 @@ impl Relay {
             .clone()
             .unwrap_or_else(|| local_addr.ip().to_string());
         Ok(Relay {
-            address: RelayAddress {
-                fingerprint,
-                host,
-                port: local_addr.port(),
-            },
+            address: RelayAddress::new(fingerprint, host, local_addr.port()),
             local_addr,
             services,
             blobs,

@@ -21,6 +21,7 @@ mod keys;
 mod limits;
 mod media;
 mod media_privacy;
+mod multihost;
 mod security;
 mod storage;
 mod support;

@@ -37,7 +37,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct Common {
-    /// An already running relay (tern://fingerprint@host:port) instead of starting one.
+    /// An already running relay (tern://fingerprint@host:port[,host:port…]) instead of
+    /// starting one.
     #[arg(long)]
     relay: Option<String>,
     /// The relay binary to start (default: tern-relay-bench beside this binary).

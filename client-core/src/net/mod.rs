@@ -30,10 +30,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 
+mod dial;
 mod discovery;
 mod media;
 pub mod tls;
 
+pub use dial::HANDSHAKE_TIMEOUT;
 #[doc(no_inline)]
 pub use media::BlobStatus;
 pub use media::Uploaded;
@@ -106,7 +108,9 @@ fn closed_reason(e: &quinn::ConnectionError) -> String {
 }
 
 impl RelayConnection {
-    /// Connects to `relay`, refusing any certificate but the pinned one.
+    /// Connects to `relay`, refusing any certificate but the pinned one. A relay
+    /// address that lists several hosts is tried host by host in random order, each
+    /// given [`HANDSHAKE_TIMEOUT`]; it fails once every host failed.
     pub async fn connect(relay: &RelayAddress) -> Result<(RelayConnection, Inbox)> {
         Self::connect_from(relay, None).await
     }
@@ -117,34 +121,7 @@ impl RelayConnection {
         relay: &RelayAddress,
         local: Option<SocketAddr>,
     ) -> Result<(RelayConnection, Inbox)> {
-        let target: SocketAddr = tokio::net::lookup_host((relay.host.as_str(), relay.port))
-            .await
-            .map_err(|e| Error::Connect(format!("resolving the relay: {e}")))?
-            .next()
-            .ok_or_else(|| Error::Connect("the relay's host has no address".into()))?;
-        let bind: SocketAddr = match local {
-            Some(local) => local,
-            None if target.is_ipv6() => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-            None => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        };
-        let (config, mismatch) =
-            tls::pinned_client_config(relay.fingerprint).map_err(Error::Connect)?;
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| Error::Connect(e.to_string()))?;
-        endpoint.set_default_client_config(config);
-        let connecting = endpoint
-            .connect(target, &relay.host)
-            .map_err(|e| Error::Connect(e.to_string()))?;
-        let conn = match connecting.await {
-            Ok(c) => c,
-            Err(_) if mismatch.load(Ordering::Acquire) => return Err(Error::FingerprintMismatch),
-            Err(quinn::ConnectionError::ConnectionClosed(c))
-                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-            {
-                return Err(Error::Refused)
-            }
-            Err(e) => return Err(Error::Connect(e.to_string())),
-        };
+        let (endpoint, conn) = dial::dial(relay, local).await?;
         let (send, recv) = conn
             .open_bi()
             .await
