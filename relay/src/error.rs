@@ -129,7 +129,9 @@ impl Error {
                         ErrorCode::RateLimited
                     }
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
-                    B::StorageFull { .. } | B::Store(StoreError::NoSpace) => ErrorCode::Unavailable,
+                    B::StorageFull { .. } | B::Store(StoreError::NoSpace) | B::Unavailable(_) => {
+                        ErrorCode::Unavailable
+                    }
                     B::NotFound => ErrorCode::NotFound,
                     B::AccountGone => ErrorCode::Unauthorized,
                     B::NoUpload
@@ -150,7 +152,8 @@ impl Error {
                 *retry_after_ms
             }
             Error::Store(StoreError::NoSpace)
-            | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace)) => {
+            | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace))
+            | Error::Blob(crate::media::BlobError::Unavailable(_)) => {
                 crate::core::budget::RETRY_AFTER_MS
             }
             Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,

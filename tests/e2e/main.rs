@@ -19,6 +19,7 @@ mod http;
 mod keys;
 mod limits;
 mod media;
+mod media_objects;
 mod media_privacy;
 mod security;
 mod storage;
