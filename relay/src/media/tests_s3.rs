@@ -240,3 +240,49 @@ fn an_object_store_that_is_down_is_unavailable_within_the_deadline() {
         .expect_err("down");
     assert!(matches!(e, BlobError::Unavailable(_)), "{e:?}");
 }
+
+#[test]
+fn an_idle_buffer_is_dropped_and_its_bytes_sent_again() {
+    let s3 = TestS3::start();
+    let bytes_client = S3Bytes::open(&settings(&s3, Duration::from_secs(10)))
+        .expect("client")
+        .with_idle(Duration::ZERO);
+    let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+    let store = BlobStore::with_bytes(
+        Arc::new(bytes_client),
+        Arc::new(MemoryStore::new()),
+        clock,
+        BlobLimits::default(),
+        Arc::default(),
+    )
+    .expect("open");
+    let bytes = pattern(PART + 200_000);
+    let id = id_of(&bytes);
+    let size = bytes.len() as u64;
+    let Begin::Upload { running, .. } = store.begin(&ALICE, &id, size).expect("begin") else {
+        panic!("fresh")
+    };
+    store
+        .append(&ALICE, &id, 0, &bytes[..PART + 70_000])
+        .expect("some");
+    drop(running);
+    // Another upload's step drops the idle buffer.
+    let other = b"other".to_vec();
+    upload(&store, &BOB, &other).expect("other");
+    let Begin::Upload {
+        offset,
+        running: _running,
+    } = store.begin(&ALICE, &id, size).expect("again")
+    else {
+        panic!("resume")
+    };
+    assert_eq!(offset, PART as u64, "only the committed part is kept");
+    store
+        .append(&ALICE, &id, offset, &bytes[offset as usize..])
+        .expect("rest");
+    store
+        .finish(&ALICE, &id)
+        .expect("verified by reading the object");
+    let mut r = store.open_read(&id, 0, 256 * 1024).expect("read");
+    assert!(read_all(&mut r) == bytes);
+}

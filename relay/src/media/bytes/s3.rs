@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
@@ -43,6 +43,10 @@ use crate::store::BlobId;
 
 /// Bytes fetched by one ranged GET of a download.
 const WINDOW: u64 = 8 << 20;
+/// An upload's buffered bytes and running hash are dropped after this long without
+/// use (the client sends those bytes again on its resume), so that uploads abandoned
+/// mid-part do not hold memory until the sweeper deletes them.
+const IDLE_BUFFER: Duration = Duration::from_secs(600);
 
 /// How to reach the object store.
 #[derive(Clone)]
@@ -96,6 +100,8 @@ struct Staging {
     buf: Vec<u8>,
     /// The hash of every byte so far, when this process saw them all.
     hash: Option<Sha256>,
+    /// Last used.
+    touched: Instant,
 }
 
 impl Staging {
@@ -105,6 +111,7 @@ impl Staging {
             manifest,
             buf: Vec::new(),
             hash,
+            touched: Instant::now(),
         }
     }
 
@@ -130,8 +137,9 @@ impl Drop for Bridge {
 
 impl Bridge {
     /// Runs `fut` on the store's runtime and waits for it, at most the deadline. The
-    /// outer error is the deadline; the inner one the store's answer. Works on any
-    /// thread: on a multi-threaded runtime's worker it waits in `block_in_place`.
+    /// outer error is the deadline; the inner one the store's answer. Never panics,
+    /// whatever thread it is called on; on an async worker it blocks that worker (up to
+    /// the deadline), which is why media calls it from `spawn_blocking`.
     fn run<T, F>(&self, fut: F) -> BlobResult<object_store::Result<T>>
     where
         T: Send + 'static,
@@ -146,15 +154,9 @@ impl Bridge {
         rt.spawn(async move {
             let _ = tx.send(tokio::time::timeout(timeout, fut).await);
         });
-        // A little slack over the runtime's own timer.
-        let wait = || rx.recv_timeout(timeout + Duration::from_millis(500));
-        let got = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        };
-        match got {
+        // A little slack over the runtime's own timer. No `block_on` here: it panics
+        // on an async thread, and this wait cannot.
+        match rx.recv_timeout(timeout + Duration::from_millis(500)) {
             Ok(Ok(answer)) => Ok(answer),
             Ok(Err(_)) | Err(_) => Err(BlobError::Unavailable("deadline passed")),
         }
@@ -201,6 +203,8 @@ pub(crate) struct S3Bytes {
     store: Arc<AmazonS3>,
     bridge: Arc<Bridge>,
     part_bytes: usize,
+    /// See [`IDLE_BUFFER`].
+    idle: Duration,
     /// The uploads this process has bytes or a running hash of, by staging key.
     staging: Mutex<HashMap<String, Staging>>,
 }
@@ -246,8 +250,16 @@ impl S3Bytes {
                 timeout: settings.timeout,
             }),
             part_bytes: settings.part_bytes,
+            idle: IDLE_BUFFER,
             staging: Mutex::default(),
         })
+    }
+
+    /// Drops buffers unused for `idle` instead of [`IDLE_BUFFER`] (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     fn blob_path(id: &BlobId) -> Path {
@@ -306,8 +318,12 @@ impl S3Bytes {
         Ok(Staging::from_manifest(self.load_manifest(key)?))
     }
 
-    fn put_back(&self, key: String, staging: Staging) {
-        lock(&self.staging).insert(key, staging);
+    fn put_back(&self, key: String, mut staging: Staging) {
+        let now = Instant::now();
+        staging.touched = now;
+        let mut all = lock(&self.staging);
+        all.retain(|_, s| now.duration_since(s.touched) < self.idle);
+        all.insert(key, staging);
     }
 
     /// Sends `data` as the upload's next part and records it in the manifest.
