@@ -79,6 +79,16 @@
 //! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
 //! abandon_after = "1day"        # uploads with no progress
 //!
+//! [objects]                     # omit: blob bytes in files under data_dir/blobs
+//! url = "s3://tern-blobs"       # an S3-compatible bucket holds blob bytes instead
+//! endpoint = "https://s3.example.org"  # omit for AWS (by region)
+//! region = "us-east-1"
+//! access_key_env = "TERN_S3_ACCESS_KEY"  # names of environment variables holding
+//! secret_key_env = "TERN_S3_SECRET_KEY"  # the keys (never the keys themselves)
+//! allow_http = false            # http:// endpoints only with this
+//! part_mb = 8                   # upload part size, at least 5; one buffered per upload
+//! timeout = "30s"               # deadline of each call; past it: UNAVAILABLE
+//!
 //! [discovery]                   # contact discovery; see ARCHITECTURE.md "Discovery"
 //! enabled = true
 //! per_account = { burst = 50000, refill = "6/1h" }   # evaluated numbers per account
@@ -131,6 +141,7 @@ use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 mod budget;
 mod connections;
 mod discovery;
+mod objects;
 mod postgres;
 mod rate;
 mod verification;
@@ -138,6 +149,7 @@ mod verification;
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
+pub use self::objects::ObjectsConfig;
 pub use self::postgres::PostgresConfig;
 pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};
 pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
@@ -166,6 +178,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Encrypted media (attachments).
     pub media: MediaConfig,
+    /// Where blob bytes live: files (the default) or an S3-compatible object store.
+    pub objects: ObjectsConfig,
     /// Admission of connections and what they may do before authentication.
     pub connections: ConnectionsConfig,
     /// Relay-wide budgets and the free-disk reserve.
@@ -321,6 +335,7 @@ impl Default for Config {
             expiry: ExpiryConfig::default(),
             storage: StorageConfig::default(),
             media: MediaConfig::default(),
+            objects: ObjectsConfig::default(),
             connections: ConnectionsConfig::default(),
             budget: BudgetConfig::default(),
             discovery: DiscoveryConfig::default(),
@@ -432,6 +447,7 @@ impl Config {
         self.verification.validate()?;
         self.postgres
             .validate(self.storage.backend == StorageBackend::Postgres)?;
+        self.objects.validate()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }

@@ -132,6 +132,7 @@ impl Error {
                     }
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
                     B::StorageFull { .. }
+                    | B::Unavailable(_)
                     | B::Store(StoreError::NoSpace | StoreError::Unavailable(_)) => {
                         ErrorCode::Unavailable
                     }
@@ -155,7 +156,8 @@ impl Error {
                 *retry_after_ms
             }
             Error::Store(StoreError::NoSpace)
-            | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace)) => {
+            | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace))
+            | Error::Blob(crate::media::BlobError::Unavailable(_)) => {
                 crate::core::budget::RETRY_AFTER_MS
             }
             Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,

@@ -24,7 +24,7 @@ use crate::discovery::{self, Discovery, Oprf};
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
-use crate::media::{BlobLimits, BlobStore};
+use crate::media::{BlobLimits, BlobStore, S3Bytes};
 use crate::net::{self, tls, Admission, ConnSettings};
 use crate::store::pg::PgBackend;
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
@@ -298,16 +298,23 @@ impl Relay {
         // from its first request.
         let data_dirs = ["db", "mailboxes", "blobs"].map(|d| config.data_dir.join(d));
         record_disk(&budget, &data_dirs);
-        let blobs = Arc::new(
-            BlobStore::open(
+        let limits = blob_limits(&config.media);
+        let blobs = Arc::new(match config.objects.settings()? {
+            None => BlobStore::open(
                 &config.data_dir,
                 stores.blobs.clone(),
                 clock.clone(),
-                blob_limits(&config.media),
+                limits,
                 budget.clone(),
-            )
-            .map_err(Error::from)?,
-        );
+            )?,
+            Some(s3) => BlobStore::with_bytes(
+                Arc::new(S3Bytes::open(&s3)?),
+                stores.blobs.clone(),
+                clock.clone(),
+                limits,
+                budget.clone(),
+            )?,
+        });
         let discovery = Discovery::new(
             Oprf::open(
                 &config.data_dir,

@@ -72,6 +72,10 @@ pub enum BlobError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The object store holding blob bytes could not be reached or did not answer
+    /// within its deadline; the step did not happen. Retry later.
+    #[error("object storage unavailable: {0}")]
+    Unavailable(&'static str),
     /// A file operation failed.
     #[error("blob file: {0}")]
     Io(std::io::Error),

@@ -11,8 +11,10 @@
 //! # Layout
 //! - this module: the rules ([`BlobStore`]): limits, expiry, status, forwards (touch),
 //!   uploads (begin, append, finish), the sweep.
-//! - `files`: the file handling: content-addressed paths, upload files verified,
-//!   fsynced and renamed into place, and the reader that streams a blob out.
+//! - `bytes`: where the bytes live, behind the `BlobBytes` trait: `bytes::files`
+//!   (the default: content-addressed paths, upload files verified, fsynced and
+//!   renamed into place, and the reader that streams a blob out) and `bytes::s3`
+//!   (an S3-compatible object store, `[objects]` in the configuration).
 //! - `error`: [`BlobError`], why an operation was refused.
 //! - The wire side is `net::media`.
 //!
@@ -70,14 +72,17 @@ use crate::core::budget::Budget;
 use crate::core::rate::ByteRate;
 use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta, DAY_MS};
 
+mod bytes;
 mod error;
-mod files;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_s3;
 
+pub(crate) use bytes::BlobReader;
+use bytes::{BlobBytes, BlobFiles};
+pub(crate) use bytes::{S3Bytes, S3Settings};
 pub use error::{BlobError, BlobResult};
-use files::BlobFiles;
-pub(crate) use files::BlobReader;
 
 /// Limits on media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,7 +172,7 @@ pub(crate) fn reported_expiry(expires_at: UnixMillis) -> UnixMillis {
 
 /// The relay's blobs. See the module docs.
 pub struct BlobStore {
-    files: BlobFiles,
+    files: Arc<dyn BlobBytes>,
     index: Arc<dyn BlobIndex>,
     clock: Arc<dyn Clock>,
     limits: BlobLimits,
@@ -197,8 +202,8 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl BlobStore {
-    /// Blobs under `data_dir`, metadata in `index`; their bytes count against
-    /// `budget` (the files found are counted now).
+    /// Blobs in files under `data_dir`, metadata in `index`; their bytes count
+    /// against `budget` (the files found are counted now).
     pub(crate) fn open(
         data_dir: &Path,
         index: Arc<dyn BlobIndex>,
@@ -206,8 +211,20 @@ impl BlobStore {
         limits: BlobLimits,
         budget: Arc<Budget>,
     ) -> BlobResult<Self> {
+        let files = Arc::new(BlobFiles::open(data_dir)?);
+        Self::with_bytes(files, index, clock, limits, budget)
+    }
+
+    /// Blobs whose bytes live in `files`, metadata in `index`; their bytes count
+    /// against `budget` (the bytes found are counted now).
+    pub(crate) fn with_bytes(
+        files: Arc<dyn BlobBytes>,
+        index: Arc<dyn BlobIndex>,
+        clock: Arc<dyn Clock>,
+        limits: BlobLimits,
+        budget: Arc<Budget>,
+    ) -> BlobResult<Self> {
         let rate = ByteRate::new(limits.max_upload_bytes_per_sec, 1_000_000, clock.clone());
-        let files = BlobFiles::open(data_dir)?;
         budget.add_blob_bytes(files.stored_bytes()?);
         Ok(BlobStore {
             files,
@@ -258,10 +275,10 @@ impl BlobStore {
     /// blob can be uploaded again.)
     pub(crate) fn status(&self, id: &BlobId) -> BlobResult<Option<BlobMeta>> {
         let now = self.clock.now();
-        Ok(self
-            .index
-            .blob(id)?
-            .filter(|m| m.expires_at > now && self.files.has_blob(id)))
+        match self.index.blob(id)?.filter(|m| m.expires_at > now) {
+            Some(m) if self.files.has_blob(id)? => Ok(Some(m)),
+            _ => Ok(None),
+        }
     }
 
     /// A forward: the blob lives another `ttl` from now. [`BlobError::NotFound`] if the
@@ -339,9 +356,9 @@ impl BlobStore {
         let earlier = self.index.upload(account, id)?;
         let offset = match earlier {
             // A different announced size starts over.
-            Some(meta) if meta.size == size => self.files.upload_len(account, id),
+            Some(meta) if meta.size == size => self.files.upload_len(account, id)?,
             _ => {
-                self.files.discard_upload(account, id);
+                self.files.discard_upload(account, id)?;
                 0
             }
         };
@@ -373,7 +390,7 @@ impl BlobStore {
         let _live = self.live(account)?;
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
         let file = self.files.open_upload(account, id)?;
-        let len = file.len;
+        let len = file.len();
         if offset != len {
             return Err(BlobError::WrongOffset {
                 expected: len,
@@ -389,7 +406,7 @@ impl BlobStore {
             .map_err(|e| BlobError::RateLimited {
                 retry_after: Duration::from_millis(e.retry_after_ms()),
             })?;
-        if self.files.append(account, id, file, bytes)? {
+        if file.append(bytes)? {
             self.direct.fetch_add(n, Ordering::Relaxed);
         }
         self.received.fetch_add(n, Ordering::Relaxed);
@@ -417,21 +434,12 @@ impl BlobStore {
         // account in its stripe. It is taken again for the rename and the records.
         drop(self.live(account)?);
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
-        let mut upload = self.files.complete_upload(account, id)?;
-        if upload.len != meta.size {
-            return Err(BlobError::Incomplete {
-                received: upload.len,
-                size: meta.size,
-            });
-        }
-        let digest = self.files.digest(account, id, &mut upload)?;
+        let digest = self.files.complete_upload(account, id, meta.size)?;
         if digest != *id {
-            drop(upload);
             self.index.remove_upload(account, id)?;
             self.files.remove_upload(account, id)?;
             return Err(BlobError::DigestMismatch);
         }
-        BlobFiles::sync(upload)?;
         let _live = match self.live(account) {
             Ok(live) => live,
             Err(e) => {
@@ -481,9 +489,7 @@ impl BlobStore {
                 got: offset,
             });
         }
-        self.files
-            .open_read(id, offset, meta.size, chunk)
-            .map_err(|_| BlobError::NotFound)
+        self.files.open_read(id, offset, meta.size, chunk)
     }
 
     /// Deletes what ties `account` to media (account deletion): its upload-rate

@@ -13,7 +13,7 @@ use tern_proto::{auth, DeviceAddress, DeviceId};
 use super::*;
 use crate::store::{MemoryStore, SledStore};
 
-fn id_of(bytes: &[u8]) -> BlobId {
+pub(super) fn id_of(bytes: &[u8]) -> BlobId {
     Sha256::digest(bytes).into()
 }
 
@@ -31,11 +31,11 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// `n` bytes that differ from block to block, so a misplaced block shows.
-fn pattern(n: usize) -> Vec<u8> {
+pub(super) fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
-fn read_all(reader: &mut BlobReader) -> Vec<u8> {
+pub(super) fn read_all(reader: &mut BlobReader) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(chunk) = reader.next_chunk().expect("read") {
         out.extend_from_slice(&chunk);
@@ -71,7 +71,11 @@ fn fixture_with_budget(
     }
 }
 
-fn upload(s: &BlobStore, device: &AuthenticatedDevice, bytes: &[u8]) -> BlobResult<BlobMeta> {
+pub(super) fn upload(
+    s: &BlobStore,
+    device: &AuthenticatedDevice,
+    bytes: &[u8],
+) -> BlobResult<BlobMeta> {
     let id = id_of(bytes);
     match s.begin(device, &id, bytes.len() as u64)? {
         Begin::Exists(meta) => Ok(meta),
@@ -97,8 +101,8 @@ fn device(n: u8) -> AuthenticatedDevice {
         .expect("a valid proof")
 }
 
-static ALICE: LazyLock<AuthenticatedDevice> = LazyLock::new(|| device(1));
-static BOB: LazyLock<AuthenticatedDevice> = LazyLock::new(|| device(2));
+pub(super) static ALICE: LazyLock<AuthenticatedDevice> = LazyLock::new(|| device(1));
+pub(super) static BOB: LazyLock<AuthenticatedDevice> = LazyLock::new(|| device(2));
 
 #[test]
 fn an_upload_becomes_a_blob_once_and_a_repeat_sends_nothing() {
@@ -497,7 +501,7 @@ fn a_reader_returns_every_byte_from_any_offset_and_reuses_its_buffers() {
     );
     assert_eq!(reader.pooled(), 1);
     // A file shorter than its record ends the read early, without an error.
-    let path = f.store.files.blob_path(&id);
+    let path = BlobFiles::open(f.dir.path()).expect("files").blob_path(&id);
     OpenOptions::new()
         .write(true)
         .open(&path)

@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use tern_platform::direct_io::{self, AlignedBuf, DIRECT_ALIGN};
 use tern_proto::AccountId;
 
-use super::lock;
+use super::{BlobBytes, BlobReader, OpenUpload};
+use crate::media::{lock, BlobError, BlobResult};
 use crate::store::BlobId;
 
 /// An upload's key: the account uploading, and the id its bytes claim.
@@ -37,6 +38,30 @@ pub(crate) struct UploadFile {
     file: File,
     /// Bytes in it now.
     pub(crate) len: u64,
+}
+
+/// An [`UploadFile`] with the files it belongs to, for [`BlobBytes`].
+struct OpenFile<'a> {
+    files: &'a BlobFiles,
+    account: AccountId,
+    id: BlobId,
+    upload: UploadFile,
+}
+
+impl OpenUpload for OpenFile<'_> {
+    fn len(&self) -> u64 {
+        self.upload.len
+    }
+
+    fn append(self: Box<Self>, bytes: &[u8]) -> BlobResult<bool> {
+        let OpenFile {
+            files,
+            account,
+            id,
+            upload,
+        } = *self;
+        Ok(files.append(&account, &id, upload, bytes)?)
+    }
 }
 
 /// An upload's file whose bytes all arrived, open for verifying.
@@ -249,19 +274,91 @@ impl BlobFiles {
         offset: u64,
         size: u64,
         chunk: usize,
-    ) -> std::io::Result<BlobReader> {
+    ) -> std::io::Result<FileReader> {
         let file = File::open(self.blob_path(id))?;
-        Ok(BlobReader::new(file, offset, size, chunk))
+        Ok(FileReader::new(file, offset, size, chunk))
     }
 }
 
-/// Buffers a [`BlobReader`] keeps for reuse, at most (4 MiB at 256 KiB chunks).
+impl BlobBytes for BlobFiles {
+    fn stored_bytes(&self) -> BlobResult<u64> {
+        Ok(BlobFiles::stored_bytes(self)?)
+    }
+
+    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
+        Ok(BlobFiles::has_blob(self, id))
+    }
+
+    fn upload_len(&self, account: &AccountId, id: &BlobId) -> BlobResult<u64> {
+        Ok(BlobFiles::upload_len(self, account, id))
+    }
+
+    fn discard_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        BlobFiles::discard_upload(self, account, id);
+        Ok(())
+    }
+
+    fn open_upload<'a>(
+        &'a self,
+        account: &AccountId,
+        id: &BlobId,
+    ) -> BlobResult<Box<dyn OpenUpload + 'a>> {
+        let upload = BlobFiles::open_upload(self, account, id)?;
+        Ok(Box::new(OpenFile {
+            files: self,
+            account: *account,
+            id: *id,
+            upload,
+        }))
+    }
+
+    fn complete_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<[u8; 32]> {
+        let mut upload = BlobFiles::complete_upload(self, account, id)?;
+        if upload.len != size {
+            return Err(BlobError::Incomplete {
+                received: upload.len,
+                size,
+            });
+        }
+        let digest = self.digest(account, id, &mut upload)?;
+        if digest == *id {
+            BlobFiles::sync(upload)?;
+        }
+        Ok(digest)
+    }
+
+    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        Ok(BlobFiles::keep_upload(self, account, id)?)
+    }
+
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        Ok(BlobFiles::remove_upload(self, account, id)?)
+    }
+
+    fn remove_blob(&self, id: &BlobId) -> BlobResult<()> {
+        Ok(BlobFiles::remove_blob(self, id)?)
+    }
+
+    fn open_read(
+        &self,
+        id: &BlobId,
+        offset: u64,
+        size: u64,
+        chunk: usize,
+    ) -> BlobResult<BlobReader> {
+        BlobFiles::open_read(self, id, offset, size, chunk)
+            .map(BlobReader::File)
+            .map_err(|_| BlobError::NotFound)
+    }
+}
+
+/// Buffers a [`FileReader`] keeps for reuse, at most (4 MiB at 256 KiB chunks).
 const POOLED: usize = 16;
 
 /// Reads a blob out for sending, in chunks handed over without a copy: with direct
 /// I/O where the file system allows (see the parent module's docs), into buffers that
 /// come back to the reader once the transport has sent and dropped them.
-pub(crate) struct BlobReader {
+pub(crate) struct FileReader {
     file: File,
     direct: bool,
     pos: u64,
@@ -298,10 +395,10 @@ impl Drop for Pooled {
     }
 }
 
-impl BlobReader {
+impl FileReader {
     fn new(file: File, offset: u64, size: u64, chunk: usize) -> Self {
         let direct = direct_io::set_direct(&file, true);
-        BlobReader {
+        FileReader {
             file,
             direct,
             pos: offset,

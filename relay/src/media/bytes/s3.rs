@@ -1,0 +1,667 @@
+//! Blob bytes in an S3-compatible object store, through `object_store`.
+//!
+//! Layout in the bucket:
+//! - `blobs/<hex id>`: one object per blob, named by its content.
+//! - `uploads/<hex key>`: an upload's staging object, a multipart upload while bytes
+//!   arrive; the key is a hash of account and blob id, so it names neither.
+//! - `uploads/<hex key>.parts`: the upload's manifest (multipart id, part ETags, bytes
+//!   committed), rewritten after each part, so that another node or process resumes it.
+//!
+//! Bytes are buffered per upload up to `part_bytes` and then sent as one part (all
+//! parts but the last have that size). Bytes still buffered when a process dies are
+//! lost; `upload_len` reports the committed bytes and the client sends the rest again.
+//! Completion completes the multipart upload (a single put when it never reached a
+//! part), verifies the SHA-256 (the running hash when this process saw every byte,
+//! else by streaming the staging object), copies it to `blobs/<hex id>` on the server
+//! and deletes the staging object and manifest. Downloads are ranged GETs streamed in
+//! chunks.
+//!
+//! Calls block on a small runtime of this store's own, each bounded by a deadline: an
+//! unreachable store is [`BlobError::Unavailable`] once it passes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tern_proto::AccountId;
+
+use super::{BlobBytes, BlobReader, OpenUpload};
+use crate::media::{lock, BlobError, BlobResult};
+use crate::store::BlobId;
+
+/// Bytes fetched by one ranged GET of a download.
+const WINDOW: u64 = 8 << 20;
+/// An upload's buffered bytes and running hash are dropped after this long without
+/// use (the client sends those bytes again on its resume), so that uploads abandoned
+/// mid-part do not hold memory until the sweeper deletes them.
+const IDLE_BUFFER: Duration = Duration::from_secs(600);
+
+/// How to reach the object store.
+#[derive(Clone)]
+pub(crate) struct S3Settings {
+    /// The bucket.
+    pub(crate) bucket: String,
+    /// The endpoint URL (`None`: AWS for the region).
+    pub(crate) endpoint: Option<String>,
+    /// The region (any name for most S3-compatible servers).
+    pub(crate) region: String,
+    /// Access key id.
+    pub(crate) access_key: String,
+    /// Secret access key.
+    pub(crate) secret_key: String,
+    /// Whether plain `http://` endpoints are allowed.
+    pub(crate) allow_http: bool,
+    /// Upload bytes buffered before they go as one part.
+    pub(crate) part_bytes: usize,
+    /// The deadline of each call.
+    pub(crate) timeout: Duration,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.debug_struct("S3Settings")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An upload's progress as kept beside its staging object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Manifest {
+    /// The multipart upload, once its first part went.
+    multipart: Option<String>,
+    /// The ETags of the parts sent, in order.
+    parts: Vec<String>,
+    /// Bytes in those parts (or in the staging object, once `done`).
+    committed: u64,
+    /// The staging object is whole (the multipart upload was completed).
+    done: bool,
+}
+
+/// An upload as this process knows it.
+struct Staging {
+    manifest: Manifest,
+    /// Bytes after `committed`, not sent yet.
+    buf: Vec<u8>,
+    /// The hash of every byte so far, when this process saw them all.
+    hash: Option<Sha256>,
+    /// Last used.
+    touched: Instant,
+}
+
+impl Staging {
+    fn from_manifest(manifest: Manifest) -> Self {
+        let hash = (manifest.committed == 0).then(Sha256::new);
+        Staging {
+            manifest,
+            buf: Vec::new(),
+            hash,
+            touched: Instant::now(),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.manifest.committed + self.buf.len() as u64
+    }
+}
+
+/// The runtime calls block on; shut down without waiting when the last user goes, so
+/// that dropping the store on an async thread does not panic.
+struct Bridge {
+    runtime: Option<tokio::runtime::Runtime>,
+    timeout: Duration,
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Bridge {
+    /// Runs `fut` on the store's runtime and waits for it, at most the deadline. The
+    /// outer error is the deadline; the inner one the store's answer. Never panics,
+    /// whatever thread it is called on; on an async worker it blocks that worker (up to
+    /// the deadline), which is why media calls it from `spawn_blocking`.
+    fn run<T, F>(&self, fut: F) -> BlobResult<object_store::Result<T>>
+    where
+        T: Send + 'static,
+        F: Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        let rt = self
+            .runtime
+            .as_ref()
+            .ok_or(BlobError::Unavailable("object storage client stopped"))?;
+        let timeout = self.timeout;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        rt.spawn(async move {
+            let _ = tx.send(tokio::time::timeout(timeout, fut).await);
+        });
+        // A little slack over the runtime's own timer. No `block_on` here: it panics
+        // on an async thread, and this wait cannot.
+        match rx.recv_timeout(timeout + Duration::from_millis(500)) {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) | Err(_) => Err(BlobError::Unavailable("deadline passed")),
+        }
+    }
+
+    /// [`Bridge::run`], every failure a [`BlobError`].
+    fn call<T, F>(&self, fut: F) -> BlobResult<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = object_store::Result<T>> + Send + 'static,
+    {
+        self.run(fut)?.map_err(failed)
+    }
+}
+
+/// What a failed store call means for media.
+fn failed(e: object_store::Error) -> BlobError {
+    use object_store::Error as E;
+    tracing::debug!(error = %e, "object store call failed");
+    match e {
+        E::NotFound { .. } => BlobError::NotFound,
+        // Wrong keys or bucket: the operator's to fix, not the client's to retry.
+        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
+            BlobError::Io(std::io::Error::other(e))
+        }
+        _ => BlobError::Unavailable("request failed"),
+    }
+}
+
+/// Ignores "not found" (for deletions).
+fn gone_is_fine(r: object_store::Result<()>) -> object_store::Result<()> {
+    match r {
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        r => r,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Blob bytes in an S3-compatible bucket. See the module docs.
+pub(crate) struct S3Bytes {
+    store: Arc<AmazonS3>,
+    bridge: Arc<Bridge>,
+    part_bytes: usize,
+    /// See [`IDLE_BUFFER`].
+    idle: Duration,
+    /// The uploads this process has bytes or a running hash of, by staging key.
+    staging: Mutex<HashMap<String, Staging>>,
+}
+
+impl S3Bytes {
+    /// A client of the bucket in `settings`, with a runtime of its own. Makes no
+    /// request.
+    pub(crate) fn open(settings: &S3Settings) -> BlobResult<Self> {
+        let options = ClientOptions::new()
+            .with_timeout(settings.timeout)
+            .with_connect_timeout(settings.timeout.min(Duration::from_secs(2)))
+            .with_allow_http(settings.allow_http);
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 3,
+            retry_timeout: settings.timeout,
+        };
+        let mut builder = AmazonS3Builder::new()
+            .with_bucket_name(&settings.bucket)
+            .with_region(&settings.region)
+            .with_access_key_id(&settings.access_key)
+            .with_secret_access_key(&settings.secret_key)
+            .with_allow_http(settings.allow_http)
+            .with_virtual_hosted_style_request(false)
+            .with_client_options(options)
+            .with_retry(retry);
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let store = builder
+            .build()
+            .map_err(|e| BlobError::Io(std::io::Error::other(e)))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tern-s3")
+            .enable_all()
+            .build()
+            .map_err(BlobError::Io)?;
+        Ok(S3Bytes {
+            store: Arc::new(store),
+            bridge: Arc::new(Bridge {
+                runtime: Some(runtime),
+                timeout: settings.timeout,
+            }),
+            part_bytes: settings.part_bytes,
+            idle: IDLE_BUFFER,
+            staging: Mutex::default(),
+        })
+    }
+
+    /// Drops buffers unused for `idle` instead of [`IDLE_BUFFER`] (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_idle(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    fn blob_path(id: &BlobId) -> Path {
+        Path::from(format!("blobs/{}", hex(id)))
+    }
+
+    /// The staging key: names neither the account nor the blob.
+    fn upload_key(account: &AccountId, id: &BlobId) -> String {
+        let name = Sha256::new()
+            .chain_update(b"tern upload")
+            .chain_update(account.as_bytes())
+            .chain_update(id)
+            .finalize();
+        hex(&name)
+    }
+
+    fn staging_path(key: &str) -> Path {
+        Path::from(format!("uploads/{key}"))
+    }
+
+    fn manifest_path(key: &str) -> Path {
+        Path::from(format!("uploads/{key}.parts"))
+    }
+
+    /// The upload's manifest as stored (a fresh one if none).
+    fn load_manifest(&self, key: &str) -> BlobResult<Manifest> {
+        let (store, path) = (self.store.clone(), Self::manifest_path(key));
+        let got = self.bridge.run(async move {
+            let r = store.get(&path).await?;
+            r.bytes().await
+        })?;
+        match got {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                BlobError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+            }),
+            Err(object_store::Error::NotFound { .. }) => Ok(Manifest::default()),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    fn save_manifest(&self, key: &str, manifest: &Manifest) -> BlobResult<()> {
+        let body =
+            serde_json::to_vec(manifest).map_err(|e| BlobError::Io(std::io::Error::other(e)))?;
+        let (store, path) = (self.store.clone(), Self::manifest_path(key));
+        self.bridge.call(async move {
+            store.put(&path, PutPayload::from(body)).await?;
+            Ok(())
+        })
+    }
+
+    /// The upload as this process has it, else as its manifest says.
+    fn take(&self, key: &str) -> BlobResult<Staging> {
+        if let Some(s) = lock(&self.staging).remove(key) {
+            return Ok(s);
+        }
+        Ok(Staging::from_manifest(self.load_manifest(key)?))
+    }
+
+    fn put_back(&self, key: String, mut staging: Staging) {
+        let now = Instant::now();
+        staging.touched = now;
+        let mut all = lock(&self.staging);
+        all.retain(|_, s| now.duration_since(s.touched) < self.idle);
+        all.insert(key, staging);
+    }
+
+    /// Sends `data` as the upload's next part and records it in the manifest.
+    fn send_part(&self, key: &str, manifest: &mut Manifest, data: Bytes) -> BlobResult<()> {
+        let path = Self::staging_path(key);
+        let multipart = match &manifest.multipart {
+            Some(m) => m.clone(),
+            None => {
+                let (store, path) = (self.store.clone(), path.clone());
+                let m = self
+                    .bridge
+                    .call(async move { store.create_multipart(&path).await })?;
+                manifest.multipart = Some(m.clone());
+                m
+            }
+        };
+        let (store, idx, n) = (self.store.clone(), manifest.parts.len(), data.len());
+        let part = self.bridge.call(async move {
+            store
+                .put_part(&path, &multipart, idx, PutPayload::from(data))
+                .await
+        })?;
+        manifest.parts.push(part.content_id);
+        manifest.committed += n as u64;
+        self.save_manifest(key, manifest)
+    }
+
+    /// Makes the staging object whole from the parts and the buffer.
+    fn finish_staging(&self, key: &str, staging: &mut Staging) -> BlobResult<()> {
+        let path = Self::staging_path(key);
+        let rest = Bytes::from(std::mem::take(&mut staging.buf));
+        let m = &mut staging.manifest;
+        let total = m.committed + rest.len() as u64;
+        match m.multipart.clone() {
+            None => {
+                let store = self.store.clone();
+                self.bridge.call(async move {
+                    store.put(&path, PutPayload::from(rest)).await?;
+                    Ok(())
+                })?;
+            }
+            Some(multipart) => {
+                if !rest.is_empty() {
+                    if let Err(e) = self.send_part(key, m, rest.clone()) {
+                        staging.buf = rest.to_vec();
+                        return Err(e);
+                    }
+                }
+                let parts: Vec<PartId> = m
+                    .parts
+                    .iter()
+                    .map(|p| PartId {
+                        content_id: p.clone(),
+                    })
+                    .collect();
+                let store = self.store.clone();
+                self.bridge.call(async move {
+                    store.complete_multipart(&path, &multipart, parts).await?;
+                    Ok(())
+                })?;
+            }
+        }
+        let m = &mut staging.manifest;
+        m.committed = total;
+        m.done = true;
+        self.save_manifest(key, m)
+    }
+
+    /// The SHA-256 of the whole staging object, streamed.
+    fn hash_staging(&self, key: &str) -> BlobResult<[u8; 32]> {
+        let (store, path) = (self.store.clone(), Self::staging_path(key));
+        self.bridge.call(async move {
+            let mut stream = store.get(&path).await?.into_stream();
+            let mut hash = Sha256::new();
+            while let Some(bytes) = stream.try_next().await? {
+                hash.update(&bytes);
+            }
+            Ok(hash.finalize().into())
+        })
+    }
+
+    fn delete(&self, path: Path) -> BlobResult<()> {
+        let store = self.store.clone();
+        self.bridge
+            .call(async move { gone_is_fine(store.delete(&path).await) })
+    }
+}
+
+/// An upload open for one append; its state goes back to the store when dropped.
+struct S3Upload<'a> {
+    bytes: &'a S3Bytes,
+    key: String,
+    staging: Option<Staging>,
+}
+
+impl Drop for S3Upload<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.staging.take() {
+            self.bytes.put_back(std::mem::take(&mut self.key), s);
+        }
+    }
+}
+
+impl OpenUpload for S3Upload<'_> {
+    fn len(&self) -> u64 {
+        self.staging.as_ref().map_or(0, Staging::len)
+    }
+
+    fn append(mut self: Box<Self>, bytes: &[u8]) -> BlobResult<bool> {
+        let part = self.bytes.part_bytes;
+        let Some(s) = self.staging.as_mut() else {
+            return Err(BlobError::NoUpload);
+        };
+        s.buf.extend_from_slice(bytes);
+        if let Some(h) = &mut s.hash {
+            h.update(bytes);
+        }
+        while s.buf.len() >= part {
+            // Copied out, so a failed send keeps the buffer whole.
+            let data = Bytes::copy_from_slice(&s.buf[..part]);
+            self.bytes.send_part(&self.key, &mut s.manifest, data)?;
+            s.buf.drain(..part);
+        }
+        Ok(false)
+    }
+}
+
+impl BlobBytes for S3Bytes {
+    fn stored_bytes(&self) -> BlobResult<u64> {
+        let store = self.store.clone();
+        self.bridge.call(async move {
+            let prefix = Path::from("blobs");
+            let mut list = store.list(Some(&prefix));
+            let mut total = 0;
+            while let Some(meta) = list.try_next().await? {
+                total += meta.size;
+            }
+            Ok(total)
+        })
+    }
+
+    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
+        let (store, path) = (self.store.clone(), Self::blob_path(id));
+        match self.bridge.run(async move { store.head(&path).await })? {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(failed(e)),
+        }
+    }
+
+    fn upload_len(&self, account: &AccountId, id: &BlobId) -> BlobResult<u64> {
+        let key = Self::upload_key(account, id);
+        let stored = self.load_manifest(&key)?;
+        // Ours unless another node or process moved the upload on since.
+        let staging = match lock(&self.staging).remove(&key) {
+            Some(ours) if ours.manifest == stored => ours,
+            _ => Staging::from_manifest(stored),
+        };
+        let len = staging.len();
+        self.put_back(key, staging);
+        Ok(len)
+    }
+
+    fn discard_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        self.remove_upload(account, id)
+    }
+
+    fn open_upload<'a>(
+        &'a self,
+        account: &AccountId,
+        id: &BlobId,
+    ) -> BlobResult<Box<dyn OpenUpload + 'a>> {
+        let key = Self::upload_key(account, id);
+        let staging = self.take(&key)?;
+        Ok(Box::new(S3Upload {
+            bytes: self,
+            key,
+            staging: Some(staging),
+        }))
+    }
+
+    fn complete_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<[u8; 32]> {
+        let key = Self::upload_key(account, id);
+        let mut upload = S3Upload {
+            bytes: self,
+            staging: Some(self.take(&key)?),
+            key,
+        };
+        let Some(s) = upload.staging.as_mut() else {
+            return Err(BlobError::NoUpload);
+        };
+        if s.len() != size {
+            return Err(BlobError::Incomplete {
+                received: s.len(),
+                size,
+            });
+        }
+        // Seen whole here: a wrong upload is refused before anything moves.
+        let running: Option<[u8; 32]> = s.hash.clone().map(|h| h.finalize().into());
+        if let Some(digest) = running {
+            if digest != *id {
+                return Ok(digest);
+            }
+        }
+        if !s.manifest.done {
+            self.finish_staging(&upload.key, s)?;
+        }
+        match running {
+            Some(digest) => Ok(digest),
+            None => self.hash_staging(&upload.key),
+        }
+    }
+
+    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        let key = Self::upload_key(account, id);
+        let (store, from, to) = (
+            self.store.clone(),
+            Self::staging_path(&key),
+            Self::blob_path(id),
+        );
+        self.bridge
+            .call(async move { store.copy(&from, &to).await })?;
+        lock(&self.staging).remove(&key);
+        self.delete(Self::staging_path(&key))?;
+        self.delete(Self::manifest_path(&key))
+    }
+
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        let key = Self::upload_key(account, id);
+        let ours = lock(&self.staging).remove(&key).map(|s| s.manifest);
+        let stored = self.load_manifest(&key)?;
+        let mut aborted = None;
+        for m in ours.into_iter().chain([stored]) {
+            if let (Some(multipart), false) = (m.multipart, m.done) {
+                if aborted.as_ref() == Some(&multipart) {
+                    continue;
+                }
+                aborted = Some(multipart.clone());
+                let (store, path) = (self.store.clone(), Self::staging_path(&key));
+                self.bridge.call(async move {
+                    gone_is_fine(store.abort_multipart(&path, &multipart).await)
+                })?;
+            }
+        }
+        self.delete(Self::staging_path(&key))?;
+        self.delete(Self::manifest_path(&key))
+    }
+
+    fn remove_blob(&self, id: &BlobId) -> BlobResult<()> {
+        self.delete(Self::blob_path(id))
+    }
+
+    fn open_read(
+        &self,
+        id: &BlobId,
+        offset: u64,
+        size: u64,
+        chunk: usize,
+    ) -> BlobResult<BlobReader> {
+        Ok(BlobReader::S3(S3Reader {
+            store: self.store.clone(),
+            bridge: self.bridge.clone(),
+            path: Self::blob_path(id),
+            pos: offset,
+            size,
+            chunk,
+            body: None,
+        }))
+    }
+}
+
+/// Streams a blob out of the object store: ranged GETs of up to [`WINDOW`] bytes
+/// from where it stands, handed over in chunks.
+pub(crate) struct S3Reader {
+    store: Arc<AmazonS3>,
+    bridge: Arc<Bridge>,
+    path: Path,
+    pos: u64,
+    size: u64,
+    chunk: usize,
+    /// The GET being read, if any.
+    body: Option<BoxStream<'static, object_store::Result<Bytes>>>,
+}
+
+impl S3Reader {
+    /// The blob's size.
+    pub(crate) fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The next chunk; `None` at the end, or early if the object is shorter than its
+    /// record. Blocks.
+    pub(crate) fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        // A window that ended with bytes still to come: one more GET.
+        for _ in 0..2 {
+            if self.pos >= self.size {
+                return Ok(None);
+            }
+            let body = match self.body.take() {
+                Some(b) => b,
+                None => self.get()?,
+            };
+            let chunk = self.chunk;
+            let (body, got) = self
+                .bridge
+                .call(async move {
+                    let mut body = body;
+                    let mut out = BytesMut::new();
+                    while out.len() < chunk {
+                        match body.next().await {
+                            Some(bytes) => {
+                                let bytes: Bytes = bytes?;
+                                out.extend_from_slice(&bytes);
+                            }
+                            None => break,
+                        }
+                    }
+                    Ok((body, out.freeze()))
+                })
+                .map_err(std::io::Error::other)?;
+            if !got.is_empty() {
+                self.body = Some(body);
+                self.pos += got.len() as u64;
+                return Ok(Some(got));
+            }
+        }
+        Ok(None)
+    }
+
+    fn get(&self) -> std::io::Result<BoxStream<'static, object_store::Result<Bytes>>> {
+        let end = self.size.min(self.pos.saturating_add(WINDOW));
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(self.pos..end)),
+            ..GetOptions::default()
+        };
+        let (store, path) = (self.store.clone(), self.path.clone());
+        self.bridge
+            .call(async move { Ok(store.get_opts(&path, options).await?.into_stream()) })
+            .map_err(std::io::Error::other)
+    }
+}
