@@ -9,7 +9,10 @@
 
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
-use super::rows::{account_of, col, day_of, device_of, fixed, transaction, TxError};
+use super::rows::{
+    account_of, col, day_of, device_of, exec_in, fixed, one_in, opt_in, query_in, transaction,
+    TxError,
+};
 use super::PgBackend;
 use crate::store::{AccountDays, AccountRecord, AccountStore, DeviceDays, StoreError, StoreResult};
 
@@ -76,17 +79,18 @@ impl AccountStore for PgBackend {
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                let inserted = tx
-                    .execute(
-                        "INSERT INTO accounts (account, identity_key, created_day) \
-                         VALUES ($1, $2, $3) ON CONFLICT (account) DO NOTHING",
-                        &[&account, &&record.identity_key[..], &created],
-                    )
-                    .await?;
+                let inserted = exec_in(
+                    &tx,
+                    "INSERT INTO accounts (account, identity_key, created_day) \
+                     VALUES ($1, $2, $3) ON CONFLICT (account) DO NOTHING",
+                    &[&account, &&record.identity_key[..], &created],
+                )
+                .await?;
                 if inserted == 0 {
                     return Err(TxError::Store(StoreError::Exists));
                 }
-                tx.execute(
+                exec_in(
+                    &tx,
                     "INSERT INTO devices (account, device, device_key, created_day, seen_day) \
                      SELECT $1, d, k, $4, $4 FROM unnest($2::bigint[], $3::bytea[]) AS u(d, k)",
                     &[&account, &devices, &keys, &created],
@@ -130,30 +134,33 @@ impl AccountStore for PgBackend {
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                // The account row's lock serialises device additions across nodes.
-                let locked = tx
-                    .query_opt(
-                        "SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE",
-                        &[&account],
-                    )
-                    .await?;
+                // The account row's lock serialises device additions across nodes. The
+                // ids are read by a later statement, whose snapshot (read committed)
+                // then includes a device another node added while this one waited.
+                let locked = opt_in(
+                    &tx,
+                    "SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE",
+                    &[&account],
+                )
+                .await?;
                 if locked.is_none() {
                     return Ok(None);
                 }
-                let row = tx
-                    .query_one(
-                        "SELECT (SELECT min(device) FROM devices \
-                           WHERE account = $1 AND device_key = $2), \
-                         (SELECT coalesce(max(device), 0) + 1 FROM devices WHERE account = $1)",
-                        &[&account, &key],
-                    )
-                    .await?;
+                let row = one_in(
+                    &tx,
+                    "SELECT (SELECT min(device) FROM devices \
+                     WHERE account = $1 AND device_key = $2), \
+                     (SELECT coalesce(max(device), 0) + 1 FROM devices WHERE account = $1)",
+                    &[&account, &key],
+                )
+                .await?;
                 if let Some(existing) = col::<Option<i64>>(&row, 0)? {
                     return Ok(Some(device_of(existing)?));
                 }
                 let next = device_of(col(&row, 1)?)
                     .map_err(|_| StoreError::Corrupt("device ids exhausted"))?;
-                tx.execute(
+                exec_in(
+                    &tx,
                     "INSERT INTO devices (account, device, device_key, created_day, seen_day) \
                      VALUES ($1, $2, $3, $4, $4)",
                     &[&account, &dev(next), &key, &day],
@@ -194,19 +201,20 @@ impl AccountStore for PgBackend {
             transaction!(self, client, |tx| {
                 // The account row first: the lock add_device takes, so no device is
                 // added between the two deletions.
-                let gone = tx
-                    .query_opt(
-                        "DELETE FROM accounts WHERE account = $1 RETURNING identity_key",
-                        &[&account],
-                    )
-                    .await?;
-                let devices = tx
-                    .query(
-                        "DELETE FROM devices WHERE account = $1 RETURNING device, device_key",
-                        &[&account],
-                    )
-                    .await?;
-                tx.execute(
+                let gone = opt_in(
+                    &tx,
+                    "DELETE FROM accounts WHERE account = $1 RETURNING identity_key",
+                    &[&account],
+                )
+                .await?;
+                let devices = query_in(
+                    &tx,
+                    "DELETE FROM devices WHERE account = $1 RETURNING device, device_key",
+                    &[&account],
+                )
+                .await?;
+                exec_in(
+                    &tx,
                     "DELETE FROM delivery_tokens WHERE account = $1",
                     &[&account],
                 )

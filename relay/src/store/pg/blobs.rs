@@ -5,7 +5,7 @@
 use tern_platform::clock::UnixMillis;
 use tern_proto::AccountId;
 
-use super::rows::{account_of, fixed, signed, transaction, unsigned};
+use super::rows::{account_of, exec_in, fixed, query_in, signed, transaction, unsigned};
 use super::PgBackend;
 use crate::store::{utc_day, BlobId, BlobIndex, BlobMeta, StoreResult, UploadMeta};
 
@@ -50,7 +50,8 @@ impl BlobIndex for PgBackend {
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                tx.execute(
+                exec_in(
+                    &tx,
                     "INSERT INTO blobs (blob_id, size, created_at, last_used_at, expires_at) \
                      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (blob_id) DO UPDATE SET \
                      size = EXCLUDED.size, created_at = EXCLUDED.created_at, \
@@ -59,7 +60,8 @@ impl BlobIndex for PgBackend {
                 )
                 .await?;
                 // Saturating, as the embedded store's counter.
-                tx.execute(
+                exec_in(
+                    &tx,
                     "INSERT INTO blob_charges (account, day, bytes) VALUES ($1, $2, $3) \
                      ON CONFLICT (account, day) DO UPDATE SET bytes = \
                      CASE WHEN blob_charges.bytes > 9223372036854775807 - EXCLUDED.bytes \
@@ -67,7 +69,8 @@ impl BlobIndex for PgBackend {
                     &[&account, &day, &size],
                 )
                 .await?;
-                tx.execute(
+                exec_in(
+                    &tx,
                     "DELETE FROM uploads WHERE account = $1 AND blob_id = $2",
                     &[&account, &blob],
                 )
@@ -126,8 +129,8 @@ impl BlobIndex for PgBackend {
         let today = signed(utc_day(now))?;
         let n = self.run(self.exec(
             "DELETE FROM blob_charges WHERE (account, day) IN ( \
-               SELECT account, day FROM blob_charges WHERE day < $1 \
-               ORDER BY day LIMIT $2)",
+             SELECT account, day FROM blob_charges WHERE day < $1 \
+             ORDER BY day LIMIT $2)",
             &[&today, &limit(max)],
         ))?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
@@ -242,14 +245,18 @@ impl BlobIndex for PgBackend {
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                tx.execute("DELETE FROM blob_charges WHERE account = $1", &[&account])
-                    .await?;
-                let rows = tx
-                    .query(
-                        "DELETE FROM uploads WHERE account = $1 RETURNING blob_id",
-                        &[&account],
-                    )
-                    .await?;
+                exec_in(
+                    &tx,
+                    "DELETE FROM blob_charges WHERE account = $1",
+                    &[&account],
+                )
+                .await?;
+                let rows = query_in(
+                    &tx,
+                    "DELETE FROM uploads WHERE account = $1 RETURNING blob_id",
+                    &[&account],
+                )
+                .await?;
                 let mut ids = Vec::with_capacity(rows.len());
                 for row in &rows {
                     ids.push(fixed(super::rows::col::<&[u8]>(row, 0)?)?);

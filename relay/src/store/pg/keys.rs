@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use tern_proto::{AccountId, DeviceAddress};
 
-use super::rows::{col, transaction, u32_of, unsigned};
+use super::rows::{col, exec_in, one_in, transaction, u32_of, unsigned};
 use super::PgBackend;
 use crate::store::{
     codec, FetchedKeys, KeyStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult,
@@ -52,7 +52,8 @@ impl KeyStore for PgBackend {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
                 if identity_dh.is_some() || signed_prekey.is_some() {
-                    tx.execute(
+                    exec_in(
+                        &tx,
                         "INSERT INTO device_keys (account, device, identity_dh, signed_prekey) \
                          VALUES ($1, $2, $3, $4) ON CONFLICT (account, device) DO UPDATE SET \
                          identity_dh = coalesce(EXCLUDED.identity_dh, device_keys.identity_dh), \
@@ -62,7 +63,8 @@ impl KeyStore for PgBackend {
                     .await?;
                 }
                 if !ids.is_empty() {
-                    tx.execute(
+                    exec_in(
+                        &tx,
                         "INSERT INTO one_time_keys (account, device, key_id, key) \
                          SELECT $1, $2, i, k FROM unnest($3::bigint[], $4::bytea[]) AS u(i, k) \
                          ON CONFLICT (account, device, key_id) DO UPDATE SET key = EXCLUDED.key",
@@ -70,8 +72,8 @@ impl KeyStore for PgBackend {
                     )
                     .await?;
                 }
-                let row = tx
-                    .query_one(
+                let row = one_in(
+                        &tx,
                         "SELECT count(*) FROM one_time_keys WHERE account = $1 AND device = $2",
                         &[&account, &device],
                     )
@@ -125,8 +127,8 @@ impl KeyStore for PgBackend {
             let rows = self
                 .rows(
                     "SELECT k.identity_dh IS NOT NULL, k.signed_prekey, \
-                       (SELECT count(*) FROM one_time_keys \
-                        WHERE account = $1 AND device = $2) \
+                     (SELECT count(*) FROM one_time_keys \
+                     WHERE account = $1 AND device = $2) \
                      FROM (VALUES (1)) AS one \
                      LEFT JOIN device_keys k ON k.account = $1 AND k.device = $2",
                     &[&account, &device],
@@ -153,7 +155,8 @@ impl KeyStore for PgBackend {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
                 for table in ["device_keys", "one_time_keys"] {
-                    tx.execute(
+                    exec_in(
+                        &tx,
                         &format!("DELETE FROM {table} WHERE account = $1 AND device = $2"),
                         &[&account, &device],
                     )
@@ -169,7 +172,8 @@ impl KeyStore for PgBackend {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
                 for table in ["device_keys", "one_time_keys"] {
-                    tx.execute(
+                    exec_in(
+                        &tx,
                         &format!("DELETE FROM {table} WHERE account = $1"),
                         &[&account],
                     )

@@ -138,3 +138,43 @@ pub(super) fn fixed<const N: usize>(v: &[u8]) -> StoreResult<[u8; N]> {
 pub(super) fn account_of(v: &[u8]) -> StoreResult<tern_proto::AccountId> {
     Ok(tern_proto::AccountId(fixed(v)?))
 }
+
+/// A statement in a transaction, prepared once per connection; its row count.
+pub(super) async fn exec_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
+}
+
+/// A statement in a transaction, prepared once per connection; its rows.
+pub(super) async fn query_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query(&statement, params).await
+}
+
+/// [`query_in`] for at most one row.
+pub(super) async fn opt_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_opt(&statement, params).await
+}
+
+/// [`query_in`] for exactly one row.
+pub(super) async fn one_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Row, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_one(&statement, params).await
+}
