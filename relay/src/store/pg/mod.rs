@@ -10,6 +10,8 @@
 //! - `migrate`: versioned schema migrations under an advisory lock.
 //! - `lease`: leases on database time, so one node runs each sweep.
 //! - `cluster`: the facts every node must share (certificate, signing key).
+//! - `accounts`, `keys`, `blobs`: accounts and devices, prekeys, the blob index
+//!   (`rows`: what they share).
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -24,6 +26,12 @@ use super::{Durability, StoreError, StoreResult};
 pub mod cluster;
 pub mod lease;
 pub mod migrate;
+
+// Package B1: accounts, keys, the blob index.
+mod accounts;
+mod blobs;
+mod keys;
+mod rows;
 
 /// How to reach the database (from `[postgres]`).
 #[derive(Clone)]

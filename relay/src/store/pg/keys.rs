@@ -1,0 +1,185 @@
+//! Published prekeys in PostgreSQL (`migrations/V3__accounts.sql`), with the contract
+//! of [`KeyStore`]: each one-time prekey is handed out at most once, across nodes too.
+//!
+//! A fetch is one statement: it reads the device's signed keys and, when both are
+//! there, deletes the lowest one-time key it can lock (`FOR UPDATE SKIP LOCKED`), so
+//! concurrent fetches on any nodes take different keys and none waits on another.
+
+use std::collections::BTreeMap;
+
+use tern_proto::{AccountId, DeviceAddress};
+
+use super::rows::{col, exec_in, one_in, transaction, u32_of, unsigned};
+use super::PgBackend;
+use crate::store::{
+    codec, FetchedKeys, KeyStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult,
+};
+
+/// The signed keys of `$1, $2`, and (when `$3`) one one-time key taken out of the pool.
+const FETCH: &str = "WITH k AS ( \
+       SELECT identity_dh, signed_prekey FROM device_keys \
+       WHERE account = $1 AND device = $2 \
+         AND identity_dh IS NOT NULL AND signed_prekey IS NOT NULL), \
+     o AS ( \
+       DELETE FROM one_time_keys WHERE $3 AND EXISTS (SELECT 1 FROM k) \
+         AND account = $1 AND device = $2 \
+         AND key_id = (SELECT key_id FROM one_time_keys WHERE account = $1 AND device = $2 \
+                       ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+       RETURNING key_id, key) \
+     SELECT k.identity_dh, k.signed_prekey, o.key_id, o.key FROM k LEFT JOIN o ON true";
+
+fn params(of: &DeviceAddress) -> (&[u8], i64) {
+    (&of.account.as_bytes()[..], i64::from(of.device.get()))
+}
+
+impl KeyStore for PgBackend {
+    fn publish(
+        &self,
+        of: &DeviceAddress,
+        identity_dh: Option<&SignedKey>,
+        signed_prekey: Option<&SignedKey>,
+        one_time: &[OneTimeKey],
+    ) -> StoreResult<u64> {
+        let (account, device) = params(of);
+        let identity_dh = identity_dh.map(|k| codec::encode_signed(k).to_vec());
+        let signed_prekey = signed_prekey.map(|k| codec::encode_signed(k).to_vec());
+        // The last key with an id wins, as it would written one after the other (one
+        // statement may not change a row twice).
+        let pool: BTreeMap<u32, [u8; 32]> = one_time.iter().map(|k| (k.id, k.key)).collect();
+        let ids: Vec<i64> = pool.keys().map(|id| i64::from(*id)).collect();
+        let keys: Vec<&[u8]> = pool.values().map(|k| &k[..]).collect();
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                if identity_dh.is_some() || signed_prekey.is_some() {
+                    exec_in(
+                        &tx,
+                        "INSERT INTO device_keys (account, device, identity_dh, signed_prekey) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT (account, device) DO UPDATE SET \
+                         identity_dh = coalesce(EXCLUDED.identity_dh, device_keys.identity_dh), \
+                         signed_prekey = coalesce(EXCLUDED.signed_prekey, device_keys.signed_prekey)",
+                        &[&account, &device, &identity_dh, &signed_prekey],
+                    )
+                    .await?;
+                }
+                if !ids.is_empty() {
+                    exec_in(
+                        &tx,
+                        "INSERT INTO one_time_keys (account, device, key_id, key) \
+                         SELECT $1, $2, i, k FROM unnest($3::bigint[], $4::bytea[]) AS u(i, k) \
+                         ON CONFLICT (account, device, key_id) DO UPDATE SET key = EXCLUDED.key",
+                        &[&account, &device, &ids, &keys],
+                    )
+                    .await?;
+                }
+                let row = one_in(
+                        &tx,
+                        "SELECT count(*) FROM one_time_keys WHERE account = $1 AND device = $2",
+                        &[&account, &device],
+                    )
+                    .await?;
+                unsigned(col(&row, 0)?, "one-time key count")?
+            })
+        })
+    }
+
+    fn fetch(&self, of: &DeviceAddress, one_time: bool) -> StoreResult<Option<FetchedKeys>> {
+        let (account, device) = params(of);
+        self.run(async {
+            let rows = self.rows(FETCH, &[&account, &device, &one_time]).await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            let one_time = match self.col::<Option<i64>>(row, 2)? {
+                None => None,
+                Some(id) => Some(OneTimeKey {
+                    id: u32_of(id, "one-time key id")?,
+                    key: super::rows::fixed(self.col::<&[u8]>(row, 3)?)?,
+                }),
+            };
+            Ok(Some(FetchedKeys {
+                identity_dh: codec::decode_signed(self.col::<&[u8]>(row, 0)?)?,
+                signed_prekey: codec::decode_signed(self.col::<&[u8]>(row, 1)?)?,
+                one_time,
+            }))
+        })
+    }
+
+    fn one_time_count(&self, of: &DeviceAddress) -> StoreResult<u64> {
+        let (account, device) = params(of);
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT count(*) FROM one_time_keys WHERE account = $1 AND device = $2",
+                    &[&account, &device],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or(StoreError::Backend("count returned no row".into()))?;
+            unsigned(self.col(row, 0)?, "one-time key count")
+        })
+    }
+
+    fn published(&self, of: &DeviceAddress) -> StoreResult<Published> {
+        let (account, device) = params(of);
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT k.identity_dh IS NOT NULL, k.signed_prekey, \
+                     (SELECT count(*) FROM one_time_keys \
+                     WHERE account = $1 AND device = $2) \
+                     FROM (VALUES (1)) AS one \
+                     LEFT JOIN device_keys k ON k.account = $1 AND k.device = $2",
+                    &[&account, &device],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or(StoreError::Backend("published returned no row".into()))?;
+            let signed = self
+                .col::<Option<&[u8]>>(row, 1)?
+                .map(codec::decode_signed)
+                .transpose()?;
+            Ok(Published {
+                identity_dh: self.col::<Option<bool>>(row, 0)?.unwrap_or(false),
+                signed_prekey_id: signed.map(|k| k.id),
+                one_time: unsigned(self.col(row, 2)?, "one-time key count")?,
+            })
+        })
+    }
+
+    fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
+        let (account, device) = params(of);
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                for table in ["device_keys", "one_time_keys"] {
+                    exec_in(
+                        &tx,
+                        &format!("DELETE FROM {table} WHERE account = $1 AND device = $2"),
+                        &[&account, &device],
+                    )
+                    .await?;
+                }
+            })
+        })
+    }
+
+    fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
+        let account = &account.as_bytes()[..];
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                for table in ["device_keys", "one_time_keys"] {
+                    exec_in(
+                        &tx,
+                        &format!("DELETE FROM {table} WHERE account = $1"),
+                        &[&account],
+                    )
+                    .await?;
+                }
+            })
+        })
+    }
+}

@@ -1,0 +1,180 @@
+//! What the account, key and blob stores share: statements through the pool with one
+//! retry, transactions with one retry, and checked conversions between the traits'
+//! unsigned values and PostgreSQL's signed columns.
+
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use super::{PgBackend, StoreError, StoreResult};
+
+/// Parameters of a statement.
+pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
+
+/// A failure inside a transaction: the database's (retried once when it is a
+/// serialization failure or deadlock) or the store's own (a record that does not
+/// decode, ids exhausted), which rolls back.
+#[derive(Debug)]
+pub(super) enum TxError {
+    /// From the database.
+    Db(tokio_postgres::Error),
+    /// From the store's rules.
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl From<StoreError> for TxError {
+    fn from(e: StoreError) -> Self {
+        TxError::Store(e)
+    }
+}
+
+/// Runs `$body` inside a transaction `$tx` on the pooled client `$client` and commits;
+/// runs it once more when the database chose it as a deadlock or serialization
+/// victim. `$body` may use `?` on both database and store errors; an error rolls
+/// back (the transaction is dropped uncommitted). Evaluates to a `StoreResult`.
+macro_rules! transaction {
+    ($backend:expr, $client:expr, |$tx:ident| $body:expr) => {{
+        let mut retried = false;
+        loop {
+            let attempt: Result<_, $crate::store::pg::rows::TxError> = async {
+                let $tx = $client.transaction().await?;
+                let out = $body;
+                $tx.commit().await?;
+                Ok(out)
+            }
+            .await;
+            match attempt {
+                Ok(v) => break Ok(v),
+                Err($crate::store::pg::rows::TxError::Db(e))
+                    if !retried && $crate::store::pg::is_retryable(&e) =>
+                {
+                    retried = true;
+                }
+                Err($crate::store::pg::rows::TxError::Db(e)) => break Err($backend.classify(&e)),
+                Err($crate::store::pg::rows::TxError::Store(e)) => break Err(e),
+            }
+        }
+    }};
+}
+pub(super) use transaction;
+
+impl PgBackend {
+    /// One statement on a pooled connection (prepared once per connection), retried
+    /// once on a serialization failure or deadlock; its rows.
+    pub(super) async fn rows(&self, sql: &str, params: &Params<'_>) -> StoreResult<Vec<Row>> {
+        let client = self.client().await?;
+        self.retrying(|| async {
+            let statement = client.prepare_cached(sql).await?;
+            client.query(&statement, params).await
+        })
+        .await
+    }
+
+    /// [`PgBackend::rows`] for a statement whose row count is the answer.
+    pub(super) async fn exec(&self, sql: &str, params: &Params<'_>) -> StoreResult<u64> {
+        let client = self.client().await?;
+        self.retrying(|| async {
+            let statement = client.prepare_cached(sql).await?;
+            client.execute(&statement, params).await
+        })
+        .await
+    }
+
+    /// Column `i` of `row` as `T`; a column of another type is a backend error, never
+    /// a panic.
+    pub(super) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+        &self,
+        row: &'a Row,
+        i: usize,
+    ) -> StoreResult<T> {
+        row.try_get(i).map_err(|e| self.classify(&e))
+    }
+}
+
+/// Column `i` of `row` as `T`, inside a transaction.
+pub(super) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    i: usize,
+) -> Result<T, TxError> {
+    Ok(row.try_get(i)?)
+}
+
+/// A u64 for a bigint column; beyond `i64::MAX` is refused, not wrapped.
+pub(super) fn signed(v: u64) -> StoreResult<i64> {
+    i64::try_from(v).map_err(|_| StoreError::Backend(format!("{v} is beyond a bigint")))
+}
+
+/// A bigint column as u64; a negative value is a corrupt record.
+pub(super) fn unsigned(v: i64, what: &'static str) -> StoreResult<u64> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// A bigint column holding a u32 (device id, key id, day).
+pub(super) fn u32_of(v: i64, what: &'static str) -> StoreResult<u32> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(what))
+}
+
+/// A device id column.
+pub(super) fn device_of(v: i64) -> StoreResult<tern_proto::DeviceId> {
+    tern_proto::DeviceId::new(u32_of(v, "device id")?).ok_or(StoreError::Corrupt("device id"))
+}
+
+/// A day column: `NULL` is unknown.
+pub(super) fn day_of(v: Option<i64>) -> StoreResult<Option<u32>> {
+    v.map(|d| u32_of(d, "day")).transpose()
+}
+
+/// A bytea column of a fixed length.
+pub(super) fn fixed<const N: usize>(v: &[u8]) -> StoreResult<[u8; N]> {
+    crate::store::codec::fixed(v)
+}
+
+/// An account id column.
+pub(super) fn account_of(v: &[u8]) -> StoreResult<tern_proto::AccountId> {
+    Ok(tern_proto::AccountId(fixed(v)?))
+}
+
+/// A statement in a transaction, prepared once per connection; its row count.
+pub(super) async fn exec_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.execute(&statement, params).await
+}
+
+/// A statement in a transaction, prepared once per connection; its rows.
+pub(super) async fn query_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query(&statement, params).await
+}
+
+/// [`query_in`] for at most one row.
+pub(super) async fn opt_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Option<Row>, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_opt(&statement, params).await
+}
+
+/// [`query_in`] for exactly one row.
+pub(super) async fn one_in(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: &Params<'_>,
+) -> Result<Row, tokio_postgres::Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    tx.query_one(&statement, params).await
+}
