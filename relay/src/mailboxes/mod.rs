@@ -37,7 +37,7 @@ use crate::core::limits::Limits;
 use crate::core::rate::{RateLimits, SenderKey};
 use crate::deletion::Tombstones;
 use crate::error::{Error, Result};
-use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
+use crate::store::{Envelope, GroupCommit, MailboxStore, StoreError, StoredMessage, Usage};
 
 mod active;
 
@@ -195,7 +195,14 @@ impl Mailboxes {
             self.rates.intake(from, to, usage.messages, n)?;
             self.store
                 .append(to, msgs, now, self.ttl.expires_at(now))
-                .map_err(Error::from)
+                .map_err(|e| match e {
+                    // Another node recorded the account's deletion: as a tombstone here.
+                    StoreError::Deleted => match from {
+                        SenderKey::Account(_) => Error::UnknownRecipient,
+                        SenderKey::Prefix(_) => Error::Unauthorized,
+                    },
+                    e => Error::from(e),
+                })
         })?;
         Ok(Appended {
             accepted: msgs.len(),

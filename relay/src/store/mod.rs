@@ -82,6 +82,10 @@ pub enum StoreError {
     /// retry once the backend is back.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// An append to an account that is being deleted (a shared backend saw the
+    /// deletion intent another node recorded): refused as to an unknown recipient.
+    #[error("the recipient's account is being deleted")]
+    Deleted,
 }
 
 impl StoreError {
