@@ -68,7 +68,7 @@ fn concurrent_appends_share_commits() {
                 let staged: Vec<_> = (0..125u32)
                     .map(|i| {
                         let to = addr(100 + t, 1 + i % 4);
-                        a.stage_append(&to, &[msg(t, 64)], 1_000, 9_000)
+                        a.queue_append(&to, &[msg(t, 64)], 1_000, 9_000)
                             .expect("stage")
                     })
                     .collect();
@@ -156,7 +156,7 @@ fn expired_is_swept_through_the_index_and_only_while_still_expired() {
     let staged: Vec<_> = (0..200u32)
         .map(|i| {
             let msgs: Vec<Envelope> = (0..20u8).map(|k| msg(k, 8)).collect();
-            a.stage_append(&addr(7, 1 + i), &msgs, 1_000, 100_000 + u64::from(i))
+            a.queue_append(&addr(7, 1 + i), &msgs, 1_000, 100_000 + u64::from(i))
                 .expect("stage")
         })
         .collect();
@@ -232,10 +232,10 @@ fn an_append_to_an_account_being_deleted_is_refused() {
     assert_eq!(c, 1);
     // Staged together: the one to the account being deleted fails alone.
     let x = a
-        .stage_append(&gone, &[msg(2, 4)], 1_000, 9_000)
+        .queue_append(&gone, &[msg(2, 4)], 1_000, 9_000)
         .expect("stage");
     let y = a
-        .stage_append(&kept, &[msg(3, 4)], 1_000, 9_000)
+        .queue_append(&kept, &[msg(3, 4)], 1_000, 9_000)
         .expect("stage");
     let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
     let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
@@ -302,4 +302,24 @@ fn db_down_gives_unavailable_within_deadline_and_recovers() {
     assert_eq!(ids.first(), Some(&1));
     assert_eq!(ids.last(), Some(&3));
     assert!(seqs[0] >= 2);
+}
+
+#[test]
+fn a_purge_deletes_what_was_staged_before_it() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(12, 1);
+    let staged: Vec<_> = (0..50u8)
+        .map(|i| {
+            a.queue_append(&to, &[msg(i, 4)], 1_000, 9_000)
+                .expect("stage")
+        })
+        .collect();
+    let purged = a.purge(&to).expect("purge");
+    for rx in staged {
+        a.run(async { rx.await.expect("answer") }).expect("append");
+    }
+    assert_eq!(purged.messages, 50, "every staged append committed first");
+    assert!(a.read(&to, 0, 100).expect("read").is_empty());
+    assert_eq!(a.totals().messages, 0);
 }

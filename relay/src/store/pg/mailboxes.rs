@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::writer::{Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
-    Envelope, Expired, MailboxStore, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    Envelope, Expired, MailboxStore, Staged, StoreError, StoreResult, StoredMessage, Totals, Usage,
 };
 
 /// How old cached totals may be.
@@ -166,7 +166,7 @@ impl PgBackend {
 
     /// Queues an append for the writer; the receiver hears its seqs after COMMIT (or
     /// why it failed). Appends staged in one order to one mailbox get seqs in that order.
-    pub fn stage_append(
+    pub fn queue_append(
         &self,
         to: &DeviceAddress,
         msgs: &[Envelope],
@@ -186,7 +186,7 @@ impl PgBackend {
     }
 
     /// Queues a removal for the writer; the receiver hears what it deleted after COMMIT.
-    pub fn stage_remove(
+    pub fn queue_remove(
         &self,
         of: &DeviceAddress,
         seqs: &[u64],
@@ -349,6 +349,27 @@ async fn delete_tx(
 }
 
 impl MailboxStore for PgBackend {
+    fn stage_append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Staged<Vec<u64>>> {
+        if msgs.is_empty() {
+            return Ok(Staged::Applied(Vec::new()));
+        }
+        self.queue_append(to, msgs, accepted_at, expires_at)
+            .map(Staged::Pending)
+    }
+
+    fn stage_remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Staged<Usage>> {
+        if seqs.is_empty() {
+            return Ok(Staged::Applied(Usage::default()));
+        }
+        self.queue_remove(of, seqs).map(Staged::Pending)
+    }
+
     fn append(
         &self,
         to: &DeviceAddress,
@@ -359,7 +380,7 @@ impl MailboxStore for PgBackend {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
-        let rx = self.stage_append(to, msgs, accepted_at, expires_at)?;
+        let rx = self.queue_append(to, msgs, accepted_at, expires_at)?;
         self.wait(rx)
     }
 
@@ -420,7 +441,7 @@ impl MailboxStore for PgBackend {
         if seqs.is_empty() {
             return Ok(Usage::default());
         }
-        let rx = self.stage_remove(of, seqs)?;
+        let rx = self.queue_remove(of, seqs)?;
         self.wait(rx)
     }
 
@@ -506,6 +527,9 @@ impl MailboxStore for PgBackend {
     }
 
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        // What was staged before the purge commits first, so the purge deletes it too.
+        let barrier = self.queue_remove(of, &[])?;
+        self.wait(barrier)?;
         // Account deletion: the head goes too (account ids are never reused), locked
         // first so a batch that passed the deletion-intent check has committed.
         self.delete_in_mailbox(

@@ -139,6 +139,9 @@ impl Writer {
                     part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
                     part.appends.push(i);
                 }
+                // An empty removal is a barrier: answered once what was queued before
+                // it has committed.
+                Op::Remove { seqs, .. } if seqs.is_empty() => {}
                 Op::Remove { of, seqs, .. } => {
                     let part = parts.entry(*of).or_default();
                     for &s in seqs.iter().filter(|&&s| (1..1 << 63).contains(&s)) {
@@ -146,6 +149,14 @@ impl Writer {
                     }
                 }
             }
+        }
+        if parts.is_empty() {
+            let empty = Outcome {
+                heads: HashMap::new(),
+                refused: HashSet::new(),
+                deleted: Vec::new(),
+            };
+            return self.answer(ops, &parts, empty);
         }
         let hosts = &self.hosts;
         let deadline = self.deadline;
