@@ -323,3 +323,26 @@ fn a_purge_deletes_what_was_staged_before_it() {
     assert!(a.read(&to, 0, 100).expect("read").is_empty());
     assert_eq!(a.totals().messages, 0);
 }
+
+#[test]
+fn usage_and_totals_are_exact_for_own_commits_and_at_most_a_second_behind_others() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let to = addr(13, 1);
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages), (0, 0));
+    a.append(&to, &[msg(1, 4), msg(2, 4)], 1_000, 9_000)
+        .expect("append");
+    let (u, t) = a.usage_and_totals(&to).expect("a");
+    assert_eq!((u.messages, u.bytes, t.messages, t.mailboxes), (2, 8, 2, 1));
+    // b's cached view may lag, but by no more than the cache's age bound.
+    std::thread::sleep(super::mailboxes::TOTALS_MAX_AGE + Duration::from_millis(50));
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages, t.bytes), (2, 2, 8));
+    // An ack on b is b's own commit: exact at once, there.
+    let seqs: Vec<u64> = b.seqs(&to, 0, 10).expect("seqs");
+    b.remove(&to, &seqs[..1]).expect("remove");
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages), (1, 1));
+    assert_eq!(a.usage(&to).expect("exact").messages, 1);
+}

@@ -9,7 +9,8 @@
 //! - `usage` is exact; `totals` (and the totals of `usage_and_totals`) come from a
 //!   cache at most [`TOTALS_MAX_AGE`] old that this node's own commits keep current,
 //!   so relay-wide limits are soft across nodes by about a second of other nodes'
-//!   accepts.
+//!   accepts. Each send's mailbox usage likewise (a per-node cache filled by reads and
+//!   this node's commits), so per-device limits are soft across nodes the same way.
 //! - `expire` and `purge` are a transaction each, heads row locked first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,12 +29,16 @@ use crate::store::{
 };
 
 /// How old cached totals may be.
-pub(super) const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
+pub(crate) const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// A mailbox store's per-node state: the writer's queue and the totals cache.
+/// Mailboxes whose usage the cache keeps; past it, the cache starts afresh.
+const USAGE_CACHE_MAX: usize = 100_000;
+
+/// A mailbox store's per-node state: the writer's queue and the caches.
 pub(super) struct MailState {
     queue: mpsc::UnboundedSender<Op>,
     totals: Arc<TotalsCache>,
+    usage: Arc<UsageCache>,
     stats: Arc<WriterStats>,
     slot: i32,
 }
@@ -50,6 +55,7 @@ impl MailState {
             Ok(row.get::<_, bool>(0))
         })?;
         let totals = Arc::new(TotalsCache::default());
+        let usage = Arc::new(UsageCache::default());
         let stats = Arc::new(WriterStats::default());
         let slot = slot_of(backend.node_id());
         let writer = Writer {
@@ -59,6 +65,7 @@ impl MailState {
             slot,
             intents,
             totals: totals.clone(),
+            usage: usage.clone(),
             stats: stats.clone(),
         };
         let (queue, rx) = mpsc::unbounded_channel();
@@ -66,6 +73,7 @@ impl MailState {
         Ok(MailState {
             queue,
             totals,
+            usage,
             stats,
             slot,
         })
@@ -122,6 +130,39 @@ impl TotalsCache {
             t.bytes = t.bytes.saturating_add_signed(d.bytes);
             t.mailboxes = t.mailboxes.saturating_add_signed(d.mailboxes);
         }
+    }
+}
+
+/// Mailboxes' usage as this node last knew it (from a read or its own commit), for
+/// the check every send makes; an entry serves for [`TOTALS_MAX_AGE`].
+#[derive(Default)]
+pub(super) struct UsageCache {
+    entries: Mutex<std::collections::HashMap<DeviceAddress, (Instant, Usage)>>,
+}
+
+impl UsageCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<DeviceAddress, (Instant, Usage)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self, of: &DeviceAddress) -> Option<Usage> {
+        self.lock()
+            .get(of)
+            .filter(|(at, _)| at.elapsed() < TOTALS_MAX_AGE)
+            .map(|(_, u)| *u)
+    }
+
+    /// Records what a mailbox holds as of a read or a commit.
+    pub(super) fn set(&self, of: DeviceAddress, usage: Usage) {
+        let mut entries = self.lock();
+        if entries.len() >= USAGE_CACHE_MAX && !entries.contains_key(&of) {
+            entries.clear();
+        }
+        entries.insert(of, (Instant::now(), usage));
+    }
+
+    fn forget(&self, of: &DeviceAddress) {
+        self.lock().remove(of);
     }
 }
 
@@ -283,6 +324,7 @@ impl PgBackend {
             .map_err(|e| self.classify(&e))
         })?;
         mail.totals.apply(delta);
+        mail.usage.forget(of);
         Ok(Usage {
             messages: (-delta.messages) as u64,
             bytes: (-delta.bytes) as u64,
@@ -461,6 +503,19 @@ impl MailboxStore for PgBackend {
                 bytes: r.get::<_, i64>(1).max(0) as u64,
             }))
         })
+    }
+
+    fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
+        let cached = self.mail()?.usage.fresh(of);
+        let usage = match cached {
+            Some(u) => u,
+            None => {
+                let u = self.usage(of)?;
+                self.mail()?.usage.set(*of, u);
+                u
+            }
+        };
+        Ok((usage, self.totals()))
     }
 
     fn totals(&self) -> Totals {

@@ -19,7 +19,7 @@ use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, oneshot};
 
-use super::mailboxes::{addr_of, TotalsCache, TotalsDelta};
+use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use super::{classify, is_retryable};
 use crate::store::{Envelope, StoreError, StoreResult, Usage};
 
@@ -86,6 +86,7 @@ pub(super) struct Writer {
     /// append to an account with a deletion intent is refused in the transaction.
     pub(super) intents: bool,
     pub(super) totals: Arc<TotalsCache>,
+    pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
 }
 
@@ -349,6 +350,18 @@ impl Writer {
         }
         tx.commit().await?;
         self.totals.apply(delta);
+        // Exact as of this commit: the heads were locked and changed by it.
+        for (to, &(_, messages, bytes)) in &heads {
+            if refused.contains(to) {
+                continue;
+            }
+            let (m, b) = less.get(to).copied().unwrap_or_default();
+            let usage = Usage {
+                messages: (messages - m).max(0) as u64,
+                bytes: (bytes - b).max(0) as u64,
+            };
+            self.usage.set(*to, usage);
+        }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
         self.stats.rows.fetch_add(rows, Ordering::Relaxed);
