@@ -346,3 +346,47 @@ fn usage_and_totals_are_exact_for_own_commits_and_at_most_a_second_behind_others
     assert_eq!((u.messages, t.messages), (1, 1));
     assert_eq!(a.usage(&to).expect("exact").messages, 1);
 }
+
+#[test]
+fn appends_staged_in_order_get_seqs_in_that_order_across_pipelined_batches() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let (to, other) = (addr(14, 1), addr(15, 1));
+    let mut staged = Vec::new();
+    for i in 0..10_000u32 {
+        let m = Envelope {
+            message_id: tern_proto::MessageId(
+                [0u8; 12]
+                    .into_iter()
+                    .chain(i.to_be_bytes())
+                    .collect::<Vec<u8>>()
+                    .try_into()
+                    .unwrap(),
+            ),
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+        staged.push(a.queue_append(&to, &[m], 1_000, 9_000).expect("stage"));
+        // Traffic to another mailbox in between, so batches differ in what they lock.
+        if i % 3 == 0 {
+            drop(
+                a.queue_append(&other, &[msg(1, 1)], 1_000, 9_000)
+                    .expect("stage"),
+            );
+        }
+    }
+    let mut seqs = Vec::new();
+    for rx in staged {
+        seqs.extend(a.run(async { rx.await.expect("answer") }).expect("append"));
+    }
+    assert_eq!(seqs, (1..=10_000).collect::<Vec<u64>>());
+    let ids: Vec<u32> = a
+        .read(&to, 0, 20_000)
+        .expect("read")
+        .iter()
+        .map(|m| u32::from_be_bytes(m.message_id.0[12..].try_into().unwrap()))
+        .collect();
+    assert_eq!(ids, (0..10_000).collect::<Vec<u32>>());
+    // More rows than one batch takes: several batches, in flight together.
+    let (commits, _) = a.writer_stats();
+    assert!(commits >= 3, "{commits} batches");
+}

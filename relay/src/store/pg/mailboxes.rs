@@ -141,7 +141,9 @@ pub(super) struct UsageCache {
 }
 
 impl UsageCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<DeviceAddress, (Instant, Usage)>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<DeviceAddress, (Instant, Usage)>> {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -1,14 +1,15 @@
 //! The mailbox writer: one task per backend that turns every append and removal
-//! queued while the previous transaction committed into one transaction, so
-//! concurrent sends and acks share commits (a node is not capped at one commit per
-//! message).
+//! queued meanwhile into one transaction, so concurrent sends and acks share commits
+//! (a node is not capped at one commit per message).
 //!
 //! A batch takes at most [`MAX_ROWS`] rows or [`MAX_BYTES`] of payload. Its mailboxes
 //! are sorted by (account, device) and their `mailbox_heads` rows locked in that
 //! order first (every mailbox transaction locks heads first), so batches on two nodes
-//! wait for one another rather than deadlock. Within a mailbox, seqs follow queue
-//! order. Each caller hears after COMMIT; a failed transaction fails every item in it
-//! with [`StoreError::Unavailable`], and nothing in it was acknowledged.
+//! wait for one another rather than deadlock. Up to [`PIPELINE`] transactions are in
+//! flight: each batch takes its locks after the one before it, so within a mailbox
+//! seqs follow queue order, and batches are answered in queue order. Each caller
+//! hears after COMMIT; a failed transaction fails every item in it with
+//! [`StoreError::Unavailable`], and nothing in it was acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,10 +18,10 @@ use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
-use super::{classify, is_retryable};
 use crate::store::{Envelope, StoreError, StoreResult, Usage};
 
 /// Rows (messages appended plus seqs removed) one transaction takes at most.
@@ -110,10 +111,82 @@ struct Outcome {
     deleted: Vec<(DeviceAddress, u64, u64)>,
 }
 
+/// Transactions in flight at once: the next batch takes its head locks while the ones
+/// before it commit (their fsync), so commits overlap. Batches take their locks one
+/// after another in queue order and are answered in queue order.
+pub const PIPELINE: usize = 4;
+
+/// A pooled connection inside a transaction of ours. Dropped before COMMIT (an error,
+/// a deadline), it leaves the pool and closes, which rolls the transaction back: a
+/// connection inside a transaction never goes back to the pool.
+struct Open(Option<deadpool_postgres::Object>);
+
+impl Open {
+    fn client(&self) -> Result<&deadpool_postgres::Object, Failure> {
+        self.0.as_ref().ok_or(Failure::Other(StoreError::Backend(
+            "transaction closed".into(),
+        )))
+    }
+
+    async fn commit(mut self) -> Result<(), Failure> {
+        self.client()?.batch_execute("COMMIT").await?;
+        // Committed: the connection may serve others again.
+        drop(self.0.take());
+        Ok(())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// A batch's ops and its per-mailbox plan.
+fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
+    let mut parts: BTreeMap<DeviceAddress, Part> = BTreeMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::Append { to, msgs, .. } => {
+                let part = parts.entry(*to).or_default();
+                part.appended.0 += msgs.len() as i64;
+                part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
+                part.appends.push(i);
+            }
+            // An empty removal is a barrier: answered once what was queued before it
+            // has committed (batches are answered in order).
+            Op::Remove { seqs, .. } if seqs.is_empty() => {}
+            Op::Remove { of, seqs, .. } => {
+                let part = parts.entry(*of).or_default();
+                for &s in seqs.iter().filter(|&&s| (1..1 << 63).contains(&s)) {
+                    part.removes.entry(s).or_insert(i);
+                }
+            }
+        }
+    }
+    parts
+}
+
+/// What the first half of a batch's transaction leaves for the second.
+struct Locked {
+    open: Open,
+    heads: HashMap<DeviceAddress, (i64, i64, i64)>,
+    refused: HashSet<DeviceAddress>,
+}
+
 impl Writer {
     /// Serves `rx` until every sender is gone.
     pub(super) async fn serve(self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(PIPELINE));
+        let mut previous: Option<oneshot::Receiver<()>> = None;
         while let Some(first) = rx.recv().await {
+            // Waiting for a slot lets the queue grow: a bigger batch next.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
             let (mut rows, mut bytes) = (first.rows(), first.bytes());
             let mut ops = vec![first];
             while rows < MAX_ROWS && bytes < MAX_BYTES {
@@ -126,80 +199,76 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(ops).await;
-        }
-    }
-
-    async fn commit(&self, ops: Vec<Op>) {
-        let mut parts: BTreeMap<DeviceAddress, Part> = BTreeMap::new();
-        for (i, op) in ops.iter().enumerate() {
-            match op {
-                Op::Append { to, msgs, .. } => {
-                    let part = parts.entry(*to).or_default();
-                    part.appended.0 += msgs.len() as i64;
-                    part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
-                    part.appends.push(i);
-                }
-                // An empty removal is a barrier: answered once what was queued before
-                // it has committed.
-                Op::Remove { seqs, .. } if seqs.is_empty() => {}
-                Op::Remove { of, seqs, .. } => {
-                    let part = parts.entry(*of).or_default();
-                    for &s in seqs.iter().filter(|&&s| (1..1 << 63).contains(&s)) {
-                        part.removes.entry(s).or_insert(i);
-                    }
-                }
-            }
-        }
-        if parts.is_empty() {
-            let empty = Outcome {
-                heads: HashMap::new(),
-                refused: HashSet::new(),
-                deleted: Vec::new(),
+            let parts = plan(&ops);
+            // The locks are taken here, one batch after another: within a mailbox,
+            // a later batch waits for an earlier one's commit, so seqs follow the queue.
+            let locked = if parts.is_empty() {
+                Ok(None)
+            } else {
+                this.bounded(this.lock(&parts)).await.map(Some)
             };
-            return self.answer(ops, &parts, empty);
-        }
-        let hosts = &self.hosts;
-        let deadline = self.deadline;
-        let attempt = || async {
-            match tokio::time::timeout(deadline, self.transact(&ops, &parts)).await {
-                Ok(r) => r,
-                Err(_) => Err(Failure::Other(StoreError::Unavailable(format!(
-                    "PostgreSQL at {hosts}: no commit within {deadline:?}"
-                )))),
-            }
-        };
-        let outcome = match attempt().await {
-            // A deadlock victim or serialization failure: the batch once more.
-            Err(Failure::Db(e)) if is_retryable(&e) => attempt().await,
-            r => r,
-        };
-        match outcome {
-            Ok(outcome) => self.answer(ops, &parts, outcome),
-            Err(f) => {
-                let message = match f {
-                    Failure::Db(e) => classify(&e, hosts).to_string(),
-                    Failure::Other(e) => e.to_string(),
+            let (done, next) = oneshot::channel();
+            let before = previous.replace(next);
+            let this = this.clone();
+            tokio::spawn(async move {
+                let outcome = match locked {
+                    Ok(None) => Ok(Outcome {
+                        heads: HashMap::new(),
+                        refused: HashSet::new(),
+                        deleted: Vec::new(),
+                    }),
+                    Ok(Some(locked)) => this.bounded(this.finish(locked, &ops, &parts)).await,
+                    Err(f) => Err(f),
                 };
-                for op in ops {
-                    op.fail(StoreError::Unavailable(message.clone()));
+                if let Some(before) = before {
+                    let _ = before.await;
                 }
-            }
+                match outcome {
+                    Ok(outcome) => this.answer(ops, &parts, outcome),
+                    Err(f) => this.fail(ops, f),
+                }
+                let _ = done.send(());
+                drop(slot);
+            });
         }
     }
 
-    async fn transact(
+    async fn bounded<T>(
         &self,
-        ops: &[Op],
-        parts: &BTreeMap<DeviceAddress, Part>,
-    ) -> Result<Outcome, Failure> {
-        let mut client = self.pool.get().await.map_err(|e| {
+        fut: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Other(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: no commit within {:?}",
+                self.hosts, self.deadline
+            )))),
+        }
+    }
+
+    /// Fails every item of a batch whose transaction failed: nothing in it is
+    /// acknowledged.
+    fn fail(&self, ops: Vec<Op>, f: Failure) {
+        let message = match f {
+            Failure::Db(e) => classify(&e, &self.hosts).to_string(),
+            Failure::Other(e) => e.to_string(),
+        };
+        for op in ops {
+            op.fail(StoreError::Unavailable(message.clone()));
+        }
+    }
+
+    /// BEGIN, the head locks (and counts), the deletion-intent check.
+    async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
+        let client = self.pool.get().await.map_err(|e| {
             Failure::Other(StoreError::Unavailable(format!(
                 "PostgreSQL at {}: {e}",
                 self.hosts
             )))
         })?;
-        let tx = client.transaction().await?;
+        client.batch_execute("BEGIN").await?;
+        let open = Open(Some(client));
+        let tx = open.client()?;
         // 1. Lock (and create) every head of the batch, in order; count the appends.
         let mut cols = HeadCols::default();
         for (to, part) in parts {
@@ -235,6 +304,26 @@ impl Writer {
                 }
             }
         }
+        Ok(Locked {
+            open,
+            heads,
+            refused,
+        })
+    }
+
+    /// The messages, the heads' and totals' changes, COMMIT.
+    async fn finish(
+        &self,
+        locked: Locked,
+        ops: &[Op],
+        parts: &BTreeMap<DeviceAddress, Part>,
+    ) -> Result<Outcome, Failure> {
+        let Locked {
+            open,
+            heads,
+            refused,
+        } = locked;
+        let tx = open.client()?;
         // 3. The inserts and the deletions, pipelined.
         let mut ins = InsertCols::default();
         for (to, part) in parts.iter().filter(|(to, _)| !refused.contains(*to)) {
@@ -348,7 +437,7 @@ impl Writer {
             let st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
             tx.execute(&st, &[&gone.accounts, &gone.devices]).await?;
         }
-        tx.commit().await?;
+        open.commit().await?;
         self.totals.apply(delta);
         // Exact as of this commit: the heads were locked and changed by it.
         for (to, &(_, messages, bytes)) in &heads {
