@@ -1,9 +1,10 @@
-//! Mailboxes on PostgreSQL: appends/s from 64 concurrent appenders of 1 KiB envelopes
+//! Mailboxes on PostgreSQL: appends/s from concurrent appenders of 1 KiB envelopes
 //! (each waits for its commit, as a send does), then drain (read + remove) per second,
 //! with the writer's rows per transaction. Starts its own PostgreSQL with `fsync=on`
 //! and `synchronous_commit=on`.
 //!
-//! `cargo bench -p tern-benches --bench pg_mailboxes` (`TERN_PG_BENCH_SECS`, default 5).
+//! `cargo bench -p tern-benches --bench pg_mailboxes` (`TERN_PG_BENCH_SECS`, default 5;
+//! `TERN_PG_BENCH_APPENDERS`, default 64).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::print_stdout)]
 
@@ -17,7 +18,13 @@ use tern_relay::store::pg::{PgBackend, PgOptions};
 use tern_relay::store::{Envelope, MailboxStore};
 use tern_relay::testing::TestPostgres;
 
-const APPENDERS: u32 = 64;
+/// Concurrent appenders (`TERN_PG_BENCH_APPENDERS`, default 64).
+fn appenders() -> u32 {
+    std::env::var("TERN_PG_BENCH_APPENDERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64)
+}
 
 fn main() {
     let secs: u64 = std::env::var("TERN_PG_BENCH_SECS")
@@ -43,7 +50,7 @@ fn main() {
     let (c0, r0) = store.writer_stats();
     let started = Instant::now();
     rt.block_on(async {
-        let tasks: Vec<_> = (0..APPENDERS)
+        let tasks: Vec<_> = (0..appenders())
             .map(|i| {
                 let (store, stop, done, payload) =
                     (store.clone(), stop.clone(), done.clone(), payload.clone());
@@ -86,7 +93,7 @@ fn main() {
     let drained = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     rt.block_on(async {
-        let tasks: Vec<_> = (0..APPENDERS)
+        let tasks: Vec<_> = (0..appenders())
             .map(|i| {
                 let (store, drained) = (store.clone(), drained.clone());
                 tokio::spawn(async move {
