@@ -20,6 +20,12 @@ pub(crate) struct ActiveMailboxes {
     next_subscriber: AtomicU64,
 }
 
+impl std::fmt::Debug for ActiveMailboxes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveMailboxes").finish_non_exhaustive()
+    }
+}
+
 /// One mailbox's in-memory state, present while something uses it.
 #[derive(Default)]
 struct MailboxState {
@@ -75,6 +81,18 @@ impl ActiveMailboxes {
         result
     }
 
+    /// Wakes `addr`'s subscriber, if it has one (after a shared commit made new
+    /// messages visible, or a hint from another node).
+    pub(crate) fn wake(&self, addr: &DeviceAddress) {
+        let state = lock(&self.devices).get(addr).cloned();
+        if let Some(state) = state {
+            if let Some(w) = lock(&state.subscriber).as_ref() {
+                w.notify.notify_one();
+            }
+            self.release(addr, state);
+        }
+    }
+
     /// Claims deliveries for `address`, displacing any earlier subscription of it.
     pub(crate) fn subscribe(self: &Arc<Self>, address: DeviceAddress) -> Subscription {
         let wakeup = Arc::new(Wakeup {
@@ -93,14 +111,6 @@ impl ActiveMailboxes {
             active: self.clone(),
             address,
             wakeup,
-        }
-    }
-
-    /// Wakes the device's subscriber, if it has one here (a hint from another node).
-    pub(crate) fn wake(&self, addr: &DeviceAddress) {
-        let devices = lock(&self.devices);
-        if let Some(w) = devices.get(addr).and_then(|s| lock(&s.subscriber).clone()) {
-            w.notify.notify_one();
         }
     }
 

@@ -38,7 +38,7 @@ use crate::core::limits::Limits;
 use crate::core::rate::{RateLimits, SenderKey};
 use crate::deletion::Tombstones;
 use crate::error::{Error, Result};
-use crate::store::{Envelope, GroupCommit, MailboxStore, StoredMessage, Usage};
+use crate::store::{Envelope, GroupCommit, MailboxStore, Staged, StoreError, StoredMessage, Usage};
 
 mod active;
 
@@ -68,8 +68,8 @@ impl std::fmt::Debug for Mailboxes {
     }
 }
 
-/// Messages [`Mailboxes::append`] stored: visible at once, durable once
-/// [`Appended::commit`] resolves.
+/// Messages [`Mailboxes::append`] stored or queued: visible and durable once
+/// [`Appended::commit`] resolves (the embedded stores show them at once).
 #[derive(Debug)]
 #[must_use = "the messages are not known to be durable until `commit` is awaited"]
 pub struct Appended {
@@ -78,8 +78,12 @@ pub struct Appended {
     /// yields lets all of them share one flush, instead of starting a flush after the
     /// first.
     commit: Arc<GroupCommit>,
-    /// Told after the commit, so other nodes wake the recipient (several nodes).
-    hint: Option<(Arc<Cluster>, DeviceAddress)>,
+    staged: Staged<Vec<u64>>,
+    to: DeviceAddress,
+    sealed: bool,
+    active: Arc<ActiveMailboxes>,
+    /// Told after the commit, so the other nodes wake the recipient.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Appended {
@@ -89,36 +93,54 @@ impl Appended {
     }
 
     /// Waits until the messages are durable as configured (one group commit shared by
-    /// every caller waiting at the time); returns how many there were.
+    /// every caller waiting at the time, or the shared backend's batch commit);
+    /// returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        self.commit.commit_mailboxes().await?;
-        if let Some((cluster, to)) = &self.hint {
-            cluster.mail(to);
+        match self.staged {
+            Staged::Applied(_) => self.commit.commit_mailboxes().await?,
+            pending => {
+                pending.wait().await.map_err(|e| refused(e, self.sealed))?;
+                // Visible only now: the wake before the commit found nothing.
+                self.active.wake(&self.to);
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.mail(&self.to);
         }
         Ok(self.accepted)
     }
 }
 
-/// Messages [`Mailboxes::ack`] deleted: gone from reads at once, durable once
-/// [`Acked::commit`] resolves.
+/// Messages [`Mailboxes::ack`] deleted or queued for deletion: gone from reads, and
+/// durable, once [`Acked::commit`] resolves (the embedded stores: gone from reads at
+/// once).
 #[derive(Debug)]
 #[must_use = "the deletion is not known to be durable until `commit` is awaited"]
 pub struct Acked {
-    deleted: Usage,
+    staged: Staged<Usage>,
     commit: Arc<GroupCommit>,
 }
 
 impl Acked {
-    /// What was deleted.
-    pub fn deleted(&self) -> Usage {
-        self.deleted
-    }
-
     /// Waits until the deletion is durable as configured (the group commit that sends
-    /// share); returns what was deleted.
+    /// share, or the shared backend's batch commit); returns what was deleted.
     pub async fn commit(self) -> Result<Usage> {
-        self.commit.commit_mailboxes().await?;
-        Ok(self.deleted)
+        match self.staged {
+            Staged::Applied(deleted) => {
+                self.commit.commit_mailboxes().await?;
+                Ok(deleted)
+            }
+            pending => Ok(pending.wait().await?),
+        }
+    }
+}
+
+/// A store's refusal of an append to an account being deleted, as a tombstone's.
+fn refused(e: StoreError, sealed: bool) -> Error {
+    match e {
+        StoreError::Deleted if sealed => Error::Unauthorized,
+        StoreError::Deleted => Error::UnknownRecipient,
+        e => Error::from(e),
     }
 }
 
@@ -179,7 +201,8 @@ impl Mailboxes {
         let n = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
-        self.active.ordered(to, true, || {
+        let sealed = matches!(from, SenderKey::Prefix(_));
+        let staged = self.active.ordered(to, true, || {
             // Checked under the device lock, which a deletion's purge takes too: a
             // send that resolved its recipient before the deletion began cannot
             // queue after the purge.
@@ -201,14 +224,20 @@ impl Mailboxes {
                 .check_enqueue(totals, msgs.len() as u64, bytes)?;
             self.rates.send(from, to, n)?;
             self.rates.intake(from, to, usage.messages, n)?;
+            // A shared backend queues it for a commit shared with other sends; another
+            // node's deletion intent refuses it as a tombstone here would.
             self.store
-                .append(to, msgs, now, self.ttl.expires_at(now))
-                .map_err(Error::from)
+                .stage_append(to, msgs, now, self.ttl.expires_at(now))
+                .map_err(|e| refused(e, sealed))
         })?;
         Ok(Appended {
             accepted: msgs.len(),
             commit: self.commit.clone(),
-            hint: self.cluster.get().map(|c| (c.clone(), *to)),
+            staged,
+            to: *to,
+            sealed,
+            active: self.active.clone(),
+            cluster: self.cluster.get().cloned(),
         })
     }
 
@@ -265,11 +294,11 @@ impl Mailboxes {
     /// once the returned [`Acked::commit`] resolves. Answer the ack only then.
     pub fn ack(&self, device: &AuthenticatedDevice, seqs: &[u64]) -> Result<Acked> {
         let addr = device.address();
-        let deleted = self
+        let staged = self
             .active
-            .ordered(addr, false, || self.store.remove(addr, seqs))?;
+            .ordered(addr, false, || self.store.stage_remove(addr, seqs))?;
         Ok(Acked {
-            deleted,
+            staged,
             commit: self.commit.clone(),
         })
     }

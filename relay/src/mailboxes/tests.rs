@@ -99,7 +99,9 @@ async fn a_device_cannot_ack_another_devices_mailbox() {
             .mailboxes()
             .ack(&alice, &seqs)
             .expect("ack")
-            .deleted()
+            .commit()
+            .await
+            .expect("commit")
             .messages,
         0
     );

@@ -82,6 +82,10 @@ pub enum StoreError {
     /// retry once the backend is back.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// An append to an account that is being deleted (a shared backend saw the
+    /// deletion intent another node recorded): refused as to an unknown recipient.
+    #[error("the recipient's account is being deleted")]
+    Deleted,
 }
 
 impl StoreError {
@@ -183,8 +187,49 @@ pub trait Flush: Send + Sync + 'static {
     }
 }
 
+/// A mailbox write: applied when the call returned (the embedded stores: durable at
+/// the next [`Flush::flush`]), or pending a shared commit that the receiver reports
+/// (PostgreSQL: visible and durable once it answers).
+#[derive(Debug)]
+pub enum Staged<T> {
+    /// Done.
+    Applied(T),
+    /// Queued for a commit; the answer comes after it.
+    Pending(tokio::sync::oneshot::Receiver<StoreResult<T>>),
+}
+
+impl<T> Staged<T> {
+    /// The write's outcome, once committed (at once when applied).
+    pub async fn wait(self) -> StoreResult<T> {
+        match self {
+            Staged::Applied(t) => Ok(t),
+            Staged::Pending(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("mailbox writer stopped".into()))),
+        }
+    }
+}
+
 /// Queued envelopes, one mailbox per device. See the module docs for the contract.
 pub trait MailboxStore: Flush {
+    /// [`MailboxStore::append`], or queued for a commit shared with other writes;
+    /// appends staged in one order to one mailbox get their seqs in that order.
+    fn stage_append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Staged<Vec<u64>>> {
+        self.append(to, msgs, accepted_at, expires_at)
+            .map(Staged::Applied)
+    }
+
+    /// [`MailboxStore::remove`], or queued for a commit shared with other writes.
+    fn stage_remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Staged<Usage>> {
+        self.remove(of, seqs).map(Staged::Applied)
+    }
+
     /// Queues `msgs` in order, accepted at `accepted_at` and expiring at `expires_at`,
     /// and returns their sequence numbers. Visible at once; durable after
     /// [`Flush::flush`].

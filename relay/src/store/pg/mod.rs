@@ -25,7 +25,9 @@ use super::{Durability, StoreError, StoreResult};
 
 pub mod cluster;
 pub mod lease;
+mod mailboxes;
 pub mod migrate;
+pub mod writer;
 
 // Package B1: accounts, keys, the blob index.
 mod accounts;
@@ -102,6 +104,8 @@ pub struct PgBackend {
     deadline: Duration,
     node_id: String,
     hosts: String,
+    // The mailbox writer and totals cache, started once the schema is in place.
+    mail: Option<mailboxes::MailState>,
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -169,7 +173,7 @@ impl PgBackend {
             .recycle_timeout(Some(opts.connect_timeout))
             .build()
             .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
-        let backend = PgBackend {
+        let mut backend = PgBackend {
             runtime: Some(runtime),
             pool,
             config,
@@ -177,6 +181,7 @@ impl PgBackend {
             deadline: opts.connect_timeout + opts.statement_timeout,
             node_id: opts.node_id.clone(),
             hosts,
+            mail: None,
         };
         backend.run(async {
             let mut client = backend.client().await?;
@@ -190,6 +195,7 @@ impl PgBackend {
                 })
                 .map(drop)
         })?;
+        backend.mail = Some(mailboxes::MailState::start(&backend)?);
         Ok(backend)
     }
 
@@ -236,6 +242,14 @@ impl PgBackend {
             }),
             Ok(_) => tokio::task::block_in_place(|| handle.block_on(bounded)),
         }
+    }
+
+    /// The database runtime's handle.
+    fn handle(&self) -> StoreResult<&tokio::runtime::Handle> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.handle())
+            .ok_or_else(|| StoreError::Backend("database runtime stopped".into()))
     }
 
     /// A pooled connection; a pool that cannot connect is `Unavailable`.
@@ -418,6 +432,8 @@ fn tls_connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+#[cfg(test)]
+mod mailbox_tests;
 #[cfg(test)]
 pub(crate) mod testdb;
 #[cfg(test)]

@@ -1,0 +1,392 @@
+//! Mailboxes on a real PostgreSQL: the conformance rules, shared commits, seq order
+//! across nodes, the expiry index, deletion intents, and a database that goes away.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::testdb::{db, node};
+use super::*;
+use crate::store::conformance::{self, addr, msg};
+use crate::store::{Envelope, MailboxStore, Usage};
+
+/// A client on the test database for checks the traits do not offer.
+fn sql(b: &PgBackend, query: &str) -> Vec<tokio_postgres::Row> {
+    b.run(async {
+        let c = b.client().await?;
+        c.query(query, &[]).await.map_err(|e| b.classify(&e))
+    })
+    .expect(query)
+}
+
+#[test]
+fn conformance_rules() {
+    let (pg, opts) = db();
+    let a = node(&opts, "a");
+    conformance::mailbox_rules(&a);
+    conformance::seqs_are_per_mailbox(&a);
+    conformance::purge_rules(&a);
+    // Totals on an empty database of their own.
+    pg.create_db("totals");
+    let mut t = opts.clone();
+    t.url = pg.conn_str("totals");
+    conformance::totals_rules(&node(&t, "t"));
+}
+
+#[test]
+fn seqs_grow_across_reopen() {
+    let (_pg, opts) = db();
+    conformance::seqs_grow_across_reopen(&|| Box::new(node(&opts, "a")));
+}
+
+#[test]
+fn concurrent_appends_share_commits() {
+    let (_pg, opts) = db();
+    let a = Arc::new(node(&opts, "a"));
+    // Eight threads that each wait for their append (the trait's sync path).
+    let (c0, r0) = a.writer_stats();
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let a = a.clone();
+            s.spawn(move || {
+                for i in 0..125u32 {
+                    let to = addr(100 + t, 1 + i % 4);
+                    a.append(&to, &[msg(t, 64)], 1_000, 9_000).expect("append");
+                }
+            });
+        }
+    });
+    let (c1, r1) = a.writer_stats();
+    assert_eq!(r1 - r0, 1_000);
+    assert!(c1 - c0 < 1_000, "{} commits for 1,000 appends", c1 - c0);
+    // Eight threads that stage theirs and wait for all at the end (the relay's path).
+    std::thread::scope(|s| {
+        for t in 0..8u8 {
+            let a = a.clone();
+            s.spawn(move || {
+                let staged: Vec<_> = (0..125u32)
+                    .map(|i| {
+                        let to = addr(100 + t, 1 + i % 4);
+                        a.queue_append(&to, &[msg(t, 64)], 1_000, 9_000)
+                            .expect("stage")
+                    })
+                    .collect();
+                for rx in staged {
+                    a.run(async { rx.await.expect("answer") }).expect("append");
+                }
+            });
+        }
+    });
+    let (c2, r2) = a.writer_stats();
+    assert_eq!(r2 - r1, 1_000);
+    assert!(
+        c2 - c1 <= 50,
+        "{} commits for 1,000 staged appends",
+        c2 - c1
+    );
+    let total: i64 = sql(&a, "SELECT count(*) FROM messages")[0].get(0);
+    assert_eq!(total, 2_000);
+    // Every mailbox's seqs are 1..=n with no gap or repeat.
+    let gaps: i64 = sql(
+        &a,
+        "SELECT count(*) FROM (SELECT account, device, max(seq) AS m, count(*) AS n \
+         FROM messages GROUP BY account, device) g WHERE m <> n",
+    )[0]
+    .get(0);
+    assert_eq!(gaps, 0);
+}
+
+#[test]
+fn two_nodes_one_mailbox_keep_seq_order() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let to = addr(42, 1);
+    let per_writer = 150u8;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let seen = std::thread::scope(|s| {
+        for (i, n) in [&a, &b, &a, &b].into_iter().enumerate() {
+            let done = &done;
+            s.spawn(move || {
+                for k in 0..per_writer {
+                    n.append(&to, &[msg(k, 16 + i)], 1_000, 9_000)
+                        .expect("append");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        // A reader on node a follows a cursor while the writers run.
+        let reader = s.spawn(|| {
+            let mut cursor = 0u64;
+            let mut seen = Vec::new();
+            for _ in 0..100_000 {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 4;
+                let batch = a.read(&to, cursor, 64).expect("read");
+                for m in &batch {
+                    assert!(m.seq > cursor, "{} after the cursor {cursor}", m.seq);
+                    cursor = m.seq;
+                    seen.push(m.seq);
+                }
+                if finished && batch.is_empty() {
+                    return seen;
+                }
+            }
+            panic!("the reader did not finish");
+        });
+        reader.join().expect("reader")
+    });
+    let all: Vec<u64> = a
+        .read(&to, 0, 10_000)
+        .expect("read")
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(all.len(), 4 * per_writer as usize);
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+    // Nothing appeared below the cursor after the reader passed it.
+    assert_eq!(seen, all);
+    assert_eq!(a.usage(&to).expect("usage").messages, all.len() as u64);
+}
+
+#[test]
+fn expired_is_swept_through_the_index_and_only_while_still_expired() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    // Enough rows that the planner would rather not scan the table.
+    let staged: Vec<_> = (0..200u32)
+        .map(|i| {
+            let msgs: Vec<Envelope> = (0..20u8).map(|k| msg(k, 8)).collect();
+            a.queue_append(&addr(7, 1 + i), &msgs, 1_000, 100_000 + u64::from(i))
+                .expect("stage")
+        })
+        .collect();
+    for rx in staged {
+        a.run(async { rx.await.expect("answer") }).expect("append");
+    }
+    let to = addr(8, 1);
+    let seqs = a
+        .append(&to, &[msg(1, 5), msg(2, 6)], 1_000, 2_000)
+        .expect("append");
+    sql(&a, "ANALYZE messages");
+    let plan: Vec<String> = sql(
+        &a,
+        "EXPLAIN SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= 2000 \
+         ORDER BY expires_at, account, device, seq LIMIT 100",
+    )
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("messages_expiry"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+    assert!(!plan.contains("Sort"), "{plan}");
+
+    let due = a.expired(2_000, 100).expect("expired");
+    assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
+    // An entry that claims an earlier expiry than the message has deletes nothing.
+    let mut stale = due.clone();
+    stale[0].expires_at = 1_500;
+    assert_eq!(
+        a.expire(&to, &stale[..1]).expect("expire"),
+        Usage::default()
+    );
+    assert_eq!(
+        a.expire(&to, &due).expect("expire"),
+        Usage {
+            messages: 2,
+            bytes: 11
+        }
+    );
+    assert!(a.expired(2_000, 100).expect("expired").is_empty());
+    assert_eq!(a.usage(&to).expect("usage"), Usage::default());
+    assert_eq!(a.expired(100_000, 10).expect("expired").len(), 10);
+}
+
+#[test]
+fn an_append_to_an_account_being_deleted_is_refused() {
+    let (pg, opts) = db();
+    // The accounts schema (V3) is another package's: its table, as the plan names it.
+    let setup = node(&opts, "setup");
+    sql(
+        &setup,
+        "CREATE TABLE IF NOT EXISTS account_deletions \
+         (account bytea PRIMARY KEY, devices bigint[] NOT NULL)",
+    );
+    drop(setup);
+    let a = node(&opts, "a");
+    let (gone, kept) = (addr(9, 1), addr(10, 1));
+    a.append(&gone, &[msg(1, 4)], 1_000, 9_000)
+        .expect("before the intent");
+    let before = a.totals();
+    let c = a
+        .run(async {
+            let c = a.client().await?;
+            c.execute(
+                "INSERT INTO account_deletions VALUES ($1, '{1}')",
+                &[&gone.account.as_bytes().as_slice()],
+            )
+            .await
+            .map_err(|e| a.classify(&e))
+        })
+        .expect("intent");
+    assert_eq!(c, 1);
+    // Staged together: the one to the account being deleted fails alone.
+    let x = a
+        .queue_append(&gone, &[msg(2, 4)], 1_000, 9_000)
+        .expect("stage");
+    let y = a
+        .queue_append(&kept, &[msg(3, 4)], 1_000, 9_000)
+        .expect("stage");
+    let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
+    let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");
+    assert_eq!(y.expect("kept").len(), 1);
+    assert_eq!(a.read(&gone, 0, 10).expect("read").len(), 1);
+    assert_eq!(a.usage(&gone).expect("usage").messages, 1);
+    assert_eq!(a.totals().messages, before.messages + 1);
+    // The purge leaves nothing of the account in the mailbox tables.
+    assert_eq!(a.purge(&gone).expect("purge").messages, 1);
+    assert!(matches!(
+        a.append(&gone, &[msg(4, 4)], 1_000, 9_000),
+        Err(StoreError::Deleted)
+    ));
+    let left: i64 = sql(
+        &a,
+        "SELECT (SELECT count(*) FROM mailbox_heads WHERE account = decode(repeat('09', 16), 'hex')) \
+         + (SELECT count(*) FROM messages WHERE account = decode(repeat('09', 16), 'hex'))",
+    )[0]
+    .get(0);
+    assert_eq!(left, 0);
+    drop(pg);
+}
+
+#[test]
+fn db_down_gives_unavailable_within_deadline_and_recovers() {
+    let (pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(11, 1);
+    a.append(&to, &[msg(1, 4)], 1_000, 9_000).expect("append");
+    pg.kill();
+    let started = Instant::now();
+    let err = a
+        .append(&to, &[msg(2, 4)], 1_000, 9_000)
+        .expect_err("database down");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(matches!(
+        a.read(&to, 0, 10),
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(matches!(
+        a.remove(&to, &[1]),
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(6), "bounded");
+    pg.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let seqs = loop {
+        match a.append(&to, &[msg(3, 4)], 1_000, 9_000) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no recovery: {e:?}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    // What was acknowledged is there; what failed was not acknowledged.
+    let ids: Vec<u8> = a
+        .read(&to, 0, 10)
+        .expect("read")
+        .iter()
+        .map(|m| m.message_id.0[0])
+        .collect();
+    assert_eq!(ids.first(), Some(&1));
+    assert_eq!(ids.last(), Some(&3));
+    assert!(seqs[0] >= 2);
+}
+
+#[test]
+fn a_purge_deletes_what_was_staged_before_it() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(12, 1);
+    let staged: Vec<_> = (0..50u8)
+        .map(|i| {
+            a.queue_append(&to, &[msg(i, 4)], 1_000, 9_000)
+                .expect("stage")
+        })
+        .collect();
+    let purged = a.purge(&to).expect("purge");
+    for rx in staged {
+        a.run(async { rx.await.expect("answer") }).expect("append");
+    }
+    assert_eq!(purged.messages, 50, "every staged append committed first");
+    assert!(a.read(&to, 0, 100).expect("read").is_empty());
+    assert_eq!(a.totals().messages, 0);
+}
+
+#[test]
+fn usage_and_totals_are_exact_for_own_commits_and_at_most_a_second_behind_others() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let to = addr(13, 1);
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages), (0, 0));
+    a.append(&to, &[msg(1, 4), msg(2, 4)], 1_000, 9_000)
+        .expect("append");
+    let (u, t) = a.usage_and_totals(&to).expect("a");
+    assert_eq!((u.messages, u.bytes, t.messages, t.mailboxes), (2, 8, 2, 1));
+    // b's cached view may lag, but by no more than the cache's age bound.
+    std::thread::sleep(super::mailboxes::TOTALS_MAX_AGE + Duration::from_millis(50));
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages, t.bytes), (2, 2, 8));
+    // An ack on b is b's own commit: exact at once, there.
+    let seqs: Vec<u64> = b.seqs(&to, 0, 10).expect("seqs");
+    b.remove(&to, &seqs[..1]).expect("remove");
+    let (u, t) = b.usage_and_totals(&to).expect("b");
+    assert_eq!((u.messages, t.messages), (1, 1));
+    assert_eq!(a.usage(&to).expect("exact").messages, 1);
+}
+
+#[test]
+fn appends_staged_in_order_get_seqs_in_that_order_across_pipelined_batches() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let (to, other) = (addr(14, 1), addr(15, 1));
+    let mut staged = Vec::new();
+    for i in 0..10_000u32 {
+        let m = Envelope {
+            message_id: tern_proto::MessageId(
+                [0u8; 12]
+                    .into_iter()
+                    .chain(i.to_be_bytes())
+                    .collect::<Vec<u8>>()
+                    .try_into()
+                    .unwrap(),
+            ),
+            payload: bytes::Bytes::from_static(b"x"),
+        };
+        staged.push(a.queue_append(&to, &[m], 1_000, 9_000).expect("stage"));
+        // Traffic to another mailbox in between, so batches differ in what they lock.
+        if i % 3 == 0 {
+            drop(
+                a.queue_append(&other, &[msg(1, 1)], 1_000, 9_000)
+                    .expect("stage"),
+            );
+        }
+    }
+    let mut seqs = Vec::new();
+    for rx in staged {
+        seqs.extend(a.run(async { rx.await.expect("answer") }).expect("append"));
+    }
+    assert_eq!(seqs, (1..=10_000).collect::<Vec<u64>>());
+    let ids: Vec<u32> = a
+        .read(&to, 0, 20_000)
+        .expect("read")
+        .iter()
+        .map(|m| u32::from_be_bytes(m.message_id.0[12..].try_into().unwrap()))
+        .collect();
+    assert_eq!(ids, (0..10_000).collect::<Vec<u32>>());
+    // More rows than one batch takes: several batches, in flight together.
+    let (commits, _) = a.writer_stats();
+    assert!(commits >= 3, "{commits} batches");
+}

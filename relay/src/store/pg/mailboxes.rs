@@ -1,0 +1,601 @@
+//! [`MailboxStore`] on PostgreSQL (schema: `migrations/V2__mailboxes.sql`).
+//!
+//! - Appends and removals go through the [writer](super::writer): queued, batched
+//!   with whatever else is queued, committed in one transaction; the sync trait
+//!   methods wait for that commit through [`PgBackend::run`].
+//! - A mailbox's seqs come from its `mailbox_heads` row, taken under the row's lock
+//!   in the inserting transaction: per mailbox, seq order is commit order on every
+//!   node, so a reader that saw seq n saw everything below it.
+//! - `usage` is exact; `totals` (and the totals of `usage_and_totals`) come from a
+//!   cache at most [`TOTALS_MAX_AGE`] old that this node's own commits keep current,
+//!   so relay-wide limits are soft across nodes by about a second of other nodes'
+//!   accepts. Each send's mailbox usage likewise (a per-node cache filled by reads and
+//!   this node's commits), so per-device limits are soft across nodes the same way.
+//! - `expire` and `purge` are a transaction each, heads row locked first.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tern_platform::clock::UnixMillis;
+use tern_proto::{DeviceAddress, MessageId};
+use tokio::sync::{mpsc, oneshot};
+
+use super::writer::{Op, Writer, WriterStats, ADD_TOTALS};
+use super::PgBackend;
+use crate::store::{
+    Envelope, Expired, MailboxStore, Staged, StoreError, StoreResult, StoredMessage, Totals, Usage,
+};
+
+/// How old cached totals may be.
+pub(crate) const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Mailboxes whose usage the cache keeps; past it, the cache starts afresh.
+const USAGE_CACHE_MAX: usize = 100_000;
+
+/// A mailbox store's per-node state: the writer's queue and the caches.
+pub(super) struct MailState {
+    queue: mpsc::UnboundedSender<Op>,
+    totals: Arc<TotalsCache>,
+    usage: Arc<UsageCache>,
+    stats: Arc<WriterStats>,
+    slot: i32,
+}
+
+impl MailState {
+    /// Starts the writer on the backend's runtime.
+    pub(super) fn start(backend: &PgBackend) -> StoreResult<MailState> {
+        let intents = backend.run(async {
+            let c = backend.client().await?;
+            let row = c
+                .query_one("SELECT to_regclass('account_deletions') IS NOT NULL", &[])
+                .await
+                .map_err(|e| backend.classify(&e))?;
+            Ok(row.get::<_, bool>(0))
+        })?;
+        let totals = Arc::new(TotalsCache::default());
+        let usage = Arc::new(UsageCache::default());
+        let stats = Arc::new(WriterStats::default());
+        let slot = slot_of(backend.node_id());
+        let writer = Writer {
+            pool: backend.pool.clone(),
+            hosts: backend.hosts.clone(),
+            deadline: backend.deadline,
+            slot,
+            intents,
+            totals: totals.clone(),
+            usage: usage.clone(),
+            stats: stats.clone(),
+        };
+        let (queue, rx) = mpsc::unbounded_channel();
+        backend.handle()?.spawn(writer.serve(rx));
+        Ok(MailState {
+            queue,
+            totals,
+            usage,
+            stats,
+            slot,
+        })
+    }
+}
+
+/// This node's row of `mailbox_totals`: FNV-1a of its name, mod 64.
+fn slot_of(node: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in node.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h % 64) as i32
+}
+
+/// A change to the totals.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct TotalsDelta {
+    pub(super) messages: i64,
+    pub(super) bytes: i64,
+    pub(super) mailboxes: i64,
+}
+
+impl TotalsDelta {
+    pub(super) fn is_zero(&self) -> bool {
+        self.messages == 0 && self.bytes == 0 && self.mailboxes == 0
+    }
+}
+
+/// The relay-wide totals as last read, plus this node's commits since.
+#[derive(Default)]
+pub(super) struct TotalsCache {
+    cached: Mutex<Option<(Instant, Totals)>>,
+    /// Bumped by every commit applied, so a read that raced one is not kept long.
+    changes: AtomicU64,
+}
+
+impl TotalsCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(Instant, Totals)>> {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self) -> Option<Totals> {
+        self.lock()
+            .filter(|(at, _)| at.elapsed() < TOTALS_MAX_AGE)
+            .map(|(_, t)| t)
+    }
+
+    /// Adds a committed change.
+    pub(super) fn apply(&self, d: TotalsDelta) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        if let Some((_, t)) = self.lock().as_mut() {
+            t.messages = t.messages.saturating_add_signed(d.messages);
+            t.bytes = t.bytes.saturating_add_signed(d.bytes);
+            t.mailboxes = t.mailboxes.saturating_add_signed(d.mailboxes);
+        }
+    }
+}
+
+/// Mailboxes' usage as this node last knew it (from a read or its own commit), for
+/// the check every send makes; an entry serves for [`TOTALS_MAX_AGE`].
+#[derive(Default)]
+pub(super) struct UsageCache {
+    entries: Mutex<std::collections::HashMap<DeviceAddress, (Instant, Usage)>>,
+}
+
+impl UsageCache {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<DeviceAddress, (Instant, Usage)>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fresh(&self, of: &DeviceAddress) -> Option<Usage> {
+        self.lock()
+            .get(of)
+            .filter(|(at, _)| at.elapsed() < TOTALS_MAX_AGE)
+            .map(|(_, u)| *u)
+    }
+
+    /// Records what a mailbox holds as of a read or a commit.
+    pub(super) fn set(&self, of: DeviceAddress, usage: Usage) {
+        let mut entries = self.lock();
+        if entries.len() >= USAGE_CACHE_MAX && !entries.contains_key(&of) {
+            entries.clear();
+        }
+        entries.insert(of, (Instant::now(), usage));
+    }
+
+    fn forget(&self, of: &DeviceAddress) {
+        self.lock().remove(of);
+    }
+}
+
+/// A mailbox address from its columns.
+pub(super) fn addr_of(account: &[u8], device: i64) -> StoreResult<DeviceAddress> {
+    let device = u32::try_from(device).map_err(|_| StoreError::Corrupt("device id"))?;
+    DeviceAddress::from_wire(account, device).map_err(|_| StoreError::Corrupt("address"))
+}
+
+/// Unix ms as `bigint`: clamped, with `u64::MAX` ("never") kept as `i64::MAX`.
+fn to_db(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+fn from_db(t: i64) -> u64 {
+    if t == i64::MAX {
+        u64::MAX
+    } else {
+        t.max(0) as u64
+    }
+}
+
+/// Seqs live below 2^63; a cursor at or past it is past everything.
+fn cursor(after: u64) -> Option<i64> {
+    i64::try_from(after).ok()
+}
+
+fn limit(max: usize) -> i64 {
+    i64::try_from(max).unwrap_or(i64::MAX)
+}
+
+fn key(a: &DeviceAddress) -> (&[u8], i64) {
+    (a.account.as_bytes().as_slice(), i64::from(a.device.get()))
+}
+
+impl PgBackend {
+    fn mail(&self) -> StoreResult<&MailState> {
+        self.mail
+            .as_ref()
+            .ok_or_else(|| StoreError::Backend("mailbox writer not started".into()))
+    }
+
+    /// Queues an append for the writer; the receiver hears its seqs after COMMIT (or
+    /// why it failed). Appends staged in one order to one mailbox get seqs in that order.
+    pub fn queue_append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<oneshot::Receiver<StoreResult<Vec<u64>>>> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Append {
+            to: *to,
+            msgs: msgs.to_vec(),
+            accepted_at: to_db(accepted_at),
+            expires_at: to_db(expires_at),
+            reply,
+        };
+        self.enqueue(op)?;
+        Ok(rx)
+    }
+
+    /// Queues a removal for the writer; the receiver hears what it deleted after COMMIT.
+    pub fn queue_remove(
+        &self,
+        of: &DeviceAddress,
+        seqs: &[u64],
+    ) -> StoreResult<oneshot::Receiver<StoreResult<Usage>>> {
+        let (reply, rx) = oneshot::channel();
+        self.enqueue(Op::Remove {
+            of: *of,
+            seqs: seqs.to_vec(),
+            reply,
+        })?;
+        Ok(rx)
+    }
+
+    fn enqueue(&self, op: Op) -> StoreResult<()> {
+        self.mail()?
+            .queue
+            .send(op)
+            .map_err(|_| StoreError::Unavailable("mailbox writer stopped".into()))
+    }
+
+    /// Transactions the mailbox writer committed, and the rows in them.
+    pub fn writer_stats(&self) -> (u64, u64) {
+        self.mail().map_or((0, 0), |m| {
+            (
+                m.stats.commits.load(Ordering::Relaxed),
+                m.stats.rows.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    fn wait<T: Send>(&self, rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
+        self.run(async {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("mailbox writer stopped".into())))
+        })
+    }
+
+    /// Reads the totals from the database into the cache.
+    fn refresh_totals(&self) -> StoreResult<Totals> {
+        let mail = self.mail()?;
+        let before = mail.totals.changes.load(Ordering::Acquire);
+        let totals = self.run(async {
+            let c = self.client().await?;
+            let row = c
+                .query_one(
+                    "SELECT coalesce(sum(messages), 0)::int8, coalesce(sum(bytes), 0)::int8, \
+                     coalesce(sum(mailboxes), 0)::int8 FROM mailbox_totals",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            let get = |i| row.get::<_, i64>(i).max(0) as u64;
+            Ok(Totals {
+                messages: get(0),
+                bytes: get(1),
+                mailboxes: get(2),
+            })
+        })?;
+        // A commit that landed meanwhile may or may not be in the sum: read again soon.
+        let at = if mail.totals.changes.load(Ordering::Acquire) == before {
+            Instant::now()
+        } else {
+            Instant::now()
+                .checked_sub(TOTALS_MAX_AGE)
+                .unwrap_or_else(Instant::now)
+        };
+        *mail.totals.lock() = Some((at, totals));
+        Ok(totals)
+    }
+
+    /// Deletes from one mailbox in a transaction of its own: heads row locked first,
+    /// then `delete` (which returns count and bytes), then heads and totals.
+    fn delete_in_mailbox(
+        &self,
+        of: &DeviceAddress,
+        delete: &str,
+        extra: Option<(Vec<i64>, Vec<i64>)>,
+        forget_head: bool,
+    ) -> StoreResult<Usage> {
+        let mail = self.mail()?;
+        let (account, device) = key(of);
+        let slot = mail.slot;
+        let extra = extra.as_ref();
+        let delta = self.run(async {
+            let mut client = self.client().await?;
+            let k = (account, device);
+            match delete_tx(&mut client, slot, k, delete, extra, forget_head).await {
+                // A deadlock victim: once more.
+                Err(e) if super::is_retryable(&e) => {
+                    delete_tx(&mut client, slot, k, delete, extra, forget_head).await
+                }
+                r => r,
+            }
+            .map_err(|e| self.classify(&e))
+        })?;
+        mail.totals.apply(delta);
+        mail.usage.forget(of);
+        Ok(Usage {
+            messages: (-delta.messages) as u64,
+            bytes: (-delta.bytes) as u64,
+        })
+    }
+}
+
+/// The transaction of [`PgBackend::delete_in_mailbox`].
+async fn delete_tx(
+    client: &mut deadpool_postgres::Object,
+    slot: i32,
+    (account, device): (&[u8], i64),
+    delete: &str,
+    extra: Option<&(Vec<i64>, Vec<i64>)>,
+    forget_head: bool,
+) -> Result<TotalsDelta, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    let head = if forget_head {
+        "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages"
+    } else {
+        "SELECT messages FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE"
+    };
+    let before: i64 = tx
+        .query_opt(head, &[&account, &device])
+        .await?
+        .map_or(0, |r| r.get(0));
+    let row = match extra {
+        Some((seqs, until)) => {
+            tx.query_one(delete, &[&account, &device, seqs, until])
+                .await?
+        }
+        None => tx.query_one(delete, &[&account, &device]).await?,
+    };
+    let (n, bytes): (i64, i64) = (row.get(0), row.get(1));
+    if n == 0 && !forget_head {
+        tx.commit().await?;
+        return Ok(TotalsDelta::default());
+    }
+    let after = if forget_head {
+        0
+    } else {
+        tx.execute(
+            "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
+             WHERE account = $1 AND device = $2",
+            &[&account, &device, &n, &bytes],
+        )
+        .await?;
+        before - n
+    };
+    let delta = TotalsDelta {
+        messages: -n,
+        bytes: -bytes,
+        mailboxes: i64::from(after > 0) - i64::from(before > 0),
+    };
+    if !delta.is_zero() {
+        tx.execute(
+            ADD_TOTALS,
+            &[&slot, &delta.messages, &delta.bytes, &delta.mailboxes],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(delta)
+}
+
+impl MailboxStore for PgBackend {
+    fn stage_append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Staged<Vec<u64>>> {
+        if msgs.is_empty() {
+            return Ok(Staged::Applied(Vec::new()));
+        }
+        self.queue_append(to, msgs, accepted_at, expires_at)
+            .map(Staged::Pending)
+    }
+
+    fn stage_remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Staged<Usage>> {
+        if seqs.is_empty() {
+            return Ok(Staged::Applied(Usage::default()));
+        }
+        self.queue_remove(of, seqs).map(Staged::Pending)
+    }
+
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        if msgs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rx = self.queue_append(to, msgs, accepted_at, expires_at)?;
+        self.wait(rx)
+    }
+
+    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
+        let Some(after) = cursor(after) else {
+            return Ok(Vec::new());
+        };
+        let (account, device) = key(of);
+        self.run(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
+                     WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+                    &[&account, &device, &after, &limit(max)],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            rows.iter()
+                .map(|r| {
+                    let id: &[u8] = r.get(1);
+                    let payload: Vec<u8> = r.get(2);
+                    Ok(StoredMessage {
+                        seq: r.get::<_, i64>(0) as u64,
+                        message_id: MessageId(
+                            id.try_into()
+                                .map_err(|_| StoreError::Corrupt("message id"))?,
+                        ),
+                        payload: Bytes::from(payload),
+                        accepted_at: from_db(r.get(3)),
+                        expires_at: from_db(r.get(4)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
+        let Some(after) = cursor(after) else {
+            return Ok(Vec::new());
+        };
+        let (account, device) = key(of);
+        self.run(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
+                     ORDER BY seq LIMIT $4",
+                    &[&account, &device, &after, &limit(max)],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+        })
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
+        if seqs.is_empty() {
+            return Ok(Usage::default());
+        }
+        let rx = self.queue_remove(of, seqs)?;
+        self.wait(rx)
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        let (account, device) = key(of);
+        self.run(async {
+            let c = self.client().await?;
+            let row = c
+                .query_opt(
+                    "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
+                    &[&account, &device],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(row.map_or(Usage::default(), |r| Usage {
+                messages: r.get::<_, i64>(0).max(0) as u64,
+                bytes: r.get::<_, i64>(1).max(0) as u64,
+            }))
+        })
+    }
+
+    fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
+        let cached = self.mail()?.usage.fresh(of);
+        let usage = match cached {
+            Some(u) => u,
+            None => {
+                let u = self.usage(of)?;
+                self.mail()?.usage.set(*of, u);
+                u
+            }
+        };
+        Ok((usage, self.totals()))
+    }
+
+    fn totals(&self) -> Totals {
+        let Ok(mail) = self.mail() else {
+            return Totals::default();
+        };
+        if let Some(t) = mail.totals.fresh() {
+            return t;
+        }
+        match self.refresh_totals() {
+            Ok(t) => t,
+            // The last known totals (or none): the send that asked fails on its own
+            // write while the database is away.
+            Err(e) => {
+                tracing::debug!(error = %e, "reading mailbox totals failed");
+                mail.totals.lock().map(|(_, t)| t).unwrap_or_default()
+            }
+        }
+    }
+
+    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
+        self.run(async {
+            let c = self.client().await?;
+            let rows = c
+                .query(
+                    "SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= $1 \
+                     ORDER BY expires_at, account, device, seq LIMIT $2",
+                    &[&to_db(now), &limit(max)],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            rows.iter()
+                .map(|r| {
+                    Ok(Expired {
+                        to: addr_of(r.get(0), r.get(1))?,
+                        seq: r.get::<_, i64>(2) as u64,
+                        expires_at: from_db(r.get(3)),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
+        let (seqs, until): (Vec<i64>, Vec<i64>) = entries
+            .iter()
+            .filter(|e| e.to == *of)
+            .filter_map(|e| Some((cursor(e.seq)?, to_db(e.expires_at))))
+            .unzip();
+        if seqs.is_empty() {
+            return Ok(Usage::default());
+        }
+        // Only what is still expired: an entry names its expiry, and a message's
+        // expiry never moves, so a stale entry deletes nothing newer.
+        self.delete_in_mailbox(
+            of,
+            "WITH d AS (DELETE FROM messages m USING unnest($3::int8[], $4::int8[]) e(s, x) \
+             WHERE m.account = $1 AND m.device = $2 AND m.seq = e.s AND m.expires_at <= e.x \
+             RETURNING octet_length(m.payload) AS n) \
+             SELECT count(*), coalesce(sum(n), 0)::int8 FROM d",
+            Some((seqs, until)),
+            false,
+        )
+    }
+
+    fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
+        // What was staged before the purge commits first, so the purge deletes it too.
+        let barrier = self.queue_remove(of, &[])?;
+        self.wait(barrier)?;
+        // Account deletion: the head goes too (account ids are never reused), locked
+        // first so a batch that passed the deletion-intent check has committed.
+        self.delete_in_mailbox(
+            of,
+            "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
+             RETURNING octet_length(payload) AS n) \
+             SELECT count(*), coalesce(sum(n), 0)::int8 FROM d",
+            None,
+            true,
+        )
+    }
+}

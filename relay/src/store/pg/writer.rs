@@ -1,0 +1,614 @@
+//! The mailbox writer: one task per backend that turns every append and removal
+//! queued meanwhile into one transaction, so concurrent sends and acks share commits
+//! (a node is not capped at one commit per message).
+//!
+//! A batch takes at most [`MAX_ROWS`] rows or [`MAX_BYTES`] of payload. Its mailboxes
+//! are sorted by (account, device) and their `mailbox_heads` rows locked in that
+//! order first (every mailbox transaction locks heads first), so batches on two nodes
+//! wait for one another rather than deadlock. Up to [`PIPELINE`] transactions are in
+//! flight: each batch takes its locks after the one before it, so within a mailbox
+//! seqs follow queue order, and batches are answered in queue order. Each caller
+//! hears after COMMIT; a failed transaction fails every item in it with
+//! [`StoreError::Unavailable`], and nothing in it was acknowledged.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tern_proto::DeviceAddress;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::classify;
+use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
+use crate::store::{Envelope, StoreError, StoreResult, Usage};
+
+/// Rows (messages appended plus seqs removed) one transaction takes at most.
+pub const MAX_ROWS: usize = 4096;
+/// Payload bytes one transaction takes at most.
+pub const MAX_BYTES: usize = 8 << 20;
+
+/// What a caller hands the writer.
+pub(super) enum Op {
+    Append {
+        to: DeviceAddress,
+        msgs: Vec<Envelope>,
+        accepted_at: i64,
+        expires_at: i64,
+        reply: oneshot::Sender<StoreResult<Vec<u64>>>,
+    },
+    Remove {
+        of: DeviceAddress,
+        seqs: Vec<u64>,
+        reply: oneshot::Sender<StoreResult<Usage>>,
+    },
+}
+
+impl Op {
+    fn rows(&self) -> usize {
+        match self {
+            Op::Append { msgs, .. } => msgs.len(),
+            Op::Remove { seqs, .. } => seqs.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { msgs, .. } => msgs.iter().map(|m| m.payload.len()).sum(),
+            Op::Remove { .. } => 0,
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Op::Append { reply, .. } => drop(reply.send(Err(e))),
+            Op::Remove { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+/// Counters of the writer's work, for tests and benches.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub commits: AtomicU64,
+    /// Rows (appended messages and removed seqs) in them.
+    pub rows: AtomicU64,
+}
+
+/// What the writer task needs.
+pub(super) struct Writer {
+    pub(super) pool: Pool,
+    pub(super) hosts: String,
+    pub(super) deadline: Duration,
+    pub(super) slot: i32,
+    /// Whether `account_deletions` exists (the accounts schema is applied): then an
+    /// append to an account with a deletion intent is refused in the transaction.
+    pub(super) intents: bool,
+    pub(super) totals: Arc<TotalsCache>,
+    pub(super) usage: Arc<UsageCache>,
+    pub(super) stats: Arc<WriterStats>,
+}
+
+/// One mailbox's part of a batch.
+#[derive(Default)]
+struct Part {
+    /// Messages and payload bytes appended.
+    appended: (i64, i64),
+    /// Indexes of the batch's appends to it, in queue order.
+    appends: Vec<usize>,
+    /// Seqs to remove, each with the index of the first removal naming it.
+    removes: BTreeMap<u64, usize>,
+}
+
+/// What the transaction reports.
+struct Outcome {
+    /// Heads after the upsert: last seq, messages, bytes.
+    heads: HashMap<DeviceAddress, (i64, i64, i64)>,
+    refused: HashSet<DeviceAddress>,
+    /// Deleted (mailbox, seq, payload bytes).
+    deleted: Vec<(DeviceAddress, u64, u64)>,
+}
+
+/// Transactions in flight at once: the next batch takes its head locks while the ones
+/// before it commit (their fsync), so commits overlap. Batches take their locks one
+/// after another in queue order and are answered in queue order.
+pub const PIPELINE: usize = 4;
+
+/// A pooled connection inside a transaction of ours. Dropped before COMMIT (an error,
+/// a deadline), it leaves the pool and closes, which rolls the transaction back: a
+/// connection inside a transaction never goes back to the pool.
+struct Open(Option<deadpool_postgres::Object>);
+
+impl Open {
+    fn client(&self) -> Result<&deadpool_postgres::Object, Failure> {
+        self.0.as_ref().ok_or(Failure::Other(StoreError::Backend(
+            "transaction closed".into(),
+        )))
+    }
+
+    async fn commit(mut self) -> Result<(), Failure> {
+        self.client()?.batch_execute("COMMIT").await?;
+        // Committed: the connection may serve others again.
+        drop(self.0.take());
+        Ok(())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// A batch's ops and its per-mailbox plan.
+fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
+    let mut parts: BTreeMap<DeviceAddress, Part> = BTreeMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            Op::Append { to, msgs, .. } => {
+                let part = parts.entry(*to).or_default();
+                part.appended.0 += msgs.len() as i64;
+                part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
+                part.appends.push(i);
+            }
+            // An empty removal is a barrier: answered once what was queued before it
+            // has committed (batches are answered in order).
+            Op::Remove { seqs, .. } if seqs.is_empty() => {}
+            Op::Remove { of, seqs, .. } => {
+                let part = parts.entry(*of).or_default();
+                for &s in seqs.iter().filter(|&&s| (1..1 << 63).contains(&s)) {
+                    part.removes.entry(s).or_insert(i);
+                }
+            }
+        }
+    }
+    parts
+}
+
+/// What the first half of a batch's transaction leaves for the second.
+struct Locked {
+    open: Open,
+    heads: HashMap<DeviceAddress, (i64, i64, i64)>,
+    refused: HashSet<DeviceAddress>,
+}
+
+impl Writer {
+    /// Serves `rx` until every sender is gone.
+    pub(super) async fn serve(self, mut rx: mpsc::UnboundedReceiver<Op>) {
+        let this = Arc::new(self);
+        let slots = Arc::new(Semaphore::new(PIPELINE));
+        let mut previous: Option<oneshot::Receiver<()>> = None;
+        while let Some(first) = rx.recv().await {
+            // Waiting for a slot lets the queue grow: a bigger batch next.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (mut rows, mut bytes) = (first.rows(), first.bytes());
+            let mut ops = vec![first];
+            while rows < MAX_ROWS && bytes < MAX_BYTES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        rows += op.rows();
+                        bytes += op.bytes();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let parts = plan(&ops);
+            // The locks are taken here, one batch after another: within a mailbox,
+            // a later batch waits for an earlier one's commit, so seqs follow the queue.
+            let locked = if parts.is_empty() {
+                Ok(None)
+            } else {
+                this.bounded(this.lock(&parts)).await.map(Some)
+            };
+            let (done, next) = oneshot::channel();
+            let before = previous.replace(next);
+            let this = this.clone();
+            tokio::spawn(async move {
+                let outcome = match locked {
+                    Ok(None) => Ok(Outcome {
+                        heads: HashMap::new(),
+                        refused: HashSet::new(),
+                        deleted: Vec::new(),
+                    }),
+                    Ok(Some(locked)) => this.bounded(this.finish(locked, &ops, &parts)).await,
+                    Err(f) => Err(f),
+                };
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                match outcome {
+                    Ok(outcome) => this.answer(ops, &parts, outcome),
+                    Err(f) => this.fail(ops, f),
+                }
+                let _ = done.send(());
+                drop(slot);
+            });
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failure> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Failure::Other(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: no commit within {:?}",
+                self.hosts, self.deadline
+            )))),
+        }
+    }
+
+    /// Fails every item of a batch whose transaction failed: nothing in it is
+    /// acknowledged.
+    fn fail(&self, ops: Vec<Op>, f: Failure) {
+        let message = match f {
+            Failure::Db(e) => classify(&e, &self.hosts).to_string(),
+            Failure::Other(e) => e.to_string(),
+        };
+        for op in ops {
+            op.fail(StoreError::Unavailable(message.clone()));
+        }
+    }
+
+    /// BEGIN, the head locks (and counts), the deletion-intent check.
+    async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
+        let client = self.pool.get().await.map_err(|e| {
+            Failure::Other(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: {e}",
+                self.hosts
+            )))
+        })?;
+        client.batch_execute("BEGIN").await?;
+        let open = Open(Some(client));
+        let tx = open.client()?;
+        // 1. Lock (and create) every head of the batch, in order; count the appends.
+        let mut cols = HeadCols::default();
+        for (to, part) in parts {
+            cols.push(to, part.appended.0, part.appended.0, part.appended.1);
+        }
+        let upsert = tx.prepare_cached(UPSERT_HEADS).await?;
+        let rows = tx
+            .query(
+                &upsert,
+                &[&cols.accounts, &cols.devices, &cols.a, &cols.b, &cols.c],
+            )
+            .await?;
+        let mut heads = HashMap::new();
+        for row in rows {
+            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
+            heads.insert(to, (row.get(2), row.get(3), row.get(4)));
+        }
+        // 2. After the locks: accounts being deleted take no more messages (a purge
+        //    locks the heads before deleting, so it sees whatever passed this check).
+        let mut refused = HashSet::new();
+        if self.intents {
+            let accounts: Vec<&[u8]> = parts
+                .iter()
+                .filter(|(_, p)| !p.appends.is_empty())
+                .map(|(to, _)| to.account.as_bytes().as_slice())
+                .collect();
+            let gone = tx.prepare_cached(INTENTS).await?;
+            let rows = tx.query(&gone, &[&accounts]).await?;
+            let gone: HashSet<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+            for to in parts.keys() {
+                if gone.contains(to.account.as_bytes().as_slice()) {
+                    refused.insert(*to);
+                }
+            }
+        }
+        Ok(Locked {
+            open,
+            heads,
+            refused,
+        })
+    }
+
+    /// The messages, the heads' and totals' changes, COMMIT.
+    async fn finish(
+        &self,
+        locked: Locked,
+        ops: &[Op],
+        parts: &BTreeMap<DeviceAddress, Part>,
+    ) -> Result<Outcome, Failure> {
+        let Locked {
+            open,
+            heads,
+            refused,
+        } = locked;
+        let tx = open.client()?;
+        // 3. The inserts and the deletions, pipelined.
+        let mut ins = InsertCols::default();
+        for (to, part) in parts.iter().filter(|(to, _)| !refused.contains(*to)) {
+            let Some(&(last, _, _)) = heads.get(to) else {
+                continue;
+            };
+            let mut seq = last - part.appended.0;
+            for &i in &part.appends {
+                if let Op::Append {
+                    msgs,
+                    accepted_at,
+                    expires_at,
+                    ..
+                } = &ops[i]
+                {
+                    for m in msgs {
+                        seq += 1;
+                        ins.push(to, seq, m, *accepted_at, *expires_at);
+                    }
+                }
+            }
+        }
+        let mut del = HeadCols::default();
+        for (to, part) in parts {
+            for &s in part.removes.keys() {
+                del.push(to, s as i64, 0, 0);
+            }
+        }
+        let insert = async {
+            if ins.accounts.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached(INSERT_MESSAGES).await?;
+            tx.execute(
+                &st,
+                &[
+                    &ins.accounts,
+                    &ins.devices,
+                    &ins.seqs,
+                    &ins.ids,
+                    &ins.payloads,
+                    &ins.accepted,
+                    &ins.expires,
+                ],
+            )
+            .await
+        };
+        let delete = async {
+            if del.accounts.is_empty() {
+                return Ok(Vec::new());
+            }
+            let st = tx.prepare_cached(DELETE_MESSAGES).await?;
+            tx.query(&st, &[&del.accounts, &del.devices, &del.a]).await
+        };
+        let (inserted, deleted_rows) = futures::join!(insert, delete);
+        inserted?;
+        let mut deleted = Vec::new();
+        for row in deleted_rows? {
+            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
+            let seq: i64 = row.get(2);
+            let len: i32 = row.get(3);
+            deleted.push((to, seq as u64, len.max(0) as u64));
+        }
+        // 4. Heads less what was deleted or refused, and this node's totals slot.
+        let mut less: BTreeMap<DeviceAddress, (i64, i64)> = BTreeMap::new();
+        for (to, _, len) in &deleted {
+            let e = less.entry(*to).or_default();
+            e.0 += 1;
+            e.1 += *len as i64;
+        }
+        for to in &refused {
+            if let Some(part) = parts.get(to) {
+                let e = less.entry(*to).or_default();
+                e.0 += part.appended.0;
+                e.1 += part.appended.1;
+            }
+        }
+        let mut dec = HeadCols::default();
+        for (to, (m, b)) in &less {
+            dec.push(to, *m, *b, 0);
+        }
+        let delta = totals_delta(parts, &heads, &less);
+        let decrement = async {
+            if dec.accounts.is_empty() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached(DECREMENT_HEADS).await?;
+            tx.execute(&st, &[&dec.accounts, &dec.devices, &dec.a, &dec.b])
+                .await
+        };
+        let totals = async {
+            if delta.is_zero() {
+                return Ok(0);
+            }
+            let st = tx.prepare_cached(ADD_TOTALS).await?;
+            tx.execute(
+                &st,
+                &[&self.slot, &delta.messages, &delta.bytes, &delta.mailboxes],
+            )
+            .await
+        };
+        let (d, t) = futures::join!(decrement, totals);
+        d?;
+        t?;
+        if !refused.is_empty() {
+            // A deleted account's heads leave nothing behind (the purge removed them).
+            let mut gone = HeadCols::default();
+            for to in &refused {
+                gone.push(to, 0, 0, 0);
+            }
+            let st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
+            tx.execute(&st, &[&gone.accounts, &gone.devices]).await?;
+        }
+        open.commit().await?;
+        self.totals.apply(delta);
+        // Exact as of this commit: the heads were locked and changed by it.
+        for (to, &(_, messages, bytes)) in &heads {
+            if refused.contains(to) {
+                continue;
+            }
+            let (m, b) = less.get(to).copied().unwrap_or_default();
+            let usage = Usage {
+                messages: (messages - m).max(0) as u64,
+                bytes: (bytes - b).max(0) as u64,
+            };
+            self.usage.set(*to, usage);
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
+        self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+        Ok(Outcome {
+            heads,
+            refused,
+            deleted,
+        })
+    }
+
+    /// Hands each caller its part of a committed batch.
+    fn answer(&self, ops: Vec<Op>, parts: &BTreeMap<DeviceAddress, Part>, out: Outcome) {
+        let mut freed: HashMap<usize, Usage> = HashMap::new();
+        for (to, seq, len) in &out.deleted {
+            if let Some(&i) = parts.get(to).and_then(|p| p.removes.get(seq)) {
+                let u = freed.entry(i).or_default();
+                u.messages += 1;
+                u.bytes += len;
+            }
+        }
+        // Seqs per mailbox in queue order, as the insert numbered them.
+        let mut next: HashMap<DeviceAddress, i64> = parts
+            .iter()
+            .filter_map(|(to, p)| {
+                let &(last, _, _) = out.heads.get(to)?;
+                Some((*to, last - p.appended.0))
+            })
+            .collect();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Append {
+                    to, msgs, reply, ..
+                } => {
+                    let result = if out.refused.contains(&to) {
+                        Err(StoreError::Deleted)
+                    } else if let Some(base) = next.get_mut(&to) {
+                        let seqs = (1..=msgs.len() as i64)
+                            .map(|k| (*base + k) as u64)
+                            .collect();
+                        *base += msgs.len() as i64;
+                        Ok(seqs)
+                    } else {
+                        Err(StoreError::Backend("mailbox head missing".into()))
+                    };
+                    let _ = reply.send(result);
+                }
+                Op::Remove { reply, .. } => {
+                    let _ = reply.send(Ok(freed.get(&i).copied().unwrap_or_default()));
+                }
+            }
+        }
+    }
+}
+
+/// How the totals change: messages and bytes, and mailboxes that became non-empty
+/// less those that emptied.
+fn totals_delta(
+    parts: &BTreeMap<DeviceAddress, Part>,
+    heads: &HashMap<DeviceAddress, (i64, i64, i64)>,
+    less: &BTreeMap<DeviceAddress, (i64, i64)>,
+) -> TotalsDelta {
+    let mut delta = TotalsDelta::default();
+    for (to, part) in parts {
+        let Some(&(_, messages, _)) = heads.get(to) else {
+            continue;
+        };
+        let (gone_m, gone_b) = less.get(to).copied().unwrap_or_default();
+        let before = messages - part.appended.0;
+        let after = messages - gone_m;
+        delta.messages += part.appended.0 - gone_m;
+        delta.bytes += part.appended.1 - gone_b;
+        delta.mailboxes += i64::from(after > 0) - i64::from(before > 0);
+    }
+    delta
+}
+
+enum Failure {
+    Db(tokio_postgres::Error),
+    Other(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Db(e)
+    }
+}
+
+/// Per-mailbox columns for `unnest`.
+#[derive(Default)]
+struct HeadCols<'a> {
+    accounts: Vec<&'a [u8]>,
+    devices: Vec<i64>,
+    a: Vec<i64>,
+    b: Vec<i64>,
+    c: Vec<i64>,
+}
+
+impl<'a> HeadCols<'a> {
+    fn push(&mut self, to: &'a DeviceAddress, a: i64, b: i64, c: i64) {
+        self.accounts.push(to.account.as_bytes().as_slice());
+        self.devices.push(i64::from(to.device.get()));
+        self.a.push(a);
+        self.b.push(b);
+        self.c.push(c);
+    }
+}
+
+#[derive(Default)]
+struct InsertCols<'a> {
+    accounts: Vec<&'a [u8]>,
+    devices: Vec<i64>,
+    seqs: Vec<i64>,
+    ids: Vec<&'a [u8]>,
+    payloads: Vec<&'a [u8]>,
+    accepted: Vec<i64>,
+    expires: Vec<i64>,
+}
+
+impl<'a> InsertCols<'a> {
+    fn push(&mut self, to: &'a DeviceAddress, seq: i64, m: &'a Envelope, at: i64, until: i64) {
+        self.accounts.push(to.account.as_bytes().as_slice());
+        self.devices.push(i64::from(to.device.get()));
+        self.seqs.push(seq);
+        self.ids.push(m.message_id.0.as_slice());
+        self.payloads.push(&m.payload);
+        self.accepted.push(at);
+        self.expires.push(until);
+    }
+}
+
+// The rows come sorted by (account, device), so the locks are taken in that order.
+const UPSERT_HEADS: &str =
+    "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
+     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
+     ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
+       messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
+     RETURNING account, device, last_seq, messages, bytes";
+
+const INTENTS: &str = "SELECT account FROM account_deletions WHERE account = ANY($1::bytea[])";
+
+const INSERT_MESSAGES: &str = "INSERT INTO messages \
+     (account, device, seq, message_id, payload, accepted_at, expires_at) \
+     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], \
+       $6::int8[], $7::int8[])";
+
+const DELETE_MESSAGES: &str = "DELETE FROM messages m \
+     USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
+     WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
+     RETURNING m.account, m.device, m.seq, octet_length(m.payload)";
+
+const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
+     SET messages = h.messages - d.m, bytes = h.bytes - d.b \
+     FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) d(a, dv, m, b) \
+     WHERE h.account = d.a AND h.device = d.dv";
+
+const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
+     USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
+     WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0";
+
+pub(super) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
+     bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
