@@ -22,6 +22,7 @@ use tokio_postgres::error::SqlState;
 use super::{Durability, StoreError, StoreResult};
 
 pub mod cluster;
+mod discovery;
 pub mod lease;
 pub mod migrate;
 
@@ -406,3 +407,5 @@ fn tls_connector(
 pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_discovery;
