@@ -25,6 +25,10 @@ pub mod cluster;
 mod discovery;
 pub mod lease;
 pub mod migrate;
+pub mod rates;
+mod verification;
+
+pub use rates::PgStartLimits;
 
 /// How to reach the database (from `[postgres]`).
 #[derive(Clone)]
@@ -409,3 +413,5 @@ pub(crate) mod testdb;
 mod tests;
 #[cfg(test)]
 mod tests_discovery;
+#[cfg(test)]
+mod tests_verification;
