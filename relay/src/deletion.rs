@@ -681,7 +681,7 @@ impl Removal {
     fn detach_discovery(&self) -> Result<()> {
         let account = &self.account;
         if let Some(v) = &self.verification {
-            v.forget_account(account);
+            v.forget_account(account)?;
             v.discovery().forget_account(account);
         }
         self.services.stores().discovery.detach(account)?;

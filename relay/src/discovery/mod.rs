@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use tern_platform::clock::{Clock, UnixMillis};
-use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterPart, Tag};
+use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterKey, FilterPart, Tag};
 use tern_proto::AccountId;
 use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
@@ -273,6 +273,18 @@ impl Discovery {
         discoverable: Option<bool>,
     ) -> Result<Option<AccountId>> {
         let (tag, key) = self.oprf.tag_of(number)?;
+        self.attach_tag_as(account, &tag, key, discoverable)
+    }
+
+    /// [`Self::attach_verified_as`] for a number whose tag was evaluated before
+    /// (phone verification evaluates it when the session starts, and keeps only it).
+    pub fn attach_tag_as(
+        &self,
+        account: &AccountId,
+        tag: &Tag,
+        key: FilterKey,
+        discoverable: Option<bool>,
+    ) -> Result<Option<AccountId>> {
         let now = self.clock.now();
         let rec = TagRecord {
             account: *account,
@@ -280,7 +292,7 @@ impl Discovery {
             discoverable: discoverable.unwrap_or(self.config.default_discoverable),
             verified_at: now - now % DAY_MS,
         };
-        Ok(self.store.attach(account, &tag, &rec)?)
+        Ok(self.store.attach(account, tag, &rec)?)
     }
 
     /// Charges `n` points to the account's bucket and its number's (both stored,

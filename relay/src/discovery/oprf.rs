@@ -105,6 +105,20 @@ impl Oprf {
         Ok(split_output(&bytes))
     }
 
+    /// A 32-byte key for `label`, derived from this OPRF key (HKDF-SHA256, the key
+    /// as input, `label` as info): the same on every node holding the key file, and
+    /// telling nothing of the OPRF key. Verification keys its limiter and its code
+    /// MACs with such keys.
+    pub fn derive_key(&self, label: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+        use zeroize::Zeroize;
+        let mut ikm = self.server.serialize();
+        let mut out = zeroize::Zeroizing::new([0u8; 32]);
+        // 32 bytes is far below HKDF-SHA256's limit (255 × 32): expand cannot fail.
+        let _ = hkdf::Hkdf::<sha2::Sha256>::new(None, ikm.as_slice()).expand(label, &mut out[..]);
+        ikm.as_mut_slice().zeroize();
+        out
+    }
+
     /// Decodes every point of a batch (32 bytes each), before anything is charged:
     /// the first that is not a canonical ristretto255 encoding, or is the identity,
     /// is [`DiscoveryError::InvalidPoint`].

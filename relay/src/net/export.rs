@@ -67,7 +67,9 @@ pub(super) async fn stream(
     let writer = tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToStream(tx));
         let now = s.clock().now();
-        let pending = |a: &tern_proto::AccountId| v.pending(a);
+        // A session that cannot be read (its database just failed) is left out: it
+        // lasts minutes, and the stores read next fail the export anyway.
+        let pending = |a: &tern_proto::AccountId| v.pending(a).ok().flatten();
         let live = crate::export::Live {
             verification_pending: Some(&pending),
         };

@@ -1,7 +1,9 @@
 //! The three start limits (per address prefix, per account, per number), taken
 //! together: a start is charged to all three or to none, so one refused for its
 //! number does not spend the account's or the address's starts (and the other
-//! way round). GCRA per key ([`gcra`]), in memory, under one lock.
+//! way round). Behind [`StartLimiter`]: [`StartLimits`] keeps GCRA per key
+//! ([`gcra`]) in memory, under one lock (an embedded relay, or one node counting
+//! alone); `store/pg/rates.rs` keeps them in PostgreSQL, shared by every node.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -55,7 +57,65 @@ type Three = (
     Buckets<[u8; 16]>,
 );
 
-/// The start limits.
+/// What one start is charged to. The keys of the prefix and the number are HMACs
+/// under a key derived from the OPRF key file: the same on every node, and neither
+/// an address nor a number.
+#[derive(Clone, Copy)]
+pub struct StartKeys {
+    /// The caller's address prefix (the memory limiter's key).
+    pub prefix: AddressPrefix,
+    /// HMAC of the prefix (the shared limiter's key).
+    pub prefix_key: [u8; 16],
+    /// The account starting.
+    pub account: AccountId,
+    /// HMAC of the number.
+    pub number_key: [u8; 16],
+}
+
+impl std::fmt::Debug for StartKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StartKeys(..)")
+    }
+}
+
+/// The verification start limits: all three charged, or none.
+pub trait StartLimiter: Send + Sync + 'static {
+    /// Charges one start at `now`, or refuses it: `RATE_LIMITED` with the longest
+    /// wait among the limits refusing (and nothing charged).
+    fn charge(&self, keys: &StartKeys, now: u64) -> Result<()>;
+    /// Forgets the account's bucket (account deletion).
+    fn forget_account(&self, account: &AccountId) -> Result<()>;
+    /// Forgets buckets full again at `now` (as good as new).
+    fn sweep(&self, now: u64) -> Result<()>;
+    /// Whether the account has a bucket (for tests).
+    #[cfg(test)]
+    fn holds_account(&self, _account: &AccountId) -> bool {
+        false
+    }
+}
+
+impl StartLimiter for StartLimits {
+    fn charge(&self, keys: &StartKeys, now: u64) -> Result<()> {
+        StartLimits::charge(self, &keys.prefix, &keys.account, &keys.number_key, now)
+    }
+
+    fn forget_account(&self, account: &AccountId) -> Result<()> {
+        StartLimits::forget_account(self, account);
+        Ok(())
+    }
+
+    fn sweep(&self, now: u64) -> Result<()> {
+        StartLimits::sweep(self, now);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn holds_account(&self, account: &AccountId) -> bool {
+        StartLimits::holds_account(self, account)
+    }
+}
+
+/// The start limits, in memory.
 pub(super) struct StartLimits {
     max_keys: usize,
     inner: Mutex<Three>,

@@ -2,14 +2,19 @@
 //! number by returning a 6-digit code the relay sent to it, and the relay keeps only
 //! the number's discovery tag ([`Discovery::attach_verified`]), never the number.
 //!
-//! - Sessions live in memory (`session.rs`): a number is held from the start of its
-//!   session to its end (verified, out of attempts, replaced by a new start, or
-//!   expired and swept), zeroized as it drops, and never written to disk or logs.
+//! - Sessions live behind [`VerificationSessions`] (`session.rs`): in memory for an
+//!   embedded relay, in PostgreSQL for nodes sharing a database. The start evaluates
+//!   the number's tag and sends the code; from then on the session holds the tag,
+//!   never the number, and an HMAC of the code, never the code.
 //! - Codes are uniform in `0..10^6` (OS randomness), valid `code_ttl` (10 minutes),
-//!   at most `max_attempts` (5) tries, compared in constant time.
+//!   at most `max_attempts` (5) tries, compared (as MACs) in constant time.
 //! - Starts are limited per address prefix (IPv4, IPv6 /64), per account, and per
-//!   number, charged to all three or none (`limits.rs`); the number's limiter key is an HMAC-SHA256 of it under a key drawn at
-//!   start and held only in memory, so even the limiter does not hold the number.
+//!   number, charged to all three or none, behind [`StartLimiter`] (`limits.rs`; in
+//!   memory, or shared by the nodes in PostgreSQL). The number's and the prefix's
+//!   limiter keys are HMAC-SHA256s under a key derived from the OPRF key file (HKDF,
+//!   label `tern verification limiter v1`), so every node holding the file derives
+//!   the same keys, and even the limiter holds no number or address. (Before #15
+//!   the key was drawn at random per process.)
 //! - A deleted account (tombstoned) can neither start nor check, and a check holds
 //!   the tombstones' write guard across the attach, so a deletion cannot slip
 //!   between its check and the tag it writes.
@@ -18,7 +23,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
 use rand::{Rng, RngCore};
@@ -36,13 +41,14 @@ use crate::error::{Error, Result};
 
 pub mod file;
 mod limits;
-mod session;
+pub mod session;
 #[cfg(test)]
 mod tests;
 pub mod webhook;
 
 use limits::StartLimits;
-use session::{Checked, Session, Sessions};
+pub use limits::{StartKeys, StartLimiter};
+pub use session::{Checked, MemorySessions, StoredSession, VerificationSessions};
 
 /// What [`Verifier::send_code`] returns.
 pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<(), VerifierError>> + Send + 'a>>;
@@ -117,18 +123,29 @@ impl From<VerifierError> for VerificationError {
 /// Keys remembered per start limiter.
 const MAX_LIMIT_KEYS: usize = 1_000_000;
 
+/// Sessions ended per sweep at most.
+const SWEEP_MAX: usize = 10_000;
+
+/// The HKDF label of the start limiter's key.
+pub const LIMITER_KEY_LABEL: &[u8] = b"tern verification limiter v1";
+
+/// The HKDF label of the key of the codes' MACs.
+pub const CODE_KEY_LABEL: &[u8] = b"tern verification code v1";
+
 /// The verification service.
 pub struct Verification {
     verifier: Option<Arc<dyn Verifier>>,
-    sessions: Mutex<Sessions>,
+    sessions: Arc<dyn VerificationSessions>,
     discovery: Arc<Discovery>,
     clock: Arc<dyn Clock>,
     code_ttl_ms: u64,
     max_attempts: u32,
-    limits: StartLimits,
+    limits: Arc<dyn StartLimiter>,
     tombstones: Option<Arc<Tombstones>>,
-    /// Keys the per-number limiter; drawn at start, never stored.
-    number_key: Zeroizing<[u8; 32]>,
+    /// Keys the number's and the prefix's limiter keys; derived from the OPRF key.
+    limiter_key: Zeroizing<[u8; 32]>,
+    /// Keys the codes' MACs; derived from the OPRF key.
+    code_key: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Verification {
@@ -172,24 +189,37 @@ impl Verification {
         discovery: Arc<Discovery>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        let mut key = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(&mut key[..]);
         Verification {
             verifier,
-            sessions: Mutex::new(Sessions::default()),
+            sessions: Arc::new(MemorySessions::default()),
+            limiter_key: discovery.oprf().derive_key(LIMITER_KEY_LABEL),
+            code_key: discovery.oprf().derive_key(CODE_KEY_LABEL),
             discovery,
             code_ttl_ms: u64::try_from(config.code_ttl.as_millis()).unwrap_or(u64::MAX),
             max_attempts: config.max_attempts,
-            limits: StartLimits::new(
+            limits: Arc::new(StartLimits::new(
                 config.starts_per_prefix,
                 config.starts_per_account,
                 config.starts_per_number,
                 MAX_LIMIT_KEYS,
-            ),
+            )),
             tombstones: None,
             clock,
-            number_key: key,
         }
+    }
+
+    /// Keeps sessions in `sessions` instead of memory (relay nodes sharing a
+    /// database: `Arc<PgBackend>`).
+    pub fn with_sessions(mut self, sessions: Arc<dyn VerificationSessions>) -> Self {
+        self.sessions = sessions;
+        self
+    }
+
+    /// Charges starts to `limits` instead of this process's memory (relay nodes
+    /// sharing a database: `store::pg::PgStartLimits`).
+    pub fn with_start_limiter(mut self, limits: Arc<dyn StartLimiter>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Refuses deleted accounts (`UNAUTHORIZED`), as the relay's other services do.
@@ -204,19 +234,41 @@ impl Verification {
             .is_some_and(|t| t.contains(account))
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, Sessions> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The per-number limiter's key: HMAC-SHA256(process key, number), 16 bytes.
-    fn number_limit_key(&self, number: &E164) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.number_key[..]) {
-            mac.update(number.as_bytes());
-            let tag = mac.finalize().into_bytes();
-            out.copy_from_slice(&tag[..16]);
+    /// HMAC-SHA256 under `key` of `parts` (each after its length, so no two inputs
+    /// run together).
+    fn mac(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key[..]) {
+            for p in parts {
+                mac.update(&u64::try_from(p.len()).unwrap_or(u64::MAX).to_le_bytes());
+                mac.update(p);
+            }
+            out.copy_from_slice(&mac.finalize().into_bytes());
         }
         out
+    }
+
+    /// The per-number limiter's key: HMAC-SHA256(limiter key, number), 16 bytes.
+    fn number_limit_key(&self, number: &E164) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&Self::mac(&self.limiter_key, &[b"number", number.as_bytes()])[..16]);
+        out
+    }
+
+    /// The per-prefix limiter's key in a shared limiter: an HMAC, not the address.
+    fn prefix_limit_key(&self, prefix: &AddressPrefix) -> [u8; 16] {
+        let bytes = match prefix {
+            AddressPrefix::V4(p) => [&[4u8][..], &p.to_be_bytes()[..]].concat(),
+            AddressPrefix::V6(p) => [&[6u8][..], &p.to_be_bytes()[..]].concat(),
+        };
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&Self::mac(&self.limiter_key, &[b"prefix", &bytes])[..16]);
+        out
+    }
+
+    /// What a session keeps of its code: HMAC-SHA256(code key, session id ‖ code).
+    fn code_mac(&self, id: &VerificationId, code: &Code) -> [u8; 32] {
+        Self::mac(&self.code_key, &[&id.0[..], &code.as_bytes()[..]])
     }
 
     /// Starts a session for `account` from `prefix`: refuses a deleted account,
@@ -235,7 +287,15 @@ impl Verification {
             return Err(Error::Unauthorized);
         }
         let now = self.clock.now();
-        (self.limits).charge(&prefix, account, &self.number_limit_key(&number), now)?;
+        let keys = StartKeys {
+            prefix,
+            prefix_key: self.prefix_limit_key(&prefix),
+            account: *account,
+            number_key: self.number_limit_key(&number),
+        };
+        self.limits.charge(&keys, now)?;
+        // The tag now, so that the session never holds the number (~0.1 ms of CPU).
+        let (tag, key) = self.discovery.oprf().tag_of(number.as_bytes())?;
         let (id, code) = {
             let mut rng = rand::rngs::OsRng;
             let mut id = [0u8; 16];
@@ -245,24 +305,24 @@ impl Verification {
             (VerificationId(id), code)
         };
         let expires_at = self.clock.now().saturating_add(self.code_ttl_ms);
-        let send_number = number.clone();
-        let replaced = self.sessions().insert(
-            id,
-            Session {
+        let replaced = self.sessions.open(
+            &id,
+            &StoredSession {
                 account: *account,
-                number,
-                code: code.clone(),
+                tag,
+                key,
+                code_mac: self.code_mac(&id, &code),
                 expires_at,
                 attempts_left: self.max_attempts,
             },
-        );
+        )?;
         if let Some(old) = replaced {
             verifier.session_ended(&old);
         }
-        let sent = verifier.send_code(&send_number, &code, &id).await;
-        drop(send_number);
+        let sent = verifier.send_code(&number, &code, &id).await;
+        drop(number);
         if let Err(e) = sent {
-            self.sessions().remove(&id);
+            self.sessions.remove(&id)?;
             verifier.session_ended(&id);
             debug!(error = %e, "verification code not sent");
             return Err(VerificationError::from(e).into());
@@ -288,9 +348,10 @@ impl Verification {
             return Err(Error::Unauthorized);
         }
         let now = self.clock.now();
-        let checked = self.sessions().check(session, account, code, now);
-        let number = match checked {
-            Checked::Verified(number) => number,
+        let checked =
+            (self.sessions).check(session, account, &self.code_mac(session, code), now)?;
+        let (tag, key) = match checked {
+            Checked::Verified { tag, key } => (tag, key),
             Checked::Wrong { attempts_left } => {
                 if attempts_left == 0 {
                     self.ended(session);
@@ -315,8 +376,7 @@ impl Verification {
                 Some(t) => Some(t.live(&account).ok_or(Error::Unauthorized)?),
                 None => None,
             };
-            let moved = discovery.attach_verified_as(&account, number.as_bytes(), discoverable)?;
-            drop(number);
+            let moved = discovery.attach_tag_as(&account, &tag, key, discoverable)?;
             drop(live);
             if moved.is_some() {
                 debug!("a verified number moved from another account");
@@ -337,25 +397,26 @@ impl Verification {
         }
     }
 
-    /// Drops expired sessions and forgets refilled limiter keys; returns how many
-    /// sessions ended.
-    pub fn sweep(&self) -> usize {
-        let expired = self.sessions().sweep(self.clock.now());
+    /// Drops expired sessions (at most 10,000 a call) and forgets refilled limiter
+    /// keys; returns how many sessions ended. With shared sessions any node may
+    /// sweep: two sweeping at once end each session once.
+    pub fn sweep(&self) -> Result<usize> {
+        let expired = self.sessions.sweep(self.clock.now(), SWEEP_MAX)?;
         for id in &expired {
             self.ended(id);
         }
-        self.limits.sweep(self.clock.now());
-        expired.len()
+        self.limits.sweep(self.clock.now())?;
+        Ok(expired.len())
     }
 
     /// Ends the account's open session, if any, and forgets its start bucket
     /// (account deletion).
-    pub fn forget_account(&self, account: &AccountId) {
-        let removed = self.sessions().remove_account(account);
+    pub fn forget_account(&self, account: &AccountId) -> Result<()> {
+        let removed = self.sessions.remove_account(account)?;
         if let Some(id) = removed {
             self.ended(&id);
         }
-        self.limits.forget_account(account);
+        self.limits.forget_account(account)
     }
 
     /// Whether the account has a start bucket (for tests).
@@ -370,13 +431,13 @@ impl Verification {
     }
 
     /// The account's open session: when its code expires and the tries left.
-    pub fn pending(&self, account: &AccountId) -> Option<(u64, u32)> {
-        self.sessions().of_account(account)
+    pub fn pending(&self, account: &AccountId) -> Result<Option<(u64, u32)>> {
+        Ok(self.sessions.of_account(account)?)
     }
 
     /// Open sessions.
-    pub fn open_sessions(&self) -> usize {
-        self.sessions().len()
+    pub fn open_sessions(&self) -> Result<usize> {
+        Ok(self.sessions.count()?)
     }
 }
 
@@ -390,7 +451,9 @@ pub async fn sweep_loop(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                verification.sweep();
+                if let Err(e) = verification.sweep() {
+                    debug!(error = %e, "verification sweep failed; the next one retries");
+                }
             }
             _ = shutdown.changed() => return,
         }

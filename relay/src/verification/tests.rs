@@ -10,6 +10,7 @@ use super::*;
 use crate::config::DiscoveryConfig;
 use crate::discovery::Oprf;
 use crate::store::{AccountRecord, AccountStore, MemoryStore, DAY_MS};
+use std::sync::Mutex;
 
 const START: u64 = 20_000 * DAY_MS + 3_600_000;
 
@@ -53,10 +54,14 @@ struct Fx {
 }
 
 fn fx_with(config: &VerificationConfig) -> Fx {
+    fx_with_seed(config, 9)
+}
+
+fn fx_with_seed(config: &VerificationConfig, seed: u64) -> Fx {
     let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(START));
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let discovery = Arc::new(
         Discovery::new(
             Oprf::load_or_create(dir.path(), &mut rng).expect("key"),
@@ -162,7 +167,7 @@ async fn a_right_code_attaches_the_tag_and_ends_the_session() {
     assert!(discoverable.expect("verified"), "discoverable by default");
     let (want, _) = f.discovery.oprf().tag_of(b"+15550100123").expect("tag");
     assert_eq!(f.tag_of(1), Some(want));
-    assert_eq!(f.v.open_sessions(), 0);
+    assert_eq!(f.v.open_sessions().expect("sessions"), 0);
     assert_eq!(*f.sent.ended.lock().expect("lock"), vec![id]);
     let again = f.v.check(&account(1), &id, &f.code_of(&id), None).await;
     assert_eq!(again.map_err(|e| code_of(&e)), Err(ErrorCode::NotFound));
@@ -247,8 +252,8 @@ async fn the_sweep_drops_expired_sessions() {
     f.clock.advance(Duration::from_secs(300));
     let _b = f.start(2, "+15550100124").await.expect("started");
     f.clock.advance(Duration::from_secs(300));
-    assert_eq!(f.v.sweep(), 1);
-    assert_eq!(f.v.open_sessions(), 1);
+    assert_eq!(f.v.sweep().expect("sweep"), 1);
+    assert_eq!(f.v.open_sessions().expect("sessions"), 1);
     assert_eq!(*f.sent.ended.lock().expect("lock"), vec![a]);
 }
 
@@ -277,7 +282,7 @@ async fn one_session_per_account_a_new_start_replaces_the_old() {
     let f = fx();
     let first = f.start(1, "+15550100123").await.expect("started");
     let second = f.start(1, "+15550100124").await.expect("started");
-    assert_eq!(f.v.open_sessions(), 1);
+    assert_eq!(f.v.open_sessions().expect("sessions"), 1);
     let e =
         f.v.check(&account(1), &first, &f.code_of(&first), None)
             .await;
@@ -311,7 +316,7 @@ async fn a_verifier_failure_is_unavailable_and_leaves_no_session() {
         60_000,
         "a gateway's 5xx: retry in a minute"
     );
-    assert_eq!(f.v.open_sessions(), 0);
+    assert_eq!(f.v.open_sessions().expect("sessions"), 0);
     // A gateway that refuses the request itself: not worth retrying soon.
     assert_eq!(
         VerificationError::from(VerifierError::Rejected(400)),
@@ -484,14 +489,23 @@ fn the_dev_file_verifier_refuses_a_symlinked_directory() {
 }
 
 #[test]
-fn the_number_limiter_key_is_not_the_number() {
+fn the_number_limiter_key_is_not_the_number_and_the_same_on_every_node() {
     let f = fx();
     let n = number("+15550100123");
     let k = f.v.number_limit_key(&n);
-    assert_eq!(k, f.v.number_limit_key(&n), "stable within a process");
+    assert_eq!(k, f.v.number_limit_key(&n), "stable");
     assert_ne!(k, f.v.number_limit_key(&number("+15550100124")));
-    let other = fx();
-    assert_ne!(k, other.v.number_limit_key(&n), "keyed per process");
+    assert!(!k.windows(4).any(|w| w == &b"1555"[..]));
+    // Another node with the same OPRF key file (fx seeds its key alike).
+    let node = fx();
+    assert_eq!(k, node.v.number_limit_key(&n), "derived from the key file");
+    // A relay with another key: another limiter key.
+    let other = fx_with_seed(&VerificationConfig::default(), 10);
+    assert_ne!(k, other.v.number_limit_key(&n));
+    assert_ne!(
+        f.v.prefix_limit_key(&prefix(1)),
+        f.v.prefix_limit_key(&prefix(2))
+    );
 }
 
 #[test]

@@ -24,6 +24,7 @@ use tokio_postgres::error::SqlState;
 use super::{Durability, StoreError, StoreResult};
 
 pub mod cluster;
+mod discovery;
 pub mod lease;
 mod mailboxes;
 pub mod migrate;
@@ -34,6 +35,12 @@ mod accounts;
 mod blobs;
 mod keys;
 mod rows;
+
+// Package B2: discovery, verification sessions, start limits.
+pub mod rates;
+mod verification;
+
+pub use rates::PgStartLimits;
 
 /// How to reach the database (from `[postgres]`).
 #[derive(Clone)]
@@ -438,3 +445,7 @@ mod mailbox_tests;
 pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_discovery;
+#[cfg(test)]
+mod tests_verification;

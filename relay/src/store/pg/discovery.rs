@@ -1,0 +1,431 @@
+//! [`DiscoveryStore`] on PostgreSQL (tables in `V4__discovery.sql`):
+//! - `discovery_tags`: tag → account, filter key, discoverable, verified day (one
+//!   account per tag, by its primary key);
+//! - `discovery_accounts`: account → tag (one tag per account), evaluation bucket;
+//! - `discovery_number_buckets`: the number's bucket, keyed by a hash of its tag as on
+//!   sled, with `detached_until` (NULL: held; 0: detached, unseen; else its expiry).
+//!
+//! `attach` and `detach` are one transaction each that locks the account's row, then
+//! the tag's; a race between nodes on rows that did not exist yet ends in a unique
+//! violation, a deadlock or a serialization failure for the loser, which runs its
+//! transaction again (at most [`ATTEMPTS`] times) and then sees the winner's rows.
+
+use sha2::{Digest, Sha256};
+use tern_platform::clock::UnixMillis;
+use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
+use tern_proto::AccountId;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+
+use super::{is_retryable, PgBackend};
+use crate::store::{
+    DiscoveryStore, StoreError, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS,
+};
+
+/// Runs of a transaction that lost a race before the error is returned.
+const ATTEMPTS: usize = 5;
+
+/// The number bucket's key: as sled's `N` key, without its prefix byte.
+fn number_key(tag: &Tag) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(b"tern discovery number bucket v1\0");
+    h.update(tag.0);
+    h.finalize()[..16].to_vec()
+}
+
+/// A u64 as the bigint column holding it (times and TATs clamp at `i64::MAX`).
+pub(super) fn db_time(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored time back (a negative one, which this code never writes, reads as 0).
+pub(super) fn time_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn tag_of(bytes: &[u8]) -> StoreResult<Tag> {
+    let t: [u8; TAG_LEN] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("discovery tag"))?;
+    Ok(Tag(t))
+}
+
+fn account_of(bytes: &[u8]) -> StoreResult<AccountId> {
+    AccountId::try_from(bytes).map_err(|_| StoreError::Corrupt("discovery account"))
+}
+
+/// Whether a transaction that failed with `e` lost a race and may run again.
+fn lost_race(e: &tokio_postgres::Error) -> bool {
+    is_retryable(e) || e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+const DETACH_NUMBER: &str = "UPDATE discovery_number_buckets SET detached_until = 0 \
+     WHERE bucket_key = $1 AND detached_until IS NULL";
+
+impl PgBackend {
+    /// Runs `op` on a fresh transaction until it commits, or fails with something
+    /// other than a lost race, or has lost [`ATTEMPTS`] times.
+    pub(super) async fn tx_retrying<T, F>(&self, op: F) -> StoreResult<T>
+    where
+        F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
+    {
+        let mut client = self.client().await?;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let result = async {
+                let tx = client.transaction().await.map_err(Failed::Db)?;
+                let out = op(&tx).await?;
+                tx.commit().await.map_err(Failed::Db)?;
+                Ok(out)
+            }
+            .await;
+            match result {
+                Ok(out) => return Ok(out),
+                Err(Failed::Db(e)) if lost_race(&e) => last = Some(e),
+                Err(Failed::Db(e)) => return Err(self.classify(&e)),
+                Err(Failed::Store(e)) => return Err(e),
+            }
+        }
+        Err(match last {
+            Some(e) => self.classify(&e),
+            None => StoreError::Backend("transaction did not run".into()),
+        })
+    }
+}
+
+/// Why one run of a transaction failed.
+pub(super) enum Failed {
+    Db(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failed::Db(e)
+    }
+}
+
+impl From<StoreError> for Failed {
+    fn from(e: StoreError) -> Self {
+        Failed::Store(e)
+    }
+}
+
+/// One run of a transaction body.
+pub(super) type TxFuture<'t, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Failed>> + Send + 't>>;
+
+/// Fixes a closure's signature as a transaction body (closures do not infer
+/// higher-ranked lifetimes on their own).
+pub(super) fn body<T, F>(f: F) -> F
+where
+    F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
+{
+    f
+}
+
+impl DiscoveryStore for PgBackend {
+    fn attach(
+        &self,
+        account: &AccountId,
+        tag: &Tag,
+        rec: &TagRecord,
+    ) -> StoreResult<Option<AccountId>> {
+        let (a, t) = (account.as_bytes().to_vec(), tag.0.to_vec());
+        let key = rec.key.0 as i64; // bit for bit
+        let (on, day) = (rec.discoverable, db_time(rec.verified_at));
+        let body = body(|tx| {
+            let (a, t) = (a.clone(), t.clone());
+            let account = *account;
+            let tag = *tag;
+            Box::pin(async move {
+                // The account's row first, then the tag's: one order for every attach.
+                let mine = tx
+                    .query_opt(
+                        "SELECT tag FROM discovery_accounts WHERE account = $1 FOR UPDATE",
+                        &[&a],
+                    )
+                    .await?;
+                let had_row = mine.is_some();
+                let old: Option<Vec<u8>> = mine.and_then(|r| r.get(0));
+                if let Some(old) = old {
+                    tx.execute(
+                        "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
+                        &[&old, &a],
+                    )
+                    .await?;
+                    let old = tag_of(&old)?;
+                    if old != tag {
+                        tx.execute(DETACH_NUMBER, &[&number_key(&old)]).await?;
+                    }
+                }
+                tx.execute(
+                    "UPDATE discovery_number_buckets SET detached_until = NULL \
+                     WHERE bucket_key = $1 AND detached_until IS NOT NULL",
+                    &[&number_key(&tag)],
+                )
+                .await?;
+                let owner = tx
+                    .query_opt(
+                        "SELECT account FROM discovery_tags WHERE tag = $1 FOR UPDATE",
+                        &[&t],
+                    )
+                    .await?;
+                let previous = match owner {
+                    Some(row) => {
+                        let p: Vec<u8> = row.get(0);
+                        tx.execute(
+                            "UPDATE discovery_tags SET account = $2, filter_key = $3, \
+                             discoverable = $4, verified_at = $5 WHERE tag = $1",
+                            &[&t, &a, &key, &on, &day],
+                        )
+                        .await?;
+                        tx.execute(
+                            "UPDATE discovery_accounts SET tag = NULL WHERE account = $1 AND tag = $2",
+                            &[&p, &t],
+                        )
+                        .await?;
+                        Some(account_of(&p)?)
+                    }
+                    // A plain insert: a node inserting the same tag meanwhile makes
+                    // this run fail (unique violation) and run again.
+                    None => {
+                        tx.execute(
+                            "INSERT INTO discovery_tags (tag, account, filter_key, discoverable, \
+                             verified_at) VALUES ($1, $2, $3, $4, $5)",
+                            &[&t, &a, &key, &on, &day],
+                        )
+                        .await?;
+                        None
+                    }
+                };
+                if had_row {
+                    tx.execute(
+                        "UPDATE discovery_accounts SET tag = $2 WHERE account = $1",
+                        &[&a, &t],
+                    )
+                    .await?;
+                } else {
+                    tx.execute(
+                        "INSERT INTO discovery_accounts (account, tag) VALUES ($1, $2)",
+                        &[&a, &t],
+                    )
+                    .await?;
+                }
+                Ok(previous.filter(|p| *p != account))
+            })
+        });
+        self.run(self.tx_retrying(body))
+    }
+
+    fn by_tag(&self, tag: &Tag) -> StoreResult<Option<TagRecord>> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT account, filter_key, discoverable, verified_at \
+                     FROM discovery_tags WHERE tag = $1",
+                    &[&tag.0.as_slice()],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            row.map(|r| {
+                Ok(TagRecord {
+                    account: account_of(r.get::<_, &[u8]>(0))?,
+                    key: FilterKey(r.get::<_, i64>(1) as u64),
+                    discoverable: r.get(2),
+                    verified_at: time_of(r.get(3)),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>> {
+        let row = self.run(async {
+            let client = self.client().await?;
+            client
+                .query_opt(
+                    "SELECT tag FROM discovery_accounts WHERE account = $1",
+                    &[&account.as_bytes().as_slice()],
+                )
+                .await
+                .map_err(|e| self.classify(&e))
+        })?;
+        let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) else {
+            return Ok(None);
+        };
+        let tag = tag_of(&tag)?;
+        // Only a record that names the account, as on sled.
+        Ok(self
+            .by_tag(&tag)?
+            .filter(|r| r.account == *account)
+            .map(|r| (tag, r)))
+    }
+
+    fn set_discoverable(&self, account: &AccountId, on: bool) -> StoreResult<bool> {
+        let Some((tag, _)) = self.of_account(account)? else {
+            return Ok(false);
+        };
+        self.run(async {
+            let client = self.client().await?;
+            let n = client
+                .execute(
+                    "UPDATE discovery_tags SET discoverable = $3 WHERE tag = $1 AND account = $2",
+                    &[&tag.0.as_slice(), &account.as_bytes().as_slice(), &on],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn detach(&self, account: &AccountId) -> StoreResult<()> {
+        let a = account.as_bytes().to_vec();
+        let body = body(|tx| {
+            let a = a.clone();
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "DELETE FROM discovery_accounts WHERE account = $1 RETURNING tag",
+                        &[&a],
+                    )
+                    .await?;
+                if let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) {
+                    tx.execute(
+                        "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
+                        &[&tag, &a],
+                    )
+                    .await?;
+                    tx.execute(DETACH_NUMBER, &[&number_key(&tag_of(&tag)?)])
+                        .await?;
+                }
+                Ok(())
+            })
+        });
+        self.run(self.tx_retrying(body))
+    }
+
+    fn sweep_number_buckets(&self, now: UnixMillis, max: usize) -> StoreResult<usize> {
+        let now = db_time(now);
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
+        let until = now.saturating_add(db_time(DETACHED_NUMBER_RETENTION_MS));
+        self.run(async {
+            let client = self.client().await?;
+            // Refilled or expired: removed. SKIP LOCKED leaves a bucket an attach
+            // holds right now to the next sweep.
+            let removed = client
+                .execute(
+                    "DELETE FROM discovery_number_buckets WHERE bucket_key IN ( \
+                       SELECT bucket_key FROM discovery_number_buckets \
+                       WHERE detached_until IS NOT NULL \
+                         AND (tat <= $1 OR (detached_until <> 0 AND detached_until <= $1)) \
+                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&now, &max],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            let left = max.saturating_sub(i64::try_from(removed).unwrap_or(i64::MAX));
+            if left > 0 {
+                // Seen for the first time: the retention starts now.
+                client
+                    .execute(
+                        "UPDATE discovery_number_buckets SET detached_until = $3 \
+                         WHERE bucket_key IN ( \
+                           SELECT bucket_key FROM discovery_number_buckets \
+                           WHERE detached_until = 0 AND tat > $1 \
+                           LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                        &[&now, &left, &until],
+                    )
+                    .await
+                    .map_err(|e| self.classify(&e))?;
+            }
+            Ok(usize::try_from(removed).unwrap_or(usize::MAX))
+        })
+    }
+
+    fn holds_tags(&self) -> StoreResult<bool> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT EXISTS (SELECT 1 FROM discovery_tags)", &[])
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
+        self.run(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT filter_key FROM discovery_tags WHERE discoverable",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+        })
+    }
+
+    fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT bucket_tat FROM discovery_accounts WHERE account = $1",
+                    &[&account.as_bytes().as_slice()],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).map(time_of))
+        })
+    }
+
+    fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
+        self.run(async {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT tat FROM discovery_number_buckets WHERE bucket_key = $1",
+                    &[&number_key(tag)],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(row.map(|r| time_of(r.get(0))))
+        })
+    }
+
+    fn set_buckets(
+        &self,
+        account: &AccountId,
+        account_tat: u64,
+        tag: &Tag,
+        number_tat: u64,
+    ) -> StoreResult<()> {
+        let (a, at) = (account.as_bytes().to_vec(), db_time(account_tat));
+        let (n, nt) = (number_key(tag), db_time(number_tat));
+        let body = body(|tx| {
+            let (a, n) = (a.clone(), n.clone());
+            Box::pin(async move {
+                // Both in one transaction, pipelined.
+                let (pa, pn): ([&(dyn ToSql + Sync); 2], [&(dyn ToSql + Sync); 2]) =
+                    ([&a, &at], [&n, &nt]);
+                let account = tx.execute(
+                    "INSERT INTO discovery_accounts (account, bucket_tat) VALUES ($1, $2) \
+                     ON CONFLICT (account) DO UPDATE SET bucket_tat = EXCLUDED.bucket_tat",
+                    &pa,
+                );
+                let number = tx.execute(
+                    "INSERT INTO discovery_number_buckets (bucket_key, tat) VALUES ($1, $2) \
+                     ON CONFLICT (bucket_key) DO UPDATE SET tat = EXCLUDED.tat",
+                    &pn,
+                );
+                futures::try_join!(account, number)?;
+                Ok(())
+            })
+        });
+        self.run(self.tx_retrying(body))
+    }
+}
