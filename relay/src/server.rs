@@ -14,7 +14,7 @@ use tern_platform::clock::Clock;
 
 use crate::accounts::Accounts;
 use crate::certificates::CertificateIssuer;
-use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig};
+use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig, StorageBackend};
 use crate::core::budget::{Budget, DiskSample};
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
@@ -26,7 +26,7 @@ use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore, S3Bytes};
 use crate::net::{self, tls, Admission, ConnSettings};
-use crate::store::pg::PgBackend;
+use crate::store::pg::{PgBackend, PgOptions};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 use crate::verification::Verification;
 
@@ -211,6 +211,9 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Config(format!("creating {}: {e}", config.data_dir.display())))?;
+    if config.storage.backend == StorageBackend::Postgres {
+        return open_postgres(config);
+    }
     let sled = Arc::new(SledStore::open(
         &config.data_dir.join("db"),
         config.storage.cache_mb << 20,
@@ -237,6 +240,41 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
     };
     Ok(stores)
 }
+/// Connects to the shared database of `[postgres]` (migrating it if this binary is
+/// newer). A database that cannot be reached stops the start with its hosts named.
+fn open_postgres(config: &Config) -> Result<Stores> {
+    let c = &config.postgres;
+    let url = c
+        .url
+        .clone()
+        .ok_or_else(|| Error::Config("storage.backend = \"postgres\" needs postgres.url".into()))?;
+    let mut opts = PgOptions::new(url);
+    if let Some(path) = &c.password_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::Config(format!("postgres.password_file {}: {e}", path.display()))
+        })?;
+        opts.password = Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
+    }
+    opts.pool_size = c.pool_size;
+    opts.connect_timeout = c.connect_timeout;
+    opts.statement_timeout = c.statement_timeout;
+    opts.ca_file = c.ca_file.clone();
+    if let Some(id) = &c.node_id {
+        opts.node_id = id.clone();
+    }
+    opts.durability = config.durability;
+    let pg = PgBackend::open(&opts).map_err(|e| match e {
+        crate::store::StoreError::Unavailable(m) => {
+            Error::Config(format!("cannot reach the database: {m}"))
+        }
+        e => Error::Store(e),
+    })?;
+    if config.objects.url.is_none() {
+        warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
+    }
+    Ok(Stores::postgres(Arc::new(pg)))
+}
+
 /// Failed account deletions the sweeper retries per pass.
 const RETRIES_PER_SWEEP: usize = 16;
 /// How often the publisher checks whether the UTC day changed.
@@ -348,15 +386,24 @@ impl Relay {
             budget,
         )?);
         let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
-        let verification = Arc::new(
-            Verification::new(
-                &config.verification,
-                crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
-                discovery.clone(),
-                clock.clone(),
-            )
-            .with_tombstones(services.tombstones().clone()),
-        );
+        let mut verification = Verification::new(
+            &config.verification,
+            crate::verification::verifier_from_config(&config.verification, &config.data_dir)?,
+            discovery.clone(),
+            clock.clone(),
+        )
+        .with_tombstones(services.tombstones().clone());
+        // Several nodes: a session started on one is checked on any, and the start
+        // limits count across nodes.
+        if let Some(pg) = &shared {
+            verification = verification
+                .with_sessions(pg.clone())
+                .with_start_limiter(Arc::new(crate::store::pg::PgStartLimits::new(
+                    pg.clone(),
+                    &config.verification,
+                )));
+        }
+        let verification = Arc::new(verification);
         // Deletions a crash interrupted are finished before anything is served.
         let deletion = Arc::new(
             AccountDeletion::new(services.clone(), blobs.clone())

@@ -54,6 +54,13 @@ impl Stores {
         }
     }
 
+    /// Every store on the shared PostgreSQL database, for a relay of several nodes.
+    pub fn postgres(pg: Arc<PgBackend>) -> Self {
+        let mut stores = Stores::all(pg.clone());
+        stores.shared = Some(pg);
+        stores
+    }
+
     /// Mailboxes on one backend, everything else on another (which holds no
     /// mailboxes, so it need not be a [`MailboxStore`]).
     ///
