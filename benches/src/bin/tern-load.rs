@@ -47,6 +47,10 @@ struct Common {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Start the relay on this PostgreSQL database (a libpq connection string;
+    /// `storage.backend = "postgres"`) instead of its own data directory.
+    #[arg(long)]
+    postgres: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -205,6 +209,7 @@ fn relay_for(
         dir: None,
         start_timeout: START_TIMEOUT,
         log: "warn",
+        postgres: common.postgres.as_deref(),
     })
 }
 
@@ -298,6 +303,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 dir: Some(run_dir.path()),
                 start_timeout: std::time::Duration::from_secs(start_timeout),
                 log: &relay_log,
+                postgres: common.postgres.as_deref(),
             };
             let args = load::RestartArgs {
                 messages,
@@ -330,6 +336,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 dir: Some(run_dir.path()),
                 start_timeout: START_TIMEOUT,
                 log: "warn",
+                postgres: common.postgres.as_deref(),
             };
             let args = load::discovery::DiscoveryArgs {
                 users: as_usize(users)?,

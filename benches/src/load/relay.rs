@@ -47,6 +47,9 @@ pub struct RelaySettings<'a> {
     pub start_timeout: Duration,
     /// The relay's log filter (its `--log`); its log goes to this tool's stderr.
     pub log: &'a str,
+    /// A PostgreSQL connection string: the relay keeps everything there
+    /// (`storage.backend = "postgres"`) instead of its data directory.
+    pub postgres: Option<&'a str>,
 }
 
 /// How long a relay on a fresh data directory may take to start.
@@ -94,7 +97,15 @@ impl RelayUnderTest {
                 "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {max_connections}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n[budget]\nmax_queued_messages = 1000000000000\nmax_queued_bytes = 1099511627776\nmax_index_bytes = 1099511627776\nmax_blob_bytes = 1099511627776\n\n[connections]\nmax_per_address = {per_address}\nmax_handshakes_per_address = 1024\nmax_unauthenticated = {unauthenticated}\nauth_deadline = \"1h\"\nanonymous_idle = \"1h\"\n\n{UNTHROTTLED}",
                 per_address = 2 * max_connections,
                 unauthenticated = max_connections.max(2000),
-            ),
+            ) + &settings
+                .postgres
+                .map(|url| {
+                    format!(
+                        "\n[storage]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\npool_size = 32\n",
+                        url.replace('\\', "\\\\").replace('"', "\\\"")
+                    )
+                })
+                .unwrap_or_default(),
         )?;
         let mut child = Command::new(settings.binary)
             .arg("serve")
