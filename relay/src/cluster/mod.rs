@@ -36,12 +36,18 @@ const RECHECK_CHUNK: usize = 5_000;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A node silent this long is gone: its claims are swept.
 const NODE_SILENT_MS: i64 = 60_000;
+/// The longest a node's own background call to the database may take.
+const DB_DEADLINE: Duration = Duration::from_secs(5);
 
 /// This node's part in a cluster of relay nodes. See the module docs.
 pub struct Cluster {
     pg: Arc<PgBackend>,
     active: Arc<ActiveMailboxes>,
     notifier: Arc<dyn Notifier>,
+    /// Subscriptions here whose claim has committed, by device. Only these are
+    /// displaced by another node's claim: one not yet committed would read the
+    /// older connection's row and close itself.
+    claimed: std::sync::Mutex<HashMap<DeviceAddress, u64>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -66,6 +72,7 @@ impl Cluster {
             pg: pg.clone(),
             active,
             notifier: notifier.clone(),
+            claimed: std::sync::Mutex::new(HashMap::new()),
         });
         pg.spawn(
             cluster
@@ -108,7 +115,10 @@ impl Cluster {
             })
             .await;
         match claimed {
-            Ok(_) => self.notifier.publish(Hint::Claimed(addr)),
+            Ok(_) => {
+                self.claims().insert(addr, id);
+                self.notifier.publish(Hint::Claimed(addr));
+            }
             // The re-check cannot displace the other connection without the row; it
             // goes when that connection ends or this device reconnects.
             Err(e) => debug!(error = %e, "claiming a device's deliveries failed"),
@@ -120,16 +130,26 @@ impl Cluster {
         }
     }
 
-    /// Runs `fut` on the database runtime and awaits it from any runtime.
+    fn claims(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceAddress, u64>> {
+        self.claimed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `fut` on the database runtime and awaits it from any runtime, at most
+    /// [`DB_DEADLINE`] (a database host that vanished answers nothing at all).
     async fn on_db<T: Send + 'static>(
         &self,
         fut: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
     ) -> StoreResult<T> {
-        match self.pg.spawn(fut) {
-            Some(task) => task
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into()))),
-            None => Err(StoreError::Backend("database runtime stopped".into())),
+        let Some(task) = self.pg.spawn(tokio::time::timeout(DB_DEADLINE, fut)) else {
+            return Err(StoreError::Backend("database runtime stopped".into()));
+        };
+        match task.await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: no answer within {DB_DEADLINE:?}",
+                self.pg.hosts()
+            ))),
+            Err(_) => Err(StoreError::Backend("database task failed".into())),
         }
     }
 
@@ -228,6 +248,7 @@ impl Cluster {
             }
         };
         let local: HashMap<DeviceAddress, u64> = self.active.subscribed().into_iter().collect();
+        let claimed = self.claims().clone();
         for (account, device, seq, claim) in rows {
             let Ok(addr) = DeviceAddress::from_wire(&account, device as u32) else {
                 continue;
@@ -236,14 +257,16 @@ impl Cluster {
                 continue;
             };
             if let Some((node, conn)) = claim {
-                if node != self.pg.node_id() || conn != id as i64 {
+                let ours = node == self.pg.node_id() && conn == id as i64;
+                if !ours && claimed.get(&addr) == Some(&id) {
                     self.active.displace(&addr, id);
                     continue;
                 }
             }
             let seq = seq.unwrap_or(0);
-            // First seen: the subscription began with a read of its own.
-            let moved = heads.insert(addr, seq).is_some_and(|old| old != seq);
+            // Also when first seen: a message committed between the subscription's
+            // first read and now, whose hint was lost, is found here.
+            let moved = heads.insert(addr, seq) != Some(seq);
             if wake_all || moved {
                 self.active.wake(&addr);
             }
@@ -336,8 +359,14 @@ pub(crate) struct Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let pg = self.cluster.pg.clone();
         let (addr, id) = (self.addr, self.id);
+        {
+            let mut claims = self.cluster.claims();
+            if claims.get(&addr) == Some(&id) {
+                claims.remove(&addr);
+            }
+        }
+        let pg = self.cluster.pg.clone();
         pg.clone().spawn(async move {
             let Ok(client) = pg.client().await else {
                 return;

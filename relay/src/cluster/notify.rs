@@ -189,10 +189,16 @@ async fn publisher(
             }
         }
         let payload = encode(origin, &batch);
+        // Its own transaction, committed without waiting for the WAL flush (or a
+        // standby): a NOTIFY takes a transaction id, and a hint need not be durable.
+        // The payload holds only hex digits and `;,mc`, so it is safe as a literal.
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT"
+        );
         let sent = async {
             let client = pg.client().await?;
             client
-                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+                .batch_execute(&sql)
                 .await
                 .map_err(|e| pg.classify(&e))
         };

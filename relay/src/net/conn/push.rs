@@ -6,13 +6,16 @@ use std::sync::Arc;
 
 use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{response, AckCmd, Frame};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::server::Services;
 use crate::store::StoredMessage;
+
+/// How soon a failed mailbox read is tried again.
+const PULL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn delivery(m: StoredMessage) -> Frame {
     let d = Delivery {
@@ -86,7 +89,15 @@ pub(super) async fn deliver(
         let pull = match mailboxes.pull(&device, &mut window) {
             Ok(p) => p,
             Err(e) => {
-                warn!(error = %e, "reading a mailbox failed");
+                // A shared database that is down: try again shortly rather than wait
+                // for a wake-up that may not come (the storage logs its own failures).
+                debug!(error = %e, "reading a mailbox failed; retrying");
+                let active = mailboxes.active();
+                let addr = *device.address();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PULL_RETRY).await;
+                    active.wake(&addr);
+                });
                 continue;
             }
         };

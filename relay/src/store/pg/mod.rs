@@ -42,6 +42,9 @@ mod verification;
 
 pub use rates::PgStartLimits;
 
+/// The longest a start waits for the schema's migrations (its own or another node's).
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
+
 /// How to reach the database (from `[postgres]`).
 #[derive(Clone)]
 pub struct PgOptions {
@@ -190,10 +193,18 @@ impl PgBackend {
             hosts,
             mail: None,
         };
-        backend.run(async {
+        // A migration (and the wait for another node's) may take long: neither the
+        // statement timeout nor the call deadline applies to it.
+        backend.run_within(MIGRATION_DEADLINE, async {
             let mut client = backend.client().await?;
-            migrate::migrate(&mut client)
+            client
+                .batch_execute("SET statement_timeout = 0")
                 .await
+                .map_err(|e| backend.classify(&e))?;
+            let migrated = migrate::migrate(&mut client).await;
+            // Its session has no statement timeout now: never back to the pool.
+            drop(deadpool_postgres::Object::take(client));
+            migrated
                 .map_err(|e| match e {
                     migrate::MigrateError::Database(e) => backend.classify(&e),
                     migrate::MigrateError::Migration(e) => {
@@ -226,10 +237,18 @@ impl PgBackend {
         F: Future<Output = StoreResult<T>> + Send,
         T: Send,
     {
+        self.run_within(self.deadline, fut)
+    }
+
+    /// [`PgBackend::run`] with another deadline (migrations).
+    pub fn run_within<T, F>(&self, deadline: Duration, fut: F) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>> + Send,
+        T: Send,
+    {
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Backend("database runtime stopped".into()));
         };
-        let deadline = self.deadline;
         let hosts = &self.hosts;
         let bounded = async move {
             match tokio::time::timeout(deadline, fut).await {

@@ -182,7 +182,14 @@ impl Writer {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(PIPELINE));
         let mut previous: Option<oneshot::Receiver<()>> = None;
+        let mut batch_no: i32 = 0;
         while let Some(first) = rx.recv().await {
+            // Each transaction in flight adds into a totals row of its own: with one
+            // row per node, its lock (held through COMMIT) would serialise the
+            // pipeline's commits. Batches finish in order, so the PIPELINE in flight
+            // are consecutive and their rows distinct.
+            let totals_slot = (this.slot + batch_no) % TOTAL_SLOTS;
+            batch_no = (batch_no + 1) % PIPELINE as i32;
             // Waiting for a slot lets the queue grow: a bigger batch next.
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
@@ -217,7 +224,10 @@ impl Writer {
                         refused: HashSet::new(),
                         deleted: Vec::new(),
                     }),
-                    Ok(Some(locked)) => this.bounded(this.finish(locked, &ops, &parts)).await,
+                    Ok(Some(locked)) => {
+                        this.bounded(this.finish(locked, &ops, &parts, totals_slot))
+                            .await
+                    }
                     Err(f) => Err(f),
                 };
                 if let Some(before) = before {
@@ -317,6 +327,7 @@ impl Writer {
         locked: Locked,
         ops: &[Op],
         parts: &BTreeMap<DeviceAddress, Part>,
+        totals_slot: i32,
     ) -> Result<Outcome, Failure> {
         let Locked {
             open,
@@ -421,7 +432,12 @@ impl Writer {
             let st = tx.prepare_cached(ADD_TOTALS).await?;
             tx.execute(
                 &st,
-                &[&self.slot, &delta.messages, &delta.bytes, &delta.mailboxes],
+                &[
+                    &totals_slot,
+                    &delta.messages,
+                    &delta.bytes,
+                    &delta.mailboxes,
+                ],
             )
             .await
         };
@@ -609,6 +625,9 @@ const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
 const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
      USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
      WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0";
+
+/// Rows of `mailbox_totals` (V2 creates 0..64).
+const TOTAL_SLOTS: i32 = 64;
 
 pub(super) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
      bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
