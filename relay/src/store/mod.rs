@@ -411,6 +411,24 @@ pub trait BlobIndex: Send + Sync + 'static {
     /// ids of those uploads, whose partial files the caller deletes. Finished blobs
     /// name no one and are left to expire (ARCHITECTURE §14).
     fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>>;
+    /// The size of every blob recorded, summed: what the relay-wide blob budget
+    /// counts when the bytes live in a shared object store (`None`: the index cannot
+    /// say cheaply; the bytes are counted where they live).
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
+    /// Up to `max` blobs whose records [`BlobIndex::remove_blob`] deleted and whose
+    /// bytes may still be stored: an index shared by several nodes queues them in the
+    /// same transaction as the deletion, so a crash before the bytes go never orphans
+    /// them. Embedded indexes queue nothing (their one process deletes the bytes
+    /// right after the record).
+    fn object_gc_pending(&self, _max: usize) -> StoreResult<Vec<BlobId>> {
+        Ok(Vec::new())
+    }
+    /// Ends the queue entry of `id` once its bytes are deleted.
+    fn object_gc_done(&self, _id: &BlobId) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A registered account.
