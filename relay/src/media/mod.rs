@@ -555,11 +555,10 @@ impl BlobStore {
         let mut swept = Swept::default();
         for id in self.index.expired_blobs(now, max)? {
             let _commit = lock(&self.commit);
-            // A forward may have moved it since the scan.
-            if let Some(m) = self.index.blob(&id)?.filter(|m| m.expires_at <= now) {
-                // A shared index queues the bytes with the deletion (see
-                // `BlobIndex::object_gc_pending`); the entry ends once they are gone.
-                self.index.remove_blob(&id)?;
+            // A forward (here or on another node) may have moved it since the scan.
+            // A shared index queues the bytes with the deletion (see
+            // `BlobIndex::object_gc_pending`); the entry ends once they are gone.
+            if let Some(m) = self.index.remove_expired_blob(&id, now)? {
                 self.files.remove_blob(&id)?;
                 self.index.object_gc_done(&id)?;
                 self.budget.remove_blob_bytes(m.size);

@@ -163,3 +163,26 @@ fn a_blob_uploaded_again_after_its_deletion_keeps_its_object() {
     assert_eq!(c.objects("blobs/").len(), 1);
     assert!(c.objects("uploads/").is_empty());
 }
+
+#[test]
+fn a_forward_on_another_node_after_the_sweep_listed_a_blob_keeps_it() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let b = c.node("b");
+    let bytes = pattern(50_000);
+    let id = id_of(&bytes);
+    upload(&a.store, &ALICE, &bytes).expect("upload");
+    c.clock.advance(TTL + Duration::from_secs(1));
+    let now = c.clock.now();
+    // A's sweep listed it as expired; then B forwarded it.
+    assert_eq!(a.index.expired_blobs(now, 10).expect("scan"), vec![id]);
+    b.index
+        .touch_blob(&id, now, now + 3_600_000)
+        .expect("touch")
+        .expect("there");
+    assert_eq!(a.index.remove_expired_blob(&id, now).expect("remove"), None);
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+    assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
+    assert!(b.store.status(&id).expect("status").is_some());
+    assert_eq!(c.objects("blobs/").len(), 1);
+}

@@ -380,6 +380,14 @@ pub trait BlobIndex: Send + Sync + 'static {
     ) -> StoreResult<Option<BlobMeta>>;
     /// Deletes a blob's record. Uncharges no one: the charge expires on its own.
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
+    /// Deletes a blob's record if it expired by `now` (a forward on another node may
+    /// have moved it since the sweep listed it); returns the record it deleted.
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        match self.blob(id)? {
+            Some(m) if m.expires_at <= now => self.remove_blob(id),
+            _ => Ok(None),
+        }
+    }
     /// Up to `max` blobs with `expires_at <= now`, soonest first.
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>>;
     /// Bytes charged to `account` that are still due at `now`: its charges for the

@@ -219,6 +219,9 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
         self.write(|s| s.remove_blob(id))
     }
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        self.write(|s| s.remove_expired_blob(id, now))
+    }
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
         self.store.expired_blobs(now, max)
     }

@@ -27,6 +27,32 @@ impl PgBackend {
     fn one_blob(&self, rows: &[tokio_postgres::Row]) -> StoreResult<Option<BlobMeta>> {
         rows.first().map(|row| self.blob_meta(row)).transpose()
     }
+
+    /// Deletes blob `id`'s record if it expires at or before `before`, and queues its
+    /// object for deletion in the same transaction.
+    fn remove_blob_before(&self, id: &BlobId, before: i64) -> StoreResult<Option<BlobMeta>> {
+        let delete = format!(
+            "DELETE FROM blobs WHERE blob_id = $1 AND expires_at <= $2 RETURNING {BLOB_COLUMNS}"
+        );
+        let queue = format!(
+            "INSERT INTO object_gc (blob_id, queued_ms) VALUES ($1, {NOW_MS}) \
+             ON CONFLICT (blob_id) DO NOTHING"
+        );
+        let blob = &id[..];
+        let rows = self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                let rows = query_in(&tx, &delete, &[&blob, &before]).await?;
+                // Queued with the deletion: a crash before the object goes leaves
+                // this row for the next sweep, never an object no row names.
+                if !rows.is_empty() {
+                    exec_in(&tx, &queue, &[&blob]).await?;
+                }
+                rows
+            })
+        })?;
+        self.one_blob(&rows)
+    }
 }
 
 fn limit(max: usize) -> i64 {
@@ -99,25 +125,11 @@ impl BlobIndex for PgBackend {
     }
 
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
-        let delete = format!("DELETE FROM blobs WHERE blob_id = $1 RETURNING {BLOB_COLUMNS}");
-        let queue = format!(
-            "INSERT INTO object_gc (blob_id, queued_ms) VALUES ($1, {NOW_MS}) \
-             ON CONFLICT (blob_id) DO NOTHING"
-        );
-        let blob = &id[..];
-        let rows = self.run(async {
-            let mut client = self.client().await?;
-            transaction!(self, client, |tx| {
-                let rows = query_in(&tx, &delete, &[&blob]).await?;
-                // Queued with the deletion: a crash before the object goes leaves
-                // this row for the next sweep, never an object no row names.
-                if !rows.is_empty() {
-                    exec_in(&tx, &queue, &[&blob]).await?;
-                }
-                rows
-            })
-        })?;
-        self.one_blob(&rows)
+        self.remove_blob_before(id, i64::MAX)
+    }
+
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        self.remove_blob_before(id, signed(now).unwrap_or(i64::MAX))
     }
 
     fn blob_bytes(&self) -> StoreResult<Option<u64>> {
