@@ -595,8 +595,9 @@ async fn sweep_loop(
             _ = tick.tick() => {}
         }
         // Per node: rate limit keys whose buckets refilled (the limits are per node).
-        let rates = services.rates.clone();
-        let _ = tokio::task::spawn_blocking(move || rates.housekeep()).await;
+        // And blob bytes in a shared store, as the index counts them now.
+        let (rates, counted) = (services.rates.clone(), blobs.clone());
+        let _ = tokio::task::spawn_blocking(move || (rates.housekeep(), counted.recount())).await;
         // What the stores hold is swept by one node at a time, when several share
         // them: the holder of the lease (renewed each pass, lapsing after three).
         if !holds_sweep_lease(&services, every).await {
@@ -627,10 +628,11 @@ async fn sweep_loop(
         let blobs = blobs.clone();
         let swept = tokio::task::spawn_blocking(move || blobs.sweep(batch)).await;
         match swept {
-            Ok(Ok(s)) if s.blobs + s.uploads > 0 => {
+            Ok(Ok(s)) if s.blobs + s.uploads + s.objects > 0 => {
                 info!(
                     blobs = s.blobs,
                     uploads = s.uploads,
+                    objects = s.objects,
                     "deleted expired media"
                 );
             }

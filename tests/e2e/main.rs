@@ -20,6 +20,7 @@ mod http;
 mod keys;
 mod limits;
 mod media;
+mod media_cluster;
 mod media_objects;
 mod media_privacy;
 mod multihost;

@@ -192,6 +192,11 @@ impl Budget {
         self.blob_bytes.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Sets the count of blob bytes (counted again from a shared index).
+    pub fn set_blob_bytes(&self, n: u64) {
+        self.blob_bytes.store(n, Ordering::Relaxed);
+    }
+
     /// Uncounts a deleted blob.
     pub fn remove_blob_bytes(&self, n: u64) {
         let _ = self

@@ -77,6 +77,8 @@ mod error;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_cluster;
+#[cfg(test)]
 mod tests_s3;
 
 pub(crate) use bytes::BlobReader;
@@ -159,6 +161,9 @@ pub(crate) struct Swept {
     pub(crate) blobs: u64,
     /// Abandoned uploads.
     pub(crate) uploads: u64,
+    /// Objects of blobs deleted earlier (a crash or failure interrupted their
+    /// deletion), deleted now.
+    pub(crate) objects: u64,
     /// Charges of past days.
     pub(crate) charges: u64,
 }
@@ -186,6 +191,9 @@ pub struct BlobStore {
     commit: Mutex<()>,
     received: AtomicU64,
     direct: AtomicU64,
+    /// The bytes live in a shared store and the index counts them (see
+    /// [`BlobStore::recount`]).
+    counted_by_index: bool,
     /// Deleted accounts: set by the deletion service, whose removals no upload
     /// writes after (see [`crate::deletion::Tombstones::live`]).
     tombstones: std::sync::OnceLock<Arc<crate::deletion::Tombstones>>,
@@ -225,7 +233,14 @@ impl BlobStore {
         budget: Arc<Budget>,
     ) -> BlobResult<Self> {
         let rate = ByteRate::new(limits.max_upload_bytes_per_sec, 1_000_000, clock.clone());
-        budget.add_blob_bytes(files.stored_bytes()?);
+        let local = files.stored_bytes()?;
+        let stored = match local {
+            Some(n) => n,
+            // Bytes in a shared object store: what the index records, never a
+            // listing of the whole bucket.
+            None => index.blob_bytes()?.unwrap_or(0),
+        };
+        budget.add_blob_bytes(stored);
         Ok(BlobStore {
             files,
             budget,
@@ -237,6 +252,7 @@ impl BlobStore {
             commit: Mutex::new(()),
             received: AtomicU64::new(0),
             direct: AtomicU64::new(0),
+            counted_by_index: local.is_none(),
             tombstones: std::sync::OnceLock::new(),
         })
     }
@@ -475,6 +491,20 @@ impl BlobStore {
         Ok(blob)
     }
 
+    /// Counts the relay-wide blob bytes again from the index, when the bytes live in
+    /// a shared object store: other nodes' uploads and sweeps change them. Each node
+    /// calls it once per sweep interval; a failure keeps the last count.
+    pub(crate) fn recount(&self) {
+        if !self.counted_by_index {
+            return;
+        }
+        match self.index.blob_bytes() {
+            Ok(Some(n)) => self.budget.set_blob_bytes(n),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "blob bytes not counted"),
+        }
+    }
+
     /// Opens a blob for reading from `offset`, in chunks of up to `chunk` bytes.
     pub(crate) fn open_read(
         &self,
@@ -525,13 +555,25 @@ impl BlobStore {
         let mut swept = Swept::default();
         for id in self.index.expired_blobs(now, max)? {
             let _commit = lock(&self.commit);
-            // A forward may have moved it since the scan.
-            if let Some(m) = self.index.blob(&id)?.filter(|m| m.expires_at <= now) {
-                self.index.remove_blob(&id)?;
+            // A forward (here or on another node) may have moved it since the scan.
+            // A shared index queues the bytes with the deletion (see
+            // `BlobIndex::object_gc_pending`); the entry ends once they are gone.
+            if let Some(m) = self.index.remove_expired_blob(&id, now)? {
                 self.files.remove_blob(&id)?;
+                self.index.object_gc_done(&id)?;
                 self.budget.remove_blob_bytes(m.size);
                 swept.blobs += 1;
             }
+        }
+        // Deletions a crash or a failed call left queued.
+        for id in self.index.object_gc_pending(max)? {
+            let _commit = lock(&self.commit);
+            // Uploaded again since: the object is the new blob's.
+            if self.index.blob(&id)?.is_none() {
+                self.files.remove_blob(&id)?;
+                swept.objects += 1;
+            }
+            self.index.object_gc_done(&id)?;
         }
         let before = now.saturating_sub(millis(self.limits.abandon_after));
         // Uploads running now are skipped, so ask for that many more.

@@ -487,6 +487,16 @@ impl BlobIndex for MemoryStore {
         }
         Ok(mine)
     }
+
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        let inner = self.lock();
+        Ok(Some(
+            inner
+                .blobs
+                .values()
+                .fold(0u64, |n, m| n.saturating_add(m.size)),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -380,6 +380,14 @@ pub trait BlobIndex: Send + Sync + 'static {
     ) -> StoreResult<Option<BlobMeta>>;
     /// Deletes a blob's record. Uncharges no one: the charge expires on its own.
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>>;
+    /// Deletes a blob's record if it expired by `now` (a forward on another node may
+    /// have moved it since the sweep listed it); returns the record it deleted.
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        match self.blob(id)? {
+            Some(m) if m.expires_at <= now => self.remove_blob(id),
+            _ => Ok(None),
+        }
+    }
     /// Up to `max` blobs with `expires_at <= now`, soonest first.
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>>;
     /// Bytes charged to `account` that are still due at `now`: its charges for the
@@ -411,6 +419,24 @@ pub trait BlobIndex: Send + Sync + 'static {
     /// ids of those uploads, whose partial files the caller deletes. Finished blobs
     /// name no one and are left to expire (ARCHITECTURE §14).
     fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>>;
+    /// The size of every blob recorded, summed: what the relay-wide blob budget
+    /// counts when the bytes live in a shared object store (`None`: the index cannot
+    /// say cheaply; the bytes are counted where they live).
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        Ok(None)
+    }
+    /// Up to `max` blobs whose records [`BlobIndex::remove_blob`] deleted and whose
+    /// bytes may still be stored: an index shared by several nodes queues them in the
+    /// same transaction as the deletion, so a crash before the bytes go never orphans
+    /// them. Embedded indexes queue nothing (their one process deletes the bytes
+    /// right after the record).
+    fn object_gc_pending(&self, _max: usize) -> StoreResult<Vec<BlobId>> {
+        Ok(Vec::new())
+    }
+    /// Ends the queue entry of `id` once its bytes are deleted.
+    fn object_gc_done(&self, _id: &BlobId) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A registered account.

@@ -281,8 +281,8 @@ impl BlobFiles {
 }
 
 impl BlobBytes for BlobFiles {
-    fn stored_bytes(&self) -> BlobResult<u64> {
-        Ok(BlobFiles::stored_bytes(self)?)
+    fn stored_bytes(&self) -> BlobResult<Option<u64>> {
+        Ok(Some(BlobFiles::stored_bytes(self)?))
     }
 
     fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {

@@ -19,8 +19,9 @@ use crate::store::BlobId;
 /// The bytes of blobs and of uploads in progress. An upload is keyed by the account
 /// uploading and the id its bytes claim; a blob by its id.
 pub(crate) trait BlobBytes: Send + Sync {
-    /// Bytes of every blob (once, at start).
-    fn stored_bytes(&self) -> BlobResult<u64>;
+    /// Bytes of every blob, counted where they live (once, at start); `None` when
+    /// they live in a shared store, whose bytes the blob index counts.
+    fn stored_bytes(&self) -> BlobResult<Option<u64>>;
 
     /// Whether blob `id`'s bytes are there.
     fn has_blob(&self, id: &BlobId) -> BlobResult<bool>;

@@ -452,17 +452,10 @@ impl OpenUpload for S3Upload<'_> {
 }
 
 impl BlobBytes for S3Bytes {
-    fn stored_bytes(&self) -> BlobResult<u64> {
-        let store = self.store.clone();
-        self.bridge.call(async move {
-            let prefix = Path::from("blobs");
-            let mut list = store.list(Some(&prefix));
-            let mut total = 0;
-            while let Some(meta) = list.try_next().await? {
-                total += meta.size;
-            }
-            Ok(total)
-        })
+    // Other nodes add and delete blobs: the index counts them (`BlobIndex::blob_bytes`),
+    // without a listing of the whole bucket.
+    fn stored_bytes(&self) -> BlobResult<Option<u64>> {
+        Ok(None)
     }
 
     fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {

@@ -219,6 +219,9 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
         self.write(|s| s.remove_blob(id))
     }
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        self.write(|s| s.remove_expired_blob(id, now))
+    }
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {
         self.store.expired_blobs(now, max)
     }
@@ -255,6 +258,15 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
     }
     fn remove_account_media(&self, account: &AccountId) -> StoreResult<Vec<BlobId>> {
         self.write(|s| s.remove_account_media(account))
+    }
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        self.store.blob_bytes()
+    }
+    fn object_gc_pending(&self, max: usize) -> StoreResult<Vec<BlobId>> {
+        self.store.object_gc_pending(max)
+    }
+    fn object_gc_done(&self, id: &BlobId) -> StoreResult<()> {
+        self.write(|s| s.object_gc_done(id))
     }
 }
 

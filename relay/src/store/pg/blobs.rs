@@ -1,10 +1,12 @@
 //! The blob index in PostgreSQL (`migrations/V5__blobs.sql`), with the contract of
 //! [`BlobIndex`]: a blob's row names no account; charges (one row per account and UTC
-//! day) and unfinished uploads are all that tie an account to media.
+//! day) and unfinished uploads are all that tie an account to media. Deleted blobs
+//! whose objects may remain wait in `object_gc` (`migrations/V7__object_gc.sql`).
 
 use tern_platform::clock::UnixMillis;
 use tern_proto::AccountId;
 
+use super::lease::NOW_MS;
 use super::rows::{account_of, exec_in, fixed, query_in, signed, transaction, unsigned};
 use super::PgBackend;
 use crate::store::{utc_day, BlobId, BlobIndex, BlobMeta, StoreResult, UploadMeta};
@@ -24,6 +26,32 @@ impl PgBackend {
 
     fn one_blob(&self, rows: &[tokio_postgres::Row]) -> StoreResult<Option<BlobMeta>> {
         rows.first().map(|row| self.blob_meta(row)).transpose()
+    }
+
+    /// Deletes blob `id`'s record if it expires at or before `before`, and queues its
+    /// object for deletion in the same transaction.
+    fn remove_blob_before(&self, id: &BlobId, before: i64) -> StoreResult<Option<BlobMeta>> {
+        let delete = format!(
+            "DELETE FROM blobs WHERE blob_id = $1 AND expires_at <= $2 RETURNING {BLOB_COLUMNS}"
+        );
+        let queue = format!(
+            "INSERT INTO object_gc (blob_id, queued_ms) VALUES ($1, {NOW_MS}) \
+             ON CONFLICT (blob_id) DO NOTHING"
+        );
+        let blob = &id[..];
+        let rows = self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                let rows = query_in(&tx, &delete, &[&blob, &before]).await?;
+                // Queued with the deletion: a crash before the object goes leaves
+                // this row for the next sweep, never an object no row names.
+                if !rows.is_empty() {
+                    exec_in(&tx, &queue, &[&blob]).await?;
+                }
+                rows
+            })
+        })?;
+        self.one_blob(&rows)
     }
 }
 
@@ -75,6 +103,8 @@ impl BlobIndex for PgBackend {
                     &[&account, &blob],
                 )
                 .await?;
+                // Uploaded again after an expiry: the object is this blob's now.
+                exec_in(&tx, "DELETE FROM object_gc WHERE blob_id = $1", &[&blob]).await?;
             })
         })
     }
@@ -95,9 +125,37 @@ impl BlobIndex for PgBackend {
     }
 
     fn remove_blob(&self, id: &BlobId) -> StoreResult<Option<BlobMeta>> {
-        let sql = format!("DELETE FROM blobs WHERE blob_id = $1 RETURNING {BLOB_COLUMNS}");
-        let rows = self.run(self.rows(&sql, &[&&id[..]]))?;
-        self.one_blob(&rows)
+        self.remove_blob_before(id, i64::MAX)
+    }
+
+    fn remove_expired_blob(&self, id: &BlobId, now: UnixMillis) -> StoreResult<Option<BlobMeta>> {
+        self.remove_blob_before(id, signed(now).unwrap_or(i64::MAX))
+    }
+
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        let rows = self.run(self.rows(
+            "SELECT least(coalesce(sum(size), 0), 9223372036854775807)::bigint FROM blobs",
+            &[],
+        ))?;
+        match rows.first() {
+            Some(row) => unsigned(self.col(row, 0)?, "blob bytes").map(Some),
+            None => Ok(Some(0)),
+        }
+    }
+
+    fn object_gc_pending(&self, max: usize) -> StoreResult<Vec<BlobId>> {
+        let rows = self.run(self.rows(
+            "SELECT blob_id FROM object_gc ORDER BY queued_ms, blob_id LIMIT $1",
+            &[&limit(max)],
+        ))?;
+        rows.iter()
+            .map(|row| fixed(self.col::<&[u8]>(row, 0)?))
+            .collect()
+    }
+
+    fn object_gc_done(&self, id: &BlobId) -> StoreResult<()> {
+        self.run(self.exec("DELETE FROM object_gc WHERE blob_id = $1", &[&&id[..]]))
+            .map(drop)
     }
 
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {

@@ -3,7 +3,8 @@
 //! refinery takes no lock of its own, so nodes starting together would race to apply the
 //! same version; the first to take [`MIGRATION_LOCK`] migrates, the others then find every
 //! version applied. Versions are reserved per package so parallel branches never collide:
-//! V1 cluster facts, V2 mailboxes, V3–V4 accounts, keys, discovery, V5 blobs, V6 nodes.
+//! V1 cluster facts, V2 mailboxes, V3–V4 accounts, keys, discovery, V5 blobs, V6 nodes,
+//! V7 the object GC queue.
 //! The files are plain SQL: no triggers, sequences or `LISTEN` (Citus and its peers).
 
 use tokio_postgres::Client;

@@ -397,4 +397,13 @@ impl BlobIndex for SledStore {
         self.blob_quota.apply_batch(batch).map_err(backend)?;
         Ok(uploads)
     }
+
+    fn blob_bytes(&self) -> StoreResult<Option<u64>> {
+        let mut total = 0u64;
+        for kv in self.blobs.scan_prefix([BLOB]) {
+            let (_, v) = kv.map_err(backend)?;
+            total = total.saturating_add(decode_blob(&v)?.size);
+        }
+        Ok(Some(total))
+    }
 }

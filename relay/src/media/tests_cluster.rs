@@ -1,0 +1,188 @@
+//! Media on the shared stores of several relay nodes: the blob index in a real
+//! PostgreSQL, bytes in a real S3-compatible server. Blob bytes are counted from the
+//! index, and an expired blob's object is deleted through the `object_gc` queue, so a
+//! crash between the record's deletion and the object's orphans nothing.
+
+use std::time::Duration;
+
+use tern_platform::clock::ManualClock;
+
+use super::tests::{id_of, pattern, read_all, upload, ALICE, BOB};
+use super::*;
+use crate::store::pg::testdb;
+use crate::store::pg::PgBackend;
+use crate::testing::{TestPostgres, TestS3};
+
+const PART: usize = 5 << 20;
+const TTL: Duration = Duration::from_secs(3600);
+
+fn settings(s3: &TestS3) -> S3Settings {
+    S3Settings {
+        bucket: s3.bucket().to_owned(),
+        endpoint: Some(s3.endpoint().to_owned()),
+        region: "us-east-1".into(),
+        access_key: s3.access_key().to_owned(),
+        secret_key: s3.secret_key().to_owned(),
+        allow_http: true,
+        part_bytes: PART,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// One database, one bucket, and the clock every node reads.
+struct Cluster {
+    _pg: TestPostgres,
+    opts: crate::store::pg::PgOptions,
+    s3: TestS3,
+    clock: Arc<ManualClock>,
+}
+
+struct Node {
+    store: BlobStore,
+    index: Arc<PgBackend>,
+    budget: Arc<Budget>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let (pg, opts) = testdb::db();
+        Cluster {
+            _pg: pg,
+            opts,
+            s3: TestS3::start(),
+            clock: Arc::new(ManualClock::new(1_800_000_000_000)),
+        }
+    }
+
+    fn node(&self, name: &str) -> Node {
+        let index = Arc::new(testdb::node(&self.opts, name));
+        let budget = Arc::new(Budget::default());
+        let bytes = S3Bytes::open(&settings(&self.s3)).expect("client");
+        let limits = BlobLimits {
+            ttl: TTL,
+            ..BlobLimits::default()
+        };
+        let store = BlobStore::with_bytes(
+            Arc::new(bytes),
+            index.clone(),
+            self.clock.clone(),
+            limits,
+            budget.clone(),
+        )
+        .expect("open");
+        Node {
+            store,
+            index,
+            budget,
+        }
+    }
+
+    fn objects(&self, prefix: &str) -> Vec<String> {
+        self.s3
+            .files()
+            .into_iter()
+            .filter(|f| f.starts_with(prefix))
+            .collect()
+    }
+}
+
+#[test]
+fn blob_bytes_are_counted_from_the_shared_index() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let bytes = pattern(300_000);
+    upload(&a.store, &ALICE, &bytes).expect("upload on a");
+    upload(&a.store, &BOB, &pattern(1000)).expect("upload on a");
+    // A node started later counts what the index records (no listing of the bucket).
+    let b = c.node("b");
+    assert_eq!(b.budget.blob_bytes(), 301_000);
+    c.clock.advance(TTL + Duration::from_secs(1));
+    assert_eq!(a.store.sweep(100).expect("sweep").blobs, 2);
+    // B did not sweep: its count follows the index at its next recount.
+    assert_eq!(b.budget.blob_bytes(), 301_000);
+    b.store.recount();
+    assert_eq!(b.budget.blob_bytes(), 0);
+    assert_eq!(a.budget.blob_bytes(), 0);
+}
+
+#[test]
+fn an_expired_blob_loses_its_object_once_and_leaves_no_queue() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let bytes = pattern(PART + 1000);
+    let id = id_of(&bytes);
+    upload(&a.store, &ALICE, &bytes).expect("upload");
+    assert_eq!(c.objects("blobs/").len(), 1);
+    c.clock.advance(TTL + Duration::from_secs(1));
+    let swept = a.store.sweep(100).expect("sweep");
+    assert_eq!((swept.blobs, swept.objects), (1, 0));
+    assert!(c.s3.files().is_empty(), "{:?}", c.s3.files());
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+    assert!(a.store.status(&id).expect("status").is_none());
+    assert_eq!(a.store.sweep(100).expect("again"), Swept::default());
+}
+
+#[test]
+fn a_crash_between_the_record_and_the_object_orphans_nothing() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let bytes = pattern(200_000);
+    let id = id_of(&bytes);
+    upload(&a.store, &ALICE, &bytes).expect("upload");
+    // The sweeping node deleted the record and died before deleting the object.
+    assert!(a.index.remove_blob(&id).expect("remove").is_some());
+    assert_eq!(
+        c.objects("blobs/").len(),
+        1,
+        "the object outlived its record"
+    );
+    assert_eq!(a.index.object_gc_pending(10).expect("queue"), vec![id]);
+    // The next sweep, on whichever node holds the lease, deletes it.
+    let b = c.node("b");
+    let swept = b.store.sweep(100).expect("sweep");
+    assert_eq!((swept.blobs, swept.objects), (0, 1));
+    assert!(c.s3.files().is_empty(), "{:?}", c.s3.files());
+    assert!(b.index.object_gc_pending(10).expect("queue").is_empty());
+}
+
+#[test]
+fn a_blob_uploaded_again_after_its_deletion_keeps_its_object() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let b = c.node("b");
+    let bytes = pattern(PART + 4321);
+    let id = id_of(&bytes);
+    upload(&a.store, &ALICE, &bytes).expect("upload");
+    assert!(a.index.remove_blob(&id).expect("remove").is_some());
+    // Uploaded again through B before any sweep deleted the object.
+    upload(&b.store, &BOB, &bytes).expect("upload again");
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+    assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
+    let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read on a");
+    assert!(read_all(&mut r) == bytes, "the object is the new blob's");
+    assert_eq!(c.objects("blobs/").len(), 1);
+    assert!(c.objects("uploads/").is_empty());
+}
+
+#[test]
+fn a_forward_on_another_node_after_the_sweep_listed_a_blob_keeps_it() {
+    let c = Cluster::new();
+    let a = c.node("a");
+    let b = c.node("b");
+    let bytes = pattern(50_000);
+    let id = id_of(&bytes);
+    upload(&a.store, &ALICE, &bytes).expect("upload");
+    c.clock.advance(TTL + Duration::from_secs(1));
+    let now = c.clock.now();
+    // A's sweep listed it as expired; then B forwarded it.
+    assert_eq!(a.index.expired_blobs(now, 10).expect("scan"), vec![id]);
+    b.index
+        .touch_blob(&id, now, now + 3_600_000)
+        .expect("touch")
+        .expect("there");
+    assert_eq!(a.index.remove_expired_blob(&id, now).expect("remove"), None);
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+    assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
+    assert!(b.store.status(&id).expect("status").is_some());
+    assert_eq!(c.objects("blobs/").len(), 1);
+}
