@@ -14,7 +14,7 @@ use tern_client::net::{Incoming, RelayConnection};
 use tern_proto::{DeviceAddress, ErrorCode, RelayAddress};
 use tern_relay::testing::TestPostgres;
 
-use crate::support::{envelope, number, register, Device, RelayProcess};
+use crate::support::{envelope, number, register, within, Device, RelayProcess, STEP};
 
 const SENDERS: u32 = 4;
 const PER_SENDER: u32 = 500;
@@ -341,4 +341,41 @@ async fn failover_loses_nothing_acknowledged() {
     assert!(first_after <= Duration::from_secs(30), "{first_after:?}");
     // Nothing was delivered that nobody sent.
     assert!(got.keys().all(|n| *n < SENDERS * PER_SENDER));
+}
+
+/// A delivery's read that fails (a database failing over, say) is retried by the
+/// delivery task itself: the send's wake-up was spent on the failed read, and on one
+/// node nothing else would come to push the message.
+#[tokio::test]
+async fn a_failed_mailbox_read_is_retried_without_another_wake_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let faults = dir.path().join("faults");
+    std::fs::write(&faults, "").expect("faults");
+    let plan = format!("file:{}", faults.display());
+    let relay = RelayProcess::start_with_env(
+        &dir.path().join("relay"),
+        "127.0.0.1:0",
+        &[],
+        &[("TERN_FAULTS", plan.as_str())],
+    )
+    .expect("relay starts");
+    let alice = register(&relay.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&relay.address).await.go_offline().await;
+    let (mut bob, _) = Device::connect(&relay.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(bob.next().await, Incoming::QueueEmpty);
+
+    std::fs::write(&faults, "mailbox_read=enospc").expect("arm");
+    within(alice.conn.send(&bob.address, [envelope(1)]))
+        .await
+        .expect("send");
+    let failed = Instant::now();
+    while !relay.log_text().contains("reading a mailbox failed") {
+        assert!(failed.elapsed() < STEP, "the read never failed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::write(&faults, "").expect("clear");
+    let d = tokio::time::timeout(Duration::from_secs(5), bob.next_delivery())
+        .await
+        .expect("the failed read is retried");
+    assert_eq!(number(&d), 1);
 }

@@ -3,6 +3,7 @@
 //! the deletion's group commit is done.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
@@ -13,6 +14,11 @@ use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::server::Services;
 use crate::store::StoredMessage;
+
+/// The first retry of a mailbox read that failed (a database failing over, say); each
+/// further failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 fn delivery(m: StoredMessage) -> Frame {
     let d = Delivery {
@@ -45,8 +51,18 @@ pub(super) async fn deliver(
     };
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     let committing = Arc::new(Semaphore::new(max_committing));
+    // Set while a failed read waits for its retry: nothing else may wake this loop
+    // for what that read missed (the commit's wake-up was spent on it).
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut backoff = RETRY_FIRST;
     loop {
         tokio::select! {
+            _ = async {
+                match retry.as_mut() {
+                    Some(r) => r.await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = sub.changed() => {
                 if sub.displaced() {
                     debug!("displaced by a newer connection of the same device");
@@ -84,9 +100,15 @@ pub(super) async fn deliver(
             }
         }
         let pull = match mailboxes.pull(&device, &mut window) {
-            Ok(p) => p,
+            Ok(p) => {
+                retry = None;
+                backoff = RETRY_FIRST;
+                p
+            }
             Err(e) => {
-                warn!(error = %e, "reading a mailbox failed");
+                warn!(error = %e, retry_in = ?backoff, "reading a mailbox failed");
+                retry = Some(Box::pin(tokio::time::sleep(backoff)));
+                backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
             }
         };
