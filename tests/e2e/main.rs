@@ -13,6 +13,7 @@ mod discovery;
 mod discovery_privacy;
 mod expiry;
 mod export;
+mod failover;
 // The test HTTP server (a gateway for the verification webhook).
 #[path = "../src/http.rs"]
 #[allow(unreachable_pub)]

@@ -268,6 +268,8 @@ impl Mailboxes {
         let mut pull = Pull::default();
         while window.room() > 0 {
             let want = window.room();
+            crate::store::fault::check(crate::store::fault::Site::MailboxRead)
+                .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
             let batch = self.store.read(device.address(), window.cursor(), want)?;
             let now = self.clock.now();
             let short = batch.len() < want;

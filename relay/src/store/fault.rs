@@ -14,7 +14,8 @@
 //! list of `<site>=enospc`, each optionally with `@after:<n>`: the first `n` writes
 //! at that site (counted from the start of the process) succeed, later ones fail.
 //! Sites: `log_append` (the mailbox log's append), `blob_write` (an upload's bytes),
-//! `account_deletion` (between an account deletion's first and second removal).
+//! `account_deletion` (between an account deletion's first and second removal),
+//! `mailbox_read` (a delivery reading the mailbox: a database that fails a read).
 //! Example: `TERN_FAULTS=log_append=enospc@after:100,blob_write=enospc`.
 
 use std::io;
@@ -29,6 +30,8 @@ pub(crate) enum Site {
     /// Account deletion, after its first store removal (a device's keys): a failure
     /// here leaves a half-done deletion for the next start to finish.
     AccountDeletion,
+    /// A delivery reading the device's mailbox (`Mailboxes::pull`).
+    MailboxRead,
 }
 
 /// The environment variable that holds the plan.
@@ -83,20 +86,26 @@ mod enabled {
     use super::{Site, VAR};
 
     /// Writes seen per site, for `@after:n`.
-    static CALLS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    static CALLS: [AtomicU64; 4] = [
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ];
 
     fn index(site: Site) -> usize {
         match site {
             Site::LogAppend => 0,
             Site::BlobWrite => 1,
             Site::AccountDeletion => 2,
+            Site::MailboxRead => 3,
         }
     }
 
     /// A parsed plan: for each site, `Some(n)` fails every write after the first `n`.
     #[derive(Debug, Default, PartialEq, Eq)]
     pub(super) struct Plan {
-        after: [Option<u64>; 3],
+        after: [Option<u64>; 4],
     }
 
     impl Plan {
@@ -110,6 +119,7 @@ mod enabled {
                     "log_append" => Site::LogAppend,
                     "blob_write" => Site::BlobWrite,
                     "account_deletion" => Site::AccountDeletion,
+                    "mailbox_read" => Site::MailboxRead,
                     other => return Err(format!("{VAR}: unknown site {other:?}")),
                 };
                 let (kind, after) = match rest.split_once('@') {
@@ -169,6 +179,8 @@ mod enabled {
         #[test]
         fn parses_plans_and_refuses_bad_ones() {
             let p = Plan::parse("log_append=enospc@after:2, blob_write=enospc").expect("parses");
+            let r = Plan::parse("mailbox_read=enospc").expect("parses");
+            assert!(r.fails(Site::MailboxRead, 0) && !r.fails(Site::LogAppend, 0));
             assert!(!p.fails(Site::LogAppend, 1));
             assert!(p.fails(Site::LogAppend, 2));
             assert!(p.fails(Site::BlobWrite, 0));

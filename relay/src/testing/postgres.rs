@@ -35,6 +35,8 @@ const OWNER_FILE: &str = "owner.pid";
 pub struct TestPostgres {
     dir: Option<TempDir>,
     bin: PathBuf,
+    /// The settings given to `start_with`, which a standby takes over.
+    settings: Vec<(String, String)>,
     options: String,
 }
 
@@ -59,21 +61,110 @@ impl TestPostgres {
             .output()
             .expect("run cp");
         check("cp -a <template> <data>", &cp);
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .collect();
+        TestPostgres::launch(dir, bin, settings)
+    }
+
+    /// Starts the server on the data directory in `dir`, listening in `dir`.
+    fn launch(dir: TempDir, bin: PathBuf, settings: Vec<(String, String)>) -> TestPostgres {
         let mut options = format!(
             "-c listen_addresses='' -c unix_socket_directories='{}' -c port={PORT} \
              -c fsync=off -c max_connections=60",
             dir.path().display()
         );
-        for (name, value) in settings {
+        for (name, value) in &settings {
             options.push_str(&format!(" -c {name}='{value}'"));
         }
         let pg = TestPostgres {
             dir: Some(dir),
             bin,
+            settings,
             options,
         };
         pg.pg_ctl_start().unwrap_or_else(|e| panic!("{e}"));
         pg
+    }
+
+    /// A synchronous standby of this cluster, named `name`: a base backup
+    /// (`pg_basebackup -R -X stream`) streaming from this cluster's socket, started in a
+    /// directory of its own with this cluster's settings. This cluster then names it in
+    /// `synchronous_standby_names` (`FIRST 1`), so a commit here returns only once the
+    /// standby has flushed it; returns once the standby reports `sync` (20 s at most).
+    pub fn standby(&self, name: &str) -> TestPostgres {
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "standby name {name:?}: letters, digits and _ only"
+        );
+        let dir = temp_dir();
+        let data = dir.path().join("data");
+        // --no-sync: the copy is not fsync'd (no machine crash here); the standby's
+        // server runs with fsync=on, and its WAL is what synchronous commit waits for.
+        let out = pg_command(&self.bin, "pg_basebackup")
+            .arg("-h")
+            .arg(self.dir())
+            .args(["-p", &PORT.to_string(), "-U", USER, "-D"])
+            .arg(&data)
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "--no-sync"])
+            .output()
+            .expect("run pg_basebackup");
+        check("pg_basebackup", &out);
+        // Later lines of postgresql.auto.conf win: the same primary, under our name.
+        let conninfo = format!(
+            "\nprimary_conninfo = 'host={} port={PORT} user={USER} application_name={name}'\n",
+            self.dir().display()
+        );
+        let auto = data.join("postgresql.auto.conf");
+        let mut text = fs::read_to_string(&auto).expect("read postgresql.auto.conf");
+        text.push_str(&conninfo);
+        fs::write(&auto, text).expect("write postgresql.auto.conf");
+        let standby = TestPostgres::launch(dir, self.bin.clone(), self.settings.clone());
+        self.psql(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = 'FIRST 1 ({name})'"
+        ));
+        self.psql("SELECT pg_reload_conf()");
+        let query =
+            format!("SELECT sync_state FROM pg_stat_replication WHERE application_name = '{name}'");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let state = self.psql(&query);
+            if state.trim() == "sync" {
+                return standby;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "standby {name} not synchronous within 20 s (state {state:?}); its log:\n{}",
+                standby.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Promotes this standby to a primary (`pg_ctl promote -w`): it stops replaying,
+    /// takes writes, and waits for no standby of its own.
+    pub fn promote(&self) {
+        let out = pg_command(&self.bin, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir().join("data"))
+            .args(["-w", "-t", "30", "promote"])
+            .output()
+            .expect("run pg_ctl promote");
+        check("pg_ctl promote", &out);
+    }
+
+    /// Runs `sql` with `psql` on database `postgres`; its unaligned output.
+    fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(self.dir())
+            .args(["-p", &PORT.to_string(), "-U", USER, "-d", "postgres"])
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .output()
+            .expect("run psql");
+        check("psql", &out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn pg_ctl_start(&self) -> Result<(), String> {
@@ -424,5 +515,45 @@ mod tests {
             "{}",
             pg.log_text()
         );
+    }
+
+    async fn connect(conn: &str) -> tokio_postgres::Client {
+        let (client, c) = tokio_postgres::connect(conn, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(c);
+        client
+    }
+
+    #[tokio::test]
+    async fn a_commit_on_the_primary_survives_its_kill_on_the_promoted_standby() {
+        let primary = TestPostgres::start_with(&[("fsync", "on")]);
+        primary.create_db("t");
+        let standby = primary.standby("s1");
+        assert_ne!(primary.dir(), standby.dir());
+        let p = connect(&primary.conn_str("t")).await;
+        p.batch_execute(
+            "SET synchronous_commit = on; CREATE TABLE kept (n int); \
+             INSERT INTO kept SELECT generate_series(1, 100)",
+        )
+        .await
+        .expect("commit on the primary");
+        // Before promotion the standby is read-only.
+        let s = connect(&standby.conn_str("t")).await;
+        let write = s.batch_execute("INSERT INTO kept VALUES (0)").await;
+        assert!(write.is_err(), "a standby refuses writes");
+
+        primary.kill();
+        standby.promote();
+        let s = connect(&standby.conn_str("t")).await;
+        let row = s
+            .query_one("SELECT count(*), sum(n) FROM kept", &[])
+            .await
+            .expect("read on the promoted standby");
+        assert_eq!(row.get::<_, i64>(0), 100);
+        assert_eq!(row.get::<_, i64>(1), 5050);
+        s.batch_execute("INSERT INTO kept VALUES (101)")
+            .await
+            .expect("the promoted standby takes writes");
     }
 }

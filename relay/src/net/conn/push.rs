@@ -3,6 +3,7 @@
 //! the deletion's group commit is done.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
@@ -14,8 +15,10 @@ use crate::core::delivery::DeliveryWindow;
 use crate::server::Services;
 use crate::store::StoredMessage;
 
-/// How soon a failed mailbox read is tried again.
-const PULL_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+/// The first retry of a mailbox read that failed (a database failing over, say); each
+/// further failure doubles it, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 fn delivery(m: StoredMessage) -> Frame {
     let d = Delivery {
@@ -48,8 +51,18 @@ pub(super) async fn deliver(
     };
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     let committing = Arc::new(Semaphore::new(max_committing));
+    // Set while a failed read waits for its retry: nothing else may wake this loop
+    // for what that read missed (the commit's wake-up was spent on it).
+    let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+    let mut backoff = RETRY_FIRST;
     loop {
         tokio::select! {
+            _ = async {
+                match retry.as_mut() {
+                    Some(r) => r.await,
+                    None => std::future::pending().await,
+                }
+            } => {}
             _ = sub.changed() => {
                 if sub.displaced() {
                     debug!("displaced by a newer connection of the same device");
@@ -87,17 +100,17 @@ pub(super) async fn deliver(
             }
         }
         let pull = match mailboxes.pull(&device, &mut window) {
-            Ok(p) => p,
+            Ok(p) => {
+                retry = None;
+                backoff = RETRY_FIRST;
+                p
+            }
             Err(e) => {
-                // A shared database that is down: try again shortly rather than wait
-                // for a wake-up that may not come (the storage logs its own failures).
-                debug!(error = %e, "reading a mailbox failed; retrying");
-                let active = mailboxes.active();
-                let addr = *device.address();
-                tokio::spawn(async move {
-                    tokio::time::sleep(PULL_RETRY).await;
-                    active.wake(&addr);
-                });
+                // Debug: during a database outage every connected device fails here;
+                // the storage's own errors say what is wrong.
+                debug!(error = %e, retry_in = ?backoff, "reading a mailbox failed");
+                retry = Some(Box::pin(tokio::time::sleep(backoff)));
+                backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
             }
         };

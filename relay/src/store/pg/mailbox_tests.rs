@@ -390,3 +390,50 @@ fn appends_staged_in_order_get_seqs_in_that_order_across_pipelined_batches() {
     let (commits, _) = a.writer_stats();
     assert!(commits >= 3, "{commits} batches");
 }
+
+#[test]
+fn a_failover_to_the_promoted_standby_keeps_every_acknowledged_append() {
+    let primary = crate::testing::TestPostgres::start_with(&[("fsync", "on")]);
+    primary.create_db("tern");
+    let standby = primary.standby("node_standby");
+    // The standby first: only `target_session_attrs=read-write` takes the node past
+    // it to the primary (on the standby every append would fail).
+    let mut opts = PgOptions::new(format!(
+        "host={},{} port=5432,5432 user=tern dbname=tern target_session_attrs=read-write",
+        standby.dir().display(),
+        primary.dir().display()
+    ));
+    opts.connect_timeout = Duration::from_millis(500);
+    opts.statement_timeout = Duration::from_millis(1000);
+    let a = node(&opts, "a");
+    let to = addr(12, 1);
+    for i in 0..50u8 {
+        a.append(&to, &[msg(i, 8)], 1_000, 9_000).expect("append");
+    }
+    primary.kill();
+    // The standby is up but read-only: no host takes writes, nothing is acknowledged.
+    let err = a
+        .append(&to, &[msg(200, 8)], 1_000, 9_000)
+        .expect_err("no read-write host");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    standby.promote();
+    let promoted = Instant::now();
+    let seqs = loop {
+        match a.append(&to, &[msg(50, 8)], 1_000, 9_000) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(promoted.elapsed() < Duration::from_secs(15), "{e:?}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    // The pool left its dead connections and found the new primary by itself.
+    assert_eq!(seqs, vec![51]);
+    let ids: Vec<u8> = a
+        .read(&to, 0, 100)
+        .expect("read")
+        .iter()
+        .map(|m| m.message_id.0[0])
+        .collect();
+    assert_eq!(ids, (0..=50).collect::<Vec<u8>>());
+}
