@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{response, AckCmd, Frame};
 use crate::core::auth::AuthenticatedDevice;
@@ -106,9 +106,13 @@ pub(super) async fn deliver(
                 p
             }
             Err(e) => {
-                // Debug: during a database outage every connected device fails here;
-                // the storage's own errors say what is wrong.
-                debug!(error = %e, retry_in = ?backoff, "reading a mailbox failed");
+                // Once per streak of failures: during a database outage every
+                // connected device fails here, every retry.
+                if backoff == RETRY_FIRST {
+                    warn!(error = %e, "reading a mailbox failed; retrying");
+                } else {
+                    debug!(error = %e, retry_in = ?backoff, "reading a mailbox failed again");
+                }
                 retry = Some(Box::pin(tokio::time::sleep(backoff)));
                 backoff = (backoff * 2).min(RETRY_MAX);
                 continue;
