@@ -22,6 +22,7 @@ mod limits;
 mod media;
 mod media_objects;
 mod media_privacy;
+mod migrate;
 mod multihost;
 mod security;
 mod storage;
