@@ -4,6 +4,7 @@
 //! [`crate::store::StoreError::Locked`]).
 
 pub mod migrate;
+mod objects;
 
 use std::sync::Arc;
 

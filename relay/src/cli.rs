@@ -56,6 +56,11 @@ struct MigrateArgs {
     /// and ca_file apply). It must hold no account or message.
     #[arg(long)]
     to: String,
+    /// Also copy every blob's bytes from the data directory into the object store
+    /// of the configuration's `[objects]` (one object per blob, each checked
+    /// against its id; blobs already there are left, so a second run resumes).
+    #[arg(long)]
+    objects: bool,
     /// TOML configuration file (for the data directory and storage settings).
     #[arg(long, short, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
@@ -298,7 +303,7 @@ fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
         config.data_dir = d;
     }
     crate::store::fault::refuse_unless_compiled_in()?;
-    let migrated = crate::admin::migrate::migrate(&config, &args.to)?;
+    let migrated = crate::admin::migrate::migrate(&config, &args.to, args.objects)?;
     println!("migrated and verified:\n{migrated}");
     Ok(())
 }

@@ -116,9 +116,19 @@ fn digest(store: &dyn MailboxStore, of: &DeviceAddress) -> Result<(u64, [u8; 32]
 }
 
 /// Copies the embedded stores of `config.data_dir` into the empty database at `to`
-/// and verifies the copy. Refused while a relay runs on the data directory.
-pub fn migrate(config: &Config, to: &str) -> Result<Migrated> {
+/// and verifies the copy; with `objects`, also every blob's bytes into the object
+/// store of `[objects]`. Refused while a relay runs on the data directory.
+pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     let started = Instant::now();
+    let s3 = match (objects, config.objects.settings()?) {
+        (false, _) => None,
+        (true, Some(s3)) => Some(s3),
+        (true, None) => {
+            return Err(Error::Config(
+                "--objects needs [objects] url (and its keys) in the configuration".into(),
+            ))
+        }
+    };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Config(format!("{}: {e}", config.data_dir.display())))?;
     let sled = SledStore::open(&config.data_dir.join("db"), config.storage.cache_mb << 20)?;
@@ -225,6 +235,11 @@ pub fn migrate(config: &Config, to: &str) -> Result<Migrated> {
         pg.put_upload(account, id, meta)?;
     }
     copied.push(("uploads in progress", uploads.len() as u64));
+    if let Some(s3) = &s3 {
+        let (moved, present) = super::objects::copy(&config.data_dir, s3, &blobs)?;
+        copied.push(("blob objects copied", moved));
+        copied.push(("blob objects already there", present));
+    }
 
     // Mailboxes, a batch at a time, each hashed as it is read.
     let (source, mailboxes, floor): (&dyn MailboxStore, _, _) = match &log {

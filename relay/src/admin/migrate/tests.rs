@@ -159,7 +159,7 @@ fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
         sled.flush().expect("flush sled");
     }
     let (_pg, opts) = testdb::db();
-    let migrated = migrate(&config, &opts.url).expect("migrate");
+    let migrated = migrate(&config, &opts.url, false).expect("migrate");
     let count = |kind: &str| {
         migrated
             .copied
@@ -264,7 +264,7 @@ fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
     assert!(Some(next[0]) > top, "{next:?} above {top:?}");
 
     // A second run is refused: the database holds accounts now.
-    let again = migrate(&config, &opts.url);
+    let again = migrate(&config, &opts.url, false);
     assert!(
         matches!(&again, Err(e) if e.to_string().contains("already holds")),
         "{again:?}"

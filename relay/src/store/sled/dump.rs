@@ -190,3 +190,55 @@ fn keys_as_accounts(tree: &sled::Tree) -> StoreResult<Vec<AccountId>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crate::store::conformance::{addr, msg};
+    use crate::store::{KeyStore, MailboxStore};
+
+    #[test]
+    fn every_device_with_keys_and_every_mailbox_is_listed_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), 1 << 20).expect("open");
+        let k = SignedKey {
+            id: 1,
+            key: [1; 32],
+            signature: [1; 64],
+        };
+        let otk = OneTimeKey {
+            id: 4,
+            key: [4; 32],
+        };
+        store
+            .publish(&addr(2, 1), Some(&k), Some(&k), &[otk])
+            .expect("all kinds");
+        store
+            .publish(&addr(1, 3), None, None, &[otk])
+            .expect("one-time only");
+        assert_eq!(
+            store.dump_key_devices().expect("devices"),
+            vec![addr(1, 3), addr(2, 1)]
+        );
+        let keys = store.dump_keys(&addr(2, 1)).expect("keys");
+        assert_eq!(
+            (keys.identity_dh, keys.signed_prekey, keys.one_time),
+            (Some(k), Some(k), vec![otk])
+        );
+        let kept = store
+            .append(&addr(3, 1), &[msg(1, 5), msg(2, 5)], 1, 2)
+            .expect("append");
+        let emptied = store
+            .append(&addr(4, 1), &[msg(3, 5)], 1, 2)
+            .expect("append");
+        store.remove(&addr(4, 1), &emptied).expect("ack");
+        assert_eq!(store.dump_mailboxes().expect("mailboxes"), vec![addr(3, 1)]);
+        // After a restart the floor is above every seq handed out, emptied or not.
+        drop(store);
+        let store = SledStore::open(dir.path(), 1 << 20).expect("reopen");
+        let top = kept.iter().chain(&emptied).max().copied().expect("seqs");
+        assert!(store.seq_floor() > top, "{} > {top}", store.seq_floor());
+    }
+}
