@@ -50,3 +50,83 @@ pub(super) fn copy(
     }
     Ok((copied, present))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use sha2::{Digest, Sha256};
+
+    use super::*;
+    use crate::testing::TestS3;
+
+    fn settings(s3: &TestS3) -> S3Settings {
+        S3Settings {
+            bucket: s3.bucket().to_owned(),
+            endpoint: Some(s3.endpoint().to_owned()),
+            region: "us-east-1".into(),
+            access_key: s3.access_key().to_owned(),
+            secret_key: s3.secret_key().to_owned(),
+            allow_http: true,
+            part_bytes: 5 << 20,
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn meta(size: usize) -> BlobMeta {
+        BlobMeta {
+            size: size as u64,
+            created_at: 1,
+            last_used_at: 1,
+            expires_at: 2,
+        }
+    }
+
+    /// Writes `bytes` as a blob file; returns its id.
+    fn blob(files: &BlobFiles, bytes: &[u8]) -> BlobId {
+        let id: BlobId = Sha256::digest(bytes).into();
+        let path = files.blob_path(&id);
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(path, bytes).expect("write");
+        id
+    }
+
+    #[test]
+    fn each_blob_becomes_one_object_checked_against_its_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = BlobFiles::open(dir.path()).expect("files");
+        let big: Vec<u8> = (0..(6usize << 20)).map(|i| (i % 253) as u8).collect();
+        let small = b"a small blob".to_vec();
+        let blobs = vec![
+            (blob(&files, &big), meta(big.len())),
+            (blob(&files, &small), meta(small.len())),
+        ];
+        let s3 = TestS3::start();
+        let copied = copy(dir.path(), &settings(&s3), &blobs).expect("copy");
+        assert_eq!(copied, (2, 0));
+        let stored = S3Bytes::open(&settings(&s3)).expect("client");
+        for (id, m) in &blobs {
+            assert!(stored.has_blob(id).expect("has"));
+            let mut r = stored.open_read(id, 0, m.size, 1 << 20).expect("read");
+            let mut h = Sha256::new();
+            while let Some(c) = r.next_chunk().expect("chunk") {
+                h.update(&c);
+            }
+            assert_eq!(<[u8; 32]>::from(h.finalize()), *id);
+        }
+        // A second run leaves them; the bucket holds one object per blob and no upload.
+        assert_eq!(copy(dir.path(), &settings(&s3), &blobs).expect("again"), (0, 2));
+        assert_eq!(s3.files().len(), 2, "{:?}", s3.files());
+
+        // A file whose bytes are not its id's is refused and leaves nothing.
+        let liar: BlobId = [9; 32];
+        let path = files.blob_path(&liar);
+        std::fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        std::fs::write(path, b"not these bytes").expect("write");
+        let bad = copy(dir.path(), &settings(&s3), &[(liar, meta(15))]);
+        assert!(bad.is_err(), "{bad:?}");
+        assert!(!stored.has_blob(&liar).expect("has"));
+    }
+}
