@@ -3,6 +3,9 @@
 //! while a relay runs on the directory (sled's exclusive lock on `db/`, taken first:
 //! [`crate::store::StoreError::Locked`]).
 
+pub mod migrate;
+mod objects;
+
 use std::sync::Arc;
 
 use tern_platform::clock::{Clock, SystemClock};

@@ -44,6 +44,29 @@ enum AdminCommand {
     /// relay/schema/account-export-v1.schema.json). Refused while a relay runs on the
     /// data directory.
     ExportAccount(ExportArgs),
+    /// Copy the whole relay (accounts, keys, discovery tags, the blob index, queued
+    /// messages with their seqs and expiry) into an empty PostgreSQL database, then
+    /// verify the copy. Refused while a relay runs on the data directory.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Parser)]
+struct MigrateArgs {
+    /// The target database: a libpq URL or keywords (`[postgres]`'s password_file
+    /// and ca_file apply). It must hold no account or message.
+    #[arg(long)]
+    to: String,
+    /// Also copy every blob's bytes from the data directory into the object store
+    /// of the configuration's `[objects]` (one object per blob, each checked
+    /// against its id; blobs already there are left, so a second run resumes).
+    #[arg(long)]
+    objects: bool,
+    /// TOML configuration file (for the data directory and storage settings).
+    #[arg(long, short, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides the configuration's.
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
 }
 
 #[derive(Parser)]
@@ -106,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
         Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
+        Command::Admin(AdminCommand::Migrate(args)) => migrate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -268,6 +292,20 @@ fn export_to_file(
     removed?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(exported)
+}
+
+fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    crate::store::fault::refuse_unless_compiled_in()?;
+    let migrated = crate::admin::migrate::migrate(&config, &args.to, args.objects)?;
+    println!("migrated and verified:\n{migrated}");
+    Ok(())
 }
 
 fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {

@@ -24,6 +24,7 @@ mod media;
 mod media_cluster;
 mod media_objects;
 mod media_privacy;
+mod migrate;
 mod multihost;
 mod security;
 mod storage;

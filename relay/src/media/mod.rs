@@ -72,7 +72,7 @@ use crate::core::budget::Budget;
 use crate::core::rate::ByteRate;
 use crate::store::{BlobId, BlobIndex, BlobMeta, UploadMeta, DAY_MS};
 
-mod bytes;
+pub(crate) mod bytes;
 mod error;
 #[cfg(test)]
 mod tests;

@@ -53,7 +53,7 @@ pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
-pub use self::sled::SledStore;
+pub use self::sled::{DeviceKeysDump, DiscoveryDump, SledStore};
 
 /// A storage backend failure.
 #[derive(Debug, Clone, thiserror::Error)]

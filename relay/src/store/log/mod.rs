@@ -20,6 +20,7 @@
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
+mod dump;
 mod files;
 mod holes;
 mod mailboxes;

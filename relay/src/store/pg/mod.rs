@@ -33,6 +33,7 @@ pub mod writer;
 // Package B1: accounts, keys, the blob index.
 mod accounts;
 mod blobs;
+pub mod import;
 mod keys;
 mod rows;
 

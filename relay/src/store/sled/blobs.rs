@@ -107,7 +107,7 @@ fn encode_upload(m: &UploadMeta) -> Vec<u8> {
     .concat()
 }
 
-fn decode_upload(v: &[u8]) -> StoreResult<UploadMeta> {
+pub(super) fn decode_upload(v: &[u8]) -> StoreResult<UploadMeta> {
     if v.len() != 24 {
         return Err(StoreError::Corrupt("upload record"));
     }
@@ -118,12 +118,12 @@ fn decode_upload(v: &[u8]) -> StoreResult<UploadMeta> {
     })
 }
 
-fn decode_charge(v: &[u8]) -> StoreResult<u64> {
+pub(super) fn decode_charge(v: &[u8]) -> StoreResult<u64> {
     Ok(u64::from_be_bytes(fixed(v)?))
 }
 
 /// An upload key's account and blob id.
-fn parse_upload_key(k: &[u8]) -> StoreResult<(AccountId, BlobId)> {
+pub(super) fn parse_upload_key(k: &[u8]) -> StoreResult<(AccountId, BlobId)> {
     let account = AccountId::try_from(k.get(1..17).ok_or(StoreError::Corrupt("upload key"))?)
         .map_err(|_| StoreError::Corrupt("upload key"))?;
     Ok((

@@ -82,7 +82,7 @@ fn encode(rec: &TagRecord) -> [u8; RECORD_LEN] {
     out
 }
 
-fn decode(bytes: &[u8]) -> StoreResult<TagRecord> {
+pub(super) fn decode(bytes: &[u8]) -> StoreResult<TagRecord> {
     let b: &[u8; RECORD_LEN] = bytes
         .try_into()
         .map_err(|_| StoreError::Corrupt("discovery tag record"))?;

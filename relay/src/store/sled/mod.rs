@@ -43,6 +43,9 @@ use super::{
 mod accounts;
 mod blobs;
 mod discovery;
+mod dump;
+
+pub use self::dump::{DeviceKeysDump, DiscoveryDump};
 use tern_platform::clock::UnixMillis;
 
 const MSG: u8 = b'M';

@@ -1,0 +1,272 @@
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use bytes::Bytes;
+use tern_proto::discovery::{FilterKey, Tag};
+use tern_proto::{AccountId, DeviceId, MessageId};
+
+use super::*;
+use crate::store::pg::testdb;
+use crate::store::{
+    AccountRecord, BlobMeta, DiscoveryStore, Envelope, Flush, OneTimeKey, SignedKey, StoredMessage,
+    TagRecord, UploadMeta,
+};
+
+fn addr(a: u8, d: u32) -> DeviceAddress {
+    DeviceAddress::from_wire(&[a; 16], d).expect("address")
+}
+
+fn env(i: u32) -> Envelope {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&i.to_be_bytes());
+    Envelope {
+        message_id: MessageId(id),
+        payload: Bytes::from(vec![(i % 251) as u8; 10 + (i as usize % 7)]),
+    }
+}
+
+fn signed(id: u32, b: u8) -> SignedKey {
+    SignedKey {
+        id,
+        key: [b; 32],
+        signature: [b; 64],
+    }
+}
+
+fn all(store: &dyn MailboxStore, of: &DeviceAddress) -> Vec<StoredMessage> {
+    store.read(of, 0, 100_000).expect("read")
+}
+
+/// Seeds sled and the log through the store APIs, migrates into a real PostgreSQL and
+/// reads every item back through the PostgreSQL stores.
+#[test]
+fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let (a, b, c) = (AccountId([1; 16]), AccountId([2; 16]), AccountId([3; 16]));
+    let d1 = DeviceId::PRIMARY;
+    let d2 = DeviceId::new(2).expect("id");
+    let tag_a = Tag([7; 16]);
+    let tag_b = Tag([8; 16]);
+    let (blob1, blob2) = ([0x11; 32], [0x22; 32]);
+    let (mbox1, mbox2, mbox3) = (addr(1, 1), addr(1, 2), addr(2, 1));
+    let mut expected: Vec<(DeviceAddress, Vec<StoredMessage>)> = Vec::new();
+    let b_buckets;
+    {
+        let sled = SledStore::open(&dir.path().join("db"), 1 << 20).expect("sled");
+        let log =
+            LogStore::open(&dir.path().join("mailboxes"), LogOptions::default()).expect("log");
+        let rec = |k: u8| AccountRecord {
+            identity_key: [k; 32],
+            devices: vec![(d1, [k + 1; 32])],
+        };
+        sled.create_on(&a, &rec(10), Some(19_000)).expect("a");
+        assert_eq!(
+            sled.add_device(&a, &[99; 32], 19_001).expect("add"),
+            Some(d2)
+        );
+        sled.touch_device(
+            &DeviceAddress {
+                account: a,
+                device: d2,
+            },
+            19_005,
+        )
+        .expect("touch");
+        sled.create_on(&b, &rec(20), None).expect("b");
+        sled.create_on(&c, &rec(30), Some(19_002)).expect("c");
+        sled.create_on(&AccountId([4; 16]), &rec(40), None)
+            .expect("quiet");
+        sled.set_delivery_token(&a, &[5; 32]).expect("token");
+        sled.put_deletion(&c, &[d1]).expect("intent");
+        sled.publish(
+            &mbox1,
+            Some(&signed(1, 1)),
+            Some(&signed(2, 2)),
+            &[
+                OneTimeKey {
+                    id: 7,
+                    key: [7; 32],
+                },
+                OneTimeKey {
+                    id: 9,
+                    key: [9; 32],
+                },
+            ],
+        )
+        .expect("keys");
+        sled.publish(
+            &mbox3,
+            None,
+            None,
+            &[OneTimeKey {
+                id: 3,
+                key: [3; 32],
+            }],
+        )
+        .expect("one-time only");
+        let rec_tag = |acc: AccountId, on: bool| TagRecord {
+            account: acc,
+            key: FilterKey(u64::MAX - 3),
+            discoverable: on,
+            verified_at: 86_400_000 * 19_000,
+        };
+        sled.attach(&a, &tag_a, &rec_tag(a, true))
+            .expect("attach a");
+        sled.attach(&b, &tag_b, &rec_tag(b, false))
+            .expect("attach b");
+        sled.set_buckets(&a, 1_234, &tag_a, 5_678).expect("buckets");
+        sled.set_buckets(&b, 4_321, &tag_b, 8_765).expect("buckets");
+        sled.detach(&b).expect("detach b");
+        b_buckets = (
+            sled.bucket(&b).expect("bucket"),
+            sled.number_bucket(&tag_b).expect("nb"),
+        );
+        assert_eq!(
+            b_buckets.1,
+            Some(8_765),
+            "a detached number keeps its bucket"
+        );
+        let meta = |size| BlobMeta {
+            size,
+            created_at: 1_000,
+            last_used_at: 2_000,
+            expires_at: 86_400_000 * 30_000,
+        };
+        sled.insert_blob(&blob1, &meta(100), &a).expect("blob");
+        sled.insert_blob(&blob2, &meta(50), &b).expect("blob");
+        let up = UploadMeta {
+            size: 77,
+            started_at: 3,
+            touched_at: 4,
+        };
+        sled.put_upload(&a, &[0x33; 32], &up).expect("upload");
+        // Three mailboxes; an ack leaves a gap in mailbox 1.
+        let at = SystemClock.now();
+        for (to, n) in [(mbox1, 30u32), (mbox2, 5), (mbox3, 12)] {
+            let msgs: Vec<Envelope> = (0..n).map(|i| env(i + n * 100)).collect();
+            log.append(&to, &msgs, at, at + 86_400_000).expect("append");
+        }
+        let seqs: Vec<u64> = all(&log, &mbox1)[10..15].iter().map(|m| m.seq).collect();
+        log.remove(&mbox1, &seqs).expect("ack");
+        for to in [mbox1, mbox2, mbox3] {
+            expected.push((to, all(&log, &to)));
+        }
+        assert_eq!(expected[0].1.len(), 25);
+        log.flush().expect("flush log");
+        sled.flush().expect("flush sled");
+    }
+    let (_pg, opts) = testdb::db();
+    let migrated = migrate(&config, &opts.url, false).expect("migrate");
+    let count = |kind: &str| {
+        migrated
+            .copied
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, n)| *n)
+            .expect("kind")
+    };
+    assert_eq!(count("accounts"), 4);
+    assert_eq!(count("devices"), 5);
+    assert_eq!(count("messages"), 25 + 5 + 12);
+    assert_eq!(count("one-time keys"), 3);
+    assert_eq!(migrated.mailboxes_verified, 3);
+    assert!(migrated.peak_rss_kib.is_some());
+
+    let pg = testdb::node(&opts, "after");
+    // Accounts, days, tokens, deletion intents.
+    let got = pg.get(&a).expect("get").expect("a");
+    assert_eq!(got.identity_key, [10; 32]);
+    assert_eq!(got.devices, vec![(d1, [11; 32]), (d2, [99; 32])]);
+    let days = pg.days(&a).expect("days").expect("a");
+    assert_eq!(days.created, Some(19_000));
+    assert_eq!(days.of(d2).created, Some(19_001));
+    assert_eq!(days.of(d2).last_seen, Some(19_005));
+    assert_eq!(pg.days(&b).expect("days").expect("b").created, None);
+    assert_eq!(pg.delivery_token(&a).expect("token"), Some([5; 32]));
+    assert_eq!(pg.delivery_token(&b).expect("token"), None);
+    assert_eq!(pg.deletions().expect("intents"), vec![(c, vec![d1])]);
+    // Keys.
+    let published = pg.published(&mbox1).expect("published");
+    assert!(published.identity_dh);
+    assert_eq!(published.signed_prekey_id, Some(2));
+    assert_eq!(published.one_time, 2);
+    let fetched = pg.fetch(&mbox1, true).expect("fetch").expect("keys");
+    assert_eq!(fetched.identity_dh, signed(1, 1));
+    assert_eq!(fetched.signed_prekey, signed(2, 2));
+    assert_eq!(
+        fetched.one_time,
+        Some(OneTimeKey {
+            id: 7,
+            key: [7; 32]
+        })
+    );
+    assert_eq!(pg.one_time_count(&mbox3).expect("count"), 1);
+    // Discovery: tags, buckets, the detached number's bucket.
+    let ra = pg.by_tag(&tag_a).expect("tag").expect("a's tag");
+    assert_eq!(
+        (ra.account, ra.key, ra.discoverable),
+        (a, FilterKey(u64::MAX - 3), true)
+    );
+    assert_eq!(pg.of_account(&a).expect("of").map(|(t, _)| t), Some(tag_a));
+    assert_eq!(
+        pg.of_account(&b).expect("of"),
+        None,
+        "b detached its number"
+    );
+    assert_eq!(pg.bucket(&a).expect("bucket"), Some(1_234));
+    assert_eq!(
+        (
+            pg.bucket(&b).expect("bucket"),
+            pg.number_bucket(&tag_b).expect("nb")
+        ),
+        b_buckets
+    );
+    assert_eq!(pg.number_bucket(&tag_a).expect("nb"), Some(5_678));
+    assert_eq!(pg.discoverable_keys().expect("keys"), vec![u64::MAX - 3]);
+    // Blobs, charges, uploads.
+    assert_eq!(pg.blob(&blob1).expect("blob").map(|m| m.size), Some(100));
+    assert_eq!(
+        pg.blob(&blob2).expect("blob").map(|m| m.last_used_at),
+        Some(2_000)
+    );
+    assert_eq!(pg.charges_of(&a).expect("charges"), vec![(30_000, 100)]);
+    assert_eq!(pg.account_bytes(&b, 0).expect("bytes"), 50);
+    assert_eq!(
+        pg.upload(&a, &[0x33; 32]).expect("upload"),
+        Some(UploadMeta {
+            size: 77,
+            started_at: 3,
+            touched_at: 4
+        })
+    );
+    // Messages with their seqs (the gap too), ids and times; usage and totals.
+    for (to, msgs) in &expected {
+        assert_eq!(&all(&pg, to), msgs);
+        assert_eq!(pg.usage(to).expect("usage").messages, msgs.len() as u64);
+    }
+    // The next append continues above every copied seq, in a mailbox with messages
+    // and in one with none.
+    let top = expected
+        .iter()
+        .flat_map(|(_, m)| m.iter().map(|m| m.seq))
+        .max();
+    let next = pg
+        .append(&mbox1, &[env(1)], 1, u64::MAX / 4)
+        .expect("append");
+    assert!(Some(next[0]) > top, "{next:?} above {top:?}");
+    let fresh = addr(4, 1);
+    let next = pg
+        .append(&fresh, &[env(2)], 1, u64::MAX / 4)
+        .expect("append");
+    assert!(Some(next[0]) > top, "{next:?} above {top:?}");
+
+    // A second run is refused: the database holds accounts now.
+    let again = migrate(&config, &opts.url, false);
+    assert!(
+        matches!(&again, Err(e) if e.to_string().contains("already holds")),
+        "{again:?}"
+    );
+}
