@@ -117,7 +117,10 @@ mod tests {
             assert_eq!(<[u8; 32]>::from(h.finalize()), *id);
         }
         // A second run leaves them; the bucket holds one object per blob and no upload.
-        assert_eq!(copy(dir.path(), &settings(&s3), &blobs).expect("again"), (0, 2));
+        assert_eq!(
+            copy(dir.path(), &settings(&s3), &blobs).expect("again"),
+            (0, 2)
+        );
         assert_eq!(s3.files().len(), 2, "{:?}", s3.files());
 
         // A file whose bytes are not its id's is refused and leaves nothing.

@@ -1,0 +1,131 @@
+//! What every node runs in the background: the free-disk sampling and the expiry
+//! sweep (on shared stores, only on the holder of the sweep lease).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{Services, RETRIES_PER_SWEEP};
+use crate::core::budget::{Budget, DiskSample};
+use crate::deletion::AccountDeletion;
+use crate::error::Error;
+use crate::media::BlobStore;
+
+/// Samples the data file systems into `budget`; a directory not there yet (no blob
+/// stored) or a failed sample is skipped.
+pub(super) fn record_disk(budget: &Budget, dirs: &[std::path::PathBuf]) {
+    let samples: Vec<DiskSample> = dirs
+        .iter()
+        .filter(|d| d.exists())
+        .filter_map(|d| crate::store::disk_sample(d).ok())
+        .collect();
+    let was = budget.below_reserve();
+    let below = budget.record_disk(&samples);
+    if below && !was {
+        warn!("free disk space is at the reserve: sends, uploads, registrations and key uploads are refused until it is back");
+    } else if was && !below {
+        info!("free disk space is above the reserve again");
+    }
+}
+
+pub(super) async fn disk_loop(
+    budget: Arc<Budget>,
+    dirs: [std::path::PathBuf; 3],
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => record_disk(&budget, &dirs),
+        }
+    }
+}
+
+pub(super) async fn sweep_loop(
+    services: Arc<Services>,
+    blobs: Arc<BlobStore>,
+    deletion: Arc<AccountDeletion>,
+    every: Duration,
+    batch: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        // Per node: rate limit keys whose buckets refilled (the limits are per node).
+        // And blob bytes in a shared store, as the index counts them now.
+        let (rates, counted) = (services.rates.clone(), blobs.clone());
+        let _ = tokio::task::spawn_blocking(move || (rates.housekeep(), counted.recount())).await;
+        // What the stores hold is swept by one node at a time, when several share
+        // them: the holder of the lease (renewed each pass, lapsing after three).
+        if !holds_sweep_lease(&services, every).await {
+            continue;
+        }
+        // Deletions that failed part way (they log their own failures).
+        if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
+            warn!(error = %e, "pending account deletions not read");
+        }
+        let services = services.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            loop {
+                let n = services.mailboxes.sweep(batch)?;
+                total += n;
+                if n < batch as u64 {
+                    return Ok::<_, Error>(total);
+                }
+            }
+        })
+        .await;
+        match swept {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(messages = n, "deleted expired messages"),
+            Ok(Err(e)) => warn!(error = %e, "expiry sweep failed"),
+            Err(e) => warn!(error = %e, "expiry sweep panicked"),
+        }
+        let blobs = blobs.clone();
+        let swept = tokio::task::spawn_blocking(move || blobs.sweep(batch)).await;
+        match swept {
+            Ok(Ok(s)) if s.blobs + s.uploads + s.objects > 0 => {
+                info!(
+                    blobs = s.blobs,
+                    uploads = s.uploads,
+                    objects = s.objects,
+                    "deleted expired media"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "media sweep failed"),
+            Err(e) => warn!(error = %e, "media sweep panicked"),
+        }
+    }
+}
+
+/// The name of the lease whose holder sweeps the shared stores.
+pub(crate) const SWEEP_LEASE: &str = "sweep";
+
+/// Whether this node sweeps now: always on its own stores; on shared ones, when it
+/// holds (or takes) the sweep lease, for three sweep intervals.
+async fn holds_sweep_lease(services: &Services, every: Duration) -> bool {
+    let Some(pg) = services.stores.shared.clone() else {
+        return true;
+    };
+    let held = tokio::task::spawn_blocking(move || pg.try_hold(SWEEP_LEASE, every * 3)).await;
+    match held {
+        Ok(Ok(held)) => held,
+        Ok(Err(e)) => {
+            warn!(error = %e, "the sweep lease could not be read; skipping this sweep");
+            false
+        }
+        Err(_) => false,
+    }
+}
