@@ -10,7 +10,9 @@ use tern_client::net::Incoming;
 use tern_proto::ErrorCode;
 use tern_relay::testing::TestPostgres;
 
-use crate::support::{envelope, number, register, within, Device, RelayProcess, STEP};
+use crate::support::{
+    copy_shared_files, envelope, number, register, within, Device, RelayProcess, STEP,
+};
 
 /// One database and the nodes' data directories.
 struct Nodes {
@@ -65,20 +67,6 @@ fn start_with_toml(dir: &Path, toml: &str) -> anyhow::Result<RelayProcess> {
     std::fs::write(&config, toml)?;
     let config = config.to_string_lossy().into_owned();
     RelayProcess::start(dir, &["--config", &config])
-}
-
-/// The files every node of one relay shares: the TLS certificate and key, the
-/// sender-certificate signing key, the discovery OPRF key.
-fn copy_shared_files(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("peer dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("relay-") || name == "discovery-oprf-key" {
-            let dest = to.join(&name);
-            if !dest.exists() {
-                std::fs::copy(entry.path(), &dest).expect("copy");
-            }
-        }
-    }
 }
 
 #[tokio::test]

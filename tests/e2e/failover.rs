@@ -32,15 +32,7 @@ const ATTEMPT: Duration = Duration::from_secs(5);
 fn start_node(dir: &Path, url: &str, peer: Option<&RelayProcess>) -> RelayProcess {
     std::fs::create_dir_all(dir).expect("dir");
     if let Some(peer) = peer {
-        for entry in std::fs::read_dir(&peer.data_dir)
-            .expect("peer dir")
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("relay-") || name == "discovery-oprf-key" {
-                std::fs::copy(entry.path(), dir.join(&name)).expect("copy");
-            }
-        }
+        crate::support::copy_shared_files(&peer.data_dir, dir);
     }
     let toml = format!(
         "[storage]\nbackend = \"postgres\"\n\

@@ -13,7 +13,9 @@ use tern_client::net::RelayConnection;
 use tern_relay::testing::{TestPostgres, TestS3};
 
 use crate::media::Interrupted;
-use crate::support::{envelope, files_under, register, within, Device, RelayProcess, STEP};
+use crate::support::{
+    copy_shared_files, envelope, files_under, register, within, Device, RelayProcess, STEP,
+};
 
 const KEY_ENV: &str = "TERN_TEST_S3_KEY";
 const SECRET_ENV: &str = "TERN_TEST_S3_SECRET";
@@ -84,19 +86,6 @@ impl Cluster {
                 .expect("connect");
         tokio::spawn(conn);
         client.query_one(sql, &[]).await.expect("query").get(0)
-    }
-}
-
-/// The files every node of one relay shares (see `cluster.rs`).
-fn copy_shared_files(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("peer dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("relay-") || name == "discovery-oprf-key" {
-            let dest = to.join(&name);
-            if !dest.exists() {
-                std::fs::copy(entry.path(), &dest).expect("copy");
-            }
-        }
     }
 }
 

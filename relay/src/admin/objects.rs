@@ -63,16 +63,7 @@ mod tests {
     use crate::testing::TestS3;
 
     fn settings(s3: &TestS3) -> S3Settings {
-        S3Settings {
-            bucket: s3.bucket().to_owned(),
-            endpoint: Some(s3.endpoint().to_owned()),
-            region: "us-east-1".into(),
-            access_key: s3.access_key().to_owned(),
-            secret_key: s3.secret_key().to_owned(),
-            allow_http: true,
-            part_bytes: 5 << 20,
-            timeout: Duration::from_secs(10),
-        }
+        S3Settings::for_test(s3, 5 << 20, Duration::from_secs(10))
     }
 
     fn meta(size: usize) -> BlobMeta {

@@ -17,16 +17,7 @@ const PART: usize = 5 << 20;
 const TTL: Duration = Duration::from_secs(3600);
 
 fn settings(s3: &TestS3) -> S3Settings {
-    S3Settings {
-        bucket: s3.bucket().to_owned(),
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: "us-east-1".into(),
-        access_key: s3.access_key().to_owned(),
-        secret_key: s3.secret_key().to_owned(),
-        allow_http: true,
-        part_bytes: PART,
-        timeout: Duration::from_secs(10),
-    }
+    S3Settings::for_test(s3, PART, Duration::from_secs(10))
 }
 
 /// One database, one bucket, and the clock every node reads.

@@ -13,16 +13,7 @@ use crate::testing::TestS3;
 const PART: usize = 5 << 20;
 
 fn settings(s3: &TestS3, timeout: Duration) -> S3Settings {
-    S3Settings {
-        bucket: s3.bucket().to_owned(),
-        endpoint: Some(s3.endpoint().to_owned()),
-        region: "us-east-1".into(),
-        access_key: s3.access_key().to_owned(),
-        secret_key: s3.secret_key().to_owned(),
-        allow_http: true,
-        part_bytes: PART,
-        timeout,
-    }
+    S3Settings::for_test(s3, PART, timeout)
 }
 
 struct Node {

@@ -69,6 +69,27 @@ pub(crate) struct S3Settings {
     pub(crate) timeout: Duration,
 }
 
+#[cfg(test)]
+impl S3Settings {
+    /// Settings for the test server `s3`, with `part_bytes` parts and `timeout`.
+    pub(crate) fn for_test(
+        s3: &crate::testing::TestS3,
+        part_bytes: usize,
+        timeout: std::time::Duration,
+    ) -> Self {
+        S3Settings {
+            bucket: s3.bucket().to_owned(),
+            endpoint: Some(s3.endpoint().to_owned()),
+            region: "us-east-1".into(),
+            access_key: s3.access_key().to_owned(),
+            secret_key: s3.secret_key().to_owned(),
+            allow_http: true,
+            part_bytes,
+            timeout,
+        }
+    }
+}
+
 impl std::fmt::Debug for S3Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys.
