@@ -41,6 +41,14 @@ struct Wakeup {
     displaced: AtomicBool,
 }
 
+impl Wakeup {
+    /// Tells the subscription a newer one took over.
+    fn displace(&self) {
+        self.displaced.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
 impl ActiveMailboxes {
     fn state(&self, addr: &DeviceAddress) -> Arc<MailboxState> {
         lock(&self.devices).entry(*addr).or_default().clone()
@@ -59,12 +67,11 @@ impl ActiveMailboxes {
     }
 
     /// Runs `mutate` under the mailbox's ordering lock (held for the store call only,
-    /// never across an `.await`); wakes its subscriber if `mutate` succeeded and
-    /// `wake` says so.
+    /// never across an `.await`). The caller wakes the subscriber once the change is
+    /// visible ([`ActiveMailboxes::wake`]).
     pub(crate) fn ordered<T, E>(
         &self,
         addr: &DeviceAddress,
-        wake: bool,
         mutate: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
         let state = self.state(addr);
@@ -72,11 +79,6 @@ impl ActiveMailboxes {
             let _ordering = lock(&state.ordering);
             mutate()
         };
-        if wake && result.is_ok() {
-            if let Some(w) = lock(&state.subscriber).as_ref() {
-                w.notify.notify_one();
-            }
-        }
         self.release(addr, state);
         result
     }
@@ -102,8 +104,7 @@ impl ActiveMailboxes {
         });
         let state = self.state(&address);
         if let Some(old) = lock(&state.subscriber).replace(wakeup.clone()) {
-            old.displaced.store(true, Ordering::Release);
-            old.notify.notify_one();
+            old.displace();
         }
         // Start with a wake-up so the first read happens without waiting.
         wakeup.notify.notify_one();
@@ -117,12 +118,11 @@ impl ActiveMailboxes {
     /// Displaces the device's subscriber `id`, if it is still the one here (a newer
     /// connection of the device on another node).
     pub(crate) fn displace(&self, addr: &DeviceAddress, id: u64) {
-        let devices = lock(&self.devices);
-        if let Some(w) = devices.get(addr).and_then(|s| lock(&s.subscriber).clone()) {
-            if w.id == id {
-                w.displaced.store(true, Ordering::Release);
-                w.notify.notify_one();
-            }
+        let subscriber = lock(&self.devices)
+            .get(addr)
+            .and_then(|s| lock(&s.subscriber).clone());
+        if let Some(w) = subscriber.filter(|w| w.id == id) {
+            w.displace();
         }
     }
 

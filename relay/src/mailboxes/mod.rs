@@ -100,7 +100,7 @@ impl Appended {
             Staged::Applied(_) => self.commit.commit_mailboxes().await?,
             pending => {
                 pending.wait().await.map_err(|e| refused(e, self.sealed))?;
-                // Visible only now: the wake before the commit found nothing.
+                // Visible only now.
                 self.active.wake(&self.to);
             }
         }
@@ -202,7 +202,7 @@ impl Mailboxes {
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         let sealed = matches!(from, SenderKey::Prefix(_));
-        let staged = self.active.ordered(to, true, || {
+        let staged = self.active.ordered(to, || {
             // Checked under the device lock, which a deletion's purge takes too: a
             // send that resolved its recipient before the deletion began cannot
             // queue after the purge.
@@ -230,6 +230,11 @@ impl Mailboxes {
                 .stage_append(to, msgs, now, self.ttl.expires_at(now))
                 .map_err(|e| refused(e, sealed))
         })?;
+        // Woken once its messages are visible: now for a store that applied them,
+        // after the commit for a shared one (a wake now would read nothing).
+        if matches!(staged, Staged::Applied(_)) {
+            self.active.wake(to);
+        }
         Ok(Appended {
             accepted: msgs.len(),
             commit: self.commit.clone(),
@@ -298,7 +303,7 @@ impl Mailboxes {
         let addr = device.address();
         let staged = self
             .active
-            .ordered(addr, false, || self.store.stage_remove(addr, seqs))?;
+            .ordered(addr, || self.store.stage_remove(addr, seqs))?;
         Ok(Acked {
             staged,
             commit: self.commit.clone(),
@@ -307,9 +312,7 @@ impl Mailboxes {
 
     /// Deletes every message of a mailbox under its device lock (account deletion).
     pub(crate) fn purge(&self, addr: &DeviceAddress) -> Result<Usage> {
-        Ok(self
-            .active
-            .ordered(addr, false, || self.store.purge(addr))?)
+        Ok(self.active.ordered(addr, || self.store.purge(addr))?)
     }
 
     /// Finishes the store's deferred removal work now (the log's scrub).
@@ -338,7 +341,7 @@ impl Mailboxes {
         for (addr, entries) in by_device {
             let removed = self
                 .active
-                .ordered(&addr, false, || self.store.expire(&addr, &entries))?;
+                .ordered(&addr, || self.store.expire(&addr, &entries))?;
             deleted += removed.messages;
         }
         Ok(deleted)

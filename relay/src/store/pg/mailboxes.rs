@@ -261,10 +261,7 @@ impl PgBackend {
     }
 
     fn wait<T: Send>(&self, rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
-        self.run(async {
-            rx.await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("mailbox writer stopped".into())))
-        })
+        self.run(Staged::Pending(rx).wait())
     }
 
     /// Reads the totals from the database into the cache.

@@ -281,10 +281,10 @@ impl PgBackend {
 
     /// A pooled connection; a pool that cannot connect is `Unavailable`.
     pub async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => self.classify(&e),
-            e => StoreError::Unavailable(format!("PostgreSQL at {}: {e}", self.hosts)),
-        })
+        self.pool
+            .get()
+            .await
+            .map_err(|e| pool_error(e, &self.hosts))
     }
 
     /// Runs `fut` as a task on the database runtime (the node's background work on
@@ -378,6 +378,15 @@ impl Drop for PgBackend {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
+    }
+}
+
+/// A pool that could not hand out a connection, as a store error: the database's own
+/// refusal classified, a timeout or a closed pool `Unavailable`.
+pub(super) fn pool_error(e: deadpool_postgres::PoolError, hosts: &str) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => classify(&e, hosts),
+        e => StoreError::Unavailable(format!("PostgreSQL at {hosts}: {e}")),
     }
 }
 

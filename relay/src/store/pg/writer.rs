@@ -270,12 +270,11 @@ impl Writer {
 
     /// BEGIN, the head locks (and counts), the deletion-intent check.
     async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
-        let client = self.pool.get().await.map_err(|e| {
-            Failure::Other(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: {e}",
-                self.hosts
-            )))
-        })?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
         client.batch_execute("BEGIN").await?;
         let open = Open(Some(client));
         let tx = open.client()?;
