@@ -243,11 +243,21 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
 /// Connects to the shared database of `[postgres]` (migrating it if this binary is
 /// newer). A database that cannot be reached stops the start with its hosts named.
 fn open_postgres(config: &Config) -> Result<Stores> {
+    let url =
+        config.postgres.url.clone().ok_or_else(|| {
+            Error::Config("storage.backend = \"postgres\" needs postgres.url".into())
+        })?;
+    let pg = open_pg(&pg_options(config, url)?)?;
+    if config.objects.url.is_none() {
+        warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
+    }
+    Ok(Stores::postgres(Arc::new(pg)))
+}
+
+/// The options `[postgres]` gives for the database at `url` (the password read from
+/// its file), durable as the relay is.
+pub(crate) fn pg_options(config: &Config, url: String) -> Result<PgOptions> {
     let c = &config.postgres;
-    let url = c
-        .url
-        .clone()
-        .ok_or_else(|| Error::Config("storage.backend = \"postgres\" needs postgres.url".into()))?;
     let mut opts = PgOptions::new(url);
     if let Some(path) = &c.password_file {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -263,16 +273,18 @@ fn open_postgres(config: &Config) -> Result<Stores> {
         opts.node_id = id.clone();
     }
     opts.durability = config.durability;
-    let pg = PgBackend::open(&opts).map_err(|e| match e {
+    Ok(opts)
+}
+
+/// Connects (and migrates); a database that cannot be reached is a configuration
+/// error naming its hosts, so the start stops with it.
+pub(crate) fn open_pg(opts: &PgOptions) -> Result<PgBackend> {
+    PgBackend::open(opts).map_err(|e| match e {
         crate::store::StoreError::Unavailable(m) => {
             Error::Config(format!("cannot reach the database: {m}"))
         }
         e => Error::Store(e),
-    })?;
-    if config.objects.url.is_none() {
-        warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
-    }
-    Ok(Stores::postgres(Arc::new(pg)))
+    })
 }
 
 mod housekeeping;

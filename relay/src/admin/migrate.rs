@@ -16,7 +16,7 @@ use tern_proto::DeviceAddress;
 
 use crate::config::{Config, MailboxBackend};
 use crate::error::{Error, Result};
-use crate::store::pg::{PgBackend, PgOptions};
+use crate::store::pg::PgBackend;
 use crate::store::{
     AccountStore, BlobIndex, KeyStore, LogOptions, LogStore, MailboxStore, SledStore,
 };
@@ -73,25 +73,15 @@ fn mismatch(what: impl std::fmt::Display) -> Error {
 /// The database at `url`, with `[postgres]`'s password file and TLS roots, and
 /// deadlines long enough for a batch.
 fn target(config: &Config, url: &str) -> Result<PgBackend> {
-    let c = &config.postgres;
-    let mut opts = PgOptions::new(url);
-    if let Some(path) = &c.password_file {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::Config(format!("postgres.password_file {}: {e}", path.display()))
-        })?;
-        opts.password = Some(text.trim_end_matches(['\n', '\r']).as_bytes().to_vec());
-    }
-    opts.ca_file = c.ca_file.clone();
+    let mut opts = crate::server::pg_options(config, url.to_owned())?;
+    // One copy at a time, with statements as long as a large batch needs.
     opts.pool_size = 2;
-    opts.connect_timeout = c.connect_timeout.max(Duration::from_secs(5));
+    opts.connect_timeout = opts.connect_timeout.max(Duration::from_secs(5));
     opts.statement_timeout = Duration::from_secs(300);
     opts.node_id = "admin-migrate".into();
-    PgBackend::open(&opts).map_err(|e| match e {
-        crate::store::StoreError::Unavailable(m) => {
-            Error::Config(format!("cannot reach the database: {m}"))
-        }
-        e => Error::Store(e),
-    })
+    // The copy is durable whatever the relay's own durability.
+    opts.durability = crate::store::Durability::Fsync;
+    crate::server::open_pg(&opts)
 }
 
 /// SHA-256 over a mailbox's (seq, message id, payload length, payload) stream, and its
