@@ -7,6 +7,7 @@
 //! upload's file is verified against its id, fsynced, renamed into `blobs/`, and both
 //! directories are fsynced, so a blob either is whole in place or is not there.
 
+use super::hex;
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Read;
@@ -69,10 +70,6 @@ pub(crate) struct CompleteUpload {
     file: File,
     /// Bytes in it.
     pub(crate) len: u64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Fsyncs a directory, so a rename or removal in it survives a crash.

@@ -16,6 +16,11 @@ use tern_proto::AccountId;
 use super::BlobResult;
 use crate::store::BlobId;
 
+/// Bytes as lower-case hex: how blob ids name their files and objects.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The bytes of blobs and of uploads in progress. An upload is keyed by the account
 /// uploading and the id its bytes claim; a blob by its id.
 pub(crate) trait BlobBytes: Send + Sync {

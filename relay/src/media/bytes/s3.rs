@@ -19,6 +19,7 @@
 //! Calls block on a small runtime of this store's own, each bounded by a deadline: an
 //! unreachable store is [`BlobError::Unavailable`] once it passes.
 
+use super::hex;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -213,10 +214,6 @@ fn gone_is_fine(r: object_store::Result<()>) -> object_store::Result<()> {
         Err(object_store::Error::NotFound { .. }) => Ok(()),
         r => r,
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Blob bytes in an S3-compatible bucket. See the module docs.
