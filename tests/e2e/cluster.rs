@@ -3,7 +3,7 @@
 //! on one node delete what another stored, and the database's failures are
 //! UNAVAILABLE, never a lost or invented acknowledgement.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tern_client::net::Incoming;
@@ -13,6 +13,7 @@ use tern_relay::testing::TestPostgres;
 use crate::support::{
     copy_shared_files, envelope, number, register, within, Device, RelayProcess, STEP,
 };
+use crate::verification::relay_with;
 
 /// One database and the nodes' data directories.
 struct Nodes {
@@ -58,15 +59,8 @@ impl Nodes {
         if let Some(peer) = peer {
             copy_shared_files(&peer.data_dir, &dir);
         }
-        start_with_toml(&dir, &self.toml(extra))
+        relay_with(&dir, &self.toml(extra), &[])
     }
-}
-
-fn start_with_toml(dir: &Path, toml: &str) -> anyhow::Result<RelayProcess> {
-    let config = dir.with_extension("toml");
-    std::fs::write(&config, toml)?;
-    let config = config.to_string_lossy().into_owned();
-    RelayProcess::start(dir, &["--config", &config])
 }
 
 #[tokio::test]
@@ -190,7 +184,7 @@ async fn a_database_down_at_start_is_named() {
     );
     let dir = nodes.data_dir("a");
     std::fs::create_dir_all(&dir).expect("dir");
-    let err = start_with_toml(&dir, &toml)
+    let err = relay_with(&dir, &toml, &[])
         .err()
         .expect("no database, no start");
     let text = format!("{err:#}");

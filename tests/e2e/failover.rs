@@ -41,10 +41,7 @@ fn start_node(dir: &Path, url: &str, peer: Option<&RelayProcess>) -> RelayProces
          [rate_limits]\nsends_per_account = \"100000/1m\"\n\
          intake_per_sender_per_mailbox = \"100000/1m\"\n"
     );
-    let config = dir.with_extension("toml");
-    std::fs::write(&config, toml).expect("config");
-    let config = config.to_string_lossy().into_owned();
-    RelayProcess::start(dir, &["--config", &config]).expect("node starts")
+    crate::verification::relay_with(dir, &toml, &[]).expect("node starts")
 }
 
 /// What the senders saw and when.
