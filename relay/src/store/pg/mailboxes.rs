@@ -22,7 +22,7 @@ use tern_platform::clock::UnixMillis;
 use tern_proto::{DeviceAddress, MessageId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::writer::{Op, Writer, WriterStats, ADD_TOTALS};
+use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
     Envelope, Expired, MailboxStore, Staged, StoreError, StoreResult, StoredMessage, Totals, Usage,
@@ -31,12 +31,32 @@ use crate::store::{
 /// How old cached totals may be.
 pub(crate) const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// Messages one purge transaction deletes at most.
+pub(super) const PURGE_PAGE_ROWS: u64 = 10_000;
+
+/// Pages one purge call takes at most (a mailbox holds far fewer messages than
+/// this many pages; a purge that still finds more fails and is retried).
+const MAX_PURGE_PAGES: usize = 10_000;
+
+/// The oldest page of a mailbox: everything up to its `PURGE_PAGE_ROWS`th seq (an
+/// init plan, then one range of the primary key), or all of it when it holds fewer.
+pub(super) const PURGE_PAGE: &str = "WITH d AS (DELETE FROM messages \
+     WHERE account = $1 AND device = $2 AND seq <= coalesce((SELECT seq FROM messages \
+       WHERE account = $1 AND device = $2 ORDER BY seq OFFSET 10000 - 1 LIMIT 1), \
+       9223372036854775807) \
+     RETURNING octet_length(payload) AS n) \
+     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+
+const PURGE_REST: &str = "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
+     RETURNING octet_length(payload) AS n) \
+     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+
 /// Mailboxes whose usage the cache keeps; past it, the cache starts afresh.
 const USAGE_CACHE_MAX: usize = 100_000;
 
 /// A mailbox store's per-node state: the writer's queue and the caches.
 pub(super) struct MailState {
-    queue: mpsc::UnboundedSender<Op>,
+    queue: mpsc::UnboundedSender<(Instant, Op)>,
     totals: Arc<TotalsCache>,
     usage: Arc<UsageCache>,
     stats: Arc<WriterStats>,
@@ -46,14 +66,20 @@ pub(super) struct MailState {
 impl MailState {
     /// Starts the writer on the backend's runtime.
     pub(super) fn start(backend: &PgBackend) -> StoreResult<MailState> {
-        let intents = backend.run(async {
+        let schema = backend.run(async {
             let c = backend.client().await?;
             let row = c
                 .query_one("SELECT to_regclass('account_deletions') IS NOT NULL", &[])
                 .await
                 .map_err(|e| backend.classify(&e))?;
-            Ok(row.get::<_, bool>(0))
+            row.try_get::<_, bool>(0)
+                .map_err(|e| StoreError::Backend(format!("schema check: {e}")))
         })?;
+        let accounts = match (schema, backend.require_accounts) {
+            (false, _) => AccountCheck::None,
+            (true, false) => AccountCheck::Intents,
+            (true, true) => AccountCheck::IntentsAndRows,
+        };
         let totals = Arc::new(TotalsCache::default());
         let usage = Arc::new(UsageCache::default());
         let stats = Arc::new(WriterStats::default());
@@ -63,7 +89,7 @@ impl MailState {
             hosts: backend.hosts.clone(),
             deadline: backend.deadline,
             slot,
-            intents,
+            accounts,
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),
@@ -246,7 +272,7 @@ impl PgBackend {
     fn enqueue(&self, op: Op) -> StoreResult<()> {
         self.mail()?
             .queue
-            .send(op)
+            .send((Instant::now(), op))
             .map_err(|_| StoreError::Unavailable("mailbox writer stopped".into()))
     }
 
@@ -258,10 +284,6 @@ impl PgBackend {
                 m.stats.rows.load(Ordering::Relaxed),
             )
         })
-    }
-
-    fn wait<T: Send>(&self, rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
-        self.run(Staged::Pending(rx).wait())
     }
 
     /// Reads the totals from the database into the cache.
@@ -418,11 +440,8 @@ impl MailboxStore for PgBackend {
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rx = self.queue_append(to, msgs, accepted_at, expires_at)?;
-        self.wait(rx)
+        let staged = self.stage_append(to, msgs, accepted_at, expires_at)?;
+        self.run(staged.wait())
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -479,11 +498,8 @@ impl MailboxStore for PgBackend {
     }
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        if seqs.is_empty() {
-            return Ok(Usage::default());
-        }
-        let rx = self.queue_remove(of, seqs)?;
-        self.wait(rx)
+        let staged = self.stage_remove(of, seqs)?;
+        self.run(staged.wait())
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -515,6 +531,19 @@ impl MailboxStore for PgBackend {
             }
         };
         Ok((usage, self.totals()))
+    }
+
+    fn prefetch_usage(&self, of: &DeviceAddress) {
+        let Ok(mail) = self.mail() else {
+            return;
+        };
+        if mail.usage.fresh(of).is_none() {
+            if let Ok(u) = self.usage(of) {
+                mail.usage.set(*of, u);
+            }
+        }
+        // Refreshed here when stale (a failure is logged there).
+        let _ = self.totals();
     }
 
     fn totals(&self) -> Totals {
@@ -583,16 +612,26 @@ impl MailboxStore for PgBackend {
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         // What was staged before the purge commits first, so the purge deletes it too.
         let barrier = self.queue_remove(of, &[])?;
-        self.wait(barrier)?;
-        // Account deletion: the head goes too (account ids are never reused), locked
-        // first so a batch that passed the deletion-intent check has committed.
-        self.delete_in_mailbox(
-            of,
-            "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
-             RETURNING octet_length(payload) AS n) \
-             SELECT count(*), coalesce(sum(n), 0)::int8 FROM d",
-            None,
-            true,
-        )
+        self.run(Staged::Pending(barrier).wait())?;
+        // Account deletion, a page per transaction so that each statement stays
+        // within the statement timeout however full the mailbox is. Every page locks
+        // the head first, so a batch that passed the deletion check has committed.
+        let mut purged = Usage::default();
+        for _ in 0..MAX_PURGE_PAGES {
+            let page = self.delete_in_mailbox(of, PURGE_PAGE, None, false)?;
+            purged.messages += page.messages;
+            purged.bytes += page.bytes;
+            if page.messages < PURGE_PAGE_ROWS {
+                // The head goes too (account ids are never reused), with anything
+                // that was appended since the last page.
+                let last = self.delete_in_mailbox(of, PURGE_REST, None, true)?;
+                purged.messages += last.messages;
+                purged.bytes += last.bytes;
+                return Ok(purged);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "mailbox purge did not finish; the deletion is retried".into(),
+        ))
     }
 }
