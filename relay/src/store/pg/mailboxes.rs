@@ -290,23 +290,20 @@ impl PgBackend {
     fn refresh_totals(&self) -> StoreResult<Totals> {
         let mail = self.mail()?;
         let before = mail.totals.changes.load(Ordering::Acquire);
-        let totals = self.run(async {
-            let c = self.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT coalesce(sum(messages), 0)::int8, coalesce(sum(bytes), 0)::int8, \
-                     coalesce(sum(mailboxes), 0)::int8 FROM mailbox_totals",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            let get = |i| row.get::<_, i64>(i).max(0) as u64;
-            Ok(Totals {
-                messages: get(0),
-                bytes: get(1),
-                mailboxes: get(2),
-            })
-        })?;
+        let rows = self.run(self.rows(
+            "SELECT coalesce(sum(messages), 0)::int8, coalesce(sum(bytes), 0)::int8, \
+             coalesce(sum(mailboxes), 0)::int8 FROM mailbox_totals",
+            &[],
+        ))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Backend("mailbox totals: no row".into()))?;
+        let get = |i| self.col::<i64>(row, i).map(|n| n.max(0) as u64);
+        let totals = Totals {
+            messages: get(0)?,
+            bytes: get(1)?,
+            mailboxes: get(2)?,
+        };
         // A commit that landed meanwhile may or may not be in the sum: read again soon.
         let at = if mail.totals.changes.load(Ordering::Acquire) == before {
             Instant::now()
@@ -371,7 +368,7 @@ async fn delete_tx(
     let before: i64 = tx
         .query_opt(head, &[&account, &device])
         .await?
-        .map_or(0, |r| r.get(0));
+        .map_or(Ok(0), |r| r.try_get(0))?;
     let row = match extra {
         Some((seqs, until)) => {
             tx.query_one(delete, &[&account, &device, seqs, until])
@@ -379,7 +376,7 @@ async fn delete_tx(
         }
         None => tx.query_one(delete, &[&account, &device]).await?,
     };
-    let (n, bytes): (i64, i64) = (row.get(0), row.get(1));
+    let (n, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     if n == 0 && !forget_head {
         tx.commit().await?;
         return Ok(TotalsDelta::default());
@@ -449,33 +446,26 @@ impl MailboxStore for PgBackend {
             return Ok(Vec::new());
         };
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
-                     WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-                    &[&account, &device, &after, &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            rows.iter()
-                .map(|r| {
-                    let id: &[u8] = r.get(1);
-                    let payload: Vec<u8> = r.get(2);
-                    Ok(StoredMessage {
-                        seq: r.get::<_, i64>(0) as u64,
-                        message_id: MessageId(
-                            id.try_into()
-                                .map_err(|_| StoreError::Corrupt("message id"))?,
-                        ),
-                        payload: Bytes::from(payload),
-                        accepted_at: from_db(r.get(3)),
-                        expires_at: from_db(r.get(4)),
-                    })
+        let rows = self.run(self.rows(
+            "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
+             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+            &[&account, &device, &after, &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| {
+                let id: &[u8] = self.col(r, 1)?;
+                Ok(StoredMessage {
+                    seq: self.col::<i64>(r, 0)? as u64,
+                    message_id: MessageId(
+                        id.try_into()
+                            .map_err(|_| StoreError::Corrupt("message id"))?,
+                    ),
+                    payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
+                    accepted_at: from_db(self.col(r, 3)?),
+                    expires_at: from_db(self.col(r, 4)?),
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 
     fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
@@ -483,18 +473,14 @@ impl MailboxStore for PgBackend {
             return Ok(Vec::new());
         };
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
-                     ORDER BY seq LIMIT $4",
-                    &[&account, &device, &after, &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
-        })
+        let rows = self.run(self.rows(
+            "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
+             ORDER BY seq LIMIT $4",
+            &[&account, &device, &after, &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| Ok(self.col::<i64>(r, 0)? as u64))
+            .collect()
     }
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
@@ -504,19 +490,16 @@ impl MailboxStore for PgBackend {
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
-                    &[&account, &device],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(row.map_or(Usage::default(), |r| Usage {
-                messages: r.get::<_, i64>(0).max(0) as u64,
-                bytes: r.get::<_, i64>(1).max(0) as u64,
-            }))
+        let rows = self.run(self.rows(
+            "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
+            &[&account, &device],
+        ))?;
+        let Some(r) = rows.first() else {
+            return Ok(Usage::default());
+        };
+        Ok(Usage {
+            messages: self.col::<i64>(r, 0)?.max(0) as u64,
+            bytes: self.col::<i64>(r, 1)?.max(0) as u64,
         })
     }
 
@@ -565,26 +548,20 @@ impl MailboxStore for PgBackend {
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= $1 \
-                     ORDER BY expires_at, account, device, seq LIMIT $2",
-                    &[&to_db(now), &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Expired {
-                        to: addr_of(r.get(0), r.get(1))?,
-                        seq: r.get::<_, i64>(2) as u64,
-                        expires_at: from_db(r.get(3)),
-                    })
+        let rows = self.run(self.rows(
+            "SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= $1 \
+             ORDER BY expires_at, account, device, seq LIMIT $2",
+            &[&to_db(now), &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Expired {
+                    to: addr_of(self.col(r, 0)?, self.col(r, 1)?)?,
+                    seq: self.col::<i64>(r, 2)? as u64,
+                    expires_at: from_db(self.col(r, 3)?),
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {

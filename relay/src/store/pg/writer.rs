@@ -320,8 +320,8 @@ impl Writer {
             .await?;
         let mut heads = HashMap::new();
         for row in rows {
-            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
-            heads.insert(to, (row.get(2), row.get(3), row.get(4)));
+            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
+            heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
         }
         // 2. After the locks: accounts being deleted take no more messages (a purge
         //    locks the heads before deleting, so it sees whatever passed this check).
@@ -429,9 +429,9 @@ impl Writer {
         inserted?;
         let mut deleted = Vec::new();
         for row in deleted_rows? {
-            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
-            let seq: i64 = row.get(2);
-            let len: i32 = row.get(3);
+            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
+            let seq: i64 = row.try_get(2)?;
+            let len: i32 = row.try_get(3)?;
             deleted.push((to, seq as u64, len.max(0) as u64));
         }
         // 4. Heads less what was deleted or refused, and this node's totals slot.
