@@ -66,7 +66,7 @@ impl Published {
 
     /// What to serve for `day`: its snapshot, and of `deltas` (encoded, by the day
     /// they bring the set to, with their base day) the chain that ends at `day`.
-    fn new(day: u32, snapshot: Bytes, deltas: &BTreeMap<u32, (u32, Bytes)>) -> Self {
+    pub(super) fn new(day: u32, snapshot: Bytes, deltas: &BTreeMap<u32, (u32, Bytes)>) -> Self {
         let mut links = Vec::new();
         let mut at = day;
         // Each step goes to an earlier day, so this ends within `deltas.len()` steps.
@@ -189,18 +189,20 @@ fn write_atomic(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
 
 fn read_keys(path: &Path) -> Result<Vec<u64>> {
     let bytes = fs::read(path)?;
+    parse_keys(&bytes).map_err(|why| Error::Config(format!("{} {why}", path.display())))
+}
+
+/// A key list's bytes (u64 LE, strictly ascending) as keys.
+pub(super) fn parse_keys(bytes: &[u8]) -> std::result::Result<Vec<u64>, &'static str> {
     if bytes.len() % 8 != 0 {
-        return Err(Error::Config(format!(
-            "{} is not a key list",
-            path.display()
-        )));
+        return Err("is not a key list");
     }
     let keys: Vec<u64> = bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     if keys.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(Error::Config(format!("{} is not sorted", path.display())));
+        return Err("is not sorted");
     }
     Ok(keys)
 }
