@@ -479,8 +479,10 @@ impl Discovery {
         self.filter_parts.check(&from)?;
         let mut published = self.served();
         // A part of a later day than this node serves: the client saw it on another
-        // node, which loaded it first.
-        if self.shared.is_some() && day > published.day() {
+        // node, which loaded it first (no later than tomorrow: a made-up day costs
+        // the database nothing).
+        let tomorrow = utc_day(self.clock.now()).saturating_add(1);
+        if self.shared.is_some() && day > published.day() && day <= tomorrow {
             if let Err(e) = self.refresh() {
                 warn!(error = %e, "the shared discovery filter could not be reloaded");
             }

@@ -253,6 +253,8 @@ fn a_part_of_a_later_day_is_loaded_at_once() {
     let p = b.d.filter_part(from(2), 0, DAY + 1, 0).expect("served");
     assert_eq!(p.day, DAY + 1);
     assert_eq!(fetch(&b.d, 0), fetch(&a.d, 0));
+    // A day no node can have published yet is gone without a look at the table.
+    assert!(b.d.filter_part(from(2), 0, DAY + 30, 0).is_err());
     // An earlier day than the one served is gone, as on one node.
     assert!(b.d.filter_part(from(2), 0, DAY, 0).is_err());
 }
