@@ -33,6 +33,7 @@ use tern_proto::discovery::{
     FilterDelta, FilterKey, FilterKind, FilterPart, FilterSnapshot, MAX_FILTER_PART,
 };
 
+use super::shared::ArtefactKind;
 use super::DiscoveryError;
 use crate::error::{Error, Result};
 
@@ -320,4 +321,36 @@ fn prune(dir: &Path, day: u32, keep_deltas: u32) -> Result<()> {
     drop_old("delta", "td", keep_deltas as usize)?;
     drop_old("snapshot", "tf", 2)?;
     drop_old("keys", "bin", 2)
+}
+
+/// The whole published files in `dir`, oldest day first (snapshots that decode as
+/// their day's, deltas that decode, key lists that parse), for a move to a shared
+/// database: none if the directory is missing or marked stale (the next
+/// publication rebuilds then).
+pub fn whole_files(dir: &Path) -> Result<Vec<(u32, ArtefactKind, Vec<u8>)>> {
+    if !dir.exists() || dir.join(STALE).exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (kind, file, ext) in [
+        (ArtefactKind::Snapshot, "snapshot", "tf"),
+        (ArtefactKind::Delta, "delta", "td"),
+        (ArtefactKind::Keys, "keys", "bin"),
+    ] {
+        for day in days(dir, file, ext)? {
+            let bytes = fs::read(dir.join(name(file, day, ext)))?;
+            let whole = match kind {
+                ArtefactKind::Snapshot => {
+                    FilterSnapshot::decode(&bytes).is_ok_and(|s| s.day == day)
+                }
+                ArtefactKind::Delta => FilterDelta::decode(&bytes).is_ok_and(|d| d.day == day),
+                ArtefactKind::Keys => parse_keys(&bytes).is_ok(),
+            };
+            if whole {
+                out.push((day, kind, bytes));
+            }
+        }
+    }
+    out.sort_by_key(|(day, _, _)| *day);
+    Ok(out)
 }

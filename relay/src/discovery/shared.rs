@@ -65,6 +65,17 @@ pub struct NewPublication<'a> {
     pub keep_deltas: u32,
 }
 
+/// What a stored artefact is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtefactKind {
+    /// A snapshot ("TDF1").
+    Snapshot,
+    /// A delta ("TDD1").
+    Delta,
+    /// A day's sorted key list (u64 LE).
+    Keys,
+}
+
 /// Where the nodes of one relay keep the publication they all serve.
 pub trait SharedPublication: Send + Sync + std::fmt::Debug {
     /// The newest publication's version; `None` before the first.

@@ -12,7 +12,7 @@ use super::discovery::{body, Failed};
 use super::lease::NOW_MS;
 use super::PgBackend;
 use crate::discovery::shared::{
-    NewPublication, SharedPublication, StoredPublication, Version, PUBLISH_LEASE,
+    ArtefactKind, NewPublication, SharedPublication, StoredPublication, Version, PUBLISH_LEASE,
 };
 use crate::store::{StoreError, StoreResult};
 
@@ -30,6 +30,30 @@ const BULK_DEADLINE: Duration = Duration::from_secs(120);
 
 const LATEST: &str = "SELECT day, created_ms FROM discovery_published \
      WHERE kind = 1 AND seq = 0 ORDER BY day DESC LIMIT 1";
+
+fn kind_of(kind: ArtefactKind) -> i16 {
+    match kind {
+        ArtefactKind::Snapshot => SNAPSHOT,
+        ArtefactKind::Delta => DELTA,
+        ArtefactKind::Keys => KEYS,
+    }
+}
+
+/// An artefact's rows: (seq, data), at least one (empty) chunk.
+fn chunks(bytes: &[u8]) -> StoreResult<Vec<(i32, &[u8])>> {
+    if bytes.is_empty() {
+        return Ok(vec![(0, bytes)]);
+    }
+    bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(seq, data)| {
+            i32::try_from(seq)
+                .map(|seq| (seq, data))
+                .map_err(|_| StoreError::Backend("artefact too large".into()))
+        })
+        .collect()
+}
 
 fn day_of(v: i32) -> StoreResult<u32> {
     u32::try_from(v).map_err(|_| StoreError::Corrupt("discovery publication day"))
@@ -161,15 +185,7 @@ impl SharedPublication for PgBackend {
                 }
                 let mut created: Option<i64> = None;
                 for (kind, bytes) in &artefacts {
-                    // An empty artefact is still one (empty) chunk.
-                    let chunks: Vec<&[u8]> = if bytes.is_empty() {
-                        vec![&[][..]]
-                    } else {
-                        bytes.chunks(CHUNK).collect()
-                    };
-                    for (seq, data) in chunks.into_iter().enumerate() {
-                        let seq = i32::try_from(seq)
-                            .map_err(|_| StoreError::Backend("artefact too large".into()))?;
+                    for (seq, data) in chunks(bytes)? {
                         match created {
                             None => {
                                 // The day's claim: nothing if another publisher has it.
@@ -223,5 +239,54 @@ impl SharedPublication for PgBackend {
 
     fn release_publisher(&self) -> StoreResult<()> {
         self.release(PUBLISH_LEASE)
+    }
+}
+
+impl PgBackend {
+    /// Copies an embedded relay's published files (`admin migrate`, from
+    /// [`crate::discovery::publish::whole_files`]) in one transaction, so the nodes
+    /// serve what it served and the next day's delta starts from its key list.
+    /// Artefacts the table holds already are kept. Returns how many were copied.
+    pub fn import_published(&self, files: &[(u32, ArtefactKind, Vec<u8>)]) -> StoreResult<u64> {
+        let rows: Vec<(i32, i16, bytes::Bytes)> = files
+            .iter()
+            .map(|(day, kind, bytes)| {
+                Ok((
+                    db_day(*day)?,
+                    kind_of(*kind),
+                    bytes::Bytes::copy_from_slice(bytes),
+                ))
+            })
+            .collect::<StoreResult<_>>()?;
+        let write = body(|tx| {
+            let rows = rows.clone();
+            Box::pin(async move {
+                let mut copied = 0;
+                let now: i64 = tx.query_one(&format!("SELECT {NOW_MS}"), &[]).await?.get(0);
+                for (day, kind, bytes) in &rows {
+                    // Never chunks of two artefacts under one key.
+                    let there = tx
+                        .query_opt(
+                            "SELECT 1 FROM discovery_published WHERE day = $1 AND kind = $2 LIMIT 1",
+                            &[day, kind],
+                        )
+                        .await?;
+                    if there.is_some() {
+                        continue;
+                    }
+                    for (seq, data) in chunks(bytes)? {
+                        tx.execute(
+                            "INSERT INTO discovery_published (day, kind, seq, data, created_ms) \
+                             VALUES ($1, $2, $3, $4, $5)",
+                            &[day, kind, &seq, &data, &now],
+                        )
+                        .await?;
+                    }
+                    copied += 1;
+                }
+                Ok::<_, Failed>(copied)
+            })
+        });
+        self.run_within(BULK_DEADLINE, self.tx_retrying(write))
     }
 }

@@ -361,3 +361,48 @@ fn two_publishers_of_one_day_store_it_once() {
     };
     assert!(!a.store(&late).expect("store"));
 }
+
+#[test]
+fn an_embedded_relays_files_move_with_it() {
+    let (_pg, opts) = db();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = dir.path().join("discovery");
+    let embedded = [
+        crate::discovery::publish::publish_day(&files, DAY, vec![1, 2, 3], 30).expect("day 1"),
+        crate::discovery::publish::publish_day(&files, DAY + 1, vec![2, 3, 4], 30).expect("day 2"),
+    ];
+    let whole = crate::discovery::publish::whole_files(&files).expect("files");
+    let admin = node(&opts, "admin");
+    assert_eq!(admin.import_published(&whole).expect("import"), 5);
+    assert_eq!(admin.import_published(&whole).expect("again"), 0, "kept");
+
+    // A node serves what the embedded relay served, and publishes nothing that day.
+    let clock = Arc::new(ManualClock::new(START + DAY_MS));
+    let c = DiscoveryConfig::default();
+    let a = start(&opts, "a", dir.path(), &clock, &c);
+    a.d.republish().expect("loads");
+    for since in [0, DAY] {
+        let served = embedded[1].part(since, 0, 0).expect("embedded part");
+        assert_eq!(
+            fetch(&a.d, since),
+            (served.kind, served.day, served.data.to_vec())
+        );
+    }
+    assert_eq!(count(&a.pg, 1).len(), 2);
+    // The next day's delta starts from the embedded relay's key list.
+    clock.advance(Duration::from_millis(DAY_MS));
+    a.d.republish().expect("publishes");
+    // (Served as the snapshot, which is smaller here: read it from the table.)
+    let stored = a.pg.load().expect("load").expect("stored");
+    assert_eq!(stored.version.day, DAY + 2);
+    let delta = FilterDelta::decode(stored.deltas.last().expect("a delta")).expect("delta");
+    assert_eq!(
+        (delta.base_day, delta.day, delta.removed),
+        (DAY + 1, DAY + 2, vec![2, 3, 4])
+    );
+    // A stale mark (tags changed behind the files) moves nothing.
+    crate::discovery::publish::mark_stale(&files).expect("stale");
+    assert!(crate::discovery::publish::whole_files(&files)
+        .expect("files")
+        .is_empty());
+}
