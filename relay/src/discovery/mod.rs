@@ -248,9 +248,14 @@ impl Discovery {
 
     /// Serves the publication `store` holds for every node of the relay instead of
     /// files: built by the holder of [`shared::PUBLISH_LEASE`], reloaded when a new
-    /// one is stored (see [`shared`]).
+    /// one is stored (see [`shared`]). Loads the newest stored one at once, so a
+    /// node (re)started serves it from its first connection; a failure is logged
+    /// and the publish loop tries again.
     pub fn with_shared(mut self, store: Arc<dyn SharedPublication>) -> Self {
         self.shared = Some(store);
+        if let Err(e) = self.refresh() {
+            warn!(error = %e, "the shared discovery filter could not be loaded at start");
+        }
         self
     }
 

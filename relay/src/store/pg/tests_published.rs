@@ -226,6 +226,7 @@ fn a_restarted_node_serves_what_was_stored() {
     drop(a);
     // Tags changed, the node restarted: the day's publication stays as it was.
     let a = start(&opts, "a-again", dir.path(), &clock, &c);
+    assert_eq!(fetch(&a.d, 0), before, "served from the start");
     verify(&a, 5..9);
     a.d.republish().expect("restarted");
     assert_eq!(fetch(&a.d, 0), before);
