@@ -28,6 +28,7 @@ mod discovery;
 pub mod lease;
 mod mailboxes;
 pub mod migrate;
+mod published;
 pub mod writer;
 
 // Package B1: accounts, keys, the blob index.
@@ -482,5 +483,7 @@ pub(crate) mod testdb;
 mod tests;
 #[cfg(test)]
 mod tests_discovery;
+#[cfg(test)]
+mod tests_published;
 #[cfg(test)]
 mod tests_verification;
