@@ -46,6 +46,7 @@ pub(super) fn copy(
             )));
         }
         s3.keep_upload(&MIGRATION, id)?;
+        s3.remove_upload(&MIGRATION, id)?;
         copied += 1;
     }
     Ok((copied, present))

@@ -12,8 +12,8 @@
 //! lost; `upload_len` reports the committed bytes and the client sends the rest again.
 //! Completion completes the multipart upload (a single put when it never reached a
 //! part), verifies the SHA-256 (the running hash when this process saw every byte,
-//! else by streaming the staging object), copies it to `blobs/<hex id>` on the server
-//! and deletes the staging object and manifest. Downloads are ranged GETs streamed in
+//! else by streaming the staging object) and copies it to `blobs/<hex id>` on the
+//! server; the staging object and manifest are deleted once the blob is recorded. Downloads are ranged GETs streamed in
 //! chunks.
 //!
 //! Calls block on a small runtime of this store's own, each bounded by a deadline: an
@@ -476,11 +476,11 @@ impl BlobBytes for S3Bytes {
         Ok(None)
     }
 
-    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
+    fn blob_len(&self, id: &BlobId) -> BlobResult<Option<u64>> {
         let (store, path) = (self.store.clone(), Self::blob_path(id));
         match self.bridge.run(async move { store.head(&path).await })? {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(failed(e)),
         }
     }
@@ -555,11 +555,10 @@ impl BlobBytes for S3Bytes {
             Self::staging_path(&key),
             Self::blob_path(id),
         );
+        // The staging object and manifest stay until `remove_upload`, after the
+        // record: a retry after a failure in between completes from them.
         self.bridge
-            .call(async move { store.copy(&from, &to).await })?;
-        lock(&self.staging).remove(&key);
-        self.delete(Self::staging_path(&key))?;
-        self.delete(Self::manifest_path(&key))
+            .call(async move { store.copy(&from, &to).await })
     }
 
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
