@@ -32,7 +32,9 @@ pub struct ObjectsConfig {
     pub allow_http: bool,
     /// Upload bytes sent as one part, MiB (at least 5, S3's minimum).
     pub part_mb: u64,
-    /// The deadline of each call to the object store.
+    /// The deadline of each request to the object store: a part, a chunk of a read,
+    /// a manifest. A completion or server-side copy gets one second more per 16 MiB
+    /// of the blob.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }

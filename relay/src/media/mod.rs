@@ -79,6 +79,8 @@ mod tests;
 #[cfg(test)]
 mod tests_cluster;
 #[cfg(test)]
+mod tests_deadline;
+#[cfg(test)]
 mod tests_s3;
 
 pub(crate) use bytes::BlobReader;
@@ -506,7 +508,7 @@ impl BlobStore {
         // Collected after the grace unless the record below ends the entry first.
         self.index.queue_object_gc(id, self.orphan_grace)?;
         if !placed {
-            self.files.keep_upload(account, id)?;
+            self.files.keep_upload(account, id, meta.size)?;
         }
         let blob = BlobMeta {
             size: meta.size,

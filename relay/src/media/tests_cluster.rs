@@ -216,8 +216,8 @@ impl BlobBytes for KillAfterCopy {
     fn complete_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<[u8; 32]> {
         self.inner.complete_upload(account, id, size)
     }
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
-        self.inner.keep_upload(account, id)?;
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()> {
+        self.inner.keep_upload(account, id, size)?;
         if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
             self.pg.kill();
         }

@@ -323,7 +323,7 @@ impl BlobBytes for BlobFiles {
         Ok(digest)
     }
 
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, _size: u64) -> BlobResult<()> {
         Ok(BlobFiles::keep_upload(self, account, id)?)
     }
 

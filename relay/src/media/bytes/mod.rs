@@ -59,7 +59,7 @@ pub(crate) trait BlobBytes: Send + Sync {
     /// stay where they were (an object store copies them): the caller removes them
     /// with [`BlobBytes::remove_upload`] once the blob is recorded, so that a finish
     /// retried after a failure in between still finds them.
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()>;
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()>;
 
     /// Deletes an upload's bytes (one already gone is fine).
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()>;
