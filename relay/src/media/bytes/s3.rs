@@ -25,6 +25,7 @@
 //! stops answering fails a call within its deadline.
 
 mod bridge;
+mod buffers;
 
 use super::hex;
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryC
 
 pub(crate) use bridge::S3Reader;
 use bridge::{failed, gone_is_fine, Bridge};
+use buffers::{Buffers, PartBuffer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tern_proto::AccountId;
@@ -53,6 +55,9 @@ const HASH_CHUNK: usize = 1 << 20;
 /// use (the client sends those bytes again on its resume), so that uploads abandoned
 /// mid-part do not hold memory until the sweeper deletes them.
 const IDLE_BUFFER: Duration = Duration::from_secs(600);
+/// When the node's buffers are all taken, those of uploads idle this long are
+/// dropped to make room (their clients send those bytes again on resume).
+const IDLE_UNDER_PRESSURE: Duration = Duration::from_secs(30);
 
 /// How to reach the object store.
 #[derive(Clone)]
@@ -71,6 +76,9 @@ pub(crate) struct S3Settings {
     pub(crate) allow_http: bool,
     /// Upload bytes buffered before they go as one part.
     pub(crate) part_bytes: usize,
+    /// Upload bytes this node buffers at most, over all uploads (see
+    /// `s3/buffers.rs`).
+    pub(crate) buffer_bytes: u64,
     /// The deadline of each call.
     pub(crate) timeout: Duration,
 }
@@ -91,6 +99,7 @@ impl S3Settings {
             secret_key: s3.secret_key().to_owned(),
             allow_http: true,
             part_bytes,
+            buffer_bytes: 256 << 20,
             timeout,
         }
     }
@@ -127,6 +136,8 @@ struct Staging {
     buf: Vec<u8>,
     /// The hash of every byte so far, when this process saw them all.
     hash: Option<Sha256>,
+    /// The node's buffer `buf` uses, while it holds bytes.
+    reserved: Option<PartBuffer>,
     /// Last used.
     touched: Instant,
 }
@@ -138,6 +149,7 @@ impl Staging {
             manifest,
             buf: Vec::new(),
             hash,
+            reserved: None,
             touched: Instant::now(),
         }
     }
@@ -157,6 +169,8 @@ pub(crate) struct S3Bytes {
     long: Arc<AmazonS3>,
     bridge: Arc<Bridge>,
     part_bytes: usize,
+    /// The node's upload buffers.
+    buffers: Arc<Buffers>,
     /// See [`IDLE_BUFFER`].
     idle: Duration,
     /// The uploads this process has bytes or a running hash of, by staging key.
@@ -186,6 +200,7 @@ impl S3Bytes {
                 timeout: settings.timeout,
             }),
             part_bytes: settings.part_bytes,
+            buffers: Buffers::new(settings.buffer_bytes, settings.part_bytes as u64),
             idle: IDLE_BUFFER,
             staging: Mutex::default(),
         })
@@ -277,6 +292,17 @@ impl S3Bytes {
         Ok(Staging::from_manifest(self.load_manifest(key)?))
     }
 
+    /// A part's buffer for an upload; when none is free, buffers idle for
+    /// [`IDLE_UNDER_PRESSURE`] are dropped first.
+    fn reserve(&self) -> BlobResult<PartBuffer> {
+        self.buffers.reserve().or_else(|_| {
+            let now = Instant::now();
+            let idle = self.idle.min(IDLE_UNDER_PRESSURE);
+            lock(&self.staging).retain(|_, s| now.duration_since(s.touched) < idle);
+            self.buffers.reserve()
+        })
+    }
+
     fn put_back(&self, key: String, mut staging: Staging) {
         let now = Instant::now();
         staging.touched = now;
@@ -345,6 +371,7 @@ impl S3Bytes {
                 })?;
             }
         }
+        staging.reserved = None;
         let m = &mut staging.manifest;
         m.committed = total;
         m.done = true;
@@ -420,6 +447,9 @@ impl OpenUpload for S3Upload<'_> {
         let Some(s) = self.staging.as_mut() else {
             return Err(BlobError::NoUpload);
         };
+        if s.reserved.is_none() && !bytes.is_empty() {
+            s.reserved = Some(self.bytes.reserve()?);
+        }
         s.buf.extend_from_slice(bytes);
         if let Some(h) = &mut s.hash {
             h.update(bytes);
@@ -429,6 +459,9 @@ impl OpenUpload for S3Upload<'_> {
             let data = Bytes::copy_from_slice(&s.buf[..part]);
             self.bytes.send_part(&self.key, &mut s.manifest, data)?;
             s.buf.drain(..part);
+        }
+        if s.buf.is_empty() {
+            s.reserved = None;
         }
         Ok(false)
     }
