@@ -17,6 +17,7 @@ use tern_proto::AccountId;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use super::rows::col;
 use super::{is_retryable, PgBackend};
 use crate::store::{
     DiscoveryStore, StoreError, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS,
@@ -147,7 +148,10 @@ impl DiscoveryStore for PgBackend {
                     )
                     .await?;
                 let had_row = mine.is_some();
-                let old: Option<Vec<u8>> = mine.and_then(|r| r.get(0));
+                let old: Option<Vec<u8>> = match &mine {
+                    Some(r) => col(r, 0)?,
+                    None => None,
+                };
                 if let Some(old) = old {
                     tx.execute(
                         "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
@@ -173,7 +177,7 @@ impl DiscoveryStore for PgBackend {
                     .await?;
                 let previous = match owner {
                     Some(row) => {
-                        let p: Vec<u8> = row.get(0);
+                        let p: Vec<u8> = col(&row, 0)?;
                         tx.execute(
                             "UPDATE discovery_tags SET account = $2, filter_key = $3, \
                              discoverable = $4, verified_at = $5 WHERE tag = $1",
@@ -231,10 +235,10 @@ impl DiscoveryStore for PgBackend {
                 .map_err(|e| self.classify(&e))?;
             row.map(|r| {
                 Ok(TagRecord {
-                    account: account_of(r.get::<_, &[u8]>(0))?,
-                    key: FilterKey(r.get::<_, i64>(1) as u64),
-                    discoverable: r.get(2),
-                    verified_at: time_of(r.get(3)),
+                    account: account_of(col(&r, 0)?)?,
+                    key: FilterKey(col::<i64>(&r, 1)? as u64), // bit for bit
+                    discoverable: col(&r, 2)?,
+                    verified_at: time_of(col(&r, 3)?),
                 })
             })
             .transpose()
@@ -252,7 +256,11 @@ impl DiscoveryStore for PgBackend {
                 .await
                 .map_err(|e| self.classify(&e))
         })?;
-        let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) else {
+        let tag: Option<Vec<u8>> = match &row {
+            Some(r) => col(r, 0)?,
+            None => None,
+        };
+        let Some(tag) = tag else {
             return Ok(None);
         };
         let tag = tag_of(&tag)?;
@@ -291,7 +299,11 @@ impl DiscoveryStore for PgBackend {
                         &[&a],
                     )
                     .await?;
-                if let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) {
+                let tag: Option<Vec<u8>> = match &row {
+                    Some(r) => col(r, 0)?,
+                    None => None,
+                };
+                if let Some(tag) = tag {
                     tx.execute(
                         "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
                         &[&tag, &a],
@@ -351,7 +363,7 @@ impl DiscoveryStore for PgBackend {
                 .query_one("SELECT EXISTS (SELECT 1 FROM discovery_tags)", &[])
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.get(0))
+            col(&row, 0)
         })
     }
 
@@ -365,7 +377,10 @@ impl DiscoveryStore for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+            // Bit for bit, as written.
+            rows.iter()
+                .map(|r| col::<i64>(r, 0).map(|k| k as u64))
+                .collect()
         })
     }
 
@@ -379,7 +394,11 @@ impl DiscoveryStore for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).map(time_of))
+            let tat: Option<i64> = match &row {
+                Some(r) => col(r, 0)?,
+                None => None,
+            };
+            Ok(tat.map(time_of))
         })
     }
 
@@ -393,7 +412,7 @@ impl DiscoveryStore for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.map(|r| time_of(r.get(0))))
+            row.map(|r| col(&r, 0).map(time_of)).transpose()
         })
     }
 
