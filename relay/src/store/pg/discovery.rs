@@ -25,6 +25,8 @@ use crate::store::{
 
 /// Runs of a transaction that lost a race before the error is returned.
 const ATTEMPTS: usize = 5;
+/// Filter keys read per statement by `discoverable_keys`.
+const KEYS_PAGE: i64 = 10_000;
 
 /// The number bucket's key: as sled's `N` key, without its prefix byte.
 fn number_key(tag: &Tag) -> Vec<u8> {
@@ -64,6 +66,34 @@ const DETACH_NUMBER: &str = "UPDATE discovery_number_buckets SET detached_until 
      WHERE bucket_key = $1 AND detached_until IS NULL";
 
 impl PgBackend {
+    /// The filter keys of discoverable tags, read `page` at a time in the tags'
+    /// order (keyset pagination), each page one statement with its own deadline: a
+    /// large tag set is never one result under one statement timeout. A tag attached,
+    /// detached or hidden during the read may be in or out, as in a read a moment
+    /// earlier or later; no tag is read twice.
+    pub(super) fn discoverable_keys_paged(&self, page: i64) -> StoreResult<Vec<u64>> {
+        let page = page.max(1);
+        let mut keys = Vec::new();
+        // The empty bytea sorts before every tag.
+        let mut after: Vec<u8> = Vec::new();
+        // Each full page moves `after` past the rows it read: it ends.
+        loop {
+            let rows = self.run(self.rows(
+                "SELECT tag, filter_key FROM discovery_tags \
+                 WHERE discoverable AND tag > $1 ORDER BY tag LIMIT $2",
+                &[&after, &page],
+            ))?;
+            for r in &rows {
+                // Bit for bit, as written.
+                keys.push(col::<i64>(r, 1)? as u64);
+            }
+            match rows.last() {
+                Some(last) if rows.len() as i64 == page => after = col::<Vec<u8>>(last, 0)?,
+                _ => return Ok(keys),
+            }
+        }
+    }
+
     /// Runs `op` on a fresh transaction until it commits, or fails with something
     /// other than a lost race, or has lost [`ATTEMPTS`] times.
     pub(super) async fn tx_retrying<T, F>(&self, op: F) -> StoreResult<T>
@@ -368,20 +398,7 @@ impl DiscoveryStore for PgBackend {
     }
 
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
-        self.run(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT filter_key FROM discovery_tags WHERE discoverable",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            // Bit for bit, as written.
-            rows.iter()
-                .map(|r| col::<i64>(r, 0).map(|k| k as u64))
-                .collect()
-        })
+        self.discoverable_keys_paged(KEYS_PAGE)
     }
 
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
