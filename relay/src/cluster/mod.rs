@@ -13,7 +13,7 @@
 //! - Heartbeat: each node writes `nodes.heartbeat_ms` every few seconds; claims of a
 //!   node silent for a minute are swept by whichever node holds the sweep lease.
 //! - Leaving: on a clean stop the node waits (bounded) for these tasks to end, then
-//!   deletes its claims, its heartbeat and the leases it holds ([`Cluster::leave`]),
+//!   deletes its claims, its heartbeat and the leases it holds (`Cluster::leave`),
 //!   so a node started at once neither waits for them to lapse nor is displaced by
 //!   them.
 
