@@ -561,7 +561,7 @@ impl Relay {
     /// Stops accepting, lets open connections finish the requests they are handling,
     /// scrubs acknowledged messages from disk, flushes the stores and closes the endpoint.
     /// A node sharing a database then awaits its cluster tasks and gives up its
-    /// claims, heartbeat and leases (at most [`LEAVE_WITHIN`]).
+    /// claims, heartbeat and leases (within 2 s).
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
