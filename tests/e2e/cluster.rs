@@ -231,6 +231,14 @@ async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_i
     assert_eq!(queued, 2);
     let got: Vec<u32> = bob.drain().await.iter().map(number).collect();
     assert_eq!(got, vec![1, next]);
+    // The outage was logged once (or once more if a broken pooled connection failed
+    // a call after the restart), not per connection or per call.
+    let log = std::fs::read_to_string(&a.log).expect("log");
+    assert!(!log.contains("deadpool"), "{log}");
+    assert!(
+        (1..=2).contains(&log.matches("PostgreSQL unreachable").count()),
+        "{log}"
+    );
 }
 
 impl Nodes {

@@ -35,6 +35,7 @@ mod accounts;
 mod blobs;
 pub mod import;
 mod keys;
+mod outage;
 mod rows;
 
 // Package B2: discovery, verification sessions, start limits.
@@ -115,6 +116,8 @@ pub struct PgBackend {
     deadline: Duration,
     node_id: String,
     hosts: String,
+    /// One warning per outage (see `outage.rs`).
+    outage: outage::Outage,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
 }
@@ -192,6 +195,7 @@ impl PgBackend {
             deadline: opts.connect_timeout + opts.statement_timeout,
             node_id: opts.node_id.clone(),
             hosts,
+            outage: outage::Outage::default(),
             mail: None,
         };
         // A migration (and the wait for another node's) may take long: neither the
@@ -260,7 +264,7 @@ impl PgBackend {
             }
         };
         let handle = runtime.handle();
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Err(_) => handle.block_on(bounded),
             Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
                 s.spawn(|| handle.block_on(bounded))
@@ -268,7 +272,9 @@ impl PgBackend {
                     .unwrap_or_else(|_| Err(StoreError::Backend("database call panicked".into())))
             }),
             Ok(_) => tokio::task::block_in_place(|| handle.block_on(bounded)),
-        }
+        };
+        self.outage.observe(&result);
+        result
     }
 
     /// The database runtime's handle.
