@@ -2,11 +2,47 @@
 //! data directory copied into PostgreSQL by the command, and the same relay (same
 //! certificate and keys) started on the database serves exactly what was queued.
 
+use std::path::Path;
 use std::process::Command;
 
+use serde_json::Value;
 use tern_relay::testing::TestPostgres;
 
 use crate::support::{envelope, number, register, relay_binary, within, Device, RelayProcess};
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `admin export-account --ciphertexts` of `account` on `data` (with `config`).
+fn export(data: &Path, config: Option<&Path>, account: &str) -> Value {
+    let mut cmd = Command::new(relay_binary());
+    cmd.args([
+        "admin",
+        "export-account",
+        account,
+        "--ciphertexts",
+        "--data-dir",
+    ])
+    .arg(data);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let out = cmd.output().expect("run tern-relay admin export-account");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut export: Value = serde_json::from_slice(&out.stdout).expect("an export is JSON");
+    // The one field that differs between two exports of the same state: when each
+    // was made.
+    let generated = export
+        .as_object_mut()
+        .and_then(|o| o.remove("generated_at_ms"));
+    assert!(generated.is_some(), "{export}");
+    export
+}
 
 #[tokio::test]
 async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
@@ -55,6 +91,14 @@ async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
     );
     let address = relay.address.clone();
     relay.stop().unwrap();
+    let accounts = [
+        hex(alice.address.account.as_bytes()),
+        hex(bob_addr.account.as_bytes()),
+    ];
+    let before: Vec<Value> = accounts.iter().map(|a| export(&data, None, a)).collect();
+    let items = &before[1]["account"]["devices"][0]["queue"]["items"];
+    assert_eq!(items.as_array().map(Vec::len), Some(30), "{items}");
+    assert!(items[0]["ciphertext"].is_string(), "{items}");
     let done = migrate();
     let out = String::from_utf8_lossy(&done.stdout).into_owned();
     assert!(
@@ -71,6 +115,11 @@ async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
         format!("[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{url}\"\n"),
     )
     .unwrap();
+    // Each account exported from the database is the one exported before the move.
+    for (account, before) in accounts.iter().zip(&before) {
+        let after = export(&data, Some(&config), account);
+        assert_eq!(&after, before, "export of {account}");
+    }
     let relay = RelayProcess::start(&data, &["--config", &config.to_string_lossy()]).unwrap();
     assert_eq!(
         relay.address.to_string().split('@').next(),
