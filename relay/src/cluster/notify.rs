@@ -77,6 +77,8 @@ pub struct PgNotifier {
     publish: mpsc::Sender<Hint>,
     origin: u32,
     events: std::sync::Mutex<Option<mpsc::Receiver<Event>>>,
+    /// The publisher and the listener.
+    tasks: super::Tasks,
 }
 
 impl PgNotifier {
@@ -86,13 +88,21 @@ impl PgNotifier {
         let (publish, hints) = mpsc::channel(QUEUE);
         let (events_tx, events) = mpsc::channel(1024);
         let origin = rand::random::<u32>();
-        pg.spawn(publisher(pg.clone(), origin, hints, stop.clone()));
-        pg.spawn(listener(pg.clone(), origin, events_tx, stop));
+        let tasks = super::Tasks::default();
+        tasks.add(pg.spawn(publisher(pg.clone(), origin, hints, stop.clone())));
+        tasks.add(pg.spawn(listener(pg.clone(), origin, events_tx, stop)));
         Arc::new(PgNotifier {
             publish,
             origin,
             events: std::sync::Mutex::new(Some(events)),
+            tasks,
         })
+    }
+
+    /// Awaits the publisher and the listener (with its LISTEN connection) after the
+    /// stop signal, at most `within`; false if they did not end.
+    pub(crate) async fn stopped(&self, within: Duration) -> bool {
+        self.tasks.join(within).await
     }
 }
 
