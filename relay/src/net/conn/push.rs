@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use super::{response, AckCmd, Frame};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
+use crate::mailboxes::Pull;
 use crate::server::Services;
 use crate::store::StoredMessage;
 
@@ -99,13 +100,19 @@ pub(super) async fn deliver(
                 });
             }
         }
-        let pull = match mailboxes.pull(&device, &mut window) {
-            Ok(p) => {
+        let mut pull = match mailboxes.pull(&device, &mut window) {
+            Ok(p) => p,
+            Err(e) => Pull {
+                read_failed: Some(e),
+                ..Pull::default()
+            },
+        };
+        match pull.read_failed.take() {
+            None => {
                 retry = None;
                 backoff = RETRY_FIRST;
-                p
             }
-            Err(e) => {
+            Some(e) => {
                 // Once per streak of failures: during a database outage every
                 // connected device fails here, every retry.
                 if backoff == RETRY_FIRST {
@@ -115,9 +122,10 @@ pub(super) async fn deliver(
                 }
                 retry = Some(Box::pin(tokio::time::sleep(backoff)));
                 backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
             }
-        };
+        }
+        // What a partly failed pull found is in the window: pushed now, or never on
+        // this connection.
         for m in pull.messages {
             if out.send(delivery(m)).await.is_err() {
                 return;
