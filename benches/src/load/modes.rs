@@ -431,7 +431,9 @@ pub async fn online_across(
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
     report.extra.insert("elapsed_s".into(), elapsed);
-    report.extra.insert("nodes".into(), if two { 2.0 } else { 1.0 });
+    report
+        .extra
+        .insert("nodes".into(), if two { 2.0 } else { 1.0 });
     relay_stats(relay, &relay_before, args.messages, &mut report);
     if two {
         // Each node's own CPU, and the relays' together in the common fields.

@@ -1,5 +1,6 @@
-//! What a run cost the PostgreSQL database the relays use: WAL bytes written, commits
-//! and row changes, and the CPU of the server's processes, each per message.
+//! What a run cost the PostgreSQL database the relays use: WAL bytes written, write
+//! transactions (transaction ids assigned), and the CPU of the server's processes,
+//! each per message.
 //!
 //! One connection of its own (tokio-postgres, no TLS: a Unix socket or loopback). The
 //! server's processes are those `pg_stat_activity` lists (backends, WAL writer,
@@ -7,7 +8,6 @@
 //! machine; without it that figure is left out.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use tokio_postgres::{Client, NoTls};
 
@@ -23,13 +23,15 @@ pub struct PgProbe {
 /// The database's counters at one moment.
 pub struct PgReading {
     lsn: String,
-    commits: i64,
-    rows: i64,
+    xid: i64,
     cpu_by_pid: HashMap<u32, f64>,
 }
 
-const COUNTERS: &str = "SELECT xact_commit, tup_inserted + tup_updated + tup_deleted \
-     FROM pg_stat_database WHERE datname = current_database()";
+/// The WAL position, and a transaction id (assigned to this reading's own
+/// transaction: ids go only to transactions that write, so the difference between two
+/// readings, less one, counts the write transactions in between, at once and exactly;
+/// `pg_stat_database` lags by up to ten seconds).
+const POSITION: &str = "SELECT pg_current_wal_lsn()::text, pg_current_xact_id()::text::bigint";
 
 impl PgProbe {
     /// Connects with the libpq connection string the relays use.
@@ -45,11 +47,7 @@ impl PgProbe {
 
     /// The counters now.
     pub async fn read(&self) -> Result<PgReading, LoadError> {
-        let lsn: String = self
-            .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await?
-            .get(0);
+        let position = self.client.query_one(POSITION, &[]).await?;
         let pids = self
             .client
             .query(
@@ -62,18 +60,16 @@ impl PgProbe {
             .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
             .filter_map(|pid| Some((pid, process_cpu_seconds(pid)?)))
             .collect();
-        let row = self.client.query_one(COUNTERS, &[]).await?;
         Ok(PgReading {
-            lsn,
-            commits: row.get(0),
-            rows: row.get::<_, i64>(1),
+            lsn: position.get(0),
+            xid: position.get(1),
             cpu_by_pid,
         })
     }
 
     /// The figures per message since `before`, for `messages` moved, as report fields:
-    /// `wal_bytes_per_msg`, `pg_commits_per_msg`, `pg_row_changes_per_msg` and (with
-    /// the server on this machine) `pg_cpu_us_per_msg`.
+    /// `wal_bytes_per_msg`, `pg_write_xacts_per_msg` and (with the server on this
+    /// machine) `pg_cpu_us_per_msg`.
     pub async fn since(
         &self,
         before: &PgReading,
@@ -95,22 +91,12 @@ impl PgProbe {
             .iter()
             .map(|(pid, c)| c - before.cpu_by_pid.get(pid).copied().unwrap_or(0.0))
             .sum();
-        // Other backends report their statistics at most once a second while busy,
-        // and after a second idle: wait for them before reading the counters.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let row = self.client.query_one(COUNTERS, &[]).await?;
-        let (commits, rows): (i64, i64) = (row.get(0), row.get(1));
         let per = |x: f64| x / messages.max(1) as f64;
         let mut out = BTreeMap::new();
         out.insert("wal_bytes_per_msg".into(), per(wal));
-        out.insert(
-            "pg_commits_per_msg".into(),
-            per((commits - before.commits) as f64),
-        );
-        out.insert(
-            "pg_row_changes_per_msg".into(),
-            per((rows - before.rows) as f64),
-        );
+        // Less the id of `before`'s own transaction.
+        let xacts = (now.xid - before.xid - 1).max(0);
+        out.insert("pg_write_xacts_per_msg".into(), per(xacts as f64));
         if !now.cpu_by_pid.is_empty() {
             out.insert("pg_cpu_us_per_msg".into(), per(cpu * 1e6));
         }

@@ -101,7 +101,10 @@ impl RelayUnderTest {
         let config = dir.join("relay.toml");
         let data_dir = dir.join("data");
         if let Some(peer) = peer {
-            let from = peer.data_dir.as_deref().ok_or("the peer node was not started here")?;
+            let from = peer
+                .data_dir
+                .as_deref()
+                .ok_or("the peer node was not started here")?;
             copy_shared_files(from, &data_dir)?;
         }
         // Queues sized for the run, not for a phone's mailbox. Every connection comes
