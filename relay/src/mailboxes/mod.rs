@@ -151,6 +151,10 @@ pub struct Pull {
     pub messages: Vec<StoredMessage>,
     /// The backlog is drained for the first time on this window: tell the client.
     pub queue_empty: bool,
+    /// The last read came back short: everything stored then is pushed (or skipped as
+    /// expired). Until a wake-up for new mail, pulling again finds nothing, even when
+    /// acks free room.
+    pub drained: bool,
     /// A read after the first failed: `messages` holds what the earlier ones found
     /// (recorded in the window, so they must be pushed); pull again later for the rest.
     pub read_failed: Option<Error>,
@@ -299,6 +303,7 @@ impl Mailboxes {
                 }
             }
             if short {
+                pull.drained = true;
                 pull.queue_empty = window.on_drained();
                 break;
             }

@@ -28,6 +28,7 @@ async fn delivers_in_order_and_ack_deletes() {
         .expect("pull");
     assert_eq!(ids(&first), vec![0, 1, 2], "window of three");
     assert!(!first.queue_empty);
+    assert!(!first.drained, "an ack must pull again: more is stored");
     assert!(
         f.services
             .mailboxes()
@@ -56,6 +57,7 @@ async fn delivers_in_order_and_ack_deletes() {
         .expect("pull");
     assert_eq!(ids(&rest), vec![3, 4]);
     assert!(rest.queue_empty);
+    assert!(rest.drained, "only new mail has more");
     f.services
         .mailboxes()
         .ack(
@@ -268,6 +270,7 @@ async fn pull_stops_at_the_windows_byte_bound_and_never_says_empty_early() {
         .expect("pull");
     assert_eq!(ids(&first), vec![0, 1], "a third would pass 20 bytes");
     assert!(!first.queue_empty);
+    assert!(!first.drained, "stopped by the byte bound, not the end");
     assert!(window.on_acked(first.messages[0].seq));
     let next = f
         .services

@@ -56,6 +56,10 @@ pub(super) async fn deliver(
     // for what that read missed (the commit's wake-up was spent on it).
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut backoff = RETRY_FIRST;
+    // The last pull read everything stored: an ack then frees room but finds nothing
+    // new (new mail wakes `sub`), so it reads nothing; on a database that read is a
+    // round trip per ack request.
+    let mut drained = false;
     loop {
         tokio::select! {
             _ = async {
@@ -98,6 +102,9 @@ pub(super) async fn deliver(
                     let _ = out.send(response(cmd.request_id, reply)).await;
                     drop(permit);
                 });
+                if drained && retry.is_none() {
+                    continue;
+                }
             }
         }
         let mut pull = match mailboxes.pull(&device, &mut window) {
@@ -107,6 +114,7 @@ pub(super) async fn deliver(
                 ..Pull::default()
             },
         };
+        drained = pull.drained;
         match pull.read_failed.take() {
             None => {
                 retry = None;
