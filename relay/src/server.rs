@@ -382,6 +382,11 @@ impl Relay {
             config.data_dir.join("discovery"),
         )?;
         let shared = stores.shared.clone();
+        // Several nodes serve one publication, stored in the database.
+        let discovery = match &shared {
+            Some(pg) => discovery.with_shared(pg.clone()),
+            None => discovery,
+        };
         if let Some(pg) = &shared {
             check_cluster(
                 pg,
@@ -484,9 +489,16 @@ impl Relay {
             config.budget.disk_check_interval,
             shutdown.subscribe(),
         ));
+        // Shared: checked more often, so a node serves a new publication soon.
+        let publish_check = match &shared {
+            Some(_) => {
+                (config.postgres.recheck_interval * 10).clamp(Duration::from_secs(1), PUBLISH_CHECK)
+            }
+            None => PUBLISH_CHECK,
+        };
         let publisher = tokio::spawn(discovery::publish_loop(
             discovery.clone(),
-            PUBLISH_CHECK,
+            publish_check,
             shutdown.subscribe(),
         ));
         let verifications = tokio::spawn(crate::verification::sweep_loop(

@@ -10,6 +10,7 @@ mod crash;
 mod deletion;
 mod delivery;
 mod discovery;
+mod discovery_cluster;
 mod discovery_privacy;
 mod expiry;
 mod export;

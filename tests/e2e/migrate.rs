@@ -54,6 +54,7 @@ async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
         String::from_utf8_lossy(&busy.stderr)
     );
     let address = relay.address.clone();
+    let filter = within(alice.conn.discovery_filter(0, 0, 0)).await.unwrap();
     relay.stop().unwrap();
     let done = migrate();
     let out = String::from_utf8_lossy(&done.stdout).into_owned();
@@ -63,6 +64,8 @@ async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
         String::from_utf8_lossy(&done.stderr)
     );
     assert!(out.contains("messages") && out.contains(" 30\n"), "{out}");
+    // Today's snapshot and key list: the nodes serve what clients already hold.
+    assert!(out.contains("discovery filter files     2\n"), "{out}");
 
     // The same data directory (certificate, keys) on the database.
     let config = dir.path().join("pg.toml");
@@ -79,6 +82,8 @@ async fn a_stopped_relay_moves_to_postgres_and_serves_everything_queued() {
     );
     let (mut bob, queued) = Device::connect(&relay.address, bob_addr, bob_key, bob_id).await;
     assert_eq!(queued, 30);
+    let served = within(bob.conn.discovery_filter(0, 0, 0)).await.unwrap();
+    assert_eq!(served, filter, "the same filter part");
     let got = bob.drain().await;
     assert_eq!(
         got.iter().map(number).collect::<Vec<_>>(),

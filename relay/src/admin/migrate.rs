@@ -208,6 +208,9 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     copied.push(("account buckets", d.accounts.len() as u64));
     copied.push(("number buckets", d.numbers.len() as u64));
     drop(d);
+    // The published filter: the nodes serve what clients hold, deltas continue.
+    let files = crate::discovery::publish::whole_files(&config.data_dir.join("discovery"))?;
+    copied.push(("discovery filter files", pg.import_published(&files)?));
 
     // The blob index.
     let blobs = sled.dump_blobs()?;

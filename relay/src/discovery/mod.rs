@@ -37,9 +37,11 @@ use crate::store::{AccountStore, DiscoveryStore, GroupCommit, TagRecord, DAY_MS}
 pub mod oprf;
 pub mod publish;
 pub mod seed;
+pub mod shared;
 
 pub use self::oprf::Oprf;
 use self::publish::Published;
+use self::shared::{SharedPublication, Version};
 
 #[cfg(test)]
 mod tests;
@@ -127,6 +129,14 @@ const MAX_BUCKET_KEYS: usize = 1_000_000;
 /// Detached number buckets removed or stamped per housekeeping (every minute).
 const NUMBER_SWEEP_MAX: usize = 10_000;
 
+/// How long the publisher's lease is held for one publication: longer than a
+/// build and its write take, short enough that a crashed holder delays the day's
+/// filter by no more.
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// How often the publish loop housekeeps the buckets.
+const HOUSEKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One GCRA step over a stored theoretical arrival time: `n` units at `now`, one
 /// unit refilled every `interval` ms, at most `burst` units held. The new TAT to
 /// store, or the ms after which the same request fits.
@@ -168,6 +178,10 @@ pub struct Discovery {
     /// Where the published files live (`<data>/discovery`).
     dir: PathBuf,
     published: RwLock<Arc<Published>>,
+    /// The publication all nodes serve, on a shared backend (none: files in `dir`).
+    shared: Option<Arc<dyn SharedPublication>>,
+    /// Which stored publication `published` is (shared only).
+    version: Mutex<Option<Version>>,
     /// Makes bucket charges durable before the answer (none: the store's own
     /// periodic flush, for tests and tools).
     commit: Option<Arc<GroupCommit>>,
@@ -219,6 +233,8 @@ impl Discovery {
             config: config.clone(),
             dir,
             published: RwLock::new(Arc::new(Published::empty())),
+            shared: None,
+            version: Mutex::new(None),
             commit: None,
         })
     }
@@ -228,6 +244,24 @@ impl Discovery {
     pub fn with_commit(mut self, commit: Arc<GroupCommit>) -> Self {
         self.commit = Some(commit);
         self
+    }
+
+    /// Serves the publication `store` holds for every node of the relay instead of
+    /// files: built by the holder of [`shared::PUBLISH_LEASE`], reloaded when a new
+    /// one is stored (see [`shared`]). Loads the newest stored one at once, so a
+    /// node (re)started serves it from its first connection; a failure is logged
+    /// and the publish loop tries again.
+    pub fn with_shared(mut self, store: Arc<dyn SharedPublication>) -> Self {
+        self.shared = Some(store);
+        if let Err(e) = self.refresh() {
+            warn!(error = %e, "the shared discovery filter could not be loaded at start");
+        }
+        self
+    }
+
+    /// Whether the publication is shared with other nodes.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// The OPRF key.
@@ -448,19 +482,93 @@ impl Discovery {
     ) -> Result<FilterPart> {
         self.enabled()?;
         self.filter_parts.check(&from)?;
-        let published = self
-            .published
+        let mut published = self.served();
+        // A part of a later day than this node serves: the client saw it on another
+        // node, which loaded it first (no later than tomorrow: a made-up day costs
+        // the database nothing).
+        let tomorrow = utc_day(self.clock.now()).saturating_add(1);
+        if self.shared.is_some() && day > published.day() && day <= tomorrow {
+            if let Err(e) = self.refresh() {
+                warn!(error = %e, "the shared discovery filter could not be reloaded");
+            }
+            published = self.served();
+        }
+        published.part(since_day, day, part)
+    }
+
+    fn served(&self) -> Arc<Published> {
+        self.published
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        published.part(since_day, day, part)
+            .clone()
+    }
+
+    /// Serves the newest shared publication if it is not the one served now.
+    fn refresh(&self) -> Result<()> {
+        let Some(store) = &self.shared else {
+            return Ok(());
+        };
+        let mut version = self.version.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, p)) = shared::load_if_newer(store.as_ref(), *version)? {
+            info!(
+                day = v.day,
+                "discovery filter loaded from the shared database"
+            );
+            *self.published.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+            *version = Some(v);
+        }
+        Ok(())
+    }
+
+    /// On a shared backend: publishes today's filter if no node has and this node
+    /// holds the lease, then serves the newest stored publication.
+    fn republish_shared(&self, store: &dyn SharedPublication) -> Result<()> {
+        let day = utc_day(self.clock.now());
+        let started = std::time::Instant::now();
+        let mut count = 0;
+        let keys = || {
+            let keys = self.store.discoverable_keys()?;
+            count = keys.len();
+            Ok(keys)
+        };
+        let done = shared::publish_if_due(store, day, keys, self.config.keep_deltas, LEASE_TTL)
+            .and_then(|published| {
+                if published {
+                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    info!(
+                        day,
+                        keys = count,
+                        ms,
+                        "discovery filter published for every node"
+                    );
+                }
+                self.refresh()
+            });
+        if let Err(e) = &done {
+            error!(error = %e, "shared discovery filter not published or loaded; the one served stays");
+        }
+        done
+    }
+
+    /// Gives the publisher's lease up (a clean stop), on a shared backend.
+    pub fn release_lease(&self) {
+        if let Some(store) = &self.shared {
+            if let Err(e) = store.release_publisher() {
+                warn!(error = %e, "the discovery publisher's lease was not released");
+            }
+        }
     }
 
     /// Serves today's files: those already written today if they are whole (a
     /// restart during the day), else built from the store. On failure the files
-    /// served before stay (and the error is logged and returned).
+    /// served before stay (and the error is logged and returned). On a shared
+    /// backend: today's publication if no node stored it yet and this node holds
+    /// the lease, then the newest stored one (see [`shared`]).
     pub fn republish(&self) -> Result<()> {
         let _one = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = &self.shared {
+            return self.republish_shared(store.as_ref());
+        }
         let day = utc_day(self.clock.now());
         let started = std::time::Instant::now();
         let mut count = 0;
@@ -530,7 +638,9 @@ impl Drop for Admitted {
 
 /// Publishes at once, then whenever the UTC day has changed, checking every
 /// `check` until `shutdown`; housekeeps on every check, whether or not the
-/// publication succeeds. Both run on a blocking thread.
+/// publication succeeds. Both run on a blocking thread. On a shared backend every
+/// check publishes if due and reloads a newer stored publication; a clean stop
+/// gives the publisher's lease up.
 pub async fn publish_loop(
     discovery: Arc<Discovery>,
     check: std::time::Duration,
@@ -538,17 +648,28 @@ pub async fn publish_loop(
 ) {
     let mut last = None;
     let mut tick = tokio::time::interval(check);
+    // Housekeeping stays about once a minute however often the check runs.
+    let every = (HOUSEKEEP_EVERY.as_millis() / check.as_millis().max(1)).max(1);
+    let mut ticks: u128 = 0;
     loop {
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => {
+                let d = discovery.clone();
+                let _ = tokio::task::spawn_blocking(move || d.release_lease()).await;
+                return;
+            }
             _ = tick.tick() => {}
         }
         let today = utc_day(discovery.clock.now());
         let d = discovery.clone();
-        let publish = last != Some(today);
+        let publish = last != Some(today) || discovery.is_shared();
+        let housekeep = ticks % every == 0;
+        ticks = ticks.wrapping_add(1);
         let done = tokio::task::spawn_blocking(move || {
-            if let Err(e) = d.housekeep() {
-                warn!(error = %e, "discovery housekeeping failed");
+            if housekeep {
+                if let Err(e) = d.housekeep() {
+                    warn!(error = %e, "discovery housekeeping failed");
+                }
             }
             !publish || d.republish().is_ok()
         })

@@ -33,6 +33,7 @@ use tern_proto::discovery::{
     FilterDelta, FilterKey, FilterKind, FilterPart, FilterSnapshot, MAX_FILTER_PART,
 };
 
+use super::shared::ArtefactKind;
 use super::DiscoveryError;
 use crate::error::{Error, Result};
 
@@ -66,7 +67,7 @@ impl Published {
 
     /// What to serve for `day`: its snapshot, and of `deltas` (encoded, by the day
     /// they bring the set to, with their base day) the chain that ends at `day`.
-    fn new(day: u32, snapshot: Bytes, deltas: &BTreeMap<u32, (u32, Bytes)>) -> Self {
+    pub(super) fn new(day: u32, snapshot: Bytes, deltas: &BTreeMap<u32, (u32, Bytes)>) -> Self {
         let mut links = Vec::new();
         let mut at = day;
         // Each step goes to an earlier day, so this ends within `deltas.len()` steps.
@@ -189,18 +190,20 @@ fn write_atomic(dir: &Path, file: &str, bytes: &[u8]) -> Result<()> {
 
 fn read_keys(path: &Path) -> Result<Vec<u64>> {
     let bytes = fs::read(path)?;
+    parse_keys(&bytes).map_err(|why| Error::Config(format!("{} {why}", path.display())))
+}
+
+/// A key list's bytes (u64 LE, strictly ascending) as keys.
+pub(super) fn parse_keys(bytes: &[u8]) -> std::result::Result<Vec<u64>, &'static str> {
     if bytes.len() % 8 != 0 {
-        return Err(Error::Config(format!(
-            "{} is not a key list",
-            path.display()
-        )));
+        return Err("is not a key list");
     }
     let keys: Vec<u64> = bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
     if keys.windows(2).any(|w| w[0] >= w[1]) {
-        return Err(Error::Config(format!("{} is not sorted", path.display())));
+        return Err("is not sorted");
     }
     Ok(keys)
 }
@@ -318,4 +321,36 @@ fn prune(dir: &Path, day: u32, keep_deltas: u32) -> Result<()> {
     drop_old("delta", "td", keep_deltas as usize)?;
     drop_old("snapshot", "tf", 2)?;
     drop_old("keys", "bin", 2)
+}
+
+/// The whole published files in `dir`, oldest day first (snapshots that decode as
+/// their day's, deltas that decode, key lists that parse), for a move to a shared
+/// database: none if the directory is missing or marked stale (the next
+/// publication rebuilds then).
+pub fn whole_files(dir: &Path) -> Result<Vec<(u32, ArtefactKind, Vec<u8>)>> {
+    if !dir.exists() || dir.join(STALE).exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for (kind, file, ext) in [
+        (ArtefactKind::Snapshot, "snapshot", "tf"),
+        (ArtefactKind::Delta, "delta", "td"),
+        (ArtefactKind::Keys, "keys", "bin"),
+    ] {
+        for day in days(dir, file, ext)? {
+            let bytes = fs::read(dir.join(name(file, day, ext)))?;
+            let whole = match kind {
+                ArtefactKind::Snapshot => {
+                    FilterSnapshot::decode(&bytes).is_ok_and(|s| s.day == day)
+                }
+                ArtefactKind::Delta => FilterDelta::decode(&bytes).is_ok_and(|d| d.day == day),
+                ArtefactKind::Keys => parse_keys(&bytes).is_ok(),
+            };
+            if whole {
+                out.push((day, kind, bytes));
+            }
+        }
+    }
+    out.sort_by_key(|(day, _, _)| *day);
+    Ok(out)
 }

@@ -209,6 +209,8 @@ impl Mailboxes {
         let bytes: u64 = msgs.iter().map(|m| m.payload.len() as u64).sum();
         let now = self.clock.now();
         let sealed = matches!(from, SenderKey::Prefix(_));
+        // A shared backend's read happens here, not under the device lock.
+        self.store.prefetch_usage(to);
         let staged = self.active.ordered(to, || {
             // Checked under the device lock, which a deletion's purge takes too: a
             // send that resolved its recipient before the deletion began cannot

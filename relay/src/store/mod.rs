@@ -260,6 +260,12 @@ pub trait MailboxStore: Flush {
         Ok((self.usage(of)?, self.totals()))
     }
 
+    /// Readies what [`MailboxStore::usage_and_totals`] will read for `of`, before the
+    /// caller takes the device's lock: a store whose reads go over the network fills
+    /// its cache here, so the read under the lock is a memory lookup. Errors are left
+    /// for that read to report.
+    fn prefetch_usage(&self, _of: &DeviceAddress) {}
+
     /// Up to `max` expiry index entries with `expires_at <= now`, oldest first.
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>>;
 

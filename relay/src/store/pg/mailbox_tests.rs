@@ -405,6 +405,7 @@ fn a_failover_to_the_promoted_standby_keeps_every_acknowledged_append() {
     ));
     opts.connect_timeout = Duration::from_millis(500);
     opts.statement_timeout = Duration::from_millis(1000);
+    opts.require_accounts = false;
     let a = node(&opts, "a");
     let to = addr(12, 1);
     for i in 0..50u8 {
@@ -436,4 +437,69 @@ fn a_failover_to_the_promoted_standby_keeps_every_acknowledged_append() {
         .map(|m| m.message_id.0[0])
         .collect();
     assert_eq!(ids, (0..=50).collect::<Vec<u8>>());
+}
+
+#[test]
+fn with_accounts_required_a_send_to_an_account_without_a_row_leaves_nothing() {
+    // A send queued on one node before a deletion on another and committed after the
+    // deletion finished (intent removed, account row gone) must not land.
+    let (_pg, mut opts) = db();
+    opts.require_accounts = true;
+    let a = node(&opts, "a");
+    let (gone, kept) = (addr(21, 1), addr(22, 1));
+    a.run(async {
+        let c = a.client().await?;
+        c.execute(
+            "INSERT INTO accounts (account, identity_key) VALUES ($1, $2)",
+            &[&kept.account.as_bytes().as_slice(), &vec![7u8; 32]],
+        )
+        .await
+        .map_err(|e| a.classify(&e))
+    })
+    .expect("account row");
+    let x = a
+        .queue_append(&gone, &[msg(1, 4)], 1_000, 9_000)
+        .expect("stage");
+    let y = a
+        .queue_append(&kept, &[msg(2, 4)], 1_000, 9_000)
+        .expect("stage");
+    let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
+    let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");
+    assert_eq!(y.expect("kept").len(), 1);
+    let left: i64 = sql(
+        &a,
+        "SELECT (SELECT count(*) FROM mailbox_heads WHERE account = decode(repeat('15', 16), 'hex')) \
+         + (SELECT count(*) FROM messages WHERE account = decode(repeat('15', 16), 'hex'))",
+    )[0]
+    .get(0);
+    assert_eq!(left, 0);
+    assert_eq!(a.totals().messages, 1);
+}
+
+#[test]
+fn a_purge_pages_through_a_mailbox_larger_than_a_page() {
+    assert!(mailboxes::PURGE_PAGE.contains(&format!("OFFSET {} - 1", mailboxes::PURGE_PAGE_ROWS)));
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let (to, other) = (addr(23, 1), addr(23, 2));
+    let n = mailboxes::PURGE_PAGE_ROWS as usize * 2 + 17;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let msgs: Vec<Envelope> = chunk.iter().map(|&i| msg(i as u8, 4)).collect();
+        a.append(&to, &msgs, 1_000, 9_000).expect("append");
+    }
+    a.append(&other, &[msg(1, 4)], 1_000, 9_000)
+        .expect("append");
+    let purged = a.purge(&to).expect("purge");
+    assert_eq!(purged.messages, n as u64);
+    assert_eq!(purged.bytes, 4 * n as u64);
+    assert!(a.read(&to, 0, 10).expect("read").is_empty());
+    assert_eq!(a.read(&other, 0, 10).expect("read").len(), 1);
+    assert_eq!(a.totals().messages, 1);
+    let heads: i64 = sql(
+        &a,
+        "SELECT count(*) FROM mailbox_heads WHERE account = decode(repeat('17', 16), 'hex')",
+    )[0]
+    .get(0);
+    assert_eq!(heads, 1, "only the other device's head is left");
 }

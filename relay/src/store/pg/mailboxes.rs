@@ -22,7 +22,7 @@ use tern_platform::clock::UnixMillis;
 use tern_proto::{DeviceAddress, MessageId};
 use tokio::sync::{mpsc, oneshot};
 
-use super::writer::{Op, Writer, WriterStats, ADD_TOTALS};
+use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
     Envelope, Expired, MailboxStore, Staged, StoreError, StoreResult, StoredMessage, Totals, Usage,
@@ -31,12 +31,32 @@ use crate::store::{
 /// How old cached totals may be.
 pub(crate) const TOTALS_MAX_AGE: Duration = Duration::from_secs(1);
 
+/// Messages one purge transaction deletes at most.
+pub(super) const PURGE_PAGE_ROWS: u64 = 10_000;
+
+/// Pages one purge call takes at most (a mailbox holds far fewer messages than
+/// this many pages; a purge that still finds more fails and is retried).
+const MAX_PURGE_PAGES: usize = 10_000;
+
+/// The oldest page of a mailbox: everything up to its `PURGE_PAGE_ROWS`th seq (an
+/// init plan, then one range of the primary key), or all of it when it holds fewer.
+pub(super) const PURGE_PAGE: &str = "WITH d AS (DELETE FROM messages \
+     WHERE account = $1 AND device = $2 AND seq <= coalesce((SELECT seq FROM messages \
+       WHERE account = $1 AND device = $2 ORDER BY seq OFFSET 10000 - 1 LIMIT 1), \
+       9223372036854775807) \
+     RETURNING octet_length(payload) AS n) \
+     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+
+const PURGE_REST: &str = "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
+     RETURNING octet_length(payload) AS n) \
+     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+
 /// Mailboxes whose usage the cache keeps; past it, the cache starts afresh.
 const USAGE_CACHE_MAX: usize = 100_000;
 
 /// A mailbox store's per-node state: the writer's queue and the caches.
 pub(super) struct MailState {
-    queue: mpsc::UnboundedSender<Op>,
+    queue: mpsc::UnboundedSender<(Instant, Op)>,
     totals: Arc<TotalsCache>,
     usage: Arc<UsageCache>,
     stats: Arc<WriterStats>,
@@ -46,14 +66,20 @@ pub(super) struct MailState {
 impl MailState {
     /// Starts the writer on the backend's runtime.
     pub(super) fn start(backend: &PgBackend) -> StoreResult<MailState> {
-        let intents = backend.run(async {
+        let schema = backend.run(async {
             let c = backend.client().await?;
             let row = c
                 .query_one("SELECT to_regclass('account_deletions') IS NOT NULL", &[])
                 .await
                 .map_err(|e| backend.classify(&e))?;
-            Ok(row.get::<_, bool>(0))
+            row.try_get::<_, bool>(0)
+                .map_err(|e| StoreError::Backend(format!("schema check: {e}")))
         })?;
+        let accounts = match (schema, backend.require_accounts) {
+            (false, _) => AccountCheck::None,
+            (true, false) => AccountCheck::Intents,
+            (true, true) => AccountCheck::IntentsAndRows,
+        };
         let totals = Arc::new(TotalsCache::default());
         let usage = Arc::new(UsageCache::default());
         let stats = Arc::new(WriterStats::default());
@@ -63,7 +89,7 @@ impl MailState {
             hosts: backend.hosts.clone(),
             deadline: backend.deadline,
             slot,
-            intents,
+            accounts,
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),
@@ -246,7 +272,7 @@ impl PgBackend {
     fn enqueue(&self, op: Op) -> StoreResult<()> {
         self.mail()?
             .queue
-            .send(op)
+            .send((Instant::now(), op))
             .map_err(|_| StoreError::Unavailable("mailbox writer stopped".into()))
     }
 
@@ -260,31 +286,24 @@ impl PgBackend {
         })
     }
 
-    fn wait<T: Send>(&self, rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
-        self.run(Staged::Pending(rx).wait())
-    }
-
     /// Reads the totals from the database into the cache.
     fn refresh_totals(&self) -> StoreResult<Totals> {
         let mail = self.mail()?;
         let before = mail.totals.changes.load(Ordering::Acquire);
-        let totals = self.run(async {
-            let c = self.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT coalesce(sum(messages), 0)::int8, coalesce(sum(bytes), 0)::int8, \
-                     coalesce(sum(mailboxes), 0)::int8 FROM mailbox_totals",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            let get = |i| row.get::<_, i64>(i).max(0) as u64;
-            Ok(Totals {
-                messages: get(0),
-                bytes: get(1),
-                mailboxes: get(2),
-            })
-        })?;
+        let rows = self.run(self.rows(
+            "SELECT coalesce(sum(messages), 0)::int8, coalesce(sum(bytes), 0)::int8, \
+             coalesce(sum(mailboxes), 0)::int8 FROM mailbox_totals",
+            &[],
+        ))?;
+        let row = rows
+            .first()
+            .ok_or_else(|| StoreError::Backend("mailbox totals: no row".into()))?;
+        let get = |i| self.col::<i64>(row, i).map(|n| n.max(0) as u64);
+        let totals = Totals {
+            messages: get(0)?,
+            bytes: get(1)?,
+            mailboxes: get(2)?,
+        };
         // A commit that landed meanwhile may or may not be in the sum: read again soon.
         let at = if mail.totals.changes.load(Ordering::Acquire) == before {
             Instant::now()
@@ -349,7 +368,7 @@ async fn delete_tx(
     let before: i64 = tx
         .query_opt(head, &[&account, &device])
         .await?
-        .map_or(0, |r| r.get(0));
+        .map_or(Ok(0), |r| r.try_get(0))?;
     let row = match extra {
         Some((seqs, until)) => {
             tx.query_one(delete, &[&account, &device, seqs, until])
@@ -357,7 +376,7 @@ async fn delete_tx(
         }
         None => tx.query_one(delete, &[&account, &device]).await?,
     };
-    let (n, bytes): (i64, i64) = (row.get(0), row.get(1));
+    let (n, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
     if n == 0 && !forget_head {
         tx.commit().await?;
         return Ok(TotalsDelta::default());
@@ -418,11 +437,8 @@ impl MailboxStore for PgBackend {
         accepted_at: UnixMillis,
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
-        if msgs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rx = self.queue_append(to, msgs, accepted_at, expires_at)?;
-        self.wait(rx)
+        let staged = self.stage_append(to, msgs, accepted_at, expires_at)?;
+        self.run(staged.wait())
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -430,33 +446,26 @@ impl MailboxStore for PgBackend {
             return Ok(Vec::new());
         };
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
-                     WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-                    &[&account, &device, &after, &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            rows.iter()
-                .map(|r| {
-                    let id: &[u8] = r.get(1);
-                    let payload: Vec<u8> = r.get(2);
-                    Ok(StoredMessage {
-                        seq: r.get::<_, i64>(0) as u64,
-                        message_id: MessageId(
-                            id.try_into()
-                                .map_err(|_| StoreError::Corrupt("message id"))?,
-                        ),
-                        payload: Bytes::from(payload),
-                        accepted_at: from_db(r.get(3)),
-                        expires_at: from_db(r.get(4)),
-                    })
+        let rows = self.run(self.rows(
+            "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
+             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+            &[&account, &device, &after, &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| {
+                let id: &[u8] = self.col(r, 1)?;
+                Ok(StoredMessage {
+                    seq: self.col::<i64>(r, 0)? as u64,
+                    message_id: MessageId(
+                        id.try_into()
+                            .map_err(|_| StoreError::Corrupt("message id"))?,
+                    ),
+                    payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
+                    accepted_at: from_db(self.col(r, 3)?),
+                    expires_at: from_db(self.col(r, 4)?),
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 
     fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
@@ -464,43 +473,33 @@ impl MailboxStore for PgBackend {
             return Ok(Vec::new());
         };
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
-                     ORDER BY seq LIMIT $4",
-                    &[&account, &device, &after, &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
-        })
+        let rows = self.run(self.rows(
+            "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
+             ORDER BY seq LIMIT $4",
+            &[&account, &device, &after, &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| Ok(self.col::<i64>(r, 0)? as u64))
+            .collect()
     }
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        if seqs.is_empty() {
-            return Ok(Usage::default());
-        }
-        let rx = self.queue_remove(of, seqs)?;
-        self.wait(rx)
+        let staged = self.stage_remove(of, seqs)?;
+        self.run(staged.wait())
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         let (account, device) = key(of);
-        self.run(async {
-            let c = self.client().await?;
-            let row = c
-                .query_opt(
-                    "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
-                    &[&account, &device],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(row.map_or(Usage::default(), |r| Usage {
-                messages: r.get::<_, i64>(0).max(0) as u64,
-                bytes: r.get::<_, i64>(1).max(0) as u64,
-            }))
+        let rows = self.run(self.rows(
+            "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
+            &[&account, &device],
+        ))?;
+        let Some(r) = rows.first() else {
+            return Ok(Usage::default());
+        };
+        Ok(Usage {
+            messages: self.col::<i64>(r, 0)?.max(0) as u64,
+            bytes: self.col::<i64>(r, 1)?.max(0) as u64,
         })
     }
 
@@ -515,6 +514,19 @@ impl MailboxStore for PgBackend {
             }
         };
         Ok((usage, self.totals()))
+    }
+
+    fn prefetch_usage(&self, of: &DeviceAddress) {
+        let Ok(mail) = self.mail() else {
+            return;
+        };
+        if mail.usage.fresh(of).is_none() {
+            if let Ok(u) = self.usage(of) {
+                mail.usage.set(*of, u);
+            }
+        }
+        // Refreshed here when stale (a failure is logged there).
+        let _ = self.totals();
     }
 
     fn totals(&self) -> Totals {
@@ -536,26 +548,20 @@ impl MailboxStore for PgBackend {
     }
 
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
-        self.run(async {
-            let c = self.client().await?;
-            let rows = c
-                .query(
-                    "SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= $1 \
-                     ORDER BY expires_at, account, device, seq LIMIT $2",
-                    &[&to_db(now), &limit(max)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            rows.iter()
-                .map(|r| {
-                    Ok(Expired {
-                        to: addr_of(r.get(0), r.get(1))?,
-                        seq: r.get::<_, i64>(2) as u64,
-                        expires_at: from_db(r.get(3)),
-                    })
+        let rows = self.run(self.rows(
+            "SELECT account, device, seq, expires_at FROM messages WHERE expires_at <= $1 \
+             ORDER BY expires_at, account, device, seq LIMIT $2",
+            &[&to_db(now), &limit(max)],
+        ))?;
+        rows.iter()
+            .map(|r| {
+                Ok(Expired {
+                    to: addr_of(self.col(r, 0)?, self.col(r, 1)?)?,
+                    seq: self.col::<i64>(r, 2)? as u64,
+                    expires_at: from_db(self.col(r, 3)?),
                 })
-                .collect()
-        })
+            })
+            .collect()
     }
 
     fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
@@ -583,16 +589,26 @@ impl MailboxStore for PgBackend {
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         // What was staged before the purge commits first, so the purge deletes it too.
         let barrier = self.queue_remove(of, &[])?;
-        self.wait(barrier)?;
-        // Account deletion: the head goes too (account ids are never reused), locked
-        // first so a batch that passed the deletion-intent check has committed.
-        self.delete_in_mailbox(
-            of,
-            "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
-             RETURNING octet_length(payload) AS n) \
-             SELECT count(*), coalesce(sum(n), 0)::int8 FROM d",
-            None,
-            true,
-        )
+        self.run(Staged::Pending(barrier).wait())?;
+        // Account deletion, a page per transaction so that each statement stays
+        // within the statement timeout however full the mailbox is. Every page locks
+        // the head first, so a batch that passed the deletion check has committed.
+        let mut purged = Usage::default();
+        for _ in 0..MAX_PURGE_PAGES {
+            let page = self.delete_in_mailbox(of, PURGE_PAGE, None, false)?;
+            purged.messages += page.messages;
+            purged.bytes += page.bytes;
+            if page.messages < PURGE_PAGE_ROWS {
+                // The head goes too (account ids are never reused), with anything
+                // that was appended since the last page.
+                let last = self.delete_in_mailbox(of, PURGE_REST, None, true)?;
+                purged.messages += last.messages;
+                purged.bytes += last.bytes;
+                return Ok(purged);
+            }
+        }
+        Err(StoreError::Unavailable(
+            "mailbox purge did not finish; the deletion is retried".into(),
+        ))
     }
 }

@@ -4,7 +4,7 @@
 //! same version; the first to take [`MIGRATION_LOCK`] migrates, the others then find every
 //! version applied. Versions are reserved per package so parallel branches never collide:
 //! V1 cluster facts, V2 mailboxes, V3–V4 accounts, keys, discovery, V5 blobs, V6 nodes,
-//! V7 the object GC queue.
+//! V7 the object GC queue, V8 the published discovery filter.
 //! The files are plain SQL: no triggers, sequences or `LISTEN` (Citus and its peers).
 
 use tokio_postgres::Client;

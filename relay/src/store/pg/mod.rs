@@ -28,6 +28,7 @@ mod discovery;
 pub mod lease;
 mod mailboxes;
 pub mod migrate;
+mod published;
 pub mod writer;
 
 // Package B1: accounts, keys, the blob index.
@@ -66,6 +67,9 @@ pub struct PgOptions {
     /// `Fsync`: a commit returns once durable (`synchronous_commit = on`, and on a
     /// synchronous standby too when the primary names one). `Os`: once written.
     pub durability: Durability,
+    /// Mailboxes take messages only for accounts with an `accounts` row (the relay);
+    /// off for the mailbox store on its own (its conformance tests).
+    pub require_accounts: bool,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -89,6 +93,7 @@ impl PgOptions {
             ca_file: None,
             node_id: default_node_id(),
             durability: Durability::Fsync,
+            require_accounts: true,
         }
     }
 }
@@ -115,6 +120,7 @@ pub struct PgBackend {
     deadline: Duration,
     node_id: String,
     hosts: String,
+    require_accounts: bool,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
 }
@@ -192,6 +198,7 @@ impl PgBackend {
             deadline: opts.connect_timeout + opts.statement_timeout,
             node_id: opts.node_id.clone(),
             hosts,
+            require_accounts: opts.require_accounts,
             mail: None,
         };
         // A migration (and the wait for another node's) may take long: neither the
@@ -476,5 +483,7 @@ pub(crate) mod testdb;
 mod tests;
 #[cfg(test)]
 mod tests_discovery;
+#[cfg(test)]
+mod tests_published;
 #[cfg(test)]
 mod tests_verification;

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
@@ -83,12 +83,25 @@ pub(super) struct Writer {
     pub(super) hosts: String,
     pub(super) deadline: Duration,
     pub(super) slot: i32,
-    /// Whether `account_deletions` exists (the accounts schema is applied): then an
-    /// append to an account with a deletion intent is refused in the transaction.
-    pub(super) intents: bool,
+    /// Which appends the transaction refuses as to a deleted account.
+    pub(super) accounts: AccountCheck,
     pub(super) totals: Arc<TotalsCache>,
     pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
+}
+
+/// Which appends a batch refuses, checked after the head locks (a purge locks the
+/// heads before deleting, so it sees whatever passed the check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AccountCheck {
+    /// None (the accounts schema is not applied).
+    None,
+    /// Appends to an account with a deletion intent.
+    Intents,
+    /// Those, and appends to an account without an `accounts` row: a send queued
+    /// before a deletion on another node and committed after it finished (its
+    /// intent removed) leaves nothing behind.
+    IntentsAndRows,
 }
 
 /// One mailbox's part of a batch.
@@ -178,34 +191,45 @@ struct Locked {
 
 impl Writer {
     /// Serves `rx` until every sender is gone.
-    pub(super) async fn serve(self, mut rx: mpsc::UnboundedReceiver<Op>) {
+    pub(super) async fn serve(self, mut rx: mpsc::UnboundedReceiver<(Instant, Op)>) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(PIPELINE));
         let mut previous: Option<oneshot::Receiver<()>> = None;
         let mut batch_no: i32 = 0;
-        while let Some(first) = rx.recv().await {
+        while let Some((queued, first)) = rx.recv().await {
+            // Waiting for a slot lets the queue grow: a bigger batch next.
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            // An op that waited in the queue past the deadline (the database is slow
+            // or away) fails before anything of it is written: its caller hears
+            // within a bounded time, and never "failed" for what then commits.
+            let stale = |at: Instant| at.elapsed() > this.deadline;
+            let mut ops = Vec::new();
+            let (mut rows, mut bytes) = (0, 0);
+            let mut next = Some((queued, first));
+            while let Some((at, op)) = next.take() {
+                if stale(at) {
+                    op.fail(this.too_slow());
+                } else {
+                    rows += op.rows();
+                    bytes += op.bytes();
+                    ops.push(op);
+                }
+                if rows < MAX_ROWS && bytes < MAX_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if ops.is_empty() {
+                drop(slot);
+                continue;
+            }
             // Each transaction in flight adds into a totals row of its own: with one
             // row per node, its lock (held through COMMIT) would serialise the
             // pipeline's commits. Batches finish in order, so the PIPELINE in flight
             // are consecutive and their rows distinct.
             let totals_slot = (this.slot + batch_no) % TOTAL_SLOTS;
             batch_no = (batch_no + 1) % PIPELINE as i32;
-            // Waiting for a slot lets the queue grow: a bigger batch next.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
-                return;
-            };
-            let (mut rows, mut bytes) = (first.rows(), first.bytes());
-            let mut ops = vec![first];
-            while rows < MAX_ROWS && bytes < MAX_BYTES {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        rows += op.rows();
-                        bytes += op.bytes();
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
             let parts = plan(&ops);
             // The locks are taken here, one batch after another: within a mailbox,
             // a later batch waits for an earlier one's commit, so seqs follow the queue.
@@ -249,11 +273,15 @@ impl Writer {
     ) -> Result<T, Failure> {
         match tokio::time::timeout(self.deadline, fut).await {
             Ok(r) => r,
-            Err(_) => Err(Failure::Other(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: no commit within {:?}",
-                self.hosts, self.deadline
-            )))),
+            Err(_) => Err(Failure::Other(self.too_slow())),
         }
+    }
+
+    fn too_slow(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "PostgreSQL at {}: no commit within {:?}",
+            self.hosts, self.deadline
+        ))
     }
 
     /// Fails every item of a batch whose transaction failed: nothing in it is
@@ -292,21 +320,30 @@ impl Writer {
             .await?;
         let mut heads = HashMap::new();
         for row in rows {
-            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
-            heads.insert(to, (row.get(2), row.get(3), row.get(4)));
+            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
+            heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
         }
         // 2. After the locks: accounts being deleted take no more messages (a purge
         //    locks the heads before deleting, so it sees whatever passed this check).
         let mut refused = HashSet::new();
-        if self.intents {
-            let accounts: Vec<&[u8]> = parts
+        let check = match self.accounts {
+            AccountCheck::None => None,
+            AccountCheck::Intents => Some(INTENTS),
+            AccountCheck::IntentsAndRows => Some(INTENTS_OR_NO_ROW),
+        };
+        if let Some(check) = check {
+            let mut accounts: Vec<&[u8]> = parts
                 .iter()
                 .filter(|(_, p)| !p.appends.is_empty())
                 .map(|(to, _)| to.account.as_bytes().as_slice())
                 .collect();
-            let gone = tx.prepare_cached(INTENTS).await?;
+            accounts.dedup();
+            let gone = tx.prepare_cached(check).await?;
             let rows = tx.query(&gone, &[&accounts]).await?;
-            let gone: HashSet<Vec<u8>> = rows.iter().map(|r| r.get(0)).collect();
+            let gone = rows
+                .iter()
+                .map(|r| r.try_get::<_, Vec<u8>>(0))
+                .collect::<Result<HashSet<Vec<u8>>, _>>()?;
             for to in parts.keys() {
                 if gone.contains(to.account.as_bytes().as_slice()) {
                     refused.insert(*to);
@@ -392,9 +429,9 @@ impl Writer {
         inserted?;
         let mut deleted = Vec::new();
         for row in deleted_rows? {
-            let to = addr_of(row.get(0), row.get(1)).map_err(Failure::Other)?;
-            let seq: i64 = row.get(2);
-            let len: i32 = row.get(3);
+            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
+            let seq: i64 = row.try_get(2)?;
+            let len: i32 = row.try_get(3)?;
             deleted.push((to, seq as u64, len.max(0) as u64));
         }
         // 4. Heads less what was deleted or refused, and this node's totals slot.
@@ -605,6 +642,10 @@ const UPSERT_HEADS: &str =
      RETURNING account, device, last_seq, messages, bytes";
 
 const INTENTS: &str = "SELECT account FROM account_deletions WHERE account = ANY($1::bytea[])";
+
+const INTENTS_OR_NO_ROW: &str = "SELECT a FROM unnest($1::bytea[]) a \
+     WHERE EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = a) \
+       OR NOT EXISTS (SELECT 1 FROM accounts c WHERE c.account = a)";
 
 const INSERT_MESSAGES: &str = "INSERT INTO messages \
      (account, device, seq, message_id, payload, accepted_at, expires_at) \
