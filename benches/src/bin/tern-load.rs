@@ -3,6 +3,7 @@
 //! ```text
 //! cargo build --release -p tern-benches
 //! target/release/tern-load online --pairs 4 --messages 20000 --size 1024 --json
+//! target/release/tern-load online --nodes 2 --rate 1000 --messages 30000 --postgres 'host=/tmp/pg port=5433 user=tern dbname=tern'
 //! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
 //! target/release/tern-load connections --count 10000
 //! target/release/tern-load media --size 1073741824
@@ -24,6 +25,7 @@ use tern_benches::load::relay::{
     sibling_relay_binary, RelaySettings, RelayUnderTest, START_TIMEOUT,
 };
 use tern_benches::load::{self, LoadError};
+use tern_relay::testing::TestPostgres;
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +79,11 @@ enum Mode {
         /// Relay durability: fsync or os.
         #[arg(long, default_value = "fsync", value_parser = ["fsync", "os"])]
         durability: String,
+        /// Relay nodes: 2 starts a second node on the same PostgreSQL database, with
+        /// every sender on the first and every recipient on the second. Without
+        /// `--postgres`, a PostgreSQL (fsync on) is started for the run.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
+        nodes: u64,
     },
     /// Recipients offline while senders enqueue, then they drain.
     Offline {
@@ -217,16 +224,49 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
     let as_usize = |v: u64| usize::try_from(v).map_err(|_| LoadError::from("value too large"));
     match mode {
         Mode::Online {
-            common,
+            mut common,
             pairs,
             messages,
             size,
             rate,
             inflight,
             durability,
+            nodes,
         } => {
+            if nodes > 1 && common.relay.is_some() {
+                return Err("--nodes 2 starts its own nodes: --relay does not apply".into());
+            }
+            // Kept until the run ends: a database of this run's own.
+            let _own_pg = match (&common.postgres, nodes > 1) {
+                (None, true) => {
+                    let pg = own_postgres()?;
+                    common.postgres = Some(pg.conn_str("tern"));
+                    Some(pg)
+                }
+                _ => None,
+            };
             let pairs = as_usize(pairs)?;
-            let mut relay = relay_for(&common, &durability, 4 * pairs + 16)?;
+            let max_connections = 4 * pairs + 16;
+            let mut relay = relay_for(&common, &durability, max_connections)?;
+            let mut second = match nodes {
+                1 => None,
+                _ => Some(RelayUnderTest::spawn_node(
+                    &RelaySettings {
+                        binary: &relay_binary(&common)?,
+                        durability: &durability,
+                        max_connections,
+                        dir: None,
+                        start_timeout: START_TIMEOUT,
+                        log: "warn",
+                        postgres: common.postgres.as_deref(),
+                    },
+                    Some(&relay),
+                )?),
+            };
+            let pg = match (&common.postgres, &common.relay) {
+                (Some(url), None) => Some(load::pg::PgProbe::connect(url).await?),
+                _ => None,
+            };
             let args = load::OnlineArgs {
                 pairs,
                 messages,
@@ -234,8 +274,16 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 rate,
                 inflight,
             };
-            let report = load::online(&relay, &args).await;
+            let across = load::OnlineNodes {
+                sending: &relay,
+                receiving: second.as_ref().unwrap_or(&relay),
+                pg: pg.as_ref(),
+            };
+            let report = load::online_across(&across, &args).await;
             relay.stop();
+            if let Some(b) = second.as_mut() {
+                b.stop();
+            }
             Ok((report?, common.json))
         }
         Mode::Offline {
@@ -348,6 +396,18 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             Ok((report, common.json))
         }
     }
+}
+
+/// A PostgreSQL cluster for this run (fsync on, as in production), with database
+/// `tern`; Debian's `postgresql` server binaries must be installed.
+fn own_postgres() -> Result<TestPostgres, LoadError> {
+    eprintln!("  starting PostgreSQL (fsync on) for the run");
+    std::panic::catch_unwind(|| {
+        let pg = TestPostgres::start_with(&[("fsync", "on"), ("max_connections", "200")]);
+        pg.create_db("tern");
+        pg
+    })
+    .map_err(|_| "could not start PostgreSQL (see above); or pass --postgres".into())
 }
 
 /// Whether the report goes out as JSON.

@@ -17,13 +17,15 @@
 pub mod discovery;
 mod modes;
 pub mod peer;
+pub mod pg;
 pub mod relay;
 mod restart;
 
 use std::collections::BTreeMap;
 
 pub use self::modes::{
-    connections, media, offline, online, ConnectionsArgs, MediaArgs, OfflineArgs, OnlineArgs,
+    connections, media, offline, online, online_across, ConnectionsArgs, MediaArgs, OfflineArgs,
+    OnlineArgs, OnlineNodes,
 };
 pub use self::restart::{restart, RestartArgs};
 

@@ -11,6 +11,7 @@ use tern_client::net::{Envelope, Inbox, Incoming, RelayConnection};
 use tern_proto::MessageId;
 
 use super::peer::{Link, Peer};
+use super::pg::PgProbe;
 use super::relay::{own_peak_rss_kib, switches_since, RelayUnderTest};
 use super::{now_ms, percentiles, LoadError, Report};
 
@@ -27,6 +28,18 @@ pub struct OnlineArgs {
     pub rate: f64,
     /// Send requests in flight per sender.
     pub inflight: usize,
+}
+
+/// Where an `online` run goes: the node every sender connects to, the node every
+/// recipient connects to (the same relay, or a second node of its cluster), and the
+/// database under them, for its costs per message.
+pub struct OnlineNodes<'a> {
+    /// Senders connect here (and every device registers here).
+    pub sending: &'a RelayUnderTest,
+    /// Recipients connect here.
+    pub receiving: &'a RelayUnderTest,
+    /// The PostgreSQL database the nodes use, when they use one.
+    pub pg: Option<&'a PgProbe>,
 }
 
 /// `offline` settings.
@@ -282,15 +295,36 @@ pub(super) async fn drain(
 /// `online`: every device connected; senders seal and send one message per request,
 /// recipients open and decrypt as deliveries arrive.
 pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report, LoadError> {
+    let nodes = OnlineNodes {
+        sending: relay,
+        receiving: relay,
+        pg: None,
+    };
+    online_across(&nodes, args).await
+}
+
+/// `online` with senders on one node and recipients on another (or the same), and
+/// the database's costs when `nodes.pg` is given.
+pub async fn online_across(
+    nodes: &OnlineNodes<'_>,
+    args: &OnlineArgs,
+) -> Result<Report, LoadError> {
+    let relay = nodes.sending;
+    let two = !std::ptr::eq(nodes.sending, nodes.receiving);
     let setup = pairs(relay, args.pairs).await?;
     // Every recipient is connected before the clock starts, so no sender begins
     // behind its schedule.
     let mut connected = Vec::with_capacity(setup.len());
     for pair in setup {
-        let (conn, inbox, _) = pair.recipient.connect(&relay.address).await?;
+        let (conn, inbox, _) = pair.recipient.connect(&nodes.receiving.address).await?;
         connected.push((pair, conn, inbox));
     }
+    let pg_before = match nodes.pg {
+        Some(pg) => Some(pg.read().await?),
+        None => None,
+    };
     let relay_before = RelayBefore::now(relay);
+    let receiving_before = RelayBefore::now(nodes.receiving);
     let start = Instant::now();
     let done = Arc::new(AtomicU64::new(0));
     // Set when a pair fails, so the other senders stop instead of running on.
@@ -386,16 +420,36 @@ pub async fn online(relay: &RelayUnderTest, args: &OnlineArgs) -> Result<Report,
     let elapsed = start.elapsed().as_secs_f64();
     ticker.abort();
     let (p50, p99, p999) = percentiles(&mut latencies);
+    let max = latencies.iter().copied().max().unwrap_or(0);
     let mut report = Report {
         p50_us: p50,
         p99_us: p99,
         p999_us: p999,
         ..Report::rate("online", args.messages, args.size, elapsed)
     };
+    report.extra.insert("max_us".into(), max as f64);
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
     report.extra.insert("elapsed_s".into(), elapsed);
+    report
+        .extra
+        .insert("nodes".into(), if two { 2.0 } else { 1.0 });
     relay_stats(relay, &relay_before, args.messages, &mut report);
+    if two {
+        // Each node's own CPU, and the relays' together in the common fields.
+        let mut b = Report::default();
+        relay_stats(nodes.receiving, &receiving_before, args.messages, &mut b);
+        let per_msg = |cpu_s: f64| cpu_s * 1e6 / args.messages.max(1) as f64;
+        let extra = &mut report.extra;
+        extra.insert("node_a_cpu_us_per_msg".into(), per_msg(report.relay_cpu_s));
+        extra.insert("node_b_cpu_us_per_msg".into(), per_msg(b.relay_cpu_s));
+        report.relay_cpu_s += b.relay_cpu_s;
+        extra.insert("relay_cpu_us_per_msg".into(), per_msg(report.relay_cpu_s));
+        report.relay_peak_rss_kib = report.relay_peak_rss_kib.max(b.relay_peak_rss_kib);
+    }
+    if let (Some(pg), Some(before)) = (nodes.pg, &pg_before) {
+        report.extra.extend(pg.since(before, args.messages).await?);
+    }
     Ok(report)
 }
 

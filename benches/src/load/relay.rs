@@ -29,6 +29,8 @@ pub struct RelayUnderTest {
     /// Its address, certificate fingerprint included.
     pub address: RelayAddress,
     child: Option<Child>,
+    /// Its data directory, when this run started it.
+    data_dir: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -75,6 +77,18 @@ pub fn sibling_relay_binary() -> Result<PathBuf, LoadError> {
 impl RelayUnderTest {
     /// Starts a relay on a fresh temporary data directory, listening on 127.0.0.1:0.
     pub fn spawn(settings: &RelaySettings<'_>) -> Result<Self, LoadError> {
+        RelayUnderTest::spawn_node(settings, None)
+    }
+
+    /// Starts a relay as [`RelayUnderTest::spawn`] does; with `peer`, a second node of
+    /// the same cluster: its data directory gets `peer`'s shared files (certificate,
+    /// sender-certificate and discovery keys: `relay-*`, `discovery-oprf-key`), as an
+    /// operator copies them, so both present one certificate. Both nodes must be on
+    /// the same PostgreSQL database (`settings.postgres`).
+    pub fn spawn_node(
+        settings: &RelaySettings<'_>,
+        peer: Option<&RelayUnderTest>,
+    ) -> Result<Self, LoadError> {
         let temporary = match settings.dir {
             Some(_) => None,
             None => Some(tempfile::tempdir()?),
@@ -85,6 +99,14 @@ impl RelayUnderTest {
             (None, None) => return Err("no directory for the relay".into()),
         };
         let config = dir.join("relay.toml");
+        let data_dir = dir.join("data");
+        if let Some(peer) = peer {
+            let from = peer
+                .data_dir
+                .as_deref()
+                .ok_or("the peer node was not started here")?;
+            copy_shared_files(from, &data_dir)?;
+        }
         // Queues sized for the run, not for a phone's mailbox. Every connection comes
         // from 127.0.0.1, many at once, and the anonymous ones wait through the setup:
         // the per-address caps and the deadlines are raised (the checks still run).
@@ -112,7 +134,7 @@ impl RelayUnderTest {
             .arg("--config")
             .arg(&config)
             .arg("--data-dir")
-            .arg(dir.join("data"))
+            .arg(&data_dir)
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -137,6 +159,7 @@ impl RelayUnderTest {
         let mut relay = RelayUnderTest {
             address: "tern://AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:1".parse()?,
             child: Some(child),
+            data_dir: Some(data_dir),
             _dir: temporary,
         };
         let line = rx
@@ -151,6 +174,7 @@ impl RelayUnderTest {
         RelayUnderTest {
             address,
             child: None,
+            data_dir: None,
             _dir: None,
         }
     }
@@ -162,13 +186,7 @@ impl RelayUnderTest {
 
     /// CPU time the relay has used (user + system), in seconds.
     pub fn cpu_seconds(&self) -> Option<f64> {
-        let stat = self.proc_file("stat")?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((utime + stime) / clock_ticks())
+        process_cpu_seconds(self.pid()?)
     }
 
     /// Context switches (voluntary and not) of each of the relay's threads now alive,
@@ -264,6 +282,25 @@ impl Drop for RelayUnderTest {
     }
 }
 
+/// Copies the files every node of a cluster shares (`relay-*`, `discovery-oprf-key`)
+/// from one node's data directory into another's, creating it.
+fn copy_shared_files(from: &Path, to: &Path) -> Result<(), LoadError> {
+    std::fs::create_dir_all(to)?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("relay-") || name == "discovery-oprf-key" {
+            std::fs::copy(entry.path(), to.join(&name))?;
+            copied += 1;
+        }
+    }
+    if copied == 0 {
+        return Err(format!("no relay-* files in {} to share", from.display()).into());
+    }
+    Ok(())
+}
+
 /// Context switches between two [`RelayUnderTest::context_switches`] readings: a
 /// thread started in between counts in full; one that ended in between is missed
 /// (the relay's long-lived threads, its workers and writers, do not end).
@@ -274,15 +311,29 @@ pub fn switches_since(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> 
         .sum()
 }
 
+/// CPU time (user + system) process `pid` has used, in seconds; `None` once it is gone.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
 /// Clock ticks per second for /proc CPU times (USER_HZ, 100 on Linux).
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Peak resident memory of this process, in KiB.

@@ -151,6 +151,13 @@ pub struct Pull {
     pub messages: Vec<StoredMessage>,
     /// The backlog is drained for the first time on this window: tell the client.
     pub queue_empty: bool,
+    /// The last read came back short: everything stored then is pushed (or skipped as
+    /// expired). Until a wake-up for new mail, pulling again finds nothing, even when
+    /// acks free room.
+    pub drained: bool,
+    /// A read after the first failed: `messages` holds what the earlier ones found
+    /// (recorded in the window, so they must be pushed); pull again later for the rest.
+    pub read_failed: Option<Error>,
 }
 
 impl Mailboxes {
@@ -275,9 +282,16 @@ impl Mailboxes {
         let mut pull = Pull::default();
         while window.room() > 0 {
             let want = window.room();
-            crate::store::fault::check(crate::store::fault::Site::MailboxRead)
-                .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
-            let batch = self.store.read(device.address(), window.cursor(), want)?;
+            let batch = match self.read(device, window.cursor(), want) {
+                Ok(batch) => batch,
+                // The window already counts what earlier reads found: returning only
+                // the error would drop those messages from this connection.
+                Err(e) if !pull.messages.is_empty() => {
+                    pull.read_failed = Some(e);
+                    return Ok(pull);
+                }
+                Err(e) => return Err(e),
+            };
             let now = self.clock.now();
             let short = batch.len() < want;
             for m in batch {
@@ -291,11 +305,23 @@ impl Mailboxes {
                 }
             }
             if short {
+                pull.drained = true;
                 pull.queue_empty = window.on_drained();
                 break;
             }
         }
         Ok(pull)
+    }
+
+    fn read(
+        &self,
+        device: &AuthenticatedDevice,
+        after: u64,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>> {
+        crate::store::fault::check(crate::store::fault::Site::MailboxRead)
+            .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
+        Ok(self.store.read(device.address(), after, max)?)
     }
 
     /// Deletes acknowledged messages from the device's own mailbox: gone from reads at

@@ -28,6 +28,7 @@ async fn delivers_in_order_and_ack_deletes() {
         .expect("pull");
     assert_eq!(ids(&first), vec![0, 1, 2], "window of three");
     assert!(!first.queue_empty);
+    assert!(!first.drained, "an ack must pull again: more is stored");
     assert!(
         f.services
             .mailboxes()
@@ -56,6 +57,7 @@ async fn delivers_in_order_and_ack_deletes() {
         .expect("pull");
     assert_eq!(ids(&rest), vec![3, 4]);
     assert!(rest.queue_empty);
+    assert!(rest.drained, "only new mail has more");
     f.services
         .mailboxes()
         .ack(
@@ -268,6 +270,7 @@ async fn pull_stops_at_the_windows_byte_bound_and_never_says_empty_early() {
         .expect("pull");
     assert_eq!(ids(&first), vec![0, 1], "a third would pass 20 bytes");
     assert!(!first.queue_empty);
+    assert!(!first.drained, "stopped by the byte bound, not the end");
     assert!(window.on_acked(first.messages[0].seq));
     let next = f
         .services
@@ -315,4 +318,123 @@ fn a_sweep_deletes_log_segments_kept_past_their_deadline() {
     clock.advance(Duration::from_millis(MAX_MESSAGE_TTL_MS));
     mailboxes.sweep(100).expect("sweep");
     assert!(!damaged.exists(), "deleted at its deadline");
+}
+
+/// The memory store, with every mailbox read after the first `ok_reads` failing (a
+/// database lost in the middle of a pull).
+struct FailingReads {
+    inner: Arc<crate::store::MemoryStore>,
+    ok_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl crate::store::Flush for FailingReads {
+    fn flush(&self) -> crate::store::StoreResult<()> {
+        self.inner.flush()
+    }
+}
+
+impl MailboxStore for FailingReads {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[crate::store::Envelope],
+        accepted_at: u64,
+        expires_at: u64,
+    ) -> crate::store::StoreResult<Vec<u64>> {
+        self.inner.append(to, msgs, accepted_at, expires_at)
+    }
+
+    fn read(
+        &self,
+        of: &DeviceAddress,
+        after: u64,
+        max: usize,
+    ) -> crate::store::StoreResult<Vec<crate::store::StoredMessage>> {
+        use std::sync::atomic::Ordering;
+        let left = self.ok_reads.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(crate::store::StoreError::Unavailable("read lost".into()));
+        }
+        self.ok_reads.store(left - 1, Ordering::SeqCst);
+        self.inner.read(of, after, max)
+    }
+
+    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> crate::store::StoreResult<Usage> {
+        self.inner.remove(of, seqs)
+    }
+
+    fn usage(&self, of: &DeviceAddress) -> crate::store::StoreResult<Usage> {
+        self.inner.usage(of)
+    }
+
+    fn totals(&self) -> crate::store::Totals {
+        self.inner.totals()
+    }
+
+    fn expired(
+        &self,
+        now: u64,
+        max: usize,
+    ) -> crate::store::StoreResult<Vec<crate::store::Expired>> {
+        self.inner.expired(now, max)
+    }
+
+    fn expire(
+        &self,
+        of: &DeviceAddress,
+        entries: &[crate::store::Expired],
+    ) -> crate::store::StoreResult<Usage> {
+        self.inner.expire(of, entries)
+    }
+}
+
+#[tokio::test]
+async fn a_pull_whose_second_read_fails_returns_what_the_first_found() {
+    let memory = Arc::new(crate::store::MemoryStore::new());
+    let failing = Arc::new(FailingReads {
+        inner: memory.clone(),
+        ok_reads: usize::MAX.into(),
+    });
+    let mut stores = crate::store::Stores::all(memory.clone());
+    stores.mailboxes = failing.clone();
+    let f = crate::testing::fixture_on(stores, memory);
+    let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
+    f.send(&alice, *bob.address(), &msgs(0..2, 8))
+        .await
+        .expect("send");
+    f.clock.advance(Duration::from_secs(3600));
+    f.send(&alice, *bob.address(), &msgs(2..6, 8))
+        .await
+        .expect("send");
+
+    // The first read (three: two expired, one live) leaves room, so a second read
+    // follows, and fails.
+    failing
+        .ok_reads
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let mut window = DeliveryWindow::new(3);
+    let pull = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("what the first read found");
+    assert_eq!(ids(&pull), vec![2], "the live message the first read found");
+    assert!(pull.read_failed.is_some(), "the caller must pull again");
+    assert!(!pull.queue_empty);
+    assert_eq!(window.in_flight(), 1);
+
+    // A pull whose first read fails has nothing to return: an error.
+    assert!(f.services.mailboxes().pull(&bob, &mut window).is_err());
+
+    // The database back: the rest follows, nothing skipped or pushed twice.
+    failing
+        .ok_reads
+        .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
+    let rest = f
+        .services
+        .mailboxes()
+        .pull(&bob, &mut window)
+        .expect("pull");
+    assert_eq!(ids(&rest), vec![3, 4]);
+    assert!(rest.read_failed.is_none());
 }

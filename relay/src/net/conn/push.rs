@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use super::{response, AckCmd, Frame};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
+use crate::mailboxes::Pull;
 use crate::server::Services;
 use crate::store::StoredMessage;
 
@@ -55,6 +56,10 @@ pub(super) async fn deliver(
     // for what that read missed (the commit's wake-up was spent on it).
     let mut retry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let mut backoff = RETRY_FIRST;
+    // The last pull read everything stored: an ack then frees room but finds nothing
+    // new (new mail wakes `sub`), so it reads nothing; on a database that read is a
+    // round trip per ack request.
+    let mut drained = false;
     loop {
         tokio::select! {
             _ = async {
@@ -97,15 +102,25 @@ pub(super) async fn deliver(
                     let _ = out.send(response(cmd.request_id, reply)).await;
                     drop(permit);
                 });
+                if drained && retry.is_none() {
+                    continue;
+                }
             }
         }
-        let pull = match mailboxes.pull(&device, &mut window) {
-            Ok(p) => {
+        let mut pull = match mailboxes.pull(&device, &mut window) {
+            Ok(p) => p,
+            Err(e) => Pull {
+                read_failed: Some(e),
+                ..Pull::default()
+            },
+        };
+        drained = pull.drained;
+        match pull.read_failed.take() {
+            None => {
                 retry = None;
                 backoff = RETRY_FIRST;
-                p
             }
-            Err(e) => {
+            Some(e) => {
                 // Once per streak of failures: during a database outage every
                 // connected device fails here, every retry.
                 if backoff == RETRY_FIRST {
@@ -115,9 +130,10 @@ pub(super) async fn deliver(
                 }
                 retry = Some(Box::pin(tokio::time::sleep(backoff)));
                 backoff = (backoff * 2).min(RETRY_MAX);
-                continue;
             }
-        };
+        }
+        // What a partly failed pull found is in the window: pushed now, or never on
+        // this connection.
         for m in pull.messages {
             if out.send(delivery(m)).await.is_err() {
                 return;
