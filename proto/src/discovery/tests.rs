@@ -293,19 +293,3 @@ proptest! {
         let _ = back.contains(FilterKey(probe));
     }
 }
-
-/// The false-positive rate with zero-filled unused slots: 2^32 random non-keys
-/// against a filter of 10^6 keys (about 1 expected). Slow: run with `--release
-/// -- --ignored`.
-#[test]
-#[ignore]
-fn false_positives_at_2_pow_32_queries() {
-    let snap = FilterSnapshot::build(1, keys(1_000_000, 11)).expect("builds");
-    let mut state = 0x5eed_u64;
-    let queries = 1u64 << 32;
-    let hits = (0..queries)
-        .filter(|_| snap.contains(FilterKey(xorf::splitmix64(&mut state))))
-        .count();
-    eprintln!("{hits} false positives in 2^32 queries");
-    assert!(hits <= 8, "{hits} false positives; about 1 expected");
-}

@@ -182,6 +182,10 @@ pub struct Discovery {
     shared: Option<Arc<dyn SharedPublication>>,
     /// Which stored publication `published` is (shared only).
     version: Mutex<Option<Version>>,
+    /// When a client's request last tried a reload (ms since `epoch`): at most one
+    /// a second, node-wide.
+    reload_tried: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
     /// Makes bucket charges durable before the answer (none: the store's own
     /// periodic flush, for tests and tools).
     commit: Option<Arc<GroupCommit>>,
@@ -235,6 +239,8 @@ impl Discovery {
             published: RwLock::new(Arc::new(Published::empty())),
             shared: None,
             version: Mutex::new(None),
+            reload_tried: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             commit: None,
         })
     }
@@ -485,13 +491,17 @@ impl Discovery {
         let mut published = self.served();
         // A part of a later day than this node serves: the client saw it on another
         // node, which loaded it first (no later than tomorrow: a made-up day costs
-        // the database nothing).
+        // nothing, and a reload is tried at most once a second).
         let tomorrow = utc_day(self.clock.now()).saturating_add(1);
-        if self.shared.is_some() && day > published.day() && day <= tomorrow {
-            if let Err(e) = self.refresh() {
-                warn!(error = %e, "the shared discovery filter could not be reloaded");
+        if self.shared.is_some() && day > published.day() && day <= tomorrow && self.may_reload() {
+            // A connection's task never waits for another reload, nor for the
+            // publisher's: it serves what is loaded.
+            if let Ok(mut version) = self.version.try_lock() {
+                if let Err(e) = self.reload(&mut version) {
+                    debug!(error = %e, "the shared discovery filter could not be reloaded");
+                }
+                published = self.served();
             }
-            published = self.served();
         }
         published.part(since_day, day, part)
     }
@@ -503,12 +513,29 @@ impl Discovery {
             .clone()
     }
 
+    /// Whether a client's request may try a reload now: one a second, node-wide, so
+    /// requests naming a later day cost the database at most that.
+    fn may_reload(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.reload_tried.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= 1_000)
+            && self
+                .reload_tried
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
     /// Serves the newest shared publication if it is not the one served now.
     fn refresh(&self) -> Result<()> {
+        let mut version = self.version.lock().unwrap_or_else(|e| e.into_inner());
+        self.reload(&mut version)
+    }
+
+    fn reload(&self, version: &mut Option<Version>) -> Result<()> {
         let Some(store) = &self.shared else {
             return Ok(());
         };
-        let mut version = self.version.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((v, p)) = shared::load_if_newer(store.as_ref(), *version)? {
             info!(
                 day = v.day,

@@ -476,7 +476,9 @@ impl BlobStore {
         // Bytes under the blob's name were verified before they got there: an
         // earlier finish stored them and failed before its record (this is the
         // client's retry), or an expired blob's bytes await deletion.
-        let placed = self.files.blob_len(id)? == Some(meta.size);
+        // Only for an upload whose bytes all arrived: finishing proves possession.
+        let complete = self.files.upload_len(account, id)? == meta.size;
+        let mut placed = complete && self.files.blob_len(id)? == Some(meta.size);
         if !placed {
             let digest = self.files.complete_upload(account, id, meta.size)?;
             if digest != *id {
@@ -495,6 +497,17 @@ impl BlobStore {
             }
         };
         let _commit = lock(&self.commit);
+        if placed && self.files.blob_len(id)? != Some(meta.size) {
+            // An expired blob's bytes, swept since they were seen: the upload's own
+            // bytes (kept until the record) are verified and placed after all.
+            let digest = self.files.complete_upload(account, id, meta.size)?;
+            if digest != *id {
+                self.index.remove_upload(account, id)?;
+                self.files.remove_upload(account, id)?;
+                return Err(BlobError::DigestMismatch);
+            }
+            placed = false;
+        }
         let now = self.clock.now();
         if let Some(existing) = self.status(id)? {
             // Someone else completed the same blob meanwhile: keep theirs.

@@ -612,3 +612,30 @@ fn blob_bytes_are_a_relay_wide_budget_and_the_reserve_stops_uploads_not_download
     f.store.sweep(100).expect("sweep");
     assert_eq!(f.budget.blob_bytes(), 0);
 }
+
+#[test]
+fn a_finish_without_the_bytes_never_takes_an_expired_blobs_bytes() {
+    // An expired blob's bytes wait for the sweep under its name. A device that
+    // announces the same content and finishes without sending it has not shown it
+    // holds the content: no record, no charge.
+    let limits = BlobLimits {
+        ttl: Duration::from_secs(3600),
+        ..BlobLimits::default()
+    };
+    let f = fixture(Arc::new(MemoryStore::new()), limits);
+    let bytes = pattern(50_000);
+    let id = id_of(&bytes);
+    upload(&f.store, &ALICE, &bytes).expect("upload");
+    f.clock.advance(Duration::from_secs(3601));
+    assert!(f.store.status(&id).expect("status").is_none(), "expired");
+    let Begin::Upload { offset, running } = f.store.begin(&BOB, &id, 50_000).expect("begin") else {
+        panic!("an expired blob is uploaded again");
+    };
+    assert_eq!(offset, 0);
+    assert!(f.store.finish(&BOB, &id).is_err(), "nothing was sent");
+    assert!(f.store.status(&id).expect("status").is_none());
+    // With the bytes sent, the same finish succeeds.
+    f.store.append(&BOB, &id, 0, &bytes).expect("append");
+    assert_eq!(f.store.finish(&BOB, &id).expect("finish").size, 50_000);
+    drop(running);
+}

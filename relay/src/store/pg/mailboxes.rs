@@ -51,6 +51,13 @@ const PURGE_REST: &str = "WITH d AS (DELETE FROM messages WHERE account = $1 AND
      RETURNING octet_length(payload) AS n) \
      SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
 
+/// How long a failed usage prefetch answers for the read under the device lock.
+const PREFETCH_FAILURE_HOLDS: Duration = Duration::from_millis(100);
+
+fn lock_or_inner<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Mailboxes whose usage the cache keeps; past it, the cache starts afresh.
 const USAGE_CACHE_MAX: usize = 100_000;
 
@@ -164,6 +171,9 @@ impl TotalsCache {
 #[derive(Default)]
 pub(super) struct UsageCache {
     entries: Mutex<std::collections::HashMap<DeviceAddress, (Instant, Usage)>>,
+    /// When a prefetch last failed, and why: the read under the device lock that
+    /// follows fails at once instead of waiting out a second deadline.
+    failed: Mutex<Option<(Instant, String)>>,
 }
 
 impl UsageCache {
@@ -284,6 +294,16 @@ impl PgBackend {
                 m.stats.rows.load(Ordering::Relaxed),
             )
         })
+    }
+
+    /// Waits for the writer's answer. The writer answers every item within about
+    /// three deadlines (in its queue, taking the locks, finishing), so waiting as long
+    /// means a caller never hears "failed" for a write that then commits.
+    fn wait_for_writer<T: Send>(&self, staged: Staged<T>) -> StoreResult<T> {
+        self.run_within(
+            self.deadline.saturating_mul(3) + Duration::from_secs(1),
+            staged.wait(),
+        )
     }
 
     /// Reads the totals from the database into the cache.
@@ -438,7 +458,7 @@ impl MailboxStore for PgBackend {
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
         let staged = self.stage_append(to, msgs, accepted_at, expires_at)?;
-        self.run(staged.wait())
+        self.wait_for_writer(staged)
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -485,7 +505,7 @@ impl MailboxStore for PgBackend {
 
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         let staged = self.stage_remove(of, seqs)?;
-        self.run(staged.wait())
+        self.wait_for_writer(staged)
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
@@ -504,10 +524,15 @@ impl MailboxStore for PgBackend {
     }
 
     fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {
-        let cached = self.mail()?.usage.fresh(of);
-        let usage = match cached {
+        let cache = &self.mail()?.usage;
+        let usage = match cache.fresh(of) {
             Some(u) => u,
             None => {
+                if let Some((at, why)) = lock_or_inner(&cache.failed).as_ref() {
+                    if at.elapsed() < PREFETCH_FAILURE_HOLDS {
+                        return Err(StoreError::Unavailable(why.clone()));
+                    }
+                }
                 let u = self.usage(of)?;
                 self.mail()?.usage.set(*of, u);
                 u
@@ -521,8 +546,12 @@ impl MailboxStore for PgBackend {
             return;
         };
         if mail.usage.fresh(of).is_none() {
-            if let Ok(u) = self.usage(of) {
-                mail.usage.set(*of, u);
+            match self.usage(of) {
+                Ok(u) => mail.usage.set(*of, u),
+                Err(e) => {
+                    *lock_or_inner(&mail.usage.failed) = Some((Instant::now(), e.to_string()));
+                    return;
+                }
             }
         }
         // Refreshed here when stale (a failure is logged there).
@@ -589,7 +618,7 @@ impl MailboxStore for PgBackend {
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         // What was staged before the purge commits first, so the purge deletes it too.
         let barrier = self.queue_remove(of, &[])?;
-        self.run(Staged::Pending(barrier).wait())?;
+        self.wait_for_writer(Staged::Pending(barrier))?;
         // Account deletion, a page per transaction so that each statement stays
         // within the statement timeout however full the mailbox is. Every page locks
         // the head first, so a batch that passed the deletion check has committed.

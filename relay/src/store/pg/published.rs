@@ -10,6 +10,7 @@ use tokio_postgres::IsolationLevel;
 
 use super::discovery::{body, Failed};
 use super::lease::NOW_MS;
+use super::rows::col;
 use super::PgBackend;
 use crate::discovery::shared::{
     ArtefactKind, NewPublication, SharedPublication, StoredPublication, Version, PUBLISH_LEASE,
@@ -64,12 +65,12 @@ fn db_day(day: u32) -> StoreResult<i32> {
 }
 
 /// Appends a query's `data` column (chunks in `seq` order) into one artefact.
-fn joined(rows: &[tokio_postgres::Row], col: usize) -> Vec<u8> {
+fn joined(rows: &[tokio_postgres::Row], i: usize) -> StoreResult<Vec<u8>> {
     let mut out = Vec::new();
     for r in rows {
-        out.extend_from_slice(r.get::<_, &[u8]>(col));
+        out.extend_from_slice(col::<&[u8]>(r, i)?);
     }
-    out
+    Ok(out)
 }
 
 impl SharedPublication for PgBackend {
@@ -81,8 +82,8 @@ impl SharedPublication for PgBackend {
                 .await?;
             row.map(|r| {
                 Ok(Version {
-                    day: day_of(r.get(0))?,
-                    created_ms: r.get(1),
+                    day: day_of(col(&r, 0)?)?,
+                    created_ms: col(&r, 1)?,
                 })
             })
             .transpose()
@@ -105,7 +106,7 @@ impl SharedPublication for PgBackend {
             let Some(latest) = tx.query_opt(LATEST, &[]).await.map_err(db)? else {
                 return Ok(None);
             };
-            let (day, created_ms): (i32, i64) = (latest.get(0), latest.get(1));
+            let (day, created_ms): (i32, i64) = (col(&latest, 0)?, col(&latest, 1)?);
             let snapshot = tx
                 .query(
                     "SELECT data FROM discovery_published WHERE day = $1 AND kind = 1 \
@@ -125,7 +126,7 @@ impl SharedPublication for PgBackend {
             tx.commit().await.map_err(db)?;
             let mut deltas: Vec<(i32, Vec<u8>)> = Vec::new();
             for r in &rows {
-                let (d, data): (i32, &[u8]) = (r.get(0), r.get(1));
+                let (d, data): (i32, &[u8]) = (col(r, 0)?, col(r, 1)?);
                 match deltas.last_mut() {
                     Some((last, bytes)) if *last == d => bytes.extend_from_slice(data),
                     _ => deltas.push((d, data.to_vec())),
@@ -136,7 +137,7 @@ impl SharedPublication for PgBackend {
                     day: day_of(day)?,
                     created_ms,
                 },
-                snapshot: joined(&snapshot, 0),
+                snapshot: joined(&snapshot, 0)?,
                 deltas: deltas.into_iter().map(|(_, b)| b).collect(),
             }))
         })
@@ -155,7 +156,7 @@ impl SharedPublication for PgBackend {
             let Some(first) = rows.first() else {
                 return Ok(None);
             };
-            Ok(Some((day_of(first.get(0))?, joined(&rows, 1))))
+            Ok(Some((day_of(col(first, 0)?)?, joined(&rows, 1)?)))
         })
     }
 
@@ -199,7 +200,7 @@ impl SharedPublication for PgBackend {
                                 let Some(row) = row else {
                                     return Ok(false);
                                 };
-                                created = Some(row.get(0));
+                                created = Some(col::<i64>(&row, 0)?);
                             }
                             Some(at) => {
                                 tx.execute(
@@ -262,7 +263,7 @@ impl PgBackend {
             let rows = rows.clone();
             Box::pin(async move {
                 let mut copied = 0;
-                let now: i64 = tx.query_one(&format!("SELECT {NOW_MS}"), &[]).await?.get(0);
+                let now: i64 = col(&tx.query_one(&format!("SELECT {NOW_MS}"), &[]).await?, 0)?;
                 for (day, kind, bytes) in &rows {
                     // Never chunks of two artefacts under one key.
                     let there = tx
