@@ -452,8 +452,11 @@ impl Relay {
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         if let Some(pg) = &shared {
-            let notifier =
-                crate::cluster::notify::PgNotifier::start(pg.clone(), shutdown.subscribe());
+            let notifier = crate::cluster::notify::start(
+                pg.clone(),
+                config.postgres.notify,
+                shutdown.subscribe(),
+            );
             services
                 .mailboxes
                 .join_cluster(crate::cluster::Cluster::start(

@@ -69,6 +69,20 @@ impl Notifier for NoHints {
     }
 }
 
+/// The notifier `[postgres] notify` asks for: [`PgNotifier`] when true, else
+/// [`NoHints`] (no LISTEN connection, no NOTIFY: the re-check finds every change).
+pub fn start(
+    pg: Arc<PgBackend>,
+    notify: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Arc<dyn Notifier> {
+    if notify {
+        PgNotifier::start(pg, stop)
+    } else {
+        Arc::new(NoHints)
+    }
+}
+
 /// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a pooled
 /// connection outside any transaction, after the change it announces committed:
 /// inside the transaction it would hold PostgreSQL's notification lock through the
