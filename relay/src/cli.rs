@@ -143,8 +143,7 @@ pub fn main() -> ExitCode {
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log)
-                .map_err(|e| format!("--log {}: {e}", args.log))?,
+            crate::logging::filter(&args.log).map_err(|e| format!("--log {}: {e}", args.log))?,
         )
         .with_writer(std::io::stderr)
         // Dependencies' lines may name peers: every line is redacted (P9).

@@ -87,7 +87,8 @@
 //! secret_key_env = "TERN_S3_SECRET_KEY"  # the keys (never the keys themselves)
 //! allow_http = false            # http:// endpoints only with this
 //! part_mb = 8                   # upload part size, at least 5; one buffered per upload
-//! timeout = "30s"               # deadline of each call; past it: UNAVAILABLE
+//! buffer_mb = 256               # upload buffers per node, in parts; past it: UNAVAILABLE
+//! timeout = "30s"               # deadline of each request (+1 s per 16 MiB copied)
 //!
 //! [discovery]                   # contact discovery; see ARCHITECTURE.md "Discovery"
 //! enabled = true

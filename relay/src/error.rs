@@ -132,6 +132,7 @@ impl Error {
                     }
                     B::QuotaExceeded => ErrorCode::QuotaExceeded,
                     B::StorageFull { .. }
+                    | B::Busy { .. }
                     | B::Unavailable(_)
                     | B::Store(StoreError::NoSpace | StoreError::Unavailable(_)) => {
                         ErrorCode::Unavailable
@@ -160,7 +161,10 @@ impl Error {
             | Error::Blob(crate::media::BlobError::Unavailable(_)) => {
                 crate::core::budget::RETRY_AFTER_MS
             }
-            Error::Blob(crate::media::BlobError::StorageFull { retry_after_ms }) => *retry_after_ms,
+            Error::Blob(
+                crate::media::BlobError::StorageFull { retry_after_ms }
+                | crate::media::BlobError::Busy { retry_after_ms },
+            ) => *retry_after_ms,
             Error::Store(StoreError::Unavailable(_))
             | Error::Blob(crate::media::BlobError::Store(StoreError::Unavailable(_))) => {
                 UNAVAILABLE_RETRY_MS

@@ -17,6 +17,20 @@ use tracing_subscriber::registry::LookupSpan;
 /// What an address is replaced with.
 pub const REDACTED: &str = "<addr>";
 
+/// The log filter for `spec` (`--log`, `TERN_LOG`): as given, with the database
+/// pool's per-connection warnings (target `deadpool.postgres`, one per pooled
+/// connection an outage breaks) at error only, unless `spec` names that target;
+/// the store warns once per outage instead.
+pub fn filter(
+    spec: &str,
+) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    let f = tracing_subscriber::EnvFilter::try_new(spec)?;
+    if spec.contains("deadpool") {
+        return Ok(f);
+    }
+    Ok(f.add_directive("deadpool.postgres=error".parse()?))
+}
+
 /// An event formatter that formats with `F`, then redacts addresses.
 #[derive(Debug, Clone, Default)]
 pub struct Redacting<F>(pub F);

@@ -309,7 +309,16 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// This node's part among nodes sharing a database, if it is one.
+    cluster: Option<(
+        Arc<crate::cluster::Cluster>,
+        Option<Arc<crate::cluster::notify::PgNotifier>>,
+    )>,
 }
+
+/// How long a stop waits for the cluster tasks and the withdrawal of this node's
+/// claims and leases.
+const LEAVE_WITHIN: Duration = Duration::from_secs(2);
 
 impl Relay {
     /// Starts a relay on its stores in `config.data_dir`: the sled database in `db/`
@@ -451,21 +460,26 @@ impl Relay {
             verification: verification.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut cluster = None;
         if let Some(pg) = &shared {
-            let notifier = crate::cluster::notify::start(
+            // `[postgres] notify = false`: no LISTEN/NOTIFY (an engine without them);
+            // the re-check finds every change.
+            let notifier = config.postgres.notify.then(|| {
+                crate::cluster::notify::PgNotifier::start(pg.clone(), shutdown.subscribe())
+            });
+            let hints: Arc<dyn crate::cluster::notify::Notifier> = match &notifier {
+                Some(n) => n.clone(),
+                None => Arc::new(crate::cluster::notify::NoHints),
+            };
+            let joined = crate::cluster::Cluster::start(
                 pg.clone(),
-                config.postgres.notify,
+                services.mailboxes.active(),
+                hints,
+                config.postgres.recheck_interval,
                 shutdown.subscribe(),
             );
-            services
-                .mailboxes
-                .join_cluster(crate::cluster::Cluster::start(
-                    pg.clone(),
-                    services.mailboxes.active(),
-                    notifier,
-                    config.postgres.recheck_interval,
-                    shutdown.subscribe(),
-                ));
+            services.mailboxes.join_cluster(joined.clone());
+            cluster = Some((joined, notifier));
             info!(
                 node = pg.node_id(),
                 "joined the relay's other nodes on PostgreSQL"
@@ -524,6 +538,7 @@ impl Relay {
             endpoint,
             shutdown,
             tasks: vec![accept, sweeper, disk, publisher, verifications],
+            cluster,
         })
     }
 
@@ -564,6 +579,8 @@ impl Relay {
 
     /// Stops accepting, lets open connections finish the requests they are handling,
     /// scrubs acknowledged messages from disk, flushes the stores and closes the endpoint.
+    /// A node sharing a database then awaits its cluster tasks and gives up its
+    /// claims, heartbeat and leases (within 2 s).
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.shutdown.send(true);
         for t in self.tasks {
@@ -573,6 +590,12 @@ impl Relay {
             .close(tern_proto::close::SHUTTING_DOWN.into(), b"shutting down");
         let flushed = self.services.mailboxes.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        if let Some((cluster, notifier)) = self.cluster {
+            if let Some(notifier) = notifier {
+                notifier.stopped(LEAVE_WITHIN).await;
+            }
+            cluster.leave(LEAVE_WITHIN).await;
+        }
         flushed
     }
 }

@@ -248,4 +248,62 @@ async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_i
     assert_eq!(queued, 2);
     let got: Vec<u32> = bob.drain().await.iter().map(number).collect();
     assert_eq!(got, vec![1, next]);
+    // The outage was logged once (or once more if a broken pooled connection failed
+    // a call after the restart), not per connection or per call.
+    let log = std::fs::read_to_string(&a.log).expect("log");
+    assert!(!log.contains("deadpool"), "{log}");
+    assert!(
+        (1..=2).contains(&log.matches("PostgreSQL unreachable").count()),
+        "{log}"
+    );
+}
+
+impl Nodes {
+    /// One number from the database.
+    async fn count(&self, sql: &str) -> i64 {
+        let (client, conn) =
+            tokio_postgres::connect(&self.pg.conn_str("tern"), tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+        tokio::spawn(conn);
+        client.query_one(sql, &[]).await.expect("query").get(0)
+    }
+
+    /// Waits (a step at most) until `sql` counts at least one row.
+    async fn until_some(&self, sql: &str) {
+        let deadline = Instant::now() + STEP;
+        while self.count(sql).await == 0 {
+            assert!(Instant::now() < deadline, "never: {sql}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stopped_node_leaves_no_claim_lease_or_heartbeat_behind() {
+    let nodes = Nodes::new();
+    let extra = "node_id = \"node-a\"\n[expiry]\nsweep_interval = \"200ms\"";
+    let mut a = nodes.start("a", extra, None);
+    // Connected while the node stops.
+    let _bob = register(&a.address).await;
+    nodes
+        .until_some("SELECT count(*) FROM device_sessions WHERE node = 'node-a'")
+        .await;
+    nodes
+        .until_some("SELECT count(*) FROM leases WHERE holder = 'node-a'")
+        .await;
+    nodes
+        .until_some("SELECT count(*) FROM nodes WHERE node = 'node-a'")
+        .await;
+    // SIGTERM: the node ends its cluster tasks and gives up all it held, so a node
+    // started at once (under the same name or another) takes over without waiting
+    // for anything to lapse.
+    a.stop().expect("stop a");
+    for sql in [
+        "SELECT count(*) FROM device_sessions WHERE node = 'node-a'",
+        "SELECT count(*) FROM leases WHERE holder = 'node-a'",
+        "SELECT count(*) FROM nodes WHERE node = 'node-a'",
+    ] {
+        assert_eq!(nodes.count(sql).await, 0, "{sql}");
+    }
 }

@@ -45,7 +45,8 @@ pub(super) fn copy(
                 "a blob file's bytes do not match its id",
             )));
         }
-        s3.keep_upload(&MIGRATION, id)?;
+        s3.keep_upload(&MIGRATION, id, meta.size)?;
+        s3.remove_upload(&MIGRATION, id)?;
         copied += 1;
     }
     Ok((copied, present))

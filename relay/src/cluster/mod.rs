@@ -12,6 +12,10 @@
 //!   A lost hint delays a delivery by at most the interval; it never loses one.
 //! - Heartbeat: each node writes `nodes.heartbeat_ms` every few seconds; claims of a
 //!   node silent for a minute are swept by whichever node holds the sweep lease.
+//! - Leaving: on a clean stop the node waits (bounded) for these tasks to end, then
+//!   deletes its claims, its heartbeat and the leases it holds (`Cluster::leave`),
+//!   so a node started at once neither waits for them to lapse nor is displaced by
+//!   them.
 
 pub mod notify;
 
@@ -48,6 +52,30 @@ pub struct Cluster {
     /// displaced by another node's claim: one not yet committed would read the
     /// older connection's row and close itself.
     claimed: std::sync::Mutex<HashMap<DeviceAddress, u64>>,
+    /// The re-check and heartbeat tasks.
+    tasks: Tasks,
+}
+
+/// Background tasks that end when their stop signal turns true; awaited on a clean
+/// stop.
+#[derive(Debug, Default)]
+pub(crate) struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
+
+impl Tasks {
+    /// Keeps `task` (if it was spawned) to await it later.
+    pub(crate) fn add(&self, task: Option<tokio::task::JoinHandle<()>>) {
+        if let Some(t) = task {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        }
+    }
+
+    /// Awaits every task, at most `within` in all; false if some did not end.
+    pub(crate) async fn join(&self, within: Duration) -> bool {
+        let tasks = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        tokio::time::timeout(within, futures::future::join_all(tasks))
+            .await
+            .is_ok()
+    }
 }
 
 impl std::fmt::Debug for Cluster {
@@ -73,14 +101,53 @@ impl Cluster {
             active,
             notifier: notifier.clone(),
             claimed: std::sync::Mutex::new(HashMap::new()),
+            tasks: Tasks::default(),
         });
-        pg.spawn(
-            cluster
-                .clone()
-                .follow(notifier.events(), recheck, stop.clone()),
+        cluster.tasks.add(
+            pg.spawn(
+                cluster
+                    .clone()
+                    .follow(notifier.events(), recheck, stop.clone()),
+            ),
         );
-        pg.spawn(cluster.clone().heartbeat(stop));
+        cluster.tasks.add(pg.spawn(cluster.clone().heartbeat(stop)));
         cluster
+    }
+
+    /// A clean stop, after the stop signal and once connections closed: awaits the
+    /// re-check and heartbeat tasks, then deletes this node's claims, its heartbeat
+    /// row and the leases it holds; `within` bounds it all (a database that is gone
+    /// leaves them to lapse, as after a crash).
+    pub(crate) async fn leave(&self, within: Duration) {
+        let started = tokio::time::Instant::now();
+        if !self.tasks.join(within).await {
+            debug!("cluster tasks still running at shutdown");
+        }
+        let pg = self.pg.clone();
+        let left = within.saturating_sub(started.elapsed());
+        let withdrawn = tokio::time::timeout(
+            left,
+            self.on_db(async move {
+                let client = pg.client().await?;
+                for sql in [
+                    "DELETE FROM device_sessions WHERE node = $1",
+                    "DELETE FROM leases WHERE holder = $1",
+                    "DELETE FROM nodes WHERE node = $1",
+                ] {
+                    client
+                        .execute(sql, &[&pg.node_id()])
+                        .await
+                        .map_err(|e| pg.classify(&e))?;
+                }
+                Ok(())
+            }),
+        )
+        .await;
+        match withdrawn {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "withdrawing this node's claims failed"),
+            Err(_) => debug!("withdrawing this node's claims timed out"),
+        }
     }
 
     /// Tells the other nodes that `to` has new mail (call after the commit).
@@ -277,7 +344,8 @@ impl Cluster {
         let mut tick = tokio::time::interval(HEARTBEAT);
         loop {
             tokio::select! {
-                _ = stop.changed() => break,
+                // What it held is withdrawn by `leave`, after the connections.
+                _ = stop.changed() => return,
                 _ = tick.tick() => {
                     if let Err(e) = self.beat().await {
                         debug!(error = %e, "node heartbeat failed");
@@ -285,23 +353,6 @@ impl Cluster {
                 }
             }
         }
-        // A clean stop withdraws this node's claims at once.
-        let pg = self.pg.clone();
-        let _ = self
-            .on_db(async move {
-                let client = pg.client().await?;
-                for sql in [
-                    "DELETE FROM device_sessions WHERE node = $1",
-                    "DELETE FROM nodes WHERE node = $1",
-                ] {
-                    client
-                        .execute(sql, &[&pg.node_id()])
-                        .await
-                        .map_err(|e| pg.classify(&e))?;
-                }
-                Ok(())
-            })
-            .await;
     }
 
     async fn beat(&self) -> StoreResult<()> {

@@ -69,20 +69,6 @@ impl Notifier for NoHints {
     }
 }
 
-/// The notifier `[postgres] notify` asks for: [`PgNotifier`] when true, else
-/// [`NoHints`] (no LISTEN connection, no NOTIFY: the re-check finds every change).
-pub fn start(
-    pg: Arc<PgBackend>,
-    notify: bool,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> Arc<dyn Notifier> {
-    if notify {
-        PgNotifier::start(pg, stop)
-    } else {
-        Arc::new(NoHints)
-    }
-}
-
 /// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a pooled
 /// connection outside any transaction, after the change it announces committed:
 /// inside the transaction it would hold PostgreSQL's notification lock through the
@@ -91,6 +77,8 @@ pub struct PgNotifier {
     publish: mpsc::Sender<Hint>,
     origin: u32,
     events: std::sync::Mutex<Option<mpsc::Receiver<Event>>>,
+    /// The publisher and the listener.
+    tasks: super::Tasks,
 }
 
 impl PgNotifier {
@@ -100,13 +88,21 @@ impl PgNotifier {
         let (publish, hints) = mpsc::channel(QUEUE);
         let (events_tx, events) = mpsc::channel(1024);
         let origin = rand::random::<u32>();
-        pg.spawn(publisher(pg.clone(), origin, hints, stop.clone()));
-        pg.spawn(listener(pg.clone(), origin, events_tx, stop));
+        let tasks = super::Tasks::default();
+        tasks.add(pg.spawn(publisher(pg.clone(), origin, hints, stop.clone())));
+        tasks.add(pg.spawn(listener(pg.clone(), origin, events_tx, stop)));
         Arc::new(PgNotifier {
             publish,
             origin,
             events: std::sync::Mutex::new(Some(events)),
+            tasks,
         })
+    }
+
+    /// Awaits the publisher and the listener (with its LISTEN connection) after the
+    /// stop signal, at most `within`; false if they did not end.
+    pub(crate) async fn stopped(&self, within: Duration) -> bool {
+        self.tasks.join(within).await
     }
 }
 

@@ -13,6 +13,8 @@ use crate::media::S3Settings;
 const MIN_PART_MB: u64 = 5;
 /// The largest part taken here, MiB (one is buffered per running upload).
 const MAX_PART_MB: u64 = 256;
+/// The largest node-wide upload buffer taken here, MiB (64 GiB).
+const MAX_BUFFER_MB: u64 = 65_536;
 
 /// Where blob bytes live.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -32,7 +34,13 @@ pub struct ObjectsConfig {
     pub allow_http: bool,
     /// Upload bytes sent as one part, MiB (at least 5, S3's minimum).
     pub part_mb: u64,
-    /// The deadline of each call to the object store.
+    /// Upload bytes one node buffers at most over all uploads, MiB, in parts of
+    /// `part_mb` (at least one part). An upload that would need more is refused with
+    /// UNAVAILABLE and retry advice.
+    pub buffer_mb: u64,
+    /// The deadline of each request to the object store: a part, a chunk of a read,
+    /// a manifest. A completion or server-side copy gets one second more per 16 MiB
+    /// of the blob.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -47,6 +55,7 @@ impl Default for ObjectsConfig {
             secret_key_env: "TERN_S3_SECRET_KEY".into(),
             allow_http: false,
             part_mb: 8,
+            buffer_mb: 256,
             timeout: Duration::from_secs(30),
         }
     }
@@ -72,6 +81,9 @@ impl ObjectsConfig {
         self.bucket()?;
         if !(MIN_PART_MB..=MAX_PART_MB).contains(&self.part_mb) {
             return bad("objects.part_mb must be from 5 to 256");
+        }
+        if !(self.part_mb..=MAX_BUFFER_MB).contains(&self.buffer_mb) {
+            return bad("objects.buffer_mb must be at least objects.part_mb and at most 65536");
         }
         if self.timeout < Duration::from_millis(100) {
             return bad("objects.timeout must be at least 100ms");
@@ -116,6 +128,7 @@ impl ObjectsConfig {
             allow_http: self.allow_http,
             part_bytes: usize::try_from(self.part_mb << 20)
                 .map_err(|_| Error::Config("objects.part_mb is too large".into()))?,
+            buffer_bytes: self.buffer_mb << 20,
             timeout: self.timeout,
         }))
     }
@@ -141,6 +154,11 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(ok.bucket().expect("bucket"), Some("tern"));
+        assert_eq!(parse("").expect("default").buffer_mb, 256);
+        assert!(
+            parse("part_mb = 64\nbuffer_mb = 32").is_err(),
+            "below one part"
+        );
         for bad in [
             "url = \"https://tern\"",
             "url = \"s3://\"",
@@ -150,6 +168,8 @@ mod tests {
             "endpoint = \"http://127.0.0.1:9000\"",
             "endpoint = \"ftp://x\"",
             "timeout = \"0s\"",
+            "buffer_mb = 4",
+            "buffer_mb = 1000000",
             "secret_key_env = \"\"",
             "secret_key = \"inline\"",
         ] {

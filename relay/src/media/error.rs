@@ -66,6 +66,13 @@ pub enum BlobError {
         /// When to retry, ms.
         retry_after_ms: u64,
     },
+    /// The relay's upload buffers are all taken (`[objects] buffer_mb`): nothing was
+    /// written; retry after the given time.
+    #[error("relay busy: retry later")]
+    Busy {
+        /// When to retry, ms.
+        retry_after_ms: u64,
+    },
     /// The uploading account was deleted (its connection is being closed).
     #[error("not authenticated")]
     AccountGone,

@@ -79,6 +79,8 @@ mod tests;
 #[cfg(test)]
 mod tests_cluster;
 #[cfg(test)]
+mod tests_deadline;
+#[cfg(test)]
 mod tests_s3;
 
 pub(crate) use bytes::BlobReader;
@@ -197,7 +199,16 @@ pub struct BlobStore {
     /// Deleted accounts: set by the deletion service, whose removals no upload
     /// writes after (see [`crate::deletion::Tombstones::live`]).
     tombstones: std::sync::OnceLock<Arc<crate::deletion::Tombstones>>,
+    /// How long a finish's object may await its record before a sweep may delete
+    /// it (see [`ORPHAN_GRACE`]).
+    orphan_grace: Duration,
 }
+
+/// A finish queues its object for deletion this far ahead before storing it (see
+/// `BlobIndex::queue_object_gc`): far beyond the few deadlines a finish takes, so
+/// only an object whose record failed is ever collected; a client's retry within
+/// it reuses the object.
+pub(crate) const ORPHAN_GRACE: Duration = Duration::from_secs(3600);
 
 impl std::fmt::Debug for BlobStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,7 +265,16 @@ impl BlobStore {
             direct: AtomicU64::new(0),
             counted_by_index: local.is_none(),
             tombstones: std::sync::OnceLock::new(),
+            orphan_grace: ORPHAN_GRACE,
         })
+    }
+
+    /// Queues a finish's object for deletion `grace` ahead instead of
+    /// [`ORPHAN_GRACE`] (for tests).
+    #[cfg(test)]
+    pub(crate) fn with_orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
     }
 
     /// Refuses every upload step of the accounts in `tombstones` from now on.
@@ -441,8 +461,11 @@ impl BlobStore {
     }
 
     /// Ends `device`'s upload: its bytes must all be there and hash to `id`. Then they
-    /// are fsynced, renamed into place, and recorded, and the account charged (see the
-    /// module docs). A mismatch deletes the upload.
+    /// are fsynced, renamed (or copied) into place, and recorded, and the account
+    /// charged (see the module docs). A mismatch deletes the upload. Idempotent: a
+    /// finish retried after a failure between storing the bytes and recording them
+    /// records the bytes in place; an object whose record never comes is deleted by
+    /// a sweep once [`ORPHAN_GRACE`] has passed (shared indexes).
     pub(crate) fn finish(&self, device: &AuthenticatedDevice, id: &BlobId) -> BlobResult<BlobMeta> {
         let account = &device.address().account;
         // The barrier is not held across the hash and the fsync (long for a big
@@ -450,11 +473,17 @@ impl BlobStore {
         // account in its stripe. It is taken again for the rename and the records.
         drop(self.live(account)?);
         let meta = self.index.upload(account, id)?.ok_or(BlobError::NoUpload)?;
-        let digest = self.files.complete_upload(account, id, meta.size)?;
-        if digest != *id {
-            self.index.remove_upload(account, id)?;
-            self.files.remove_upload(account, id)?;
-            return Err(BlobError::DigestMismatch);
+        // Bytes under the blob's name were verified before they got there: an
+        // earlier finish stored them and failed before its record (this is the
+        // client's retry), or an expired blob's bytes await deletion.
+        let placed = self.files.blob_len(id)? == Some(meta.size);
+        if !placed {
+            let digest = self.files.complete_upload(account, id, meta.size)?;
+            if digest != *id {
+                self.index.remove_upload(account, id)?;
+                self.files.remove_upload(account, id)?;
+                return Err(BlobError::DigestMismatch);
+            }
         }
         let _live = match self.live(account) {
             Ok(live) => live,
@@ -476,7 +505,11 @@ impl BlobStore {
                 .touch_blob(id, now, self.expires_from(now))?
                 .unwrap_or(existing));
         }
-        self.files.keep_upload(account, id)?;
+        // Collected after the grace unless the record below ends the entry first.
+        self.index.queue_object_gc(id, self.orphan_grace)?;
+        if !placed {
+            self.files.keep_upload(account, id, meta.size)?;
+        }
         let blob = BlobMeta {
             size: meta.size,
             created_at: now,
@@ -488,6 +521,11 @@ impl BlobStore {
         // Durable before the uploader is told, so a pointer it sends never names a
         // blob the relay forgets in a crash.
         self.index.flush_blobs()?;
+        // Recorded: the upload's bytes can go (the sweeper takes them with the
+        // abandoned upload if this fails).
+        if let Err(e) = self.files.remove_upload(account, id) {
+            tracing::debug!(error = %e, "an upload's staged bytes stay for the sweeper");
+        }
         Ok(blob)
     }
 

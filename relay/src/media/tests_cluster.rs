@@ -11,6 +11,7 @@ use super::tests::{id_of, pattern, read_all, upload, ALICE, BOB};
 use super::*;
 use crate::store::pg::testdb;
 use crate::store::pg::PgBackend;
+use crate::store::StoreError;
 use crate::testing::{TestPostgres, TestS3};
 
 const PART: usize = 5 << 20;
@@ -22,7 +23,7 @@ fn settings(s3: &TestS3) -> S3Settings {
 
 /// One database, one bucket, and the clock every node reads.
 struct Cluster {
-    _pg: TestPostgres,
+    pg: Arc<TestPostgres>,
     opts: crate::store::pg::PgOptions,
     s3: TestS3,
     clock: Arc<ManualClock>,
@@ -38,7 +39,7 @@ impl Cluster {
     fn new() -> Cluster {
         let (pg, opts) = testdb::db();
         Cluster {
-            _pg: pg,
+            pg: Arc::new(pg),
             opts,
             s3: TestS3::start(),
             clock: Arc::new(ManualClock::new(1_800_000_000_000)),
@@ -46,15 +47,20 @@ impl Cluster {
     }
 
     fn node(&self, name: &str) -> Node {
+        let bytes = S3Bytes::open(&settings(&self.s3)).expect("client");
+        self.node_on(name, Arc::new(bytes))
+    }
+
+    /// A node whose bytes go through `bytes`.
+    fn node_on(&self, name: &str, bytes: Arc<dyn BlobBytes>) -> Node {
         let index = Arc::new(testdb::node(&self.opts, name));
         let budget = Arc::new(Budget::default());
-        let bytes = S3Bytes::open(&settings(&self.s3)).expect("client");
         let limits = BlobLimits {
             ttl: TTL,
             ..BlobLimits::default()
         };
         let store = BlobStore::with_bytes(
-            Arc::new(bytes),
+            bytes,
             index.clone(),
             self.clock.clone(),
             limits,
@@ -176,4 +182,141 @@ fn a_forward_on_another_node_after_the_sweep_listed_a_blob_keeps_it() {
     assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
     assert!(b.store.status(&id).expect("status").is_some());
     assert_eq!(c.objects("blobs/").len(), 1);
+}
+
+/// Object-store bytes whose first `keep_upload` kills the database once the object is
+/// in place: the blob's record then fails to commit, as when the database dies
+/// between the copy and the record.
+struct KillAfterCopy {
+    inner: S3Bytes,
+    pg: Arc<TestPostgres>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl BlobBytes for KillAfterCopy {
+    fn stored_bytes(&self) -> BlobResult<Option<u64>> {
+        self.inner.stored_bytes()
+    }
+    fn blob_len(&self, id: &BlobId) -> BlobResult<Option<u64>> {
+        self.inner.blob_len(id)
+    }
+    fn upload_len(&self, account: &AccountId, id: &BlobId) -> BlobResult<u64> {
+        self.inner.upload_len(account, id)
+    }
+    fn discard_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        self.inner.discard_upload(account, id)
+    }
+    fn open_upload<'a>(
+        &'a self,
+        account: &AccountId,
+        id: &BlobId,
+    ) -> BlobResult<Box<dyn bytes::OpenUpload + 'a>> {
+        self.inner.open_upload(account, id)
+    }
+    fn complete_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<[u8; 32]> {
+        self.inner.complete_upload(account, id, size)
+    }
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()> {
+        self.inner.keep_upload(account, id, size)?;
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.pg.kill();
+        }
+        Ok(())
+    }
+    fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+        self.inner.remove_upload(account, id)
+    }
+    fn remove_blob(&self, id: &BlobId) -> BlobResult<()> {
+        self.inner.remove_blob(id)
+    }
+    fn open_read(
+        &self,
+        id: &BlobId,
+        offset: u64,
+        size: u64,
+        chunk: usize,
+    ) -> BlobResult<BlobReader> {
+        self.inner.open_read(id, offset, size, chunk)
+    }
+}
+
+impl Cluster {
+    /// A node whose first finish loses the database after copying the object.
+    fn node_killing_after_copy(&self, name: &str) -> Node {
+        let bytes = KillAfterCopy {
+            inner: S3Bytes::open(&settings(&self.s3)).expect("client"),
+            pg: self.pg.clone(),
+            armed: true.into(),
+        };
+        self.node_on(name, Arc::new(bytes))
+    }
+}
+
+/// Uploads `bytes` and finishes, returning the finish's answer.
+fn upload_and_finish(store: &BlobStore, bytes: &[u8]) -> BlobResult<BlobMeta> {
+    let id = id_of(bytes);
+    let Begin::Upload { offset: 0, running } =
+        store.begin(&ALICE, &id, bytes.len() as u64).expect("begin")
+    else {
+        panic!("a fresh upload")
+    };
+    store.append(&ALICE, &id, 0, bytes).expect("append");
+    let answer = store.finish(&ALICE, &id);
+    drop(running);
+    answer
+}
+
+#[test]
+fn a_finish_retried_after_the_database_failed_between_copy_and_record_succeeds() {
+    let c = Cluster::new();
+    let a = c.node_killing_after_copy("a");
+    let bytes = pattern(PART + 777);
+    let id = id_of(&bytes);
+    let failed = upload_and_finish(&a.store, &bytes);
+    assert!(
+        matches!(failed, Err(BlobError::Store(StoreError::Unavailable(_)))),
+        "{failed:?}"
+    );
+    c.pg.restart();
+    assert_eq!(c.objects("blobs/").len(), 1, "the object was copied");
+    // A sweep before the retry leaves the object to it.
+    assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
+    // The client's retry: the same finish, on this node or another.
+    let b = c.node("b");
+    let meta = b.store.finish(&ALICE, &id).expect("the retry succeeds");
+    assert_eq!(meta.size, bytes.len() as u64);
+    let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read");
+    assert!(read_all(&mut r) == bytes);
+    assert!(c.objects("uploads/").is_empty(), "{:?}", c.s3.files());
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+    assert_eq!(b.store.sweep(100).expect("sweep"), Swept::default());
+    assert_eq!(c.objects("blobs/").len(), 1);
+    assert_eq!(
+        b.index
+            .upload(&ALICE.address().account, &id)
+            .expect("upload"),
+        None
+    );
+}
+
+#[test]
+fn an_object_whose_record_failed_and_was_never_retried_is_collected() {
+    let c = Cluster::new();
+    let mut a = c.node_killing_after_copy("a");
+    a.store = a.store.with_orphan_grace(Duration::ZERO);
+    let bytes = pattern(60_000);
+    let id = id_of(&bytes);
+    assert!(upload_and_finish(&a.store, &bytes).is_err());
+    c.pg.restart();
+    assert_eq!(c.objects("blobs/").len(), 1);
+    // Past the grace a retry would have had, the sweep deletes the object.
+    let swept = a.store.sweep(100).expect("sweep");
+    assert_eq!((swept.blobs, swept.objects), (0, 1));
+    assert!(c.objects("blobs/").is_empty(), "{:?}", c.s3.files());
+    assert!(a.store.status(&id).expect("status").is_none());
+    // The abandoned upload goes with its staging object in time, as any other.
+    c.clock
+        .advance(BlobLimits::default().abandon_after + Duration::from_secs(1));
+    assert_eq!(a.store.sweep(100).expect("sweep").uploads, 1);
+    assert!(c.s3.files().is_empty(), "{:?}", c.s3.files());
 }

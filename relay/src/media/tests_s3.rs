@@ -277,3 +277,80 @@ fn an_idle_buffer_is_dropped_and_its_bytes_sent_again() {
     let mut r = store.open_read(&id, 0, 256 * 1024).expect("read");
     assert!(read_all(&mut r) == bytes);
 }
+
+#[test]
+fn upload_buffers_are_capped_per_node_and_a_full_node_asks_to_retry() {
+    let s3 = TestS3::start();
+    let mut settings = settings(&s3, Duration::from_secs(10));
+    // Room for two part buffers on this node.
+    settings.buffer_bytes = 2 * PART as u64;
+    let bytes_client = S3Bytes::open(&settings).expect("client");
+    let store = BlobStore::with_bytes(
+        Arc::new(bytes_client),
+        Arc::new(MemoryStore::new()),
+        Arc::new(ManualClock::new(1_800_000_000_000)),
+        BlobLimits::default(),
+        Arc::default(),
+    )
+    .expect("open");
+    let blobs: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| {
+            let mut b = pattern(PART + 1000);
+            b[0] = i;
+            b
+        })
+        .collect();
+    let ids: Vec<BlobId> = blobs.iter().map(|b| id_of(b)).collect();
+    let devices = [&*ALICE, &*BOB, &*ALICE];
+    let mut running = Vec::new();
+    for (i, b) in blobs.iter().enumerate() {
+        let Begin::Upload {
+            offset: 0,
+            running: r,
+        } = store
+            .begin(devices[i], &ids[i], b.len() as u64)
+            .expect("begin")
+        else {
+            panic!("fresh")
+        };
+        running.push(r);
+    }
+    // Two uploads hold a part buffer each; the third is refused, with retry advice.
+    store
+        .append(devices[0], &ids[0], 0, &blobs[0][..1 << 20])
+        .expect("first");
+    store
+        .append(devices[1], &ids[1], 0, &blobs[1][..1 << 20])
+        .expect("second");
+    let e = store
+        .append(devices[2], &ids[2], 0, &blobs[2][..1 << 20])
+        .expect_err("the node's buffers are full");
+    assert!(matches!(e, BlobError::Busy { .. }), "{e:?}");
+    let e = crate::error::Error::from(e);
+    assert_eq!(e.code(), tern_proto::ErrorCode::Unavailable);
+    assert!(e.retry_after_ms() > 0);
+    // The first fills its part, which goes to the store: its buffer is free again.
+    store
+        .append(devices[0], &ids[0], 1 << 20, &blobs[0][1 << 20..PART])
+        .expect("a full part");
+    store
+        .append(devices[2], &ids[2], 0, &blobs[2][..1 << 20])
+        .expect("the retry fits");
+    // Upload 0's last bytes need a buffer again: none is free until one finishes.
+    let e = store
+        .append(devices[0], &ids[0], PART as u64, &blobs[0][PART..])
+        .expect_err("full again");
+    assert!(matches!(e, BlobError::Busy { .. }), "{e:?}");
+    // Finishing gives a buffer back: every upload completes.
+    for i in [1, 2, 0] {
+        let b = &blobs[i];
+        let at = if i == 0 { PART } else { 1 << 20 };
+        store
+            .append(devices[i], &ids[i], at as u64, &b[at..])
+            .expect("rest");
+        store.finish(devices[i], &ids[i]).expect("finish");
+    }
+    drop(running);
+    let mut r = store.open_read(&ids[2], 0, 256 * 1024).expect("read");
+    assert!(read_all(&mut r) == blobs[2]);
+}

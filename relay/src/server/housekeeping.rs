@@ -122,6 +122,11 @@ async fn holds_sweep_lease(services: &Services, every: Duration) -> bool {
     let held = tokio::task::spawn_blocking(move || pg.try_hold(SWEEP_LEASE, every * 3)).await;
     match held {
         Ok(Ok(held)) => held,
+        // An outage is logged once by the store, not once per sweep.
+        Ok(Err(e @ crate::store::StoreError::Unavailable(_))) => {
+            tracing::debug!(error = %e, "the sweep lease could not be read; skipping this sweep");
+            false
+        }
         Ok(Err(e)) => {
             warn!(error = %e, "the sweep lease could not be read; skipping this sweep");
             false

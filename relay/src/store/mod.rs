@@ -431,8 +431,9 @@ pub trait BlobIndex: Send + Sync + 'static {
     fn blob_bytes(&self) -> StoreResult<Option<u64>> {
         Ok(None)
     }
-    /// Up to `max` blobs whose records [`BlobIndex::remove_blob`] deleted and whose
-    /// bytes may still be stored: an index shared by several nodes queues them in the
+    /// Up to `max` blobs whose records [`BlobIndex::remove_blob`] deleted (or whose
+    /// entries [`BlobIndex::queue_object_gc`] made, now due) and whose bytes may still
+    /// be stored: an index shared by several nodes queues them in the
     /// same transaction as the deletion, so a crash before the bytes go never orphans
     /// them. Embedded indexes queue nothing (their one process deletes the bytes
     /// right after the record).
@@ -441,6 +442,14 @@ pub trait BlobIndex: Send + Sync + 'static {
     }
     /// Ends the queue entry of `id` once its bytes are deleted.
     fn object_gc_done(&self, _id: &BlobId) -> StoreResult<()> {
+        Ok(())
+    }
+    /// Queues blob `id`'s bytes for deletion `after` from now (an entry due sooner is
+    /// moved to then), unless [`BlobIndex::insert_blob`] records the blob first,
+    /// which ends the entry. An upload's finish queues its object before it stores
+    /// it, so that a failure before the record leaves no object that nothing names.
+    /// Embedded indexes queue nothing.
+    fn queue_object_gc(&self, _id: &BlobId, _after: std::time::Duration) -> StoreResult<()> {
         Ok(())
     }
 }

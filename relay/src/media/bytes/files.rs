@@ -130,11 +130,6 @@ impl BlobFiles {
         self.uploads_dir.join(format!("{}.part", hex(&name[..16])))
     }
 
-    /// Whether blob `id`'s file is there.
-    pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
-        self.blob_path(id).exists()
-    }
-
     /// Bytes an earlier upload left to resume from (0 if none).
     pub(crate) fn upload_len(&self, account: &AccountId, id: &BlobId) -> u64 {
         fs::metadata(self.upload_path(account, id)).map_or(0, |m| m.len())
@@ -282,8 +277,12 @@ impl BlobBytes for BlobFiles {
         Ok(Some(BlobFiles::stored_bytes(self)?))
     }
 
-    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
-        Ok(BlobFiles::has_blob(self, id))
+    fn blob_len(&self, id: &BlobId) -> BlobResult<Option<u64>> {
+        match fs::metadata(self.blob_path(id)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn upload_len(&self, account: &AccountId, id: &BlobId) -> BlobResult<u64> {
@@ -324,7 +323,7 @@ impl BlobBytes for BlobFiles {
         Ok(digest)
     }
 
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, _size: u64) -> BlobResult<()> {
         Ok(BlobFiles::keep_upload(self, account, id)?)
     }
 

@@ -28,8 +28,14 @@ pub(crate) trait BlobBytes: Send + Sync {
     /// they live in a shared store, whose bytes the blob index counts.
     fn stored_bytes(&self) -> BlobResult<Option<u64>>;
 
+    /// The size of blob `id`'s bytes, if they are there. Bytes under a blob's name
+    /// were verified against it before they got there.
+    fn blob_len(&self, id: &BlobId) -> BlobResult<Option<u64>>;
+
     /// Whether blob `id`'s bytes are there.
-    fn has_blob(&self, id: &BlobId) -> BlobResult<bool>;
+    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
+        Ok(self.blob_len(id)?.is_some())
+    }
 
     /// Bytes an earlier upload left to resume from (0 if none).
     fn upload_len(&self, account: &AccountId, id: &BlobId) -> BlobResult<u64>;
@@ -49,8 +55,11 @@ pub(crate) trait BlobBytes: Send + Sync {
     /// `id`, the bytes are durable and ready for [`BlobBytes::keep_upload`].
     fn complete_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<[u8; 32]>;
 
-    /// Makes a completed, verified upload blob `id`, durably.
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()>;
+    /// Makes a completed, verified upload blob `id`, durably. The upload's bytes may
+    /// stay where they were (an object store copies them): the caller removes them
+    /// with [`BlobBytes::remove_upload`] once the blob is recorded, so that a finish
+    /// retried after a failure in between still finds them.
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()>;
 
     /// Deletes an upload's bytes (one already gone is fine).
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()>;

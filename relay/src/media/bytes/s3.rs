@@ -12,28 +12,35 @@
 //! lost; `upload_len` reports the committed bytes and the client sends the rest again.
 //! Completion completes the multipart upload (a single put when it never reached a
 //! part), verifies the SHA-256 (the running hash when this process saw every byte,
-//! else by streaming the staging object), copies it to `blobs/<hex id>` on the server
-//! and deletes the staging object and manifest. Downloads are ranged GETs streamed in
+//! else by streaming the staging object) and copies it to `blobs/<hex id>` on the
+//! server; the staging object and manifest are deleted once the blob is recorded. Downloads are ranged GETs streamed in
 //! chunks.
 //!
 //! Calls block on a small runtime of this store's own, each bounded by a deadline: an
-//! unreachable store is [`BlobError::Unavailable`] once it passes.
+//! unreachable store is [`BlobError::Unavailable`] once it passes. The deadline
+//! (`[objects] timeout`) is per request: one part, one chunk of a read (the hash of an
+//! upload read back is a series of them), one manifest; a request whose work grows
+//! with the blob (completing a multipart upload, the server-side copy) gets one more
+//! second per [`bridge::MIN_RATE`] bytes. A blob of any size finishes, and a server that
+//! stops answering fails a call within its deadline.
+
+mod bridge;
+mod buffers;
 
 use super::hex;
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use futures::stream::BoxStream;
-use futures::{StreamExt, TryStreamExt};
+use bytes::Bytes;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, PutPayload, RetryConfig,
-};
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryConfig};
+
+pub(crate) use bridge::S3Reader;
+use bridge::{failed, gone_is_fine, Bridge};
+use buffers::{Buffers, PartBuffer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tern_proto::AccountId;
@@ -42,12 +49,15 @@ use super::{BlobBytes, BlobReader, OpenUpload};
 use crate::media::{lock, BlobError, BlobResult};
 use crate::store::BlobId;
 
-/// Bytes fetched by one ranged GET of a download.
-const WINDOW: u64 = 8 << 20;
+/// Bytes hashed per call when an upload is read back.
+const HASH_CHUNK: usize = 1 << 20;
 /// An upload's buffered bytes and running hash are dropped after this long without
 /// use (the client sends those bytes again on its resume), so that uploads abandoned
 /// mid-part do not hold memory until the sweeper deletes them.
 const IDLE_BUFFER: Duration = Duration::from_secs(600);
+/// When the node's buffers are all taken, those of uploads idle this long are
+/// dropped to make room (their clients send those bytes again on resume).
+const IDLE_UNDER_PRESSURE: Duration = Duration::from_secs(30);
 
 /// How to reach the object store.
 #[derive(Clone)]
@@ -66,6 +76,9 @@ pub(crate) struct S3Settings {
     pub(crate) allow_http: bool,
     /// Upload bytes buffered before they go as one part.
     pub(crate) part_bytes: usize,
+    /// Upload bytes this node buffers at most, over all uploads (see
+    /// `s3/buffers.rs`).
+    pub(crate) buffer_bytes: u64,
     /// The deadline of each call.
     pub(crate) timeout: Duration,
 }
@@ -86,6 +99,7 @@ impl S3Settings {
             secret_key: s3.secret_key().to_owned(),
             allow_http: true,
             part_bytes,
+            buffer_bytes: 256 << 20,
             timeout,
         }
     }
@@ -122,6 +136,8 @@ struct Staging {
     buf: Vec<u8>,
     /// The hash of every byte so far, when this process saw them all.
     hash: Option<Sha256>,
+    /// The node's buffer `buf` uses, while it holds bytes.
+    reserved: Option<PartBuffer>,
     /// Last used.
     touched: Instant,
 }
@@ -133,6 +149,7 @@ impl Staging {
             manifest,
             buf: Vec::new(),
             hash,
+            reserved: None,
             touched: Instant::now(),
         }
     }
@@ -142,85 +159,18 @@ impl Staging {
     }
 }
 
-/// The runtime calls block on; shut down without waiting when the last user goes, so
-/// that dropping the store on an async thread does not panic.
-struct Bridge {
-    runtime: Option<tokio::runtime::Runtime>,
-    timeout: Duration,
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Bridge {
-    /// Runs `fut` on the store's runtime and waits for it, at most the deadline. The
-    /// outer error is the deadline; the inner one the store's answer. Never panics,
-    /// whatever thread it is called on; on an async worker it blocks that worker (up to
-    /// the deadline), which is why media calls it from `spawn_blocking`.
-    fn run<T, F>(&self, fut: F) -> BlobResult<object_store::Result<T>>
-    where
-        T: Send + 'static,
-        F: Future<Output = object_store::Result<T>> + Send + 'static,
-    {
-        let rt = self
-            .runtime
-            .as_ref()
-            .ok_or(BlobError::Unavailable("object storage client stopped"))?;
-        let timeout = self.timeout;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        rt.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(timeout, fut).await);
-        });
-        // A little slack over the runtime's own timer. No `block_on` here: it panics
-        // on an async thread, and this wait cannot.
-        match rx.recv_timeout(timeout + Duration::from_millis(500)) {
-            Ok(Ok(answer)) => Ok(answer),
-            Ok(Err(_)) | Err(_) => Err(BlobError::Unavailable("deadline passed")),
-        }
-    }
-
-    /// [`Bridge::run`], every failure a [`BlobError`].
-    fn call<T, F>(&self, fut: F) -> BlobResult<T>
-    where
-        T: Send + 'static,
-        F: Future<Output = object_store::Result<T>> + Send + 'static,
-    {
-        self.run(fut)?.map_err(failed)
-    }
-}
-
-/// What a failed store call means for media.
-fn failed(e: object_store::Error) -> BlobError {
-    use object_store::Error as E;
-    tracing::debug!(error = %e, "object store call failed");
-    match e {
-        E::NotFound { .. } => BlobError::NotFound,
-        // Wrong keys or bucket: the operator's to fix, not the client's to retry.
-        E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-            BlobError::Io(std::io::Error::other(e))
-        }
-        _ => BlobError::Unavailable("request failed"),
-    }
-}
-
-/// Ignores "not found" (for deletions).
-fn gone_is_fine(r: object_store::Result<()>) -> object_store::Result<()> {
-    match r {
-        Err(object_store::Error::NotFound { .. }) => Ok(()),
-        r => r,
-    }
-}
-
 /// Blob bytes in an S3-compatible bucket. See the module docs.
 pub(crate) struct S3Bytes {
+    /// For small requests: each request ends within the deadline.
     store: Arc<AmazonS3>,
+    /// For requests whose time grows with a blob (copies, completions, reads, whose
+    /// bodies go over several calls): no deadline of the HTTP client's own; each
+    /// call's deadline bounds them (see [`Bridge`]).
+    long: Arc<AmazonS3>,
     bridge: Arc<Bridge>,
     part_bytes: usize,
+    /// The node's upload buffers.
+    buffers: Arc<Buffers>,
     /// See [`IDLE_BUFFER`].
     idle: Duration,
     /// The uploads this process has bytes or a running hash of, by staging key.
@@ -232,9 +182,31 @@ impl S3Bytes {
     /// request.
     pub(crate) fn open(settings: &S3Settings) -> BlobResult<Self> {
         let options = ClientOptions::new()
-            .with_timeout(settings.timeout)
             .with_connect_timeout(settings.timeout.min(Duration::from_secs(2)))
             .with_allow_http(settings.allow_http);
+        let store = Self::client(settings, options.clone().with_timeout(settings.timeout))?;
+        let long = Self::client(settings, options.with_timeout_disabled())?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tern-s3")
+            .enable_all()
+            .build()
+            .map_err(BlobError::Io)?;
+        Ok(S3Bytes {
+            store: Arc::new(store),
+            long: Arc::new(long),
+            bridge: Arc::new(Bridge {
+                runtime: Some(runtime),
+                timeout: settings.timeout,
+            }),
+            part_bytes: settings.part_bytes,
+            buffers: Buffers::new(settings.buffer_bytes, settings.part_bytes as u64),
+            idle: IDLE_BUFFER,
+            staging: Mutex::default(),
+        })
+    }
+
+    fn client(settings: &S3Settings, options: ClientOptions) -> BlobResult<AmazonS3> {
         let retry = RetryConfig {
             backoff: BackoffConfig::default(),
             max_retries: 3,
@@ -252,25 +224,9 @@ impl S3Bytes {
         if let Some(endpoint) = &settings.endpoint {
             builder = builder.with_endpoint(endpoint);
         }
-        let store = builder
+        builder
             .build()
-            .map_err(|e| BlobError::Io(std::io::Error::other(e)))?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("tern-s3")
-            .enable_all()
-            .build()
-            .map_err(BlobError::Io)?;
-        Ok(S3Bytes {
-            store: Arc::new(store),
-            bridge: Arc::new(Bridge {
-                runtime: Some(runtime),
-                timeout: settings.timeout,
-            }),
-            part_bytes: settings.part_bytes,
-            idle: IDLE_BUFFER,
-            staging: Mutex::default(),
-        })
+            .map_err(|e| BlobError::Io(std::io::Error::other(e)))
     }
 
     /// Drops buffers unused for `idle` instead of [`IDLE_BUFFER`] (for tests).
@@ -336,6 +292,17 @@ impl S3Bytes {
         Ok(Staging::from_manifest(self.load_manifest(key)?))
     }
 
+    /// A part's buffer for an upload; when none is free, buffers idle for
+    /// [`IDLE_UNDER_PRESSURE`] are dropped first.
+    fn reserve(&self) -> BlobResult<PartBuffer> {
+        self.buffers.reserve().or_else(|_| {
+            let now = Instant::now();
+            let idle = self.idle.min(IDLE_UNDER_PRESSURE);
+            lock(&self.staging).retain(|_, s| now.duration_since(s.touched) < idle);
+            self.buffers.reserve()
+        })
+    }
+
     fn put_back(&self, key: String, mut staging: Staging) {
         let now = Instant::now();
         staging.touched = now;
@@ -397,30 +364,55 @@ impl S3Bytes {
                         content_id: p.clone(),
                     })
                     .collect();
-                let store = self.store.clone();
-                self.bridge.call(async move {
+                let store = self.long.clone();
+                self.bridge.call_sized(total, async move {
                     store.complete_multipart(&path, &multipart, parts).await?;
                     Ok(())
                 })?;
             }
         }
+        staging.reserved = None;
         let m = &mut staging.manifest;
         m.committed = total;
         m.done = true;
         self.save_manifest(key, m)
     }
 
-    /// The SHA-256 of the whole staging object, streamed.
-    fn hash_staging(&self, key: &str) -> BlobResult<[u8; 32]> {
-        let (store, path) = (self.store.clone(), Self::staging_path(key));
-        self.bridge.call(async move {
-            let mut stream = store.get(&path).await?.into_stream();
-            let mut hash = Sha256::new();
-            while let Some(bytes) = stream.try_next().await? {
-                hash.update(&bytes);
-            }
-            Ok(hash.finalize().into())
-        })
+    /// The SHA-256 of the whole staging object of `size` bytes, read back in
+    /// windows and chunks, each with its deadline.
+    fn hash_staging(&self, key: &str, size: u64) -> BlobResult<[u8; 32]> {
+        let mut reader = self.reader(Self::staging_path(key), 0, size, HASH_CHUNK);
+        let mut hash = Sha256::new();
+        let mut seen = 0;
+        // Each chunk moves the reader on: bounded by `size`.
+        while let Some(bytes) = reader.next_chunk().map_err(|e| match e.into_inner() {
+            Some(inner) => match inner.downcast::<BlobError>() {
+                Ok(blob) => *blob,
+                Err(other) => BlobError::Io(std::io::Error::other(other)),
+            },
+            None => BlobError::Unavailable("request failed"),
+        })? {
+            seen += bytes.len() as u64;
+            hash.update(&bytes);
+        }
+        if seen != size {
+            return Err(BlobError::Incomplete {
+                received: seen,
+                size,
+            });
+        }
+        Ok(hash.finalize().into())
+    }
+
+    fn reader(&self, path: Path, offset: u64, size: u64, chunk: usize) -> S3Reader {
+        S3Reader::new(
+            self.long.clone(),
+            self.bridge.clone(),
+            path,
+            offset,
+            size,
+            chunk,
+        )
     }
 
     fn delete(&self, path: Path) -> BlobResult<()> {
@@ -455,6 +447,9 @@ impl OpenUpload for S3Upload<'_> {
         let Some(s) = self.staging.as_mut() else {
             return Err(BlobError::NoUpload);
         };
+        if s.reserved.is_none() && !bytes.is_empty() {
+            s.reserved = Some(self.bytes.reserve()?);
+        }
         s.buf.extend_from_slice(bytes);
         if let Some(h) = &mut s.hash {
             h.update(bytes);
@@ -464,6 +459,9 @@ impl OpenUpload for S3Upload<'_> {
             let data = Bytes::copy_from_slice(&s.buf[..part]);
             self.bytes.send_part(&self.key, &mut s.manifest, data)?;
             s.buf.drain(..part);
+        }
+        if s.buf.is_empty() {
+            s.reserved = None;
         }
         Ok(false)
     }
@@ -476,11 +474,11 @@ impl BlobBytes for S3Bytes {
         Ok(None)
     }
 
-    fn has_blob(&self, id: &BlobId) -> BlobResult<bool> {
+    fn blob_len(&self, id: &BlobId) -> BlobResult<Option<u64>> {
         let (store, path) = (self.store.clone(), Self::blob_path(id));
         match self.bridge.run(async move { store.head(&path).await })? {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(failed(e)),
         }
     }
@@ -544,22 +542,21 @@ impl BlobBytes for S3Bytes {
         }
         match running {
             Some(digest) => Ok(digest),
-            None => self.hash_staging(&upload.key),
+            None => self.hash_staging(&upload.key, size),
         }
     }
 
-    fn keep_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
+    fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()> {
         let key = Self::upload_key(account, id);
         let (store, from, to) = (
-            self.store.clone(),
+            self.long.clone(),
             Self::staging_path(&key),
             Self::blob_path(id),
         );
+        // The staging object and manifest stay until `remove_upload`, after the
+        // record: a retry after a failure in between completes from them.
         self.bridge
-            .call(async move { store.copy(&from, &to).await })?;
-        lock(&self.staging).remove(&key);
-        self.delete(Self::staging_path(&key))?;
-        self.delete(Self::manifest_path(&key))
+            .call_sized(size, async move { store.copy(&from, &to).await })
     }
 
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
@@ -594,85 +591,11 @@ impl BlobBytes for S3Bytes {
         size: u64,
         chunk: usize,
     ) -> BlobResult<BlobReader> {
-        Ok(BlobReader::S3(S3Reader {
-            store: self.store.clone(),
-            bridge: self.bridge.clone(),
-            path: Self::blob_path(id),
-            pos: offset,
+        Ok(BlobReader::S3(self.reader(
+            Self::blob_path(id),
+            offset,
             size,
             chunk,
-            body: None,
-        }))
-    }
-}
-
-/// Streams a blob out of the object store: ranged GETs of up to [`WINDOW`] bytes
-/// from where it stands, handed over in chunks.
-pub(crate) struct S3Reader {
-    store: Arc<AmazonS3>,
-    bridge: Arc<Bridge>,
-    path: Path,
-    pos: u64,
-    size: u64,
-    chunk: usize,
-    /// The GET being read, if any.
-    body: Option<BoxStream<'static, object_store::Result<Bytes>>>,
-}
-
-impl S3Reader {
-    /// The blob's size.
-    pub(crate) fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// The next chunk; `None` at the end, or early if the object is shorter than its
-    /// record. Blocks.
-    pub(crate) fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        // A window that ended with bytes still to come: one more GET.
-        for _ in 0..2 {
-            if self.pos >= self.size {
-                return Ok(None);
-            }
-            let body = match self.body.take() {
-                Some(b) => b,
-                None => self.get()?,
-            };
-            let chunk = self.chunk;
-            let (body, got) = self
-                .bridge
-                .call(async move {
-                    let mut body = body;
-                    let mut out = BytesMut::new();
-                    while out.len() < chunk {
-                        match body.next().await {
-                            Some(bytes) => {
-                                let bytes: Bytes = bytes?;
-                                out.extend_from_slice(&bytes);
-                            }
-                            None => break,
-                        }
-                    }
-                    Ok((body, out.freeze()))
-                })
-                .map_err(std::io::Error::other)?;
-            if !got.is_empty() {
-                self.body = Some(body);
-                self.pos += got.len() as u64;
-                return Ok(Some(got));
-            }
-        }
-        Ok(None)
-    }
-
-    fn get(&self) -> std::io::Result<BoxStream<'static, object_store::Result<Bytes>>> {
-        let end = self.size.min(self.pos.saturating_add(WINDOW));
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(self.pos..end)),
-            ..GetOptions::default()
-        };
-        let (store, path) = (self.store.clone(), self.path.clone());
-        self.bridge
-            .call(async move { Ok(store.get_opts(&path, options).await?.into_stream()) })
-            .map_err(std::io::Error::other)
+        )))
     }
 }

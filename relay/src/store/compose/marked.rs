@@ -268,6 +268,9 @@ impl<S: BlobIndex + ?Sized> BlobIndex for Marked<S> {
     fn object_gc_done(&self, id: &BlobId) -> StoreResult<()> {
         self.write(|s| s.object_gc_done(id))
     }
+    fn queue_object_gc(&self, id: &BlobId, after: std::time::Duration) -> StoreResult<()> {
+        self.write(|s| s.queue_object_gc(id, after))
+    }
 }
 
 impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {

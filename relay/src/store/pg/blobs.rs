@@ -144,10 +144,12 @@ impl BlobIndex for PgBackend {
     }
 
     fn object_gc_pending(&self, max: usize) -> StoreResult<Vec<BlobId>> {
-        let rows = self.run(self.rows(
-            "SELECT blob_id FROM object_gc ORDER BY queued_ms, blob_id LIMIT $1",
-            &[&limit(max)],
-        ))?;
+        // `queued_ms` is when the entry is due (see `queue_object_gc`).
+        let sql = format!(
+            "SELECT blob_id FROM object_gc WHERE queued_ms <= {NOW_MS} \
+             ORDER BY queued_ms, blob_id LIMIT $1"
+        );
+        let rows = self.run(self.rows(&sql, &[&limit(max)]))?;
         rows.iter()
             .map(|row| fixed(self.col::<&[u8]>(row, 0)?))
             .collect()
@@ -156,6 +158,16 @@ impl BlobIndex for PgBackend {
     fn object_gc_done(&self, id: &BlobId) -> StoreResult<()> {
         self.run(self.exec("DELETE FROM object_gc WHERE blob_id = $1", &[&&id[..]]))
             .map(drop)
+    }
+
+    fn queue_object_gc(&self, id: &BlobId, after: std::time::Duration) -> StoreResult<()> {
+        let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX / 2);
+        let sql = format!(
+            "INSERT INTO object_gc (blob_id, queued_ms) VALUES ($1, {NOW_MS} + $2) \
+             ON CONFLICT (blob_id) DO UPDATE SET \
+             queued_ms = greatest(object_gc.queued_ms, EXCLUDED.queued_ms)"
+        );
+        self.run(self.exec(&sql, &[&&id[..], &after])).map(drop)
     }
 
     fn expired_blobs(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<BlobId>> {

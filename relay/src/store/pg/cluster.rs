@@ -37,7 +37,7 @@ impl PgBackend {
                     .query_one("SELECT value FROM cluster WHERE name = $1", &[&fact.name])
                     .await
                     .map_err(|e| self.classify(&e))?;
-                let stored: Vec<u8> = row.get(0);
+                let stored: Vec<u8> = super::rows::col(&row, 0)?;
                 if stored != fact.value {
                     return Err(StoreError::Backend(format!(
                         "{} differs from the one the other nodes of this relay use \

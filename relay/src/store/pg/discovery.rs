@@ -17,6 +17,7 @@ use tern_proto::AccountId;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
+use super::rows::col;
 use super::{is_retryable, PgBackend};
 use crate::store::{
     DiscoveryStore, StoreError, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS,
@@ -24,6 +25,8 @@ use crate::store::{
 
 /// Runs of a transaction that lost a race before the error is returned.
 const ATTEMPTS: usize = 5;
+/// Filter keys read per statement by `discoverable_keys`.
+const KEYS_PAGE: i64 = 10_000;
 
 /// The number bucket's key: as sled's `N` key, without its prefix byte.
 fn number_key(tag: &Tag) -> Vec<u8> {
@@ -63,6 +66,34 @@ const DETACH_NUMBER: &str = "UPDATE discovery_number_buckets SET detached_until 
      WHERE bucket_key = $1 AND detached_until IS NULL";
 
 impl PgBackend {
+    /// The filter keys of discoverable tags, read `page` at a time in the tags'
+    /// order (keyset pagination), each page one statement with its own deadline: a
+    /// large tag set is never one result under one statement timeout. A tag attached,
+    /// detached or hidden during the read may be in or out, as in a read a moment
+    /// earlier or later; no tag is read twice.
+    pub(super) fn discoverable_keys_paged(&self, page: i64) -> StoreResult<Vec<u64>> {
+        let page = page.max(1);
+        let mut keys = Vec::new();
+        // The empty bytea sorts before every tag.
+        let mut after: Vec<u8> = Vec::new();
+        // Each full page moves `after` past the rows it read: it ends.
+        loop {
+            let rows = self.run(self.rows(
+                "SELECT tag, filter_key FROM discovery_tags \
+                 WHERE discoverable AND tag > $1 ORDER BY tag LIMIT $2",
+                &[&after, &page],
+            ))?;
+            for r in &rows {
+                // Bit for bit, as written.
+                keys.push(col::<i64>(r, 1)? as u64);
+            }
+            match rows.last() {
+                Some(last) if rows.len() as i64 == page => after = col::<Vec<u8>>(last, 0)?,
+                _ => return Ok(keys),
+            }
+        }
+    }
+
     /// Runs `op` on a fresh transaction until it commits, or fails with something
     /// other than a lost race, or has lost [`ATTEMPTS`] times.
     pub(super) async fn tx_retrying<T, F>(&self, op: F) -> StoreResult<T>
@@ -147,7 +178,10 @@ impl DiscoveryStore for PgBackend {
                     )
                     .await?;
                 let had_row = mine.is_some();
-                let old: Option<Vec<u8>> = mine.and_then(|r| r.get(0));
+                let old: Option<Vec<u8>> = match &mine {
+                    Some(r) => col(r, 0)?,
+                    None => None,
+                };
                 if let Some(old) = old {
                     tx.execute(
                         "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
@@ -173,7 +207,7 @@ impl DiscoveryStore for PgBackend {
                     .await?;
                 let previous = match owner {
                     Some(row) => {
-                        let p: Vec<u8> = row.get(0);
+                        let p: Vec<u8> = col(&row, 0)?;
                         tx.execute(
                             "UPDATE discovery_tags SET account = $2, filter_key = $3, \
                              discoverable = $4, verified_at = $5 WHERE tag = $1",
@@ -231,10 +265,10 @@ impl DiscoveryStore for PgBackend {
                 .map_err(|e| self.classify(&e))?;
             row.map(|r| {
                 Ok(TagRecord {
-                    account: account_of(r.get::<_, &[u8]>(0))?,
-                    key: FilterKey(r.get::<_, i64>(1) as u64),
-                    discoverable: r.get(2),
-                    verified_at: time_of(r.get(3)),
+                    account: account_of(col(&r, 0)?)?,
+                    key: FilterKey(col::<i64>(&r, 1)? as u64), // bit for bit
+                    discoverable: col(&r, 2)?,
+                    verified_at: time_of(col(&r, 3)?),
                 })
             })
             .transpose()
@@ -252,7 +286,11 @@ impl DiscoveryStore for PgBackend {
                 .await
                 .map_err(|e| self.classify(&e))
         })?;
-        let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) else {
+        let tag: Option<Vec<u8>> = match &row {
+            Some(r) => col(r, 0)?,
+            None => None,
+        };
+        let Some(tag) = tag else {
             return Ok(None);
         };
         let tag = tag_of(&tag)?;
@@ -291,7 +329,11 @@ impl DiscoveryStore for PgBackend {
                         &[&a],
                     )
                     .await?;
-                if let Some(tag) = row.and_then(|r| r.get::<_, Option<Vec<u8>>>(0)) {
+                let tag: Option<Vec<u8>> = match &row {
+                    Some(r) => col(r, 0)?,
+                    None => None,
+                };
+                if let Some(tag) = tag {
                     tx.execute(
                         "DELETE FROM discovery_tags WHERE tag = $1 AND account = $2",
                         &[&tag, &a],
@@ -351,22 +393,12 @@ impl DiscoveryStore for PgBackend {
                 .query_one("SELECT EXISTS (SELECT 1 FROM discovery_tags)", &[])
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.get(0))
+            col(&row, 0)
         })
     }
 
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
-        self.run(async {
-            let client = self.client().await?;
-            let rows = client
-                .query(
-                    "SELECT filter_key FROM discovery_tags WHERE discoverable",
-                    &[],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
-        })
+        self.discoverable_keys_paged(KEYS_PAGE)
     }
 
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
@@ -379,7 +411,11 @@ impl DiscoveryStore for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.and_then(|r| r.get::<_, Option<i64>>(0)).map(time_of))
+            let tat: Option<i64> = match &row {
+                Some(r) => col(r, 0)?,
+                None => None,
+            };
+            Ok(tat.map(time_of))
         })
     }
 
@@ -393,7 +429,7 @@ impl DiscoveryStore for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.map(|r| time_of(r.get(0))))
+            row.map(|r| col(&r, 0).map(time_of)).transpose()
         })
     }
 

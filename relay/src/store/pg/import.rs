@@ -6,7 +6,7 @@
 use tern_proto::discovery::Tag;
 use tern_proto::{AccountId, DeviceAddress};
 
-use super::rows::{exec_in, query_in, signed, transaction, unsigned};
+use super::rows::{col, exec_in, query_in, signed, transaction, unsigned};
 use super::PgBackend;
 use crate::store::{
     AccountDays, AccountRecord, BlobId, BlobMeta, StoreError, StoreResult, StoredMessage, TagRecord,
@@ -275,7 +275,7 @@ impl PgBackend {
                 )
                 .await?;
                 let after: i64 = match rows.first() {
-                    Some(row) => row.try_get(0)?,
+                    Some(row) => col(row, 0)?,
                     None => count,
                 };
                 // The mailbox was empty before this batch: one more mailbox.

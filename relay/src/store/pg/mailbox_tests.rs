@@ -503,3 +503,29 @@ fn a_purge_pages_through_a_mailbox_larger_than_a_page() {
     .get(0);
     assert_eq!(heads, 1, "only the other device's head is left");
 }
+
+#[test]
+fn a_statement_that_fails_inside_a_pipelined_batch_commits_nothing_of_it() {
+    // The writer sends COMMIT behind the batch's statements; when one of them fails,
+    // the server rolls the transaction back and the batch must not count as committed.
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(24, 1);
+    sql(
+        &a,
+        "ALTER TABLE messages ADD CONSTRAINT refuse_ff CHECK (get_byte(message_id, 0) <> 255)",
+    );
+    let before = a.totals();
+    let err = a
+        .append(&to, &[msg(255, 4)], 1_000, 9_000)
+        .expect_err("the insert fails");
+    assert!(!matches!(err, StoreError::Deleted), "{err:?}");
+    assert_eq!(a.usage(&to).expect("usage"), Usage::default());
+    assert_eq!(a.totals().messages, before.messages);
+    // The head's seq was rolled back with the rest: the next append gets seq 1.
+    assert_eq!(
+        a.append(&to, &[msg(1, 4)], 1_000, 9_000).expect("append"),
+        vec![1]
+    );
+    assert_eq!(a.read(&to, 0, 10).expect("read").len(), 1);
+}

@@ -36,6 +36,7 @@ mod accounts;
 mod blobs;
 pub mod import;
 mod keys;
+mod outage;
 mod rows;
 
 // Package B2: discovery, verification sessions, start limits.
@@ -121,6 +122,8 @@ pub struct PgBackend {
     node_id: String,
     hosts: String,
     require_accounts: bool,
+    /// One warning per outage (see `outage.rs`).
+    outage: outage::Outage,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
 }
@@ -199,6 +202,7 @@ impl PgBackend {
             node_id: opts.node_id.clone(),
             hosts,
             require_accounts: opts.require_accounts,
+            outage: outage::Outage::default(),
             mail: None,
         };
         // A migration (and the wait for another node's) may take long: neither the
@@ -267,7 +271,7 @@ impl PgBackend {
             }
         };
         let handle = runtime.handle();
-        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Err(_) => handle.block_on(bounded),
             Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
                 s.spawn(|| handle.block_on(bounded))
@@ -275,7 +279,9 @@ impl PgBackend {
                     .unwrap_or_else(|_| Err(StoreError::Backend("database call panicked".into())))
             }),
             Ok(_) => tokio::task::block_in_place(|| handle.block_on(bounded)),
-        }
+        };
+        self.outage.observe(&result);
+        result
     }
 
     /// The database runtime's handle.

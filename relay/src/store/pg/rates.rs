@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tern_proto::AccountId;
 
 use super::discovery::db_time;
+use super::rows::col;
 use super::PgBackend;
 use crate::config::VerificationConfig;
 use crate::core::rate::Rate;
@@ -87,7 +88,7 @@ impl PgBackend {
                         )
                         .await
                         .map_err(db)?;
-                    let tat: i64 = row.get(0);
+                    let tat: i64 = col(&row, 0)?;
                     let over = tat.max(now) + g.interval - (now + g.span);
                     wait = wait.max(over.max(1));
                 }

@@ -85,23 +85,27 @@ impl PgBackend {
         .await
     }
 
-    /// Column `i` of `row` as `T`; a column of another type is a backend error, never
-    /// a panic.
+    /// [`col`], for the statements' callers.
     pub(super) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
         &self,
         row: &'a Row,
         i: usize,
     ) -> StoreResult<T> {
-        row.try_get(i).map_err(|e| self.classify(&e))
+        col(row, i)
     }
 }
 
-/// Column `i` of `row` as `T`, inside a transaction.
+/// Column `i` of `row` as `T`. A column missing, NULL where a value is wanted, or of
+/// another type (a schema that drifted from the code) is [`StoreError::Backend`],
+/// never a panic, and never `Unavailable` (a retry would not help). Converts into the
+/// transactions' error types with `?`.
 pub(super) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
     row: &'a Row,
     i: usize,
-) -> Result<T, TxError> {
-    Ok(row.try_get(i)?)
+) -> StoreResult<T> {
+    // The message names the column and the types, never a value.
+    row.try_get(i)
+        .map_err(|e| StoreError::Backend(format!("unexpected column: {e}")))
 }
 
 /// A u64 for a bigint column; beyond `i64::MAX` is refused, not wrapped.
@@ -177,4 +181,33 @@ pub(super) async fn one_in(
 ) -> Result<Row, tokio_postgres::Error> {
     let statement = tx.prepare_cached(sql).await?;
     tx.query_one(&statement, params).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crate::store::pg::testdb;
+
+    #[test]
+    fn a_column_of_another_type_or_null_is_a_backend_error_not_a_panic() {
+        let (_pg, opts) = testdb::db();
+        let backend = testdb::node(&opts, "a");
+        let rows = backend
+            .run(backend.rows("SELECT 7::int4, NULL::bigint, 'x'::text", &[]))
+            .expect("rows");
+        let row = &rows[0];
+        assert_eq!(col::<i32>(row, 0).expect("right type"), 7);
+        for e in [
+            col::<i64>(row, 0).expect_err("int4 is no bigint"),
+            col::<i64>(row, 1).expect_err("NULL"),
+            col::<&[u8]>(row, 2).expect_err("text is no bytea"),
+            col::<i64>(row, 9).expect_err("no such column"),
+            backend.col::<i64>(row, 0).expect_err("through the backend"),
+        ] {
+            assert!(matches!(e, StoreError::Backend(_)), "{e:?}");
+        }
+        assert_eq!(col::<Option<i64>>(row, 1).expect("optional"), None);
+    }
 }

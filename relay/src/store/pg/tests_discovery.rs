@@ -74,3 +74,34 @@ fn attach_from_two_nodes_at_once_keeps_one_owner() {
         .expect("count");
     assert_eq!(count, 20, "one account row names each tag");
 }
+
+#[test]
+fn discoverable_keys_are_read_in_pages_and_each_once() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let mut want = Vec::new();
+    for i in 0..25u8 {
+        let on = i % 5 != 3;
+        let rec = TagRecord {
+            account: AccountId([i; 16]),
+            key: FilterKey(1000 + u64::from(i)),
+            discoverable: on,
+            verified_at: 0,
+        };
+        // Tags out of key order, so pages follow tags, not keys.
+        a.attach(&rec.account, &Tag([i.wrapping_mul(37); 16]), &rec)
+            .expect("attach");
+        if on {
+            want.push(1000 + u64::from(i));
+        }
+    }
+    want.sort_unstable();
+    for page in [1, 7, 10, 20, 1000] {
+        let mut got = a.discoverable_keys_paged(page).expect("keys");
+        got.sort_unstable();
+        assert_eq!(got, want, "pages of {page}");
+    }
+    let mut all = a.discoverable_keys().expect("keys");
+    all.sort_unstable();
+    assert_eq!(all, want);
+}

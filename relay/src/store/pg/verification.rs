@@ -14,6 +14,7 @@ use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
 use tern_proto::{AccountId, VerificationId};
 
 use super::discovery::{body, db_time, time_of, Failed};
+use super::rows::col;
 use super::PgBackend;
 use crate::store::{StoreError, StoreResult};
 use crate::verification::{Checked, StoredSession, VerificationSessions};
@@ -68,7 +69,7 @@ impl VerificationSessions for PgBackend {
                     .await?;
                 let replaced = match &old {
                     Some(row) => {
-                        let old: Vec<u8> = row.get(0);
+                        let old: Vec<u8> = col(row, 0)?;
                         tx.execute(
                             "DELETE FROM verification_sessions WHERE session_id = $1",
                             &[&old],
@@ -141,7 +142,7 @@ impl VerificationSessions for PgBackend {
             let Some(row) = row else {
                 return Ok(Checked::NotFound);
             };
-            let (mac, expires): (&[u8], i64) = (row.get(0), row.get(1));
+            let (mac, expires): (&[u8], i64) = (col(&row, 0)?, col(&row, 1)?);
             if time_of(expires) <= now {
                 client
                     .query(&delete_session("", "1"), &[&sid])
@@ -159,8 +160,8 @@ impl VerificationSessions for PgBackend {
                     .map_err(db)?;
                 return match row {
                     Some(r) => Ok(Checked::Verified {
-                        tag: tag_of(r.get::<_, &[u8]>(0))?,
-                        key: FilterKey(r.get::<_, i64>(1) as u64),
+                        tag: tag_of(col(&r, 0)?)?,
+                        key: FilterKey(col::<i64>(&r, 1)? as u64), // bit for bit
                     }),
                     // Another node's check took it, or its last try, first.
                     None => Ok(Checked::NotFound),
@@ -177,7 +178,7 @@ impl VerificationSessions for PgBackend {
             let Some(row) = row else {
                 return Ok(Checked::NotFound);
             };
-            let left = u32::try_from(row.get::<_, i16>(0)).unwrap_or(0);
+            let left = u32::try_from(col::<i16>(&row, 0)?).unwrap_or(0);
             if left == 0 {
                 client
                     .query(&delete_session("AND attempts_left = 0", "1"), &[&sid])
@@ -204,7 +205,7 @@ impl VerificationSessions for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            row.map(|r| id_of(r.get::<_, &[u8]>(0))).transpose()
+            row.map(|r| id_of(col(&r, 0)?)).transpose()
         })
     }
 
@@ -226,7 +227,7 @@ impl VerificationSessions for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            rows.iter().map(|r| id_of(r.get::<_, &[u8]>(0))).collect()
+            rows.iter().map(|r| id_of(col(r, 0)?)).collect()
         })
     }
 
@@ -237,7 +238,7 @@ impl VerificationSessions for PgBackend {
                 .query_one("SELECT count(*) FROM verification_sessions", &[])
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+            Ok(usize::try_from(col::<i64>(&row, 0)?).unwrap_or(0))
         })
     }
 
@@ -253,12 +254,13 @@ impl VerificationSessions for PgBackend {
                 )
                 .await
                 .map_err(|e| self.classify(&e))?;
-            Ok(row.map(|r| {
-                (
-                    time_of(r.get(0)),
-                    u32::try_from(r.get::<_, i16>(1)).unwrap_or(0),
-                )
-            }))
+            row.map(|r| {
+                Ok((
+                    time_of(col(&r, 0)?),
+                    u32::try_from(col::<i16>(&r, 1)?).unwrap_or(0),
+                ))
+            })
+            .transpose()
         })
     }
 }

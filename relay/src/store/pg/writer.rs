@@ -141,11 +141,9 @@ impl Open {
         )))
     }
 
-    async fn commit(mut self) -> Result<(), Failure> {
-        self.client()?.batch_execute("COMMIT").await?;
-        // Committed: the connection may serve others again.
+    /// Committed: the connection may serve others again.
+    fn committed(mut self) {
         drop(self.0.take());
-        Ok(())
     }
 }
 
@@ -296,60 +294,70 @@ impl Writer {
         }
     }
 
-    /// BEGIN, the head locks (and counts), the deletion-intent check.
+    /// BEGIN, the head locks (and counts), the deletion check: one round trip, as
+    /// the three are pipelined (the server runs them in order, so the check runs
+    /// after the locks are held).
     async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
         let client = self
             .pool
             .get()
             .await
             .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
-        client.batch_execute("BEGIN").await?;
         let open = Open(Some(client));
         let tx = open.client()?;
+        // Prepared first (once per connection), so that each statement below goes
+        // out when first polled, in the order written.
+        let upsert = tx.prepare_cached(UPSERT_HEADS).await?;
+        let check = match self.accounts {
+            AccountCheck::None => None,
+            AccountCheck::Intents => Some(tx.prepare_cached(INTENTS).await?),
+            AccountCheck::IntentsAndRows => Some(tx.prepare_cached(INTENTS_OR_NO_ROW).await?),
+        };
         // 1. Lock (and create) every head of the batch, in order; count the appends.
         let mut cols = HeadCols::default();
         for (to, part) in parts {
             cols.push(to, part.appended.0, part.appended.0, part.appended.1);
         }
-        let upsert = tx.prepare_cached(UPSERT_HEADS).await?;
-        let rows = tx
-            .query(
-                &upsert,
-                &[&cols.accounts, &cols.devices, &cols.a, &cols.b, &cols.c],
-            )
-            .await?;
+        // 2. After the locks: accounts being deleted (or gone) take no more messages
+        //    (a purge locks the heads before deleting, so it sees whatever passed).
+        let mut accounts: Vec<&[u8]> = parts
+            .iter()
+            .filter(|(_, p)| !p.appends.is_empty())
+            .map(|(to, _)| to.account.as_bytes().as_slice())
+            .collect();
+        accounts.dedup();
+        let checked = async {
+            match &check {
+                Some(st) if !accounts.is_empty() => tx.query(st, &[&accounts]).await,
+                _ => Ok(Vec::new()),
+            }
+        };
+        let (began, rows, gone) = futures::join!(
+            tx.batch_execute("BEGIN"),
+            async {
+                tx.query(
+                    &upsert,
+                    &[&cols.accounts, &cols.devices, &cols.a, &cols.b, &cols.c],
+                )
+                .await
+            },
+            checked,
+        );
+        began?;
         let mut heads = HashMap::new();
-        for row in rows {
+        for row in rows? {
             let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
             heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
         }
-        // 2. After the locks: accounts being deleted take no more messages (a purge
-        //    locks the heads before deleting, so it sees whatever passed this check).
-        let mut refused = HashSet::new();
-        let check = match self.accounts {
-            AccountCheck::None => None,
-            AccountCheck::Intents => Some(INTENTS),
-            AccountCheck::IntentsAndRows => Some(INTENTS_OR_NO_ROW),
-        };
-        if let Some(check) = check {
-            let mut accounts: Vec<&[u8]> = parts
-                .iter()
-                .filter(|(_, p)| !p.appends.is_empty())
-                .map(|(to, _)| to.account.as_bytes().as_slice())
-                .collect();
-            accounts.dedup();
-            let gone = tx.prepare_cached(check).await?;
-            let rows = tx.query(&gone, &[&accounts]).await?;
-            let gone = rows
-                .iter()
-                .map(|r| r.try_get::<_, Vec<u8>>(0))
-                .collect::<Result<HashSet<Vec<u8>>, _>>()?;
-            for to in parts.keys() {
-                if gone.contains(to.account.as_bytes().as_slice()) {
-                    refused.insert(*to);
-                }
-            }
-        }
+        let gone = gone?
+            .iter()
+            .map(|r| r.try_get::<_, Vec<u8>>(0))
+            .collect::<Result<HashSet<Vec<u8>>, _>>()?;
+        let refused = parts
+            .keys()
+            .filter(|to| gone.contains(to.account.as_bytes().as_slice()))
+            .copied()
+            .collect();
         Ok(Locked {
             open,
             heads,
@@ -399,13 +407,21 @@ impl Writer {
                 del.push(to, s as i64, 0, 0);
             }
         }
+        // Prepared first (once per connection), so that each statement below goes out
+        // when first polled, in the order written: the round trips are the inserts
+        // and deletions (only when the batch deletes: the heads' decrements need
+        // their answer), then the rest with COMMIT.
+        let insert_st = tx.prepare_cached(INSERT_MESSAGES).await?;
+        let delete_st = tx.prepare_cached(DELETE_MESSAGES).await?;
+        let decrement_st = tx.prepare_cached(DECREMENT_HEADS).await?;
+        let totals_st = tx.prepare_cached(ADD_TOTALS).await?;
+        let forget_st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
         let insert = async {
             if ins.accounts.is_empty() {
                 return Ok(0);
             }
-            let st = tx.prepare_cached(INSERT_MESSAGES).await?;
             tx.execute(
-                &st,
+                &insert_st,
                 &[
                     &ins.accounts,
                     &ins.devices,
@@ -418,22 +434,25 @@ impl Writer {
             )
             .await
         };
-        let delete = async {
-            if del.accounts.is_empty() {
-                return Ok(Vec::new());
-            }
-            let st = tx.prepare_cached(DELETE_MESSAGES).await?;
-            tx.query(&st, &[&del.accounts, &del.devices, &del.a]).await
-        };
-        let (inserted, deleted_rows) = futures::join!(insert, delete);
-        inserted?;
+        // With deletions, the inserts go out beside them; without, beside COMMIT.
         let mut deleted = Vec::new();
-        for row in deleted_rows? {
-            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
-            let seq: i64 = row.try_get(2)?;
-            let len: i32 = row.try_get(3)?;
-            deleted.push((to, seq as u64, len.max(0) as u64));
-        }
+        let later = if del.accounts.is_empty() {
+            Some(insert)
+        } else {
+            let delete = async {
+                tx.query(&delete_st, &[&del.accounts, &del.devices, &del.a])
+                    .await
+            };
+            let (inserted, deleted_rows) = futures::join!(insert, delete);
+            inserted?;
+            for row in deleted_rows? {
+                let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
+                let seq: i64 = row.try_get(2)?;
+                let len: i32 = row.try_get(3)?;
+                deleted.push((to, seq as u64, len.max(0) as u64));
+            }
+            None
+        };
         // 4. Heads less what was deleted or refused, and this node's totals slot.
         let mut less: BTreeMap<DeviceAddress, (i64, i64)> = BTreeMap::new();
         for (to, _, len) in &deleted {
@@ -452,22 +471,34 @@ impl Writer {
         for (to, (m, b)) in &less {
             dec.push(to, *m, *b, 0);
         }
+        // A deleted account's heads leave nothing behind (the purge removed them).
+        let mut gone = HeadCols::default();
+        for to in &refused {
+            gone.push(to, 0, 0, 0);
+        }
         let delta = totals_delta(parts, &heads, &less);
+        let inserted = async {
+            match later {
+                Some(insert) => insert.await,
+                None => Ok(0),
+            }
+        };
         let decrement = async {
             if dec.accounts.is_empty() {
                 return Ok(0);
             }
-            let st = tx.prepare_cached(DECREMENT_HEADS).await?;
-            tx.execute(&st, &[&dec.accounts, &dec.devices, &dec.a, &dec.b])
-                .await
+            tx.execute(
+                &decrement_st,
+                &[&dec.accounts, &dec.devices, &dec.a, &dec.b],
+            )
+            .await
         };
         let totals = async {
             if delta.is_zero() {
                 return Ok(0);
             }
-            let st = tx.prepare_cached(ADD_TOTALS).await?;
             tx.execute(
-                &st,
+                &totals_st,
                 &[
                     &totals_slot,
                     &delta.messages,
@@ -477,19 +508,29 @@ impl Writer {
             )
             .await
         };
-        let (d, t) = futures::join!(decrement, totals);
+        let forget = async {
+            if gone.accounts.is_empty() {
+                return Ok(0);
+            }
+            tx.execute(&forget_st, &[&gone.accounts, &gone.devices])
+                .await
+        };
+        // COMMIT goes out behind them. Should one of them fail, the server answers the
+        // COMMIT of the aborted transaction with a rollback: every result is checked
+        // before the batch counts as committed.
+        let (i, d, t, f, c) = futures::join!(
+            inserted,
+            decrement,
+            totals,
+            forget,
+            tx.batch_execute("COMMIT")
+        );
+        i?;
         d?;
         t?;
-        if !refused.is_empty() {
-            // A deleted account's heads leave nothing behind (the purge removed them).
-            let mut gone = HeadCols::default();
-            for to in &refused {
-                gone.push(to, 0, 0, 0);
-            }
-            let st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
-            tx.execute(&st, &[&gone.accounts, &gone.devices]).await?;
-        }
-        open.commit().await?;
+        f?;
+        c?;
+        open.committed();
         self.totals.apply(delta);
         // Exact as of this commit: the heads were locked and changed by it.
         for (to, &(_, messages, bytes)) in &heads {
