@@ -312,7 +312,7 @@ pub struct Relay {
     /// This node's part among nodes sharing a database, if it is one.
     cluster: Option<(
         Arc<crate::cluster::Cluster>,
-        Arc<crate::cluster::notify::PgNotifier>,
+        Option<Arc<crate::cluster::notify::PgNotifier>>,
     )>,
 }
 
@@ -462,12 +462,19 @@ impl Relay {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut cluster = None;
         if let Some(pg) = &shared {
-            let notifier =
-                crate::cluster::notify::PgNotifier::start(pg.clone(), shutdown.subscribe());
+            // `[postgres] notify = false`: no LISTEN/NOTIFY (an engine without them);
+            // the re-check finds every change.
+            let notifier = config.postgres.notify.then(|| {
+                crate::cluster::notify::PgNotifier::start(pg.clone(), shutdown.subscribe())
+            });
+            let hints: Arc<dyn crate::cluster::notify::Notifier> = match &notifier {
+                Some(n) => n.clone(),
+                None => Arc::new(crate::cluster::notify::NoHints),
+            };
             let joined = crate::cluster::Cluster::start(
                 pg.clone(),
                 services.mailboxes.active(),
-                notifier.clone(),
+                hints,
                 config.postgres.recheck_interval,
                 shutdown.subscribe(),
             );
@@ -584,7 +591,9 @@ impl Relay {
         let flushed = self.services.mailboxes.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         if let Some((cluster, notifier)) = self.cluster {
-            notifier.stopped(LEAVE_WITHIN).await;
+            if let Some(notifier) = notifier {
+                notifier.stopped(LEAVE_WITHIN).await;
+            }
             cluster.leave(LEAVE_WITHIN).await;
         }
         flushed
