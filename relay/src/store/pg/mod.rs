@@ -484,6 +484,8 @@ mod tests;
 #[cfg(test)]
 mod tests_discovery;
 #[cfg(test)]
+mod tests_partition;
+#[cfg(test)]
 mod tests_published;
 #[cfg(test)]
 mod tests_verification;

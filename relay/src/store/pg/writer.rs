@@ -24,6 +24,10 @@ use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use crate::store::{Envelope, StoreError, StoreResult, Usage};
 
+/// In the error of an op failed before anything of it was written (it waited in the
+/// queue past the deadline).
+pub(super) const STALE: &str = "queued longer than";
+
 /// Rows (messages appended plus seqs removed) one transaction takes at most.
 pub const MAX_ROWS: usize = 4096;
 /// Payload bytes one transaction takes at most.
@@ -210,7 +214,7 @@ impl Writer {
             let mut next = Some((queued, first));
             while let Some((at, op)) = next.take() {
                 if stale(at) {
-                    op.fail(this.too_slow());
+                    op.fail(this.stale());
                 } else {
                     rows += op.rows();
                     bytes += op.bytes();
@@ -277,6 +281,15 @@ impl Writer {
         }
     }
 
+    /// Why an op that waited in the queue past the deadline failed (nothing of it
+    /// was sent to the database).
+    fn stale(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "PostgreSQL at {}: {STALE} {:?}, not written",
+            self.hosts, self.deadline
+        ))
+    }
+
     fn too_slow(&self) -> StoreError {
         StoreError::Unavailable(format!(
             "PostgreSQL at {}: no commit within {:?}",
@@ -303,9 +316,12 @@ impl Writer {
             .get()
             .await
             .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
-        client.batch_execute("BEGIN").await?;
+        // Wrapped before BEGIN: a BEGIN given up at the deadline (a database that
+        // hangs) may still be answered later, and its connection must then not go
+        // back to the pool inside a transaction nobody commits.
         let open = Open(Some(client));
         let tx = open.client()?;
+        tx.batch_execute("BEGIN").await?;
         // 1. Lock (and create) every head of the batch, in order; count the appends.
         let mut cols = HeadCols::default();
         for (to, part) in parts {
