@@ -143,6 +143,19 @@ fn a_paused_database_fails_every_call_in_bounded_time_writes_nothing_and_recover
         started.elapsed()
     );
 
+    // Reads one after another, as a connection serves its pipelined requests: once
+    // one got no answer, the next fail at once rather than each after a deadline.
+    let started = Instant::now();
+    for _ in 0..20 {
+        let err = b.read(&to, 0, 100);
+        assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
+    }
+    assert!(
+        started.elapsed() < deadline * 2 + Duration::from_secs(1),
+        "20 reads took {:?}",
+        started.elapsed()
+    );
+
     // Many appends at once: 12 that fill a batch each (each batch's BEGIN waits for
     // its deadline), then 8 threads × 20. Without failing what waited past the
     // deadline in the queue, the last would hear after 12 deadlines or more.
