@@ -309,7 +309,11 @@ impl PgBackend {
             )));
         }
         self.pool.get().await.map_err(|e| {
-            if matches!(e, deadpool_postgres::PoolError::Timeout(_)) {
+            // A connect that got no start-up reply; not a full pool (a busy node).
+            if matches!(
+                e,
+                deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)
+            ) {
                 self.hung.mark();
             }
             pool_error(e, &self.hosts)
@@ -396,8 +400,8 @@ impl PgBackend {
 /// connections stay open, connects hang). Until one deadline has passed since, new
 /// calls fail `Unavailable` at once: a connection's pipelined requests, each served in
 /// turn, would otherwise wait a deadline each (300 sends, 450 s at 1.5 s). Then calls
-/// try again, and the first that succeeds clears it. Pool timeouts mark it too; a
-/// refusal (a database that is down, answering) does not.
+/// try again, and the first that succeeds clears it. A connect that times out marks it
+/// too; a refusal (a database that is down, answering) and a full pool do not.
 #[derive(Debug)]
 struct Hung {
     epoch: std::time::Instant,
