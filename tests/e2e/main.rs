@@ -27,6 +27,7 @@ mod media_objects;
 mod media_privacy;
 mod migrate;
 mod multihost;
+mod partition;
 mod security;
 mod storage;
 mod support;

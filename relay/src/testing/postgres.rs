@@ -246,6 +246,47 @@ impl TestPostgres {
         }
     }
 
+    /// Freezes the server with SIGSTOP, as a network partition or a hung host looks to
+    /// a client: the postmaster (first, so it starts no new backend) and every backend
+    /// stop; connections stay open and connects are accepted by the kernel, but nothing
+    /// answers. [`TestPostgres::resume`] lets it go on; dropping a paused cluster resumes
+    /// it before stopping it.
+    pub fn pause(&self) {
+        self.signal_all(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a [`TestPostgres::pause`]d server go on (SIGCONT): what its clients sent
+    /// meanwhile is read and answered.
+    pub fn resume(&self) {
+        self.signal_all(rustix::process::Signal::CONT);
+    }
+
+    /// Sends `signal` to the postmaster, then to each of its backends, and waits (5 s at
+    /// most) until each is stopped (SIGSTOP) or no longer stopped (SIGCONT): a signal is
+    /// delivered asynchronously.
+    fn signal_all(&self, signal: rustix::process::Signal) {
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
+        let mut pids = vec![pid];
+        pids.extend(children_of(pid));
+        for &p in &pids {
+            if let Some(p) = rustix::process::Pid::from_raw(p) {
+                let _ = rustix::process::kill_process(p, signal);
+            }
+        }
+        let stopping = signal == rustix::process::Signal::STOP;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        for p in pids {
+            // Gone processes (None) count as settled.
+            while process_state(p).is_some_and(|s| (s == 'T') != stopping)
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
+
     /// The server's log so far.
     pub fn log_text(&self) -> String {
         fs::read_to_string(self.dir().join("log")).unwrap_or_default()
@@ -254,6 +295,11 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
+        if self.dir.is_some() {
+            // A paused server would not see pg_ctl's SIGQUIT (a test that panicked
+            // between pause and resume): let it go on first.
+            self.resume();
+        }
         if let Some(dir) = self.dir.take() {
             stop(&self.bin, &dir.path().join("data"));
             // A killed postmaster's backends exit on their own; removal does not wait.
@@ -419,6 +465,17 @@ fn postmaster_pid(data: &Path) -> Option<i32> {
     text.lines().next()?.trim().parse().ok()
 }
 
+/// The state letter of process `pid` (`T` when stopped), while it exists.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 /// Whether process `pid` exists and is not a zombie waiting to be reaped.
 pub(crate) fn alive(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -515,6 +572,53 @@ mod tests {
             "{}",
             pg.log_text()
         );
+    }
+
+    #[tokio::test]
+    async fn pause_stops_answers_and_resume_brings_them_back() {
+        let pg = TestPostgres::start();
+        let c = connect(&pg.conn_str("postgres")).await;
+        let pid = pg.postmaster_pid().expect("postmaster pid");
+        pg.pause();
+        let backends = children_of(pid);
+        assert!(!backends.is_empty());
+        for p in std::iter::once(pid).chain(backends.iter().copied()) {
+            assert_eq!(process_state(p), Some('T'), "process {p} not stopped");
+        }
+        // An open connection gets no answer, and a new one no start-up reply.
+        let hung = tokio::time::timeout(Duration::from_millis(300), c.query_one("SELECT 1", &[]));
+        assert!(hung.await.is_err(), "a paused server answered");
+        let url = pg.conn_str("postgres");
+        let fresh = tokio::time::timeout(
+            Duration::from_millis(300),
+            tokio_postgres::connect(&url, tokio_postgres::NoTls),
+        );
+        assert!(fresh.await.is_err(), "a paused server took a connection");
+        pg.resume();
+        for p in std::iter::once(pid).chain(backends.iter().copied()) {
+            assert_ne!(process_state(p), Some('T'), "process {p} still stopped");
+        }
+        let row = tokio::time::timeout(Duration::from_secs(10), c.query_one("SELECT 2", &[]))
+            .await
+            .expect("an answer after resume")
+            .expect("select");
+        assert_eq!(row.get::<_, i32>(0), 2);
+    }
+
+    #[test]
+    fn drop_ends_a_paused_server() {
+        let pg = TestPostgres::start();
+        let pid = pg.postmaster_pid().expect("postmaster pid");
+        let dir = pg.dir().to_path_buf();
+        pg.pause();
+        let started = Instant::now();
+        drop(pg);
+        assert!(
+            gone_within(pid, Duration::from_secs(10)),
+            "paused postmaster {pid} still runs"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!dir.exists());
     }
 
     async fn connect(conn: &str) -> tokio_postgres::Client {

@@ -119,6 +119,8 @@ pub struct PgBackend {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     deadline: Duration,
+    // When a call last got no answer at all (a database that hangs).
+    hung: Hung,
     node_id: String,
     hosts: String,
     require_accounts: bool,
@@ -199,6 +201,7 @@ impl PgBackend {
             config,
             tls,
             deadline: opts.connect_timeout + opts.statement_timeout,
+            hung: Hung::new(opts.connect_timeout + opts.statement_timeout),
             node_id: opts.node_id.clone(),
             hosts,
             require_accounts: opts.require_accounts,
@@ -262,12 +265,21 @@ impl PgBackend {
             return Err(StoreError::Backend("database runtime stopped".into()));
         };
         let hosts = &self.hosts;
+        let hung = &self.hung;
         let bounded = async move {
             match tokio::time::timeout(deadline, fut).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Unavailable(format!(
-                    "PostgreSQL at {hosts}: no answer within {deadline:?}"
-                ))),
+                Ok(result) => {
+                    if result.is_ok() {
+                        hung.clear();
+                    }
+                    result
+                }
+                Err(_) => {
+                    hung.mark();
+                    Err(StoreError::Unavailable(format!(
+                        "PostgreSQL at {hosts}: no answer within {deadline:?}"
+                    )))
+                }
             }
         };
         let handle = runtime.handle();
@@ -292,12 +304,26 @@ impl PgBackend {
             .ok_or_else(|| StoreError::Backend("database runtime stopped".into()))
     }
 
-    /// A pooled connection; a pool that cannot connect is `Unavailable`.
+    /// A pooled connection; a pool that cannot connect is `Unavailable`. So is a
+    /// database that just left a call without an answer: for one deadline after
+    /// that, calls fail at once instead of each waiting a deadline of its own.
     pub async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| pool_error(e, &self.hosts))
+        if let Some(ago) = self.hung.recently() {
+            return Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: a call got no answer {ago:?} ago",
+                self.hosts
+            )));
+        }
+        self.pool.get().await.map_err(|e| {
+            // A connect that got no start-up reply; not a full pool (a busy node).
+            if matches!(
+                e,
+                deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Create)
+            ) {
+                self.hung.mark();
+            }
+            pool_error(e, &self.hosts)
+        })
     }
 
     /// Runs `fut` as a task on the database runtime (the node's background work on
@@ -373,6 +399,55 @@ impl PgBackend {
             Err(e) if is_retryable(&e) => op().await.map_err(|e| self.classify(&e)),
             r => r.map_err(|e| self.classify(&e)),
         }
+    }
+}
+
+/// When a call last got no answer within its deadline (a partition, a stopped host:
+/// connections stay open, connects hang). Until one deadline has passed since, new
+/// calls fail `Unavailable` at once: a connection's pipelined requests, each served in
+/// turn, would otherwise wait a deadline each (300 sends, 450 s at 1.5 s). Then calls
+/// try again, and the first that succeeds clears it. A connect that times out marks it
+/// too; a refusal (a database that is down, answering) and a full pool do not.
+#[derive(Debug)]
+struct Hung {
+    epoch: std::time::Instant,
+    // Milliseconds after `epoch` plus one; 0 while the database answers.
+    at: std::sync::atomic::AtomicU64,
+    cooldown: Duration,
+}
+
+impl Hung {
+    fn new(cooldown: Duration) -> Hung {
+        Hung {
+            epoch: std::time::Instant::now(),
+            at: std::sync::atomic::AtomicU64::new(0),
+            cooldown,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn mark(&self) {
+        self.at
+            .store(self.now(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn clear(&self) {
+        if self.at.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            self.at.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// How long ago a call got no answer, if less than the cooldown.
+    fn recently(&self) -> Option<Duration> {
+        let at = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let ago = Duration::from_millis(self.now().saturating_sub(at));
+        (ago < self.cooldown).then_some(ago)
     }
 }
 
@@ -489,6 +564,8 @@ pub(crate) mod testdb;
 mod tests;
 #[cfg(test)]
 mod tests_discovery;
+#[cfg(test)]
+mod tests_partition;
 #[cfg(test)]
 mod tests_published;
 #[cfg(test)]

@@ -24,6 +24,10 @@ use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use crate::store::{Envelope, StoreError, StoreResult, Usage};
 
+/// In the error of an op failed before anything of it was written (it waited in the
+/// queue past the deadline).
+pub(super) const STALE: &str = "queued longer than";
+
 /// Rows (messages appended plus seqs removed) one transaction takes at most.
 pub const MAX_ROWS: usize = 4096;
 /// Payload bytes one transaction takes at most.
@@ -208,7 +212,7 @@ impl Writer {
             let mut next = Some((queued, first));
             while let Some((at, op)) = next.take() {
                 if stale(at) {
-                    op.fail(this.too_slow());
+                    op.fail(this.stale());
                 } else {
                     rows += op.rows();
                     bytes += op.bytes();
@@ -275,6 +279,15 @@ impl Writer {
         }
     }
 
+    /// Why an op that waited in the queue past the deadline failed (nothing of it
+    /// was sent to the database).
+    fn stale(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "PostgreSQL at {}: {STALE} {:?}, not written",
+            self.hosts, self.deadline
+        ))
+    }
+
     fn too_slow(&self) -> StoreError {
         StoreError::Unavailable(format!(
             "PostgreSQL at {}: no commit within {:?}",
@@ -303,6 +316,9 @@ impl Writer {
             .get()
             .await
             .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
+        // Wrapped before BEGIN: a BEGIN given up at the deadline (a database that
+        // hangs) may still be answered later, and its connection must then not go
+        // back to the pool inside a transaction nobody commits.
         let open = Open(Some(client));
         let tx = open.client()?;
         // Prepared first (once per connection), so that each statement below goes
