@@ -6,29 +6,9 @@ use std::process::Command;
 
 use tern_benches::load::COMMON_FIELDS;
 
-fn run(args: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_tern-load"))
-        .args(args)
-        .args([
-            "--json",
-            "--relay-bin",
-            env!("CARGO_BIN_EXE_tern-relay-bench"),
-        ])
-        .output()
-        .expect("run tern-load");
-    assert!(
-        out.status.success(),
-        "tern-load {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
-}
+mod common;
 
-fn number(v: &serde_json::Value, field: &str) -> f64 {
-    v.get(field)
-        .and_then(serde_json::Value::as_f64)
-        .unwrap_or_else(|| panic!("{field} missing in {v}"))
-}
+use common::{number, run};
 
 #[test]
 fn online_moves_every_message() {
