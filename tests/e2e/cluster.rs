@@ -11,7 +11,8 @@ use tern_proto::ErrorCode;
 use tern_relay::testing::TestPostgres;
 
 use crate::support::{
-    copy_shared_files, envelope, number, register, within, Device, RelayProcess, STEP,
+    copy_shared_files, envelope, number, register, send_until_stored, within, Device, RelayProcess,
+    STEP,
 };
 use crate::verification::relay_with;
 
@@ -230,19 +231,7 @@ async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_i
     assert_eq!(err.relay_code(), Some(ErrorCode::Unavailable), "{err}");
 
     nodes.pg.restart();
-    let deadline = Instant::now() + STEP;
-    let mut next = 3;
-    loop {
-        match within(alice.conn.send(&bob_addr, [envelope(next)])).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert_eq!(e.relay_code(), Some(ErrorCode::Unavailable), "{e}");
-                assert!(Instant::now() < deadline, "sends did not recover: {e}");
-                next += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    let next = send_until_stored(&alice.conn, &bob_addr, 3, Duration::from_millis(200)).await;
     // Only what was acknowledged is delivered: #1 and the send that succeeded.
     let (mut bob, queued) = Device::connect(&a.address, bob_addr, bob_key, bob_id).await;
     assert_eq!(queued, 2);

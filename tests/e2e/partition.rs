@@ -10,7 +10,7 @@ use tern_client::net::RelayConnection;
 use tern_proto::ErrorCode;
 use tern_relay::testing::TestPostgres;
 
-use crate::support::{envelope, number, register, within, Device, STEP};
+use crate::support::{envelope, number, register, send_until_stored, within, Device};
 use crate::verification::relay_with;
 
 /// The node's database deadlines (connect 500 ms + statement 1 s).
@@ -98,19 +98,7 @@ async fn a_database_that_hangs_fails_sends_unavailable_in_bounded_time_and_recov
     );
 
     pg.resume();
-    let deadline = Instant::now() + STEP;
-    let mut next = 2_000;
-    loop {
-        match within(alice.conn.send(&bob_addr, [envelope(next)])).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert_eq!(e.relay_code(), Some(ErrorCode::Unavailable), "{e}");
-                assert!(Instant::now() < deadline, "sends did not recover: {e}");
-                next += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
+    let next = send_until_stored(&alice.conn, &bob_addr, 2_000, Duration::from_millis(100)).await;
     acked.push(next);
     for i in 3_000..3_020 {
         within(alice.conn.send(&bob_addr, [envelope(i)]))

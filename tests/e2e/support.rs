@@ -271,6 +271,33 @@ pub(crate) fn number(d: &Delivery) -> u32 {
     u32::from_be_bytes(d.message_id.0[..4].try_into().expect("4 bytes"))
 }
 
+/// Sends envelope `next`, `next + 1`, … to `to` (one each try, `pause` apart) until the
+/// relay stores one, for at most [`STEP`]; every refusal must be `UNAVAILABLE` (a
+/// database away or back). Returns the number of the one stored.
+pub(crate) async fn send_until_stored(
+    conn: &RelayConnection,
+    to: &DeviceAddress,
+    mut next: u32,
+    pause: Duration,
+) -> u32 {
+    let deadline = Instant::now() + STEP;
+    loop {
+        match within(conn.send(to, [envelope(next)])).await {
+            Ok(_) => return next,
+            Err(e) => {
+                assert_eq!(
+                    e.relay_code(),
+                    Some(tern_proto::ErrorCode::Unavailable),
+                    "{e}"
+                );
+                assert!(Instant::now() < deadline, "sends did not recover: {e}");
+                next += 1;
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
 /// Awaits `f`, failing the test after [`STEP`].
 pub(crate) async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
