@@ -18,6 +18,18 @@ use super::{MemoryStore, StoreResult};
 /// not refill the bucket at once; it goes earlier once it has refilled.
 pub const DETACHED_NUMBER_RETENTION_MS: u64 = 30 * super::DAY_MS;
 
+/// The key of a tag's number bucket, as every backend stores it: a hash of the tag
+/// (what `admin migrate` copies from sled into PostgreSQL, so one definition).
+pub(crate) fn number_bucket_hash(tag: &Tag) -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"tern discovery number bucket v1\0");
+    h.update(tag.0);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
+}
+
 /// What the relay keeps for a verified number's tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TagRecord {

@@ -8,58 +8,23 @@
 //! `attach` and `detach` are one transaction each that locks the account's row, then
 //! the tag's; a race between nodes on rows that did not exist yet ends in a unique
 //! violation, a deadlock or a serialization failure for the loser, which runs its
-//! transaction again (at most [`ATTEMPTS`] times) and then sees the winner's rows.
+//! transaction again (at most 5 times, `rows::ATTEMPTS`) and then sees the winner's rows.
 
-use sha2::{Digest, Sha256};
 use tern_platform::clock::UnixMillis;
-use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
+use tern_proto::discovery::{FilterKey, Tag};
 use tern_proto::AccountId;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 
-use super::rows::col;
-use super::{is_retryable, PgBackend};
-use crate::store::{
-    DiscoveryStore, StoreError, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS,
-};
+use super::rows::{account_of, body, col, db_time, tag_of, time_of};
+use super::PgBackend;
+use crate::store::{DiscoveryStore, StoreResult, TagRecord, DETACHED_NUMBER_RETENTION_MS};
 
-/// Runs of a transaction that lost a race before the error is returned.
-const ATTEMPTS: usize = 5;
 /// Filter keys read per statement by `discoverable_keys`.
 const KEYS_PAGE: i64 = 10_000;
 
-/// The number bucket's key: as sled's `N` key, without its prefix byte.
+/// The number bucket's key column.
 fn number_key(tag: &Tag) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(b"tern discovery number bucket v1\0");
-    h.update(tag.0);
-    h.finalize()[..16].to_vec()
-}
-
-/// A u64 as the bigint column holding it (times and TATs clamp at `i64::MAX`).
-pub(super) fn db_time(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// A stored time back (a negative one, which this code never writes, reads as 0).
-pub(super) fn time_of(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-fn tag_of(bytes: &[u8]) -> StoreResult<Tag> {
-    let t: [u8; TAG_LEN] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("discovery tag"))?;
-    Ok(Tag(t))
-}
-
-fn account_of(bytes: &[u8]) -> StoreResult<AccountId> {
-    AccountId::try_from(bytes).map_err(|_| StoreError::Corrupt("discovery account"))
-}
-
-/// Whether a transaction that failed with `e` lost a race and may run again.
-fn lost_race(e: &tokio_postgres::Error) -> bool {
-    is_retryable(e) || e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+    crate::store::discovery::number_bucket_hash(tag).to_vec()
 }
 
 const DETACH_NUMBER: &str = "UPDATE discovery_number_buckets SET detached_until = 0 \
@@ -93,66 +58,6 @@ impl PgBackend {
             }
         }
     }
-
-    /// Runs `op` on a fresh transaction until it commits, or fails with something
-    /// other than a lost race, or has lost [`ATTEMPTS`] times.
-    pub(super) async fn tx_retrying<T, F>(&self, op: F) -> StoreResult<T>
-    where
-        F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
-    {
-        let mut client = self.client().await?;
-        let mut last = None;
-        for _ in 0..ATTEMPTS {
-            let result = async {
-                let tx = client.transaction().await.map_err(Failed::Db)?;
-                let out = op(&tx).await?;
-                tx.commit().await.map_err(Failed::Db)?;
-                Ok(out)
-            }
-            .await;
-            match result {
-                Ok(out) => return Ok(out),
-                Err(Failed::Db(e)) if lost_race(&e) => last = Some(e),
-                Err(Failed::Db(e)) => return Err(self.classify(&e)),
-                Err(Failed::Store(e)) => return Err(e),
-            }
-        }
-        Err(match last {
-            Some(e) => self.classify(&e),
-            None => StoreError::Backend("transaction did not run".into()),
-        })
-    }
-}
-
-/// Why one run of a transaction failed.
-pub(super) enum Failed {
-    Db(tokio_postgres::Error),
-    Store(StoreError),
-}
-
-impl From<tokio_postgres::Error> for Failed {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Failed::Db(e)
-    }
-}
-
-impl From<StoreError> for Failed {
-    fn from(e: StoreError) -> Self {
-        Failed::Store(e)
-    }
-}
-
-/// One run of a transaction body.
-pub(super) type TxFuture<'t, T> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, Failed>> + Send + 't>>;
-
-/// Fixes a closure's signature as a transaction body (closures do not infer
-/// higher-ranked lifetimes on their own).
-pub(super) fn body<T, F>(f: F) -> F
-where
-    F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
-{
-    f
 }
 
 impl DiscoveryStore for PgBackend {

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio_postgres::IsolationLevel;
 
-use super::discovery::{body, Failed};
 use super::lease::NOW_MS;
 use super::rows::col;
+use super::rows::{body, TxError};
 use super::PgBackend;
 use crate::discovery::shared::{
     ArtefactKind, NewPublication, SharedPublication, StoredPublication, Version, PUBLISH_LEASE,
@@ -228,7 +228,7 @@ impl SharedPublication for PgBackend {
                     )
                     .await?;
                 }
-                Ok::<_, Failed>(true)
+                Ok::<_, TxError>(true)
             })
         });
         self.run_within(BULK_DEADLINE, self.tx_retrying(write))
@@ -285,7 +285,7 @@ impl PgBackend {
                     }
                     copied += 1;
                 }
-                Ok::<_, Failed>(copied)
+                Ok::<_, TxError>(copied)
             })
         });
         self.run_within(BULK_DEADLINE, self.tx_retrying(write))

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use tern_proto::AccountId;
 
-use super::discovery::db_time;
 use super::rows::col;
+use super::rows::db_time;
 use super::PgBackend;
 use crate::config::VerificationConfig;
 use crate::core::rate::Rate;

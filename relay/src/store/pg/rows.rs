@@ -2,10 +2,11 @@
 //! retry, transactions with one retry, and checked conversions between the traits'
 //! unsigned values and PostgreSQL's signed columns.
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::{PgBackend, StoreError, StoreResult};
+use super::{is_retryable, PgBackend, StoreError, StoreResult};
 
 /// Parameters of a statement.
 pub(super) type Params<'a> = [&'a (dyn ToSql + Sync)];
@@ -181,6 +182,73 @@ pub(super) async fn one_in(
 ) -> Result<Row, tokio_postgres::Error> {
     let statement = tx.prepare_cached(sql).await?;
     tx.query_one(&statement, params).await
+}
+
+/// A u64 as the bigint column holding it (times and TATs clamp at `i64::MAX`).
+pub(super) fn db_time(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// A stored time back (a negative one, which this code never writes, reads as 0).
+pub(super) fn time_of(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A discovery tag from its column.
+pub(super) fn tag_of(v: &[u8]) -> StoreResult<tern_proto::discovery::Tag> {
+    fixed(v).map(tern_proto::discovery::Tag)
+}
+
+/// Runs of a transaction that lost a race before [`PgBackend::tx_retrying`] gives up.
+const ATTEMPTS: usize = 5;
+
+/// Whether a transaction that failed with `e` lost a race and may run again.
+fn lost_race(e: &tokio_postgres::Error) -> bool {
+    is_retryable(e) || e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+impl PgBackend {
+    /// Runs `op` on a fresh transaction until it commits, or fails with something
+    /// other than a lost race, or has lost [`ATTEMPTS`] times.
+    pub(super) async fn tx_retrying<T, F>(&self, op: F) -> StoreResult<T>
+    where
+        F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
+    {
+        let mut client = self.client().await?;
+        let mut last = None;
+        for _ in 0..ATTEMPTS {
+            let result = async {
+                let tx = client.transaction().await.map_err(TxError::Db)?;
+                let out = op(&tx).await?;
+                tx.commit().await.map_err(TxError::Db)?;
+                Ok(out)
+            }
+            .await;
+            match result {
+                Ok(out) => return Ok(out),
+                Err(TxError::Db(e)) if lost_race(&e) => last = Some(e),
+                Err(TxError::Db(e)) => return Err(self.classify(&e)),
+                Err(TxError::Store(e)) => return Err(e),
+            }
+        }
+        Err(match last {
+            Some(e) => self.classify(&e),
+            None => StoreError::Backend("transaction did not run".into()),
+        })
+    }
+}
+
+/// One run of a transaction body.
+pub(super) type TxFuture<'t, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, TxError>> + Send + 't>>;
+
+/// Fixes a closure's signature as a transaction body (closures do not infer
+/// higher-ranked lifetimes on their own).
+pub(super) fn body<T, F>(f: F) -> F
+where
+    F: for<'t> Fn(&'t deadpool_postgres::Transaction<'t>) -> TxFuture<'t, T>,
+{
+    f
 }
 
 #[cfg(test)]

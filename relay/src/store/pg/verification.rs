@@ -10,11 +10,11 @@
 //! than the session had; a right code is taken by one of them only.
 
 use tern_platform::clock::UnixMillis;
-use tern_proto::discovery::{FilterKey, Tag, TAG_LEN};
+use tern_proto::discovery::FilterKey;
 use tern_proto::{AccountId, VerificationId};
 
-use super::discovery::{body, db_time, time_of, Failed};
 use super::rows::col;
+use super::rows::{body, db_time, tag_of, time_of, TxError};
 use super::PgBackend;
 use crate::store::{StoreError, StoreResult};
 use crate::verification::{Checked, StoredSession, VerificationSessions};
@@ -36,13 +36,6 @@ fn id_of(bytes: &[u8]) -> StoreResult<VerificationId> {
         .try_into()
         .map_err(|_| StoreError::Corrupt("verification session id"))?;
     Ok(VerificationId(id))
-}
-
-fn tag_of(bytes: &[u8]) -> StoreResult<Tag> {
-    let t: [u8; TAG_LEN] = bytes
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("verification session tag"))?;
-    Ok(Tag(t))
 }
 
 impl VerificationSessions for PgBackend {
@@ -101,7 +94,7 @@ impl VerificationSessions for PgBackend {
                     &[&sid, &a, &tag, &key, &mac, &tries, &expires],
                 )
                 .await?;
-                Ok::<_, Failed>(replaced)
+                Ok::<_, TxError>(replaced)
             })
         });
         self.run(self.tx_retrying(run))

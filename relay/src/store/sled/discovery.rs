@@ -49,11 +49,7 @@ fn bucket_key(account: &AccountId) -> Vec<u8> {
 }
 
 fn number_bucket_key(tag: &Tag) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(b"tern discovery number bucket v1\0");
-    h.update(tag.0);
-    key(b'N', &h.finalize()[..16])
+    key(b'N', &crate::store::discovery::number_bucket_hash(tag))
 }
 
 fn detached_key(tag: &Tag) -> Vec<u8> {
