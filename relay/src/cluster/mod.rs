@@ -241,11 +241,17 @@ impl Cluster {
                         for h in hints {
                             match h {
                                 Hint::Mail(a) => self.active.wake(&a),
-                                Hint::Claimed(a) => claimed.push(a),
+                                // Only a device whose delivery this node claims can
+                                // be displaced here: the others cost no read.
+                                Hint::Claimed(a) if self.claims().contains_key(&a) => {
+                                    claimed.push(a)
+                                }
+                                Hint::Claimed(_) => {}
                             }
                         }
                         if !claimed.is_empty() {
-                            self.recheck(&claimed, &mut heads, false).await;
+                            let local = self.local();
+                            self.recheck(&claimed, &local, &mut heads, false).await;
                         }
                     }
                     Some(Event::Resync) => self.recheck_all(&mut heads, true).await,
@@ -256,12 +262,18 @@ impl Cluster {
         }
     }
 
+    /// The devices subscribed on this node, with their subscription ids: one walk of
+    /// the device table (which every send locks) per re-check.
+    fn local(&self) -> HashMap<DeviceAddress, u64> {
+        self.active.subscribed().into_iter().collect()
+    }
+
     async fn recheck_all(&self, heads: &mut HashMap<DeviceAddress, i64>, wake_all: bool) {
-        let subscribed = self.active.subscribed();
-        heads.retain(|a, _| subscribed.iter().any(|(s, _)| s == a));
-        let addrs: Vec<DeviceAddress> = subscribed.into_iter().map(|(a, _)| a).collect();
+        let local = self.local();
+        heads.retain(|a, _| local.contains_key(a));
+        let addrs: Vec<DeviceAddress> = local.keys().copied().collect();
         for chunk in addrs.chunks(RECHECK_CHUNK) {
-            self.recheck(chunk, heads, wake_all).await;
+            self.recheck(chunk, &local, heads, wake_all).await;
         }
     }
 
@@ -271,6 +283,7 @@ impl Cluster {
     async fn recheck(
         &self,
         addrs: &[DeviceAddress],
+        local: &HashMap<DeviceAddress, u64>,
         heads: &mut HashMap<DeviceAddress, i64>,
         wake_all: bool,
     ) {
@@ -295,14 +308,17 @@ impl Cluster {
                     .map_err(|e| pg.classify(&e))?;
                 Ok(rows
                     .into_iter()
-                    .map(|r| {
-                        let a: Vec<u8> = r.get(0);
-                        let d: i64 = r.get(1);
-                        let seq: Option<i64> = r.get(2);
+                    // A row that does not decode (a drifted schema) is skipped: the
+                    // next re-check or a hint finds the device again.
+                    .filter_map(|r| {
+                        let a: Vec<u8> = r.try_get(0).ok()?;
+                        let d: i64 = r.try_get(1).ok()?;
+                        let seq: Option<i64> = r.try_get(2).ok()?;
                         let claim: Option<(String, i64)> = r
-                            .get::<_, Option<String>>(3)
-                            .zip(r.get::<_, Option<i64>>(4));
-                        (a, d, seq, claim)
+                            .try_get::<_, Option<String>>(3)
+                            .ok()?
+                            .zip(r.try_get::<_, Option<i64>>(4).ok()?);
+                        Some((a, d, seq, claim))
                     })
                     .collect::<Vec<_>>())
             })
@@ -314,8 +330,6 @@ impl Cluster {
                 return;
             }
         };
-        let local: HashMap<DeviceAddress, u64> = self.active.subscribed().into_iter().collect();
-        let claimed = self.claims().clone();
         for (account, device, seq, claim) in rows {
             let Ok(addr) = DeviceAddress::from_wire(&account, device as u32) else {
                 continue;
@@ -325,7 +339,7 @@ impl Cluster {
             };
             if let Some((node, conn)) = claim {
                 let ours = node == self.pg.node_id() && conn == id as i64;
-                if !ours && claimed.get(&addr) == Some(&id) {
+                if !ours && self.claims().get(&addr) == Some(&id) {
                     self.active.displace(&addr, id);
                     continue;
                 }
