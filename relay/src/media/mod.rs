@@ -460,6 +460,18 @@ impl BlobStore {
         Ok(len + n)
     }
 
+    /// Completes an upload's bytes and checks they hash to `id`; a mismatch deletes
+    /// the upload.
+    fn verify_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()> {
+        let digest = self.files.complete_upload(account, id, size)?;
+        if digest != *id {
+            self.index.remove_upload(account, id)?;
+            self.files.remove_upload(account, id)?;
+            return Err(BlobError::DigestMismatch);
+        }
+        Ok(())
+    }
+
     /// Ends `device`'s upload: its bytes must all be there and hash to `id`. Then they
     /// are fsynced, renamed (or copied) into place, and recorded, and the account
     /// charged (see the module docs). A mismatch deletes the upload. Idempotent: a
@@ -476,16 +488,13 @@ impl BlobStore {
         // Bytes under the blob's name were verified before they got there: an
         // earlier finish stored them and failed before its record (this is the
         // client's retry), or an expired blob's bytes await deletion.
-        // Only for an upload whose bytes all arrived: finishing proves possession.
-        let complete = self.files.upload_len(account, id)? == meta.size;
-        let mut placed = complete && self.files.blob_len(id)? == Some(meta.size);
+        // Only for an upload whose bytes all arrived: finishing proves possession
+        // (asked second: usually there are no such bytes, and on S3 the upload's
+        // length is one more request).
+        let mut placed = self.files.blob_len(id)? == Some(meta.size)
+            && self.files.upload_len(account, id)? == meta.size;
         if !placed {
-            let digest = self.files.complete_upload(account, id, meta.size)?;
-            if digest != *id {
-                self.index.remove_upload(account, id)?;
-                self.files.remove_upload(account, id)?;
-                return Err(BlobError::DigestMismatch);
-            }
+            self.verify_upload(account, id, meta.size)?;
         }
         let _live = match self.live(account) {
             Ok(live) => live,
@@ -500,12 +509,7 @@ impl BlobStore {
         if placed && self.files.blob_len(id)? != Some(meta.size) {
             // An expired blob's bytes, swept since they were seen: the upload's own
             // bytes (kept until the record) are verified and placed after all.
-            let digest = self.files.complete_upload(account, id, meta.size)?;
-            if digest != *id {
-                self.index.remove_upload(account, id)?;
-                self.files.remove_upload(account, id)?;
-                return Err(BlobError::DigestMismatch);
-            }
+            self.verify_upload(account, id, meta.size)?;
             placed = false;
         }
         let now = self.clock.now();
