@@ -85,8 +85,14 @@ fn target(config: &Config, url: &str) -> Result<PgBackend> {
 }
 
 /// SHA-256 over a mailbox's (seq, message id, payload length, payload) stream, and its
-/// count, read [`BATCH`] at a time.
-fn digest(store: &dyn MailboxStore, of: &DeviceAddress) -> Result<(u64, [u8; 32])> {
+/// count, read [`BATCH`] at a time; each page is also handed to `on_page` (the copy).
+/// The source and the copy are hashed by this one function, so they can only agree
+/// when their messages do.
+fn digest_with(
+    store: &dyn MailboxStore,
+    of: &DeviceAddress,
+    mut on_page: impl FnMut(&[crate::store::StoredMessage]) -> Result<()>,
+) -> Result<(u64, [u8; 32])> {
     let (mut h, mut n, mut after) = (Sha256::new(), 0u64, 0u64);
     // Each page moves `after` past what it read: bounded by the mailbox's size.
     loop {
@@ -102,7 +108,12 @@ fn digest(store: &dyn MailboxStore, of: &DeviceAddress) -> Result<(u64, [u8; 32]
             h.update(&m.payload);
         }
         n += page.len() as u64;
+        on_page(&page)?;
     }
+}
+
+fn digest(store: &dyn MailboxStore, of: &DeviceAddress) -> Result<(u64, [u8; 32])> {
+    digest_with(store, of, |_| Ok(()))
 }
 
 /// Copies the embedded stores of `config.data_dir` into the empty database at `to`
@@ -242,22 +253,9 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     let mut messages = 0u64;
     let mut digests = Vec::with_capacity(mailboxes.len());
     for of in &mailboxes {
-        let (mut h, mut n, mut after) = (Sha256::new(), 0u64, 0u64);
-        loop {
-            let page = source.read(of, after, BATCH)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            for m in &page {
-                h.update(m.seq.to_be_bytes());
-                h.update(m.message_id.0);
-                h.update((m.payload.len() as u64).to_be_bytes());
-                h.update(&m.payload);
-            }
-            n += page.len() as u64;
-            pg.import_messages(of, &page)?;
-        }
+        let (n, hash) = digest_with(source, of, |page| Ok(pg.import_messages(of, page)?))?;
         messages += n;
-        digests.push((n, <[u8; 32]>::from(h.finalize())));
+        digests.push((n, hash));
     }
     heads.extend(mailboxes.iter().copied());
     heads.sort_by_key(crate::store::codec::addr_bytes);
