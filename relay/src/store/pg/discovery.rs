@@ -158,40 +158,29 @@ impl DiscoveryStore for PgBackend {
     }
 
     fn by_tag(&self, tag: &Tag) -> StoreResult<Option<TagRecord>> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT account, filter_key, discoverable, verified_at \
-                     FROM discovery_tags WHERE tag = $1",
-                    &[&tag.0.as_slice()],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            row.map(|r| {
+        let rows = self.run(self.rows(
+            "SELECT account, filter_key, discoverable, verified_at \
+             FROM discovery_tags WHERE tag = $1",
+            &[&tag.0.as_slice()],
+        ))?;
+        rows.first()
+            .map(|r| {
                 Ok(TagRecord {
-                    account: account_of(col(&r, 0)?)?,
-                    key: FilterKey(col::<i64>(&r, 1)? as u64), // bit for bit
-                    discoverable: col(&r, 2)?,
-                    verified_at: time_of(col(&r, 3)?),
+                    account: account_of(col(r, 0)?)?,
+                    key: FilterKey(col::<i64>(r, 1)? as u64), // bit for bit
+                    discoverable: col(r, 2)?,
+                    verified_at: time_of(col(r, 3)?),
                 })
             })
             .transpose()
-        })
     }
 
     fn of_account(&self, account: &AccountId) -> StoreResult<Option<(Tag, TagRecord)>> {
-        let row = self.run(async {
-            let client = self.client().await?;
-            client
-                .query_opt(
-                    "SELECT tag FROM discovery_accounts WHERE account = $1",
-                    &[&account.as_bytes().as_slice()],
-                )
-                .await
-                .map_err(|e| self.classify(&e))
-        })?;
-        let tag: Option<Vec<u8>> = match &row {
+        let rows = self.run(self.rows(
+            "SELECT tag FROM discovery_accounts WHERE account = $1",
+            &[&account.as_bytes().as_slice()],
+        ))?;
+        let tag: Option<Vec<u8>> = match rows.first() {
             Some(r) => col(r, 0)?,
             None => None,
         };
@@ -210,17 +199,11 @@ impl DiscoveryStore for PgBackend {
         let Some((tag, _)) = self.of_account(account)? else {
             return Ok(false);
         };
-        self.run(async {
-            let client = self.client().await?;
-            let n = client
-                .execute(
-                    "UPDATE discovery_tags SET discoverable = $3 WHERE tag = $1 AND account = $2",
-                    &[&tag.0.as_slice(), &account.as_bytes().as_slice(), &on],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(n == 1)
-        })
+        let n = self.run(self.exec(
+            "UPDATE discovery_tags SET discoverable = $3 WHERE tag = $1 AND account = $2",
+            &[&tag.0.as_slice(), &account.as_bytes().as_slice(), &on],
+        ))?;
+        Ok(n == 1)
     }
 
     fn detach(&self, account: &AccountId) -> StoreResult<()> {
@@ -292,14 +275,8 @@ impl DiscoveryStore for PgBackend {
     }
 
     fn holds_tags(&self) -> StoreResult<bool> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_one("SELECT EXISTS (SELECT 1 FROM discovery_tags)", &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-            col(&row, 0)
-        })
+        let rows = self.run(self.rows("SELECT EXISTS (SELECT 1 FROM discovery_tags)", &[]))?;
+        rows.first().map_or(Ok(false), |r| col(r, 0))
     }
 
     fn discoverable_keys(&self) -> StoreResult<Vec<u64>> {
@@ -307,35 +284,23 @@ impl DiscoveryStore for PgBackend {
     }
 
     fn bucket(&self, account: &AccountId) -> StoreResult<Option<u64>> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT bucket_tat FROM discovery_accounts WHERE account = $1",
-                    &[&account.as_bytes().as_slice()],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            let tat: Option<i64> = match &row {
-                Some(r) => col(r, 0)?,
-                None => None,
-            };
-            Ok(tat.map(time_of))
-        })
+        let rows = self.run(self.rows(
+            "SELECT bucket_tat FROM discovery_accounts WHERE account = $1",
+            &[&account.as_bytes().as_slice()],
+        ))?;
+        let tat: Option<i64> = match rows.first() {
+            Some(r) => col(r, 0)?,
+            None => None,
+        };
+        Ok(tat.map(time_of))
     }
 
     fn number_bucket(&self, tag: &Tag) -> StoreResult<Option<u64>> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT tat FROM discovery_number_buckets WHERE bucket_key = $1",
-                    &[&number_key(tag)],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            row.map(|r| col(&r, 0).map(time_of)).transpose()
-        })
+        let rows = self.run(self.rows(
+            "SELECT tat FROM discovery_number_buckets WHERE bucket_key = $1",
+            &[&number_key(tag)],
+        ))?;
+        rows.first().map(|r| col(r, 0).map(time_of)).transpose()
     }
 
     fn set_buckets(

@@ -105,35 +105,23 @@ impl PgBackend {
 
     /// Forgets one bucket.
     pub fn forget_rate(&self, scope: i16, key: &[u8]) -> StoreResult<()> {
-        self.run(async {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "DELETE FROM rate_buckets WHERE scope = $1 AND key = $2",
-                    &[&scope, &key],
-                )
-                .await
-                .map_err(|e| self.classify(&e))
-                .map(drop)
-        })
+        self.run(self.exec(
+            "DELETE FROM rate_buckets WHERE scope = $1 AND key = $2",
+            &[&scope, &key],
+        ))
+        .map(drop)
     }
 
     /// Removes buckets full again at `now` (as good as new), at most 10,000; returns
     /// how many. Any node may run it; two at once skip each other's rows.
     pub fn sweep_rates(&self, now: u64) -> StoreResult<u64> {
         let now = db_time(now);
-        self.run(async {
-            let client = self.client().await?;
-            client
-                .execute(
-                    "DELETE FROM rate_buckets WHERE (scope, key) IN ( \
-                       SELECT scope, key FROM rate_buckets WHERE tat <= $1 \
-                       LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                    &[&now, &SWEEP_MAX],
-                )
-                .await
-                .map_err(|e| self.classify(&e))
-        })
+        self.run(self.exec(
+            "DELETE FROM rate_buckets WHERE (scope, key) IN ( \
+               SELECT scope, key FROM rate_buckets WHERE tat <= $1 \
+               LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            &[&now, &SWEEP_MAX],
+        ))
     }
 }
 

@@ -102,14 +102,7 @@ impl VerificationSessions for PgBackend {
 
     fn remove(&self, id: &VerificationId) -> StoreResult<()> {
         let sql = delete_session("", "1");
-        self.run(async {
-            let client = self.client().await?;
-            client
-                .query(&sql, &[&id.0.as_slice()])
-                .await
-                .map_err(|e| self.classify(&e))
-                .map(drop)
-        })
+        self.run(self.rows(&sql, &[&id.0.as_slice()])).map(drop)
     }
 
     fn check(
@@ -185,75 +178,54 @@ impl VerificationSessions for PgBackend {
     }
 
     fn remove_account(&self, account: &AccountId) -> StoreResult<Option<VerificationId>> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "WITH b AS (DELETE FROM verification_by_account WHERE account = $1 \
-                       RETURNING session_id), \
-                     s AS (DELETE FROM verification_sessions v USING b \
-                       WHERE v.session_id = b.session_id) \
-                     SELECT session_id FROM b",
-                    &[&account.as_bytes().as_slice()],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            row.map(|r| id_of(col(&r, 0)?)).transpose()
-        })
+        let rows = self.run(self.rows(
+            "WITH b AS (DELETE FROM verification_by_account WHERE account = $1 \
+               RETURNING session_id), \
+             s AS (DELETE FROM verification_sessions v USING b \
+               WHERE v.session_id = b.session_id) \
+             SELECT session_id FROM b",
+            &[&account.as_bytes().as_slice()],
+        ))?;
+        rows.first().map(|r| id_of(col(r, 0)?)).transpose()
     }
 
     fn sweep(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<VerificationId>> {
         let (now, max) = (db_time(now), i64::try_from(max).unwrap_or(i64::MAX));
-        self.run(async {
-            let client = self.client().await?;
-            // SKIP LOCKED: nodes sweeping at once end each session once.
-            let rows = client
-                .query(
-                    "WITH s AS (DELETE FROM verification_sessions WHERE session_id IN ( \
-                         SELECT session_id FROM verification_sessions WHERE expires_at <= $1 \
-                         LIMIT $2 FOR UPDATE SKIP LOCKED) \
-                       RETURNING account, session_id), \
-                     b AS (DELETE FROM verification_by_account v USING s \
-                       WHERE v.account = s.account AND v.session_id = s.session_id) \
-                     SELECT session_id FROM s",
-                    &[&now, &max],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            rows.iter().map(|r| id_of(col(r, 0)?)).collect()
-        })
+        // SKIP LOCKED: nodes sweeping at once end each session once.
+        let rows = self.run(self.rows(
+            "WITH s AS (DELETE FROM verification_sessions WHERE session_id IN ( \
+                 SELECT session_id FROM verification_sessions WHERE expires_at <= $1 \
+                 LIMIT $2 FOR UPDATE SKIP LOCKED) \
+               RETURNING account, session_id), \
+             b AS (DELETE FROM verification_by_account v USING s \
+               WHERE v.account = s.account AND v.session_id = s.session_id) \
+             SELECT session_id FROM s",
+            &[&now, &max],
+        ))?;
+        rows.iter().map(|r| id_of(col(r, 0)?)).collect()
     }
 
     fn count(&self) -> StoreResult<usize> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_one("SELECT count(*) FROM verification_sessions", &[])
-                .await
-                .map_err(|e| self.classify(&e))?;
-            Ok(usize::try_from(col::<i64>(&row, 0)?).unwrap_or(0))
+        let rows = self.run(self.rows("SELECT count(*) FROM verification_sessions", &[]))?;
+        rows.first().map_or(Ok(0), |r| {
+            Ok(usize::try_from(col::<i64>(r, 0)?).unwrap_or(0))
         })
     }
 
     fn of_account(&self, account: &AccountId) -> StoreResult<Option<(UnixMillis, u32)>> {
-        self.run(async {
-            let client = self.client().await?;
-            let row = client
-                .query_opt(
-                    "SELECT s.expires_at, s.attempts_left FROM verification_by_account b \
-                     JOIN verification_sessions s ON s.session_id = b.session_id \
-                     WHERE b.account = $1",
-                    &[&account.as_bytes().as_slice()],
-                )
-                .await
-                .map_err(|e| self.classify(&e))?;
-            row.map(|r| {
+        let rows = self.run(self.rows(
+            "SELECT s.expires_at, s.attempts_left FROM verification_by_account b \
+             JOIN verification_sessions s ON s.session_id = b.session_id \
+             WHERE b.account = $1",
+            &[&account.as_bytes().as_slice()],
+        ))?;
+        rows.first()
+            .map(|r| {
                 Ok((
-                    time_of(col(&r, 0)?),
-                    u32::try_from(col::<i16>(&r, 1)?).unwrap_or(0),
+                    time_of(col(r, 0)?),
+                    u32::try_from(col::<i16>(r, 1)?).unwrap_or(0),
                 ))
             })
             .transpose()
-        })
     }
 }
