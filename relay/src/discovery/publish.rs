@@ -252,31 +252,50 @@ pub fn load_day(dir: &Path, day: u32) -> Result<Option<Published>> {
     load_deltas(dir, day, Bytes::from(snapshot_bytes)).map(Some)
 }
 
+/// A day's publication, encoded: the filter snapshot, the delta from the last earlier
+/// day (when there is one), and the sorted key list the next day's delta starts from.
+pub(super) struct Built {
+    pub(super) snapshot: Vec<u8>,
+    pub(super) delta: Option<Vec<u8>>,
+    pub(super) keys: Vec<u8>,
+}
+
+/// Builds `day`'s publication from `keys` (any order, duplicates allowed) and, when
+/// given, the keys of the last earlier day (`base`), as files and as the shared
+/// table both hold it.
+pub(super) fn build(day: u32, mut keys: Vec<u64>, base: Option<(u32, &[u64])>) -> Result<Built> {
+    keys.sort_unstable();
+    keys.dedup();
+    let snapshot = FilterSnapshot::build(day, keys.clone())
+        .map_err(|e| Error::Config(format!("building the discovery filter: {e}")))?
+        .encode();
+    let delta = base.map(|(b, old)| FilterDelta::between(b, old, day, &keys).encode());
+    let keys = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    Ok(Built {
+        snapshot,
+        delta,
+        keys,
+    })
+}
+
 /// Builds and writes `day`'s files from `keys` (any order, duplicates allowed),
 /// prunes old ones, and returns what to serve. Called for a day already published
 /// (when [`load_day`] found its files damaged), it rewrites that day's files
 /// against the last earlier day.
-pub fn publish_day(
-    dir: &Path,
-    day: u32,
-    mut keys: Vec<u64>,
-    keep_deltas: u32,
-) -> Result<Published> {
+pub fn publish_day(dir: &Path, day: u32, keys: Vec<u64>, keep_deltas: u32) -> Result<Published> {
     fs::create_dir_all(dir)?;
-    keys.sort_unstable();
-    keys.dedup();
-    let snapshot = FilterSnapshot::build(day, keys.clone())
-        .map_err(|e| Error::Config(format!("building the discovery filter: {e}")))?;
     let base = days(dir, "keys", "bin")?.into_iter().rfind(|d| *d < day);
-    if let Some(base) = base {
-        let old = read_keys(&dir.join(name("keys", base, "bin")))?;
-        let delta = FilterDelta::between(base, &old, day, &keys);
-        write_atomic(dir, &name("delta", day, "td"), &delta.encode())?;
+    let old = match base {
+        Some(base) => Some((base, read_keys(&dir.join(name("keys", base, "bin")))?)),
+        None => None,
+    };
+    let built = build(day, keys, old.as_ref().map(|(b, k)| (*b, k.as_slice())))?;
+    if let Some(delta) = &built.delta {
+        write_atomic(dir, &name("delta", day, "td"), delta)?;
     }
-    let snapshot_bytes = snapshot.encode();
-    write_atomic(dir, &name("snapshot", day, "tf"), &snapshot_bytes)?;
-    let list: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
-    write_atomic(dir, &name("keys", day, "bin"), &list)?;
+    write_atomic(dir, &name("snapshot", day, "tf"), &built.snapshot)?;
+    write_atomic(dir, &name("keys", day, "bin"), &built.keys)?;
+    let snapshot_bytes = built.snapshot;
     fs::File::open(dir)?.sync_all()?;
     prune(dir, day, keep_deltas)?;
     match fs::remove_file(dir.join(STALE)) {

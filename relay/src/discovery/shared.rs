@@ -110,15 +110,10 @@ pub(super) fn publish_if_due(
     if !store.hold_publisher(ttl)? {
         return Ok(false);
     }
-    let mut keys = keys()?;
-    keys.sort_unstable();
-    keys.dedup();
-    let snapshot = FilterSnapshot::build(day, keys.clone())
-        .map_err(|e| Error::Config(format!("building the discovery filter: {e}")))?
-        .encode();
-    let delta = match store.keys_before(day)? {
+    let keys = keys()?;
+    let old = match store.keys_before(day)? {
         Some((base, bytes)) => match parse_keys(&bytes) {
-            Ok(old) => Some(FilterDelta::between(base, &old, day, &keys).encode()),
+            Ok(old) => Some((base, old)),
             Err(why) => {
                 // The chain breaks here: clients behind it get the snapshot.
                 warn!(
@@ -130,12 +125,12 @@ pub(super) fn publish_if_due(
         },
         None => None,
     };
-    let list: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    let built = super::publish::build(day, keys, old.as_ref().map(|(b, k)| (*b, k.as_slice())))?;
     Ok(store.store(&NewPublication {
         day,
-        snapshot: &snapshot,
-        delta: delta.as_deref(),
-        keys: &list,
+        snapshot: &built.snapshot,
+        delta: built.delta.as_deref(),
+        keys: &built.keys,
         keep_deltas,
     })?)
 }
