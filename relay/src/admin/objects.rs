@@ -64,7 +64,7 @@ mod tests {
     use crate::testing::TestS3;
 
     fn settings(s3: &TestS3) -> S3Settings {
-        S3Settings::for_test(s3, 5 << 20, Duration::from_secs(10))
+        S3Settings::for_test(s3, Duration::from_secs(10))
     }
 
     fn meta(size: usize) -> BlobMeta {

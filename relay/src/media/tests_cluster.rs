@@ -14,11 +14,11 @@ use crate::store::pg::PgBackend;
 use crate::store::StoreError;
 use crate::testing::{TestPostgres, TestS3};
 
-const PART: usize = 5 << 20;
+use crate::media::bytes::s3::TEST_PART as PART;
 const TTL: Duration = Duration::from_secs(3600);
 
 fn settings(s3: &TestS3) -> S3Settings {
-    S3Settings::for_test(s3, PART, Duration::from_secs(10))
+    S3Settings::for_test(s3, Duration::from_secs(10))
 }
 
 /// One database, one bucket, and the clock every node reads.

@@ -16,7 +16,7 @@ use super::*;
 use crate::store::MemoryStore;
 use crate::testing::TestS3;
 
-const PART: usize = 5 << 20;
+use crate::media::bytes::s3::TEST_PART as PART;
 /// Bytes the slow relay passes on per pause.
 const SLICE: usize = 64 << 10;
 
@@ -71,7 +71,7 @@ fn store_on(
     timeout: Duration,
     index: Arc<MemoryStore>,
 ) -> BlobStore {
-    let mut settings = S3Settings::for_test(s3, PART, timeout);
+    let mut settings = S3Settings::for_test(s3, timeout);
     settings.endpoint = Some(endpoint);
     let bytes = S3Bytes::open(&settings).expect("client");
     BlobStore::with_bytes(

@@ -10,10 +10,10 @@ use crate::store::MemoryStore;
 use crate::testing::TestS3;
 
 /// S3's smallest part: tests cross part boundaries with few bytes.
-const PART: usize = 5 << 20;
+use crate::media::bytes::s3::TEST_PART as PART;
 
 fn settings(s3: &TestS3, timeout: Duration) -> S3Settings {
-    S3Settings::for_test(s3, PART, timeout)
+    S3Settings::for_test(s3, timeout)
 }
 
 struct Node {
@@ -44,10 +44,6 @@ fn objects(s3: &TestS3, prefix: &str) -> Vec<String> {
         .collect()
 }
 
-fn hex(id: &BlobId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[test]
 fn s3_upload_download_repeat_and_forward_move_bytes_once() {
     let s3 = TestS3::start();
@@ -69,7 +65,10 @@ fn s3_upload_download_repeat_and_forward_move_bytes_once() {
     let meta = n.store.finish(&ALICE, &id).expect("finish");
     drop(running);
     assert_eq!(meta.size, bytes.len() as u64);
-    assert_eq!(objects(&s3, "blobs/"), vec![format!("blobs/{}", hex(&id))]);
+    assert_eq!(
+        objects(&s3, "blobs/"),
+        vec![format!("blobs/{}", crate::media::bytes::hex(&id))]
+    );
     assert!(objects(&s3, "uploads/").is_empty(), "staging deleted");
     // Bob uploads the same id and Alice forwards it: no bytes move.
     n.clock.advance(Duration::from_secs(60));
@@ -195,7 +194,10 @@ fn resume_in_another_process() {
         .expect("B verifies by reading the object");
     let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read on A");
     assert!(read_all(&mut r) == bytes, "every byte back through A");
-    assert_eq!(objects(&s3, "blobs/"), vec![format!("blobs/{}", hex(&id))]);
+    assert_eq!(
+        objects(&s3, "blobs/"),
+        vec![format!("blobs/{}", crate::media::bytes::hex(&id))]
+    );
     assert!(objects(&s3, "uploads/").is_empty());
 }
 

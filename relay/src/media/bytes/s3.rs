@@ -83,14 +83,14 @@ pub(crate) struct S3Settings {
     pub(crate) timeout: Duration,
 }
 
+/// The part size of the tests' uploads: S3's smallest.
+#[cfg(test)]
+pub(crate) const TEST_PART: usize = 5 << 20;
+
 #[cfg(test)]
 impl S3Settings {
-    /// Settings for the test server `s3`, with `part_bytes` parts and `timeout`.
-    pub(crate) fn for_test(
-        s3: &crate::testing::TestS3,
-        part_bytes: usize,
-        timeout: std::time::Duration,
-    ) -> Self {
+    /// Settings for the test server `s3`, with [`TEST_PART`] parts and `timeout`.
+    pub(crate) fn for_test(s3: &crate::testing::TestS3, timeout: std::time::Duration) -> Self {
         S3Settings {
             bucket: s3.bucket().to_owned(),
             endpoint: Some(s3.endpoint().to_owned()),
@@ -98,7 +98,7 @@ impl S3Settings {
             access_key: s3.access_key().to_owned(),
             secret_key: s3.secret_key().to_owned(),
             allow_http: true,
-            part_bytes,
+            part_bytes: TEST_PART,
             buffer_bytes: 256 << 20,
             timeout,
         }
