@@ -621,13 +621,13 @@ fn check_cluster(
             value: fingerprint.0.to_vec(),
             file: format!(
                 "the TLS certificate ({}, or [tls] cert)",
-                file("relay-cert.pem")
+                file(crate::net::tls::CERT_FILE)
             ),
         },
         Fact {
             name: "sender-certificate-public-key",
             value: signer.verifying_key().to_bytes().to_vec(),
-            file: file("relay-signing-key"),
+            file: file(crate::net::tls::SIGNING_KEY_FILE),
         },
         Fact {
             name: "discovery-oprf-check",

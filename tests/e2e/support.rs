@@ -303,19 +303,10 @@ pub(crate) async fn within<F: std::future::Future>(f: F) -> F::Output {
     tokio::time::timeout(STEP, f).await.expect("step timed out")
 }
 
-/// Copies the files every node of one relay shares (the TLS certificate and key, the
-/// sender-certificate signing key, the discovery OPRF key) from a node's data
-/// directory into another's, as an operator does; files already there are kept.
+/// Copies the files every node of one relay shares from a node's data directory
+/// into another's, as an operator does ([`tern_relay::cluster::copy_shared_files`]).
 pub(crate) fn copy_shared_files(from: &Path, to: &Path) {
-    for entry in std::fs::read_dir(from).expect("peer dir").flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("relay-") || name == "discovery-oprf-key" {
-            let dest = to.join(&name);
-            if !dest.exists() {
-                std::fs::copy(entry.path(), &dest).expect("copy");
-            }
-        }
-    }
+    tern_relay::cluster::copy_shared_files(from, to).expect("copy the shared files");
 }
 
 /// Every file under `dir`, recursively (none if it does not exist).

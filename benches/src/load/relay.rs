@@ -282,21 +282,11 @@ impl Drop for RelayUnderTest {
     }
 }
 
-/// Copies the files every node of a cluster shares (`relay-*`, `discovery-oprf-key`)
-/// from one node's data directory into another's, creating it.
+/// Copies the files every node of a cluster shares from one node's data directory
+/// into another's, creating it; a peer with none of them is an error.
 fn copy_shared_files(from: &Path, to: &Path) -> Result<(), LoadError> {
-    std::fs::create_dir_all(to)?;
-    let mut copied = 0;
-    for entry in std::fs::read_dir(from)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("relay-") || name == "discovery-oprf-key" {
-            std::fs::copy(entry.path(), to.join(&name))?;
-            copied += 1;
-        }
-    }
-    if copied == 0 {
-        return Err(format!("no relay-* files in {} to share", from.display()).into());
+    if tern_relay::cluster::copy_shared_files(from, to)? == 0 {
+        return Err(format!("no shared relay files in {} to copy", from.display()).into());
     }
     Ok(())
 }

@@ -23,6 +23,32 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The files in a data directory that every node of one relay must share: the TLS
+/// certificate and key (clients pin one certificate), the sender-certificate signing
+/// key and the discovery OPRF key. The operator copies them from the first node.
+pub const SHARED_FILES: [&str; 4] = [
+    crate::net::tls::CERT_FILE,
+    crate::net::tls::KEY_FILE,
+    crate::net::tls::SIGNING_KEY_FILE,
+    crate::discovery::oprf::KEY_FILE,
+];
+
+/// Copies [`SHARED_FILES`] from one node's data directory into another's (created if
+/// missing), as an operator does; a file already there is kept. Returns how many were
+/// copied.
+pub fn copy_shared_files(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<usize> {
+    std::fs::create_dir_all(to)?;
+    let mut copied = 0;
+    for name in SHARED_FILES {
+        let (src, dest) = (from.join(name), to.join(name));
+        if src.exists() && !dest.exists() {
+            std::fs::copy(src, dest)?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
 use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, watch};
 use tracing::debug;

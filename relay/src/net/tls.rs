@@ -15,8 +15,8 @@ use tern_proto::Fingerprint;
 use crate::config::TlsConfig;
 use crate::error::{Error, Result};
 
-const CERT_FILE: &str = "relay-cert.pem";
-const KEY_FILE: &str = "relay-key.pem";
+pub(crate) const CERT_FILE: &str = "relay-cert.pem";
+pub(crate) const KEY_FILE: &str = "relay-key.pem";
 
 /// A certificate chain with its key.
 #[derive(Debug)]
@@ -91,7 +91,7 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-const SIGNING_KEY_FILE: &str = "relay-signing-key";
+pub(crate) const SIGNING_KEY_FILE: &str = "relay-signing-key";
 
 /// The Ed25519 key the relay signs sender certificates with, kept in `data_dir` (made
 /// on first start), so certificates stay verifiable across restarts.
