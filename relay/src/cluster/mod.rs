@@ -233,17 +233,7 @@ impl Cluster {
         &self,
         fut: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
     ) -> StoreResult<T> {
-        let Some(task) = self.pg.spawn(tokio::time::timeout(DB_DEADLINE, fut)) else {
-            return Err(StoreError::Backend("database runtime stopped".into()));
-        };
-        match task.await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: no answer within {DB_DEADLINE:?}",
-                self.pg.hosts()
-            ))),
-            Err(_) => Err(StoreError::Backend("database task failed".into())),
-        }
+        self.pg.call_within(DB_DEADLINE, fut).await
     }
 
     async fn follow(

@@ -15,6 +15,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -264,24 +265,7 @@ impl PgBackend {
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Backend("database runtime stopped".into()));
         };
-        let hosts = &self.hosts;
-        let hung = &self.hung;
-        let bounded = async move {
-            match tokio::time::timeout(deadline, fut).await {
-                Ok(result) => {
-                    if result.is_ok() {
-                        hung.clear();
-                    }
-                    result
-                }
-                Err(_) => {
-                    hung.mark();
-                    Err(StoreError::Unavailable(format!(
-                        "PostgreSQL at {hosts}: no answer within {deadline:?}"
-                    )))
-                }
-            }
-        };
+        let bounded = self.bounded(deadline, fut);
         let handle = runtime.handle();
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Err(_) => handle.block_on(bounded),
@@ -294,6 +278,48 @@ impl PgBackend {
         };
         self.outage.observe(&result);
         result
+    }
+
+    /// [`PgBackend::run_within`] for async callers (the cluster's tasks): `fut` runs
+    /// as a task on the database runtime, awaited from any runtime.
+    pub async fn call_within<T, F>(self: &Arc<Self>, deadline: Duration, fut: F) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let this = self.clone();
+        let Some(task) = self.spawn(async move { this.bounded(deadline, fut).await }) else {
+            return Err(StoreError::Backend("database runtime stopped".into()));
+        };
+        let result = task
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into())));
+        self.outage.observe(&result);
+        result
+    }
+
+    /// `fut` with a deadline: a call left without an answer marks the database as
+    /// hanging (see [`Hung`]), an answered one clears that.
+    async fn bounded<T>(
+        &self,
+        deadline: Duration,
+        fut: impl Future<Output = StoreResult<T>>,
+    ) -> StoreResult<T> {
+        match tokio::time::timeout(deadline, fut).await {
+            Ok(result) => {
+                if result.is_ok() {
+                    self.hung.clear();
+                }
+                result
+            }
+            Err(_) => {
+                self.hung.mark();
+                Err(StoreError::Unavailable(format!(
+                    "PostgreSQL at {}: no answer within {deadline:?}",
+                    self.hosts
+                )))
+            }
+        }
     }
 
     /// The database runtime's handle.
