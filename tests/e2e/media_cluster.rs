@@ -69,15 +69,6 @@ impl Cluster {
         .expect("node starts")
     }
 
-    /// The bucket's objects under `prefix`.
-    fn objects(&self, prefix: &str) -> Vec<String> {
-        self.s3
-            .files()
-            .into_iter()
-            .filter(|f| f.starts_with(prefix))
-            .collect()
-    }
-
     /// One number from the database.
     async fn count(&self, sql: &str) -> i64 {
         let (client, conn) =
@@ -119,7 +110,7 @@ async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothi
         .expect("upload on a");
     assert!(!up.existed);
     let only = vec![format!("blobs/{}", hex(&pointer.blob_id))];
-    assert_eq!(c.objects("blobs/"), only, "one object per blob");
+    assert_eq!(c.s3.objects("blobs/"), only, "one object per blob");
 
     // Downloaded through b, without an account.
     let (anon, _) = within(RelayConnection::connect(&b.address))
@@ -157,11 +148,11 @@ async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothi
 async fn settled_parts(c: &Cluster, committed: u64) {
     let deadline = Instant::now() + STEP;
     loop {
-        let manifests: Vec<String> = c
-            .objects("uploads/")
-            .into_iter()
-            .filter(|f| f.ends_with(".parts"))
-            .collect();
+        let manifests: Vec<String> =
+            c.s3.objects("uploads/")
+                .into_iter()
+                .filter(|f| f.ends_with(".parts"))
+                .collect();
         if let [one] = manifests.as_slice() {
             let path = c.s3.root().join(c.s3.bucket()).join(one);
             if let Ok(text) = std::fs::read(&path) {
@@ -310,7 +301,7 @@ async fn expiry_sweeps_run_on_one_node_of_three() {
     loop {
         let left = c.count("SELECT count(*) FROM messages").await
             + c.count("SELECT count(*) FROM blobs").await
-            + c.objects("blobs/").len() as i64;
+            + c.s3.objects("blobs/").len() as i64;
         if left == 0 {
             break;
         }

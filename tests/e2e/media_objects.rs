@@ -50,14 +50,10 @@ async fn an_attachment_goes_to_the_object_store_and_comes_back() {
         .await
         .expect("upload");
     assert!(!up.existed);
-    let blobs: Vec<String> = s3
-        .files()
-        .into_iter()
-        .filter(|f| f.starts_with("blobs/"))
-        .collect();
+    let blobs = s3.objects("blobs/");
     assert_eq!(blobs.len(), 1, "one object per blob: {:?}", s3.files());
     assert!(
-        s3.files().iter().all(|f| !f.starts_with("uploads/")),
+        s3.objects("uploads/").is_empty(),
         "staging deleted: {:?}",
         s3.files()
     );

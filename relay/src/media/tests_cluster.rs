@@ -73,14 +73,6 @@ impl Cluster {
             budget,
         }
     }
-
-    fn objects(&self, prefix: &str) -> Vec<String> {
-        self.s3
-            .files()
-            .into_iter()
-            .filter(|f| f.starts_with(prefix))
-            .collect()
-    }
 }
 
 #[test]
@@ -109,7 +101,7 @@ fn an_expired_blob_loses_its_object_once_and_leaves_no_queue() {
     let bytes = pattern(PART + 1000);
     let id = id_of(&bytes);
     upload(&a.store, &ALICE, &bytes).expect("upload");
-    assert_eq!(c.objects("blobs/").len(), 1);
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
     c.clock.advance(TTL + Duration::from_secs(1));
     let swept = a.store.sweep(100).expect("sweep");
     assert_eq!((swept.blobs, swept.objects), (1, 0));
@@ -129,7 +121,7 @@ fn a_crash_between_the_record_and_the_object_orphans_nothing() {
     // The sweeping node deleted the record and died before deleting the object.
     assert!(a.index.remove_blob(&id).expect("remove").is_some());
     assert_eq!(
-        c.objects("blobs/").len(),
+        c.s3.objects("blobs/").len(),
         1,
         "the object outlived its record"
     );
@@ -157,8 +149,8 @@ fn a_blob_uploaded_again_after_its_deletion_keeps_its_object() {
     assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
     let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read on a");
     assert!(read_all(&mut r) == bytes, "the object is the new blob's");
-    assert_eq!(c.objects("blobs/").len(), 1);
-    assert!(c.objects("uploads/").is_empty());
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
+    assert!(c.s3.objects("uploads/").is_empty());
 }
 
 #[test]
@@ -181,7 +173,7 @@ fn a_forward_on_another_node_after_the_sweep_listed_a_blob_keeps_it() {
     assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
     assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
     assert!(b.store.status(&id).expect("status").is_some());
-    assert_eq!(c.objects("blobs/").len(), 1);
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
 }
 
 /// Object-store bytes whose first `keep_upload` kills the database once the object is
@@ -278,7 +270,7 @@ fn a_finish_retried_after_the_database_failed_between_copy_and_record_succeeds()
         "{failed:?}"
     );
     c.pg.restart();
-    assert_eq!(c.objects("blobs/").len(), 1, "the object was copied");
+    assert_eq!(c.s3.objects("blobs/").len(), 1, "the object was copied");
     // A sweep before the retry leaves the object to it.
     assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
     // The client's retry: the same finish, on this node or another.
@@ -287,10 +279,10 @@ fn a_finish_retried_after_the_database_failed_between_copy_and_record_succeeds()
     assert_eq!(meta.size, bytes.len() as u64);
     let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read");
     assert!(read_all(&mut r) == bytes);
-    assert!(c.objects("uploads/").is_empty(), "{:?}", c.s3.files());
+    assert!(c.s3.objects("uploads/").is_empty(), "{:?}", c.s3.files());
     assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
     assert_eq!(b.store.sweep(100).expect("sweep"), Swept::default());
-    assert_eq!(c.objects("blobs/").len(), 1);
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
     assert_eq!(
         b.index
             .upload(&ALICE.address().account, &id)
@@ -308,11 +300,11 @@ fn an_object_whose_record_failed_and_was_never_retried_is_collected() {
     let id = id_of(&bytes);
     assert!(upload_and_finish(&a.store, &bytes).is_err());
     c.pg.restart();
-    assert_eq!(c.objects("blobs/").len(), 1);
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
     // Past the grace a retry would have had, the sweep deletes the object.
     let swept = a.store.sweep(100).expect("sweep");
     assert_eq!((swept.blobs, swept.objects), (0, 1));
-    assert!(c.objects("blobs/").is_empty(), "{:?}", c.s3.files());
+    assert!(c.s3.objects("blobs/").is_empty(), "{:?}", c.s3.files());
     assert!(a.store.status(&id).expect("status").is_none());
     // The abandoned upload goes with its staging object in time, as any other.
     c.clock

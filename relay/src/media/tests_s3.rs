@@ -36,14 +36,6 @@ fn node(s3: &TestS3, index: Arc<dyn BlobIndex>, limits: BlobLimits) -> Node {
     Node { store, clock }
 }
 
-/// The objects under a prefix of the bucket.
-fn objects(s3: &TestS3, prefix: &str) -> Vec<String> {
-    s3.files()
-        .into_iter()
-        .filter(|f| f.starts_with(prefix))
-        .collect()
-}
-
 #[test]
 fn s3_upload_download_repeat_and_forward_move_bytes_once() {
     let s3 = TestS3::start();
@@ -66,17 +58,17 @@ fn s3_upload_download_repeat_and_forward_move_bytes_once() {
     drop(running);
     assert_eq!(meta.size, bytes.len() as u64);
     assert_eq!(
-        objects(&s3, "blobs/"),
+        s3.objects("blobs/"),
         vec![format!("blobs/{}", crate::media::bytes::hex(&id))]
     );
-    assert!(objects(&s3, "uploads/").is_empty(), "staging deleted");
+    assert!(s3.objects("uploads/").is_empty(), "staging deleted");
     // Bob uploads the same id and Alice forwards it: no bytes move.
     n.clock.advance(Duration::from_secs(60));
     let again = n.store.begin(&BOB, &id, bytes.len() as u64).expect("begin");
     assert!(matches!(again, Begin::Exists(m) if m.expires_at > meta.expires_at));
     n.store.touch(&id).expect("forward");
     assert_eq!(n.store.received_bytes(), bytes.len() as u64);
-    assert_eq!(objects(&s3, "blobs/").len(), 1, "one object per blob");
+    assert_eq!(s3.objects("blobs/").len(), 1, "one object per blob");
     // Downloads, from the start and from an offset across a part boundary.
     let mut r = n.store.open_read(&id, 0, 256 * 1024).expect("read");
     assert_eq!(r.size(), bytes.len() as u64);
@@ -89,7 +81,7 @@ fn s3_upload_download_repeat_and_forward_move_bytes_once() {
     upload(&n.store, &ALICE, &small).expect("small");
     let mut r = n.store.open_read(&id_of(&small), 0, 1024).expect("read");
     assert_eq!(read_all(&mut r), small);
-    assert_eq!(objects(&s3, "blobs/").len(), 2);
+    assert_eq!(s3.objects("blobs/").len(), 2);
 }
 
 #[test]
@@ -148,7 +140,7 @@ fn s3_interrupted_upload_resumes_and_expiry_deletes_the_object() {
         .expect("rest");
     n.store.finish(&ALICE, &id).expect("complete");
     assert_eq!(n.store.received_bytes(), size, "each byte once");
-    assert_eq!(objects(&s3, "blobs/").len(), 1);
+    assert_eq!(s3.objects("blobs/").len(), 1);
     n.clock.advance(Duration::from_secs(3601));
     assert_eq!(n.store.sweep(100).expect("sweep").blobs, 1);
     assert!(s3.files().is_empty(), "expiry deleted the object");
@@ -195,10 +187,10 @@ fn resume_in_another_process() {
     let mut r = a.store.open_read(&id, 0, 256 * 1024).expect("read on A");
     assert!(read_all(&mut r) == bytes, "every byte back through A");
     assert_eq!(
-        objects(&s3, "blobs/"),
+        s3.objects("blobs/"),
         vec![format!("blobs/{}", crate::media::bytes::hex(&id))]
     );
-    assert!(objects(&s3, "uploads/").is_empty());
+    assert!(s3.objects("uploads/").is_empty());
 }
 
 #[test]

@@ -154,6 +154,14 @@ impl TestS3 {
         out
     }
 
+    /// The object keys under `prefix` (`blobs/`, `uploads/`), sorted.
+    pub fn objects(&self, prefix: &str) -> Vec<String> {
+        self.files()
+            .into_iter()
+            .filter(|f| f.starts_with(prefix))
+            .collect()
+    }
+
     /// Kills the server now (for tests of an object store that went away).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
