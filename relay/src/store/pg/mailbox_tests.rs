@@ -6,19 +6,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::testdb::{db, node};
+use super::testdb::{db, execute, node, sql};
 use super::*;
 use crate::store::conformance::{self, addr, msg};
 use crate::store::{Envelope, MailboxStore, Usage};
-
-/// A client on the test database for checks the traits do not offer.
-fn sql(b: &PgBackend, query: &str) -> Vec<tokio_postgres::Row> {
-    b.run(async {
-        let c = b.client().await?;
-        c.query(query, &[]).await.map_err(|e| b.classify(&e))
-    })
-    .expect(query)
-}
 
 #[test]
 fn conformance_rules() {
@@ -218,17 +209,11 @@ fn an_append_to_an_account_being_deleted_is_refused() {
     a.append(&gone, &[msg(1, 4)], 1_000, 9_000)
         .expect("before the intent");
     let before = a.totals();
-    let c = a
-        .run(async {
-            let c = a.client().await?;
-            c.execute(
-                "INSERT INTO account_deletions VALUES ($1, '{1}')",
-                &[&gone.account.as_bytes().as_slice()],
-            )
-            .await
-            .map_err(|e| a.classify(&e))
-        })
-        .expect("intent");
+    let c = execute(
+        &a,
+        "INSERT INTO account_deletions VALUES ($1, '{1}')",
+        &[&gone.account.as_bytes().as_slice()],
+    );
     assert_eq!(c, 1);
     // Staged together: the one to the account being deleted fails alone.
     let x = a
@@ -447,16 +432,11 @@ fn with_accounts_required_a_send_to_an_account_without_a_row_leaves_nothing() {
     opts.require_accounts = true;
     let a = node(&opts, "a");
     let (gone, kept) = (addr(21, 1), addr(22, 1));
-    a.run(async {
-        let c = a.client().await?;
-        c.execute(
-            "INSERT INTO accounts (account, identity_key) VALUES ($1, $2)",
-            &[&kept.account.as_bytes().as_slice(), &vec![7u8; 32]],
-        )
-        .await
-        .map_err(|e| a.classify(&e))
-    })
-    .expect("account row");
+    execute(
+        &a,
+        "INSERT INTO accounts (account, identity_key) VALUES ($1, $2)",
+        &[&kept.account.as_bytes().as_slice(), &vec![7u8; 32]],
+    );
     let x = a
         .queue_append(&gone, &[msg(1, 4)], 1_000, 9_000)
         .expect("stage");

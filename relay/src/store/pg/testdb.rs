@@ -25,3 +25,23 @@ pub(crate) fn node(opts: &PgOptions, id: &str) -> PgBackend {
     opts.node_id = id.to_owned();
     PgBackend::open(&opts).expect("open")
 }
+
+/// The rows of `statement` with `params`, through `b`'s pool (checks the traits do
+/// not offer, and rows written behind the stores' backs).
+pub(crate) fn query(
+    b: &PgBackend,
+    statement: &str,
+    params: &super::rows::Params<'_>,
+) -> Vec<tokio_postgres::Row> {
+    b.run(b.rows(statement, params)).expect(statement)
+}
+
+/// [`query`] without parameters.
+pub(crate) fn sql(b: &PgBackend, statement: &str) -> Vec<tokio_postgres::Row> {
+    query(b, statement, &[])
+}
+
+/// The rows `statement` with `params` changed.
+pub(crate) fn execute(b: &PgBackend, statement: &str, params: &super::rows::Params<'_>) -> u64 {
+    b.run(b.exec(statement, params)).expect(statement)
+}

@@ -59,19 +59,11 @@ fn attach_from_two_nodes_at_once_keeps_one_owner() {
             assert_eq!(node.of_account(&loser).expect("of"), None, "round {i}");
         }
     }
-    let count: i64 = a
-        .run(async {
-            let c = a.client().await?;
-            let row = c
-                .query_one(
-                    "SELECT count(*) FROM discovery_accounts WHERE tag IS NOT NULL",
-                    &[],
-                )
-                .await
-                .map_err(|e| a.classify(&e))?;
-            Ok(row.get(0))
-        })
-        .expect("count");
+    let count: i64 = super::testdb::sql(
+        &a,
+        "SELECT count(*) FROM discovery_accounts WHERE tag IS NOT NULL",
+    )[0]
+    .get(0);
     assert_eq!(count, 20, "one account row names each tag");
 }
 

@@ -93,26 +93,18 @@ fn verify(n: &Node, ids: std::ops::Range<u32>) -> Vec<FilterKey> {
 
 /// SQL on the shared database.
 fn sql(pg: &PgBackend, statement: &str) -> u64 {
-    pg.run(async {
-        let c = pg.client().await?;
-        c.execute(statement, &[]).await.map_err(|e| pg.classify(&e))
-    })
-    .expect(statement)
+    super::testdb::execute(pg, statement, &[])
 }
 
 fn count(pg: &PgBackend, kind: i16) -> Vec<(i32, i64)> {
-    pg.run(async {
-        let c = pg.client().await?;
-        let rows = c
-            .query(
-                "SELECT DISTINCT day, created_ms FROM discovery_published WHERE kind = $1 ORDER BY day",
-                &[&kind],
-            )
-            .await
-            .map_err(|e| pg.classify(&e))?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
-    })
-    .expect("count")
+    super::testdb::query(
+        pg,
+        "SELECT DISTINCT day, created_ms FROM discovery_published WHERE kind = $1 ORDER BY day",
+        &[&kind],
+    )
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect()
 }
 
 fn keys_of(snapshot: &[u8]) -> FilterSnapshot {

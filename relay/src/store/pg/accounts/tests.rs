@@ -287,16 +287,11 @@ fn bad_values_are_typed_errors_never_panics() {
         "nothing half-written"
     );
     // An intent whose device list does not decode is returned with none, as in sled.
-    a.run(async {
-        let c = a.client().await?;
-        c.execute(
-            "INSERT INTO account_deletions VALUES ($1, '{0, 5}')",
-            &[&&[7u8; 16][..]],
-        )
-        .await
-        .map_err(|e| a.classify(&e))
-    })
-    .expect("insert");
+    crate::store::pg::testdb::execute(
+        &a,
+        "INSERT INTO account_deletions VALUES ($1, '{0, 5}')",
+        &[&&[7u8; 16][..]],
+    );
     assert_eq!(
         a.deletions().expect("deletions"),
         vec![(AccountId([7; 16]), vec![])]
