@@ -15,16 +15,13 @@ use tern_client::{Client, Error, Event};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use crate::media::Interrupted;
+use crate::support::hex;
 use crate::support::{envelope, files_under, register, within, Device, RelayProcess};
 
 const TOKEN: &[u8] = b"bob's delivery token";
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn keys(dev: &Device) -> KeyUpload {

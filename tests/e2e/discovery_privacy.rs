@@ -22,6 +22,7 @@ use tern_client::store::SledKv;
 use tern_client::{Client, ErrorCode};
 
 use crate::http::TestHttpServer;
+use crate::support::hex;
 use crate::support::{files_under, relay_binary, within, STEP};
 
 /// A marker number: E.164, and as an address book in its region writes it.
@@ -53,10 +54,6 @@ const BOOK_ONLY: Marker = marker("+442079460999", "020 7946 0999", "GB");
 
 fn markers() -> impl Iterator<Item = &'static Marker> {
     USERS.iter().chain([&NON_USER, &BOOK_ONLY])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Every form of `m` the scan looks for.

@@ -6,11 +6,8 @@ use std::process::Command;
 use base64::Engine as _;
 use serde_json::Value;
 
+use crate::support::hex;
 use crate::support::{envelope, register, relay_binary, within, RelayProcess};
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn admin(args: &[&str], data_dir: &std::path::Path) -> std::process::Output {
     admin_with(args, data_dir, &[])

@@ -13,6 +13,7 @@ use tern_platform::clock::{Clock, ManualClock, SystemClock};
 use tern_relay::config::Config;
 use tern_relay::Relay;
 
+use crate::support::digest;
 use crate::support::{files_under, register, within};
 
 /// Resumes an upload once the relay has settled the stream cut before (until then
@@ -56,10 +57,6 @@ fn plain_file(dir: &Path, name: &str, len: usize, marker: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).expect("write");
     path
-}
-
-fn digest(path: &Path) -> Vec<u8> {
-    Sha256::digest(std::fs::read(path).expect("read")).to_vec()
 }
 
 #[tokio::test]

@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
 use tern_client::media;
 use tern_client::net::RelayConnection;
 use tern_relay::testing::{TestPostgres, TestS3};
@@ -16,6 +15,7 @@ use crate::media::Interrupted;
 use crate::support::{
     copy_shared_files, envelope, files_under, register, within, Device, RelayProcess, STEP,
 };
+use crate::support::{digest, hex};
 
 const KEY_ENV: &str = "TERN_TEST_S3_KEY";
 const SECRET_ENV: &str = "TERN_TEST_S3_SECRET";
@@ -78,14 +78,6 @@ impl Cluster {
         tokio::spawn(conn);
         client.query_one(sql, &[]).await.expect("query").get(0)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn digest(path: &Path) -> Vec<u8> {
-    Sha256::digest(std::fs::read(path).expect("read")).to_vec()
 }
 
 fn plain_file(dir: &Path, name: &str, len: usize, seed: usize) -> PathBuf {

@@ -1,18 +1,12 @@
 //! Blob bytes in an S3-compatible object store: a real relay process configured with
 //! `[objects]` against a real `s3s-fs` server.
 
-use std::path::Path;
-
-use sha2::{Digest, Sha256};
 use tern_client::media;
 use tern_client::net::RelayConnection;
 use tern_relay::testing::TestS3;
 
+use crate::support::digest;
 use crate::support::{files_under, register, within, RelayProcess};
-
-fn digest(path: &Path) -> Vec<u8> {
-    Sha256::digest(std::fs::read(path).expect("read")).to_vec()
-}
 
 #[tokio::test]
 async fn an_attachment_goes_to_the_object_store_and_comes_back() {

@@ -8,11 +8,8 @@ use std::process::Command;
 use serde_json::Value;
 use tern_relay::testing::TestPostgres;
 
+use crate::support::hex;
 use crate::support::{envelope, number, register, relay_binary, within, Device, RelayProcess};
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// `admin export-account --ciphertexts` of `account` on `data` (with `config`).
 fn export(data: &Path, config: Option<&Path>, account: &str) -> Value {

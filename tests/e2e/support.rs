@@ -322,3 +322,14 @@ pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Lower-case hex of `bytes` (blob ids, account ids as the admin commands print them).
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a file's contents.
+pub(crate) fn digest(path: &Path) -> Vec<u8> {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(std::fs::read(path).expect("read")).to_vec()
+}
