@@ -665,6 +665,7 @@ impl Removal {
             Ok(_) | Err(crate::store::StoreError::Corrupt(_)) => {}
             Err(e) => return Err(e.into()),
         }
+        self.services.accounts().forget(account);
         // In-memory buckets too: none outlives the account by more than a request
         // already past its checks (housekeeping forgets that one once it refills).
         self.services.rate_limits().forget_account(account);

@@ -9,7 +9,10 @@
 //! `add_device_per_account` rate. A [`Recipient`] carries who sends, for the send and
 //! intake limits that [`crate::mailboxes::Mailboxes::append`] applies.
 
+mod cache;
+
 use std::sync::Arc;
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -20,6 +23,8 @@ use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{utc_day, AccountRecord, AccountStore, GroupCommit, StoreError};
+pub use cache::TTL as RECIPIENT_CACHE_TTL;
+use cache::{Known, RecipientCache, RELOAD_AFTER};
 use tern_platform::clock::Clock;
 
 /// Proof that a device address belongs to a registered device, and that the sender
@@ -51,6 +56,8 @@ pub struct Accounts {
     budget: Arc<Budget>,
     /// For the created and last-seen days.
     clock: Arc<dyn Clock>,
+    /// What sends check about their recipients' accounts.
+    recipients: RecipientCache,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -75,6 +82,7 @@ impl Accounts {
             rates,
             budget,
             clock,
+            recipients: RecipientCache::default(),
         }
     }
 
@@ -101,6 +109,7 @@ impl Accounts {
             }
         };
         self.commit.commit().await?;
+        self.recipients.forget(&account);
         Ok(reg.into_device(DeviceAddress {
             account,
             device: DeviceId::PRIMARY,
@@ -137,6 +146,7 @@ impl Accounts {
             .add_device(account, &key, self.today())?
             .ok_or(Error::Unauthorized)?;
         self.commit.commit().await?;
+        self.recipients.forget(account);
         Ok(id)
     }
 
@@ -170,28 +180,25 @@ impl Accounts {
         device: &AuthenticatedDevice,
         token_hash: &[u8; 32],
     ) -> Result<()> {
-        self.store
-            .set_delivery_token(&device.address().account, token_hash)?;
+        let account = &device.address().account;
+        self.store.set_delivery_token(account, token_hash)?;
         self.commit.commit().await?;
+        self.recipients.forget(account);
         Ok(())
     }
 
     /// An account's device ids, for a holder of its delivery token. A missing account
     /// and a wrong token get the same answer, as for sealed sends.
     pub fn list_devices(&self, account: &AccountId, token: &[u8]) -> Result<Vec<DeviceId>> {
-        self.check_token(account, token)?;
-        let record = self.store.get(account)?.ok_or(Error::Unauthorized)?;
-        Ok(record.devices.iter().map(|(id, _)| *id).collect())
+        let known = self.known(account, None)?.ok_or(Error::Unauthorized)?;
+        check_token_hash(known.token.as_ref(), token)?;
+        Ok(known.devices.clone())
     }
 
     /// `to` as the recipient of an authenticated sender's messages, if it is a
     /// registered device.
     pub fn recipient(&self, sender: &AuthenticatedDevice, to: DeviceAddress) -> Result<Recipient> {
-        let exists = self
-            .store
-            .get(&to.account)?
-            .is_some_and(|rec| rec.device_key(to.device).is_some());
-        if !exists {
+        if self.known(&to.account, Some(to.device))?.is_none() {
             return Err(Error::UnknownRecipient);
         }
         Ok(Recipient {
@@ -210,10 +217,13 @@ impl Accounts {
         token: &[u8],
         from: AddressPrefix,
     ) -> Result<Recipient> {
-        self.check_token(&to.account, token)?;
-        let record = self.store.get(&to.account)?.ok_or(Error::Unauthorized)?;
-        if record.device_key(to.device).is_none() {
-            return Err(Error::UnknownRecipient);
+        let known = self.known(&to.account, None)?.ok_or(Error::Unauthorized)?;
+        check_token_hash(known.token.as_ref(), token)?;
+        if !known.devices.contains(&to.device) {
+            // A device added on another node since the entry was loaded.
+            if self.known(&to.account, Some(to.device))?.is_none() {
+                return Err(Error::UnknownRecipient);
+            }
         }
         Ok(Recipient {
             address: to,
@@ -221,8 +231,40 @@ impl Accounts {
         })
     }
 
-    fn check_token(&self, account: &AccountId, token: &[u8]) -> Result<()> {
-        check_delivery_token(self.store.as_ref(), account, token)
+    /// Drops what sends checked about `account` (deleted through this node), so the
+    /// next send to it answers as to an account that never existed.
+    pub(crate) fn forget(&self, account: &AccountId) {
+        self.recipients.forget(account);
+    }
+
+    /// What a send checks about `account`, from the cache when fresh. With `device`,
+    /// `None` unless the account has that device: a fresh entry without it is loaded
+    /// again (unless loaded within [`RELOAD_AFTER`]).
+    fn known(&self, account: &AccountId, device: Option<DeviceId>) -> Result<Option<Arc<Known>>> {
+        let has = |k: &Option<Arc<Known>>| match device {
+            Some(d) => k.as_ref().is_some_and(|k| k.devices.contains(&d)),
+            None => k.is_some(),
+        };
+        if let Some((known, at)) = self.recipients.get(account) {
+            if has(&known) {
+                return Ok(known);
+            }
+            if at.elapsed() < RELOAD_AFTER {
+                return Ok(None);
+            }
+        }
+        let at = Instant::now();
+        // Both read on every load, so a load takes as long whether or not the
+        // account exists.
+        let token = self.store.delivery_token(account)?;
+        let known = self.store.get(account)?.map(|record| {
+            Arc::new(Known {
+                token,
+                devices: record.devices.iter().map(|(id, _)| *id).collect(),
+            })
+        });
+        self.recipients.put(*account, known.clone(), at);
+        Ok(if has(&known) { known } else { None })
     }
 }
 
@@ -235,9 +277,14 @@ pub(crate) fn check_delivery_token(
     account: &AccountId,
     token: &[u8],
 ) -> Result<()> {
-    let expected = store.delivery_token(account)?.ok_or(Error::Unauthorized)?;
+    check_token_hash(store.delivery_token(account)?.as_ref(), token)
+}
+
+/// Whether `token` hashes to `expected` (compared in constant time).
+fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
+    let expected = expected.ok_or(Error::Unauthorized)?;
     let presented: [u8; 32] = Sha256::digest(token).into();
-    if !bool::from(presented.ct_eq(&expected)) {
+    if !bool::from(presented.ct_eq(expected)) {
         return Err(Error::Unauthorized);
     }
     Ok(())
@@ -404,5 +451,57 @@ mod tests {
             .pull(&bob, &mut DeliveryWindow::new(10))
             .expect("pull");
         assert_eq!(ids(&got), vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn another_nodes_changes_reach_sends_within_the_cache_ttl() {
+        let f = fixture(Limits::default());
+        let bob = device(&f, 2).await;
+        let to = *bob.address();
+        let accounts = f.services.stores().accounts.clone();
+        let old: [u8; 32] = Sha256::digest([3u8; 32]).into();
+        f.services
+            .accounts()
+            .set_delivery_token(&bob, &old)
+            .await
+            .expect("set");
+        assert_eq!(
+            f.sealed_send(to, &[3u8; 32], &msgs(0..1, 4)).await.ok(),
+            Some(1)
+        );
+
+        // Another node rotates the token and adds a device: straight into the store.
+        let new: [u8; 32] = Sha256::digest([5u8; 32]).into();
+        accounts
+            .set_delivery_token(&to.account, &new)
+            .expect("rotate");
+        let added = accounts
+            .add_device(&to.account, &device_key(60), 1)
+            .expect("add")
+            .expect("a device id");
+        let second = DeviceAddress {
+            account: to.account,
+            device: added,
+        };
+        // The old token still opens sends until the entry expires.
+        assert_eq!(
+            f.sealed_send(to, &[3u8; 32], &msgs(1..2, 4)).await.ok(),
+            Some(1)
+        );
+        tokio::time::sleep(RELOAD_AFTER).await;
+        assert_eq!(
+            f.sealed_send(second, &[3u8; 32], &msgs(0..1, 4)).await.ok(),
+            Some(1),
+            "a device missing from the entry reloads it"
+        );
+        tokio::time::sleep(RECIPIENT_CACHE_TTL).await;
+        assert!(matches!(
+            f.sealed_send(to, &[3u8; 32], &msgs(2..3, 4)).await,
+            Err(Error::Unauthorized)
+        ));
+        assert_eq!(
+            f.sealed_send(to, &[5u8; 32], &msgs(2..3, 4)).await.ok(),
+            Some(1)
+        );
     }
 }
