@@ -509,3 +509,132 @@ fn a_statement_that_fails_inside_a_pipelined_batch_commits_nothing_of_it() {
     );
     assert_eq!(a.read(&to, 0, 10).expect("read").len(), 1);
 }
+
+#[test]
+fn acks_sends_and_expiry_on_two_nodes_keep_heads_and_totals_exact() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let boxes: Vec<_> = (0..6u32).map(|i| addr(60, 1 + i)).collect();
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        // Two senders on a: staged appends, some expiring at once.
+        for t in 0..2u8 {
+            let (a, boxes, done) = (&a, &boxes, &done);
+            s.spawn(move || {
+                let staged: Vec<_> = (0..300usize)
+                    .map(|i| {
+                        let to = &boxes[(i * 7 + usize::from(t)) % boxes.len()];
+                        let until = if i % 5 == 0 { 2_000 } else { 9_000_000 };
+                        a.queue_append(to, &[msg(t, 10 + i % 50)], 1_000, until)
+                            .expect("stage")
+                    })
+                    .collect();
+                for rx in staged {
+                    a.run(async { rx.await.expect("answer") }).expect("append");
+                }
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+        }
+        // Ackers on both nodes, each acking what it read in every mailbox at once (one
+        // batch spanning mailboxes), often the same seqs as the other.
+        for n in [&a, &b, &b] {
+            let (boxes, done) = (&boxes, &done);
+            s.spawn(move || {
+                for _ in 0..2_000 {
+                    let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
+                    let mut staged = Vec::new();
+                    for to in boxes {
+                        let seqs: Vec<u64> = n.seqs(to, 0, 20).expect("seqs");
+                        if !seqs.is_empty() {
+                            staged.push(n.queue_remove(to, &seqs).expect("stage"));
+                        }
+                    }
+                    let idle = staged.is_empty();
+                    for rx in staged {
+                        n.run(async { rx.await.expect("answer") }).expect("ack");
+                    }
+                    if finished && idle {
+                        return;
+                    }
+                }
+                panic!("the acker did not finish");
+            });
+        }
+        // The sweep on b, meanwhile.
+        let (b, boxes, done) = (&b, &boxes, &done);
+        s.spawn(move || {
+            for _ in 0..2_000 {
+                let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
+                let due = b.expired(2_000, 50).expect("expired");
+                for to in boxes {
+                    b.expire(to, &due).expect("expire");
+                }
+                if finished && due.is_empty() {
+                    return;
+                }
+            }
+            panic!("the sweep did not finish");
+        });
+    });
+    let wrong: i64 = sql(
+        &a,
+        "SELECT count(*) FROM mailbox_heads h WHERE \
+         h.messages <> (SELECT count(*) FROM messages m \
+           WHERE m.account = h.account AND m.device = h.device) \
+         OR h.bytes <> (SELECT coalesce(sum(octet_length(payload)), 0) FROM messages m \
+           WHERE m.account = h.account AND m.device = h.device)",
+    )[0]
+    .get(0);
+    assert_eq!(wrong, 0, "every head counts its rows");
+    let row = &sql(
+        &a,
+        "SELECT (SELECT sum(messages) FROM mailbox_totals)::int8, \
+           (SELECT count(*) FROM messages)::int8, \
+           (SELECT sum(bytes) FROM mailbox_totals)::int8, \
+           (SELECT coalesce(sum(octet_length(payload)), 0) FROM messages)::int8, \
+           (SELECT sum(mailboxes) FROM mailbox_totals)::int8, \
+           (SELECT count(*) FROM mailbox_heads WHERE messages > 0)::int8",
+    )[0];
+    let v: Vec<i64> = (0..6).map(|i| row.get(i)).collect();
+    assert_eq!(
+        (v[0], v[2], v[4]),
+        (v[1], v[3], v[5]),
+        "totals match a recount"
+    );
+    assert_eq!(v[1], 0, "everything was acked or expired");
+}
+
+#[test]
+fn an_ack_is_answered_only_once_a_synchronous_commit_covers_it() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(70, 1);
+    let seqs = a
+        .append(&to, &[msg(1, 8), msg(2, 8)], 1_000, 9_000)
+        .expect("append");
+    a.remove(&to, &seqs[..1]).expect("an ack");
+    // A synchronous standby that never comes: every synchronous commit waits for it,
+    // a commit that does not wait for the flush does not.
+    let standby = |names: &str| {
+        sql(
+            &a,
+            &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
+        );
+        sql(&a, "SELECT pg_reload_conf()");
+        for _ in 0..200 {
+            let now: String = sql(&a, "SHOW synchronous_standby_names")[0].get(0);
+            if now == names {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the reload did not take");
+    };
+    standby("nobody");
+    let acked = a.remove(&to, &seqs[1..]);
+    standby("");
+    assert!(
+        matches!(acked, Err(StoreError::Unavailable(_))),
+        "{acked:?}"
+    );
+}

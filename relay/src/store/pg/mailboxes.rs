@@ -100,6 +100,8 @@ impl MailState {
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),
+            lazy: backend.lazy_commit_pool(super::writer::PIPELINE + 1)?,
+            barrier: backend.durable.then(Default::default),
         };
         let (queue, rx) = mpsc::unbounded_channel();
         backend.handle()?.spawn(writer.serve(rx));
@@ -380,37 +382,44 @@ async fn delete_tx(
     forget_head: bool,
 ) -> Result<TotalsDelta, tokio_postgres::Error> {
     let tx = client.transaction().await?;
-    let head = if forget_head {
-        "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages"
-    } else {
-        "SELECT messages FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE"
+    let delete = async {
+        let row = match extra {
+            Some((seqs, until)) => {
+                tx.query_one(delete, &[&account, &device, seqs, until])
+                    .await?
+            }
+            None => tx.query_one(delete, &[&account, &device]).await?,
+        };
+        Ok::<(i64, i64), tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?))
     };
-    let before: i64 = tx
-        .query_opt(head, &[&account, &device])
-        .await?
-        .map_or(Ok(0), |r| r.try_get(0))?;
-    let row = match extra {
-        Some((seqs, until)) => {
-            tx.query_one(delete, &[&account, &device, seqs, until])
-                .await?
+    let (n, bytes, before, after) = if forget_head {
+        // The head first: a batch that holds it (it passed the deletion check) has
+        // committed before the rows are read.
+        let before: i64 = tx
+            .query_opt(
+                "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages",
+                &[&account, &device],
+            )
+            .await?
+            .map_or(Ok(0), |r| r.try_get(0))?;
+        let (n, bytes) = delete.await?;
+        (n, bytes, before, 0)
+    } else {
+        // The rows first, then the head: the order a batch of acks takes.
+        let (n, bytes) = delete.await?;
+        if n == 0 {
+            tx.commit().await?;
+            return Ok(TotalsDelta::default());
         }
-        None => tx.query_one(delete, &[&account, &device]).await?,
-    };
-    let (n, bytes): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-    if n == 0 && !forget_head {
-        tx.commit().await?;
-        return Ok(TotalsDelta::default());
-    }
-    let after = if forget_head {
-        0
-    } else {
-        tx.execute(
-            "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
-             WHERE account = $1 AND device = $2",
-            &[&account, &device, &n, &bytes],
-        )
-        .await?;
-        before - n
+        let after: i64 = tx
+            .query_opt(
+                "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
+                 WHERE account = $1 AND device = $2 RETURNING messages",
+                &[&account, &device, &n, &bytes],
+            )
+            .await?
+            .map_or(Ok(n), |r| r.try_get(0))?;
+        (n, bytes, after + n, after)
     };
     let delta = TotalsDelta {
         messages: -n,
@@ -620,8 +629,9 @@ impl MailboxStore for PgBackend {
         let barrier = self.queue_remove(of, &[])?;
         self.wait_for_writer(Staged::Pending(barrier))?;
         // Account deletion, a page per transaction so that each statement stays
-        // within the statement timeout however full the mailbox is. Every page locks
-        // the head first, so a batch that passed the deletion check has committed.
+        // within the statement timeout however full the mailbox is. The last one
+        // locks the head first, so a batch that passed the deletion check has
+        // committed and its rows go too.
         let mut purged = Usage::default();
         for _ in 0..MAX_PURGE_PAGES {
             let page = self.delete_in_mailbox(of, PURGE_PAGE, None, false)?;

@@ -117,6 +117,8 @@ pub struct PgBackend {
     // `None` only while dropping (a runtime may not be dropped on a runtime thread).
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// Whether commits wait for the WAL flush (`durability = "fsync"`).
+    durable: bool,
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     deadline: Duration,
@@ -179,26 +181,11 @@ impl PgBackend {
             .enable_all()
             .build()
             .map_err(|e| StoreError::Backend(format!("database runtime: {e}")))?;
-        let manager_config = ManagerConfig {
-            // A connection that broke (failover, restart) is dropped on its way back
-            // and the pool connects afresh, to whichever host is the primary now.
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let manager = match &tls {
-            Some(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
-            None => Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config),
-        };
-        let pool = Pool::builder(manager)
-            .max_size(opts.pool_size)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(opts.connect_timeout))
-            .create_timeout(Some(opts.connect_timeout))
-            .recycle_timeout(Some(opts.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Backend(format!("database pool: {e}")))?;
+        let pool = build_pool(&config, &tls, opts.pool_size)?;
         let mut backend = PgBackend {
             runtime: Some(runtime),
             pool,
+            durable: opts.durability == Durability::Fsync,
             config,
             tls,
             deadline: opts.connect_timeout + opts.statement_timeout,
@@ -231,6 +218,16 @@ impl PgBackend {
         })?;
         backend.mail = Some(mailboxes::MailState::start(&backend)?);
         Ok(backend)
+    }
+
+    /// A pool of `size` connections whose sessions commit without waiting for the
+    /// WAL flush (the writer's acks, made durable by a barrier before they are
+    /// answered).
+    fn lazy_commit_pool(&self, size: usize) -> StoreResult<Pool> {
+        let mut config = self.config.clone();
+        let options = config.get_options().unwrap_or_default().to_owned();
+        config.options(format!("{options} -c synchronous_commit=off"));
+        build_pool(&config, &self.tls, size)
     }
 
     /// This node's name.
@@ -502,6 +499,32 @@ pub(super) fn pool_error(e: deadpool_postgres::PoolError, hosts: &str) -> StoreE
         deadpool_postgres::PoolError::Backend(e) => classify(&e, hosts),
         e => StoreError::Unavailable(format!("PostgreSQL at {hosts}: {e}")),
     }
+}
+
+/// A pool of up to `size` connections made with `config`.
+fn build_pool(
+    config: &tokio_postgres::Config,
+    tls: &Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    size: usize,
+) -> StoreResult<Pool> {
+    let manager_config = ManagerConfig {
+        // A connection that broke (failover, restart) is dropped on its way back
+        // and the pool connects afresh, to whichever host is the primary now.
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        Some(tls) => Manager::from_config(config.clone(), tls.clone(), manager_config),
+        None => Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config),
+    };
+    let timeout = config.get_connect_timeout().copied();
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(timeout)
+        .create_timeout(timeout)
+        .recycle_timeout(timeout)
+        .build()
+        .map_err(|e| StoreError::Backend(format!("database pool: {e}")))
 }
 
 /// Whether `e` is a serialization failure or deadlock worth one retry.

@@ -4,8 +4,10 @@
 //!
 //! A batch takes at most [`MAX_ROWS`] rows or [`MAX_BYTES`] of payload. Its mailboxes
 //! are sorted by (account, device) and their `mailbox_heads` rows locked in that
-//! order first (every mailbox transaction locks heads first), so batches on two nodes
-//! wait for one another rather than deadlock. Up to [`PIPELINE`] transactions are in
+//! order first, so batches on two nodes wait for one another rather than deadlock.
+//! A batch of removals only (acks) is one statement instead: it deletes its rows,
+//! then locks their heads in the same order (a send never waits on an existing
+//! row, so the two orders cannot meet in a cycle). Up to [`PIPELINE`] transactions are in
 //! flight: each batch takes its locks after the one before it, so within a mailbox
 //! seqs follow queue order, and batches are answered in queue order. Each caller
 //! hears after COMMIT; a failed transaction fails every item in it with
@@ -92,6 +94,51 @@ pub(super) struct Writer {
     pub(super) totals: Arc<TotalsCache>,
     pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
+    /// Connections whose commits do not wait for the WAL flush: a batch of acks
+    /// releases its heads at once instead of holding them through an fsync.
+    pub(super) lazy: Pool,
+    /// Makes those commits durable before their callers hear (`None`: commits are
+    /// not durable at once anyway, under `durability = "os"`).
+    pub(super) barrier: Option<Barrier>,
+}
+
+/// A durability barrier shared by every caller waiting at the time: one transaction
+/// that commits synchronously. It writes a record to the WAL (a transactional logical
+/// message, which takes no lock; a transaction that only takes an id would commit
+/// without waiting), so its commit waits for the flush and for a synchronous standby.
+/// The WAL is flushed in order, so it makes durable every commit that returned
+/// before it began.
+#[derive(Default)]
+pub(super) struct Barrier {
+    /// One barrier at a time.
+    turn: tokio::sync::Mutex<()>,
+    /// Barriers begun.
+    begun: AtomicU64,
+    /// The last barrier that completed.
+    done: AtomicU64,
+}
+
+impl Barrier {
+    /// Returns once a barrier begun after this call has committed.
+    async fn after(&self, pool: &Pool, hosts: &str) -> Result<(), Failure> {
+        let need = self.begun.load(Ordering::SeqCst) + 1;
+        let _turn = self.turn.lock().await;
+        if self.done.load(Ordering::SeqCst) >= need {
+            return Ok(());
+        }
+        let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| Failure::Other(super::pool_error(e, hosts)))?;
+        let open = Open(Some(client));
+        open.client()?
+            .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
+            .await?;
+        open.committed();
+        self.done.store(no, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Which appends a batch refuses, checked after the head locks (a purge locks the
@@ -120,6 +167,7 @@ struct Part {
 }
 
 /// What the transaction reports.
+#[derive(Default)]
 struct Outcome {
     /// Heads after the upsert: last seq, messages, bytes.
     heads: HashMap<DeviceAddress, (i64, i64, i64)>,
@@ -184,6 +232,16 @@ fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
     parts
 }
 
+/// How a batch is written.
+enum Step {
+    /// Nothing to write (barriers only).
+    Nothing,
+    /// Appends, maybe with removals: the heads are locked, the rest follows.
+    Locked(Box<Locked>),
+    /// Removals only: one statement.
+    Removals,
+}
+
 /// What the first half of a batch's transaction leaves for the second.
 struct Locked {
     open: Open,
@@ -235,25 +293,28 @@ impl Writer {
             let parts = plan(&ops);
             // The locks are taken here, one batch after another: within a mailbox,
             // a later batch waits for an earlier one's commit, so seqs follow the queue.
+            // A batch of removals only takes no seqs: its one statement needs no turn.
+            let removals = ops.iter().all(|op| matches!(op, Op::Remove { .. }));
             let locked = if parts.is_empty() {
-                Ok(None)
+                Ok(Step::Nothing)
+            } else if removals {
+                Ok(Step::Removals)
             } else {
-                this.bounded(this.lock(&parts)).await.map(Some)
+                this.bounded(this.lock(&parts))
+                    .await
+                    .map(|l| Step::Locked(Box::new(l)))
             };
             let (done, next) = oneshot::channel();
             let before = previous.replace(next);
             let this = this.clone();
             tokio::spawn(async move {
                 let outcome = match locked {
-                    Ok(None) => Ok(Outcome {
-                        heads: HashMap::new(),
-                        refused: HashSet::new(),
-                        deleted: Vec::new(),
-                    }),
-                    Ok(Some(locked)) => {
-                        this.bounded(this.finish(locked, &ops, &parts, totals_slot))
+                    Ok(Step::Nothing) => Ok(Outcome::default()),
+                    Ok(Step::Locked(locked)) => {
+                        this.bounded(this.finish(*locked, &ops, &parts, totals_slot))
                             .await
                     }
+                    Ok(Step::Removals) => this.bounded(this.remove(&parts, totals_slot)).await,
                     Err(f) => Err(f),
                 };
                 if let Some(before) = before {
@@ -570,6 +631,71 @@ impl Writer {
         })
     }
 
+    /// A batch of removals (acks) as one statement, committed on its own without
+    /// waiting for the flush (then a [`Barrier`]): the rows first, then their heads
+    /// in (account, device) order, then the totals slot. A
+    /// removal that finds nothing (a duplicate ack) writes nothing. Retried once if
+    /// the database chose it as a deadlock's victim (it wrote nothing then).
+    async fn remove(
+        &self,
+        parts: &BTreeMap<DeviceAddress, Part>,
+        totals_slot: i32,
+    ) -> Result<Outcome, Failure> {
+        let mut del = HeadCols::default();
+        for (to, part) in parts {
+            for &s in part.removes.keys() {
+                del.push(to, s as i64, 0, 0);
+            }
+        }
+        if del.accounts.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let client = self
+            .lazy
+            .get()
+            .await
+            .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
+        // Pooled again only once answered: a statement given up at the deadline may
+        // still be running.
+        let open = Open(Some(client));
+        let st = open.client()?.prepare_cached(REMOVE).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&del.accounts, &del.devices, &del.a, &totals_slot];
+        let rows = match open.client()?.query(&st, &params).await {
+            Err(e) if super::is_retryable(&e) => open.client()?.query(&st, &params).await?,
+            r => r?,
+        };
+        open.committed();
+        // Visible to every node now, the heads free again; durable before answered.
+        if let Some(barrier) = &self.barrier {
+            barrier.after(&self.pool, &self.hosts).await?;
+        }
+        let mut out = Outcome::default();
+        let mut delta = TotalsDelta::default();
+        for row in &rows {
+            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+            let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
+            if row.try_get::<_, i32>(0)? == 0 {
+                out.deleted.push((to, a as u64, b.max(0) as u64));
+                delta.messages -= 1;
+                delta.bytes -= b;
+            } else {
+                delta.mailboxes -= i64::from(a == 0);
+                let usage = Usage {
+                    messages: a.max(0) as u64,
+                    bytes: b.max(0) as u64,
+                };
+                self.usage.set(to, usage);
+            }
+        }
+        self.totals.apply(delta);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rows
+            .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
     /// Hands each caller its part of a committed batch.
     fn answer(&self, ops: Vec<Op>, parts: &BTreeMap<DeviceAddress, Part>, out: Outcome) {
         let mut freed: HashMap<usize, Usage> = HashMap::new();
@@ -718,6 +844,30 @@ const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
      SET messages = h.messages - d.m, bytes = h.bytes - d.b \
      FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) d(a, dv, m, b) \
      WHERE h.account = d.a AND h.device = d.dv";
+
+// Rows, then heads: every head whose rows it deleted, locked in (account, device)
+// order through the sorted insert (a head exists while its mailbox has rows, so the
+// insert never adds one), then the totals slot. Rows of kind 0 are the deleted
+// messages (seq, payload bytes), of kind 1 the heads after (messages, bytes).
+const REMOVE: &str = "WITH del AS (DELETE FROM messages m \
+       USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
+       WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
+       RETURNING m.account, m.device, m.seq, octet_length(m.payload)::int8 AS n), \
+     per AS (SELECT account, device, count(*)::int8 AS c, sum(n)::int8 AS b \
+       FROM del GROUP BY account, device), \
+     dec AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
+       SELECT account, device, 0, -c, -b FROM per ORDER BY account, device \
+       ON CONFLICT (account, device) DO UPDATE \
+       SET messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
+       RETURNING h.account, h.device, h.messages, h.bytes), \
+     tot AS (UPDATE mailbox_totals t SET messages = t.messages - s.c, \
+       bytes = t.bytes - s.b, mailboxes = t.mailboxes - s.e \
+       FROM (SELECT coalesce(sum(per.c), 0)::int8 AS c, coalesce(sum(per.b), 0)::int8 AS b, \
+         count(*) FILTER (WHERE dec.messages = 0)::int8 AS e \
+         FROM dec JOIN per USING (account, device)) s \
+       WHERE t.slot = $4 AND s.c > 0) \
+     SELECT 0, account, device, seq, n FROM del \
+     UNION ALL SELECT 1, account, device, messages, bytes FROM dec";
 
 const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
      USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
