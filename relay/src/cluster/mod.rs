@@ -66,6 +66,8 @@ const RECHECK_CHUNK: usize = 5_000;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A node silent this long is gone: its claims are swept.
 const NODE_SILENT_MS: i64 = 60_000;
+/// A node silent this long is not sent mail hints.
+const PEER_SILENT: Duration = Duration::from_secs(3 * HEARTBEAT.as_secs());
 /// The longest a node's own background call to the database may take.
 const DB_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -78,6 +80,13 @@ pub struct Cluster {
     /// displaced by another node's claim: one not yet committed would read the
     /// older connection's row and close itself.
     claimed: std::sync::Mutex<HashMap<DeviceAddress, u64>>,
+    /// Whether another node is here: it beat within [`PEER_SILENT`] at this node's
+    /// last heartbeat, or a hint came from it since (true until the first beat).
+    /// Alone, a node publishes no mail hints: nobody would read them. Mail matters
+    /// to another node only for a device connected there, and a connection's claim
+    /// is announced by a hint, which sets this; should that hint be lost, the next
+    /// heartbeat does, and the re-check delivers meanwhile.
+    peers: std::sync::atomic::AtomicBool,
     /// The re-check and heartbeat tasks.
     tasks: Tasks,
 }
@@ -127,6 +136,7 @@ impl Cluster {
             active,
             notifier: notifier.clone(),
             claimed: std::sync::Mutex::new(HashMap::new()),
+            peers: std::sync::atomic::AtomicBool::new(true),
             tasks: Tasks::default(),
         });
         cluster.tasks.add(
@@ -178,7 +188,9 @@ impl Cluster {
 
     /// Tells the other nodes that `to` has new mail (call after the commit).
     pub fn mail(&self, to: &DeviceAddress) {
-        self.notifier.publish(Hint::Mail(*to));
+        if self.peers.load(std::sync::atomic::Ordering::Relaxed) {
+            self.notifier.publish(Hint::Mail(*to));
+        }
     }
 
     /// Claims `addr`'s deliveries for this node's subscription `id`, displacing any
@@ -253,6 +265,9 @@ impl Cluster {
                 _ = stop.changed() => return,
                 ev = events.recv(), if listening => match ev {
                     Some(Event::Hints(hints)) => {
+                        // Another node is here: a device that connects there says
+                        // so, before it needs this node's hints.
+                        self.peers.store(true, std::sync::atomic::Ordering::Relaxed);
                         let mut claimed = Vec::new();
                         for h in hints {
                             match h {
@@ -387,21 +402,27 @@ impl Cluster {
 
     async fn beat(&self) -> StoreResult<()> {
         let pg = self.pg.clone();
-        self.on_db(async move {
-            let client = pg.client().await?;
-            client
-                .execute(
-                    &format!(
-                        "INSERT INTO nodes (node, started_ms, heartbeat_ms) VALUES ($1, {NOW_MS}, {NOW_MS}) \
-                         ON CONFLICT (node) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
-                    ),
-                    &[&pg.node_id()],
-                )
-                .await
-                .map_err(|e| pg.classify(&e))?;
-            Ok(())
-        })
-        .await?;
+        let peers = self
+            .on_db(async move {
+                let client = pg.client().await?;
+                let row = client
+                    .query_one(
+                        &format!(
+                            "WITH beat AS (INSERT INTO nodes (node, started_ms, heartbeat_ms) \
+                             VALUES ($1, {NOW_MS}, {NOW_MS}) \
+                             ON CONFLICT (node) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms \
+                             RETURNING 1) \
+                             SELECT count(*) FROM nodes WHERE node <> $1 AND heartbeat_ms >= {NOW_MS} - $2"
+                        ),
+                        &[&pg.node_id(), &(PEER_SILENT.as_millis() as i64)],
+                    )
+                    .await
+                    .map_err(|e| pg.classify(&e))?;
+                row.try_get::<_, i64>(0).map_err(|e| pg.classify(&e))
+            })
+            .await?;
+        self.peers
+            .store(peers > 0, std::sync::atomic::Ordering::Relaxed);
         // The sweep of silent nodes runs on one node at a time.
         let pg = self.pg.clone();
         let held = tokio::task::spawn_blocking(move || pg.try_hold("sweep:nodes", 3 * HEARTBEAT))
@@ -460,5 +481,49 @@ impl Drop for Claim {
                 )
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crate::store::pg::testdb::{db, node};
+
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<Hint>>);
+
+    impl Notifier for Recorder {
+        fn publish(&self, hint: Hint) {
+            self.0.lock().expect("hints").push(hint);
+        }
+        fn events(&self) -> Option<mpsc::Receiver<Event>> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_node_alone_publishes_no_mail_hints_and_one_with_peers_does() {
+        let (_pg, opts) = db();
+        let (_stop_tx, stop) = watch::channel(false);
+        let start = |id: &str, hints: Arc<Recorder>| {
+            let pg = Arc::new(node(&opts, id));
+            let active = Arc::new(ActiveMailboxes::default());
+            let cluster = Cluster::start(pg.clone(), active, hints, HEARTBEAT, stop.clone());
+            (pg, cluster)
+        };
+        let hints = Arc::new(Recorder::default());
+        let (pg, a) = start("a", hints.clone());
+        let to = DeviceAddress::from_wire(&[7; 16], 1).expect("address");
+        pg.run(a.beat()).expect("beat");
+        a.mail(&to);
+        assert!(hints.0.lock().expect("hints").is_empty(), "alone");
+
+        let (pg_b, b) = start("b", Arc::new(Recorder::default()));
+        pg_b.run(b.beat()).expect("b beats");
+        pg.run(a.beat()).expect("beat");
+        a.mail(&to);
+        assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
     }
 }

@@ -69,8 +69,8 @@ impl Notifier for NoHints {
     }
 }
 
-/// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a pooled
-/// connection outside any transaction, after the change it announces committed:
+/// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a connection of
+/// its own outside any other transaction, after the change it announces committed:
 /// inside the transaction it would hold PostgreSQL's notification lock through the
 /// commit and serialise every node's commits.
 pub struct PgNotifier {
@@ -182,6 +182,7 @@ async fn publisher(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut batch = Vec::with_capacity(HINTS_PER_NOTIFY);
+    let mut conn: Option<Publishing> = None;
     loop {
         batch.clear();
         tokio::select! {
@@ -199,26 +200,58 @@ async fn publisher(
             }
         }
         let payload = encode(origin, &batch);
-        // Its own transaction, committed without waiting for the WAL flush (or a
-        // standby): a NOTIFY takes a transaction id, and a hint need not be durable.
-        // The payload holds only hex digits and `;,mc`, so it is safe as a literal.
-        let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_notify('{CHANNEL}', '{payload}'); COMMIT"
-        );
         let sent = async {
-            let client = pg.client().await?;
-            client
-                .batch_execute(&sql)
+            if conn.as_ref().is_none_or(|c| c.driver.is_finished()) {
+                conn = Some(Publishing::connect(&pg).await?);
+            }
+            let Some(c) = &conn else {
+                return Ok(());
+            };
+            c.client
+                .execute(&c.notify, &[&CHANNEL, &payload])
                 .await
+                .map(drop)
                 .map_err(|e| pg.classify(&e))
         };
-        match tokio::time::timeout(Duration::from_secs(2), sent).await {
-            Ok(Ok(_)) => {}
+        let failed = match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => false,
             Ok(Err(e)) => {
-                debug!(error = %e, "a cross-node hint was not sent (the re-check covers it)")
+                debug!(error = %e, "a cross-node hint was not sent (the re-check covers it)");
+                true
             }
-            Err(_) => debug!("a cross-node hint timed out (the re-check covers it)"),
+            Err(_) => {
+                debug!("a cross-node hint timed out (the re-check covers it)");
+                true
+            }
+        };
+        if failed {
+            conn = None;
         }
+    }
+}
+
+/// The publisher's connection: its own, outside the pool, so that its session can
+/// commit without waiting for the WAL flush (or a standby): a NOTIFY takes a
+/// transaction id, and a hint need not be durable. One statement per hint batch.
+struct Publishing {
+    client: tokio_postgres::Client,
+    driver: tokio::task::JoinHandle<()>,
+    notify: tokio_postgres::Statement,
+}
+
+impl Publishing {
+    async fn connect(pg: &PgBackend) -> crate::store::StoreResult<Self> {
+        let (client, driver) = pg.dedicated(|_| {}).await?;
+        let ready = async {
+            client.batch_execute("SET synchronous_commit = off").await?;
+            client.prepare("SELECT pg_notify($1, $2)").await
+        };
+        let notify = ready.await.map_err(|e| pg.classify(&e))?;
+        Ok(Publishing {
+            client,
+            driver,
+            notify,
+        })
     }
 }
 
