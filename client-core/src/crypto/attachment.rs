@@ -103,8 +103,8 @@ pub struct Encrypted {
     pub size: u64,
     /// Ciphertext bytes: [`sealed_len`] of `size`.
     pub sealed_size: u64,
-    /// SHA-256 of the plaintext (the file, without its padding): travels in the pointer (never to the relay), so a
-    /// recipient checks the whole file, resumed downloads included.
+    /// SHA-256 of the file (without its padding): travels in the pointer (never to the
+    /// relay), so a recipient checks the whole file, resumed downloads included.
     pub digest: [u8; 32],
 }
 
