@@ -2,7 +2,7 @@
 //! from what a relay (or a stored record) hands it.
 
 use sha2::{Digest, Sha256};
-use tern_client::crypto::attachment::{Decryptor, HEADER_LEN as ATTACHMENT_HEADER_LEN};
+use tern_client::crypto::attachment::{padme, Decryptor, HEADER_LEN as ATTACHMENT_HEADER_LEN};
 use tern_client::crypto::ratchet::{Header, Session};
 use tern_client::crypto::sealed::{self, SenderCertificate};
 use tern_client::crypto::sessions::SessionSet;
@@ -88,7 +88,8 @@ pub(crate) const ATTACHMENT_KEY: [u8; 32] = [7; 32];
 /// first byte is the chunk size (in units of 257 bytes, plus one); the blob id is the
 /// ciphertext's own SHA-256, so a valid ciphertext decrypts in full. Rules: the
 /// outcome does not depend on the chunking; a resumed decryption (header given, no
-/// digest) yields the same plaintext as a whole one.
+/// digest) yields the same plaintext as a whole one; told a file size whose PADMÉ
+/// length is the plaintext's, it yields the file alone, and only if the rest is zeros.
 pub fn attachment(data: &[u8]) {
     let Some((&control, ciphertext)) = data.split_first() else {
         return;
@@ -111,6 +112,19 @@ pub fn attachment(data: &[u8]) {
             Ok(plaintext),
             "a resumed decryption differs"
         );
+        // Where the trailing zeros start: the smallest size the padding allows.
+        let len = plaintext.len();
+        let file = plaintext.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        for size in [len, file, file.saturating_sub(1)] {
+            let fits = size == len || padme(size as u64) == Some(len as u64);
+            let sized = Decryptor::new(&ATTACHMENT_KEY, blob_id).with_size(size as u64);
+            let got = decrypt(sized, ciphertext, chunk);
+            if fits && size >= file {
+                assert_eq!(got.as_deref(), Ok(&plaintext[..size]), "size {size}");
+            } else {
+                assert!(got.is_err(), "size {size} of {len} passed");
+            }
+        }
     }
 }
 

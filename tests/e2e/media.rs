@@ -149,6 +149,65 @@ async fn a_forwarded_attachment_is_stored_and_uploaded_once_along_a_chain_of_ten
 }
 
 #[tokio::test]
+async fn files_in_one_padme_step_are_stored_at_one_size() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay_dir = dir.path().join("relay");
+    let relay = day_relay(&relay_dir).await;
+    let (alice, bob) = (
+        register(relay.address()).await,
+        register(relay.address()).await,
+    );
+    // 100,000 and 100,200 bytes both pad to 100,352 bytes (PADMÉ): the relay stores,
+    // and reports, the same length for both.
+    let mut pointers = Vec::new();
+    for (i, len) in [100_000usize, 100_200].into_iter().enumerate() {
+        let src = plain_file(dir.path(), &format!("in{i}"), len, b"");
+        let (pointer, _) = within(media::upload(
+            &alice.conn,
+            &src,
+            &dir.path().join(format!("sealed{i}")),
+        ))
+        .await
+        .expect("upload");
+        let status = within(bob.conn.blob_status(&pointer.blob_id))
+            .await
+            .expect("status")
+            .expect("the relay has it");
+        assert_eq!(status.size, pointer.sealed_size);
+        pointers.push((src, pointer));
+    }
+    let stored: Vec<u64> = files_under(&relay_dir.join("blobs"))
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("blob").len())
+        .collect();
+    let sealed = 8 + 100_352 + 2 * 16;
+    assert_eq!(stored, vec![sealed, sealed], "two blobs, one length");
+    // Bob forwards each (nothing moves) and downloads the exact bytes: the size comes
+    // from the pointer, inside the message.
+    for (i, (src, pointer)) in pointers.iter().enumerate() {
+        assert_eq!(pointer.sealed_size, sealed);
+        within(media::forward(&bob.conn, pointer))
+            .await
+            .expect("forward");
+        let carried = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
+        let out = dir.path().join(format!("out{i}"));
+        assert_eq!(
+            within(media::download(&bob.conn, &carried, &out))
+                .await
+                .expect("download"),
+            pointer.size
+        );
+        assert_eq!(digest(&out), digest(src));
+    }
+    assert_eq!(
+        relay.blobs().received_bytes(),
+        2 * sealed,
+        "each uploaded once"
+    );
+    relay.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn a_corrupt_upload_is_refused_and_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay_dir = dir.path().join("relay");

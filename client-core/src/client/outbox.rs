@@ -15,8 +15,8 @@ use crate::store::records::{ContactRecord, OutboxCopy, OutboxRecord};
 use crate::store::Batch;
 use crate::{Error, Result};
 
-/// The largest message body `send` accepts: what fits the largest padding bucket
-/// with the plaintext's own fields.
+/// The largest message body `send` accepts: what pads to at most
+/// [`padding::MAX_PADDED`] with the plaintext's own fields.
 pub const MAX_BODY: usize = padding::MAX_PLAINTEXT - 256;
 
 /// One envelope ready to leave: sealed for its recipient device.

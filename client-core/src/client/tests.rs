@@ -487,6 +487,37 @@ fn padding_hides_the_length() {
 }
 
 #[test]
+fn envelopes_grow_in_padme_steps() {
+    let (mut a, mut b) = (dev(1), dev(2));
+    let first = a.send(&mut b, b"x");
+    b.body(&first);
+    let reply = b.send(&mut a, b"ok");
+    a.body(&reply);
+    let mut envelope = |n: usize| {
+        let d = a.send(&mut b, &vec![b'a'; n]);
+        assert_eq!(b.body(&d).len(), n);
+        d.payload.len()
+    };
+    // An empty body pads to the 256-byte floor; the rest of the envelope is a constant.
+    let overhead = envelope(0) - 256;
+    // The plaintext's other fields (delivery token, sender, time) and the marker add 65
+    // bytes to a body of 128 to 16,383 bytes. So 1 KiB pads to 1,152 (the power-of-two
+    // buckets gave 2,048) and 700 bytes to 768 (they gave 1,024); 1,087 is the last
+    // body in 1,152's step.
+    for (body, padded) in [
+        (191, 256),
+        (192, 272),
+        (700, 768),
+        (1024, 1152),
+        (1087, 1152),
+        (1088, 1216),
+    ] {
+        assert_eq!(envelope(body), overhead + padded, "{body}");
+    }
+    eprintln!("envelope overhead over the padded plaintext: {overhead} bytes");
+}
+
+#[test]
 fn contact_cards_round_trip_and_reject_garbage() {
     let card = ContactCard {
         account: AccountId([5; 16]),

@@ -10,12 +10,20 @@
 //!
 //! ```text
 //! header   = version (1) || nonce prefix (7)                          8 bytes
-//! segment  = ChaCha20-Poly1305(key, prefix || counter || last, 64 KiB of plaintext)
+//! padded   = file || zeros up to padme(len(file)) bytes
+//! segment  = ChaCha20-Poly1305(key, prefix || counter || last, 64 KiB of padded)
 //! blob     = header || segment 0 || ... || segment n-1                every segment is
 //!            64 KiB + 16 but the last, which holds 0 ..= 64 KiB + 16 (an empty file
 //!            is one empty last segment)
 //! blob id  = SHA-256(blob)
 //! ```
+//!
+//! The padding is PADMÉ ([`padme`]): the blob's length depends only on the file's
+//! length rounded up to its PADMÉ length (under 12% more, under 1/16 more from 256
+//! bytes), so the relay does not learn a file's exact size. The exact size travels in
+//! the encrypted pointer; a decryptor told it ([`Decryptor::with_size`]) writes only
+//! the file and checks that the rest is zeros. The padding is deterministic, so a blob
+//! is the same bytes however often it is forwarded.
 //!
 //! The blob id is SHA-256 of the ciphertext: the relay can check an upload against it
 //! without any key, forwards name the same blob, and SHA-256 is already in every
@@ -30,6 +38,8 @@ use chacha20poly1305::aead::stream::{NewStream, StreamBE32, StreamPrimitive};
 use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
+
+pub use super::padding::padme;
 
 /// Plaintext bytes per segment.
 pub const SEGMENT: usize = 64 * 1024;
@@ -60,13 +70,24 @@ pub enum AttachmentError {
     /// More segments than the format counts.
     #[error("attachment too large")]
     TooLarge,
+    /// The plaintext past the file's size is not PADMÉ padding (zeros up to the
+    /// file's PADMÉ length).
+    #[error("attachment padding is malformed")]
+    BadPadding,
     /// Reading or writing failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 
-/// The ciphertext's length for a plaintext of `len` bytes (`None` past `u64`).
+/// The ciphertext's length for a file of `len` bytes, padded to its PADMÉ length
+/// (`None` past `u64`).
 pub fn sealed_len(len: u64) -> Option<u64> {
+    stream_len(padme(len)?)
+}
+
+/// The ciphertext's length for exactly `len` bytes of (already padded) plaintext:
+/// also the length of a blob from before attachments were padded.
+pub fn stream_len(len: u64) -> Option<u64> {
     let segments = len.div_ceil(SEGMENT as u64).max(1);
     (HEADER_LEN as u64)
         .checked_add(len)?
@@ -78,12 +99,12 @@ pub fn sealed_len(len: u64) -> Option<u64> {
 pub struct Encrypted {
     /// SHA-256 of the ciphertext: the blob id.
     pub blob_id: [u8; 32],
-    /// Plaintext bytes.
+    /// Plaintext bytes (the file, without its padding).
     pub size: u64,
-    /// Ciphertext bytes.
+    /// Ciphertext bytes: [`sealed_len`] of `size`.
     pub sealed_size: u64,
-    /// SHA-256 of the plaintext: travels in the pointer (never to the relay), so a
-    /// recipient checks the whole file, resumed downloads included.
+    /// SHA-256 of the file (without its padding): travels in the pointer (never to the
+    /// relay), so a recipient checks the whole file, resumed downloads included.
     pub digest: [u8; 32],
 }
 
@@ -109,23 +130,81 @@ fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Encrypts everything `plaintext` yields under `key` into `out`, holding two
-/// segments in memory whatever the size.
+/// What `encrypt` reads: the file, hashed as it goes by, then zeros up to the file's
+/// PADMÉ length (known only once the file has ended).
+struct Padded<R> {
+    file: R,
+    hash: Sha256,
+    size: u64,
+    /// Once the file has ended: zeros still to come.
+    zeros: Option<u64>,
+}
+
+impl<R: Read> Read for Padded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let left = match self.zeros {
+            Some(left) => left,
+            None => {
+                let n = self.file.read(buf)?;
+                if n > 0 {
+                    self.hash.update(&buf[..n]);
+                    self.size += n as u64;
+                    return Ok(n);
+                }
+                let padded = padme(self.size)
+                    .ok_or_else(|| std::io::Error::other("attachment too large"))?;
+                padded - self.size
+            }
+        };
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        buf[..n].fill(0);
+        self.zeros = Some(left - n as u64);
+        Ok(n)
+    }
+}
+
+/// Encrypts everything `plaintext` yields under `key` into `out`, padded to its PADMÉ
+/// length, holding two segments in memory whatever the size.
 pub fn encrypt(
+    rng: &mut (impl RngCore + CryptoRng),
+    key: &[u8; 32],
+    plaintext: impl Read,
+    out: impl Write,
+) -> Result<Encrypted, AttachmentError> {
+    let mut padded = Padded {
+        file: plaintext,
+        hash: Sha256::new(),
+        size: 0,
+        zeros: None,
+    };
+    let (blob_id, sealed_size) = seal(rng, key, &mut padded, out)?;
+    Ok(Encrypted {
+        blob_id,
+        digest: padded.hash.finalize().into(),
+        size: padded.size,
+        sealed_size,
+    })
+}
+
+/// Encrypts exactly what `plaintext` yields (padding included) into `out`: the blob
+/// id and the ciphertext's length.
+fn seal(
     rng: &mut (impl RngCore + CryptoRng),
     key: &[u8; 32],
     mut plaintext: impl Read,
     mut out: impl Write,
-) -> Result<Encrypted, AttachmentError> {
+) -> Result<([u8; 32], u64), AttachmentError> {
     let mut header = [0u8; HEADER_LEN];
     header[0] = VERSION;
     rng.fill_bytes(&mut header[1..]);
     let stream = stream(key, &header);
     let mut hash = Sha256::new();
-    let mut plain_hash = Sha256::new();
     out.write_all(&header)?;
     hash.update(header);
-    let (mut size, mut sealed_size) = (0u64, HEADER_LEN as u64);
+    let mut sealed_size = HEADER_LEN as u64;
     // One segment ahead: a segment is the last only if nothing follows it.
     let mut current = vec![0u8; SEGMENT];
     let mut n = fill(&mut plaintext, &mut current)?;
@@ -145,8 +224,6 @@ pub fn encrypt(
             .map_err(|_| AttachmentError::TooLarge)?;
         out.write_all(&segment)?;
         hash.update(&segment);
-        plain_hash.update(&current[..n]);
-        size += n as u64;
         sealed_size += segment.len() as u64;
         if last {
             break;
@@ -156,12 +233,7 @@ pub fn encrypt(
         index += 1;
     }
     out.flush()?;
-    Ok(Encrypted {
-        blob_id: hash.finalize().into(),
-        digest: plain_hash.finalize().into(),
-        size,
-        sealed_size,
-    })
+    Ok((hash.finalize().into(), sealed_size))
 }
 
 /// Decrypts a ciphertext as it arrives, in constant memory: feed bytes with
@@ -176,6 +248,10 @@ pub struct Decryptor {
     hash: Option<Sha256>,
     expected: Option<[u8; 32]>,
     written: u64,
+    /// The file's size, when known: plaintext past it is padding.
+    size: Option<u64>,
+    /// Plaintext bytes up to the end of the last segment opened.
+    end: u64,
 }
 
 impl Decryptor {
@@ -201,9 +277,20 @@ impl Decryptor {
             hash: None,
             written: 0,
             expected: None,
+            size: None,
+            end: segments.saturating_mul(SEGMENT as u64),
         };
         d.take_header(header);
         d
+    }
+
+    /// The file's size, from its pointer: only the file is written out, and
+    /// [`Decryptor::finish`] checks that the rest is zeros up to its PADMÉ length (or
+    /// nothing, for a blob from before attachments were padded). Without it, the
+    /// whole padded plaintext is written.
+    pub fn with_size(mut self, size: u64) -> Self {
+        self.size = Some(size);
+        self
     }
 
     fn take_header(&mut self, bytes: &[u8]) -> usize {
@@ -277,21 +364,41 @@ impl Decryptor {
                 AttachmentError::Tampered(index)
             });
         }
-        out.write_all(&self.pending)?;
-        self.written += self.pending.len() as u64;
+        let start = self.end;
+        self.end += self.pending.len() as u64;
+        let keep = match self.size {
+            Some(size) => self
+                .pending
+                .len()
+                .min(usize::try_from(size.saturating_sub(start)).unwrap_or(usize::MAX)),
+            None => self.pending.len(),
+        };
+        if self.pending[keep..].iter().any(|b| *b != 0) {
+            return Err(AttachmentError::BadPadding);
+        }
+        out.write_all(&self.pending[..keep])?;
+        self.written += keep as u64;
         self.pending.clear();
         self.index += 1;
         Ok(())
     }
 
     /// The ciphertext has ended: the held segment must be the last one. Returns the
-    /// plaintext bytes written by this decryptor.
+    /// plaintext bytes written by this decryptor (without padding, given a size).
     pub fn finish(mut self, out: &mut impl Write) -> Result<u64, AttachmentError> {
         if self.stream.is_none() || self.pending.len() < TAG {
             return Err(AttachmentError::Truncated);
         }
         self.open(true, out)?;
         out.flush()?;
+        if let Some(size) = self.size {
+            if self.end < size {
+                return Err(AttachmentError::Truncated);
+            }
+            if self.end != size && Some(self.end) != padme(size) {
+                return Err(AttachmentError::BadPadding);
+            }
+        }
         if let (Some(hash), Some(expected)) = (self.hash.take(), self.expected) {
             if <[u8; 32]>::from(hash.finalize()) != expected {
                 return Err(AttachmentError::WrongDigest);
@@ -302,200 +409,4 @@ impl Decryptor {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::rngs::{OsRng, StdRng};
-    use rand::SeedableRng;
-
-    /// `len` pseudo-random bytes, generated as they are read.
-    struct Source {
-        rng: StdRng,
-        left: u64,
-    }
-
-    impl Read for Source {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            let n = buf
-                .len()
-                .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-            self.rng.fill_bytes(&mut buf[..n]);
-            self.left -= n as u64;
-            Ok(n)
-        }
-    }
-
-    fn source(len: u64, seed: u64) -> Source {
-        Source {
-            rng: StdRng::seed_from_u64(seed),
-            left: len,
-        }
-    }
-
-    /// Hashes what it is given: checks content without keeping it.
-    #[derive(Default)]
-    struct Sink(Sha256, u64);
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.update(buf);
-            self.1 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    fn sealed(len: u64) -> (Vec<u8>, [u8; 32], Encrypted) {
-        let key = [7u8; 32];
-        let mut blob = Vec::new();
-        let e = encrypt(&mut OsRng, &key, source(len, len), &mut blob).expect("encrypt");
-        (blob, key, e)
-    }
-
-    fn open_all(blob: &[u8], key: &[u8; 32], id: [u8; 32]) -> Result<Vec<u8>, AttachmentError> {
-        let mut d = Decryptor::new(key, id);
-        let mut out = Vec::new();
-        // Odd-sized pieces, to cross every boundary.
-        for piece in blob.chunks(7919) {
-            d.update(piece, &mut out)?;
-        }
-        d.finish(&mut out)?;
-        Ok(out)
-    }
-
-    #[test]
-    fn round_trips_at_the_edges() {
-        let s = SEGMENT as u64;
-        for len in [0, 1, s - 1, s, s + 1, 3 * s + 5] {
-            let (blob, key, e) = sealed(len);
-            assert_eq!(e.size, len);
-            assert_eq!(
-                Some(blob.len() as u64),
-                sealed_len(len),
-                "length formula for {len}"
-            );
-            assert_eq!(e.sealed_size, blob.len() as u64);
-            assert_eq!(e.blob_id, <[u8; 32]>::from(Sha256::digest(&blob)));
-            let mut plain = Vec::new();
-            source(len, len).read_to_end(&mut plain).expect("read");
-            assert_eq!(e.digest, <[u8; 32]>::from(Sha256::digest(&plain)));
-            let mut expected = Vec::new();
-            source(len, len).read_to_end(&mut expected).expect("read");
-            assert_eq!(
-                open_all(&blob, &key, e.blob_id).expect("opens"),
-                expected,
-                "{len}"
-            );
-        }
-    }
-
-    #[test]
-    fn fifty_mebibytes_stream_through() {
-        let len = 50 << 20;
-        let key = [9u8; 32];
-        // Encrypt into a decryptor directly: neither side holds the file.
-        struct Pipe(Decryptor, Sink);
-        impl Write for Pipe {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0
-                    .update(buf, &mut self.1)
-                    .map_err(std::io::Error::other)?;
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        // The id is only known at the end; hash separately and compare after.
-        let mut pipe = Pipe(Decryptor::resume(&key, &[], 0), Sink::default());
-        let e = encrypt(&mut OsRng, &key, source(len, 1), &mut pipe).expect("encrypt");
-        let Pipe(d, mut sink) = pipe;
-        assert_eq!(d.finish(&mut sink).expect("finish"), len);
-        let mut want = Sink::default();
-        std::io::copy(&mut source(len, 1), &mut want).expect("copy");
-        assert_eq!(sink.0.finalize(), want.0.finalize());
-        assert_eq!(Some(e.sealed_size), sealed_len(len));
-        assert_eq!(sealed_len(u64::MAX - 3), None);
-    }
-
-    #[test]
-    fn tampering_truncation_and_reordering_fail_clearly() {
-        let (blob, key, e) = sealed(3 * SEGMENT as u64 + 100);
-        let seg = |i: usize| HEADER_LEN + i * SEALED_SEGMENT;
-
-        let mut tampered = blob.clone();
-        tampered[seg(1) + 10] ^= 1;
-        assert!(matches!(
-            open_all(&tampered, &key, e.blob_id),
-            Err(AttachmentError::Tampered(1))
-        ));
-
-        let mut last_tampered = blob.clone();
-        let end = last_tampered.len() - 1;
-        last_tampered[end] ^= 1;
-        assert!(matches!(
-            open_all(&last_tampered, &key, e.blob_id),
-            Err(AttachmentError::Tampered(3))
-        ));
-
-        // Cut at a segment boundary, and cut mid-segment.
-        assert!(matches!(
-            open_all(&blob[..seg(2)], &key, e.blob_id),
-            Err(AttachmentError::Truncated)
-        ));
-        assert!(open_all(&blob[..seg(2) + 500], &key, e.blob_id).is_err());
-        assert!(matches!(
-            open_all(&blob[..5], &key, e.blob_id),
-            Err(AttachmentError::Truncated)
-        ));
-
-        let mut reordered = blob.clone();
-        let (a, b) = (seg(0), seg(1));
-        let first: Vec<u8> = blob[a..b].to_vec();
-        reordered[a..b].copy_from_slice(&blob[b..seg(2)]);
-        reordered[b..seg(2)].copy_from_slice(&first);
-        assert!(matches!(
-            open_all(&reordered, &key, e.blob_id),
-            Err(AttachmentError::Tampered(0))
-        ));
-
-        assert!(matches!(
-            open_all(&blob, &[8u8; 32], e.blob_id),
-            Err(AttachmentError::Tampered(0))
-        ));
-        assert!(matches!(
-            open_all(&blob, &key, [0; 32]),
-            Err(AttachmentError::WrongDigest)
-        ));
-        let mut version = blob.clone();
-        version[0] = 9;
-        assert!(matches!(
-            open_all(&version, &key, e.blob_id),
-            Err(AttachmentError::BadHeader)
-        ));
-    }
-
-    #[test]
-    fn a_download_resumes_at_a_segment() {
-        let (blob, key, e) = sealed(5 * SEGMENT as u64 + 3);
-        let mut first = Vec::new();
-        let mut d = Decryptor::new(&key, e.blob_id);
-        // Two segments arrive, then the connection drops mid-third.
-        d.update(&blob[..Decryptor::offset_of(2) as usize + 100], &mut first)
-            .expect("update");
-        let done = first.len() as u64 / SEGMENT as u64;
-        assert_eq!(done, 2);
-        let mut rest = Vec::new();
-        let mut d = Decryptor::resume(&key, &blob[..HEADER_LEN], done);
-        d.update(&blob[Decryptor::offset_of(done) as usize..], &mut rest)
-            .expect("update");
-        d.finish(&mut rest).expect("finish");
-        first.extend(rest);
-        let mut expected = Vec::new();
-        source(5 * SEGMENT as u64 + 3, 5 * SEGMENT as u64 + 3)
-            .read_to_end(&mut expected)
-            .expect("read");
-        assert_eq!(first, expected);
-    }
-}
+mod tests;

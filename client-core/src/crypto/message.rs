@@ -13,7 +13,8 @@ use super::sessions::{OurKeys, SessionSet};
 use super::x3dh::{AgreementKeyPair, InitialHeader};
 use super::{padding, CryptoError};
 
-/// Encodes and pads a plaintext; `None` if it is larger than the largest bucket.
+/// Encodes and pads a plaintext (PADMÉ, at least 256 bytes); `None` if it pads past
+/// [`padding::MAX_PADDED`].
 pub fn pad_plaintext(plaintext: &e2e::Plaintext) -> Option<Zeroizing<Vec<u8>>> {
     let encoded = Zeroizing::new(plaintext.encode_to_vec());
     padding::pad(&encoded).map(Zeroizing::new)
@@ -131,4 +132,29 @@ pub fn decrypt(
         one_time_prekey,
         sender_identity_dh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_load_generators_bodies_pad_to_padme_lengths() {
+        // `tern-load`'s plaintext: no delivery token, so 30 bytes of fields besides a
+        // body of 128 to 16,383 bytes. The power-of-two buckets gave 2,048 and 1,024.
+        let padded = |n: usize| {
+            pad_plaintext(&e2e::Plaintext {
+                body: vec![0x5a; n].into(),
+                delivery_token: Default::default(),
+                sent_at_ms: 1_800_000_000_000,
+                sender_account: vec![1; 16].into(),
+                sender_device: 1,
+                attachments: Vec::new(),
+            })
+            .map(|p| p.len())
+        };
+        assert_eq!(padded(1024), Some(1088));
+        assert_eq!(padded(700), Some(736));
+        assert_eq!(padded(0), Some(256));
+    }
 }

@@ -63,7 +63,7 @@ pub async fn download(
             )
             .map_err(media_err)?;
             std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(media_err)?;
-            let d = Decryptor::resume(&pointer.key, &header, segments);
+            let d = Decryptor::resume(&pointer.key, &header, segments).with_size(pointer.size);
             (d, file, hash, header, segments)
         }
         None => {
@@ -72,7 +72,7 @@ pub async fn download(
             // The blob id is not hashed again here: a segment under the pointer's key
             // and the plaintext digest pin the content already, and the hash would
             // cost a third of the decryption's time.
-            let d = Decryptor::resume(&pointer.key, &[], 0);
+            let d = Decryptor::resume(&pointer.key, &[], 0).with_size(pointer.size);
             (d, file, hash, Vec::new(), 0)
         }
     };

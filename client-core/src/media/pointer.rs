@@ -15,9 +15,10 @@ pub struct AttachmentPointer {
     pub blob_id: [u8; 32],
     /// The attachment's key.
     pub key: [u8; 32],
-    /// Plaintext bytes.
+    /// Plaintext bytes: the file's exact size, which the relay never sees.
     pub size: u64,
-    /// Encrypted bytes (what the relay stores).
+    /// Encrypted bytes (what the relay stores): the file padded to its PADMÉ length,
+    /// then encrypted.
     pub sealed_size: u64,
     /// SHA-256 of the plaintext, checked after every download.
     pub digest: [u8; 32],
@@ -54,7 +55,10 @@ impl AttachmentPointer {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         let bad = || Error::Media("not an attachment pointer".into());
         let p = e2e::AttachmentPointer::decode(bytes).map_err(|_| bad())?;
-        if attachment::sealed_len(p.size) != Some(p.sealed_size) {
+        // Padded to the size's PADMÉ length, or (a blob from before attachments were
+        // padded) not at all.
+        let sealed = Some(p.sealed_size);
+        if attachment::sealed_len(p.size) != sealed && attachment::stream_len(p.size) != sealed {
             return Err(bad());
         }
         Ok(AttachmentPointer {
@@ -92,6 +96,23 @@ mod tests {
         let mut wrong = p.clone();
         wrong.sealed_size += 1;
         assert!(AttachmentPointer::from_bytes(&wrong.to_bytes()).is_err());
+        // 1,000 bytes pad to 1,024: the unpadded length of an older blob still parses,
+        // nothing in between does.
+        let mut padded = p.clone();
+        padded.size = 1000;
+        padded.sealed_size = attachment::sealed_len(1000).expect("small");
+        assert_eq!(padded.sealed_size, 8 + 1024 + 16);
+        let mut older = padded.clone();
+        older.sealed_size = 8 + 1000 + 16;
+        for ok in [&padded, &older] {
+            assert_eq!(
+                &AttachmentPointer::from_bytes(&ok.to_bytes()).expect("parses"),
+                ok
+            );
+        }
+        let mut between = padded.clone();
+        between.sealed_size -= 1;
+        assert!(AttachmentPointer::from_bytes(&between.to_bytes()).is_err());
         assert!(AttachmentPointer::from_bytes(&[0xff, 0xff]).is_err());
     }
 }
