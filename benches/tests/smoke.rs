@@ -22,6 +22,8 @@ fn online_moves_every_message() {
     assert!(number(&v, "p50_us") > 0.0 && number(&v, "p99_us") >= number(&v, "p50_us"));
     assert!(number(&v, "relay_peak_rss_kib") > 0.0);
     assert!(number(&v, "relay_switches_per_msg") > 0.0);
+    // Padded to PADMÉ's 256-byte floor, plus the sealing.
+    assert!(number(&v, "envelope_bytes") > 256.0);
 }
 
 #[test]
@@ -44,6 +46,7 @@ fn offline_accepts_then_drains_every_message() {
     assert!(number(&v, "msgs_per_sec") > 0.0);
     assert!(number(&v, "drain_msgs_per_sec") > 0.0);
     assert!(number(&v, "decrypt_msgs_per_sec") > 0.0);
+    assert!(number(&v, "envelope_bytes") > 256.0);
     assert!(number(&v, "relay_switches_per_msg") > 0.0);
 }
 

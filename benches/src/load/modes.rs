@@ -329,6 +329,8 @@ pub async fn online_across(
     let done = Arc::new(AtomicU64::new(0));
     // Set when a pair fails, so the other senders stop instead of running on.
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Envelope payload bytes sent, for the mean envelope size.
+    let sent_bytes = Arc::new(AtomicU64::new(0));
     let ticker = progress("delivered", done.clone(), args.messages);
     let mut tasks = Vec::new();
     for (i, (pair, conn, mut inbox)) in connected.into_iter().enumerate() {
@@ -368,7 +370,7 @@ pub async fn online_across(
             (start + every.mul_f64(i as f64 / args.pairs as f64), every)
         });
         let runtime = tokio::runtime::Handle::current();
-        let stop = stop.clone();
+        let (stop, sent_bytes) = (stop.clone(), sent_bytes.clone());
         let sender = tokio::task::spawn_blocking(move || {
             let (to, token) = (link.to, link.token);
             let mut pending = futures::stream::FuturesOrdered::new();
@@ -385,6 +387,7 @@ pub async fn online_across(
                     None => Instant::now(),
                 };
                 let payload = link.seal(&body(k, start, sent_at, size), now_ms())?;
+                sent_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
                 let envelope = Envelope {
                     message_id: message_id(),
                     payload: payload.into(),
@@ -428,6 +431,10 @@ pub async fn online_across(
         ..Report::rate("online", args.messages, args.size, elapsed)
     };
     report.extra.insert("max_us".into(), max as f64);
+    report.extra.insert(
+        "envelope_bytes".into(),
+        sent_bytes.load(Ordering::Relaxed) as f64 / args.messages.max(1) as f64,
+    );
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
     report.extra.insert("elapsed_s".into(), elapsed);
@@ -494,6 +501,11 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
     let accept_start = Instant::now();
     let mut senders = Vec::new();
     let mut recipients = Vec::new();
+    let envelope_bytes = prepared
+        .iter()
+        .flat_map(|(_, envelopes)| envelopes.iter().map(|e| e.payload.len() as f64))
+        .sum::<f64>()
+        / args.messages.max(1) as f64;
     for (pair, envelopes) in prepared {
         let (batch, inflight, done) = (args.batch.max(1), args.inflight.max(1), done.clone());
         let (to, token, anon) = (pair.link.to, pair.link.token, pair.anon);
@@ -598,6 +610,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
         .extra
         .insert("recipients".into(), args.recipients as f64);
     report.extra.insert("batch".into(), args.batch as f64);
+    report.extra.insert("envelope_bytes".into(), envelope_bytes);
     report.extra.insert("accept_s".into(), accept_s);
     report.extra.insert("drain_s".into(), drain_s);
     report
