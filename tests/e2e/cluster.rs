@@ -276,22 +276,22 @@ async fn a_stopped_node_leaves_no_claim_lease_or_heartbeat_behind() {
     // Connected while the node stops.
     let _bob = register(&a.address).await;
     nodes
-        .until_some("SELECT count(*) FROM device_sessions WHERE node = 'node-a'")
+        .until_some("SELECT count(*) FROM device_sessions WHERE node LIKE 'node-a#%'")
         .await;
     nodes
-        .until_some("SELECT count(*) FROM leases WHERE holder = 'node-a'")
+        .until_some("SELECT count(*) FROM leases WHERE holder LIKE 'node-a#%'")
         .await;
     nodes
-        .until_some("SELECT count(*) FROM nodes WHERE node = 'node-a'")
+        .until_some("SELECT count(*) FROM nodes WHERE node LIKE 'node-a#%'")
         .await;
     // SIGTERM: the node ends its cluster tasks and gives up all it held, so a node
     // started at once (under the same name or another) takes over without waiting
     // for anything to lapse.
     a.stop().expect("stop a");
     for sql in [
-        "SELECT count(*) FROM device_sessions WHERE node = 'node-a'",
-        "SELECT count(*) FROM leases WHERE holder = 'node-a'",
-        "SELECT count(*) FROM nodes WHERE node = 'node-a'",
+        "SELECT count(*) FROM device_sessions WHERE node LIKE 'node-a#%'",
+        "SELECT count(*) FROM leases WHERE holder LIKE 'node-a#%'",
+        "SELECT count(*) FROM nodes WHERE node LIKE 'node-a#%'",
     ] {
         assert_eq!(nodes.count(sql).await, 0, "{sql}");
     }

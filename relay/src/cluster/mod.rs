@@ -16,8 +16,13 @@
 //!   deletes its claims, its heartbeat and the leases it holds (`Cluster::leave`),
 //!   so a node started at once neither waits for them to lapse nor is displaced by
 //!   them.
+//! - Incarnations: those rows name this process, not just its node id
+//!   ([`PgBackend::incarnation`]), so a replacement already running under the same
+//!   node id keeps its own when the old process leaves.
 
 pub mod notify;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -141,8 +146,9 @@ impl Cluster {
     }
 
     /// A clean stop, after the stop signal and once connections closed: awaits the
-    /// re-check and heartbeat tasks, then deletes this node's claims, its heartbeat
-    /// row and the leases it holds; `within` bounds it all (a database that is gone
+    /// re-check and heartbeat tasks, then deletes this process's claims, its
+    /// heartbeat row and the leases it holds (by its incarnation, never another
+    /// process's under the same node id); `within` bounds it all (a database that is gone
     /// leaves them to lapse, as after a crash).
     pub(crate) async fn leave(&self, within: Duration) {
         let started = tokio::time::Instant::now();
@@ -161,7 +167,7 @@ impl Cluster {
                     "DELETE FROM nodes WHERE node = $1",
                 ] {
                     client
-                        .execute(sql, &[&pg.node_id()])
+                        .execute(sql, &[&pg.incarnation()])
                         .await
                         .map_err(|e| pg.classify(&e))?;
                 }
@@ -199,7 +205,7 @@ impl Cluster {
                         &[
                             &&a[..16],
                             &i64::from(addr.device.get()),
-                            &this.pg.node_id(),
+                            &this.pg.incarnation(),
                             &(id as i64),
                         ],
                     )
@@ -354,7 +360,7 @@ impl Cluster {
                 continue;
             };
             if let Some((node, conn)) = claim {
-                let ours = node == self.pg.node_id() && conn == id as i64;
+                let ours = node == self.pg.incarnation() && conn == id as i64;
                 if !ours && self.claims().get(&addr) == Some(&id) {
                     self.active.displace(&addr, id);
                     continue;
@@ -395,7 +401,7 @@ impl Cluster {
                         "INSERT INTO nodes (node, started_ms, heartbeat_ms) VALUES ($1, {NOW_MS}, {NOW_MS}) \
                          ON CONFLICT (node) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms"
                     ),
-                    &[&pg.node_id()],
+                    &[&pg.incarnation()],
                 )
                 .await
                 .map_err(|e| pg.classify(&e))?;
@@ -456,7 +462,7 @@ impl Drop for Claim {
             let _ = client
                 .execute(
                     "DELETE FROM device_sessions WHERE account = $1 AND device = $2 AND node = $3 AND conn = $4",
-                    &[&&a[..16], &i64::from(addr.device.get()), &pg.node_id(), &(id as i64)],
+                    &[&&a[..16], &i64::from(addr.device.get()), &pg.incarnation(), &(id as i64)],
                 )
                 .await;
         });
