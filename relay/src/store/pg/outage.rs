@@ -113,15 +113,19 @@ mod tests {
         text
     }
 
+    /// A new outage log, and the instant `ms` after a start common to its calls.
+    fn clocked() -> (Outage, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
+        (Outage::default(), move |ms| t0 + Duration::from_millis(ms))
+    }
+
     fn down() -> StoreResult<()> {
         Err(StoreError::Unavailable("PostgreSQL at /tmp: gone".into()))
     }
 
     #[test]
     fn an_outage_warns_once_and_says_when_calls_succeeded_for_a_settled_period() {
-        let o = Outage::default();
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (o, at) = clocked();
         let text = logged(|| {
             for i in 0..100 {
                 o.observe_at(&down(), at(i));
@@ -148,9 +152,7 @@ mod tests {
 
     #[test]
     fn a_partial_outage_that_flips_warns_once_not_per_flip() {
-        let o = Outage::default();
-        let t0 = Instant::now();
-        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let (o, at) = clocked();
         // Every other call fails, for a minute.
         let text = logged(|| {
             for i in 0..600 {
