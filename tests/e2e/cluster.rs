@@ -3,73 +3,26 @@
 //! on one node delete what another stored, and the database's failures are
 //! UNAVAILABLE, never a lost or invented acknowledgement.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tern_client::net::Incoming;
 use tern_proto::ErrorCode;
-use tern_relay::testing::TestPostgres;
 
 use crate::support::{
-    copy_shared_files, envelope, number, register, send_until_stored, within, Device, RelayProcess,
-    STEP,
+    envelope, number, pg_node, register, send_until_stored, within, Device, PgNodes,
 };
-use crate::verification::relay_with;
 
-/// One database and the nodes' data directories.
-struct Nodes {
-    pg: TestPostgres,
-    dir: tempfile::TempDir,
-}
-
-impl Nodes {
-    fn new() -> Nodes {
-        let pg = TestPostgres::start_with(&[("fsync", "on")]);
-        pg.create_db("tern");
-        Nodes {
-            pg,
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn data_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn toml(&self, extra: &str) -> String {
-        format!(
-            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\n{extra}\n",
-            self.pg.conn_str("tern")
-        )
-    }
-
-    /// Starts node `name` with `[postgres]` keys `extra`; `peer` is a node whose
-    /// certificate and keys it shares, as an operator copies them.
-    fn start(&self, name: &str, extra: &str, peer: Option<&RelayProcess>) -> RelayProcess {
-        self.try_start(name, extra, peer).expect("node starts")
-    }
-
-    fn try_start(
-        &self,
-        name: &str,
-        extra: &str,
-        peer: Option<&RelayProcess>,
-    ) -> anyhow::Result<RelayProcess> {
-        let dir = self.data_dir(name);
-        std::fs::create_dir_all(&dir)?;
-        if let Some(peer) = peer {
-            copy_shared_files(&peer.data_dir, &dir);
-        }
-        relay_with(&dir, &self.toml(extra), &[])
-    }
+/// One database (fsync on, as in production) for the nodes of a test.
+fn nodes() -> PgNodes {
+    PgNodes::start(&[("fsync", "on")])
 }
 
 #[tokio::test]
 async fn a_send_on_one_node_is_pushed_from_another_at_once() {
-    let nodes = Nodes::new();
+    let nodes = nodes();
     // A re-check a minute apart: a push within the test's step came by notification.
-    let a = nodes.start("a", "recheck_interval = \"60s\"", None);
-    let b = nodes.start("b", "recheck_interval = \"60s\"", Some(&a));
+    let a = nodes.start_node("a", "recheck_interval = \"60s\"", None);
+    let b = nodes.start_node("b", "recheck_interval = \"60s\"", Some(&a));
     assert_eq!(
         a.address.fingerprint, b.address.fingerprint,
         "one certificate"
@@ -101,10 +54,10 @@ async fn a_send_on_one_node_is_pushed_from_another_at_once() {
 
 #[tokio::test]
 async fn without_notifications_the_recheck_still_delivers() {
-    let nodes = Nodes::new();
+    let nodes = nodes();
     let extra = "notify = false\nrecheck_interval = \"200ms\"";
-    let a = nodes.start("a", extra, None);
-    let b = nodes.start("b", extra, Some(&a));
+    let a = nodes.start_node("a", extra, None);
+    let b = nodes.start_node("b", extra, Some(&a));
     let alice = register(&a.address).await;
     let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
     let (mut bob, _) = Device::connect(&b.address, bob_addr, bob_key, bob_id).await;
@@ -134,9 +87,9 @@ async fn without_notifications_the_recheck_still_delivers() {
 
 #[tokio::test]
 async fn a_newer_connection_on_another_node_displaces_the_older() {
-    let nodes = Nodes::new();
-    let a = nodes.start("a", "", None);
-    let b = nodes.start("b", "", Some(&a));
+    let nodes = nodes();
+    let a = nodes.start_node("a", "", None);
+    let b = nodes.start_node("b", "", Some(&a));
     let bob = register(&a.address).await;
     let (bob_addr, bob_key, bob_id) = (bob.address, bob.key.clone(), bob.identity.clone());
     let (on_b, _) = Device::connect(&b.address, bob_addr, bob_key, bob_id).await;
@@ -147,9 +100,9 @@ async fn a_newer_connection_on_another_node_displaces_the_older() {
 
 #[tokio::test]
 async fn acks_on_one_node_delete_what_another_stored_and_a_restart_serves_the_rest() {
-    let nodes = Nodes::new();
-    let mut a = nodes.start("a", "", None);
-    let b = nodes.start("b", "", Some(&a));
+    let nodes = nodes();
+    let mut a = nodes.start_node("a", "", None);
+    let b = nodes.start_node("b", "", Some(&a));
     let alice = register(&a.address).await;
     let (bob_addr, bob_key, bob_id) = register(&a.address).await.go_offline().await;
     within(alice.conn.send(&bob_addr, (0..10).map(envelope)))
@@ -171,7 +124,7 @@ async fn acks_on_one_node_delete_what_another_stored_and_a_restart_serves_the_re
 
     // Node a, restarted, serves what is left from the database.
     a.stop().expect("stop a");
-    let a = nodes.start("a", "", None);
+    let a = nodes.start_node("a", "", None);
     let (mut bob, queued) = Device::connect(&a.address, bob_addr, bob_key, bob_id).await;
     assert_eq!(queued, 6, "the acks on b deleted four");
     let rest: Vec<u32> = bob.drain().await.iter().map(number).collect();
@@ -180,11 +133,11 @@ async fn acks_on_one_node_delete_what_another_stored_and_a_restart_serves_the_re
 
 #[tokio::test]
 async fn a_node_with_other_keys_is_refused_naming_the_file() {
-    let nodes = Nodes::new();
-    let _a = nodes.start("a", "", None);
+    let nodes = nodes();
+    let _a = nodes.start_node("a", "", None);
     // No files copied: b makes its own certificate and keys.
     let err = nodes
-        .try_start("b", "", None)
+        .try_start_node("b", "", None, &[])
         .err()
         .expect("b must not start");
     let text = format!("{err:#}");
@@ -193,16 +146,12 @@ async fn a_node_with_other_keys_is_refused_naming_the_file() {
 
 #[tokio::test]
 async fn a_database_down_at_start_is_named() {
-    let nodes = Nodes::new();
+    let nodes = nodes();
     let missing = nodes.dir.path().join("no-database-here");
     std::fs::create_dir_all(&missing).expect("dir");
-    let toml = format!(
-        "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"host={} dbname=tern user=tern\"\nconnect_timeout = \"500ms\"\n",
-        missing.display()
-    );
-    let dir = nodes.data_dir("a");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let err = relay_with(&dir, &toml, &[])
+    let url = format!("host={} dbname=tern user=tern", missing.display());
+    let extra = "connect_timeout = \"500ms\"";
+    let err = pg_node(&nodes.data_dir("a"), &url, extra, None, &[], None)
         .err()
         .expect("no database, no start");
     let text = format!("{err:#}");
@@ -212,8 +161,8 @@ async fn a_database_down_at_start_is_named() {
 
 #[tokio::test]
 async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_itself() {
-    let nodes = Nodes::new();
-    let a = nodes.start(
+    let nodes = nodes();
+    let a = nodes.start_node(
         "a",
         "statement_timeout = \"1s\"\nconnect_timeout = \"500ms\"",
         None,
@@ -247,51 +196,30 @@ async fn a_database_lost_while_serving_fails_sends_unavailable_and_recovers_by_i
     );
 }
 
-impl Nodes {
-    /// One number from the database.
-    async fn count(&self, sql: &str) -> i64 {
-        let (client, conn) =
-            tokio_postgres::connect(&self.pg.conn_str("tern"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(conn);
-        client.query_one(sql, &[]).await.expect("query").get(0)
-    }
-
-    /// Waits (a step at most) until `sql` counts at least one row.
-    async fn until_some(&self, sql: &str) {
-        let deadline = Instant::now() + STEP;
-        while self.count(sql).await == 0 {
-            assert!(Instant::now() < deadline, "never: {sql}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_stopped_node_leaves_no_claim_lease_or_heartbeat_behind() {
-    let nodes = Nodes::new();
+    let nodes = nodes();
     let extra = "node_id = \"node-a\"\n[expiry]\nsweep_interval = \"200ms\"";
-    let mut a = nodes.start("a", extra, None);
+    let mut a = nodes.start_node("a", extra, None);
     // Connected while the node stops.
     let _bob = register(&a.address).await;
     nodes
-        .until_some("SELECT count(*) FROM device_sessions WHERE node = 'node-a'")
+        .until_some("SELECT count(*) FROM device_sessions WHERE node LIKE 'node-a#%'")
         .await;
     nodes
-        .until_some("SELECT count(*) FROM leases WHERE holder = 'node-a'")
+        .until_some("SELECT count(*) FROM leases WHERE holder LIKE 'node-a#%'")
         .await;
     nodes
-        .until_some("SELECT count(*) FROM nodes WHERE node = 'node-a'")
+        .until_some("SELECT count(*) FROM nodes WHERE node LIKE 'node-a#%'")
         .await;
     // SIGTERM: the node ends its cluster tasks and gives up all it held, so a node
     // started at once (under the same name or another) takes over without waiting
     // for anything to lapse.
     a.stop().expect("stop a");
     for sql in [
-        "SELECT count(*) FROM device_sessions WHERE node = 'node-a'",
-        "SELECT count(*) FROM leases WHERE holder = 'node-a'",
-        "SELECT count(*) FROM nodes WHERE node = 'node-a'",
+        "SELECT count(*) FROM device_sessions WHERE node LIKE 'node-a#%'",
+        "SELECT count(*) FROM leases WHERE holder LIKE 'node-a#%'",
+        "SELECT count(*) FROM nodes WHERE node LIKE 'node-a#%'",
     ] {
         assert_eq!(nodes.count(sql).await, 0, "{sql}");
     }

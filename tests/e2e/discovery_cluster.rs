@@ -8,63 +8,32 @@
 //! moved to the day before, which is what the table holds when a new UTC day starts.
 //! The holder then publishes today's snapshot and the delta from that key list.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_client::store::SledKv;
 use tern_client::{Client, ErrorCode};
 use tern_proto::discovery::{FilterDelta, FilterKind, FilterSnapshot};
-use tern_relay::testing::TestPostgres;
 
-use crate::support::{copy_shared_files, register, within, Device, RelayProcess};
-use crate::verification::relay_with;
+use crate::support::{register, within, Device, PgNodes, RelayProcess};
 
 /// Said by the node that stored a publication.
 const PUBLISHED: &str = "discovery filter published for every node";
 
-struct Nodes {
-    pg: TestPostgres,
-    dir: tempfile::TempDir,
-}
-
-impl Nodes {
-    fn new() -> Nodes {
-        let pg = TestPostgres::start();
-        pg.create_db("tern");
-        Nodes {
-            pg,
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn data_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
+// What these tests do with the nodes' database.
+impl PgNodes {
     /// Starts node `name` (again, on the same data directory and configuration);
     /// `peer` is the node whose shared files it gets.
-    fn start(&self, name: &str, peer: Option<&Path>) -> RelayProcess {
-        let dir = self.data_dir(name);
-        std::fs::create_dir_all(&dir).expect("dir");
-        if let Some(peer) = peer {
-            copy_shared_files(peer, &dir);
-        }
+    fn node(&self, name: &str, peer: Option<&Path>) -> RelayProcess {
         // A re-check every 100 ms: nodes look for a new publication every second.
-        let toml = format!(
-            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\nrecheck_interval = \"100ms\"\n\
-             [verification]\nverifier = \"dev-file\"\n",
-            self.pg.conn_str("tern")
-        );
-        relay_with(&dir, &toml, &["--allow-dev-verifier"]).expect("node starts")
+        let extra = "recheck_interval = \"100ms\"\n[verification]\nverifier = \"dev-file\"";
+        self.try_start_node(name, extra, peer, &["--allow-dev-verifier"])
+            .expect("node starts")
     }
 
     async fn sql(&self, statements: &str) -> tokio_postgres::Client {
-        let (client, conn) =
-            tokio_postgres::connect(&self.pg.conn_str("tern"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(conn);
+        let client = self.client().await;
         client.batch_execute(statements).await.expect(statements);
         client
     }
@@ -127,7 +96,7 @@ fn store(dir: &Path, name: &str) -> Arc<SledKv> {
 }
 
 /// Registers on `node` and verifies `number` through its dev-file verifier.
-async fn verified_user(nodes: &Nodes, node: &RelayProcess, name: &str, number: &str) -> Client {
+async fn verified_user(nodes: &PgNodes, node: &RelayProcess, name: &str, number: &str) -> Client {
     let (client, _events) = Client::register(&node.address, store(nodes.dir.path(), name))
         .await
         .expect("register");
@@ -144,12 +113,12 @@ async fn verified_user(nodes: &Nodes, node: &RelayProcess, name: &str, number: &
 
 #[tokio::test]
 async fn every_node_serves_one_publication() {
-    let nodes = Nodes::new();
-    let mut a = nodes.start("a", None);
+    let nodes = PgNodes::start(&[]);
+    let mut a = nodes.node("a", None);
     let ra = register(&a.address).await;
     // a publishes at its start (no tags yet), then b starts and serves the same.
     let (day, empty) = snapshot_with(&ra, 0).await;
-    let mut b = nodes.start("b", Some(&a.data_dir));
+    let mut b = nodes.node("b", Some(&a.data_dir));
     let rb = register(&b.address).await;
     assert_eq!(snapshot_with(&rb, 0).await, (day, empty));
 
@@ -204,8 +173,8 @@ async fn every_node_serves_one_publication() {
     drop((ra, rb));
     b.stop().expect("b stops");
     a.stop().expect("a stops");
-    let b = nodes.start("b", None);
-    let a = nodes.start("a", None);
+    let b = nodes.node("b", None);
+    let a = nodes.node("a", None);
     for node in [&b, &a] {
         let r = register(&node.address).await;
         assert_eq!(snapshot_with(&r, 2).await, (day, snap_a.clone()));

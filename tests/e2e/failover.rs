@@ -30,18 +30,12 @@ const PROMOTE_AFTER: Duration = Duration::from_secs(1);
 const ATTEMPT: Duration = Duration::from_secs(5);
 
 fn start_node(dir: &Path, url: &str, peer: Option<&RelayProcess>) -> RelayProcess {
-    std::fs::create_dir_all(dir).expect("dir");
-    if let Some(peer) = peer {
-        crate::support::copy_shared_files(&peer.data_dir, dir);
-    }
-    let toml = format!(
-        "[storage]\nbackend = \"postgres\"\n\
-         [postgres]\nurl = \"{url}\"\nconnect_timeout = \"500ms\"\nstatement_timeout = \"1s\"\n\
+    let extra = "connect_timeout = \"500ms\"\nstatement_timeout = \"1s\"\n\
          recheck_interval = \"1s\"\n\
          [rate_limits]\nsends_per_account = \"100000/1m\"\n\
-         intake_per_sender_per_mailbox = \"100000/1m\"\n"
-    );
-    crate::verification::relay_with(dir, &toml, &[]).expect("node starts")
+         intake_per_sender_per_mailbox = \"100000/1m\"";
+    let peer = peer.map(|p| p.data_dir.as_path());
+    crate::support::pg_node(dir, url, extra, peer, &[], None).expect("node starts")
 }
 
 /// What the senders saw and when.

@@ -9,76 +9,12 @@ use std::time::{Duration, Instant};
 
 use tern_client::media;
 use tern_client::net::RelayConnection;
-use tern_relay::testing::{TestPostgres, TestS3};
 
 use crate::media::Interrupted;
-use crate::support::{
-    copy_shared_files, envelope, files_under, register, within, Device, RelayProcess, STEP,
-};
 use crate::support::{digest, hex};
+use crate::support::{envelope, files_under, register, within, Device, PgNodes, STEP};
 
-const KEY_ENV: &str = "TERN_TEST_S3_KEY";
-const SECRET_ENV: &str = "TERN_TEST_S3_SECRET";
 const MIB: usize = 1 << 20;
-
-/// One database, one bucket, and the nodes' data directories.
-struct Cluster {
-    pg: TestPostgres,
-    s3: TestS3,
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn new() -> Cluster {
-        let pg = TestPostgres::start();
-        pg.create_db("tern");
-        Cluster {
-            pg,
-            s3: TestS3::start(),
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    /// Starts node `name` with extra configuration `extra` (whole sections); `peer` is
-    /// a node whose certificate and keys it shares, as an operator copies them.
-    fn start(&self, name: &str, extra: &str, peer: Option<&RelayProcess>) -> RelayProcess {
-        let dir = self.dir.path().join(name);
-        std::fs::create_dir_all(&dir).expect("dir");
-        if let Some(peer) = peer {
-            copy_shared_files(&peer.data_dir, &dir);
-        }
-        let config = dir.with_extension("toml");
-        let toml = format!(
-            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\n\
-             [objects]\nurl = \"s3://{}\"\nendpoint = \"{}\"\nallow_http = true\n\
-             access_key_env = \"{KEY_ENV}\"\nsecret_key_env = \"{SECRET_ENV}\"\npart_mb = 5\n{extra}\n",
-            self.pg.conn_str("tern"),
-            self.s3.bucket(),
-            self.s3.endpoint()
-        );
-        std::fs::write(&config, toml).expect("config");
-        RelayProcess::start_with_env(
-            &dir,
-            "127.0.0.1:0",
-            &["--config", config.to_str().expect("utf-8")],
-            &[
-                (KEY_ENV, self.s3.access_key()),
-                (SECRET_ENV, self.s3.secret_key()),
-            ],
-        )
-        .expect("node starts")
-    }
-
-    /// One number from the database.
-    async fn count(&self, sql: &str) -> i64 {
-        let (client, conn) =
-            tokio_postgres::connect(&self.pg.conn_str("tern"), tokio_postgres::NoTls)
-                .await
-                .expect("connect");
-        tokio::spawn(conn);
-        client.query_one(sql, &[]).await.expect("query").get(0)
-    }
-}
 
 fn plain_file(dir: &Path, name: &str, len: usize, seed: usize) -> PathBuf {
     let bytes: Vec<u8> = (0..len).map(|i| ((i * 7 + seed) % 253) as u8).collect();
@@ -89,9 +25,9 @@ fn plain_file(dir: &Path, name: &str, len: usize, seed: usize) -> PathBuf {
 
 #[tokio::test]
 async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothing() {
-    let c = Cluster::new();
-    let a = c.start("a", "", None);
-    let b = c.start("b", "", Some(&a));
+    let c = PgNodes::with_objects(&[]);
+    let a = c.start_node("a", "", None);
+    let b = c.start_node("b", "", Some(&a));
     let alice = register(&a.address).await;
     let work = tempfile::tempdir().expect("tempdir");
     // Over two parts.
@@ -102,7 +38,7 @@ async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothi
         .expect("upload on a");
     assert!(!up.existed);
     let only = vec![format!("blobs/{}", hex(&pointer.blob_id))];
-    assert_eq!(c.s3.objects("blobs/"), only, "one object per blob");
+    assert_eq!(c.s3().objects("blobs/"), only, "one object per blob");
 
     // Downloaded through b, without an account.
     let (anon, _) = within(RelayConnection::connect(&b.address))
@@ -125,7 +61,7 @@ async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothi
         .expect("upload again on b");
     assert!(again.existed, "b knew the blob");
     assert_eq!(again.sent, 0, "no bytes moved");
-    assert_eq!(c.s3.files(), only, "one object, no staging left");
+    assert_eq!(c.s3().files(), only, "one object, no staging left");
     assert_eq!(c.count("SELECT count(*) FROM blobs").await, 1);
     for node in [&a, &b] {
         assert!(
@@ -137,16 +73,17 @@ async fn an_upload_through_one_node_is_served_by_another_and_forwards_move_nothi
 
 /// Waits until the bucket's manifest of the one upload in progress says `committed`
 /// bytes went as parts: the cut node has settled what reached it.
-async fn settled_parts(c: &Cluster, committed: u64) {
+async fn settled_parts(c: &PgNodes, committed: u64) {
     let deadline = Instant::now() + STEP;
     loop {
-        let manifests: Vec<String> =
-            c.s3.objects("uploads/")
-                .into_iter()
-                .filter(|f| f.ends_with(".parts"))
-                .collect();
+        let manifests: Vec<String> = c
+            .s3()
+            .objects("uploads/")
+            .into_iter()
+            .filter(|f| f.ends_with(".parts"))
+            .collect();
         if let [one] = manifests.as_slice() {
-            let path = c.s3.root().join(c.s3.bucket()).join(one);
+            let path = c.s3().root().join(c.s3().bucket()).join(one);
             if let Ok(text) = std::fs::read(&path) {
                 if let Ok(m) = serde_json::from_slice::<serde_json::Value>(&text) {
                     if m["committed"].as_u64() == Some(committed) {
@@ -158,7 +95,7 @@ async fn settled_parts(c: &Cluster, committed: u64) {
         assert!(
             Instant::now() < deadline,
             "no settled manifest: {:?}",
-            c.s3.files()
+            c.s3().files()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -166,9 +103,9 @@ async fn settled_parts(c: &Cluster, committed: u64) {
 
 #[tokio::test]
 async fn an_upload_cut_on_one_node_resumes_on_another() {
-    let c = Cluster::new();
-    let a = c.start("a", "", None);
-    let b = c.start("b", "", Some(&a));
+    let c = PgNodes::with_objects(&[]);
+    let a = c.start_node("a", "", None);
+    let b = c.start_node("b", "", Some(&a));
     let alice = register(&a.address).await;
     let work = tempfile::tempdir().expect("tempdir");
     let src = plain_file(work.path(), "video", 12 * MIB, 2);
@@ -201,7 +138,7 @@ async fn an_upload_cut_on_one_node_resumes_on_another() {
         "resumed from a's parts, not restarted"
     );
     assert_eq!(
-        c.s3.files(),
+        c.s3().files(),
         vec![format!("blobs/{}", hex(&pointer.blob_id))],
         "one object, no staging or parts left"
     );
@@ -254,14 +191,14 @@ fn logged(log: &str, what: &str, field: &str) -> Vec<u64> {
 
 #[tokio::test]
 async fn expiry_sweeps_run_on_one_node_of_three() {
-    let c = Cluster::new();
+    let c = PgNodes::with_objects(&[]);
     // Messages and blobs live a second; each node wakes every 500 ms, and only the
     // holder of the lease "sweep" (held for three intervals, renewed each pass) sweeps.
     let extra = "[expiry]\nmessage_ttl = \"1s\"\nsweep_interval = \"500ms\"\n\
                  [media]\nblob_ttl = \"1s\"";
-    let a = c.start("a", extra, None);
-    let b = c.start("b", extra, Some(&a));
-    let third = c.start("c", extra, Some(&a));
+    let a = c.start_node("a", extra, None);
+    let b = c.start_node("b", extra, Some(&a));
+    let third = c.start_node("c", extra, Some(&a));
     let nodes = [&a, &b, &third];
     let alice = register(&a.address).await;
     let (bob, _, _) = register(&b.address).await.go_offline().await;
@@ -293,7 +230,7 @@ async fn expiry_sweeps_run_on_one_node_of_three() {
     loop {
         let left = c.count("SELECT count(*) FROM messages").await
             + c.count("SELECT count(*) FROM blobs").await
-            + c.s3.objects("blobs/").len() as i64;
+            + c.s3().objects("blobs/").len() as i64;
         if left == 0 {
             break;
         }

@@ -13,26 +13,13 @@ async fn an_attachment_goes_to_the_object_store_and_comes_back() {
     let s3 = TestS3::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[objects]\nurl = \"s3://{}\"\nendpoint = \"{}\"\nallow_http = true\n\
-             access_key_env = \"TERN_TEST_S3_KEY\"\nsecret_key_env = \"TERN_TEST_S3_SECRET\"\n\
-             part_mb = 5\n",
-            s3.bucket(),
-            s3.endpoint()
-        ),
-    )
-    .expect("config");
+    std::fs::write(&config, s3.objects_toml()).expect("config");
     let data = dir.path().join("relay");
     let relay = RelayProcess::start_with_env(
         &data,
         "127.0.0.1:0",
         &["--config", config.to_str().expect("utf-8")],
-        &[
-            ("TERN_TEST_S3_KEY", s3.access_key()),
-            ("TERN_TEST_S3_SECRET", s3.secret_key()),
-        ],
+        &s3.key_env(),
     )
     .expect("relay");
     let alice = register(&relay.address).await;

@@ -183,19 +183,12 @@ async fn blob_bytes_move_to_the_object_store_and_download_through_postgres() {
     std::fs::write(
         &config,
         format!(
-            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{url}\"\n\
-             [objects]\nurl = \"s3://{}\"\nendpoint = \"{}\"\nallow_http = true\n\
-             access_key_env = \"TERN_TEST_S3_KEY\"\nsecret_key_env = \"TERN_TEST_S3_SECRET\"\n\
-             part_mb = 5\n",
-            s3.bucket(),
-            s3.endpoint()
+            "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{url}\"\n{}",
+            s3.objects_toml()
         ),
     )
     .unwrap();
-    let keys = [
-        ("TERN_TEST_S3_KEY", s3.access_key()),
-        ("TERN_TEST_S3_SECRET", s3.secret_key()),
-    ];
+    let keys = s3.key_env();
     let done = Command::new(relay_binary())
         .args(["admin", "migrate", "--to", &url, "--objects", "--config"])
         .arg(&config)

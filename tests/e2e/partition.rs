@@ -6,12 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::{envelope, number, register, send_until_stored, within, Device, PgNodes};
 use tern_client::net::RelayConnection;
 use tern_proto::ErrorCode;
-use tern_relay::testing::TestPostgres;
-
-use crate::support::{envelope, number, register, send_until_stored, within, Device};
-use crate::verification::relay_with;
 
 /// The node's database deadlines (connect 500 ms + statement 1 s).
 const DB_KEYS: &str = "statement_timeout = \"1s\"\nconnect_timeout = \"500ms\"";
@@ -32,14 +29,9 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn a_database_that_hangs_fails_sends_unavailable_in_bounded_time_and_recovers() {
-    let pg = TestPostgres::start();
-    pg.create_db("tern");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let toml = format!(
-        "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\n{DB_KEYS}\n",
-        pg.conn_str("tern")
-    );
-    let node = relay_with(&dir.path().join("a"), &toml, &[]).expect("node starts");
+    let nodes = PgNodes::start(&[]);
+    let pg = &nodes.pg;
+    let node = nodes.start_node("a", DB_KEYS, None);
     let pid = node.pid().expect("pid");
     let alice = register(&node.address).await;
     let (bob_addr, bob_key, bob_id) = register(&node.address).await.go_offline().await;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
 use tern_client::net::{Delivery, Envelope, Inbox, Incoming, RelayConnection};
 use tern_proto::{DeviceAddress, MessageId, RelayAddress};
+use tern_relay::testing::{TestPostgres, TestS3};
 
 /// How long any single step of a test may take before it fails.
 pub(crate) const STEP: Duration = Duration::from_secs(15);
@@ -332,4 +333,143 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 pub(crate) fn digest(path: &Path) -> Vec<u8> {
     use sha2::Digest as _;
     sha2::Sha256::digest(std::fs::read(path).expect("read")).to_vec()
+}
+
+/// One PostgreSQL server with the database `tern`, optionally an S3 server, and a
+/// directory for the data directories of the relay nodes on them.
+pub(crate) struct PgNodes {
+    pub(crate) pg: TestPostgres,
+    objects: Option<TestS3>,
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl PgNodes {
+    /// A fresh PostgreSQL server with `settings` (`postgresql.conf` keys).
+    pub(crate) fn start(settings: &[(&str, &str)]) -> PgNodes {
+        let pg = TestPostgres::start_with(settings);
+        pg.create_db("tern");
+        PgNodes {
+            pg,
+            objects: None,
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// The same, with an S3 server too: every node keeps its blob bytes there.
+    pub(crate) fn with_objects(settings: &[(&str, &str)]) -> PgNodes {
+        PgNodes {
+            objects: Some(TestS3::start()),
+            ..PgNodes::start(settings)
+        }
+    }
+
+    /// The S3 server of [`PgNodes::with_objects`].
+    pub(crate) fn s3(&self) -> &TestS3 {
+        self.objects.as_ref().expect("started with_objects")
+    }
+
+    /// The database's connection string.
+    pub(crate) fn url(&self) -> String {
+        self.pg.conn_str("tern")
+    }
+
+    /// Node `name`'s data directory.
+    pub(crate) fn data_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Starts node `name` (see [`pg_node`]) with the keys and sections `extra` after
+    /// its `[postgres]` url; `peer` is a node whose certificate and keys it shares.
+    pub(crate) fn start_node(
+        &self,
+        name: &str,
+        extra: &str,
+        peer: Option<&RelayProcess>,
+    ) -> RelayProcess {
+        let peer = peer.map(|p| p.data_dir.as_path());
+        self.try_start_node(name, extra, peer, &[])
+            .expect("node starts")
+    }
+
+    /// [`PgNodes::start_node`] with the shared files of the data directory `peer`,
+    /// and command-line `flags`.
+    pub(crate) fn try_start_node(
+        &self,
+        name: &str,
+        extra: &str,
+        peer: Option<&Path>,
+        flags: &[&str],
+    ) -> anyhow::Result<RelayProcess> {
+        pg_node(
+            &self.data_dir(name),
+            &self.url(),
+            extra,
+            peer,
+            flags,
+            self.objects.as_ref(),
+        )
+    }
+
+    /// A connection to the database.
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// One number from the database.
+    pub(crate) async fn count(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .expect("query")
+            .get(0)
+    }
+
+    /// Waits (a step at most) until `sql` counts at least one row.
+    pub(crate) async fn until_some(&self, sql: &str) {
+        let deadline = Instant::now() + STEP;
+        while self.count(sql).await == 0 {
+            assert!(Instant::now() < deadline, "never: {sql}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Starts a relay node on PostgreSQL at `url` with data directory `dir` (created),
+/// after copying in the shared files of the data directory `peer` (as an operator
+/// does). Its configuration is `[storage]` on PostgreSQL, `[postgres]` with `url`
+/// and then `extra` (more `[postgres]` keys, then whole sections), and with `s3`,
+/// `[objects]` on it (its keys in the node's environment); `flags` go on its command
+/// line.
+pub(crate) fn pg_node(
+    dir: &Path,
+    url: &str,
+    extra: &str,
+    peer: Option<&Path>,
+    flags: &[&str],
+    s3: Option<&TestS3>,
+) -> anyhow::Result<RelayProcess> {
+    std::fs::create_dir_all(dir)?;
+    if let Some(peer) = peer {
+        copy_shared_files(peer, dir);
+    }
+    let objects = s3.map(TestS3::objects_toml).unwrap_or_default();
+    let toml = format!(
+        "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{url}\"\n{extra}\n{objects}"
+    );
+    let config = dir.with_extension("toml");
+    std::fs::write(&config, toml)?;
+    let mut args = vec!["--config", config.to_str().context("utf-8 path")?];
+    args.extend_from_slice(flags);
+    let env = s3.map(TestS3::key_env);
+    RelayProcess::start_with_env(
+        dir,
+        "127.0.0.1:0",
+        &args,
+        env.as_ref().map_or(&[], |e| &e[..]),
+    )
 }

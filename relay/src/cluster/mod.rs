@@ -16,8 +16,13 @@
 //!   deletes its claims, its heartbeat and the leases it holds (`Cluster::leave`),
 //!   so a node started at once neither waits for them to lapse nor is displaced by
 //!   them.
+//! - Incarnations: those rows name this process, not just its node id
+//!   ([`PgBackend::incarnation`]), so a replacement already running under the same
+//!   node id keeps its own when the old process leaves.
 
 pub mod notify;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -151,8 +156,9 @@ impl Cluster {
     }
 
     /// A clean stop, after the stop signal and once connections closed: awaits the
-    /// re-check and heartbeat tasks, then deletes this node's claims, its heartbeat
-    /// row and the leases it holds; `within` bounds it all (a database that is gone
+    /// re-check and heartbeat tasks, then deletes this process's claims, its
+    /// heartbeat row and the leases it holds (by its incarnation, never another
+    /// process's under the same node id); `within` bounds it all (a database that is gone
     /// leaves them to lapse, as after a crash).
     pub(crate) async fn leave(&self, within: Duration) {
         let started = tokio::time::Instant::now();
@@ -171,7 +177,7 @@ impl Cluster {
                     "DELETE FROM nodes WHERE node = $1",
                 ] {
                     client
-                        .execute(sql, &[&pg.node_id()])
+                        .execute(sql, &[&pg.incarnation()])
                         .await
                         .map_err(|e| pg.classify(&e))?;
                 }
@@ -211,7 +217,7 @@ impl Cluster {
                         &[
                             &&a[..16],
                             &i64::from(addr.device.get()),
-                            &this.pg.node_id(),
+                            &this.pg.incarnation(),
                             &(id as i64),
                         ],
                     )
@@ -369,7 +375,7 @@ impl Cluster {
                 continue;
             };
             if let Some((node, conn)) = claim {
-                let ours = node == self.pg.node_id() && conn == id as i64;
+                let ours = node == self.pg.incarnation() && conn == id as i64;
                 if !ours && self.claims().get(&addr) == Some(&id) {
                     self.active.displace(&addr, id);
                     continue;
@@ -414,7 +420,7 @@ impl Cluster {
                              RETURNING 1) \
                              SELECT count(*) FROM nodes WHERE node <> $1 AND heartbeat_ms >= {NOW_MS} - $2"
                         ),
-                        &[&pg.node_id(), &(PEER_SILENT.as_millis() as i64)],
+                        &[&pg.incarnation(), &(PEER_SILENT.as_millis() as i64)],
                     )
                     .await
                     .map_err(|e| pg.classify(&e))?;
@@ -477,53 +483,9 @@ impl Drop for Claim {
             let _ = client
                 .execute(
                     "DELETE FROM device_sessions WHERE account = $1 AND device = $2 AND node = $3 AND conn = $4",
-                    &[&&a[..16], &i64::from(addr.device.get()), &pg.node_id(), &(id as i64)],
+                    &[&&a[..16], &i64::from(addr.device.get()), &pg.incarnation(), &(id as i64)],
                 )
                 .await;
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::expect_used)]
-
-    use super::*;
-    use crate::store::pg::testdb::{db, node};
-
-    #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<Hint>>);
-
-    impl Notifier for Recorder {
-        fn publish(&self, hint: Hint) {
-            self.0.lock().expect("hints").push(hint);
-        }
-        fn events(&self) -> Option<mpsc::Receiver<Event>> {
-            None
-        }
-    }
-
-    #[test]
-    fn a_node_alone_publishes_no_mail_hints_and_one_with_peers_does() {
-        let (_pg, opts) = db();
-        let (_stop_tx, stop) = watch::channel(false);
-        let start = |id: &str, hints: Arc<Recorder>| {
-            let pg = Arc::new(node(&opts, id));
-            let active = Arc::new(ActiveMailboxes::default());
-            let cluster = Cluster::start(pg.clone(), active, hints, HEARTBEAT, stop.clone());
-            (pg, cluster)
-        };
-        let hints = Arc::new(Recorder::default());
-        let (pg, a) = start("a", hints.clone());
-        let to = DeviceAddress::from_wire(&[7; 16], 1).expect("address");
-        pg.run(a.beat()).expect("beat");
-        a.mail(&to);
-        assert!(hints.0.lock().expect("hints").is_empty(), "alone");
-
-        let (pg_b, b) = start("b", Arc::new(Recorder::default()));
-        pg_b.run(b.beat()).expect("b beats");
-        pg.run(a.beat()).expect("beat");
-        a.mail(&to);
-        assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
     }
 }

@@ -477,7 +477,8 @@ impl BlobStore {
     /// charged (see the module docs). A mismatch deletes the upload. Idempotent: a
     /// finish retried after a failure between storing the bytes and recording them
     /// records the bytes in place; an object whose record never comes is deleted by
-    /// a sweep once [`ORPHAN_GRACE`] has passed (shared indexes).
+    /// a sweep once [`ORPHAN_GRACE`] has passed (shared indexes). [`BlobError::Busy`]
+    /// when another node held the blob's lock past the index's deadline.
     pub(crate) fn finish(&self, device: &AuthenticatedDevice, id: &BlobId) -> BlobResult<BlobMeta> {
         let account = &device.address().account;
         // The barrier is not held across the hash and the fsync (long for a big
@@ -491,7 +492,7 @@ impl BlobStore {
         // Only for an upload whose bytes all arrived: finishing proves possession
         // (asked second: usually there are no such bytes, and on S3 the upload's
         // length is one more request).
-        let mut placed = self.files.blob_len(id)? == Some(meta.size)
+        let placed = self.files.blob_len(id)? == Some(meta.size)
             && self.files.upload_len(account, id)? == meta.size;
         if !placed {
             self.verify_upload(account, id, meta.size)?;
@@ -506,6 +507,23 @@ impl BlobStore {
             }
         };
         let _commit = lock(&self.commit);
+        // Under the blob's lock across nodes: a sweep elsewhere deletes its bytes
+        // either before this checks and stores them, or not at all.
+        self.under_blob_lock(id, true, || self.store_upload(account, id, &meta, placed))?
+            .ok_or(BlobError::Busy {
+                retry_after_ms: bytes::s3::BUSY_RETRY_MS,
+            })
+    }
+
+    /// [`BlobStore::finish`] once its locks are held: stores the upload's bytes
+    /// (unless `placed`) and records them, or keeps the blob another finish recorded.
+    fn store_upload(
+        &self,
+        account: &AccountId,
+        id: &BlobId,
+        meta: &UploadMeta,
+        mut placed: bool,
+    ) -> BlobResult<BlobMeta> {
         if placed && self.files.blob_len(id)? != Some(meta.size) {
             // An expired blob's bytes, swept since they were seen: the upload's own
             // bytes (kept until the record) are verified and placed after all.
@@ -544,6 +562,26 @@ impl BlobStore {
             tracing::debug!(error = %e, "an upload's staged bytes stay for the sweeper");
         }
         Ok(blob)
+    }
+
+    /// `f`'s answer under blob `id`'s lock across nodes (`BlobIndex::with_blob_lock`);
+    /// `None` when another node held it (past the index's deadline with `wait`).
+    fn under_blob_lock<T>(
+        &self,
+        id: &BlobId,
+        wait: bool,
+        f: impl FnOnce() -> BlobResult<T>,
+    ) -> BlobResult<Option<T>> {
+        let (mut f, mut out) = (Some(f), None);
+        let held = self.index.with_blob_lock(id, wait, &mut || {
+            if let Some(f) = f.take() {
+                out = Some(f());
+            }
+        })?;
+        match out {
+            Some(answer) if held => answer.map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// Counts the relay-wide blob bytes again from the index, when the bytes live in
@@ -608,27 +646,37 @@ impl BlobStore {
         self.rate.housekeep();
         let now = self.clock.now();
         let mut swept = Swept::default();
+        // Each under the blob's lock across nodes, so no finish stores and records its
+        // bytes between these checks and the deletion; one held elsewhere waits a pass.
         for id in self.index.expired_blobs(now, max)? {
             let _commit = lock(&self.commit);
             // A forward (here or on another node) may have moved it since the scan.
             // A shared index queues the bytes with the deletion (see
             // `BlobIndex::object_gc_pending`); the entry ends once they are gone.
-            if let Some(m) = self.index.remove_expired_blob(&id, now)? {
+            let removed = self.under_blob_lock(&id, false, || {
+                let Some(m) = self.index.remove_expired_blob(&id, now)? else {
+                    return Ok(false);
+                };
                 self.files.remove_blob(&id)?;
                 self.index.object_gc_done(&id)?;
                 self.budget.remove_blob_bytes(m.size);
-                swept.blobs += 1;
-            }
+                Ok(true)
+            })?;
+            swept.blobs += u64::from(removed == Some(true));
         }
         // Deletions a crash or a failed call left queued.
         for id in self.index.object_gc_pending(max)? {
             let _commit = lock(&self.commit);
-            // Uploaded again since: the object is the new blob's.
-            if self.index.blob(&id)?.is_none() {
-                self.files.remove_blob(&id)?;
-                swept.objects += 1;
-            }
-            self.index.object_gc_done(&id)?;
+            let removed = self.under_blob_lock(&id, false, || {
+                // Uploaded again since: the object is the new blob's.
+                let orphan = self.index.blob(&id)?.is_none();
+                if orphan {
+                    self.files.remove_blob(&id)?;
+                }
+                self.index.object_gc_done(&id)?;
+                Ok(orphan)
+            })?;
+            swept.objects += u64::from(removed == Some(true));
         }
         let before = now.saturating_sub(millis(self.limits.abandon_after));
         // Uploads running now are skipped, so ask for that many more.

@@ -176,16 +176,25 @@ fn a_forward_on_another_node_after_the_sweep_listed_a_blob_keeps_it() {
     assert_eq!(c.s3.objects("blobs/").len(), 1);
 }
 
-/// Object-store bytes whose first `keep_upload` kills the database once the object is
-/// in place: the blob's record then fails to commit, as when the database dies
-/// between the copy and the record.
-struct KillAfterCopy {
+/// A step run once, from inside an object-store call.
+type Hook = Mutex<Option<Box<dyn FnOnce() + Send>>>;
+
+/// Object-store bytes that run a hook once after their first `keep_upload` (the
+/// object is in place, the record not yet written) and once before their first
+/// `remove_blob` (a sweep deleted the record, the object is still there).
+struct Hooked {
     inner: S3Bytes,
-    pg: Arc<TestPostgres>,
-    armed: std::sync::atomic::AtomicBool,
+    after_copy: Hook,
+    before_delete: Hook,
 }
 
-impl BlobBytes for KillAfterCopy {
+fn run_hook(hook: &Hook) {
+    if let Some(f) = lock(hook).take() {
+        f();
+    }
+}
+
+impl BlobBytes for Hooked {
     fn stored_bytes(&self) -> BlobResult<Option<u64>> {
         self.inner.stored_bytes()
     }
@@ -210,15 +219,14 @@ impl BlobBytes for KillAfterCopy {
     }
     fn keep_upload(&self, account: &AccountId, id: &BlobId, size: u64) -> BlobResult<()> {
         self.inner.keep_upload(account, id, size)?;
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.pg.kill();
-        }
+        run_hook(&self.after_copy);
         Ok(())
     }
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
         self.inner.remove_upload(account, id)
     }
     fn remove_blob(&self, id: &BlobId) -> BlobResult<()> {
+        run_hook(&self.before_delete);
         self.inner.remove_blob(id)
     }
     fn open_read(
@@ -233,14 +241,28 @@ impl BlobBytes for KillAfterCopy {
 }
 
 impl Cluster {
-    /// A node whose first finish loses the database after copying the object.
-    fn node_killing_after_copy(&self, name: &str) -> Node {
-        let bytes = KillAfterCopy {
+    /// A node whose first finish runs `after_copy` once its object is in place, and
+    /// whose first object deletion runs `before_delete` first.
+    fn node_hooked(
+        &self,
+        name: &str,
+        after_copy: Option<Box<dyn FnOnce() + Send>>,
+        before_delete: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Node {
+        let bytes = Hooked {
             inner: S3Bytes::open(&settings(&self.s3)).expect("client"),
-            pg: self.pg.clone(),
-            armed: true.into(),
+            after_copy: Mutex::new(after_copy),
+            before_delete: Mutex::new(before_delete),
         };
         self.node_on(name, Arc::new(bytes))
+    }
+
+    /// A node whose first finish loses the database after copying the object: the
+    /// blob's record then fails to commit, as when the database dies between the
+    /// copy and the record.
+    fn node_killing_after_copy(&self, name: &str) -> Node {
+        let pg = self.pg.clone();
+        self.node_hooked(name, Some(Box::new(move || pg.kill())), None)
     }
 }
 
@@ -311,4 +333,122 @@ fn an_object_whose_record_failed_and_was_never_retried_is_collected() {
         .advance(BlobLimits::default().abandon_after + Duration::from_secs(1));
     assert_eq!(a.store.sweep(100).expect("sweep").uploads, 1);
     assert!(c.s3.files().is_empty(), "{:?}", c.s3.files());
+}
+
+/// Begins and sends all of `device`'s upload of `bytes` on `store`, leaving the
+/// finish to the caller.
+fn send_upload(store: &BlobStore, device: &AuthenticatedDevice, bytes: &[u8]) -> RunningUpload {
+    let id = id_of(bytes);
+    let Begin::Upload { offset: 0, running } =
+        store.begin(device, &id, bytes.len() as u64).expect("begin")
+    else {
+        panic!("a fresh upload")
+    };
+    store.append(device, &id, 0, bytes).expect("append");
+    running
+}
+
+/// Whether `node` holds blob `id`'s record and its bytes, whole.
+fn stored(node: &Node, id: &BlobId, bytes: &[u8]) -> bool {
+    let recorded = node.index.blob(id).expect("record").is_some();
+    match node.store.open_read(id, 0, 256 * 1024) {
+        Ok(mut r) => recorded && read_all(&mut r) == bytes,
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn a_finish_during_a_sweeps_object_deletion_waits_and_then_stores_its_bytes() {
+    let c = Cluster::new();
+    let b = Arc::new(c.node("b"));
+    let bytes = pattern(PART + 999);
+    let id = id_of(&bytes);
+    // Bob sends the same content as Alice through B (before either finishes).
+    let running = send_upload(&b.store, &BOB, &bytes);
+    // B's finish starts while A's sweep has deleted the record and not yet the
+    // object; A goes on once B waits for the blob's lock (or, without one, is done).
+    let finished = Arc::new(Mutex::new(None));
+    let (b2, finished2, b_index) = (b.clone(), finished.clone(), b.index.clone());
+    let during_delete = move || {
+        let finish = std::thread::spawn(move || b2.store.finish(&BOB, &id));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let waiting = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted";
+        while !finish.is_finished() && testdb::sql(&b_index, waiting)[0].get::<_, i64>(0) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B neither waited nor finished"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *lock(&finished2) = Some(finish);
+    };
+    let a = c.node_hooked("a", None, Some(Box::new(during_delete)));
+    upload(&a.store, &ALICE, &bytes).expect("upload on a");
+    c.clock.advance(TTL + Duration::from_secs(1));
+    assert_eq!(a.store.sweep(100).expect("sweep").blobs, 1);
+    let finish = lock(&finished).take().expect("the hook ran");
+    let meta = finish.join().expect("finish").expect("B's finish succeeds");
+    drop(running);
+    assert_eq!(meta.size, bytes.len() as u64);
+    assert!(
+        stored(&a, &id, &bytes),
+        "the record names bytes that are gone"
+    );
+    assert_eq!(c.s3.objects("blobs/").len(), 1);
+    assert!(a.index.object_gc_pending(10).expect("queue").is_empty());
+}
+
+#[test]
+fn a_sweep_during_a_finishs_copy_leaves_the_blob_to_it() {
+    let c = Cluster::new();
+    let a = Arc::new(c.node("a"));
+    let bytes = pattern(70_000);
+    let id = id_of(&bytes);
+    // An expired record whose object is gone (a failed deletion): B's finish stores
+    // the bytes again, and A's sweep runs between B's copy and B's record.
+    upload(&a.store, &ALICE, &bytes).expect("upload on a");
+    S3Bytes::open(&settings(&c.s3))
+        .expect("client")
+        .remove_blob(&id)
+        .expect("delete");
+    c.clock.advance(TTL + Duration::from_secs(1));
+    let (a2, swept) = (a.clone(), Arc::new(Mutex::new(None)));
+    let swept2 = swept.clone();
+    let during_copy = move || *lock(&swept2) = Some(a2.store.sweep(100).expect("sweep"));
+    let b = c.node_hooked("b", Some(Box::new(during_copy)), None);
+    let running = send_upload(&b.store, &BOB, &bytes);
+    let meta = b.store.finish(&BOB, &id).expect("finish");
+    drop(running);
+    assert_eq!(meta.size, bytes.len() as u64);
+    // The blob was B's to decide on: A left its record and object alone.
+    assert_eq!(lock(&swept).take().expect("the hook ran").blobs, 0);
+    assert!(
+        stored(&a, &id, &bytes),
+        "the record names bytes that are gone"
+    );
+    assert_eq!(a.store.sweep(100).expect("sweep"), Swept::default());
+    assert!(stored(&b, &id, &bytes));
+}
+
+#[test]
+fn a_blobs_lock_is_one_holder_at_a_time_across_nodes() {
+    let c = Cluster::new();
+    let (a, b) = (c.node("a"), c.node("b"));
+    let (id, other) = ([7u8; 32], [8u8; 32]);
+    let mut inner = Vec::new();
+    let held = a.index.with_blob_lock(&id, false, &mut || {
+        // Another node neither takes it at once nor by waiting (past its deadline).
+        let mut ran = false;
+        inner.push(b.index.with_blob_lock(&id, false, &mut || ran = true));
+        inner.push(b.index.with_blob_lock(&id, true, &mut || ran = true));
+        assert!(!ran);
+        // Another blob's lock is free.
+        inner.push(b.index.with_blob_lock(&other, false, &mut || ran = true));
+        assert!(ran);
+    });
+    assert!(held.expect("lock"));
+    let inner: Vec<bool> = inner.into_iter().map(|r| r.expect("lock")).collect();
+    assert_eq!(inner, [false, false, true]);
+    // Released with its holder's transaction.
+    assert!(b.index.with_blob_lock(&id, true, &mut || {}).expect("lock"));
 }

@@ -29,6 +29,10 @@ pub const ACCESS_KEY: &str = "tern-test-access";
 /// The test secret key.
 pub const SECRET_KEY: &str = "tern-test-secret-key";
 /// How long the server may take to say where it listens.
+/// The variable [`TestS3::objects_toml`] names for the access key.
+pub const KEY_ENV: &str = "TERN_TEST_S3_KEY";
+/// The variable [`TestS3::objects_toml`] names for the secret key.
+pub const SECRET_ENV: &str = "TERN_TEST_S3_SECRET";
 const START_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A running `s3s-fs` over a temporary directory, killed and removed on drop.
@@ -127,6 +131,22 @@ impl TestS3 {
     /// The secret key the server takes.
     pub fn secret_key(&self) -> &str {
         SECRET_KEY
+    }
+
+    /// An `[objects]` section of a relay's configuration for this server, with 5 MiB
+    /// parts; the relay reads the keys from the variables of [`TestS3::key_env`].
+    pub fn objects_toml(&self) -> String {
+        format!(
+            "[objects]\nurl = \"s3://{BUCKET}\"\nendpoint = \"{}\"\nallow_http = true\n\
+             access_key_env = \"{KEY_ENV}\"\nsecret_key_env = \"{SECRET_ENV}\"\npart_mb = 5\n",
+            self.endpoint
+        )
+    }
+
+    /// The environment a relay configured by [`TestS3::objects_toml`] needs: the
+    /// variables it names, set to this server's keys.
+    pub fn key_env(&self) -> [(&'static str, &'static str); 2] {
+        [(KEY_ENV, ACCESS_KEY), (SECRET_ENV, SECRET_KEY)]
     }
 
     /// The server's root directory: each bucket is a directory in it.

@@ -40,6 +40,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, PutPayload, RetryC
 
 pub(crate) use bridge::S3Reader;
 use bridge::{failed, gone_is_fine, Bridge};
+pub(crate) use buffers::BUSY_RETRY_MS;
 use buffers::{Buffers, PartBuffer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -5,6 +5,7 @@
 
 use tern_platform::clock::UnixMillis;
 use tern_proto::AccountId;
+use tokio_postgres::error::SqlState;
 
 use super::lease::NOW_MS;
 use super::rows::{account_of, exec_in, fixed, query_in, signed, transaction, unsigned};
@@ -12,6 +13,47 @@ use super::PgBackend;
 use crate::store::{utc_day, BlobId, BlobIndex, BlobMeta, StoreResult, UploadMeta};
 
 const BLOB_COLUMNS: &str = "size, created_at, last_used_at, expires_at";
+
+/// The first key of every blob's advisory lock (see `BlobIndex::with_blob_lock`), in
+/// PostgreSQL's two-key space, which never overlaps the single-key space of
+/// [`super::migrate::MIGRATION_LOCK`]. The second key is the id's first four bytes:
+/// ids are SHA-256 digests, and two blobs sharing them only wait for each other.
+pub(crate) const BLOB_LOCKS: i32 = 7263_0015;
+
+/// Blob `id`'s advisory lock keys.
+pub(crate) fn blob_lock_key(id: &BlobId) -> (i32, i32) {
+    (BLOB_LOCKS, i32::from_be_bytes([id[0], id[1], id[2], id[3]]))
+}
+
+/// Begins a transaction on `client` and takes the advisory lock `key` in it (with
+/// `wait`, for at most the session's statement timeout); whether it got it.
+async fn lock_in_transaction(
+    client: &deadpool_postgres::Object,
+    (class, key): (i32, i32),
+    wait: bool,
+) -> Result<bool, tokio_postgres::Error> {
+    // The holder calls the object store meanwhile (a copy may take minutes): no idle
+    // limit in this transaction. The lock ends with it, or with the session.
+    client
+        .batch_execute("BEGIN; SET LOCAL idle_in_transaction_session_timeout = 0")
+        .await?;
+    if wait {
+        let lock = client
+            .prepare_cached("SELECT pg_advisory_xact_lock($1, $2)")
+            .await?;
+        match client.execute(&lock, &[&class, &key]).await {
+            Ok(_) => Ok(true),
+            // The statement timeout: held by another for that long.
+            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => Ok(false),
+            Err(e) => Err(e),
+        }
+    } else {
+        let lock = client
+            .prepare_cached("SELECT pg_try_advisory_xact_lock($1, $2)")
+            .await?;
+        client.query_one(&lock, &[&class, &key]).await?.try_get(0)
+    }
+}
 
 impl PgBackend {
     fn blob_meta(&self, row: &tokio_postgres::Row) -> StoreResult<BlobMeta> {
@@ -267,6 +309,43 @@ impl BlobIndex for PgBackend {
                 ))
             })
             .collect()
+    }
+
+    fn with_blob_lock(&self, id: &BlobId, wait: bool, f: &mut dyn FnMut()) -> StoreResult<bool> {
+        let held = self.run(async {
+            let client = self.client().await?;
+            match lock_in_transaction(&client, blob_lock_key(id), wait).await {
+                Ok(true) => Ok(Some(client)),
+                Ok(false) => {
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    Ok(None)
+                }
+                // Inside a transaction: never back to the pool.
+                Err(e) => {
+                    drop(deadpool_postgres::Object::take(client));
+                    Err(self.classify(&e))
+                }
+            }
+        })?;
+        let Some(client) = held else {
+            return Ok(false);
+        };
+        f();
+        // Nothing was written in it: its end only releases the lock. A failed end
+        // leaves the connection in the transaction; dropped, it ends the session.
+        let ended = self.run(async {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(|e| self.classify(&e))
+        });
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "a blob lock's transaction did not end; its connection is dropped");
+            drop(deadpool_postgres::Object::take(client));
+        }
+        Ok(true)
     }
 
     // Every change above committed before it returned.

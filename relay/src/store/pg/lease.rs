@@ -9,8 +9,9 @@ use super::{PgBackend, StoreResult};
 pub const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
 
 impl PgBackend {
-    /// Takes or renews the lease `name` for `ttl`: true when this node holds it now
-    /// (it held it, or the holder let it lapse). One statement, so two nodes asking
+    /// Takes or renews the lease `name` for `ttl`: true when this process holds it
+    /// now (it held it, or the holder let it lapse); the holder is named by its
+    /// [`PgBackend::incarnation`]. One statement, so two nodes asking
     /// at once never both get it.
     pub fn try_hold(&self, name: &str, ttl: std::time::Duration) -> StoreResult<bool> {
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
@@ -23,13 +24,17 @@ impl PgBackend {
         self.run(async {
             let client = self.client().await?;
             let rows = self
-                .retrying(|| async { client.query(&sql, &[&name, &self.node_id(), &ttl_ms]).await })
+                .retrying(|| async {
+                    client
+                        .query(&sql, &[&name, &self.incarnation(), &ttl_ms])
+                        .await
+                })
                 .await?;
             Ok(!rows.is_empty())
         })
     }
 
-    /// Gives the lease up at once (a clean stop), if this node holds it.
+    /// Gives the lease up at once (a clean stop), if this process holds it.
     pub fn release(&self, name: &str) -> StoreResult<()> {
         self.run(async {
             let client = self.client().await?;
@@ -37,7 +42,7 @@ impl PgBackend {
                 client
                     .execute(
                         "DELETE FROM leases WHERE name = $1 AND holder = $2",
-                        &[&name, &self.node_id()],
+                        &[&name, &self.incarnation()],
                     )
                     .await
             })

@@ -125,6 +125,8 @@ pub struct PgBackend {
     // When a call last got no answer at all (a database that hangs).
     hung: Hung,
     node_id: String,
+    // See `incarnation()`.
+    incarnation: String,
     hosts: String,
     require_accounts: bool,
     /// One warning per outage (see `outage.rs`).
@@ -191,6 +193,7 @@ impl PgBackend {
             deadline: opts.connect_timeout + opts.statement_timeout,
             hung: Hung::new(opts.connect_timeout + opts.statement_timeout),
             node_id: opts.node_id.clone(),
+            incarnation: format!("{}#{:016x}", opts.node_id, rand::random::<u64>()),
             hosts,
             require_accounts: opts.require_accounts,
             outage: outage::Outage::default(),
@@ -233,6 +236,15 @@ impl PgBackend {
     /// This node's name.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// This process's name in the rows it holds (its device claims, leases and
+    /// heartbeat): the node id and a random 64-bit number drawn at start,
+    /// `<node id>#<16 hex digits>`. A process started under the same node id (a
+    /// replacement, while this one stops) thus never takes over, renews or deletes
+    /// what this one holds, nor this one its.
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
     }
 
     /// The database's hosts, for messages (`host:port`, or socket directories).

@@ -1,38 +1,71 @@
 //! One warning per database outage, not one per failed call: during an outage every
 //! request, delivery read and sweep fails, each with the same cause. The first call
-//! that finds the database unreachable logs it at warn; the rest of the streak at
-//! debug; the first call that succeeds again logs at info how many failed between.
+//! that finds the database unreachable logs it at warn; the rest of the outage at
+//! debug. An outage ends once calls succeed with no failure for [`SETTLE`]: the
+//! first success after that logs at info how many calls failed in all. So a partial
+//! outage, where some calls fail and others succeed (one host of several, a pool
+//! half broken), logs one warning and one info, not a pair per flip.
 //! The pool's own per-connection warnings (target `deadpool.postgres`) are filtered
 //! to errors by the relay's default log filter ([`crate::logging::filter`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use crate::store::{StoreError, StoreResult};
 
-/// Whether the database is failing now, and how many calls failed in this streak.
+/// How long calls must go without a failure for an outage to have ended.
+pub(crate) const SETTLE: Duration = Duration::from_secs(5);
+
+/// Whether an outage is on, and its failures so far.
 #[derive(Debug, Default)]
 pub(crate) struct Outage {
-    failing: AtomicBool,
-    failures: AtomicU64,
+    // Read by every call: a success outside an outage takes no lock.
+    on: AtomicBool,
+    streak: Mutex<Streak>,
+}
+
+#[derive(Debug, Default)]
+struct Streak {
+    /// The outage's last failure; `None` outside an outage.
+    last_failure: Option<Instant>,
+    failures: u64,
 }
 
 impl Outage {
     /// Notes how a call ended.
     pub(crate) fn observe<T>(&self, result: &StoreResult<T>) {
         match result {
+            Ok(_) if !self.on.load(Ordering::Relaxed) => {}
+            Ok(_) | Err(StoreError::Unavailable(_)) => self.observe_at(result, Instant::now()),
+            Err(_) => {}
+        }
+    }
+
+    /// [`Outage::observe`] of a call that ended at `now`.
+    pub(crate) fn observe_at<T>(&self, result: &StoreResult<T>, now: Instant) {
+        let mut streak = self.streak.lock().unwrap_or_else(|e| e.into_inner());
+        match result {
             Ok(_) => {
-                if self.failing.swap(false, Ordering::Relaxed) {
-                    let failed = self.failures.swap(0, Ordering::Relaxed);
-                    info!(failed_calls = failed, "PostgreSQL is back");
+                let settled = streak
+                    .last_failure
+                    .is_some_and(|at| now.saturating_duration_since(at) >= SETTLE);
+                if settled {
+                    info!(failed_calls = streak.failures, "PostgreSQL is back");
+                    *streak = Streak::default();
+                    self.on.store(false, Ordering::Relaxed);
                 }
             }
             // The message names the database's hosts and the driver's reason, never
             // a password, an account or a request's data.
             Err(e @ StoreError::Unavailable(_)) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                if !self.failing.swap(true, Ordering::Relaxed) {
+                streak.failures += 1;
+                // Calls end out of order across threads: the latest failure counts.
+                let last = streak.last_failure.map_or(now, |at| at.max(now));
+                if streak.last_failure.replace(last).is_none() {
+                    self.on.store(true, Ordering::Relaxed);
                     warn!(error = %e, "PostgreSQL unreachable: requests fail with UNAVAILABLE until it answers again");
                 } else {
                     debug!(error = %e, "PostgreSQL still unreachable");
@@ -49,6 +82,7 @@ mod tests {
 
     use std::io::Write;
     use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -79,24 +113,59 @@ mod tests {
         text
     }
 
+    /// A new outage log, and the instant `ms` after a start common to its calls.
+    fn clocked() -> (Outage, impl Fn(u64) -> Instant) {
+        let t0 = Instant::now();
+        (Outage::default(), move |ms| t0 + Duration::from_millis(ms))
+    }
+
+    fn down() -> StoreResult<()> {
+        Err(StoreError::Unavailable("PostgreSQL at /tmp: gone".into()))
+    }
+
     #[test]
-    fn an_outage_warns_once_per_streak_and_says_when_it_ended() {
-        let o = Outage::default();
-        let down: StoreResult<()> = Err(StoreError::Unavailable("PostgreSQL at /tmp: gone".into()));
+    fn an_outage_warns_once_and_says_when_calls_succeeded_for_a_settled_period() {
+        let (o, at) = clocked();
         let text = logged(|| {
-            for _ in 0..100 {
-                o.observe(&down);
+            for i in 0..100 {
+                o.observe_at(&down(), at(i));
             }
-            o.observe(&Ok(()));
-            o.observe(&Ok(()));
-            o.observe(&down);
+            // Succeeding, but not yet for the settled period.
+            o.observe_at(&Ok(()), at(100));
+            o.observe_at(&Ok(()), at(99 + SETTLE.as_millis() as u64 - 1));
         });
-        assert_eq!(text.matches("unreachable").count(), 2, "{text}");
+        assert_eq!(text.matches("unreachable").count(), 1, "{text}");
+        assert!(!text.contains("is back"), "{text}");
+        let text = logged(|| {
+            o.observe_at(&Ok(()), at(99) + SETTLE);
+            o.observe_at(&Ok(()), at(99) + SETTLE * 2);
+        });
         assert_eq!(text.matches("is back").count(), 1, "{text}");
         assert!(text.contains("failed_calls=100"), "{text}");
+        // A new outage warns again.
+        let text = logged(|| o.observe_at(&down(), at(99) + SETTLE * 3));
+        assert_eq!(text.matches("unreachable").count(), 1, "{text}");
         // Other errors are the callers' to report.
         let text = logged(|| o.observe(&Err::<(), _>(StoreError::Corrupt("x"))));
         assert!(text.is_empty(), "{text}");
+    }
+
+    #[test]
+    fn a_partial_outage_that_flips_warns_once_not_per_flip() {
+        let (o, at) = clocked();
+        // Every other call fails, for a minute.
+        let text = logged(|| {
+            for i in 0..600 {
+                let r = if i % 2 == 0 { down() } else { Ok(()) };
+                o.observe_at(&r, at(i * 100));
+            }
+        });
+        assert_eq!(text.matches("unreachable").count(), 1, "{text}");
+        assert!(!text.contains("is back"), "{text}");
+        // Then no failure for the settled period.
+        let text = logged(|| o.observe_at(&Ok(()), at(59_800) + SETTLE));
+        assert_eq!(text.matches("is back").count(), 1, "{text}");
+        assert!(text.contains("failed_calls=300"), "{text}");
     }
 
     #[test]
@@ -134,6 +203,9 @@ mod tests {
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
         });
+        assert!(!text.contains("is back"), "not yet settled: {text}");
+        // A success once the settled period has passed since the last failure.
+        let text = logged(|| backend.outage.observe_at(&Ok(()), Instant::now() + SETTLE));
         assert!(text.contains("is back"), "{text}");
     }
 }

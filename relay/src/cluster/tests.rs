@@ -1,0 +1,126 @@
+//! Nodes on a real PostgreSQL: what a clean stop gives up.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tokio::sync::watch;
+
+use super::notify::{Event, Hint, NoHints, Notifier};
+use super::{Cluster, HEARTBEAT};
+use crate::mailboxes::ActiveMailboxes;
+use crate::store::pg::{testdb, PgBackend};
+
+fn device(n: u8) -> DeviceAddress {
+    DeviceAddress {
+        account: AccountId([n; 16]),
+        device: DeviceId::PRIMARY,
+    }
+}
+
+/// A node's cluster part on `pg`, and the sender that stops its tasks.
+fn join(pg: &Arc<PgBackend>) -> (Arc<Cluster>, watch::Sender<bool>) {
+    let (stop, stopped) = watch::channel(false);
+    let cluster = Cluster::start(
+        pg.clone(),
+        Arc::new(ActiveMailboxes::default()),
+        Arc::new(NoHints),
+        Duration::from_secs(60),
+        stopped,
+    );
+    (cluster, stop)
+}
+
+fn count(pg: &PgBackend, sql: &str, name: &str) -> i64 {
+    testdb::query(pg, sql, &[&name])[0].get(0)
+}
+
+#[test]
+fn a_process_leaving_keeps_what_its_replacement_under_the_same_node_id_holds() {
+    let (_db, opts) = testdb::db();
+    // The old process is stopping while its replacement, under the same node id,
+    // already serves.
+    let old = Arc::new(testdb::node(&opts, "node-a"));
+    let new = Arc::new(testdb::node(&opts, "node-a"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (old_cluster, stop_old) = join(&old);
+        let (new_cluster, _stop_new) = join(&new);
+        // Each holds a claim (with the same connection id), a lease and a heartbeat.
+        let old_claim = old_cluster.claim(device(1), 1).await;
+        let new_claim = new_cluster.claim(device(2), 1).await;
+        let (o, n) = (old.clone(), new.clone());
+        tokio::task::spawn_blocking(move || {
+            assert!(o.try_hold("old-lease", Duration::from_secs(60)).unwrap());
+            assert!(n.try_hold("new-lease", Duration::from_secs(60)).unwrap());
+        })
+        .await
+        .unwrap();
+        let beats = "SELECT count(*) FROM nodes WHERE node = $1";
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for pg in [&old, &new] {
+            while count(pg, beats, pg.incarnation()) == 0 {
+                assert!(std::time::Instant::now() < deadline, "no heartbeat");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // The old one's connection claim outlives its connection (its withdrawal
+        // failed): `leave` withdraws it.
+        std::mem::forget(old_claim);
+        stop_old.send(true).unwrap();
+        old_cluster.leave(Duration::from_secs(5)).await;
+        let mine = new.incarnation();
+        let new_lease = "SELECT count(*) FROM leases WHERE name = 'new-lease' AND holder = $1";
+        let claims = "SELECT count(*) FROM device_sessions WHERE node = $1";
+        assert_eq!(count(&new, claims, mine), 1, "new's claim");
+        assert_eq!(count(&new, new_lease, mine), 1, "new's lease");
+        assert_eq!(count(&new, beats, mine), 1, "new's heartbeat");
+        // Nothing of the old one's is left.
+        for others in [
+            "SELECT count(*) FROM device_sessions WHERE node <> $1",
+            "SELECT count(*) FROM leases WHERE holder <> $1",
+            "SELECT count(*) FROM nodes WHERE node <> $1",
+        ] {
+            assert_eq!(count(&new, others, mine), 0, "{others}");
+        }
+        drop(new_claim);
+    });
+}
+
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<Hint>>);
+
+impl Notifier for Recorder {
+    fn publish(&self, hint: Hint) {
+        self.0.lock().expect("hints").push(hint);
+    }
+    fn events(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
+        None
+    }
+}
+
+#[test]
+fn a_node_alone_publishes_no_mail_hints_and_one_with_peers_does() {
+    let (_pg, opts) = testdb::db();
+    let (_stop_tx, stop) = watch::channel(false);
+    let start = |id: &str, hints: Arc<Recorder>| {
+        let pg = Arc::new(testdb::node(&opts, id));
+        let active = Arc::new(ActiveMailboxes::default());
+        let cluster = Cluster::start(pg.clone(), active, hints, HEARTBEAT, stop.clone());
+        (pg, cluster)
+    };
+    let hints = Arc::new(Recorder::default());
+    let (pg, a) = start("a", hints.clone());
+    let to = DeviceAddress::from_wire(&[7; 16], 1).expect("address");
+    pg.run(a.beat()).expect("beat");
+    a.mail(&to);
+    assert!(hints.0.lock().expect("hints").is_empty(), "alone");
+
+    let (pg_b, b) = start("b", Arc::new(Recorder::default()));
+    pg_b.run(b.beat()).expect("b beats");
+    pg.run(a.beat()).expect("beat");
+    a.mail(&to);
+    assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
+}
