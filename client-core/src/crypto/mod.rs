@@ -1,7 +1,8 @@
 //! End-to-end cryptography, free of I/O: randomness is always an argument.
 //!
 //! - [`sealed`]: sealed sender, so the relay never learns who sent a message.
-//! - [`padding`]: size buckets, so the relay never learns a message's length.
+//! - [`padding`]: PADMÉ lengths, so the relay learns a message's length only to
+//!   O(log log L) bits.
 //! - [`x3dh`]: session key agreement (Signal's X3DH specification).
 //! - [`ratchet`]: message encryption (Signal's Double Ratchet specification).
 //! - [`sessions`]: the sessions with one contact device; simultaneous initiation
