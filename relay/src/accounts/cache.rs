@@ -41,22 +41,50 @@ pub(super) type Hit = (Option<Arc<Known>>, Instant);
 /// See the module docs.
 #[derive(Default)]
 pub(super) struct RecipientCache {
-    entries: Mutex<HashMap<AccountId, Hit>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<AccountId, Hit>,
+    /// Changes made here so far: a load that began before one keeps nothing (it may
+    /// have read what the change replaced).
+    changes: u64,
 }
 
 impl RecipientCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The entry for `account`, if one younger than [`TTL`] is kept.
     pub(super) fn get(&self, account: &AccountId) -> Option<Hit> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries
+        self.lock()
+            .entries
             .get(account)
             .filter(|(_, at)| at.elapsed() < TTL)
             .cloned()
     }
 
-    /// Keeps `known` for `account`, loaded at `at`.
-    pub(super) fn put(&self, account: AccountId, known: Option<Arc<Known>>, at: Instant) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    /// What to pass to [`RecipientCache::put`] for a load that begins now.
+    pub(super) fn changes(&self) -> u64 {
+        self.lock().changes
+    }
+
+    /// Keeps `known` for `account`, loaded at `at`, unless a change was made here
+    /// since the load began (`changes` then).
+    pub(super) fn put(
+        &self,
+        account: AccountId,
+        known: Option<Arc<Known>>,
+        at: Instant,
+        changes: u64,
+    ) {
+        let mut inner = self.lock();
+        if inner.changes != changes {
+            return;
+        }
+        let entries = &mut inner.entries;
         if entries.len() >= CAPACITY && !entries.contains_key(&account) {
             entries.retain(|_, (_, loaded)| loaded.elapsed() < TTL);
             if entries.len() >= CAPACITY {
@@ -68,13 +96,14 @@ impl RecipientCache {
 
     /// Drops `account`'s entry (changed here).
     pub(super) fn forget(&self, account: &AccountId) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.remove(account);
+        let mut inner = self.lock();
+        inner.changes += 1;
+        inner.entries.remove(account);
     }
 
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.entries.lock().map(|e| e.len()).unwrap_or_default()
+        self.lock().entries.len()
     }
 }
 
@@ -93,7 +122,7 @@ mod tests {
             token: Some([1; 32]),
             devices: vec![DeviceId::PRIMARY],
         }));
-        cache.put(id(1), known.clone(), Instant::now());
+        cache.put(id(1), known.clone(), Instant::now(), cache.changes());
         assert_eq!(cache.get(&id(1)).map(|h| h.0), Some(known));
         cache.forget(&id(1));
         assert!(cache.get(&id(1)).is_none());
@@ -101,8 +130,19 @@ mod tests {
         let old = Instant::now()
             .checked_sub(TTL)
             .expect("an instant a TTL ago");
-        cache.put(id(2), None, old);
+        cache.put(id(2), None, old, cache.changes());
         assert!(cache.get(&id(2)).is_none(), "an expired entry is a miss");
+    }
+
+    #[test]
+    fn a_load_that_began_before_a_change_here_keeps_nothing() {
+        let cache = RecipientCache::default();
+        let began = cache.changes();
+        cache.forget(&id(3));
+        cache.put(id(3), None, Instant::now(), began);
+        assert!(cache.get(&id(3)).is_none());
+        cache.put(id(3), None, Instant::now(), cache.changes());
+        assert!(cache.get(&id(3)).is_some());
     }
 
     #[test]
@@ -115,7 +155,7 @@ mod tests {
         };
         let last = CAPACITY as u32 + 10;
         for i in 0..=last {
-            cache.put(account(i), None, Instant::now());
+            cache.put(account(i), None, Instant::now(), cache.changes());
             assert!(cache.len() <= CAPACITY);
         }
         assert!(

@@ -220,10 +220,12 @@ impl Accounts {
         let known = self.known(&to.account, None)?.ok_or(Error::Unauthorized)?;
         check_token_hash(known.token.as_ref(), token)?;
         if !known.devices.contains(&to.device) {
-            // A device added on another node since the entry was loaded.
-            if self.known(&to.account, Some(to.device))?.is_none() {
-                return Err(Error::UnknownRecipient);
-            }
+            // A device added on another node since the entry was loaded (and the
+            // token checked again against what was loaded with it).
+            let reloaded = self
+                .known(&to.account, Some(to.device))?
+                .ok_or(Error::UnknownRecipient)?;
+            check_token_hash(reloaded.token.as_ref(), token)?;
         }
         Ok(Recipient {
             address: to,
@@ -246,14 +248,16 @@ impl Accounts {
             None => k.is_some(),
         };
         if let Some((known, at)) = self.recipients.get(account) {
-            if has(&known) {
+            // Without a device asked, an absent account is answered from the cache
+            // as long as a present one: a probe cannot tell them apart by time.
+            if device.is_none() || has(&known) {
                 return Ok(known);
             }
             if at.elapsed() < RELOAD_AFTER {
                 return Ok(None);
             }
         }
-        let at = Instant::now();
+        let (at, changes) = (Instant::now(), self.recipients.changes());
         // Both read on every load, so a load takes as long whether or not the
         // account exists.
         let token = self.store.delivery_token(account)?;
@@ -263,7 +267,7 @@ impl Accounts {
                 devices: record.devices.iter().map(|(id, _)| *id).collect(),
             })
         });
-        self.recipients.put(*account, known.clone(), at);
+        self.recipients.put(*account, known.clone(), at, changes);
         Ok(if has(&known) { known } else { None })
     }
 }
@@ -470,11 +474,7 @@ mod tests {
             Some(1)
         );
 
-        // Another node rotates the token and adds a device: straight into the store.
-        let new: [u8; 32] = Sha256::digest([5u8; 32]).into();
-        accounts
-            .set_delivery_token(&to.account, &new)
-            .expect("rotate");
+        // Another node adds a device: straight into the store.
         let added = accounts
             .add_device(&to.account, &device_key(60), 1)
             .expect("add")
@@ -483,17 +483,34 @@ mod tests {
             account: to.account,
             device: added,
         };
-        // The old token still opens sends until the entry expires.
-        assert_eq!(
-            f.sealed_send(to, &[3u8; 32], &msgs(1..2, 4)).await.ok(),
-            Some(1)
-        );
         tokio::time::sleep(RELOAD_AFTER).await;
         assert_eq!(
             f.sealed_send(second, &[3u8; 32], &msgs(0..1, 4)).await.ok(),
             Some(1),
             "a device missing from the entry reloads it"
         );
+        // Another node rotates the token: the old one opens sends until the entry
+        // expires, and a reload for a device checks the token again.
+        let new: [u8; 32] = Sha256::digest([5u8; 32]).into();
+        accounts
+            .set_delivery_token(&to.account, &new)
+            .expect("rotate");
+        assert_eq!(
+            f.sealed_send(to, &[3u8; 32], &msgs(1..2, 4)).await.ok(),
+            Some(1)
+        );
+        let third = DeviceAddress {
+            account: to.account,
+            device: accounts
+                .add_device(&to.account, &device_key(61), 1)
+                .expect("add")
+                .expect("a device id"),
+        };
+        tokio::time::sleep(RELOAD_AFTER).await;
+        assert!(matches!(
+            f.sealed_send(third, &[3u8; 32], &msgs(0..1, 4)).await,
+            Err(Error::Unauthorized)
+        ));
         tokio::time::sleep(RECIPIENT_CACHE_TTL).await;
         assert!(matches!(
             f.sealed_send(to, &[3u8; 32], &msgs(2..3, 4)).await,

@@ -85,13 +85,18 @@ pub struct Cluster {
     /// displaced by another node's claim: one not yet committed would read the
     /// older connection's row and close itself.
     claimed: std::sync::Mutex<HashMap<DeviceAddress, u64>>,
-    /// Whether another node is here: it beat within [`PEER_SILENT`] at this node's
-    /// last heartbeat, or a hint came from it since (true until the first beat).
-    /// Alone, a node publishes no mail hints: nobody would read them. Mail matters
-    /// to another node only for a device connected there, and a connection's claim
-    /// is announced by a hint, which sets this; should that hint be lost, the next
-    /// heartbeat does, and the re-check delivers meanwhile.
+    /// Whether another node beat within [`PEER_SILENT`] at this node's last
+    /// heartbeat (true until the first beat). With this false and no hint from
+    /// another node within [`PEER_SILENT`] (`hinted_ms`), a node is alone and
+    /// publishes no mail hints: nobody would read them. Mail matters to another node
+    /// only for a device connected there, and a connection's claim is announced by a
+    /// hint; should that hint be lost, the next heartbeat sees the node, and the
+    /// re-check delivers meanwhile.
     peers: std::sync::atomic::AtomicBool,
+    /// When a hint from another node last came, in ms after `started` (0: never): a
+    /// heartbeat whose count was read before it does not clear `peers`' news.
+    hinted_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
     /// The re-check and heartbeat tasks.
     tasks: Tasks,
 }
@@ -142,6 +147,8 @@ impl Cluster {
             notifier: notifier.clone(),
             claimed: std::sync::Mutex::new(HashMap::new()),
             peers: std::sync::atomic::AtomicBool::new(true),
+            hinted_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
             tasks: Tasks::default(),
         });
         cluster.tasks.add(
@@ -194,9 +201,19 @@ impl Cluster {
 
     /// Tells the other nodes that `to` has new mail (call after the commit).
     pub fn mail(&self, to: &DeviceAddress) {
-        if self.peers.load(std::sync::atomic::Ordering::Relaxed) {
+        if self.has_peers() {
             self.notifier.publish(Hint::Mail(*to));
         }
+    }
+
+    /// Whether another node may be listening (see `peers`).
+    fn has_peers(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let hinted = self.hinted_ms.load(Relaxed);
+        self.peers.load(Relaxed)
+            || (hinted > 0
+                && (self.started.elapsed().as_millis() as u64).saturating_sub(hinted)
+                    < PEER_SILENT.as_millis() as u64)
     }
 
     /// Claims `addr`'s deliveries for this node's subscription `id`, displacing any
@@ -273,7 +290,8 @@ impl Cluster {
                     Some(Event::Hints(hints)) => {
                         // Another node is here: a device that connects there says
                         // so, before it needs this node's hints.
-                        self.peers.store(true, std::sync::atomic::Ordering::Relaxed);
+                        let now = (self.started.elapsed().as_millis() as u64).max(1);
+                        self.hinted_ms.store(now, std::sync::atomic::Ordering::Relaxed);
                         let mut claimed = Vec::new();
                         for h in hints {
                             match h {

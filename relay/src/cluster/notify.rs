@@ -239,6 +239,13 @@ struct Publishing {
     notify: tokio_postgres::Statement,
 }
 
+impl Drop for Publishing {
+    // The connection closes with its driver (a statement stuck on it included).
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
 impl Publishing {
     async fn connect(pg: &PgBackend) -> crate::store::StoreResult<Self> {
         let (client, driver) = pg.dedicated(|_| {}).await?;

@@ -124,3 +124,56 @@ fn a_node_alone_publishes_no_mail_hints_and_one_with_peers_does() {
     a.mail(&to);
     assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
 }
+
+#[test]
+fn a_hint_from_another_node_turns_mail_hints_on_whatever_the_heartbeat_read() {
+    let (_pg, opts) = testdb::db();
+    let (_stop_tx, stop) = watch::channel(false);
+    let pg = Arc::new(testdb::node(&opts, "a"));
+    let hints = Arc::new(Recorder::default());
+    let (events_tx, events) = tokio::sync::mpsc::channel(8);
+    struct Feed(
+        std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<Event>>>,
+        Arc<Recorder>,
+    );
+    impl Notifier for Feed {
+        fn publish(&self, hint: Hint) {
+            self.1.publish(hint);
+        }
+        fn events(&self) -> Option<tokio::sync::mpsc::Receiver<Event>> {
+            self.0.lock().expect("events").take()
+        }
+    }
+    let feed = Arc::new(Feed(std::sync::Mutex::new(Some(events)), hints.clone()));
+    let a = Cluster::start(
+        pg.clone(),
+        Arc::new(ActiveMailboxes::default()),
+        feed,
+        HEARTBEAT,
+        stop,
+    );
+    pg.run(a.beat()).expect("beat");
+    let to = device(9);
+    a.mail(&to);
+    assert!(hints.0.lock().expect("hints").is_empty(), "alone");
+    // Another node's device connects: its claim's hint arrives.
+    pg.run(async {
+        events_tx
+            .send(Event::Hints(vec![Hint::Claimed(device(8))]))
+            .await
+            .map_err(|_| crate::store::StoreError::Backend("closed".into()))
+    })
+    .expect("hint");
+    for _ in 0..500 {
+        a.mail(&to);
+        if !hints.0.lock().expect("hints").is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A heartbeat that read no other node (its row is not there) does not undo it.
+    pg.run(a.beat()).expect("beat");
+    hints.0.lock().expect("hints").clear();
+    a.mail(&to);
+    assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
+}

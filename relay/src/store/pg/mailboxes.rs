@@ -201,7 +201,7 @@ impl UsageCache {
         entries.insert(of, (Instant::now(), usage));
     }
 
-    fn forget(&self, of: &DeviceAddress) {
+    pub(super) fn forget(&self, of: &DeviceAddress) {
         self.lock().remove(of);
     }
 }
@@ -392,34 +392,37 @@ async fn delete_tx(
         };
         Ok::<(i64, i64), tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?))
     };
-    let (n, bytes, before, after) = if forget_head {
-        // The head first: a batch that holds it (it passed the deletion check) has
-        // committed before the rows are read.
-        let before: i64 = tx
-            .query_opt(
-                "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages",
-                &[&account, &device],
-            )
-            .await?
-            .map_or(Ok(0), |r| r.try_get(0))?;
-        let (n, bytes) = delete.await?;
-        (n, bytes, before, 0)
+    // The head first, as every mailbox transaction takes it: a batch that holds it
+    // (it passed the deletion check) has committed before the rows are read.
+    let before: i64 = if forget_head {
+        tx.query_opt(
+            "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages",
+            &[&account, &device],
+        )
+        .await?
     } else {
-        // The rows first, then the head: the order a batch of acks takes.
-        let (n, bytes) = delete.await?;
-        if n == 0 {
-            tx.commit().await?;
-            return Ok(TotalsDelta::default());
-        }
-        let after: i64 = tx
-            .query_opt(
-                "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
-                 WHERE account = $1 AND device = $2 RETURNING messages",
-                &[&account, &device, &n, &bytes],
-            )
-            .await?
-            .map_or(Ok(n), |r| r.try_get(0))?;
-        (n, bytes, after + n, after)
+        tx.query_opt(
+            "SELECT messages FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
+            &[&account, &device],
+        )
+        .await?
+    }
+    .map_or(Ok(0), |r| r.try_get(0))?;
+    let (n, bytes) = delete.await?;
+    if n == 0 && !forget_head {
+        tx.commit().await?;
+        return Ok(TotalsDelta::default());
+    }
+    let after = if forget_head {
+        0
+    } else {
+        tx.execute(
+            "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
+             WHERE account = $1 AND device = $2",
+            &[&account, &device, &n, &bytes],
+        )
+        .await?;
+        before - n
     };
     let delta = TotalsDelta {
         messages: -n,
@@ -629,9 +632,8 @@ impl MailboxStore for PgBackend {
         let barrier = self.queue_remove(of, &[])?;
         self.wait_for_writer(Staged::Pending(barrier))?;
         // Account deletion, a page per transaction so that each statement stays
-        // within the statement timeout however full the mailbox is. The last one
-        // locks the head first, so a batch that passed the deletion check has
-        // committed and its rows go too.
+        // within the statement timeout however full the mailbox is. Every page locks
+        // the head first, so a batch that passed the deletion check has committed.
         let mut purged = Usage::default();
         for _ in 0..MAX_PURGE_PAGES {
             let page = self.delete_in_mailbox(of, PURGE_PAGE, None, false)?;

@@ -4,10 +4,10 @@
 //!
 //! A batch takes at most [`MAX_ROWS`] rows or [`MAX_BYTES`] of payload. Its mailboxes
 //! are sorted by (account, device) and their `mailbox_heads` rows locked in that
-//! order first, so batches on two nodes wait for one another rather than deadlock.
-//! A batch of removals only (acks) is one statement instead: it deletes its rows,
-//! then locks their heads in the same order (a send never waits on an existing
-//! row, so the two orders cannot meet in a cycle). Up to [`PIPELINE`] transactions are in
+//! order first (every mailbox transaction locks heads first), so batches on two
+//! nodes wait for one another rather than deadlock. A batch of removals only (acks)
+//! is one round trip on a connection that commits without waiting for the flush,
+//! answered after a [`Barrier`]. Up to [`PIPELINE`] transactions are in
 //! flight: each batch takes its locks after the one before it, so within a mailbox
 //! seqs follow queue order, and batches are answered in queue order. Each caller
 //! hears after COMMIT; a failed transaction fails every item in it with
@@ -631,11 +631,10 @@ impl Writer {
         })
     }
 
-    /// A batch of removals (acks) as one statement, committed on its own without
-    /// waiting for the flush (then a [`Barrier`]): the rows first, then their heads
-    /// in (account, device) order, then the totals slot. A
-    /// removal that finds nothing (a duplicate ack) writes nothing. Retried once if
-    /// the database chose it as a deadlock's victim (it wrote nothing then).
+    /// A batch of removals (acks): one round trip, a transaction that locks their
+    /// heads in (account, device) order, then deletes the rows, updates the heads and
+    /// the totals slot in one statement, and commits without waiting for the flush, so
+    /// the heads are free at once; then a [`Barrier`] before the callers hear.
     async fn remove(
         &self,
         parts: &BTreeMap<DeviceAddress, Part>,
@@ -650,26 +649,44 @@ impl Writer {
         if del.accounts.is_empty() {
             return Ok(Outcome::default());
         }
+        let mut heads = HeadCols::default();
+        for to in parts
+            .iter()
+            .filter(|(_, p)| !p.removes.is_empty())
+            .map(|(to, _)| to)
+        {
+            heads.push(to, 0, 0, 0);
+        }
         let client = self
             .lazy
             .get()
             .await
             .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
-        // Pooled again only once answered: a statement given up at the deadline may
-        // still be running.
+        // Pooled again only once committed: a transaction given up at the deadline
+        // may still be running.
         let open = Open(Some(client));
-        let st = open.client()?.prepare_cached(REMOVE).await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&del.accounts, &del.devices, &del.a, &totals_slot];
-        let rows = match open.client()?.query(&st, &params).await {
-            Err(e) if super::is_retryable(&e) => open.client()?.query(&st, &params).await?,
-            r => r?,
-        };
+        let tx = open.client()?;
+        let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
+        let remove_st = tx.prepare_cached(REMOVE).await?;
+        // One round trip: the heads first, in (account, device) order, as every
+        // mailbox transaction takes them; then the rows.
+        let (began, locked, removed, committed) = futures::join!(
+            tx.batch_execute("BEGIN"),
+            async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
+            async {
+                tx.query(
+                    &remove_st,
+                    &[&del.accounts, &del.devices, &del.a, &totals_slot],
+                )
+                .await
+            },
+            tx.batch_execute("COMMIT"),
+        );
+        began?;
+        locked?;
+        let rows = removed?;
+        committed?;
         open.committed();
-        // Visible to every node now, the heads free again; durable before answered.
-        if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts).await?;
-        }
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
         for row in &rows {
@@ -681,18 +698,22 @@ impl Writer {
                 delta.bytes -= b;
             } else {
                 delta.mailboxes -= i64::from(a == 0);
-                let usage = Usage {
-                    messages: a.max(0) as u64,
-                    bytes: b.max(0) as u64,
-                };
-                self.usage.set(to, usage);
+                // Read again when next needed: a send batch on another lane may
+                // have set a newer value meanwhile.
+                self.usage.forget(&to);
             }
         }
+        // Committed (visible to every node, the heads free again): counted now, even
+        // should the barrier fail.
         self.totals.apply(delta);
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         self.stats
             .rows
             .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
+        // Durable before answered.
+        if let Some(barrier) = &self.barrier {
+            barrier.after(&self.pool, &self.hosts).await?;
+        }
         Ok(out)
     }
 
@@ -845,10 +866,15 @@ const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
      FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) d(a, dv, m, b) \
      WHERE h.account = d.a AND h.device = d.dv";
 
-// Rows, then heads: every head whose rows it deleted, locked in (account, device)
-// order through the sorted insert (a head exists while its mailbox has rows, so the
-// insert never adds one), then the totals slot. Rows of kind 0 are the deleted
-// messages (seq, payload bytes), of kind 1 the heads after (messages, bytes).
+// The heads of a batch of removals, locked in (account, device) order.
+const LOCK_HEADS: &str = "SELECT 1 FROM mailbox_heads h \
+     JOIN unnest($1::bytea[], $2::int8[]) d(a, dv) ON h.account = d.a AND h.device = d.dv \
+     ORDER BY h.account, h.device FOR UPDATE OF h";
+
+// After LOCK_HEADS: the rows, then their heads' counts (a head exists while its
+// mailbox has rows, so the insert never adds one), then the totals slot. Rows of kind
+// 0 are the deleted messages (seq, payload bytes), of kind 1 the heads after
+// (messages, bytes).
 const REMOVE: &str = "WITH del AS (DELETE FROM messages m \
        USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
        WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
