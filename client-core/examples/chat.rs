@@ -152,6 +152,12 @@ async fn main() -> Result<(), BoxError> {
                         }
                         last_attachment = Some(a.clone());
                     }
+                    if m.unreadable_attachments > 0 {
+                        println!(
+                            "    {} attachment(s) this version cannot open (the sender's app is newer)",
+                            m.unreadable_attachments
+                        );
+                    }
                     // Printed (and downloaded) is as far as this app stores messages.
                     client.confirm(m.seq).await?;
                     peer.get_or_insert(m.sender);

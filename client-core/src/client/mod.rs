@@ -120,11 +120,22 @@ pub struct ReceivedMessage {
     pub received_at_ms: u64,
     /// Attachments it points at: fetch them with [`Client::download_attachment`].
     pub attachments: Vec<AttachmentPointer>,
+    /// Attachment pointers this version cannot read (a newer sender's format, or
+    /// damage): left out of `attachments`, counted here so the app can say so.
+    pub unreadable_attachments: usize,
 }
 
 impl ReceivedMessage {
     fn from_record(seq: u64, r: &InboxRecord) -> Result<Self> {
         let corrupt = || Error::Store(StoreError::Corrupt);
+        // A pointer that does not parse is left out, not the message.
+        let (mut attachments, mut unreadable_attachments) = (Vec::new(), 0);
+        for a in &r.attachments {
+            match AttachmentPointer::from_bytes(a) {
+                Ok(p) => attachments.push(p),
+                Err(_) => unreadable_attachments += 1,
+            }
+        }
         Ok(ReceivedMessage {
             seq,
             sender: AccountId::try_from(&r.sender[..]).map_err(|_| corrupt())?,
@@ -133,12 +144,8 @@ impl ReceivedMessage {
             body: r.body.clone(),
             sent_at_ms: r.sent_at_ms,
             received_at_ms: r.received_at_ms,
-            // A pointer that does not parse is left out, not the message.
-            attachments: r
-                .attachments
-                .iter()
-                .filter_map(|a| AttachmentPointer::from_bytes(a).ok())
-                .collect(),
+            attachments,
+            unreadable_attachments,
         })
     }
 }

@@ -647,3 +647,34 @@ fn a_cleared_store_holds_no_device() {
     let kv: Arc<dyn KvStore> = a.kv.clone();
     assert!(State::load(kv, NOW).expect("load").is_none());
 }
+
+#[test]
+fn an_attachment_pointer_this_version_cannot_read_is_counted_not_dropped_silently() {
+    use crate::crypto::attachment::sealed_len;
+    use crate::media::AttachmentPointer;
+    use crate::store::records::InboxRecord;
+    let good = AttachmentPointer {
+        blob_id: [1; 32],
+        key: [2; 32],
+        size: 10,
+        sealed_size: sealed_len(10).expect("small"),
+        digest: [3; 32],
+        content_type: "text/plain".into(),
+        file_name: "a.txt".into(),
+    };
+    // A sealed size no rule of this version gives, as a newer sender's might be.
+    let mut newer = good.clone();
+    newer.sealed_size += 1;
+    let record = InboxRecord {
+        sender: vec![7; 16],
+        sender_device: 1,
+        message_id: vec![9; 16],
+        body: b"hi".to_vec(),
+        sent_at_ms: 1,
+        received_at_ms: 2,
+        attachments: vec![good.to_bytes(), newer.to_bytes(), b"junk".to_vec()],
+    };
+    let m = super::ReceivedMessage::from_record(5, &record).expect("a message");
+    assert_eq!(m.attachments, vec![good]);
+    assert_eq!(m.unreadable_attachments, 2);
+}
