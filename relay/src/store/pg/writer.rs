@@ -7,7 +7,7 @@
 //! order first (every mailbox transaction locks heads first), so batches on two
 //! nodes wait for one another rather than deadlock. A batch of removals only (acks)
 //! is one round trip on a connection that commits without waiting for the flush,
-//! answered after a [`Barrier`]. Up to [`PIPELINE`] transactions are in
+//! answered after a durability barrier (`Barrier`). Up to [`PIPELINE`] transactions are in
 //! flight: each batch takes its locks after the one before it, so within a mailbox
 //! seqs follow queue order, and batches are answered in queue order. Each caller
 //! hears after COMMIT; a failed transaction fails every item in it with
