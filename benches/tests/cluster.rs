@@ -27,7 +27,10 @@ fn check_latencies(v: &serde_json::Value) {
 
 #[test]
 fn two_nodes_deliver_every_message_across_and_report_the_database_costs() {
-    let pg = TestPostgres::start_with(&[("max_connections", "200")]);
+    let pg = TestPostgres::start_with(&[
+        ("max_connections", "200"),
+        ("shared_preload_libraries", "pg_stat_statements"),
+    ]);
     pg.create_db("tern");
     let url = pg.conn_str("tern");
     let v = run(&[
@@ -60,6 +63,9 @@ fn two_nodes_deliver_every_message_across_and_report_the_database_costs() {
     let xacts = number(&v, "pg_write_xacts_per_msg");
     assert!(xacts > 0.0 && xacts < 10.0, "{v}");
     assert!(number(&v, "pg_cpu_us_per_msg") > 0.0, "{v}");
+    // A send, a read and an ack at least, each a statement.
+    let statements = number(&v, "pg_statements_per_msg");
+    assert!(statements >= 1.0 && statements < 100.0, "{v}");
 }
 
 #[test]

@@ -403,7 +403,11 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
 fn own_postgres() -> Result<TestPostgres, LoadError> {
     eprintln!("  starting PostgreSQL (fsync on) for the run");
     std::panic::catch_unwind(|| {
-        let pg = TestPostgres::start_with(&[("fsync", "on"), ("max_connections", "200")]);
+        let pg = TestPostgres::start_with(&[
+            ("fsync", "on"),
+            ("max_connections", "200"),
+            ("shared_preload_libraries", "pg_stat_statements"),
+        ]);
         pg.create_db("tern");
         pg
     })

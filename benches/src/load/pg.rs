@@ -1,6 +1,6 @@
 //! What a run cost the PostgreSQL database the relays use: WAL bytes written, write
-//! transactions (transaction ids assigned), and the CPU of the server's processes,
-//! each per message.
+//! transactions (transaction ids assigned), the CPU of the server's processes and,
+//! where `pg_stat_statements` is loaded, the statements run, each per message.
 //!
 //! One connection of its own (tokio-postgres, no TLS: a Unix socket or loopback). The
 //! server's processes are those `pg_stat_activity` lists (backends, WAL writer,
@@ -25,6 +25,8 @@ pub struct PgReading {
     lsn: String,
     xid: i64,
     cpu_by_pid: HashMap<u32, f64>,
+    /// Statements run so far (`pg_stat_statements`), if the server tracks them.
+    statements: Option<i64>,
 }
 
 /// The WAL position, and a transaction id (assigned to this reading's own
@@ -42,6 +44,11 @@ impl PgProbe {
         let task = tokio::spawn(async move {
             let _ = connection.await;
         });
+        // Counts statements where the server preloads the module (`tern-load`'s own
+        // database does); elsewhere the figure is left out.
+        let _ = client
+            .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .await;
         Ok(PgProbe { client, task })
     }
 
@@ -60,16 +67,27 @@ impl PgProbe {
             .filter_map(|r| u32::try_from(r.get::<_, i32>(0)).ok())
             .filter_map(|pid| Some((pid, process_cpu_seconds(pid)?)))
             .collect();
+        let statements = self
+            .client
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|r| r.get(0));
         Ok(PgReading {
             lsn: position.get(0),
             xid: position.get(1),
             cpu_by_pid,
+            statements,
         })
     }
 
     /// The figures per message since `before`, for `messages` moved, as report fields:
-    /// `wal_bytes_per_msg`, `pg_write_xacts_per_msg` and (with the server on this
-    /// machine) `pg_cpu_us_per_msg`.
+    /// `wal_bytes_per_msg`, `pg_write_xacts_per_msg`, (with the server on this
+    /// machine) `pg_cpu_us_per_msg` and (with `pg_stat_statements` loaded)
+    /// `pg_statements_per_msg`.
     pub async fn since(
         &self,
         before: &PgReading,
@@ -99,6 +117,13 @@ impl PgProbe {
         out.insert("pg_write_xacts_per_msg".into(), per(xacts as f64));
         if !now.cpu_by_pid.is_empty() {
             out.insert("pg_cpu_us_per_msg".into(), per(cpu * 1e6));
+        }
+        if let (Some(a), Some(b)) = (before.statements, now.statements) {
+            // Less this probe's own three per reading.
+            out.insert(
+                "pg_statements_per_msg".into(),
+                per((b - a - 3).max(0) as f64),
+            );
         }
         Ok(out)
     }
