@@ -176,6 +176,11 @@ struct Outcome {
     deleted: Vec<(DeviceAddress, u64, u64)>,
 }
 
+/// How long a batch of fewer than [`ACK_GATHER_ROWS`] acks alone waits for more, at most.
+const ACK_GATHER: Duration = Duration::from_millis(2);
+/// See [`ACK_GATHER`].
+const ACK_GATHER_ROWS: usize = 64;
+
 /// Transactions in flight at once: the next batch takes its head locks while the ones
 /// before it commit (their fsync), so commits overlap. Batches take their locks one
 /// after another in queue order and are answered in queue order.
@@ -268,6 +273,8 @@ impl Writer {
             let mut ops = Vec::new();
             let (mut rows, mut bytes) = (0, 0);
             let mut next = Some((queued, first));
+            // When a batch of acks alone stops waiting for more.
+            let mut gather: Option<tokio::time::Instant> = None;
             while let Some((at, op)) = next.take() {
                 if stale(at) {
                     op.fail(this.stale());
@@ -278,6 +285,20 @@ impl Writer {
                 }
                 if rows < MAX_ROWS && bytes < MAX_BYTES {
                     next = rx.try_recv().ok();
+                    // A few acks alone wait a moment for more: each batch of them
+                    // costs a transaction and a barrier, and nobody waits on an
+                    // ack's answer to see a message.
+                    if next.is_none()
+                        && rows < ACK_GATHER_ROWS
+                        && ops.iter().all(|op| matches!(op, Op::Remove { .. }))
+                    {
+                        let until =
+                            *gather.get_or_insert_with(|| tokio::time::Instant::now() + ACK_GATHER);
+                        next = tokio::time::timeout_at(until, rx.recv())
+                            .await
+                            .ok()
+                            .flatten();
+                    }
                 }
             }
             if ops.is_empty() {
