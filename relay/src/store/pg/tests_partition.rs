@@ -95,6 +95,20 @@ fn recover(b: &PgBackend, to: &DeviceAddress, mut n: u64) -> (u64, u64) {
     }
 }
 
+/// `err` is `Unavailable`, and came within `deadline` (and a second) of `started`.
+fn unavailable_within<T: std::fmt::Debug>(
+    err: &Result<T, StoreError>,
+    started: Instant,
+    deadline: Duration,
+) {
+    assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
+    assert!(
+        started.elapsed() < deadline + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 #[test]
 fn a_paused_database_fails_every_call_in_bounded_time_writes_nothing_and_recovers() {
     let (pg, opts) = db();
@@ -126,22 +140,12 @@ fn a_paused_database_fails_every_call_in_bounded_time_writes_nothing_and_recover
         answered = true;
         answer.unwrap_or_else(|_| Err(StoreError::Backend("writer gone".into())))
     });
-    assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
-    assert!(
-        started.elapsed() < deadline + Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    unavailable_within(&err, started, deadline);
     // A read, through a pooled connection that gets no answer, or a new one that gets
     // no start-up reply.
     let started = Instant::now();
     let err = b.read(&to, 0, 100);
-    assert!(matches!(err, Err(StoreError::Unavailable(_))), "{err:?}");
-    assert!(
-        started.elapsed() < deadline + Duration::from_secs(1),
-        "{:?}",
-        started.elapsed()
-    );
+    unavailable_within(&err, started, deadline);
 
     // Reads one after another, as a connection serves its pipelined requests: once
     // one got no answer, the next fail at once rather than each after a deadline.
