@@ -127,11 +127,7 @@ impl Barrier {
             return Ok(());
         }
         let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let client = pool
-            .get()
-            .await
-            .map_err(|e| Failure::Other(super::pool_error(e, hosts)))?;
-        let open = Open(Some(client));
+        let open = Open::from(pool, hosts).await?;
         open.client()?
             .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
             .await?;
@@ -192,6 +188,17 @@ pub const PIPELINE: usize = 4;
 struct Open(Option<deadpool_postgres::Object>);
 
 impl Open {
+    /// A connection from `pool`, pooled again only once [`Open::committed`]: a
+    /// statement given up at the deadline (a database that hangs) may still be
+    /// answered later, and its connection must then not serve anyone else.
+    async fn from(pool: &Pool, hosts: &str) -> Result<Open, Failure> {
+        let client = pool
+            .get()
+            .await
+            .map_err(|e| Failure::Other(super::pool_error(e, hosts)))?;
+        Ok(Open(Some(client)))
+    }
+
     fn client(&self) -> Result<&deadpool_postgres::Object, Failure> {
         self.0.as_ref().ok_or(Failure::Other(StoreError::Backend(
             "transaction closed".into(),
@@ -393,15 +400,9 @@ impl Writer {
     /// the three are pipelined (the server runs them in order, so the check runs
     /// after the locks are held).
     async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
-        // Wrapped before BEGIN: a BEGIN given up at the deadline (a database that
-        // hangs) may still be answered later, and its connection must then not go
-        // back to the pool inside a transaction nobody commits.
-        let open = Open(Some(client));
+        // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
+        // connection in the pool inside a transaction nobody commits.
+        let open = Open::from(&self.pool, &self.hosts).await?;
         let tx = open.client()?;
         // Prepared first (once per connection), so that each statement below goes
         // out when first polled, in the order written.
@@ -678,14 +679,7 @@ impl Writer {
         {
             heads.push(to, 0, 0, 0);
         }
-        let client = self
-            .lazy
-            .get()
-            .await
-            .map_err(|e| Failure::Other(super::pool_error(e, &self.hosts)))?;
-        // Pooled again only once committed: a transaction given up at the deadline
-        // may still be running.
-        let open = Open(Some(client));
+        let open = Open::from(&self.lazy, &self.hosts).await?;
         let tx = open.client()?;
         let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
         let remove_st = tx.prepare_cached(REMOVE).await?;
