@@ -282,12 +282,15 @@ impl Writer {
             let mut next = Some((queued, first));
             // When a batch of acks alone stops waiting for more.
             let mut gather: Option<tokio::time::Instant> = None;
+            // Whether every op kept is a removal (acks only).
+            let mut removals = true;
             while let Some((at, op)) = next.take() {
                 if stale(at) {
                     op.fail(this.stale());
                 } else {
                     rows += op.rows();
                     bytes += op.bytes();
+                    removals &= matches!(op, Op::Remove { .. });
                     ops.push(op);
                 }
                 if rows < MAX_ROWS && bytes < MAX_BYTES {
@@ -295,10 +298,7 @@ impl Writer {
                     // A few acks alone wait a moment for more: each batch of them
                     // costs a transaction and a barrier, and nobody waits on an
                     // ack's answer to see a message.
-                    if next.is_none()
-                        && rows < ACK_GATHER_ROWS
-                        && ops.iter().all(|op| matches!(op, Op::Remove { .. }))
-                    {
+                    if next.is_none() && rows < ACK_GATHER_ROWS && removals {
                         let until =
                             *gather.get_or_insert_with(|| tokio::time::Instant::now() + ACK_GATHER);
                         next = tokio::time::timeout_at(until, rx.recv())
@@ -322,7 +322,6 @@ impl Writer {
             // The locks are taken here, one batch after another: within a mailbox,
             // a later batch waits for an earlier one's commit, so seqs follow the queue.
             // A batch of removals only takes no seqs: its one statement needs no turn.
-            let removals = ops.iter().all(|op| matches!(op, Op::Remove { .. }));
             let locked = if parts.is_empty() {
                 Ok(Step::Nothing)
             } else if removals {
@@ -500,12 +499,7 @@ impl Writer {
                 }
             }
         }
-        let mut del = HeadCols::default();
-        for (to, part) in parts {
-            for &s in part.removes.keys() {
-                del.push(to, s as i64, 0, 0);
-            }
-        }
+        let del = removal_cols(parts);
         // Prepared first (once per connection), so that each statement below goes out
         // when first polled, in the order written: the round trips are the inserts
         // and deletions (only when the batch deletes: the heads' decrements need
@@ -662,12 +656,7 @@ impl Writer {
         parts: &BTreeMap<DeviceAddress, Part>,
         totals_slot: i32,
     ) -> Result<Outcome, Failure> {
-        let mut del = HeadCols::default();
-        for (to, part) in parts {
-            for &s in part.removes.keys() {
-                del.push(to, s as i64, 0, 0);
-            }
-        }
+        let del = removal_cols(parts);
         if del.accounts.is_empty() {
             return Ok(Outcome::default());
         }
@@ -807,6 +796,17 @@ impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Self {
         Failure::Db(e)
     }
+}
+
+/// The seqs a batch removes, as (account, device, seq) columns.
+fn removal_cols(parts: &BTreeMap<DeviceAddress, Part>) -> HeadCols<'_> {
+    let mut del = HeadCols::default();
+    for (to, part) in parts {
+        for &s in part.removes.keys() {
+            del.push(to, s as i64, 0, 0);
+        }
+    }
+    del
 }
 
 /// Per-mailbox columns for `unnest`.
