@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tern_proto::{AccountId, DeviceId};
 
 /// How long an entry is used.
-pub const TTL: Duration = Duration::from_secs(1);
+pub(super) const TTL: Duration = Duration::from_secs(1);
 
 /// A device missing from an entry younger than this is not reloaded (a flood of sends
 /// to made-up device ids costs one load per interval, not one per send).

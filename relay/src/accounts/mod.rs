@@ -23,7 +23,6 @@ use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
 use crate::store::{utc_day, AccountRecord, AccountStore, GroupCommit, StoreError};
-pub use cache::TTL as RECIPIENT_CACHE_TTL;
 use cache::{Known, RecipientCache, RELOAD_AFTER};
 use tern_platform::clock::Clock;
 
@@ -511,7 +510,7 @@ mod tests {
             f.sealed_send(third, &[3u8; 32], &msgs(0..1, 4)).await,
             Err(Error::Unauthorized)
         ));
-        tokio::time::sleep(RECIPIENT_CACHE_TTL).await;
+        tokio::time::sleep(cache::TTL).await;
         assert!(matches!(
             f.sealed_send(to, &[3u8; 32], &msgs(2..3, 4)).await,
             Err(Error::Unauthorized)

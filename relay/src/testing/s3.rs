@@ -28,11 +28,11 @@ pub const BUCKET: &str = "tern";
 pub const ACCESS_KEY: &str = "tern-test-access";
 /// The test secret key.
 pub const SECRET_KEY: &str = "tern-test-secret-key";
-/// How long the server may take to say where it listens.
 /// The variable [`TestS3::objects_toml`] names for the access key.
 pub const KEY_ENV: &str = "TERN_TEST_S3_KEY";
 /// The variable [`TestS3::objects_toml`] names for the secret key.
 pub const SECRET_ENV: &str = "TERN_TEST_S3_SECRET";
+/// How long the server may take to say where it listens.
 const START_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A running `s3s-fs` over a temporary directory, killed and removed on drop.
