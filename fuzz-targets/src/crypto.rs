@@ -2,7 +2,8 @@
 //! from what a relay (or a stored record) hands it.
 
 use sha2::{Digest, Sha256};
-use tern_client::crypto::attachment::{padme, Decryptor, HEADER_LEN as ATTACHMENT_HEADER_LEN};
+use tern_client::crypto::attachment::{Decryptor, HEADER_LEN as ATTACHMENT_HEADER_LEN};
+use tern_client::crypto::padding::padme;
 use tern_client::crypto::ratchet::{Header, Session};
 use tern_client::crypto::sealed::{self, SenderCertificate};
 use tern_client::crypto::sessions::SessionSet;

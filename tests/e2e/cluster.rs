@@ -68,20 +68,12 @@ async fn without_notifications_the_recheck_still_delivers() {
     assert_eq!(number(&bob.next_delivery().await), 7);
     // Neither node listens (nor notifies): `notify = false` is for engines without
     // LISTEN/NOTIFY, where a LISTEN would fail.
-    let (client, connection) =
-        tokio_postgres::connect(&nodes.pg.conn_str("tern"), tokio_postgres::NoTls)
-            .await
-            .expect("connect");
-    tokio::spawn(connection);
-    let listening: i64 = client
-        .query_one(
+    let listening = nodes
+        .count(
             "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
              AND (query LIKE 'LISTEN%' OR query LIKE '%pg_notify%')",
-            &[],
         )
-        .await
-        .expect("pg_stat_activity")
-        .get(0);
+        .await;
     assert_eq!(listening, 0, "no node uses LISTEN/NOTIFY");
 }
 

@@ -39,7 +39,7 @@ use chacha20poly1305::{ChaCha20Poly1305, KeyInit};
 use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
 
-pub use super::padding::padme;
+use super::padding::padme;
 
 /// Plaintext bytes per segment.
 pub const SEGMENT: usize = 64 * 1024;

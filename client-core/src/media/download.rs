@@ -63,7 +63,7 @@ pub async fn download(
             )
             .map_err(media_err)?;
             std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(media_err)?;
-            let d = Decryptor::resume(&pointer.key, &header, segments).with_size(pointer.size);
+            let d = Decryptor::resume(&pointer.key, &header, segments);
             (d, file, hash, header, segments)
         }
         None => {
@@ -72,13 +72,14 @@ pub async fn download(
             // The blob id is not hashed again here: a segment under the pointer's key
             // and the plaintext digest pin the content already, and the hash would
             // cost a third of the decryption's time.
-            let d = Decryptor::resume(&pointer.key, &[], 0).with_size(pointer.size);
+            let d = Decryptor::resume(&pointer.key, &[], 0);
             (d, file, hash, Vec::new(), 0)
         }
     };
     let file = FileWriter::new(file).map_err(media_err)?;
     let mut sink = DecryptingSink {
-        decryptor: Some(decryptor),
+        // The file alone is written: the padding after `size` only checked.
+        decryptor: Some(decryptor.with_size(pointer.size)),
         out: Hashing { file, hash },
         header,
         header_path: header_path.clone(),
