@@ -228,7 +228,6 @@ mod tests {
     use crate::store::KeyStore;
     use crate::testing::{device, fixture, fixture_with, identity_of};
     use ed25519_dalek::Signer;
-    use sha2::Digest as _;
     use std::time::Duration;
     use tern_proto::SignedKey;
 
@@ -406,10 +405,7 @@ mod tests {
     async fn bob_with_token(f: &crate::testing::Fixture, token: &[u8]) -> AuthenticatedDevice {
         let bob = device(f, 2).await;
         publish(f, &bob, 2, 10).await;
-        let hash: [u8; 32] = sha2::Sha256::digest(token).into();
-        (f.services.accounts().set_delivery_token(&bob, &hash))
-            .await
-            .expect("token");
+        f.set_token(&bob, token).await;
         bob
     }
 

@@ -404,14 +404,9 @@ mod tests {
             Err(Error::Unauthorized)
         ));
 
-        let hash: [u8; 32] = Sha256::digest(token).into();
         // A hash of another length no longer reaches the service: the request layer
         // refuses it (tern-proto's request tests), and the type says 32 bytes.
-        f.services
-            .accounts()
-            .set_delivery_token(&bob, &hash)
-            .await
-            .expect("set");
+        f.set_token(&bob, &token).await;
         assert_eq!(
             f.sealed_send(to, &token, &msgs(0..2, 4))
                 .await
@@ -432,12 +427,7 @@ mod tests {
         ));
 
         // Rotation: the old token stops working.
-        let new_hash: [u8; 32] = Sha256::digest([5u8; 32]).into();
-        f.services
-            .accounts()
-            .set_delivery_token(&bob, &new_hash)
-            .await
-            .expect("rotate");
+        f.set_token(&bob, &[5u8; 32]).await;
         assert!(matches!(
             f.sealed_send(to, &token, &msgs(2..3, 4)).await,
             Err(Error::Unauthorized)
@@ -462,12 +452,7 @@ mod tests {
         let bob = device(&f, 2).await;
         let to = *bob.address();
         let accounts = f.services.stores().accounts.clone();
-        let old: [u8; 32] = Sha256::digest([3u8; 32]).into();
-        f.services
-            .accounts()
-            .set_delivery_token(&bob, &old)
-            .await
-            .expect("set");
+        f.set_token(&bob, &[3u8; 32]).await;
         assert_eq!(
             f.sealed_send(to, &[3u8; 32], &msgs(0..1, 4)).await.ok(),
             Some(1)

@@ -181,12 +181,7 @@ async fn publish(f: &Fixture, dev: &AuthenticatedDevice, seed: u8) {
 pub(crate) async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice) {
     let f = &w.f;
     let (alice, bob) = (device(f, 1).await, device(f, 2).await);
-    let hash: [u8; 32] = Sha256::digest(TOKEN).into();
-    f.services
-        .accounts()
-        .set_delivery_token(&bob, &hash)
-        .await
-        .expect("token");
+    f.set_token(&bob, &TOKEN).await;
     let second = f
         .add_device(&bob, 2, [77; 32])
         .await

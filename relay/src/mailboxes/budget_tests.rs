@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use tern_proto::{ErrorCode, KeyUpload};
 
 use crate::config::RateLimitsConfig;
@@ -110,12 +109,7 @@ async fn under_the_reserve_writes_are_refused_and_drains_work() {
     let (f, budget) = fixture(BudgetLimits::default());
     let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
     let token = [7u8; 32];
-    let hash: [u8; 32] = Sha256::digest(token).into();
-    f.services
-        .accounts()
-        .set_delivery_token(&bob, &hash)
-        .await
-        .expect("token");
+    f.set_token(&bob, &token).await;
     f.send(&alice, *bob.address(), &msgs(0..3, 8))
         .await
         .expect("queued");

@@ -119,6 +119,16 @@ impl Fixture {
         self.services.mailboxes().append(&to, msgs)?.commit().await
     }
 
+    /// Sets `device`'s account's delivery token to `token` (the relay keeps its hash).
+    pub(crate) async fn set_token(&self, device: &AuthenticatedDevice, token: &[u8]) {
+        let hash: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(token).into();
+        self.services
+            .accounts()
+            .set_delivery_token(device, &hash)
+            .await
+            .expect("token");
+    }
+
     /// Adds a device with key `key` to `by`'s account, signed by the identity of
     /// `seed` (the seed `by` was registered with).
     pub(crate) async fn add_device(
