@@ -59,6 +59,41 @@ fn plain_file(dir: &Path, name: &str, len: usize, marker: &[u8]) -> PathBuf {
     path
 }
 
+/// A new file `in{i}` of `len` bytes, uploaded by `conn` (sealed beside it as
+/// `sealed{i}`).
+async fn upload_new(
+    conn: &RelayConnection,
+    dir: &Path,
+    i: usize,
+    len: usize,
+) -> (PathBuf, AttachmentPointer, tern_client::net::Uploaded) {
+    let src = plain_file(dir, &format!("in{i}"), len, b"");
+    let (pointer, up) = within(media::upload(conn, &src, &dir.join(format!("sealed{i}"))))
+        .await
+        .expect("upload");
+    (src, pointer, up)
+}
+
+/// Downloads what `pointer` names to `out{i}` (carried as bytes, as in a message) and
+/// checks it is `src` to the byte.
+async fn download_checked(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    src: &Path,
+    dir: &Path,
+    i: usize,
+) {
+    let carried = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
+    let out = dir.join(format!("out{i}"));
+    assert_eq!(
+        within(media::download(conn, &carried, &out))
+            .await
+            .expect("download"),
+        pointer.size
+    );
+    assert_eq!(digest(&out), digest(src), "{} bytes", pointer.size);
+}
+
 #[tokio::test]
 async fn attachments_round_trip_at_the_edges() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -73,24 +108,9 @@ async fn attachments_round_trip_at_the_edges() {
         .into_iter()
         .enumerate()
     {
-        let src = plain_file(dir.path(), &format!("in{i}"), len, b"");
-        let (pointer, up) = within(media::upload(
-            &alice.conn,
-            &src,
-            &dir.path().join(format!("sealed{i}")),
-        ))
-        .await
-        .expect("upload");
+        let (src, pointer, up) = upload_new(&alice.conn, dir.path(), i, len).await;
         assert_eq!((pointer.size, up.existed), (len as u64, false));
-        let pointer = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
-        let out = dir.path().join(format!("out{i}"));
-        assert_eq!(
-            within(media::download(&anon, &pointer, &out))
-                .await
-                .expect("download"),
-            len as u64
-        );
-        assert_eq!(digest(&out), digest(&src), "{len} bytes");
+        download_checked(&anon, &pointer, &src, dir.path(), i).await;
     }
     relay.shutdown().await.expect("shutdown");
 }
@@ -161,14 +181,7 @@ async fn files_in_one_padme_step_are_stored_at_one_size() {
     // and reports, the same length for both.
     let mut pointers = Vec::new();
     for (i, len) in [100_000usize, 100_200].into_iter().enumerate() {
-        let src = plain_file(dir.path(), &format!("in{i}"), len, b"");
-        let (pointer, _) = within(media::upload(
-            &alice.conn,
-            &src,
-            &dir.path().join(format!("sealed{i}")),
-        ))
-        .await
-        .expect("upload");
+        let (src, pointer, _) = upload_new(&alice.conn, dir.path(), i, len).await;
         let status = within(bob.conn.blob_status(&pointer.blob_id))
             .await
             .expect("status")
@@ -189,15 +202,7 @@ async fn files_in_one_padme_step_are_stored_at_one_size() {
         within(media::forward(&bob.conn, pointer))
             .await
             .expect("forward");
-        let carried = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
-        let out = dir.path().join(format!("out{i}"));
-        assert_eq!(
-            within(media::download(&bob.conn, &carried, &out))
-                .await
-                .expect("download"),
-            pointer.size
-        );
-        assert_eq!(digest(&out), digest(src));
+        download_checked(&bob.conn, pointer, src, dir.path(), i).await;
     }
     assert_eq!(
         relay.blobs().received_bytes(),
