@@ -17,6 +17,8 @@ fn online_moves_every_message() {
         number(&v, f);
     }
     assert_eq!(v["mode"], "online");
+    assert_eq!(v["sealing"], "end-to-end");
+    assert_eq!(v["pinning"], "none");
     assert_eq!(number(&v, "messages"), 40.0);
     assert!(number(&v, "msgs_per_sec") > 0.0);
     assert!(number(&v, "p50_us") > 0.0 && number(&v, "p99_us") >= number(&v, "p50_us"));
@@ -24,6 +26,82 @@ fn online_moves_every_message() {
     assert!(number(&v, "relay_switches_per_msg") > 0.0);
     // Padded to PADMÉ's 256-byte floor, plus the sealing.
     assert!(number(&v, "envelope_bytes") > 256.0);
+}
+
+#[test]
+fn online_presealed_moves_every_message_without_opening_one() {
+    let v = run(&[
+        "online",
+        "--presealed",
+        "--pairs",
+        "2",
+        "--messages",
+        "300",
+        "--size",
+        "1024",
+    ]);
+    assert_eq!(v["mode"], "online");
+    assert_eq!(v["sealing"], "presealed");
+    assert_eq!(number(&v, "messages"), 300.0);
+    assert!(number(&v, "msgs_per_sec") > 0.0);
+    assert!(number(&v, "seal_msgs_per_sec") > 0.0);
+    assert!(number(&v, "p50_us") > 0.0 && number(&v, "p99_us") >= number(&v, "p50_us"));
+    assert!(number(&v, "relay_cpu_us_per_msg") > 0.0);
+    assert_eq!(number(&v, "fsync"), 1.0);
+    // The 1 KiB body, padded (PADMÉ) and sealed.
+    assert!(number(&v, "envelope_bytes") > 1024.0);
+}
+
+#[test]
+fn online_presealed_at_a_fixed_rate_with_relay_and_load_pinned() {
+    // Separate CPUs where there are two; the last CPU this test may use otherwise.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let allowed = std::fs::read_to_string("/proc/self/status").unwrap();
+    let allowed = allowed
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let first: usize = allowed
+        .split([',', '-'])
+        .next()
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let (relay, load) = if cpus >= 2 {
+        (first, first + 1)
+    } else {
+        (first, first)
+    };
+    let pin = format!("relay={relay},load={load}");
+    let v = run(&[
+        "online",
+        "--presealed",
+        "--pairs",
+        "2",
+        "--messages",
+        "200",
+        "--size",
+        "64",
+        "--rate",
+        "400",
+        "--pin",
+        &pin,
+    ]);
+    assert_eq!(v["sealing"], "presealed");
+    assert_eq!(v["pinning"], format!("relay={relay} load={load}"));
+    assert_eq!(number(&v, "target_rate"), 400.0);
+    assert_eq!(number(&v, "messages"), 200.0);
+}
+
+#[test]
+fn a_pinning_that_is_not_one_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tern-load"))
+        .args(["online", "--presealed", "--pin", "relay=zero"])
+        .output()
+        .expect("run tern-load");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("relay=zero"));
 }
 
 #[test]
@@ -42,6 +120,7 @@ fn offline_accepts_then_drains_every_message() {
         "8",
     ]);
     assert_eq!(v["mode"], "offline");
+    assert_eq!(v["sealing"], "presealed");
     assert_eq!(number(&v, "messages"), 50.0);
     assert!(number(&v, "msgs_per_sec") > 0.0);
     assert!(number(&v, "drain_msgs_per_sec") > 0.0);

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use tern_benches::load::pin::{self, Pinning};
 use tern_benches::load::relay::{
     sibling_relay_binary, RelaySettings, RelayUnderTest, START_TIMEOUT,
 };
@@ -53,6 +54,27 @@ struct Common {
     /// `storage.backend = "postgres"`) instead of its own data directory.
     #[arg(long)]
     postgres: Option<String>,
+    /// Pin the relay and this tool to CPUs: `relay=0,load=1` (lists and ranges:
+    /// `relay=0-1,load=2,3`; either part alone). The relay runs under `taskset -c`.
+    #[arg(long, value_parser = parse_pin)]
+    pin: Option<Pinning>,
+}
+
+fn parse_pin(s: &str) -> Result<Pinning, String> {
+    Pinning::parse(s).map_err(|e| e.to_string())
+}
+
+impl Common {
+    /// The relay's CPUs, `taskset -c` form; pinning an external relay is an error.
+    fn relay_cpus(&self) -> Result<Option<String>, LoadError> {
+        let cpus = self.pin.as_ref().and_then(Pinning::relay_list);
+        if cpus.is_some() && self.relay.is_some() {
+            return Err(
+                "--pin relay=… pins a relay this run starts: not one given with --relay".into(),
+            );
+        }
+        Ok(cpus)
+    }
 }
 
 #[derive(Subcommand)]
@@ -79,6 +101,11 @@ enum Mode {
         /// Relay durability: fsync or os.
         #[arg(long, default_value = "fsync", value_parser = ["fsync", "os"])]
         durability: String,
+        /// Seal every envelope before the clock starts (as `offline` does), and have
+        /// recipients check and acknowledge without opening: the relay alone. Default:
+        /// end to end, sealing and opening inside the run.
+        #[arg(long)]
+        presealed: bool,
         /// Relay nodes: 2 starts a second node on the same PostgreSQL database, with
         /// every sender on the first and every recipient on the second. Without
         /// `--postgres`, a PostgreSQL (fsync on) is started for the run.
@@ -209,6 +236,7 @@ fn relay_for(
         return Ok(RelayUnderTest::external(address.parse()?));
     }
     let binary = relay_binary(common)?;
+    let relay_cpus = common.relay_cpus()?;
     RelayUnderTest::spawn(&RelaySettings {
         binary: &binary,
         durability,
@@ -217,6 +245,7 @@ fn relay_for(
         start_timeout: START_TIMEOUT,
         log: "warn",
         postgres: common.postgres.as_deref(),
+        cpus: relay_cpus.as_deref(),
     })
 }
 
@@ -232,7 +261,9 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             inflight,
             durability,
             nodes,
+            presealed,
         } => {
+            let relay_cpus = common.relay_cpus()?;
             if nodes > 1 && common.relay.is_some() {
                 return Err("--nodes 2 starts its own nodes: --relay does not apply".into());
             }
@@ -259,6 +290,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                         start_timeout: START_TIMEOUT,
                         log: "warn",
                         postgres: common.postgres.as_deref(),
+                        cpus: relay_cpus.as_deref(),
                     },
                     Some(&relay),
                 )?),
@@ -273,6 +305,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 size: as_usize(size)?,
                 rate,
                 inflight,
+                presealed,
             };
             let across = load::OnlineNodes {
                 sending: &relay,
@@ -284,7 +317,11 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             if let Some(b) = second.as_mut() {
                 b.stop();
             }
-            Ok((report?, common.json))
+            let mut report = report?;
+            report
+                .extra
+                .insert("fsync".into(), f64::from(u8::from(durability == "fsync")));
+            Ok((report, common.json))
         }
         Mode::Offline {
             common,
@@ -341,6 +378,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             if common.relay.is_some() {
                 return Err("restart starts its own relay: --relay does not apply".into());
             }
+            let relay_cpus = common.relay_cpus()?;
             let binary = relay_binary(&common)?;
             let run_dir = run_dir(dir.as_ref())?;
             let recipients = as_usize(recipients)?;
@@ -352,6 +390,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 start_timeout: std::time::Duration::from_secs(start_timeout),
                 log: &relay_log,
                 postgres: common.postgres.as_deref(),
+                cpus: relay_cpus.as_deref(),
             };
             let args = load::RestartArgs {
                 messages,
@@ -375,6 +414,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             if common.relay.is_some() {
                 return Err("discovery seeds its own relay: --relay does not apply".into());
             }
+            let relay_cpus = common.relay_cpus()?;
             let binary = relay_binary(&common)?;
             let run_dir = run_dir(dir.as_ref())?;
             let settings = RelaySettings {
@@ -385,6 +425,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 start_timeout: START_TIMEOUT,
                 log: "warn",
                 postgres: common.postgres.as_deref(),
+                cpus: relay_cpus.as_deref(),
             };
             let args = load::discovery::DiscoveryArgs {
                 users: as_usize(users)?,
@@ -426,9 +467,32 @@ fn wants_json(mode: &Mode) -> bool {
     }
 }
 
+/// The run's pinning, from whichever mode's common options.
+fn pinning(mode: &Mode) -> Pinning {
+    match mode {
+        Mode::Online { common, .. }
+        | Mode::Offline { common, .. }
+        | Mode::Media { common, .. }
+        | Mode::Connections { common, .. }
+        | Mode::Restart { common, .. }
+        | Mode::Discovery { common, .. } => common.pin.clone().unwrap_or_default(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let json = wants_json(&cli.mode);
+    let pinning = pinning(&cli.mode);
+    // Before the runtime starts: its threads inherit this thread's CPUs.
+    if let Some(cpus) = &pinning.load {
+        if let Err(e) = pin::pin_this_thread(cpus) {
+            eprintln!("tern-load: FAILED: {e}");
+            if json {
+                println!("{}", serde_json::json!({ "error": e.to_string() }));
+            }
+            return ExitCode::FAILURE;
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -440,7 +504,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.mode)) {
-        Ok((report, json)) => {
+        Ok((mut report, json)) => {
+            report.pinning = Some(pinning.describe());
             if json {
                 match serde_json::to_string(&report) {
                     Ok(s) => println!("{s}"),

@@ -18,6 +18,7 @@ pub mod discovery;
 mod modes;
 pub mod peer;
 pub mod pg;
+pub mod pin;
 pub mod relay;
 mod restart;
 
@@ -74,6 +75,13 @@ pub struct Report {
     pub rss_per_conn_kib: Option<f64>,
     /// This process's peak resident memory.
     pub client_peak_rss_kib: u64,
+    /// `online` and `offline`: `end-to-end` (messages sealed and opened while the
+    /// clock runs) or `presealed` (sealed before it starts: the relay alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sealing: Option<String>,
+    /// Where the relay and this process ran: `none`, or `relay=0 load=1` (`--pin`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pinning: Option<String>,
     /// Everything else the mode measured.
     #[serde(flatten)]
     pub extra: BTreeMap<String, f64>,
@@ -113,6 +121,11 @@ impl Report {
                 self.client_peak_rss_kib.to_string(),
             ),
         ];
+        for (k, v) in [("sealing", &self.sealing), ("pinning", &self.pinning)] {
+            if let Some(v) = v {
+                rows.insert(1, (k.into(), v.clone()));
+            }
+        }
         if let Some(r) = self.rss_per_conn_kib {
             rows.push(("relay KiB per connection".into(), format!("{r:.1}")));
         }

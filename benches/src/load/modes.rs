@@ -28,6 +28,9 @@ pub struct OnlineArgs {
     pub rate: f64,
     /// Send requests in flight per sender.
     pub inflight: usize,
+    /// Every envelope sealed before the clock starts; recipients check each delivery
+    /// against what was sent (bytes, order) and acknowledge it without opening it.
+    pub presealed: bool,
 }
 
 /// Where an `online` run goes: the node every sender connects to, the node every
@@ -319,6 +322,27 @@ pub async fn online_across(
         let (conn, inbox, _) = pair.recipient.connect(&nodes.receiving.address).await?;
         connected.push((pair, conn, inbox));
     }
+    // `--presealed`: every pair's envelopes, sealed on all cores before the clock.
+    let mut sealed = Vec::with_capacity(connected.len());
+    let seal_start = Instant::now();
+    if args.presealed {
+        eprintln!("  sealing {} messages", args.messages);
+        let mut handles = Vec::new();
+        for (i, (pair, conn, inbox)) in connected.into_iter().enumerate() {
+            let (want, size) = (share(args.messages, args.pairs, i), args.size);
+            handles.push(tokio::task::spawn_blocking(move || {
+                let mut pair = pair;
+                let envelopes = seal_ahead(&mut pair.link, want, size)?;
+                Ok::<_, LoadError>(((pair, conn, inbox), Some(Arc::new(envelopes))))
+            }));
+        }
+        for h in handles {
+            sealed.push(h.await??);
+        }
+    } else {
+        sealed.extend(connected.into_iter().map(|c| (c, None)));
+    }
+    let seal_s = seal_start.elapsed().as_secs_f64();
     let pg_before = match nodes.pg {
         Some(pg) => Some(pg.read().await?),
         None => None,
@@ -333,20 +357,42 @@ pub async fn online_across(
     let sent_bytes = Arc::new(AtomicU64::new(0));
     let ticker = progress("delivered", done.clone(), args.messages);
     let mut tasks = Vec::new();
-    for (i, (pair, conn, mut inbox)) in connected.into_iter().enumerate() {
+    for (i, ((pair, conn, mut inbox), presealed)) in sealed.into_iter().enumerate() {
         let want = share(args.messages, args.pairs, i);
+        // When each message was sent (or due), in ns since `start`: written by the
+        // sender before the send, read by the recipient of a presealed message, whose
+        // time is inside the seal.
+        let sent_ns: Arc<Vec<AtomicU64>> = Arc::new(
+            (0..if presealed.is_some() { want } else { 0 })
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        );
         let Pair {
             mut link,
             anon,
             mut recipient,
         } = pair;
         let done = done.clone();
+        let (expected, sent_at_ns) = (presealed.clone(), sent_ns.clone());
         let receiver = tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(want as usize);
             let mut next = 0u64;
             drain(&conn, &mut inbox, want, &done, |payload| {
-                let (_, plaintext) = recipient.open(payload, now_ms())?;
-                let (index, sent_ns) = parse_body(&plaintext.body)?;
+                let (index, sent_ns) = match &expected {
+                    // The bytes sent k-th and nothing else: exactly once and in order,
+                    // without opening (every seal has a fresh ephemeral key).
+                    Some(envelopes) => {
+                        let k = usize::try_from(next)?;
+                        if envelopes.get(k).map(|e| &e.payload[..]) != Some(payload) {
+                            return Err(format!("delivery {next} is not envelope {next}").into());
+                        }
+                        (next, sent_at_ns[k].load(Ordering::Acquire))
+                    }
+                    None => {
+                        let (_, plaintext) = recipient.open(payload, now_ms())?;
+                        parse_body(&plaintext.body)?
+                    }
+                };
                 if index != next {
                     return Err(format!("out of order: got {index}, expected {next}").into());
                 }
@@ -386,12 +432,22 @@ pub async fn online_across(
                     }
                     None => Instant::now(),
                 };
-                let payload = link.seal(&body(k, start, sent_at, size), now_ms())?;
-                sent_bytes.fetch_add(payload.len() as u64, Ordering::Relaxed);
-                let envelope = Envelope {
-                    message_id: message_id(),
-                    payload: payload.into(),
+                let envelope = match &presealed {
+                    Some(envelopes) => {
+                        let k = usize::try_from(k)?;
+                        let ns = sent_at.saturating_duration_since(start).as_nanos();
+                        sent_ns[k].store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Release);
+                        envelopes
+                            .get(k)
+                            .ok_or("fewer envelopes than messages")?
+                            .clone()
+                    }
+                    None => Envelope {
+                        message_id: message_id(),
+                        payload: link.seal(&body(k, start, sent_at, size), now_ms())?.into(),
+                    },
                 };
+                sent_bytes.fetch_add(envelope.payload.len() as u64, Ordering::Relaxed);
                 pending.push_back(anon.sealed_send(&to, &token, [envelope]));
                 while pending.len() >= inflight {
                     if let Some(r) = runtime.block_on(pending.next()) {
@@ -435,6 +491,12 @@ pub async fn online_across(
         "envelope_bytes".into(),
         sent_bytes.load(Ordering::Relaxed) as f64 / args.messages.max(1) as f64,
     );
+    report.sealing = Some(sealing(args.presealed).into());
+    if args.presealed {
+        report
+            .extra
+            .insert("seal_msgs_per_sec".into(), args.messages as f64 / seal_s);
+    }
     report.extra.insert("pairs".into(), args.pairs as f64);
     report.extra.insert("target_rate".into(), args.rate);
     report.extra.insert("elapsed_s".into(), elapsed);
@@ -460,10 +522,31 @@ pub async fn online_across(
     Ok(report)
 }
 
+/// What a report's `sealing` says: whether the clock ran over the message crypto.
+fn sealing(presealed: bool) -> &'static str {
+    if presealed {
+        "presealed"
+    } else {
+        "end-to-end"
+    }
+}
+
+/// `want` envelopes sealed in `link`'s session, bodies numbered from 0.
+fn seal_ahead(link: &mut Link, want: u64, size: usize) -> Result<Vec<Envelope>, LoadError> {
+    let now = Instant::now();
+    (0..want)
+        .map(|k| {
+            Ok(Envelope {
+                message_id: message_id(),
+                payload: link.seal(&body(k, now, now, size), now_ms())?.into(),
+            })
+        })
+        .collect()
+}
+
 /// `offline`: enqueue everything while recipients are away, then drain.
 pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Report, LoadError> {
     let setup = pairs(relay, args.recipients).await?;
-    let start = Instant::now();
 
     // Encrypt ahead, so phase 1 measures the relay's accept rate.
     eprintln!("  encrypting {} messages", args.messages);
@@ -475,17 +558,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
         let size = args.size;
         handles.push(tokio::task::spawn_blocking(move || {
             let mut pair = pair;
-            let envelopes = (0..want)
-                .map(|k| {
-                    Ok(Envelope {
-                        message_id: message_id(),
-                        payload: pair
-                            .link
-                            .seal(&body(k, start, Instant::now(), size), now_ms())?
-                            .into(),
-                    })
-                })
-                .collect::<Result<Vec<_>, LoadError>>()?;
+            let envelopes = seal_ahead(&mut pair.link, want, size)?;
             Ok::<_, LoadError>((pair, envelopes))
         }));
     }
@@ -576,6 +649,7 @@ pub async fn offline(relay: &RelayUnderTest, args: &OfflineArgs) -> Result<Repor
     let drain_s = drain_start.elapsed().as_secs_f64();
     ticker.abort();
     let mut report = Report::rate("offline", args.messages, args.size, accept_s);
+    report.sealing = Some(sealing(true).into());
     // Per message: its accept and its drain together.
     relay_stats(relay, &relay_before, args.messages, &mut report);
 

@@ -52,6 +52,8 @@ pub struct RelaySettings<'a> {
     /// A PostgreSQL connection string: the relay keeps everything there
     /// (`storage.backend = "postgres"`) instead of its data directory.
     pub postgres: Option<&'a str>,
+    /// CPUs the relay may run on (`taskset -c` form, `0-1,3`); `None`: any.
+    pub cpus: Option<&'a str>,
 }
 
 /// How long a relay on a fresh data directory may take to start.
@@ -129,7 +131,17 @@ impl RelayUnderTest {
                 })
                 .unwrap_or_default(),
         )?;
-        let mut child = Command::new(settings.binary)
+        // Under taskset, which execs the relay in its own process: the pid is the
+        // relay's, and every thread the relay starts inherits the set.
+        let mut command = match settings.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(settings.binary);
+                c
+            }
+            None => Command::new(settings.binary),
+        };
+        let mut child = command
             .arg("serve")
             .arg("--config")
             .arg(&config)
@@ -166,6 +178,14 @@ impl RelayUnderTest {
             .recv_timeout(settings.start_timeout)
             .map_err(|_| "the relay did not print its address")?;
         relay.address = line.parse()?;
+        if let Some(cpus) = settings.cpus {
+            let allowed = relay.pid().and_then(super::pin::cpus_allowed);
+            if allowed.as_deref() != Some(cpus) {
+                return Err(
+                    format!("the relay was to run on CPUs {cpus}, it may on {allowed:?}").into(),
+                );
+            }
+        }
         Ok(relay)
     }
 
