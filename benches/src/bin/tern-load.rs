@@ -3,6 +3,7 @@
 //! ```text
 //! cargo build --release -p tern-benches
 //! target/release/tern-load online --pairs 4 --messages 20000 --size 1024 --json
+//! target/release/tern-load online --presealed --rate 3000 --pin relay=0,load=1 --json
 //! target/release/tern-load online --nodes 2 --rate 1000 --messages 30000 --postgres 'host=/tmp/pg port=5433 user=tern dbname=tern'
 //! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
 //! target/release/tern-load connections --count 10000
@@ -14,7 +15,10 @@
 //! Without `--relay`, each run starts `tern-relay-bench` (the relay's command line,
 //! built beside this binary) on a temporary data directory and 127.0.0.1:0, and ends
 //! it. Progress goes to stderr; the report (a table, or one JSON object with `--json`)
-//! to stdout. A run that loses, doubles or reorders a message fails: the reason goes to
+//! to stdout. `online --presealed` seals every envelope before the clock starts and
+//! its recipients do not open them: the relay alone (the report's `sealing`). `--pin`
+//! puts the relay and this tool on CPUs of their own (the report's `pinning`). A run
+//! that loses, doubles or reorders a message fails: the reason goes to
 //! stderr, and with `--json` also to stdout as `{"error": "..."}`.
 
 use std::path::PathBuf;

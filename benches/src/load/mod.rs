@@ -2,7 +2,9 @@
 //! encrypted messages, and reports what it held.
 //!
 //! - [`online`]: senders and recipients all connected; throughput and end-to-end
-//!   latency, from the send call (before encryption) to the decrypted message.
+//!   latency, from the send call (before encryption) to the decrypted message; with
+//!   `presealed`, every envelope is sealed before the clock and recipients check and
+//!   acknowledge without opening: the relay alone.
 //! - [`offline`]: recipients offline while senders enqueue (accept rate), then they
 //!   connect and drain with acknowledgements (drain rate); then every message is
 //!   decrypted and checked: exactly once, in order per sender.
@@ -10,6 +12,8 @@
 //! - [`media`]: one attachment up and down; MB/s each way and peak memory on both sides.
 //! - [`restart()`]: N messages queued, the relay stopped (SIGTERM) and started again on
 //!   the same data: the time until it serves, and its memory.
+//!
+//! [`pin`]: the relay and the load generator on CPUs of their own.
 //!
 //! Devices here are [`peer::Peer`]s: tern-client's keys, connection and message crypto
 //! without the device store.
