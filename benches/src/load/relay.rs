@@ -158,7 +158,13 @@ impl RelayUnderTest {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", settings.binary.display()))?;
+            .map_err(|e| {
+                let binary = settings.binary.display();
+                match settings.cpus {
+                    Some(_) => format!("starting {binary} under taskset: {e}"),
+                    None => format!("starting {binary}: {e}"),
+                }
+            })?;
         let stdout = child.stdout.take().ok_or("relay stdout")?;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
