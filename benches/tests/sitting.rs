@@ -49,6 +49,14 @@ fn the_table_has_each_figure_of_both_sides_over_the_rounds() {
         row(&t, "online peak, recipient connected, msg/s")[1..],
         ["110k (100k–120k)", "82k", "59k", "64k"]
     );
+    // Today's end-to-end mode, Tern only, beside the relay-only peak.
+    assert_eq!(
+        row(
+            &t,
+            "online peak, end to end (Tern's client crypto inside the clock), msg/s"
+        )[1..],
+        ["11.5k", "—", "—", "—"]
+    );
     assert_eq!(
         row(&t, "online at 3,000 msg/s: p50 / p99, ms")[1..3],
         [
