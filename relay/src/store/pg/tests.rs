@@ -158,6 +158,22 @@ fn provisioning_slots_keep_the_rules_and_their_bound_across_two_nodes() {
     let (_pg, opts) = db();
     let (a, b) = (node(&opts, "a"), node(&opts, "b"));
     crate::store::conformance::slot_rules(&a);
+    // A relay on the database keeps its slots there, where every node sees them.
+    let b = std::sync::Arc::new(b);
+    let stores = crate::store::Stores::postgres(b.clone());
+    assert_eq!(
+        stores
+            .provisioning
+            .open(&[99; 16], &[9; 32], 10, 0, 100)
+            .expect("open"),
+        SlotOpen::Opened
+    );
+    assert_eq!(
+        a.open(&[99; 16], &[9; 32], 10, 0, 100).expect("open"),
+        SlotOpen::Exists
+    );
+    drop(stores);
+    let b = &*b;
     a.sweep(u64::MAX / 2, 100).expect("empty it");
     // Sixteen opens at once from two nodes under a bound of five: five open.
     const MAX: usize = 5;
@@ -165,7 +181,7 @@ fn provisioning_slots_keep_the_rules_and_their_bound_across_two_nodes() {
     let opened: Vec<SlotOpen> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..16u8)
             .map(|i| {
-                let (start, on) = (&start, if i % 2 == 0 { &a } else { &b });
+                let (start, on) = (&start, if i % 2 == 0 { &a } else { b });
                 s.spawn(move || {
                     start.wait();
                     on.open(&[100 + i; 16], &[i; 32], 10_000, 0, MAX)

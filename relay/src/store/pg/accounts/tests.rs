@@ -53,6 +53,17 @@ fn schema_holds_only_what_the_traits_gave(store: &PgBackend) {
             &[("account", "bytea"), ("device", "bigint")][..],
         ),
         (
+            "provisioning_slots",
+            &[
+                ("slot", "bytea"),
+                ("reader_hash", "bytea"),
+                ("expires_at_ms", "bigint"),
+                ("account", "bytea"),
+                ("device", "bigint"),
+                ("payload", "bytea"),
+            ][..],
+        ),
+        (
             "devices",
             &[
                 ("account", "bytea"),
