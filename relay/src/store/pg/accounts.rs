@@ -22,10 +22,11 @@ use crate::store::{
     AccountDays, AccountRecord, AccountStore, DeviceDays, StoreError, StoreResult, StoredList,
 };
 
-/// The account row's lock, and the highest device id it ever had: the stored mark or
-/// the highest listed id, whichever is higher (read after the lock, so it includes a
-/// device another node added while this one waited).
+/// The account row's lock: serialises device additions and removals across nodes.
 const LOCK_LAST: &str = "SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE";
+/// The highest device id the account ever had: the stored mark or the highest listed
+/// id, whichever is higher (read after the lock, by a statement whose snapshot then
+/// includes a device another node added while this one waited).
 const LAST: &str = "SELECT greatest((SELECT coalesce(last_device, 0) FROM accounts \
      WHERE account = $1), (SELECT coalesce(max(device), 0) FROM devices WHERE account = $1))";
 
