@@ -547,43 +547,31 @@ pub trait AccountStore: Send + Sync + 'static {
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()>;
 
     /// The account's current signed device list, if it published one.
-    fn device_list(&self, _id: &AccountId) -> StoreResult<Option<StoredList>> {
-        Err(StoreError::Unsupported)
-    }
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>>;
 
     /// Stores a newer device list; `false` (nothing changed) when the stored one
     /// is as new or newer, or the account does not exist.
-    fn put_device_list(&self, _id: &AccountId, _list: &StoredList) -> StoreResult<bool> {
-        Err(StoreError::Unsupported)
-    }
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool>;
 
     /// Deletes one device's row (its key and days); never device 1. Whether it was
     /// there. The device's id is never handed out again.
-    fn remove_device_record(&self, _of: &DeviceAddress) -> StoreResult<bool> {
-        Err(StoreError::Unsupported)
-    }
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool>;
 
-    /// Up to `max` linked devices (never device 1) last seen before UTC day
-    /// `seen_before_day`.
-    fn idle_devices(&self, _seen_before_day: u32, _max: usize) -> StoreResult<Vec<DeviceAddress>> {
-        Err(StoreError::Unsupported)
-    }
+    /// Up to `max` linked devices (never device 1, nor one whose last-seen day is
+    /// unknown) last seen before UTC day `seen_before_day`. The embedded store reads
+    /// a bounded number of account records per call and goes on from there on the
+    /// next, so a call may miss devices a later one finds.
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>>;
 
     /// Records the intent to remove a device, so a start finishes a removal a
     /// crash interrupted.
-    fn put_device_removal(&self, _of: &DeviceAddress) -> StoreResult<()> {
-        Err(StoreError::Unsupported)
-    }
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()>;
 
     /// Every recorded device-removal intent.
-    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
-        Err(StoreError::Unsupported)
-    }
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>>;
 
     /// Forgets a device-removal intent (the removal is complete).
-    fn remove_device_removal(&self, _of: &DeviceAddress) -> StoreResult<()> {
-        Err(StoreError::Unsupported)
-    }
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()>;
 }
 
 /// An account's signed device list as the relay keeps it: the exact signed bytes
@@ -784,7 +772,7 @@ pub(crate) mod codec {
     }
 
     #[cfg(test)]
-    pub(crate) use super::days::ACCOUNT_V2;
+    pub(crate) use super::days::ACCOUNT_V3;
 
     pub(crate) fn encode_account(rec: &AccountRecord, days: &super::AccountDays) -> Vec<u8> {
         super::days::encode(rec, days)
@@ -828,16 +816,5 @@ pub(crate) mod codec {
                     .ok_or(StoreError::Corrupt("deletion intent"))
             })
             .collect()
-    }
-
-    /// The next device id for a record: one past the highest.
-    pub(crate) fn next_device_id(rec: &AccountRecord) -> Option<DeviceId> {
-        let max = rec
-            .devices
-            .iter()
-            .map(|(id, _)| id.get())
-            .max()
-            .unwrap_or(0);
-        DeviceId::new(max.checked_add(1)?)
     }
 }

@@ -12,7 +12,7 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use crate::store::{
     AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore,
     Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreResult, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
+    SignedKey, StoreResult, StoredList, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -171,6 +171,28 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.write(|s| s.remove_deletion(id))
     }
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
+        self.store.device_list(id)
+    }
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
+        // A refused (older) list wrote nothing.
+        self.write_if(|s| s.put_device_list(id, list), |r| !matches!(r, Ok(false)))
+    }
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        self.write(|s| s.remove_device_record(of))
+    }
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.idle_devices(seen_before_day, max)
+    }
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.put_device_removal(of))
+    }
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.device_removals()
+    }
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.remove_device_removal(of))
+    }
 }
 
 impl<S: KeyStore + ?Sized> KeyStore for Marked<S> {
@@ -317,5 +339,53 @@ impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
         number_tat: u64,
     ) -> StoreResult<()> {
         self.write(|s| s.set_buckets(account, account_tat, tag, number_tat))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn the_device_verbs_reach_the_wrapped_store_and_mark_what_they_write() {
+        let store = Marked::new(Arc::new(MemoryStore::new()));
+        crate::store::conformance::device_rules(&store);
+        let account = AccountId([60; 16]);
+        let list = |version| StoredList {
+            version,
+            list: vec![1; 10],
+            signature: [1; 64],
+        };
+        store.flush_if_written().expect("flush");
+        assert!(
+            !store.put_device_list(&account, &list(1)).expect("older"),
+            "the rules left version 1"
+        );
+        assert!(!store.written(), "a refused list wrote nothing");
+        assert!(store.idle_devices(u32::MAX, 10).is_ok());
+        assert!(store.device_list(&account).expect("list").is_some());
+        assert!(!store.written(), "reads write nothing");
+        assert!(store.put_device_list(&account, &list(2)).expect("newer"));
+        assert!(store.written());
+        let primary = DeviceAddress {
+            account,
+            device: DeviceId::PRIMARY,
+        };
+        store.flush_if_written().expect("flush");
+        store.put_device_removal(&primary).expect("intent");
+        assert!(store.written());
+        store.flush_if_written().expect("flush");
+        store.remove_device_removal(&primary).expect("done");
+        assert!(store.written());
+        store.flush_if_written().expect("flush");
+        let second = DeviceAddress {
+            account,
+            device: DeviceId::new(2).expect("id"),
+        };
+        store.remove_device_record(&second).expect("remove");
+        assert!(store.written());
     }
 }
