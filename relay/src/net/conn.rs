@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::rate::AddressPrefix;
-use crate::deletion::AccountDeletion;
+use crate::deletion::{AccountDeletion, Gone};
 use crate::error::{Error, Result};
 use crate::mailboxes::Appended;
 use crate::media::BlobStore;
@@ -123,6 +123,8 @@ enum End {
     Full,
     /// The connection's account was deleted.
     Deleted,
+    /// The connection's device was removed from its account.
+    Removed,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol, or the relay
@@ -191,7 +193,7 @@ pub(crate) async fn serve(
     // The writer ends once every sender of its queue is gone.
     drop(session);
     let _ = writer.await;
-    if matches!(end, End::Protocol | End::Full | End::Deleted) {
+    if matches!(end, End::Protocol | End::Full | End::Deleted | End::Removed) {
         let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
     }
     let (code, reason): (u32, &[u8]) = match end {
@@ -202,6 +204,7 @@ pub(crate) async fn serve(
         End::Idle => (close::NORMAL, b"idle"),
         End::Full => (close::NORMAL, b"at capacity"),
         End::Deleted => (close::ACCOUNT_DELETED, b"account deleted"),
+        End::Removed => (close::ACCOUNT_DELETED, b"device removed"),
     };
     conn.close(code.into(), reason);
     debug!("connection closed");
@@ -277,7 +280,10 @@ impl Session {
                         return End::Full;
                     }
                 }
-                () = deleted.account_deleted() => return End::Deleted,
+                gone = deleted.gone() => return match gone {
+                    Gone::Account => End::Deleted,
+                    Gone::Device => End::Removed,
+                },
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,
