@@ -23,7 +23,7 @@
 //! The barrier's exclusive lock, the removals and the flushes run on blocking
 //! threads, never on an async worker.
 
-// mod device;
+mod device;
 mod tombstones;
 
 use std::collections::HashSet;
@@ -36,13 +36,13 @@ use tern_proto::limits::EXPORTER_LEN;
 use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedKey};
 
 use crate::core::auth::{verify_deletion, AuthenticatedDevice, VerifiedDeletion};
-// pub use device::{DeviceRemoval, RemovalAuthority};
 use crate::error::{Error, Result};
 use crate::media::BlobStore;
 use crate::server::Services;
 use crate::store::{
     AccountRecord, AccountStore, FetchedKeys, KeyStore, OneTimeKey, Published, StoreResult,
 };
+pub use device::DeviceRemoval;
 pub use tombstones::Tombstones;
 pub(crate) use tombstones::{Gone, Live};
 
@@ -558,6 +558,14 @@ impl Removal {
             Err(e) => return Err(e.into()),
         }
         self.services.accounts().forget(account);
+        // Linked devices (P7): slots deposited for it, and removal intents naming it
+        // (their devices' data went with the account's).
+        self.services.provisioning().forget_account(account)?;
+        for addr in stores.accounts.device_removals()? {
+            if addr.account == *account {
+                stores.accounts.remove_device_removal(&addr)?;
+            }
+        }
         // In-memory buckets too: none outlives the account by more than a request
         // already past its checks (housekeeping forgets that one once it refills).
         self.services.rate_limits().forget_account(account);

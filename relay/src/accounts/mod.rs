@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedDeviceList};
 
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::budget::Budget;
@@ -207,12 +207,11 @@ impl Accounts {
     pub async fn publish_device_list(
         &self,
         by: &AuthenticatedDevice,
-        list: &[u8],
-        signature: &[u8],
+        list: &SignedDeviceList,
     ) -> Result<()> {
         let account = &by.address().account;
         let record = self.store.get(account)?.ok_or(Error::Unauthorized)?;
-        let verified = auth::verify_device_list(&record.identity_key, account, list, signature)?;
+        let verified = auth::verify_device_list(&record.identity_key, account, list)?;
         for (id, key) in verified.devices() {
             if record.device_key(*id) != Some(key) {
                 return Err(Error::BadRequest(
@@ -222,7 +221,7 @@ impl Accounts {
         }
         let stored = StoredList {
             version: verified.version(),
-            list: list.to_vec(),
+            list: list.bytes.to_vec(),
             signature: *verified.signature(),
         };
         if !self.store.put_device_list(account, &stored)? {
@@ -265,7 +264,9 @@ impl Accounts {
         to: DeviceAddress,
         list_version: u64,
     ) -> Result<Recipient> {
-        let known = self.known(&to.account, None)?.ok_or(Error::UnknownRecipient)?;
+        let known = self
+            .known(&to.account, None)?
+            .ok_or(Error::UnknownRecipient)?;
         check_list_version(&known, list_version)?;
         if !known.devices.contains(&to.device)
             && self.known(&to.account, Some(to.device))?.is_none()

@@ -23,23 +23,13 @@ use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
-use tern_proto::{DeviceAddress, DeviceId};
+use tern_proto::{DeviceAddress, DeviceId, SignedDeviceList};
 
 use super::{blocking, Retried};
 use crate::core::auth::{verify_device_list, AuthenticatedDevice};
 use crate::error::{Error, Result};
 use crate::server::Services;
 use crate::store::{utc_day, StoredList};
-
-/// Who removes a device.
-#[derive(Debug)]
-pub enum RemovalAuthority {
-    /// The primary (or the device itself, with an empty list) asked on its
-    /// authenticated connection.
-    Device(AuthenticatedDevice),
-    /// The sweeper: the device was idle past `linked_device_idle_days`.
-    Idle,
-}
 
 /// A removal running in this process.
 struct Running<'a> {
@@ -86,9 +76,9 @@ impl DeviceRemoval {
     }
 
     /// Removes device `device` of the caller's account, with the primary's new
-    /// `list` (signed by the identity key) that no longer names it; or, with an
-    /// empty list and `device` the caller itself, a linked device unlinking itself
-    /// (the primary then publishes a list without it). Returns once the removal is
+    /// `list` (signed by the identity key) that no longer names it; or, without a
+    /// list and `device` the caller itself, a linked device unlinking itself (the
+    /// primary then publishes a list without it). Returns once the removal is
     /// durable and scrubbed.
     ///
     /// Device 1 is never removed ([`Error::BadRequest`]); only the primary removes
@@ -101,22 +91,22 @@ impl DeviceRemoval {
         &self,
         by: &AuthenticatedDevice,
         device: DeviceId,
-        list: &[u8],
-        signature: &[u8],
+        list: Option<&SignedDeviceList>,
     ) -> Result<()> {
         let account = by.address().account;
         if device == DeviceId::PRIMARY {
-            return Err(Error::BadRequest("device 1 is the primary; delete the account".into()));
+            return Err(Error::BadRequest(
+                "device 1 is the primary; delete the account instead".into(),
+            ));
         }
-        let self_unlink = list.is_empty();
-        if self_unlink {
-            if by.address().device != device {
+        match list {
+            None if by.address().device != device => {
                 return Err(Error::BadRequest(
-                    "an empty list removes only the caller's own device".into(),
-                ));
+                    "without a list a device removes only itself".into(),
+                ))
             }
-        } else if by.address().device != DeviceId::PRIMARY {
-            return Err(Error::Unauthorized);
+            Some(_) if by.address().device != DeviceId::PRIMARY => return Err(Error::Unauthorized),
+            _ => {}
         }
         let addr = DeviceAddress { account, device };
         if self.services.tombstones().contains_device(&addr) {
@@ -127,14 +117,18 @@ impl DeviceRemoval {
         if record.device_key(device).is_none() {
             return Err(Error::UnknownRecipient);
         }
-        if !self_unlink {
-            let verified = verify_device_list(&record.identity_key, &account, list, signature)?;
+        if let Some(list) = list {
+            let verified = verify_device_list(&record.identity_key, &account, list)?;
             let stored = stores.accounts.device_list(&account)?;
             if stored.is_some_and(|s| s.version >= verified.version()) {
                 return Err(Error::StaleDeviceList);
             }
-            let mut wanted: Vec<(DeviceId, [u8; 32])> =
-                record.devices.iter().copied().filter(|(id, _)| *id != device).collect();
+            let mut wanted: Vec<(DeviceId, [u8; 32])> = record
+                .devices
+                .iter()
+                .copied()
+                .filter(|(id, _)| *id != device)
+                .collect();
             wanted.sort_unstable();
             if verified.devices() != wanted.as_slice() {
                 return Err(Error::BadRequest(
@@ -143,7 +137,7 @@ impl DeviceRemoval {
             }
             let stored = StoredList {
                 version: verified.version(),
-                list: list.to_vec(),
+                list: list.bytes.to_vec(),
                 signature: *verified.signature(),
             };
             if !stores.accounts.put_device_list(&account, &stored)? {
@@ -174,7 +168,9 @@ impl DeviceRemoval {
             }
             match self.remove(addr).await {
                 Ok(()) => removed += 1,
-                Err(e) => warn!(error = %e, "an idle device's removal failed part way; it is retried at the next sweep"),
+                Err(e) => {
+                    warn!(error = %e, "an idle device's removal failed part way; it is retried at the next sweep")
+                }
             }
         }
         Ok(removed)
@@ -275,7 +271,10 @@ impl DeviceRemoval {
     async fn run(&self, addr: DeviceAddress) -> Result<()> {
         if addr.device == DeviceId::PRIMARY {
             // Only a damaged intent names it: drop the intent, remove nothing.
-            self.services.stores().accounts.remove_device_removal(&addr)?;
+            self.services
+                .stores()
+                .accounts
+                .remove_device_removal(&addr)?;
             return Ok(());
         }
         let services = self.services.clone();
@@ -283,7 +282,7 @@ impl DeviceRemoval {
             let stores = services.stores();
             // The row first: other nodes stop taking sends for it once their cache
             // entry (at most a second old) goes.
-            stores.accounts.remove_device(&addr)?;
+            stores.accounts.remove_device_record(&addr)?;
             services.accounts().forget(&addr.account);
             stores.keys.remove_device(&addr)?;
             services.mailboxes().purge(&addr)?;
@@ -294,7 +293,10 @@ impl DeviceRemoval {
         let services = self.services.clone();
         blocking(move || services.mailboxes().settle()).await?;
         self.durable().await?;
-        self.services.stores().accounts.remove_device_removal(&addr)?;
+        self.services
+            .stores()
+            .accounts
+            .remove_device_removal(&addr)?;
         self.durable().await?;
         Ok(())
     }

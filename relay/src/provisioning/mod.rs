@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tern_platform::clock::Clock;
-use tern_proto::limits::MAX_LINK_PAYLOAD;
+use tern_proto::limits::{MAX_LINK_PAYLOAD, MIN_LINK_PAYLOAD, PROVISIONING_TTL_MS};
 use tern_proto::{AccountId, DeviceId};
 
 use crate::config::RateLimitsConfig;
@@ -30,12 +30,10 @@ use crate::core::auth::AuthenticatedDevice;
 use crate::core::rate::{AddressPrefix, KeyedLimit};
 use crate::error::{Error, Result};
 use crate::store::{AccountStore, ProvisioningStore, SlotOpen, SlotTake};
+use tern_proto::SlotId;
 
 /// How long a slot lives after it is opened.
-pub const PROVISIONING_TTL: Duration = Duration::from_secs(600);
-
-/// The smallest payload: an HPKE encapsulated key (32) and an AEAD tag (16).
-pub const MIN_LINK_PAYLOAD: usize = 48;
+pub const PROVISIONING_TTL: Duration = Duration::from_millis(PROVISIONING_TTL_MS);
 
 /// The provisioning service. See the module docs.
 pub struct Provisioning {
@@ -80,25 +78,19 @@ impl Provisioning {
     }
 
     fn now_ms(&self) -> u64 {
-        let since = self.clock.now().duration_since(std::time::UNIX_EPOCH);
-        since.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        self.clock.now()
     }
 
     /// Opens `slot` for the holder of the reader secret hashing to `reader_hash`;
     /// returns when it expires (ms since the Unix epoch). A slot id already open is
     /// [`Error::BadRequest`]; a full table is [`Error::Unavailable`].
-    pub fn open(
-        &self,
-        from: AddressPrefix,
-        slot: &[u8; 16],
-        reader_hash: &[u8; 32],
-    ) -> Result<u64> {
+    pub fn open(&self, from: AddressPrefix, slot: &SlotId, reader_hash: &[u8; 32]) -> Result<u64> {
         self.opens.check(&from)?;
-        let ttl = u64::try_from(PROVISIONING_TTL.as_millis()).unwrap_or(u64::MAX);
-        let expires_at_ms = self.now_ms().saturating_add(ttl);
+        let now_ms = self.now_ms();
+        let expires_at_ms = now_ms.saturating_add(PROVISIONING_TTL_MS);
         match self
             .store
-            .open(slot, reader_hash, expires_at_ms, self.max_slots)?
+            .open(&slot.0, reader_hash, expires_at_ms, now_ms, self.max_slots)?
         {
             SlotOpen::Opened => Ok(expires_at_ms),
             SlotOpen::Exists => Err(Error::BadRequest("the slot id is in use".into())),
@@ -113,7 +105,7 @@ impl Provisioning {
         &self,
         by: &AuthenticatedDevice,
         from: AddressPrefix,
-        slot: &[u8; 16],
+        slot: &SlotId,
         device: DeviceId,
         payload: &[u8],
     ) -> Result<()> {
@@ -126,7 +118,7 @@ impl Provisioning {
         }
         if self
             .store
-            .deposit(slot, &account, device, payload, self.now_ms())?
+            .deposit(&slot.0, &account, device, payload, self.now_ms())?
         {
             Ok(())
         } else {
@@ -140,12 +132,12 @@ impl Provisioning {
     pub fn take(
         &self,
         from: AddressPrefix,
-        slot: &[u8; 16],
+        slot: &SlotId,
         reader_secret: &[u8; 32],
     ) -> Result<Vec<u8>> {
         self.takes.check(&from)?;
         let reader_hash: [u8; 32] = Sha256::digest(reader_secret).into();
-        match self.store.take(slot, &reader_hash, self.now_ms())? {
+        match self.store.take(&slot.0, &reader_hash, self.now_ms())? {
             SlotTake::Payload(payload) => Ok(payload),
             SlotTake::Pending => Ok(Vec::new()),
             SlotTake::Missing => Err(Error::NotFound),
