@@ -132,6 +132,37 @@ impl AccountStore for Hidden {
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.store.remove_deletion(id)
     }
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<crate::store::StoredList>> {
+        if self.gone(id) {
+            return Ok(None);
+        }
+        self.store.device_list(id)
+    }
+    fn put_device_list(
+        &self,
+        id: &AccountId,
+        list: &crate::store::StoredList,
+    ) -> StoreResult<bool> {
+        let Some(_live) = self.tombstones.live(id) else {
+            return Ok(false);
+        };
+        self.store.put_device_list(id, list)
+    }
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        self.store.remove_device_record(of)
+    }
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.idle_devices(seen_before_day, max)
+    }
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.store.put_device_removal(of)
+    }
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.device_removals()
+    }
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.store.remove_device_removal(of)
+    }
 }
 
 /// The key store as the services see it: a publish checks the account and writes

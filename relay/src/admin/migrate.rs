@@ -185,6 +185,35 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
         pg.put_deletion(id, devs)?;
     }
     copied.push(("deletion intents", deletions.len() as u64));
+    // Linked devices: each account's highest device id ever (so no id is handed out
+    // twice), its signed device list, and device removals in progress.
+    let mut marks = Vec::with_capacity(ROWS);
+    let mut lists = 0u64;
+    for id in &ids {
+        if let Some(last) = sled.last_device(id)? {
+            marks.push((*id, last));
+        }
+        if marks.len() == ROWS {
+            pg.import_last_devices(&marks)?;
+            marks.clear();
+        }
+        if let Some(list) = sled.device_list(id)? {
+            if !pg.put_device_list(id, &list)? {
+                return Err(mismatch("a device list was not taken"));
+            }
+            lists += 1;
+        }
+    }
+    pg.import_last_devices(&marks)?;
+    copied.push(("device lists", lists));
+    let removals = sled.device_removals()?;
+    for of in &removals {
+        pg.put_device_removal(of)?;
+    }
+    if pg.device_removals()?.len() != removals.len() {
+        return Err(mismatch("device removal intents"));
+    }
+    copied.push(("device removal intents", removals.len() as u64));
 
     // Published keys.
     let (mut signed, mut one_time) = (0u64, 0u64);

@@ -6,9 +6,11 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
 use super::*;
 
 mod deletion;
+mod devices;
 mod discovery;
 mod more;
 pub(super) use deletion::{deletion_rules, purge_rules};
+pub(super) use devices::{device_rules, slot_rules};
 pub(super) use discovery::discovery_rules;
 pub(super) use more::{day_rules, key_account_rules};
 

@@ -9,7 +9,7 @@ use super::seq::SeqCounters;
 use super::{
     codec, AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DeviceDays,
     Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreError, StoreResult, StoredMessage, Totals, UploadMeta, Usage,
+    SignedKey, StoreError, StoreResult, StoredList, StoredMessage, Totals, UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -34,6 +34,12 @@ struct Inner {
     days: HashMap<AccountId, AccountDays>,
     tokens: HashMap<AccountId, [u8; 32]>,
     deletions: BTreeMap<AccountId, Vec<DeviceId>>,
+    /// The highest device id each account ever had (ids are never handed out twice).
+    last_device: HashMap<AccountId, u32>,
+    /// Each account's signed device list.
+    lists: HashMap<AccountId, StoredList>,
+    /// Device removals in progress.
+    removals: std::collections::BTreeSet<DeviceAddress>,
     keys: HashMap<DeviceAddress, Keys>,
     blobs: HashMap<BlobId, BlobMeta>,
     /// (account, UTC day of expiry) -> bytes charged.
@@ -227,15 +233,17 @@ impl AccountStore for MemoryStore {
         device_key: &[u8; 32],
         day: u32,
     ) -> StoreResult<Option<DeviceId>> {
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let Some(rec) = inner.accounts.get_mut(id) else {
             return Ok(None);
         };
         if let Some((existing, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
             return Ok(Some(*existing));
         }
-        let next = codec::next_device_id(rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
+        let next = super::days::next_device(rec, inner.last_device.get(id).copied())?;
         rec.devices.push((next, *device_key));
+        inner.last_device.insert(*id, next.get());
         let days = inner.days.entry(*id).or_default();
         days.devices.push((next, DeviceDays::new_on(Some(day))));
         Ok(Some(next))
@@ -254,6 +262,8 @@ impl AccountStore for MemoryStore {
         let mut inner = self.lock();
         inner.tokens.remove(id);
         inner.days.remove(id);
+        inner.last_device.remove(id);
+        inner.lists.remove(id);
         Ok(inner.accounts.remove(id))
     }
 
@@ -273,6 +283,83 @@ impl AccountStore for MemoryStore {
 
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.lock().deletions.remove(id);
+        Ok(())
+    }
+
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
+        Ok(self.lock().lists.get(id).cloned())
+    }
+
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        if !inner.accounts.contains_key(id) {
+            return Ok(false);
+        }
+        let stored = inner.lists.get(id).map_or(0, |l| l.version);
+        if list.version <= stored {
+            return Ok(false);
+        }
+        inner.lists.insert(*id, list.clone());
+        Ok(true)
+    }
+
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        if of.device == DeviceId::PRIMARY {
+            return Ok(false);
+        }
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let Some(rec) = inner.accounts.get_mut(&of.account) else {
+            return Ok(false);
+        };
+        let highest = super::days::last_device(rec, None);
+        let before = rec.devices.len();
+        rec.devices.retain(|(d, _)| *d != of.device);
+        if rec.devices.len() == before {
+            return Ok(false);
+        }
+        let used = inner.last_device.entry(of.account).or_default();
+        *used = (*used).max(highest);
+        if let Some(days) = inner.days.get_mut(&of.account) {
+            days.devices.retain(|(d, _)| *d != of.device);
+        }
+        Ok(true)
+    }
+
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        let inner = self.lock();
+        let mut idle: Vec<DeviceAddress> = inner
+            .days
+            .iter()
+            .flat_map(|(account, days)| {
+                days.devices
+                    .iter()
+                    .filter(|(d, days)| {
+                        *d != DeviceId::PRIMARY
+                            && days.last_seen.is_some_and(|s| s < seen_before_day)
+                    })
+                    .map(|(d, _)| DeviceAddress {
+                        account: *account,
+                        device: *d,
+                    })
+            })
+            .collect();
+        idle.sort_unstable_by_key(codec::addr_bytes);
+        idle.truncate(max);
+        Ok(idle)
+    }
+
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.lock().removals.insert(*of);
+        Ok(())
+    }
+
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        Ok(self.lock().removals.iter().copied().collect())
+    }
+
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.lock().removals.remove(of);
         Ok(())
     }
 }
@@ -514,6 +601,8 @@ mod tests {
         super::super::conformance::deletion_rules(&super::MemoryStore::new());
         super::super::conformance::purge_rules(&super::MemoryStore::new());
         super::super::conformance::discovery_rules(&super::MemoryStore::new());
+        super::super::conformance::device_rules(&super::MemoryStore::new());
+        super::super::conformance::slot_rules(&super::super::MemorySlots::new());
     }
 
     #[test]

@@ -784,7 +784,7 @@ pub(crate) mod codec {
     }
 
     #[cfg(test)]
-    pub(crate) use super::days::ACCOUNT_V2;
+    pub(crate) use super::days::ACCOUNT_V3;
 
     pub(crate) fn encode_account(rec: &AccountRecord, days: &super::AccountDays) -> Vec<u8> {
         super::days::encode(rec, days)
@@ -828,16 +828,5 @@ pub(crate) mod codec {
                     .ok_or(StoreError::Corrupt("deletion intent"))
             })
             .collect()
-    }
-
-    /// The next device id for a record: one past the highest.
-    pub(crate) fn next_device_id(rec: &AccountRecord) -> Option<DeviceId> {
-        let max = rec
-            .devices
-            .iter()
-            .map(|(id, _)| id.get())
-            .max()
-            .unwrap_or(0);
-        DeviceId::new(max.checked_add(1)?)
     }
 }

@@ -32,6 +32,14 @@ fn signed(id: u32, b: u8) -> SignedKey {
     }
 }
 
+fn a_list() -> crate::store::StoredList {
+    crate::store::StoredList {
+        version: 7,
+        list: vec![5; 92],
+        signature: [6; 64],
+    }
+}
+
 fn all(store: &dyn MailboxStore, of: &DeviceAddress) -> Vec<StoredMessage> {
     store.read(of, 0, 100_000).expect("read")
 }
@@ -75,6 +83,13 @@ fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
             19_005,
         )
         .expect("touch");
+        // A linked device removed: its id (3) stays used; a's list and the removal
+        // intent are copied.
+        let d3 = sled.add_device(&a, &[98; 32], 19_001).expect("add");
+        assert_eq!(d3, DeviceId::new(3));
+        assert!(sled.remove_device_record(&addr(1, 3)).expect("remove"));
+        assert!(sled.put_device_list(&a, &a_list()).expect("list"));
+        sled.put_device_removal(&addr(1, 3)).expect("intent");
         sled.create_on(&b, &rec(20), None).expect("b");
         sled.create_on(&c, &rec(30), Some(19_002)).expect("c");
         sled.create_on(&AccountId([4; 16]), &rec(40), None)
@@ -188,6 +203,17 @@ fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
     assert_eq!(pg.delivery_token(&a).expect("token"), Some([5; 32]));
     assert_eq!(pg.delivery_token(&b).expect("token"), None);
     assert_eq!(pg.deletions().expect("intents"), vec![(c, vec![d1])]);
+    // Linked devices: the list, the removal intent, and no id handed out twice.
+    assert_eq!(count("device lists"), 1);
+    assert_eq!(pg.device_list(&a).expect("list"), Some(a_list()));
+    assert_eq!(pg.device_list(&b).expect("list"), None);
+    assert_eq!(pg.device_removals().expect("intents"), vec![addr(1, 3)]);
+    assert_eq!(pg.last_device(&a).expect("mark"), Some(3));
+    assert_eq!(
+        pg.add_device(&a, &[97; 32], 19_010).expect("add"),
+        DeviceId::new(4),
+        "3 was used on the embedded store"
+    );
     // Keys.
     let published = pg.published(&mbox1).expect("published");
     assert!(published.identity_dh);

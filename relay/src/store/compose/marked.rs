@@ -12,7 +12,7 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use crate::store::{
     AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore,
     Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreResult, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
+    SignedKey, StoreResult, StoredList, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -170,6 +170,28 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
     }
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.write(|s| s.remove_deletion(id))
+    }
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
+        self.store.device_list(id)
+    }
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
+        // A refused (older) list wrote nothing.
+        self.write_if(|s| s.put_device_list(id, list), |r| !matches!(r, Ok(false)))
+    }
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        self.write(|s| s.remove_device_record(of))
+    }
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.idle_devices(seen_before_day, max)
+    }
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.put_device_removal(of))
+    }
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        self.store.device_removals()
+    }
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.remove_device_removal(of))
     }
 }
 

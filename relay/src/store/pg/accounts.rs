@@ -6,15 +6,28 @@
 //! embedded store keeps them in, as each added device takes the highest id plus one).
 //! A new device id is chosen under the account row's lock (`FOR UPDATE`), so two
 //! nodes adding devices to one account at once get distinct ids, and neither fails.
+//! It is one past the highest id the account ever had (`last_device`, V11, kept by
+//! additions and removals under the same lock; NULL on older rows, where the highest
+//! listed id is all there is), so a removed device's id is never handed out again.
+//! The signed device list lives on the account row (V11), so it goes with it.
 
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::rows::{
-    account_of, col, day_of, device_of, exec_in, fixed, one_in, opt_in, query_in, transaction,
-    TxError,
+    account_of, col, day_of, device_of, exec_in, fixed, one_in, opt_in, query_in, signed,
+    transaction, u32_of, unsigned, TxError,
 };
 use super::PgBackend;
-use crate::store::{AccountDays, AccountRecord, AccountStore, DeviceDays, StoreError, StoreResult};
+use crate::store::{
+    AccountDays, AccountRecord, AccountStore, DeviceDays, StoreError, StoreResult, StoredList,
+};
+
+/// The account row's lock, and the highest device id it ever had: the stored mark or
+/// the highest listed id, whichever is higher (read after the lock, so it includes a
+/// device another node added while this one waited).
+const LOCK_LAST: &str = "SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE";
+const LAST: &str = "SELECT greatest((SELECT coalesce(last_device, 0) FROM accounts \
+     WHERE account = $1), (SELECT coalesce(max(device), 0) FROM devices WHERE account = $1))";
 
 /// An account with its devices, one row per device (none: a `NULL` device).
 const RECORD: &str = "SELECT a.identity_key, a.created_day, d.device, d.device_key, \
@@ -137,33 +150,33 @@ impl AccountStore for PgBackend {
                 // The account row's lock serialises device additions across nodes. The
                 // ids are read by a later statement, whose snapshot (read committed)
                 // then includes a device another node added while this one waited.
-                let locked = opt_in(
-                    &tx,
-                    "SELECT 1 FROM accounts WHERE account = $1 FOR UPDATE",
-                    &[&account],
-                )
-                .await?;
+                let locked = opt_in(&tx, LOCK_LAST, &[&account]).await?;
                 if locked.is_none() {
                     return Ok(None);
                 }
                 let row = one_in(
                     &tx,
-                    "SELECT (SELECT min(device) FROM devices \
-                     WHERE account = $1 AND device_key = $2), \
-                     (SELECT coalesce(max(device), 0) + 1 FROM devices WHERE account = $1)",
+                    "SELECT min(device) FROM devices WHERE account = $1 AND device_key = $2",
                     &[&account, &key],
                 )
                 .await?;
                 if let Some(existing) = col::<Option<i64>>(&row, 0)? {
                     return Ok(Some(device_of(existing)?));
                 }
-                let next = device_of(col(&row, 1)?)
-                    .map_err(|_| StoreError::Corrupt("device ids exhausted"))?;
+                let last = col::<i64>(&one_in(&tx, LAST, &[&account]).await?, 0)?;
+                let next =
+                    device_of(last + 1).map_err(|_| StoreError::Corrupt("device ids exhausted"))?;
                 exec_in(
                     &tx,
                     "INSERT INTO devices (account, device, device_key, created_day, seen_day) \
                      VALUES ($1, $2, $3, $4, $4)",
                     &[&account, &dev(next), &key, &day],
+                )
+                .await?;
+                exec_in(
+                    &tx,
+                    "UPDATE accounts SET last_device = $2 WHERE account = $1",
+                    &[&account, &dev(next)],
                 )
                 .await?;
                 Some(next)
@@ -283,6 +296,155 @@ impl AccountStore for PgBackend {
             &[&&id.as_bytes()[..]],
         ))
         .map(drop)
+    }
+
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT device_list_version, device_list, device_list_signature \
+                     FROM accounts WHERE account = $1 AND device_list IS NOT NULL",
+                    &[&&id.as_bytes()[..]],
+                )
+                .await?;
+            rows.first()
+                .map(|row| {
+                    Ok(StoredList {
+                        version: unsigned(self.col(row, 0)?, "device list version")?,
+                        list: self.col::<&[u8]>(row, 1)?.to_vec(),
+                        signature: fixed(self.col::<&[u8]>(row, 2)?)?,
+                    })
+                })
+                .transpose()
+        })
+    }
+
+    /// A version beyond a bigint (2^63 - 1) is refused as a backend error.
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
+        let version = signed(list.version)?;
+        let n = self.run(self.exec(
+            "UPDATE accounts SET device_list_version = $2, device_list = $3, \
+             device_list_signature = $4 WHERE account = $1 AND device_list_version < $2",
+            &[
+                &&id.as_bytes()[..],
+                &version,
+                &list.list.as_slice(),
+                &&list.signature[..],
+            ],
+        ))?;
+        Ok(n > 0)
+    }
+
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        if of.device == DeviceId::PRIMARY {
+            return Ok(false);
+        }
+        let account = &of.account.as_bytes()[..];
+        let device = dev(of.device);
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                // Under add_device's lock: the mark is raised to the highest id first,
+                // so the removed one is never handed out again.
+                if opt_in(&tx, LOCK_LAST, &[&account]).await?.is_none() {
+                    return Ok(false);
+                }
+                exec_in(
+                    &tx,
+                    &format!(
+                        "UPDATE accounts SET last_device = nullif(({LAST}), 0) WHERE account = $1"
+                    ),
+                    &[&account],
+                )
+                .await?;
+                exec_in(
+                    &tx,
+                    "DELETE FROM devices WHERE account = $1 AND device = $2",
+                    &[&account, &device],
+                )
+                .await?
+                    > 0
+            })
+        })
+    }
+
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        // The partial index `devices_idle` (V11) serves this.
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        let rows = self.run(self.rows(
+            "SELECT account, device FROM devices WHERE device > 1 AND seen_day < $1 \
+             ORDER BY seen_day, account, device LIMIT $2",
+            &[&i64::from(seen_before_day), &limit],
+        ))?;
+        rows.iter().map(|row| self.address(row)).collect()
+    }
+
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.run(self.exec(
+            "INSERT INTO device_removals (account, device) VALUES ($1, $2) \
+             ON CONFLICT DO NOTHING",
+            &[&&of.account.as_bytes()[..], &dev(of.device)],
+        ))
+        .map(drop)
+    }
+
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        let rows = self.run(self.rows(
+            "SELECT account, device FROM device_removals ORDER BY account, device",
+            &[],
+        ))?;
+        rows.iter().map(|row| self.address(row)).collect()
+    }
+
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.run(self.exec(
+            "DELETE FROM device_removals WHERE account = $1 AND device = $2",
+            &[&&of.account.as_bytes()[..], &dev(of.device)],
+        ))
+        .map(drop)
+    }
+}
+
+impl PgBackend {
+    /// A row's (account, device) columns.
+    fn address(&self, row: &tokio_postgres::Row) -> StoreResult<DeviceAddress> {
+        Ok(DeviceAddress {
+            account: account_of(self.col::<&[u8]>(row, 0)?)?,
+            device: device_of(self.col(row, 1)?)?,
+        })
+    }
+
+    /// Sets each account's highest device id ever (a copy from the embedded store,
+    /// `admin migrate`), never lowering one; accounts not here are left alone.
+    pub fn import_last_devices(&self, marks: &[(AccountId, u32)]) -> StoreResult<()> {
+        let accounts: Vec<&[u8]> = marks.iter().map(|(a, _)| &a.as_bytes()[..]).collect();
+        let lasts: Vec<i64> = marks.iter().map(|(_, d)| i64::from(*d)).collect();
+        self.run(self.exec(
+            "UPDATE accounts a SET last_device = greatest(a.last_device, m.last) \
+             FROM unnest($1::bytea[], $2::bigint[]) AS m(account, last) \
+             WHERE a.account = m.account AND m.last > 0",
+            &[&accounts, &lasts],
+        ))
+        .map(drop)
+    }
+
+    /// The highest device id the account ever had, as stored (`None`: no mark).
+    pub fn last_device(&self, id: &AccountId) -> StoreResult<Option<u32>> {
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT last_device FROM accounts WHERE account = $1",
+                    &[&&id.as_bytes()[..]],
+                )
+                .await?;
+            match rows.first() {
+                Some(row) => self
+                    .col::<Option<i64>>(row, 0)?
+                    .map(|d| u32_of(d, "last device"))
+                    .transpose(),
+                None => Ok(None),
+            }
+        })
     }
 }
 

@@ -12,6 +12,7 @@
 //! - `cluster`: the facts every node must share (certificate, signing key).
 //! - `accounts`, `keys`, `blobs`: accounts and devices, prekeys, the blob index
 //!   (`rows`: what they share).
+//! - `provisioning`: the slots that carry a linked device's sealed payload.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ pub mod import;
 mod keys;
 mod outage;
 mod rows;
+
+// Issue 16: provisioning slots (device lists and removals are in `accounts`).
+mod provisioning;
 
 // Package B2: discovery, verification sessions, start limits.
 pub mod rates;

@@ -150,3 +150,61 @@ fn calls_work_from_plain_threads_and_both_kinds_of_runtime() {
     // Dropped on a runtime thread: no panic.
     multi.block_on(async move { drop(a) });
 }
+
+#[test]
+fn provisioning_slots_keep_the_rules_and_their_bound_across_two_nodes() {
+    use crate::store::{ProvisioningStore, SlotOpen, SlotTake};
+    use tern_proto::{AccountId, DeviceId};
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    crate::store::conformance::slot_rules(&a);
+    a.sweep(u64::MAX / 2, 100).expect("empty it");
+    // Sixteen opens at once from two nodes under a bound of five: five open.
+    const MAX: usize = 5;
+    let start = std::sync::Barrier::new(16);
+    let opened: Vec<SlotOpen> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..16u8)
+            .map(|i| {
+                let (start, on) = (&start, if i % 2 == 0 { &a } else { &b });
+                s.spawn(move || {
+                    start.wait();
+                    on.open(&[100 + i; 16], &[i; 32], 10_000, 0, MAX)
+                        .expect("open")
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    let n = |want: SlotOpen| opened.iter().filter(|o| **o == want).count();
+    assert_eq!((n(SlotOpen::Opened), n(SlotOpen::Full)), (MAX, 16 - MAX));
+    let count: i64 = super::testdb::sql(&a, "SELECT count(*) FROM provisioning_slots")[0].get(0);
+    assert_eq!(count, MAX as i64);
+    // Opened on a, deposited through b, taken through both at once: one payload.
+    let slot = (0..16u8)
+        .find(|i| opened[usize::from(*i)] == SlotOpen::Opened)
+        .expect("one opened");
+    let (id, reader) = ([100 + slot; 16], [slot; 32]);
+    assert!(b
+        .deposit(
+            &id,
+            &AccountId([9; 16]),
+            DeviceId::new(2).expect("id"),
+            b"sealed",
+            5
+        )
+        .expect("deposit"));
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| a.take(&id, &reader, 6).expect("a"));
+        let y = s.spawn(|| b.take(&id, &reader, 6).expect("b"));
+        (x.join().expect("a"), y.join().expect("b"))
+    });
+    let mut got = [x, y];
+    got.sort_by_key(|t| matches!(t, SlotTake::Missing));
+    assert_eq!(
+        got,
+        [SlotTake::Payload(b"sealed".to_vec()), SlotTake::Missing]
+    );
+}

@@ -1,12 +1,15 @@
 //! sled's account records (see `store/days.rs` for their formats), delivery token
-//! hashes and deletion intents.
+//! hashes, deletion intents, device lists and device removals.
 
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 
 use super::{backend, fixed, SledStore};
 use crate::store::{
     codec, days, AccountDays, AccountRecord, AccountStore, DeviceDays, StoreError, StoreResult,
+    StoredList,
 };
+
+mod lists;
 
 impl SledStore {
     /// Read-modify-write of an account record by compare-and-swap, so concurrent
@@ -15,7 +18,7 @@ impl SledStore {
     fn update<T>(
         &self,
         id: &AccountId,
-        mut change: impl FnMut(&mut AccountRecord, &mut AccountDays) -> StoreResult<Option<T>>,
+        mut change: impl FnMut(&mut AccountRecord, &mut AccountDays, u32) -> StoreResult<Option<T>>,
     ) -> StoreResult<Option<T>> {
         // Each failed swap means another writer changed the record; that is bounded
         // by the writers, and every pass re-reads.
@@ -23,11 +26,12 @@ impl SledStore {
             let Some(old) = self.accounts.get(id.as_bytes()).map_err(backend)? else {
                 return Ok(None);
             };
-            let (mut rec, mut days) = days::decode(&old)?;
-            let Some(out) = change(&mut rec, &mut days)? else {
+            let (mut rec, mut days, last) = days::decode_with(&old)?;
+            let Some(out) = change(&mut rec, &mut days, last)? else {
                 return Ok(None);
             };
-            let new = codec::encode_account(&rec, &days);
+            // The highest id ever stays: a removed device's id is never handed out again.
+            let new = days::encode_with(&rec, &days, Some(last));
             let swapped = self
                 .accounts
                 .compare_and_swap(id.as_bytes(), Some(old), Some(new))
@@ -74,7 +78,7 @@ impl AccountStore for SledStore {
 
     fn touch_device(&self, of: &DeviceAddress, day: u32) -> StoreResult<bool> {
         // Read first: on every day but the first, an authentication writes nothing.
-        self.update(&of.account, |rec, days| {
+        self.update(&of.account, |rec, days, _| {
             if rec.device_key(of.device).is_none() {
                 return Ok(None);
             }
@@ -101,13 +105,12 @@ impl AccountStore for SledStore {
         day: u32,
     ) -> StoreResult<Option<DeviceId>> {
         let mut existing = None;
-        let added = self.update(id, |rec, days| {
+        let added = self.update(id, |rec, days, last| {
             if let Some((found, _)) = rec.devices.iter().find(|(_, k)| k == device_key) {
                 existing = Some(*found);
                 return Ok(None);
             }
-            let next =
-                codec::next_device_id(rec).ok_or(StoreError::Corrupt("device ids exhausted"))?;
+            let next = days::next_device(rec, Some(last))?;
             rec.devices.push((next, *device_key));
             days.devices.push((next, DeviceDays::new_on(Some(day))));
             Ok(Some(next))
@@ -133,9 +136,10 @@ impl AccountStore for SledStore {
     fn remove_account(&self, id: &AccountId) -> StoreResult<Option<AccountRecord>> {
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         use sled::Transactional;
-        let removed = (&self.accounts, &self.tokens)
-            .transaction(|(accounts, tokens)| {
+        let removed = (&self.accounts, &self.tokens, &self.device_lists)
+            .transaction(|(accounts, tokens, lists)| {
                 tokens.remove(id.as_bytes())?;
+                lists.remove(id.as_bytes())?;
                 Ok(accounts.remove(id.as_bytes())?)
             })
             .map_err(
@@ -184,6 +188,50 @@ impl AccountStore for SledStore {
 
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.deletions.remove(id.as_bytes()).map_err(backend)?;
+        Ok(())
+    }
+
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
+        self.stored_list(id)
+    }
+
+    fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
+        self.put_list(id, list)
+    }
+
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        if of.device == DeviceId::PRIMARY {
+            return Ok(false);
+        }
+        // The record keeps its highest id ever (`update`), so this id stays used.
+        self.update(&of.account, |rec, days, _| {
+            let before = rec.devices.len();
+            rec.devices.retain(|(d, _)| *d != of.device);
+            days.devices.retain(|(d, _)| *d != of.device);
+            Ok((rec.devices.len() < before).then_some(true))
+        })
+        .map(|r| r.unwrap_or(false))
+    }
+
+    fn idle_devices(&self, seen_before_day: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        self.idle_scan(seen_before_day, max, lists::IDLE_SCAN)
+    }
+
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.device_removals
+            .insert(codec::addr_bytes(of), &[][..])
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        self.removals()
+    }
+
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.device_removals
+            .remove(codec::addr_bytes(of))
+            .map_err(backend)?;
         Ok(())
     }
 }

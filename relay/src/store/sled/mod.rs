@@ -15,7 +15,10 @@
 //! flushed before any append, and counts each mailbox's messages in memory.
 //!
 //! Accounts live in their own tree, keyed by account id; delivery token hashes in
-//! another. Prekeys live in a `keys` tree:
+//! another; signed device lists (account id -> version, signature, list bytes) in
+//! `device_lists`, and device removals in progress (account id, device id) in
+//! `device_removals`. Nothing indexes devices by last-seen day: the idle scan walks
+//! the accounts from a cursor, a bounded number per call (`sled/accounts.rs`). Prekeys live in a `keys` tree:
 //!
 //! | key | value |
 //! |---|---|
@@ -66,6 +69,12 @@ pub struct SledStore {
     keys: sled::Tree,
     /// Deletion intents: account id -> its device ids, until the deletion completes.
     deletions: sled::Tree,
+    /// Signed device lists: account id -> version, signature, list.
+    device_lists: sled::Tree,
+    /// Device removals in progress: account id and device id -> (empty).
+    device_removals: sled::Tree,
+    /// Where the idle scan goes on from: the last account key it finished.
+    idle_cursor: Arc<Mutex<Option<sled::IVec>>>,
     /// Blob records and their expiry index; no account ids.
     blobs: sled::Tree,
     /// Uploads in progress and quota charges: what ties an account to media.
@@ -241,6 +250,8 @@ impl SledStore {
         let tokens = db.open_tree("delivery_tokens").map_err(backend)?;
         let keys = db.open_tree("keys").map_err(backend)?;
         let deletions = db.open_tree("deletions").map_err(backend)?;
+        let device_lists = db.open_tree("device_lists").map_err(backend)?;
+        let device_removals = db.open_tree("device_removals").map_err(backend)?;
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
         let discovery = db.open_tree("discovery").map_err(backend)?;
@@ -252,6 +263,9 @@ impl SledStore {
             tokens,
             keys,
             deletions,
+            device_lists,
+            device_removals,
+            idle_cursor: Arc::default(),
             blobs,
             blob_quota,
             discovery,

@@ -288,7 +288,7 @@ fn an_account_record_in_the_first_format_is_read_and_kept_on_its_next_write() {
         .expect("raw");
     assert_eq!(
         raw[0],
-        codec::ACCOUNT_V2,
+        codec::ACCOUNT_V3,
         "rewritten in the versioned format"
     );
     let rec = store.get(&id).expect("get").expect("account");

@@ -28,6 +28,7 @@ fn conformance_on_postgres() {
     conformance::key_account_rules(&store);
     conformance::blob_rules(&store);
     conformance::deletion_rules(&store);
+    conformance::device_rules(&store);
     schema_holds_only_what_the_traits_gave(&store);
 }
 
@@ -41,7 +42,15 @@ fn schema_holds_only_what_the_traits_gave(store: &PgBackend) {
                 ("account", "bytea"),
                 ("identity_key", "bytea"),
                 ("created_day", "bigint"),
+                ("last_device", "bigint"),
+                ("device_list_version", "bigint"),
+                ("device_list", "bytea"),
+                ("device_list_signature", "bytea"),
             ][..],
+        ),
+        (
+            "device_removals",
+            &[("account", "bytea"), ("device", "bigint")][..],
         ),
         (
             "devices",
@@ -307,4 +316,140 @@ fn bad_values_are_typed_errors_never_panics() {
         .map_err(|e| a.classify(&e))
     });
     assert!(matches!(short, Err(StoreError::Backend(_))), "{short:?}");
+}
+
+#[test]
+fn adding_and_removing_devices_from_two_nodes_at_once_never_reuses_an_id() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let id = AccountId([41; 16]);
+    a.create_on(
+        &id,
+        &AccountRecord {
+            identity_key: [1; 32],
+            devices: vec![(DeviceId::PRIMARY, [1; 32])],
+        },
+        Some(3),
+    )
+    .expect("create");
+    const THREADS: u8 = 12;
+    const ROUNDS: u8 = 3;
+    let start = Barrier::new(THREADS as usize);
+    // Each thread adds a device and removes it again, on alternating nodes.
+    let handed: Vec<u32> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|i| {
+                let start = &start;
+                let (on, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                s.spawn(move || {
+                    start.wait();
+                    let mut got = Vec::new();
+                    for r in 0..ROUNDS {
+                        let key = [100 + i * ROUNDS + r; 32];
+                        let d = on
+                            .add_device(&id, &key, 4)
+                            .expect("no error under contention")
+                            .expect("account exists");
+                        assert!(other
+                            .remove_device_record(&DeviceAddress {
+                                account: id,
+                                device: d
+                            })
+                            .expect("remove"));
+                        got.push(d.get());
+                    }
+                    got
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().expect("thread"))
+            .collect()
+    });
+    let mut sorted = handed.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), handed.len(), "an id was handed out twice");
+    let total = u32::from(THREADS) * u32::from(ROUNDS);
+    assert_eq!(sorted, (2..2 + total).collect::<Vec<_>>());
+    assert_eq!(b.get(&id).expect("get").expect("account").devices.len(), 1);
+    assert_eq!(
+        a.add_device(&id, &[7; 32], 5).expect("add"),
+        DeviceId::new(2 + total),
+        "above every id ever used"
+    );
+}
+
+#[test]
+fn an_account_from_before_the_mark_keeps_its_highest_id_used() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let id = AccountId([42; 16]);
+    let three = DeviceId::new(3).expect("id");
+    // As stored before V11: devices, no mark.
+    a.create_on(
+        &id,
+        &AccountRecord {
+            identity_key: [1; 32],
+            devices: vec![
+                (DeviceId::PRIMARY, [1; 32]),
+                (DeviceId::new(2).expect("id"), [2; 32]),
+                (three, [3; 32]),
+            ],
+        },
+        None,
+    )
+    .expect("create");
+    assert_eq!(a.last_device(&id).expect("mark"), None);
+    assert!(a
+        .remove_device_record(&DeviceAddress {
+            account: id,
+            device: three
+        })
+        .expect("remove"));
+    assert_eq!(a.last_device(&id).expect("mark"), Some(3));
+    assert_eq!(
+        a.add_device(&id, &[9; 32], 1).expect("add"),
+        DeviceId::new(4)
+    );
+    // A version beyond a bigint is a typed error and changes nothing.
+    let list = crate::store::StoredList {
+        version: u64::MAX,
+        list: vec![1; 10],
+        signature: [1; 64],
+    };
+    let err = a.put_device_list(&id, &list).expect_err("beyond a bigint");
+    assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
+    assert_eq!(a.device_list(&id).expect("list"), None);
+}
+
+#[test]
+fn the_idle_scan_uses_the_partial_index() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let plan = a
+        .run(async {
+            let c = a.client().await?;
+            let e = |e: tokio_postgres::Error| a.classify(&e);
+            c.batch_execute("SET enable_seqscan = off")
+                .await
+                .map_err(e)?;
+            let rows = c
+                .query(
+                    "EXPLAIN SELECT account, device FROM devices WHERE device > 1 \
+                     AND seen_day < 10 ORDER BY seen_day, account, device LIMIT 5",
+                    &[],
+                )
+                .await
+                .map_err(e)?;
+            c.batch_execute("RESET enable_seqscan").await.map_err(e)?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })
+        .expect("explain");
+    assert!(plan.contains("devices_idle"), "{plan}");
 }
