@@ -910,6 +910,27 @@ impl AccountStore for Faulty {
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.accounts.remove_deletion(id)
     }
+    fn device_list(&self, id: &AccountId) -> StoreResult<Option<crate::store::StoredList>> {
+        self.accounts.device_list(id)
+    }
+    fn put_device_list(&self, id: &AccountId, l: &crate::store::StoredList) -> StoreResult<bool> {
+        self.accounts.put_device_list(id, l)
+    }
+    fn remove_device_record(&self, of: &DeviceAddress) -> StoreResult<bool> {
+        self.accounts.remove_device_record(of)
+    }
+    fn idle_devices(&self, before: u32, max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        self.accounts.idle_devices(before, max)
+    }
+    fn put_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.accounts.put_device_removal(of)
+    }
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        self.accounts.device_removals()
+    }
+    fn remove_device_removal(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.accounts.remove_device_removal(of)
+    }
 }
 
 fn devices_of(w: &World, account: &AccountId) -> Vec<DeviceId> {

@@ -33,6 +33,13 @@ fn service(f: &Fixture, rates: &RateLimitsConfig) -> (Provisioning, Arc<ManualCl
     (service, f.clock.clone())
 }
 
+/// A valid Ed25519 public key for a device added with seed `n`.
+fn key(n: u8) -> [u8; 32] {
+    ed25519_dalek::SigningKey::from_bytes(&[n; 32])
+        .verifying_key()
+        .to_bytes()
+}
+
 fn code(r: Result<impl std::fmt::Debug>) -> ErrorCode {
     r.map_err(|e| e.code()).expect_err("an error")
 }
@@ -42,7 +49,7 @@ async fn a_slot_is_deposited_once_and_taken_once_by_its_reader() {
     let f = fixture(Limits::default());
     let (p, clock) = service(&f, &RateLimitsConfig::default());
     let alice = device(&f, 1).await;
-    let linked = f.add_device(&alice, 1, [60; 32]).await.expect("linked");
+    let linked = f.add_device(&alice, 1, key(60)).await.expect("linked");
     let slot = SlotId([1; 16]);
     let expires = p.open(from(1), &slot, &reader_hash(&READER)).expect("open");
     assert_eq!(expires, clock.now() + 600_000, "ten minutes");
@@ -93,7 +100,7 @@ async fn a_deposit_needs_a_device_of_the_callers_own_account() {
     let f = fixture(Limits::default());
     let (p, _) = service(&f, &RateLimitsConfig::default());
     let (alice, bob) = (device(&f, 1).await, device(&f, 2).await);
-    let bobs = f.add_device(&bob, 2, [61; 32]).await.expect("bob's second");
+    let bobs = f.add_device(&bob, 2, key(61)).await.expect("bob's second");
     let slot = SlotId([3; 16]);
     p.open(from(1), &slot, &reader_hash(&READER)).expect("open");
     // Bob's second device is device 2; Alice's account has only device 1.
@@ -111,7 +118,7 @@ async fn slots_expire_after_ten_minutes_and_the_sweep_deletes_them() {
     let f = fixture(Limits::default());
     let (p, clock) = service(&f, &RateLimitsConfig::default());
     let alice = device(&f, 1).await;
-    let linked = f.add_device(&alice, 1, [60; 32]).await.expect("linked");
+    let linked = f.add_device(&alice, 1, key(60)).await.expect("linked");
     p.open(from(1), &SlotId([1; 16]), &reader_hash(&READER))
         .expect("open");
     p.open(from(1), &SlotId([2; 16]), &reader_hash(&READER))
@@ -191,7 +198,7 @@ async fn payloads_are_bounded_and_a_deleted_accounts_slots_go() {
     let f = fixture(Limits::default());
     let (p, _) = service(&f, &RateLimitsConfig::default());
     let alice = device(&f, 1).await;
-    let linked = f.add_device(&alice, 1, [60; 32]).await.expect("linked");
+    let linked = f.add_device(&alice, 1, key(60)).await.expect("linked");
     p.open(from(1), &SlotId([1; 16]), &reader_hash(&READER))
         .expect("open");
     let big = vec![0u8; MAX_LINK_PAYLOAD + 1];
