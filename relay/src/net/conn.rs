@@ -20,7 +20,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
@@ -34,7 +34,6 @@ use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::rate::AddressPrefix;
 use crate::deletion::{AccountDeletion, DeviceRemoval, Gone};
 use crate::error::{Error, Result};
-use crate::mailboxes::Appended;
 use crate::media::BlobStore;
 use crate::net::admission::AdmissionGuard;
 use crate::net::media::Activity;
@@ -43,9 +42,10 @@ mod devices;
 mod discovery;
 mod keys;
 mod push;
+mod send;
 mod standing;
 mod verification;
-use crate::{server::Services, store::Envelope};
+use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
 
@@ -621,74 +621,6 @@ impl Session {
             acks_rx,
             self.conn.clone(),
         )));
-    }
-
-    /// A send from this connection's device; `list_version` is the recipient's
-    /// device list version the sender holds (0: unchecked).
-    async fn send(
-        &mut self,
-        id: u64,
-        to: DeviceAddress,
-        envelopes: Vec<Envelope>,
-        list_version: u64,
-    ) {
-        let Some(sender) = self.device.get().cloned() else {
-            return self.reply(id, Err(Error::Unauthorized)).await;
-        };
-        self.ordered_send(id, |services| {
-            let to = services
-                .accounts()
-                .listed_recipient(&sender, to, list_version)?;
-            services.mailboxes().append(&to, &envelopes)
-        })
-        .await;
-    }
-
-    /// A send from an unidentified sender: needs no authentication, only the
-    /// recipient's delivery token.
-    async fn sealed_send(
-        &mut self,
-        id: u64,
-        to: DeviceAddress,
-        token: Bytes,
-        envelopes: Vec<Envelope>,
-        list_version: u64,
-    ) -> bool {
-        let from = self.prefix;
-        self.ordered_send(id, |services| {
-            let accounts = services.accounts();
-            let to = accounts.listed_sealed_recipient(to, &token, from, list_version)?;
-            services.mailboxes().append(&to, &envelopes)
-        })
-        .await
-    }
-
-    /// Appends a send here, in the order requests arrive (so pipelined sends to one
-    /// device are stored in the order sent), then waits for its group commit in its
-    /// own task under the per-connection cap: past the cap the reader waits here,
-    /// which is backpressure instead of a growing queue. True if the append was
-    /// accepted (its commit may still fail).
-    async fn ordered_send(
-        &mut self,
-        id: u64,
-        append: impl FnOnce(&Services) -> Result<Appended>,
-    ) -> bool {
-        let Ok(permit) = self.requests.clone().acquire_owned().await else {
-            return false;
-        };
-        let appended = append(&self.services);
-        let stored = appended.is_ok();
-        let out = self.out.clone();
-        tokio::spawn(async move {
-            let result = match appended {
-                Ok(appended) => appended.commit().await,
-                Err(e) => Err(e),
-            };
-            let accepted = result.map(|n| Reply::Send { accepted: n as u32 });
-            let _ = out.send(response(id, accepted)).await;
-            drop(permit);
-        });
-        stored
     }
 
     async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
