@@ -400,6 +400,9 @@ fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
 }
 
 #[cfg(test)]
+mod device_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::RateLimitsConfig;
