@@ -140,6 +140,8 @@ impl KeyDirectory {
             .accounts
             .get(&addr.account)?
             .ok_or(Error::Unauthorized)?;
+        // A device removed on another node, its connection here not yet closed.
+        let device_key = record.device_key(addr.device).ok_or(Error::Unauthorized)?;
         if let Some(k) = &keys.identity_dh {
             auth::verify_vouched_key(
                 &record.identity_key,
@@ -156,7 +158,6 @@ impl KeyDirectory {
             // its own device key, which the account's signed device list binds to
             // the identity (senders check that binding, not the relay).
             if by_identity.is_err() {
-                let device_key = record.device_key(addr.device).ok_or(Error::Unauthorized)?;
                 auth::verify_vouched_key(device_key, &k.key, layout, &k.signature)?;
             }
         }

@@ -169,6 +169,20 @@ async fn a_removed_device_can_no_longer_authenticate_nor_publish_keys() {
         ErrorCode::Unauthorized
     );
     assert!(auth_as(&w, *alice.address(), &SigningKey::from_bytes(&[101; 32])).is_ok());
+    // Its connection, were it still open, publishes nothing.
+    let spk = [6u8; 32];
+    let signature = linked_key(61).sign(&tern_proto::auth::signed_prekey(1, &spk));
+    let upload = tern_proto::KeyUpload {
+        signed_prekey: Some(tern_proto::SignedKey {
+            id: 1,
+            key: spk,
+            signature: signature.to_bytes(),
+        }),
+        ..Default::default()
+    };
+    let published = w.f.services.keys().publish(&laptop, &upload).await;
+    assert_eq!(code(published), ErrorCode::Unauthorized);
+    assert_eq!(w.s().published(&at).expect("keys"), Published::default());
 }
 
 #[tokio::test]
