@@ -23,11 +23,13 @@
 //! The barrier's exclusive lock, the removals and the flushes run on blocking
 //! threads, never on an async worker.
 
+mod device;
+mod tombstones;
+
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
 use tracing::warn;
 
 use tern_proto::limits::EXPORTER_LEN;
@@ -40,125 +42,9 @@ use crate::server::Services;
 use crate::store::{
     AccountRecord, AccountStore, FetchedKeys, KeyStore, OneTimeKey, Published, StoreResult,
 };
-
-/// Stripes of the per-account write barrier: few enough to keep, many enough that
-/// unrelated accounts rarely share one.
-const STRIPES: usize = 64;
-
-/// Accounts being deleted or deleted since this process started. Kept for the
-/// process's life: 16 bytes per deletion, and a send resolved before a deletion
-/// still finds the id here when it reaches the mailbox lock.
-///
-/// Also the barrier between a deletion and the writes that check the account first
-/// (key publish, delivery token, added device, media upload): such a write holds
-/// `Tombstones::live`'s guard (a shared lock of the account's stripe) across its
-/// check and its write, and a deletion adds the id under the stripe's exclusive
-/// lock. So a write either finishes before the deletion's removals start (which
-/// then remove what it wrote) or sees the tombstone and writes nothing.
-#[derive(Debug)]
-pub struct Tombstones {
-    ids: Mutex<HashSet<AccountId>>,
-    /// Whether any id was ever inserted: every send and account read asks
-    /// `contains`, and on a relay that has deleted nothing since its start the
-    /// answer must not cost a relay-wide lock.
-    any: std::sync::atomic::AtomicBool,
-    stripes: [RwLock<()>; STRIPES],
-    /// Counts deletions, so connections can look whether theirs is among them.
-    deleted: watch::Sender<u64>,
-}
-
-impl Default for Tombstones {
-    fn default() -> Self {
-        Tombstones {
-            ids: Mutex::default(),
-            any: std::sync::atomic::AtomicBool::new(false),
-            stripes: std::array::from_fn(|_| RwLock::new(())),
-            deleted: watch::channel(0).0,
-        }
-    }
-}
-
-/// Held by a write to an account that is not deleted, from its check to its end.
-#[must_use = "the account may be deleted once this is dropped"]
-pub(crate) struct Live<'a>(#[allow(dead_code)] RwLockReadGuard<'a, ()>);
-
-impl Tombstones {
-    fn lock(&self) -> MutexGuard<'_, HashSet<AccountId>> {
-        self.ids.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn stripe(&self, id: &AccountId) -> &RwLock<()> {
-        // Account ids are random, chosen by the relay: any byte spreads them.
-        &self.stripes[usize::from(id.0[0]) % STRIPES]
-    }
-
-    /// Whether `id` is deleted (or being deleted).
-    pub fn contains(&self, id: &AccountId) -> bool {
-        // Set after the id is in `ids`; a check ordered after the insert by a lock
-        // (the stripe, a device lock) sees it.
-        self.any.load(Ordering::SeqCst) && self.lock().contains(id)
-    }
-
-    /// The guard for a write to `id`, `None` if the account is deleted. Hold it
-    /// across the check and the write, and take no other `live` guard meanwhile.
-    pub(crate) fn live(&self, id: &AccountId) -> Option<Live<'_>> {
-        let guard = self.stripe(id).read().unwrap_or_else(|e| e.into_inner());
-        (!self.contains(id)).then_some(Live(guard))
-    }
-
-    /// Marks `id` deleted once the writes that checked it are done; connections
-    /// watching `Tombstones::watch` are told.
-    pub(crate) fn insert(&self, id: AccountId) {
-        {
-            let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
-            self.lock().insert(id);
-            self.any.store(true, Ordering::SeqCst);
-        }
-        self.deleted.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Changes on each deletion: a connection then checks whether its account is
-    /// among the deleted ones.
-    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
-        self.deleted.subscribe()
-    }
-
-    /// For a connection whose device (once authenticated) is `device`: another
-    /// connection may delete its account, and then it closes too.
-    pub(crate) fn watch_for(
-        self: &Arc<Self>,
-        device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
-    ) -> DeletionWatch {
-        DeletionWatch {
-            tombstones: self.clone(),
-            changes: self.watch(),
-            device,
-        }
-    }
-}
-
-/// Resolves [`DeletionWatch::account_deleted`] once a connection's account is deleted.
-pub(crate) struct DeletionWatch {
-    tombstones: Arc<Tombstones>,
-    changes: watch::Receiver<u64>,
-    device: Arc<std::sync::OnceLock<AuthenticatedDevice>>,
-}
-
-impl DeletionWatch {
-    /// Resolves once the connection is authenticated and its account deleted (it
-    /// checks on each deletion; pending forever if the tombstones are gone).
-    pub(crate) async fn account_deleted(&mut self) {
-        loop {
-            if self.changes.changed().await.is_err() {
-                return std::future::pending().await;
-            }
-            let account = self.device.get().map(|d| d.address().account);
-            if account.is_some_and(|a| self.tombstones.contains(&a)) {
-                return;
-            }
-        }
-    }
-}
+pub use device::DeviceRemoval;
+pub use tombstones::Tombstones;
+pub(crate) use tombstones::{Gone, Live};
 
 /// The account store as the services see it: a tombstoned account is absent, so
 /// every check that looks an account up (Auth, Send, SealedSend, FetchKeys,
@@ -300,8 +186,9 @@ impl KeyStore for HiddenKeys {
         signed_prekey: Option<&SignedKey>,
         one_time: &[OneTimeKey],
     ) -> StoreResult<u64> {
-        let Some(_live) = self.tombstones.live(&of.account) else {
-            // Deleted since the caller looked the account up: keep nothing.
+        let Some(_live) = self.tombstones.live_device(of) else {
+            // Deleted (or the device removed) since the caller looked it up: keep
+            // nothing.
             return Ok(0);
         };
         self.store.publish(of, identity_dh, signed_prekey, one_time)
@@ -602,20 +489,25 @@ impl AccountDeletion {
         Ok(deleted)
     }
 
-    /// Makes every change so far durable, whatever `durability` says: the intent
-    /// must survive a crash for the deletion to be finished, and its removal is the
-    /// promise that the account is gone (under `"os"` a commit does not flush; the
-    /// flush then runs on a blocking thread).
+    /// Makes every change so far durable (see [`durable`]).
     async fn durable(&self) -> Result<()> {
-        let commit = self.services.commit();
-        if commit.mode() == crate::store::Durability::Os {
-            let services = self.services.clone();
-            blocking(move || Ok(services.commit().flush_now()?)).await?;
-        } else {
-            commit.commit().await?;
-        }
-        Ok(())
+        durable(&self.services).await
     }
+}
+
+/// Makes every change so far durable, whatever `durability` says: an intent must
+/// survive a crash for its deletion or removal to be finished, and its removal is
+/// the promise that the data is gone (under `"os"` a commit does not flush; the
+/// flush then runs on a blocking thread).
+async fn durable(services: &Arc<Services>) -> Result<()> {
+    let commit = services.commit();
+    if commit.mode() == crate::store::Durability::Os {
+        let services = services.clone();
+        blocking(move || Ok(services.commit().flush_now()?)).await?;
+    } else {
+        commit.commit().await?;
+    }
+    Ok(())
 }
 
 /// What the account store answered for the account's record.
@@ -697,6 +589,14 @@ impl Removal {
             Err(e) => return Err(e.into()),
         }
         self.services.accounts().forget(account);
+        // Linked devices (P7): slots deposited for it, and removal intents naming it
+        // (their devices' data went with the account's).
+        self.services.provisioning().forget_account(account)?;
+        for addr in stores.accounts.device_removals()? {
+            if addr.account == *account {
+                stores.accounts.remove_device_removal(&addr)?;
+            }
+        }
         // In-memory buckets too: none outlives the account by more than a request
         // already past its checks (housekeeping forgets that one once it refills).
         self.services.rate_limits().forget_account(account);

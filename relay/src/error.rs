@@ -23,6 +23,14 @@ pub enum Error {
     /// No such account or device.
     #[error("unknown recipient")]
     UnknownRecipient,
+    /// The sender holds an older version of the recipient's device list than the
+    /// relay: it fetches the list and sends again (nothing was queued).
+    #[error("stale device list")]
+    StaleDeviceList,
+    /// No such provisioning slot (unknown, expired, already used, or not the
+    /// caller's to take).
+    #[error("not found")]
+    NotFound,
     /// The recipient's mailbox is at its limit; nothing of the request was queued.
     #[error("mailbox full: {0}")]
     MailboxFull(&'static str),
@@ -90,6 +98,8 @@ impl Error {
             Error::BadRequest(_) => ErrorCode::BadRequest,
             Error::Unauthorized => ErrorCode::Unauthorized,
             Error::UnknownRecipient => ErrorCode::UnknownRecipient,
+            Error::StaleDeviceList => ErrorCode::StaleDeviceList,
+            Error::NotFound => ErrorCode::NotFound,
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
             Error::Unavailable(_) | Error::StorageFull { .. } => ErrorCode::Unavailable,

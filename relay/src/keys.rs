@@ -1,6 +1,9 @@
 //! The key directory: devices publish their identity agreement key, signed prekey and
 //! one-time prekeys; others fetch them to start sessions. Signatures are checked
-//! before anything is stored, and each one-time prekey is handed out once.
+//! before anything is stored, and each one-time prekey is handed out once. The
+//! identity agreement key is always identity-signed; the signed prekey is signed by
+//! the identity key or, on a linked device (which has no identity key), by the
+//! publishing device's own key.
 //!
 //! A fetch comes from an authenticated device, or from anyone who shows the target
 //! account's delivery token ([`Requester`]): a contact's client fetches on a
@@ -137,6 +140,8 @@ impl KeyDirectory {
             .accounts
             .get(&addr.account)?
             .ok_or(Error::Unauthorized)?;
+        // A device removed on another node, its connection here not yet closed.
+        let device_key = record.device_key(addr.device).ok_or(Error::Unauthorized)?;
         if let Some(k) = &keys.identity_dh {
             auth::verify_vouched_key(
                 &record.identity_key,
@@ -146,12 +151,15 @@ impl KeyDirectory {
             )?;
         }
         if let Some(k) = &keys.signed_prekey {
-            auth::verify_vouched_key(
-                &record.identity_key,
-                &k.key,
-                |key| tern_proto::auth::signed_prekey(k.id, key),
-                &k.signature,
-            )?;
+            let layout = |key: &[u8; 32]| tern_proto::auth::signed_prekey(k.id, key);
+            let by_identity =
+                auth::verify_vouched_key(&record.identity_key, &k.key, layout, &k.signature);
+            // A linked device has no identity key: it signs its signed prekey with
+            // its own device key, which the account's signed device list binds to
+            // the identity (senders check that binding, not the relay).
+            if by_identity.is_err() {
+                auth::verify_vouched_key(device_key, &k.key, layout, &k.signature)?;
+            }
         }
         let one_time: Vec<OneTimeKey> = keys
             .one_time
@@ -576,6 +584,61 @@ mod tests {
         assert!(matches!(
             f.services.keys().publish(&bob, &too_many).await,
             Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_linked_device_signs_its_signed_prekey_with_its_own_device_key() {
+        let f = fixture(Limits::default());
+        let alice = device(&f, 1).await;
+        let laptop_key = ed25519_dalek::SigningKey::from_bytes(&[61; 32]);
+        let id = f
+            .add_device(&alice, 1, laptop_key.verifying_key().to_bytes())
+            .await
+            .expect("linked");
+        let at = DeviceAddress {
+            account: alice.address().account,
+            device: id,
+        };
+        let exporter = [3u8; 32];
+        let proof = laptop_key.sign(&tern_proto::auth::session_proof(&exporter));
+        let laptop = f
+            .services
+            .accounts()
+            .authenticate(at, &exporter, &proof.to_bytes())
+            .expect("auth");
+        let (dh, spk) = ([5u8; 32], [6u8; 32]);
+        let dh_sig = identity_of(1).sign(&tern_proto::auth::identity_agreement_key(&dh));
+        let upload = |signer: &ed25519_dalek::SigningKey| {
+            let spk_sig = signer.sign(&tern_proto::auth::signed_prekey(1, &spk));
+            KeyUpload {
+                identity_dh: signed(0, &dh, &dh_sig.to_bytes()),
+                signed_prekey: signed(1, &spk, &spk_sig.to_bytes()),
+                ..Default::default()
+            }
+        };
+        let keys = f.services.keys();
+        // The primary's device key is not the laptop's: refused.
+        let primary_device = ed25519_dalek::SigningKey::from_bytes(&[101; 32]);
+        let refused = keys.publish(&laptop, &upload(&primary_device)).await;
+        assert!(matches!(refused, Err(Error::Unauthorized)), "{refused:?}");
+        keys.publish(&laptop, &upload(&identity_of(1)))
+            .await
+            .expect("signed by the identity, as before");
+        keys.publish(&laptop, &upload(&laptop_key))
+            .await
+            .expect("or by its own device key");
+        let fetched = keys.fetch(&alice, &at.account, Some(id)).expect("fetch");
+        assert_eq!(fetched.devices[0].1.signed_prekey.key, spk);
+        // Its identity agreement key still needs the identity.
+        let by_device = laptop_key.sign(&tern_proto::auth::identity_agreement_key(&dh));
+        let dh_upload = KeyUpload {
+            identity_dh: signed(0, &dh, &by_device.to_bytes()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            keys.publish(&laptop, &dh_upload).await,
+            Err(Error::Unauthorized)
         ));
     }
 }

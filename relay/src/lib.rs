@@ -16,8 +16,11 @@
 //!   - `keys`: the key directory (signed and one-time prekeys).
 //!   - `certificates`: sender certificates, signed with the relay's key.
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
-//!   - [`deletion`]: account deletion, with the tombstones that hide a deleted
-//!     account from every other service.
+//!   - [`deletion`]: account deletion and linked-device removal, with the
+//!     tombstones that hide a deleted account (or removed device) from every other
+//!     service.
+//!   - [`provisioning`]: the slots through which a new device receives its link
+//!     payload.
 //!   - [`discovery`]: contact discovery: the OPRF key, tags of verified numbers,
 //!     evaluation and lookup limits, and the published filter.
 //!   - [`verification`]: phone verification sessions, verifiers (webhook, dev
@@ -116,6 +119,7 @@ pub mod media;
 
 // Exported for phone verification, benches and tests.
 pub mod discovery;
+pub mod provisioning;
 pub mod verification;
 
 // The binary and embedders.

@@ -19,13 +19,14 @@ use crate::core::budget::Budget;
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
 use crate::core::rate::RateLimits;
-use crate::deletion::AccountDeletion;
+use crate::deletion::{AccountDeletion, DeviceRemoval};
 use crate::discovery::{self, Discovery, Oprf};
 use crate::error::{Error, Result};
 use crate::keys::KeyDirectory;
 use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore, S3Bytes};
 use crate::net::{self, tls, Admission, ConnSettings};
+use crate::provisioning::Provisioning;
 use crate::store::pg::{PgBackend, PgOptions};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 use crate::verification::Verification;
@@ -36,6 +37,7 @@ pub struct Services {
     keys: KeyDirectory,
     certificates: CertificateIssuer,
     mailboxes: Mailboxes,
+    provisioning: Provisioning,
     rates: Arc<RateLimits>,
     budget: Arc<Budget>,
     /// The stores without the tombstone filter, for deletion and export.
@@ -99,6 +101,7 @@ impl Services {
         budget: Arc<Budget>,
     ) -> std::io::Result<Self> {
         let commit = Arc::new(GroupCommit::start(stores.flush.clone(), durability)?);
+        let rate_config = rates;
         let rates = Arc::new(RateLimits::new(rates, clock.clone()));
         let tombstones = Arc::new(crate::deletion::Tombstones::default());
         // Every service sees a deleted account as absent (`deletion::Hidden`).
@@ -120,6 +123,12 @@ impl Services {
                 clock.clone(),
             ),
             keys: KeyDirectory::new(accounts.clone(), keys, c.clone(), r.clone(), b.clone()),
+            provisioning: Provisioning::new(
+                stores.provisioning.clone(),
+                accounts.clone(),
+                rate_config,
+                clock.clone(),
+            ),
             certificates: CertificateIssuer::new(accounts, signer, clock.clone()),
             mailboxes: Mailboxes::new(
                 stores.mailboxes.clone(),
@@ -168,6 +177,11 @@ impl Services {
     /// Queued messages.
     pub fn mailboxes(&self) -> &Mailboxes {
         &self.mailboxes
+    }
+
+    /// Provisioning slots (linking a new device).
+    pub fn provisioning(&self) -> &Provisioning {
+        &self.provisioning
     }
 
     /// The key directory.
@@ -304,6 +318,7 @@ pub struct Relay {
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
     deletion: Arc<AccountDeletion>,
+    removal: Arc<DeviceRemoval>,
     discovery: Arc<Discovery>,
     verification: Arc<Verification>,
     endpoint: quinn::Endpoint,
@@ -443,6 +458,14 @@ impl Relay {
         if resumed > 0 {
             info!(resumed, "interrupted account deletions finished");
         }
+        let removal = Arc::new(DeviceRemoval::new(
+            services.clone(),
+            config.rate_limits.linked_device_idle_days,
+        ));
+        let resumed = removal.resume().await?;
+        if resumed > 0 {
+            info!(resumed, "interrupted device removals finished");
+        }
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
@@ -456,6 +479,7 @@ impl Relay {
             anonymous_idle: c.anonymous_idle,
             blobs: blobs.clone(),
             deletion: deletion.clone(),
+            removal: removal.clone(),
             discovery: discovery.clone(),
             verification: verification.clone(),
         });
@@ -496,6 +520,7 @@ impl Relay {
             services.clone(),
             blobs.clone(),
             deletion.clone(),
+            removal.clone(),
             config.expiry.sweep_interval,
             config.expiry.sweep_batch,
             shutdown_rx,
@@ -533,6 +558,7 @@ impl Relay {
             services,
             blobs,
             deletion,
+            removal,
             discovery,
             verification,
             endpoint,
@@ -555,6 +581,11 @@ impl Relay {
     /// The services, for operators' tools and tests.
     pub fn services(&self) -> &Arc<Services> {
         &self.services
+    }
+
+    /// Device removal, for tests.
+    pub fn device_removal(&self) -> &Arc<DeviceRemoval> {
+        &self.removal
     }
 
     /// Account deletion, for operators' tools and tests.

@@ -1,5 +1,5 @@
-//! What a send checks about its recipient's account (its delivery token and device
-//! ids), kept for [`TTL`]: on a shared database each check was two statements per
+//! What a send checks about its recipient's account (its delivery token, device ids
+//! and device list version), kept for [`TTL`]: on a shared database each check was two statements per
 //! message, the most of any step of a send.
 //!
 //! Changes made through this node's [`super::Accounts`] drop the entry at once. A
@@ -33,6 +33,10 @@ pub(super) struct Known {
     pub(super) token: Option<[u8; 32]>,
     /// Its device ids.
     pub(super) devices: Vec<DeviceId>,
+    /// Its device list's version (0: none published). A send from a sender holding
+    /// an older one is refused; on another node's change, for at most [`TTL`] the
+    /// older version still passes.
+    pub(super) list_version: u64,
 }
 
 /// A cached answer: the account (`None`: it does not exist) and when it was loaded.
@@ -121,6 +125,7 @@ mod tests {
         let known = Some(Arc::new(Known {
             token: Some([1; 32]),
             devices: vec![DeviceId::PRIMARY],
+            list_version: 3,
         }));
         cache.put(id(1), known.clone(), Instant::now(), cache.changes());
         assert_eq!(cache.get(&id(1)).map(|h| h.0), Some(known));

@@ -16,13 +16,13 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tern_proto::{AccountId, DeviceAddress, DeviceId};
+use tern_proto::{AccountId, DeviceAddress, DeviceId, SignedDeviceList};
 
 use crate::core::auth::{self, AuthenticatedDevice, VerifiedRegistration};
 use crate::core::budget::Budget;
 use crate::core::rate::{AddressPrefix, RateLimits, SenderKey};
 use crate::error::{Error, Result};
-use crate::store::{utc_day, AccountRecord, AccountStore, GroupCommit, StoreError};
+use crate::store::{utc_day, AccountRecord, AccountStore, GroupCommit, StoreError, StoredList};
 use cache::{Known, RecipientCache, RELOAD_AFTER};
 use tern_platform::clock::Clock;
 
@@ -186,18 +186,91 @@ impl Accounts {
         Ok(())
     }
 
-    /// An account's device ids, for a holder of its delivery token. A missing account
-    /// and a wrong token get the same answer, as for sealed sends.
-    pub fn list_devices(&self, account: &AccountId, token: &[u8]) -> Result<Vec<DeviceId>> {
+    /// An account's device ids and its signed device list (if it published one),
+    /// for a holder of its delivery token. A missing account and a wrong token get
+    /// the same answer, as for sealed sends. The list is read from the store, not
+    /// the cache: a sender asks for it after a `STALE_DEVICE_LIST`.
+    pub fn list_devices(&self, account: &AccountId, token: &[u8]) -> Result<Listing> {
         let known = self.known(account, None)?.ok_or(Error::Unauthorized)?;
         check_token_hash(known.token.as_ref(), token)?;
-        Ok(known.devices.clone())
+        let list = self.store.device_list(account)?;
+        Ok(Listing {
+            devices: known.devices.clone(),
+            list,
+        })
+    }
+
+    /// Stores the account's new device list, signed by its identity key: newer than
+    /// the stored one ([`Error::StaleDeviceList`]), and naming only devices the
+    /// account has, each with its key ([`Error::BadRequest`]). Any device of the
+    /// account may publish it; the signature is the authority.
+    pub async fn publish_device_list(
+        &self,
+        by: &AuthenticatedDevice,
+        list: &SignedDeviceList,
+    ) -> Result<()> {
+        let account = &by.address().account;
+        let record = self.store.get(account)?.ok_or(Error::Unauthorized)?;
+        let verified = auth::verify_device_list(&record.identity_key, account, list)?;
+        for (id, key) in verified.devices() {
+            if record.device_key(*id) != Some(key) {
+                return Err(Error::BadRequest(
+                    "the list names a device the account does not have".into(),
+                ));
+            }
+        }
+        let stored = StoredList {
+            version: verified.version(),
+            list: list.bytes.to_vec(),
+            signature: *verified.signature(),
+        };
+        if !self.store.put_device_list(account, &stored)? {
+            return Err(Error::StaleDeviceList);
+        }
+        self.commit.commit().await?;
+        self.recipients.forget(account);
+        Ok(())
+    }
+
+    /// Moves an authenticated device's last-seen day on, as `Auth` does: a
+    /// connection calls it on its first request of each UTC day, so a device that
+    /// stays connected is not taken for idle. Returns the day.
+    pub(crate) fn touch_seen(&self, device: &AuthenticatedDevice) -> u32 {
+        let today = self.today();
+        if let Err(e) = self.store.touch_device(device.address(), today) {
+            tracing::debug!(error = %e, "last-seen day not stored");
+        }
+        today
+    }
+
+    /// Today, as the account records count days (for a connection's daily touch).
+    pub(crate) fn day(&self) -> u32 {
+        self.today()
     }
 
     /// `to` as the recipient of an authenticated sender's messages, if it is a
-    /// registered device.
+    /// registered device (the device list version unchecked).
     pub fn recipient(&self, sender: &AuthenticatedDevice, to: DeviceAddress) -> Result<Recipient> {
-        if self.known(&to.account, Some(to.device))?.is_none() {
+        self.listed_recipient(sender, to, 0)
+    }
+
+    /// [`Accounts::recipient`], where `list_version` is the recipient's device list
+    /// version the sender holds (0: not checked): an older one than the account's is
+    /// [`Error::StaleDeviceList`], checked before the device, so a sender naming a
+    /// removed device learns to refresh.
+    pub fn listed_recipient(
+        &self,
+        sender: &AuthenticatedDevice,
+        to: DeviceAddress,
+        list_version: u64,
+    ) -> Result<Recipient> {
+        let known = self
+            .known(&to.account, None)?
+            .ok_or(Error::UnknownRecipient)?;
+        check_list_version(&known, list_version)?;
+        if !known.devices.contains(&to.device)
+            && self.known(&to.account, Some(to.device))?.is_none()
+        {
             return Err(Error::UnknownRecipient);
         }
         Ok(Recipient {
@@ -216,8 +289,21 @@ impl Accounts {
         token: &[u8],
         from: AddressPrefix,
     ) -> Result<Recipient> {
+        self.listed_sealed_recipient(to, token, from, 0)
+    }
+
+    /// [`Accounts::sealed_recipient`] with the sender's `list_version` checked as
+    /// for [`Accounts::listed_recipient`], after the token.
+    pub fn listed_sealed_recipient(
+        &self,
+        to: DeviceAddress,
+        token: &[u8],
+        from: AddressPrefix,
+        list_version: u64,
+    ) -> Result<Recipient> {
         let known = self.known(&to.account, None)?.ok_or(Error::Unauthorized)?;
         check_token_hash(known.token.as_ref(), token)?;
+        check_list_version(&known, list_version)?;
         if !known.devices.contains(&to.device) {
             // A device added on another node since the entry was loaded (and the
             // token checked again against what was loaded with it).
@@ -260,10 +346,12 @@ impl Accounts {
         // Both read on every load, so a load takes as long whether or not the
         // account exists.
         let token = self.store.delivery_token(account)?;
+        let list_version = self.store.device_list(account)?.map_or(0, |l| l.version);
         let known = self.store.get(account)?.map(|record| {
             Arc::new(Known {
                 token,
                 devices: record.devices.iter().map(|(id, _)| *id).collect(),
+                list_version,
             })
         });
         self.recipients.put(*account, known.clone(), at, changes);
@@ -283,6 +371,24 @@ pub(crate) fn check_delivery_token(
     check_token_hash(store.delivery_token(account)?.as_ref(), token)
 }
 
+/// What [`Accounts::list_devices`] answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    /// The account's device ids, as the relay holds them.
+    pub devices: Vec<DeviceId>,
+    /// Its signed device list, if it published one.
+    pub list: Option<StoredList>,
+}
+
+/// Refuses a send whose sender holds an older device list than the account's (0:
+/// the sender does not check).
+fn check_list_version(known: &Known, list_version: u64) -> Result<()> {
+    if list_version != 0 && list_version < known.list_version {
+        return Err(Error::StaleDeviceList);
+    }
+    Ok(())
+}
+
 /// Whether `token` hashes to `expected` (compared in constant time).
 fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
     let expected = expected.ok_or(Error::Unauthorized)?;
@@ -292,6 +398,9 @@ fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod device_tests;
 
 #[cfg(test)]
 mod tests {

@@ -25,7 +25,8 @@ pub enum PrekeyLimit {
 pub struct RateLimitsConfig {
     /// Accounts registered per IPv4 address or IPv6 /64.
     pub registrations_per_prefix: Rate,
-    /// Devices one account may have; `AddDevice` past it is refused (`QUOTA_EXCEEDED`).
+    /// Devices one account may have, the primary included; `AddDevice` past it is
+    /// refused (`QUOTA_EXCEEDED`).
     pub max_devices_per_account: usize,
     /// `AddDevice` requests per account.
     pub add_device_per_account: Rate,
@@ -53,6 +54,17 @@ pub struct RateLimitsConfig {
     /// Account exports an account asks for (each reads its whole mailbox); past it
     /// refused with `RATE_LIMITED` and a retry time.
     pub exports_per_account: Rate,
+    /// A linked device (never device 1) that has not connected for this many days is
+    /// removed by the sweeper; 0 never removes one.
+    pub linked_device_idle_days: u32,
+    /// Provisioning slots open at once, relay-wide (each holds at most one 64 KiB
+    /// payload); an `OpenProvisioning` past it is `UNAVAILABLE`.
+    pub max_provisioning_slots: usize,
+    /// `OpenProvisioning` requests per IPv4 address or IPv6 /64.
+    pub provisioning_per_prefix: Rate,
+    /// `TakeProvisioning` and `DepositProvisioning` requests per IPv4 address or IPv6
+    /// /64 (a new device polls about once a second while it waits).
+    pub provisioning_takes_per_prefix: Rate,
     /// Keys each limit remembers at most (about 100 bytes each); a new key past it is
     /// refused until housekeeping (every `expiry.sweep_interval`) makes room.
     pub max_keys: usize,
@@ -61,6 +73,13 @@ pub struct RateLimitsConfig {
 /// The largest `max_devices_per_account` allowed: device ids run from 1 up to it,
 /// which a deletion whose account record is unreadable relies on.
 pub const MAX_DEVICES_BOUND: usize = 1000;
+
+/// The largest `linked_device_idle_days` (ten years): a day count past it is a typo.
+pub(crate) const MAX_IDLE_DAYS: u32 = 3650;
+
+/// The largest `max_provisioning_slots`: each slot may hold a 64 KiB payload, so
+/// this bounds the table (or memory) at about 6.5 GB.
+pub(crate) const MAX_SLOTS_BOUND: usize = 100_000;
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -78,7 +97,7 @@ impl Default for RateLimitsConfig {
     fn default() -> Self {
         RateLimitsConfig {
             registrations_per_prefix: rate(30, HOUR),
-            max_devices_per_account: 16,
+            max_devices_per_account: 6,
             add_device_per_account: rate(5, DAY),
             sends_per_account: rate(1000, MINUTE),
             sealed_sends_per_token: rate(600, MINUTE),
@@ -89,6 +108,10 @@ impl Default for RateLimitsConfig {
             one_time_prekeys_per_device: rate(75, DAY),
             over_prekey_limit: PrekeyLimit::Withhold,
             exports_per_account: rate(4, DAY),
+            linked_device_idle_days: 45,
+            max_provisioning_slots: 1000,
+            provisioning_per_prefix: rate(10, HOUR),
+            provisioning_takes_per_prefix: rate(1200, HOUR),
             max_keys: 1_000_000,
         }
     }
@@ -100,9 +123,69 @@ impl RateLimitsConfig {
         if self.max_devices_per_account == 0 || self.max_devices_per_account > MAX_DEVICES_BOUND {
             return Err("rate_limits.max_devices_per_account must be from 1 to 1000".into());
         }
+        if self.linked_device_idle_days > MAX_IDLE_DAYS {
+            return Err(format!(
+                "rate_limits.linked_device_idle_days must be at most {MAX_IDLE_DAYS} (0 never removes a device)"
+            ));
+        }
+        if self.max_provisioning_slots == 0 || self.max_provisioning_slots > MAX_SLOTS_BOUND {
+            return Err(format!(
+                "rate_limits.max_provisioning_slots must be from 1 to {MAX_SLOTS_BOUND}"
+            ));
+        }
         if self.max_keys == 0 {
             return Err("rate_limits.max_keys must be more than zero".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linked_device_defaults_and_bounds() {
+        let d = RateLimitsConfig::default();
+        assert_eq!(d.max_devices_per_account, 6, "the primary and five linked");
+        assert_eq!(d.linked_device_idle_days, 45);
+        assert_eq!(d.max_provisioning_slots, 1000);
+        assert_eq!(d.provisioning_per_prefix, rate(10, HOUR));
+        assert_eq!(d.provisioning_takes_per_prefix, rate(1200, HOUR));
+        assert_eq!(d.validate(), Ok(()));
+        let with = |f: &dyn Fn(&mut RateLimitsConfig)| {
+            let mut c = RateLimitsConfig::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert_eq!(
+            with(&|c| c.linked_device_idle_days = 0),
+            Ok(()),
+            "0 = never"
+        );
+        assert_eq!(with(&|c| c.linked_device_idle_days = MAX_IDLE_DAYS), Ok(()));
+        let e = with(&|c| c.linked_device_idle_days = MAX_IDLE_DAYS + 1);
+        assert!(e.is_err_and(|m| m.contains("linked_device_idle_days")));
+        for bad in [0, MAX_SLOTS_BOUND + 1] {
+            let e = with(&|c| c.max_provisioning_slots = bad);
+            assert!(
+                e.is_err_and(|m| m.contains("max_provisioning_slots")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn linked_device_keys_parse_from_toml() {
+        let c: RateLimitsConfig = toml::from_str(
+            "linked_device_idle_days = 30\nmax_provisioning_slots = 50\n\
+             provisioning_per_prefix = \"3/1h\"\nprovisioning_takes_per_prefix = \"60/1m\"\n",
+        )
+        .expect("parse");
+        assert_eq!(c.linked_device_idle_days, 30);
+        assert_eq!(c.max_provisioning_slots, 50);
+        assert_eq!(c.provisioning_per_prefix, rate(3, HOUR));
+        assert_eq!(c.provisioning_takes_per_prefix, rate(60, MINUTE));
+        assert!(toml::from_str::<RateLimitsConfig>("provisioning_per_prefix = \"0/1h\"").is_err());
     }
 }

@@ -6,7 +6,7 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use tern_proto::limits::EXPORTER_LEN;
-use tern_proto::{auth, AccountId, DeviceAddress};
+use tern_proto::{auth, AccountId, DeviceAddress, SignedDeviceList};
 
 use crate::error::{Error, Result};
 
@@ -100,6 +100,63 @@ pub fn verify_deletion(
     Ok(VerifiedDeletion {
         account: *account,
         identity_key: *identity_key,
+    })
+}
+
+/// Proof that a device list is the account's: it parses (`tern_proto::device_list`:
+/// ids ascending, device 1 present), names the account, and the identity key signed
+/// its exact bytes. Only [`verify_device_list`] makes one; the accounts service
+/// stores only a verified list. Whether it is newer than the stored one, and whether
+/// its devices are the account's, is for the caller to check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedDeviceList {
+    version: u64,
+    /// (id, device key), ids ascending.
+    devices: Vec<(tern_proto::DeviceId, [u8; 32])>,
+    signature: [u8; 64],
+}
+
+impl VerifiedDeviceList {
+    /// The list's version (only grows).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The listed devices and their keys, ids ascending.
+    pub fn devices(&self) -> &[(tern_proto::DeviceId, [u8; 32])] {
+        &self.devices
+    }
+
+    /// The identity key's signature over the list's bytes.
+    pub fn signature(&self) -> &[u8; 64] {
+        &self.signature
+    }
+}
+
+/// Checks a device list (already parsed by the request layer: ids ascending,
+/// device 1 present): it names `account`, and its signature is the identity key's
+/// over its exact bytes. A list naming another account is [`Error::BadRequest`]; a
+/// bad signature is [`Error::Unauthorized`].
+pub fn verify_device_list(
+    identity_key: &[u8; 32],
+    account: &AccountId,
+    list: &SignedDeviceList,
+) -> Result<VerifiedDeviceList> {
+    if list.list.account != *account {
+        return Err(Error::BadRequest(
+            "the device list names another account".into(),
+        ));
+    }
+    verify(&key(identity_key)?, &list.bytes, &list.signature)?;
+    Ok(VerifiedDeviceList {
+        version: list.list.version,
+        devices: list
+            .list
+            .entries
+            .iter()
+            .map(|e| (e.id, e.device_key))
+            .collect(),
+        signature: list.signature,
     })
 }
 
@@ -284,6 +341,61 @@ mod tests {
             Some(dev_pub)
         );
         assert!(verify_new_device(&id_pub, &AccountId([5; 16]), &dev_pub, &sig).is_err());
+    }
+
+    fn signed_list(identity: &SigningKey, account: AccountId, ids: &[u32]) -> SignedDeviceList {
+        let entries = ids
+            .iter()
+            .map(|&i| tern_proto::DeviceEntry {
+                id: DeviceId::new(i).expect("id"),
+                device_key: [i as u8; 32],
+                identity_dh: [i as u8 + 50; 32],
+            })
+            .collect();
+        let list = tern_proto::DeviceList {
+            account,
+            version: 7,
+            entries,
+        };
+        let bytes = list.encode().expect("valid");
+        let signature = identity.sign(&bytes).to_bytes();
+        SignedDeviceList::parse(bytes.into(), &signature).expect("parses")
+    }
+
+    #[test]
+    fn a_device_list_needs_the_identity_over_its_exact_bytes_and_this_account() {
+        let (identity, device) = keys();
+        let (acct, id_pub) = (AccountId([4; 16]), identity.verifying_key().to_bytes());
+        let good = signed_list(&identity, acct, &[1, 3]);
+        let v = verify_device_list(&id_pub, &acct, &good).expect("verified");
+        assert_eq!(v.version(), 7);
+        assert_eq!(
+            v.devices(),
+            &[
+                (DeviceId::PRIMARY, [1; 32]),
+                (DeviceId::new(3).expect("3"), [3; 32])
+            ]
+        );
+        assert_eq!(v.signature(), &good.signature);
+        assert!(matches!(
+            verify_device_list(&id_pub, &AccountId([5; 16]), &good),
+            Err(Error::BadRequest(_))
+        ));
+        let by_device = signed_list(&device, acct, &[1, 3]);
+        assert!(matches!(
+            verify_device_list(&id_pub, &acct, &by_device),
+            Err(Error::Unauthorized)
+        ));
+        // Another list's signature over these bytes.
+        let other = signed_list(&identity, acct, &[1]);
+        let swapped = SignedDeviceList {
+            signature: other.signature,
+            ..good.clone()
+        };
+        assert!(matches!(
+            verify_device_list(&id_pub, &acct, &swapped),
+            Err(Error::Unauthorized)
+        ));
     }
 
     #[test]

@@ -116,6 +116,13 @@ pub fn write_with(
         .get(account)?
         .ok_or(Error::UnknownRecipient)?;
     let token_set = stores.accounts.delivery_token(account)?.is_some();
+    // The list as stored (verified when published); its devices, for `listed`.
+    let list = stores.accounts.device_list(account)?;
+    let list_version = list.as_ref().map_or(0, |l| l.version);
+    let listed: Vec<tern_proto::DeviceId> = list
+        .and_then(|l| tern_proto::DeviceList::parse(&l.list).ok())
+        .map(|l| l.entries.iter().map(|e| e.id).collect())
+        .unwrap_or_default();
     let days = stores
         .accounts
         .days(account)?
@@ -151,7 +158,7 @@ pub fn write_with(
     let mut exported = Exported::default();
     write!(
         out,
-        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","created_day":{},"delivery_token_set":{token_set},"devices":["#,
+        r#"{{"schema":"{EXPORT_SCHEMA}","version":{EXPORT_VERSION},"generated_at_ms":{now},"account":{{"id":"{}","identity_key":"{}","created_day":{},"delivery_token_set":{token_set},"device_list_version":{list_version},"devices":["#,
         hex(account.as_bytes()),
         b64(&record.identity_key),
         day(days.created),
@@ -173,9 +180,11 @@ pub fn write_with(
         }
         write!(
             out,
-            r#"{{"id":{},"key":"{}","created_day":{},"last_seen_day":{},"prekeys":"#,
+            r#"{{"id":{},"key":"{}","primary":{},"listed":{},"created_day":{},"last_seen_day":{},"prekeys":"#,
             device.get(),
             b64(key),
+            *device == tern_proto::DeviceId::PRIMARY,
+            listed.contains(device),
             day(days.of(*device).created),
             day(days.of(*device).last_seen),
         )?;

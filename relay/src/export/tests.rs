@@ -252,3 +252,47 @@ async fn an_unknown_account_has_no_export() {
     assert!(matches!(r, Err(Error::UnknownRecipient)));
     assert!(out.is_empty());
 }
+
+#[tokio::test]
+async fn the_export_names_the_list_version_and_which_devices_are_primary_and_listed() {
+    let w = world();
+    let (_, bob) = fill(&w).await;
+    let account = bob.address().account;
+    let stores = w.f.services.stores();
+    let v = export(stores, &account, ExportOptions::default());
+    valid(&v);
+    assert_eq!(v["account"]["device_list_version"], 0, "none published");
+    let devices = v["account"]["devices"].as_array().expect("devices");
+    let flags = |d: &Value| (d["primary"].clone(), d["listed"].clone());
+    assert_eq!(flags(&devices[0]), (Value::from(true), Value::from(false)));
+    assert_eq!(flags(&devices[1]), (Value::from(false), Value::from(false)));
+
+    // A list naming only the primary, version 4.
+    let record = AccountStore::get(w.f.store.as_ref(), &account)
+        .expect("get")
+        .expect("bob");
+    let list = tern_proto::DeviceList {
+        account,
+        version: 4,
+        entries: vec![tern_proto::DeviceEntry {
+            id: tern_proto::DeviceId::PRIMARY,
+            device_key: record.devices[0].1,
+            identity_dh: [1; 32],
+        }],
+    };
+    let stored = crate::store::StoredList {
+        version: 4,
+        list: list.encode().expect("valid"),
+        signature: [0; 64],
+    };
+    assert!(stores
+        .accounts
+        .put_device_list(&account, &stored)
+        .expect("put"));
+    let v = export(stores, &account, ExportOptions::default());
+    valid(&v);
+    assert_eq!(v["account"]["device_list_version"], 4);
+    let devices = v["account"]["devices"].as_array().expect("devices");
+    assert_eq!(flags(&devices[0]), (Value::from(true), Value::from(true)));
+    assert_eq!(flags(&devices[1]), (Value::from(false), Value::from(false)));
+}

@@ -20,7 +20,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
@@ -32,19 +32,20 @@ use tracing::{debug, warn};
 
 use crate::core::auth::{self, AuthenticatedDevice};
 use crate::core::rate::AddressPrefix;
-use crate::deletion::AccountDeletion;
+use crate::deletion::{AccountDeletion, DeviceRemoval, Gone};
 use crate::error::{Error, Result};
-use crate::mailboxes::Appended;
 use crate::media::BlobStore;
 use crate::net::admission::AdmissionGuard;
 use crate::net::media::Activity;
 
+mod devices;
 mod discovery;
 mod keys;
 mod push;
+mod send;
 mod standing;
 mod verification;
-use crate::{server::Services, store::Envelope};
+use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
 
@@ -78,6 +79,7 @@ pub(crate) struct ConnSettings {
     pub(crate) anonymous_idle: Duration,
     pub(crate) blobs: Arc<BlobStore>,
     pub(crate) deletion: Arc<AccountDeletion>,
+    pub(crate) removal: Arc<DeviceRemoval>,
     pub(crate) discovery: Arc<crate::discovery::Discovery>,
     pub(crate) verification: Arc<crate::verification::Verification>,
 }
@@ -107,6 +109,8 @@ struct Session {
     activity: Arc<Activity>,
     /// Set when a request must end the connection.
     ending: Option<End>,
+    /// The UTC day this connection last moved its device's last-seen day on.
+    touched_day: u32,
 }
 
 /// Why the read loop stopped, and so how the connection is closed.
@@ -123,6 +127,8 @@ enum End {
     Full,
     /// The connection's account was deleted.
     Deleted,
+    /// The connection's device was removed from its account.
+    Removed,
 }
 
 /// Serves one connection until the client leaves, breaks the protocol, or the relay
@@ -184,6 +190,7 @@ pub(crate) async fn serve(
         deadline: admitted.deadline,
         activity,
         ending: None,
+        touched_day: 0,
     };
     let end = session.read_loop(recv, shutdown).await;
     media.abort();
@@ -191,7 +198,7 @@ pub(crate) async fn serve(
     // The writer ends once every sender of its queue is gone.
     drop(session);
     let _ = writer.await;
-    if matches!(end, End::Protocol | End::Full | End::Deleted) {
+    if matches!(end, End::Protocol | End::Full | End::Deleted | End::Removed) {
         let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
     }
     let (code, reason): (u32, &[u8]) = match end {
@@ -202,6 +209,7 @@ pub(crate) async fn serve(
         End::Idle => (close::NORMAL, b"idle"),
         End::Full => (close::NORMAL, b"at capacity"),
         End::Deleted => (close::ACCOUNT_DELETED, b"account deleted"),
+        End::Removed => (close::DEVICE_REMOVED, b"device removed"),
     };
     conn.close(code.into(), reason);
     debug!("connection closed");
@@ -277,7 +285,10 @@ impl Session {
                         return End::Full;
                     }
                 }
-                () = deleted.account_deleted() => return End::Deleted,
+                gone = deleted.gone() => return match gone {
+                    Gone::Account => End::Deleted,
+                    Gone::Device => End::Removed,
+                },
                 read = recv.read_chunk(READ_CHUNK, true) => match read {
                     Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
                     Ok(None) => return End::Finished,
@@ -332,6 +343,7 @@ impl Session {
         let id = request.id;
         // Kinds and standings only (P9); tests read it to see which path a request took.
         debug!(kind = %request.request.kind(), standing = ?self.standing, "request");
+        self.touch_daily();
         match request.request {
             Request::Ping => self.reply(id, Ok(Reply::Ping)).await,
             Request::Register {
@@ -399,23 +411,25 @@ impl Session {
                     .services
                     .accounts()
                     .list_devices(&account, &delivery_token)
-                    .map(|devices| Reply::ListDevices {
-                        devices,
-                        list: None,
-                    });
+                    .map(listing_reply);
                 self.anonymous_reply(id, reply).await
             }
-            Request::Send { to, envelopes, .. } => self.send(id, to, envelopes).await,
+            Request::Send {
+                to,
+                envelopes,
+                device_list_version,
+            } => self.send(id, to, envelopes, device_list_version).await,
             Request::SealedSend {
                 to,
                 delivery_token,
                 envelopes,
-                ..
+                device_list_version,
             } => {
                 if !self.take_place(id).await {
                     return;
                 }
-                if self.sealed_send(id, to, delivery_token, envelopes).await {
+                let sent = self.sealed_send(id, to, delivery_token, envelopes, device_list_version);
+                if sent.await {
                     self.anonymous_request();
                 }
             }
@@ -476,16 +490,20 @@ impl Session {
             request @ (Request::StartVerification { .. } | Request::CheckVerification { .. }) => {
                 self.verification(id, request).await
             }
-            // Linked devices: served once the provisioning and device-list services
-            // land (issue 16, in progress).
-            Request::OpenProvisioning { .. }
-            | Request::DepositProvisioning { .. }
-            | Request::TakeProvisioning { .. }
-            | Request::PublishDeviceList(_)
-            | Request::RemoveDevice { .. } => {
-                let refused = Error::BadRequest("linked devices are not served yet".into());
-                self.reply(id, Err(refused)).await
+            Request::OpenProvisioning { slot, reader_hash } => {
+                self.open_provisioning(id, slot, reader_hash).await
             }
+            Request::DepositProvisioning {
+                slot,
+                device,
+                payload,
+            } => self.deposit_provisioning(id, slot, device, payload).await,
+            Request::TakeProvisioning {
+                slot,
+                reader_secret,
+            } => self.take_provisioning(id, slot, reader_secret).await,
+            Request::PublishDeviceList(list) => self.publish_device_list(id, list).await,
+            Request::RemoveDevice { device, list } => self.remove_device(id, device, list).await,
         }
     }
 
@@ -560,6 +578,10 @@ impl Session {
     fn authenticate(&mut self, address: DeviceAddress, signature: &[u8; 64]) -> Result<u64> {
         self.unauthenticated()?;
         let exporter = self.exporter(Some(&address))?;
+        // A device being removed: its row may be there until the removal ends.
+        if self.services.tombstones().contains_device(&address) {
+            return Err(Error::Unauthorized);
+        }
         let device = self
             .services
             .accounts()
@@ -571,6 +593,12 @@ impl Session {
         }
         let _ = self.device.set(device);
         self.authenticated_now();
+        // `Auth` moved the last-seen day on.
+        self.touched_day = self.services.accounts().day();
+        // Removed between the check and now: the watch saw no device then.
+        if self.services.tombstones().contains_device(&address) {
+            self.ending = Some(End::Removed);
+        }
         Ok(queued)
     }
 
@@ -595,62 +623,6 @@ impl Session {
         )));
     }
 
-    async fn send(&mut self, id: u64, to: DeviceAddress, envelopes: Vec<Envelope>) {
-        let Some(sender) = self.device.get().cloned() else {
-            return self.reply(id, Err(Error::Unauthorized)).await;
-        };
-        self.ordered_send(id, |services| {
-            let to = services.accounts().recipient(&sender, to)?;
-            services.mailboxes().append(&to, &envelopes)
-        })
-        .await;
-    }
-
-    /// A send from an unidentified sender: needs no authentication, only the
-    /// recipient's delivery token.
-    async fn sealed_send(
-        &mut self,
-        id: u64,
-        to: DeviceAddress,
-        token: Bytes,
-        envelopes: Vec<Envelope>,
-    ) -> bool {
-        let from = self.prefix;
-        self.ordered_send(id, |services| {
-            let to = services.accounts().sealed_recipient(to, &token, from)?;
-            services.mailboxes().append(&to, &envelopes)
-        })
-        .await
-    }
-
-    /// Appends a send here, in the order requests arrive (so pipelined sends to one
-    /// device are stored in the order sent), then waits for its group commit in its
-    /// own task under the per-connection cap: past the cap the reader waits here,
-    /// which is backpressure instead of a growing queue. True if the append was
-    /// accepted (its commit may still fail).
-    async fn ordered_send(
-        &mut self,
-        id: u64,
-        append: impl FnOnce(&Services) -> Result<Appended>,
-    ) -> bool {
-        let Ok(permit) = self.requests.clone().acquire_owned().await else {
-            return false;
-        };
-        let appended = append(&self.services);
-        let stored = appended.is_ok();
-        let out = self.out.clone();
-        tokio::spawn(async move {
-            let result = match appended {
-                Ok(appended) => appended.commit().await,
-                Err(e) => Err(e),
-            };
-            let accepted = result.map(|n| Reply::Send { accepted: n as u32 });
-            let _ = out.send(response(id, accepted)).await;
-            drop(permit);
-        });
-        stored
-    }
-
     async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
         match &self.acks {
             Some(acks) => {
@@ -663,6 +635,18 @@ impl Session {
             }
             None => self.reply(id, Err(Error::Unauthorized)).await,
         }
+    }
+}
+
+/// A device listing as `ListDevices` answers it.
+fn listing_reply(listing: crate::accounts::Listing) -> Reply {
+    let list = listing.list.and_then(|l| {
+        // Verified when it was stored; a list that no longer parses is left out.
+        tern_proto::SignedDeviceList::parse(l.list.into(), &l.signature).ok()
+    });
+    Reply::ListDevices {
+        devices: listing.devices,
+        list,
     }
 }
 

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::{Services, RETRIES_PER_SWEEP};
 use crate::core::budget::{Budget, DiskSample};
-use crate::deletion::AccountDeletion;
+use crate::deletion::{AccountDeletion, DeviceRemoval};
 use crate::error::Error;
 use crate::media::BlobStore;
 
@@ -50,6 +50,7 @@ pub(super) async fn sweep_loop(
     services: Arc<Services>,
     blobs: Arc<BlobStore>,
     deletion: Arc<AccountDeletion>,
+    removal: Arc<DeviceRemoval>,
     every: Duration,
     batch: usize,
     mut shutdown: watch::Receiver<bool>,
@@ -63,8 +64,13 @@ pub(super) async fn sweep_loop(
         }
         // Per node: rate limit keys whose buckets refilled (the limits are per node).
         // And blob bytes in a shared store, as the index counts them now.
-        let (rates, counted) = (services.rates.clone(), blobs.clone());
-        let _ = tokio::task::spawn_blocking(move || (rates.housekeep(), counted.recount())).await;
+        let (per_node, counted) = (services.clone(), blobs.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            per_node.rates.housekeep();
+            per_node.provisioning.housekeep();
+            counted.recount()
+        })
+        .await;
         // What the stores hold is swept by one node at a time, when several share
         // them: the holder of the lease (renewed each pass, lapsing after three).
         if !holds_sweep_lease(&services, every).await {
@@ -74,6 +80,7 @@ pub(super) async fn sweep_loop(
         if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
             warn!(error = %e, "pending account deletions not read");
         }
+        sweep_devices(&services, &removal, batch).await;
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {
             let mut total = 0;
@@ -107,6 +114,27 @@ pub(super) async fn sweep_loop(
             Ok(Err(e)) => warn!(error = %e, "media sweep failed"),
             Err(e) => warn!(error = %e, "media sweep panicked"),
         }
+    }
+}
+
+/// The sweeper's device work: removals that failed part way, linked devices idle
+/// past `linked_device_idle_days` (at most `batch` a pass), expired provisioning
+/// slots. Counts only are logged (P9).
+async fn sweep_devices(services: &Arc<Services>, removal: &DeviceRemoval, batch: usize) {
+    if let Err(e) = removal.sweep(RETRIES_PER_SWEEP).await {
+        warn!(error = %e, "pending device removals not read");
+    }
+    match removal.remove_idle(batch).await {
+        Ok(0) => {}
+        Ok(n) => info!(devices = n, "removed idle linked devices"),
+        Err(e) => warn!(error = %e, "idle device sweep failed"),
+    }
+    let services = services.clone();
+    match tokio::task::spawn_blocking(move || services.provisioning.sweep(batch)).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::debug!(slots = n, "deleted expired provisioning slots"),
+        Ok(Err(e)) => warn!(error = %e, "provisioning sweep failed"),
+        Err(e) => warn!(error = %e, "provisioning sweep panicked"),
     }
 }
 

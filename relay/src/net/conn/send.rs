@@ -1,0 +1,80 @@
+//! Sends on a connection: authenticated and sealed, appended in the order they
+//! arrive, each answered once its group commit is done.
+
+use bytes::Bytes;
+use tern_proto::{DeviceAddress, Reply};
+
+use super::{response, Session};
+use crate::error::{Error, Result};
+use crate::mailboxes::Appended;
+use crate::{server::Services, store::Envelope};
+
+impl Session {
+    /// A send from this connection's device; `list_version` is the recipient's
+    /// device list version the sender holds (0: unchecked).
+    pub(super) async fn send(
+        &mut self,
+        id: u64,
+        to: DeviceAddress,
+        envelopes: Vec<Envelope>,
+        list_version: u64,
+    ) {
+        let Some(sender) = self.device.get().cloned() else {
+            return self.reply(id, Err(Error::Unauthorized)).await;
+        };
+        self.ordered_send(id, |services| {
+            let to = services
+                .accounts()
+                .listed_recipient(&sender, to, list_version)?;
+            services.mailboxes().append(&to, &envelopes)
+        })
+        .await;
+    }
+
+    /// A send from an unidentified sender: needs no authentication, only the
+    /// recipient's delivery token.
+    pub(super) async fn sealed_send(
+        &mut self,
+        id: u64,
+        to: DeviceAddress,
+        token: Bytes,
+        envelopes: Vec<Envelope>,
+        list_version: u64,
+    ) -> bool {
+        let from = self.prefix;
+        self.ordered_send(id, |services| {
+            let accounts = services.accounts();
+            let to = accounts.listed_sealed_recipient(to, &token, from, list_version)?;
+            services.mailboxes().append(&to, &envelopes)
+        })
+        .await
+    }
+
+    /// Appends a send here, in the order requests arrive (so pipelined sends to one
+    /// device are stored in the order sent), then waits for its group commit in its
+    /// own task under the per-connection cap: past the cap the reader waits here,
+    /// which is backpressure instead of a growing queue. True if the append was
+    /// accepted (its commit may still fail).
+    async fn ordered_send(
+        &mut self,
+        id: u64,
+        append: impl FnOnce(&Services) -> Result<Appended>,
+    ) -> bool {
+        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+            return false;
+        };
+        let appended = append(&self.services);
+        let stored = appended.is_ok();
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let result = match appended {
+                Ok(appended) => appended.commit().await,
+                Err(e) => Err(e),
+            };
+            let accepted = result.map(|n| Reply::Send { accepted: n as u32 });
+            let _ = out.send(response(id, accepted)).await;
+            drop(permit);
+        });
+        stored
+    }
+}
