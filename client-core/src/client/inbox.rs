@@ -125,6 +125,7 @@ impl State {
                 .iter()
                 .map(Message::encode_to_vec)
                 .collect(),
+            sent_to: Vec::new(),
         };
         let mut batch = Batch::new();
         batch.put_session(&sender, device, &set.to_bytes());

@@ -71,6 +71,7 @@ impl State {
             copies: Vec::new(),
             prepared: false,
             attachments,
+            sync: Vec::new(),
         };
         let mut batch = Batch::new();
         batch.put_outbox(seq, &record);

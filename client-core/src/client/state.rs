@@ -143,7 +143,7 @@ impl State {
             next_outbox_seq: 1,
             keys_published: false,
             token_published: false,
-            pending_delivery_token: Vec::new(),
+            ..LocalRecord::default()
         };
         let mut state = State::from_parts(kv, local)?;
         let mut batch = state.rotate_signed_prekey(now_ms, rng).0;
@@ -153,9 +153,10 @@ impl State {
         Ok(state)
     }
 
-    /// Loads a device from its store; `Ok(None)` if it holds no device.
+    /// Loads a device from its store; `Ok(None)` if it holds no device (or one
+    /// still joining an account).
     pub(crate) fn load(kv: Arc<dyn KvStore>, now_ms: u64) -> Result<Option<State>> {
-        let Some(local) = kv.local()? else {
+        let Some(local) = kv.local()?.filter(|l| !l.is_joining()) else {
             return Ok(None);
         };
         let mut state = State::from_parts(kv, local)?;
