@@ -225,7 +225,7 @@ impl State {
             return Err(StartError::IdentityChanged { first });
         }
         let mut batch = Batch::new();
-        let (our_id, our_dh) = (self.keys.identity.public(), self.keys.identity_dh.clone());
+        let (our_id, our_dh) = (self.keys.identity_key, self.keys.identity_dh.clone());
         for b in bundles {
             let bundle = PreKeyBundle {
                 identity_key: b.identity_key,

@@ -124,6 +124,9 @@ pub struct ReceivedMessage {
     /// Attachment pointers this version cannot read (a newer sender's format, or
     /// damage): left out of `attachments`, counted here so the app can say so.
     pub unreadable_attachments: usize,
+    /// A message another device of this account sent, shown here as sent: its
+    /// recipient (`sender` is then this account). `None` for a message received.
+    pub sent_to: Option<AccountId>,
 }
 
 impl ReceivedMessage {
@@ -147,6 +150,10 @@ impl ReceivedMessage {
             received_at_ms: r.received_at_ms,
             attachments,
             unreadable_attachments,
+            sent_to: match r.sent_to.len() {
+                0 => None,
+                _ => Some(AccountId::try_from(&r.sent_to[..]).map_err(|_| corrupt())?),
+            },
         })
     }
 }
@@ -191,6 +198,19 @@ pub enum Event {
         /// Why (never message content).
         reason: String,
     },
+    /// A device linked to this account has joined it and is in use.
+    DeviceJoined {
+        /// The new device.
+        device: DeviceId,
+    },
+    /// A device was removed from this account.
+    DeviceRemoved {
+        /// The device.
+        device: DeviceId,
+    },
+    /// This device was removed from its account (by the primary, or idle): the
+    /// relay refuses it from now on and the client has stopped.
+    Removed,
 }
 
 /// The stream of [`Event`]s. Ends once the client is shut down.
@@ -294,7 +314,8 @@ impl Client {
             store,
             NewDevice {
                 relay: relay.to_string(),
-                identity_secret: &identity_secret,
+                identity_secret: &identity_secret[..],
+                linked: None,
                 device_secret: &device_secret,
                 identity_dh: &identity_dh,
                 address,
@@ -333,7 +354,7 @@ impl Client {
     fn start(state: State, relay: RelayAddress, clock: Arc<dyn Clock>) -> (Client, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
         let address = state.keys.address;
-        let identity_key = state.keys.identity.public();
+        let identity_key = state.keys.identity_key;
         // Messages stored but not confirmed before a restart come first.
         if let Ok(pending) = state.unconfirmed() {
             for m in pending {
@@ -491,6 +512,7 @@ impl Client {
             match outcome {
                 state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
                 state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),
+                state::Outcome::Synced(events) => events.into_iter().for_each(|e| self.shared.emit(e)),
                 state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
             }
         }
@@ -600,6 +622,8 @@ impl Client {
     /// connections refused and should clear their stores too.
     pub async fn delete_account(&self) -> Result<()> {
         let identity = self.shared.state.lock().await.keys.identity.clone();
+        // Only the primary holds the identity key that signs the deletion.
+        let identity = identity.ok_or(Error::NotPrimary)?;
         let (conn, _) = self.connections().await?;
         conn.delete_account(&identity, &self.address).await?;
         self.shutdown().await;

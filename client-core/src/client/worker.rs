@@ -211,6 +211,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
                         }
                     }
                     Ok(Outcome::Duplicate) => {}
+                    Ok(Outcome::Synced(synced)) => events.extend(synced),
                     Ok(Outcome::Dropped(reason)) => {
                         tracing::debug!(%reason, "discarded an envelope");
                         events.push(Event::Dropped { reason });

@@ -65,6 +65,14 @@ pub(crate) struct LocalRecord {
     /// Devices this primary linked that have not said they joined yet.
     #[prost(message, repeated, tag = "20")]
     pub(crate) pending_links: Vec<PendingLink>,
+    /// A linked device's copy of the account's identity public key (the primary
+    /// derives it from `identity_secret`, which a linked device never holds).
+    #[prost(bytes = "vec", tag = "21")]
+    pub(crate) identity_key: Vec<u8>,
+    /// A linked device's identity signature over its agreement key, from the link
+    /// payload (the primary signs its own when it loads).
+    #[prost(bytes = "vec", tag = "22")]
+    pub(crate) identity_dh_signature: Vec<u8>,
 }
 
 impl LocalRecord {
