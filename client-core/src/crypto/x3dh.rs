@@ -15,6 +15,9 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use tern_proto::DeviceId;
+
+use super::devices::VerifiedDeviceList;
 use super::CryptoError;
 
 const INFO: &[u8] = b"tern x3dh v1";
@@ -139,6 +142,62 @@ impl PreKeyBundle {
             tern_proto::auth::signed_prekey(self.signed_prekey_id, &self.signed_prekey),
             &self.signed_prekey_signature,
         )
+    }
+}
+
+/// Which key signed a bundle's signed prekey (the wire's `signer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrekeySigner {
+    /// The account's identity key (every device before linked devices; the primary).
+    #[default]
+    Identity,
+    /// The device's own key, bound to the identity by the signed device list.
+    Device,
+}
+
+impl PreKeyBundle {
+    /// Checks a bundle of device `device` against the account's verified device list:
+    /// the device is listed, its identity agreement key is the listed one (and
+    /// identity-signed), and the signed prekey verifies under the identity key
+    /// ([`PrekeySigner::Identity`]) or the listed device key ([`PrekeySigner::Device`]).
+    /// Without a list only [`PrekeySigner::Identity`] passes (a relay cannot add a
+    /// device the identity never listed).
+    pub fn verify_listed(
+        &self,
+        signer: PrekeySigner,
+        listed: Option<(&VerifiedDeviceList, DeviceId)>,
+    ) -> Result<VerifiedBundle, CryptoError> {
+        let Some((list, device)) = listed else {
+            return match signer {
+                PrekeySigner::Identity => self.verify(),
+                PrekeySigner::Device => Err(CryptoError::InvalidSignature),
+            };
+        };
+        if *list.identity_key() != self.identity_key {
+            return Err(CryptoError::InvalidSignature);
+        }
+        let entry = list.entry(device).ok_or(CryptoError::InvalidKey)?;
+        if entry.identity_dh != self.identity_dh {
+            return Err(CryptoError::InvalidKey);
+        }
+        match signer {
+            PrekeySigner::Identity => self.check_signatures()?,
+            PrekeySigner::Device => {
+                verify_identity_dh(
+                    &self.identity_key,
+                    &self.identity_dh,
+                    &self.identity_dh_signature,
+                )?;
+                let key = VerifyingKey::from_bytes(&entry.device_key)
+                    .map_err(|_| CryptoError::InvalidKey)?;
+                key.verify_strict(
+                    &tern_proto::auth::signed_prekey(self.signed_prekey_id, &self.signed_prekey),
+                    &Signature::from_bytes(&self.signed_prekey_signature),
+                )
+                .map_err(|_| CryptoError::InvalidSignature)?;
+            }
+        }
+        Ok(VerifiedBundle(self.clone()))
     }
 }
 
