@@ -13,10 +13,11 @@
 //!   identity-signed bundles only, so the relay still cannot add a device. Once a
 //!   list was seen, a missing one is refused (no downgrade).
 
-use tern_proto::{AccountId, DeviceBundle, DeviceEntry, DeviceId, DeviceList};
+use tern_proto::{AccountId, DeviceBundle, DeviceId};
 
 use super::state::{corrupt, State};
-use crate::crypto::devices::{sign_device_list, VerifiedDeviceList};
+use crate::crypto::devices::{sign_device_list, DeviceEntry, DeviceList, VerifiedDeviceList};
+use crate::crypto::x3dh::{PreKeyBundle, PrekeySigner, VerifiedBundle};
 use crate::store::records::{ContactRecord, PendingLink};
 use crate::store::Batch;
 use crate::{Error, Result};
@@ -31,7 +32,10 @@ pub(crate) struct ListCheck {
 }
 
 /// How a new version of this account's own list differs from the current one.
+#[derive(Clone)]
 pub(crate) enum ListChange {
+    /// The same devices (a first list, or one re-signed under a newer version).
+    Same,
     /// A device joins with these keys.
     Add(DeviceEntry),
     /// A device leaves.
@@ -59,6 +63,18 @@ impl State {
             .map_or(0, |c| c.device_list_version)
     }
 
+    /// Makes `account`'s device list due a check with the relay at the next send
+    /// (after a `STALE_DEVICE_LIST`).
+    pub(crate) fn check_list_now(&mut self, account: &AccountId) -> Result<()> {
+        if let Some(mut record) = self.contacts.get(account).cloned() {
+            record.devices_checked_ms = 0;
+            let mut batch = Batch::new();
+            self.put_contact(*account, record, &mut batch);
+            self.commit(batch, false)?;
+        }
+        Ok(())
+    }
+
     /// Applies the relay's answer about `account`'s devices: its device ids and its
     /// signed list (both empty if it has none). A list that verifies and is newer is
     /// cached; devices outside `list ∩ ids` are dropped with their unsent copies.
@@ -70,7 +86,12 @@ impl State {
         signature: &[u8],
         now_ms: u64,
     ) -> Result<ListCheck> {
-        let Some(mut record) = self.contacts.get(account).cloned() else {
+        let own = (*account == self.keys.address.account).then_some(self.keys.address.device);
+        let record = match own {
+            Some(_) => Some(self.own_contact()),
+            None => self.contacts.get(account).cloned(),
+        };
+        let Some(mut record) = record else {
             return Ok(ListCheck::default());
         };
         let mut refused = None;
@@ -92,7 +113,6 @@ impl State {
                 Err(e) => refused = Some(format!("device list: {e}")),
             }
         }
-        let own = (*account == self.keys.address.account).then_some(self.keys.address.device);
         let allowed: Vec<u32> = match parse_cached(&record) {
             Some(l) => ids
                 .iter()
@@ -114,32 +134,57 @@ impl State {
         Ok(ListCheck { new, refused })
     }
 
-    /// Whether `bundle` may start a session with a device of `account`: its list
-    /// entry when the account has a list (the bundle must match it), `Ok(None)` for
-    /// a legacy account (only an identity-signed bundle then verifies); `Err` with
-    /// the reason to skip it.
-    pub(crate) fn bundle_entry(
+    /// The cached list of `account`, verified again under the identity we trust
+    /// (what a bundle is checked against); `None` for a legacy account.
+    pub(crate) fn verified_list(&self, account: &AccountId) -> Option<VerifiedDeviceList> {
+        let c = self.contacts.get(account)?;
+        if c.device_list_version == 0 {
+            return None;
+        }
+        let identity: [u8; 32] = c.identity_key[..].try_into().ok()?;
+        VerifiedDeviceList::verify(
+            &identity,
+            account,
+            &c.device_list,
+            &c.device_list_signature,
+            None,
+        )
+        .ok()
+    }
+
+    /// Checks a fetched bundle of `account` before it may start a session: with a
+    /// list, the device must be listed with this agreement key and its signed prekey
+    /// verify under the identity or the listed device key; without one (a legacy
+    /// account) only an identity-signed bundle passes. `Err` says why it is skipped.
+    pub(crate) fn check_bundle(
         &self,
         account: &AccountId,
+        listed: Option<&VerifiedDeviceList>,
         bundle: &DeviceBundle,
-    ) -> std::result::Result<Option<DeviceEntry>, &'static str> {
+    ) -> std::result::Result<VerifiedBundle, &'static str> {
         if *account == self.keys.address.account && bundle.device == self.keys.address.device {
             return Err("this device");
         }
-        let Some(list) = self.cached_list(account) else {
-            return Ok(None);
+        let keys = PreKeyBundle {
+            identity_key: bundle.identity_key,
+            identity_dh: bundle.identity_dh.key,
+            identity_dh_signature: bundle.identity_dh.signature,
+            signed_prekey_id: bundle.signed_prekey.id,
+            signed_prekey: bundle.signed_prekey.key,
+            signed_prekey_signature: bundle.signed_prekey.signature,
+            one_time_prekey: bundle.one_time_prekey,
         };
-        let entry = list
-            .entry(bundle.device)
-            .copied()
-            .ok_or("a device the signed list does not name")?;
-        if entry.identity_dh != bundle.identity_dh.key {
-            return Err("an agreement key other than the signed list's");
+        let listed = listed.map(|l| (l, bundle.device));
+        if let Some((list, device)) = listed {
+            if list.entry(device).is_none() {
+                return Err("a device the signed list does not name");
+            }
         }
-        if entry.device_key != bundle.device_key {
-            return Err("a device key other than the signed list's");
-        }
-        Ok(Some(entry))
+        // The wire does not say which key signed: the identity (a primary) or the
+        // listed device key (a linked device); either must verify.
+        keys.verify_listed(PrekeySigner::Identity, listed)
+            .or_else(|_| keys.verify_listed(PrekeySigner::Device, listed))
+            .map_err(|_| "a prekey bundle that does not match the signed list")
     }
 
     /// This account's own list, as last verified or signed here.
@@ -152,7 +197,7 @@ impl State {
 
     /// Whether this device may sign lists: only the primary holds the identity key.
     pub(crate) fn is_primary(&self) -> bool {
-        self.keys.address.device == DeviceId::PRIMARY && !self.local.identity_secret.is_empty()
+        self.keys.address.device == DeviceId::PRIMARY && self.keys.identity.is_some()
     }
 
     /// The entry of this device, for a list that starts with it.
@@ -179,16 +224,18 @@ impl State {
             ListChange::Add(entry) => {
                 entries.retain(|e| e.id != entry.id);
                 entries.push(entry);
-                entries.sort_by_key(|e| e.id);
+                entries.sort_by_key(|e| e.id.get());
             }
             ListChange::Remove(id) => entries.retain(|e| e.id != id),
+            ListChange::Same => {}
         }
         let list = DeviceList {
             account: self.keys.address.account,
             version: self.local.device_list_version + 1,
             entries,
         };
-        let (bytes, signature) = sign_device_list(self.keys.identity.signing_key(), &list)?;
+        let identity = self.keys.identity.as_ref().ok_or(Error::NotPrimary)?;
+        let (bytes, signature) = sign_device_list(identity.signing_key(), &list);
         let mut local = self.local.clone();
         local.device_list_version = list.version;
         let mut batch = Batch::new();
@@ -206,7 +253,7 @@ impl State {
         let account = self.keys.address.account;
         let held = (!self.local.device_list.is_empty())
             .then_some((self.local.device_list_version, &self.local.device_list[..]));
-        let identity = self.keys.identity.public();
+        let identity = self.keys.identity_key;
         let verified = VerifiedDeviceList::verify(&identity, &account, list, signature, held)?;
         if held.is_some_and(|(v, _)| verified.version() <= v) {
             return Ok(false);
@@ -235,7 +282,7 @@ impl State {
             .get(&self.keys.address.account)
             .cloned()
             .unwrap_or_default();
-        record.identity_key = self.keys.identity.public().to_vec();
+        record.identity_key = self.keys.identity_key.to_vec();
         record.changed_identity_key.clear();
         record.delivery_token = self.keys.delivery_token.to_vec();
         record

@@ -25,11 +25,14 @@
 mod anonymous;
 mod card;
 mod contacts;
+mod devices;
 mod discovery;
 mod inbox;
 mod keys;
+mod linking;
 mod outbox;
 mod state;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod verification;
@@ -55,6 +58,7 @@ use crate::{Error, Result};
 
 pub use self::card::ContactCard;
 pub use self::discovery::DiscoveryReport;
+pub use self::linking::{DeviceInfo, Joining, LinkedDevice};
 pub use self::outbox::MAX_BODY;
 
 /// How long a media call waits for the client to be connected.

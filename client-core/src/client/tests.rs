@@ -674,6 +674,7 @@ fn an_attachment_pointer_this_version_cannot_read_is_counted_not_dropped_silentl
         sent_at_ms: 1,
         received_at_ms: 2,
         attachments: vec![good.to_bytes(), newer.to_bytes(), b"junk".to_vec()],
+        sent_to: Vec::new(),
     };
     let m = super::ReceivedMessage::from_record(5, &record).expect("a message");
     assert_eq!(m.attachments, vec![good]);

@@ -2,7 +2,7 @@
 //! its own keys, and the anonymous link (`anonymous.rs`) for sealed sends, device
 //! lists and contacts' prekey bundles, reconnecting with backoff whenever either drops.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +38,12 @@ const LOSS_PING_JITTER_MS: u64 = 1000;
 const LOSS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a long-lived connection checks its keys (signed prekey rotation).
 const MAINTENANCE: Duration = Duration::from_secs(3600);
+
+/// Sends refused as `STALE_DEVICE_LIST` in a row, by recipient.
+type Stale = HashMap<AccountId, u32>;
+/// How many times in a row a stale send refreshes the list and goes again before
+/// it waits out a backoff pause.
+const STALE_RETRIES: u32 = 3;
 
 /// Exponential backoff with jitter.
 struct Backoff {
@@ -263,6 +269,7 @@ enum Round {
 
 async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &AnonymousLink) -> Result<()> {
     let mut certificate: Option<SenderCertificate> = None;
+    let mut stale = Stale::new();
     let mut retry = Backoff::new();
     let mut maintenance = tokio::time::interval(MAINTENANCE);
     maintenance.tick().await;
@@ -271,7 +278,7 @@ async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &AnonymousLink
         tokio::pin!(notified);
         notified.as_mut().enable();
         publish_token(shared, conn).await?;
-        match send_round(shared, conn, anon, &mut certificate).await? {
+        match send_round(shared, conn, anon, &mut certificate, &mut stale).await? {
             Round::Progress => {
                 retry.reset();
                 continue;
@@ -301,27 +308,9 @@ async fn refresh_devices(
     let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
         return Ok(());
     };
-    let list = anon.run(|c| async move { c.list_devices(recipient, &token).await });
-    let ids = match list.await {
-        Ok(ids) => ids,
-        Err(e) if e.relay_code().is_some() => {
-            // A rotated token, say: check again tomorrow; sends handle the rest.
-            let mut state = shared.state.lock().await;
-            let known: Vec<u32> = state
-                .contact(recipient)
-                .map(|c| c.devices.iter().map(|d| d.device_id).collect())
-                .unwrap_or_default();
-            state.update_devices(recipient, &known, now)?;
-            return Ok(());
-        }
-        Err(e) => return Err(e),
+    let Some(new) = check_list(shared, anon, recipient, token).await? else {
+        return Ok(());
     };
-    let ids: Vec<u32> = ids.into_iter().map(DeviceId::get).collect();
-    let new = shared
-        .state
-        .lock()
-        .await
-        .update_devices(recipient, &ids, now)?;
     let mut bundles = Vec::new();
     for device in new {
         let Ok(device) = DeviceId::try_from(device) else {
@@ -350,6 +339,49 @@ async fn refresh_devices(
         Err(StartError::NoDevices) => Ok(()),
         Err(StartError::Fatal(e)) => Err(e),
     }
+}
+
+/// Asks the relay (anonymously, with the account's token) for `recipient`'s devices
+/// and signed list, and applies them under the device-list rules (a refused list
+/// is reported as dropped; the cached one stays). Returns the devices to encrypt to
+/// that have no session yet; `None` if the relay refused (a rotated token, say: the
+/// check is recorded and made again tomorrow, and sends handle the rest).
+async fn check_list(
+    shared: &Shared,
+    anon: &AnonymousLink,
+    recipient: &AccountId,
+    token: [u8; 32],
+) -> Result<Option<Vec<u32>>> {
+    let now = shared.now_ms();
+    let listing = anon.run(|c| async move { c.device_listing(recipient, &token).await });
+    let listing = match listing.await {
+        Ok(listing) => listing,
+        Err(e) if e.relay_code().is_some() => {
+            let mut state = shared.state.lock().await;
+            let known: Vec<u32> = state
+                .contact(recipient)
+                .map(|c| c.devices.iter().map(|d| d.device_id).collect())
+                .unwrap_or_default();
+            state.update_devices(recipient, &known, now)?;
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let ids: Vec<u32> = listing.devices.iter().map(|d| d.get()).collect();
+    let (list, signature) = listing
+        .list
+        .as_ref()
+        .map_or((&[][..], &[][..]), |(l, s)| (&l[..], &s[..]));
+    let checked = shared
+        .state
+        .lock()
+        .await
+        .apply_device_list(recipient, &ids, list, signature, now)?;
+    if let Some(reason) = checked.refused {
+        tracing::debug!(%reason, "a device list was refused");
+        shared.emit(Event::Dropped { reason });
+    }
+    Ok(Some(checked.new))
 }
 
 /// A contact's prekey bundles (one device, or all). With its delivery token they are
@@ -400,6 +432,7 @@ async fn send_round(
     conn: &RelayConnection,
     anon: &AnonymousLink,
     cached: &mut Option<SenderCertificate>,
+    stale: &mut Stale,
 ) -> Result<Round> {
     let recipients: Vec<AccountId> = {
         let state = shared.state.lock().await;
@@ -422,6 +455,10 @@ async fn send_round(
             (state.needs_bundles(&recipient)?, state.token_of(&recipient))
         };
         if needs_bundles {
+            // The signed list first, so the bundles are checked against it.
+            if let Some(token) = token {
+                check_list(shared, anon, &recipient, token).await?;
+            }
             let fetched = match fetch_bundles(conn, anon, &recipient, None, token).await {
                 // A rotated token, or a relay from before token fetches (which
                 // refuses them on a connection that has not authenticated): fetch as
@@ -512,7 +549,7 @@ async fn send_round(
                 .await
                 .sealed_sends(&recipient, cert, SEAL_PER_ROUND, &mut OsRng)?;
         for plan in plans {
-            match send_device(shared, conn, anon, &recipient, &plan, token).await? {
+            match send_device(shared, (conn, anon), &recipient, &plan, token, stale).await? {
                 Round::Idle => {}
                 Round::Progress => {
                     if !matches!(round, Round::Wait) {
@@ -528,16 +565,17 @@ async fn send_round(
 
 async fn send_device(
     shared: &Shared,
-    conn: &RelayConnection,
-    anon: &AnonymousLink,
+    (conn, anon): (&RelayConnection, &AnonymousLink),
     recipient: &AccountId,
     plan: &DeviceSends,
     token: Option<[u8; 32]>,
+    stale: &mut Stale,
 ) -> Result<Round> {
     let to = DeviceAddress {
         account: *recipient,
         device: plan.device,
     };
+    let version = shared.state.lock().await.list_version(recipient);
     for chunk in chunks(&plan.copies) {
         let envelopes = || {
             chunk.iter().map(|c| Envelope {
@@ -546,13 +584,30 @@ async fn send_device(
             })
         };
         let result = match &token {
-            Some(token) => anon.run(|c| c.sealed_send(&to, token, envelopes())).await,
+            Some(token) => {
+                anon.run(|c| c.sealed_send_for(&to, token, version, envelopes()))
+                    .await
+            }
             // No token yet: this first message identifies its sender to the relay.
-            None => conn.send(&to, envelopes()).await,
+            None => conn.send_for(&to, version, envelopes()).await,
         };
         match result {
-            Ok(_) => {}
+            Ok(_) => {
+                stale.remove(recipient);
+            }
             Err(e) => match e.relay_code() {
+                Some(ErrorCode::StaleDeviceList) => {
+                    // The account's devices changed: check its list now and send
+                    // again, a few times in a row at most, then after a pause.
+                    let tries = stale.entry(*recipient).or_default();
+                    *tries += 1;
+                    if *tries > STALE_RETRIES {
+                        stale.remove(recipient);
+                        return Ok(Round::Wait);
+                    }
+                    shared.state.lock().await.check_list_now(recipient)?;
+                    return Ok(Round::Progress);
+                }
                 Some(ErrorCode::Unauthorized) if token.is_some() => {
                     // The contact rotated its token: fall back until it sends the new one.
                     shared.state.lock().await.drop_token(recipient)?;
