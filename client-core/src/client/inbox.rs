@@ -122,6 +122,10 @@ impl State {
             contact.delivery_token = plaintext.delivery_token.to_vec();
         }
         if let Some(dh) = opened.sender_identity_dh {
+            if !contact.devices.iter().any(|d| d.device_id == device.get()) {
+                // A device new to us (a linked one, say): check the list at the next send.
+                contact.devices_checked_ms = 0;
+            }
             contact.devices.retain(|d| d.device_id != device.get());
             contact.devices.push(ContactDevice {
                 device_id: device.get(),
@@ -170,7 +174,7 @@ impl State {
         if sender == self.keys.address.account {
             let mut merged = self.own_contact();
             merged.devices = contact.devices;
-            merged.devices_checked_ms = contact.devices_checked_ms;
+            merged.devices_checked_ms = merged.devices_checked_ms.min(contact.devices_checked_ms);
             contact = merged;
         }
         let mut batch = Batch::new();

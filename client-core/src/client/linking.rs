@@ -14,7 +14,7 @@ use tern_proto::{e2e, DeviceAddress, DeviceId};
 
 use super::devices::ListChange;
 use super::state::{LinkedKeys, NewDevice, State};
-use super::{Client, ClientOptions, Events};
+use super::{Client, ClientOptions, Event, Events, Shared};
 use crate::crypto::devices::DeviceEntry;
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::DeviceKeyPair;
@@ -144,7 +144,7 @@ impl Client {
             device_key: link.device_key,
             identity_dh: link.identity_dh,
         };
-        let (list, signature) = self.publish_list(&conn, ListChange::Add(entry)).await?;
+        let (list, signature) = publish_list(&self.shared, &conn, ListChange::Add(entry)).await?;
         let now = self.shared.now_ms();
         let payload = {
             let mut state = self.shared.state.lock().await;
@@ -170,65 +170,6 @@ impl Client {
             .await?;
         self.shared.outbox.notify_one();
         Ok(LinkedDevice { id: device })
-    }
-
-    /// Signs the next list with `change`, publishes it and tells the other devices.
-    /// A relay holding a newer list (this primary restored from a backup, say) is
-    /// caught up with once: its list must verify under our own identity.
-    async fn publish_list(
-        &self,
-        conn: &RelayConnection,
-        change: ListChange,
-    ) -> Result<(Vec<u8>, [u8; 64])> {
-        let mut caught_up = false;
-        loop {
-            let (list, signature) = self
-                .shared
-                .state
-                .lock()
-                .await
-                .next_own_list(change.clone())?;
-            match conn.publish_device_list(&list, &signature).await {
-                Ok(()) => {}
-                Err(e) if e.relay_code() == Some(ErrorCode::StaleDeviceList) && !caught_up => {
-                    caught_up = true;
-                    self.catch_up_own_list().await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            let mut state = self.shared.state.lock().await;
-            state.store_own_list(&list, &signature)?;
-            let sync = Kind::DeviceList(e2e::DeviceListSync {
-                device_list: list.clone().into(),
-                signature: signature.to_vec().into(),
-            });
-            state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
-            // Our own devices are checked again at the next send.
-            state.check_list_now(&self.address.account)?;
-            return Ok((list, signature));
-        }
-    }
-
-    /// Takes this account's list from the relay (verified under our identity).
-    async fn catch_up_own_list(&self) -> Result<()> {
-        let (account, token) = {
-            let state = self.shared.state.lock().await;
-            (state.keys.address.account, state.keys.delivery_token)
-        };
-        let listing = self
-            .shared
-            .anon
-            .run(|c| async move { c.device_listing(&account, &token).await })
-            .await?;
-        if let Some((list, signature)) = listing.list {
-            self.shared
-                .state
-                .lock()
-                .await
-                .store_own_list(&list, &signature)?;
-        }
-        Ok(())
     }
 
     /// This account's devices: those in its signed list that the relay also holds
@@ -267,50 +208,14 @@ impl Client {
             .collect())
     }
 
-    /// Removes device `id` from this account (primary only; never device 1): the
+    /// Removes device `id` from this account (primary only; never device 1, which
+    /// is refused with [`Error::NotPrimary`]: delete the account instead): the
     /// primary signs and publishes a list without it, and the relay deletes the
     /// device's keys, mailbox and credentials and closes its connections. Contacts
     /// stop encrypting to it at their next send (their list version is then stale).
     pub async fn remove_device(&self, id: DeviceId) -> Result<()> {
-        if id == DeviceId::PRIMARY {
-            return Err(Error::NotPrimary);
-        }
-        if !self.shared.state.lock().await.is_primary() {
-            return Err(Error::NotPrimary);
-        }
         let (conn, _) = self.connections().await?;
-        let mut caught_up = false;
-        loop {
-            let (list, signature) = self
-                .shared
-                .state
-                .lock()
-                .await
-                .next_own_list(ListChange::Remove(id))?;
-            match conn.remove_device(id, Some((&list, &signature))).await {
-                Ok(()) => {}
-                Err(e) if e.relay_code() == Some(ErrorCode::StaleDeviceList) && !caught_up => {
-                    caught_up = true;
-                    self.catch_up_own_list().await?;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            }
-            let mut state = self.shared.state.lock().await;
-            state.store_own_list(&list, &signature)?;
-            state.settle_link(id)?;
-            let sync = Kind::DeviceList(e2e::DeviceListSync {
-                device_list: list.into(),
-                signature: signature.to_vec().into(),
-            });
-            state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
-            let own = self.address.account;
-            state.drop_device(&own, id.get())?;
-            drop(state);
-            self.shared.emit(super::Event::DeviceRemoved { device: id });
-            self.shared.outbox.notify_one();
-            return Ok(());
-        }
+        remove_device(&self.shared, &conn, id).await
     }
 }
 
@@ -438,5 +343,105 @@ impl State {
             self.drop_token(&c.account)?;
         }
         Ok(())
+    }
+}
+
+/// Signs the next list with `change`, publishes it and tells the other devices.
+/// A relay holding a newer list (this primary restored from a backup, say) is
+/// caught up with once: its list must verify under our own identity.
+pub(super) async fn publish_list(
+    shared: &Shared,
+    conn: &RelayConnection,
+    change: ListChange,
+) -> Result<(Vec<u8>, [u8; 64])> {
+    let mut caught_up = false;
+    loop {
+        let (list, signature) = shared
+            .state
+            .lock()
+            .await
+            .next_own_list(change.clone())?;
+        match conn.publish_device_list(&list, &signature).await {
+            Ok(()) => {}
+            Err(e) if e.relay_code() == Some(ErrorCode::StaleDeviceList) && !caught_up => {
+                caught_up = true;
+                catch_up_own_list(shared).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let mut state = shared.state.lock().await;
+        state.store_own_list(&list, &signature)?;
+        let sync = Kind::DeviceList(e2e::DeviceListSync {
+            device_list: list.clone().into(),
+            signature: signature.to_vec().into(),
+        });
+        state.sync_now(sync, shared.now_ms(), &mut OsRng)?;
+        // Our own devices are checked again at the next send.
+        let own = state.keys.address.account;
+        state.check_list_now(&own)?;
+        return Ok((list, signature));
+    }
+}
+
+/// Takes this account's list from the relay (verified under our identity).
+async fn catch_up_own_list(shared: &Shared) -> Result<()> {
+    let (account, token) = {
+        let state = shared.state.lock().await;
+        (state.keys.address.account, state.keys.delivery_token)
+    };
+    let listing = shared
+        .anon
+        .run(|c| async move { c.device_listing(&account, &token).await })
+        .await?;
+    if let Some((list, signature)) = listing.list {
+        shared
+            .state
+            .lock()
+            .await
+            .store_own_list(&list, &signature)?;
+    }
+    Ok(())
+}
+
+/// Removes device `id` (see [`Client::remove_device`]).
+pub(super) async fn remove_device(
+    shared: &Shared,
+    conn: &RelayConnection,
+    id: DeviceId,
+) -> Result<()> {
+    if id == DeviceId::PRIMARY || !shared.state.lock().await.is_primary() {
+        return Err(Error::NotPrimary);
+    }
+    let mut caught_up = false;
+    loop {
+        let (list, signature) = shared
+            .state
+            .lock()
+            .await
+            .next_own_list(ListChange::Remove(id))?;
+        match conn.remove_device(id, Some((&list, &signature))).await {
+            Ok(()) => {}
+            Err(e) if e.relay_code() == Some(ErrorCode::StaleDeviceList) && !caught_up => {
+                caught_up = true;
+                catch_up_own_list(shared).await?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let mut state = shared.state.lock().await;
+        state.store_own_list(&list, &signature)?;
+        state.settle_link(id)?;
+        let sync = Kind::DeviceList(e2e::DeviceListSync {
+            device_list: list.into(),
+            signature: signature.to_vec().into(),
+        });
+        state.sync_now(sync, shared.now_ms(), &mut OsRng)?;
+        let own = state.keys.address.account;
+        state.drop_device(&own, id.get())?;
+        drop(state);
+        shared.emit(Event::DeviceRemoved { device: id });
+        shared.outbox.notify_one();
+        return Ok(());
     }
 }

@@ -240,6 +240,8 @@ pub(crate) struct Shared {
     conns: watch::Sender<Option<Connections>>,
     /// The anonymous connection, which lives apart from the authenticated one.
     anon: Arc<AnonymousLink>,
+    /// This device was removed from its account: the worker stops.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
@@ -374,6 +376,7 @@ impl Client {
             stop: watch::channel(false).0,
             conns: watch::channel(None).0,
             anon: Arc::new(AnonymousLink::new(relay.clone())),
+            removed: std::sync::atomic::AtomicBool::new(false),
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),
@@ -418,11 +421,19 @@ impl Client {
     /// Adds (or refreshes) a contact from its card. A card whose identity key differs
     /// from the one already trusted raises [`Event::IdentityChanged`].
     pub async fn add_contact(&self, card: &ContactCard) -> Result<()> {
-        let changed = self.shared.state.lock().await.add_contact(
-            card.account,
-            card.identity_key,
-            card.delivery_token,
-        )?;
+        let changed = {
+            let mut state = self.shared.state.lock().await;
+            let changed =
+                state.add_contact(card.account, card.identity_key, card.delivery_token)?;
+            // The account's other devices learn the contact too (unless the card
+            // raised a change the user has yet to accept).
+            if !changed {
+                if let Some(sync) = state.contact_sync(&card.account) {
+                    state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
+                }
+            }
+            changed
+        };
         if changed {
             self.shared.emit(Event::IdentityChanged {
                 contact: card.account,
@@ -511,6 +522,11 @@ impl Client {
     pub async fn accept_identity(&self, contact: &AccountId, key: &[u8; 32]) -> Result<bool> {
         let mut state = self.shared.state.lock().await;
         let accepted = state.accept_identity(contact, key)?;
+        if accepted {
+            if let Some(sync) = state.contact_sync(contact) {
+                state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
+            }
+        }
         // Emitted under the lock, so nothing newer from the contact overtakes them.
         for outcome in state.release_held(contact, self.shared.now_ms(), &mut OsRng)? {
             match outcome {

@@ -124,7 +124,12 @@ impl State {
                     return Ok(Err("a device list from a device other than the primary".into()));
                 }
                 match self.store_own_list(&l.device_list, &l.signature) {
-                    Ok(_) => Ok(Ok(Applied::Done(Vec::new()))),
+                    Ok(_) => {
+                        // Our devices changed: check them at the next send.
+                        let own = self.keys.address.account;
+                        self.check_list_now(&own)?;
+                        Ok(Ok(Applied::Done(Vec::new())))
+                    }
                     Err(crate::Error::Store(e)) => Err(e.into()),
                     Err(e) => Ok(Err(format!("own device list: {e}"))),
                 }
@@ -137,6 +142,8 @@ impl State {
                     return Ok(Err("a device announced another's join".into()));
                 }
                 self.settle_link(device)?;
+                let own = self.keys.address.account;
+                self.check_list_now(&own)?;
                 Ok(Ok(Applied::Done(vec![Event::DeviceJoined { device }])))
             }
             None => Ok(Err("an empty sync message".into())),

@@ -3,6 +3,7 @@
 //! lists and contacts' prekey bundles, reconnecting with backoff whenever either drops.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use rand::Rng;
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId};
 
 use super::anonymous::AnonymousLink;
+use super::devices::ListChange;
+use super::linking;
 use super::contacts::StartError;
 use super::outbox::{DeviceSends, SealedCopy};
 use super::state::{Outcome, State};
@@ -87,6 +90,11 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
                 tracing::warn!(error = %e, "the device store cannot be read");
             }
         }
+        if shared.removed.load(Ordering::Relaxed) {
+            // Removed from the account: nothing to reconnect to.
+            shared.emit(Event::Removed);
+            break;
+        }
         let reason = match result {
             Ok(()) => "closed".to_string(),
             Err(e) => e.to_string(),
@@ -111,8 +119,19 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         (state.keys.address, state.keys.device.clone())
     };
     let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
-    conn.authenticate(&address, &device_key).await?;
+    match conn.authenticate(&address, &device_key).await {
+        // A linked device the relay no longer knows was removed (the primary never is).
+        Err(e)
+            if e.relay_code() == Some(ErrorCode::Unauthorized)
+                && address.device != DeviceId::PRIMARY =>
+        {
+            shared.removed.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        other => other?,
+    };
     maintain_keys(shared, &conn).await?;
+    maintain_devices(shared, &conn).await?;
     backoff.reset();
     // Sealed sends go over a connection that never authenticates (`shared.anon`),
     // so the relay cannot tie them to this device by connection.
@@ -128,6 +147,9 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         r = check_when_anonymous_lost(&conn, &anon) => r,
     };
     shared.conns.send_replace(None);
+    if conn.device_removed() {
+        shared.removed.store(true, Ordering::Relaxed);
+    }
     match Arc::try_unwrap(conn) {
         Ok(c) => c.close().await,
         // A transfer still holds it: close it under the transfer.
@@ -177,6 +199,43 @@ async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
     if let Some(upload) = upload {
         conn.publish_keys(&upload).await?;
         shared.state.lock().await.keys_published()?;
+    }
+    Ok(())
+}
+
+/// The primary's care of its own devices: a first signed list if it never
+/// published one (so contacts hold a version to be told is stale), and links never
+/// joined removed at their deadline. A relay's refusal waits for the next round.
+async fn maintain_devices(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let (primary, listed, expired) = {
+        let state = shared.state.lock().await;
+        (
+            state.is_primary(),
+            state.own_list().is_some(),
+            state.expired_links(shared.now_ms()),
+        )
+    };
+    if !primary {
+        return Ok(());
+    }
+    if !listed {
+        match linking::publish_list(shared, conn, ListChange::Same).await {
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "the first device list was not published");
+            }
+            other => drop(other?),
+        }
+    }
+    for device in expired {
+        match linking::remove_device(shared, conn, device).await {
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "a device never joined and was not removed");
+                if e.relay_code() == Some(ErrorCode::NotFound) {
+                    shared.state.lock().await.settle_link(device)?;
+                }
+            }
+            other => other?,
+        }
     }
     Ok(())
 }
@@ -285,7 +344,10 @@ async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &AnonymousLink
             }
             Round::Idle => tokio::select! {
                 () = &mut notified => {}
-                _ = maintenance.tick() => maintain_keys(shared, conn).await?,
+                _ = maintenance.tick() => {
+                    maintain_keys(shared, conn).await?;
+                    maintain_devices(shared, conn).await?;
+                }
             },
             Round::Wait => tokio::select! {
                 () = &mut notified => {}
