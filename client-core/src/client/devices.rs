@@ -22,6 +22,9 @@ use crate::store::records::{ContactRecord, PendingLink};
 use crate::store::Batch;
 use crate::{Error, Result};
 
+/// How soon a listed device without a session is looked for again.
+const RECHECK_MS: u64 = 60 * 1000;
+
 /// What applying the relay's view of an account's devices came to.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct ListCheck {
@@ -75,6 +78,21 @@ impl State {
         Ok(())
     }
 
+    /// Listed devices of `account` we could not start a session with yet (one that
+    /// has not published its keys, say): the list is checked again in a minute
+    /// rather than a day.
+    pub(crate) fn recheck_soon(&mut self, account: &AccountId, now_ms: u64) -> Result<()> {
+        if let Some(mut record) = self.contacts.get(account).cloned() {
+            record.devices_checked_ms = now_ms
+                .saturating_sub(super::contacts::DEVICE_CHECK_MS)
+                .saturating_add(RECHECK_MS);
+            let mut batch = Batch::new();
+            self.put_contact(*account, record, &mut batch);
+            self.commit(batch, false)?;
+        }
+        Ok(())
+    }
+
     /// Applies the relay's answer about `account`'s devices: its device ids and its
     /// signed list (both empty if it has none). A list that verifies and is newer is
     /// cached; devices outside `list ∩ ids` are dropped with their unsent copies.
@@ -94,6 +112,14 @@ impl State {
         let Some(mut record) = record else {
             return Ok(ListCheck::default());
         };
+        if own.is_some() && !list.is_empty() {
+            // Our own list from the relay (one the primary published, say): kept
+            // as ours too if it verifies and is newer.
+            if let Err(e @ Error::Store(_)) = self.store_own_list(list, signature) {
+                return Err(e);
+            }
+            record = self.own_contact();
+        }
         let mut refused = None;
         let trusted: Option<[u8; 32]> = record.identity_key[..].try_into().ok();
         if list.is_empty() && signature.is_empty() {

@@ -374,7 +374,7 @@ async fn refresh_devices(
         return Ok(());
     };
     let mut bundles = Vec::new();
-    for device in new {
+    for &device in &new {
         let Ok(device) = DeviceId::try_from(device) else {
             continue;
         };
@@ -384,10 +384,13 @@ async fn refresh_devices(
             Err(e) => return Err(e),
         }
     }
+    let mut state = shared.state.lock().await;
+    if bundles.len() < new.len() {
+        state.recheck_soon(recipient, now)?;
+    }
     if bundles.is_empty() {
         return Ok(());
     }
-    let mut state = shared.state.lock().await;
     match state.start_sessions(*recipient, &bundles, &mut OsRng) {
         Ok(()) => state.reprepare(recipient),
         Err(StartError::IdentityChanged { first }) => {
