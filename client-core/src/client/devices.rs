@@ -15,8 +15,10 @@
 
 use tern_proto::{AccountId, DeviceBundle, DeviceId};
 
-use super::state::{corrupt, State};
-use crate::crypto::devices::{sign_device_list, DeviceEntry, DeviceList, VerifiedDeviceList};
+use super::state::State;
+use crate::crypto::devices::{
+    sign_device_list, DeviceEntry, DeviceList, DeviceListRefusal, VerifiedDeviceList,
+};
 use crate::crypto::x3dh::{PreKeyBundle, PrekeySigner, VerifiedBundle};
 use crate::store::records::{ContactRecord, PendingLink};
 use crate::store::Batch;
@@ -53,12 +55,6 @@ fn parse_cached(record: &ContactRecord) -> Option<DeviceList> {
 }
 
 impl State {
-    /// The verified list cached for `account`; `None` for an account that never
-    /// published one (a legacy contact).
-    pub(crate) fn cached_list(&self, account: &AccountId) -> Option<DeviceList> {
-        parse_cached(self.contacts.get(account)?)
-    }
-
     /// The list version sends to `account` carry (0: not checked).
     pub(crate) fn list_version(&self, account: &AccountId) -> u64 {
         self.contacts
@@ -277,10 +273,17 @@ impl State {
     /// it was stored.
     pub(crate) fn store_own_list(&mut self, list: &[u8], signature: &[u8]) -> Result<bool> {
         let account = self.keys.address.account;
-        let held = (!self.local.device_list.is_empty())
-            .then_some((self.local.device_list_version, &self.local.device_list[..]));
+        let held = self
+            .own_list()
+            .map(|l| (l.version, &self.local.device_list[..]));
         let identity = self.keys.identity_key;
-        let verified = VerifiedDeviceList::verify(&identity, &account, list, signature, held)?;
+        let verified = match VerifiedDeviceList::verify(&identity, &account, list, signature, held)
+        {
+            Ok(verified) => verified,
+            // One that crossed a newer one on its way: nothing to do.
+            Err(Error::DeviceList(DeviceListRefusal::Older { .. })) => return Ok(false),
+            Err(e) => return Err(e),
+        };
         if held.is_some_and(|(v, _)| verified.version() <= v) {
             return Ok(false);
         }
@@ -363,13 +366,5 @@ impl State {
         self.commit(batch, true)?;
         self.local = local;
         Ok(())
-    }
-
-    /// The delivery token of this account as a contact of itself, for sends to its
-    /// other devices; `Err` when the record is damaged.
-    pub(crate) fn own_token(&self) -> Result<[u8; 32]> {
-        self.keys.delivery_token[..]
-            .try_into()
-            .map_err(|_| corrupt())
     }
 }

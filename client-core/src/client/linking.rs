@@ -138,7 +138,9 @@ impl Client {
             (identity, state.keys.address.account)
         };
         let (conn, _) = self.connections().await?;
-        let device = conn.add_device(&identity, &account, &link.device_key).await?;
+        let device = conn
+            .add_device(&identity, &account, &link.device_key)
+            .await?;
         let entry = DeviceEntry {
             id: device,
             device_key: link.device_key,
@@ -238,8 +240,7 @@ impl Joining {
         let clock = self.options.clock.clone();
         let now = clock.now();
         let device_secret = zeroize::Zeroizing::new(self.keys.device_signing_key().to_bytes());
-        let identity_dh =
-            AgreementKeyPair::from_secret(self.keys.identity_dh_secret().to_bytes());
+        let identity_dh = AgreementKeyPair::from_secret(self.keys.identity_dh_secret().to_bytes());
         let address = DeviceAddress {
             account: payload.account,
             device: payload.device_id,
@@ -338,7 +339,11 @@ impl State {
 
     /// A contact from the primary's payload, trusted as the primary trusts it.
     fn add_linked_contact(&mut self, c: &LinkedContact) -> Result<()> {
-        let _ = self.add_contact(c.account, c.identity_key, c.delivery_token.unwrap_or_default())?;
+        let _ = self.add_contact(
+            c.account,
+            c.identity_key,
+            c.delivery_token.unwrap_or_default(),
+        )?;
         if c.delivery_token.is_none() {
             self.drop_token(&c.account)?;
         }
@@ -356,11 +361,7 @@ pub(super) async fn publish_list(
 ) -> Result<(Vec<u8>, [u8; 64])> {
     let mut caught_up = false;
     loop {
-        let (list, signature) = shared
-            .state
-            .lock()
-            .await
-            .next_own_list(change.clone())?;
+        let (list, signature) = shared.state.lock().await.next_own_list(change.clone())?;
         match conn.publish_device_list(&list, &signature).await {
             Ok(()) => {}
             Err(e) if e.relay_code() == Some(ErrorCode::StaleDeviceList) && !caught_up => {

@@ -532,7 +532,9 @@ impl Client {
             match outcome {
                 state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
                 state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),
-                state::Outcome::Synced(events) => events.into_iter().for_each(|e| self.shared.emit(e)),
+                state::Outcome::Synced(events) => {
+                    events.into_iter().for_each(|e| self.shared.emit(e))
+                }
                 state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
             }
         }

@@ -98,8 +98,7 @@ pub(crate) fn random32(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 32] {
 impl Keys {
     fn from_local(local: &LocalRecord) -> Result<Keys> {
         let identity_dh = AgreementKeyPair::from_secret(fixed32(&local.identity_dh_secret)?);
-        let (identity, identity_key, identity_dh_signature) = if local.identity_secret.is_empty()
-        {
+        let (identity, identity_key, identity_dh_signature) = if local.identity_secret.is_empty() {
             // A linked device: the primary vouched for its keys at link time.
             let signature: [u8; 64] = local.identity_dh_signature[..]
                 .try_into()

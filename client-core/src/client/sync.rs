@@ -121,7 +121,9 @@ impl State {
             }
             Some(Kind::DeviceList(l)) => {
                 if from != DeviceId::PRIMARY {
-                    return Ok(Err("a device list from a device other than the primary".into()));
+                    return Ok(Err(
+                        "a device list from a device other than the primary".into()
+                    ));
                 }
                 match self.store_own_list(&l.device_list, &l.signature) {
                     Ok(_) => {

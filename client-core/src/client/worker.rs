@@ -12,9 +12,9 @@ use rand::Rng;
 use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId};
 
 use super::anonymous::AnonymousLink;
+use super::contacts::StartError;
 use super::devices::ListChange;
 use super::linking;
-use super::contacts::StartError;
 use super::outbox::{DeviceSends, SealedCopy};
 use super::state::{Outcome, State};
 use super::{Event, Shared};

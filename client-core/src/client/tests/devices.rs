@@ -305,7 +305,11 @@ fn deliver(from: &mut Dev, to: &Dev, seq: u64) -> Delivery {
         .iter()
         .find(|c| c.device_id == device)
         .expect("a copy for the device");
-    let cert = from.certificate(from.state.keys.address.device.get(), NOW + DAY, &relay_key());
+    let cert = from.certificate(
+        from.state.keys.address.device.get(),
+        NOW + DAY,
+        &relay_key(),
+    );
     let payload = sealed::seal(
         &mut OsRng,
         &to.state.keys.identity_dh.public(),
@@ -397,11 +401,11 @@ fn a_sync_from_another_account_is_dropped() {
             }],
         })),
     };
-    bob.state
-        .outbox
-        .get_mut(&seq)
-        .expect("record")
-        .sync = sync.encode_to_vec();
+    let record = bob.state.outbox.get_mut(&seq).expect("record");
+    record.sync = sync.encode_to_vec();
+    // Encrypted again, now with the sync inside.
+    record.prepared = false;
+    record.copies.clear();
     let d = deliver(&mut bob, &alice, seq);
     let Outcome::Dropped(reason) = alice.receive(&d) else {
         panic!("not dropped")
