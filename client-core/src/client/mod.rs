@@ -31,6 +31,7 @@ mod inbox;
 mod keys;
 mod linking;
 mod outbox;
+mod send;
 mod state;
 mod sync;
 #[cfg(test)]
