@@ -113,7 +113,7 @@ impl State {
             if sender != own || identity_key != self.keys.identity_key {
                 return Ok(Outcome::Dropped("sync from another account".into()));
             }
-            match self.apply_sync(device, sync)? {
+            match self.apply_sync(device, sync, now_ms, rng)? {
                 Ok(applied) => synced = Some(applied),
                 Err(reason) => return Ok(Outcome::Dropped(reason)),
             }

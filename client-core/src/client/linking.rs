@@ -33,6 +33,8 @@ const JOIN_DEADLINE_MS: u64 = 12 * 60 * 1000;
 /// Contacts carried in the payload itself; the rest follow as a sync (a payload
 /// stays far below the relay's 64 KiB).
 const PAYLOAD_CONTACTS: usize = 500;
+/// Contacts per contact sync message (well inside a message's padded size).
+const SYNC_CONTACTS: usize = 200;
 
 /// A device linked by [`Client::link_device`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,9 +323,11 @@ impl State {
     /// whether that is all of them.
     fn linked_contacts(&self, max: usize) -> (Vec<LinkedContact>, bool) {
         let own = self.keys.address.account;
-        let all: Vec<LinkedContact> = self
-            .contacts
-            .iter()
+        let mut sorted: Vec<_> = self.contacts.iter().collect();
+        // One order, so what follows later as a sync is exactly the rest.
+        sorted.sort_by_key(|(a, _)| **a);
+        let all: Vec<LinkedContact> = sorted
+            .into_iter()
             .filter(|(a, c)| **a != own && !c.blocked())
             .filter_map(|(a, c)| {
                 Some(LinkedContact {
@@ -335,6 +339,34 @@ impl State {
             .collect();
         let complete = all.len() <= max;
         (all.into_iter().take(max).collect(), complete)
+    }
+
+    /// After device `joined` said it joined: the contacts its payload had no room
+    /// for follow as contact syncs (to every other device; applying one twice
+    /// changes nothing).
+    pub(super) fn sync_remaining_contacts(
+        &mut self,
+        now_ms: u64,
+        rng: &mut (impl rand::RngCore + rand::CryptoRng),
+        batch: &mut Batch,
+    ) {
+        let (all, _) = self.linked_contacts(usize::MAX);
+        for chunk in all[all.len().min(PAYLOAD_CONTACTS)..].chunks(SYNC_CONTACTS) {
+            let contacts = chunk
+                .iter()
+                .map(|c| e2e::LinkedContact {
+                    account_id: c.account.as_bytes().to_vec().into(),
+                    identity_key: c.identity_key.to_vec().into(),
+                    delivery_token: c
+                        .delivery_token
+                        .map(|t| t.to_vec())
+                        .unwrap_or_default()
+                        .into(),
+                })
+                .collect();
+            let sync = Kind::Contacts(e2e::ContactsSync { contacts });
+            self.queue_sync(sync, now_ms, rng, batch);
+        }
     }
 
     /// A contact from the primary's payload, trusted as the primary trusts it.

@@ -473,12 +473,16 @@ impl Client {
     /// holders of the old token can no longer send sealed. Contacts fall back to
     /// identified sends (the relay then sees who writes) until a message from this
     /// device brings them the new token.
+    ///
+    /// Only the primary rotates the token (the account's devices share it):
+    /// [`Error::NotPrimary`] on a linked device.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        self.shared
-            .state
-            .lock()
-            .await
-            .rotate_delivery_token(&mut OsRng)?;
+        let mut state = self.shared.state.lock().await;
+        if state.keys.identity.is_none() {
+            return Err(Error::NotPrimary);
+        }
+        state.rotate_delivery_token(&mut OsRng)?;
+        drop(state);
         self.shared.outbox.notify_one();
         Ok(())
     }

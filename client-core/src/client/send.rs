@@ -287,6 +287,13 @@ async fn send_round(
                     continue;
                 }
                 Err(StartError::NoDevices) => {
+                    // Our own other devices may not have published keys yet (one
+                    // still joining): their syncs wait, unless none is left.
+                    let own = shared.state.lock().await.keys.address.account;
+                    if recipient == own && shared.state.lock().await.has_other_devices() {
+                        round = Round::Wait;
+                        continue;
+                    }
                     fail_all(shared, &recipient, "the account has no devices with keys").await?;
                     round = Round::Progress;
                     continue;

@@ -98,6 +98,8 @@ impl State {
         &mut self,
         from: DeviceId,
         sync: e2e::SyncMessage,
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<std::result::Result<Applied, String>> {
         match sync.kind {
             Some(Kind::Sent(t)) => {
@@ -143,7 +145,13 @@ impl State {
                 if device != from {
                     return Ok(Err("a device announced another's join".into()));
                 }
-                self.settle_link(device)?;
+                if self.settle_link(device)? {
+                    // What the payload had no room for follows now that a session
+                    // with the device exists.
+                    let mut batch = Batch::new();
+                    self.sync_remaining_contacts(now_ms, rng, &mut batch);
+                    self.commit(batch, false)?;
+                }
                 let own = self.keys.address.account;
                 self.check_list_now(&own)?;
                 Ok(Ok(Applied::Done(vec![Event::DeviceJoined { device }])))
