@@ -47,15 +47,57 @@ mod placeholder {
     #[derive(Debug)]
     pub struct DeviceListError;
 
+    const CONTEXT: &[u8] = b"tern device list v1\0";
+
     impl DeviceList {
         /// The signed bytes.
         pub fn encode(&self) -> Vec<u8> {
-            Vec::new()
+            let mut b = CONTEXT.to_vec();
+            b.extend_from_slice(self.account.as_bytes());
+            b.extend_from_slice(&self.version.to_be_bytes());
+            b.push(self.entries.len() as u8);
+            for e in &self.entries {
+                b.extend_from_slice(&e.id.get().to_be_bytes());
+                b.extend_from_slice(&e.device_key);
+                b.extend_from_slice(&e.identity_dh);
+            }
+            b
         }
 
         /// Parses [`DeviceList::encode`].
-        pub fn parse(_bytes: &[u8]) -> Result<DeviceList, DeviceListError> {
-            Err(DeviceListError)
+        pub fn parse(bytes: &[u8]) -> Result<DeviceList, DeviceListError> {
+            let rest = bytes.strip_prefix(CONTEXT).ok_or(DeviceListError)?;
+            if rest.len() < 25 {
+                return Err(DeviceListError);
+            }
+            let account = AccountId::try_from(&rest[..16]).map_err(|_| DeviceListError)?;
+            let version = u64::from_be_bytes(rest[16..24].try_into().map_err(|_| DeviceListError)?);
+            let n = usize::from(rest[24]);
+            let body = &rest[25..];
+            if body.len() != n * 68 {
+                return Err(DeviceListError);
+            }
+            let mut entries: Vec<DeviceEntry> = Vec::with_capacity(n);
+            for e in body.chunks_exact(68) {
+                let id = u32::from_be_bytes(e[..4].try_into().map_err(|_| DeviceListError)?);
+                let id = DeviceId::new(id).ok_or(DeviceListError)?;
+                if entries.last().is_some_and(|l| l.id >= id) {
+                    return Err(DeviceListError);
+                }
+                entries.push(DeviceEntry {
+                    id,
+                    device_key: e[4..36].try_into().map_err(|_| DeviceListError)?,
+                    identity_dh: e[36..68].try_into().map_err(|_| DeviceListError)?,
+                });
+            }
+            if entries.first().map(|e| e.id) != Some(DeviceId::PRIMARY) {
+                return Err(DeviceListError);
+            }
+            Ok(DeviceList {
+                account,
+                version,
+                entries,
+            })
         }
     }
 }
@@ -200,3 +242,6 @@ impl VerifiedDeviceList {
         &self.list
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -5,8 +5,10 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use tern_proto::address::RelayAddress;
-use zeroize::Zeroize;
+use ed25519_dalek::VerifyingKey;
+use tern_proto::address::{RelayAddress, RelayHost};
+use x25519_dalek::{PublicKey, StaticSecret};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::error::{Error, Result};
 
@@ -54,21 +56,60 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Parses a link; every malformed input is [`Error::InvalidLink`].
     pub fn parse(s: &str) -> Result<Link> {
-        let _ = (s, FIXED_LEN, MAX_RELAY_LEN);
-        Err(Error::InvalidLink)
+        let bad = || Error::InvalidLink;
+        let text = s.trim().strip_prefix(LINK_PREFIX).ok_or_else(bad)?;
+        // Refuse before decoding what could not be a link (base64 is 4/3 the bytes).
+        if text.len() > (FIXED_LEN + MAX_RELAY_LEN) * 4 / 3 + 4 {
+            return Err(bad());
+        }
+        let b = Zeroizing::new(URL_SAFE_NO_PAD.decode(text).map_err(|_| bad())?);
+        if b.len() <= FIXED_LEN || b.len() > FIXED_LEN + MAX_RELAY_LEN {
+            return Err(bad());
+        }
+        if b[0] != LINK_VERSION {
+            return Err(bad());
+        }
+        let key = |at: usize| -> Result<[u8; 32]> { b[at..at + 32].try_into().map_err(|_| bad()) };
+        let relay = std::str::from_utf8(&b[FIXED_LEN..])
+            .map_err(|_| bad())?
+            .parse::<RelayAddress>()
+            .map_err(|_| bad())?;
+        let link = Link {
+            slot_id: b[1..17].try_into().map_err(|_| bad())?,
+            hpke_public: key(17)?,
+            linking_secret: key(49)?,
+            device_key: key(81)?,
+            identity_dh: key(113)?,
+            relay,
+        };
+        let ed25519_ok = VerifyingKey::from_bytes(&link.device_key).is_ok_and(|k| !k.is_weak());
+        if !ed25519_ok || !contributory(&link.hpke_public) || !contributory(&link.identity_dh) {
+            return Err(bad());
+        }
+        Ok(link)
     }
 
     /// Refuses a link for another relay than `ours` ([`Error::LinkOtherRelay`]): the
-    /// fingerprint must match and the two addresses must share a host.
+    /// fingerprint must match (the same pinned certificate) and the two addresses
+    /// must share a host (a relay of several nodes may list them in another order).
     pub fn check_relay(&self, ours: &RelayAddress) -> Result<()> {
-        let _ = ours;
-        Err(Error::LinkOtherRelay)
+        let same_host =
+            |a: &RelayHost, b: &RelayHost| a.port == b.port && a.host.eq_ignore_ascii_case(&b.host);
+        let theirs = self.relay.hosts();
+        let shared = ours
+            .hosts()
+            .iter()
+            .any(|h| theirs.iter().any(|t| same_host(h, t)));
+        if self.relay.fingerprint != ours.fingerprint || !shared {
+            return Err(Error::LinkOtherRelay);
+        }
+        Ok(())
     }
 }
 
 impl std::fmt::Display for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut b = zeroize::Zeroizing::new(Vec::with_capacity(FIXED_LEN + 64));
+        let mut b = Zeroizing::new(Vec::with_capacity(FIXED_LEN + 64));
         b.push(LINK_VERSION);
         b.extend_from_slice(&self.slot_id);
         b.extend_from_slice(&self.hpke_public);
@@ -78,4 +119,12 @@ impl std::fmt::Display for Link {
         b.extend_from_slice(self.relay.to_string().as_bytes());
         write!(f, "{LINK_PREFIX}{}", URL_SAFE_NO_PAD.encode(&b[..]))
     }
+}
+
+/// Whether an X25519 public key is not of small order: a clamped scalar is a multiple
+/// of the cofactor, so a small-order point gives the all-zero output.
+fn contributory(public: &[u8; 32]) -> bool {
+    StaticSecret::from([1u8; 32])
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
 }

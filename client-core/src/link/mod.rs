@@ -108,7 +108,10 @@ impl JoinKeys {
     }
 
     fn hpke_public(&self) -> [u8; 32] {
-        PublicKey::from(&StaticSecret::from(self.hpke_secret)).to_bytes()
+        // X25519 clamps the same way in HPKE and x25519-dalek; HPKE's own derivation
+        // is used when it accepts the secret (it accepts every 32 bytes).
+        hpke::public_key(&self.hpke_secret)
+            .unwrap_or_else(|_| PublicKey::from(&StaticSecret::from(self.hpke_secret)).to_bytes())
     }
 
     /// The stored form (to be kept encrypted, like every device secret).

@@ -1,10 +1,13 @@
 //! What the primary seals for a new device ([`LinkPayload`]) and its encoding, the
 //! e2e.proto `LinkPayload` message.
 
+use ed25519_dalek::{Signature, VerifyingKey};
+use prost::Message;
 use tern_proto::{AccountId, DeviceId};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::crypto::devices::VerifiedDeviceList;
+use crate::crypto::x3dh::verify_identity_dh;
 use crate::error::{Error, Result};
 
 /// A contact the primary hands a new device, so it can write to it at once.
@@ -60,26 +63,168 @@ impl std::fmt::Debug for LinkPayload {
 impl LinkPayload {
     /// The e2e.proto encoding.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
-        Zeroizing::new(Vec::new())
+        let wire = wire::LinkPayload {
+            account_id: self.account.as_bytes().to_vec(),
+            device_id: self.device_id.get(),
+            identity_key: self.identity_key.to_vec(),
+            device_signature: self.device_signature.to_vec(),
+            identity_dh_signature: self.identity_dh_signature.to_vec(),
+            device_list: self.device_list.clone(),
+            device_list_signature: self.device_list_signature.to_vec(),
+            delivery_token: self.delivery_token.to_vec(),
+            relay_signing_key: self.relay_signing_key.to_vec(),
+            contacts: self
+                .contacts
+                .iter()
+                .map(|c| wire::LinkedContact {
+                    account: c.account.as_bytes().to_vec(),
+                    identity_key: c.identity_key.to_vec(),
+                    delivery_token: c.delivery_token.map(|t| t.to_vec()).unwrap_or_default(),
+                })
+                .collect(),
+            contacts_complete: self.contacts_complete,
+            created_at_ms: self.created_at_ms,
+        };
+        let out = Zeroizing::new(wire.encode_to_vec());
+        // The token is a secret; wipe the intermediate copy too.
+        let mut wire = wire;
+        wire.delivery_token.zeroize();
+        out
     }
 
-    /// Decodes [`LinkPayload::encode`]; a field of the wrong length is
-    /// [`Error::LinkPayload`].
+    /// Decodes [`LinkPayload::encode`]; what does not decode, or a field of the
+    /// wrong length (or device 1, which is never linked), is [`Error::LinkPayload`].
     pub fn decode(bytes: &[u8]) -> Result<LinkPayload> {
-        let _ = bytes;
-        Err(Error::LinkPayload("not yet".into()))
+        let mut w = wire::LinkPayload::decode(bytes).map_err(|_| bad("does not decode"))?;
+        let payload = (|| {
+            let contacts = w
+                .contacts
+                .iter()
+                .map(|c| {
+                    Ok(LinkedContact {
+                        account: account(&c.account, "contact account")?,
+                        identity_key: fixed(&c.identity_key, "contact identity key")?,
+                        delivery_token: match c.delivery_token.len() {
+                            0 => None,
+                            _ => Some(fixed(&c.delivery_token, "contact delivery token")?),
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let device_id = DeviceId::new(w.device_id)
+                .filter(|id| *id != DeviceId::PRIMARY)
+                .ok_or_else(|| bad("device id"))?;
+            if w.device_list.is_empty() {
+                return Err(bad("no device list"));
+            }
+            Ok(LinkPayload {
+                account: account(&w.account_id, "account")?,
+                device_id,
+                identity_key: fixed(&w.identity_key, "identity key")?,
+                device_signature: fixed(&w.device_signature, "device signature")?,
+                identity_dh_signature: fixed(&w.identity_dh_signature, "identity_dh signature")?,
+                device_list: std::mem::take(&mut w.device_list),
+                device_list_signature: fixed(&w.device_list_signature, "device list signature")?,
+                delivery_token: fixed(&w.delivery_token, "delivery token")?,
+                relay_signing_key: fixed(&w.relay_signing_key, "relay signing key")?,
+                contacts,
+                contacts_complete: w.contacts_complete,
+                created_at_ms: w.created_at_ms,
+            })
+        })();
+        w.delivery_token.zeroize();
+        payload
     }
 
     /// Checks what the primary vouched for: the device certificate over
     /// (account, `device_key`), the signature over `identity_dh`, and a device list
     /// that verifies under `identity_key`, names the account and lists
     /// (`device_id`, `device_key`, `identity_dh`). Returns the verified list.
+    /// Any failure is [`Error::LinkPayload`].
     pub fn verify(
         &self,
         device_key: &[u8; 32],
         identity_dh: &[u8; 32],
     ) -> Result<VerifiedDeviceList> {
-        let _ = (device_key, identity_dh);
-        Err(Error::LinkPayload("not yet".into()))
+        let identity =
+            VerifyingKey::from_bytes(&self.identity_key).map_err(|_| bad("identity key"))?;
+        identity
+            .verify_strict(
+                &tern_proto::auth::device_certificate(Some(&self.account), device_key),
+                &Signature::from_bytes(&self.device_signature),
+            )
+            .map_err(|_| bad("device certificate"))?;
+        verify_identity_dh(&self.identity_key, identity_dh, &self.identity_dh_signature)
+            .map_err(|_| bad("identity_dh signature"))?;
+        let list = VerifiedDeviceList::verify(
+            &self.identity_key,
+            &self.account,
+            &self.device_list,
+            &self.device_list_signature,
+            None,
+        )
+        .map_err(|e| bad(&e.to_string()))?;
+        let listed = list
+            .entry(self.device_id)
+            .is_some_and(|e| e.device_key == *device_key && e.identity_dh == *identity_dh);
+        if !listed {
+            return Err(bad("the device list does not hold this device"));
+        }
+        Ok(list)
+    }
+}
+
+fn bad(what: &str) -> Error {
+    Error::LinkPayload(what.to_owned())
+}
+
+fn fixed<const N: usize>(b: &[u8], what: &str) -> Result<[u8; N]> {
+    b.try_into().map_err(|_| bad(what))
+}
+
+fn account(b: &[u8], what: &str) -> Result<AccountId> {
+    AccountId::try_from(b).map_err(|_| bad(what))
+}
+
+/// Stand-in for the e2e.proto `LinkPayload` until the wire lands (same tags).
+mod wire {
+    /// The sealed payload.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct LinkPayload {
+        #[prost(bytes = "vec", tag = "1")]
+        pub(super) account_id: Vec<u8>,
+        #[prost(uint32, tag = "2")]
+        pub(super) device_id: u32,
+        #[prost(bytes = "vec", tag = "3")]
+        pub(super) identity_key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub(super) device_signature: Vec<u8>,
+        #[prost(bytes = "vec", tag = "5")]
+        pub(super) identity_dh_signature: Vec<u8>,
+        #[prost(bytes = "vec", tag = "6")]
+        pub(super) device_list: Vec<u8>,
+        #[prost(bytes = "vec", tag = "7")]
+        pub(super) device_list_signature: Vec<u8>,
+        #[prost(bytes = "vec", tag = "8")]
+        pub(super) delivery_token: Vec<u8>,
+        #[prost(bytes = "vec", tag = "9")]
+        pub(super) relay_signing_key: Vec<u8>,
+        #[prost(message, repeated, tag = "10")]
+        pub(super) contacts: Vec<LinkedContact>,
+        #[prost(bool, tag = "11")]
+        pub(super) contacts_complete: bool,
+        #[prost(uint64, tag = "12")]
+        pub(super) created_at_ms: u64,
+    }
+
+    /// One contact in it.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct LinkedContact {
+        #[prost(bytes = "vec", tag = "1")]
+        pub(super) account: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub(super) identity_key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub(super) delivery_token: Vec<u8>,
     }
 }
