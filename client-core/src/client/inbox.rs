@@ -75,7 +75,13 @@ impl State {
             return Ok(Outcome::Duplicate);
         }
         let mut contact = if sender == self.keys.address.account {
-            // This account's other devices: trusted under its own identity only.
+            // This account's other devices: trusted under its own identity only, and
+            // never held as an identity change (ours cannot change).
+            if identity_key != self.keys.identity_key {
+                return Ok(Outcome::Dropped(
+                    "a message from this account under another identity key".into(),
+                ));
+            }
             self.own_contact()
         } else {
             self.contacts.get(&sender).cloned().unwrap_or_default()

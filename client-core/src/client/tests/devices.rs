@@ -473,3 +473,51 @@ fn only_the_primary_syncs_the_list_and_a_join_settles_its_link() {
     let d = deliver(&mut a2, &alice, seq);
     assert!(dropped(alice.receive(&d)));
 }
+
+#[test]
+fn a_store_still_joining_holds_no_device_and_keeps_its_keys() {
+    use crate::store::records::LocalRecord;
+    use crate::store::{Batch, IdentityStore, KvStore};
+    let kv = Arc::new(MemoryKv::new());
+    let keys = crate::link::JoinKeys::generate();
+    let mut batch = Batch::new();
+    batch.put_local(&LocalRecord {
+        relay: "tern://x@127.0.0.1:1".into(),
+        joining: keys.to_bytes().to_vec(),
+        ..LocalRecord::default()
+    });
+    batch.commit(&*kv, true).expect("store");
+    let store: Arc<dyn KvStore> = kv.clone();
+    assert!(State::load(store.clone(), NOW).expect("load").is_none());
+    let local = store.local().expect("read").expect("a record");
+    assert!(local.is_joining());
+    let again = crate::link::JoinKeys::from_bytes(&local.joining).expect("keys");
+    assert_eq!(again.slot_id(), keys.slot_id());
+    assert_eq!(again.reader_hash(), keys.reader_hash());
+}
+
+#[test]
+fn a_stale_list_makes_the_contact_due_at_once() {
+    let alice = dev(1);
+    let mut bob = bob_knowing(&alice);
+    let bundle = {
+        let mut alice = alice;
+        alice.bundle(false)
+    };
+    let account = bundle_account(&bob);
+    assert!(bob
+        .state
+        .start_sessions(account, &[bundle], &mut OsRng)
+        .is_ok());
+    bob.state
+        .update_devices(&account, &[1], NOW)
+        .expect("checked");
+    assert_eq!(bob.state.devices_due(&account, NOW + 1), None);
+    bob.state.check_list_now(&account).expect("due");
+    assert_eq!(bob.state.devices_due(&account, NOW + 1), Some([5; 32]));
+}
+
+/// The one contact `bob_knowing` added.
+fn bundle_account(bob: &Dev) -> AccountId {
+    *bob.state.contacts.keys().next().expect("a contact")
+}
