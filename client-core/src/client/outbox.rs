@@ -89,7 +89,10 @@ impl State {
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|_| corrupt())?,
         };
-        self.queue_sync(Kind::Sent(transcript), now_ms, rng, &mut batch);
+        // (A message to this account itself reaches those devices as it is.)
+        if *recipient != self.keys.address.account {
+            self.queue_sync(Kind::Sent(transcript), now_ms, rng, &mut batch);
+        }
         batch.put_local(&self.local);
         self.commit(batch, false)?;
         self.outbox.insert(seq, record);
