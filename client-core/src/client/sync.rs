@@ -117,6 +117,13 @@ impl State {
                     ) else {
                         continue;
                     };
+                    if account == self.keys.address.account {
+                        // This account's own delivery token, rotated by the primary.
+                        if from == DeviceId::PRIMARY && identity == self.keys.identity_key {
+                            self.take_synced_token(token)?;
+                        }
+                        continue;
+                    }
                     self.apply_synced_contact(account, identity, token)?;
                 }
                 Ok(Ok(Applied::Done(Vec::new())))
@@ -158,6 +165,35 @@ impl State {
             }
             None => Ok(Err("an empty sync message".into())),
         }
+    }
+
+    /// This account's delivery token as a contact sync, for the other devices after
+    /// the primary rotated it.
+    pub(crate) fn own_token_sync(&self) -> Kind {
+        Kind::Contacts(e2e::ContactsSync {
+            contacts: vec![e2e::LinkedContact {
+                account_id: self.keys.address.account.as_bytes().to_vec().into(),
+                identity_key: self.keys.identity_key.to_vec().into(),
+                delivery_token: self.keys.delivery_token.to_vec().into(),
+            }],
+        })
+    }
+
+    /// The account's delivery token from the primary (already set on the relay).
+    fn take_synced_token(&mut self, token: [u8; 32]) -> Result<()> {
+        if self.keys.delivery_token == token {
+            return Ok(());
+        }
+        let mut local = self.local.clone();
+        local.delivery_token = token.to_vec();
+        local.pending_delivery_token.clear();
+        local.token_published = true;
+        let mut batch = Batch::new();
+        batch.put_local(&local);
+        self.commit(batch, true)?;
+        self.local = local;
+        self.keys.delivery_token = token;
+        Ok(())
     }
 
     /// A contact another device of this account added or accepted: the user's

@@ -160,7 +160,13 @@ pub(super) async fn publish_token(shared: &Shared, conn: &RelayConnection) -> Re
     let token = shared.state.lock().await.unpublished_token();
     if let Some(token) = token {
         conn.set_delivery_token(&token).await?;
-        shared.state.lock().await.token_published(&token)?;
+        let mut state = shared.state.lock().await;
+        state.token_published(&token)?;
+        // The account's other devices hand out the new token from now on too.
+        if state.is_primary() {
+            let sync = state.own_token_sync();
+            state.sync_now(sync, shared.now_ms(), &mut OsRng)?;
+        }
     }
     Ok(())
 }

@@ -521,3 +521,41 @@ fn a_stale_list_makes_the_contact_due_at_once() {
 fn bundle_account(bob: &Dev) -> AccountId {
     *bob.state.contacts.keys().next().expect("a contact")
 }
+
+#[test]
+fn a_token_the_primary_rotated_reaches_the_other_devices_only_from_it() {
+    let (mut alice, mut a2) = alice_with_device_2();
+    alice
+        .state
+        .rotate_delivery_token(&mut OsRng)
+        .expect("rotate");
+    let token = alice.state.unpublished_token().expect("pending");
+    alice.state.token_published(&token).expect("published");
+    let sync = alice.state.own_token_sync();
+    alice.state.sync_now(sync, NOW, &mut OsRng).expect("queue");
+    let seq = *own_seqs(&alice).last().expect("queued");
+    let d = deliver(&mut alice, &a2, seq);
+    assert!(matches!(a2.receive(&d), Outcome::Synced(_)));
+    assert_eq!(a2.state.keys.delivery_token, token);
+    a2.reload(NOW);
+    assert_eq!(a2.state.keys.delivery_token, token, "stored");
+    // The same sync from device 2 changes nothing on the primary.
+    let own = a2.account();
+    let a1_bundle = alice.bundle(false);
+    assert!(a2
+        .state
+        .start_sessions(own, &[a1_bundle], &mut OsRng)
+        .is_ok());
+    let forged = Kind::Contacts(e2e::ContactsSync {
+        contacts: vec![e2e::LinkedContact {
+            account_id: own.as_bytes().to_vec().into(),
+            identity_key: alice.state.keys.identity_key.to_vec().into(),
+            delivery_token: vec![1; 32].into(),
+        }],
+    });
+    a2.state.sync_now(forged, NOW, &mut OsRng).expect("queue");
+    let seq = *own_seqs(&a2).last().expect("queued");
+    let d = deliver(&mut a2, &alice, seq);
+    assert!(matches!(alice.receive(&d), Outcome::Synced(_)));
+    assert_eq!(alice.state.keys.delivery_token, token);
+}
