@@ -143,16 +143,21 @@ impl Client {
         let device = conn
             .add_device(&identity, &account, &link.device_key)
             .await?;
+        // Pending from now: whatever fails below, the worker removes it at the deadline.
+        let now = self.shared.now_ms();
+        self.shared
+            .state
+            .lock()
+            .await
+            .add_pending_link(device, now + JOIN_DEADLINE_MS)?;
         let entry = DeviceEntry {
             id: device,
             device_key: link.device_key,
             identity_dh: link.identity_dh,
         };
         let (list, signature) = publish_list(&self.shared, &conn, ListChange::Add(entry)).await?;
-        let now = self.shared.now_ms();
         let payload = {
-            let mut state = self.shared.state.lock().await;
-            state.add_pending_link(device, now + JOIN_DEADLINE_MS)?;
+            let state = self.shared.state.lock().await;
             let (contacts, complete) = state.linked_contacts(PAYLOAD_CONTACTS);
             LinkPayload {
                 account,

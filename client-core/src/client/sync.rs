@@ -134,12 +134,22 @@ impl State {
                         "a device list from a device other than the primary".into()
                     ));
                 }
+                let before = self.own_list().map(|l| l.entries).unwrap_or_default();
                 match self.store_own_list(&l.device_list, &l.signature) {
-                    Ok(_) => {
+                    Ok(stored) => {
                         // Our devices changed: check them at the next send.
                         let own = self.keys.address.account;
                         self.check_list_now(&own)?;
-                        Ok(Ok(Applied::Done(Vec::new())))
+                        let after = self.own_list().map(|l| l.entries).unwrap_or_default();
+                        let events = match stored {
+                            true => before
+                                .iter()
+                                .filter(|b| !after.iter().any(|a| a.id == b.id))
+                                .map(|b| Event::DeviceRemoved { device: b.id })
+                                .collect(),
+                            false => Vec::new(),
+                        };
+                        Ok(Ok(Applied::Done(events)))
                     }
                     Err(crate::Error::Store(e)) => Err(e.into()),
                     Err(e) => Ok(Err(format!("own device list: {e}"))),

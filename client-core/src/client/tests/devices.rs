@@ -559,3 +559,36 @@ fn a_token_the_primary_rotated_reaches_the_other_devices_only_from_it() {
     assert!(matches!(alice.receive(&d), Outcome::Synced(_)));
     assert_eq!(alice.state.keys.delivery_token, token);
 }
+
+#[test]
+fn a_list_from_the_primary_tells_the_other_devices_who_left() {
+    let (mut alice, mut a2) = alice_with_device_2();
+    let a3 = linked(&alice, 3);
+    let (l, s) = alice
+        .state
+        .next_own_list(ListChange::Add(entry_of(&a3)))
+        .expect("v2");
+    alice.state.store_own_list(&l, &s).expect("store");
+    a2.state.store_own_list(&l, &s).expect("store");
+    let (l, s) = alice
+        .state
+        .next_own_list(ListChange::Remove(id(3)))
+        .expect("v3");
+    alice.state.store_own_list(&l, &s).expect("store");
+    let sync = Kind::DeviceList(e2e::DeviceListSync {
+        device_list: l.into(),
+        signature: s.to_vec().into(),
+    });
+    alice.state.sync_now(sync, NOW, &mut OsRng).expect("queue");
+    let seq = *own_seqs(&alice).last().expect("queued");
+    let d = deliver(&mut alice, &a2, seq);
+    let Outcome::Synced(events) = a2.receive(&d) else {
+        panic!("not applied")
+    };
+    assert_eq!(
+        events,
+        vec![crate::client::Event::DeviceRemoved { device: id(3) }]
+    );
+    assert_eq!(a2.state.own_list().expect("list").version, 3);
+    assert_eq!(version(&a2, &a2.account()), 3, "sends use it too");
+}
