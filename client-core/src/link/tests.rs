@@ -303,5 +303,4 @@ proptest::proptest! {
         let _ = JoinKeys::from_bytes(&bytes);
         let _ = open_payload(&JoinKeys::generate(), &relay(), &bytes);
     }
-
 }
