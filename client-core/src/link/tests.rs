@@ -293,3 +293,14 @@ fn a_payload_with_a_bad_field_does_not_decode() {
     bytes.remove(at + 2);
     assert!(malformed(&bytes), "a 31-byte delivery token");
 }
+
+proptest::proptest! {
+    #[test]
+    fn parsing_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..400)) {
+        let _ = Link::parse(&encode(&bytes));
+        let _ = Link::parse(&String::from_utf8_lossy(&bytes));
+        let _ = LinkPayload::decode(&bytes);
+        let _ = JoinKeys::from_bytes(&bytes);
+        let _ = open_payload(&JoinKeys::generate(), &relay(), &bytes);
+    }
+}
