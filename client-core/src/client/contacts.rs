@@ -80,6 +80,12 @@ impl State {
         let mut batch = Batch::new();
         record.identity_key = std::mem::take(&mut record.changed_identity_key);
         record.held = 0;
+        // A list signed by the old identity says nothing about the new one (whose
+        // versions start again): the next check takes the new identity's list.
+        record.device_list_version = 0;
+        record.device_list.clear();
+        record.device_list_signature.clear();
+        record.devices_checked_ms = 0;
         let outbox = self.unprepared_outbox(account, |c| c.sent, &mut batch);
         let devices = std::mem::take(&mut record.devices);
         for d in &devices {

@@ -592,3 +592,31 @@ fn a_list_from_the_primary_tells_the_other_devices_who_left() {
     assert_eq!(a2.state.own_list().expect("list").version, 3);
     assert_eq!(version(&a2, &a2.account()), 3, "sends use it too");
 }
+
+#[test]
+fn an_accepted_identity_change_starts_the_list_afresh() {
+    let alice = dev(1);
+    let mut bob = bob_knowing(&alice);
+    let (l, s) = signed(&alice, 7, vec![entry_of(&alice)]);
+    bob.state
+        .apply_device_list(&alice.account(), &[1], &l, &s, NOW)
+        .expect("apply");
+    // Alice reinstalls: a new identity, whose lists start at version 1.
+    let reinstalled = dev(1);
+    let new_key = reinstalled.state.keys.identity_key;
+    bob.state
+        .add_contact(alice.account(), new_key, [5; 32])
+        .expect("a changed card");
+    assert!(bob
+        .state
+        .accept_identity(&alice.account(), &new_key)
+        .expect("accept"));
+    assert_eq!(version(&bob, &alice.account()), 0);
+    let (l, s) = signed(&reinstalled, 1, vec![entry_of(&reinstalled)]);
+    let checked = bob
+        .state
+        .apply_device_list(&alice.account(), &[1], &l, &s, NOW)
+        .expect("apply");
+    assert_eq!(checked.refused, None);
+    assert_eq!(version(&bob, &alice.account()), 1);
+}
