@@ -12,8 +12,9 @@ use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterKind, FilterP
 use tern_proto::frame;
 use tern_proto::{
     v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Code,
-    Delivery, DeviceAddress, DeviceBundle, DeviceId, Envelope, ErrorCode, ErrorReply, KeyUpload,
-    MessageId, RelayAddress, Reply, Request, ServerMessage, SignedKey, VerificationId, E164,
+    Delivery, DeviceAddress, DeviceBundle, DeviceEntry, DeviceId, DeviceList, Envelope, ErrorCode,
+    ErrorReply, KeyUpload, MessageId, RelayAddress, Reply, Request, ServerMessage,
+    SignedDeviceList, SignedKey, SlotId, VerificationId, E164,
 };
 use tern_relay::store::{Flush, LogOptions, LogStore, MailboxStore};
 
@@ -199,6 +200,7 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 Request::Send {
                     to: address(10, 1),
                     envelopes: vec![envelope(1, 40), envelope(2, 0)],
+                    device_list_version: 3,
                 },
             ),
         ),
@@ -251,6 +253,7 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                     to: address(13, 3),
                     delivery_token: Bytes::from_static(b"token"),
                     envelopes: vec![envelope(4, 100)],
+                    device_list_version: 0,
                 },
             ),
         ),
@@ -343,7 +346,73 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 },
             ),
         ),
+        (
+            "open-provisioning",
+            r(
+                23,
+                Request::OpenProvisioning {
+                    slot: SlotId([24; 16]),
+                    reader_hash: [25; 32],
+                },
+            ),
+        ),
+        (
+            "deposit-provisioning",
+            r(
+                24,
+                Request::DepositProvisioning {
+                    slot: SlotId([24; 16]),
+                    device: DeviceId::new(2).expect("not 0"),
+                    payload: Bytes::from(vec![26; 200]),
+                },
+            ),
+        ),
+        (
+            "take-provisioning",
+            r(
+                25,
+                Request::TakeProvisioning {
+                    slot: SlotId([24; 16]),
+                    reader_secret: [27; 32],
+                },
+            ),
+        ),
+        (
+            "publish-device-list",
+            r(26, Request::PublishDeviceList(device_list())),
+        ),
+        (
+            "remove-device",
+            r(
+                27,
+                Request::RemoveDevice {
+                    device: DeviceId::new(2).expect("not 0"),
+                    list: Some(device_list()),
+                },
+            ),
+        ),
     ]
+}
+
+/// A two-device list (the signature is not checked by the wire layer).
+fn device_list() -> SignedDeviceList {
+    let list = DeviceList {
+        account: AccountId([28; 16]),
+        version: 2,
+        entries: (1..=2)
+            .map(|id| DeviceEntry {
+                id: DeviceId::new(id).expect("not 0"),
+                device_key: [id as u8; 32],
+                identity_dh: [id as u8 + 2; 32],
+            })
+            .collect(),
+    };
+    let bytes = Bytes::from(list.encode().expect("a valid list"));
+    SignedDeviceList {
+        list,
+        bytes,
+        signature: [29; 64],
+    }
 }
 
 fn blob_requests() -> Vec<(&'static str, BlobStreamRequest)> {
@@ -401,7 +470,13 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
         ),
         (
             "list-devices",
-            ok(7, Reply::ListDevices(vec![DeviceId::PRIMARY])),
+            ok(
+                7,
+                Reply::ListDevices {
+                    devices: vec![DeviceId::PRIMARY, DeviceId::new(2).expect("not 0")],
+                    list: Some(device_list()),
+                },
+            ),
         ),
         (
             "discovery-found",

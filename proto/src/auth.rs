@@ -15,6 +15,8 @@ const IDENTITY_DH_CONTEXT: &[u8] = b"tern x3dh identity-dh v1\0";
 const SIGNED_PREKEY_CONTEXT: &[u8] = b"tern x3dh signed-prekey v1\0";
 const SENDER_CERT_CONTEXT: &[u8] = b"tern sender certificate v1\0";
 const ACCOUNT_DELETION_CONTEXT: &[u8] = b"tern delete account v1\0";
+/// How an account's signed device list begins (see [`crate::device_list`]).
+pub const DEVICE_LIST_CONTEXT: &[u8] = b"tern device list v1\0";
 
 /// What the identity key signs to vouch for a device's X25519 identity agreement key.
 pub fn identity_agreement_key(key: &[u8; PUBLIC_KEY_LEN]) -> Vec<u8> {

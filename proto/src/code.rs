@@ -41,6 +41,9 @@ pub enum ErrorCode {
     WrongCode,
     /// Discovery needs a verified phone number.
     NotVerified,
+    /// The send named an older version of the recipient's device list than the
+    /// relay holds: fetch the list, encrypt for its devices, send again.
+    StaleDeviceList,
 }
 
 impl ErrorCode {
@@ -72,6 +75,7 @@ impl ErrorCode {
             ErrorCode::InvalidNumber => "invalid number",
             ErrorCode::WrongCode => "wrong code",
             ErrorCode::NotVerified => "not verified",
+            ErrorCode::StaleDeviceList => "stale device list",
         }
     }
 }
@@ -100,6 +104,7 @@ impl From<v1::ErrorCode> for ErrorCode {
             v1::ErrorCode::InvalidNumber => ErrorCode::InvalidNumber,
             v1::ErrorCode::WrongCode => ErrorCode::WrongCode,
             v1::ErrorCode::NotVerified => ErrorCode::NotVerified,
+            v1::ErrorCode::StaleDeviceList => ErrorCode::StaleDeviceList,
         }
     }
 }
@@ -122,6 +127,7 @@ impl From<ErrorCode> for v1::ErrorCode {
             ErrorCode::InvalidNumber => v1::ErrorCode::InvalidNumber,
             ErrorCode::WrongCode => v1::ErrorCode::WrongCode,
             ErrorCode::NotVerified => v1::ErrorCode::NotVerified,
+            ErrorCode::StaleDeviceList => v1::ErrorCode::StaleDeviceList,
         }
     }
 }
@@ -132,7 +138,7 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
-        for wire in 0..=14 {
+        for wire in 0..=15 {
             let code = ErrorCode::from_wire(wire);
             assert_eq!(code.to_wire(), wire);
             assert_ne!(code.as_str(), "");
@@ -141,7 +147,8 @@ mod tests {
         assert_eq!(ErrorCode::from_wire(10), ErrorCode::NotFound);
         assert_eq!(ErrorCode::from_wire(12), ErrorCode::InvalidNumber);
         assert_eq!(ErrorCode::from_wire(13), ErrorCode::WrongCode);
-        for unknown in [-1, 15, 1000, i32::MAX, i32::MIN] {
+        assert_eq!(ErrorCode::from_wire(15), ErrorCode::StaleDeviceList);
+        for unknown in [-1, 16, 1000, i32::MAX, i32::MIN] {
             assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
         }
     }

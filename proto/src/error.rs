@@ -36,6 +36,9 @@ pub enum Problem {
     /// The bytes are not a protobuf message of the expected type.
     #[error("{0} does not decode")]
     Undecodable(&'static str),
+    /// Not a well-formed device list.
+    #[error(transparent)]
+    DeviceList(#[from] crate::device_list::DeviceListError),
 }
 
 /// A wire message that decoded but does not validate: which field, what was wrong

@@ -31,6 +31,7 @@
 //! - [`ids`]: [`AccountId`], [`DeviceId`], [`MessageId`], [`DeviceAddress`], each
 //!   checked when built from wire bytes.
 //! - [`auth`]: the exact bytes an identity or device key signs.
+//! - [`device_list`]: an account's device list, as its identity key signs it.
 //! - [`address`]: relay addresses with their pinned certificate fingerprint.
 //! - [`limits`]: protocol constants and default limits.
 //! - [`v1`]: the generated prost types for `proto/tern.proto` (client <-> relay).
@@ -77,6 +78,7 @@ pub mod address;
 pub mod auth;
 pub mod certificate;
 pub mod code;
+pub mod device_list;
 pub mod discovery;
 pub mod error;
 pub mod frame;
@@ -91,12 +93,13 @@ pub mod verification;
 pub use address::{Fingerprint, RelayAddress};
 pub use certificate::{IssuedCertificate, SenderCertificate};
 pub use code::ErrorCode;
+pub use device_list::{DeviceEntry, DeviceList, DeviceListError, SignedDeviceList};
 pub use error::{Malformed, Problem};
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 pub use keys::{DeviceBundle, KeyUpload, SignedKey};
 pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};
 pub use reply::{Delivery, ErrorReply, Reply, ServerFrameError, ServerMessage};
-pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind};
+pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind, SlotId};
 pub use verification::{Code, VerificationId, E164};
 
 /// The generated protobuf types of `tern.v1`.
@@ -128,4 +131,7 @@ pub mod close {
     /// The connection's account was deleted (at its request); there is nothing to
     /// reconnect to.
     pub const ACCOUNT_DELETED: u32 = 4;
+    /// The connection's device was removed from its account (by the primary, by
+    /// itself, or idle): its credentials no longer authenticate.
+    pub const DEVICE_REMOVED: u32 = 5;
 }

@@ -25,3 +25,13 @@ pub const BLOB_ID_LEN: usize = 32;
 pub const TOKEN_HASH_LEN: usize = 32;
 /// Most sequence numbers in one ack; a relay refuses a longer ack with `TOO_LARGE`.
 pub const MAX_ACK_SEQS: usize = 4096;
+/// Length of a provisioning slot id (chosen by the new device).
+pub const SLOT_ID_LEN: usize = 16;
+/// Length of a provisioning reader secret, and of its SHA-256.
+pub const READER_SECRET_LEN: usize = 32;
+/// Smallest link payload: an HPKE encapsulated key (32) and an AEAD tag (16).
+pub const MIN_LINK_PAYLOAD: usize = 48;
+/// Largest link payload a slot holds: 64 KiB.
+pub const MAX_LINK_PAYLOAD: usize = 64 * 1024;
+/// How long a provisioning slot lives: 10 minutes.
+pub const PROVISIONING_TTL_MS: u64 = 10 * 60 * 1000;

@@ -190,6 +190,7 @@ impl Link {
             sender_account: self.from.account.as_bytes().to_vec().into(),
             sender_device: self.from.device.get(),
             attachments: Vec::new(),
+            sync: None,
         })
         .ok_or("message too large")?;
         let content = message::encrypt(&mut self.sessions, &self.identity_dh_signature, &padded)?;

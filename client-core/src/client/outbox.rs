@@ -130,6 +130,7 @@ impl State {
                 .map(|a| e2e::AttachmentPointer::decode(&a[..]))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|_| corrupt())?,
+            sync: None,
         })
         .ok_or(Error::TooLarge { max: MAX_BODY })?;
         let mut batch = Batch::new();

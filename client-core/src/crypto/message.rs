@@ -150,6 +150,7 @@ mod tests {
                 sender_account: vec![1; 16].into(),
                 sender_device: 1,
                 attachments: Vec::new(),
+                sync: None,
             })
             .map(|p| p.len())
         };

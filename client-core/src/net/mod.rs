@@ -260,6 +260,7 @@ impl RelayConnection {
         let reply = self.issue(Request::Send {
             to: *to,
             envelopes: envelopes.into_iter().collect(),
+            device_list_version: 0,
         });
         async move {
             match reply.await? {
@@ -283,6 +284,7 @@ impl RelayConnection {
             to: *to,
             delivery_token: Bytes::copy_from_slice(delivery_token),
             envelopes: envelopes.into_iter().collect(),
+            device_list_version: 0,
         });
         async move {
             match reply.await? {
@@ -306,7 +308,7 @@ impl RelayConnection {
             })
             .await?
         {
-            Reply::ListDevices(ids) => Ok(ids),
+            Reply::ListDevices { devices, .. } => Ok(devices),
             _ => Err(unexpected("list_devices")),
         }
     }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use crate::certificate::IssuedCertificate;
 use crate::code::ErrorCode;
+use crate::device_list::SignedDeviceList;
 use crate::discovery::{DiscoveredAccount, FilterKind, FilterPart, Tag, POINT_LEN};
 use crate::error::{array, bad_id, Malformed, Problem};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
@@ -69,8 +70,14 @@ pub enum Reply {
         /// Its new expiry (Unix ms).
         expires_at_ms: u64,
     },
-    /// An account's device ids.
-    ListDevices(Vec<DeviceId>),
+    /// An account's device ids and its signed device list.
+    ListDevices {
+        /// The devices the relay holds.
+        devices: Vec<DeviceId>,
+        /// The account's current signed list (signature not yet verified); `None`
+        /// if it never published one.
+        list: Option<SignedDeviceList>,
+    },
     /// The account is deleted (durably); the relay closes the connection next.
     DeleteAccount,
     /// Evaluated points, 32 bytes each, in the order asked.
@@ -93,6 +100,19 @@ pub enum Reply {
         /// Whether the account is now discoverable by it.
         discoverable: bool,
     },
+    /// The provisioning slot is open.
+    OpenProvisioning {
+        /// When it expires (Unix ms).
+        expires_at_ms: u64,
+    },
+    /// The payload is in the slot.
+    DepositProvisioning,
+    /// The slot's payload (the slot is gone), or `None`: not deposited yet.
+    TakeProvisioning(Option<Bytes>),
+    /// The device list is published.
+    PublishDeviceList,
+    /// The device is removed (durably).
+    RemoveDevice,
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -251,9 +271,17 @@ impl From<Reply> for Wire {
             Reply::TouchBlob { expires_at_ms } => {
                 Wire::TouchBlob(v1::TouchBlobResponse { expires_at_ms })
             }
-            Reply::ListDevices(ids) => Wire::ListDevices(v1::ListDevicesResponse {
-                device_ids: ids.into_iter().map(DeviceId::get).collect(),
-            }),
+            Reply::ListDevices { devices, list } => {
+                let (device_list, device_list_signature) = list.map_or_else(
+                    || (Bytes::new(), Bytes::new()),
+                    |l| (l.bytes, copy(&l.signature)),
+                );
+                Wire::ListDevices(v1::ListDevicesResponse {
+                    device_ids: devices.into_iter().map(DeviceId::get).collect(),
+                    device_list,
+                    device_list_signature,
+                })
+            }
             Reply::DeleteAccount => Wire::DeleteAccount(v1::DeleteAccountResponse {}),
             Reply::DiscoveryEvaluated(evaluated) => {
                 Wire::DiscoveryEvaluated(v1::DiscoveryEvaluated { evaluated })
@@ -287,6 +315,19 @@ impl From<Reply> for Wire {
                 expires_at_ms,
             }),
             Reply::Verified { discoverable } => Wire::Verified(v1::Verified { discoverable }),
+            Reply::OpenProvisioning { expires_at_ms } => {
+                Wire::OpenProvisioning(v1::OpenProvisioningResponse { expires_at_ms })
+            }
+            Reply::DepositProvisioning => {
+                Wire::DepositProvisioning(v1::DepositProvisioningResponse {})
+            }
+            Reply::TakeProvisioning(payload) => {
+                Wire::TakeProvisioning(v1::TakeProvisioningResponse {
+                    payload: payload.unwrap_or_default(),
+                })
+            }
+            Reply::PublishDeviceList => Wire::PublishDeviceList(v1::PublishDeviceListResponse {}),
+            Reply::RemoveDevice => Wire::RemoveDevice(v1::RemoveDeviceResponse {}),
         }
     }
 }
@@ -357,14 +398,24 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
             Wire::TouchBlob(r) => Reply::TouchBlob {
                 expires_at_ms: r.expires_at_ms,
             },
-            Wire::ListDevices(r) => Reply::ListDevices(
-                r.device_ids
+            Wire::ListDevices(r) => Reply::ListDevices {
+                devices: r
+                    .device_ids
                     .into_iter()
                     .map(|d| {
                         DeviceId::try_from(d).map_err(bad_id("list_devices_response.device_ids"))
                     })
                     .collect::<Result<_, _>>()?,
-            ),
+                list: if r.device_list.is_empty() {
+                    None
+                } else {
+                    let field = "list_devices_response.device_list";
+                    Some(
+                        SignedDeviceList::parse(r.device_list, &r.device_list_signature)
+                            .map_err(|e| Malformed::new(field, e, BAD))?,
+                    )
+                },
+            },
             Wire::DeleteAccount(v1::DeleteAccountResponse {}) => Reply::DeleteAccount,
             Wire::DiscoveryEvaluated(r) => {
                 if r.evaluated.is_empty() || r.evaluated.len() % POINT_LEN != 0 {
@@ -439,6 +490,25 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
             Wire::Verified(r) => Reply::Verified {
                 discoverable: r.discoverable,
             },
+            Wire::OpenProvisioning(r) => Reply::OpenProvisioning {
+                expires_at_ms: r.expires_at_ms,
+            },
+            Wire::DepositProvisioning(v1::DepositProvisioningResponse {}) => {
+                Reply::DepositProvisioning
+            }
+            Wire::TakeProvisioning(r) => {
+                if r.payload.len() > crate::limits::MAX_LINK_PAYLOAD {
+                    let problem = Problem::TooMany {
+                        what: "link payload bytes",
+                        got: r.payload.len(),
+                        max: crate::limits::MAX_LINK_PAYLOAD,
+                    };
+                    return Err(Malformed::new("take_provisioning.payload", problem, BAD));
+                }
+                Reply::TakeProvisioning((!r.payload.is_empty()).then_some(r.payload))
+            }
+            Wire::PublishDeviceList(v1::PublishDeviceListResponse {}) => Reply::PublishDeviceList,
+            Wire::RemoveDevice(v1::RemoveDeviceResponse {}) => Reply::RemoveDevice,
         }))
     }
 }

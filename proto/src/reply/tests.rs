@@ -58,7 +58,14 @@ fn one_of_each() -> Vec<Reply> {
         })),
         Reply::BlobStatus(None),
         Reply::TouchBlob { expires_at_ms: 12 },
-        Reply::ListDevices(vec![DeviceId::PRIMARY, DeviceId::new(3).expect("not 0")]),
+        Reply::ListDevices {
+            devices: vec![DeviceId::PRIMARY, DeviceId::new(3).expect("not 0")],
+            list: None,
+        },
+        Reply::ListDevices {
+            devices: vec![DeviceId::PRIMARY],
+            list: Some(signed_list()),
+        },
         Reply::DeleteAccount,
         Reply::DiscoveryEvaluated(Bytes::from(vec![3; 64])),
         Reply::DiscoveryFound(vec![DiscoveredAccount {
@@ -83,7 +90,33 @@ fn one_of_each() -> Vec<Reply> {
         Reply::Verified {
             discoverable: false,
         },
+        Reply::OpenProvisioning {
+            expires_at_ms: 600_000,
+        },
+        Reply::DepositProvisioning,
+        Reply::TakeProvisioning(None),
+        Reply::TakeProvisioning(Some(Bytes::from(vec![7; 48]))),
+        Reply::PublishDeviceList,
+        Reply::RemoveDevice,
     ]
+}
+
+fn signed_list() -> SignedDeviceList {
+    let list = crate::device_list::DeviceList {
+        account: AccountId([6; 16]),
+        version: 4,
+        entries: vec![crate::device_list::DeviceEntry {
+            id: DeviceId::PRIMARY,
+            device_key: [1; 32],
+            identity_dh: [2; 32],
+        }],
+    };
+    let bytes = Bytes::from(list.encode().expect("valid"));
+    SignedDeviceList {
+        list,
+        bytes,
+        signature: [3; 64],
+    }
 }
 
 #[test]
@@ -260,8 +293,31 @@ fn a_malformed_reply_fails_its_own_request() {
         (
             Wire::ListDevices(v1::ListDevicesResponse {
                 device_ids: vec![1, 0],
+                ..Default::default()
             }),
             "list_devices_response.device_ids",
+        ),
+        (
+            Wire::ListDevices(v1::ListDevicesResponse {
+                device_ids: vec![1],
+                device_list: signed_list().bytes.slice(..30),
+                device_list_signature: Bytes::from_static(&[0; 64]),
+            }),
+            "list_devices_response.device_list",
+        ),
+        (
+            Wire::ListDevices(v1::ListDevicesResponse {
+                device_ids: vec![1],
+                device_list: signed_list().bytes,
+                device_list_signature: short.clone(),
+            }),
+            "list_devices_response.device_list",
+        ),
+        (
+            Wire::TakeProvisioning(v1::TakeProvisioningResponse {
+                payload: Bytes::from(vec![0; crate::limits::MAX_LINK_PAYLOAD + 1]),
+            }),
+            "take_provisioning.payload",
         ),
         (
             Wire::FetchKeys(v1::FetchKeysResponse {

@@ -29,15 +29,20 @@
 use bytes::Bytes;
 
 use crate::code::ErrorCode;
+use crate::device_list::SignedDeviceList;
 use crate::discovery::{tags_from_bytes, tags_to_bytes, BlindedBatch, Tag};
 use crate::error::{array, bad_id, Malformed, Problem};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
 use crate::keys::KeyUpload;
-use crate::limits::{BLOB_ID_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, SIGNATURE_LEN, TOKEN_HASH_LEN};
+use crate::limits::{
+    BLOB_ID_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, READER_SECRET_LEN, SIGNATURE_LEN, SLOT_ID_LEN,
+    TOKEN_HASH_LEN,
+};
 use crate::media::BlobId;
 use crate::v1::{self, client_frame::Body};
 use crate::verification::{Code, VerificationId, E164, VERIFICATION_ID_LEN};
 
+mod devices;
 mod error;
 #[cfg(test)]
 mod tests;
@@ -99,6 +104,10 @@ pub enum Request {
         to: DeviceAddress,
         /// What to queue, all or nothing.
         envelopes: Vec<Envelope>,
+        /// The recipient's device-list version the sender encrypted for; a relay
+        /// holding a newer one refuses with [`ErrorCode::StaleDeviceList`]. 0: not
+        /// checked.
+        device_list_version: u64,
     },
     /// Deletes delivered messages from the authenticated device's mailbox.
     Ack {
@@ -135,6 +144,8 @@ pub enum Request {
         delivery_token: Bytes,
         /// What to queue, all or nothing.
         envelopes: Vec<Envelope>,
+        /// As in [`Request::Send`].
+        device_list_version: u64,
     },
     /// Asks for the relay's signing key.
     RelayInfo,
@@ -196,6 +207,51 @@ pub enum Request {
         /// it to the relay's `discovery.default_discoverable`.
         discoverable: Option<bool>,
     },
+    /// Opens a provisioning slot for a new device (any connection).
+    OpenProvisioning {
+        /// Chosen by the new device.
+        slot: SlotId,
+        /// SHA-256 of the reader secret that may take the payload.
+        reader_hash: [u8; READER_SECRET_LEN],
+    },
+    /// Fills a slot, once (an authenticated device, for a device of its account).
+    DepositProvisioning {
+        /// The slot.
+        slot: SlotId,
+        /// The device the payload is for.
+        device: DeviceId,
+        /// HPKE-sealed, [`crate::limits::MIN_LINK_PAYLOAD`] to
+        /// [`crate::limits::MAX_LINK_PAYLOAD`] bytes.
+        payload: Bytes,
+    },
+    /// Takes a slot's payload (any connection).
+    TakeProvisioning {
+        /// The slot.
+        slot: SlotId,
+        /// The secret whose SHA-256 the slot was opened with.
+        reader_secret: [u8; READER_SECRET_LEN],
+    },
+    /// Publishes a new device list of the authenticated account.
+    PublishDeviceList(SignedDeviceList),
+    /// Removes a device of the authenticated account.
+    RemoveDevice {
+        /// Not device 1.
+        device: DeviceId,
+        /// The list without it, signed by the identity; `None` when a linked device
+        /// removes itself.
+        list: Option<SignedDeviceList>,
+    },
+}
+
+/// A provisioning slot's id: 16 random bytes chosen by the new device.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SlotId(pub [u8; SLOT_ID_LEN]);
+
+impl std::fmt::Debug for SlotId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Who holds a slot id may deposit into it: keep it out of debug output.
+        f.write_str("SlotId(..)")
+    }
 }
 
 /// Which request, without its content: for logs, metrics and error answers.
@@ -246,6 +302,16 @@ pub enum RequestKind {
     StartVerification,
     /// [`Request::CheckVerification`].
     CheckVerification,
+    /// [`Request::OpenProvisioning`].
+    OpenProvisioning,
+    /// [`Request::DepositProvisioning`].
+    DepositProvisioning,
+    /// [`Request::TakeProvisioning`].
+    TakeProvisioning,
+    /// [`Request::PublishDeviceList`].
+    PublishDeviceList,
+    /// [`Request::RemoveDevice`].
+    RemoveDevice,
 }
 
 impl RequestKind {
@@ -274,6 +340,11 @@ impl RequestKind {
             RequestKind::SetDiscoverable => "set_discoverable",
             RequestKind::StartVerification => "start_verification",
             RequestKind::CheckVerification => "check_verification",
+            RequestKind::OpenProvisioning => "open_provisioning",
+            RequestKind::DepositProvisioning => "deposit_provisioning",
+            RequestKind::TakeProvisioning => "take_provisioning",
+            RequestKind::PublishDeviceList => "publish_device_list",
+            RequestKind::RemoveDevice => "remove_device",
         }
     }
 
@@ -281,8 +352,10 @@ impl RequestKind {
     /// (`add_device`, `send`, `ack`, `publish_keys`, `fetch_keys` without a delivery
     /// token, `sender_certificate`, `set_delivery_token`, `delete_account`,
     /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`,
-    /// `start_verification`, `check_verification`; `add_device` as a
-    /// device of the same account). `discovery_filter` is anonymous. Note for a relay keeping today's answers: for all but
+    /// `start_verification`, `check_verification`, `deposit_provisioning`,
+    /// `publish_device_list`, `remove_device`; `add_device` as a device of the same
+    /// account). `discovery_filter`, `open_provisioning` and `take_provisioning`
+    /// are anonymous. Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
@@ -301,6 +374,9 @@ impl RequestKind {
                 | RequestKind::SetDiscoverable
                 | RequestKind::StartVerification
                 | RequestKind::CheckVerification
+                | RequestKind::DepositProvisioning
+                | RequestKind::PublishDeviceList
+                | RequestKind::RemoveDevice
         )
     }
 }
@@ -337,6 +413,11 @@ impl Request {
             Request::SetDiscoverable(_) => RequestKind::SetDiscoverable,
             Request::StartVerification { .. } => RequestKind::StartVerification,
             Request::CheckVerification { .. } => RequestKind::CheckVerification,
+            Request::OpenProvisioning { .. } => RequestKind::OpenProvisioning,
+            Request::DepositProvisioning { .. } => RequestKind::DepositProvisioning,
+            Request::TakeProvisioning { .. } => RequestKind::TakeProvisioning,
+            Request::PublishDeviceList(_) => RequestKind::PublishDeviceList,
+            Request::RemoveDevice { .. } => RequestKind::RemoveDevice,
         }
     }
 }
@@ -365,6 +446,11 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::SetDiscoverable(_) => RequestKind::SetDiscoverable,
         Body::StartVerification(_) => RequestKind::StartVerification,
         Body::CheckVerification(_) => RequestKind::CheckVerification,
+        Body::OpenProvisioning(_) => RequestKind::OpenProvisioning,
+        Body::DepositProvisioning(_) => RequestKind::DepositProvisioning,
+        Body::TakeProvisioning(_) => RequestKind::TakeProvisioning,
+        Body::PublishDeviceList(_) => RequestKind::PublishDeviceList,
+        Body::RemoveDevice(_) => RequestKind::RemoveDevice,
     }
 }
 
@@ -464,6 +550,7 @@ impl TryFrom<Body> for Request {
                     "send.recipient_device",
                 )?,
                 envelopes: envelopes(r.envelopes, "send.envelopes.message_id")?,
+                device_list_version: r.device_list_version,
             },
             Body::Ack(r) => {
                 if r.seqs.len() > MAX_ACK_SEQS {
@@ -505,6 +592,7 @@ impl TryFrom<Body> for Request {
                 )?,
                 envelopes: envelopes(r.envelopes, "sealed_send.envelopes.message_id")?,
                 delivery_token: r.delivery_token,
+                device_list_version: r.device_list_version,
             },
             Body::RelayInfo(v1::RelayInfoRequest {}) => Request::RelayInfo,
             Body::BlobStatus(r) => Request::BlobStatus {
@@ -555,6 +643,11 @@ impl TryFrom<Body> for Request {
                 code: Code::parse(&r.code)?,
                 discoverable: r.discoverable,
             },
+            Body::OpenProvisioning(r) => devices::open(r)?,
+            Body::DepositProvisioning(r) => devices::deposit(r)?,
+            Body::TakeProvisioning(r) => devices::take(r)?,
+            Body::PublishDeviceList(r) => devices::publish(r)?,
+            Body::RemoveDevice(r) => devices::remove(r)?,
         })
     }
 }
@@ -616,10 +709,15 @@ impl From<Request> for Body {
                 device_id: address.device.get(),
                 signature: copy(&signature),
             }),
-            Request::Send { to, envelopes } => Body::Send(v1::SendRequest {
+            Request::Send {
+                to,
+                envelopes,
+                device_list_version,
+            } => Body::Send(v1::SendRequest {
                 recipient_account: copy(to.account.as_bytes()),
                 recipient_device: to.device.get(),
                 envelopes: wire_envelopes(envelopes),
+                device_list_version,
             }),
             Request::Ack { seqs } => Body::Ack(v1::AckRequest { seqs }),
             Request::Ping => Body::Ping(v1::PingRequest {}),
@@ -643,11 +741,13 @@ impl From<Request> for Body {
                 to,
                 delivery_token,
                 envelopes,
+                device_list_version,
             } => Body::SealedSend(v1::SealedSendRequest {
                 recipient_account: copy(to.account.as_bytes()),
                 recipient_device: to.device.get(),
                 delivery_token,
                 envelopes: wire_envelopes(envelopes),
+                device_list_version,
             }),
             Request::RelayInfo => Body::RelayInfo(v1::RelayInfoRequest {}),
             Request::BlobStatus { blob_id } => Body::BlobStatus(v1::BlobStatusRequest {
@@ -702,6 +802,45 @@ impl From<Request> for Body {
                 code: code.as_str().to_owned(),
                 discoverable,
             }),
+            Request::OpenProvisioning { slot, reader_hash } => {
+                Body::OpenProvisioning(v1::OpenProvisioningRequest {
+                    slot_id: copy(&slot.0),
+                    reader_hash: copy(&reader_hash),
+                })
+            }
+            Request::DepositProvisioning {
+                slot,
+                device,
+                payload,
+            } => Body::DepositProvisioning(v1::DepositProvisioningRequest {
+                slot_id: copy(&slot.0),
+                device_id: device.get(),
+                payload,
+            }),
+            Request::TakeProvisioning {
+                slot,
+                reader_secret,
+            } => Body::TakeProvisioning(v1::TakeProvisioningRequest {
+                slot_id: copy(&slot.0),
+                reader_secret: copy(&reader_secret),
+            }),
+            Request::PublishDeviceList(list) => {
+                Body::PublishDeviceList(v1::PublishDeviceListRequest {
+                    device_list: list.bytes,
+                    signature: copy(&list.signature),
+                })
+            }
+            Request::RemoveDevice { device, list } => {
+                let (device_list, signature) = list.map_or_else(
+                    || (Bytes::new(), Bytes::new()),
+                    |l| (l.bytes, copy(&l.signature)),
+                );
+                Body::RemoveDevice(v1::RemoveDeviceRequest {
+                    device_id: device.get(),
+                    device_list,
+                    signature,
+                })
+            }
         }
     }
 }

@@ -3,6 +3,7 @@ use proptest::prelude::*;
 use prost::Message;
 
 use super::*;
+use crate::device_list::{DeviceEntry, DeviceList};
 use crate::keys::SignedKey;
 
 /// typed -> v1 -> bytes -> v1 -> typed.
@@ -54,6 +55,12 @@ fn one_of_each() -> Vec<Request> {
         Request::Send {
             to: address(),
             envelopes: vec![envelope(1), envelope(2)],
+            device_list_version: 0,
+        },
+        Request::Send {
+            to: address(),
+            envelopes: vec![envelope(1)],
+            device_list_version: 7,
         },
         Request::Ack {
             seqs: vec![1, 5, 9],
@@ -82,6 +89,7 @@ fn one_of_each() -> Vec<Request> {
             to: address(),
             delivery_token: Bytes::from_static(b"token"),
             envelopes: vec![envelope(3)],
+            device_list_version: 2,
         },
         Request::RelayInfo,
         Request::BlobStatus { blob_id: [5; 32] },
@@ -116,7 +124,50 @@ fn one_of_each() -> Vec<Request> {
             code: Code::parse("999999").expect("6 digits"),
             discoverable: Some(false),
         },
+        Request::OpenProvisioning {
+            slot: SlotId([1; 16]),
+            reader_hash: [2; 32],
+        },
+        Request::DepositProvisioning {
+            slot: SlotId([1; 16]),
+            device: DeviceId::new(3).expect("not 0"),
+            payload: Bytes::from(vec![4; 48]),
+        },
+        Request::TakeProvisioning {
+            slot: SlotId([1; 16]),
+            reader_secret: [5; 32],
+        },
+        Request::PublishDeviceList(signed_list(2, &[1, 3])),
+        Request::RemoveDevice {
+            device: DeviceId::new(3).expect("not 0"),
+            list: Some(signed_list(3, &[1])),
+        },
+        Request::RemoveDevice {
+            device: DeviceId::new(4).expect("not 0"),
+            list: None,
+        },
     ]
+}
+
+fn signed_list(version: u64, ids: &[u32]) -> SignedDeviceList {
+    let list = DeviceList {
+        account: AccountId([6; 16]),
+        version,
+        entries: ids
+            .iter()
+            .map(|&id| DeviceEntry {
+                id: DeviceId::new(id).expect("not 0"),
+                device_key: [id as u8; 32],
+                identity_dh: [id as u8 + 1; 32],
+            })
+            .collect(),
+    };
+    let bytes = Bytes::from(list.encode().expect("valid list"));
+    SignedDeviceList {
+        list,
+        bytes,
+        signature: [9; 64],
+    }
 }
 
 #[test]
@@ -124,7 +175,7 @@ fn one_request_of_every_kind_round_trips() {
     let all = one_of_each();
     let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
     kinds.dedup();
-    assert_eq!(kinds.len(), 22, "every ClientFrame body");
+    assert_eq!(kinds.len(), 27, "every ClientFrame body");
     for (id, request) in all.into_iter().enumerate() {
         let r = ClientRequest {
             id: id as u64,
@@ -146,6 +197,7 @@ fn the_wire_form_is_what_the_client_sent_before() {
                 message_id: Bytes::copy_from_slice(&[1; 16]),
                 payload: Bytes::from(vec![1; 40]),
             }],
+            device_list_version: 0,
         })),
     };
     let typed = ClientRequest {
@@ -153,6 +205,7 @@ fn the_wire_form_is_what_the_client_sent_before() {
         request: Request::Send {
             to: address(),
             envelopes: vec![envelope(1)],
+            device_list_version: 0,
         },
     };
     assert_eq!(
@@ -199,6 +252,7 @@ fn payloads_are_not_copied() {
                 message_id: Bytes::copy_from_slice(&[1; 16]),
                 payload: payload.clone(),
             }],
+            device_list_version: 0,
         })),
     };
     let Ok(ClientRequest {
@@ -466,6 +520,91 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             "check_verification.code",
             BAD,
         ),
+        (
+            Body::OpenProvisioning(v1::OpenProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 15]),
+                reader_hash: Bytes::from_static(&[2; 32]),
+            }),
+            "open_provisioning.slot_id",
+            BAD,
+        ),
+        (
+            Body::OpenProvisioning(v1::OpenProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 16]),
+                reader_hash: Bytes::from_static(&[2; 31]),
+            }),
+            "open_provisioning.reader_hash",
+            BAD,
+        ),
+        (
+            Body::DepositProvisioning(v1::DepositProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 16]),
+                device_id: 0,
+                payload: Bytes::from_static(&[3; 48]),
+            }),
+            "deposit_provisioning.device_id",
+            BAD,
+        ),
+        (
+            Body::DepositProvisioning(v1::DepositProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 16]),
+                device_id: 2,
+                payload: Bytes::from_static(&[3; 47]),
+            }),
+            "deposit_provisioning.payload",
+            BAD,
+        ),
+        (
+            Body::DepositProvisioning(v1::DepositProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 16]),
+                device_id: 2,
+                payload: Bytes::from(vec![3; crate::limits::MAX_LINK_PAYLOAD + 1]),
+            }),
+            "deposit_provisioning.payload",
+            ErrorCode::TooLarge,
+        ),
+        (
+            Body::TakeProvisioning(v1::TakeProvisioningRequest {
+                slot_id: Bytes::from_static(&[1; 16]),
+                reader_secret: Bytes::new(),
+            }),
+            "take_provisioning.reader_secret",
+            BAD,
+        ),
+        (
+            Body::PublishDeviceList(v1::PublishDeviceListRequest {
+                device_list: signed_list(1, &[1]).bytes.slice(1..),
+                signature: Bytes::from_static(&[0; 64]),
+            }),
+            "publish_device_list.device_list",
+            BAD,
+        ),
+        (
+            Body::PublishDeviceList(v1::PublishDeviceListRequest {
+                device_list: signed_list(1, &[1]).bytes,
+                signature: Bytes::from_static(&[0; 63]),
+            }),
+            "publish_device_list.device_list",
+            UNAUTHORIZED,
+        ),
+        (
+            Body::RemoveDevice(v1::RemoveDeviceRequest {
+                device_id: 2,
+                device_list: Bytes::new(),
+                signature: Bytes::from_static(&[0; 64]),
+            }),
+            "remove_device.device_list",
+            BAD,
+        ),
+        (
+            Body::RemoveDevice(v1::RemoveDeviceRequest {
+                device_id: 0,
+                device_list: Bytes::new(),
+                signature: Bytes::new(),
+            }),
+            "remove_device.device_id",
+            BAD,
+        ),
     ]
 }
 
@@ -514,6 +653,7 @@ fn messages_stay_close_to_the_relays() {
         recipient_account: Bytes::from_static(&[1; 15]),
         recipient_device: 1,
         envelopes: vec![],
+        device_list_version: 0,
     }));
     assert_eq!(
         e.client_message(),
@@ -631,7 +771,10 @@ fn needs_authentication_is_the_protocols_list() {
             "discovery_lookup",
             "set_discoverable",
             "start_verification",
-            "check_verification"
+            "check_verification",
+            "deposit_provisioning",
+            "publish_device_list",
+            "remove_device"
         ]
     );
 }
@@ -757,8 +900,11 @@ fn any_request() -> impl Strategy<Value = Request> {
         ),
         (any_address(), any::<[u8; 64]>())
             .prop_map(|(address, signature)| Request::Auth { address, signature }),
-        (any_address(), any_envelopes())
-            .prop_map(|(to, envelopes)| Request::Send { to, envelopes }),
+        (any_address(), any_envelopes()).prop_map(|(to, envelopes)| Request::Send {
+            to,
+            envelopes,
+            device_list_version: 0
+        }),
         proptest::collection::vec(any::<u64>(), 0..50).prop_map(|seqs| Request::Ack { seqs }),
         Just(Request::Ping),
         (
@@ -789,7 +935,8 @@ fn any_request() -> impl Strategy<Value = Request> {
             |(to, delivery_token, envelopes)| Request::SealedSend {
                 to,
                 delivery_token,
-                envelopes
+                envelopes,
+                device_list_version: 9
             }
         ),
         Just(Request::RelayInfo),
@@ -835,14 +982,14 @@ proptest! {
     #[test]
     fn any_frame_of_a_known_shape_checks_without_panicking(
         id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
-        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..22, text in ".{0,20}",
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..27, text in ".{0,20}",
     ) {
         // Valid protobuf with arbitrary field contents reaches every check.
         let body = match which {
             0 => Body::Register(v1::RegisterRequest { identity_key: a, device_key: b, device_signature: c.clone(), session_proof: c }),
             1 => Body::AddDevice(v1::AddDeviceRequest { account_id: a, device_key: b, device_signature: c }),
             2 => Body::Auth(v1::AuthRequest { account_id: a, device_id: n, signature: b }),
-            3 => Body::Send(v1::SendRequest { recipient_account: a, recipient_device: n, envelopes: vec![v1::Envelope { message_id: b, payload: c }] }),
+            3 => Body::Send(v1::SendRequest { recipient_account: a, recipient_device: n, envelopes: vec![v1::Envelope { message_id: b, payload: c }], device_list_version: u64::from(n) }),
             4 => Body::Ack(v1::AckRequest { seqs }),
             5 => Body::PublishKeys(v1::PublishKeysRequest {
                 identity_dh: a, identity_dh_signature: b.clone(),
@@ -851,7 +998,7 @@ proptest! {
             }),
             6 => Body::FetchKeys(v1::FetchKeysRequest { account_id: a, device_id: n, delivery_token: b }),
             7 => Body::SetDeliveryToken(v1::SetDeliveryTokenRequest { token_hash: a }),
-            8 => Body::SealedSend(v1::SealedSendRequest { recipient_account: a, recipient_device: n, delivery_token: b, envelopes: vec![v1::Envelope { message_id: c, payload: Bytes::new() }] }),
+            8 => Body::SealedSend(v1::SealedSendRequest { recipient_account: a, recipient_device: n, delivery_token: b, envelopes: vec![v1::Envelope { message_id: c, payload: Bytes::new() }], device_list_version: 1 }),
             9 => Body::BlobStatus(v1::BlobStatusRequest { blob_id: a }),
             10 => Body::TouchBlob(v1::TouchBlobRequest { blob_id: a }),
             11 => Body::ListDevices(v1::ListDevicesRequest { account_id: a, delivery_token: b }),
@@ -868,6 +1015,11 @@ proptest! {
                 code: text,
                 discoverable: (n % 3 != 0).then_some(n % 2 == 0),
             }),
+            21 => Body::OpenProvisioning(v1::OpenProvisioningRequest { slot_id: a, reader_hash: b }),
+            22 => Body::DepositProvisioning(v1::DepositProvisioningRequest { slot_id: a, device_id: n, payload: b }),
+            23 => Body::TakeProvisioning(v1::TakeProvisioningRequest { slot_id: a, reader_secret: b }),
+            24 => Body::PublishDeviceList(v1::PublishDeviceListRequest { device_list: a, signature: b }),
+            25 => Body::RemoveDevice(v1::RemoveDeviceRequest { device_id: n, device_list: a, signature: b }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

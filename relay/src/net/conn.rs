@@ -399,14 +399,18 @@ impl Session {
                     .services
                     .accounts()
                     .list_devices(&account, &delivery_token)
-                    .map(Reply::ListDevices);
+                    .map(|devices| Reply::ListDevices {
+                        devices,
+                        list: None,
+                    });
                 self.anonymous_reply(id, reply).await
             }
-            Request::Send { to, envelopes } => self.send(id, to, envelopes).await,
+            Request::Send { to, envelopes, .. } => self.send(id, to, envelopes).await,
             Request::SealedSend {
                 to,
                 delivery_token,
                 envelopes,
+                ..
             } => {
                 if !self.take_place(id).await {
                     return;
@@ -471,6 +475,16 @@ impl Session {
             } => self.discovery_filter(id, since_day, day, part).await,
             request @ (Request::StartVerification { .. } | Request::CheckVerification { .. }) => {
                 self.verification(id, request).await
+            }
+            // Linked devices: served once the provisioning and device-list services
+            // land (issue 16, in progress).
+            Request::OpenProvisioning { .. }
+            | Request::DepositProvisioning { .. }
+            | Request::TakeProvisioning { .. }
+            | Request::PublishDeviceList(_)
+            | Request::RemoveDevice { .. } => {
+                let refused = Error::BadRequest("linked devices are not served yet".into());
+                self.reply(id, Err(refused)).await
             }
         }
     }

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use super::pg::PgBackend;
-use super::{AccountStore, BlobIndex, DiscoveryStore, Flush, KeyStore, MailboxStore, StoreResult};
+use super::{
+    AccountStore, BlobIndex, DiscoveryStore, Flush, KeyStore, MailboxStore, MemorySlots,
+    ProvisioningStore, StoreResult,
+};
 
 mod marked;
 
@@ -24,6 +27,9 @@ pub struct Stores {
     /// Discovery tags and evaluation buckets. Tag changes flush themselves (they are
     /// rare); bucket charges are made durable by the group commit.
     pub discovery: Arc<dyn DiscoveryStore>,
+    /// Provisioning slots for devices being linked: in memory on an embedded relay
+    /// (ciphertext that lives ten minutes), in the shared database across nodes.
+    pub provisioning: Arc<dyn ProvisioningStore>,
     /// Makes every change to any of them durable.
     pub flush: Arc<dyn Flush>,
     /// The shared database when every store is on it (a relay of several nodes):
@@ -49,6 +55,7 @@ impl Stores {
             accounts: store.clone(),
             keys: store.clone(),
             blobs: store.clone(),
+            provisioning: Arc::new(MemorySlots::new()),
             flush: store,
             shared: None,
         }
@@ -84,6 +91,7 @@ impl Stores {
             keys: rest.clone(),
             blobs: rest.clone(),
             discovery: rest.clone(),
+            provisioning: Arc::new(MemorySlots::new()),
             flush: Arc::new(FlushBoth(mailboxes, rest)),
             shared: None,
         }

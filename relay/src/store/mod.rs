@@ -43,6 +43,7 @@ mod memory;
 pub mod pg;
 mod seq;
 mod sled;
+mod slots;
 
 #[cfg(test)]
 mod conformance;
@@ -54,6 +55,7 @@ pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_M
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::{DeviceKeysDump, DiscoveryDump, SledStore};
+pub use self::slots::MemorySlots;
 
 /// A storage backend failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -86,6 +88,9 @@ pub enum StoreError {
     /// deletion intent another node recorded): refused as to an unknown recipient.
     #[error("the recipient's account is being deleted")]
     Deleted,
+    /// The backend does not implement this operation.
+    #[error("not supported by this store")]
+    Unsupported,
 }
 
 impl StoreError {
@@ -540,6 +545,117 @@ pub trait AccountStore: Send + Sync + 'static {
 
     /// Forgets a deletion intent (the deletion is complete).
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()>;
+
+    /// The account's current signed device list, if it published one.
+    fn device_list(&self, _id: &AccountId) -> StoreResult<Option<StoredList>> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Stores a newer device list; `false` (nothing changed) when the stored one
+    /// is as new or newer, or the account does not exist.
+    fn put_device_list(&self, _id: &AccountId, _list: &StoredList) -> StoreResult<bool> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Deletes one device's row (its key and days); never device 1. Whether it was
+    /// there. The device's id is never handed out again.
+    fn remove_device_record(&self, _of: &DeviceAddress) -> StoreResult<bool> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Up to `max` linked devices (never device 1) last seen before UTC day
+    /// `seen_before_day`.
+    fn idle_devices(&self, _seen_before_day: u32, _max: usize) -> StoreResult<Vec<DeviceAddress>> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Records the intent to remove a device, so a start finishes a removal a
+    /// crash interrupted.
+    fn put_device_removal(&self, _of: &DeviceAddress) -> StoreResult<()> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Every recorded device-removal intent.
+    fn device_removals(&self) -> StoreResult<Vec<DeviceAddress>> {
+        Err(StoreError::Unsupported)
+    }
+
+    /// Forgets a device-removal intent (the removal is complete).
+    fn remove_device_removal(&self, _of: &DeviceAddress) -> StoreResult<()> {
+        Err(StoreError::Unsupported)
+    }
+}
+
+/// An account's signed device list as the relay keeps it: the exact signed bytes
+/// (`tern_proto::device_list`), their version and the identity's signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredList {
+    /// The list's version (also inside `list`).
+    pub version: u64,
+    /// The signed bytes.
+    pub list: Vec<u8>,
+    /// The identity's Ed25519 signature over them.
+    pub signature: [u8; 64],
+}
+
+/// What opening a provisioning slot did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotOpen {
+    /// The slot is open.
+    Opened,
+    /// A live slot has this id.
+    Exists,
+    /// The store holds its maximum of live slots.
+    Full,
+}
+
+/// What taking from a provisioning slot found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotTake {
+    /// The payload; the slot is gone.
+    Payload(Vec<u8>),
+    /// The slot is open and not deposited yet.
+    Pending,
+    /// No live slot with this id and reader (unknown, expired, taken, or another
+    /// reader's).
+    Missing,
+}
+
+/// Provisioning slots: where a primary leaves a sealed payload for a device being
+/// linked. Each holds ciphertext only, is filled once, taken once, and lives
+/// `tern_proto::limits::PROVISIONING_TTL_MS`.
+pub trait ProvisioningStore: Send + Sync + 'static {
+    /// Opens a slot expiring at `expires_at_ms`, unless one with this id is live or
+    /// `max` live slots exist.
+    fn open(
+        &self,
+        slot: &[u8; 16],
+        reader_hash: &[u8; 32],
+        expires_at_ms: u64,
+        now_ms: u64,
+        max: usize,
+    ) -> StoreResult<SlotOpen>;
+
+    /// Fills a live, empty slot for `device` of `account`; `false` if the slot is
+    /// missing, expired or already filled.
+    fn deposit(
+        &self,
+        slot: &[u8; 16],
+        account: &AccountId,
+        device: DeviceId,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<bool>;
+
+    /// Takes a filled slot's payload (deleting the slot) if `reader_hash` is the one
+    /// it was opened with.
+    fn take(&self, slot: &[u8; 16], reader_hash: &[u8; 32], now_ms: u64) -> StoreResult<SlotTake>;
+
+    /// Deletes up to `max` expired slots; how many.
+    fn sweep(&self, now_ms: u64, max: usize) -> StoreResult<usize>;
+
+    /// Deletes every slot deposited for `account` (its deletion).
+    fn forget_account(&self, account: &AccountId) -> StoreResult<()>;
 }
 
 /// A one-time prekey.

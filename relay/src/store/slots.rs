@@ -1,0 +1,216 @@
+//! Provisioning slots in memory: what an embedded relay uses. A slot holds only
+//! HPKE ciphertext for at most ten minutes, so none of it needs to reach the disk; a
+//! restart just means the new device links again.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use subtle::ConstantTimeEq;
+use tern_proto::{AccountId, DeviceId};
+
+use super::{ProvisioningStore, SlotOpen, SlotTake, StoreResult};
+
+struct Slot {
+    reader_hash: [u8; 32],
+    expires_at_ms: u64,
+    deposit: Option<(AccountId, Vec<u8>)>,
+}
+
+/// Slots in a bounded map; expired ones are dropped by [`ProvisioningStore::sweep`]
+/// and whenever the map is full.
+#[derive(Default)]
+pub struct MemorySlots {
+    slots: Mutex<HashMap<[u8; 16], Slot>>,
+}
+
+impl MemorySlots {
+    /// No slots.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<[u8; 16], Slot>> {
+        // A panic while holding the map leaves it consistent (every change is one
+        // map operation).
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl std::fmt::Debug for MemorySlots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemorySlots").finish_non_exhaustive()
+    }
+}
+
+impl ProvisioningStore for MemorySlots {
+    fn open(
+        &self,
+        slot: &[u8; 16],
+        reader_hash: &[u8; 32],
+        expires_at_ms: u64,
+        now_ms: u64,
+        max: usize,
+    ) -> StoreResult<SlotOpen> {
+        let mut slots = self.lock();
+        if slots.get(slot).is_some_and(|s| s.expires_at_ms > now_ms) {
+            return Ok(SlotOpen::Exists);
+        }
+        if slots.len() >= max {
+            slots.retain(|_, s| s.expires_at_ms > now_ms);
+            if slots.len() >= max {
+                return Ok(SlotOpen::Full);
+            }
+        }
+        slots.insert(
+            *slot,
+            Slot {
+                reader_hash: *reader_hash,
+                expires_at_ms,
+                deposit: None,
+            },
+        );
+        Ok(SlotOpen::Opened)
+    }
+
+    fn deposit(
+        &self,
+        slot: &[u8; 16],
+        account: &AccountId,
+        _device: DeviceId,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<bool> {
+        let mut slots = self.lock();
+        match slots.get_mut(slot) {
+            Some(s) if s.expires_at_ms > now_ms && s.deposit.is_none() => {
+                s.deposit = Some((*account, payload.to_vec()));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn take(&self, slot: &[u8; 16], reader_hash: &[u8; 32], now_ms: u64) -> StoreResult<SlotTake> {
+        let mut slots = self.lock();
+        let Some(s) = slots.get(slot) else {
+            return Ok(SlotTake::Missing);
+        };
+        if s.expires_at_ms <= now_ms || !bool::from(s.reader_hash.ct_eq(reader_hash)) {
+            return Ok(SlotTake::Missing);
+        }
+        if s.deposit.is_none() {
+            return Ok(SlotTake::Pending);
+        }
+        Ok(slots
+            .remove(slot)
+            .and_then(|s| s.deposit)
+            .map_or(SlotTake::Missing, |(_, payload)| SlotTake::Payload(payload)))
+    }
+
+    fn sweep(&self, now_ms: u64, max: usize) -> StoreResult<usize> {
+        let mut slots = self.lock();
+        let expired: Vec<[u8; 16]> = slots
+            .iter()
+            .filter(|(_, s)| s.expires_at_ms <= now_ms)
+            .map(|(id, _)| *id)
+            .take(max)
+            .collect();
+        for id in &expired {
+            slots.remove(id);
+        }
+        Ok(expired.len())
+    }
+
+    fn forget_account(&self, account: &AccountId) -> StoreResult<()> {
+        self.lock()
+            .retain(|_, s| s.deposit.as_ref().is_none_or(|(a, _)| a != account));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SLOT: [u8; 16] = [1; 16];
+    const READER: [u8; 32] = [2; 32];
+
+    fn device() -> DeviceId {
+        DeviceId::new(2).expect("not 0")
+    }
+
+    #[test]
+    fn a_slot_is_filled_once_and_taken_once_by_its_reader() {
+        let slots = MemorySlots::new();
+        let acct = AccountId([3; 16]);
+        assert_eq!(
+            slots.open(&SLOT, &READER, 100, 0, 10).ok(),
+            Some(SlotOpen::Opened)
+        );
+        assert_eq!(
+            slots.open(&SLOT, &READER, 100, 0, 10).ok(),
+            Some(SlotOpen::Exists)
+        );
+        assert_eq!(slots.take(&SLOT, &READER, 1).ok(), Some(SlotTake::Pending));
+        assert_eq!(
+            slots.deposit(&SLOT, &acct, device(), b"sealed", 1).ok(),
+            Some(true)
+        );
+        assert_eq!(
+            slots.deposit(&SLOT, &acct, device(), b"other", 1).ok(),
+            Some(false)
+        );
+        assert_eq!(slots.take(&SLOT, &[9; 32], 2).ok(), Some(SlotTake::Missing));
+        assert_eq!(
+            slots.take(&SLOT, &READER, 2).ok(),
+            Some(SlotTake::Payload(b"sealed".to_vec()))
+        );
+        assert_eq!(slots.take(&SLOT, &READER, 3).ok(), Some(SlotTake::Missing));
+        assert_eq!(
+            slots.deposit(&SLOT, &acct, device(), b"late", 3).ok(),
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn expired_slots_are_gone_and_the_bound_holds() {
+        let slots = MemorySlots::new();
+        let acct = AccountId([3; 16]);
+        assert_eq!(
+            slots.open(&SLOT, &READER, 100, 0, 1).ok(),
+            Some(SlotOpen::Opened)
+        );
+        assert_eq!(
+            slots.open(&[5; 16], &READER, 100, 0, 1).ok(),
+            Some(SlotOpen::Full)
+        );
+        assert_eq!(
+            slots.deposit(&SLOT, &acct, device(), b"x", 100).ok(),
+            Some(false)
+        );
+        assert_eq!(
+            slots.take(&SLOT, &READER, 100).ok(),
+            Some(SlotTake::Missing)
+        );
+        // Full again only while the first lives: at 100 it has expired.
+        assert_eq!(
+            slots.open(&[5; 16], &READER, 200, 100, 1).ok(),
+            Some(SlotOpen::Opened)
+        );
+        assert_eq!(slots.sweep(200, 10).ok(), Some(1));
+        assert_eq!(slots.sweep(200, 10).ok(), Some(0));
+        assert_eq!(
+            slots.open(&SLOT, &READER, 300, 200, 2).ok(),
+            Some(SlotOpen::Opened)
+        );
+        assert_eq!(
+            slots.deposit(&SLOT, &acct, device(), b"x", 200).ok(),
+            Some(true)
+        );
+        slots.forget_account(&acct).expect("memory");
+        assert_eq!(
+            slots.take(&SLOT, &READER, 201).ok(),
+            Some(SlotTake::Missing)
+        );
+    }
+}
