@@ -163,7 +163,7 @@ fn payload_for(identity: &SigningKey, link: &Link, listed: bool) -> LinkPayload 
         version: 2,
         entries,
     };
-    let (device_list, device_list_signature) = sign_device_list(identity, &list);
+    let (device_list, device_list_signature) = sign_device_list(identity, &list).expect("sign");
     LinkPayload {
         account,
         device_id,
