@@ -50,6 +50,7 @@ fn a_link_round_trips_through_its_text() {
         let text = link.to_string();
         assert!(text.starts_with("tern-link:"));
         assert_eq!(Link::parse(&text).expect("parses"), link);
+        assert_eq!(text.parse::<Link>().expect("FromStr"), link);
         assert_eq!(Link::parse(&format!(" {text}\n")).expect("trimmed"), link);
     }
     let link = keys.link(&relay());
