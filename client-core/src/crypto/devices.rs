@@ -15,98 +15,14 @@ use tern_proto::{AccountId, DeviceId};
 use crate::error::{Error, Result};
 
 #[doc(no_inline)]
-pub use placeholder::{DeviceEntry, DeviceList};
-
-/// Stand-in for `tern_proto::device_list` until the wire lands (same shape).
-mod placeholder {
-    use tern_proto::{AccountId, DeviceId};
-
-    /// One device of a list.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct DeviceEntry {
-        /// The device's id.
-        pub id: DeviceId,
-        /// Its Ed25519 device key.
-        pub device_key: [u8; 32],
-        /// Its X25519 identity agreement key.
-        pub identity_dh: [u8; 32],
-    }
-
-    /// An account's device list.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub struct DeviceList {
-        /// The account.
-        pub account: AccountId,
-        /// Grows with every change.
-        pub version: u64,
-        /// The devices, ids ascending.
-        pub entries: Vec<DeviceEntry>,
-    }
-
-    /// Why bytes are not a device list.
-    #[derive(Debug)]
-    pub struct DeviceListError;
-
-    const CONTEXT: &[u8] = b"tern device list v1\0";
-
-    impl DeviceList {
-        /// The signed bytes.
-        pub fn encode(&self) -> Vec<u8> {
-            let mut b = CONTEXT.to_vec();
-            b.extend_from_slice(self.account.as_bytes());
-            b.extend_from_slice(&self.version.to_be_bytes());
-            b.push(self.entries.len() as u8);
-            for e in &self.entries {
-                b.extend_from_slice(&e.id.get().to_be_bytes());
-                b.extend_from_slice(&e.device_key);
-                b.extend_from_slice(&e.identity_dh);
-            }
-            b
-        }
-
-        /// Parses [`DeviceList::encode`].
-        pub fn parse(bytes: &[u8]) -> Result<DeviceList, DeviceListError> {
-            let rest = bytes.strip_prefix(CONTEXT).ok_or(DeviceListError)?;
-            if rest.len() < 25 {
-                return Err(DeviceListError);
-            }
-            let account = AccountId::try_from(&rest[..16]).map_err(|_| DeviceListError)?;
-            let version = u64::from_be_bytes(rest[16..24].try_into().map_err(|_| DeviceListError)?);
-            let n = usize::from(rest[24]);
-            let body = &rest[25..];
-            if body.len() != n * 68 {
-                return Err(DeviceListError);
-            }
-            let mut entries: Vec<DeviceEntry> = Vec::with_capacity(n);
-            for e in body.chunks_exact(68) {
-                let id = u32::from_be_bytes(e[..4].try_into().map_err(|_| DeviceListError)?);
-                let id = DeviceId::new(id).ok_or(DeviceListError)?;
-                if entries.last().is_some_and(|l| l.id >= id) {
-                    return Err(DeviceListError);
-                }
-                entries.push(DeviceEntry {
-                    id,
-                    device_key: e[4..36].try_into().map_err(|_| DeviceListError)?,
-                    identity_dh: e[36..68].try_into().map_err(|_| DeviceListError)?,
-                });
-            }
-            if entries.first().map(|e| e.id) != Some(DeviceId::PRIMARY) {
-                return Err(DeviceListError);
-            }
-            Ok(DeviceList {
-                account,
-                version,
-                entries,
-            })
-        }
-    }
-}
+pub use tern_proto::device_list::{DeviceEntry, DeviceList};
 
 /// Why a device list was refused. The cached list (if any) stays in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DeviceListRefusal {
-    /// The bytes are not a device list (layout, order, device 1 missing, length).
+    /// The bytes are not a device list (layout, order, device 1 missing, length, or
+    /// more than `MAX_LISTED_DEVICES` entries).
     #[error("device list refused: malformed")]
     Malformed,
     /// The signature does not verify under the account's trusted identity key.
@@ -136,11 +52,15 @@ pub enum DeviceListRefusal {
 }
 
 /// Signs `list` with the account's identity key: the exact bytes (as they go on the
-/// wire) and the signature over them.
-pub fn sign_device_list(identity: &SigningKey, list: &DeviceList) -> (Vec<u8>, [u8; 64]) {
-    let bytes = list.encode();
+/// wire) and the signature over them. A list that breaks the layout's rules (no
+/// device 1, ids not ascending, no or too many entries) is
+/// [`DeviceListRefusal::Malformed`].
+pub fn sign_device_list(identity: &SigningKey, list: &DeviceList) -> Result<(Vec<u8>, [u8; 64])> {
+    let bytes = list
+        .encode()
+        .map_err(|_| Error::DeviceList(DeviceListRefusal::Malformed))?;
     let signature = identity.sign(&bytes).to_bytes();
-    (bytes, signature)
+    Ok((bytes, signature))
 }
 
 /// A device list that passed the sender rules against a trusted identity key. Only

@@ -518,7 +518,7 @@ mod tests {
                 entry(2, device2, *dh2),
             ],
         };
-        let (bytes, sig) = sign_device_list(&d.identity, &list);
+        let (bytes, sig) = sign_device_list(&d.identity, &list).expect("sign");
         let key = d.identity.verifying_key().to_bytes();
         VerifiedDeviceList::verify(&key, &account, &bytes, &sig, None).expect("list")
     }

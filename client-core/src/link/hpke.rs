@@ -24,10 +24,10 @@ const PSK_ID_CONTEXT: &[u8] = b"tern link psk v1";
 const INFO_CONTEXT: &[u8] = b"tern link payload v1\0";
 /// The encapsulated key's length.
 const ENC_LEN: usize = 32;
-/// The AEAD tag's length.
-const TAG_LEN: usize = 16;
+/// The smallest sealed payload: the encapsulated key and the AEAD tag.
+const MIN_SEALED: usize = tern_proto::limits::MIN_LINK_PAYLOAD;
 /// The largest sealed payload (what `DepositProvisioning` carries).
-pub(crate) const MAX_SEALED: usize = 64 * 1024;
+const MAX_SEALED: usize = tern_proto::limits::MAX_LINK_PAYLOAD;
 
 /// The HPKE public key for an X25519 secret (HPKE's own derivation).
 pub(crate) fn public_key(secret: &[u8; 32]) -> Result<[u8; 32]> {
@@ -111,10 +111,9 @@ fn open_raw(
     aad: &[u8],
     sealed: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>> {
-    if sealed.len() < ENC_LEN + TAG_LEN {
+    if sealed.len() < MIN_SEALED {
         return Err(Error::LinkPayload(format!(
-            "sealed payload under {} bytes",
-            ENC_LEN + TAG_LEN
+            "sealed payload under {MIN_SEALED} bytes"
         )));
     }
     if sealed.len() > MAX_SEALED {
@@ -252,7 +251,7 @@ mod tests {
             &psk,
             &slot,
             &fp,
-            &[0; ENC_LEN + TAG_LEN - 1]
+            &[0; MIN_SEALED - 1]
         )));
         assert!(malformed(open(
             &secret,

@@ -107,6 +107,14 @@ impl Link {
     }
 }
 
+impl std::str::FromStr for Link {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Link::parse(s)
+    }
+}
+
 impl std::fmt::Display for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut b = Zeroizing::new(Vec::with_capacity(FIXED_LEN + 64));

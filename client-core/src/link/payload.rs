@@ -3,8 +3,9 @@
 
 use ed25519_dalek::{Signature, VerifyingKey};
 use prost::Message;
+use tern_proto::e2e as wire;
 use tern_proto::{AccountId, DeviceId};
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 use crate::crypto::devices::VerifiedDeviceList;
 use crate::crypto::x3dh::verify_identity_dh;
@@ -64,45 +65,45 @@ impl LinkPayload {
     /// The e2e.proto encoding.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
         let wire = wire::LinkPayload {
-            account_id: self.account.as_bytes().to_vec(),
+            account_id: self.account.as_bytes().to_vec().into(),
             device_id: self.device_id.get(),
-            identity_key: self.identity_key.to_vec(),
-            device_signature: self.device_signature.to_vec(),
-            identity_dh_signature: self.identity_dh_signature.to_vec(),
-            device_list: self.device_list.clone(),
-            device_list_signature: self.device_list_signature.to_vec(),
-            delivery_token: self.delivery_token.to_vec(),
-            relay_signing_key: self.relay_signing_key.to_vec(),
+            identity_key: self.identity_key.to_vec().into(),
+            device_signature: self.device_signature.to_vec().into(),
+            identity_dh_signature: self.identity_dh_signature.to_vec().into(),
+            device_list: self.device_list.clone().into(),
+            device_list_signature: self.device_list_signature.to_vec().into(),
+            delivery_token: self.delivery_token.to_vec().into(),
+            relay_signing_key: self.relay_signing_key.to_vec().into(),
             contacts: self
                 .contacts
                 .iter()
                 .map(|c| wire::LinkedContact {
-                    account: c.account.as_bytes().to_vec(),
-                    identity_key: c.identity_key.to_vec(),
-                    delivery_token: c.delivery_token.map(|t| t.to_vec()).unwrap_or_default(),
+                    account_id: c.account.as_bytes().to_vec().into(),
+                    identity_key: c.identity_key.to_vec().into(),
+                    delivery_token: c
+                        .delivery_token
+                        .map(|t| t.to_vec().into())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             contacts_complete: self.contacts_complete,
             created_at_ms: self.created_at_ms,
         };
-        let out = Zeroizing::new(wire.encode_to_vec());
-        // The token is a secret; wipe the intermediate copy too.
-        let mut wire = wire;
-        wire.delivery_token.zeroize();
-        out
+        // The generated message holds `Bytes`, which cannot be wiped; the encoding can.
+        Zeroizing::new(wire.encode_to_vec())
     }
 
     /// Decodes [`LinkPayload::encode`]; what does not decode, or a field of the
     /// wrong length (or device 1, which is never linked), is [`Error::LinkPayload`].
     pub fn decode(bytes: &[u8]) -> Result<LinkPayload> {
-        let mut w = wire::LinkPayload::decode(bytes).map_err(|_| bad("does not decode"))?;
+        let w = wire::LinkPayload::decode(bytes).map_err(|_| bad("does not decode"))?;
         let payload = (|| {
             let contacts = w
                 .contacts
                 .iter()
                 .map(|c| {
                     Ok(LinkedContact {
-                        account: account(&c.account, "contact account")?,
+                        account: account(&c.account_id, "contact account")?,
                         identity_key: fixed(&c.identity_key, "contact identity key")?,
                         delivery_token: match c.delivery_token.len() {
                             0 => None,
@@ -123,7 +124,7 @@ impl LinkPayload {
                 identity_key: fixed(&w.identity_key, "identity key")?,
                 device_signature: fixed(&w.device_signature, "device signature")?,
                 identity_dh_signature: fixed(&w.identity_dh_signature, "identity_dh signature")?,
-                device_list: std::mem::take(&mut w.device_list),
+                device_list: w.device_list.to_vec(),
                 device_list_signature: fixed(&w.device_list_signature, "device list signature")?,
                 delivery_token: fixed(&w.delivery_token, "delivery token")?,
                 relay_signing_key: fixed(&w.relay_signing_key, "relay signing key")?,
@@ -132,7 +133,6 @@ impl LinkPayload {
                 created_at_ms: w.created_at_ms,
             })
         })();
-        w.delivery_token.zeroize();
         payload
     }
 
@@ -184,47 +184,4 @@ fn fixed<const N: usize>(b: &[u8], what: &str) -> Result<[u8; N]> {
 
 fn account(b: &[u8], what: &str) -> Result<AccountId> {
     AccountId::try_from(b).map_err(|_| bad(what))
-}
-
-/// Stand-in for the e2e.proto `LinkPayload` until the wire lands (same tags).
-mod wire {
-    /// The sealed payload.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct LinkPayload {
-        #[prost(bytes = "vec", tag = "1")]
-        pub(super) account_id: Vec<u8>,
-        #[prost(uint32, tag = "2")]
-        pub(super) device_id: u32,
-        #[prost(bytes = "vec", tag = "3")]
-        pub(super) identity_key: Vec<u8>,
-        #[prost(bytes = "vec", tag = "4")]
-        pub(super) device_signature: Vec<u8>,
-        #[prost(bytes = "vec", tag = "5")]
-        pub(super) identity_dh_signature: Vec<u8>,
-        #[prost(bytes = "vec", tag = "6")]
-        pub(super) device_list: Vec<u8>,
-        #[prost(bytes = "vec", tag = "7")]
-        pub(super) device_list_signature: Vec<u8>,
-        #[prost(bytes = "vec", tag = "8")]
-        pub(super) delivery_token: Vec<u8>,
-        #[prost(bytes = "vec", tag = "9")]
-        pub(super) relay_signing_key: Vec<u8>,
-        #[prost(message, repeated, tag = "10")]
-        pub(super) contacts: Vec<LinkedContact>,
-        #[prost(bool, tag = "11")]
-        pub(super) contacts_complete: bool,
-        #[prost(uint64, tag = "12")]
-        pub(super) created_at_ms: u64,
-    }
-
-    /// One contact in it.
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub(super) struct LinkedContact {
-        #[prost(bytes = "vec", tag = "1")]
-        pub(super) account: Vec<u8>,
-        #[prost(bytes = "vec", tag = "2")]
-        pub(super) identity_key: Vec<u8>,
-        #[prost(bytes = "vec", tag = "3")]
-        pub(super) delivery_token: Vec<u8>,
-    }
 }

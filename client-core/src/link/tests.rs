@@ -50,6 +50,7 @@ fn a_link_round_trips_through_its_text() {
         let text = link.to_string();
         assert!(text.starts_with("tern-link:"));
         assert_eq!(Link::parse(&text).expect("parses"), link);
+        assert_eq!(text.parse::<Link>().expect("FromStr"), link);
         assert_eq!(Link::parse(&format!(" {text}\n")).expect("trimmed"), link);
     }
     let link = keys.link(&relay());
@@ -163,7 +164,7 @@ fn payload_for(identity: &SigningKey, link: &Link, listed: bool) -> LinkPayload 
         version: 2,
         entries,
     };
-    let (device_list, device_list_signature) = sign_device_list(identity, &list);
+    let (device_list, device_list_signature) = sign_device_list(identity, &list).expect("sign");
     LinkPayload {
         account,
         device_id,

@@ -33,7 +33,7 @@ fn a_signed_list_verifies_and_exposes_its_entries() {
     let identity = SigningKey::generate(&mut OsRng);
     let key = identity.verifying_key().to_bytes();
     let l = list(3, &[1, 4]);
-    let (bytes, sig) = sign_device_list(&identity, &l);
+    let (bytes, sig) = sign_device_list(&identity, &l).expect("sign");
     let v = VerifiedDeviceList::verify(&key, &account(1), &bytes, &sig, None).expect("verifies");
     assert_eq!(v.version(), 3);
     assert_eq!(v.entries(), &l.entries[..]);
@@ -44,7 +44,7 @@ fn a_signed_list_verifies_and_exposes_its_entries() {
     assert_eq!(v.identity_key(), &key);
     // The same list again, or a newer one, passes the cache.
     assert!(VerifiedDeviceList::verify(&key, &account(1), &bytes, &sig, Some((3, &bytes))).is_ok());
-    let (newer, nsig) = sign_device_list(&identity, &list(4, &[1]));
+    let (newer, nsig) = sign_device_list(&identity, &list(4, &[1])).expect("sign");
     assert!(
         VerifiedDeviceList::verify(&key, &account(1), &newer, &nsig, Some((3, &bytes))).is_ok()
     );
@@ -54,10 +54,11 @@ fn a_signed_list_verifies_and_exposes_its_entries() {
 fn a_bad_signature_is_refused() {
     let identity = SigningKey::generate(&mut OsRng);
     let key = identity.verifying_key().to_bytes();
-    let (bytes, sig) = sign_device_list(&identity, &list(1, &[1, 2]));
+    let (bytes, sig) = sign_device_list(&identity, &list(1, &[1, 2])).expect("sign");
     // Signed by another key (a bundle's, a relay's): not the trusted identity.
     let other = SigningKey::generate(&mut OsRng);
-    let (_, other_sig) = sign_device_list(&other, &DeviceList::parse(&bytes).expect("parse"));
+    let (_, other_sig) =
+        sign_device_list(&other, &DeviceList::parse(&bytes).expect("parse")).expect("sign");
     assert_eq!(
         refusal(VerifiedDeviceList::verify(
             &key,
@@ -98,7 +99,7 @@ fn a_bad_signature_is_refused() {
 fn a_list_for_another_account_is_refused() {
     let identity = SigningKey::generate(&mut OsRng);
     let key = identity.verifying_key().to_bytes();
-    let (bytes, sig) = sign_device_list(&identity, &list(1, &[1]));
+    let (bytes, sig) = sign_device_list(&identity, &list(1, &[1])).expect("sign");
     assert_eq!(
         refusal(VerifiedDeviceList::verify(
             &key,
@@ -115,8 +116,8 @@ fn a_list_for_another_account_is_refused() {
 fn an_older_list_or_another_list_of_the_same_version_is_refused() {
     let identity = SigningKey::generate(&mut OsRng);
     let key = identity.verifying_key().to_bytes();
-    let (v5, _) = sign_device_list(&identity, &list(5, &[1, 2]));
-    let (v4, sig4) = sign_device_list(&identity, &list(4, &[1, 2, 3]));
+    let (v5, _) = sign_device_list(&identity, &list(5, &[1, 2])).expect("sign");
+    let (v4, sig4) = sign_device_list(&identity, &list(4, &[1, 2, 3])).expect("sign");
     assert_eq!(
         refusal(VerifiedDeviceList::verify(
             &key,
@@ -128,7 +129,7 @@ fn an_older_list_or_another_list_of_the_same_version_is_refused() {
         DeviceListRefusal::Older { cached: 5, got: 4 }
     );
     // Same version, other devices: the identity signed two lists for one version.
-    let (other5, sig_other5) = sign_device_list(&identity, &list(5, &[1, 3]));
+    let (other5, sig_other5) = sign_device_list(&identity, &list(5, &[1, 3])).expect("sign");
     assert_eq!(
         refusal(VerifiedDeviceList::verify(
             &key,
@@ -145,7 +146,7 @@ fn an_older_list_or_another_list_of_the_same_version_is_refused() {
 fn malformed_bytes_are_refused() {
     let identity = SigningKey::generate(&mut OsRng);
     let key = identity.verifying_key().to_bytes();
-    let (bytes, _) = sign_device_list(&identity, &list(1, &[1, 2]));
+    let (bytes, _) = sign_device_list(&identity, &list(1, &[1, 2])).expect("sign");
     for bad in [
         &bytes[..bytes.len() - 1],
         &bytes[1..],
@@ -164,18 +165,26 @@ fn malformed_bytes_are_refused() {
             DeviceListRefusal::Malformed
         );
     }
-    // Device 1 missing, ids out of order: signed, but not a list.
+    // Device 1 missing, ids out of order: not signed here, and refused when signed
+    // bytes say so (device 2's id rewritten to 1: a repeated id).
     for ids in [&[2u32, 3][..], &[1, 3, 2]] {
-        let (b, sig) = sign_device_list(&identity, &list(1, ids));
-        assert_eq!(
-            refusal(VerifiedDeviceList::verify(
-                &key,
-                &account(1),
-                &b,
-                &sig,
-                None
-            )),
-            DeviceListRefusal::Malformed
-        );
+        assert!(matches!(
+            sign_device_list(&identity, &list(1, ids)),
+            Err(Error::DeviceList(DeviceListRefusal::Malformed))
+        ));
     }
+    let mut repeated = bytes.clone();
+    let second_id = bytes.len() - 68;
+    repeated[second_id..second_id + 4].copy_from_slice(&1u32.to_be_bytes());
+    let sig = identity.sign(&repeated).to_bytes();
+    assert_eq!(
+        refusal(VerifiedDeviceList::verify(
+            &key,
+            &account(1),
+            &repeated,
+            &sig,
+            None
+        )),
+        DeviceListRefusal::Malformed
+    );
 }
