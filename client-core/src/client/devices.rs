@@ -257,7 +257,7 @@ impl State {
             entries,
         };
         let identity = self.keys.identity.as_ref().ok_or(Error::NotPrimary)?;
-        let (bytes, signature) = sign_device_list(identity.signing_key(), &list);
+        let (bytes, signature) = sign_device_list(identity.signing_key(), &list)?;
         let mut local = self.local.clone();
         local.device_list_version = list.version;
         let mut batch = Batch::new();

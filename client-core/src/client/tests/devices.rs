@@ -37,7 +37,7 @@ fn signed(primary: &Dev, version: u64, entries: Vec<DeviceEntry>) -> (Vec<u8>, [
         entries,
     };
     let identity = primary.state.keys.identity.as_ref().expect("the primary");
-    sign_device_list(identity.signing_key(), &list)
+    sign_device_list(identity.signing_key(), &list).expect("a valid list")
 }
 
 /// Device `device` linked to `primary`'s account: no identity secret, its
