@@ -79,6 +79,33 @@ pub enum Error {
     /// `Client::open` was given a store that holds no device.
     #[error("this store holds no registered device")]
     NotRegistered,
+    /// A device link (`tern-link:…`) does not parse: bad prefix, base64, length or
+    /// version, a relay address that does not parse, or a key that is not a valid point.
+    #[error("not a Tern device link")]
+    InvalidLink,
+    /// The link names another relay than this account's home relay.
+    #[error("the device link names another relay; an account lives on its home relay")]
+    LinkOtherRelay,
+    /// The link payload did not open: a wrong linking secret or an altered payload
+    /// (deliberately not told apart).
+    #[error("the link payload was rejected")]
+    LinkRejected,
+    /// The link payload is malformed: too short, too large, or its contents do not
+    /// decode or do not check out.
+    #[error("malformed link payload: {0}")]
+    LinkPayload(String),
+    /// The link expired before the primary deposited a payload (the slot is gone).
+    #[error("the device link expired; make a new one")]
+    LinkExpired,
+    /// Only the primary device (device 1) holds the identity key this needs.
+    #[error("only the primary device can do this")]
+    NotPrimary,
+    /// The relay holds a newer device list than the one this request was made with.
+    #[error("the device list is stale; refresh it and retry")]
+    StaleDeviceList,
+    /// A contact's (or our own account's) device list was refused.
+    #[error(transparent)]
+    DeviceList(#[from] crate::crypto::devices::DeviceListRefusal),
 }
 
 impl Error {

@@ -46,6 +46,11 @@ impl IdentityKeyPair {
             .to_bytes()
     }
 
+    /// The signing key, for the device list (`crypto::devices::sign_device_list`).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.0
+    }
+
     /// Asks the relay to delete `account`, on the connection whose exporter value
     /// (for the authenticated device's address) is `exporter`.
     pub(crate) fn sign_account_deletion(
@@ -73,6 +78,12 @@ impl DeviceKeyPair {
     /// The public key.
     pub fn public(&self) -> [u8; 32] {
         self.0.verifying_key().to_bytes()
+    }
+
+    /// Vouches for a signed prekey of this device (a linked device, which holds no
+    /// identity key; the signed device list binds this key to the identity).
+    pub(crate) fn certify_signed_prekey(&self, id: u32, key: &[u8; 32]) -> [u8; 64] {
+        self.0.sign(&auth::signed_prekey(id, key)).to_bytes()
     }
 
     /// Signs a connection's exporter value.

@@ -16,6 +16,8 @@
 //! - [`discovery`]: contact discovery's device side: normalising numbers, blinding
 //!   them for the relay's OPRF, the cache of outputs, the local copy of the filter.
 //! - [`media`]: attachments: encrypt, upload once, download, forward without re-upload.
+//! - [`link`]: linking a new device: the link it shows, the keys it waits with, the
+//!   HPKE-sealed payload the primary deposits for it.
 //! - [`identity`]: the account's Ed25519 identity key and each device's own key.
 //! - [`net`]: [`net::RelayConnection`], the wire protocol: a pipelined connection to one
 //!   relay (register, authenticate, send, receive pushes, acknowledge, media streams).
@@ -52,6 +54,7 @@ pub mod crypto;
 pub mod discovery;
 pub mod error;
 pub mod identity;
+pub mod link;
 pub mod media;
 pub mod net;
 pub mod safety;

@@ -6,7 +6,6 @@ use tern_proto::{AccountId, DeviceId};
 
 use super::state::{corrupt, Outcome, State};
 use crate::crypto::sessions::SessionSet;
-use crate::crypto::x3dh::PreKeyBundle;
 use crate::store::records::{ContactDevice, ContactRecord, HeldRecord};
 use crate::store::{Batch, InboxStore, SessionStore};
 use crate::{Error, Result};
@@ -81,6 +80,12 @@ impl State {
         let mut batch = Batch::new();
         record.identity_key = std::mem::take(&mut record.changed_identity_key);
         record.held = 0;
+        // A list signed by the old identity says nothing about the new one (whose
+        // versions start again): the next check takes the new identity's list.
+        record.device_list_version = 0;
+        record.device_list.clear();
+        record.device_list_signature.clear();
+        record.devices_checked_ms = 0;
         let outbox = self.unprepared_outbox(account, |c| c.sent, &mut batch);
         let devices = std::mem::take(&mut record.devices);
         for d in &devices {
@@ -225,16 +230,17 @@ impl State {
             return Err(StartError::IdentityChanged { first });
         }
         let mut batch = Batch::new();
-        let (our_id, our_dh) = (self.keys.identity.public(), self.keys.identity_dh.clone());
+        let (our_id, our_dh) = (self.keys.identity_key, self.keys.identity_dh.clone());
+        let listed = self.verified_list(&account);
         for b in bundles {
-            let bundle = PreKeyBundle {
-                identity_key: b.identity_key,
-                identity_dh: b.identity_dh.key,
-                identity_dh_signature: b.identity_dh.signature,
-                signed_prekey_id: b.signed_prekey.id,
-                signed_prekey: b.signed_prekey.key,
-                signed_prekey_signature: b.signed_prekey.signature,
-                one_time_prekey: b.one_time_prekey,
+            // A bundle that does not verify (or that the signed list does not vouch
+            // for) is skipped, not fatal: other devices work.
+            let bundle = match self.check_bundle(&account, listed.as_ref(), b) {
+                Ok(bundle) => bundle,
+                Err(reason) => {
+                    tracing::debug!(reason, "a prekey bundle was refused; skipped");
+                    continue;
+                }
             };
             let set = self
                 .session(&account, b.device)
@@ -242,11 +248,7 @@ impl State {
             if set.has_session() {
                 continue;
             }
-            // A bundle that does not verify is skipped, not fatal: other devices work.
-            let started = bundle
-                .verify()
-                .and_then(|bundle| set.initiate(rng, &our_id, &our_dh, &bundle));
-            if started.is_err() {
+            if set.initiate(rng, &our_id, &our_dh, &bundle).is_err() {
                 tracing::warn!("a contact device's prekey bundle failed verification; skipped");
                 continue;
             }

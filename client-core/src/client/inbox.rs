@@ -7,6 +7,7 @@ use rand::{CryptoRng, RngCore};
 use tern_proto::{AccountId, DeviceId};
 
 use super::state::{Outcome, State};
+use super::sync::Applied;
 use super::ReceivedMessage;
 use crate::crypto::message::{self, PreKeyId};
 use crate::crypto::sessions::SessionSet;
@@ -73,7 +74,18 @@ impl State {
         if self.unflushed_seen.contains(&seen) || self.kv.seen(&sender, message_id)? {
             return Ok(Outcome::Duplicate);
         }
-        let mut contact = self.contacts.get(&sender).cloned().unwrap_or_default();
+        let mut contact = if sender == self.keys.address.account {
+            // This account's other devices: trusted under its own identity only, and
+            // never held as an identity change (ours cannot change).
+            if identity_key != self.keys.identity_key {
+                return Ok(Outcome::Dropped(
+                    "a message from this account under another identity key".into(),
+                ));
+            }
+            self.own_contact()
+        } else {
+            self.contacts.get(&sender).cloned().unwrap_or_default()
+        };
         if contact.identity_key.is_empty() {
             // First contact: trust on first use; the safety number lets users check.
             contact.identity_key = identity_key.to_vec();
@@ -92,7 +104,7 @@ impl State {
             Ok(done) => done,
             Err(e) => return Ok(Outcome::Dropped(format!("decryption: {e}"))),
         };
-        let plaintext = opened.plaintext;
+        let mut plaintext = opened.plaintext;
         if plaintext.sender_account != sender.as_bytes()[..]
             || plaintext.sender_device != device.get()
         {
@@ -100,10 +112,26 @@ impl State {
                 "the sender inside the message differs from its certificate".into(),
             ));
         }
+        // Own-device sync only from this account, under its identity key.
+        let mut synced = None;
+        if let Some(sync) = plaintext.sync.take() {
+            let own = self.keys.address.account;
+            if sender != own || identity_key != self.keys.identity_key {
+                return Ok(Outcome::Dropped("sync from another account".into()));
+            }
+            match self.apply_sync(device, sync, now_ms, rng)? {
+                Ok(applied) => synced = Some(applied),
+                Err(reason) => return Ok(Outcome::Dropped(reason)),
+            }
+        }
         if plaintext.delivery_token.len() == 32 {
             contact.delivery_token = plaintext.delivery_token.to_vec();
         }
         if let Some(dh) = opened.sender_identity_dh {
+            if !contact.devices.iter().any(|d| d.device_id == device.get()) {
+                // A device new to us (a linked one, say): check the list at the next send.
+                contact.devices_checked_ms = 0;
+            }
             contact.devices.retain(|d| d.device_id != device.get());
             contact.devices.push(ContactDevice {
                 device_id: device.get(),
@@ -112,23 +140,54 @@ impl State {
         }
         let mut local = self.local.clone();
         let seq = local.next_inbox_seq;
-        local.next_inbox_seq += 1;
-        let inbox = InboxRecord {
-            sender: sender.as_bytes().to_vec(),
-            sender_device: device.get(),
-            message_id: message_id.to_vec(),
-            body: plaintext.body.to_vec(),
-            sent_at_ms: plaintext.sent_at_ms,
-            received_at_ms: now_ms,
-            attachments: plaintext
-                .attachments
-                .iter()
-                .map(Message::encode_to_vec)
-                .collect(),
+        let (inbox, events) = match synced {
+            None => (
+                Some(InboxRecord {
+                    sender: sender.as_bytes().to_vec(),
+                    sender_device: device.get(),
+                    message_id: message_id.to_vec(),
+                    body: plaintext.body.to_vec(),
+                    sent_at_ms: plaintext.sent_at_ms,
+                    received_at_ms: now_ms,
+                    attachments: plaintext
+                        .attachments
+                        .iter()
+                        .map(Message::encode_to_vec)
+                        .collect(),
+                    sent_to: Vec::new(),
+                }),
+                Vec::new(),
+            ),
+            Some(Applied::Transcript(t)) => (
+                Some(InboxRecord {
+                    sender: sender.as_bytes().to_vec(),
+                    sender_device: device.get(),
+                    message_id: t.message_id.to_vec(),
+                    body: t.body.to_vec(),
+                    sent_at_ms: t.sent_at_ms,
+                    received_at_ms: now_ms,
+                    attachments: t.attachments.iter().map(Message::encode_to_vec).collect(),
+                    sent_to: t.recipient_account.to_vec(),
+                }),
+                Vec::new(),
+            ),
+            Some(Applied::Done(events)) => (None, events),
         };
+        if inbox.is_some() {
+            local.next_inbox_seq += 1;
+        }
+        // A sync message may have changed the record meanwhile (the own list).
+        if sender == self.keys.address.account {
+            let mut merged = self.own_contact();
+            merged.devices = contact.devices;
+            merged.devices_checked_ms = merged.devices_checked_ms.min(contact.devices_checked_ms);
+            contact = merged;
+        }
         let mut batch = Batch::new();
         batch.put_session(&sender, device, &set.to_bytes());
-        batch.put_inbox(seq, &inbox);
+        if let Some(inbox) = &inbox {
+            batch.put_inbox(seq, inbox);
+        }
         batch.put_seen(&sender, message_id, now_ms);
         batch.put_local(&local);
         // Most messages change nothing about their sender: no contact write then.
@@ -148,7 +207,10 @@ impl State {
         if opened.one_time_prekey.is_some() {
             self.consumed_prekeys += 1;
         }
-        Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?))
+        match inbox {
+            Some(inbox) => Ok(Outcome::Message(ReceivedMessage::from_record(seq, &inbox)?)),
+            None => Ok(Outcome::Synced(events)),
+        }
     }
 
     /// Decrypts `content` in `set`, a copy the caller keeps only on success. The
@@ -186,7 +248,7 @@ impl State {
             message::decrypt(
                 rng,
                 &mut set,
-                (&self.keys.identity.public(), &self.keys.identity_dh),
+                (&self.keys.identity_key, &self.keys.identity_dh),
                 identity_key,
                 &mut prekeys,
                 content,

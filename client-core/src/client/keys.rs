@@ -21,6 +21,15 @@ pub(crate) const SIGNED_PREKEY_ROTATION_MS: u64 = 7 * 24 * 3600 * 1000;
 pub(crate) const SIGNED_PREKEY_GRACE_MS: u64 = 30 * 24 * 3600 * 1000;
 
 impl State {
+    /// The primary signs its signed prekeys with the identity key, a linked device
+    /// with its device key (which the signed device list binds to the identity).
+    fn certify_signed_prekey(&self, id: u32, key: &[u8; 32]) -> [u8; 64] {
+        match &self.keys.identity {
+            Some(identity) => identity.certify_signed_prekey(id, key),
+            None => self.keys.device.certify_signed_prekey(id, key),
+        }
+    }
+
     fn next_prekey_id(&mut self) -> u32 {
         let id = self.local.next_prekey_id;
         self.local.next_prekey_id = id.wrapping_add(1).max(1);
@@ -61,7 +70,7 @@ impl State {
         let signed = SignedKey {
             id,
             key: pair.public(),
-            signature: self.keys.identity.certify_signed_prekey(id, &pair.public()),
+            signature: self.certify_signed_prekey(id, &pair.public()),
         };
         self.signed_prekeys.insert(id, (pair, record));
         self.local.signed_prekey_id = id;
@@ -90,7 +99,7 @@ impl State {
         self.signed_prekeys.get(&id).map(|(pair, _)| SignedKey {
             id,
             key: pair.public(),
-            signature: self.keys.identity.certify_signed_prekey(id, &pair.public()),
+            signature: self.certify_signed_prekey(id, &pair.public()),
         })
     }
 

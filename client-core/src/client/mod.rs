@@ -23,12 +23,18 @@
 //!   already queued wait, and the contact's messages are held unread.
 
 mod anonymous;
+mod card;
 mod contacts;
+mod devices;
 mod discovery;
+mod events;
 mod inbox;
 mod keys;
+mod linking;
 mod outbox;
+mod send;
 mod state;
+mod sync;
 #[cfg(test)]
 mod tests;
 mod verification;
@@ -36,11 +42,10 @@ mod worker;
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use rand::rngs::OsRng;
 use tern_platform::clock::{Clock, SystemClock};
 use tern_proto::address::RelayAddress;
-use tern_proto::{AccountId, DeviceAddress, DeviceId, MessageId};
+use tern_proto::{AccountId, DeviceAddress, MessageId};
 use tokio::sync::{mpsc, watch, Mutex, Notify};
 
 use self::anonymous::AnonymousLink;
@@ -49,11 +54,13 @@ use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 use crate::media::AttachmentPointer;
 use crate::net::RelayConnection;
-use crate::store::records::InboxRecord;
-use crate::store::{KvStore, StoreError};
+use crate::store::KvStore;
 use crate::{Error, Result};
 
+pub use self::card::ContactCard;
 pub use self::discovery::DiscoveryReport;
+pub use self::events::{Event, Events, ReceivedMessage};
+pub use self::linking::{DeviceInfo, Joining, LinkedDevice};
 pub use self::outbox::MAX_BODY;
 
 /// How long a media call waits for the client to be connected.
@@ -101,157 +108,6 @@ impl ClientOptions {
     }
 }
 
-/// A decrypted message, stored on the device until the app confirms it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReceivedMessage {
-    /// Position in this device's inbox; pass it to [`Client::confirm`].
-    pub seq: u64,
-    /// The sender's account, as the relay certified it inside the sealed envelope.
-    pub sender: AccountId,
-    /// The sender's device.
-    pub sender_device: DeviceId,
-    /// The sender's id for this message (the same for every copy of it).
-    pub message_id: MessageId,
-    /// The application's bytes.
-    pub body: Vec<u8>,
-    /// The sender's clock when it was sent (Unix ms; the sender's claim).
-    pub sent_at_ms: u64,
-    /// When this device decrypted it (Unix ms).
-    pub received_at_ms: u64,
-    /// Attachments it points at: fetch them with [`Client::download_attachment`].
-    pub attachments: Vec<AttachmentPointer>,
-    /// Attachment pointers this version cannot read (a newer sender's format, or
-    /// damage): left out of `attachments`, counted here so the app can say so.
-    pub unreadable_attachments: usize,
-}
-
-impl ReceivedMessage {
-    fn from_record(seq: u64, r: &InboxRecord) -> Result<Self> {
-        let corrupt = || Error::Store(StoreError::Corrupt);
-        // A pointer that does not parse is left out, not the message.
-        let (mut attachments, mut unreadable_attachments) = (Vec::new(), 0);
-        for a in &r.attachments {
-            match AttachmentPointer::from_bytes(a) {
-                Ok(p) => attachments.push(p),
-                Err(_) => unreadable_attachments += 1,
-            }
-        }
-        Ok(ReceivedMessage {
-            seq,
-            sender: AccountId::try_from(&r.sender[..]).map_err(|_| corrupt())?,
-            sender_device: DeviceId::try_from(r.sender_device).map_err(|_| corrupt())?,
-            message_id: MessageId(r.message_id[..].try_into().map_err(|_| corrupt())?),
-            body: r.body.clone(),
-            sent_at_ms: r.sent_at_ms,
-            received_at_ms: r.received_at_ms,
-            attachments,
-            unreadable_attachments,
-        })
-    }
-}
-
-/// What the client tells the app.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Event {
-    /// Connected and authenticated; queued messages follow.
-    Connected,
-    /// The connection was lost; the client reconnects with backoff.
-    Disconnected {
-        /// Why.
-        reason: String,
-    },
-    /// A new message. Call [`Client::confirm`] once the app has stored it.
-    Message(ReceivedMessage),
-    /// The relay has stored a message for every device of its recipient.
-    Sent {
-        /// The id [`Client::send`] returned.
-        message_id: MessageId,
-        /// The recipient.
-        to: AccountId,
-    },
-    /// A message was given up on (its recipient does not exist, say).
-    SendFailed {
-        /// The id [`Client::send`] returned.
-        message_id: MessageId,
-        /// The recipient.
-        to: AccountId,
-        /// Why.
-        reason: String,
-    },
-    /// A contact's identity key changed. Sending to it is refused and its messages
-    /// are held until [`Client::accept_identity`]; compare safety numbers first.
-    IdentityChanged {
-        /// The contact.
-        contact: AccountId,
-    },
-    /// An envelope that could not be opened or decrypted was discarded.
-    Dropped {
-        /// Why (never message content).
-        reason: String,
-    },
-}
-
-/// The stream of [`Event`]s. Ends once the client is shut down.
-#[derive(Debug)]
-pub struct Events(mpsc::UnboundedReceiver<Event>);
-
-impl Events {
-    /// The next event; `None` once the client is shut down.
-    pub async fn recv(&mut self) -> Option<Event> {
-        self.0.recv().await
-    }
-}
-
-/// What a user hands a contact (as text or a QR code) so the contact can write to
-/// them: their account, identity key and delivery token. Sealed from the very first
-/// message, and the identity key needs no trust on first use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContactCard {
-    /// The account.
-    pub account: AccountId,
-    /// Its identity key.
-    pub identity_key: [u8; 32],
-    /// Its delivery token.
-    pub delivery_token: [u8; 32],
-}
-
-const CARD_PREFIX: &str = "tern-contact:";
-const CARD_VERSION: u8 = 1;
-
-impl std::fmt::Display for ContactCard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut b = vec![CARD_VERSION];
-        b.extend_from_slice(self.account.as_bytes());
-        b.extend_from_slice(&self.identity_key);
-        b.extend_from_slice(&self.delivery_token);
-        write!(
-            f,
-            "{CARD_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
-        )
-    }
-}
-
-impl std::str::FromStr for ContactCard {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::InvalidContactCard;
-        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(s.trim().strip_prefix(CARD_PREFIX).ok_or_else(bad)?)
-            .map_err(|_| bad())?;
-        if b.len() != 1 + 16 + 32 + 32 || b[0] != CARD_VERSION {
-            return Err(bad());
-        }
-        Ok(ContactCard {
-            account: AccountId::try_from(&b[1..17]).map_err(|_| bad())?,
-            identity_key: b[17..49].try_into().map_err(|_| bad())?,
-            delivery_token: b[49..81].try_into().map_err(|_| bad())?,
-        })
-    }
-}
-
 pub(crate) struct Shared {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
@@ -264,6 +120,8 @@ pub(crate) struct Shared {
     conns: watch::Sender<Option<Connections>>,
     /// The anonymous connection, which lives apart from the authenticated one.
     anon: Arc<AnonymousLink>,
+    /// This device was removed from its account: the worker stops.
+    removed: std::sync::atomic::AtomicBool,
 }
 
 type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
@@ -326,7 +184,8 @@ impl Client {
         options: ClientOptions,
     ) -> Result<(Client, Events)> {
         let clock = options.clock;
-        if state::State::load(store.clone(), clock.now())?.is_some() {
+        // A device still joining an account counts too: its keys are not thrown away.
+        if crate::store::IdentityStore::local(&*store)?.is_some() {
             return Err(Error::AlreadyRegistered);
         }
         let identity_secret = zeroize::Zeroizing::new(state::random32(&mut OsRng));
@@ -341,7 +200,8 @@ impl Client {
             store,
             NewDevice {
                 relay: relay.to_string(),
-                identity_secret: &identity_secret,
+                identity_secret: &identity_secret[..],
+                linked: None,
                 device_secret: &device_secret,
                 identity_dh: &identity_dh,
                 address,
@@ -380,7 +240,7 @@ impl Client {
     fn start(state: State, relay: RelayAddress, clock: Arc<dyn Clock>) -> (Client, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
         let address = state.keys.address;
-        let identity_key = state.keys.identity.public();
+        let identity_key = state.keys.identity_key;
         // Messages stored but not confirmed before a restart come first.
         if let Ok(pending) = state.unconfirmed() {
             for m in pending {
@@ -396,6 +256,7 @@ impl Client {
             stop: watch::channel(false).0,
             conns: watch::channel(None).0,
             anon: Arc::new(AnonymousLink::new(relay.clone())),
+            removed: std::sync::atomic::AtomicBool::new(false),
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),
@@ -440,11 +301,19 @@ impl Client {
     /// Adds (or refreshes) a contact from its card. A card whose identity key differs
     /// from the one already trusted raises [`Event::IdentityChanged`].
     pub async fn add_contact(&self, card: &ContactCard) -> Result<()> {
-        let changed = self.shared.state.lock().await.add_contact(
-            card.account,
-            card.identity_key,
-            card.delivery_token,
-        )?;
+        let changed = {
+            let mut state = self.shared.state.lock().await;
+            let changed =
+                state.add_contact(card.account, card.identity_key, card.delivery_token)?;
+            // The account's other devices learn the contact too (unless the card
+            // raised a change the user has yet to accept).
+            if !changed {
+                if let Some(sync) = state.contact_sync(&card.account) {
+                    state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
+                }
+            }
+            changed
+        };
         if changed {
             self.shared.emit(Event::IdentityChanged {
                 contact: card.account,
@@ -483,12 +352,16 @@ impl Client {
     /// holders of the old token can no longer send sealed. Contacts fall back to
     /// identified sends (the relay then sees who writes) until a message from this
     /// device brings them the new token.
+    ///
+    /// Only the primary rotates the token (the account's devices share it):
+    /// [`Error::NotPrimary`] on a linked device.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        self.shared
-            .state
-            .lock()
-            .await
-            .rotate_delivery_token(&mut OsRng)?;
+        let mut state = self.shared.state.lock().await;
+        if state.keys.identity.is_none() {
+            return Err(Error::NotPrimary);
+        }
+        state.rotate_delivery_token(&mut OsRng)?;
+        drop(state);
         self.shared.outbox.notify_one();
         Ok(())
     }
@@ -533,11 +406,19 @@ impl Client {
     pub async fn accept_identity(&self, contact: &AccountId, key: &[u8; 32]) -> Result<bool> {
         let mut state = self.shared.state.lock().await;
         let accepted = state.accept_identity(contact, key)?;
+        if accepted {
+            if let Some(sync) = state.contact_sync(contact) {
+                state.sync_now(sync, self.shared.now_ms(), &mut OsRng)?;
+            }
+        }
         // Emitted under the lock, so nothing newer from the contact overtakes them.
         for outcome in state.release_held(contact, self.shared.now_ms(), &mut OsRng)? {
             match outcome {
                 state::Outcome::Message(m) => self.shared.emit(Event::Message(m)),
                 state::Outcome::Dropped(reason) => self.shared.emit(Event::Dropped { reason }),
+                state::Outcome::Synced(events) => {
+                    events.into_iter().for_each(|e| self.shared.emit(e))
+                }
                 state::Outcome::Duplicate | state::Outcome::Held { .. } => {}
             }
         }
@@ -647,6 +528,8 @@ impl Client {
     /// connections refused and should clear their stores too.
     pub async fn delete_account(&self) -> Result<()> {
         let identity = self.shared.state.lock().await.keys.identity.clone();
+        // Only the primary holds the identity key that signs the deletion.
+        let identity = identity.ok_or(Error::NotPrimary)?;
         let (conn, _) = self.connections().await?;
         conn.delete_account(&identity, &self.address).await?;
         self.shutdown().await;

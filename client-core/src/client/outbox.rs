@@ -5,6 +5,7 @@
 
 use prost::Message;
 use rand::{CryptoRng, RngCore};
+use tern_proto::e2e::sync_message::Kind;
 use tern_proto::{e2e, AccountId, DeviceId, MessageId};
 
 use super::state::{account_of, corrupt, State};
@@ -71,9 +72,27 @@ impl State {
             copies: Vec::new(),
             prepared: false,
             attachments,
+            sync: Vec::new(),
         };
         let mut batch = Batch::new();
         batch.put_outbox(seq, &record);
+        // The account's other devices show it as sent; queued in the same write.
+        let transcript = e2e::SentTranscript {
+            recipient_account: recipient.as_bytes().to_vec().into(),
+            message_id: id.to_vec().into(),
+            sent_at_ms: now_ms,
+            body: body.to_vec().into(),
+            attachments: record
+                .attachments
+                .iter()
+                .map(|a| e2e::AttachmentPointer::decode(&a[..]))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| corrupt())?,
+        };
+        // (A message to this account itself reaches those devices as it is.)
+        if *recipient != self.keys.address.account {
+            self.queue_sync(Kind::Sent(transcript), now_ms, rng, &mut batch);
+        }
         batch.put_local(&self.local);
         self.commit(batch, false)?;
         self.outbox.insert(seq, record);
@@ -109,16 +128,27 @@ impl State {
             return Ok(());
         }
         let recipient = account_of(&record.recipient)?;
+        let own = self.keys.address;
         let devices: Vec<u32> = self
             .contacts
             .get(&recipient)
             .map(|c| c.devices.iter().map(|d| d.device_id).collect())
             .unwrap_or_default();
+        // Never to this device itself.
+        let devices: Vec<u32> = devices
+            .into_iter()
+            .filter(|d| recipient != own.account || *d != own.device.get())
+            .collect();
         if devices.is_empty() {
             // Not prepared: the next round fetches the contact's devices first.
             return Ok(());
         }
+        let sync = match record.sync.is_empty() {
+            true => None,
+            false => Some(e2e::SyncMessage::decode(&record.sync[..]).map_err(|_| corrupt())?),
+        };
         let padded = message::pad_plaintext(&e2e::Plaintext {
+            sync,
             body: record.body.clone().into(),
             delivery_token: self.keys.delivery_token.to_vec().into(),
             sent_at_ms: now_ms,
@@ -130,7 +160,6 @@ impl State {
                 .map(|a| e2e::AttachmentPointer::decode(&a[..]))
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|_| corrupt())?,
-            sync: None,
         })
         .ok_or(Error::TooLarge { max: MAX_BODY })?;
         let mut batch = Batch::new();
@@ -241,6 +270,10 @@ impl State {
             let done = self.outbox.remove(&seq).ok_or_else(corrupt)?;
             batch.delete_outbox(seq);
             self.commit(batch, false)?;
+            // Sync messages are the client's own business: no event for them.
+            if !done.sync.is_empty() {
+                return Ok(None);
+            }
             let id = <[u8; 16]>::try_from(&done.message_id[..]).map_err(|_| corrupt())?;
             return Ok(Some((MessageId(id), account_of(&done.recipient)?)));
         }
@@ -257,6 +290,9 @@ impl State {
         let mut batch = Batch::new();
         batch.delete_outbox(seq);
         self.commit(batch, false)?;
+        if !record.sync.is_empty() {
+            return Ok(None);
+        }
         Ok(<[u8; 16]>::try_from(&record.message_id[..])
             .ok()
             .map(MessageId))

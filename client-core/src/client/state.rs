@@ -32,7 +32,10 @@ use crate::{Error, Result};
 
 /// This device's long-term keys, parsed from [`LocalRecord`].
 pub(crate) struct Keys {
-    pub(crate) identity: IdentityKeyPair,
+    /// The identity key pair: only on the primary (a linked device holds none).
+    pub(crate) identity: Option<IdentityKeyPair>,
+    /// The account's identity public key.
+    pub(crate) identity_key: [u8; 32],
     pub(crate) device: DeviceKeyPair,
     pub(crate) identity_dh: AgreementKeyPair,
     pub(crate) identity_dh_signature: [u8; 64],
@@ -52,6 +55,9 @@ pub(crate) enum Outcome {
     Held { contact: AccountId, first: bool },
     /// Could not be opened, verified or decrypted; acknowledged and dropped.
     Dropped(String),
+    /// A sync message from another device of this account, applied; these events
+    /// follow.
+    Synced(Vec<super::Event>),
 }
 
 /// The client state behind one lock.
@@ -91,11 +97,22 @@ pub(crate) fn random32(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 32] {
 
 impl Keys {
     fn from_local(local: &LocalRecord) -> Result<Keys> {
-        let identity =
-            IdentityKeyPair::from_secret(&Zeroizing::new(fixed32(&local.identity_secret)?));
         let identity_dh = AgreementKeyPair::from_secret(fixed32(&local.identity_dh_secret)?);
-        let identity_dh_signature = identity.certify_agreement_key(&identity_dh.public());
+        let (identity, identity_key, identity_dh_signature) = if local.identity_secret.is_empty() {
+            // A linked device: the primary vouched for its keys at link time.
+            let signature: [u8; 64] = local.identity_dh_signature[..]
+                .try_into()
+                .map_err(|_| corrupt())?;
+            (None, fixed32(&local.identity_key)?, signature)
+        } else {
+            let identity =
+                IdentityKeyPair::from_secret(&Zeroizing::new(fixed32(&local.identity_secret)?));
+            let signature = identity.certify_agreement_key(&identity_dh.public());
+            let public = identity.public();
+            (Some(identity), public, signature)
+        };
         Ok(Keys {
+            identity_key,
             device: DeviceKeyPair::from_secret(&Zeroizing::new(fixed32(&local.device_secret)?)),
             identity,
             identity_dh,
@@ -110,14 +127,25 @@ impl Keys {
     }
 }
 
-/// A freshly registered device's secrets, before they are stored.
+/// A freshly registered (or linked) device's secrets, before they are stored.
 pub(crate) struct NewDevice<'a> {
     pub(crate) relay: String,
-    pub(crate) identity_secret: &'a [u8; 32],
+    /// The identity secret: only the primary has one (empty on a linked device).
+    pub(crate) identity_secret: &'a [u8],
+    /// What a linked device takes from the primary's payload instead.
+    pub(crate) linked: Option<LinkedKeys>,
     pub(crate) device_secret: &'a [u8; 32],
     pub(crate) identity_dh: &'a AgreementKeyPair,
     pub(crate) address: DeviceAddress,
     pub(crate) relay_signing_key: [u8; 32],
+}
+
+/// What a linked device learns from the primary's link payload.
+pub(crate) struct LinkedKeys {
+    pub(crate) identity_key: [u8; 32],
+    pub(crate) identity_dh_signature: [u8; 64],
+    /// The account's delivery token (already set on the relay by the primary).
+    pub(crate) delivery_token: [u8; 32],
 }
 
 impl State {
@@ -128,22 +156,30 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<State> {
+        let linked = new.linked.as_ref();
         let local = LocalRecord {
             relay: new.relay,
             identity_secret: new.identity_secret.to_vec(),
+            identity_key: linked.map(|l| l.identity_key.to_vec()).unwrap_or_default(),
+            identity_dh_signature: linked
+                .map(|l| l.identity_dh_signature.to_vec())
+                .unwrap_or_default(),
+            token_published: linked.is_some(),
             device_secret: new.device_secret.to_vec(),
             identity_dh_secret: new.identity_dh.secret_bytes().to_vec(),
             account_id: new.address.account.as_bytes().to_vec(),
             device_id: new.address.device.get(),
             relay_signing_key: new.relay_signing_key.to_vec(),
-            delivery_token: random32(rng).to_vec(),
+            delivery_token: match linked {
+                Some(l) => l.delivery_token.to_vec(),
+                None => random32(rng).to_vec(),
+            },
             next_prekey_id: 1,
             signed_prekey_id: 0,
             next_inbox_seq: 1,
             next_outbox_seq: 1,
             keys_published: false,
-            token_published: false,
-            pending_delivery_token: Vec::new(),
+            ..LocalRecord::default()
         };
         let mut state = State::from_parts(kv, local)?;
         let mut batch = state.rotate_signed_prekey(now_ms, rng).0;
@@ -153,9 +189,10 @@ impl State {
         Ok(state)
     }
 
-    /// Loads a device from its store; `Ok(None)` if it holds no device.
+    /// Loads a device from its store; `Ok(None)` if it holds no device (or one
+    /// still joining an account).
     pub(crate) fn load(kv: Arc<dyn KvStore>, now_ms: u64) -> Result<Option<State>> {
-        let Some(local) = kv.local()? else {
+        let Some(local) = kv.local()?.filter(|l| !l.is_joining()) else {
             return Ok(None);
         };
         let mut state = State::from_parts(kv, local)?;

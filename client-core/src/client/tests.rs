@@ -17,6 +17,8 @@ use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
 use tern_proto::{Delivery, DeviceBundle};
 
+mod devices;
+
 const NOW: u64 = 1_800_000_000_000;
 const DAY: u64 = 24 * 3600 * 1000;
 
@@ -41,6 +43,7 @@ fn dev_of(account: u8, device: u32, identity_secret: &[u8; 32]) -> Dev {
         NewDevice {
             relay: "tern://x@127.0.0.1:1".into(),
             identity_secret,
+            linked: None,
             device_secret: &rand::random(),
             identity_dh: &AgreementKeyPair::generate(&mut OsRng),
             address: DeviceAddress {
@@ -75,7 +78,7 @@ impl Dev {
             .expect("keys");
         DeviceBundle {
             device: self.state.keys.address.device,
-            identity_key: self.state.keys.identity.public(),
+            identity_key: self.state.keys.identity_key,
             identity_dh: upload.identity_dh.expect("identity dh"),
             signed_prekey: upload.signed_prekey.expect("signed prekey"),
             one_time_prekey: with_one_time.then(|| upload.one_time[0]),
@@ -91,7 +94,7 @@ impl Dev {
         let encoded = tern_proto::SenderCertificate {
             account: self.account(),
             device: DeviceId::try_from(device).expect("device id"),
-            identity_key: self.state.keys.identity.public(),
+            identity_key: self.state.keys.identity_key,
             expires_at_ms,
             relay_key: relay.verifying_key().to_bytes(),
         }
@@ -256,7 +259,7 @@ fn an_identity_change_is_held_until_accepted() {
     assert_eq!(b.body(&d), b"before");
     // The same account with a new identity key (a reinstall, or an impostor).
     let mut a2 = dev(1);
-    let new_key = a2.state.keys.identity.public();
+    let new_key = a2.state.keys.identity_key;
     let m1 = a2.send(&mut b, b"new key 1");
     let m2 = a2.send(&mut b, b"new key 2");
     assert!(matches!(b.receive(&m1), Outcome::Held { first: true, .. }));
@@ -347,7 +350,7 @@ fn a_bundle_with_a_changed_identity_blocks_sending() {
     let (mut a, b) = (dev(1), dev(2));
     // a trusts b's identity from b's card; the relay then hands out other keys.
     a.state
-        .add_contact(b.account(), b.state.keys.identity.public(), [0; 32])
+        .add_contact(b.account(), b.state.keys.identity_key, [0; 32])
         .expect("add");
     let mut impostor = dev(2);
     let bundle = impostor.bundle(false);
@@ -554,7 +557,7 @@ fn a_contacts_new_and_gone_devices_are_picked_up() {
     let mut b2 = dev_of(2, 2, &secret);
     let token = [4u8; 32];
     a.state
-        .add_contact(b1.account(), b1.state.keys.identity.public(), token)
+        .add_contact(b1.account(), b1.state.keys.identity_key, token)
         .expect("add");
     let d = a.send(&mut b1, b"first");
     assert_eq!(b1.body(&d), b"first");
@@ -673,6 +676,7 @@ fn an_attachment_pointer_this_version_cannot_read_is_counted_not_dropped_silentl
         sent_at_ms: 1,
         received_at_ms: 2,
         attachments: vec![good.to_bytes(), newer.to_bytes(), b"junk".to_vec()],
+        sent_to: Vec::new(),
     };
     let m = super::ReceivedMessage::from_record(5, &record).expect("a message");
     assert_eq!(m.attachments, vec![good]);

@@ -2,45 +2,34 @@
 //! its own keys, and the anonymous link (`anonymous.rs`) for sealed sends, device
 //! lists and contacts' prekey bundles, reconnecting with backoff whenever either drops.
 
-use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::OsRng;
 use rand::Rng;
-use tern_proto::{AccountId, DeviceAddress, DeviceBundle, DeviceId};
+use tern_proto::DeviceId;
 
 use super::anonymous::AnonymousLink;
-use super::contacts::StartError;
-use super::outbox::{DeviceSends, SealedCopy};
-use super::state::{Outcome, State};
+use super::devices::ListChange;
+use super::linking;
+use super::send;
+use super::state::Outcome;
 use super::{Event, Shared};
-use crate::crypto::sealed::SenderCertificate;
-use crate::net::{Envelope, Inbox, Incoming, KeyUpload, RelayConnection};
-use crate::store::StoreError;
+use crate::net::{Inbox, Incoming, KeyUpload, RelayConnection};
 use crate::{Error, ErrorCode, Result};
 
 /// Deliveries handled per durable write and acknowledgement.
 const RECEIVE_BATCH: usize = 256;
-/// Envelopes per send request.
-const SEND_BATCH: usize = 64;
-/// Content bytes per send request: sealed sends go on a connection that never
-/// authenticates, where the relay's frames are 264 KiB by default (a larger single
-/// envelope still goes alone).
-const SEND_BYTES: usize = 256 * 1024 - 4096;
-/// Copies sealed for one recipient per send round (four full requests).
-const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
-/// A sender certificate is replaced this long before it expires.
-const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 /// The most a ping after an anonymous connection's loss waits to go out.
 const LOSS_PING_JITTER_MS: u64 = 1000;
 /// How long that ping may take before the authenticated connection is given up.
 const LOSS_PING_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a long-lived connection checks its keys (signed prekey rotation).
-const MAINTENANCE: Duration = Duration::from_secs(3600);
+pub(super) const MAINTENANCE: Duration = Duration::from_secs(3600);
 
 /// Exponential backoff with jitter.
-struct Backoff {
+pub(super) struct Backoff {
     next: Duration,
 }
 
@@ -48,15 +37,15 @@ impl Backoff {
     const FIRST: Duration = Duration::from_millis(100);
     const MAX: Duration = Duration::from_secs(15);
 
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Backoff { next: Self::FIRST }
     }
 
-    fn reset(&mut self) {
+    pub(super) fn reset(&mut self) {
         self.next = Self::FIRST;
     }
 
-    fn step(&mut self) -> Duration {
+    pub(super) fn step(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         // ±25%, so many clients cut off at once do not come back at once.
@@ -80,6 +69,11 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
             if let Err(e) = shared.state.lock().await.reload(shared.now_ms()) {
                 tracing::warn!(error = %e, "the device store cannot be read");
             }
+        }
+        if shared.removed.load(Ordering::Relaxed) {
+            // Removed from the account: nothing to reconnect to.
+            shared.emit(Event::Removed);
+            break;
         }
         let reason = match result {
             Ok(()) => "closed".to_string(),
@@ -105,8 +99,19 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         (state.keys.address, state.keys.device.clone())
     };
     let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
-    conn.authenticate(&address, &device_key).await?;
+    match conn.authenticate(&address, &device_key).await {
+        // A linked device the relay no longer knows was removed (the primary never is).
+        Err(e)
+            if e.relay_code() == Some(ErrorCode::Unauthorized)
+                && address.device != DeviceId::PRIMARY =>
+        {
+            shared.removed.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        other => other?,
+    };
     maintain_keys(shared, &conn).await?;
+    maintain_devices(shared, &conn).await?;
     backoff.reset();
     // Sealed sends go over a connection that never authenticates (`shared.anon`),
     // so the relay cannot tie them to this device by connection.
@@ -118,10 +123,13 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     shared.emit(Event::Connected);
     let result = tokio::select! {
         r = receive_loop(shared, &conn, inbox) => r,
-        r = send_loop(shared, &conn, &anon) => r,
+        r = send::send_loop(shared, &conn, &anon) => r,
         r = check_when_anonymous_lost(&conn, &anon) => r,
     };
     shared.conns.send_replace(None);
+    if conn.device_removed() {
+        shared.removed.store(true, Ordering::Relaxed);
+    }
     match Arc::try_unwrap(conn) {
         Ok(c) => c.close().await,
         // A transfer still holds it: close it under the transfer.
@@ -148,18 +156,24 @@ async fn check_when_anonymous_lost(conn: &RelayConnection, anon: &AnonymousLink)
 }
 
 /// Sets a rotated delivery token on the relay.
-async fn publish_token(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+pub(super) async fn publish_token(shared: &Shared, conn: &RelayConnection) -> Result<()> {
     let token = shared.state.lock().await.unpublished_token();
     if let Some(token) = token {
         conn.set_delivery_token(&token).await?;
-        shared.state.lock().await.token_published(&token)?;
+        let mut state = shared.state.lock().await;
+        state.token_published(&token)?;
+        // The account's other devices hand out the new token from now on too.
+        if state.is_primary() {
+            let sync = state.own_token_sync();
+            state.sync_now(sync, shared.now_ms(), &mut OsRng)?;
+        }
     }
     Ok(())
 }
 
 /// Uploads whatever keys the relay is missing: everything if a previous upload never
 /// finished, a new signed prekey when due, one-time prekeys when few are left.
-async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+pub(super) async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
     publish_token(shared, conn).await?;
     let held = conn.publish_keys(&KeyUpload::default()).await?;
     let now = shared.now_ms();
@@ -171,6 +185,43 @@ async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Result<()> {
     if let Some(upload) = upload {
         conn.publish_keys(&upload).await?;
         shared.state.lock().await.keys_published()?;
+    }
+    Ok(())
+}
+
+/// The primary's care of its own devices: a first signed list if it never
+/// published one (so contacts hold a version to be told is stale), and links never
+/// joined removed at their deadline. A relay's refusal waits for the next round.
+pub(super) async fn maintain_devices(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let (primary, listed, expired) = {
+        let state = shared.state.lock().await;
+        (
+            state.is_primary(),
+            state.own_list().is_some(),
+            state.expired_links(shared.now_ms()),
+        )
+    };
+    if !primary {
+        return Ok(());
+    }
+    if !listed {
+        match linking::publish_list(shared, conn, ListChange::Same).await {
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "the first device list was not published");
+            }
+            other => drop(other?),
+        }
+    }
+    for device in expired {
+        match linking::remove_device(shared, conn, device).await {
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "a device never joined and was not removed");
+                if e.relay_code() == Some(ErrorCode::NotFound) {
+                    shared.state.lock().await.settle_link(device)?;
+                }
+            }
+            other => other?,
+        }
     }
     Ok(())
 }
@@ -211,6 +262,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
                         }
                     }
                     Ok(Outcome::Duplicate) => {}
+                    Ok(Outcome::Synced(synced)) => events.extend(synced),
                     Ok(Outcome::Dropped(reason)) => {
                         tracing::debug!(%reason, "discarded an envelope");
                         events.push(Event::Dropped { reason });
@@ -248,423 +300,5 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
         if consumed > 0 {
             maintain_keys(shared, conn).await?;
         }
-    }
-}
-
-enum Round {
-    /// Nothing left to send.
-    Idle,
-    /// Something was sent; go again.
-    Progress,
-    /// The relay refused for now (full mailbox, say); retry after a pause.
-    Wait,
-}
-
-async fn send_loop(shared: &Shared, conn: &RelayConnection, anon: &AnonymousLink) -> Result<()> {
-    let mut certificate: Option<SenderCertificate> = None;
-    let mut retry = Backoff::new();
-    let mut maintenance = tokio::time::interval(MAINTENANCE);
-    maintenance.tick().await;
-    loop {
-        let notified = shared.outbox.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        publish_token(shared, conn).await?;
-        match send_round(shared, conn, anon, &mut certificate).await? {
-            Round::Progress => {
-                retry.reset();
-                continue;
-            }
-            Round::Idle => tokio::select! {
-                () = &mut notified => {}
-                _ = maintenance.tick() => maintain_keys(shared, conn).await?,
-            },
-            Round::Wait => tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep(retry.step()) => {}
-            },
-        }
-    }
-}
-
-/// Once a day per contact we send to: asks the relay (anonymously, with the
-/// contact's token) which devices it has, drops the ones gone and starts sessions
-/// with new ones, so their copies go out too. Refusals only postpone the check.
-async fn refresh_devices(
-    shared: &Shared,
-    conn: &RelayConnection,
-    anon: &AnonymousLink,
-    recipient: &AccountId,
-) -> Result<()> {
-    let now = shared.now_ms();
-    let Some(token) = shared.state.lock().await.devices_due(recipient, now) else {
-        return Ok(());
-    };
-    let list = anon.run(|c| async move { c.list_devices(recipient, &token).await });
-    let ids = match list.await {
-        Ok(ids) => ids,
-        Err(e) if e.relay_code().is_some() => {
-            // A rotated token, say: check again tomorrow; sends handle the rest.
-            let mut state = shared.state.lock().await;
-            let known: Vec<u32> = state
-                .contact(recipient)
-                .map(|c| c.devices.iter().map(|d| d.device_id).collect())
-                .unwrap_or_default();
-            state.update_devices(recipient, &known, now)?;
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    let ids: Vec<u32> = ids.into_iter().map(DeviceId::get).collect();
-    let new = shared
-        .state
-        .lock()
-        .await
-        .update_devices(recipient, &ids, now)?;
-    let mut bundles = Vec::new();
-    for device in new {
-        let Ok(device) = DeviceId::try_from(device) else {
-            continue;
-        };
-        match fetch_bundles(conn, anon, recipient, Some(device), Some(token)).await {
-            Ok(b) => bundles.extend(b),
-            Err(e) if e.relay_code().is_some() => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if bundles.is_empty() {
-        return Ok(());
-    }
-    let mut state = shared.state.lock().await;
-    match state.start_sessions(*recipient, &bundles, &mut OsRng) {
-        Ok(()) => state.reprepare(recipient),
-        Err(StartError::IdentityChanged { first }) => {
-            if first {
-                shared.emit(Event::IdentityChanged {
-                    contact: *recipient,
-                });
-            }
-            Ok(())
-        }
-        Err(StartError::NoDevices) => Ok(()),
-        Err(StartError::Fatal(e)) => Err(e),
-    }
-}
-
-/// A contact's prekey bundles (one device, or all). With its delivery token they are
-/// fetched on the anonymous link, so the relay does not learn who starts a session
-/// with whom. Without one (a contact added by account id alone, or one whose token
-/// was rotated, until its next message brings the new one) only the authenticated
-/// connection can fetch, and the relay sees who asks.
-async fn fetch_bundles(
-    conn: &RelayConnection,
-    anon: &AnonymousLink,
-    recipient: &AccountId,
-    device: Option<DeviceId>,
-    token: Option<[u8; 32]>,
-) -> Result<Vec<DeviceBundle>> {
-    match token {
-        Some(token) => {
-            let fetch = |c: Arc<RelayConnection>| async move {
-                c.fetch_keys_with_token(recipient, device, &token).await
-            };
-            anon.run(fetch).await
-        }
-        None => conn.fetch_keys(recipient, device).await,
-    }
-}
-
-/// A fresh sender certificate, fetched when the current one is about to expire.
-async fn certificate<'a>(
-    conn: &RelayConnection,
-    cached: &'a mut Option<SenderCertificate>,
-    now_ms: u64,
-) -> Result<&'a SenderCertificate> {
-    let fresh = cached
-        .as_ref()
-        .is_some_and(|c| c.expires_at_ms > now_ms + CERTIFICATE_MARGIN_MS);
-    if !fresh {
-        let issued = conn.sender_certificate().await?;
-        let cert = SenderCertificate::parse(&issued.certificate, &issued.signature)
-            .map_err(|e| Error::Protocol(format!("sender certificate: {e}")))?;
-        *cached = Some(cert);
-    }
-    cached
-        .as_ref()
-        .ok_or_else(|| Error::Protocol("no sender certificate".into()))
-}
-
-async fn send_round(
-    shared: &Shared,
-    conn: &RelayConnection,
-    anon: &AnonymousLink,
-    cached: &mut Option<SenderCertificate>,
-) -> Result<Round> {
-    let recipients: Vec<AccountId> = {
-        let state = shared.state.lock().await;
-        let mut seen = HashSet::new();
-        state
-            .outbox()
-            .filter_map(|(_, r)| AccountId::try_from(&r.recipient[..]).ok())
-            .filter(|a| seen.insert(*a))
-            .filter(|a| !state.contact(a).is_some_and(|c| c.blocked()))
-            .collect()
-    };
-    if recipients.is_empty() {
-        return Ok(Round::Idle);
-    }
-    let mut round = Round::Idle;
-    for recipient in recipients {
-        refresh_devices(shared, conn, anon, &recipient).await?;
-        let (needs_bundles, token) = {
-            let mut state = shared.state.lock().await;
-            (state.needs_bundles(&recipient)?, state.token_of(&recipient))
-        };
-        if needs_bundles {
-            let fetched = match fetch_bundles(conn, anon, &recipient, None, token).await {
-                // A rotated token, or a relay from before token fetches (which
-                // refuses them on a connection that has not authenticated): fetch as
-                // ourselves rather than not at all. The token is kept; a refused
-                // sealed send is what drops it.
-                Err(e) if token.is_some() && e.relay_code() == Some(ErrorCode::Unauthorized) => {
-                    conn.fetch_keys(&recipient, None).await
-                }
-                other => other,
-            };
-            let bundles = match fetched {
-                Ok(b) => b,
-                Err(e) if e.relay_code() == Some(ErrorCode::UnknownRecipient) => {
-                    fail_all(shared, &recipient, "no such account").await?;
-                    round = Round::Progress;
-                    continue;
-                }
-                Err(e) if e.relay_code().is_some() => {
-                    round = Round::Wait;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let started = shared
-                .state
-                .lock()
-                .await
-                .start_sessions(recipient, &bundles, &mut OsRng);
-            match started {
-                Ok(()) => {}
-                Err(StartError::IdentityChanged { first }) => {
-                    if first {
-                        shared.emit(Event::IdentityChanged { contact: recipient });
-                    }
-                    continue;
-                }
-                Err(StartError::NoDevices) => {
-                    fail_all(shared, &recipient, "the account has no devices with keys").await?;
-                    round = Round::Progress;
-                    continue;
-                }
-                Err(StartError::Fatal(e)) => return Err(e),
-            }
-        }
-        let unsent = {
-            let mut state = shared.state.lock().await;
-            let now = shared.now_ms();
-            let seqs: Vec<u64> = state
-                .outbox()
-                .filter(|(_, r)| r.recipient == recipient.as_bytes() && !r.prepared)
-                .map(|(s, _)| *s)
-                .collect();
-            let prepared_any = !seqs.is_empty();
-            for seq in seqs {
-                match state.prepare(seq, now) {
-                    Ok(()) => {}
-                    Err(e @ Error::Store(StoreError::Backend(_))) => return Err(e),
-                    // This message cannot be encrypted (a damaged session record, say):
-                    // it fails alone instead of stopping the outbox.
-                    Err(e) => fail_one(shared, &mut state, seq, recipient, &e.to_string())?,
-                }
-                // Copies all sent already (a device dropped since): it is done.
-                if let Some((id, to)) = state.mark_sent(seq, &[])? {
-                    shared.emit(Event::Sent { message_id: id, to });
-                }
-            }
-            // The new session state is on disk before any ciphertext leaves (messages
-            // prepared at `send` were flushed there).
-            if prepared_any {
-                state.flush()?;
-            }
-            let unsent = state.outbox().any(|(_, r)| {
-                r.recipient == recipient.as_bytes() && r.copies.iter().any(|c| !c.sent)
-            });
-            unsent
-        };
-        if !unsent {
-            continue;
-        }
-        // Sealing happens in the outbox, under a certificate checked here; what comes
-        // back are the bytes to send. A bounded batch per round: a backlog goes out
-        // over several rounds, each under a certificate checked again.
-        let cert = certificate(conn, cached, shared.now_ms()).await?;
-        let (plans, token) =
-            shared
-                .state
-                .lock()
-                .await
-                .sealed_sends(&recipient, cert, SEAL_PER_ROUND, &mut OsRng)?;
-        for plan in plans {
-            match send_device(shared, conn, anon, &recipient, &plan, token).await? {
-                Round::Idle => {}
-                Round::Progress => {
-                    if !matches!(round, Round::Wait) {
-                        round = Round::Progress;
-                    }
-                }
-                Round::Wait => round = Round::Wait,
-            }
-        }
-    }
-    Ok(round)
-}
-
-async fn send_device(
-    shared: &Shared,
-    conn: &RelayConnection,
-    anon: &AnonymousLink,
-    recipient: &AccountId,
-    plan: &DeviceSends,
-    token: Option<[u8; 32]>,
-) -> Result<Round> {
-    let to = DeviceAddress {
-        account: *recipient,
-        device: plan.device,
-    };
-    for chunk in chunks(&plan.copies) {
-        let envelopes = || {
-            chunk.iter().map(|c| Envelope {
-                message_id: c.message_id,
-                payload: c.payload.clone().into(),
-            })
-        };
-        let result = match &token {
-            Some(token) => anon.run(|c| c.sealed_send(&to, token, envelopes())).await,
-            // No token yet: this first message identifies its sender to the relay.
-            None => conn.send(&to, envelopes()).await,
-        };
-        match result {
-            Ok(_) => {}
-            Err(e) => match e.relay_code() {
-                Some(ErrorCode::Unauthorized) if token.is_some() => {
-                    // The contact rotated its token: fall back until it sends the new one.
-                    shared.state.lock().await.drop_token(recipient)?;
-                    return Ok(Round::Progress);
-                }
-                Some(ErrorCode::UnknownRecipient) => {
-                    // The device is gone: its copies go; the messages wait for the
-                    // contact's other devices, or fail if it has none left.
-                    shared
-                        .state
-                        .lock()
-                        .await
-                        .drop_device(recipient, plan.device.get())?;
-                    return Ok(Round::Progress);
-                }
-                Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
-                    let mut state = shared.state.lock().await;
-                    for c in chunk {
-                        fail_one(shared, &mut state, c.seq, *recipient, &e.to_string())?;
-                    }
-                    return Ok(Round::Progress);
-                }
-                Some(_) => return Ok(Round::Wait),
-                None => return Err(e),
-            },
-        }
-        let mut state = shared.state.lock().await;
-        for c in chunk {
-            if let Some((id, to)) = state.mark_sent(c.seq, &[plan.device.get()])? {
-                shared.emit(Event::Sent { message_id: id, to });
-            }
-        }
-    }
-    Ok(if plan.copies.is_empty() {
-        Round::Idle
-    } else {
-        Round::Progress
-    })
-}
-
-/// Consecutive runs of copies for one request: at most [`SEND_BATCH`] envelopes and
-/// [`SEND_BYTES`] of payload, so a request stays far below the relay's frame limit.
-fn chunks(copies: &[SealedCopy]) -> Vec<&[SealedCopy]> {
-    let mut out = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, copy) in copies.iter().enumerate() {
-        if i > start && (i - start == SEND_BATCH || bytes + copy.payload.len() > SEND_BYTES) {
-            out.push(&copies[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += copy.payload.len();
-    }
-    if start < copies.len() {
-        out.push(&copies[start..]);
-    }
-    out
-}
-
-/// Gives up on message `seq` and tells the app why.
-fn fail_one(
-    shared: &Shared,
-    state: &mut State,
-    seq: u64,
-    to: AccountId,
-    reason: &str,
-) -> Result<()> {
-    if let Some(message_id) = state.fail(seq)? {
-        shared.emit(Event::SendFailed {
-            message_id,
-            to,
-            reason: reason.to_string(),
-        });
-    }
-    Ok(())
-}
-
-async fn fail_all(shared: &Shared, recipient: &AccountId, reason: &str) -> Result<()> {
-    let mut state = shared.state.lock().await;
-    let seqs: Vec<u64> = state
-        .outbox()
-        .filter(|(_, r)| r.recipient == recipient.as_bytes())
-        .map(|(s, _)| *s)
-        .collect();
-    for seq in seqs {
-        fail_one(shared, &mut state, seq, *recipient, reason)?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tern_proto::MessageId;
-
-    #[test]
-    fn requests_are_bounded_by_count_and_bytes() {
-        let copy = |n: usize| SealedCopy {
-            seq: 0,
-            message_id: MessageId([0; 16]),
-            payload: vec![0u8; n],
-        };
-        let small: Vec<_> = (0..130).map(|_| copy(10)).collect();
-        let sizes: Vec<usize> = chunks(&small).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, vec![64, 64, 2]);
-        let big: Vec<_> = (0..40).map(|_| copy(100_000)).collect();
-        let sizes: Vec<usize> = chunks(&big).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, vec![2; 20], "fits a frame before authentication");
-        let huge = vec![copy(2 << 20)];
-        assert_eq!(
-            chunks(&huge).len(),
-            1,
-            "one oversized copy still goes alone"
-        );
-        assert!(chunks(&[]).is_empty());
     }
 }

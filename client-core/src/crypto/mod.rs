@@ -9,8 +9,10 @@
 //!   converges.
 //! - [`attachment`]: attachments of any size, streamed through constant memory.
 //! - [`message`]: one message as it travels, built from and opened into a session set.
+//! - [`devices`]: the identity-signed device list and the rules a sender checks it by.
 
 pub mod attachment;
+pub mod devices;
 pub mod message;
 pub mod padding;
 pub mod ratchet;

@@ -15,6 +15,9 @@ use sha2::Sha256;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use tern_proto::DeviceId;
+
+use super::devices::VerifiedDeviceList;
 use super::CryptoError;
 
 const INFO: &[u8] = b"tern x3dh v1";
@@ -139,6 +142,62 @@ impl PreKeyBundle {
             tern_proto::auth::signed_prekey(self.signed_prekey_id, &self.signed_prekey),
             &self.signed_prekey_signature,
         )
+    }
+}
+
+/// Which key signed a bundle's signed prekey (the wire's `signer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrekeySigner {
+    /// The account's identity key (every device before linked devices; the primary).
+    #[default]
+    Identity,
+    /// The device's own key, bound to the identity by the signed device list.
+    Device,
+}
+
+impl PreKeyBundle {
+    /// Checks a bundle of device `device` against the account's verified device list:
+    /// the device is listed, its identity agreement key is the listed one (and
+    /// identity-signed), and the signed prekey verifies under the identity key
+    /// ([`PrekeySigner::Identity`]) or the listed device key ([`PrekeySigner::Device`]).
+    /// Without a list only [`PrekeySigner::Identity`] passes (a relay cannot add a
+    /// device the identity never listed).
+    pub fn verify_listed(
+        &self,
+        signer: PrekeySigner,
+        listed: Option<(&VerifiedDeviceList, DeviceId)>,
+    ) -> Result<VerifiedBundle, CryptoError> {
+        let Some((list, device)) = listed else {
+            return match signer {
+                PrekeySigner::Identity => self.verify(),
+                PrekeySigner::Device => Err(CryptoError::InvalidSignature),
+            };
+        };
+        if *list.identity_key() != self.identity_key {
+            return Err(CryptoError::InvalidSignature);
+        }
+        let entry = list.entry(device).ok_or(CryptoError::InvalidKey)?;
+        if entry.identity_dh != self.identity_dh {
+            return Err(CryptoError::InvalidKey);
+        }
+        match signer {
+            PrekeySigner::Identity => self.check_signatures()?,
+            PrekeySigner::Device => {
+                verify_identity_dh(
+                    &self.identity_key,
+                    &self.identity_dh,
+                    &self.identity_dh_signature,
+                )?;
+                let key = VerifyingKey::from_bytes(&entry.device_key)
+                    .map_err(|_| CryptoError::InvalidKey)?;
+                key.verify_strict(
+                    &tern_proto::auth::signed_prekey(self.signed_prekey_id, &self.signed_prekey),
+                    &Signature::from_bytes(&self.signed_prekey_signature),
+                )
+                .map_err(|_| CryptoError::InvalidSignature)?;
+            }
+        }
+        Ok(VerifiedBundle(self.clone()))
     }
 }
 
@@ -438,6 +497,118 @@ mod tests {
         assert!(
             InitialHeader::from_bytes(&bad).is_err(),
             "no OPK id without the flag"
+        );
+    }
+
+    /// `d`'s account lists device 1 (`d`'s agreement key, its own device key) and
+    /// device 2 with `device2`'s key and agreement key.
+    fn listed(d: &Device, device2: &SigningKey, dh2: &[u8; 32]) -> VerifiedDeviceList {
+        use crate::crypto::devices::{sign_device_list, DeviceEntry, DeviceList};
+        let account = tern_proto::AccountId([5; 16]);
+        let entry = |id, key: &SigningKey, dh: [u8; 32]| DeviceEntry {
+            id: DeviceId::new(id).expect("id"),
+            device_key: key.verifying_key().to_bytes(),
+            identity_dh: dh,
+        };
+        let list = DeviceList {
+            account,
+            version: 2,
+            entries: vec![
+                entry(1, &SigningKey::generate(&mut OsRng), d.dh.public()),
+                entry(2, device2, *dh2),
+            ],
+        };
+        let (bytes, sig) = sign_device_list(&d.identity, &list).expect("sign");
+        let key = d.identity.verifying_key().to_bytes();
+        VerifiedDeviceList::verify(&key, &account, &bytes, &sig, None).expect("list")
+    }
+
+    /// A linked device's bundle: identity-signed agreement key, device-signed prekey.
+    fn device_signed(d: &Device, device_key: &SigningKey, dh: &AgreementKeyPair) -> PreKeyBundle {
+        let mut b = bundle(d, true);
+        b.identity_dh = dh.public();
+        b.identity_dh_signature = d
+            .identity
+            .sign(&tern_proto::auth::identity_agreement_key(&dh.public()))
+            .to_bytes();
+        b.signed_prekey_signature = device_key
+            .sign(&tern_proto::auth::signed_prekey(7, &d.spk.public()))
+            .to_bytes();
+        b
+    }
+
+    #[test]
+    fn a_device_signed_prekey_needs_its_entry_in_a_verified_list() {
+        let (alice, bob) = (device(), device());
+        let a_id = alice.identity.verifying_key().to_bytes();
+        let key2 = SigningKey::generate(&mut OsRng);
+        let dh2 = AgreementKeyPair::generate(&mut OsRng);
+        let list = listed(&bob, &key2, &dh2.public());
+        let two = DeviceId::new(2).expect("id");
+        let b = device_signed(&bob, &key2, &dh2);
+        let v = b
+            .verify_listed(PrekeySigner::Device, Some((&list, two)))
+            .expect("listed device key");
+        assert!(initiate(&mut OsRng, &a_id, &alice.dh, &v).is_ok());
+        // Without a list only the identity signer passes.
+        assert_eq!(
+            b.verify_listed(PrekeySigner::Device, None).err(),
+            Some(CryptoError::InvalidSignature)
+        );
+        assert_eq!(b.verify().err(), Some(CryptoError::InvalidSignature));
+        // Another id than the entry's, or a device the list does not hold.
+        assert!(b
+            .verify_listed(PrekeySigner::Device, Some((&list, DeviceId::PRIMARY)))
+            .is_err());
+        let nine = DeviceId::new(9).expect("id");
+        assert_eq!(
+            b.verify_listed(PrekeySigner::Device, Some((&list, nine)))
+                .err(),
+            Some(CryptoError::InvalidKey)
+        );
+        // A device key the list does not name signed the prekey (a relay's device).
+        let stranger = SigningKey::generate(&mut OsRng);
+        let forged = device_signed(&bob, &stranger, &dh2);
+        assert_eq!(
+            forged
+                .verify_listed(PrekeySigner::Device, Some((&list, two)))
+                .err(),
+            Some(CryptoError::InvalidSignature)
+        );
+        // The right device key, but another agreement key than the listed one.
+        let other_dh = AgreementKeyPair::generate(&mut OsRng);
+        let swapped = device_signed(&bob, &key2, &other_dh);
+        assert_eq!(
+            swapped
+                .verify_listed(PrekeySigner::Device, Some((&list, two)))
+                .err(),
+            Some(CryptoError::InvalidKey)
+        );
+        // A list verified under another identity than the bundle's.
+        let carol = device();
+        let carols = listed(&carol, &key2, &dh2.public());
+        assert_eq!(
+            b.verify_listed(PrekeySigner::Device, Some((&carols, two)))
+                .err(),
+            Some(CryptoError::InvalidSignature)
+        );
+    }
+
+    #[test]
+    fn an_identity_signed_prekey_passes_with_or_without_a_list() {
+        let bob = device();
+        let key2 = SigningKey::generate(&mut OsRng);
+        let list = listed(&bob, &key2, &[9; 32]);
+        let b = bundle(&bob, true);
+        assert!(b.verify_listed(PrekeySigner::Identity, None).is_ok());
+        assert!(b
+            .verify_listed(PrekeySigner::Identity, Some((&list, DeviceId::PRIMARY)))
+            .is_ok());
+        // Identity-signed but claimed as device-signed: the device key did not sign it.
+        assert_eq!(
+            b.verify_listed(PrekeySigner::Device, Some((&list, DeviceId::PRIMARY)))
+                .err(),
+            Some(CryptoError::InvalidSignature)
         );
     }
 }

@@ -30,11 +30,13 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 
+mod devices;
 mod dial;
 mod discovery;
 mod media;
 pub mod tls;
 
+pub use devices::DeviceListing;
 pub use dial::HANDSHAKE_TIMEOUT;
 #[doc(no_inline)]
 pub use media::BlobStatus;
@@ -100,6 +102,7 @@ fn closed_reason(e: &quinn::ConnectionError) -> String {
                 Ok(close::SHUTTING_DOWN) => "relay shutting down".into(),
                 Ok(close::PROTOCOL_ERROR) => "relay reported a protocol error".into(),
                 Ok(close::ACCOUNT_DELETED) => "the account was deleted".into(),
+                Ok(close::DEVICE_REMOVED) => "this device was removed from its account".into(),
                 _ => "closed".into(),
             }
         }
@@ -257,10 +260,22 @@ impl RelayConnection {
         to: &DeviceAddress,
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> impl Future<Output = Result<u32>> + Send + 'static {
+        self.send_for(to, 0, envelopes)
+    }
+
+    /// [`RelayConnection::send`] naming the recipient's device-list version the
+    /// envelopes were encrypted for (0: not checked): a relay holding a newer list
+    /// refuses with `STALE_DEVICE_LIST`.
+    pub fn send_for(
+        &self,
+        to: &DeviceAddress,
+        device_list_version: u64,
+        envelopes: impl IntoIterator<Item = Envelope>,
+    ) -> impl Future<Output = Result<u32>> + Send + 'static {
         let reply = self.issue(Request::Send {
             to: *to,
             envelopes: envelopes.into_iter().collect(),
-            device_list_version: 0,
+            device_list_version,
         });
         async move {
             match reply.await? {
@@ -280,11 +295,23 @@ impl RelayConnection {
         delivery_token: &[u8],
         envelopes: impl IntoIterator<Item = Envelope>,
     ) -> impl Future<Output = Result<u32>> + Send + 'static {
+        self.sealed_send_for(to, delivery_token, 0, envelopes)
+    }
+
+    /// [`RelayConnection::sealed_send`] naming the recipient's device-list version,
+    /// as [`RelayConnection::send_for`].
+    pub fn sealed_send_for(
+        &self,
+        to: &DeviceAddress,
+        delivery_token: &[u8],
+        device_list_version: u64,
+        envelopes: impl IntoIterator<Item = Envelope>,
+    ) -> impl Future<Output = Result<u32>> + Send + 'static {
         let reply = self.issue(Request::SealedSend {
             to: *to,
             delivery_token: Bytes::copy_from_slice(delivery_token),
             envelopes: envelopes.into_iter().collect(),
-            device_list_version: 0,
+            device_list_version,
         });
         async move {
             match reply.await? {
@@ -492,6 +519,16 @@ impl RelayConnection {
                 quinn::ConnectionError::Reset | quinn::ConnectionError::TimedOut
             )
         }
+    }
+
+    /// Whether the relay closed the connection because this device was removed
+    /// from its account (close code `DEVICE_REMOVED`).
+    pub fn device_removed(&self) -> bool {
+        matches!(
+            self.conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code.into_inner() == u64::from(close::DEVICE_REMOVED)
+        )
     }
 
     /// Whether the connection has closed: by either side, or lost.

@@ -47,6 +47,48 @@ pub(crate) struct LocalRecord {
     /// goes into messages) only once the relay has it.
     #[prost(bytes = "vec", tag = "15")]
     pub(crate) pending_delivery_token: Vec<u8>,
+    /// The version of this account's device list we hold (the primary writes v+1
+    /// here before it publishes it; 0: never published, a single-device account).
+    #[prost(uint64, tag = "16")]
+    pub(crate) device_list_version: u64,
+    /// This account's device list, exactly the bytes the identity signed, verified
+    /// before it was stored (empty: none yet).
+    #[prost(bytes = "vec", tag = "17")]
+    pub(crate) device_list: Vec<u8>,
+    /// The identity's signature over `device_list`.
+    #[prost(bytes = "vec", tag = "18")]
+    pub(crate) device_list_signature: Vec<u8>,
+    /// A device still joining an account: its `JoinKeys` bytes, while it waits for
+    /// the primary's payload (every other field but `relay` is then empty).
+    #[prost(bytes = "vec", tag = "19")]
+    pub(crate) joining: Vec<u8>,
+    /// Devices this primary linked that have not said they joined yet.
+    #[prost(message, repeated, tag = "20")]
+    pub(crate) pending_links: Vec<PendingLink>,
+    /// A linked device's copy of the account's identity public key (the primary
+    /// derives it from `identity_secret`, which a linked device never holds).
+    #[prost(bytes = "vec", tag = "21")]
+    pub(crate) identity_key: Vec<u8>,
+    /// A linked device's identity signature over its agreement key, from the link
+    /// payload (the primary signs its own when it loads).
+    #[prost(bytes = "vec", tag = "22")]
+    pub(crate) identity_dh_signature: Vec<u8>,
+}
+
+impl LocalRecord {
+    /// Whether this is a device still waiting to join an account (no keys yet).
+    pub(crate) fn is_joining(&self) -> bool {
+        !self.joining.is_empty() && self.account_id.is_empty()
+    }
+}
+
+/// A device linked by this primary, removed again if it has not joined by `deadline_ms`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PendingLink {
+    #[prost(uint32, tag = "1")]
+    pub(crate) device_id: u32,
+    #[prost(uint64, tag = "2")]
+    pub(crate) deadline_ms: u64,
 }
 
 pub(crate) const LOCAL_KEY: &[u8] = b"local";
@@ -106,6 +148,16 @@ pub(crate) struct ContactRecord {
     /// When the contact's device list was last checked with the relay (Unix ms).
     #[prost(uint64, tag = "6")]
     pub(crate) devices_checked_ms: u64,
+    /// The version of the contact's verified device list we hold (0: none seen, a
+    /// legacy contact whose bundles must be identity-signed).
+    #[prost(uint64, tag = "7")]
+    pub(crate) device_list_version: u64,
+    /// That list, exactly the bytes its identity signed.
+    #[prost(bytes = "vec", tag = "8")]
+    pub(crate) device_list: Vec<u8>,
+    /// The identity's signature over `device_list`.
+    #[prost(bytes = "vec", tag = "9")]
+    pub(crate) device_list_signature: Vec<u8>,
 }
 
 impl ContactRecord {
@@ -152,6 +204,10 @@ pub(crate) struct OutboxRecord {
     /// Encoded attachment pointers the message carries.
     #[prost(bytes = "vec", repeated, tag = "7")]
     pub(crate) attachments: Vec<Vec<u8>>,
+    /// An own-device sync message (an encoded `tern.e2e.v1.SyncMessage`) sent in
+    /// place of `body`, to this account's other devices; empty for a message.
+    #[prost(bytes = "vec", tag = "8")]
+    pub(crate) sync: Vec<u8>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -184,6 +240,10 @@ pub(crate) struct InboxRecord {
     /// Encoded attachment pointers.
     #[prost(bytes = "vec", repeated, tag = "7")]
     pub(crate) attachments: Vec<Vec<u8>>,
+    /// A message another device of this account sent: its recipient (empty for a
+    /// message received).
+    #[prost(bytes = "vec", tag = "8")]
+    pub(crate) sent_to: Vec<u8>,
 }
 
 /// `Namespace::Held`, key: [`seq_key`]. A message from a contact whose identity key
