@@ -6,7 +6,10 @@
 //! cargo run -p tern-client --example chat -- tern://… ./bob          # terminal 3
 //! ```
 //!
-//! Each prints its contact card. Paste Alice's card into Bob's terminal as
+//! Each prints its contact card. A second device of the same account (say Alice's
+//! laptop) starts with an empty directory and `--join`
+//! (`chat tern://… ./alice-laptop --join`): it prints a link and its QR code and
+//! waits; type `/link tern-link:…` on Alice's primary to link it. Paste Alice's card into Bob's terminal as
 //! `/add tern-contact:…`, then type: lines go to the current contact. Stop either side
 //! (Ctrl-D or `/quit`) and start it again with the same directory: messages sent
 //! meanwhile arrive, and nothing is lost or shown twice.
@@ -29,6 +32,10 @@
 //!   in `<dir>/export-<time>.json`.
 //! - `/delete-account confirm`: deletes the account on the relay and this device's
 //!   store, then quits.
+//! - `/link <tern-link:…>` (primary only): links the device that shows the link.
+//!   `/devices` lists this account's devices; `/remove-device <n>` (primary only)
+//!   removes device n. The new device makes the link (it holds the keys the link
+//!   carries), so joining takes the relay address (`--join`), not a link.
 //!
 //! The device store is encrypted with a key kept in `<dir>/storage.key`; a real app
 //! keeps that key in the platform's keystore instead.
@@ -39,7 +46,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use tern_client::store::SledKv;
 use tern_client::{Client, ContactCard, Event, Events, VerificationId};
-use tern_proto::{AccountId, RelayAddress};
+use tern_proto::{AccountId, DeviceId, RelayAddress};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 type BoxError = Box<dyn std::error::Error>;
@@ -56,6 +63,9 @@ const HELP: &str = "\
 /discover <numbers…|@file>   which numbers are discoverable users
 /export [--ciphertexts]      what the relay holds about you, as JSON
 /delete-account confirm      delete this account for good
+/link <tern-link:…>          link the device that shows this link (primary)
+/devices                     this account's devices
+/remove-device <n>           remove device n (primary)
 /quit";
 
 fn short(account: &AccountId) -> String {
@@ -76,17 +86,44 @@ fn storage_key(dir: &Path) -> Result<[u8; 32], BoxError> {
     Ok(key)
 }
 
-async fn start(relay: &RelayAddress, dir: &Path) -> Result<(Client, Events), BoxError> {
+async fn start(relay: &RelayAddress, dir: &Path, join: bool) -> Result<(Client, Events), BoxError> {
     std::fs::create_dir_all(dir)?;
     let store = Arc::new(SledKv::open(&dir.join("device"), &storage_key(dir)?)?);
     match Client::open(store.clone()).await {
         Ok(started) => Ok(started),
+        Err(tern_client::Error::NotRegistered) if join => {
+            let joining = Client::join(relay, store).await?;
+            println!(
+                "link this device: on your primary device type\n/link {}",
+                joining.link()
+            );
+            match qr(joining.link()) {
+                Some(code) => println!("or scan:\n{code}"),
+                None => println!("(the link is too long for a QR code)"),
+            }
+            println!("waiting for the primary (up to 10 minutes)…");
+            Ok(joining.finish().await?)
+        }
         Err(tern_client::Error::NotRegistered) => {
             println!("registering a new account on {relay}");
             Ok(Client::register(relay, store).await?)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// The link as a QR code in the terminal, two modules per character cell, light on
+/// dark so it scans on a dark terminal.
+fn qr(link: &str) -> Option<String> {
+    use qrcode::render::unicode::Dense1x2;
+    let code = qrcode::QrCode::with_error_correction_level(link, qrcode::EcLevel::L).ok()?;
+    Some(
+        code.render::<Dense1x2>()
+            .dark_color(Dense1x2::Light)
+            .light_color(Dense1x2::Dark)
+            .quiet_zone(true)
+            .build(),
+    )
 }
 
 /// A verification session id as `/verify` printed it: 32 hex digits.
@@ -119,12 +156,18 @@ fn book(args: &str) -> std::io::Result<Vec<String>> {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [relay, dir] = &args[..] else {
-        eprintln!("usage: chat tern://<fingerprint>@host:port[,host:port…] <directory>");
-        std::process::exit(2);
+    let (relay, dir, join) = match &args[..] {
+        [relay, dir] => (relay, dir, false),
+        [relay, dir, flag] if flag == "--join" => (relay, dir, true),
+        _ => {
+            eprintln!(
+                "usage: chat tern://<fingerprint>@host:port[,host:port…] <directory> [--join]"
+            );
+            std::process::exit(2);
+        }
     };
     let relay: RelayAddress = relay.parse()?;
-    let (client, mut events) = start(&relay, &PathBuf::from(dir)).await?;
+    let (client, mut events) = start(&relay, &PathBuf::from(dir), join).await?;
     println!("you are {}", short(&client.account()));
     println!("your card: {}", client.contact_card().await);
     println!("type /add <card> to pick a contact, then type to talk; /help for commands");
@@ -140,7 +183,11 @@ async fn main() -> Result<(), BoxError> {
         tokio::select! {
             event = events.recv() => match event {
                 Some(Event::Message(m)) => {
-                    println!("[{}] {}", short(&m.sender), String::from_utf8_lossy(&m.body));
+                    match m.sent_to {
+                        // Sent from another device of this account.
+                        Some(to) => println!("[you → {}] {}", short(&to), String::from_utf8_lossy(&m.body)),
+                        None => println!("[{}] {}", short(&m.sender), String::from_utf8_lossy(&m.body)),
+                    }
                     for a in &m.attachments {
                         let name = Path::new(&a.file_name)
                             .file_name()
@@ -170,6 +217,12 @@ async fn main() -> Result<(), BoxError> {
                 Some(Event::Disconnected { reason }) => println!("(disconnected: {reason}; retrying)"),
                 Some(Event::SendFailed { reason, .. }) => println!("(not delivered: {reason})"),
                 Some(Event::Dropped { reason }) => println!("(discarded a message: {reason})"),
+                Some(Event::DeviceJoined { device }) => println!("(device {} joined this account)", device.get()),
+                Some(Event::DeviceRemoved { device }) => println!("(device {} was removed)", device.get()),
+                Some(Event::Removed) => {
+                    println!("this device was removed from its account; start again with an empty directory");
+                    break;
+                }
                 Some(_) => {}
                 None => break,
             },
@@ -320,6 +373,31 @@ async fn main() -> Result<(), BoxError> {
                             return Ok(());
                         }
                         Err(e) => println!("(not deleted: {e})"),
+                    }
+                } else if let Some(link) = line.strip_prefix("/link ") {
+                    match client.link_device(link.trim()).await {
+                        Ok(linked) => println!("(linked as device {}; it finishes joining on its own)", linked.id.get()),
+                        Err(e) => println!("(not linked: {e})"),
+                    }
+                } else if line == "/devices" {
+                    match client.devices().await {
+                        Ok(devices) => {
+                            for d in devices {
+                                let primary = if d.primary { " (primary)" } else { "" };
+                                let this = if d.this_device { " (this device)" } else { "" };
+                                println!("device {}{primary}{this}", d.id.get());
+                            }
+                        }
+                        Err(e) => println!("(cannot list devices: {e})"),
+                    }
+                } else if let Some(n) = line.strip_prefix("/remove-device ") {
+                    let Some(id) = n.trim().parse().ok().and_then(DeviceId::new) else {
+                        println!("usage: /remove-device <device number, see /devices>");
+                        continue;
+                    };
+                    match client.remove_device(id).await {
+                        Ok(()) => println!("(device {} removed)", id.get()),
+                        Err(e) => println!("(not removed: {e})"),
                     }
                 } else if line == "/help" {
                     println!("{HELP}");
