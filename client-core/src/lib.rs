@@ -60,7 +60,10 @@ pub mod net;
 pub mod safety;
 pub mod store;
 
-pub use client::{Client, ClientOptions, ContactCard, Event, Events, ReceivedMessage};
+pub use client::{
+    Client, ClientOptions, ContactCard, DeviceInfo, Event, Events, Joining, LinkedDevice,
+    ReceivedMessage,
+};
 #[doc(no_inline)]
 pub use error::ErrorCode;
 pub use error::{Error, Result};

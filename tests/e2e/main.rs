@@ -21,6 +21,7 @@ mod failover;
 mod http;
 mod keys;
 mod limits;
+mod linking;
 mod linking_pg;
 mod media;
 mod media_cluster;
