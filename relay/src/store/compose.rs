@@ -64,6 +64,8 @@ impl Stores {
     /// Every store on the shared PostgreSQL database, for a relay of several nodes.
     pub fn postgres(pg: Arc<PgBackend>) -> Self {
         let mut stores = Stores::all(pg.clone());
+        // Slots in the database, so a slot opened on one node is filled on another.
+        stores.provisioning = pg.clone();
         stores.shared = Some(pg);
         stores
     }
