@@ -24,8 +24,12 @@
 //!
 //! [rate_limits]                 # "N/period": a burst of N, refilled over the period
 //! registrations_per_prefix = "30/1h"     # per IPv4 address or IPv6 /64
-//! max_devices_per_account = 16
+//! max_devices_per_account = 6    # the primary and 5 linked devices
 //! add_device_per_account = "5/1day"
+//! linked_device_idle_days = 45   # 0 = never
+//! max_provisioning_slots = 1000
+//! provisioning_per_prefix = "10/1h"
+//! provisioning_takes_per_prefix = "1200/1h"
 //! sends_per_account = "1000/1m"          # envelopes
 //! sealed_sends_per_token = "600/1m"      # envelopes to one account
 //! sealed_sends_per_prefix = "600/1m"     # envelopes from one address or /64
