@@ -57,6 +57,10 @@ impl CertificateIssuer {
             .accounts
             .get(&addr.account)?
             .ok_or(Error::Unauthorized)?;
+        // A device removed (through another node, say) gets no new certificate.
+        if record.device_key(addr.device).is_none() {
+            return Err(Error::Unauthorized);
+        }
         let certificate = SenderCertificate {
             account: addr.account,
             device: addr.device,

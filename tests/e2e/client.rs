@@ -817,7 +817,7 @@ async fn identified_session_start_leaves_no_relay_side_link() {
     }
     drop(db);
     // Each id only where the account itself lives: its record, token and keys.
-    let allowed = ["accounts", "delivery_tokens", "keys"];
+    let allowed = ["accounts", "delivery_tokens", "device_lists", "keys"];
     assert!(
         trees_with.iter().all(|t| allowed.contains(&t.as_str())),
         "{trees_with:?}"

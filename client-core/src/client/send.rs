@@ -33,11 +33,26 @@ const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 
-/// Sends refused as `STALE_DEVICE_LIST` in a row, by recipient.
-type Stale = HashMap<AccountId, u32>;
+/// Sends refused as `STALE_DEVICE_LIST` in a row, by recipient, and (once past
+/// [`STALE_RETRIES`]) the time before which that recipient is not tried again.
+type Stale = HashMap<AccountId, (u32, u64)>;
 /// How many times in a row a stale send refreshes the list and goes again before
-/// it waits out a backoff pause.
+/// the recipient waits out a pause of its own.
 const STALE_RETRIES: u32 = 3;
+/// The longest such pause: a list that cannot be refreshed (the relay refuses the
+/// token, or the list does not verify) is tried again hourly, and by the daily check.
+const STALE_PAUSE_MAX_MS: u64 = 3600 * 1000;
+
+/// The pause after the `tries`-th stale refusal in a row: none for the first
+/// [`STALE_RETRIES`], then doubling from 1 s up to [`STALE_PAUSE_MAX_MS`].
+fn stale_pause_ms(tries: u32) -> u64 {
+    match tries.checked_sub(STALE_RETRIES + 1) {
+        None => 0,
+        Some(n) => 1000u64
+            .saturating_mul(1u64 << n.min(20))
+            .min(STALE_PAUSE_MAX_MS),
+    }
+}
 
 enum Round {
     /// Nothing left to send.
@@ -373,7 +388,16 @@ async fn send_device(
         account: *recipient,
         device: plan.device,
     };
-    let version = shared.state.lock().await.list_version(recipient);
+    let now = shared.now_ms();
+    if stale.get(recipient).is_some_and(|&(_, until)| until > now) {
+        return Ok(Round::Wait);
+    }
+    // Without the contact's token this device cannot fetch its list, so it cannot act
+    // on a stale refusal: such sends go unchecked (version 0), to the devices it knows.
+    let version = match token {
+        Some(_) => shared.state.lock().await.list_version(recipient),
+        None => 0,
+    };
     for chunk in chunks(&plan.copies) {
         let envelopes = || {
             chunk.iter().map(|c| Envelope {
@@ -396,15 +420,17 @@ async fn send_device(
             Err(e) => match e.relay_code() {
                 Some(ErrorCode::StaleDeviceList) => {
                     // The account's devices changed: check its list now and send
-                    // again, a few times in a row at most, then after a pause.
-                    let tries = stale.entry(*recipient).or_default();
-                    *tries += 1;
-                    if *tries > STALE_RETRIES {
-                        stale.remove(recipient);
-                        return Ok(Round::Wait);
-                    }
+                    // again, a few times in a row at once, then after growing pauses
+                    // for this recipient alone (until a send to it succeeds).
+                    let entry = stale.entry(*recipient).or_default();
+                    entry.0 = entry.0.saturating_add(1);
+                    entry.1 = now.saturating_add(stale_pause_ms(entry.0));
                     shared.state.lock().await.check_list_now(recipient)?;
-                    return Ok(Round::Progress);
+                    return Ok(if entry.0 > STALE_RETRIES {
+                        Round::Wait
+                    } else {
+                        Round::Progress
+                    });
                 }
                 Some(ErrorCode::Unauthorized) if token.is_some() => {
                     // The contact rotated its token: fall back until it sends the new one.
@@ -520,5 +546,13 @@ mod tests {
             "one oversized copy still goes alone"
         );
         assert!(chunks(&[]).is_empty());
+    }
+
+    #[test]
+    fn stale_refusals_pause_a_recipient_longer_each_time_up_to_an_hour() {
+        let pauses: Vec<u64> = (1..=8).map(stale_pause_ms).collect();
+        assert_eq!(pauses, [0, 0, 0, 1000, 2000, 4000, 8000, 16_000]);
+        assert_eq!(stale_pause_ms(100), STALE_PAUSE_MAX_MS);
+        assert_eq!(stale_pause_ms(u32::MAX), STALE_PAUSE_MAX_MS);
     }
 }

@@ -14,7 +14,7 @@
 use prost::Message;
 use rand::{CryptoRng, RngCore};
 use tern_proto::e2e::{self, sync_message::Kind};
-use tern_proto::{AccountId, DeviceId};
+use tern_proto::{AccountId, DeviceId, MessageId};
 
 use super::state::State;
 use super::Event;
@@ -106,20 +106,31 @@ impl State {
                 if AccountId::try_from(&t.recipient_account[..]).is_err() {
                     return Ok(Err("a sent transcript without its recipient".into()));
                 }
+                if MessageId::try_from(&t.message_id[..]).is_err() {
+                    return Ok(Err("a sent transcript without a message id".into()));
+                }
                 Ok(Ok(Applied::Transcript(t)))
             }
             Some(Kind::Contacts(c)) => {
                 for linked in c.contacts {
+                    // An empty token: a contact known by account id alone.
+                    let token = match &linked.delivery_token[..] {
+                        [] => Ok(None),
+                        t => <[u8; 32]>::try_from(t).map(Some),
+                    };
                     let (Ok(account), Ok(identity), Ok(token)) = (
                         AccountId::try_from(&linked.account_id[..]),
                         <[u8; 32]>::try_from(&linked.identity_key[..]),
-                        <[u8; 32]>::try_from(&linked.delivery_token[..]),
+                        token,
                     ) else {
                         continue;
                     };
                     if account == self.keys.address.account {
                         // This account's own delivery token, rotated by the primary.
-                        if from == DeviceId::PRIMARY && identity == self.keys.identity_key {
+                        if let (Some(token), true) = (
+                            token,
+                            from == DeviceId::PRIMARY && identity == self.keys.identity_key,
+                        ) {
                             self.take_synced_token(token)?;
                         }
                         continue;
@@ -212,16 +223,26 @@ impl State {
         &mut self,
         account: AccountId,
         identity: [u8; 32],
-        token: [u8; 32],
+        token: Option<[u8; 32]>,
     ) -> Result<()> {
         if account == self.keys.address.account {
             return Ok(());
         }
-        let changed = self
-            .contacts
-            .get(&account)
-            .is_some_and(|c| !c.identity_key.is_empty() && c.identity_key != identity);
-        self.add_contact(account, identity, token)?;
+        let known = self.contacts.get(&account);
+        let changed =
+            known.is_some_and(|c| !c.identity_key.is_empty() && c.identity_key != identity);
+        match token {
+            Some(token) => {
+                self.add_contact(account, identity, token)?;
+            }
+            // No token on the other device: a new contact is known by id alone; one
+            // already known here keeps the token this device holds.
+            None if known.is_none() => {
+                self.add_contact(account, identity, [0; 32])?;
+                self.drop_token(&account)?;
+            }
+            None => {}
+        }
         if changed {
             self.accept_identity(&account, &identity)?;
         }

@@ -264,6 +264,20 @@ impl Accounts {
         to: DeviceAddress,
         list_version: u64,
     ) -> Result<Recipient> {
+        // The sender's device may have been removed (on another node, whose
+        // tombstone this node never saw) while its connection here stayed open.
+        let me = sender.address();
+        let sender_listed = match self.known(&me.account, None)? {
+            Some(k) if k.devices.contains(&me.device) => true,
+            // Rare: a cached entry older than this device, or the device is gone.
+            _ => self
+                .store
+                .get(&me.account)?
+                .is_some_and(|r| r.device_key(me.device).is_some()),
+        };
+        if !sender_listed {
+            return Err(Error::Unauthorized);
+        }
         let known = self
             .known(&to.account, None)?
             .ok_or(Error::UnknownRecipient)?;

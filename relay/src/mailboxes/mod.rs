@@ -213,9 +213,9 @@ impl Mailboxes {
         self.store.prefetch_usage(to);
         let staged = self.active.ordered(to, || {
             // Checked under the device lock, which a deletion's purge takes too: a
-            // send that resolved its recipient before the deletion began cannot
-            // queue after the purge.
-            if self.tombstones.contains(&to.account) {
+            // send that resolved its recipient before the deletion (of the account
+            // or of this device) began cannot queue after the purge.
+            if self.tombstones.contains(&to.account) || self.tombstones.contains_device(to) {
                 return Err(match from {
                     SenderKey::Account(_) => Error::UnknownRecipient,
                     SenderKey::Prefix(_) => Error::Unauthorized,

@@ -425,17 +425,23 @@ fn a_failover_to_the_promoted_standby_keeps_every_acknowledged_append() {
 }
 
 #[test]
-fn with_accounts_required_a_send_to_an_account_without_a_row_leaves_nothing() {
+fn with_accounts_required_a_send_to_an_account_or_device_without_a_row_leaves_nothing() {
     // A send queued on one node before a deletion on another and committed after the
-    // deletion finished (intent removed, account row gone) must not land.
+    // deletion finished (intent removed, account row gone) must not land; nor one to
+    // a device removed meanwhile (its row gone before its mailbox is purged).
     let (_pg, mut opts) = db();
     opts.require_accounts = true;
     let a = node(&opts, "a");
-    let (gone, kept) = (addr(21, 1), addr(22, 1));
+    let (gone, kept, removed) = (addr(21, 1), addr(22, 1), addr(22, 2));
     execute(
         &a,
         "INSERT INTO accounts (account, identity_key) VALUES ($1, $2)",
         &[&kept.account.as_bytes().as_slice(), &vec![7u8; 32]],
+    );
+    execute(
+        &a,
+        "INSERT INTO devices (account, device, device_key) VALUES ($1, 1, $2)",
+        &[&kept.account.as_bytes().as_slice(), &vec![8u8; 32]],
     );
     let x = a
         .queue_append(&gone, &[msg(1, 4)], 1_000, 9_000)
@@ -443,10 +449,15 @@ fn with_accounts_required_a_send_to_an_account_without_a_row_leaves_nothing() {
     let y = a
         .queue_append(&kept, &[msg(2, 4)], 1_000, 9_000)
         .expect("stage");
+    let z = a
+        .queue_append(&removed, &[msg(3, 4)], 1_000, 9_000)
+        .expect("stage");
     let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
     let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    let z = a.run(async { Ok(z.await.expect("answer")) }).expect("run");
     assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");
     assert_eq!(y.expect("kept").len(), 1);
+    assert!(matches!(z, Err(StoreError::Deleted)), "{z:?}");
     let left: i64 = sql(
         &a,
         "SELECT (SELECT count(*) FROM mailbox_heads WHERE account = decode(repeat('15', 16), 'hex')) \

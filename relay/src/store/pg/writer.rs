@@ -418,15 +418,14 @@ impl Writer {
         }
         // 2. After the locks: accounts being deleted (or gone) take no more messages
         //    (a purge locks the heads before deleting, so it sees whatever passed).
-        let mut accounts: Vec<&[u8]> = parts
+        let (accounts, devices): (Vec<&[u8]>, Vec<i64>) = parts
             .iter()
             .filter(|(_, p)| !p.appends.is_empty())
-            .map(|(to, _)| to.account.as_bytes().as_slice())
-            .collect();
-        accounts.dedup();
+            .map(|(to, _)| (to.account.as_bytes().as_slice(), i64::from(to.device.get())))
+            .unzip();
         let checked = async {
             match &check {
-                Some(st) if !accounts.is_empty() => tx.query(st, &[&accounts]).await,
+                Some(st) if !accounts.is_empty() => tx.query(st, &[&accounts, &devices]).await,
                 _ => Ok(Vec::new()),
             }
         };
@@ -447,13 +446,18 @@ impl Writer {
             let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
             heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
         }
+        // Each row a refused mailbox: its account, and its device (NULL: every device).
         let gone = gone?
             .iter()
-            .map(|r| r.try_get::<_, Vec<u8>>(0))
-            .collect::<Result<HashSet<Vec<u8>>, _>>()?;
+            .map(|r| Ok((r.try_get::<_, Vec<u8>>(0)?, r.try_get::<_, Option<i64>>(1)?)))
+            .collect::<Result<HashSet<(Vec<u8>, Option<i64>)>, tokio_postgres::Error>>()?;
         let refused = parts
             .keys()
-            .filter(|to| gone.contains(to.account.as_bytes().as_slice()))
+            .filter(|to| {
+                let account = to.account.as_bytes().to_vec();
+                gone.contains(&(account.clone(), None))
+                    || gone.contains(&(account, Some(i64::from(to.device.get()))))
+            })
             .copied()
             .collect();
         Ok(Locked {
@@ -860,11 +864,15 @@ const UPSERT_HEADS: &str =
        messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
      RETURNING account, device, last_seq, messages, bytes";
 
-const INTENTS: &str = "SELECT account FROM account_deletions WHERE account = ANY($1::bytea[])";
+const INTENTS: &str = "SELECT account, NULL::int8 FROM account_deletions \
+     WHERE account = ANY($1::bytea[]) AND cardinality($2::int8[]) >= 0";
 
-const INTENTS_OR_NO_ROW: &str = "SELECT a FROM unnest($1::bytea[]) a \
-     WHERE EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = a) \
-       OR NOT EXISTS (SELECT 1 FROM accounts c WHERE c.account = a)";
+/// Also a mailbox whose device row is gone (a removed device: its removal deletes the
+/// row before it purges the mailbox, so a send that resolved it earlier leaves nothing).
+const INTENTS_OR_NO_ROW: &str = "SELECT t.a, t.dv FROM unnest($1::bytea[], $2::int8[]) t(a, dv) \
+     WHERE EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = t.a) \
+       OR NOT EXISTS (SELECT 1 FROM accounts c WHERE c.account = t.a) \
+       OR NOT EXISTS (SELECT 1 FROM devices v WHERE v.account = t.a AND v.device = t.dv)";
 
 const INSERT_MESSAGES: &str = "INSERT INTO messages \
      (account, device, seq, message_id, payload, accepted_at, expires_at) \
