@@ -272,6 +272,23 @@ impl State {
     /// the one held; it is also what sends to the other devices use. Returns whether
     /// it was stored.
     pub(crate) fn store_own_list(&mut self, list: &[u8], signature: &[u8]) -> Result<bool> {
+        let mut batch = Batch::new();
+        let Some(local) = self.stage_own_list(list, signature, &mut batch)? else {
+            return Ok(false);
+        };
+        self.commit(batch, true)?;
+        self.local = local;
+        Ok(true)
+    }
+
+    /// [`State::store_own_list`] into `batch`: the local record to take once the
+    /// batch is written, or `None` if the list is not newer.
+    pub(crate) fn stage_own_list(
+        &mut self,
+        list: &[u8],
+        signature: &[u8],
+        batch: &mut Batch,
+    ) -> Result<Option<crate::store::records::LocalRecord>> {
         let account = self.keys.address.account;
         let held = self
             .own_list()
@@ -281,11 +298,11 @@ impl State {
         {
             Ok(verified) => verified,
             // One that crossed a newer one on its way: nothing to do.
-            Err(Error::DeviceList(DeviceListRefusal::Older { .. })) => return Ok(false),
+            Err(Error::DeviceList(DeviceListRefusal::Older { .. })) => return Ok(None),
             Err(e) => return Err(e),
         };
         if held.is_some_and(|(v, _)| verified.version() <= v) {
-            return Ok(false);
+            return Ok(None);
         }
         let mut local = self.local.clone();
         local.device_list_version = local.device_list_version.max(verified.version());
@@ -295,12 +312,9 @@ impl State {
         record.device_list_version = verified.version();
         record.device_list = local.device_list.clone();
         record.device_list_signature = local.device_list_signature.clone();
-        let mut batch = Batch::new();
         batch.put_local(&local);
-        self.put_contact(account, record, &mut batch);
-        self.commit(batch, true)?;
-        self.local = local;
-        Ok(true)
+        self.put_contact(account, record, batch);
+        Ok(Some(local))
     }
 
     /// This account as a contact (its own identity and token), so its other devices

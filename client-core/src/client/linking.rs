@@ -17,7 +17,6 @@ use super::state::{LinkedKeys, NewDevice, State};
 use super::{Client, ClientOptions, Event, Events, Shared};
 use crate::crypto::devices::DeviceEntry;
 use crate::crypto::x3dh::AgreementKeyPair;
-use crate::identity::DeviceKeyPair;
 use crate::link::{self, JoinKeys, Link, LinkPayload, LinkedContact};
 use crate::net::RelayConnection;
 use crate::store::records::LocalRecord;
@@ -128,9 +127,7 @@ impl Client {
     /// within 12 minutes is removed again.
     pub async fn link_device(&self, link: &str) -> Result<LinkedDevice> {
         let link = Link::parse(link)?;
-        if link.relay.fingerprint != self.shared.relay.fingerprint {
-            return Err(Error::LinkOtherRelay);
-        }
+        link.check_relay(&self.shared.relay)?;
         let (identity, account) = {
             let state = self.shared.state.lock().await;
             let identity = state.keys.identity.clone().ok_or(Error::NotPrimary)?;
@@ -235,15 +232,15 @@ impl Joining {
     }
 
     /// Waits for the primary's payload (polling about once a second, up to the
-    /// slot's 10 minutes), opens and checks it, stores this device, authenticates,
-    /// publishes its keys and starts the client. [`Error::LinkExpired`] if the slot
+    /// slot's 10 minutes), opens and checks it, stores this device (with the list,
+    /// the contacts and the `Joined` sync for the primary, in one write) and starts
+    /// the client, whose worker publishes the keys before it sends. [`Error::LinkExpired`] if the slot
     /// expired first (the joining state is cleared; start again); a payload that
     /// does not open is [`Error::LinkRejected`].
     pub async fn finish(self) -> Result<(Client, Events)> {
         let sealed = self.wait_for_payload().await?;
+        // Verified there (the signatures and the list naming this device).
         let payload = link::open_payload(&self.keys, &self.relay, &sealed)?;
-        let link = self.keys.link(&self.relay);
-        let list = payload.verify(&link.device_key, &link.identity_dh)?;
         let clock = self.options.clock.clone();
         let now = clock.now();
         let device_secret = zeroize::Zeroizing::new(self.keys.device_signing_key().to_bytes());
@@ -252,7 +249,7 @@ impl Joining {
             account: payload.account,
             device: payload.device_id,
         };
-        let mut state = State::create(
+        let state = State::create_joined(
             self.store.clone(),
             NewDevice {
                 relay: self.relay.to_string(),
@@ -267,25 +264,14 @@ impl Joining {
                 address,
                 relay_signing_key: payload.relay_signing_key,
             },
+            &payload.device_list,
+            &payload.device_list_signature,
+            &payload.contacts,
             now,
             &mut OsRng,
         )?;
-        state.store_own_list(list.bytes(), list.signature())?;
-        for c in &payload.contacts {
-            state.add_linked_contact(c)?;
-        }
-        let (conn, _inbox) = RelayConnection::connect(&self.relay).await?;
-        conn.authenticate(&address, &DeviceKeyPair::from_secret(&device_secret))
-            .await?;
-        if let Some(upload) = state.key_upload(None, now, &mut OsRng)? {
-            conn.publish_keys(&upload).await?;
-        }
-        state.keys_published()?;
-        conn.close().await;
-        let joined = Kind::Joined(e2e::DeviceJoined {
-            device_id: address.device.get(),
-        });
-        state.sync_now(joined, now, &mut OsRng)?;
+        // The worker authenticates, publishes the keys (before it sends anything)
+        // and sends the `Joined` sync; after a crash, `Client::open` does the same.
         Ok(Client::start(state, self.relay.clone(), clock))
     }
 
@@ -374,17 +360,39 @@ impl State {
         }
     }
 
-    /// A contact from the primary's payload, trusted as the primary trusts it.
-    fn add_linked_contact(&mut self, c: &LinkedContact) -> Result<()> {
-        let _ = self.add_contact(
-            c.account,
-            c.identity_key,
-            c.delivery_token.unwrap_or_default(),
-        )?;
-        if c.delivery_token.is_none() {
-            self.drop_token(&c.account)?;
+    /// Stores a device joining from the primary's payload as one write: the device,
+    /// the account's list, the payload's contacts (trusted as the primary trusts
+    /// them) and the `Joined` sync for the primary. Written before any network step,
+    /// so a failure after it leaves a device `Client::open` resumes (keys are
+    /// published by the worker, `keys_published` being false).
+    pub(crate) fn create_joined(
+        kv: Arc<dyn KvStore>,
+        new: NewDevice<'_>,
+        list: &[u8],
+        signature: &[u8],
+        contacts: &[LinkedContact],
+        now_ms: u64,
+        rng: &mut (impl rand::RngCore + rand::CryptoRng),
+    ) -> Result<State> {
+        let (mut state, mut batch) = State::create_unwritten(kv, new, now_ms, rng)?;
+        if let Some(local) = state.stage_own_list(list, signature, &mut batch)? {
+            state.local = local;
         }
-        Ok(())
+        let own = state.keys.address.account;
+        for c in contacts.iter().filter(|c| c.account != own) {
+            let mut record = state.contacts.get(&c.account).cloned().unwrap_or_default();
+            record.identity_key = c.identity_key.to_vec();
+            record.delivery_token = c.delivery_token.map(|t| t.to_vec()).unwrap_or_default();
+            state.put_contact(c.account, record, &mut batch);
+        }
+        let joined = Kind::Joined(e2e::DeviceJoined {
+            device_id: state.keys.address.device.get(),
+        });
+        state.queue_sync(joined, now_ms, rng, &mut batch);
+        // Last, so it is the record stored whatever was put before.
+        batch.put_local(&state.local);
+        state.commit(batch, true)?;
+        Ok(state)
     }
 }
 

@@ -156,6 +156,18 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<State> {
+        let (state, batch) = State::create_unwritten(kv, new, now_ms, rng)?;
+        state.commit(batch, true)?;
+        Ok(state)
+    }
+
+    /// [`State::create`] without the write: the state and the batch that stores it.
+    pub(crate) fn create_unwritten(
+        kv: Arc<dyn KvStore>,
+        new: NewDevice<'_>,
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<(State, Batch)> {
         let linked = new.linked.as_ref();
         let local = LocalRecord {
             relay: new.relay,
@@ -185,8 +197,7 @@ impl State {
         let mut batch = state.rotate_signed_prekey(now_ms, rng).0;
         batch.append(&mut state.new_one_time_prekeys(PREKEY_BATCH, now_ms, rng).0);
         batch.put_local(&state.local);
-        state.commit(batch, true)?;
-        Ok(state)
+        Ok((state, batch))
     }
 
     /// Loads a device from its store; `Ok(None)` if it holds no device (or one

@@ -189,22 +189,14 @@ pub(super) async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Re
     Ok(())
 }
 
-/// The primary's care of its own devices: a first signed list if it never
-/// published one (so contacts hold a version to be told is stale), and links never
-/// joined removed at their deadline. A relay's refusal waits for the next round.
+/// The primary's first signed list if it never published one (so contacts hold a
+/// version to be told is stale). A relay's refusal waits for the next round.
 pub(super) async fn maintain_devices(shared: &Shared, conn: &RelayConnection) -> Result<()> {
-    let (primary, listed, expired) = {
+    let (primary, listed) = {
         let state = shared.state.lock().await;
-        (
-            state.is_primary(),
-            state.own_list().is_some(),
-            state.expired_links(shared.now_ms()),
-        )
+        (state.is_primary(), state.own_list().is_some())
     };
-    if !primary {
-        return Ok(());
-    }
-    if !listed {
+    if primary && !listed {
         match linking::publish_list(shared, conn, ListChange::Same).await {
             Err(e) if e.relay_code().is_some() => {
                 tracing::debug!(error = %e, "the first device list was not published");
@@ -212,6 +204,14 @@ pub(super) async fn maintain_devices(shared: &Shared, conn: &RelayConnection) ->
             other => drop(other?),
         }
     }
+    Ok(())
+}
+
+/// Removes links never joined by their deadline. Called only once the mailbox is
+/// read (at a `QueueEmpty`), so a `DeviceJoined` waiting there settles its link
+/// first. A relay's refusal waits for the next round.
+async fn remove_expired_links(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let expired = shared.state.lock().await.expired_links(shared.now_ms());
     for device in expired {
         match linking::remove_device(shared, conn, device).await {
             Err(e) if e.relay_code().is_some() => {
@@ -241,6 +241,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
         }
         let mut acks = Vec::with_capacity(items.len());
         let mut failure = None;
+        let drained = items.iter().any(|i| matches!(i, Ok(Incoming::QueueEmpty)));
         let consumed = {
             let mut state = shared.state.lock().await;
             let now = shared.now_ms();
@@ -299,6 +300,9 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
         }
         if consumed > 0 {
             maintain_keys(shared, conn).await?;
+        }
+        if drained {
+            remove_expired_links(shared, conn).await?;
         }
     }
 }

@@ -620,3 +620,101 @@ fn an_accepted_identity_change_starts_the_list_afresh() {
     assert_eq!(checked.refused, None);
     assert_eq!(version(&bob, &alice.account()), 1);
 }
+
+#[test]
+fn a_joined_device_is_stored_whole_in_one_write_before_any_network_step() {
+    use crate::store::KvStore;
+    let mut alice = dev(1);
+    let identity_dh = AgreementKeyPair::generate(&mut OsRng);
+    let device_secret: [u8; 32] = rand::random();
+    let device_key = crate::identity::DeviceKeyPair::from_secret(&device_secret).public();
+    let (l, s) = alice
+        .state
+        .next_own_list(ListChange::Add(DeviceEntry {
+            id: id(2),
+            device_key,
+            identity_dh: identity_dh.public(),
+        }))
+        .expect("list");
+    let carol = dev(3);
+    let contacts = vec![crate::link::LinkedContact {
+        account: carol.account(),
+        identity_key: carol.state.keys.identity_key,
+        delivery_token: Some([7; 32]),
+    }];
+    let identity = alice.state.keys.identity.as_ref().expect("the primary");
+    let kv: Arc<dyn KvStore> = Arc::new(MemoryKv::new());
+    State::create_joined(
+        kv.clone(),
+        NewDevice {
+            relay: "tern://x@127.0.0.1:1".into(),
+            identity_secret: &[],
+            linked: Some(LinkedKeys {
+                identity_key: identity.public(),
+                identity_dh_signature: identity.certify_agreement_key(&identity_dh.public()),
+                delivery_token: alice.state.keys.delivery_token,
+            }),
+            device_secret: &device_secret,
+            identity_dh: &identity_dh,
+            address: DeviceAddress {
+                account: alice.account(),
+                device: id(2),
+            },
+            relay_signing_key: relay_key().verifying_key().to_bytes(),
+        },
+        &l,
+        &s,
+        &contacts,
+        NOW,
+        &mut OsRng,
+    )
+    .expect("stored");
+    // What `Client::open` finds after a crash right after that write: the device,
+    // its list, the payload's contacts, the `Joined` sync queued, keys still to publish.
+    let mut a2 = State::load(kv, NOW).expect("load").expect("a device");
+    let ids: Vec<DeviceId> = a2
+        .own_list()
+        .expect("the list")
+        .entries
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(ids, vec![id(1), id(2)]);
+    assert!(a2.contacts.contains_key(&carol.account()));
+    let own = alice.account();
+    assert_eq!(
+        a2.outbox()
+            .filter(|(_, r)| r.recipient == own.as_bytes())
+            .count(),
+        1
+    );
+    let upload = a2.key_upload(None, NOW, &mut OsRng).expect("upload");
+    assert!(upload.is_some_and(|u| u.identity_dh.is_some()));
+}
+
+/// The worker removes expired links only once the mailbox is read (at `QueueEmpty`):
+/// a `DeviceJoined` waiting there from before the deadline must then settle the link.
+#[test]
+fn a_join_read_after_the_deadline_still_settles_its_link() {
+    let (mut alice, mut a2) = alice_with_device_2();
+    let deadline = NOW + 1000;
+    let later = deadline + 60 * 60 * 1000;
+    alice
+        .state
+        .add_pending_link(id(2), deadline)
+        .expect("pending");
+    let own = a2.account();
+    let a1_bundle: DeviceBundle = alice.bundle(false);
+    assert!(a2
+        .state
+        .start_sessions(own, &[a1_bundle], &mut OsRng)
+        .is_ok());
+    let joined = Kind::Joined(e2e::DeviceJoined { device_id: 2 });
+    a2.state.sync_now(joined, NOW, &mut OsRng).expect("queue");
+    let seq = *own_seqs(&a2).last().expect("queued");
+    let d = deliver(&mut a2, &alice, seq);
+    // The primary was closed past the deadline: before reading, the link is expired.
+    assert_eq!(alice.state.expired_links(later), vec![id(2)]);
+    assert!(matches!(alice.receive(&d), Outcome::Synced(_)));
+    assert!(alice.state.expired_links(later).is_empty());
+}
