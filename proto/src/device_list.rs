@@ -64,6 +64,9 @@ pub enum DeviceListError {
     /// Device 1, the primary, is missing.
     #[error("a device list must name device 1")]
     NoPrimary,
+    /// A version above 2^63 − 1 (what every store, PostgreSQL's `bigint` too, keeps).
+    #[error("a device list version must be below 2^63")]
+    Version,
     /// A signature that is not 64 bytes.
     #[error("a device list signature is {SIGNATURE_LEN} bytes")]
     Signature,
@@ -78,6 +81,9 @@ impl DeviceList {
     /// Checks the entries' form: 1 to [`MAX_LISTED_DEVICES`], ascending ids,
     /// device 1 among them.
     pub fn check(&self) -> Result<(), DeviceListError> {
+        if i64::try_from(self.version).is_err() {
+            return Err(DeviceListError::Version);
+        }
         let n = self.entries.len();
         if n == 0 || n > MAX_LISTED_DEVICES {
             return Err(DeviceListError::Count(n));
@@ -212,6 +218,18 @@ mod tests {
         assert_eq!(list(&[1, 1]).encode(), Err(DeviceListError::Order));
         assert_eq!(list(&[2, 3]).encode(), Err(DeviceListError::NoPrimary));
         assert_eq!(list(&[]).encode(), Err(DeviceListError::Count(0)));
+        let mut huge = list(&[1]);
+        huge.version = 1 << 63;
+        assert_eq!(huge.encode(), Err(DeviceListError::Version));
+        huge.version = (1 << 63) - 1;
+        let bytes = huge.encode().expect("the largest version");
+        assert_eq!(
+            DeviceList::parse(&bytes).map(|l| l.version),
+            Ok((1 << 63) - 1)
+        );
+        let mut over = bytes.clone();
+        over[DEVICE_LIST_CONTEXT.len() + ACCOUNT_ID_LEN] = 0x80;
+        assert_eq!(DeviceList::parse(&over), Err(DeviceListError::Version));
         let many: Vec<u32> = (1..=65).collect();
         assert_eq!(list(&many).encode(), Err(DeviceListError::Count(65)));
 

@@ -140,6 +140,9 @@ impl DeviceRemoval {
                 list: list.bytes.to_vec(),
                 signature: *verified.signature(),
             };
+            // The intent before the list: once the list no longer names the device, a
+            // failure from here on is finished by the sweeper, never left half done.
+            stores.accounts.put_device_removal(&addr)?;
             if !stores.accounts.put_device_list(&account, &stored)? {
                 return Err(Error::StaleDeviceList);
             }

@@ -117,14 +117,22 @@ pub(super) async fn sweep_loop(
     }
 }
 
+/// Idle linked devices removed per sweep, at most.
+const IDLE_REMOVALS_PER_SWEEP: usize = 100;
+
 /// The sweeper's device work: removals that failed part way, linked devices idle
-/// past `linked_device_idle_days` (at most `batch` a pass), expired provisioning
+/// past `linked_device_idle_days` (at most [`IDLE_REMOVALS_PER_SWEEP`] a pass), expired provisioning
 /// slots. Counts only are logged (P9).
 async fn sweep_devices(services: &Arc<Services>, removal: &DeviceRemoval, batch: usize) {
     if let Err(e) = removal.sweep(RETRIES_PER_SWEEP).await {
         warn!(error = %e, "pending device removals not read");
     }
-    match removal.remove_idle(batch).await {
+    // Each removal flushes three times: a small share per pass keeps the expiry sweep
+    // (and the lease's renewals) on time after an upgrade finds many idle at once.
+    match removal
+        .remove_idle(batch.min(IDLE_REMOVALS_PER_SWEEP))
+        .await
+    {
         Ok(0) => {}
         Ok(n) => info!(devices = n, "removed idle linked devices"),
         Err(e) => warn!(error = %e, "idle device sweep failed"),

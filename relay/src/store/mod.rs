@@ -33,6 +33,7 @@ use tern_platform::clock::UnixMillis;
 
 use crate::core::budget::DiskSample;
 
+pub(crate) mod codec;
 mod commit;
 mod compose;
 pub(crate) mod days;
@@ -55,7 +56,7 @@ pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_M
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::sled::{DeviceKeysDump, DiscoveryDump, SledStore};
-pub use self::slots::MemorySlots;
+pub use self::slots::{MemorySlots, ProvisioningStore, SlotOpen, SlotTake};
 
 /// A storage backend failure.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,9 +89,6 @@ pub enum StoreError {
     /// deletion intent another node recorded): refused as to an unknown recipient.
     #[error("the recipient's account is being deleted")]
     Deleted,
-    /// The backend does not implement this operation.
-    #[error("not supported by this store")]
-    Unsupported,
 }
 
 impl StoreError {
@@ -586,66 +584,6 @@ pub struct StoredList {
     pub signature: [u8; 64],
 }
 
-/// What opening a provisioning slot did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotOpen {
-    /// The slot is open.
-    Opened,
-    /// A live slot has this id.
-    Exists,
-    /// The store holds its maximum of live slots.
-    Full,
-}
-
-/// What taking from a provisioning slot found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SlotTake {
-    /// The payload; the slot is gone.
-    Payload(Vec<u8>),
-    /// The slot is open and not deposited yet.
-    Pending,
-    /// No live slot with this id and reader (unknown, expired, taken, or another
-    /// reader's).
-    Missing,
-}
-
-/// Provisioning slots: where a primary leaves a sealed payload for a device being
-/// linked. Each holds ciphertext only, is filled once, taken once, and lives
-/// `tern_proto::limits::PROVISIONING_TTL_MS`.
-pub trait ProvisioningStore: Send + Sync + 'static {
-    /// Opens a slot expiring at `expires_at_ms`, unless one with this id is live or
-    /// `max` live slots exist.
-    fn open(
-        &self,
-        slot: &[u8; 16],
-        reader_hash: &[u8; 32],
-        expires_at_ms: u64,
-        now_ms: u64,
-        max: usize,
-    ) -> StoreResult<SlotOpen>;
-
-    /// Fills a live, empty slot for `device` of `account`; `false` if the slot is
-    /// missing, expired or already filled.
-    fn deposit(
-        &self,
-        slot: &[u8; 16],
-        account: &AccountId,
-        device: DeviceId,
-        payload: &[u8],
-        now_ms: u64,
-    ) -> StoreResult<bool>;
-
-    /// Takes a filled slot's payload (deleting the slot) if `reader_hash` is the one
-    /// it was opened with.
-    fn take(&self, slot: &[u8; 16], reader_hash: &[u8; 32], now_ms: u64) -> StoreResult<SlotTake>;
-
-    /// Deletes up to `max` expired slots; how many.
-    fn sweep(&self, now_ms: u64, max: usize) -> StoreResult<usize>;
-
-    /// Deletes every slot deposited for `account` (its deletion).
-    fn forget_account(&self, account: &AccountId) -> StoreResult<()>;
-}
-
 /// A one-time prekey.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OneTimeKey {
@@ -737,84 +675,6 @@ impl Expired {
             .iter()
             .filter(|e| e.to == *of)
             .map(|e| e.seq)
-            .collect()
-    }
-}
-
-/// Encoding shared by the backends that store records as bytes.
-pub(crate) mod codec {
-    use super::*;
-
-    /// Bytes of an encoded [`DeviceAddress`].
-    pub(crate) const ADDR_LEN: usize = 20;
-
-    /// Account id, then device id (big-endian): sorts by account, then device.
-    pub(crate) fn addr_bytes(a: &DeviceAddress) -> [u8; ADDR_LEN] {
-        let mut out = [0u8; ADDR_LEN];
-        out[..16].copy_from_slice(a.account.as_bytes());
-        out[16..].copy_from_slice(&a.device.get().to_be_bytes());
-        out
-    }
-
-    pub(crate) fn parse_addr(bytes: &[u8]) -> StoreResult<DeviceAddress> {
-        if bytes.len() != ADDR_LEN {
-            return Err(StoreError::Corrupt("address"));
-        }
-        DeviceAddress::from_wire(&bytes[..16], u32::from_be_bytes(fixed(&bytes[16..])?))
-            .map_err(|_| StoreError::Corrupt("address"))
-    }
-
-    /// `bytes` as a fixed-size field; a record with another length is corrupt.
-    pub(crate) fn fixed<const N: usize>(bytes: &[u8]) -> StoreResult<[u8; N]> {
-        bytes
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("field length"))
-    }
-
-    #[cfg(test)]
-    pub(crate) use super::days::ACCOUNT_V3;
-
-    pub(crate) fn encode_account(rec: &AccountRecord, days: &super::AccountDays) -> Vec<u8> {
-        super::days::encode(rec, days)
-    }
-
-    pub(crate) fn decode_account(bytes: &[u8]) -> StoreResult<AccountRecord> {
-        super::days::decode(bytes).map(|(rec, _)| rec)
-    }
-
-    pub(crate) fn encode_signed(k: &SignedKey) -> [u8; 100] {
-        let mut out = [0u8; 100];
-        out[..4].copy_from_slice(&k.id.to_be_bytes());
-        out[4..36].copy_from_slice(&k.key);
-        out[36..].copy_from_slice(&k.signature);
-        out
-    }
-
-    pub(crate) fn decode_signed(v: &[u8]) -> StoreResult<SignedKey> {
-        let bad = || StoreError::Corrupt("signed key");
-        if v.len() != 100 {
-            return Err(bad());
-        }
-        Ok(SignedKey {
-            id: u32::from_be_bytes(v[..4].try_into().map_err(|_| bad())?),
-            key: v[4..36].try_into().map_err(|_| bad())?,
-            signature: v[36..].try_into().map_err(|_| bad())?,
-        })
-    }
-
-    pub(crate) fn encode_devices(devices: &[DeviceId]) -> Vec<u8> {
-        devices.iter().flat_map(|d| d.get().to_be_bytes()).collect()
-    }
-
-    pub(crate) fn decode_devices(v: &[u8]) -> StoreResult<Vec<DeviceId>> {
-        if v.len() % 4 != 0 {
-            return Err(StoreError::Corrupt("deletion intent"));
-        }
-        v.chunks_exact(4)
-            .map(|c| {
-                DeviceId::new(u32::from_be_bytes(fixed(c)?))
-                    .ok_or(StoreError::Corrupt("deletion intent"))
-            })
             .collect()
     }
 }

@@ -8,7 +8,67 @@ use std::sync::{Mutex, MutexGuard};
 use subtle::ConstantTimeEq;
 use tern_proto::{AccountId, DeviceId};
 
-use super::{ProvisioningStore, SlotOpen, SlotTake, StoreResult};
+use super::StoreResult;
+
+/// What opening a provisioning slot did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotOpen {
+    /// The slot is open.
+    Opened,
+    /// A live slot has this id.
+    Exists,
+    /// The store holds its maximum of live slots.
+    Full,
+}
+
+/// What taking from a provisioning slot found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotTake {
+    /// The payload; the slot is gone.
+    Payload(Vec<u8>),
+    /// The slot is open and not deposited yet.
+    Pending,
+    /// No live slot with this id and reader (unknown, expired, taken, or another
+    /// reader's).
+    Missing,
+}
+
+/// Provisioning slots: where a primary leaves a sealed payload for a device being
+/// linked. Each holds ciphertext only, is filled once, taken once, and lives
+/// `tern_proto::limits::PROVISIONING_TTL_MS`.
+pub trait ProvisioningStore: Send + Sync + 'static {
+    /// Opens a slot expiring at `expires_at_ms`, unless one with this id is live or
+    /// `max` live slots exist.
+    fn open(
+        &self,
+        slot: &[u8; 16],
+        reader_hash: &[u8; 32],
+        expires_at_ms: u64,
+        now_ms: u64,
+        max: usize,
+    ) -> StoreResult<SlotOpen>;
+
+    /// Fills a live, empty slot for `device` of `account`; `false` if the slot is
+    /// missing, expired or already filled.
+    fn deposit(
+        &self,
+        slot: &[u8; 16],
+        account: &AccountId,
+        device: DeviceId,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> StoreResult<bool>;
+
+    /// Takes a filled slot's payload (deleting the slot) if `reader_hash` is the one
+    /// it was opened with.
+    fn take(&self, slot: &[u8; 16], reader_hash: &[u8; 32], now_ms: u64) -> StoreResult<SlotTake>;
+
+    /// Deletes up to `max` expired slots; how many.
+    fn sweep(&self, now_ms: u64, max: usize) -> StoreResult<usize>;
+
+    /// Deletes every slot deposited for `account` (its deletion).
+    fn forget_account(&self, account: &AccountId) -> StoreResult<()>;
+}
 
 struct Slot {
     reader_hash: [u8; 32],
