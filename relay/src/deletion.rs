@@ -261,16 +261,25 @@ pub struct Retried {
     pub failed: usize,
 }
 
-/// A deletion running in this process (see [`AccountDeletion::running`]).
-struct Running<'a> {
-    set: &'a Mutex<HashSet<AccountId>>,
-    account: AccountId,
+/// A deletion (of an account, or of one device) running in this process: its key
+/// stays in `set` while this lives, so a retry leaves it alone.
+struct Running<'a, K: Eq + std::hash::Hash> {
+    set: &'a Mutex<HashSet<K>>,
+    key: K,
 }
 
-impl Drop for Running<'_> {
+impl<'a, K: Eq + std::hash::Hash + Copy> Running<'a, K> {
+    /// Marks `key` as running in `set`; `None` if it already is.
+    fn start(set: &'a Mutex<HashSet<K>>, key: &K) -> Option<Self> {
+        let mut running = set.lock().unwrap_or_else(|e| e.into_inner());
+        running.insert(*key).then_some(Running { set, key: *key })
+    }
+}
+
+impl<K: Eq + std::hash::Hash> Drop for Running<'_, K> {
     fn drop(&mut self) {
         let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        set.remove(&self.account);
+        set.remove(&self.key);
     }
 }
 
@@ -462,12 +471,8 @@ impl AccountDeletion {
     }
 
     /// Marks `account`'s deletion as running here, `None` if it already is.
-    fn running(&self, account: &AccountId) -> Option<Running<'_>> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.insert(*account).then_some(Running {
-            set: &self.running,
-            account: *account,
-        })
+    fn running(&self, account: &AccountId) -> Option<Running<'_, AccountId>> {
+        Running::start(&self.running, account)
     }
 
     async fn run(&self, account: &AccountId, devices: &[DeviceId]) -> Result<Deleted> {

@@ -11,12 +11,15 @@ use tern_proto::address::RelayAddress;
 
 use crate::support::{files_under, within, RelayProcess};
 
-fn store(dir: &Path, name: &str) -> Arc<SledKv> {
+pub(crate) fn store(dir: &Path, name: &str) -> Arc<SledKv> {
     Arc::new(SledKv::open(&dir.join(name), &[7u8; 32]).expect("device store"))
 }
 
 /// Waits for the next event matching `pick`, skipping the rest.
-async fn next_match<T>(events: &mut Events, mut pick: impl FnMut(Event) -> Option<T>) -> T {
+pub(crate) async fn next_match<T>(
+    events: &mut Events,
+    mut pick: impl FnMut(Event) -> Option<T>,
+) -> T {
     within(async {
         loop {
             let e = events.recv().await.expect("events ended");
@@ -28,7 +31,7 @@ async fn next_match<T>(events: &mut Events, mut pick: impl FnMut(Event) -> Optio
     .await
 }
 
-async fn next_message(events: &mut Events) -> ReceivedMessage {
+pub(crate) async fn next_message(events: &mut Events) -> ReceivedMessage {
     next_match(events, |e| match e {
         Event::Message(m) => Some(m),
         _ => None,

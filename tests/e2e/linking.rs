@@ -6,36 +6,12 @@ use std::sync::Arc;
 
 use tern_client::link::Link;
 use tern_client::store::SledKv;
-use tern_client::{Client, Error, Event, Events, ReceivedMessage};
+use tern_client::{Client, Error, Event, Events};
 use tern_proto::address::RelayAddress;
 use tern_proto::{DeviceId, ErrorCode};
 
+use crate::client::{next_match, next_message, store};
 use crate::support::{envelope, within, RelayProcess};
-
-fn store(dir: &Path, name: &str) -> Arc<SledKv> {
-    Arc::new(SledKv::open(&dir.join(name), &[7u8; 32]).expect("device store"))
-}
-
-/// Waits for the next event matching `pick`, skipping the rest.
-async fn next_match<T>(events: &mut Events, mut pick: impl FnMut(Event) -> Option<T>) -> T {
-    within(async {
-        loop {
-            let e = events.recv().await.expect("events ended");
-            if let Some(t) = pick(e) {
-                return t;
-            }
-        }
-    })
-    .await
-}
-
-async fn next_message(events: &mut Events) -> ReceivedMessage {
-    next_match(events, |e| match e {
-        Event::Message(m) => Some(m),
-        _ => None,
-    })
-    .await
-}
 
 /// Links a new device (store `name`) to `primary`'s account; both sides' views.
 async fn link(

@@ -25,24 +25,11 @@ use tracing::warn;
 
 use tern_proto::{DeviceAddress, DeviceId, SignedDeviceList};
 
-use super::{blocking, Retried};
+use super::{blocking, Retried, Running};
 use crate::core::auth::{verify_device_list, AuthenticatedDevice};
 use crate::error::{Error, Result};
 use crate::server::Services;
 use crate::store::{utc_day, StoredList};
-
-/// A removal running in this process.
-struct Running<'a> {
-    set: &'a Mutex<HashSet<DeviceAddress>>,
-    device: DeviceAddress,
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
-        set.remove(&self.device);
-    }
-}
 
 /// The device removal service. See the module docs.
 pub struct DeviceRemoval {
@@ -262,12 +249,8 @@ impl DeviceRemoval {
         done
     }
 
-    fn running(&self, addr: &DeviceAddress) -> Option<Running<'_>> {
-        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.insert(*addr).then_some(Running {
-            set: &self.running,
-            device: *addr,
-        })
+    fn running(&self, addr: &DeviceAddress) -> Option<Running<'_, DeviceAddress>> {
+        Running::start(&self.running, addr)
     }
 
     /// The removals (step 3) and the settle (step 4).
