@@ -410,3 +410,58 @@ async fn the_device_cap_refuses_a_sixth_linked_device() {
     }
     alice.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_primary_back_after_the_join_deadline_keeps_a_device_that_joined_meanwhile() {
+    use tern_client::ClientOptions;
+    use tern_platform::clock::ManualClock;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let clock = Arc::new(ManualClock::starting_now());
+    let options = || ClientOptions::new().clock(clock.clone());
+    let (alice, _alice_events) =
+        Client::register_with(&relay.address, store(dir.path(), "alice"), options())
+            .await
+            .expect("alice");
+    let joining = within(Client::join(&relay.address, store(dir.path(), "laptop")))
+        .await
+        .expect("join");
+    let linked = within(alice.link_device(joining.link()))
+        .await
+        .expect("link");
+    // The phone goes away before the laptop joins; its `DeviceJoined` waits in the
+    // phone's mailbox while the phone's 12-minute deadline passes.
+    alice.shutdown().await;
+    drop(alice);
+    let (laptop, _laptop_events) = within(joining.finish()).await.expect("finish");
+    within(async {
+        while laptop.outbox_len().await > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    clock.advance(std::time::Duration::from_secs(13 * 60));
+    let (alice, mut alice_events) =
+        within(Client::open_with(store(dir.path(), "alice"), options()))
+            .await
+            .expect("reopen the phone");
+    let joined = next_match(&mut alice_events, |e| match e {
+        Event::DeviceJoined { device } => Some(device),
+        Event::DeviceRemoved { device } => panic!("device {device:?} removed"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(joined, linked.id);
+    // The check of expired links ran once the queue was read: the laptop stays.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let ids: Vec<_> = within(alice.devices())
+        .await
+        .expect("devices")
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(ids, [DeviceId::PRIMARY, linked.id]);
+    alice.shutdown().await;
+    laptop.shutdown().await;
+}
