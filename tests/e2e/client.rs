@@ -31,6 +31,16 @@ pub(crate) async fn next_match<T>(
     .await
 }
 
+/// Waits until the relay has everything `client` sent (its outbox is empty).
+pub(crate) async fn drained(client: &Client) {
+    within(async {
+        while client.outbox_len().await > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 pub(crate) async fn next_message(events: &mut Events) -> ReceivedMessage {
     next_match(events, |e| match e {
         Event::Message(m) => Some(m),
@@ -39,7 +49,7 @@ pub(crate) async fn next_message(events: &mut Events) -> ReceivedMessage {
     .await
 }
 
-async fn pair(relay: &RelayAddress, dir: &Path) -> ((Client, Events), (Client, Events)) {
+pub(crate) async fn pair(relay: &RelayAddress, dir: &Path) -> ((Client, Events), (Client, Events)) {
     let alice = Client::register(relay, store(dir, "alice"))
         .await
         .expect("alice");
@@ -398,12 +408,7 @@ async fn clients_reconnect_after_a_relay_crash_and_the_outbox_catches_up() {
     assert_eq!(next_message(&mut bob_events).await.body, b"before");
     // Bob can have it before Alice has the relay's answer: wait until her outbox is
     // empty, so that what it holds after the crash is what was sent during it.
-    within(async {
-        while alice.outbox_len().await > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    drained(&alice).await;
 
     relay.crash().expect("crash");
     // Sent while the relay is down: held in the outbox.

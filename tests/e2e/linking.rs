@@ -10,7 +10,7 @@ use tern_client::{Client, Error, Event, Events};
 use tern_proto::address::RelayAddress;
 use tern_proto::{DeviceId, ErrorCode};
 
-use crate::client::{next_match, next_message, store};
+use crate::client::{drained, next_match, next_message, pair, store};
 use crate::support::{envelope, within, RelayProcess};
 
 /// Links a new device (store `name`) to `primary`'s account; both sides' views.
@@ -40,16 +40,9 @@ async fn link(
     (device, events)
 }
 
-#[tokio::test]
-async fn a_linked_device_receives_sends_syncs_and_catches_up() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
-    let (alice, mut alice_events) = Client::register(&relay.address, store(dir.path(), "alice"))
-        .await
-        .expect("alice");
-    let (bob, mut bob_events) = Client::register(&relay.address, store(dir.path(), "bob"))
-        .await
-        .expect("bob");
+/// Alice and Bob registered, each holding the other's card.
+async fn contacts(relay: &RelayAddress, dir: &Path) -> ((Client, Events), (Client, Events)) {
+    let ((alice, alice_events), (bob, bob_events)) = pair(relay, dir).await;
     alice
         .add_contact(&bob.contact_card().await)
         .await
@@ -57,6 +50,15 @@ async fn a_linked_device_receives_sends_syncs_and_catches_up() {
     bob.add_contact(&alice.contact_card().await)
         .await
         .expect("add alice");
+    ((alice, alice_events), (bob, bob_events))
+}
+
+#[tokio::test]
+async fn a_linked_device_receives_sends_syncs_and_catches_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let ((alice, mut alice_events), (bob, mut bob_events)) =
+        contacts(&relay.address, dir.path()).await;
     // Bob has written to Alice before she links: he holds her first list.
     bob.send(&alice.account(), b"before").await.expect("send");
     let m = next_message(&mut alice_events).await;
@@ -192,19 +194,8 @@ async fn a_linked_device_receives_sends_syncs_and_catches_up() {
 async fn a_removed_device_is_refused_and_contacts_stop_encrypting_to_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
-    let (alice, mut alice_events) = Client::register(&relay.address, store(dir.path(), "alice"))
-        .await
-        .expect("alice");
-    let (bob, _bob_events) = Client::register(&relay.address, store(dir.path(), "bob"))
-        .await
-        .expect("bob");
-    alice
-        .add_contact(&bob.contact_card().await)
-        .await
-        .expect("add bob");
-    bob.add_contact(&alice.contact_card().await)
-        .await
-        .expect("add alice");
+    let ((alice, mut alice_events), (bob, _bob_events)) =
+        contacts(&relay.address, dir.path()).await;
     let (laptop, mut laptop_events) = link(
         &relay.address,
         dir.path(),
@@ -260,12 +251,7 @@ async fn a_removed_device_is_refused_and_contacts_stop_encrypting_to_it() {
     let m = next_message(&mut alice_events).await;
     assert_eq!(m.body, b"after");
     // Bob's copy for the laptop is not left waiting: he encrypts to the phone only.
-    within(async {
-        while bob.outbox_len().await > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    drained(&bob).await;
     let devices = within(alice.devices()).await.expect("devices");
     assert_eq!(
         devices.iter().map(|d| d.id).collect::<Vec<_>>(),
@@ -435,12 +421,7 @@ async fn a_primary_back_after_the_join_deadline_keeps_a_device_that_joined_meanw
     alice.shutdown().await;
     drop(alice);
     let (laptop, _laptop_events) = within(joining.finish()).await.expect("finish");
-    within(async {
-        while laptop.outbox_len().await > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    drained(&laptop).await;
     clock.advance(std::time::Duration::from_secs(13 * 60));
     let (alice, mut alice_events) =
         within(Client::open_with(store(dir.path(), "alice"), options()))
