@@ -1,6 +1,7 @@
 //! Provisioning slots in memory: what an embedded relay uses. A slot holds only
 //! HPKE ciphertext for at most ten minutes, so none of it needs to reach the disk; a
-//! restart just means the new device links again.
+//! restart just means the new device links again. The rules are tested by the
+//! conformance suite (`conformance::slot_rules`), on these slots and on PostgreSQL.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
@@ -185,92 +186,5 @@ impl ProvisioningStore for MemorySlots {
         self.lock()
             .retain(|_, s| s.deposit.as_ref().is_none_or(|(a, _)| a != account));
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const SLOT: [u8; 16] = [1; 16];
-    const READER: [u8; 32] = [2; 32];
-
-    fn device() -> DeviceId {
-        DeviceId::new(2).expect("not 0")
-    }
-
-    #[test]
-    fn a_slot_is_filled_once_and_taken_once_by_its_reader() {
-        let slots = MemorySlots::new();
-        let acct = AccountId([3; 16]);
-        assert_eq!(
-            slots.open(&SLOT, &READER, 100, 0, 10).ok(),
-            Some(SlotOpen::Opened)
-        );
-        assert_eq!(
-            slots.open(&SLOT, &READER, 100, 0, 10).ok(),
-            Some(SlotOpen::Exists)
-        );
-        assert_eq!(slots.take(&SLOT, &READER, 1).ok(), Some(SlotTake::Pending));
-        assert_eq!(
-            slots.deposit(&SLOT, &acct, device(), b"sealed", 1).ok(),
-            Some(true)
-        );
-        assert_eq!(
-            slots.deposit(&SLOT, &acct, device(), b"other", 1).ok(),
-            Some(false)
-        );
-        assert_eq!(slots.take(&SLOT, &[9; 32], 2).ok(), Some(SlotTake::Missing));
-        assert_eq!(
-            slots.take(&SLOT, &READER, 2).ok(),
-            Some(SlotTake::Payload(b"sealed".to_vec()))
-        );
-        assert_eq!(slots.take(&SLOT, &READER, 3).ok(), Some(SlotTake::Missing));
-        assert_eq!(
-            slots.deposit(&SLOT, &acct, device(), b"late", 3).ok(),
-            Some(false)
-        );
-    }
-
-    #[test]
-    fn expired_slots_are_gone_and_the_bound_holds() {
-        let slots = MemorySlots::new();
-        let acct = AccountId([3; 16]);
-        assert_eq!(
-            slots.open(&SLOT, &READER, 100, 0, 1).ok(),
-            Some(SlotOpen::Opened)
-        );
-        assert_eq!(
-            slots.open(&[5; 16], &READER, 100, 0, 1).ok(),
-            Some(SlotOpen::Full)
-        );
-        assert_eq!(
-            slots.deposit(&SLOT, &acct, device(), b"x", 100).ok(),
-            Some(false)
-        );
-        assert_eq!(
-            slots.take(&SLOT, &READER, 100).ok(),
-            Some(SlotTake::Missing)
-        );
-        // Full again only while the first lives: at 100 it has expired.
-        assert_eq!(
-            slots.open(&[5; 16], &READER, 200, 100, 1).ok(),
-            Some(SlotOpen::Opened)
-        );
-        assert_eq!(slots.sweep(200, 10).ok(), Some(1));
-        assert_eq!(slots.sweep(200, 10).ok(), Some(0));
-        assert_eq!(
-            slots.open(&SLOT, &READER, 300, 200, 2).ok(),
-            Some(SlotOpen::Opened)
-        );
-        assert_eq!(
-            slots.deposit(&SLOT, &acct, device(), b"x", 200).ok(),
-            Some(true)
-        );
-        slots.forget_account(&acct).expect("memory");
-        assert_eq!(
-            slots.take(&SLOT, &READER, 201).ok(),
-            Some(SlotTake::Missing)
-        );
     }
 }
