@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+use tern_benches::load::pin::{cpus_allowed, Pinning};
 use tern_benches::load::COMMON_FIELDS;
 
 mod common;
@@ -54,25 +55,13 @@ fn online_presealed_moves_every_message_without_opening_one() {
 
 #[test]
 fn online_presealed_at_a_fixed_rate_with_relay_and_load_pinned() {
-    // Separate CPUs where there are two; the last CPU this test may use otherwise.
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let allowed = std::fs::read_to_string("/proc/self/status").unwrap();
-    let allowed = allowed
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    let first: usize = allowed
-        .split([',', '-'])
-        .next()
-        .and_then(|c| c.parse().ok())
-        .unwrap();
-    let (relay, load) = if cpus >= 2 {
-        (first, first + 1)
-    } else {
-        (first, first)
-    };
+    // Separate CPUs where this test may use two; the same one otherwise.
+    let allowed = cpus_allowed(std::process::id()).expect("this process's CPUs");
+    let cpus = Pinning::parse(&format!("load={allowed}"))
+        .expect("a CPU list")
+        .load
+        .expect("CPUs");
+    let (relay, load) = (cpus[0], *cpus.get(1).unwrap_or(&cpus[0]));
     let pin = format!("relay={relay},load={load}");
     let v = run(&[
         "online",

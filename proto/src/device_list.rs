@@ -165,6 +165,11 @@ pub struct SignedDeviceList {
 }
 
 impl SignedDeviceList {
+    /// The wire's two fields: the signed bytes and the signature.
+    pub fn into_wire(self) -> (bytes::Bytes, bytes::Bytes) {
+        (self.bytes, bytes::Bytes::copy_from_slice(&self.signature))
+    }
+
     /// Parses signed bytes and a signature of the right length.
     pub fn parse(bytes: bytes::Bytes, signature: &[u8]) -> Result<Self, DeviceListError> {
         let signature = signature

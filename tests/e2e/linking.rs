@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tern_client::link::Link;
-use tern_client::store::SledKv;
 use tern_client::{Client, Error, Event, Events};
 use tern_proto::address::RelayAddress;
 use tern_proto::{DeviceId, ErrorCode};
@@ -120,7 +119,6 @@ async fn a_linked_device_receives_sends_syncs_and_catches_up() {
 
     // The laptop goes offline; Bob writes 3 and the phone 2; a contact added on the
     // phone meanwhile reaches the laptop too.
-    let laptop_store = dir.path().join("laptop");
     laptop.shutdown().await;
     drop((laptop, laptop_events));
     for i in 0..3 {
@@ -141,11 +139,9 @@ async fn a_linked_device_receives_sends_syncs_and_catches_up() {
         .add_contact(&carol.contact_card().await)
         .await
         .expect("add carol");
-    let (laptop, mut laptop_events) = within(Client::open(Arc::new(
-        SledKv::open(&laptop_store, &[7u8; 32]).expect("reopen"),
-    )))
-    .await
-    .expect("reopen the laptop");
+    let (laptop, mut laptop_events) = within(Client::open(store(dir.path(), "laptop")))
+        .await
+        .expect("reopen the laptop");
     let mut seen = Vec::new();
     while seen.len() < 5 {
         let m = next_message(&mut laptop_events).await;

@@ -28,7 +28,7 @@ use crate::support::{envelope, within, PgNodes};
 async fn node(nodes: &PgNodes, name: &str, peer: Option<&std::path::Path>) -> Relay {
     let dir = nodes.data_dir(name);
     if let Some(peer) = peer {
-        tern_relay::cluster::copy_shared_files(peer, &dir).expect("shared files");
+        crate::support::copy_shared_files(peer, &dir);
     }
     let mut config = Config {
         data_dir: dir,
@@ -136,11 +136,7 @@ async fn a_slot_and_a_removal_work_across_nodes_and_the_rows_go() {
     within(conn.send(&laptop, [envelope(1), envelope(2)]))
         .await
         .expect("sent");
-    let account_hex: String = account
-        .as_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let account_hex = crate::support::hex(account.as_bytes());
     let rows = |table: &str, device: u32| {
         format!(
             "SELECT count(*) FROM {table} WHERE account = '\\x{account_hex}'::bytea AND device = {device}"

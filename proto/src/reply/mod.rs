@@ -272,10 +272,8 @@ impl From<Reply> for Wire {
                 Wire::TouchBlob(v1::TouchBlobResponse { expires_at_ms })
             }
             Reply::ListDevices { devices, list } => {
-                let (device_list, device_list_signature) = list.map_or_else(
-                    || (Bytes::new(), Bytes::new()),
-                    |l| (l.bytes, copy(&l.signature)),
-                );
+                let (device_list, device_list_signature) =
+                    list.map_or_else(Default::default, SignedDeviceList::into_wire);
                 Wire::ListDevices(v1::ListDevicesResponse {
                     device_ids: devices.into_iter().map(DeviceId::get).collect(),
                     device_list,

@@ -7,7 +7,7 @@ use crate::code::ErrorCode;
 use crate::device_list::SignedDeviceList;
 use crate::error::{array, bad_id, Malformed, Problem};
 use crate::ids::DeviceId;
-use crate::limits::{MAX_LINK_PAYLOAD, MIN_LINK_PAYLOAD, READER_SECRET_LEN};
+use crate::limits::{MAX_LINK_PAYLOAD, MIN_LINK_PAYLOAD, READER_SECRET_LEN, SIGNATURE_LEN};
 use crate::v1;
 
 fn slot(bytes: &[u8], field: &'static str) -> Result<SlotId, Malformed> {
@@ -19,17 +19,7 @@ fn list(
     signature: &[u8],
     field: &'static str,
 ) -> Result<SignedDeviceList, Malformed> {
-    if signature.len() != crate::limits::SIGNATURE_LEN {
-        return Err(Malformed::new(
-            field,
-            Problem::Length {
-                what: "a device list signature",
-                expected: crate::limits::SIGNATURE_LEN,
-                got: signature.len(),
-            },
-            UNAUTHORIZED,
-        ));
-    }
+    array::<SIGNATURE_LEN>(signature, field, "a device list signature", UNAUTHORIZED)?;
     SignedDeviceList::parse(bytes, signature).map_err(|e| Malformed::new(field, e, BAD))
 }
 

@@ -825,16 +825,15 @@ impl From<Request> for Body {
                 reader_secret: copy(&reader_secret),
             }),
             Request::PublishDeviceList(list) => {
+                let (device_list, signature) = list.into_wire();
                 Body::PublishDeviceList(v1::PublishDeviceListRequest {
-                    device_list: list.bytes,
-                    signature: copy(&list.signature),
+                    device_list,
+                    signature,
                 })
             }
             Request::RemoveDevice { device, list } => {
-                let (device_list, signature) = list.map_or_else(
-                    || (Bytes::new(), Bytes::new()),
-                    |l| (l.bytes, copy(&l.signature)),
-                );
+                let (device_list, signature) =
+                    list.map_or_else(Default::default, SignedDeviceList::into_wire);
                 Body::RemoveDevice(v1::RemoveDeviceRequest {
                     device_id: device.get(),
                     device_list,
