@@ -132,6 +132,12 @@ impl AccountStore for Hidden {
     fn remove_deletion(&self, id: &AccountId) -> StoreResult<()> {
         self.store.remove_deletion(id)
     }
+    fn device_list_version(&self, id: &AccountId) -> StoreResult<u64> {
+        if self.gone(id) {
+            return Ok(0);
+        }
+        self.store.device_list_version(id)
+    }
     fn device_list(&self, id: &AccountId) -> StoreResult<Option<crate::store::StoredList>> {
         if self.gone(id) {
             return Ok(None);

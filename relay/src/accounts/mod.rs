@@ -267,14 +267,14 @@ impl Accounts {
         // The sender's device may have been removed (on another node, whose
         // tombstone this node never saw) while its connection here stayed open.
         let me = sender.address();
-        let sender_listed = match self.known(&me.account, None)? {
-            Some(k) if k.devices.contains(&me.device) => true,
-            // Rare: a cached entry older than this device, or the device is gone.
-            _ => self
+        // The cache (reloaded at most every 100 ms when the device is missing); only
+        // when it still lacks the device, the store itself, so a device added on
+        // another node moments ago is not refused.
+        let sender_listed = self.known(&me.account, Some(me.device))?.is_some()
+            || self
                 .store
                 .get(&me.account)?
-                .is_some_and(|r| r.device_key(me.device).is_some()),
-        };
+                .is_some_and(|r| r.device_key(me.device).is_some());
         if !sender_listed {
             return Err(Error::Unauthorized);
         }
@@ -360,7 +360,7 @@ impl Accounts {
         // Both read on every load, so a load takes as long whether or not the
         // account exists.
         let token = self.store.delivery_token(account)?;
-        let list_version = self.store.device_list(account)?.map_or(0, |l| l.version);
+        let list_version = self.store.device_list_version(account)?;
         let known = self.store.get(account)?.map(|record| {
             Arc::new(Known {
                 token,

@@ -131,6 +131,8 @@ impl DeviceRemoval {
             // failure from here on is finished by the sweeper, never left half done.
             stores.accounts.put_device_removal(&addr)?;
             if !stores.accounts.put_device_list(&account, &stored)? {
+                // Another list won the race: this removal did not happen.
+                stores.accounts.remove_device_removal(&addr)?;
                 return Err(Error::StaleDeviceList);
             }
         }

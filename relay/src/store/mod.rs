@@ -547,6 +547,12 @@ pub trait AccountStore: Send + Sync + 'static {
     /// The account's current signed device list, if it published one.
     fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>>;
 
+    /// The version of the account's device list; 0 without one. What the recipient
+    /// cache keeps: a store that can read it alone should (the list is up to 5 KiB).
+    fn device_list_version(&self, id: &AccountId) -> StoreResult<u64> {
+        Ok(self.device_list(id)?.map_or(0, |l| l.version))
+    }
+
     /// Stores a newer device list; `false` (nothing changed) when the stored one
     /// is as new or newer, or the account does not exist.
     fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool>;

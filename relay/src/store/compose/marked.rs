@@ -174,6 +174,9 @@ impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {
     fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
         self.store.device_list(id)
     }
+    fn device_list_version(&self, id: &AccountId) -> StoreResult<u64> {
+        self.store.device_list_version(id)
+    }
     fn put_device_list(&self, id: &AccountId, list: &StoredList) -> StoreResult<bool> {
         // A refused (older) list wrote nothing.
         self.write_if(|s| s.put_device_list(id, list), |r| !matches!(r, Ok(false)))

@@ -99,6 +99,7 @@ pub(in crate::store) fn device_rules(store: &dyn AccountStore) {
 
     // Device lists: only newer versions, only for an account that exists.
     assert_eq!(store.device_list(&alice).expect("list"), None);
+    assert_eq!(store.device_list_version(&alice).expect("version"), 0);
     assert!(!store
         .put_device_list(&AccountId([63; 16]), &list(1, 1))
         .expect("no account"));
@@ -110,6 +111,13 @@ pub(in crate::store) fn device_rules(store: &dyn AccountStore) {
     assert!(store.put_device_list(&alice, &list(3, 3)).expect("newer"));
     assert!(!store.put_device_list(&alice, &list(2, 2)).expect("older"));
     assert_eq!(store.device_list(&alice).expect("list"), Some(list(3, 3)));
+    assert_eq!(store.device_list_version(&alice).expect("version"), 3);
+    assert_eq!(
+        store
+            .device_list_version(&AccountId([63; 16]))
+            .expect("none"),
+        0
+    );
     assert_eq!(store.device_list(&bob).expect("list"), None);
 
     // Idle: devices other than the primary last seen before the day; unknown days

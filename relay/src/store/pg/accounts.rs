@@ -299,6 +299,20 @@ impl AccountStore for PgBackend {
         .map(drop)
     }
 
+    fn device_list_version(&self, id: &AccountId) -> StoreResult<u64> {
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT device_list_version FROM accounts WHERE account = $1",
+                    &[&&id.as_bytes()[..]],
+                )
+                .await?;
+            rows.first().map_or(Ok(0), |row| {
+                unsigned(self.col(row, 0)?, "device list version")
+            })
+        })
+    }
+
     fn device_list(&self, id: &AccountId) -> StoreResult<Option<StoredList>> {
         self.run(async {
             let rows = self

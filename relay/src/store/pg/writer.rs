@@ -19,11 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use tern_proto::DeviceAddress;
+use tern_proto::{AccountId, DeviceAddress};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
+use super::rows::account_of;
 use crate::store::{Envelope, StoreError, StoreResult, Usage};
 
 /// In the error of an op failed before anything of it was written (it waited in the
@@ -429,7 +430,7 @@ impl Writer {
                 _ => Ok(Vec::new()),
             }
         };
-        let (began, rows, gone) = futures::join!(
+        let (began, rows, gone_rows) = futures::join!(
             tx.batch_execute("BEGIN"),
             async {
                 tx.query(
@@ -447,16 +448,19 @@ impl Writer {
             heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
         }
         // Each row a refused mailbox: its account, and its device (NULL: every device).
-        let gone = gone?
-            .iter()
-            .map(|r| Ok((r.try_get::<_, Vec<u8>>(0)?, r.try_get::<_, Option<i64>>(1)?)))
-            .collect::<Result<HashSet<(Vec<u8>, Option<i64>)>, tokio_postgres::Error>>()?;
+        let mut gone: HashSet<(AccountId, Option<u32>)> = HashSet::new();
+        for r in gone_rows? {
+            let account = account_of(r.try_get(0)?).map_err(Failure::Other)?;
+            let device = r
+                .try_get::<_, Option<i64>>(1)?
+                .and_then(|d| u32::try_from(d).ok());
+            gone.insert((account, device));
+        }
         let refused = parts
             .keys()
             .filter(|to| {
-                let account = to.account.as_bytes().to_vec();
-                gone.contains(&(account.clone(), None))
-                    || gone.contains(&(account, Some(i64::from(to.device.get()))))
+                gone.contains(&(to.account, None))
+                    || gone.contains(&(to.account, Some(to.device.get())))
             })
             .copied()
             .collect();
@@ -864,6 +868,8 @@ const UPSERT_HEADS: &str =
        messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
      RETURNING account, device, last_seq, messages, bytes";
 
+/// (The devices, `$2`, are not needed here; the condition on them only gives both
+/// checks the same parameters.)
 const INTENTS: &str = "SELECT account, NULL::int8 FROM account_deletions \
      WHERE account = ANY($1::bytea[]) AND cardinality($2::int8[]) >= 0";
 
