@@ -120,7 +120,7 @@ impl State {
         let trusted: Option<[u8; 32]> = record.identity_key[..].try_into().ok();
         if list.is_empty() && signature.is_empty() {
             if record.device_list_version > 0 {
-                refused = Some("device list: none from the relay, though one was seen".into());
+                refused = Some(DeviceListRefusal::Missing.to_string());
             }
         } else if let Some(identity) = trusted.filter(|_| !record.blocked()) {
             let cached = (record.device_list_version > 0)

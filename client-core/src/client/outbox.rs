@@ -45,10 +45,8 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<MessageId> {
-        let attachments: Vec<Vec<u8>> = attachments
-            .iter()
-            .map(AttachmentPointer::to_bytes)
-            .collect();
+        let pointers = attachments;
+        let attachments: Vec<Vec<u8>> = pointers.iter().map(AttachmentPointer::to_bytes).collect();
         let size = body.len() + attachments.iter().map(|a| a.len() + 4).sum::<usize>();
         if size > MAX_BODY {
             return Err(Error::TooLarge { max: MAX_BODY });
@@ -76,21 +74,16 @@ impl State {
         };
         let mut batch = Batch::new();
         batch.put_outbox(seq, &record);
-        // The account's other devices show it as sent; queued in the same write.
-        let transcript = e2e::SentTranscript {
-            recipient_account: recipient.as_bytes().to_vec().into(),
-            message_id: id.to_vec().into(),
-            sent_at_ms: now_ms,
-            body: body.to_vec().into(),
-            attachments: record
-                .attachments
-                .iter()
-                .map(|a| e2e::AttachmentPointer::decode(&a[..]))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|_| corrupt())?,
-        };
-        // (A message to this account itself reaches those devices as it is.)
-        if *recipient != self.keys.address.account {
+        // The account's other devices show it as sent; queued in the same write (a
+        // message to this account itself reaches them as it is).
+        if *recipient != self.keys.address.account && self.has_other_devices() {
+            let transcript = e2e::SentTranscript {
+                recipient_account: recipient.as_bytes().to_vec().into(),
+                message_id: id.to_vec().into(),
+                sent_at_ms: now_ms,
+                body: body.to_vec().into(),
+                attachments: pointers.iter().map(AttachmentPointer::to_wire).collect(),
+            };
             self.queue_sync(Kind::Sent(transcript), now_ms, rng, &mut batch);
         }
         batch.put_local(&self.local);

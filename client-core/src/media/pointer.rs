@@ -39,6 +39,11 @@ impl std::fmt::Debug for AttachmentPointer {
 impl AttachmentPointer {
     /// The pointer's wire form (`tern.e2e.v1.AttachmentPointer`).
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_wire().encode_to_vec()
+    }
+
+    /// The pointer as its protobuf message.
+    pub(crate) fn to_wire(&self) -> e2e::AttachmentPointer {
         e2e::AttachmentPointer {
             blob_id: self.blob_id.to_vec().into(),
             key: self.key.to_vec().into(),
@@ -48,7 +53,6 @@ impl AttachmentPointer {
             content_type: self.content_type.clone(),
             file_name: self.file_name.clone(),
         }
-        .encode_to_vec()
     }
 
     /// Parses [`AttachmentPointer::to_bytes`].
