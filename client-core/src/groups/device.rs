@@ -82,9 +82,22 @@ impl GroupDevice {
         device_secret: &[u8; 32],
         credential: DeviceCredential,
     ) -> Result<Self, GroupError> {
+        credential.verify(
+            &SigningKey::from_bytes(device_secret)
+                .verifying_key()
+                .to_bytes(),
+        )?;
+        Ok(Self::new_unchecked(kv, device_secret, credential))
+    }
+
+    /// [`GroupDevice::new`] without the credential check (tests make bad leaves).
+    pub(crate) fn new_unchecked(
+        kv: Arc<dyn KvStore>,
+        device_secret: &[u8; 32],
+        credential: DeviceCredential,
+    ) -> Self {
         let key = SigningKey::from_bytes(device_secret);
         let public = key.verifying_key().to_bytes();
-        credential.verify(&public)?;
         let store = StagedMlsStore::new(kv);
         let client = Client::builder()
             .key_package_repo(store.clone())
@@ -104,11 +117,11 @@ impl GroupDevice {
                 CIPHER_SUITE,
             )
             .build();
-        Ok(GroupDevice {
+        GroupDevice {
             client,
             store,
             me: credential,
-        })
+        }
     }
 
     /// This device's credential.
