@@ -288,6 +288,15 @@ impl GroupDevice {
         })
     }
 
+    /// Joins from a welcome body (`0x03 ‖ GroupWelcome`, [`super::Welcome::body`]).
+    pub fn join_body(&self, body: &[u8], now_ms: u64) -> Result<Staged<Joined>, GroupError> {
+        let Some((&super::WELCOME_KIND, rest)) = body.split_first() else {
+            return Err(GroupError::Malformed);
+        };
+        let w = tern_proto::e2e::GroupWelcome::decode(rest).map_err(|_| GroupError::Malformed)?;
+        self.join(&w.welcome, &w.ratchet_tree, now_ms)
+    }
+
     /// Loads a group from the store (None: not a group of this device).
     pub fn load(&self, group_id: &[u8]) -> Result<Option<GroupSession>, GroupError> {
         self.store.discard();

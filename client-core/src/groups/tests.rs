@@ -279,7 +279,14 @@ fn a_late_joiner_cannot_read_an_earlier_message() {
     let plan = devs[0].commit(&adds(vec![carol.key_package()]));
     devs[0].apply_pending();
     devs[1].receive(&plan.commit);
-    carol.join(&plan.welcome.expect("welcome"));
+    let body = plan.welcome.expect("welcome").body();
+    assert_eq!(body[0], WELCOME_KIND);
+    let s = carol.device.join_body(&body, NOW).expect("join");
+    carol.group = Some(carol.apply(s).session);
+    assert!(matches!(
+        carol.device.join_body(&body[..body.len() - 3], NOW),
+        Err(GroupError::Malformed | GroupError::Rejected(_))
+    ));
     assert_eq!(carol.device.route(&early).expect("route"), None);
     assert!(matches!(
         carol.g().process(&early, NOW),
