@@ -12,9 +12,10 @@ use tern_proto::discovery::{BlindedBatch, DiscoveredAccount, FilterKind, FilterP
 use tern_proto::frame;
 use tern_proto::{
     v1, AccountId, BlobStatus, BlobStreamRequest, BlobStreamResponse, ClientRequest, Code,
-    Delivery, DeviceAddress, DeviceBundle, DeviceEntry, DeviceId, DeviceList, Envelope, ErrorCode,
-    ErrorReply, KeyUpload, MessageId, RelayAddress, Reply, Request, ServerMessage,
-    SignedDeviceList, SignedKey, SlotId, VerificationId, E164,
+    CommitId, Delivery, DeviceAddress, DeviceBundle, DeviceEntry, DeviceId, DeviceList, Envelope,
+    ErrorCode, ErrorReply, GroupCommit, GroupHandle, KeyUpload, MessageId, MultiSend,
+    RecipientAccount, RelayAddress, Reply, Request, ServerMessage, SignedDeviceList, SignedKey,
+    SlotId, VerificationId, E164,
 };
 use tern_relay::store::{Flush, LogOptions, LogStore, MailboxStore};
 
@@ -391,7 +392,78 @@ fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 },
             ),
         ),
+        (
+            "publish-key-packages",
+            r(
+                28,
+                Request::PublishKeyPackages {
+                    key_packages: vec![Bytes::from_static(&[29; 256]); 2],
+                    last_resort: Some(Bytes::from_static(&[30; 256])),
+                    replace: false,
+                },
+            ),
+        ),
+        (
+            "fetch-key-packages",
+            r(
+                29,
+                Request::FetchKeyPackages {
+                    account: AccountId([31; 16]),
+                    device: None,
+                    delivery_token: Bytes::from_static(&[32; 32]),
+                },
+            ),
+        ),
+        (
+            "create-group",
+            r(
+                30,
+                Request::CreateGroup {
+                    handle: GroupHandle([33; 16]),
+                    token_hash: [34; 32],
+                },
+            ),
+        ),
+        (
+            "group-commit",
+            r(
+                31,
+                Request::GroupCommit(GroupCommit {
+                    handle: GroupHandle([33; 16]),
+                    epoch: 3,
+                    epoch_token: [35; 32],
+                    next_token_hash: [36; 32],
+                    commit_id: CommitId([37; 16]),
+                    sends: vec![multi_send(38, false), multi_send(39, false)],
+                }),
+            ),
+        ),
+        (
+            "multi-send",
+            r(32, Request::MultiSend(multi_send(40, true))),
+        ),
     ]
+}
+
+/// A multi-recipient send to two accounts of two devices, with or without parts.
+fn multi_send(seed: u8, parts: bool) -> MultiSend {
+    let devices = vec![DeviceId::PRIMARY, DeviceId::new(2).expect("not 0")];
+    MultiSend {
+        message_id: MessageId([seed; 16]),
+        body: Bytes::from(vec![seed; 300]),
+        recipients: (0..2u8)
+            .map(|a| RecipientAccount {
+                account: AccountId([seed.wrapping_add(a); 16]),
+                delivery_token: Bytes::from(vec![a; 32]),
+                device_list_version: u64::from(a),
+                devices: devices.clone(),
+                parts: match parts {
+                    true => vec![Bytes::from(vec![a; 120]); 2],
+                    false => Vec::new(),
+                },
+            })
+            .collect(),
+    }
 }
 
 /// A two-device list (the signature is not checked by the wire layer).
@@ -511,6 +583,7 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
                     message: "slow down".into(),
                     retry_after_ms: 1500,
                     attempts_left: 0,
+                    current_epoch: 0,
                 }),
             },
         ),
@@ -538,9 +611,28 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
                 seq: 9,
                 message_id: MessageId([9; 16]),
                 payload: Bytes::from_static(b"ciphertext"),
+                shared_body: None,
                 accepted_at_ms: 1,
                 expires_at_ms: 2,
             }),
+        ),
+        (
+            "shared-delivery",
+            ServerMessage::Delivery(Delivery {
+                seq: 10,
+                message_id: MessageId([10; 16]),
+                payload: Bytes::new(),
+                shared_body: Some(Bytes::from_static(b"\x02group message")),
+                accepted_at_ms: 1,
+                expires_at_ms: 2,
+            }),
+        ),
+        (
+            "stale-epoch",
+            ServerMessage::Response {
+                id: 15,
+                result: Err(ErrorReply::stale_epoch(9)),
+            },
         ),
         ("queue-empty", ServerMessage::QueueEmpty),
     ]

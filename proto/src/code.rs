@@ -44,6 +44,13 @@ pub enum ErrorCode {
     /// The send named an older version of the recipient's device list than the
     /// relay holds: fetch the list, encrypt for its devices, send again.
     StaleDeviceList,
+    /// A group commit named an epoch that is not the group's current one: the
+    /// reply's `current_epoch` says which is.
+    StaleEpoch,
+    /// No such group handle, or a wrong epoch token (the two look the same).
+    UnknownGroup,
+    /// The group handle is taken.
+    GroupExists,
 }
 
 impl ErrorCode {
@@ -76,6 +83,9 @@ impl ErrorCode {
             ErrorCode::WrongCode => "wrong code",
             ErrorCode::NotVerified => "not verified",
             ErrorCode::StaleDeviceList => "stale device list",
+            ErrorCode::StaleEpoch => "stale epoch",
+            ErrorCode::UnknownGroup => "unknown group",
+            ErrorCode::GroupExists => "group exists",
         }
     }
 }
@@ -105,6 +115,9 @@ impl From<v1::ErrorCode> for ErrorCode {
             v1::ErrorCode::WrongCode => ErrorCode::WrongCode,
             v1::ErrorCode::NotVerified => ErrorCode::NotVerified,
             v1::ErrorCode::StaleDeviceList => ErrorCode::StaleDeviceList,
+            v1::ErrorCode::StaleEpoch => ErrorCode::StaleEpoch,
+            v1::ErrorCode::UnknownGroup => ErrorCode::UnknownGroup,
+            v1::ErrorCode::GroupExists => ErrorCode::GroupExists,
         }
     }
 }
@@ -128,6 +141,9 @@ impl From<ErrorCode> for v1::ErrorCode {
             ErrorCode::WrongCode => v1::ErrorCode::WrongCode,
             ErrorCode::NotVerified => v1::ErrorCode::NotVerified,
             ErrorCode::StaleDeviceList => v1::ErrorCode::StaleDeviceList,
+            ErrorCode::StaleEpoch => v1::ErrorCode::StaleEpoch,
+            ErrorCode::UnknownGroup => v1::ErrorCode::UnknownGroup,
+            ErrorCode::GroupExists => v1::ErrorCode::GroupExists,
         }
     }
 }
@@ -138,7 +154,7 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
-        for wire in 0..=15 {
+        for wire in 0..=18 {
             let code = ErrorCode::from_wire(wire);
             assert_eq!(code.to_wire(), wire);
             assert_ne!(code.as_str(), "");
@@ -148,7 +164,9 @@ mod tests {
         assert_eq!(ErrorCode::from_wire(12), ErrorCode::InvalidNumber);
         assert_eq!(ErrorCode::from_wire(13), ErrorCode::WrongCode);
         assert_eq!(ErrorCode::from_wire(15), ErrorCode::StaleDeviceList);
-        for unknown in [-1, 16, 1000, i32::MAX, i32::MIN] {
+        assert_eq!(ErrorCode::from_wire(16), ErrorCode::StaleEpoch);
+        assert_eq!(ErrorCode::from_wire(18), ErrorCode::GroupExists);
+        for unknown in [-1, 19, 1000, i32::MAX, i32::MIN] {
             assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
         }
     }

@@ -36,6 +36,19 @@ pub enum Problem {
     /// The bytes are not a protobuf message of the expected type.
     #[error("{0} does not decode")]
     Undecodable(&'static str),
+    /// Something that must appear once appears twice: the phrase says what.
+    #[error("{0} appears twice")]
+    Duplicate(&'static str),
+    /// A list whose length must match another's.
+    #[error("{what}: expected {expected}, got {got}")]
+    Count {
+        /// What was counted, for people.
+        what: &'static str,
+        /// The count required.
+        expected: usize,
+        /// The count received.
+        got: usize,
+    },
     /// Not a well-formed device list.
     #[error(transparent)]
     DeviceList(#[from] crate::device_list::DeviceListError),

@@ -82,6 +82,7 @@ pub mod device_list;
 pub mod discovery;
 pub mod error;
 pub mod frame;
+pub mod groups;
 pub mod ids;
 pub mod keys;
 pub mod limits;
@@ -95,6 +96,10 @@ pub use certificate::{IssuedCertificate, SenderCertificate};
 pub use code::ErrorCode;
 pub use device_list::{DeviceEntry, DeviceList, DeviceListError, SignedDeviceList};
 pub use error::{Malformed, Problem};
+pub use groups::{
+    CommitId, FetchedKeyPackage, GroupCommit, GroupHandle, MultiSend, MultiSendResult,
+    RecipientAccount, Refused,
+};
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 pub use keys::{DeviceBundle, KeyUpload, SignedKey};
 pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};

@@ -35,3 +35,18 @@ pub const MIN_LINK_PAYLOAD: usize = 48;
 pub const MAX_LINK_PAYLOAD: usize = 64 * 1024;
 /// How long a provisioning slot lives: 10 minutes.
 pub const PROVISIONING_TTL_MS: u64 = 10 * 60 * 1000;
+/// Length of a group handle (chosen by the group's creator).
+pub const GROUP_HANDLE_LEN: usize = 16;
+/// Length of a group commit's id (chosen by the committer).
+pub const COMMIT_ID_LEN: usize = 16;
+/// Length of a group epoch token, and of its SHA-256.
+pub const EPOCH_TOKEN_LEN: usize = 32;
+/// Largest key package a relay stores: 4 KiB.
+pub const MAX_KEY_PACKAGE: usize = 4096;
+/// Most key packages in one publish, and most one-time packages a relay keeps per
+/// device.
+pub const MAX_KEY_PACKAGES_PER_PUBLISH: usize = 200;
+/// Most recipient devices of one multi-recipient send.
+pub const MAX_RECIPIENT_DEVICES: usize = 1000;
+/// Most sends in one group commit: the commit, then the welcome.
+pub const MAX_COMMIT_SENDS: usize = 2;

@@ -215,6 +215,7 @@ mod tests {
                 message: "quota".into(),
                 retry_after_ms: 5,
                 attempts_left: 0,
+                current_epoch: 0,
             }),
             BlobStreamResponse::UploadReady {
                 offset: 7,

@@ -27,6 +27,18 @@ pub enum Error {
     /// relay: it fetches the list and sends again (nothing was queued).
     #[error("stale device list")]
     StaleDeviceList,
+    /// A group commit for an epoch that is not the group's current one.
+    #[error("stale epoch")]
+    StaleEpoch {
+        /// The group's current epoch.
+        current: u64,
+    },
+    /// No such group handle, or a wrong epoch token: the two look the same.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// The group handle is taken.
+    #[error("group exists")]
+    GroupExists,
     /// No such provisioning slot (unknown, expired, already used, or not the
     /// caller's to take).
     #[error("not found")]
@@ -99,6 +111,9 @@ impl Error {
             Error::Unauthorized => ErrorCode::Unauthorized,
             Error::UnknownRecipient => ErrorCode::UnknownRecipient,
             Error::StaleDeviceList => ErrorCode::StaleDeviceList,
+            Error::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+            Error::UnknownGroup => ErrorCode::UnknownGroup,
+            Error::GroupExists => ErrorCode::GroupExists,
             Error::NotFound => ErrorCode::NotFound,
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
@@ -217,6 +232,10 @@ impl Error {
                 Error::Verification(crate::verification::VerificationError::WrongCode {
                     attempts_left,
                 }) => *attempts_left,
+                _ => 0,
+            },
+            current_epoch: match self {
+                Error::StaleEpoch { current } => *current,
                 _ => 0,
             },
         }

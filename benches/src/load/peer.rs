@@ -191,6 +191,7 @@ impl Link {
             sender_device: self.from.device.get(),
             attachments: Vec::new(),
             sync: None,
+            broadcast: None,
         })
         .ok_or("message too large")?;
         let content = message::encrypt(&mut self.sessions, &self.identity_dh_signature, &padded)?;

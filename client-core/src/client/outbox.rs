@@ -142,6 +142,7 @@ impl State {
         };
         let padded = message::pad_plaintext(&e2e::Plaintext {
             sync,
+            broadcast: None,
             body: record.body.clone().into(),
             delivery_token: self.keys.delivery_token.to_vec().into(),
             sent_at_ms: now_ms,

@@ -135,6 +135,7 @@ impl Dev {
             seq,
             message_id: id,
             payload: payload.into(),
+            shared_body: None,
             accepted_at_ms: NOW,
             expires_at_ms: NOW + 30 * DAY,
         }
@@ -324,6 +325,7 @@ fn only_a_message_that_proves_a_new_key_raises_a_change() {
         seq: 99,
         message_id: tern_proto::MessageId([3; 16]),
         payload: payload.into(),
+        shared_body: None,
         accepted_at_ms: NOW,
         expires_at_ms: NOW + DAY,
     };

@@ -151,6 +151,7 @@ mod tests {
                 sender_device: 1,
                 attachments: Vec::new(),
                 sync: None,
+                broadcast: None,
             })
             .map(|p| p.len())
         };

@@ -13,6 +13,7 @@ use crate::code::ErrorCode;
 use crate::device_list::SignedDeviceList;
 use crate::discovery::{DiscoveredAccount, FilterKind, FilterPart, Tag, POINT_LEN};
 use crate::error::{array, bad_id, Malformed, Problem};
+use crate::groups::{FetchedKeyPackage, MultiSendResult};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
 use crate::keys::DeviceBundle;
 use crate::limits::PUBLIC_KEY_LEN;
@@ -113,6 +114,24 @@ pub enum Reply {
     PublishDeviceList,
     /// The device is removed (durably).
     RemoveDevice,
+    /// Key packages stored.
+    PublishKeyPackages {
+        /// One-time packages the relay now holds for the device.
+        stored: u32,
+    },
+    /// One key package per device that has one.
+    FetchKeyPackages(Vec<FetchedKeyPackage>),
+    /// The group handle is registered at epoch 0.
+    CreateGroup,
+    /// The commit is stored for every accepted device and the group is at `epoch`.
+    GroupCommit {
+        /// The group's new epoch.
+        epoch: u64,
+        /// One result per send of the commit, in order.
+        results: Vec<MultiSendResult>,
+    },
+    /// What was stored of a multi-recipient send.
+    MultiSend(MultiSendResult),
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -128,6 +147,8 @@ pub struct ErrorReply {
     pub retry_after_ms: u64,
     /// For [`ErrorCode::WrongCode`]: codes the session still accepts; else 0.
     pub attempts_left: u32,
+    /// For [`ErrorCode::StaleEpoch`]: the group's current epoch; else 0.
+    pub current_epoch: u64,
 }
 
 /// A message a relay pushes to its client on the control stream.
@@ -154,8 +175,11 @@ pub struct Delivery {
     pub seq: u64,
     /// The sender's message id.
     pub message_id: MessageId,
-    /// Ciphertext.
+    /// Ciphertext: this device's own part when the message has a shared body.
     pub payload: Bytes,
+    /// The body of a message sent to many devices at once, stored once by the
+    /// relay; `None` for an ordinary send.
+    pub shared_body: Option<Bytes>,
     /// When the relay accepted it (Unix ms).
     pub accepted_at_ms: u64,
     /// When the relay will delete it if unacknowledged (Unix ms).
@@ -178,6 +202,7 @@ impl ErrorReply {
             message: message.into(),
             retry_after_ms: 0,
             attempts_left: 0,
+            current_epoch: 0,
         }
     }
 
@@ -186,6 +211,14 @@ impl ErrorReply {
         ErrorReply {
             attempts_left,
             ..ErrorReply::new(ErrorCode::WrongCode, "wrong code")
+        }
+    }
+
+    /// [`ErrorCode::StaleEpoch`] with the group's current epoch.
+    pub fn stale_epoch(current_epoch: u64) -> Self {
+        ErrorReply {
+            current_epoch,
+            ..ErrorReply::new(ErrorCode::StaleEpoch, "stale epoch")
         }
     }
 }
@@ -212,6 +245,7 @@ impl From<ErrorReply> for v1::Error {
             message: e.message,
             retry_after_ms: e.retry_after_ms,
             attempts_left: e.attempts_left,
+            current_epoch: e.current_epoch,
         }
     }
 }
@@ -224,6 +258,7 @@ impl From<v1::Error> for ErrorReply {
             message: e.message,
             retry_after_ms: e.retry_after_ms,
             attempts_left: e.attempts_left,
+            current_epoch: e.current_epoch,
         }
     }
 }
@@ -326,6 +361,20 @@ impl From<Reply> for Wire {
             }
             Reply::PublishDeviceList => Wire::PublishDeviceList(v1::PublishDeviceListResponse {}),
             Reply::RemoveDevice => Wire::RemoveDevice(v1::RemoveDeviceResponse {}),
+            Reply::PublishKeyPackages { stored } => {
+                Wire::PublishKeyPackages(v1::PublishKeyPackagesResponse { stored })
+            }
+            Reply::FetchKeyPackages(packages) => {
+                Wire::FetchKeyPackages(v1::FetchKeyPackagesResponse {
+                    key_packages: packages.into_iter().map(Into::into).collect(),
+                })
+            }
+            Reply::CreateGroup => Wire::CreateGroup(v1::CreateGroupResponse {}),
+            Reply::GroupCommit { epoch, results } => Wire::GroupCommit(v1::GroupCommitResponse {
+                epoch,
+                results: results.into_iter().map(Into::into).collect(),
+            }),
+            Reply::MultiSend(result) => Wire::MultiSend(result.into()),
         }
     }
 }
@@ -507,6 +556,19 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
             }
             Wire::PublishDeviceList(v1::PublishDeviceListResponse {}) => Reply::PublishDeviceList,
             Wire::RemoveDevice(v1::RemoveDeviceResponse {}) => Reply::RemoveDevice,
+            Wire::PublishKeyPackages(r) => Reply::PublishKeyPackages { stored: r.stored },
+            Wire::FetchKeyPackages(r) => Reply::FetchKeyPackages(
+                r.key_packages
+                    .into_iter()
+                    .map(FetchedKeyPackage::try_from)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Wire::CreateGroup(v1::CreateGroupResponse {}) => Reply::CreateGroup,
+            Wire::GroupCommit(r) => Reply::GroupCommit {
+                epoch: r.epoch,
+                results: r.results.into_iter().map(Into::into).collect(),
+            },
+            Wire::MultiSend(r) => Reply::MultiSend(r.into()),
         }))
     }
 }
@@ -519,6 +581,7 @@ impl From<Delivery> for v1::Delivery {
             payload: d.payload,
             accepted_at_ms: d.accepted_at_ms,
             expires_at_ms: d.expires_at_ms,
+            shared_body: d.shared_body.unwrap_or_default(),
         }
     }
 }
@@ -531,6 +594,7 @@ impl TryFrom<v1::Delivery> for Delivery {
             message_id: MessageId::try_from(&d.message_id[..])
                 .map_err(bad_id("delivery.message_id"))?,
             payload: d.payload,
+            shared_body: (!d.shared_body.is_empty()).then_some(d.shared_body),
             accepted_at_ms: d.accepted_at_ms,
             expires_at_ms: d.expires_at_ms,
         })

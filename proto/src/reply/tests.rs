@@ -98,7 +98,44 @@ fn one_of_each() -> Vec<Reply> {
         Reply::TakeProvisioning(Some(Bytes::from(vec![7; 48]))),
         Reply::PublishDeviceList,
         Reply::RemoveDevice,
+        Reply::PublishKeyPackages { stored: 99 },
+        Reply::FetchKeyPackages(vec![
+            crate::FetchedKeyPackage {
+                device: DeviceId::PRIMARY,
+                key_package: Bytes::from_static(&[1; 280]),
+                last_resort: false,
+            },
+            crate::FetchedKeyPackage {
+                device: DeviceId::new(2).expect("not 0"),
+                key_package: Bytes::from_static(&[2; 280]),
+                last_resort: true,
+            },
+        ]),
+        Reply::CreateGroup,
+        Reply::GroupCommit {
+            epoch: 8,
+            results: vec![multi_result(), crate::MultiSendResult::default()],
+        },
+        Reply::MultiSend(multi_result()),
     ]
+}
+
+fn multi_result() -> crate::MultiSendResult {
+    crate::MultiSendResult {
+        accepted: 5,
+        refused: vec![
+            crate::Refused {
+                recipient: 0,
+                device: None,
+                code: ErrorCode::Unauthorized,
+            },
+            crate::Refused {
+                recipient: 2,
+                device: DeviceId::new(3),
+                code: ErrorCode::MailboxFull,
+            },
+        ],
+    }
 }
 
 fn signed_list() -> SignedDeviceList {
@@ -193,12 +230,26 @@ fn every_reply_and_message_round_trips() {
             message: "rate limited: retry after 5 ms".into(),
             retry_after_ms: 5,
             attempts_left: 0,
+            current_epoch: 0,
         }),
+    });
+    messages.push(ServerMessage::Response {
+        id: 3,
+        result: Err(ErrorReply::stale_epoch(41)),
     });
     messages.push(ServerMessage::Delivery(Delivery {
         seq: 4,
         message_id: MessageId([4; 16]),
         payload: Bytes::from_static(b"ciphertext"),
+        shared_body: None,
+        accepted_at_ms: 1,
+        expires_at_ms: 2,
+    }));
+    messages.push(ServerMessage::Delivery(Delivery {
+        seq: 5,
+        message_id: MessageId([5; 16]),
+        payload: Bytes::new(),
+        shared_body: Some(Bytes::from_static(b"\x02group")),
         accepted_at_ms: 1,
         expires_at_ms: 2,
     }));
@@ -229,6 +280,7 @@ fn an_unknown_error_code_is_unspecified() {
                 message: "from the future".into(),
                 retry_after_ms: 0,
                 attempts_left: 0,
+                current_epoch: 0,
             })),
         })),
     };
@@ -443,14 +495,18 @@ fn delivery_payloads_are_not_copied() {
             payload: payload.clone(),
             accepted_at_ms: 0,
             expires_at_ms: 0,
+            shared_body: payload.slice(100..),
         })),
     };
     let Ok(ServerMessage::Delivery(d)) = ServerMessage::try_from(frame) else {
         panic!("a delivery");
     };
     assert_eq!(d.payload.as_ptr(), payload.as_ptr());
+    let shared = d.shared_body.clone().expect("a shared body");
+    assert_eq!(shared.as_ptr(), payload[100..].as_ptr());
     let back = v1::Delivery::from(d);
     assert_eq!(back.payload.as_ptr(), payload.as_ptr());
+    assert_eq!(back.shared_body.as_ptr(), payload[100..].as_ptr());
 }
 
 proptest! {
@@ -464,10 +520,10 @@ proptest! {
     }
 
     #[test]
-    fn error_replies_round_trip(id in any::<u64>(), code in 0i32..15, message in ".{0,40}", retry_after_ms in any::<u64>(), attempts_left in any::<u32>()) {
+    fn error_replies_round_trip(id in any::<u64>(), code in 0i32..19, message in ".{0,40}", retry_after_ms in any::<u64>(), attempts_left in any::<u32>(), current_epoch in any::<u64>()) {
         let m = ServerMessage::Response {
             id,
-            result: Err(ErrorReply { code: ErrorCode::from_wire(code), message, retry_after_ms, attempts_left }),
+            result: Err(ErrorReply { code: ErrorCode::from_wire(code), message, retry_after_ms, attempts_left, current_epoch }),
         };
         prop_assert_eq!(round_trip(m.clone()), Ok(m));
     }

@@ -74,12 +74,7 @@ impl RequestError {
     /// The answer a relay sends: [`RequestError::code`] with
     /// [`RequestError::client_message`], no retry advice.
     pub fn to_reply(&self) -> ErrorReply {
-        ErrorReply {
-            code: self.code(),
-            message: self.client_message(),
-            retry_after_ms: 0,
-            attempts_left: 0,
-        }
+        ErrorReply::new(self.code(), self.client_message())
     }
 }
 

@@ -32,11 +32,12 @@ use crate::code::ErrorCode;
 use crate::device_list::SignedDeviceList;
 use crate::discovery::{tags_from_bytes, tags_to_bytes, BlindedBatch, Tag};
 use crate::error::{array, bad_id, Malformed, Problem};
+use crate::groups::{self, GroupCommit, GroupHandle, MultiSend};
 use crate::ids::{AccountId, DeviceAddress, DeviceId, MessageId};
 use crate::keys::KeyUpload;
 use crate::limits::{
-    BLOB_ID_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, READER_SECRET_LEN, SIGNATURE_LEN, SLOT_ID_LEN,
-    TOKEN_HASH_LEN,
+    BLOB_ID_LEN, EPOCH_TOKEN_LEN, MAX_ACK_SEQS, PUBLIC_KEY_LEN, READER_SECRET_LEN, SIGNATURE_LEN,
+    SLOT_ID_LEN, TOKEN_HASH_LEN,
 };
 use crate::media::BlobId;
 use crate::v1::{self, client_frame::Body};
@@ -241,6 +242,36 @@ pub enum Request {
         /// removes itself.
         list: Option<SignedDeviceList>,
     },
+    /// Stores MLS key packages of the authenticated device.
+    PublishKeyPackages {
+        /// One-time packages, each handed out once; at most
+        /// [`crate::limits::MAX_KEY_PACKAGES_PER_PUBLISH`].
+        key_packages: Vec<Bytes>,
+        /// The package handed out when none are left; `None` keeps the current one.
+        last_resort: Option<Bytes>,
+        /// Drop the device's stored one-time packages first.
+        replace: bool,
+    },
+    /// Takes one key package of each device of an account (any connection).
+    FetchKeyPackages {
+        /// The account.
+        account: AccountId,
+        /// One device, or `None` (0 on the wire) for all of them.
+        device: Option<DeviceId>,
+        /// The account's delivery token (any length; the relay hashes it).
+        delivery_token: Bytes,
+    },
+    /// Registers a group handle at epoch 0 (any connection).
+    CreateGroup {
+        /// The handle.
+        handle: GroupHandle,
+        /// SHA-256 of epoch 0's token.
+        token_hash: [u8; EPOCH_TOKEN_LEN],
+    },
+    /// Moves a group to its next epoch and delivers the commit (any connection).
+    GroupCommit(GroupCommit),
+    /// One message to many devices, stored once (any connection).
+    MultiSend(MultiSend),
 }
 
 /// A provisioning slot's id: 16 random bytes chosen by the new device.
@@ -312,6 +343,16 @@ pub enum RequestKind {
     PublishDeviceList,
     /// [`Request::RemoveDevice`].
     RemoveDevice,
+    /// [`Request::PublishKeyPackages`].
+    PublishKeyPackages,
+    /// [`Request::FetchKeyPackages`].
+    FetchKeyPackages,
+    /// [`Request::CreateGroup`].
+    CreateGroup,
+    /// [`Request::GroupCommit`].
+    GroupCommit,
+    /// [`Request::MultiSend`].
+    MultiSend,
 }
 
 impl RequestKind {
@@ -345,6 +386,11 @@ impl RequestKind {
             RequestKind::TakeProvisioning => "take_provisioning",
             RequestKind::PublishDeviceList => "publish_device_list",
             RequestKind::RemoveDevice => "remove_device",
+            RequestKind::PublishKeyPackages => "publish_key_packages",
+            RequestKind::FetchKeyPackages => "fetch_key_packages",
+            RequestKind::CreateGroup => "create_group",
+            RequestKind::GroupCommit => "group_commit",
+            RequestKind::MultiSend => "multi_send",
         }
     }
 
@@ -353,9 +399,10 @@ impl RequestKind {
     /// token, `sender_certificate`, `set_delivery_token`, `delete_account`,
     /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`,
     /// `start_verification`, `check_verification`, `deposit_provisioning`,
-    /// `publish_device_list`, `remove_device`; `add_device` as a device of the same
-    /// account). `discovery_filter`, `open_provisioning` and `take_provisioning`
-    /// are anonymous. Note for a relay keeping today's answers: for all but
+    /// `publish_device_list`, `remove_device`, `publish_key_packages`; `add_device`
+    /// as a device of the same account). `discovery_filter`, `open_provisioning`,
+    /// `take_provisioning`, `fetch_key_packages`, `create_group`, `group_commit` and
+    /// `multi_send` are anonymous. Note for a relay keeping today's answers: for all but
     /// `ack` it has answered `UNAUTHORIZED` on an unauthenticated connection before
     /// looking at the fields, while an oversized ack is `TOO_LARGE` either way.
     pub fn needs_authentication(self) -> bool {
@@ -377,6 +424,7 @@ impl RequestKind {
                 | RequestKind::DepositProvisioning
                 | RequestKind::PublishDeviceList
                 | RequestKind::RemoveDevice
+                | RequestKind::PublishKeyPackages
         )
     }
 }
@@ -418,6 +466,11 @@ impl Request {
             Request::TakeProvisioning { .. } => RequestKind::TakeProvisioning,
             Request::PublishDeviceList(_) => RequestKind::PublishDeviceList,
             Request::RemoveDevice { .. } => RequestKind::RemoveDevice,
+            Request::PublishKeyPackages { .. } => RequestKind::PublishKeyPackages,
+            Request::FetchKeyPackages { .. } => RequestKind::FetchKeyPackages,
+            Request::CreateGroup { .. } => RequestKind::CreateGroup,
+            Request::GroupCommit(_) => RequestKind::GroupCommit,
+            Request::MultiSend(_) => RequestKind::MultiSend,
         }
     }
 }
@@ -451,6 +504,11 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::TakeProvisioning(_) => RequestKind::TakeProvisioning,
         Body::PublishDeviceList(_) => RequestKind::PublishDeviceList,
         Body::RemoveDevice(_) => RequestKind::RemoveDevice,
+        Body::PublishKeyPackages(_) => RequestKind::PublishKeyPackages,
+        Body::FetchKeyPackages(_) => RequestKind::FetchKeyPackages,
+        Body::CreateGroup(_) => RequestKind::CreateGroup,
+        Body::GroupCommit(_) => RequestKind::GroupCommit,
+        Body::MultiSend(_) => RequestKind::MultiSend,
     }
 }
 
@@ -648,6 +706,33 @@ impl TryFrom<Body> for Request {
             Body::TakeProvisioning(r) => devices::take(r)?,
             Body::PublishDeviceList(r) => devices::publish(r)?,
             Body::RemoveDevice(r) => devices::remove(r)?,
+            Body::PublishKeyPackages(r) => Request::PublishKeyPackages {
+                key_packages: groups::key_packages(
+                    r.key_packages,
+                    "publish_key_packages.key_packages",
+                )?,
+                last_resort: if r.last_resort.is_empty() {
+                    None
+                } else {
+                    Some(groups::key_package(
+                        r.last_resort,
+                        "publish_key_packages.last_resort",
+                    )?)
+                },
+                replace: r.replace,
+            },
+            Body::FetchKeyPackages(r) => Request::FetchKeyPackages {
+                account: AccountId::try_from(&r.account_id[..])
+                    .map_err(bad_id("fetch_key_packages.account_id"))?,
+                device: DeviceId::new(r.device_id),
+                delivery_token: r.delivery_token,
+            },
+            Body::CreateGroup(r) => Request::CreateGroup {
+                handle: groups::handle(&r.handle, "create_group.handle")?,
+                token_hash: groups::token(&r.token_hash, "create_group.token_hash")?,
+            },
+            Body::GroupCommit(r) => Request::GroupCommit(GroupCommit::try_from(r)?),
+            Body::MultiSend(r) => Request::MultiSend(MultiSend::try_from(r)?),
         })
     }
 }
@@ -840,6 +925,32 @@ impl From<Request> for Body {
                     signature,
                 })
             }
+            Request::PublishKeyPackages {
+                key_packages,
+                last_resort,
+                replace,
+            } => Body::PublishKeyPackages(v1::PublishKeyPackagesRequest {
+                key_packages,
+                last_resort: last_resort.unwrap_or_default(),
+                replace,
+            }),
+            Request::FetchKeyPackages {
+                account,
+                device,
+                delivery_token,
+            } => Body::FetchKeyPackages(v1::FetchKeyPackagesRequest {
+                account_id: copy(account.as_bytes()),
+                device_id: device.map_or(0, DeviceId::get),
+                delivery_token,
+            }),
+            Request::CreateGroup { handle, token_hash } => {
+                Body::CreateGroup(v1::CreateGroupRequest {
+                    handle: copy(&handle.0),
+                    token_hash: copy(&token_hash),
+                })
+            }
+            Request::GroupCommit(commit) => Body::GroupCommit(commit.into()),
+            Request::MultiSend(send) => Body::MultiSend(send.into()),
         }
     }
 }

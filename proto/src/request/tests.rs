@@ -146,6 +146,22 @@ fn one_of_each() -> Vec<Request> {
             device: DeviceId::new(4).expect("not 0"),
             list: None,
         },
+        Request::PublishKeyPackages {
+            key_packages: vec![Bytes::from_static(&[7; 300]), Bytes::from_static(&[8; 300])],
+            last_resort: Some(Bytes::from_static(&[9; 300])),
+            replace: true,
+        },
+        Request::FetchKeyPackages {
+            account: AccountId([6; 16]),
+            device: None,
+            delivery_token: Bytes::from_static(b"token"),
+        },
+        Request::CreateGroup {
+            handle: crate::GroupHandle([3; 16]),
+            token_hash: [4; 32],
+        },
+        Request::GroupCommit(crate::groups::tests::commit()),
+        Request::MultiSend(crate::groups::tests::multi(&[(1, 2), (2, 1)], true)),
     ]
 }
 
@@ -175,7 +191,7 @@ fn one_request_of_every_kind_round_trips() {
     let all = one_of_each();
     let mut kinds: Vec<_> = all.iter().map(Request::kind).collect();
     kinds.dedup();
-    assert_eq!(kinds.len(), 27, "every ClientFrame body");
+    assert_eq!(kinds.len(), 32, "every ClientFrame body");
     for (id, request) in all.into_iter().enumerate() {
         let r = ClientRequest {
             id: id as u64,
@@ -606,6 +622,9 @@ fn malformed_cases() -> Vec<(Body, &'static str, ErrorCode)> {
             BAD,
         ),
     ]
+    .into_iter()
+    .chain(crate::groups::tests::malformed())
+    .collect()
 }
 
 #[test]
@@ -774,7 +793,8 @@ fn needs_authentication_is_the_protocols_list() {
             "check_verification",
             "deposit_provisioning",
             "publish_device_list",
-            "remove_device"
+            "remove_device",
+            "publish_key_packages"
         ]
     );
 }
@@ -982,7 +1002,7 @@ proptest! {
     #[test]
     fn any_frame_of_a_known_shape_checks_without_panicking(
         id in any::<u64>(), a in any_bytes(), b in any_bytes(), c in any_bytes(), n in any::<u32>(),
-        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..27, text in ".{0,20}",
+        seqs in proptest::collection::vec(any::<u64>(), 0..10), which in 0usize..32, text in ".{0,20}",
     ) {
         // Valid protobuf with arbitrary field contents reaches every check.
         let body = match which {
@@ -1020,6 +1040,13 @@ proptest! {
             23 => Body::TakeProvisioning(v1::TakeProvisioningRequest { slot_id: a, reader_secret: b }),
             24 => Body::PublishDeviceList(v1::PublishDeviceListRequest { device_list: a, signature: b }),
             25 => Body::RemoveDevice(v1::RemoveDeviceRequest { device_id: n, device_list: a, signature: b }),
+            26 => Body::PublishKeyPackages(v1::PublishKeyPackagesRequest { key_packages: vec![a], last_resort: b, replace: n % 2 == 0 }),
+            27 => Body::FetchKeyPackages(v1::FetchKeyPackagesRequest { account_id: a, device_id: n, delivery_token: b }),
+            28 => Body::CreateGroup(v1::CreateGroupRequest { handle: a, token_hash: b }),
+            29 => Body::MultiSend(v1::MultiSendRequest { message_id: a, body: b, recipients: vec![v1::RecipientAccount {
+                account_id: c.clone(), delivery_token: c.clone(), device_list_version: 0, devices: vec![n, n / 2], parts: vec![c] }] }),
+            30 => Body::GroupCommit(v1::GroupCommitRequest { handle: a.clone(), epoch: u64::from(n), epoch_token: b.clone(), next_token_hash: b, commit_id: a,
+                sends: vec![v1::MultiSendRequest { message_id: c.clone(), body: c, recipients: vec![] }] }),
             _ => Body::SenderCertificate(v1::SenderCertificateRequest {}),
         };
         let kind = body_kind(&body);

@@ -434,6 +434,16 @@ impl Session {
                 }
             }
             Request::Ack { seqs } => self.ack(id, seqs).await,
+            // Served by the groups packages of issue 17 (W: key packages and epochs,
+            // R: multi-recipient sends); refused until they land.
+            Request::PublishKeyPackages { .. }
+            | Request::FetchKeyPackages { .. }
+            | Request::CreateGroup { .. }
+            | Request::GroupCommit(_)
+            | Request::MultiSend(_) => {
+                let refused = Error::BadRequest("groups are not served by this relay".into());
+                self.reply(id, Err(refused)).await
+            }
             Request::RelayInfo => {
                 let signing_key = self.services.certificates().signing_key();
                 self.reply(id, Ok(Reply::RelayInfo { signing_key })).await

@@ -321,6 +321,7 @@ fn deliver(from: &mut Dev, to: &Dev, seq: u64) -> Delivery {
         seq,
         message_id: tern_proto::MessageId(record.message_id[..].try_into().expect("id")),
         payload: payload.into(),
+        shared_body: None,
         accepted_at_ms: NOW,
         expires_at_ms: NOW + 30 * DAY,
     }
