@@ -345,54 +345,6 @@ impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::expect_used)]
-
-    use super::*;
-    use crate::store::MemoryStore;
-
-    #[test]
-    fn the_device_verbs_reach_the_wrapped_store_and_mark_what_they_write() {
-        let store = Marked::new(Arc::new(MemoryStore::new()));
-        crate::store::conformance::device_rules(&store);
-        let account = AccountId([60; 16]);
-        let list = |version| StoredList {
-            version,
-            list: vec![1; 10],
-            signature: [1; 64],
-        };
-        store.flush_if_written().expect("flush");
-        assert!(
-            !store.put_device_list(&account, &list(1)).expect("older"),
-            "the rules left version 1"
-        );
-        assert!(!store.written(), "a refused list wrote nothing");
-        assert!(store.idle_devices(u32::MAX, 10).is_ok());
-        assert!(store.device_list(&account).expect("list").is_some());
-        assert!(!store.written(), "reads write nothing");
-        assert!(store.put_device_list(&account, &list(2)).expect("newer"));
-        assert!(store.written());
-        let primary = DeviceAddress {
-            account,
-            device: DeviceId::PRIMARY,
-        };
-        store.flush_if_written().expect("flush");
-        store.put_device_removal(&primary).expect("intent");
-        assert!(store.written());
-        store.flush_if_written().expect("flush");
-        store.remove_device_removal(&primary).expect("done");
-        assert!(store.written());
-        store.flush_if_written().expect("flush");
-        let second = DeviceAddress {
-            account,
-            device: DeviceId::new(2).expect("id"),
-        };
-        store.remove_device_record(&second).expect("remove");
-        assert!(store.written());
-    }
-}
-
 impl<S: crate::store::KeyPackageStore + ?Sized> crate::store::KeyPackageStore for Marked<S> {
     fn publish_key_packages(
         &self,
@@ -462,5 +414,53 @@ impl<S: crate::store::GroupStore + ?Sized> crate::store::GroupStore for Marked<S
         handle: &crate::store::HandleBytes,
     ) -> StoreResult<crate::store::GroupLock> {
         self.store.lock_group(handle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[test]
+    fn the_device_verbs_reach_the_wrapped_store_and_mark_what_they_write() {
+        let store = Marked::new(Arc::new(MemoryStore::new()));
+        crate::store::conformance::device_rules(&store);
+        let account = AccountId([60; 16]);
+        let list = |version| StoredList {
+            version,
+            list: vec![1; 10],
+            signature: [1; 64],
+        };
+        store.flush_if_written().expect("flush");
+        assert!(
+            !store.put_device_list(&account, &list(1)).expect("older"),
+            "the rules left version 1"
+        );
+        assert!(!store.written(), "a refused list wrote nothing");
+        assert!(store.idle_devices(u32::MAX, 10).is_ok());
+        assert!(store.device_list(&account).expect("list").is_some());
+        assert!(!store.written(), "reads write nothing");
+        assert!(store.put_device_list(&account, &list(2)).expect("newer"));
+        assert!(store.written());
+        let primary = DeviceAddress {
+            account,
+            device: DeviceId::PRIMARY,
+        };
+        store.flush_if_written().expect("flush");
+        store.put_device_removal(&primary).expect("intent");
+        assert!(store.written());
+        store.flush_if_written().expect("flush");
+        store.remove_device_removal(&primary).expect("done");
+        assert!(store.written());
+        store.flush_if_written().expect("flush");
+        let second = DeviceAddress {
+            account,
+            device: DeviceId::new(2).expect("id"),
+        };
+        store.remove_device_record(&second).expect("remove");
+        assert!(store.written());
     }
 }
