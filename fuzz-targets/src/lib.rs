@@ -16,6 +16,7 @@
 //!   set, sealed sender, attachment decryption.
 //! - [`store`]: the relay's mailbox log scan.
 //! - [`logs`]: the relay's redaction of addresses from log lines.
+//! - [`groups`]: an incoming group envelope (MLS) at a group member.
 //! - [`stateful`]: two clients' sessions through a relay mailbox that drops,
 //!   duplicates, reorders and corrupts.
 //! - [`seeds`]: valid inputs made by the code itself, for the seed corpus.
@@ -30,6 +31,7 @@
 
 pub mod crypto;
 mod fixture;
+pub mod groups;
 pub mod logs;
 pub mod seeds;
 pub mod stateful;
@@ -37,6 +39,7 @@ pub mod store;
 pub mod wire;
 
 pub use crypto::{attachment, ratchet, sealed_open, session_record, x3dh_header};
+pub use groups::group_envelope;
 pub use logs::redact;
 pub use stateful::two_clients;
 pub use store::log_scan;
@@ -64,6 +67,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("two_clients", two_clients),
     ("redact", redact),
     ("discovery_filter", discovery_filter),
+    ("group_envelope", group_envelope),
 ];
 
 /// The body of the target called `name`.
