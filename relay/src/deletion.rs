@@ -9,7 +9,8 @@
 //!    writes checking the account hold (`Tombstones::live`): from then on every
 //!    lookup finds nothing, no write to the account lands, and its other connections
 //!    are closed with `ACCOUNT_DELETED`. Any later failure is left to the sweeper.
-//! 3. The removals: the discovery tag and bucket, each device's published keys, the
+//! 3. The removals: the discovery tag and bucket, each device's published keys and
+//!    MLS key packages, the
 //!    account's media charges and unfinished uploads (record and `.part` file;
 //!    finished blobs name no one and expire on their own, ARCHITECTURE §14), each
 //!    device's mailbox, then the account record and its delivery token hash.
@@ -586,6 +587,7 @@ impl Removal {
         self.detach_discovery()?;
         // By a scan of the account's keys: also those of a device no list names.
         stores.keys.remove_account_keys(account)?;
+        stores.key_packages.remove_account_key_packages(account)?;
         crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
             .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
         deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;

@@ -10,7 +10,8 @@
 //!    messages, no key is published for it, its connections close with
 //!    `DEVICE_REMOVED` and its `Auth` is refused.
 //! 3. The removals: the device row (so other nodes refuse it within the recipient
-//!    cache's TTL), this node's recipient cache entry, the device's published keys,
+//!    cache's TTL), this node's recipient cache entry, the device's published keys
+//!    and MLS key packages,
 //!    its mailbox.
 //! 4. A flush, the mailbox store's settle (the log punches the purged bytes), a
 //!    flush, then the intent is removed and flushed.
@@ -273,6 +274,7 @@ impl DeviceRemoval {
             stores.accounts.remove_device_record(&addr)?;
             services.accounts().forget(&addr.account);
             stores.keys.remove_device(&addr)?;
+            stores.key_packages.remove_key_packages(&addr)?;
             services.mailboxes().purge(&addr)?;
             Ok(())
         })

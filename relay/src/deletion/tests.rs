@@ -195,6 +195,13 @@ pub(crate) async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice
         .await
         .expect("send");
     f.send(&alice, bob2, &msgs(3..5, 8)).await.expect("send");
+    // MLS key packages on both devices, a last resort on the second.
+    let kp = |b: u8| bytes::Bytes::from(vec![b; 64]);
+    for (at, last) in [(*bob.address(), None), (bob2, Some(kp(9)))] {
+        (w.stores.key_packages)
+            .publish_key_packages(&at, &[kp(1), kp(2)], last.as_ref(), false)
+            .expect("key packages");
+    }
     // A finished blob (a charge) and an unfinished upload.
     let done = b"a finished blob";
     let id: [u8; 32] = Sha256::digest(done).into();
@@ -245,6 +252,8 @@ fn nothing_left(w: &World, account: &AccountId, devices: &[DeviceId]) {
         assert_eq!(s.usage(&addr).expect("usage"), Usage::default());
         assert!(s.read(&addr, 0, 10).expect("read").is_empty());
         assert_eq!(s.published(&addr).expect("keys"), Published::default());
+        let packages = w.stores.key_packages.key_package_counts(&addr);
+        assert_eq!(packages.expect("key packages"), Default::default());
     }
     assert!(s.uploads_of(account).expect("uploads").is_empty());
     assert!(s.charges_of(account).expect("charges").is_empty());

@@ -21,8 +21,8 @@ use tern_proto::{AccountId, DeviceAddress};
 use crate::error::{Error, Result};
 use crate::store::{AccountDays, Stores, DAY_MS};
 use model::{
-    Charge, Discovery, EvaluationBuckets, Media, Prekeys, QueueItem, RateLimits, Session, Upload,
-    Verification,
+    Charge, Discovery, EvaluationBuckets, KeyPackages, Media, Prekeys, QueueItem, RateLimits,
+    Session, Upload, Verification,
 };
 
 /// The export format's version; the schema's `version` is this constant.
@@ -189,6 +189,15 @@ pub fn write_with(
             day(days.of(*device).last_seen),
         )?;
         json(out, &prekeys)?;
+        let counts = stores.key_packages.key_package_counts(&addr)?;
+        out.write_all(br#","key_packages":"#)?;
+        json(
+            out,
+            &KeyPackages {
+                one_time: counts.one_time,
+                last_resort: counts.last_resort,
+            },
+        )?;
         write!(
             out,
             r#","queue":{{"messages":{},"bytes":{},"items":["#,

@@ -15,6 +15,15 @@ pub struct Prekeys {
     pub one_time: u64,
 }
 
+/// A device's MLS key packages, as counts (the packages are not exported).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyPackages {
+    /// One-time key packages left.
+    pub one_time: u64,
+    /// Whether a last-resort key package is stored.
+    pub last_resort: bool,
+}
+
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueItem {

@@ -119,6 +119,15 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
         devices[1]["prekeys"],
         serde_json::json!({"identity_dh": false, "signed_prekey_id": null, "one_time": 0})
     );
+    // MLS key packages as counts: two each, a last resort on the second.
+    assert_eq!(
+        devices[0]["key_packages"],
+        serde_json::json!({"one_time": 2, "last_resort": false})
+    );
+    assert_eq!(
+        devices[1]["key_packages"],
+        serde_json::json!({"one_time": 2, "last_resort": true})
+    );
     let media = &v["media"];
     let charged: u64 =
         w.f.store

@@ -100,6 +100,8 @@ fn device_gone(w: &World, at: &DeviceAddress) {
     assert_eq!(s.usage(at).expect("usage"), Usage::default());
     assert!(s.read(at, 0, 10).expect("read").is_empty());
     assert_eq!(s.published(at).expect("keys"), Published::default());
+    let packages = w.stores.key_packages.key_package_counts(at);
+    assert_eq!(packages.expect("key packages"), Default::default());
     assert!(w
         .stores
         .accounts
@@ -119,6 +121,12 @@ async fn the_primary_removes_a_linked_device_and_nothing_of_it_is_left() {
         device: record.devices[1].0,
     };
     assert_eq!(w.s().usage(&second).expect("usage").messages, 2);
+    let held = w.stores.key_packages.key_package_counts(&second);
+    assert_eq!(
+        held.expect("key packages").one_time,
+        2,
+        "fill published some"
+    );
     let r = removal(&w, 45);
 
     let list = signed_list(&w, &account, 2, 1, Some(second.device));
