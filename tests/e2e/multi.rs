@@ -1,8 +1,5 @@
 //! Multi-recipient sends over QUIC against a real relay process: one upload, the
 //! body stored once on the relay's disk, every device delivered, bad requests typed.
-//!
-//! NOT YET REGISTERED in `e2e/main.rs` (`mod multi;`): written at the end of R's
-//! time and not compiled or run yet.
 
 use std::time::{Duration, Instant};
 
