@@ -53,6 +53,7 @@ pub mod client;
 pub mod crypto;
 pub mod discovery;
 pub mod error;
+pub mod groups;
 pub mod identity;
 pub mod link;
 pub mod media;

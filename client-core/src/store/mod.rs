@@ -64,11 +64,21 @@ pub enum Namespace {
     Held = 8,
     /// Contact discovery: cached OPRF outputs by number, and the relay's filter.
     Discovery = 9,
+    /// A group's MLS state (no ratchet tree) and its wrap keys, by MLS group id.
+    MlsState = 10,
+    /// A group's prior-epoch MLS secrets, by group id then epoch (the last 3 kept).
+    MlsEpoch = 11,
+    /// A group's ratchet tree, by group id (written when the epoch changes).
+    MlsTree = 12,
+    /// Secrets of this device's MLS key packages, by key package reference.
+    MlsKeyPackage = 13,
+    /// Group envelope tags of the live epochs, to route an incoming envelope.
+    MlsTag = 14,
 }
 
 impl Namespace {
     /// Every namespace.
-    pub(crate) const ALL: [Namespace; 9] = [
+    pub(crate) const ALL: [Namespace; 14] = [
         Namespace::Local,
         Namespace::PreKeys,
         Namespace::Sessions,
@@ -78,6 +88,11 @@ impl Namespace {
         Namespace::Seen,
         Namespace::Held,
         Namespace::Discovery,
+        Namespace::MlsState,
+        Namespace::MlsEpoch,
+        Namespace::MlsTree,
+        Namespace::MlsKeyPackage,
+        Namespace::MlsTag,
     ];
 }
 

@@ -278,3 +278,47 @@ pub(crate) fn seen_key(sender: &AccountId, message_id: &[u8]) -> Vec<u8> {
     k.extend_from_slice(message_id);
     k
 }
+
+/// `Namespace::MlsState`, key: the MLS group id. A group's MLS state: the mls-rs
+/// snapshot without its ratchet tree (that is `Namespace::MlsTree`), and the wrap
+/// keys of the live epochs.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct MlsStateRecord {
+    /// The mls-rs snapshot (opaque; it holds the device's signing key).
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) snapshot: Vec<u8>,
+    /// One more than the highest prior epoch stored in `Namespace::MlsEpoch` (0: none).
+    #[prost(uint64, tag = "2")]
+    pub(crate) epochs_end: u64,
+    /// The envelope keys of the current epoch and up to 3 prior ones, oldest first.
+    #[prost(message, repeated, tag = "3")]
+    pub(crate) wrap_keys: Vec<MlsWrapKey>,
+}
+
+/// The group-envelope tag and key of one epoch.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct MlsWrapKey {
+    #[prost(uint64, tag = "1")]
+    pub(crate) epoch: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) tag: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) key: Vec<u8>,
+}
+
+/// `Namespace::MlsTag`, key: an envelope tag (16 bytes). Which group and epoch it is.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct MlsTagRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) group_id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub(crate) epoch: u64,
+}
+
+/// `Namespace::MlsEpoch` key: the group id then the epoch (big-endian); the value is
+/// mls-rs's prior-epoch record as it gives it.
+pub(crate) fn mls_epoch_key(group_id: &[u8], epoch: u64) -> Vec<u8> {
+    let mut k = group_id.to_vec();
+    k.extend_from_slice(&epoch.to_be_bytes());
+    k
+}

@@ -1,0 +1,280 @@
+//! Groups on MLS (RFC 9420), the pure part: no network, no clock, no async.
+//!
+//! Ciphersuite `MLS_128_DHKEMX25519_CHACHA20POLY1305_SHA256_Ed25519` through mls-rs
+//! (every mls-rs type stays behind this module). Each device is a leaf whose MLS
+//! signature key is its Ed25519 device key, bound to the account identity by the
+//! credential in [`identity`]. The state lives in the device's encrypted
+//! [`KvStore`](crate::store::KvStore); every operation that changes it returns its
+//! writes as [`Staged::ops`], which the caller applies in the same atomic batch as
+//! the operation's effect ([`storage`]). On an error nothing is staged and the
+//! session is reloaded from the store, so its state is as before the call.
+//!
+//! - [`GroupDevice`]: this device's MLS client: key packages, create, join, load,
+//!   route an incoming envelope to its group.
+//! - [`GroupSession`]: one group: commit (add, remove, update, set metadata), apply
+//!   or clear the pending commit, the relay's epoch token, encrypt, process.
+//! - [`wrap`]: the group envelope that hides group id, epoch and content type.
+//! - [`meta`]: the group's name, description and picture as a GroupContext extension.
+
+mod device;
+pub mod identity;
+pub mod meta;
+mod session;
+pub mod storage;
+pub mod wrap;
+
+#[cfg(test)]
+mod tests;
+
+use tern_proto::{AccountId, DeviceId};
+
+use crate::store::{Op, StoreError};
+
+pub use self::device::GroupDevice;
+pub use self::identity::{CredentialError, DeviceCredential, TernIdentity};
+pub use self::meta::GroupMeta;
+pub use self::session::GroupSession;
+pub use self::storage::StagedMlsStore;
+pub use self::wrap::{envelope_tag, WrapKey};
+
+/// The length of an MLS group id (random).
+pub const GROUP_ID_LEN: usize = 32;
+/// The length of a relay group handle.
+pub const HANDLE_LEN: usize = 16;
+/// How long a key package is valid.
+pub const KEY_PACKAGE_LIFETIME_SECS: u64 = 90 * 24 * 3600;
+/// Exporter label of the epoch token the relay checks on a commit.
+const EPOCH_TOKEN_LABEL: &[u8] = b"tern epoch token";
+
+/// A result with the store writes it needs: apply `ops` in the batch that stores
+/// the result's effect, before the next call on the same device or group.
+#[derive(Debug)]
+#[must_use = "the staged writes must be applied"]
+pub struct Staged<T> {
+    /// The result.
+    pub value: T,
+    /// The writes to apply atomically with the result's effect.
+    pub ops: Vec<Op>,
+}
+
+/// A leaf of a group: one device of one account.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The account.
+    pub account: AccountId,
+    /// The device.
+    pub device: DeviceId,
+    /// The account's identity key, as the leaf's certificate names it: the caller
+    /// checks it against the key pinned for the account.
+    pub identity_key: [u8; 32],
+    /// The device's Ed25519 key (the leaf's MLS signature key).
+    pub device_key: [u8; 32],
+    /// The leaf index.
+    pub(crate) index: u32,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("device", &self.device)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    pub(crate) fn from_mls(m: &mls_rs::group::Member) -> Result<Self, GroupError> {
+        let c = DeviceCredential::of(&m.signing_identity)?;
+        Ok(Member {
+            account: c.account,
+            device: c.device,
+            identity_key: c.identity_key,
+            device_key: m
+                .signing_identity
+                .signature_key
+                .as_bytes()
+                .try_into()
+                .map_err(|_| GroupError::Credential(CredentialError::BadCertificate))?,
+            index: m.index,
+        })
+    }
+}
+
+/// Membership changes to commit, as one commit.
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    /// Key packages of devices to add (fetched from the relay, verified by the
+    /// caller with [`GroupDevice::verify_key_package`]).
+    pub add: Vec<Vec<u8>>,
+    /// Accounts to remove, every device of each.
+    pub remove_accounts: Vec<AccountId>,
+    /// Single devices to remove.
+    pub remove_devices: Vec<(AccountId, DeviceId)>,
+    /// New metadata (its handle must stay the group's).
+    pub meta: Option<GroupMeta>,
+    /// An encoded `MemberTokens` for the welcome's GroupInfo (new members can send
+    /// at once).
+    pub member_tokens: Option<Vec<u8>>,
+}
+
+/// The welcome for the devices a commit adds.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    /// The MLS welcome message.
+    pub welcome: Vec<u8>,
+    /// The ratchet tree, sent with it out of band (`GroupWelcome.ratchet_tree`).
+    pub ratchet_tree: Vec<u8>,
+    /// Who it is for.
+    pub to: Vec<Member>,
+}
+
+/// A commit built and pending: send it with `GroupCommit`, then
+/// [`GroupSession::apply_pending`] on OK or [`GroupSession::clear_pending`] on
+/// `STALE_EPOCH`.
+#[derive(Debug, Clone)]
+pub struct PlannedCommit {
+    /// The epoch the commit is made in (the relay's current one).
+    pub epoch: u64,
+    /// This epoch's token, for the relay.
+    pub epoch_token: [u8; 32],
+    /// SHA-256 of the next epoch's token.
+    pub next_token_hash: [u8; 32],
+    /// The commit in a group envelope, for the members of this epoch.
+    pub commit: Vec<u8>,
+    /// The welcome, when devices are added.
+    pub welcome: Option<Welcome>,
+    /// The leaves it adds (present ones are left out).
+    pub added: Vec<Member>,
+    /// The leaves it removes (absent ones are left out).
+    pub removed: Vec<Member>,
+    /// Whether it changes the metadata.
+    pub meta_changed: bool,
+}
+
+/// What a commit changed.
+#[derive(Debug, Clone)]
+pub struct CommitApplied {
+    /// Who committed.
+    pub committer: Member,
+    /// The new epoch.
+    pub epoch: u64,
+    /// Leaves added.
+    pub added: Vec<Member>,
+    /// Leaves removed.
+    pub removed: Vec<Member>,
+    /// The new metadata, when it changed.
+    pub meta: Option<GroupMeta>,
+    /// Whether this device was removed: the caller deletes the group
+    /// ([`GroupDevice::forget`]).
+    pub removed_self: bool,
+}
+
+/// An incoming group envelope, processed.
+#[derive(Debug, Clone)]
+pub enum Processed {
+    /// An application message.
+    Message {
+        /// Who sent it.
+        sender: Member,
+        /// The content (an encoded `GroupContent`).
+        content: Vec<u8>,
+    },
+    /// A commit of another member, applied.
+    Commit(Box<CommitApplied>),
+}
+
+/// A group joined from a welcome.
+#[derive(Debug)]
+pub struct Joined {
+    /// The group.
+    pub session: GroupSession,
+    /// Who added this device.
+    pub added_by: Member,
+    /// The group's metadata.
+    pub meta: GroupMeta,
+    /// The adder's `MemberTokens`, if it sent them.
+    pub member_tokens: Option<Vec<u8>>,
+}
+
+/// Why a group operation failed. The group's state is as before the call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupError {
+    /// Not a well-formed envelope or MLS message (truncated, bad encoding).
+    #[error("group message malformed")]
+    Malformed,
+    /// No live epoch of the group has the envelope's tag.
+    #[error("group envelope tag unknown")]
+    UnknownTag,
+    /// The envelope did not decrypt under its epoch's key.
+    #[error("group envelope failed to decrypt")]
+    BadEnvelope,
+    /// A leaf's credential was refused.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
+    /// MLS refused the message or the operation.
+    #[error("MLS refused: {0}")]
+    Rejected(String),
+    /// A message this device sent itself.
+    #[error("a group message from this device")]
+    FromSelf,
+    /// No stored state for the group.
+    #[error("unknown group")]
+    UnknownGroup,
+    /// A commit is pending: apply or clear it first.
+    #[error("a commit is pending")]
+    PendingCommit,
+    /// No commit is pending.
+    #[error("no commit is pending")]
+    NoPendingCommit,
+    /// The sender is no longer in the roster.
+    #[error("unknown sender")]
+    UnknownSender,
+    /// Metadata longer than its limits.
+    #[error("group name or description too long")]
+    MetaTooLong,
+    /// The group's metadata is missing or malformed.
+    #[error("group metadata malformed")]
+    BadMeta,
+    /// The metadata names another handle.
+    #[error("the group handle cannot change")]
+    HandleChanged,
+    /// A key package is not for this ciphersuite, or not a key package.
+    #[error("key package refused")]
+    BadKeyPackage,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<mls_rs::error::MlsError> for GroupError {
+    fn from(e: mls_rs::error::MlsError) -> Self {
+        use mls_rs::error::MlsError as E;
+        match e {
+            E::IdentityProviderError(a) => {
+                match a.inner_dyn_error().downcast_ref::<CredentialError>() {
+                    Some(c) => GroupError::Credential(*c),
+                    None => GroupError::Rejected(a.to_string()),
+                }
+            }
+            E::GroupStorageError(a) | E::KeyPackageRepoError(a) => {
+                match a.inner_dyn_error().downcast_ref::<StoreError>() {
+                    Some(StoreError::Corrupt) => GroupError::Store(StoreError::Corrupt),
+                    _ => GroupError::Store(StoreError::Backend(a.to_string())),
+                }
+            }
+            E::SerializationError(_) => GroupError::Malformed,
+            E::CantProcessMessageFromSelf => GroupError::FromSelf,
+            E::ExistingPendingCommit | E::CommitRequired => GroupError::PendingCommit,
+            E::PendingCommitNotFound => GroupError::NoPendingCommit,
+            E::GroupNotFound => GroupError::UnknownGroup,
+            other => GroupError::Rejected(other.to_string()),
+        }
+    }
+}
+
+impl From<mls_rs::mls_rs_codec::Error> for GroupError {
+    fn from(_: mls_rs::mls_rs_codec::Error) -> Self {
+        GroupError::Malformed
+    }
+}
