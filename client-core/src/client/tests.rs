@@ -17,6 +17,7 @@ use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
 use tern_proto::{Delivery, DeviceBundle};
 
+mod broadcast;
 mod devices;
 
 const NOW: u64 = 1_800_000_000_000;
