@@ -82,9 +82,22 @@ impl GroupDevice {
         device_secret: &[u8; 32],
         credential: DeviceCredential,
     ) -> Result<Self, GroupError> {
+        credential.verify(
+            &SigningKey::from_bytes(device_secret)
+                .verifying_key()
+                .to_bytes(),
+        )?;
+        Ok(Self::new_unchecked(kv, device_secret, credential))
+    }
+
+    /// [`GroupDevice::new`] without the credential check (tests make bad leaves).
+    pub(crate) fn new_unchecked(
+        kv: Arc<dyn KvStore>,
+        device_secret: &[u8; 32],
+        credential: DeviceCredential,
+    ) -> Self {
         let key = SigningKey::from_bytes(device_secret);
         let public = key.verifying_key().to_bytes();
-        credential.verify(&public)?;
         let store = StagedMlsStore::new(kv);
         let client = Client::builder()
             .key_package_repo(store.clone())
@@ -104,11 +117,11 @@ impl GroupDevice {
                 CIPHER_SUITE,
             )
             .build();
-        Ok(GroupDevice {
+        GroupDevice {
             client,
             store,
             me: credential,
-        })
+        }
     }
 
     /// This device's credential.
@@ -273,6 +286,15 @@ impl GroupDevice {
                 member_tokens,
             })
         })
+    }
+
+    /// Joins from a welcome body (`0x03 ‖ GroupWelcome`, [`super::Welcome::body`]).
+    pub fn join_body(&self, body: &[u8], now_ms: u64) -> Result<Staged<Joined>, GroupError> {
+        let Some((&super::WELCOME_KIND, rest)) = body.split_first() else {
+            return Err(GroupError::Malformed);
+        };
+        let w = tern_proto::e2e::GroupWelcome::decode(rest).map_err(|_| GroupError::Malformed)?;
+        self.join(&w.welcome, &w.ratchet_tree, now_ms)
     }
 
     /// Loads a group from the store (None: not a group of this device).

@@ -6,7 +6,7 @@
 use mls_rs::extension::ExtensionType;
 use mls_rs::Extension;
 use prost::Message;
-use tern_proto::e2e::AttachmentPointer;
+use tern_proto::e2e::{self, AttachmentPointer};
 
 use super::GroupError;
 
@@ -40,19 +40,6 @@ impl std::fmt::Debug for GroupMeta {
     }
 }
 
-/// `tern.e2e.v1.GroupMeta`'s layout (same field numbers).
-#[derive(Clone, PartialEq, prost::Message)]
-struct MetaWire {
-    #[prost(bytes = "vec", tag = "1")]
-    handle: Vec<u8>,
-    #[prost(string, tag = "2")]
-    name: String,
-    #[prost(string, tag = "3")]
-    description: String,
-    #[prost(message, optional, tag = "4")]
-    picture: Option<AttachmentPointer>,
-}
-
 impl GroupMeta {
     /// Checks the lengths.
     pub fn check(&self) -> Result<(), GroupError> {
@@ -64,8 +51,8 @@ impl GroupMeta {
 
     /// The encoded metadata.
     pub fn encode(&self) -> Vec<u8> {
-        MetaWire {
-            handle: self.handle.to_vec(),
+        e2e::GroupMeta {
+            handle: bytes::Bytes::copy_from_slice(&self.handle),
             name: self.name.clone(),
             description: self.description.clone(),
             picture: self.picture.clone(),
@@ -75,13 +62,9 @@ impl GroupMeta {
 
     /// Parses encoded metadata.
     pub fn decode(bytes: &[u8]) -> Result<Self, GroupError> {
-        let w = MetaWire::decode(bytes).map_err(|_| GroupError::BadMeta)?;
+        let w = e2e::GroupMeta::decode(bytes).map_err(|_| GroupError::BadMeta)?;
         let meta = GroupMeta {
-            handle: w
-                .handle
-                .as_slice()
-                .try_into()
-                .map_err(|_| GroupError::BadMeta)?,
+            handle: w.handle[..].try_into().map_err(|_| GroupError::BadMeta)?,
             name: w.name,
             description: w.description,
             picture: w.picture,

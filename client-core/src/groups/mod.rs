@@ -128,6 +128,22 @@ pub struct Welcome {
     pub to: Vec<Member>,
 }
 
+impl Welcome {
+    /// The shared body for the new devices: `0x03 ‖ GroupWelcome`.
+    pub fn body(&self) -> Vec<u8> {
+        let w = tern_proto::e2e::GroupWelcome {
+            welcome: self.welcome.clone().into(),
+            ratchet_tree: self.ratchet_tree.clone().into(),
+        };
+        let mut out = vec![WELCOME_KIND];
+        out.extend(prost::Message::encode_to_vec(&w));
+        out
+    }
+}
+
+/// The first byte of a shared body that is a welcome.
+pub const WELCOME_KIND: u8 = 0x03;
+
 /// A commit built and pending: send it with `GroupCommit`, then
 /// [`GroupSession::apply_pending`] on OK or [`GroupSession::clear_pending`] on
 /// `STALE_EPOCH`.
