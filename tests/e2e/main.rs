@@ -29,6 +29,7 @@ mod media_cluster;
 mod media_objects;
 mod media_privacy;
 mod migrate;
+mod multi;
 mod multihost;
 mod partition;
 mod security;

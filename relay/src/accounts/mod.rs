@@ -332,6 +332,44 @@ impl Accounts {
         })
     }
 
+    /// The devices of one account in a multi-recipient send, checked as
+    /// [`Accounts::listed_sealed_recipient`] checks one, but the token and the list
+    /// version once for the account: `Err` refuses all of them ([`Error::Unauthorized`]
+    /// for a missing account or a wrong token, [`Error::StaleDeviceList`]); else each
+    /// device in order, `Err(UnknownRecipient)` for one the account does not have.
+    pub fn sealed_recipients(
+        &self,
+        account: &AccountId,
+        token: &[u8],
+        list_version: u64,
+        devices: &[DeviceId],
+    ) -> Result<Vec<Result<DeviceAddress>>> {
+        let known = self.known(account, None)?.ok_or(Error::Unauthorized)?;
+        check_token_hash(known.token.as_ref(), token)?;
+        check_list_version(&known, list_version)?;
+        devices
+            .iter()
+            .map(|&device| {
+                let address = DeviceAddress {
+                    account: *account,
+                    device,
+                };
+                if known.devices.contains(&device) {
+                    return Ok(Ok(address));
+                }
+                // A device added on another node since the entry was loaded (and the
+                // token checked again against what was loaded with it).
+                Ok(match self.known(account, Some(device))? {
+                    Some(reloaded) => {
+                        check_token_hash(reloaded.token.as_ref(), token)?;
+                        Ok(address)
+                    }
+                    None => Err(Error::UnknownRecipient),
+                })
+            })
+            .collect()
+    }
+
     /// Drops what sends checked about `account` (deleted through this node), so the
     /// next send to it answers as to an account that never existed.
     pub(crate) fn forget(&self, account: &AccountId) {

@@ -83,6 +83,28 @@ impl ActiveMailboxes {
         result
     }
 
+    /// [`ActiveMailboxes::ordered`] for several mailboxes at once (a multi-recipient
+    /// send): their locks are taken in address order, so two such calls never wait
+    /// for each other in a cycle, and held together for the one store call.
+    pub(crate) fn ordered_many<T, E>(
+        &self,
+        addrs: &[DeviceAddress],
+        mutate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut sorted: Vec<DeviceAddress> = addrs.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let states: Vec<Arc<MailboxState>> = sorted.iter().map(|a| self.state(a)).collect();
+        let result = {
+            let _held: Vec<MutexGuard<'_, ()>> = states.iter().map(|s| lock(&s.ordering)).collect();
+            mutate()
+        };
+        for (addr, state) in sorted.iter().zip(states) {
+            self.release(addr, state);
+        }
+        result
+    }
+
     /// Wakes `addr`'s subscriber, if it has one (after a shared commit made new
     /// messages visible, or a hint from another node).
     pub(crate) fn wake(&self, addr: &DeviceAddress) {

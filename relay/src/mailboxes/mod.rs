@@ -41,9 +41,11 @@ use crate::error::{Error, Result};
 use crate::store::{Envelope, GroupCommit, MailboxStore, Staged, StoreError, StoredMessage, Usage};
 
 mod active;
+mod multi;
 
 pub(crate) use self::active::ActiveMailboxes;
 pub use self::active::Subscription;
+pub use self::multi::{append_multi, MultiAppended, COMMIT_RESERVE};
 
 /// The mailboxes service. See the module docs.
 pub struct Mailboxes {
@@ -297,7 +299,7 @@ impl Mailboxes {
             for m in batch {
                 if is_expired(now, m.expires_at) {
                     window.on_skipped(m.seq);
-                } else if window.on_pushed(m.seq, m.payload.len()) {
+                } else if window.on_pushed(m.seq, usize::try_from(m.len()).unwrap_or(usize::MAX)) {
                     pull.messages.push(m);
                 } else {
                     // Past the window's byte bound: the rest waits for acks.
@@ -391,6 +393,8 @@ impl Mailboxes {
 
 #[cfg(test)]
 mod budget_tests;
+#[cfg(test)]
+mod multi_tests;
 #[cfg(test)]
 mod rate_tests;
 #[cfg(test)]

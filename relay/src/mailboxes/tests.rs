@@ -344,6 +344,13 @@ impl MailboxStore for FailingReads {
         self.inner.append(to, msgs, accepted_at, expires_at)
     }
 
+    fn append_shared(
+        &self,
+        append: &crate::store::SharedAppend<'_>,
+    ) -> crate::store::StoreResult<Vec<u64>> {
+        self.inner.append_shared(append)
+    }
+
     fn read(
         &self,
         of: &DeviceAddress,

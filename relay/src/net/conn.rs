@@ -434,13 +434,13 @@ impl Session {
                 }
             }
             Request::Ack { seqs } => self.ack(id, seqs).await,
+            Request::MultiSend(send) => self.multi_send(id, send).await,
             // Served by the groups packages of issue 17 (W: key packages and epochs,
             // R: multi-recipient sends); refused until they land.
             Request::PublishKeyPackages { .. }
             | Request::FetchKeyPackages { .. }
             | Request::CreateGroup { .. }
-            | Request::GroupCommit(_)
-            | Request::MultiSend(_) => {
+            | Request::GroupCommit(_) => {
                 let refused = Error::BadRequest("groups are not served by this relay".into());
                 self.reply(id, Err(refused)).await
             }

@@ -9,7 +9,8 @@ use super::seq::SeqCounters;
 use super::{
     codec, AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DeviceDays,
     Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreError, StoreResult, StoredList, StoredMessage, Totals, UploadMeta, Usage,
+    SharedAppend, SignedKey, StoreError, StoreResult, StoredList, StoredMessage, Totals,
+    UploadMeta, Usage,
 };
 use tern_platform::clock::UnixMillis;
 
@@ -25,7 +26,11 @@ pub struct MemoryStore {
 struct Inner {
     /// Epoch 0: nothing outlives the process, so there is never a later one.
     seqs: SeqCounters,
-    messages: BTreeMap<(DeviceAddress, u64), StoredMessage>,
+    /// Each message, with the shared body it points at (a key of `bodies`).
+    messages: BTreeMap<(DeviceAddress, u64), (StoredMessage, Option<u64>)>,
+    /// Shared bodies, by a number of this store's: the bytes and the entries left.
+    bodies: HashMap<u64, (bytes::Bytes, u64)>,
+    next_body: u64,
     expiry: super::ExpiryIndex,
     usage: HashMap<DeviceAddress, Usage>,
     /// The sum of `usage`.
@@ -69,17 +74,37 @@ impl MemoryStore {
 
 impl Inner {
     fn take(&mut self, of: &DeviceAddress, seq: u64) -> Option<StoredMessage> {
-        let msg = self.messages.remove(&(*of, seq))?;
+        let (msg, body) = self.messages.remove(&(*of, seq))?;
         self.expiry.remove(&(msg.expires_at, *of, seq));
         let usage = self.usage.entry(*of).or_default();
         usage.messages -= 1;
-        usage.bytes -= msg.payload.len() as u64;
+        usage.bytes -= msg.len();
         if usage.messages == 0 {
             self.usage.remove(of);
         }
         self.totals.messages -= 1;
         self.totals.bytes -= msg.payload.len() as u64;
+        // The last entry takes the body with it.
+        if let Some(id) = body {
+            if let Some((bytes, refs)) = self.bodies.get_mut(&id) {
+                *refs -= 1;
+                if *refs == 0 {
+                    self.totals.bytes -= bytes.len() as u64;
+                    self.bodies.remove(&id);
+                }
+            }
+        }
         Some(msg)
+    }
+
+    fn insert(&mut self, to: &DeviceAddress, msg: StoredMessage, body: Option<u64>) {
+        self.expiry.insert((msg.expires_at, *to, msg.seq));
+        let usage = self.usage.entry(*to).or_default();
+        usage.messages += 1;
+        usage.bytes += msg.len();
+        self.totals.messages += 1;
+        self.totals.bytes += msg.payload.len() as u64;
+        self.messages.insert((*to, msg.seq), (msg, body));
     }
 }
 
@@ -94,24 +119,49 @@ impl MailboxStore for MemoryStore {
         let mut inner = self.lock();
         let seqs = inner.seqs.take(to, msgs.len())?;
         for (m, &seq) in msgs.iter().zip(&seqs) {
-            inner.messages.insert(
-                (*to, seq),
-                StoredMessage {
-                    seq,
-                    message_id: m.message_id,
-                    payload: m.payload.clone(),
-                    accepted_at,
-                    expires_at,
-                },
-            );
-            inner.expiry.insert((expires_at, *to, seq));
-            let usage = inner.usage.entry(*to).or_default();
-            usage.messages += 1;
-            usage.bytes += m.payload.len() as u64;
-            inner.totals.messages += 1;
-            inner.totals.bytes += m.payload.len() as u64;
+            let msg = StoredMessage {
+                seq,
+                message_id: m.message_id,
+                payload: m.payload.clone(),
+                accepted_at,
+                expires_at,
+                shared_body: None,
+            };
+            inner.insert(to, msg, None);
         }
         Ok(seqs)
+    }
+
+    fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        if append.entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inner = self.lock();
+        let mut seqs = Vec::with_capacity(append.entries.len());
+        for e in append.entries {
+            seqs.push(inner.seqs.take(&e.to, 1)?[0]);
+        }
+        let id = inner.next_body;
+        inner.next_body += 1;
+        let refs = append.entries.len() as u64;
+        inner.bodies.insert(id, (append.body.clone(), refs));
+        inner.totals.bytes += append.body.len() as u64;
+        for (e, &seq) in append.entries.iter().zip(&seqs) {
+            let msg = StoredMessage {
+                seq,
+                message_id: append.message_id,
+                payload: e.part.clone(),
+                accepted_at: append.accepted_at,
+                expires_at: append.expires_at,
+                shared_body: Some(append.body.clone()),
+            };
+            inner.insert(&e.to, msg, Some(id));
+        }
+        Ok(seqs)
+    }
+
+    fn shared_bodies(&self) -> u64 {
+        self.lock().bodies.len() as u64
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -123,7 +173,7 @@ impl MailboxStore for MemoryStore {
             .messages
             .range((*of, start)..=(*of, u64::MAX))
             .take(max)
-            .map(|(_, m)| m.clone())
+            .map(|(_, (m, _))| m.clone())
             .collect())
     }
 
@@ -146,7 +196,7 @@ impl MailboxStore for MemoryStore {
         for seq in seqs {
             if let Some(m) = inner.take(of, *seq) {
                 removed.messages += 1;
-                removed.bytes += m.payload.len() as u64;
+                removed.bytes += m.len();
             }
         }
         Ok(removed)
@@ -593,6 +643,7 @@ mod tests {
         super::super::conformance::mailbox_rules(&super::MemoryStore::new());
         super::super::conformance::seqs_are_per_mailbox(&super::MemoryStore::new());
         super::super::conformance::totals_rules(&super::MemoryStore::new());
+        super::super::conformance::shared_body_rules(&super::MemoryStore::new());
         super::super::conformance::account_rules(&super::MemoryStore::new());
         super::super::conformance::day_rules(&super::MemoryStore::new());
         super::super::conformance::key_rules(&super::MemoryStore::new());

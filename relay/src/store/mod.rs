@@ -38,11 +38,13 @@ mod commit;
 mod compose;
 pub(crate) mod days;
 mod discovery;
+mod expiry;
 pub mod fault;
 mod log;
 mod memory;
 pub mod pg;
 mod seq;
+mod shared;
 mod sled;
 mod slots;
 
@@ -53,8 +55,10 @@ pub use self::commit::{Durability, GroupCommit};
 pub use self::compose::Stores;
 pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
+pub(crate) use self::expiry::{due, ExpiryIndex};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
+pub use self::shared::{SharedAppend, SharedEntry};
 pub use self::sled::{DeviceKeysDump, DiscoveryDump, SledStore};
 pub use self::slots::{MemorySlots, ProvisioningStore, SlotOpen, SlotTake};
 
@@ -141,6 +145,10 @@ pub struct StoredMessage {
     pub accepted_at: UnixMillis,
     /// When it expires.
     pub expires_at: UnixMillis,
+    /// The body of a multi-recipient send, stored once for all its recipients;
+    /// `payload` is then this mailbox's part (often empty). `None` for a message of
+    /// its own.
+    pub shared_body: Option<Bytes>,
 }
 
 /// What a mailbox holds.
@@ -156,9 +164,10 @@ pub struct Usage {
 /// O(1).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Totals {
-    /// Queued messages.
+    /// Queued messages (a shared body's entries each count).
     pub messages: u64,
-    /// Their payload bytes.
+    /// Bytes stored: payloads and parts, and each shared body once (the mailboxes'
+    /// usage counts a shared body once per entry).
     pub bytes: u64,
     /// Mailboxes holding at least one message.
     pub mailboxes: u64,
@@ -226,6 +235,25 @@ pub trait MailboxStore: Flush {
     ) -> StoreResult<Staged<Vec<u64>>> {
         self.append(to, msgs, accepted_at, expires_at)
             .map(Staged::Applied)
+    }
+
+    /// [`MailboxStore::append_shared`], or queued for a commit shared with other
+    /// writes (the body and every entry in one transaction).
+    fn stage_append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Staged<Vec<u64>>> {
+        self.append_shared(append).map(Staged::Applied)
+    }
+
+    /// Stores `append`'s body once and one entry per mailbox pointing at it, all or
+    /// nothing; returns each entry's seq, in order. Each entry counts toward its
+    /// mailbox's usage as one message of (part + body) bytes; the totals count the
+    /// body once. The body is deleted with its last entry (ack, expiry, purge), and
+    /// at its expiry whatever the count. Visible at once; durable after
+    /// [`Flush::flush`].
+    fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>>;
+
+    /// Shared bodies held now (for tests and the metrics).
+    fn shared_bodies(&self) -> u64 {
+        0
     }
 
     /// [`MailboxStore::remove`], or queued for a commit shared with other writes.
@@ -655,32 +683,4 @@ pub struct Published {
     pub signed_prekey_id: Option<u32>,
     /// One-time prekeys left.
     pub one_time: u64,
-}
-
-/// An expiry index kept in memory, as (expires at, mailbox, seq), soonest first.
-pub(crate) type ExpiryIndex = std::collections::BTreeSet<(UnixMillis, DeviceAddress, u64)>;
-
-/// Up to `max` entries of `index` due at `now`.
-pub(crate) fn due(index: &ExpiryIndex, now: UnixMillis, max: usize) -> Vec<Expired> {
-    index
-        .iter()
-        .take_while(|(at, _, _)| *at <= now)
-        .take(max)
-        .map(|&(expires_at, to, seq)| Expired {
-            to,
-            seq,
-            expires_at,
-        })
-        .collect()
-}
-
-impl Expired {
-    /// The seqs of the entries that belong to `of`.
-    pub(crate) fn seqs_of(entries: &[Expired], of: &DeviceAddress) -> Vec<u64> {
-        entries
-            .iter()
-            .filter(|e| e.to == *of)
-            .map(|e| e.seq)
-            .collect()
-    }
 }

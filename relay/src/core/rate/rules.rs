@@ -79,6 +79,18 @@ impl RateLimits {
         }
     }
 
+    /// A multi-recipient send from `prefix`: one unit of the prefix's sealed-send
+    /// rate for the whole send, whatever its number of recipients.
+    pub fn multi_send(&self, prefix: &AddressPrefix) -> Result<()> {
+        self.sealed_per_prefix.check(prefix)
+    }
+
+    /// One unit of `account`'s sealed-send rate (per token) for its devices in a
+    /// multi-recipient send.
+    pub fn multi_send_to(&self, account: &AccountId) -> Result<()> {
+        self.sealed_per_token.check(account)
+    }
+
     /// `n` envelopes from `from` into the mailbox `to`, which holds `queued` messages.
     pub fn intake(&self, from: &SenderKey, to: &DeviceAddress, queued: u64, n: u32) -> Result<()> {
         if queued < self.intake_above_queued {

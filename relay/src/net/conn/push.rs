@@ -26,7 +26,7 @@ fn delivery(m: StoredMessage) -> Frame {
         seq: m.seq,
         message_id: m.message_id,
         payload: m.payload,
-        shared_body: None,
+        shared_body: m.shared_body,
         accepted_at_ms: m.accepted_at,
         expires_at_ms: m.expires_at,
     };

@@ -2,11 +2,11 @@
 //! arrive, each answered once its group commit is done.
 
 use bytes::Bytes;
-use tern_proto::{DeviceAddress, Reply};
+use tern_proto::{DeviceAddress, MultiSend, Reply};
 
 use super::{response, Session};
 use crate::error::{Error, Result};
-use crate::mailboxes::Appended;
+use crate::mailboxes::{append_multi, Appended};
 use crate::{server::Services, store::Envelope};
 
 impl Session {
@@ -48,6 +48,32 @@ impl Session {
             services.mailboxes().append(&to, &envelopes)
         })
         .await
+    }
+
+    /// A multi-recipient send (anonymous, like a sealed send): the body stored once,
+    /// an entry per accepted device, answered with what was refused once its
+    /// commit is done. In arrival order with the connection's other sends.
+    pub(super) async fn multi_send(&mut self, id: u64, send: MultiSend) {
+        if !self.take_place(id).await {
+            return;
+        }
+        let Ok(permit) = self.requests.clone().acquire_owned().await else {
+            return;
+        };
+        let appended = append_multi(&self.services, &send, self.prefix, false);
+        let stored = appended.is_ok();
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let result = match appended {
+                Ok(appended) => appended.commit().await,
+                Err(e) => Err(e),
+            };
+            let _ = out.send(response(id, result.map(Reply::MultiSend))).await;
+            drop(permit);
+        });
+        if stored {
+            self.anonymous_request();
+        }
     }
 
     /// Appends a send here, in the order requests arrive (so pipelined sends to one

@@ -12,7 +12,8 @@ use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use crate::store::{
     AccountDays, AccountRecord, AccountStore, BlobId, BlobIndex, BlobMeta, DiscoveryStore,
     Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreResult, StoredList, StoredMessage, TagRecord, Totals, UploadMeta, Usage,
+    SharedAppend, SignedKey, StoreResult, StoredList, StoredMessage, TagRecord, Totals, UploadMeta,
+    Usage,
 };
 
 /// A store and its written-since-the-last-flush flag.
@@ -89,6 +90,12 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
         expires_at: UnixMillis,
     ) -> StoreResult<Vec<u64>> {
         self.write(|s| s.append(to, msgs, accepted_at, expires_at))
+    }
+    fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        self.write(|s| s.append_shared(append))
+    }
+    fn shared_bodies(&self) -> u64 {
+        self.store.shared_bodies()
     }
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
         self.store.read(of, after, max)

@@ -147,6 +147,9 @@ impl MailboxStore for NoPayloads {
     ) -> StoreResult<Vec<u64>> {
         self.0.append(to, msgs, accepted_at, expires_at)
     }
+    fn append_shared(&self, append: &crate::store::SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        self.0.append_shared(append)
+    }
     fn read(&self, _: &DeviceAddress, _: u64, _: usize) -> StoreResult<Vec<StoredMessage>> {
         Err(StoreError::Backend("payloads read".into()))
     }

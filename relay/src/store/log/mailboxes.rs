@@ -11,17 +11,29 @@ use tracing::warn;
 
 use super::record::{self, MessageHeader};
 use super::{io, lock, Loc, LogStore, Segment, EARLY_SPARE};
+use crate::store::seq::SeqCounters;
 use crate::store::{
-    Envelope, Expired, Flush, MailboxStore, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    Envelope, Expired, Flush, MailboxStore, SharedAppend, StoreError, StoreResult, StoredMessage,
+    Totals, Usage,
 };
 
-impl MailboxStore for LogStore {
-    fn append(
+/// An entry's body record (offset, length) in the entry's segment.
+type BodyAt = Option<(u64, u32)>;
+
+/// What an append places: each record's mailbox, seq and location, and the body
+/// (offset, record length) if it wrote one.
+pub(super) struct Placed {
+    pub(super) records: Vec<(DeviceAddress, u64, Loc)>,
+    pub(super) body: Option<(u64, u32)>,
+}
+
+impl LogStore {
+    /// Writes the records `encode` puts in the buffer (given the offset it starts at
+    /// in the active segment, the seq counters and that segment's id) with one
+    /// `write`, then indexes them: all or nothing.
+    pub(super) fn write_records(
         &self,
-        to: &DeviceAddress,
-        msgs: &[Envelope],
-        accepted_at: UnixMillis,
-        expires_at: UnixMillis,
+        encode: impl FnOnce(&mut Vec<u8>, u64, &mut SeqCounters, u64) -> StoreResult<Placed>,
     ) -> StoreResult<Vec<u64>> {
         let shared = &*self.shared;
         let mut w = lock(&shared.writer);
@@ -37,28 +49,7 @@ impl MailboxStore for LogStore {
         let w = &mut *w;
         let start = w.len;
         w.buf.clear();
-        let mut placed = Vec::with_capacity(msgs.len());
-        for (m, seq) in msgs.iter().zip(w.seqs.take(to, msgs.len())?) {
-            let offset = start + w.buf.len() as u64;
-            let header = MessageHeader {
-                to: *to,
-                seq,
-                accepted_at,
-                expires_at,
-                message_id: m.message_id,
-            };
-            let len = record::encode_message(&mut w.buf, &header, &m.payload);
-            let len = u32::try_from(len).map_err(|_| StoreError::Corrupt("record too long"))?;
-            placed.push((
-                seq,
-                Loc {
-                    segment: w.active.id,
-                    offset,
-                    len,
-                    expires_at,
-                },
-            ));
-        }
+        let placed = encode(&mut w.buf, start, &mut w.seqs, w.active.id)?;
         // On failure nothing is indexed, and the next append starts a new segment
         // rather than write over part of what may have reached this one.
         let written = crate::store::fault::check(crate::store::fault::Site::LogAppend)
@@ -68,7 +59,7 @@ impl MailboxStore for LogStore {
             // Part of the batch may have reached the file; a restart's scan must not
             // deliver a send that was refused. Best effort: where nothing arrived,
             // there is nothing to cover.
-            let max_seq = placed.last().map_or(0, |(seq, _)| *seq);
+            let max_seq = placed.records.iter().map(|r| r.1).max().unwrap_or(0);
             if let Ok(dead) = record::dead_header(w.buf.len() as u64, max_seq) {
                 if w.active.file.write_all_at(&dead, start).is_ok() {
                     w.dirty = true;
@@ -90,12 +81,61 @@ impl MailboxStore for LogStore {
             w.buf = Vec::new();
         }
         // Indexed before the writer is released, so a roll never deletes a segment
-        // whose messages are not counted yet.
+        // whose messages are not counted yet; a body before its entries.
         let mut index = lock(&shared.index);
-        for (seq, loc) in &placed {
+        if let Some((offset, len)) = placed.body {
+            index.add_body(w.active.id, offset, len);
+        }
+        for (to, seq, loc) in &placed.records {
             index.insert(*to, *seq, *loc);
         }
-        Ok(placed.into_iter().map(|(seq, _)| seq).collect())
+        Ok(placed.records.into_iter().map(|(_, seq, _)| seq).collect())
+    }
+}
+
+impl MailboxStore for LogStore {
+    fn append(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[Envelope],
+        accepted_at: UnixMillis,
+        expires_at: UnixMillis,
+    ) -> StoreResult<Vec<u64>> {
+        self.write_records(|buf, start, seqs, segment| {
+            let mut records = Vec::with_capacity(msgs.len());
+            for (m, seq) in msgs.iter().zip(seqs.take(to, msgs.len())?) {
+                let offset = start + buf.len() as u64;
+                let header = MessageHeader {
+                    to: *to,
+                    seq,
+                    accepted_at,
+                    expires_at,
+                    message_id: m.message_id,
+                };
+                let len = record::encode_message(buf, &header, &m.payload);
+                let len = u32::try_from(len).map_err(|_| StoreError::Corrupt("record too long"))?;
+                let loc = Loc {
+                    segment,
+                    offset,
+                    len,
+                    expires_at,
+                    body: None,
+                };
+                records.push((*to, seq, loc));
+            }
+            Ok(Placed {
+                records,
+                body: None,
+            })
+        })
+    }
+
+    fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        self.append_shared_records(append)
+    }
+
+    fn shared_bodies(&self) -> u64 {
+        lock(&self.shared.index).bodies.len() as u64
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
@@ -107,7 +147,8 @@ impl MailboxStore for LogStore {
             segment: Arc<Segment>,
             start: u64,
             end: u64,
-            items: Vec<(u64, u64, u64)>,
+            /// Seq, offset, length, and an entry's body.
+            items: Vec<(u64, u64, u64, BodyAt)>,
         }
         let mut runs: Vec<Run> = Vec::new();
         {
@@ -116,7 +157,7 @@ impl MailboxStore for LogStore {
                 return Ok(Vec::new());
             };
             for (&seq, loc) in mailbox.entries.range(first..).take(max) {
-                let item = (seq, loc.offset, u64::from(loc.len));
+                let item = (seq, loc.offset, u64::from(loc.len), loc.body);
                 match runs.last_mut() {
                     Some(r) if r.segment.id == loc.segment && r.end == loc.offset => {
                         r.end += u64::from(loc.len);
@@ -145,17 +186,28 @@ impl MailboxStore for LogStore {
                 .read_exact_at(&mut buf, run.start)
                 .map_err(|e| io("reading", e))?;
             let buf = Bytes::from(buf);
-            for (seq, offset, len) in run.items {
+            for (seq, offset, len, body) in run.items {
                 let at = (offset - run.start) as usize;
                 let rec = buf.slice(at..at + len as usize);
-                match record::decode_message(&rec)? {
-                    Some(m) if m.header.seq == seq && m.header.to == *of => {
+                let m = record::decode_message(&rec)?
+                    .filter(|m| m.header.seq == seq && m.header.to == *of);
+                // An entry's body, read from the cache or the disk.
+                let shared_body = match (&m, body) {
+                    (Some(m), Some((at, blen))) if m.body == Some(at) => {
+                        self.read_body(&run.segment, at, blen)?.map(Some)
+                    }
+                    (Some(m), None) if m.body.is_none() => Some(None),
+                    _ => None,
+                };
+                match (m, shared_body) {
+                    (Some(m), Some(shared_body)) => {
                         out.push(StoredMessage {
                             seq,
                             message_id: m.header.message_id,
                             payload: m.payload,
                             accepted_at: m.header.accepted_at,
                             expires_at: m.header.expires_at,
+                            shared_body,
                         });
                     }
                     // Removed and scrubbed since it was located, or damaged on disk.

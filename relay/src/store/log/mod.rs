@@ -20,6 +20,7 @@
 //! Expiry (P3): a start does not index what has expired by then, and a segment kept for
 //! damage is deleted 30 days after it was first found ([`pinned`]).
 
+mod bodies;
 mod dump;
 mod files;
 mod holes;
@@ -124,11 +125,26 @@ struct Loc {
     offset: u64,
     len: u32,
     expires_at: UnixMillis,
+    /// An entry's body record in the same segment: its offset and length.
+    body: Option<(u64, u32)>,
 }
 
 impl Loc {
+    /// What the mailbox counts: the payload, or an entry's part and body.
     fn payload_len(&self) -> u64 {
-        u64::from(self.len) - record::MESSAGE_OVERHEAD as u64
+        match self.body {
+            None => self.own_len(),
+            Some((_, len)) => self.own_len() + u64::from(len) - record::BODY_OVERHEAD as u64,
+        }
+    }
+
+    /// The bytes of this record alone: the payload, or an entry's part.
+    fn own_len(&self) -> u64 {
+        let overhead = match self.body {
+            None => record::MESSAGE_OVERHEAD,
+            Some(_) => record::ENTRY_OVERHEAD,
+        };
+        u64::from(self.len) - overhead as u64
     }
 }
 
@@ -177,8 +193,12 @@ struct Index {
     active: u64,
     /// Segments kept for damage, with the time they are deleted at (see [`pinned`]).
     deadlines: Vec<(u64, UnixMillis)>,
-    /// The sum of every mailbox's usage, kept beside them.
+    /// The sum of every record's own bytes (each shared body once), kept beside
+    /// the mailboxes.
     totals: Usage,
+    /// Shared bodies, by (segment, offset): the entries that point at each. Not
+    /// stored: the scan at open counts them.
+    bodies: HashMap<(u64, u64), bodies::Body>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -203,12 +223,16 @@ const SPARE_SLACK: u64 = 4 << 20;
 const EARLY_SPARE: u64 = 1 << 20;
 
 impl Index {
+    /// Indexes a message or entry (an entry's body is indexed first).
     fn insert(&mut self, to: DeviceAddress, seq: u64, loc: Loc) {
         let mailbox = self.mailboxes.entry(to).or_default();
         mailbox.entries.insert(seq, loc);
         mailbox.usage.messages += 1;
         mailbox.usage.bytes += loc.payload_len();
-        self.count(1, loc.payload_len());
+        self.count(1, loc.own_len());
+        if let Some((offset, _)) = loc.body {
+            self.hold_body(loc.segment, offset);
+        }
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
@@ -324,6 +348,12 @@ impl LogStore {
             warn!(
                 damaged = counts.damaged,
                 "damaged mailbox log records skipped"
+            );
+        }
+        if counts.orphans > 0 {
+            info!(
+                bodies = counts.orphans,
+                "shared bodies with no entry left dropped at start"
             );
         }
         if counts.expired > 0 {

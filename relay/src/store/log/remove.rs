@@ -39,14 +39,20 @@ impl Index {
         let taken: Vec<(u64, Loc)> = seqs
             .filter_map(|seq| Some((seq, mailbox.entries.remove(&seq)?)))
             .collect();
+        let mut own = 0;
         for (_, loc) in &taken {
             removed.messages += 1;
             removed.bytes += loc.payload_len();
+            own += loc.own_len();
         }
         mailbox.usage.messages -= removed.messages;
         mailbox.usage.bytes -= removed.bytes;
         let empty = mailbox.entries.is_empty();
-        self.uncount(removed);
+        // A shared body's bytes leave the totals with the body (`Index::retire`).
+        self.uncount(Usage {
+            messages: removed.messages,
+            bytes: own,
+        });
         if empty {
             self.mailboxes.remove(of);
         }
@@ -73,12 +79,12 @@ impl Index {
             mailbox.usage.bytes += t.loc.payload_len();
             self.expiry.insert((t.loc.expires_at, *of, t.seq));
         }
-        let bytes = taken.iter().map(|t| t.loc.payload_len()).sum();
+        let bytes = taken.iter().map(|t| t.loc.own_len()).sum();
         self.count(taken.len() as u64, bytes);
     }
 
-    /// Queues taken messages for the scrub; returns the segments left with nothing
-    /// live (to delete).
+    /// Queues taken messages for the scrub, with a shared body whose last entry
+    /// they were; returns the segments left with nothing live (to delete).
     pub(super) fn retire(&mut self, taken: &[Taken]) -> Vec<Arc<Segment>> {
         let mut empty = Vec::new();
         for t in taken {
@@ -89,6 +95,9 @@ impl Index {
                     len: u64::from(t.loc.len),
                     seq: t.seq,
                 });
+            }
+            if let Some((offset, _)) = t.loc.body {
+                empty.extend(self.release_body(t.loc.segment, offset));
             }
             empty.extend(self.take_if_empty(t.loc.segment));
         }

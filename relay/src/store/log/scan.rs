@@ -1,14 +1,14 @@
 //! Rebuilding the index at start: one pass over a segment's records.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tracing::warn;
 
-use super::record::{self, Next, HEADER_LEN, PEEK_LEN};
+use super::record::{self, Decoded, Next, HEADER_LEN, PEEK_LEN};
 use super::{io, Dead, Index, Loc, Segment, SegmentState};
 use crate::core::expiry::is_expired;
 use crate::store::{StoreError, StoreResult};
@@ -23,6 +23,8 @@ pub(super) struct Counts {
     pub(super) damaged: u64,
     /// Messages expired at `now`: not indexed, queued for the scrub.
     pub(super) expired: u64,
+    /// Shared bodies no entry points at any more: dropped, queued for the scrub.
+    pub(super) orphans: u64,
 }
 
 /// Indexes one segment's messages that have not expired at `now`; returns its seq
@@ -37,6 +39,7 @@ pub(super) fn scan(
         next_seq,
         damaged,
         expired,
+        orphans,
     } = counts;
     let file_len = segment
         .file
@@ -48,11 +51,21 @@ pub(super) fn scan(
     if file_len < HEADER_LEN || reader.read_exact(&mut header).is_err() {
         return Ok(None);
     }
+    if let Some(format) = record::newer_format(&header) {
+        return Err(StoreError::Backend(format!(
+            "mailbox log segment {} is format {format}, written by a newer relay (this one \
+             reads up to {}): run that relay, or restore the data directory it had",
+            segment.id,
+            record::FORMAT
+        )));
+    }
     let Some(floor) = record::parse_header(&header) else {
         return Ok(None);
     };
     let mut state = SegmentState::new(segment.clone());
     let mut found = Vec::new();
+    // Shared bodies in this segment, by offset: their record lengths.
+    let mut bodies: HashMap<u64, u32> = HashMap::new();
     let mut pos = HEADER_LEN;
     let read = |e| io("reading a segment", e);
     // One buffer for every record: an allocation per record was a tenth of a start.
@@ -83,9 +96,21 @@ pub(super) fn scan(
                 rec.resize(len as usize, 0);
                 reader.read_exact(&mut rec[prefix.len()..]).map_err(read)?;
                 match record::decode_header(&rec)? {
+                    Some(Decoded::Body(expires_at)) if is_expired(now, expires_at) => {
+                        state.dead.push(Dead {
+                            offset: pos,
+                            len: total,
+                            seq: 0,
+                        });
+                    }
+                    Some(Decoded::Body(_)) => {
+                        bodies.insert(pos, len);
+                    }
                     // Expiry wins over a restart: never indexed, and punched by the
                     // first scrub.
-                    Some(h) if is_expired(now, h.expires_at) => {
+                    Some(Decoded::Message(h) | Decoded::Entry(h, _))
+                        if is_expired(now, h.expires_at) =>
+                    {
                         *next_seq = (*next_seq).max(h.seq.saturating_add(1));
                         state.dead.push(Dead {
                             offset: pos,
@@ -94,13 +119,17 @@ pub(super) fn scan(
                         });
                         *expired += 1;
                     }
-                    Some(h) => found.push((
+                    Some(d @ (Decoded::Message(h) | Decoded::Entry(h, _))) => found.push((
                         h,
                         Loc {
                             segment: segment.id,
                             offset: pos,
                             len,
                             expires_at: h.expires_at,
+                            body: match d {
+                                Decoded::Entry(_, at) => Some((at, 0)),
+                                _ => None,
+                            },
                         },
                     )),
                     // Damaged, or a dead header torn by a crash. Its length is
@@ -125,7 +154,30 @@ pub(super) fn scan(
         };
         pos += total;
     }
+    // An entry whose body is missing (damaged, or expired before it) is dropped.
+    found.retain_mut(|(h, loc)| match loc.body {
+        None => true,
+        Some((at, _)) => match bodies.get(&at) {
+            Some(&blen) => {
+                loc.body = Some((at, blen));
+                true
+            }
+            None => {
+                *damaged += 1;
+                *next_seq = (*next_seq).max(h.seq.saturating_add(1));
+                state.dead.push(Dead {
+                    offset: loc.offset,
+                    len: u64::from(loc.len),
+                    seq: h.seq,
+                });
+                false
+            }
+        },
+    });
     index.segments.insert(segment.id, state);
+    for (&offset, &len) in &bodies {
+        index.add_body(segment.id, offset, len);
+    }
     for (h, loc) in found {
         let known = index
             .mailboxes
@@ -138,6 +190,7 @@ pub(super) fn scan(
         *next_seq = (*next_seq).max(h.seq.saturating_add(1));
         index.insert(h.to, h.seq, loc);
     }
+    *orphans += index.drop_unheld(segment.id);
     Ok(Some(floor))
 }
 
@@ -172,7 +225,7 @@ fn valid_at(file: &File, pos: u64, file_len: u64) -> StoreResult<bool> {
             let mut rec = vec![0u8; usize::try_from(total).unwrap_or(0)];
             file.read_exact_at(&mut rec, pos)
                 .map_err(|e| io("reading a segment", e))?;
-            Ok(record::decode_message(&Bytes::from(rec))?.is_some())
+            Ok(record::decode_header(&rec)?.is_some())
         }
     }
 }

@@ -1114,3 +1114,6 @@ fn a_purged_mailbox_leaves_no_address_or_payload_in_the_segments_after_settle() 
     );
     assert_eq!(seqs(&store, &kept).len(), 20);
 }
+
+#[path = "tests_shared.rs"]
+mod shared;

@@ -473,6 +473,12 @@ impl MailboxStore for PgBackend {
         self.wait_for_writer(staged)
     }
 
+    fn append_shared(&self, _append: &crate::store::SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        Err(StoreError::Backend(
+            "shared bodies are not stored on PostgreSQL yet".into(),
+        ))
+    }
+
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
         let Some(after) = cursor(after) else {
             return Ok(Vec::new());
@@ -495,6 +501,7 @@ impl MailboxStore for PgBackend {
                     payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
                     accepted_at: from_db(self.col(r, 3)?),
                     expires_at: from_db(self.col(r, 4)?),
+                    shared_body: None,
                 })
             })
             .collect()

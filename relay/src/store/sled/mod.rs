@@ -10,6 +10,7 @@
 //! | `U` account device | queued messages, queued bytes |
 //! | `E` expires-at account device seq | (empty) |
 //! | `Q` | the epoch of the last open's sequence numbers |
+//! | `B` account device seq | a shared body: expires at, bytes (`sled/mailboxes.rs`) |
 //!
 //! Sequence numbers are per mailbox (`store/seq.rs`): each open takes the next epoch,
 //! flushed before any append, and counts each mailbox's messages in memory.
@@ -33,20 +34,20 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use tern_proto::{DeviceAddress, MessageId};
+use tern_proto::DeviceAddress;
 
 use super::codec::{addr_bytes, fixed, parse_addr, ADDR_LEN};
 use super::seq::SeqCounters;
 use super::{
-    codec, Envelope, Expired, FetchedKeys, Flush, KeyStore, MailboxStore, OneTimeKey, Published,
-    SignedKey, StoreError, StoreResult, StoredMessage, Totals, Usage, PURGE_PAGE,
+    codec, FetchedKeys, Flush, KeyStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult,
+    Totals, Usage,
 };
 
 mod accounts;
 mod blobs;
 mod discovery;
 mod dump;
+mod mailboxes;
 
 pub use self::dump::{DeviceKeysDump, DiscoveryDump};
 use tern_platform::clock::UnixMillis;
@@ -85,6 +86,8 @@ pub struct SledStore {
     seqs: Arc<Mutex<SeqCounters>>,
     /// What every mailbox holds, summed from the usage keys at open.
     totals: Arc<SledTotals>,
+    /// Each shared body's entries, counted at open (`sled/mailboxes.rs`).
+    bodies: Arc<mailboxes::BodyRefs>,
 }
 
 /// [`Totals`] as atomics, changed after each batch that changes a usage key.
@@ -112,6 +115,15 @@ impl SledTotals {
             u64::from(before.messages > 0),
             u64::from(after.messages > 0),
         );
+    }
+
+    /// Shared bodies the usage keys count once per entry, counted once here.
+    fn sub_bytes(&self, n: u64) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    fn add_bytes(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
     }
 
     fn read(&self) -> Totals {
@@ -173,30 +185,6 @@ fn decode_usage(v: &[u8]) -> StoreResult<Usage> {
         messages: u64::from_be_bytes(fixed(&v[..8])?),
         bytes: u64::from_be_bytes(fixed(&v[8..])?),
     })
-}
-
-fn decode_message(key: &[u8], v: &[u8]) -> StoreResult<StoredMessage> {
-    if key.len() != MSG_KEY_LEN || v.len() < MSG_HEADER_LEN {
-        return Err(StoreError::Corrupt("message"));
-    }
-    Ok(StoredMessage {
-        seq: u64::from_be_bytes(fixed(&key[1 + ADDR_LEN..])?),
-        message_id: MessageId(fixed(&v[..16])?),
-        accepted_at: u64::from_be_bytes(fixed(&v[16..24])?),
-        expires_at: u64::from_be_bytes(fixed(&v[24..32])?),
-        payload: Bytes::copy_from_slice(&v[MSG_HEADER_LEN..]),
-    })
-}
-
-/// (expires_at, payload length) of a stored message value.
-fn message_meta(v: &[u8]) -> StoreResult<(UnixMillis, u64)> {
-    if v.len() < MSG_HEADER_LEN {
-        return Err(StoreError::Corrupt("message"));
-    }
-    Ok((
-        u64::from_be_bytes(fixed(&v[24..32])?),
-        (v.len() - MSG_HEADER_LEN) as u64,
-    ))
 }
 
 /// Counters for a new epoch, one above the last open's (an old database, whose seqs
@@ -271,9 +259,11 @@ impl SledStore {
             discovery,
             seqs,
             totals: Arc::default(),
+            bodies: Arc::default(),
         };
         store.migrate_blobs()?;
         store.sum_usage()?;
+        store.count_bodies()?;
         Ok(store)
     }
 
@@ -301,164 +291,6 @@ impl SledStore {
             Some(v) => decode_usage(&v),
             None => Ok(Usage::default()),
         }
-    }
-
-    /// Deletes the messages at `seqs` and their expiry entries in one batch, plus the
-    /// extra expiry entries given, adjusting usage.
-    fn delete(
-        &self,
-        of: &DeviceAddress,
-        seqs: impl Iterator<Item = u64>,
-        extra_expiry: &[Expired],
-    ) -> StoreResult<Usage> {
-        let mut batch = sled::Batch::default();
-        let mut removed = Usage::default();
-        // Reads below do not see the pending batch: a repeated seq must count once.
-        let seqs: std::collections::BTreeSet<u64> = seqs.collect();
-        for seq in seqs {
-            let key = msg_key(of, seq);
-            if let Some(v) = self.mailboxes.get(key).map_err(backend)? {
-                let (expires_at, len) = message_meta(&v)?;
-                batch.remove(&key[..]);
-                batch.remove(&expiry_key(expires_at, of, seq)[..]);
-                removed.messages += 1;
-                removed.bytes += len;
-            }
-        }
-        for e in extra_expiry {
-            batch.remove(&expiry_key(e.expires_at, &e.to, e.seq)[..]);
-        }
-        let mut change = None;
-        if removed.messages > 0 {
-            let before = self.current_usage(of)?;
-            let mut usage = before;
-            usage.messages = usage.messages.saturating_sub(removed.messages);
-            usage.bytes = usage.bytes.saturating_sub(removed.bytes);
-            if usage.messages == 0 {
-                batch.remove(&usage_key(of)[..]);
-            } else {
-                batch.insert(&usage_key(of)[..], &encode_usage(usage)[..]);
-            }
-            change = Some((before, usage));
-        }
-        self.mailboxes.apply_batch(batch).map_err(backend)?;
-        if let Some((before, after)) = change {
-            self.totals.change(before, after);
-        }
-        Ok(removed)
-    }
-}
-
-impl MailboxStore for SledStore {
-    fn append(
-        &self,
-        to: &DeviceAddress,
-        msgs: &[Envelope],
-        accepted_at: UnixMillis,
-        expires_at: UnixMillis,
-    ) -> StoreResult<Vec<u64>> {
-        let before = self.current_usage(to)?;
-        let mut usage = before;
-        let mut batch = sled::Batch::default();
-        let seqs = self
-            .seqs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(to, msgs.len())?;
-        for (m, &seq) in msgs.iter().zip(&seqs) {
-            let mut value = Vec::with_capacity(MSG_HEADER_LEN + m.payload.len());
-            value.extend_from_slice(m.message_id.as_bytes());
-            value.extend_from_slice(&accepted_at.to_be_bytes());
-            value.extend_from_slice(&expires_at.to_be_bytes());
-            value.extend_from_slice(&m.payload);
-            batch.insert(&msg_key(to, seq)[..], value);
-            batch.insert(&expiry_key(expires_at, to, seq)[..], &[][..]);
-            usage.messages += 1;
-            usage.bytes += m.payload.len() as u64;
-        }
-        batch.insert(&usage_key(to)[..], &encode_usage(usage)[..]);
-        self.mailboxes.apply_batch(batch).map_err(backend)?;
-        self.totals.change(before, usage);
-        Ok(seqs)
-    }
-
-    fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
-        let Some(start) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        let mut out = Vec::with_capacity(max.min(256));
-        for kv in self
-            .mailboxes
-            .range(msg_key(of, start)..=msg_key(of, u64::MAX))
-            .take(max)
-        {
-            let (k, v) = kv.map_err(backend)?;
-            out.push(decode_message(&k, &v)?);
-        }
-        Ok(out)
-    }
-
-    fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
-        let Some(start) = after.checked_add(1) else {
-            return Ok(Vec::new());
-        };
-        // The seq is the key's tail; values (with payloads) are dropped unread.
-        let mut out = Vec::with_capacity(max.min(PURGE_PAGE));
-        for kv in self
-            .mailboxes
-            .range(msg_key(of, start)..=msg_key(of, u64::MAX))
-            .take(max)
-        {
-            let (k, _) = kv.map_err(backend)?;
-            let tail = k
-                .get(1 + ADDR_LEN..)
-                .ok_or(StoreError::Corrupt("message key"))?;
-            out.push(u64::from_be_bytes(fixed(tail)?));
-        }
-        Ok(out)
-    }
-
-    fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        self.delete(of, seqs.iter().copied(), &[])
-    }
-
-    fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
-        self.current_usage(of)
-    }
-
-    fn totals(&self) -> Totals {
-        self.totals.read()
-    }
-
-    fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>> {
-        let mut end = [0u8; 9];
-        end[0] = EXPIRY;
-        end[1..].copy_from_slice(&now.to_be_bytes());
-        let mut out = Vec::new();
-        // Everything up to and including `now`: the bound is the first key past it.
-        let upper = {
-            let mut u = [0xffu8; EXPIRY_KEY_LEN];
-            u[..9].copy_from_slice(&end);
-            u
-        };
-        for kv in self.mailboxes.range(&[EXPIRY][..]..=&upper[..]).take(max) {
-            let (k, _) = kv.map_err(backend)?;
-            if k.len() != EXPIRY_KEY_LEN {
-                return Err(StoreError::Corrupt("expiry entry"));
-            }
-            out.push(Expired {
-                expires_at: u64::from_be_bytes(fixed(&k[1..9])?),
-                to: parse_addr(&k[9..9 + ADDR_LEN])?,
-                seq: u64::from_be_bytes(fixed(&k[9 + ADDR_LEN..])?),
-            });
-        }
-        Ok(out)
-    }
-
-    fn expire(&self, of: &DeviceAddress, entries: &[Expired]) -> StoreResult<Usage> {
-        let mine: Vec<Expired> = entries.iter().filter(|e| e.to == *of).copied().collect();
-        // The extra entries cover an expiry entry whose message is already gone.
-        self.delete(of, mine.iter().map(|e| e.seq), &mine)
     }
 }
 

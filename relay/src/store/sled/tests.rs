@@ -1,5 +1,7 @@
 use super::*;
-use crate::store::AccountStore;
+use crate::store::{AccountStore, Envelope, MailboxStore};
+use bytes::Bytes;
+use tern_proto::MessageId;
 use tern_proto::{AccountId, DeviceId};
 
 #[test]
@@ -8,6 +10,7 @@ fn conformance() {
     let store = SledStore::open(dir.path(), 8 << 20).expect("open");
     super::super::conformance::mailbox_rules(&store);
     super::super::conformance::seqs_are_per_mailbox(&store);
+    super::super::conformance::shared_body_rules(&store);
     super::super::conformance::account_rules(&store);
     super::super::conformance::day_rules(&store);
     super::super::conformance::key_rules(&store);
@@ -104,10 +107,15 @@ fn survives_reopen() {
 
 #[test]
 fn corrupt_records_are_errors_not_panics() {
-    assert!(decode_message(&[MSG; 3], &[0; 40]).is_err());
+    assert!(mailboxes::decode_value(&[0; 31]).is_err());
+    let mut entry = [0u8; 40];
+    entry[16] = 0x80;
+    assert!(
+        mailboxes::decode_value(&entry).is_err(),
+        "an entry cut short"
+    );
     assert!(decode_usage(&[1, 2, 3]).is_err());
     assert!(codec::decode_account(&[0; 33]).is_err());
-    assert!(message_meta(&[0; 5]).is_err());
     assert!(blobs::decode_blob(&[0; 48]).is_err());
     assert!(blobs::decode_blob_v1(&[0; 32]).is_err());
 }
@@ -319,4 +327,20 @@ fn an_account_record_in_the_first_format_is_read_and_kept_on_its_next_write() {
     assert!(matches!(store.get(&id), Err(StoreError::Corrupt(_))));
     assert!(matches!(store.days(&id), Err(StoreError::Corrupt(_))));
     assert!(store.touch_device(&a, 42).is_err());
+}
+
+#[test]
+fn shared_bodies_survive_reopen_and_unheld_ones_are_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    super::super::conformance::shared_bodies_across_reopen(&|| {
+        Box::new(SledStore::open(dir.path(), 8 << 20).expect("open"))
+    });
+    // A body whose entries are gone (a crash between the two) is deleted at open.
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    let key = mailboxes::body_key_for_tests();
+    store.mailboxes.insert(key, &[0u8; 12][..]).expect("insert");
+    drop(store);
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    assert!(store.mailboxes.get(key).expect("get").is_none());
+    assert_eq!(store.shared_bodies(), 0);
 }

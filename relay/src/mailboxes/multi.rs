@@ -1,0 +1,280 @@
+//! Multi-recipient sends: one body stored once, one entry per accepted device.
+//!
+//! [`append_multi`] checks each recipient account as a sealed send checks its one
+//! recipient (token and device list version once per account, then each device),
+//! then, holding every accepted device's ordering lock at once (taken in address
+//! order, so two fan-outs never deadlock), checks each mailbox's room and stores the
+//! body and its entries in one store call: under one flush, each mailbox's order and
+//! append-then-commit as for any send. What it refuses is answered per account or
+//! per device; when every device is refused nothing is stored.
+//!
+//! What the relay learns: the set of recipient mailboxes of one message (as the same
+//! message sent pairwise would show), never a sender (the anonymous link) nor a group.
+
+use std::sync::Arc;
+
+use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult, Refused};
+
+use super::{refused, ActiveMailboxes, Mailboxes};
+use crate::accounts::Accounts;
+use crate::cluster::Cluster;
+use crate::core::rate::{AddressPrefix, SenderKey};
+use crate::error::{Error, Result};
+use crate::server::Services;
+use crate::store::{GroupCommit, SharedAppend, SharedEntry, Staged};
+
+/// How far past `max_queued_messages` a commit or welcome may fill a mailbox, so a
+/// device offline through several epochs still gets every commit.
+pub const COMMIT_RESERVE: u64 = 64;
+
+/// Checks and stores a multi-recipient send from a sender at `from` (see the module
+/// docs); `reserve` for a group commit's or welcome's send, which may pass
+/// `max_queued_messages` by [`COMMIT_RESERVE`]. Errors refuse the whole send (a
+/// body too large, the sender's rate, the relay's budget, a store failure); what one
+/// recipient cannot take is in the result. Await [`MultiAppended::commit`] before
+/// answering.
+pub fn append_multi(
+    services: &Services,
+    send: &MultiSend,
+    from: AddressPrefix,
+    reserve: bool,
+) -> Result<MultiAppended> {
+    services
+        .mailboxes()
+        .append_multi(services.accounts(), send, from, reserve)
+}
+
+/// A multi-recipient send stored or queued: its entries are visible and durable once
+/// [`MultiAppended::commit`] resolves (the embedded stores show them at once).
+#[derive(Debug)]
+#[must_use = "the entries are not known to be durable until `commit` is awaited"]
+pub struct MultiAppended {
+    /// `None` when every device was refused: nothing was stored.
+    staged: Option<Staged<Vec<u64>>>,
+    to: Vec<DeviceAddress>,
+    refused: Vec<Refused>,
+    commit: Arc<GroupCommit>,
+    active: Arc<ActiveMailboxes>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl MultiAppended {
+    /// Devices whose entry is stored.
+    pub fn accepted(&self) -> usize {
+        self.to.len()
+    }
+
+    /// Waits until the body and its entries are durable as configured (the group
+    /// commit every send shares, or the shared backend's transaction); returns what
+    /// was accepted and refused.
+    pub async fn commit(self) -> Result<MultiSendResult> {
+        match self.staged {
+            None => {}
+            Some(Staged::Applied(_)) => self.commit.commit_mailboxes().await?,
+            Some(pending) => {
+                pending.wait().await.map_err(|e| refused(e, true))?;
+                // Visible only now.
+                for to in &self.to {
+                    self.active.wake(to);
+                }
+            }
+        }
+        if let Some(cluster) = &self.cluster {
+            for to in &self.to {
+                cluster.mail(to);
+            }
+        }
+        Ok(MultiSendResult {
+            accepted: u32::try_from(self.to.len()).unwrap_or(u32::MAX),
+            refused: self.refused,
+        })
+    }
+}
+
+/// What [`Mailboxes::stage_multi`] stored (`None`: nothing) and for whom.
+type Stored = (Option<Staged<Vec<u64>>>, Vec<DeviceAddress>);
+
+/// A device the account checks let through, waiting for its mailbox's.
+struct Candidate {
+    recipient: u32,
+    to: DeviceAddress,
+    part: bytes::Bytes,
+}
+
+/// The code a refusal of one recipient carries; `None` for an error that refuses
+/// the whole send (a store failure).
+fn refusal_code(e: &Error) -> Option<ErrorCode> {
+    match e {
+        Error::Unauthorized
+        | Error::UnknownRecipient
+        | Error::StaleDeviceList
+        | Error::MailboxFull(_)
+        | Error::RateLimited { .. } => Some(e.code()),
+        _ => None,
+    }
+}
+
+impl Mailboxes {
+    /// [`append_multi`], with the accounts service that checks the recipients.
+    pub fn append_multi(
+        &self,
+        accounts: &Accounts,
+        send: &MultiSend,
+        from: AddressPrefix,
+        reserve: bool,
+    ) -> Result<MultiAppended> {
+        let max = self.limits.max_envelope_bytes;
+        let too_large = |what, size: usize| Error::TooLarge { what, size, max };
+        if send.body.is_empty() {
+            return Err(Error::BadRequest(
+                "a multi-recipient send needs a body".into(),
+            ));
+        }
+        if send.body.len() > max {
+            return Err(too_large("body", send.body.len()));
+        }
+        for r in &send.recipients {
+            if !r.parts.is_empty() && r.parts.len() != r.devices.len() {
+                return Err(Error::BadRequest("parts do not match devices".into()));
+            }
+            if let Some(p) = r.parts.iter().find(|p| p.len() > max) {
+                return Err(too_large("part", p.len()));
+            }
+        }
+        self.rates.multi_send(&from)?;
+        let mut refusals = Vec::new();
+        let mut candidates = Vec::with_capacity(send.device_count());
+        for (i, r) in send.recipients.iter().enumerate() {
+            let recipient = u32::try_from(i).unwrap_or(u32::MAX);
+            let refuse = |device: Option<DeviceId>, code| Refused {
+                recipient,
+                device,
+                code,
+            };
+            let devices = if self.tombstones.contains(&r.account) {
+                Err(Error::Unauthorized)
+            } else {
+                accounts
+                    .sealed_recipients(
+                        &r.account,
+                        &r.delivery_token,
+                        r.device_list_version,
+                        &r.devices,
+                    )
+                    .and_then(|d| self.rates.multi_send_to(&r.account).map(|()| d))
+            };
+            let devices = match devices {
+                Ok(d) => d,
+                Err(e) => {
+                    refusals.push(refuse(None, refusal_code(&e).ok_or(e)?));
+                    continue;
+                }
+            };
+            for (j, checked) in devices.into_iter().enumerate() {
+                match checked {
+                    Ok(to) => candidates.push(Candidate {
+                        recipient,
+                        to,
+                        part: r.parts.get(j).cloned().unwrap_or_default(),
+                    }),
+                    Err(e) => {
+                        let device = r.devices.get(j).copied();
+                        refusals.push(refuse(device, refusal_code(&e).ok_or(e)?));
+                    }
+                }
+            }
+        }
+        let mut appended = MultiAppended {
+            staged: None,
+            to: Vec::new(),
+            refused: Vec::new(),
+            commit: self.commit.clone(),
+            active: self.active.clone(),
+            cluster: self.cluster.get().cloned(),
+        };
+        if !candidates.is_empty() {
+            let addrs: Vec<DeviceAddress> = candidates.iter().map(|c| c.to).collect();
+            // A shared backend's reads happen here, not under the device locks.
+            for a in &addrs {
+                self.store.prefetch_usage(a);
+            }
+            let (staged, to) = self.active.ordered_many(&addrs, || {
+                self.stage_multi(send, candidates, from, reserve, &mut refusals)
+            })?;
+            if matches!(staged, Some(Staged::Applied(_))) {
+                for a in &to {
+                    self.active.wake(a);
+                }
+            }
+            appended.staged = staged;
+            appended.to = to;
+        }
+        refusals.sort_by_key(|r| (r.recipient, r.device));
+        appended.refused = refusals;
+        Ok(appended)
+    }
+
+    /// Under every candidate's ordering lock: the checks that read its mailbox, then
+    /// the body and the entries of those that passed, in one store call.
+    fn stage_multi(
+        &self,
+        send: &MultiSend,
+        candidates: Vec<Candidate>,
+        from: AddressPrefix,
+        reserve: bool,
+        refusals: &mut Vec<Refused>,
+    ) -> Result<Stored> {
+        let sender = SenderKey::Prefix(from);
+        let extra = if reserve { COMMIT_RESERVE } else { 0 };
+        let mut entries = Vec::with_capacity(candidates.len());
+        let mut totals = None;
+        for c in candidates {
+            let bytes = (c.part.len() + send.body.len()) as u64;
+            let checked = (|| {
+                // Checked under the device lock, which a deletion's purge takes too.
+                if self.tombstones.contains(&c.to.account) || self.tombstones.contains_device(&c.to)
+                {
+                    return Err(Error::Unauthorized);
+                }
+                let (usage, t) = self.store.usage_and_totals(&c.to)?;
+                totals = Some(t);
+                if usage.messages.saturating_add(1) > self.limits.max_queued_messages + extra {
+                    return Err(Error::MailboxFull("too many queued messages"));
+                }
+                if usage.bytes.saturating_add(bytes) > self.limits.max_queued_bytes {
+                    return Err(Error::MailboxFull("too many queued bytes"));
+                }
+                self.rates.intake(&sender, &c.to, usage.messages, 1)
+            })();
+            match checked {
+                Ok(()) => entries.push(SharedEntry {
+                    to: c.to,
+                    part: c.part,
+                }),
+                Err(e) => refusals.push(Refused {
+                    recipient: c.recipient,
+                    device: Some(c.to.device),
+                    code: refusal_code(&e).ok_or(e)?,
+                }),
+            }
+        }
+        let (Some(totals), false) = (totals, entries.is_empty()) else {
+            return Ok((None, Vec::new()));
+        };
+        let now = self.clock.now();
+        let append = SharedAppend {
+            message_id: send.message_id,
+            body: &send.body,
+            entries: &entries,
+            accepted_at: now,
+            expires_at: self.ttl.expires_at(now),
+        };
+        self.budget
+            .check_enqueue(totals, entries.len() as u64, append.stored_bytes())?;
+        let staged = self
+            .store
+            .stage_append_shared(&append)
+            .map_err(|e| refused(e, true))?;
+        Ok((Some(staged), entries.into_iter().map(|e| e.to).collect()))
+    }
+}
