@@ -14,6 +14,8 @@
 //!     and wake-ups, one append-then-commit call, pull, ack, sweep.
 //!   - [`accounts`]: accounts and devices, session proofs, delivery tokens.
 //!   - `keys`: the key directory (signed and one-time prekeys).
+//!   - `groups`: the MLS delivery service: key packages, and each group handle's
+//!     epoch (commits ordered one per epoch).
 //!   - `certificates`: sender certificates, signed with the relay's key.
 //!   - [`media`]: encrypted media, content-addressed files stored once per id.
 //!   - [`deletion`]: account deletion and linked-device removal, with the
@@ -134,6 +136,7 @@ pub mod logging;
 pub mod server;
 
 pub(crate) mod certificates;
+pub(crate) mod groups;
 pub(crate) mod keys;
 pub(crate) mod net;
 pub mod testing;

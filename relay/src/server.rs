@@ -35,6 +35,7 @@ use crate::verification::Verification;
 pub struct Services {
     accounts: Accounts,
     keys: KeyDirectory,
+    groups: crate::groups::Groups,
     certificates: CertificateIssuer,
     mailboxes: Mailboxes,
     provisioning: Provisioning,
@@ -114,7 +115,19 @@ impl Services {
             tombstones.clone(),
         ));
         let (c, r, b) = (&commit, &rates, &budget);
+        let groups = crate::groups::Groups::new(crate::groups::GroupsParts {
+            accounts: accounts.clone(),
+            packages: stores.key_packages.clone(),
+            groups: stores.groups.clone(),
+            commit: c.clone(),
+            rates: r.clone(),
+            budget: b.clone(),
+            tombstones: tombstones.clone(),
+            clock: clock.clone(),
+            idle_days: rate_config.group_idle_days,
+        });
         Ok(Services {
+            groups,
             accounts: Accounts::new(
                 accounts.clone(),
                 c.clone(),
@@ -187,6 +200,11 @@ impl Services {
     /// The key directory.
     pub(crate) fn keys(&self) -> &KeyDirectory {
         &self.keys
+    }
+
+    /// The MLS delivery service: key packages and group epochs.
+    pub(crate) fn groups(&self) -> &crate::groups::Groups {
+        &self.groups
     }
 
     /// Sender certificates.

@@ -65,6 +65,16 @@ pub struct RateLimitsConfig {
     /// `TakeProvisioning` and `DepositProvisioning` requests per IPv4 address or IPv6
     /// /64 (a new device polls about once a second while it waits).
     pub provisioning_takes_per_prefix: Rate,
+    /// Key packages handed out per device (`FetchKeyPackages`); past it a fetch gets
+    /// the device's last-resort package, so nobody drains a device's pool.
+    pub key_packages_per_device: Rate,
+    /// `CreateGroup` requests per IPv4 address or IPv6 /64 (group handles are
+    /// created on connections that identify no one).
+    pub create_groups_per_prefix: Rate,
+    /// A group handle neither created nor committed to for this many days is
+    /// deleted by the sweeper (a group's weekly update commit keeps it); 0 never
+    /// deletes one.
+    pub group_idle_days: u32,
     /// Keys each limit remembers at most (about 100 bytes each); a new key past it is
     /// refused until housekeeping (every `expiry.sweep_interval`) makes room.
     pub max_keys: usize,
@@ -112,6 +122,9 @@ impl Default for RateLimitsConfig {
             max_provisioning_slots: 1000,
             provisioning_per_prefix: rate(10, HOUR),
             provisioning_takes_per_prefix: rate(1200, HOUR),
+            key_packages_per_device: rate(75, DAY),
+            create_groups_per_prefix: rate(30, HOUR),
+            group_idle_days: 180,
             max_keys: 1_000_000,
         }
     }
@@ -131,6 +144,11 @@ impl RateLimitsConfig {
         if self.max_provisioning_slots == 0 || self.max_provisioning_slots > MAX_SLOTS_BOUND {
             return Err(format!(
                 "rate_limits.max_provisioning_slots must be from 1 to {MAX_SLOTS_BOUND}"
+            ));
+        }
+        if self.group_idle_days > MAX_IDLE_DAYS {
+            return Err(format!(
+                "rate_limits.group_idle_days must be at most {MAX_IDLE_DAYS} (0 never deletes a group)"
             ));
         }
         if self.max_keys == 0 {
@@ -173,6 +191,29 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn group_keys_default_parse_and_are_bounded() {
+        let d = RateLimitsConfig::default();
+        assert_eq!(d.key_packages_per_device, rate(75, DAY));
+        assert_eq!(d.create_groups_per_prefix, rate(30, HOUR));
+        assert_eq!(d.group_idle_days, 180);
+        let c: RateLimitsConfig = toml::from_str(
+            "key_packages_per_device = \"10/1h\"\ncreate_groups_per_prefix = \"5/1m\"\n\
+             group_idle_days = 0\n",
+        )
+        .expect("parse");
+        assert_eq!(c.key_packages_per_device, rate(10, HOUR));
+        assert_eq!(c.create_groups_per_prefix, rate(5, MINUTE));
+        assert_eq!(c.validate(), Ok(()), "0 = never");
+        let too_long = RateLimitsConfig {
+            group_idle_days: MAX_IDLE_DAYS + 1,
+            ..RateLimitsConfig::default()
+        };
+        assert!(too_long
+            .validate()
+            .is_err_and(|m| m.contains("group_idle_days")));
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! window, and a deadline (`connections.auth_deadline`, counted from its first
 //! packet). Authenticating makes it [`Standing::Authenticated`] and lifts both; a
 //! first successful anonymous request (a sealed send, device list, key fetch with a
-//! delivery token, blob status or touch, a download) makes it [`Standing::Anonymous`], which keeps the small limits
+//! delivery token, key-package fetch, group create or commit, blob status or touch,
+//! a download) makes it [`Standing::Anonymous`], which keeps the small limits
 //! and is closed after `connections.anonymous_idle` without one. Either trades the
 //! connection's place in the unauthenticated pool for one of `max_connections`.
 
@@ -40,6 +41,7 @@ use crate::net::media::Activity;
 
 mod devices;
 mod discovery;
+mod groups;
 mod keys;
 mod push;
 mod send;
@@ -435,15 +437,10 @@ impl Session {
             }
             Request::Ack { seqs } => self.ack(id, seqs).await,
             Request::MultiSend(send) => self.multi_send(id, send).await,
-            // Served by the groups packages of issue 17 (W: key packages and epochs,
-            // R: multi-recipient sends); refused until they land.
-            Request::PublishKeyPackages { .. }
+            request @ (Request::PublishKeyPackages { .. }
             | Request::FetchKeyPackages { .. }
             | Request::CreateGroup { .. }
-            | Request::GroupCommit(_) => {
-                let refused = Error::BadRequest("groups are not served by this relay".into());
-                self.reply(id, Err(refused)).await
-            }
+            | Request::GroupCommit(_)) => self.groups_request(id, request).await,
             Request::RelayInfo => {
                 let signing_key = self.services.certificates().signing_key();
                 self.reply(id, Ok(Reply::RelayInfo { signing_key })).await

@@ -81,6 +81,14 @@ pub(super) async fn sweep_loop(
             warn!(error = %e, "pending account deletions not read");
         }
         sweep_devices(&services, &removal, batch).await;
+        // Group handles idle past `group_idle_days` (counts only, P9).
+        let groups = services.clone();
+        match tokio::task::spawn_blocking(move || groups.groups().sweep(batch)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(groups = n, "deleted idle group handles"),
+            Ok(Err(e)) => warn!(error = %e, "group sweep failed"),
+            Err(e) => warn!(error = %e, "group sweep panicked"),
+        }
         let services = services.clone();
         let swept = tokio::task::spawn_blocking(move || {
             let mut total = 0;

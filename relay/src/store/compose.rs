@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::pg::PgBackend;
 use super::{
-    AccountStore, BlobIndex, DiscoveryStore, Flush, KeyStore, MailboxStore, MemorySlots,
-    ProvisioningStore, StoreResult,
+    AccountStore, BlobIndex, DiscoveryStore, Flush, GroupStore, KeyPackageStore, KeyStore,
+    MailboxStore, MemorySlots, ProvisioningStore, StoreResult,
 };
 
 mod marked;
@@ -22,6 +22,10 @@ pub struct Stores {
     pub accounts: Arc<dyn AccountStore>,
     /// Published prekeys.
     pub keys: Arc<dyn KeyStore>,
+    /// Published MLS key packages.
+    pub key_packages: Arc<dyn KeyPackageStore>,
+    /// Group handles and their epochs.
+    pub groups: Arc<dyn GroupStore>,
     /// Media metadata.
     pub blobs: Arc<dyn BlobIndex>,
     /// Discovery tags and evaluation buckets. Tag changes flush themselves (they are
@@ -47,13 +51,21 @@ impl Stores {
     /// Every store on one backend.
     pub fn all<S>(store: Arc<S>) -> Self
     where
-        S: MailboxStore + AccountStore + KeyStore + BlobIndex + DiscoveryStore,
+        S: MailboxStore
+            + AccountStore
+            + KeyStore
+            + KeyPackageStore
+            + GroupStore
+            + BlobIndex
+            + DiscoveryStore,
     {
         Stores {
             discovery: store.clone(),
             mailboxes: store.clone(),
             accounts: store.clone(),
             keys: store.clone(),
+            key_packages: store.clone(),
+            groups: store.clone(),
             blobs: store.clone(),
             provisioning: Arc::new(MemorySlots::new()),
             flush: store,
@@ -83,7 +95,13 @@ impl Stores {
     pub fn split<M, S>(mailboxes: Arc<M>, rest: Arc<S>) -> Self
     where
         M: MailboxStore,
-        S: AccountStore + KeyStore + BlobIndex + DiscoveryStore + Flush,
+        S: AccountStore
+            + KeyStore
+            + KeyPackageStore
+            + GroupStore
+            + BlobIndex
+            + DiscoveryStore
+            + Flush,
     {
         let mailboxes = Arc::new(Marked::new(mailboxes));
         let rest = Arc::new(Marked::new(rest));
@@ -91,6 +109,8 @@ impl Stores {
             mailboxes: mailboxes.clone(),
             accounts: rest.clone(),
             keys: rest.clone(),
+            key_packages: rest.clone(),
+            groups: rest.clone(),
             blobs: rest.clone(),
             discovery: rest.clone(),
             provisioning: Arc::new(MemorySlots::new()),

@@ -8,15 +8,19 @@ use super::*;
 mod deletion;
 mod devices;
 mod discovery;
+mod groups;
 mod more;
 mod shared;
 pub(super) use deletion::{deletion_rules, purge_rules};
 pub(super) use devices::{device_rules, slot_rules};
 pub(super) use discovery::discovery_rules;
+pub(super) use groups::{
+    concurrent_advances, concurrent_key_package_fetches, group_rules, key_package_rules,
+};
 pub(super) use more::{day_rules, key_account_rules};
 pub(super) use shared::{shared_bodies_across_reopen, shared_body_rules};
 
-pub(super) fn addr(a: u8, d: u32) -> DeviceAddress {
+pub(in crate::store) fn addr(a: u8, d: u32) -> DeviceAddress {
     DeviceAddress::from_wire(&[a; 16], d).expect("valid address")
 }
 

@@ -20,7 +20,11 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     /// Discovery tags, apart: no call touches both.
     pub(super) discovery: Mutex<super::discovery::MemDiscovery>,
+    /// Key packages and group epochs, apart too (`memory/groups.rs`).
+    groups: Mutex<groups::MemGroups>,
 }
+
+mod groups;
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -654,6 +658,15 @@ mod tests {
         super::super::conformance::discovery_rules(&super::MemoryStore::new());
         super::super::conformance::device_rules(&super::MemoryStore::new());
         super::super::conformance::slot_rules(&super::super::MemorySlots::new());
+    }
+
+    #[test]
+    fn key_packages_and_groups() {
+        super::super::conformance::key_package_rules(&super::MemoryStore::new());
+        super::super::conformance::group_rules(&super::MemoryStore::new());
+        let store = std::sync::Arc::new(super::MemoryStore::new());
+        super::super::conformance::concurrent_key_package_fetches(store.clone());
+        super::super::conformance::concurrent_advances(store);
     }
 
     #[test]

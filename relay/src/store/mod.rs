@@ -1,7 +1,8 @@
 //! Storage behind narrow traits: [`MailboxStore`] for queued envelopes,
 //! [`AccountStore`] for accounts and their device keys, [`KeyStore`] for published
-//! prekeys, [`BlobIndex`] for media records and [`DiscoveryStore`] for discovery tags;
-//! every backend also implements [`Flush`].
+//! prekeys, [`BlobIndex`] for media records, [`DiscoveryStore`] for discovery tags,
+//! [`KeyPackageStore`] and [`GroupStore`] for MLS key packages and group epochs
+//! (`store/groups.rs`); every backend also implements [`Flush`].
 //!
 //! - [`LogStore`]: the mailbox log (the default for mailboxes), segment files with
 //!   the index in memory.
@@ -40,6 +41,7 @@ pub(crate) mod days;
 mod discovery;
 mod expiry;
 pub mod fault;
+mod groups;
 mod log;
 mod memory;
 pub mod pg;
@@ -56,10 +58,14 @@ pub use self::compose::Stores;
 pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
 pub(crate) use self::expiry::{due, ExpiryIndex};
+pub use self::groups::{
+    FetchedPackage, GroupLock, GroupState, GroupStore, HandleBytes, KeyPackageCounts,
+    KeyPackageStore,
+};
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
 pub use self::shared::{SharedAppend, SharedEntry};
-pub use self::sled::{DeviceKeysDump, DiscoveryDump, SledStore};
+pub use self::sled::{DeviceKeysDump, DiscoveryDump, DumpedPackages, SledStore};
 pub use self::slots::{MemorySlots, ProvisioningStore, SlotOpen, SlotTake};
 
 /// A storage backend failure.

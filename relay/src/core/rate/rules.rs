@@ -22,6 +22,8 @@ pub struct RateLimits {
     fetch_per_requester: KeyedLimit<SenderKey>,
     one_time_per_device: KeyedLimit<DeviceAddress>,
     exports: KeyedLimit<AccountId>,
+    key_packages_per_device: KeyedLimit<DeviceAddress>,
+    create_groups: KeyedLimit<AddressPrefix>,
     max_devices: usize,
     intake_above_queued: u64,
     over_prekey_limit: PrekeyLimit,
@@ -45,7 +47,13 @@ impl RateLimits {
                 max,
                 c.clone(),
             ),
-            exports: KeyedLimit::new(config.exports_per_account, max, clock),
+            exports: KeyedLimit::new(config.exports_per_account, max, c.clone()),
+            key_packages_per_device: KeyedLimit::new(
+                config.key_packages_per_device,
+                max,
+                c.clone(),
+            ),
+            create_groups: KeyedLimit::new(config.create_groups_per_prefix, max, clock),
             max_devices: config.max_devices_per_account,
             intake_above_queued: config.intake_above_queued,
             over_prekey_limit: config.over_prekey_limit,
@@ -119,6 +127,17 @@ impl RateLimits {
         }
     }
 
+    /// Whether a fetch may take one of `device`'s one-time key packages (else it
+    /// gets the device's last-resort package).
+    pub fn take_key_package(&self, device: &DeviceAddress) -> bool {
+        self.key_packages_per_device.check(device).is_ok()
+    }
+
+    /// A `CreateGroup` from `prefix`.
+    pub fn create_group(&self, prefix: AddressPrefix) -> Result<()> {
+        self.create_groups.check(&prefix)
+    }
+
     /// An account export asked for by `account`.
     pub fn export(&self, account: &AccountId) -> Result<()> {
         self.exports.check(account)
@@ -135,6 +154,8 @@ impl RateLimits {
         self.fetch_per_requester.housekeep();
         self.one_time_per_device.housekeep();
         self.exports.housekeep();
+        self.key_packages_per_device.housekeep();
+        self.create_groups.housekeep();
     }
 
     /// Forgets every bucket keyed by the account or one of its devices, or naming it
@@ -150,6 +171,8 @@ impl RateLimits {
             .forget_where(|(to, from)| to.account == *account || *from == sender);
         self.one_time_per_device
             .forget_where(|d| d.account == *account);
+        self.key_packages_per_device
+            .forget_where(|d| d.account == *account);
     }
 
     /// Whether any bucket is keyed by the account or names it (for tests).
@@ -164,6 +187,9 @@ impl RateLimits {
                 .intake
                 .holds(|(to, from)| to.account == *account || *from == sender)
             || self.one_time_per_device.holds(|d| d.account == *account)
+            || self
+                .key_packages_per_device
+                .holds(|d| d.account == *account)
     }
 
     /// Keys held over every limit; for tests and metrics.
@@ -178,6 +204,8 @@ impl RateLimits {
             self.fetch_per_requester.len(),
             self.one_time_per_device.len(),
             self.exports.len(),
+            self.key_packages_per_device.len(),
+            self.create_groups.len(),
         ]
         .iter()
         .sum()

@@ -352,6 +352,78 @@ impl<S: DiscoveryStore + ?Sized> DiscoveryStore for Marked<S> {
     }
 }
 
+impl<S: crate::store::KeyPackageStore + ?Sized> crate::store::KeyPackageStore for Marked<S> {
+    fn publish_key_packages(
+        &self,
+        of: &DeviceAddress,
+        one_time: &[bytes::Bytes],
+        last_resort: Option<&bytes::Bytes>,
+        replace: bool,
+    ) -> StoreResult<u64> {
+        self.write(|s| s.publish_key_packages(of, one_time, last_resort, replace))
+    }
+    fn take_key_package(
+        &self,
+        of: &DeviceAddress,
+        one_time: bool,
+    ) -> StoreResult<Option<crate::store::FetchedPackage>> {
+        // Taking a one-time package deletes it.
+        self.write(|s| s.take_key_package(of, one_time))
+    }
+    fn key_package_counts(
+        &self,
+        of: &DeviceAddress,
+    ) -> StoreResult<crate::store::KeyPackageCounts> {
+        self.store.key_package_counts(of)
+    }
+    fn remove_key_packages(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.write(|s| s.remove_key_packages(of))
+    }
+    fn remove_account_key_packages(&self, account: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_account_key_packages(account))
+    }
+}
+
+impl<S: crate::store::GroupStore + ?Sized> crate::store::GroupStore for Marked<S> {
+    fn insert_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        state: &crate::store::GroupState,
+    ) -> StoreResult<()> {
+        self.write(|s| s.insert_group(handle, state))
+    }
+    fn group(
+        &self,
+        handle: &crate::store::HandleBytes,
+    ) -> StoreResult<Option<crate::store::GroupState>> {
+        self.store.group(handle)
+    }
+    fn advance_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        from: &crate::store::GroupState,
+        to: &crate::store::GroupState,
+    ) -> StoreResult<bool> {
+        self.write(|s| s.advance_group(handle, from, to))
+    }
+    fn sweep_groups(&self, before_day: u32, max: usize) -> StoreResult<u64> {
+        self.write(|s| s.sweep_groups(before_day, max))
+    }
+    fn groups_after(
+        &self,
+        after: Option<&crate::store::HandleBytes>,
+        max: usize,
+    ) -> StoreResult<Vec<(crate::store::HandleBytes, crate::store::GroupState)>> {
+        self.store.groups_after(after, max)
+    }
+    fn lock_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+    ) -> StoreResult<crate::store::GroupLock> {
+        self.store.lock_group(handle)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used)]

@@ -4,15 +4,21 @@
 //! A fetch is one statement: it reads the device's signed keys and, when both are
 //! there, deletes the lowest one-time key it can lock (`FOR UPDATE SKIP LOCKED`), so
 //! concurrent fetches on any nodes take different keys and none waits on another.
+//!
+//! MLS key packages (`migrations/V12__groups.sql`) follow the same rule: a fetch
+//! deletes the lowest id it can lock, or reads the last-resort package.
 
 use std::collections::BTreeMap;
+
+use bytes::Bytes;
 
 use tern_proto::{AccountId, DeviceAddress};
 
 use super::rows::{col, exec_in, one_in, transaction, u32_of, unsigned};
 use super::PgBackend;
 use crate::store::{
-    codec, FetchedKeys, KeyStore, OneTimeKey, Published, SignedKey, StoreError, StoreResult,
+    codec, FetchedKeys, FetchedPackage, KeyPackageCounts, KeyPackageStore, KeyStore, OneTimeKey,
+    Published, SignedKey, StoreError, StoreResult,
 };
 
 /// The signed keys of `$1, $2`, and (when `$3`) one one-time key taken out of the pool.
@@ -172,6 +178,167 @@ impl KeyStore for PgBackend {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
                 for table in ["device_keys", "one_time_keys"] {
+                    exec_in(
+                        &tx,
+                        &format!("DELETE FROM {table} WHERE account = $1"),
+                        &[&account],
+                    )
+                    .await?;
+                }
+            })
+        })
+    }
+}
+
+/// The first key of a device's key-package advisory lock (PostgreSQL's two-key space;
+/// see `blobs::BLOB_LOCKS`): publishes of one device are serialised, so the ids they
+/// give never collide. The second key folds the address; two devices sharing it
+/// only wait for each other.
+const KEY_PACKAGE_LOCKS: i32 = 7263_0017;
+
+fn package_lock(of: &DeviceAddress) -> i32 {
+    let a = of.account.as_bytes();
+    i32::from_be_bytes([a[0], a[1], a[2], a[3]]) ^ (of.device.get() as i32)
+}
+
+/// A one-time package taken out of `$1, $2`'s pool when `$3`, else (or when the pool
+/// is empty) the device's last-resort package.
+const TAKE_PACKAGE: &str = "WITH o AS ( \
+       DELETE FROM key_packages WHERE $3 AND account = $1 AND device = $2 \
+         AND id = (SELECT id FROM key_packages WHERE account = $1 AND device = $2 \
+                   ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+       RETURNING package) \
+     SELECT package, false FROM o \
+     UNION ALL \
+     SELECT package, true FROM last_resort_key_packages \
+       WHERE account = $1 AND device = $2 AND NOT EXISTS (SELECT 1 FROM o)";
+
+impl KeyPackageStore for PgBackend {
+    fn publish_key_packages(
+        &self,
+        of: &DeviceAddress,
+        one_time: &[Bytes],
+        last_resort: Option<&Bytes>,
+        replace: bool,
+    ) -> StoreResult<u64> {
+        let (account, device) = params(of);
+        let lock = package_lock(of);
+        let packages: Vec<&[u8]> = one_time.iter().map(|p| &p[..]).collect();
+        let last_resort = last_resort.map(|p| &p[..]);
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                exec_in(
+                    &tx,
+                    "SELECT pg_advisory_xact_lock($1, $2)",
+                    &[&KEY_PACKAGE_LOCKS, &lock],
+                )
+                .await?;
+                if replace {
+                    exec_in(
+                        &tx,
+                        "DELETE FROM key_packages WHERE account = $1 AND device = $2",
+                        &[&account, &device],
+                    )
+                    .await?;
+                }
+                if !packages.is_empty() {
+                    exec_in(
+                        &tx,
+                        "INSERT INTO key_packages (account, device, id, package) \
+                         SELECT $1, $2, \
+                           (SELECT coalesce(max(id), 0) FROM key_packages \
+                            WHERE account = $1 AND device = $2) + n, p \
+                         FROM unnest($3::bytea[]) WITH ORDINALITY AS u(p, n)",
+                        &[&account, &device, &packages],
+                    )
+                    .await?;
+                }
+                if let Some(p) = last_resort {
+                    exec_in(
+                        &tx,
+                        "INSERT INTO last_resort_key_packages (account, device, package) \
+                         VALUES ($1, $2, $3) ON CONFLICT (account, device) \
+                         DO UPDATE SET package = EXCLUDED.package",
+                        &[&account, &device, &p],
+                    )
+                    .await?;
+                }
+                let row = one_in(
+                    &tx,
+                    "SELECT count(*) FROM key_packages WHERE account = $1 AND device = $2",
+                    &[&account, &device],
+                )
+                .await?;
+                unsigned(col(&row, 0)?, "key package count")?
+            })
+        })
+    }
+
+    fn take_key_package(
+        &self,
+        of: &DeviceAddress,
+        one_time: bool,
+    ) -> StoreResult<Option<FetchedPackage>> {
+        let (account, device) = params(of);
+        self.run(async {
+            let rows = self
+                .rows(TAKE_PACKAGE, &[&account, &device, &one_time])
+                .await?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            Ok(Some(FetchedPackage {
+                key_package: Bytes::copy_from_slice(self.col::<&[u8]>(row, 0)?),
+                last_resort: self.col(row, 1)?,
+            }))
+        })
+    }
+
+    fn key_package_counts(&self, of: &DeviceAddress) -> StoreResult<KeyPackageCounts> {
+        let (account, device) = params(of);
+        self.run(async {
+            let rows = self
+                .rows(
+                    "SELECT (SELECT count(*) FROM key_packages WHERE account = $1 AND device = $2), \
+                     EXISTS (SELECT 1 FROM last_resort_key_packages \
+                             WHERE account = $1 AND device = $2)",
+                    &[&account, &device],
+                )
+                .await?;
+            let row = rows
+                .first()
+                .ok_or(StoreError::Backend("counts returned no row".into()))?;
+            Ok(KeyPackageCounts {
+                one_time: unsigned(self.col(row, 0)?, "key package count")?,
+                last_resort: self.col(row, 1)?,
+            })
+        })
+    }
+
+    fn remove_key_packages(&self, of: &DeviceAddress) -> StoreResult<()> {
+        let (account, device) = params(of);
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                for table in ["key_packages", "last_resort_key_packages"] {
+                    exec_in(
+                        &tx,
+                        &format!("DELETE FROM {table} WHERE account = $1 AND device = $2"),
+                        &[&account, &device],
+                    )
+                    .await?;
+                }
+            })
+        })
+    }
+
+    fn remove_account_key_packages(&self, account: &AccountId) -> StoreResult<()> {
+        let account = &account.as_bytes()[..];
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                for table in ["key_packages", "last_resort_key_packages"] {
                     exec_in(
                         &tx,
                         &format!("DELETE FROM {table} WHERE account = $1"),

@@ -27,6 +27,7 @@ use super::{Durability, StoreError, StoreResult};
 
 pub mod cluster;
 mod discovery;
+mod groups;
 pub mod lease;
 mod mailboxes;
 pub mod migrate;

@@ -27,6 +27,9 @@
 //! | `S` account device | signed prekey: id, key, signature |
 //! | `O` account device id | one-time prekey |
 //!
+//! MLS key packages (`key_packages`, `sled/keys.rs`) and group epochs (`groups`,
+//! `sled/groups.rs`) have trees of their own.
+//!
 //! The blob index (`blobs`): records naming no account in one tree, what is tied to
 //! an account (uploads in progress, quota charges) in another.
 
@@ -47,9 +50,12 @@ mod accounts;
 mod blobs;
 mod discovery;
 mod dump;
+mod groups;
+mod keys;
 mod mailboxes;
 
 pub use self::dump::{DeviceKeysDump, DiscoveryDump};
+pub use self::keys::DumpedPackages;
 use tern_platform::clock::UnixMillis;
 
 const MSG: u8 = b'M';
@@ -82,6 +88,10 @@ pub struct SledStore {
     blob_quota: sled::Tree,
     /// Discovery tags and buckets (`sled/discovery.rs`); no numbers.
     discovery: sled::Tree,
+    /// MLS key packages per device (`sled/keys.rs`).
+    key_packages: sled::Tree,
+    /// Group handles and their epochs (`sled/groups.rs`); no account ids.
+    groups: sled::Tree,
     /// This open's seq epoch and each mailbox's count in it.
     seqs: Arc<Mutex<SeqCounters>>,
     /// What every mailbox holds, summed from the usage keys at open.
@@ -243,6 +253,8 @@ impl SledStore {
         let blobs = db.open_tree("blobs").map_err(backend)?;
         let blob_quota = db.open_tree("blob_quota").map_err(backend)?;
         let discovery = db.open_tree("discovery").map_err(backend)?;
+        let key_packages = db.open_tree("key_packages").map_err(backend)?;
+        let groups = db.open_tree("groups").map_err(backend)?;
         let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
         let store = SledStore {
             db,
@@ -257,6 +269,8 @@ impl SledStore {
             blobs,
             blob_quota,
             discovery,
+            key_packages,
+            groups,
             seqs,
             totals: Arc::default(),
             bodies: Arc::default(),
