@@ -210,7 +210,10 @@ async fn malformed_multi_sends_get_typed_errors_and_earlier_messages_still_arriv
     assert_eq!(err, Err(ErrorCode::TooLarge));
     // The same account twice.
     let err = raw
-        .multi_send(multi(3, vec![recipient(&bob, &both[..1]), recipient(&bob, &both[..1])]))
+        .multi_send(multi(
+            3,
+            vec![recipient(&bob, &both[..1]), recipient(&bob, &both[..1])],
+        ))
         .await;
     assert_eq!(err, Err(ErrorCode::BadRequest));
     // Parts that do not match the devices.
@@ -223,7 +226,10 @@ async fn malformed_multi_sends_get_typed_errors_and_earlier_messages_still_arriv
     wrong.delivery_token = Bytes::from_static(b"wrong");
     let unknown = DeviceId::new(9).unwrap();
     let mixed = raw
-        .multi_send(multi(5, vec![wrong, recipient(&alice, &[both[0], unknown])]))
+        .multi_send(multi(
+            5,
+            vec![wrong, recipient(&alice, &[both[0], unknown])],
+        ))
         .await
         .unwrap();
     assert_eq!(mixed.accepted, 1);
@@ -255,6 +261,9 @@ async fn malformed_multi_sends_get_typed_errors_and_earlier_messages_still_arriv
         marker.push(n);
         assert_eq!(occurrences(&relay.data_dir, &marker), 0, "send {n}");
     }
-    let conn = within(RelayConnection::connect(&relay.address)).await.unwrap().0;
+    let conn = within(RelayConnection::connect(&relay.address))
+        .await
+        .unwrap()
+        .0;
     within(conn.ping()).await.unwrap();
 }

@@ -27,12 +27,17 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<Outcome> {
-        // A group message or welcome: the shared body alone, no 1:1 part.
-        if delivery.payload.is_empty() {
-            return match delivery.shared_body.as_deref() {
-                Some(body) => self.receive_group(delivery.message_id.as_bytes(), body, now_ms),
-                None => Ok(Outcome::Dropped("an empty envelope".into())),
-            };
+        // A group message or welcome: the shared body alone, no 1:1 part (or, from
+        // a relay that stores it per mailbox, the payload; its first byte tells it
+        // from a sealed envelope's 0x01).
+        let group_body = match (&delivery.shared_body, delivery.payload.first()) {
+            (Some(body), None) => Some(&body[..]),
+            (None, Some(0x02 | 0x03)) => Some(&delivery.payload[..]),
+            (None, None) => return Ok(Outcome::Dropped("an empty envelope".into())),
+            _ => None,
+        };
+        if let Some(body) = group_body {
+            return self.receive_group(delivery.message_id.as_bytes(), body, now_ms);
         }
         let (cert, content) = match sealed::open(&self.keys.identity_dh, &delivery.payload) {
             Ok(opened) => opened,
