@@ -37,6 +37,13 @@
 //!   removes device n. The new device makes the link (it holds the keys the link
 //!   carries), so joining takes the relay address (`--join`), not a link.
 //!
+//! - Groups: `/group new <name> <ids…>` (contacts by the short id the chat prints)
+//!   creates a group and makes it current; typed lines then go to it. `/group add
+//!   <ids…>`, `/group remove <id>` and `/group leave` act on the current group;
+//!   `/groups` lists them; `/to <name>` talks in a group, `/to <id>` to a contact.
+//! - `/broadcast <id,id,…> <text>`: one upload to several contacts, each of whom
+//!   sees an ordinary message.
+//!
 //! The device store is encrypted with a key kept in `<dir>/storage.key`; a real app
 //! keeps that key in the platform's keystore instead.
 
@@ -45,7 +52,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use tern_client::store::SledKv;
-use tern_client::{Client, ContactCard, Event, Events, VerificationId};
+use tern_client::{Client, ContactCard, Event, Events, GroupChange, GroupId, VerificationId};
 use tern_proto::{AccountId, DeviceId, RelayAddress};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -66,10 +73,52 @@ const HELP: &str = "\
 /link <tern-link:…>          link the device that shows this link (primary)
 /devices                     this account's devices
 /remove-device <n>           remove device n (primary)
+/group new <name> <ids…>     a group with these contacts (ids as printed); talk to it
+/group add <ids…>            add contacts to the current group
+/group remove <id>           remove a member from the current group
+/group leave                 leave the current group
+/groups                      your groups
+/to <group name | id>        talk to a group (by name) or a contact (by id)
+/broadcast <ids,…> <text>    one message to several contacts, uploaded once
 /quit";
 
 fn short(account: &AccountId) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&account.as_bytes()[..6])
+}
+
+/// Contacts this chat has seen, found again by the short id it prints.
+fn resolve(known: &[AccountId], id: &str) -> Option<AccountId> {
+    known.iter().copied().find(|a| short(a) == id)
+}
+
+/// Every id in `ids` resolved, or the first that is not known.
+fn resolve_all<'a>(
+    known: &[AccountId],
+    ids: impl Iterator<Item = &'a str>,
+) -> Result<Vec<AccountId>, String> {
+    ids.map(|id| resolve(known, id).ok_or(format!("unknown contact {id}")))
+        .collect()
+}
+
+/// What typed lines go to.
+#[derive(Clone, Copy)]
+enum Target {
+    Contact(AccountId),
+    Group(GroupId),
+}
+
+fn ids(accounts: &[AccountId]) -> String {
+    accounts.iter().map(short).collect::<Vec<_>>().join(", ")
+}
+
+async fn group_name(client: &Client, id: &GroupId) -> String {
+    match client.groups().await {
+        Ok(groups) => groups
+            .into_iter()
+            .find(|g| g.id == *id)
+            .map_or_else(|| "a group".into(), |g| g.name),
+        Err(_) => "a group".into(),
+    }
 }
 
 fn storage_key(dir: &Path) -> Result<[u8; 32], BoxError> {
@@ -173,6 +222,8 @@ async fn main() -> Result<(), BoxError> {
     println!("type /add <card> to pick a contact, then type to talk; /help for commands");
 
     let mut peer: Option<AccountId> = None;
+    let mut group: Option<GroupId> = None;
+    let mut known: Vec<AccountId> = Vec::new();
     let mut last_attachment = None;
     let downloads = PathBuf::from(dir).join("downloads");
     let cache = PathBuf::from(dir).join("cache");
@@ -208,6 +259,29 @@ async fn main() -> Result<(), BoxError> {
                     // Printed (and downloaded) is as far as this app stores messages.
                     client.confirm(m.seq).await?;
                     peer.get_or_insert(m.sender);
+                    if !known.contains(&m.sender) {
+                        known.push(m.sender);
+                    }
+                }
+                Some(Event::GroupMessage(m)) => {
+                    let name = group_name(&client, &m.group).await;
+                    println!("[{name}] {}: {}", short(&m.sender), String::from_utf8_lossy(&m.body));
+                    client.confirm(m.seq).await?;
+                }
+                Some(Event::GroupJoined { group: g, added_by, name }) => {
+                    println!("(added to group {name:?} by {}; /to {name} to talk there)", short(&added_by));
+                    group.get_or_insert(g);
+                }
+                Some(Event::GroupChanged { group: g, change }) => {
+                    let name = group_name(&client, &g).await;
+                    match change {
+                        GroupChange::Added(a) => println!("({name}: {} joined)", ids(&a)),
+                        GroupChange::Removed(a) => println!("({name}: {} left)", ids(&a)),
+                        GroupChange::Left => println!("(you left a group)"),
+                        GroupChange::RemovedSelf => println!("(you were removed from a group)"),
+                        GroupChange::Renamed { name } => println!("(a group is now called {name:?})"),
+                        _ => {}
+                    }
                 }
                 Some(Event::IdentityChanged { contact }) => println!(
                     "!! {}'s identity key changed: compare safety numbers (/safety), then /accept",
@@ -234,6 +308,10 @@ async fn main() -> Result<(), BoxError> {
                         Ok(card) => {
                             client.add_contact(&card).await?;
                             peer = Some(card.account);
+                            group = None;
+                            if !known.contains(&card.account) {
+                                known.push(card.account);
+                            }
                             println!("talking to {}", short(&card.account));
                         }
                         Err(e) => println!("{e}"),
@@ -399,14 +477,94 @@ async fn main() -> Result<(), BoxError> {
                         Ok(()) => println!("(device {} removed)", id.get()),
                         Err(e) => println!("(not removed: {e})"),
                     }
+                } else if let Some(args) = line.strip_prefix("/group new ") {
+                    let mut words = args.split_whitespace();
+                    let Some(name) = words.next() else {
+                        println!("usage: /group new <name> <ids…>");
+                        continue;
+                    };
+                    match resolve_all(&known, words) {
+                        Ok(members) => match client.create_group(name, &members).await {
+                            Ok(g) => {
+                                group = Some(g);
+                                println!("(group {name:?} created; typing goes there)");
+                            }
+                            Err(e) => println!("(not created: {e})"),
+                        },
+                        Err(e) => println!("{e}"),
+                    }
+                } else if let Some(args) = line.strip_prefix("/group add ") {
+                    let Some(g) = group else {
+                        println!("no current group: /to <group>");
+                        continue;
+                    };
+                    match resolve_all(&known, args.split_whitespace()) {
+                        Ok(members) => match client.add_members(&g, &members).await {
+                            Ok(()) => println!("(adding)"),
+                            Err(e) => println!("(not added: {e})"),
+                        },
+                        Err(e) => println!("{e}"),
+                    }
+                } else if let Some(id) = line.strip_prefix("/group remove ") {
+                    let (Some(g), Some(member)) = (group, resolve(&known, id.trim())) else {
+                        println!("usage: /group remove <id>, with a current group");
+                        continue;
+                    };
+                    match client.remove_member(&g, &member).await {
+                        Ok(()) => println!("(removing)"),
+                        Err(e) => println!("(not removed: {e})"),
+                    }
+                } else if line == "/group leave" {
+                    let Some(g) = group.take() else {
+                        println!("no current group");
+                        continue;
+                    };
+                    match client.leave_group(&g).await {
+                        Ok(()) => println!("(leaving)"),
+                        Err(e) => println!("(not left: {e})"),
+                    }
+                } else if line == "/groups" {
+                    for g in client.groups().await? {
+                        println!("{} ({} members: {})", g.name, g.members.len(), ids(&g.members));
+                    }
+                } else if let Some(to) = line.strip_prefix("/to ") {
+                    let to = to.trim();
+                    if let Some(a) = resolve(&known, to) {
+                        peer = Some(a);
+                        group = None;
+                        println!("talking to {to}");
+                    } else if let Some(g) = client.groups().await?.into_iter().find(|g| g.name == to) {
+                        group = Some(g.id);
+                        println!("talking in {to}");
+                    } else {
+                        println!("no contact or group {to}");
+                    }
+                } else if let Some(args) = line.strip_prefix("/broadcast ") {
+                    let Some((list, text)) = args.split_once(' ') else {
+                        println!("usage: /broadcast <ids,…> <text>");
+                        continue;
+                    };
+                    match resolve_all(&known, list.split(',')) {
+                        Ok(to) => match client.send_broadcast(&to, text.as_bytes(), &[]).await {
+                            Ok(_) => {}
+                            Err(e) => println!("(not sent: {e})"),
+                        },
+                        Err(e) => println!("{e}"),
+                    }
                 } else if line == "/help" {
                     println!("{HELP}");
                 } else if line == "/quit" {
                     break;
                 } else if !line.is_empty() {
-                    match &peer {
-                        Some(p) => {
-                            client.send(p, line.as_bytes()).await?;
+                    let target = group.map(Target::Group).or(peer.map(Target::Contact));
+                    match target {
+                        Some(Target::Group(g)) => {
+                            if let Err(e) = client.send_group(&g, line.as_bytes(), &[]).await {
+                                println!("(not sent: {e})");
+                            }
+                        }
+                        Some(Target::Contact(p)) => {
+                            client.send(&p, line.as_bytes()).await?;
                         }
                         None => println!("no contact yet: /add <card>"),
                     }

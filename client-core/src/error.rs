@@ -38,6 +38,8 @@ pub enum Error {
         /// With `WRONG_CODE`: codes the verification session still accepts (0: it
         /// is closed; start again).
         attempts_left: u32,
+        /// With `STALE_EPOCH`: the group's current epoch on the relay.
+        current_epoch: u64,
     },
     /// The relay sent something that breaks the protocol.
     #[error("protocol: {0}")]
@@ -106,6 +108,19 @@ pub enum Error {
     /// A contact's (or our own account's) device list was refused.
     #[error(transparent)]
     DeviceList(#[from] crate::crypto::devices::DeviceListRefusal),
+    /// No group with this id on this device (never joined, or left or removed).
+    #[error("no such group on this device")]
+    UnknownGroup,
+    /// A group or broadcast operation named nobody to send to or add.
+    #[error("no recipients")]
+    NoRecipients,
+    /// An account named for a group or broadcast is not a contact with a known
+    /// delivery token (add its contact card first).
+    #[error("not a contact with a known delivery token")]
+    NotAContact,
+    /// The MLS layer refused an operation or a message.
+    #[error("group: {0}")]
+    Group(String),
 }
 
 impl Error {
@@ -125,6 +140,18 @@ impl Error {
                 attempts_left,
                 ..
             } => Some(*attempts_left),
+            _ => None,
+        }
+    }
+
+    /// With `STALE_EPOCH`: the group's current epoch on the relay.
+    pub fn current_epoch(&self) -> Option<u64> {
+        match self {
+            Error::Relay {
+                code: ErrorCode::StaleEpoch,
+                current_epoch,
+                ..
+            } => Some(*current_epoch),
             _ => None,
         }
     }

@@ -62,8 +62,8 @@ pub mod safety;
 pub mod store;
 
 pub use client::{
-    Client, ClientOptions, ContactCard, DeviceInfo, Event, Events, Joining, LinkedDevice,
-    ReceivedMessage,
+    Client, ClientOptions, ContactCard, DeviceInfo, Event, Events, GroupChange, GroupId, GroupInfo,
+    GroupMessage, Joining, LinkedDevice, ReceivedMessage,
 };
 #[doc(no_inline)]
 pub use error::ErrorCode;

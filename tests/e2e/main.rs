@@ -15,6 +15,7 @@ mod discovery_privacy;
 mod expiry;
 mod export;
 mod failover;
+mod groups;
 // The test HTTP server (a gateway for the verification webhook).
 #[path = "../src/http.rs"]
 #[allow(unreachable_pub)]

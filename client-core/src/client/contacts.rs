@@ -154,6 +154,8 @@ impl State {
                 identity_key,
                 &h.message_id,
                 &h.content,
+                // A held broadcast's shared body is not kept: it is dropped.
+                None,
                 now_ms,
                 rng,
                 &mut delete,

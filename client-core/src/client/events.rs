@@ -3,6 +3,7 @@
 use tern_proto::{AccountId, DeviceId, MessageId};
 use tokio::sync::mpsc;
 
+use super::groups::{GroupChange, GroupId, GroupMessage};
 use crate::media::AttachmentPointer;
 use crate::store::records::InboxRecord;
 use crate::store::StoreError;
@@ -117,6 +118,26 @@ pub enum Event {
     /// This device was removed from its account (by the primary, or idle): the
     /// relay refuses it from now on and the client has stopped.
     Removed,
+    /// A group message. Call [`Client::confirm`](super::Client::confirm) with its
+    /// `seq` once the app has stored it.
+    GroupMessage(GroupMessage),
+    /// This device was added to a group.
+    GroupJoined {
+        /// The group.
+        group: GroupId,
+        /// The member that added it.
+        added_by: AccountId,
+        /// The group's name.
+        name: String,
+    },
+    /// A group's membership or metadata changed, or this device left it or was
+    /// removed from it.
+    GroupChanged {
+        /// The group.
+        group: GroupId,
+        /// What changed.
+        change: GroupChange,
+    },
 }
 
 /// The stream of [`Event`]s. Ends once the client is shut down.

@@ -27,6 +27,18 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<Outcome> {
+        // A group message or welcome: the shared body alone, no 1:1 part (or, from
+        // a relay that stores it per mailbox, the payload; its first byte tells it
+        // from a sealed envelope's 0x01).
+        let group_body = match (&delivery.shared_body, delivery.payload.first()) {
+            (Some(body), None) => Some(&body[..]),
+            (None, Some(0x02 | 0x03)) => Some(&delivery.payload[..]),
+            (None, None) => return Ok(Outcome::Dropped("an empty envelope".into())),
+            _ => None,
+        };
+        if let Some(body) = group_body {
+            return self.receive_group(delivery.message_id.as_bytes(), body, now_ms);
+        }
         let (cert, content) = match sealed::open(&self.keys.identity_dh, &delivery.payload) {
             Ok(opened) => opened,
             Err(e) => return Ok(Outcome::Dropped(format!("sealed envelope: {e}"))),
@@ -49,6 +61,7 @@ impl State {
             cert.identity_key,
             delivery.message_id.as_bytes(),
             &content,
+            delivery.shared_body.as_deref(),
             now_ms,
             rng,
             &mut Batch::new(),
@@ -66,6 +79,7 @@ impl State {
         identity_key: [u8; 32],
         message_id: &[u8],
         content: &[u8],
+        shared_body: Option<&[u8]>,
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
         extra: &mut Batch,
@@ -111,6 +125,24 @@ impl State {
             return Ok(Outcome::Dropped(
                 "the sender inside the message differs from its certificate".into(),
             ));
+        }
+        // A broadcast: the body is the shared one its key opens, from this sender.
+        if let Some(broadcast) = plaintext.broadcast.take() {
+            let inner = match super::broadcast::open_body(&broadcast, shared_body) {
+                Ok(inner) => inner,
+                Err(reason) => return Ok(Outcome::Dropped(reason)),
+            };
+            if inner.sender_account != plaintext.sender_account
+                || inner.sender_device != plaintext.sender_device
+                || inner.sync.is_some()
+            {
+                return Ok(Outcome::Dropped(
+                    "a broadcast body from another sender".into(),
+                ));
+            }
+            plaintext.body = inner.body;
+            plaintext.attachments = inner.attachments;
+            plaintext.sent_at_ms = inner.sent_at_ms;
         }
         // Own-device sync only from this account, under its identity key.
         let mut synced = None;
@@ -264,6 +296,11 @@ impl State {
     pub(crate) fn confirm(&mut self, seq: u64) -> Result<()> {
         let mut batch = Batch::new();
         batch.delete_inbox(seq);
+        // Group messages share the inbox's numbering.
+        batch.delete(
+            crate::store::Namespace::GroupInbox,
+            crate::store::records::seq_key(seq),
+        );
         self.commit(batch, true)
     }
 

@@ -10,6 +10,13 @@ use crate::store::{Batch, PreKeyStore};
 use crate::Result;
 use tern_proto::{KeyUpload, SignedKey};
 
+/// Encoded one-time key packages and a last-resort one, for `PublishKeyPackages`.
+pub(crate) type KeyPackageUpload = (Vec<Vec<u8>>, Vec<u8>);
+
+/// MLS key packages generated per upload.
+pub(crate) const KEY_PACKAGE_BATCH: usize = 100;
+/// Below this many key packages on the relay, upload another batch.
+pub(crate) const KEY_PACKAGE_LOW: u32 = 25;
 /// One-time prekeys generated per upload.
 pub(crate) const PREKEY_BATCH: u32 = 100;
 /// Below this many one-time prekeys on the relay, upload another batch.
@@ -227,5 +234,31 @@ impl State {
         self.commit(batch, true)?;
         self.local = local;
         Ok(())
+    }
+
+    /// Fresh MLS key packages and a new last-resort one when the relay holds fewer
+    /// than [`KEY_PACKAGE_LOW`]: their secrets stored (durably) before they are
+    /// returned. `None`: enough are there, or this device has no group credential.
+    pub(crate) fn key_package_upload(
+        &mut self,
+        relay_count: u32,
+        now_ms: u64,
+    ) -> Result<Option<KeyPackageUpload>> {
+        if relay_count >= KEY_PACKAGE_LOW {
+            return Ok(None);
+        }
+        let Some(device) = self.group_device.as_ref() else {
+            return Ok(None);
+        };
+        let group = |e: crate::groups::GroupError| crate::Error::Group(e.to_string());
+        let packages = device
+            .key_packages(KEY_PACKAGE_BATCH, now_ms)
+            .map_err(group)?;
+        let last_resort = device.last_resort_key_package(now_ms).map_err(group)?;
+        let mut batch = Batch::new();
+        batch.extend_ops(packages.ops);
+        batch.extend_ops(last_resort.ops);
+        self.commit(batch, true)?;
+        Ok(Some((packages.value, last_resort.value)))
     }
 }

@@ -258,6 +258,7 @@ impl Joining {
                     identity_key: payload.identity_key,
                     identity_dh_signature: payload.identity_dh_signature,
                     delivery_token: payload.delivery_token,
+                    device_signature: payload.device_signature,
                 }),
                 device_secret: &device_secret,
                 identity_dh: &identity_dh,
@@ -374,6 +375,7 @@ impl State {
         now_ms: u64,
         rng: &mut (impl rand::RngCore + rand::CryptoRng),
     ) -> Result<State> {
+        let device_signature = new.linked.as_ref().map(|l| l.device_signature);
         let (mut state, mut batch) = State::create_unwritten(kv, new, now_ms, rng)?;
         if let Some(local) = state.stage_own_list(list, signature, &mut batch)? {
             state.local = local;
@@ -389,9 +391,20 @@ impl State {
             device_id: state.keys.address.device.get(),
         });
         state.queue_sync(joined, now_ms, rng, &mut batch);
+        // The certificate makes this device's group credential.
+        if let Some(certificate) = device_signature {
+            batch.put(
+                crate::store::Namespace::GroupCredential,
+                super::group_records::CREDENTIAL_KEY.to_vec(),
+                &super::group_records::CredentialRecord {
+                    certificate: certificate.to_vec(),
+                },
+            );
+        }
         // Last, so it is the record stored whatever was put before.
         batch.put_local(&state.local);
         state.commit(batch, true)?;
+        state.group_device = super::state::group_device(&state.kv, &state.keys, &state.local);
         Ok(state)
     }
 }
@@ -485,6 +498,8 @@ pub(super) async fn remove_device(
         state.sync_now(sync, shared.now_ms(), &mut OsRng)?;
         let own = state.keys.address.account;
         state.drop_device(&own, id.get())?;
+        // It leaves this account's groups too.
+        state.own_devices_removed(&[id])?;
         drop(state);
         shared.emit(Event::DeviceRemoved { device: id });
         shared.outbox.notify_one();

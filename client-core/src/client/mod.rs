@@ -23,11 +23,18 @@
 //!   already queued wait, and the contact's messages are held unread.
 
 mod anonymous;
+mod broadcast;
 mod card;
 mod contacts;
 mod devices;
 mod discovery;
 mod events;
+mod group_api;
+mod group_commit;
+mod group_inbox;
+mod group_records;
+mod group_send;
+mod groups;
 mod inbox;
 mod keys;
 mod linking;
@@ -60,6 +67,7 @@ use crate::{Error, Result};
 pub use self::card::ContactCard;
 pub use self::discovery::DiscoveryReport;
 pub use self::events::{Event, Events, ReceivedMessage};
+pub use self::groups::{GroupChange, GroupId, GroupInfo, GroupMessage};
 pub use self::linking::{DeviceInfo, Joining, LinkedDevice};
 pub use self::outbox::MAX_BODY;
 
@@ -215,6 +223,19 @@ impl Client {
             conn.publish_keys(&upload).await?;
         }
         state.keys_published()?;
+        // Key packages too, so contacts can add this device to groups at once.
+        if let Some((packages, last_resort)) = state.key_package_upload(0, clock.now())? {
+            let packages = packages.into_iter().map(Into::into).collect();
+            match conn
+                .publish_key_packages(packages, Some(last_resort.into()), false)
+                .await
+            {
+                Err(e) if e.relay_code().is_some() => {
+                    tracing::debug!(error = %e, "key packages not published yet");
+                }
+                other => drop(other?),
+            }
+        }
         let token = state.keys.delivery_token;
         conn.set_delivery_token(&token).await?;
         state.token_published(&token)?;
@@ -245,6 +266,11 @@ impl Client {
         if let Ok(pending) = state.unconfirmed() {
             for m in pending {
                 let _ = tx.send(Event::Message(m));
+            }
+        }
+        if let Ok(pending) = state.unconfirmed_group() {
+            for m in pending {
+                let _ = tx.send(Event::GroupMessage(m));
             }
         }
         let shared = Arc::new(Shared {

@@ -140,16 +140,21 @@ impl State {
             true => None,
             false => Some(e2e::SyncMessage::decode(&record.sync[..]).map_err(|_| corrupt())?),
         };
+        // A broadcast's envelopes carry only its key: the body travels once, shared.
+        let broadcast = self.broadcast_key(seq);
+        let (body, attachments) = match broadcast {
+            Some(_) => (Vec::new(), Vec::new()),
+            None => (record.body.clone(), record.attachments.clone()),
+        };
         let padded = message::pad_plaintext(&e2e::Plaintext {
             sync,
-            broadcast: None,
-            body: record.body.clone().into(),
+            broadcast,
+            body: body.into(),
             delivery_token: self.keys.delivery_token.to_vec().into(),
             sent_at_ms: now_ms,
             sender_account: self.keys.address.account.as_bytes().to_vec().into(),
             sender_device: self.keys.address.device.get(),
-            attachments: record
-                .attachments
+            attachments: attachments
                 .iter()
                 .map(|a| e2e::AttachmentPointer::decode(&a[..]))
                 .collect::<std::result::Result<_, _>>()
@@ -201,7 +206,8 @@ impl State {
             if sealed == max {
                 break;
             }
-            if r.recipient != recipient.as_bytes() {
+            // Broadcast copies leave by multi-send (`broadcast_sends`).
+            if r.recipient != recipient.as_bytes() || self.is_broadcast(*seq) {
                 continue;
             }
             let Ok(id) = <[u8; 16]>::try_from(&r.message_id[..]) else {
@@ -263,6 +269,7 @@ impl State {
         if record.prepared && record.copies.iter().all(|c| c.sent) {
             let done = self.outbox.remove(&seq).ok_or_else(corrupt)?;
             batch.delete_outbox(seq);
+            self.drop_broadcast_part(seq, &mut batch);
             self.commit(batch, false)?;
             // Sync messages are the client's own business: no event for them.
             if !done.sync.is_empty() {
@@ -283,6 +290,7 @@ impl State {
         };
         let mut batch = Batch::new();
         batch.delete_outbox(seq);
+        self.drop_broadcast_part(seq, &mut batch);
         self.commit(batch, false)?;
         if !record.sync.is_empty() {
             return Ok(None);

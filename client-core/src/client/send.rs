@@ -27,9 +27,9 @@ const SEND_BATCH: usize = 64;
 /// Content bytes per send request: sealed sends go on a connection that never
 /// authenticates, where the relay's frames are 264 KiB by default (a larger single
 /// envelope still goes alone).
-const SEND_BYTES: usize = 256 * 1024 - 4096;
+pub(super) const SEND_BYTES: usize = 256 * 1024 - 4096;
 /// Copies sealed for one recipient per send round (four full requests).
-const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
+pub(super) const SEAL_PER_ROUND: usize = 4 * SEND_BATCH;
 /// A sender certificate is replaced this long before it expires.
 const CERTIFICATE_MARGIN_MS: u64 = 3600 * 1000;
 
@@ -54,7 +54,7 @@ fn stale_pause_ms(tries: u32) -> u64 {
     }
 }
 
-enum Round {
+pub(super) enum Round {
     /// Nothing left to send.
     Idle,
     /// Something was sent; go again.
@@ -214,7 +214,7 @@ async fn fetch_bundles(
 }
 
 /// A fresh sender certificate, fetched when the current one is about to expire.
-async fn certificate<'a>(
+pub(super) async fn certificate<'a>(
     conn: &RelayConnection,
     cached: &'a mut Option<SenderCertificate>,
     now_ms: u64,
@@ -250,9 +250,6 @@ async fn send_round(
             .filter(|a| !state.contact(a).is_some_and(|c| c.blocked()))
             .collect()
     };
-    if recipients.is_empty() {
-        return Ok(Round::Idle);
-    }
     let mut round = Round::Idle;
     for recipient in recipients {
         refresh_devices(shared, conn, anon, &recipient).await?;
@@ -372,6 +369,18 @@ async fn send_round(
                 Round::Wait => round = Round::Wait,
             }
         }
+    }
+    match super::group_send::group_round(shared, anon).await? {
+        Round::Idle => {}
+        Round::Progress if !matches!(round, Round::Wait) => round = Round::Progress,
+        Round::Progress => {}
+        Round::Wait => round = Round::Wait,
+    }
+    match super::broadcast::send_broadcasts(shared, conn, anon, cached).await? {
+        Round::Idle => {}
+        Round::Progress if !matches!(round, Round::Wait) => round = Round::Progress,
+        Round::Progress => {}
+        Round::Wait => round = Round::Wait,
     }
     Ok(round)
 }

@@ -18,6 +18,8 @@ use rand::{CryptoRng, RngCore};
 use tern_proto::{AccountId, DeviceAddress, DeviceId};
 use zeroize::Zeroizing;
 
+use super::broadcast::BroadcastRecord;
+use super::group_records::{GroupOutboxRecord, GroupRecord};
 use super::keys::PREKEY_BATCH;
 use super::{ReceivedMessage, SEEN_RETENTION_MS};
 use crate::crypto::sealed;
@@ -26,7 +28,7 @@ use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 use crate::store::records::{ContactRecord, LocalRecord, OutboxRecord, PreKeyKind, PreKeyRecord};
 use crate::store::{
-    Batch, ContactStore, IdentityStore, KvStore, OutboxStore, PreKeyStore, StoreError,
+    Batch, ContactStore, IdentityStore, KvStore, Namespace, OutboxStore, PreKeyStore, StoreError,
 };
 use crate::{Error, Result};
 
@@ -74,6 +76,16 @@ pub(crate) struct State {
     /// One-time prekeys consumed since the last check with the relay.
     pub(crate) consumed_prekeys: u32,
     pub(super) certificates: sealed::CertificateCache,
+    /// The broadcast parts of outbox records, by outbox seq.
+    pub(super) broadcasts: BTreeMap<u64, BroadcastRecord>,
+    /// This device's MLS client (`None`: a device without a group credential).
+    pub(super) group_device: Option<crate::groups::GroupDevice>,
+    /// Loaded groups, by group id.
+    pub(super) group_sessions: HashMap<Vec<u8>, crate::groups::GroupSession>,
+    /// This device's groups, by group id.
+    pub(super) groups: BTreeMap<Vec<u8>, GroupRecord>,
+    /// Group messages on their way, by outbox seq.
+    pub(super) group_outbox: BTreeMap<u64, GroupOutboxRecord>,
 }
 
 pub(super) fn corrupt() -> Error {
@@ -93,6 +105,38 @@ pub(crate) fn random32(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 32] {
     let mut b = [0u8; 32];
     rng.fill_bytes(&mut b);
     b
+}
+
+/// This device's MLS client, when it can prove its device key: the primary signs
+/// its own certificate; a linked device has the one its link payload carried.
+pub(super) fn group_device(
+    kv: &Arc<dyn KvStore>,
+    keys: &Keys,
+    local: &LocalRecord,
+) -> Option<crate::groups::GroupDevice> {
+    let secret: [u8; 32] = local.device_secret[..].try_into().ok()?;
+    let device_key = keys.device.public();
+    let certificate = match keys.identity.as_ref() {
+        Some(identity) => identity.certify_device(Some(&keys.address.account), &device_key),
+        None => {
+            let stored = kv
+                .get(
+                    Namespace::GroupCredential,
+                    super::group_records::CREDENTIAL_KEY,
+                )
+                .ok()??;
+            let record: super::group_records::CredentialRecord =
+                prost::Message::decode(&stored[..]).ok()?;
+            record.certificate[..].try_into().ok()?
+        }
+    };
+    let credential = crate::groups::DeviceCredential {
+        account: keys.address.account,
+        device: keys.address.device,
+        identity_key: keys.identity_key,
+        certificate,
+    };
+    crate::groups::GroupDevice::new(kv.clone(), &secret, credential).ok()
 }
 
 impl Keys {
@@ -146,6 +190,8 @@ pub(crate) struct LinkedKeys {
     pub(crate) identity_dh_signature: [u8; 64],
     /// The account's delivery token (already set on the relay by the primary).
     pub(crate) delivery_token: [u8; 32],
+    /// The identity's certificate over this device's key (its group credential).
+    pub(crate) device_signature: [u8; 64],
 }
 
 impl State {
@@ -213,6 +259,20 @@ impl State {
             state.signed_prekeys.insert(id, (pair, record));
         }
         state.outbox = state.kv.outbox()?.into_iter().collect();
+        for (key, value) in state.kv.scan(Namespace::Broadcasts)? {
+            let seq = crate::store::records::parse_seq_key(&key).ok_or_else(corrupt)?;
+            let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
+            state.broadcasts.insert(seq, record);
+        }
+        for (key, value) in state.kv.scan(Namespace::Groups)? {
+            let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
+            state.groups.insert(key, record);
+        }
+        for (key, value) in state.kv.scan(Namespace::GroupOutbox)? {
+            let seq = crate::store::records::parse_seq_key(&key).ok_or_else(corrupt)?;
+            let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
+            state.group_outbox.insert(seq, record);
+        }
         // Duplicates older than the relay's longest retention cannot arrive any more.
         let prune = crate::store::InboxStore::seen_before(
             &*state.kv,
@@ -223,8 +283,10 @@ impl State {
     }
 
     fn from_parts(kv: Arc<dyn KvStore>, local: LocalRecord) -> Result<State> {
+        let keys = Keys::from_local(&local)?;
+        let group_device = group_device(&kv, &keys, &local);
         Ok(State {
-            keys: Keys::from_local(&local)?,
+            keys,
             kv,
             local,
             contacts: HashMap::new(),
@@ -234,6 +296,11 @@ impl State {
             unflushed_seen: HashSet::new(),
             consumed_prekeys: 0,
             certificates: sealed::CertificateCache::default(),
+            broadcasts: BTreeMap::new(),
+            group_device,
+            group_sessions: HashMap::new(),
+            groups: BTreeMap::new(),
+            group_outbox: BTreeMap::new(),
         })
     }
 

@@ -152,14 +152,20 @@ impl State {
                         let own = self.keys.address.account;
                         self.check_list_now(&own)?;
                         let after = self.own_list().map(|l| l.entries).unwrap_or_default();
-                        let events = match stored {
+                        let gone: Vec<DeviceId> = match stored {
                             true => before
                                 .iter()
                                 .filter(|b| !after.iter().any(|a| a.id == b.id))
-                                .map(|b| Event::DeviceRemoved { device: b.id })
+                                .map(|b| b.id)
                                 .collect(),
                             false => Vec::new(),
                         };
+                        // A removed device leaves this account's groups.
+                        self.own_devices_removed(&gone)?;
+                        let events = gone
+                            .into_iter()
+                            .map(|device| Event::DeviceRemoved { device })
+                            .collect();
                         Ok(Ok(Applied::Done(events)))
                     }
                     Err(crate::Error::Store(e)) => Err(e.into()),
@@ -182,6 +188,10 @@ impl State {
                 }
                 let own = self.keys.address.account;
                 self.check_list_now(&own)?;
+                // The primary adds the new device to this account's groups.
+                if self.is_primary() {
+                    self.own_device_joined()?;
+                }
                 Ok(Ok(Applied::Done(vec![Event::DeviceJoined { device }])))
             }
             None => Ok(Err("an empty sync message".into())),

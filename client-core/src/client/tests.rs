@@ -17,7 +17,9 @@ use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
 use tern_proto::{Delivery, DeviceBundle};
 
+mod broadcast;
 mod devices;
+mod groups;
 
 const NOW: u64 = 1_800_000_000_000;
 const DAY: u64 = 24 * 3600 * 1000;

@@ -186,6 +186,37 @@ pub(super) async fn maintain_keys(shared: &Shared, conn: &RelayConnection) -> Re
         conn.publish_keys(&upload).await?;
         shared.state.lock().await.keys_published()?;
     }
+    maintain_key_packages(shared, conn).await
+}
+
+/// Tops up this device's MLS key packages on the relay (and its last-resort one).
+/// A relay's refusal waits for the next round.
+pub(super) async fn maintain_key_packages(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    if shared.state.lock().await.group_device.is_none() {
+        return Ok(());
+    }
+    let held = match conn.publish_key_packages(Vec::new(), None, false).await {
+        Ok(held) => held,
+        Err(e) if e.relay_code().is_some() => {
+            tracing::debug!(error = %e, "key packages not counted");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let now = shared.now_ms();
+    let upload = shared.state.lock().await.key_package_upload(held, now)?;
+    if let Some((packages, last_resort)) = upload {
+        let packages = packages.into_iter().map(Into::into).collect();
+        match conn
+            .publish_key_packages(packages, Some(last_resort.into()), false)
+            .await
+        {
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "key packages not published");
+            }
+            other => drop(other?),
+        }
+    }
     Ok(())
 }
 
@@ -279,6 +310,10 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
             }
             // Stored durably before the relay may delete anything.
             state.flush()?;
+            // A commit applied may unblock a group's queued op or messages.
+            if !acks.is_empty() && !state.groups.is_empty() {
+                shared.outbox.notify_one();
+            }
             // Emitted under the lock, so an identity acceptance cannot interleave.
             for e in events {
                 shared.emit(e);

@@ -33,6 +33,7 @@ use crate::identity::{DeviceKeyPair, IdentityKeyPair};
 mod devices;
 mod dial;
 mod discovery;
+mod groups;
 mod media;
 pub mod tls;
 
@@ -149,13 +150,16 @@ impl RelayConnection {
     }
 
     /// Sends `request` and waits for its reply; a refusal is [`Error::Relay`].
-    async fn request(&self, request: Request) -> Result<Reply> {
+    pub(crate) async fn request(&self, request: Request) -> Result<Reply> {
         self.issue(request).await
     }
 
     /// Sends the request now, in call order, and returns the wait for its reply (which
     /// borrows nothing, so it can be awaited later or elsewhere).
-    fn issue(&self, request: Request) -> impl Future<Output = Result<Reply>> + Send + 'static {
+    pub(crate) fn issue(
+        &self,
+        request: Request,
+    ) -> impl Future<Output = Result<Reply>> + Send + 'static {
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         if let Some(waiting) = lock(&self.pending).as_mut() {
@@ -560,10 +564,11 @@ fn relay_error(e: impl Into<ErrorReply>) -> Error {
         message: e.message,
         retry_after_ms: e.retry_after_ms,
         attempts_left: e.attempts_left,
+        current_epoch: e.current_epoch,
     }
 }
 
-fn unexpected(request: &str) -> Error {
+pub(crate) fn unexpected(request: &str) -> Error {
     Error::Protocol(format!("unexpected reply to {request}"))
 }
 

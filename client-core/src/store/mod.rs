@@ -74,11 +74,22 @@ pub enum Namespace {
     MlsKeyPackage = 13,
     /// Group envelope tags of the live epochs, to route an incoming envelope.
     MlsTag = 14,
+    /// The broadcast part (one-time key, shared body) of outbox records, by seq.
+    Broadcasts = 24,
+    /// Groups of this device (handle, queued ops, commit in flight), by group id.
+    Groups = 25,
+    /// Group messages on their way, by outbox seq.
+    GroupOutbox = 26,
+    /// Group messages the app has not confirmed, by inbox seq.
+    GroupInbox = 27,
+    /// A linked device's group credential: the identity's certificate over its
+    /// device key, from the link payload (key `certificate`).
+    GroupCredential = 28,
 }
 
 impl Namespace {
     /// Every namespace.
-    pub(crate) const ALL: [Namespace; 14] = [
+    pub(crate) const ALL: [Namespace; 19] = [
         Namespace::Local,
         Namespace::PreKeys,
         Namespace::Sessions,
@@ -93,6 +104,11 @@ impl Namespace {
         Namespace::MlsTree,
         Namespace::MlsKeyPackage,
         Namespace::MlsTag,
+        Namespace::Broadcasts,
+        Namespace::Groups,
+        Namespace::GroupOutbox,
+        Namespace::GroupInbox,
+        Namespace::GroupCredential,
     ];
 }
 

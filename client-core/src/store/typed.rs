@@ -171,6 +171,11 @@ impl Batch {
         Self::default()
     }
 
+    /// Appends raw operations (staged by the MLS store).
+    pub(crate) fn extend_ops(&mut self, ops: Vec<Op>) {
+        self.0.extend(ops);
+    }
+
     /// Whether the batch writes nothing.
     pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -259,11 +264,11 @@ impl Batch {
         ));
     }
 
-    fn put(&mut self, ns: Namespace, key: Vec<u8>, record: &impl Message) {
+    pub(crate) fn put(&mut self, ns: Namespace, key: Vec<u8>, record: &impl Message) {
         self.0.push(Op::Put(ns, key, record.encode_to_vec()));
     }
 
-    fn delete(&mut self, ns: Namespace, key: Vec<u8>) {
+    pub(crate) fn delete(&mut self, ns: Namespace, key: Vec<u8>) {
         self.0.push(Op::Delete(ns, key));
     }
 }

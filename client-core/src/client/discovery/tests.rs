@@ -32,6 +32,7 @@ fn refused(code: ErrorCode) -> Error {
         message: String::new(),
         retry_after_ms: 0,
         attempts_left: 0,
+        current_epoch: 0,
     }
 }
 

@@ -55,6 +55,8 @@ fn linked(primary: &Dev, device: u32) -> Dev {
                 identity_key: identity.public(),
                 identity_dh_signature: identity.certify_agreement_key(&identity_dh.public()),
                 delivery_token: primary.state.keys.delivery_token,
+                // Not checked by these rules.
+                device_signature: [0; 64],
             }),
             device_secret: &rand::random(),
             identity_dh: &identity_dh,
@@ -654,6 +656,7 @@ fn a_joined_device_is_stored_whole_in_one_write_before_any_network_step() {
                 identity_key: identity.public(),
                 identity_dh_signature: identity.certify_agreement_key(&identity_dh.public()),
                 delivery_token: alice.state.keys.delivery_token,
+                device_signature: identity.certify_device(Some(&alice.account()), &device_key),
             }),
             device_secret: &device_secret,
             identity_dh: &identity_dh,

@@ -1,0 +1,152 @@
+//! What the client keeps about its groups beyond the MLS state (which
+//! `crate::groups` stores): the relay handle, the members' delivery tokens, queued
+//! membership operations, the commit in flight, queued group messages and received
+//! ones the app has not confirmed. Record keys are encrypted by the device store
+//! like every other, so group ids never appear in clear on disk.
+
+use tern_proto::AccountId;
+
+/// `Namespace::Groups`, key: the MLS group id. One group of this device.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct GroupRecord {
+    /// The relay handle (16 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) handle: Vec<u8>,
+    /// Whether the relay has the handle (this device created the group and sent
+    /// `CreateGroup`, or joined it).
+    #[prost(bool, tag = "2")]
+    pub(crate) registered: bool,
+    /// Membership operations waiting to be committed, oldest first.
+    #[prost(message, repeated, tag = "3")]
+    pub(crate) ops: Vec<GroupOpRecord>,
+    /// The commit sent and not yet answered (its MLS side is pending in the group).
+    #[prost(message, optional, tag = "4")]
+    pub(crate) pending: Option<PendingCommitRecord>,
+    /// Delivery tokens of members that are not (or not yet) contacts.
+    #[prost(message, repeated, tag = "5")]
+    pub(crate) tokens: Vec<MemberTokenRecord>,
+    /// After a `STALE_EPOCH`: the relay's epoch to reach (through the inbox) before
+    /// the head op is planned again.
+    #[prost(uint64, tag = "6")]
+    pub(crate) wait_epoch: u64,
+    /// This device's `MemberInfo` (its delivery token) is still to be sent.
+    #[prost(bool, tag = "7")]
+    pub(crate) announce: bool,
+    /// This device asked to leave: once its `LeaveRequest` is out, the group goes.
+    #[prost(bool, tag = "8")]
+    pub(crate) leaving: bool,
+}
+
+/// A member's delivery token as a group member told it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct MemberTokenRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) token: Vec<u8>,
+}
+
+/// One membership operation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct GroupOpRecord {
+    /// [`OP_ADD`], [`OP_REMOVE`], [`OP_REMOVE_DEVICE`] or [`OP_META`].
+    #[prost(uint32, tag = "1")]
+    pub(crate) kind: u32,
+    /// The accounts it adds or removes.
+    #[prost(bytes = "vec", repeated, tag = "2")]
+    pub(crate) accounts: Vec<Vec<u8>>,
+    /// With a device op: the device.
+    #[prost(uint32, tag = "3")]
+    pub(crate) device: u32,
+    /// With [`OP_META`]: the encoded new metadata.
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) meta: Vec<u8>,
+}
+
+pub(crate) const OP_ADD: u32 = 1;
+pub(crate) const OP_REMOVE: u32 = 2;
+pub(crate) const OP_REMOVE_DEVICE: u32 = 4;
+pub(crate) const OP_META: u32 = 5;
+
+/// A commit sent to the relay: resent as it is (same commit id) until answered.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PendingCommitRecord {
+    /// The encoded `tern.v1.GroupCommitRequest`.
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) request: Vec<u8>,
+    /// The op it carries (popped once the relay accepts it).
+    #[prost(message, optional, tag = "2")]
+    pub(crate) op: Option<GroupOpRecord>,
+}
+
+/// `Namespace::GroupOutbox`, key: an outbox seq. A group message on its way.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct GroupOutboxRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) message_id: Vec<u8>,
+    /// The encoded `GroupContent`, kept until it is encrypted.
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) content: Vec<u8>,
+    /// The group envelope, once encrypted (stored with the MLS state it advanced).
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) envelope: Vec<u8>,
+    /// The devices of the epoch it was encrypted in, other than this one.
+    #[prost(message, repeated, tag = "5")]
+    pub(crate) to: Vec<GroupRecipient>,
+    /// Whether it is this client's own `MemberInfo` or `LeaveRequest` (no event).
+    #[prost(bool, tag = "6")]
+    pub(crate) control: bool,
+}
+
+/// One account's devices a group message goes to.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct GroupRecipient {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(uint32, repeated, tag = "2")]
+    pub(crate) devices: Vec<u32>,
+}
+
+/// `Namespace::GroupInbox`, key: an inbox seq (the 1:1 inbox's counter). A group
+/// message the app has not confirmed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct GroupInboxRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) group_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) sender: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub(crate) sender_device: u32,
+    #[prost(bytes = "vec", tag = "4")]
+    pub(crate) message_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "5")]
+    pub(crate) body: Vec<u8>,
+    #[prost(uint64, tag = "6")]
+    pub(crate) sent_at_ms: u64,
+    #[prost(uint64, tag = "7")]
+    pub(crate) received_at_ms: u64,
+    #[prost(bytes = "vec", repeated, tag = "8")]
+    pub(crate) attachments: Vec<Vec<u8>>,
+}
+
+/// `Namespace::GroupCredential`, key [`CREDENTIAL_KEY`]: a linked device's
+/// certificate from its link payload (the primary signs its own when it loads).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct CredentialRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) certificate: Vec<u8>,
+}
+
+pub(crate) const CREDENTIAL_KEY: &[u8] = b"certificate";
+
+/// The account a group's duplicate check files message ids under: group messages
+/// are checked before MLS, when the sender is not known yet.
+pub(crate) fn dedup_account(group_id: &[u8]) -> AccountId {
+    let mut a = [0u8; 16];
+    for (i, b) in group_id.iter().enumerate() {
+        a[i % 16] ^= b;
+    }
+    AccountId(a)
+}

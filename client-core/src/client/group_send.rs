@@ -1,0 +1,321 @@
+//! The worker's group round, on the anonymous link: registers new handles, runs
+//! each group's commit pipeline (fetch key packages, plan, `GroupCommit`, apply or
+//! rebase), then sends the queued group messages, one `MultiSend` each.
+
+use rand::rngs::OsRng;
+use tern_proto::e2e::{self, group_content::Control};
+use tern_proto::{AccountId, DeviceId, MessageId, MultiSend, RecipientAccount};
+
+use super::anonymous::AnonymousLink;
+use super::group_commit::GroupStep;
+use super::groups::{GroupChange, GroupId};
+use super::send::Round;
+use super::{Event, Shared};
+use crate::store::{Batch, Namespace};
+use crate::{Error, ErrorCode, Result};
+
+/// Merges a step's outcome into the round's.
+fn merge(round: &mut Round, step: Round) {
+    match (&*round, step) {
+        (_, Round::Wait) => *round = Round::Wait,
+        (Round::Idle, Round::Progress) => *round = Round::Progress,
+        _ => {}
+    }
+}
+
+pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
+    let mut round = Round::Idle;
+    let busy = shared.state.lock().await.busy_groups();
+    for group in busy {
+        let step = commit_step(shared, anon, &group).await?;
+        merge(&mut round, step);
+    }
+    announce(shared).await?;
+    let step = send_messages(shared, anon).await?;
+    merge(&mut round, step);
+    Ok(round)
+}
+
+/// Queues this device's `MemberInfo` in groups it joined, so members that are not
+/// its contacts learn its delivery token.
+async fn announce(shared: &Shared) -> Result<()> {
+    let mut state = shared.state.lock().await;
+    let due: Vec<Vec<u8>> = state
+        .groups
+        .iter()
+        .filter(|(_, r)| r.announce)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let now = shared.now_ms();
+    for id in due {
+        let Ok(gid) = <[u8; 32]>::try_from(&id[..]) else {
+            continue;
+        };
+        let content = e2e::GroupContent {
+            sent_at_ms: now,
+            control: Some(Control::MemberInfo(e2e::MemberInfo {
+                delivery_token: state.keys.delivery_token.to_vec().into(),
+                device_list_version: 0,
+            })),
+            ..e2e::GroupContent::default()
+        };
+        state.enqueue_group(&GroupId(gid), content, now, &mut OsRng)?;
+        if let Some(mut record) = state.groups.get(&id).cloned() {
+            record.announce = false;
+            let mut batch = Batch::new();
+            state.put_group(&id, record, &mut batch);
+            state.commit(batch, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// One step of `group`'s commit pipeline.
+async fn commit_step(shared: &Shared, anon: &AnonymousLink, group: &[u8]) -> Result<Round> {
+    let step = shared.state.lock().await.group_step(group)?;
+    let commit = match step {
+        GroupStep::Idle => return Ok(Round::Idle),
+        GroupStep::Wait => return Ok(Round::Wait),
+        GroupStep::Register { handle, token_hash } => {
+            let handle = tern_proto::GroupHandle(handle);
+            match anon
+                .run(|c| async move { c.create_group(handle, token_hash).await })
+                .await
+            {
+                // Created before a restart lost the answer: handles are random.
+                Ok(()) => {}
+                Err(e) if e.relay_code() == Some(ErrorCode::GroupExists) => {}
+                Err(e) if e.relay_code().is_some() => return Ok(Round::Wait),
+                Err(e) => return Err(e),
+            }
+            shared.state.lock().await.group_registered(group)?;
+            return Ok(Round::Progress);
+        }
+        GroupStep::Send(commit) => commit,
+        GroupStep::Plan | GroupStep::Fetch(_) => {
+            let accounts = match step {
+                GroupStep::Fetch(a) => a,
+                _ => Vec::new(),
+            };
+            let packages = fetch_packages(shared, anon, group, &accounts).await?;
+            let planned = shared.state.lock().await.plan_commit(
+                group,
+                packages,
+                shared.now_ms(),
+                &mut OsRng,
+            )?;
+            match planned {
+                Some(commit) => commit,
+                None => return Ok(Round::Progress),
+            }
+        }
+    };
+    let sent = anon
+        .run(|c| {
+            let commit = commit.clone();
+            async move { c.group_commit(commit).await }
+        })
+        .await;
+    let mut state = shared.state.lock().await;
+    match sent {
+        Ok(_) => {
+            for e in state.commit_accepted(group)? {
+                shared.emit(e);
+            }
+            Ok(Round::Progress)
+        }
+        Err(e) if e.relay_code() == Some(ErrorCode::StaleEpoch) => {
+            let current = e.current_epoch().unwrap_or(commit.epoch + 1);
+            tracing::debug!("a group commit lost its epoch; rebasing");
+            state.commit_stale(group, current)?;
+            Ok(Round::Wait)
+        }
+        Err(e) if e.relay_code() == Some(ErrorCode::UnknownGroup) => {
+            state.commit_refused(group)?;
+            Ok(Round::Progress)
+        }
+        Err(e) if e.relay_code().is_some() => Ok(Round::Wait),
+        Err(e) => Err(e),
+    }
+}
+
+/// One key package per device of each account (its token on the anonymous link),
+/// checked against the identity key we hold for it.
+async fn fetch_packages(
+    shared: &Shared,
+    anon: &AnonymousLink,
+    group: &[u8],
+    accounts: &[AccountId],
+) -> Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for account in accounts {
+        let Some(token) = shared.state.lock().await.member_token(group, account) else {
+            continue;
+        };
+        let fetched = anon
+            .run(|c| async move { c.fetch_key_packages(account, None, &token).await })
+            .await;
+        let packages = match fetched {
+            Ok(p) => p,
+            Err(e) if e.relay_code().is_some() => {
+                tracing::debug!(error = %e, "key packages not fetched");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let state = shared.state.lock().await;
+        for p in packages {
+            if state.acceptable_key_package(account, &p.key_package) {
+                out.push(p.key_package.to_vec());
+            } else {
+                tracing::debug!("a key package was refused");
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A group message ready to leave: its outbox seq, the send, and the accounts left
+/// out for want of a token.
+type Ready = (u64, MultiSend, Vec<(AccountId, Option<DeviceId>)>);
+
+/// Sends every encrypted group message, oldest first.
+async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
+    let ready: Vec<Ready> = {
+        let state = shared.state.lock().await;
+        let mut ready = Vec::new();
+        for (seq, r) in state.group_outbox.iter() {
+            if r.envelope.is_empty() {
+                continue;
+            }
+            let Ok(id) = <[u8; 16]>::try_from(&r.message_id[..]) else {
+                continue;
+            };
+            let mut recipients = Vec::new();
+            let mut tokenless = Vec::new();
+            for to in &r.to {
+                let Ok(account) = AccountId::try_from(&to.account[..]) else {
+                    continue;
+                };
+                let devices: Vec<DeviceId> = to
+                    .devices
+                    .iter()
+                    .filter_map(|d| DeviceId::try_from(*d).ok())
+                    .collect();
+                match state.member_token(&r.group_id, &account) {
+                    Some(token) => recipients.push(RecipientAccount {
+                        account,
+                        delivery_token: token.to_vec().into(),
+                        device_list_version: 0,
+                        devices,
+                        parts: Vec::new(),
+                    }),
+                    None => tokenless.push((account, None)),
+                }
+            }
+            let send = MultiSend {
+                message_id: MessageId(id),
+                body: r.envelope.clone().into(),
+                recipients,
+            };
+            ready.push((*seq, send, tokenless));
+        }
+        ready
+    };
+    let mut round = Round::Idle;
+    for (seq, send, tokenless) in ready {
+        if send.recipients.is_empty() {
+            let mut state = shared.state.lock().await;
+            state.group_sent(seq)?;
+            settle_leave(shared, &mut state)?;
+            continue;
+        }
+        let result = anon.run(|c| c.multi_send(send.clone())).await;
+        let mut state = shared.state.lock().await;
+        let result = match result {
+            Ok(r) => r,
+            Err(e) => match e.relay_code() {
+                Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
+                    tracing::debug!(error = %e, "a group message was refused");
+                    state.group_sent(seq)?;
+                    round = Round::Progress;
+                    continue;
+                }
+                Some(_) => return Ok(Round::Wait),
+                None => return Err(e),
+            },
+        };
+        // Refused for good: devices gone, tokens rotated (until a MemberInfo brings
+        // the new one). A full mailbox is tried again.
+        let mut gone = tokenless;
+        let mut retry = false;
+        for f in &result.refused {
+            let Some(to) = send.recipients.get(f.recipient as usize) else {
+                continue;
+            };
+            match f.code {
+                ErrorCode::MailboxFull | ErrorCode::RateLimited | ErrorCode::Unavailable => {
+                    retry = true
+                }
+                _ => gone.push((to.account, f.device)),
+            }
+        }
+        if retry {
+            // Keep only the refused-for-now devices.
+            let accepted: Vec<(AccountId, Option<DeviceId>)> = send
+                .recipients
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| {
+                    let refused = &result.refused;
+                    r.devices
+                        .iter()
+                        .filter(move |d| {
+                            !refused.iter().any(|f| {
+                                f.recipient as usize == i
+                                    && (f.device.is_none() || f.device == Some(**d))
+                            })
+                        })
+                        .map(move |d| (r.account, Some(*d)))
+                })
+                .collect();
+            gone.extend(accepted);
+            state.drop_group_recipients(seq, &gone)?;
+            round = Round::Wait;
+        } else {
+            state.group_sent(seq)?;
+            merge(&mut round, Round::Progress);
+        }
+        settle_leave(shared, &mut state)?;
+    }
+    Ok(round)
+}
+
+/// Groups this device is leaving whose last message is out: deleted here.
+fn settle_leave(shared: &Shared, state: &mut super::state::State) -> Result<()> {
+    let done: Vec<Vec<u8>> = state
+        .groups
+        .iter()
+        .filter(|(id, r)| r.leaving && !state.group_outbox.values().any(|o| o.group_id == **id))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in done {
+        let mut batch = Batch::new();
+        batch.extend_ops(
+            state
+                .group_device()?
+                .forget(&id)
+                .map_err(|e| Error::Group(e.to_string()))?,
+        );
+        batch.delete(Namespace::Groups, id.clone());
+        state.commit(batch, true)?;
+        state.forget_group_cache(&id);
+        if let Ok(gid) = <[u8; 32]>::try_from(&id[..]) {
+            shared.emit(Event::GroupChanged {
+                group: GroupId(gid),
+                change: GroupChange::Left,
+            });
+        }
+    }
+    Ok(())
+}

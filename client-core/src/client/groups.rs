@@ -1,0 +1,550 @@
+//! Groups on MLS, the client's side of them (the MLS core is `crate::groups`): the
+//! public types, and the state rules, without a network. Each MLS transition is
+//! written in the same atomic batch as its effect (the outbox envelope, the inbox
+//! record, the commit in flight), so a restart at any point loses nothing and
+//! repeats nothing.
+//!
+//! - **Create**: the group exists at once on this device (epoch 0); the worker
+//!   registers its handle with the relay and commits the adds queued with it.
+//! - **Membership** (add, remove, leave's removal by the others, metadata): ops
+//!   queued per group, committed one at a time by the worker (`group_send.rs`). A
+//!   commit the relay refuses as stale is cleared; the op waits until the inbox has
+//!   applied the winner and is planned again against the new roster.
+//! - **Messages**: encrypted when queued (or, with a commit in flight, once it is
+//!   answered), for the devices of that epoch; one `MultiSend` per message.
+//! - **Receiving**: a `0x02` shared body is routed by its tag, checked for
+//!   duplicates, processed, and stored; a `0x03` body is a welcome.
+
+use prost::Message;
+use rand::{CryptoRng, RngCore};
+use tern_proto::e2e::{self, group_content::Control};
+use tern_proto::{AccountId, DeviceId, MessageId};
+
+use super::group_records::{
+    GroupInboxRecord, GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, OP_ADD,
+    OP_REMOVE,
+};
+use super::outbox::MAX_BODY;
+use super::state::{corrupt, State};
+use crate::groups::{GroupDevice, GroupMeta, GroupSession, Member};
+use crate::media::AttachmentPointer;
+use crate::store::records::seq_key;
+use crate::store::{Batch, Namespace};
+use crate::{Error, Result};
+
+/// The first byte of a shared body that is a group envelope.
+pub(crate) const GROUP_ENVELOPE: u8 = 0x02;
+/// The first byte of a shared body that is a welcome.
+pub(crate) const GROUP_WELCOME: u8 = 0x03;
+
+/// A group's id on this device (the MLS group id; never sent to the relay).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub [u8; 32]);
+
+impl std::fmt::Debug for GroupId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A prefix is enough to tell groups apart in a log.
+        write!(f, "GroupId({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl GroupId {
+    pub(super) fn of(bytes: &[u8]) -> Result<GroupId> {
+        Ok(GroupId(bytes.try_into().map_err(|_| corrupt())?))
+    }
+}
+
+/// A group as this device sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// The group.
+    pub id: GroupId,
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// Member accounts (this one included), each once.
+    pub members: Vec<AccountId>,
+    /// Membership operations not yet committed.
+    pub pending_ops: usize,
+}
+
+/// A group message, stored on the device until the app confirms it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMessage {
+    /// Position in this device's inbox; pass it to [`Client::confirm`](super::Client::confirm).
+    pub seq: u64,
+    /// The group.
+    pub group: GroupId,
+    /// The sender's account (its MLS leaf, checked against its identity key).
+    pub sender: AccountId,
+    /// The sender's device.
+    pub sender_device: DeviceId,
+    /// The sender's id for this message.
+    pub message_id: MessageId,
+    /// The application's bytes.
+    pub body: Vec<u8>,
+    /// The sender's clock when it was sent (Unix ms; the sender's claim).
+    pub sent_at_ms: u64,
+    /// When this device decrypted it (Unix ms).
+    pub received_at_ms: u64,
+    /// Attachments it points at.
+    pub attachments: Vec<AttachmentPointer>,
+}
+
+impl GroupMessage {
+    pub(super) fn from_record(seq: u64, r: &GroupInboxRecord) -> Result<Self> {
+        Ok(GroupMessage {
+            seq,
+            group: GroupId::of(&r.group_id)?,
+            sender: AccountId::try_from(&r.sender[..]).map_err(|_| corrupt())?,
+            sender_device: DeviceId::try_from(r.sender_device).map_err(|_| corrupt())?,
+            message_id: MessageId(r.message_id[..].try_into().map_err(|_| corrupt())?),
+            body: r.body.clone(),
+            sent_at_ms: r.sent_at_ms,
+            received_at_ms: r.received_at_ms,
+            attachments: r
+                .attachments
+                .iter()
+                .filter_map(|a| AttachmentPointer::from_bytes(a).ok())
+                .collect(),
+        })
+    }
+}
+
+/// How a group's membership changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum GroupChange {
+    /// These accounts (or new devices of them) joined.
+    Added(Vec<AccountId>),
+    /// These accounts (or devices of them) were removed.
+    Removed(Vec<AccountId>),
+    /// This device left the group.
+    Left,
+    /// This device was removed from the group: it reads nothing more of it.
+    RemovedSelf,
+    /// The name or description changed.
+    Renamed {
+        /// The new name.
+        name: String,
+    },
+}
+
+pub(super) fn accounts(members: &[Member]) -> Vec<AccountId> {
+    let mut out: Vec<AccountId> = Vec::new();
+    for m in members {
+        if !out.contains(&m.account) {
+            out.push(m.account);
+        }
+    }
+    out
+}
+
+impl State {
+    pub(super) fn group_device(&self) -> Result<&GroupDevice> {
+        self.group_device
+            .as_ref()
+            .ok_or_else(|| Error::Group("this device has no group credential".into()))
+    }
+
+    /// The session of `group`, loaded into the cache if needed.
+    pub(super) fn session_mut(&mut self, group: &[u8]) -> Result<&mut GroupSession> {
+        if !self.group_sessions.contains_key(group) {
+            let session = self
+                .group_device()?
+                .load(group)
+                .map_err(|e| Error::Group(e.to_string()))?
+                .ok_or(Error::UnknownGroup)?;
+            self.group_sessions.insert(group.to_vec(), session);
+        }
+        self.group_sessions
+            .get_mut(group)
+            .ok_or(Error::UnknownGroup)
+    }
+
+    pub(super) fn put_group(&mut self, id: &[u8], record: GroupRecord, batch: &mut Batch) {
+        batch.put(Namespace::Groups, id.to_vec(), &record);
+        self.groups.insert(id.to_vec(), record);
+    }
+
+    /// Accounts named for a group must be contacts whose token we hold (a member
+    /// without one could never be sent to).
+    fn check_contacts(&self, contacts: &[AccountId]) -> Result<Vec<AccountId>> {
+        let own = self.keys.address.account;
+        let mut out = Vec::new();
+        for c in contacts {
+            if *c == own || out.contains(c) {
+                continue;
+            }
+            let contact = self.contacts.get(c).ok_or(Error::NotAContact)?;
+            if contact.blocked() {
+                return Err(Error::UntrustedIdentity);
+            }
+            if self.token_of(c).is_none() {
+                return Err(Error::NotAContact);
+            }
+            out.push(*c);
+        }
+        Ok(out)
+    }
+
+    /// Creates a group with this device its only member and queues the adds of
+    /// `contacts` (and of this account's other devices): stored before it returns.
+    pub(crate) fn create_group(
+        &mut self,
+        name: &str,
+        contacts: &[AccountId],
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<GroupId> {
+        let mut add = self.check_contacts(contacts)?;
+        if self.has_other_devices() {
+            add.push(self.keys.address.account);
+        }
+        let mut id = [0u8; 32];
+        rng.fill_bytes(&mut id);
+        let mut handle = [0u8; 16];
+        rng.fill_bytes(&mut handle);
+        let meta = GroupMeta {
+            handle,
+            name: name.to_string(),
+            description: String::new(),
+            picture: None,
+        };
+        if meta.check().is_err() {
+            return Err(Error::TooLarge {
+                max: crate::groups::meta::MAX_NAME,
+            });
+        }
+        let staged = self
+            .group_device()?
+            .create(id, &meta, now_ms)
+            .map_err(|e| Error::Group(e.to_string()))?;
+        let mut batch = Batch::new();
+        batch.extend_ops(staged.ops);
+        let mut record = GroupRecord {
+            handle: handle.to_vec(),
+            ..GroupRecord::default()
+        };
+        if !add.is_empty() {
+            record.ops.push(GroupOpRecord {
+                kind: OP_ADD,
+                accounts: add.iter().map(|a| a.as_bytes().to_vec()).collect(),
+                ..GroupOpRecord::default()
+            });
+        }
+        self.put_group(&id, record, &mut batch);
+        self.commit(batch, true)?;
+        self.group_sessions.insert(id.to_vec(), staged.value);
+        Ok(GroupId(id))
+    }
+
+    /// Queues a membership op for `group`: stored before it returns.
+    pub(crate) fn queue_group_op(&mut self, group: &GroupId, op: GroupOpRecord) -> Result<()> {
+        let mut record = self
+            .groups
+            .get(&group.0[..])
+            .cloned()
+            .ok_or(Error::UnknownGroup)?;
+        record.ops.push(op);
+        let mut batch = Batch::new();
+        self.put_group(&group.0, record, &mut batch);
+        self.commit(batch, true)
+    }
+
+    /// Queues the adds of `contacts` to `group`.
+    pub(crate) fn add_group_members(
+        &mut self,
+        group: &GroupId,
+        contacts: &[AccountId],
+    ) -> Result<()> {
+        let add = self.check_contacts(contacts)?;
+        if add.is_empty() {
+            return Err(Error::NoRecipients);
+        }
+        let op = GroupOpRecord {
+            kind: OP_ADD,
+            accounts: add.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            ..GroupOpRecord::default()
+        };
+        self.queue_group_op(group, op)
+    }
+
+    /// Queues the removal of every device of `member` from `group`.
+    pub(crate) fn remove_group_member(
+        &mut self,
+        group: &GroupId,
+        member: &AccountId,
+    ) -> Result<()> {
+        let op = GroupOpRecord {
+            kind: OP_REMOVE,
+            accounts: vec![member.as_bytes().to_vec()],
+            ..GroupOpRecord::default()
+        };
+        self.queue_group_op(group, op)
+    }
+
+    /// A device joined this account: every group queues the add of its devices
+    /// (the ones already in are left out when the commit is planned).
+    pub(crate) fn own_device_joined(&mut self) -> Result<()> {
+        let own = self.keys.address.account.as_bytes().to_vec();
+        self.queue_everywhere(GroupOpRecord {
+            kind: OP_ADD,
+            accounts: vec![own],
+            ..GroupOpRecord::default()
+        })
+    }
+
+    /// Devices left this account: every group queues their removal.
+    pub(crate) fn own_devices_removed(&mut self, devices: &[DeviceId]) -> Result<()> {
+        for d in devices {
+            self.queue_everywhere(GroupOpRecord {
+                kind: super::group_records::OP_REMOVE_DEVICE,
+                accounts: vec![self.keys.address.account.as_bytes().to_vec()],
+                device: d.get(),
+                ..GroupOpRecord::default()
+            })?;
+        }
+        Ok(())
+    }
+
+    fn queue_everywhere(&mut self, op: GroupOpRecord) -> Result<()> {
+        let ids: Vec<Vec<u8>> = self
+            .groups
+            .iter()
+            .filter(|(_, r)| !r.leaving)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for id in ids {
+            if let Some(mut record) = self.groups.get(&id).cloned() {
+                record.ops.push(op.clone());
+                self.put_group(&id, record, &mut batch);
+            }
+        }
+        self.commit(batch, true)
+    }
+
+    /// The groups of this device.
+    pub(crate) fn group_list(&mut self) -> Result<Vec<GroupInfo>> {
+        let ids: Vec<Vec<u8>> = self.groups.keys().cloned().collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let pending_ops = self.groups.get(&id).map_or(0, |r| r.ops.len());
+            let session = self.session_mut(&id)?;
+            let meta = session.meta().map_err(|e| Error::Group(e.to_string()))?;
+            out.push(GroupInfo {
+                id: GroupId::of(&id)?,
+                name: meta.name,
+                description: meta.description,
+                members: accounts(&session.members()),
+                pending_ops,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Queues a group message (or this device's control message): stored before it
+    /// returns, and encrypted at once unless a commit of this device is in flight.
+    pub(crate) fn enqueue_group(
+        &mut self,
+        group: &GroupId,
+        content: e2e::GroupContent,
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<MessageId> {
+        if !self.groups.contains_key(&group.0[..]) {
+            return Err(Error::UnknownGroup);
+        }
+        let control = content.control.is_some();
+        let content = content.encode_to_vec();
+        if content.len() > MAX_BODY {
+            return Err(Error::TooLarge { max: MAX_BODY });
+        }
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        let seq = self.local.next_outbox_seq;
+        self.local.next_outbox_seq += 1;
+        let record = GroupOutboxRecord {
+            group_id: group.0.to_vec(),
+            message_id: id.to_vec(),
+            content,
+            control,
+            ..GroupOutboxRecord::default()
+        };
+        let mut batch = Batch::new();
+        batch.put(Namespace::GroupOutbox, seq_key(seq), &record);
+        batch.put_local(&self.local);
+        self.commit(batch, false)?;
+        self.group_outbox.insert(seq, record);
+        self.prepare_group(&group.0)?;
+        self.flush()?;
+        let _ = now_ms;
+        Ok(MessageId(id))
+    }
+
+    /// Encrypts `group`'s queued messages, oldest first, unless a commit of this
+    /// device is in flight (MLS takes no application message then).
+    pub(crate) fn prepare_group(&mut self, group: &[u8]) -> Result<()> {
+        let seqs: Vec<u64> = self
+            .group_outbox
+            .iter()
+            .filter(|(_, r)| r.group_id == group && r.envelope.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        if seqs.is_empty() || self.groups.get(group).is_none_or(|r| r.pending.is_some()) {
+            return Ok(());
+        }
+        for seq in seqs {
+            let Some(mut record) = self.group_outbox.get(&seq).cloned() else {
+                continue;
+            };
+            let session = self.session_mut(group)?;
+            if session.has_pending() {
+                return Ok(());
+            }
+            let me = session.me().map_err(|e| Error::Group(e.to_string()))?;
+            let mut to: Vec<GroupRecipient> = Vec::new();
+            for m in session.members() {
+                if m.account == me.account && m.device == me.device {
+                    continue;
+                }
+                match to.iter_mut().find(|r| r.account == m.account.as_bytes()) {
+                    Some(r) => r.devices.push(m.device.get()),
+                    None => to.push(GroupRecipient {
+                        account: m.account.as_bytes().to_vec(),
+                        devices: vec![m.device.get()],
+                    }),
+                }
+            }
+            let staged = session
+                .encrypt(&record.content)
+                .map_err(|e| Error::Group(e.to_string()))?;
+            record.envelope = staged.value;
+            record.content.clear();
+            record.to = to;
+            let mut batch = Batch::new();
+            batch.extend_ops(staged.ops);
+            batch.put(Namespace::GroupOutbox, seq_key(seq), &record);
+            self.commit(batch, false)?;
+            self.group_outbox.insert(seq, record);
+        }
+        Ok(())
+    }
+
+    /// The delivery token to send to `account`'s devices with, in `group`.
+    pub(crate) fn member_token(&self, group: &[u8], account: &AccountId) -> Option<[u8; 32]> {
+        if *account == self.keys.address.account {
+            return Some(self.keys.delivery_token);
+        }
+        self.token_of(account).or_else(|| {
+            self.groups
+                .get(group)?
+                .tokens
+                .iter()
+                .find(|t| t.account == account.as_bytes())
+                .and_then(|t| t.token[..].try_into().ok())
+        })
+    }
+
+    /// A group message is out (or given up): it leaves the outbox.
+    pub(crate) fn group_sent(&mut self, seq: u64) -> Result<()> {
+        if self.group_outbox.remove(&seq).is_some() {
+            let mut batch = Batch::new();
+            batch.delete(Namespace::GroupOutbox, seq_key(seq));
+            self.commit(batch, false)?;
+        }
+        Ok(())
+    }
+
+    /// Drops devices from a queued group message's recipients (refused for good).
+    pub(crate) fn drop_group_recipients(
+        &mut self,
+        seq: u64,
+        gone: &[(AccountId, Option<DeviceId>)],
+    ) -> Result<()> {
+        let Some(mut record) = self.group_outbox.get(&seq).cloned() else {
+            return Ok(());
+        };
+        for (account, device) in gone {
+            for r in record
+                .to
+                .iter_mut()
+                .filter(|r| r.account == account.as_bytes())
+            {
+                match device {
+                    Some(d) => r.devices.retain(|x| *x != d.get()),
+                    None => r.devices.clear(),
+                }
+            }
+        }
+        record.to.retain(|r| !r.devices.is_empty());
+        if record.to.is_empty() {
+            return self.group_sent(seq);
+        }
+        let mut batch = Batch::new();
+        batch.put(Namespace::GroupOutbox, seq_key(seq), &record);
+        self.commit(batch, false)?;
+        self.group_outbox.insert(seq, record);
+        Ok(())
+    }
+
+    pub(super) fn group_outbox_of(&self, group: &[u8]) -> Vec<u64> {
+        self.group_outbox
+            .iter()
+            .filter(|(_, r)| r.group_id == group)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
+    pub(super) fn forget_group_cache(&mut self, group: &[u8]) {
+        self.groups.remove(group);
+        self.group_sessions.remove(group);
+        for seq in self.group_outbox_of(group) {
+            self.group_outbox.remove(&seq);
+        }
+    }
+
+    /// Leaves `group`: a `LeaveRequest` goes to the members (the others then commit
+    /// the removal); this device's state of the group is deleted once it is out.
+    pub(crate) fn leave_group(
+        &mut self,
+        group: &GroupId,
+        now_ms: u64,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<()> {
+        let content = e2e::GroupContent {
+            sent_at_ms: now_ms,
+            control: Some(Control::Leave(e2e::LeaveRequest {})),
+            ..e2e::GroupContent::default()
+        };
+        self.enqueue_group(group, content, now_ms, rng)?;
+        let mut record = self
+            .groups
+            .get(&group.0[..])
+            .cloned()
+            .ok_or(Error::UnknownGroup)?;
+        // Nothing more is committed from here; the request is the last word.
+        record.ops.clear();
+        record.leaving = true;
+        let mut batch = Batch::new();
+        self.put_group(&group.0, record, &mut batch);
+        self.commit(batch, true)
+    }
+
+    /// Group messages received but not yet confirmed, oldest first.
+    pub(crate) fn unconfirmed_group(&self) -> Result<Vec<GroupMessage>> {
+        let mut out = Vec::new();
+        for (k, v) in self.kv.scan(Namespace::GroupInbox)? {
+            let seq = crate::store::records::parse_seq_key(&k).ok_or_else(corrupt)?;
+            let r = GroupInboxRecord::decode(&v[..]).map_err(|_| corrupt())?;
+            out.push(GroupMessage::from_record(seq, &r)?);
+        }
+        out.sort_by_key(|m| m.seq);
+        Ok(out)
+    }
+}

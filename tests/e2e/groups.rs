@@ -1,0 +1,539 @@
+//! Groups and broadcast lists end to end (issue 17): a real relay process, real
+//! QUIC, sled device stores, the client library on every end.
+
+use std::path::Path;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tern_client::{Client, Event, Events, GroupChange, GroupId, GroupMessage};
+use tern_proto::address::RelayAddress;
+use tern_proto::{AccountId, DeviceId};
+
+use crate::client::{drained, next_match, next_message, store};
+use crate::support::{files_under, within, RelayProcess};
+
+/// Links a new device (store `name`) to `primary`'s account.
+async fn link(
+    relay: &RelayAddress,
+    dir: &Path,
+    name: &str,
+    primary: &Client,
+    primary_events: &mut Events,
+) -> (Client, Events) {
+    let joining = within(Client::join(relay, store(dir, name)))
+        .await
+        .expect("join");
+    within(primary.link_device(joining.link()))
+        .await
+        .expect("link");
+    let (device, events) = within(joining.finish()).await.expect("finish");
+    next_match(primary_events, |e| match e {
+        Event::DeviceJoined { .. } => Some(()),
+        _ => None,
+    })
+    .await;
+    (device, events)
+}
+
+async fn joined(events: &mut Events) -> GroupId {
+    next_match(events, |e| match e {
+        Event::GroupJoined { group, .. } => Some(group),
+        _ => None,
+    })
+    .await
+}
+
+async fn group_message(client: &Client, events: &mut Events) -> GroupMessage {
+    let m = next_match(events, |e| match e {
+        Event::GroupMessage(m) => Some(m),
+        _ => None,
+    })
+    .await;
+    client.confirm(m.seq).await.expect("confirm");
+    m
+}
+
+async fn change(events: &mut Events, want: impl Fn(&GroupChange) -> bool) -> GroupChange {
+    next_match(events, |e| match e {
+        Event::GroupChanged { change, .. } if want(&change) => Some(change),
+        _ => None,
+    })
+    .await
+}
+
+/// Waits until `client`'s view of `group` has exactly `members`.
+async fn members_are(client: &Client, group: &GroupId, members: &[AccountId]) {
+    let mut want = members.to_vec();
+    want.sort();
+    within(async {
+        loop {
+            let groups = client.groups().await.expect("groups");
+            if let Some(g) = groups.iter().find(|g| g.id == *group) {
+                let mut have = g.members.clone();
+                have.sort();
+                if have == want && g.pending_ops == 0 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// Registers `names` on `relay`, each holding every other's card.
+async fn accounts(relay: &RelayAddress, dir: &Path, names: &[&str]) -> Vec<(Client, Events)> {
+    let mut out = Vec::new();
+    for name in names {
+        let client = within(Client::register(relay, store(dir, name)))
+            .await
+            .expect("register");
+        out.push(client);
+    }
+    let cards = {
+        let mut cards = Vec::new();
+        for (c, _) in &out {
+            cards.push(c.contact_card().await);
+        }
+        cards
+    };
+    for (c, _) in &out {
+        for card in &cards {
+            if card.account != c.account() {
+                c.add_contact(card).await.expect("add contact");
+            }
+        }
+    }
+    out
+}
+
+/// Whether `needle` appears in any file under `dir`.
+fn on_disk(dir: &Path, needle: &[u8]) -> bool {
+    files_under(dir).iter().any(|f| {
+        std::fs::read(f)
+            .map(|b| b.windows(needle.len()).any(|w| w == needle))
+            .unwrap_or(false)
+    })
+}
+
+#[tokio::test]
+async fn a_broadcast_reaches_each_contact_as_a_one_to_one_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(
+        &relay.address,
+        dir.path(),
+        &["alice", "bob", "carol", "dave"],
+    )
+    .await;
+    let (alice, mut alice_events) = all.remove(0);
+    let to: Vec<AccountId> = all.iter().map(|(c, _)| c.account()).collect();
+
+    let marker = b"broadcast-marker-7f3a";
+    let id = alice
+        .send_broadcast(&to, marker, &[])
+        .await
+        .expect("broadcast");
+    for (client, events) in &mut all {
+        let m = next_message(events).await;
+        assert_eq!(m.body, marker);
+        assert_eq!(
+            (m.sender, m.message_id, m.sent_to),
+            (alice.account(), id, None)
+        );
+        client.confirm(m.seq).await.expect("confirm");
+        // An ordinary message: its sender can be answered as usual.
+        client
+            .send(&alice.account(), b"got it")
+            .await
+            .expect("reply");
+    }
+    let mut sent_to = Vec::new();
+    while sent_to.len() < to.len() {
+        let to = next_match(&mut alice_events, |e| match e {
+            Event::Sent { message_id, to } if message_id == id => Some(to),
+            _ => None,
+        })
+        .await;
+        sent_to.push(to);
+    }
+    sent_to.sort();
+    let mut expected = to.clone();
+    expected.sort();
+    assert_eq!(sent_to, expected, "one Sent per recipient");
+    for _ in 0..to.len() {
+        assert_eq!(next_message(&mut alice_events).await.body, b"got it");
+    }
+    drained(&alice).await;
+    // Everyone acknowledged: the relay keeps nothing readable of it either way.
+    assert!(!on_disk(&relay.data_dir, marker));
+}
+
+#[tokio::test]
+async fn three_accounts_with_two_devices_each_talk_in_a_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut primaries = accounts(&relay.address, dir.path(), &["alice", "bob", "carol"]).await;
+    let mut devices: Vec<(String, Client, Events)> = Vec::new();
+    for (i, name) in ["alice", "bob", "carol"].iter().enumerate() {
+        let (client, events) = &mut primaries[i];
+        let laptop = link(
+            &relay.address,
+            dir.path(),
+            &format!("{name}-laptop"),
+            client,
+            events,
+        )
+        .await;
+        devices.push((format!("{name}-laptop"), laptop.0, laptop.1));
+    }
+    for (i, (client, events)) in primaries.into_iter().enumerate() {
+        let name = ["alice", "bob", "carol"][i];
+        devices.insert(i, (name.to_string(), client, events));
+    }
+    let accounts: Vec<AccountId> = devices[..3].iter().map(|(_, c, _)| c.account()).collect();
+
+    let name = "marker-group-name-5d1e";
+    let group = within(devices[0].1.create_group(name, &accounts[1..]))
+        .await
+        .expect("create");
+    for (_, _, events) in devices.iter_mut().skip(1) {
+        assert_eq!(joined(events).await, group);
+    }
+    for (_, client, _) in &devices {
+        members_are(client, &group, &accounts).await;
+    }
+
+    // Interleaved: every device sends 4; every other device gets each exactly once,
+    // in each sender's order.
+    const EACH: usize = 4;
+    for i in 0..EACH {
+        for (who, client, _) in &devices {
+            let body = format!("marker-body-{who}-{i}");
+            client
+                .send_group(&group, body.as_bytes(), &[])
+                .await
+                .expect("send");
+        }
+    }
+    let n = devices.len();
+    for (me, client, events) in devices.iter_mut() {
+        let mut by_sender: HashMap<(AccountId, DeviceId), Vec<String>> = HashMap::new();
+        for _ in 0..(n - 1) * EACH {
+            let m = group_message(client, events).await;
+            assert_eq!(m.group, group);
+            let body = String::from_utf8(m.body).expect("text");
+            let who = body
+                .trim_start_matches("marker-body-")
+                .rsplit_once('-')
+                .map(|w| w.0.to_string());
+            assert_ne!(who.as_deref(), Some(me.as_str()), "not to itself");
+            by_sender
+                .entry((m.sender, m.sender_device))
+                .or_default()
+                .push(body);
+        }
+        assert_eq!(by_sender.len(), n - 1, "{me}: from every other device");
+        for list in by_sender.values() {
+            let who = list[0]
+                .trim_start_matches("marker-body-")
+                .rsplit_once('-')
+                .expect("numbered")
+                .0
+                .to_string();
+            let want: Vec<String> = (0..EACH)
+                .map(|i| format!("marker-body-{who}-{i}"))
+                .collect();
+            assert_eq!(list, &want, "{me}: once each, in order");
+        }
+    }
+    for (_, client, _) in &devices {
+        drained(client).await;
+    }
+    // The relay never saw a group name or a body.
+    for marker in [name.as_bytes(), b"marker-body-"] {
+        assert!(
+            !on_disk(&relay.data_dir, marker),
+            "found a marker on the relay"
+        );
+    }
+    for (_, client, _) in devices {
+        client.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn later_members_read_only_what_follows_and_removed_ones_nothing_more() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["alice", "bob", "carol"]).await;
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, mut alice_events) = all.pop().expect("alice");
+
+    let group = within(alice.create_group("g", &[bob.account()]))
+        .await
+        .expect("create");
+    joined(&mut bob_events).await;
+    alice
+        .send_group(&group, b"before carol", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&bob, &mut bob_events).await.body,
+        b"before carol"
+    );
+
+    alice
+        .add_members(&group, &[carol.account()])
+        .await
+        .expect("add");
+    assert_eq!(joined(&mut carol_events).await, group);
+    change(&mut bob_events, |c| matches!(c, GroupChange::Added(_))).await;
+    bob.send_group(&group, b"after carol", &[])
+        .await
+        .expect("send");
+    // Carol's first group message is the one sent after she joined.
+    let m = group_message(&carol, &mut carol_events).await;
+    assert_eq!(
+        (m.body.as_slice(), m.sender),
+        (&b"after carol"[..], bob.account())
+    );
+    assert_eq!(
+        group_message(&alice, &mut alice_events).await.body,
+        b"after carol"
+    );
+
+    alice
+        .remove_member(&group, &bob.account())
+        .await
+        .expect("remove");
+    let c = change(&mut bob_events, |c| matches!(c, GroupChange::RemovedSelf)).await;
+    assert_eq!(c, GroupChange::RemovedSelf);
+    assert!(bob.groups().await.expect("groups").is_empty());
+    change(&mut carol_events, |c| matches!(c, GroupChange::Removed(_))).await;
+    alice
+        .send_group(&group, b"without bob", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&carol, &mut carol_events).await.body,
+        b"without bob"
+    );
+    drained(&alice).await;
+    // Bob can no longer send to the group either.
+    assert!(bob.send_group(&group, b"x", &[]).await.is_err());
+    // Nothing of the group reached Bob after his removal: a 1:1 message from Alice
+    // is the next thing he gets.
+    alice
+        .send(&bob.account(), b"1:1 after")
+        .await
+        .expect("send");
+    let next = next_match(&mut bob_events, |e| match e {
+        Event::GroupMessage(m) => Some(m.body),
+        Event::Message(m) => Some(m.body),
+        _ => None,
+    })
+    .await;
+    assert_eq!(next, b"1:1 after");
+    for c in [alice, bob, carol] {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_adds_rebase_and_both_land() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(
+        &relay.address,
+        dir.path(),
+        &["alice", "bob", "carol", "dave"],
+    )
+    .await;
+    let (dave, mut dave_events) = all.pop().expect("dave");
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, _alice_events) = all.pop().expect("alice");
+    let group = within(alice.create_group("g", &[bob.account()]))
+        .await
+        .expect("create");
+    joined(&mut bob_events).await;
+    members_are(&bob, &group, &[alice.account(), bob.account()]).await;
+
+    // Both commit in the same epoch: one wins, the other rebases and commits next.
+    let (to_carol, to_dave) = ([carol.account()], [dave.account()]);
+    let (a, b) = tokio::join!(
+        alice.add_members(&group, &to_carol),
+        bob.add_members(&group, &to_dave),
+    );
+    a.expect("alice adds");
+    b.expect("bob adds");
+    joined(&mut carol_events).await;
+    joined(&mut dave_events).await;
+    let everyone = [
+        alice.account(),
+        bob.account(),
+        carol.account(),
+        dave.account(),
+    ];
+    for c in [&alice, &bob, &carol, &dave] {
+        members_are(c, &group, &everyone).await;
+    }
+    dave.send_group(&group, b"all four", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&carol, &mut carol_events).await.body,
+        b"all four"
+    );
+    assert_eq!(group_message(&bob, &mut bob_events).await.body, b"all four");
+    for c in [alice, bob, carol, dave] {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn an_offline_member_catches_up_and_a_restart_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(
+        &relay.address,
+        dir.path(),
+        &["alice", "bob", "carol", "dave"],
+    )
+    .await;
+    let (dave, mut dave_events) = all.pop().expect("dave");
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, _alice_events) = all.pop().expect("alice");
+    let group = within(alice.create_group("g", &[bob.account(), carol.account()]))
+        .await
+        .expect("create");
+    joined(&mut bob_events).await;
+    joined(&mut carol_events).await;
+
+    // Carol goes offline through several epochs and messages.
+    carol.shutdown().await;
+    drop((carol, carol_events));
+    alice
+        .send_group(&group, b"epoch 1", &[])
+        .await
+        .expect("send");
+    alice
+        .add_members(&group, &[dave.account()])
+        .await
+        .expect("add");
+    joined(&mut dave_events).await;
+    bob.send_group(&group, b"epoch 2", &[]).await.expect("send");
+    alice
+        .remove_member(&group, &dave.account())
+        .await
+        .expect("remove");
+    change(&mut dave_events, |c| matches!(c, GroupChange::RemovedSelf)).await;
+    alice
+        .send_group(&group, b"epoch 3", &[])
+        .await
+        .expect("send");
+    // Alice restarts right after queueing: the message is on her disk only.
+    alice
+        .send_group(&group, b"across a restart", &[])
+        .await
+        .expect("send");
+    alice.shutdown().await;
+    drop(alice);
+    let (alice, _alice_events) = within(Client::open(store(dir.path(), "alice")))
+        .await
+        .expect("reopen alice");
+    drained(&alice).await;
+    drained(&bob).await;
+
+    let (carol, mut carol_events) = within(Client::open(store(dir.path(), "carol")))
+        .await
+        .expect("reopen carol");
+    // Per sender, in order (the two senders' messages may interleave).
+    let (mut from_alice, mut from_bob) = (Vec::new(), Vec::new());
+    while from_alice.len() + from_bob.len() < 4 {
+        let m = group_message(&carol, &mut carol_events).await;
+        match m.sender == bob.account() {
+            true => from_bob.push(m.body),
+            false => from_alice.push(m.body),
+        }
+    }
+    assert_eq!(
+        from_alice,
+        [&b"epoch 1"[..], b"epoch 3", b"across a restart"]
+    );
+    assert_eq!(from_bob, [&b"epoch 2"[..]]);
+    members_are(
+        &carol,
+        &group,
+        &[alice.account(), bob.account(), carol.account()],
+    )
+    .await;
+    // Bob got the restarted message once too.
+    let mut bob_got = Vec::new();
+    while bob_got.len() < 3 {
+        bob_got.push(group_message(&bob, &mut bob_events).await.body);
+    }
+    assert_eq!(bob_got, [&b"epoch 1"[..], b"epoch 3", b"across a restart"]);
+    for c in [alice, bob, carol, dave] {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn garbage_in_a_group_envelope_is_dropped_and_blocks_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["alice", "bob"]).await;
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, _alice_events) = all.pop().expect("alice");
+    let group = within(alice.create_group("g", &[bob.account()]))
+        .await
+        .expect("create");
+    joined(&mut bob_events).await;
+
+    // Anyone holding Bob's token can put bytes in his mailbox: a group envelope's
+    // kind byte with nonsense after it, and a welcome that is not one.
+    let (conn, _inbox) = within(tern_client::net::RelayConnection::connect(&relay.address))
+        .await
+        .expect("connect");
+    let token = bob.contact_card().await.delivery_token;
+    for (i, body) in [vec![0x02u8; 80], vec![0x03u8, 1, 2, 3], vec![0x09u8; 10]]
+        .into_iter()
+        .enumerate()
+    {
+        let send = tern_proto::MultiSend {
+            message_id: tern_proto::MessageId([i as u8 + 1; 16]),
+            body: body.into(),
+            recipients: vec![tern_proto::RecipientAccount {
+                account: bob.account(),
+                delivery_token: token.to_vec().into(),
+                device_list_version: 0,
+                devices: vec![DeviceId::PRIMARY],
+                parts: Vec::new(),
+            }],
+        };
+        let result = within(conn.multi_send(send)).await.expect("stored");
+        assert_eq!(result.accepted, 1);
+        next_match(&mut bob_events, |e| match e {
+            Event::Dropped { .. } => Some(()),
+            _ => None,
+        })
+        .await;
+    }
+    conn.close().await;
+    alice
+        .send_group(&group, b"still flowing", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&bob, &mut bob_events).await.body,
+        b"still flowing"
+    );
+    for c in [alice, bob] {
+        c.shutdown().await;
+    }
+}
