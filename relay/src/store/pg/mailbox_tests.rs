@@ -168,9 +168,11 @@ fn expired_is_swept_through_the_index_and_only_while_still_expired() {
     .map(|r| r.get(0))
     .collect();
     let plan = plan.join("\n");
+    // Through the expiry index, never the table: an ordered index scan, or a bitmap
+    // scan of the index whose rows (only the expired ones) are then sorted. Which of
+    // the two the planner picks depends on its statistics.
     assert!(plan.contains("messages_expiry"), "{plan}");
     assert!(!plan.contains("Seq Scan"), "{plan}");
-    assert!(!plan.contains("Sort"), "{plan}");
 
     let due = a.expired(2_000, 100).expect("expired");
     assert_eq!(due.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
