@@ -824,8 +824,15 @@ async fn identified_session_start_leaves_no_relay_side_link() {
         }
     }
     drop(db);
-    // Each id only where the account itself lives: its record, token and keys.
-    let allowed = ["accounts", "delivery_tokens", "device_lists", "keys"];
+    // Each id only where the account itself lives: its record, token and keys (its
+    // prekeys and its MLS key packages).
+    let allowed = [
+        "accounts",
+        "delivery_tokens",
+        "device_lists",
+        "key_packages",
+        "keys",
+    ];
     assert!(
         trees_with.iter().all(|t| allowed.contains(&t.as_str())),
         "{trees_with:?}"
