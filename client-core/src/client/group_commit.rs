@@ -9,7 +9,7 @@ use tern_proto::{e2e, v1, AccountId, CommitId, DeviceId, GroupCommit, GroupHandl
 use tern_proto::{MultiSend, RecipientAccount};
 
 use super::group_records::{GroupOpRecord, PendingCommitRecord, OP_ADD, OP_META, OP_REMOVE};
-use super::groups::{GroupChange, GroupId, GROUP_WELCOME};
+use super::groups::{accounts, GroupChange, GroupId};
 use super::state::{corrupt, State};
 use super::Event;
 use crate::groups::{Changes, GroupMeta, Member};
@@ -216,12 +216,7 @@ impl State {
             });
         }
         if let Some(welcome) = &planned.welcome {
-            let body = e2e::GroupWelcome {
-                welcome: welcome.welcome.clone().into(),
-                ratchet_tree: welcome.ratchet_tree.clone().into(),
-            };
-            let mut bytes = vec![GROUP_WELCOME];
-            bytes.extend_from_slice(&body.encode_to_vec());
+            let bytes = welcome.body();
             let to_new = recipients(&welcome.to, |a| self.member_token(group, a));
             if !to_new.is_empty() {
                 sends.push(MultiSend {
@@ -278,15 +273,6 @@ impl State {
                 .map_err(|e| Error::Group(e.to_string()))?;
             batch.extend_ops(staged.ops);
             let applied = staged.value;
-            let accounts = |m: &[Member]| {
-                let mut out: Vec<AccountId> = Vec::new();
-                for x in m {
-                    if !out.contains(&x.account) {
-                        out.push(x.account);
-                    }
-                }
-                out
-            };
             if !applied.added.is_empty() {
                 events.push(Event::GroupChanged {
                     group: gid,

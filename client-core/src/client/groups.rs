@@ -32,10 +32,10 @@ use crate::store::records::seq_key;
 use crate::store::{Batch, Namespace};
 use crate::{Error, Result};
 
-/// The first byte of a shared body that is a group envelope.
-pub(crate) const GROUP_ENVELOPE: u8 = 0x02;
-/// The first byte of a shared body that is a welcome.
-pub(crate) const GROUP_WELCOME: u8 = 0x03;
+/// The first byte of a shared body that is a group envelope, and of a welcome.
+pub(crate) use crate::groups::{
+    wrap::ENVELOPE_KIND as GROUP_ENVELOPE, WELCOME_KIND as GROUP_WELCOME,
+};
 
 /// A group's id on this device (the MLS group id; never sent to the relay).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -442,7 +442,9 @@ fn check_list_version(known: &Known, list_version: u64) -> Result<()> {
 }
 
 /// Whether `token` hashes to `expected` (compared in constant time).
-fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
+/// Checks `token` against the stored SHA-256 `expected` in constant time; a missing
+/// hash and a wrong token both answer [`Error::Unauthorized`].
+pub(crate) fn check_token_hash(expected: Option<&[u8; 32]>, token: &[u8]) -> Result<()> {
     let expected = expected.ok_or(Error::Unauthorized)?;
     let presented: [u8; 32] = Sha256::digest(token).into();
     if !bool::from(presented.ct_eq(expected)) {

@@ -19,8 +19,6 @@
 //! The epoch moves even when every recipient was refused: the refusals are in the
 //! answer, and the committer resends to the devices it fixes.
 
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 use tern_proto::{GroupCommit, GroupHandle, MultiSendResult};
 
 use super::Groups;
@@ -78,10 +76,9 @@ impl Groups {
                 Err(stale)
             };
         }
-        let presented: [u8; 32] = Sha256::digest(commit.epoch_token).into();
-        if !bool::from(presented.ct_eq(&state.token_hash)) {
-            return Err(Error::UnknownGroup);
-        }
+        // A wrong token answers as an unknown handle does.
+        crate::accounts::check_token_hash(Some(&state.token_hash), &commit.epoch_token)
+            .map_err(|_| Error::UnknownGroup)?;
         let next_epoch = state.epoch.checked_add(1).ok_or(stale)?;
         // Every send appended before any is awaited: they share one flush.
         let mut appended = Vec::with_capacity(commit.sends.len());

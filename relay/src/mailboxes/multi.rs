@@ -175,7 +175,7 @@ impl Mailboxes {
                     Ok(to) => candidates.push(Candidate {
                         recipient,
                         to,
-                        part: r.parts.get(j).cloned().unwrap_or_default(),
+                        part: r.part(j),
                     }),
                     Err(e) => {
                         let device = r.devices.get(j).copied();

@@ -191,7 +191,7 @@ impl MailboxStore for LogStore {
                 let rec = buf.slice(at..at + len as usize);
                 let m = record::decode_message(&rec)?
                     .filter(|m| m.header.seq == seq && m.header.to == *of);
-                // An entry's body, read from the cache or the disk.
+                // An entry's body, read from its segment.
                 let shared_body = match (&m, body) {
                     (Some(m), Some((at, blen))) if m.body == Some(at) => {
                         self.read_body(&run.segment, at, blen)?.map(Some)

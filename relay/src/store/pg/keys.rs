@@ -156,37 +156,11 @@ impl KeyStore for PgBackend {
     }
 
     fn remove_device(&self, of: &DeviceAddress) -> StoreResult<()> {
-        let (account, device) = params(of);
-        self.run(async {
-            let mut client = self.client().await?;
-            transaction!(self, client, |tx| {
-                for table in ["device_keys", "one_time_keys"] {
-                    exec_in(
-                        &tx,
-                        &format!("DELETE FROM {table} WHERE account = $1 AND device = $2"),
-                        &[&account, &device],
-                    )
-                    .await?;
-                }
-            })
-        })
+        self.delete_device_rows(&["device_keys", "one_time_keys"], of)
     }
 
     fn remove_account_keys(&self, account: &AccountId) -> StoreResult<()> {
-        let account = &account.as_bytes()[..];
-        self.run(async {
-            let mut client = self.client().await?;
-            transaction!(self, client, |tx| {
-                for table in ["device_keys", "one_time_keys"] {
-                    exec_in(
-                        &tx,
-                        &format!("DELETE FROM {table} WHERE account = $1"),
-                        &[&account],
-                    )
-                    .await?;
-                }
-            })
-        })
+        self.delete_account_rows(&["device_keys", "one_time_keys"], account)
     }
 }
 
@@ -317,34 +291,38 @@ impl KeyPackageStore for PgBackend {
     }
 
     fn remove_key_packages(&self, of: &DeviceAddress) -> StoreResult<()> {
+        self.delete_device_rows(&["key_packages", "last_resort_key_packages"], of)
+    }
+
+    fn remove_account_key_packages(&self, account: &AccountId) -> StoreResult<()> {
+        self.delete_account_rows(&["key_packages", "last_resort_key_packages"], account)
+    }
+}
+
+impl PgBackend {
+    /// Deletes one device's rows from each of `tables`, in one transaction.
+    fn delete_device_rows(&self, tables: &[&str], of: &DeviceAddress) -> StoreResult<()> {
         let (account, device) = params(of);
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                for table in ["key_packages", "last_resort_key_packages"] {
-                    exec_in(
-                        &tx,
-                        &format!("DELETE FROM {table} WHERE account = $1 AND device = $2"),
-                        &[&account, &device],
-                    )
-                    .await?;
+                for table in tables {
+                    let sql = format!("DELETE FROM {table} WHERE account = $1 AND device = $2");
+                    exec_in(&tx, &sql, &[&account, &device]).await?;
                 }
             })
         })
     }
 
-    fn remove_account_key_packages(&self, account: &AccountId) -> StoreResult<()> {
+    /// Deletes an account's rows from each of `tables`, in one transaction.
+    fn delete_account_rows(&self, tables: &[&str], account: &AccountId) -> StoreResult<()> {
         let account = &account.as_bytes()[..];
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                for table in ["key_packages", "last_resort_key_packages"] {
-                    exec_in(
-                        &tx,
-                        &format!("DELETE FROM {table} WHERE account = $1"),
-                        &[&account],
-                    )
-                    .await?;
+                for table in tables {
+                    let sql = format!("DELETE FROM {table} WHERE account = $1");
+                    exec_in(&tx, &sql, &[&account]).await?;
                 }
             })
         })
