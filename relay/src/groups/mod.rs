@@ -17,6 +17,8 @@ mod epochs;
 mod key_packages;
 
 #[cfg(test)]
+mod pg_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;

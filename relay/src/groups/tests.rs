@@ -230,7 +230,7 @@ async fn linked(f: &Fixture, by: &AuthenticatedDevice) -> AuthenticatedDevice {
         .expect("auth")
 }
 
-fn token_hash(token: &[u8; 32]) -> [u8; 32] {
+pub(super) fn token_hash(token: &[u8; 32]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
@@ -442,4 +442,159 @@ async fn a_zero_idle_days_never_sweeps() {
         .expect("create");
     f.clock.advance(DAY * 5000);
     assert_eq!(groups.sweep(100).expect("sweep"), 0);
+}
+
+/// [`commit`] with a second send (the welcome) of `welcome_len` bytes to Bob.
+fn commit_with_welcome(
+    bob: &AuthenticatedDevice,
+    epoch: u8,
+    id: u8,
+    welcome_len: usize,
+) -> GroupCommit {
+    let mut c = commit(bob, epoch, id);
+    let mut welcome = c.sends[0].clone();
+    welcome.message_id = MessageId([id.wrapping_add(100); 16]);
+    welcome.body = Bytes::from(vec![0xEE; welcome_len]);
+    c.sends.push(welcome);
+    c
+}
+
+async fn created(f: &Fixture, at: AddressPrefix) {
+    f.services
+        .groups()
+        .create(&HANDLE, &token_hash(&[0; 32]), at)
+        .await
+        .expect("create");
+}
+
+#[tokio::test]
+async fn a_welcome_over_the_envelope_size_refuses_the_commit_before_anything_is_stored() {
+    let f = fixture(Limits {
+        max_envelope_bytes: 100,
+        ..Limits::default()
+    });
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let refused = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 101), at)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::TooLarge { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(queued(&f, &bob), 0, "the commit was not stored either");
+    // The epoch did not move: the same epoch's commit, fixed, goes through.
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 100), at)
+        .await
+        .expect("commit");
+    assert_eq!((epoch, results.len()), (1, 2));
+    assert_eq!(queued(&f, &bob), 2);
+}
+
+#[tokio::test]
+async fn a_commit_takes_the_prefix_rate_once_for_all_its_sends() {
+    let rates = RateLimitsConfig {
+        sealed_sends_per_prefix: "1/1h".parse().expect("rate"),
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("two sends, one unit");
+    assert_eq!(epoch, 1);
+    assert!(results.iter().all(|r| r.accepted == 1), "{results:?}");
+    // The next one is over the rate: refused whole, nothing stored, epoch kept.
+    let limited = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 1, 2, 50), at)
+        .await;
+    assert!(
+        matches!(limited, Err(Error::RateLimited { .. })),
+        "{limited:?}"
+    );
+    assert_eq!(queued(&f, &bob), 2);
+}
+
+#[tokio::test]
+async fn a_welcome_past_the_relay_budget_is_refused_in_the_answer_and_the_epoch_moves() {
+    let budget = crate::core::budget::Budget::new(crate::core::budget::BudgetLimits {
+        max_queued_messages: 1,
+        ..Default::default()
+    });
+    let f = crate::testing::fixture_with_budget(
+        Limits::default(),
+        &RateLimitsConfig::default(),
+        std::sync::Arc::new(budget),
+    );
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("the commit is stored, so the epoch moves");
+    assert_eq!(epoch, 1);
+    assert_eq!(results[0].accepted, 1);
+    assert_eq!(results[1].accepted, 0);
+    assert_eq!(
+        results[1].refused,
+        vec![tern_proto::Refused {
+            recipient: 0,
+            device: None,
+            code: tern_proto::ErrorCode::Unavailable,
+        }]
+    );
+    assert_eq!(queued(&f, &bob), 1);
+}
+
+#[tokio::test]
+async fn a_member_at_its_intake_and_sealed_rates_still_gets_the_commit_and_welcome() {
+    let rates = RateLimitsConfig {
+        sealed_sends_per_token: "2/1h".parse().expect("rate"),
+        intake_per_sender_per_mailbox: "2/1h".parse().expect("rate"),
+        intake_above_queued: 0,
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let bob = bob(&f).await;
+    let at = from([127, 0, 0, 1]);
+    created(&f, at).await;
+    // Bob's account's sealed rate and his mailbox's intake from this prefix, spent.
+    f.sealed_send(
+        *bob.address(),
+        b"bob's token",
+        &crate::testing::msgs(0..2, 10),
+    )
+    .await
+    .expect("two sealed sends");
+    let plain =
+        crate::mailboxes::append_multi(&f.services, &commit(&bob, 0, 9).sends[0], at, false)
+            .expect("send")
+            .commit()
+            .await
+            .expect("answered");
+    assert_eq!(plain.refused[0].code, tern_proto::ErrorCode::RateLimited);
+    // The commit and its welcome are bounded by the reserve, not by those rates.
+    let (epoch, results) = f
+        .services
+        .groups()
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("commit");
+    assert_eq!(epoch, 1);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.accepted == 1 && r.refused.is_empty()),
+        "{results:?}"
+    );
+    assert_eq!(queued(&f, &bob), 4);
 }

@@ -29,9 +29,10 @@ pub const COMMIT_RESERVE: u64 = 64;
 
 /// Checks and stores a multi-recipient send from a sender at `from` (see the module
 /// docs); `reserve` for a group commit's or welcome's send, which may pass
-/// `max_queued_messages` by [`COMMIT_RESERVE`]. Errors refuse the whole send (a
-/// body too large, the sender's rate, the relay's budget, a store failure); what one
-/// recipient cannot take is in the result. Await [`MultiAppended::commit`] before
+/// `max_queued_messages` by [`COMMIT_RESERVE`] and is under none of the send rates
+/// (the caller takes the prefix's once per commit; the reserve bounds the rest).
+/// Errors refuse the whole send (a body too large, the sender's rate, the relay's
+/// budget, a store failure); what one recipient cannot take is in the result. Await [`MultiAppended::commit`] before
 /// answering.
 pub fn append_multi(
     services: &Services,
@@ -115,14 +116,9 @@ fn refusal_code(e: &Error) -> Option<ErrorCode> {
 }
 
 impl Mailboxes {
-    /// [`append_multi`], with the accounts service that checks the recipients.
-    pub fn append_multi(
-        &self,
-        accounts: &Accounts,
-        send: &MultiSend,
-        from: AddressPrefix,
-        reserve: bool,
-    ) -> Result<MultiAppended> {
+    /// The checks of a multi-recipient send that read no store: a body, the body and
+    /// each part within `max_envelope_bytes`, as many parts as devices (or none).
+    pub fn check_multi(&self, send: &MultiSend) -> Result<()> {
         let max = self.limits.max_envelope_bytes;
         let too_large = |what, size: usize| Error::TooLarge { what, size, max };
         if send.body.is_empty() {
@@ -141,7 +137,21 @@ impl Mailboxes {
                 return Err(too_large("part", p.len()));
             }
         }
-        self.rates.multi_send(&from)?;
+        Ok(())
+    }
+
+    /// [`append_multi`], with the accounts service that checks the recipients.
+    pub fn append_multi(
+        &self,
+        accounts: &Accounts,
+        send: &MultiSend,
+        from: AddressPrefix,
+        reserve: bool,
+    ) -> Result<MultiAppended> {
+        self.check_multi(send)?;
+        if !reserve {
+            self.rates.multi_send(&from)?;
+        }
         let mut refusals = Vec::new();
         let mut candidates = Vec::with_capacity(send.device_count());
         for (i, r) in send.recipients.iter().enumerate() {
@@ -161,7 +171,13 @@ impl Mailboxes {
                         r.device_list_version,
                         &r.devices,
                     )
-                    .and_then(|d| self.rates.multi_send_to(&r.account).map(|()| d))
+                    .and_then(|d| {
+                        // A commit's sends are bounded by the reserve instead.
+                        if !reserve {
+                            self.rates.multi_send_to(&r.account)?;
+                        }
+                        Ok(d)
+                    })
             };
             let devices = match devices {
                 Ok(d) => d,
@@ -243,6 +259,9 @@ impl Mailboxes {
                 }
                 if usage.bytes.saturating_add(bytes) > self.limits.max_queued_bytes {
                     return Err(Error::MailboxFull("too many queued bytes"));
+                }
+                if reserve {
+                    return Ok(());
                 }
                 self.rates.intake(&sender, &c.to, usage.messages, 1)
             })();
