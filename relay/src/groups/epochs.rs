@@ -33,11 +33,12 @@ use super::Groups;
 use crate::core::rate::AddressPrefix;
 use crate::error::{Error, Result};
 use crate::server::Services;
-use crate::store::{GroupState, StoreError};
+use crate::store::{GroupState, HandleBytes, StoreError};
 
 impl Groups {
     /// Registers `handle` at epoch 0 with the hash of epoch 0's token; `GROUP_EXISTS`
-    /// if it is taken. Counted against `from`'s `create_groups_per_prefix`.
+    /// if it is taken, `UNAVAILABLE` past `max_groups`. Counted against `from`'s
+    /// `create_groups_per_prefix`.
     pub(crate) async fn create(
         &self,
         handle: &GroupHandle,
@@ -46,15 +47,19 @@ impl Groups {
     ) -> Result<()> {
         self.budget.check_reserve()?;
         self.rates.create_group(from)?;
+        self.take_room()?;
         let state = GroupState {
             epoch: 0,
             token_hash: *token_hash,
             last_commit_id: [0; 16],
             touched_day: self.today(),
         };
-        match self.groups.insert_group(&handle.0, &state) {
-            Err(StoreError::Exists) => return Err(Error::GroupExists),
-            other => other?,
+        if let Err(e) = self.groups.insert_group(&handle.0, &state) {
+            self.release_room();
+            return Err(match e {
+                StoreError::Exists => Error::GroupExists,
+                e => e.into(),
+            });
         }
         self.commit.commit().await?;
         Ok(())
@@ -101,14 +106,32 @@ impl Groups {
             touched_day: self.today(),
         };
         if !self.groups.advance_locked(handle, lock, &next)? {
-            // Only a writer that ignores the lock gets here.
-            let current = self.groups.group(handle)?.ok_or(Error::UnknownGroup)?;
-            return Err(Error::StaleEpoch {
-                current: current.epoch,
-            });
+            self.swept_meanwhile(handle, &next)?;
         }
         self.commit.commit().await?;
         Ok((next_epoch, results))
+    }
+
+    /// After a compare-and-set that failed: a handle the sweeper deleted while the
+    /// commit was appended (idle past `group_idle_days`; an embedded store's sweep
+    /// does not wait for the handle's lock, PostgreSQL's skips a locked row) comes
+    /// back at the new epoch, as the commit is delivered. Anything else is a writer
+    /// that ignored the lock: `STALE_EPOCH`.
+    fn swept_meanwhile(&self, handle: &HandleBytes, next: &GroupState) -> Result<()> {
+        let current = match self.groups.group(handle)? {
+            None => match self.groups.insert_group(handle, next) {
+                Ok(()) => {
+                    self.tally_restored();
+                    return Ok(());
+                }
+                Err(StoreError::Exists) => self.groups.group(handle)?,
+                Err(e) => return Err(e.into()),
+            },
+            current => current,
+        };
+        Err(Error::StaleEpoch {
+            current: current.ok_or(Error::UnknownGroup)?.epoch,
+        })
     }
 
     /// Appends the commit's sends (all before any is awaited: they share one

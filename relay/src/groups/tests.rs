@@ -598,3 +598,109 @@ async fn a_member_at_its_intake_and_sealed_rates_still_gets_the_commit_and_welco
     );
     assert_eq!(queued(&f, &bob), 4);
 }
+
+#[tokio::test]
+async fn past_max_groups_a_create_is_refused_until_the_sweep_makes_room() {
+    let rates = RateLimitsConfig {
+        max_groups: 2,
+        group_idle_days: 10,
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let groups = f.services.groups();
+    let at = from([10, 0, 0, 7]);
+    groups
+        .create(&GroupHandle([1; 16]), &[0; 32], at)
+        .await
+        .expect("first");
+    f.clock.advance(DAY * 5);
+    groups
+        .create(&GroupHandle([2; 16]), &[0; 32], at)
+        .await
+        .expect("second");
+    let full = groups.create(&GroupHandle([3; 16]), &[0; 32], at).await;
+    assert!(matches!(full, Err(Error::StorageFull { .. })), "{full:?}");
+    assert_eq!(
+        full.expect_err("full").code(),
+        tern_proto::ErrorCode::Unavailable
+    );
+    // A taken handle is no room either way; the refused one was not stored.
+    let taken = groups.create(&GroupHandle([1; 16]), &[0; 32], at).await;
+    assert!(matches!(taken, Err(Error::StorageFull { .. })), "{taken:?}");
+    f.clock.advance(DAY * 6);
+    assert_eq!(
+        groups.sweep(100).expect("sweep"),
+        1,
+        "the first, idle 11 days"
+    );
+    groups
+        .create(&GroupHandle([3; 16]), &[0; 32], at)
+        .await
+        .expect("room again");
+    let full = groups.create(&GroupHandle([4; 16]), &[0; 32], at).await;
+    assert!(matches!(full, Err(Error::StorageFull { .. })), "{full:?}");
+}
+
+/// Group epochs in memory, swept (every handle) just before each locked move: the
+/// sweeper running while a commit appends.
+struct SweptDuringCommit(std::sync::Arc<crate::store::MemoryStore>);
+
+impl crate::store::GroupStore for SweptDuringCommit {
+    fn insert_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        state: &crate::store::GroupState,
+    ) -> crate::store::StoreResult<()> {
+        self.0.insert_group(handle, state)
+    }
+    fn group(
+        &self,
+        handle: &crate::store::HandleBytes,
+    ) -> crate::store::StoreResult<Option<crate::store::GroupState>> {
+        self.0.group(handle)
+    }
+    fn advance_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        from: &crate::store::GroupState,
+        to: &crate::store::GroupState,
+    ) -> crate::store::StoreResult<bool> {
+        self.0.sweep_groups(u32::MAX, 100)?;
+        self.0.advance_group(handle, from, to)
+    }
+    fn sweep_groups(&self, before_day: u32, max: usize) -> crate::store::StoreResult<u64> {
+        self.0.sweep_groups(before_day, max)
+    }
+    fn groups_after(
+        &self,
+        after: Option<&crate::store::HandleBytes>,
+        max: usize,
+    ) -> crate::store::StoreResult<Vec<(crate::store::HandleBytes, crate::store::GroupState)>> {
+        self.0.groups_after(after, max)
+    }
+    fn count_groups(&self) -> crate::store::StoreResult<u64> {
+        self.0.count_groups()
+    }
+}
+
+#[tokio::test]
+async fn a_handle_swept_while_its_commit_is_appended_comes_back_at_the_new_epoch() {
+    use crate::store::GroupStore;
+    let memory = std::sync::Arc::new(crate::store::MemoryStore::new());
+    let mut stores = crate::store::Stores::all(memory.clone());
+    stores.groups = std::sync::Arc::new(SweptDuringCommit(memory.clone()));
+    let f = crate::testing::fixture_on(stores, memory.clone());
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let (epoch, results) = f
+        .services
+        .groups()
+        .commit(&f.services, &commit(&bob, 0, 1), at)
+        .await
+        .expect("the commit is delivered, so it stands");
+    assert_eq!((epoch, results[0].accepted), (1, 1));
+    let state = memory.group(&HANDLE.0).expect("read").expect("back");
+    assert_eq!(state.epoch, 1);
+    assert_eq!(state.token_hash, token_hash(&[1; 32]));
+}

@@ -18,6 +18,7 @@ use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult,
 use super::{refused, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
+use crate::core::limits::Limits;
 use crate::core::rate::{AddressPrefix, SenderKey};
 use crate::error::{Error, Result};
 use crate::server::Services;
@@ -242,6 +243,10 @@ impl Mailboxes {
     ) -> Result<Stored> {
         let sender = SenderKey::Prefix(from);
         let extra = if reserve { COMMIT_RESERVE } else { 0 };
+        let limits = Limits {
+            max_queued_messages: self.limits.max_queued_messages.saturating_add(extra),
+            ..self.limits.clone()
+        };
         let mut entries = Vec::with_capacity(candidates.len());
         let mut totals = None;
         for c in candidates {
@@ -254,12 +259,7 @@ impl Mailboxes {
                 }
                 let (usage, t) = self.store.usage_and_totals(&c.to)?;
                 totals = Some(t);
-                if usage.messages.saturating_add(1) > self.limits.max_queued_messages + extra {
-                    return Err(Error::MailboxFull("too many queued messages"));
-                }
-                if usage.bytes.saturating_add(bytes) > self.limits.max_queued_bytes {
-                    return Err(Error::MailboxFull("too many queued bytes"));
-                }
+                limits.check_enqueue(usage, 1, bytes)?;
                 if reserve {
                     return Ok(());
                 }
@@ -270,11 +270,19 @@ impl Mailboxes {
                     to: c.to,
                     part: c.part,
                 }),
-                Err(e) => refusals.push(Refused {
-                    recipient: c.recipient,
-                    device: Some(c.to.device),
-                    code: refusal_code(&e).ok_or(e)?,
-                }),
+                Err(e) => {
+                    // An account deleted meanwhile is refused whole, as one found
+                    // deleted before the locks.
+                    let gone = self.tombstones.contains(&c.to.account);
+                    let refusal = Refused {
+                        recipient: c.recipient,
+                        device: (!gone).then_some(c.to.device),
+                        code: refusal_code(&e).ok_or(e)?,
+                    };
+                    if !refusals.contains(&refusal) {
+                        refusals.push(refusal);
+                    }
+                }
             }
         }
         let (Some(totals), false) = (totals, entries.is_empty()) else {

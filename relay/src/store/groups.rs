@@ -140,6 +140,10 @@ pub trait GroupStore: Send + Sync + 'static {
     ) -> StoreResult<bool> {
         self.advance_group(handle, lock.state(), to)
     }
+
+    /// How many handles the store holds (the relay-wide `max_groups` counts them).
+    /// May cost a scan: the service counts seldom and keeps its own tally between.
+    fn count_groups(&self) -> StoreResult<u64>;
 }
 
 /// A handle locked with its state as read under the lock (see

@@ -430,6 +430,9 @@ impl<S: crate::store::GroupStore + ?Sized> crate::store::GroupStore for Marked<S
     ) -> StoreResult<bool> {
         self.write(|s| s.advance_locked(handle, lock, to))
     }
+    fn count_groups(&self) -> StoreResult<u64> {
+        self.store.count_groups()
+    }
 }
 
 #[cfg(test)]

@@ -103,6 +103,12 @@ impl GroupStore for PgBackend {
         ))
     }
 
+    fn count_groups(&self) -> StoreResult<u64> {
+        let rows = self.run(self.rows("SELECT count(*) FROM group_epochs", &[]))?;
+        let n: i64 = col(rows.first().ok_or(StoreError::Corrupt("no count"))?, 0)?;
+        unsigned(n, "group count")
+    }
+
     fn groups_after(
         &self,
         after: Option<&HandleBytes>,

@@ -111,6 +111,9 @@ impl GroupStore for TwoNodes {
         // The lock carries its connection: either node moves it through that.
         self.pick().advance_locked(handle, lock, to)
     }
+    fn count_groups(&self) -> StoreResult<u64> {
+        self.pick().count_groups()
+    }
 }
 
 #[test]
@@ -179,6 +182,7 @@ fn a_locked_handle_moves_on_its_own_connection_and_the_sweep_skips_it() {
     opts.pool_size = 1;
     let store = node(&opts, "a");
     store.insert_group(&[7; 16], &STATE).expect("insert");
+    assert_eq!(store.count_groups().expect("count"), 1);
     let lock = store.lock_group(&[7; 16]).expect("lock").expect("a handle");
     assert_eq!(*lock.state(), STATE);
     let next = GroupState {
