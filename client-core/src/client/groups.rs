@@ -101,6 +101,9 @@ pub struct GroupInfo {
     /// [`group_token_wait`](super::ClientOptions::group_token_wait), then they are
     /// removed).
     pub unreachable: Vec<AccountId>,
+    /// The group's epoch on this device (it moves with every commit: membership,
+    /// metadata, key updates).
+    pub epoch: u64,
     /// How many commits of this device lost their epoch to another member's
     /// (`STALE_EPOCH`) and were planned again.
     pub rebased_commits: u64,
@@ -416,6 +419,7 @@ impl State {
                 description: meta.description,
                 picture,
                 members: accounts(&session.members()),
+                epoch: session.epoch(),
                 pending_ops,
                 unreachable,
                 rebased_commits,
