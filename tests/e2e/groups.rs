@@ -418,11 +418,11 @@ async fn concurrent_adds_rebase_and_both_land() {
                     bob.groups().await.expect("groups"),
                 );
                 let (gx, gy) = (&x[0], &y[0]);
-                if gx.pending_ops == 0 && gy.pending_ops == 0 && gx.name == gy.name {
-                    if gx.epoch == gy.epoch && gx.name.ends_with(&format!("-{round}")) {
-                        stale = rebased(&x) + rebased(&y);
-                        return gx.name.clone();
-                    }
+                let settled = gx.pending_ops == 0 && gy.pending_ops == 0;
+                let agreed = gx.name == gy.name && gx.epoch == gy.epoch;
+                if settled && agreed && gx.name.ends_with(&format!("-{round}")) {
+                    stale = rebased(&x) + rebased(&y);
+                    return gx.name.clone();
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

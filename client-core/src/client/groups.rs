@@ -66,10 +66,10 @@ pub(crate) struct GroupSettings {
     pub(crate) token_wait_ms: u64,
 }
 
-/// The default of [`GroupSettings::update_interval_ms`]: 7 days.
+/// The default of [`ClientOptions::group_update_interval`](super::ClientOptions::group_update_interval): 7 days.
 pub const GROUP_UPDATE_INTERVAL: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
-/// The default of [`GroupSettings::token_wait_ms`]: 7 days.
+/// The default of [`ClientOptions::group_token_wait`](super::ClientOptions::group_token_wait): 7 days.
 pub const GROUP_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 impl Default for GroupSettings {
