@@ -26,7 +26,9 @@ pub(crate) const OP_UPDATE: u32 = 6;
 
 /// What the worker does next for a group.
 pub(crate) enum GroupStep {
-    /// Nothing to commit.
+    /// Nothing to commit now: no op, or the head op waits for a member's delivery
+    /// token (the `MemberInfo` that brings it wakes the worker; its hourly round
+    /// checks the bound).
     Idle,
     /// Register the handle with the relay (`CreateGroup`) first.
     Register {
@@ -201,7 +203,7 @@ impl State {
             self.commit(batch, true)?;
         }
         if waiting {
-            return Ok(GroupStep::Wait);
+            return Ok(GroupStep::Idle);
         }
         match record.ops.first() {
             None => Ok(GroupStep::Idle),

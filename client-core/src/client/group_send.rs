@@ -11,8 +11,8 @@ use super::group_commit::GroupStep;
 use super::groups::{GroupChange, GroupId};
 use super::send::Round;
 use super::{Event, Shared};
-use crate::store::{Batch, Namespace};
-use crate::{Error, ErrorCode, Result};
+use crate::store::Batch;
+use crate::{ErrorCode, Result};
 
 /// Merges a step's outcome into the round's.
 fn merge(round: &mut Round, step: Round) {
@@ -314,13 +314,7 @@ fn settle_leave(shared: &Shared, state: &mut super::state::State) -> Result<()> 
         .collect();
     for id in done {
         let mut batch = Batch::new();
-        batch.extend_ops(
-            state
-                .group_device()?
-                .forget(&id)
-                .map_err(|e| Error::Group(e.to_string()))?,
-        );
-        batch.delete(Namespace::Groups, id.clone());
+        state.stage_forget_group(&id, &mut batch)?;
         state.commit(batch, true)?;
         state.forget_group_cache(&id);
         if let Ok(gid) = <[u8; 32]>::try_from(&id[..]) {

@@ -599,6 +599,22 @@ impl State {
             .collect()
     }
 
+    /// Stages the deletion of everything this device holds of `group` (its MLS
+    /// state, its record, its queued messages), for a group left or removed from;
+    /// after the batch is committed, [`State::forget_group_cache`].
+    pub(super) fn stage_forget_group(&self, group: &[u8], batch: &mut Batch) -> Result<()> {
+        batch.extend_ops(
+            self.group_device()?
+                .forget(group)
+                .map_err(|e| Error::Group(e.to_string()))?,
+        );
+        batch.delete(Namespace::Groups, group.to_vec());
+        for seq in self.group_outbox_of(group) {
+            batch.delete(Namespace::GroupOutbox, seq_key(seq));
+        }
+        Ok(())
+    }
+
     pub(super) fn forget_group_cache(&mut self, group: &[u8]) {
         self.groups.remove(group);
         self.group_sessions.remove(group);

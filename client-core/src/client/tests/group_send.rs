@@ -87,7 +87,7 @@ fn a_commit_waits_for_every_members_token_then_reaches_them_all() {
         .edit_group_meta(&group, MetaEdit::Name("renamed".into()))
         .expect("queued");
     // Bob cannot reach Carol: no commit, which would leave her behind.
-    assert!(matches!(step(&mut bob, &group, NOW), GroupStep::Wait));
+    assert!(matches!(step(&mut bob, &group, NOW), GroupStep::Idle));
     let info = &bob.state.group_list().expect("groups")[0];
     assert_eq!(
         (info.unreachable.as_slice(), info.pending_ops),
@@ -96,7 +96,7 @@ fn a_commit_waits_for_every_members_token_then_reaches_them_all() {
     // Still within the bound a moment later.
     assert!(matches!(
         step(&mut bob, &group, NOW + DAY - 1),
-        GroupStep::Wait
+        GroupStep::Idle
     ));
     announce(&mut carol, &mut bob, &group);
     assert!(matches!(
@@ -119,7 +119,7 @@ fn past_the_bound_an_unreachable_member_is_removed_first() {
     bob.state
         .edit_group_meta(&group, MetaEdit::Description("about".into()))
         .expect("queued");
-    assert!(matches!(step(&mut bob, &group, NOW), GroupStep::Wait));
+    assert!(matches!(step(&mut bob, &group, NOW), GroupStep::Idle));
     assert!(matches!(step(&mut bob, &group, NOW + DAY), GroupStep::Plan));
     let ops = &bob.state.groups[&group.0[..]].ops;
     assert_eq!(
