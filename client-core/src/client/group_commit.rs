@@ -60,13 +60,19 @@ pub(crate) fn removal(accounts: &[AccountId]) -> GroupOpRecord {
     }
 }
 
-/// Drops ops equal to an earlier one (each member's `LeaveRequest` queues a
-/// removal; a repeated one must not grow the queue). Whether any went.
+/// Drops ops equal to an earlier one with nothing between them that undoes it (an
+/// op of another kind on the same accounts): a repeated `LeaveRequest` must not
+/// grow the queue, while "remove, add, remove" keeps all three. Whether any went.
 pub(crate) fn dedup_ops(ops: &mut Vec<GroupOpRecord>) -> bool {
     let before = ops.len();
     let mut kept: Vec<GroupOpRecord> = Vec::with_capacity(before);
     for op in ops.drain(..) {
-        if !kept.contains(&op) {
+        let repeated = kept.iter().rposition(|k| *k == op).is_some_and(|i| {
+            !kept[i + 1..]
+                .iter()
+                .any(|k| k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a)))
+        });
+        if !repeated {
             kept.push(op);
         }
     }

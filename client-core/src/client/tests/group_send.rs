@@ -368,6 +368,25 @@ fn repeated_leave_requests_queue_one_removal() {
 }
 
 #[test]
+fn only_ops_nothing_undoes_are_deduplicated() {
+    use crate::client::group_commit::{dedup_ops, removal};
+    use crate::client::group_records::{GroupOpRecord, OP_ADD};
+    let a = tern_proto::AccountId([1; 16]);
+    let add = GroupOpRecord {
+        kind: OP_ADD,
+        accounts: vec![a.as_bytes().to_vec()],
+        ..GroupOpRecord::default()
+    };
+    let mut ops = vec![removal(&[a]), removal(&[a]), add, removal(&[a])];
+    assert!(dedup_ops(&mut ops));
+    assert_eq!(
+        ops.iter().map(|o| o.kind).collect::<Vec<_>>(),
+        [OP_REMOVE, OP_ADD, OP_REMOVE]
+    );
+    assert!(!dedup_ops(&mut ops));
+}
+
+#[test]
 fn messages_queued_during_a_commit_that_lost_are_encrypted_when_it_settles() {
     let (mut alice, mut bob, mut carol, group) = trio();
     knows(&mut bob, &carol);
