@@ -148,7 +148,6 @@ enum Mode {
         #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(0..=(16u64 << 30)))]
         size: u64,
     },
-    /// Idle authenticated connections: relay memory per connection.
     /// One message to a group of devices by multi-recipient send: upload per
     /// device, relay data growth, fan-out latency.
     Group {
@@ -164,6 +163,7 @@ enum Mode {
         #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
         size: u64,
     },
+    /// Idle authenticated connections: relay memory per connection.
     Connections {
         #[command(flatten)]
         common: Common,

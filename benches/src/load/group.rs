@@ -19,9 +19,12 @@ use prost::Message;
 use rand::RngCore;
 use tern_client::identity::{DeviceKeyPair, IdentityKeyPair};
 use tern_client::net::{Incoming, RelayConnection};
-use tern_proto::{v1, AccountId, ClientRequest, DeviceId, MessageId, MultiSend, RecipientAccount, Request};
+use tern_proto::{
+    v1, AccountId, ClientRequest, DeviceId, MessageId, MultiSend, RecipientAccount, Request,
+};
 use tokio::sync::Mutex;
 
+use super::modes::{relay_stats, RelayBefore};
 use super::relay::RelayUnderTest;
 use super::{percentiles, LoadError, Report};
 
@@ -54,24 +57,28 @@ pub async fn group(relay: &RelayUnderTest, args: &GroupArgs) -> Result<Report, L
     let start = Instant::now();
     let address = relay.address.clone();
     // Recipients: registered, their delivery tokens set, connected.
-    let recipients: Vec<(AccountId, [u8; 32], RelayConnection, tern_client::net::Inbox)> =
-        stream::iter(0..args.devices)
-            .map(|_| {
-                let address = address.clone();
-                async move {
-                    let (conn, inbox) = RelayConnection::connect(&address).await?;
-                    let device = conn
-                        .register(&IdentityKeyPair::generate(), &DeviceKeyPair::generate())
-                        .await?;
-                    let mut token = [0u8; 32];
-                    rand::thread_rng().fill_bytes(&mut token);
-                    conn.set_delivery_token(&token).await?;
-                    Ok::<_, LoadError>((device.account, token, conn, inbox))
-                }
-            })
-            .buffer_unordered(32)
-            .try_collect()
-            .await?;
+    let recipients: Vec<(
+        AccountId,
+        [u8; 32],
+        RelayConnection,
+        tern_client::net::Inbox,
+    )> = stream::iter(0..args.devices)
+        .map(|_| {
+            let address = address.clone();
+            async move {
+                let (conn, inbox) = RelayConnection::connect(&address).await?;
+                let device = conn
+                    .register(&IdentityKeyPair::generate(), &DeviceKeyPair::generate())
+                    .await?;
+                let mut token = [0u8; 32];
+                rand::thread_rng().fill_bytes(&mut token);
+                conn.set_delivery_token(&token).await?;
+                Ok::<_, LoadError>((device.account, token, conn, inbox))
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
     eprintln!("{} recipients ready in {:?}", args.devices, start.elapsed());
     let accounts: Vec<RecipientAccount> = recipients
         .iter()
@@ -96,7 +103,9 @@ pub async fn group(relay: &RelayUnderTest, args: &GroupArgs) -> Result<Report, L
                 let Some(item) = inbox.recv().await else {
                     return Err::<(), LoadError>("a recipient's connection closed".into());
                 };
-                let Incoming::Delivery(d) = item? else { continue };
+                let Incoming::Delivery(d) = item? else {
+                    continue;
+                };
                 let body = d.shared_body.unwrap_or_default();
                 let sent_us = u64::from_be_bytes(body.get(..8).ok_or("short body")?.try_into()?);
                 let now_us = clock.elapsed().as_micros() as u64;
@@ -111,6 +120,7 @@ pub async fn group(relay: &RelayUnderTest, args: &GroupArgs) -> Result<Report, L
     let (sender, _inbox) = RelayConnection::connect(&address).await?;
     let data_dir = relay.data_dir().map(Path::to_owned);
     let before = data_dir.as_deref().map_or(0, dir_bytes);
+    let cpu_before = RelayBefore::now(relay);
     let mut upload = 0u64;
     let mut grown = 0u64;
     for i in 0..args.messages {
@@ -137,7 +147,10 @@ pub async fn group(relay: &RelayUnderTest, args: &GroupArgs) -> Result<Report, L
         }
         if i == 0 {
             // Growth from one message, before any acknowledgement can release it.
-            grown = data_dir.as_deref().map_or(0, dir_bytes).saturating_sub(before);
+            grown = data_dir
+                .as_deref()
+                .map_or(0, dir_bytes)
+                .saturating_sub(before);
         }
     }
     for r in readers {
@@ -150,9 +163,26 @@ pub async fn group(relay: &RelayUnderTest, args: &GroupArgs) -> Result<Report, L
     let per_device = (per_message - args.size as f64) / args.devices as f64;
     let mut report = Report::rate("group", args.messages, args.size, seconds);
     (report.p50_us, report.p99_us, report.p999_us) = (p50, p99, p999);
+    relay_stats(relay, &cpu_before, args.messages, &mut report);
+    if report.relay_cpu_s > 0.0 {
+        let deliveries = (args.messages * args.devices as u64) as f64;
+        let us = report.relay_cpu_s * 1e6 / deliveries;
+        report.extra.insert("relay_cpu_us_per_delivery".into(), us);
+    }
     report.extra.insert("devices".into(), args.devices as f64);
-    report.extra.insert("upload_bytes_per_message".into(), per_message);
-    report.extra.insert("upload_bytes_per_device".into(), per_device);
-    report.extra.insert("relay_data_growth_first_message_bytes".into(), grown as f64);
+    report
+        .extra
+        .insert("upload_bytes_per_message".into(), per_message);
+    report
+        .extra
+        .insert("upload_bytes_per_device".into(), per_device);
+    report
+        .extra
+        .insert("relay_data_growth_first_message_bytes".into(), grown as f64);
+    // What each recipient's entry costs beyond the one body.
+    let entry = (grown as f64 - args.size as f64) / args.devices as f64;
+    report
+        .extra
+        .insert("relay_data_growth_per_device_bytes".into(), entry);
     Ok(report)
 }

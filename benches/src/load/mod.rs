@@ -32,11 +32,11 @@ mod restart;
 
 use std::collections::BTreeMap;
 
+pub use self::group::{group, GroupArgs};
 pub use self::modes::{
     connections, media, offline, online, online_across, ConnectionsArgs, MediaArgs, OfflineArgs,
     OnlineArgs, OnlineNodes,
 };
-pub use self::group::{group, GroupArgs};
 pub use self::restart::{restart, RestartArgs};
 
 /// Any failure of a run; the run fails loudly with it.
