@@ -51,23 +51,26 @@ impl Session {
 
     /// The frame limit for the frame at the start of `buf` (its 4-byte length, then
     /// a `ClientFrame`): the standing's, or before authentication [`GROUP_FRAME`]
-    /// (at most `max_frame`) for a multi-send or group commit over the smaller
-    /// limit, told by its first fields as encoders write them (the request id, then
-    /// the body). `None` while too few of its bytes are here to tell.
+    /// (at most `max_frame`) for a multi-send or group commit between the two
+    /// limits, told by its first fields as encoders write them (the request id, then
+    /// the body). `None` while too few of its bytes are here to tell (a frame over
+    /// the larger limit is refused from its length alone).
     pub(super) fn frame_limit_for(&self, buf: &[u8]) -> Option<usize> {
         let limit = self.frame_limit();
         let Some(header) = buf.first_chunk::<4>() else {
             return Some(limit);
         };
         let len = u32::from_be_bytes(*header) as usize;
-        if self.standing == Standing::Authenticated || len <= limit {
+        let group = GROUP_FRAME.min(self.settings.max_frame).max(limit);
+        // Past either limit: refused at once, unread.
+        if self.standing == Standing::Authenticated || len <= limit || len > group {
             return Some(limit);
         }
         let body = buf.get(4..4 + PEEK)?;
         if !is_group_request(body) {
             return Some(limit);
         }
-        Some(GROUP_FRAME.min(self.settings.max_frame).max(limit))
+        Some(group)
     }
 
     /// Takes a place among `max_connections` for a connection that is about to
