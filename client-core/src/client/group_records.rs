@@ -35,6 +35,19 @@ pub(crate) struct GroupRecord {
     /// This device asked to leave: once its `LeaveRequest` is out, the group goes.
     #[prost(bool, tag = "8")]
     pub(crate) leaving: bool,
+    /// Identity keys first seen in this group for accounts that are neither this
+    /// one nor contacts: a later leaf of the account must show the same key.
+    #[prost(message, repeated, tag = "30")]
+    pub(crate) pins: Vec<PinRecord>,
+}
+
+/// An account's identity key as this group first showed it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PinRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) identity_key: Vec<u8>,
 }
 
 /// A member's delivery token as a group member told it.
