@@ -145,7 +145,10 @@ impl State {
             announce: true,
             ..GroupRecord::default()
         };
-        if !self.check_leaves(&mut record, &session.members()).is_empty() {
+        if !self
+            .check_leaves(&mut record, &session.members())
+            .is_empty()
+        {
             return Ok(Outcome::Dropped(
                 "a welcome naming an account under another identity key".into(),
             ));
@@ -281,7 +284,7 @@ impl State {
             Processed::Message { sender, content } => {
                 // The ratchet moved: stored whatever the content comes to.
                 batch.extend_ops(staged.ops);
-                if !self.check_leaves(&mut record, &[sender.clone()]).is_empty() {
+                if !self.check_leaves(&mut record, std::slice::from_ref(&sender)).is_empty() {
                     self.put_group(group, record, &mut batch);
                     self.commit(batch, false)?;
                     self.unflushed_seen.insert(seen_key(&dedup, message_id));

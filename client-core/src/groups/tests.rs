@@ -791,7 +791,8 @@ fn a_welcome_for_a_group_id_of_another_length_is_refused_before_anything_is_stor
         let welcome = plan.welcome.expect("welcome");
         let before = bob.snapshot();
         assert!(matches!(
-            bob.device.join(&welcome.welcome, &welcome.ratchet_tree, NOW),
+            bob.device
+                .join(&welcome.welcome, &welcome.ratchet_tree, NOW),
             Err(GroupError::BadGroupId)
         ));
         assert!(bob.snapshot() == before, "nothing stored");

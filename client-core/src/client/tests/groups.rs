@@ -12,7 +12,7 @@ use crate::client::state::Outcome;
 use crate::client::Event;
 
 /// `from` holds `to`'s card.
-fn knows(from: &mut Dev, to: &Dev) {
+pub(super) fn knows(from: &mut Dev, to: &Dev) {
     from.state
         .add_contact(
             to.account(),
@@ -22,7 +22,7 @@ fn knows(from: &mut Dev, to: &Dev) {
         .expect("contact");
 }
 
-fn deliver(body: &[u8], id: MessageId) -> Delivery {
+pub(super) fn deliver(body: &[u8], id: MessageId) -> Delivery {
     Delivery {
         seq: 1,
         message_id: id,
@@ -33,7 +33,7 @@ fn deliver(body: &[u8], id: MessageId) -> Delivery {
     }
 }
 
-fn events(o: Outcome) -> Vec<Event> {
+pub(super) fn events(o: Outcome) -> Vec<Event> {
     match o {
         Outcome::Synced(e) => e,
         Outcome::Dropped(reason) => panic!("dropped: {reason}"),
@@ -42,7 +42,7 @@ fn events(o: Outcome) -> Vec<Event> {
 }
 
 /// One key package of `of`, as the relay hands it out.
-fn key_package(of: &mut Dev) -> Vec<u8> {
+pub(super) fn key_package(of: &mut Dev) -> Vec<u8> {
     let (mut packages, _) = of
         .state
         .key_package_upload(0, NOW)
@@ -53,7 +53,7 @@ fn key_package(of: &mut Dev) -> Vec<u8> {
 
 /// Runs `dev`'s pipeline for `group` up to a commit, handing out key packages of
 /// `adds`.
-fn plan(dev: &mut Dev, group: &GroupId, adds: &mut [&mut Dev]) -> GroupCommit {
+pub(super) fn plan(dev: &mut Dev, group: &GroupId, adds: &mut [&mut Dev]) -> GroupCommit {
     loop {
         match dev.state.group_step(&group.0).expect("step") {
             GroupStep::Register { .. } => dev.state.group_registered(&group.0).expect("registered"),
@@ -72,14 +72,14 @@ fn plan(dev: &mut Dev, group: &GroupId, adds: &mut [&mut Dev]) -> GroupCommit {
 }
 
 /// The envelope of `dev`'s last queued group message, as its `MultiSend` carries it.
-fn last_envelope(dev: &Dev) -> (Vec<u8>, MessageId) {
+pub(super) fn last_envelope(dev: &Dev) -> (Vec<u8>, MessageId) {
     let (_, r) = dev.state.group_outbox.iter().last().expect("queued");
     assert!(!r.envelope.is_empty(), "encrypted when queued");
     let id = MessageId(r.message_id[..].try_into().expect("id"));
     (r.envelope.clone(), id)
 }
 
-fn text(body: &[u8]) -> e2e::GroupContent {
+pub(super) fn text(body: &[u8]) -> e2e::GroupContent {
     e2e::GroupContent {
         body: body.to_vec().into(),
         sent_at_ms: NOW,
@@ -87,7 +87,7 @@ fn text(body: &[u8]) -> e2e::GroupContent {
     }
 }
 
-fn message_body(dev: &mut Dev, body: &[u8], id: MessageId) -> Vec<u8> {
+pub(super) fn message_body(dev: &mut Dev, body: &[u8], id: MessageId) -> Vec<u8> {
     match events(dev.receive(&deliver(body, id))).as_slice() {
         [Event::GroupMessage(m)] => m.body.clone(),
         other => panic!("not one message: {other:?}"),
