@@ -284,7 +284,10 @@ impl State {
             Processed::Message { sender, content } => {
                 // The ratchet moved: stored whatever the content comes to.
                 batch.extend_ops(staged.ops);
-                if !self.check_leaves(&mut record, std::slice::from_ref(&sender)).is_empty() {
+                if !self
+                    .check_leaves(&mut record, std::slice::from_ref(&sender))
+                    .is_empty()
+                {
                     self.put_group(group, record, &mut batch);
                     self.commit(batch, false)?;
                     self.unflushed_seen.insert(seen_key(&dedup, message_id));

@@ -206,13 +206,24 @@ impl GroupDevice {
 
     /// Deletes a key package's secret (by its encoded message).
     pub fn forget_key_package(&self, key_package: &[u8]) -> Result<Vec<Op>, GroupError> {
+        let id = Self::key_package_id(key_package)?;
+        Ok(vec![Self::forget_key_package_id(&id)])
+    }
+
+    /// A key package's reference (the key its secret is stored under).
+    pub fn key_package_id(key_package: &[u8]) -> Result<Vec<u8>, GroupError> {
         let msg = MlsMessage::from_bytes(key_package)?;
         let kp = msg.into_key_package().ok_or(GroupError::BadKeyPackage)?;
         let provider = RustCryptoProvider::default();
         let cs = mls_rs::CryptoProvider::cipher_suite_provider(&provider, CIPHER_SUITE)
             .ok_or(GroupError::BadKeyPackage)?;
-        let id = kp.to_reference(&cs)?;
-        Ok(vec![Op::Delete(Namespace::MlsKeyPackage, id.to_vec())])
+        Ok(kp.to_reference(&cs)?.to_vec())
+    }
+
+    /// The write that deletes the secret of the key package `id`
+    /// ([`GroupDevice::key_package_id`]).
+    pub fn forget_key_package_id(id: &[u8]) -> Op {
+        Op::Delete(Namespace::MlsKeyPackage, id.to_vec())
     }
 
     /// Checks a fetched key package: ours ciphersuite, a valid Tern credential. The

@@ -7,14 +7,16 @@ use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};
 use rand::rngs::OsRng;
-use tern_proto::{auth, DeviceId, MessageId};
+use tern_proto::{auth, DeviceId, MessageId, MultiSend};
 
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, dropped, Dev, NOW};
 use crate::client::group_commit::GroupStep;
 use crate::client::groups::{GroupChange, GroupId};
+use crate::client::keys::KEY_PACKAGE_LOW;
 use crate::client::state::Outcome;
 use crate::client::Event;
+use crate::client::SEEN_RETENTION_MS;
 use crate::groups::{DeviceCredential, GroupDevice, GroupMeta};
 use crate::store::{KvStore, MemoryKv, Namespace};
 
@@ -292,6 +294,34 @@ fn a_message_of_the_epoch_after_our_pending_commit_applies_the_commit_first() {
     ));
 }
 
+/// Alice creates a group and adds `bob` with the key package `kp`: the welcome.
+fn welcome_with(alice: &mut Dev, bob: &Dev, kp: Vec<u8>) -> (GroupId, MultiSend) {
+    let group = alice
+        .state
+        .create_group("g", &[], NOW, &mut OsRng)
+        .expect("create");
+    alice
+        .state
+        .add_group_members(&group, &[bob.account()])
+        .expect("queue");
+    loop {
+        match alice.state.group_step(&group.0).expect("step") {
+            GroupStep::Register { .. } => {
+                alice.state.group_registered(&group.0).expect("registered")
+            }
+            GroupStep::Fetch(_) => break,
+            _ => panic!("unexpected step"),
+        }
+    }
+    let commit = alice
+        .state
+        .plan_commit(&group.0, vec![kp], NOW, &mut OsRng)
+        .expect("plan")
+        .expect("a commit");
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    (group, commit.sends[0].clone())
+}
+
 #[test]
 fn welcomes_come_from_contacts_and_once_per_group_and_epoch() {
     let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
@@ -308,35 +338,12 @@ fn welcomes_come_from_contacts_and_once_per_group_and_epoch() {
 
     // Alice adds Bob with his last-resort key package, then removes him.
     all_know(&mut [&mut alice, &mut bob]);
-    let group = alice
-        .state
-        .create_group("g", &[], NOW, &mut OsRng)
-        .expect("create");
-    alice
-        .state
-        .add_group_members(&group, &[bob.account()])
-        .expect("queue");
     let (_, last_resort) = bob
         .state
         .key_package_upload(0, NOW)
         .expect("upload")
         .expect("credential");
-    loop {
-        match alice.state.group_step(&group.0).expect("step") {
-            GroupStep::Register { .. } => {
-                alice.state.group_registered(&group.0).expect("registered")
-            }
-            GroupStep::Fetch(_) => break,
-            _ => panic!("unexpected step"),
-        }
-    }
-    let commit = alice
-        .state
-        .plan_commit(&group.0, vec![last_resort], NOW, &mut OsRng)
-        .expect("plan")
-        .expect("a commit");
-    alice.state.commit_accepted(&group.0).expect("accepted");
-    let welcome = commit.sends[0].clone();
+    let (group, welcome) = welcome_with(&mut alice, &bob, last_resort);
     events(bob.receive(&deliver(&welcome.body, welcome.message_id)));
     alice
         .state
@@ -363,4 +370,40 @@ fn welcomes_come_from_contacts_and_once_per_group_and_epoch() {
         Outcome::Duplicate
     ));
     assert!(bob.state.group_list().expect("groups").is_empty());
+}
+
+#[test]
+fn a_replaced_last_resort_secret_is_forgotten_once_no_welcome_can_wait_for_it() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    all_know(&mut [&mut alice, &mut bob]);
+    let upload =
+        |bob: &mut Dev, count, at| bob.state.key_package_upload(count, at).expect("upload");
+    let (_, first) = upload(&mut bob, 0, NOW).expect("uploaded");
+    let (_, second) = upload(&mut bob, 0, NOW).expect("uploaded");
+    let secret = |bob: &Dev, kp: &[u8]| {
+        let id = GroupDevice::key_package_id(kp).expect("id");
+        bob.state
+            .kv
+            .get(Namespace::MlsKeyPackage, &id)
+            .expect("get")
+            .is_some()
+    };
+    let replaced_at = NOW;
+    assert!(upload(
+        &mut bob,
+        KEY_PACKAGE_LOW,
+        replaced_at + SEEN_RETENTION_MS - 1
+    )
+    .is_none());
+    assert!(secret(&bob, &first), "kept while a welcome may wait");
+    assert!(upload(&mut bob, KEY_PACKAGE_LOW, replaced_at + SEEN_RETENTION_MS).is_none());
+    assert!(!secret(&bob, &first), "forgotten");
+    assert!(secret(&bob, &second), "the current one stays");
+    // A welcome made with the replaced one no longer joins.
+    let (_, welcome) = welcome_with(&mut alice, &bob, first);
+    assert!(dropped(
+        bob.receive(&deliver(&welcome.body, welcome.message_id))
+    ));
+    let (_, welcome) = welcome_with(&mut alice, &bob, second);
+    events(bob.receive(&deliver(&welcome.body, welcome.message_id)));
 }
