@@ -407,3 +407,59 @@ fn a_replaced_last_resort_secret_is_forgotten_once_no_welcome_can_wait_for_it() 
     let (_, welcome) = welcome_with(&mut alice, &bob, second);
     events(bob.receive(&deliver(&welcome.body, welcome.message_id)));
 }
+
+#[test]
+fn a_message_from_a_leaf_under_a_key_no_longer_pinned_is_not_shown() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    all_know(&mut [&mut alice, &mut bob]);
+    let group = group_of(&mut [&mut alice, &mut bob]);
+    // Alice accepts another identity key for Bob: his leaf no longer matches.
+    let token = bob.state.keys.delivery_token;
+    alice
+        .state
+        .add_contact(bob.account(), [4; 32], token)
+        .expect("changed");
+    assert!(alice
+        .state
+        .accept_identity(&bob.account(), &[4; 32])
+        .expect("accept"));
+    bob.state
+        .enqueue_group(&group, text(b"from the old leaf"), NOW, &mut OsRng)
+        .expect("queued");
+    let (envelope, id) = last_envelope(&bob);
+    let e = events(alice.receive(&deliver(&envelope, id)));
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Event::GroupIdentityMismatch { account, .. }] if *account == bob.account()
+        ),
+        "{e:?}"
+    );
+    assert!(alice.state.unconfirmed_group().expect("inbox").is_empty());
+}
+
+#[test]
+fn undecodable_group_content_still_stores_the_mls_step() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    all_know(&mut [&mut alice, &mut bob]);
+    let group = group_of(&mut [&mut alice, &mut bob]);
+    let session = bob.state.session_mut(&group.0).expect("session");
+    let staged = session.encrypt(&[0xff; 9]).expect("encrypt");
+    bob.kv.apply(staged.ops, true).expect("apply");
+    let id = MessageId([0x44; 16]);
+    assert!(dropped(alice.receive(&deliver(&staged.value, id))));
+    // Stored with its MLS step: after a restart it is a duplicate, and the next
+    // message reads.
+    alice.state.flush().expect("flush");
+    alice.reload(NOW);
+    assert!(matches!(
+        alice.receive(&deliver(&staged.value, id)),
+        Outcome::Duplicate
+    ));
+    bob.state.group_sessions.clear();
+    bob.state
+        .enqueue_group(&group, text(b"next"), NOW, &mut OsRng)
+        .expect("queued");
+    let (envelope, id) = last_envelope(&bob);
+    assert_eq!(message_body(&mut alice, &envelope, id), b"next");
+}
