@@ -246,8 +246,10 @@ impl State {
                 Ok(Outcome::Synced(events))
             }
             // The pending commit applied first is stored; its events still count.
-            Ok(Outcome::Dropped(reason)) if !events.is_empty() => {
-                tracing::debug!(%reason, "discarded a group envelope");
+            Ok(other) if !events.is_empty() => {
+                if let Outcome::Dropped(reason) = other {
+                    tracing::debug!(%reason, "discarded a group envelope");
+                }
                 Ok(Outcome::Synced(events))
             }
             other => other,
