@@ -93,6 +93,10 @@ fn group(members: usize, per: u32, join: bool) -> (Vec<Dev>, Vec<u8>) {
     (devs, g.group_id().to_vec())
 }
 
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn commit(d: &Dev, g: &mut GroupSession, changes: &Changes) -> tern_client::groups::PlannedCommit {
     let s = g.commit(changes, NOW).unwrap();
     d.kv.apply(s.ops, true).unwrap();
@@ -105,6 +109,19 @@ fn encrypt_to_1000_devices(c: &mut Criterion) {
     let mut g = sender.device.load(&gid).unwrap().unwrap();
     assert_eq!(g.members().len(), 1000);
     let body = vec![0x55u8; 200];
+    let cpu = tern_benches::cpu_per_call(
+        200,
+        || (),
+        |()| {
+            let s = g.encrypt(&body).unwrap();
+            sender.kv.apply(s.ops, true).unwrap();
+            s.value
+        },
+    );
+    eprintln!(
+        "encrypt to 1000 devices: {:.3} ms CPU (target ≤ 2 ms)",
+        ms(cpu)
+    );
     c.bench_function("groups/encrypt 200 B to 1000 devices + staged write", |b| {
         b.iter(|| {
             let s = g.encrypt(&body).unwrap();
@@ -124,6 +141,15 @@ fn commit_add_to_200_devices(c: &mut Criterion) {
     };
     let (committer, other) = (&devs[0], &devs[2]);
     // Nothing is applied inside the loops: each iteration starts from the stored state.
+    let cpu = tern_benches::cpu_per_call(
+        40,
+        || committer.device.load(&gid).unwrap().unwrap(),
+        |mut g| g.commit(&changes, NOW).unwrap(),
+    );
+    eprintln!(
+        "commit adding 1 member to 200 devices: {:.3} ms CPU (target ≤ 20 ms)",
+        ms(cpu)
+    );
     c.bench_function(
         "groups/commit adding 1 member (2 devices) to 200 devices",
         |b| {
@@ -136,6 +162,15 @@ fn commit_add_to_200_devices(c: &mut Criterion) {
     );
     let mut g = committer.device.load(&gid).unwrap().unwrap();
     let plan = commit(committer, &mut g, &changes);
+    let cpu = tern_benches::cpu_per_call(
+        100,
+        || other.device.load(&gid).unwrap().unwrap(),
+        |mut g| g.process(&plan.commit, NOW).unwrap(),
+    );
+    eprintln!(
+        "processing it on another member: {:.3} ms CPU (target ≤ 5 ms)",
+        ms(cpu)
+    );
     c.bench_function("groups/process that commit on another member", |b| {
         b.iter_batched(
             || other.device.load(&gid).unwrap().unwrap(),

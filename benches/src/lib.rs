@@ -3,6 +3,34 @@
 
 pub mod load;
 
+/// This thread's CPU time so far (user + system). Benches print it beside
+/// criterion's wall-clock figures: on a shared machine wall time counts other
+/// processes' turns too.
+pub fn thread_cpu_time() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(
+        t.tv_sec.max(0) as u64,
+        t.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
+}
+
+/// The mean CPU time of `routine` over `rounds` runs on this thread, each on a
+/// fresh input from `setup` (whose cost is not counted).
+pub fn cpu_per_call<I, O>(
+    rounds: u32,
+    mut setup: impl FnMut() -> I,
+    mut routine: impl FnMut(I) -> O,
+) -> std::time::Duration {
+    let mut total = std::time::Duration::ZERO;
+    for _ in 0..rounds {
+        let input = setup();
+        let before = thread_cpu_time();
+        std::hint::black_box(routine(input));
+        total += thread_cpu_time().saturating_sub(before);
+    }
+    total / rounds.max(1)
+}
+
 use std::sync::Arc;
 
 use ed25519_dalek::{Signer, SigningKey};

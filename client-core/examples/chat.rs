@@ -41,6 +41,9 @@
 //!   creates a group and makes it current; typed lines then go to it. `/group add
 //!   <ids…>`, `/group remove <id>` and `/group leave` act on the current group;
 //!   `/groups` lists them; `/to <name>` talks in a group, `/to <id>` to a contact.
+//!   `/group rename <group> <name>`, `/group describe <group> <text>` and `/group
+//!   picture <group> <file>` change a group's name, description and picture (the
+//!   picture is uploaded as an attachment); every member sees the change.
 //! - `/broadcast <id,id,…> <text>`: one upload to several contacts, each of whom
 //!   sees an ordinary message.
 //!
@@ -77,6 +80,9 @@ const HELP: &str = "\
 /group add <ids…>            add contacts to the current group
 /group remove <id>           remove a member from the current group
 /group leave                 leave the current group
+/group rename <group> <name>  rename a group
+/group describe <group> <text>  set a group's description
+/group picture <group> <file>   set a group's picture (uploaded as an attachment)
 /groups                      your groups
 /to <group name | id>        talk to a group (by name) or a contact (by id)
 /broadcast <ids,…> <text>    one message to several contacts, uploaded once
@@ -279,7 +285,7 @@ async fn main() -> Result<(), BoxError> {
                         GroupChange::Removed(a) => println!("({name}: {} left)", ids(&a)),
                         GroupChange::Left => println!("(you left a group)"),
                         GroupChange::RemovedSelf => println!("(you were removed from a group)"),
-                        GroupChange::Renamed { name } => println!("(a group is now called {name:?})"),
+                        GroupChange::Renamed { name } => println!("(group {name:?}: its name, description or picture changed)"),
                         _ => {}
                     }
                 }
@@ -523,9 +529,50 @@ async fn main() -> Result<(), BoxError> {
                         Ok(()) => println!("(leaving)"),
                         Err(e) => println!("(not left: {e})"),
                     }
+                } else if let Some(args) = line
+                    .strip_prefix("/group rename ")
+                    .map(|a| ("rename", a))
+                    .or_else(|| line.strip_prefix("/group describe ").map(|a| ("describe", a)))
+                    .or_else(|| line.strip_prefix("/group picture ").map(|a| ("picture", a)))
+                {
+                    let (what, args) = args;
+                    let Some((name, value)) = args.trim().split_once(' ') else {
+                        println!("usage: /group {what} <group> <value>");
+                        continue;
+                    };
+                    let Some(g) = client.groups().await?.into_iter().find(|g| g.name == name) else {
+                        println!("no group {name}");
+                        continue;
+                    };
+                    let done = match what {
+                        "rename" => client.rename_group(&g.id, value.trim()).await,
+                        "describe" => client.set_group_description(&g.id, value.trim()).await,
+                        _ => {
+                            let path = Path::new(value.trim());
+                            let file = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                            let sealed = cache.join(format!("{}.sealed", file.unwrap_or_default()));
+                            match client.upload_attachment(path, &sealed).await {
+                                Ok(pointer) => {
+                                    let _ = std::fs::remove_file(&sealed);
+                                    client.set_group_picture(&g.id, Some(&pointer)).await
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                    };
+                    match done {
+                        Ok(()) => println!("(changing {name}; the members will see it)"),
+                        Err(e) => println!("(not changed: {e})"),
+                    }
                 } else if line == "/groups" {
                     for g in client.groups().await? {
                         println!("{} ({} members: {})", g.name, g.members.len(), ids(&g.members));
+                        if !g.description.is_empty() {
+                            println!("  {}", g.description);
+                        }
+                        if let Some(p) = &g.picture {
+                            println!("  picture: {} bytes", p.size);
+                        }
                     }
                 } else if let Some(to) = line.strip_prefix("/to ") {
                     let to = to.trim();

@@ -63,7 +63,7 @@ pub mod store;
 
 pub use client::{
     Client, ClientOptions, ContactCard, DeviceInfo, Event, Events, GroupChange, GroupId, GroupInfo,
-    GroupMessage, Joining, LinkedDevice, ReceivedMessage,
+    GroupMessage, Joining, LinkedDevice, ReceivedMessage, GROUP_TOKEN_WAIT, GROUP_UPDATE_INTERVAL,
 };
 #[doc(no_inline)]
 pub use error::ErrorCode;

@@ -389,6 +389,55 @@ async fn concurrent_adds_rebase_and_both_land() {
         b"all four"
     );
     assert_eq!(group_message(&bob, &mut bob_events).await.body, b"all four");
+
+    // The adds may have missed each other; renames queued at once race within a
+    // round trip. Until the relay has refused one as STALE_EPOCH (bounded): each
+    // pair lands, the rebased one last, and every device agrees.
+    let rebased = |infos: &[tern_client::GroupInfo]| {
+        infos
+            .iter()
+            .find(|g| g.id == group)
+            .map_or(0, |g| g.rebased_commits)
+    };
+    let mut stale = 0;
+    for round in 0..8 {
+        if stale > 0 {
+            break;
+        }
+        let (to_a, to_b) = (format!("alice-{round}"), format!("bob-{round}"));
+        let (a, b) = tokio::join!(
+            alice.rename_group(&group, &to_a),
+            bob.rename_group(&group, &to_b),
+        );
+        a.expect("alice renames");
+        b.expect("bob renames");
+        let name = within(async {
+            loop {
+                let (x, y) = (
+                    alice.groups().await.expect("groups"),
+                    bob.groups().await.expect("groups"),
+                );
+                let (gx, gy) = (&x[0], &y[0]);
+                let settled = gx.pending_ops == 0 && gy.pending_ops == 0;
+                let agreed = gx.name == gy.name && gx.epoch == gy.epoch;
+                if settled && agreed && gx.name.ends_with(&format!("-{round}")) {
+                    stale = rebased(&x) + rebased(&y);
+                    return gx.name.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        for c in [&carol, &dave] {
+            within(async {
+                while c.groups().await.expect("groups")[0].name != name {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+        }
+    }
+    assert!(stale > 0, "no commit was refused as stale in 8 races");
     for c in [alice, bob, carol, dave] {
         c.shutdown().await;
     }
@@ -534,6 +583,138 @@ async fn garbage_in_a_group_envelope_is_dropped_and_blocks_nothing() {
         b"still flowing"
     );
     for c in [alice, bob] {
+        c.shutdown().await;
+    }
+}
+
+/// Waits until every client's view of `group` satisfies `want`.
+async fn all_see(
+    clients: &[&Client],
+    group: &GroupId,
+    want: impl Fn(&tern_client::GroupInfo) -> bool,
+) {
+    for c in clients {
+        within(async {
+            loop {
+                let groups = c.groups().await.expect("groups");
+                if groups.iter().any(|g| g.id == *group && want(g)) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_rename_reaches_every_device_and_periodic_updates_keep_the_group_talking() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["bob", "carol"]).await;
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    // Alice renews her leaf whenever a round finds it older than 200 ms.
+    let options =
+        tern_client::ClientOptions::new().group_update_interval(Duration::from_millis(200));
+    let (alice, _alice_events) = within(Client::register_with(
+        &relay.address,
+        store(dir.path(), "alice"),
+        options,
+    ))
+    .await
+    .expect("register");
+    for (c, other) in [
+        (&alice, &bob),
+        (&alice, &carol),
+        (&bob, &alice),
+        (&carol, &alice),
+    ] {
+        c.add_contact(&other.contact_card().await)
+            .await
+            .expect("contact");
+    }
+    let (bob_laptop, mut laptop_events) = link(
+        &relay.address,
+        dir.path(),
+        "bob-laptop",
+        &bob,
+        &mut bob_events,
+    )
+    .await;
+    let group = within(alice.create_group("before", &[bob.account(), carol.account()]))
+        .await
+        .expect("create");
+    for events in [&mut bob_events, &mut laptop_events, &mut carol_events] {
+        assert_eq!(joined(events).await, group);
+    }
+    let devices = [&alice, &bob, &bob_laptop, &carol];
+
+    alice
+        .rename_group(&group, "marker-renamed-9c2b")
+        .await
+        .expect("rename");
+    all_see(&devices, &group, |g| g.name == "marker-renamed-9c2b").await;
+    for events in [&mut bob_events, &mut laptop_events, &mut carol_events] {
+        change(
+            events,
+            |c| matches!(c, GroupChange::Renamed { name } if name == "marker-renamed-9c2b"),
+        )
+        .await;
+    }
+    // Bob describes it; his commit must reach Carol, whose token he learns from
+    // her announcement (they are not contacts).
+    bob.set_group_description(&group, "marker-description-41aa")
+        .await
+        .expect("describe");
+    all_see(&devices, &group, |g| {
+        g.description == "marker-description-41aa" && g.name == "marker-renamed-9c2b"
+    })
+    .await;
+
+    // Alice keeps talking; her rounds renew her leaf along the way. Every member
+    // reads every message, in order, across the epochs the updates make.
+    let start = alice.groups().await.expect("groups")[0].epoch;
+    let mut sent = 0;
+    within(async {
+        loop {
+            alice
+                .send_group(&group, format!("tick {sent}").as_bytes(), &[])
+                .await
+                .expect("send");
+            sent += 1;
+            if alice.groups().await.expect("groups")[0].epoch >= start + 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let epoch = alice.groups().await.expect("groups")[0].epoch;
+    alice
+        .send_group(&group, b"after the updates", &[])
+        .await
+        .expect("send");
+    for (client, events) in [
+        (&bob, &mut bob_events),
+        (&bob_laptop, &mut laptop_events),
+        (&carol, &mut carol_events),
+    ] {
+        for i in 0..sent {
+            let m = group_message(client, events).await;
+            assert_eq!(m.body, format!("tick {i}").as_bytes());
+        }
+        assert_eq!(
+            group_message(client, events).await.body,
+            b"after the updates"
+        );
+    }
+    all_see(&devices, &group, |g| g.epoch >= epoch).await;
+    drained(&alice).await;
+    for marker in [&b"marker-renamed-9c2b"[..], b"marker-description-41aa"] {
+        assert!(!on_disk(&relay.data_dir, marker), "a marker on the relay");
+    }
+    for c in [alice, bob, bob_laptop, carol] {
         c.shutdown().await;
     }
 }

@@ -7,6 +7,7 @@
 //! target/release/tern-load online --nodes 2 --rate 1000 --messages 30000 --postgres 'host=/tmp/pg port=5433 user=tern dbname=tern'
 //! target/release/tern-load offline --recipients 4 --messages 20000 --size 1024 --durability fsync --json
 //! target/release/tern-load connections --count 10000
+//! target/release/tern-load group --devices 1000 --messages 20 --size 1024
 //! target/release/tern-load media --size 1073741824
 //! target/release/tern-load restart --messages 1000000 --dir /work/tmp
 //! target/release/tern-load discovery --users 100000 --book 1000 --hits 0.5
@@ -145,6 +146,21 @@ enum Mode {
         common: Common,
         /// Attachment bytes.
         #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(0..=(16u64 << 30)))]
+        size: u64,
+    },
+    /// One message to a group of devices by multi-recipient send: upload per
+    /// device, relay data growth, fan-out latency.
+    Group {
+        #[command(flatten)]
+        common: Common,
+        /// Recipient devices.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        devices: u64,
+        /// Messages sent to all of them.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+        messages: u64,
+        /// Body bytes per message.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
         size: u64,
     },
     /// Idle authenticated connections: relay memory per connection.
@@ -359,6 +375,23 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
             relay.stop();
             Ok((report?, common.json))
         }
+        Mode::Group {
+            common,
+            devices,
+            messages,
+            size,
+        } => {
+            let devices = as_usize(devices)?;
+            let mut relay = relay_for(&common, "os", devices + 16)?;
+            let args = load::GroupArgs {
+                devices,
+                messages,
+                size: as_usize(size)?,
+            };
+            let report = load::group(&relay, &args).await;
+            relay.stop();
+            Ok((report?, common.json))
+        }
         Mode::Connections { common, count } => {
             let count = as_usize(count)?;
             let mut relay = relay_for(&common, "os", count + 16)?;
@@ -465,6 +498,7 @@ fn wants_json(mode: &Mode) -> bool {
         Mode::Online { common, .. }
         | Mode::Offline { common, .. }
         | Mode::Media { common, .. }
+        | Mode::Group { common, .. }
         | Mode::Connections { common, .. }
         | Mode::Restart { common, .. }
         | Mode::Discovery { common, .. } => common.json,
@@ -477,6 +511,7 @@ fn pinning(mode: &Mode) -> Pinning {
         Mode::Online { common, .. }
         | Mode::Offline { common, .. }
         | Mode::Media { common, .. }
+        | Mode::Group { common, .. }
         | Mode::Connections { common, .. }
         | Mode::Restart { common, .. }
         | Mode::Discovery { common, .. } => common.pin.clone().unwrap_or_default(),

@@ -13,12 +13,16 @@
 //! - [`restart()`]: N messages queued, the relay stopped (SIGTERM) and started again on
 //!   the same data: the time until it serves, and its memory.
 //!
+//! - [`group()`]: one message to `devices` recipient devices by multi-recipient
+//!   send: upload per message and per device, relay data growth, fan-out latency.
+//!
 //! [`pin`]: the relay and the load generator on CPUs of their own.
 //!
 //! Devices here are [`peer::Peer`]s: tern-client's keys, connection and message crypto
 //! without the device store.
 
 pub mod discovery;
+mod group;
 mod modes;
 pub mod peer;
 pub mod pg;
@@ -28,6 +32,7 @@ mod restart;
 
 use std::collections::BTreeMap;
 
+pub use self::group::{group, GroupArgs};
 pub use self::modes::{
     connections, media, offline, online, online_across, ConnectionsArgs, MediaArgs, OfflineArgs,
     OnlineArgs, OnlineNodes,

@@ -184,13 +184,13 @@ pub(super) async fn pairs(relay: &RelayUnderTest, n: usize) -> Result<Vec<Pair>,
 }
 
 /// The relay's CPU time and context switches at the start of a measured phase.
-struct RelayBefore {
+pub(super) struct RelayBefore {
     cpu_s: f64,
     switches: Option<HashMap<u32, u64>>,
 }
 
 impl RelayBefore {
-    fn now(relay: &RelayUnderTest) -> Self {
+    pub(super) fn now(relay: &RelayUnderTest) -> Self {
         RelayBefore {
             cpu_s: relay.cpu_seconds().unwrap_or(0.0),
             switches: relay.context_switches(),
@@ -200,7 +200,12 @@ impl RelayBefore {
 
 /// The relay's CPU time, memory and context switches since `before`; per message
 /// too, for `messages` handled.
-fn relay_stats(relay: &RelayUnderTest, before: &RelayBefore, messages: u64, report: &mut Report) {
+pub(super) fn relay_stats(
+    relay: &RelayUnderTest,
+    before: &RelayBefore,
+    messages: u64,
+    report: &mut Report,
+) {
     report.relay_cpu_s = relay.cpu_seconds().map_or(0.0, |c| c - before.cpu_s);
     report.relay_peak_rss_kib = relay.rss_kib().map_or(0, |(_, peak)| peak);
     report.client_peak_rss_kib = own_peak_rss_kib().unwrap_or(0);

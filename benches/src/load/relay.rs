@@ -195,6 +195,11 @@ impl RelayUnderTest {
         Ok(relay)
     }
 
+    /// The data directory of a relay this run started.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
     /// A relay someone else runs: no process statistics.
     pub fn external(address: RelayAddress) -> Self {
         RelayUnderTest {

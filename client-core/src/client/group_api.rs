@@ -4,6 +4,7 @@
 use rand::rngs::OsRng;
 use tern_proto::{AccountId, MessageId};
 
+use super::group_meta::MetaEdit;
 use super::groups::{GroupId, GroupInfo};
 use super::Client;
 #[cfg(doc)]
@@ -117,6 +118,43 @@ impl Client {
             .enqueue_group(group, content, now, &mut OsRng)?;
         self.shared.outbox.notify_one();
         Ok(id)
+    }
+
+    /// Renames `group` (≤ 128 bytes, [`Error::TooLarge`] otherwise): committed like
+    /// a membership change, end-to-end encrypted; every member's devices get
+    /// [`GroupChange::Renamed`].
+    pub async fn rename_group(&self, group: &GroupId, name: &str) -> Result<()> {
+        self.edit_group_meta(group, MetaEdit::Name(name.to_string()))
+            .await
+    }
+
+    /// Sets `group`'s description (≤ 512 bytes), as [`Client::rename_group`] does
+    /// its name.
+    pub async fn set_group_description(&self, group: &GroupId, description: &str) -> Result<()> {
+        self.edit_group_meta(group, MetaEdit::Description(description.to_string()))
+            .await
+    }
+
+    /// Sets (or with `None` clears) `group`'s picture: an attachment uploaded with
+    /// [`Client::upload_attachment`]; members fetch it from the pointer in
+    /// [`GroupInfo::picture`].
+    pub async fn set_group_picture(
+        &self,
+        group: &GroupId,
+        picture: Option<&AttachmentPointer>,
+    ) -> Result<()> {
+        self.edit_group_meta(group, MetaEdit::Picture(picture.cloned()))
+            .await
+    }
+
+    async fn edit_group_meta(&self, group: &GroupId, edit: MetaEdit) -> Result<()> {
+        self.shared
+            .state
+            .lock()
+            .await
+            .edit_group_meta(group, edit)?;
+        self.shared.outbox.notify_one();
+        Ok(())
     }
 
     /// This device's groups.

@@ -6,19 +6,29 @@
 use prost::Message;
 use rand::{CryptoRng, RngCore};
 use tern_proto::{e2e, v1, AccountId, CommitId, DeviceId, GroupCommit, GroupHandle, MessageId};
-use tern_proto::{MultiSend, RecipientAccount};
+use tern_proto::{ErrorCode, MultiSend, MultiSendResult, RecipientAccount};
 
-use super::group_records::{GroupOpRecord, PendingCommitRecord, OP_ADD, OP_META, OP_REMOVE};
-use super::groups::{accounts, GroupChange, GroupId};
+use super::group_meta::merge_meta;
+use super::group_records::{
+    GroupOpRecord, GroupOutboxRecord, GroupRecipient, PendingCommitRecord, OP_ADD, OP_META,
+    OP_REMOVE, OP_REMOVE_DEVICE,
+};
+use super::groups::{commit_events, GroupId};
 use super::state::{corrupt, State};
 use super::Event;
 use crate::groups::{Changes, GroupMeta, Member};
-use crate::store::Batch;
+use crate::store::records::seq_key;
+use crate::store::{Batch, Namespace};
 use crate::{Error, Result};
+
+/// An op that renews this device's leaf (an empty commit with a new path).
+pub(crate) const OP_UPDATE: u32 = 6;
 
 /// What the worker does next for a group.
 pub(crate) enum GroupStep {
-    /// Nothing to commit.
+    /// Nothing to commit now: no op, or the head op waits for a member's delivery
+    /// token (the `MemberInfo` that brings it wakes the worker; its hourly round
+    /// checks the bound).
     Idle,
     /// Register the handle with the relay (`CreateGroup`) first.
     Register {
@@ -39,6 +49,35 @@ fn random16(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 16] {
     let mut b = [0u8; 16];
     rng.fill_bytes(&mut b);
     b
+}
+
+/// The removal of every device of `accounts`.
+pub(crate) fn removal(accounts: &[AccountId]) -> GroupOpRecord {
+    GroupOpRecord {
+        kind: OP_REMOVE,
+        accounts: accounts.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        ..GroupOpRecord::default()
+    }
+}
+
+/// Drops ops equal to an earlier one with nothing between them that undoes it (an
+/// op of another kind on the same accounts): a repeated `LeaveRequest` must not
+/// grow the queue, while "remove, add, remove" keeps all three. Whether any went.
+pub(crate) fn dedup_ops(ops: &mut Vec<GroupOpRecord>) -> bool {
+    let before = ops.len();
+    let mut kept: Vec<GroupOpRecord> = Vec::with_capacity(before);
+    for op in ops.drain(..) {
+        let repeated = kept.iter().rposition(|k| *k == op).is_some_and(|i| {
+            !kept[i + 1..]
+                .iter()
+                .any(|k| k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a)))
+        });
+        if !repeated {
+            kept.push(op);
+        }
+    }
+    *ops = kept;
+    ops.len() != before
 }
 
 fn accounts_of(op: &GroupOpRecord) -> Vec<AccountId> {
@@ -84,8 +123,38 @@ impl State {
             .collect()
     }
 
-    /// The next step of `group`'s commit pipeline.
+    /// Other members' accounts whose delivery token this device lacks (a commit
+    /// could not reach them).
+    pub(crate) fn tokenless(&mut self, group: &[u8]) -> Result<Vec<AccountId>> {
+        let me = self.keys.address.account;
+        let members = self.session_mut(group)?.members();
+        let mut out: Vec<AccountId> = Vec::new();
+        for m in members {
+            if m.account != me
+                && !out.contains(&m.account)
+                && self.member_token(group, &m.account).is_none()
+            {
+                out.push(m.account);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`State::next_group_step`] waiting for tokens without a bound.
+    #[cfg(test)]
     pub(crate) fn group_step(&mut self, group: &[u8]) -> Result<GroupStep> {
+        self.next_group_step(group, 0, u64::MAX)
+    }
+
+    /// The next step of `group`'s commit pipeline at `now_ms`. A head op waits
+    /// while a member has no known delivery token (its `MemberInfo` brings one), at
+    /// most `token_wait_ms`; then the removal of those members goes first.
+    pub(crate) fn next_group_step(
+        &mut self,
+        group: &[u8],
+        now_ms: u64,
+        token_wait_ms: u64,
+    ) -> Result<GroupStep> {
         let Some(record) = self.groups.get(group).cloned() else {
             return Ok(GroupStep::Idle);
         };
@@ -106,11 +175,92 @@ impl State {
         if record.wait_epoch > session.epoch() {
             return Ok(GroupStep::Wait);
         }
+        if record.ops.is_empty() {
+            return Ok(GroupStep::Idle);
+        }
+        let mut record = record;
+        let deduped = dedup_ops(&mut record.ops);
+        // The members the head op removes need not be reached.
+        let removed = match record.ops.first() {
+            Some(op) if op.kind == OP_REMOVE => accounts_of(op),
+            _ => Vec::new(),
+        };
+        let mut missing = self.tokenless(group)?;
+        missing.retain(|a| !removed.contains(a));
+        let since = record.token_wait_since_ms;
+        let waiting = match (missing.is_empty(), since) {
+            (true, _) => false,
+            (false, 0) => true,
+            (false, since) => now_ms.saturating_sub(since) < token_wait_ms,
+        };
+        if missing.is_empty() {
+            record.token_wait_since_ms = 0;
+        } else if since == 0 {
+            record.token_wait_since_ms = now_ms.max(1);
+        } else if !waiting {
+            // Unreachable past the bound: any commit would leave them behind, so
+            // their removal is committed first.
+            record.token_wait_since_ms = 0;
+            record.ops.insert(0, removal(&missing));
+        }
+        if deduped || record.token_wait_since_ms != since {
+            let mut batch = Batch::new();
+            self.put_group(group, record.clone(), &mut batch);
+            self.commit(batch, true)?;
+        }
+        if waiting {
+            return Ok(GroupStep::Idle);
+        }
         match record.ops.first() {
             None => Ok(GroupStep::Idle),
             Some(op) if op.kind == OP_ADD => Ok(GroupStep::Fetch(accounts_of(op))),
             Some(_) => Ok(GroupStep::Plan),
         }
+    }
+
+    /// Queues an update commit (OP_UPDATE) in every group where this device's leaf
+    /// is older than `interval_ms`, or where the group knows another delivery token
+    /// of this account than its current one (which is then announced again).
+    pub(crate) fn queue_due_updates(&mut self, now_ms: u64, interval_ms: u64) -> Result<()> {
+        let token = self.keys.delivery_token.to_vec();
+        let mut batch = Batch::new();
+        let ids: Vec<Vec<u8>> = self.groups.keys().cloned().collect();
+        for id in ids {
+            let Some(old) = self.groups.get(&id).cloned() else {
+                continue;
+            };
+            if old.leaving {
+                continue;
+            }
+            let mut record = old.clone();
+            if record.leaf_updated_ms == 0 {
+                // First seen (created or joined): the leaf is new.
+                record.leaf_updated_ms = now_ms.max(1);
+            }
+            let mut due = now_ms.saturating_sub(record.leaf_updated_ms) >= interval_ms;
+            if record.announced_token.is_empty() {
+                record.announced_token = token.clone();
+            } else if record.announced_token != token {
+                record.announce = true;
+                due = true;
+            }
+            if due && !record.ops.iter().any(|op| op.kind == OP_UPDATE) {
+                // The interval restarts now, so an update that comes to nothing
+                // (nobody else in the group) is not queued again at once.
+                record.leaf_updated_ms = now_ms.max(1);
+                record.ops.push(GroupOpRecord {
+                    kind: OP_UPDATE,
+                    ..GroupOpRecord::default()
+                });
+            }
+            if record != old {
+                self.put_group(&id, record, &mut batch);
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.commit(batch, true)
     }
 
     /// The relay has the handle.
@@ -162,9 +312,15 @@ impl State {
             OP_ADD => changes.add = key_packages,
             OP_REMOVE => changes.remove_accounts = accounts_of(&op),
             OP_META => {
-                changes.meta =
-                    Some(GroupMeta::decode(&op.meta).map_err(|e| Error::Group(e.to_string()))?)
+                let edit = GroupMeta::decode(&op.meta).map_err(|e| Error::Group(e.to_string()))?;
+                let current = self
+                    .session_mut(group)?
+                    .meta()
+                    .map_err(|e| Error::Group(e.to_string()))?;
+                changes.meta = Some(merge_meta(&current, &edit, op.meta_fields));
             }
+            // An empty commit: a new path, this leaf's keys renewed.
+            OP_UPDATE => {}
             _ => {
                 let device = DeviceId::try_from(op.device).map_err(|_| corrupt())?;
                 if let Some(account) = accounts_of(&op).first() {
@@ -200,12 +356,31 @@ impl State {
         let planned = staged.value;
         let mut batch = Batch::new();
         batch.extend_ops(staged.ops);
-        let nothing =
-            planned.added.is_empty() && planned.removed.is_empty() && !planned.meta_changed;
+        let nothing = op.kind != OP_UPDATE
+            && planned.added.is_empty()
+            && planned.removed.is_empty()
+            && !planned.meta_changed;
+        let same = |a: &Member, b: &Member| a.account == b.account && a.device == b.device;
         let others: Vec<Member> = before
             .into_iter()
             .filter(|m| !(m.account == me.account && m.device == me.device))
             .collect();
+        // Every device that stays must get the commit, or it forks: without a
+        // token the op waits (`next_group_step` keeps it from coming back at once).
+        let unreachable = others.iter().any(|m| {
+            !planned.removed.iter().any(|r| same(r, m))
+                && self.member_token(group, &m.account).is_none()
+        });
+        if unreachable {
+            let cleared = self
+                .session_mut(group)?
+                .clear_pending()
+                .map_err(|e| Error::Group(e.to_string()))?;
+            let mut batch = Batch::new();
+            batch.extend_ops(cleared.ops);
+            self.commit(batch, true)?;
+            return Ok(None);
+        }
         let mut sends = Vec::new();
         let to_members = recipients(&others, |a| self.member_token(group, a));
         if !to_members.is_empty() {
@@ -257,8 +432,24 @@ impl State {
         Ok(Some(commit))
     }
 
-    /// The relay took `group`'s pending commit: the group moves on, the op goes.
+    /// [`State::commit_answered`] with no refusals.
+    #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
+        self.commit_answered(group, &[], 0)
+    }
+
+    /// The relay took `group`'s pending commit (its answer per send in
+    /// `results`): the group moves on, the op goes. Devices refused for now (a
+    /// full mailbox, a rate, a stale device list) get the same bytes again through
+    /// the group outbox; devices or accounts the relay does not know (deleted, or
+    /// a token that is no longer theirs) are queued for removal, as they can no
+    /// longer follow the group.
+    pub(crate) fn commit_answered(
+        &mut self,
+        group: &[u8],
+        results: &[MultiSendResult],
+        now_ms: u64,
+    ) -> Result<Vec<Event>> {
         let Some(mut record) = self.groups.get(group).cloned() else {
             return Ok(Vec::new());
         };
@@ -272,32 +463,97 @@ impl State {
                 .apply_pending()
                 .map_err(|e| Error::Group(e.to_string()))?;
             batch.extend_ops(staged.ops);
-            let applied = staged.value;
-            if !applied.added.is_empty() {
-                events.push(Event::GroupChanged {
-                    group: gid,
-                    change: GroupChange::Added(accounts(&applied.added)),
-                });
-            }
-            if !applied.removed.is_empty() {
-                events.push(Event::GroupChanged {
-                    group: gid,
-                    change: GroupChange::Removed(accounts(&applied.removed)),
-                });
-            }
-            if let Some(meta) = applied.meta {
-                events.push(Event::GroupChanged {
-                    group: gid,
-                    change: GroupChange::Renamed { name: meta.name },
-                });
-            }
+            events = commit_events(gid, &staged.value);
         }
-        let done = record.pending.take().and_then(|p| p.op);
+        let pending = record.pending.take();
+        let done = pending.as_ref().and_then(|p| p.op.clone());
         if done.is_some() && record.ops.first() == done.as_ref() {
             record.ops.remove(0);
         }
+        if done.as_ref().is_some_and(|op| op.kind == OP_UPDATE) {
+            record.leaf_updated_ms = now_ms;
+        }
+        let sends = match &pending {
+            Some(p) => {
+                let wire = v1::GroupCommitRequest::decode(&p.request[..]).map_err(|_| corrupt())?;
+                GroupCommit::try_from(wire).map_err(|_| corrupt())?.sends
+            }
+            None => Vec::new(),
+        };
+        let own = self.keys.address.account;
+        let mut resends = Vec::new();
+        for (send, result) in sends.iter().zip(results) {
+            let mut again: Vec<GroupRecipient> = Vec::new();
+            for f in &result.refused {
+                let Some(to) = send.recipients.get(f.recipient as usize) else {
+                    continue;
+                };
+                let devices = match f.device {
+                    Some(d) => vec![d],
+                    None => to.devices.clone(),
+                };
+                let transient = to.account == own
+                    || matches!(
+                        f.code,
+                        ErrorCode::MailboxFull
+                            | ErrorCode::RateLimited
+                            | ErrorCode::Unavailable
+                            | ErrorCode::StaleDeviceList
+                    );
+                match f.code {
+                    _ if transient => {
+                        let devices = devices.iter().map(|d| d.get());
+                        match again
+                            .iter_mut()
+                            .find(|r| r.account == to.account.as_bytes())
+                        {
+                            Some(r) => r.devices.extend(devices),
+                            None => again.push(GroupRecipient {
+                                account: to.account.as_bytes().to_vec(),
+                                devices: devices.collect(),
+                            }),
+                        }
+                    }
+                    _ if f.device.is_none() => {
+                        record.ops.push(removal(&[to.account]));
+                    }
+                    _ => {
+                        for d in devices {
+                            record.ops.push(GroupOpRecord {
+                                kind: OP_REMOVE_DEVICE,
+                                accounts: vec![to.account.as_bytes().to_vec()],
+                                device: d.get(),
+                                ..GroupOpRecord::default()
+                            });
+                        }
+                    }
+                }
+            }
+            if !again.is_empty() {
+                resends.push(GroupOutboxRecord {
+                    group_id: group.to_vec(),
+                    message_id: send.message_id.0.to_vec(),
+                    envelope: send.body.to_vec(),
+                    to: again,
+                    control: true,
+                    ..GroupOutboxRecord::default()
+                });
+            }
+        }
+        dedup_ops(&mut record.ops);
+        let mut queued = Vec::new();
+        if !resends.is_empty() {
+            for r in resends {
+                let seq = self.local.next_outbox_seq;
+                self.local.next_outbox_seq += 1;
+                batch.put(Namespace::GroupOutbox, seq_key(seq), &r);
+                queued.push((seq, r));
+            }
+            batch.put_local(&self.local);
+        }
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
+        self.group_outbox.extend(queued);
         self.prepare_group(group)?;
         Ok(events)
     }
@@ -318,6 +574,7 @@ impl State {
         }
         record.pending = None;
         record.wait_epoch = current;
+        record.stale_commits = record.stale_commits.saturating_add(1);
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
         self.prepare_group(group)

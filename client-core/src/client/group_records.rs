@@ -35,6 +35,20 @@ pub(crate) struct GroupRecord {
     /// This device asked to leave: once its `LeaveRequest` is out, the group goes.
     #[prost(bool, tag = "8")]
     pub(crate) leaving: bool,
+    /// Since when (Unix ms) the head op has waited for a member's delivery token
+    /// (0: not waiting); past the client's bound those members are removed.
+    #[prost(uint64, tag = "20")]
+    pub(crate) token_wait_since_ms: u64,
+    /// The delivery token this device last told the group (its `MemberInfo`), or
+    /// the one it had when the group came; another one is announced again.
+    #[prost(bytes = "vec", tag = "21")]
+    pub(crate) announced_token: Vec<u8>,
+    /// When (Unix ms) this device's leaf was last renewed (0: not yet recorded).
+    #[prost(uint64, tag = "22")]
+    pub(crate) leaf_updated_ms: u64,
+    /// Commits of this device the relay refused as `STALE_EPOCH` (then rebased).
+    #[prost(uint64, tag = "23")]
+    pub(crate) stale_commits: u64,
     /// Identity keys first seen in this group for accounts that are neither this
     /// one nor contacts: a later leaf of the account must show the same key.
     #[prost(message, repeated, tag = "30")]
@@ -74,6 +88,10 @@ pub(crate) struct GroupOpRecord {
     /// With [`OP_META`]: the encoded new metadata.
     #[prost(bytes = "vec", tag = "4")]
     pub(crate) meta: Vec<u8>,
+    /// With [`OP_META`]: which fields of `meta` it sets (bits of
+    /// `META_NAME`/`META_DESCRIPTION`/`META_PICTURE` in `groups.rs`; 0: all).
+    #[prost(uint32, tag = "20")]
+    pub(crate) meta_fields: u32,
 }
 
 pub(crate) const OP_ADD: u32 = 1;

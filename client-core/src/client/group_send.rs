@@ -11,8 +11,8 @@ use super::group_commit::GroupStep;
 use super::groups::{GroupChange, GroupId};
 use super::send::Round;
 use super::{Event, Shared};
-use crate::store::{Batch, Namespace};
-use crate::{Error, ErrorCode, Result};
+use crate::store::Batch;
+use crate::{ErrorCode, Result};
 
 /// Merges a step's outcome into the round's.
 fn merge(round: &mut Round, step: Round) {
@@ -25,7 +25,12 @@ fn merge(round: &mut Round, step: Round) {
 
 pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
     let mut round = Round::Idle;
-    let busy = shared.state.lock().await.busy_groups();
+    let interval = shared.group_settings.update_interval_ms;
+    let busy = {
+        let mut state = shared.state.lock().await;
+        state.queue_due_updates(shared.now_ms(), interval)?;
+        state.busy_groups()
+    };
     for group in busy {
         let step = commit_step(shared, anon, &group).await?;
         merge(&mut round, step);
@@ -62,6 +67,7 @@ async fn announce(shared: &Shared) -> Result<()> {
         state.enqueue_group(&GroupId(gid), content, now, &mut OsRng)?;
         if let Some(mut record) = state.groups.get(&id).cloned() {
             record.announce = false;
+            record.announced_token = state.keys.delivery_token.to_vec();
             let mut batch = Batch::new();
             state.put_group(&id, record, &mut batch);
             state.commit(batch, true)?;
@@ -72,7 +78,13 @@ async fn announce(shared: &Shared) -> Result<()> {
 
 /// One step of `group`'s commit pipeline.
 async fn commit_step(shared: &Shared, anon: &AnonymousLink, group: &[u8]) -> Result<Round> {
-    let step = shared.state.lock().await.group_step(group)?;
+    let now = shared.now_ms();
+    let wait = shared.group_settings.token_wait_ms;
+    let step = shared
+        .state
+        .lock()
+        .await
+        .next_group_step(group, now, wait)?;
     let commit = match step {
         GroupStep::Idle => return Ok(Round::Idle),
         GroupStep::Wait => return Ok(Round::Wait),
@@ -118,8 +130,8 @@ async fn commit_step(shared: &Shared, anon: &AnonymousLink, group: &[u8]) -> Res
         .await;
     let mut state = shared.state.lock().await;
     match sent {
-        Ok(_) => {
-            for e in state.commit_accepted(group)? {
+        Ok((_, results)) => {
+            for e in state.commit_answered(group, &results, shared.now_ms())? {
                 shared.emit(e);
             }
             Ok(Round::Progress)
@@ -182,7 +194,8 @@ type Ready = (u64, MultiSend, Vec<(AccountId, Option<DeviceId>)>);
 /// Sends every encrypted group message, oldest first.
 async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
     let ready: Vec<Ready> = {
-        let state = shared.state.lock().await;
+        let mut state = shared.state.lock().await;
+        state.prepare_groups()?;
         let mut ready = Vec::new();
         for (seq, r) in state.group_outbox.iter() {
             if r.envelope.is_empty() {
@@ -301,13 +314,7 @@ fn settle_leave(shared: &Shared, state: &mut super::state::State) -> Result<()> 
         .collect();
     for id in done {
         let mut batch = Batch::new();
-        batch.extend_ops(
-            state
-                .group_device()?
-                .forget(&id)
-                .map_err(|e| Error::Group(e.to_string()))?,
-        );
-        batch.delete(Namespace::Groups, id.clone());
+        state.stage_forget_group(&id, &mut batch)?;
         state.commit(batch, true)?;
         state.forget_group_cache(&id);
         if let Ok(gid) = <[u8; 32]>::try_from(&id[..]) {

@@ -26,7 +26,8 @@ use super::group_records::{
 };
 use super::outbox::MAX_BODY;
 use super::state::{corrupt, State};
-use crate::groups::{GroupDevice, GroupMeta, GroupSession, Member};
+use super::Event;
+use crate::groups::{CommitApplied, GroupDevice, GroupMeta, GroupSession, Member};
 use crate::media::AttachmentPointer;
 use crate::store::records::seq_key;
 use crate::store::{Batch, Namespace};
@@ -54,6 +55,32 @@ impl GroupId {
     }
 }
 
+/// How this device keeps its groups: set through
+/// [`ClientOptions`](super::ClientOptions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GroupSettings {
+    /// A leaf older than this is renewed by an update commit.
+    pub(crate) update_interval_ms: u64,
+    /// How long a commit waits for a member's delivery token before removing
+    /// the member it cannot reach.
+    pub(crate) token_wait_ms: u64,
+}
+
+/// The default of [`ClientOptions::group_update_interval`](super::ClientOptions::group_update_interval): 7 days.
+pub const GROUP_UPDATE_INTERVAL: std::time::Duration =
+    std::time::Duration::from_secs(7 * 24 * 3600);
+/// The default of [`ClientOptions::group_token_wait`](super::ClientOptions::group_token_wait): 7 days.
+pub const GROUP_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            update_interval_ms: GROUP_UPDATE_INTERVAL.as_millis() as u64,
+            token_wait_ms: GROUP_TOKEN_WAIT.as_millis() as u64,
+        }
+    }
+}
+
 /// A group as this device sees it now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupInfo {
@@ -63,10 +90,23 @@ pub struct GroupInfo {
     pub name: String,
     /// Its description.
     pub description: String,
+    /// Its picture (an uploaded attachment), if it has one.
+    pub picture: Option<AttachmentPointer>,
     /// Member accounts (this one included), each once.
     pub members: Vec<AccountId>,
     /// Membership operations not yet committed.
     pub pending_ops: usize,
+    /// Members this device has no delivery token for yet: its commits wait for
+    /// their announcement (at most the client's
+    /// [`group_token_wait`](super::ClientOptions::group_token_wait), then they are
+    /// removed).
+    pub unreachable: Vec<AccountId>,
+    /// The group's epoch on this device (it moves with every commit: membership,
+    /// metadata, key updates).
+    pub epoch: u64,
+    /// How many commits of this device lost their epoch to another member's
+    /// (`STALE_EPOCH`) and were planned again.
+    pub rebased_commits: u64,
 }
 
 /// A group message, stored on the device until the app confirms it.
@@ -124,11 +164,39 @@ pub enum GroupChange {
     Left,
     /// This device was removed from the group: it reads nothing more of it.
     RemovedSelf,
-    /// The name or description changed.
+    /// The name, description or picture changed (the new ones are in
+    /// [`Client::groups`](super::Client::groups)).
     Renamed {
         /// The new name.
         name: String,
     },
+}
+
+/// The events of an applied commit, for this device's own commits and the
+/// members' alike: accounts added, accounts removed, metadata changed.
+pub(super) fn commit_events(group: GroupId, applied: &CommitApplied) -> Vec<Event> {
+    let mut events = Vec::new();
+    if !applied.added.is_empty() {
+        events.push(Event::GroupChanged {
+            group,
+            change: GroupChange::Added(accounts(&applied.added)),
+        });
+    }
+    if !applied.removed.is_empty() {
+        events.push(Event::GroupChanged {
+            group,
+            change: GroupChange::Removed(accounts(&applied.removed)),
+        });
+    }
+    if let Some(meta) = &applied.meta {
+        events.push(Event::GroupChanged {
+            group,
+            change: GroupChange::Renamed {
+                name: meta.name.clone(),
+            },
+        });
+    }
+    events
 }
 
 pub(super) fn accounts(members: &[Member]) -> Vec<AccountId> {
@@ -334,15 +402,27 @@ impl State {
         let ids: Vec<Vec<u8>> = self.groups.keys().cloned().collect();
         let mut out = Vec::new();
         for id in ids {
-            let pending_ops = self.groups.get(&id).map_or(0, |r| r.ops.len());
+            let (pending_ops, rebased_commits) = self
+                .groups
+                .get(&id)
+                .map_or((0, 0), |r| (r.ops.len(), r.stale_commits));
+            let unreachable = self.tokenless(&id)?;
             let session = self.session_mut(&id)?;
             let meta = session.meta().map_err(|e| Error::Group(e.to_string()))?;
+            let picture = meta
+                .picture
+                .as_ref()
+                .and_then(|p| AttachmentPointer::from_bytes(&p.encode_to_vec()).ok());
             out.push(GroupInfo {
                 id: GroupId::of(&id)?,
                 name: meta.name,
                 description: meta.description,
+                picture,
                 members: accounts(&session.members()),
+                epoch: session.epoch(),
                 pending_ops,
+                unreachable,
+                rebased_commits,
             });
         }
         Ok(out)
@@ -436,6 +516,24 @@ impl State {
         Ok(())
     }
 
+    /// Encrypts the queued messages of every group whose commit has settled (a
+    /// commit cleared by the inbox, when another member's won, leaves them queued
+    /// in clear).
+    pub(crate) fn prepare_groups(&mut self) -> Result<()> {
+        let mut groups: Vec<Vec<u8>> = Vec::new();
+        for r in self.group_outbox.values() {
+            if r.envelope.is_empty() && !groups.contains(&r.group_id) {
+                groups.push(r.group_id.clone());
+            }
+        }
+        for g in groups {
+            if self.groups.contains_key(&g) {
+                self.prepare_group(&g)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The delivery token to send to `account`'s devices with, in `group`.
     pub(crate) fn member_token(&self, group: &[u8], account: &AccountId) -> Option<[u8; 32]> {
         if *account == self.keys.address.account {
@@ -499,6 +597,22 @@ impl State {
             .filter(|(_, r)| r.group_id == group)
             .map(|(s, _)| *s)
             .collect()
+    }
+
+    /// Stages the deletion of everything this device holds of `group` (its MLS
+    /// state, its record, its queued messages), for a group left or removed from;
+    /// after the batch is committed, [`State::forget_group_cache`].
+    pub(super) fn stage_forget_group(&self, group: &[u8], batch: &mut Batch) -> Result<()> {
+        batch.extend_ops(
+            self.group_device()?
+                .forget(group)
+                .map_err(|e| Error::Group(e.to_string()))?,
+        );
+        batch.delete(Namespace::Groups, group.to_vec());
+        for seq in self.group_outbox_of(group) {
+            batch.delete(Namespace::GroupOutbox, seq_key(seq));
+        }
+        Ok(())
     }
 
     pub(super) fn forget_group_cache(&mut self, group: &[u8]) {

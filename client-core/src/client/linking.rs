@@ -273,7 +273,12 @@ impl Joining {
         )?;
         // The worker authenticates, publishes the keys (before it sends anything)
         // and sends the `Joined` sync; after a crash, `Client::open` does the same.
-        Ok(Client::start(state, self.relay.clone(), clock))
+        Ok(Client::start(
+            state,
+            self.relay.clone(),
+            clock,
+            self.options.groups,
+        ))
     }
 
     /// Polls the slot until the payload is there; the slot gone is

@@ -32,6 +32,7 @@ mod events;
 mod group_api;
 mod group_commit;
 mod group_inbox;
+mod group_meta;
 mod group_records;
 mod group_send;
 mod groups;
@@ -67,7 +68,9 @@ use crate::{Error, Result};
 pub use self::card::ContactCard;
 pub use self::discovery::DiscoveryReport;
 pub use self::events::{Event, Events, ReceivedMessage};
-pub use self::groups::{GroupChange, GroupId, GroupInfo, GroupMessage};
+pub use self::groups::{
+    GroupChange, GroupId, GroupInfo, GroupMessage, GROUP_TOKEN_WAIT, GROUP_UPDATE_INTERVAL,
+};
 pub use self::linking::{DeviceInfo, Joining, LinkedDevice};
 pub use self::outbox::MAX_BODY;
 
@@ -86,12 +89,14 @@ pub(crate) const SEEN_RETENTION_MS: u64 = 31 * 24 * 3600 * 1000;
 #[derive(Clone)]
 pub struct ClientOptions {
     clock: Arc<dyn Clock>,
+    groups: groups::GroupSettings,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
             clock: Arc::new(SystemClock),
+            groups: groups::GroupSettings::default(),
         }
     }
 }
@@ -114,6 +119,22 @@ impl ClientOptions {
         self.clock = clock;
         self
     }
+
+    /// How old this device's leaf in a group may get before it sends an update
+    /// commit renewing its keys (post-compromise security); default
+    /// [`GROUP_UPDATE_INTERVAL`], 7 days.
+    pub fn group_update_interval(mut self, interval: std::time::Duration) -> Self {
+        self.groups.update_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// How long a group commit waits for the delivery token of a member this
+    /// device cannot reach yet (the member's own announcement brings it) before
+    /// that member is removed; default [`GROUP_TOKEN_WAIT`], 7 days.
+    pub fn group_token_wait(mut self, wait: std::time::Duration) -> Self {
+        self.groups.token_wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
 }
 
 pub(crate) struct Shared {
@@ -130,6 +151,8 @@ pub(crate) struct Shared {
     anon: Arc<AnonymousLink>,
     /// This device was removed from its account: the worker stops.
     removed: std::sync::atomic::AtomicBool,
+    /// How groups are kept.
+    group_settings: groups::GroupSettings,
 }
 
 type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
@@ -240,7 +263,7 @@ impl Client {
         conn.set_delivery_token(&token).await?;
         state.token_published(&token)?;
         conn.close().await;
-        Ok(Client::start(state, relay.clone(), clock))
+        Ok(Client::start(state, relay.clone(), clock, options.groups))
     }
 
     /// Opens the device in `store` and starts the client.
@@ -255,10 +278,15 @@ impl Client {
     ) -> Result<(Client, Events)> {
         let state = State::load(store, options.clock.now())?.ok_or(Error::NotRegistered)?;
         let relay: RelayAddress = state.relay().parse()?;
-        Ok(Client::start(state, relay, options.clock))
+        Ok(Client::start(state, relay, options.clock, options.groups))
     }
 
-    fn start(state: State, relay: RelayAddress, clock: Arc<dyn Clock>) -> (Client, Events) {
+    fn start(
+        state: State,
+        relay: RelayAddress,
+        clock: Arc<dyn Clock>,
+        group_settings: groups::GroupSettings,
+    ) -> (Client, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
         let address = state.keys.address;
         let identity_key = state.keys.identity_key;
@@ -283,6 +311,7 @@ impl Client {
             conns: watch::channel(None).0,
             anon: Arc::new(AnonymousLink::new(relay.clone())),
             removed: std::sync::atomic::AtomicBool::new(false),
+            group_settings,
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),

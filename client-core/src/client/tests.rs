@@ -20,6 +20,7 @@ use tern_proto::{Delivery, DeviceBundle};
 mod broadcast;
 mod devices;
 mod group_receive;
+mod group_send;
 mod groups;
 
 const NOW: u64 = 1_800_000_000_000;

@@ -1,0 +1,88 @@
+//! Group metadata edits (name, description, picture): each is an `OP_META` op
+//! carrying only the fields it sets, merged at plan time onto the epoch's
+//! metadata, so edits queued together or committed concurrently by different
+//! members all stand.
+
+use super::group_records::{GroupOpRecord, OP_META};
+use super::groups::GroupId;
+use super::state::State;
+use crate::groups::GroupMeta;
+use crate::media::AttachmentPointer;
+use crate::{Error, Result};
+
+/// One change of a group's metadata, as an op carries it.
+#[derive(Debug, Clone)]
+pub(crate) enum MetaEdit {
+    Name(String),
+    Description(String),
+    Picture(Option<AttachmentPointer>),
+}
+
+/// The bits of `GroupOpRecord::meta_fields`.
+pub(crate) const META_NAME: u32 = 1;
+pub(crate) const META_DESCRIPTION: u32 = 2;
+pub(crate) const META_PICTURE: u32 = 4;
+
+impl MetaEdit {
+    fn apply(self, meta: &mut GroupMeta) -> u32 {
+        match self {
+            MetaEdit::Name(n) => {
+                meta.name = n;
+                META_NAME
+            }
+            MetaEdit::Description(d) => {
+                meta.description = d;
+                META_DESCRIPTION
+            }
+            MetaEdit::Picture(p) => {
+                meta.picture = p.as_ref().map(AttachmentPointer::to_wire);
+                META_PICTURE
+            }
+        }
+    }
+}
+
+/// `current` with the fields `fields` names taken from `op` (all of them when
+/// `fields` is 0): concurrent edits of different fields both stand.
+pub(crate) fn merge_meta(current: &GroupMeta, op: &GroupMeta, fields: u32) -> GroupMeta {
+    if fields == 0 {
+        return op.clone();
+    }
+    let mut out = current.clone();
+    if fields & META_NAME != 0 {
+        out.name = op.name.clone();
+    }
+    if fields & META_DESCRIPTION != 0 {
+        out.description = op.description.clone();
+    }
+    if fields & META_PICTURE != 0 {
+        out.picture = op.picture.clone();
+    }
+    out
+}
+
+impl State {
+    /// Queues a metadata change of `group` (committed like a membership op; every
+    /// member gets `GroupChange::Renamed`).
+    pub(crate) fn edit_group_meta(&mut self, group: &GroupId, edit: MetaEdit) -> Result<()> {
+        let mut meta = self
+            .session_mut(&group.0)?
+            .meta()
+            .map_err(|e| Error::Group(e.to_string()))?;
+        let fields = edit.apply(&mut meta);
+        if meta.check().is_err() {
+            let max = match fields {
+                META_NAME => crate::groups::meta::MAX_NAME,
+                _ => crate::groups::meta::MAX_DESCRIPTION,
+            };
+            return Err(Error::TooLarge { max });
+        }
+        let op = GroupOpRecord {
+            kind: OP_META,
+            meta: meta.encode(),
+            meta_fields: fields,
+            ..GroupOpRecord::default()
+        };
+        self.queue_group_op(group, op)
+    }
+}
