@@ -26,7 +26,9 @@ use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
     OP_REMOVE,
 };
-use super::groups::{accounts, GroupChange, GroupId, GroupMessage, GROUP_ENVELOPE, GROUP_WELCOME};
+use super::groups::{
+    commit_events, GroupChange, GroupId, GroupMessage, GROUP_ENVELOPE, GROUP_WELCOME,
+};
 use super::state::{Outcome, State};
 use super::Event;
 use crate::groups::{GroupError, Member, Processed};
@@ -185,8 +187,9 @@ impl State {
     }
 
     /// The group whose pending commit (this device's) leads to the epoch of `tag`:
-    /// that commit is applied (the relay took it: a member already sends in its
-    /// epoch). Returns its events.
+    /// that commit's MLS side is applied (the relay took it: a member already
+    /// sends in its epoch). Its record stays pending for the relay's answer, which
+    /// still has the per-device refusals to handle. Returns its events.
     fn apply_own_commit_for(&mut self, tag: &[u8; 16]) -> Result<Option<Vec<Event>>> {
         let pending: Vec<Vec<u8>> = self
             .groups
@@ -199,9 +202,21 @@ impl State {
                 .session_mut(&group)?
                 .pending_tag()
                 .map_err(|e| Error::Group(e.to_string()))?;
-            if next.as_ref() == Some(tag) {
-                return Ok(Some(self.commit_accepted(&group)?));
+            if next.as_ref() != Some(tag) {
+                continue;
             }
+            let gid = GroupId::of(&group)?;
+            let staged = self
+                .session_mut(&group)?
+                .apply_pending()
+                .map_err(|e| Error::Group(e.to_string()))?;
+            let mut batch = Batch::new();
+            batch.extend_ops(staged.ops);
+            if let Err(e) = self.commit(batch, false) {
+                self.group_sessions.remove(&group);
+                return Err(e);
+            }
+            return Ok(Some(commit_events(gid, &staged.value)));
         }
         Ok(None)
     }
@@ -366,15 +381,7 @@ impl State {
                 }
                 batch.extend_ops(staged.ops);
                 if applied.removed_self {
-                    batch.extend_ops(
-                        self.group_device()?
-                            .forget(group)
-                            .map_err(|e| Error::Group(e.to_string()))?,
-                    );
-                    batch.delete(Namespace::Groups, group.to_vec());
-                    for seq in self.group_outbox_of(group) {
-                        batch.delete(Namespace::GroupOutbox, seq_key(seq));
-                    }
+                    self.stage_forget_group(group, &mut batch)?;
                     batch.put_local(&local);
                     self.commit(batch, false)?;
                     self.forget_group_cache(group);
@@ -389,24 +396,7 @@ impl State {
                 if record.wait_epoch <= epoch {
                     record.wait_epoch = 0;
                 }
-                if !applied.added.is_empty() {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Added(accounts(&applied.added)),
-                    });
-                }
-                if !applied.removed.is_empty() {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Removed(accounts(&applied.removed)),
-                    });
-                }
-                if let Some(meta) = applied.meta {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Renamed { name: meta.name },
-                    });
-                }
+                events.extend(commit_events(gid, &applied));
             }
         }
         batch.put_local(&local);

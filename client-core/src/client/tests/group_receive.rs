@@ -282,7 +282,9 @@ fn a_message_of_the_epoch_after_our_pending_commit_applies_the_commit_first() {
         "{e:?}"
     );
     assert_eq!(epoch(&mut alice, &group), 2);
-    // The relay's answer comes later: nothing more to do.
+    // The record waits for the relay's answer (its refusals still count).
+    assert!(alice.state.groups[&group.0[..]].pending.is_some());
+    // The relay's answer comes later: the op goes, no second event.
     assert!(alice
         .state
         .commit_accepted(&group.0)
