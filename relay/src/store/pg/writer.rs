@@ -22,10 +22,18 @@ use deadpool_postgres::Pool;
 use tern_proto::{AccountId, DeviceAddress};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use bytes::Bytes;
+use tern_proto::MessageId;
+
+use super::bodies::{kept, BodyRow, INSERT_BODIES};
 use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use super::rows::account_of;
-use crate::store::{Envelope, StoreError, StoreResult, Usage};
+use crate::store::{Envelope, SharedEntry, StoreError, StoreResult, Usage};
+
+mod sql;
+pub(super) use sql::ADD_TOTALS;
+use sql::*;
 
 /// In the error of an op failed before anything of it was written (it waited in the
 /// queue past the deadline).
@@ -50,6 +58,16 @@ pub(super) enum Op {
         seqs: Vec<u64>,
         reply: oneshot::Sender<StoreResult<Usage>>,
     },
+    /// A body stored once (as `id`) and one entry per mailbox pointing at it.
+    AppendShared {
+        id: [u8; 16],
+        message_id: MessageId,
+        body: Bytes,
+        entries: Vec<SharedEntry>,
+        accepted_at: i64,
+        expires_at: i64,
+        reply: oneshot::Sender<StoreResult<Vec<u64>>>,
+    },
 }
 
 impl Op {
@@ -57,6 +75,7 @@ impl Op {
         match self {
             Op::Append { msgs, .. } => msgs.len(),
             Op::Remove { seqs, .. } => seqs.len(),
+            Op::AppendShared { entries, .. } => entries.len() + 1,
         }
     }
 
@@ -64,6 +83,9 @@ impl Op {
         match self {
             Op::Append { msgs, .. } => msgs.iter().map(|m| m.payload.len()).sum(),
             Op::Remove { .. } => 0,
+            Op::AppendShared { body, entries, .. } => {
+                body.len() + entries.iter().map(|e| e.part.len()).sum::<usize>()
+            }
         }
     }
 
@@ -71,6 +93,7 @@ impl Op {
         match self {
             Op::Append { reply, .. } => drop(reply.send(Err(e))),
             Op::Remove { reply, .. } => drop(reply.send(Err(e))),
+            Op::AppendShared { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -157,8 +180,9 @@ pub(super) enum AccountCheck {
 struct Part {
     /// Messages and payload bytes appended.
     appended: (i64, i64),
-    /// Indexes of the batch's appends to it, in queue order.
-    appends: Vec<usize>,
+    /// The batch's appends to it, in queue order: the op's index, and for a shared
+    /// append the index of this mailbox's entry.
+    appends: Vec<(usize, usize)>,
     /// Seqs to remove, each with the index of the first removal naming it.
     removes: BTreeMap<u64, usize>,
 }
@@ -169,7 +193,7 @@ struct Outcome {
     /// Heads after the upsert: last seq, messages, bytes.
     heads: HashMap<DeviceAddress, (i64, i64, i64)>,
     refused: HashSet<DeviceAddress>,
-    /// Deleted (mailbox, seq, payload bytes).
+    /// Deleted (mailbox, seq, the mailbox's bytes: payload, or part and body).
     deleted: Vec<(DeviceAddress, u64, u64)>,
 }
 
@@ -229,7 +253,15 @@ fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
                 let part = parts.entry(*to).or_default();
                 part.appended.0 += msgs.len() as i64;
                 part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
-                part.appends.push(i);
+                part.appends.push((i, 0));
+            }
+            Op::AppendShared { body, entries, .. } => {
+                for (j, e) in entries.iter().enumerate() {
+                    let part = parts.entry(e.to).or_default();
+                    part.appended.0 += 1;
+                    part.appended.1 += (e.part.len() + body.len()) as i64;
+                    part.appends.push((i, j));
+                }
             }
             // An empty removal is a barrier: answered once what was queued before it
             // has committed (batches are answered in order).
@@ -492,18 +524,79 @@ impl Writer {
                 continue;
             };
             let mut seq = last - part.appended.0;
-            for &i in &part.appends {
-                if let Op::Append {
-                    msgs,
-                    accepted_at,
-                    expires_at,
-                    ..
-                } = &ops[i]
-                {
-                    for m in msgs {
-                        seq += 1;
-                        ins.push(to, seq, m, *accepted_at, *expires_at);
+            for &(i, j) in &part.appends {
+                match &ops[i] {
+                    Op::Append {
+                        msgs,
+                        accepted_at,
+                        expires_at,
+                        ..
+                    } => {
+                        for m in msgs {
+                            seq += 1;
+                            ins.push(
+                                to,
+                                Row {
+                                    seq,
+                                    id: &m.message_id,
+                                    payload: &m.payload,
+                                    at: *accepted_at,
+                                    until: *expires_at,
+                                    body: None,
+                                },
+                            );
+                        }
                     }
+                    Op::AppendShared {
+                        id,
+                        message_id,
+                        body,
+                        entries,
+                        accepted_at,
+                        expires_at,
+                        ..
+                    } => {
+                        seq += 1;
+                        if let Some(e) = entries.get(j) {
+                            ins.push(
+                                to,
+                                Row {
+                                    seq,
+                                    id: message_id,
+                                    payload: &e.part,
+                                    at: *accepted_at,
+                                    until: *expires_at,
+                                    body: Some((id, body.len() as i64)),
+                                },
+                            );
+                        }
+                    }
+                    Op::Remove { .. } => {}
+                }
+            }
+        }
+        // Each shared append's body, counted by the entries written; the totals count
+        // it once (the heads' sums counted it per entry).
+        let mut bodies: Vec<BodyRow<'_>> = Vec::new();
+        let mut shared_bytes = 0i64;
+        for op in ops {
+            if let Op::AppendShared {
+                id,
+                body,
+                entries,
+                expires_at,
+                ..
+            } = op
+            {
+                let refs = kept(entries, &refused);
+                if refs > 0 {
+                    shared_bytes -= (refs - 1) * body.len() as i64;
+                    bodies.push(BodyRow {
+                        id,
+                        payload: body,
+                        expires_at: *expires_at,
+                        refs,
+                    });
                 }
             }
         }
@@ -513,11 +606,23 @@ impl Writer {
         // and deletions (only when the batch deletes: the heads' decrements need
         // their answer), then the rest with COMMIT.
         let insert_st = tx.prepare_cached(INSERT_MESSAGES).await?;
+        let bodies_st = tx.prepare_cached(INSERT_BODIES).await?;
         let delete_st = tx.prepare_cached(DELETE_MESSAGES).await?;
         let decrement_st = tx.prepare_cached(DECREMENT_HEADS).await?;
         let totals_st = tx.prepare_cached(ADD_TOTALS).await?;
         let forget_st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
-        let insert = async {
+        let insert_bodies = async {
+            if bodies.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<&[u8]> = bodies.iter().map(|b| b.id).collect();
+            let payloads: Vec<&[u8]> = bodies.iter().map(|b| b.payload).collect();
+            let expires: Vec<i64> = bodies.iter().map(|b| b.expires_at).collect();
+            let refs: Vec<i64> = bodies.iter().map(|b| b.refs).collect();
+            tx.execute(&bodies_st, &[&ids, &payloads, &expires, &refs])
+                .await
+        };
+        let insert_messages = async {
             if ins.accounts.is_empty() {
                 return Ok(0);
             }
@@ -531,9 +636,15 @@ impl Writer {
                     &ins.payloads,
                     &ins.accepted,
                     &ins.expires,
+                    &ins.body_ids,
+                    &ins.body_lens,
                 ],
             )
             .await
+        };
+        let insert = async {
+            let (b, m) = futures::join!(insert_bodies, insert_messages);
+            Ok::<u64, tokio_postgres::Error>(b? + m?)
         };
         // With deletions, the inserts go out beside them; without, beside COMMIT.
         let mut deleted = Vec::new();
@@ -547,9 +658,16 @@ impl Writer {
             let (inserted, deleted_rows) = futures::join!(insert, delete);
             inserted?;
             for row in deleted_rows? {
-                let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
-                let seq: i64 = row.try_get(2)?;
-                let len: i32 = row.try_get(3)?;
+                // A body deleted with its last entry: the relay's bytes lose it.
+                if row.try_get::<_, i32>(0)? == 2 {
+                    shared_bytes -= row.try_get::<_, i64>(3)?;
+                    continue;
+                }
+                let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+                let seq: i64 = row.try_get(3)?;
+                let (len, own): (i64, i64) = (row.try_get(4)?, row.try_get(5)?);
+                // The relay's bytes keep an entry's body (other entries hold it).
+                shared_bytes += len - own;
                 deleted.push((to, seq as u64, len.max(0) as u64));
             }
             None
@@ -577,7 +695,8 @@ impl Writer {
         for to in &refused {
             gone.push(to, 0, 0, 0);
         }
-        let delta = totals_delta(parts, &heads, &less);
+        let mut delta = totals_delta(parts, &heads, &less);
+        delta.bytes += shared_bytes;
         let inserted = async {
             match later {
                 Some(insert) => insert.await,
@@ -702,12 +821,19 @@ impl Writer {
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
         for row in &rows {
-            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+            let kind: i32 = row.try_get(0)?;
             let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-            if row.try_get::<_, i32>(0)? == 0 {
+            // A body deleted with its last entry.
+            if kind == 2 {
+                delta.bytes -= a;
+                continue;
+            }
+            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+            if kind == 0 {
                 out.deleted.push((to, a as u64, b.max(0) as u64));
                 delta.messages -= 1;
-                delta.bytes -= b;
+                // The relay's bytes: the part (the body goes with its last entry).
+                delta.bytes -= row.try_get::<_, i64>(5)?;
             } else {
                 delta.mailboxes -= i64::from(a == 0);
                 // Read again when next needed: a send batch on another lane may
@@ -768,9 +894,35 @@ impl Writer {
                 Op::Remove { reply, .. } => {
                     let _ = reply.send(Ok(freed.get(&i).copied().unwrap_or_default()));
                 }
+                Op::AppendShared { entries, reply, .. } => {
+                    let _ = reply.send(shared_seqs(&entries, &out.refused, &mut next));
+                }
             }
         }
     }
+}
+
+/// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
+/// a refused mailbox (an account being deleted) was not written: its seq is still
+/// given, as for an entry its account's purge then deleted; all refused is
+/// [`StoreError::Deleted`].
+fn shared_seqs(
+    entries: &[SharedEntry],
+    refused: &HashSet<DeviceAddress>,
+    next: &mut HashMap<DeviceAddress, i64>,
+) -> StoreResult<Vec<u64>> {
+    if entries.iter().all(|e| refused.contains(&e.to)) {
+        return Err(StoreError::Deleted);
+    }
+    let mut seqs = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Some(base) = next.get_mut(&e.to) else {
+            return Err(StoreError::Backend("mailbox head missing".into()));
+        };
+        *base += 1;
+        seqs.push(*base as u64);
+    }
+    Ok(seqs)
 }
 
 /// How the totals change: messages and bytes, and mailboxes that became non-empty
@@ -816,120 +968,3 @@ fn removal_cols(parts: &BTreeMap<DeviceAddress, Part>) -> HeadCols<'_> {
     }
     del
 }
-
-/// Per-mailbox columns for `unnest`.
-#[derive(Default)]
-struct HeadCols<'a> {
-    accounts: Vec<&'a [u8]>,
-    devices: Vec<i64>,
-    a: Vec<i64>,
-    b: Vec<i64>,
-    c: Vec<i64>,
-}
-
-impl<'a> HeadCols<'a> {
-    fn push(&mut self, to: &'a DeviceAddress, a: i64, b: i64, c: i64) {
-        self.accounts.push(to.account.as_bytes().as_slice());
-        self.devices.push(i64::from(to.device.get()));
-        self.a.push(a);
-        self.b.push(b);
-        self.c.push(c);
-    }
-}
-
-#[derive(Default)]
-struct InsertCols<'a> {
-    accounts: Vec<&'a [u8]>,
-    devices: Vec<i64>,
-    seqs: Vec<i64>,
-    ids: Vec<&'a [u8]>,
-    payloads: Vec<&'a [u8]>,
-    accepted: Vec<i64>,
-    expires: Vec<i64>,
-}
-
-impl<'a> InsertCols<'a> {
-    fn push(&mut self, to: &'a DeviceAddress, seq: i64, m: &'a Envelope, at: i64, until: i64) {
-        self.accounts.push(to.account.as_bytes().as_slice());
-        self.devices.push(i64::from(to.device.get()));
-        self.seqs.push(seq);
-        self.ids.push(m.message_id.0.as_slice());
-        self.payloads.push(&m.payload);
-        self.accepted.push(at);
-        self.expires.push(until);
-    }
-}
-
-// The rows come sorted by (account, device), so the locks are taken in that order.
-const UPSERT_HEADS: &str =
-    "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
-     ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
-       messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
-     RETURNING account, device, last_seq, messages, bytes";
-
-/// (The devices, `$2`, are not needed here; the condition on them only gives both
-/// checks the same parameters.)
-const INTENTS: &str = "SELECT account, NULL::int8 FROM account_deletions \
-     WHERE account = ANY($1::bytea[]) AND cardinality($2::int8[]) >= 0";
-
-/// Also a mailbox whose device row is gone (a removed device: its removal deletes the
-/// row before it purges the mailbox, so a send that resolved it earlier leaves nothing).
-const INTENTS_OR_NO_ROW: &str = "SELECT t.a, t.dv FROM unnest($1::bytea[], $2::int8[]) t(a, dv) \
-     WHERE EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = t.a) \
-       OR NOT EXISTS (SELECT 1 FROM accounts c WHERE c.account = t.a) \
-       OR NOT EXISTS (SELECT 1 FROM devices v WHERE v.account = t.a AND v.device = t.dv)";
-
-const INSERT_MESSAGES: &str = "INSERT INTO messages \
-     (account, device, seq, message_id, payload, accepted_at, expires_at) \
-     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], \
-       $6::int8[], $7::int8[])";
-
-const DELETE_MESSAGES: &str = "DELETE FROM messages m \
-     USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
-     WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
-     RETURNING m.account, m.device, m.seq, octet_length(m.payload)";
-
-const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
-     SET messages = h.messages - d.m, bytes = h.bytes - d.b \
-     FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) d(a, dv, m, b) \
-     WHERE h.account = d.a AND h.device = d.dv";
-
-// The heads of a batch of removals, locked in (account, device) order.
-const LOCK_HEADS: &str = "SELECT 1 FROM mailbox_heads h \
-     JOIN unnest($1::bytea[], $2::int8[]) d(a, dv) ON h.account = d.a AND h.device = d.dv \
-     ORDER BY h.account, h.device FOR UPDATE OF h";
-
-// After LOCK_HEADS: the rows, then their heads' counts (a head exists while its
-// mailbox has rows, so the insert never adds one), then the totals slot. Rows of kind
-// 0 are the deleted messages (seq, payload bytes), of kind 1 the heads after
-// (messages, bytes).
-const REMOVE: &str = "WITH del AS (DELETE FROM messages m \
-       USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
-       WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
-       RETURNING m.account, m.device, m.seq, octet_length(m.payload)::int8 AS n), \
-     per AS (SELECT account, device, count(*)::int8 AS c, sum(n)::int8 AS b \
-       FROM del GROUP BY account, device), \
-     dec AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-       SELECT account, device, 0, -c, -b FROM per ORDER BY account, device \
-       ON CONFLICT (account, device) DO UPDATE \
-       SET messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
-       RETURNING h.account, h.device, h.messages, h.bytes), \
-     tot AS (UPDATE mailbox_totals t SET messages = t.messages - s.c, \
-       bytes = t.bytes - s.b, mailboxes = t.mailboxes - s.e \
-       FROM (SELECT coalesce(sum(per.c), 0)::int8 AS c, coalesce(sum(per.b), 0)::int8 AS b, \
-         count(*) FILTER (WHERE dec.messages = 0)::int8 AS e \
-         FROM dec JOIN per USING (account, device)) s \
-       WHERE t.slot = $4 AND s.c > 0) \
-     SELECT 0, account, device, seq, n FROM del \
-     UNION ALL SELECT 1, account, device, messages, bytes FROM dec";
-
-const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
-     USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
-     WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0";
-
-/// Rows of `mailbox_totals` (V2 creates 0..64).
-const TOTAL_SLOTS: i32 = 64;
-
-pub(super) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
-     bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
