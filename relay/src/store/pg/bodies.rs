@@ -18,12 +18,13 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use tern_proto::DeviceAddress;
+use tern_proto::{DeviceAddress, MessageId};
 use tokio::sync::oneshot;
 
+use super::mailboxes::from_db;
 use super::writer::Op;
 use super::PgBackend;
-use crate::store::{SharedAppend, SharedEntry, StoreResult};
+use crate::store::{SharedAppend, SharedEntry, StoreError, StoreResult, StoredMessage};
 
 /// A fresh body id: 16 random bytes (no sequence, which Citus and its peers lack).
 pub(super) fn new_id() -> [u8; 16] {
@@ -90,6 +91,55 @@ impl PgBackend {
             reply,
         })?;
         Ok(rx)
+    }
+
+    /// Up to `max` messages of the mailbox after seq `after`, entries with their bodies.
+    pub(super) fn read_page(
+        &self,
+        (account, device): (&[u8], i64),
+        after: i64,
+        max: i64,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let rows = self.run(self.rows(
+            "SELECT seq, message_id, payload, accepted_at, expires_at, body_id FROM messages \
+             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+            &[&account, &device, &after, &max],
+        ))?;
+        // The page's bodies in one more statement (a join would not run on Citus,
+        // where bodies are not co-located with the mailbox).
+        let mut ids: Vec<Vec<u8>> = Vec::new();
+        for r in &rows {
+            if let Some(id) = self.col::<Option<Vec<u8>>>(r, 5)? {
+                ids.push(id);
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        let bodies = self.bodies(&ids)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let shared_body = match self.col::<Option<Vec<u8>>>(r, 5)? {
+                None => None,
+                // Deleted since the page was read (the entry went with it): skipped.
+                Some(id) => match bodies.get(&id) {
+                    Some(b) => Some(b.clone()),
+                    None => continue,
+                },
+            };
+            let id: &[u8] = self.col(r, 1)?;
+            out.push(StoredMessage {
+                seq: self.col::<i64>(r, 0)? as u64,
+                message_id: MessageId(
+                    id.try_into()
+                        .map_err(|_| StoreError::Corrupt("message id"))?,
+                ),
+                payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
+                accepted_at: from_db(self.col(r, 3)?),
+                expires_at: from_db(self.col(r, 4)?),
+                shared_body,
+            });
+        }
+        Ok(out)
     }
 
     /// The bodies of `ids` that exist, by id.

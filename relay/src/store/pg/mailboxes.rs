@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tern_platform::clock::UnixMillis;
-use tern_proto::{DeviceAddress, MessageId};
+use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, oneshot};
 
 use super::bodies::{deleted_cols, deleted_counts, release};
@@ -240,7 +239,7 @@ pub(super) fn to_db(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-fn from_db(t: i64) -> u64 {
+pub(super) fn from_db(t: i64) -> u64 {
     if t == i64::MAX {
         u64::MAX
     } else {
@@ -527,47 +526,7 @@ impl MailboxStore for PgBackend {
         let Some(after) = cursor(after) else {
             return Ok(Vec::new());
         };
-        let (account, device) = key(of);
-        let rows = self.run(self.rows(
-            "SELECT seq, message_id, payload, accepted_at, expires_at, body_id FROM messages \
-             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-            &[&account, &device, &after, &limit(max)],
-        ))?;
-        // The page's bodies in one more statement (a join would not run on Citus,
-        // where bodies are not co-located with the mailbox).
-        let mut ids: Vec<Vec<u8>> = Vec::new();
-        for r in &rows {
-            if let Some(id) = self.col::<Option<Vec<u8>>>(r, 5)? {
-                ids.push(id);
-            }
-        }
-        ids.sort();
-        ids.dedup();
-        let bodies = self.bodies(&ids)?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let shared_body = match self.col::<Option<Vec<u8>>>(r, 5)? {
-                None => None,
-                // Deleted since the page was read (the entry went with it): skipped.
-                Some(id) => match bodies.get(&id) {
-                    Some(b) => Some(b.clone()),
-                    None => continue,
-                },
-            };
-            let id: &[u8] = self.col(r, 1)?;
-            out.push(StoredMessage {
-                seq: self.col::<i64>(r, 0)? as u64,
-                message_id: MessageId(
-                    id.try_into()
-                        .map_err(|_| StoreError::Corrupt("message id"))?,
-                ),
-                payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
-                accepted_at: from_db(self.col(r, 3)?),
-                expires_at: from_db(self.col(r, 4)?),
-                shared_body,
-            });
-        }
-        Ok(out)
+        self.read_page(key(of), after, limit(max))
     }
 
     fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {

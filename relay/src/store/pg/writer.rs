@@ -25,13 +25,19 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use bytes::Bytes;
 use tern_proto::MessageId;
 
-use super::bodies::{kept, BodyRow, INSERT_BODIES};
+use super::bodies::INSERT_BODIES;
 use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use super::rows::account_of;
 use crate::store::{Envelope, SharedEntry, StoreError, StoreResult, Usage};
 
+mod acks;
+mod answer;
+mod inserts;
 mod sql;
+use acks::Barrier;
+use answer::totals_delta;
+use inserts::inserts;
 pub(super) use sql::ADD_TOTALS;
 use sql::*;
 
@@ -124,41 +130,6 @@ pub(super) struct Writer {
     /// Makes those commits durable before their callers hear (`None`: commits are
     /// not durable at once anyway, under `durability = "os"`).
     pub(super) barrier: Option<Barrier>,
-}
-
-/// A durability barrier shared by every caller waiting at the time: one transaction
-/// that commits synchronously. It writes a record to the WAL (a transactional logical
-/// message, which takes no lock; a transaction that only takes an id would commit
-/// without waiting), so its commit waits for the flush and for a synchronous standby.
-/// The WAL is flushed in order, so it makes durable every commit that returned
-/// before it began.
-#[derive(Default)]
-pub(super) struct Barrier {
-    /// One barrier at a time.
-    turn: tokio::sync::Mutex<()>,
-    /// Barriers begun.
-    begun: AtomicU64,
-    /// The last barrier that completed.
-    done: AtomicU64,
-}
-
-impl Barrier {
-    /// Returns once a barrier begun after this call has committed.
-    async fn after(&self, pool: &Pool, hosts: &str) -> Result<(), Failure> {
-        let need = self.begun.load(Ordering::SeqCst) + 1;
-        let _turn = self.turn.lock().await;
-        if self.done.load(Ordering::SeqCst) >= need {
-            return Ok(());
-        }
-        let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let open = Open::from(pool, hosts).await?;
-        open.client()?
-            .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
-            .await?;
-        open.committed();
-        self.done.store(no, Ordering::SeqCst);
-        Ok(())
-    }
 }
 
 /// Which appends a batch refuses, checked after the head locks (a purge locks the
@@ -518,88 +489,7 @@ impl Writer {
         } = locked;
         let tx = open.client()?;
         // 3. The inserts and the deletions, pipelined.
-        let mut ins = InsertCols::default();
-        for (to, part) in parts.iter().filter(|(to, _)| !refused.contains(*to)) {
-            let Some(&(last, _, _)) = heads.get(to) else {
-                continue;
-            };
-            let mut seq = last - part.appended.0;
-            for &(i, j) in &part.appends {
-                match &ops[i] {
-                    Op::Append {
-                        msgs,
-                        accepted_at,
-                        expires_at,
-                        ..
-                    } => {
-                        for m in msgs {
-                            seq += 1;
-                            ins.push(
-                                to,
-                                Row {
-                                    seq,
-                                    id: &m.message_id,
-                                    payload: &m.payload,
-                                    at: *accepted_at,
-                                    until: *expires_at,
-                                    body: None,
-                                },
-                            );
-                        }
-                    }
-                    Op::AppendShared {
-                        id,
-                        message_id,
-                        body,
-                        entries,
-                        accepted_at,
-                        expires_at,
-                        ..
-                    } => {
-                        seq += 1;
-                        if let Some(e) = entries.get(j) {
-                            ins.push(
-                                to,
-                                Row {
-                                    seq,
-                                    id: message_id,
-                                    payload: &e.part,
-                                    at: *accepted_at,
-                                    until: *expires_at,
-                                    body: Some((id, body.len() as i64)),
-                                },
-                            );
-                        }
-                    }
-                    Op::Remove { .. } => {}
-                }
-            }
-        }
-        // Each shared append's body, counted by the entries written; the totals count
-        // it once (the heads' sums counted it per entry).
-        let mut bodies: Vec<BodyRow<'_>> = Vec::new();
-        let mut shared_bytes = 0i64;
-        for op in ops {
-            if let Op::AppendShared {
-                id,
-                body,
-                entries,
-                expires_at,
-                ..
-            } = op
-            {
-                let refs = kept(entries, &refused);
-                if refs > 0 {
-                    shared_bytes -= (refs - 1) * body.len() as i64;
-                    bodies.push(BodyRow {
-                        id,
-                        payload: body,
-                        expires_at: *expires_at,
-                        refs,
-                    });
-                }
-            }
-        }
+        let (ins, bodies, mut shared_bytes) = inserts(ops, parts, &heads, &refused);
         let del = removal_cols(parts);
         // Prepared first (once per connection), so that each statement below goes out
         // when first polled, in the order written: the round trips are the inserts
@@ -773,178 +663,6 @@ impl Writer {
             deleted,
         })
     }
-
-    /// A batch of removals (acks): one round trip, a transaction that locks their
-    /// heads in (account, device) order, then deletes the rows, updates the heads and
-    /// the totals slot in one statement, and commits without waiting for the flush, so
-    /// the heads are free at once; then a [`Barrier`] before the callers hear.
-    async fn remove(
-        &self,
-        parts: &BTreeMap<DeviceAddress, Part>,
-        totals_slot: i32,
-    ) -> Result<Outcome, Failure> {
-        let del = removal_cols(parts);
-        if del.accounts.is_empty() {
-            return Ok(Outcome::default());
-        }
-        let mut heads = HeadCols::default();
-        for to in parts
-            .iter()
-            .filter(|(_, p)| !p.removes.is_empty())
-            .map(|(to, _)| to)
-        {
-            heads.push(to, 0, 0, 0);
-        }
-        let open = Open::from(&self.lazy, &self.hosts).await?;
-        let tx = open.client()?;
-        let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
-        let remove_st = tx.prepare_cached(REMOVE).await?;
-        // One round trip: the heads first, in (account, device) order, as every
-        // mailbox transaction takes them; then the rows.
-        let (began, locked, removed, committed) = futures::join!(
-            tx.batch_execute("BEGIN"),
-            async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
-            async {
-                tx.query(
-                    &remove_st,
-                    &[&del.accounts, &del.devices, &del.a, &totals_slot],
-                )
-                .await
-            },
-            tx.batch_execute("COMMIT"),
-        );
-        began?;
-        locked?;
-        let rows = removed?;
-        committed?;
-        open.committed();
-        let mut out = Outcome::default();
-        let mut delta = TotalsDelta::default();
-        for row in &rows {
-            let kind: i32 = row.try_get(0)?;
-            let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-            // A body deleted with its last entry.
-            if kind == 2 {
-                delta.bytes -= a;
-                continue;
-            }
-            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
-            if kind == 0 {
-                out.deleted.push((to, a as u64, b.max(0) as u64));
-                delta.messages -= 1;
-                // The relay's bytes: the part (the body goes with its last entry).
-                delta.bytes -= row.try_get::<_, i64>(5)?;
-            } else {
-                delta.mailboxes -= i64::from(a == 0);
-                // Read again when next needed: a send batch on another lane may
-                // have set a newer value meanwhile.
-                self.usage.forget(&to);
-            }
-        }
-        // Committed (visible to every node, the heads free again): counted now, even
-        // should the barrier fail.
-        self.totals.apply(delta);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rows
-            .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
-        // Durable before answered.
-        if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts).await?;
-        }
-        Ok(out)
-    }
-
-    /// Hands each caller its part of a committed batch.
-    fn answer(&self, ops: Vec<Op>, parts: &BTreeMap<DeviceAddress, Part>, out: Outcome) {
-        let mut freed: HashMap<usize, Usage> = HashMap::new();
-        for (to, seq, len) in &out.deleted {
-            if let Some(&i) = parts.get(to).and_then(|p| p.removes.get(seq)) {
-                let u = freed.entry(i).or_default();
-                u.messages += 1;
-                u.bytes += len;
-            }
-        }
-        // Seqs per mailbox in queue order, as the insert numbered them.
-        let mut next: HashMap<DeviceAddress, i64> = parts
-            .iter()
-            .filter_map(|(to, p)| {
-                let &(last, _, _) = out.heads.get(to)?;
-                Some((*to, last - p.appended.0))
-            })
-            .collect();
-        for (i, op) in ops.into_iter().enumerate() {
-            match op {
-                Op::Append {
-                    to, msgs, reply, ..
-                } => {
-                    let result = if out.refused.contains(&to) {
-                        Err(StoreError::Deleted)
-                    } else if let Some(base) = next.get_mut(&to) {
-                        let seqs = (1..=msgs.len() as i64)
-                            .map(|k| (*base + k) as u64)
-                            .collect();
-                        *base += msgs.len() as i64;
-                        Ok(seqs)
-                    } else {
-                        Err(StoreError::Backend("mailbox head missing".into()))
-                    };
-                    let _ = reply.send(result);
-                }
-                Op::Remove { reply, .. } => {
-                    let _ = reply.send(Ok(freed.get(&i).copied().unwrap_or_default()));
-                }
-                Op::AppendShared { entries, reply, .. } => {
-                    let _ = reply.send(shared_seqs(&entries, &out.refused, &mut next));
-                }
-            }
-        }
-    }
-}
-
-/// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
-/// a refused mailbox (an account being deleted) was not written: its seq is still
-/// given, as for an entry its account's purge then deleted; all refused is
-/// [`StoreError::Deleted`].
-fn shared_seqs(
-    entries: &[SharedEntry],
-    refused: &HashSet<DeviceAddress>,
-    next: &mut HashMap<DeviceAddress, i64>,
-) -> StoreResult<Vec<u64>> {
-    if entries.iter().all(|e| refused.contains(&e.to)) {
-        return Err(StoreError::Deleted);
-    }
-    let mut seqs = Vec::with_capacity(entries.len());
-    for e in entries {
-        let Some(base) = next.get_mut(&e.to) else {
-            return Err(StoreError::Backend("mailbox head missing".into()));
-        };
-        *base += 1;
-        seqs.push(*base as u64);
-    }
-    Ok(seqs)
-}
-
-/// How the totals change: messages and bytes, and mailboxes that became non-empty
-/// less those that emptied.
-fn totals_delta(
-    parts: &BTreeMap<DeviceAddress, Part>,
-    heads: &HashMap<DeviceAddress, (i64, i64, i64)>,
-    less: &BTreeMap<DeviceAddress, (i64, i64)>,
-) -> TotalsDelta {
-    let mut delta = TotalsDelta::default();
-    for (to, part) in parts {
-        let Some(&(_, messages, _)) = heads.get(to) else {
-            continue;
-        };
-        let (gone_m, gone_b) = less.get(to).copied().unwrap_or_default();
-        let before = messages - part.appended.0;
-        let after = messages - gone_m;
-        delta.messages += part.appended.0 - gone_m;
-        delta.bytes += part.appended.1 - gone_b;
-        delta.mailboxes += i64::from(after > 0) - i64::from(before > 0);
-    }
-    delta
 }
 
 enum Failure {
