@@ -337,7 +337,8 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     }
     copied.push(("mailboxes", mailboxes.len() as u64));
     copied.push(("messages", messages));
-    copied.push(("shared bodies", bodies.ids.len() as u64));
+    let shared = bodies.ids.len() as u64;
+    copied.push(("shared bodies", shared));
     drop(bodies.ids);
 
     // MLS key packages (per device: the pool in order, the last-resort one) and
@@ -379,6 +380,7 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
         ("uploads", uploads.len() as u64),
         ("mailbox_heads", heads.len() as u64),
         ("messages", messages),
+        ("shared_bodies", shared),
         ("key_packages", pool),
         ("last_resort_key_packages", last_resort),
         ("group_epochs", groups),
