@@ -153,3 +153,34 @@ fn an_account_being_deleted_gets_no_entry() {
     assert!(matches!(refused, Err(StoreError::Deleted)), "{refused:?}");
     assert_eq!(rows(&a), (1, 1, 1));
 }
+
+#[test]
+fn concurrent_acks_on_two_nodes_release_a_body_exactly_once() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    let to: Vec<_> = (1..=40).map(|d| addr(46, d)).collect();
+    for round in 0..3u8 {
+        let body = Bytes::from(vec![round; 2_000]);
+        let es = entries(&to);
+        let seqs = a.append_shared(&append(&body, &es, 9_000)).expect("append");
+        assert_eq!(rows(&a), (1, 40, 40));
+        // Each node acks half the entries, one at a time, while the other does:
+        // every release takes the body's row lock, so the count ends at 0 once.
+        std::thread::scope(|s| {
+            for (n, half) in [(&a, 0..20), (&b, 20..40)] {
+                let (to, seqs) = (&to, &seqs);
+                s.spawn(move || {
+                    for i in half {
+                        assert_eq!(n.remove(&to[i], &[seqs[i]]).expect("ack").messages, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(rows(&a), (0, 0, 0), "round {round}");
+    }
+    let slots = count(
+        &a,
+        "SELECT coalesce(sum(bytes), 0)::int8 FROM mailbox_totals",
+    );
+    assert_eq!(slots, 0, "the totals lost each body once");
+}
