@@ -138,7 +138,7 @@ impl Groups {
     /// flush) and waits until they are durable. A send refused whole once an
     /// earlier one stored something (the relay's budget, a store failure) is
     /// answered as refused for each of its recipients: the epoch moves with the
-    /// stored commit, and the committer sends that one again.
+    /// stored commit, and the committer sends that one again (always `UNAVAILABLE`).
     async fn append(
         &self,
         services: &Services,
@@ -153,7 +153,7 @@ impl Groups {
                     stored |= a.accepted() > 0;
                     appended.push(Ok(a));
                 }
-                Err(e) if stored => appended.push(Err(refused_whole(send, e.code()))),
+                Err(_) if stored => appended.push(Err(refused_whole(send))),
                 Err(e) => return Err(e),
             }
         }
@@ -189,8 +189,12 @@ fn check(state: Option<&GroupState>, commit: &GroupCommit) -> Result<Option<u64>
     Ok(None)
 }
 
-/// `send` refused for every device of every recipient with `code`.
-fn refused_whole(send: &MultiSend, code: ErrorCode) -> MultiSendResult {
+/// `send` refused for every device of every recipient, always `UNAVAILABLE`: the
+/// committer sends it again later. The error's own code could say more (INTERNAL,
+/// or UNAUTHORIZED for an account deleted under the store), but a client reads a
+/// per-account UNAUTHORIZED as its token refused and other codes as permanent.
+fn refused_whole(send: &MultiSend) -> MultiSendResult {
+    let code = ErrorCode::Unavailable;
     let refused = (0..send.recipients.len())
         .map(|i| Refused {
             recipient: u32::try_from(i).unwrap_or(u32::MAX),

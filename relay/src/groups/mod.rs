@@ -26,6 +26,8 @@ mod key_packages;
 mod pg_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_refusals;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
