@@ -12,7 +12,9 @@
 //! 4. the current epoch with a token whose SHA-256 is not the stored hash:
 //!    `UNKNOWN_GROUP` (a removed member learns no more than a stranger).
 //!
-//! Only then does it take its handle's lock (this node's, then the store's, which
+//! Only then does it take its handle's lock (this node's, then one of the store's
+//! lock slots, at most a quarter of the PostgreSQL pool per node, waited for at
+//! most [`super::LOCK_SLOT_WAIT`], else `UNAVAILABLE`; then the store's, which
 //! on PostgreSQL is the handle's row, locked on the one connection the commit
 //! uses), read the state again under it and check it again, append the sends,
 //! make them durable, and only then move the epoch on (and make it durable) with
@@ -88,6 +90,8 @@ impl Groups {
             return Ok((retried, Vec::new()));
         }
         let _local = self.locks.lock(*handle).await;
+        // Before the store's lock takes its connection: a bounded share of the pool.
+        let _slot = self.lock_slot().await?;
         let lock = self.groups.lock_group(handle)?.ok_or(Error::UnknownGroup)?;
         let state = *lock.state();
         // Read again under the lock: another commit may have moved it meanwhile.
@@ -110,6 +114,20 @@ impl Groups {
         }
         self.commit.commit().await?;
         Ok((next_epoch, results))
+    }
+
+    /// One of the store's lock slots, waited for at most [`super::LOCK_SLOT_WAIT`];
+    /// `None` for a store whose lock holds nothing.
+    async fn lock_slot(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>> {
+        let Some(slots) = &self.lock_slots else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(super::LOCK_SLOT_WAIT, slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(Error::Store(StoreError::Unavailable(
+                "too many group commits hold a lock on this node".into(),
+            ))),
+        }
     }
 
     /// After a compare-and-set that failed: a handle the sweeper deleted while the

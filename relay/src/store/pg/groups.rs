@@ -110,6 +110,11 @@ impl GroupStore for PgBackend {
         ))
     }
 
+    fn lock_slots(&self) -> Option<usize> {
+        // A quarter of the pool: the rest serves the appends the locks wait on.
+        Some((self.pool.status().max_size / 4).max(1))
+    }
+
     fn count_groups(&self) -> StoreResult<u64> {
         let rows = self.run(self.rows("SELECT count(*) FROM group_epochs", &[]))?;
         let n: i64 = col(rows.first().ok_or(StoreError::Corrupt("no count"))?, 0)?;
