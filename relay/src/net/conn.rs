@@ -244,7 +244,22 @@ impl Session {
                 if decoder.max() != limit {
                     decoder = frame::Decoder::new(limit);
                 }
+                // Let past the smaller limit by its first bytes: it must decode as
+                // what they promised (a later field can replace a oneof's body).
+                let raised = limit > self.frame_limit();
+                let len = buf
+                    .first_chunk::<4>()
+                    .map_or(0, |h| u32::from_be_bytes(*h) as usize);
                 match decoder.decode_request(&mut buf) {
+                    Ok(Some(decoded)) if raised && !standing::fits_group_frame(&decoded) => {
+                        let e = Error::TooLarge {
+                            what: "frame",
+                            size: len,
+                            max: self.frame_limit(),
+                        };
+                        self.reply(0, Err(e)).await;
+                        return End::Protocol;
+                    }
                     Ok(Some(Ok(request))) => {
                         self.handle(request).await;
                         if let Some(end) = self.ending.take() {
