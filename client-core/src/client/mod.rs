@@ -34,6 +34,7 @@ mod group_commit;
 mod group_inbox;
 mod group_meta;
 mod group_records;
+mod group_retry;
 mod group_send;
 mod groups;
 mod inbox;
