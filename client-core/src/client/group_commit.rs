@@ -14,8 +14,7 @@ use super::group_records::{
     OP_REMOVE,
 };
 use super::group_retry::{
-    device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord,
-    Verdict,
+    device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
 };
 use super::groups::{commit_events, GroupId};
 use super::state::{corrupt, State};
@@ -85,10 +84,10 @@ pub(crate) fn dedup_ops(ops: &mut Vec<GroupOpRecord>) -> bool {
     for op in ops.drain(..) {
         let repeated = op.kind != OP_META
             && kept.iter().rposition(|k| *k == op).is_some_and(|i| {
-            !kept[i + 1..]
-                .iter()
-                .any(|k| k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a)))
-        });
+                !kept[i + 1..].iter().any(|k| {
+                    k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a))
+                })
+            });
         if !repeated {
             kept.push(op);
         }
@@ -508,7 +507,17 @@ impl State {
     /// [`State::commit_answered`] with no refusals.
     #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
-        self.commit_answered(group, &[], 0)
+        let sends = match self.groups.get(group).and_then(|r| r.pending.as_ref()) {
+            Some(p) => {
+                let wire = v1::GroupCommitRequest::decode(&p.request[..]).map_err(|_| corrupt())?;
+                GroupCommit::try_from(wire)
+                    .map_err(|_| corrupt())?
+                    .sends
+                    .len()
+            }
+            None => 0,
+        };
+        self.commit_answered(group, &vec![MultiSendResult::default(); sends], 0)
     }
 
     /// The relay took `group`'s pending commit (its answer per send in
@@ -567,7 +576,11 @@ impl State {
                     add_devices(&mut again, &to.account, &to.devices);
                 }
             }
-            for f in results.get(i).filter(|_| !lost).map_or(&[][..], |r| &r.refused) {
+            for f in results
+                .get(i)
+                .filter(|_| !lost)
+                .map_or(&[][..], |r| &r.refused)
+            {
                 let Some(to) = send.recipients.get(f.recipient as usize) else {
                     continue;
                 };
