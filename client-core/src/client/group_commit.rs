@@ -306,7 +306,9 @@ impl State {
                 record.leaf_updated_ms = now_ms.max(1);
             }
             if record.leaf_due_ms == 0 {
-                record.leaf_due_ms = record.leaf_updated_ms + jitter(interval_ms, rng);
+                record.leaf_due_ms = record
+                    .leaf_updated_ms
+                    .saturating_add(jitter(interval_ms, rng));
             }
             let mut due = now_ms >= record.leaf_due_ms;
             if record.announced_token.is_empty() {
@@ -319,7 +321,7 @@ impl State {
                 // The interval restarts now, so an update that comes to nothing
                 // (nobody else in the group) is not queued again at once.
                 record.leaf_updated_ms = now_ms.max(1);
-                record.leaf_due_ms = now_ms.max(1) + jitter(interval_ms, rng);
+                record.leaf_due_ms = now_ms.max(1).saturating_add(jitter(interval_ms, rng));
                 record.ops.push(GroupOpRecord {
                     kind: OP_UPDATE,
                     ..GroupOpRecord::default()
@@ -566,6 +568,13 @@ impl State {
             }
             None => Vec::new(),
         };
+        // Refused tokens of members gone are of no more use.
+        let members = self.session_mut(group)?.members();
+        record.refused_tokens.retain(|t| {
+            members
+                .iter()
+                .any(|m| m.account.as_bytes()[..] == t.account[..])
+        });
         let own = self.keys.address.account;
         let lost = results.len() != sends.len();
         let mut resends = Vec::new();

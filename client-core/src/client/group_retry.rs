@@ -135,7 +135,9 @@ impl State {
         keep.retain(|r| !r.devices.is_empty());
         let mut given_up = None;
         let mut batch = Batch::new();
-        if let Some(mut record) = self.groups.get(&out.group_id).cloned() {
+        let mut sync = false;
+        if let Some(old) = self.groups.get(&out.group_id).cloned() {
+            let mut record = old.clone();
             for (account, token) in &refused_tokens {
                 refuse_token(&mut record, account, token);
             }
@@ -175,8 +177,11 @@ impl State {
                 });
             }
             dedup_ops(&mut record.ops);
-            let id = out.group_id.clone();
-            self.put_group(&id, record, &mut batch);
+            if record != old {
+                let id = out.group_id.clone();
+                self.put_group(&id, record, &mut batch);
+                sync = true;
+            }
         }
         if keep.is_empty() {
             batch.delete(Namespace::GroupOutbox, seq_key(seq));
@@ -186,7 +191,7 @@ impl State {
             batch.put(Namespace::GroupOutbox, seq_key(seq), &out);
             self.group_outbox.insert(seq, out);
         }
-        self.commit(batch, true)?;
+        self.commit(batch, sync)?;
         Ok(given_up)
     }
 

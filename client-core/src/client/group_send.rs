@@ -331,7 +331,7 @@ fn settle(
             shared.emit(Event::SendFailed {
                 message_id,
                 to,
-                reason: "the recipient's mailbox stayed full".into(),
+                reason: "refused by the relay for 30 days (a full mailbox)".into(),
             });
         }
     }

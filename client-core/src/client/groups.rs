@@ -59,10 +59,11 @@ impl GroupId {
 /// [`ClientOptions`](super::ClientOptions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GroupSettings {
-    /// A leaf older than this is renewed by an update commit.
+    /// A leaf renewed this long ago (× U(1, 1.5), drawn per renewal) is renewed
+    /// by an update commit.
     pub(crate) update_interval_ms: u64,
-    /// How long a commit waits for a member's delivery token before removing
-    /// the member it cannot reach.
+    /// How long a commit waits for a member's delivery token (timed per account)
+    /// before removing the member it cannot reach.
     pub(crate) token_wait_ms: u64,
 }
 
