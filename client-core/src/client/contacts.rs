@@ -154,8 +154,8 @@ impl State {
                 identity_key,
                 &h.message_id,
                 &h.content,
-                // A held broadcast's shared body is not kept: it is dropped.
-                None,
+                // A held broadcast opens with the shared body it came with.
+                (!h.shared_body.is_empty()).then_some(&h.shared_body[..]),
                 now_ms,
                 rng,
                 &mut delete,

@@ -130,6 +130,17 @@ pub enum Event {
         /// The group's name.
         name: String,
     },
+    /// A leaf of a group names `account` under an identity key other than the one
+    /// pinned for it (this account's own, the contact's, or the first one this
+    /// group showed for it). A commit adding such a leaf is refused (this device
+    /// then no longer follows the group until it is added again); a message from
+    /// such a leaf is dropped. Never shown as `account`'s.
+    GroupIdentityMismatch {
+        /// The group.
+        group: GroupId,
+        /// The account the leaf claims.
+        account: AccountId,
+    },
     /// A group's membership or metadata changed, or this device left it or was
     /// removed from it.
     GroupChanged {

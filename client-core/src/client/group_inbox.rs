@@ -3,36 +3,66 @@
 //! and stored with the MLS state it advanced in one batch; a `0x03` body is a
 //! welcome, joined after its members' identity keys are checked against the
 //! pinned ones.
+//!
+//! What is checked on receive:
+//! - Every leaf's identity key against the key pinned for its account: this
+//!   account's own, a contact's, or the first one this group showed (kept in
+//!   [`GroupRecord::pins`]). A welcome naming a leaf under another key is
+//!   dropped; a commit adding one is refused (not applied); a message from one is
+//!   dropped. Both raise [`Event::GroupIdentityMismatch`].
+//! - A welcome comes from this account or a contact not awaiting an identity
+//!   decision, for a group this device is not in, once per group and epoch.
+//! - Commits pass the MLS rules of `crate::groups::rules` (metadata and handle).
+//! - An envelope under the tag of the epoch this device's own pending commit
+//!   leads to proves the relay took that commit: it is applied first.
+//! - Any refusal is a dropped delivery (acknowledged): only a failing local
+//!   store is an error, so nothing a sender does can stall the inbox.
 
 use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
 use super::group_records::{
-    dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, OP_REMOVE,
+    dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
+    OP_REMOVE,
 };
-use super::groups::{accounts, GroupChange, GroupId, GroupMessage, GROUP_ENVELOPE, GROUP_WELCOME};
-use super::state::State;
+use super::groups::{
+    commit_events, GroupChange, GroupId, GroupMessage, GROUP_ENVELOPE, GROUP_WELCOME,
+};
+use super::state::{Outcome, State};
 use super::Event;
-use crate::groups::Processed;
+use crate::groups::{GroupError, Member, Processed};
 use crate::store::records::{seen_key, seq_key};
-use crate::store::{Batch, InboxStore, Namespace};
+use crate::store::{Batch, InboxStore, Namespace, StoreError};
 use crate::{Error, Result};
+
+/// A group error on receive: a dropped delivery, unless the local store failed.
+fn refused(e: GroupError, what: &str) -> Result<Outcome> {
+    match e {
+        GroupError::Store(e) if !matches!(e, StoreError::Corrupt) => Err(e.into()),
+        e => Ok(Outcome::Dropped(format!("{what}: {e}"))),
+    }
+}
 
 impl State {
     /// A group delivery (`shared_body` a group envelope or a welcome): processed and
-    /// stored (not durably), like [`State::receive`].
+    /// stored (not durably), like [`State::receive`]. Only a failing local store is
+    /// an `Err`; anything else the delivery brings is dropped.
     pub(crate) fn receive_group(
         &mut self,
         message_id: &[u8],
         body: &[u8],
         now_ms: u64,
-    ) -> Result<super::state::Outcome> {
-        use super::state::Outcome;
-        match body.first() {
+    ) -> Result<Outcome> {
+        let out = match body.first() {
             Some(&GROUP_ENVELOPE) => self.receive_envelope(message_id, body, now_ms),
             Some(&GROUP_WELCOME) => self.receive_welcome(message_id, &body[1..], now_ms),
             _ => Ok(Outcome::Dropped("an unknown kind of shared body".into())),
+        };
+        match out {
+            Err(Error::Store(e)) if !matches!(e, StoreError::Corrupt) => Err(Error::Store(e)),
+            Err(e) => Ok(Outcome::Dropped(format!("a group delivery: {e}"))),
+            ok => ok,
         }
     }
 
@@ -41,13 +71,42 @@ impl State {
         Ok(self.unflushed_seen.contains(&seen) || self.kv.seen(key_account, message_id)?)
     }
 
-    fn receive_welcome(
-        &mut self,
-        message_id: &[u8],
-        body: &[u8],
-        now_ms: u64,
-    ) -> Result<super::state::Outcome> {
-        use super::state::Outcome;
+    /// The identity key pinned for `account` in a group: this account's own, a
+    /// contact's, or the first one the group showed.
+    fn pinned_key(&self, record: &GroupRecord, account: &AccountId) -> Option<Vec<u8>> {
+        if *account == self.keys.address.account {
+            return Some(self.keys.identity_key.to_vec());
+        }
+        if let Some(c) = self.contacts.get(account) {
+            if !c.identity_key.is_empty() {
+                return Some(c.identity_key.clone());
+            }
+        }
+        record
+            .pins
+            .iter()
+            .find(|p| p.account == account.as_bytes())
+            .map(|p| p.identity_key.clone())
+    }
+
+    /// The leaves whose identity key is not the pinned one; accounts seen for the
+    /// first time are pinned in `record`.
+    fn check_leaves(&self, record: &mut GroupRecord, leaves: &[Member]) -> Vec<Member> {
+        let mut wrong = Vec::new();
+        for m in leaves {
+            match self.pinned_key(record, &m.account) {
+                Some(key) if key == m.identity_key => {}
+                Some(_) => wrong.push(m.clone()),
+                None => record.pins.push(PinRecord {
+                    account: m.account.as_bytes().to_vec(),
+                    identity_key: m.identity_key.to_vec(),
+                }),
+            }
+        }
+        wrong
+    }
+
+    fn receive_welcome(&mut self, message_id: &[u8], body: &[u8], now_ms: u64) -> Result<Outcome> {
         let dedup = dedup_account(b"tern group welcome");
         if self.seen_group(&dedup, message_id)? {
             return Ok(Outcome::Duplicate);
@@ -58,23 +117,29 @@ impl State {
         let device = self.group_device()?;
         let joined = match device.join(&welcome.welcome, &welcome.ratchet_tree, now_ms) {
             Ok(joined) => joined,
-            Err(crate::groups::GroupError::Store(e)) => return Err(e.into()),
-            Err(e) => return Ok(Outcome::Dropped(format!("a welcome refused: {e}"))),
+            Err(e) => return refused(e, "a welcome refused"),
         };
         let session = joined.value.session;
         let id = session.group_id().to_vec();
-        if self.groups.contains_key(&id) {
+        // Once per group and epoch: a relay replaying a welcome (one made with a
+        // last-resort key package still joins) cannot bring back a group this
+        // device is in, left, or was removed from at that epoch.
+        let mut group_epoch = id.clone();
+        group_epoch.extend_from_slice(&session.epoch().to_be_bytes());
+        if self.groups.contains_key(&id) || self.seen_group(&dedup, &group_epoch)? {
             return Ok(Outcome::Duplicate);
         }
-        // Members' identity keys must be the ones pinned for contacts.
-        for m in session.members() {
-            if let Some(c) = self.contacts.get(&m.account) {
-                if !c.identity_key.is_empty() && c.identity_key != m.identity_key {
-                    return Ok(Outcome::Dropped(
-                        "a welcome naming a contact under another identity key".into(),
-                    ));
-                }
-            }
+        let added_by = joined.value.added_by;
+        let own = added_by.account == self.keys.address.account;
+        let trusted = own
+            || self
+                .contacts
+                .get(&added_by.account)
+                .is_some_and(|c| !c.identity_key.is_empty() && !c.blocked());
+        if !trusted {
+            return Ok(Outcome::Dropped(
+                "a welcome from an account that is not a contact".into(),
+            ));
         }
         let mut record = GroupRecord {
             handle: session.handle().to_vec(),
@@ -82,6 +147,14 @@ impl State {
             announce: true,
             ..GroupRecord::default()
         };
+        if !self
+            .check_leaves(&mut record, &session.members())
+            .is_empty()
+        {
+            return Ok(Outcome::Dropped(
+                "a welcome naming an account under another identity key".into(),
+            ));
+        }
         if let Some(tokens) = joined
             .value
             .member_tokens
@@ -96,18 +169,56 @@ impl State {
                 }
             }
         }
+        let gid = GroupId::of(&id)?;
         let mut batch = Batch::new();
         batch.extend_ops(joined.ops);
         batch.put_seen(&dedup, message_id, now_ms);
+        batch.put_seen(&dedup, &group_epoch, now_ms);
         self.put_group(&id, record, &mut batch);
         self.commit(batch, false)?;
         self.unflushed_seen.insert(seen_key(&dedup, message_id));
-        self.group_sessions.insert(id.clone(), session);
+        self.unflushed_seen.insert(seen_key(&dedup, &group_epoch));
+        self.group_sessions.insert(id, session);
         Ok(Outcome::Synced(vec![Event::GroupJoined {
-            group: GroupId::of(&id)?,
-            added_by: joined.value.added_by.account,
+            group: gid,
+            added_by: added_by.account,
             name: joined.value.meta.name,
         }]))
+    }
+
+    /// The group whose pending commit (this device's) leads to the epoch of `tag`:
+    /// that commit's MLS side is applied (the relay took it: a member already
+    /// sends in its epoch). Its record stays pending for the relay's answer, which
+    /// still has the per-device refusals to handle. Returns its events.
+    fn apply_own_commit_for(&mut self, tag: &[u8; 16]) -> Result<Option<Vec<Event>>> {
+        let pending: Vec<Vec<u8>> = self
+            .groups
+            .iter()
+            .filter(|(_, r)| r.pending.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for group in pending {
+            let next = self
+                .session_mut(&group)?
+                .pending_tag()
+                .map_err(|e| Error::Group(e.to_string()))?;
+            if next.as_ref() != Some(tag) {
+                continue;
+            }
+            let gid = GroupId::of(&group)?;
+            let staged = self
+                .session_mut(&group)?
+                .apply_pending()
+                .map_err(|e| Error::Group(e.to_string()))?;
+            let mut batch = Batch::new();
+            batch.extend_ops(staged.ops);
+            if let Err(e) = self.commit(batch, false) {
+                self.group_sessions.remove(&group);
+                return Err(e);
+            }
+            return Ok(Some(commit_events(gid, &staged.value)));
+        }
+        Ok(None)
     }
 
     fn receive_envelope(
@@ -115,42 +226,97 @@ impl State {
         message_id: &[u8],
         envelope: &[u8],
         now_ms: u64,
-    ) -> Result<super::state::Outcome> {
-        use super::state::Outcome;
-        let routed = match self.group_device()?.route(envelope) {
+    ) -> Result<Outcome> {
+        let mut events = Vec::new();
+        let mut routed = match self.group_device()?.route(envelope) {
             Ok(r) => r,
-            Err(crate::groups::GroupError::Store(e)) => return Err(e.into()),
-            Err(e) => return Ok(Outcome::Dropped(format!("group envelope: {e}"))),
+            Err(e) => return refused(e, "group envelope"),
         };
+        if routed.is_none() {
+            let tag = match crate::groups::envelope_tag(envelope) {
+                Ok(t) => t,
+                Err(e) => return refused(e, "group envelope"),
+            };
+            if let Some(applied) = self.apply_own_commit_for(&tag)? {
+                events = applied;
+                routed = match self.group_device()?.route(envelope) {
+                    Ok(r) => r,
+                    Err(e) => return refused(e, "group envelope"),
+                };
+            }
+        }
         let Some((group, _epoch)) = routed else {
             return Ok(Outcome::Dropped(
                 "a group envelope of no known epoch".into(),
             ));
         };
-        let dedup = dedup_account(&group);
+        let out = self.process_envelope(&group, message_id, envelope, now_ms, &mut events);
+        if !matches!(out, Ok(Outcome::Synced(_) | Outcome::Duplicate)) {
+            // What was processed and not stored must not stay in the cache.
+            self.group_sessions.remove(&group);
+        }
+        match out {
+            Ok(Outcome::Synced(mut more)) => {
+                events.append(&mut more);
+                Ok(Outcome::Synced(events))
+            }
+            // The pending commit applied first is stored; its events still count.
+            Ok(other) if !events.is_empty() => {
+                if let Outcome::Dropped(reason) = other {
+                    tracing::debug!(%reason, "discarded a group envelope");
+                }
+                Ok(Outcome::Synced(events))
+            }
+            other => other,
+        }
+    }
+
+    fn process_envelope(
+        &mut self,
+        group: &[u8],
+        message_id: &[u8],
+        envelope: &[u8],
+        now_ms: u64,
+        events: &mut Vec<Event>,
+    ) -> Result<Outcome> {
+        let dedup = dedup_account(group);
         if self.seen_group(&dedup, message_id)? {
             return Ok(Outcome::Duplicate);
         }
-        let Some(mut record) = self.groups.get(&group).cloned() else {
+        let Some(mut record) = self.groups.get(group).cloned() else {
             return Ok(Outcome::Dropped("a group envelope of a group left".into()));
         };
-        let session = self.session_mut(&group)?;
+        let gid = GroupId::of(group)?;
+        let session = self.session_mut(group)?;
         let staged = match session.process(envelope, now_ms) {
             Ok(s) => s,
-            Err(crate::groups::GroupError::Store(e)) => return Err(e.into()),
-            Err(e) => return Ok(Outcome::Dropped(format!("group message: {e}"))),
+            Err(e) => return refused(e, "group message"),
         };
         let epoch = session.epoch();
-        let gid = GroupId::of(&group)?;
         let mut batch = Batch::new();
-        batch.extend_ops(staged.ops);
         batch.put_seen(&dedup, message_id, now_ms);
-        let mut events = Vec::new();
         let mut local = self.local.clone();
         let mut inbox = None;
         match staged.value {
             Processed::Message { sender, content } => {
+                // The ratchet moved: stored whatever the content comes to.
+                batch.extend_ops(staged.ops);
+                if !self
+                    .check_leaves(&mut record, std::slice::from_ref(&sender))
+                    .is_empty()
+                {
+                    self.put_group(group, record, &mut batch);
+                    self.commit(batch, false)?;
+                    self.unflushed_seen.insert(seen_key(&dedup, message_id));
+                    return Ok(Outcome::Synced(vec![Event::GroupIdentityMismatch {
+                        group: gid,
+                        account: sender.account,
+                    }]));
+                }
                 let Ok(content) = e2e::GroupContent::decode(&content[..]) else {
+                    self.put_group(group, record, &mut batch);
+                    self.commit(batch, false)?;
+                    self.unflushed_seen.insert(seen_key(&dedup, message_id));
                     return Ok(Outcome::Dropped(
                         "group content that does not decode".into(),
                     ));
@@ -182,7 +348,7 @@ impl State {
                         let seq = local.next_inbox_seq;
                         local.next_inbox_seq += 1;
                         let r = GroupInboxRecord {
-                            group_id: group.clone(),
+                            group_id: group.to_vec(),
                             sender: sender.account.as_bytes().to_vec(),
                             sender_device: sender.device.get(),
                             message_id: message_id.to_vec(),
@@ -201,19 +367,24 @@ impl State {
                 }
             }
             Processed::Commit(applied) => {
+                let wrong = self.check_leaves(&mut record, &applied.added);
+                if let Some(m) = wrong.first() {
+                    // Not applied: the staged writes go, the cache is reloaded.
+                    self.group_sessions.remove(group);
+                    self.commit(batch, false)?;
+                    self.unflushed_seen.insert(seen_key(&dedup, message_id));
+                    tracing::debug!("a commit adding a leaf under another identity key");
+                    return Ok(Outcome::Synced(vec![Event::GroupIdentityMismatch {
+                        group: gid,
+                        account: m.account,
+                    }]));
+                }
+                batch.extend_ops(staged.ops);
                 if applied.removed_self {
-                    batch.extend_ops(
-                        self.group_device()?
-                            .forget(&group)
-                            .map_err(|e| Error::Group(e.to_string()))?,
-                    );
-                    batch.delete(Namespace::Groups, group.clone());
-                    for seq in self.group_outbox_of(&group) {
-                        batch.delete(Namespace::GroupOutbox, seq_key(seq));
-                    }
+                    self.stage_forget_group(group, &mut batch)?;
                     batch.put_local(&local);
                     self.commit(batch, false)?;
-                    self.forget_group_cache(&group);
+                    self.forget_group_cache(group);
                     self.unflushed_seen.insert(seen_key(&dedup, message_id));
                     return Ok(Outcome::Synced(vec![Event::GroupChanged {
                         group: gid,
@@ -225,34 +396,18 @@ impl State {
                 if record.wait_epoch <= epoch {
                     record.wait_epoch = 0;
                 }
-                if !applied.added.is_empty() {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Added(accounts(&applied.added)),
-                    });
-                }
-                if !applied.removed.is_empty() {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Removed(accounts(&applied.removed)),
-                    });
-                }
-                if let Some(meta) = applied.meta {
-                    events.push(Event::GroupChanged {
-                        group: gid,
-                        change: GroupChange::Renamed { name: meta.name },
-                    });
-                }
+                events.extend(commit_events(gid, &applied));
             }
         }
         batch.put_local(&local);
-        self.put_group(&group, record, &mut batch);
+        self.put_group(group, record, &mut batch);
         self.commit(batch, false)?;
         self.local = local;
         self.unflushed_seen.insert(seen_key(&dedup, message_id));
+        let mut out = Vec::new();
         if let Some((seq, r)) = inbox {
-            events.push(Event::GroupMessage(GroupMessage::from_record(seq, &r)?));
+            out.push(Event::GroupMessage(GroupMessage::from_record(seq, &r)?));
         }
-        Ok(Outcome::Synced(events))
+        Ok(Outcome::Synced(out))
     }
 }

@@ -65,6 +65,19 @@ pub(crate) struct GroupRecord {
     /// the relay refused for some devices, or a message refused for now).
     #[prost(message, repeated, tag = "27")]
     pub(crate) resends: Vec<super::group_retry::ResendRecord>,
+    /// Identity keys first seen in this group for accounts that are neither this
+    /// one nor contacts: a later leaf of the account must show the same key.
+    #[prost(message, repeated, tag = "30")]
+    pub(crate) pins: Vec<PinRecord>,
+}
+
+/// An account's identity key as this group first showed it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct PinRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) identity_key: Vec<u8>,
 }
 
 /// A member's delivery token as a group member told it.
@@ -174,6 +187,30 @@ pub(crate) struct CredentialRecord {
 }
 
 pub(crate) const CREDENTIAL_KEY: &[u8] = b"certificate";
+
+/// `Namespace::GroupCredential`, key [`LAST_RESORT_KEY`]: this device's last-resort
+/// key packages, the one on the relay and the ones it replaced, whose secrets are
+/// kept while a welcome made with them may still wait in the mailbox.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct LastResortRecord {
+    /// The reference of the one last published.
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) current: Vec<u8>,
+    /// Replaced ones, oldest first.
+    #[prost(message, repeated, tag = "2")]
+    pub(crate) retired: Vec<RetiredKeyPackage>,
+}
+
+/// A replaced last-resort key package.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct RetiredKeyPackage {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) id: Vec<u8>,
+    #[prost(uint64, tag = "2")]
+    pub(crate) retired_at_ms: u64,
+}
+
+pub(crate) const LAST_RESORT_KEY: &[u8] = b"last resort";
 
 /// The account a group's duplicate check files message ids under: group messages
 /// are checked before MLS, when the sender is not known yet.

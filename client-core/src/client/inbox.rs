@@ -110,6 +110,7 @@ impl State {
                 identity_key: identity_key.to_vec(),
                 message_id: message_id.to_vec(),
                 content: content.to_vec(),
+                shared_body: shared_body.map(<[u8]>::to_vec).unwrap_or_default(),
             };
             return self.hold(held, contact, rng, extra);
         }

@@ -3,10 +3,13 @@
 
 use rand::{CryptoRng, RngCore};
 
+use super::group_records::{LastResortRecord, RetiredKeyPackage, LAST_RESORT_KEY};
 use super::state::{fixed32, random32, State};
+use super::SEEN_RETENTION_MS;
 use crate::crypto::x3dh::AgreementKeyPair;
+use crate::groups::GroupDevice;
 use crate::store::records::{PreKeyKind, PreKeyRecord};
-use crate::store::{Batch, PreKeyStore};
+use crate::store::{Batch, Namespace, PreKeyStore};
 use crate::Result;
 use tern_proto::{KeyUpload, SignedKey};
 
@@ -244,7 +247,30 @@ impl State {
         relay_count: u32,
         now_ms: u64,
     ) -> Result<Option<KeyPackageUpload>> {
+        if self.group_device.is_none() {
+            return Ok(None);
+        }
+        // Replaced last-resort secrets go once no welcome made with them can wait
+        // in the mailbox any more (a relay replaying one then finds nothing).
+        let mut record = self.last_resort_record()?;
+        let mut batch = Batch::new();
+        let before = record.retired.len();
+        record.retired.retain(|r| {
+            let gone = r.retired_at_ms.saturating_add(SEEN_RETENTION_MS) <= now_ms;
+            if gone {
+                batch.extend_ops(vec![GroupDevice::forget_key_package_id(&r.id)]);
+            }
+            !gone
+        });
         if relay_count >= KEY_PACKAGE_LOW {
+            if record.retired.len() != before {
+                batch.put(
+                    Namespace::GroupCredential,
+                    LAST_RESORT_KEY.to_vec(),
+                    &record,
+                );
+                self.commit(batch, true)?;
+            }
             return Ok(None);
         }
         let Some(device) = self.group_device.as_ref() else {
@@ -255,10 +281,30 @@ impl State {
             .key_packages(KEY_PACKAGE_BATCH, now_ms)
             .map_err(group)?;
         let last_resort = device.last_resort_key_package(now_ms).map_err(group)?;
-        let mut batch = Batch::new();
+        let id = GroupDevice::key_package_id(&last_resort.value).map_err(group)?;
+        let replaced = std::mem::replace(&mut record.current, id);
+        if !replaced.is_empty() {
+            record.retired.push(RetiredKeyPackage {
+                id: replaced,
+                retired_at_ms: now_ms,
+            });
+        }
         batch.extend_ops(packages.ops);
         batch.extend_ops(last_resort.ops);
+        batch.put(
+            Namespace::GroupCredential,
+            LAST_RESORT_KEY.to_vec(),
+            &record,
+        );
         self.commit(batch, true)?;
         Ok(Some((packages.value, last_resort.value)))
+    }
+
+    fn last_resort_record(&self) -> Result<LastResortRecord> {
+        use prost::Message;
+        match self.kv.get(Namespace::GroupCredential, LAST_RESORT_KEY)? {
+            Some(v) => LastResortRecord::decode(&v[..]).map_err(|_| super::state::corrupt()),
+            None => Ok(LastResortRecord::default()),
+        }
     }
 }

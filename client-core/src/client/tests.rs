@@ -19,6 +19,7 @@ use tern_proto::{Delivery, DeviceBundle};
 
 mod broadcast;
 mod devices;
+mod group_receive;
 mod group_send;
 mod groups;
 

@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use mls_rs::client_builder::{
-    BaseConfig, PaddingMode, WithCryptoProvider, WithGroupStateStorage, WithIdentityProvider,
+    BaseConfig, WithCryptoProvider, WithGroupStateStorage, WithIdentityProvider,
     WithKeyPackageRepo, WithMlsRules,
 };
 use mls_rs::crypto::SignatureSecretKey;
 use mls_rs::extension::recommended::LastResortKeyPackageExt;
 use mls_rs::extension::ExtensionType;
 use mls_rs::group::ExportedTree;
-use mls_rs::mls_rules::{CommitOptions, DefaultMlsRules, EncryptionOptions};
 use mls_rs::time::MlsTime;
 use mls_rs::{CipherSuite, Client, ExtensionList, MlsMessage};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
@@ -21,6 +20,7 @@ use prost::Message;
 
 use super::identity::{DeviceCredential, TernIdentity};
 use super::meta::{GroupMeta, MEMBER_TOKENS_EXTENSION, META_EXTENSION};
+use super::rules::TernRules;
 use super::session::GroupSession;
 use super::storage::StagedMlsStore;
 use super::{GroupError, Joined, Member, Staged, GROUP_ID_LEN, KEY_PACKAGE_LIFETIME_SECS};
@@ -35,25 +35,11 @@ pub(crate) type MlsConfig = WithCryptoProvider<
     WithIdentityProvider<
         TernIdentity,
         WithMlsRules<
-            DefaultMlsRules,
+            TernRules,
             WithGroupStateStorage<StagedMlsStore, WithKeyPackageRepo<StagedMlsStore, BaseConfig>>,
         >,
     >,
 >;
-
-fn rules() -> DefaultMlsRules {
-    DefaultMlsRules::new()
-        .with_commit_options(
-            CommitOptions::new()
-                .with_path_required(true)
-                // The tree travels beside the welcome (it may be large).
-                .with_ratchet_tree_extension(false)
-                .with_single_welcome_message(true)
-                .with_allow_external_commit(false),
-        )
-        // Commits are encrypted too, and everything is PADMÉ-padded.
-        .with_encryption_options(EncryptionOptions::new(true, PaddingMode::Padme))
-}
 
 pub(crate) fn mls_time(now_ms: u64) -> MlsTime {
     MlsTime::from_duration_since_epoch(Duration::from_millis(now_ms))
@@ -96,14 +82,47 @@ impl GroupDevice {
         device_secret: &[u8; 32],
         credential: DeviceCredential,
     ) -> Self {
+        Self::with_rules(
+            kv,
+            device_secret,
+            credential,
+            TernRules::default(),
+            TernIdentity::default(),
+        )
+    }
+
+    /// A device whose own commits skip Tern's rules (tests make a misbehaving
+    /// member).
+    #[cfg(test)]
+    pub(crate) fn misbehaving(
+        kv: Arc<dyn KvStore>,
+        device_secret: &[u8; 32],
+        credential: DeviceCredential,
+    ) -> Self {
+        Self::with_rules(
+            kv,
+            device_secret,
+            credential,
+            TernRules::unchecked(),
+            TernIdentity::lax(),
+        )
+    }
+
+    fn with_rules(
+        kv: Arc<dyn KvStore>,
+        device_secret: &[u8; 32],
+        credential: DeviceCredential,
+        rules: TernRules,
+        identity: TernIdentity,
+    ) -> Self {
         let key = SigningKey::from_bytes(device_secret);
         let public = key.verifying_key().to_bytes();
         let store = StagedMlsStore::new(kv);
         let client = Client::builder()
             .key_package_repo(store.clone())
             .group_state_storage(store.clone())
-            .mls_rules(rules())
-            .identity_provider(TernIdentity)
+            .mls_rules(rules)
+            .identity_provider(identity)
             .crypto_provider(RustCryptoProvider::default())
             .extension_types([
                 ExtensionType::new(META_EXTENSION),
@@ -187,13 +206,24 @@ impl GroupDevice {
 
     /// Deletes a key package's secret (by its encoded message).
     pub fn forget_key_package(&self, key_package: &[u8]) -> Result<Vec<Op>, GroupError> {
+        let id = Self::key_package_id(key_package)?;
+        Ok(vec![Self::forget_key_package_id(&id)])
+    }
+
+    /// A key package's reference (the key its secret is stored under).
+    pub fn key_package_id(key_package: &[u8]) -> Result<Vec<u8>, GroupError> {
         let msg = MlsMessage::from_bytes(key_package)?;
         let kp = msg.into_key_package().ok_or(GroupError::BadKeyPackage)?;
         let provider = RustCryptoProvider::default();
         let cs = mls_rs::CryptoProvider::cipher_suite_provider(&provider, CIPHER_SUITE)
             .ok_or(GroupError::BadKeyPackage)?;
-        let id = kp.to_reference(&cs)?;
-        Ok(vec![Op::Delete(Namespace::MlsKeyPackage, id.to_vec())])
+        Ok(kp.to_reference(&cs)?.to_vec())
+    }
+
+    /// The write that deletes the secret of the key package `id`
+    /// ([`GroupDevice::key_package_id`]).
+    pub fn forget_key_package_id(id: &[u8]) -> Op {
+        Op::Delete(Namespace::MlsKeyPackage, id.to_vec())
     }
 
     /// Checks a fetched key package: ours ciphersuite, a valid Tern credential. The
@@ -228,6 +258,16 @@ impl GroupDevice {
         meta: &GroupMeta,
         now_ms: u64,
     ) -> Result<Staged<GroupSession>, GroupError> {
+        self.create_with_id(group_id.to_vec(), meta, now_ms)
+    }
+
+    /// [`GroupDevice::create`] with an id of any length (tests make bad groups).
+    pub(crate) fn create_with_id(
+        &self,
+        group_id: Vec<u8>,
+        meta: &GroupMeta,
+        now_ms: u64,
+    ) -> Result<Staged<GroupSession>, GroupError> {
         meta.check()?;
         self.staged(|| {
             let mut ext = ExtensionList::new();
@@ -241,7 +281,7 @@ impl GroupDevice {
             })
             .map_err(|e| GroupError::Rejected(e.to_string()))?;
             let group = self.client.create_group_with_id(
-                group_id.to_vec(),
+                group_id,
                 ext,
                 ExtensionList::new(),
                 Some(mls_time(now_ms)),
@@ -267,6 +307,11 @@ impl GroupDevice {
             let (group, info) =
                 self.client
                     .join_group(Some(tree), &welcome, Some(mls_time(now_ms)))?;
+            // Group ids key the client's records: one of another length is refused
+            // before anything is stored.
+            if group.group_id().len() != GROUP_ID_LEN {
+                return Err(GroupError::BadGroupId);
+            }
             let member_tokens = info
                 .group_info_extensions
                 .get(ExtensionType::new(MEMBER_TOKENS_EXTENSION))

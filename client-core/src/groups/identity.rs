@@ -151,7 +151,17 @@ impl DeviceCredential {
 
 /// The MLS identity provider for Tern leaves: pure, no I/O.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct TernIdentity;
+pub struct TernIdentity {
+    /// Tests make a misbehaving member whose own leaf may change identity key.
+    lax: bool,
+}
+
+impl TernIdentity {
+    #[cfg(test)]
+    pub(crate) fn lax() -> Self {
+        TernIdentity { lax: true }
+    }
+}
 
 impl IdentityProvider for TernIdentity {
     type Error = CredentialError;
@@ -196,7 +206,11 @@ impl IdentityProvider for TernIdentity {
             DeviceCredential::of(predecessor)?,
             DeviceCredential::of(successor)?,
         );
-        Ok(a.account == b.account && a.device == b.device)
+        // A leaf may rotate its device key, never move to another account, device
+        // or identity key (the identity is what the account's pin covers).
+        Ok(a.account == b.account
+            && a.device == b.device
+            && (self.lax || a.identity_key == b.identity_key))
     }
 
     fn supported_types(&self) -> Vec<CredentialType> {

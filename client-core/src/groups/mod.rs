@@ -15,10 +15,13 @@
 //!   or clear the pending commit, the relay's epoch token, encrypt, process.
 //! - [`wrap`]: the group envelope that hides group id, epoch and content type.
 //! - [`meta`]: the group's name, description and picture as a GroupContext extension.
+//! - [`rules`]: which proposals a commit may carry (the metadata and the handle are
+//!   checked on every commit, received or made).
 
 mod device;
 pub mod identity;
 pub mod meta;
+pub mod rules;
 mod session;
 pub mod storage;
 pub mod wrap;
@@ -33,6 +36,7 @@ use crate::store::{Op, StoreError};
 pub use self::device::GroupDevice;
 pub use self::identity::{CredentialError, DeviceCredential, TernIdentity};
 pub use self::meta::GroupMeta;
+pub use self::rules::{RulesError, TernRules};
 pub use self::session::GroupSession;
 pub use self::storage::StagedMlsStore;
 pub use self::wrap::{envelope_tag, WrapKey};
@@ -255,6 +259,12 @@ pub enum GroupError {
     /// The metadata names another handle.
     #[error("the group handle cannot change")]
     HandleChanged,
+    /// A commit with a proposal of a type Tern does not use.
+    #[error("a proposal of a type Tern does not use")]
+    ForbiddenProposal,
+    /// A welcome for a group whose id is not [`GROUP_ID_LEN`] bytes.
+    #[error("a group id of the wrong length")]
+    BadGroupId,
     /// A key package is not for this ciphersuite, or not a key package.
     #[error("key package refused")]
     BadKeyPackage,
@@ -279,6 +289,12 @@ impl From<mls_rs::error::MlsError> for GroupError {
                     _ => GroupError::Store(StoreError::Backend(a.to_string())),
                 }
             }
+            E::MlsRulesError(a) => match a.inner_dyn_error().downcast_ref::<RulesError>() {
+                Some(RulesError::BadMeta) => GroupError::BadMeta,
+                Some(RulesError::HandleChanged) => GroupError::HandleChanged,
+                Some(RulesError::Forbidden) => GroupError::ForbiddenProposal,
+                None => GroupError::Rejected(a.to_string()),
+            },
             E::SerializationError(_) => GroupError::Malformed,
             E::CantProcessMessageFromSelf => GroupError::FromSelf,
             E::ExistingPendingCommit | E::CommitRequired => GroupError::PendingCommit,

@@ -26,6 +26,9 @@ pub struct GroupSession {
     client: Client<MlsConfig>,
     store: StagedMlsStore,
     handle: [u8; HANDLE_LEN],
+    /// The envelope tag of the epoch the pending commit leads to, once computed
+    /// (reset by every call that may change the pending commit).
+    next_tag: Option<[u8; TAG_LEN]>,
 }
 
 impl std::fmt::Debug for GroupSession {
@@ -48,6 +51,7 @@ impl GroupSession {
             client,
             store,
             handle,
+            next_tag: None,
         })
     }
 
@@ -115,6 +119,7 @@ impl GroupSession {
         f: impl FnOnce(&mut Self) -> Result<T, GroupError>,
     ) -> Result<Staged<T>, GroupError> {
         self.store.discard();
+        self.next_tag = None;
         match f(self) {
             Ok(value) => Ok(Staged {
                 value,
@@ -128,8 +133,25 @@ impl GroupSession {
         }
     }
 
+    /// The envelope tag of the epoch this device's pending commit leads to (None:
+    /// no commit pending). Members that applied the commit send under it, and the
+    /// relay may deliver their envelopes before it answers the commit: one under
+    /// this tag proves the commit was taken.
+    pub fn pending_tag(&mut self) -> Result<Option<[u8; TAG_LEN]>, GroupError> {
+        if !self.group.has_pending_commit() {
+            return Ok(None);
+        }
+        if self.next_tag.is_none() {
+            let mut next = self.group.clone();
+            next.apply_pending_commit()?;
+            self.next_tag = Some(wrap_key(&next, &self.handle)?.tag);
+        }
+        Ok(self.next_tag)
+    }
+
     /// Reloads the group as the store holds it.
     fn reload(&mut self) -> Result<(), GroupError> {
+        self.next_tag = None;
         let id = self.group.group_id().to_vec();
         let tree = self
             .store
@@ -233,7 +255,9 @@ impl GroupSession {
         let mut next = self.group.clone();
         next.apply_pending_commit()?;
         let next_token_hash = Sha256::digest(token_of(&next, &self.handle)?).into();
+        let next_tag = wrap_key(&next, &self.handle)?.tag;
         self.persist(false)?;
+        self.next_tag = Some(next_tag);
         Ok(PlannedCommit {
             epoch,
             epoch_token: token,
@@ -243,6 +267,24 @@ impl GroupSession {
             added,
             removed,
             meta_changed,
+        })
+    }
+
+    /// A commit made with whatever `build` adds, wrapped, left pending (tests make
+    /// commits an honest member would not).
+    #[cfg(test)]
+    pub(crate) fn raw_commit(
+        &mut self,
+        build: impl FnOnce(
+            mls_rs::group::CommitBuilder<'_, MlsConfig>,
+        ) -> Result<mls_rs::group::CommitBuilder<'_, MlsConfig>, GroupError>,
+    ) -> Result<Staged<Vec<u8>>, GroupError> {
+        self.guarded(|s| {
+            let wrap = s.wrap_key()?;
+            let out = build(s.group.commit_builder())?.build()?;
+            let commit = wrap.wrap(&out.commit_message().to_bytes()?)?;
+            s.persist(false)?;
+            Ok(commit)
         })
     }
 

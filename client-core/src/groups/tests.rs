@@ -47,6 +47,16 @@ impl Account {
         let cred = self.credential(device, &key);
         Dev::open(Arc::new(MemoryKv::new()), key, cred)
     }
+
+    /// A device whose own commits skip Tern's rules.
+    fn misbehaving(&self, device: u32) -> Dev {
+        let key = SigningKey::generate(&mut OsRng);
+        let cred = self.credential(device, &key);
+        let kv = Arc::new(MemoryKv::new());
+        let mut dev = Dev::open(kv.clone(), key.clone(), cred.clone());
+        dev.device = GroupDevice::misbehaving(kv as Arc<dyn KvStore>, &key.to_bytes(), cred);
+        dev
+    }
 }
 
 struct JoinInfo {
@@ -666,4 +676,153 @@ fn a_one_time_key_package_secret_is_deleted_on_join() {
         .scan(Namespace::MlsKeyPackage)
         .expect("scan")
         .is_empty());
+}
+
+/// A misbehaving member's commit, made and then dropped on its side.
+fn raw_commit(
+    dev: &mut Dev,
+    build: impl FnOnce(
+        mls_rs::group::CommitBuilder<'_, device::MlsConfig>,
+    ) -> Result<mls_rs::group::CommitBuilder<'_, device::MlsConfig>, GroupError>,
+) -> Vec<u8> {
+    let s = dev.g().raw_commit(build).expect("raw commit");
+    let commit = dev.apply(s);
+    let s = dev.g().clear_pending().expect("clear");
+    dev.apply(s);
+    commit
+}
+
+#[test]
+fn a_commit_that_drops_corrupts_or_moves_the_metadata_is_refused_by_every_member() {
+    let (a, b, m) = (Account::new(), Account::new(), Account::new());
+    let mut devs = vec![a.device(1), b.device(1), m.misbehaving(1)];
+    group_of(&mut devs);
+    let meta = devs[0].g().meta().expect("meta");
+    let mut moved = meta.clone();
+    moved.handle[3] ^= 1;
+    let mut garbage = mls_rs::ExtensionList::new();
+    garbage.set(mls_rs::Extension::new(
+        mls_rs::extension::ExtensionType::new(meta::META_EXTENSION),
+        vec![0xff; 7],
+    ));
+    let mut other_handle = mls_rs::ExtensionList::new();
+    other_handle.set(moved.extension());
+    let cases: Vec<(mls_rs::ExtensionList, Check)> = vec![
+        (mls_rs::ExtensionList::new(), |e| {
+            matches!(e, GroupError::BadMeta)
+        }),
+        (garbage, |e| matches!(e, GroupError::BadMeta)),
+        (other_handle, |e| matches!(e, GroupError::HandleChanged)),
+    ];
+    for (list, expected) in cases {
+        let commit = raw_commit(&mut devs[2], |c| Ok(c.set_group_context_ext(list)?));
+        for honest in devs[..2].iter_mut() {
+            let before = honest.snapshot();
+            let e = honest.g().process(&commit, NOW).expect_err("refused");
+            assert!(expected(&e), "unexpected {e:?}");
+            assert!(honest.snapshot() == before, "state changed after {e:?}");
+            assert_eq!(honest.g().meta().expect("meta"), meta);
+        }
+    }
+    // The group goes on, and loads from the store as before.
+    let next = devs[1].send(b"still here");
+    assert_eq!(message_from(devs[0].receive(&next)).1, b"still here");
+    devs[0].restart = true;
+    devs[0].step();
+    assert_eq!(devs[0].g().meta().expect("meta"), meta);
+}
+
+#[test]
+fn a_leaf_cannot_move_to_another_identity_key() {
+    let (a, m, other) = (Account::new(), Account::new(), Account::new());
+    let mut devs = vec![a.device(1), m.misbehaving(1)];
+    group_of(&mut devs);
+    // Mallory's leaf, same account and device, under another identity key that
+    // certifies a new device key.
+    let key = SigningKey::generate(&mut OsRng);
+    let mut moved = m.credential(1, &key);
+    moved.identity_key = other.identity.verifying_key().to_bytes();
+    moved.certificate = other
+        .identity
+        .sign(&auth::device_certificate(
+            Some(&m.id),
+            &key.verifying_key().to_bytes(),
+        ))
+        .to_bytes();
+    moved
+        .verify(&key.verifying_key().to_bytes())
+        .expect("a valid certificate under the other key");
+    let identity = moved.signing_identity(&key.verifying_key().to_bytes());
+    let signer = mls_rs::crypto::SignatureSecretKey::new(key.to_keypair_bytes().to_vec());
+    let commit = raw_commit(&mut devs[1], |c| {
+        Ok(c.set_new_signing_identity(signer, identity))
+    });
+    let before = devs[0].snapshot();
+    assert!(devs[0].g().process(&commit, NOW).is_err());
+    assert!(devs[0].snapshot() == before);
+    // A new device key under the same identity is a valid successor.
+    let key = SigningKey::generate(&mut OsRng);
+    let same = m.credential(1, &key);
+    let identity = same.signing_identity(&key.verifying_key().to_bytes());
+    let signer = mls_rs::crypto::SignatureSecretKey::new(key.to_keypair_bytes().to_vec());
+    let commit = raw_commit(&mut devs[1], |c| {
+        Ok(c.set_new_signing_identity(signer, identity))
+    });
+    assert!(matches!(devs[0].receive(&commit), Processed::Commit(_)));
+}
+
+#[test]
+fn a_welcome_for_a_group_id_of_another_length_is_refused_before_anything_is_stored() {
+    let (a, b) = (Account::new(), Account::new());
+    let (mut alice, mut bob) = (a.device(1), b.device(1));
+    let meta = GroupMeta {
+        handle: [7; HANDLE_LEN],
+        name: "g".into(),
+        ..GroupMeta::default()
+    };
+    for len in [GROUP_ID_LEN - 1, GROUP_ID_LEN + 1, 1] {
+        let s = alice
+            .device
+            .create_with_id(vec![len as u8; len], &meta, NOW)
+            .expect("create");
+        alice.group = Some(alice.apply(s));
+        let plan = alice.commit(&adds(vec![bob.key_package()]));
+        alice.apply_pending();
+        let welcome = plan.welcome.expect("welcome");
+        let before = bob.snapshot();
+        assert!(matches!(
+            bob.device
+                .join(&welcome.welcome, &welcome.ratchet_tree, NOW),
+            Err(GroupError::BadGroupId)
+        ));
+        assert!(bob.snapshot() == before, "nothing stored");
+    }
+}
+
+#[test]
+fn the_tag_of_the_epoch_after_a_pending_commit_is_known_before_the_answer() {
+    let (a, b) = (Account::new(), Account::new());
+    let mut devs = vec![a.device(1), b.device(1)];
+    group_of(&mut devs);
+    assert_eq!(devs[0].g().pending_tag().expect("tag"), None);
+    let plan = devs[0].commit(&Changes::default());
+    let tag = devs[0].g().pending_tag().expect("tag").expect("pending");
+    // Bob applies it (the relay delivered it) and writes in the new epoch.
+    devs[1].receive(&plan.commit);
+    let next = devs[1].send(b"next epoch");
+    assert_eq!(envelope_tag(&next).expect("tag"), tag);
+    assert_eq!(devs[0].device.route(&next).expect("route"), None);
+    // Known again after a restart.
+    devs[0].restart = true;
+    devs[0].step();
+    assert_eq!(devs[0].g().pending_tag().expect("tag"), Some(tag));
+    devs[0].apply_pending();
+    assert_eq!(devs[0].g().pending_tag().expect("tag"), None);
+    assert!(devs[0].device.route(&next).expect("route").is_some());
+    assert_eq!(message_from(devs[0].receive(&next)).1, b"next epoch");
+    // A cleared commit leaves no tag.
+    devs[0].commit(&Changes::default());
+    let s = devs[0].g().clear_pending().expect("clear");
+    devs[0].apply(s);
+    assert_eq!(devs[0].g().pending_tag().expect("tag"), None);
 }

@@ -261,6 +261,10 @@ pub(crate) struct HeldRecord {
     /// The encoded `tern.e2e.v1.Content`, still ratchet-encrypted.
     #[prost(bytes = "vec", tag = "5")]
     pub(crate) content: Vec<u8>,
+    /// A broadcast's shared body (still encrypted under the key the content
+    /// carries), kept so the message opens once released. Empty: none.
+    #[prost(bytes = "vec", tag = "6")]
+    pub(crate) shared_body: Vec<u8>,
 }
 
 pub(crate) fn seq_key(seq: u64) -> Vec<u8> {

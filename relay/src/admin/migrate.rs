@@ -4,21 +4,25 @@
 //! Messages keep their seqs, ids and times, and are copied [`BATCH`] at a time (memory
 //! stays bounded whatever a mailbox holds). Every mailbox head (also of devices with
 //! no message) is raised to the embedded store's seq floor, so seqs handed out on
-//! PostgreSQL continue above every seq a client ever saw. A database that already
+//! PostgreSQL continue above every seq a client ever saw. A shared body (a
+//! multi-recipient message) is stored once in the target, its `refs` the entries
+//! copied. Key packages keep their order and last-resort mark; group handles keep
+//! their epoch, token hash, last commit id and day. A database that already
 //! holds an account, a mailbox or a message is refused: a second run cannot double
 //! anything, and a failed run is started over on a fresh database.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use tern_platform::clock::{Clock, SystemClock};
-use tern_proto::DeviceAddress;
+use tern_proto::{DeviceAddress, MessageId};
 
 use crate::config::{Config, MailboxBackend};
 use crate::error::{Error, Result};
 use crate::store::pg::PgBackend;
 use crate::store::{
-    AccountStore, BlobIndex, KeyStore, LogOptions, LogStore, MailboxStore, SledStore,
+    AccountStore, BlobIndex, KeyStore, LogOptions, LogStore, MailboxStore, SledStore, StoredMessage,
 };
 
 /// Messages read and inserted at a time.
@@ -115,6 +119,32 @@ fn digest_with(
         }
         n += page.len() as u64;
         on_page(&page)?;
+    }
+}
+
+/// The shared bodies copied so far: each stored once in the target, under an id of
+/// its own. Entries of one body have its message id, expiry and bytes; two bodies
+/// alike in all three are stored as one (nobody could tell them apart).
+#[derive(Default)]
+struct SharedBodies {
+    ids: HashMap<(MessageId, u64, [u8; 32]), [u8; 16]>,
+}
+
+impl SharedBodies {
+    /// The target's id for `m`'s body (copied on first sight), or `None` for a
+    /// message of its own.
+    fn id_of(&mut self, pg: &PgBackend, m: &StoredMessage) -> Result<Option<[u8; 16]>> {
+        let Some(body) = &m.shared_body else {
+            return Ok(None);
+        };
+        let key = (m.message_id, m.expires_at, Sha256::digest(body).into());
+        if let Some(id) = self.ids.get(&key) {
+            return Ok(Some(*id));
+        }
+        let id: [u8; 16] = rand::random();
+        pg.import_body(&id, body, m.expires_at)?;
+        self.ids.insert(key, id);
+        Ok(Some(id))
     }
 }
 
@@ -287,18 +317,14 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     };
     let mut messages = 0u64;
     let mut digests = Vec::with_capacity(mailboxes.len());
+    let mut bodies = SharedBodies::default();
     for of in &mailboxes {
         let (n, hash) = digest_with(source, of, |page| {
-            // PostgreSQL does not hold shared bodies yet: refused before anything of
-            // them is copied, rather than copied without their bodies.
-            if page.iter().any(|m| m.shared_body.is_some()) {
-                return Err(Error::Config(
-                    "the mailboxes hold group messages (shared bodies), which PostgreSQL \
-                     does not store yet: migrate once they are delivered or expired"
-                        .into(),
-                ));
-            }
-            Ok(pg.import_messages(of, page)?)
+            let ids = page
+                .iter()
+                .map(|m| bodies.id_of(&pg, m))
+                .collect::<Result<Vec<_>>>()?;
+            Ok(pg.import_messages(of, page, &ids)?)
         })?;
         messages += n;
         digests.push((n, hash));
@@ -311,6 +337,36 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     }
     copied.push(("mailboxes", mailboxes.len() as u64));
     copied.push(("messages", messages));
+    let shared = bodies.ids.len() as u64;
+    copied.push(("shared bodies", shared));
+    drop(bodies.ids);
+
+    // MLS key packages (per device: the pool in order, the last-resort one) and
+    // group epochs.
+    let packages = sled.dump_key_packages()?;
+    let (mut pool, mut last_resort) = (0u64, 0u64);
+    for chunk in packages.chunks(ROWS) {
+        pool += chunk.iter().map(|d| d.one_time.len() as u64).sum::<u64>();
+        last_resort += chunk.iter().filter(|d| d.last_resort.is_some()).count() as u64;
+        pg.import_key_packages(chunk)?;
+    }
+    copied.push(("devices with key packages", packages.len() as u64));
+    copied.push(("key packages", pool));
+    copied.push(("last-resort key packages", last_resort));
+    drop(packages);
+    let mut groups = 0u64;
+    let mut after = None;
+    // Each page moves `after` past what it read: bounded by the handles held.
+    loop {
+        let page = crate::store::GroupStore::groups_after(&sled, after.as_ref(), ROWS)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        after = Some(*last);
+        groups += page.len() as u64;
+        pg.import_groups(&page)?;
+    }
+    copied.push(("group handles", groups));
 
     // Verification: row counts, then every mailbox's count and digest.
     let expected = [
@@ -324,6 +380,10 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
         ("uploads", uploads.len() as u64),
         ("mailbox_heads", heads.len() as u64),
         ("messages", messages),
+        ("shared_bodies", shared),
+        ("key_packages", pool),
+        ("last_resort_key_packages", last_resort),
+        ("group_epochs", groups),
     ];
     let counts = pg.import_counts()?;
     for (table, want) in expected {

@@ -180,3 +180,34 @@ fn nobody_to_send_to_is_an_error() {
         .enqueue_broadcast(&[own], b"x", &[], NOW, &mut OsRng);
     assert!(matches!(refused, Err(Error::NoRecipients)));
 }
+
+#[test]
+fn a_broadcast_held_for_an_identity_change_opens_with_its_body_once_accepted() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    let d = alice.send(&mut bob, b"before");
+    assert_eq!(bob.body(&d), b"before");
+    // Alice's account under a new identity key broadcasts to Bob.
+    let mut alice2 = dev(1);
+    let new_key = alice2.state.keys.identity_key;
+    introduce(&mut alice2, &mut bob, true);
+    alice2
+        .state
+        .enqueue_broadcast(&[bob.account()], b"to my list", &[], NOW, &mut OsRng)
+        .expect("queued");
+    let send = &sends(&alice2)[0];
+    let d = delivery(send, 0, Some(send.body.clone()));
+    assert!(matches!(bob.receive(&d), Outcome::Held { first: true, .. }));
+    assert!(bob
+        .state
+        .accept_identity(&alice.account(), &new_key)
+        .expect("accept"));
+    let released = bob
+        .state
+        .release_held(&alice.account(), NOW, &mut OsRng)
+        .expect("release");
+    assert!(
+        matches!(released.as_slice(), [Outcome::Message(m)] if m.body == b"to my list"),
+        "the body came back with it"
+    );
+    assert!(bob.state.held(&alice.account()).expect("held").is_empty());
+}

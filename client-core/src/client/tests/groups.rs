@@ -99,6 +99,9 @@ fn a_group_is_created_joined_and_talked_in_across_a_restart() {
     let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
     knows(&mut alice, &bob);
     knows(&mut alice, &carol);
+    // Welcomes are taken from contacts only.
+    knows(&mut bob, &alice);
+    knows(&mut carol, &alice);
     let group = alice
         .state
         .create_group(
@@ -190,8 +193,18 @@ fn a_group_is_created_joined_and_talked_in_across_a_restart() {
 #[test]
 fn a_commit_that_lost_its_epoch_is_planned_again_after_the_winner() {
     let (mut alice, mut bob, mut carol, mut dave) = (dev(1), dev(2), dev(3), dev(4));
-    // Bob holds Carol's card: his rebased commit must reach her too.
-    for (a, b) in [(0, 1), (0, 2), (1, 2), (1, 3), (0, 3)] {
+    // Bob holds Carol's card: his rebased commit must reach her too. Welcomes
+    // are taken from contacts only.
+    for (a, b) in [
+        (0, 1),
+        (0, 2),
+        (1, 2),
+        (1, 3),
+        (0, 3),
+        (1, 0),
+        (2, 0),
+        (3, 1),
+    ] {
         let all = [&mut alice, &mut bob, &mut carol, &mut dave];
         let other = all[b].state.keys.identity_key;
         let (account, token) = (all[b].account(), all[b].state.keys.delivery_token);

@@ -296,3 +296,146 @@ fn an_embedded_relay_is_copied_whole_and_seqs_continue_above() {
         "{again:?}"
     );
 }
+
+/// Shared bodies (stored once in the target, with their refs), key packages (the
+/// pool in order, the last-resort one marked) and group epochs are copied.
+#[test]
+fn shared_bodies_key_packages_and_group_epochs_are_copied() {
+    use crate::store::{
+        GroupState, GroupStore, KeyPackageCounts, KeyPackageStore, SharedAppend, SharedEntry,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let (m1, m2, m3) = (addr(1, 1), addr(1, 2), addr(2, 1));
+    let (body1, body2) = (Bytes::from(vec![0xB1; 3_000]), Bytes::from(vec![0xB2; 50]));
+    let pkg = |i: u8| Bytes::from(vec![i; 100 + usize::from(i)]);
+    let state = |epoch: u64, b: u8| GroupState {
+        epoch,
+        token_hash: [b; 32],
+        last_commit_id: [b ^ 0xFF; 16],
+        touched_day: 20_000 + epoch as u32,
+    };
+    let (h1, h2) = ([0x61; 16], [0x62; 16]);
+    let mut expected: Vec<(DeviceAddress, Vec<StoredMessage>)> = Vec::new();
+    let seqs1;
+    {
+        let sled = SledStore::open(&dir.path().join("db"), 1 << 20).expect("sled");
+        let log =
+            LogStore::open(&dir.path().join("mailboxes"), LogOptions::default()).expect("log");
+        let at = SystemClock.now();
+        let shared = |body: &Bytes, to: &[DeviceAddress], id: u8| {
+            let entries: Vec<SharedEntry> = to
+                .iter()
+                .map(|a| SharedEntry {
+                    to: *a,
+                    part: Bytes::from(vec![id; a.device.get() as usize]),
+                })
+                .collect();
+            log.append_shared(&SharedAppend {
+                message_id: MessageId([id; 16]),
+                body,
+                entries: &entries,
+                accepted_at: at,
+                expires_at: at + 86_400_000,
+            })
+            .expect("append shared")
+        };
+        log.append(&m1, &[env(1)], at, at + 86_400_000)
+            .expect("append");
+        seqs1 = shared(&body1, &[m1, m2, m3], 7);
+        shared(&body2, &[m1, m3], 8);
+        log.append(&m3, &[env(2)], at, at + 86_400_000)
+            .expect("append");
+        for to in [m1, m2, m3] {
+            expected.push((to, all(&log, &to)));
+        }
+        assert_eq!(log.shared_bodies(), 2);
+        sled.publish_key_packages(&m1, &[pkg(1), pkg(2), pkg(3)], Some(&pkg(9)), false)
+            .expect("publish");
+        sled.publish_key_packages(&m3, &[], Some(&pkg(8)), false)
+            .expect("publish");
+        sled.publish_key_packages(&m2, &[pkg(4)], None, false)
+            .expect("publish");
+        sled.insert_group(&h1, &state(0, 1)).expect("group");
+        sled.insert_group(&h2, &state(0, 2)).expect("group");
+        assert!(sled
+            .advance_group(&h2, &state(0, 2), &state(5, 3))
+            .expect("advance"));
+        log.flush().expect("flush log");
+        sled.flush().expect("flush sled");
+    }
+    let (_pg, opts) = testdb::db();
+    let migrated = migrate(&config, &opts.url, false).expect("migrate");
+    let count = |kind: &str| {
+        migrated
+            .copied
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, n)| *n)
+            .expect("kind")
+    };
+    assert_eq!(count("messages"), 7);
+    assert_eq!(count("shared bodies"), 2);
+    assert_eq!(count("key packages"), 4);
+    assert_eq!(count("last-resort key packages"), 2);
+    assert_eq!(count("group handles"), 2);
+    assert_eq!(migrated.mailboxes_verified, 3);
+
+    let pg = testdb::node(&opts, "after");
+    // Each body once, its refs the entries copied; the entries read as before.
+    let refs: Vec<(i64, i32)> = testdb::sql(
+        &pg,
+        "SELECT refs, octet_length(payload) FROM shared_bodies ORDER BY refs",
+    )
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    assert_eq!(refs, vec![(2, 50), (3, 3_000)]);
+    for (to, msgs) in &expected {
+        assert_eq!(&all(&pg, to), msgs);
+        let bytes: u64 = msgs.iter().map(StoredMessage::len).sum();
+        assert_eq!(pg.usage(to).expect("usage").bytes, bytes);
+    }
+    let own: u64 = [env(1), env(2)]
+        .iter()
+        .map(|e| e.payload.len() as u64)
+        .sum();
+    assert_eq!(
+        pg.totals().bytes,
+        own + 3_000 + 50 + (1 + 2 + 1) + (1 + 1),
+        "each body counted once"
+    );
+    // The body goes with its last entry's ack, on PostgreSQL now.
+    for (to, seq) in [m1, m2, m3].iter().zip(&seqs1) {
+        pg.remove(to, &[*seq]).expect("ack");
+    }
+    assert_eq!(pg.shared_bodies(), 1);
+    // Key packages: the pool in order, then the last-resort one, kept.
+    for i in 1..=3 {
+        let got = pg.take_key_package(&m1, true).expect("take").expect("one");
+        assert_eq!((got.key_package, got.last_resort), (pkg(i), false));
+    }
+    let got = pg.take_key_package(&m1, true).expect("take").expect("one");
+    assert_eq!((got.key_package, got.last_resort), (pkg(9), true));
+    assert_eq!(
+        pg.key_package_counts(&m3).expect("counts"),
+        KeyPackageCounts {
+            one_time: 0,
+            last_resort: true
+        }
+    );
+    assert_eq!(
+        pg.key_package_counts(&m2).expect("counts"),
+        KeyPackageCounts {
+            one_time: 1,
+            last_resort: false
+        }
+    );
+    // Group epochs: epoch, token hash, last commit id and day.
+    assert_eq!(pg.group(&h1).expect("group"), Some(state(0, 1)));
+    assert_eq!(pg.group(&h2).expect("group"), Some(state(5, 3)));
+    assert_eq!(pg.groups_after(None, 10).expect("list").len(), 2);
+}

@@ -9,11 +9,12 @@ use tern_proto::{AccountId, DeviceAddress};
 use super::rows::{col, exec_in, query_in, signed, transaction, unsigned};
 use super::PgBackend;
 use crate::store::{
-    AccountDays, AccountRecord, BlobId, BlobMeta, StoreError, StoreResult, StoredMessage, TagRecord,
+    AccountDays, AccountRecord, BlobId, BlobMeta, DumpedPackages, GroupState, HandleBytes,
+    StoreError, StoreResult, StoredMessage, TagRecord,
 };
 
 /// The tables an import fills, in the order the summary lists them.
-pub const TABLES: [&str; 14] = [
+pub const TABLES: [&str; 18] = [
     "accounts",
     "devices",
     "delivery_tokens",
@@ -28,6 +29,10 @@ pub const TABLES: [&str; 14] = [
     "uploads",
     "mailbox_heads",
     "messages",
+    "shared_bodies",
+    "key_packages",
+    "last_resort_key_packages",
+    "group_epochs",
 ];
 
 fn seq(v: u64) -> StoreResult<i64> {
@@ -41,13 +46,16 @@ fn dev(a: &DeviceAddress) -> i64 {
 }
 
 impl PgBackend {
-    /// Whether the database holds no account, mailbox or message (a target an import
-    /// may fill).
+    /// Whether the database holds no account, mailbox, message, shared body, key
+    /// package or group handle (a target an import may fill).
     pub fn import_target_empty(&self) -> StoreResult<bool> {
         let rows = self.run(self.rows(
             "SELECT (SELECT count(*) FROM (SELECT 1 FROM accounts LIMIT 1) a) \
                   + (SELECT count(*) FROM (SELECT 1 FROM mailbox_heads LIMIT 1) h) \
-                  + (SELECT count(*) FROM (SELECT 1 FROM messages LIMIT 1) m)",
+                  + (SELECT count(*) FROM (SELECT 1 FROM messages LIMIT 1) m) \
+                  + (SELECT count(*) FROM (SELECT 1 FROM shared_bodies LIMIT 1) b) \
+                  + (SELECT count(*) FROM (SELECT 1 FROM key_packages LIMIT 1) k) \
+                  + (SELECT count(*) FROM (SELECT 1 FROM group_epochs LIMIT 1) g)",
             &[],
         ))?;
         let n: i64 = match rows.first() {
@@ -224,14 +232,63 @@ impl PgBackend {
         })
     }
 
+    /// Inserts a shared body that no entry points at yet (`refs` 0: each entry
+    /// [`PgBackend::import_messages`] copies adds one), and adds its bytes to the
+    /// relay-wide totals, once.
+    pub fn import_body(&self, id: &[u8; 16], payload: &[u8], expires_at: u64) -> StoreResult<()> {
+        let (id, expires) = (&id[..], signed(expires_at)?);
+        let bytes = signed(payload.len() as u64)?;
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                exec_in(
+                    &tx,
+                    "INSERT INTO shared_bodies (id, payload, expires_at, refs) \
+                     VALUES ($1, $2, $3, 0)",
+                    &[&id, &payload, &expires],
+                )
+                .await?;
+                exec_in(
+                    &tx,
+                    super::writer::ADD_TOTALS,
+                    &[&0i32, &0i64, &bytes, &0i64],
+                )
+                .await?;
+            })
+        })
+    }
+
     /// Inserts `msgs` (in seq order, none already there) into `to`'s mailbox with
     /// their own seqs, ids and times, in one transaction that also adds them to the
     /// mailbox's head (whose `last_seq` becomes at least the highest seq copied) and
-    /// to the relay-wide totals.
-    pub fn import_messages(&self, to: &DeviceAddress, msgs: &[StoredMessage]) -> StoreResult<()> {
+    /// to the relay-wide totals. `bodies[i]` names the body (imported before) of
+    /// `msgs[i]` when that is an entry; the body's `refs` counts it.
+    pub fn import_messages(
+        &self,
+        to: &DeviceAddress,
+        msgs: &[StoredMessage],
+        bodies: &[Option<[u8; 16]>],
+    ) -> StoreResult<()> {
         let Some(last) = msgs.last() else {
             return Ok(());
         };
+        let mut body_ids: Vec<Option<&[u8]>> = Vec::with_capacity(msgs.len());
+        let mut body_lens: Vec<Option<i64>> = Vec::with_capacity(msgs.len());
+        for (i, m) in msgs.iter().enumerate() {
+            let id = bodies.get(i).and_then(|b| b.as_ref());
+            match (&m.shared_body, id) {
+                (None, None) => {
+                    body_ids.push(None);
+                    body_lens.push(None);
+                }
+                (Some(b), Some(id)) => {
+                    body_ids.push(Some(&id[..]));
+                    body_lens.push(Some(signed(b.len() as u64)?));
+                }
+                _ => return Err(StoreError::Backend("an entry without its body id".into())),
+            }
+        }
+        let refs: Vec<&[u8]> = body_ids.iter().flatten().copied().collect();
         let account = &to.account.as_bytes()[..];
         let device = dev(to);
         let last = seq(last.seq)?;
@@ -250,20 +307,35 @@ impl PgBackend {
             .map(|m| signed(m.expires_at))
             .collect::<StoreResult<Vec<_>>>()?;
         let count = signed(msgs.len() as u64)?;
-        let bytes = signed(msgs.iter().map(|m| m.payload.len() as u64).sum())?;
+        // The mailbox counts each entry with its body; the relay counted the body
+        // once, when it was imported.
+        let own = signed(msgs.iter().map(|m| m.payload.len() as u64).sum())?;
+        let bytes = signed(msgs.iter().map(|m| m.len()).sum())?;
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
                 exec_in(
                     &tx,
                     "INSERT INTO messages (account, device, seq, message_id, payload, \
-                     accepted_at, expires_at) SELECT $1, $2, * FROM unnest($3::int8[], \
-                     $4::bytea[], $5::bytea[], $6::int8[], $7::int8[])",
+                     accepted_at, expires_at, body_id, body_len) SELECT $1, $2, * \
+                     FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], \
+                     $8::bytea[], $9::int8[])",
                     &[
-                        &account, &device, &seqs, &ids, &payloads, &accepted, &expires,
+                        &account, &device, &seqs, &ids, &payloads, &accepted, &expires, &body_ids,
+                        &body_lens,
                     ],
                 )
                 .await?;
+                if !refs.is_empty() {
+                    exec_in(
+                        &tx,
+                        "UPDATE shared_bodies b SET refs = b.refs + r.n FROM \
+                         (SELECT id, count(*)::int8 AS n FROM unnest($1::bytea[]) id \
+                          GROUP BY id) r WHERE b.id = r.id",
+                        &[&refs],
+                    )
+                    .await?;
+                }
                 let rows = query_in(
                     &tx,
                     "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
@@ -283,7 +355,7 @@ impl PgBackend {
                 exec_in(
                     &tx,
                     super::writer::ADD_TOTALS,
-                    &[&0i32, &count, &bytes, &new_mailbox],
+                    &[&0i32, &count, &own, &new_mailbox],
                 )
                 .await?;
             })
@@ -306,6 +378,67 @@ impl PgBackend {
              ON CONFLICT (account, device) DO UPDATE SET \
              last_seq = greatest(h.last_seq, EXCLUDED.last_seq)",
             &[&accounts, &devices, &floor],
+        ))
+        .map(drop)
+    }
+
+    /// Inserts devices' key packages as they were: the pool in order (ids 1, 2, …, so
+    /// the oldest is still handed out first) and the last-resort package.
+    pub fn import_key_packages(&self, devices: &[DumpedPackages]) -> StoreResult<()> {
+        let (mut acc, mut dev_ids, mut ids, mut packages) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut l_acc, mut l_dev, mut l_package) = (Vec::new(), Vec::new(), Vec::new());
+        for d in devices {
+            for (n, p) in d.one_time.iter().enumerate() {
+                acc.push(&d.device.account.as_bytes()[..]);
+                dev_ids.push(dev(&d.device));
+                ids.push(signed(n as u64 + 1)?);
+                packages.push(&p[..]);
+            }
+            if let Some(p) = &d.last_resort {
+                l_acc.push(&d.device.account.as_bytes()[..]);
+                l_dev.push(dev(&d.device));
+                l_package.push(&p[..]);
+            }
+        }
+        self.run(async {
+            let mut client = self.client().await?;
+            transaction!(self, client, |tx| {
+                exec_in(
+                    &tx,
+                    "INSERT INTO key_packages (account, device, id, package) \
+                     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[])",
+                    &[&acc, &dev_ids, &ids, &packages],
+                )
+                .await?;
+                exec_in(
+                    &tx,
+                    "INSERT INTO last_resort_key_packages (account, device, package) \
+                     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::bytea[])",
+                    &[&l_acc, &l_dev, &l_package],
+                )
+                .await?;
+            })
+        })
+    }
+
+    /// Inserts group handles with their states as they were.
+    pub fn import_groups(&self, groups: &[(HandleBytes, GroupState)]) -> StoreResult<()> {
+        let handles: Vec<&[u8]> = groups.iter().map(|(h, _)| &h[..]).collect();
+        let epochs = groups
+            .iter()
+            .map(|(_, s)| signed(s.epoch))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let tokens: Vec<&[u8]> = groups.iter().map(|(_, s)| &s.token_hash[..]).collect();
+        let commits: Vec<&[u8]> = groups.iter().map(|(_, s)| &s.last_commit_id[..]).collect();
+        let days: Vec<i64> = groups
+            .iter()
+            .map(|(_, s)| i64::from(s.touched_day))
+            .collect();
+        self.run(self.exec(
+            "INSERT INTO group_epochs (handle, epoch, token_hash, last_commit_id, touched_day) \
+             SELECT * FROM unnest($1::bytea[], $2::int8[], $3::bytea[], $4::bytea[], $5::int8[])",
+            &[&handles, &epochs, &tokens, &commits, &days],
         ))
         .map(drop)
     }

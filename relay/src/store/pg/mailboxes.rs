@@ -17,15 +17,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tern_platform::clock::UnixMillis;
-use tern_proto::{DeviceAddress, MessageId};
+use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, oneshot};
 
+use super::bodies::{deleted_cols, deleted_counts, release};
 use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
-    Envelope, Expired, MailboxStore, Staged, StoreError, StoreResult, StoredMessage, Totals, Usage,
+    Envelope, Expired, MailboxStore, SharedAppend, Staged, StoreError, StoreResult, StoredMessage,
+    Totals, Usage,
 };
 
 /// How old cached totals may be.
@@ -40,16 +41,37 @@ const MAX_PURGE_PAGES: usize = 10_000;
 
 /// The oldest page of a mailbox: everything up to its `PURGE_PAGE_ROWS`th seq (an
 /// init plan, then one range of the primary key), or all of it when it holds fewer.
-pub(super) const PURGE_PAGE: &str = "WITH d AS (DELETE FROM messages \
+pub(super) const PURGE_PAGE: &str = concat!(
+    "WITH d AS (DELETE FROM messages \
      WHERE account = $1 AND device = $2 AND seq <= coalesce((SELECT seq FROM messages \
        WHERE account = $1 AND device = $2 ORDER BY seq OFFSET 10000 - 1 LIMIT 1), \
        9223372036854775807) \
-     RETURNING octet_length(payload) AS n) \
-     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+     RETURNING ",
+    deleted_cols!(),
+    ")",
+    release!(),
+    deleted_counts!()
+);
 
-const PURGE_REST: &str = "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 \
-     RETURNING octet_length(payload) AS n) \
-     SELECT count(*), coalesce(sum(n), 0)::int8 FROM d";
+const PURGE_REST: &str = concat!(
+    "WITH d AS (DELETE FROM messages WHERE account = $1 AND device = $2 RETURNING ",
+    deleted_cols!(),
+    ")",
+    release!(),
+    deleted_counts!()
+);
+
+/// Only what is still expired: an entry names its expiry, and a message's expiry never
+/// moves, so a stale entry deletes nothing newer.
+const EXPIRE: &str = concat!(
+    "WITH d AS (DELETE FROM messages m USING unnest($3::int8[], $4::int8[]) e(s, x) \
+     WHERE m.account = $1 AND m.device = $2 AND m.seq = e.s AND m.expires_at <= e.x \
+     RETURNING ",
+    deleted_cols!(),
+    ")",
+    release!(),
+    deleted_counts!()
+);
 
 /// How long a failed usage prefetch answers for the read under the device lock.
 const PREFETCH_FAILURE_HOLDS: Duration = Duration::from_millis(100);
@@ -213,11 +235,11 @@ pub(super) fn addr_of(account: &[u8], device: i64) -> StoreResult<DeviceAddress>
 }
 
 /// Unix ms as `bigint`: clamped, with `u64::MAX` ("never") kept as `i64::MAX`.
-fn to_db(t: u64) -> i64 {
+pub(super) fn to_db(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-fn from_db(t: i64) -> u64 {
+pub(super) fn from_db(t: i64) -> u64 {
     if t == i64::MAX {
         u64::MAX
     } else {
@@ -281,7 +303,7 @@ impl PgBackend {
         Ok(rx)
     }
 
-    fn enqueue(&self, op: Op) -> StoreResult<()> {
+    pub(super) fn enqueue(&self, op: Op) -> StoreResult<()> {
         self.mail()?
             .queue
             .send((Instant::now(), op))
@@ -339,7 +361,8 @@ impl PgBackend {
     }
 
     /// Deletes from one mailbox in a transaction of its own: heads row locked first,
-    /// then `delete` (which returns count and bytes), then heads and totals.
+    /// then `delete` (which returns the count, the mailbox's bytes and the relay's, and
+    /// releases shared bodies), then heads and totals.
     fn delete_in_mailbox(
         &self,
         of: &DeviceAddress,
@@ -351,7 +374,7 @@ impl PgBackend {
         let (account, device) = key(of);
         let slot = mail.slot;
         let extra = extra.as_ref();
-        let delta = self.run(async {
+        let (delta, freed) = self.run(async {
             let mut client = self.client().await?;
             let k = (account, device);
             match delete_tx(&mut client, slot, k, delete, extra, forget_head).await {
@@ -365,10 +388,7 @@ impl PgBackend {
         })?;
         mail.totals.apply(delta);
         mail.usage.forget(of);
-        Ok(Usage {
-            messages: (-delta.messages) as u64,
-            bytes: (-delta.bytes) as u64,
-        })
+        Ok(freed)
     }
 }
 
@@ -380,7 +400,7 @@ async fn delete_tx(
     delete: &str,
     extra: Option<&(Vec<i64>, Vec<i64>)>,
     forget_head: bool,
-) -> Result<TotalsDelta, tokio_postgres::Error> {
+) -> Result<(TotalsDelta, Usage), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let delete = async {
         let row = match extra {
@@ -390,7 +410,11 @@ async fn delete_tx(
             }
             None => tx.query_one(delete, &[&account, &device]).await?,
         };
-        Ok::<(i64, i64), tokio_postgres::Error>((row.try_get(0)?, row.try_get(1)?))
+        Ok::<(i64, i64, i64), tokio_postgres::Error>((
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+        ))
     };
     // The head first, as every mailbox transaction takes it: a batch that holds it
     // (it passed the deletion check) has committed before the rows are read.
@@ -408,10 +432,12 @@ async fn delete_tx(
         .await?
     }
     .map_or(Ok(0), |r| r.try_get(0))?;
-    let (n, bytes) = delete.await?;
+    // The mailbox's bytes (entries with their bodies), and the relay's (parts, and
+    // the bodies deleted with their last entry).
+    let (n, bytes, relay_bytes) = delete.await?;
     if n == 0 && !forget_head {
         tx.commit().await?;
-        return Ok(TotalsDelta::default());
+        return Ok(Default::default());
     }
     let after = if forget_head {
         0
@@ -426,8 +452,12 @@ async fn delete_tx(
     };
     let delta = TotalsDelta {
         messages: -n,
-        bytes: -bytes,
+        bytes: -relay_bytes,
         mailboxes: i64::from(after > 0) - i64::from(before > 0),
+    };
+    let freed = Usage {
+        messages: n.max(0) as u64,
+        bytes: bytes.max(0) as u64,
     };
     if !delta.is_zero() {
         tx.execute(
@@ -437,7 +467,7 @@ async fn delete_tx(
         .await?;
     }
     tx.commit().await?;
-    Ok(delta)
+    Ok((delta, freed))
 }
 
 impl MailboxStore for PgBackend {
@@ -473,38 +503,30 @@ impl MailboxStore for PgBackend {
         self.wait_for_writer(staged)
     }
 
-    fn append_shared(&self, _append: &crate::store::SharedAppend<'_>) -> StoreResult<Vec<u64>> {
-        Err(StoreError::Backend(
-            "shared bodies are not stored on PostgreSQL yet".into(),
-        ))
+    fn stage_append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Staged<Vec<u64>>> {
+        if append.entries.is_empty() {
+            return Ok(Staged::Applied(Vec::new()));
+        }
+        self.queue_append_shared(append).map(Staged::Pending)
+    }
+
+    fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>> {
+        let staged = self.stage_append_shared(append)?;
+        self.wait_for_writer(staged)
+    }
+
+    fn shared_bodies(&self) -> u64 {
+        self.count_bodies().unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "counting shared bodies failed");
+            0
+        })
     }
 
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
         let Some(after) = cursor(after) else {
             return Ok(Vec::new());
         };
-        let (account, device) = key(of);
-        let rows = self.run(self.rows(
-            "SELECT seq, message_id, payload, accepted_at, expires_at FROM messages \
-             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-            &[&account, &device, &after, &limit(max)],
-        ))?;
-        rows.iter()
-            .map(|r| {
-                let id: &[u8] = self.col(r, 1)?;
-                Ok(StoredMessage {
-                    seq: self.col::<i64>(r, 0)? as u64,
-                    message_id: MessageId(
-                        id.try_into()
-                            .map_err(|_| StoreError::Corrupt("message id"))?,
-                    ),
-                    payload: Bytes::from(self.col::<Vec<u8>>(r, 2)?),
-                    accepted_at: from_db(self.col(r, 3)?),
-                    expires_at: from_db(self.col(r, 4)?),
-                    shared_body: None,
-                })
-            })
-            .collect()
+        self.read_page(key(of), after, limit(max))
     }
 
     fn seqs(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<u64>> {
@@ -621,17 +643,7 @@ impl MailboxStore for PgBackend {
         if seqs.is_empty() {
             return Ok(Usage::default());
         }
-        // Only what is still expired: an entry names its expiry, and a message's
-        // expiry never moves, so a stale entry deletes nothing newer.
-        self.delete_in_mailbox(
-            of,
-            "WITH d AS (DELETE FROM messages m USING unnest($3::int8[], $4::int8[]) e(s, x) \
-             WHERE m.account = $1 AND m.device = $2 AND m.seq = e.s AND m.expires_at <= e.x \
-             RETURNING octet_length(m.payload) AS n) \
-             SELECT count(*), coalesce(sum(n), 0)::int8 FROM d",
-            Some((seqs, until)),
-            false,
-        )
+        self.delete_in_mailbox(of, EXPIRE, Some((seqs, until)), false)
     }
 
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {

@@ -25,6 +25,7 @@ use tokio_postgres::error::SqlState;
 
 use super::{Durability, StoreError, StoreResult};
 
+mod bodies;
 pub mod cluster;
 mod discovery;
 mod groups;
@@ -628,6 +629,8 @@ mod mailbox_tests;
 pub(crate) mod testdb;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_bodies;
 #[cfg(test)]
 mod tests_discovery;
 #[cfg(test)]

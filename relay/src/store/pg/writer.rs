@@ -22,10 +22,24 @@ use deadpool_postgres::Pool;
 use tern_proto::{AccountId, DeviceAddress};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use bytes::Bytes;
+use tern_proto::MessageId;
+
+use super::bodies::INSERT_BODIES;
 use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
 use super::rows::account_of;
-use crate::store::{Envelope, StoreError, StoreResult, Usage};
+use crate::store::{Envelope, SharedEntry, StoreError, StoreResult, Usage};
+
+mod acks;
+mod answer;
+mod inserts;
+mod sql;
+use acks::Barrier;
+use answer::totals_delta;
+use inserts::inserts;
+pub(super) use sql::ADD_TOTALS;
+use sql::*;
 
 /// In the error of an op failed before anything of it was written (it waited in the
 /// queue past the deadline).
@@ -50,6 +64,16 @@ pub(super) enum Op {
         seqs: Vec<u64>,
         reply: oneshot::Sender<StoreResult<Usage>>,
     },
+    /// A body stored once (as `id`) and one entry per mailbox pointing at it.
+    AppendShared {
+        id: [u8; 16],
+        message_id: MessageId,
+        body: Bytes,
+        entries: Vec<SharedEntry>,
+        accepted_at: i64,
+        expires_at: i64,
+        reply: oneshot::Sender<StoreResult<Vec<u64>>>,
+    },
 }
 
 impl Op {
@@ -57,6 +81,7 @@ impl Op {
         match self {
             Op::Append { msgs, .. } => msgs.len(),
             Op::Remove { seqs, .. } => seqs.len(),
+            Op::AppendShared { entries, .. } => entries.len() + 1,
         }
     }
 
@@ -64,6 +89,9 @@ impl Op {
         match self {
             Op::Append { msgs, .. } => msgs.iter().map(|m| m.payload.len()).sum(),
             Op::Remove { .. } => 0,
+            Op::AppendShared { body, entries, .. } => {
+                body.len() + entries.iter().map(|e| e.part.len()).sum::<usize>()
+            }
         }
     }
 
@@ -71,6 +99,7 @@ impl Op {
         match self {
             Op::Append { reply, .. } => drop(reply.send(Err(e))),
             Op::Remove { reply, .. } => drop(reply.send(Err(e))),
+            Op::AppendShared { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -103,41 +132,6 @@ pub(super) struct Writer {
     pub(super) barrier: Option<Barrier>,
 }
 
-/// A durability barrier shared by every caller waiting at the time: one transaction
-/// that commits synchronously. It writes a record to the WAL (a transactional logical
-/// message, which takes no lock; a transaction that only takes an id would commit
-/// without waiting), so its commit waits for the flush and for a synchronous standby.
-/// The WAL is flushed in order, so it makes durable every commit that returned
-/// before it began.
-#[derive(Default)]
-pub(super) struct Barrier {
-    /// One barrier at a time.
-    turn: tokio::sync::Mutex<()>,
-    /// Barriers begun.
-    begun: AtomicU64,
-    /// The last barrier that completed.
-    done: AtomicU64,
-}
-
-impl Barrier {
-    /// Returns once a barrier begun after this call has committed.
-    async fn after(&self, pool: &Pool, hosts: &str) -> Result<(), Failure> {
-        let need = self.begun.load(Ordering::SeqCst) + 1;
-        let _turn = self.turn.lock().await;
-        if self.done.load(Ordering::SeqCst) >= need {
-            return Ok(());
-        }
-        let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let open = Open::from(pool, hosts).await?;
-        open.client()?
-            .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
-            .await?;
-        open.committed();
-        self.done.store(no, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
 /// Which appends a batch refuses, checked after the head locks (a purge locks the
 /// heads before deleting, so it sees whatever passed the check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,8 +151,9 @@ pub(super) enum AccountCheck {
 struct Part {
     /// Messages and payload bytes appended.
     appended: (i64, i64),
-    /// Indexes of the batch's appends to it, in queue order.
-    appends: Vec<usize>,
+    /// The batch's appends to it, in queue order: the op's index, and for a shared
+    /// append the index of this mailbox's entry.
+    appends: Vec<(usize, usize)>,
     /// Seqs to remove, each with the index of the first removal naming it.
     removes: BTreeMap<u64, usize>,
 }
@@ -169,7 +164,7 @@ struct Outcome {
     /// Heads after the upsert: last seq, messages, bytes.
     heads: HashMap<DeviceAddress, (i64, i64, i64)>,
     refused: HashSet<DeviceAddress>,
-    /// Deleted (mailbox, seq, payload bytes).
+    /// Deleted (mailbox, seq, the mailbox's bytes: payload, or part and body).
     deleted: Vec<(DeviceAddress, u64, u64)>,
 }
 
@@ -229,7 +224,15 @@ fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
                 let part = parts.entry(*to).or_default();
                 part.appended.0 += msgs.len() as i64;
                 part.appended.1 += msgs.iter().map(|m| m.payload.len() as i64).sum::<i64>();
-                part.appends.push(i);
+                part.appends.push((i, 0));
+            }
+            Op::AppendShared { body, entries, .. } => {
+                for (j, e) in entries.iter().enumerate() {
+                    let part = parts.entry(e.to).or_default();
+                    part.appended.0 += 1;
+                    part.appended.1 += (e.part.len() + body.len()) as i64;
+                    part.appends.push((i, j));
+                }
             }
             // An empty removal is a barrier: answered once what was queued before it
             // has committed (batches are answered in order).
@@ -486,38 +489,30 @@ impl Writer {
         } = locked;
         let tx = open.client()?;
         // 3. The inserts and the deletions, pipelined.
-        let mut ins = InsertCols::default();
-        for (to, part) in parts.iter().filter(|(to, _)| !refused.contains(*to)) {
-            let Some(&(last, _, _)) = heads.get(to) else {
-                continue;
-            };
-            let mut seq = last - part.appended.0;
-            for &i in &part.appends {
-                if let Op::Append {
-                    msgs,
-                    accepted_at,
-                    expires_at,
-                    ..
-                } = &ops[i]
-                {
-                    for m in msgs {
-                        seq += 1;
-                        ins.push(to, seq, m, *accepted_at, *expires_at);
-                    }
-                }
-            }
-        }
+        let (ins, bodies, mut shared_bytes) = inserts(ops, parts, &heads, &refused);
         let del = removal_cols(parts);
         // Prepared first (once per connection), so that each statement below goes out
         // when first polled, in the order written: the round trips are the inserts
         // and deletions (only when the batch deletes: the heads' decrements need
         // their answer), then the rest with COMMIT.
         let insert_st = tx.prepare_cached(INSERT_MESSAGES).await?;
+        let bodies_st = tx.prepare_cached(INSERT_BODIES).await?;
         let delete_st = tx.prepare_cached(DELETE_MESSAGES).await?;
         let decrement_st = tx.prepare_cached(DECREMENT_HEADS).await?;
         let totals_st = tx.prepare_cached(ADD_TOTALS).await?;
         let forget_st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
-        let insert = async {
+        let insert_bodies = async {
+            if bodies.is_empty() {
+                return Ok(0);
+            }
+            let ids: Vec<&[u8]> = bodies.iter().map(|b| b.id).collect();
+            let payloads: Vec<&[u8]> = bodies.iter().map(|b| b.payload).collect();
+            let expires: Vec<i64> = bodies.iter().map(|b| b.expires_at).collect();
+            let refs: Vec<i64> = bodies.iter().map(|b| b.refs).collect();
+            tx.execute(&bodies_st, &[&ids, &payloads, &expires, &refs])
+                .await
+        };
+        let insert_messages = async {
             if ins.accounts.is_empty() {
                 return Ok(0);
             }
@@ -531,9 +526,15 @@ impl Writer {
                     &ins.payloads,
                     &ins.accepted,
                     &ins.expires,
+                    &ins.body_ids,
+                    &ins.body_lens,
                 ],
             )
             .await
+        };
+        let insert = async {
+            let (b, m) = futures::join!(insert_bodies, insert_messages);
+            Ok::<u64, tokio_postgres::Error>(b? + m?)
         };
         // With deletions, the inserts go out beside them; without, beside COMMIT.
         let mut deleted = Vec::new();
@@ -547,9 +548,16 @@ impl Writer {
             let (inserted, deleted_rows) = futures::join!(insert, delete);
             inserted?;
             for row in deleted_rows? {
-                let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
-                let seq: i64 = row.try_get(2)?;
-                let len: i32 = row.try_get(3)?;
+                // A body deleted with its last entry: the relay's bytes lose it.
+                if row.try_get::<_, i32>(0)? == 2 {
+                    shared_bytes -= row.try_get::<_, i64>(3)?;
+                    continue;
+                }
+                let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+                let seq: i64 = row.try_get(3)?;
+                let (len, own): (i64, i64) = (row.try_get(4)?, row.try_get(5)?);
+                // The relay's bytes keep an entry's body (other entries hold it).
+                shared_bytes += len - own;
                 deleted.push((to, seq as u64, len.max(0) as u64));
             }
             None
@@ -577,7 +585,8 @@ impl Writer {
         for to in &refused {
             gone.push(to, 0, 0, 0);
         }
-        let delta = totals_delta(parts, &heads, &less);
+        let mut delta = totals_delta(parts, &heads, &less);
+        delta.bytes += shared_bytes;
         let inserted = async {
             match later {
                 Some(insert) => insert.await,
@@ -654,145 +663,6 @@ impl Writer {
             deleted,
         })
     }
-
-    /// A batch of removals (acks): one round trip, a transaction that locks their
-    /// heads in (account, device) order, then deletes the rows, updates the heads and
-    /// the totals slot in one statement, and commits without waiting for the flush, so
-    /// the heads are free at once; then a [`Barrier`] before the callers hear.
-    async fn remove(
-        &self,
-        parts: &BTreeMap<DeviceAddress, Part>,
-        totals_slot: i32,
-    ) -> Result<Outcome, Failure> {
-        let del = removal_cols(parts);
-        if del.accounts.is_empty() {
-            return Ok(Outcome::default());
-        }
-        let mut heads = HeadCols::default();
-        for to in parts
-            .iter()
-            .filter(|(_, p)| !p.removes.is_empty())
-            .map(|(to, _)| to)
-        {
-            heads.push(to, 0, 0, 0);
-        }
-        let open = Open::from(&self.lazy, &self.hosts).await?;
-        let tx = open.client()?;
-        let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
-        let remove_st = tx.prepare_cached(REMOVE).await?;
-        // One round trip: the heads first, in (account, device) order, as every
-        // mailbox transaction takes them; then the rows.
-        let (began, locked, removed, committed) = futures::join!(
-            tx.batch_execute("BEGIN"),
-            async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
-            async {
-                tx.query(
-                    &remove_st,
-                    &[&del.accounts, &del.devices, &del.a, &totals_slot],
-                )
-                .await
-            },
-            tx.batch_execute("COMMIT"),
-        );
-        began?;
-        locked?;
-        let rows = removed?;
-        committed?;
-        open.committed();
-        let mut out = Outcome::default();
-        let mut delta = TotalsDelta::default();
-        for row in &rows {
-            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
-            let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-            if row.try_get::<_, i32>(0)? == 0 {
-                out.deleted.push((to, a as u64, b.max(0) as u64));
-                delta.messages -= 1;
-                delta.bytes -= b;
-            } else {
-                delta.mailboxes -= i64::from(a == 0);
-                // Read again when next needed: a send batch on another lane may
-                // have set a newer value meanwhile.
-                self.usage.forget(&to);
-            }
-        }
-        // Committed (visible to every node, the heads free again): counted now, even
-        // should the barrier fail.
-        self.totals.apply(delta);
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rows
-            .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
-        // Durable before answered.
-        if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts).await?;
-        }
-        Ok(out)
-    }
-
-    /// Hands each caller its part of a committed batch.
-    fn answer(&self, ops: Vec<Op>, parts: &BTreeMap<DeviceAddress, Part>, out: Outcome) {
-        let mut freed: HashMap<usize, Usage> = HashMap::new();
-        for (to, seq, len) in &out.deleted {
-            if let Some(&i) = parts.get(to).and_then(|p| p.removes.get(seq)) {
-                let u = freed.entry(i).or_default();
-                u.messages += 1;
-                u.bytes += len;
-            }
-        }
-        // Seqs per mailbox in queue order, as the insert numbered them.
-        let mut next: HashMap<DeviceAddress, i64> = parts
-            .iter()
-            .filter_map(|(to, p)| {
-                let &(last, _, _) = out.heads.get(to)?;
-                Some((*to, last - p.appended.0))
-            })
-            .collect();
-        for (i, op) in ops.into_iter().enumerate() {
-            match op {
-                Op::Append {
-                    to, msgs, reply, ..
-                } => {
-                    let result = if out.refused.contains(&to) {
-                        Err(StoreError::Deleted)
-                    } else if let Some(base) = next.get_mut(&to) {
-                        let seqs = (1..=msgs.len() as i64)
-                            .map(|k| (*base + k) as u64)
-                            .collect();
-                        *base += msgs.len() as i64;
-                        Ok(seqs)
-                    } else {
-                        Err(StoreError::Backend("mailbox head missing".into()))
-                    };
-                    let _ = reply.send(result);
-                }
-                Op::Remove { reply, .. } => {
-                    let _ = reply.send(Ok(freed.get(&i).copied().unwrap_or_default()));
-                }
-            }
-        }
-    }
-}
-
-/// How the totals change: messages and bytes, and mailboxes that became non-empty
-/// less those that emptied.
-fn totals_delta(
-    parts: &BTreeMap<DeviceAddress, Part>,
-    heads: &HashMap<DeviceAddress, (i64, i64, i64)>,
-    less: &BTreeMap<DeviceAddress, (i64, i64)>,
-) -> TotalsDelta {
-    let mut delta = TotalsDelta::default();
-    for (to, part) in parts {
-        let Some(&(_, messages, _)) = heads.get(to) else {
-            continue;
-        };
-        let (gone_m, gone_b) = less.get(to).copied().unwrap_or_default();
-        let before = messages - part.appended.0;
-        let after = messages - gone_m;
-        delta.messages += part.appended.0 - gone_m;
-        delta.bytes += part.appended.1 - gone_b;
-        delta.mailboxes += i64::from(after > 0) - i64::from(before > 0);
-    }
-    delta
 }
 
 enum Failure {
@@ -816,120 +686,3 @@ fn removal_cols(parts: &BTreeMap<DeviceAddress, Part>) -> HeadCols<'_> {
     }
     del
 }
-
-/// Per-mailbox columns for `unnest`.
-#[derive(Default)]
-struct HeadCols<'a> {
-    accounts: Vec<&'a [u8]>,
-    devices: Vec<i64>,
-    a: Vec<i64>,
-    b: Vec<i64>,
-    c: Vec<i64>,
-}
-
-impl<'a> HeadCols<'a> {
-    fn push(&mut self, to: &'a DeviceAddress, a: i64, b: i64, c: i64) {
-        self.accounts.push(to.account.as_bytes().as_slice());
-        self.devices.push(i64::from(to.device.get()));
-        self.a.push(a);
-        self.b.push(b);
-        self.c.push(c);
-    }
-}
-
-#[derive(Default)]
-struct InsertCols<'a> {
-    accounts: Vec<&'a [u8]>,
-    devices: Vec<i64>,
-    seqs: Vec<i64>,
-    ids: Vec<&'a [u8]>,
-    payloads: Vec<&'a [u8]>,
-    accepted: Vec<i64>,
-    expires: Vec<i64>,
-}
-
-impl<'a> InsertCols<'a> {
-    fn push(&mut self, to: &'a DeviceAddress, seq: i64, m: &'a Envelope, at: i64, until: i64) {
-        self.accounts.push(to.account.as_bytes().as_slice());
-        self.devices.push(i64::from(to.device.get()));
-        self.seqs.push(seq);
-        self.ids.push(m.message_id.0.as_slice());
-        self.payloads.push(&m.payload);
-        self.accepted.push(at);
-        self.expires.push(until);
-    }
-}
-
-// The rows come sorted by (account, device), so the locks are taken in that order.
-const UPSERT_HEADS: &str =
-    "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
-     ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
-       messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
-     RETURNING account, device, last_seq, messages, bytes";
-
-/// (The devices, `$2`, are not needed here; the condition on them only gives both
-/// checks the same parameters.)
-const INTENTS: &str = "SELECT account, NULL::int8 FROM account_deletions \
-     WHERE account = ANY($1::bytea[]) AND cardinality($2::int8[]) >= 0";
-
-/// Also a mailbox whose device row is gone (a removed device: its removal deletes the
-/// row before it purges the mailbox, so a send that resolved it earlier leaves nothing).
-const INTENTS_OR_NO_ROW: &str = "SELECT t.a, t.dv FROM unnest($1::bytea[], $2::int8[]) t(a, dv) \
-     WHERE EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = t.a) \
-       OR NOT EXISTS (SELECT 1 FROM accounts c WHERE c.account = t.a) \
-       OR NOT EXISTS (SELECT 1 FROM devices v WHERE v.account = t.a AND v.device = t.dv)";
-
-const INSERT_MESSAGES: &str = "INSERT INTO messages \
-     (account, device, seq, message_id, payload, accepted_at, expires_at) \
-     SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], \
-       $6::int8[], $7::int8[])";
-
-const DELETE_MESSAGES: &str = "DELETE FROM messages m \
-     USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
-     WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
-     RETURNING m.account, m.device, m.seq, octet_length(m.payload)";
-
-const DECREMENT_HEADS: &str = "UPDATE mailbox_heads h \
-     SET messages = h.messages - d.m, bytes = h.bytes - d.b \
-     FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[]) d(a, dv, m, b) \
-     WHERE h.account = d.a AND h.device = d.dv";
-
-// The heads of a batch of removals, locked in (account, device) order.
-const LOCK_HEADS: &str = "SELECT 1 FROM mailbox_heads h \
-     JOIN unnest($1::bytea[], $2::int8[]) d(a, dv) ON h.account = d.a AND h.device = d.dv \
-     ORDER BY h.account, h.device FOR UPDATE OF h";
-
-// After LOCK_HEADS: the rows, then their heads' counts (a head exists while its
-// mailbox has rows, so the insert never adds one), then the totals slot. Rows of kind
-// 0 are the deleted messages (seq, payload bytes), of kind 1 the heads after
-// (messages, bytes).
-const REMOVE: &str = "WITH del AS (DELETE FROM messages m \
-       USING unnest($1::bytea[], $2::int8[], $3::int8[]) d(a, dv, s) \
-       WHERE m.account = d.a AND m.device = d.dv AND m.seq = d.s \
-       RETURNING m.account, m.device, m.seq, octet_length(m.payload)::int8 AS n), \
-     per AS (SELECT account, device, count(*)::int8 AS c, sum(n)::int8 AS b \
-       FROM del GROUP BY account, device), \
-     dec AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-       SELECT account, device, 0, -c, -b FROM per ORDER BY account, device \
-       ON CONFLICT (account, device) DO UPDATE \
-       SET messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
-       RETURNING h.account, h.device, h.messages, h.bytes), \
-     tot AS (UPDATE mailbox_totals t SET messages = t.messages - s.c, \
-       bytes = t.bytes - s.b, mailboxes = t.mailboxes - s.e \
-       FROM (SELECT coalesce(sum(per.c), 0)::int8 AS c, coalesce(sum(per.b), 0)::int8 AS b, \
-         count(*) FILTER (WHERE dec.messages = 0)::int8 AS e \
-         FROM dec JOIN per USING (account, device)) s \
-       WHERE t.slot = $4 AND s.c > 0) \
-     SELECT 0, account, device, seq, n FROM del \
-     UNION ALL SELECT 1, account, device, messages, bytes FROM dec";
-
-const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
-     USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
-     WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0";
-
-/// Rows of `mailbox_totals` (V2 creates 0..64).
-const TOTAL_SLOTS: i32 = 64;
-
-pub(super) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
-     bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";

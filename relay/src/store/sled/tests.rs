@@ -344,3 +344,45 @@ fn shared_bodies_survive_reopen_and_unheld_ones_are_dropped() {
     assert!(store.mailboxes.get(key).expect("get").is_none());
     assert_eq!(store.shared_bodies(), 0);
 }
+
+#[test]
+fn a_read_skips_an_entry_whose_body_expiry_deleted_meanwhile() {
+    use crate::store::{SharedAppend, SharedEntry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+    let (a, b) = (
+        crate::store::conformance::addr(80, 1),
+        crate::store::conformance::addr(80, 2),
+    );
+    let own = |i: u8| crate::store::Envelope {
+        message_id: tern_proto::MessageId([i; 16]),
+        payload: bytes::Bytes::from_static(b"own"),
+    };
+    let first = store.append(&a, &[own(1)], 1_000, 9_000).expect("append")[0];
+    let body = bytes::Bytes::from_static(b"body");
+    let entries = [a, b].map(|to| SharedEntry {
+        to,
+        part: bytes::Bytes::new(),
+    });
+    let seqs = store
+        .append_shared(&SharedAppend {
+            message_id: tern_proto::MessageId([2; 16]),
+            body: &body,
+            entries: &entries,
+            accepted_at: 1_000,
+            expires_at: 2_000,
+        })
+        .expect("append shared");
+    let last = store.append(&a, &[own(3)], 1_000, 9_000).expect("append")[0];
+    // Where a read stands after taking the entry from the range and before reading
+    // its body, when the sweep has deleted both meanwhile: the body is gone.
+    let key = mailboxes::body_key_of(&a, seqs[0]);
+    store.mailboxes.remove(key).expect("remove");
+    let read = store.read(&a, 0, 10).expect("a read does not fail");
+    assert_eq!(
+        read.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![first, last],
+        "the entry is skipped, the messages around it delivered"
+    );
+    assert!(store.read(&b, 0, 10).expect("read").is_empty());
+}

@@ -1,0 +1,129 @@
+//! A batch of acks alone: one round trip on a connection that commits without
+//! waiting for the flush, then a durability barrier before the callers hear.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deadpool_postgres::Pool;
+use tern_proto::DeviceAddress;
+
+use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
+use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, Writer};
+
+/// A durability barrier shared by every caller waiting at the time: one transaction
+/// that commits synchronously. It writes a record to the WAL (a transactional logical
+/// message, which takes no lock; a transaction that only takes an id would commit
+/// without waiting), so its commit waits for the flush and for a synchronous standby.
+/// The WAL is flushed in order, so it makes durable every commit that returned
+/// before it began.
+#[derive(Default)]
+pub(in crate::store::pg) struct Barrier {
+    /// One barrier at a time.
+    turn: tokio::sync::Mutex<()>,
+    /// Barriers begun.
+    begun: AtomicU64,
+    /// The last barrier that completed.
+    done: AtomicU64,
+}
+
+impl Barrier {
+    /// Returns once a barrier begun after this call has committed.
+    pub(super) async fn after(&self, pool: &Pool, hosts: &str) -> Result<(), Failure> {
+        let need = self.begun.load(Ordering::SeqCst) + 1;
+        let _turn = self.turn.lock().await;
+        if self.done.load(Ordering::SeqCst) >= need {
+            return Ok(());
+        }
+        let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let open = Open::from(pool, hosts).await?;
+        open.client()?
+            .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
+            .await?;
+        open.committed();
+        self.done.store(no, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Writer {
+    /// A batch of removals (acks): one round trip, a transaction that locks their
+    /// heads in (account, device) order, then deletes the rows, updates the heads and
+    /// the totals slot in one statement, and commits without waiting for the flush, so
+    /// the heads are free at once; then a [`Barrier`] before the callers hear.
+    pub(super) async fn remove(
+        &self,
+        parts: &BTreeMap<DeviceAddress, Part>,
+        totals_slot: i32,
+    ) -> Result<Outcome, Failure> {
+        let del = removal_cols(parts);
+        if del.accounts.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let mut heads = HeadCols::default();
+        for to in parts
+            .iter()
+            .filter(|(_, p)| !p.removes.is_empty())
+            .map(|(to, _)| to)
+        {
+            heads.push(to, 0, 0, 0);
+        }
+        let open = Open::from(&self.lazy, &self.hosts).await?;
+        let tx = open.client()?;
+        let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
+        let remove_st = tx.prepare_cached(REMOVE).await?;
+        // One round trip: the heads first, in (account, device) order, as every
+        // mailbox transaction takes them; then the rows.
+        let (began, locked, removed, committed) = futures::join!(
+            tx.batch_execute("BEGIN"),
+            async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
+            async {
+                tx.query(
+                    &remove_st,
+                    &[&del.accounts, &del.devices, &del.a, &totals_slot],
+                )
+                .await
+            },
+            tx.batch_execute("COMMIT"),
+        );
+        began?;
+        locked?;
+        let rows = removed?;
+        committed?;
+        open.committed();
+        let mut out = Outcome::default();
+        let mut delta = TotalsDelta::default();
+        for row in &rows {
+            let kind: i32 = row.try_get(0)?;
+            let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
+            // A body deleted with its last entry.
+            if kind == 2 {
+                delta.bytes -= a;
+                continue;
+            }
+            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+            if kind == 0 {
+                out.deleted.push((to, a as u64, b.max(0) as u64));
+                delta.messages -= 1;
+                // The relay's bytes: the part (the body goes with its last entry).
+                delta.bytes -= row.try_get::<_, i64>(5)?;
+            } else {
+                delta.mailboxes -= i64::from(a == 0);
+                // Read again when next needed: a send batch on another lane may
+                // have set a newer value meanwhile.
+                self.usage.forget(&to);
+            }
+        }
+        // Committed (visible to every node, the heads free again): counted now, even
+        // should the barrier fail.
+        self.totals.apply(delta);
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rows
+            .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
+        // Durable before answered.
+        if let Some(barrier) = &self.barrier {
+            barrier.after(&self.pool, &self.hosts).await?;
+        }
+        Ok(out)
+    }
+}

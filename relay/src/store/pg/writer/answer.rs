@@ -1,0 +1,102 @@
+//! Answering a committed batch: each caller's seqs or freed usage, and the totals'
+//! change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use tern_proto::DeviceAddress;
+
+use super::{Op, Outcome, Part, TotalsDelta, Writer};
+use crate::store::{SharedEntry, StoreError, StoreResult, Usage};
+
+impl Writer {
+    /// Hands each caller its part of a committed batch.
+    pub(super) fn answer(&self, ops: Vec<Op>, parts: &BTreeMap<DeviceAddress, Part>, out: Outcome) {
+        let mut freed: HashMap<usize, Usage> = HashMap::new();
+        for (to, seq, len) in &out.deleted {
+            if let Some(&i) = parts.get(to).and_then(|p| p.removes.get(seq)) {
+                let u = freed.entry(i).or_default();
+                u.messages += 1;
+                u.bytes += len;
+            }
+        }
+        // Seqs per mailbox in queue order, as the insert numbered them.
+        let mut next: HashMap<DeviceAddress, i64> = parts
+            .iter()
+            .filter_map(|(to, p)| {
+                let &(last, _, _) = out.heads.get(to)?;
+                Some((*to, last - p.appended.0))
+            })
+            .collect();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Append {
+                    to, msgs, reply, ..
+                } => {
+                    let result = if out.refused.contains(&to) {
+                        Err(StoreError::Deleted)
+                    } else if let Some(base) = next.get_mut(&to) {
+                        let seqs = (1..=msgs.len() as i64)
+                            .map(|k| (*base + k) as u64)
+                            .collect();
+                        *base += msgs.len() as i64;
+                        Ok(seqs)
+                    } else {
+                        Err(StoreError::Backend("mailbox head missing".into()))
+                    };
+                    let _ = reply.send(result);
+                }
+                Op::Remove { reply, .. } => {
+                    let _ = reply.send(Ok(freed.get(&i).copied().unwrap_or_default()));
+                }
+                Op::AppendShared { entries, reply, .. } => {
+                    let _ = reply.send(shared_seqs(&entries, &out.refused, &mut next));
+                }
+            }
+        }
+    }
+}
+
+/// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
+/// a refused mailbox (an account being deleted) was not written: its seq is still
+/// given, as for an entry its account's purge then deleted; all refused is
+/// [`StoreError::Deleted`].
+fn shared_seqs(
+    entries: &[SharedEntry],
+    refused: &HashSet<DeviceAddress>,
+    next: &mut HashMap<DeviceAddress, i64>,
+) -> StoreResult<Vec<u64>> {
+    if entries.iter().all(|e| refused.contains(&e.to)) {
+        return Err(StoreError::Deleted);
+    }
+    let mut seqs = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Some(base) = next.get_mut(&e.to) else {
+            return Err(StoreError::Backend("mailbox head missing".into()));
+        };
+        *base += 1;
+        seqs.push(*base as u64);
+    }
+    Ok(seqs)
+}
+
+/// How the totals change: messages and bytes, and mailboxes that became non-empty
+/// less those that emptied.
+pub(super) fn totals_delta(
+    parts: &BTreeMap<DeviceAddress, Part>,
+    heads: &HashMap<DeviceAddress, (i64, i64, i64)>,
+    less: &BTreeMap<DeviceAddress, (i64, i64)>,
+) -> TotalsDelta {
+    let mut delta = TotalsDelta::default();
+    for (to, part) in parts {
+        let Some(&(_, messages, _)) = heads.get(to) else {
+            continue;
+        };
+        let (gone_m, gone_b) = less.get(to).copied().unwrap_or_default();
+        let before = messages - part.appended.0;
+        let after = messages - gone_m;
+        delta.messages += part.appended.0 - gone_m;
+        delta.bytes += part.appended.1 - gone_b;
+        delta.mailboxes += i64::from(after > 0) - i64::from(before > 0);
+    }
+    delta
+}
