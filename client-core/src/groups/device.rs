@@ -364,8 +364,13 @@ impl GroupDevice {
     /// Which group and epoch an incoming envelope is for, by its tag (None: no live
     /// epoch of any group has it).
     pub fn route(&self, envelope: &[u8]) -> Result<Option<(Vec<u8>, u64)>, GroupError> {
-        let tag = super::wrap::envelope_tag(envelope)?;
-        let Some(v) = self.store.kv().get(Namespace::MlsTag, &tag)? else {
+        self.route_tag(&super::wrap::envelope_tag(envelope)?)
+    }
+
+    /// Which group and epoch an envelope tag belongs to (None: no live epoch of any
+    /// group has it).
+    pub fn route_tag(&self, tag: &[u8]) -> Result<Option<(Vec<u8>, u64)>, GroupError> {
+        let Some(v) = self.store.kv().get(Namespace::MlsTag, tag)? else {
             return Ok(None);
         };
         let r =

@@ -20,6 +20,8 @@ use crate::client::SEEN_RETENTION_MS;
 use crate::groups::{DeviceCredential, GroupDevice, GroupMeta};
 use crate::store::{KvStore, MemoryKv, Namespace};
 
+mod held;
+
 /// Everyone in `devs` holds everyone else's card.
 fn all_know(devs: &mut [&mut Dev]) {
     for i in 0..devs.len() {
