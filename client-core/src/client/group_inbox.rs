@@ -133,9 +133,25 @@ impl State {
         // device is in, left, or was removed from at that epoch.
         let mut group_epoch = id.clone();
         group_epoch.extend_from_slice(&session.epoch().to_be_bytes());
-        if self.groups.contains_key(&id) || self.seen_group(&dedup, &group_epoch)? {
+        if self.seen_group(&dedup, &group_epoch)? {
             return Ok(Outcome::Duplicate);
         }
+        // A group this device is in: only a re-add of a device left behind, to a
+        // later epoch of the same group (same handle), replaces the stale state.
+        let stale = match self.groups.get(&id).cloned() {
+            None => None,
+            Some(old) => {
+                let current = self.session_mut(&id).ok().map(|s| s.epoch());
+                let behind = old.behind_since_ms != 0 || current.is_none_or(|e| old.wait_epoch > e);
+                if !behind
+                    || old.handle != session.handle()
+                    || current.is_some_and(|e| session.epoch() <= e)
+                {
+                    return Ok(Outcome::Duplicate);
+                }
+                Some(old)
+            }
+        };
         let added_by = joined.value.added_by;
         let own = added_by.account == self.keys.address.account;
         let trusted = own
@@ -152,6 +168,8 @@ impl State {
             handle: session.handle().to_vec(),
             registered: true,
             announce: true,
+            // Keys first seen in the group stay pinned across a re-add.
+            pins: stale.as_ref().map(|r| r.pins.clone()).unwrap_or_default(),
             ..GroupRecord::default()
         };
         if !self
@@ -178,11 +196,19 @@ impl State {
         }
         let gid = GroupId::of(&id)?;
         let mut batch = Batch::new();
+        if stale.is_some() {
+            // Its queued messages were for epochs nobody reads any more.
+            self.stage_forget_group(&id, &mut batch)?;
+            self.forget_group_cache(&id);
+        }
         batch.extend_ops(joined.ops);
         batch.put_seen(&dedup, message_id, now_ms);
         batch.put_seen(&dedup, &group_epoch, now_ms);
         self.put_group(&id, record, &mut batch);
-        self.commit(batch, false)?;
+        if let Err(e) = self.commit(batch, false) {
+            self.group_sessions.remove(&id);
+            return Err(e);
+        }
         self.unflushed_seen.insert(seen_key(&dedup, message_id));
         self.unflushed_seen.insert(seen_key(&dedup, &group_epoch));
         self.group_sessions.insert(id, session);
@@ -427,8 +453,15 @@ impl State {
             Processed::Commit(applied) => {
                 let wrong = self.check_leaves(&mut record, &applied.added);
                 if let Some(m) = wrong.first() {
-                    // Not applied: the staged writes go, the cache is reloaded.
+                    // Not applied: the staged writes go, the cache is reloaded. The
+                    // group's later epochs cannot reach this device any more.
                     self.group_sessions.remove(group);
+                    if let Some(mut marked) = self.groups.get(group).cloned() {
+                        if marked.behind_since_ms == 0 {
+                            marked.behind_since_ms = now_ms;
+                            self.put_group(group, marked, &mut batch);
+                        }
+                    }
                     self.commit(batch, false)?;
                     self.unflushed_seen.insert(seen_key(&dedup, message_id));
                     tracing::debug!("a commit adding a leaf under another identity key");

@@ -53,6 +53,11 @@ pub(crate) struct GroupRecord {
     /// one nor contacts: a later leaf of the account must show the same key.
     #[prost(message, repeated, tag = "30")]
     pub(crate) pins: Vec<PinRecord>,
+    /// Since when (Unix ms) this device knows it is left behind in this group (it
+    /// refused a commit, so the group's later epochs cannot reach it; 0: not).
+    /// A welcome re-adding it is then taken over the stale state.
+    #[prost(uint64, tag = "31")]
+    pub(crate) behind_since_ms: u64,
 }
 
 /// An account's identity key as this group first showed it.

@@ -320,6 +320,11 @@ impl GroupDevice {
                 .member_at_index(info.sender)
                 .ok_or(GroupError::UnknownSender)
                 .and_then(|m| Member::from_mls(&m))?;
+            // A state this device still has for the group (left behind, now
+            // re-added) goes: nothing of it may merge into the new one.
+            for op in self.store.forget_ops(group.group_id())? {
+                self.store.stage(op);
+            }
             let mut session =
                 GroupSession::from_group(group, self.client.clone(), self.store.clone())?;
             let meta = session.meta()?;

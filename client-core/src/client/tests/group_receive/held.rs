@@ -1,6 +1,7 @@
 //! Group envelopes of an epoch this device does not know yet are held, not
 //! dropped, and applied once their commit or welcome arrives: in arrival order,
-//! exactly once, across restarts, within a bound.
+//! exactly once, across restarts, within a bound. A device left behind takes the
+//! welcome that re-adds it over its stale state.
 
 use rand::rngs::OsRng;
 use tern_proto::{GroupCommit, MessageId};
@@ -284,4 +285,72 @@ fn a_welcome_after_a_message_of_its_epoch_shows_it_after_joining() {
     );
     assert_eq!(bodies(&e), [b"hi dave" as &[u8]]);
     assert!(held(&dave).is_empty());
+}
+
+/// Marks `dev` left behind in `group`, as a refused commit does.
+fn mark_behind(dev: &mut Dev, group: &GroupId) {
+    let mut record = dev.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = NOW;
+    let mut batch = crate::store::Batch::new();
+    dev.state.put_group(&group.0, record, &mut batch);
+    dev.state.commit(batch, true).expect("commit");
+}
+
+#[test]
+fn a_device_left_behind_takes_the_welcome_that_re_adds_it() {
+    let (mut alice, _bob, mut carol, _dave, group, _lost) = commit_carol_misses();
+    // Alice removes Carol and adds her again: the removal never reaches Carol.
+    alice
+        .state
+        .remove_group_member(&group, &carol.account())
+        .expect("queue");
+    plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queue");
+    let readd = plan(&mut alice, &group, &mut [&mut carol]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = readd.sends[1].clone();
+    let (envelope, id) = say(&mut alice, &group, b"welcome back");
+    assert!(events(carol.receive(&deliver(&envelope, id))).is_empty());
+    // Not known to be behind: a welcome to a group she is in changes nothing.
+    assert!(matches!(
+        carol.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Duplicate
+    ));
+    assert_eq!(epoch(&mut carol, &group), 1);
+
+    mark_behind(&mut carol, &group);
+    carol.reload(NOW);
+    let e = events(carol.receive(&deliver(&w.body, w.message_id)));
+    assert!(
+        matches!(e.first(), Some(Event::GroupJoined { .. })),
+        "{e:?}"
+    );
+    assert_eq!(bodies(&e), [b"welcome back" as &[u8]]);
+    assert_eq!(epoch(&mut carol, &group), epoch(&mut alice, &group));
+    assert_eq!(carol.state.groups[&group.0[..]].behind_since_ms, 0);
+    // Nothing of the stale state is left in the new one.
+    let state = carol
+        .kv
+        .get(Namespace::MlsState, &group.0)
+        .expect("get")
+        .expect("state");
+    let state: crate::store::records::MlsStateRecord =
+        prost::Message::decode(&state[..]).expect("record");
+    let joined_at = epoch(&mut carol, &group);
+    assert!(state.wrap_keys.iter().all(|k| k.epoch >= joined_at));
+    // After a restart she talks in the group again, and the old welcome cannot
+    // bring the stale state back.
+    carol.state.flush().expect("flush");
+    carol.reload(NOW);
+    assert_eq!(carol.state.group_list().expect("groups").len(), 1);
+    let (envelope, id) = say(&mut carol, &group, b"back");
+    let out = alice.receive(&deliver(&envelope, id));
+    assert_eq!(bodies(&events(out)), [b"back" as &[u8]]);
+    let replay = carol.receive(&deliver(&w.body, MessageId([0x31; 16])));
+    assert!(matches!(replay, Outcome::Duplicate | Outcome::Dropped(_)));
+    assert_eq!(epoch(&mut carol, &group), epoch(&mut alice, &group));
 }
