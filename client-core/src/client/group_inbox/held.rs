@@ -23,8 +23,10 @@ pub(crate) const HELD_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// How long one is held: no relay keeps a message longer, so its commit cannot
 /// come later than this either.
 pub(crate) const HELD_MAX_AGE_MS: u64 = tern_proto::limits::MAX_MESSAGE_TTL_MS;
-/// Shortest envelope worth holding: kind, tag, nonce, AEAD tag.
-const MIN_ENVELOPE: usize = 1 + 16 + 12 + 16;
+/// Shortest envelope worth holding: kind, tag, nonce and AEAD tag around an MLS
+/// message, which carries at least the group id (32 bytes) and a signature (64);
+/// the smallest real one (an empty message, padded) is 211 bytes.
+const MIN_ENVELOPE: usize = 1 + 16 + 12 + 16 + 32 + 64;
 
 impl State {
     fn held_index(&self) -> Result<HeldIndexRecord> {

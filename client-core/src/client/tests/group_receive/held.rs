@@ -190,7 +190,7 @@ fn the_bound_on_held_envelopes_drops_the_oldest() {
             7,
             7,
         ]);
-        assert!(events(carol.receive(&deliver(&stray(80), id))).is_empty());
+        assert!(events(carol.receive(&deliver(&stray(200), id))).is_empty());
     }
     assert_eq!(held(&carol).len(), HELD_MAX);
     // One more: the oldest goes, with an event.
@@ -210,7 +210,7 @@ fn the_bound_on_held_envelopes_drops_the_oldest() {
     let out = carol
         .state
         .receive(
-            &deliver(&stray(80), MessageId([0xee; 16])),
+            &deliver(&stray(200), MessageId([0xee; 16])),
             later,
             &mut OsRng,
         )
@@ -235,7 +235,7 @@ fn the_bound_on_held_bytes_drops_the_oldest() {
     assert_eq!(now_held[0], vec![1u8; 16]);
     // A body too short to be an envelope is not kept.
     assert!(matches!(
-        carol.receive(&deliver(&stray(20), MessageId([0xfe; 16]))),
+        carol.receive(&deliver(&stray(140), MessageId([0xfe; 16]))),
         Outcome::Dropped(_)
     ));
 }
