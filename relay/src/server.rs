@@ -125,6 +125,8 @@ impl Services {
             tombstones: tombstones.clone(),
             clock: clock.clone(),
             idle_days: rate_config.group_idle_days,
+            max_groups: rate_config.max_groups,
+            recount: stores.shared.is_some(),
         });
         Ok(Services {
             groups,

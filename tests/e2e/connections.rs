@@ -164,6 +164,8 @@ async fn frames_before_authentication_are_held_to_the_smaller_limit() {
     let (mut send, mut recv) = within(conn.open_bi()).await.unwrap();
     let mut header = BytesMut::new();
     header.put_u32(300 * 1024);
+    // The first bytes of the body, which tell the relay it is no group request.
+    header.put_slice(&[0; 16]);
     send.write_all(&header).await.unwrap();
     let mut buf = BytesMut::new();
     let mut decoder = frame::Decoder::new(1 << 20);

@@ -19,7 +19,7 @@ const MARKER: &[u8] = b"MULTI-BODY-MARKER-41f9c2";
 /// A raw anonymous QUIC connection with the relay pinned: the request stream.
 struct Raw {
     _endpoint: quinn::Endpoint,
-    _conn: quinn::Connection,
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     buf: BytesMut,
@@ -38,7 +38,7 @@ impl Raw {
         let (send, recv) = within(conn.open_bi()).await.unwrap();
         Raw {
             _endpoint: endpoint,
-            _conn: conn,
+            conn,
             send,
             recv,
             buf: BytesMut::new(),
@@ -266,4 +266,90 @@ async fn malformed_multi_sends_get_typed_errors_and_earlier_messages_still_arriv
         .unwrap()
         .0;
     within(conn.ping()).await.unwrap();
+}
+
+/// A relay whose connections must authenticate or make an anonymous request within
+/// 1 s, and may then idle for a minute.
+fn relay_with_deadline(dir: &std::path::Path) -> RelayProcess {
+    let file = dir.join("relay.toml");
+    std::fs::write(
+        &file,
+        "[connections]\nauth_deadline = \"1s\"\nanonymous_idle = \"60s\"\n",
+    )
+    .unwrap();
+    RelayProcess::start(&dir.join("relay"), &["--config", file.to_str().unwrap()]).unwrap()
+}
+
+#[tokio::test]
+async fn a_multi_send_that_stores_nothing_leaves_the_connection_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = relay_with_deadline(dir.path());
+    let (bob, _bob2) = account(&relay.address).await;
+    let started = Instant::now();
+    let mut stored = Raw::open(&relay.address).await;
+    let sent = stored
+        .multi_send(multi(1, vec![recipient(&bob, &[bob.address.device])]))
+        .await
+        .unwrap();
+    assert_eq!(sent.accepted, 1);
+    let mut refused = Raw::open(&relay.address).await;
+    let mut wrong = recipient(&bob, &[bob.address.device]);
+    wrong.delivery_token = Bytes::from_static(b"not bob's token");
+    let none = refused.multi_send(multi(2, vec![wrong])).await.unwrap();
+    assert_eq!((none.accepted, none.refused.len()), (0, 1));
+    // Still pending: closed at the authentication deadline, not after a minute idle.
+    let e = within(refused.conn.closed()).await;
+    assert!(
+        matches!(&e, quinn::ConnectionError::ApplicationClosed(c)
+            if &c.reason[..] == b"authentication deadline"),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The one that stored something is anonymous: still open.
+    assert!(stored.conn.close_reason().is_none());
+}
+
+#[tokio::test]
+async fn a_maximal_multi_send_fits_before_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).unwrap();
+    let (mut bob, _bob2) = account(&relay.address).await;
+    // A body at the wire's limit and 1,000 devices with a 64-byte part each: some
+    // 390 KB, over the 264 KiB frame limit before authentication.
+    let mut recipients = vec![RecipientAccount {
+        parts: vec![Bytes::from(vec![0x55; 64])],
+        ..recipient(&bob, &[bob.address.device])
+    }];
+    for i in 1..tern_proto::limits::MAX_RECIPIENT_DEVICES as u32 {
+        let mut account = [0xA5; 16];
+        account[..4].copy_from_slice(&i.to_be_bytes());
+        recipients.push(RecipientAccount {
+            account: tern_proto::AccountId(account),
+            delivery_token: Bytes::from(vec![0x77; 32]),
+            device_list_version: 0,
+            devices: vec![DeviceId::PRIMARY],
+            parts: vec![Bytes::from(vec![0x55; 64])],
+        });
+    }
+    let send = MultiSend {
+        message_id: MessageId([7; 16]),
+        body: Bytes::from(vec![0x42; tern_proto::limits::DEFAULT_MAX_ENVELOPE]),
+        recipients,
+    };
+    let frame: v1::ClientFrame = ClientRequest {
+        id: 1,
+        request: Request::MultiSend(send.clone()),
+    }
+    .into();
+    assert!(frame::encoded_len(&frame) > 264 * 1024);
+    let mut raw = Raw::open(&relay.address).await;
+    let result = raw.multi_send(send).await.unwrap();
+    assert_eq!(result.accepted, 1);
+    assert_eq!(
+        result.refused.len(),
+        999,
+        "strangers, refused in the answer"
+    );
+    let got = bob.next_delivery().await;
+    assert_eq!(got.message_id, MessageId([7; 16]));
 }

@@ -49,6 +49,22 @@ pub(crate) struct GroupRecord {
     /// Commits of this device the relay refused as `STALE_EPOCH` (then rebased).
     #[prost(uint64, tag = "23")]
     pub(crate) stale_commits: u64,
+    /// Members without a usable delivery token, each with since when (replaces
+    /// `token_wait_since_ms`: the bound is per account).
+    #[prost(message, repeated, tag = "24")]
+    pub(crate) token_waits: Vec<super::group_retry::TokenWaitRecord>,
+    /// Delivery tokens the relay refused for an account (`UNAUTHORIZED`): not used
+    /// again for it.
+    #[prost(message, repeated, tag = "25")]
+    pub(crate) refused_tokens: Vec<MemberTokenRecord>,
+    /// When (Unix ms) this device's next update commit is due (the interval with
+    /// jitter, drawn when the leaf was renewed; 0: not drawn yet).
+    #[prost(uint64, tag = "26")]
+    pub(crate) leaf_due_ms: u64,
+    /// Queued group messages of this group that are resent (a commit or welcome
+    /// the relay refused for some devices, or a message refused for now).
+    #[prost(message, repeated, tag = "27")]
+    pub(crate) resends: Vec<super::group_retry::ResendRecord>,
     /// Identity keys first seen in this group for accounts that are neither this
     /// one nor contacts: a later leaf of the account must show the same key.
     #[prost(message, repeated, tag = "30")]

@@ -315,28 +315,19 @@ impl Accounts {
         from: AddressPrefix,
         list_version: u64,
     ) -> Result<Recipient> {
-        let known = self.known(&to.account, None)?.ok_or(Error::Unauthorized)?;
-        check_token_hash(known.token.as_ref(), token)?;
-        check_list_version(&known, list_version)?;
-        if !known.devices.contains(&to.device) {
-            // A device added on another node since the entry was loaded (and the
-            // token checked again against what was loaded with it).
-            let reloaded = self
-                .known(&to.account, Some(to.device))?
-                .ok_or(Error::UnknownRecipient)?;
-            check_token_hash(reloaded.token.as_ref(), token)?;
-        }
+        let mut checked = self.sealed_recipients(&to.account, token, list_version, &[to.device])?;
+        let address = checked.pop().ok_or(Error::UnknownRecipient)??;
         Ok(Recipient {
-            address: to,
+            address,
             from: SenderKey::Prefix(from),
         })
     }
 
-    /// The devices of one account in a multi-recipient send, checked as
-    /// [`Accounts::listed_sealed_recipient`] checks one, but the token and the list
-    /// version once for the account: `Err` refuses all of them ([`Error::Unauthorized`]
-    /// for a missing account or a wrong token, [`Error::StaleDeviceList`]); else each
-    /// device in order, `Err(UnknownRecipient)` for one the account does not have.
+    /// The devices of one account in a multi-recipient send (or a sealed send's one
+    /// device), checked with the token and the list version once for the account:
+    /// `Err` refuses all of them ([`Error::Unauthorized`] for a missing account or a
+    /// wrong token, [`Error::StaleDeviceList`]); else each device in order,
+    /// `Err(UnknownRecipient)` for one the account does not have.
     pub fn sealed_recipients(
         &self,
         account: &AccountId,

@@ -75,6 +75,10 @@ pub struct RateLimitsConfig {
     /// deleted by the sweeper (a group's weekly update commit keeps it); 0 never
     /// deletes one.
     pub group_idle_days: u32,
+    /// Group handles the relay keeps at most (each about 100 bytes); a
+    /// `CreateGroup` past it is `UNAVAILABLE` with a retry time until the sweeper
+    /// deletes idle ones. 0: no cap.
+    pub max_groups: u64,
     /// Keys each limit remembers at most (about 100 bytes each); a new key past it is
     /// refused until housekeeping (every `expiry.sweep_interval`) makes room.
     pub max_keys: usize,
@@ -125,6 +129,7 @@ impl Default for RateLimitsConfig {
             key_packages_per_device: rate(75, DAY),
             create_groups_per_prefix: rate(30, HOUR),
             group_idle_days: 180,
+            max_groups: 10_000_000,
             max_keys: 1_000_000,
         }
     }
@@ -199,11 +204,13 @@ mod tests {
         assert_eq!(d.key_packages_per_device, rate(75, DAY));
         assert_eq!(d.create_groups_per_prefix, rate(30, HOUR));
         assert_eq!(d.group_idle_days, 180);
+        assert_eq!(d.max_groups, 10_000_000);
         let c: RateLimitsConfig = toml::from_str(
             "key_packages_per_device = \"10/1h\"\ncreate_groups_per_prefix = \"5/1m\"\n\
-             group_idle_days = 0\n",
+             group_idle_days = 0\nmax_groups = 0\n",
         )
         .expect("parse");
+        assert_eq!(c.max_groups, 0, "no cap");
         assert_eq!(c.key_packages_per_device, rate(10, HOUR));
         assert_eq!(c.create_groups_per_prefix, rate(5, MINUTE));
         assert_eq!(c.validate(), Ok(()), "0 = never");

@@ -12,10 +12,18 @@
 //!   current epoch with that epoch's token, under the handle's lock; it is appended
 //!   to every recipient's mailbox first, and only then is the epoch moved on.
 //!   Handles idle for `group_idle_days` are deleted by the sweeper.
+//! - At most `max_groups` handles relay-wide: a create past it is `UNAVAILABLE`
+//!   (retry later) until the sweeper deletes idle ones. The count is the store's,
+//!   counted at the first create, then tallied here (creates add, sweeps take
+//!   away); on a store several nodes share it is counted again after
+//!   [`RECOUNT_MS`], as other nodes create too (so the cap may be passed by what
+//!   the nodes create within that time).
 
 mod epochs;
 mod key_packages;
 
+#[cfg(test)]
+mod pg_tests;
 #[cfg(test)]
 mod tests;
 
@@ -46,7 +54,15 @@ pub(crate) struct Groups {
     clock: Arc<dyn Clock>,
     locks: HandleLocks,
     idle_days: u32,
+    max_groups: u64,
+    recount: bool,
+    /// The handles counted, and when they were last counted by the store.
+    count: Mutex<Option<(u64, u64)>>,
 }
+
+/// How long a shared store's handle count stands before the next create counts
+/// again.
+pub(crate) const RECOUNT_MS: u64 = 60_000;
 
 impl std::fmt::Debug for Groups {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +82,11 @@ pub(crate) struct GroupsParts {
     pub(crate) clock: Arc<dyn Clock>,
     /// `group_idle_days`; 0 never sweeps.
     pub(crate) idle_days: u32,
+    /// `max_groups`; 0: no cap.
+    pub(crate) max_groups: u64,
+    /// Whether other nodes create handles in the same store (count it again now
+    /// and then).
+    pub(crate) recount: bool,
 }
 
 impl Groups {
@@ -82,6 +103,9 @@ impl Groups {
             clock: parts.clock,
             locks: HandleLocks::default(),
             idle_days: parts.idle_days,
+            max_groups: parts.max_groups,
+            recount: parts.recount,
+            count: Mutex::new(None),
         }
     }
 
@@ -98,7 +122,63 @@ impl Groups {
             return Ok(0);
         }
         let before = self.today().saturating_sub(self.idle_days);
-        Ok(self.groups.sweep_groups(before, max)?)
+        let swept = self.groups.sweep_groups(before, max)?;
+        if let Some((n, _)) = self
+            .count
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *n = n.saturating_sub(swept);
+        }
+        Ok(swept)
+    }
+
+    /// Takes room for one more handle under `max_groups`; `Err(StorageFull)` when
+    /// there is none. [`Groups::release_room`] gives it back if the create fails.
+    fn take_room(&self) -> crate::Result<()> {
+        if self.max_groups == 0 {
+            return Ok(());
+        }
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        let (counted, at) = match *count {
+            Some((n, at)) if !self.recount || now.saturating_sub(at) < RECOUNT_MS => (n, at),
+            _ => (self.groups.count_groups()?, now),
+        };
+        if counted >= self.max_groups {
+            *count = Some((counted, at));
+            return Err(crate::Error::StorageFull {
+                what: "the relay's group handles are at their cap",
+                retry_after_ms: crate::core::budget::RETRY_AFTER_MS,
+            });
+        }
+        *count = Some((counted + 1, at));
+        Ok(())
+    }
+
+    /// Counts a handle a commit stored again after the sweep deleted it.
+    fn tally_restored(&self) {
+        if let Some((n, _)) = self
+            .count
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// Gives back what [`Groups::take_room`] took, for a create that stored nothing.
+    fn release_room(&self) {
+        if let Some((n, _)) = self
+            .count
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 

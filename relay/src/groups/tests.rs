@@ -230,7 +230,7 @@ async fn linked(f: &Fixture, by: &AuthenticatedDevice) -> AuthenticatedDevice {
         .expect("auth")
 }
 
-fn token_hash(token: &[u8; 32]) -> [u8; 32] {
+pub(super) fn token_hash(token: &[u8; 32]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
@@ -442,4 +442,265 @@ async fn a_zero_idle_days_never_sweeps() {
         .expect("create");
     f.clock.advance(DAY * 5000);
     assert_eq!(groups.sweep(100).expect("sweep"), 0);
+}
+
+/// [`commit`] with a second send (the welcome) of `welcome_len` bytes to Bob.
+fn commit_with_welcome(
+    bob: &AuthenticatedDevice,
+    epoch: u8,
+    id: u8,
+    welcome_len: usize,
+) -> GroupCommit {
+    let mut c = commit(bob, epoch, id);
+    let mut welcome = c.sends[0].clone();
+    welcome.message_id = MessageId([id.wrapping_add(100); 16]);
+    welcome.body = Bytes::from(vec![0xEE; welcome_len]);
+    c.sends.push(welcome);
+    c
+}
+
+async fn created(f: &Fixture, at: AddressPrefix) {
+    f.services
+        .groups()
+        .create(&HANDLE, &token_hash(&[0; 32]), at)
+        .await
+        .expect("create");
+}
+
+#[tokio::test]
+async fn a_welcome_over_the_envelope_size_refuses_the_commit_before_anything_is_stored() {
+    let f = fixture(Limits {
+        max_envelope_bytes: 100,
+        ..Limits::default()
+    });
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let refused = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 101), at)
+        .await;
+    assert!(
+        matches!(refused, Err(Error::TooLarge { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(queued(&f, &bob), 0, "the commit was not stored either");
+    // The epoch did not move: the same epoch's commit, fixed, goes through.
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 100), at)
+        .await
+        .expect("commit");
+    assert_eq!((epoch, results.len()), (1, 2));
+    assert_eq!(queued(&f, &bob), 2);
+}
+
+#[tokio::test]
+async fn a_commit_takes_the_prefix_rate_once_for_all_its_sends() {
+    let rates = RateLimitsConfig {
+        sealed_sends_per_prefix: "1/1h".parse().expect("rate"),
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("two sends, one unit");
+    assert_eq!(epoch, 1);
+    assert!(results.iter().all(|r| r.accepted == 1), "{results:?}");
+    // The next one is over the rate: refused whole, nothing stored, epoch kept.
+    let limited = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 1, 2, 50), at)
+        .await;
+    assert!(
+        matches!(limited, Err(Error::RateLimited { .. })),
+        "{limited:?}"
+    );
+    assert_eq!(queued(&f, &bob), 2);
+}
+
+#[tokio::test]
+async fn a_welcome_past_the_relay_budget_is_refused_in_the_answer_and_the_epoch_moves() {
+    let budget = crate::core::budget::Budget::new(crate::core::budget::BudgetLimits {
+        max_queued_messages: 1,
+        ..Default::default()
+    });
+    let f = crate::testing::fixture_with_budget(
+        Limits::default(),
+        &RateLimitsConfig::default(),
+        std::sync::Arc::new(budget),
+    );
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("the commit is stored, so the epoch moves");
+    assert_eq!(epoch, 1);
+    assert_eq!(results[0].accepted, 1);
+    assert_eq!(results[1].accepted, 0);
+    assert_eq!(
+        results[1].refused,
+        vec![tern_proto::Refused {
+            recipient: 0,
+            device: None,
+            code: tern_proto::ErrorCode::Unavailable,
+        }]
+    );
+    assert_eq!(queued(&f, &bob), 1);
+}
+
+#[tokio::test]
+async fn a_member_at_its_intake_and_sealed_rates_still_gets_the_commit_and_welcome() {
+    let rates = RateLimitsConfig {
+        sealed_sends_per_token: "2/1h".parse().expect("rate"),
+        intake_per_sender_per_mailbox: "2/1h".parse().expect("rate"),
+        intake_above_queued: 0,
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let bob = bob(&f).await;
+    let at = from([127, 0, 0, 1]);
+    created(&f, at).await;
+    // Bob's account's sealed rate and his mailbox's intake from this prefix, spent.
+    f.sealed_send(
+        *bob.address(),
+        b"bob's token",
+        &crate::testing::msgs(0..2, 10),
+    )
+    .await
+    .expect("two sealed sends");
+    let plain =
+        crate::mailboxes::append_multi(&f.services, &commit(&bob, 0, 9).sends[0], at, false)
+            .expect("send")
+            .commit()
+            .await
+            .expect("answered");
+    assert_eq!(plain.refused[0].code, tern_proto::ErrorCode::RateLimited);
+    // The commit and its welcome are bounded by the reserve, not by those rates.
+    let (epoch, results) = f
+        .services
+        .groups()
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("commit");
+    assert_eq!(epoch, 1);
+    assert!(
+        results
+            .iter()
+            .all(|r| r.accepted == 1 && r.refused.is_empty()),
+        "{results:?}"
+    );
+    assert_eq!(queued(&f, &bob), 4);
+}
+
+#[tokio::test]
+async fn past_max_groups_a_create_is_refused_until_the_sweep_makes_room() {
+    let rates = RateLimitsConfig {
+        max_groups: 2,
+        group_idle_days: 10,
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let groups = f.services.groups();
+    let at = from([10, 0, 0, 7]);
+    groups
+        .create(&GroupHandle([1; 16]), &[0; 32], at)
+        .await
+        .expect("first");
+    f.clock.advance(DAY * 5);
+    groups
+        .create(&GroupHandle([2; 16]), &[0; 32], at)
+        .await
+        .expect("second");
+    let full = groups.create(&GroupHandle([3; 16]), &[0; 32], at).await;
+    assert!(matches!(full, Err(Error::StorageFull { .. })), "{full:?}");
+    assert_eq!(
+        full.expect_err("full").code(),
+        tern_proto::ErrorCode::Unavailable
+    );
+    // A taken handle is no room either way; the refused one was not stored.
+    let taken = groups.create(&GroupHandle([1; 16]), &[0; 32], at).await;
+    assert!(matches!(taken, Err(Error::StorageFull { .. })), "{taken:?}");
+    f.clock.advance(DAY * 6);
+    assert_eq!(
+        groups.sweep(100).expect("sweep"),
+        1,
+        "the first, idle 11 days"
+    );
+    groups
+        .create(&GroupHandle([3; 16]), &[0; 32], at)
+        .await
+        .expect("room again");
+    let full = groups.create(&GroupHandle([4; 16]), &[0; 32], at).await;
+    assert!(matches!(full, Err(Error::StorageFull { .. })), "{full:?}");
+}
+
+/// Group epochs in memory, swept (every handle) just before each locked move: the
+/// sweeper running while a commit appends.
+struct SweptDuringCommit(std::sync::Arc<crate::store::MemoryStore>);
+
+impl crate::store::GroupStore for SweptDuringCommit {
+    fn insert_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        state: &crate::store::GroupState,
+    ) -> crate::store::StoreResult<()> {
+        self.0.insert_group(handle, state)
+    }
+    fn group(
+        &self,
+        handle: &crate::store::HandleBytes,
+    ) -> crate::store::StoreResult<Option<crate::store::GroupState>> {
+        self.0.group(handle)
+    }
+    fn advance_group(
+        &self,
+        handle: &crate::store::HandleBytes,
+        from: &crate::store::GroupState,
+        to: &crate::store::GroupState,
+    ) -> crate::store::StoreResult<bool> {
+        self.0.sweep_groups(u32::MAX, 100)?;
+        self.0.advance_group(handle, from, to)
+    }
+    fn sweep_groups(&self, before_day: u32, max: usize) -> crate::store::StoreResult<u64> {
+        self.0.sweep_groups(before_day, max)
+    }
+    fn groups_after(
+        &self,
+        after: Option<&crate::store::HandleBytes>,
+        max: usize,
+    ) -> crate::store::StoreResult<Vec<(crate::store::HandleBytes, crate::store::GroupState)>> {
+        self.0.groups_after(after, max)
+    }
+    fn count_groups(&self) -> crate::store::StoreResult<u64> {
+        self.0.count_groups()
+    }
+}
+
+#[tokio::test]
+async fn a_handle_swept_while_its_commit_is_appended_comes_back_at_the_new_epoch() {
+    use crate::store::GroupStore;
+    let memory = std::sync::Arc::new(crate::store::MemoryStore::new());
+    let mut stores = crate::store::Stores::all(memory.clone());
+    stores.groups = std::sync::Arc::new(SweptDuringCommit(memory.clone()));
+    let f = crate::testing::fixture_on(stores, memory.clone());
+    let bob = bob(&f).await;
+    let at = from([10, 0, 0, 7]);
+    created(&f, at).await;
+    let (epoch, results) = f
+        .services
+        .groups()
+        .commit(&f.services, &commit(&bob, 0, 1), at)
+        .await
+        .expect("the commit is delivered, so it stands");
+    assert_eq!((epoch, results[0].accepted), (1, 1));
+    let state = memory.group(&HANDLE.0).expect("read").expect("back");
+    assert_eq!(state.epoch, 1);
+    assert_eq!(state.token_hash, token_hash(&[1; 32]));
 }

@@ -18,6 +18,7 @@ use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult,
 use super::{refused, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
+use crate::core::limits::Limits;
 use crate::core::rate::{AddressPrefix, SenderKey};
 use crate::error::{Error, Result};
 use crate::server::Services;
@@ -29,9 +30,10 @@ pub const COMMIT_RESERVE: u64 = 64;
 
 /// Checks and stores a multi-recipient send from a sender at `from` (see the module
 /// docs); `reserve` for a group commit's or welcome's send, which may pass
-/// `max_queued_messages` by [`COMMIT_RESERVE`]. Errors refuse the whole send (a
-/// body too large, the sender's rate, the relay's budget, a store failure); what one
-/// recipient cannot take is in the result. Await [`MultiAppended::commit`] before
+/// `max_queued_messages` by [`COMMIT_RESERVE`] and is under none of the send rates
+/// (the caller takes the prefix's once per commit; the reserve bounds the rest).
+/// Errors refuse the whole send (a body too large, the sender's rate, the relay's
+/// budget, a store failure); what one recipient cannot take is in the result. Await [`MultiAppended::commit`] before
 /// answering.
 pub fn append_multi(
     services: &Services,
@@ -115,14 +117,9 @@ fn refusal_code(e: &Error) -> Option<ErrorCode> {
 }
 
 impl Mailboxes {
-    /// [`append_multi`], with the accounts service that checks the recipients.
-    pub fn append_multi(
-        &self,
-        accounts: &Accounts,
-        send: &MultiSend,
-        from: AddressPrefix,
-        reserve: bool,
-    ) -> Result<MultiAppended> {
+    /// The checks of a multi-recipient send that read no store: a body, the body and
+    /// each part within `max_envelope_bytes`, as many parts as devices (or none).
+    pub fn check_multi(&self, send: &MultiSend) -> Result<()> {
         let max = self.limits.max_envelope_bytes;
         let too_large = |what, size: usize| Error::TooLarge { what, size, max };
         if send.body.is_empty() {
@@ -141,7 +138,21 @@ impl Mailboxes {
                 return Err(too_large("part", p.len()));
             }
         }
-        self.rates.multi_send(&from)?;
+        Ok(())
+    }
+
+    /// [`append_multi`], with the accounts service that checks the recipients.
+    pub fn append_multi(
+        &self,
+        accounts: &Accounts,
+        send: &MultiSend,
+        from: AddressPrefix,
+        reserve: bool,
+    ) -> Result<MultiAppended> {
+        self.check_multi(send)?;
+        if !reserve {
+            self.rates.multi_send(&from)?;
+        }
         let mut refusals = Vec::new();
         let mut candidates = Vec::with_capacity(send.device_count());
         for (i, r) in send.recipients.iter().enumerate() {
@@ -161,7 +172,13 @@ impl Mailboxes {
                         r.device_list_version,
                         &r.devices,
                     )
-                    .and_then(|d| self.rates.multi_send_to(&r.account).map(|()| d))
+                    .and_then(|d| {
+                        // A commit's sends are bounded by the reserve instead.
+                        if !reserve {
+                            self.rates.multi_send_to(&r.account)?;
+                        }
+                        Ok(d)
+                    })
             };
             let devices = match devices {
                 Ok(d) => d,
@@ -226,6 +243,10 @@ impl Mailboxes {
     ) -> Result<Stored> {
         let sender = SenderKey::Prefix(from);
         let extra = if reserve { COMMIT_RESERVE } else { 0 };
+        let limits = Limits {
+            max_queued_messages: self.limits.max_queued_messages.saturating_add(extra),
+            ..self.limits.clone()
+        };
         let mut entries = Vec::with_capacity(candidates.len());
         let mut totals = None;
         for c in candidates {
@@ -238,11 +259,9 @@ impl Mailboxes {
                 }
                 let (usage, t) = self.store.usage_and_totals(&c.to)?;
                 totals = Some(t);
-                if usage.messages.saturating_add(1) > self.limits.max_queued_messages + extra {
-                    return Err(Error::MailboxFull("too many queued messages"));
-                }
-                if usage.bytes.saturating_add(bytes) > self.limits.max_queued_bytes {
-                    return Err(Error::MailboxFull("too many queued bytes"));
+                limits.check_enqueue(usage, 1, bytes)?;
+                if reserve {
+                    return Ok(());
                 }
                 self.rates.intake(&sender, &c.to, usage.messages, 1)
             })();
@@ -251,11 +270,19 @@ impl Mailboxes {
                     to: c.to,
                     part: c.part,
                 }),
-                Err(e) => refusals.push(Refused {
-                    recipient: c.recipient,
-                    device: Some(c.to.device),
-                    code: refusal_code(&e).ok_or(e)?,
-                }),
+                Err(e) => {
+                    // An account deleted meanwhile is refused whole, as one found
+                    // deleted before the locks.
+                    let gone = self.tombstones.contains(&c.to.account);
+                    let refusal = Refused {
+                        recipient: c.recipient,
+                        device: (!gone).then_some(c.to.device),
+                        code: refusal_code(&e).ok_or(e)?,
+                    };
+                    if !refusals.contains(&refusal) {
+                        refusals.push(refusal);
+                    }
+                }
             }
         }
         let (Some(totals), false) = (totals, entries.is_empty()) else {

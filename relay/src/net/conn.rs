@@ -17,6 +17,9 @@
 //! a download) makes it [`Standing::Anonymous`], which keeps the small limits
 //! and is closed after `connections.anonymous_idle` without one. Either trades the
 //! connection's place in the unauthenticated pool for one of `max_connections`.
+//! Before authentication a `MultiSend` or `GroupCommit` (anonymous by design) may
+//! be larger than the small frame limit, up to `standing::GROUP_FRAME` (about 1 MiB):
+//! a commit and its welcome to 1,000 devices.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -235,15 +238,17 @@ impl Session {
         let activity = self.activity.clone();
         let mut deleted = self.services.tombstones().watch_for(self.device.clone());
         loop {
-            loop {
+            // Before authentication a group request may be larger: told by the
+            // frame's first bytes, so wait for them.
+            while let Some(limit) = self.frame_limit_for(&buf) {
+                if decoder.max() != limit {
+                    decoder = frame::Decoder::new(limit);
+                }
                 match decoder.decode_request(&mut buf) {
                     Ok(Some(Ok(request))) => {
                         self.handle(request).await;
                         if let Some(end) = self.ending.take() {
                             return end;
-                        }
-                        if decoder.max() != self.frame_limit() {
-                            decoder = frame::Decoder::new(self.frame_limit());
                         }
                     }
                     Ok(Some(Err(refused))) => self.refuse(refused).await,

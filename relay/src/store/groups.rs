@@ -11,6 +11,8 @@
 //! - [`GroupStore::advance_group`] is a compare-and-set: of two callers that read the
 //!   same state, at most one moves it.
 
+use std::any::Any;
+
 use bytes::Bytes;
 use tern_proto::{AccountId, DeviceAddress};
 
@@ -116,21 +118,71 @@ pub trait GroupStore: Send + Sync + 'static {
         max: usize,
     ) -> StoreResult<Vec<(HandleBytes, GroupState)>>;
 
-    /// Holds the handle's lock across every node sharing this store until the
-    /// returned guard drops: a commit's append and epoch change then never
-    /// interleave with another node's. Embedded stores have one process, whose
-    /// service holds a lock of its own: a guard that holds nothing.
-    fn lock_group(&self, _handle: &HandleBytes) -> StoreResult<GroupLock> {
-        Ok(GroupLock::default())
+    /// Locks the handle across every node sharing this store and reads its state
+    /// under the lock; `None`, holding nothing, if it does not exist. The lock holds
+    /// until [`GroupStore::advance_locked`] or the guard's drop: a commit's append and
+    /// epoch change then never interleave with another node's, nor with a sweep.
+    /// Embedded stores have one process, whose service holds a lock of its own: by
+    /// default a guard that holds nothing over [`GroupStore::group`].
+    fn lock_group(&self, handle: &HandleBytes) -> StoreResult<Option<GroupLock>> {
+        Ok(self.group(handle)?.map(GroupLock::unheld))
+    }
+
+    /// Moves the handle `lock` holds from the state it read to `to` (a
+    /// compare-and-set, as [`GroupStore::advance_group`]) and releases the lock;
+    /// whether it moved. By default [`GroupStore::advance_group`]; a store whose
+    /// [`GroupStore::lock_group`] holds something moves it through what it holds.
+    fn advance_locked(
+        &self,
+        handle: &HandleBytes,
+        lock: GroupLock,
+        to: &GroupState,
+    ) -> StoreResult<bool> {
+        self.advance_group(handle, lock.state(), to)
+    }
+
+    /// How many handles the store holds (the relay-wide `max_groups` counts them).
+    /// May cost a scan: the service counts seldom and keeps its own tally between.
+    fn count_groups(&self) -> StoreResult<u64>;
+}
+
+/// A handle locked with its state as read under the lock (see
+/// [`GroupStore::lock_group`]); released on drop.
+pub struct GroupLock {
+    state: GroupState,
+    held: Option<Box<dyn Any + Send>>,
+}
+
+impl GroupLock {
+    /// A lock that holds nothing (a store with one process).
+    pub fn unheld(state: GroupState) -> Self {
+        GroupLock { state, held: None }
+    }
+
+    /// A lock kept by `held` (what the store releases it with).
+    pub fn held(state: GroupState, held: Box<dyn Any + Send>) -> Self {
+        GroupLock {
+            state,
+            held: Some(held),
+        }
+    }
+
+    /// The state read under the lock.
+    pub fn state(&self) -> &GroupState {
+        &self.state
+    }
+
+    /// What the store keeps the lock with, if anything.
+    pub fn into_held(self) -> Option<Box<dyn Any + Send>> {
+        self.held
     }
 }
 
-/// A handle's cross-node lock (see [`GroupStore::lock_group`]), released on drop.
-#[derive(Default)]
-pub struct GroupLock(pub(crate) Option<Box<dyn Send>>);
-
 impl std::fmt::Debug for GroupLock {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("GroupLock").field(&self.0.is_some()).finish()
+        f.debug_struct("GroupLock")
+            .field("state", &self.state)
+            .field("held", &self.held.is_some())
+            .finish()
     }
 }

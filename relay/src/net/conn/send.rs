@@ -1,12 +1,14 @@
 //! Sends on a connection: authenticated and sealed, appended in the order they
 //! arrive, each answered once its group commit is done.
 
+use std::future::Future;
+
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MultiSend, Reply};
 
 use super::{response, Session};
 use crate::error::{Error, Result};
-use crate::mailboxes::{append_multi, Appended};
+use crate::mailboxes::{append_multi, Appended, MultiAppended};
 use crate::{server::Services, store::Envelope};
 
 impl Session {
@@ -52,26 +54,15 @@ impl Session {
 
     /// A multi-recipient send (anonymous, like a sealed send): the body stored once,
     /// an entry per accepted device, answered with what was refused once its
-    /// commit is done. In arrival order with the connection's other sends.
+    /// commit is done. In arrival order with the connection's other sends; counts
+    /// as an anonymous request only if some device accepted it.
     pub(super) async fn multi_send(&mut self, id: u64, send: MultiSend) {
         if !self.take_place(id).await {
             return;
         }
-        let Ok(permit) = self.requests.clone().acquire_owned().await else {
-            return;
-        };
-        let appended = append_multi(&self.services, &send, self.prefix, false);
-        let stored = appended.is_ok();
-        let out = self.out.clone();
-        tokio::spawn(async move {
-            let result = match appended {
-                Ok(appended) => appended.commit().await,
-                Err(e) => Err(e),
-            };
-            let _ = out.send(response(id, result.map(Reply::MultiSend))).await;
-            drop(permit);
-        });
-        if stored {
+        let from = self.prefix;
+        let sent = self.ordered_send(id, |services| append_multi(services, &send, from, false));
+        if sent.await {
             self.anonymous_request();
         }
     }
@@ -79,28 +70,56 @@ impl Session {
     /// Appends a send here, in the order requests arrive (so pipelined sends to one
     /// device are stored in the order sent), then waits for its group commit in its
     /// own task under the per-connection cap: past the cap the reader waits here,
-    /// which is backpressure instead of a growing queue. True if the append was
-    /// accepted (its commit may still fail).
-    async fn ordered_send(
+    /// which is backpressure instead of a growing queue. True if the append stored
+    /// something (its commit may still fail).
+    async fn ordered_send<A: Pending>(
         &mut self,
         id: u64,
-        append: impl FnOnce(&Services) -> Result<Appended>,
+        append: impl FnOnce(&Services) -> Result<A>,
     ) -> bool {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
             return false;
         };
         let appended = append(&self.services);
-        let stored = appended.is_ok();
+        let stored = appended.as_ref().is_ok_and(Pending::stored);
         let out = self.out.clone();
         tokio::spawn(async move {
             let result = match appended {
-                Ok(appended) => appended.commit().await,
+                Ok(appended) => appended.answer().await,
                 Err(e) => Err(e),
             };
-            let accepted = result.map(|n| Reply::Send { accepted: n as u32 });
-            let _ = out.send(response(id, accepted)).await;
+            let _ = out.send(response(id, result)).await;
             drop(permit);
         });
         stored
+    }
+}
+
+/// A send appended, answered once durable.
+trait Pending: Send + 'static {
+    /// Whether it stored anything.
+    fn stored(&self) -> bool;
+    /// Waits until it is durable; the answer.
+    fn answer(self) -> impl Future<Output = Result<Reply>> + Send;
+}
+
+impl Pending for Appended {
+    fn stored(&self) -> bool {
+        true
+    }
+    async fn answer(self) -> Result<Reply> {
+        let n = self.commit().await?;
+        Ok(Reply::Send {
+            accepted: u32::try_from(n).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+impl Pending for MultiAppended {
+    fn stored(&self) -> bool {
+        self.accepted() > 0
+    }
+    async fn answer(self) -> Result<Reply> {
+        self.commit().await.map(Reply::MultiSend)
     }
 }

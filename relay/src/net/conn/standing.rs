@@ -4,7 +4,26 @@
 use super::{End, Session};
 use crate::error::{Error, Result};
 use crate::net::admission::AdmissionGuard;
+use tern_proto::limits::{DEFAULT_MAX_ENVELOPE, MAX_COMMIT_SENDS, MAX_RECIPIENT_DEVICES};
 use tern_proto::Reply;
+
+/// The largest frame a connection that is not authenticated may send as a
+/// `MultiSend` or `GroupCommit` (both anonymous by design): a commit and its
+/// welcome, each a body at the wire's envelope limit and 1,000 devices at up to
+/// 256 bytes each (account, token, device id and part with their framing), and
+/// 8 KiB over. About 1 MiB; other requests keep the smaller limit.
+pub(super) const GROUP_FRAME: usize =
+    MAX_COMMIT_SENDS * (DEFAULT_MAX_ENVELOPE + MAX_RECIPIENT_DEVICES * 256) + 8 * 1024;
+
+/// `ClientFrame`'s field numbers of the request id and of the two group bodies
+/// (`proto/tern.proto`).
+const REQUEST_ID_FIELD: u32 = 1;
+const GROUP_COMMIT_FIELD: u32 = 32;
+const MULTI_SEND_FIELD: u32 = 33;
+
+/// Bytes of a frame's body enough to read its first two keys: the request id's
+/// (1), its varint (up to 10) and the body's key (up to 5).
+const PEEK: usize = 16;
 
 /// What the accept loop hands a connection: its admission places and the deadline to
 /// authenticate by.
@@ -28,6 +47,30 @@ impl Session {
             Standing::Authenticated => self.settings.max_frame,
             _ => self.settings.unauthenticated_frame,
         }
+    }
+
+    /// The frame limit for the frame at the start of `buf` (its 4-byte length, then
+    /// a `ClientFrame`): the standing's, or before authentication [`GROUP_FRAME`]
+    /// (at most `max_frame`) for a multi-send or group commit between the two
+    /// limits, told by its first fields as encoders write them (the request id, then
+    /// the body). `None` while too few of its bytes are here to tell (a frame over
+    /// the larger limit is refused from its length alone).
+    pub(super) fn frame_limit_for(&self, buf: &[u8]) -> Option<usize> {
+        let limit = self.frame_limit();
+        let Some(header) = buf.first_chunk::<4>() else {
+            return Some(limit);
+        };
+        let len = u32::from_be_bytes(*header) as usize;
+        let group = GROUP_FRAME.min(self.settings.max_frame).max(limit);
+        // Past either limit: refused at once, unread.
+        if self.standing == Standing::Authenticated || len <= limit || len > group {
+            return Some(limit);
+        }
+        let body = buf.get(4..4 + PEEK)?;
+        if !is_group_request(body) {
+            return Some(limit);
+        }
+        Some(group)
     }
 
     /// Takes a place among `max_connections` for a connection that is about to
@@ -70,5 +113,90 @@ impl Session {
         self.standing = Standing::Authenticated;
         let window = quinn::VarInt::from_u32(self.settings.authenticated_receive_window);
         self.conn.set_receive_window(window);
+    }
+}
+
+/// Whether `body`, the start of a `ClientFrame`, holds a multi-send or a group
+/// commit as its first field after an optional request id.
+pub(super) fn is_group_request(mut body: &[u8]) -> bool {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let Ok((mut field, mut wire)) = decode_key(&mut body) else {
+        return false;
+    };
+    if field == REQUEST_ID_FIELD && wire == WireType::Varint {
+        if decode_varint(&mut body).is_err() {
+            return false;
+        }
+        let Ok(next) = decode_key(&mut body) else {
+            return false;
+        };
+        (field, wire) = next;
+    }
+    wire == WireType::LengthDelimited && matches!(field, GROUP_COMMIT_FIELD | MULTI_SEND_FIELD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{Bytes, BytesMut};
+    use tern_proto::{
+        frame, v1, AccountId, ClientRequest, CommitId, DeviceId, GroupCommit, GroupHandle,
+        MessageId, MultiSend, RecipientAccount, Request,
+    };
+
+    /// A maximal send: a body at the wire's limit, 1,000 accounts of one device,
+    /// each with a 32-byte token and a 64-byte part.
+    fn maximal(n: u8) -> MultiSend {
+        MultiSend {
+            message_id: MessageId([n; 16]),
+            body: Bytes::from(vec![n; DEFAULT_MAX_ENVELOPE]),
+            recipients: (0..MAX_RECIPIENT_DEVICES as u32)
+                .map(|i| RecipientAccount {
+                    account: AccountId(
+                        [[n; 4], i.to_be_bytes(), [0xAA; 4], [0xBB; 4]]
+                            .concat()
+                            .try_into()
+                            .expect("16"),
+                    ),
+                    delivery_token: Bytes::from(vec![0x77; 32]),
+                    device_list_version: u64::MAX,
+                    devices: vec![DeviceId::new(u32::MAX >> 1).expect("id")],
+                    parts: vec![Bytes::from(vec![0x55; 64])],
+                })
+                .collect(),
+        }
+    }
+
+    fn encoded(request: Request) -> BytesMut {
+        let frame: v1::ClientFrame = ClientRequest {
+            id: u64::MAX,
+            request,
+        }
+        .into();
+        let mut out = BytesMut::new();
+        frame::encode(&frame, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_maximal_commit_fits_the_group_frame_and_is_told_by_its_first_bytes() {
+        let commit = GroupCommit {
+            handle: GroupHandle([1; 16]),
+            epoch: u64::MAX,
+            epoch_token: [2; 32],
+            next_token_hash: [3; 32],
+            commit_id: CommitId([4; 16]),
+            sends: (0..MAX_COMMIT_SENDS as u8).map(maximal).collect(),
+        };
+        let commit = encoded(Request::GroupCommit(commit));
+        assert!(commit.len() - 4 <= GROUP_FRAME, "{} bytes", commit.len());
+        assert!(commit.len() - 4 > 264 * 1024, "over the smaller limit");
+        assert!(is_group_request(&commit[4..4 + PEEK]));
+        let multi = encoded(Request::MultiSend(maximal(9)));
+        assert!(is_group_request(&multi[4..4 + PEEK]));
+        for other in [Request::Ping, Request::RelayInfo] {
+            assert!(!is_group_request(&encoded(other)[4..]));
+        }
+        assert!(!is_group_request(&[0xFF; PEEK]), "garbage");
     }
 }

@@ -419,8 +419,19 @@ impl<S: crate::store::GroupStore + ?Sized> crate::store::GroupStore for Marked<S
     fn lock_group(
         &self,
         handle: &crate::store::HandleBytes,
-    ) -> StoreResult<crate::store::GroupLock> {
+    ) -> StoreResult<Option<crate::store::GroupLock>> {
         self.store.lock_group(handle)
+    }
+    fn advance_locked(
+        &self,
+        handle: &crate::store::HandleBytes,
+        lock: crate::store::GroupLock,
+        to: &crate::store::GroupState,
+    ) -> StoreResult<bool> {
+        self.write(|s| s.advance_locked(handle, lock, to))
+    }
+    fn count_groups(&self) -> StoreResult<u64> {
+        self.store.count_groups()
     }
 }
 

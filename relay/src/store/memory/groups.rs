@@ -145,6 +145,10 @@ impl GroupStore for MemoryStore {
         Ok(idle.len() as u64)
     }
 
+    fn count_groups(&self) -> StoreResult<u64> {
+        Ok(self.groups().groups.len() as u64)
+    }
+
     fn groups_after(
         &self,
         after: Option<&HandleBytes>,

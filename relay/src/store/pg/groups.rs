@@ -1,6 +1,9 @@
 //! Group epochs in PostgreSQL (`migrations/V12__groups.sql`): one row per handle,
-//! moved by a compare-and-set `UPDATE`, and a per-handle advisory lock that a commit
-//! holds across nodes while it appends and moves the epoch.
+//! moved by a compare-and-set `UPDATE`. A commit locks its handle's row (`SELECT …
+//! FOR UPDATE`) in a transaction on one pooled connection, holds it across nodes
+//! while it appends, and moves the epoch and commits on that same connection: one
+//! connection per commit, taken only for a handle that exists. The sweep skips
+//! locked rows.
 
 use tokio_postgres::error::SqlState;
 
@@ -8,10 +11,15 @@ use super::rows::{col, fixed, signed, u32_of, unsigned};
 use super::PgBackend;
 use crate::store::{GroupLock, GroupState, GroupStore, HandleBytes, StoreError, StoreResult};
 
-/// The first key of a handle's advisory lock (PostgreSQL's two-key space; see
-/// `blobs::BLOB_LOCKS`). The second is the handle's first four bytes: handles are
-/// random, and two sharing them only wait for each other.
-const GROUP_LOCKS: i32 = 7263_0018;
+/// The compare-and-set that moves an epoch: $1 the handle, $2–$4 and $9 the state
+/// as read, $5–$8 the new one.
+const ADVANCE: &str = "UPDATE group_epochs SET epoch = $5, token_hash = $6, \
+    last_commit_id = $7, touched_day = $8 WHERE handle = $1 AND epoch = $2 \
+    AND token_hash = $3 AND last_commit_id = $4 AND touched_day = $9";
+
+/// A handle's row, locked until the transaction ends.
+const LOCK: &str = "SELECT epoch, token_hash, last_commit_id, touched_day FROM group_epochs \
+    WHERE handle = $1 FOR UPDATE";
 
 fn state_of(row: &tokio_postgres::Row) -> StoreResult<GroupState> {
     Ok(GroupState {
@@ -80,24 +88,8 @@ impl GroupStore for PgBackend {
         from: &GroupState,
         to: &GroupState,
     ) -> StoreResult<bool> {
-        let (from_epoch, to_epoch) = (signed(from.epoch)?, signed(to.epoch)?);
-        let (from_day, to_day) = (i64::from(from.touched_day), i64::from(to.touched_day));
-        let n = self.run(self.exec(
-            "UPDATE group_epochs SET epoch = $5, token_hash = $6, last_commit_id = $7, \
-             touched_day = $8 WHERE handle = $1 AND epoch = $2 AND token_hash = $3 \
-             AND last_commit_id = $4 AND touched_day = $9",
-            &[
-                &&handle[..],
-                &from_epoch,
-                &&from.token_hash[..],
-                &&from.last_commit_id[..],
-                &to_epoch,
-                &&to.token_hash[..],
-                &&to.last_commit_id[..],
-                &to_day,
-                &from_day,
-            ],
-        ))?;
+        let values = Advance::of(handle, from, to)?;
+        let n = self.run(self.exec(ADVANCE, &values.params()))?;
         Ok(n == 1)
     }
 
@@ -109,6 +101,12 @@ impl GroupStore for PgBackend {
                FOR UPDATE SKIP LOCKED) AND touched_day < $1",
             &[&day, &max],
         ))
+    }
+
+    fn count_groups(&self) -> StoreResult<u64> {
+        let rows = self.run(self.rows("SELECT count(*) FROM group_epochs", &[]))?;
+        let n: i64 = col(rows.first().ok_or(StoreError::Corrupt("no count"))?, 0)?;
+        unsigned(n, "group count")
     }
 
     fn groups_after(
@@ -128,20 +126,27 @@ impl GroupStore for PgBackend {
             .collect()
     }
 
-    fn lock_group(&self, handle: &HandleBytes) -> StoreResult<GroupLock> {
-        let key = i32::from_be_bytes([handle[0], handle[1], handle[2], handle[3]]);
-        let held = self.run(async {
+    fn lock_group(&self, handle: &HandleBytes) -> StoreResult<Option<GroupLock>> {
+        self.run(async {
             let client = self.client().await?;
-            let locked = async {
+            let read = async {
                 client.batch_execute("BEGIN").await?;
-                let lock = client
-                    .prepare_cached("SELECT pg_advisory_xact_lock($1, $2)")
-                    .await?;
-                client.execute(&lock, &[&GROUP_LOCKS, &key]).await
+                let lock = client.prepare_cached(LOCK).await?;
+                client.query_opt(&lock, &[&&handle[..]]).await
             }
             .await;
-            match locked {
-                Ok(_) => Ok(Held(Some(client))),
+            match read {
+                Ok(Some(row)) => {
+                    let state = state_of(&row)?;
+                    Ok(Some(GroupLock::held(state, Box::new(Held(Some(client))))))
+                }
+                Ok(None) => {
+                    // No row, no lock: the connection goes back at once.
+                    if client.batch_execute("ROLLBACK").await.is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                    Ok(None)
+                }
                 Err(e) => {
                     // Inside a transaction: never back to the pool.
                     drop(deadpool_postgres::Object::take(client));
@@ -153,8 +158,74 @@ impl GroupStore for PgBackend {
                     Err(self.classify(&e))
                 }
             }
-        })?;
-        Ok(GroupLock(Some(Box::new(held))))
+        })
+    }
+
+    fn advance_locked(
+        &self,
+        handle: &HandleBytes,
+        lock: GroupLock,
+        to: &GroupState,
+    ) -> StoreResult<bool> {
+        let values = Advance::of(handle, lock.state(), to)?;
+        let Some(mut held) = lock.into_held().and_then(|h| h.downcast::<Held>().ok()) else {
+            return self
+                .run(self.exec(ADVANCE, &values.params()))
+                .map(|n| n == 1);
+        };
+        self.run(async move {
+            let Some(client) = held.0.as_ref() else {
+                return Err(StoreError::Backend(
+                    "a group lock without its connection".into(),
+                ));
+            };
+            let moved = async {
+                let advance = client.prepare_cached(ADVANCE).await?;
+                let n = client.execute(&advance, &values.params()).await?;
+                client.batch_execute("COMMIT").await?;
+                Ok(n)
+            }
+            .await;
+            match moved {
+                // Committed: the connection goes back to the pool.
+                Ok(n) => {
+                    drop(held.0.take());
+                    Ok(n == 1)
+                }
+                // Rolled back (or closed) as `held` drops.
+                Err(e) => Err(self.classify(&e)),
+            }
+        })
+    }
+}
+
+/// The values of one compare-and-set ([`ADVANCE`]), as PostgreSQL takes them.
+struct Advance {
+    handle: Vec<u8>,
+    from: (i64, Vec<u8>, Vec<u8>, i64),
+    to: (i64, Vec<u8>, Vec<u8>, i64),
+}
+
+impl Advance {
+    fn of(handle: &HandleBytes, from: &GroupState, to: &GroupState) -> StoreResult<Advance> {
+        let row = |s: &GroupState| -> StoreResult<(i64, Vec<u8>, Vec<u8>, i64)> {
+            Ok((
+                signed(s.epoch)?,
+                s.token_hash.to_vec(),
+                s.last_commit_id.to_vec(),
+                i64::from(s.touched_day),
+            ))
+        };
+        Ok(Advance {
+            handle: handle.to_vec(),
+            from: row(from)?,
+            to: row(to)?,
+        })
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 9] {
+        let (f, t) = (&self.from, &self.to);
+        [&self.handle, &f.0, &f.1, &f.2, &t.0, &t.1, &t.2, &t.3, &f.3]
     }
 }
 

@@ -144,6 +144,16 @@ impl GroupStore for SledStore {
         Ok(swept)
     }
 
+    fn count_groups(&self) -> StoreResult<u64> {
+        // A scan of the state keys (the service counts once per process).
+        let mut n = 0u64;
+        for kv in self.groups.scan_prefix([STATE]).keys() {
+            kv.map_err(backend)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn groups_after(
         &self,
         after: Option<&HandleBytes>,

@@ -99,8 +99,20 @@ impl GroupStore for TwoNodes {
     ) -> StoreResult<Vec<(HandleBytes, GroupState)>> {
         self.pick().groups_after(after, max)
     }
-    fn lock_group(&self, handle: &HandleBytes) -> StoreResult<GroupLock> {
+    fn lock_group(&self, handle: &HandleBytes) -> StoreResult<Option<GroupLock>> {
         self.pick().lock_group(handle)
+    }
+    fn advance_locked(
+        &self,
+        handle: &HandleBytes,
+        lock: GroupLock,
+        to: &GroupState,
+    ) -> StoreResult<bool> {
+        // The lock carries its connection: either node moves it through that.
+        self.pick().advance_locked(handle, lock, to)
+    }
+    fn count_groups(&self) -> StoreResult<u64> {
+        self.pick().count_groups()
     }
 }
 
@@ -120,6 +132,9 @@ fn concurrent_advances_across_two_nodes_have_one_winner() {
 fn a_handle_lock_is_held_by_one_node_at_a_time() {
     let (_pg, opts) = db();
     let nodes = Arc::new(TwoNodes::new(&opts));
+    for h in [7, 8] {
+        nodes.insert_group(&[h; 16], &STATE).expect("insert");
+    }
     let inside = Arc::new(AtomicUsize::new(0));
     let most = Arc::new(AtomicUsize::new(0));
     let start = Arc::new(Barrier::new(4));
@@ -130,7 +145,7 @@ fn a_handle_lock_is_held_by_one_node_at_a_time() {
             std::thread::spawn(move || {
                 start.wait();
                 for _ in 0..5 {
-                    let lock = nodes.lock_group(&[7; 16]).expect("lock");
+                    let lock = nodes.lock_group(&[7; 16]).expect("lock").expect("a handle");
                     let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(now, Ordering::SeqCst);
                     std::thread::sleep(std::time::Duration::from_millis(5));
@@ -147,6 +162,54 @@ fn a_handle_lock_is_held_by_one_node_at_a_time() {
     // Another handle's lock is not held up by this one's.
     let _a = nodes.lock_group(&[7; 16]).expect("lock");
     let _b = nodes.lock_group(&[8; 16]).expect("another handle");
+    assert!(
+        nodes.lock_group(&[9; 16]).expect("lock").is_none(),
+        "no handle"
+    );
+}
+
+const STATE: GroupState = GroupState {
+    epoch: 0,
+    token_hash: [1; 32],
+    last_commit_id: [0; 16],
+    touched_day: 100,
+};
+
+#[test]
+fn a_locked_handle_moves_on_its_own_connection_and_the_sweep_skips_it() {
+    let (_pg, mut opts) = db();
+    // One connection: the move must not need a second.
+    opts.pool_size = 1;
+    let store = node(&opts, "a");
+    store.insert_group(&[7; 16], &STATE).expect("insert");
+    assert_eq!(store.count_groups().expect("count"), 1);
+    let lock = store.lock_group(&[7; 16]).expect("lock").expect("a handle");
+    assert_eq!(*lock.state(), STATE);
+    let next = GroupState {
+        epoch: 1,
+        touched_day: 101,
+        ..STATE
+    };
+    assert!(store
+        .advance_locked(&[7; 16], lock, &next)
+        .expect("advance"));
+    assert_eq!(store.group(&[7; 16]).expect("read"), Some(next));
+
+    // Held by a commit on another node: the sweep passes it over.
+    let other = node(&opts, "b");
+    let lock = store.lock_group(&[7; 16]).expect("lock").expect("a handle");
+    assert_eq!(other.sweep_groups(200, 10).expect("sweep"), 0, "locked");
+    drop(lock);
+    let mut swept = 0;
+    for _ in 0..50 {
+        // The rollback of a dropped lock runs in the background.
+        swept += other.sweep_groups(200, 10).expect("sweep");
+        if swept > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(swept, 1);
 }
 
 /// The columns of the new tables, and that every stored value is bytea or bigint:
