@@ -289,6 +289,13 @@ async fn main() -> Result<(), BoxError> {
                         _ => {}
                     }
                 }
+                Some(Event::GroupIdentityMismatch { group: g, account }) => {
+                    let name = group_name(&client, &g).await;
+                    println!(
+                        "!! {name}: a device claims to be {} under another identity key; refused (this device stops following the group until re-added)",
+                        short(&account)
+                    );
+                }
                 Some(Event::IdentityChanged { contact }) => println!(
                     "!! {}'s identity key changed: compare safety numbers (/safety), then /accept",
                     short(&contact)

@@ -121,6 +121,9 @@ pub enum Error {
     /// The MLS layer refused an operation or a message.
     #[error("group: {0}")]
     Group(String),
+    /// The group is being left (`Client::leave_group`): it takes no more changes.
+    #[error("this device is leaving the group")]
+    LeavingGroup,
 }
 
 impl Error {

@@ -718,3 +718,50 @@ async fn a_rename_reaches_every_device_and_periodic_updates_keep_the_group_talki
         c.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_member_who_rotates_their_delivery_token_keeps_their_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["alice", "bob", "carol"]).await;
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, mut alice_events) = all.pop().expect("alice");
+    let group = within(alice.create_group("g", &[bob.account(), carol.account()]))
+        .await
+        .expect("create");
+    for events in [&mut bob_events, &mut carol_events] {
+        assert_eq!(joined(events).await, group);
+    }
+    // Carol's new token reaches the group in her announcement; Alice's contact
+    // card of her still holds the old one, which the relay now refuses.
+    carol.rotate_delivery_token().await.expect("rotate");
+    carol
+        .send_group(&group, b"after rotating", &[])
+        .await
+        .expect("send");
+    for (c, events) in [(&alice, &mut alice_events), (&bob, &mut bob_events)] {
+        assert_eq!(group_message(c, events).await.body, b"after rotating");
+    }
+    alice
+        .rename_group(&group, "still three")
+        .await
+        .expect("rename");
+    let devices = [&alice, &bob, &carol];
+    all_see(&devices, &group, |g| g.name == "still three").await;
+    let everyone = [alice.account(), bob.account(), carol.account()];
+    for c in devices {
+        members_are(c, &group, &everyone).await;
+    }
+    alice
+        .send_group(&group, b"to all three", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&carol, &mut carol_events).await.body,
+        b"to all three"
+    );
+    for c in [alice, bob, carol] {
+        c.shutdown().await;
+    }
+}

@@ -6,12 +6,15 @@
 use prost::Message;
 use rand::{CryptoRng, RngCore};
 use tern_proto::{e2e, v1, AccountId, CommitId, DeviceId, GroupCommit, GroupHandle, MessageId};
-use tern_proto::{ErrorCode, MultiSend, MultiSendResult, RecipientAccount};
+use tern_proto::{MultiSend, MultiSendResult, RecipientAccount};
 
 use super::group_meta::merge_meta;
 use super::group_records::{
     GroupOpRecord, GroupOutboxRecord, GroupRecipient, PendingCommitRecord, OP_ADD, OP_META,
-    OP_REMOVE, OP_REMOVE_DEVICE,
+    OP_REMOVE,
+};
+use super::group_retry::{
+    device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
 };
 use super::groups::{commit_events, GroupId};
 use super::state::{corrupt, State};
@@ -45,6 +48,17 @@ pub(crate) enum GroupStep {
     Wait,
 }
 
+/// `interval` × U(1, 1.5).
+fn jitter(interval: u64, rng: &mut impl RngCore) -> u64 {
+    interval.saturating_add(rng.next_u64() % (interval / 2 + 1))
+}
+
+/// Whether a commit of this op carries an update path (renewing the committer's
+/// leaf): every kind but an add-only commit (RFC 9420 §12.4).
+fn renews_leaf(op: &GroupOpRecord) -> bool {
+    op.kind != OP_ADD
+}
+
 fn random16(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 16] {
     let mut b = [0u8; 16];
     rng.fill_bytes(&mut b);
@@ -62,22 +76,42 @@ pub(crate) fn removal(accounts: &[AccountId]) -> GroupOpRecord {
 
 /// Drops ops equal to an earlier one with nothing between them that undoes it (an
 /// op of another kind on the same accounts): a repeated `LeaveRequest` must not
-/// grow the queue, while "remove, add, remove" keeps all three. Whether any went.
+/// grow the queue, while "remove, add, remove" keeps all three. Metadata edits
+/// are never dropped (in "rename X, Y, X" the last one counts). Whether any went.
 pub(crate) fn dedup_ops(ops: &mut Vec<GroupOpRecord>) -> bool {
     let before = ops.len();
     let mut kept: Vec<GroupOpRecord> = Vec::with_capacity(before);
     for op in ops.drain(..) {
-        let repeated = kept.iter().rposition(|k| *k == op).is_some_and(|i| {
-            !kept[i + 1..]
-                .iter()
-                .any(|k| k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a)))
-        });
+        let repeated = op.kind != OP_META
+            && kept.iter().rposition(|k| *k == op).is_some_and(|i| {
+                !kept[i + 1..].iter().any(|k| {
+                    k.kind != op.kind && k.accounts.iter().any(|a| op.accounts.contains(a))
+                })
+            });
         if !repeated {
             kept.push(op);
         }
     }
     *ops = kept;
     ops.len() != before
+}
+
+/// Adds `devices` of `account` to `to`.
+pub(crate) fn add_devices(to: &mut Vec<GroupRecipient>, account: &AccountId, devices: &[DeviceId]) {
+    let devices = devices.iter().map(|d| d.get());
+    match to.iter_mut().find(|r| r.account == account.as_bytes()) {
+        Some(r) => {
+            for d in devices {
+                if !r.devices.contains(&d) {
+                    r.devices.push(d);
+                }
+            }
+        }
+        None => to.push(GroupRecipient {
+            account: account.as_bytes().to_vec(),
+            devices: devices.collect(),
+        }),
+    }
 }
 
 fn accounts_of(op: &GroupOpRecord) -> Vec<AccountId> {
@@ -118,7 +152,12 @@ impl State {
     pub(crate) fn busy_groups(&self) -> Vec<Vec<u8>> {
         self.groups
             .iter()
-            .filter(|(_, r)| !r.registered || r.pending.is_some() || !r.ops.is_empty())
+            .filter(|(_, r)| {
+                !r.registered
+                    || r.pending.is_some()
+                    || !r.ops.is_empty()
+                    || r.resends.iter().any(|x| x.commit)
+            })
             .map(|(id, _)| id.clone())
             .collect()
     }
@@ -147,8 +186,10 @@ impl State {
     }
 
     /// The next step of `group`'s commit pipeline at `now_ms`. A head op waits
-    /// while a member has no known delivery token (its `MemberInfo` brings one), at
-    /// most `token_wait_ms`; then the removal of those members goes first.
+    /// while a member has no usable delivery token (its `MemberInfo` brings one);
+    /// each such account is timed on its own, and those waited for
+    /// `token_wait_ms` are removed first. A resent commit waiting for a token is
+    /// timed the same way.
     pub(crate) fn next_group_step(
         &mut self,
         group: &[u8],
@@ -175,11 +216,12 @@ impl State {
         if record.wait_epoch > session.epoch() {
             return Ok(GroupStep::Wait);
         }
-        if record.ops.is_empty() {
+        if record.ops.is_empty() && !record.resends.iter().any(|r| r.commit) {
             return Ok(GroupStep::Idle);
         }
+        let before = record.clone();
         let mut record = record;
-        let deduped = dedup_ops(&mut record.ops);
+        dedup_ops(&mut record.ops);
         // The members the head op removes need not be reached.
         let removed = match record.ops.first() {
             Some(op) if op.kind == OP_REMOVE => accounts_of(op),
@@ -187,28 +229,46 @@ impl State {
         };
         let mut missing = self.tokenless(group)?;
         missing.retain(|a| !removed.contains(a));
-        let since = record.token_wait_since_ms;
-        let waiting = match (missing.is_empty(), since) {
-            (true, _) => false,
-            (false, 0) => true,
-            (false, since) => now_ms.saturating_sub(since) < token_wait_ms,
-        };
-        if missing.is_empty() {
-            record.token_wait_since_ms = 0;
-        } else if since == 0 {
-            record.token_wait_since_ms = now_ms.max(1);
-        } else if !waiting {
+        let legacy = std::mem::take(&mut record.token_wait_since_ms);
+        record
+            .token_waits
+            .retain(|w| missing.iter().any(|a| a.as_bytes()[..] == w.account[..]));
+        let mut past = Vec::new();
+        for a in &missing {
+            let since = match record
+                .token_waits
+                .iter()
+                .find(|w| w.account == a.as_bytes())
+            {
+                Some(w) => w.since_ms,
+                None => {
+                    let since = if legacy > 0 { legacy } else { now_ms.max(1) };
+                    record.token_waits.push(TokenWaitRecord {
+                        account: a.as_bytes().to_vec(),
+                        since_ms: since,
+                    });
+                    since
+                }
+            };
+            if now_ms.saturating_sub(since) >= token_wait_ms {
+                past.push(*a);
+            }
+        }
+        if !past.is_empty() {
             // Unreachable past the bound: any commit would leave them behind, so
             // their removal is committed first.
-            record.token_wait_since_ms = 0;
-            record.ops.insert(0, removal(&missing));
+            record
+                .token_waits
+                .retain(|w| !past.iter().any(|a| a.as_bytes()[..] == w.account[..]));
+            record.ops.insert(0, removal(&past));
+            missing.retain(|a| !past.contains(a));
         }
-        if deduped || record.token_wait_since_ms != since {
+        if record != before {
             let mut batch = Batch::new();
             self.put_group(group, record.clone(), &mut batch);
             self.commit(batch, true)?;
         }
-        if waiting {
+        if !missing.is_empty() {
             return Ok(GroupStep::Idle);
         }
         match record.ops.first() {
@@ -219,10 +279,18 @@ impl State {
     }
 
     /// Queues an update commit (OP_UPDATE) in every group where this device's leaf
-    /// is older than `interval_ms`, or where the group knows another delivery token
-    /// of this account than its current one (which is then announced again).
-    pub(crate) fn queue_due_updates(&mut self, now_ms: u64, interval_ms: u64) -> Result<()> {
+    /// is due a renewal: `interval_ms` × U(1, 1.5) after it was last renewed
+    /// (drawn anew each time, so members do not all update at once). When the
+    /// account's delivery token changed, every device announces it again; the
+    /// primary device alone also queues an update.
+    pub(crate) fn queue_due_updates(
+        &mut self,
+        now_ms: u64,
+        interval_ms: u64,
+        rng: &mut impl RngCore,
+    ) -> Result<()> {
         let token = self.keys.delivery_token.to_vec();
+        let primary = self.keys.address.device == DeviceId::PRIMARY;
         let mut batch = Batch::new();
         let ids: Vec<Vec<u8>> = self.groups.keys().cloned().collect();
         for id in ids {
@@ -237,17 +305,23 @@ impl State {
                 // First seen (created or joined): the leaf is new.
                 record.leaf_updated_ms = now_ms.max(1);
             }
-            let mut due = now_ms.saturating_sub(record.leaf_updated_ms) >= interval_ms;
+            if record.leaf_due_ms == 0 {
+                record.leaf_due_ms = record
+                    .leaf_updated_ms
+                    .saturating_add(jitter(interval_ms, rng));
+            }
+            let mut due = now_ms >= record.leaf_due_ms;
             if record.announced_token.is_empty() {
                 record.announced_token = token.clone();
             } else if record.announced_token != token {
                 record.announce = true;
-                due = true;
+                due |= primary;
             }
             if due && !record.ops.iter().any(|op| op.kind == OP_UPDATE) {
                 // The interval restarts now, so an update that comes to nothing
                 // (nobody else in the group) is not queued again at once.
                 record.leaf_updated_ms = now_ms.max(1);
+                record.leaf_due_ms = now_ms.max(1).saturating_add(jitter(interval_ms, rng));
                 record.ops.push(GroupOpRecord {
                     kind: OP_UPDATE,
                     ..GroupOpRecord::default()
@@ -435,15 +509,27 @@ impl State {
     /// [`State::commit_answered`] with no refusals.
     #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
-        self.commit_answered(group, &[], 0)
+        let sends = match self.groups.get(group).and_then(|r| r.pending.as_ref()) {
+            Some(p) => {
+                let wire = v1::GroupCommitRequest::decode(&p.request[..]).map_err(|_| corrupt())?;
+                GroupCommit::try_from(wire)
+                    .map_err(|_| corrupt())?
+                    .sends
+                    .len()
+            }
+            None => 0,
+        };
+        self.commit_answered(group, &vec![MultiSendResult::default(); sends], 0)
     }
 
     /// The relay took `group`'s pending commit (its answer per send in
-    /// `results`): the group moves on, the op goes. Devices refused for now (a
-    /// full mailbox, a rate, a stale device list) get the same bytes again through
-    /// the group outbox; devices or accounts the relay does not know (deleted, or
-    /// a token that is no longer theirs) are queued for removal, as they can no
-    /// longer follow the group.
+    /// `results`): the group moves on, the op goes. Refused devices are judged by
+    /// [`verdict`]: devices refused for now, or whose account refused the token,
+    /// get the same bytes again (same message id) through the group outbox, ahead
+    /// of the group's other messages; devices the relay does not know are queued
+    /// for removal. Without one result per send (a retried commit whose first
+    /// answer was lost: the relay keeps no results), every send goes again to all
+    /// its recipients, who drop what they already have by its id.
     pub(crate) fn commit_answered(
         &mut self,
         group: &[u8],
@@ -470,8 +556,10 @@ impl State {
         if done.is_some() && record.ops.first() == done.as_ref() {
             record.ops.remove(0);
         }
-        if done.as_ref().is_some_and(|op| op.kind == OP_UPDATE) {
-            record.leaf_updated_ms = now_ms;
+        if done.as_ref().is_some_and(renews_leaf) {
+            record.leaf_updated_ms = now_ms.max(1);
+            // Drawn again at the next look.
+            record.leaf_due_ms = 0;
         }
         let sends = match &pending {
             Some(p) => {
@@ -480,51 +568,41 @@ impl State {
             }
             None => Vec::new(),
         };
+        // Refused tokens of members gone are of no more use.
+        let members = self.session_mut(group)?.members();
+        record.refused_tokens.retain(|t| {
+            members
+                .iter()
+                .any(|m| m.account.as_bytes()[..] == t.account[..])
+        });
         let own = self.keys.address.account;
+        let lost = results.len() != sends.len();
         let mut resends = Vec::new();
-        for (send, result) in sends.iter().zip(results) {
+        for (i, send) in sends.iter().enumerate() {
             let mut again: Vec<GroupRecipient> = Vec::new();
-            for f in &result.refused {
+            if lost {
+                for to in &send.recipients {
+                    add_devices(&mut again, &to.account, &to.devices);
+                }
+            }
+            for f in results
+                .get(i)
+                .filter(|_| !lost)
+                .map_or(&[][..], |r| &r.refused)
+            {
                 let Some(to) = send.recipients.get(f.recipient as usize) else {
                     continue;
                 };
-                let devices = match f.device {
-                    Some(d) => vec![d],
-                    None => to.devices.clone(),
-                };
-                let transient = to.account == own
-                    || matches!(
-                        f.code,
-                        ErrorCode::MailboxFull
-                            | ErrorCode::RateLimited
-                            | ErrorCode::Unavailable
-                            | ErrorCode::StaleDeviceList
-                    );
-                match f.code {
-                    _ if transient => {
-                        let devices = devices.iter().map(|d| d.get());
-                        match again
-                            .iter_mut()
-                            .find(|r| r.account == to.account.as_bytes())
-                        {
-                            Some(r) => r.devices.extend(devices),
-                            None => again.push(GroupRecipient {
-                                account: to.account.as_bytes().to_vec(),
-                                devices: devices.collect(),
-                            }),
-                        }
+                let devices = refused_devices(send, f);
+                match verdict(f, &to.account, &own) {
+                    Verdict::Retry => add_devices(&mut again, &to.account, &devices),
+                    Verdict::TokenRefused => {
+                        refuse_token(&mut record, &to.account, &to.delivery_token);
+                        add_devices(&mut again, &to.account, &devices);
                     }
-                    _ if f.device.is_none() => {
-                        record.ops.push(removal(&[to.account]));
-                    }
-                    _ => {
+                    Verdict::DeviceGone => {
                         for d in devices {
-                            record.ops.push(GroupOpRecord {
-                                kind: OP_REMOVE_DEVICE,
-                                accounts: vec![to.account.as_bytes().to_vec()],
-                                device: d.get(),
-                                ..GroupOpRecord::default()
-                            });
+                            record.ops.push(device_removal(&to.account, d));
                         }
                     }
                 }
@@ -547,6 +625,11 @@ impl State {
                 let seq = self.local.next_outbox_seq;
                 self.local.next_outbox_seq += 1;
                 batch.put(Namespace::GroupOutbox, seq_key(seq), &r);
+                record.resends.push(ResendRecord {
+                    seq,
+                    first_ms: now_ms.max(1),
+                    commit: true,
+                });
                 queued.push((seq, r));
             }
             batch.put_local(&self.local);

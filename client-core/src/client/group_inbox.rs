@@ -15,8 +15,15 @@
 //! - Commits pass the MLS rules of `crate::groups::rules` (metadata and handle).
 //! - An envelope under the tag of the epoch this device's own pending commit
 //!   leads to proves the relay took that commit: it is applied first.
+//! - An envelope under a tag of no known epoch is held (`held.rs`) and tried
+//!   again after every commit or welcome applied.
 //! - Any refusal is a dropped delivery (acknowledged): only a failing local
 //!   store is an error, so nothing a sender does can stall the inbox.
+
+mod held;
+
+#[cfg(test)]
+pub(crate) use held::{HELD_MAX, HELD_MAX_BYTES};
 
 use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
@@ -126,9 +133,25 @@ impl State {
         // device is in, left, or was removed from at that epoch.
         let mut group_epoch = id.clone();
         group_epoch.extend_from_slice(&session.epoch().to_be_bytes());
-        if self.groups.contains_key(&id) || self.seen_group(&dedup, &group_epoch)? {
+        if self.seen_group(&dedup, &group_epoch)? {
             return Ok(Outcome::Duplicate);
         }
+        // A group this device is in: only a re-add of a device left behind, to a
+        // later epoch of the same group (same handle), replaces the stale state.
+        let stale = match self.groups.get(&id).cloned() {
+            None => None,
+            Some(old) => {
+                let current = self.session_mut(&id).ok().map(|s| s.epoch());
+                let behind = old.behind_since_ms != 0 || current.is_none_or(|e| old.wait_epoch > e);
+                if !behind
+                    || old.handle != session.handle()
+                    || current.is_some_and(|e| session.epoch() <= e)
+                {
+                    return Ok(Outcome::Duplicate);
+                }
+                Some(old)
+            }
+        };
         let added_by = joined.value.added_by;
         let own = added_by.account == self.keys.address.account;
         let trusted = own
@@ -145,6 +168,8 @@ impl State {
             handle: session.handle().to_vec(),
             registered: true,
             announce: true,
+            // Keys first seen in the group stay pinned across a re-add.
+            pins: stale.as_ref().map(|r| r.pins.clone()).unwrap_or_default(),
             ..GroupRecord::default()
         };
         if !self
@@ -171,19 +196,29 @@ impl State {
         }
         let gid = GroupId::of(&id)?;
         let mut batch = Batch::new();
+        if stale.is_some() {
+            // Its queued messages were for epochs nobody reads any more.
+            self.stage_forget_group(&id, &mut batch)?;
+            self.forget_group_cache(&id);
+        }
         batch.extend_ops(joined.ops);
         batch.put_seen(&dedup, message_id, now_ms);
         batch.put_seen(&dedup, &group_epoch, now_ms);
         self.put_group(&id, record, &mut batch);
-        self.commit(batch, false)?;
+        if let Err(e) = self.commit(batch, false) {
+            self.group_sessions.remove(&id);
+            return Err(e);
+        }
         self.unflushed_seen.insert(seen_key(&dedup, message_id));
         self.unflushed_seen.insert(seen_key(&dedup, &group_epoch));
         self.group_sessions.insert(id, session);
-        Ok(Outcome::Synced(vec![Event::GroupJoined {
+        let mut events = vec![Event::GroupJoined {
             group: gid,
             added_by: added_by.account,
             name: joined.value.meta.name,
-        }]))
+        }];
+        events.append(&mut self.retry_held(now_ms)?);
+        Ok(Outcome::Synced(events))
     }
 
     /// The group whose pending commit (this device's) leads to the epoch of `tag`:
@@ -221,39 +256,87 @@ impl State {
         Ok(None)
     }
 
+    /// The group of `tag`'s epoch; failing that, this device's pending commit that
+    /// leads to it is applied first (its events go to `events`, `applied` set).
+    fn route_tag(
+        &mut self,
+        tag: &[u8; 16],
+        events: &mut Vec<Event>,
+        applied: &mut bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let route = |state: &Self| -> Result<Option<Vec<u8>>> {
+            match state.group_device()?.route_tag(tag) {
+                Ok(r) => Ok(r.map(|(group, _epoch)| group)),
+                Err(GroupError::Store(e)) => Err(e.into()),
+                Err(e) => Err(Error::Group(e.to_string())),
+            }
+        };
+        if let Some(group) = route(self)? {
+            return Ok(Some(group));
+        }
+        match self.apply_own_commit_for(tag)? {
+            Some(mut applied_events) => {
+                *applied = true;
+                events.append(&mut applied_events);
+                route(self)
+            }
+            None => Ok(None),
+        }
+    }
+
     fn receive_envelope(
         &mut self,
         message_id: &[u8],
         envelope: &[u8],
         now_ms: u64,
     ) -> Result<Outcome> {
-        let mut events = Vec::new();
-        let mut routed = match self.group_device()?.route(envelope) {
-            Ok(r) => r,
+        let tag = match crate::groups::envelope_tag(envelope) {
+            Ok(t) => t,
             Err(e) => return refused(e, "group envelope"),
         };
-        if routed.is_none() {
-            let tag = match crate::groups::envelope_tag(envelope) {
-                Ok(t) => t,
-                Err(e) => return refused(e, "group envelope"),
-            };
-            if let Some(applied) = self.apply_own_commit_for(&tag)? {
-                events = applied;
-                routed = match self.group_device()?.route(envelope) {
-                    Ok(r) => r,
-                    Err(e) => return refused(e, "group envelope"),
-                };
-            }
-        }
-        let Some((group, _epoch)) = routed else {
-            return Ok(Outcome::Dropped(
-                "a group envelope of no known epoch".into(),
-            ));
+        let mut events = Vec::new();
+        let mut applied = false;
+        let Some(group) = self.route_tag(&tag, &mut events, &mut applied)? else {
+            return self.hold_envelope(message_id, envelope, &tag, now_ms);
         };
-        let out = self.process_envelope(&group, message_id, envelope, now_ms, &mut events);
+        let out =
+            self.process_routed(&group, message_id, envelope, now_ms, events, &mut applied)?;
+        if !applied {
+            return Ok(out);
+        }
+        // A new epoch: what waited for it may route now.
+        let mut more = self.retry_held(now_ms)?;
+        if more.is_empty() {
+            return Ok(out);
+        }
+        Ok(Outcome::Synced(match out {
+            Outcome::Synced(mut e) => {
+                e.append(&mut more);
+                e
+            }
+            Outcome::Dropped(reason) => {
+                more.insert(0, Event::Dropped { reason });
+                more
+            }
+            _ => more,
+        }))
+    }
+
+    /// Processes an envelope routed to `group`, after `events` (of our pending
+    /// commit applied for it); `applied` is set when it is a commit applied.
+    fn process_routed(
+        &mut self,
+        group: &[u8],
+        message_id: &[u8],
+        envelope: &[u8],
+        now_ms: u64,
+        mut events: Vec<Event>,
+        applied: &mut bool,
+    ) -> Result<Outcome> {
+        let out = self.process_envelope(group, message_id, envelope, now_ms, &mut events, applied);
         if !matches!(out, Ok(Outcome::Synced(_) | Outcome::Duplicate)) {
             // What was processed and not stored must not stay in the cache.
-            self.group_sessions.remove(&group);
+            self.group_sessions.remove(group);
         }
         match out {
             Ok(Outcome::Synced(mut more)) => {
@@ -278,6 +361,7 @@ impl State {
         envelope: &[u8],
         now_ms: u64,
         events: &mut Vec<Event>,
+        applied_epoch: &mut bool,
     ) -> Result<Outcome> {
         let dedup = dedup_account(group);
         if self.seen_group(&dedup, message_id)? {
@@ -369,8 +453,15 @@ impl State {
             Processed::Commit(applied) => {
                 let wrong = self.check_leaves(&mut record, &applied.added);
                 if let Some(m) = wrong.first() {
-                    // Not applied: the staged writes go, the cache is reloaded.
+                    // Not applied: the staged writes go, the cache is reloaded. The
+                    // group's later epochs cannot reach this device any more.
                     self.group_sessions.remove(group);
+                    if let Some(mut marked) = self.groups.get(group).cloned() {
+                        if marked.behind_since_ms == 0 {
+                            marked.behind_since_ms = now_ms;
+                            self.put_group(group, marked, &mut batch);
+                        }
+                    }
                     self.commit(batch, false)?;
                     self.unflushed_seen.insert(seen_key(&dedup, message_id));
                     tracing::debug!("a commit adding a leaf under another identity key");
@@ -380,6 +471,7 @@ impl State {
                     }]));
                 }
                 batch.extend_ops(staged.ops);
+                *applied_epoch = true;
                 if applied.removed_self {
                     self.stage_forget_group(group, &mut batch)?;
                     batch.put_local(&local);

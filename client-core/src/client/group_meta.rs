@@ -6,6 +6,7 @@
 use super::group_records::{GroupOpRecord, OP_META};
 use super::groups::GroupId;
 use super::state::State;
+use crate::groups::meta::{MAX_DESCRIPTION, MAX_NAME};
 use crate::groups::GroupMeta;
 use crate::media::AttachmentPointer;
 use crate::{Error, Result};
@@ -65,18 +66,22 @@ impl State {
     /// Queues a metadata change of `group` (committed like a membership op; every
     /// member gets `GroupChange::Renamed`).
     pub(crate) fn edit_group_meta(&mut self, group: &GroupId, edit: MetaEdit) -> Result<()> {
+        if self.groups.get(&group.0[..]).is_some_and(|r| r.leaving) {
+            return Err(Error::LeavingGroup);
+        }
+        let too_long = match &edit {
+            MetaEdit::Name(n) => (n.len() > MAX_NAME).then_some(MAX_NAME),
+            MetaEdit::Description(d) => (d.len() > MAX_DESCRIPTION).then_some(MAX_DESCRIPTION),
+            MetaEdit::Picture(_) => None,
+        };
+        if let Some(max) = too_long {
+            return Err(Error::TooLarge { max });
+        }
         let mut meta = self
             .session_mut(&group.0)?
             .meta()
             .map_err(|e| Error::Group(e.to_string()))?;
         let fields = edit.apply(&mut meta);
-        if meta.check().is_err() {
-            let max = match fields {
-                META_NAME => crate::groups::meta::MAX_NAME,
-                _ => crate::groups::meta::MAX_DESCRIPTION,
-            };
-            return Err(Error::TooLarge { max });
-        }
         let op = GroupOpRecord {
             kind: OP_META,
             meta: meta.encode(),

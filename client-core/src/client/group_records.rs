@@ -49,10 +49,31 @@ pub(crate) struct GroupRecord {
     /// Commits of this device the relay refused as `STALE_EPOCH` (then rebased).
     #[prost(uint64, tag = "23")]
     pub(crate) stale_commits: u64,
+    /// Members without a usable delivery token, each with since when (replaces
+    /// `token_wait_since_ms`: the bound is per account).
+    #[prost(message, repeated, tag = "24")]
+    pub(crate) token_waits: Vec<super::group_retry::TokenWaitRecord>,
+    /// Delivery tokens the relay refused for an account (`UNAUTHORIZED`): not used
+    /// again for it.
+    #[prost(message, repeated, tag = "25")]
+    pub(crate) refused_tokens: Vec<MemberTokenRecord>,
+    /// When (Unix ms) this device's next update commit is due (the interval with
+    /// jitter, drawn when the leaf was renewed; 0: not drawn yet).
+    #[prost(uint64, tag = "26")]
+    pub(crate) leaf_due_ms: u64,
+    /// Queued group messages of this group that are resent (a commit or welcome
+    /// the relay refused for some devices, or a message refused for now).
+    #[prost(message, repeated, tag = "27")]
+    pub(crate) resends: Vec<super::group_retry::ResendRecord>,
     /// Identity keys first seen in this group for accounts that are neither this
     /// one nor contacts: a later leaf of the account must show the same key.
     #[prost(message, repeated, tag = "30")]
     pub(crate) pins: Vec<PinRecord>,
+    /// Since when (Unix ms) this device knows it is left behind in this group (it
+    /// refused a commit, so the group's later epochs cannot reach it; 0: not).
+    /// A welcome re-adding it is then taken over the stale state.
+    #[prost(uint64, tag = "31")]
+    pub(crate) behind_since_ms: u64,
 }
 
 /// An account's identity key as this group first showed it.
@@ -161,6 +182,49 @@ pub(crate) struct GroupInboxRecord {
     #[prost(bytes = "vec", repeated, tag = "8")]
     pub(crate) attachments: Vec<Vec<u8>>,
 }
+
+/// `Namespace::GroupHeld`, key [`HELD_INDEX_KEY`]: the group envelopes whose tag
+/// routes to no epoch this device knows yet (their commit or welcome may still
+/// come), in arrival order. Each one's bytes are a record of its own, keyed by its
+/// seq, so a retry reads only the envelopes whose tag now routes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct HeldIndexRecord {
+    /// Oldest first.
+    #[prost(message, repeated, tag = "1")]
+    pub(crate) entries: Vec<HeldEntry>,
+    /// The seq the next held envelope gets.
+    #[prost(uint64, tag = "2")]
+    pub(crate) next_seq: u64,
+}
+
+/// One held group envelope.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct HeldEntry {
+    /// The key of its [`HeldEnvelopeRecord`] (`seq_key`).
+    #[prost(uint64, tag = "1")]
+    pub(crate) seq: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub(crate) message_id: Vec<u8>,
+    /// Its envelope tag (16 bytes), to route it without reading it.
+    #[prost(bytes = "vec", tag = "3")]
+    pub(crate) tag: Vec<u8>,
+    /// Its length in bytes, for the bound on what is held.
+    #[prost(uint64, tag = "4")]
+    pub(crate) len: u64,
+    /// When (Unix ms) it arrived.
+    #[prost(uint64, tag = "5")]
+    pub(crate) held_at_ms: u64,
+}
+
+/// `Namespace::GroupHeld`, key: a [`HeldEntry::seq`]. A held envelope's bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct HeldEnvelopeRecord {
+    /// The whole shared body (`0x02 ‖ tag ‖ …`).
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) envelope: Vec<u8>,
+}
+
+pub(crate) const HELD_INDEX_KEY: &[u8] = b"index";
 
 /// `Namespace::GroupCredential`, key [`CREDENTIAL_KEY`]: a linked device's
 /// certificate from its link payload (the primary signs its own when it loads).

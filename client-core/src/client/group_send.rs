@@ -7,7 +7,9 @@ use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::{AccountId, DeviceId, MessageId, MultiSend, RecipientAccount};
 
 use super::anonymous::AnonymousLink;
-use super::group_commit::GroupStep;
+use super::group_commit::{add_devices, GroupStep};
+use super::group_records::GroupRecipient;
+use super::group_retry::{device_removal, refused_devices, verdict, SendOutcome, Verdict};
 use super::groups::{GroupChange, GroupId};
 use super::send::Round;
 use super::{Event, Shared};
@@ -28,7 +30,7 @@ pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result
     let interval = shared.group_settings.update_interval_ms;
     let busy = {
         let mut state = shared.state.lock().await;
-        state.queue_due_updates(shared.now_ms(), interval)?;
+        state.queue_due_updates(shared.now_ms(), interval, &mut OsRng)?;
         state.busy_groups()
     };
     for group in busy {
@@ -64,14 +66,19 @@ async fn announce(shared: &Shared) -> Result<()> {
             })),
             ..e2e::GroupContent::default()
         };
-        state.enqueue_group(&GroupId(gid), content, now, &mut OsRng)?;
-        if let Some(mut record) = state.groups.get(&id).cloned() {
-            record.announce = false;
-            record.announced_token = state.keys.delivery_token.to_vec();
-            let mut batch = Batch::new();
-            state.put_group(&id, record, &mut batch);
-            state.commit(batch, true)?;
-        }
+        let Some(mut record) = state.groups.get(&id).cloned() else {
+            continue;
+        };
+        // The message and the cleared flag in one write.
+        let mut batch = Batch::new();
+        let (seq, queued, _) =
+            state.stage_group_message(&GroupId(gid), content, &mut OsRng, &mut batch)?;
+        record.announce = false;
+        record.announced_token = state.keys.delivery_token.to_vec();
+        state.put_group(&id, record, &mut batch);
+        state.commit(batch, true)?;
+        state.group_outbox.insert(seq, queued);
+        state.prepare_group(&id)?;
     }
     Ok(())
 }
@@ -187,13 +194,20 @@ async fn fetch_packages(
     Ok(out)
 }
 
-/// A group message ready to leave: its outbox seq, the send, and the accounts left
-/// out for want of a token.
-type Ready = (u64, MultiSend, Vec<(AccountId, Option<DeviceId>)>);
+/// A group message ready to leave.
+struct Ready {
+    seq: u64,
+    send: MultiSend,
+    /// A resent commit or welcome: it goes first, and waits for tokens.
+    commit: bool,
+    /// Recipients this device has no usable token for.
+    tokenless: Vec<GroupRecipient>,
+}
 
-/// Sends every encrypted group message, oldest first.
+/// Sends every encrypted group message: resent commits and welcomes first (so
+/// their devices can read what follows), then the others, oldest first.
 async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
-    let ready: Vec<Ready> = {
+    let mut ready: Vec<Ready> = {
         let mut state = shared.state.lock().await;
         state.prepare_groups()?;
         let mut ready = Vec::new();
@@ -223,34 +237,45 @@ async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
                         devices,
                         parts: Vec::new(),
                     }),
-                    None => tokenless.push((account, None)),
+                    None => tokenless.push(to.clone()),
                 }
             }
-            let send = MultiSend {
-                message_id: MessageId(id),
-                body: r.envelope.clone().into(),
-                recipients,
-            };
-            ready.push((*seq, send, tokenless));
+            ready.push(Ready {
+                seq: *seq,
+                send: MultiSend {
+                    message_id: MessageId(id),
+                    body: r.envelope.clone().into(),
+                    recipients,
+                },
+                commit: state.is_commit_resend(*seq),
+                tokenless,
+            });
         }
         ready
     };
+    ready.sort_by_key(|r| (!r.commit, r.seq));
+    let own = shared.state.lock().await.keys.address.account;
     let mut round = Round::Idle;
-    for (seq, send, tokenless) in ready {
-        if send.recipients.is_empty() {
+    for r in ready {
+        // A commit waits for its members' tokens (or their removal past the
+        // bound); a message is not held for them.
+        let mut outcome = SendOutcome::default();
+        if r.commit {
+            outcome.keep = r.tokenless.clone();
+        }
+        if r.send.recipients.is_empty() {
             let mut state = shared.state.lock().await;
-            state.group_sent(seq)?;
-            settle_leave(shared, &mut state)?;
+            settle(shared, &mut state, r.seq, outcome)?;
             continue;
         }
-        let result = anon.run(|c| c.multi_send(send.clone())).await;
+        let result = anon.run(|c| c.multi_send(r.send.clone())).await;
         let mut state = shared.state.lock().await;
         let result = match result {
-            Ok(r) => r,
+            Ok(result) => result,
             Err(e) => match e.relay_code() {
                 Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
                     tracing::debug!(error = %e, "a group message was refused");
-                    state.group_sent(seq)?;
+                    state.group_sent(r.seq)?;
                     round = Round::Progress;
                     continue;
                 }
@@ -258,50 +283,59 @@ async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
                 None => return Err(e),
             },
         };
-        // Refused for good: devices gone, tokens rotated (until a MemberInfo brings
-        // the new one). A full mailbox is tried again.
-        let mut gone = tokenless;
         let mut retry = false;
         for f in &result.refused {
-            let Some(to) = send.recipients.get(f.recipient as usize) else {
+            let Some(to) = r.send.recipients.get(f.recipient as usize) else {
                 continue;
             };
-            match f.code {
-                ErrorCode::MailboxFull | ErrorCode::RateLimited | ErrorCode::Unavailable => {
-                    retry = true
+            let devices = refused_devices(&r.send, f);
+            match verdict(f, &to.account, &own) {
+                Verdict::Retry => {
+                    retry = true;
+                    add_devices(&mut outcome.keep, &to.account, &devices);
                 }
-                _ => gone.push((to.account, f.device)),
+                Verdict::TokenRefused => {
+                    retry = true;
+                    outcome
+                        .refused_tokens
+                        .push((to.account, to.delivery_token.to_vec()));
+                    add_devices(&mut outcome.keep, &to.account, &devices);
+                }
+                Verdict::DeviceGone if r.commit => {
+                    for d in devices {
+                        outcome.removals.push(device_removal(&to.account, d));
+                    }
+                }
+                Verdict::DeviceGone => {}
             }
         }
-        if retry {
-            // Keep only the refused-for-now devices.
-            let accepted: Vec<(AccountId, Option<DeviceId>)> = send
-                .recipients
-                .iter()
-                .enumerate()
-                .flat_map(|(i, r)| {
-                    let refused = &result.refused;
-                    r.devices
-                        .iter()
-                        .filter(move |d| {
-                            !refused.iter().any(|f| {
-                                f.recipient as usize == i
-                                    && (f.device.is_none() || f.device == Some(**d))
-                            })
-                        })
-                        .map(move |d| (r.account, Some(*d)))
-                })
-                .collect();
-            gone.extend(accepted);
-            state.drop_group_recipients(seq, &gone)?;
-            round = Round::Wait;
-        } else {
-            state.group_sent(seq)?;
-            merge(&mut round, Round::Progress);
-        }
-        settle_leave(shared, &mut state)?;
+        round = match (retry, &round) {
+            (true, _) => Round::Wait,
+            (false, Round::Idle) => Round::Progress,
+            (false, _) => round,
+        };
+        settle(shared, &mut state, r.seq, outcome)?;
     }
     Ok(round)
+}
+
+/// Records an attempt's outcome; a message given up is told to the app.
+fn settle(
+    shared: &Shared,
+    state: &mut super::state::State,
+    seq: u64,
+    outcome: SendOutcome,
+) -> Result<()> {
+    if let Some((message_id, accounts)) = state.settle_group_send(seq, outcome, shared.now_ms())? {
+        for to in accounts {
+            shared.emit(Event::SendFailed {
+                message_id,
+                to,
+                reason: "refused by the relay for 30 days (a full mailbox)".into(),
+            });
+        }
+    }
+    settle_leave(shared, state)
 }
 
 /// Groups this device is leaving whose last message is out: deleted here.

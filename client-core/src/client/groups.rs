@@ -59,10 +59,11 @@ impl GroupId {
 /// [`ClientOptions`](super::ClientOptions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GroupSettings {
-    /// A leaf older than this is renewed by an update commit.
+    /// A leaf renewed this long ago (× U(1, 1.5), drawn per renewal) is renewed
+    /// by an update commit.
     pub(crate) update_interval_ms: u64,
-    /// How long a commit waits for a member's delivery token before removing
-    /// the member it cannot reach.
+    /// How long a commit waits for a member's delivery token (timed per account)
+    /// before removing the member it cannot reach.
     pub(crate) token_wait_ms: u64,
 }
 
@@ -315,6 +316,9 @@ impl State {
             .get(&group.0[..])
             .cloned()
             .ok_or(Error::UnknownGroup)?;
+        if record.leaving {
+            return Err(Error::LeavingGroup);
+        }
         record.ops.push(op);
         let mut batch = Batch::new();
         self.put_group(&group.0, record, &mut batch);
@@ -437,6 +441,25 @@ impl State {
         now_ms: u64,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<MessageId> {
+        let _ = now_ms;
+        let mut batch = Batch::new();
+        let (seq, record, id) = self.stage_group_message(group, content, rng, &mut batch)?;
+        self.commit(batch, false)?;
+        self.group_outbox.insert(seq, record);
+        self.prepare_group(&group.0)?;
+        self.flush()?;
+        Ok(id)
+    }
+
+    /// Stages a group message in `batch` (the caller commits it, then puts the
+    /// record in `group_outbox` and calls [`State::prepare_group`]).
+    pub(super) fn stage_group_message(
+        &mut self,
+        group: &GroupId,
+        content: e2e::GroupContent,
+        rng: &mut (impl RngCore + CryptoRng),
+        batch: &mut Batch,
+    ) -> Result<(u64, GroupOutboxRecord, MessageId)> {
         if !self.groups.contains_key(&group.0[..]) {
             return Err(Error::UnknownGroup);
         }
@@ -456,15 +479,9 @@ impl State {
             control,
             ..GroupOutboxRecord::default()
         };
-        let mut batch = Batch::new();
         batch.put(Namespace::GroupOutbox, seq_key(seq), &record);
         batch.put_local(&self.local);
-        self.commit(batch, false)?;
-        self.group_outbox.insert(seq, record);
-        self.prepare_group(&group.0)?;
-        self.flush()?;
-        let _ = now_ms;
-        Ok(MessageId(id))
+        Ok((seq, record, MessageId(id)))
     }
 
     /// Encrypts `group`'s queued messages, oldest first, unless a commit of this
@@ -534,60 +551,15 @@ impl State {
         Ok(())
     }
 
-    /// The delivery token to send to `account`'s devices with, in `group`.
+    /// The delivery token to send to `account`'s devices with, in `group`: the
+    /// first of [`State::member_tokens`].
     pub(crate) fn member_token(&self, group: &[u8], account: &AccountId) -> Option<[u8; 32]> {
-        if *account == self.keys.address.account {
-            return Some(self.keys.delivery_token);
-        }
-        self.token_of(account).or_else(|| {
-            self.groups
-                .get(group)?
-                .tokens
-                .iter()
-                .find(|t| t.account == account.as_bytes())
-                .and_then(|t| t.token[..].try_into().ok())
-        })
+        self.member_tokens(group, account).first().copied()
     }
 
     /// A group message is out (or given up): it leaves the outbox.
     pub(crate) fn group_sent(&mut self, seq: u64) -> Result<()> {
-        if self.group_outbox.remove(&seq).is_some() {
-            let mut batch = Batch::new();
-            batch.delete(Namespace::GroupOutbox, seq_key(seq));
-            self.commit(batch, false)?;
-        }
-        Ok(())
-    }
-
-    /// Drops devices from a queued group message's recipients (refused for good).
-    pub(crate) fn drop_group_recipients(
-        &mut self,
-        seq: u64,
-        gone: &[(AccountId, Option<DeviceId>)],
-    ) -> Result<()> {
-        let Some(mut record) = self.group_outbox.get(&seq).cloned() else {
-            return Ok(());
-        };
-        for (account, device) in gone {
-            for r in record
-                .to
-                .iter_mut()
-                .filter(|r| r.account == account.as_bytes())
-            {
-                match device {
-                    Some(d) => r.devices.retain(|x| *x != d.get()),
-                    None => r.devices.clear(),
-                }
-            }
-        }
-        record.to.retain(|r| !r.devices.is_empty());
-        if record.to.is_empty() {
-            return self.group_sent(seq);
-        }
-        let mut batch = Batch::new();
-        batch.put(Namespace::GroupOutbox, seq_key(seq), &record);
-        self.commit(batch, false)?;
-        self.group_outbox.insert(seq, record);
+        self.settle_group_send(seq, super::group_retry::SendOutcome::default(), 0)?;
         Ok(())
     }
 

@@ -34,6 +34,7 @@ mod group_commit;
 mod group_inbox;
 mod group_meta;
 mod group_records;
+mod group_retry;
 mod group_send;
 mod groups;
 mod inbox;
@@ -122,7 +123,9 @@ impl ClientOptions {
 
     /// How old this device's leaf in a group may get before it sends an update
     /// commit renewing its keys (post-compromise security); default
-    /// [`GROUP_UPDATE_INTERVAL`], 7 days.
+    /// [`GROUP_UPDATE_INTERVAL`], 7 days. Each renewal draws the next one between
+    /// this and 1.5 times this, so members do not all update at once; any commit
+    /// of this device other than an add-only one renews the leaf too.
     pub fn group_update_interval(mut self, interval: std::time::Duration) -> Self {
         self.groups.update_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
         self

@@ -258,6 +258,19 @@ async fn remove_expired_links(shared: &Shared, conn: &RelayConnection) -> Result
 }
 
 async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox) -> Result<()> {
+    // Group envelopes held for an epoch whose commit was applied just before a
+    // crash (its retry lost with it) apply now.
+    {
+        let mut state = shared.state.lock().await;
+        let events = state.retry_held(shared.now_ms())?;
+        if !events.is_empty() {
+            state.flush()?;
+            shared.outbox.notify_one();
+            for e in events {
+                shared.emit(e);
+            }
+        }
+    }
     loop {
         let first = inbox
             .recv()

@@ -320,6 +320,11 @@ impl GroupDevice {
                 .member_at_index(info.sender)
                 .ok_or(GroupError::UnknownSender)
                 .and_then(|m| Member::from_mls(&m))?;
+            // A state this device still has for the group (left behind, now
+            // re-added) goes: nothing of it may merge into the new one.
+            for op in self.store.forget_ops(group.group_id())? {
+                self.store.stage(op);
+            }
             let mut session =
                 GroupSession::from_group(group, self.client.clone(), self.store.clone())?;
             let meta = session.meta()?;
@@ -364,8 +369,13 @@ impl GroupDevice {
     /// Which group and epoch an incoming envelope is for, by its tag (None: no live
     /// epoch of any group has it).
     pub fn route(&self, envelope: &[u8]) -> Result<Option<(Vec<u8>, u64)>, GroupError> {
-        let tag = super::wrap::envelope_tag(envelope)?;
-        let Some(v) = self.store.kv().get(Namespace::MlsTag, &tag)? else {
+        self.route_tag(&super::wrap::envelope_tag(envelope)?)
+    }
+
+    /// Which group and epoch an envelope tag belongs to (None: no live epoch of any
+    /// group has it).
+    pub fn route_tag(&self, tag: &[u8]) -> Result<Option<(Vec<u8>, u64)>, GroupError> {
+        let Some(v) = self.store.kv().get(Namespace::MlsTag, tag)? else {
             return Ok(None);
         };
         let r =

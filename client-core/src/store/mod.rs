@@ -85,11 +85,13 @@ pub enum Namespace {
     /// A linked device's group credential: the identity's certificate over its
     /// device key, from the link payload (key `certificate`).
     GroupCredential = 28,
+    /// Group envelopes of an epoch not known yet, by arrival seq.
+    GroupHeld = 29,
 }
 
 impl Namespace {
     /// Every namespace.
-    pub(crate) const ALL: [Namespace; 19] = [
+    pub(crate) const ALL: [Namespace; 20] = [
         Namespace::Local,
         Namespace::PreKeys,
         Namespace::Sessions,
@@ -109,6 +111,7 @@ impl Namespace {
         Namespace::GroupOutbox,
         Namespace::GroupInbox,
         Namespace::GroupCredential,
+        Namespace::GroupHeld,
     ];
 }
 

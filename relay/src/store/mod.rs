@@ -252,9 +252,11 @@ pub trait MailboxStore: Flush {
     /// Stores `append`'s body once and one entry per mailbox pointing at it, all or
     /// nothing; returns each entry's seq, in order. Each entry counts toward its
     /// mailbox's usage as one message of (part + body) bytes; the totals count the
-    /// body once. The body is deleted with its last entry (ack, expiry, purge), and
-    /// at its expiry whatever the count. Visible at once; durable after
-    /// [`Flush::flush`].
+    /// body once. The body is deleted with its last entry (ack, expiry, purge). One
+    /// its entries no longer account for (deleted outside the store, a count that
+    /// drifted) goes anyway: the embedded stores drop it when they recount at open,
+    /// PostgreSQL's [`MailboxStore::sweep_files`] a day past its expiry whatever its
+    /// count. Visible at once; durable after [`Flush::flush`].
     fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>>;
 
     /// Shared bodies held now (for tests and the metrics).
@@ -316,8 +318,9 @@ pub trait MailboxStore: Flush {
         Ok(())
     }
 
-    /// Deletes files the store kept past their messages (the log's segments kept for
-    /// damage) whose deadline is `now` or earlier; called by every sweep.
+    /// Deletes what the store kept past its messages whose deadline is `now` or
+    /// earlier (the log's segments kept for damage, PostgreSQL's shared bodies a day
+    /// past their expiry); called by every sweep.
     fn sweep_files(&self, _now: UnixMillis) -> StoreResult<()> {
         Ok(())
     }

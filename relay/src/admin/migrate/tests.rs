@@ -439,3 +439,70 @@ fn shared_bodies_key_packages_and_group_epochs_are_copied() {
     assert_eq!(pg.group(&h2).expect("group"), Some(state(5, 3)));
     assert_eq!(pg.groups_after(None, 10).expect("list").len(), 2);
 }
+
+/// A body some of whose entries were acked in the source is copied with refs = the
+/// entries left (fewer than it was sent with), and goes with the last of them.
+#[test]
+fn a_body_partly_acked_in_the_source_is_copied_with_the_entries_left() {
+    use crate::store::{SharedAppend, SharedEntry};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let to = [addr(3, 1), addr(3, 2), addr(4, 1), addr(4, 2)];
+    let body = Bytes::from(vec![0xB9; 2_000]);
+    let seqs;
+    {
+        let _sled = SledStore::open(&dir.path().join("db"), 1 << 20).expect("sled");
+        let log =
+            LogStore::open(&dir.path().join("mailboxes"), LogOptions::default()).expect("log");
+        let at = SystemClock.now();
+        let entries: Vec<SharedEntry> = to
+            .iter()
+            .map(|a| SharedEntry {
+                to: *a,
+                part: Bytes::from_static(b"pp"),
+            })
+            .collect();
+        seqs = log
+            .append_shared(&SharedAppend {
+                message_id: MessageId([9; 16]),
+                body: &body,
+                entries: &entries,
+                accepted_at: at,
+                expires_at: at + 86_400_000,
+            })
+            .expect("append shared");
+        // Two of the four acked before the move.
+        log.remove(&to[0], &[seqs[0]]).expect("ack");
+        log.remove(&to[2], &[seqs[2]]).expect("ack");
+        log.settle().expect("settle");
+        log.flush().expect("flush");
+    }
+    let (_pg, opts) = testdb::db();
+    let migrated = migrate(&config, &opts.url, false).expect("migrate");
+    assert!(migrated
+        .copied
+        .iter()
+        .any(|(k, n)| *k == "shared bodies" && *n == 1));
+    let pg = testdb::node(&opts, "after");
+    let refs: Vec<i64> = testdb::sql(&pg, "SELECT refs FROM shared_bodies")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(refs, vec![2], "the entries left, not the four sent");
+    for (i, of) in to.iter().enumerate() {
+        let read = all(&pg, of);
+        assert_eq!(read.len(), usize::from(i % 2 == 1), "mailbox {i}");
+        if let Some(m) = read.first() {
+            assert_eq!(m.shared_body.as_deref(), Some(&body[..]));
+        }
+    }
+    assert_eq!(pg.totals().bytes, 2_000 + 2 * 2, "the body once, two parts");
+    pg.remove(&to[1], &[seqs[1]]).expect("ack");
+    assert_eq!(pg.shared_bodies(), 1, "one entry still holds it");
+    pg.remove(&to[3], &[seqs[3]]).expect("ack");
+    assert_eq!(pg.shared_bodies(), 0, "gone with the last entry left");
+    assert_eq!(pg.totals().bytes, 0);
+}

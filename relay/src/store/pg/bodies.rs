@@ -12,8 +12,16 @@
 //!   entries deleted, and a body whose count reaches 0 is deleted.
 //! - A mailbox counts an entry as (part + body) bytes; the relay-wide totals count
 //!   the body once: added by the append, subtracted by the deletion that takes it.
-//! - A read fetches the page's bodies by id in a second statement; an entry whose
-//!   body is gone (it cannot be, short of damage) is skipped, as the log does.
+//! - A read fetches the page's bodies by id in a second statement. An entry whose
+//!   body is gone is skipped and counted ([`PgBackend::bodies_missing`]): at debug
+//!   when the entry is expired or itself gone since (expiry or the last ack raced the
+//!   read), at warn (no ids) when it is unexpired and still there, which is damage.
+//!   Skipped rather than refused: the body cannot come back, and a refused read would
+//!   hold every later message of the mailbox until the entry expires.
+//! - A body whose count drifted above its entries (a `messages` row deleted by hand,
+//!   a node of an older release acking without releasing) would never reach 0: the
+//!   expiry sweep also deletes every body [`LEAKED_BODY_GRACE_MS`] past its expiry,
+//!   whatever its count ([`PgBackend::sweep_leaked_bodies`]).
 
 use std::collections::HashMap;
 
@@ -21,10 +29,47 @@ use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 use tokio::sync::oneshot;
 
-use super::mailboxes::from_db;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+
+use tern_platform::clock::UnixMillis;
+
+use super::mailboxes::{from_db, to_db, TotalsDelta};
 use super::writer::Op;
 use super::PgBackend;
 use crate::store::{SharedAppend, SharedEntry, StoreError, StoreResult, StoredMessage};
+
+/// How long past its expiry a body is kept whatever its count. The entries expire
+/// with it and their own sweep releases it first, so only a body whose count
+/// drifted is still there a day later, and no release is under way on it.
+pub(crate) const LEAKED_BODY_GRACE_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Bodies one statement of the leak sweep deletes at most.
+const LEAK_PAGE: i64 = 1_000;
+
+/// Statements one leak sweep runs at most (the next sweep takes the rest).
+const LEAK_PAGES: usize = 10;
+
+/// Deletes up to `$2` bodies that expired at `$1` or before, whatever their count,
+/// and takes their bytes off totals slot `$3`; returns (bodies, bytes). The rows are
+/// locked in id order, as a release locks them, and one a release deleted meanwhile
+/// is skipped (counted by neither twice).
+const SWEEP_LEAKED: &str = "WITH due AS (SELECT id FROM shared_bodies WHERE expires_at <= $1 \
+       ORDER BY expires_at LIMIT $2), \
+     lk AS (SELECT b.id FROM shared_bodies b JOIN due ON b.id = due.id \
+       ORDER BY b.id FOR UPDATE OF b), \
+     gone AS (DELETE FROM shared_bodies b USING lk WHERE b.id = lk.id \
+       RETURNING octet_length(b.payload)::int8 AS len), \
+     s AS (SELECT count(*)::int8 AS n, coalesce(sum(len), 0)::int8 AS b FROM gone), \
+     tot AS (UPDATE mailbox_totals t SET bytes = t.bytes - s.b FROM s \
+       WHERE t.slot = $3 AND s.n > 0) \
+     SELECT n, b FROM s";
+
+/// Of the seqs `$3` of mailbox (`$1`, `$2`), those still there and unexpired by the
+/// database's clock (a read has no clock of its own).
+const UNEXPIRED: &str = "SELECT seq FROM messages WHERE account = $1 AND device = $2 \
+     AND seq = ANY($3::int8[]) \
+     AND expires_at > (extract(epoch FROM clock_timestamp()) * 1000)::int8";
 
 /// A fresh body id: 16 random bytes (no sequence, which Citus and its peers lack).
 pub(super) fn new_id() -> [u8; 16] {
@@ -116,14 +161,17 @@ impl PgBackend {
         ids.sort();
         ids.dedup();
         let bodies = self.bodies(&ids)?;
+        let damaged = self.damaged(&rows, &bodies, (account, device))?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
             let shared_body = match self.col::<Option<Vec<u8>>>(r, 5)? {
                 None => None,
-                // Deleted since the page was read (the entry went with it): skipped.
                 Some(id) => match bodies.get(&id) {
                     Some(b) => Some(b.clone()),
-                    None => continue,
+                    None => {
+                        self.skipped_entry(damaged.contains(&self.col::<i64>(r, 0)?));
+                        continue;
+                    }
                 },
             };
             let id: &[u8] = self.col(r, 1)?;
@@ -140,6 +188,80 @@ impl PgBackend {
             });
         }
         Ok(out)
+    }
+
+    /// Of the page's entries whose body is missing, those unexpired and still there
+    /// (damage, not a race with expiry or the last ack).
+    fn damaged(
+        &self,
+        rows: &[tokio_postgres::Row],
+        bodies: &HashMap<Vec<u8>, Bytes>,
+        (account, device): (&[u8], i64),
+    ) -> StoreResult<HashSet<i64>> {
+        let mut missing = Vec::new();
+        for r in rows {
+            if let Some(id) = self.col::<Option<Vec<u8>>>(r, 5)? {
+                if !bodies.contains_key(&id) {
+                    missing.push(self.col::<i64>(r, 0)?);
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let rows = self.run(self.rows(UNEXPIRED, &[&account, &device, &missing]))?;
+        rows.iter().map(|r| self.col::<i64>(r, 0)).collect()
+    }
+
+    fn skipped_entry(&self, damaged: bool) {
+        if let Ok(mail) = self.mail() {
+            mail.skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        if damaged {
+            tracing::warn!("skipped an unexpired entry whose shared body is missing (damage)");
+        } else {
+            tracing::debug!("skipped an entry whose shared body expiry or an ack deleted");
+        }
+    }
+
+    /// Entries reads skipped because their shared body was gone (for the metrics).
+    pub fn bodies_missing(&self) -> u64 {
+        self.mail().map_or(0, |m| m.skipped.load(Ordering::Relaxed))
+    }
+
+    /// Deletes the bodies that expired a day (`LEAKED_BODY_GRACE_MS`) before `now` or
+    /// earlier whatever their count (a count that drifted above the entries left
+    /// would keep them forever), oldest first, up to 10 statements of 1 000 per call,
+    /// their bytes off the totals as a release takes them; returns how many. A
+    /// release of an entry whose body is gone deletes the entry and nothing else.
+    pub fn sweep_leaked_bodies(&self, now: UnixMillis) -> StoreResult<u64> {
+        let mail = self.mail()?;
+        let before = to_db(now.saturating_sub(LEAKED_BODY_GRACE_MS));
+        let mut total = 0u64;
+        for _ in 0..LEAK_PAGES {
+            let rows = self.run(self.rows(SWEEP_LEAKED, &[&before, &LEAK_PAGE, &mail.slot]))?;
+            let row = rows
+                .first()
+                .ok_or_else(|| StoreError::Backend("leaked bodies: no row".into()))?;
+            let (n, bytes): (i64, i64) = (self.col(row, 0)?, self.col(row, 1)?);
+            if n > 0 {
+                mail.totals.apply(TotalsDelta {
+                    bytes: -bytes,
+                    ..Default::default()
+                });
+            }
+            total += n.max(0) as u64;
+            if n < LEAK_PAGE {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::warn!(
+                bodies = total,
+                "deleted shared bodies a day past their expiry that no entry released"
+            );
+        }
+        Ok(total)
     }
 
     /// The bodies of `ids` that exist, by id.

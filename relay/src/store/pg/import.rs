@@ -47,7 +47,8 @@ fn dev(a: &DeviceAddress) -> i64 {
 
 impl PgBackend {
     /// Whether the database holds no account, mailbox, message, shared body, key
-    /// package or group handle (a target an import may fill).
+    /// package (of the pool or last-resort) or group handle (a target an import may
+    /// fill).
     pub fn import_target_empty(&self) -> StoreResult<bool> {
         let rows = self.run(self.rows(
             "SELECT (SELECT count(*) FROM (SELECT 1 FROM accounts LIMIT 1) a) \
@@ -55,6 +56,7 @@ impl PgBackend {
                   + (SELECT count(*) FROM (SELECT 1 FROM messages LIMIT 1) m) \
                   + (SELECT count(*) FROM (SELECT 1 FROM shared_bodies LIMIT 1) b) \
                   + (SELECT count(*) FROM (SELECT 1 FROM key_packages LIMIT 1) k) \
+                  + (SELECT count(*) FROM (SELECT 1 FROM last_resort_key_packages LIMIT 1) l) \
                   + (SELECT count(*) FROM (SELECT 1 FROM group_epochs LIMIT 1) g)",
             &[],
         ))?;
@@ -314,28 +316,6 @@ impl PgBackend {
         self.run(async {
             let mut client = self.client().await?;
             transaction!(self, client, |tx| {
-                exec_in(
-                    &tx,
-                    "INSERT INTO messages (account, device, seq, message_id, payload, \
-                     accepted_at, expires_at, body_id, body_len) SELECT $1, $2, * \
-                     FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], \
-                     $8::bytea[], $9::int8[])",
-                    &[
-                        &account, &device, &seqs, &ids, &payloads, &accepted, &expires, &body_ids,
-                        &body_lens,
-                    ],
-                )
-                .await?;
-                if !refs.is_empty() {
-                    exec_in(
-                        &tx,
-                        "UPDATE shared_bodies b SET refs = b.refs + r.n FROM \
-                         (SELECT id, count(*)::int8 AS n FROM unnest($1::bytea[]) id \
-                          GROUP BY id) r WHERE b.id = r.id",
-                        &[&refs],
-                    )
-                    .await?;
-                }
                 let rows = query_in(
                     &tx,
                     "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
@@ -350,6 +330,33 @@ impl PgBackend {
                     Some(row) => col(row, 0)?,
                     None => count,
                 };
+                exec_in(
+                    &tx,
+                    "INSERT INTO messages (account, device, seq, message_id, payload, \
+                     accepted_at, expires_at, body_id, body_len) SELECT $1, $2, * \
+                     FROM unnest($3::int8[], $4::bytea[], $5::bytea[], $6::int8[], $7::int8[], \
+                     $8::bytea[], $9::int8[])",
+                    &[
+                        &account, &device, &seqs, &ids, &payloads, &accepted, &expires, &body_ids,
+                        &body_lens,
+                    ],
+                )
+                .await?;
+                // The bodies after the head and in id order, as every mailbox
+                // transaction locks them.
+                if !refs.is_empty() {
+                    exec_in(
+                        &tx,
+                        "WITH r AS (SELECT id, count(*)::int8 AS n FROM unnest($1::bytea[]) id \
+                           GROUP BY id), \
+                         lk AS (SELECT b.id FROM shared_bodies b JOIN r ON b.id = r.id \
+                           ORDER BY b.id FOR UPDATE OF b) \
+                         UPDATE shared_bodies b SET refs = b.refs + r.n \
+                         FROM r JOIN lk ON lk.id = r.id WHERE b.id = r.id",
+                        &[&refs],
+                    )
+                    .await?;
+                }
                 // The mailbox was empty before this batch: one more mailbox.
                 let new_mailbox = i64::from(after == count);
                 exec_in(

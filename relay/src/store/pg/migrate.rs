@@ -106,4 +106,26 @@ mod tests {
         // A restart finds nothing to do.
         assert_eq!(migrate(&mut a).await.expect("again"), Vec::<u32>::new());
     }
+
+    /// A node of an older release (one that lacks a version the database has) does
+    /// not start: refinery refuses a version it does not know (`abort_missing`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_binary_older_than_the_schema_refuses_it() {
+        let pg = TestPostgres::start();
+        pg.create_db("tern");
+        let mut a = client(&pg).await;
+        migrate(&mut a).await.expect("migrate");
+        a.execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum) \
+             VALUES (9999, 'from_a_newer_release', '2026-11-30T00:00:00Z', '0')",
+            &[],
+        )
+        .await
+        .expect("a newer version");
+        let refused = migrate(&mut a).await;
+        assert!(
+            matches!(&refused, Err(MigrateError::Migration(e)) if e.to_string().contains("9999")),
+            "{refused:?}"
+        );
+    }
 }

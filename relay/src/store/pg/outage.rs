@@ -77,7 +77,7 @@ impl Outage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::expect_used, clippy::unwrap_used)]
 
     use std::io::Write;

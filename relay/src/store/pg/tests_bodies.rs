@@ -7,6 +7,8 @@
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MessageId};
 
+use super::bodies::LEAKED_BODY_GRACE_MS;
+use super::outage::tests::logged;
 use super::testdb::{db, execute, node, query, sql};
 use super::PgBackend;
 use crate::store::conformance::{self, addr, msg};
@@ -66,16 +68,7 @@ fn a_body_to_n_mailboxes_is_one_row_until_the_last_ack() {
     assert_eq!(stored, 10_000);
     // Acks of every kind of batch: alone, and beside an append in one transaction.
     a.remove(&n[0], &[seqs[0]]).expect("ack");
-    let ack = a.queue_remove(&n[1], &[seqs[1]]).expect("stage");
-    let more = a
-        .queue_append(&n[1], &[msg(1, 3)], 1_000, 9_000)
-        .expect("stage");
-    a.run(async { Ok(ack.await.expect("answer")) })
-        .expect("run")
-        .expect("ack");
-    a.run(async { Ok(more.await.expect("answer")) })
-        .expect("run")
-        .expect("append");
+    ack_beside_an_append(&a, &n[1], seqs[1]);
     assert_eq!(rows(&a), (1, 4, 4));
     for (to, seq) in n[2..5].iter().zip(&seqs[2..5]) {
         assert_eq!(a.remove(to, &[*seq]).expect("ack").bytes, 10_001);
@@ -83,7 +76,64 @@ fn a_body_to_n_mailboxes_is_one_row_until_the_last_ack() {
     assert_eq!(rows(&a), (1, 1, 1));
     assert_eq!(a.remove(&n[5], &[seqs[5]]).expect("ack").bytes, 10_001);
     assert_eq!(rows(&a), (0, 0, 0), "gone after the last ack");
-    assert_eq!(a.totals().bytes, 3, "the one message of its own is left");
+    assert_eq!(
+        a.totals().bytes,
+        3 + 2,
+        "the messages of their own are left"
+    );
+}
+
+/// Acks `seq` of `of` and appends a message of 3 bytes to it in one writer
+/// transaction: the writer is held on another mailbox's head (locked here) until both
+/// are queued, so it takes them together, and commits twice in all.
+fn ack_beside_an_append(a: &PgBackend, of: &DeviceAddress, seq: u64) {
+    let z = addr(39, 1);
+    a.append(&z, &[msg(9, 1)], 1_000, 9_000).expect("append");
+    let (commits, _) = a.writer_stats();
+    let key = (z.account.as_bytes().as_slice(), i64::from(z.device.get()));
+    let (held, ack, more) = a
+        .run(async {
+            let e = |e: tokio_postgres::Error| a.classify(&e);
+            let mut c = a.client().await?;
+            let tx = c.transaction().await.map_err(e)?;
+            tx.query(
+                "SELECT 1 FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
+                &[&key.0, &key.1],
+            )
+            .await
+            .map_err(e)?;
+            let held = a.queue_append(&z, &[msg(10, 1)], 1_000, 9_000)?;
+            let mut waiting = false;
+            for _ in 0..400 {
+                let r = tx
+                    .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+                    .await
+                    .map_err(e)?;
+                if r.get::<_, i64>(0) > 0 {
+                    waiting = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(waiting, "the writer never waited on the head");
+            let ack = a.queue_remove(of, &[seq])?;
+            let more = a.queue_append(of, &[msg(1, 3)], 1_000, 9_000)?;
+            tx.commit().await.map_err(e)?;
+            Ok((
+                held.await.expect("answer"),
+                ack.await.expect("answer"),
+                more.await.expect("answer"),
+            ))
+        })
+        .expect("run");
+    held.expect("held append");
+    assert_eq!(ack.expect("ack").messages, 1);
+    more.expect("append");
+    assert_eq!(
+        a.writer_stats().0,
+        commits + 2,
+        "the held append, then the ack and the append in one"
+    );
 }
 
 #[test]
@@ -183,4 +233,165 @@ fn concurrent_acks_on_two_nodes_release_a_body_exactly_once() {
         "SELECT coalesce(sum(bytes), 0)::int8 FROM mailbox_totals",
     );
     assert_eq!(slots, 0, "the totals lost each body once");
+}
+
+/// The relay's bytes summed over the totals slots in the database.
+fn slot_bytes(a: &PgBackend) -> i64 {
+    count(
+        a,
+        "SELECT coalesce(sum(bytes), 0)::int8 FROM mailbox_totals",
+    )
+}
+
+#[test]
+fn a_body_whose_count_drifted_is_swept_a_day_past_its_expiry() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let n: Vec<_> = (1..=3).map(|d| addr(47, d)).collect();
+    let body = Bytes::from(vec![0xB4; 500]);
+    let es = entries(&n);
+    a.append_shared(&append(&body, &es, 10_000))
+        .expect("append");
+    a.append(&n[0], &[msg(3, 5)], 1_000, u64::MAX)
+        .expect("append");
+    // An entry acked without releasing its body (a node of an older release).
+    execute(&a, "UPDATE shared_bodies SET refs = refs + 1", &[]);
+    let due = a.expired(10_000, 100).expect("expired");
+    for to in &n {
+        a.expire(to, &due).expect("expire");
+    }
+    assert_eq!(rows(&a), (1, 1, 0), "leaked: no entry, one ref");
+    assert_eq!(slot_bytes(&a), 505);
+    // The relay's sweep calls the hook before expiring entries.
+    a.sweep_files(10_000 + LEAKED_BODY_GRACE_MS - 1)
+        .expect("sweep");
+    assert_eq!(rows(&a), (1, 1, 0), "kept until a day past its expiry");
+    a.sweep_files(10_000 + LEAKED_BODY_GRACE_MS).expect("sweep");
+    assert_eq!(rows(&a), (0, 0, 0), "swept");
+    assert_eq!(slot_bytes(&a), 5, "its bytes taken off the totals once");
+    assert_eq!(a.totals().bytes, 5);
+    assert_eq!(a.sweep_leaked_bodies(u64::MAX).expect("sweep"), 0);
+    assert_eq!(slot_bytes(&a), 5);
+}
+
+#[test]
+fn the_sweep_pages_through_many_leaked_bodies() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = [addr(48, 1)];
+    let es = entries(&to);
+    let body = Bytes::from(vec![0xB5; 10]);
+    for i in 0..1_005u64 {
+        a.append_shared(&append(&body, &es, 10_000 + i))
+            .expect("append");
+    }
+    // Every entry deleted by hand, nothing released: 1 005 bodies leaked.
+    execute(&a, "DELETE FROM messages", &[]);
+    execute(&a, "DELETE FROM mailbox_heads", &[]);
+    let now = 10_000 + LEAKED_BODY_GRACE_MS;
+    // Up to the fifth body's expiry only: the oldest first.
+    assert_eq!(a.sweep_leaked_bodies(now + 4).expect("sweep"), 5);
+    assert_eq!(a.sweep_leaked_bodies(now + 2_000).expect("sweep"), 1_000);
+    assert_eq!(rows(&a).0, 0);
+    assert_eq!(
+        slot_bytes(&a),
+        1_005,
+        "the parts deleted by hand stay counted"
+    );
+}
+
+#[test]
+fn releasing_an_entry_whose_body_was_swept_deletes_only_the_entry() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let n: Vec<_> = (1..=2).map(|d| addr(49, d)).collect();
+    let body = Bytes::from(vec![0xB6; 300]);
+    let es = entries(&n);
+    let seqs = a
+        .append_shared(&append(&body, &es, 10_000))
+        .expect("append");
+    // The entries' own sweep fell a day behind: the body goes first.
+    assert_eq!(
+        a.sweep_leaked_bodies(10_000 + LEAKED_BODY_GRACE_MS)
+            .expect("sweep"),
+        1
+    );
+    assert_eq!(rows(&a), (0, 0, 2));
+    assert_eq!(slot_bytes(&a), 2);
+    // A read skips the expired entry (counted, at debug only).
+    let text = logged(|| assert!(a.read(&n[0], 0, 10).expect("read").is_empty()));
+    assert_eq!(a.bodies_missing(), 1);
+    assert!(text.is_empty(), "{text}");
+    // An ack and the expiry release a body that is gone: the entries go, no count
+    // goes below zero.
+    assert_eq!(a.remove(&n[0], &[seqs[0]]).expect("ack").bytes, 301);
+    let due = a.expired(10_000, 10).expect("expired");
+    assert_eq!(a.expire(&n[1], &due).expect("expire").bytes, 301);
+    assert_eq!(count(&a, "SELECT count(*) FROM messages"), 0);
+    assert_eq!(
+        count(
+            &a,
+            "SELECT count(*) FROM mailbox_heads WHERE messages <> 0 OR bytes <> 0"
+        ),
+        0
+    );
+    assert_eq!(slot_bytes(&a), 0);
+    assert_eq!(
+        count(
+            &a,
+            "SELECT coalesce(sum(messages), 0)::int8 FROM mailbox_totals"
+        ),
+        0
+    );
+}
+
+#[test]
+fn an_unexpired_entry_without_its_body_is_skipped_with_a_warning() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(50, 1);
+    let body = Bytes::from(vec![0xB7; 100]);
+    let es = entries(&[to]);
+    a.append_shared(&append(&body, &es, u64::MAX))
+        .expect("append");
+    a.append(&to, &[msg(4, 6)], 1_000, u64::MAX)
+        .expect("append");
+    // Damage: the body deleted by hand.
+    execute(&a, "DELETE FROM shared_bodies", &[]);
+    let mut read = Vec::new();
+    let text = logged(|| read = a.read(&to, 0, 10).expect("read"));
+    assert_eq!(read.len(), 1, "the later message still delivered");
+    assert_eq!(read[0].payload.len(), 6);
+    assert_eq!(a.bodies_missing(), 1);
+    assert!(text.contains("WARN") && text.contains("damage"), "{text}");
+    // One line, no fields: no ids.
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(!text.contains("account"), "{text}");
+}
+
+#[test]
+fn an_import_target_holding_only_a_last_resort_key_package_is_not_empty() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    assert!(a.import_target_empty().expect("check"));
+    execute(
+        &a,
+        "INSERT INTO last_resort_key_packages VALUES ($1, 1, '\\x01')",
+        &[&[7u8; 16].as_slice()],
+    );
+    assert!(!a.import_target_empty().expect("check"));
+}
+
+#[test]
+fn a_count_of_bodies_that_fails_fails_the_test() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    assert_eq!(a.shared_bodies(), 0);
+    execute(
+        &a,
+        "ALTER TABLE shared_bodies RENAME TO shared_bodies_away",
+        &[],
+    );
+    let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| a.shared_bodies()));
+    assert!(counted.is_err(), "a failed count read as {counted:?}");
 }

@@ -9,6 +9,7 @@
 //! body in its own batch.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -36,7 +37,11 @@ pub(super) type BodyKey = [u8; BODY_KEY_LEN];
 
 /// Each body's entries and length, counted in memory.
 #[derive(Debug, Default)]
-pub(super) struct BodyRefs(Mutex<HashMap<BodyKey, (u64, u64)>>);
+pub(super) struct BodyRefs(
+    Mutex<HashMap<BodyKey, (u64, u64)>>,
+    /// Entries reads skipped because their body was gone.
+    AtomicU64,
+);
 
 impl BodyRefs {
     fn lock(&self) -> MutexGuard<'_, HashMap<BodyKey, (u64, u64)>> {
@@ -234,6 +239,13 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Entries reads skipped because their shared body was gone (for the metrics).
+    pub fn bodies_missing(&self) -> u64 {
+        self.bodies.1.load(Ordering::Relaxed)
+    }
+}
+
 impl MailboxStore for SledStore {
     fn append(
         &self,
@@ -337,7 +349,11 @@ impl MailboxStore for SledStore {
                 // as the log does; the entry itself is gone or going.
                 Some(key) => match self.body(key)? {
                     Some(body) => Some(body),
-                    None => continue,
+                    None => {
+                        self.bodies.1.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("skipped an entry whose shared body is gone");
+                        continue;
+                    }
                 },
                 None => None,
             };

@@ -384,5 +384,7 @@ fn a_read_skips_an_entry_whose_body_expiry_deleted_meanwhile() {
         vec![first, last],
         "the entry is skipped, the messages around it delivered"
     );
+    assert_eq!(store.bodies_missing(), 1, "the skip is counted");
     assert!(store.read(&b, 0, 10).expect("read").is_empty());
+    assert_eq!(store.bodies_missing(), 2);
 }
