@@ -247,18 +247,10 @@ impl Session {
                 // Let past the smaller limit by its first bytes: it must decode as
                 // what they promised (a later field can replace a oneof's body).
                 let raised = limit > self.frame_limit();
-                let len = buf
-                    .first_chunk::<4>()
-                    .map_or(0, |h| u32::from_be_bytes(*h) as usize);
+                let len = standing::announced(&buf);
                 match decoder.decode_request(&mut buf) {
                     Ok(Some(decoded)) if raised && !standing::fits_group_frame(&decoded) => {
-                        let e = Error::TooLarge {
-                            what: "frame",
-                            size: len,
-                            max: self.frame_limit(),
-                        };
-                        self.reply(0, Err(e)).await;
-                        return End::Protocol;
+                        return self.frame_too_large(len).await;
                     }
                     Ok(Some(Ok(request))) => {
                         self.handle(request).await;

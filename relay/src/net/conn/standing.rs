@@ -73,6 +73,18 @@ impl Session {
         Some(group)
     }
 
+    /// Answers `TOO_LARGE` for a frame of `len` bytes past the standing's limit and
+    /// ends the connection.
+    pub(super) async fn frame_too_large(&self, len: usize) -> End {
+        let e = Error::TooLarge {
+            what: "frame",
+            size: len,
+            max: self.frame_limit(),
+        };
+        self.reply(0, Err(e)).await;
+        End::Protocol
+    }
+
     /// Takes a place among `max_connections` for a connection that is about to
     /// authenticate or make an anonymous request; if none is free, answers
     /// `UNAVAILABLE` and ends the connection.
@@ -114,6 +126,12 @@ impl Session {
         let window = quinn::VarInt::from_u32(self.settings.authenticated_receive_window);
         self.conn.set_receive_window(window);
     }
+}
+
+/// The length the frame at the start of `buf` announces (0 while unknown).
+pub(super) fn announced(buf: &[u8]) -> usize {
+    buf.first_chunk::<4>()
+        .map_or(0, |h| u32::from_be_bytes(*h) as usize)
 }
 
 /// Whether a request decoded from a frame let past the smaller pre-authentication
