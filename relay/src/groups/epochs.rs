@@ -12,7 +12,9 @@
 //! 4. the current epoch with a token whose SHA-256 is not the stored hash:
 //!    `UNKNOWN_GROUP` (a removed member learns no more than a stranger).
 //!
-//! Only then does it take its handle's lock (this node's, then the store's, which
+//! Only then does it take its handle's lock (this node's, then one of the store's
+//! lock slots, at most a quarter of the PostgreSQL pool per node, waited for at
+//! most [`super::LOCK_SLOT_WAIT`], else `UNAVAILABLE`; then the store's, which
 //! on PostgreSQL is the handle's row, locked on the one connection the commit
 //! uses), read the state again under it and check it again, append the sends,
 //! make them durable, and only then move the epoch on (and make it durable) with
@@ -88,6 +90,8 @@ impl Groups {
             return Ok((retried, Vec::new()));
         }
         let _local = self.locks.lock(*handle).await;
+        // Before the store's lock takes its connection: a bounded share of the pool.
+        let _slot = self.lock_slot().await?;
         let lock = self.groups.lock_group(handle)?.ok_or(Error::UnknownGroup)?;
         let state = *lock.state();
         // Read again under the lock: another commit may have moved it meanwhile.
@@ -110,6 +114,20 @@ impl Groups {
         }
         self.commit.commit().await?;
         Ok((next_epoch, results))
+    }
+
+    /// One of the store's lock slots, waited for at most [`super::LOCK_SLOT_WAIT`];
+    /// `None` for a store whose lock holds nothing.
+    async fn lock_slot(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>> {
+        let Some(slots) = &self.lock_slots else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(super::LOCK_SLOT_WAIT, slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            _ => Err(Error::Store(StoreError::Unavailable(
+                "too many group commits hold a lock on this node".into(),
+            ))),
+        }
     }
 
     /// After a compare-and-set that failed: a handle the sweeper deleted while the
@@ -138,7 +156,7 @@ impl Groups {
     /// flush) and waits until they are durable. A send refused whole once an
     /// earlier one stored something (the relay's budget, a store failure) is
     /// answered as refused for each of its recipients: the epoch moves with the
-    /// stored commit, and the committer sends that one again.
+    /// stored commit, and the committer sends that one again (always `UNAVAILABLE`).
     async fn append(
         &self,
         services: &Services,
@@ -153,7 +171,7 @@ impl Groups {
                     stored |= a.accepted() > 0;
                     appended.push(Ok(a));
                 }
-                Err(e) if stored => appended.push(Err(refused_whole(send, e.code()))),
+                Err(_) if stored => appended.push(Err(refused_whole(send))),
                 Err(e) => return Err(e),
             }
         }
@@ -189,8 +207,12 @@ fn check(state: Option<&GroupState>, commit: &GroupCommit) -> Result<Option<u64>
     Ok(None)
 }
 
-/// `send` refused for every device of every recipient with `code`.
-fn refused_whole(send: &MultiSend, code: ErrorCode) -> MultiSendResult {
+/// `send` refused for every device of every recipient, always `UNAVAILABLE`: the
+/// committer sends it again later. The error's own code could say more (INTERNAL,
+/// or UNAUTHORIZED for an account deleted under the store), but a client reads a
+/// per-account UNAUTHORIZED as its token refused and other codes as permanent.
+fn refused_whole(send: &MultiSend) -> MultiSendResult {
+    let code = ErrorCode::Unavailable;
     let refused = (0..send.recipients.len())
         .map(|i| Refused {
             recipient: u32::try_from(i).unwrap_or(u32::MAX),

@@ -26,6 +26,8 @@ mod key_packages;
 mod pg_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_refusals;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -53,12 +55,19 @@ pub(crate) struct Groups {
     tombstones: Arc<Tombstones>,
     clock: Arc<dyn Clock>,
     locks: HandleLocks,
+    /// Bounds the commits holding a store lock at once (see
+    /// [`GroupStore::lock_slots`]); `None`: unbounded.
+    lock_slots: Option<tokio::sync::Semaphore>,
     idle_days: u32,
     max_groups: u64,
     recount: bool,
     /// The handles counted, and when they were last counted by the store.
     count: Mutex<Option<(u64, u64)>>,
 }
+
+/// How long a commit waits for one of the store's lock slots before it is refused
+/// `UNAVAILABLE` (retry later).
+pub(crate) const LOCK_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a shared store's handle count stands before the next create counts
 /// again.
@@ -92,6 +101,10 @@ pub(crate) struct GroupsParts {
 impl Groups {
     /// The service over `parts`.
     pub(crate) fn new(parts: GroupsParts) -> Self {
+        let lock_slots = parts
+            .groups
+            .lock_slots()
+            .map(|n| tokio::sync::Semaphore::new(n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS)));
         Groups {
             accounts: parts.accounts,
             packages: parts.packages,
@@ -102,6 +115,7 @@ impl Groups {
             tombstones: parts.tombstones,
             clock: parts.clock,
             locks: HandleLocks::default(),
+            lock_slots,
             idle_days: parts.idle_days,
             max_groups: parts.max_groups,
             recount: parts.recount,

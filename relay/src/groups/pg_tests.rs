@@ -121,3 +121,38 @@ async fn two_nodes_committing_to_one_handle_at_once_have_one_winner() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn more_member_commits_with_sends_than_the_pool_all_finish() {
+    let (_pg, mut opts) = db();
+    opts.pool_size = 4;
+    let pg = Arc::new(node(&opts, "a"));
+    let f = Arc::new(fixture_on(
+        crate::store::Stores::postgres(pg),
+        Arc::new(MemoryStore::new()),
+    ));
+    let bob = super::tests::bob(&f).await;
+    const N: u8 = 12;
+    for i in 0..N {
+        f.services
+            .groups()
+            .create(&GroupHandle([0x40 + i; 16]), &token_hash(&[0; 32]), from(i))
+            .await
+            .expect("create");
+    }
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (f, mut c) = (f.clone(), super::tests::commit(&bob, 0, i + 1));
+            c.handle = GroupHandle([0x40 + i; 16]);
+            tokio::spawn(async move { f.services.groups().commit(&f.services, &c, from(i)).await })
+        })
+        .collect();
+    for t in tasks {
+        // Each commit holds one connection for its lock and its append needs more:
+        // unbounded, the locks take the whole pool and the appends time out.
+        let (epoch, results) = t.await.expect("task").expect("the commit");
+        assert_eq!((epoch, results[0].accepted), (1, 1), "{results:?}");
+    }
+    assert!(started.elapsed() < super::LOCK_SLOT_WAIT * 2);
+}

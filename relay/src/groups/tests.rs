@@ -20,7 +20,7 @@ use crate::testing::{device, fixture, fixture_with, Fixture};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-fn from(ip: [u8; 4]) -> AddressPrefix {
+pub(super) fn from(ip: [u8; 4]) -> AddressPrefix {
     AddressPrefix::from(std::net::IpAddr::from(ip))
 }
 
@@ -43,7 +43,7 @@ fn ids(fetched: &[tern_proto::FetchedKeyPackage]) -> Vec<(u8, bool)> {
         .collect()
 }
 
-async fn bob(f: &Fixture) -> AuthenticatedDevice {
+pub(super) async fn bob(f: &Fixture) -> AuthenticatedDevice {
     let bob = device(f, 2).await;
     f.set_token(&bob, b"bob's token").await;
     bob
@@ -234,11 +234,11 @@ pub(super) fn token_hash(token: &[u8; 32]) -> [u8; 32] {
     Sha256::digest(token).into()
 }
 
-const HANDLE: GroupHandle = GroupHandle([5; 16]);
+pub(super) const HANDLE: GroupHandle = GroupHandle([5; 16]);
 
 /// A commit at `epoch` with epoch token `[epoch; 32]`, moving to `[epoch + 1; 32]`,
 /// delivering message `id` to Bob's primary.
-fn commit(bob: &AuthenticatedDevice, epoch: u8, id: u8) -> GroupCommit {
+pub(super) fn commit(bob: &AuthenticatedDevice, epoch: u8, id: u8) -> GroupCommit {
     GroupCommit {
         handle: HANDLE,
         epoch: u64::from(epoch),
@@ -259,7 +259,7 @@ fn commit(bob: &AuthenticatedDevice, epoch: u8, id: u8) -> GroupCommit {
     }
 }
 
-fn queued(f: &Fixture, bob: &AuthenticatedDevice) -> u64 {
+pub(super) fn queued(f: &Fixture, bob: &AuthenticatedDevice) -> u64 {
     f.store.usage(bob.address()).expect("usage").messages
 }
 
@@ -445,7 +445,7 @@ async fn a_zero_idle_days_never_sweeps() {
 }
 
 /// [`commit`] with a second send (the welcome) of `welcome_len` bytes to Bob.
-fn commit_with_welcome(
+pub(super) fn commit_with_welcome(
     bob: &AuthenticatedDevice,
     epoch: u8,
     id: u8,
@@ -459,7 +459,7 @@ fn commit_with_welcome(
     c
 }
 
-async fn created(f: &Fixture, at: AddressPrefix) {
+pub(super) async fn created(f: &Fixture, at: AddressPrefix) {
     f.services
         .groups()
         .create(&HANDLE, &token_hash(&[0; 32]), at)

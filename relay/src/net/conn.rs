@@ -244,7 +244,14 @@ impl Session {
                 if decoder.max() != limit {
                     decoder = frame::Decoder::new(limit);
                 }
+                // Let past the smaller limit by its first bytes: it must decode as
+                // what they promised (a later field can replace a oneof's body).
+                let raised = limit > self.frame_limit();
+                let len = standing::announced(&buf);
                 match decoder.decode_request(&mut buf) {
+                    Ok(Some(decoded)) if raised && !standing::fits_group_frame(&decoded) => {
+                        return self.frame_too_large(len).await;
+                    }
                     Ok(Some(Ok(request))) => {
                         self.handle(request).await;
                         if let Some(end) = self.ending.take() {

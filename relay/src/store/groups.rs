@@ -141,6 +141,14 @@ pub trait GroupStore: Send + Sync + 'static {
         self.advance_group(handle, lock.state(), to)
     }
 
+    /// How many of this node's commits may hold a [`GroupStore::lock_group`] lock at
+    /// once; `None`: no bound (the lock holds nothing). A store whose lock holds a
+    /// pooled connection that the commit's append also draws on bounds it well
+    /// below the pool's size, so locks never take every connection.
+    fn lock_slots(&self) -> Option<usize> {
+        None
+    }
+
     /// How many handles the store holds (the relay-wide `max_groups` counts them).
     /// May cost a scan: the service counts seldom and keeps its own tally between.
     fn count_groups(&self) -> StoreResult<u64>;

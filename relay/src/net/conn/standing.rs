@@ -73,6 +73,18 @@ impl Session {
         Some(group)
     }
 
+    /// Answers `TOO_LARGE` for a frame of `len` bytes past the standing's limit and
+    /// ends the connection.
+    pub(super) async fn frame_too_large(&self, len: usize) -> End {
+        let e = Error::TooLarge {
+            what: "frame",
+            size: len,
+            max: self.frame_limit(),
+        };
+        self.reply(0, Err(e)).await;
+        End::Protocol
+    }
+
     /// Takes a place among `max_connections` for a connection that is about to
     /// authenticate or make an anonymous request; if none is free, answers
     /// `UNAVAILABLE` and ends the connection.
@@ -114,6 +126,31 @@ impl Session {
         let window = quinn::VarInt::from_u32(self.settings.authenticated_receive_window);
         self.conn.set_receive_window(window);
     }
+}
+
+/// The length the frame at the start of `buf` announces (0 while unknown).
+pub(super) fn announced(buf: &[u8]) -> usize {
+    buf.first_chunk::<4>()
+        .map_or(0, |h| u32::from_be_bytes(*h) as usize)
+}
+
+/// Whether a request decoded from a frame let past the smaller pre-authentication
+/// limit by [`is_group_request`] is a multi-send or group commit after all (or one
+/// refused as such): protobuf keeps a oneof's last member, so
+/// `[MultiSend][large SealedSend]` decodes as the sealed send. Anything else is
+/// `TOO_LARGE`.
+pub(super) fn fits_group_frame(
+    decoded: &std::result::Result<tern_proto::ClientRequest, tern_proto::RequestError>,
+) -> bool {
+    use tern_proto::RequestKind;
+    let kind = match decoded {
+        Ok(r) => Some(r.request.kind()),
+        Err(e) => e.kind(),
+    };
+    matches!(
+        kind,
+        Some(RequestKind::MultiSend | RequestKind::GroupCommit)
+    )
 }
 
 /// Whether `body`, the start of a `ClientFrame`, holds a multi-send or a group
@@ -198,5 +235,49 @@ mod tests {
             assert!(!is_group_request(&encoded(other)[4..]));
         }
         assert!(!is_group_request(&[0xFF; PEEK]), "garbage");
+    }
+
+    #[test]
+    fn a_group_header_followed_by_a_large_sealed_send_does_not_fit_the_group_frame() {
+        let multi = encoded(Request::MultiSend(MultiSend {
+            message_id: MessageId([1; 16]),
+            body: Bytes::from_static(b"body"),
+            recipients: Vec::new(),
+        }));
+        let sealed = encoded(Request::SealedSend {
+            to: tern_proto::DeviceAddress {
+                account: AccountId([2; 16]),
+                device: DeviceId::PRIMARY,
+            },
+            delivery_token: Bytes::from_static(b"token"),
+            envelopes: vec![tern_proto::Envelope {
+                message_id: MessageId([3; 16]),
+                payload: Bytes::from(vec![0x33; 600 * 1024]),
+            }],
+            device_list_version: 0,
+        });
+        // The two bodies as one frame: the sealed send's fields come last.
+        let body = [&multi[4..], &sealed[4..]].concat();
+        let mut frame = BytesMut::new();
+        frame.extend_from_slice(&u32::try_from(body.len()).expect("len").to_be_bytes());
+        frame.extend_from_slice(&body);
+        assert!(
+            is_group_request(&frame[4..4 + PEEK]),
+            "its first bytes say multi-send"
+        );
+        let decoded = frame::Decoder::new(GROUP_FRAME)
+            .decode_request(&mut frame)
+            .expect("a frame")
+            .expect("whole");
+        assert!(
+            matches!(&decoded, Ok(r) if matches!(r.request, Request::SealedSend { .. })),
+            "oneof: the last member wins"
+        );
+        assert!(!fits_group_frame(&decoded));
+        let multi = frame::Decoder::new(GROUP_FRAME)
+            .decode_request(&mut multi.clone())
+            .expect("a frame")
+            .expect("whole");
+        assert!(fits_group_frame(&multi));
     }
 }

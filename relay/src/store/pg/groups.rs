@@ -30,8 +30,12 @@ fn state_of(row: &tokio_postgres::Row) -> StoreResult<GroupState> {
     })
 }
 
-/// A pooled connection in a transaction holding a handle's lock; rolled back (which
-/// releases it) when dropped.
+/// How long a dropped [`Held`] waits for its `ROLLBACK` (which may queue behind a
+/// lock wait given up at its deadline) before it closes the connection instead.
+const ROLLBACK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A pooled connection in a transaction (or about to begin one) holding a handle's
+/// lock; rolled back (which releases it) when dropped, or closed.
 struct Held(Option<deadpool_postgres::Object>);
 
 impl Drop for Held {
@@ -42,7 +46,10 @@ impl Drop for Held {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
-                    if client.batch_execute("ROLLBACK").await.is_err() {
+                    // Bounded: a database that does not answer keeps no pool slot.
+                    let rolled =
+                        tokio::time::timeout(ROLLBACK_WAIT, client.batch_execute("ROLLBACK")).await;
+                    if !matches!(rolled, Ok(Ok(()))) {
                         drop(deadpool_postgres::Object::take(client));
                     }
                 });
@@ -103,6 +110,11 @@ impl GroupStore for PgBackend {
         ))
     }
 
+    fn lock_slots(&self) -> Option<usize> {
+        // A quarter of the pool: the rest serves the appends the locks wait on.
+        Some((self.pool.status().max_size / 4).max(1))
+    }
+
     fn count_groups(&self) -> StoreResult<u64> {
         let rows = self.run(self.rows("SELECT count(*) FROM group_epochs", &[]))?;
         let n: i64 = col(rows.first().ok_or(StoreError::Corrupt("no count"))?, 0)?;
@@ -127,38 +139,7 @@ impl GroupStore for PgBackend {
     }
 
     fn lock_group(&self, handle: &HandleBytes) -> StoreResult<Option<GroupLock>> {
-        self.run(async {
-            let client = self.client().await?;
-            let read = async {
-                client.batch_execute("BEGIN").await?;
-                let lock = client.prepare_cached(LOCK).await?;
-                client.query_opt(&lock, &[&&handle[..]]).await
-            }
-            .await;
-            match read {
-                Ok(Some(row)) => {
-                    let state = state_of(&row)?;
-                    Ok(Some(GroupLock::held(state, Box::new(Held(Some(client))))))
-                }
-                Ok(None) => {
-                    // No row, no lock: the connection goes back at once.
-                    if client.batch_execute("ROLLBACK").await.is_err() {
-                        drop(deadpool_postgres::Object::take(client));
-                    }
-                    Ok(None)
-                }
-                Err(e) => {
-                    // Inside a transaction: never back to the pool.
-                    drop(deadpool_postgres::Object::take(client));
-                    if e.code() == Some(&SqlState::QUERY_CANCELED) {
-                        return Err(StoreError::Unavailable(
-                            "a group's lock is held too long by another node".into(),
-                        ));
-                    }
-                    Err(self.classify(&e))
-                }
-            }
-        })
+        self.run(self.lock_row(handle))
     }
 
     fn advance_locked(
@@ -196,6 +177,55 @@ impl GroupStore for PgBackend {
                 Err(e) => Err(self.classify(&e)),
             }
         })
+    }
+}
+
+impl PgBackend {
+    /// [`GroupStore::lock_group`] as a future. The connection is in [`Held`] from
+    /// the moment it is taken: a call given up at its deadline (the future dropped
+    /// between `BEGIN` and the lock's answer) rolls back or closes it, never pools
+    /// it inside the transaction.
+    async fn lock_row(&self, handle: &HandleBytes) -> StoreResult<Option<GroupLock>> {
+        let mut held = Held(Some(self.client().await?));
+        let Some(client) = held.0.as_ref() else {
+            return Err(StoreError::Backend(
+                "a group lock without its connection".into(),
+            ));
+        };
+        let read = async {
+            client.batch_execute("BEGIN").await?;
+            let lock = client.prepare_cached(LOCK).await?;
+            client.query_opt(&lock, &[&&handle[..]]).await
+        }
+        .await;
+        match read {
+            Ok(Some(row)) => {
+                let state = state_of(&row)?;
+                Ok(Some(GroupLock::held(state, Box::new(held))))
+            }
+            Ok(None) => {
+                // No row, no lock: the connection goes back at once.
+                let rolled = client.batch_execute("ROLLBACK").await;
+                if let Some(client) = held.0.take() {
+                    if rolled.is_err() {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                // Inside a transaction: never back to the pool.
+                if let Some(client) = held.0.take() {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+                if e.code() == Some(&SqlState::QUERY_CANCELED) {
+                    return Err(StoreError::Unavailable(
+                        "a group's lock is held too long by another node".into(),
+                    ));
+                }
+                Err(self.classify(&e))
+            }
+        }
     }
 }
 

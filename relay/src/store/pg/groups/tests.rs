@@ -266,3 +266,25 @@ fn tables_hold_only_what_the_traits_gave(store: &PgBackend) {
         "the run left groups to look at"
     );
 }
+
+#[test]
+fn a_lock_given_up_at_its_deadline_is_never_pooled_inside_its_transaction() {
+    let (_pg, mut opts) = db();
+    opts.pool_size = 1;
+    let (a, b, c) = (node(&opts, "a"), node(&opts, "b"), node(&opts, "c"));
+    b.insert_group(&[7; 16], &STATE).expect("insert");
+    let held = b.lock_group(&[7; 16]).expect("lock").expect("a handle");
+    // Node a's lock waits behind b's and is given up (its future dropped) after BEGIN.
+    let gave_up = a.run_within(std::time::Duration::from_millis(100), a.lock_row(&[7; 16]));
+    assert!(
+        matches!(gave_up, Err(crate::store::StoreError::Unavailable(_))),
+        "{gave_up:?}"
+    );
+    // b lets go: a's abandoned SELECT … FOR UPDATE gets the row; it must be rolled
+    // back (or closed), not left holding the row in a pooled connection.
+    drop(held);
+    let lock = c
+        .lock_group(&[7; 16])
+        .expect("a's abandoned lock was released");
+    assert!(lock.is_some());
+}
