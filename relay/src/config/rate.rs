@@ -71,6 +71,11 @@ pub struct RateLimitsConfig {
     /// `CreateGroup` requests per IPv4 address or IPv6 /64 (group handles are
     /// created on connections that identify no one).
     pub create_groups_per_prefix: Rate,
+    /// Commit and welcome entries into one device's mailbox while it holds at least
+    /// `intake_above_queued` messages (a commit's sends skip the intake and sealed
+    /// rates, so that a member at those rates still follows its groups; this bounds
+    /// what anyone holding a delivery token can queue through groups of their own).
+    pub group_commits_per_device: Rate,
     /// A group handle neither created nor committed to for this many days is
     /// deleted by the sweeper (a group's weekly update commit keeps it); 0 never
     /// deletes one.
@@ -128,6 +133,7 @@ impl Default for RateLimitsConfig {
             provisioning_takes_per_prefix: rate(1200, HOUR),
             key_packages_per_device: rate(75, DAY),
             create_groups_per_prefix: rate(30, HOUR),
+            group_commits_per_device: rate(200, DAY),
             group_idle_days: 180,
             max_groups: 10_000_000,
             max_keys: 1_000_000,

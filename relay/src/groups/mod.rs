@@ -158,7 +158,10 @@ impl Groups {
         let now = self.clock.now();
         let (counted, at) = match *count {
             Some((n, at)) if !self.recount || now.saturating_sub(at) < RECOUNT_MS => (n, at),
-            _ => (self.groups.count_groups()?, now),
+            // A recount that fails keeps the tally for another period rather than
+            // failing this create and every one after it.
+            Some((n, _)) => (self.groups.count_groups().unwrap_or(n), now),
+            None => (self.groups.count_groups()?, now),
         };
         if counted >= self.max_groups {
             *count = Some((counted, at));

@@ -600,6 +600,43 @@ async fn a_member_at_its_intake_and_sealed_rates_still_gets_the_commit_and_welco
 }
 
 #[tokio::test]
+async fn commit_entries_into_a_full_mailbox_are_bounded_per_device() {
+    let rates = RateLimitsConfig {
+        group_commits_per_device: "2/1h".parse().expect("rate"),
+        intake_above_queued: 0,
+        ..RateLimitsConfig::default()
+    };
+    let f = fixture_with(Limits::default(), &rates);
+    let bob = bob(&f).await;
+    let at = from([127, 0, 0, 1]);
+    created(&f, at).await;
+    let groups = f.services.groups();
+    let (epoch, results) = groups
+        .commit(&f.services, &commit_with_welcome(&bob, 0, 1, 50), at)
+        .await
+        .expect("commit");
+    assert_eq!(epoch, 1);
+    assert!(results.iter().all(|r| r.accepted == 1), "{results:?}");
+    // Two entries spent the device's allowance: the next commit moves the epoch,
+    // and its entry for Bob is refused (the committer sends it again later).
+    let (epoch, results) = groups
+        .commit(&f.services, &commit(&bob, 1, 2), at)
+        .await
+        .expect("commit");
+    assert_eq!(epoch, 2);
+    assert_eq!(results[0].accepted, 0);
+    assert_eq!(
+        results[0].refused,
+        vec![tern_proto::Refused {
+            recipient: 0,
+            device: Some(DeviceId::PRIMARY),
+            code: tern_proto::ErrorCode::RateLimited,
+        }]
+    );
+    assert_eq!(queued(&f, &bob), 2);
+}
+
+#[tokio::test]
 async fn past_max_groups_a_create_is_refused_until_the_sweep_makes_room() {
     let rates = RateLimitsConfig {
         max_groups: 2,

@@ -261,7 +261,7 @@ impl Mailboxes {
                 totals = Some(t);
                 limits.check_enqueue(usage, 1, bytes)?;
                 if reserve {
-                    return Ok(());
+                    return self.rates.group_commit_to(&c.to, usage.messages);
                 }
                 self.rates.intake(&sender, &c.to, usage.messages, 1)
             })();

@@ -24,6 +24,7 @@ pub struct RateLimits {
     exports: KeyedLimit<AccountId>,
     key_packages_per_device: KeyedLimit<DeviceAddress>,
     create_groups: KeyedLimit<AddressPrefix>,
+    group_commits: KeyedLimit<DeviceAddress>,
     max_devices: usize,
     intake_above_queued: u64,
     over_prekey_limit: PrekeyLimit,
@@ -53,7 +54,8 @@ impl RateLimits {
                 max,
                 c.clone(),
             ),
-            create_groups: KeyedLimit::new(config.create_groups_per_prefix, max, clock),
+            create_groups: KeyedLimit::new(config.create_groups_per_prefix, max, c.clone()),
+            group_commits: KeyedLimit::new(config.group_commits_per_device, max, clock),
             max_devices: config.max_devices_per_account,
             intake_above_queued: config.intake_above_queued,
             over_prekey_limit: config.over_prekey_limit,
@@ -131,6 +133,15 @@ impl RateLimits {
     /// gets the device's last-resort package).
     pub fn take_key_package(&self, device: &DeviceAddress) -> bool {
         self.key_packages_per_device.check(device).is_ok()
+    }
+
+    /// A group commit's or welcome's entry into `to`, which holds `queued` messages:
+    /// counted, as the intake, only while the mailbox is that full.
+    pub fn group_commit_to(&self, to: &DeviceAddress, queued: u64) -> Result<()> {
+        if queued < self.intake_above_queued {
+            return Ok(());
+        }
+        self.group_commits.check(to)
     }
 
     /// A `CreateGroup` from `prefix`.
