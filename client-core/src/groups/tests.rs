@@ -826,3 +826,29 @@ fn the_tag_of_the_epoch_after_a_pending_commit_is_known_before_the_answer() {
     devs[0].apply(s);
     assert_eq!(devs[0].g().pending_tag().expect("tag"), None);
 }
+
+#[test]
+fn a_welcome_into_a_group_of_200_devices_fits_one_envelope() {
+    // A welcome carries the whole ratchet tree, so the envelope limit bounds the size
+    // of a group a new member can join (ARCHITECTURE §11c gives the figure).
+    let mut devs: Vec<Dev> = (0..100)
+        .flat_map(|_| {
+            let a = Account::new();
+            [a.device(1), a.device(2)]
+        })
+        .collect();
+    devs[0].create("big");
+    let kps: Vec<Vec<u8>> = devs[1..].iter_mut().map(|d| d.key_package()).collect();
+    let plan = devs[0].commit(&adds(kps));
+    let welcome = plan.welcome.expect("welcome");
+    let len = welcome.body().len();
+    eprintln!(
+        "welcome to 200 devices: {len} B, tree {} B ({} B per leaf)",
+        welcome.ratchet_tree.len(),
+        welcome.ratchet_tree.len() / 200
+    );
+    assert!(len <= tern_proto::limits::DEFAULT_MAX_ENVELOPE, "{len}");
+    devs[0].apply_pending();
+    devs[199].join(&welcome);
+    assert_eq!(devs[199].g().members().len(), 200);
+}
