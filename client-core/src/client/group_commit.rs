@@ -446,12 +446,7 @@ impl State {
                 && self.member_token(group, &m.account).is_none()
         });
         if unreachable {
-            let cleared = self
-                .session_mut(group)?
-                .clear_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
-            let mut batch = Batch::new();
-            batch.extend_ops(cleared.ops);
+            let batch = self.clear_pending_batch(group)?;
             self.commit(batch, true)?;
             return Ok(None);
         }
@@ -477,12 +472,7 @@ impl State {
         }
         if nothing || sends.is_empty() {
             // Nothing to commit (or nobody to tell): the op goes, the commit with it.
-            let cleared = self
-                .session_mut(group)?
-                .clear_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
-            let mut batch = Batch::new();
-            batch.extend_ops(cleared.ops);
+            let mut batch = self.clear_pending_batch(group)?;
             record.ops.remove(0);
             self.put_group(group, record, &mut batch);
             self.commit(batch, true)?;
@@ -647,14 +637,7 @@ impl State {
         let Some(mut record) = self.groups.get(group).cloned() else {
             return Ok(());
         };
-        let session = self.session_mut(group)?;
-        let mut batch = Batch::new();
-        if session.has_pending() {
-            let staged = session
-                .clear_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
-            batch.extend_ops(staged.ops);
-        }
+        let mut batch = self.clear_pending_batch(group)?;
         record.pending = None;
         record.wait_epoch = current;
         record.stale_commits = record.stale_commits.saturating_add(1);
@@ -663,12 +646,8 @@ impl State {
         self.prepare_group(group)
     }
 
-    /// The relay refused the commit for good (`UNKNOWN_GROUP`: the handle expired,
-    /// or this device is no longer of the epoch): the op is dropped.
-    pub(crate) fn commit_refused(&mut self, group: &[u8]) -> Result<()> {
-        let Some(mut record) = self.groups.get(group).cloned() else {
-            return Ok(());
-        };
+    /// A batch clearing `group`'s pending commit, if it has one.
+    fn clear_pending_batch(&mut self, group: &[u8]) -> Result<Batch> {
         let session = self.session_mut(group)?;
         let mut batch = Batch::new();
         if session.has_pending() {
@@ -677,6 +656,16 @@ impl State {
                 .map_err(|e| Error::Group(e.to_string()))?;
             batch.extend_ops(staged.ops);
         }
+        Ok(batch)
+    }
+
+    /// The relay refused the commit for good (`UNKNOWN_GROUP`: the handle expired,
+    /// or this device is no longer of the epoch): the op is dropped.
+    pub(crate) fn commit_refused(&mut self, group: &[u8]) -> Result<()> {
+        let Some(mut record) = self.groups.get(group).cloned() else {
+            return Ok(());
+        };
+        let mut batch = self.clear_pending_batch(group)?;
         // The commit in flight always carries the head op.
         record.pending = None;
         if !record.ops.is_empty() {
