@@ -98,19 +98,48 @@ impl Appended {
     /// every caller waiting at the time, or the shared backend's batch commit);
     /// returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        match self.staged {
-            Staged::Applied(_) => self.commit.commit_mailboxes().await?,
-            pending => {
-                pending.wait().await.map_err(|e| refused(e, self.sealed))?;
-                // Visible only now.
-                self.active.wake(&self.to);
-            }
-        }
-        if let Some(cluster) = &self.cluster {
-            cluster.mail(&self.to);
-        }
+        let to = std::slice::from_ref(&self.to);
+        settle(
+            self.staged,
+            &self.commit,
+            &self.active,
+            self.cluster.as_deref(),
+            to,
+            self.sealed,
+        )
+        .await?;
         Ok(self.accepted)
     }
+}
+
+/// Waits until `staged` is durable as configured (the group commit every embedded
+/// write shares, or the shared backend's transaction), then tells the mailboxes `to`:
+/// a write the store made visible only now wakes them here, and other nodes hear of
+/// them through `cluster`.
+async fn settle<T>(
+    staged: Staged<T>,
+    commit: &GroupCommit,
+    active: &ActiveMailboxes,
+    cluster: Option<&Cluster>,
+    to: &[DeviceAddress],
+    sealed: bool,
+) -> Result<()> {
+    match staged {
+        Staged::Applied(_) => commit.commit_mailboxes().await?,
+        pending => {
+            pending.wait().await.map_err(|e| refused(e, sealed))?;
+            // Visible only now.
+            for a in to {
+                active.wake(a);
+            }
+        }
+    }
+    if let Some(cluster) = cluster {
+        for a in to {
+            cluster.mail(a);
+        }
+    }
+    Ok(())
 }
 
 /// Messages [`Mailboxes::ack`] deleted or queued for deletion: gone from reads, and

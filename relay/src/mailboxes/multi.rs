@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult, Refused};
 
-use super::{refused, ActiveMailboxes, Mailboxes};
+use super::{refused, settle, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
 use crate::core::limits::Limits;
@@ -70,21 +70,9 @@ impl MultiAppended {
     /// commit every send shares, or the shared backend's transaction); returns what
     /// was accepted and refused.
     pub async fn commit(self) -> Result<MultiSendResult> {
-        match self.staged {
-            None => {}
-            Some(Staged::Applied(_)) => self.commit.commit_mailboxes().await?,
-            Some(pending) => {
-                pending.wait().await.map_err(|e| refused(e, true))?;
-                // Visible only now.
-                for to in &self.to {
-                    self.active.wake(to);
-                }
-            }
-        }
-        if let Some(cluster) = &self.cluster {
-            for to in &self.to {
-                cluster.mail(to);
-            }
+        if let Some(staged) = self.staged {
+            let cluster = self.cluster.as_deref();
+            settle(staged, &self.commit, &self.active, cluster, &self.to, true).await?;
         }
         Ok(MultiSendResult {
             accepted: u32::try_from(self.to.len()).unwrap_or(u32::MAX),
@@ -250,7 +238,7 @@ impl Mailboxes {
         let mut entries = Vec::with_capacity(candidates.len());
         let mut totals = None;
         for c in candidates {
-            let bytes = (c.part.len() + send.body.len()) as u64;
+            let bytes = SharedEntry::bytes(&c.part, &send.body);
             let checked = (|| {
                 // Checked under the device lock, which a deletion's purge takes too.
                 if self.tombstones.contains(&c.to.account) || self.tombstones.contains_device(&c.to)

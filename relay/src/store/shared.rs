@@ -28,6 +28,13 @@ pub struct SharedEntry {
     pub part: Bytes,
 }
 
+impl SharedEntry {
+    /// What an entry with `part` adds to its mailbox's usage: its part and `body`.
+    pub fn bytes(part: &[u8], body: &[u8]) -> u64 {
+        (part.len() + body.len()) as u64
+    }
+}
+
 /// A multi-recipient append: the body stored once and one entry per mailbox pointing
 /// at it, all with one message id, acceptance and expiry. The mailboxes are distinct.
 #[derive(Debug, Clone, Copy)]
@@ -49,7 +56,7 @@ impl SharedAppend<'_> {
     pub fn entry_bytes(&self, i: usize) -> u64 {
         self.entries
             .get(i)
-            .map_or(0, |e| (e.part.len() + self.body.len()) as u64)
+            .map_or(0, |e| SharedEntry::bytes(&e.part, self.body))
     }
 
     /// What the append adds to the relay's stored bytes: the body once, and every

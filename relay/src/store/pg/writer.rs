@@ -230,7 +230,7 @@ fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
                 for (j, e) in entries.iter().enumerate() {
                     let part = parts.entry(e.to).or_default();
                     part.appended.0 += 1;
-                    part.appended.1 += (e.part.len() + body.len()) as i64;
+                    part.appended.1 += SharedEntry::bytes(&e.part, body) as i64;
                     part.appends.push((i, j));
                 }
             }
