@@ -127,6 +127,12 @@ pub enum Error {
 }
 
 impl Error {
+    /// [`Error::Group`] of an MLS-layer failure (the receive path reads every such
+    /// error as a message to drop).
+    pub(crate) fn group(e: impl std::fmt::Display) -> Self {
+        Error::Group(e.to_string())
+    }
+
     /// The relay's error code, when the relay refused the request.
     pub fn relay_code(&self) -> Option<ErrorCode> {
         match self {

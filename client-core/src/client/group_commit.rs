@@ -201,9 +201,7 @@ impl State {
         };
         let session = self.session_mut(group)?;
         if !record.registered {
-            let token_hash = session
-                .token_hash()
-                .map_err(|e| Error::Group(e.to_string()))?;
+            let token_hash = session.token_hash().map_err(Error::group)?;
             let handle = record.handle[..].try_into().map_err(|_| corrupt())?;
             return Ok(GroupStep::Register { handle, token_hash });
         }
@@ -386,11 +384,8 @@ impl State {
             OP_ADD => changes.add = key_packages,
             OP_REMOVE => changes.remove_accounts = accounts_of(&op),
             OP_META => {
-                let edit = GroupMeta::decode(&op.meta).map_err(|e| Error::Group(e.to_string()))?;
-                let current = self
-                    .session_mut(group)?
-                    .meta()
-                    .map_err(|e| Error::Group(e.to_string()))?;
+                let edit = GroupMeta::decode(&op.meta).map_err(Error::group)?;
+                let current = self.session_mut(group)?.meta().map_err(Error::group)?;
                 changes.meta = Some(merge_meta(&current, &edit, op.meta_fields));
             }
             // An empty commit: a new path, this leaf's keys renewed.
@@ -424,9 +419,7 @@ impl State {
         changes.member_tokens = Some(tokens.encode_to_vec());
         let me = self.keys.address;
         let session = self.session_mut(group)?;
-        let staged = session
-            .commit(&changes, now_ms)
-            .map_err(|e| Error::Group(e.to_string()))?;
+        let staged = session.commit(&changes, now_ms).map_err(Error::group)?;
         let planned = staged.value;
         let mut batch = Batch::new();
         batch.extend_ops(staged.ops);
@@ -535,9 +528,7 @@ impl State {
         let gid = GroupId(group.try_into().map_err(|_| corrupt())?);
         // The inbox may have seen the winner first (our own commit never comes back).
         if session.has_pending() {
-            let staged = session
-                .apply_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
+            let staged = session.apply_pending().map_err(Error::group)?;
             batch.extend_ops(staged.ops);
             events = commit_events(gid, &staged.value);
         }
@@ -651,9 +642,7 @@ impl State {
         let session = self.session_mut(group)?;
         let mut batch = Batch::new();
         if session.has_pending() {
-            let staged = session
-                .clear_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
+            let staged = session.clear_pending().map_err(Error::group)?;
             batch.extend_ops(staged.ops);
         }
         Ok(batch)

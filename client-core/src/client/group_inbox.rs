@@ -236,7 +236,7 @@ impl State {
             let next = self
                 .session_mut(&group)?
                 .pending_tag()
-                .map_err(|e| Error::Group(e.to_string()))?;
+                .map_err(Error::group)?;
             if next.as_ref() != Some(tag) {
                 continue;
             }
@@ -244,7 +244,7 @@ impl State {
             let staged = self
                 .session_mut(&group)?
                 .apply_pending()
-                .map_err(|e| Error::Group(e.to_string()))?;
+                .map_err(Error::group)?;
             let mut batch = Batch::new();
             batch.extend_ops(staged.ops);
             if let Err(e) = self.commit(batch, false) {
@@ -268,7 +268,7 @@ impl State {
             match state.group_device()?.route_tag(tag) {
                 Ok(r) => Ok(r.map(|(group, _epoch)| group)),
                 Err(GroupError::Store(e)) => Err(e.into()),
-                Err(e) => Err(Error::Group(e.to_string())),
+                Err(e) => Err(Error::group(e)),
             }
         };
         if let Some(group) = route(self)? {

@@ -77,10 +77,7 @@ impl State {
         if let Some(max) = too_long {
             return Err(Error::TooLarge { max });
         }
-        let mut meta = self
-            .session_mut(&group.0)?
-            .meta()
-            .map_err(|e| Error::Group(e.to_string()))?;
+        let mut meta = self.session_mut(&group.0)?.meta().map_err(Error::group)?;
         let fields = edit.apply(&mut meta);
         let op = GroupOpRecord {
             kind: OP_META,

@@ -223,7 +223,7 @@ impl State {
             let session = self
                 .group_device()?
                 .load(group)
-                .map_err(|e| Error::Group(e.to_string()))?
+                .map_err(Error::group)?
                 .ok_or(Error::UnknownGroup)?;
             self.group_sessions.insert(group.to_vec(), session);
         }
@@ -289,7 +289,7 @@ impl State {
         let staged = self
             .group_device()?
             .create(id, &meta, now_ms)
-            .map_err(|e| Error::Group(e.to_string()))?;
+            .map_err(Error::group)?;
         let mut batch = Batch::new();
         batch.extend_ops(staged.ops);
         let mut record = GroupRecord {
@@ -412,7 +412,7 @@ impl State {
                 .map_or((0, 0), |r| (r.ops.len(), r.stale_commits));
             let unreachable = self.tokenless(&id)?;
             let session = self.session_mut(&id)?;
-            let meta = session.meta().map_err(|e| Error::Group(e.to_string()))?;
+            let meta = session.meta().map_err(Error::group)?;
             let picture = meta
                 .picture
                 .as_ref()
@@ -504,7 +504,7 @@ impl State {
             if session.has_pending() {
                 return Ok(());
             }
-            let me = session.me().map_err(|e| Error::Group(e.to_string()))?;
+            let me = session.me().map_err(Error::group)?;
             let mut to: Vec<GroupRecipient> = Vec::new();
             for m in session.members() {
                 if m.account == me.account && m.device == me.device {
@@ -518,9 +518,7 @@ impl State {
                     }),
                 }
             }
-            let staged = session
-                .encrypt(&record.content)
-                .map_err(|e| Error::Group(e.to_string()))?;
+            let staged = session.encrypt(&record.content).map_err(Error::group)?;
             record.envelope = staged.value;
             record.content.clear();
             record.to = to;
@@ -575,11 +573,7 @@ impl State {
     /// state, its record, its queued messages), for a group left or removed from;
     /// after the batch is committed, [`State::forget_group_cache`].
     pub(super) fn stage_forget_group(&self, group: &[u8], batch: &mut Batch) -> Result<()> {
-        batch.extend_ops(
-            self.group_device()?
-                .forget(group)
-                .map_err(|e| Error::Group(e.to_string()))?,
-        );
+        batch.extend_ops(self.group_device()?.forget(group).map_err(Error::group)?);
         batch.delete(Namespace::Groups, group.to_vec());
         for seq in self.group_outbox_of(group) {
             batch.delete(Namespace::GroupOutbox, seq_key(seq));
@@ -624,13 +618,9 @@ impl State {
 
     /// Group messages received but not yet confirmed, oldest first.
     pub(crate) fn unconfirmed_group(&self) -> Result<Vec<GroupMessage>> {
-        let mut out = Vec::new();
-        for (k, v) in self.kv.scan(Namespace::GroupInbox)? {
-            let seq = crate::store::records::parse_seq_key(&k).ok_or_else(corrupt)?;
-            let r = GroupInboxRecord::decode(&v[..]).map_err(|_| corrupt())?;
-            out.push(GroupMessage::from_record(seq, &r)?);
-        }
-        out.sort_by_key(|m| m.seq);
-        Ok(out)
+        crate::store::by_seq::<GroupInboxRecord>(self.kv.scan(Namespace::GroupInbox)?)?
+            .iter()
+            .map(|(seq, r)| GroupMessage::from_record(*seq, r))
+            .collect()
     }
 }

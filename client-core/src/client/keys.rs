@@ -276,12 +276,13 @@ impl State {
         let Some(device) = self.group_device.as_ref() else {
             return Ok(None);
         };
-        let group = |e: crate::groups::GroupError| crate::Error::Group(e.to_string());
         let packages = device
             .key_packages(KEY_PACKAGE_BATCH, now_ms)
-            .map_err(group)?;
-        let last_resort = device.last_resort_key_package(now_ms).map_err(group)?;
-        let id = GroupDevice::key_package_id(&last_resort.value).map_err(group)?;
+            .map_err(crate::Error::group)?;
+        let last_resort = device
+            .last_resort_key_package(now_ms)
+            .map_err(crate::Error::group)?;
+        let id = GroupDevice::key_package_id(&last_resort.value).map_err(crate::Error::group)?;
         let replaced = std::mem::replace(&mut record.current, id);
         if !replaced.is_empty() {
             record.retired.push(RetiredKeyPackage {

@@ -26,6 +26,7 @@ use crate::crypto::sealed;
 use crate::crypto::sessions::SessionSet;
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
+use crate::store::by_seq;
 use crate::store::records::{ContactRecord, LocalRecord, OutboxRecord, PreKeyKind, PreKeyRecord};
 use crate::store::{
     Batch, ContactStore, IdentityStore, KvStore, Namespace, OutboxStore, PreKeyStore, StoreError,
@@ -259,20 +260,16 @@ impl State {
             state.signed_prekeys.insert(id, (pair, record));
         }
         state.outbox = state.kv.outbox()?.into_iter().collect();
-        for (key, value) in state.kv.scan(Namespace::Broadcasts)? {
-            let seq = crate::store::records::parse_seq_key(&key).ok_or_else(corrupt)?;
-            let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
-            state.broadcasts.insert(seq, record);
-        }
+        state.broadcasts = by_seq(state.kv.scan(Namespace::Broadcasts)?)?
+            .into_iter()
+            .collect();
         for (key, value) in state.kv.scan(Namespace::Groups)? {
             let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
             state.groups.insert(key, record);
         }
-        for (key, value) in state.kv.scan(Namespace::GroupOutbox)? {
-            let seq = crate::store::records::parse_seq_key(&key).ok_or_else(corrupt)?;
-            let record = prost::Message::decode(&value[..]).map_err(|_| corrupt())?;
-            state.group_outbox.insert(seq, record);
-        }
+        state.group_outbox = by_seq(state.kv.scan(Namespace::GroupOutbox)?)?
+            .into_iter()
+            .collect();
         // Duplicates older than the relay's longest retention cannot arrive any more.
         let prune = crate::store::InboxStore::seen_before(
             &*state.kv,

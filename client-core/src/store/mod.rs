@@ -24,7 +24,7 @@ mod typed;
 pub use self::memory::MemoryKv;
 pub use self::sled::SledKv;
 pub(crate) use self::typed::{
-    Batch, ContactStore, IdentityStore, InboxStore, OutboxStore, PreKeyStore, SessionStore,
+    by_seq, Batch, ContactStore, IdentityStore, InboxStore, OutboxStore, PreKeyStore, SessionStore,
 };
 
 /// A storage failure.

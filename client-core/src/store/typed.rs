@@ -151,7 +151,9 @@ impl<K: KvStore + ?Sized> InboxStore for K {
     }
 }
 
-fn by_seq<M: Message + Default>(records: Vec<(Vec<u8>, Vec<u8>)>) -> StoreResult<Vec<(u64, M)>> {
+pub(crate) fn by_seq<M: Message + Default>(
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+) -> StoreResult<Vec<(u64, M)>> {
     let mut out = records
         .into_iter()
         .map(|(k, v)| Ok((seq_of(&k)?, decode(&v)?)))
