@@ -383,14 +383,9 @@ pub(super) async fn send_broadcasts(
             Ok(result) => result,
             Err(e) => match e.relay_code() {
                 Some(ErrorCode::TooLarge | ErrorCode::BadRequest) => {
+                    let reason = e.to_string();
                     for r in &send.recipients {
-                        if let Some(message_id) = state.fail(r.seq)? {
-                            shared.emit(Event::SendFailed {
-                                message_id,
-                                to: r.account,
-                                reason: e.to_string(),
-                            });
-                        }
+                        super::send::fail_one(shared, &mut state, r.seq, r.account, &reason)?;
                     }
                     round = Round::Progress;
                     continue;

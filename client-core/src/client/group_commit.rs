@@ -206,10 +206,7 @@ impl State {
             return Ok(GroupStep::Register { handle, token_hash });
         }
         if let Some(pending) = &record.pending {
-            let wire =
-                v1::GroupCommitRequest::decode(&pending.request[..]).map_err(|_| corrupt())?;
-            let commit = GroupCommit::try_from(wire).map_err(|_| corrupt())?;
-            return Ok(GroupStep::Send(commit));
+            return Ok(GroupStep::Send(pending.commit()?));
         }
         if record.wait_epoch > session.epoch() {
             return Ok(GroupStep::Wait);
@@ -493,13 +490,7 @@ impl State {
     #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
         let sends = match self.groups.get(group).and_then(|r| r.pending.as_ref()) {
-            Some(p) => {
-                let wire = v1::GroupCommitRequest::decode(&p.request[..]).map_err(|_| corrupt())?;
-                GroupCommit::try_from(wire)
-                    .map_err(|_| corrupt())?
-                    .sends
-                    .len()
-            }
+            Some(p) => p.commit()?.sends.len(),
             None => 0,
         };
         self.commit_answered(group, &vec![MultiSendResult::default(); sends], 0)
@@ -543,10 +534,7 @@ impl State {
             record.leaf_due_ms = 0;
         }
         let sends = match &pending {
-            Some(p) => {
-                let wire = v1::GroupCommitRequest::decode(&p.request[..]).map_err(|_| corrupt())?;
-                GroupCommit::try_from(wire).map_err(|_| corrupt())?.sends
-            }
+            Some(p) => p.commit()?.sends,
             None => Vec::new(),
         };
         // Refused tokens of members gone are of no more use.
@@ -663,5 +651,13 @@ impl State {
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
         self.prepare_group(group)
+    }
+}
+
+impl PendingCommitRecord {
+    /// The commit as it was sent (stored encoded, so a resend is byte for byte).
+    fn commit(&self) -> Result<GroupCommit> {
+        let wire = v1::GroupCommitRequest::decode(&self.request[..]).map_err(|_| corrupt())?;
+        GroupCommit::try_from(wire).map_err(|_| corrupt())
     }
 }

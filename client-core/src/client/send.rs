@@ -500,7 +500,7 @@ fn chunks(copies: &[SealedCopy]) -> Vec<&[SealedCopy]> {
 }
 
 /// Gives up on message `seq` and tells the app why.
-fn fail_one(
+pub(super) fn fail_one(
     shared: &Shared,
     state: &mut State,
     seq: u64,
