@@ -204,12 +204,12 @@ impl State {
         })
     }
 
-    /// The delivery tokens known for `account` in `group`, best first: the one the
-    /// member announced in the group (`MemberInfo`, sent again on every change),
-    /// then the contact's; tokens the relay refused are left out.
-    pub(crate) fn member_tokens(&self, group: &[u8], account: &AccountId) -> Vec<[u8; 32]> {
+    /// The delivery token to use for `account` in `group`: the one the member
+    /// announced in the group (`MemberInfo`, sent again on every change), else the
+    /// contact's; tokens the relay refused are skipped.
+    pub(crate) fn member_token(&self, group: &[u8], account: &AccountId) -> Option<[u8; 32]> {
         if *account == self.keys.address.account {
-            return vec![self.keys.delivery_token];
+            return Some(self.keys.delivery_token);
         }
         let record = self.groups.get(group);
         let announced = record.and_then(|r| {
@@ -218,18 +218,16 @@ impl State {
                 .find(|t| t.account == account.as_bytes())
                 .and_then(|t| <[u8; 32]>::try_from(&t.token[..]).ok())
         });
-        let mut out: Vec<[u8; 32]> = Vec::new();
-        for t in [announced, self.token_of(account)].into_iter().flatten() {
-            let refused = record.is_some_and(|r| {
-                r.refused_tokens
-                    .iter()
-                    .any(|x| x.account == account.as_bytes() && x.token == t)
-            });
-            if !refused && !out.contains(&t) {
-                out.push(t);
-            }
-        }
-        out
+        [announced, self.token_of(account)]
+            .into_iter()
+            .flatten()
+            .find(|t| {
+                !record.is_some_and(|r| {
+                    r.refused_tokens
+                        .iter()
+                        .any(|x| x.account == account.as_bytes() && x.token == t)
+                })
+            })
     }
 }
 

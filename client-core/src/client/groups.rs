@@ -549,12 +549,6 @@ impl State {
         Ok(())
     }
 
-    /// The delivery token to send to `account`'s devices with, in `group`: the
-    /// first of [`State::member_tokens`].
-    pub(crate) fn member_token(&self, group: &[u8], account: &AccountId) -> Option<[u8; 32]> {
-        self.member_tokens(group, account).first().copied()
-    }
-
     /// A group message is out (or given up): it leaves the outbox.
     pub(crate) fn group_sent(&mut self, seq: u64) -> Result<()> {
         self.settle_group_send(seq, super::group_retry::SendOutcome::default(), 0)?;
