@@ -17,14 +17,6 @@ use crate::store::Batch;
 use crate::{ErrorCode, Result};
 
 /// Merges a step's outcome into the round's.
-fn merge(round: &mut Round, step: Round) {
-    match (&*round, step) {
-        (_, Round::Wait) => *round = Round::Wait,
-        (Round::Idle, Round::Progress) => *round = Round::Progress,
-        _ => {}
-    }
-}
-
 pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
     let mut round = Round::Idle;
     let interval = shared.group_settings.update_interval_ms;
@@ -35,11 +27,11 @@ pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result
     };
     for group in busy {
         let step = commit_step(shared, anon, &group).await?;
-        merge(&mut round, step);
+        round.merge(step);
     }
     announce(shared).await?;
     let step = send_messages(shared, anon).await?;
-    merge(&mut round, step);
+    round.merge(step);
     Ok(round)
 }
 
@@ -309,11 +301,7 @@ async fn send_messages(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
                 Verdict::DeviceGone => {}
             }
         }
-        round = match (retry, &round) {
-            (true, _) => Round::Wait,
-            (false, Round::Idle) => Round::Progress,
-            (false, _) => round,
-        };
+        round.merge(if retry { Round::Wait } else { Round::Progress });
         settle(shared, &mut state, r.seq, outcome)?;
     }
     Ok(round)

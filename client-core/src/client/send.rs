@@ -63,6 +63,17 @@ pub(super) enum Round {
     Wait,
 }
 
+impl Round {
+    /// Folds one step's outcome into this round's: a wait wins, then progress.
+    pub(super) fn merge(&mut self, step: Round) {
+        match (&*self, step) {
+            (_, Round::Wait) => *self = Round::Wait,
+            (Round::Idle, Round::Progress) => *self = Round::Progress,
+            _ => {}
+        }
+    }
+}
+
 pub(super) async fn send_loop(
     shared: &Shared,
     conn: &RelayConnection,
@@ -359,29 +370,11 @@ async fn send_round(
                 .await
                 .sealed_sends(&recipient, cert, SEAL_PER_ROUND, &mut OsRng)?;
         for plan in plans {
-            match send_device(shared, (conn, anon), &recipient, &plan, token, stale).await? {
-                Round::Idle => {}
-                Round::Progress => {
-                    if !matches!(round, Round::Wait) {
-                        round = Round::Progress;
-                    }
-                }
-                Round::Wait => round = Round::Wait,
-            }
+            round.merge(send_device(shared, (conn, anon), &recipient, &plan, token, stale).await?);
         }
     }
-    match super::group_send::group_round(shared, anon).await? {
-        Round::Idle => {}
-        Round::Progress if !matches!(round, Round::Wait) => round = Round::Progress,
-        Round::Progress => {}
-        Round::Wait => round = Round::Wait,
-    }
-    match super::broadcast::send_broadcasts(shared, conn, anon, cached).await? {
-        Round::Idle => {}
-        Round::Progress if !matches!(round, Round::Wait) => round = Round::Progress,
-        Round::Progress => {}
-        Round::Wait => round = Round::Wait,
-    }
+    round.merge(super::group_send::group_round(shared, anon).await?);
+    round.merge(super::broadcast::send_broadcasts(shared, conn, anon, cached).await?);
     Ok(round)
 }
 
