@@ -68,10 +68,20 @@ async fn upload_new(
     len: usize,
 ) -> (PathBuf, AttachmentPointer, tern_client::net::Uploaded) {
     let src = plain_file(dir, &format!("in{i}"), len, b"");
-    let (pointer, up) = within(media::upload(conn, &src, &dir.join(format!("sealed{i}"))))
-        .await
-        .expect("upload");
+    let (pointer, up) = within_size(
+        len,
+        media::upload(conn, &src, &dir.join(format!("sealed{i}"))),
+    )
+    .await
+    .expect("upload");
     (src, pointer, up)
+}
+
+/// [`within`], with a second more per MiB: a 50 MiB transfer streams through our own
+/// unoptimised crates, and on a loaded machine that alone can take the whole step.
+async fn within_size<F: std::future::Future>(len: usize, f: F) -> F::Output {
+    let step = super::support::STEP + Duration::from_secs((len >> 20) as u64);
+    tokio::time::timeout(step, f).await.expect("step timed out")
 }
 
 /// Downloads what `pointer` names to `out{i}` (carried as bytes, as in a message) and
@@ -86,7 +96,7 @@ async fn download_checked(
     let carried = AttachmentPointer::from_bytes(&pointer.to_bytes()).expect("pointer");
     let out = dir.join(format!("out{i}"));
     assert_eq!(
-        within(media::download(conn, &carried, &out))
+        within_size(pointer.size as usize, media::download(conn, &carried, &out))
             .await
             .expect("download"),
         pointer.size

@@ -529,6 +529,9 @@ fn acks_sends_and_expiry_on_two_nodes_keep_heads_and_totals_exact() {
     let (a, b) = (node(&opts, "a"), node(&opts, "b"));
     let boxes: Vec<_> = (0..6u32).map(|i| addr(60, 1 + i)).collect();
     let done = std::sync::atomic::AtomicUsize::new(0);
+    // Bounded by time, not rounds: on a loaded machine the senders can outlast any
+    // fixed number of idle rounds of the ackers and the sweep.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     std::thread::scope(|s| {
         // Two senders on a: staged appends, some expiring at once.
         for t in 0..2u8 {
@@ -553,7 +556,7 @@ fn acks_sends_and_expiry_on_two_nodes_keep_heads_and_totals_exact() {
         for n in [&a, &b, &b] {
             let (boxes, done) = (&boxes, &done);
             s.spawn(move || {
-                for _ in 0..2_000 {
+                while std::time::Instant::now() < deadline {
                     let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
                     let mut staged = Vec::new();
                     for to in boxes {
@@ -576,7 +579,7 @@ fn acks_sends_and_expiry_on_two_nodes_keep_heads_and_totals_exact() {
         // The sweep on b, meanwhile.
         let (b, boxes, done) = (&b, &boxes, &done);
         s.spawn(move || {
-            for _ in 0..2_000 {
+            while std::time::Instant::now() < deadline {
                 let finished = done.load(std::sync::atomic::Ordering::SeqCst) == 2;
                 let due = b.expired(2_000, 50).expect("expired");
                 for to in boxes {
