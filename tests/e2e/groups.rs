@@ -108,6 +108,26 @@ async fn accounts(relay: &RelayAddress, dir: &Path, names: &[&str]) -> Vec<(Clie
     out
 }
 
+/// Registers "alice" with `options`; she and each of `others` hold the other's card.
+async fn alice_with(
+    relay: &RelayAddress,
+    dir: &Path,
+    options: tern_client::ClientOptions,
+    others: &[&Client],
+) -> (Client, Events) {
+    let (alice, events) = within(Client::register_with(relay, store(dir, "alice"), options))
+        .await
+        .expect("register");
+    for other in others {
+        for (c, card) in [(&alice, *other), (*other, &alice)] {
+            c.add_contact(&card.contact_card().await)
+                .await
+                .expect("contact");
+        }
+    }
+    (alice, events)
+}
+
 /// Whether `needle` appears in any file under `dir`.
 fn on_disk(dir: &Path, needle: &[u8]) -> bool {
     files_under(dir).iter().any(|f| {
@@ -617,23 +637,8 @@ async fn a_rename_reaches_every_device_and_periodic_updates_keep_the_group_talki
     // Alice renews her leaf whenever a round finds it older than 200 ms.
     let options =
         tern_client::ClientOptions::new().group_update_interval(Duration::from_millis(200));
-    let (alice, _alice_events) = within(Client::register_with(
-        &relay.address,
-        store(dir.path(), "alice"),
-        options,
-    ))
-    .await
-    .expect("register");
-    for (c, other) in [
-        (&alice, &bob),
-        (&alice, &carol),
-        (&bob, &alice),
-        (&carol, &alice),
-    ] {
-        c.add_contact(&other.contact_card().await)
-            .await
-            .expect("contact");
-    }
+    let (alice, _alice_events) =
+        alice_with(&relay.address, dir.path(), options, &[&bob, &carol]).await;
     let (bob_laptop, mut laptop_events) = link(
         &relay.address,
         dir.path(),
@@ -776,23 +781,8 @@ async fn a_welcome_whose_tree_is_an_attachment_joins_and_talks() {
     // Every welcome of Alice's carries its ratchet tree as an attachment, as one
     // into a group of a thousand devices would.
     let options = tern_client::ClientOptions::new().group_welcome_inline_max(0);
-    let (alice, mut alice_events) = within(Client::register_with(
-        &relay.address,
-        store(dir.path(), "alice"),
-        options,
-    ))
-    .await
-    .expect("register");
-    for (c, other) in [
-        (&alice, &bob),
-        (&alice, &carol),
-        (&bob, &alice),
-        (&carol, &alice),
-    ] {
-        c.add_contact(&other.contact_card().await)
-            .await
-            .expect("contact");
-    }
+    let (alice, mut alice_events) =
+        alice_with(&relay.address, dir.path(), options, &[&bob, &carol]).await;
     let group = within(alice.create_group("tree apart", &[bob.account()]))
         .await
         .expect("create");
