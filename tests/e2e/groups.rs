@@ -108,6 +108,26 @@ async fn accounts(relay: &RelayAddress, dir: &Path, names: &[&str]) -> Vec<(Clie
     out
 }
 
+/// Registers "alice" with `options`; she and each of `others` hold the other's card.
+async fn alice_with(
+    relay: &RelayAddress,
+    dir: &Path,
+    options: tern_client::ClientOptions,
+    others: &[&Client],
+) -> (Client, Events) {
+    let (alice, events) = within(Client::register_with(relay, store(dir, "alice"), options))
+        .await
+        .expect("register");
+    for other in others {
+        for (c, card) in [(&alice, *other), (*other, &alice)] {
+            c.add_contact(&card.contact_card().await)
+                .await
+                .expect("contact");
+        }
+    }
+    (alice, events)
+}
+
 /// Whether `needle` appears in any file under `dir`.
 fn on_disk(dir: &Path, needle: &[u8]) -> bool {
     files_under(dir).iter().any(|f| {
@@ -617,23 +637,8 @@ async fn a_rename_reaches_every_device_and_periodic_updates_keep_the_group_talki
     // Alice renews her leaf whenever a round finds it older than 200 ms.
     let options =
         tern_client::ClientOptions::new().group_update_interval(Duration::from_millis(200));
-    let (alice, _alice_events) = within(Client::register_with(
-        &relay.address,
-        store(dir.path(), "alice"),
-        options,
-    ))
-    .await
-    .expect("register");
-    for (c, other) in [
-        (&alice, &bob),
-        (&alice, &carol),
-        (&bob, &alice),
-        (&carol, &alice),
-    ] {
-        c.add_contact(&other.contact_card().await)
-            .await
-            .expect("contact");
-    }
+    let (alice, _alice_events) =
+        alice_with(&relay.address, dir.path(), options, &[&bob, &carol]).await;
     let (bob_laptop, mut laptop_events) = link(
         &relay.address,
         dir.path(),
@@ -761,6 +766,51 @@ async fn a_member_who_rotates_their_delivery_token_keeps_their_place() {
         group_message(&carol, &mut carol_events).await.body,
         b"to all three"
     );
+    for c in [alice, bob, carol] {
+        c.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_welcome_whose_tree_is_an_attachment_joins_and_talks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["bob", "carol"]).await;
+    let (carol, mut carol_events) = all.pop().expect("carol");
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    // Every welcome of Alice's carries its ratchet tree as an attachment, as one
+    // into a group of a thousand devices would.
+    let options = tern_client::ClientOptions::new().group_welcome_inline_max(0);
+    let (alice, mut alice_events) =
+        alice_with(&relay.address, dir.path(), options, &[&bob, &carol]).await;
+    let group = within(alice.create_group("tree apart", &[bob.account()]))
+        .await
+        .expect("create");
+    assert_eq!(joined(&mut bob_events).await, group);
+    bob.send_group(&group, b"joined from a fetched tree", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&alice, &mut alice_events).await.body,
+        b"joined from a fetched tree"
+    );
+    // A later member's welcome too, into a group that already talks.
+    alice
+        .add_members(&group, &[carol.account()])
+        .await
+        .expect("add");
+    assert_eq!(joined(&mut carol_events).await, group);
+    let everyone = [alice.account(), bob.account(), carol.account()];
+    for c in [&alice, &bob, &carol] {
+        members_are(c, &group, &everyone).await;
+    }
+    alice
+        .send_group(&group, b"to both", &[])
+        .await
+        .expect("send");
+    for (c, events) in [(&bob, &mut bob_events), (&carol, &mut carol_events)] {
+        assert_eq!(group_message(c, events).await.body, b"to both");
+    }
     for c in [alice, bob, carol] {
         c.shutdown().await;
     }

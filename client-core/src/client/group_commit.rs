@@ -450,9 +450,10 @@ impl State {
             });
         }
         if let Some(welcome) = &planned.welcome {
-            let bytes = welcome.body();
             let to_new = recipients(&welcome.to, |a| self.member_token(group, a));
             if !to_new.is_empty() {
+                // Its tree inline, or as an attachment the worker uploads first.
+                let bytes = self.welcome_body(group, welcome, rng, &mut batch)?;
                 sends.push(MultiSend {
                     message_id: MessageId(random16(rng)),
                     body: bytes.into(),

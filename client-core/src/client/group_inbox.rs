@@ -2,7 +2,8 @@
 //! for duplicates (before MLS, which would refuse a replay as an error), processed
 //! and stored with the MLS state it advanced in one batch; a `0x03` body is a
 //! welcome, joined after its members' identity keys are checked against the
-//! pinned ones.
+//! pinned ones (a welcome whose tree is an attachment waits for the worker to
+//! fetch it first: `group_tree.rs`).
 //!
 //! What is checked on receive:
 //! - Every leaf's identity key against the key pinned for its account: this
@@ -33,12 +34,13 @@ use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
     OP_REMOVE,
 };
+use super::group_tree::WELCOME_DEDUP;
 use super::groups::{
     commit_events, GroupChange, GroupId, GroupMessage, GROUP_ENVELOPE, GROUP_WELCOME,
 };
 use super::state::{Outcome, State};
 use super::Event;
-use crate::groups::{GroupError, Member, Processed};
+use crate::groups::{parse_welcome, GroupError, Member, Processed, WelcomeTree};
 use crate::store::records::{seen_key, seq_key};
 use crate::store::{Batch, InboxStore, Namespace, StoreError};
 use crate::{Error, Result};
@@ -113,16 +115,38 @@ impl State {
         wrong
     }
 
+    /// A welcome: joined at once with its tree inline, or held until the worker
+    /// fetched its tree (`group_tree.rs`).
     fn receive_welcome(&mut self, message_id: &[u8], body: &[u8], now_ms: u64) -> Result<Outcome> {
-        let dedup = dedup_account(b"tern group welcome");
+        if self.seen_group(&dedup_account(WELCOME_DEDUP), message_id)? {
+            return Ok(Outcome::Duplicate);
+        }
+        match parse_welcome(body) {
+            Ok((welcome, WelcomeTree::Inline(tree))) => {
+                self.join_welcome(message_id, &welcome, &tree, now_ms)
+            }
+            Ok((welcome, WelcomeTree::Pointer(pointer))) => {
+                self.hold_welcome(message_id, welcome, pointer, now_ms)
+            }
+            Err(_) => Ok(Outcome::Dropped("a welcome that does not decode".into())),
+        }
+    }
+
+    /// Joins from a welcome and its ratchet tree, after every check a welcome
+    /// passes (stored, not durably).
+    pub(super) fn join_welcome(
+        &mut self,
+        message_id: &[u8],
+        welcome: &[u8],
+        tree: &[u8],
+        now_ms: u64,
+    ) -> Result<Outcome> {
+        let dedup = dedup_account(WELCOME_DEDUP);
         if self.seen_group(&dedup, message_id)? {
             return Ok(Outcome::Duplicate);
         }
-        let Ok(welcome) = e2e::GroupWelcome::decode(body) else {
-            return Ok(Outcome::Dropped("a welcome that does not decode".into()));
-        };
         let device = self.group_device()?;
-        let joined = match device.join(&welcome.welcome, &welcome.ratchet_tree, now_ms) {
+        let joined = match device.join(welcome, tree, now_ms) {
             Ok(joined) => joined,
             Err(e) => return refused(e, "a welcome refused"),
         };

@@ -10,15 +10,22 @@ use super::anonymous::AnonymousLink;
 use super::group_commit::{add_devices, GroupStep};
 use super::group_records::GroupRecipient;
 use super::group_retry::{device_removal, refused_devices, verdict, SendOutcome, Verdict};
+use super::group_tree;
 use super::groups::{GroupChange, GroupId};
 use super::send::Round;
 use super::{Event, Shared};
+use crate::net::RelayConnection;
 use crate::store::Batch;
 use crate::{ErrorCode, Result};
 
 /// Merges a step's outcome into the round's.
-pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
-    let mut round = Round::Idle;
+pub(super) async fn group_round(
+    shared: &Shared,
+    conn: &RelayConnection,
+    anon: &AnonymousLink,
+) -> Result<Round> {
+    // Welcomes waiting for their trees first: joined, their groups go on below.
+    let mut round = group_tree::fetch_trees(shared, anon).await?;
     let interval = shared.group_settings.update_interval_ms;
     let busy = {
         let mut state = shared.state.lock().await;
@@ -26,7 +33,7 @@ pub(super) async fn group_round(shared: &Shared, anon: &AnonymousLink) -> Result
         state.busy_groups()
     };
     for group in busy {
-        let step = commit_step(shared, anon, &group).await?;
+        let step = commit_step(shared, conn, anon, &group).await?;
         round.merge(step);
     }
     announce(shared).await?;
@@ -76,14 +83,20 @@ async fn announce(shared: &Shared) -> Result<()> {
 }
 
 /// One step of `group`'s commit pipeline.
-async fn commit_step(shared: &Shared, anon: &AnonymousLink, group: &[u8]) -> Result<Round> {
+async fn commit_step(
+    shared: &Shared,
+    conn: &RelayConnection,
+    anon: &AnonymousLink,
+    group: &[u8],
+) -> Result<Round> {
     let now = shared.now_ms();
     let wait = shared.group_settings.token_wait_ms;
-    let step = shared
-        .state
-        .lock()
-        .await
-        .next_group_step(group, now, wait)?;
+    let step = {
+        let mut state = shared.state.lock().await;
+        // The tree of a commit settled since the last step goes.
+        state.settle_tree_upload(group)?;
+        state.next_group_step(group, now, wait)?
+    };
     let commit = match step {
         GroupStep::Idle => return Ok(Round::Idle),
         GroupStep::Wait => return Ok(Round::Wait),
@@ -121,6 +134,10 @@ async fn commit_step(shared: &Shared, anon: &AnonymousLink, group: &[u8]) -> Res
             }
         }
     };
+    // Never a welcome whose tree the relay does not have.
+    if let Some(wait) = group_tree::upload_tree(shared, conn, group).await? {
+        return Ok(wait);
+    }
     let sent = anon
         .run(|c| {
             let commit = commit.clone();

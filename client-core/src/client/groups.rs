@@ -65,6 +65,8 @@ pub(crate) struct GroupSettings {
     /// How long a commit waits for a member's delivery token (timed per account)
     /// before removing the member it cannot reach.
     pub(crate) token_wait_ms: u64,
+    /// The largest welcome body sent with its ratchet tree inline.
+    pub(crate) welcome_inline_max: usize,
 }
 
 /// The default of [`ClientOptions::group_update_interval`](super::ClientOptions::group_update_interval): 7 days.
@@ -78,6 +80,7 @@ impl Default for GroupSettings {
         GroupSettings {
             update_interval_ms: GROUP_UPDATE_INTERVAL.as_millis() as u64,
             token_wait_ms: GROUP_TOKEN_WAIT.as_millis() as u64,
+            welcome_inline_max: super::group_tree::WELCOME_INLINE_MAX,
         }
     }
 }

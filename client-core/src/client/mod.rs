@@ -36,6 +36,7 @@ mod group_meta;
 mod group_records;
 mod group_retry;
 mod group_send;
+mod group_tree;
 mod groups;
 mod inbox;
 mod keys;
@@ -69,6 +70,7 @@ use crate::{Error, Result};
 pub use self::card::ContactCard;
 pub use self::discovery::DiscoveryReport;
 pub use self::events::{Event, Events, ReceivedMessage};
+pub use self::group_tree::WELCOME_INLINE_MAX;
 pub use self::groups::{
     GroupChange, GroupId, GroupInfo, GroupMessage, GROUP_TOKEN_WAIT, GROUP_UPDATE_INTERVAL,
 };
@@ -128,6 +130,17 @@ impl ClientOptions {
     /// of this device other than an add-only one renews the leaf too.
     pub fn group_update_interval(mut self, interval: std::time::Duration) -> Self {
         self.groups.update_interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
+
+    /// The largest welcome body (to devices added to a group) sent with the
+    /// group's ratchet tree inline; a larger one sends the tree as an encrypted
+    /// attachment, uploaded first, and the welcome points at it. Default
+    /// [`WELCOME_INLINE_MAX`], under the relay's default envelope limit; lower it
+    /// for a relay configured with a lower one (tests lower it to send small
+    /// groups' trees as attachments).
+    pub fn group_welcome_inline_max(mut self, bytes: usize) -> Self {
+        self.groups.welcome_inline_max = bytes;
         self
     }
 
@@ -285,12 +298,13 @@ impl Client {
     }
 
     fn start(
-        state: State,
+        mut state: State,
         relay: RelayAddress,
         clock: Arc<dyn Clock>,
         group_settings: groups::GroupSettings,
     ) -> (Client, Events) {
         let (tx, rx) = mpsc::unbounded_channel();
+        state.welcome_inline_max = group_settings.welcome_inline_max;
         let address = state.keys.address;
         let identity_key = state.keys.identity_key;
         // Messages stored but not confirmed before a restart come first.

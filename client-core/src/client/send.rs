@@ -373,7 +373,7 @@ async fn send_round(
             round.merge(send_device(shared, (conn, anon), &recipient, &plan, token, stale).await?);
         }
     }
-    round.merge(super::group_send::group_round(shared, anon).await?);
+    round.merge(super::group_send::group_round(shared, conn, anon).await?);
     round.merge(super::broadcast::send_broadcasts(shared, conn, anon, cached).await?);
     Ok(round)
 }

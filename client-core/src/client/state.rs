@@ -87,6 +87,9 @@ pub(crate) struct State {
     pub(super) groups: BTreeMap<Vec<u8>, GroupRecord>,
     /// Group messages on their way, by outbox seq.
     pub(super) group_outbox: BTreeMap<u64, GroupOutboxRecord>,
+    /// The largest welcome body sent with its ratchet tree inline
+    /// ([`super::group_tree`]).
+    pub(super) welcome_inline_max: usize,
 }
 
 pub(super) fn corrupt() -> Error {
@@ -298,6 +301,7 @@ impl State {
             group_sessions: HashMap::new(),
             groups: BTreeMap::new(),
             group_outbox: BTreeMap::new(),
+            welcome_inline_max: super::group_tree::WELCOME_INLINE_MAX,
         })
     }
 
@@ -323,7 +327,8 @@ impl State {
     /// Reloads everything from the store: after a failed write, the caches may be
     /// ahead of what the store holds.
     pub(crate) fn reload(&mut self, now_ms: u64) -> Result<()> {
-        let fresh = State::load(self.kv.clone(), now_ms)?.ok_or(Error::NotRegistered)?;
+        let mut fresh = State::load(self.kv.clone(), now_ms)?.ok_or(Error::NotRegistered)?;
+        fresh.welcome_inline_max = self.welcome_inline_max;
         *self = fresh;
         Ok(())
     }

@@ -21,6 +21,7 @@ mod broadcast;
 mod devices;
 mod group_receive;
 mod group_send;
+mod group_tree;
 mod groups;
 
 const NOW: u64 = 1_800_000_000_000;

@@ -262,6 +262,7 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
     // crash (its retry lost with it) apply now.
     {
         let mut state = shared.state.lock().await;
+        state.settle_tree_uploads()?;
         let events = state.retry_held(shared.now_ms())?;
         if !events.is_empty() {
             state.flush()?;
@@ -324,7 +325,8 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
             // Stored durably before the relay may delete anything.
             state.flush()?;
             // A commit applied may unblock a group's queued op or messages.
-            if !acks.is_empty() && !state.groups.is_empty() {
+            // So may a welcome held for its tree, which the group round fetches.
+            if !acks.is_empty() && (!state.groups.is_empty() || state.has_held_welcomes()?) {
                 shared.outbox.notify_one();
             }
             // Emitted under the lock, so an identity acceptance cannot interleave.

@@ -338,13 +338,17 @@ impl GroupDevice {
         })
     }
 
-    /// Joins from a welcome body (`0x03 ‖ GroupWelcome`, [`super::Welcome::body`]).
+    /// Joins from a welcome body (`0x03 ‖ GroupWelcome`, [`super::Welcome::body`])
+    /// that carries its tree inline.
     pub fn join_body(&self, body: &[u8], now_ms: u64) -> Result<Staged<Joined>, GroupError> {
         let Some((&super::WELCOME_KIND, rest)) = body.split_first() else {
             return Err(GroupError::Malformed);
         };
-        let w = tern_proto::e2e::GroupWelcome::decode(rest).map_err(|_| GroupError::Malformed)?;
-        self.join(&w.welcome, &w.ratchet_tree, now_ms)
+        match super::parse_welcome(rest)? {
+            (welcome, super::WelcomeTree::Inline(tree)) => self.join(&welcome, &tree, now_ms),
+            // The caller fetches the tree and calls `join` with it.
+            (_, super::WelcomeTree::Pointer(_)) => Err(GroupError::TreeNotInline),
+        }
     }
 
     /// Loads a group from the store (None: not a group of this device).

@@ -126,23 +126,77 @@ pub struct Changes {
 pub struct Welcome {
     /// The MLS welcome message.
     pub welcome: Vec<u8>,
-    /// The ratchet tree, sent with it out of band (`GroupWelcome.ratchet_tree`).
+    /// The ratchet tree, sent with it out of band: inline
+    /// (`GroupWelcome.ratchet_tree`), or as an attachment when that would make the
+    /// body too large for one envelope (`GroupWelcome.ratchet_tree_pointer`).
     pub ratchet_tree: Vec<u8>,
     /// Who it is for.
     pub to: Vec<Member>,
 }
 
 impl Welcome {
-    /// The shared body for the new devices: `0x03 ‖ GroupWelcome`.
+    /// The shared body for the new devices with the tree inline: `0x03 ‖
+    /// GroupWelcome`.
     pub fn body(&self) -> Vec<u8> {
+        self.encode(self.ratchet_tree.clone(), None)
+    }
+
+    /// The shared body with the tree carried by `pointer` (an attachment of the
+    /// tree, uploaded before the welcome leaves) instead of inline.
+    pub fn body_with_tree_pointer(&self, pointer: tern_proto::e2e::AttachmentPointer) -> Vec<u8> {
+        self.encode(Vec::new(), Some(pointer))
+    }
+
+    /// The length of [`Welcome::body`], without building it.
+    pub fn inline_len(&self) -> usize {
+        let w = tern_proto::e2e::GroupWelcome {
+            welcome: Vec::new().into(),
+            ratchet_tree: Vec::new().into(),
+            ratchet_tree_pointer: None,
+        };
+        // Two length-delimited fields: tag, length prefix, bytes.
+        let field = |n: usize| 1 + prost::encoding::encoded_len_varint(n as u64) + n;
+        1 + prost::Message::encoded_len(&w)
+            + field(self.welcome.len())
+            + field(self.ratchet_tree.len())
+    }
+
+    fn encode(
+        &self,
+        ratchet_tree: Vec<u8>,
+        pointer: Option<tern_proto::e2e::AttachmentPointer>,
+    ) -> Vec<u8> {
         let w = tern_proto::e2e::GroupWelcome {
             welcome: self.welcome.clone().into(),
-            ratchet_tree: self.ratchet_tree.clone().into(),
+            ratchet_tree: ratchet_tree.into(),
+            ratchet_tree_pointer: pointer,
         };
         let mut out = vec![WELCOME_KIND];
         out.extend(prost::Message::encode_to_vec(&w));
         out
     }
+}
+
+/// Where a received welcome's ratchet tree is.
+#[derive(Debug, Clone)]
+pub enum WelcomeTree {
+    /// In the welcome.
+    Inline(Vec<u8>),
+    /// In an attachment, to download (and check against the pointer) first.
+    Pointer(tern_proto::e2e::AttachmentPointer),
+}
+
+/// A welcome body (`0x03 ‖ GroupWelcome` without its first byte) taken apart: the
+/// MLS welcome and where its tree is. A body with both or neither is malformed.
+pub fn parse_welcome(body: &[u8]) -> Result<(Vec<u8>, WelcomeTree), GroupError> {
+    let w = <tern_proto::e2e::GroupWelcome as prost::Message>::decode(body)
+        .map_err(|_| GroupError::Malformed)?;
+    let tree = match (w.ratchet_tree.is_empty(), w.ratchet_tree_pointer) {
+        (false, None) => WelcomeTree::Inline(w.ratchet_tree.to_vec()),
+        (true, Some(p)) => WelcomeTree::Pointer(p),
+        _ => return Err(GroupError::Malformed),
+    };
+    Ok((w.welcome.to_vec(), tree))
 }
 
 /// The first byte of a shared body that is a welcome.
@@ -268,6 +322,10 @@ pub enum GroupError {
     /// A key package is not for this ciphersuite, or not a key package.
     #[error("key package refused")]
     BadKeyPackage,
+    /// A welcome whose ratchet tree is an attachment: fetch it, then
+    /// [`GroupDevice::join`] with it.
+    #[error("the welcome's ratchet tree is an attachment")]
+    TreeNotInline,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

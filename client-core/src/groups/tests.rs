@@ -852,3 +852,120 @@ fn a_welcome_into_a_group_of_200_devices_fits_one_envelope() {
     devs[199].join(&welcome);
     assert_eq!(devs[199].g().members().len(), 200);
 }
+
+#[test]
+fn a_welcome_into_a_group_of_1000_devices_carries_its_tree_as_an_attachment() {
+    // Inline, the tree alone is over the envelope limit: the welcome points at it
+    // as an attachment (ARCHITECTURE §11c), and the new device joins with the
+    // tree it fetched.
+    use crate::crypto::attachment;
+    use tern_proto::limits::DEFAULT_MAX_ENVELOPE;
+    let mut devs: Vec<Dev> = (0..500)
+        .flat_map(|_| {
+            let a = Account::new();
+            [a.device(1), a.device(2)]
+        })
+        .collect();
+    // 999 devices, then the thousandth joins.
+    let last = devs.len() - 1;
+    devs[0].create("huge");
+    let kps: Vec<Vec<u8>> = devs[1..last].iter_mut().map(|d| d.key_package()).collect();
+    devs[0].commit(&adds(kps));
+    devs[0].apply_pending();
+    let kp = devs[last].key_package();
+    let welcome = devs[0].commit(&adds(vec![kp])).welcome.expect("welcome");
+    let inline = welcome.body();
+    assert_eq!(inline.len(), welcome.inline_len());
+    assert!(inline.len() > DEFAULT_MAX_ENVELOPE, "{}", inline.len());
+
+    // The tree as the client encrypts it, and the pointer the welcome carries.
+    let key = [9u8; 32];
+    let mut sealed = Vec::new();
+    let e = attachment::encrypt(&mut OsRng, &key, &welcome.ratchet_tree[..], &mut sealed)
+        .expect("encrypt");
+    let pointer = tern_proto::e2e::AttachmentPointer {
+        blob_id: e.blob_id.to_vec().into(),
+        key: key.to_vec().into(),
+        size: e.size,
+        sealed_size: e.sealed_size,
+        digest: e.digest.to_vec().into(),
+        ..Default::default()
+    };
+    let body = welcome.body_with_tree_pointer(pointer.clone());
+    eprintln!(
+        "welcome to 1,000 devices: {} B inline (tree {} B), {} B with a pointer \
+         (tree attachment {} B)",
+        inline.len(),
+        welcome.ratchet_tree.len(),
+        body.len(),
+        sealed.len()
+    );
+    assert!(body.len() < 4096, "{}", body.len());
+    let (w, tree) = parse_welcome(&body[1..]).expect("parses");
+    let WelcomeTree::Pointer(got) = tree else {
+        panic!("the tree is not inline")
+    };
+    assert_eq!(got, pointer);
+    assert!(matches!(
+        devs[last].device.join_body(&body, NOW),
+        Err(GroupError::TreeNotInline)
+    ));
+
+    // The recipient's side: the blob, decrypted and checked, is the tree.
+    let mut d = attachment::Decryptor::new(&key, e.blob_id).with_size(e.size);
+    let mut tree = Vec::new();
+    d.update(&sealed, &mut tree).expect("decrypt");
+    d.finish(&mut tree).expect("authentic");
+    assert_eq!(tree, welcome.ratchet_tree);
+
+    devs[0].apply_pending();
+    let s = devs[last].device.join(&w, &tree, NOW).expect("join");
+    let joined = devs[last].apply(s);
+    assert_eq!(joined.added_by.account, devs[0].cred.account);
+    devs[last].group = Some(joined.session);
+    assert_eq!(devs[last].g().members().len(), 1000);
+    let envelope = devs[0].send(b"to a thousand");
+    assert!(matches!(
+        devs[last].receive(&envelope),
+        Processed::Message { content, .. } if content == b"to a thousand"
+    ));
+}
+
+#[test]
+fn a_welcome_body_has_its_tree_inline_or_a_pointer_to_it() {
+    let (a, b) = (Account::new(), Account::new());
+    let (mut alice, mut bob) = (a.device(1), b.device(1));
+    alice.create("g");
+    let kp = bob.key_package();
+    let welcome = alice.commit(&adds(vec![kp])).welcome.expect("welcome");
+    let body = welcome.body();
+    assert_eq!(body.len(), welcome.inline_len());
+    assert!(matches!(
+        parse_welcome(&body[1..]),
+        Ok((_, WelcomeTree::Inline(t))) if t == welcome.ratchet_tree
+    ));
+    let pointer = tern_proto::e2e::AttachmentPointer {
+        blob_id: vec![1; 32].into(),
+        ..Default::default()
+    };
+    // Both, or neither: malformed.
+    let both = tern_proto::e2e::GroupWelcome {
+        welcome: welcome.welcome.clone().into(),
+        ratchet_tree: welcome.ratchet_tree.clone().into(),
+        ratchet_tree_pointer: Some(pointer),
+    };
+    let neither = tern_proto::e2e::GroupWelcome {
+        welcome: welcome.welcome.clone().into(),
+        ..Default::default()
+    };
+    for w in [both, neither] {
+        assert!(matches!(
+            parse_welcome(&prost::Message::encode_to_vec(&w)),
+            Err(GroupError::Malformed)
+        ));
+    }
+    assert!(matches!(
+        parse_welcome(&[0xff, 0xff]),
+        Err(GroupError::Malformed)
+    ));
+}

@@ -87,11 +87,15 @@ pub enum Namespace {
     GroupCredential = 28,
     /// Group envelopes of an epoch not known yet, by arrival seq.
     GroupHeld = 29,
+    /// Ratchet trees as attachments: a planned welcome's encrypted tree until its
+    /// commit settles (key `up` ‖ group id), and received welcomes waiting for
+    /// theirs to be fetched (`in` ‖ arrival seq, with an index).
+    GroupTree = 31,
 }
 
 impl Namespace {
     /// Every namespace.
-    pub(crate) const ALL: [Namespace; 20] = [
+    pub(crate) const ALL: [Namespace; 21] = [
         Namespace::Local,
         Namespace::PreKeys,
         Namespace::Sessions,
@@ -112,6 +116,7 @@ impl Namespace {
         Namespace::GroupInbox,
         Namespace::GroupCredential,
         Namespace::GroupHeld,
+        Namespace::GroupTree,
     ];
 }
 

@@ -1,0 +1,612 @@
+//! A welcome whose ratchet tree would make it too large for one envelope (about
+//! 300 bytes a leaf: groups of some 800 devices and more) carries the tree as an
+//! encrypted attachment instead (`GroupWelcome.ratchet_tree_pointer`).
+//!
+//! Send side: [`State::welcome_body`] encrypts the tree when the commit is planned
+//! (the pending commit is stored encoded and resent byte for byte, so its pointer
+//! is fixed then) and keeps the ciphertext in the device store with the pending
+//! commit, in the same batch. The worker uploads it ([`upload_tree`], resumable:
+//! the relay answers where to go on, or that it has the blob) before the
+//! `GroupCommit` first leaves, and never sends the commit while the upload fails.
+//! The ciphertext goes once the commit settles (answered, stale or refused).
+//!
+//! Receive side: `State::receive` cannot download, so a welcome with a pointer is
+//! acknowledged and held ([`State::hold_welcome`]); the worker fetches the tree
+//! off the inbox path, over the connection that identifies no one
+//! ([`fetch_trees`]), and [`State::tree_fetched`] checks it (blob id, every
+//! segment, the pointer's digest) and joins exactly as an inline welcome would.
+//! A tree that cannot be fetched is given up after [`TREE_ATTEMPTS`] tries, one
+//! that fails its checks at once, each with an [`Event::Dropped`]; the group's
+//! held envelopes then stay held, as for any welcome that never came. Held
+//! welcomes are bounded: [`HELD_WELCOMES_MAX`], [`HELD_WELCOMES_MAX_BYTES`] and
+//! [`HELD_WELCOME_MAX_AGE_MS`], oldest dropped first.
+
+use prost::Message;
+use rand::{CryptoRng, RngCore};
+use sha2::{Digest, Sha256};
+use tern_proto::e2e;
+
+use super::anonymous::AnonymousLink;
+use super::group_records::dedup_account;
+use super::send::Round;
+use super::state::{Outcome, State};
+use super::{Event, Shared};
+use crate::crypto::attachment;
+use crate::groups::Welcome;
+use crate::media::AttachmentPointer;
+use crate::net::RelayConnection;
+use crate::store::records::seq_key;
+use crate::store::{Batch, Namespace, StoreError};
+use crate::{Error, Result};
+
+/// The default largest welcome body sent with its tree inline: the relay's
+/// default envelope limit less room for a relay configured a little lower. The
+/// relay does not announce its limit.
+pub const WELCOME_INLINE_MAX: usize = tern_proto::limits::DEFAULT_MAX_ENVELOPE - 16 * 1024;
+/// Largest tree attachment a device fetches (sealed bytes): a tree of some 50,000
+/// leaves, past any group the relay takes commits for.
+pub(crate) const TREE_MAX: u64 = 16 * 1024 * 1024;
+/// Tries to fetch a tree before its welcome is given up.
+pub(crate) const TREE_ATTEMPTS: u32 = 5;
+/// The first retry's delay; each one after waits twice as long.
+const TREE_RETRY_MS: u64 = 2_000;
+/// Most welcomes held for their tree.
+pub(crate) const HELD_WELCOMES_MAX: usize = 16;
+/// Most welcome bytes held.
+pub(crate) const HELD_WELCOMES_MAX_BYTES: u64 = 4 * 1024 * 1024;
+/// How long a welcome waits for its tree: a week (the blob lives 30 days).
+pub(crate) const HELD_WELCOME_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Content type of a tree attachment.
+const TREE_CONTENT_TYPE: &str = "application/vnd.tern.ratchet-tree";
+
+/// Key of a group's tree upload: this prefix, then the group id.
+const UPLOAD_PREFIX: &[u8] = b"up";
+/// Key of the held welcomes' index.
+const HELD_INDEX: &[u8] = b"index";
+/// Key of a held welcome: this prefix, then its arrival seq.
+const HELD_PREFIX: &[u8] = b"in";
+
+/// Id under which welcome message ids (and groups joined, by epoch) are seen.
+pub(super) const WELCOME_DEDUP: &[u8] = b"tern group welcome";
+
+/// `Namespace::GroupTree`, key `up` ‖ group id: the encrypted tree the group's
+/// pending commit's welcome points at.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct TreeUploadRecord {
+    /// The encoded `AttachmentPointer` (with its key: the store is encrypted).
+    #[prost(bytes = "vec", tag = "1")]
+    pub pointer: Vec<u8>,
+    /// The ciphertext.
+    #[prost(bytes = "vec", tag = "2")]
+    pub sealed: Vec<u8>,
+    /// The relay has it.
+    #[prost(bool, tag = "3")]
+    pub uploaded: bool,
+}
+
+/// One held welcome, in [`HeldWelcomeIndex`].
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct HeldWelcomeEntry {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(bytes = "vec", tag = "2")]
+    pub message_id: Vec<u8>,
+    /// Bytes held (the welcome and its pointer).
+    #[prost(uint64, tag = "3")]
+    pub len: u64,
+    #[prost(uint64, tag = "4")]
+    pub held_at_ms: u64,
+    /// Fetches that failed.
+    #[prost(uint32, tag = "5")]
+    pub attempts: u32,
+    /// Not fetched again before this.
+    #[prost(uint64, tag = "6")]
+    pub next_try_ms: u64,
+}
+
+/// `Namespace::GroupTree`, key `index`: the held welcomes, oldest first.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct HeldWelcomeIndex {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<HeldWelcomeEntry>,
+    #[prost(uint64, tag = "2")]
+    pub next_seq: u64,
+}
+
+/// `Namespace::GroupTree`, key `in` ‖ seq: a welcome waiting for its tree.
+#[derive(Clone, PartialEq, Message)]
+pub(crate) struct HeldWelcomeRecord {
+    /// The MLS welcome.
+    #[prost(bytes = "vec", tag = "1")]
+    pub welcome: Vec<u8>,
+    /// The tree's encoded `AttachmentPointer`.
+    #[prost(bytes = "vec", tag = "2")]
+    pub pointer: Vec<u8>,
+}
+
+fn upload_key(group: &[u8]) -> Vec<u8> {
+    [UPLOAD_PREFIX, group].concat()
+}
+
+fn held_key(seq: u64) -> Vec<u8> {
+    [HELD_PREFIX, &seq_key(seq)[..]].concat()
+}
+
+fn decode<T: Message + Default>(v: &[u8]) -> Result<T> {
+    Ok(T::decode(v).map_err(|_| StoreError::Corrupt)?)
+}
+
+/// A tree's ciphertext, checked against its pointer (blob id, every segment, the
+/// padding, the plaintext's digest): the tree, or why not.
+pub(crate) fn open_tree(
+    pointer: &AttachmentPointer,
+    sealed: &[u8],
+) -> std::result::Result<Vec<u8>, String> {
+    if sealed.len() as u64 != pointer.sealed_size {
+        return Err("a ratchet tree attachment of another size than its pointer's".into());
+    }
+    let mut tree = Vec::new();
+    let mut d = attachment::Decryptor::new(&pointer.key, pointer.blob_id).with_size(pointer.size);
+    d.update(sealed, &mut tree)
+        .and_then(|()| d.finish(&mut tree))
+        .map_err(|e| format!("a ratchet tree attachment: {e}"))?;
+    if <[u8; 32]>::from(Sha256::digest(&tree)) != pointer.digest {
+        return Err("a ratchet tree attachment that does not match its digest".into());
+    }
+    Ok(tree)
+}
+
+/// Events of held welcomes given up, the ones due to be fetched (seq, pointer),
+/// whether others wait for a later try.
+pub(crate) type DueTrees = (Vec<Event>, Vec<(u64, AttachmentPointer)>, bool);
+
+impl State {
+    fn commit_pending(&self, group: &[u8]) -> bool {
+        self.groups.get(group).is_some_and(|g| g.pending.is_some())
+    }
+
+    /// The body of `welcome` for `group`'s commit being planned: inline while it
+    /// fits [`State::welcome_inline_max`]; past that the tree is encrypted as an
+    /// attachment, its ciphertext staged in `batch` for the worker to upload, and
+    /// the body points at it.
+    pub(super) fn welcome_body(
+        &self,
+        group: &[u8],
+        welcome: &Welcome,
+        rng: &mut (impl RngCore + CryptoRng),
+        batch: &mut Batch,
+    ) -> Result<Vec<u8>> {
+        if welcome.inline_len() <= self.welcome_inline_max {
+            batch.delete(Namespace::GroupTree, upload_key(group));
+            return Ok(welcome.body());
+        }
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut key[..]);
+        let mut sealed = Vec::new();
+        let e = attachment::encrypt(rng, &key, &welcome.ratchet_tree[..], &mut sealed)
+            .map_err(|e| Error::Media(e.to_string()))?;
+        let pointer = AttachmentPointer {
+            blob_id: e.blob_id,
+            key: *key,
+            size: e.size,
+            sealed_size: e.sealed_size,
+            digest: e.digest,
+            content_type: TREE_CONTENT_TYPE.into(),
+            file_name: String::new(),
+        };
+        let record = TreeUploadRecord {
+            pointer: pointer.to_bytes(),
+            sealed,
+            uploaded: false,
+        };
+        batch.put(Namespace::GroupTree, upload_key(group), &record);
+        Ok(welcome.body_with_tree_pointer(pointer.to_wire()))
+    }
+
+    fn tree_upload_record(&self, group: &[u8]) -> Result<Option<TreeUploadRecord>> {
+        match self.kv.get(Namespace::GroupTree, &upload_key(group))? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The tree `group`'s pending commit waits for the relay to have: its pointer
+    /// and ciphertext (None: nothing to upload).
+    pub(crate) fn tree_upload(&self, group: &[u8]) -> Result<Option<(AttachmentPointer, Vec<u8>)>> {
+        let Some(r) = self.tree_upload_record(group)? else {
+            return Ok(None);
+        };
+        if r.uploaded || !self.commit_pending(group) {
+            return Ok(None);
+        }
+        let pointer = AttachmentPointer::from_bytes(&r.pointer).map_err(|_| StoreError::Corrupt)?;
+        Ok(Some((pointer, r.sealed)))
+    }
+
+    /// The relay has `group`'s tree: its commit may leave.
+    pub(crate) fn tree_uploaded(&mut self, group: &[u8]) -> Result<()> {
+        let Some(mut r) = self.tree_upload_record(group)? else {
+            return Ok(());
+        };
+        r.uploaded = true;
+        let mut batch = Batch::new();
+        batch.put(Namespace::GroupTree, upload_key(group), &r);
+        self.commit(batch, true)
+    }
+
+    /// Deletes `group`'s tree ciphertext if its commit settled (answered, stale,
+    /// refused, lost to another member's commit, or the group gone).
+    pub(crate) fn settle_tree_upload(&mut self, group: &[u8]) -> Result<()> {
+        if self.commit_pending(group)
+            || self
+                .kv
+                .get(Namespace::GroupTree, &upload_key(group))?
+                .is_none()
+        {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        batch.delete(Namespace::GroupTree, upload_key(group));
+        self.commit(batch, true)
+    }
+
+    /// [`State::settle_tree_upload`] for every group (when the worker starts:
+    /// settled before a crash, or the group forgotten since).
+    pub(crate) fn settle_tree_uploads(&mut self) -> Result<()> {
+        let mut batch = Batch::new();
+        for (key, _) in self.kv.scan(Namespace::GroupTree)? {
+            let Some(group) = key.strip_prefix(UPLOAD_PREFIX) else {
+                continue;
+            };
+            if !self.commit_pending(group) {
+                batch.delete(Namespace::GroupTree, key.clone());
+            }
+        }
+        self.commit(batch, true)
+    }
+
+    fn held_welcome_index(&self) -> Result<HeldWelcomeIndex> {
+        match self.kv.get(Namespace::GroupTree, HELD_INDEX)? {
+            Some(v) => decode(&v),
+            None => Ok(HeldWelcomeIndex::default()),
+        }
+    }
+
+    /// Whether welcomes wait for their trees (the worker has fetching to do).
+    pub(crate) fn has_held_welcomes(&self) -> Result<bool> {
+        Ok(!self.held_welcome_index()?.entries.is_empty())
+    }
+
+    /// Keeps a welcome whose tree is an attachment until the worker fetched it
+    /// (stored, not durably, like [`State::receive`]).
+    pub(super) fn hold_welcome(
+        &mut self,
+        message_id: &[u8],
+        welcome: Vec<u8>,
+        pointer: e2e::AttachmentPointer,
+        now_ms: u64,
+    ) -> Result<Outcome> {
+        let pointer = pointer.encode_to_vec();
+        let Ok(parsed) = AttachmentPointer::from_bytes(&pointer) else {
+            return Ok(Outcome::Dropped(
+                "a welcome whose tree pointer is malformed".into(),
+            ));
+        };
+        if parsed.sealed_size > TREE_MAX {
+            return Ok(Outcome::Dropped(
+                "a welcome whose tree attachment is larger than any group's".into(),
+            ));
+        }
+        let mut index = self.held_welcome_index()?;
+        if index.entries.iter().any(|e| e.message_id == message_id) {
+            return Ok(Outcome::Duplicate);
+        }
+        let seq = index.next_seq;
+        index.next_seq += 1;
+        index.entries.push(HeldWelcomeEntry {
+            seq,
+            message_id: message_id.to_vec(),
+            len: (welcome.len() + pointer.len()) as u64,
+            held_at_ms: now_ms,
+            attempts: 0,
+            next_try_ms: now_ms,
+        });
+        let mut batch = Batch::new();
+        let mut events = Vec::new();
+        prune(&mut index, now_ms, &mut batch, &mut events);
+        // Larger than the whole bound, it went itself.
+        if index.entries.last().is_some_and(|e| e.seq == seq) {
+            batch.put(
+                Namespace::GroupTree,
+                held_key(seq),
+                &HeldWelcomeRecord { welcome, pointer },
+            );
+        }
+        batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
+        self.commit(batch, false)?;
+        tracing::debug!("held a welcome until its ratchet tree is fetched");
+        Ok(Outcome::Synced(events))
+    }
+
+    /// The held welcomes whose tree is due to be fetched now: (seq, pointer). The
+    /// ones past the bound go first (their events in the first value), durably.
+    /// The last value: whether others wait for a later try.
+    pub(crate) fn held_welcomes_due(&mut self, now_ms: u64) -> Result<DueTrees> {
+        let mut index = self.held_welcome_index()?;
+        let mut events = Vec::new();
+        if index.entries.is_empty() {
+            return Ok((events, Vec::new(), false));
+        }
+        let mut batch = Batch::new();
+        prune(&mut index, now_ms, &mut batch, &mut events);
+        if !batch.is_empty() {
+            batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
+            self.commit(batch, true)?;
+        }
+        let mut due = Vec::new();
+        let mut later = false;
+        for e in &index.entries {
+            if e.next_try_ms > now_ms {
+                later = true;
+                continue;
+            }
+            let record: HeldWelcomeRecord =
+                match self.kv.get(Namespace::GroupTree, &held_key(e.seq))? {
+                    Some(v) => decode(&v)?,
+                    None => return Err(StoreError::Corrupt.into()),
+                };
+            let pointer =
+                AttachmentPointer::from_bytes(&record.pointer).map_err(|_| StoreError::Corrupt)?;
+            due.push((e.seq, pointer));
+        }
+        Ok((events, due, later))
+    }
+
+    /// Removes held welcome `seq`, durably; with `seen`, its message id is
+    /// remembered so the relay cannot bring it back.
+    fn unhold_welcome(&mut self, seq: u64, seen: bool, now_ms: u64) -> Result<()> {
+        let mut index = self.held_welcome_index()?;
+        let mut batch = Batch::new();
+        if let Some(i) = index.entries.iter().position(|e| e.seq == seq) {
+            let e = index.entries.remove(i);
+            if seen {
+                batch.put_seen(&dedup_account(WELCOME_DEDUP), &e.message_id, now_ms);
+            }
+        }
+        batch.delete(Namespace::GroupTree, held_key(seq));
+        batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
+        self.commit(batch, false)?;
+        self.flush()
+    }
+
+    /// The ciphertext of held welcome `seq`'s tree arrived: checked against its
+    /// pointer, then joined as an inline welcome (every check of one), and the
+    /// welcome goes; one that fails its checks goes with an [`Event::Dropped`].
+    /// Stored durably. Returns the events.
+    pub(crate) fn tree_fetched(
+        &mut self,
+        seq: u64,
+        sealed: &[u8],
+        now_ms: u64,
+    ) -> Result<Vec<Event>> {
+        let index = self.held_welcome_index()?;
+        let Some(entry) = index.entries.iter().find(|e| e.seq == seq).cloned() else {
+            return Ok(Vec::new());
+        };
+        let record: HeldWelcomeRecord = match self.kv.get(Namespace::GroupTree, &held_key(seq))? {
+            Some(v) => decode(&v)?,
+            None => return Err(StoreError::Corrupt.into()),
+        };
+        let pointer =
+            AttachmentPointer::from_bytes(&record.pointer).map_err(|_| StoreError::Corrupt)?;
+        let out = match open_tree(&pointer, sealed) {
+            Ok(tree) => {
+                match self.join_welcome(&entry.message_id, &record.welcome, &tree, now_ms) {
+                    Err(Error::Store(e)) if !matches!(e, StoreError::Corrupt) => {
+                        return Err(Error::Store(e))
+                    }
+                    Err(e) => Outcome::Dropped(format!("a held welcome: {e}")),
+                    Ok(out) => out,
+                }
+            }
+            Err(reason) => Outcome::Dropped(reason),
+        };
+        let (events, seen) = match out {
+            Outcome::Synced(events) => (events, false),
+            Outcome::Dropped(reason) => {
+                tracing::debug!(%reason, "dropped a held welcome");
+                (vec![Event::Dropped { reason }], true)
+            }
+            _ => (Vec::new(), false),
+        };
+        // After the join's own write: a crash between the two finds the welcome
+        // again, a duplicate by its message id.
+        self.unhold_welcome(seq, seen, now_ms)?;
+        Ok(events)
+    }
+
+    /// Fetching held welcome `seq`'s tree failed (`reason`): tried again later,
+    /// or given up after [`TREE_ATTEMPTS`] (or at once, `permanent`), with an
+    /// [`Event::Dropped`]. Stored durably.
+    pub(crate) fn tree_fetch_failed(
+        &mut self,
+        seq: u64,
+        reason: &str,
+        permanent: bool,
+        now_ms: u64,
+    ) -> Result<Vec<Event>> {
+        let mut index = self.held_welcome_index()?;
+        let Some(e) = index.entries.iter_mut().find(|e| e.seq == seq) else {
+            return Ok(Vec::new());
+        };
+        e.attempts += 1;
+        if permanent || e.attempts >= TREE_ATTEMPTS {
+            tracing::debug!(%reason, "gave up a welcome whose ratchet tree cannot be fetched");
+            self.unhold_welcome(seq, true, now_ms)?;
+            return Ok(vec![Event::Dropped {
+                reason: format!("a welcome whose ratchet tree cannot be fetched: {reason}"),
+            }]);
+        }
+        e.next_try_ms = now_ms.saturating_add(TREE_RETRY_MS << (e.attempts - 1).min(16));
+        let mut batch = Batch::new();
+        batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
+        self.commit(batch, true)?;
+        Ok(Vec::new())
+    }
+}
+
+/// Drops what is past the bound from `index`: the ones held too long, then the
+/// oldest while too many or too large.
+fn prune(index: &mut HeldWelcomeIndex, now_ms: u64, batch: &mut Batch, events: &mut Vec<Event>) {
+    let mut drop = |e: HeldWelcomeEntry, reason: &str| {
+        batch.delete(Namespace::GroupTree, held_key(e.seq));
+        batch.put_seen(&dedup_account(WELCOME_DEDUP), &e.message_id, now_ms);
+        tracing::debug!(%reason, "dropped a held welcome");
+        events.push(Event::Dropped {
+            reason: reason.into(),
+        });
+    };
+    let (old, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut index.entries)
+        .into_iter()
+        .partition(|e| now_ms.saturating_sub(e.held_at_ms) > HELD_WELCOME_MAX_AGE_MS);
+    for e in old {
+        drop(e, "a welcome whose ratchet tree never came (held 7 days)");
+    }
+    index.entries = kept;
+    let mut bytes: u64 = index.entries.iter().map(|e| e.len).sum();
+    while index.entries.len() > HELD_WELCOMES_MAX || bytes > HELD_WELCOMES_MAX_BYTES {
+        let e = index.entries.remove(0);
+        bytes -= e.len;
+        drop(
+            e,
+            "a welcome waiting for its ratchet tree, past the bound on held ones",
+        );
+    }
+}
+
+/// Before `group`'s pending commit leaves: the relay gets its welcome's tree.
+/// `Some(round)` when the commit must not leave yet (the upload failed and is
+/// tried again next round).
+pub(super) async fn upload_tree(
+    shared: &Shared,
+    conn: &RelayConnection,
+    group: &[u8],
+) -> Result<Option<Round>> {
+    let Some((pointer, sealed)) = shared.state.lock().await.tree_upload(group)? else {
+        return Ok(None);
+    };
+    let mut source = std::io::Cursor::new(sealed);
+    match conn
+        .upload_blob(&pointer.blob_id, pointer.sealed_size, &mut source)
+        .await
+    {
+        Ok(_) => {
+            shared.state.lock().await.tree_uploaded(group)?;
+            Ok(None)
+        }
+        Err(e) if e.relay_code().is_some() => {
+            tracing::debug!(error = %e, "a welcome's ratchet tree was not uploaded");
+            Ok(Some(Round::Wait))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A sink that takes at most `cap` bytes: a relay cannot make a device hold more
+/// than the pointer says.
+struct Bounded {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl tokio::io::AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.bytes.len() + buf.len() > self.cap {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "more bytes than the pointer's size",
+            )));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Downloads a tree's ciphertext (whole: it is small next to the bound).
+async fn download(anon: &AnonymousLink, pointer: &AttachmentPointer) -> Result<Vec<u8>> {
+    let cap = usize::try_from(pointer.sealed_size).unwrap_or(usize::MAX);
+    let mut tries = 0;
+    loop {
+        let conn = anon.get().await?;
+        let mut sink = Bounded {
+            bytes: Vec::new(),
+            cap,
+        };
+        match conn.download_blob(&pointer.blob_id, 0, &mut sink).await {
+            Ok(_) => return Ok(sink.bytes),
+            // The relay closes an idle anonymous connection: once more on a new one.
+            Err(Error::Closed(_)) if tries == 0 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Fetches the trees of held welcomes that are due and joins their groups. A
+/// relay's refusal (`NOT_FOUND`: never uploaded, or expired) counts as a failed
+/// try; a tree larger than its pointer says, or failing its checks, drops its
+/// welcome at once; a lost connection ends the round (tried again).
+pub(super) async fn fetch_trees(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
+    let (events, due, later) = shared
+        .state
+        .lock()
+        .await
+        .held_welcomes_due(shared.now_ms())?;
+    for e in events {
+        shared.emit(e);
+    }
+    let mut round = if later { Round::Wait } else { Round::Idle };
+    for (seq, pointer) in due {
+        let fetched = download(anon, &pointer).await;
+        let mut state = shared.state.lock().await;
+        let now = shared.now_ms();
+        let events = match fetched {
+            Ok(sealed) => {
+                round.merge(Round::Progress);
+                state.tree_fetched(seq, &sealed, now)?
+            }
+            Err(e) if e.relay_code().is_some() => {
+                round.merge(Round::Wait);
+                state.tree_fetch_failed(seq, &e.to_string(), false, now)?
+            }
+            Err(Error::Media(reason)) => {
+                round.merge(Round::Progress);
+                state.tree_fetch_failed(seq, &reason, true, now)?
+            }
+            Err(e) => return Err(e),
+        };
+        if !events.is_empty() {
+            shared.outbox.notify_one();
+        }
+        for e in events {
+            shared.emit(e);
+        }
+    }
+    Ok(round)
+}

@@ -1,0 +1,250 @@
+//! A welcome whose ratchet tree travels as an attachment: the send side keeps the
+//! tree's ciphertext with the pending commit until it settles; the receive side
+//! holds the welcome until the worker fetched the tree, then joins.
+
+use prost::Message;
+use rand::rngs::OsRng;
+use tern_proto::{e2e, GroupCommit, MessageId};
+
+use super::groups::{deliver, events, knows, last_envelope, plan, text};
+use super::{dev, dropped, Dev, NOW};
+use crate::client::group_commit::GroupStep;
+use crate::client::group_tree::{
+    HELD_WELCOMES_MAX, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX,
+};
+use crate::client::groups::GroupId;
+use crate::client::state::Outcome;
+use crate::client::Event;
+use crate::crypto::attachment;
+use crate::groups::{parse_welcome, WelcomeTree};
+use crate::media::AttachmentPointer;
+use crate::store::{KvStore, Namespace};
+
+/// Alice (whose welcomes always carry their tree as an attachment) plans a group
+/// with Bob: the commit, its one send the welcome.
+fn planned() -> (Dev, Dev, GroupId, GroupCommit) {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    knows(&mut alice, &bob);
+    knows(&mut bob, &alice);
+    alice.state.welcome_inline_max = 0;
+    let group = alice
+        .state
+        .create_group("big", &[bob.account()], NOW, &mut OsRng)
+        .expect("create");
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    assert_eq!(commit.sends.len(), 1, "the welcome only");
+    (alice, bob, group, commit)
+}
+
+/// The welcome's pointer.
+fn pointer_of(commit: &GroupCommit) -> e2e::AttachmentPointer {
+    match parse_welcome(&commit.sends[0].body[1..]).expect("a welcome") {
+        (_, WelcomeTree::Pointer(p)) => p,
+        (_, WelcomeTree::Inline(_)) => panic!("the tree is inline"),
+    }
+}
+
+fn tree_records(dev: &Dev) -> usize {
+    dev.kv.scan(Namespace::GroupTree).expect("scan").len()
+}
+
+/// The held welcomes due now: (seq, pointer).
+fn due(dev: &mut Dev, now: u64) -> Vec<(u64, AttachmentPointer)> {
+    let (events, due, _) = dev.state.held_welcomes_due(now).expect("due");
+    assert!(events.is_empty(), "{events:?}");
+    due
+}
+
+#[test]
+fn the_tree_ciphertext_is_kept_with_the_pending_commit_until_it_settles() {
+    let (mut alice, _bob, group, commit) = planned();
+    let pointer = pointer_of(&commit);
+    let (p, sealed) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("an upload");
+    assert_eq!(p.to_wire(), pointer);
+    assert_eq!(sealed.len() as u64, p.sealed_size);
+    let tree = crate::client::group_tree::open_tree(&p, &sealed).expect("opens");
+    assert!(!tree.is_empty());
+
+    // A restart resends the same commit, pointing at the same blob.
+    alice.reload(NOW);
+    alice.state.welcome_inline_max = 0;
+    let GroupStep::Send(again) = alice.state.group_step(&group.0).expect("step") else {
+        panic!("the pending commit is resent")
+    };
+    assert_eq!(again.commit_id, commit.commit_id);
+    assert_eq!(again.sends[0].body, commit.sends[0].body);
+    let (p2, sealed2) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("still to upload");
+    assert_eq!((p2, sealed2), (p, sealed));
+
+    // Uploaded: nothing left to upload, the ciphertext kept until the answer.
+    alice.state.tree_uploaded(&group.0).expect("uploaded");
+    assert!(alice.state.tree_upload(&group.0).expect("read").is_none());
+    alice.state.settle_tree_upload(&group.0).expect("settle");
+    assert_eq!(tree_records(&alice), 1, "the commit is still pending");
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    alice.state.settle_tree_upload(&group.0).expect("settle");
+    assert_eq!(tree_records(&alice), 0);
+}
+
+#[test]
+fn a_small_welcome_keeps_its_tree_inline_and_stores_nothing() {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    knows(&mut alice, &bob);
+    let group = alice
+        .state
+        .create_group("small", &[bob.account()], NOW, &mut OsRng)
+        .expect("create");
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    assert!(matches!(
+        parse_welcome(&commit.sends[0].body[1..]),
+        Ok((_, WelcomeTree::Inline(_)))
+    ));
+    assert_eq!(tree_records(&alice), 0);
+    assert!(alice.state.tree_upload(&group.0).expect("read").is_none());
+}
+
+#[test]
+fn a_welcome_waits_for_its_tree_across_a_restart_then_joins() {
+    let (mut alice, mut bob, group, commit) = planned();
+    let (_, sealed) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("an upload");
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = &commit.sends[0];
+    // Held: acknowledged, nothing joined yet; a redelivery is a duplicate.
+    assert!(events(bob.receive(&deliver(&w.body, w.message_id))).is_empty());
+    assert!(bob.state.has_held_welcomes().expect("held"));
+    assert!(bob.state.group_list().expect("groups").is_empty());
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Duplicate
+    ));
+    // A message of the new epoch, before the tree: held too.
+    alice
+        .state
+        .enqueue_group(&group, text(b"early"), NOW, &mut OsRng)
+        .expect("queued");
+    let (envelope, id) = last_envelope(&alice);
+    assert!(events(bob.receive(&deliver(&envelope, id))).is_empty());
+
+    bob.state.flush().expect("flush");
+    bob.reload(NOW);
+    let due = due(&mut bob, NOW);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].1.to_wire(), pointer_of(&commit));
+    let e = bob
+        .state
+        .tree_fetched(due[0].0, &sealed, NOW)
+        .expect("joined");
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Event::GroupJoined { group: g, .. }, Event::GroupMessage(m)]
+                if *g == group && m.body == b"early"
+        ),
+        "{e:?}"
+    );
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+    assert_eq!(bob.state.group_list().expect("groups").len(), 1);
+    bob.reload(NOW);
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Duplicate
+    ));
+}
+
+#[test]
+fn a_tree_that_fails_its_checks_or_cannot_be_fetched_drops_its_welcome() {
+    let (alice, mut bob, group, commit) = planned();
+    let (_, mut sealed) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("an upload");
+    let w = &commit.sends[0];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    let seq = due(&mut bob, NOW)[0].0;
+    // One flipped bit: the blob id no longer matches.
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    let e = bob.state.tree_fetched(seq, &sealed, NOW).expect("checked");
+    assert!(matches!(e.as_slice(), [Event::Dropped { .. }]), "{e:?}");
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+    assert!(bob.state.group_list().expect("groups").is_empty());
+    // Given up for good: the relay cannot bring it back.
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Duplicate
+    ));
+
+    // The same welcome under another id, its tree never found: retried later,
+    // then given up.
+    let other = MessageId([0x77; 16]);
+    events(bob.receive(&deliver(&w.body, other)));
+    let mut now = NOW;
+    for attempt in 1..=TREE_ATTEMPTS {
+        let due = due(&mut bob, now);
+        assert_eq!(due.len(), 1, "attempt {attempt}");
+        let e = bob
+            .state
+            .tree_fetch_failed(due[0].0, "NOT_FOUND", false, now)
+            .expect("failed");
+        if attempt < TREE_ATTEMPTS {
+            assert!(e.is_empty());
+            let (_, later, waiting) = bob.state.held_welcomes_due(now).expect("due");
+            assert!(later.is_empty() && waiting, "not again at once");
+            now += 10 * 60 * 1000;
+        } else {
+            assert!(matches!(e.as_slice(), [Event::Dropped { .. }]), "{e:?}");
+        }
+    }
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+}
+
+#[test]
+fn held_welcomes_are_bounded_in_number_and_age_and_pointer_size() {
+    let (_alice, mut bob, _group, commit) = planned();
+    let w = &commit.sends[0];
+    for i in 0..=HELD_WELCOMES_MAX {
+        let o = bob.receive(&deliver(&w.body, MessageId([i as u8; 16])));
+        let e = events(o);
+        if i < HELD_WELCOMES_MAX {
+            assert!(e.is_empty());
+        } else {
+            assert!(matches!(e.as_slice(), [Event::Dropped { .. }]), "{e:?}");
+        }
+    }
+    assert_eq!(due(&mut bob, NOW).len(), HELD_WELCOMES_MAX);
+    // The oldest went, and is not held again.
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, MessageId([0; 16]))),
+        Outcome::Duplicate
+    ));
+    let (e, due, _) = bob
+        .state
+        .held_welcomes_due(NOW + HELD_WELCOME_MAX_AGE_MS + 1)
+        .expect("due");
+    assert_eq!(e.len(), HELD_WELCOMES_MAX);
+    assert!(due.is_empty());
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+
+    // A pointer claiming more than any group's tree: dropped at once.
+    let mut welcome = e2e::GroupWelcome::decode(&w.body[1..]).expect("decodes");
+    let p = welcome.ratchet_tree_pointer.as_mut().expect("pointer");
+    p.size = TREE_MAX;
+    p.sealed_size = attachment::sealed_len(TREE_MAX).expect("small");
+    let mut body = vec![0x03];
+    body.extend(welcome.encode_to_vec());
+    assert!(dropped(bob.receive(&deliver(&body, MessageId([0xee; 16])))));
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+}
