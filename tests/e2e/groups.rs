@@ -788,7 +788,8 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
         .await
         .expect("create");
     joined(&mut bob_events).await;
-    members_are(&alice, &group, &[alice.account(), bob.account()]).await;
+    let both = [alice.account(), bob.account()];
+    members_are(&alice, &group, &both).await;
 
     // Bob is away while Alice renames the group; the commit expires unread.
     bob.shutdown().await;
@@ -797,7 +798,7 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
         .rename_group(&group, "renamed-while-away")
         .await
         .expect("rename");
-    members_are(&alice, &group, &[alice.account(), bob.account()]).await;
+    members_are(&alice, &group, &both).await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
 
     // Back, Bob commits in his old epoch: the relay names a later one his
@@ -815,7 +816,7 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
     })
     .await;
     assert_eq!(name, "renamed-while-away");
-    members_are(&alice, &group, &[alice.account(), bob.account()]).await;
+    members_are(&alice, &group, &both).await;
 
     // The re-added device talks with the group again, both ways.
     bob.send_group(&group, b"back again", &[])

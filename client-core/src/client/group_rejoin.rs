@@ -160,25 +160,12 @@ impl State {
         rng: &mut (impl RngCore + CryptoRng),
         batch: &mut Batch,
     ) {
-        let own = self.keys.address.account;
-        if *account == own && !self.contacts.contains_key(&own) {
-            let record = self.own_contact();
-            self.put_contact(own, record, batch);
-        }
-        let mut id = [0u8; 16];
-        rng.fill_bytes(&mut id);
-        let seq = self.local.next_outbox_seq;
-        self.local.next_outbox_seq += 1;
         let record = OutboxRecord {
-            message_id: id.to_vec(),
-            recipient: account.as_bytes().to_vec(),
             created_ms: now_ms,
             rejoin: body.to_vec(),
             ..OutboxRecord::default()
         };
-        batch.put_outbox(seq, &record);
-        batch.put_local(&self.local);
-        self.outbox.insert(seq, record);
+        self.queue_control(account, record, rng, batch);
     }
 
     /// Judges a `GroupRejoin` from `sender`'s `device`, which showed

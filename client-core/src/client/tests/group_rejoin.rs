@@ -122,6 +122,18 @@ fn readds(dev: &Dev, group: &GroupId) -> Vec<(Vec<u8>, u32, u64)> {
         .collect()
 }
 
+/// Planning `dev`'s head op with `packages` commits nothing and drops the op.
+fn head_op_dropped(dev: &mut Dev, group: &GroupId, packages: Vec<Vec<u8>>) {
+    assert!(dev
+        .state
+        .plan_commit(&group.0, packages, NOW, &mut OsRng)
+        .expect("plan")
+        .is_none());
+    assert!(ops(dev, group).is_empty());
+    let session = dev.state.session_mut(&group.0).expect("session");
+    assert!(!session.has_pending());
+}
+
 #[test]
 fn a_joined_device_keeps_who_added_it() {
     let (alice, bob, group) = pair();
@@ -412,17 +424,7 @@ fn a_readd_without_a_package_of_that_device_or_after_the_group_moved_on_is_dropp
     let mut carol = dev(3);
     knows(&mut alice, &carol);
     let kp = key_package(&mut carol);
-    assert!(alice
-        .state
-        .plan_commit(&group.0, vec![kp], NOW, &mut OsRng)
-        .expect("plan")
-        .is_none());
-    assert!(ops(&alice, &group).is_empty());
-    assert!(!alice
-        .state
-        .session_mut(&group.0)
-        .expect("session")
-        .has_pending());
+    head_op_dropped(&mut alice, &group, vec![kp]);
     // Taken at epoch 2; the group moves on before it is planned: dropped.
     let d = request(&mut bob, &mut alice, &group.0, 1);
     take(&mut alice, &d, NOW + DAY);
@@ -436,12 +438,7 @@ fn a_readd_without_a_package_of_that_device_or_after_the_group_moved_on_is_dropp
     let _ = plan(&mut alice, &group, &mut []);
     alice.state.commit_accepted(&group.0).expect("accepted");
     let kp = key_package(&mut bob);
-    assert!(alice
-        .state
-        .plan_commit(&group.0, vec![kp], NOW, &mut OsRng)
-        .expect("plan")
-        .is_none());
-    assert!(ops(&alice, &group).is_empty());
+    head_op_dropped(&mut alice, &group, vec![kp]);
 }
 
 #[test]
@@ -455,12 +452,7 @@ fn an_op_of_an_unknown_kind_is_dropped_and_removes_nobody() {
         ..GroupOpRecord::default()
     });
     alice.state.groups.insert(group.0.to_vec(), record);
-    assert!(alice
-        .state
-        .plan_commit(&group.0, Vec::new(), NOW, &mut OsRng)
-        .expect("plan")
-        .is_none());
-    assert!(ops(&alice, &group).is_empty());
+    head_op_dropped(&mut alice, &group, Vec::new());
     let members = alice
         .state
         .session_mut(&group.0)
