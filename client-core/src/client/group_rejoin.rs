@@ -46,7 +46,7 @@ pub(crate) const REJOIN_EVERY_MS: u64 = 24 * 3600 * 1000;
 #[derive(Debug)]
 pub(crate) enum RejoinVerdict {
     /// A re-add is queued: the group's record with it, to store.
-    Readd(Vec<u8>, GroupRecord),
+    Readd(Vec<u8>, Box<GroupRecord>),
     /// Dropped, for this reason (logged at debug level only).
     Dropped(&'static str),
 }
@@ -239,7 +239,7 @@ impl State {
             epoch,
             ..GroupOpRecord::default()
         });
-        Ok(RejoinVerdict::Readd(group, record))
+        Ok(RejoinVerdict::Readd(group, Box::new(record)))
     }
 
     /// The commit of an `OP_READD_DEVICE` (see the module): `None` drops it.

@@ -252,12 +252,12 @@ impl State {
             batch.delete_prekey(PreKeyKind::OneTime, id);
         }
         if let Some((group, record)) = &readd {
-            batch.put(Namespace::Groups, group.clone(), record);
+            batch.put(Namespace::Groups, group.clone(), &**record);
         }
         batch.append(extra);
         self.commit(batch, false)?;
         if let Some((group, record)) = readd {
-            self.groups.insert(group, record);
+            self.groups.insert(group, *record);
         }
         // The caches follow only once the store has the change.
         self.sessions.insert((sender, device), set);
