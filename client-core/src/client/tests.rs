@@ -113,17 +113,23 @@ impl Dev {
     /// Queues and encrypts `body` for `to`, then seals it as the relay would deliver it.
     fn send_with(&mut self, to: &mut Dev, body: &[u8], cert: &SenderCertificate) -> Delivery {
         let to_account = to.account();
-        if self.state.needs_bundles(&to_account).expect("needs") {
-            let bundle = to.bundle(false);
-            assert!(self
-                .state
-                .start_sessions(to_account, &[bundle], &mut OsRng)
-                .is_ok());
-        }
+        self.sessions_with(to);
         self.state
             .enqueue(&to_account, body, &[], NOW, &mut OsRng)
             .expect("enqueue");
         self.seal_last(to, cert)
+    }
+
+    /// Starts sessions with `to` if there are none.
+    fn sessions_with(&mut self, to: &mut Dev) {
+        let account = to.account();
+        if self.state.needs_bundles(&account).expect("needs") {
+            let bundle = to.bundle(false);
+            assert!(self
+                .state
+                .start_sessions(account, &[bundle], &mut OsRng)
+                .is_ok());
+        }
     }
 
     /// The last queued outbox record, encrypted for `to`'s first device and sealed

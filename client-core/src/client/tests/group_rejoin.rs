@@ -65,21 +65,9 @@ fn leave_behind(alice: &mut Dev, bob: &mut Dev, group: &GroupId) {
     bob.state.commit_stale(&group.0, current).expect("stale");
 }
 
-/// Starts `from`'s sessions with `to` if it has none.
-fn sessions(from: &mut Dev, to: &mut Dev) {
-    let account = to.account();
-    if from.state.needs_bundles(&account).expect("needs") {
-        let bundle = to.bundle(false);
-        assert!(from
-            .state
-            .start_sessions(account, &[bundle], &mut OsRng)
-            .is_ok());
-    }
-}
-
 /// `from`'s last queued request, sealed for `to`.
 fn sealed_request(from: &mut Dev, to: &mut Dev) -> Delivery {
-    sessions(from, to);
+    from.sessions_with(to);
     let device = from.state.keys.address.device.get();
     let cert = from.certificate(device, NOW + DAY, &relay_key());
     let d = from.seal_last(to, &cert);
@@ -271,7 +259,7 @@ fn a_request_not_behind_or_for_another_group_is_dropped() {
     take(&mut alice, &d, NOW);
     assert!(readds(&alice, &group).is_empty());
     // A request with a body is no request.
-    sessions(&mut bob, &mut alice);
+    bob.sessions_with(&mut alice);
     let mut batch = Batch::new();
     let body = e2e::GroupRejoin {
         group_id: group.0.to_vec().into(),
