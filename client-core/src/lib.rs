@@ -63,7 +63,8 @@ pub mod store;
 
 pub use client::{
     Client, ClientOptions, ContactCard, DeviceInfo, Event, Events, GroupChange, GroupId, GroupInfo,
-    GroupMessage, Joining, LinkedDevice, ReceivedMessage, GROUP_TOKEN_WAIT, GROUP_UPDATE_INTERVAL,
+    GroupMessage, Joining, LinkedDevice, ReceivedMessage, GROUP_REJOIN_AFTER, GROUP_TOKEN_WAIT,
+    GROUP_UPDATE_INTERVAL,
 };
 #[doc(no_inline)]
 pub use error::ErrorCode;

@@ -815,3 +815,75 @@ async fn a_welcome_whose_tree_is_an_attachment_joins_and_talks() {
         c.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Messages live 3 s here: a commit waiting for an offline device expires.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[expiry]\nmessage_ttl = \"3s\"\nsweep_interval = \"200ms\"\n",
+    )
+    .expect("config");
+    let relay = RelayProcess::start(
+        &dir.path().join("relay"),
+        &["--config", config.to_str().expect("utf-8")],
+    )
+    .expect("relay");
+    let mut all = accounts(&relay.address, dir.path(), &["alice", "bob"]).await;
+    let (bob, mut bob_events) = all.pop().expect("bob");
+    let (alice, mut alice_events) = all.pop().expect("alice");
+    let group = within(alice.create_group("g", &[bob.account()]))
+        .await
+        .expect("create");
+    joined(&mut bob_events).await;
+    let both = [alice.account(), bob.account()];
+    members_are(&alice, &group, &both).await;
+
+    // Bob is away while Alice renames the group; the commit expires unread.
+    bob.shutdown().await;
+    drop((bob, bob_events));
+    alice
+        .rename_group(&group, "renamed-while-away")
+        .await
+        .expect("rename");
+    members_are(&alice, &group, &both).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    // Back, Bob commits in his old epoch: the relay names a later one his
+    // mailbox never brings, so he asks Alice (who added him) to re-add him.
+    let options = tern_client::ClientOptions::new().group_rejoin_after(Duration::ZERO);
+    let (bob, mut bob_events) = within(Client::open_with(store(dir.path(), "bob"), options))
+        .await
+        .expect("reopen bob");
+    bob.rename_group(&group, "bob-was-here")
+        .await
+        .expect("rename");
+    let name = next_match(&mut bob_events, |e| match e {
+        Event::GroupJoined { group: g, name, .. } if g == group => Some(name),
+        _ => None,
+    })
+    .await;
+    assert_eq!(name, "renamed-while-away");
+    members_are(&alice, &group, &both).await;
+
+    // The re-added device talks with the group again, both ways.
+    bob.send_group(&group, b"back again", &[])
+        .await
+        .expect("send");
+    let m = group_message(&alice, &mut alice_events).await;
+    assert_eq!(
+        (m.body.as_slice(), m.sender),
+        (&b"back again"[..], bob.account())
+    );
+    alice
+        .send_group(&group, b"welcome back", &[])
+        .await
+        .expect("send");
+    let m = group_message(&bob, &mut bob_events).await;
+    assert_eq!(m.body, b"welcome back");
+    for c in [alice, bob] {
+        c.shutdown().await;
+    }
+}

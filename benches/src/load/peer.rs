@@ -192,6 +192,7 @@ impl Link {
             attachments: Vec::new(),
             sync: None,
             broadcast: None,
+            group_rejoin: None,
         })
         .ok_or("message too large")?;
         let content = message::encrypt(&mut self.sessions, &self.identity_dh_signature, &padded)?;

@@ -10,8 +10,8 @@ use tern_proto::{MultiSend, MultiSendResult, RecipientAccount};
 
 use super::group_meta::merge_meta;
 use super::group_records::{
-    GroupOpRecord, GroupOutboxRecord, GroupRecipient, PendingCommitRecord, OP_ADD, OP_META,
-    OP_REMOVE,
+    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord, OP_ADD,
+    OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
 };
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
@@ -114,7 +114,7 @@ pub(crate) fn add_devices(to: &mut Vec<GroupRecipient>, account: &AccountId, dev
     }
 }
 
-fn accounts_of(op: &GroupOpRecord) -> Vec<AccountId> {
+pub(crate) fn accounts_of(op: &GroupOpRecord) -> Vec<AccountId> {
     op.accounts
         .iter()
         .filter_map(|a| AccountId::try_from(&a[..]).ok())
@@ -268,7 +268,10 @@ impl State {
         }
         match record.ops.first() {
             None => Ok(GroupStep::Idle),
-            Some(op) if op.kind == OP_ADD => Ok(GroupStep::Fetch(accounts_of(op))),
+            // A re-add fetches the device's account; the plan keeps that device's.
+            Some(op) if op.kind == OP_ADD || op.kind == OP_READD_DEVICE => {
+                Ok(GroupStep::Fetch(accounts_of(op)))
+            }
             Some(_) => Ok(GroupStep::Plan),
         }
     }
@@ -387,11 +390,20 @@ impl State {
             }
             // An empty commit: a new path, this leaf's keys renewed.
             OP_UPDATE => {}
-            _ => {
+            OP_REMOVE_DEVICE => {
                 let device = DeviceId::try_from(op.device).map_err(|_| corrupt())?;
                 if let Some(account) = accounts_of(&op).first() {
                     changes.remove_devices = vec![(*account, device)];
                 }
+            }
+            OP_READD_DEVICE => match self.readd_changes(group, &op, &key_packages)? {
+                Some(readd) => changes = readd,
+                None => return self.drop_head_op(group, record),
+            },
+            kind => {
+                // Not a kind this client knows (a newer one's record): never guessed at.
+                tracing::debug!(kind, "a group op of an unknown kind dropped");
+                return self.drop_head_op(group, record);
             }
         }
         // New members can send at once with the tokens we know.
@@ -485,6 +497,21 @@ impl State {
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
         Ok(Some(commit))
+    }
+
+    /// Drops `group`'s head op before anything was committed for it.
+    fn drop_head_op(
+        &mut self,
+        group: &[u8],
+        mut record: GroupRecord,
+    ) -> Result<Option<GroupCommit>> {
+        let mut batch = Batch::new();
+        if !record.ops.is_empty() {
+            record.ops.remove(0);
+        }
+        self.put_group(group, record, &mut batch);
+        self.commit(batch, true)?;
+        Ok(None)
     }
 
     /// [`State::commit_answered`] with no refusals.

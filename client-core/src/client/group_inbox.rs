@@ -82,7 +82,7 @@ impl State {
 
     /// The identity key pinned for `account` in a group: this account's own, a
     /// contact's, or the first one the group showed.
-    fn pinned_key(&self, record: &GroupRecord, account: &AccountId) -> Option<Vec<u8>> {
+    pub(crate) fn pinned_key(&self, record: &GroupRecord, account: &AccountId) -> Option<Vec<u8>> {
         if *account == self.keys.address.account {
             return Some(self.keys.identity_key.to_vec());
         }
@@ -194,6 +194,8 @@ impl State {
             announce: true,
             // Keys first seen in the group stay pinned across a re-add.
             pins: stale.as_ref().map(|r| r.pins.clone()).unwrap_or_default(),
+            // Asked to re-add this device should it be left behind.
+            added_by: added_by.account.as_bytes().to_vec(),
             ..GroupRecord::default()
         };
         if !self

@@ -74,6 +74,31 @@ pub(crate) struct GroupRecord {
     /// A welcome re-adding it is then taken over the stale state.
     #[prost(uint64, tag = "31")]
     pub(crate) behind_since_ms: u64,
+    /// The account whose device added this one (empty: this device created the
+    /// group). A device left behind asks it, and its own other devices, to re-add it.
+    #[prost(bytes = "vec", tag = "32")]
+    pub(crate) added_by: Vec<u8>,
+    /// When (Unix ms) this device last asked to be re-added (`GroupRejoin`).
+    #[prost(uint64, tag = "33")]
+    pub(crate) rejoin_asked_ms: u64,
+    /// Since when (Unix ms) a `STALE_EPOCH` wait is unmet with the mailbox read to
+    /// its end (0: no such wait).
+    #[prost(uint64, tag = "34")]
+    pub(crate) wait_unmet_since_ms: u64,
+    /// Devices this device agreed to re-add, each with when: one a day each.
+    #[prost(message, repeated, tag = "35")]
+    pub(crate) readds: Vec<ReaddRecord>,
+}
+
+/// A re-add this device queued for another device (`GroupRejoin`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct ReaddRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) device: u32,
+    #[prost(uint64, tag = "3")]
+    pub(crate) at_ms: u64,
 }
 
 /// An account's identity key as this group first showed it.
@@ -97,7 +122,8 @@ pub(crate) struct MemberTokenRecord {
 /// One membership operation.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct GroupOpRecord {
-    /// [`OP_ADD`], [`OP_REMOVE`], [`OP_REMOVE_DEVICE`] or [`OP_META`].
+    /// [`OP_ADD`], [`OP_REMOVE`], [`OP_REMOVE_DEVICE`], [`OP_META`],
+    /// [`OP_READD_DEVICE`] or `OP_UPDATE` (`group_commit.rs`).
     #[prost(uint32, tag = "1")]
     pub(crate) kind: u32,
     /// The accounts it adds or removes.
@@ -113,12 +139,20 @@ pub(crate) struct GroupOpRecord {
     /// `META_NAME`/`META_DESCRIPTION`/`META_PICTURE` in `groups.rs`; 0: all).
     #[prost(uint32, tag = "20")]
     pub(crate) meta_fields: u32,
+    /// With [`OP_READD_DEVICE`]: the epoch the request was taken in. The re-add is
+    /// planned in that epoch only: a commit since may have re-added the device
+    /// already (its other devices and the account that added it may all be asked).
+    #[prost(uint64, tag = "21")]
+    pub(crate) epoch: u64,
 }
 
 pub(crate) const OP_ADD: u32 = 1;
 pub(crate) const OP_REMOVE: u32 = 2;
 pub(crate) const OP_REMOVE_DEVICE: u32 = 4;
 pub(crate) const OP_META: u32 = 5;
+/// One commit removing a device's leaf and adding a fresh key package of that same
+/// device: the device was left behind and asked to be re-added (`GroupRejoin`).
+pub(crate) const OP_READD_DEVICE: u32 = 7;
 
 /// A commit sent to the relay: resent as it is (same commit id) until answered.
 #[derive(Clone, PartialEq, prost::Message)]

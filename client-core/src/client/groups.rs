@@ -67,6 +67,9 @@ pub(crate) struct GroupSettings {
     pub(crate) token_wait_ms: u64,
     /// The largest welcome body sent with its ratchet tree inline.
     pub(crate) welcome_inline_max: usize,
+    /// How long a `STALE_EPOCH` wait may stay unmet after the mailbox was read to
+    /// its end before this device asks to be re-added.
+    pub(crate) rejoin_after_ms: u64,
 }
 
 /// The default of [`ClientOptions::group_update_interval`](super::ClientOptions::group_update_interval): 7 days.
@@ -74,6 +77,8 @@ pub const GROUP_UPDATE_INTERVAL: std::time::Duration =
     std::time::Duration::from_secs(7 * 24 * 3600);
 /// The default of [`ClientOptions::group_token_wait`](super::ClientOptions::group_token_wait): 7 days.
 pub const GROUP_TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+/// The default of [`ClientOptions::group_rejoin_after`](super::ClientOptions::group_rejoin_after): 1 day.
+pub const GROUP_REJOIN_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl Default for GroupSettings {
     fn default() -> Self {
@@ -81,6 +86,7 @@ impl Default for GroupSettings {
             update_interval_ms: GROUP_UPDATE_INTERVAL.as_millis() as u64,
             token_wait_ms: GROUP_TOKEN_WAIT.as_millis() as u64,
             welcome_inline_max: super::group_tree::WELCOME_INLINE_MAX,
+            rejoin_after_ms: GROUP_REJOIN_AFTER.as_millis() as u64,
         }
     }
 }

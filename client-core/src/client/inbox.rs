@@ -6,6 +6,7 @@ use prost::Message;
 use rand::{CryptoRng, RngCore};
 use tern_proto::{AccountId, DeviceId};
 
+use super::group_rejoin::RejoinVerdict;
 use super::state::{Outcome, State};
 use super::sync::Applied;
 use super::ReceivedMessage;
@@ -14,7 +15,7 @@ use crate::crypto::sessions::SessionSet;
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::crypto::{sealed, CryptoError};
 use crate::store::records::{seen_key, ContactDevice, HeldRecord, InboxRecord, PreKeyKind};
-use crate::store::{Batch, InboxStore, PreKeyStore, StoreError};
+use crate::store::{Batch, InboxStore, Namespace, PreKeyStore, StoreError};
 use crate::{Error, Result};
 use tern_proto::Delivery;
 
@@ -127,6 +128,23 @@ impl State {
                 "the sender inside the message differs from its certificate".into(),
             ));
         }
+        // A request to be re-added to a group: the client's own business, alone.
+        let rejoin = plaintext.group_rejoin.take();
+        let mut readd = None;
+        if let Some(rejoin) = &rejoin {
+            if plaintext.sync.is_some()
+                || plaintext.broadcast.is_some()
+                || !plaintext.body.is_empty()
+            {
+                return Ok(Outcome::Dropped("a rejoin request carrying more".into()));
+            }
+            match self.judge_rejoin(sender, device, &identity_key, rejoin, now_ms)? {
+                RejoinVerdict::Readd(group, record) => readd = Some((group, record)),
+                RejoinVerdict::Dropped(reason) => {
+                    tracing::debug!(reason, "a rejoin request dropped");
+                }
+            }
+        }
         // A broadcast: the body is the shared one its key opens, from this sender.
         if let Some(broadcast) = plaintext.broadcast.take() {
             let inner = match super::broadcast::open_body(&broadcast, shared_body) {
@@ -156,6 +174,9 @@ impl State {
                 Ok(applied) => synced = Some(applied),
                 Err(reason) => return Ok(Outcome::Dropped(reason)),
             }
+        }
+        if rejoin.is_some() {
+            synced = Some(Applied::Done(Vec::new()));
         }
         if plaintext.delivery_token.len() == 32 {
             contact.delivery_token = plaintext.delivery_token.to_vec();
@@ -230,8 +251,14 @@ impl State {
         if let Some(id) = opened.one_time_prekey {
             batch.delete_prekey(PreKeyKind::OneTime, id);
         }
+        if let Some((group, record)) = &readd {
+            batch.put(Namespace::Groups, group.clone(), &**record);
+        }
         batch.append(extra);
         self.commit(batch, false)?;
+        if let Some((group, record)) = readd {
+            self.groups.insert(group, *record);
+        }
         // The caches follow only once the store has the change.
         self.sessions.insert((sender, device), set);
         self.contacts.insert(sender, contact);
@@ -298,10 +325,7 @@ impl State {
         let mut batch = Batch::new();
         batch.delete_inbox(seq);
         // Group messages share the inbox's numbering.
-        batch.delete(
-            crate::store::Namespace::GroupInbox,
-            crate::store::records::seq_key(seq),
-        );
+        batch.delete(Namespace::GroupInbox, crate::store::records::seq_key(seq));
         self.commit(batch, true)
     }
 

@@ -34,6 +34,7 @@ mod group_commit;
 mod group_inbox;
 mod group_meta;
 mod group_records;
+mod group_rejoin;
 mod group_retry;
 mod group_send;
 mod group_tree;
@@ -72,7 +73,8 @@ pub use self::discovery::DiscoveryReport;
 pub use self::events::{Event, Events, ReceivedMessage};
 pub use self::group_tree::WELCOME_INLINE_MAX;
 pub use self::groups::{
-    GroupChange, GroupId, GroupInfo, GroupMessage, GROUP_TOKEN_WAIT, GROUP_UPDATE_INTERVAL,
+    GroupChange, GroupId, GroupInfo, GroupMessage, GROUP_REJOIN_AFTER, GROUP_TOKEN_WAIT,
+    GROUP_UPDATE_INTERVAL,
 };
 pub use self::linking::{DeviceInfo, Joining, LinkedDevice};
 pub use self::outbox::MAX_BODY;
@@ -151,6 +153,14 @@ impl ClientOptions {
         self.groups.token_wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         self
     }
+
+    /// How long this device waits, with its mailbox read to the end, for a group
+    /// epoch the relay named (`STALE_EPOCH`) before it takes itself to be left
+    /// behind and asks to be re-added; default [`GROUP_REJOIN_AFTER`], 1 day.
+    pub fn group_rejoin_after(mut self, wait: std::time::Duration) -> Self {
+        self.groups.rejoin_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self
+    }
 }
 
 pub(crate) struct Shared {
@@ -169,6 +179,8 @@ pub(crate) struct Shared {
     removed: std::sync::atomic::AtomicBool,
     /// How groups are kept.
     group_settings: groups::GroupSettings,
+    /// The mailbox was read to its end on this connection (`QueueEmpty`).
+    drained: std::sync::atomic::AtomicBool,
 }
 
 type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
@@ -329,6 +341,7 @@ impl Client {
             anon: Arc::new(AnonymousLink::new(relay.clone())),
             removed: std::sync::atomic::AtomicBool::new(false),
             group_settings,
+            drained: std::sync::atomic::AtomicBool::new(false),
         });
         let worker = Arc::new(Worker(
             std::sync::Mutex::new(Some(tokio::spawn(worker::run(shared.clone())))),

@@ -70,7 +70,7 @@ impl State {
             copies: Vec::new(),
             prepared: false,
             attachments,
-            sync: Vec::new(),
+            ..OutboxRecord::default()
         };
         let mut batch = Batch::new();
         batch.put_outbox(seq, &record);
@@ -140,6 +140,10 @@ impl State {
             true => None,
             false => Some(e2e::SyncMessage::decode(&record.sync[..]).map_err(|_| corrupt())?),
         };
+        let group_rejoin = match record.rejoin.is_empty() {
+            true => None,
+            false => Some(e2e::GroupRejoin::decode(&record.rejoin[..]).map_err(|_| corrupt())?),
+        };
         // A broadcast's envelopes carry only its key: the body travels once, shared.
         let broadcast = self.broadcast_key(seq);
         let (body, attachments) = match broadcast {
@@ -149,6 +153,7 @@ impl State {
         let padded = message::pad_plaintext(&e2e::Plaintext {
             sync,
             broadcast,
+            group_rejoin,
             body: body.into(),
             delivery_token: self.keys.delivery_token.to_vec().into(),
             sent_at_ms: now_ms,
@@ -272,7 +277,7 @@ impl State {
             self.drop_broadcast_part(seq, &mut batch);
             self.commit(batch, false)?;
             // Sync messages are the client's own business: no event for them.
-            if !done.sync.is_empty() {
+            if done.is_control() {
                 return Ok(None);
             }
             let id = <[u8; 16]>::try_from(&done.message_id[..]).map_err(|_| corrupt())?;
@@ -292,7 +297,7 @@ impl State {
         batch.delete_outbox(seq);
         self.drop_broadcast_part(seq, &mut batch);
         self.commit(batch, false)?;
-        if !record.sync.is_empty() {
+        if record.is_control() {
             return Ok(None);
         }
         Ok(<[u8; 16]>::try_from(&record.message_id[..])

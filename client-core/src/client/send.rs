@@ -375,6 +375,7 @@ async fn send_round(
     }
     round.merge(super::group_send::group_round(shared, conn, anon).await?);
     round.merge(super::broadcast::send_broadcasts(shared, conn, anon, cached).await?);
+    round.merge(super::group_rejoin::ask_due(shared).await?);
     Ok(round)
 }
 

@@ -44,7 +44,25 @@ impl State {
             return;
         }
         let own = self.keys.address.account;
-        if !self.contacts.contains_key(&own) {
+        let record = OutboxRecord {
+            created_ms: now_ms,
+            sync: e2e::SyncMessage { kind: Some(kind) }.encode_to_vec(),
+            ..OutboxRecord::default()
+        };
+        self.queue_control(&own, record, rng, batch);
+    }
+
+    /// Queues `record` (a sync or another message of the client's own, no body)
+    /// for `recipient` under a new message id, in `batch`.
+    pub(crate) fn queue_control(
+        &mut self,
+        recipient: &AccountId,
+        mut record: OutboxRecord,
+        rng: &mut (impl RngCore + CryptoRng),
+        batch: &mut Batch,
+    ) {
+        let own = self.keys.address.account;
+        if *recipient == own && !self.contacts.contains_key(&own) {
             let record = self.own_contact();
             self.put_contact(own, record, batch);
         }
@@ -52,13 +70,8 @@ impl State {
         rng.fill_bytes(&mut id);
         let seq = self.local.next_outbox_seq;
         self.local.next_outbox_seq += 1;
-        let record = OutboxRecord {
-            message_id: id.to_vec(),
-            recipient: own.as_bytes().to_vec(),
-            created_ms: now_ms,
-            sync: e2e::SyncMessage { kind: Some(kind) }.encode_to_vec(),
-            ..OutboxRecord::default()
-        };
+        record.message_id = id.to_vec();
+        record.recipient = recipient.as_bytes().to_vec();
         batch.put_outbox(seq, &record);
         batch.put_local(&self.local);
         self.outbox.insert(seq, record);

@@ -15,11 +15,12 @@ use crate::crypto::sealed::{self, SenderCertificate};
 use crate::crypto::x3dh::AgreementKeyPair;
 use crate::store::{KvStore, MemoryKv, Namespace};
 use crate::Error;
-use tern_proto::{Delivery, DeviceBundle};
+use tern_proto::{Delivery, DeviceBundle, MessageId};
 
 mod broadcast;
 mod devices;
 mod group_receive;
+mod group_rejoin;
 mod group_send;
 mod group_tree;
 mod groups;
@@ -113,22 +114,35 @@ impl Dev {
     /// Queues and encrypts `body` for `to`, then seals it as the relay would deliver it.
     fn send_with(&mut self, to: &mut Dev, body: &[u8], cert: &SenderCertificate) -> Delivery {
         let to_account = to.account();
-        if self.state.needs_bundles(&to_account).expect("needs") {
+        self.sessions_with(to);
+        self.state
+            .enqueue(&to_account, body, &[], NOW, &mut OsRng)
+            .expect("enqueue");
+        self.seal_last(to, cert)
+    }
+
+    /// Starts sessions with `to` if there are none.
+    fn sessions_with(&mut self, to: &mut Dev) {
+        let account = to.account();
+        if self.state.needs_bundles(&account).expect("needs") {
             let bundle = to.bundle(false);
             assert!(self
                 .state
-                .start_sessions(to_account, &[bundle], &mut OsRng)
+                .start_sessions(account, &[bundle], &mut OsRng)
                 .is_ok());
         }
-        let id = self
-            .state
-            .enqueue(&to_account, body, &[], NOW, &mut OsRng)
-            .expect("enqueue");
+    }
+
+    /// The last queued outbox record, encrypted for `to`'s first device and sealed
+    /// as the relay would deliver it.
+    fn seal_last(&mut self, to: &Dev, cert: &SenderCertificate) -> Delivery {
         let seq = *self.state.outbox().last().expect("queued").0;
         self.state.prepare(seq, NOW).expect("prepare");
         let (_, record) = self.state.outbox().last().expect("queued");
         let content = record.copies[0].content.clone();
-        self.state.mark_sent(seq, &[1]).expect("sent");
+        let id = MessageId(record.message_id[..].try_into().expect("id"));
+        let device = record.copies[0].device_id;
+        self.state.mark_sent(seq, &[device]).expect("sent");
         let payload = sealed::seal(
             &mut OsRng,
             &to.state.keys.identity_dh.public(),

@@ -98,6 +98,7 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         let state = shared.state.lock().await;
         (state.keys.address, state.keys.device.clone())
     };
+    shared.drained.store(false, Ordering::Relaxed);
     let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
     match conn.authenticate(&address, &device_key).await {
         // A linked device the relay no longer knows was removed (the primary never is).
@@ -353,6 +354,10 @@ async fn receive_loop(shared: &Shared, conn: &RelayConnection, mut inbox: Inbox)
         }
         if drained {
             remove_expired_links(shared, conn).await?;
+            // A group epoch still awaited now may never come: the send round times it.
+            if !shared.drained.swap(true, Ordering::Relaxed) {
+                shared.outbox.notify_one();
+            }
         }
     }
 }

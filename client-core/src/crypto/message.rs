@@ -152,6 +152,7 @@ mod tests {
                 attachments: Vec::new(),
                 sync: None,
                 broadcast: None,
+                group_rejoin: None,
             })
             .map(|p| p.len())
         };

@@ -164,8 +164,9 @@ impl GroupSession {
     }
 
     /// Builds one commit with `changes` (an empty one is a key update), left
-    /// pending. Adds of devices already in the group and removals of absent ones
-    /// are left out (a re-plan after losing a race).
+    /// pending. Adds of devices already in the group (unless the same commit
+    /// removes their leaf) and removals of absent ones are left out (a re-plan
+    /// after losing a race).
     pub fn commit(
         &mut self,
         changes: &Changes,
@@ -185,16 +186,6 @@ impl GroupSession {
         let members = self.members();
         let me = self.me()?;
         let same = |a: &Member, b: &Member| a.account == b.account && a.device == b.device;
-        let mut added: Vec<Member> = Vec::new();
-        let mut add_messages = Vec::new();
-        for kp in &changes.add {
-            let m = GroupDevice::verify_key_package(kp)?;
-            if members.iter().chain(&added).any(|x| same(x, &m)) {
-                continue;
-            }
-            add_messages.push(MlsMessage::from_bytes(kp)?);
-            added.push(m);
-        }
         let removed: Vec<Member> = members
             .iter()
             .filter(|m| !same(m, &me))
@@ -207,6 +198,23 @@ impl GroupSession {
             })
             .cloned()
             .collect();
+        // A device whose leaf this commit removes may come back with a new leaf
+        // (a re-add of a device left behind); other present devices are left out.
+        let mut added: Vec<Member> = Vec::new();
+        let mut add_messages = Vec::new();
+        for kp in &changes.add {
+            let m = GroupDevice::verify_key_package(kp)?;
+            let present = members
+                .iter()
+                .filter(|x| !removed.iter().any(|r| same(r, x)))
+                .chain(&added)
+                .any(|x| same(x, &m));
+            if present {
+                continue;
+            }
+            add_messages.push(MlsMessage::from_bytes(kp)?);
+            added.push(m);
+        }
         let meta_changed = match &changes.meta {
             Some(meta) => {
                 meta.check()?;

@@ -969,3 +969,59 @@ fn a_welcome_body_has_its_tree_inline_or_a_pointer_to_it() {
         Err(GroupError::Malformed)
     ));
 }
+
+#[test]
+fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
+    let (a, b) = (Account::new(), Account::new());
+    let mut devs = vec![a.device(1), b.device(1), b.device(2)];
+    group_of(&mut devs);
+    // Bob's second device misses a commit: the group moves on without it.
+    let missed = devs[0].commit(&Changes::default());
+    devs[0].apply_pending();
+    devs[1].receive(&missed.commit);
+    assert_eq!(devs[2].g().epoch(), 1);
+    // A lone add of a present device is still left out.
+    let kp = devs[2].key_package();
+    let plan = devs[0].commit(&adds(vec![kp.clone()]));
+    assert!(plan.added.is_empty());
+    let s = devs[0].g().clear_pending().expect("clear");
+    devs[0].apply(s);
+    // Its leaf removed and a fresh one added, in one commit.
+    let plan = devs[0].commit(&Changes {
+        add: vec![kp],
+        remove_devices: vec![(b.id, DeviceId::new(2).expect("device"))],
+        ..Changes::default()
+    });
+    assert_eq!(plan.removed.len(), 1);
+    assert_eq!(plan.added.len(), 1);
+    assert_eq!(plan.added[0].device.get(), 2);
+    devs[0].apply_pending();
+    let roster = |d: &mut Dev| {
+        let mut r: Vec<(AccountId, u32)> = d
+            .g()
+            .members()
+            .iter()
+            .map(|m| (m.account, m.device.get()))
+            .collect();
+        r.sort();
+        r
+    };
+    let before = roster(&mut devs[1]);
+    match devs[1].receive(&plan.commit) {
+        // The same device back in the same leaf: no member came or went.
+        Processed::Commit(c) => assert!(!c.removed_self),
+        Processed::Message { .. } => panic!("expected a commit"),
+    }
+    assert_eq!(roster(&mut devs[1]), before);
+    let joined = devs[2].join(&plan.welcome.expect("welcome"));
+    assert_eq!(joined.added_by.account, a.id);
+    for d in devs.iter_mut() {
+        assert_eq!(d.g().epoch(), 3);
+        assert_eq!(d.g().members().len(), 3);
+    }
+    let m = devs[2].send(b"back");
+    assert_eq!(message_from(devs[0].receive(&m)).1, b"back");
+    assert_eq!(message_from(devs[1].receive(&m)).1, b"back");
+    let m = devs[1].send(b"welcome back");
+    assert_eq!(message_from(devs[2].receive(&m)).1, b"welcome back");
+}

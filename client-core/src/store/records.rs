@@ -208,6 +208,17 @@ pub(crate) struct OutboxRecord {
     /// place of `body`, to this account's other devices; empty for a message.
     #[prost(bytes = "vec", tag = "8")]
     pub(crate) sync: Vec<u8>,
+    /// A request to be re-added to a group (an encoded `tern.e2e.v1.GroupRejoin`)
+    /// sent in place of `body`; empty for a message.
+    #[prost(bytes = "vec", tag = "9")]
+    pub(crate) rejoin: Vec<u8>,
+}
+
+impl OutboxRecord {
+    /// The client's own business (a sync or a rejoin request): no event for the app.
+    pub(crate) fn is_control(&self) -> bool {
+        !self.sync.is_empty() || !self.rejoin.is_empty()
+    }
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

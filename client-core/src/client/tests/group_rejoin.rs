@@ -1,0 +1,450 @@
+//! A device left behind asks to be re-added, and the planner re-adds it: the rules
+//! of `group_rejoin.rs` and `OP_READD_DEVICE` on states in memory, requests sealed
+//! and delivered as the relay would.
+
+use prost::Message;
+use rand::rngs::OsRng;
+use tern_proto::{e2e, Delivery, DeviceId};
+
+use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
+use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
+use crate::client::group_meta::MetaEdit;
+use crate::client::group_records::{GroupOpRecord, OP_READD_DEVICE};
+use crate::client::groups::GroupId;
+use crate::client::state::Outcome;
+use crate::client::Event;
+use crate::store::Batch;
+
+/// Alice (a contact of Bob's) makes a group with Bob's devices `bobs`.
+fn group_with(alice: &mut Dev, bobs: &mut [&mut Dev]) -> GroupId {
+    for b in bobs.iter_mut() {
+        knows(alice, b);
+        knows(b, alice);
+    }
+    let group = alice
+        .state
+        .create_group("g", &[bobs[0].account()], NOW, &mut OsRng)
+        .expect("create");
+    let commit = plan(alice, &group, bobs);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let welcome = &commit.sends[0];
+    for b in bobs.iter_mut() {
+        events(b.receive(&deliver(&welcome.body, welcome.message_id)));
+    }
+    group
+}
+
+fn pair() -> (Dev, Dev, GroupId) {
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    (alice, bob, group)
+}
+
+fn epoch(dev: &mut Dev, group: &GroupId) -> u64 {
+    dev.state.session_mut(&group.0).expect("session").epoch()
+}
+
+fn ops(dev: &Dev, group: &GroupId) -> Vec<GroupOpRecord> {
+    dev.state.groups[&group.0[..]].ops.clone()
+}
+
+/// Alice commits a rename Bob never gets; Bob's own commit of the old epoch is
+/// refused as `STALE_EPOCH` naming the new one.
+fn leave_behind(alice: &mut Dev, bob: &mut Dev, group: &GroupId) {
+    alice
+        .state
+        .edit_group_meta(group, MetaEdit::Name("missed".into()))
+        .expect("queued");
+    let _ = plan(alice, group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    bob.state
+        .edit_group_meta(group, MetaEdit::Name("late".into()))
+        .expect("queued");
+    let _ = plan(bob, group, &mut []);
+    let current = epoch(alice, group);
+    bob.state.commit_stale(&group.0, current).expect("stale");
+}
+
+/// `from`'s last queued request, sealed for `to`.
+fn sealed_request(from: &mut Dev, to: &mut Dev) -> Delivery {
+    from.sessions_with(to);
+    let device = from.state.keys.address.device.get();
+    let cert = from.certificate(device, NOW + DAY, &relay_key());
+    let d = from.seal_last(to, &cert);
+    assert!(
+        from.state.outbox().next().is_none(),
+        "sent: out of the outbox"
+    );
+    d
+}
+
+/// A request from `from` to `to`, for `group` at `at_epoch`.
+fn request(from: &mut Dev, to: &mut Dev, group: &[u8], at_epoch: u64) -> Delivery {
+    let body = e2e::GroupRejoin {
+        group_id: group.to_vec().into(),
+        epoch: at_epoch,
+    }
+    .encode_to_vec();
+    let mut batch = Batch::new();
+    let account = to.account();
+    from.state
+        .queue_rejoin(&account, &body, NOW, &mut OsRng, &mut batch);
+    from.state.commit(batch, true).expect("queued");
+    sealed_request(from, to)
+}
+
+/// Delivers `d` to `to` at `now`: a request is never a message.
+fn take(to: &mut Dev, d: &Delivery, now: u64) {
+    match to.state.receive(d, now, &mut OsRng).expect("receive") {
+        Outcome::Synced(e) => assert!(e.is_empty(), "no event: {e:?}"),
+        Outcome::Dropped(reason) => panic!("dropped: {reason}"),
+        _ => panic!("not taken quietly"),
+    }
+}
+
+fn readds(dev: &Dev, group: &GroupId) -> Vec<(Vec<u8>, u32, u64)> {
+    ops(dev, group)
+        .iter()
+        .filter(|o| o.kind == OP_READD_DEVICE)
+        .map(|o| (o.accounts[0].clone(), o.device, o.epoch))
+        .collect()
+}
+
+/// Planning `dev`'s head op with `packages` commits nothing and drops the op.
+fn head_op_dropped(dev: &mut Dev, group: &GroupId, packages: Vec<Vec<u8>>) {
+    assert!(dev
+        .state
+        .plan_commit(&group.0, packages, NOW, &mut OsRng)
+        .expect("plan")
+        .is_none());
+    assert!(ops(dev, group).is_empty());
+    let session = dev.state.session_mut(&group.0).expect("session");
+    assert!(!session.has_pending());
+}
+
+#[test]
+fn a_joined_device_keeps_who_added_it() {
+    let (alice, bob, group) = pair();
+    assert_eq!(
+        bob.state.groups[&group.0[..]].added_by,
+        alice.account().as_bytes()
+    );
+    assert!(alice.state.groups[&group.0[..]].added_by.is_empty());
+}
+
+#[test]
+fn a_device_that_refused_a_commit_asks_its_adder_at_once_and_once_a_day() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = NOW;
+    let mut batch = Batch::new();
+    bob.state.put_group(&group.0, record, &mut batch);
+    bob.state.commit(batch, true).expect("marked");
+    assert!(bob
+        .state
+        .queue_rejoins(NOW, false, DAY, &mut OsRng)
+        .expect("look"));
+    let queued: Vec<_> = bob.state.outbox().map(|(_, r)| r.clone()).collect();
+    assert_eq!(queued.len(), 1, "no other devices: the adder alone");
+    assert_eq!(queued[0].recipient, alice.account().as_bytes());
+    assert!(queued[0].body.is_empty());
+    let asked = e2e::GroupRejoin::decode(&queued[0].rejoin[..]).expect("request");
+    assert_eq!(
+        (asked.group_id.to_vec(), asked.epoch),
+        (group.0.to_vec(), 1)
+    );
+    // Once a day per group.
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW + DAY - 1, false, DAY, &mut OsRng)
+        .expect("look"));
+    assert_eq!(bob.state.outbox().count(), 1);
+    // Sent: no event for the app (it is no message of its).
+    let d = sealed_request(&mut bob, &mut alice);
+    take(&mut alice, &d, NOW);
+    assert_eq!(
+        readds(&alice, &group),
+        [(bob.account().as_bytes().to_vec(), 1, 2)]
+    );
+    assert!(alice.state.unconfirmed().expect("inbox").is_empty());
+    assert!(bob
+        .state
+        .queue_rejoins(NOW + DAY, false, DAY, &mut OsRng)
+        .expect("look"));
+}
+
+#[test]
+fn an_unmet_stale_epoch_wait_asks_only_a_while_after_the_mailbox_emptied() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let look = |bob: &mut Dev, now: u64, drained: bool| {
+        bob.state
+            .queue_rejoins(now, drained, DAY, &mut OsRng)
+            .expect("look")
+    };
+    // The mailbox not read to its end yet: the epoch may still come.
+    assert!(!look(&mut bob, NOW + 5 * DAY, false));
+    assert_eq!(bob.state.groups[&group.0[..]].wait_unmet_since_ms, 0);
+    let emptied = NOW + 5 * DAY;
+    assert!(!look(&mut bob, emptied, true));
+    assert!(!look(&mut bob, emptied + DAY - 1, true));
+    assert!(look(&mut bob, emptied + DAY, true));
+    assert_eq!(bob.state.outbox().count(), 1);
+    // A restart keeps when it asked.
+    bob.reload(NOW);
+    assert!(!look(&mut bob, emptied + DAY + 1, true));
+}
+
+#[test]
+fn a_met_wait_and_a_group_created_here_ask_nobody() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW, true, DAY, &mut OsRng)
+        .expect("look"));
+    // The awaited commit comes after all: nothing to ask.
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.wait_epoch = 1;
+    let mut batch = Batch::new();
+    bob.state.put_group(&group.0, record, &mut batch);
+    bob.state.commit(batch, true).expect("met");
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW + 2 * DAY, true, DAY, &mut OsRng)
+        .expect("look"));
+    assert_eq!(bob.state.groups[&group.0[..]].wait_unmet_since_ms, 0);
+    // Alice created the group and has no other device: nobody to ask.
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = NOW;
+    let mut batch = Batch::new();
+    alice.state.put_group(&group.0, record, &mut batch);
+    alice.state.commit(batch, true).expect("marked");
+    assert!(!alice
+        .state
+        .queue_rejoins(NOW, true, DAY, &mut OsRng)
+        .expect("look"));
+    assert_eq!(alice.state.outbox().count(), 0);
+}
+
+#[test]
+fn a_request_is_taken_once_a_day_per_device() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let bob_id = bob.account().as_bytes().to_vec();
+    assert_eq!(readds(&alice, &group), [(bob_id.clone(), 1, 2)]);
+    // Another within the day is dropped, one a day later taken.
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW + DAY - 1);
+    assert_eq!(readds(&alice, &group).len(), 1);
+    alice.reload(NOW);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW + DAY);
+    assert_eq!(readds(&alice, &group).len(), 2);
+}
+
+#[test]
+fn a_request_not_behind_or_for_another_group_is_dropped() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    // The current epoch (2) is no epoch behind; nor is a later one.
+    for at in [2, 9] {
+        let d = request(&mut bob, &mut alice, &group.0, at);
+        take(&mut alice, &d, NOW);
+    }
+    let d = request(&mut bob, &mut alice, &[7; 32], 0);
+    take(&mut alice, &d, NOW);
+    assert!(readds(&alice, &group).is_empty());
+    // A request with a body is no request.
+    bob.sessions_with(&mut alice);
+    let mut batch = Batch::new();
+    let body = e2e::GroupRejoin {
+        group_id: group.0.to_vec().into(),
+        epoch: 1,
+    }
+    .encode_to_vec();
+    let account = alice.account();
+    bob.state
+        .queue_rejoin(&account, &body, NOW, &mut OsRng, &mut batch);
+    bob.state.commit(batch, true).expect("queued");
+    let seq = *bob.state.outbox().last().expect("queued").0;
+    let mut record = bob.state.outbox[&seq].clone();
+    record.body = b"hello".to_vec();
+    bob.state.outbox.insert(seq, record);
+    let d = sealed_request(&mut bob, &mut alice);
+    assert!(matches!(
+        alice.receive(&d),
+        Outcome::Dropped(r) if r.contains("rejoin")
+    ));
+    assert!(readds(&alice, &group).is_empty());
+}
+
+#[test]
+fn a_request_from_a_device_not_in_the_group_or_a_blocked_contact_is_dropped() {
+    let secret = rand::random();
+    let (mut alice, mut bob) = (dev(1), dev_of(2, 1, &secret));
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    leave_behind(&mut alice, &mut bob, &group);
+    // Carol is Alice's contact but no member.
+    let mut carol = dev(3);
+    knows(&mut alice, &carol);
+    knows(&mut carol, &alice);
+    let d = request(&mut carol, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    // Bob's second device, linked after the group was made: no leaf.
+    let mut bob2 = dev_of(2, 2, &secret);
+    let d = request(&mut bob2, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    // A device of Bob's account under another identity key: held as a change.
+    let mut other = dev_of(2, 3, &rand::random());
+    let d = request(&mut other, &mut alice, &group.0, 1);
+    assert!(matches!(alice.receive(&d), Outcome::Held { .. }));
+    // Bob while Alice has yet to decide on a changed key of his: blocked.
+    let mut contact = alice.state.contacts[&bob.account()].clone();
+    contact.changed_identity_key = vec![9; 32];
+    alice.state.contacts.insert(bob.account(), contact);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    assert!(readds(&alice, &group).is_empty());
+}
+
+#[test]
+fn a_request_under_a_key_other_than_the_groups_pin_is_dropped() {
+    // Carol is no contact of Bob's: her key is pinned by the group only.
+    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
+    knows(&mut carol, &alice);
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    knows(&mut alice, &carol);
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queued");
+    let commit = plan(&mut alice, &group, &mut [&mut carol]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
+    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    let pin = record
+        .pins
+        .iter_mut()
+        .find(|p| p.account == carol.account().as_bytes())
+        .expect("carol pinned");
+    pin.identity_key = vec![9; 32];
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let d = request(&mut carol, &mut bob, &group.0, 0);
+    take(&mut bob, &d, NOW);
+    assert!(readds(&bob, &group).is_empty());
+}
+
+#[test]
+fn an_own_device_behind_is_re_added_by_another_device_of_the_account() {
+    let secret = rand::random();
+    let (mut alice, mut bob, mut bob2) = (dev(1), dev_of(2, 1, &secret), dev_of(2, 2, &secret));
+    let group = group_with(&mut alice, &mut [&mut bob, &mut bob2]);
+    let d = request(&mut bob2, &mut bob, &group.0, 0);
+    take(&mut bob, &d, NOW);
+    assert_eq!(
+        readds(&bob, &group),
+        [(bob.account().as_bytes().to_vec(), 2, 1)]
+    );
+    // Bob's phone re-adds it: the package kept is that of device 2.
+    let kp1 = key_package(&mut bob);
+    let kp2 = key_package(&mut bob2);
+    let commit = bob
+        .state
+        .plan_commit(&group.0, vec![kp1, kp2], NOW, &mut OsRng)
+        .expect("plan")
+        .expect("a commit");
+    let welcome = commit.sends.last().expect("welcome");
+    assert_eq!(welcome.recipients.len(), 1);
+    assert_eq!(
+        welcome.recipients[0].devices,
+        [DeviceId::new(2).expect("id")]
+    );
+}
+
+#[test]
+fn a_readd_removes_the_leaf_and_adds_a_fresh_one_the_device_joins_at_the_new_epoch() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    assert_eq!((epoch(&mut alice, &group), epoch(&mut bob, &group)), (2, 1));
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    assert_eq!(commit.epoch, 2);
+    assert_eq!(commit.sends.len(), 2, "the commit and the welcome");
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    assert!(ops(&alice, &group).is_empty());
+    assert_eq!(epoch(&mut alice, &group), 3);
+    // Bob cannot read the commit (its epoch is past his); the welcome brings him.
+    let c = &commit.sends[0];
+    let _ = bob.receive(&deliver(&c.body, c.message_id));
+    let w = &commit.sends[1];
+    assert!(matches!(
+        events(bob.receive(&deliver(&w.body, w.message_id))).as_slice(),
+        [Event::GroupJoined { group: g, .. }] if *g == group
+    ));
+    assert_eq!(epoch(&mut bob, &group), 3);
+    assert_eq!(bob.state.groups[&group.0[..]].wait_epoch, 0);
+    bob.state
+        .enqueue_group(&group, text(b"back"), NOW, &mut OsRng)
+        .expect("queued");
+    let (envelope, id) = last_envelope(&bob);
+    assert_eq!(message_body(&mut alice, &envelope, id), b"back");
+    alice
+        .state
+        .enqueue_group(&group, text(b"hi again"), NOW, &mut OsRng)
+        .expect("queued");
+    let (envelope, id) = last_envelope(&alice);
+    assert_eq!(message_body(&mut bob, &envelope, id), b"hi again");
+}
+
+#[test]
+fn a_readd_without_a_package_of_that_device_or_after_the_group_moved_on_is_dropped() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    // Only another account's package: dropped, nothing committed.
+    let mut carol = dev(3);
+    knows(&mut alice, &carol);
+    let kp = key_package(&mut carol);
+    head_op_dropped(&mut alice, &group, vec![kp]);
+    // Taken at epoch 2; the group moves on before it is planned: dropped.
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW + DAY);
+    alice
+        .state
+        .edit_group_meta(&group, MetaEdit::Name("moved".into()))
+        .expect("queued");
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops.swap(0, 1);
+    alice.state.groups.insert(group.0.to_vec(), record);
+    let _ = plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let kp = key_package(&mut bob);
+    head_op_dropped(&mut alice, &group, vec![kp]);
+}
+
+#[test]
+fn an_op_of_an_unknown_kind_is_dropped_and_removes_nobody() {
+    let (mut alice, bob, group) = pair();
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops.push(GroupOpRecord {
+        kind: 99,
+        accounts: vec![bob.account().as_bytes().to_vec()],
+        device: 1,
+        ..GroupOpRecord::default()
+    });
+    alice.state.groups.insert(group.0.to_vec(), record);
+    head_op_dropped(&mut alice, &group, Vec::new());
+    let members = alice
+        .state
+        .session_mut(&group.0)
+        .expect("session")
+        .members();
+    assert!(members.iter().any(|m| m.account == bob.account()));
+}
