@@ -190,7 +190,6 @@ async fn metrics_move_with_traffic_and_name_no_one() {
         hex(TOKEN),
         String::from_utf8_lossy(TOKEN).into_owned(),
         "127.0.0.1".to_owned(),
-        relay.address.port().to_string(),
         token_text.trim().to_owned(),
     ];
     secrets.extend([&alice, &bob].iter().map(|d| hex(&d.key.public())));
