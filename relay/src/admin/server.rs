@@ -42,6 +42,8 @@ const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/readyz` waits for the stores to flush.
 const READY_WITHIN: Duration = Duration::from_secs(5);
+/// How often histogram samples are drained into their buckets.
+const UPKEEP: Duration = Duration::from_secs(5);
 /// Export bytes gathered before they are handed to the response.
 const CHUNK: usize = 64 * 1024;
 
@@ -73,9 +75,18 @@ pub(crate) async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
+    // Histogram samples wait in the recorder until drained: drained here too, so a
+    // relay nobody scrapes does not gather them without bound.
+    let mut upkeep = tokio::time::interval(UPKEEP);
     loop {
         let permit = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = upkeep.tick() => {
+                if let Some(handle) = admin.metrics {
+                    handle.run_upkeep();
+                }
+                continue;
+            }
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
