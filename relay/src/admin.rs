@@ -1,10 +1,16 @@
-//! Operator commands that work on a stopped relay's data directory: the credential is
-//! file-system access to it. They open the stores as a relay does, so they refuse
-//! while a relay runs on the directory (sled's exclusive lock on `db/`, taken first:
-//! [`crate::store::StoreError::Locked`]).
+//! Operator commands. Offline, on a stopped relay's data directory (the credential
+//! is file-system access to it): they open the stores as a relay does, so they
+//! refuse while a relay runs on the directory (sled's exclusive lock on `db/`, taken
+//! first: [`crate::store::StoreError::Locked`]). Online, through a running relay's
+//! admin listener ([`server`]), with the token it wrote to `admin.token`
+//! ([`token`]); [`client`] is the command line's side, which picks the way.
 
+pub mod client;
 pub mod migrate;
 mod objects;
+mod reload;
+pub(crate) mod server;
+pub mod token;
 
 use std::sync::Arc;
 
@@ -18,6 +24,10 @@ use crate::error::{Error, Result};
 use crate::export::{ExportOptions, Exported};
 use crate::media::BlobStore;
 use crate::server::Services;
+
+/// Re-reads the configuration for `tern-relay admin reload`: the file, with the
+/// command line's flags applied again ([`crate::Relay::set_config_source`]).
+pub type ConfigSource = Box<dyn Fn() -> Result<Config> + Send + Sync>;
 
 /// An account id from its 32 hex digits.
 pub fn parse_account(hex: &str) -> Result<AccountId> {
@@ -33,6 +43,63 @@ pub fn parse_account(hex: &str) -> Result<AccountId> {
             .map_err(|_| Error::BadRequest("not hexadecimal".into()))?;
     }
     Ok(AccountId(id))
+}
+
+/// A device as `list-devices` shows it: no key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceRow {
+    /// The device id within its account (1: the primary).
+    pub id: u32,
+    /// Whether it is the account's primary device.
+    pub primary: bool,
+    /// The UTC day (days since 1970) it was registered or added, if known.
+    pub created_day: Option<u32>,
+    /// The last UTC day it authenticated, if known.
+    pub last_seen_day: Option<u32>,
+}
+
+/// The devices of `account` as the stores hold them; a deleted (or being deleted)
+/// account is unknown.
+pub(crate) fn devices(services: &Services, account: &AccountId) -> Result<Vec<DeviceRow>> {
+    let stores = services.stores();
+    if services.tombstones().contains(account)
+        || stores
+            .accounts
+            .deletions()?
+            .iter()
+            .any(|(a, _)| a == account)
+    {
+        return Err(Error::UnknownRecipient);
+    }
+    let record = stores
+        .accounts
+        .get(account)?
+        .ok_or(Error::UnknownRecipient)?;
+    let days = stores
+        .accounts
+        .days(account)?
+        .unwrap_or_else(|| crate::store::AccountDays::unknown(&record));
+    Ok(record
+        .devices
+        .iter()
+        .map(|(id, _key)| {
+            let d = days.of(*id);
+            DeviceRow {
+                id: id.get(),
+                primary: *id == tern_proto::DeviceId::PRIMARY,
+                created_day: d.created,
+                last_seen_day: d.last_seen,
+            }
+        })
+        .collect())
+}
+
+/// `tern-relay admin list-devices` on a stopped relay's data directory.
+pub async fn list_devices(config: &Config, account: AccountId) -> Result<Vec<DeviceRow>> {
+    let offline = open(config).await?;
+    let listed = devices(&offline.services, &account);
+    offline.services.mailboxes().close()?;
+    listed
 }
 
 /// The services and deletion of a stopped relay's data directory.

@@ -29,7 +29,9 @@ enum Command {
     /// Run the relay. With no flags: data in ./tern-data, listening on 127.0.0.1:7443,
     /// with a self-signed certificate made on first start.
     Serve(ServeArgs),
-    /// Operator commands on a stopped relay's data directory.
+    /// Operator commands: through the running relay's admin listener (with the
+    /// token in the data directory's admin.token) when one runs, else on the
+    /// stopped relay's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
 }
@@ -37,17 +39,59 @@ enum Command {
 #[derive(Subcommand)]
 enum AdminCommand {
     /// Delete an account and everything the relay holds for it (keys, queued
-    /// messages, delivery token, media charges and unfinished uploads). Refused while
-    /// a relay runs on the data directory.
+    /// messages, delivery token, media charges and unfinished uploads): by the
+    /// running relay, or on the stopped relay's data directory.
     DeleteAccount(AdminArgs),
     /// Write everything the relay holds about an account as JSON (the format is
-    /// relay/schema/account-export-v1.schema.json). Refused while a relay runs on the
-    /// data directory.
+    /// relay/schema/account-export-v1.schema.json): from the running relay, or from
+    /// the stopped relay's data directory.
     ExportAccount(ExportArgs),
     /// Copy the whole relay (accounts, keys, discovery tags, the blob index, queued
     /// messages with their seqs and expiry) into an empty PostgreSQL database, then
     /// verify the copy. Refused while a relay runs on the data directory.
     Migrate(MigrateArgs),
+    /// What the running relay's metrics show (aggregates only), as a table.
+    Stats(StatsArgs),
+    /// An account's devices: ids, created and last-seen days (no keys).
+    ListDevices(ListDevicesArgs),
+    /// Re-read the configuration file's `[rate_limits]` rates and counts in the
+    /// running relay; a file that changes any other key is refused, naming it.
+    Reload(RemoteArgs),
+}
+
+#[derive(Parser)]
+struct RemoteArgs {
+    /// The running relay's admin listener, e.g. http://127.0.0.1:7444 (default: the
+    /// address in the data directory's admin.addr).
+    #[arg(long, env = "TERN_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// The admin token's file (default: the data directory's admin.token).
+    #[arg(long, env = "TERN_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// TOML configuration file (for the data directory).
+    #[arg(long, short, env = "TERN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory; overrides the configuration's.
+    #[arg(long, env = "TERN_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct StatsArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Parser)]
+struct ListDevicesArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Parser)]
@@ -86,6 +130,14 @@ struct ExportArgs {
 struct AdminArgs {
     /// The account id: 32 hexadecimal digits.
     account: String,
+    /// The running relay's admin listener, e.g. http://127.0.0.1:7444 (default: the
+    /// address in the data directory's admin.addr; without one, the command works
+    /// on the stopped relay's data directory).
+    #[arg(long, env = "TERN_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// The admin token's file (default: the data directory's admin.token).
+    #[arg(long, env = "TERN_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// TOML configuration file (for the data directory and storage settings).
     #[arg(long, short, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
@@ -94,7 +146,7 @@ struct AdminArgs {
     data_dir: Option<PathBuf>,
 }
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 struct ServeArgs {
     /// TOML configuration file; flags override it.
     #[arg(long, short, env = "TERN_CONFIG")]
@@ -120,6 +172,10 @@ struct ServeArgs {
     /// Log filter (tracing-subscriber syntax), e.g. "info" or "tern_relay=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
+    /// The admin listener (metrics, health, admin commands): "auto" (127.0.0.1 on
+    /// the relay's port + 1), "off", or an address; overrides `[admin] listen`.
+    #[arg(long, env = "TERN_ADMIN_LISTEN")]
+    admin_listen: Option<crate::config::AdminListen>,
 }
 
 /// Parses the command line and runs the command; what `tern-relay` does.
@@ -130,6 +186,9 @@ pub fn main() -> ExitCode {
         Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
         Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
         Command::Admin(AdminCommand::Migrate(args)) => migrate(args),
+        Command::Admin(AdminCommand::Stats(args)) => stats(args),
+        Command::Admin(AdminCommand::ListDevices(args)) => list_devices(args),
+        Command::Admin(AdminCommand::Reload(args)) => reload(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,29 +208,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         // Dependencies' lines may name peers: every line is redacted (P9).
         .event_format(crate::logging::Redacting(tracing_subscriber::fmt::format()))
         .init();
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
-    }
-    if let Some(l) = args.listen {
-        config.listen = l;
-    }
-    if let Some(h) = args.advertise_host {
-        config.advertise_host = Some(h);
-    }
-    if let Some(d) = args.durability {
-        config.durability = d;
-    }
-    if let Some(t) = args.message_ttl {
-        config.expiry.message_ttl = t;
-    }
-    if args.allow_dev_verifier {
-        config.verification.allow_dev_verifier = true;
-    }
-    config.validate()?;
+    let config = serve_config(&args)?;
     crate::store::fault::refuse_unless_compiled_in()?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -181,6 +218,13 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         let relay = Relay::start(&config, Arc::new(SystemClock)).await?;
         // The address goes to stdout, on its own line, for people and scripts.
         println!("tern-relay listening on {}", relay.address());
+        if let Some(admin) = relay.admin_addr() {
+            println!("tern-relay admin listening on http://{admin}");
+        }
+        if args.config.is_some() {
+            let args = args.clone();
+            relay.set_config_source(Box::new(move || serve_config(&args)));
+        }
         info!(durability = ?config.durability, "relay started");
         if crate::store::fault::COMPILED_IN && std::env::var_os(crate::store::fault::VAR).is_some()
         {
@@ -197,9 +241,65 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-/// The account and configuration an admin command names.
-fn admin_target(args: AdminArgs) -> Result<(AccountId, Config), Box<dyn std::error::Error>> {
+/// The configuration `serve` runs with: the file, then the flags over it. Read
+/// again by `admin reload`.
+fn serve_config(args: &ServeArgs) -> crate::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(d) = &args.data_dir {
+        config.data_dir = d.clone();
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(h) = &args.advertise_host {
+        config.advertise_host = Some(h.clone());
+    }
+    if let Some(d) = args.durability {
+        config.durability = d;
+    }
+    if let Some(t) = args.message_ttl {
+        config.expiry.message_ttl = t;
+    }
+    if args.allow_dev_verifier {
+        config.verification.allow_dev_verifier = true;
+    }
+    if let Some(a) = args.admin_listen {
+        config.admin.listen = a;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// What an admin command works on: its account, the configuration, and the running
+/// relay when one answers on the data directory (or at `--admin-url`).
+struct Target {
+    account: AccountId,
+    config: Config,
+    online: Option<crate::admin::client::Online>,
+}
+
+/// The account and configuration an admin command names, and the running relay.
+fn admin_target(args: AdminArgs) -> Result<Target, Box<dyn std::error::Error>> {
     let account = crate::admin::parse_account(&args.account)?;
+    let (config, online) = remote_target(RemoteArgs {
+        admin_url: args.admin_url,
+        token_file: args.token_file,
+        config: args.config,
+        data_dir: args.data_dir,
+    })?;
+    Ok(Target {
+        account,
+        config,
+        online,
+    })
+}
+
+fn remote_target(
+    args: RemoteArgs,
+) -> Result<(Config, Option<crate::admin::client::Online>), Box<dyn std::error::Error>> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -208,17 +308,134 @@ fn admin_target(args: AdminArgs) -> Result<(AccountId, Config), Box<dyn std::err
         config.data_dir = d;
     }
     crate::store::fault::refuse_unless_compiled_in()?;
-    Ok((account, config))
+    let online = crate::admin::client::Online::locate(
+        &config.data_dir,
+        args.admin_url.as_deref(),
+        args.token_file.as_deref(),
+    )?;
+    Ok((config, online))
+}
+
+/// Runs `call` on the running relay: `None` when none answers (an `admin.addr` a
+/// crashed relay left), so the caller works offline; an explicit `--admin-url`
+/// that does not answer is an error.
+fn online<T>(
+    runtime: &tokio::runtime::Runtime,
+    online: Option<&crate::admin::client::Online>,
+    explicit: bool,
+    call: impl AsyncFnOnce(
+        &crate::admin::client::Online,
+    ) -> Result<T, crate::admin::client::ClientError>,
+) -> Result<Option<T>, Box<dyn std::error::Error>> {
+    let Some(o) = online else { return Ok(None) };
+    match runtime.block_on(call(o)) {
+        Ok(t) => Ok(Some(t)),
+        Err(crate::admin::client::ClientError::NotRunning(_)) if !explicit => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+fn stats(args: StatsArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let json = args.json;
+    let (_, online) = remote_target(args.remote)?;
+    let online = online
+        .ok_or("no running relay: the data directory has no admin.addr (give --admin-url?)")?;
+    let samples = current_thread()?.block_on(online.stats())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&samples)?);
+    } else {
+        print!("{}", crate::admin::client::table(&samples));
+    }
+    Ok(())
+}
+
+fn reload(args: RemoteArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (_, online) = remote_target(args)?;
+    let online = online
+        .ok_or("no running relay: the data directory has no admin.addr (give --admin-url?)")?;
+    let keys = current_thread()?.block_on(online.reload())?;
+    if keys.is_empty() {
+        println!("reloaded: nothing changed");
+    } else {
+        println!("reloaded: {}", keys.join(", "));
+    }
+    Ok(())
+}
+
+fn list_devices(args: ListDevicesArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let (json, explicit) = (args.json, args.admin.admin_url.is_some());
+    let t = admin_target(args.admin)?;
+    let runtime = current_thread()?;
+    let account = t.account;
+    let devices = match online(&runtime, t.online.as_ref(), explicit, async |o| {
+        o.list_devices(&account).await
+    })? {
+        Some(d) => d,
+        None => runtime.block_on(crate::admin::list_devices(&t.config, account))?,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&devices)?);
+        return Ok(());
+    }
+    let day = |d: Option<u32>| d.map_or_else(|| "unknown".to_owned(), crate::admin::client::date);
+    println!(
+        "{:<8} {:<8} {:<11} {:<11}",
+        "device", "primary", "created", "last seen"
+    );
+    for d in devices {
+        let primary = if d.primary { "yes" } else { "no" };
+        println!(
+            "{:<8} {:<8} {:<11} {:<11}",
+            d.id,
+            primary,
+            day(d.created_day),
+            day(d.last_seen_day)
+        );
+    }
+    Ok(())
 }
 
 fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (account, config) = admin_target(args.admin)?;
+    let explicit = args.admin.admin_url.is_some();
+    let t = admin_target(args.admin)?;
+    let (account, config) = (t.account, t.config);
     let options = crate::export::ExportOptions {
         include_ciphertexts: args.ciphertexts,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = current_thread()?;
+    if let Some(o) = &t.online {
+        let ciphertexts = args.ciphertexts;
+        let exported = match &args.out {
+            Some(path) => {
+                if path.exists() {
+                    return Err(format!("{} exists", path.display()).into());
+                }
+                write_file(path, |out| {
+                    let wrote = online(&runtime, Some(o), explicit, async |o| {
+                        o.export_account(&account, ciphertexts, out).await
+                    })?;
+                    Ok(wrote.map(|_| ()))
+                })?
+            }
+            None => {
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                online(&runtime, Some(o), explicit, async |o| {
+                    o.export_account(&account, ciphertexts, &mut out).await
+                })?
+                .map(|_| ())
+            }
+        };
+        if exported.is_some() {
+            eprintln!("account exported by the running relay");
+            return Ok(());
+        }
+    }
     let exported = match &args.out {
         Some(path) => {
             if path.exists() {
@@ -251,6 +468,20 @@ fn export_to_file(
     options: crate::export::ExportOptions,
     path: &std::path::Path,
 ) -> Result<crate::export::Exported, Box<dyn std::error::Error>> {
+    let exported = write_file(path, |out| {
+        let exported =
+            runtime.block_on(crate::admin::export_account(config, account, options, out))?;
+        Ok(Some(exported))
+    })?;
+    exported.ok_or_else(|| "nothing exported".into())
+}
+
+/// Writes what `write` writes to `path` as [`export_to_file`] says; `write`
+/// answering `None` (it found nothing to write there) leaves no file either.
+fn write_file<T>(
+    path: &std::path::Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> Result<Option<T>, Box<dyn std::error::Error>>,
+) -> Result<Option<T>, Box<dyn std::error::Error>> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -279,18 +510,20 @@ fn export_to_file(
     })()?;
     let written = (|| -> Result<_, Box<dyn std::error::Error>> {
         let mut out = std::io::BufWriter::new(&mut file);
-        let exported = runtime.block_on(crate::admin::export_account(
-            config, account, options, &mut out,
-        ))?;
+        let wrote = write(&mut out)?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::hard_link(&partial, path)?;
-        Ok(exported)
+        if wrote.is_some() {
+            std::fs::hard_link(&partial, path)?;
+        }
+        Ok(wrote)
     })();
     let removed = std::fs::remove_file(&partial);
-    let exported = written?;
+    let wrote = written?;
     removed?;
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(exported)
+    if wrote.is_some() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(wrote)
 }
 
 fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -308,10 +541,19 @@ fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (account, config) = admin_target(args)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let explicit = args.admin_url.is_some();
+    let t = admin_target(args)?;
+    let (account, config) = (t.account, t.config);
+    let runtime = current_thread()?;
+    let remote = online(&runtime, t.online.as_ref(), explicit, async |o| {
+        o.delete_account(&account).await
+    })?;
+    if let Some((devices, messages, uploads)) = remote {
+        println!(
+            "account deleted by the running relay: {devices} devices, {messages} queued messages, {uploads} unfinished uploads"
+        );
+        return Ok(());
+    }
     let deleted = runtime.block_on(crate::admin::delete_account(&config, account))?;
     println!(
         "account deleted: {} devices, {} queued messages, {} unfinished uploads",

@@ -130,6 +130,9 @@
 //! node_id = "relay-1"           # default: host name + random suffix
 //! recheck_interval = "1s"       # connected mailboxes re-read (lost notifications)
 //! notify = true                 # LISTEN/NOTIFY between nodes; false: re-check only
+//!
+//! [admin]                       # metrics, health, admin commands; see ARCHITECTURE.md
+//! listen = "auto"               # 127.0.0.1 on the relay's port + 1; "off", or an address
 //! ```
 
 use std::net::SocketAddr;
@@ -143,6 +146,7 @@ use crate::core::limits::Limits;
 use crate::error::{Error, Result};
 use crate::store::{Durability, DEFAULT_SEGMENT_BYTES};
 
+mod admin;
 mod budget;
 mod connections;
 mod discovery;
@@ -151,6 +155,7 @@ mod postgres;
 mod rate;
 mod verification;
 
+pub use self::admin::{AdminConfig, AdminListen};
 pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
@@ -195,6 +200,8 @@ pub struct Config {
     pub verification: VerificationConfig,
     /// The shared database, for `storage.backend = "postgres"`.
     pub postgres: PostgresConfig,
+    /// The admin listener: metrics, health, admin commands.
+    pub admin: AdminConfig,
 }
 
 /// Media limits and lifetime.
@@ -346,6 +353,7 @@ impl Default for Config {
             discovery: DiscoveryConfig::default(),
             verification: VerificationConfig::default(),
             postgres: PostgresConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -453,6 +461,7 @@ impl Config {
         self.postgres
             .validate(self.storage.backend == StorageBackend::Postgres)?;
         self.objects.validate()?;
+        self.admin.validate()?;
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key go together");
         }

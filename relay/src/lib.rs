@@ -38,6 +38,8 @@
 //!   request, call a service and encode its answer.
 //! - [`server`]: [`Relay`], a running relay with orderly shutdown, and the
 //!   [`server::Services`] it builds.
+//! - [`metrics`]: the Prometheus metrics (aggregates only); [`admin`]: operator
+//!   commands, offline and through the running relay's admin listener.
 //! - [`cli`]: the `tern-relay` command line; [`logging`]: its log formatter, which
 //!   redacts IP addresses from every line (P9).
 //! - [`config`] (a leaf: it imports no service), [`error`]. Time comes from
@@ -133,6 +135,7 @@ pub mod deletion;
 pub mod error;
 pub mod export;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 
 pub(crate) mod certificates;

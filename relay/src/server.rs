@@ -344,6 +344,8 @@ pub struct Relay {
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// The admin listener's bound address and state, unless `[admin] listen = "off"`.
+    admin: Option<(SocketAddr, Arc<crate::admin::server::Admin>)>,
     /// This node's part among nodes sharing a database, if it is one.
     cluster: Option<(
         Arc<crate::cluster::Cluster>,
@@ -375,6 +377,11 @@ impl Relay {
             .message_ttl()
             .ok_or_else(|| Error::Config("invalid message_ttl".into()))?;
         std::fs::create_dir_all(&config.data_dir)?;
+        // Before any traffic, so the counters count from the start.
+        let metrics = match config.admin.listen {
+            crate::config::AdminListen::Off => None,
+            _ => crate::metrics::install(),
+        };
         let identity = tls::load_or_create(&config.tls, &config.data_dir)?;
         let fingerprint = identity.fingerprint();
         let mut server_config = tls::server_config(identity)?;
@@ -568,6 +575,25 @@ impl Relay {
             config.verification.sweep_interval,
             shutdown.subscribe(),
         ));
+        let mut tasks = vec![accept, sweeper, disk, publisher, verifications];
+        let admin = match config.admin.listen.resolve(local_addr) {
+            None => None,
+            Some(at) => {
+                let state = Arc::new(crate::admin::server::Admin {
+                    services: services.clone(),
+                    deletion: deletion.clone(),
+                    verification: verification.clone(),
+                    data_dir: config.data_dir.clone(),
+                    token: crate::admin::token::Token::generate(),
+                    metrics,
+                    running: std::sync::Mutex::new(config.clone()),
+                    source: std::sync::Mutex::new(None),
+                });
+                let (bound, serving) = start_admin(at, state.clone(), shutdown.subscribe()).await?;
+                tasks.push(serving);
+                Some((bound, state))
+            }
+        };
         let host = config
             .advertise_host
             .clone()
@@ -583,9 +609,25 @@ impl Relay {
             verification,
             endpoint,
             shutdown,
-            tasks: vec![accept, sweeper, disk, publisher, verifications],
+            tasks,
+            admin,
             cluster,
         })
+    }
+
+    /// The admin listener's bound address (metrics, health, admin commands), unless
+    /// `[admin] listen = "off"`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
+    }
+
+    /// Where `tern-relay admin reload` reads the configuration again (the file,
+    /// with the command line's flags applied again). Without one, a reload is
+    /// refused.
+    pub fn set_config_source(&self, source: crate::admin::ConfigSource) {
+        if let Some((_, admin)) = &self.admin {
+            *admin.source.lock().unwrap_or_else(|e| e.into_inner()) = Some(source);
+        }
     }
 
     /// The address clients use, with the certificate fingerprint they pin.
@@ -649,6 +691,31 @@ impl Relay {
         }
         flushed
     }
+}
+
+/// Binds the admin listener at `at`, writes the token and the bound address to the
+/// data directory (0600), and serves it until `shutdown`. A listener that cannot be
+/// bound stops the start.
+async fn start_admin(
+    at: SocketAddr,
+    admin: Arc<crate::admin::server::Admin>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    use crate::admin::token::{write_private, ADDR_FILE};
+    let listener = tokio::net::TcpListener::bind(at)
+        .await
+        .map_err(|e| Error::Config(format!("admin.listen {at}: {e}")))?;
+    let bound = listener.local_addr()?;
+    if !bound.ip().is_loopback() {
+        warn!("the admin listener is not on a loopback address: its token crosses the network in clear text");
+    }
+    admin.token.write(&admin.data_dir)?;
+    write_private(
+        &admin.data_dir.join(ADDR_FILE),
+        bound.to_string().as_bytes(),
+    )?;
+    let serving = tokio::spawn(crate::admin::server::serve(listener, admin, shutdown));
+    Ok((bound, serving))
 }
 
 /// Records this node's certificate, sender-certificate key and OPRF key in the shared

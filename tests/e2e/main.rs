@@ -3,6 +3,7 @@
 //! sled databases in temporary directories.
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
+mod admin;
 mod client;
 mod cluster;
 mod connections;

@@ -13,7 +13,7 @@
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub use crate::core::prefix::AddressPrefix;
@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 
 mod rules;
 
-pub use self::rules::RateLimits;
+pub use self::rules::{RateLimits, RELOADABLE};
 
 /// How soon a key refused for a full table may retry: housekeeping runs about this
 /// often (the default sweep interval).
@@ -173,18 +173,21 @@ impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for SharedKeys<K> {
     }
 }
 
-/// One rate per key, over at most `max_keys` keys.
+type Limiter<K> = governor::RateLimiter<K, SharedKeys<K>, GovernorClock, NoOpMiddleware<Duration>>;
+
+/// One rate per key, over at most `max_keys` keys. The rate and the cap can change
+/// while it runs (`tern-relay admin reload`): the buckets are kept.
 pub struct KeyedLimit<K: Hash + Eq + Clone> {
-    limiter: governor::RateLimiter<K, SharedKeys<K>, GovernorClock, NoOpMiddleware<Duration>>,
+    limiter: RwLock<(Limiter<K>, Rate)>,
     keys: Arc<KeyTable<K>>,
-    rate: Rate,
+    clock: GovernorClock,
     max_keys: usize,
 }
 
 impl<K: Hash + Eq + Clone> std::fmt::Debug for KeyedLimit<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyedLimit")
-            .field("rate", &self.rate)
+            .field("rate", &self.rate())
             .field("keys", &self.len())
             .field("max_keys", &self.max_keys)
             .finish()
@@ -198,22 +201,38 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
             map: DashMapStateStore::default(),
             count: AtomicUsize::new(0),
         });
-        let limiter = governor::RateLimiter::new(
-            rate.quota(),
-            SharedKeys(keys.clone()),
-            GovernorClock(clock),
-        );
+        let clock = GovernorClock(clock);
+        let limiter =
+            governor::RateLimiter::new(rate.quota(), SharedKeys(keys.clone()), clock.clone());
         KeyedLimit {
-            limiter,
+            limiter: RwLock::new((limiter, rate)),
             keys,
-            rate,
+            clock,
             max_keys,
         }
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, (Limiter<K>, Rate)> {
+        self.limiter.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The rate in force.
     pub fn rate(&self) -> Rate {
-        self.rate
+        self.read().1
+    }
+
+    /// Changes the rate; every key keeps its bucket (what it took stays taken, now
+    /// counted against the new rate).
+    pub fn set_rate(&self, rate: Rate) {
+        let mut held = self.limiter.write().unwrap_or_else(|e| e.into_inner());
+        if held.1 != rate {
+            let limiter = governor::RateLimiter::new(
+                rate.quota(),
+                SharedKeys(self.keys.clone()),
+                self.clock.clone(),
+            );
+            *held = (limiter, rate);
+        }
     }
 
     /// Takes one unit for `key`; see [`KeyedLimit::check_n`].
@@ -225,7 +244,9 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
     /// the time after which the same request fits. More than a whole burst counts as
     /// a whole burst, so a large request is slowed, never refused for good.
     pub fn check_n(&self, key: &K, n: u32) -> Result<()> {
-        let Some(n) = NonZeroU32::new(n.min(self.rate.burst.get())) else {
+        let held = self.read();
+        let (limiter, rate) = (&held.0, held.1);
+        let Some(n) = NonZeroU32::new(n.min(rate.burst.get())) else {
             return Ok(());
         };
         if self.keys.count.load(Ordering::Relaxed) >= self.max_keys
@@ -235,10 +256,10 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
                 retry_after_ms: FULL_TABLE_RETRY_MS,
             });
         }
-        match self.limiter.check_key_n(key, n) {
+        match limiter.check_key_n(key, n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => {
-                let now = governor::clock::Clock::now(self.limiter.clock());
+                let now = governor::clock::Clock::now(limiter.clock());
                 let wait = not_until.wait_time_from(now);
                 // Rounded up: retrying at the advised time must succeed.
                 let ms = wait.as_nanos().div_ceil(1_000_000).max(1);
@@ -248,7 +269,7 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
             }
             // `n` is at most the burst, so this cannot happen; refuse for a period.
             Err(_) => Err(Error::RateLimited {
-                retry_after_ms: u64::try_from(self.rate.period.as_millis()).unwrap_or(u64::MAX),
+                retry_after_ms: u64::try_from(rate.period.as_millis()).unwrap_or(u64::MAX),
             }),
         }
     }
@@ -256,8 +277,9 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
     /// Forgets keys whose bucket has refilled (they are as good as new) and returns
     /// memory to the allocator. Costs one pass over the table.
     pub fn housekeep(&self) {
-        self.limiter.retain_recent();
-        self.limiter.shrink_to_fit();
+        let held = self.read();
+        held.0.retain_recent();
+        held.0.shrink_to_fit();
     }
 
     /// Forgets `key`'s bucket at once (account deletion): a later check starts full.

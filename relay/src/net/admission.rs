@@ -99,6 +99,7 @@ impl Admission {
             .get(&prefix)
             .map_or((0, 0), |n| (n.connections, n.handshakes));
         if connections >= c.max_per_address || handshakes >= c.max_handshakes_per_address {
+            crate::metrics::refused(crate::metrics::Refused::PerAddress);
             return if validated {
                 Decision::Refuse
             } else {
@@ -109,6 +110,7 @@ impl Admission {
         if state.unauthenticated >= c.max_unauthenticated
             || self.authenticated.available_permits() == 0
         {
+            crate::metrics::refused(crate::metrics::Refused::Full);
             return Decision::Refuse;
         }
         state.handshakes += 1;

@@ -166,6 +166,7 @@ pub(crate) async fn serve(
             return;
         }
     };
+    let _open = crate::metrics::OpenConnection::new();
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
     let writer = tokio::spawn(write_frames(send, out_rx));
     let device = Arc::new(OnceLock::new());
@@ -205,6 +206,11 @@ pub(crate) async fn serve(
     let _ = writer.await;
     if matches!(end, End::Protocol | End::Full | End::Deleted | End::Removed) {
         let _ = tokio::time::timeout(FINAL_FLUSH, conn.closed()).await;
+    }
+    match end {
+        End::Deadline => crate::metrics::refused(crate::metrics::Refused::AuthDeadline),
+        End::Full => crate::metrics::refused(crate::metrics::Refused::Full),
+        _ => {}
     }
     let (code, reason): (u32, &[u8]) = match end {
         End::Finished | End::Lost => (close::NORMAL, b"bye"),
@@ -671,6 +677,7 @@ fn listing_reply(listing: crate::accounts::Listing) -> Reply {
 
 fn response(id: u64, result: Result<Reply>) -> Frame {
     let result = result.map_err(|e| {
+        crate::metrics::error(e.code());
         if e.code() == ErrorCode::Internal {
             warn!(error = %e, "request failed");
         } else {

@@ -320,6 +320,7 @@ async fn upload(
     let b = blobs.clone();
     let meta = blocking(move || b.finish(&device, &id)).await?;
     drop(running);
+    crate::metrics::blob_transfer(crate::metrics::Direction::Upload);
     let done = BlobStreamResponse::UploadDone {
         expires_at_ms: reported_expiry(meta.expires_at),
     };
@@ -345,7 +346,11 @@ async fn write_out(
         .await?;
         buf = back;
         match appended {
-            Ok(len) => return Ok((buf, len)),
+            Ok(len) => {
+                let n = buf.as_slice().len();
+                crate::metrics::blob_bytes(crate::metrics::Direction::Upload, n);
+                return Ok((buf, len));
+            }
             // Over the account's rate: the relay slows the upload down.
             Err(BlobError::RateLimited { retry_after }) => {
                 tokio::time::sleep(retry_after).await;
@@ -379,9 +384,12 @@ async fn download(
         reader = back;
         // None early: the file is shorter than its record; the client sees a short blob.
         let Some(chunk) = chunk? else { break };
+        let n = chunk.len();
         if send.write_chunk(chunk).await.is_err() {
             return Ok(());
         }
+        crate::metrics::blob_bytes(crate::metrics::Direction::Download, n);
     }
+    crate::metrics::blob_transfer(crate::metrics::Direction::Download);
     Ok(())
 }

@@ -76,6 +76,7 @@ pub(super) async fn sweep_loop(
         if !holds_sweep_lease(&services, every).await {
             continue;
         }
+        crate::metrics::sweep();
         // Deletions that failed part way (they log their own failures).
         if let Err(e) = deletion.sweep(RETRIES_PER_SWEEP).await {
             warn!(error = %e, "pending account deletions not read");
@@ -103,7 +104,10 @@ pub(super) async fn sweep_loop(
         .await;
         match swept {
             Ok(Ok(0)) => {}
-            Ok(Ok(n)) => info!(messages = n, "deleted expired messages"),
+            Ok(Ok(n)) => {
+                crate::metrics::expired(crate::metrics::Expired::Messages, n);
+                info!(messages = n, "deleted expired messages");
+            }
             Ok(Err(e)) => warn!(error = %e, "expiry sweep failed"),
             Err(e) => warn!(error = %e, "expiry sweep panicked"),
         }
@@ -111,6 +115,8 @@ pub(super) async fn sweep_loop(
         let swept = tokio::task::spawn_blocking(move || blobs.sweep(batch)).await;
         match swept {
             Ok(Ok(s)) if s.blobs + s.uploads + s.objects > 0 => {
+                crate::metrics::expired(crate::metrics::Expired::Blobs, s.blobs);
+                crate::metrics::expired(crate::metrics::Expired::Uploads, s.uploads);
                 info!(
                     blobs = s.blobs,
                     uploads = s.uploads,

@@ -105,10 +105,13 @@ impl GroupCommit {
         let Some(tx) = &self.tx else {
             return Ok(());
         };
+        let waited = std::time::Instant::now();
         let (done, wait) = oneshot::channel();
         tx.send((scope, done))
             .map_err(|_| StoreError::Backend("group commit stopped".into()))?;
-        match wait.await {
+        let answer = wait.await;
+        crate::metrics::commit_wait(waited.elapsed());
+        match answer {
             Ok(Ok(())) => Ok(()),
             // NoSpace stays NoSpace: a full disk at flush is refused as one at write.
             Ok(Err(e)) => Err(e),
@@ -141,7 +144,9 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
+        let began = std::time::Instant::now();
         let (mailboxes, rest) = flush.flush_parts();
+        crate::metrics::group_commit(batch.len(), began.elapsed());
         let all = mailboxes.clone().and(rest);
         flushes.fetch_add(1, Ordering::Relaxed);
         for (scope, w) in batch {

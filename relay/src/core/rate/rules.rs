@@ -1,5 +1,6 @@
 //! The relay's rate rules, one [`KeyedLimit`] each, built from `[rate_limits]`.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tern_platform::clock::Clock;
@@ -8,6 +9,33 @@ use tern_proto::{AccountId, DeviceAddress};
 use super::{AddressPrefix, KeyedLimit, SenderKey};
 use crate::config::{PrekeyLimit, RateLimitsConfig};
 use crate::error::Result;
+
+/// The `[rate_limits]` keys [`RateLimits::reload`] puts in force without a restart.
+pub const RELOADABLE: &[&str] = &[
+    "registrations_per_prefix",
+    "max_devices_per_account",
+    "add_device_per_account",
+    "sends_per_account",
+    "sealed_sends_per_token",
+    "sealed_sends_per_prefix",
+    "intake_per_sender_per_mailbox",
+    "intake_above_queued",
+    "fetch_keys_per_requester",
+    "one_time_prekeys_per_device",
+    "over_prekey_limit",
+    "exports_per_account",
+    "key_packages_per_device",
+    "create_groups_per_prefix",
+    "group_commits_per_device",
+];
+
+/// `checked`, with a refusal counted under the limit's `[rate_limits]` key.
+fn counted(checked: Result<()>, kind: &'static str) -> Result<()> {
+    if checked.is_err() {
+        crate::metrics::rate_limited(kind);
+    }
+    checked
+}
 
 /// Every per-account and per-sender limit of the relay. The services call the checks;
 /// the relay calls [`RateLimits::housekeep`] every sweep interval.
@@ -25,9 +53,10 @@ pub struct RateLimits {
     key_packages_per_device: KeyedLimit<DeviceAddress>,
     create_groups: KeyedLimit<AddressPrefix>,
     group_commits: KeyedLimit<DeviceAddress>,
-    max_devices: usize,
-    intake_above_queued: u64,
-    over_prekey_limit: PrekeyLimit,
+    max_devices: AtomicUsize,
+    intake_above_queued: AtomicU64,
+    /// `over_prekey_limit = "refuse"`.
+    refuse_over_prekeys: AtomicBool,
 }
 
 impl RateLimits {
@@ -56,35 +85,71 @@ impl RateLimits {
             ),
             create_groups: KeyedLimit::new(config.create_groups_per_prefix, max, c.clone()),
             group_commits: KeyedLimit::new(config.group_commits_per_device, max, clock),
-            max_devices: config.max_devices_per_account,
-            intake_above_queued: config.intake_above_queued,
-            over_prekey_limit: config.over_prekey_limit,
+            max_devices: AtomicUsize::new(config.max_devices_per_account),
+            intake_above_queued: AtomicU64::new(config.intake_above_queued),
+            refuse_over_prekeys: AtomicBool::new(config.over_prekey_limit == PrekeyLimit::Refuse),
         }
+    }
+
+    /// Puts `config`'s values in force, keeping every bucket: the keys
+    /// [`RELOADABLE`] names (`tern-relay admin reload`).
+    pub fn reload(&self, config: &RateLimitsConfig) {
+        self.registrations.set_rate(config.registrations_per_prefix);
+        self.add_device.set_rate(config.add_device_per_account);
+        self.sends.set_rate(config.sends_per_account);
+        self.sealed_per_token
+            .set_rate(config.sealed_sends_per_token);
+        self.sealed_per_prefix
+            .set_rate(config.sealed_sends_per_prefix);
+        self.intake.set_rate(config.intake_per_sender_per_mailbox);
+        self.fetch_per_requester
+            .set_rate(config.fetch_keys_per_requester);
+        self.one_time_per_device
+            .set_rate(config.one_time_prekeys_per_device);
+        self.exports.set_rate(config.exports_per_account);
+        self.key_packages_per_device
+            .set_rate(config.key_packages_per_device);
+        self.create_groups.set_rate(config.create_groups_per_prefix);
+        self.group_commits.set_rate(config.group_commits_per_device);
+        let relaxed = Ordering::Relaxed;
+        self.max_devices
+            .store(config.max_devices_per_account, relaxed);
+        self.intake_above_queued
+            .store(config.intake_above_queued, relaxed);
+        let refuse = config.over_prekey_limit == PrekeyLimit::Refuse;
+        self.refuse_over_prekeys.store(refuse, relaxed);
     }
 
     /// A registration from `prefix`.
     pub fn registration(&self, prefix: AddressPrefix) -> Result<()> {
-        self.registrations.check(&prefix)
+        counted(
+            self.registrations.check(&prefix),
+            "registrations_per_prefix",
+        )
     }
 
     /// An `AddDevice` for `account`.
     pub fn add_device(&self, account: &AccountId) -> Result<()> {
-        self.add_device.check(account)
+        counted(self.add_device.check(account), "add_device_per_account")
     }
 
     /// Devices an account may have.
     pub fn max_devices(&self) -> usize {
-        self.max_devices
+        self.max_devices.load(Ordering::Relaxed)
     }
 
     /// `n` envelopes from `from` (before the mailbox is looked at): the sender
     /// account's rate, or for a sealed send the token's and the prefix's.
     pub fn send(&self, from: &SenderKey, to: &DeviceAddress, n: u32) -> Result<()> {
         match from {
-            SenderKey::Account(account) => self.sends.check_n(account, n),
+            SenderKey::Account(account) => {
+                counted(self.sends.check_n(account, n), "sends_per_account")
+            }
             SenderKey::Prefix(prefix) => {
-                self.sealed_per_token.check_n(&to.account, n)?;
-                self.sealed_per_prefix.check_n(prefix, n)
+                let token = self.sealed_per_token.check_n(&to.account, n);
+                counted(token, "sealed_sends_per_token")?;
+                let prefix = self.sealed_per_prefix.check_n(prefix, n);
+                counted(prefix, "sealed_sends_per_prefix")
             }
         }
     }
@@ -92,40 +157,47 @@ impl RateLimits {
     /// A multi-recipient send from `prefix`: one unit of the prefix's sealed-send
     /// rate for the whole send, whatever its number of recipients.
     pub fn multi_send(&self, prefix: &AddressPrefix) -> Result<()> {
-        self.sealed_per_prefix.check(prefix)
+        counted(
+            self.sealed_per_prefix.check(prefix),
+            "sealed_sends_per_prefix",
+        )
     }
 
     /// One unit of `account`'s sealed-send rate (per token) for its devices in a
     /// multi-recipient send.
     pub fn multi_send_to(&self, account: &AccountId) -> Result<()> {
-        self.sealed_per_token.check(account)
+        counted(
+            self.sealed_per_token.check(account),
+            "sealed_sends_per_token",
+        )
     }
 
     /// `n` envelopes from `from` into the mailbox `to`, which holds `queued` messages.
     pub fn intake(&self, from: &SenderKey, to: &DeviceAddress, queued: u64, n: u32) -> Result<()> {
-        if queued < self.intake_above_queued {
+        if queued < self.intake_above_queued.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.intake.check_n(&(*to, *from), n)
+        let checked = self.intake.check_n(&(*to, *from), n);
+        counted(checked, "intake_per_sender_per_mailbox")
     }
 
     /// A `FetchKeys` from `requester`: an authenticated device's account, or for a
     /// fetch with a delivery token on a connection that is not authenticated, the
     /// address prefix it came from.
     pub fn fetch_keys(&self, requester: &SenderKey) -> Result<()> {
-        self.fetch_per_requester.check(requester)
+        let checked = self.fetch_per_requester.check(requester);
+        counted(checked, "fetch_keys_per_requester")
     }
 
     /// Whether a fetch may take one of `device`'s one-time prekeys: `Ok(true)` yes,
     /// `Ok(false)` answer without one, `Err` refuse (as configured).
     pub fn take_one_time_prekey(&self, device: &DeviceAddress) -> Result<bool> {
-        match (
-            self.one_time_per_device.check(device),
-            self.over_prekey_limit,
-        ) {
+        let refuse = self.refuse_over_prekeys.load(Ordering::Relaxed);
+        let checked = self.one_time_per_device.check(device);
+        match (counted(checked, "one_time_prekeys_per_device"), refuse) {
             (Ok(()), _) => Ok(true),
-            (Err(_), PrekeyLimit::Withhold) => Ok(false),
-            (Err(e), PrekeyLimit::Refuse) => Err(e),
+            (Err(_), false) => Ok(false),
+            (Err(e), true) => Err(e),
         }
     }
 
@@ -138,20 +210,23 @@ impl RateLimits {
     /// A group commit's or welcome's entry into `to`, which holds `queued` messages:
     /// counted, as the intake, only while the mailbox is that full.
     pub fn group_commit_to(&self, to: &DeviceAddress, queued: u64) -> Result<()> {
-        if queued < self.intake_above_queued {
+        if queued < self.intake_above_queued.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.group_commits.check(to)
+        counted(self.group_commits.check(to), "group_commits_per_device")
     }
 
     /// A `CreateGroup` from `prefix`.
     pub fn create_group(&self, prefix: AddressPrefix) -> Result<()> {
-        self.create_groups.check(&prefix)
+        counted(
+            self.create_groups.check(&prefix),
+            "create_groups_per_prefix",
+        )
     }
 
     /// An account export asked for by `account`.
     pub fn export(&self, account: &AccountId) -> Result<()> {
-        self.exports.check(account)
+        counted(self.exports.check(account), "exports_per_account")
     }
 
     /// Forgets keys whose buckets have refilled, in every limit.

@@ -18,6 +18,9 @@ impl Session {
             }
             Err(e) => Err(e),
         };
+        if result.is_ok() {
+            crate::metrics::discovery_evaluations(blinded.len());
+        }
         self.reply(id, result.map(Reply::DiscoveryEvaluated)).await
     }
 

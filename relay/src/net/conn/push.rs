@@ -99,6 +99,9 @@ pub(super) async fn deliver(
                         Ok(acked) => acked.commit().await,
                         Err(e) => Err(e),
                     };
+                    if let Ok(r) = &result {
+                        crate::metrics::acked(r.messages);
+                    }
                     let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
                     let _ = out.send(response(cmd.request_id, reply)).await;
                     drop(permit);
@@ -135,11 +138,13 @@ pub(super) async fn deliver(
         }
         // What a partly failed pull found is in the window: pushed now, or never on
         // this connection.
+        let pushed = pull.messages.len();
         for m in pull.messages {
             if out.send(delivery(m)).await.is_err() {
                 return;
             }
         }
+        crate::metrics::delivered(pushed);
         if pull.queue_empty {
             let empty = ServerMessage::QueueEmpty.into();
             if out.send(Box::new(empty)).await.is_err() {

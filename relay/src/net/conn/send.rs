@@ -28,7 +28,9 @@ impl Session {
             let to = services
                 .accounts()
                 .listed_recipient(&sender, to, list_version)?;
-            services.mailboxes().append(&to, &envelopes)
+            let appended = services.mailboxes().append(&to, &envelopes)?;
+            crate::metrics::sent(crate::metrics::SendKind::Direct, envelopes.len());
+            Ok(appended)
         })
         .await;
     }
@@ -47,7 +49,9 @@ impl Session {
         self.ordered_send(id, |services| {
             let accounts = services.accounts();
             let to = accounts.listed_sealed_recipient(to, &token, from, list_version)?;
-            services.mailboxes().append(&to, &envelopes)
+            let appended = services.mailboxes().append(&to, &envelopes)?;
+            crate::metrics::sent(crate::metrics::SendKind::Sealed, envelopes.len());
+            Ok(appended)
         })
         .await
     }
@@ -61,7 +65,13 @@ impl Session {
             return;
         }
         let from = self.prefix;
-        let sent = self.ordered_send(id, |services| append_multi(services, &send, from, false));
+        let sent = self.ordered_send(id, |services| {
+            let appended = append_multi(services, &send, from, false)?;
+            if appended.accepted() > 0 {
+                crate::metrics::sent(crate::metrics::SendKind::Multi, appended.accepted());
+            }
+            Ok(appended)
+        });
         if sent.await {
             self.anonymous_request();
         }

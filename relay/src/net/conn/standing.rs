@@ -115,6 +115,9 @@ impl Session {
         if !self.admission.promote() {
             return false;
         }
+        if self.standing != Standing::Anonymous {
+            crate::metrics::connection(crate::metrics::ConnKind::Anonymous);
+        }
         self.standing = Standing::Anonymous;
         self.deadline = tokio::time::Instant::now() + self.settings.anonymous_idle;
         true
@@ -122,6 +125,9 @@ impl Session {
 
     /// Lifts the limits before authentication once authenticated.
     pub(super) fn authenticated_now(&mut self) {
+        if self.standing != Standing::Authenticated {
+            crate::metrics::connection(crate::metrics::ConnKind::Authenticated);
+        }
         self.standing = Standing::Authenticated;
         let window = quinn::VarInt::from_u32(self.settings.authenticated_receive_window);
         self.conn.set_receive_window(window);

@@ -600,6 +600,7 @@ impl Shared {
                 files.push(s);
             }
         }
+        let began = std::time::Instant::now();
         let synced = files
             .iter()
             .try_for_each(|s| s.file.sync_data())
@@ -611,6 +612,9 @@ impl Shared {
                     Ok(())
                 }
             });
+        if !files.is_empty() {
+            crate::metrics::fsync(began.elapsed());
+        }
         if let Err(e) = &synced {
             self.fail(e);
         }
