@@ -32,6 +32,29 @@ enum Command {
     /// Operator commands on a stopped relay's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
+    // Engineer B (issue 18 items 4-7): configuration files.
+    /// Write a configuration file with every key, its default and its meaning
+    /// (commented), to FILE (which must not exist) or standard output.
+    Init(InitArgs),
+    /// Check a configuration file: every problem is named at once (unknown keys,
+    /// wrong types, bad values, rules between keys and those checked at start); the
+    /// exit code is non-zero if there is one.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Parser)]
+struct InitArgs {
+    /// Where to write; standard output if omitted.
+    file: Option<PathBuf>,
+    /// Print the Markdown table of every key instead (README.md's).
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Parser)]
+struct CheckConfigArgs {
+    /// The TOML configuration file.
+    file: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +143,9 @@ struct ServeArgs {
     /// Log filter (tracing-subscriber syntax), e.g. "info" or "tern_relay=debug".
     #[arg(long, env = "TERN_LOG", default_value = "info")]
     log: String,
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: crate::logging::LogFormat,
 }
 
 /// Parses the command line and runs the command; what `tern-relay` does.
@@ -130,6 +156,8 @@ pub fn main() -> ExitCode {
         Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
         Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
         Command::Admin(AdminCommand::Migrate(args)) => migrate(args),
+        Command::Init(args) => init(args),
+        Command::CheckConfig(args) => check_config(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -141,14 +169,8 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            crate::logging::filter(&args.log).map_err(|e| format!("--log {}: {e}", args.log))?,
-        )
-        .with_writer(std::io::stderr)
-        // Dependencies' lines may name peers: every line is redacted (P9).
-        .event_format(crate::logging::Redacting(tracing_subscriber::fmt::format()))
-        .init();
+    // Dependencies' lines may name peers: every line is redacted (P9).
+    crate::logging::install(&args.log, args.log_format)?;
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -182,6 +204,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         // The address goes to stdout, on its own line, for people and scripts.
         println!("tern-relay listening on {}", relay.address());
         info!(durability = ?config.durability, "relay started");
+        // systemd's Type=notify: ready once serving (nothing without NOTIFY_SOCKET).
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!(error = %e, "could not tell the service manager the relay is ready");
+        }
         if crate::store::fault::COMPILED_IN && std::env::var_os(crate::store::fault::VAR).is_some()
         {
             warn!(
@@ -191,6 +217,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         }
         wait_for_signal().await?;
         info!("shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         relay.shutdown().await?;
         info!("stopped");
         Ok::<_, Box<dyn std::error::Error>>(())
@@ -318,6 +345,43 @@ fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
         deleted.devices, deleted.messages, deleted.uploads
     );
     Ok(())
+}
+
+fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let text = if args.markdown {
+        crate::config::reference::markdown_table()
+    } else {
+        crate::config::reference::init_toml()
+    };
+    match &args.file {
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn check_config(args: CheckConfigArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| format!("reading {}: {e}", args.file.display()))?;
+    let problems = crate::config::reference::check(&text);
+    if problems.is_empty() {
+        println!("{}: ok", args.file.display());
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{}: {p}", args.file.display());
+    }
+    Err(format!("{} problem(s) in {}", problems.len(), args.file.display()).into())
 }
 
 async fn wait_for_signal() -> std::io::Result<()> {

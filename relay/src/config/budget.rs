@@ -3,14 +3,15 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::budget::BudgetLimits;
 use crate::error::{Error, Result};
 
 /// Relay-wide budgets; past one, or under the disk reserve, new sends, uploads,
 /// registrations and key uploads are refused, while drains, acks and deletions work.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BudgetConfig {
     /// Messages queued across every mailbox.
@@ -28,6 +29,7 @@ pub struct BudgetConfig {
     pub min_free_disk_percent: u8,
     /// How often free space is sampled.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub disk_check_interval: Duration,
 }
 
