@@ -50,13 +50,13 @@ pub struct Config {
     pub durability: Durability,
     /// Certificate; self-signed when absent.
     pub tls: TlsConfig,
-    /// Limits.
+    /// Per-device queues, frames, batches, connections and the delivery window.
     pub limits: LimitsConfig,
     /// Per-account and per-sender limits.
     pub rate_limits: RateLimitsConfig,
-    /// Expiry.
+    /// How long undelivered messages are kept, and the sweeper that deletes them.
     pub expiry: ExpiryConfig,
-    /// Storage tuning.
+    /// Where the state lives (this directory or PostgreSQL) and storage tuning.
     pub storage: StorageConfig,
     /// Encrypted media (attachments).
     pub media: MediaConfig,

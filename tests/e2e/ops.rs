@@ -31,7 +31,7 @@ async fn init_writes_a_config_a_relay_starts_on_and_check_config_names_every_pro
     let out = run(&["init", f]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let written = std::fs::read_to_string(&file).unwrap();
-    assert!(written.contains("[rate_limits]") && written.contains("# message_ttl") == false);
+    assert!(written.contains("\n[expiry]\n") && written.contains("\nmessage_ttl = \"30days\"\n"));
     assert!(
         !run(&["init", f]).status.success(),
         "init never overwrites a file"

@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 pub struct BudgetConfig {
     /// Messages queued across every mailbox.
     pub max_queued_messages: u64,
-    /// Their payload bytes.
+    /// Payload bytes queued across every mailbox.
     pub max_queued_bytes: u64,
     /// The mailbox index's estimated memory (per message and per mailbox).
     pub max_index_bytes: u64,
@@ -25,7 +25,8 @@ pub struct BudgetConfig {
     /// Free bytes below which the reserve holds, on each file system of the data
     /// directory...
     pub min_free_disk_bytes: u64,
-    /// ...or this percentage of its size, whichever is more.
+    /// The reserve as a percentage of the file system's size, when that is more than
+    /// `min_free_disk_bytes` (0: bytes only).
     pub min_free_disk_percent: u8,
     /// How often free space is sampled.
     #[serde(with = "humantime_serde")]

@@ -58,7 +58,7 @@ pub struct ConnectionsConfig {
     /// Connection flow-control window (bytes the peer may have in flight) before
     /// authentication.
     pub unauthenticated_receive_window: u32,
-    /// The same window once authenticated.
+    /// The connection flow-control window once authenticated.
     pub authenticated_receive_window: u32,
 }
 

@@ -268,17 +268,19 @@ fn inline(v: &toml::Value) -> String {
 }
 
 fn choices_text(key: &Key) -> String {
-    key.choices
+    let text: Vec<String> = key
+        .choices
         .iter()
         .map(|(v, d)| {
+            let d = d.trim_end_matches('.');
             if d.is_empty() {
                 format!("\"{v}\"")
             } else {
-                format!("\"{v}\": {d}")
+                format!("\"{v}\" ({d})")
             }
         })
-        .collect::<Vec<_>>()
-        .join("; ")
+        .collect();
+    format!("One of {}.", text.join(", "))
 }
 
 /// The commented configuration `tern-relay init` writes: every key with its meaning
@@ -307,7 +309,7 @@ pub fn init_toml() -> String {
         for key in &section.keys {
             comment(&mut out, "# ", &key.doc);
             if !key.choices.is_empty() {
-                comment(&mut out, "#   ", &format!("One of {}.", choices_text(key)));
+                comment(&mut out, "#   ", &choices_text(key));
             }
             match &key.default {
                 Some(v) => out.push_str(&format!("{c}{} = {}\n", key.name, inline(v))),
@@ -330,7 +332,8 @@ pub fn markdown_table() -> String {
         };
         let mut doc = key.doc.clone();
         if !key.choices.is_empty() {
-            doc.push_str(&format!(" One of {}.", choices_text(&key)));
+            doc.push(' ');
+            doc.push_str(&choices_text(&key));
         }
         out.push_str(&format!(
             "| `{}` | {} | {} |\n",
