@@ -34,6 +34,29 @@ enum Command {
     /// stopped relay's data directory.
     #[command(subcommand)]
     Admin(AdminCommand),
+    // Engineer B (issue 18 items 4-7): configuration files.
+    /// Write a configuration file with every key, its default and its meaning
+    /// (commented), to FILE (which must not exist) or standard output.
+    Init(InitArgs),
+    /// Check a configuration file: every problem is named at once (unknown keys,
+    /// wrong types, bad values, rules between keys and those checked at start); the
+    /// exit code is non-zero if there is one.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(Parser)]
+struct InitArgs {
+    /// Where to write; standard output if omitted.
+    file: Option<PathBuf>,
+    /// Print the Markdown table of every key instead (README.md's).
+    #[arg(long)]
+    markdown: bool,
+}
+
+#[derive(Parser)]
+struct CheckConfigArgs {
+    /// The TOML configuration file.
+    file: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -176,6 +199,9 @@ struct ServeArgs {
     /// the relay's port + 1), "off", or an address; overrides `[admin] listen`.
     #[arg(long, env = "TERN_ADMIN_LISTEN")]
     admin_listen: Option<crate::config::AdminListen>,
+    /// Log lines as text, or as one JSON object per line.
+    #[arg(long, env = "TERN_LOG_FORMAT", value_enum, default_value_t)]
+    log_format: crate::logging::LogFormat,
 }
 
 /// Parses the command line and runs the command; what `tern-relay` does.
@@ -189,6 +215,8 @@ pub fn main() -> ExitCode {
         Command::Admin(AdminCommand::Stats(args)) => stats(args),
         Command::Admin(AdminCommand::ListDevices(args)) => list_devices(args),
         Command::Admin(AdminCommand::Reload(args)) => reload(args),
+        Command::Init(args) => init(args),
+        Command::CheckConfig(args) => check_config(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -200,14 +228,8 @@ pub fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            crate::logging::filter(&args.log).map_err(|e| format!("--log {}: {e}", args.log))?,
-        )
-        .with_writer(std::io::stderr)
-        // Dependencies' lines may name peers: every line is redacted (P9).
-        .event_format(crate::logging::Redacting(tracing_subscriber::fmt::format()))
-        .init();
+    // Dependencies' lines may name peers: every line is redacted (P9).
+    crate::logging::install(&args.log, args.log_format)?;
     let config = serve_config(&args)?;
     crate::store::fault::refuse_unless_compiled_in()?;
 
@@ -215,6 +237,9 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Before anything is announced: a SIGTERM right after readiness stops cleanly.
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let relay = Relay::start(&config, Arc::new(SystemClock)).await?;
         // The address goes to stdout, on its own line, for people and scripts.
         println!("tern-relay listening on {}", relay.address());
@@ -226,6 +251,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             relay.set_config_source(Box::new(move || serve_config(&args)));
         }
         info!(durability = ?config.durability, "relay started");
+        // systemd's Type=notify: ready once serving (nothing without NOTIFY_SOCKET).
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!(error = %e, "could not tell the service manager the relay is ready");
+        }
         if crate::store::fault::COMPILED_IN && std::env::var_os(crate::store::fault::VAR).is_some()
         {
             warn!(
@@ -233,8 +262,12 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
                 crate::store::fault::VAR
             );
         }
-        wait_for_signal().await?;
+        #[cfg(unix)]
+        wait_for_signal(&mut term).await?;
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await?;
         info!("shutting down");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         relay.shutdown().await?;
         info!("stopped");
         Ok::<_, Box<dyn std::error::Error>>(())
@@ -562,17 +595,48 @@ fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
+fn init(args: InitArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write;
+    let text = if args.markdown {
+        crate::config::reference::markdown_table()
+    } else {
+        crate::config::reference::init_toml()
+    };
+    match &args.file {
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+        Some(path) => {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+            eprintln!("wrote {}", path.display());
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn check_config(args: CheckConfigArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| format!("reading {}: {e}", args.file.display()))?;
+    let problems = crate::config::reference::check(&text);
+    if problems.is_empty() {
+        println!("{}: ok", args.file.display());
+        return Ok(());
+    }
+    for p in &problems {
+        println!("{}: {p}", args.file.display());
+    }
+    Err(format!("{} problem(s) in {}", problems.len(), args.file.display()).into())
+}
+
+#[cfg(unix)]
+async fn wait_for_signal(term: &mut tokio::signal::unix::Signal) -> std::io::Result<()> {
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }

@@ -1,145 +1,18 @@
 //! Relay configuration: defaults that run with no file at all, a TOML file for the
 //! rest, and command-line flags over both.
 //!
-//! ```toml
-//! data_dir = "./tern-data"
-//! listen = "127.0.0.1:7443"
-//! durability = "fsync"          # or "os"
-//! advertise_host = "relay.example.org"  # host in the printed address
-//!
-//! [tls]                         # omit for a self-signed certificate kept in data_dir
-//! cert = "/etc/tern/cert.pem"
-//! key = "/etc/tern/key.pem"
-//!
-//! [limits]
-//! max_envelope_bytes = 262144
-//! max_batch = 1024
-//! max_queued_messages = 20000   # per device
-//! max_queued_bytes = 268435456  # per device
-//! max_frame_bytes = 4194304
-//! max_connections = 10000
-//! max_requests_per_connection = 1024
-//! delivery_window = 256         # unacknowledged pushes per connection
-//! delivery_window_bytes = 4194304  # and their payload bytes (one push always fits)
-//!
-//! [rate_limits]                 # "N/period": a burst of N, refilled over the period
-//! registrations_per_prefix = "30/1h"     # per IPv4 address or IPv6 /64
-//! max_devices_per_account = 6    # the primary and 5 linked devices
-//! add_device_per_account = "5/1day"
-//! linked_device_idle_days = 45   # 0 = never
-//! max_provisioning_slots = 1000
-//! provisioning_per_prefix = "10/1h"
-//! provisioning_takes_per_prefix = "1200/1h"
-//! sends_per_account = "1000/1m"          # envelopes
-//! sealed_sends_per_token = "600/1m"      # envelopes to one account
-//! sealed_sends_per_prefix = "600/1m"     # envelopes from one address or /64
-//! intake_per_sender_per_mailbox = "500/1day"
-//! intake_above_queued = 1000    # ...counted once a mailbox holds this many
-//! fetch_keys_per_requester = "200/1h"
-//! one_time_prekeys_per_device = "75/1day"
-//! over_prekey_limit = "withhold"  # or "refuse"
-//! max_keys = 1000000            # per limit, about 100 bytes each
-//!
-//! [connections]                 # before authentication; see net/admission.rs
-//! max_unauthenticated = 2000    # connections not yet authenticated nor anonymous
-//! max_per_address = 32          # open connections per IPv4 address or IPv6 /64
-//! max_handshakes_per_address = 8
-//! ipv4_prefix_bits = 32         # what counts as one address
-//! ipv6_prefix_bits = 64
-//! retry = "under_load"          # QUIC address validation: "always", "under_load", "never"
-//! retry_above_handshakes = 64   # handshakes in progress that count as load
-//! auth_deadline = "10s"         # to authenticate or make an anonymous request
-//! anonymous_idle = "5m"         # an anonymous connection with no request is closed
-//! unauthenticated_frame_bytes = 270336
-//! unauthenticated_receive_window = 524288
-//! authenticated_receive_window = 16777216
-//!
-//! [budget]                    # relay-wide; see ARCHITECTURE.md "Budgets and a full disk"
-//! max_queued_messages = 5000000 # across every mailbox
-//! max_queued_bytes = 53687091200  # their payload bytes (50 GiB)
-//! max_index_bytes = 1073741824  # estimated memory of the mailbox index
-//! max_blob_bytes = 107374182400 # finished blobs (100 GiB)
-//! min_free_disk_bytes = 1073741824  # below this free space (or the percentage below,
-//! min_free_disk_percent = 0     # whichever is more) sends and uploads are refused
-//! disk_check_interval = "1s"    # how often free space is sampled
-//!
-//! [expiry]
-//! message_ttl = "30days"        # at most 30 days
-//! sweep_interval = "1m"
-//! sweep_batch = 10000
-//!
-//! [storage]
-//! backend = "embedded"          # or "postgres": nodes sharing one database ([postgres])
-//! cache_mb = 256                # sled's page cache
-//! mailboxes = "log"             # "log" (segment files, index in memory) or "sled"
-//! segment_mb = 64               # mailbox log segment size
-//!
-//! [media]
-//! max_blob_bytes = 2147483648   # 2 GiB
-//! max_concurrent_uploads = 4    # per account
-//! max_unfinished_uploads = 16   # per account, running or waiting for a resume
-//! max_account_bytes = 21474836480  # charged per upload until its blob's expiry day
-//! max_upload_bytes_per_sec = 209715200
-//! blob_ttl = "30days"           # after the last upload or forward; at most 30 days
-//! abandon_after = "1day"        # uploads with no progress
-//!
-//! [objects]                     # omit: blob bytes in files under data_dir/blobs
-//! url = "s3://tern-blobs"       # an S3-compatible bucket holds blob bytes instead
-//! endpoint = "https://s3.example.org"  # omit for AWS (by region)
-//! region = "us-east-1"
-//! access_key_env = "TERN_S3_ACCESS_KEY"  # names of environment variables holding
-//! secret_key_env = "TERN_S3_SECRET_KEY"  # the keys (never the keys themselves)
-//! allow_http = false            # http:// endpoints only with this
-//! part_mb = 8                   # upload part size, at least 5; one buffered per upload
-//! buffer_mb = 256               # upload buffers per node, in parts; past it: UNAVAILABLE
-//! timeout = "30s"               # deadline of each request (+1 s per 16 MiB copied)
-//!
-//! [discovery]                   # contact discovery; see ARCHITECTURE.md "Discovery"
-//! enabled = true
-//! per_account = { burst = 50000, refill = "6/1h" }   # evaluated numbers per account
-//! per_prefix = { burst = 100000, refill = "60/1h" }  # ...per IPv4 address or IPv6 /64
-//! lookups_per_account = { burst = 10000, refill = "100/1h" }  # tags looked up
-//! keep_deltas = 30              # daily filter deltas kept; older clients get a snapshot
-//! max_concurrent_evaluations = 1  # batches evaluated at once (default: half the cores)
-//! max_queued_evaluations = 16   # batches waiting for those; more: UNAVAILABLE + retry
-//! filter_parts_per_prefix = "600/1h"  # filter parts downloaded per IPv4 / IPv6 /64
-//! default_discoverable = true   # a newly verified number can be found
-//!
-//! [verification]                # phone numbers; see ARCHITECTURE.md "Phone verification"
-//! verifier = "none"             # "none" (starts are UNAVAILABLE), "webhook" or "dev-file"
-//! allow_dev_verifier = false    # "dev-file" needs this or --allow-dev-verifier
-//! code_ttl = "10m"              # a code's lifetime (at most 1h)
-//! max_attempts = 5              # codes a session accepts
-//! starts_per_number = "3/1h"    # keyed by an HMAC of the number (per-process key)
-//! starts_per_prefix = "10/1h"   # per IPv4 address or IPv6 /64
-//! starts_per_account = "5/1day"
-//! sweep_interval = "1m"         # expired sessions dropped
-//! [verification.webhook]        # for verifier = "webhook"
-//! url = "https://sms.example.org/send"  # POST {"to","code","message"} (JSON)
-//! bearer_token_file = "/etc/tern/sms-token"  # optional: Authorization: Bearer <token>
-//! timeout = "10s"
-//! allow_http = false            # http:// only with this, and only to a loopback host
-//!
-//! [postgres]                    # for storage.backend = "postgres"
-//! url = "host=db1,db2 dbname=tern user=tern target_session_attrs=read-write"
-//! password_file = "/etc/tern/pg-password"  # optional
-//! pool_size = 16                # connections per node
-//! connect_timeout = "2s"
-//! statement_timeout = "2s"      # past it a request fails as UNAVAILABLE
-//! ca_file = "/etc/tern/pg-ca.pem"  # TLS to the database (required when set)
-//! node_id = "relay-1"           # default: host name + random suffix
-//! recheck_interval = "1s"       # connected mailboxes re-read (lost notifications)
-//! notify = true                 # LISTEN/NOTIFY between nodes; false: re-check only
-//!
-//! [admin]                       # metrics, health, admin commands; see ARCHITECTURE.md
-//! listen = "auto"               # 127.0.0.1 on the relay's port + 1; "off", or an address
-//! ```
+//! Every key, its default and its meaning are read from the types below (their doc
+//! comments, through `schemars`) by [`reference`]: `tern-relay init` writes them as a
+//! commented file, `tern-relay check-config` checks a file against them, and README.md's
+//! table is generated from them (a test holds it current). A key's doc comment is
+//! therefore what an operator reads: write it for them.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::expiry::Ttl;
 use crate::core::limits::Limits;
@@ -153,6 +26,7 @@ mod discovery;
 mod objects;
 mod postgres;
 mod rate;
+pub mod reference;
 mod verification;
 
 pub use self::admin::{AdminConfig, AdminListen};
@@ -165,7 +39,7 @@ pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};
 pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
 
 /// The relay's configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where the database and the self-signed certificate live.
@@ -178,13 +52,13 @@ pub struct Config {
     pub durability: Durability,
     /// Certificate; self-signed when absent.
     pub tls: TlsConfig,
-    /// Limits.
+    /// Per-device queues, frames, batches, connections and the delivery window.
     pub limits: LimitsConfig,
     /// Per-account and per-sender limits.
     pub rate_limits: RateLimitsConfig,
-    /// Expiry.
+    /// How long undelivered messages are kept, and the sweeper that deletes them.
     pub expiry: ExpiryConfig,
-    /// Storage tuning.
+    /// Where the state lives (this directory or PostgreSQL) and storage tuning.
     pub storage: StorageConfig,
     /// Encrypted media (attachments).
     pub media: MediaConfig,
@@ -205,7 +79,7 @@ pub struct Config {
 }
 
 /// Media limits and lifetime.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MediaConfig {
     /// Largest blob, bytes.
@@ -221,9 +95,11 @@ pub struct MediaConfig {
     pub max_upload_bytes_per_sec: u64,
     /// How long a blob lives after its last upload or forward; at most 30 days.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub blob_ttl: Duration,
     /// When an upload with no progress is deleted.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub abandon_after: Duration,
 }
 
@@ -244,7 +120,7 @@ impl Default for MediaConfig {
 }
 
 /// A certificate chain and key in PEM files.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
@@ -254,7 +130,7 @@ pub struct TlsConfig {
 }
 
 /// Limits; see [`Limits`] for the mailbox ones.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest envelope payload.
@@ -283,21 +159,23 @@ pub struct LimitsConfig {
 }
 
 /// Expiry.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExpiryConfig {
     /// How long an undelivered message is kept; at most 30 days.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub message_ttl: Duration,
     /// How often the sweeper deletes expired messages.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub sweep_interval: Duration,
     /// Messages deleted per sweeper step.
     pub sweep_batch: usize,
 }
 
 /// Storage tuning.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Where the relay keeps its state: its own data directory, or a PostgreSQL
@@ -312,7 +190,7 @@ pub struct StorageConfig {
 }
 
 /// Where the relay keeps its state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StorageBackend {
     /// The data directory: the mailbox log and sled (one node, nothing to set up).
@@ -323,7 +201,7 @@ pub enum StorageBackend {
 }
 
 /// Where queued envelopes live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MailboxBackend {
     /// An append-only log of segment files, index in memory (the default: the fast
@@ -405,8 +283,15 @@ impl Config {
         Self::from_toml(&text)
     }
 
-    /// Parses TOML text.
+    /// Parses TOML text and checks the values.
     pub fn from_toml(text: &str) -> Result<Config> {
+        let config = Self::parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without checking the values against each other.
+    pub(crate) fn parse(text: &str) -> Result<Config> {
         let mut config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
         if let Some(n) = config.limits.registrations_per_address_per_minute {
             config.rate_limits.registrations_per_prefix =
@@ -414,58 +299,90 @@ impl Config {
                     Error::Config("limits.registrations_per_address_per_minute is 0".into())
                 })?;
         }
-        config.validate()?;
         Ok(config)
     }
 
-    /// Checks the values make sense together.
+    /// Checks the values make sense together: the first problem, if any.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        if self.message_ttl().is_none() {
-            return bad("expiry.message_ttl must be more than zero and at most 30 days");
+        match self.problems().into_iter().next() {
+            Some(m) => Err(Error::Config(m)),
+            None => Ok(()),
         }
+    }
+
+    /// Every problem [`Config::validate`] finds, each named by its key (one per
+    /// check: a section's own checks stop at its first).
+    pub fn problems(&self) -> Vec<String> {
+        let check = |ok: bool, m: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::Config(m.into()))
+            }
+        };
         let m = &self.media;
-        if m.blob_ttl.is_zero() || m.blob_ttl > Duration::from_secs(30 * 24 * 3600) {
-            return bad("media.blob_ttl must be more than zero and at most 30 days");
-        }
-        if m.max_blob_bytes == 0 || m.max_concurrent_uploads == 0 || m.max_upload_bytes_per_sec == 0
-        {
-            return bad("media limits must be more than zero");
-        }
-        if self.expiry.sweep_interval.is_zero() || self.expiry.sweep_batch == 0 {
-            return bad("expiry.sweep_interval and expiry.sweep_batch must be more than zero");
-        }
         let l = &self.limits;
-        if l.max_envelope_bytes == 0
-            || l.max_batch == 0
-            || l.delivery_window == 0
-            || l.delivery_window_bytes == 0
-        {
-            return bad("limits must be more than zero");
-        }
-        if l.max_connections == 0 || l.max_requests_per_connection == 0 {
-            return bad("connection limits must be more than zero");
-        }
-        // A frame must hold at least one envelope of the largest size and its framing.
-        if l.max_frame_bytes < l.max_envelope_bytes + 1024 {
-            return bad("limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB");
-        }
-        self.connections.validate(l)?;
-        if self.storage.segment_mb == 0 || self.storage.segment_mb > 1024 {
-            return bad("storage.segment_mb must be from 1 to 1024");
-        }
-        self.rate_limits.validate().map_err(Error::Config)?;
-        self.budget.validate()?;
-        self.discovery.validate()?;
-        self.verification.validate()?;
-        self.postgres
-            .validate(self.storage.backend == StorageBackend::Postgres)?;
-        self.objects.validate()?;
-        self.admin.validate()?;
-        if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return bad("tls.cert and tls.key go together");
-        }
-        Ok(())
+        let checks = [
+            check(
+                self.message_ttl().is_some(),
+                "expiry.message_ttl must be more than zero and at most 30 days",
+            ),
+            check(
+                !m.blob_ttl.is_zero() && m.blob_ttl <= Duration::from_secs(30 * 24 * 3600),
+                "media.blob_ttl must be more than zero and at most 30 days",
+            ),
+            check(
+                m.max_blob_bytes != 0
+                    && m.max_concurrent_uploads != 0
+                    && m.max_upload_bytes_per_sec != 0,
+                "media limits must be more than zero",
+            ),
+            check(
+                !self.expiry.sweep_interval.is_zero() && self.expiry.sweep_batch != 0,
+                "expiry.sweep_interval and expiry.sweep_batch must be more than zero",
+            ),
+            check(
+                l.max_envelope_bytes != 0
+                    && l.max_batch != 0
+                    && l.delivery_window != 0
+                    && l.delivery_window_bytes != 0,
+                "limits must be more than zero",
+            ),
+            check(
+                l.max_connections != 0 && l.max_requests_per_connection != 0,
+                "connection limits must be more than zero",
+            ),
+            // A frame must hold at least one envelope of the largest size and its framing.
+            check(
+                l.max_frame_bytes >= l.max_envelope_bytes.saturating_add(1024),
+                "limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB",
+            ),
+            self.connections.validate(l),
+            check(
+                (1..=1024).contains(&self.storage.segment_mb),
+                "storage.segment_mb must be from 1 to 1024",
+            ),
+            self.rate_limits.validate().map_err(Error::Config),
+            self.budget.validate(),
+            self.discovery.validate(),
+            self.verification.validate(),
+            self.postgres
+                .validate(self.storage.backend == StorageBackend::Postgres),
+            self.objects.validate(),
+            self.admin.validate(),
+            check(
+                self.tls.cert.is_some() == self.tls.key.is_some(),
+                "tls.cert and tls.key go together",
+            ),
+        ];
+        checks
+            .into_iter()
+            .filter_map(|c| match c {
+                Err(Error::Config(m)) => Some(m),
+                Err(e) => Some(e.to_string()),
+                Ok(()) => None,
+            })
+            .collect()
     }
 
     /// The message TTL, if valid (more than zero, at most 30 days).

@@ -3,7 +3,12 @@
 //! The relay's own lines never name a peer, but its dependencies' may: quinn-udp
 //! warns about a failed send with the destination address, and quinn-proto traces
 //! peers. [`Redacting`] wraps the event formatter: each formatted line goes through
-//! [`redact_addresses`] and [`redact_numbers`] before it is written, at every level.
+//! [`redact_addresses`] and [`redact_numbers`] before it is written, at every level,
+//! in either format ([`install`]: text or JSON, one object a line).
+//!
+//! Lines carry no ANSI colour codes: [`Redacting`] formats into a plain string, and
+//! the layer's own (span fields) is on only when standard error is a terminal, so a
+//! log file or journal holds plain text.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -29,6 +34,39 @@ pub fn filter(
         return Ok(f);
     }
     Ok(f.add_directive("deadpool.postgres=error".parse()?))
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields` (with
+    /// `message`) and the spans.
+    Json,
+}
+
+/// Installs the process's log subscriber: lines to standard error, filtered by `spec`
+/// (see [`filter`]), in `format`, every line redacted.
+pub fn install(spec: &str, format: LogFormat) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = filter(spec).map_err(|e| format!("--log {spec}: {e}"))?;
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let installed = match format {
+        LogFormat::Text => builder
+            .event_format(Redacting(tracing_subscriber::fmt::format()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(Redacting(tracing_subscriber::fmt::format().json()))
+            .try_init(),
+    };
+    installed.map_err(|e| format!("installing the logger: {e}"))
 }
 
 /// An event formatter that formats with `F`, then redacts addresses.

@@ -27,6 +27,7 @@ use crate::mailboxes::Mailboxes;
 use crate::media::{BlobLimits, BlobStore, S3Bytes};
 use crate::net::{self, tls, Admission, ConnSettings};
 use crate::provisioning::Provisioning;
+use crate::store::backup::Embedded;
 use crate::store::pg::{PgBackend, PgOptions};
 use crate::store::{Durability, GroupCommit, LogOptions, LogStore, SledStore, Stores};
 use crate::verification::Verification;
@@ -170,7 +171,7 @@ impl Services {
     }
 
     /// The stores, unfiltered (a deleted account's remains are visible here).
-    pub(crate) fn stores(&self) -> &Stores {
+    pub fn stores(&self) -> &Stores {
         &self.stores
     }
 
@@ -243,8 +244,8 @@ pub(crate) fn blob_limits(m: &MediaConfig) -> BlobLimits {
 /// whole data directory) and, by default, the mailbox log in `mailboxes/`.
 pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| Error::Config(format!("creating {}: {e}", config.data_dir.display())))?;
+    // Before anything opens (or creates) a file in it.
+    crate::store::version::open(&config.data_dir)?;
     if config.storage.backend == StorageBackend::Postgres {
         return open_postgres(config);
     }
@@ -268,9 +269,16 @@ pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> 
                 ms = u64::try_from(opening.elapsed().as_millis()).unwrap_or(u64::MAX),
                 "mailbox log opened"
             );
-            Stores::split(Arc::new(log), sled)
+            let log = Arc::new(log);
+            let mut stores = Stores::split(log.clone(), sled.clone());
+            stores.embedded = Some(Arc::new(Embedded::new(&config.data_dir, sled, Some(log))));
+            stores
         }
-        MailboxBackend::Sled => Stores::all(sled),
+        MailboxBackend::Sled => {
+            let mut stores = Stores::all(sled.clone());
+            stores.embedded = Some(Arc::new(Embedded::new(&config.data_dir, sled, None)));
+            stores
+        }
     };
     Ok(stores)
 }

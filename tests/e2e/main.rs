@@ -32,6 +32,7 @@ mod media_privacy;
 mod migrate;
 mod multi;
 mod multihost;
+mod ops;
 mod partition;
 mod security;
 mod storage;

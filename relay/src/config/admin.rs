@@ -2,18 +2,20 @@
 
 use std::net::SocketAddr;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// The admin listener: `/metrics`, `/healthz`, `/readyz`, and the admin commands
 /// (which need the token in `admin.token`).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Where it listens (TCP): `"auto"` (the default: 127.0.0.1, on the relay's
     /// port + 1, so 7444 beside 7443, and any free port when the relay's is 0),
     /// an address, or `""`/`"off"` for no listener.
+    #[schemars(with = "String")]
     pub listen: AdminListen,
 }
 
@@ -56,6 +58,16 @@ impl std::str::FromStr for AdminListen {
             a => a.parse().map(AdminListen::At).map_err(|_| {
                 format!("admin.listen: {a:?} is not \"auto\", \"off\" or an address like \"127.0.0.1:7444\"")
             }),
+        }
+    }
+}
+
+impl Serialize for AdminListen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            AdminListen::Auto => s.serialize_str("auto"),
+            AdminListen::Off => s.serialize_str("off"),
+            AdminListen::At(a) => s.collect_str(a),
         }
     }
 }

@@ -3,19 +3,20 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::budget::BudgetLimits;
 use crate::error::{Error, Result};
 
 /// Relay-wide budgets; past one, or under the disk reserve, new sends, uploads,
 /// registrations and key uploads are refused, while drains, acks and deletions work.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct BudgetConfig {
     /// Messages queued across every mailbox.
     pub max_queued_messages: u64,
-    /// Their payload bytes.
+    /// Payload bytes queued across every mailbox.
     pub max_queued_bytes: u64,
     /// The mailbox index's estimated memory (per message and per mailbox).
     pub max_index_bytes: u64,
@@ -24,10 +25,12 @@ pub struct BudgetConfig {
     /// Free bytes below which the reserve holds, on each file system of the data
     /// directory...
     pub min_free_disk_bytes: u64,
-    /// ...or this percentage of its size, whichever is more.
+    /// The reserve as a percentage of the file system's size, when that is more than
+    /// `min_free_disk_bytes` (0: bytes only).
     pub min_free_disk_percent: u8,
     /// How often free space is sampled.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub disk_check_interval: Duration,
 }
 

@@ -4,14 +4,15 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::LimitsConfig;
 use crate::error::{Error, Result};
 
 /// When the relay asks a new peer to prove its address with a QUIC Retry (one round
 /// trip, no state kept on the relay until the peer answers).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Retry {
     /// Every connection from an address not yet validated.
@@ -24,7 +25,7 @@ pub enum Retry {
 }
 
 /// Admission of connections and their limits before authentication.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConnectionsConfig {
     /// Connections neither authenticated nor anonymous yet, relay-wide; a pool of
@@ -45,9 +46,11 @@ pub struct ConnectionsConfig {
     /// Time from a connection's first packet to its authentication or first
     /// anonymous request; past it the connection is closed.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub auth_deadline: Duration,
     /// An anonymous connection is closed after this long without an anonymous request.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub anonymous_idle: Duration,
     /// Largest control-stream frame before authentication (at most
     /// `limits.max_frame_bytes` applies).
@@ -55,7 +58,7 @@ pub struct ConnectionsConfig {
     /// Connection flow-control window (bytes the peer may have in flight) before
     /// authentication.
     pub unauthenticated_receive_window: u32,
-    /// The same window once authenticated.
+    /// The connection flow-control window once authenticated.
     pub authenticated_receive_window: u32,
 }
 

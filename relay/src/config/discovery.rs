@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::rate::Rate;
 use crate::error::{Error, Result};
@@ -17,7 +18,7 @@ use crate::error::{Error, Result};
 const MIN_EVALUATION_BURST: u32 = tern_proto::discovery::MAX_DISCOVERY_BATCH as u32;
 
 /// A token bucket: a capacity and a refill rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BucketRate {
     /// The most units the bucket holds (and what a new bucket starts with).
@@ -43,7 +44,7 @@ impl BucketRate {
 }
 
 /// Contact discovery.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DiscoveryConfig {
     /// Whether the relay answers discovery requests at all (`UNAVAILABLE` if not).

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::media::S3Settings;
@@ -17,7 +18,7 @@ const MAX_PART_MB: u64 = 256;
 const MAX_BUFFER_MB: u64 = 65_536;
 
 /// Where blob bytes live.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ObjectsConfig {
     /// `s3://<bucket>`; absent: files under the data directory.
@@ -42,6 +43,7 @@ pub struct ObjectsConfig {
     /// a manifest. A completion or server-side copy gets one second more per 16 MiB
     /// of the blob.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 

@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// How a node reaches its PostgreSQL database.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
     /// A libpq connection string, as keywords (`host=/run/pg,db2 port=5432,5432
@@ -24,9 +25,11 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     /// How long to wait for a connection (and for a free one from the pool).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub connect_timeout: Duration,
     /// How long one statement may run; past it the request fails as UNAVAILABLE.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub statement_timeout: Duration,
     /// PEM certificates to trust for TLS to the database; TLS is used (and
     /// required) when set. Without it the connection is plain, which suits a Unix
@@ -38,6 +41,7 @@ pub struct PostgresConfig {
     /// How often a node re-reads the mailboxes of its connected devices, so a lost
     /// notification delays a delivery by at most this much.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub recheck_interval: Duration,
     /// Whether nodes tell each other of new mail at once (LISTEN/NOTIFY). Off for an
     /// engine without it (CockroachDB): deliveries across nodes then wait for the

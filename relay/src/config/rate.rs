@@ -3,12 +3,13 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::rate::Rate;
 
 /// What the relay does with a `FetchKeys` past a target device's one-time prekey rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PrekeyLimit {
     /// Answers the bundle without a one-time prekey (X3DH works without one), so
@@ -20,7 +21,7 @@ pub enum PrekeyLimit {
 }
 
 /// Per-account and per-sender limits.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitsConfig {
     /// Accounts registered per IPv4 address or IPv6 /64.

@@ -7,13 +7,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use crate::core::rate::Rate;
 use crate::error::{Error, Result};
 
 /// How codes are delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerifierKind {
     /// No verification: starts are `UNAVAILABLE`.
@@ -26,7 +27,7 @@ pub enum VerifierKind {
 }
 
 /// `[verification.webhook]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Where codes are posted; `https` unless `allow_http`.
@@ -36,6 +37,7 @@ pub struct WebhookConfig {
     pub bearer_token_file: Option<PathBuf>,
     /// How long a post may take before the start fails (`UNAVAILABLE`).
     #[serde(default = "default_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Allows `http://` to a loopback host (tests, a gateway on the same machine).
     #[serde(default)]
@@ -47,7 +49,7 @@ fn default_timeout() -> Duration {
 }
 
 /// Phone verification.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct VerificationConfig {
     /// `"none"`, `"webhook"` or `"dev-file"`.
@@ -56,6 +58,7 @@ pub struct VerificationConfig {
     pub allow_dev_verifier: bool,
     /// How long a code is valid.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub code_ttl: Duration,
     /// Codes a session accepts before it is closed.
     pub max_attempts: u32,
@@ -67,6 +70,7 @@ pub struct VerificationConfig {
     pub starts_per_account: Rate,
     /// How often expired sessions are dropped.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub sweep_interval: Duration,
     /// The webhook, for `verifier = "webhook"`.
     pub webhook: Option<WebhookConfig>,

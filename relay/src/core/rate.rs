@@ -103,6 +103,22 @@ impl<'de> serde::Deserialize<'de> for Rate {
     }
 }
 
+impl serde::Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl schemars::JsonSchema for Rate {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Rate".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({ "type": "string", "pattern": "^[0-9]+/.+$" })
+    }
+}
+
 /// The relay's clock as governor's: time since the Unix epoch.
 #[derive(Clone)]
 struct GovernorClock(Arc<dyn Clock>);

@@ -18,7 +18,18 @@ use tokio::sync::oneshot;
 use super::{Flush, StoreError};
 
 /// When a send is acknowledged to its sender.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
     /// After the message is fsynced to disk: survives a power cut.

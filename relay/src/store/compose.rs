@@ -39,6 +39,9 @@ pub struct Stores {
     /// The shared database when every store is on it (a relay of several nodes):
     /// leases, cross-node hints and the cluster's facts go through it.
     pub shared: Option<Arc<PgBackend>>,
+    /// The embedded stores by their own types, for a backup
+    /// ([`super::backup::backup`]); set when opened from a data directory.
+    pub embedded: Option<Arc<super::backup::Embedded>>,
 }
 
 impl std::fmt::Debug for Stores {
@@ -70,6 +73,7 @@ impl Stores {
             provisioning: Arc::new(MemorySlots::new()),
             flush: store,
             shared: None,
+            embedded: None,
         }
     }
 
@@ -116,6 +120,7 @@ impl Stores {
             provisioning: Arc::new(MemorySlots::new()),
             flush: Arc::new(FlushBoth(mailboxes, rest)),
             shared: None,
+            embedded: None,
         }
     }
 }

@@ -34,6 +34,7 @@ use tern_platform::clock::UnixMillis;
 
 use crate::core::budget::DiskSample;
 
+pub mod backup;
 pub(crate) mod codec;
 mod commit;
 mod compose;
@@ -49,6 +50,7 @@ mod seq;
 mod shared;
 mod sled;
 mod slots;
+pub mod version;
 
 #[cfg(test)]
 mod conformance;

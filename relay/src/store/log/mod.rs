@@ -29,6 +29,7 @@ mod pinned;
 mod record;
 mod remove;
 mod scan;
+mod snapshot;
 mod totals;
 
 use std::collections::{BTreeMap, HashMap};
@@ -73,6 +74,9 @@ struct Shared {
     /// Held for a whole flush, so a flush that finds nothing dirty knows an earlier
     /// one has finished.
     flushing: Mutex<()>,
+    /// Writes over existing records (dead headers, scrubs) hold it shared; a backup
+    /// holds it alone while it copies a segment, so no copy holds a torn record.
+    copying: std::sync::RwLock<()>,
     /// The next segment, zero-filled ahead of time (see [`Shared::prepare_spare`]).
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
@@ -399,6 +403,7 @@ impl LogStore {
             }),
             index: Mutex::new(index),
             flushing: Mutex::new(()),
+            copying: std::sync::RwLock::new(()),
             spare: Mutex::new(None),
             unlinked: AtomicBool::new(deleted),
             ack_dirty: Mutex::new(Vec::new()),
@@ -646,6 +651,7 @@ impl Shared {
                 }
             }
             let file = &segment.file;
+            let copying = self.copying.read().unwrap_or_else(|e| e.into_inner());
             // Only a failed fsync latches (the kernel may have dropped dirty pages);
             // a failed header write or hole punch (a full disk can refuse to split
             // an extent) leaves the spans queued for the next pass.
@@ -671,6 +677,7 @@ impl Shared {
                         .map_err(|e| (e, false))
                 })
                 .and_then(|()| sync(file));
+            drop(copying);
             if let Err((e, latch)) = scrubbed {
                 // Queued again (scrubbing a span twice is harmless); the other
                 // segments go on.

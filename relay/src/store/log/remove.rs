@@ -130,6 +130,7 @@ impl Shared {
         let mut written = 0;
         let mut dirty: Vec<Arc<Segment>> = Vec::new();
         let mut failure = None;
+        let copying = self.copying.read().unwrap_or_else(|e| e.into_inner());
         for t in &taken {
             if let Some(segment) = &t.segment {
                 let marked = record::dead_header(u64::from(t.loc.len), t.seq)
@@ -145,6 +146,7 @@ impl Shared {
             }
             written += 1;
         }
+        drop(copying);
         {
             let mut ack_dirty = lock(&self.ack_dirty);
             for s in dirty {

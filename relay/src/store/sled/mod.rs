@@ -53,6 +53,7 @@ mod dump;
 mod groups;
 mod keys;
 mod mailboxes;
+mod snapshot;
 
 pub use self::dump::{DeviceKeysDump, DiscoveryDump};
 pub use self::keys::DumpedPackages;
