@@ -351,3 +351,16 @@ fn held_welcomes_are_bounded_in_bytes() {
     assert_eq!(kept, [2, 3, 4, 5], "the oldest go first");
     assert_eq!(events.len(), 2);
 }
+
+#[test]
+fn a_forgotten_group_takes_its_tree_ciphertext_with_it() {
+    let (mut alice, _bob, group, _commit) = planned();
+    assert_eq!(tree_records(&alice), 1);
+    let mut batch = Batch::new();
+    alice
+        .state
+        .stage_forget_group(&group.0, &mut batch)
+        .expect("staged");
+    alice.state.commit(batch, true).expect("forgotten");
+    assert_eq!(tree_records(&alice), 0);
+}
