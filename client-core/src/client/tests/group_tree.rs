@@ -354,7 +354,7 @@ fn held_welcomes_are_bounded_in_bytes() {
 
 #[test]
 fn a_forgotten_group_takes_its_tree_ciphertext_with_it() {
-    let (mut alice, _bob, group, _commit) = planned();
+    let (alice, _bob, group, _commit) = planned();
     assert_eq!(tree_records(&alice), 1);
     let mut batch = Batch::new();
     alice
