@@ -1,24 +1,29 @@
 //! A welcome whose ratchet tree would make it too large for one envelope (about
 //! 300 bytes a leaf: groups of some 800 devices and more) carries the tree as an
-//! encrypted attachment instead (`GroupWelcome.ratchet_tree_pointer`).
+//! attachment instead (`GroupWelcome.ratchet_tree_pointer`). The tree is always
+//! encrypted, under a key only the welcome's GroupInfo carries (`groups/tree.rs`):
+//! the pointer names the blob and its size, never a key.
 //!
-//! Send side: [`State::welcome_body`] encrypts the tree when the commit is planned
-//! (the pending commit is stored encoded and resent byte for byte, so its pointer
-//! is fixed then) and keeps the ciphertext in the device store with the pending
-//! commit, in the same batch. The worker uploads it ([`upload_tree`], resumable:
-//! the relay answers where to go on, or that it has the blob) before the
-//! `GroupCommit` first leaves, and never sends the commit while the upload fails.
-//! The ciphertext goes once the commit settles (answered, stale or refused).
+//! Send side: the commit's tree ciphertext is fixed when the commit is planned
+//! (the pending commit is stored encoded and resent byte for byte);
+//! [`State::welcome_body`] keeps it in the device store with the pending commit,
+//! in the same batch. The worker uploads it ([`upload_tree`]) before every send of
+//! the `GroupCommit` (a relay that has it says so) and never sends the commit while
+//! the upload fails; a permanent refusal gives the commit up. The ciphertext goes
+//! in the batch that settles the commit (answered, stale or refused) or forgets
+//! the group.
 //!
 //! Receive side: `State::receive` cannot download, so a welcome with a pointer is
-//! acknowledged and held ([`State::hold_welcome`]); the worker fetches the tree
-//! off the inbox path, over the connection that identifies no one
-//! ([`fetch_trees`]), and [`State::tree_fetched`] checks it (blob id, every
-//! segment, the pointer's digest) and joins exactly as an inline welcome would.
-//! A tree that cannot be fetched is given up after [`TREE_ATTEMPTS`] tries, one
-//! that fails its checks at once, each with an [`Event::Dropped`]; the group's
-//! held envelopes then stay held, as for any welcome that never came. Held
-//! welcomes are bounded: [`HELD_WELCOMES_MAX`], [`HELD_WELCOMES_MAX_BYTES`] and
+//! examined (encrypted to our key package, carrying the tree's key), acknowledged
+//! and held ([`State::hold_welcome`]); the worker fetches the tree after its
+//! commits and messages, over the connection that identifies no one
+//! ([`fetch_trees`]), and [`State::tree_fetched`] checks it against the pointer
+//! and joins exactly as an inline welcome would. Failures are per welcome
+//! ([`FetchFailure`]): `NOT_FOUND` counts toward [`TREE_ATTEMPTS`], others back
+//! off up to [`TREE_RETRY_MAX_MS`], a bad blob is given up at once, each given up
+//! with an [`Event::Dropped`]; the group's held envelopes then stay held, as for
+//! any welcome that never came. Held welcomes are bounded:
+//! [`HELD_WELCOMES_MAX`], [`HELD_WELCOMES_MAX_BYTES`] and
 //! [`HELD_WELCOME_MAX_AGE_MS`], oldest dropped first.
 
 use prost::Message;
