@@ -465,7 +465,7 @@ impl State {
             let to_new = recipients(&welcome.to, |a| self.member_token(group, a));
             if !to_new.is_empty() {
                 // Its tree inline, or as an attachment the worker uploads first.
-                let bytes = self.welcome_body(group, welcome, rng, &mut batch)?;
+                let bytes = self.welcome_body(group, welcome, &mut batch)?;
                 sends.push(MultiSend {
                     message_id: MessageId(random16(rng)),
                     body: bytes.into(),
@@ -552,6 +552,7 @@ impl State {
             events = commit_events(gid, &staged.value);
         }
         let pending = record.pending.take();
+        Self::drop_tree_upload(group, &mut batch);
         let done = pending.as_ref().and_then(|p| p.op.clone());
         if done.is_some() && record.ops.first() == done.as_ref() {
             record.ops.remove(0);
@@ -645,6 +646,7 @@ impl State {
             return Ok(());
         };
         let mut batch = self.clear_pending_batch(group)?;
+        Self::drop_tree_upload(group, &mut batch);
         record.pending = None;
         record.wait_epoch = current;
         record.stale_commits = record.stale_commits.saturating_add(1);
@@ -671,6 +673,7 @@ impl State {
             return Ok(());
         };
         let mut batch = self.clear_pending_batch(group)?;
+        Self::drop_tree_upload(group, &mut batch);
         // The commit in flight always carries the head op.
         record.pending = None;
         if !record.ops.is_empty() {

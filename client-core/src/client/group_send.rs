@@ -24,8 +24,7 @@ pub(super) async fn group_round(
     conn: &RelayConnection,
     anon: &AnonymousLink,
 ) -> Result<Round> {
-    // Welcomes waiting for their trees first: joined, their groups go on below.
-    let mut round = group_tree::fetch_trees(shared, anon).await?;
+    let mut round = Round::Idle;
     let interval = shared.group_settings.update_interval_ms;
     let busy = {
         let mut state = shared.state.lock().await;
@@ -38,6 +37,10 @@ pub(super) async fn group_round(
     }
     announce(shared).await?;
     let step = send_messages(shared, anon).await?;
+    round.merge(step);
+    // Welcomes waiting for their trees last: a slow download holds up no commit
+    // or message (their groups go on next round).
+    let step = group_tree::fetch_trees(shared, anon).await?;
     round.merge(step);
     Ok(round)
 }
@@ -135,8 +138,18 @@ async fn commit_step(
         }
     };
     // Never a welcome whose tree the relay does not have.
-    if let Some(wait) = group_tree::upload_tree(shared, conn, group).await? {
-        return Ok(wait);
+    match group_tree::upload_tree(shared, conn, group).await? {
+        group_tree::Upload::Done => {}
+        group_tree::Upload::Wait(round) => return Ok(round),
+        group_tree::Upload::Refused(reason) => {
+            // As a refused commit: the op goes, and the app hears why.
+            tracing::debug!(%reason, "a group commit given up");
+            shared.state.lock().await.commit_refused(group)?;
+            shared.emit(Event::Dropped {
+                reason: format!("a group change given up: {reason}"),
+            });
+            return Ok(Round::Progress);
+        }
     }
     let sent = anon
         .run(|c| {

@@ -1,43 +1,44 @@
 //! A welcome whose ratchet tree would make it too large for one envelope (about
 //! 300 bytes a leaf: groups of some 800 devices and more) carries the tree as an
-//! encrypted attachment instead (`GroupWelcome.ratchet_tree_pointer`).
+//! attachment instead (`GroupWelcome.ratchet_tree_pointer`). The tree is always
+//! encrypted, under a key only the welcome's GroupInfo carries (`groups/tree.rs`):
+//! the pointer names the blob and its size, never a key.
 //!
-//! Send side: [`State::welcome_body`] encrypts the tree when the commit is planned
-//! (the pending commit is stored encoded and resent byte for byte, so its pointer
-//! is fixed then) and keeps the ciphertext in the device store with the pending
-//! commit, in the same batch. The worker uploads it ([`upload_tree`], resumable:
-//! the relay answers where to go on, or that it has the blob) before the
-//! `GroupCommit` first leaves, and never sends the commit while the upload fails.
-//! The ciphertext goes once the commit settles (answered, stale or refused).
+//! Send side: the commit's tree ciphertext is fixed when the commit is planned
+//! (the pending commit is stored encoded and resent byte for byte);
+//! [`State::welcome_body`] keeps it in the device store with the pending commit,
+//! in the same batch. The worker uploads it ([`upload_tree`]) before every send of
+//! the `GroupCommit` (a relay that has it says so) and never sends the commit while
+//! the upload fails; a permanent refusal gives the commit up. The ciphertext goes
+//! in the batch that settles the commit (answered, stale or refused) or forgets
+//! the group.
 //!
 //! Receive side: `State::receive` cannot download, so a welcome with a pointer is
-//! acknowledged and held ([`State::hold_welcome`]); the worker fetches the tree
-//! off the inbox path, over the connection that identifies no one
-//! ([`fetch_trees`]), and [`State::tree_fetched`] checks it (blob id, every
-//! segment, the pointer's digest) and joins exactly as an inline welcome would.
-//! A tree that cannot be fetched is given up after [`TREE_ATTEMPTS`] tries, one
-//! that fails its checks at once, each with an [`Event::Dropped`]; the group's
-//! held envelopes then stay held, as for any welcome that never came. Held
-//! welcomes are bounded: [`HELD_WELCOMES_MAX`], [`HELD_WELCOMES_MAX_BYTES`] and
+//! examined (encrypted to our key package, carrying the tree's key), acknowledged
+//! and held ([`State::hold_welcome`]); the worker fetches the tree after its
+//! commits and messages, over the connection that identifies no one
+//! ([`fetch_trees`]), and [`State::tree_fetched`] checks it against the pointer
+//! and joins exactly as an inline welcome would. Failures are per welcome
+//! ([`FetchFailure`]): `NOT_FOUND` counts toward [`TREE_ATTEMPTS`], others back
+//! off up to [`TREE_RETRY_MAX_MS`], a bad blob is given up at once, each given up
+//! with an [`Event::Dropped`]; the group's held envelopes then stay held, as for
+//! any welcome that never came. Held welcomes are bounded:
+//! [`HELD_WELCOMES_MAX`], [`HELD_WELCOMES_MAX_BYTES`] and
 //! [`HELD_WELCOME_MAX_AGE_MS`], oldest dropped first.
 
 use prost::Message;
-use rand::{CryptoRng, RngCore};
 use sha2::{Digest, Sha256};
-use tern_proto::e2e;
 
 use super::anonymous::AnonymousLink;
 use super::group_records::dedup_account;
 use super::send::Round;
 use super::state::{Outcome, State};
 use super::{Event, Shared};
-use crate::crypto::attachment;
-use crate::groups::Welcome;
-use crate::media::AttachmentPointer;
+use crate::groups::{GroupError, TreePointer, Welcome};
 use crate::net::RelayConnection;
 use crate::store::records::seq_key;
 use crate::store::{Batch, Namespace, StoreError};
-use crate::{Error, Result};
+use crate::{Error, ErrorCode, Result};
 
 /// The default largest welcome body sent with its tree inline: the relay's
 /// default envelope limit less room for a relay configured a little lower. The
@@ -50,14 +51,14 @@ pub(crate) const TREE_MAX: u64 = 16 * 1024 * 1024;
 pub(crate) const TREE_ATTEMPTS: u32 = 5;
 /// The first retry's delay; each one after waits twice as long.
 const TREE_RETRY_MS: u64 = 2_000;
+/// The longest wait between fetches (the welcome is held at most a week).
+pub(crate) const TREE_RETRY_MAX_MS: u64 = 3600 * 1000;
 /// Most welcomes held for their tree.
 pub(crate) const HELD_WELCOMES_MAX: usize = 16;
 /// Most welcome bytes held.
 pub(crate) const HELD_WELCOMES_MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a welcome waits for its tree: a week (the blob lives 30 days).
 pub(crate) const HELD_WELCOME_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
-/// Content type of a tree attachment.
-const TREE_CONTENT_TYPE: &str = "application/vnd.tern.ratchet-tree";
 
 /// Key of a group's tree upload: this prefix, then the group id.
 const UPLOAD_PREFIX: &[u8] = b"up";
@@ -73,15 +74,12 @@ pub(super) const WELCOME_DEDUP: &[u8] = b"tern group welcome";
 /// pending commit's welcome points at.
 #[derive(Clone, PartialEq, Message)]
 pub(crate) struct TreeUploadRecord {
-    /// The encoded `AttachmentPointer` (with its key: the store is encrypted).
+    /// The blob id.
     #[prost(bytes = "vec", tag = "1")]
-    pub pointer: Vec<u8>,
-    /// The ciphertext.
+    pub blob_id: Vec<u8>,
+    /// The ciphertext (its key is only in the welcome's GroupInfo).
     #[prost(bytes = "vec", tag = "2")]
     pub sealed: Vec<u8>,
-    /// The relay has it.
-    #[prost(bool, tag = "3")]
-    pub uploaded: bool,
 }
 
 /// One held welcome, in [`HeldWelcomeIndex`].
@@ -102,6 +100,9 @@ pub(crate) struct HeldWelcomeEntry {
     /// Not fetched again before this.
     #[prost(uint64, tag = "6")]
     pub next_try_ms: u64,
+    /// Fetches that failed, of any kind (the wait grows with them).
+    #[prost(uint32, tag = "7")]
+    pub waits: u32,
 }
 
 /// `Namespace::GroupTree`, key `index`: the held welcomes, oldest first.
@@ -119,9 +120,21 @@ pub(crate) struct HeldWelcomeRecord {
     /// The MLS welcome.
     #[prost(bytes = "vec", tag = "1")]
     pub welcome: Vec<u8>,
-    /// The tree's encoded `AttachmentPointer`.
+    /// The tree attachment's blob id.
     #[prost(bytes = "vec", tag = "2")]
-    pub pointer: Vec<u8>,
+    pub blob_id: Vec<u8>,
+    /// Its length.
+    #[prost(uint64, tag = "3")]
+    pub sealed_size: u64,
+}
+
+impl HeldWelcomeRecord {
+    fn pointer(&self) -> Option<TreePointer> {
+        Some(TreePointer {
+            blob_id: self.blob_id[..].try_into().ok()?,
+            sealed_size: self.sealed_size,
+        })
+    }
 }
 
 fn upload_key(group: &[u8]) -> Vec<u8> {
@@ -136,71 +149,41 @@ fn decode<T: Message + Default>(v: &[u8]) -> Result<T> {
     Ok(T::decode(v).map_err(|_| StoreError::Corrupt)?)
 }
 
-/// A tree's ciphertext, checked against its pointer (blob id, every segment, the
-/// padding, the plaintext's digest): the tree, or why not.
-pub(crate) fn open_tree(
-    pointer: &AttachmentPointer,
-    sealed: &[u8],
-) -> std::result::Result<Vec<u8>, String> {
-    if sealed.len() as u64 != pointer.sealed_size {
-        return Err("a ratchet tree attachment of another size than its pointer's".into());
-    }
-    let mut tree = Vec::new();
-    let mut d = attachment::Decryptor::new(&pointer.key, pointer.blob_id).with_size(pointer.size);
-    d.update(sealed, &mut tree)
-        .and_then(|()| d.finish(&mut tree))
-        .map_err(|e| format!("a ratchet tree attachment: {e}"))?;
-    if <[u8; 32]>::from(Sha256::digest(&tree)) != pointer.digest {
-        return Err("a ratchet tree attachment that does not match its digest".into());
-    }
-    Ok(tree)
+/// Whether `sealed` is the blob `pointer` names.
+pub(crate) fn matches_pointer(pointer: &TreePointer, sealed: &[u8]) -> bool {
+    sealed.len() as u64 == pointer.sealed_size
+        && <[u8; 32]>::from(Sha256::digest(sealed)) == pointer.blob_id
 }
 
 /// Events of held welcomes given up, the ones due to be fetched (seq, pointer),
 /// whether others wait for a later try.
-pub(crate) type DueTrees = (Vec<Event>, Vec<(u64, AttachmentPointer)>, bool);
+pub(crate) type DueTrees = (Vec<Event>, Vec<(u64, TreePointer)>, bool);
 
 impl State {
     fn commit_pending(&self, group: &[u8]) -> bool {
         self.groups.get(group).is_some_and(|g| g.pending.is_some())
     }
 
-    /// The body of `welcome` for `group`'s commit being planned: inline while it
-    /// fits [`State::welcome_inline_max`]; past that the tree is encrypted as an
-    /// attachment, its ciphertext staged in `batch` for the worker to upload, and
-    /// the body points at it.
+    /// The body of `welcome` for `group`'s commit being planned: its (encrypted)
+    /// tree inline while it fits [`State::welcome_inline_max`]; past that the
+    /// tree's ciphertext is staged in `batch` for the worker to upload, and the
+    /// body points at it.
     pub(super) fn welcome_body(
         &self,
         group: &[u8],
         welcome: &Welcome,
-        rng: &mut (impl RngCore + CryptoRng),
         batch: &mut Batch,
     ) -> Result<Vec<u8>> {
         if welcome.inline_len() <= self.welcome_inline_max {
             batch.delete(Namespace::GroupTree, upload_key(group));
             return Ok(welcome.body());
         }
-        let mut key = zeroize::Zeroizing::new([0u8; 32]);
-        rng.fill_bytes(&mut key[..]);
-        let mut sealed = Vec::new();
-        let e = attachment::encrypt(rng, &key, &welcome.ratchet_tree[..], &mut sealed)
-            .map_err(|e| Error::Media(e.to_string()))?;
-        let pointer = AttachmentPointer {
-            blob_id: e.blob_id,
-            key: *key,
-            size: e.size,
-            sealed_size: e.sealed_size,
-            digest: e.digest,
-            content_type: TREE_CONTENT_TYPE.into(),
-            file_name: String::new(),
-        };
         let record = TreeUploadRecord {
-            pointer: pointer.to_bytes(),
-            sealed,
-            uploaded: false,
+            blob_id: welcome.tree_blob_id.to_vec(),
+            sealed: welcome.ratchet_tree.clone(),
         };
         batch.put(Namespace::GroupTree, upload_key(group), &record);
-        Ok(welcome.body_with_tree_pointer(pointer.to_wire()))
+        Ok(welcome.body_with_tree_pointer())
     }
 
     fn tree_upload_record(&self, group: &[u8]) -> Result<Option<TreeUploadRecord>> {
@@ -212,26 +195,23 @@ impl State {
 
     /// The tree `group`'s pending commit waits for the relay to have: its pointer
     /// and ciphertext (None: nothing to upload).
-    pub(crate) fn tree_upload(&self, group: &[u8]) -> Result<Option<(AttachmentPointer, Vec<u8>)>> {
+    /// Every time before the commit leaves: a relay that has the blob answers so
+    /// at once, and its life is extended.
+    pub(crate) fn tree_upload(&self, group: &[u8]) -> Result<Option<([u8; 32], Vec<u8>)>> {
         let Some(r) = self.tree_upload_record(group)? else {
             return Ok(None);
         };
-        if r.uploaded || !self.commit_pending(group) {
+        if !self.commit_pending(group) {
             return Ok(None);
         }
-        let pointer = AttachmentPointer::from_bytes(&r.pointer).map_err(|_| StoreError::Corrupt)?;
-        Ok(Some((pointer, r.sealed)))
+        let blob_id = r.blob_id[..].try_into().map_err(|_| StoreError::Corrupt)?;
+        Ok(Some((blob_id, r.sealed)))
     }
 
-    /// The relay has `group`'s tree: its commit may leave.
-    pub(crate) fn tree_uploaded(&mut self, group: &[u8]) -> Result<()> {
-        let Some(mut r) = self.tree_upload_record(group)? else {
-            return Ok(());
-        };
-        r.uploaded = true;
-        let mut batch = Batch::new();
-        batch.put(Namespace::GroupTree, upload_key(group), &r);
-        self.commit(batch, true)
+    /// Stages the deletion of `group`'s tree ciphertext in `batch` (its commit
+    /// settled, or the group is gone).
+    pub(super) fn drop_tree_upload(group: &[u8], batch: &mut Batch) {
+        batch.delete(Namespace::GroupTree, upload_key(group));
     }
 
     /// Deletes `group`'s tree ciphertext if its commit settled (answered, stale,
@@ -278,24 +258,25 @@ impl State {
     }
 
     /// Keeps a welcome whose tree is an attachment until the worker fetched it
-    /// (stored, not durably, like [`State::receive`]).
+    /// (stored, not durably, like [`State::receive`]). Only one encrypted to a key
+    /// package of this device and carrying its tree's key is held: anyone else who
+    /// has the delivery token cannot make it download or push welcomes out.
     pub(super) fn hold_welcome(
         &mut self,
         message_id: &[u8],
         welcome: Vec<u8>,
-        pointer: e2e::AttachmentPointer,
+        pointer: TreePointer,
         now_ms: u64,
     ) -> Result<Outcome> {
-        let pointer = pointer.encode_to_vec();
-        let Ok(parsed) = AttachmentPointer::from_bytes(&pointer) else {
-            return Ok(Outcome::Dropped(
-                "a welcome whose tree pointer is malformed".into(),
-            ));
-        };
-        if parsed.sealed_size > TREE_MAX {
+        if pointer.sealed_size > TREE_MAX {
             return Ok(Outcome::Dropped(
                 "a welcome whose tree attachment is larger than any group's".into(),
             ));
+        }
+        match self.group_device()?.examine_welcome(&welcome) {
+            Ok(_) => {}
+            Err(GroupError::Store(e)) if !matches!(e, StoreError::Corrupt) => return Err(e.into()),
+            Err(e) => return Ok(Outcome::Dropped(format!("a welcome refused: {e}"))),
         }
         let mut index = self.held_welcome_index()?;
         if index.entries.iter().any(|e| e.message_id == message_id) {
@@ -306,10 +287,11 @@ impl State {
         index.entries.push(HeldWelcomeEntry {
             seq,
             message_id: message_id.to_vec(),
-            len: (welcome.len() + pointer.len()) as u64,
+            len: (welcome.len() + 40) as u64,
             held_at_ms: now_ms,
             attempts: 0,
             next_try_ms: now_ms,
+            waits: 0,
         });
         let mut batch = Batch::new();
         let mut events = Vec::new();
@@ -319,7 +301,11 @@ impl State {
             batch.put(
                 Namespace::GroupTree,
                 held_key(seq),
-                &HeldWelcomeRecord { welcome, pointer },
+                &HeldWelcomeRecord {
+                    welcome,
+                    blob_id: pointer.blob_id.to_vec(),
+                    sealed_size: pointer.sealed_size,
+                },
             );
         }
         batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
@@ -345,21 +331,30 @@ impl State {
         }
         let mut due = Vec::new();
         let mut later = false;
+        let mut lost = Vec::new();
         for e in &index.entries {
             if e.next_try_ms > now_ms {
                 later = true;
                 continue;
             }
-            let record: HeldWelcomeRecord =
-                match self.kv.get(Namespace::GroupTree, &held_key(e.seq))? {
-                    Some(v) => decode(&v)?,
-                    None => return Err(StoreError::Corrupt.into()),
-                };
-            let pointer =
-                AttachmentPointer::from_bytes(&record.pointer).map_err(|_| StoreError::Corrupt)?;
-            due.push((e.seq, pointer));
+            match self.held_record(e.seq)?.and_then(|r| r.pointer()) {
+                Some(pointer) => due.push((e.seq, pointer)),
+                None => lost.push(e.seq),
+            }
+        }
+        for seq in lost {
+            self.unhold_welcome(seq, true, now_ms)?;
+            events.push(lost_event());
         }
         Ok((events, due, later))
+    }
+
+    /// Held welcome `seq`'s record (None: missing or corrupt).
+    fn held_record(&self, seq: u64) -> Result<Option<HeldWelcomeRecord>> {
+        Ok(self
+            .kv
+            .get(Namespace::GroupTree, &held_key(seq))?
+            .and_then(|v| HeldWelcomeRecord::decode(v.as_slice()).ok()))
     }
 
     /// Removes held welcome `seq`, durably; with `seen`, its message id is
@@ -393,23 +388,26 @@ impl State {
         let Some(entry) = index.entries.iter().find(|e| e.seq == seq).cloned() else {
             return Ok(Vec::new());
         };
-        let record: HeldWelcomeRecord = match self.kv.get(Namespace::GroupTree, &held_key(seq))? {
-            Some(v) => decode(&v)?,
-            None => return Err(StoreError::Corrupt.into()),
+        let Some((record, pointer)) = self
+            .held_record(seq)?
+            .and_then(|r| r.pointer().map(|p| (r, p)))
+        else {
+            self.unhold_welcome(seq, true, now_ms)?;
+            return Ok(vec![lost_event()]);
         };
-        let pointer =
-            AttachmentPointer::from_bytes(&record.pointer).map_err(|_| StoreError::Corrupt)?;
-        let out = match open_tree(&pointer, sealed) {
-            Ok(tree) => {
-                match self.join_welcome(&entry.message_id, &record.welcome, &tree, now_ms) {
-                    Err(Error::Store(e)) if !matches!(e, StoreError::Corrupt) => {
-                        return Err(Error::Store(e))
-                    }
-                    Err(e) => Outcome::Dropped(format!("a held welcome: {e}")),
-                    Ok(out) => out,
+        let out = if matches_pointer(&pointer, sealed) {
+            // Opened under the key in the welcome's GroupInfo, then joined.
+            match self.join_welcome(&entry.message_id, &record.welcome, sealed, now_ms) {
+                Err(Error::Store(e)) if !matches!(e, StoreError::Corrupt) => {
+                    return Err(Error::Store(e))
                 }
+                Err(e) => Outcome::Dropped(format!("a held welcome: {e}")),
+                Ok(out) => out,
             }
-            Err(reason) => Outcome::Dropped(reason),
+        } else {
+            Outcome::Dropped(
+                "a ratchet tree attachment that is not the blob its pointer names".into(),
+            )
         };
         let (events, seen) = match out {
             Outcome::Synced(events) => (events, false),
@@ -425,29 +423,34 @@ impl State {
         Ok(events)
     }
 
-    /// Fetching held welcome `seq`'s tree failed (`reason`): tried again later,
-    /// or given up after [`TREE_ATTEMPTS`] (or at once, `permanent`), with an
-    /// [`Event::Dropped`]. Stored durably.
+    /// Fetching held welcome `seq`'s tree failed (`reason`, counted as `how`):
+    /// tried again later, or given up with an [`Event::Dropped`]. Stored durably.
     pub(crate) fn tree_fetch_failed(
         &mut self,
         seq: u64,
         reason: &str,
-        permanent: bool,
+        how: FetchFailure,
         now_ms: u64,
     ) -> Result<Vec<Event>> {
         let mut index = self.held_welcome_index()?;
         let Some(e) = index.entries.iter_mut().find(|e| e.seq == seq) else {
             return Ok(Vec::new());
         };
-        e.attempts += 1;
-        if permanent || e.attempts >= TREE_ATTEMPTS {
+        if how == FetchFailure::Missing {
+            e.attempts += 1;
+        }
+        e.waits = e.waits.saturating_add(1);
+        if how == FetchFailure::Bad || e.attempts >= TREE_ATTEMPTS {
             tracing::debug!(%reason, "gave up a welcome whose ratchet tree cannot be fetched");
             self.unhold_welcome(seq, true, now_ms)?;
             return Ok(vec![Event::Dropped {
                 reason: format!("a welcome whose ratchet tree cannot be fetched: {reason}"),
             }]);
         }
-        e.next_try_ms = now_ms.saturating_add(TREE_RETRY_MS << (e.attempts - 1).min(16));
+        let wait = TREE_RETRY_MS
+            .saturating_mul(1 << (e.waits - 1).min(20))
+            .min(TREE_RETRY_MAX_MS);
+        e.next_try_ms = now_ms.saturating_add(wait);
         let mut batch = Batch::new();
         batch.put(Namespace::GroupTree, HELD_INDEX.to_vec(), &index);
         self.commit(batch, true)?;
@@ -455,9 +458,20 @@ impl State {
     }
 }
 
+fn lost_event() -> Event {
+    Event::Dropped {
+        reason: "a held welcome whose stored record is lost".into(),
+    }
+}
+
 /// Drops what is past the bound from `index`: the ones held too long, then the
 /// oldest while too many or too large.
-fn prune(index: &mut HeldWelcomeIndex, now_ms: u64, batch: &mut Batch, events: &mut Vec<Event>) {
+pub(crate) fn prune(
+    index: &mut HeldWelcomeIndex,
+    now_ms: u64,
+    batch: &mut Batch,
+    events: &mut Vec<Event>,
+) {
     let mut drop = |e: HeldWelcomeEntry, reason: &str| {
         batch.delete(Namespace::GroupTree, held_key(e.seq));
         batch.put_seen(&dedup_account(WELCOME_DEDUP), &e.message_id, now_ms);
@@ -484,31 +498,41 @@ fn prune(index: &mut HeldWelcomeIndex, now_ms: u64, batch: &mut Batch, events: &
     }
 }
 
+/// What became of a tree upload before its commit leaves.
+pub(super) enum Upload {
+    /// The relay has the tree (or there is none): the commit may leave.
+    Done,
+    /// Not now (the relay is busy or unreachable): tried again next round.
+    Wait(Round),
+    /// The relay will never take it (too large, over quota): the commit cannot
+    /// leave as planned. The reason.
+    Refused(String),
+}
+
 /// Before `group`'s pending commit leaves: the relay gets its welcome's tree.
-/// `Some(round)` when the commit must not leave yet (the upload failed and is
-/// tried again next round).
+/// Uploaded every time: a relay that has it says so, and keeps it longer.
 pub(super) async fn upload_tree(
     shared: &Shared,
     conn: &RelayConnection,
     group: &[u8],
-) -> Result<Option<Round>> {
-    let Some((pointer, sealed)) = shared.state.lock().await.tree_upload(group)? else {
-        return Ok(None);
+) -> Result<Upload> {
+    let Some((blob_id, sealed)) = shared.state.lock().await.tree_upload(group)? else {
+        return Ok(Upload::Done);
     };
+    let size = sealed.len() as u64;
     let mut source = std::io::Cursor::new(sealed);
-    match conn
-        .upload_blob(&pointer.blob_id, pointer.sealed_size, &mut source)
-        .await
-    {
-        Ok(_) => {
-            shared.state.lock().await.tree_uploaded(group)?;
-            Ok(None)
-        }
-        Err(e) if e.relay_code().is_some() => {
-            tracing::debug!(error = %e, "a welcome's ratchet tree was not uploaded");
-            Ok(Some(Round::Wait))
-        }
-        Err(e) => Err(e),
+    match conn.upload_blob(&blob_id, size, &mut source).await {
+        Ok(_) => Ok(Upload::Done),
+        Err(e) => match e.relay_code() {
+            Some(ErrorCode::TooLarge | ErrorCode::QuotaExceeded) => Ok(Upload::Refused(format!(
+                "the relay refused the welcome's ratchet tree: {e}"
+            ))),
+            Some(_) => {
+                tracing::debug!(error = %e, "a welcome's ratchet tree was not uploaded");
+                Ok(Upload::Wait(Round::Wait))
+            }
+            None => Err(e),
+        },
     }
 }
 
@@ -549,8 +573,14 @@ impl tokio::io::AsyncWrite for Bounded {
     }
 }
 
+/// How long a tree's download may take: a minute, and a second per 64 KiB
+/// (16 MiB: some five minutes).
+fn download_timeout(sealed_size: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + sealed_size / (64 * 1024))
+}
+
 /// Downloads a tree's ciphertext (whole: it is small next to the bound).
-async fn download(anon: &AnonymousLink, pointer: &AttachmentPointer) -> Result<Vec<u8>> {
+async fn download(anon: &AnonymousLink, pointer: &TreePointer) -> Result<Vec<u8>> {
     let cap = usize::try_from(pointer.sealed_size).unwrap_or(usize::MAX);
     let mut tries = 0;
     loop {
@@ -568,10 +598,21 @@ async fn download(anon: &AnonymousLink, pointer: &AttachmentPointer) -> Result<V
     }
 }
 
-/// Fetches the trees of held welcomes that are due and joins their groups. A
-/// relay's refusal (`NOT_FOUND`: never uploaded, or expired) counts as a failed
-/// try; a tree larger than its pointer says, or failing its checks, drops its
-/// welcome at once; a lost connection ends the round (tried again).
+/// How a failed fetch counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FetchFailure {
+    /// The relay has no such blob (`NOT_FOUND`): one of [`TREE_ATTEMPTS`].
+    Missing,
+    /// The relay refused otherwise, or could not be reached: tried again after a
+    /// growing wait (at most [`TREE_RETRY_MAX_MS`]) while the welcome is held.
+    Later,
+    /// The blob is not what its pointer says: given up at once.
+    Bad,
+}
+
+/// Fetches the trees of held welcomes that are due and joins their groups. Each
+/// welcome's failure is its own ([`FetchFailure`]); only the device's own store
+/// failing ends the round with an error.
 pub(super) async fn fetch_trees(shared: &Shared, anon: &AnonymousLink) -> Result<Round> {
     let (events, due, later) = shared
         .state
@@ -583,23 +624,33 @@ pub(super) async fn fetch_trees(shared: &Shared, anon: &AnonymousLink) -> Result
     }
     let mut round = if later { Round::Wait } else { Round::Idle };
     for (seq, pointer) in due {
-        let fetched = download(anon, &pointer).await;
+        let fetched = tokio::time::timeout(
+            download_timeout(pointer.sealed_size),
+            download(anon, &pointer),
+        )
+        .await;
         let mut state = shared.state.lock().await;
         let now = shared.now_ms();
+        let failed = |e: &Error| match e.relay_code() {
+            Some(ErrorCode::NotFound) => FetchFailure::Missing,
+            Some(_) => FetchFailure::Later,
+            None if matches!(e, Error::Media(_)) => FetchFailure::Bad,
+            None => FetchFailure::Later,
+        };
         let events = match fetched {
-            Ok(sealed) => {
+            Ok(Ok(sealed)) => {
                 round.merge(Round::Progress);
                 state.tree_fetched(seq, &sealed, now)?
             }
-            Err(e) if e.relay_code().is_some() => {
+            Ok(Err(Error::Store(e))) => return Err(Error::Store(e)),
+            Ok(Err(e)) => {
                 round.merge(Round::Wait);
-                state.tree_fetch_failed(seq, &e.to_string(), false, now)?
+                state.tree_fetch_failed(seq, &e.to_string(), failed(&e), now)?
             }
-            Err(Error::Media(reason)) => {
-                round.merge(Round::Progress);
-                state.tree_fetch_failed(seq, &reason, true, now)?
+            Err(_) => {
+                round.merge(Round::Wait);
+                state.tree_fetch_failed(seq, "timed out", FetchFailure::Later, now)?
             }
-            Err(e) => return Err(e),
         };
         if !events.is_empty() {
             shared.outbox.notify_one();

@@ -578,6 +578,7 @@ impl State {
     pub(super) fn stage_forget_group(&self, group: &[u8], batch: &mut Batch) -> Result<()> {
         batch.extend_ops(self.group_device()?.forget(group).map_err(Error::group)?);
         batch.delete(Namespace::Groups, group.to_vec());
+        Self::drop_tree_upload(group, batch);
         for seq in self.group_outbox_of(group) {
             batch.delete(Namespace::GroupOutbox, seq_key(seq));
         }

@@ -17,12 +17,14 @@ use mls_rs::time::MlsTime;
 use mls_rs::{CipherSuite, Client, ExtensionList, MlsMessage};
 use mls_rs_crypto_rustcrypto::RustCryptoProvider;
 use prost::Message;
+use zeroize::Zeroizing;
 
 use super::identity::{DeviceCredential, TernIdentity};
 use super::meta::{GroupMeta, MEMBER_TOKENS_EXTENSION, META_EXTENSION};
 use super::rules::TernRules;
 use super::session::GroupSession;
 use super::storage::StagedMlsStore;
+use super::tree::{open_tree, tree_key_of};
 use super::{GroupError, Joined, Member, Staged, GROUP_ID_LEN, KEY_PACKAGE_LIFETIME_SECS};
 use crate::store::records::MlsTagRecord;
 use crate::store::{KvStore, Namespace, Op};
@@ -293,16 +295,28 @@ impl GroupDevice {
         })
     }
 
-    /// Joins a group from a welcome and its ratchet tree. The caller checks the
-    /// members' identity keys against the pinned ones.
+    /// The key of a welcome's ratchet tree, from its GroupInfo: this also shows
+    /// that the welcome is encrypted to one of this device's key packages (it
+    /// stores nothing).
+    pub fn examine_welcome(&self, welcome: &[u8]) -> Result<Zeroizing<[u8; 32]>, GroupError> {
+        let welcome = MlsMessage::from_bytes(welcome)?;
+        let info = self.client.examine_welcome_message(&welcome)?;
+        tree_key_of(info.extensions())
+    }
+
+    /// Joins a group from a welcome and its encrypted ratchet tree
+    /// ([`super::Welcome::ratchet_tree`]), opened under the key in the welcome's
+    /// GroupInfo. The caller checks the members' identity keys against the pinned
+    /// ones.
     pub fn join(
         &self,
         welcome: &[u8],
         ratchet_tree: &[u8],
         now_ms: u64,
     ) -> Result<Staged<Joined>, GroupError> {
+        let key = self.examine_welcome(welcome)?;
         let welcome = MlsMessage::from_bytes(welcome)?;
-        let tree = ExportedTree::from_bytes(ratchet_tree)?;
+        let tree = ExportedTree::from_bytes(&open_tree(&key, ratchet_tree)?)?;
         self.staged(|| {
             let (group, info) =
                 self.client

@@ -24,6 +24,7 @@ pub mod meta;
 pub mod rules;
 mod session;
 pub mod storage;
+mod tree;
 pub mod wrap;
 
 #[cfg(test)]
@@ -39,6 +40,7 @@ pub use self::meta::GroupMeta;
 pub use self::rules::{RulesError, TernRules};
 pub use self::session::GroupSession;
 pub use self::storage::StagedMlsStore;
+pub use self::tree::TREE_KEY_EXTENSION;
 pub use self::wrap::{envelope_tag, WrapKey};
 
 /// The length of an MLS group id (random).
@@ -126,24 +128,32 @@ pub struct Changes {
 pub struct Welcome {
     /// The MLS welcome message.
     pub welcome: Vec<u8>,
-    /// The ratchet tree, sent with it out of band: inline
+    /// The ratchet tree, encrypted under the key only the welcome's GroupInfo
+    /// carries (`tree.rs`), sent with it out of band: inline
     /// (`GroupWelcome.ratchet_tree`), or as an attachment when that would make the
     /// body too large for one envelope (`GroupWelcome.ratchet_tree_pointer`).
     pub ratchet_tree: Vec<u8>,
+    /// SHA-256 of `ratchet_tree`: its blob id as an attachment.
+    pub tree_blob_id: [u8; 32],
     /// Who it is for.
     pub to: Vec<Member>,
 }
 
 impl Welcome {
-    /// The shared body for the new devices with the tree inline: `0x03 ‖
-    /// GroupWelcome`.
+    /// The shared body for the new devices with the (encrypted) tree inline:
+    /// `0x03 ‖ GroupWelcome`.
     pub fn body(&self) -> Vec<u8> {
         self.encode(self.ratchet_tree.clone(), None)
     }
 
-    /// The shared body with the tree carried by `pointer` (an attachment of the
-    /// tree, uploaded before the welcome leaves) instead of inline.
-    pub fn body_with_tree_pointer(&self, pointer: tern_proto::e2e::AttachmentPointer) -> Vec<u8> {
+    /// The shared body with the tree as an attachment (uploaded before the welcome
+    /// leaves): its pointer names only the blob, no key.
+    pub fn body_with_tree_pointer(&self) -> Vec<u8> {
+        let pointer = tern_proto::e2e::AttachmentPointer {
+            blob_id: self.tree_blob_id.to_vec().into(),
+            sealed_size: self.ratchet_tree.len() as u64,
+            ..Default::default()
+        };
         self.encode(Vec::new(), Some(pointer))
     }
 
@@ -177,23 +187,39 @@ impl Welcome {
     }
 }
 
-/// Where a received welcome's ratchet tree is.
+/// A welcome's tree attachment: the blob and its size (its key is in the
+/// welcome's GroupInfo).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TreePointer {
+    /// SHA-256 of the ciphertext.
+    pub blob_id: [u8; 32],
+    /// The ciphertext's length.
+    pub sealed_size: u64,
+}
+
+/// Where a received welcome's (encrypted) ratchet tree is.
 #[derive(Debug, Clone)]
 pub enum WelcomeTree {
     /// In the welcome.
     Inline(Vec<u8>),
     /// In an attachment, to download (and check against the pointer) first.
-    Pointer(tern_proto::e2e::AttachmentPointer),
+    Pointer(TreePointer),
 }
 
 /// A welcome body (`0x03 ‖ GroupWelcome` without its first byte) taken apart: the
-/// MLS welcome and where its tree is. A body with both or neither is malformed.
+/// MLS welcome and where its tree is. A body with both or neither is malformed,
+/// and so is a pointer that carries a key (the key belongs in the GroupInfo).
 pub fn parse_welcome(body: &[u8]) -> Result<(Vec<u8>, WelcomeTree), GroupError> {
     let w = <tern_proto::e2e::GroupWelcome as prost::Message>::decode(body)
         .map_err(|_| GroupError::Malformed)?;
     let tree = match (w.ratchet_tree.is_empty(), w.ratchet_tree_pointer) {
         (false, None) => WelcomeTree::Inline(w.ratchet_tree.to_vec()),
-        (true, Some(p)) => WelcomeTree::Pointer(p),
+        (true, Some(p)) if p.key.is_empty() => WelcomeTree::Pointer(TreePointer {
+            blob_id: p.blob_id[..]
+                .try_into()
+                .map_err(|_| GroupError::Malformed)?,
+            sealed_size: p.sealed_size,
+        }),
         _ => return Err(GroupError::Malformed),
     };
     Ok((w.welcome.to_vec(), tree))
@@ -326,6 +352,12 @@ pub enum GroupError {
     /// [`GroupDevice::join`] with it.
     #[error("the welcome's ratchet tree is an attachment")]
     TreeNotInline,
+    /// A welcome whose GroupInfo carries no ratchet tree key.
+    #[error("a welcome without its ratchet tree's key")]
+    NoTreeKey,
+    /// A welcome's ratchet tree that does not open under its key.
+    #[error("a welcome's ratchet tree that does not open")]
+    BadTree,
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

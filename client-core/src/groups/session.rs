@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 use super::device::{mls_time, MlsConfig};
 use super::meta::{GroupMeta, MEMBER_TOKENS_EXTENSION};
 use super::storage::{StagedMlsStore, KEPT_EPOCHS};
+use super::tree::{new_tree_key, seal_tree, TREE_KEY_EXTENSION};
 use super::wrap::{WrapKey, KEY_LABEL, TAG_LABEL, TAG_LEN};
 use super::{
     Changes, CommitApplied, GroupDevice, GroupError, Member, PlannedCommit, Processed, Staged,
@@ -240,22 +241,35 @@ impl GroupSession {
             context_ext.set(meta.extension());
             builder = builder.set_group_context_ext(context_ext)?;
         }
-        if let (Some(tokens), false) = (&changes.member_tokens, added.is_empty()) {
+        // The welcome's tree is encrypted under a key only its GroupInfo carries:
+        // drawn now, before the tree exists.
+        let tree_key = new_tree_key();
+        if !added.is_empty() {
             let mut ext = ExtensionList::new();
+            if let Some(tokens) = &changes.member_tokens {
+                ext.set(mls_rs::Extension::new(
+                    ExtensionType::new(MEMBER_TOKENS_EXTENSION),
+                    tokens.clone(),
+                ));
+            }
             ext.set(mls_rs::Extension::new(
-                ExtensionType::new(MEMBER_TOKENS_EXTENSION),
-                tokens.clone(),
+                ExtensionType::new(TREE_KEY_EXTENSION),
+                tree_key.to_vec(),
             ));
             builder = builder.set_group_info_ext(ext);
         }
         let out = builder.build()?;
         let commit = wrap.wrap(&out.commit_message().to_bytes()?)?;
         let welcome = match (out.welcome_messages().first(), out.ratchet_tree()) {
-            (Some(w), Some(tree)) => Some(Welcome {
-                welcome: w.to_bytes()?,
-                ratchet_tree: tree.to_bytes()?,
-                to: added.clone(),
-            }),
+            (Some(w), Some(tree)) => {
+                let (ratchet_tree, tree_blob_id) = seal_tree(&tree_key, &tree.to_bytes()?)?;
+                Some(Welcome {
+                    welcome: w.to_bytes()?,
+                    ratchet_tree,
+                    tree_blob_id,
+                    to: added.clone(),
+                })
+            }
             (None, _) => None,
             (Some(_), None) => return Err(GroupError::Rejected("welcome without a tree".into())),
         };

@@ -10,15 +10,14 @@ use super::groups::{deliver, events, knows, last_envelope, plan, text};
 use super::{dev, dropped, Dev, NOW};
 use crate::client::group_commit::GroupStep;
 use crate::client::group_tree::{
-    HELD_WELCOMES_MAX, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX,
+    prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, HELD_WELCOMES_MAX,
+    HELD_WELCOMES_MAX_BYTES, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX, TREE_RETRY_MAX_MS,
 };
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
 use crate::client::Event;
-use crate::crypto::attachment;
-use crate::groups::{parse_welcome, WelcomeTree};
-use crate::media::AttachmentPointer;
-use crate::store::{KvStore, Namespace};
+use crate::groups::{parse_welcome, TreePointer, WelcomeTree};
+use crate::store::{Batch, KvStore, Namespace, Op};
 
 /// Alice (whose welcomes always carry their tree as an attachment) plans a group
 /// with Bob: the commit, its one send the welcome.
@@ -37,7 +36,7 @@ fn planned() -> (Dev, Dev, GroupId, GroupCommit) {
 }
 
 /// The welcome's pointer.
-fn pointer_of(commit: &GroupCommit) -> e2e::AttachmentPointer {
+fn pointer_of(commit: &GroupCommit) -> TreePointer {
     match parse_welcome(&commit.sends[0].body[1..]).expect("a welcome") {
         (_, WelcomeTree::Pointer(p)) => p,
         (_, WelcomeTree::Inline(_)) => panic!("the tree is inline"),
@@ -49,7 +48,7 @@ fn tree_records(dev: &Dev) -> usize {
 }
 
 /// The held welcomes due now: (seq, pointer).
-fn due(dev: &mut Dev, now: u64) -> Vec<(u64, AttachmentPointer)> {
+fn due(dev: &mut Dev, now: u64) -> Vec<(u64, TreePointer)> {
     let (events, due, _) = dev.state.held_welcomes_due(now).expect("due");
     assert!(events.is_empty(), "{events:?}");
     due
@@ -64,10 +63,8 @@ fn the_tree_ciphertext_is_kept_with_the_pending_commit_until_it_settles() {
         .tree_upload(&group.0)
         .expect("read")
         .expect("an upload");
-    assert_eq!(p.to_wire(), pointer);
-    assert_eq!(sealed.len() as u64, p.sealed_size);
-    let tree = crate::client::group_tree::open_tree(&p, &sealed).expect("opens");
-    assert!(!tree.is_empty());
+    assert_eq!(p, pointer.blob_id);
+    assert_eq!(sealed.len() as u64, pointer.sealed_size);
 
     // A restart resends the same commit, pointing at the same blob.
     alice.reload(NOW);
@@ -84,13 +81,14 @@ fn the_tree_ciphertext_is_kept_with_the_pending_commit_until_it_settles() {
         .expect("still to upload");
     assert_eq!((p2, sealed2), (p, sealed));
 
-    // Uploaded: nothing left to upload, the ciphertext kept until the answer.
-    alice.state.tree_uploaded(&group.0).expect("uploaded");
-    assert!(alice.state.tree_upload(&group.0).expect("read").is_none());
+    // Uploaded before every send (the relay extends the blob's life), kept
+    // until the answer, which deletes it in its own batch.
+    assert!(alice.state.tree_upload(&group.0).expect("read").is_some());
     alice.state.settle_tree_upload(&group.0).expect("settle");
     assert_eq!(tree_records(&alice), 1, "the commit is still pending");
     alice.state.commit_accepted(&group.0).expect("accepted");
-    alice.state.settle_tree_upload(&group.0).expect("settle");
+    assert_eq!(tree_records(&alice), 0);
+    alice.reload(NOW);
     assert_eq!(tree_records(&alice), 0);
 }
 
@@ -141,7 +139,7 @@ fn a_welcome_waits_for_its_tree_across_a_restart_then_joins() {
     bob.reload(NOW);
     let due = due(&mut bob, NOW);
     assert_eq!(due.len(), 1);
-    assert_eq!(due[0].1.to_wire(), pointer_of(&commit));
+    assert_eq!(due[0].1, pointer_of(&commit));
     let e = bob
         .state
         .tree_fetched(due[0].0, &sealed, NOW)
@@ -197,7 +195,7 @@ fn a_tree_that_fails_its_checks_or_cannot_be_fetched_drops_its_welcome() {
         assert_eq!(due.len(), 1, "attempt {attempt}");
         let e = bob
             .state
-            .tree_fetch_failed(due[0].0, "NOT_FOUND", false, now)
+            .tree_fetch_failed(due[0].0, "NOT_FOUND", FetchFailure::Missing, now)
             .expect("failed");
         if attempt < TREE_ATTEMPTS {
             assert!(e.is_empty());
@@ -241,10 +239,128 @@ fn held_welcomes_are_bounded_in_number_and_age_and_pointer_size() {
     // A pointer claiming more than any group's tree: dropped at once.
     let mut welcome = e2e::GroupWelcome::decode(&w.body[1..]).expect("decodes");
     let p = welcome.ratchet_tree_pointer.as_mut().expect("pointer");
-    p.size = TREE_MAX;
-    p.sealed_size = attachment::sealed_len(TREE_MAX).expect("small");
+    p.sealed_size = TREE_MAX + 1;
     let mut body = vec![0x03];
     body.extend(welcome.encode_to_vec());
     assert!(dropped(bob.receive(&deliver(&body, MessageId([0xee; 16])))));
     assert!(!bob.state.has_held_welcomes().expect("held"));
+}
+
+#[test]
+fn only_a_welcome_to_our_own_key_package_is_held() {
+    // Anyone with Carol's delivery token could send her Bob's welcome: it is not
+    // encrypted to her key packages, so it is dropped, never held (nor fetched).
+    let (_alice, _bob, _group, commit) = planned();
+    let mut carol = dev(3);
+    let w = &commit.sends[0];
+    assert!(dropped(carol.receive(&deliver(&w.body, w.message_id))));
+    assert!(!carol.state.has_held_welcomes().expect("held"));
+}
+
+#[test]
+fn a_refused_or_unreachable_fetch_waits_longer_without_giving_up() {
+    let (_alice, mut bob, _group, commit) = planned();
+    let w = &commit.sends[0];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    let mut now = NOW;
+    let mut last_wait = 0;
+    // Far more failures than TREE_ATTEMPTS: other refusals spend no attempt.
+    for _ in 0..(TREE_ATTEMPTS * 6) {
+        let due = due(&mut bob, now);
+        assert_eq!(due.len(), 1);
+        let e = bob
+            .state
+            .tree_fetch_failed(due[0].0, "UNAVAILABLE", FetchFailure::Later, now)
+            .expect("failed");
+        assert!(e.is_empty(), "{e:?}");
+        let (_, again, waiting) = bob.state.held_welcomes_due(now).expect("due");
+        assert!(again.is_empty() && waiting);
+        // The wait doubles, up to an hour.
+        let mut wait = 1;
+        while bob
+            .state
+            .held_welcomes_due(now + wait)
+            .expect("due")
+            .1
+            .is_empty()
+        {
+            wait *= 2;
+        }
+        assert!(wait >= last_wait && wait <= 2 * TREE_RETRY_MAX_MS, "{wait}");
+        last_wait = wait;
+        now += wait;
+    }
+    assert!(last_wait > TREE_RETRY_MAX_MS / 2);
+    // The week's bound still ends it.
+    let (e, due, _) = bob
+        .state
+        .held_welcomes_due(NOW + HELD_WELCOME_MAX_AGE_MS + 1)
+        .expect("due");
+    assert!(matches!(e.as_slice(), [Event::Dropped { .. }]), "{e:?}");
+    assert!(due.is_empty());
+}
+
+#[test]
+fn a_lost_held_record_drops_its_welcome_not_the_round() {
+    let (_alice, mut bob, _group, commit) = planned();
+    let w = &commit.sends[0];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    bob.state.flush().expect("flush");
+    let seq = due(&mut bob, NOW)[0].0;
+    let held: Vec<Op> = bob
+        .kv
+        .scan(Namespace::GroupTree)
+        .expect("scan")
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(b"in") && k != b"index")
+        .map(|(k, _)| Op::Put(Namespace::GroupTree, k, vec![0xff; 3]))
+        .collect();
+    assert_eq!(held.len(), 1);
+    bob.kv.apply(held, true).expect("corrupt");
+    let (e, due, _) = bob.state.held_welcomes_due(NOW).expect("due");
+    assert!(matches!(e.as_slice(), [Event::Dropped { .. }]), "{e:?}");
+    assert!(due.is_empty());
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+    // And a fetch that lands for it after all: nothing, no error.
+    assert!(bob
+        .state
+        .tree_fetched(seq, b"late", NOW)
+        .expect("no error")
+        .is_empty());
+}
+
+#[test]
+fn held_welcomes_are_bounded_in_bytes() {
+    let mb = 1024 * 1024;
+    let mut index = HeldWelcomeIndex {
+        entries: (0..6)
+            .map(|seq| HeldWelcomeEntry {
+                seq,
+                message_id: vec![seq as u8; 16],
+                len: mb,
+                held_at_ms: NOW,
+                ..HeldWelcomeEntry::default()
+            })
+            .collect(),
+        next_seq: 6,
+    };
+    let (mut batch, mut events) = (Batch::new(), Vec::new());
+    prune(&mut index, NOW, &mut batch, &mut events);
+    assert_eq!(HELD_WELCOMES_MAX_BYTES, 4 * mb);
+    let kept: Vec<u64> = index.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(kept, [2, 3, 4, 5], "the oldest go first");
+    assert_eq!(events.len(), 2);
+}
+
+#[test]
+fn a_forgotten_group_takes_its_tree_ciphertext_with_it() {
+    let (alice, _bob, group, _commit) = planned();
+    assert_eq!(tree_records(&alice), 1);
+    let mut batch = Batch::new();
+    alice
+        .state
+        .stage_forget_group(&group.0, &mut batch)
+        .expect("staged");
+    alice.state.commit(batch, true).expect("forgotten");
+    assert_eq!(tree_records(&alice), 0);
 }
