@@ -101,7 +101,10 @@ impl State {
             } else if drained && record.wait_unmet_since_ms == 0 {
                 record.wait_unmet_since_ms = now_ms.max(1);
             }
-            let waited = record.wait_unmet_since_ms != 0
+            // A persisted timer counts only once this connection read the mailbox
+            // to its end: the awaited commit may still be queued there.
+            let waited = drained
+                && record.wait_unmet_since_ms != 0
                 && now_ms.saturating_sub(record.wait_unmet_since_ms) >= rejoin_after_ms;
             let asked = record.rejoin_asked_ms != 0
                 && now_ms.saturating_sub(record.rejoin_asked_ms) < REJOIN_EVERY_MS;
@@ -151,6 +154,14 @@ impl State {
         to
     }
 
+    /// Whether `account` is a contact with a pinned identity key. A rejoin
+    /// request from anyone else is dropped and makes them no contact.
+    pub(crate) fn is_contact(&self, account: &AccountId) -> bool {
+        self.contacts
+            .get(account)
+            .is_some_and(|c| !c.identity_key.is_empty())
+    }
+
     /// Queues the encoded `GroupRejoin` for `account`'s devices, in `batch`.
     pub(crate) fn queue_rejoin(
         &mut self,
@@ -189,6 +200,9 @@ impl State {
             return Ok(Dropped("a rejoin request for a group being left"));
         }
         let own = sender == self.keys.address.account;
+        if !own && !self.is_contact(&sender) {
+            return Ok(Dropped("a rejoin request from no contact"));
+        }
         if !own && self.contacts.get(&sender).is_some_and(|c| c.blocked()) {
             return Ok(Dropped("a rejoin request from a blocked contact"));
         }

@@ -448,3 +448,49 @@ fn an_op_of_an_unknown_kind_is_dropped_and_removes_nobody() {
         .members();
     assert!(members.iter().any(|m| m.account == bob.account()));
 }
+
+#[test]
+fn a_persisted_unmet_wait_asks_only_after_the_mailbox_is_read_again() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.wait_unmet_since_ms = NOW;
+    let mut batch = Batch::new();
+    bob.state.put_group(&group.0, record, &mut batch);
+    bob.state.commit(batch, true).expect("persisted");
+    bob.reload(NOW);
+    // After a restart the mailbox is unread: the commit may still be there.
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW + 2 * DAY, false, DAY, &mut OsRng)
+        .expect("look"));
+    assert_eq!(bob.state.outbox().count(), 0);
+    assert!(bob
+        .state
+        .queue_rejoins(NOW + 2 * DAY, true, DAY, &mut OsRng)
+        .expect("look"));
+}
+
+#[test]
+fn a_request_from_a_member_who_is_no_contact_is_dropped_and_makes_no_contact() {
+    // Carol is a member Bob never made a contact: her key is pinned by the group.
+    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
+    knows(&mut carol, &alice);
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    knows(&mut alice, &carol);
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queued");
+    let commit = plan(&mut alice, &group, &mut [&mut carol]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
+    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+    let d = request(&mut carol, &mut bob, &group.0, 0);
+    take(&mut bob, &d, NOW);
+    assert!(readds(&bob, &group).is_empty());
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+    bob.reload(NOW);
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+}
