@@ -9,7 +9,7 @@ use tern_proto::{e2e, Delivery, DeviceId};
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
 use crate::client::group_meta::MetaEdit;
-use crate::client::group_records::{GroupOpRecord, OP_READD_DEVICE};
+use crate::client::group_records::{GroupOpRecord, OP_META, OP_READD_DEVICE};
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
 use crate::client::Event;
@@ -38,6 +38,24 @@ fn pair() -> (Dev, Dev, GroupId) {
     let (mut alice, mut bob) = (dev(1), dev(2));
     let group = group_with(&mut alice, &mut [&mut bob]);
     (alice, bob, group)
+}
+
+/// Alice makes a group with Bob, then adds Carol, a contact of hers but not
+/// Bob's: Bob pins Carol's key from the group only.
+fn with_carol() -> (Dev, Dev, Dev, GroupId) {
+    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
+    knows(&mut carol, &alice);
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    knows(&mut alice, &carol);
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queued");
+    let commit = plan(&mut alice, &group, &mut [&mut carol]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
+    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    (alice, bob, carol, group)
 }
 
 fn epoch(dev: &mut Dev, group: &GroupId) -> u64 {
@@ -314,18 +332,7 @@ fn a_request_from_a_device_not_in_the_group_or_a_blocked_contact_is_dropped() {
 #[test]
 fn a_request_under_a_key_other_than_the_groups_pin_is_dropped() {
     // Carol is no contact of Bob's: her key is pinned by the group only.
-    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
-    knows(&mut carol, &alice);
-    let group = group_with(&mut alice, &mut [&mut bob]);
-    knows(&mut alice, &carol);
-    alice
-        .state
-        .add_group_members(&group, &[carol.account()])
-        .expect("queued");
-    let commit = plan(&mut alice, &group, &mut [&mut carol]);
-    alice.state.commit_accepted(&group.0).expect("accepted");
-    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
-    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    let (_alice, mut bob, mut carol, group) = with_carol();
     let mut record = bob.state.groups[&group.0[..]].clone();
     let pin = record
         .pins
@@ -389,6 +396,9 @@ fn a_readd_removes_the_leaf_and_adds_a_fresh_one_the_device_joins_at_the_new_epo
     ));
     assert_eq!(epoch(&mut bob, &group), 3);
     assert_eq!(bob.state.groups[&group.0[..]].wait_epoch, 0);
+    // Bob's rename, queued while he was behind, still goes out.
+    let kinds: Vec<u32> = ops(&bob, &group).iter().map(|o| o.kind).collect();
+    assert_eq!(kinds, [OP_META]);
     bob.state
         .enqueue_group(&group, text(b"back"), NOW, &mut OsRng)
         .expect("queued");
@@ -474,18 +484,7 @@ fn a_persisted_unmet_wait_asks_only_after_the_mailbox_is_read_again() {
 #[test]
 fn a_request_from_a_member_who_is_no_contact_is_dropped_and_makes_no_contact() {
     // Carol is a member Bob never made a contact: her key is pinned by the group.
-    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
-    knows(&mut carol, &alice);
-    let group = group_with(&mut alice, &mut [&mut bob]);
-    knows(&mut alice, &carol);
-    alice
-        .state
-        .add_group_members(&group, &[carol.account()])
-        .expect("queued");
-    let commit = plan(&mut alice, &group, &mut [&mut carol]);
-    alice.state.commit_accepted(&group.0).expect("accepted");
-    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
-    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    let (_alice, mut bob, mut carol, group) = with_carol();
     assert!(!bob.state.contacts.contains_key(&carol.account()));
     let d = request(&mut carol, &mut bob, &group.0, 0);
     take(&mut bob, &d, NOW);
@@ -493,4 +492,24 @@ fn a_request_from_a_member_who_is_no_contact_is_dropped_and_makes_no_contact() {
     assert!(!bob.state.contacts.contains_key(&carol.account()));
     bob.reload(NOW);
     assert!(!bob.state.contacts.contains_key(&carol.account()));
+}
+
+#[test]
+fn a_welcome_to_a_group_being_left_is_dropped() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.leaving = true;
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let w = &commit.sends[1];
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Dropped(r) if r.contains("left")
+    ));
+    assert_eq!(epoch(&mut bob, &group), 1);
+    assert!(bob.state.groups[&group.0[..]].leaving);
 }
