@@ -83,6 +83,15 @@ fn leave_behind(alice: &mut Dev, bob: &mut Dev, group: &GroupId) {
     bob.state.commit_stale(&group.0, current).expect("stale");
 }
 
+/// Marks `dev` behind in `group`, as a refused commit does.
+fn mark_behind(dev: &mut Dev, group: &GroupId) {
+    let mut record = dev.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = NOW;
+    let mut batch = Batch::new();
+    dev.state.put_group(&group.0, record, &mut batch);
+    dev.state.commit(batch, true).expect("marked");
+}
+
 /// `from`'s last queued request, sealed for `to`.
 fn sealed_request(from: &mut Dev, to: &mut Dev) -> Delivery {
     from.sessions_with(to);
@@ -154,11 +163,7 @@ fn a_joined_device_keeps_who_added_it() {
 fn a_device_that_refused_a_commit_asks_its_adder_at_once_and_once_a_day() {
     let (mut alice, mut bob, group) = pair();
     leave_behind(&mut alice, &mut bob, &group);
-    let mut record = bob.state.groups[&group.0[..]].clone();
-    record.behind_since_ms = NOW;
-    let mut batch = Batch::new();
-    bob.state.put_group(&group.0, record, &mut batch);
-    bob.state.commit(batch, true).expect("marked");
+    mark_behind(&mut bob, &group);
     assert!(bob
         .state
         .queue_rejoins(NOW, false, DAY, &mut OsRng)
@@ -512,4 +517,24 @@ fn a_welcome_to_a_group_being_left_is_dropped() {
     ));
     assert_eq!(epoch(&mut bob, &group), 1);
     assert!(bob.state.groups[&group.0[..]].leaving);
+}
+
+#[test]
+fn unanswered_requests_come_ever_more_rarely_up_to_a_month_apart() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    mark_behind(&mut bob, &group);
+    let mut look = |now: u64| {
+        bob.state
+            .queue_rejoins(now, false, DAY, &mut OsRng)
+            .expect("look")
+    };
+    // Asked at 0, then a day, two, four ... days after the last ask.
+    let mut asked = Vec::new();
+    for day in 0..80 {
+        if look(NOW + day * DAY) {
+            asked.push(day);
+        }
+    }
+    assert_eq!(asked, [0, 1, 3, 7, 15, 31, 61]);
 }
