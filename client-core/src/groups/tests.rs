@@ -1025,3 +1025,41 @@ fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
     let m = devs[1].send(b"welcome back");
     assert_eq!(message_from(devs[2].receive(&m)).1, b"welcome back");
 }
+
+#[test]
+fn a_device_re_added_at_another_index_neither_came_nor_went() {
+    let (a, b, c) = (Account::new(), Account::new(), Account::new());
+    let mut devs = vec![a.device(1), c.device(1), b.device(1), b.device(2)];
+    group_of(&mut devs);
+    // Carol leaves a blank leaf at index 1: the fresh leaf of Bob's device 2 goes there.
+    let plan = devs[0].commit(&Changes {
+        remove_accounts: vec![c.id],
+        ..Changes::default()
+    });
+    devs[0].apply_pending();
+    devs[2].receive(&plan.commit);
+    devs[3].receive(&plan.commit);
+    let index = |d: &mut Dev| {
+        d.g()
+            .members()
+            .iter()
+            .find(|m| m.account == b.id && m.device.get() == 2)
+            .map(|m| m.index)
+    };
+    assert_eq!(index(&mut devs[0]), Some(3));
+    let kp = devs[3].key_package();
+    let plan = devs[0].commit(&Changes {
+        add: vec![kp],
+        remove_devices: vec![(b.id, DeviceId::new(2).expect("device"))],
+        ..Changes::default()
+    });
+    devs[0].apply_pending();
+    assert_eq!(index(&mut devs[0]), Some(1));
+    match devs[2].receive(&plan.commit) {
+        Processed::Commit(c) => {
+            assert!(c.added.is_empty(), "added: {:?}", c.added);
+            assert!(c.removed.is_empty(), "removed: {:?}", c.removed);
+        }
+        Processed::Message { .. } => panic!("expected a commit"),
+    }
+}
