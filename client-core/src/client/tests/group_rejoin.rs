@@ -8,6 +8,7 @@ use tern_proto::{e2e, Delivery, DeviceId};
 
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
+use crate::client::group_commit::GroupStep;
 use crate::client::group_meta::MetaEdit;
 use crate::client::group_records::{GroupOpRecord, OP_META, OP_READD_DEVICE};
 use crate::client::groups::GroupId;
@@ -537,4 +538,26 @@ fn unanswered_requests_come_ever_more_rarely_up_to_a_month_apart() {
         }
     }
     assert_eq!(asked, [0, 1, 3, 7, 15, 31, 61]);
+}
+
+#[test]
+fn a_readd_of_another_epoch_is_dropped_before_any_fetch() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    assert!(matches!(
+        alice.state.next_group_step(&group.0, NOW, DAY),
+        Ok(GroupStep::Fetch(_))
+    ));
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops[0].epoch = 1;
+    alice.state.groups.insert(group.0.to_vec(), record);
+    assert!(matches!(
+        alice.state.next_group_step(&group.0, NOW, DAY),
+        Ok(GroupStep::Idle)
+    ));
+    assert!(ops(&alice, &group).is_empty());
+    alice.reload(NOW);
+    assert!(ops(&alice, &group).is_empty());
 }
