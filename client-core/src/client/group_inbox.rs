@@ -30,6 +30,7 @@ use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
+use super::group_commit::OP_UPDATE;
 use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
     OP_READD_DEVICE, OP_REMOVE,
@@ -202,13 +203,14 @@ impl State {
             ..GroupRecord::default()
         };
         if let Some(stale) = &stale {
-            // What the user asked for while behind still goes out; re-adds this
+            // What the user asked for while behind still goes out (a fresh leaf
+            // needs no update, and a re-add was for the stale epochs); re-adds this
             // device took stay counted; re-added by its own account, it keeps
             // asking the account that first added it.
             record.ops = stale
                 .ops
                 .iter()
-                .filter(|o| o.kind != OP_READD_DEVICE)
+                .filter(|o| o.kind != OP_READD_DEVICE && o.kind != OP_UPDATE)
                 .cloned()
                 .collect();
             record.readds = stale.readds.clone();
