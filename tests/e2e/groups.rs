@@ -883,6 +883,8 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
         .expect("send");
     let m = group_message(&bob, &mut bob_events).await;
     assert_eq!(m.body, b"welcome back");
+    // The rename Bob asked for while behind was kept across the re-add: it lands.
+    all_see(&[&alice, &bob], &group, |g| g.name == "bob-was-here").await;
     for c in [alice, bob] {
         c.shutdown().await;
     }

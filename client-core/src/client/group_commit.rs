@@ -217,6 +217,7 @@ impl State {
         let before = record.clone();
         let mut record = record;
         dedup_ops(&mut record.ops);
+        self.drop_stale_readds(group, &mut record)?;
         // The members the head op removes need not be reached.
         let removed = match record.ops.first() {
             Some(op) if op.kind == OP_REMOVE => accounts_of(op),
@@ -274,6 +275,29 @@ impl State {
             }
             Some(_) => Ok(GroupStep::Plan),
         }
+    }
+
+    /// Drops head `OP_READD_DEVICE`s that [`State::readd_changes`] would drop
+    /// anyway (another epoch, a device no longer a leaf) before any key package is
+    /// fetched for them.
+    fn drop_stale_readds(&mut self, group: &[u8], record: &mut GroupRecord) -> Result<()> {
+        while let Some(op) = record.ops.first() {
+            if op.kind != OP_READD_DEVICE {
+                break;
+            }
+            let (account, device) = (accounts_of(op).first().copied(), op.device);
+            let session = self.session_mut(group)?;
+            let leaf = session
+                .members()
+                .iter()
+                .any(|m| Some(m.account) == account && m.device.get() == device);
+            if leaf && session.epoch() == op.epoch {
+                break;
+            }
+            tracing::debug!("a re-add dropped before its fetch: the group moved on");
+            record.ops.remove(0);
+        }
+        Ok(())
     }
 
     /// Queues an update commit (OP_UPDATE) in every group where this device's leaf

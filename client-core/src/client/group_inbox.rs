@@ -30,9 +30,10 @@ use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
+use super::group_commit::OP_UPDATE;
 use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
-    OP_REMOVE,
+    OP_READD_DEVICE, OP_REMOVE,
 };
 use super::group_tree::WELCOME_DEDUP;
 use super::groups::{
@@ -164,6 +165,9 @@ impl State {
         // later epoch of the same group (same handle), replaces the stale state.
         let stale = match self.groups.get(&id).cloned() {
             None => None,
+            Some(old) if old.leaving => {
+                return Ok(Outcome::Dropped("a welcome to a group being left".into()));
+            }
             Some(old) => {
                 let current = self.session_mut(&id).ok().map(|s| s.epoch());
                 let behind = old.behind_since_ms != 0 || current.is_none_or(|e| old.wait_epoch > e);
@@ -198,6 +202,22 @@ impl State {
             added_by: added_by.account.as_bytes().to_vec(),
             ..GroupRecord::default()
         };
+        if let Some(stale) = &stale {
+            // What the user asked for while behind still goes out (a fresh leaf
+            // needs no update, and a re-add was for the stale epochs); re-adds this
+            // device took stay counted; re-added by its own account, it keeps
+            // asking the account that first added it.
+            record.ops = stale
+                .ops
+                .iter()
+                .filter(|o| o.kind != OP_READD_DEVICE && o.kind != OP_UPDATE)
+                .cloned()
+                .collect();
+            record.readds = stale.readds.clone();
+            if own && !stale.added_by.is_empty() {
+                record.added_by = stale.added_by.clone();
+            }
+        }
         if !self
             .check_leaves(&mut record, &session.members())
             .is_empty()

@@ -88,6 +88,11 @@ pub(crate) struct GroupRecord {
     /// Devices this device agreed to re-add, each with when: one a day each.
     #[prost(message, repeated, tag = "35")]
     pub(crate) readds: Vec<ReaddRecord>,
+    /// Requests sent since this device last joined: each unanswered one doubles
+    /// the wait before the next (a request nobody can take, such as one from a
+    /// leaf under a key other than the pinned one, is not sent daily forever).
+    #[prost(uint32, tag = "36")]
+    pub(crate) rejoin_asks: u32,
 }
 
 /// A re-add this device queued for another device (`GroupRejoin`).

@@ -5,8 +5,12 @@
 //! is still unmet [`GroupSettings::rejoin_after_ms`](super::groups::GroupSettings)
 //! after the mailbox was read to its end (the relay's `QueueEmpty`: the epoch it
 //! named can no longer come; its commit expired at the relay, say). It asks its
-//! account's other devices and the account that added it, at most once a
-//! [`REJOIN_EVERY_MS`] per group.
+//! account's other devices and the account that added it: once a
+//! [`REJOIN_EVERY_MS`] per group at first, the wait doubling after each request
+//! that brings no welcome, up to [`REJOIN_MAX_WAIT_MS`]. A request a member
+//! cannot take (this device's leaf shows a key other than the one pinned for its
+//! account) is thus not sent daily forever; a re-add cannot recover such a leaf,
+//! only removing it can.
 //!
 //! Taking a request ([`State::judge_rejoin`]): the group is here and not being
 //! left; the sender is not blocked and shows the identity key pinned for its
@@ -41,6 +45,16 @@ use crate::{Error, Result};
 
 /// At most one request per group, and one re-add per device, this often.
 pub(crate) const REJOIN_EVERY_MS: u64 = 24 * 3600 * 1000;
+
+/// The longest wait between two requests for one group.
+pub(crate) const REJOIN_MAX_WAIT_MS: u64 = 30 * REJOIN_EVERY_MS;
+
+/// The wait after `asks` requests unanswered: a day after the first, doubling
+/// after each further one, at most [`REJOIN_MAX_WAIT_MS`].
+fn rejoin_wait(asks: u32) -> u64 {
+    let doublings = asks.saturating_sub(1).min(5);
+    (REJOIN_EVERY_MS << doublings).min(REJOIN_MAX_WAIT_MS)
+}
 
 /// What a received `GroupRejoin` comes to.
 #[derive(Debug)]
@@ -101,10 +115,13 @@ impl State {
             } else if drained && record.wait_unmet_since_ms == 0 {
                 record.wait_unmet_since_ms = now_ms.max(1);
             }
-            let waited = record.wait_unmet_since_ms != 0
+            // A persisted timer counts only once this connection read the mailbox
+            // to its end: the awaited commit may still be queued there.
+            let waited = drained
+                && record.wait_unmet_since_ms != 0
                 && now_ms.saturating_sub(record.wait_unmet_since_ms) >= rejoin_after_ms;
             let asked = record.rejoin_asked_ms != 0
-                && now_ms.saturating_sub(record.rejoin_asked_ms) < REJOIN_EVERY_MS;
+                && now_ms.saturating_sub(record.rejoin_asked_ms) < rejoin_wait(record.rejoin_asks);
             if (record.behind_since_ms != 0 || waited) && !asked {
                 let to = self.rejoin_recipients(&record);
                 let body = e2e::GroupRejoin {
@@ -117,6 +134,7 @@ impl State {
                 }
                 if !to.is_empty() {
                     record.rejoin_asked_ms = now_ms.max(1);
+                    record.rejoin_asks = record.rejoin_asks.saturating_add(1);
                     queued = true;
                     tracing::debug!("asked to be re-added to a group");
                 }
@@ -149,6 +167,14 @@ impl State {
             }
         }
         to
+    }
+
+    /// Whether `account` is a contact with a pinned identity key. A rejoin
+    /// request from anyone else is dropped and makes them no contact.
+    pub(crate) fn is_contact(&self, account: &AccountId) -> bool {
+        self.contacts
+            .get(account)
+            .is_some_and(|c| !c.identity_key.is_empty())
     }
 
     /// Queues the encoded `GroupRejoin` for `account`'s devices, in `batch`.
@@ -189,6 +215,9 @@ impl State {
             return Ok(Dropped("a rejoin request for a group being left"));
         }
         let own = sender == self.keys.address.account;
+        if !own && !self.is_contact(&sender) {
+            return Ok(Dropped("a rejoin request from no contact"));
+        }
         if !own && self.contacts.get(&sender).is_some_and(|c| c.blocked()) {
             return Ok(Dropped("a rejoin request from a blocked contact"));
         }

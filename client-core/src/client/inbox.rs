@@ -245,7 +245,10 @@ impl State {
         batch.put_seen(&sender, message_id, now_ms);
         batch.put_local(&local);
         // Most messages change nothing about their sender: no contact write then.
-        if self.contacts.get(&sender) != Some(&contact) {
+        // A rejoin request makes no stranger a contact (it is dropped, above).
+        let keep_contact =
+            rejoin.is_none() || sender == self.keys.address.account || self.is_contact(&sender);
+        if self.contacts.get(&sender) != Some(&contact) && keep_contact {
             batch.put_contact(&sender, &contact);
         }
         if let Some(id) = opened.one_time_prekey {
@@ -261,7 +264,9 @@ impl State {
         }
         // The caches follow only once the store has the change.
         self.sessions.insert((sender, device), set);
-        self.contacts.insert(sender, contact);
+        if keep_contact {
+            self.contacts.insert(sender, contact);
+        }
         self.local = local;
         self.unflushed_seen.insert(seen);
         if opened.one_time_prekey.is_some() {

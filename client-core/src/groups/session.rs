@@ -436,16 +436,30 @@ impl GroupSession {
     ) -> CommitApplied {
         let after = self.members();
         let key = |m: &Member| (m.index, m.device_key);
-        let added = after
+        let added: Vec<Member> = after
             .iter()
             .filter(|m| !before.iter().any(|b| key(b) == key(m)))
             .cloned()
             .collect();
-        let removed = before
+        let removed: Vec<Member> = before
             .iter()
             .filter(|b| !after.iter().any(|m| key(b) == key(m)))
             .cloned()
             .collect();
+        // A device re-added (its leaf removed and a fresh one added, maybe at
+        // another index) neither came nor went.
+        let same = |a: &Member, b: &Member| a.account == b.account && a.device == b.device;
+        let (added, removed): (Vec<Member>, Vec<Member>) = (
+            added
+                .into_iter()
+                .filter(|m: &Member| !removed.iter().any(|r| same(m, r)))
+                .collect(),
+            removed
+                .iter()
+                .filter(|r| !after.iter().any(|m| same(m, r)))
+                .cloned()
+                .collect(),
+        );
         let meta = self.meta().ok().filter(|m| *m != meta_before);
         CommitApplied {
             committer,

@@ -1094,3 +1094,41 @@ fn a_tree_that_does_not_open_under_its_key_is_refused() {
     let _ = carol.key_package();
     assert!(carol.device.examine_welcome(&welcome.welcome).is_err());
 }
+
+#[test]
+fn a_device_re_added_at_another_index_neither_came_nor_went() {
+    let (a, b, c) = (Account::new(), Account::new(), Account::new());
+    let mut devs = vec![a.device(1), c.device(1), b.device(1), b.device(2)];
+    group_of(&mut devs);
+    // Carol leaves a blank leaf at index 1: the fresh leaf of Bob's device 2 goes there.
+    let plan = devs[0].commit(&Changes {
+        remove_accounts: vec![c.id],
+        ..Changes::default()
+    });
+    devs[0].apply_pending();
+    devs[2].receive(&plan.commit);
+    devs[3].receive(&plan.commit);
+    let index = |d: &mut Dev| {
+        d.g()
+            .members()
+            .iter()
+            .find(|m| m.account == b.id && m.device.get() == 2)
+            .map(|m| m.index)
+    };
+    assert_eq!(index(&mut devs[0]), Some(3));
+    let kp = devs[3].key_package();
+    let plan = devs[0].commit(&Changes {
+        add: vec![kp],
+        remove_devices: vec![(b.id, DeviceId::new(2).expect("device"))],
+        ..Changes::default()
+    });
+    devs[0].apply_pending();
+    assert_eq!(index(&mut devs[0]), Some(1));
+    match devs[2].receive(&plan.commit) {
+        Processed::Commit(c) => {
+            assert!(c.added.is_empty(), "added: {:?}", c.added);
+            assert!(c.removed.is_empty(), "removed: {:?}", c.removed);
+        }
+        Processed::Message { .. } => panic!("expected a commit"),
+    }
+}

@@ -8,8 +8,9 @@ use tern_proto::{e2e, Delivery, DeviceId};
 
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
+use crate::client::group_commit::GroupStep;
 use crate::client::group_meta::MetaEdit;
-use crate::client::group_records::{GroupOpRecord, OP_READD_DEVICE};
+use crate::client::group_records::{GroupOpRecord, OP_META, OP_READD_DEVICE};
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
 use crate::client::Event;
@@ -40,6 +41,24 @@ fn pair() -> (Dev, Dev, GroupId) {
     (alice, bob, group)
 }
 
+/// Alice makes a group with Bob, then adds Carol, a contact of hers but not
+/// Bob's: Bob pins Carol's key from the group only.
+fn with_carol() -> (Dev, Dev, Dev, GroupId) {
+    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
+    knows(&mut carol, &alice);
+    let group = group_with(&mut alice, &mut [&mut bob]);
+    knows(&mut alice, &carol);
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queued");
+    let commit = plan(&mut alice, &group, &mut [&mut carol]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
+    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    (alice, bob, carol, group)
+}
+
 fn epoch(dev: &mut Dev, group: &GroupId) -> u64 {
     dev.state.session_mut(&group.0).expect("session").epoch()
 }
@@ -63,6 +82,15 @@ fn leave_behind(alice: &mut Dev, bob: &mut Dev, group: &GroupId) {
     let _ = plan(bob, group, &mut []);
     let current = epoch(alice, group);
     bob.state.commit_stale(&group.0, current).expect("stale");
+}
+
+/// Marks `dev` behind in `group`, as a refused commit does.
+fn mark_behind(dev: &mut Dev, group: &GroupId) {
+    let mut record = dev.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = NOW;
+    let mut batch = Batch::new();
+    dev.state.put_group(&group.0, record, &mut batch);
+    dev.state.commit(batch, true).expect("marked");
 }
 
 /// `from`'s last queued request, sealed for `to`.
@@ -136,11 +164,7 @@ fn a_joined_device_keeps_who_added_it() {
 fn a_device_that_refused_a_commit_asks_its_adder_at_once_and_once_a_day() {
     let (mut alice, mut bob, group) = pair();
     leave_behind(&mut alice, &mut bob, &group);
-    let mut record = bob.state.groups[&group.0[..]].clone();
-    record.behind_since_ms = NOW;
-    let mut batch = Batch::new();
-    bob.state.put_group(&group.0, record, &mut batch);
-    bob.state.commit(batch, true).expect("marked");
+    mark_behind(&mut bob, &group);
     assert!(bob
         .state
         .queue_rejoins(NOW, false, DAY, &mut OsRng)
@@ -314,18 +338,7 @@ fn a_request_from_a_device_not_in_the_group_or_a_blocked_contact_is_dropped() {
 #[test]
 fn a_request_under_a_key_other_than_the_groups_pin_is_dropped() {
     // Carol is no contact of Bob's: her key is pinned by the group only.
-    let (mut alice, mut bob, mut carol) = (dev(1), dev(2), dev(3));
-    knows(&mut carol, &alice);
-    let group = group_with(&mut alice, &mut [&mut bob]);
-    knows(&mut alice, &carol);
-    alice
-        .state
-        .add_group_members(&group, &[carol.account()])
-        .expect("queued");
-    let commit = plan(&mut alice, &group, &mut [&mut carol]);
-    alice.state.commit_accepted(&group.0).expect("accepted");
-    events(bob.receive(&deliver(&commit.sends[0].body, commit.sends[0].message_id)));
-    events(carol.receive(&deliver(&commit.sends[1].body, commit.sends[1].message_id)));
+    let (_alice, mut bob, mut carol, group) = with_carol();
     let mut record = bob.state.groups[&group.0[..]].clone();
     let pin = record
         .pins
@@ -389,6 +402,9 @@ fn a_readd_removes_the_leaf_and_adds_a_fresh_one_the_device_joins_at_the_new_epo
     ));
     assert_eq!(epoch(&mut bob, &group), 3);
     assert_eq!(bob.state.groups[&group.0[..]].wait_epoch, 0);
+    // Bob's rename, queued while he was behind, still goes out.
+    let kinds: Vec<u32> = ops(&bob, &group).iter().map(|o| o.kind).collect();
+    assert_eq!(kinds, [OP_META]);
     bob.state
         .enqueue_group(&group, text(b"back"), NOW, &mut OsRng)
         .expect("queued");
@@ -447,4 +463,101 @@ fn an_op_of_an_unknown_kind_is_dropped_and_removes_nobody() {
         .expect("session")
         .members();
     assert!(members.iter().any(|m| m.account == bob.account()));
+}
+
+#[test]
+fn a_persisted_unmet_wait_asks_only_after_the_mailbox_is_read_again() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.wait_unmet_since_ms = NOW;
+    let mut batch = Batch::new();
+    bob.state.put_group(&group.0, record, &mut batch);
+    bob.state.commit(batch, true).expect("persisted");
+    bob.reload(NOW);
+    // After a restart the mailbox is unread: the commit may still be there.
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW + 2 * DAY, false, DAY, &mut OsRng)
+        .expect("look"));
+    assert_eq!(bob.state.outbox().count(), 0);
+    assert!(bob
+        .state
+        .queue_rejoins(NOW + 2 * DAY, true, DAY, &mut OsRng)
+        .expect("look"));
+}
+
+#[test]
+fn a_request_from_a_member_who_is_no_contact_is_dropped_and_makes_no_contact() {
+    // Carol is a member Bob never made a contact: her key is pinned by the group.
+    let (_alice, mut bob, mut carol, group) = with_carol();
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+    let d = request(&mut carol, &mut bob, &group.0, 0);
+    take(&mut bob, &d, NOW);
+    assert!(readds(&bob, &group).is_empty());
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+    bob.reload(NOW);
+    assert!(!bob.state.contacts.contains_key(&carol.account()));
+}
+
+#[test]
+fn a_welcome_to_a_group_being_left_is_dropped() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.leaving = true;
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let w = &commit.sends[1];
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, w.message_id)),
+        Outcome::Dropped(r) if r.contains("left")
+    ));
+    assert_eq!(epoch(&mut bob, &group), 1);
+    assert!(bob.state.groups[&group.0[..]].leaving);
+}
+
+#[test]
+fn unanswered_requests_come_ever_more_rarely_up_to_a_month_apart() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    mark_behind(&mut bob, &group);
+    let mut look = |now: u64| {
+        bob.state
+            .queue_rejoins(now, false, DAY, &mut OsRng)
+            .expect("look")
+    };
+    // Asked at 0, then a day, two, four ... days after the last ask.
+    let mut asked = Vec::new();
+    for day in 0..80 {
+        if look(NOW + day * DAY) {
+            asked.push(day);
+        }
+    }
+    assert_eq!(asked, [0, 1, 3, 7, 15, 31, 61]);
+}
+
+#[test]
+fn a_readd_of_another_epoch_is_dropped_before_any_fetch() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    assert!(matches!(
+        alice.state.next_group_step(&group.0, NOW, DAY),
+        Ok(GroupStep::Fetch(_))
+    ));
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops[0].epoch = 1;
+    alice.state.groups.insert(group.0.to_vec(), record);
+    assert!(matches!(
+        alice.state.next_group_step(&group.0, NOW, DAY),
+        Ok(GroupStep::Idle)
+    ));
+    assert!(ops(&alice, &group).is_empty());
+    alice.reload(NOW);
+    assert!(ops(&alice, &group).is_empty());
 }
