@@ -597,7 +597,9 @@ impl Relay {
                     running: std::sync::Mutex::new(config.clone()),
                     source: std::sync::Mutex::new(None),
                 });
-                let (bound, serving) = start_admin(at, state.clone(), shutdown.subscribe()).await?;
+                let auto = matches!(config.admin.listen, crate::config::AdminListen::Auto);
+                let (bound, serving) =
+                    start_admin(at, auto, state.clone(), shutdown.subscribe()).await?;
                 tasks.push(serving);
                 Some((bound, state))
             }
@@ -702,17 +704,28 @@ impl Relay {
 }
 
 /// Binds the admin listener at `at`, writes the token and the bound address to the
-/// data directory (0600), and serves it until `shutdown`. A listener that cannot be
-/// bound stops the start.
+/// data directory (0600), and serves it until `shutdown`. An address the operator
+/// named that cannot be bound stops the start; for `"auto"` (the next port, which
+/// something else may hold) an ephemeral port is taken instead, and admin.addr says
+/// which.
 async fn start_admin(
     at: SocketAddr,
+    auto: bool,
     admin: Arc<crate::admin::server::Admin>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(SocketAddr, JoinHandle<()>)> {
     use crate::admin::token::{write_private, ADDR_FILE};
-    let listener = tokio::net::TcpListener::bind(at)
-        .await
-        .map_err(|e| Error::Config(format!("admin.listen {at}: {e}")))?;
+    let listener = match tokio::net::TcpListener::bind(at).await {
+        Ok(l) => l,
+        Err(e) if auto => {
+            warn!(error = %e, "admin.listen \"auto\": the next port is taken; using an ephemeral port (see admin.addr)");
+            let any = SocketAddr::new(at.ip(), 0);
+            tokio::net::TcpListener::bind(any)
+                .await
+                .map_err(|e| Error::Config(format!("admin.listen {any}: {e}")))?
+        }
+        Err(e) => return Err(Error::Config(format!("admin.listen {at}: {e}"))),
+    };
     let bound = listener.local_addr()?;
     if !bound.ip().is_loopback() {
         warn!("the admin listener is not on a loopback address: its token crosses the network in clear text");

@@ -284,7 +284,13 @@ async fn every_admin_command_works_with_the_token_and_is_refused_without_it() {
             refused(&admin(args, &relay_dir, &["--token-file", &token]));
         }
     }
-    assert_eq!(http(&addr, "GET", "/admin/stats", None).0, 401);
+    let (status, body) = http(&addr, "GET", "/admin/stats", None);
+    assert_eq!(status, 401);
+    let dir_text = relay_dir.to_string_lossy();
+    assert!(
+        !body.contains(&*dir_text),
+        "no data-dir path to a stranger: {body}"
+    );
     assert_eq!(http(&addr, "POST", "/admin/reload", Some("nope")).0, 401);
     let after = samples(&scrape(&addr));
     assert_eq!(

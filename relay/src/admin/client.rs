@@ -78,6 +78,10 @@ impl Online {
             None => read_token(data_dir).ok(),
         };
         let client = reqwest::Client::builder()
+            // The token goes only where admin.addr / --admin-url point, never to an
+            // HTTP_PROXY of the environment; nor does a redirect carry it elsewhere.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_WITHIN)
             .build()
             .map_err(|e| ClientError::Transport {

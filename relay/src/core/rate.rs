@@ -192,7 +192,7 @@ impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for SharedKeys<K> {
 type Limiter<K> = governor::RateLimiter<K, SharedKeys<K>, GovernorClock, NoOpMiddleware<Duration>>;
 
 /// One rate per key, over at most `max_keys` keys. The rate and the cap can change
-/// while it runs (`tern-relay admin reload`): the buckets are kept.
+/// while it runs (`tern-relay admin reload`); a rate change starts every bucket afresh.
 pub struct KeyedLimit<K: Hash + Eq + Clone> {
     limiter: RwLock<(Limiter<K>, Rate)>,
     keys: Arc<KeyTable<K>>,
@@ -237,11 +237,15 @@ impl<K: Hash + Eq + Clone> KeyedLimit<K> {
         self.read().1
     }
 
-    /// Changes the rate; every key keeps its bucket (what it took stays taken, now
-    /// counted against the new rate).
+    /// Changes the rate; a change forgets every bucket (each key starts full). The
+    /// stored times are relative to the old limiter's start, so a new limiter would
+    /// read them as lying up to its uptime in the future and lock active keys out.
     pub fn set_rate(&self, rate: Rate) {
         let mut held = self.limiter.write().unwrap_or_else(|e| e.into_inner());
         if held.1 != rate {
+            // Under the write lock: no check runs against the old times meanwhile.
+            self.keys.map.clear();
+            self.keys.count.store(0, Ordering::Relaxed);
             let limiter = governor::RateLimiter::new(
                 rate.quota(),
                 SharedKeys(self.keys.clone()),

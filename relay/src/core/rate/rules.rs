@@ -91,8 +91,8 @@ impl RateLimits {
         }
     }
 
-    /// Puts `config`'s values in force, keeping every bucket: the keys
-    /// [`RELOADABLE`] names (`tern-relay admin reload`).
+    /// Puts `config`'s values in force: the keys [`RELOADABLE`] names (`tern-relay
+    /// admin reload`). A limit whose rate changed starts every bucket afresh.
     pub fn reload(&self, config: &RateLimitsConfig) {
         self.registrations.set_rate(config.registrations_per_prefix);
         self.add_device.set_rate(config.add_device_per_account);

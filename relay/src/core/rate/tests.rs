@@ -214,3 +214,25 @@ fn a_fifth_export_in_a_day_is_refused_with_a_retry_time() {
     clock.advance(std::time::Duration::from_secs(6 * 3600));
     r.export(&a).expect("a quarter of a day refills one");
 }
+
+#[test]
+fn a_rate_change_starts_every_bucket_afresh_and_locks_out_no_one() {
+    let (l, clock) = limit("3/1m", 100);
+    // Key 1 stays active a long while before the reload: a limiter built later
+    // must not read its stored times as lying in the future.
+    for _ in 0..50 {
+        l.check(&1).expect("one a minute fits");
+        clock.advance(Duration::from_secs(60));
+    }
+    l.check(&2).expect("a second key");
+    assert_eq!(l.len(), 2);
+    l.set_rate("10/1m".parse().expect("rate"));
+    assert_eq!(l.len(), 0, "a rate change forgets the old buckets");
+    for _ in 0..10 {
+        l.check(&1)
+            .expect("a looser rate admits the active key at once");
+    }
+    assert!(l.check(&1).is_err(), "and only as far as the new burst");
+    l.set_rate("10/1m".parse().expect("rate"));
+    assert!(l.check(&1).is_err(), "the same rate again changes nothing");
+}
