@@ -447,8 +447,15 @@ impl GroupSession {
             .cloned()
             .collect();
         // A device re-added (its leaf removed and a fresh one added, maybe at
-        // another index) neither came nor went.
-        let same = |a: &Member, b: &Member| a.account == b.account && a.device == b.device;
+        // another index) neither came nor went. Only under the same device and
+        // identity keys: a leaf claiming the device under other keys is an added
+        // leaf, and its identity is checked against the pins like any other.
+        let same = |a: &Member, b: &Member| {
+            a.account == b.account
+                && a.device == b.device
+                && a.device_key == b.device_key
+                && a.identity_key == b.identity_key
+        };
         let (added, removed): (Vec<Member>, Vec<Member>) = (
             added
                 .into_iter()

@@ -1132,3 +1132,36 @@ fn a_device_re_added_at_another_index_neither_came_nor_went() {
         Processed::Message { .. } => panic!("expected a commit"),
     }
 }
+
+#[test]
+fn a_leaf_replaced_under_other_keys_is_an_added_leaf() {
+    // A member removes Alice's device 1 and adds, in the same commit, a key package
+    // claiming that device under another identity key: the others must see the new
+    // leaf as added (so its identity is checked against the pins), not as the same
+    // device re-added.
+    let (a, b, c) = (Account::new(), Account::new(), Account::new());
+    let mut devs = vec![b.device(1), a.device(1), c.device(1)];
+    group_of(&mut devs);
+    let impostor = Account {
+        identity: SigningKey::generate(&mut OsRng),
+        id: a.id,
+    };
+    let kp = impostor.device(1).key_package();
+    let plan = devs[0].commit(&Changes {
+        add: vec![kp],
+        remove_devices: vec![(a.id, DeviceId::new(1).expect("device"))],
+        ..Changes::default()
+    });
+    devs[0].apply_pending();
+    match devs[2].receive(&plan.commit) {
+        Processed::Commit(c) => {
+            assert_eq!(c.added.len(), 1, "added: {:?}", c.added);
+            assert_eq!(
+                c.added[0].identity_key,
+                impostor.identity.verifying_key().to_bytes()
+            );
+            assert_eq!(c.removed.len(), 1, "removed: {:?}", c.removed);
+        }
+        Processed::Message { .. } => panic!("expected a commit"),
+    }
+}
