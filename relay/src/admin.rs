@@ -2,7 +2,7 @@
 //! is file-system access to it): they open the stores as a relay does, so they
 //! refuse while a relay runs on the directory (sled's exclusive lock on `db/`, taken
 //! first: [`crate::store::StoreError::Locked`]). Online, through a running relay's
-//! admin listener ([`server`]), with the token it wrote to `admin.token`
+//! admin listener (`server`), with the token it wrote to `admin.token`
 //! ([`token`]); [`client`] is the command line's side, which picks the way.
 
 pub mod client;

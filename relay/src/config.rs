@@ -2,7 +2,7 @@
 //! rest, and command-line flags over both.
 //!
 //! Every key, its default and its meaning are read from the types below (their doc
-//! comments, through `schemars`) by [`reference`]: `tern-relay init` writes them as a
+//! comments, through `schemars`) by [`mod@reference`]: `tern-relay init` writes them as a
 //! commented file, `tern-relay check-config` checks a file against them, and README.md's
 //! table is generated from them (a test holds it current). A key's doc comment is
 //! therefore what an operator reads: write it for them.

@@ -1,6 +1,6 @@
 //! The command line's side of the admin interface: finds the relay running on a
 //! data directory (the address in its `admin.addr`) and calls its admin listener
-//! with the token from `admin.token`. See [`super::server`] for the requests.
+//! with the token from `admin.token`. See `super::server` for the requests.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -9,7 +9,7 @@
 //!
 //! A newer binary migrates an older directory in place, step by step, after logging a
 //! backup hint; an older binary refuses a newer directory and says what to do. A
-//! later format adds its step to [`migrate_step`] and raises [`CURRENT`]. ARCHITECTURE.md
+//! later format adds its step to `migrate_step` and raises [`CURRENT`]. ARCHITECTURE.md
 //! ("Data directory versions") has the rules a step must follow.
 
 use std::io::Write;
