@@ -1,6 +1,6 @@
 //! The `tern-relay` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,13 +85,14 @@ enum AdminCommand {
 #[derive(Parser)]
 struct RemoteArgs {
     /// The running relay's admin listener, e.g. http://127.0.0.1:7444 (default: the
-    /// address in the data directory's admin.addr).
+    /// address in the data directory's admin.addr; without one, the commands that
+    /// can work on the stopped relay's data directory do).
     #[arg(long, env = "TERN_ADMIN_URL")]
     admin_url: Option<String>,
     /// The admin token's file (default: the data directory's admin.token).
     #[arg(long, env = "TERN_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// TOML configuration file (for the data directory).
+    /// TOML configuration file (for the data directory and storage settings).
     #[arg(long, short, env = "TERN_CONFIG")]
     config: Option<PathBuf>,
     /// Data directory; overrides the configuration's.
@@ -153,20 +154,8 @@ struct ExportArgs {
 struct AdminArgs {
     /// The account id: 32 hexadecimal digits.
     account: String,
-    /// The running relay's admin listener, e.g. http://127.0.0.1:7444 (default: the
-    /// address in the data directory's admin.addr; without one, the command works
-    /// on the stopped relay's data directory).
-    #[arg(long, env = "TERN_ADMIN_URL")]
-    admin_url: Option<String>,
-    /// The admin token's file (default: the data directory's admin.token).
-    #[arg(long, env = "TERN_ADMIN_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// TOML configuration file (for the data directory and storage settings).
-    #[arg(long, short, env = "TERN_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory; overrides the configuration's.
-    #[arg(long, env = "TERN_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 #[derive(Parser, Clone)]
@@ -277,13 +266,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
 /// The configuration `serve` runs with: the file, then the flags over it. Read
 /// again by `admin reload`.
 fn serve_config(args: &ServeArgs) -> crate::Result<Config> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(d) = &args.data_dir {
-        config.data_dir = d.clone();
-    }
+    let mut config = config_at(args.config.as_deref(), args.data_dir.clone())?;
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -317,12 +300,7 @@ struct Target {
 /// The account and configuration an admin command names, and the running relay.
 fn admin_target(args: AdminArgs) -> Result<Target, Box<dyn std::error::Error>> {
     let account = crate::admin::parse_account(&args.account)?;
-    let (config, online) = remote_target(RemoteArgs {
-        admin_url: args.admin_url,
-        token_file: args.token_file,
-        config: args.config,
-        data_dir: args.data_dir,
-    })?;
+    let (config, online) = remote_target(args.remote)?;
     Ok(Target {
         account,
         config,
@@ -330,16 +308,22 @@ fn admin_target(args: AdminArgs) -> Result<Target, Box<dyn std::error::Error>> {
     })
 }
 
-fn remote_target(
-    args: RemoteArgs,
-) -> Result<(Config, Option<crate::admin::client::Online>), Box<dyn std::error::Error>> {
-    let mut config = match &args.config {
+/// The configuration file's (or the defaults), with `data_dir` over its data directory.
+fn config_at(file: Option<&Path>, data_dir: Option<PathBuf>) -> crate::Result<Config> {
+    let mut config = match file {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(d) = args.data_dir {
+    if let Some(d) = data_dir {
         config.data_dir = d;
     }
+    Ok(config)
+}
+
+fn remote_target(
+    args: RemoteArgs,
+) -> Result<(Config, Option<crate::admin::client::Online>), Box<dyn std::error::Error>> {
+    let config = config_at(args.config.as_deref(), args.data_dir.clone())?;
     crate::store::fault::refuse_unless_compiled_in()?;
     let online = crate::admin::client::Online::locate(
         &config.data_dir,
@@ -402,7 +386,7 @@ fn reload(args: RemoteArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn list_devices(args: ListDevicesArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let (json, explicit) = (args.json, args.admin.admin_url.is_some());
+    let (json, explicit) = (args.json, args.admin.remote.admin_url.is_some());
     let t = admin_target(args.admin)?;
     let runtime = current_thread()?;
     let account = t.account;
@@ -435,7 +419,7 @@ fn list_devices(args: ListDevicesArgs) -> Result<(), Box<dyn std::error::Error>>
 }
 
 fn export_account(args: ExportArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let explicit = args.admin.admin_url.is_some();
+    let explicit = args.admin.remote.admin_url.is_some();
     let t = admin_target(args.admin)?;
     let (account, config) = (t.account, t.config);
     let options = crate::export::ExportOptions {
@@ -560,13 +544,7 @@ fn write_file<T>(
 }
 
 fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    if let Some(d) = args.data_dir {
-        config.data_dir = d;
-    }
+    let config = config_at(args.config.as_deref(), args.data_dir.clone())?;
     crate::store::fault::refuse_unless_compiled_in()?;
     let migrated = crate::admin::migrate::migrate(&config, &args.to, args.objects)?;
     println!("migrated and verified:\n{migrated}");
@@ -574,7 +552,7 @@ fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn delete_account(args: AdminArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let explicit = args.admin_url.is_some();
+    let explicit = args.remote.admin_url.is_some();
     let t = admin_target(args)?;
     let (account, config) = (t.account, t.config);
     let runtime = current_thread()?;
