@@ -670,7 +670,6 @@ impl State {
             return Ok(());
         };
         let mut batch = self.clear_pending_batch(group)?;
-        Self::drop_tree_upload(group, &mut batch);
         record.pending = None;
         record.wait_epoch = current;
         record.stale_commits = record.stale_commits.saturating_add(1);
@@ -679,10 +678,12 @@ impl State {
         self.prepare_group(group)
     }
 
-    /// A batch clearing `group`'s pending commit, if it has one.
+    /// A batch clearing `group`'s pending commit, if it has one, and its welcome's
+    /// stored tree ciphertext.
     fn clear_pending_batch(&mut self, group: &[u8]) -> Result<Batch> {
         let session = self.session_mut(group)?;
         let mut batch = Batch::new();
+        Self::drop_tree_upload(group, &mut batch);
         if session.has_pending() {
             let staged = session.clear_pending().map_err(Error::group)?;
             batch.extend_ops(staged.ops);
@@ -697,7 +698,6 @@ impl State {
             return Ok(());
         };
         let mut batch = self.clear_pending_batch(group)?;
-        Self::drop_tree_upload(group, &mut batch);
         // The commit in flight always carries the head op.
         record.pending = None;
         if !record.ops.is_empty() {

@@ -529,8 +529,10 @@ impl State {
                         change: GroupChange::RemovedSelf,
                     }]));
                 }
-                // Another member's commit took the epoch: ours (if any) lost.
+                // Another member's commit took the epoch: ours (if any) lost,
+                // and its welcome's tree with it.
                 record.pending = None;
+                Self::drop_tree_upload(group, &mut batch);
                 if record.wait_epoch <= epoch {
                     record.wait_epoch = 0;
                 }
