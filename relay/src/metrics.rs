@@ -119,6 +119,9 @@ const SECONDS_BUCKETS: &[f64] = &[
 struct Installed {
     handle: PrometheusHandle,
     started: Instant,
+    /// The send counters, one per [`SendKind`], registered once: every send bumps
+    /// two, and a labelled macro call would build and look up its key each time.
+    sends: [(metrics::Counter, metrics::Counter); 3],
 }
 
 static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
@@ -139,9 +142,17 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             };
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            let sends = [SendKind::Direct, SendKind::Sealed, SendKind::Multi].map(|k| {
+                let kind = k.label();
+                (
+                    counter!(SENDS, "kind" => kind),
+                    counter!(SENT_ENVELOPES, "kind" => kind),
+                )
+            });
             Some(Installed {
                 handle,
                 started: Instant::now(),
+                sends,
             })
         })
         .as_ref()
@@ -279,14 +290,23 @@ pub(crate) enum SendKind {
     Multi,
 }
 
+impl SendKind {
+    fn label(self) -> &'static str {
+        match self {
+            SendKind::Direct => "direct",
+            SendKind::Sealed => "sealed",
+            SendKind::Multi => "multi",
+        }
+    }
+}
+
 pub(crate) fn sent(kind: SendKind, envelopes: usize) {
-    let kind = match kind {
-        SendKind::Direct => "direct",
-        SendKind::Sealed => "sealed",
-        SendKind::Multi => "multi",
+    let Some(Some(installed)) = INSTALLED.get() else {
+        return;
     };
-    counter!(SENDS, "kind" => kind).increment(1);
-    counter!(SENT_ENVELOPES, "kind" => kind).increment(envelopes as u64);
+    let (sends, sent) = &installed.sends[kind as usize];
+    sends.increment(1);
+    sent.increment(envelopes as u64);
 }
 
 pub(crate) fn delivered(n: usize) {
