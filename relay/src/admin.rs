@@ -62,13 +62,7 @@ pub struct DeviceRow {
 /// account is unknown.
 pub(crate) fn devices(services: &Services, account: &AccountId) -> Result<Vec<DeviceRow>> {
     let stores = services.stores();
-    if services.tombstones().contains(account)
-        || stores
-            .accounts
-            .deletions()?
-            .iter()
-            .any(|(a, _)| a == account)
-    {
+    if being_deleted(services, account)? {
         return Err(Error::UnknownRecipient);
     }
     let record = stores
@@ -92,6 +86,29 @@ pub(crate) fn devices(services: &Services, account: &AccountId) -> Result<Vec<De
             }
         })
         .collect())
+}
+
+/// Whether `account` is deleted or being deleted: tombstoned here, or with a
+/// deletion recorded in the stores (by another node sharing them, before this
+/// node's sweeper tombstones it; or one that failed and waits for its retry).
+pub(crate) fn being_deleted(services: &Services, account: &AccountId) -> Result<bool> {
+    Ok(services.tombstones().contains(account)
+        || services
+            .stores()
+            .accounts
+            .deletions()?
+            .iter()
+            .any(|(a, _)| a == account))
+}
+
+/// `tern-relay admin backup` on a stopped relay's data directory (the stores opened
+/// as a relay opens them, under its lock): see [`crate::store::backup::backup_new`].
+pub fn backup(
+    config: &Config,
+    dest: &std::path::Path,
+) -> std::result::Result<crate::store::backup::BackedUp, Box<dyn std::error::Error + Send + Sync>> {
+    let stores = crate::server::open_stores(config, &SystemClock)?;
+    Ok(crate::store::backup::backup_new(&stores, dest)?)
 }
 
 /// `tern-relay admin list-devices` on a stopped relay's data directory.
@@ -163,12 +180,7 @@ pub async fn export_account(
     offline.deletion.resume().await?;
     let stores = offline.services.stores();
     // A deletion that failed again is not finished: what is left is no export.
-    if stores
-        .accounts
-        .deletions()?
-        .iter()
-        .any(|(a, _)| *a == account)
-    {
+    if being_deleted(&offline.services, &account)? {
         offline.services.mailboxes().close()?;
         return Err(crate::Error::UnknownRecipient);
     }

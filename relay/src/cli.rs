@@ -69,6 +69,11 @@ enum AdminCommand {
     /// relay/schema/account-export-v1.schema.json): from the running relay, or from
     /// the stopped relay's data directory.
     ExportAccount(ExportArgs),
+    /// Write a backup of the relay (a data directory a relay starts on, holding
+    /// everything acknowledged before the backup began) into DIR, a new directory:
+    /// by the running relay while it serves, or from the stopped relay's data
+    /// directory. Answers once the backup is complete and synced.
+    Backup(BackupArgs),
     /// Copy the whole relay (accounts, keys, discovery tags, the blob index, queued
     /// messages with their seqs and expiry) into an empty PostgreSQL database, then
     /// verify the copy. Refused while a relay runs on the data directory.
@@ -85,8 +90,10 @@ enum AdminCommand {
 #[derive(Parser)]
 struct RemoteArgs {
     /// The running relay's admin listener, e.g. http://127.0.0.1:7444 (default: the
-    /// address in the data directory's admin.addr; without one, the commands that
-    /// can work on the stopped relay's data directory do).
+    /// address in the data directory's admin.addr while a relay holds the data
+    /// directory; without one, the commands that can work on the stopped relay's data
+    /// directory do). Needs --token-file: the token goes where you name it only with
+    /// the token you name.
     #[arg(long, env = "TERN_ADMIN_URL")]
     admin_url: Option<String>,
     /// The admin token's file (default: the data directory's admin.token).
@@ -98,6 +105,15 @@ struct RemoteArgs {
     /// Data directory; overrides the configuration's.
     #[arg(long, env = "TERN_DATA_DIR")]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct BackupArgs {
+    /// The new directory (it must not exist; its parent must, outside the data
+    /// directory). Written by the relay's process, so it must be able to write there.
+    dir: PathBuf,
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 #[derive(Parser)]
@@ -200,6 +216,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Admin(AdminCommand::DeleteAccount(args)) => delete_account(args),
         Command::Admin(AdminCommand::ExportAccount(args)) => export_account(args),
+        Command::Admin(AdminCommand::Backup(args)) => backup(args),
         Command::Admin(AdminCommand::Migrate(args)) => migrate(args),
         Command::Admin(AdminCommand::Stats(args)) => stats(args),
         Command::Admin(AdminCommand::ListDevices(args)) => list_devices(args),
@@ -323,6 +340,9 @@ fn config_at(file: Option<&Path>, data_dir: Option<PathBuf>) -> crate::Result<Co
 fn remote_target(
     args: RemoteArgs,
 ) -> Result<(Config, Option<crate::admin::client::Online>), Box<dyn std::error::Error>> {
+    if args.admin_url.is_some() && args.token_file.is_none() {
+        return Err("--admin-url (TERN_ADMIN_URL) needs --token-file (TERN_ADMIN_TOKEN_FILE): the data directory's token is sent only to the relay that holds the data directory".into());
+    }
     let config = config_at(args.config.as_deref(), args.data_dir.clone())?;
     crate::store::fault::refuse_unless_compiled_in()?;
     let online = crate::admin::client::Online::locate(
@@ -362,7 +382,7 @@ fn stats(args: StatsArgs) -> Result<(), Box<dyn std::error::Error>> {
     let json = args.json;
     let (_, online) = remote_target(args.remote)?;
     let online = online
-        .ok_or("no running relay: the data directory has no admin.addr (give --admin-url?)")?;
+        .ok_or("no running relay: none holds the data directory or it has no admin.addr (give --admin-url and --token-file?)")?;
     let samples = current_thread()?.block_on(online.stats())?;
     if json {
         println!("{}", serde_json::to_string_pretty(&samples)?);
@@ -375,7 +395,7 @@ fn stats(args: StatsArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn reload(args: RemoteArgs) -> Result<(), Box<dyn std::error::Error>> {
     let (_, online) = remote_target(args)?;
     let online = online
-        .ok_or("no running relay: the data directory has no admin.addr (give --admin-url?)")?;
+        .ok_or("no running relay: none holds the data directory or it has no admin.addr (give --admin-url and --token-file?)")?;
     let keys = current_thread()?.block_on(online.reload())?;
     if keys.is_empty() {
         println!("reloaded: nothing changed");
@@ -548,6 +568,26 @@ fn migrate(args: MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
     crate::store::fault::refuse_unless_compiled_in()?;
     let migrated = crate::admin::migrate::migrate(&config, &args.to, args.objects)?;
     println!("migrated and verified:\n{migrated}");
+    Ok(())
+}
+
+fn backup(args: BackupArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let explicit = args.remote.admin_url.is_some();
+    // The relay resolves a relative path against its own directory: this one's.
+    let dir = std::path::absolute(&args.dir)?;
+    let (config, relay) = remote_target(args.remote)?;
+    let runtime = current_thread()?;
+    if let Some(done) = online(&runtime, relay.as_ref(), explicit, async |o| {
+        o.backup(&dir).await
+    })? {
+        println!(
+            "backup written by the running relay to {}: {done}",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let done = crate::admin::backup(&config, &dir).map_err(|e| e.to_string())?;
+    println!("backup written to {}: {done}", dir.display());
     Ok(())
 }
 

@@ -1,19 +1,21 @@
 //! The relay's metrics: aggregates only (P9), served in Prometheus text format on
 //! the admin listener (`crate::admin::server`).
 //!
-//! The services record at their choke points through the functions here, each one
-//! `metrics` macro with a static name and, at most, one label from a small fixed set
-//! (a request kind, an error code, a cause): never an account, device, token,
-//! address or blob id. Without an installed recorder (no admin listener) every call
-//! is a no-op. Gauges of state (queued messages, stored blob bytes, uptime) are set
-//! when a scrape renders, not on the hot path.
+//! The services record at their choke points through the functions here, each into
+//! a series with a static name and, at most, one label from a small fixed set (a
+//! request kind, an error code, a cause): never an account, device, token, address
+//! or blob id. Every series the services record into is registered once, when the
+//! recorder is installed, so a record is an atomic add on a handle; without an
+//! installed recorder (no admin listener) every call is a no-op. Gauges of state
+//! (queued messages, stored blob bytes, uptime) are set by the admin listener's
+//! upkeep every few seconds and by each scrape, not on the hot path.
 //!
 //! The recorder is the process's: relays started in one process (tests) share it.
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram, Unit};
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Every metric's name; ARCHITECTURE.md "Metrics and the admin interface" says what
@@ -119,12 +121,90 @@ const SECONDS_BUCKETS: &[f64] = &[
 struct Installed {
     handle: PrometheusHandle,
     started: Instant,
-    /// The send counters, one per [`SendKind`], registered once: every send bumps
-    /// two, and a labelled macro call would build and look up its key each time.
-    sends: [(metrics::Counter, metrics::Counter); 3],
+    handles: Handles,
+}
+
+/// Every series the services record into, registered once when the recorder is
+/// installed: a `counter!(NAME, "kind" => kind)` call builds its key (a label
+/// vector) and looks it up in the registry each time, on the hot path.
+struct Handles {
+    /// One pair per [`SendKind`]: sends, and envelopes they stored.
+    sends: [(Counter, Counter); 3],
+    /// One per [`ConnKind`].
+    connections: [Counter; 2],
+    connections_open: Gauge,
+    /// One per [`Refused`].
+    refused: [Counter; 3],
+    deliveries: Counter,
+    acks: Counter,
+    group_commit_size: Histogram,
+    flush_seconds: Histogram,
+    commit_wait: Histogram,
+    fsync: Histogram,
+    sweeps: Counter,
+    /// One per [`Expired`].
+    expired: [Counter; 3],
+    /// One pair per [`Direction`]: bytes, transfers.
+    blobs: [(Counter, Counter); 2],
+    /// One per [`RATE_KINDS`] entry.
+    rate_limited: Vec<Counter>,
+    /// One per [`ERROR_LABELS`] entry.
+    errors: Vec<Counter>,
+    discovery: Counter,
+}
+
+impl Handles {
+    fn register() -> Handles {
+        let sends = [SendKind::Direct, SendKind::Sealed, SendKind::Multi].map(|k| {
+            let kind = k.label();
+            (
+                counter!(SENDS, "kind" => kind),
+                counter!(SENT_ENVELOPES, "kind" => kind),
+            )
+        });
+        let blobs = [Direction::Upload, Direction::Download].map(|d| {
+            let direction = d.label();
+            (
+                counter!(BLOB_TRANSFER_BYTES, "direction" => direction),
+                counter!(BLOB_TRANSFERS, "direction" => direction),
+            )
+        });
+        Handles {
+            sends,
+            connections: [ConnKind::Authenticated, ConnKind::Anonymous]
+                .map(|k| counter!(CONNECTIONS, "kind" => k.label())),
+            connections_open: gauge!(CONNECTIONS_OPEN),
+            refused: [Refused::PerAddress, Refused::Full, Refused::AuthDeadline]
+                .map(|c| counter!(CONNECTIONS_REFUSED, "cause" => c.label())),
+            deliveries: counter!(DELIVERIES),
+            acks: counter!(ACKS),
+            group_commit_size: histogram!(GROUP_COMMIT_SIZE),
+            flush_seconds: histogram!(FLUSH_SECONDS),
+            commit_wait: histogram!(GROUP_COMMIT_SECONDS),
+            fsync: histogram!(FSYNC_SECONDS),
+            sweeps: counter!(SWEEPS),
+            expired: [Expired::Messages, Expired::Blobs, Expired::Uploads]
+                .map(|w| counter!(EXPIRED, "what" => w.label())),
+            blobs,
+            rate_limited: RATE_KINDS
+                .iter()
+                .map(|k| counter!(RATE_LIMITED, "kind" => *k))
+                .collect(),
+            errors: ERROR_LABELS
+                .iter()
+                .map(|c| counter!(ERRORS, "code" => *c))
+                .collect(),
+            discovery: counter!(DISCOVERY_EVALUATIONS),
+        }
+    }
 }
 
 static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
+
+/// The registered series; `None` without a recorder (every record is then a no-op).
+fn handles() -> Option<&'static Handles> {
+    INSTALLED.get()?.as_ref().map(|i| &i.handles)
+}
 
 /// Installs the process's recorder (once; later calls return the same handle).
 /// `None` if another recorder was installed first, by an embedder.
@@ -142,17 +222,10 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             };
             describe();
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-            let sends = [SendKind::Direct, SendKind::Sealed, SendKind::Multi].map(|k| {
-                let kind = k.label();
-                (
-                    counter!(SENDS, "kind" => kind),
-                    counter!(SENT_ENVELOPES, "kind" => kind),
-                )
-            });
             Some(Installed {
                 handle,
                 started: Instant::now(),
-                sends,
+                handles: Handles::register(),
             })
         })
         .as_ref()
@@ -238,12 +311,19 @@ pub(crate) enum ConnKind {
     Anonymous,
 }
 
+impl ConnKind {
+    fn label(self) -> &'static str {
+        match self {
+            ConnKind::Authenticated => "authenticated",
+            ConnKind::Anonymous => "anonymous",
+        }
+    }
+}
+
 pub(crate) fn connection(kind: ConnKind) {
-    let kind = match kind {
-        ConnKind::Authenticated => "authenticated",
-        ConnKind::Anonymous => "anonymous",
-    };
-    counter!(CONNECTIONS, "kind" => kind).increment(1);
+    if let Some(h) = handles() {
+        h.connections[kind as usize].increment(1);
+    }
 }
 
 /// A connection open from its handshake to its close.
@@ -251,14 +331,18 @@ pub(crate) struct OpenConnection(());
 
 impl OpenConnection {
     pub(crate) fn new() -> Self {
-        gauge!(CONNECTIONS_OPEN).increment(1.0);
+        if let Some(h) = handles() {
+            h.connections_open.increment(1.0);
+        }
         OpenConnection(())
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        gauge!(CONNECTIONS_OPEN).decrement(1.0);
+        if let Some(h) = handles() {
+            h.connections_open.decrement(1.0);
+        }
     }
 }
 
@@ -273,13 +357,20 @@ pub(crate) enum Refused {
     AuthDeadline,
 }
 
+impl Refused {
+    fn label(self) -> &'static str {
+        match self {
+            Refused::PerAddress => "per_address",
+            Refused::Full => "full",
+            Refused::AuthDeadline => "auth_deadline",
+        }
+    }
+}
+
 pub(crate) fn refused(cause: Refused) {
-    let cause = match cause {
-        Refused::PerAddress => "per_address",
-        Refused::Full => "full",
-        Refused::AuthDeadline => "auth_deadline",
-    };
-    counter!(CONNECTIONS_REFUSED, "cause" => cause).increment(1);
+    if let Some(h) = handles() {
+        h.refused[cause as usize].increment(1);
+    }
 }
 
 /// What kind of send.
@@ -300,40 +391,50 @@ impl SendKind {
     }
 }
 
+/// A send of `kind` whose `envelopes` are durable (counted once its commit is done).
 pub(crate) fn sent(kind: SendKind, envelopes: usize) {
-    let Some(Some(installed)) = INSTALLED.get() else {
-        return;
-    };
-    let (sends, sent) = &installed.sends[kind as usize];
-    sends.increment(1);
-    sent.increment(envelopes as u64);
+    if let Some(h) = handles() {
+        let (sends, sent) = &h.sends[kind as usize];
+        sends.increment(1);
+        sent.increment(envelopes as u64);
+    }
 }
 
 pub(crate) fn delivered(n: usize) {
-    if n > 0 {
-        counter!(DELIVERIES).increment(n as u64);
+    if let (Some(h), true) = (handles(), n > 0) {
+        h.deliveries.increment(n as u64);
     }
 }
 
 pub(crate) fn acked(n: u64) {
-    counter!(ACKS).increment(n);
+    if let Some(h) = handles() {
+        h.acks.increment(n);
+    }
 }
 
 pub(crate) fn group_commit(size: usize, flush: Duration) {
-    histogram!(GROUP_COMMIT_SIZE).record(size as f64);
-    histogram!(FLUSH_SECONDS).record(flush.as_secs_f64());
+    if let Some(h) = handles() {
+        h.group_commit_size.record(size as f64);
+        h.flush_seconds.record(flush.as_secs_f64());
+    }
 }
 
 pub(crate) fn commit_wait(waited: Duration) {
-    histogram!(GROUP_COMMIT_SECONDS).record(waited.as_secs_f64());
+    if let Some(h) = handles() {
+        h.commit_wait.record(waited.as_secs_f64());
+    }
 }
 
 pub(crate) fn fsync(took: Duration) {
-    histogram!(FSYNC_SECONDS).record(took.as_secs_f64());
+    if let Some(h) = handles() {
+        h.fsync.record(took.as_secs_f64());
+    }
 }
 
 pub(crate) fn sweep() {
-    counter!(SWEEPS).increment(1);
+    if let Some(h) = handles() {
+        h.sweeps.increment(1);
+    }
 }
 
 /// What expiry deleted.
@@ -344,14 +445,19 @@ pub(crate) enum Expired {
     Uploads,
 }
 
+impl Expired {
+    fn label(self) -> &'static str {
+        match self {
+            Expired::Messages => "messages",
+            Expired::Blobs => "blobs",
+            Expired::Uploads => "uploads",
+        }
+    }
+}
+
 pub(crate) fn expired(what: Expired, n: u64) {
-    let what = match what {
-        Expired::Messages => "messages",
-        Expired::Blobs => "blobs",
-        Expired::Uploads => "uploads",
-    };
-    if n > 0 {
-        counter!(EXPIRED, "what" => what).increment(n);
+    if let (Some(h), true) = (handles(), n > 0) {
+        h.expired[what as usize].increment(n);
     }
 }
 
@@ -372,51 +478,102 @@ impl Direction {
 }
 
 pub(crate) fn blob_bytes(direction: Direction, n: usize) {
-    counter!(BLOB_TRANSFER_BYTES, "direction" => direction.label()).increment(n as u64);
+    if let Some(h) = handles() {
+        h.blobs[direction as usize].0.increment(n as u64);
+    }
 }
 
 pub(crate) fn blob_transfer(direction: Direction) {
-    counter!(BLOB_TRANSFERS, "direction" => direction.label()).increment(1);
+    if let Some(h) = handles() {
+        h.blobs[direction as usize].1.increment(1);
+    }
 }
 
-/// A refusal by the rate limit `kind` (a `[rate_limits]` key or its short name).
+/// The `[rate_limits]` keys whose refusals are counted (`core::rate::rules`).
+const RATE_KINDS: &[&str] = &[
+    "registrations_per_prefix",
+    "add_device_per_account",
+    "sends_per_account",
+    "sealed_sends_per_token",
+    "sealed_sends_per_prefix",
+    "intake_per_sender_per_mailbox",
+    "fetch_keys_per_requester",
+    "one_time_prekeys_per_device",
+    "group_commits_per_device",
+    "create_groups_per_prefix",
+    "exports_per_account",
+];
+
+/// A refusal by the rate limit `kind` (a `[rate_limits]` key).
 pub(crate) fn rate_limited(kind: &'static str) {
-    counter!(RATE_LIMITED, "kind" => kind).increment(1);
+    let Some(h) = handles() else { return };
+    match RATE_KINDS.iter().position(|k| *k == kind) {
+        Some(i) => h.rate_limited[i].increment(1),
+        // A kind added without its entry above: counted all the same.
+        None => counter!(RATE_LIMITED, "kind" => kind).increment(1),
+    }
 }
 
 /// A request answered with `code`.
 pub(crate) fn error(code: tern_proto::ErrorCode) {
-    counter!(ERRORS, "code" => error_label(code)).increment(1);
+    if let Some(h) = handles() {
+        h.errors[error_slot(code)].increment(1);
+    }
 }
 
-/// A code as a label: snake case, no spaces.
-fn error_label(code: tern_proto::ErrorCode) -> &'static str {
+/// Every error code's label: snake case, no spaces.
+const ERROR_LABELS: &[&str] = &[
+    "unspecified",
+    "bad_request",
+    "unauthorized",
+    "unknown_recipient",
+    "mailbox_full",
+    "too_large",
+    "rate_limited",
+    "expired",
+    "internal",
+    "unavailable",
+    "not_found",
+    "quota_exceeded",
+    "invalid_number",
+    "wrong_code",
+    "not_verified",
+    "stale_device_list",
+    "stale_epoch",
+    "unknown_group",
+    "group_exists",
+];
+
+/// A code's place in [`ERROR_LABELS`].
+fn error_slot(code: tern_proto::ErrorCode) -> usize {
     use tern_proto::ErrorCode as C;
     match code {
-        C::BadRequest => "bad_request",
-        C::Unauthorized => "unauthorized",
-        C::UnknownRecipient => "unknown_recipient",
-        C::MailboxFull => "mailbox_full",
-        C::TooLarge => "too_large",
-        C::RateLimited => "rate_limited",
-        C::Expired => "expired",
-        C::Internal => "internal",
-        C::Unavailable => "unavailable",
-        C::NotFound => "not_found",
-        C::QuotaExceeded => "quota_exceeded",
-        C::InvalidNumber => "invalid_number",
-        C::WrongCode => "wrong_code",
-        C::NotVerified => "not_verified",
-        C::StaleDeviceList => "stale_device_list",
-        C::StaleEpoch => "stale_epoch",
-        C::UnknownGroup => "unknown_group",
-        C::GroupExists => "group_exists",
-        _ => "unspecified",
+        C::BadRequest => 1,
+        C::Unauthorized => 2,
+        C::UnknownRecipient => 3,
+        C::MailboxFull => 4,
+        C::TooLarge => 5,
+        C::RateLimited => 6,
+        C::Expired => 7,
+        C::Internal => 8,
+        C::Unavailable => 9,
+        C::NotFound => 10,
+        C::QuotaExceeded => 11,
+        C::InvalidNumber => 12,
+        C::WrongCode => 13,
+        C::NotVerified => 14,
+        C::StaleDeviceList => 15,
+        C::StaleEpoch => 16,
+        C::UnknownGroup => 17,
+        C::GroupExists => 18,
+        _ => 0,
     }
 }
 
 pub(crate) fn discovery_evaluations(n: usize) {
-    counter!(DISCOVERY_EVALUATIONS).increment(n as u64);
+    if let Some(h) = handles() {
+        h.discovery.increment(n as u64);
+    }
 }
 
 pub(crate) fn admin_request(command: &'static str) {
@@ -428,17 +585,20 @@ pub(crate) fn admin_request(command: &'static str) {
 pub(crate) enum AdminRefused {
     Missing,
     Wrong,
+    /// From a peer off loopback, without `[admin] allow_remote_admin`.
+    Remote,
 }
 
 pub(crate) fn admin_refused(reason: AdminRefused) {
     let reason = match reason {
         AdminRefused::Missing => "missing",
         AdminRefused::Wrong => "wrong",
+        AdminRefused::Remote => "remote",
     };
     counter!(ADMIN_REFUSED, "reason" => reason).increment(1);
 }
 
-/// The state a scrape reports, read when it renders.
+/// The state the gauges report, read by the admin listener's upkeep and by each scrape.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct State {
     pub(crate) queued_messages: u64,
@@ -447,14 +607,20 @@ pub(crate) struct State {
     pub(crate) below_reserve: bool,
 }
 
-/// The text a scrape answers: the gauges of `state` set, histograms drained.
-pub(crate) fn render(handle: &PrometheusHandle, state: State) -> String {
+/// Sets the gauges of `state` and uptime, and drains histogram samples into their
+/// buckets (they wait in the recorder until drained).
+pub(crate) fn upkeep(handle: &PrometheusHandle, state: State) {
     gauge!(UPTIME).set(uptime().as_secs_f64());
     gauge!(QUEUED_MESSAGES).set(state.queued_messages as f64);
     gauge!(QUEUED_BYTES).set(state.queued_bytes as f64);
     gauge!(BLOB_BYTES).set(state.blob_bytes as f64);
     gauge!(DISK_BELOW_RESERVE).set(if state.below_reserve { 1.0 } else { 0.0 });
     handle.run_upkeep();
+}
+
+/// The text a scrape answers: [`upkeep`] with `state`, then the rendering.
+pub(crate) fn render(handle: &PrometheusHandle, state: State) -> String {
+    upkeep(handle, state);
     handle.render()
 }
 
@@ -551,9 +717,28 @@ mod tests {
     }
 
     #[test]
+    fn labels_are_distinct_and_every_counted_rate_is_a_rate_limits_key() {
+        let distinct: std::collections::BTreeSet<_> = ERROR_LABELS.iter().collect();
+        assert_eq!(distinct.len(), ERROR_LABELS.len());
+        let distinct: std::collections::BTreeSet<_> = RATE_KINDS.iter().collect();
+        assert_eq!(distinct.len(), RATE_KINDS.len());
+        for kind in RATE_KINDS {
+            assert!(crate::core::rate::RELOADABLE.contains(kind), "{kind}");
+        }
+        // Every key the rules name after `counted` is defined is one they count.
+        let rules = include_str!("core/rate/rules.rs");
+        let after = &rules[rules.find("fn counted(").expect("counted")..];
+        for kind in crate::core::rate::RELOADABLE {
+            if after.contains(&format!("\"{kind}\"")) {
+                assert!(RATE_KINDS.contains(kind), "{kind} is counted: add it");
+            }
+        }
+    }
+
+    #[test]
     fn every_error_code_has_a_label_without_spaces() {
         for wire in 0..64 {
-            let label = error_label(tern_proto::ErrorCode::from_wire(wire));
+            let label = ERROR_LABELS[error_slot(tern_proto::ErrorCode::from_wire(wire))];
             assert!(
                 label.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
                 "{label}"

@@ -385,6 +385,9 @@ impl Relay {
             .message_ttl()
             .ok_or_else(|| Error::Config("invalid message_ttl".into()))?;
         std::fs::create_dir_all(&config.data_dir)?;
+        // A crashed relay's: `tern-relay admin` must not take it for this one's (it
+        // would send the token there). Written again once this one listens.
+        remove_stale_addr(&config.data_dir)?;
         // Before any traffic, so the counters count from the start.
         let metrics = match config.admin.listen {
             crate::config::AdminListen::Off => None,
@@ -405,6 +408,15 @@ impl Relay {
             Arc::new(quinn::TokioRuntime),
         )?;
         let local_addr = endpoint.local_addr()?;
+        // Bound before anything is spawned: an address that cannot be bound stops the
+        // start with nothing running.
+        let admin_listener = match config.admin.listen.resolve(local_addr) {
+            None => None,
+            Some(at) => {
+                let auto = matches!(config.admin.listen, crate::config::AdminListen::Auto);
+                Some(bind_admin(at, auto, config.admin.allow_remote_admin).await?)
+            }
+        };
 
         let budget = Arc::new(Budget::new(config.budget.limits()));
         // Sampled once before serving, so a relay started on a full disk refuses
@@ -518,6 +530,22 @@ impl Relay {
             discovery: discovery.clone(),
             verification: verification.clone(),
         });
+        // The last step that can fail: the token and address are written before any
+        // task is spawned, so a failed start leaves nothing running.
+        let admin = match admin_listener {
+            None => None,
+            Some(listener) => {
+                let state = Arc::new(crate::admin::server::Admin::new(
+                    services.clone(),
+                    deletion.clone(),
+                    verification.clone(),
+                    config,
+                    metrics,
+                ));
+                let bound = write_admin_files(&listener, &state)?;
+                Some((listener, bound, state))
+            }
+        };
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut cluster = None;
         if let Some(pg) = &shared {
@@ -584,26 +612,14 @@ impl Relay {
             shutdown.subscribe(),
         ));
         let mut tasks = vec![accept, sweeper, disk, publisher, verifications];
-        let admin = match config.admin.listen.resolve(local_addr) {
-            None => None,
-            Some(at) => {
-                let state = Arc::new(crate::admin::server::Admin {
-                    services: services.clone(),
-                    deletion: deletion.clone(),
-                    verification: verification.clone(),
-                    data_dir: config.data_dir.clone(),
-                    token: crate::admin::token::Token::generate(),
-                    metrics,
-                    running: std::sync::Mutex::new(config.clone()),
-                    source: std::sync::Mutex::new(None),
-                });
-                let auto = matches!(config.admin.listen, crate::config::AdminListen::Auto);
-                let (bound, serving) =
-                    start_admin(at, auto, state.clone(), shutdown.subscribe()).await?;
-                tasks.push(serving);
-                Some((bound, state))
-            }
-        };
+        let admin = admin.map(|(listener, bound, state)| {
+            tasks.push(tokio::spawn(crate::admin::server::serve(
+                listener,
+                state.clone(),
+                shutdown.subscribe(),
+            )));
+            (bound, state)
+        });
         let host = config
             .advertise_host
             .clone()
@@ -703,18 +719,26 @@ impl Relay {
     }
 }
 
-/// Binds the admin listener at `at`, writes the token and the bound address to the
-/// data directory (0600), and serves it until `shutdown`. An address the operator
-/// named that cannot be bound stops the start; for `"auto"` (the next port, which
-/// something else may hold) an ephemeral port is taken instead, and admin.addr says
-/// which.
-async fn start_admin(
+/// Removes `admin.addr` a relay that did not stop cleanly left in `data_dir`.
+fn remove_stale_addr(data_dir: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(data_dir.join(crate::admin::token::ADDR_FILE)) {
+        Ok(()) => {
+            info!("removed the admin.addr an earlier relay left");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Binds the admin listener at `at`. An address the operator named that cannot be
+/// bound stops the start; for `"auto"` (the next port, which something else may
+/// hold) an ephemeral port is taken instead, and admin.addr says which.
+async fn bind_admin(
     at: SocketAddr,
     auto: bool,
-    admin: Arc<crate::admin::server::Admin>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(SocketAddr, JoinHandle<()>)> {
-    use crate::admin::token::{write_private, ADDR_FILE};
+    allow_remote: bool,
+) -> Result<tokio::net::TcpListener> {
     let listener = match tokio::net::TcpListener::bind(at).await {
         Ok(l) => l,
         Err(e) if auto => {
@@ -726,17 +750,31 @@ async fn start_admin(
         }
         Err(e) => return Err(Error::Config(format!("admin.listen {at}: {e}"))),
     };
-    let bound = listener.local_addr()?;
-    if !bound.ip().is_loopback() {
-        warn!("the admin listener is not on a loopback address: its token crosses the network in clear text");
+    if !listener.local_addr()?.ip().is_loopback() {
+        if allow_remote {
+            warn!("the admin listener is not on a loopback address and admin.allow_remote_admin is on: the admin token crosses the network in clear text");
+        } else {
+            info!("the admin listener is not on a loopback address: its admin commands answer only loopback peers (metrics and health answer all)");
+        }
     }
+    Ok(listener)
+}
+
+/// Writes the token, then the bound address (both 0600), to the data directory:
+/// `tern-relay admin` finds the address only once the listener listens and its
+/// token is in place. The bound address.
+fn write_admin_files(
+    listener: &tokio::net::TcpListener,
+    admin: &crate::admin::server::Admin,
+) -> Result<SocketAddr> {
+    use crate::admin::token::{write_private, ADDR_FILE};
+    let bound = listener.local_addr()?;
     admin.token.write(&admin.data_dir)?;
     write_private(
         &admin.data_dir.join(ADDR_FILE),
         bound.to_string().as_bytes(),
     )?;
-    let serving = tokio::spawn(crate::admin::server::serve(listener, admin, shutdown));
-    Ok((bound, serving))
+    Ok(bound)
 }
 
 /// Records this node's certificate, sender-certificate key and OPRF key in the shared

@@ -79,7 +79,16 @@ async fn metrics_move_with_traffic_and_name_no_one() {
     let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
     let addr = admin_addr(&relay);
     assert_eq!(http(&addr, "GET", "/healthz", None), (200, "ok\n".into()));
-    assert_eq!(http(&addr, "GET", "/readyz", None), (200, "ready\n".into()));
+    // Probes at once (several checkers): each answered, none colliding with another.
+    let probes: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || http(&addr, "GET", "/readyz", None))
+        })
+        .collect();
+    for p in probes {
+        assert_eq!(p.join().expect("probe"), (200, "ready\n".into()));
+    }
     let before = samples(&scrape(&addr));
 
     let alice = register(&relay.address).await;
@@ -200,12 +209,26 @@ async fn metrics_move_with_traffic_and_name_no_one() {
             "{s} in the metrics:\n{text}"
         );
     }
-    // Device ids are small numbers: none may be a label value.
+    // Device ids are small numbers: none may be a label value (but a bucket's bound
+    // or the version), nor a series be named after a device.
     for series in after.keys() {
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         assert!(
-            !series.contains("device"),
+            !name.contains("device"),
             "a device in a series name: {series}"
         );
+        for pair in labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter(|p| !p.is_empty())
+        {
+            let (label, value) = pair.split_once('=').expect("label=value");
+            let value = value.trim_matches('"');
+            assert!(
+                ["le", "version"].contains(&label) || !value.bytes().all(|b| b.is_ascii_digit()),
+                "a number as a label value: {series}"
+            );
+        }
     }
 }
 
@@ -271,12 +294,15 @@ async fn every_admin_command_works_with_the_token_and_is_refused_without_it() {
     let wrong = dir.path().join("wrong.token");
     std::fs::write(&wrong, "0".repeat(64)).expect("wrong token");
     let missing = dir.path().join("missing.token");
-    let commands: [&[&str]; 5] = [
+    let nowhere = dir.path().join("backup");
+    let nowhere = nowhere.to_string_lossy().into_owned();
+    let commands: [&[&str]; 6] = [
         &["stats"],
         &["list-devices", &alice_id],
         &["export-account", &bob_id],
         &["delete-account", &bob_id],
         &["reload"],
+        &["backup", &nowhere],
     ];
     for token in [&wrong, &missing] {
         let token = token.to_string_lossy().into_owned();
@@ -295,12 +321,32 @@ async fn every_admin_command_works_with_the_token_and_is_refused_without_it() {
     let after = samples(&scrape(&addr));
     assert_eq!(
         value(&after, "tern_admin_refused_total{reason=\"wrong\"}"),
-        6.0
+        7.0
     );
     assert_eq!(
         value(&after, "tern_admin_refused_total{reason=\"missing\"}"),
-        6.0
+        7.0
     );
+    assert!(
+        !dir.path().join("backup").exists(),
+        "a refused backup wrote nothing"
+    );
+    // An address named on the command line gets a token only from a file named too.
+    let url = format!("http://{addr}");
+    let no_token = admin(&["stats"], &relay_dir, &["--admin-url", &url]);
+    assert!(!no_token.status.success());
+    assert!(
+        String::from_utf8_lossy(&no_token.stderr).contains("needs --token-file"),
+        "{}",
+        String::from_utf8_lossy(&no_token.stderr)
+    );
+    let token_file = relay_dir.join("admin.token").to_string_lossy().into_owned();
+    let named = ok(&admin(
+        &["stats"],
+        &relay_dir,
+        &["--admin-url", &url, "--token-file", &token_file],
+    ));
+    assert!(named.contains("tern_uptime_seconds"), "{named}");
 
     // With it (read from the data directory): every command.
     let table = ok(&admin(&["stats"], &relay_dir, &[]));

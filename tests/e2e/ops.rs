@@ -285,23 +285,29 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     );
 }
 
+/// `tern-relay admin backup DIR` on the relay of `data`; the command's output.
+fn backup_command(dir: &Path, data: &Path) -> Output {
+    Command::new(relay_binary())
+        .args(["admin", "backup"])
+        .arg(dir)
+        .arg("--data-dir")
+        .arg(data)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run tern-relay admin backup")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledged_before_it() {
     use std::sync::{Arc, Mutex};
-    use tern_platform::clock::SystemClock;
-    use tern_relay::config::Config;
-    use tern_relay::Relay;
 
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().join("live"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
     // Small segments: the backup copies several, and the log rolls while it runs.
-    config.storage.segment_mb = 1;
-    let relay = Relay::start(&config, Arc::new(SystemClock)).await.unwrap();
-    let address = relay.address().clone();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(&config, "[storage]\nsegment_mb = 1\n").unwrap();
+    let live = dir.path().join("live");
+    let mut relay = RelayProcess::start(&live, &["--config", config.to_str().unwrap()]).unwrap();
+    let address = relay.address.clone();
     let alice = register(&address).await;
     let (bob_addr, bob_key, bob_id) = register(&address).await.go_offline().await;
     // Carol acknowledges hers before the backup: they must not come back.
@@ -315,6 +321,17 @@ async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledg
         acked.push(carol.next_delivery().await.seq);
     }
     assert_eq!(within(carol.conn.ack(&acked)).await.unwrap(), 3);
+    // An attachment uploaded before the backup: its blob is in it.
+    let photo = dir.path().join("photo.bin");
+    let plain: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&photo, &plain).unwrap();
+    let (pointer, _) = within(tern_client::media::upload(
+        &alice.conn,
+        &photo,
+        &dir.path().join("photo.sealed"),
+    ))
+    .await
+    .unwrap();
 
     // Sends to Bob keep going, from several tasks, during the backup.
     let accepted = Arc::new(Mutex::new(Vec::new()));
@@ -336,32 +353,54 @@ async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledg
             }
         }));
     }
-    // Let some traffic through, then back up while it goes on.
+    // Let some traffic through, then back up, by the running relay, while it goes on.
+    let deadline = Instant::now() + STEP;
     while accepted.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "the sends do not go through");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let before: Vec<u32> = accepted.lock().unwrap().clone();
     let backup_dir = dir.path().join("backup");
-    let stores = relay.services().stores().clone();
-    let target = backup_dir.clone();
-    let done =
-        tokio::task::spawn_blocking(move || tern_relay::store::backup::backup(&stores, &target))
-            .await
-            .unwrap()
-            .unwrap();
+    let (to, data) = (backup_dir.clone(), live.clone());
+    let out = tokio::task::spawn_blocking(move || backup_command(&to, &data))
+        .await
+        .unwrap();
     let during = accepted.lock().unwrap().len() - before.len();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for s in senders {
         s.await.unwrap();
     }
-    assert!(done.segments >= 2 && done.records > 0, "{done}");
+    let said = text(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("by the running relay"),
+        "{said}{}",
+        text(&out.stderr)
+    );
     eprintln!(
-        "backup: {done}; {} sends acknowledged before it, {during} during it",
+        "{}; {} sends acknowledged before it, {during} during it",
+        said.trim(),
         before.len()
     );
+    assert!(said.contains("1 blob files"), "the attachment: {said}");
+    // Refused: an existing directory (this one), one inside the data directory.
+    let again = backup_command(&backup_dir, &live);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("exists"),
+        "{}",
+        text(&again.stderr)
+    );
+    let inside = backup_command(&live.join("copy"), &live);
+    assert!(!inside.status.success());
+    assert!(
+        text(&inside.stderr).contains("inside the data directory"),
+        "{}",
+        text(&inside.stderr)
+    );
+    assert!(!live.join("copy").exists());
     let (carol_addr, carol_key, carol_id) = carol.go_offline().await;
     drop(alice);
-    relay.shutdown().await.unwrap();
+    relay.stop().unwrap();
 
     // Restore: the backup copied into a new directory, a relay process started on it.
     let restored = dir.path().join("restored");
@@ -396,9 +435,51 @@ async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledg
         missing.is_empty(),
         "acknowledged before the backup, not restored: {missing:?}"
     );
+    let fetched = dir.path().join("photo.out");
+    within(tern_client::media::download(&bob.conn, &pointer, &fetched))
+        .await
+        .unwrap();
+    assert!(std::fs::read(&fetched).unwrap() == plain, "the attachment");
     let (mut carol, queued) =
         Device::connect(&relay.address, carol_addr, carol_key, carol_id).await;
     assert_eq!(queued, 0, "acknowledged before the backup: not restored");
     assert!(carol.drain().await.is_empty());
+    relay.stop().unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_relay_is_backed_up_from_its_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live");
+    let mut relay = RelayProcess::start(&live, &[]).unwrap();
+    let alice = register(&relay.address).await;
+    let (bob_addr, bob_key, bob_id) = register(&relay.address).await.go_offline().await;
+    within(alice.conn.send(&bob_addr, (0..4).map(envelope)))
+        .await
+        .unwrap();
+    drop(alice);
+    relay.crash().unwrap();
+    // A crash left admin.addr: the command does not call it (nobody holds the data
+    // directory), and backs up from the directory.
+    assert!(live.join("admin.addr").exists());
+    let backup_dir = dir.path().join("backup");
+    let out = backup_command(&backup_dir, &live);
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(!said.contains("running relay"), "{said}");
+    let mut relay = RelayProcess::start(&backup_dir, &[]).unwrap();
+    assert!(
+        !relay.log_text().contains("removed the admin.addr"),
+        "a backup holds no admin.addr"
+    );
+    let (mut bob, queued) = Device::connect(&relay.address, bob_addr, bob_key, bob_id).await;
+    assert_eq!(queued, 4);
+    let got: Vec<u32> = bob.drain().await.iter().map(number).collect();
+    assert_eq!(got, (0..4).collect::<Vec<_>>());
+    bob.go_offline().await;
+    relay.stop().unwrap();
+    // The crashed relay's directory: its stale admin.addr goes at the next start.
+    let mut relay = RelayProcess::start(&live, &[]).unwrap();
+    assert!(relay.log_text().contains("removed the admin.addr"));
     relay.stop().unwrap();
 }

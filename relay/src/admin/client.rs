@@ -1,6 +1,7 @@
 //! The command line's side of the admin interface: finds the relay running on a
-//! data directory (the address in its `admin.addr`) and calls its admin listener
-//! with the token from `admin.token`. See `super::server` for the requests.
+//! data directory (the address in its `admin.addr`, trusted only while a relay
+//! holds the directory's lock) and calls its admin listener with the token from
+//! `admin.token`. See `super::server` for the requests.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,11 +55,31 @@ pub struct Online {
     client: reqwest::Client,
 }
 
+/// Whether a process holds the lock of the embedded database in `data_dir` (a
+/// relay, or an offline admin command): `None` when there is no such database (a
+/// relay on PostgreSQL, or no relay ever ran there).
+pub fn database_locked(data_dir: &Path) -> std::io::Result<Option<bool>> {
+    // sled's lock: an exclusive flock on db/db, which it takes at open.
+    let file = match std::fs::File::open(data_dir.join("db").join("db")) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match file.try_lock() {
+        // Let go at once (by the drop): a relay starting now retries its lock.
+        Ok(()) => Ok(Some(false)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(Some(true)),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 impl Online {
     /// The running relay of `data_dir` (from its `admin.addr`), or the listener at
-    /// `url` when given; `None` when the data directory names none (no relay runs
-    /// there, or it runs without an admin listener). The token is read from
-    /// `token_file`, else from the data directory's `admin.token`.
+    /// `url` when given (with `token_file`: the caller requires it); `None` when the
+    /// data directory names none (no relay runs there, or it runs without an admin
+    /// listener). An `admin.addr` in a data directory whose database nobody holds
+    /// is a crashed relay's and is not called: the token goes nowhere it names. The
+    /// token is read from `token_file`, else from the data directory's `admin.token`.
     pub fn locate(
         data_dir: &Path,
         url: Option<&str>,
@@ -66,6 +87,7 @@ impl Online {
     ) -> Result<Option<Online>, ClientError> {
         let base = match url {
             Some(u) => u.trim_end_matches('/').to_owned(),
+            None if database_locked(data_dir)? == Some(false) => return Ok(None),
             None => match std::fs::read_to_string(data_dir.join(ADDR_FILE)) {
                 Ok(addr) => format!("http://{}", addr.trim()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -102,9 +124,15 @@ impl Online {
         method: reqwest::Method,
         path: &str,
         timeout: Option<Duration>,
+        body: Option<String>,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut request = self.client.request(method, &url);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
         if let Some(t) = &self.token {
             request = request.bearer_auth(t);
         }
@@ -149,7 +177,7 @@ impl Online {
         method: reqwest::Method,
         path: &str,
     ) -> Result<serde_json::Value, ClientError> {
-        let response = self.call(method, path, Some(ANSWER_WITHIN)).await?;
+        let response = self.call(method, path, Some(ANSWER_WITHIN), None).await?;
         let url = format!("{}{path}", self.base);
         let body = response.bytes().await.map_err(|e| ClientError::Transport {
             url: url.clone(),
@@ -212,6 +240,36 @@ impl Online {
             .unwrap_or_default())
     }
 
+    /// `backup`: writes a backup into `dir` (a new directory, on the relay's
+    /// machine), answering once it is complete; what was written.
+    pub async fn backup(&self, dir: &Path) -> Result<crate::store::backup::BackedUp, ClientError> {
+        let url = format!("{}/admin/backup", self.base);
+        let dir = dir.to_str().ok_or_else(|| ClientError::Transport {
+            url: url.clone(),
+            error: format!("{} is not UTF-8", dir.display()),
+        })?;
+        let body = serde_json::json!({ "dir": dir }).to_string();
+        let response = self
+            .call(reqwest::Method::POST, "/admin/backup", None, Some(body))
+            .await?;
+        let body = response.bytes().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            error: e.to_string(),
+        })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| ClientError::Transport {
+                url,
+                error: e.to_string(),
+            })?;
+        let n = |k: &str| v[k].as_u64().unwrap_or(0);
+        Ok(crate::store::backup::BackedUp {
+            records: n("records"),
+            segments: usize::try_from(n("segments")).unwrap_or(usize::MAX),
+            blobs: n("blobs"),
+            linked: n("linked"),
+        })
+    }
+
     /// `export-account`: writes the export to `out` as it arrives; the bytes written.
     /// A response cut short is an error (the relay failed part way).
     pub async fn export_account(
@@ -222,7 +280,7 @@ impl Online {
     ) -> Result<u64, ClientError> {
         let query = if ciphertexts { "?ciphertexts=true" } else { "" };
         let path = format!("/admin/accounts/{}/export{query}", hex(account));
-        let mut response = self.call(reqwest::Method::GET, &path, None).await?;
+        let mut response = self.call(reqwest::Method::GET, &path, None, None).await?;
         let mut written = 0u64;
         loop {
             let chunk = response.chunk().await.map_err(|e| ClientError::Transport {
@@ -322,6 +380,33 @@ mod tests {
     #[test]
     fn no_address_file_is_no_running_relay() {
         let dir = tempfile::tempdir().expect("tempdir");
+        assert!(Online::locate(dir.path(), None, None)
+            .expect("locate")
+            .is_none());
+    }
+
+    #[test]
+    fn an_address_file_is_trusted_only_while_the_database_is_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(ADDR_FILE), "127.0.0.1:9").expect("addr");
+        assert_eq!(database_locked(dir.path()).expect("check"), None);
+        // No database here: the address is all there is (a relay on PostgreSQL).
+        assert!(Online::locate(dir.path(), None, None)
+            .expect("locate")
+            .is_some());
+        let db = crate::store::SledStore::open(&dir.path().join("db"), 1 << 20).expect("sled");
+        assert_eq!(database_locked(dir.path()).expect("check"), Some(true));
+        assert!(Online::locate(dir.path(), None, None)
+            .expect("locate")
+            .is_some());
+        drop(db);
+        // sled lets go of its lock from a background thread: bounded wait.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while database_locked(dir.path()).expect("check") != Some(false) {
+            assert!(std::time::Instant::now() < deadline, "the lock was kept");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // A crashed relay's address: not called.
         assert!(Online::locate(dir.path(), None, None)
             .expect("locate")
             .is_none());

@@ -4,16 +4,21 @@
 //!   process serves; `GET /readyz`: the stores flush and the disk is above its
 //!   reserve. These three need no credential (they say nothing about anyone).
 //! - `/admin/...`: the admin commands, each refused (401, and counted in
-//!   `tern_admin_refused_total`) without `Authorization: Bearer <admin.token>`.
+//!   `tern_admin_refused_total`) without `Authorization: Bearer <admin.token>`, and
+//!   (403) from a peer off loopback unless `[admin] allow_remote_admin`.
 //!
 //! `GET /admin/stats`, `GET /admin/accounts/<id>/devices`,
 //! `GET /admin/accounts/<id>/export[?ciphertexts=true]`,
-//! `POST /admin/accounts/<id>/delete`, `POST /admin/reload`.
+//! `POST /admin/accounts/<id>/delete`, `POST /admin/reload`,
+//! `POST /admin/backup` (body `{"dir": "/absolute/new/directory"}`).
 
 use std::convert::Infallible;
-use std::path::PathBuf;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
@@ -42,8 +47,13 @@ const MAX_CONNECTIONS: usize = 16;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `/readyz` waits for the stores to flush.
 const READY_WITHIN: Duration = Duration::from_secs(5);
-/// How often histogram samples are drained into their buckets.
-const UPKEEP: Duration = Duration::from_secs(5);
+/// How long a `/readyz` answer is given again without a new probe.
+const READY_FRESH: Duration = Duration::from_secs(1);
+/// How often the state gauges are set and histogram samples drained into their
+/// buckets, scraped or not.
+pub(crate) const UPKEEP: Duration = Duration::from_secs(2);
+/// The bytes a request body may have (a backup's path).
+const MAX_BODY: usize = 64 * 1024;
 /// Export bytes gathered before they are handed to the response.
 const CHUNK: usize = 64 * 1024;
 
@@ -58,6 +68,89 @@ pub(crate) struct Admin {
     /// The configuration in force (its reloadable keys change with a reload).
     pub(crate) running: Mutex<Config>,
     pub(crate) source: Mutex<Option<ConfigSource>>,
+    /// `[admin] allow_remote_admin`: `/admin/` answers peers off loopback.
+    pub(crate) allow_remote: bool,
+    /// The last `/readyz` answer (`Err`: why not ready).
+    pub(crate) readiness: Fresh<std::result::Result<(), String>>,
+    /// Set while a backup runs.
+    pub(crate) backing_up: Arc<AtomicBool>,
+}
+
+impl Admin {
+    /// The admin state of a relay over `services`, with a new token.
+    pub(crate) fn new(
+        services: Arc<Services>,
+        deletion: Arc<AccountDeletion>,
+        verification: Arc<Verification>,
+        config: &Config,
+        metrics: Option<&'static PrometheusHandle>,
+    ) -> Admin {
+        Admin {
+            services,
+            deletion,
+            verification,
+            data_dir: config.data_dir.clone(),
+            token: Token::generate(),
+            metrics,
+            running: Mutex::new(config.clone()),
+            source: Mutex::new(None),
+            allow_remote: config.admin.allow_remote_admin,
+            readiness: Fresh::new(READY_FRESH),
+            backing_up: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// A value computed at most once per `fresh_for`, by one caller at a time: callers
+/// meanwhile wait for it and take it.
+pub(crate) struct Fresh<T> {
+    last: tokio::sync::Mutex<Option<(Instant, T)>>,
+    fresh_for: Duration,
+}
+
+impl<T: Clone> Fresh<T> {
+    pub(crate) fn new(fresh_for: Duration) -> Self {
+        Fresh {
+            last: tokio::sync::Mutex::new(None),
+            fresh_for,
+        }
+    }
+
+    /// The last value if still fresh, else `compute`'s (kept).
+    pub(crate) async fn get(&self, compute: impl Future<Output = T>) -> T {
+        let mut last = self.last.lock().await;
+        if let Some((at, value)) = &*last {
+            if at.elapsed() < self.fresh_for {
+                return value.clone();
+            }
+        }
+        let value = compute.await;
+        *last = Some((Instant::now(), value.clone()));
+        value
+    }
+}
+
+/// The one backup that runs; cleared when dropped (the backup's blocking thread
+/// holds it, so a client that leaves does not let a second one start meanwhile).
+struct BackupRunning(Arc<AtomicBool>);
+
+impl BackupRunning {
+    fn start(flag: &Arc<AtomicBool>) -> Option<BackupRunning> {
+        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| BackupRunning(flag.clone()))
+    }
+}
+
+impl Drop for BackupRunning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Whether `/admin/` refuses `peer`: off loopback, without `allow_remote_admin`.
+fn remote_refused(peer: SocketAddr, allow_remote: bool) -> bool {
+    !allow_remote && !peer.ip().to_canonical().is_loopback()
 }
 
 impl std::fmt::Debug for Admin {
@@ -75,27 +168,19 @@ pub(crate) async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut conns = tokio::task::JoinSet::new();
-    // Histogram samples wait in the recorder until drained: drained here too, so a
-    // relay nobody scrapes does not gather them without bound.
-    let mut upkeep = tokio::time::interval(UPKEEP);
+    let upkeep = tokio::spawn(upkeep_loop(admin.clone(), UPKEEP, shutdown.clone()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.changed() => break,
-            _ = upkeep.tick() => {
-                if let Some(handle) = admin.metrics {
-                    handle.run_upkeep();
-                }
-                continue;
-            }
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "admin accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -107,7 +192,7 @@ pub(crate) async fn serve(
         conns.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(route(&admin, req).await) }
+                async move { Ok::<_, Infallible>(route(&admin, peer, req).await) }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -122,7 +207,29 @@ pub(crate) async fn serve(
         while conns.try_join_next().is_some() {}
     }
     conns.abort_all();
+    upkeep.abort();
     let _ = std::fs::remove_file(admin.data_dir.join(super::token::ADDR_FILE));
+}
+
+/// Sets the state gauges and drains histogram samples every `every`, so a relay
+/// nobody scrapes neither gathers samples without bound nor shows stale gauges to
+/// a recorder an embedder reads.
+pub(crate) async fn upkeep_loop(
+    admin: Arc<Admin>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(handle) = admin.metrics else { return };
+    let mut ticks = tokio::time::interval(every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = ticks.tick() => {}
+        }
+        let state = state(&admin).await;
+        crate::metrics::upkeep(handle, state);
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -162,7 +269,7 @@ fn failed(e: &Error) -> Response<Body> {
     json(status, &serde_json::json!({ "error": e.to_string() }))
 }
 
-async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
+async fn route(admin: &Arc<Admin>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     match (method.clone(), path.as_str()) {
@@ -174,6 +281,14 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     let Some(rest) = path.strip_prefix("/admin/") else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
+    if remote_refused(peer, admin.allow_remote) {
+        crate::metrics::admin_refused(crate::metrics::AdminRefused::Remote);
+        debug!("admin request from off loopback refused");
+        return text(
+            StatusCode::FORBIDDEN,
+            "admin commands are answered only on loopback ([admin] allow_remote_admin = true to change that)\n",
+        );
+    }
     if let Some(refused) = check_token(admin, &req) {
         return refused;
     }
@@ -182,6 +297,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     match (method, parts.as_slice()) {
         (Method::GET, ["stats"]) => stats(admin).await,
         (Method::POST, ["reload"]) => reload(admin),
+        (Method::POST, ["backup"]) => backup(admin, req).await,
         (Method::GET, ["accounts", id, "devices"]) => match crate::admin::parse_account(id) {
             Ok(account) => list_devices(admin, account).await,
             Err(e) => failed(&e),
@@ -234,7 +350,9 @@ fn check_token(admin: &Admin, req: &Request<Incoming>) -> Option<Response<Body>>
 }
 
 /// Whether the relay can take a send: the disk above its reserve, the stores
-/// flushing, and a file written in the data directory.
+/// flushing, and a file written in the data directory. One probe at a time, its
+/// answer given again for a second: a probe flushes the stores, and probes that
+/// come faster (several checkers, a tight loop) need not each make one.
 async fn ready(admin: &Arc<Admin>) -> Response<Body> {
     if admin.services.budget().below_reserve() {
         return text(
@@ -242,39 +360,44 @@ async fn ready(admin: &Arc<Admin>) -> Response<Body> {
             "not ready: free disk space is at the reserve\n",
         );
     }
-    let (services, dir) = (admin.services.clone(), admin.data_dir.clone());
-    let probe = tokio::task::spawn_blocking(move || -> Result<(), String> {
-        services
-            .commit()
-            .flush_now()
-            .map_err(|e| format!("the stores do not flush: {e}"))?;
-        let path = dir.join(".readyz");
-        super::token::write_private(&path, b"ok")
-            .and_then(|()| std::fs::remove_file(&path))
-            .map_err(|e| format!("the data directory is not writable: {e}"))
-    });
-    match tokio::time::timeout(READY_WITHIN, probe).await {
-        Ok(Ok(Ok(()))) => text(StatusCode::OK, "ready\n"),
-        Ok(Ok(Err(why))) => text(
+    match admin.readiness.get(probe(admin)).await {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {why}\n"),
-        ),
-        Ok(Err(_)) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the probe failed\n",
-        ),
-        Err(_) => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the stores did not flush within 5 s\n",
         ),
     }
 }
 
-/// The scrape's text, with the state gauges read now.
-async fn rendered(admin: &Arc<Admin>) -> Option<String> {
-    let handle = admin.metrics?;
+async fn probe(admin: &Arc<Admin>) -> std::result::Result<(), String> {
+    let (services, dir) = (admin.services.clone(), admin.data_dir.clone());
+    let probe = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
+        services
+            .commit()
+            .flush_now()
+            .map_err(|e| format!("the stores do not flush: {e}"))?;
+        write_probe(&dir).map_err(|e| format!("the data directory is not writable: {e}"))
+    });
+    match tokio::time::timeout(READY_WITHIN, probe).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err("the probe failed".into()),
+        Err(_) => Err("the stores did not flush within 5 s".into()),
+    }
+}
+
+/// Writes, syncs and removes a file of its own name in `dir`: a probe that outlived
+/// its answer's timeout never meets the next one's file.
+fn write_probe(dir: &Path) -> std::io::Result<()> {
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!(".readyz.{n}"));
+    super::token::write_private(&path, b"ok").and_then(|()| std::fs::remove_file(&path))
+}
+
+/// The state the gauges show, read now (the totals may ask the database).
+async fn state(admin: &Arc<Admin>) -> crate::metrics::State {
     let services = admin.services.clone();
-    let state = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let totals = services.stores().mailboxes.totals();
         crate::metrics::State {
             queued_messages: totals.messages,
@@ -284,7 +407,13 @@ async fn rendered(admin: &Arc<Admin>) -> Option<String> {
         }
     })
     .await
-    .unwrap_or_default();
+    .unwrap_or_default()
+}
+
+/// The scrape's text, with the state gauges read now.
+async fn rendered(admin: &Arc<Admin>) -> Option<String> {
+    let handle = admin.metrics?;
+    let state = state(admin).await;
     Some(crate::metrics::render(handle, state))
 }
 
@@ -335,6 +464,80 @@ fn reload(admin: &Arc<Admin>) -> Response<Body> {
             info!(keys = keys.len(), "configuration reloaded");
             json(StatusCode::OK, &serde_json::json!({ "reloaded": keys }))
         }
+    }
+}
+
+/// `{"dir": ...}`, the body of a backup request.
+#[derive(serde::Deserialize)]
+struct BackupTo {
+    dir: PathBuf,
+}
+
+/// Writes a backup into the new directory the body names, on a blocking thread;
+/// answers once it is complete (synced). One at a time.
+async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
+    use crate::store::backup::{backup_new, BackupError};
+    crate::metrics::admin_request("backup");
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return failed(&Error::BadRequest(format!("the request body: {e}"))),
+    };
+    let to: BackupTo = match serde_json::from_slice(&body) {
+        Ok(t) => t,
+        Err(e) => {
+            return failed(&Error::BadRequest(format!(
+                "expected {{\"dir\": \"/a/new/directory\"}}: {e}"
+            )))
+        }
+    };
+    let Some(running) = BackupRunning::start(&admin.backing_up) else {
+        return json(
+            StatusCode::CONFLICT,
+            &serde_json::json!({ "error": "a backup is already running: wait for it to finish" }),
+        );
+    };
+    let stores = admin.services.stores().clone();
+    let began = Instant::now();
+    let done = tokio::task::spawn_blocking(move || {
+        let done = backup_new(&stores, &to.dir);
+        drop(running);
+        done
+    })
+    .await;
+    match done {
+        Ok(Ok(b)) => {
+            info!(
+                records = b.records,
+                segments = b.segments,
+                blobs = b.blobs,
+                ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "backup written"
+            );
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "records": b.records, "segments": b.segments,
+                    "blobs": b.blobs, "linked": b.linked,
+                }),
+            )
+        }
+        Ok(Err(BackupError::Refused(why))) => {
+            json(StatusCode::CONFLICT, &serde_json::json!({ "error": why }))
+        }
+        Ok(Err(e)) => {
+            warn!(error = %e, "backup failed");
+            json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({ "error": e.to_string() }),
+            )
+        }
+        Err(_) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": "the backup's thread failed" }),
+        ),
     }
 }
 
@@ -396,12 +599,21 @@ async fn export(
     options: ExportOptions,
 ) -> Response<Body> {
     crate::metrics::admin_request("export_account");
-    if admin.services.tombstones().contains(&account) {
-        return failed(&Error::UnknownRecipient);
-    }
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (services, verification) = (admin.services.clone(), admin.verification.clone());
     tokio::task::spawn_blocking(move || {
+        // Deleted, or being deleted (here, or by another node): no export.
+        match super::being_deleted(&services, &account) {
+            Ok(false) => {}
+            Ok(true) => {
+                let _ = tx.blocking_send(Err(Error::UnknownRecipient));
+                return;
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
+        }
         let errors = tx.clone();
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToBody(tx));
         let now = services.clock().now();
@@ -442,4 +654,127 @@ async fn export(
         hyper::header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_fresh_value_is_computed_once_for_concurrent_callers_and_again_when_stale() {
+        let fresh = Arc::new(Fresh::new(Duration::from_millis(300)));
+        let computed = Arc::new(AtomicU64::new(0));
+        let compute = |computed: Arc<AtomicU64>| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            computed.fetch_add(1, Ordering::SeqCst) + 1
+        };
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let (fresh, computed) = (fresh.clone(), computed.clone());
+                tokio::spawn(async move { fresh.get(compute(computed)).await })
+            })
+            .collect();
+        for c in callers {
+            assert_eq!(c.await.expect("caller"), 1);
+        }
+        assert_eq!(computed.load(Ordering::SeqCst), 1, "one probe at a time");
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(fresh.get(compute(computed.clone())).await, 2);
+    }
+
+    #[test]
+    fn readiness_probes_at_once_use_files_of_their_own() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        write_probe(dir.path()).expect("a probe collided with another");
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("dir").collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn the_upkeep_sets_the_gauges_when_nobody_scrapes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().join("relay"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        let clock = Arc::new(tern_platform::clock::SystemClock);
+        let relay = crate::Relay::start(&config, clock).await.expect("relay");
+        let handle = crate::metrics::install().expect("the recorder");
+        let services = relay.services();
+        let accounts = services.accounts();
+        let alice = accounts
+            .register(crate::testing::registration(1))
+            .await
+            .expect("register");
+        let bob = accounts
+            .register(crate::testing::registration(2))
+            .await
+            .expect("register");
+        let to = accounts.recipient(&alice, *bob.address()).expect("bob");
+        services
+            .mailboxes()
+            .append(&to, &crate::testing::msgs(0..3, 100))
+            .expect("append")
+            .commit()
+            .await
+            .expect("commit");
+        // The handle's own rendering sets nothing: only the upkeep does.
+        let deadline = Instant::now() + UPKEEP * 4;
+        loop {
+            let samples = crate::metrics::parse(&handle.render());
+            let value = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+            let queued = value("tern_queued_messages");
+            let bytes = value("tern_queued_bytes").unwrap_or(0.0);
+            let uptime = value("tern_uptime_seconds").unwrap_or(0.0);
+            if queued == Some(3.0) && bytes >= 300.0 && uptime > 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no upkeep: queued {queued:?}, {bytes} bytes, uptime {uptime}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        relay.shutdown().await.expect("shutdown");
+    }
+
+    #[test]
+    fn one_backup_at_a_time() {
+        let flag = Arc::new(AtomicBool::new(false));
+        let first = BackupRunning::start(&flag).expect("first");
+        assert!(BackupRunning::start(&flag).is_none(), "a second at once");
+        drop(first);
+        assert!(BackupRunning::start(&flag).is_some(), "after the first");
+    }
+
+    #[test]
+    fn admin_commands_answer_loopback_peers_unless_remote_ones_are_allowed() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        for local in [
+            "127.0.0.1:5",
+            "127.8.9.1:5",
+            "[::1]:5",
+            "[::ffff:127.0.0.1]:5",
+        ] {
+            assert!(!remote_refused(at(local), false), "{local}");
+        }
+        for remote in [
+            "10.0.0.1:5",
+            "192.0.2.7:5",
+            "[2001:db8::1]:5",
+            "[::ffff:10.0.0.1]:5",
+        ] {
+            assert!(remote_refused(at(remote), false), "{remote}");
+            assert!(!remote_refused(at(remote), true), "{remote} allowed");
+        }
+    }
 }

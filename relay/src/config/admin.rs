@@ -17,6 +17,11 @@ pub struct AdminConfig {
     /// an address, or `""`/`"off"` for no listener.
     #[schemars(with = "String")]
     pub listen: AdminListen,
+    /// Whether the admin commands (`/admin/...`) answer peers that are not on
+    /// loopback. Off by default: with a listener on another address, only
+    /// `/metrics`, `/healthz` and `/readyz` answer them. Turn it on only on a
+    /// network you trust: the token crosses it in clear text.
+    pub allow_remote_admin: bool,
 }
 
 /// Where the admin listener listens.
@@ -133,6 +138,7 @@ mod tests {
         }
         let any = AdminConfig {
             listen: AdminListen::At(([0, 0, 0, 0], 7444).into()),
+            ..AdminConfig::default()
         };
         assert!(any.validate().is_err());
     }

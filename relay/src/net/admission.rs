@@ -98,7 +98,10 @@ impl Admission {
             .per_prefix
             .get(&prefix)
             .map_or((0, 0), |n| (n.connections, n.handshakes));
+        // Refusals are counted after the lock is let go: it serialises every
+        // connection attempt, and a flood is when they come fastest.
         if connections >= c.max_per_address || handshakes >= c.max_handshakes_per_address {
+            drop(state);
             crate::metrics::refused(crate::metrics::Refused::PerAddress);
             return if validated {
                 Decision::Refuse
@@ -110,6 +113,7 @@ impl Admission {
         if state.unauthenticated >= c.max_unauthenticated
             || self.authenticated.available_permits() == 0
         {
+            drop(state);
             crate::metrics::refused(crate::metrics::Refused::Full);
             return Decision::Refuse;
         }

@@ -122,6 +122,67 @@ pub fn backup(stores: &Stores, dest: &Path) -> StoreResult<BackedUp> {
     Ok(done)
 }
 
+/// Why [`backup_new`] wrote nothing, or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Refused before anything was written: the destination, or the stores.
+    #[error("backup refused: {0}")]
+    Refused(String),
+    /// Failed part way; what was written is removed.
+    #[error("backup failed: {0}")]
+    Failed(#[from] StoreError),
+}
+
+/// [`backup`] into a directory this call creates, so two backups never write into
+/// one directory and nothing an operator kept there is mixed in: `dest` must be an
+/// absolute path that does not exist, in a directory that does, outside the data
+/// directory (a backup inside it would copy itself). A backup that fails part way
+/// removes the directory it created.
+pub fn backup_new(stores: &Stores, dest: &Path) -> Result<BackedUp, BackupError> {
+    let refused = |why: String| Err(BackupError::Refused(why));
+    let Some(embedded) = &stores.embedded else {
+        return refused(
+            "this relay keeps its state in PostgreSQL: back up the database with its own tools"
+                .into(),
+        );
+    };
+    if !dest.is_absolute() {
+        return refused(format!("{} is not an absolute path", dest.display()));
+    }
+    let Some(parent) = dest.parent().filter(|_| dest.file_name().is_some()) else {
+        return refused(format!("{} names no new directory", dest.display()));
+    };
+    let parent = match parent.canonicalize() {
+        Ok(p) => p,
+        Err(e) => return refused(format!("{}: {e}", parent.display())),
+    };
+    let data = embedded
+        .data_dir
+        .canonicalize()
+        .map_err(|e| io("resolving", &embedded.data_dir, &e))?;
+    if parent.starts_with(&data) {
+        return refused(format!(
+            "{} is inside the data directory {}: choose a directory outside it",
+            dest.display(),
+            data.display()
+        ));
+    }
+    match std::fs::create_dir(dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return refused(format!(
+                "{} exists: a backup goes into a new directory",
+                dest.display()
+            ))
+        }
+        Err(e) => return refused(format!("creating {}: {e}", dest.display())),
+    }
+    backup(stores, dest).map_err(|e| {
+        let _ = std::fs::remove_dir_all(dest);
+        BackupError::Failed(e)
+    })
+}
+
 /// Copies the files under `from` into `to` (hard links when `link` and the file
 /// system allows). A file that vanished meanwhile (an expired blob) is skipped.
 /// Returns the files written and how many of them are links.

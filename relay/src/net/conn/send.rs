@@ -9,6 +9,7 @@ use tern_proto::{DeviceAddress, MultiSend, Reply};
 use super::{response, Session};
 use crate::error::{Error, Result};
 use crate::mailboxes::{append_multi, Appended, MultiAppended};
+use crate::metrics::SendKind;
 use crate::{server::Services, store::Envelope};
 
 impl Session {
@@ -24,13 +25,11 @@ impl Session {
         let Some(sender) = self.device.get().cloned() else {
             return self.reply(id, Err(Error::Unauthorized)).await;
         };
-        self.ordered_send(id, |services| {
+        self.ordered_send(id, SendKind::Direct, |services| {
             let to = services
                 .accounts()
                 .listed_recipient(&sender, to, list_version)?;
-            let appended = services.mailboxes().append(&to, &envelopes)?;
-            crate::metrics::sent(crate::metrics::SendKind::Direct, envelopes.len());
-            Ok(appended)
+            services.mailboxes().append(&to, &envelopes)
         })
         .await;
     }
@@ -46,12 +45,10 @@ impl Session {
         list_version: u64,
     ) -> bool {
         let from = self.prefix;
-        self.ordered_send(id, |services| {
+        self.ordered_send(id, SendKind::Sealed, |services| {
             let accounts = services.accounts();
             let to = accounts.listed_sealed_recipient(to, &token, from, list_version)?;
-            let appended = services.mailboxes().append(&to, &envelopes)?;
-            crate::metrics::sent(crate::metrics::SendKind::Sealed, envelopes.len());
-            Ok(appended)
+            services.mailboxes().append(&to, &envelopes)
         })
         .await
     }
@@ -65,12 +62,8 @@ impl Session {
             return;
         }
         let from = self.prefix;
-        let sent = self.ordered_send(id, |services| {
-            let appended = append_multi(services, &send, from, false)?;
-            if appended.accepted() > 0 {
-                crate::metrics::sent(crate::metrics::SendKind::Multi, appended.accepted());
-            }
-            Ok(appended)
+        let sent = self.ordered_send(id, SendKind::Multi, |services| {
+            append_multi(services, &send, from, false)
         });
         if sent.await {
             self.anonymous_request();
@@ -81,10 +74,12 @@ impl Session {
     /// device are stored in the order sent), then waits for its group commit in its
     /// own task under the per-connection cap: past the cap the reader waits here,
     /// which is backpressure instead of a growing queue. True if the append stored
-    /// something (its commit may still fail).
+    /// something (its commit may still fail). Counted as a send of `kind` once its
+    /// commit is done, so the metrics never count a send that was not acknowledged.
     async fn ordered_send<A: Pending>(
         &mut self,
         id: u64,
+        kind: SendKind,
         append: impl FnOnce(&Services) -> Result<A>,
     ) -> bool {
         let Ok(permit) = self.requests.clone().acquire_owned().await else {
@@ -95,7 +90,14 @@ impl Session {
         let out = self.out.clone();
         tokio::spawn(async move {
             let result = match appended {
-                Ok(appended) => appended.answer().await,
+                Ok(appended) => {
+                    let envelopes = appended.envelopes();
+                    let answered = appended.answer().await;
+                    if answered.is_ok() && envelopes > 0 {
+                        crate::metrics::sent(kind, envelopes);
+                    }
+                    answered
+                }
                 Err(e) => Err(e),
             };
             let _ = out.send(response(id, result)).await;
@@ -109,6 +111,8 @@ impl Session {
 trait Pending: Send + 'static {
     /// Whether it stored anything.
     fn stored(&self) -> bool;
+    /// The envelopes it stored (for multi: devices).
+    fn envelopes(&self) -> usize;
     /// Waits until it is durable; the answer.
     fn answer(self) -> impl Future<Output = Result<Reply>> + Send;
 }
@@ -116,6 +120,9 @@ trait Pending: Send + 'static {
 impl Pending for Appended {
     fn stored(&self) -> bool {
         true
+    }
+    fn envelopes(&self) -> usize {
+        self.accepted()
     }
     async fn answer(self) -> Result<Reply> {
         let n = self.commit().await?;
@@ -128,6 +135,9 @@ impl Pending for Appended {
 impl Pending for MultiAppended {
     fn stored(&self) -> bool {
         self.accepted() > 0
+    }
+    fn envelopes(&self) -> usize {
+        self.accepted()
     }
     async fn answer(self) -> Result<Reply> {
         self.commit().await.map(Reply::MultiSend)
