@@ -233,6 +233,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_deletion_recorded_in_the_stores_hides_the_account_without_a_tombstone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            ..Config::default()
+        };
+        let offline = open(&config).await.expect("open");
+        let services = &offline.services;
+        let device = services
+            .accounts()
+            .register(crate::testing::registration(5))
+            .await
+            .expect("register");
+        let account = device.address().account;
+        assert!(!being_deleted(services, &account).expect("check"));
+        assert_eq!(devices(services, &account).expect("devices").len(), 1);
+        // As another node records it (this one's tombstones do not know it yet).
+        services
+            .stores()
+            .accounts
+            .put_deletion(&account, &[tern_proto::DeviceId::PRIMARY])
+            .expect("record");
+        assert!(!services.tombstones().contains(&account));
+        assert!(being_deleted(services, &account).expect("check"));
+        assert!(matches!(
+            devices(services, &account),
+            Err(Error::UnknownRecipient)
+        ));
+        services.mailboxes().close().expect("close");
+    }
+
+    #[tokio::test]
     async fn an_offline_export_then_deletion_of_an_account() {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = Config {

@@ -303,8 +303,16 @@ async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledg
 
     let dir = tempfile::tempdir().unwrap();
     // Small segments: the backup copies several, and the log rolls while it runs.
+    // Rates above what the senders can reach: under load the backup takes longer,
+    // more sends go through meanwhile, and the default 1000 a minute (and 500 a day
+    // into a mailbox past 1000 queued) refused them part way.
     let config = dir.path().join("relay.toml");
-    std::fs::write(&config, "[storage]\nsegment_mb = 1\n").unwrap();
+    std::fs::write(
+        &config,
+        "[storage]\nsegment_mb = 1\n[rate_limits]\nsends_per_account = \"100000/1m\"\n\
+         intake_above_queued = 100000\n",
+    )
+    .unwrap();
     let live = dir.path().join("live");
     let mut relay = RelayProcess::start(&live, &["--config", config.to_str().unwrap()]).unwrap();
     let address = relay.address.clone();
@@ -382,6 +390,13 @@ async fn a_backup_taken_while_sends_are_in_flight_restores_everything_acknowledg
         before.len()
     );
     assert!(said.contains("1 blob files"), "the attachment: {said}");
+    let segments: usize = said
+        .split(" mailbox log segments")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segment count in {said}"));
+    assert!(segments >= 2, "the log rolled: {said}");
     // Refused: an existing directory (this one), one inside the data directory.
     let again = backup_command(&backup_dir, &live);
     assert!(!again.status.success());

@@ -65,11 +65,11 @@ pub fn database_locked(data_dir: &Path) -> std::io::Result<Option<bool>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    match file.try_lock() {
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         // Let go at once (by the drop): a relay starting now retries its lock.
         Ok(()) => Ok(Some(false)),
-        Err(std::fs::TryLockError::WouldBlock) => Ok(Some(true)),
-        Err(std::fs::TryLockError::Error(e)) => Err(e),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(Some(true)),
+        Err(e) => Err(e.into()),
     }
 }
 
