@@ -474,3 +474,56 @@ async fn readyz_fails_at_the_disk_reserve_and_healthz_does_not() {
     assert!(!off.data_dir.join("admin.addr").exists());
     assert!(!off.data_dir.join("admin.token").exists());
 }
+
+#[test]
+fn an_admin_address_that_cannot_be_bound_stops_the_start_with_nothing_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("relay");
+    // Held here: the relay cannot bind it.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let at = held.local_addr().expect("addr").to_string();
+    let mut child = Command::new(relay_binary())
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", &at])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + crate::support::STEP;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the relay started without its admin listener");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut out = String::new();
+    let mut err = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
+    assert!(err.contains("admin.listen"), "{err}");
+    assert!(
+        !out.contains("listening"),
+        "announced before failing: {out}"
+    );
+    assert!(!data.join("admin.addr").exists());
+    assert!(!data.join("admin.token").exists());
+    drop(held);
+}
