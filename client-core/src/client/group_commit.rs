@@ -40,8 +40,9 @@ pub(crate) enum GroupStep {
     },
     /// Send this commit (again).
     Send(GroupCommit),
-    /// Fetch key packages of these accounts, then plan the head op.
-    Fetch(Vec<AccountId>),
+    /// Fetch key packages of these accounts (of this one device of theirs, for
+    /// a re-add), then plan the head op.
+    Fetch(Vec<AccountId>, Option<DeviceId>),
     /// Plan the head op (no key packages needed).
     Plan,
     /// Waiting for the inbox to reach the relay's epoch.
@@ -269,10 +270,12 @@ impl State {
         }
         match record.ops.first() {
             None => Ok(GroupStep::Idle),
-            // A re-add fetches the device's account; the plan keeps that device's.
-            Some(op) if op.kind == OP_ADD || op.kind == OP_READD_DEVICE => {
-                Ok(GroupStep::Fetch(accounts_of(op)))
-            }
+            Some(op) if op.kind == OP_ADD => Ok(GroupStep::Fetch(accounts_of(op), None)),
+            // A re-add takes one package of that device, not one of each.
+            Some(op) if op.kind == OP_READD_DEVICE => match DeviceId::try_from(op.device) {
+                Ok(d) => Ok(GroupStep::Fetch(accounts_of(op), Some(d))),
+                Err(_) => Ok(GroupStep::Plan),
+            },
             Some(_) => Ok(GroupStep::Plan),
         }
     }
@@ -517,6 +520,7 @@ impl State {
         record.pending = Some(PendingCommitRecord {
             request: v1::GroupCommitRequest::from(commit.clone()).encode_to_vec(),
             op: Some(op),
+            ..PendingCommitRecord::default()
         });
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
@@ -573,7 +577,10 @@ impl State {
         if session.has_pending() {
             let staged = session.apply_pending().map_err(Error::group)?;
             batch.extend_ops(staged.ops);
-            events = commit_events(gid, &staged.value);
+            let members = session.members();
+            let applied = &staged.value;
+            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+            events = commit_events(gid, applied);
         }
         let pending = record.pending.take();
         Self::drop_tree_upload(group, &mut batch);

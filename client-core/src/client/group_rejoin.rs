@@ -99,7 +99,16 @@ impl State {
             };
             let quiet =
                 old.behind_since_ms == 0 && old.wait_epoch == 0 && old.wait_unmet_since_ms == 0;
-            if old.leaving || quiet {
+            if old.leaving {
+                continue;
+            }
+            if quiet {
+                // Caught up: a later fall behind asks at the first pace again.
+                if old.rejoin_asks != 0 {
+                    let mut record = old;
+                    record.rejoin_asks = 0;
+                    self.put_group(&id, record, &mut batch);
+                }
                 continue;
             }
             let epoch = match self.session_mut(&id) {
@@ -112,6 +121,9 @@ impl State {
             let mut record = old.clone();
             if record.wait_epoch <= epoch {
                 record.wait_unmet_since_ms = 0;
+                if record.behind_since_ms == 0 {
+                    record.rejoin_asks = 0;
+                }
             } else if drained && record.wait_unmet_since_ms == 0 {
                 record.wait_unmet_since_ms = now_ms.max(1);
             }
@@ -245,6 +257,14 @@ impl State {
         }
         if rejoin.epoch >= epoch {
             return Ok(Dropped("a rejoin request from a device not behind"));
+        }
+        // Sent before the device's current leaf came (a re-add answered it
+        // already, and this copy was late): that leaf is not behind for it.
+        if record
+            .leaf_epoch(&sender, device.get())
+            .is_some_and(|added| rejoin.epoch < added)
+        {
+            return Ok(Dropped("a rejoin request older than the device's leaf"));
         }
         record
             .readds

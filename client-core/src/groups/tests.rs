@@ -955,12 +955,51 @@ fn a_welcome_body_has_its_tree_inline_or_a_pointer_to_it() {
         }),
         ..Default::default()
     };
-    for w in [both, neither, keyed] {
+    for w in [both, neither] {
         assert!(matches!(
             parse_welcome(&prost::Message::encode_to_vec(&w)),
             Err(GroupError::Malformed)
         ));
     }
+    // Any field but the blob id and sealed size: a typed refusal.
+    let bare = tern_proto::e2e::AttachmentPointer {
+        blob_id: vec![1; 32].into(),
+        sealed_size: 4096,
+        ..Default::default()
+    };
+    let with = |f: &dyn Fn(&mut tern_proto::e2e::AttachmentPointer)| {
+        let mut p = bare.clone();
+        f(&mut p);
+        tern_proto::e2e::GroupWelcome {
+            welcome: welcome.welcome.clone().into(),
+            ratchet_tree_pointer: Some(p),
+            ..Default::default()
+        }
+    };
+    let extras = [
+        keyed,
+        with(&|p| p.size = 3000),
+        with(&|p| p.content_type = "tree".into()),
+        with(&|p| p.file_name = "tree".into()),
+        with(&|p| p.digest = vec![3; 32].into()),
+        with(&|p| p.blob_id = vec![1; 31].into()),
+    ];
+    for w in extras {
+        assert!(matches!(
+            parse_welcome(&prost::Message::encode_to_vec(&w)),
+            Err(GroupError::BadTreePointer)
+        ));
+    }
+    assert!(matches!(
+        parse_welcome(&prost::Message::encode_to_vec(&with(&|_| {}))),
+        Ok((
+            _,
+            WelcomeTree::Pointer(TreePointer {
+                sealed_size: 4096,
+                ..
+            })
+        ))
+    ));
     assert!(matches!(
         parse_welcome(&[0xff, 0xff]),
         Err(GroupError::Malformed)
