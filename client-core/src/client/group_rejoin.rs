@@ -16,13 +16,16 @@
 //! left; the sender is not blocked and shows the identity key pinned for its
 //! account (this account's own, a contact's, or the first one the group showed);
 //! its device is a leaf of the current epoch under that key; the epoch it names is
-//! below the current one; and this device re-added it no sooner than a
+//! below the current one, and not below the one that leaf was added in
+//! (`GroupRecord::leaf_epochs`: a request sent before another member re-added
+//! the device, delivered late, is not re-added twice); and this device re-added
+//! it no sooner than a
 //! [`REJOIN_EVERY_MS`] ago. Then an `OP_READD_DEVICE` is queued; anything else is
 //! dropped quietly (a debug log naming no account).
 //!
 //! Planning ([`State::readd_changes`]): in the epoch the request was taken in
 //! only, for a device still a leaf, with a fresh key package of exactly that
-//! device; one commit removes its leaf and adds it back. Otherwise the op is
+//! device (the only one fetched); one commit removes its leaf and adds it back. Otherwise the op is
 //! dropped: another re-add may have come first, and a device still behind asks
 //! again a day later.
 

@@ -1031,7 +1031,17 @@ fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
     assert_eq!(plan.removed.len(), 1);
     assert_eq!(plan.added.len(), 1);
     assert_eq!(plan.added[0].device.get(), 2);
-    devs[0].apply_pending();
+    // Neither came nor went, but its leaf is new (what a late rejoin request
+    // is judged against), for the committer and for the others alike.
+    let new_leaf = |c: &CommitApplied| {
+        c.new_leaves
+            .iter()
+            .map(|m| (m.account, m.device.get()))
+            .collect::<Vec<_>>()
+    };
+    let applied = devs[0].apply_pending();
+    assert!(applied.added.is_empty() && applied.removed.is_empty());
+    assert_eq!(new_leaf(&applied), [(b.id, 2)]);
     let roster = |d: &mut Dev| {
         let mut r: Vec<(AccountId, u32)> = d
             .g()
@@ -1045,7 +1055,10 @@ fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
     let before = roster(&mut devs[1]);
     match devs[1].receive(&plan.commit) {
         // The same device back in the same leaf: no member came or went.
-        Processed::Commit(c) => assert!(!c.removed_self),
+        Processed::Commit(c) => {
+            assert!(!c.removed_self && c.added.is_empty() && c.removed.is_empty());
+            assert_eq!(new_leaf(&c), [(b.id, 2)]);
+        }
         Processed::Message { .. } => panic!("expected a commit"),
     }
     assert_eq!(roster(&mut devs[1]), before);
