@@ -520,6 +520,7 @@ impl State {
         record.pending = Some(PendingCommitRecord {
             request: v1::GroupCommitRequest::from(commit.clone()).encode_to_vec(),
             op: Some(op),
+            unsent: true,
             ..PendingCommitRecord::default()
         });
         self.put_group(group, record, &mut batch);

@@ -223,11 +223,12 @@ pub(crate) struct PendingCommitRecord {
     /// The op it carries (popped once the relay accepts it).
     #[prost(message, optional, tag = "2")]
     pub(crate) op: Option<GroupOpRecord>,
-    /// Handed to the relay at least once (set, durably, before the first
-    /// send): the relay may hold it even if no answer came, so it is never
-    /// given up, only resent.
+    /// Not yet handed to the relay (cleared, durably, before the first send).
+    /// Once sent the relay may hold it though no answer came, so it is never
+    /// given up, only resent; a record without the flag (an older client's)
+    /// counts as sent.
     #[prost(bool, tag = "3")]
-    pub(crate) sent: bool,
+    pub(crate) unsent: bool,
     /// Since when (Unix ms) its welcome's tree upload has been refused for now
     /// (0: not); past `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
     #[prost(uint64, tag = "4")]

@@ -235,7 +235,7 @@ impl State {
             return Ok(());
         };
         match record.pending.as_mut() {
-            Some(p) if !p.sent => p.sent = true,
+            Some(p) if p.unsent => p.unsent = false,
             _ => return Ok(()),
         }
         let mut batch = Batch::new();
@@ -263,10 +263,10 @@ impl State {
             pending.upload_waiting_since_ms = now_ms.max(1);
         }
         let waited = now_ms.saturating_sub(pending.upload_waiting_since_ms);
-        let verdict = match (refused || waited >= TREE_UPLOAD_WAIT_MS, pending.sent) {
+        let verdict = match (refused || waited >= TREE_UPLOAD_WAIT_MS, pending.unsent) {
             (false, _) => UploadFailed::Wait,
-            (true, false) => UploadFailed::GiveUp,
-            (true, true) => UploadFailed::SendAnyway,
+            (true, true) => UploadFailed::GiveUp,
+            (true, false) => UploadFailed::SendAnyway,
         };
         if verdict == UploadFailed::GiveUp {
             self.commit_refused(group)?;

@@ -715,3 +715,25 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
         ("missed", "late")
     );
 }
+
+#[test]
+fn each_member_knows_when_a_leaf_came_and_forgets_it_once_it_goes() {
+    let (mut alice, mut bob, carol, group) = with_carol();
+    let came = |dev: &Dev| dev.state.groups[&group.0[..]].leaf_epoch(&carol.account(), 1);
+    // Carol came at epoch 2: for Alice by her own commit, for Bob by receiving it.
+    assert_eq!((came(&alice), came(&bob)), (Some(2), Some(2)));
+    assert_eq!(
+        alice.state.groups[&group.0[..]].leaf_epoch(&bob.account(), 1),
+        Some(1)
+    );
+    alice
+        .state
+        .remove_group_member(&group, &carol.account())
+        .expect("queued");
+    let removal = plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let c = &removal.sends[0];
+    events(bob.receive(&deliver(&c.body, c.message_id)));
+    alice.reload(NOW);
+    assert_eq!((came(&alice), came(&bob)), (None, None));
+}
