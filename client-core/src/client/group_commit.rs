@@ -16,7 +16,7 @@ use super::group_records::{
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
 };
-use super::groups::{commit_events, GroupId};
+use super::groups::{commit_events, GroupId, GROUP_WELCOME};
 use super::state::{corrupt, State};
 use super::Event;
 use crate::groups::{Changes, GroupMeta, Member};
@@ -646,6 +646,20 @@ impl State {
                     control: true,
                     ..GroupOutboxRecord::default()
                 });
+            }
+        }
+        if pending.as_ref().is_some_and(|p| p.tree_lost) {
+            // Its welcome's tree never reached the relay: the devices it added
+            // can never join, and would be sent to for nothing.
+            for send in sends
+                .iter()
+                .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
+            {
+                for to in &send.recipients {
+                    for d in &to.devices {
+                        record.ops.push(device_removal(&to.account, *d));
+                    }
+                }
             }
         }
         dedup_ops(&mut record.ops);

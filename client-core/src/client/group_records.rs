@@ -233,6 +233,10 @@ pub(crate) struct PendingCommitRecord {
     /// (0: not); past `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
     #[prost(uint64, tag = "4")]
     pub(crate) upload_waiting_since_ms: u64,
+    /// Sent again without its welcome's tree (the relay refused the upload):
+    /// the devices it adds can never join, so their removal follows it.
+    #[prost(bool, tag = "5")]
+    pub(crate) tree_lost: bool,
 }
 
 /// `Namespace::GroupOutbox`, key: an outbox seq. A group message on its way.

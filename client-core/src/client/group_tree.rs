@@ -76,7 +76,8 @@ pub(crate) enum UploadFailed {
     GiveUp,
     /// Handed to the relay before (it may hold it, the answer lost): sent again
     /// without its tree, so no member forks; the new devices' welcome then
-    /// waits for a tree that never comes and is given up.
+    /// waits for a tree that never comes and is given up, and once the commit
+    /// is answered their leaves are removed (`PendingCommitRecord::tree_lost`).
     SendAnyway,
 }
 
@@ -268,6 +269,7 @@ impl State {
             (true, true) => UploadFailed::GiveUp,
             (true, false) => UploadFailed::SendAnyway,
         };
+        pending.tree_lost |= verdict == UploadFailed::SendAnyway;
         if verdict == UploadFailed::GiveUp {
             self.commit_refused(group)?;
         } else if self.groups.get(group) != Some(&record) {

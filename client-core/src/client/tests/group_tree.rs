@@ -9,6 +9,7 @@ use tern_proto::{e2e, GroupCommit, MessageId};
 use super::groups::{deliver, events, knows, last_envelope, plan, text};
 use super::{dev, dropped, Dev, NOW};
 use crate::client::group_commit::GroupStep;
+use crate::client::group_records::OP_REMOVE_DEVICE;
 use crate::client::group_tree::{
     prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, UploadFailed, HELD_WELCOMES_MAX,
     HELD_WELCOMES_MAX_BYTES, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX, TREE_RETRY_MAX_MS,
@@ -381,7 +382,7 @@ fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
 
     // Sent once (its answer lost): the relay may hold it, so it goes again,
     // the same commit, across a restart.
-    let (mut alice, _bob, group, commit) = planned();
+    let (mut alice, bob, group, commit) = planned();
     alice.state.commit_sending(&group.0).expect("marked");
     alice.reload(NOW);
     alice.state.welcome_inline_max = 0;
@@ -391,6 +392,14 @@ fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
         panic!("the pending commit is kept")
     };
     assert_eq!(again.commit_id, commit.commit_id);
+    // Answered, the device it added (which can never get the tree) is removed next.
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let ops = &alice.state.groups[&group.0[..]].ops;
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(
+        (ops[0].kind, ops[0].accounts[0].clone(), ops[0].device),
+        (OP_REMOVE_DEVICE, bob.account().as_bytes().to_vec(), 1)
+    );
 }
 
 #[test]
