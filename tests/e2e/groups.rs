@@ -44,6 +44,23 @@ async fn joined(events: &mut Events) -> GroupId {
     .await
 }
 
+/// `creator` makes a group `name` with `members`: returns once each of
+/// `joiners` (the members' devices' events) joined it.
+async fn group_with(
+    creator: &Client,
+    name: &str,
+    members: &[AccountId],
+    joiners: &mut [&mut Events],
+) -> GroupId {
+    let group = within(creator.create_group(name, members))
+        .await
+        .expect("create");
+    for events in joiners.iter_mut() {
+        assert_eq!(joined(events).await, group);
+    }
+    group
+}
+
 async fn group_message(client: &Client, events: &mut Events) -> GroupMessage {
     let m = next_match(events, |e| match e {
         Event::GroupMessage(m) => Some(m),
@@ -292,10 +309,7 @@ async fn later_members_read_only_what_follows_and_removed_ones_nothing_more() {
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, mut alice_events) = all.pop().expect("alice");
 
-    let group = within(alice.create_group("g", &[bob.account()]))
-        .await
-        .expect("create");
-    joined(&mut bob_events).await;
+    let group = group_with(&alice, "g", &[bob.account()], &mut [&mut bob_events]).await;
     alice
         .send_group(&group, b"before carol", &[])
         .await
@@ -376,10 +390,7 @@ async fn concurrent_adds_rebase_and_both_land() {
     let (carol, mut carol_events) = all.pop().expect("carol");
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, _alice_events) = all.pop().expect("alice");
-    let group = within(alice.create_group("g", &[bob.account()]))
-        .await
-        .expect("create");
-    joined(&mut bob_events).await;
+    let group = group_with(&alice, "g", &[bob.account()], &mut [&mut bob_events]).await;
     members_are(&bob, &group, &[alice.account(), bob.account()]).await;
 
     // Both commit in the same epoch: one wins, the other rebases and commits next.
@@ -477,11 +488,8 @@ async fn an_offline_member_catches_up_and_a_restart_loses_nothing() {
     let (carol, mut carol_events) = all.pop().expect("carol");
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, _alice_events) = all.pop().expect("alice");
-    let group = within(alice.create_group("g", &[bob.account(), carol.account()]))
-        .await
-        .expect("create");
-    joined(&mut bob_events).await;
-    joined(&mut carol_events).await;
+    let joiners = &mut [&mut bob_events, &mut carol_events];
+    let group = group_with(&alice, "g", &[bob.account(), carol.account()], joiners).await;
 
     // Carol goes offline through several epochs and messages.
     carol.shutdown().await;
@@ -559,10 +567,7 @@ async fn garbage_in_a_group_envelope_is_dropped_and_blocks_nothing() {
     let mut all = accounts(&relay.address, dir.path(), &["alice", "bob"]).await;
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, _alice_events) = all.pop().expect("alice");
-    let group = within(alice.create_group("g", &[bob.account()]))
-        .await
-        .expect("create");
-    joined(&mut bob_events).await;
+    let group = group_with(&alice, "g", &[bob.account()], &mut [&mut bob_events]).await;
 
     // Anyone holding Bob's token can put bytes in his mailbox: a group envelope's
     // kind byte with nonsense after it, and a welcome that is not one.
@@ -647,12 +652,8 @@ async fn a_rename_reaches_every_device_and_periodic_updates_keep_the_group_talki
         &mut bob_events,
     )
     .await;
-    let group = within(alice.create_group("before", &[bob.account(), carol.account()]))
-        .await
-        .expect("create");
-    for events in [&mut bob_events, &mut laptop_events, &mut carol_events] {
-        assert_eq!(joined(events).await, group);
-    }
+    let joiners = &mut [&mut bob_events, &mut laptop_events, &mut carol_events];
+    let group = group_with(&alice, "before", &[bob.account(), carol.account()], joiners).await;
     let devices = [&alice, &bob, &bob_laptop, &carol];
 
     alice
@@ -732,12 +733,8 @@ async fn a_member_who_rotates_their_delivery_token_keeps_their_place() {
     let (carol, mut carol_events) = all.pop().expect("carol");
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, mut alice_events) = all.pop().expect("alice");
-    let group = within(alice.create_group("g", &[bob.account(), carol.account()]))
-        .await
-        .expect("create");
-    for events in [&mut bob_events, &mut carol_events] {
-        assert_eq!(joined(events).await, group);
-    }
+    let joiners = &mut [&mut bob_events, &mut carol_events];
+    let group = group_with(&alice, "g", &[bob.account(), carol.account()], joiners).await;
     // Carol's new token reaches the group in her announcement; Alice's contact
     // card of her still holds the old one, which the relay now refuses.
     carol.rotate_delivery_token().await.expect("rotate");
@@ -783,10 +780,13 @@ async fn a_welcome_whose_tree_is_an_attachment_joins_and_talks() {
     let options = tern_client::ClientOptions::new().group_welcome_inline_max(0);
     let (alice, mut alice_events) =
         alice_with(&relay.address, dir.path(), options, &[&bob, &carol]).await;
-    let group = within(alice.create_group("tree apart", &[bob.account()]))
-        .await
-        .expect("create");
-    assert_eq!(joined(&mut bob_events).await, group);
+    let group = group_with(
+        &alice,
+        "tree apart",
+        &[bob.account()],
+        &mut [&mut bob_events],
+    )
+    .await;
     bob.send_group(&group, b"joined from a fetched tree", &[])
         .await
         .expect("send");
@@ -834,10 +834,7 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
     let mut all = accounts(&relay.address, dir.path(), &["alice", "bob"]).await;
     let (bob, mut bob_events) = all.pop().expect("bob");
     let (alice, mut alice_events) = all.pop().expect("alice");
-    let group = within(alice.create_group("g", &[bob.account()]))
-        .await
-        .expect("create");
-    joined(&mut bob_events).await;
+    let group = group_with(&alice, "g", &[bob.account()], &mut [&mut bob_events]).await;
     let both = [alice.account(), bob.account()];
     members_are(&alice, &group, &both).await;
 
@@ -857,9 +854,14 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
     let (bob, mut bob_events) = within(Client::open_with(store(dir.path(), "bob"), options))
         .await
         .expect("reopen bob");
+    // While behind he renames (Alice renamed since: hers is newer and stays)
+    // and sets a description (nobody changed it since: it goes out).
     bob.rename_group(&group, "bob-was-here")
         .await
         .expect("rename");
+    bob.set_group_description(&group, "described while away")
+        .await
+        .expect("describe");
     let name = next_match(&mut bob_events, |e| match e {
         Event::GroupJoined { group: g, name, .. } if g == group => Some(name),
         _ => None,
@@ -883,8 +885,127 @@ async fn a_device_whose_commit_expired_asks_to_be_re_added_and_talks_again() {
         .expect("send");
     let m = group_message(&bob, &mut bob_events).await;
     assert_eq!(m.body, b"welcome back");
-    // The rename Bob asked for while behind was kept across the re-add: it lands.
-    all_see(&[&alice, &bob], &group, |g| g.name == "bob-was-here").await;
+    // Of Bob's edits while behind, the one nobody overtook lands.
+    all_see(&[&alice, &bob], &group, |g| {
+        g.name == "renamed-while-away" && g.description == "described while away"
+    })
+    .await;
+    for c in [alice, bob] {
+        c.shutdown().await;
+    }
+}
+
+/// A relay whose configuration is `toml`, in `dir`.
+fn relay_with(dir: &Path, toml: &str) -> RelayProcess {
+    let config = dir.join("relay.toml");
+    std::fs::write(&config, toml).expect("config");
+    RelayProcess::start(
+        &dir.join("relay"),
+        &["--config", config.to_str().expect("utf-8")],
+    )
+    .expect("relay")
+}
+
+#[tokio::test]
+async fn a_tree_upload_the_relay_refuses_for_good_gives_up_its_commit_never_sent() {
+    // A blob limit below any tree (TOO_LARGE), then an account quota below
+    // any tree (QUOTA_EXCEEDED).
+    for (case, toml) in [
+        ("too large", "[media]\nmax_blob_bytes = 64\n"),
+        ("over quota", "[media]\nmax_account_bytes = 64\n"),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let relay = relay_with(dir.path(), toml);
+        let mut all = accounts(&relay.address, dir.path(), &["bob"]).await;
+        let (bob, mut bob_events) = all.pop().expect("bob");
+        let options = tern_client::ClientOptions::new().group_welcome_inline_max(0);
+        let (alice, mut alice_events) =
+            alice_with(&relay.address, dir.path(), options, &[&bob]).await;
+        let group = within(alice.create_group("refused", &[bob.account()]))
+            .await
+            .expect("create");
+        let reason = next_match(&mut alice_events, |e| match e {
+            Event::Dropped { reason } => Some(reason),
+            _ => None,
+        })
+        .await;
+        assert!(reason.contains("given up"), "{case}: {reason}");
+        // Never sent: the group stays at its first epoch with Alice alone, and
+        // its pipeline is free (nothing pending).
+        let info = alice.groups().await.expect("groups");
+        let info = info.iter().find(|g| g.id == group).expect("the group");
+        assert_eq!(
+            (info.epoch, info.pending_ops, info.members.clone()),
+            (0, 0, vec![alice.account()]),
+            "{case}"
+        );
+        // Bob got no welcome; a 1:1 message after it still reaches him.
+        alice
+            .send(&bob.account(), b"after the refusal")
+            .await
+            .expect("send");
+        let first = next_match(&mut bob_events, |e| match e {
+            Event::GroupJoined { .. } => Some(None),
+            Event::Message(m) => Some(Some(m.body)),
+            _ => None,
+        })
+        .await;
+        assert_eq!(first.as_deref(), Some(&b"after the refusal"[..]), "{case}");
+        for c in [alice, bob] {
+            c.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_tree_download_that_times_out_is_tried_again_and_joins_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    // Bob's downloads of a tree time out at once (no answer comes within no time).
+    let bob_options = tern_client::ClientOptions::new().group_tree_download_timeout(Duration::ZERO);
+    let (bob, mut bob_events) = within(Client::register_with(
+        &relay.address,
+        store(dir.path(), "bob"),
+        bob_options,
+    ))
+    .await
+    .expect("register bob");
+    let options = tern_client::ClientOptions::new().group_welcome_inline_max(0);
+    let (alice, _alice_events) = alice_with(&relay.address, dir.path(), options, &[&bob]).await;
+    let group = within(alice.create_group("slow tree", &[bob.account()]))
+        .await
+        .expect("create");
+    members_are(&alice, &group, &[alice.account(), bob.account()]).await;
+    // The welcome is held, its tree not fetched: Bob is in no group, and the
+    // rest of his traffic goes on.
+    alice
+        .send(&bob.account(), b"meanwhile")
+        .await
+        .expect("send");
+    let first = next_match(&mut bob_events, |e| match e {
+        Event::GroupJoined { .. } => Some(None),
+        Event::Message(m) => Some(Some(m.body)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(first.as_deref(), Some(&b"meanwhile"[..]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bob.groups().await.expect("groups").is_empty());
+    // With time to download, the held welcome (kept across the restart) joins.
+    bob.shutdown().await;
+    drop((bob, bob_events));
+    let (bob, mut bob_events) = within(Client::open(store(dir.path(), "bob")))
+        .await
+        .expect("reopen bob");
+    assert_eq!(joined(&mut bob_events).await, group);
+    alice
+        .send_group(&group, b"now you read me", &[])
+        .await
+        .expect("send");
+    assert_eq!(
+        group_message(&bob, &mut bob_events).await.body,
+        b"now you read me"
+    );
     for c in [alice, bob] {
         c.shutdown().await;
     }

@@ -16,7 +16,7 @@ use super::group_records::{
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
 };
-use super::groups::{commit_events, GroupId};
+use super::groups::{commit_events, GroupId, GROUP_WELCOME};
 use super::state::{corrupt, State};
 use super::Event;
 use crate::groups::{Changes, GroupMeta, Member};
@@ -40,8 +40,9 @@ pub(crate) enum GroupStep {
     },
     /// Send this commit (again).
     Send(GroupCommit),
-    /// Fetch key packages of these accounts, then plan the head op.
-    Fetch(Vec<AccountId>),
+    /// Fetch key packages of these accounts (of this one device of theirs, for
+    /// a re-add), then plan the head op.
+    Fetch(Vec<AccountId>, Option<DeviceId>),
     /// Plan the head op (no key packages needed).
     Plan,
     /// Waiting for the inbox to reach the relay's epoch.
@@ -269,10 +270,12 @@ impl State {
         }
         match record.ops.first() {
             None => Ok(GroupStep::Idle),
-            // A re-add fetches the device's account; the plan keeps that device's.
-            Some(op) if op.kind == OP_ADD || op.kind == OP_READD_DEVICE => {
-                Ok(GroupStep::Fetch(accounts_of(op)))
-            }
+            Some(op) if op.kind == OP_ADD => Ok(GroupStep::Fetch(accounts_of(op), None)),
+            // A re-add takes one package of that device, not one of each.
+            Some(op) if op.kind == OP_READD_DEVICE => match DeviceId::try_from(op.device) {
+                Ok(d) => Ok(GroupStep::Fetch(accounts_of(op), Some(d))),
+                Err(_) => Ok(GroupStep::Plan),
+            },
             Some(_) => Ok(GroupStep::Plan),
         }
     }
@@ -517,6 +520,8 @@ impl State {
         record.pending = Some(PendingCommitRecord {
             request: v1::GroupCommitRequest::from(commit.clone()).encode_to_vec(),
             op: Some(op),
+            unsent: true,
+            ..PendingCommitRecord::default()
         });
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)?;
@@ -573,7 +578,10 @@ impl State {
         if session.has_pending() {
             let staged = session.apply_pending().map_err(Error::group)?;
             batch.extend_ops(staged.ops);
-            events = commit_events(gid, &staged.value);
+            let members = session.members();
+            let applied = &staged.value;
+            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+            events = commit_events(gid, applied);
         }
         let pending = record.pending.take();
         Self::drop_tree_upload(group, &mut batch);
@@ -638,6 +646,20 @@ impl State {
                     control: true,
                     ..GroupOutboxRecord::default()
                 });
+            }
+        }
+        if pending.as_ref().is_some_and(|p| p.tree_lost) {
+            // Its welcome's tree never reached the relay: the devices it added
+            // can never join, and would be sent to for nothing.
+            for send in sends
+                .iter()
+                .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
+            {
+                for to in &send.recipients {
+                    for d in &to.devices {
+                        record.ops.push(device_removal(&to.account, *d));
+                    }
+                }
             }
         }
         dedup_ops(&mut record.ops);

@@ -30,10 +30,10 @@ use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
-use super::group_commit::OP_UPDATE;
+use super::group_meta::rebase_meta_op;
 use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
-    OP_READD_DEVICE, OP_REMOVE,
+    OP_META, OP_REMOVE,
 };
 use super::group_tree::WELCOME_DEDUP;
 use super::groups::{
@@ -192,6 +192,11 @@ impl State {
                 "a welcome from an account that is not a contact".into(),
             ));
         }
+        // The metadata as this device last saw it, for its kept edits.
+        let stale_meta = match &stale {
+            Some(_) => self.session_mut(&id).ok().and_then(|s| s.meta().ok()),
+            None => None,
+        };
         let mut record = GroupRecord {
             handle: session.handle().to_vec(),
             registered: true,
@@ -203,15 +208,21 @@ impl State {
             ..GroupRecord::default()
         };
         if let Some(stale) = &stale {
-            // What the user asked for while behind still goes out (a fresh leaf
-            // needs no update, and a re-add was for the stale epochs); re-adds this
-            // device took stay counted; re-added by its own account, it keeps
-            // asking the account that first added it.
+            // What the user asked for while behind still goes out; what this
+            // device decided from its stale view (removals of devices it could
+            // not reach, an update, a re-add) does not. A metadata edit leaves
+            // out the fields another member changed since (`rebase_meta_op`).
+            // Re-adds this device took stay counted; re-added by its own
+            // account, it keeps asking the account that first added it.
             record.ops = stale
                 .ops
                 .iter()
-                .filter(|o| o.kind != OP_READD_DEVICE && o.kind != OP_UPDATE)
-                .cloned()
+                .filter(|o| o.user)
+                .filter_map(|o| match (o.kind, &stale_meta) {
+                    (OP_META, Some(m)) => rebase_meta_op(o, m, &joined.value.meta),
+                    (OP_META, None) => None,
+                    _ => Some(o.clone()),
+                })
                 .collect();
             record.readds = stale.readds.clone();
             if own && !stale.added_by.is_empty() {
@@ -293,6 +304,12 @@ impl State {
                 .map_err(Error::group)?;
             let mut batch = Batch::new();
             batch.extend_ops(staged.ops);
+            if let Some(mut record) = self.groups.get(&group).cloned() {
+                let members = self.session_mut(&group)?.members();
+                let applied = &staged.value;
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+                self.put_group(&group, record, &mut batch);
+            }
             if let Err(e) = self.commit(batch, false) {
                 self.group_sessions.remove(&group);
                 return Err(e);
@@ -536,6 +553,8 @@ impl State {
                 if record.wait_epoch <= epoch {
                     record.wait_epoch = 0;
                 }
+                let members = self.session_mut(group)?.members();
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
                 events.extend(commit_events(gid, &applied));
             }
         }

@@ -83,8 +83,41 @@ impl State {
             kind: OP_META,
             meta: meta.encode(),
             meta_fields: fields,
+            user: true,
             ..GroupOpRecord::default()
         };
         self.queue_group_op(group, op)
     }
+}
+
+/// Every field bit, for an op whose `meta_fields` is 0 (all).
+const META_ALL: u32 = META_NAME | META_DESCRIPTION | META_PICTURE;
+
+/// An `OP_META` kept over a re-add of this device: the edit was made against
+/// `stale` (the group as this device last saw it); a field another member
+/// changed since (`now` differs from `stale`) keeps its newer value, so a rename
+/// queued weeks ago does not undo a later one. `None` when no field is left.
+pub(crate) fn rebase_meta_op(
+    op: &GroupOpRecord,
+    stale: &GroupMeta,
+    now: &GroupMeta,
+) -> Option<GroupOpRecord> {
+    let mut fields = if op.meta_fields == 0 {
+        META_ALL
+    } else {
+        op.meta_fields
+    };
+    if stale.name != now.name {
+        fields &= !META_NAME;
+    }
+    if stale.description != now.description {
+        fields &= !META_DESCRIPTION;
+    }
+    if stale.picture != now.picture {
+        fields &= !META_PICTURE;
+    }
+    (fields != 0).then(|| GroupOpRecord {
+        meta_fields: fields,
+        ..op.clone()
+    })
 }

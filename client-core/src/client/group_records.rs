@@ -93,6 +93,55 @@ pub(crate) struct GroupRecord {
     /// leaf under a key other than the pinned one, is not sent daily forever).
     #[prost(uint32, tag = "36")]
     pub(crate) rejoin_asks: u32,
+    /// The epoch each leaf was last added in (seen by this device: leaves older
+    /// than its join are not here). A rejoin request naming an earlier epoch
+    /// predates the device's current leaf and is dropped.
+    #[prost(message, repeated, tag = "37")]
+    pub(crate) leaf_epochs: Vec<LeafEpochRecord>,
+}
+
+/// When a leaf came: its device and the epoch its commit led to.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct LeafEpochRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) device: u32,
+    #[prost(uint64, tag = "3")]
+    pub(crate) epoch: u64,
+}
+
+impl GroupRecord {
+    /// Records the leaves a commit leading to `epoch` added (`new_leaves`);
+    /// entries of devices no longer among `members` go.
+    pub(crate) fn note_new_leaves(
+        &mut self,
+        new_leaves: &[crate::groups::Member],
+        epoch: u64,
+        members: &[crate::groups::Member],
+    ) {
+        let same = |r: &LeafEpochRecord, m: &crate::groups::Member| {
+            r.account == m.account.as_bytes() && r.device == m.device.get()
+        };
+        for m in new_leaves {
+            self.leaf_epochs.retain(|r| !same(r, m));
+            self.leaf_epochs.push(LeafEpochRecord {
+                account: m.account.as_bytes().to_vec(),
+                device: m.device.get(),
+                epoch,
+            });
+        }
+        self.leaf_epochs
+            .retain(|r| members.iter().any(|m| same(r, m)));
+    }
+
+    /// The epoch `account`'s `device` was last added in, if this device saw it.
+    pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
+        self.leaf_epochs
+            .iter()
+            .find(|r| r.account == account.as_bytes() && r.device == device)
+            .map(|r| r.epoch)
+    }
 }
 
 /// A re-add this device queued for another device (`GroupRejoin`).
@@ -149,6 +198,12 @@ pub(crate) struct GroupOpRecord {
     /// already (its other devices and the account that added it may all be asked).
     #[prost(uint64, tag = "21")]
     pub(crate) epoch: u64,
+    /// Queued by this account's own action (an API call, a device linked to or
+    /// removed from the account), not judged from this device's view of the
+    /// group (a token wait, a device the relay refused, a `LeaveRequest`): only
+    /// such ops outlive a re-add of this device, whose old view was stale.
+    #[prost(bool, tag = "22")]
+    pub(crate) user: bool,
 }
 
 pub(crate) const OP_ADD: u32 = 1;
@@ -168,6 +223,20 @@ pub(crate) struct PendingCommitRecord {
     /// The op it carries (popped once the relay accepts it).
     #[prost(message, optional, tag = "2")]
     pub(crate) op: Option<GroupOpRecord>,
+    /// Not yet handed to the relay (cleared, durably, before the first send).
+    /// Once sent the relay may hold it though no answer came, so it is never
+    /// given up, only resent; a record without the flag (an older client's)
+    /// counts as sent.
+    #[prost(bool, tag = "3")]
+    pub(crate) unsent: bool,
+    /// Since when (Unix ms) its welcome's tree upload has been refused for now
+    /// (0: not); past `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
+    #[prost(uint64, tag = "4")]
+    pub(crate) upload_waiting_since_ms: u64,
+    /// Sent again without its welcome's tree (the relay refused the upload):
+    /// the devices it adds can never join, so their removal follows it.
+    #[prost(bool, tag = "5")]
+    pub(crate) tree_lost: bool,
 }
 
 /// `Namespace::GroupOutbox`, key: an outbox seq. A group message on its way.

@@ -16,13 +16,16 @@
 //! left; the sender is not blocked and shows the identity key pinned for its
 //! account (this account's own, a contact's, or the first one the group showed);
 //! its device is a leaf of the current epoch under that key; the epoch it names is
-//! below the current one; and this device re-added it no sooner than a
+//! below the current one, and not below the one that leaf was added in
+//! (`GroupRecord::leaf_epochs`: a request sent before another member re-added
+//! the device, delivered late, is not re-added twice); and this device re-added
+//! it no sooner than a
 //! [`REJOIN_EVERY_MS`] ago. Then an `OP_READD_DEVICE` is queued; anything else is
 //! dropped quietly (a debug log naming no account).
 //!
 //! Planning ([`State::readd_changes`]): in the epoch the request was taken in
 //! only, for a device still a leaf, with a fresh key package of exactly that
-//! device; one commit removes its leaf and adds it back. Otherwise the op is
+//! device (the only one fetched); one commit removes its leaf and adds it back. Otherwise the op is
 //! dropped: another re-add may have come first, and a device still behind asks
 //! again a day later.
 
@@ -99,7 +102,16 @@ impl State {
             };
             let quiet =
                 old.behind_since_ms == 0 && old.wait_epoch == 0 && old.wait_unmet_since_ms == 0;
-            if old.leaving || quiet {
+            if old.leaving {
+                continue;
+            }
+            if quiet {
+                // Caught up: a later fall behind asks at the first pace again.
+                if old.rejoin_asks != 0 {
+                    let mut record = old;
+                    record.rejoin_asks = 0;
+                    self.put_group(&id, record, &mut batch);
+                }
                 continue;
             }
             let epoch = match self.session_mut(&id) {
@@ -112,6 +124,9 @@ impl State {
             let mut record = old.clone();
             if record.wait_epoch <= epoch {
                 record.wait_unmet_since_ms = 0;
+                if record.behind_since_ms == 0 {
+                    record.rejoin_asks = 0;
+                }
             } else if drained && record.wait_unmet_since_ms == 0 {
                 record.wait_unmet_since_ms = now_ms.max(1);
             }
@@ -245,6 +260,14 @@ impl State {
         }
         if rejoin.epoch >= epoch {
             return Ok(Dropped("a rejoin request from a device not behind"));
+        }
+        // Sent before the device's current leaf came (a re-add answered it
+        // already, and this copy was late): that leaf is not behind for it.
+        if record
+            .leaf_epoch(&sender, device.get())
+            .is_some_and(|added| rejoin.epoch < added)
+        {
+            return Ok(Dropped("a rejoin request older than the device's leaf"));
         }
         record
             .readds

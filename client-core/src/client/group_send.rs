@@ -119,12 +119,12 @@ async fn commit_step(
             return Ok(Round::Progress);
         }
         GroupStep::Send(commit) => commit,
-        GroupStep::Plan | GroupStep::Fetch(_) => {
-            let accounts = match step {
-                GroupStep::Fetch(a) => a,
-                _ => Vec::new(),
+        GroupStep::Plan | GroupStep::Fetch(..) => {
+            let (accounts, device) = match step {
+                GroupStep::Fetch(a, d) => (a, d),
+                _ => (Vec::new(), None),
             };
-            let packages = fetch_packages(shared, anon, group, &accounts).await?;
+            let packages = fetch_packages(shared, anon, group, &accounts, device).await?;
             let planned = shared.state.lock().await.plan_commit(
                 group,
                 packages,
@@ -141,16 +141,17 @@ async fn commit_step(
     match group_tree::upload_tree(shared, conn, group).await? {
         group_tree::Upload::Done => {}
         group_tree::Upload::Wait(round) => return Ok(round),
-        group_tree::Upload::Refused(reason) => {
-            // As a refused commit: the op goes, and the app hears why.
+        group_tree::Upload::GaveUp(reason) => {
+            // As a refused commit (dropped already): the app hears why.
             tracing::debug!(%reason, "a group commit given up");
-            shared.state.lock().await.commit_refused(group)?;
             shared.emit(Event::Dropped {
                 reason: format!("a group change given up: {reason}"),
             });
             return Ok(Round::Progress);
         }
     }
+    // From here the relay may hold it, answer or not: never given up.
+    shared.state.lock().await.commit_sending(group)?;
     let sent = anon
         .run(|c| {
             let commit = commit.clone();
@@ -180,13 +181,15 @@ async fn commit_step(
     }
 }
 
-/// One key package per device of each account (its token on the anonymous link),
-/// checked against the identity key we hold for it.
+/// One key package per device of each account (of `device` only, when given),
+/// through its token on the anonymous link, checked against the identity key we
+/// hold for it.
 async fn fetch_packages(
     shared: &Shared,
     anon: &AnonymousLink,
     group: &[u8],
     accounts: &[AccountId],
+    device: Option<DeviceId>,
 ) -> Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     for account in accounts {
@@ -194,7 +197,7 @@ async fn fetch_packages(
             continue;
         };
         let fetched = anon
-            .run(|c| async move { c.fetch_key_packages(account, None, &token).await })
+            .run(|c| async move { c.fetch_key_packages(account, device, &token).await })
             .await;
         let packages = match fetched {
             Ok(p) => p,

@@ -9,7 +9,9 @@
 //! [`State::welcome_body`] keeps it in the device store with the pending commit,
 //! in the same batch. The worker uploads it ([`upload_tree`]) before every send of
 //! the `GroupCommit` (a relay that has it says so) and never sends the commit while
-//! the upload fails; a permanent refusal gives the commit up. The ciphertext goes
+//! the upload fails for now; a permanent refusal, or one for now lasting
+//! [`TREE_UPLOAD_WAIT_MS`], gives the commit up if it was never handed to the
+//! relay, and sends it without its tree otherwise ([`UploadFailed`]). The ciphertext goes
 //! in the batch that settles the commit (answered, stale or refused) or forgets
 //! the group.
 //!
@@ -59,6 +61,25 @@ pub(crate) const HELD_WELCOMES_MAX: usize = 16;
 pub(crate) const HELD_WELCOMES_MAX_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a welcome waits for its tree: a week (the blob lives 30 days).
 pub(crate) const HELD_WELCOME_MAX_AGE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// How long a tree upload refused for now (the relay busy, rate limited) may
+/// hold its commit before it counts as refused for good: the group's commits
+/// and its other changes wait behind it.
+pub(crate) const TREE_UPLOAD_WAIT_MS: u64 = 24 * 3600 * 1000;
+
+/// What a failed tree upload does to its commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UploadFailed {
+    /// Tried again next round.
+    Wait,
+    /// Never handed to the relay: given up as a refused commit.
+    GiveUp,
+    /// Handed to the relay before (it may hold it, the answer lost): sent again
+    /// without its tree, so no member forks; the new devices' welcome then
+    /// waits for a tree that never comes and is given up, and once the commit
+    /// is answered their leaves are removed (`PendingCommitRecord::tree_lost`).
+    SendAnyway,
+}
 
 /// Key of a group's tree upload: this prefix, then the group id.
 const UPLOAD_PREFIX: &[u8] = b"up";
@@ -206,6 +227,57 @@ impl State {
         }
         let blob_id = r.blob_id[..].try_into().map_err(|_| StoreError::Corrupt)?;
         Ok(Some((blob_id, r.sealed)))
+    }
+
+    /// Marks `group`'s pending commit as handed to the relay, durably, before
+    /// it is sent the first time.
+    pub(crate) fn commit_sending(&mut self, group: &[u8]) -> Result<()> {
+        let Some(mut record) = self.groups.get(group).cloned() else {
+            return Ok(());
+        };
+        match record.pending.as_mut() {
+            Some(p) if p.unsent => p.unsent = false,
+            _ => return Ok(()),
+        }
+        let mut batch = Batch::new();
+        self.put_group(group, record, &mut batch);
+        self.commit(batch, true)
+    }
+
+    /// `group`'s tree upload failed, for good (`refused`) or for now, at
+    /// `now_ms`: what becomes of its commit ([`UploadFailed`]). A commit already
+    /// handed to the relay is never given up; a wait past
+    /// [`TREE_UPLOAD_WAIT_MS`] counts as a refusal. Stored durably.
+    pub(crate) fn tree_upload_failed(
+        &mut self,
+        group: &[u8],
+        refused: bool,
+        now_ms: u64,
+    ) -> Result<UploadFailed> {
+        let Some(mut record) = self.groups.get(group).cloned() else {
+            return Ok(UploadFailed::Wait);
+        };
+        let Some(pending) = record.pending.as_mut() else {
+            return Ok(UploadFailed::Wait);
+        };
+        if pending.upload_waiting_since_ms == 0 {
+            pending.upload_waiting_since_ms = now_ms.max(1);
+        }
+        let waited = now_ms.saturating_sub(pending.upload_waiting_since_ms);
+        let verdict = match (refused || waited >= TREE_UPLOAD_WAIT_MS, pending.unsent) {
+            (false, _) => UploadFailed::Wait,
+            (true, true) => UploadFailed::GiveUp,
+            (true, false) => UploadFailed::SendAnyway,
+        };
+        pending.tree_lost |= verdict == UploadFailed::SendAnyway;
+        if verdict == UploadFailed::GiveUp {
+            self.commit_refused(group)?;
+        } else if self.groups.get(group) != Some(&record) {
+            let mut batch = Batch::new();
+            self.put_group(group, record, &mut batch);
+            self.commit(batch, true)?;
+        }
+        Ok(verdict)
     }
 
     /// Stages the deletion of `group`'s tree ciphertext in `batch` (its commit
@@ -415,6 +487,9 @@ impl State {
                 tracing::debug!(%reason, "dropped a held welcome");
                 (vec![Event::Dropped { reason }], true)
             }
+            // A copy of a welcome joined already (a relay replaying it under
+            // another id): seen, so it is not held and downloaded again.
+            Outcome::Duplicate => (Vec::new(), true),
             _ => (Vec::new(), false),
         };
         // After the join's own write: a crash between the two finds the welcome
@@ -502,11 +577,12 @@ pub(crate) fn prune(
 pub(super) enum Upload {
     /// The relay has the tree (or there is none): the commit may leave.
     Done,
-    /// Not now (the relay is busy or unreachable): tried again next round.
+    /// Not now (the relay is busy): tried again next round.
     Wait(Round),
-    /// The relay will never take it (too large, over quota): the commit cannot
-    /// leave as planned. The reason.
-    Refused(String),
+    /// The relay will never take it (too large, over quota), or it waited past
+    /// [`TREE_UPLOAD_WAIT_MS`], and the commit was never sent: given up (the
+    /// reason).
+    GaveUp(String),
 }
 
 /// Before `group`'s pending commit leaves: the relay gets its welcome's tree.
@@ -521,19 +597,28 @@ pub(super) async fn upload_tree(
     };
     let size = sealed.len() as u64;
     let mut source = std::io::Cursor::new(sealed);
-    match conn.upload_blob(&blob_id, size, &mut source).await {
-        Ok(_) => Ok(Upload::Done),
-        Err(e) => match e.relay_code() {
-            Some(ErrorCode::TooLarge | ErrorCode::QuotaExceeded) => Ok(Upload::Refused(format!(
-                "the relay refused the welcome's ratchet tree: {e}"
-            ))),
-            Some(_) => {
-                tracing::debug!(error = %e, "a welcome's ratchet tree was not uploaded");
-                Ok(Upload::Wait(Round::Wait))
-            }
-            None => Err(e),
-        },
-    }
+    let e = match conn.upload_blob(&blob_id, size, &mut source).await {
+        Ok(_) => return Ok(Upload::Done),
+        Err(e) => e,
+    };
+    let refused = match e.relay_code() {
+        Some(ErrorCode::TooLarge | ErrorCode::QuotaExceeded) => true,
+        Some(_) => false,
+        None => return Err(e),
+    };
+    tracing::debug!(error = %e, "a welcome's ratchet tree was not uploaded");
+    let verdict = shared
+        .state
+        .lock()
+        .await
+        .tree_upload_failed(group, refused, shared.now_ms())?;
+    Ok(match verdict {
+        UploadFailed::Wait => Upload::Wait(Round::Wait),
+        UploadFailed::SendAnyway => Upload::Done,
+        UploadFailed::GiveUp => {
+            Upload::GaveUp(format!("the relay refused the welcome's ratchet tree: {e}"))
+        }
+    })
 }
 
 /// A sink that takes at most `cap` bytes: a relay cannot make a device hold more
@@ -624,11 +709,11 @@ pub(super) async fn fetch_trees(shared: &Shared, anon: &AnonymousLink) -> Result
     }
     let mut round = if later { Round::Wait } else { Round::Idle };
     for (seq, pointer) in due {
-        let fetched = tokio::time::timeout(
-            download_timeout(pointer.sealed_size),
-            download(anon, &pointer),
-        )
-        .await;
+        let bound = match shared.group_settings.tree_download_timeout_ms {
+            Some(ms) => std::time::Duration::from_millis(ms),
+            None => download_timeout(pointer.sealed_size),
+        };
+        let fetched = tokio::time::timeout(bound, download(anon, &pointer)).await;
         let mut state = shared.state.lock().await;
         let now = shared.now_ms();
         let failed = |e: &Error| match e.relay_code() {

@@ -70,6 +70,9 @@ pub(crate) struct GroupSettings {
     /// How long a `STALE_EPOCH` wait may stay unmet after the mailbox was read to
     /// its end before this device asks to be re-added.
     pub(crate) rejoin_after_ms: u64,
+    /// How long one download of a welcome's ratchet tree may take (None: a
+    /// minute and a second per 64 KiB).
+    pub(crate) tree_download_timeout_ms: Option<u64>,
 }
 
 /// The default of [`ClientOptions::group_update_interval`](super::ClientOptions::group_update_interval): 7 days.
@@ -87,6 +90,7 @@ impl Default for GroupSettings {
             token_wait_ms: GROUP_TOKEN_WAIT.as_millis() as u64,
             welcome_inline_max: super::group_tree::WELCOME_INLINE_MAX,
             rejoin_after_ms: GROUP_REJOIN_AFTER.as_millis() as u64,
+            tree_download_timeout_ms: None,
         }
     }
 }
@@ -309,6 +313,7 @@ impl State {
             record.ops.push(GroupOpRecord {
                 kind: OP_ADD,
                 accounts: add.iter().map(|a| a.as_bytes().to_vec()).collect(),
+                user: true,
                 ..GroupOpRecord::default()
             });
         }
@@ -347,6 +352,7 @@ impl State {
         let op = GroupOpRecord {
             kind: OP_ADD,
             accounts: add.iter().map(|a| a.as_bytes().to_vec()).collect(),
+            user: true,
             ..GroupOpRecord::default()
         };
         self.queue_group_op(group, op)
@@ -361,6 +367,7 @@ impl State {
         let op = GroupOpRecord {
             kind: OP_REMOVE,
             accounts: vec![member.as_bytes().to_vec()],
+            user: true,
             ..GroupOpRecord::default()
         };
         self.queue_group_op(group, op)
@@ -373,6 +380,7 @@ impl State {
         self.queue_everywhere(GroupOpRecord {
             kind: OP_ADD,
             accounts: vec![own],
+            user: true,
             ..GroupOpRecord::default()
         })
     }
@@ -384,6 +392,7 @@ impl State {
                 kind: super::group_records::OP_REMOVE_DEVICE,
                 accounts: vec![self.keys.address.account.as_bytes().to_vec()],
                 device: d.get(),
+                user: true,
                 ..GroupOpRecord::default()
             })?;
         }

@@ -161,6 +161,15 @@ impl ClientOptions {
         self.groups.rejoin_after_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         self
     }
+
+    /// How long one download of a welcome's ratchet tree (an attachment, for
+    /// large groups) may take before it is given up for now and tried again
+    /// later; default a minute and a second per 64 KiB of tree.
+    pub fn group_tree_download_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.groups.tree_download_timeout_ms =
+            Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
 }
 
 pub(crate) struct Shared {

@@ -207,19 +207,30 @@ pub enum WelcomeTree {
 }
 
 /// A welcome body (`0x03 ‖ GroupWelcome` without its first byte) taken apart: the
-/// MLS welcome and where its tree is. A body with both or neither is malformed,
-/// and so is a pointer that carries a key (the key belongs in the GroupInfo).
+/// MLS welcome and where its tree is. A body with both or neither is malformed;
+/// a pointer with anything but its blob id and size (a key, which belongs in
+/// the GroupInfo; an exact size, a digest, a name) is [`GroupError::BadTreePointer`].
 pub fn parse_welcome(body: &[u8]) -> Result<(Vec<u8>, WelcomeTree), GroupError> {
     let w = <tern_proto::e2e::GroupWelcome as prost::Message>::decode(body)
         .map_err(|_| GroupError::Malformed)?;
     let tree = match (w.ratchet_tree.is_empty(), w.ratchet_tree_pointer) {
         (false, None) => WelcomeTree::Inline(w.ratchet_tree.to_vec()),
-        (true, Some(p)) if p.key.is_empty() => WelcomeTree::Pointer(TreePointer {
-            blob_id: p.blob_id[..]
-                .try_into()
-                .map_err(|_| GroupError::Malformed)?,
-            sealed_size: p.sealed_size,
-        }),
+        (true, Some(p)) => {
+            let bare = p.key.is_empty()
+                && p.size == 0
+                && p.content_type.is_empty()
+                && p.file_name.is_empty()
+                && p.digest.is_empty();
+            if !bare {
+                return Err(GroupError::BadTreePointer);
+            }
+            WelcomeTree::Pointer(TreePointer {
+                blob_id: p.blob_id[..]
+                    .try_into()
+                    .map_err(|_| GroupError::BadTreePointer)?,
+                sealed_size: p.sealed_size,
+            })
+        }
         _ => return Err(GroupError::Malformed),
     };
     Ok((w.welcome.to_vec(), tree))
@@ -262,6 +273,9 @@ pub struct CommitApplied {
     pub added: Vec<Member>,
     /// Leaves removed.
     pub removed: Vec<Member>,
+    /// Every leaf new in this epoch, a re-added device's fresh leaf included
+    /// (which `added` and `removed` leave out).
+    pub new_leaves: Vec<Member>,
     /// The new metadata, when it changed.
     pub meta: Option<GroupMeta>,
     /// Whether this device was removed: the caller deletes the group
@@ -352,6 +366,10 @@ pub enum GroupError {
     /// [`GroupDevice::join`] with it.
     #[error("the welcome's ratchet tree is an attachment")]
     TreeNotInline,
+    /// A welcome's tree pointer with fields other than its blob id (32 bytes)
+    /// and sealed size.
+    #[error("a ratchet tree pointer with fields other than its blob id and size")]
+    BadTreePointer,
     /// A welcome whose GroupInfo carries no ratchet tree key.
     #[error("a welcome without its ratchet tree's key")]
     NoTreeKey,

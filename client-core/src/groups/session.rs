@@ -2,6 +2,7 @@
 //! processing group envelopes.
 
 use mls_rs::extension::ExtensionType;
+use mls_rs::group::proposal::Proposal;
 use mls_rs::group::{CommitEffect, ExportedTree, ReceivedMessage};
 use mls_rs::{Client, ExtensionList, Group, MlsMessage, WireFormat};
 use sha2::{Digest, Sha256};
@@ -13,11 +14,12 @@ use super::storage::{StagedMlsStore, KEPT_EPOCHS};
 use super::tree::{new_tree_key, seal_tree, TREE_KEY_EXTENSION};
 use super::wrap::{WrapKey, KEY_LABEL, TAG_LABEL, TAG_LEN};
 use super::{
-    Changes, CommitApplied, GroupDevice, GroupError, Member, PlannedCommit, Processed, Staged,
-    Welcome, EPOCH_TOKEN_LABEL, HANDLE_LEN,
+    Changes, CommitApplied, DeviceCredential, GroupDevice, GroupError, Member, PlannedCommit,
+    Processed, Staged, Welcome, EPOCH_TOKEN_LABEL, HANDLE_LEN,
 };
 use crate::store::records::{MlsTagRecord, MlsWrapKey};
 use crate::store::{Namespace, Op};
+use tern_proto::{AccountId, DeviceId};
 
 /// One group this device is a member of. Every call that changes the group
 /// returns its writes ([`Staged`]); on an error it reloads the group from the
@@ -319,9 +321,10 @@ impl GroupSession {
             let before = s.members();
             let meta_before = s.meta()?;
             let me = s.me()?;
-            s.group.apply_pending_commit()?;
+            let d = s.group.apply_pending_commit()?;
             s.persist(true)?;
-            Ok(s.applied(me, &before, meta_before, false))
+            let adds = added_devices(&d.effect);
+            Ok(s.applied(me, &before, meta_before, &adds))
         })
     }
 
@@ -409,16 +412,18 @@ impl GroupSession {
                         epoch,
                         added: Vec::new(),
                         removed: Vec::new(),
+                        new_leaves: Vec::new(),
                         meta: None,
                         removed_self: true,
                     })));
                 }
                 self.persist(true)?;
+                let adds = added_devices(&d.effect);
                 Ok(Processed::Commit(Box::new(self.applied(
                     committer,
                     &before,
                     meta_before,
-                    false,
+                    &adds,
                 ))))
             }
             _ => Err(GroupError::Rejected(
@@ -432,7 +437,7 @@ impl GroupSession {
         committer: Member,
         before: &[Member],
         meta_before: GroupMeta,
-        removed_self: bool,
+        adds: &[(AccountId, DeviceId)],
     ) -> CommitApplied {
         let after = self.members();
         let key = |m: &Member| (m.index, m.device_key);
@@ -456,6 +461,13 @@ impl GroupSession {
                 && a.device_key == b.device_key
                 && a.identity_key == b.identity_key
         };
+        // By the commit's adds: a device re-added may get its old index back
+        // under the same device key, which the roster alone does not show.
+        let new_leaves = after
+            .iter()
+            .filter(|m| adds.contains(&(m.account, m.device)))
+            .cloned()
+            .collect();
         let (added, removed): (Vec<Member>, Vec<Member>) = (
             added
                 .into_iter()
@@ -473,8 +485,9 @@ impl GroupSession {
             epoch: self.epoch(),
             added,
             removed,
+            new_leaves,
             meta,
-            removed_self,
+            removed_self: false,
         }
     }
 
@@ -517,6 +530,26 @@ impl GroupSession {
         self.store.put_state_record(&id, &record);
         Ok(())
     }
+}
+
+/// The devices a commit's Add proposals bring (their credentials; none that
+/// does not parse, which MLS validation refused already).
+fn added_devices(effect: &CommitEffect) -> Vec<(AccountId, DeviceId)> {
+    let new_epoch = match effect {
+        CommitEffect::NewEpoch(n) => n,
+        CommitEffect::Removed { new_epoch, .. } => new_epoch,
+        CommitEffect::ReInit(_) => return Vec::new(),
+    };
+    new_epoch
+        .applied_proposals
+        .iter()
+        .filter_map(|p| match &p.proposal {
+            Proposal::Add(add) => DeviceCredential::of(add.signing_identity())
+                .ok()
+                .map(|c| (c.account, c.device)),
+            _ => None,
+        })
+        .collect()
 }
 
 fn token_of(group: &Group<MlsConfig>, handle: &[u8; HANDLE_LEN]) -> Result<[u8; 32], GroupError> {

@@ -955,12 +955,51 @@ fn a_welcome_body_has_its_tree_inline_or_a_pointer_to_it() {
         }),
         ..Default::default()
     };
-    for w in [both, neither, keyed] {
+    for w in [both, neither] {
         assert!(matches!(
             parse_welcome(&prost::Message::encode_to_vec(&w)),
             Err(GroupError::Malformed)
         ));
     }
+    // Any field but the blob id and sealed size: a typed refusal.
+    let bare = tern_proto::e2e::AttachmentPointer {
+        blob_id: vec![1; 32].into(),
+        sealed_size: 4096,
+        ..Default::default()
+    };
+    let with = |f: &dyn Fn(&mut tern_proto::e2e::AttachmentPointer)| {
+        let mut p = bare.clone();
+        f(&mut p);
+        tern_proto::e2e::GroupWelcome {
+            welcome: welcome.welcome.clone().into(),
+            ratchet_tree_pointer: Some(p),
+            ..Default::default()
+        }
+    };
+    let extras = [
+        keyed,
+        with(&|p| p.size = 3000),
+        with(&|p| p.content_type = "tree".into()),
+        with(&|p| p.file_name = "tree".into()),
+        with(&|p| p.digest = vec![3; 32].into()),
+        with(&|p| p.blob_id = vec![1; 31].into()),
+    ];
+    for w in extras {
+        assert!(matches!(
+            parse_welcome(&prost::Message::encode_to_vec(&w)),
+            Err(GroupError::BadTreePointer)
+        ));
+    }
+    assert!(matches!(
+        parse_welcome(&prost::Message::encode_to_vec(&with(&|_| {}))),
+        Ok((
+            _,
+            WelcomeTree::Pointer(TreePointer {
+                sealed_size: 4096,
+                ..
+            })
+        ))
+    ));
     assert!(matches!(
         parse_welcome(&[0xff, 0xff]),
         Err(GroupError::Malformed)
@@ -992,7 +1031,17 @@ fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
     assert_eq!(plan.removed.len(), 1);
     assert_eq!(plan.added.len(), 1);
     assert_eq!(plan.added[0].device.get(), 2);
-    devs[0].apply_pending();
+    // Neither came nor went, but its leaf is new (what a late rejoin request
+    // is judged against), for the committer and for the others alike.
+    let new_leaf = |c: &CommitApplied| {
+        c.new_leaves
+            .iter()
+            .map(|m| (m.account, m.device.get()))
+            .collect::<Vec<_>>()
+    };
+    let applied = devs[0].apply_pending();
+    assert!(applied.added.is_empty() && applied.removed.is_empty());
+    assert_eq!(new_leaf(&applied), [(b.id, 2)]);
     let roster = |d: &mut Dev| {
         let mut r: Vec<(AccountId, u32)> = d
             .g()
@@ -1006,7 +1055,10 @@ fn a_device_left_behind_is_re_added_in_one_commit_and_joins_at_the_new_epoch() {
     let before = roster(&mut devs[1]);
     match devs[1].receive(&plan.commit) {
         // The same device back in the same leaf: no member came or went.
-        Processed::Commit(c) => assert!(!c.removed_self),
+        Processed::Commit(c) => {
+            assert!(!c.removed_self && c.added.is_empty() && c.removed.is_empty());
+            assert_eq!(new_leaf(&c), [(b.id, 2)]);
+        }
         Processed::Message { .. } => panic!("expected a commit"),
     }
     assert_eq!(roster(&mut devs[1]), before);

@@ -315,7 +315,7 @@ fn welcome_with(alice: &mut Dev, bob: &Dev, kp: Vec<u8>) -> (GroupId, MultiSend)
             GroupStep::Register { .. } => {
                 alice.state.group_registered(&group.0).expect("registered")
             }
-            GroupStep::Fetch(_) => break,
+            GroupStep::Fetch(..) => break,
             _ => panic!("unexpected step"),
         }
     }

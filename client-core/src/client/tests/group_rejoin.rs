@@ -9,8 +9,10 @@ use tern_proto::{e2e, Delivery, DeviceId};
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
 use crate::client::group_commit::GroupStep;
-use crate::client::group_meta::MetaEdit;
-use crate::client::group_records::{GroupOpRecord, OP_META, OP_READD_DEVICE};
+use crate::client::group_meta::{MetaEdit, META_DESCRIPTION};
+use crate::client::group_records::{
+    GroupOpRecord, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
+};
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
 use crate::client::Event;
@@ -77,7 +79,7 @@ fn leave_behind(alice: &mut Dev, bob: &mut Dev, group: &GroupId) {
     let _ = plan(alice, group, &mut []);
     alice.state.commit_accepted(&group.0).expect("accepted");
     bob.state
-        .edit_group_meta(group, MetaEdit::Name("late".into()))
+        .edit_group_meta(group, MetaEdit::Description("late".into()))
         .expect("queued");
     let _ = plan(bob, group, &mut []);
     let current = epoch(alice, group);
@@ -548,7 +550,7 @@ fn a_readd_of_another_epoch_is_dropped_before_any_fetch() {
     take(&mut alice, &d, NOW);
     assert!(matches!(
         alice.state.next_group_step(&group.0, NOW, DAY),
-        Ok(GroupStep::Fetch(_))
+        Ok(GroupStep::Fetch(..))
     ));
     let mut record = alice.state.groups[&group.0[..]].clone();
     record.ops[0].epoch = 1;
@@ -560,4 +562,178 @@ fn a_readd_of_another_epoch_is_dropped_before_any_fetch() {
     assert!(ops(&alice, &group).is_empty());
     alice.reload(NOW);
     assert!(ops(&alice, &group).is_empty());
+}
+
+#[test]
+fn a_request_older_than_the_devices_last_re_add_is_dropped_by_every_member() {
+    let (mut alice, mut bob, mut carol, group) = with_carol();
+    knows(&mut carol, &bob);
+    knows(&mut bob, &carol);
+    // Alice renames; Carol follows, Bob misses it (he stays at epoch 2).
+    alice
+        .state
+        .edit_group_meta(&group, MetaEdit::Name("missed".into()))
+        .expect("queued");
+    let rename = plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let c = &rename.sends[0];
+    events(carol.receive(&deliver(&c.body, c.message_id)));
+    assert_eq!(epoch(&mut bob, &group), 2);
+    // Bob asks both; Carol takes hers first and re-adds him.
+    let late_to_alice = request(&mut bob, &mut alice, &group.0, 2);
+    let to_carol = request(&mut bob, &mut carol, &group.0, 2);
+    take(&mut carol, &to_carol, NOW);
+    let readd = plan(&mut carol, &group, &mut [&mut bob]);
+    carol.state.commit_accepted(&group.0).expect("accepted");
+    assert_eq!(epoch(&mut carol, &group), 4);
+    let c = &readd.sends[0];
+    events(alice.receive(&deliver(&c.body, c.message_id)));
+    assert_eq!(epoch(&mut alice, &group), 4);
+    // Alice's copy arrives two days late: Bob's leaf is newer than it (kept
+    // across a restart); Carol drops a late second copy the same way.
+    alice.reload(NOW);
+    take(&mut alice, &late_to_alice, NOW + 2 * DAY);
+    assert!(readds(&alice, &group).is_empty(), "no second re-add");
+    let late_to_carol = request(&mut bob, &mut carol, &group.0, 2);
+    take(&mut carol, &late_to_carol, NOW + 2 * DAY);
+    assert!(readds(&carol, &group).is_empty());
+    // A request from the fresh leaf (behind again at epoch 4) is taken.
+    alice
+        .state
+        .edit_group_meta(&group, MetaEdit::Name("again".into()))
+        .expect("queued");
+    let _ = plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let d = request(&mut bob, &mut alice, &group.0, 4);
+    take(&mut alice, &d, NOW + 2 * DAY);
+    assert_eq!(readds(&alice, &group).len(), 1);
+}
+
+#[test]
+fn a_readd_fetches_the_key_packages_of_that_device_only() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    match alice.state.next_group_step(&group.0, NOW, DAY) {
+        Ok(GroupStep::Fetch(accounts, device)) => {
+            assert_eq!(accounts, [bob.account()]);
+            assert_eq!(device, Some(DeviceId::new(1).expect("id")));
+        }
+        _ => panic!("not a fetch"),
+    }
+    // An add fetches every device of the account.
+    let carol = dev(3);
+    knows(&mut alice, &carol);
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops.clear();
+    alice.state.groups.insert(group.0.to_vec(), record);
+    alice
+        .state
+        .add_group_members(&group, &[carol.account()])
+        .expect("queued");
+    assert!(matches!(
+        alice.state.next_group_step(&group.0, NOW, DAY),
+        Ok(GroupStep::Fetch(_, None))
+    ));
+}
+
+#[test]
+fn a_device_that_caught_up_asks_at_the_first_pace_again() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    mark_behind(&mut bob, &group);
+    for day in [0, 1, 3] {
+        assert!(bob
+            .state
+            .queue_rejoins(NOW + day * DAY, false, DAY, &mut OsRng)
+            .expect("look"));
+    }
+    assert_eq!(bob.state.groups[&group.0[..]].rejoin_asks, 3);
+    // The awaited epoch came (as the inbox records it): no longer behind.
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    record.behind_since_ms = 0;
+    record.wait_epoch = 0;
+    let mut batch = Batch::new();
+    bob.state.put_group(&group.0, record, &mut batch);
+    bob.state.commit(batch, true).expect("caught up");
+    assert!(!bob
+        .state
+        .queue_rejoins(NOW + 4 * DAY, false, DAY, &mut OsRng)
+        .expect("look"));
+    bob.reload(NOW);
+    assert_eq!(bob.state.groups[&group.0[..]].rejoin_asks, 0);
+    // Behind again: asked a day after the last ask, not a week.
+    mark_behind(&mut bob, &group);
+    assert!(bob
+        .state
+        .queue_rejoins(NOW + 4 * DAY, false, DAY, &mut OsRng)
+        .expect("look"));
+}
+
+#[test]
+fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
+    let (mut alice, mut bob, group) = pair();
+    // While behind, Bob renames (Alice renamed since: "missed"), edits the
+    // description (nobody did since), and queued a removal on his own judgement.
+    leave_behind(&mut alice, &mut bob, &group);
+    bob.state
+        .edit_group_meta(&group, MetaEdit::Name("stale name".into()))
+        .expect("queued");
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    let alice_id = alice.account().as_bytes().to_vec();
+    record.ops.push(GroupOpRecord {
+        kind: OP_REMOVE_DEVICE,
+        accounts: vec![alice_id.clone()],
+        device: 1,
+        ..GroupOpRecord::default()
+    });
+    record.ops.push(GroupOpRecord {
+        kind: OP_REMOVE,
+        accounts: vec![alice_id],
+        ..GroupOpRecord::default()
+    });
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = &commit.sends[1];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    bob.reload(NOW);
+    let kept = ops(&bob, &group);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(kept[0].kind, OP_META);
+    assert_eq!(kept[0].meta_fields, META_DESCRIPTION);
+    // Committed, it keeps Alice's newer name and sets Bob's description.
+    let _ = plan(&mut bob, &group, &mut []);
+    bob.state.commit_accepted(&group.0).expect("accepted");
+    let meta = bob.state.session_mut(&group.0).expect("session").meta();
+    let meta = meta.expect("meta");
+    assert_eq!(
+        (meta.name.as_str(), meta.description.as_str()),
+        ("missed", "late")
+    );
+}
+
+#[test]
+fn each_member_knows_when_a_leaf_came_and_forgets_it_once_it_goes() {
+    let (mut alice, mut bob, carol, group) = with_carol();
+    let came = |dev: &Dev| dev.state.groups[&group.0[..]].leaf_epoch(&carol.account(), 1);
+    // Carol came at epoch 2: for Alice by her own commit, for Bob by receiving it.
+    assert_eq!((came(&alice), came(&bob)), (Some(2), Some(2)));
+    assert_eq!(
+        alice.state.groups[&group.0[..]].leaf_epoch(&bob.account(), 1),
+        Some(1)
+    );
+    alice
+        .state
+        .remove_group_member(&group, &carol.account())
+        .expect("queued");
+    let removal = plan(&mut alice, &group, &mut []);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let c = &removal.sends[0];
+    events(bob.receive(&deliver(&c.body, c.message_id)));
+    alice.reload(NOW);
+    assert_eq!((came(&alice), came(&bob)), (None, None));
 }

@@ -9,9 +9,11 @@ use tern_proto::{e2e, GroupCommit, MessageId};
 use super::groups::{deliver, events, knows, last_envelope, plan, text};
 use super::{dev, dropped, Dev, NOW};
 use crate::client::group_commit::GroupStep;
+use crate::client::group_records::OP_REMOVE_DEVICE;
 use crate::client::group_tree::{
-    prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, HELD_WELCOMES_MAX,
+    prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, UploadFailed, HELD_WELCOMES_MAX,
     HELD_WELCOMES_MAX_BYTES, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX, TREE_RETRY_MAX_MS,
+    TREE_UPLOAD_WAIT_MS,
 };
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
@@ -363,4 +365,122 @@ fn a_forgotten_group_takes_its_tree_ciphertext_with_it() {
         .expect("staged");
     alice.state.commit(batch, true).expect("forgotten");
     assert_eq!(tree_records(&alice), 0);
+}
+
+#[test]
+fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
+    // Never handed to the relay: the commit and its op go, the tree with them.
+    let (mut alice, _bob, group, _) = planned();
+    let failed = alice.state.tree_upload_failed(&group.0, true, NOW);
+    assert_eq!(failed.expect("judged"), UploadFailed::GiveUp);
+    alice.reload(NOW);
+    let record = &alice.state.groups[&group.0[..]];
+    assert!(record.pending.is_none() && record.ops.is_empty());
+    assert_eq!(tree_records(&alice), 0);
+    let session = alice.state.session_mut(&group.0).expect("session");
+    assert!(!session.has_pending());
+
+    // Sent once (its answer lost): the relay may hold it, so it goes again,
+    // the same commit, across a restart.
+    let (mut alice, bob, group, commit) = planned();
+    alice.state.commit_sending(&group.0).expect("marked");
+    alice.reload(NOW);
+    alice.state.welcome_inline_max = 0;
+    let failed = alice.state.tree_upload_failed(&group.0, true, NOW);
+    assert_eq!(failed.expect("judged"), UploadFailed::SendAnyway);
+    let GroupStep::Send(again) = alice.state.group_step(&group.0).expect("step") else {
+        panic!("the pending commit is kept")
+    };
+    assert_eq!(again.commit_id, commit.commit_id);
+    // Answered, the device it added (which can never get the tree) is removed next.
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let ops = &alice.state.groups[&group.0[..]].ops;
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    assert_eq!(
+        (ops[0].kind, ops[0].accounts[0].clone(), ops[0].device),
+        (OP_REMOVE_DEVICE, bob.account().as_bytes().to_vec(), 1)
+    );
+}
+
+#[test]
+fn a_tree_upload_refused_for_now_holds_its_commit_a_day_at_most() {
+    for sent in [false, true] {
+        let (mut alice, _bob, group, _) = planned();
+        if sent {
+            alice.state.commit_sending(&group.0).expect("marked");
+        }
+        let failed = |a: &mut Dev, now| {
+            a.state
+                .tree_upload_failed(&group.0, false, now)
+                .expect("judged")
+        };
+        assert_eq!(failed(&mut alice, NOW), UploadFailed::Wait);
+        // The first wait is kept across a restart.
+        alice.reload(NOW);
+        alice.state.welcome_inline_max = 0;
+        let last = NOW + TREE_UPLOAD_WAIT_MS - 1;
+        assert_eq!(failed(&mut alice, last), UploadFailed::Wait);
+        let bound = NOW + TREE_UPLOAD_WAIT_MS;
+        let expected = if sent {
+            UploadFailed::SendAnyway
+        } else {
+            UploadFailed::GiveUp
+        };
+        assert_eq!(failed(&mut alice, bound), expected);
+        assert_eq!(
+            alice.state.groups[&group.0[..]].pending.is_some(),
+            sent,
+            "sent: {sent}"
+        );
+    }
+}
+
+#[test]
+fn a_replayed_pointer_welcome_of_a_group_joined_is_seen_and_not_fetched_again() {
+    // Made with Bob's last-resort package, which stays: a copy still opens.
+    let (mut alice, mut bob) = (dev(1), dev(2));
+    knows(&mut alice, &bob);
+    knows(&mut bob, &alice);
+    alice.state.welcome_inline_max = 0;
+    let group = alice
+        .state
+        .create_group("big", &[bob.account()], NOW, &mut OsRng)
+        .expect("create");
+    let (_, last_resort) = bob
+        .state
+        .key_package_upload(0, NOW)
+        .expect("generate")
+        .expect("a credential");
+    let commit = alice
+        .state
+        .plan_commit(&group.0, vec![last_resort], NOW, &mut OsRng)
+        .expect("plan")
+        .expect("a commit");
+    let (_, sealed) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("an upload");
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = &commit.sends[0];
+    // The relay delivers the welcome again under another message id.
+    let replay = MessageId([0x5a; 16]);
+    assert!(events(bob.receive(&deliver(&w.body, w.message_id))).is_empty());
+    assert!(events(bob.receive(&deliver(&w.body, replay))).is_empty());
+    let due = due(&mut bob, NOW);
+    assert_eq!(due.len(), 2);
+    let e = bob
+        .state
+        .tree_fetched(due[0].0, &sealed, NOW)
+        .expect("joined");
+    assert!(matches!(e.as_slice(), [Event::GroupJoined { .. }]), "{e:?}");
+    // The copy joins nothing; its id is seen, so it is never fetched again.
+    let e = bob.state.tree_fetched(due[1].0, &sealed, NOW).expect("dup");
+    assert!(e.is_empty(), "{e:?}");
+    assert!(!bob.state.has_held_welcomes().expect("held"));
+    bob.reload(NOW);
+    assert!(matches!(
+        bob.receive(&deliver(&w.body, replay)),
+        Outcome::Duplicate
+    ));
 }

@@ -57,7 +57,7 @@ pub(super) fn plan(dev: &mut Dev, group: &GroupId, adds: &mut [&mut Dev]) -> Gro
     loop {
         match dev.state.group_step(&group.0).expect("step") {
             GroupStep::Register { .. } => dev.state.group_registered(&group.0).expect("registered"),
-            GroupStep::Fetch(_) | GroupStep::Plan => {
+            GroupStep::Fetch(..) | GroupStep::Plan => {
                 let packages = adds.iter_mut().map(|d| key_package(d)).collect();
                 return dev
                     .state
