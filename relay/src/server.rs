@@ -390,9 +390,13 @@ impl Relay {
             crate::config::AdminListen::Off => None,
             _ => crate::metrics::install(),
         };
-        let identity = tls::load_or_create(&config.tls, &config.data_dir)?;
-        let fingerprint = identity.fingerprint();
-        let mut server_config = tls::server_config(identity)?;
+        let certificates = Arc::new(crate::net::rotation::Certificates::open(
+            &config.tls,
+            &config.data_dir,
+            clock.clone(),
+        )?);
+        let fingerprint = certificates.current();
+        let mut server_config = tls::server_config(certificates.clone())?;
         let c = &config.connections;
         server_config.transport_config(Arc::new(net::transport_config(
             c.unauthenticated_receive_window,
@@ -517,6 +521,7 @@ impl Relay {
             removal: removal.clone(),
             discovery: discovery.clone(),
             verification: verification.clone(),
+            next_certificate: certificates.announced(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut cluster = None;
@@ -583,7 +588,11 @@ impl Relay {
             config.verification.sweep_interval,
             shutdown.subscribe(),
         ));
-        let mut tasks = vec![accept, sweeper, disk, publisher, verifications];
+        let switcher = tokio::spawn(crate::net::rotation::switch_loop(
+            certificates.clone(),
+            shutdown.subscribe(),
+        ));
+        let mut tasks = vec![accept, sweeper, disk, publisher, verifications, switcher];
         let admin = match config.admin.listen.resolve(local_addr) {
             None => None,
             Some(at) => {
@@ -596,6 +605,7 @@ impl Relay {
                     metrics,
                     running: std::sync::Mutex::new(config.clone()),
                     source: std::sync::Mutex::new(None),
+                    certificates: certificates.clone(),
                 });
                 let auto = matches!(config.admin.listen, crate::config::AdminListen::Auto);
                 let (bound, serving) =

@@ -103,8 +103,24 @@ impl Online {
         path: &str,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, ClientError> {
+        self.call_with(method, path, timeout, None).await
+    }
+
+    /// [`Online::call`] with a JSON body.
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Option<Duration>,
+        body: Option<Vec<u8>>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut request = self.client.request(method, &url);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
         if let Some(t) = &self.token {
             request = request.bearer_auth(t);
         }
@@ -235,6 +251,25 @@ impl Online {
         }
         out.flush()?;
         Ok(written)
+    }
+
+    // rotate-cert (engineer cert): one block, kept last.
+    /// `rotate-cert`: what the relay staged.
+    pub async fn rotate_cert(
+        &self,
+        request: &super::rotate::RotateRequest,
+    ) -> Result<super::rotate::Rotated, ClientError> {
+        let path = "/admin/rotate-cert";
+        let transport = |e: &dyn std::fmt::Display| ClientError::Transport {
+            url: format!("{}{path}", self.base),
+            error: e.to_string(),
+        };
+        let body = serde_json::to_vec(request).map_err(|e| transport(&e))?;
+        let response = self
+            .call_with(reqwest::Method::POST, path, Some(ANSWER_WITHIN), Some(body))
+            .await?;
+        let answer = response.bytes().await.map_err(|e| transport(&e))?;
+        serde_json::from_slice(&answer).map_err(|e| transport(&e))
     }
 }
 
