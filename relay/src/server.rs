@@ -451,6 +451,9 @@ impl Relay {
             None => discovery,
         };
         if let Some(pg) = &shared {
+            if certificates.switched_at_open() {
+                pg.set_cluster_fact(TLS_FACT, &fingerprint.0)?;
+            }
             check_cluster(
                 pg,
                 &fingerprint,
@@ -588,8 +591,16 @@ impl Relay {
             config.verification.sweep_interval,
             shutdown.subscribe(),
         ));
+        // Several nodes switch at one time: each records the new certificate's
+        // fingerprint, so a node restarted after the switch is checked against it.
+        let on_switch = shared.clone().map(|pg| {
+            Box::new(move |f: tern_proto::Fingerprint| {
+                pg.set_cluster_fact(TLS_FACT, &f.0).map_err(Error::Store)
+            }) as crate::net::rotation::OnSwitch
+        });
         let switcher = tokio::spawn(crate::net::rotation::switch_loop(
             certificates.clone(),
+            on_switch,
             shutdown.subscribe(),
         ));
         let mut tasks = vec![accept, sweeper, disk, publisher, verifications, switcher];
@@ -749,6 +760,9 @@ async fn start_admin(
     Ok((bound, serving))
 }
 
+/// The shared database's name for the TLS certificate's fingerprint.
+const TLS_FACT: &str = "tls-certificate-sha256";
+
 /// Records this node's certificate, sender-certificate key and OPRF key in the shared
 /// database on the first start, and refuses to start a node whose files differ from
 /// its peers' (ARCHITECTURE.md "Beyond one machine"). Only fingerprints go in: the
@@ -766,7 +780,7 @@ fn check_cluster(
     let file = |name: &str| data_dir.join(name).display().to_string();
     let facts = [
         Fact {
-            name: "tls-certificate-sha256",
+            name: TLS_FACT,
             value: fingerprint.0.to_vec(),
             file: format!(
                 "the TLS certificate ({}, or [tls] cert)",

@@ -45,7 +45,7 @@ fn fingerprint_after(stdout: &str, label: &str) -> Fingerprint {
     let hex = stdout
         .lines()
         .find_map(|l| l.strip_prefix(label))
-        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|rest| rest.split_whitespace().last())
         .unwrap_or_else(|| panic!("no {label:?} line in {stdout}"));
     let bytes: Vec<u8> = (0..hex.len())
         .step_by(2)

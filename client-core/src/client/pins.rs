@@ -69,7 +69,7 @@ impl super::Client {
     /// The relay certificate this client pins, and the next one the relay
     /// announced (during a rotation; `None` otherwise). A client that was offline
     /// for the whole overlap fails to connect with
-    /// [`Error::FingerprintMismatch`](crate::Error::FingerprintMismatch) after the
+    /// [`Error::FingerprintMismatch`] after the
     /// switch: the app re-pins it by a relay address obtained out of band.
     pub fn relay_certificate(&self) -> (Fingerprint, Option<NextCertificate>) {
         (self.shared.pins.current(), self.shared.pins.next())

@@ -104,6 +104,8 @@ pub(crate) struct Certificates {
     files: Mutex<()>,
     announced: watch::Sender<Option<NextCertificate>>,
     clock: Arc<dyn Clock>,
+    /// Whether the start made the staged certificate current.
+    switched_at_open: bool,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -224,7 +226,8 @@ impl Certificates {
         let operator = config.cert.is_some() && config.key.is_some();
         let now = clock.now();
         let record = read_record(data_dir)?;
-        if record.as_ref().is_some_and(|r| now >= r.switch_at_ms) {
+        let switched_at_open = record.as_ref().is_some_and(|r| now >= r.switch_at_ms);
+        if switched_at_open {
             switch_files(data_dir, operator)?;
         }
         let current = match (&config.cert, &config.key) {
@@ -247,6 +250,7 @@ impl Certificates {
             files: Mutex::new(()),
             announced: watch::channel(announced).0,
             clock,
+            switched_at_open,
         })
     }
 
@@ -267,6 +271,11 @@ impl Certificates {
     /// The fingerprint of the certificate served now.
     pub(crate) fn current(&self) -> Fingerprint {
         lock(&self.state).serving(self.clock.now()).fingerprint
+    }
+
+    /// Whether this start made a staged certificate current.
+    pub(crate) fn switched_at_open(&self) -> bool {
+        self.switched_at_open
     }
 
     /// The staged certificate, while there is one (what clients are told).
@@ -398,18 +407,34 @@ fn parse(cert: &[u8], key: &[u8]) -> Result<tls::Identity> {
 /// handshakes switch exactly on time; this moves the files and the announcement).
 const SWITCH_CHECK: Duration = Duration::from_secs(1);
 
+/// Called with the new fingerprint after a switch (a node of several records it in
+/// the shared database).
+pub(crate) type OnSwitch = Box<dyn Fn(Fingerprint) -> Result<()> + Send + Sync>;
+
 /// Switches the staged certificate in when due, until `shutdown`.
-pub(crate) async fn switch_loop(certs: Arc<Certificates>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn switch_loop(
+    certs: Arc<Certificates>,
+    on_switch: Option<OnSwitch>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let on_switch = on_switch.map(Arc::new);
     let mut tick = tokio::time::interval(SWITCH_CHECK);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => {}
         }
-        let c = certs.clone();
-        match tokio::task::spawn_blocking(move || c.switch_if_due()).await {
-            Ok(Err(e)) => warn!(error = %e, "switching to the staged certificate failed; retrying"),
-            Ok(Ok(_)) | Err(_) => {}
+        let (c, then) = (certs.clone(), on_switch.clone());
+        let switched = tokio::task::spawn_blocking(move || {
+            if c.switch_if_due()? {
+                if let Some(then) = then {
+                    then(c.current())?;
+                }
+            }
+            Ok::<_, Error>(())
+        });
+        if let Ok(Err(e)) = switched.await {
+            warn!(error = %e, "switching to the staged certificate failed; retrying");
         }
     }
 }
