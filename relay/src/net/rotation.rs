@@ -147,6 +147,13 @@ fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn remove_if_there(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Renames `from` over `to` if `from` is still there.
 fn rename_if_there(from: &Path, to: &Path) -> Result<()> {
     match fs::rename(from, to) {
@@ -183,10 +190,7 @@ fn switch_files(data_dir: &Path, operator: bool) -> Result<()> {
     rename_if_there(&data_dir.join(NEXT_KEY_FILE), &data_dir.join(key))?;
     rename_if_there(&data_dir.join(NEXT_CERT_FILE), &data_dir.join(cert))?;
     sync_dir(data_dir)?;
-    match fs::remove_file(data_dir.join(ROTATION_FILE)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-        _ => {}
-    }
+    remove_if_there(&data_dir.join(ROTATION_FILE))?;
     sync_dir(data_dir)
 }
 
@@ -323,31 +327,28 @@ impl Certificates {
             ));
         }
         let dir = &self.data_dir;
-        // The record goes first (removed), the files next, the new record last.
-        match fs::remove_file(dir.join(ROTATION_FILE)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-        for name in [
-            NEXT_KEY_FILE,
-            NEXT_CERT_FILE,
-            "relay-cert-rotation.json.tmp",
-        ] {
-            match fs::remove_file(dir.join(name)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        }
-        write_private(&dir.join(NEXT_KEY_FILE), &key_pem)?;
-        write_private(&dir.join(NEXT_CERT_FILE), &cert_pem)?;
+        // Written aside first, so a failure leaves what was staged before as it
+        // was; then the old record goes, the files move in, the new record last.
         let record = Record {
             fingerprint: hex(&staged.fingerprint),
             switch_at_ms,
         };
-        let tmp = dir.join("relay-cert-rotation.json.tmp");
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Tls(e.to_string()))?;
-        write_private(&tmp, &json)?;
-        fs::rename(&tmp, dir.join(ROTATION_FILE))?;
+        let moves = [
+            (NEXT_KEY_FILE, key_pem.as_slice()),
+            (NEXT_CERT_FILE, cert_pem.as_slice()),
+            (ROTATION_FILE, json.as_slice()),
+        ];
+        let aside = |name: &str| dir.join(format!("{name}.tmp"));
+        for (name, bytes) in moves {
+            remove_if_there(&aside(name))?;
+            write_private(&aside(name), bytes)?;
+        }
+        remove_if_there(&dir.join(ROTATION_FILE))?;
+        sync_dir(dir)?;
+        for (name, _) in moves {
+            fs::rename(aside(name), dir.join(name))?;
+        }
         sync_dir(dir)?;
         let next = NextCertificate {
             fingerprint: staged.fingerprint,
