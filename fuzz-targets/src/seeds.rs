@@ -526,7 +526,19 @@ fn server_messages() -> Vec<(&'static str, ServerMessage)> {
     };
     vec![
         ("register", ok(1, Reply::Register(address(1, 1)))),
-        ("auth", ok(2, Reply::Auth { queued: 3 })),
+        (
+            "auth",
+            ok(
+                2,
+                Reply::Auth {
+                    queued: 3,
+                    next_certificate: Some(tern_proto::NextCertificate {
+                        fingerprint: tern_proto::Fingerprint([6; 32]),
+                        switch_at_ms: 1_800_000_000_000,
+                    }),
+                },
+            ),
+        ),
         ("send", ok(3, Reply::Send { accepted: 2 })),
         ("ack", ok(4, Reply::Ack { deleted: 1 })),
         ("fetch-keys", ok(5, Reply::FetchKeys(vec![bundle]))),

@@ -103,7 +103,7 @@ pub use groups::{
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 pub use keys::{DeviceBundle, KeyUpload, SignedKey};
 pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};
-pub use reply::{Delivery, ErrorReply, Reply, ServerFrameError, ServerMessage};
+pub use reply::{Delivery, ErrorReply, NextCertificate, Reply, ServerFrameError, ServerMessage};
 pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind, SlotId};
 pub use verification::{Code, VerificationId, E164};
 

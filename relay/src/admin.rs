@@ -9,6 +9,7 @@ pub mod client;
 pub mod migrate;
 mod objects;
 mod reload;
+pub mod rotate;
 pub(crate) mod server;
 pub mod token;
 

@@ -85,6 +85,36 @@ enum AdminCommand {
     /// Re-read the configuration file's `[rate_limits]` rates and counts in the
     /// running relay; a file that changes any other key is refused, naming it.
     Reload(RemoteArgs),
+    // rotate-cert (engineer cert): one block, kept last.
+    /// Stage the relay's next TLS certificate: a new self-signed one (or the given
+    /// files) served from the end of the overlap on; until then authenticated
+    /// clients are told its fingerprint, so they pin both.
+    RotateCert(RotateCertArgs),
+}
+
+#[derive(Parser)]
+struct RotateCertArgs {
+    #[command(flatten)]
+    remote: RemoteArgs,
+    /// How long clients have to learn the next certificate before it is served
+    /// (e.g. "14days", "30s").
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "at")]
+    overlap: Option<Duration>,
+    /// Or when it is served, as an RFC 3339 time (e.g. "2027-01-01T00:00:00Z"):
+    /// give every node of one relay the same.
+    #[arg(long, value_parser = humantime::parse_rfc3339_weak)]
+    at: Option<std::time::SystemTime>,
+    /// The operator's new PEM certificate chain (with --key) instead of a new
+    /// self-signed certificate.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// The operator's new PEM private key (with --cert).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Stage in place of a certificate already staged (clients that learned that
+    /// one and do not connect before the switch must be re-pinned).
+    #[arg(long)]
+    replace: bool,
 }
 
 #[derive(Parser)]
@@ -221,6 +251,7 @@ pub fn main() -> ExitCode {
         Command::Admin(AdminCommand::Stats(args)) => stats(args),
         Command::Admin(AdminCommand::ListDevices(args)) => list_devices(args),
         Command::Admin(AdminCommand::Reload(args)) => reload(args),
+        Command::Admin(AdminCommand::RotateCert(args)) => rotate_cert(args),
         Command::Init(args) => init(args),
         Command::CheckConfig(args) => check_config(args),
     };
@@ -402,6 +433,43 @@ fn reload(args: RemoteArgs) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         println!("reloaded: {}", keys.join(", "));
     }
+    Ok(())
+}
+
+fn rotate_cert(args: RotateCertArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let absolute = |p: Option<PathBuf>| p.map(|p| std::path::absolute(&p).unwrap_or(p));
+    let switch_at_ms = match args.at {
+        Some(t) => Some(u64::try_from(
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| "--at is before 1970")?
+                .as_millis(),
+        )?),
+        None => None,
+    };
+    let request = crate::admin::rotate::RotateRequest {
+        overlap_secs: args.overlap.map(|d| d.as_secs().max(1)),
+        switch_at_ms,
+        // The relay reads them: absolute, as it may run elsewhere in the tree.
+        cert: absolute(args.cert),
+        key: absolute(args.key),
+        replace: args.replace,
+    };
+    let explicit = args.remote.admin_url.is_some();
+    let (config, o) = remote_target(args.remote)?;
+    let runtime = current_thread()?;
+    let rotated = match online(&runtime, o.as_ref(), explicit, async |o| {
+        o.rotate_cert(&request).await
+    })? {
+        Some(r) => r,
+        None => runtime.block_on(crate::admin::rotate::rotate_offline(&config, &request))?,
+    };
+    let when = std::time::UNIX_EPOCH + Duration::from_millis(rotated.switch_at_ms);
+    println!("current certificate sha256 {}", rotated.current);
+    println!("next certificate    sha256 {}", rotated.next);
+    println!(
+        "served from         {} (clients that connect before then learn it)",
+        humantime::format_rfc3339_seconds(when)
+    );
     Ok(())
 }
 

@@ -393,9 +393,13 @@ impl Relay {
             crate::config::AdminListen::Off => None,
             _ => crate::metrics::install(),
         };
-        let identity = tls::load_or_create(&config.tls, &config.data_dir)?;
-        let fingerprint = identity.fingerprint();
-        let mut server_config = tls::server_config(identity)?;
+        let certificates = Arc::new(crate::net::rotation::Certificates::open(
+            &config.tls,
+            &config.data_dir,
+            clock.clone(),
+        )?);
+        let fingerprint = certificates.current();
+        let mut server_config = tls::server_config(certificates.clone())?;
         let c = &config.connections;
         server_config.transport_config(Arc::new(net::transport_config(
             c.unauthenticated_receive_window,
@@ -459,6 +463,9 @@ impl Relay {
             None => discovery,
         };
         if let Some(pg) = &shared {
+            if certificates.switched_at_open() {
+                pg.set_cluster_fact(TLS_FACT, &fingerprint.0)?;
+            }
             check_cluster(
                 pg,
                 &fingerprint,
@@ -529,6 +536,7 @@ impl Relay {
             removal: removal.clone(),
             discovery: discovery.clone(),
             verification: verification.clone(),
+            next_certificate: certificates.announced(),
         });
         // The last step that can fail: the token and address are written before any
         // task is spawned, so a failed start leaves nothing running.
@@ -541,6 +549,7 @@ impl Relay {
                     verification.clone(),
                     config,
                     metrics,
+                    certificates.clone(),
                 ));
                 let bound = write_admin_files(&listener, &state)?;
                 Some((listener, bound, state))
@@ -611,7 +620,19 @@ impl Relay {
             config.verification.sweep_interval,
             shutdown.subscribe(),
         ));
-        let mut tasks = vec![accept, sweeper, disk, publisher, verifications];
+        // Several nodes switch at one time: each records the new certificate's
+        // fingerprint, so a node restarted after the switch is checked against it.
+        let on_switch = shared.clone().map(|pg| {
+            Box::new(move |f: tern_proto::Fingerprint| {
+                pg.set_cluster_fact(TLS_FACT, &f.0).map_err(Error::Store)
+            }) as crate::net::rotation::OnSwitch
+        });
+        let switcher = tokio::spawn(crate::net::rotation::switch_loop(
+            certificates.clone(),
+            on_switch,
+            shutdown.subscribe(),
+        ));
+        let mut tasks = vec![accept, sweeper, disk, publisher, verifications, switcher];
         let admin = admin.map(|(listener, bound, state)| {
             tasks.push(tokio::spawn(crate::admin::server::serve(
                 listener,
@@ -777,6 +798,9 @@ fn write_admin_files(
     Ok(bound)
 }
 
+/// The shared database's name for the TLS certificate's fingerprint.
+const TLS_FACT: &str = "tls-certificate-sha256";
+
 /// Records this node's certificate, sender-certificate key and OPRF key in the shared
 /// database on the first start, and refuses to start a node whose files differ from
 /// its peers' (ARCHITECTURE.md "Beyond one machine"). Only fingerprints go in: the
@@ -794,7 +818,7 @@ fn check_cluster(
     let file = |name: &str| data_dir.join(name).display().to_string();
     let facts = [
         Fact {
-            name: "tls-certificate-sha256",
+            name: TLS_FACT,
             value: fingerprint.0.to_vec(),
             file: format!(
                 "the TLS certificate ({}, or [tls] cert)",

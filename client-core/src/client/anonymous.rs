@@ -19,11 +19,14 @@ use tern_proto::RelayAddress;
 use tokio::sync::{Mutex, Notify};
 
 use crate::error::{Error, Result};
+use crate::net::tls::Pins;
 use crate::net::{Inbox, RelayConnection};
 
 /// A lazily (re)opened anonymous connection to one relay; see the module docs.
 pub(crate) struct AnonymousLink {
     relay: RelayAddress,
+    /// The relay's certificate pins, shared with the worker (which keeps them).
+    pins: Arc<Pins>,
     current: Mutex<Current>,
     /// Signalled when an open connection is lost (not closed).
     lost: Arc<Notify>,
@@ -39,9 +42,10 @@ struct Current {
 }
 
 impl AnonymousLink {
-    pub(crate) fn new(relay: RelayAddress) -> Self {
+    pub(crate) fn new(relay: RelayAddress, pins: Arc<Pins>) -> Self {
         AnonymousLink {
             relay,
+            pins,
             current: Mutex::new(Current::default()),
             lost: Arc::new(Notify::new()),
         }
@@ -58,7 +62,7 @@ impl AnonymousLink {
                 return Ok(conn.clone());
             }
         }
-        let (conn, inbox) = RelayConnection::connect(&self.relay).await?;
+        let (conn, inbox) = RelayConnection::connect_pinned(&self.relay, &self.pins).await?;
         let (ended, lost) = (conn.lost(), self.lost.clone());
         // Ends with the connection; the relay's idle close is no loss.
         tokio::spawn(async move {
@@ -112,7 +116,8 @@ mod tests {
         let relay: RelayAddress = format!("tern://{}@127.0.0.1:9", "A".repeat(43))
             .parse()
             .expect("address");
-        let link = AnonymousLink::new(relay);
+        let pins = Arc::new(Pins::new(relay.fingerprint, None));
+        let link = AnonymousLink::new(relay, pins);
         link.close_now().await;
         // Refused at once: no connection is attempted to the (absent) relay.
         assert!(matches!(link.get().await, Err(Error::Closed(_))));

@@ -127,7 +127,7 @@ impl Client {
     /// within 12 minutes is removed again.
     pub async fn link_device(&self, link: &str) -> Result<LinkedDevice> {
         let link = Link::parse(link)?;
-        link.check_relay(&self.shared.relay)?;
+        link.check_relay(&self.shared.relay_now())?;
         let (identity, account) = {
             let state = self.shared.state.lock().await;
             let identity = state.keys.identity.clone().ok_or(Error::NotPrimary)?;

@@ -43,6 +43,7 @@ mod inbox;
 mod keys;
 mod linking;
 mod outbox;
+mod pins;
 mod send;
 mod state;
 mod sync;
@@ -176,6 +177,9 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
     relay: RelayAddress,
+    /// The relay's certificate pins: `relay`'s fingerprint at start, and during a
+    /// rotation the announced next one (`pins.rs`).
+    pins: Arc<crate::net::tls::Pins>,
     /// Taken at shutdown, which ends the app's [`Events`].
     events: std::sync::Mutex<Option<mpsc::UnboundedSender<Event>>>,
     outbox: Notify,
@@ -197,6 +201,14 @@ type Connections = (Arc<RelayConnection>, Arc<AnonymousLink>);
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.clock.now()
+    }
+
+    /// The relay's address under its current pin (a rotation may have moved it on
+    /// from the one the client started with).
+    fn relay_now(&self) -> RelayAddress {
+        let mut relay = self.relay.clone();
+        relay.fingerprint = self.pins.current();
+        relay
     }
 
     fn emit(&self, event: Event) {
@@ -328,6 +340,15 @@ impl Client {
         state.welcome_inline_max = group_settings.welcome_inline_max;
         let address = state.keys.address;
         let identity_key = state.keys.identity_key;
+        let pins = match state.relay_pins(&relay) {
+            Ok(p) => p,
+            Err(e) => {
+                // Only the announced next pin is lost: the current one is the address's.
+                tracing::warn!(error = %e, "the stored next certificate pin cannot be read");
+                crate::net::tls::Pins::new(relay.fingerprint, None)
+            }
+        };
+        let pins = Arc::new(pins);
         // Messages stored but not confirmed before a restart come first.
         if let Ok(pending) = state.unconfirmed() {
             for m in pending {
@@ -343,11 +364,12 @@ impl Client {
             state: Mutex::new(state),
             clock,
             relay: relay.clone(),
+            pins: pins.clone(),
             events: std::sync::Mutex::new(Some(tx)),
             outbox: Notify::new(),
             stop: watch::channel(false).0,
             conns: watch::channel(None).0,
-            anon: Arc::new(AnonymousLink::new(relay.clone())),
+            anon: Arc::new(AnonymousLink::new(relay.clone(), pins)),
             removed: std::sync::atomic::AtomicBool::new(false),
             group_settings,
             drained: std::sync::atomic::AtomicBool::new(false),

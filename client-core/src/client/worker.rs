@@ -99,7 +99,8 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         (state.keys.address, state.keys.device.clone())
     };
     shared.drained.store(false, Ordering::Relaxed);
-    let (conn, inbox) = RelayConnection::connect(&shared.relay).await?;
+    let (conn, inbox) = RelayConnection::connect_pinned(&shared.relay, &shared.pins).await?;
+    pinned_under(shared, &conn).await?;
     match conn.authenticate(&address, &device_key).await {
         // A linked device the relay no longer knows was removed (the primary never is).
         Err(e)
@@ -126,6 +127,7 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         r = receive_loop(shared, &conn, inbox) => r,
         r = send::send_loop(shared, &conn, &anon) => r,
         r = check_when_anonymous_lost(&conn, &anon) => r,
+        r = follow_announcements(shared, &conn) => r,
     };
     shared.conns.send_replace(None);
     if conn.device_removed() {
@@ -137,6 +139,45 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
         Err(c) => c.close_now(),
     }
     result
+}
+
+/// A connection verified under the announced next pin makes it the only pin (the
+/// relay switched its certificate), durably.
+async fn pinned_under(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let Some(presented) = conn.presented() else {
+        return Ok(());
+    };
+    if shared.pins.next().map(|n| n.fingerprint) != Some(presented) {
+        return Ok(());
+    }
+    shared.state.lock().await.promote_pin(presented)?;
+    shared.pins.connected_under(presented);
+    tracing::info!("the relay switched to its announced certificate; the old pin is dropped");
+    Ok(())
+}
+
+/// Pins the certificate the relay announces it serves next (in the authentication
+/// reply or pushed later), durably. Taken only here: this connection was verified
+/// under a pin already held, which is what makes the announcement trustworthy.
+async fn follow_announcements(shared: &Shared, conn: &RelayConnection) -> Result<()> {
+    let mut announced = conn.next_certificate();
+    loop {
+        let next = *announced.borrow_and_update();
+        if let Some(next) = next {
+            if shared.pins.next() != Some(next) && shared.pins.current() != next.fingerprint {
+                shared.state.lock().await.store_next_pin(&next)?;
+                shared.pins.announce(next);
+                tracing::info!(
+                    switch_at_ms = next.switch_at_ms,
+                    "the relay announced its next certificate; pinned beside the current one"
+                );
+            }
+        }
+        if announced.changed().await.is_err() {
+            // The connection's reader ended; the other branches see why.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Whenever the anonymous link loses a connection (reset, as by a relay that

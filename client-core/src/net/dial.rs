@@ -28,19 +28,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Error::Connect`].
 pub(super) async fn dial(
     relay: &RelayAddress,
+    pins: &[Fingerprint],
     local: Option<SocketAddr>,
 ) -> Result<(quinn::Endpoint, quinn::Connection)> {
     let hosts = order(relay);
     let mut failure: Option<Error> = None;
     for host in &hosts {
-        let error =
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_one(relay.fingerprint, host, local))
-                .await
-            {
-                Ok(Ok(connected)) => return Ok(connected),
-                Ok(Err(e)) => e,
-                Err(_) => Error::Connect("the handshake timed out".into()),
-            };
+        let error = match tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_one(pins, host, local)).await
+        {
+            Ok(Ok(connected)) => return Ok(connected),
+            Ok(Err(e)) => e,
+            Err(_) => Error::Connect("the handshake timed out".into()),
+        };
         failure = Some(match (failure, error) {
             (Some(Error::FingerprintMismatch), _) | (_, Error::FingerprintMismatch) => {
                 Error::FingerprintMismatch
@@ -65,7 +64,7 @@ fn order(relay: &RelayAddress) -> Vec<RelayHost> {
 
 /// One host: resolve it, then the handshake with the certificate pinned.
 async fn dial_one(
-    fingerprint: Fingerprint,
+    pins: &[Fingerprint],
     host: &RelayHost,
     local: Option<SocketAddr>,
 ) -> Result<(quinn::Endpoint, quinn::Connection)> {
@@ -79,7 +78,7 @@ async fn dial_one(
         None if target.is_ipv6() => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
         None => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
     };
-    let (config, mismatch) = tls::pinned_client_config(fingerprint).map_err(Error::Connect)?;
+    let (config, mismatch) = tls::client_config_pinned_to(pins).map_err(Error::Connect)?;
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| Error::Connect(e.to_string()))?;
     endpoint.set_default_client_config(config);
     let connecting = endpoint

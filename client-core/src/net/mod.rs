@@ -22,10 +22,10 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use tern_proto::{
     close, frame, v1, AccountId, ClientRequest, Code, DeviceAddress, DeviceId, ErrorReply,
-    RelayAddress, Reply, Request, ServerMessage, VerificationId, E164,
+    NextCertificate, RelayAddress, Reply, Request, ServerMessage, VerificationId, E164,
 };
 use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
 use crate::identity::{DeviceKeyPair, IdentityKeyPair};
@@ -89,6 +89,8 @@ pub struct RelayConnection {
     out: mpsc::UnboundedSender<v1::ClientFrame>,
     pending: Pending,
     next_id: AtomicU64,
+    /// The certificate the relay announced it serves next (auth reply or push).
+    next_certificate: watch::Sender<Option<NextCertificate>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,7 +127,22 @@ impl RelayConnection {
         relay: &RelayAddress,
         local: Option<SocketAddr>,
     ) -> Result<(RelayConnection, Inbox)> {
-        let (endpoint, conn) = dial::dial(relay, local).await?;
+        Self::dialled(dial::dial(relay, &[relay.fingerprint], local).await?).await
+    }
+
+    /// [`RelayConnection::connect`] accepting any of `pins`' certificates (the
+    /// current one, and during a rotation the announced next one), instead of the
+    /// address's fingerprint. [`RelayConnection::presented`] says which it was.
+    pub async fn connect_pinned(
+        relay: &RelayAddress,
+        pins: &tls::Pins,
+    ) -> Result<(RelayConnection, Inbox)> {
+        Self::dialled(dial::dial(relay, &pins.accepted(), None).await?).await
+    }
+
+    async fn dialled(
+        (endpoint, conn): (quinn::Endpoint, quinn::Connection),
+    ) -> Result<(RelayConnection, Inbox)> {
         let (send, recv) = conn
             .open_bi()
             .await
@@ -134,13 +151,21 @@ impl RelayConnection {
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(write_frames(send, out_rx));
-        tokio::spawn(read_frames(recv, conn.clone(), pending.clone(), inbox_tx));
+        let next_certificate = watch::channel(None).0;
+        tokio::spawn(read_frames(
+            recv,
+            conn.clone(),
+            pending.clone(),
+            inbox_tx,
+            next_certificate.clone(),
+        ));
         let connection = RelayConnection {
             endpoint,
             conn,
             out,
             pending,
             next_id: AtomicU64::new(1),
+            next_certificate,
         };
         // The relay sees the control stream only once something is written on it, and
         // closes connections that stay silent for 10 s: a ping opens it at once, so a
@@ -193,6 +218,18 @@ impl RelayConnection {
             .export_keying_material(&mut out, tern_proto::auth::EXPORTER_LABEL, &context)
             .map_err(|_| Error::Protocol("TLS exporter unavailable".into()))?;
         Ok(out)
+    }
+
+    /// The fingerprint of the certificate the relay presented on this connection.
+    pub fn presented(&self) -> Option<tern_proto::Fingerprint> {
+        tls::presented(&self.conn)
+    }
+
+    /// The certificate the relay announced it serves next, as the authentication
+    /// reply or a later push told it; trustworthy as far as the certificate this
+    /// connection was verified under is.
+    pub fn next_certificate(&self) -> watch::Receiver<Option<NextCertificate>> {
+        self.next_certificate.subscribe()
     }
 
     /// Creates an account for `identity` with `device` as its first device; this
@@ -251,7 +288,15 @@ impl RelayConnection {
             })
             .await?;
         match reply {
-            Reply::Auth { queued } => Ok(queued),
+            Reply::Auth {
+                queued,
+                next_certificate,
+            } => {
+                if next_certificate.is_some() {
+                    self.next_certificate.send_replace(next_certificate);
+                }
+                Ok(queued)
+            }
             _ => Err(unexpected("auth")),
         }
     }
@@ -598,12 +643,17 @@ async fn read_frames(
     conn: quinn::Connection,
     pending: Pending,
     inbox: mpsc::UnboundedSender<Result<Incoming>>,
+    next_certificate: watch::Sender<Option<NextCertificate>>,
 ) {
     let mut decoder = frame::Decoder::new(MAX_FRAME);
     let mut buf = BytesMut::with_capacity(16 * 1024);
     let failure = loop {
         match decoder.decode_server_message(&mut buf) {
             Ok(Some(f)) => {
+                if let Ok(ServerMessage::NextCertificate(n)) = f {
+                    next_certificate.send_replace(Some(n));
+                    continue;
+                }
                 if let Err(e) = dispatch(f, &pending, &inbox) {
                     break e;
                 }
@@ -649,6 +699,8 @@ fn dispatch(
             let _ = inbox.send(Ok(Incoming::QueueEmpty));
             return Ok(());
         }
+        // Taken by `read_frames` before it gets here.
+        Ok(ServerMessage::NextCertificate(_)) => return Ok(()),
         // A reply that does not validate fails its request, not the connection.
         Err(e) => match e.request_id() {
             Some(id) => (id, Err(Error::Protocol(e.to_string()))),

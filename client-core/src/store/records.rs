@@ -93,6 +93,21 @@ pub(crate) struct PendingLink {
 
 pub(crate) const LOCAL_KEY: &[u8] = b"local";
 
+/// `Namespace::Local`, key [`RELAY_PIN_KEY`]: the certificate the relay announced it
+/// serves next (a rotation), pinned beside the current one (the fingerprint in
+/// `LocalRecord::relay`) until a connection is made under it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct RelayPinRecord {
+    /// SHA-256 of the next certificate.
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) next_fingerprint: Vec<u8>,
+    /// When the relay said it starts serving it (Unix ms).
+    #[prost(uint64, tag = "2")]
+    pub(crate) switch_at_ms: u64,
+}
+
+pub(crate) const RELAY_PIN_KEY: &[u8] = b"relay-pin";
+
 /// `Namespace::PreKeys`, key [`prekey_key`]: a prekey secret.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct PreKeyRecord {

@@ -8,6 +8,7 @@
 
 use bytes::Bytes;
 
+use crate::address::Fingerprint;
 use crate::certificate::IssuedCertificate;
 use crate::code::ErrorCode;
 use crate::device_list::SignedDeviceList;
@@ -35,6 +36,8 @@ pub enum Reply {
     Auth {
         /// Messages waiting in the mailbox at authentication.
         queued: u64,
+        /// The certificate the relay serves next, while one is staged.
+        next_certificate: Option<NextCertificate>,
     },
     /// Answers both `Send` and `SealedSend`: every envelope is stored.
     Send {
@@ -165,6 +168,43 @@ pub enum ServerMessage {
     Delivery(Delivery),
     /// Everything queued when the connection authenticated has been pushed.
     QueueEmpty,
+    /// The operator staged a certificate: the relay serves it from its switch time.
+    NextCertificate(NextCertificate),
+}
+
+/// A certificate the relay serves from `switch_at_ms` on (`tern-relay admin
+/// rotate-cert`). A client pins it next to the current one, but only when told so
+/// over a connection verified under a pin it already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextCertificate {
+    /// SHA-256 of the certificate's DER.
+    pub fingerprint: Fingerprint,
+    /// When the relay starts serving it (Unix ms).
+    pub switch_at_ms: u64,
+}
+
+impl From<NextCertificate> for v1::NextCertificate {
+    fn from(n: NextCertificate) -> Self {
+        v1::NextCertificate {
+            fingerprint: copy(&n.fingerprint.0),
+            switch_at_ms: n.switch_at_ms,
+        }
+    }
+}
+
+impl TryFrom<&v1::NextCertificate> for NextCertificate {
+    type Error = Malformed;
+    fn try_from(n: &v1::NextCertificate) -> Result<Self, Malformed> {
+        Ok(NextCertificate {
+            fingerprint: Fingerprint(array(
+                &n.fingerprint,
+                "next_certificate.fingerprint",
+                "a certificate fingerprint",
+                BAD,
+            )?),
+            switch_at_ms: n.switch_at_ms,
+        })
+    }
 }
 
 /// A message pushed by the relay. Acknowledge it with its `seq` once it is safely
@@ -277,7 +317,13 @@ impl From<Reply> for Wire {
             Reply::AddDevice(device) => Wire::AddDevice(v1::AddDeviceResponse {
                 device_id: device.get(),
             }),
-            Reply::Auth { queued } => Wire::Auth(v1::AuthResponse { queued }),
+            Reply::Auth {
+                queued,
+                next_certificate,
+            } => Wire::Auth(v1::AuthResponse {
+                queued,
+                next_certificate: next_certificate.map(Into::into),
+            }),
             Reply::Send { accepted } => Wire::Send(v1::SendResponse { accepted }),
             Reply::Ack { deleted } => Wire::Ack(v1::AckResponse { deleted }),
             Reply::Ping => Wire::Ping(v1::PingResponse {}),
@@ -405,7 +451,14 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
             Wire::AddDevice(r) => Reply::AddDevice(
                 DeviceId::try_from(r.device_id).map_err(bad_id("add_device_response.device_id"))?,
             ),
-            Wire::Auth(r) => Reply::Auth { queued: r.queued },
+            Wire::Auth(r) => Reply::Auth {
+                queued: r.queued,
+                next_certificate: r
+                    .next_certificate
+                    .as_ref()
+                    .map(NextCertificate::try_from)
+                    .transpose()?,
+            },
             Wire::Send(r) => Reply::Send {
                 accepted: r.accepted,
             },
@@ -610,6 +663,7 @@ impl From<ServerMessage> for v1::ServerFrame {
             }),
             ServerMessage::Delivery(d) => Body::Delivery(d.into()),
             ServerMessage::QueueEmpty => Body::QueueEmpty(v1::QueueEmpty {}),
+            ServerMessage::NextCertificate(n) => Body::NextCertificate(n.into()),
         };
         v1::ServerFrame { body: Some(body) }
     }
@@ -640,6 +694,9 @@ impl TryFrom<v1::ServerFrame> for ServerMessage {
             }
             Some(Body::Delivery(d)) => Ok(ServerMessage::Delivery(d.try_into().map_err(whole)?)),
             Some(Body::QueueEmpty(v1::QueueEmpty {})) => Ok(ServerMessage::QueueEmpty),
+            Some(Body::NextCertificate(n)) => Ok(ServerMessage::NextCertificate(
+                NextCertificate::try_from(&n).map_err(whole)?,
+            )),
             None => Err(whole(Malformed::new(
                 "server_frame.body",
                 Problem::Missing("empty frame"),

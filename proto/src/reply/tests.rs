@@ -36,7 +36,17 @@ fn one_of_each() -> Vec<Reply> {
             device: DeviceId::PRIMARY,
         }),
         Reply::AddDevice(DeviceId::new(2).expect("not 0")),
-        Reply::Auth { queued: 12 },
+        Reply::Auth {
+            queued: 12,
+            next_certificate: None,
+        },
+        Reply::Auth {
+            queued: 0,
+            next_certificate: Some(NextCertificate {
+                fingerprint: crate::Fingerprint([7; 32]),
+                switch_at_ms: 1_700_000_000_000,
+            }),
+        },
         Reply::Send { accepted: 3 },
         Reply::Ack { deleted: 2 },
         Reply::Ping,
@@ -170,6 +180,26 @@ fn malformed_verification_replies_fail_their_request() {
 }
 
 #[test]
+fn a_next_certificate_with_a_short_fingerprint_is_malformed() {
+    let short = v1::NextCertificate {
+        fingerprint: Bytes::from(vec![1; 31]),
+        switch_at_ms: 1,
+    };
+    let pushed = v1::ServerFrame {
+        body: Some(Body::NextCertificate(short.clone())),
+    };
+    let e = ServerMessage::try_from(pushed).expect_err("malformed");
+    assert_eq!(e.request_id(), None);
+    assert_eq!(e.malformed().field(), "next_certificate.fingerprint");
+    let answered = Wire::Auth(v1::AuthResponse {
+        queued: 1,
+        next_certificate: Some(short),
+    });
+    let e = ServerMessage::try_from(response(9, answered)).expect_err("malformed");
+    assert_eq!(e.request_id(), Some(9));
+}
+
+#[test]
 fn a_wrong_code_carries_its_attempts_left() {
     let m = ServerMessage::Response {
         id: 4,
@@ -254,6 +284,10 @@ fn every_reply_and_message_round_trips() {
         expires_at_ms: 2,
     }));
     messages.push(ServerMessage::QueueEmpty);
+    messages.push(ServerMessage::NextCertificate(NextCertificate {
+        fingerprint: crate::Fingerprint([9; 32]),
+        switch_at_ms: 5,
+    }));
     for m in messages {
         assert_eq!(round_trip(m.clone()), Ok(m));
     }

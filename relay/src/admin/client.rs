@@ -118,13 +118,13 @@ impl Online {
         }))
     }
 
-    /// Calls `path`; the answer when it is a success.
+    /// Calls `path` (with a JSON `body` if any); the answer when it is a success.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         timeout: Option<Duration>,
-        body: Option<String>,
+        body: Option<Vec<u8>>,
     ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut request = self.client.request(method, &url);
@@ -250,7 +250,12 @@ impl Online {
         })?;
         let body = serde_json::json!({ "dir": dir }).to_string();
         let response = self
-            .call(reqwest::Method::POST, "/admin/backup", None, Some(body))
+            .call(
+                reqwest::Method::POST,
+                "/admin/backup",
+                None,
+                Some(body.into_bytes()),
+            )
             .await?;
         let body = response.bytes().await.map_err(|e| ClientError::Transport {
             url: url.clone(),
@@ -293,6 +298,25 @@ impl Online {
         }
         out.flush()?;
         Ok(written)
+    }
+
+    // rotate-cert (engineer cert): one block, kept last.
+    /// `rotate-cert`: what the relay staged.
+    pub async fn rotate_cert(
+        &self,
+        request: &super::rotate::RotateRequest,
+    ) -> Result<super::rotate::Rotated, ClientError> {
+        let path = "/admin/rotate-cert";
+        let transport = |e: &dyn std::fmt::Display| ClientError::Transport {
+            url: format!("{}{path}", self.base),
+            error: e.to_string(),
+        };
+        let body = serde_json::to_vec(request).map_err(|e| transport(&e))?;
+        let response = self
+            .call(reqwest::Method::POST, path, Some(ANSWER_WITHIN), Some(body))
+            .await?;
+        let answer = response.bytes().await.map_err(|e| transport(&e))?;
+        serde_json::from_slice(&answer).map_err(|e| transport(&e))
     }
 }
 

@@ -10,7 +10,8 @@
 //! `GET /admin/stats`, `GET /admin/accounts/<id>/devices`,
 //! `GET /admin/accounts/<id>/export[?ciphertexts=true]`,
 //! `POST /admin/accounts/<id>/delete`, `POST /admin/reload`,
-//! `POST /admin/backup` (body `{"dir": "/absolute/new/directory"}`).
+//! `POST /admin/backup` (body `{"dir": "/absolute/new/directory"}`),
+//! `POST /admin/rotate-cert` (a JSON body: `super::rotate`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,7 +40,7 @@ use crate::export::ExportOptions;
 use crate::server::Services;
 use crate::verification::Verification;
 
-type Body = BoxBody<Bytes, std::io::Error>;
+pub(super) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// Admin connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -68,6 +69,8 @@ pub(crate) struct Admin {
     /// The configuration in force (its reloadable keys change with a reload).
     pub(crate) running: Mutex<Config>,
     pub(crate) source: Mutex<Option<ConfigSource>>,
+    /// The relay's certificates (`rotate-cert`).
+    pub(crate) certificates: Arc<crate::net::rotation::Certificates>,
     /// `[admin] allow_remote_admin`: `/admin/` answers peers off loopback.
     pub(crate) allow_remote: bool,
     /// The last `/readyz` answer (`Err`: why not ready).
@@ -84,9 +87,11 @@ impl Admin {
         verification: Arc<Verification>,
         config: &Config,
         metrics: Option<&'static PrometheusHandle>,
+        certificates: Arc<crate::net::rotation::Certificates>,
     ) -> Admin {
         Admin {
             services,
+            certificates,
             deletion,
             verification,
             data_dir: config.data_dir.clone(),
@@ -236,7 +241,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(super) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut body = value.to_string();
     body.push('\n');
     respond(status, "application/json", body)
@@ -256,7 +261,7 @@ fn respond(status: StatusCode, kind: &'static str, body: impl Into<Bytes>) -> Re
 }
 
 /// An error as an answer: its message, under the status it means.
-fn failed(e: &Error) -> Response<Body> {
+pub(super) fn failed(e: &Error) -> Response<Body> {
     let status = match e {
         Error::UnknownRecipient => StatusCode::NOT_FOUND,
         Error::BadRequest(_) => StatusCode::BAD_REQUEST,
@@ -315,6 +320,8 @@ async fn route(admin: &Arc<Admin>, peer: SocketAddr, req: Request<Incoming>) -> 
             }
             Err(e) => failed(&e),
         },
+        // rotate-cert (engineer cert): one block, kept last.
+        (Method::POST, ["rotate-cert"]) => super::rotate::route(admin, req).await,
         _ => text(StatusCode::NOT_FOUND, "no such admin command\n"),
     }
 }

@@ -87,6 +87,8 @@ pub(crate) struct ConnSettings {
     pub(crate) removal: Arc<DeviceRemoval>,
     pub(crate) discovery: Arc<crate::discovery::Discovery>,
     pub(crate) verification: Arc<crate::verification::Verification>,
+    /// The staged certificate authenticated clients are told about.
+    pub(crate) next_certificate: watch::Receiver<Option<tern_proto::NextCertificate>>,
 }
 
 struct AckCmd {
@@ -243,6 +245,11 @@ impl Session {
         tokio::pin!(deadline);
         let activity = self.activity.clone();
         let mut deleted = self.services.tombstones().watch_for(self.device.clone());
+        // A certificate staged while this connection is open is pushed once it is
+        // authenticated (the auth reply carries the one staged before).
+        let mut next_certificate = self.settings.next_certificate.clone();
+        next_certificate.mark_unchanged();
+        let mut watching = true;
         loop {
             // Before authentication a group request may be larger: told by the
             // frame's first bytes, so wait for them.
@@ -305,6 +312,17 @@ impl Session {
                         return End::Full;
                     }
                 }
+                changed = next_certificate.changed(), if watching => match changed {
+                    Ok(()) => {
+                        let staged = *next_certificate.borrow_and_update();
+                        if let (Some(next), Standing::Authenticated) = (staged, self.standing) {
+                            let push = ServerMessage::NextCertificate(next);
+                            let _ = self.out.send(Box::new(push.into())).await;
+                        }
+                    }
+                    // The relay is stopping; its shutdown ends this loop.
+                    Err(_) => watching = false,
+                },
                 gone = deleted.gone() => return match gone {
                     Gone::Account => End::Deleted,
                     Gone::Device => End::Removed,
@@ -402,8 +420,12 @@ impl Session {
             }
             Request::Auth { address, signature } => {
                 let result = self.authenticate(address, &signature);
-                self.reply(id, result.map(|queued| Reply::Auth { queued }))
-                    .await;
+                let next_certificate = *self.settings.next_certificate.borrow();
+                let reply = result.map(|queued| Reply::Auth {
+                    queued,
+                    next_certificate,
+                });
+                self.reply(id, reply).await;
                 self.start_delivery();
             }
             Request::BlobStatus { blob_id } => {

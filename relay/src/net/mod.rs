@@ -13,6 +13,7 @@ pub(crate) mod admission;
 pub(crate) mod conn;
 mod export;
 pub(crate) mod media;
+pub(crate) mod rotation;
 pub(crate) mod tls;
 
 pub(crate) use admission::Admission;

@@ -43,7 +43,7 @@ fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Tls(format!("{what}: {e}"))
 }
 
-fn load(cert: &Path, key: &Path) -> Result<Identity> {
+pub(crate) fn load(cert: &Path, key: &Path) -> Result<Identity> {
     let chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| tls_err(&format!("reading {}", cert.display()), e))?
         .collect::<std::result::Result<Vec<_>, _>>()
@@ -59,6 +59,12 @@ fn load(cert: &Path, key: &Path) -> Result<Identity> {
     Ok(Identity { chain, key })
 }
 
+/// The names of the relay's self-signed certificates (clients check the pin, not
+/// the names; a rotated certificate keeps them).
+pub(crate) fn subject_names() -> Vec<String> {
+    vec!["tern-relay".to_owned(), "localhost".to_owned()]
+}
+
 /// The configured certificate, or the self-signed one in `data_dir` (made now if
 /// there is none yet).
 pub(crate) fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identity> {
@@ -69,9 +75,8 @@ pub(crate) fn load_or_create(tls: &TlsConfig, data_dir: &Path) -> Result<Identit
     if cert.exists() && key.exists() {
         return load(&cert, &key);
     }
-    let made =
-        rcgen::generate_simple_self_signed(vec!["tern-relay".to_owned(), "localhost".to_owned()])
-            .map_err(|e| tls_err("generating a certificate", e))?;
+    let made = rcgen::generate_simple_self_signed(subject_names())
+        .map_err(|e| tls_err("generating a certificate", e))?;
     write_private(&key, made.signing_key.serialize_pem().as_bytes())?;
     fs::write(&cert, made.cert.pem())?;
     load(&cert, &key)
@@ -130,15 +135,17 @@ pub(crate) fn endpoint_config(signer: &ed25519_dalek::SigningKey) -> quinn::Endp
     config
 }
 
-/// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`.
-pub(crate) fn server_config(identity: Identity) -> Result<quinn::ServerConfig> {
+/// The QUIC server configuration: TLS 1.3 only, ALPN `tern/1`; each handshake's
+/// certificate from `certs` (so a rotation's switch needs no restart).
+pub(crate) fn server_config(
+    certs: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<quinn::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| tls_err("protocol versions", e))?
         .with_no_client_auth()
-        .with_single_cert(identity.chain, identity.key)
-        .map_err(|e| tls_err("certificate", e))?;
+        .with_cert_resolver(certs);
     tls.alpn_protocols = vec![tern_proto::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)

@@ -49,4 +49,21 @@ impl PgBackend {
             Ok(())
         })
     }
+
+    /// Replaces a fact the nodes agreed on: a rotated TLS certificate switched in
+    /// on every node at one time (`tern-relay admin rotate-cert --at`).
+    pub fn set_cluster_fact(&self, name: &str, value: &[u8]) -> StoreResult<()> {
+        self.run(async {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO cluster (name, value) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                    &[&name, &value],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(())
+        })
+    }
 }
