@@ -349,6 +349,7 @@ pub struct Relay {
     removal: Arc<DeviceRemoval>,
     discovery: Arc<Discovery>,
     verification: Arc<Verification>,
+    push: Arc<crate::push::Push>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -501,6 +502,15 @@ impl Relay {
         if resumed > 0 {
             info!(resumed, "interrupted device removals finished");
         }
+        let push = Arc::new(crate::push::Push::new(
+            services.stores().push.clone(),
+            services.commit().clone(),
+            services.tombstones().clone(),
+            &config.push,
+        )?);
+        if config.push.enabled {
+            services.mailboxes.set_push(push.waker());
+        }
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
@@ -517,6 +527,7 @@ impl Relay {
             removal: removal.clone(),
             discovery: discovery.clone(),
             verification: verification.clone(),
+            push: push.clone(),
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut cluster = None;
@@ -584,6 +595,9 @@ impl Relay {
             shutdown.subscribe(),
         ));
         let mut tasks = vec![accept, sweeper, disk, publisher, verifications];
+        if config.push.enabled {
+            tasks.extend(push.start(services.mailboxes.active(), shutdown.subscribe()));
+        }
         let admin = match config.admin.listen.resolve(local_addr) {
             None => None,
             Some(at) => {
@@ -617,6 +631,7 @@ impl Relay {
             removal,
             discovery,
             verification,
+            push,
             endpoint,
             shutdown,
             tasks,
@@ -673,6 +688,11 @@ impl Relay {
     /// Phone verification, for tests and operators' tools.
     pub fn verification(&self) -> &Arc<Verification> {
         &self.verification
+    }
+
+    /// Push registration and wake-ups, for tests (their counts by outcome).
+    pub fn push(&self) -> &Arc<crate::push::Push> {
+        &self.push
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

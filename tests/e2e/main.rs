@@ -34,6 +34,7 @@ mod multi;
 mod multihost;
 mod ops;
 mod partition;
+mod push;
 mod security;
 mod storage;
 mod support;

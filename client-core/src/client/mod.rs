@@ -43,6 +43,7 @@ mod inbox;
 mod keys;
 mod linking;
 mod outbox;
+mod push;
 mod send;
 mod state;
 mod sync;

@@ -50,6 +50,7 @@ mod push;
 mod send;
 mod standing;
 mod verification;
+mod wakeups;
 use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
@@ -87,6 +88,7 @@ pub(crate) struct ConnSettings {
     pub(crate) removal: Arc<DeviceRemoval>,
     pub(crate) discovery: Arc<crate::discovery::Discovery>,
     pub(crate) verification: Arc<crate::verification::Verification>,
+    pub(crate) push: Arc<crate::push::Push>,
 }
 
 struct AckCmd {
@@ -529,6 +531,8 @@ impl Session {
             } => self.take_provisioning(id, slot, reader_secret).await,
             Request::PublishDeviceList(list) => self.publish_device_list(id, list).await,
             Request::RemoveDevice { device, list } => self.remove_device(id, device, list).await,
+            Request::SetPushTarget(target) => self.set_push_target(id, target).await,
+            Request::ClearPushTarget => self.clear_push_target(id).await,
         }
     }
 
