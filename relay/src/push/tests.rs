@@ -109,8 +109,10 @@ mod service {
         let memory = Arc::new(MemoryStore::new());
         let services = services(&memory);
         let alice = device(&services).await;
-        let mut config = crate::config::PushConfig::default();
-        config.gateways = vec!["https://gw.example/tern".into()];
+        let mut config = crate::config::PushConfig {
+            gateways: vec!["https://gw.example/tern".into()],
+            ..Default::default()
+        };
         let push = Push::new(
             memory.clone(),
             services.commit().clone(),
