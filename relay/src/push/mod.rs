@@ -6,10 +6,10 @@
 //!   specification asks for before it is used) or its app publisher's gateway (a URL
 //!   on the operator's `[push] gateways` allowlist) with an opaque device token. The
 //!   target is stored per device ([`crate::store::PushStore`]).
-//! - Wake-ups ([`Waker::mail`]): after a send's commit, each recipient device with no
+//! - Wake-ups (`Waker::mail`): after a send's commit, each recipient device with no
 //!   connection here is put on a bounded queue (a full queue drops the wake-up and
-//!   counts it: a send never waits). The push task ([`worker`]) coalesces them to at
-//!   most one per device per `[push] coalesce` ([`coalesce`]) and posts each in a
+//!   counts it: a send never waits). The push task (`worker.rs`) coalesces them to at
+//!   most one per device per `[push] coalesce` (`coalesce.rs`) and posts each in a
 //!   task of its own, never following redirects, with a timeout; 404/410 forget the
 //!   target, 429 waits as asked, other failures are retried with backoff and then
 //!   given up quietly.
@@ -204,7 +204,7 @@ fn allowed(entry: &Url, url: &Url) -> bool {
 }
 
 impl Push {
-    /// The service over `store` under `config`; [`Push::start`] runs its task.
+    /// The service over `store` under `config`; `Push::start` runs its task.
     pub fn new(
         store: Arc<dyn PushStore>,
         commit: Arc<GroupCommit>,
