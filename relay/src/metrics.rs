@@ -411,6 +411,8 @@ fn error_label(code: tern_proto::ErrorCode) -> &'static str {
         C::StaleEpoch => "stale_epoch",
         C::UnknownGroup => "unknown_group",
         C::GroupExists => "group_exists",
+        C::PushTargetRefused => "push_target_refused",
+        C::PushEndpointUnverified => "push_endpoint_unverified",
         _ => "unspecified",
     }
 }
