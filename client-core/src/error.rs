@@ -124,6 +124,10 @@ pub enum Error {
     /// The group is being left (`Client::leave_group`): it takes no more changes.
     #[error("this device is leaving the group")]
     LeavingGroup,
+    /// A push target of the wrong form (an empty or overlong URL or token, a
+    /// character that is not visible ASCII), refused before it is sent.
+    #[error("invalid push target: {0}")]
+    InvalidPushTarget(String),
 }
 
 impl Error {

@@ -69,5 +69,6 @@ pub use client::{
 #[doc(no_inline)]
 pub use error::ErrorCode;
 pub use error::{Error, Result};
+pub use tern_proto::PushTarget;
 #[doc(no_inline)]
 pub use tern_proto::VerificationId;

@@ -51,6 +51,12 @@ pub enum ErrorCode {
     UnknownGroup,
     /// The group handle is taken.
     GroupExists,
+    /// The relay refuses this push target: a gateway URL not on its operator's
+    /// allowlist, an endpoint that is not https, or a relay that sends no wake-ups.
+    PushTargetRefused,
+    /// The UnifiedPush endpoint did not answer the discovery request as the
+    /// UnifiedPush server specification asks.
+    PushEndpointUnverified,
 }
 
 impl ErrorCode {
@@ -86,6 +92,8 @@ impl ErrorCode {
             ErrorCode::StaleEpoch => "stale epoch",
             ErrorCode::UnknownGroup => "unknown group",
             ErrorCode::GroupExists => "group exists",
+            ErrorCode::PushTargetRefused => "push target refused",
+            ErrorCode::PushEndpointUnverified => "push endpoint unverified",
         }
     }
 }
@@ -118,6 +126,8 @@ impl From<v1::ErrorCode> for ErrorCode {
             v1::ErrorCode::StaleEpoch => ErrorCode::StaleEpoch,
             v1::ErrorCode::UnknownGroup => ErrorCode::UnknownGroup,
             v1::ErrorCode::GroupExists => ErrorCode::GroupExists,
+            v1::ErrorCode::PushTargetRefused => ErrorCode::PushTargetRefused,
+            v1::ErrorCode::PushEndpointUnverified => ErrorCode::PushEndpointUnverified,
         }
     }
 }
@@ -144,6 +154,8 @@ impl From<ErrorCode> for v1::ErrorCode {
             ErrorCode::StaleEpoch => v1::ErrorCode::StaleEpoch,
             ErrorCode::UnknownGroup => v1::ErrorCode::UnknownGroup,
             ErrorCode::GroupExists => v1::ErrorCode::GroupExists,
+            ErrorCode::PushTargetRefused => v1::ErrorCode::PushTargetRefused,
+            ErrorCode::PushEndpointUnverified => v1::ErrorCode::PushEndpointUnverified,
         }
     }
 }
@@ -154,7 +166,7 @@ mod tests {
 
     #[test]
     fn every_wire_code_round_trips_and_unknown_ones_are_unspecified() {
-        for wire in 0..=18 {
+        for wire in 0..=20 {
             let code = ErrorCode::from_wire(wire);
             assert_eq!(code.to_wire(), wire);
             assert_ne!(code.as_str(), "");
@@ -166,7 +178,9 @@ mod tests {
         assert_eq!(ErrorCode::from_wire(15), ErrorCode::StaleDeviceList);
         assert_eq!(ErrorCode::from_wire(16), ErrorCode::StaleEpoch);
         assert_eq!(ErrorCode::from_wire(18), ErrorCode::GroupExists);
-        for unknown in [-1, 19, 1000, i32::MAX, i32::MIN] {
+        assert_eq!(ErrorCode::from_wire(19), ErrorCode::PushTargetRefused);
+        assert_eq!(ErrorCode::from_wire(20), ErrorCode::PushEndpointUnverified);
+        for unknown in [-1, 1000, i32::MAX, i32::MIN] {
             assert_eq!(ErrorCode::from_wire(unknown), ErrorCode::Unspecified);
         }
     }

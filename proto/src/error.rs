@@ -52,6 +52,10 @@ pub enum Problem {
     /// Not a well-formed device list.
     #[error(transparent)]
     DeviceList(#[from] crate::device_list::DeviceListError),
+    /// A value of the wrong form (characters outside the allowed set): the phrase
+    /// says which form was expected.
+    #[error("{0}")]
+    Invalid(&'static str),
 }
 
 /// A wire message that decoded but does not validate: which field, what was wrong

@@ -87,6 +87,7 @@ pub mod ids;
 pub mod keys;
 pub mod limits;
 pub mod media;
+pub mod push;
 pub mod reply;
 pub mod request;
 pub mod verification;
@@ -103,6 +104,7 @@ pub use groups::{
 pub use ids::{AccountId, DeviceAddress, DeviceId, IdError, MessageId};
 pub use keys::{DeviceBundle, KeyUpload, SignedKey};
 pub use media::{BlobId, BlobStatus, BlobStreamRequest, BlobStreamResponse};
+pub use push::PushTarget;
 pub use reply::{Delivery, ErrorReply, NextCertificate, Reply, ServerFrameError, ServerMessage};
 pub use request::{ClientRequest, Envelope, Request, RequestError, RequestKind, SlotId};
 pub use verification::{Code, VerificationId, E164};

@@ -50,3 +50,9 @@ pub const MAX_KEY_PACKAGES_PER_PUBLISH: usize = 200;
 pub const MAX_RECIPIENT_DEVICES: usize = 1000;
 /// Most sends in one group commit: the commit, then the welcome.
 pub const MAX_COMMIT_SENDS: usize = 2;
+/// Longest push URL (a UnifiedPush endpoint or a gateway URL), bytes: the UnifiedPush
+/// server specification's bound on endpoints.
+pub const MAX_PUSH_URL: usize = 1000;
+/// Longest device token a push gateway target carries, bytes (APNs tokens are 64 hex
+/// digits, FCM registration tokens about 160 characters).
+pub const MAX_PUSH_TOKEN: usize = 512;

@@ -25,6 +25,7 @@ mod connections;
 mod discovery;
 mod objects;
 mod postgres;
+mod push;
 mod rate;
 pub mod reference;
 mod verification;
@@ -35,6 +36,7 @@ pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
 pub use self::objects::ObjectsConfig;
 pub use self::postgres::PostgresConfig;
+pub use self::push::PushConfig;
 pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};
 pub use self::verification::{VerificationConfig, VerifierKind, WebhookConfig};
 
@@ -76,6 +78,8 @@ pub struct Config {
     pub postgres: PostgresConfig,
     /// The admin listener: metrics, health, admin commands.
     pub admin: AdminConfig,
+    /// Content-free wake-ups for devices that are not connected.
+    pub push: PushConfig,
 }
 
 /// Media limits and lifetime.
@@ -232,6 +236,7 @@ impl Default for Config {
             verification: VerificationConfig::default(),
             postgres: PostgresConfig::default(),
             admin: AdminConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -370,6 +375,7 @@ impl Config {
                 .validate(self.storage.backend == StorageBackend::Postgres),
             self.objects.validate(),
             self.admin.validate(),
+            self.push.validate(),
             check(
                 self.tls.cert.is_some() == self.tls.key.is_some(),
                 "tls.cert and tls.key go together",

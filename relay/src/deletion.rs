@@ -588,6 +588,7 @@ impl Removal {
         // By a scan of the account's keys: also those of a device no list names.
         stores.keys.remove_account_keys(account)?;
         stores.key_packages.remove_account_key_packages(account)?;
+        stores.push.remove_account_push_targets(account)?;
         crate::store::fault::check(crate::store::fault::Site::AccountDeletion)
             .map_err(|e| crate::store::StoreError::from_io("account deletion", &e))?;
         deleted.uploads = self.blobs.remove_account(account).map_err(Error::from)? as u64;

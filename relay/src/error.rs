@@ -101,6 +101,9 @@ pub enum Error {
     /// A phone verification check was refused.
     #[error(transparent)]
     Verification(#[from] crate::verification::VerificationError),
+    /// A push target was refused.
+    #[error(transparent)]
+    Push(#[from] crate::push::PushError),
 }
 
 impl Error {
@@ -148,6 +151,8 @@ impl Error {
                     V::NotSent { .. } => ErrorCode::Unavailable,
                 }
             }
+            Error::Push(crate::push::PushError::Refused(_)) => ErrorCode::PushTargetRefused,
+            Error::Push(crate::push::PushError::Unverified(_)) => ErrorCode::PushEndpointUnverified,
             Error::Blob(b) => {
                 use crate::media::BlobError as B;
                 match b {

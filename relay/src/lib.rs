@@ -27,6 +27,8 @@
 //!     evaluation and lookup limits, and the published filter.
 //!   - [`verification`]: phone verification sessions, verifiers (webhook, dev
 //!     file), start limits; a verified number becomes a discovery tag.
+//!   - [`push`]: push targets and content-free wake-ups for devices that are not
+//!     connected (UnifiedPush endpoints, app publishers' gateways).
 //! - [`store`]: the storage traits, the mailbox log, sled and in-memory backends, how
 //!   they are composed ([`store::Stores`]) and made durable ([`store::GroupCommit`]);
 //!   [`store::pg`]: the shared PostgreSQL backend, for relays of several nodes.
@@ -136,6 +138,7 @@ pub mod error;
 pub mod export;
 pub mod logging;
 pub mod metrics;
+pub mod push;
 pub mod server;
 
 pub(crate) mod certificates;

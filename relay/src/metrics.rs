@@ -542,6 +542,8 @@ const ERROR_LABELS: &[&str] = &[
     "stale_epoch",
     "unknown_group",
     "group_exists",
+    "push_target_refused",
+    "push_endpoint_unverified",
 ];
 
 /// A code's place in [`ERROR_LABELS`].
@@ -566,6 +568,8 @@ fn error_slot(code: tern_proto::ErrorCode) -> usize {
         C::StaleEpoch => 16,
         C::UnknownGroup => 17,
         C::GroupExists => 18,
+        C::PushTargetRefused => 19,
+        C::PushEndpointUnverified => 20,
         _ => 0,
     }
 }

@@ -349,6 +349,7 @@ pub struct Relay {
     removal: Arc<DeviceRemoval>,
     discovery: Arc<Discovery>,
     verification: Arc<Verification>,
+    push: Arc<crate::push::Push>,
     endpoint: quinn::Endpoint,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -520,6 +521,15 @@ impl Relay {
         if resumed > 0 {
             info!(resumed, "interrupted device removals finished");
         }
+        let push = Arc::new(crate::push::Push::new(
+            services.stores().push.clone(),
+            services.commit().clone(),
+            services.tombstones().clone(),
+            &config.push,
+        )?);
+        if config.push.enabled {
+            services.mailboxes.set_push(push.waker());
+        }
         let settings = Arc::new(ConnSettings {
             max_frame: config.limits.max_frame_bytes,
             max_requests: config.limits.max_requests_per_connection,
@@ -537,6 +547,7 @@ impl Relay {
             discovery: discovery.clone(),
             verification: verification.clone(),
             next_certificate: certificates.announced(),
+            push: push.clone(),
         });
         // The last step that can fail: the token and address are written before any
         // task is spawned, so a failed start leaves nothing running.
@@ -633,6 +644,9 @@ impl Relay {
             shutdown.subscribe(),
         ));
         let mut tasks = vec![accept, sweeper, disk, publisher, verifications, switcher];
+        if config.push.enabled {
+            tasks.extend(push.start(services.mailboxes.active(), shutdown.subscribe()));
+        }
         let admin = admin.map(|(listener, bound, state)| {
             tasks.push(tokio::spawn(crate::admin::server::serve(
                 listener,
@@ -654,6 +668,7 @@ impl Relay {
             removal,
             discovery,
             verification,
+            push,
             endpoint,
             shutdown,
             tasks,
@@ -710,6 +725,11 @@ impl Relay {
     /// Phone verification, for tests and operators' tools.
     pub fn verification(&self) -> &Arc<Verification> {
         &self.verification
+    }
+
+    /// Push registration and wake-ups, for tests (their counts by outcome).
+    pub fn push(&self) -> &Arc<crate::push::Push> {
+        &self.push
     }
 
     /// The media store, for operators' tools and tests (its received-bytes counter).

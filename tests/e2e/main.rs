@@ -34,6 +34,7 @@ mod multi;
 mod multihost;
 mod ops;
 mod partition;
+mod push;
 mod rotate_cert;
 mod security;
 mod storage;

@@ -44,6 +44,7 @@ mod keys;
 mod linking;
 mod outbox;
 mod pins;
+mod push;
 mod send;
 mod state;
 mod sync;

@@ -114,6 +114,7 @@ async fn connected(shared: &Shared, backoff: &mut Backoff) -> Result<()> {
     };
     maintain_keys(shared, &conn).await?;
     maintain_devices(shared, &conn).await?;
+    super::push::maintain_push(shared, &conn).await?;
     backoff.reset();
     // Sealed sends go over a connection that never authenticates (`shared.anon`),
     // so the relay cannot tie them to this device by connection.

@@ -35,6 +35,7 @@ mod dial;
 mod discovery;
 mod groups;
 mod media;
+mod push;
 pub mod tls;
 
 pub use devices::DeviceListing;

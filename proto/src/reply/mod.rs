@@ -135,6 +135,10 @@ pub enum Reply {
     },
     /// What was stored of a multi-recipient send.
     MultiSend(MultiSendResult),
+    /// The device's push target is stored (and, for a UnifiedPush endpoint, checked).
+    SetPushTarget,
+    /// The device has no push target now.
+    ClearPushTarget,
 }
 
 /// A refusal: the code, a human-readable detail (never identifiers or message
@@ -421,6 +425,8 @@ impl From<Reply> for Wire {
                 results: results.into_iter().map(Into::into).collect(),
             }),
             Reply::MultiSend(result) => Wire::MultiSend(result.into()),
+            Reply::SetPushTarget => Wire::SetPushTarget(v1::SetPushTargetResponse {}),
+            Reply::ClearPushTarget => Wire::ClearPushTarget(v1::ClearPushTargetResponse {}),
         }
     }
 }
@@ -622,6 +628,8 @@ impl TryFrom<Wire> for Result<Reply, ErrorReply> {
                 results: r.results.into_iter().map(Into::into).collect(),
             },
             Wire::MultiSend(r) => Reply::MultiSend(r.into()),
+            Wire::SetPushTarget(v1::SetPushTargetResponse {}) => Reply::SetPushTarget,
+            Wire::ClearPushTarget(v1::ClearPushTargetResponse {}) => Reply::ClearPushTarget,
         }))
     }
 }

@@ -40,6 +40,7 @@ use crate::limits::{
     SLOT_ID_LEN, TOKEN_HASH_LEN,
 };
 use crate::media::BlobId;
+use crate::push::PushTarget;
 use crate::v1::{self, client_frame::Body};
 use crate::verification::{Code, VerificationId, E164, VERIFICATION_ID_LEN};
 
@@ -272,6 +273,10 @@ pub enum Request {
     GroupCommit(GroupCommit),
     /// One message to many devices, stored once (any connection).
     MultiSend(MultiSend),
+    /// Where the authenticated device's wake-ups go (replaces an earlier target).
+    SetPushTarget(PushTarget),
+    /// Forgets the authenticated device's push target.
+    ClearPushTarget,
 }
 
 /// A provisioning slot's id: 16 random bytes chosen by the new device.
@@ -353,6 +358,10 @@ pub enum RequestKind {
     GroupCommit,
     /// [`Request::MultiSend`].
     MultiSend,
+    /// [`Request::SetPushTarget`].
+    SetPushTarget,
+    /// [`Request::ClearPushTarget`].
+    ClearPushTarget,
 }
 
 impl RequestKind {
@@ -391,6 +400,8 @@ impl RequestKind {
             RequestKind::CreateGroup => "create_group",
             RequestKind::GroupCommit => "group_commit",
             RequestKind::MultiSend => "multi_send",
+            RequestKind::SetPushTarget => "set_push_target",
+            RequestKind::ClearPushTarget => "clear_push_target",
         }
     }
 
@@ -399,7 +410,8 @@ impl RequestKind {
     /// token, `sender_certificate`, `set_delivery_token`, `delete_account`,
     /// `discovery_evaluate`, `discovery_lookup`, `set_discoverable`,
     /// `start_verification`, `check_verification`, `deposit_provisioning`,
-    /// `publish_device_list`, `remove_device`, `publish_key_packages`; `add_device`
+    /// `publish_device_list`, `remove_device`, `publish_key_packages`,
+    /// `set_push_target`, `clear_push_target`; `add_device`
     /// as a device of the same account). `discovery_filter`, `open_provisioning`,
     /// `take_provisioning`, `fetch_key_packages`, `create_group`, `group_commit` and
     /// `multi_send` are anonymous. Note for a relay keeping today's answers: for all but
@@ -425,6 +437,8 @@ impl RequestKind {
                 | RequestKind::PublishDeviceList
                 | RequestKind::RemoveDevice
                 | RequestKind::PublishKeyPackages
+                | RequestKind::SetPushTarget
+                | RequestKind::ClearPushTarget
         )
     }
 }
@@ -471,6 +485,8 @@ impl Request {
             Request::CreateGroup { .. } => RequestKind::CreateGroup,
             Request::GroupCommit(_) => RequestKind::GroupCommit,
             Request::MultiSend(_) => RequestKind::MultiSend,
+            Request::SetPushTarget(_) => RequestKind::SetPushTarget,
+            Request::ClearPushTarget => RequestKind::ClearPushTarget,
         }
     }
 }
@@ -509,6 +525,8 @@ fn body_kind(body: &Body) -> RequestKind {
         Body::CreateGroup(_) => RequestKind::CreateGroup,
         Body::GroupCommit(_) => RequestKind::GroupCommit,
         Body::MultiSend(_) => RequestKind::MultiSend,
+        Body::SetPushTarget(_) => RequestKind::SetPushTarget,
+        Body::ClearPushTarget(_) => RequestKind::ClearPushTarget,
     }
 }
 
@@ -733,6 +751,8 @@ impl TryFrom<Body> for Request {
             },
             Body::GroupCommit(r) => Request::GroupCommit(GroupCommit::try_from(r)?),
             Body::MultiSend(r) => Request::MultiSend(MultiSend::try_from(r)?),
+            Body::SetPushTarget(r) => Request::SetPushTarget(PushTarget::try_from(r)?),
+            Body::ClearPushTarget(_) => Request::ClearPushTarget,
         })
     }
 }
@@ -951,6 +971,8 @@ impl From<Request> for Body {
             }
             Request::GroupCommit(commit) => Body::GroupCommit(commit.into()),
             Request::MultiSend(send) => Body::MultiSend(send.into()),
+            Request::SetPushTarget(target) => Body::SetPushTarget(target.into()),
+            Request::ClearPushTarget => Body::ClearPushTarget(v1::ClearPushTargetRequest {}),
         }
     }
 }

@@ -275,6 +275,7 @@ impl DeviceRemoval {
             services.accounts().forget(&addr.account);
             stores.keys.remove_device(&addr)?;
             stores.key_packages.remove_key_packages(&addr)?;
+            stores.push.remove_push_target(&addr, None)?;
             services.mailboxes().purge(&addr)?;
             Ok(())
         })

@@ -202,6 +202,11 @@ pub(crate) async fn fill(w: &World) -> (AuthenticatedDevice, AuthenticatedDevice
             .publish_key_packages(&at, &[kp(1), kp(2)], last.as_ref(), false)
             .expect("key packages");
     }
+    // A push target on the second device.
+    let endpoint = "https://up.example/bob2".to_owned();
+    (w.stores.push)
+        .put_push_target(&bob2, &tern_proto::PushTarget::UnifiedPush { endpoint })
+        .expect("push target");
     // A finished blob (a charge) and an unfinished upload.
     let done = b"a finished blob";
     let id: [u8; 32] = Sha256::digest(done).into();
@@ -254,6 +259,7 @@ fn nothing_left(w: &World, account: &AccountId, devices: &[DeviceId]) {
         assert_eq!(s.published(&addr).expect("keys"), Published::default());
         let packages = w.stores.key_packages.key_package_counts(&addr);
         assert_eq!(packages.expect("key packages"), Default::default());
+        assert_eq!(w.stores.push.push_target(&addr).expect("push target"), None);
     }
     assert!(s.uploads_of(account).expect("uploads").is_empty());
     assert!(s.charges_of(account).expect("charges").is_empty());

@@ -198,6 +198,9 @@ pub fn write_with(
                 last_resort: counts.last_resort,
             },
         )?;
+        let push = stores.push.push_target(&addr)?;
+        out.write_all(br#","push_target":"#)?;
+        json(out, &push.map(model::PushTargetExport::from))?;
         write!(
             out,
             r#","queue":{{"messages":{},"bytes":{},"items":["#,

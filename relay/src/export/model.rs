@@ -24,6 +24,37 @@ pub struct KeyPackages {
     pub last_resort: bool,
 }
 
+/// A device's push target, whole: what the relay holds is the user's to see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PushTargetExport {
+    /// A UnifiedPush endpoint.
+    UnifiedPush {
+        /// The endpoint URL.
+        endpoint: String,
+    },
+    /// An app publisher's gateway and the device's token there.
+    Gateway {
+        /// The gateway URL.
+        url: String,
+        /// The device's token.
+        device_token: String,
+    },
+}
+
+impl From<tern_proto::PushTarget> for PushTargetExport {
+    fn from(t: tern_proto::PushTarget) -> Self {
+        match t {
+            tern_proto::PushTarget::UnifiedPush { endpoint } => {
+                PushTargetExport::UnifiedPush { endpoint }
+            }
+            tern_proto::PushTarget::Gateway { url, device_token } => {
+                PushTargetExport::Gateway { url, device_token }
+            }
+        }
+    }
+}
+
 /// One queued message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueItem {

@@ -72,7 +72,29 @@ async fn an_export_holds_every_stored_item_and_matches_the_schema() {
         .accounts()
         .authenticate(*bob.address(), &exporter, &proof)
         .expect("authenticate");
+    // A push target on the first device: exported whole (the user's own data).
+    let push = tern_proto::PushTarget::Gateway {
+        url: "https://gw.example/wake".into(),
+        device_token: "bob-token".into(),
+    };
+    let first = DeviceAddress {
+        account,
+        device: tern_proto::DeviceId::PRIMARY,
+    };
+    stores
+        .push
+        .put_push_target(&first, &push)
+        .expect("push target");
     let v = export(stores, &account, ExportOptions::default());
+    let devs = &v["account"]["devices"];
+    assert_eq!(
+        devs[0]["push_target"],
+        serde_json::json!({"kind": "gateway", "url": "https://gw.example/wake", "device_token": "bob-token"})
+    );
+    assert_eq!(
+        devs[1]["push_target"],
+        serde_json::json!({"kind": "unified_push", "endpoint": "https://up.example/bob2"})
+    );
     valid(&v);
     assert_eq!(v["account"]["created_day"], 0);
     let days = |d: &Value| (d["created_day"].clone(), d["last_seen_day"].clone());

@@ -117,6 +117,12 @@ impl ActiveMailboxes {
         }
     }
 
+    /// Whether `addr` has a subscriber here (a connection taking its deliveries).
+    pub(crate) fn has_subscriber(&self, addr: &DeviceAddress) -> bool {
+        let state = lock(&self.devices).get(addr).cloned();
+        state.is_some_and(|s| lock(&s.subscriber).is_some())
+    }
+
     /// Claims deliveries for `address`, displacing any earlier subscription of it.
     pub(crate) fn subscribe(self: &Arc<Self>, address: DeviceAddress) -> Subscription {
         let wakeup = Arc::new(Wakeup {

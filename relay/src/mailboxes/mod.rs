@@ -38,6 +38,7 @@ use crate::core::limits::Limits;
 use crate::core::rate::{RateLimits, SenderKey};
 use crate::deletion::Tombstones;
 use crate::error::{Error, Result};
+use crate::push::Waker;
 use crate::store::{Envelope, GroupCommit, MailboxStore, Staged, StoreError, StoredMessage, Usage};
 
 mod active;
@@ -59,6 +60,8 @@ pub struct Mailboxes {
     active: Arc<ActiveMailboxes>,
     tombstones: Arc<Tombstones>,
     cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// Wake-ups for recipients with no connection (`crate::push`).
+    push: std::sync::OnceLock<Waker>,
 }
 
 impl std::fmt::Debug for Mailboxes {
@@ -86,6 +89,8 @@ pub struct Appended {
     active: Arc<ActiveMailboxes>,
     /// Told after the commit, so the other nodes wake the recipient.
     cluster: Option<Arc<Cluster>>,
+    /// Told after the commit when the recipient has no connection here.
+    push: Option<Waker>,
 }
 
 impl Appended {
@@ -103,7 +108,7 @@ impl Appended {
             self.staged,
             &self.commit,
             &self.active,
-            self.cluster.as_deref(),
+            (self.cluster.as_deref(), self.push.as_ref()),
             to,
             self.sealed,
         )
@@ -114,13 +119,13 @@ impl Appended {
 
 /// Waits until `staged` is durable as configured (the group commit every embedded
 /// write shares, or the shared backend's transaction), then tells the mailboxes `to`:
-/// a write the store made visible only now wakes them here, and other nodes hear of
-/// them through `cluster`.
+/// a write the store made visible only now wakes them here, other nodes hear of
+/// them through `cluster`, and those with no connection here get a push wake-up.
 async fn settle<T>(
     staged: Staged<T>,
     commit: &GroupCommit,
     active: &ActiveMailboxes,
-    cluster: Option<&Cluster>,
+    (cluster, push): (Option<&Cluster>, Option<&Waker>),
     to: &[DeviceAddress],
     sealed: bool,
 ) -> Result<()> {
@@ -137,6 +142,12 @@ async fn settle<T>(
     if let Some(cluster) = cluster {
         for a in to {
             cluster.mail(a);
+        }
+    }
+    // The delivery hook: only once durable, and never waiting (a full queue drops).
+    if let Some(push) = push {
+        for a in to.iter().filter(|a| !active.has_subscriber(a)) {
+            push.mail(a);
         }
     }
     Ok(())
@@ -214,6 +225,7 @@ impl Mailboxes {
             active: Arc::default(),
             tombstones: Arc::default(),
             cluster: std::sync::OnceLock::new(),
+            push: std::sync::OnceLock::new(),
         }
     }
 
@@ -283,6 +295,7 @@ impl Mailboxes {
             sealed,
             active: self.active.clone(),
             cluster: self.cluster.get().cloned(),
+            push: self.push.get().cloned(),
         })
     }
 
@@ -297,6 +310,12 @@ impl Mailboxes {
         let _ = self.cluster.set(cluster);
     }
 
+    /// Sends push wake-ups through `waker` for mail committed to a device with no
+    /// connection here. Once; later calls are ignored.
+    pub(crate) fn set_push(&self, waker: Waker) {
+        let _ = self.push.set(waker);
+    }
+
     /// The cluster these mailboxes joined, if the relay has several nodes.
     pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()
@@ -304,6 +323,9 @@ impl Mailboxes {
 
     /// Claims deliveries for a device, displacing any earlier connection of it.
     pub fn subscribe(&self, device: &AuthenticatedDevice) -> Subscription {
+        if let Some(push) = self.push.get() {
+            push.seen(device.address());
+        }
         self.active.subscribe(*device.address())
     }
 

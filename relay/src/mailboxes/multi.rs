@@ -58,6 +58,7 @@ pub struct MultiAppended {
     commit: Arc<GroupCommit>,
     active: Arc<ActiveMailboxes>,
     cluster: Option<Arc<Cluster>>,
+    push: Option<crate::push::Waker>,
 }
 
 impl MultiAppended {
@@ -71,8 +72,8 @@ impl MultiAppended {
     /// was accepted and refused.
     pub async fn commit(self) -> Result<MultiSendResult> {
         if let Some(staged) = self.staged {
-            let cluster = self.cluster.as_deref();
-            settle(staged, &self.commit, &self.active, cluster, &self.to, true).await?;
+            let hints = (self.cluster.as_deref(), self.push.as_ref());
+            settle(staged, &self.commit, &self.active, hints, &self.to, true).await?;
         }
         Ok(MultiSendResult {
             accepted: u32::try_from(self.to.len()).unwrap_or(u32::MAX),
@@ -196,6 +197,7 @@ impl Mailboxes {
             commit: self.commit.clone(),
             active: self.active.clone(),
             cluster: self.cluster.get().cloned(),
+            push: self.push.get().cloned(),
         };
         if !candidates.is_empty() {
             let addrs: Vec<DeviceAddress> = candidates.iter().map(|c| c.to).collect();

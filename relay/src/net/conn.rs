@@ -50,6 +50,7 @@ mod push;
 mod send;
 mod standing;
 mod verification;
+mod wakeups;
 use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
@@ -89,6 +90,8 @@ pub(crate) struct ConnSettings {
     pub(crate) verification: Arc<crate::verification::Verification>,
     /// The staged certificate authenticated clients are told about.
     pub(crate) next_certificate: watch::Receiver<Option<tern_proto::NextCertificate>>,
+    /// Wakes devices that have no connection.
+    pub(crate) push: Arc<crate::push::Push>,
 }
 
 struct AckCmd {
@@ -551,6 +554,8 @@ impl Session {
             } => self.take_provisioning(id, slot, reader_secret).await,
             Request::PublishDeviceList(list) => self.publish_device_list(id, list).await,
             Request::RemoveDevice { device, list } => self.remove_device(id, device, list).await,
+            Request::SetPushTarget(target) => self.set_push_target(id, target).await,
+            Request::ClearPushTarget => self.clear_push_target(id).await,
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::pg::PgBackend;
 use super::{
     AccountStore, BlobIndex, DiscoveryStore, Flush, GroupStore, KeyPackageStore, KeyStore,
-    MailboxStore, MemorySlots, ProvisioningStore, StoreResult,
+    MailboxStore, MemorySlots, ProvisioningStore, PushStore, StoreResult,
 };
 
 mod marked;
@@ -26,6 +26,8 @@ pub struct Stores {
     pub key_packages: Arc<dyn KeyPackageStore>,
     /// Group handles and their epochs.
     pub groups: Arc<dyn GroupStore>,
+    /// Devices' push targets.
+    pub push: Arc<dyn PushStore>,
     /// Media metadata.
     pub blobs: Arc<dyn BlobIndex>,
     /// Discovery tags and evaluation buckets. Tag changes flush themselves (they are
@@ -60,7 +62,8 @@ impl Stores {
             + KeyPackageStore
             + GroupStore
             + BlobIndex
-            + DiscoveryStore,
+            + DiscoveryStore
+            + PushStore,
     {
         Stores {
             discovery: store.clone(),
@@ -69,6 +72,7 @@ impl Stores {
             keys: store.clone(),
             key_packages: store.clone(),
             groups: store.clone(),
+            push: store.clone(),
             blobs: store.clone(),
             provisioning: Arc::new(MemorySlots::new()),
             flush: store,
@@ -105,6 +109,7 @@ impl Stores {
             + GroupStore
             + BlobIndex
             + DiscoveryStore
+            + PushStore
             + Flush,
     {
         let mailboxes = Arc::new(Marked::new(mailboxes));
@@ -115,6 +120,7 @@ impl Stores {
             keys: rest.clone(),
             key_packages: rest.clone(),
             groups: rest.clone(),
+            push: rest.clone(),
             blobs: rest.clone(),
             discovery: rest.clone(),
             provisioning: Arc::new(MemorySlots::new()),

@@ -10,6 +10,7 @@ mod devices;
 mod discovery;
 mod groups;
 mod more;
+mod push;
 mod shared;
 pub(super) use deletion::{deletion_rules, purge_rules};
 pub(super) use devices::{device_rules, slot_rules};
@@ -18,6 +19,7 @@ pub(super) use groups::{
     concurrent_advances, concurrent_key_package_fetches, group_rules, key_package_rules,
 };
 pub(super) use more::{day_rules, key_account_rules};
+pub(super) use push::{gateway, push_rules};
 pub(super) use shared::{shared_bodies_across_reopen, shared_body_rules};
 
 pub(in crate::store) fn addr(a: u8, d: u32) -> DeviceAddress {

@@ -22,9 +22,50 @@ pub struct MemoryStore {
     pub(super) discovery: Mutex<super::discovery::MemDiscovery>,
     /// Key packages and group epochs, apart too (`memory/groups.rs`).
     groups: Mutex<groups::MemGroups>,
+    /// Push targets per device.
+    push: Mutex<HashMap<DeviceAddress, tern_proto::PushTarget>>,
 }
 
 mod groups;
+
+impl super::PushStore for MemoryStore {
+    fn put_push_target(
+        &self,
+        of: &DeviceAddress,
+        target: &tern_proto::PushTarget,
+    ) -> StoreResult<()> {
+        self.push_targets().insert(*of, target.clone());
+        Ok(())
+    }
+
+    fn push_target(&self, of: &DeviceAddress) -> StoreResult<Option<tern_proto::PushTarget>> {
+        Ok(self.push_targets().get(of).cloned())
+    }
+
+    fn remove_push_target(
+        &self,
+        of: &DeviceAddress,
+        only: Option<&tern_proto::PushTarget>,
+    ) -> StoreResult<bool> {
+        let mut targets = self.push_targets();
+        if only.is_some_and(|t| targets.get(of) != Some(t)) {
+            return Ok(false);
+        }
+        Ok(targets.remove(of).is_some())
+    }
+
+    fn remove_account_push_targets(&self, account: &AccountId) -> StoreResult<()> {
+        self.push_targets().retain(|a, _| a.account != *account);
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    fn push_targets(&self) -> MutexGuard<'_, HashMap<DeviceAddress, tern_proto::PushTarget>> {
+        // Each call is one map operation: nothing is half done.
+        self.push.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -658,6 +699,11 @@ mod tests {
         super::super::conformance::discovery_rules(&super::MemoryStore::new());
         super::super::conformance::device_rules(&super::MemoryStore::new());
         super::super::conformance::slot_rules(&super::super::MemorySlots::new());
+    }
+
+    #[test]
+    fn push_targets() {
+        super::super::conformance::push_rules(&super::MemoryStore::new());
     }
 
     #[test]

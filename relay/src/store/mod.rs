@@ -2,7 +2,8 @@
 //! [`AccountStore`] for accounts and their device keys, [`KeyStore`] for published
 //! prekeys, [`BlobIndex`] for media records, [`DiscoveryStore`] for discovery tags,
 //! [`KeyPackageStore`] and [`GroupStore`] for MLS key packages and group epochs
-//! (`store/groups.rs`); every backend also implements [`Flush`].
+//! (`store/groups.rs`), [`PushStore`] for devices' push targets (`store/push.rs`);
+//! every backend also implements [`Flush`].
 //!
 //! - [`LogStore`]: the mailbox log (the default for mailboxes), segment files with
 //!   the index in memory.
@@ -46,6 +47,7 @@ mod groups;
 mod log;
 mod memory;
 pub mod pg;
+pub(crate) mod push;
 mod seq;
 mod shared;
 mod sled;
@@ -66,6 +68,7 @@ pub use self::groups::{
 };
 pub use self::log::{LogOptions, LogStore, DEFAULT_SEGMENT_BYTES, SCRUB_INTERVAL};
 pub use self::memory::MemoryStore;
+pub use self::push::PushStore;
 pub use self::shared::{SharedAppend, SharedEntry};
 pub use self::sled::{DeviceKeysDump, DiscoveryDump, DumpedPackages, SledStore};
 pub use self::slots::{MemorySlots, ProvisioningStore, SlotOpen, SlotTake};

@@ -102,6 +102,7 @@ fn device_gone(w: &World, at: &DeviceAddress) {
     assert_eq!(s.published(at).expect("keys"), Published::default());
     let packages = w.stores.key_packages.key_package_counts(at);
     assert_eq!(packages.expect("key packages"), Default::default());
+    assert_eq!(w.stores.push.push_target(at).expect("push target"), None);
     assert!(w
         .stores
         .accounts
@@ -127,6 +128,7 @@ async fn the_primary_removes_a_linked_device_and_nothing_of_it_is_left() {
         2,
         "fill published some"
     );
+    assert!(w.stores.push.push_target(&second).expect("read").is_some());
     let r = removal(&w, 45);
 
     let list = signed_list(&w, &account, 2, 1, Some(second.device));

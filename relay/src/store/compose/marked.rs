@@ -435,6 +435,29 @@ impl<S: crate::store::GroupStore + ?Sized> crate::store::GroupStore for Marked<S
     }
 }
 
+impl<S: crate::store::PushStore + ?Sized> crate::store::PushStore for Marked<S> {
+    fn put_push_target(
+        &self,
+        of: &DeviceAddress,
+        target: &tern_proto::PushTarget,
+    ) -> StoreResult<()> {
+        self.write(|s| s.put_push_target(of, target))
+    }
+    fn push_target(&self, of: &DeviceAddress) -> StoreResult<Option<tern_proto::PushTarget>> {
+        self.store.push_target(of)
+    }
+    fn remove_push_target(
+        &self,
+        of: &DeviceAddress,
+        only: Option<&tern_proto::PushTarget>,
+    ) -> StoreResult<bool> {
+        self.write(|s| s.remove_push_target(of, only))
+    }
+    fn remove_account_push_targets(&self, account: &AccountId) -> StoreResult<()> {
+        self.write(|s| s.remove_account_push_targets(account))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::expect_used)]

@@ -301,7 +301,11 @@ impl KeyPackageStore for PgBackend {
 
 impl PgBackend {
     /// Deletes one device's rows from each of `tables`, in one transaction.
-    fn delete_device_rows(&self, tables: &[&str], of: &DeviceAddress) -> StoreResult<()> {
+    pub(super) fn delete_device_rows(
+        &self,
+        tables: &[&str],
+        of: &DeviceAddress,
+    ) -> StoreResult<()> {
         let (account, device) = params(of);
         self.run(async {
             let mut client = self.client().await?;
@@ -315,7 +319,11 @@ impl PgBackend {
     }
 
     /// Deletes an account's rows from each of `tables`, in one transaction.
-    fn delete_account_rows(&self, tables: &[&str], account: &AccountId) -> StoreResult<()> {
+    pub(super) fn delete_account_rows(
+        &self,
+        tables: &[&str],
+        account: &AccountId,
+    ) -> StoreResult<()> {
         let account = &account.as_bytes()[..];
         self.run(async {
             let mut client = self.client().await?;

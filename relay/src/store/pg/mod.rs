@@ -46,6 +46,9 @@ mod rows;
 // Issue 16: provisioning slots (device lists and removals are in `accounts`).
 mod provisioning;
 
+// Issue 19: push targets.
+mod push;
+
 // Package B2: discovery, verification sessions, start limits.
 pub mod rates;
 mod verification;

@@ -27,8 +27,9 @@
 //! | `S` account device | signed prekey: id, key, signature |
 //! | `O` account device id | one-time prekey |
 //!
-//! MLS key packages (`key_packages`, `sled/keys.rs`) and group epochs (`groups`,
-//! `sled/groups.rs`) have trees of their own.
+//! MLS key packages (`key_packages`, `sled/keys.rs`), group epochs (`groups`,
+//! `sled/groups.rs`) and push targets (`push_targets`, `sled/push.rs`) have trees of
+//! their own.
 //!
 //! The blob index (`blobs`): records naming no account in one tree, what is tied to
 //! an account (uploads in progress, quota charges) in another.
@@ -53,6 +54,7 @@ mod dump;
 mod groups;
 mod keys;
 mod mailboxes;
+mod push;
 mod snapshot;
 
 pub use self::dump::{DeviceKeysDump, DiscoveryDump};
@@ -93,6 +95,8 @@ pub struct SledStore {
     key_packages: sled::Tree,
     /// Group handles and their epochs (`sled/groups.rs`); no account ids.
     groups: sled::Tree,
+    /// Push targets per device (`sled/push.rs`).
+    push_targets: sled::Tree,
     /// This open's seq epoch and each mailbox's count in it.
     seqs: Arc<Mutex<SeqCounters>>,
     /// What every mailbox holds, summed from the usage keys at open.
@@ -256,6 +260,7 @@ impl SledStore {
         let discovery = db.open_tree("discovery").map_err(backend)?;
         let key_packages = db.open_tree("key_packages").map_err(backend)?;
         let groups = db.open_tree("groups").map_err(backend)?;
+        let push_targets = db.open_tree("push_targets").map_err(backend)?;
         let seqs = Arc::new(Mutex::new(next_epoch(&db, &mailboxes)?));
         let store = SledStore {
             db,
@@ -272,6 +277,7 @@ impl SledStore {
             discovery,
             key_packages,
             groups,
+            push_targets,
             seqs,
             totals: Arc::default(),
             bodies: Arc::default(),
