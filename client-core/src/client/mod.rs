@@ -563,12 +563,28 @@ impl Client {
         plaintext: &std::path::Path,
         sealed: &std::path::Path,
     ) -> Result<AttachmentPointer> {
+        self.upload_attachment_with_progress(plaintext, sealed, &crate::media::no_progress)
+            .await
+    }
+
+    /// [`Client::upload_attachment`], telling `progress` the sealed bytes sent so far
+    /// and in all; its last call is (total, total) once the relay has the blob.
+    pub async fn upload_attachment_with_progress(
+        &self,
+        plaintext: &std::path::Path,
+        sealed: &std::path::Path,
+        progress: crate::media::Progress<'_>,
+    ) -> Result<AttachmentPointer> {
         let pointer = crate::media::encrypt_file(plaintext, sealed).await?;
         self.with_retries(|(conn, _)| {
             let pointer = pointer.clone();
-            async move { crate::media::resume_upload(&conn, &pointer, sealed).await }
+            async move {
+                crate::media::resume_upload_with_progress(&conn, &pointer, sealed, progress).await
+            }
         })
         .await?;
+        // A blob the relay already had moved no bytes.
+        progress(pointer.sealed_size, pointer.sealed_size);
         Ok(pointer)
     }
 
@@ -579,8 +595,20 @@ impl Client {
         pointer: &AttachmentPointer,
         dest: &std::path::Path,
     ) -> Result<u64> {
+        self.download_attachment_with_progress(pointer, dest, &crate::media::no_progress)
+            .await
+    }
+
+    /// [`Client::download_attachment`], telling `progress` the sealed bytes received
+    /// so far and in all.
+    pub async fn download_attachment_with_progress(
+        &self,
+        pointer: &AttachmentPointer,
+        dest: &std::path::Path,
+        progress: crate::media::Progress<'_>,
+    ) -> Result<u64> {
         self.with_retries(|(_, anon)| async move {
-            crate::media::download(&*anon.get().await?, pointer, dest).await
+            crate::media::download_with_progress(&*anon.get().await?, pointer, dest, progress).await
         })
         .await
     }
