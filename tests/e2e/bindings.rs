@@ -156,7 +156,13 @@ fn the_documented_command_generates_kotlin_and_swift_sources() {
         assert!(swift.contains(api), "the Swift source lacks {api:?}");
     }
     let header = read(&out.join("ternFFI.h"));
-    assert!(header.contains("uniffi_tern_ffi_fn_func_register"), "the C header names the functions");
-    assert!(out.join("ternFFI.modulemap").exists(), "the Swift module map");
+    assert!(
+        header.contains("uniffi_tern_ffi_fn_func_register"),
+        "the C header names the functions"
+    );
+    assert!(
+        out.join("ternFFI.modulemap").exists(),
+        "the Swift module map"
+    );
     assert!(out.join("tern.py").exists(), "the Python module too");
 }
