@@ -294,7 +294,9 @@ impl Client {
         Ok(Client::start(state, relay.clone(), clock, options.groups))
     }
 
-    /// Opens the device in `store` and starts the client.
+    /// Opens the device in `store` and starts the client. [`Error::NotRegistered`]
+    /// for an empty store; a store opened under another storage key than it was
+    /// written with is `Error::Store(StoreError::Corrupt)`.
     pub async fn open(store: Arc<dyn KvStore>) -> Result<(Client, Events)> {
         Client::open_with(store, ClientOptions::default()).await
     }
@@ -304,7 +306,13 @@ impl Client {
         store: Arc<dyn KvStore>,
         options: ClientOptions,
     ) -> Result<(Client, Events)> {
-        let state = State::load(store, options.clock.now())?.ok_or(Error::NotRegistered)?;
+        let Some(state) = State::load(store.clone(), options.clock.now())? else {
+            // Under another storage key no record is found by name, yet the records
+            // are there: reading them fails (`Corrupt`), which tells the wrong key
+            // from an empty store.
+            store.scan(crate::store::Namespace::Local)?;
+            return Err(Error::NotRegistered);
+        };
         let relay: RelayAddress = state.relay().parse()?;
         Ok(Client::start(state, relay, options.clock, options.groups))
     }
