@@ -4,6 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 mod admin;
+mod bindings;
 mod client;
 mod cluster;
 mod connections;

@@ -316,7 +316,9 @@ impl Client {
         Ok(Client::start(state, relay.clone(), clock, options.groups))
     }
 
-    /// Opens the device in `store` and starts the client.
+    /// Opens the device in `store` and starts the client. [`Error::NotRegistered`]
+    /// for an empty store; a store opened under another storage key than it was
+    /// written with is `Error::Store(StoreError::Corrupt)`.
     pub async fn open(store: Arc<dyn KvStore>) -> Result<(Client, Events)> {
         Client::open_with(store, ClientOptions::default()).await
     }
@@ -326,7 +328,13 @@ impl Client {
         store: Arc<dyn KvStore>,
         options: ClientOptions,
     ) -> Result<(Client, Events)> {
-        let state = State::load(store, options.clock.now())?.ok_or(Error::NotRegistered)?;
+        let Some(state) = State::load(store.clone(), options.clock.now())? else {
+            // Under another storage key no record is found by name, yet the records
+            // are there: reading them fails (`Corrupt`), which tells the wrong key
+            // from an empty store.
+            store.scan(crate::store::Namespace::Local)?;
+            return Err(Error::NotRegistered);
+        };
         let relay: RelayAddress = state.relay().parse()?;
         Ok(Client::start(state, relay, options.clock, options.groups))
     }
@@ -595,12 +603,28 @@ impl Client {
         plaintext: &std::path::Path,
         sealed: &std::path::Path,
     ) -> Result<AttachmentPointer> {
+        self.upload_attachment_with_progress(plaintext, sealed, &crate::media::no_progress)
+            .await
+    }
+
+    /// [`Client::upload_attachment`], telling `progress` the sealed bytes sent so far
+    /// and in all; its last call is (total, total) once the relay has the blob.
+    pub async fn upload_attachment_with_progress(
+        &self,
+        plaintext: &std::path::Path,
+        sealed: &std::path::Path,
+        progress: crate::media::Progress<'_>,
+    ) -> Result<AttachmentPointer> {
         let pointer = crate::media::encrypt_file(plaintext, sealed).await?;
         self.with_retries(|(conn, _)| {
             let pointer = pointer.clone();
-            async move { crate::media::resume_upload(&conn, &pointer, sealed).await }
+            async move {
+                crate::media::resume_upload_with_progress(&conn, &pointer, sealed, progress).await
+            }
         })
         .await?;
+        // A blob the relay already had moved no bytes.
+        progress(pointer.sealed_size, pointer.sealed_size);
         Ok(pointer)
     }
 
@@ -611,8 +635,20 @@ impl Client {
         pointer: &AttachmentPointer,
         dest: &std::path::Path,
     ) -> Result<u64> {
+        self.download_attachment_with_progress(pointer, dest, &crate::media::no_progress)
+            .await
+    }
+
+    /// [`Client::download_attachment`], telling `progress` the sealed bytes received
+    /// so far and in all.
+    pub async fn download_attachment_with_progress(
+        &self,
+        pointer: &AttachmentPointer,
+        dest: &std::path::Path,
+        progress: crate::media::Progress<'_>,
+    ) -> Result<u64> {
         self.with_retries(|(_, anon)| async move {
-            crate::media::download(&*anon.get().await?, pointer, dest).await
+            crate::media::download_with_progress(&*anon.get().await?, pointer, dest, progress).await
         })
         .await
     }

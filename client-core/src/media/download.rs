@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use super::progress::{no_progress, Counted, Progress};
 use super::sink::{record_progress, DecryptingSink, HashOnly, Hashing, RECORD_LEN};
 use super::writer::FileWriter;
 use super::{media_err, AttachmentPointer};
@@ -29,6 +30,17 @@ pub async fn download(
     conn: &RelayConnection,
     pointer: &AttachmentPointer,
     dest: &Path,
+) -> Result<u64> {
+    download_with_progress(conn, pointer, dest, &no_progress).await
+}
+
+/// [`download`], telling `progress` the sealed bytes received so far (counted from
+/// where a resumed download starts).
+pub async fn download_with_progress(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    dest: &Path,
+    progress: Progress<'_>,
 ) -> Result<u64> {
     let (part, header_path) = (beside(dest, ".part"), beside(dest, ".part-header"));
     let resumable = match (std::fs::metadata(&part), std::fs::read(&header_path)) {
@@ -102,8 +114,14 @@ pub async fn download(
         }
         result
     };
+    let mut counted = Counted {
+        inner: &mut sink,
+        at: offset,
+        total: pointer.sealed_size,
+        progress,
+    };
     let fetched = conn
-        .download_blob(&pointer.blob_id, offset, &mut sink)
+        .download_blob(&pointer.blob_id, offset, &mut counted)
         .await;
     match fetched {
         Ok(size) if size == pointer.sealed_size => {}

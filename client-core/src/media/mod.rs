@@ -44,11 +44,14 @@ use crate::net::{RelayConnection, Uploaded};
 
 mod download;
 mod pointer;
+mod progress;
 mod sink;
 mod writer;
 
-pub use download::download;
+pub use download::{download, download_with_progress};
 pub use pointer::AttachmentPointer;
+pub(crate) use progress::no_progress;
+pub use progress::Progress;
 
 fn media_err(e: impl std::fmt::Display) -> Error {
     Error::Media(e.to_string())
@@ -108,7 +111,24 @@ pub async fn resume_upload(
     pointer: &AttachmentPointer,
     sealed: &Path,
 ) -> Result<Uploaded> {
-    let mut file = tokio::fs::File::open(sealed).await.map_err(media_err)?;
+    resume_upload_with_progress(conn, pointer, sealed, &no_progress).await
+}
+
+/// [`resume_upload`], telling `progress` the sealed bytes sent so far (counted from
+/// where a resumed upload starts).
+pub async fn resume_upload_with_progress(
+    conn: &RelayConnection,
+    pointer: &AttachmentPointer,
+    sealed: &Path,
+    progress: Progress<'_>,
+) -> Result<Uploaded> {
+    let file = tokio::fs::File::open(sealed).await.map_err(media_err)?;
+    let mut file = progress::Counted {
+        inner: file,
+        at: 0,
+        total: pointer.sealed_size,
+        progress,
+    };
     conn.upload_blob(&pointer.blob_id, pointer.sealed_size, &mut file)
         .await
 }

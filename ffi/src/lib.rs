@@ -1,0 +1,515 @@
+//! Tern's client for Kotlin, Swift and Python apps: a thin [UniFFI] facade over
+//! [`tern_client::Client`]. Every rule stays in `tern-client`; this crate turns ids
+//! and keys into bytes, events into an enum, errors into [`TernError`] (a native
+//! exception in each language), and runs the async calls on tokio through
+//! UniFFI's tokio support. `docs/mobile.md` shows an Android and an iOS app using it.
+//!
+//! - [`register`], [`open`] and [`join`] start a [`TernClient`] on a device store in
+//!   a directory, encrypted under a 32-byte storage key the app keeps in the
+//!   platform keystore (Android Keystore, iOS Keychain).
+//! - [`TernClient::events`] is the stream of received messages and other events:
+//!   call [`EventStream::next_event`] in a loop; store each message, then
+//!   [`TernClient::confirm`] it.
+//!
+//! Generate the bindings with this crate's `uniffi-bindgen` binary (feature `cli`).
+//!
+//! [UniFFI]: https://mozilla.github.io/uniffi-rs/
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tern_client::store::SledKv;
+use tern_client::{Client, ContactCard, Events, Joining};
+use tern_proto::{DeviceId, RelayAddress, VerificationId};
+use tokio::sync::Mutex;
+
+mod error;
+mod types;
+
+pub use error::TernError;
+pub use types::{
+    Attachment, ChangedIdentity, ContactCardInfo, Device, Discovered, DiscoveryReport, Group,
+    GroupChange, GroupMessage, Message, TernEvent,
+};
+
+use error::invalid;
+use types::{account, accounts, group_id, key32, pointers};
+
+uniffi::setup_scaffolding!("tern");
+
+type Result<T, E = TernError> = std::result::Result<T, E>;
+
+fn relay_address(relay: &str) -> Result<RelayAddress> {
+    relay.parse().map_err(
+        |e: tern_proto::address::AddressError| TernError::InvalidAddress {
+            reason: e.to_string(),
+        },
+    )
+}
+
+/// The device store in `dir`, encrypted under `storage_key` (32 bytes).
+fn store(dir: &str, storage_key: &[u8]) -> Result<Arc<SledKv>> {
+    // This copy of the key is wiped once the store has derived its own keys.
+    let key = zeroize::Zeroizing::new(key32(storage_key, "the storage key")?);
+    Ok(Arc::new(SledKv::open(Path::new(dir), &key)?))
+}
+
+fn path(p: &str) -> PathBuf {
+    PathBuf::from(p)
+}
+
+/// Creates an account on `relay` (`tern://<fingerprint>@host:port`) with this device
+/// as its first device, in an empty store in `dir` encrypted under `storage_key`.
+#[uniffi::export(async_runtime = "tokio")]
+pub async fn register(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
+    let relay = relay_address(&relay)?;
+    let store = store(&dir, &storage_key)?;
+    let (client, events) = Client::register(&relay, store).await?;
+    Ok(TernClient::new(client, events))
+}
+
+/// Opens the device stored in `dir` (registered or joined before) and starts it:
+/// messages received but not confirmed before come first in its events.
+/// [`TernError::WrongStorageKey`] if `storage_key` is not the one it was created with.
+#[uniffi::export(async_runtime = "tokio")]
+pub async fn open(dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
+    let store = store(&dir, &storage_key)?;
+    let (client, events) = Client::open(store).await?;
+    Ok(TernClient::new(client, events))
+}
+
+/// Starts joining an existing account as a new device on `relay` (the account's
+/// home relay), in an empty store in `dir`: show [`JoiningDevice::link`] to the
+/// primary (as a QR code), then wait in [`JoiningDevice::finish`].
+#[uniffi::export(async_runtime = "tokio")]
+pub async fn join(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<JoiningDevice>> {
+    let relay = relay_address(&relay)?;
+    let store = store(&dir, &storage_key)?;
+    let joining = Client::join(&relay, store).await?;
+    Ok(Arc::new(JoiningDevice {
+        link: joining.link().to_owned(),
+        joining: Mutex::new(Some(joining)),
+    }))
+}
+
+/// Parses a contact card (`tern-contact:…`) without adding it.
+#[uniffi::export]
+pub fn parse_contact_card(card: String) -> Result<ContactCardInfo> {
+    let card: ContactCard = card.parse()?;
+    Ok(ContactCardInfo {
+        account: card.account.as_bytes().to_vec(),
+        identity_key: card.identity_key.to_vec(),
+    })
+}
+
+/// Told how an attachment transfer moves: `done` of `total` sealed bytes. Called
+/// on a background thread: post to the UI thread from there.
+#[uniffi::export(with_foreign)]
+pub trait TransferProgress: Send + Sync {
+    /// `done` of `total` bytes moved (a resumed transfer starts where it stopped).
+    fn on_progress(&self, done: u64, total: u64);
+}
+
+/// A device waiting to join an account.
+#[derive(uniffi::Object)]
+pub struct JoiningDevice {
+    link: String,
+    joining: Mutex<Option<Joining>>,
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl JoiningDevice {
+    /// The link to show the primary (`tern-link:…`; also as a QR code).
+    pub fn link(&self) -> String {
+        self.link.clone()
+    }
+
+    /// Waits (up to 10 minutes) for the primary to link this device, then starts it.
+    pub async fn finish(&self) -> Result<Arc<TernClient>> {
+        let joining = self
+            .joining
+            .lock()
+            .await
+            .take()
+            .ok_or_else(|| invalid("finish was called already"))?;
+        let (client, events) = joining.finish().await?;
+        Ok(TernClient::new(client, events))
+    }
+}
+
+/// The stream of [`TernEvent`]s of one client; ends (`None`) once it is shut down.
+#[derive(uniffi::Object)]
+pub struct EventStream(Mutex<Events>);
+
+#[uniffi::export(async_runtime = "tokio")]
+impl EventStream {
+    /// The next event; `None` once the client is shut down. Events wait here until
+    /// asked for, so nothing is lost while the app is busy.
+    pub async fn next_event(&self) -> Option<TernEvent> {
+        self.0.lock().await.recv().await.map(TernEvent::from)
+    }
+}
+
+/// An end-to-end encrypted messaging client for one device.
+#[derive(uniffi::Object)]
+pub struct TernClient {
+    client: Client,
+    events: Arc<EventStream>,
+}
+
+impl TernClient {
+    fn new(client: Client, events: Events) -> Arc<TernClient> {
+        Arc::new(TernClient {
+            client,
+            events: Arc::new(EventStream(Mutex::new(events))),
+        })
+    }
+}
+
+/// A progress callback for tern-client, from the app's (if it gave one).
+fn progress_fn(progress: Option<Arc<dyn TransferProgress>>) -> impl Fn(u64, u64) + Send + Sync {
+    move |done, total| {
+        if let Some(p) = &progress {
+            p.on_progress(done, total);
+        }
+    }
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl TernClient {
+    /// The client's events: received messages, sends done or failed, identity
+    /// changes, devices and groups. The same stream on every call.
+    pub fn events(&self) -> Arc<EventStream> {
+        self.events.clone()
+    }
+
+    /// This account's id (16 bytes).
+    pub fn account(&self) -> Vec<u8> {
+        self.client.account().as_bytes().to_vec()
+    }
+
+    /// This device's id within the account (1 is the primary).
+    pub fn device_id(&self) -> u32 {
+        self.client.address().device.get()
+    }
+
+    /// This account's identity key.
+    pub fn identity_key(&self) -> Vec<u8> {
+        self.client.identity_key().to_vec()
+    }
+
+    /// The card (`tern-contact:…`) to give contacts, as text or a QR code.
+    pub async fn contact_card(&self) -> String {
+        self.client.contact_card().await.to_string()
+    }
+
+    /// Adds (or refreshes) a contact from its card; returns its account id.
+    pub async fn add_contact(&self, card: String) -> Result<Vec<u8>> {
+        let card: ContactCard = card.parse()?;
+        self.client.add_contact(&card).await?;
+        Ok(card.account.as_bytes().to_vec())
+    }
+
+    /// Queues `body` for every device of account `to`; returns the message id once
+    /// it is stored on this device. `Sent` or `SendFailed` follows in the events.
+    pub async fn send(&self, to: Vec<u8>, body: Vec<u8>) -> Result<Vec<u8>> {
+        let id = self.client.send(&account(&to)?, &body).await?;
+        Ok(id.as_bytes().to_vec())
+    }
+
+    /// [`TernClient::send`] with attachments (uploaded, or received and forwarded).
+    pub async fn send_with_attachments(
+        &self,
+        to: Vec<u8>,
+        body: Vec<u8>,
+        attachments: Vec<Attachment>,
+    ) -> Result<Vec<u8>> {
+        let id = self
+            .client
+            .send_with_attachments(&account(&to)?, &body, &pointers(&attachments)?)
+            .await?;
+        Ok(id.as_bytes().to_vec())
+    }
+
+    /// Sends `body` to every account in `contacts` as one upload (a broadcast list).
+    pub async fn send_broadcast(
+        &self,
+        contacts: Vec<Vec<u8>>,
+        body: Vec<u8>,
+        attachments: Vec<Attachment>,
+    ) -> Result<Vec<u8>> {
+        let id = self
+            .client
+            .send_broadcast(&accounts(&contacts)?, &body, &pointers(&attachments)?)
+            .await?;
+        Ok(id.as_bytes().to_vec())
+    }
+
+    /// The app has stored message `seq`: the device forgets it.
+    pub async fn confirm(&self, seq: u64) -> Result<()> {
+        Ok(self.client.confirm(seq).await?)
+    }
+
+    /// Messages waiting in the outbox.
+    pub async fn outbox_len(&self) -> u64 {
+        u64::try_from(self.client.outbox_len().await).unwrap_or(u64::MAX)
+    }
+
+    /// Encrypts the file at `plaintext` into `sealed` (a file in the app's cache,
+    /// kept until the upload is done) and uploads it, resuming across dropped
+    /// connections. `content_type` travels in the pointer, for the recipient's app.
+    pub async fn upload_attachment(
+        &self,
+        plaintext: String,
+        sealed: String,
+        content_type: String,
+        progress: Option<Arc<dyn TransferProgress>>,
+    ) -> Result<Attachment> {
+        let progress = progress_fn(progress);
+        let mut pointer = self
+            .client
+            .upload_attachment_with_progress(&path(&plaintext), &path(&sealed), &progress)
+            .await?;
+        pointer.content_type = content_type;
+        Ok(Attachment::from(&pointer))
+    }
+
+    /// Downloads, checks and decrypts an attachment into `dest`; returns its size.
+    /// Call again after a failure: it resumes.
+    pub async fn download_attachment(
+        &self,
+        attachment: Attachment,
+        dest: String,
+        progress: Option<Arc<dyn TransferProgress>>,
+    ) -> Result<u64> {
+        let progress = progress_fn(progress);
+        let pointer = attachment.parse()?;
+        Ok(self
+            .client
+            .download_attachment_with_progress(&pointer, &path(&dest), &progress)
+            .await?)
+    }
+
+    /// Forwards a received attachment to `to` with `body`: nothing is uploaded
+    /// again. A relay `not found` error means it expired: upload it again.
+    pub async fn forward_attachment(
+        &self,
+        to: Vec<u8>,
+        body: Vec<u8>,
+        attachment: Attachment,
+    ) -> Result<Vec<u8>> {
+        let id = self
+            .client
+            .forward_attachment(&account(&to)?, &body, &attachment.parse()?)
+            .await?;
+        Ok(id.as_bytes().to_vec())
+    }
+
+    /// The safety number with `contact`; `None` for an unknown contact.
+    pub async fn safety_number(&self, contact: Vec<u8>) -> Result<Option<String>> {
+        Ok(self.client.safety_number(&account(&contact)?).await)
+    }
+
+    /// `contact`'s changed identity key waiting for acceptance, if any.
+    pub async fn changed_identity(&self, contact: Vec<u8>) -> Result<Option<ChangedIdentity>> {
+        let changed = self.client.changed_identity(&account(&contact)?).await;
+        Ok(changed.map(|(key, safety_number)| ChangedIdentity {
+            identity_key: key.to_vec(),
+            safety_number,
+        }))
+    }
+
+    /// Accepts `contact`'s changed identity key (after comparing safety numbers):
+    /// held messages follow in the events. False if `identity_key` is not the
+    /// change waiting.
+    pub async fn accept_identity(&self, contact: Vec<u8>, identity_key: Vec<u8>) -> Result<bool> {
+        let key = key32(&identity_key, "an identity key")?;
+        Ok(self
+            .client
+            .accept_identity(&account(&contact)?, &key)
+            .await?)
+    }
+
+    /// Replaces the account's delivery token (primary only), say after blocking someone.
+    pub async fn rotate_delivery_token(&self) -> Result<()> {
+        Ok(self.client.rotate_delivery_token().await?)
+    }
+
+    /// Links the device that showed `link` (primary only); returns its device id.
+    pub async fn link_device(&self, link: String) -> Result<u32> {
+        Ok(self.client.link_device(&link).await?.id.get())
+    }
+
+    /// This account's devices.
+    pub async fn devices(&self) -> Result<Vec<Device>> {
+        Ok(self
+            .client
+            .devices()
+            .await?
+            .into_iter()
+            .map(Device::from)
+            .collect())
+    }
+
+    /// Removes device `id` from this account (primary only; never device 1).
+    pub async fn remove_device(&self, id: u32) -> Result<()> {
+        let id = DeviceId::new(id).ok_or_else(|| invalid("device 0 does not exist"))?;
+        Ok(self.client.remove_device(id).await?)
+    }
+
+    /// Creates a group with `contacts`; returns its id (32 bytes).
+    pub async fn create_group(&self, name: String, contacts: Vec<Vec<u8>>) -> Result<Vec<u8>> {
+        let id = self
+            .client
+            .create_group(&name, &accounts(&contacts)?)
+            .await?;
+        Ok(id.0.to_vec())
+    }
+
+    /// Adds contacts to a group.
+    pub async fn add_members(&self, group: Vec<u8>, contacts: Vec<Vec<u8>>) -> Result<()> {
+        Ok(self
+            .client
+            .add_members(&group_id(&group)?, &accounts(&contacts)?)
+            .await?)
+    }
+
+    /// Removes a member from a group.
+    pub async fn remove_member(&self, group: Vec<u8>, member: Vec<u8>) -> Result<()> {
+        Ok(self
+            .client
+            .remove_member(&group_id(&group)?, &account(&member)?)
+            .await?)
+    }
+
+    /// Leaves a group.
+    pub async fn leave_group(&self, group: Vec<u8>) -> Result<()> {
+        Ok(self.client.leave_group(&group_id(&group)?).await?)
+    }
+
+    /// Sends `body` (and attachments) to a group; returns the message id.
+    pub async fn send_group(
+        &self,
+        group: Vec<u8>,
+        body: Vec<u8>,
+        attachments: Vec<Attachment>,
+    ) -> Result<Vec<u8>> {
+        let id = self
+            .client
+            .send_group(&group_id(&group)?, &body, &pointers(&attachments)?)
+            .await?;
+        Ok(id.as_bytes().to_vec())
+    }
+
+    /// Renames a group.
+    pub async fn rename_group(&self, group: Vec<u8>, name: String) -> Result<()> {
+        Ok(self.client.rename_group(&group_id(&group)?, &name).await?)
+    }
+
+    /// Sets a group's description.
+    pub async fn set_group_description(&self, group: Vec<u8>, description: String) -> Result<()> {
+        Ok(self
+            .client
+            .set_group_description(&group_id(&group)?, &description)
+            .await?)
+    }
+
+    /// Sets (or with `None` clears) a group's picture, an uploaded attachment.
+    pub async fn set_group_picture(
+        &self,
+        group: Vec<u8>,
+        picture: Option<Attachment>,
+    ) -> Result<()> {
+        let picture = picture.as_ref().map(Attachment::parse).transpose()?;
+        Ok(self
+            .client
+            .set_group_picture(&group_id(&group)?, picture.as_ref())
+            .await?)
+    }
+
+    /// This device's groups.
+    pub async fn groups(&self) -> Result<Vec<Group>> {
+        Ok(self
+            .client
+            .groups()
+            .await?
+            .into_iter()
+            .map(Group::from)
+            .collect())
+    }
+
+    /// Starts verifying a phone number (E.164); returns the session id for
+    /// [`TernClient::confirm_verification`].
+    pub async fn start_verification(&self, number: String) -> Result<Vec<u8>> {
+        Ok(self.client.start_verification(&number).await?.0.to_vec())
+    }
+
+    /// Confirms a verification with the code the user received; `discoverable`
+    /// is the user's choice (`None`: the relay's default). Returns whether the
+    /// account is discoverable by the number.
+    pub async fn confirm_verification(
+        &self,
+        session: Vec<u8>,
+        code: String,
+        discoverable: Option<bool>,
+    ) -> Result<bool> {
+        let id = VerificationId(
+            session
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid("a verification session id is 16 bytes"))?,
+        );
+        Ok(match discoverable {
+            Some(choice) => {
+                self.client
+                    .confirm_verification_with(id, &code, choice)
+                    .await?
+            }
+            None => self.client.confirm_verification(id, &code).await?,
+        })
+    }
+
+    /// Finds which of `numbers` (an address book; national formats read in
+    /// `default_region`, ISO 3166 alpha-2) are discoverable users, and adds them.
+    pub async fn discover(
+        &self,
+        numbers: Vec<String>,
+        default_region: String,
+    ) -> Result<DiscoveryReport> {
+        Ok(self
+            .client
+            .discover(&numbers, &default_region)
+            .await?
+            .into())
+    }
+
+    /// Sets whether this account can be found by its verified number.
+    pub async fn set_discoverable(&self, discoverable: bool) -> Result<()> {
+        Ok(self.client.set_discoverable(discoverable).await?)
+    }
+
+    /// Deletes what discovery cached on this device.
+    pub async fn forget_discovery(&self) -> Result<()> {
+        Ok(self.client.forget_discovery().await?)
+    }
+
+    /// Writes what the relay holds about this account to a new file `dest` (JSON).
+    pub async fn export_account(&self, dest: String, include_ciphertexts: bool) -> Result<u64> {
+        Ok(self
+            .client
+            .export_account(&path(&dest), include_ciphertexts)
+            .await?)
+    }
+
+    /// Deletes this account on the relay for every device (primary only), then
+    /// this device's store: take what the app keeps first.
+    pub async fn delete_account(&self) -> Result<()> {
+        Ok(self.client.delete_account().await?)
+    }
+
+    /// Stops the client: the connection closes and the events end. Everything
+    /// stays stored; [`open`] carries on from there.
+    pub async fn shutdown(&self) {
+        self.client.shutdown().await
+    }
+}
