@@ -161,6 +161,7 @@ impl From<tern_client::Error> for TernError {
                 TernError::Group { reason }
             }
             E::Media(_) => TernError::Attachment { reason },
+            E::InvalidPushTarget(_) => TernError::InvalidArgument { reason },
             _ => TernError::Other { reason },
         }
     }

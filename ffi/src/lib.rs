@@ -29,7 +29,7 @@ mod types;
 pub use error::TernError;
 pub use types::{
     Attachment, ChangedIdentity, ContactCardInfo, Device, Discovered, DiscoveryReport, Group,
-    GroupChange, GroupMessage, Message, TernEvent,
+    GroupChange, GroupMessage, Message, PushTarget, TernEvent,
 };
 
 use error::invalid;
@@ -328,6 +328,25 @@ impl TernClient {
             .client
             .accept_identity(&account(&contact)?, &key)
             .await?)
+    }
+
+    /// Registers where the relay wakes this device while the app holds no
+    /// connection (replacing any earlier target); kept and sent again at each
+    /// connection. A gateway off the relay's list, a non-https endpoint or a relay
+    /// without wake-ups is `Relay` "push target refused"; an endpoint that fails the
+    /// UnifiedPush discovery check is "push endpoint unverified".
+    pub async fn set_push_target(&self, target: PushTarget) -> Result<()> {
+        Ok(self.client.set_push_target(target.into()).await?)
+    }
+
+    /// Stops wake-ups for this device (say when the user signs out).
+    pub async fn clear_push_target(&self) -> Result<()> {
+        Ok(self.client.clear_push_target().await?)
+    }
+
+    /// The wake-up target this device registered, if any.
+    pub async fn push_target(&self) -> Result<Option<PushTarget>> {
+        Ok(self.client.push_target().await?.map(PushTarget::from))
     }
 
     /// Replaces the account's delivery token (primary only), say after blocking someone.

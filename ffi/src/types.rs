@@ -455,3 +455,51 @@ impl From<tern_client::client::DiscoveryReport> for DiscoveryReport {
         }
     }
 }
+
+/// Where the relay sends this device's content-free wake-ups.
+#[derive(Clone, PartialEq, Eq, uniffi::Enum)]
+pub enum PushTarget {
+    /// A UnifiedPush endpoint: the https URL the device's distributor gave it.
+    UnifiedPush {
+        /// The endpoint URL.
+        endpoint: String,
+    },
+    /// The app publisher's gateway (holding the APNs or FCM keys): its URL, which
+    /// must be on the relay operator's list, and the device's token there.
+    Gateway {
+        /// The gateway URL.
+        url: String,
+        /// The APNs or FCM token (APNs as hex).
+        device_token: String,
+    },
+}
+
+// A target addresses one phone: it stays out of logs (P9).
+impl std::fmt::Debug for PushTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PushTarget::UnifiedPush { .. } => "PushTarget::UnifiedPush(..)",
+            PushTarget::Gateway { .. } => "PushTarget::Gateway(..)",
+        })
+    }
+}
+
+impl From<PushTarget> for tern_client::PushTarget {
+    fn from(t: PushTarget) -> Self {
+        match t {
+            PushTarget::UnifiedPush { endpoint } => Self::UnifiedPush { endpoint },
+            PushTarget::Gateway { url, device_token } => Self::Gateway { url, device_token },
+        }
+    }
+}
+
+impl From<tern_client::PushTarget> for PushTarget {
+    fn from(t: tern_client::PushTarget) -> Self {
+        match t {
+            tern_client::PushTarget::UnifiedPush { endpoint } => Self::UnifiedPush { endpoint },
+            tern_client::PushTarget::Gateway { url, device_token } => {
+                Self::Gateway { url, device_token }
+            }
+        }
+    }
+}

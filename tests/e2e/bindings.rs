@@ -97,6 +97,8 @@ fn python_clients_exchange_messages_and_an_attachment_through_a_relay_process() 
     std::fs::create_dir_all(&work).expect("work dir");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/bindings/two_clients.py");
     let mut child = Command::new(python)
+        // No __pycache__ beside the script in the source tree.
+        .arg("-B")
         .arg(script)
         .arg(&out)
         .arg(relay.address.to_string())

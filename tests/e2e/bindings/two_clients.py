@@ -53,6 +53,11 @@ async def main():
     e = await expect_error(tern.TernError.InvalidArgument, alice.send(b"short", b"hi"))
     assert "account id" in str(e), e
     await expect_error(tern.TernError.InvalidArgument, tern.open(dir_a, b"too short"))
+    # A gateway the relay's operator did not list is refused, and nothing is kept.
+    gateway = tern.PushTarget.GATEWAY(url="https://push.example/tern", device_token="t0k3n")
+    e = await expect_error(tern.TernError.Relay, alice.set_push_target(gateway))
+    assert e.code == "push target refused", e
+    assert await alice.push_target() is None
 
     # Contacts from each other's cards; the safety numbers agree.
     bob_id = await alice.add_contact(await bob.contact_card())
