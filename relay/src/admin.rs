@@ -110,6 +110,7 @@ pub(crate) fn being_deleted(services: &Services, account: &AccountId) -> Result<
 pub fn backup(
     config: &Config,
     dest: &std::path::Path,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> std::result::Result<crate::store::backup::BackedUp, Box<dyn std::error::Error + Send + Sync>> {
     use crate::store::version;
     if config.storage.backend == crate::config::StorageBackend::Postgres {
@@ -141,7 +142,7 @@ pub fn backup(
         }
     }
     let stores = crate::server::open_stores_locked(config, &SystemClock)?;
-    Ok(crate::store::backup::backup_new(&stores, dest)?)
+    Ok(crate::store::backup::backup_new(&stores, dest, cancel)?)
 }
 
 /// `tern-relay admin list-devices` on a stopped relay's data directory.

@@ -502,7 +502,9 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     let stores = admin.services.stores().clone();
     let began = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
-        let done = backup_new(&stores, &to.dir);
+        // Not cancelled: a relay that stops meanwhile is killed at worst, which
+        // leaves only the partial directory beside `to.dir`.
+        let done = backup_new(&stores, &to.dir, &std::sync::atomic::AtomicBool::new(false));
         drop(running);
         done
     })
