@@ -1,4 +1,4 @@
-//! Backups of a running embedded relay: [`backup`] writes a data directory that a
+//! Backups of a running embedded relay: [`backup_new`] writes a data directory that a
 //! relay starts on, holding everything acknowledged before the backup began.
 //!
 //! What it copies, in this order, and why the copy is consistent
