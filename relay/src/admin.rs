@@ -1,11 +1,12 @@
 //! Operator commands. Offline, on a stopped relay's data directory (the credential
-//! is file-system access to it): they open the stores as a relay does, so they
-//! refuse while a relay runs on the directory (sled's exclusive lock on `db/`, taken
-//! first: [`crate::store::StoreError::Locked`]). Online, through a running relay's
+//! is file-system access to it): they open the stores as a relay does, under the
+//! directory's lock ([`lock`]), so they refuse while a relay or another admin
+//! command holds the directory. Online, through a running relay's
 //! admin listener (`server`), with the token it wrote to `admin.token`
 //! ([`token`]); [`client`] is the command line's side, which picks the way.
 
 pub mod client;
+pub mod lock;
 pub mod migrate;
 mod objects;
 mod reload;
@@ -104,12 +105,45 @@ pub(crate) fn being_deleted(services: &Services, account: &AccountId) -> Result<
 
 /// `tern-relay admin backup` on a stopped relay's data directory (the stores opened
 /// as a relay opens them, under its lock): see [`crate::store::backup::backup_new`].
+/// Refused before anything is opened for a relay on PostgreSQL, and for a data
+/// directory in another format than this binary's (opening it would migrate it in
+/// place, or fail).
 pub fn backup(
     config: &Config,
     dest: &std::path::Path,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> std::result::Result<crate::store::backup::BackedUp, Box<dyn std::error::Error + Send + Sync>> {
-    let stores = crate::server::open_stores(config, &SystemClock)?;
-    Ok(crate::store::backup::backup_new(&stores, dest)?)
+    use crate::store::version;
+    if config.storage.backend == crate::config::StorageBackend::Postgres {
+        return Err(
+            "backup refused: this relay keeps its state in PostgreSQL: back up the database with its own tools"
+                .into(),
+        );
+    }
+    config.validate()?;
+    let _lock = lock::DirLock::take(&config.data_dir)?;
+    match version::read(&config.data_dir)? {
+        Some(v) if v == version::CURRENT => {}
+        None => {
+            return Err(format!(
+                "backup refused: {} holds no relay data",
+                config.data_dir.display()
+            )
+            .into())
+        }
+        Some(v) => {
+            return Err(format!(
+                "backup refused: {} is in data format {v} and this tern-relay reads format {}: \
+                 back it up with the tern-relay that wrote it, or start this one on it first \
+                 (which migrates it), then back it up",
+                config.data_dir.display(),
+                version::CURRENT
+            )
+            .into())
+        }
+    }
+    let stores = crate::server::open_stores_locked(config, &SystemClock)?;
+    Ok(crate::store::backup::backup_new(&stores, dest, cancel)?)
 }
 
 /// `tern-relay admin list-devices` on a stopped relay's data directory.
@@ -124,11 +158,13 @@ pub async fn list_devices(config: &Config, account: AccountId) -> Result<Vec<Dev
 struct Offline {
     services: Arc<Services>,
     deletion: AccountDeletion,
+    /// The data directory's lock (dropped after the stores).
+    _lock: lock::DirLock,
 }
 
 async fn open(config: &Config) -> Result<Offline> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let stores = crate::server::open_stores(config, clock.as_ref())?;
+    let (lock, stores) = crate::server::open_stores(config, clock.as_ref())?;
     let ttl = config
         .message_ttl()
         .ok_or_else(|| Error::Config("invalid message_ttl".into()))?;
@@ -153,7 +189,11 @@ async fn open(config: &Config) -> Result<Offline> {
         budget,
     )?);
     let deletion = AccountDeletion::new(services.clone(), blobs);
-    Ok(Offline { services, deletion })
+    Ok(Offline {
+        services,
+        deletion,
+        _lock: lock,
+    })
 }
 
 /// `tern-relay admin delete-account`: finishes interrupted deletions, deletes the

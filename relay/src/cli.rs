@@ -654,7 +654,33 @@ fn backup(args: BackupArgs) -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
-    let done = crate::admin::backup(&config, &dir).map_err(|e| e.to_string())?;
+    // Ctrl-C or SIGTERM stops the copy between files; the partial directory is
+    // removed before the command exits.
+    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let copying = {
+        let (cancel, dir) = (cancel.clone(), dir.clone());
+        std::thread::spawn(move || {
+            crate::admin::backup(&config, &dir, &cancel).map_err(|e| e.to_string())
+        })
+    };
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        loop {
+            if copying.is_finished() {
+                return Ok::<_, std::io::Error>(());
+            }
+            tokio::select! {
+                r = wait_for_signal(&mut term) => {
+                    r?;
+                    eprintln!("stopping the backup");
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    })?;
+    let done = copying.join().map_err(|_| "the backup's thread failed")??;
     println!("backup written to {}: {done}", dir.display());
     Ok(())
 }

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use tern_platform::clock::Clock;
 
 use crate::accounts::Accounts;
+use crate::admin::lock::DirLock;
 use crate::certificates::CertificateIssuer;
 use crate::config::{Config, MailboxBackend, MediaConfig, RateLimitsConfig, StorageBackend};
 use crate::core::budget::Budget;
@@ -239,13 +240,20 @@ pub(crate) fn blob_limits(m: &MediaConfig) -> BlobLimits {
     }
 }
 
-/// Opens the stores in `config.data_dir`: the sled database in `db/` (first: its
-/// exclusive lock keeps a second process, a relay or an admin command, out of the
-/// whole data directory) and, by default, the mailbox log in `mailboxes/`.
-pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<Stores> {
+/// Opens the stores in `config.data_dir` under the directory's lock (taken first,
+/// whatever the backend: it keeps a second process, a relay or an admin command, out
+/// of the whole data directory): the sled database in `db/` and, by default, the
+/// mailbox log in `mailboxes/`. The lock is the caller's to hold.
+pub(crate) fn open_stores(config: &Config, clock: &dyn Clock) -> Result<(DirLock, Stores)> {
     config.validate()?;
+    let lock = DirLock::take(&config.data_dir)?;
     // Before anything opens (or creates) a file in it.
     crate::store::version::open(&config.data_dir)?;
+    Ok((lock, open_stores_locked(config, clock)?))
+}
+
+/// [`open_stores`] for a caller that holds the lock and has checked the format.
+pub(crate) fn open_stores_locked(config: &Config, clock: &dyn Clock) -> Result<Stores> {
     if config.storage.backend == StorageBackend::Postgres {
         return open_postgres(config);
     }
@@ -360,6 +368,8 @@ pub struct Relay {
         Arc<crate::cluster::Cluster>,
         Option<Arc<crate::cluster::notify::PgNotifier>>,
     )>,
+    /// The data directory's lock, held while the relay runs (dropped last).
+    _lock: DirLock,
 }
 
 /// How long a stop waits for the cluster tasks and the withdrawal of this node's
@@ -370,16 +380,26 @@ impl Relay {
     /// Starts a relay on its stores in `config.data_dir`: the sled database in `db/`
     /// and, by default, the mailbox log in `mailboxes/`.
     pub async fn start(config: &Config, clock: Arc<dyn Clock>) -> Result<Relay> {
-        let stores = open_stores(config, clock.as_ref())?;
-        Self::start_with(config, stores, clock).await
+        let (lock, stores) = open_stores(config, clock.as_ref())?;
+        Self::start_locked(config, stores, clock, lock).await
     }
 
     /// Starts a relay on the given stores (the certificate still lives in
-    /// `config.data_dir`).
+    /// `config.data_dir`, whose lock it takes and holds).
     pub async fn start_with(
         config: &Config,
         stores: Stores,
         clock: Arc<dyn Clock>,
+    ) -> Result<Relay> {
+        let lock = DirLock::take(&config.data_dir)?;
+        Self::start_locked(config, stores, clock, lock).await
+    }
+
+    async fn start_locked(
+        config: &Config,
+        stores: Stores,
+        clock: Arc<dyn Clock>,
+        lock: DirLock,
     ) -> Result<Relay> {
         config.validate()?;
         let ttl = config
@@ -674,6 +694,7 @@ impl Relay {
             tasks,
             admin,
             cluster,
+            _lock: lock,
         })
     }
 

@@ -1,6 +1,6 @@
 //! The command line's side of the admin interface: finds the relay running on a
-//! data directory (the address in its `admin.addr`, trusted only while a relay
-//! holds the directory's lock) and calls its admin listener with the token from
+//! data directory (the address in its `admin.addr`, trusted only while the
+//! directory's lock is held: [`super::lock`]) and calls its admin listener with the token from
 //! `admin.token`. See `super::server` for the requests.
 
 use std::path::{Path, PathBuf};
@@ -55,30 +55,12 @@ pub struct Online {
     client: reqwest::Client,
 }
 
-/// Whether a process holds the lock of the embedded database in `data_dir` (a
-/// relay, or an offline admin command): `None` when there is no such database (a
-/// relay on PostgreSQL, or no relay ever ran there).
-pub fn database_locked(data_dir: &Path) -> std::io::Result<Option<bool>> {
-    // sled's lock: an exclusive flock on db/db, which it takes at open.
-    let file = match std::fs::File::open(data_dir.join("db").join("db")) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        // Let go at once (by the drop): a relay starting now retries its lock.
-        Ok(()) => Ok(Some(false)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(Some(true)),
-        Err(e) => Err(e.into()),
-    }
-}
-
 impl Online {
     /// The running relay of `data_dir` (from its `admin.addr`), or the listener at
     /// `url` when given (with `token_file`: the caller requires it); `None` when the
     /// data directory names none (no relay runs there, or it runs without an admin
-    /// listener). An `admin.addr` in a data directory whose database nobody holds
-    /// is a crashed relay's and is not called: the token goes nowhere it names. The
+    /// listener). An `admin.addr` in a data directory whose lock nobody holds is a
+    /// crashed relay's and is not called: the token goes nowhere it names. The
     /// token is read from `token_file`, else from the data directory's `admin.token`.
     pub fn locate(
         data_dir: &Path,
@@ -87,7 +69,7 @@ impl Online {
     ) -> Result<Option<Online>, ClientError> {
         let base = match url {
             Some(u) => u.trim_end_matches('/').to_owned(),
-            None if database_locked(data_dir)? == Some(false) => return Ok(None),
+            None if !super::lock::held(data_dir)? => return Ok(None),
             None => match std::fs::read_to_string(data_dir.join(ADDR_FILE)) {
                 Ok(addr) => format!("http://{}", addr.trim()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -410,26 +392,21 @@ mod tests {
     }
 
     #[test]
-    fn an_address_file_is_trusted_only_while_the_database_is_held() {
+    fn an_address_file_is_trusted_only_while_the_lock_is_held() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(ADDR_FILE), "127.0.0.1:9").expect("addr");
-        assert_eq!(database_locked(dir.path()).expect("check"), None);
-        // No database here: the address is all there is (a relay on PostgreSQL).
-        assert!(Online::locate(dir.path(), None, None)
-            .expect("locate")
-            .is_some());
+        // A relay on PostgreSQL leaves an unlocked db/ behind after a migration: the
+        // directory's own lock, not sled's, says whether a relay runs.
         let db = crate::store::SledStore::open(&dir.path().join("db"), 1 << 20).expect("sled");
-        assert_eq!(database_locked(dir.path()).expect("check"), Some(true));
+        drop(db);
+        assert!(Online::locate(dir.path(), None, None)
+            .expect("locate")
+            .is_none());
+        let lock = super::super::lock::DirLock::take(dir.path()).expect("lock");
         assert!(Online::locate(dir.path(), None, None)
             .expect("locate")
             .is_some());
-        drop(db);
-        // sled lets go of its lock from a background thread: bounded wait.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while database_locked(dir.path()).expect("check") != Some(false) {
-            assert!(std::time::Instant::now() < deadline, "the lock was kept");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        drop(lock);
         // A crashed relay's address: not called.
         assert!(Online::locate(dir.path(), None, None)
             .expect("locate")

@@ -168,6 +168,7 @@ pub fn migrate(config: &Config, to: &str, objects: bool) -> Result<Migrated> {
     };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| Error::Config(format!("{}: {e}", config.data_dir.display())))?;
+    let _lock = super::lock::DirLock::take(&config.data_dir)?;
     let sled = SledStore::open(&config.data_dir.join("db"), config.storage.cache_mb << 20)?;
     let log = match config.storage.mailboxes {
         MailboxBackend::Log => Some(LogStore::open(

@@ -509,8 +509,14 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
     let stores = admin.services.stores().clone();
     let began = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
-        let done = backup_new(&stores, &to.dir);
+        // Not cancelled: a relay that stops meanwhile is killed at worst, which
+        // leaves only the partial directory beside `to.dir`.
+        let done = backup_new(&stores, &to.dir, &std::sync::atomic::AtomicBool::new(false));
         drop(running);
+        if let Err(BackupError::Failed(e)) = &done {
+            // The reason names paths (blob ids among them): it goes to the caller only.
+            warn!(cause = failure_class(e), "backup failed");
+        }
         done
     })
     .await;
@@ -534,17 +540,26 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         Ok(Err(BackupError::Refused(why))) => {
             json(StatusCode::CONFLICT, &serde_json::json!({ "error": why }))
         }
-        Ok(Err(e)) => {
-            warn!(error = %e, "backup failed");
-            json(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &serde_json::json!({ "error": e.to_string() }),
-            )
-        }
+        Ok(Err(e)) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
         Err(_) => json(
             StatusCode::INTERNAL_SERVER_ERROR,
             &serde_json::json!({ "error": "the backup's thread failed" }),
         ),
+    }
+}
+
+/// What kind of failure `e` is, naming no path.
+fn failure_class(e: &crate::store::StoreError) -> &'static str {
+    use crate::store::StoreError as E;
+    match e {
+        E::NoSpace => "no space left on the device",
+        E::Corrupt(_) => "a corrupt record",
+        E::Locked => "the store is locked",
+        E::Unavailable(_) => "storage unavailable",
+        _ => "an I/O or store error (the caller was told which)",
     }
 }
 

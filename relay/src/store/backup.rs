@@ -1,8 +1,10 @@
-//! Backups of a running embedded relay: [`backup`] writes a data directory that a
+//! Backups of a running embedded relay: [`backup_new`] writes a data directory that a
 //! relay starts on, holding everything acknowledged before the backup began.
 //!
 //! What it copies, in this order, and why the copy is consistent
 //! (ARCHITECTURE.md, "Backups"):
+//! 0. The certificate, the signing key and the OPRF key: first, so a directory that
+//!    has a store has the relay's identity (without them a relay would make new ones).
 //! 1. The sled database (accounts, keys, tokens, the blob index, groups, discovery),
 //!    tree by tree ([`SledStore::snapshot_into`]): every record written before the
 //!    backup began is in it.
@@ -12,13 +14,15 @@
 //!    blob's file never changes: copy-free), else copied; after the index, so every
 //!    blob the copied index names has its file (unless it expired meanwhile).
 //!    Unfinished uploads are copied as they are (an upload resumes from its length).
-//! 4. The certificate, the signing key, the OPRF key (mode kept), the published
-//!    discovery files, and the data-format version file.
+//! 4. The published discovery files, then, once everything is synced, the
+//!    data-format version file; the directory is renamed into place after it.
 //!
 //! Blob bytes in an object store (`[objects]`) are not copied: the bucket has its own
 //! versioning. A relay on PostgreSQL is backed up with the database's own tools.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::{LogStore, SledStore, StoreError, StoreResult, Stores};
@@ -77,48 +81,58 @@ fn io(what: &str, path: &Path, e: &std::io::Error) -> StoreError {
     StoreError::from_io(&format!("backup: {what} {}", path.display()), e)
 }
 
-/// Writes a backup of the running relay whose stores are `stores` into `dest`, a new
-/// directory (it must not exist, or be empty): a data directory a relay starts on,
-/// serving everything acknowledged before this call. Blocking (it copies files): call
-/// it from a blocking thread. Sends, deliveries and acks go on meanwhile; acks wait
-/// while a mailbox log segment is being copied.
-pub fn backup(stores: &Stores, dest: &Path) -> StoreResult<BackedUp> {
-    let Some(embedded) = &stores.embedded else {
-        return Err(StoreError::Backend(
-            "backup: this relay keeps its state in PostgreSQL: back up the database with its own tools".into(),
-        ));
+/// Writes a backup of the running relay whose stores are `stores` into `dest`, a
+/// directory made for it: the keys and certificate first, then the stores, the
+/// blobs and the published discovery files, everything synced, and the version file
+/// last (through [`backup_new`], `dest` is a directory of its own that becomes the
+/// backup only once complete). Blocking (it copies files): call it from a blocking
+/// thread. Sends, deliveries and acks go on meanwhile. Stops between files once
+/// `cancel` is set.
+fn backup(embedded: &Embedded, dest: &Path, cancel: &AtomicBool) -> StoreResult<BackedUp> {
+    let check = || {
+        if cancel.load(Ordering::Relaxed) {
+            Err(StoreError::Backend("backup: cancelled".into()))
+        } else {
+            Ok(())
+        }
     };
-    if std::fs::read_dir(dest).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(StoreError::Backend(format!(
-            "backup: {} is not empty",
-            dest.display()
-        )));
+    let from = &embedded.data_dir;
+    for name in FILES {
+        let src = from.join(name);
+        if src.exists() {
+            std::fs::copy(&src, dest.join(name)).map_err(|e| io("copying", &src, &e))?;
+        }
     }
-    std::fs::create_dir_all(dest).map_err(|e| io("creating", dest, &e))?;
+    check()?;
     let mut done = BackedUp {
         records: embedded.sled.snapshot_into(&dest.join("db"))?,
         ..BackedUp::default()
     };
+    check()?;
     if let Some(log) = &embedded.log {
         done.segments = log.snapshot_into(&dest.join("mailboxes"))?;
     }
-    let from = &embedded.data_dir;
     for (dir, link) in [("blobs", true), ("uploads", false)] {
-        let (files, linked) = copy_tree(&from.join(dir), &dest.join(dir), link)?;
+        let (files, linked) = copy_tree(&from.join(dir), &dest.join(dir), link, cancel)?;
         done.blobs += files;
         done.linked += linked;
     }
-    copy_tree(&from.join("discovery"), &dest.join("discovery"), false)?;
-    for name in FILES {
-        let src = from.join(name);
-        if src.exists() {
-            // `fs::copy` keeps the mode (0600 for the keys).
-            std::fs::copy(&src, dest.join(name)).map_err(|e| io("copying", &src, &e))?;
-        }
-    }
+    copy_tree(
+        &from.join("discovery"),
+        &dest.join("discovery"),
+        false,
+        cancel,
+    )?;
+    check()?;
+    sync_tree(dest)?;
+    // Last (a directory of relay files without it reads as format 1), and the
+    // rename into place after it: only a complete backup is ever at its name.
     super::version::write(dest, super::version::CURRENT)
         .map_err(|e| StoreError::Backend(e.to_string()))?;
-    sync_tree(dest)?;
+    let version = dest.join(super::version::FILE);
+    std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::File::open(&version)?.sync_all())
+        .map_err(|e| io("setting the mode of", &version, &e))?;
     Ok(done)
 }
 
@@ -133,12 +147,36 @@ pub enum BackupError {
     Failed(#[from] StoreError),
 }
 
-/// [`backup`] into a directory this call creates, so two backups never write into
-/// one directory and nothing an operator kept there is mixed in: `dest` must be an
-/// absolute path that does not exist, in a directory that does, outside the data
-/// directory (a backup inside it would copy itself). A backup that fails part way
-/// removes the directory it created.
-pub fn backup_new(stores: &Stores, dest: &Path) -> Result<BackedUp, BackupError> {
+/// The directory a backup is built in, beside its destination; removed when dropped
+/// unless the backup completed (a failure, a cancel or a panic leaves nothing).
+struct Partial {
+    path: PathBuf,
+    done: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Writes a backup of the running relay whose stores are `stores` into `dest`, a new
+/// directory: a data directory a relay starts on, serving everything acknowledged
+/// before this call. `dest` must be an absolute path that does not exist, in a
+/// directory that does, outside the data directory (a backup inside it would copy
+/// itself). The backup is built in `DEST.partial-<pid>` beside it (mode 0700, its
+/// files 0600 but for hard-linked blob files, which keep the data directory's),
+/// synced, and renamed to `dest` only once complete, so nothing incomplete is ever
+/// at `dest` (a killed backup leaves at most the partial directory, which no one
+/// takes for a backup); a backup that fails, is cancelled through `cancel` or
+/// panics removes it. Blocking: call it from a blocking thread.
+pub fn backup_new(
+    stores: &Stores,
+    dest: &Path,
+    cancel: &AtomicBool,
+) -> Result<BackedUp, BackupError> {
     let refused = |why: String| Err(BackupError::Refused(why));
     let Some(embedded) = &stores.embedded else {
         return refused(
@@ -149,7 +187,7 @@ pub fn backup_new(stores: &Stores, dest: &Path) -> Result<BackedUp, BackupError>
     if !dest.is_absolute() {
         return refused(format!("{} is not an absolute path", dest.display()));
     }
-    let Some(parent) = dest.parent().filter(|_| dest.file_name().is_some()) else {
+    let (Some(parent), Some(name)) = (dest.parent(), dest.file_name()) else {
         return refused(format!("{} names no new directory", dest.display()));
     };
     let parent = match parent.canonicalize() {
@@ -167,26 +205,55 @@ pub fn backup_new(stores: &Stores, dest: &Path) -> Result<BackedUp, BackupError>
             data.display()
         ));
     }
-    match std::fs::create_dir(dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return refused(format!(
-                "{} exists: a backup goes into a new directory",
+    if std::fs::symlink_metadata(dest).is_ok() {
+        return refused(format!(
+            "{} exists: a backup goes into a new directory",
+            dest.display()
+        ));
+    }
+    let mut partial_name = name.to_os_string();
+    partial_name.push(format!(".partial-{}", std::process::id()));
+    let partial_path = parent.join(partial_name);
+    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&partial_path) {
+        return refused(format!("creating {}: {e}", partial_path.display()));
+    }
+    let mut partial = Partial {
+        path: partial_path,
+        done: false,
+    };
+    // The umask may have narrowed the mode, never widened it; set it exactly.
+    std::fs::set_permissions(&partial.path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("setting the mode of", &partial.path, &e))?;
+    let done = backup(embedded, &partial.path, cancel)?;
+    let dest = parent.join(name);
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        &partial.path,
+        rustix::fs::CWD,
+        &dest,
+        rustix::fs::RenameFlags::NOREPLACE,
+    )
+    .map_err(|e| {
+        if e == rustix::io::Errno::EXIST {
+            BackupError::Refused(format!(
+                "{} appeared while the backup ran: a backup goes into a new directory",
                 dest.display()
             ))
+        } else {
+            BackupError::Failed(io("renaming into", &dest, &e.into()))
         }
-        Err(e) => return refused(format!("creating {}: {e}", dest.display())),
-    }
-    backup(stores, dest).map_err(|e| {
-        let _ = std::fs::remove_dir_all(dest);
-        BackupError::Failed(e)
-    })
+    })?;
+    partial.done = true;
+    std::fs::File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("syncing", &parent, &e))?;
+    Ok(done)
 }
 
-/// Copies the files under `from` into `to` (hard links when `link` and the file
+/// Copies the files under `from` into `to`, stopping once `cancel` is set (hard links when `link` and the file
 /// system allows). A file that vanished meanwhile (an expired blob) is skipped.
 /// Returns the files written and how many of them are links.
-fn copy_tree(from: &Path, to: &Path, link: bool) -> StoreResult<(u64, u64)> {
+fn copy_tree(from: &Path, to: &Path, link: bool, cancel: &AtomicBool) -> StoreResult<(u64, u64)> {
     let mut done = (0, 0);
     let entries = match std::fs::read_dir(from) {
         Ok(e) => e,
@@ -195,6 +262,9 @@ fn copy_tree(from: &Path, to: &Path, link: bool) -> StoreResult<(u64, u64)> {
     };
     std::fs::create_dir_all(to).map_err(|e| io("creating", to, &e))?;
     for entry in entries {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(StoreError::Backend("backup: cancelled".into()));
+        }
         let entry = entry.map_err(|e| io("listing", from, &e))?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
         let kind = match entry.file_type() {
@@ -203,7 +273,7 @@ fn copy_tree(from: &Path, to: &Path, link: bool) -> StoreResult<(u64, u64)> {
             Err(e) => return Err(io("reading", &src, &e)),
         };
         if kind.is_dir() {
-            let (files, linked) = copy_tree(&src, &dst, link)?;
+            let (files, linked) = copy_tree(&src, &dst, link, cancel)?;
             done = (done.0 + files, done.1 + linked);
             continue;
         }
@@ -220,21 +290,118 @@ fn copy_tree(from: &Path, to: &Path, link: bool) -> StoreResult<(u64, u64)> {
     Ok(done)
 }
 
-/// Fsyncs every file and directory under `dir`, so the backup is durable when
-/// [`backup`] returns.
+/// Fsyncs every file and directory under `dir`, making the backup's own files 0600
+/// and directories 0700 whatever the umask (a hard-linked blob file, which has
+/// other links, is the data directory's and keeps its mode).
 fn sync_tree(dir: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::MetadataExt;
     let entries = std::fs::read_dir(dir).map_err(|e| io("listing", dir, &e))?;
     for entry in entries {
         let path = entry.map_err(|e| io("listing", dir, &e))?.path();
-        if path.is_dir() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| io("reading", &path, &e))?;
+        if meta.is_dir() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io("setting the mode of", &path, &e))?;
             sync_tree(&path)?;
-        } else {
-            std::fs::File::open(&path)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| io("syncing", &path, &e))?;
+            continue;
         }
+        if meta.nlink() == 1 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| io("setting the mode of", &path, &e))?;
+        }
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("syncing", &path, &e))?;
     }
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io("syncing", dir, &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::config::Config;
+    use tern_platform::clock::SystemClock;
+
+    /// A relay's stores on a new data directory, with its certificate and keys, and
+    /// a directory for backups.
+    fn relay_dir() -> (
+        tempfile::TempDir,
+        tempfile::TempDir,
+        crate::admin::lock::DirLock,
+        Stores,
+    ) {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path();
+        let config = Config {
+            data_dir: dir.to_path_buf(),
+            ..Config::default()
+        };
+        let opened = crate::server::open_stores(&config, &SystemClock).expect("open");
+        crate::net::tls::load_or_create(&config.tls, dir).expect("cert");
+        crate::net::tls::load_or_create_signing_key(dir).expect("signing key");
+        std::fs::create_dir_all(dir.join("blobs")).expect("blobs");
+        std::fs::write(dir.join("blobs").join("b1"), b"blob").expect("blob");
+        let out = tempfile::tempdir().expect("tempdir");
+        (data, out, opened.0, opened.1)
+    }
+
+    fn leftovers(parent: &Path) -> Vec<String> {
+        std::fs::read_dir(parent)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".partial-"))
+            .collect()
+    }
+
+    #[test]
+    fn a_backup_appears_at_its_name_whole_with_private_modes() {
+        let (_data, out, _lock, stores) = relay_dir();
+        let dest = out.path().join("b");
+        // Under the usual umask (022) sled's files would be 0644.
+        let done = backup_new(&stores, &dest, &AtomicBool::new(false)).expect("backup");
+        assert_eq!(done.blobs, 1);
+        assert_eq!(
+            crate::store::version::read(&dest).expect("version"),
+            Some(crate::store::version::CURRENT)
+        );
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&dest), 0o700);
+        assert_eq!(mode(&dest.join("db")), 0o700);
+        for name in [crate::net::tls::CERT_FILE, crate::store::version::FILE] {
+            assert_eq!(mode(&dest.join(name)), 0o600, "{name}");
+        }
+        assert!(leftovers(out.path()).is_empty());
+    }
+
+    #[test]
+    fn a_cancelled_backup_leaves_nothing_at_its_name_nor_beside_it() {
+        let (_data, out, _lock, stores) = relay_dir();
+        let dest = out.path().join("b");
+        let failed = backup_new(&stores, &dest, &AtomicBool::new(true));
+        assert!(matches!(failed, Err(BackupError::Failed(_))), "{failed:?}");
+        assert!(!dest.exists(), "a partial backup at its name");
+        assert!(
+            leftovers(out.path()).is_empty(),
+            "{:?}",
+            leftovers(out.path())
+        );
+    }
+
+    #[test]
+    fn a_destination_that_exists_is_refused_and_left_alone() {
+        let (_data, out, _lock, stores) = relay_dir();
+        let dest = out.path().join("b");
+        std::fs::create_dir(&dest).expect("mkdir");
+        let refused = backup_new(&stores, &dest, &AtomicBool::new(false));
+        assert!(
+            matches!(refused, Err(BackupError::Refused(_))),
+            "{refused:?}"
+        );
+        assert!(dest.exists());
+        assert!(leftovers(out.path()).is_empty());
+    }
 }

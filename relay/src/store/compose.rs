@@ -42,7 +42,7 @@ pub struct Stores {
     /// leases, cross-node hints and the cluster's facts go through it.
     pub shared: Option<Arc<PgBackend>>,
     /// The embedded stores by their own types, for a backup
-    /// ([`super::backup::backup`]); set when opened from a data directory.
+    /// ([`super::backup::backup_new`]); set when opened from a data directory.
     pub embedded: Option<Arc<super::backup::Embedded>>,
 }
 

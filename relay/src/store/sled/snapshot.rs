@@ -6,6 +6,9 @@ use std::path::Path;
 use super::{backend, SledStore};
 use crate::store::{StoreError, StoreResult};
 
+/// The copy's page cache.
+const SNAPSHOT_CACHE_BYTES: u64 = 32 << 20;
+
 impl SledStore {
     /// Copies every tree, record by record, into a new database at `dest` (which must
     /// not exist), flushed. Each record the store held before this call, and did not
@@ -20,6 +23,9 @@ impl SledStore {
         }
         let copy = sled::Config::new()
             .path(dest)
+            // Written once and closed: sled's default 1 GiB cache beside the relay's
+            // own would only cost memory.
+            .cache_capacity(SNAPSHOT_CACHE_BYTES)
             .create_new(true)
             .open()
             .map_err(backend)?;
