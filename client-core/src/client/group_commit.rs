@@ -546,11 +546,17 @@ impl State {
     /// [`State::commit_answered`] with no refusals.
     #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
+        self.commit_accepted_at(group, 0)
+    }
+
+    /// [`State::commit_accepted`] answered at `now_ms`.
+    #[cfg(test)]
+    pub(crate) fn commit_accepted_at(&mut self, group: &[u8], now_ms: u64) -> Result<Vec<Event>> {
         let sends = match self.groups.get(group).and_then(|r| r.pending.as_ref()) {
             Some(p) => p.commit()?.sends.len(),
             None => 0,
         };
-        self.commit_answered(group, &vec![MultiSendResult::default(); sends], 0)
+        self.commit_answered(group, &vec![MultiSendResult::default(); sends], now_ms)
     }
 
     /// The relay took `group`'s pending commit (its answer per send in
@@ -580,7 +586,7 @@ impl State {
             batch.extend_ops(staged.ops);
             let members = session.members();
             let applied = &staged.value;
-            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
             events = commit_events(gid, applied);
         }
         let pending = record.pending.take();

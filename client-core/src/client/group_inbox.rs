@@ -282,7 +282,7 @@ impl State {
     /// that commit's MLS side is applied (the relay took it: a member already
     /// sends in its epoch). Its record stays pending for the relay's answer, which
     /// still has the per-device refusals to handle. Returns its events.
-    fn apply_own_commit_for(&mut self, tag: &[u8; 16]) -> Result<Option<Vec<Event>>> {
+    fn apply_own_commit_for(&mut self, tag: &[u8; 16], now_ms: u64) -> Result<Option<Vec<Event>>> {
         let pending: Vec<Vec<u8>> = self
             .groups
             .iter()
@@ -307,7 +307,7 @@ impl State {
             if let Some(mut record) = self.groups.get(&group).cloned() {
                 let members = self.session_mut(&group)?.members();
                 let applied = &staged.value;
-                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
                 self.put_group(&group, record, &mut batch);
             }
             if let Err(e) = self.commit(batch, false) {
@@ -324,6 +324,7 @@ impl State {
     fn route_tag(
         &mut self,
         tag: &[u8; 16],
+        now_ms: u64,
         events: &mut Vec<Event>,
         applied: &mut bool,
     ) -> Result<Option<Vec<u8>>> {
@@ -337,7 +338,7 @@ impl State {
         if let Some(group) = route(self)? {
             return Ok(Some(group));
         }
-        match self.apply_own_commit_for(tag)? {
+        match self.apply_own_commit_for(tag, now_ms)? {
             Some(mut applied_events) => {
                 *applied = true;
                 events.append(&mut applied_events);
@@ -359,7 +360,7 @@ impl State {
         };
         let mut events = Vec::new();
         let mut applied = false;
-        let Some(group) = self.route_tag(&tag, &mut events, &mut applied)? else {
+        let Some(group) = self.route_tag(&tag, now_ms, &mut events, &mut applied)? else {
             return self.hold_envelope(message_id, envelope, &tag, now_ms);
         };
         let out =
@@ -554,7 +555,7 @@ impl State {
                     record.wait_epoch = 0;
                 }
                 let members = self.session_mut(group)?.members();
-                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
                 events.extend(commit_events(gid, &applied));
             }
         }

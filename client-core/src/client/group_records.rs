@@ -93,14 +93,16 @@ pub(crate) struct GroupRecord {
     /// leaf under a key other than the pinned one, is not sent daily forever).
     #[prost(uint32, tag = "36")]
     pub(crate) rejoin_asks: u32,
-    /// The epoch each leaf was last added in (seen by this device: leaves older
-    /// than its join are not here). A rejoin request naming an earlier epoch
-    /// predates the device's current leaf and is dropped.
+    /// The epoch each leaf was last added in, and when this device saw it (leaves
+    /// older than its join are not here). A rejoin request naming an earlier
+    /// epoch and sent before that time predates the device's current leaf.
     #[prost(message, repeated, tag = "37")]
     pub(crate) leaf_epochs: Vec<LeafEpochRecord>,
 }
 
-/// When a leaf came: its device and the epoch its commit led to.
+/// When a leaf came: its device, the epoch its commit led to, and when (Unix ms,
+/// this device's clock) this device applied that commit (0: not recorded, as
+/// an older client wrote it).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct LeafEpochRecord {
     #[prost(bytes = "vec", tag = "1")]
@@ -109,16 +111,19 @@ pub(crate) struct LeafEpochRecord {
     pub(crate) device: u32,
     #[prost(uint64, tag = "3")]
     pub(crate) epoch: u64,
+    #[prost(uint64, tag = "4")]
+    pub(crate) added_at_ms: u64,
 }
 
 impl GroupRecord {
-    /// Records the leaves a commit leading to `epoch` added (`new_leaves`);
-    /// entries of devices no longer among `members` go.
+    /// Records the leaves a commit leading to `epoch` added (`new_leaves`),
+    /// applied at `now_ms`; entries of devices no longer among `members` go.
     pub(crate) fn note_new_leaves(
         &mut self,
         new_leaves: &[crate::groups::Member],
         epoch: u64,
         members: &[crate::groups::Member],
+        now_ms: u64,
     ) {
         let same = |r: &LeafEpochRecord, m: &crate::groups::Member| {
             r.account == m.account.as_bytes() && r.device == m.device.get()
@@ -129,18 +134,23 @@ impl GroupRecord {
                 account: m.account.as_bytes().to_vec(),
                 device: m.device.get(),
                 epoch,
+                added_at_ms: now_ms,
             });
         }
         self.leaf_epochs
             .retain(|r| members.iter().any(|m| same(r, m)));
     }
 
-    /// The epoch `account`'s `device` was last added in, if this device saw it.
-    pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
+    /// When `account`'s `device` was last added, if this device saw it.
+    pub(crate) fn leaf_added(&self, account: &AccountId, device: u32) -> Option<&LeafEpochRecord> {
         self.leaf_epochs
             .iter()
             .find(|r| r.account == account.as_bytes() && r.device == device)
-            .map(|r| r.epoch)
+    }
+
+    /// The epoch `account`'s `device` was last added in, if this device saw it.
+    pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
+        self.leaf_added(account, device).map(|r| r.epoch)
     }
 }
 
