@@ -10,8 +10,8 @@ use tern_proto::{MultiSend, MultiSendResult, RecipientAccount};
 
 use super::group_meta::merge_meta;
 use super::group_records::{
-    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord, OP_ADD,
-    OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
+    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord,
+    TreeLostRecord, OP_ADD, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
 };
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
@@ -212,11 +212,15 @@ impl State {
         if record.wait_epoch > session.epoch() {
             return Ok(GroupStep::Wait);
         }
-        if record.ops.is_empty() && !record.resends.iter().any(|r| r.commit) {
+        if record.ops.is_empty()
+            && !record.resends.iter().any(|r| r.commit)
+            && record.tree_lost_waits.is_empty()
+        {
             return Ok(GroupStep::Idle);
         }
         let before = record.clone();
         let mut record = record;
+        self.tree_lost_due(group, &mut record, now_ms)?;
         dedup_ops(&mut record.ops);
         self.drop_stale_readds(group, &mut record)?;
         // The members the head op removes need not be reached.
@@ -613,6 +617,7 @@ impl State {
         });
         let own = self.keys.address.account;
         let lost = results.len() != sends.len();
+        let tree_lost = pending.as_ref().is_some_and(|p| p.tree_lost);
         let mut resends = Vec::new();
         for (i, send) in sends.iter().enumerate() {
             let mut again: Vec<GroupRecipient> = Vec::new();
@@ -643,7 +648,10 @@ impl State {
                     }
                 }
             }
-            if !again.is_empty() {
+            // A welcome without its tree is not sent again: its devices wait
+            // for removal.
+            let skip = tree_lost && send.body.first() == Some(&GROUP_WELCOME);
+            if !again.is_empty() && !skip {
                 resends.push(GroupOutboxRecord {
                     group_id: group.to_vec(),
                     message_id: send.message_id.0.to_vec(),
@@ -654,16 +662,24 @@ impl State {
                 });
             }
         }
-        if pending.as_ref().is_some_and(|p| p.tree_lost) {
-            // Its welcome's tree never reached the relay: the devices it added
-            // can never join, and would be sent to for nothing.
+        if tree_lost {
+            // Its welcome's tree may never have reached the relay: the devices
+            // it added are removed unless they show they joined (`group_tree.rs`).
             for send in sends
                 .iter()
                 .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
             {
                 for to in &send.recipients {
                     for d in &to.devices {
-                        record.ops.push(device_removal(&to.account, *d));
+                        let same = |w: &TreeLostRecord| {
+                            w.account == to.account.as_bytes() && w.device == d.get()
+                        };
+                        record.tree_lost_waits.retain(|w| !same(w));
+                        record.tree_lost_waits.push(TreeLostRecord {
+                            account: to.account.as_bytes().to_vec(),
+                            device: d.get(),
+                            since_ms: now_ms.max(1),
+                        });
                     }
                 }
             }

@@ -225,6 +225,8 @@ impl State {
                 })
                 .collect();
             record.readds = stale.readds.clone();
+            // Removals waiting on devices that never joined stay due.
+            record.tree_lost_waits = stale.tree_lost_waits.clone();
             if own && !stale.added_by.is_empty() {
                 record.added_by = stale.added_by.clone();
             }
@@ -461,6 +463,10 @@ impl State {
                         account: sender.account,
                     }]));
                 }
+                // It joined: a welcome sent without its tree reached it.
+                record.tree_lost_waits.retain(|w| {
+                    !(w.account == sender.account.as_bytes() && w.device == sender.device.get())
+                });
                 let Ok(content) = e2e::GroupContent::decode(&content[..]) else {
                     self.put_group(group, record, &mut batch);
                     self.commit(batch, false)?;

@@ -98,6 +98,24 @@ pub(crate) struct GroupRecord {
     /// epoch and sent before that time predates the device's current leaf.
     #[prost(message, repeated, tag = "37")]
     pub(crate) leaf_epochs: Vec<LeafEpochRecord>,
+    /// Devices a commit of this device added whose welcome went without its
+    /// tree upload (`PendingCommitRecord::tree_lost`), each with since when: the
+    /// relay may still have had the tree, so each is removed only if nothing
+    /// came from it within `HELD_WELCOME_MAX_AGE_MS` (`group_tree.rs`). Kept
+    /// across a re-add of this device.
+    #[prost(message, repeated, tag = "38")]
+    pub(crate) tree_lost_waits: Vec<TreeLostRecord>,
+}
+
+/// A device whose welcome may have gone without its tree, and since when.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct TreeLostRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) device: u32,
+    #[prost(uint64, tag = "3")]
+    pub(crate) since_ms: u64,
 }
 
 /// When a leaf came: its device, the epoch its commit led to, and when (Unix ms,
@@ -149,6 +167,7 @@ impl GroupRecord {
     }
 
     /// The epoch `account`'s `device` was last added in, if this device saw it.
+    #[cfg(test)]
     pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
         self.leaf_added(account, device).map(|r| r.epoch)
     }
@@ -240,11 +259,13 @@ pub(crate) struct PendingCommitRecord {
     #[prost(bool, tag = "3")]
     pub(crate) unsent: bool,
     /// Since when (Unix ms) its welcome's tree upload has been refused for now
-    /// (0: not); past `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
+    /// (0: not, or it succeeded or the commit went since); past
+    /// `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
     #[prost(uint64, tag = "4")]
     pub(crate) upload_waiting_since_ms: u64,
-    /// Sent again without its welcome's tree (the relay refused the upload):
-    /// the devices it adds can never join, so their removal follows it.
+    /// Sent again without its welcome's tree (the relay refused the upload, and
+    /// no later upload succeeded): the devices it adds may never join, so once
+    /// it is answered their removal waits (`GroupRecord::tree_lost_waits`).
     #[prost(bool, tag = "5")]
     pub(crate) tree_lost: bool,
 }
