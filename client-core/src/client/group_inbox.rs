@@ -30,10 +30,11 @@ use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
+use super::group_commit::OP_UPDATE;
 use super::group_meta::rebase_meta_op;
 use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
-    OP_META, OP_REMOVE,
+    OP_META, OP_READD_DEVICE, OP_REMOVE,
 };
 use super::group_tree::WELCOME_DEDUP;
 use super::groups::{
@@ -197,6 +198,7 @@ impl State {
             Some(_) => self.session_mut(&id).ok().and_then(|s| s.meta().ok()),
             None => None,
         };
+        let mut dropped_ops = 0;
         let mut record = GroupRecord {
             handle: session.handle().to_vec(),
             registered: true,
@@ -205,6 +207,7 @@ impl State {
             pins: stale.as_ref().map(|r| r.pins.clone()).unwrap_or_default(),
             // Asked to re-add this device should it be left behind.
             added_by: added_by.account.as_bytes().to_vec(),
+            ops_user: true,
             ..GroupRecord::default()
         };
         if let Some(stale) = &stale {
@@ -214,16 +217,23 @@ impl State {
             // out the fields another member changed since (`rebase_meta_op`).
             // Re-adds this device took stay counted; re-added by its own
             // account, it keeps asking the account that first added it.
-            record.ops = stale
-                .ops
-                .iter()
-                .filter(|o| o.user)
-                .filter_map(|o| match (o.kind, &stale_meta) {
+            // Ops an older client queued carry no `user`: only re-adds and
+            // updates are known not to be the user's.
+            let users = |o: &GroupOpRecord| match stale.ops_user {
+                true => o.user,
+                false => !matches!(o.kind, OP_READD_DEVICE | OP_UPDATE),
+            };
+            for o in stale.ops.iter().filter(|o| users(o)) {
+                let kept = match (o.kind, &stale_meta) {
                     (OP_META, Some(m)) => rebase_meta_op(o, m, &joined.value.meta),
                     (OP_META, None) => None,
                     _ => Some(o.clone()),
-                })
-                .collect();
+                };
+                match kept {
+                    Some(o) => record.ops.push(GroupOpRecord { user: true, ..o }),
+                    None => dropped_ops += 1,
+                }
+            }
             record.readds = stale.readds.clone();
             // Removals waiting on devices that never joined stay due.
             record.tree_lost_waits = stale.tree_lost_waits.clone();
@@ -276,6 +286,12 @@ impl State {
             added_by: added_by.account,
             name: joined.value.meta.name,
         }];
+        // The app hears of what its user asked for that no longer goes out.
+        for _ in 0..dropped_ops {
+            events.push(Event::Dropped {
+                reason: "a group change dropped: the group changed it since".into(),
+            });
+        }
         events.append(&mut self.retry_held(now_ms)?);
         Ok(Outcome::Synced(events))
     }

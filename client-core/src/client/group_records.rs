@@ -105,6 +105,11 @@ pub(crate) struct GroupRecord {
     /// across a re-add of this device.
     #[prost(message, repeated, tag = "38")]
     pub(crate) tree_lost_waits: Vec<TreeLostRecord>,
+    /// Every queued op carries `GroupOpRecord::user` (set once the queue is
+    /// empty, as an older client did not write it): a re-add keeps only user
+    /// ops. Without it a re-add drops only re-adds and updates, as before.
+    #[prost(bool, tag = "39")]
+    pub(crate) ops_user: bool,
 }
 
 /// A device whose welcome may have gone without its tree, and since when.

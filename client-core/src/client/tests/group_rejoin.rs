@@ -8,7 +8,7 @@ use tern_proto::{e2e, Delivery, DeviceId, GroupCommit};
 
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
-use crate::client::group_commit::GroupStep;
+use crate::client::group_commit::{GroupStep, OP_UPDATE};
 use crate::client::group_meta::{MetaEdit, META_DESCRIPTION};
 use crate::client::group_records::{
     GroupOpRecord, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
@@ -772,7 +772,15 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
     let commit = plan(&mut alice, &group, &mut [&mut bob]);
     alice.state.commit_accepted(&group.0).expect("accepted");
     let w = &commit.sends[1];
-    events(bob.receive(&deliver(&w.body, w.message_id)));
+    let e = events(bob.receive(&deliver(&w.body, w.message_id)));
+    // The rename Alice overtook goes, and the app hears it.
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Event::GroupJoined { .. }, Event::Dropped { .. }]
+        ),
+        "{e:?}"
+    );
     bob.reload(NOW);
     let kept = ops(&bob, &group);
     assert_eq!(kept.len(), 1, "{kept:?}");
@@ -787,6 +795,35 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
         (meta.name.as_str(), meta.description.as_str()),
         ("missed", "late")
     );
+}
+
+#[test]
+fn a_re_add_keeps_the_ops_an_older_client_queued_but_re_adds_and_updates() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    // Written by an older client: no op carries `user`, nor the record its marker.
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    let alice_id = alice.account().as_bytes().to_vec();
+    let op = |kind| GroupOpRecord {
+        kind,
+        accounts: vec![alice_id.clone()],
+        device: 1,
+        ..GroupOpRecord::default()
+    };
+    record.ops = vec![op(OP_REMOVE), op(OP_READD_DEVICE), op(OP_UPDATE)];
+    record.ops_user = false;
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = &commit.sends[1];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    bob.reload(NOW);
+    let kept = ops(&bob, &group);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].kind == OP_REMOVE && kept[0].user);
+    assert!(bob.state.groups[&group.0[..]].ops_user);
 }
 
 #[test]
