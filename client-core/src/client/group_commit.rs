@@ -158,6 +158,7 @@ impl State {
                     || r.pending.is_some()
                     || !r.ops.is_empty()
                     || r.resends.iter().any(|x| x.commit)
+                    || !r.tree_lost_waits.is_empty()
             })
             .map(|(id, _)| id.clone())
             .collect()

@@ -399,6 +399,8 @@ fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
         .commit_accepted_at(&group.0, NOW)
         .expect("accepted");
     alice.reload(NOW);
+    // The worker looks at the group every round while a removal waits.
+    assert_eq!(alice.state.busy_groups(), [group.0.to_vec()]);
     let step = |a: &mut Dev, now| {
         a.state
             .next_group_step(&group.0, now, 30 * DAY)
