@@ -480,9 +480,7 @@ impl State {
                     }]));
                 }
                 // It joined: a welcome sent without its tree reached it.
-                record.tree_lost_waits.retain(|w| {
-                    !(w.account == sender.account.as_bytes() && w.device == sender.device.get())
-                });
+                record.joined(std::slice::from_ref(&sender));
                 let Ok(content) = e2e::GroupContent::decode(&content[..]) else {
                     self.put_group(group, record, &mut batch);
                     self.commit(batch, false)?;
@@ -578,6 +576,9 @@ impl State {
                 }
                 let members = self.session_mut(group)?.members();
                 record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
+                // Its committer joined; a device re-added has a new welcome.
+                record.joined(std::slice::from_ref(&applied.committer));
+                record.joined(&applied.new_leaves);
                 events.extend(commit_events(gid, &applied));
             }
         }

@@ -164,6 +164,16 @@ impl GroupRecord {
             .retain(|r| members.iter().any(|m| same(r, m)));
     }
 
+    /// `devices` showed they joined (or got a new leaf): no removal waits on
+    /// them (`tree_lost_waits`).
+    pub(crate) fn joined(&mut self, devices: &[crate::groups::Member]) {
+        self.tree_lost_waits.retain(|w| {
+            !devices
+                .iter()
+                .any(|m| w.account == m.account.as_bytes() && w.device == m.device.get())
+        });
+    }
+
     /// When `account`'s `device` was last added, if this device saw it.
     pub(crate) fn leaf_added(&self, account: &AccountId, device: u32) -> Option<&LeafEpochRecord> {
         self.leaf_epochs

@@ -9,6 +9,7 @@ use tern_proto::{e2e, GroupCommit, MessageId};
 use super::groups::{deliver, events, knows, last_envelope, plan, text};
 use super::{dev, dropped, Dev, DAY, NOW};
 use crate::client::group_commit::GroupStep;
+use crate::client::group_meta::MetaEdit;
 use crate::client::group_records::OP_REMOVE_DEVICE;
 use crate::client::group_tree::{
     prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, UploadFailed, HELD_WELCOMES_MAX,
@@ -442,7 +443,14 @@ fn sent_without_tree(alice: &mut Dev, group: &GroupId) -> Vec<u8> {
 
 #[test]
 fn a_device_added_without_its_tree_that_joins_anyway_is_not_removed() {
-    // The relay still had the tree (only the upload's answer was refused).
+    for shows in ["a message", "a commit"] {
+        joins_anyway(shows);
+    }
+}
+
+/// The relay still had the tree (only the upload's answer was refused): Bob
+/// joins, and `shows` it to Alice.
+fn joins_anyway(shows: &str) {
     let (mut alice, mut bob, group, commit) = planned();
     let sealed = sent_without_tree(&mut alice, &group);
     alice
@@ -459,10 +467,19 @@ fn a_device_added_without_its_tree_that_joins_anyway_is_not_removed() {
         .expect("joined");
     assert!(matches!(e.as_slice(), [Event::GroupJoined { .. }]), "{e:?}");
     // Anything from Bob's device shows it joined.
-    bob.state
-        .enqueue_group(&group, text(b"here"), NOW, &mut OsRng)
-        .expect("queued");
-    let (envelope, id) = last_envelope(&bob);
+    let (envelope, id) = if shows == "a message" {
+        bob.state
+            .enqueue_group(&group, text(b"here"), NOW, &mut OsRng)
+            .expect("queued");
+        last_envelope(&bob)
+    } else {
+        bob.state
+            .edit_group_meta(&group, MetaEdit::Name("mine".into()))
+            .expect("queued");
+        let c = plan(&mut bob, &group, &mut []);
+        bob.state.commit_accepted(&group.0).expect("accepted");
+        (c.sends[0].body.to_vec(), c.sends[0].message_id)
+    };
     let _ = events(alice.receive(&deliver(&envelope, id)));
     alice.reload(NOW);
     assert!(alice.state.groups[&group.0[..]].tree_lost_waits.is_empty());
