@@ -939,7 +939,9 @@ async fn a_tree_upload_the_relay_refuses_for_good_gives_up_its_commit_never_sent
             (0, 0, vec![alice.account()]),
             "{case}"
         );
-        // Bob got no welcome; a 1:1 message after it still reaches him.
+        // A 1:1 message after it still reaches Bob, and no group came first.
+        // (Whether a welcome reached him is not seen here: a welcome with a
+        // pointer is held silently until its tree comes.)
         alice
             .send(&bob.account(), b"after the refusal")
             .await

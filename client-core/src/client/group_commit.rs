@@ -10,8 +10,8 @@ use tern_proto::{MultiSend, MultiSendResult, RecipientAccount};
 
 use super::group_meta::merge_meta;
 use super::group_records::{
-    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord, OP_ADD,
-    OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
+    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord,
+    TreeLostRecord, OP_ADD, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
 };
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
@@ -158,6 +158,7 @@ impl State {
                     || r.pending.is_some()
                     || !r.ops.is_empty()
                     || r.resends.iter().any(|x| x.commit)
+                    || !r.tree_lost_waits.is_empty()
             })
             .map(|(id, _)| id.clone())
             .collect()
@@ -212,11 +213,15 @@ impl State {
         if record.wait_epoch > session.epoch() {
             return Ok(GroupStep::Wait);
         }
-        if record.ops.is_empty() && !record.resends.iter().any(|r| r.commit) {
+        if record.ops.is_empty()
+            && !record.resends.iter().any(|r| r.commit)
+            && record.tree_lost_waits.is_empty()
+        {
             return Ok(GroupStep::Idle);
         }
         let before = record.clone();
         let mut record = record;
+        self.tree_lost_due(group, &mut record, now_ms)?;
         dedup_ops(&mut record.ops);
         self.drop_stale_readds(group, &mut record)?;
         // The members the head op removes need not be reached.
@@ -546,11 +551,17 @@ impl State {
     /// [`State::commit_answered`] with no refusals.
     #[cfg(test)]
     pub(crate) fn commit_accepted(&mut self, group: &[u8]) -> Result<Vec<Event>> {
+        self.commit_accepted_at(group, 0)
+    }
+
+    /// [`State::commit_accepted`] answered at `now_ms`.
+    #[cfg(test)]
+    pub(crate) fn commit_accepted_at(&mut self, group: &[u8], now_ms: u64) -> Result<Vec<Event>> {
         let sends = match self.groups.get(group).and_then(|r| r.pending.as_ref()) {
             Some(p) => p.commit()?.sends.len(),
             None => 0,
         };
-        self.commit_answered(group, &vec![MultiSendResult::default(); sends], 0)
+        self.commit_answered(group, &vec![MultiSendResult::default(); sends], now_ms)
     }
 
     /// The relay took `group`'s pending commit (its answer per send in
@@ -580,7 +591,7 @@ impl State {
             batch.extend_ops(staged.ops);
             let members = session.members();
             let applied = &staged.value;
-            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+            record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
             events = commit_events(gid, applied);
         }
         let pending = record.pending.take();
@@ -607,6 +618,7 @@ impl State {
         });
         let own = self.keys.address.account;
         let lost = results.len() != sends.len();
+        let tree_lost = pending.as_ref().is_some_and(|p| p.tree_lost);
         let mut resends = Vec::new();
         for (i, send) in sends.iter().enumerate() {
             let mut again: Vec<GroupRecipient> = Vec::new();
@@ -637,7 +649,10 @@ impl State {
                     }
                 }
             }
-            if !again.is_empty() {
+            // A welcome without its tree is not sent again: its devices wait
+            // for removal.
+            let skip = tree_lost && send.body.first() == Some(&GROUP_WELCOME);
+            if !again.is_empty() && !skip {
                 resends.push(GroupOutboxRecord {
                     group_id: group.to_vec(),
                     message_id: send.message_id.0.to_vec(),
@@ -648,16 +663,24 @@ impl State {
                 });
             }
         }
-        if pending.as_ref().is_some_and(|p| p.tree_lost) {
-            // Its welcome's tree never reached the relay: the devices it added
-            // can never join, and would be sent to for nothing.
+        if tree_lost {
+            // Its welcome's tree may never have reached the relay: the devices
+            // it added are removed unless they show they joined (`group_tree.rs`).
             for send in sends
                 .iter()
                 .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
             {
                 for to in &send.recipients {
                     for d in &to.devices {
-                        record.ops.push(device_removal(&to.account, *d));
+                        let same = |w: &TreeLostRecord| {
+                            w.account == to.account.as_bytes() && w.device == d.get()
+                        };
+                        record.tree_lost_waits.retain(|w| !same(w));
+                        record.tree_lost_waits.push(TreeLostRecord {
+                            account: to.account.as_bytes().to_vec(),
+                            device: d.get(),
+                            since_ms: now_ms.max(1),
+                        });
                     }
                 }
             }

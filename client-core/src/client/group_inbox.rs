@@ -30,10 +30,11 @@ use prost::Message;
 use tern_proto::e2e::{self, group_content::Control};
 use tern_proto::AccountId;
 
+use super::group_commit::OP_UPDATE;
 use super::group_meta::rebase_meta_op;
 use super::group_records::{
     dedup_account, GroupInboxRecord, GroupOpRecord, GroupRecord, MemberTokenRecord, PinRecord,
-    OP_META, OP_REMOVE,
+    OP_META, OP_READD_DEVICE, OP_REMOVE,
 };
 use super::group_tree::WELCOME_DEDUP;
 use super::groups::{
@@ -197,6 +198,7 @@ impl State {
             Some(_) => self.session_mut(&id).ok().and_then(|s| s.meta().ok()),
             None => None,
         };
+        let mut dropped_ops = 0;
         let mut record = GroupRecord {
             handle: session.handle().to_vec(),
             registered: true,
@@ -205,6 +207,7 @@ impl State {
             pins: stale.as_ref().map(|r| r.pins.clone()).unwrap_or_default(),
             // Asked to re-add this device should it be left behind.
             added_by: added_by.account.as_bytes().to_vec(),
+            ops_user: true,
             ..GroupRecord::default()
         };
         if let Some(stale) = &stale {
@@ -214,17 +217,26 @@ impl State {
             // out the fields another member changed since (`rebase_meta_op`).
             // Re-adds this device took stay counted; re-added by its own
             // account, it keeps asking the account that first added it.
-            record.ops = stale
-                .ops
-                .iter()
-                .filter(|o| o.user)
-                .filter_map(|o| match (o.kind, &stale_meta) {
+            // Ops an older client queued carry no `user`: only re-adds and
+            // updates are known not to be the user's.
+            let users = |o: &GroupOpRecord| match stale.ops_user {
+                true => o.user,
+                false => !matches!(o.kind, OP_READD_DEVICE | OP_UPDATE),
+            };
+            for o in stale.ops.iter().filter(|o| users(o)) {
+                let kept = match (o.kind, &stale_meta) {
                     (OP_META, Some(m)) => rebase_meta_op(o, m, &joined.value.meta),
                     (OP_META, None) => None,
                     _ => Some(o.clone()),
-                })
-                .collect();
+                };
+                match kept {
+                    Some(o) => record.ops.push(GroupOpRecord { user: true, ..o }),
+                    None => dropped_ops += 1,
+                }
+            }
             record.readds = stale.readds.clone();
+            // Removals waiting on devices that never joined stay due.
+            record.tree_lost_waits = stale.tree_lost_waits.clone();
             if own && !stale.added_by.is_empty() {
                 record.added_by = stale.added_by.clone();
             }
@@ -274,6 +286,12 @@ impl State {
             added_by: added_by.account,
             name: joined.value.meta.name,
         }];
+        // The app hears of what its user asked for that no longer goes out.
+        for _ in 0..dropped_ops {
+            events.push(Event::Dropped {
+                reason: "a group change dropped: the group changed it since".into(),
+            });
+        }
         events.append(&mut self.retry_held(now_ms)?);
         Ok(Outcome::Synced(events))
     }
@@ -282,7 +300,7 @@ impl State {
     /// that commit's MLS side is applied (the relay took it: a member already
     /// sends in its epoch). Its record stays pending for the relay's answer, which
     /// still has the per-device refusals to handle. Returns its events.
-    fn apply_own_commit_for(&mut self, tag: &[u8; 16]) -> Result<Option<Vec<Event>>> {
+    fn apply_own_commit_for(&mut self, tag: &[u8; 16], now_ms: u64) -> Result<Option<Vec<Event>>> {
         let pending: Vec<Vec<u8>> = self
             .groups
             .iter()
@@ -307,7 +325,7 @@ impl State {
             if let Some(mut record) = self.groups.get(&group).cloned() {
                 let members = self.session_mut(&group)?.members();
                 let applied = &staged.value;
-                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
                 self.put_group(&group, record, &mut batch);
             }
             if let Err(e) = self.commit(batch, false) {
@@ -324,6 +342,7 @@ impl State {
     fn route_tag(
         &mut self,
         tag: &[u8; 16],
+        now_ms: u64,
         events: &mut Vec<Event>,
         applied: &mut bool,
     ) -> Result<Option<Vec<u8>>> {
@@ -337,7 +356,7 @@ impl State {
         if let Some(group) = route(self)? {
             return Ok(Some(group));
         }
-        match self.apply_own_commit_for(tag)? {
+        match self.apply_own_commit_for(tag, now_ms)? {
             Some(mut applied_events) => {
                 *applied = true;
                 events.append(&mut applied_events);
@@ -359,7 +378,7 @@ impl State {
         };
         let mut events = Vec::new();
         let mut applied = false;
-        let Some(group) = self.route_tag(&tag, &mut events, &mut applied)? else {
+        let Some(group) = self.route_tag(&tag, now_ms, &mut events, &mut applied)? else {
             return self.hold_envelope(message_id, envelope, &tag, now_ms);
         };
         let out =
@@ -460,6 +479,8 @@ impl State {
                         account: sender.account,
                     }]));
                 }
+                // It joined: a welcome sent without its tree reached it.
+                record.joined(std::slice::from_ref(&sender));
                 let Ok(content) = e2e::GroupContent::decode(&content[..]) else {
                     self.put_group(group, record, &mut batch);
                     self.commit(batch, false)?;
@@ -554,7 +575,10 @@ impl State {
                     record.wait_epoch = 0;
                 }
                 let members = self.session_mut(group)?.members();
-                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members);
+                record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
+                // Its committer joined; a device re-added has a new welcome.
+                record.joined(std::slice::from_ref(&applied.committer));
+                record.joined(&applied.new_leaves);
                 events.extend(commit_events(gid, &applied));
             }
         }

@@ -93,14 +93,39 @@ pub(crate) struct GroupRecord {
     /// leaf under a key other than the pinned one, is not sent daily forever).
     #[prost(uint32, tag = "36")]
     pub(crate) rejoin_asks: u32,
-    /// The epoch each leaf was last added in (seen by this device: leaves older
-    /// than its join are not here). A rejoin request naming an earlier epoch
-    /// predates the device's current leaf and is dropped.
+    /// The epoch each leaf was last added in, and when this device saw it (leaves
+    /// older than its join are not here). A rejoin request naming an earlier
+    /// epoch and sent before that time predates the device's current leaf.
     #[prost(message, repeated, tag = "37")]
     pub(crate) leaf_epochs: Vec<LeafEpochRecord>,
+    /// Devices a commit of this device added whose welcome went without its
+    /// tree upload (`PendingCommitRecord::tree_lost`), each with since when: the
+    /// relay may still have had the tree, so each is removed only if nothing
+    /// came from it within `HELD_WELCOME_MAX_AGE_MS` (`group_tree.rs`). Kept
+    /// across a re-add of this device.
+    #[prost(message, repeated, tag = "38")]
+    pub(crate) tree_lost_waits: Vec<TreeLostRecord>,
+    /// Every queued op carries `GroupOpRecord::user` (set once the queue is
+    /// empty, as an older client did not write it): a re-add keeps only user
+    /// ops. Without it a re-add drops only re-adds and updates, as before.
+    #[prost(bool, tag = "39")]
+    pub(crate) ops_user: bool,
 }
 
-/// When a leaf came: its device and the epoch its commit led to.
+/// A device whose welcome may have gone without its tree, and since when.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct TreeLostRecord {
+    #[prost(bytes = "vec", tag = "1")]
+    pub(crate) account: Vec<u8>,
+    #[prost(uint32, tag = "2")]
+    pub(crate) device: u32,
+    #[prost(uint64, tag = "3")]
+    pub(crate) since_ms: u64,
+}
+
+/// When a leaf came: its device, the epoch its commit led to, and when (Unix ms,
+/// this device's clock) this device applied that commit (0: not recorded, as
+/// an older client wrote it).
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct LeafEpochRecord {
     #[prost(bytes = "vec", tag = "1")]
@@ -109,16 +134,19 @@ pub(crate) struct LeafEpochRecord {
     pub(crate) device: u32,
     #[prost(uint64, tag = "3")]
     pub(crate) epoch: u64,
+    #[prost(uint64, tag = "4")]
+    pub(crate) added_at_ms: u64,
 }
 
 impl GroupRecord {
-    /// Records the leaves a commit leading to `epoch` added (`new_leaves`);
-    /// entries of devices no longer among `members` go.
+    /// Records the leaves a commit leading to `epoch` added (`new_leaves`),
+    /// applied at `now_ms`; entries of devices no longer among `members` go.
     pub(crate) fn note_new_leaves(
         &mut self,
         new_leaves: &[crate::groups::Member],
         epoch: u64,
         members: &[crate::groups::Member],
+        now_ms: u64,
     ) {
         let same = |r: &LeafEpochRecord, m: &crate::groups::Member| {
             r.account == m.account.as_bytes() && r.device == m.device.get()
@@ -129,18 +157,34 @@ impl GroupRecord {
                 account: m.account.as_bytes().to_vec(),
                 device: m.device.get(),
                 epoch,
+                added_at_ms: now_ms,
             });
         }
         self.leaf_epochs
             .retain(|r| members.iter().any(|m| same(r, m)));
     }
 
-    /// The epoch `account`'s `device` was last added in, if this device saw it.
-    pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
+    /// `devices` showed they joined (or got a new leaf): no removal waits on
+    /// them (`tree_lost_waits`).
+    pub(crate) fn joined(&mut self, devices: &[crate::groups::Member]) {
+        self.tree_lost_waits.retain(|w| {
+            !devices
+                .iter()
+                .any(|m| w.account == m.account.as_bytes() && w.device == m.device.get())
+        });
+    }
+
+    /// When `account`'s `device` was last added, if this device saw it.
+    pub(crate) fn leaf_added(&self, account: &AccountId, device: u32) -> Option<&LeafEpochRecord> {
         self.leaf_epochs
             .iter()
             .find(|r| r.account == account.as_bytes() && r.device == device)
-            .map(|r| r.epoch)
+    }
+
+    /// The epoch `account`'s `device` was last added in, if this device saw it.
+    #[cfg(test)]
+    pub(crate) fn leaf_epoch(&self, account: &AccountId, device: u32) -> Option<u64> {
+        self.leaf_added(account, device).map(|r| r.epoch)
     }
 }
 
@@ -230,11 +274,13 @@ pub(crate) struct PendingCommitRecord {
     #[prost(bool, tag = "3")]
     pub(crate) unsent: bool,
     /// Since when (Unix ms) its welcome's tree upload has been refused for now
-    /// (0: not); past `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
+    /// (0: not, or it succeeded or the commit went since); past
+    /// `TREE_UPLOAD_WAIT_MS` it counts as refused for good.
     #[prost(uint64, tag = "4")]
     pub(crate) upload_waiting_since_ms: u64,
-    /// Sent again without its welcome's tree (the relay refused the upload):
-    /// the devices it adds can never join, so their removal follows it.
+    /// Sent again without its welcome's tree (the relay refused the upload, and
+    /// no later upload succeeded): the devices it adds may never join, so once
+    /// it is answered their removal waits (`GroupRecord::tree_lost_waits`).
     #[prost(bool, tag = "5")]
     pub(crate) tree_lost: bool,
 }

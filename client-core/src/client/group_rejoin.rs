@@ -16,18 +16,20 @@
 //! left; the sender is not blocked and shows the identity key pinned for its
 //! account (this account's own, a contact's, or the first one the group showed);
 //! its device is a leaf of the current epoch under that key; the epoch it names is
-//! below the current one, and not below the one that leaf was added in
-//! (`GroupRecord::leaf_epochs`: a request sent before another member re-added
-//! the device, delivered late, is not re-added twice); and this device re-added
-//! it no sooner than a
-//! [`REJOIN_EVERY_MS`] ago. Then an `OP_READD_DEVICE` is queued; anything else is
+//! below the current one; it was not sent before that leaf came (a request naming
+//! an epoch below the leaf's, sent, by its authenticated time, more than
+//! [`REJOIN_SKEW_MS`] before this device applied the leaf's commit: another
+//! member re-added the device and this copy came late; `GroupRecord::leaf_epochs`)
+//! — a request sent after the add is taken, as that re-add's welcome never
+//! reached the device, and past a week and a day after the add none is told
+//! apart; and this device re-added it no sooner than a [`REJOIN_EVERY_MS`] ago. Then an `OP_READD_DEVICE` is queued; anything else is
 //! dropped quietly (a debug log naming no account).
 //!
 //! Planning ([`State::readd_changes`]): in the epoch the request was taken in
 //! only, for a device still a leaf, with a fresh key package of exactly that
-//! device (the only one fetched); one commit removes its leaf and adds it back. Otherwise the op is
-//! dropped: another re-add may have come first, and a device still behind asks
-//! again a day later.
+//! device (the only one fetched); one commit removes its leaf and adds it back.
+//! Otherwise the op is dropped: another re-add may have come first, and a device
+//! still behind (that re-add's welcome lost) asks again, and is taken.
 
 use std::sync::atomic::Ordering;
 
@@ -37,7 +39,10 @@ use rand::{CryptoRng, RngCore};
 use tern_proto::{e2e, AccountId, DeviceId};
 
 use super::group_commit::accounts_of;
-use super::group_records::{GroupOpRecord, GroupRecord, ReaddRecord, OP_READD_DEVICE};
+use super::group_records::{
+    GroupOpRecord, GroupRecord, LeafEpochRecord, ReaddRecord, OP_READD_DEVICE,
+};
+use super::group_tree::HELD_WELCOME_MAX_AGE_MS;
 use super::send::Round;
 use super::state::State;
 use super::Shared;
@@ -57,6 +62,24 @@ pub(crate) const REJOIN_MAX_WAIT_MS: u64 = 30 * REJOIN_EVERY_MS;
 fn rejoin_wait(asks: u32) -> u64 {
     let doublings = asks.saturating_sub(1).min(5);
     (REJOIN_EVERY_MS << doublings).min(REJOIN_MAX_WAIT_MS)
+}
+
+/// How far a request's send time may run ahead of this device's clock and still
+/// count as sent before a leaf came.
+pub(crate) const REJOIN_SKEW_MS: u64 = 3600 * 1000;
+
+/// Whether a request naming `epoch`, sent at `sent_at_ms`, was sent before the
+/// device's current leaf came (`added`): a re-add answered it already and this
+/// copy came late. A request naming an older epoch but sent after the add is
+/// taken: that re-add's welcome never reached the device (its tree could not be
+/// downloaded, its pin check failed, the re-adder never sent it), and dropping
+/// it would shut the device out for good. Past the longest a welcome is held
+/// (and a day) no late copy is told apart any more; nor without a recorded time.
+fn predates_leaf(epoch: u64, sent_at_ms: u64, added: &LeafEpochRecord, now_ms: u64) -> bool {
+    epoch < added.epoch
+        && added.added_at_ms != 0
+        && now_ms.saturating_sub(added.added_at_ms) <= HELD_WELCOME_MAX_AGE_MS + REJOIN_EVERY_MS
+        && sent_at_ms.saturating_add(REJOIN_SKEW_MS) < added.added_at_ms
 }
 
 /// What a received `GroupRejoin` comes to.
@@ -210,7 +233,8 @@ impl State {
     }
 
     /// Judges a `GroupRejoin` from `sender`'s `device`, which showed
-    /// `identity_key` (the caller decrypted it under that key). Nothing is
+    /// `identity_key` (the caller decrypted it under that key) and sent it at
+    /// `sent_at_ms` (its authenticated `Plaintext.sent_at_ms`). Nothing is
     /// written: a re-add's record is for the caller to store. `Err` only for a
     /// local failure.
     pub(crate) fn judge_rejoin(
@@ -219,6 +243,7 @@ impl State {
         device: DeviceId,
         identity_key: &[u8; 32],
         rejoin: &e2e::GroupRejoin,
+        sent_at_ms: u64,
         now_ms: u64,
     ) -> Result<RejoinVerdict> {
         use RejoinVerdict::Dropped;
@@ -261,11 +286,9 @@ impl State {
         if rejoin.epoch >= epoch {
             return Ok(Dropped("a rejoin request from a device not behind"));
         }
-        // Sent before the device's current leaf came (a re-add answered it
-        // already, and this copy was late): that leaf is not behind for it.
         if record
-            .leaf_epoch(&sender, device.get())
-            .is_some_and(|added| rejoin.epoch < added)
+            .leaf_added(&sender, device.get())
+            .is_some_and(|added| predates_leaf(rejoin.epoch, sent_at_ms, added, now_ms))
         {
             return Ok(Dropped("a rejoin request older than the device's leaf"));
         }

@@ -31,8 +31,11 @@
 use prost::Message;
 use sha2::{Digest, Sha256};
 
+use tern_proto::{AccountId, DeviceId};
+
 use super::anonymous::AnonymousLink;
-use super::group_records::dedup_account;
+use super::group_records::{dedup_account, GroupRecord};
+use super::group_retry::device_removal;
 use super::send::Round;
 use super::state::{Outcome, State};
 use super::{Event, Shared};
@@ -75,9 +78,11 @@ pub(crate) enum UploadFailed {
     /// Never handed to the relay: given up as a refused commit.
     GiveUp,
     /// Handed to the relay before (it may hold it, the answer lost): sent again
-    /// without its tree, so no member forks; the new devices' welcome then
-    /// waits for a tree that never comes and is given up, and once the commit
-    /// is answered their leaves are removed (`PendingCommitRecord::tree_lost`).
+    /// without its tree, so no member forks. The relay may still have the tree
+    /// (the blob expired only, or a limit changed), so once the commit is
+    /// answered the new devices are removed only if nothing comes from them
+    /// within [`HELD_WELCOME_MAX_AGE_MS`] (`GroupRecord::tree_lost_waits`); a
+    /// later upload that succeeds clears `PendingCommitRecord::tree_lost`.
     SendAnyway,
 }
 
@@ -230,18 +235,77 @@ impl State {
     }
 
     /// Marks `group`'s pending commit as handed to the relay, durably, before
-    /// it is sent the first time.
+    /// each send.
     pub(crate) fn commit_sending(&mut self, group: &[u8]) -> Result<()> {
         let Some(mut record) = self.groups.get(group).cloned() else {
             return Ok(());
         };
+        // A wait for its tree ends as it goes.
         match record.pending.as_mut() {
-            Some(p) if p.unsent => p.unsent = false,
+            Some(p) if p.unsent || p.upload_waiting_since_ms != 0 => {
+                p.unsent = false;
+                p.upload_waiting_since_ms = 0;
+            }
             _ => return Ok(()),
         }
         let mut batch = Batch::new();
         self.put_group(group, record, &mut batch);
         self.commit(batch, true)
+    }
+
+    /// `group`'s tree upload succeeded: a wait for it ends, and the welcome's
+    /// tree is no longer lost. Stored durably.
+    pub(crate) fn tree_uploaded(&mut self, group: &[u8]) -> Result<()> {
+        let Some(mut record) = self.groups.get(group).cloned() else {
+            return Ok(());
+        };
+        match record.pending.as_mut() {
+            Some(p) if p.upload_waiting_since_ms != 0 || p.tree_lost => {
+                p.upload_waiting_since_ms = 0;
+                p.tree_lost = false;
+            }
+            _ => return Ok(()),
+        }
+        let mut batch = Batch::new();
+        self.put_group(group, record, &mut batch);
+        self.commit(batch, true)
+    }
+
+    /// Queues the removal of devices in `record.tree_lost_waits` from which
+    /// nothing came within [`HELD_WELCOME_MAX_AGE_MS`], once each (again after
+    /// a re-add of this device dropped it); entries of devices no longer
+    /// leaves go.
+    pub(super) fn tree_lost_due(
+        &mut self,
+        group: &[u8],
+        record: &mut GroupRecord,
+        now_ms: u64,
+    ) -> Result<()> {
+        if record.tree_lost_waits.is_empty() {
+            return Ok(());
+        }
+        let members = self.session_mut(group)?.members();
+        record.tree_lost_waits.retain(|w| {
+            members
+                .iter()
+                .any(|m| m.account.as_bytes()[..] == w.account[..] && m.device.get() == w.device)
+        });
+        for w in &record.tree_lost_waits {
+            if now_ms.saturating_sub(w.since_ms) < HELD_WELCOME_MAX_AGE_MS {
+                continue;
+            }
+            let (Ok(account), Ok(device)) = (
+                AccountId::try_from(&w.account[..]),
+                DeviceId::try_from(w.device),
+            ) else {
+                continue;
+            };
+            let op = device_removal(&account, device);
+            if !record.ops.contains(&op) {
+                record.ops.push(op);
+            }
+        }
+        Ok(())
     }
 
     /// `group`'s tree upload failed, for good (`refused`) or for now, at
@@ -264,7 +328,11 @@ impl State {
             pending.upload_waiting_since_ms = now_ms.max(1);
         }
         let waited = now_ms.saturating_sub(pending.upload_waiting_since_ms);
-        let verdict = match (refused || waited >= TREE_UPLOAD_WAIT_MS, pending.unsent) {
+        // Once sent without its tree, it does not wait for it again.
+        let verdict = match (
+            refused || waited >= TREE_UPLOAD_WAIT_MS || pending.tree_lost,
+            pending.unsent,
+        ) {
             (false, _) => UploadFailed::Wait,
             (true, true) => UploadFailed::GiveUp,
             (true, false) => UploadFailed::SendAnyway,
@@ -598,7 +666,10 @@ pub(super) async fn upload_tree(
     let size = sealed.len() as u64;
     let mut source = std::io::Cursor::new(sealed);
     let e = match conn.upload_blob(&blob_id, size, &mut source).await {
-        Ok(_) => return Ok(Upload::Done),
+        Ok(_) => {
+            shared.state.lock().await.tree_uploaded(group)?;
+            return Ok(Upload::Done);
+        }
         Err(e) => e,
     };
     let refused = match e.relay_code() {

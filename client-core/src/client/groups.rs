@@ -245,7 +245,9 @@ impl State {
             .ok_or(Error::UnknownGroup)
     }
 
-    pub(super) fn put_group(&mut self, id: &[u8], record: GroupRecord, batch: &mut Batch) {
+    pub(super) fn put_group(&mut self, id: &[u8], mut record: GroupRecord, batch: &mut Batch) {
+        // No op an older client wrote is left: all carry `user` from now on.
+        record.ops_user |= record.ops.is_empty();
         batch.put(Namespace::Groups, id.to_vec(), &record);
         self.groups.insert(id.to_vec(), record);
     }

@@ -138,7 +138,14 @@ impl State {
             {
                 return Ok(Outcome::Dropped("a rejoin request carrying more".into()));
             }
-            match self.judge_rejoin(sender, device, &identity_key, rejoin, now_ms)? {
+            match self.judge_rejoin(
+                sender,
+                device,
+                &identity_key,
+                rejoin,
+                plaintext.sent_at_ms,
+                now_ms,
+            )? {
                 RejoinVerdict::Readd(group, record) => readd = Some((group, record)),
                 RejoinVerdict::Dropped(reason) => {
                     tracing::debug!(reason, "a rejoin request dropped");

@@ -136,8 +136,13 @@ impl Dev {
     /// The last queued outbox record, encrypted for `to`'s first device and sealed
     /// as the relay would deliver it.
     fn seal_last(&mut self, to: &Dev, cert: &SenderCertificate) -> Delivery {
+        self.seal_last_at(to, cert, NOW)
+    }
+
+    /// [`Dev::seal_last`] prepared (its `sent_at_ms` set) at `now`.
+    fn seal_last_at(&mut self, to: &Dev, cert: &SenderCertificate, now: u64) -> Delivery {
         let seq = *self.state.outbox().last().expect("queued").0;
-        self.state.prepare(seq, NOW).expect("prepare");
+        self.state.prepare(seq, now).expect("prepare");
         let (_, record) = self.state.outbox().last().expect("queued");
         let content = record.copies[0].content.clone();
         let id = MessageId(record.message_id[..].try_into().expect("id"));

@@ -102,7 +102,7 @@ impl State {
                     return Err(StoreError::Corrupt.into());
                 };
                 let mut found = Vec::new();
-                let routed = self.route_tag(&tag, &mut found, &mut false)?;
+                let routed = self.route_tag(&tag, now_ms, &mut found, &mut false)?;
                 let Some(group) = routed else {
                     events.append(&mut found);
                     i += 1;

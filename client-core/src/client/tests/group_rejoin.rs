@@ -4,15 +4,16 @@
 
 use prost::Message;
 use rand::rngs::OsRng;
-use tern_proto::{e2e, Delivery, DeviceId};
+use tern_proto::{e2e, Delivery, DeviceId, GroupCommit};
 
 use super::groups::{deliver, events, key_package, knows, last_envelope, message_body, plan, text};
 use super::{dev, dev_of, relay_key, Dev, DAY, NOW};
-use crate::client::group_commit::GroupStep;
+use crate::client::group_commit::{GroupStep, OP_UPDATE};
 use crate::client::group_meta::{MetaEdit, META_DESCRIPTION};
 use crate::client::group_records::{
     GroupOpRecord, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
 };
+use crate::client::group_tree::HELD_WELCOME_MAX_AGE_MS;
 use crate::client::groups::GroupId;
 use crate::client::state::Outcome;
 use crate::client::Event;
@@ -97,10 +98,15 @@ fn mark_behind(dev: &mut Dev, group: &GroupId) {
 
 /// `from`'s last queued request, sealed for `to`.
 fn sealed_request(from: &mut Dev, to: &mut Dev) -> Delivery {
+    sealed_request_at(from, to, NOW)
+}
+
+/// [`sealed_request`] sent at `sent_at`.
+fn sealed_request_at(from: &mut Dev, to: &mut Dev, sent_at: u64) -> Delivery {
     from.sessions_with(to);
     let device = from.state.keys.address.device.get();
-    let cert = from.certificate(device, NOW + DAY, &relay_key());
-    let d = from.seal_last(to, &cert);
+    let cert = from.certificate(device, NOW + 30 * DAY, &relay_key());
+    let d = from.seal_last_at(to, &cert, sent_at);
     assert!(
         from.state.outbox().next().is_none(),
         "sent: out of the outbox"
@@ -110,6 +116,11 @@ fn sealed_request(from: &mut Dev, to: &mut Dev) -> Delivery {
 
 /// A request from `from` to `to`, for `group` at `at_epoch`.
 fn request(from: &mut Dev, to: &mut Dev, group: &[u8], at_epoch: u64) -> Delivery {
+    request_at(from, to, group, at_epoch, NOW)
+}
+
+/// [`request`] sent at `sent_at`.
+fn request_at(from: &mut Dev, to: &mut Dev, group: &[u8], at_epoch: u64, sent_at: u64) -> Delivery {
     let body = e2e::GroupRejoin {
         group_id: group.to_vec().into(),
         epoch: at_epoch,
@@ -118,9 +129,9 @@ fn request(from: &mut Dev, to: &mut Dev, group: &[u8], at_epoch: u64) -> Deliver
     let mut batch = Batch::new();
     let account = to.account();
     from.state
-        .queue_rejoin(&account, &body, NOW, &mut OsRng, &mut batch);
+        .queue_rejoin(&account, &body, sent_at, &mut OsRng, &mut batch);
     from.state.commit(batch, true).expect("queued");
-    sealed_request(from, to)
+    sealed_request_at(from, to, sent_at)
 }
 
 /// Delivers `d` to `to` at `now`: a request is never a message.
@@ -564,31 +575,55 @@ fn a_readd_of_another_epoch_is_dropped_before_any_fetch() {
     assert!(ops(&alice, &group).is_empty());
 }
 
-#[test]
-fn a_request_older_than_the_devices_last_re_add_is_dropped_by_every_member() {
-    let (mut alice, mut bob, mut carol, group) = with_carol();
-    knows(&mut carol, &bob);
-    knows(&mut bob, &carol);
-    // Alice renames; Carol follows, Bob misses it (he stays at epoch 2).
+const HOUR: u64 = 3600 * 1000;
+
+/// Alice renames; Carol follows, Bob misses it (he stays at epoch 2) and asks
+/// both at `NOW`. Carol takes hers and re-adds him (epoch 4), answered at
+/// `NOW + 2 h`, as Alice applies it. Returns the re-add commit and Bob's copy
+/// of the request to Alice, not yet delivered.
+fn readd_by_carol(
+    alice: &mut Dev,
+    bob: &mut Dev,
+    carol: &mut Dev,
+    group: &GroupId,
+) -> (GroupCommit, Delivery) {
+    knows(carol, bob);
+    knows(bob, carol);
     alice
         .state
-        .edit_group_meta(&group, MetaEdit::Name("missed".into()))
+        .edit_group_meta(group, MetaEdit::Name("missed".into()))
         .expect("queued");
-    let rename = plan(&mut alice, &group, &mut []);
+    let rename = plan(alice, group, &mut []);
     alice.state.commit_accepted(&group.0).expect("accepted");
     let c = &rename.sends[0];
     events(carol.receive(&deliver(&c.body, c.message_id)));
-    assert_eq!(epoch(&mut bob, &group), 2);
-    // Bob asks both; Carol takes hers first and re-adds him.
-    let late_to_alice = request(&mut bob, &mut alice, &group.0, 2);
-    let to_carol = request(&mut bob, &mut carol, &group.0, 2);
-    take(&mut carol, &to_carol, NOW);
-    let readd = plan(&mut carol, &group, &mut [&mut bob]);
-    carol.state.commit_accepted(&group.0).expect("accepted");
-    assert_eq!(epoch(&mut carol, &group), 4);
+    assert_eq!(epoch(bob, group), 2);
+    mark_behind(bob, group);
+    let late_to_alice = request(bob, alice, &group.0, 2);
+    let to_carol = request(bob, carol, &group.0, 2);
+    take(carol, &to_carol, NOW + HOUR);
+    let readd = plan(carol, group, &mut [&mut *bob]);
+    carol
+        .state
+        .commit_accepted_at(&group.0, NOW + 2 * HOUR)
+        .expect("accepted");
+    assert_eq!(epoch(carol, group), 4);
     let c = &readd.sends[0];
-    events(alice.receive(&deliver(&c.body, c.message_id)));
-    assert_eq!(epoch(&mut alice, &group), 4);
+    let applied = alice
+        .state
+        .receive(&deliver(&c.body, c.message_id), NOW + 2 * HOUR, &mut OsRng);
+    events(applied.expect("receive"));
+    assert_eq!(epoch(alice, group), 4);
+    (readd, late_to_alice)
+}
+
+#[test]
+fn a_request_older_than_the_devices_last_re_add_is_dropped_by_every_member() {
+    let (mut alice, mut bob, mut carol, group) = with_carol();
+    let (readd, late_to_alice) = readd_by_carol(&mut alice, &mut bob, &mut carol, &group);
+    let w = &readd.sends[1];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    assert_eq!(epoch(&mut bob, &group), 4);
     // Alice's copy arrives two days late: Bob's leaf is newer than it (kept
     // across a restart); Carol drops a late second copy the same way.
     alice.reload(NOW);
@@ -597,15 +632,53 @@ fn a_request_older_than_the_devices_last_re_add_is_dropped_by_every_member() {
     let late_to_carol = request(&mut bob, &mut carol, &group.0, 2);
     take(&mut carol, &late_to_carol, NOW + 2 * DAY);
     assert!(readds(&carol, &group).is_empty());
-    // A request from the fresh leaf (behind again at epoch 4) is taken.
+    // Bob's fresh leaf falls behind again (Alice renames, he misses it); his
+    // request from the epoch he is really at is taken.
     alice
         .state
         .edit_group_meta(&group, MetaEdit::Name("again".into()))
         .expect("queued");
     let _ = plan(&mut alice, &group, &mut []);
     alice.state.commit_accepted(&group.0).expect("accepted");
-    let d = request(&mut bob, &mut alice, &group.0, 4);
+    let at = epoch(&mut bob, &group);
+    let d = request_at(&mut bob, &mut alice, &group.0, at, NOW + 2 * DAY);
     take(&mut alice, &d, NOW + 2 * DAY);
+    assert_eq!(readds(&alice, &group).len(), 1);
+}
+
+#[test]
+fn a_device_whose_re_add_welcome_was_lost_is_re_added_on_its_next_request() {
+    let (mut alice, mut bob, mut carol, group) = with_carol();
+    // Carol's re-add never reaches Bob (its tree could not be downloaded, say):
+    // he stays at epoch 2, still a leaf of epoch 4 to the others.
+    let (_readd, late_to_alice) = readd_by_carol(&mut alice, &mut bob, &mut carol, &group);
+    assert_eq!(epoch(&mut bob, &group), 2);
+    // A copy sent before the re-add is still told apart; one sent less than
+    // the clock skew allowed before it is not.
+    take(&mut alice, &late_to_alice, NOW + DAY);
+    assert!(readds(&alice, &group).is_empty());
+    let skewed = request_at(&mut bob, &mut alice, &group.0, 2, NOW + 3 * HOUR / 2);
+    take(&mut alice, &skewed, NOW + DAY);
+    assert_eq!(readds(&alice, &group).len(), 1, "within the skew: taken");
+    // Bob asks again later, naming the epoch he is at: Carol takes it.
+    let again = request_at(&mut bob, &mut carol, &group.0, 2, NOW + 2 * DAY);
+    take(&mut carol, &again, NOW + 2 * DAY);
+    assert_eq!(
+        readds(&carol, &group).len(),
+        1,
+        "a lost welcome is re-added"
+    );
+    // Past a week and a day after the add, no copy is told apart any more.
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops.clear();
+    record.readds.clear();
+    alice.state.groups.insert(group.0.to_vec(), record);
+    let old = request_at(&mut bob, &mut alice, &group.0, 2, NOW);
+    take(
+        &mut alice,
+        &old,
+        NOW + 2 * HOUR + HELD_WELCOME_MAX_AGE_MS + DAY + 1,
+    );
     assert_eq!(readds(&alice, &group).len(), 1);
 }
 
@@ -699,7 +772,15 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
     let commit = plan(&mut alice, &group, &mut [&mut bob]);
     alice.state.commit_accepted(&group.0).expect("accepted");
     let w = &commit.sends[1];
-    events(bob.receive(&deliver(&w.body, w.message_id)));
+    let e = events(bob.receive(&deliver(&w.body, w.message_id)));
+    // The rename Alice overtook goes, and the app hears it.
+    assert!(
+        matches!(
+            e.as_slice(),
+            [Event::GroupJoined { .. }, Event::Dropped { .. }]
+        ),
+        "{e:?}"
+    );
     bob.reload(NOW);
     let kept = ops(&bob, &group);
     assert_eq!(kept.len(), 1, "{kept:?}");
@@ -714,6 +795,35 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
         (meta.name.as_str(), meta.description.as_str()),
         ("missed", "late")
     );
+}
+
+#[test]
+fn a_re_add_keeps_the_ops_an_older_client_queued_but_re_adds_and_updates() {
+    let (mut alice, mut bob, group) = pair();
+    leave_behind(&mut alice, &mut bob, &group);
+    // Written by an older client: no op carries `user`, nor the record its marker.
+    let mut record = bob.state.groups[&group.0[..]].clone();
+    let alice_id = alice.account().as_bytes().to_vec();
+    let op = |kind| GroupOpRecord {
+        kind,
+        accounts: vec![alice_id.clone()],
+        device: 1,
+        ..GroupOpRecord::default()
+    };
+    record.ops = vec![op(OP_REMOVE), op(OP_READD_DEVICE), op(OP_UPDATE)];
+    record.ops_user = false;
+    bob.state.groups.insert(group.0.to_vec(), record);
+    let d = request(&mut bob, &mut alice, &group.0, 1);
+    take(&mut alice, &d, NOW);
+    let commit = plan(&mut alice, &group, &mut [&mut bob]);
+    alice.state.commit_accepted(&group.0).expect("accepted");
+    let w = &commit.sends[1];
+    events(bob.receive(&deliver(&w.body, w.message_id)));
+    bob.reload(NOW);
+    let kept = ops(&bob, &group);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert!(kept[0].kind == OP_REMOVE && kept[0].user);
+    assert!(bob.state.groups[&group.0[..]].ops_user);
 }
 
 #[test]

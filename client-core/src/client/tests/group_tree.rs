@@ -7,8 +7,9 @@ use rand::rngs::OsRng;
 use tern_proto::{e2e, GroupCommit, MessageId};
 
 use super::groups::{deliver, events, knows, last_envelope, plan, text};
-use super::{dev, dropped, Dev, NOW};
+use super::{dev, dropped, Dev, DAY, NOW};
 use crate::client::group_commit::GroupStep;
+use crate::client::group_meta::MetaEdit;
 use crate::client::group_records::OP_REMOVE_DEVICE;
 use crate::client::group_tree::{
     prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, UploadFailed, HELD_WELCOMES_MAX,
@@ -392,14 +393,167 @@ fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
         panic!("the pending commit is kept")
     };
     assert_eq!(again.commit_id, commit.commit_id);
-    // Answered, the device it added (which can never get the tree) is removed next.
-    alice.state.commit_accepted(&group.0).expect("accepted");
-    let ops = &alice.state.groups[&group.0[..]].ops;
-    assert_eq!(ops.len(), 1, "{ops:?}");
-    assert_eq!(
-        (ops[0].kind, ops[0].accounts[0].clone(), ops[0].device),
-        (OP_REMOVE_DEVICE, bob.account().as_bytes().to_vec(), 1)
-    );
+    // Answered, the device it added is removed only if nothing came from it
+    // within a week (the relay may have had the tree), across a restart.
+    alice
+        .state
+        .commit_accepted_at(&group.0, NOW)
+        .expect("accepted");
+    alice.reload(NOW);
+    // The worker looks at the group every round while a removal waits.
+    assert_eq!(alice.state.busy_groups(), [group.0.to_vec()]);
+    let step = |a: &mut Dev, now| {
+        a.state
+            .next_group_step(&group.0, now, 30 * DAY)
+            .expect("step")
+    };
+    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS - 1);
+    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS);
+    let removal = |a: &Dev| {
+        let ops = &a.state.groups[&group.0[..]].ops;
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        (ops[0].kind, ops[0].accounts[0].clone(), ops[0].device)
+    };
+    let bob_1 = (OP_REMOVE_DEVICE, bob.account().as_bytes().to_vec(), 1);
+    assert_eq!(removal(&alice), bob_1);
+    // Its op dropped (as a re-add of this device drops ops it did not get
+    // from its user), the removal is queued again, once.
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.ops.clear();
+    alice.state.groups.insert(group.0.to_vec(), record);
+    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS + 1);
+    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS + 2);
+    assert_eq!(removal(&alice), bob_1);
+}
+
+/// `planned()`, sent once and its tree upload then refused for good: the
+/// commit goes again without its tree. Returns the tree's ciphertext.
+fn sent_without_tree(alice: &mut Dev, group: &GroupId) -> Vec<u8> {
+    let (_, sealed) = alice
+        .state
+        .tree_upload(&group.0)
+        .expect("read")
+        .expect("an upload");
+    alice.state.commit_sending(&group.0).expect("marked");
+    let failed = alice.state.tree_upload_failed(&group.0, true, NOW);
+    assert_eq!(failed.expect("judged"), UploadFailed::SendAnyway);
+    sealed
+}
+
+#[test]
+fn a_device_added_without_its_tree_that_joins_anyway_is_not_removed() {
+    for shows in ["a message", "a commit"] {
+        joins_anyway(shows);
+    }
+}
+
+/// The relay still had the tree (only the upload's answer was refused): Bob
+/// joins, and `shows` it to Alice.
+fn joins_anyway(shows: &str) {
+    let (mut alice, mut bob, group, commit) = planned();
+    let sealed = sent_without_tree(&mut alice, &group);
+    alice
+        .state
+        .commit_accepted_at(&group.0, NOW)
+        .expect("accepted");
+    assert_eq!(alice.state.groups[&group.0[..]].tree_lost_waits.len(), 1);
+    let w = &commit.sends[0];
+    assert!(events(bob.receive(&deliver(&w.body, w.message_id))).is_empty());
+    let due = due(&mut bob, NOW);
+    let e = bob
+        .state
+        .tree_fetched(due[0].0, &sealed, NOW)
+        .expect("joined");
+    assert!(matches!(e.as_slice(), [Event::GroupJoined { .. }]), "{e:?}");
+    // Anything from Bob's device shows it joined.
+    let (envelope, id) = if shows == "a message" {
+        bob.state
+            .enqueue_group(&group, text(b"here"), NOW, &mut OsRng)
+            .expect("queued");
+        last_envelope(&bob)
+    } else {
+        bob.state
+            .edit_group_meta(&group, MetaEdit::Name("mine".into()))
+            .expect("queued");
+        let c = plan(&mut bob, &group, &mut []);
+        bob.state.commit_accepted(&group.0).expect("accepted");
+        (c.sends[0].body.to_vec(), c.sends[0].message_id)
+    };
+    let _ = events(alice.receive(&deliver(&envelope, id)));
+    alice.reload(NOW);
+    assert!(alice.state.groups[&group.0[..]].tree_lost_waits.is_empty());
+    let _ = alice
+        .state
+        .next_group_step(&group.0, NOW + 2 * HELD_WELCOME_MAX_AGE_MS, 30 * DAY)
+        .expect("step");
+    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+}
+
+#[test]
+fn a_later_tree_upload_that_succeeds_clears_the_loss_and_the_wait() {
+    let (mut alice, _bob, group, _) = planned();
+    let _ = sent_without_tree(&mut alice, &group);
+    // Lost, the commit does not wait for its tree again.
+    let failed = alice.state.tree_upload_failed(&group.0, false, NOW + 1);
+    assert_eq!(failed.expect("judged"), UploadFailed::SendAnyway);
+    alice.state.tree_uploaded(&group.0).expect("uploaded");
+    alice.reload(NOW);
+    let pending = alice.state.groups[&group.0[..]]
+        .pending
+        .clone()
+        .expect("pending");
+    assert!(!pending.tree_lost && pending.upload_waiting_since_ms == 0);
+    alice
+        .state
+        .commit_accepted_at(&group.0, NOW)
+        .expect("accepted");
+    let record = &alice.state.groups[&group.0[..]];
+    assert!(record.tree_lost_waits.is_empty() && record.ops.is_empty());
+
+    // A wait for now ends when the upload succeeds or the commit goes: a later
+    // failure waits a full day again.
+    for end in ["uploaded", "sent"] {
+        let (mut alice, _bob, group, _) = planned();
+        let failed = |a: &mut Dev, now| {
+            a.state
+                .tree_upload_failed(&group.0, false, now)
+                .expect("judged")
+        };
+        assert_eq!(failed(&mut alice, NOW), UploadFailed::Wait);
+        match end {
+            "uploaded" => alice.state.tree_uploaded(&group.0),
+            _ => alice.state.commit_sending(&group.0),
+        }
+        .expect("ended");
+        let pending = alice.state.groups[&group.0[..]]
+            .pending
+            .clone()
+            .expect("pending");
+        assert_eq!(pending.upload_waiting_since_ms, 0, "{end}");
+        assert_eq!(
+            failed(&mut alice, NOW + TREE_UPLOAD_WAIT_MS),
+            UploadFailed::Wait
+        );
+    }
+}
+
+#[test]
+fn a_welcome_sent_without_its_tree_is_not_sent_again() {
+    for lost in [false, true] {
+        let (mut alice, _bob, group, _) = planned();
+        alice.state.commit_sending(&group.0).expect("marked");
+        if lost {
+            let _ = sent_without_tree(&mut alice, &group);
+        }
+        // The relay's answer lost: every send goes again, but such a welcome.
+        alice
+            .state
+            .commit_answered(&group.0, &[], NOW)
+            .expect("answered");
+        let resends = alice.state.groups[&group.0[..]].resends.len();
+        assert_eq!(resends, usize::from(!lost), "lost: {lost}");
+    }
 }
 
 #[test]
