@@ -10,8 +10,8 @@ use tern_proto::{MultiSend, MultiSendResult, RecipientAccount};
 
 use super::group_meta::merge_meta;
 use super::group_records::{
-    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord,
-    TreeLostRecord, OP_ADD, OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
+    GroupOpRecord, GroupOutboxRecord, GroupRecipient, GroupRecord, PendingCommitRecord, OP_ADD,
+    OP_META, OP_READD_DEVICE, OP_REMOVE, OP_REMOVE_DEVICE,
 };
 use super::group_retry::{
     device_removal, refuse_token, refused_devices, verdict, ResendRecord, TokenWaitRecord, Verdict,
@@ -222,6 +222,15 @@ impl State {
         let before = record.clone();
         let mut record = record;
         self.tree_lost_due(group, &mut record, now_ms)?;
+        // Waits alone start no token-wait clocks.
+        if record.ops.is_empty() && !record.resends.iter().any(|r| r.commit) {
+            if record != before {
+                let mut batch = Batch::new();
+                self.put_group(group, record, &mut batch);
+                self.commit(batch, true)?;
+            }
+            return Ok(GroupStep::Idle);
+        }
         dedup_ops(&mut record.ops);
         self.drop_stale_readds(group, &mut record)?;
         // The members the head op removes need not be reached.
@@ -592,6 +601,9 @@ impl State {
             let members = session.members();
             let applied = &staged.value;
             record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
+            if !record.pending.as_ref().is_some_and(|p| p.tree_lost) {
+                record.joined(&applied.new_leaves);
+            }
             events = commit_events(gid, applied);
         }
         let pending = record.pending.take();
@@ -665,23 +677,12 @@ impl State {
         }
         if tree_lost {
             // Its welcome's tree may never have reached the relay: the devices
-            // it added are removed unless they show they joined (`group_tree.rs`).
-            for send in sends
-                .iter()
-                .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
-            {
-                for to in &send.recipients {
-                    for d in &to.devices {
-                        let same = |w: &TreeLostRecord| {
-                            w.account == to.account.as_bytes() && w.device == d.get()
-                        };
-                        record.tree_lost_waits.retain(|w| !same(w));
-                        record.tree_lost_waits.push(TreeLostRecord {
-                            account: to.account.as_bytes().to_vec(),
-                            device: d.get(),
-                            since_ms: now_ms.max(1),
-                        });
-                    }
+            // it added (waiting since the loss, `tree_upload_failed`) have a
+            // full wait from now to show they joined (`group_tree.rs`).
+            let added = pending.as_ref().map(welcome_devices).unwrap_or_default();
+            for w in record.tree_lost_waits.iter_mut() {
+                if added.contains(&(w.account.clone(), w.device)) {
+                    w.since_ms = now_ms.max(1);
                 }
             }
         }
@@ -754,9 +755,29 @@ impl State {
     }
 }
 
+/// The devices `pending`'s welcomes go to: (account, device).
+pub(super) fn welcome_devices(pending: &PendingCommitRecord) -> Vec<(Vec<u8>, u32)> {
+    let Ok(commit) = pending.commit() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for send in commit
+        .sends
+        .iter()
+        .filter(|s| s.body.first() == Some(&GROUP_WELCOME))
+    {
+        for to in &send.recipients {
+            for d in &to.devices {
+                out.push((to.account.as_bytes().to_vec(), d.get()));
+            }
+        }
+    }
+    out
+}
+
 impl PendingCommitRecord {
     /// The commit as it was sent (stored encoded, so a resend is byte for byte).
-    fn commit(&self) -> Result<GroupCommit> {
+    pub(super) fn commit(&self) -> Result<GroupCommit> {
         let wire = v1::GroupCommitRequest::decode(&self.request[..]).map_err(|_| corrupt())?;
         GroupCommit::try_from(wire).map_err(|_| corrupt())
     }

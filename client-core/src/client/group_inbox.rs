@@ -235,8 +235,8 @@ impl State {
                 }
             }
             record.readds = stale.readds.clone();
-            // Removals waiting on devices that never joined stay due.
-            record.tree_lost_waits = stale.tree_lost_waits.clone();
+            // Tree-lost waits go: judged from a stale view, they could remove a
+            // device that joined while this one was behind.
             if own && !stale.added_by.is_empty() {
                 record.added_by = stale.added_by.clone();
             }
@@ -326,6 +326,9 @@ impl State {
                 let members = self.session_mut(&group)?.members();
                 let applied = &staged.value;
                 record.note_new_leaves(&applied.new_leaves, applied.epoch, &members, now_ms);
+                if !record.pending.as_ref().is_some_and(|p| p.tree_lost) {
+                    record.joined(&applied.new_leaves);
+                }
                 self.put_group(&group, record, &mut batch);
             }
             if let Err(e) = self.commit(batch, false) {

@@ -101,8 +101,9 @@ pub(crate) struct GroupRecord {
     /// Devices a commit of this device added whose welcome went without its
     /// tree upload (`PendingCommitRecord::tree_lost`), each with since when: the
     /// relay may still have had the tree, so each is removed only if nothing
-    /// came from it within `HELD_WELCOME_MAX_AGE_MS` (`group_tree.rs`). Kept
-    /// across a re-add of this device.
+    /// came from it within `HELD_WELCOME_MAX_AGE_MS` (`group_tree.rs`). Set when
+    /// the loss is (`tree_upload_failed`), so anything from the device before
+    /// the answer counts; dropped on a re-add of this device (its view was stale).
     #[prost(message, repeated, tag = "38")]
     pub(crate) tree_lost_waits: Vec<TreeLostRecord>,
     /// Every queued op carries `GroupOpRecord::user` (set once the queue is
@@ -121,6 +122,9 @@ pub(crate) struct TreeLostRecord {
     pub(crate) device: u32,
     #[prost(uint64, tag = "3")]
     pub(crate) since_ms: u64,
+    /// Its removal was queued (once: a refused commit drops it for good).
+    #[prost(bool, tag = "4")]
+    pub(crate) queued: bool,
 }
 
 /// When a leaf came: its device, the epoch its commit led to, and when (Unix ms,
@@ -165,12 +169,21 @@ impl GroupRecord {
     }
 
     /// `devices` showed they joined (or got a new leaf): no removal waits on
-    /// them (`tree_lost_waits`).
+    /// them (`tree_lost_waits`), nor any removal such a wait queued.
     pub(crate) fn joined(&mut self, devices: &[crate::groups::Member]) {
-        self.tree_lost_waits.retain(|w| {
-            !devices
+        let shown = |account: &[u8], device: u32| {
+            devices
                 .iter()
-                .any(|m| w.account == m.account.as_bytes() && w.device == m.device.get())
+                .any(|m| account == m.account.as_bytes() && device == m.device.get())
+        };
+        self.tree_lost_waits
+            .retain(|w| !shown(&w.account, w.device));
+        // The head op of a commit in flight stays (its answer pops it).
+        let keep = usize::from(self.pending.is_some());
+        let mut i = 0;
+        self.ops.retain(|o| {
+            i += 1;
+            i <= keep || !(o.tree_lost && o.accounts.first().is_some_and(|a| shown(a, o.device)))
         });
     }
 
@@ -248,6 +261,10 @@ pub(crate) struct GroupOpRecord {
     /// such ops outlive a re-add of this device, whose old view was stale.
     #[prost(bool, tag = "22")]
     pub(crate) user: bool,
+    /// An `OP_REMOVE_DEVICE` a tree-lost wait queued (`tree_lost_due`): it goes
+    /// if the device shows it joined. A removal the relay asked for stays.
+    #[prost(bool, tag = "23")]
+    pub(crate) tree_lost: bool,
 }
 
 pub(crate) const OP_ADD: u32 = 1;

@@ -34,7 +34,8 @@ use sha2::{Digest, Sha256};
 use tern_proto::{AccountId, DeviceId};
 
 use super::anonymous::AnonymousLink;
-use super::group_records::{dedup_account, GroupRecord};
+use super::group_commit::welcome_devices;
+use super::group_records::{dedup_account, GroupOpRecord, GroupRecord, TreeLostRecord};
 use super::group_retry::device_removal;
 use super::send::Round;
 use super::state::{Outcome, State};
@@ -262,7 +263,13 @@ impl State {
         match record.pending.as_mut() {
             Some(p) if p.upload_waiting_since_ms != 0 || p.tree_lost => {
                 p.upload_waiting_since_ms = 0;
-                p.tree_lost = false;
+                if std::mem::take(&mut p.tree_lost) {
+                    // Its welcome has its tree: no wait on the devices it adds.
+                    let added = welcome_devices(p);
+                    record
+                        .tree_lost_waits
+                        .retain(|w| !added.contains(&(w.account.clone(), w.device)));
+                }
             }
             _ => return Ok(()),
         }
@@ -272,15 +279,22 @@ impl State {
     }
 
     /// Queues the removal of devices in `record.tree_lost_waits` from which
-    /// nothing came within [`HELD_WELCOME_MAX_AGE_MS`], once each (again after
-    /// a re-add of this device dropped it); entries of devices no longer
-    /// leaves go.
+    /// nothing came within [`HELD_WELCOME_MAX_AGE_MS`], once each (a refused
+    /// commit drops it for good); entries of devices no longer leaves go, and
+    /// so do removals a wait queued whose wait is gone.
     pub(super) fn tree_lost_due(
         &mut self,
         group: &[u8],
         record: &mut GroupRecord,
         now_ms: u64,
     ) -> Result<()> {
+        let waits = &record.tree_lost_waits;
+        record.ops.retain(|o| {
+            !o.tree_lost
+                || waits
+                    .iter()
+                    .any(|w| o.accounts.first() == Some(&w.account) && o.device == w.device)
+        });
         if record.tree_lost_waits.is_empty() {
             return Ok(());
         }
@@ -290,8 +304,8 @@ impl State {
                 .iter()
                 .any(|m| m.account.as_bytes()[..] == w.account[..] && m.device.get() == w.device)
         });
-        for w in &record.tree_lost_waits {
-            if now_ms.saturating_sub(w.since_ms) < HELD_WELCOME_MAX_AGE_MS {
+        for w in record.tree_lost_waits.iter_mut() {
+            if w.queued || now_ms.saturating_sub(w.since_ms) < HELD_WELCOME_MAX_AGE_MS {
                 continue;
             }
             let (Ok(account), Ok(device)) = (
@@ -300,10 +314,11 @@ impl State {
             ) else {
                 continue;
             };
-            let op = device_removal(&account, device);
-            if !record.ops.contains(&op) {
-                record.ops.push(op);
-            }
+            w.queued = true;
+            record.ops.push(GroupOpRecord {
+                tree_lost: true,
+                ..device_removal(&account, device)
+            });
         }
         Ok(())
     }
@@ -337,7 +352,22 @@ impl State {
             (true, true) => UploadFailed::GiveUp,
             (true, false) => UploadFailed::SendAnyway,
         };
-        pending.tree_lost |= verdict == UploadFailed::SendAnyway;
+        if verdict == UploadFailed::SendAnyway && !pending.tree_lost {
+            pending.tree_lost = true;
+            // The devices it adds wait from now: anything from them, even
+            // before the answer, shows they joined.
+            for (account, device) in welcome_devices(pending) {
+                record
+                    .tree_lost_waits
+                    .retain(|w| !(w.account == account && w.device == device));
+                record.tree_lost_waits.push(TreeLostRecord {
+                    account,
+                    device,
+                    since_ms: now_ms.max(1),
+                    queued: false,
+                });
+            }
+        }
         if verdict == UploadFailed::GiveUp {
             self.commit_refused(group)?;
         } else if self.groups.get(group) != Some(&record) {

@@ -763,9 +763,18 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
     });
     record.ops.push(GroupOpRecord {
         kind: OP_REMOVE,
-        accounts: vec![alice_id],
+        accounts: vec![alice_id.clone()],
         ..GroupOpRecord::default()
     });
+    // A tree-lost wait judged while behind: Alice may have joined since.
+    record
+        .tree_lost_waits
+        .push(crate::client::group_records::TreeLostRecord {
+            account: alice_id,
+            device: 1,
+            since_ms: 1,
+            queued: false,
+        });
     bob.state.groups.insert(group.0.to_vec(), record);
     let d = request(&mut bob, &mut alice, &group.0, 1);
     take(&mut alice, &d, NOW);
@@ -782,6 +791,7 @@ fn a_re_added_device_keeps_only_its_users_ops_and_edits_nobody_changed_since() {
         "{e:?}"
     );
     bob.reload(NOW);
+    assert!(bob.state.groups[&group.0[..]].tree_lost_waits.is_empty());
     let kept = ops(&bob, &group);
     assert_eq!(kept.len(), 1, "{kept:?}");
     assert_eq!(kept[0].kind, OP_META);

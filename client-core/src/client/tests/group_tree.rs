@@ -417,14 +417,127 @@ fn a_refused_tree_upload_gives_up_a_commit_never_sent_and_resends_one_sent() {
     };
     let bob_1 = (OP_REMOVE_DEVICE, bob.account().as_bytes().to_vec(), 1);
     assert_eq!(removal(&alice), bob_1);
-    // Its op dropped (as a re-add of this device drops ops it did not get
-    // from its user), the removal is queued again, once.
+}
+
+/// `planned()`'s commit sent without its tree and answered at `NOW`.
+fn lost_and_answered() -> (Dev, Dev, GroupId) {
+    let (mut alice, bob, group, _) = planned();
+    let _ = sent_without_tree(&mut alice, &group);
+    alice
+        .state
+        .commit_accepted_at(&group.0, NOW)
+        .expect("accepted");
+    (alice, bob, group)
+}
+
+fn step_at(dev: &mut Dev, group: &GroupId, now: u64) -> GroupStep {
+    dev.state
+        .next_group_step(&group.0, now, 30 * DAY)
+        .expect("step")
+}
+
+#[test]
+fn a_tree_lost_removal_refused_is_not_queued_again() {
+    let (mut alice, _bob, group) = lost_and_answered();
+    let due = NOW + HELD_WELCOME_MAX_AGE_MS;
+    assert!(matches!(step_at(&mut alice, &group, due), GroupStep::Plan));
+    assert_eq!(alice.state.groups[&group.0[..]].ops.len(), 1);
+    // The relay refuses it (UNKNOWN_GROUP): the op goes, and is not queued
+    // again round after round, across a restart.
+    alice.state.commit_refused(&group.0).expect("refused");
+    alice.reload(NOW);
+    for i in 1..4 {
+        assert!(matches!(
+            step_at(&mut alice, &group, due + i),
+            GroupStep::Idle
+        ));
+        assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+    }
+}
+
+#[test]
+fn a_queued_tree_lost_removal_goes_when_its_device_shows_up() {
+    let (mut alice, bob, group) = lost_and_answered();
+    let _ = step_at(&mut alice, &group, NOW + HELD_WELCOME_MAX_AGE_MS);
+    // The relay also named Bob's device gone: that removal stays.
+    let bob_1 =
+        crate::client::group_retry::device_removal(&bob.account(), tern_proto::DeviceId::PRIMARY);
     let mut record = alice.state.groups[&group.0[..]].clone();
-    record.ops.clear();
+    assert!(record.ops[0].tree_lost, "{:?}", record.ops);
+    record.ops.push(bob_1.clone());
+    let members = alice.state.session_mut(&group.0).expect("s").members();
+    let shown: Vec<_> = members
+        .into_iter()
+        .filter(|m| m.account == bob.account())
+        .collect();
+    record.joined(&shown);
+    assert_eq!(record.ops, [bob_1]);
+    // A removal queued by a wait since gone is dropped at plan time too.
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.tree_lost_waits.clear();
     alice.state.groups.insert(group.0.to_vec(), record);
-    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS + 1);
-    let _ = step(&mut alice, NOW + HELD_WELCOME_MAX_AGE_MS + 2);
-    assert_eq!(removal(&alice), bob_1);
+    assert!(matches!(
+        step_at(&mut alice, &group, NOW + HELD_WELCOME_MAX_AGE_MS + 1),
+        GroupStep::Idle
+    ));
+    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+}
+
+#[test]
+fn a_device_that_shows_up_before_the_answer_is_not_removed() {
+    let (mut alice, bob, group, _) = planned();
+    let _ = sent_without_tree(&mut alice, &group);
+    // The wait starts with the loss, across a restart.
+    alice.reload(NOW);
+    let waits = alice.state.groups[&group.0[..]].tree_lost_waits.clone();
+    assert_eq!(waits.len(), 1, "{waits:?}");
+    assert_eq!(waits[0].account, bob.account().as_bytes());
+    // Bob shows he joined before the retried commit is answered (Alice not
+    // yet at its epoch, Bob is no leaf of hers: his message's sender).
+    let bob_1 = crate::groups::Member {
+        account: bob.account(),
+        device: tern_proto::DeviceId::PRIMARY,
+        identity_key: [0; 32],
+        device_key: [0; 32],
+        index: 1,
+    };
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.joined(&[bob_1]);
+    alice.state.groups.insert(group.0.to_vec(), record);
+    alice
+        .state
+        .commit_accepted_at(&group.0, NOW + 1)
+        .expect("accepted");
+    assert!(alice.state.groups[&group.0[..]].tree_lost_waits.is_empty());
+    let _ = step_at(&mut alice, &group, NOW + 2 * HELD_WELCOME_MAX_AGE_MS);
+    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+
+    // Answered days after the loss, the wait is a full one from the answer.
+    let (mut alice, _bob, group, _) = planned();
+    let _ = sent_without_tree(&mut alice, &group);
+    let answered = NOW + 5 * DAY;
+    alice
+        .state
+        .commit_accepted_at(&group.0, answered)
+        .expect("accepted");
+    let _ = step_at(&mut alice, &group, NOW + HELD_WELCOME_MAX_AGE_MS);
+    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+    let _ = step_at(&mut alice, &group, answered + HELD_WELCOME_MAX_AGE_MS);
+    assert_eq!(alice.state.groups[&group.0[..]].ops.len(), 1);
+}
+
+#[test]
+fn tree_lost_waits_alone_start_no_token_wait() {
+    let (mut alice, _bob, group) = lost_and_answered();
+    let mut record = alice.state.groups[&group.0[..]].clone();
+    record.tokens.clear();
+    alice.state.groups.insert(group.0.to_vec(), record);
+    assert!(matches!(
+        step_at(&mut alice, &group, NOW + 1),
+        GroupStep::Idle
+    ));
+    alice.reload(NOW);
+    assert!(alice.state.groups[&group.0[..]].token_waits.is_empty());
 }
 
 /// `planned()`, sent once and its tree upload then refused for good: the
@@ -497,8 +610,10 @@ fn a_later_tree_upload_that_succeeds_clears_the_loss_and_the_wait() {
     // Lost, the commit does not wait for its tree again.
     let failed = alice.state.tree_upload_failed(&group.0, false, NOW + 1);
     assert_eq!(failed.expect("judged"), UploadFailed::SendAnyway);
+    assert_eq!(alice.state.groups[&group.0[..]].tree_lost_waits.len(), 1);
     alice.state.tree_uploaded(&group.0).expect("uploaded");
     alice.reload(NOW);
+    assert!(alice.state.groups[&group.0[..]].tree_lost_waits.is_empty());
     let pending = alice.state.groups[&group.0[..]]
         .pending
         .clone()
