@@ -62,6 +62,9 @@ impl From<Staged> for Rotated {
     }
 }
 
+/// The furthest a switch may be staged (and what the command can still print).
+pub(crate) const MAX_OVERLAP: std::time::Duration = std::time::Duration::from_secs(366 * 24 * 3600);
+
 impl RotateRequest {
     /// The source and switch time it names, at `now`.
     fn resolve(&self, now: u64) -> Result<(Source, u64)> {
@@ -94,6 +97,12 @@ impl RotateRequest {
                 now.saturating_add(secs.saturating_mul(1000))
             }
         };
+        if at - now > MAX_OVERLAP.as_millis() as u64 {
+            return Err(Error::BadRequest(format!(
+                "the switch is more than {} days away: stage a certificate nearer its use",
+                MAX_OVERLAP.as_secs() / 86_400
+            )));
+        }
         Ok((source, at))
     }
 }
@@ -169,7 +178,15 @@ mod tests {
             overlap_secs: Some(0),
             ..RotateRequest::default()
         };
-        for bad in [both, half, past, zero] {
+        let far = RotateRequest {
+            overlap_secs: Some(10_000 * 365 * 24 * 3600),
+            ..RotateRequest::default()
+        };
+        let far_at = RotateRequest {
+            switch_at_ms: Some(u64::MAX),
+            ..RotateRequest::default()
+        };
+        for bad in [both, half, past, zero, far, far_at] {
             assert!(
                 matches!(bad.resolve(now), Err(Error::BadRequest(_))),
                 "{bad:?}"

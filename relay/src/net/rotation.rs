@@ -230,19 +230,43 @@ impl Certificates {
         let operator = config.cert.is_some() && config.key.is_some();
         let now = clock.now();
         let record = read_record(data_dir)?;
-        let switched_at_open = record.as_ref().is_some_and(|r| now >= r.switch_at_ms);
+        let mut switched_at_open = record.as_ref().is_some_and(|r| now >= r.switch_at_ms);
         if switched_at_open {
             switch_files(data_dir, operator)?;
         }
-        let current = match (&config.cert, &config.key) {
-            (Some(cert), Some(key)) => operator_current(cert, key, data_dir)?,
-            _ => tls::load_or_create(config, data_dir)?,
+        let load_current = || {
+            Served::new(match (&config.cert, &config.key) {
+                (Some(cert), Some(key)) => operator_current(cert, key, data_dir)?,
+                _ => tls::load_or_create(config, data_dir)?,
+            })
         };
-        let current = Served::new(current)?;
+        let current = match load_current() {
+            // A switch that moved the key, not yet the certificate, then the clock
+            // stepped back: the switch was under way, so it is finished.
+            Err(_)
+                if record.is_some()
+                    && !data_dir.join(NEXT_KEY_FILE).exists()
+                    && data_dir.join(NEXT_CERT_FILE).exists() =>
+            {
+                switch_files(data_dir, operator)?;
+                switched_at_open = true;
+                load_current()?
+            }
+            loaded => loaded?,
+        };
         let next = match read_record(data_dir)? {
             Some(r) => Some((Self::load_staged(data_dir, &r)?, r.switch_at_ms)),
             None => None,
         };
+        if let Some((staged, at)) = &next {
+            if staged.fingerprint == current.fingerprint {
+                // Served now, it would reach clients before they were told of it.
+                return Err(Error::Config(format!(
+                    "[tls] cert names the staged certificate, not due until {at} ms \
+                     (Unix): point [tls] cert and key at the current files until then"
+                )));
+            }
+        }
         let announced = next.as_ref().map(|(s, at)| NextCertificate {
             fingerprint: s.fingerprint,
             switch_at_ms: *at,
@@ -295,7 +319,10 @@ impl Certificates {
         switch_at_ms: u64,
         replace: bool,
     ) -> Result<Staged> {
-        let _files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        // A staged certificate whose time has come may already be served (and
+        // pinned): it becomes current before anything else is staged.
+        self.switch_locked(&files)?;
         let current = self.current();
         if let Some(r) = read_record(&self.data_dir)? {
             if !replace {
@@ -363,6 +390,13 @@ impl Certificates {
     /// Makes the staged certificate current once its time has come: the files
     /// (so a restart serves it) and the announcement (nothing is staged any more).
     pub(crate) fn switch_if_due(&self) -> Result<bool> {
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        self.switch_locked(&files)
+    }
+
+    /// The switch, with the files lock held, so "due" is decided on the staged
+    /// certificate whose files are moved (a stage cannot replace it in between).
+    fn switch_locked(&self, _files: &std::sync::MutexGuard<'_, ()>) -> Result<bool> {
         let now = self.clock.now();
         let due = lock(&self.state)
             .next
@@ -371,7 +405,6 @@ impl Certificates {
         if !due {
             return Ok(false);
         }
-        let _files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         switch_files(&self.data_dir, self.operator)?;
         let mut state = lock(&self.state);
         if let Some((next, _)) = state.next.take() {
@@ -419,18 +452,24 @@ pub(crate) async fn switch_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let on_switch = on_switch.map(Arc::new);
+    // A switch whose recording failed: retried each tick until it succeeds (the
+    // switch itself is not repeated, so nothing else would write it).
+    let pending = Arc::new(Mutex::new(None::<Fingerprint>));
     let mut tick = tokio::time::interval(SWITCH_CHECK);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => {}
         }
-        let (c, then) = (certs.clone(), on_switch.clone());
+        let (c, then, pending) = (certs.clone(), on_switch.clone(), pending.clone());
         let switched = tokio::task::spawn_blocking(move || {
-            if c.switch_if_due()? {
-                if let Some(then) = then {
-                    then(c.current())?;
-                }
+            let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+            if c.switch_if_due()? && then.is_some() {
+                *pending = Some(c.current());
+            }
+            if let (Some(f), Some(then)) = (*pending, then) {
+                then(f)?;
+                *pending = None;
             }
             Ok::<_, Error>(())
         });
@@ -529,6 +568,21 @@ mod tests {
     }
 
     #[test]
+    fn a_switch_interrupted_part_way_is_finished_even_with_the_clock_stepped_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        let staged = open(dir.path(), &clock)
+            .stage(&Source::Generate, START + 1_000, false)
+            .expect("stage");
+        // The key moved at the switch, the certificate not; now the clock is earlier.
+        fs::rename(dir.path().join(NEXT_KEY_FILE), dir.path().join(KEY_FILE)).expect("rename");
+        let after = open(dir.path(), &clock);
+        assert_eq!(after.current(), staged.next.fingerprint);
+        assert!(after.switched_at_open());
+        assert_eq!(*after.announced().borrow(), None);
+    }
+
+    #[test]
     fn a_second_rotation_is_refused_unless_it_replaces() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(ManualClock::new(START));
@@ -549,6 +603,80 @@ mod tests {
         assert_eq!(*certs.announced().borrow(), Some(two.next));
         let reopened = open(dir.path(), &clock);
         assert_eq!(*reopened.announced().borrow(), Some(two.next));
+    }
+
+    #[test]
+    fn a_replace_after_the_switch_time_keeps_the_certificate_already_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        let certs = open(dir.path(), &clock);
+        let one = certs
+            .stage(&Source::Generate, START + 1_000, false)
+            .expect("stage");
+        // Served from its switch time on, before the loop has moved the files.
+        clock.advance(Duration::from_millis(1_500));
+        assert_eq!(served(&certs), one.next.fingerprint);
+        let two = certs
+            .stage(&Source::Generate, START + 60_000, true)
+            .expect("replace");
+        assert_eq!(two.current, one.next.fingerprint);
+        assert_eq!(served(&certs), one.next.fingerprint);
+        assert_eq!(*certs.announced().borrow(), Some(two.next));
+        let reopened = open(dir.path(), &clock);
+        assert_eq!(reopened.current(), one.next.fingerprint);
+        assert_eq!(*reopened.announced().borrow(), Some(two.next));
+    }
+
+    #[tokio::test]
+    async fn a_failed_recording_of_the_switch_is_retried_until_it_succeeds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        let certs = Arc::new(open(dir.path(), &clock));
+        let staged = certs
+            .stage(&Source::Generate, START + 1_000, false)
+            .expect("stage");
+        clock.advance(Duration::from_secs(1));
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let seen = recorded.clone();
+        let on_switch: OnSwitch = Box::new(move |f| {
+            let mut seen = seen.lock().expect("seen");
+            seen.push(f);
+            if seen.len() == 1 {
+                return Err(Error::Config("the database is away".into()));
+            }
+            Ok(())
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(switch_loop(certs.clone(), Some(on_switch), stopped));
+        for _ in 0..100 {
+            if recorded.lock().expect("recorded").len() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        stop.send_replace(true);
+        task.await.expect("loop");
+        // Failed once, written on the next tick, then no more.
+        let recorded = recorded.lock().expect("recorded").clone();
+        assert_eq!(recorded, vec![staged.next.fingerprint; 2]);
+    }
+
+    #[test]
+    fn a_config_naming_the_staged_certificate_before_its_time_stops_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        open(dir.path(), &clock)
+            .stage(&Source::Generate, START + 10_000, false)
+            .expect("stage");
+        let early = TlsConfig {
+            cert: Some(dir.path().join(NEXT_CERT_FILE)),
+            key: Some(dir.path().join(NEXT_KEY_FILE)),
+        };
+        match Certificates::open(&early, dir.path(), clock.clone()) {
+            Err(Error::Config(m)) => assert!(m.contains("staged"), "{m}"),
+            other => panic!("started: {other:?}"),
+        }
     }
 
     #[test]
