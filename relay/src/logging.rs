@@ -22,18 +22,29 @@ use tracing_subscriber::registry::LookupSpan;
 /// What an address is replaced with.
 pub const REDACTED: &str = "<addr>";
 
-/// The log filter for `spec` (`--log`, `TERN_LOG`): as given, with the database
-/// pool's per-connection warnings (target `deadpool.postgres`, one per pooled
-/// connection an outage breaks) at error only, unless `spec` names that target;
-/// the store warns once per outage instead.
+/// Targets whose logs are capped unless the spec names them: the database pool's
+/// per-connection warnings (one per pooled connection an outage breaks; the store
+/// warns once per outage instead), and the HTTP client's (push wake-ups), whose
+/// debug lines name the host and port of a device's push endpoint (P9).
+const CAPPED: [(&str, &str); 4] = [
+    ("deadpool", "deadpool.postgres=error"),
+    ("reqwest", "reqwest=warn"),
+    ("hyper_util", "hyper_util=warn"),
+    ("hyper", "hyper=warn"),
+];
+
+/// The log filter for `spec` (`--log`, `TERN_LOG`): as given, with each target of
+/// `CAPPED` capped unless `spec` names it.
 pub fn filter(
     spec: &str,
 ) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
-    let f = tracing_subscriber::EnvFilter::try_new(spec)?;
-    if spec.contains("deadpool") {
-        return Ok(f);
+    let mut f = tracing_subscriber::EnvFilter::try_new(spec)?;
+    for (name, directive) in CAPPED {
+        if !spec.contains(name) {
+            f = f.add_directive(directive.parse()?);
+        }
     }
-    Ok(f.add_directive("deadpool.postgres=error".parse()?))
+    Ok(f)
 }
 
 /// How log lines are written (`--log-format`).

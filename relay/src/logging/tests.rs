@@ -145,3 +145,20 @@ proptest! {
         let _ = redact_numbers(&text);
     }
 }
+
+#[test]
+fn the_http_clients_debug_lines_are_capped_unless_named() {
+    let f = super::filter("debug").expect("filter").to_string();
+    for d in [
+        "reqwest=warn",
+        "hyper_util=warn",
+        "hyper=warn",
+        "deadpool.postgres=error",
+    ] {
+        assert!(f.contains(d), "{d} in {f}");
+    }
+    let named = super::filter("debug,reqwest=debug")
+        .expect("filter")
+        .to_string();
+    assert!(!named.contains("reqwest=warn"), "{named}");
+}

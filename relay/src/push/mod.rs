@@ -34,6 +34,7 @@ use crate::mailboxes::ActiveMailboxes;
 use crate::store::{GroupCommit, PushStore};
 
 pub(crate) mod coalesce;
+pub(crate) mod global;
 pub(crate) mod worker;
 
 /// The body of every POST to a UnifiedPush endpoint: constant, so it says nothing
@@ -46,6 +47,9 @@ pub const GATEWAY_BODY_TYPE: &str = "tern.wake";
 
 /// The most of a discovery answer read (the answer is 28 bytes).
 const MAX_DISCOVERY_ANSWER: usize = 4096;
+
+/// The reason given for every failed discovery.
+const UNVERIFIED: &str = "the endpoint did not answer as a UnifiedPush endpoint";
 
 /// Why a push target was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,7 +136,10 @@ impl Waker {
 
     /// `device` connected: mail it misses after it leaves is owed a wake-up.
     pub(crate) fn seen(&self, device: &DeviceAddress) {
-        // A lost one only means a later wake-up waits for its window.
+        // A lost one (queue full) leaves the device's entry as not seen: mail in
+        // the rest of its window is taken as covered by the earlier wake-up and gets
+        // none (the device reads it at its next connection); mail after the window
+        // wakes it as usual.
         let _ = self.tx.try_send(Event::Seen(*device));
     }
 }
@@ -144,7 +151,7 @@ pub struct Push {
     tombstones: Arc<Tombstones>,
     config: PushConfig,
     gateways: Vec<Url>,
-    client: reqwest::Client,
+    clients: Clients,
     waker: Waker,
     stats: Arc<Stats>,
     /// Taken by [`Push::start`].
@@ -154,6 +161,67 @@ pub struct Push {
 impl std::fmt::Debug for Push {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Push").finish_non_exhaustive()
+    }
+}
+
+/// The HTTP clients: UnifiedPush endpoints (named by devices) reach only global
+/// addresses ([`global::GlobalOnly`]); gateways on the operator's allowlist are
+/// trusted as configured (they may be internal).
+#[derive(Debug, Clone)]
+pub(crate) struct Clients {
+    pub(crate) endpoints: reqwest::Client,
+    pub(crate) gateways: reqwest::Client,
+}
+
+impl Clients {
+    fn new(config: &PushConfig) -> Result<Self> {
+        let builder = || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                // The URL registered is the only hop: proxy variables would send a
+                // loopback target's traffic elsewhere.
+                .no_proxy()
+                .timeout(config.timeout)
+                .connect_timeout(config.timeout)
+        };
+        let resolver = global::GlobalOnly {
+            allow_loopback: config.allow_http_loopback,
+        };
+        let build =
+            |b: reqwest::ClientBuilder| b.build().map_err(|e| Error::Config(format!("push: {e}")));
+        Ok(Clients {
+            endpoints: build(builder().dns_resolver(Arc::new(resolver)))?,
+            gateways: build(builder())?,
+        })
+    }
+
+    /// The client for `target`.
+    pub(crate) fn of(&self, target: &PushTarget) -> &reqwest::Client {
+        match target {
+            PushTarget::UnifiedPush { .. } => &self.endpoints,
+            PushTarget::Gateway { .. } => &self.gateways,
+        }
+    }
+}
+
+/// Whether a UnifiedPush endpoint's host may be connected to: an IP literal (which
+/// the resolver never sees) must be global, or loopback under `allow_http_loopback`.
+fn check_endpoint_host(
+    url: &Url,
+    allow_http_loopback: bool,
+) -> std::result::Result<(), &'static str> {
+    let host = url.host_str().unwrap_or_default();
+    let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    else {
+        return Ok(());
+    };
+    if global::literal_allowed(ip, allow_http_loopback) {
+        Ok(())
+    } else {
+        Err("the endpoint's address is not a public one")
     }
 }
 
@@ -218,15 +286,7 @@ impl Push {
                 Url::parse(g).map_err(|e| Error::Config(format!("push.gateways: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            // The URL registered is the only hop: proxy variables would send a
-            // loopback target's traffic elsewhere.
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .build()
-            .map_err(|e| Error::Config(format!("push: {e}")))?;
+        let clients = Clients::new(config)?;
         let (tx, rx) = mpsc::channel(config.queue);
         let stats = Arc::new(Stats::default());
         Ok(Push {
@@ -235,7 +295,7 @@ impl Push {
             tombstones,
             config: config.clone(),
             gateways,
-            client,
+            clients,
             waker: Waker {
                 tx,
                 stats: stats.clone(),
@@ -265,7 +325,7 @@ impl Push {
         let events = (self.events.lock().unwrap_or_else(|e| e.into_inner())).take()?;
         let worker = worker::Worker {
             store: self.store.clone(),
-            client: self.client.clone(),
+            clients: self.clients.clone(),
             config: self.config.clone(),
             active,
             stats: self.stats.clone(),
@@ -302,7 +362,11 @@ impl Push {
                     );
                 }
             }
-            PushTarget::UnifiedPush { .. } => self.discover(url).await?,
+            PushTarget::UnifiedPush { .. } => {
+                check_endpoint_host(&url, self.config.allow_http_loopback)
+                    .map_err(PushError::Refused)?;
+                self.discover(url).await?
+            }
         }
         let store = self.store.clone();
         let tombstones = self.tombstones.clone();
@@ -339,38 +403,27 @@ impl Push {
     /// `{"unifiedpush":{"version":1}}` (UnifiedPush server specification: application
     /// servers check it at registration, against SSRF). No redirect is followed.
     async fn discover(&self, url: Url) -> Result<()> {
-        let unverified = |m| Error::from(PushError::Unverified(m));
-        let mut r = (self.client.get(url))
+        // One message for every failure: a distinct one per cause would tell a
+        // device what answers at an address (an oracle for probing).
+        let unverified = || Error::from(PushError::Unverified(UNVERIFIED));
+        let mut r = (self.clients.endpoints.get(url))
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
             .await
-            .map_err(|e| {
-                unverified(if e.is_timeout() {
-                    "the endpoint did not answer in time"
-                } else {
-                    "the endpoint could not be reached"
-                })
-            })?;
+            .map_err(|_| unverified())?;
         if !r.status().is_success() {
-            return Err(unverified(
-                "the endpoint's discovery answer is not a success",
-            ));
+            return Err(unverified());
         }
         let mut body = Vec::new();
-        while let Some(chunk) = r
-            .chunk()
-            .await
-            .map_err(|_| unverified("the endpoint's answer broke off"))?
-        {
+        while let Some(chunk) = r.chunk().await.map_err(|_| unverified())? {
             body.extend_from_slice(&chunk);
             if body.len() > MAX_DISCOVERY_ANSWER {
-                return Err(unverified("the endpoint's answer is too long"));
+                return Err(unverified());
             }
         }
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|_| unverified("the endpoint's answer is not JSON"))?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|_| unverified())?;
         if v["unifiedpush"]["version"] != 1 {
-            return Err(unverified("the endpoint is not a UnifiedPush endpoint"));
+            return Err(unverified());
         }
         Ok(())
     }

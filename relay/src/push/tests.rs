@@ -59,7 +59,7 @@ mod service {
     use crate::server::Services;
     use crate::store::{Durability, MemoryStore, PushStore, Stores};
 
-    async fn device(services: &Services) -> AuthenticatedDevice {
+    pub(super) async fn device(services: &Services) -> AuthenticatedDevice {
         let (identity, device) = (
             SigningKey::from_bytes(&[1; 32]),
             SigningKey::from_bytes(&[2; 32]),
@@ -85,7 +85,7 @@ mod service {
             .expect("register")
     }
 
-    fn services(memory: &Arc<MemoryStore>) -> Services {
+    pub(super) fn services(memory: &Arc<MemoryStore>) -> Services {
         Services::new(
             Stores::all(memory.clone()),
             Arc::new(SystemClock),
@@ -162,5 +162,64 @@ mod service {
             .await
             .expect_err("disabled");
         assert_eq!(refused.code(), ErrorCode::PushTargetRefused);
+    }
+}
+
+mod ssrf {
+    use std::sync::Arc;
+
+    use tern_proto::{ErrorCode, PushTarget};
+
+    use super::service::{device, services};
+    use crate::push::Push;
+    use crate::store::MemoryStore;
+
+    fn endpoint(url: String) -> PushTarget {
+        PushTarget::UnifiedPush { endpoint: url }
+    }
+
+    #[tokio::test]
+    async fn endpoints_at_internal_addresses_are_refused_and_never_connected_to() {
+        let memory = Arc::new(MemoryStore::new());
+        let services = services(&memory);
+        let alice = device(&services).await;
+        let push = Push::new(
+            memory.clone(),
+            services.commit().clone(),
+            services.tombstones().clone(),
+            &crate::config::PushConfig::default(),
+        )
+        .expect("push");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // IP literals never reach the resolver: refused at once.
+        for literal in [
+            format!("https://127.0.0.1:{port}/up"),
+            format!("https://[::ffff:127.0.0.1]:{port}/up"),
+            "https://169.254.169.254/latest".into(),
+            "https://10.0.0.1/up".into(),
+            "https://[fd00::1]/up".into(),
+        ] {
+            let e = push
+                .set(&alice, endpoint(literal.clone()))
+                .await
+                .expect_err(&literal);
+            assert_eq!(e.code(), ErrorCode::PushTargetRefused, "{literal}");
+        }
+        // A name resolving to loopback only: the resolver drops it, and the message
+        // is the one every failed discovery gets.
+        let e = (push.set(&alice, endpoint(format!("https://localhost:{port}/up"))))
+            .await
+            .expect_err("loopback name");
+        assert_eq!(e.code(), ErrorCode::PushEndpointUnverified);
+        let closed = (push.set(&alice, endpoint("https://unknown.invalid/up".into())))
+            .await
+            .expect_err("unknown name");
+        assert_eq!(closed.to_string(), e.to_string(), "no oracle");
+        let accepted =
+            tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "the relay connected to a loopback port");
     }
 }

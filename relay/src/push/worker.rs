@@ -66,7 +66,7 @@ pub(crate) fn backoff(base: Duration, attempt: u32, asked: Option<Duration>) -> 
 /// What the task needs.
 pub(crate) struct Worker {
     pub(crate) store: Arc<dyn PushStore>,
-    pub(crate) client: reqwest::Client,
+    pub(crate) clients: super::Clients,
     pub(crate) config: PushConfig,
     pub(crate) active: Arc<ActiveMailboxes>,
     pub(crate) stats: Arc<Stats>,
@@ -219,7 +219,7 @@ impl Worker {
                 (url.as_str(), body.to_string().into_bytes())
             }
         };
-        let request = (self.client.post(url))
+        let request = (self.clients.of(target).post(url))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             // RFC 8030: delivered at once, even to a phone saving power; kept a day.
             .header("Urgency", "high")
