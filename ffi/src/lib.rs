@@ -153,16 +153,35 @@ impl EventStream {
 /// An end-to-end encrypted messaging client for one device.
 #[derive(uniffi::Object)]
 pub struct TernClient {
-    client: Client,
+    /// `None` once shut down: the client and its store (with the store's lock)
+    /// go then, not when the app frees this object, so `open` can follow.
+    client: std::sync::Mutex<Option<Client>>,
+    account: Vec<u8>,
+    device_id: u32,
+    identity_key: Vec<u8>,
     events: Arc<EventStream>,
 }
 
 impl TernClient {
     fn new(client: Client, events: Events) -> Arc<TernClient> {
         Arc::new(TernClient {
-            client,
+            account: client.account().as_bytes().to_vec(),
+            device_id: client.address().device.get(),
+            identity_key: client.identity_key().to_vec(),
+            client: std::sync::Mutex::new(Some(client)),
             events: Arc::new(EventStream(Mutex::new(events))),
         })
+    }
+
+    /// The running client; a `Network` "shut down" error after [`TernClient::shutdown`].
+    fn client(&self) -> Result<Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| TernError::Network {
+                reason: "shut down".into(),
+            })
     }
 }
 
@@ -185,35 +204,35 @@ impl TernClient {
 
     /// This account's id (16 bytes).
     pub fn account(&self) -> Vec<u8> {
-        self.client.account().as_bytes().to_vec()
+        self.account.clone()
     }
 
     /// This device's id within the account (1 is the primary).
     pub fn device_id(&self) -> u32 {
-        self.client.address().device.get()
+        self.device_id
     }
 
     /// This account's identity key.
     pub fn identity_key(&self) -> Vec<u8> {
-        self.client.identity_key().to_vec()
+        self.identity_key.clone()
     }
 
     /// The card (`tern-contact:…`) to give contacts, as text or a QR code.
-    pub async fn contact_card(&self) -> String {
-        self.client.contact_card().await.to_string()
+    pub async fn contact_card(&self) -> Result<String> {
+        Ok(self.client()?.contact_card().await.to_string())
     }
 
     /// Adds (or refreshes) a contact from its card; returns its account id.
     pub async fn add_contact(&self, card: String) -> Result<Vec<u8>> {
         let card: ContactCard = card.parse()?;
-        self.client.add_contact(&card).await?;
+        self.client()?.add_contact(&card).await?;
         Ok(card.account.as_bytes().to_vec())
     }
 
     /// Queues `body` for every device of account `to`; returns the message id once
     /// it is stored on this device. `Sent` or `SendFailed` follows in the events.
     pub async fn send(&self, to: Vec<u8>, body: Vec<u8>) -> Result<Vec<u8>> {
-        let id = self.client.send(&account(&to)?, &body).await?;
+        let id = self.client()?.send(&account(&to)?, &body).await?;
         Ok(id.as_bytes().to_vec())
     }
 
@@ -225,7 +244,7 @@ impl TernClient {
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
         let id = self
-            .client
+            .client()?
             .send_with_attachments(&account(&to)?, &body, &pointers(&attachments)?)
             .await?;
         Ok(id.as_bytes().to_vec())
@@ -239,7 +258,7 @@ impl TernClient {
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
         let id = self
-            .client
+            .client()?
             .send_broadcast(&accounts(&contacts)?, &body, &pointers(&attachments)?)
             .await?;
         Ok(id.as_bytes().to_vec())
@@ -247,12 +266,12 @@ impl TernClient {
 
     /// The app has stored message `seq`: the device forgets it.
     pub async fn confirm(&self, seq: u64) -> Result<()> {
-        Ok(self.client.confirm(seq).await?)
+        Ok(self.client()?.confirm(seq).await?)
     }
 
     /// Messages waiting in the outbox.
-    pub async fn outbox_len(&self) -> u64 {
-        u64::try_from(self.client.outbox_len().await).unwrap_or(u64::MAX)
+    pub async fn outbox_len(&self) -> Result<u64> {
+        Ok(u64::try_from(self.client()?.outbox_len().await).unwrap_or(u64::MAX))
     }
 
     /// Encrypts the file at `plaintext` into `sealed` (a file in the app's cache,
@@ -267,7 +286,7 @@ impl TernClient {
     ) -> Result<Attachment> {
         let progress = progress_fn(progress);
         let mut pointer = self
-            .client
+            .client()?
             .upload_attachment_with_progress(&path(&plaintext), &path(&sealed), &progress)
             .await?;
         pointer.content_type = content_type;
@@ -285,7 +304,7 @@ impl TernClient {
         let progress = progress_fn(progress);
         let pointer = attachment.parse()?;
         Ok(self
-            .client
+            .client()?
             .download_attachment_with_progress(&pointer, &path(&dest), &progress)
             .await?)
     }
@@ -299,7 +318,7 @@ impl TernClient {
         attachment: Attachment,
     ) -> Result<Vec<u8>> {
         let id = self
-            .client
+            .client()?
             .forward_attachment(&account(&to)?, &body, &attachment.parse()?)
             .await?;
         Ok(id.as_bytes().to_vec())
@@ -307,12 +326,12 @@ impl TernClient {
 
     /// The safety number with `contact`; `None` for an unknown contact.
     pub async fn safety_number(&self, contact: Vec<u8>) -> Result<Option<String>> {
-        Ok(self.client.safety_number(&account(&contact)?).await)
+        Ok(self.client()?.safety_number(&account(&contact)?).await)
     }
 
     /// `contact`'s changed identity key waiting for acceptance, if any.
     pub async fn changed_identity(&self, contact: Vec<u8>) -> Result<Option<ChangedIdentity>> {
-        let changed = self.client.changed_identity(&account(&contact)?).await;
+        let changed = self.client()?.changed_identity(&account(&contact)?).await;
         Ok(changed.map(|(key, safety_number)| ChangedIdentity {
             identity_key: key.to_vec(),
             safety_number,
@@ -325,7 +344,7 @@ impl TernClient {
     pub async fn accept_identity(&self, contact: Vec<u8>, identity_key: Vec<u8>) -> Result<bool> {
         let key = key32(&identity_key, "an identity key")?;
         Ok(self
-            .client
+            .client()?
             .accept_identity(&account(&contact)?, &key)
             .await?)
     }
@@ -336,33 +355,33 @@ impl TernClient {
     /// without wake-ups is `Relay` "push target refused"; an endpoint that fails the
     /// UnifiedPush discovery check is "push endpoint unverified".
     pub async fn set_push_target(&self, target: PushTarget) -> Result<()> {
-        Ok(self.client.set_push_target(target.into()).await?)
+        Ok(self.client()?.set_push_target(target.into()).await?)
     }
 
     /// Stops wake-ups for this device (say when the user signs out).
     pub async fn clear_push_target(&self) -> Result<()> {
-        Ok(self.client.clear_push_target().await?)
+        Ok(self.client()?.clear_push_target().await?)
     }
 
     /// The wake-up target this device registered, if any.
     pub async fn push_target(&self) -> Result<Option<PushTarget>> {
-        Ok(self.client.push_target().await?.map(PushTarget::from))
+        Ok(self.client()?.push_target().await?.map(PushTarget::from))
     }
 
     /// Replaces the account's delivery token (primary only), say after blocking someone.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        Ok(self.client.rotate_delivery_token().await?)
+        Ok(self.client()?.rotate_delivery_token().await?)
     }
 
     /// Links the device that showed `link` (primary only); returns its device id.
     pub async fn link_device(&self, link: String) -> Result<u32> {
-        Ok(self.client.link_device(&link).await?.id.get())
+        Ok(self.client()?.link_device(&link).await?.id.get())
     }
 
     /// This account's devices.
     pub async fn devices(&self) -> Result<Vec<Device>> {
         Ok(self
-            .client
+            .client()?
             .devices()
             .await?
             .into_iter()
@@ -373,13 +392,13 @@ impl TernClient {
     /// Removes device `id` from this account (primary only; never device 1).
     pub async fn remove_device(&self, id: u32) -> Result<()> {
         let id = DeviceId::new(id).ok_or_else(|| invalid("device 0 does not exist"))?;
-        Ok(self.client.remove_device(id).await?)
+        Ok(self.client()?.remove_device(id).await?)
     }
 
     /// Creates a group with `contacts`; returns its id (32 bytes).
     pub async fn create_group(&self, name: String, contacts: Vec<Vec<u8>>) -> Result<Vec<u8>> {
         let id = self
-            .client
+            .client()?
             .create_group(&name, &accounts(&contacts)?)
             .await?;
         Ok(id.0.to_vec())
@@ -388,7 +407,7 @@ impl TernClient {
     /// Adds contacts to a group.
     pub async fn add_members(&self, group: Vec<u8>, contacts: Vec<Vec<u8>>) -> Result<()> {
         Ok(self
-            .client
+            .client()?
             .add_members(&group_id(&group)?, &accounts(&contacts)?)
             .await?)
     }
@@ -396,14 +415,14 @@ impl TernClient {
     /// Removes a member from a group.
     pub async fn remove_member(&self, group: Vec<u8>, member: Vec<u8>) -> Result<()> {
         Ok(self
-            .client
+            .client()?
             .remove_member(&group_id(&group)?, &account(&member)?)
             .await?)
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, group: Vec<u8>) -> Result<()> {
-        Ok(self.client.leave_group(&group_id(&group)?).await?)
+        Ok(self.client()?.leave_group(&group_id(&group)?).await?)
     }
 
     /// Sends `body` (and attachments) to a group; returns the message id.
@@ -414,7 +433,7 @@ impl TernClient {
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
         let id = self
-            .client
+            .client()?
             .send_group(&group_id(&group)?, &body, &pointers(&attachments)?)
             .await?;
         Ok(id.as_bytes().to_vec())
@@ -422,13 +441,16 @@ impl TernClient {
 
     /// Renames a group.
     pub async fn rename_group(&self, group: Vec<u8>, name: String) -> Result<()> {
-        Ok(self.client.rename_group(&group_id(&group)?, &name).await?)
+        Ok(self
+            .client()?
+            .rename_group(&group_id(&group)?, &name)
+            .await?)
     }
 
     /// Sets a group's description.
     pub async fn set_group_description(&self, group: Vec<u8>, description: String) -> Result<()> {
         Ok(self
-            .client
+            .client()?
             .set_group_description(&group_id(&group)?, &description)
             .await?)
     }
@@ -441,7 +463,7 @@ impl TernClient {
     ) -> Result<()> {
         let picture = picture.as_ref().map(Attachment::parse).transpose()?;
         Ok(self
-            .client
+            .client()?
             .set_group_picture(&group_id(&group)?, picture.as_ref())
             .await?)
     }
@@ -449,7 +471,7 @@ impl TernClient {
     /// This device's groups.
     pub async fn groups(&self) -> Result<Vec<Group>> {
         Ok(self
-            .client
+            .client()?
             .groups()
             .await?
             .into_iter()
@@ -460,7 +482,7 @@ impl TernClient {
     /// Starts verifying a phone number (E.164); returns the session id for
     /// [`TernClient::confirm_verification`].
     pub async fn start_verification(&self, number: String) -> Result<Vec<u8>> {
-        Ok(self.client.start_verification(&number).await?.0.to_vec())
+        Ok(self.client()?.start_verification(&number).await?.0.to_vec())
     }
 
     /// Confirms a verification with the code the user received; `discoverable`
@@ -480,11 +502,11 @@ impl TernClient {
         );
         Ok(match discoverable {
             Some(choice) => {
-                self.client
+                self.client()?
                     .confirm_verification_with(id, &code, choice)
                     .await?
             }
-            None => self.client.confirm_verification(id, &code).await?,
+            None => self.client()?.confirm_verification(id, &code).await?,
         })
     }
 
@@ -496,7 +518,7 @@ impl TernClient {
         default_region: String,
     ) -> Result<DiscoveryReport> {
         Ok(self
-            .client
+            .client()?
             .discover(&numbers, &default_region)
             .await?
             .into())
@@ -504,18 +526,18 @@ impl TernClient {
 
     /// Sets whether this account can be found by its verified number.
     pub async fn set_discoverable(&self, discoverable: bool) -> Result<()> {
-        Ok(self.client.set_discoverable(discoverable).await?)
+        Ok(self.client()?.set_discoverable(discoverable).await?)
     }
 
     /// Deletes what discovery cached on this device.
     pub async fn forget_discovery(&self) -> Result<()> {
-        Ok(self.client.forget_discovery().await?)
+        Ok(self.client()?.forget_discovery().await?)
     }
 
     /// Writes what the relay holds about this account to a new file `dest` (JSON).
     pub async fn export_account(&self, dest: String, include_ciphertexts: bool) -> Result<u64> {
         Ok(self
-            .client
+            .client()?
             .export_account(&path(&dest), include_ciphertexts)
             .await?)
     }
@@ -523,12 +545,20 @@ impl TernClient {
     /// Deletes this account on the relay for every device (primary only), then
     /// this device's store: take what the app keeps first.
     pub async fn delete_account(&self) -> Result<()> {
-        Ok(self.client.delete_account().await?)
+        Ok(self.client()?.delete_account().await?)
     }
 
-    /// Stops the client: the connection closes and the events end. Everything
-    /// stays stored; [`open`] carries on from there.
+    /// Stops the client: the connection closes, the events end and the store is
+    /// released (once calls still running return); later calls fail with
+    /// `Network` "shut down". Everything stays stored; [`open`] carries on from there.
     pub async fn shutdown(&self) {
-        self.client.shutdown().await
+        let client = self
+            .client()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(client) = client {
+            client.shutdown().await;
+        }
     }
 }

@@ -88,6 +88,10 @@ impl Client {
             Some(local) if local.is_joining() => JoinKeys::from_bytes(&local.joining)?,
             Some(_) => return Err(Error::AlreadyRegistered),
             None => {
+                // As in `register_with`: records under another storage key fail here.
+                if !store.scan(crate::store::Namespace::Local)?.is_empty() {
+                    return Err(Error::AlreadyRegistered);
+                }
                 let keys = JoinKeys::generate();
                 let local = LocalRecord {
                     relay: relay.to_string(),

@@ -266,7 +266,12 @@ impl Client {
     ) -> Result<(Client, Events)> {
         let clock = options.clock;
         // A device still joining an account counts too: its keys are not thrown away.
-        if crate::store::IdentityStore::local(&*store)?.is_some() {
+        // Under another storage key the device's records are not found by name:
+        // the scan finds them (and fails, `Corrupt`, on the wrong key) so no second
+        // device is written beside them.
+        if crate::store::IdentityStore::local(&*store)?.is_some()
+            || !store.scan(crate::store::Namespace::Local)?.is_empty()
+        {
             return Err(Error::AlreadyRegistered);
         }
         let identity_secret = zeroize::Zeroizing::new(state::random32(&mut OsRng));

@@ -708,3 +708,40 @@ fn an_attachment_pointer_this_version_cannot_read_is_counted_not_dropped_silentl
     assert_eq!(m.attachments, vec![good]);
     assert_eq!(m.unreadable_attachments, 2);
 }
+
+/// Register or join on a store that holds a device under another storage key is
+/// refused before anything is written: records under a second key would leave the
+/// store unreadable under either.
+#[tokio::test]
+async fn register_and_join_under_another_storage_key_write_nothing() {
+    use crate::store::{SledKv, StoreError};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let relay = tern_proto::RelayAddress::new(tern_proto::Fingerprint([1; 32]), "127.0.0.1", 1);
+    {
+        let kv = SledKv::open(dir.path(), &[7; 32]).expect("open");
+        let mut batch = crate::store::Batch::new();
+        batch.put_local(&crate::store::records::LocalRecord {
+            relay: relay.to_string(),
+            ..Default::default()
+        });
+        batch.commit(&kv, true).expect("commit");
+    }
+    {
+        let wrong: Arc<dyn KvStore> = Arc::new(SledKv::open(dir.path(), &[8; 32]).expect("open"));
+        let registered = super::Client::register(&relay, wrong.clone()).await;
+        assert!(
+            matches!(registered, Err(Error::Store(StoreError::Corrupt))),
+            "register: {:?}",
+            registered.err()
+        );
+        let joined = super::Client::join(&relay, wrong).await;
+        assert!(
+            matches!(joined, Err(Error::Store(StoreError::Corrupt))),
+            "join: {:?}",
+            joined.err()
+        );
+    }
+    // Under its own key the store still holds the one record, readable.
+    let kv = SledKv::open(dir.path(), &[7; 32]).expect("reopen");
+    assert_eq!(kv.scan(Namespace::Local).expect("scan").len(), 1);
+}

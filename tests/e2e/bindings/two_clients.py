@@ -117,7 +117,9 @@ async def main():
             break
     else:
         raise AssertionError("bob's events did not end")
-    del bob, bob_events
+    # No `del bob`: a shut-down client still referenced (Kotlin before GC) must
+    # let go of its store, or the open below fails on the store's lock.
+    old_bob = bob
     sent = await alice.send(bob_id, b"while you were away")
     for _ in range(100):
         event = await next_message(alice_events, "is_sent")
@@ -129,6 +131,8 @@ async def main():
     await expect_error(tern.TernError.WrongStorageKey, tern.open(dir_b, bytes([3] * 32)))
     bob = await tern.open(dir_b, KEY_B)
     bob_events = bob.events()
+    await expect_error(tern.TernError.Network, old_bob.send(alice_id, b"too late"))
+    await expect_error(tern.TernError.Network, old_bob.contact_card())
     assert bob.account() == bob_id
     got = (await next_message(bob_events)).message
     assert got.body == b"unconfirmed", got.body
