@@ -183,6 +183,10 @@ impl TernClient {
                 reason: "shut down".into(),
             })
     }
+
+    fn take_client(&self) -> Option<Client> {
+        self.client.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 /// A progress callback for tern-client, from the app's (if it gave one).
@@ -545,18 +549,19 @@ impl TernClient {
     /// Deletes this account on the relay for every device (primary only), then
     /// this device's store: take what the app keeps first.
     pub async fn delete_account(&self) -> Result<()> {
-        Ok(self.client()?.delete_account().await?)
+        self.client()?.delete_account().await?;
+        // Deleting shut the client down; release its store now, as `shutdown` does.
+        self.take_client();
+        Ok(())
     }
 
     /// Stops the client: the connection closes, the events end and the store is
     /// released (once calls still running return); later calls fail with
     /// `Network` "shut down". Everything stays stored; [`open`] carries on from there.
     pub async fn shutdown(&self) {
-        let client = self
-            .client()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        // A separate statement: the guard must not live across the await (the future
+        // has to be Send for UniFFI).
+        let client = self.take_client();
         if let Some(client) = client {
             client.shutdown().await;
         }

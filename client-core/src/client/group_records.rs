@@ -169,22 +169,27 @@ impl GroupRecord {
     }
 
     /// `devices` showed they joined (or got a new leaf): no removal waits on
-    /// them (`tree_lost_waits`), nor any removal such a wait queued.
+    /// them (`tree_lost_waits`). A removal such a wait queued is withdrawn by
+    /// `tree_lost_due` under the lock that plans commits, never here (the inbox
+    /// runs between a step's planning and its commit).
     pub(crate) fn joined(&mut self, devices: &[crate::groups::Member]) {
-        let shown = |account: &[u8], device: u32| {
-            devices
+        self.tree_lost_waits.retain(|w| {
+            !devices
                 .iter()
-                .any(|m| account == m.account.as_bytes() && device == m.device.get())
-        };
-        self.tree_lost_waits
-            .retain(|w| !shown(&w.account, w.device));
-        // The head op of a commit in flight stays (its answer pops it).
-        let keep = usize::from(self.pending.is_some());
-        let mut i = 0;
-        self.ops.retain(|o| {
-            i += 1;
-            i <= keep || !(o.tree_lost && o.accounts.first().is_some_and(|a| shown(a, o.device)))
+                .any(|m| w.account == m.account.as_bytes() && w.device == m.device.get())
         });
+    }
+
+    /// `pending` will never be answered (stale, refused, or another commit took
+    /// its epoch): the waits its lost tree set on the devices it added go, but for
+    /// those whose removal is already queued.
+    pub(crate) fn pending_lost(&mut self, pending: Option<&PendingCommitRecord>) {
+        let Some(pending) = pending.filter(|p| p.tree_lost) else {
+            return;
+        };
+        let added = super::group_commit::welcome_devices(pending);
+        self.tree_lost_waits
+            .retain(|w| w.queued || !added.contains(&(w.account.clone(), w.device)));
     }
 
     /// When `account`'s `device` was last added, if this device saw it.

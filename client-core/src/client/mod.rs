@@ -561,9 +561,15 @@ impl Client {
     /// or none comes within `MEDIA_WAIT`.
     async fn connections(&self) -> Result<Connections> {
         let mut rx = self.shared.conns.subscribe();
-        let waited = tokio::time::timeout(MEDIA_WAIT, rx.wait_for(Option::is_some)).await;
+        let mut stop = self.shared.stop.subscribe();
+        // A stopped client gets no connection again: answer at once rather than
+        // holding the store for `MEDIA_WAIT` after a shutdown.
+        let waited = tokio::select! {
+            w = tokio::time::timeout(MEDIA_WAIT, rx.wait_for(Option::is_some)) => w.ok(),
+            _ = stop.wait_for(|s| *s) => None,
+        };
         match waited {
-            Ok(Ok(c)) => c
+            Some(Ok(c)) => c
                 .clone()
                 .ok_or_else(|| Error::Closed("not connected".into())),
             _ => Err(Error::Closed("not connected to the relay".into())),

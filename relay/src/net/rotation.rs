@@ -106,6 +106,9 @@ pub(crate) struct Certificates {
     clock: Arc<dyn Clock>,
     /// Whether the start made the staged certificate current.
     switched_at_open: bool,
+    /// What was served when the relay started (what the shared database was checked
+    /// against).
+    opened_with: Fingerprint,
 }
 
 impl std::fmt::Debug for Certificates {
@@ -230,30 +233,19 @@ impl Certificates {
         let operator = config.cert.is_some() && config.key.is_some();
         let now = clock.now();
         let record = read_record(data_dir)?;
-        let mut switched_at_open = record.as_ref().is_some_and(|r| now >= r.switch_at_ms);
+        // Due, or under way when the relay stopped: `stage` removes an old record
+        // before it moves files in, so a record without the staged key can only be a
+        // switch that moved the key and stopped (then the clock may have stepped back).
+        let switched_at_open = record
+            .as_ref()
+            .is_some_and(|r| now >= r.switch_at_ms || !data_dir.join(NEXT_KEY_FILE).exists());
         if switched_at_open {
             switch_files(data_dir, operator)?;
         }
-        let load_current = || {
-            Served::new(match (&config.cert, &config.key) {
-                (Some(cert), Some(key)) => operator_current(cert, key, data_dir)?,
-                _ => tls::load_or_create(config, data_dir)?,
-            })
-        };
-        let current = match load_current() {
-            // A switch that moved the key, not yet the certificate, then the clock
-            // stepped back: the switch was under way, so it is finished.
-            Err(_)
-                if record.is_some()
-                    && !data_dir.join(NEXT_KEY_FILE).exists()
-                    && data_dir.join(NEXT_CERT_FILE).exists() =>
-            {
-                switch_files(data_dir, operator)?;
-                switched_at_open = true;
-                load_current()?
-            }
-            loaded => loaded?,
-        };
+        let current = Served::new(match (&config.cert, &config.key) {
+            (Some(cert), Some(key)) => operator_current(cert, key, data_dir)?,
+            _ => tls::load_or_create(config, data_dir)?,
+        })?;
         let next = match read_record(data_dir)? {
             Some(r) => Some((Self::load_staged(data_dir, &r)?, r.switch_at_ms)),
             None => None,
@@ -271,6 +263,7 @@ impl Certificates {
             fingerprint: s.fingerprint,
             switch_at_ms: *at,
         });
+        let opened_with = current.fingerprint;
         Ok(Certificates {
             data_dir: data_dir.to_path_buf(),
             operator,
@@ -279,6 +272,7 @@ impl Certificates {
             announced: watch::channel(announced).0,
             clock,
             switched_at_open,
+            opened_with,
         })
     }
 
@@ -299,6 +293,11 @@ impl Certificates {
     /// The fingerprint of the certificate served now.
     pub(crate) fn current(&self) -> Fingerprint {
         lock(&self.state).serving(self.clock.now()).fingerprint
+    }
+
+    /// What was served when the relay started.
+    pub(crate) fn opened_with(&self) -> Fingerprint {
+        self.opened_with
     }
 
     /// Whether this start made a staged certificate current.
@@ -452,29 +451,41 @@ pub(crate) async fn switch_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let on_switch = on_switch.map(Arc::new);
-    // A switch whose recording failed: retried each tick until it succeeds (the
-    // switch itself is not repeated, so nothing else would write it).
-    let pending = Arc::new(Mutex::new(None::<Fingerprint>));
+    // What was last recorded: the loop records whatever is served now whenever that
+    // differs, so a switch made by `stage` (a due one) is recorded too, and a failed
+    // recording is retried each tick.
+    let recorded = Arc::new(Mutex::new(certs.opened_with()));
     let mut tick = tokio::time::interval(SWITCH_CHECK);
+    let mut failing = false;
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => {}
         }
-        let (c, then, pending) = (certs.clone(), on_switch.clone(), pending.clone());
-        let switched = tokio::task::spawn_blocking(move || {
-            let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-            if c.switch_if_due()? && then.is_some() {
-                *pending = Some(c.current());
-            }
-            if let (Some(f), Some(then)) = (*pending, then) {
-                then(f)?;
-                *pending = None;
-            }
-            Ok::<_, Error>(())
+        let (c, then, recorded) = (certs.clone(), on_switch.clone(), recorded.clone());
+        let step = tokio::task::spawn_blocking(move || {
+            let switched = c.switch_if_due();
+            let mut recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
+            let now = c.current();
+            let record = match then {
+                Some(then) if now != *recorded => then(now).map(|()| *recorded = now),
+                _ => Ok(()),
+            };
+            (switched, record)
         });
-        if let Ok(Err(e)) = switched.await {
-            warn!(error = %e, "switching to the staged certificate failed; retrying");
+        match step.await {
+            Ok((Err(e), _)) => {
+                warn!(error = %e, "moving the staged certificate in failed; retrying")
+            }
+            Ok((_, Err(e))) if !failing => {
+                failing = true;
+                warn!(error = %e, "recording the new certificate in the shared database failed; retrying each second");
+            }
+            Ok((_, Ok(()))) if failing => {
+                failing = false;
+                info!("the new certificate is recorded in the shared database");
+            }
+            _ => {}
         }
     }
 }
@@ -583,6 +594,35 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_switch_interrupted_part_way_is_finished_with_the_clock_stepped_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let own = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        // The operator's pair, made the way a self-signed relay makes its own.
+        let first = open(own.path(), &clock).current();
+        let config = TlsConfig {
+            cert: Some(own.path().join(CERT_FILE)),
+            key: Some(own.path().join(KEY_FILE)),
+        };
+        let certs = Certificates::open(&config, dir.path(), clock.clone()).expect("open");
+        assert_eq!(certs.current(), first);
+        let staged = certs
+            .stage(&Source::Generate, START + 1_000, false)
+            .expect("stage");
+        drop(certs);
+        // The key moved aside at the switch, the certificate not; the clock is earlier.
+        fs::rename(
+            dir.path().join(NEXT_KEY_FILE),
+            dir.path().join(ROTATED_KEY_FILE),
+        )
+        .expect("rename");
+        let after = Certificates::open(&config, dir.path(), clock.clone()).expect("reopen");
+        assert_eq!(after.current(), staged.next.fingerprint);
+        assert!(after.switched_at_open());
+        assert!(!dir.path().join(ROTATION_FILE).exists());
+    }
+
+    #[test]
     fn a_second_rotation_is_refused_unless_it_replaces() {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = Arc::new(ManualClock::new(START));
@@ -660,6 +700,41 @@ mod tests {
         // Failed once, written on the next tick, then no more.
         let recorded = recorded.lock().expect("recorded").clone();
         assert_eq!(recorded, vec![staged.next.fingerprint; 2]);
+    }
+
+    #[tokio::test]
+    async fn a_switch_made_by_a_later_stage_is_recorded_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = Arc::new(ManualClock::new(START));
+        let certs = Arc::new(open(dir.path(), &clock));
+        let first = certs
+            .stage(&Source::Generate, START + 1_000, false)
+            .expect("stage");
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let seen = recorded.clone();
+        let on_switch: OnSwitch = Box::new(move |f| {
+            seen.lock().expect("seen").push(f);
+            Ok(())
+        });
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(switch_loop(certs.clone(), Some(on_switch), stopped));
+        // Past the switch time, a new stage moves the first pair in before the loop.
+        clock.advance(Duration::from_secs(2));
+        certs
+            .stage(&Source::Generate, START + 60_000, false)
+            .expect("second stage");
+        for _ in 0..100 {
+            if !recorded.lock().expect("recorded").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.send_replace(true);
+        task.await.expect("loop");
+        assert_eq!(
+            *recorded.lock().expect("recorded"),
+            vec![first.next.fingerprint]
+        );
     }
 
     #[test]

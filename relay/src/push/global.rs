@@ -51,11 +51,11 @@ fn global_v6(ip: Ipv6Addr) -> bool {
         [0x2002, hi, lo, ..] => global_v4(embedded(hi, lo)),
         // Local-use NAT64, Teredo, ORCHID/benchmarking, documentation.
         [0x64, 0xff9b, 1, ..] | [0x2001, 0 | 2 | 0x10..=0x2f | 0xdb8, ..] => false,
-        [first, ..] => {
-            first & 0xfe00 != 0xfc00 // ULA fc00::/7
-                && first & 0xffc0 != 0xfe80 // link-local fe80::/10
-                && first & 0xffc0 != 0xfec0 // site-local fec0::/10
-                && first & 0xff00 != 0xff00 // multicast
+        // Only global unicast (2000::/3) is routed on the Internet; everything else
+        // (ULA, link-local, multicast, SIIT's ::ffff:0:0/96, discard) is refused.
+        // Less 3fff::/20, documentation (RFC 9637).
+        [first, second, ..] => {
+            first & 0xe000 == 0x2000 && !(first == 0x3fff && second & 0xf000 == 0)
         }
     }
 }
@@ -118,6 +118,8 @@ mod tests {
             "2606:4700::1111",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
+            "2001:4860:4860::8888",
+            "2a00:1450:4001::1",
         ] {
             assert!(global(ip(ok)), "{ok}");
         }
@@ -151,6 +153,11 @@ mod tests {
             "2002:7f00:1::1",
             "2002:a9fe:a9fe::1",
             "2001:db8::1",
+            "::ffff:0:7f00:1",
+            "100::1",
+            "3fff::1",
+            "5f00::1",
+            "fec0::1",
         ] {
             assert!(!global(ip(no)), "{no}");
         }

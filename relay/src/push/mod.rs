@@ -225,6 +225,26 @@ fn check_endpoint_host(
     }
 }
 
+/// Whether a stored target would still be accepted by [`Push::set`]'s checks (but
+/// the UnifiedPush discovery, done once): its URL, an endpoint's address literal, a
+/// gateway's place on the list.
+pub(crate) fn still_allowed(
+    target: &PushTarget,
+    gateways: &[Url],
+    allow_http_loopback: bool,
+) -> bool {
+    let Ok(url) = Url::parse(target.url()) else {
+        return false;
+    };
+    check_url(&url, allow_http_loopback).is_ok()
+        && match target {
+            PushTarget::UnifiedPush { .. } => {
+                check_endpoint_host(&url, allow_http_loopback).is_ok()
+            }
+            PushTarget::Gateway { .. } => gateways.iter().any(|g| allowed(g, &url)),
+        }
+}
+
 /// Whether `url` may be posted to: https, or http to a loopback host when
 /// `allow_http_loopback`; no fragment.
 fn check_url(url: &Url, allow_http_loopback: bool) -> std::result::Result<(), &'static str> {
@@ -327,6 +347,7 @@ impl Push {
             store: self.store.clone(),
             clients: self.clients.clone(),
             config: self.config.clone(),
+            gateways: self.gateways.clone(),
             active,
             stats: self.stats.clone(),
         };
@@ -349,11 +370,6 @@ impl Push {
         let url = Url::parse(target.url())
             .map_err(|_| Error::BadRequest("set_push_target: not a URL".into()))?;
         check_url(&url, self.config.allow_http_loopback).map_err(PushError::Refused)?;
-        let store = self.store.clone();
-        let stored = self.blocking(move || Ok(store.push_target(&addr)?)).await?;
-        if stored.as_ref() == Some(&target) {
-            return Ok(());
-        }
         match &target {
             PushTarget::Gateway { .. } => {
                 if !self.gateways.iter().any(|g| allowed(g, &url)) {
@@ -365,8 +381,15 @@ impl Push {
             PushTarget::UnifiedPush { .. } => {
                 check_endpoint_host(&url, self.config.allow_http_loopback)
                     .map_err(PushError::Refused)?;
-                self.discover(url).await?
             }
+        }
+        let store = self.store.clone();
+        let stored = self.blocking(move || Ok(store.push_target(&addr)?)).await?;
+        if stored.as_ref() == Some(&target) {
+            return Ok(());
+        }
+        if let PushTarget::UnifiedPush { .. } = &target {
+            self.discover(url).await?
         }
         let store = self.store.clone();
         let tombstones = self.tombstones.clone();

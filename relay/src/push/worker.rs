@@ -68,6 +68,8 @@ pub(crate) struct Worker {
     pub(crate) store: Arc<dyn PushStore>,
     pub(crate) clients: super::Clients,
     pub(crate) config: PushConfig,
+    /// The operator's allowlist, parsed.
+    pub(crate) gateways: Vec<reqwest::Url>,
     pub(crate) active: Arc<ActiveMailboxes>,
     pub(crate) stats: Arc<Stats>,
 }
@@ -158,6 +160,13 @@ impl Worker {
             }
             Err(_) => return None,
         };
+        // Stored under older rules or before the operator shortened the list: a
+        // target the registration checks would refuse now is forgotten, not posted to.
+        if !super::still_allowed(&target, &self.gateways, self.config.allow_http_loopback) {
+            self.stats.count("refused");
+            self.forget(addr, target).await;
+            return None;
+        }
         let mut attempt = 1;
         loop {
             let outcome = {

@@ -10,7 +10,7 @@ use super::groups::{deliver, events, knows, last_envelope, plan, text};
 use super::{dev, dropped, Dev, DAY, NOW};
 use crate::client::group_commit::GroupStep;
 use crate::client::group_meta::MetaEdit;
-use crate::client::group_records::OP_REMOVE_DEVICE;
+use crate::client::group_records::{MemberTokenRecord, OP_REMOVE_DEVICE};
 use crate::client::group_tree::{
     prune, FetchFailure, HeldWelcomeEntry, HeldWelcomeIndex, UploadFailed, HELD_WELCOMES_MAX,
     HELD_WELCOMES_MAX_BYTES, HELD_WELCOME_MAX_AGE_MS, TREE_ATTEMPTS, TREE_MAX, TREE_RETRY_MAX_MS,
@@ -471,16 +471,16 @@ fn a_queued_tree_lost_removal_goes_when_its_device_shows_up() {
         .filter(|m| m.account == bob.account())
         .collect();
     record.joined(&shown);
-    assert_eq!(record.ops, [bob_1]);
-    // A removal queued by a wait since gone is dropped at plan time too.
-    let mut record = alice.state.groups[&group.0[..]].clone();
-    record.tree_lost_waits.clear();
+    assert!(record.tree_lost_waits.is_empty());
+    // The inbox leaves the ops alone (a step may be planning the head one); the
+    // removal its wait queued is withdrawn when the next step is planned.
+    assert_eq!(record.ops.len(), 2);
     alice.state.groups.insert(group.0.to_vec(), record);
     assert!(matches!(
         step_at(&mut alice, &group, NOW + HELD_WELCOME_MAX_AGE_MS + 1),
-        GroupStep::Idle
+        GroupStep::Plan
     ));
-    assert!(alice.state.groups[&group.0[..]].ops.is_empty());
+    assert_eq!(alice.state.groups[&group.0[..]].ops, [bob_1]);
 }
 
 #[test]
@@ -528,16 +528,34 @@ fn a_device_that_shows_up_before_the_answer_is_not_removed() {
 
 #[test]
 fn tree_lost_waits_alone_start_no_token_wait() {
-    let (mut alice, _bob, group) = lost_and_answered();
+    let (mut alice, bob, group) = lost_and_answered();
+    // Bob has no usable token: the group's is gone and his contact token refused.
     let mut record = alice.state.groups[&group.0[..]].clone();
     record.tokens.clear();
-    alice.state.groups.insert(group.0.to_vec(), record);
+    let token = alice.state.token_of(&bob.account()).expect("contact token");
+    record.refused_tokens.push(MemberTokenRecord {
+        account: bob.account().as_bytes().to_vec(),
+        token: token.to_vec(),
+    });
+    alice.state.groups.insert(group.0.to_vec(), record.clone());
+    assert_eq!(
+        alice.state.tokenless(&group.0).expect("tokenless"),
+        [bob.account()]
+    );
     assert!(matches!(
         step_at(&mut alice, &group, NOW + 1),
         GroupStep::Idle
     ));
     alice.reload(NOW);
     assert!(alice.state.groups[&group.0[..]].token_waits.is_empty());
+    // The control: with an op queued the same state does start Bob's clock.
+    record.ops.push(crate::client::group_retry::device_removal(
+        &bob.account(),
+        tern_proto::DeviceId::PRIMARY,
+    ));
+    alice.state.groups.insert(group.0.to_vec(), record);
+    let _ = step_at(&mut alice, &group, NOW + 1);
+    assert_eq!(alice.state.groups[&group.0[..]].token_waits.len(), 1);
 }
 
 /// `planned()`, sent once and its tree upload then refused for good: the
