@@ -1,8 +1,9 @@
 //! Tern's client for Kotlin, Swift and Python apps: a thin [UniFFI] facade over
 //! [`tern_client::Client`]. Every rule stays in `tern-client`; this crate turns ids
 //! and keys into bytes, events into an enum, errors into [`TernError`] (a native
-//! exception in each language), and runs the async calls on tokio through
-//! UniFFI's tokio support. `docs/mobile.md` shows an Android and an iOS app using it.
+//! exception in each language), and runs every call's work on a runtime of its own,
+//! so a call awaited from an app's UI thread never blocks it. `docs/mobile.md` shows
+//! an Android and an iOS app using it.
 //!
 //! - [`register`], [`open`] and [`join`] start a [`TernClient`] on a device store in
 //!   a directory, encrypted under a 32-byte storage key the app keeps in the
@@ -16,7 +17,7 @@
 //! [UniFFI]: https://mozilla.github.io/uniffi-rs/
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tern_client::store::SledKv;
 use tern_client::{Client, ContactCard, Events, Joining};
@@ -58,14 +59,47 @@ fn path(p: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// The runtime every call runs on. A call is awaited from the app's thread (a
+/// Kotlin coroutine's, Swift's executor, Python's event loop), but its work (opening
+/// the store, fsyncs, crypto) runs here, so no call blocks the thread it came from.
+static RUNTIME: LazyLock<std::io::Result<tokio::runtime::Runtime>> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tern")
+        .enable_all()
+        .build()
+});
+
+/// Runs `work` on [`RUNTIME`] and waits for it there.
+async fn on_runtime<T, F>(work: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    let runtime = RUNTIME.as_ref().map_err(|e| TernError::Storage {
+        reason: format!("starting the client's threads: {e}"),
+    })?;
+    match runtime.spawn(work).await {
+        Ok(r) => r,
+        Err(e) => Err(TernError::Network {
+            reason: format!("the call stopped: {e}"),
+        }),
+    }
+}
+
 /// Creates an account on `relay` (`tern://<fingerprint>@host:port`) with this device
 /// as its first device, in an empty store in `dir` encrypted under `storage_key`.
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn register(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
-    let relay = relay_address(&relay)?;
-    let store = store(&dir, &storage_key)?;
-    let (client, events) = Client::register(&relay, store).await?;
-    Ok(TernClient::new(client, events))
+    on_runtime(async move {
+        let relay = relay_address(&relay)?;
+        // The app's copy is its own; this one is wiped when the call ends.
+        let storage_key = zeroize::Zeroizing::new(storage_key);
+        let store = store(&dir, &storage_key)?;
+        let (client, events) = Client::register(&relay, store).await?;
+        Ok(TernClient::new(client, events))
+    })
+    .await
 }
 
 /// Opens the device stored in `dir` (registered or joined before) and starts it:
@@ -73,9 +107,14 @@ pub async fn register(relay: String, dir: String, storage_key: Vec<u8>) -> Resul
 /// [`TernError::WrongStorageKey`] if `storage_key` is not the one it was created with.
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn open(dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
-    let store = store(&dir, &storage_key)?;
-    let (client, events) = Client::open(store).await?;
-    Ok(TernClient::new(client, events))
+    on_runtime(async move {
+        // The app's copy is its own; this one is wiped when the call ends.
+        let storage_key = zeroize::Zeroizing::new(storage_key);
+        let store = store(&dir, &storage_key)?;
+        let (client, events) = Client::open(store).await?;
+        Ok(TernClient::new(client, events))
+    })
+    .await
 }
 
 /// Starts joining an existing account as a new device on `relay` (the account's
@@ -83,13 +122,18 @@ pub async fn open(dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> 
 /// primary (as a QR code), then wait in [`JoiningDevice::finish`].
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn join(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<JoiningDevice>> {
-    let relay = relay_address(&relay)?;
-    let store = store(&dir, &storage_key)?;
-    let joining = Client::join(&relay, store).await?;
-    Ok(Arc::new(JoiningDevice {
-        link: joining.link().to_owned(),
-        joining: Mutex::new(Some(joining)),
-    }))
+    on_runtime(async move {
+        let relay = relay_address(&relay)?;
+        // The app's copy is its own; this one is wiped when the call ends.
+        let storage_key = zeroize::Zeroizing::new(storage_key);
+        let store = store(&dir, &storage_key)?;
+        let joining = Client::join(&relay, store).await?;
+        Ok(Arc::new(JoiningDevice {
+            link: joining.link().to_owned(),
+            joining: Mutex::new(Some(joining)),
+        }))
+    })
+    .await
 }
 
 /// Parses a contact card (`tern-contact:…`) without adding it.
@@ -132,8 +176,11 @@ impl JoiningDevice {
             .await
             .take()
             .ok_or_else(|| invalid("finish was called already"))?;
-        let (client, events) = joining.finish().await?;
-        Ok(TernClient::new(client, events))
+        on_runtime(async move {
+            let (client, events) = joining.finish().await?;
+            Ok(TernClient::new(client, events))
+        })
+        .await
     }
 }
 
@@ -223,21 +270,30 @@ impl TernClient {
 
     /// The card (`tern-contact:…`) to give contacts, as text or a QR code.
     pub async fn contact_card(&self) -> Result<String> {
-        Ok(self.client()?.contact_card().await.to_string())
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.contact_card().await.to_string()) }).await
     }
 
     /// Adds (or refreshes) a contact from its card; returns its account id.
     pub async fn add_contact(&self, card: String) -> Result<Vec<u8>> {
-        let card: ContactCard = card.parse()?;
-        self.client()?.add_contact(&card).await?;
-        Ok(card.account.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let card: ContactCard = card.parse()?;
+            client.add_contact(&card).await?;
+            Ok::<_, TernError>(card.account.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// Queues `body` for every device of account `to`; returns the message id once
     /// it is stored on this device. `Sent` or `SendFailed` follows in the events.
     pub async fn send(&self, to: Vec<u8>, body: Vec<u8>) -> Result<Vec<u8>> {
-        let id = self.client()?.send(&account(&to)?, &body).await?;
-        Ok(id.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client.send(&account(&to)?, &body).await?;
+            Ok::<_, TernError>(id.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// [`TernClient::send`] with attachments (uploaded, or received and forwarded).
@@ -247,11 +303,14 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let id = self
-            .client()?
-            .send_with_attachments(&account(&to)?, &body, &pointers(&attachments)?)
-            .await?;
-        Ok(id.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client
+                .send_with_attachments(&account(&to)?, &body, &pointers(&attachments)?)
+                .await?;
+            Ok::<_, TernError>(id.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// Sends `body` to every account in `contacts` as one upload (a broadcast list).
@@ -261,21 +320,29 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let id = self
-            .client()?
-            .send_broadcast(&accounts(&contacts)?, &body, &pointers(&attachments)?)
-            .await?;
-        Ok(id.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client
+                .send_broadcast(&accounts(&contacts)?, &body, &pointers(&attachments)?)
+                .await?;
+            Ok::<_, TernError>(id.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// The app has stored message `seq`: the device forgets it.
     pub async fn confirm(&self, seq: u64) -> Result<()> {
-        Ok(self.client()?.confirm(seq).await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.confirm(seq).await?) }).await
     }
 
     /// Messages waiting in the outbox.
     pub async fn outbox_len(&self) -> Result<u64> {
-        Ok(u64::try_from(self.client()?.outbox_len().await).unwrap_or(u64::MAX))
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(u64::try_from(client.outbox_len().await).unwrap_or(u64::MAX))
+        })
+        .await
     }
 
     /// Encrypts the file at `plaintext` into `sealed` (a file in the app's cache,
@@ -288,13 +355,16 @@ impl TernClient {
         content_type: String,
         progress: Option<Arc<dyn TransferProgress>>,
     ) -> Result<Attachment> {
-        let progress = progress_fn(progress);
-        let mut pointer = self
-            .client()?
-            .upload_attachment_with_progress(&path(&plaintext), &path(&sealed), &progress)
-            .await?;
-        pointer.content_type = content_type;
-        Ok(Attachment::from(&pointer))
+        let client = self.client()?;
+        on_runtime(async move {
+            let progress = progress_fn(progress);
+            let mut pointer = client
+                .upload_attachment_with_progress(&path(&plaintext), &path(&sealed), &progress)
+                .await?;
+            pointer.content_type = content_type;
+            Ok::<_, TernError>(Attachment::from(&pointer))
+        })
+        .await
     }
 
     /// Downloads, checks and decrypts an attachment into `dest`; returns its size.
@@ -305,12 +375,17 @@ impl TernClient {
         dest: String,
         progress: Option<Arc<dyn TransferProgress>>,
     ) -> Result<u64> {
-        let progress = progress_fn(progress);
-        let pointer = attachment.parse()?;
-        Ok(self
-            .client()?
-            .download_attachment_with_progress(&pointer, &path(&dest), &progress)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            let progress = progress_fn(progress);
+            let pointer = attachment.parse()?;
+            Ok::<_, TernError>(
+                client
+                    .download_attachment_with_progress(&pointer, &path(&dest), &progress)
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// Forwards a received attachment to `to` with `body`: nothing is uploaded
@@ -321,36 +396,48 @@ impl TernClient {
         body: Vec<u8>,
         attachment: Attachment,
     ) -> Result<Vec<u8>> {
-        let id = self
-            .client()?
-            .forward_attachment(&account(&to)?, &body, &attachment.parse()?)
-            .await?;
-        Ok(id.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client
+                .forward_attachment(&account(&to)?, &body, &attachment.parse()?)
+                .await?;
+            Ok::<_, TernError>(id.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// The safety number with `contact`; `None` for an unknown contact.
     pub async fn safety_number(&self, contact: Vec<u8>) -> Result<Option<String>> {
-        Ok(self.client()?.safety_number(&account(&contact)?).await)
+        let client = self.client()?;
+        on_runtime(
+            async move { Ok::<_, TernError>(client.safety_number(&account(&contact)?).await) },
+        )
+        .await
     }
 
     /// `contact`'s changed identity key waiting for acceptance, if any.
     pub async fn changed_identity(&self, contact: Vec<u8>) -> Result<Option<ChangedIdentity>> {
-        let changed = self.client()?.changed_identity(&account(&contact)?).await;
-        Ok(changed.map(|(key, safety_number)| ChangedIdentity {
-            identity_key: key.to_vec(),
-            safety_number,
-        }))
+        let client = self.client()?;
+        on_runtime(async move {
+            let changed = client.changed_identity(&account(&contact)?).await;
+            Ok::<_, TernError>(changed.map(|(key, safety_number)| ChangedIdentity {
+                identity_key: key.to_vec(),
+                safety_number,
+            }))
+        })
+        .await
     }
 
     /// Accepts `contact`'s changed identity key (after comparing safety numbers):
     /// held messages follow in the events. False if `identity_key` is not the
     /// change waiting.
     pub async fn accept_identity(&self, contact: Vec<u8>, identity_key: Vec<u8>) -> Result<bool> {
-        let key = key32(&identity_key, "an identity key")?;
-        Ok(self
-            .client()?
-            .accept_identity(&account(&contact)?, &key)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            let key = key32(&identity_key, "an identity key")?;
+            Ok::<_, TernError>(client.accept_identity(&account(&contact)?, &key).await?)
+        })
+        .await
     }
 
     /// Registers where the relay wakes this device while the app holds no
@@ -359,74 +446,106 @@ impl TernClient {
     /// without wake-ups is `Relay` "push target refused"; an endpoint that fails the
     /// UnifiedPush discovery check is "push endpoint unverified".
     pub async fn set_push_target(&self, target: PushTarget) -> Result<()> {
-        Ok(self.client()?.set_push_target(target.into()).await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.set_push_target(target.into()).await?) })
+            .await
     }
 
     /// Stops wake-ups for this device (say when the user signs out).
     pub async fn clear_push_target(&self) -> Result<()> {
-        Ok(self.client()?.clear_push_target().await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.clear_push_target().await?) }).await
     }
 
     /// The wake-up target this device registered, if any.
     pub async fn push_target(&self) -> Result<Option<PushTarget>> {
-        Ok(self.client()?.push_target().await?.map(PushTarget::from))
+        let client = self.client()?;
+        on_runtime(
+            async move { Ok::<_, TernError>(client.push_target().await?.map(PushTarget::from)) },
+        )
+        .await
     }
 
     /// Replaces the account's delivery token (primary only), say after blocking someone.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        Ok(self.client()?.rotate_delivery_token().await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.rotate_delivery_token().await?) }).await
     }
 
     /// Links the device that showed `link` (primary only); returns its device id.
     pub async fn link_device(&self, link: String) -> Result<u32> {
-        Ok(self.client()?.link_device(&link).await?.id.get())
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.link_device(&link).await?.id.get()) })
+            .await
     }
 
     /// This account's devices.
     pub async fn devices(&self) -> Result<Vec<Device>> {
-        Ok(self
-            .client()?
-            .devices()
-            .await?
-            .into_iter()
-            .map(Device::from)
-            .collect())
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .devices()
+                    .await?
+                    .into_iter()
+                    .map(Device::from)
+                    .collect(),
+            )
+        })
+        .await
     }
 
     /// Removes device `id` from this account (primary only; never device 1).
     pub async fn remove_device(&self, id: u32) -> Result<()> {
-        let id = DeviceId::new(id).ok_or_else(|| invalid("device 0 does not exist"))?;
-        Ok(self.client()?.remove_device(id).await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = DeviceId::new(id).ok_or_else(|| invalid("device 0 does not exist"))?;
+            Ok::<_, TernError>(client.remove_device(id).await?)
+        })
+        .await
     }
 
     /// Creates a group with `contacts`; returns its id (32 bytes).
     pub async fn create_group(&self, name: String, contacts: Vec<Vec<u8>>) -> Result<Vec<u8>> {
-        let id = self
-            .client()?
-            .create_group(&name, &accounts(&contacts)?)
-            .await?;
-        Ok(id.0.to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client.create_group(&name, &accounts(&contacts)?).await?;
+            Ok::<_, TernError>(id.0.to_vec())
+        })
+        .await
     }
 
     /// Adds contacts to a group.
     pub async fn add_members(&self, group: Vec<u8>, contacts: Vec<Vec<u8>>) -> Result<()> {
-        Ok(self
-            .client()?
-            .add_members(&group_id(&group)?, &accounts(&contacts)?)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .add_members(&group_id(&group)?, &accounts(&contacts)?)
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// Removes a member from a group.
     pub async fn remove_member(&self, group: Vec<u8>, member: Vec<u8>) -> Result<()> {
-        Ok(self
-            .client()?
-            .remove_member(&group_id(&group)?, &account(&member)?)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .remove_member(&group_id(&group)?, &account(&member)?)
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, group: Vec<u8>) -> Result<()> {
-        Ok(self.client()?.leave_group(&group_id(&group)?).await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.leave_group(&group_id(&group)?).await?) })
+            .await
     }
 
     /// Sends `body` (and attachments) to a group; returns the message id.
@@ -436,27 +555,36 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let id = self
-            .client()?
-            .send_group(&group_id(&group)?, &body, &pointers(&attachments)?)
-            .await?;
-        Ok(id.as_bytes().to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = client
+                .send_group(&group_id(&group)?, &body, &pointers(&attachments)?)
+                .await?;
+            Ok::<_, TernError>(id.as_bytes().to_vec())
+        })
+        .await
     }
 
     /// Renames a group.
     pub async fn rename_group(&self, group: Vec<u8>, name: String) -> Result<()> {
-        Ok(self
-            .client()?
-            .rename_group(&group_id(&group)?, &name)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(client.rename_group(&group_id(&group)?, &name).await?)
+        })
+        .await
     }
 
     /// Sets a group's description.
     pub async fn set_group_description(&self, group: Vec<u8>, description: String) -> Result<()> {
-        Ok(self
-            .client()?
-            .set_group_description(&group_id(&group)?, &description)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .set_group_description(&group_id(&group)?, &description)
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// Sets (or with `None` clears) a group's picture, an uploaded attachment.
@@ -465,28 +593,42 @@ impl TernClient {
         group: Vec<u8>,
         picture: Option<Attachment>,
     ) -> Result<()> {
-        let picture = picture.as_ref().map(Attachment::parse).transpose()?;
-        Ok(self
-            .client()?
-            .set_group_picture(&group_id(&group)?, picture.as_ref())
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            let picture = picture.as_ref().map(Attachment::parse).transpose()?;
+            Ok::<_, TernError>(
+                client
+                    .set_group_picture(&group_id(&group)?, picture.as_ref())
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// This device's groups.
     pub async fn groups(&self) -> Result<Vec<Group>> {
-        Ok(self
-            .client()?
-            .groups()
-            .await?
-            .into_iter()
-            .map(Group::from)
-            .collect())
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .groups()
+                    .await?
+                    .into_iter()
+                    .map(Group::from)
+                    .collect(),
+            )
+        })
+        .await
     }
 
     /// Starts verifying a phone number (E.164); returns the session id for
     /// [`TernClient::confirm_verification`].
     pub async fn start_verification(&self, number: String) -> Result<Vec<u8>> {
-        Ok(self.client()?.start_verification(&number).await?.0.to_vec())
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(client.start_verification(&number).await?.0.to_vec())
+        })
+        .await
     }
 
     /// Confirms a verification with the code the user received; `discoverable`
@@ -498,20 +640,20 @@ impl TernClient {
         code: String,
         discoverable: Option<bool>,
     ) -> Result<bool> {
-        let id = VerificationId(
-            session
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid("a verification session id is 16 bytes"))?,
-        );
-        Ok(match discoverable {
-            Some(choice) => {
-                self.client()?
-                    .confirm_verification_with(id, &code, choice)
-                    .await?
-            }
-            None => self.client()?.confirm_verification(id, &code).await?,
+        let client = self.client()?;
+        on_runtime(async move {
+            let id = VerificationId(
+                session
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| invalid("a verification session id is 16 bytes"))?,
+            );
+            Ok::<_, TernError>(match discoverable {
+                Some(choice) => client.confirm_verification_with(id, &code, choice).await?,
+                None => client.confirm_verification(id, &code).await?,
+            })
         })
+        .await
     }
 
     /// Finds which of `numbers` (an address book; national formats read in
@@ -521,35 +663,44 @@ impl TernClient {
         numbers: Vec<String>,
         default_region: String,
     ) -> Result<DiscoveryReport> {
-        Ok(self
-            .client()?
-            .discover(&numbers, &default_region)
-            .await?
-            .into())
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(client.discover(&numbers, &default_region).await?.into())
+        })
+        .await
     }
 
     /// Sets whether this account can be found by its verified number.
     pub async fn set_discoverable(&self, discoverable: bool) -> Result<()> {
-        Ok(self.client()?.set_discoverable(discoverable).await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.set_discoverable(discoverable).await?) })
+            .await
     }
 
     /// Deletes what discovery cached on this device.
     pub async fn forget_discovery(&self) -> Result<()> {
-        Ok(self.client()?.forget_discovery().await?)
+        let client = self.client()?;
+        on_runtime(async move { Ok::<_, TernError>(client.forget_discovery().await?) }).await
     }
 
     /// Writes what the relay holds about this account to a new file `dest` (JSON).
     pub async fn export_account(&self, dest: String, include_ciphertexts: bool) -> Result<u64> {
-        Ok(self
-            .client()?
-            .export_account(&path(&dest), include_ciphertexts)
-            .await?)
+        let client = self.client()?;
+        on_runtime(async move {
+            Ok::<_, TernError>(
+                client
+                    .export_account(&path(&dest), include_ciphertexts)
+                    .await?,
+            )
+        })
+        .await
     }
 
     /// Deletes this account on the relay for every device (primary only), then
     /// this device's store: take what the app keeps first.
     pub async fn delete_account(&self) -> Result<()> {
-        self.client()?.delete_account().await?;
+        let client = self.client()?;
+        on_runtime(async move { Ok(client.delete_account().await?) }).await?;
         // Deleting shut the client down; release its store now, as `shutdown` does.
         self.take_client();
         Ok(())
@@ -563,7 +714,11 @@ impl TernClient {
         // has to be Send for UniFFI).
         let client = self.take_client();
         if let Some(client) = client {
-            client.shutdown().await;
+            let _ = on_runtime(async move {
+                client.shutdown().await;
+                Ok(())
+            })
+            .await;
         }
     }
 }

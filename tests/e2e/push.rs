@@ -2,8 +2,9 @@
 //! 127.0.0.1) standing in for UnifiedPush endpoints and an app publisher's gateway:
 //! one wake-up per window for an offline device's burst and another after it, the
 //! constant body, none for a connected device; 410 forgets the target, a redirect is
-//! not followed, 429 waits as asked; registration refusals; and sends at full speed
-//! while the gateway hangs.
+//! not followed, 429 waits as asked; a connection that ends with mail unacknowledged
+//! owes a wake-up; registration refusals; a hanging endpoint host holds only its own
+//! slots; and sends at full speed while the gateway hangs.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -317,6 +318,51 @@ async fn an_offline_device_is_woken_once_per_window_and_a_connected_one_never() 
 }
 
 #[tokio::test]
+async fn a_connection_that_ends_with_mail_unacknowledged_owes_a_wake_up() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = Gateway::start().await;
+    let relay = relay(dir.path(), &gw, "coalesce = \"1s\"\n");
+    let alice = register(&relay.address).await;
+
+    // Erin is pushed three messages and acknowledges none (the phone went to sleep
+    // with them in flight): when her connection ends she is woken.
+    let mut erin = register(&relay.address).await;
+    within(
+        erin.conn
+            .set_push_target(gateway_target(&gw, "/gw/erin", "e")),
+    )
+    .await
+    .expect("push target");
+    burst(&alice, &erin.address, 0, 3).await;
+    for _ in 0..3 {
+        erin.next_delivery().await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(gw.posts("/gw/erin").is_empty(), "not while connected");
+    let _ = erin.go_offline().await;
+    gw.until_posts("/gw/erin", 1).await;
+
+    // Frank acknowledges everything before he goes: he owes nothing.
+    let mut frank = register(&relay.address).await;
+    within(
+        frank
+            .conn
+            .set_push_target(gateway_target(&gw, "/gw/frank", "f")),
+    )
+    .await
+    .expect("push target");
+    burst(&alice, &frank.address, 0, 2).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(frank.next_delivery().await.seq);
+    }
+    within(frank.conn.ack(&got)).await.expect("acked");
+    let _ = frank.go_offline().await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(gw.posts("/gw/frank").is_empty(), "nothing owed");
+}
+
+#[tokio::test]
 async fn refusals_gone_targets_and_redirects() {
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = Gateway::start().await;
@@ -403,6 +449,37 @@ async fn a_429_is_waited_out_and_mail_meanwhile_sends_nothing_more() {
     assert!(gap < Duration::from_secs(4), "retried after {gap:?}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(gw.posts("/up/slow/bob").len(), 2, "answered: no more tries");
+}
+
+#[tokio::test]
+async fn a_hanging_endpoint_host_holds_only_its_own_slots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let slow = Gateway::start().await;
+    let fast = Gateway::start().await;
+    let relay = relay(
+        dir.path(),
+        &slow,
+        "timeout = \"20s\"\nmax_in_flight = 2\nmax_in_flight_per_host = 1\ncoalesce = \"100ms\"\n",
+    );
+    slow.set("/up/", Answer::Hang);
+    let alice = register(&relay.address).await;
+    let mut stuck = Vec::new();
+    for i in 0..3 {
+        stuck.push(offline_with(&relay, unified(&slow, &format!("/up/{i}"))).await);
+    }
+    let fine = offline_with(&relay, unified(&fast, "/up/fine")).await;
+    for (i, to) in stuck.iter().enumerate() {
+        burst(&alice, to, 0, 1).await;
+        if i == 0 {
+            slow.until_posts("/up/0", 1).await;
+        }
+    }
+    // Three wake-ups for the hanging host, one POST to it at a time: the other
+    // host still has a slot and is woken at once (not after the 20 s timeout).
+    burst(&alice, &fine, 0, 1).await;
+    fast.until_posts("/up/fine", 1).await;
+    let to_slow = (slow.hits().iter()).filter(|h| h.method == "POST").count();
+    assert_eq!(to_slow, 1, "one POST at a time to one host");
 }
 
 #[tokio::test]

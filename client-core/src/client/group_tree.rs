@@ -288,13 +288,19 @@ impl State {
         record: &mut GroupRecord,
         now_ms: u64,
     ) -> Result<()> {
+        let same = |o: &GroupOpRecord, w: &TreeLostRecord| {
+            o.tree_lost && o.accounts.first() == Some(&w.account) && o.device == w.device
+        };
         let waits = &record.tree_lost_waits;
-        record.ops.retain(|o| {
-            !o.tree_lost
-                || waits
-                    .iter()
-                    .any(|w| o.accounts.first() == Some(&w.account) && o.device == w.device)
-        });
+        record
+            .ops
+            .retain(|o| !o.tree_lost || waits.iter().any(|w| same(o, w)));
+        // A queued wait whose removal is gone (refused, or planned to nothing) has
+        // done its part: kept, it would hold the group busy every round.
+        let ops = &record.ops;
+        record
+            .tree_lost_waits
+            .retain(|w| !w.queued || ops.iter().any(|o| same(o, w)));
         if record.tree_lost_waits.is_empty() {
             return Ok(());
         }

@@ -44,6 +44,10 @@ pub struct PushConfig {
     pub queue: usize,
     /// POSTs in flight at once across every target.
     pub max_in_flight: usize,
+    /// POSTs in flight at once to one UnifiedPush endpoint host (scheme, host and
+    /// port): a host that answers slowly, or never, holds at most this many of
+    /// `max_in_flight`. Gateways on the list share `max_in_flight` only.
+    pub max_in_flight_per_host: usize,
     /// Devices whose coalescing state is kept (each entry lives one `coalesce`
     /// window, or while a retry or a 429's wait runs); a wake-up for a new device
     /// while the table is full is dropped and counted.
@@ -64,6 +68,7 @@ impl Default for PushConfig {
             retry_backoff: Duration::from_secs(1),
             queue: 4096,
             max_in_flight: 64,
+            max_in_flight_per_host: 8,
             max_tracked: 100_000,
             allow_http_loopback: false,
         }
@@ -82,10 +87,11 @@ impl PushConfig {
         if self.max_attempts == 0
             || self.queue == 0
             || self.max_in_flight == 0
+            || self.max_in_flight_per_host == 0
             || self.max_tracked == 0
         {
             return fail(
-                "push.max_attempts, push.queue, push.max_in_flight and push.max_tracked must be more than zero",
+                "push.max_attempts, push.queue, push.max_in_flight, push.max_in_flight_per_host and push.max_tracked must be more than zero",
             );
         }
         for g in &self.gateways {

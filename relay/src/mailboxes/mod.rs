@@ -316,6 +316,15 @@ impl Mailboxes {
         let _ = self.push.set(waker);
     }
 
+    /// `device`'s connection here ended with mail unread or unacknowledged: a
+    /// wake-up, as for mail queued while it is away (the phone that dropped off
+    /// silently learns of what was pushed into its dead connection).
+    pub(crate) fn left_with_mail(&self, device: &DeviceAddress) {
+        if let Some(push) = self.push.get() {
+            push.mail(device);
+        }
+    }
+
     /// The cluster these mailboxes joined, if the relay has several nodes.
     pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()

@@ -350,6 +350,7 @@ impl Push {
             gateways: self.gateways.clone(),
             active,
             stats: self.stats.clone(),
+            hosts: Default::default(),
         };
         Some(tokio::spawn(worker.run(events, shutdown)))
     }

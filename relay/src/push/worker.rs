@@ -2,13 +2,14 @@
 //! ([`super::coalesce`]), and posts each in a task of its own, so nothing here waits
 //! on a gateway, and nothing the relay's connections do waits on this task.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use tern_proto::{DeviceAddress, PushTarget};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use super::coalesce::{Coalescer, Decision};
@@ -72,6 +73,30 @@ pub(crate) struct Worker {
     pub(crate) gateways: Vec<reqwest::Url>,
     pub(crate) active: Arc<ActiveMailboxes>,
     pub(crate) stats: Arc<Stats>,
+    /// POSTs in flight per UnifiedPush endpoint host; an entry lives while a POST
+    /// to its host runs or waits.
+    pub(crate) hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// A POST's place among those to its endpoint's host.
+struct HostSlot<'a> {
+    hosts: &'a Mutex<HashMap<String, Arc<Semaphore>>>,
+    key: String,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for HostSlot<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        // Only the table holds it: no POST to this host runs or waits.
+        if hosts
+            .get(&self.key)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            hosts.remove(&self.key);
+        }
+    }
 }
 
 /// A finished wake-up: the device and, after a 429, when it may be woken again.
@@ -170,6 +195,12 @@ impl Worker {
         let mut attempt = 1;
         loop {
             let outcome = {
+                // The host's slot first: a POST waiting for a slow host holds none
+                // of the slots every other target shares.
+                let _host = match &target {
+                    PushTarget::UnifiedPush { endpoint } => Some(self.host_slot(endpoint).await?),
+                    PushTarget::Gateway { .. } => None,
+                };
                 let Ok(_slot) = slots.acquire().await else {
                     return None;
                 };
@@ -244,6 +275,28 @@ impl Worker {
             // Never the error's text: it holds the URL.
             Err(_) => Outcome::Failed,
         }
+    }
+
+    /// A slot among the POSTs to `endpoint`'s host (`None` if the semaphore
+    /// closed, which it never does).
+    async fn host_slot(&self, endpoint: &str) -> Option<HostSlot<'_>> {
+        let key = reqwest::Url::parse(endpoint)
+            .map(|u| u.origin().ascii_serialization())
+            .unwrap_or_default();
+        let semaphore = {
+            let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+            hosts
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.config.max_in_flight_per_host)))
+                .clone()
+        };
+        let mut slot = HostSlot {
+            hosts: &self.hosts,
+            key,
+            permit: None,
+        };
+        slot.permit = Some(semaphore.acquire_owned().await.ok()?);
+        Some(slot)
     }
 
     /// Forgets a target its gateway declared gone, unless the device registered

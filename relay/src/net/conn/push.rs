@@ -33,6 +33,25 @@ fn delivery(m: StoredMessage) -> Frame {
     Box::new(ServerMessage::Delivery(d).into())
 }
 
+/// The end of a delivery loop: a connection that goes (closed, or timed out after
+/// the phone went silent) with messages unacknowledged or unread leaves the device
+/// owing a push wake-up, as if the mail had come while it was away. Displaced by a
+/// newer connection of the device, it owes none.
+struct Leaving<'a> {
+    services: &'a Services,
+    device: tern_proto::DeviceAddress,
+    owed: bool,
+    displaced: bool,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        if self.owed && !self.displaced {
+            self.services.mailboxes().left_with_mail(&self.device);
+        }
+    }
+}
+
 /// Pushes the device's messages as room allows and applies its acks.
 pub(super) async fn deliver(
     services: Arc<Services>,
@@ -50,6 +69,12 @@ pub(super) async fn deliver(
     let _claim = match mailboxes.cluster() {
         Some(cluster) => Some(cluster.claim(*device.address(), sub.id()).await),
         None => None,
+    };
+    let mut left = Leaving {
+        services: &services,
+        device: *device.address(),
+        owed: false,
+        displaced: false,
     };
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     let committing = Arc::new(Semaphore::new(max_committing));
@@ -71,6 +96,7 @@ pub(super) async fn deliver(
             } => {}
             _ = sub.changed() => {
                 if sub.displaced() {
+                    left.displaced = true;
                     debug!("displaced by a newer connection of the same device");
                     conn.close(close::DISPLACED.into(), b"displaced");
                     return;
@@ -87,6 +113,7 @@ pub(super) async fn deliver(
                         window.on_acked(*seq);
                     }
                 }
+                left.owed = window.in_flight() > 0 || !drained;
                 // Answered only once the deletion is durable, from a task of its own:
                 // pushing goes on while the commit's fsync runs. Past the cap of
                 // commits in flight this loop waits, as the reader does for sends.
@@ -119,6 +146,7 @@ pub(super) async fn deliver(
             },
         };
         drained = pull.drained;
+        left.owed = window.in_flight() > 0 || !drained;
         match pull.read_failed.take() {
             None => {
                 retry = None;
