@@ -70,17 +70,27 @@ static RUNTIME: LazyLock<std::io::Result<tokio::runtime::Runtime>> = LazyLock::n
         .build()
 });
 
-/// Runs `work` on [`RUNTIME`] and waits for it there.
+/// Runs `work` on [`RUNTIME`] and waits for it there. A call the app cancels (its
+/// coroutine or task cancelled, so this future dropped) stops its work too; a panic
+/// goes on to UniFFI, which raises it as an internal error.
 async fn on_runtime<T, F>(work: F) -> Result<T>
 where
     T: Send + 'static,
     F: std::future::Future<Output = Result<T>> + Send + 'static,
 {
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
     let runtime = RUNTIME.as_ref().map_err(|e| TernError::Storage {
         reason: format!("starting the client's threads: {e}"),
     })?;
-    match runtime.spawn(work).await {
+    let mut task = AbortOnDrop(runtime.spawn(work));
+    match (&mut task.0).await {
         Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => Err(TernError::Network {
             reason: format!("the call stopped: {e}"),
         }),
@@ -91,10 +101,10 @@ where
 /// as its first device, in an empty store in `dir` encrypted under `storage_key`.
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn register(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
+    // The app's copy is its own; this one is wiped however the call ends.
+    let storage_key = zeroize::Zeroizing::new(storage_key);
     on_runtime(async move {
         let relay = relay_address(&relay)?;
-        // The app's copy is its own; this one is wiped when the call ends.
-        let storage_key = zeroize::Zeroizing::new(storage_key);
         let store = store(&dir, &storage_key)?;
         let (client, events) = Client::register(&relay, store).await?;
         Ok(TernClient::new(client, events))
@@ -107,9 +117,9 @@ pub async fn register(relay: String, dir: String, storage_key: Vec<u8>) -> Resul
 /// [`TernError::WrongStorageKey`] if `storage_key` is not the one it was created with.
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn open(dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> {
+    // The app's copy is its own; this one is wiped however the call ends.
+    let storage_key = zeroize::Zeroizing::new(storage_key);
     on_runtime(async move {
-        // The app's copy is its own; this one is wiped when the call ends.
-        let storage_key = zeroize::Zeroizing::new(storage_key);
         let store = store(&dir, &storage_key)?;
         let (client, events) = Client::open(store).await?;
         Ok(TernClient::new(client, events))
@@ -122,10 +132,10 @@ pub async fn open(dir: String, storage_key: Vec<u8>) -> Result<Arc<TernClient>> 
 /// primary (as a QR code), then wait in [`JoiningDevice::finish`].
 #[uniffi::export(async_runtime = "tokio")]
 pub async fn join(relay: String, dir: String, storage_key: Vec<u8>) -> Result<Arc<JoiningDevice>> {
+    // The app's copy is its own; this one is wiped however the call ends.
+    let storage_key = zeroize::Zeroizing::new(storage_key);
     on_runtime(async move {
         let relay = relay_address(&relay)?;
-        // The app's copy is its own; this one is wiped when the call ends.
-        let storage_key = zeroize::Zeroizing::new(storage_key);
         let store = store(&dir, &storage_key)?;
         let joining = Client::join(&relay, store).await?;
         Ok(Arc::new(JoiningDevice {

@@ -654,9 +654,20 @@ impl Relay {
         // Several nodes switch at one time: each records the new certificate's
         // fingerprint, so a node restarted after the switch is checked against it.
         let on_switch = shared.clone().map(|pg| {
-            Box::new(move |f: tern_proto::Fingerprint| {
-                pg.set_cluster_fact(TLS_FACT, &f.0).map_err(Error::Store)
-            }) as crate::net::rotation::OnSwitch
+            Box::new(
+                move |old: tern_proto::Fingerprint, new: tern_proto::Fingerprint| match pg
+                    .replace_cluster_fact(TLS_FACT, &old.0, &new.0)
+                {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Error::Config(
+                        "the shared database records another certificate than the one \
+                             this node served before its switch: the nodes staged different \
+                             certificates (stage one with --cert/--key on every node)"
+                            .into(),
+                    )),
+                    Err(e) => Err(Error::Store(e)),
+                },
+            ) as crate::net::rotation::OnSwitch
         });
         let switcher = tokio::spawn(crate::net::rotation::switch_loop(
             certificates.clone(),

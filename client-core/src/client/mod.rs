@@ -563,7 +563,7 @@ impl Client {
         let mut rx = self.shared.conns.subscribe();
         let mut stop = self.shared.stop.subscribe();
         // A stopped client gets no connection again: answer at once rather than
-        // holding the store for `MEDIA_WAIT` after a shutdown.
+        // holding the store for `MEDIA_WAIT` after a shutdown or a removal.
         let waited = tokio::select! {
             w = tokio::time::timeout(MEDIA_WAIT, rx.wait_for(Option::is_some)) => w.ok(),
             _ = stop.wait_for(|s| *s) => None,

@@ -71,7 +71,9 @@ pub(super) async fn run(shared: std::sync::Arc<Shared>) {
             }
         }
         if shared.removed.load(Ordering::Relaxed) {
-            // Removed from the account: nothing to reconnect to.
+            // Removed from the account: nothing to reconnect to (and media calls
+            // waiting for a connection are told at once).
+            shared.stop.send_replace(true);
             shared.emit(Event::Removed);
             break;
         }

@@ -68,7 +68,7 @@ impl Default for PushConfig {
             retry_backoff: Duration::from_secs(1),
             queue: 4096,
             max_in_flight: 64,
-            max_in_flight_per_host: 8,
+            max_in_flight_per_host: 32,
             max_tracked: 100_000,
             allow_http_loopback: false,
         }

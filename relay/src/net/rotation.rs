@@ -440,9 +440,10 @@ fn parse(cert: &[u8], key: &[u8]) -> Result<tls::Identity> {
 /// handshakes switch exactly on time; this moves the files and the announcement).
 const SWITCH_CHECK: Duration = Duration::from_secs(1);
 
-/// Called with the new fingerprint after a switch (a node of several records it in
-/// the shared database).
-pub(crate) type OnSwitch = Box<dyn Fn(Fingerprint) -> Result<()> + Send + Sync>;
+/// Called with the fingerprint served before and the one served now after a switch
+/// (a node of several records it in the shared database, if it still records the
+/// one before).
+pub(crate) type OnSwitch = Box<dyn Fn(Fingerprint, Fingerprint) -> Result<()> + Send + Sync>;
 
 /// Switches the staged certificate in when due, until `shutdown`.
 pub(crate) async fn switch_loop(
@@ -456,7 +457,8 @@ pub(crate) async fn switch_loop(
     // recording is retried each tick.
     let recorded = Arc::new(Mutex::new(certs.opened_with()));
     let mut tick = tokio::time::interval(SWITCH_CHECK);
-    let mut failing = false;
+    // Each failure is logged once per streak: both retry every tick.
+    let (mut moving_failed, mut recording_failed) = (false, false);
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -468,21 +470,29 @@ pub(crate) async fn switch_loop(
             let mut recorded = recorded.lock().unwrap_or_else(|e| e.into_inner());
             let now = c.current();
             let record = match then {
-                Some(then) if now != *recorded => then(now).map(|()| *recorded = now),
+                Some(then) if now != *recorded => then(*recorded, now).map(|()| *recorded = now),
                 _ => Ok(()),
             };
             (switched, record)
         });
-        match step.await {
-            Ok((Err(e), _)) => {
-                warn!(error = %e, "moving the staged certificate in failed; retrying")
+        let Ok((switched, record)) = step.await else {
+            continue;
+        };
+        match switched {
+            Err(e) if !moving_failed => {
+                moving_failed = true;
+                warn!(error = %e, "moving the staged certificate in failed; retrying each second");
             }
-            Ok((_, Err(e))) if !failing => {
-                failing = true;
+            Ok(_) => moving_failed = false,
+            Err(_) => {}
+        }
+        match record {
+            Err(e) if !recording_failed => {
+                recording_failed = true;
                 warn!(error = %e, "recording the new certificate in the shared database failed; retrying each second");
             }
-            Ok((_, Ok(()))) if failing => {
-                failing = false;
+            Ok(()) if recording_failed => {
+                recording_failed = false;
                 info!("the new certificate is recorded in the shared database");
             }
             _ => {}
@@ -678,7 +688,7 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let seen = recorded.clone();
-        let on_switch: OnSwitch = Box::new(move |f| {
+        let on_switch: OnSwitch = Box::new(move |_, f| {
             let mut seen = seen.lock().expect("seen");
             seen.push(f);
             if seen.len() == 1 {
@@ -712,7 +722,7 @@ mod tests {
             .expect("stage");
         let recorded = Arc::new(Mutex::new(Vec::new()));
         let seen = recorded.clone();
-        let on_switch: OnSwitch = Box::new(move |f| {
+        let on_switch: OnSwitch = Box::new(move |_, f| {
             seen.lock().expect("seen").push(f);
             Ok(())
         });

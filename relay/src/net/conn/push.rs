@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
+
 use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
@@ -12,7 +14,7 @@ use tracing::{debug, warn};
 use super::{response, AckCmd, Frame};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
-use crate::mailboxes::Pull;
+use crate::mailboxes::{Pull, Subscription};
 use crate::server::Services;
 use crate::store::StoredMessage;
 
@@ -39,14 +41,16 @@ fn delivery(m: StoredMessage) -> Frame {
 /// newer connection of the device, it owes none.
 struct Leaving<'a> {
     services: &'a Services,
+    sub: &'a Subscription,
     device: tern_proto::DeviceAddress,
     owed: bool,
-    displaced: bool,
 }
 
 impl Drop for Leaving<'_> {
     fn drop(&mut self) {
-        if self.owed && !self.displaced {
+        // Asked of the subscription, not of this loop: a newer connection may have
+        // displaced it as the loop ended on another branch.
+        if self.owed && !self.sub.displaced() {
             self.services.mailboxes().left_with_mail(&self.device);
         }
     }
@@ -72,9 +76,9 @@ pub(super) async fn deliver(
     };
     let mut left = Leaving {
         services: &services,
+        sub: &sub,
         device: *device.address(),
         owed: false,
-        displaced: false,
     };
     let mut window = DeliveryWindow::new(window_size).with_max_bytes(window_bytes);
     let committing = Arc::new(Semaphore::new(max_committing));
@@ -96,14 +100,17 @@ pub(super) async fn deliver(
             } => {}
             _ = sub.changed() => {
                 if sub.displaced() {
-                    left.displaced = true;
                     debug!("displaced by a newer connection of the same device");
                     conn.close(close::DISPLACED.into(), b"displaced");
                     return;
                 }
             }
             cmd = acks.recv() => {
-                let Some(cmd) = cmd else { return };
+                let Some(cmd) = cmd else {
+                    // Mail whose wake-up is still pending here was never read.
+                    left.owed |= sub.changed().now_or_never().is_some();
+                    return;
+                };
                 let result = mailboxes.ack(&device, &cmd.seqs);
                 // A failed ack put (some of) its messages back: the window keeps them
                 // in flight, so its cursor never passes a message still stored; the

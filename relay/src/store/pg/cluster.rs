@@ -50,6 +50,26 @@ impl PgBackend {
         })
     }
 
+    /// Replaces fact `name` with `new` if the cluster records `old` (or `new`
+    /// already, or nothing): a node that switched from `old` moves the cluster with
+    /// it. `Ok(false)` if it records something else: another node switched to a
+    /// different value (two nodes each staged their own certificate).
+    pub fn replace_cluster_fact(&self, name: &str, old: &[u8], new: &[u8]) -> StoreResult<bool> {
+        self.run(async {
+            let client = self.client().await?;
+            let rows = client
+                .execute(
+                    "INSERT INTO cluster (name, value) VALUES ($1, $3) ON CONFLICT (name) \
+                     DO UPDATE SET value = EXCLUDED.value \
+                     WHERE cluster.value = $2 OR cluster.value = $3",
+                    &[&name, &old, &new],
+                )
+                .await
+                .map_err(|e| self.classify(&e))?;
+            Ok(rows == 1)
+        })
+    }
+
     /// Replaces a fact the nodes agreed on: a rotated TLS certificate switched in
     /// on every node at one time (`tern-relay admin rotate-cert --at`).
     pub fn set_cluster_fact(&self, name: &str, value: &[u8]) -> StoreResult<()> {

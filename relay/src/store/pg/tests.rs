@@ -127,6 +127,32 @@ fn cluster_facts_are_recorded_once_and_a_differing_node_is_refused() {
 }
 
 #[test]
+fn a_cluster_fact_is_replaced_only_from_the_value_it_holds() {
+    let (_pg, opts) = db();
+    let (a, b) = (node(&opts, "a"), node(&opts, "b"));
+    assert!(a
+        .replace_cluster_fact("tls", b"old", b"new")
+        .expect("absent: set"));
+    assert!(b
+        .replace_cluster_fact("tls", b"old", b"new")
+        .expect("already new"));
+    // Another node switched from the same old value to its own certificate.
+    assert!(!b
+        .replace_cluster_fact("tls", b"old", b"other")
+        .expect("refused"));
+    assert!(a
+        .replace_cluster_fact("tls", b"new", b"newer")
+        .expect("moved on"));
+    let fact = Fact {
+        name: "tls",
+        value: b"newer".to_vec(),
+        file: "cert".into(),
+    };
+    b.check_cluster(&[fact])
+        .expect("the cluster holds the last one");
+}
+
+#[test]
 fn calls_work_from_plain_threads_and_both_kinds_of_runtime() {
     let (_pg, opts) = db();
     let a = std::sync::Arc::new(node(&opts, "a"));
