@@ -153,6 +153,22 @@ impl Drop for BackupRunning {
     }
 }
 
+/// Where the loopback twin of an admin listener bound at `bound` listens: none for
+/// one on loopback; else loopback of the same family, port 0 (`admin.addr` names
+/// it, so the local `tern-relay admin` reaches `/admin/` as a loopback peer).
+pub(crate) fn local_twin(bound: SocketAddr) -> Option<SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = bound.ip().to_canonical();
+    if ip.is_loopback() {
+        return None;
+    }
+    let local: IpAddr = match ip {
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    };
+    Some(SocketAddr::new(local, 0))
+}
+
 /// Whether `/admin/` refuses `peer`: off loopback, without `allow_remote_admin`.
 fn remote_refused(peer: SocketAddr, allow_remote: bool) -> bool {
     !allow_remote && !peer.ip().to_canonical().is_loopback()
@@ -164,10 +180,11 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// Serves admin connections on `listener` until `shutdown`; then removes
-/// `admin.addr`, so commands run after the relay stops work offline.
+/// Serves admin connections on `listener` and its loopback twin, if any, until
+/// `shutdown`; then removes `admin.addr`, so commands run after the relay stops work
+/// offline.
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    (listener, twin): (tokio::net::TcpListener, Option<tokio::net::TcpListener>),
     admin: Arc<Admin>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -184,7 +201,7 @@ pub(crate) async fn serve(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener, twin.as_ref()) => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "admin accept failed");
@@ -214,6 +231,20 @@ pub(crate) async fn serve(
     conns.abort_all();
     upkeep.abort();
     let _ = std::fs::remove_file(admin.data_dir.join(super::token::ADDR_FILE));
+}
+
+/// The next connection on either listener.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    twin: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match twin {
+        None => listener.accept().await,
+        Some(twin) => tokio::select! {
+            a = listener.accept() => a,
+            a = twin.accept() => a,
+        },
+    }
 }
 
 /// Sets the state gauges and drains histogram samples every `every`, so a relay
@@ -507,11 +538,20 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let stores = admin.services.stores().clone();
+    // The relay's own disk reserve, kept on the destination too (often the same
+    // file system).
+    let reserve = admin
+        .running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .budget
+        .min_free_disk_bytes;
     let began = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
         // Not cancelled: a relay that stops meanwhile is killed at worst, which
         // leaves only the partial directory beside `to.dir`.
-        let done = backup_new(&stores, &to.dir, &std::sync::atomic::AtomicBool::new(false));
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let done = backup_new(&stores, &to.dir, &never, reserve);
         drop(running);
         if let Err(BackupError::Failed(e)) = &done {
             // The reason names paths (blob ids among them): it goes to the caller only.
@@ -540,6 +580,10 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         Ok(Err(BackupError::Refused(why))) => {
             json(StatusCode::CONFLICT, &serde_json::json!({ "error": why }))
         }
+        Ok(Err(e @ BackupError::NoSpace { .. })) => json(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
         Ok(Err(e)) => json(
             StatusCode::INTERNAL_SERVER_ERROR,
             &serde_json::json!({ "error": e.to_string() }),
@@ -776,6 +820,25 @@ mod tests {
         assert!(BackupRunning::start(&flag).is_none(), "a second at once");
         drop(first);
         assert!(BackupRunning::start(&flag).is_some(), "after the first");
+    }
+
+    #[test]
+    fn a_listener_off_loopback_gets_a_loopback_twin_for_the_local_commands() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        for local in ["127.0.0.1:9090", "127.0.0.2:0", "[::1]:9090", "[::ffff:127.0.0.1]:1"] {
+            assert_eq!(local_twin(at(local)), None, "{local}");
+        }
+        for (bound, twin) in [
+            ("0.0.0.0:9090", "127.0.0.1:0"),
+            ("192.0.2.7:9090", "127.0.0.1:0"),
+            ("[::]:9090", "[::1]:0"),
+            ("[2001:db8::1]:9090", "[::1]:0"),
+            ("[::ffff:10.0.0.1]:9090", "127.0.0.1:0"),
+        ] {
+            assert_eq!(local_twin(at(bound)), Some(at(twin)), "{bound}");
+            // What the twin answers is answered to the commands run beside it.
+            assert!(!remote_refused(at(twin), false), "{bound}");
+        }
     }
 
     #[test]
