@@ -825,7 +825,12 @@ mod tests {
     #[test]
     fn a_listener_off_loopback_gets_a_loopback_twin_for_the_local_commands() {
         let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
-        for local in ["127.0.0.1:9090", "127.0.0.2:0", "[::1]:9090", "[::ffff:127.0.0.1]:1"] {
+        for local in [
+            "127.0.0.1:9090",
+            "127.0.0.2:0",
+            "[::1]:9090",
+            "[::ffff:127.0.0.1]:1",
+        ] {
             assert_eq!(local_twin(at(local)), None, "{local}");
         }
         for (bound, twin) in [

@@ -467,6 +467,63 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_the_destination_has_no_room_for_is_refused_naming_both_figures() {
+        let (data, out, _lock, stores) = relay_dir();
+        let dest = out.path().join("b");
+        let free = crate::store::disk_sample(out.path()).expect("statvfs").free;
+        let needed = needed_at(data.path(), out.path()).expect("measure");
+        assert!(needed > 0, "the database and the keys take room");
+        // A reserve that leaves no room for it, whatever else writes meanwhile.
+        let refused = backup_new(&stores, &dest, &AtomicBool::new(false), free);
+        let Err(BackupError::NoSpace {
+            needed: said,
+            available,
+            reserve,
+        }) = refused
+        else {
+            panic!("not refused for room: {refused:?}");
+        };
+        assert!(
+            said > 0 && available > 0 && reserve == free,
+            "{said} {available}"
+        );
+        let message = BackupError::NoSpace {
+            needed: said,
+            available,
+            reserve,
+        }
+        .to_string();
+        assert!(
+            message.contains(&said.to_string()) && message.contains(&available.to_string()),
+            "{message}"
+        );
+        assert!(!dest.exists());
+        assert!(leftovers(out.path()).is_empty());
+        // With the reserve met, it goes ahead.
+        backup_new(&stores, &dest, &AtomicBool::new(false), 0).expect("backup");
+    }
+
+    #[test]
+    fn blob_files_a_backup_links_need_no_room() {
+        let (data, out, _lock, _stores) = relay_dir();
+        // Measured first: the database only grows meanwhile.
+        let needed = needed_at(data.path(), out.path()).expect("measure");
+        let blobs = used(&data.path().join("blobs")).expect("blobs");
+        assert!(blobs > 0);
+        let all = used(data.path()).expect("all");
+        let same_fs = {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &Path| std::fs::metadata(p).expect("meta").dev();
+            dev(data.path()) == dev(out.path())
+        };
+        if same_fs {
+            assert!(needed <= all - blobs, "{needed} > {all} - {blobs}");
+        } else {
+            assert!(needed >= blobs, "{needed} < {blobs}");
+        }
+    }
+
+    #[test]
     fn a_destination_that_exists_is_refused_and_left_alone() {
         let (_data, out, _lock, stores) = relay_dir();
         let dest = out.path().join("b");

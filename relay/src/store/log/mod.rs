@@ -80,7 +80,7 @@ struct Shared {
     /// While a backup copies a segment without `copying` held: that segment's id
     /// and the spans written over in it since (see `snapshot.rs`). Noted under
     /// `copying` held shared, so a backup that takes it alone sees every one.
-    overwritten: Mutex<Option<(u64, Vec<(u64, u64)>)>>,
+    overwritten: Mutex<Option<(u64, Vec<Span>)>>,
     /// The next segment, zero-filled ahead of time (see [`Shared::prepare_spare`]).
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
@@ -92,6 +92,9 @@ struct Shared {
     /// every later flush fails too (nothing more is acknowledged as durable).
     failed: Mutex<Option<String>>,
 }
+
+/// Bytes of a segment: offset and length.
+type Span = (u64, u64);
 
 #[derive(Debug)]
 struct Segment {
@@ -582,7 +585,7 @@ impl Shared {
 
     /// Notes spans of `segment` just written over, if a backup is copying it (call
     /// with `copying` held shared).
-    fn note_overwritten(&self, segment: u64, spans: impl Iterator<Item = (u64, u64)>) {
+    fn note_overwritten(&self, segment: u64, spans: impl Iterator<Item = Span>) {
         if let Some((id, noted)) = lock(&self.overwritten).as_mut() {
             if *id == segment {
                 noted.extend(spans);

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use super::files::{segment_path, sync_dir};
 use super::pinned::sidecar_path;
-use super::{io, lock, LogStore, Segment, Shared};
+use super::{io, lock, LogStore, Segment, Shared, Span};
 use crate::store::StoreResult;
 
 /// Bytes read at a time.
@@ -63,7 +63,14 @@ impl LogStore {
             all
         };
         for (segment, limit) in &segments {
-            copy_segment(shared, segment, *limit, &segment_path(dest, segment.id), chunk, between)?;
+            copy_segment(
+                shared,
+                segment,
+                *limit,
+                &segment_path(dest, segment.id),
+                chunk,
+                between,
+            )?;
             let pinned = sidecar_path(&shared.dir, segment.id);
             if pinned.exists() {
                 std::fs::copy(&pinned, sidecar_path(dest, segment.id))
@@ -151,7 +158,7 @@ fn copy_bytes(
 
 /// Copies the spans of `segment` below `len` written over during the copy into
 /// `out` again, zeros included (the copy may hold what was there before).
-fn patch(segment: &Segment, out: &File, len: u64, spans: &[(u64, u64)]) -> StoreResult<()> {
+fn patch(segment: &Segment, out: &File, len: u64, spans: &[Span]) -> StoreResult<()> {
     let mut buf = Vec::new();
     for &(offset, span) in spans {
         let end = offset.saturating_add(span).min(len);
