@@ -819,7 +819,7 @@ async fn bind_admin(
         if allow_remote {
             warn!("the admin listener is not on a loopback address and admin.allow_remote_admin is on: the admin token crosses the network in clear text");
         } else {
-            info!("the admin listener is not on a loopback address: its admin commands answer only loopback peers (metrics and health answer all)");
+            info!("the admin listener is not on a loopback address: its admin commands answer only loopback peers (metrics and health answer all); tern-relay admin uses a second listener on loopback, named in admin.addr");
         }
     }
     Ok(listener)

@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::files::{segment_path, sync_dir};
+use super::holes::erase;
 use super::pinned::sidecar_path;
 use super::{io, lock, LogStore, Segment, Shared, Span};
 use crate::store::StoreResult;
@@ -157,7 +158,7 @@ fn copy_bytes(
 }
 
 /// Copies the spans of `segment` below `len` written over during the copy into
-/// `out` again, zeros included (the copy may hold what was there before).
+/// `out` again, zeros included (as holes: the copy may hold what was there before).
 fn patch(segment: &Segment, out: &File, len: u64, spans: &[Span]) -> StoreResult<()> {
     let mut buf = Vec::new();
     for &(offset, span) in spans {
@@ -166,11 +167,18 @@ fn patch(segment: &Segment, out: &File, len: u64, spans: &[Span]) -> StoreResult
         while at < end {
             let n = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
             buf.resize(n, 0);
-            segment
-                .file
-                .read_exact_at(&mut buf, at)
-                .and_then(|()| out.write_all_at(&buf, at))
-                .map_err(|e| io("copying a span written over during the backup", e))?;
+            let failed = |e| io("copying a span written over during the backup", e);
+            segment.file.read_exact_at(&mut buf, at).map_err(failed)?;
+            // A scrubbed span reads as zeros: a hole in the copy too.
+            for (i, block) in buf.chunks(HOLE).enumerate() {
+                let offset = at + (i * HOLE) as u64;
+                if block.iter().any(|&b| b != 0) {
+                    out.write_all_at(block, offset)
+                } else {
+                    erase(out, offset, block.len() as u64)
+                }
+                .map_err(failed)?;
+            }
             at += n as u64;
         }
     }
