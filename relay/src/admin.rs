@@ -104,7 +104,8 @@ pub(crate) fn being_deleted(services: &Services, account: &AccountId) -> Result<
 }
 
 /// `tern-relay admin backup` on a stopped relay's data directory (the stores opened
-/// as a relay opens them, under its lock): see [`crate::store::backup::backup_new`].
+/// as a relay opens them, under its lock): see [`crate::store::backup::backup_new`],
+/// keeping `[budget] min_free_disk_bytes` free on the destination.
 /// Refused before anything is opened for a relay on PostgreSQL, and for a data
 /// directory in another format than this binary's (opening it would migrate it in
 /// place, or fail).
@@ -143,7 +144,10 @@ pub fn backup(
         }
     }
     let stores = crate::server::open_stores_locked(config, &SystemClock)?;
-    Ok(crate::store::backup::backup_new(&stores, dest, cancel)?)
+    let reserve = config.budget.min_free_disk_bytes;
+    Ok(crate::store::backup::backup_new(
+        &stores, dest, cancel, reserve,
+    )?)
 }
 
 /// `tern-relay admin list-devices` on a stopped relay's data directory.

@@ -439,7 +439,9 @@ impl Relay {
             None => None,
             Some(at) => {
                 let auto = matches!(config.admin.listen, crate::config::AdminListen::Auto);
-                Some(bind_admin(at, auto, config.admin.allow_remote_admin).await?)
+                let listener = bind_admin(at, auto, config.admin.allow_remote_admin).await?;
+                let local = bind_local_twin(&listener).await?;
+                Some((listener, local))
             }
         };
 
@@ -573,7 +575,7 @@ impl Relay {
         // task is spawned, so a failed start leaves nothing running.
         let admin = match admin_listener {
             None => None,
-            Some(listener) => {
+            Some((listener, local)) => {
                 let state = Arc::new(crate::admin::server::Admin::new(
                     services.clone(),
                     deletion.clone(),
@@ -582,8 +584,9 @@ impl Relay {
                     metrics,
                     certificates.clone(),
                 ));
-                let bound = write_admin_files(&listener, &state)?;
-                Some((listener, bound, state))
+                let bound = listener.local_addr()?;
+                write_admin_files(local.as_ref().unwrap_or(&listener), &state)?;
+                Some(((listener, local), bound, state))
             }
         };
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -678,9 +681,9 @@ impl Relay {
         if config.push.enabled {
             tasks.extend(push.start(services.mailboxes.active(), shutdown.subscribe()));
         }
-        let admin = admin.map(|(listener, bound, state)| {
+        let admin = admin.map(|(listeners, bound, state)| {
             tasks.push(tokio::spawn(crate::admin::server::serve(
-                listener,
+                listeners,
                 state.clone(),
                 shutdown.subscribe(),
             )));
@@ -827,19 +830,46 @@ async fn bind_admin(
         if allow_remote {
             warn!("the admin listener is not on a loopback address and admin.allow_remote_admin is on: the admin token crosses the network in clear text");
         } else {
-            info!("the admin listener is not on a loopback address: its admin commands answer only loopback peers (metrics and health answer all)");
+            info!("the admin listener is not on a loopback address: its admin commands answer only loopback peers (metrics and health answer all); tern-relay admin uses a second listener on loopback, named in admin.addr");
         }
     }
     Ok(listener)
 }
 
-/// Writes the token, then the bound address (both 0600), to the data directory:
-/// `tern-relay admin` finds the address only once the listener listens and its
-/// token is in place. The bound address.
+/// For an admin listener off loopback, a second one on loopback (port 0) serving
+/// the same requests: the one `admin.addr` names, since `/admin/` answers only
+/// loopback peers and the local `tern-relay admin` must reach it (ARCHITECTURE.md
+/// §12a). The configured address's family first, the other if that fails (a
+/// host without IPv6).
+async fn bind_local_twin(
+    listener: &tokio::net::TcpListener,
+) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(first) = crate::admin::server::local_twin(listener.local_addr()?) else {
+        return Ok(None);
+    };
+    let other = match first.ip() {
+        std::net::IpAddr::V4(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    let second = SocketAddr::new(other, 0);
+    match tokio::net::TcpListener::bind(first).await {
+        Ok(l) => Ok(Some(l)),
+        Err(_) => match tokio::net::TcpListener::bind(second).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => Err(Error::Config(format!(
+                "the admin listener's loopback twin ({first} or {second}): {e}"
+            ))),
+        },
+    }
+}
+
+/// Writes the token, then the address of `listener` (both 0600), to the data
+/// directory: `tern-relay admin` finds the address only once the listener listens
+/// and its token is in place.
 fn write_admin_files(
     listener: &tokio::net::TcpListener,
     admin: &crate::admin::server::Admin,
-) -> Result<SocketAddr> {
+) -> Result<()> {
     use crate::admin::token::{write_private, ADDR_FILE};
     let bound = listener.local_addr()?;
     admin.token.write(&admin.data_dir)?;
@@ -847,7 +877,7 @@ fn write_admin_files(
         &admin.data_dir.join(ADDR_FILE),
         bound.to_string().as_bytes(),
     )?;
-    Ok(bound)
+    Ok(())
 }
 
 /// The shared database's name for the TLS certificate's fingerprint.

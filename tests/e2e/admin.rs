@@ -527,3 +527,98 @@ fn an_admin_address_that_cannot_be_bound_stops_the_start_with_nothing_written() 
     assert!(!data.join("admin.token").exists());
     drop(held);
 }
+
+/// Kills the relay process it holds when dropped (a failed assertion included).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// This host's address on its default route (a UDP socket's connect sends nothing):
+/// not a loopback one.
+fn non_loopback_address() -> std::net::IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+    // TEST-NET-1: only the route to it is looked up.
+    let routed = socket
+        .connect("192.0.2.1:9")
+        .and_then(|()| socket.local_addr());
+    match routed {
+        Ok(a) if !a.ip().is_loopback() && !a.ip().is_unspecified() => a.ip(),
+        other => panic!(
+            "this test needs a non-loopback IPv4 address with a default route on the host \
+             (an admin listener off loopback is what it tests): {other:?}"
+        ),
+    }
+}
+
+#[test]
+fn an_admin_listener_off_loopback_leaves_the_local_commands_a_loopback_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("relay");
+    // As for a Prometheus on another host: the host's own address, port 0.
+    let at = std::net::SocketAddr::new(non_loopback_address(), 0).to_string();
+    let mut child = Killed(
+        Command::new(relay_binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", &at])
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    );
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some(at) = line.strip_prefix("tern-relay admin listening on http://") {
+                let _ = tx.send(at.to_owned());
+            }
+        }
+    });
+    let main = rx
+        .recv_timeout(crate::support::STEP)
+        .expect("the admin listener's address");
+    let local: std::net::SocketAddr = std::fs::read_to_string(data.join("admin.addr"))
+        .expect("admin.addr")
+        .trim()
+        .parse()
+        .expect("an address");
+    assert!(local.ip().is_loopback(), "admin.addr names {local}");
+    // The command line finds the relay through admin.addr and is answered.
+    let stats = ok(&admin(&["stats", "--json"], &data, &[]));
+    assert!(stats.contains("tern_uptime_seconds"), "{stats}");
+    // Both listeners serve metrics and health; the admin commands answer only on
+    // loopback (a peer at the host's own address is not a loopback one).
+    let token = std::fs::read_to_string(data.join("admin.token")).expect("token");
+    let token = token.trim();
+    for at in [local.to_string(), main.clone()] {
+        assert_eq!(http(&at, "GET", "/healthz", None).0, 200, "{at}");
+        assert!(scrape(&at).contains("tern_uptime_seconds"), "{at}");
+    }
+    let stats = |at: &str| http(at, "GET", "/admin/stats", Some(token)).0;
+    assert_eq!(stats(&local.to_string()), 200);
+    assert_eq!(stats(&main), 403);
+    // Stopped as an operator stops it: admin.addr goes with it.
+    let pid = child.0.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let deadline = std::time::Instant::now() + crate::support::STEP;
+    while child.0.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay did not stop"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(!data.join("admin.addr").exists());
+}

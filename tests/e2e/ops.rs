@@ -498,3 +498,78 @@ async fn a_stopped_relay_is_backed_up_from_its_data_directory() {
     assert!(relay.log_text().contains("removed the admin.addr"));
     relay.stop().unwrap();
 }
+
+/// The names beside `dest` of backups left part way.
+fn partials(parent: &Path) -> Vec<String> {
+    std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial-"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_fills_the_disk_fails_cleanly_and_one_without_room_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults");
+    std::fs::write(&faults, "backup_write=enospc").unwrap();
+    let plan = format!("file:{}", faults.display());
+    let live = dir.path().join("live");
+    let relay =
+        RelayProcess::start_with_env(&live, "127.0.0.1:0", &[], &[("TERN_FAULTS", &plan)]).unwrap();
+    let alice = register(&relay.address).await;
+    let mut bob = register(&relay.address).await;
+    within(alice.conn.send(&bob.address, (0..3).map(envelope)))
+        .await
+        .unwrap();
+    // The disk fills up under the backup: it fails, and leaves nothing.
+    let dest = dir.path().join("backup");
+    let out = backup_command(&dest, &live);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("no space"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(!dest.exists());
+    assert!(
+        partials(dir.path()).is_empty(),
+        "{:?}",
+        partials(dir.path())
+    );
+    // The relay serves on: what was queued is delivered, and a send goes through.
+    for _ in 0..3 {
+        bob.next_delivery().await;
+    }
+    within(alice.conn.send(&bob.address, [envelope(3)]))
+        .await
+        .unwrap();
+    bob.next_delivery().await;
+    // With room again, the next backup is written.
+    std::fs::write(&faults, "").unwrap();
+    let out = backup_command(&dest, &live);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(dest.join(tern_relay::store::version::FILE).exists());
+    drop((alice, bob));
+
+    // A destination without room for the data directory and the reserve: refused
+    // before anything is written, naming both figures.
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        "[budget]\nmin_free_disk_bytes = 9223372036854775807\n",
+    )
+    .unwrap();
+    let full = dir.path().join("full");
+    let _full = RelayProcess::start(&full, &["--config", config.to_str().unwrap()]).unwrap();
+    let dest = dir.path().join("no-room");
+    let out = backup_command(&dest, &full);
+    assert!(!out.status.success());
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("needs about") && said.contains("bytes free"),
+        "{said}"
+    );
+    assert!(!dest.exists());
+    assert!(partials(dir.path()).is_empty());
+}

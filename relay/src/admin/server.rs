@@ -106,31 +106,70 @@ impl Admin {
     }
 }
 
-/// A value computed at most once per `fresh_for`, by one caller at a time: callers
-/// meanwhile wait for it and take it.
+/// A value computed at most once per `fresh_for`, by one computation at a time:
+/// callers meanwhile wait for it and take it. The computation runs as a task of its
+/// own, so a caller that leaves (a dropped `/readyz` request) neither cancels it nor
+/// lets the next caller start a second one beside it; its value is kept for them.
 pub(crate) struct Fresh<T> {
-    last: tokio::sync::Mutex<Option<(Instant, T)>>,
+    state: Arc<Mutex<FreshState<T>>>,
     fresh_for: Duration,
 }
 
-impl<T: Clone> Fresh<T> {
+/// The computation under way, shared by its callers (`None`: it panicked).
+type Running<T> = futures::future::Shared<futures::future::BoxFuture<'static, Option<T>>>;
+
+struct FreshState<T> {
+    last: Option<(Instant, T)>,
+    running: Option<Running<T>>,
+}
+
+impl<T: Clone + Send + Sync + 'static> Fresh<T> {
     pub(crate) fn new(fresh_for: Duration) -> Self {
         Fresh {
-            last: tokio::sync::Mutex::new(None),
+            state: Arc::new(Mutex::new(FreshState {
+                last: None,
+                running: None,
+            })),
             fresh_for,
         }
     }
 
-    /// The last value if still fresh, else `compute`'s (kept).
-    pub(crate) async fn get(&self, compute: impl Future<Output = T>) -> T {
-        let mut last = self.last.lock().await;
-        if let Some((at, value)) = &*last {
-            if at.elapsed() < self.fresh_for {
-                return value.clone();
+    /// The last value if still fresh, else that of the computation under way, else
+    /// `compute`'s, spawned (and kept when done); `None` if the computation panicked.
+    pub(crate) async fn get(&self, compute: impl Future<Output = T> + Send + 'static) -> Option<T> {
+        use futures::FutureExt;
+        let running = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, value)) = &state.last {
+                if at.elapsed() < self.fresh_for {
+                    return Some(value.clone());
+                }
+            }
+            match &state.running {
+                Some(r) => r.clone(),
+                None => {
+                    let kept = self.state.clone();
+                    let task = tokio::spawn(async move {
+                        let value = compute.await;
+                        let mut state = kept.lock().unwrap_or_else(|e| e.into_inner());
+                        state.last = Some((Instant::now(), value.clone()));
+                        state.running = None;
+                        value
+                    });
+                    let shared = async move { task.await.ok() }.boxed().shared();
+                    state.running = Some(shared.clone());
+                    shared
+                }
+            }
+        };
+        let value = running.clone().await;
+        if value.is_none() {
+            // Panicked: the next caller starts a new one.
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if state.running.as_ref().is_some_and(|r| r.ptr_eq(&running)) {
+                state.running = None;
             }
         }
-        let value = compute.await;
-        *last = Some((Instant::now(), value.clone()));
         value
     }
 }
@@ -153,6 +192,22 @@ impl Drop for BackupRunning {
     }
 }
 
+/// Where the loopback twin of an admin listener bound at `bound` listens: none for
+/// one on loopback; else loopback of the same family, port 0 (`admin.addr` names
+/// it, so the local `tern-relay admin` reaches `/admin/` as a loopback peer).
+pub(crate) fn local_twin(bound: SocketAddr) -> Option<SocketAddr> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    let ip = bound.ip().to_canonical();
+    if ip.is_loopback() {
+        return None;
+    }
+    let local: IpAddr = match ip {
+        IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+    };
+    Some(SocketAddr::new(local, 0))
+}
+
 /// Whether `/admin/` refuses `peer`: off loopback, without `allow_remote_admin`.
 fn remote_refused(peer: SocketAddr, allow_remote: bool) -> bool {
     !allow_remote && !peer.ip().to_canonical().is_loopback()
@@ -164,10 +219,11 @@ impl std::fmt::Debug for Admin {
     }
 }
 
-/// Serves admin connections on `listener` until `shutdown`; then removes
-/// `admin.addr`, so commands run after the relay stops work offline.
+/// Serves admin connections on `listener` and its loopback twin, if any, until
+/// `shutdown`; then removes `admin.addr`, so commands run after the relay stops work
+/// offline.
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    (listener, twin): (tokio::net::TcpListener, Option<tokio::net::TcpListener>),
     admin: Arc<Admin>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -184,7 +240,7 @@ pub(crate) async fn serve(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = listener.accept() => match accepted {
+            accepted = accept(&listener, twin.as_ref()) => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "admin accept failed");
@@ -214,6 +270,20 @@ pub(crate) async fn serve(
     conns.abort_all();
     upkeep.abort();
     let _ = std::fs::remove_file(admin.data_dir.join(super::token::ADDR_FILE));
+}
+
+/// The next connection on either listener.
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    twin: Option<&tokio::net::TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match twin {
+        None => listener.accept().await,
+        Some(twin) => tokio::select! {
+            a = listener.accept() => a,
+            a = twin.accept() => a,
+        },
+    }
 }
 
 /// Sets the state gauges and drains histogram samples every `every`, so a relay
@@ -367,7 +437,8 @@ async fn ready(admin: &Arc<Admin>) -> Response<Body> {
             "not ready: free disk space is at the reserve\n",
         );
     }
-    match admin.readiness.get(probe(admin)).await {
+    let answer = admin.readiness.get(probe(admin.clone())).await;
+    match answer.unwrap_or_else(|| Err("the probe failed".into())) {
         Ok(()) => text(StatusCode::OK, "ready\n"),
         Err(why) => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -376,7 +447,7 @@ async fn ready(admin: &Arc<Admin>) -> Response<Body> {
     }
 }
 
-async fn probe(admin: &Arc<Admin>) -> std::result::Result<(), String> {
+async fn probe(admin: Arc<Admin>) -> std::result::Result<(), String> {
     let (services, dir) = (admin.services.clone(), admin.data_dir.clone());
     let probe = tokio::task::spawn_blocking(move || -> std::result::Result<(), String> {
         services
@@ -507,11 +578,20 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         );
     };
     let stores = admin.services.stores().clone();
+    // The relay's own disk reserve, kept on the destination too (often the same
+    // file system).
+    let reserve = admin
+        .running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .budget
+        .min_free_disk_bytes;
     let began = Instant::now();
     let done = tokio::task::spawn_blocking(move || {
         // Not cancelled: a relay that stops meanwhile is killed at worst, which
         // leaves only the partial directory beside `to.dir`.
-        let done = backup_new(&stores, &to.dir, &std::sync::atomic::AtomicBool::new(false));
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let done = backup_new(&stores, &to.dir, &never, reserve);
         drop(running);
         if let Err(BackupError::Failed(e)) = &done {
             // The reason names paths (blob ids among them): it goes to the caller only.
@@ -540,6 +620,10 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         Ok(Err(BackupError::Refused(why))) => {
             json(StatusCode::CONFLICT, &serde_json::json!({ "error": why }))
         }
+        Ok(Err(e @ BackupError::NoSpace { .. })) => json(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &serde_json::json!({ "error": e.to_string() }),
+        ),
         Ok(Err(e)) => json(
             StatusCode::INTERNAL_SERVER_ERROR,
             &serde_json::json!({ "error": e.to_string() }),
@@ -697,11 +781,50 @@ mod tests {
             })
             .collect();
         for c in callers {
-            assert_eq!(c.await.expect("caller"), 1);
+            assert_eq!(c.await.expect("caller"), Some(1));
         }
         assert_eq!(computed.load(Ordering::SeqCst), 1, "one probe at a time");
         tokio::time::sleep(Duration::from_millis(350)).await;
-        assert_eq!(fresh.get(compute(computed.clone())).await, 2);
+        assert_eq!(fresh.get(compute(computed.clone())).await, Some(2));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_leaves_neither_cancels_the_computation_nor_starts_a_second() {
+        let fresh = Fresh::new(Duration::from_secs(60));
+        let computed = Arc::new(AtomicU64::new(0));
+        let (open, gate) = tokio::sync::oneshot::channel::<()>();
+        let first = {
+            let computed = computed.clone();
+            async move {
+                let _ = gate.await;
+                computed.fetch_add(1, Ordering::SeqCst) + 1
+            }
+        };
+        // Polled once (the computation starts), then dropped: a request that left.
+        tokio::select! {
+            biased;
+            _ = fresh.get(first) => panic!("computed before the gate opened"),
+            () = std::future::ready(()) => {}
+        }
+        open.send(()).expect("the computation still waits");
+        let second = {
+            let computed = computed.clone();
+            async move { computed.fetch_add(100, Ordering::SeqCst) + 100 }
+        };
+        assert_eq!(fresh.get(second).await, Some(1), "the first one's value");
+        assert_eq!(
+            computed.load(Ordering::SeqCst),
+            1,
+            "one computation, run to its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_computation_that_panics_lets_the_next_caller_start_another() {
+        let fresh = Fresh::new(Duration::from_secs(60));
+        let panicked = fresh.get(async { panic!("a probe that panics") }).await;
+        assert_eq!(panicked, None::<u8>);
+        assert_eq!(fresh.get(async { 7 }).await, Some(7));
     }
 
     #[test]
@@ -776,6 +899,30 @@ mod tests {
         assert!(BackupRunning::start(&flag).is_none(), "a second at once");
         drop(first);
         assert!(BackupRunning::start(&flag).is_some(), "after the first");
+    }
+
+    #[test]
+    fn a_listener_off_loopback_gets_a_loopback_twin_for_the_local_commands() {
+        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        for local in [
+            "127.0.0.1:9090",
+            "127.0.0.2:0",
+            "[::1]:9090",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert_eq!(local_twin(at(local)), None, "{local}");
+        }
+        for (bound, twin) in [
+            ("0.0.0.0:9090", "127.0.0.1:0"),
+            ("192.0.2.7:9090", "127.0.0.1:0"),
+            ("[::]:9090", "[::1]:0"),
+            ("[2001:db8::1]:9090", "[::1]:0"),
+            ("[::ffff:10.0.0.1]:9090", "127.0.0.1:0"),
+        ] {
+            assert_eq!(local_twin(at(bound)), Some(at(twin)), "{bound}");
+            // What the twin answers is answered to the commands run beside it.
+            assert!(!remote_refused(at(twin), false), "{bound}");
+        }
     }
 
     #[test]

@@ -100,7 +100,9 @@ fn backup(embedded: &Embedded, dest: &Path, cancel: &AtomicBool) -> StoreResult<
     for name in FILES {
         let src = from.join(name);
         if src.exists() {
-            std::fs::copy(&src, dest.join(name)).map_err(|e| io("copying", &src, &e))?;
+            super::fault::check(super::fault::Site::BackupWrite)
+                .and_then(|()| std::fs::copy(&src, dest.join(name)))
+                .map_err(|e| io("copying", &src, &e))?;
         }
     }
     check()?;
@@ -142,6 +144,20 @@ pub enum BackupError {
     /// Refused before anything was written: the destination, or the stores.
     #[error("backup refused: {0}")]
     Refused(String),
+    /// Refused before anything was written: the destination's file system has less
+    /// free space than the backup needs and the reserve it must keep.
+    #[error(
+        "backup refused: it needs about {needed} bytes, and keeping the reserve of \
+         {reserve} bytes free, the destination's file system has {available} bytes free"
+    )]
+    NoSpace {
+        /// What the backup would write (an estimate from the data directory's files).
+        needed: u64,
+        /// Free bytes on the destination's file system.
+        available: u64,
+        /// Bytes to be left free there (`[budget] min_free_disk_bytes`).
+        reserve: u64,
+    },
     /// Failed part way; what was written is removed.
     #[error("backup failed: {0}")]
     Failed(#[from] StoreError),
@@ -171,11 +187,15 @@ impl Drop for Partial {
 /// synced, and renamed to `dest` only once complete, so nothing incomplete is ever
 /// at `dest` (a killed backup leaves at most the partial directory, which no one
 /// takes for a backup); a backup that fails, is cancelled through `cancel` or
-/// panics removes it. Blocking: call it from a blocking thread.
+/// panics removes it. It is refused ([`BackupError::NoSpace`]) when the destination's
+/// file system has less free space than the backup needs plus `reserve` bytes; a
+/// disk that fills up all the same (ENOSPC) fails it, partial directory removed.
+/// Blocking: call it from a blocking thread.
 pub fn backup_new(
     stores: &Stores,
     dest: &Path,
     cancel: &AtomicBool,
+    reserve: u64,
 ) -> Result<BackedUp, BackupError> {
     let refused = |why: String| Err(BackupError::Refused(why));
     let Some(embedded) = &stores.embedded else {
@@ -210,6 +230,18 @@ pub fn backup_new(
             "{} exists: a backup goes into a new directory",
             dest.display()
         ));
+    }
+    let needed = needed_at(&embedded.data_dir, &parent)
+        .map_err(|e| BackupError::Refused(format!("measuring the data directory: {e}")))?;
+    let available = super::disk_sample(&parent)
+        .map_err(|e| BackupError::Refused(format!("{}: {e}", parent.display())))?
+        .free;
+    if needed.saturating_add(reserve) > available {
+        return Err(BackupError::NoSpace {
+            needed,
+            available,
+            reserve,
+        });
     }
     let mut partial_name = name.to_os_string();
     partial_name.push(format!(".partial-{}", std::process::id()));
@@ -250,6 +282,47 @@ pub fn backup_new(
     Ok(done)
 }
 
+/// The bytes a backup of `data_dir` into a directory in `parent` writes, about: the
+/// disk space the files it copies take (a sparse log segment's holes stay holes), the
+/// blob files only when they cannot be hard-linked (another file system).
+fn needed_at(data_dir: &Path, parent: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dest_dev = std::fs::metadata(parent)?.dev();
+    let mut needed = 0u64;
+    for name in FILES {
+        needed = needed.saturating_add(used(&data_dir.join(name))?);
+    }
+    for dir in ["db", "mailboxes", "uploads", "discovery", "blobs"] {
+        let path = data_dir.join(dir);
+        match std::fs::metadata(&path) {
+            Ok(m) if dir == "blobs" && m.dev() == dest_dev => continue,
+            Ok(_) => needed = needed.saturating_add(used(&path)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(needed)
+}
+
+/// The disk space the files under `path` take (a file's length when smaller than
+/// its blocks); nothing for what vanished meanwhile.
+fn used(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if !meta.is_dir() {
+        return Ok(meta.len().min(meta.blocks().saturating_mul(512)));
+    }
+    let mut total = 0u64;
+    for entry in std::fs::read_dir(path)? {
+        total = total.saturating_add(used(&entry?.path())?);
+    }
+    Ok(total)
+}
+
 /// Copies the files under `from` into `to`, stopping once `cancel` is set (hard links when `link` and the file
 /// system allows). A file that vanished meanwhile (an expired blob) is skipped.
 /// Returns the files written and how many of them are links.
@@ -279,7 +352,9 @@ fn copy_tree(from: &Path, to: &Path, link: bool, cancel: &AtomicBool) -> StoreRe
         }
         let linked = link && std::fs::hard_link(&src, &dst).is_ok();
         if !linked {
-            match std::fs::copy(&src, &dst) {
+            match super::fault::check(super::fault::Site::BackupWrite)
+                .and_then(|()| std::fs::copy(&src, &dst))
+            {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(io("copying", &src, &e)),
@@ -362,7 +437,7 @@ mod tests {
         let (_data, out, _lock, stores) = relay_dir();
         let dest = out.path().join("b");
         // Under the usual umask (022) sled's files would be 0644.
-        let done = backup_new(&stores, &dest, &AtomicBool::new(false)).expect("backup");
+        let done = backup_new(&stores, &dest, &AtomicBool::new(false), 0).expect("backup");
         assert_eq!(done.blobs, 1);
         assert_eq!(
             crate::store::version::read(&dest).expect("version"),
@@ -381,7 +456,7 @@ mod tests {
     fn a_cancelled_backup_leaves_nothing_at_its_name_nor_beside_it() {
         let (_data, out, _lock, stores) = relay_dir();
         let dest = out.path().join("b");
-        let failed = backup_new(&stores, &dest, &AtomicBool::new(true));
+        let failed = backup_new(&stores, &dest, &AtomicBool::new(true), 0);
         assert!(matches!(failed, Err(BackupError::Failed(_))), "{failed:?}");
         assert!(!dest.exists(), "a partial backup at its name");
         assert!(
@@ -392,11 +467,68 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_the_destination_has_no_room_for_is_refused_naming_both_figures() {
+        let (data, out, _lock, stores) = relay_dir();
+        let dest = out.path().join("b");
+        let free = crate::store::disk_sample(out.path()).expect("statvfs").free;
+        let needed = needed_at(data.path(), out.path()).expect("measure");
+        assert!(needed > 0, "the database and the keys take room");
+        // A reserve that leaves no room for it, whatever else writes meanwhile.
+        let refused = backup_new(&stores, &dest, &AtomicBool::new(false), free);
+        let Err(BackupError::NoSpace {
+            needed: said,
+            available,
+            reserve,
+        }) = refused
+        else {
+            panic!("not refused for room: {refused:?}");
+        };
+        assert!(
+            said > 0 && available > 0 && reserve == free,
+            "{said} {available}"
+        );
+        let message = BackupError::NoSpace {
+            needed: said,
+            available,
+            reserve,
+        }
+        .to_string();
+        assert!(
+            message.contains(&said.to_string()) && message.contains(&available.to_string()),
+            "{message}"
+        );
+        assert!(!dest.exists());
+        assert!(leftovers(out.path()).is_empty());
+        // With the reserve met, it goes ahead.
+        backup_new(&stores, &dest, &AtomicBool::new(false), 0).expect("backup");
+    }
+
+    #[test]
+    fn blob_files_a_backup_links_need_no_room() {
+        let (data, out, _lock, _stores) = relay_dir();
+        // Measured first: the database only grows meanwhile.
+        let needed = needed_at(data.path(), out.path()).expect("measure");
+        let blobs = used(&data.path().join("blobs")).expect("blobs");
+        assert!(blobs > 0);
+        let all = used(data.path()).expect("all");
+        let same_fs = {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &Path| std::fs::metadata(p).expect("meta").dev();
+            dev(data.path()) == dev(out.path())
+        };
+        if same_fs {
+            assert!(needed <= all - blobs, "{needed} > {all} - {blobs}");
+        } else {
+            assert!(needed >= blobs, "{needed} < {blobs}");
+        }
+    }
+
+    #[test]
     fn a_destination_that_exists_is_refused_and_left_alone() {
         let (_data, out, _lock, stores) = relay_dir();
         let dest = out.path().join("b");
         std::fs::create_dir(&dest).expect("mkdir");
-        let refused = backup_new(&stores, &dest, &AtomicBool::new(false));
+        let refused = backup_new(&stores, &dest, &AtomicBool::new(false), 0);
         assert!(
             matches!(refused, Err(BackupError::Refused(_))),
             "{refused:?}"

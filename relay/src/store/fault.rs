@@ -15,7 +15,8 @@
 //! at that site (counted from the start of the process) succeed, later ones fail.
 //! Sites: `log_append` (the mailbox log's append), `blob_write` (an upload's bytes),
 //! `account_deletion` (between an account deletion's first and second removal),
-//! `mailbox_read` (a delivery reading the mailbox: a database that fails a read).
+//! `mailbox_read` (a delivery reading the mailbox: a database that fails a read),
+//! `backup_write` (a backup writing a mailbox log segment or a file of its own).
 //! Example: `TERN_FAULTS=log_append=enospc@after:100,blob_write=enospc`.
 
 use std::io;
@@ -32,6 +33,8 @@ pub(crate) enum Site {
     AccountDeletion,
     /// A delivery reading the device's mailbox (`Mailboxes::pull`).
     MailboxRead,
+    /// A backup writing into its directory (`store::backup`).
+    BackupWrite,
 }
 
 /// The environment variable that holds the plan.
@@ -86,7 +89,8 @@ mod enabled {
     use super::{Site, VAR};
 
     /// Writes seen per site, for `@after:n`.
-    static CALLS: [AtomicU64; 4] = [
+    static CALLS: [AtomicU64; 5] = [
+        AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
@@ -99,13 +103,14 @@ mod enabled {
             Site::BlobWrite => 1,
             Site::AccountDeletion => 2,
             Site::MailboxRead => 3,
+            Site::BackupWrite => 4,
         }
     }
 
     /// A parsed plan: for each site, `Some(n)` fails every write after the first `n`.
     #[derive(Debug, Default, PartialEq, Eq)]
     pub(super) struct Plan {
-        after: [Option<u64>; 4],
+        after: [Option<u64>; 5],
     }
 
     impl Plan {
@@ -120,6 +125,7 @@ mod enabled {
                     "blob_write" => Site::BlobWrite,
                     "account_deletion" => Site::AccountDeletion,
                     "mailbox_read" => Site::MailboxRead,
+                    "backup_write" => Site::BackupWrite,
                     other => return Err(format!("{VAR}: unknown site {other:?}")),
                 };
                 let (kind, after) = match rest.split_once('@') {

@@ -77,6 +77,10 @@ struct Shared {
     /// Writes over existing records (dead headers, scrubs) hold it shared; a backup
     /// holds it alone while it copies a segment, so no copy holds a torn record.
     copying: std::sync::RwLock<()>,
+    /// While a backup copies a segment without `copying` held: that segment's id
+    /// and the spans written over in it since (see `snapshot.rs`). Noted under
+    /// `copying` held shared, so a backup that takes it alone sees every one.
+    overwritten: Mutex<Option<(u64, Vec<Span>)>>,
     /// The next segment, zero-filled ahead of time (see [`Shared::prepare_spare`]).
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
@@ -88,6 +92,9 @@ struct Shared {
     /// every later flush fails too (nothing more is acknowledged as durable).
     failed: Mutex<Option<String>>,
 }
+
+/// Bytes of a segment: offset and length.
+type Span = (u64, u64);
 
 #[derive(Debug)]
 struct Segment {
@@ -404,6 +411,7 @@ impl LogStore {
             index: Mutex::new(index),
             flushing: Mutex::new(()),
             copying: std::sync::RwLock::new(()),
+            overwritten: Mutex::new(None),
             spare: Mutex::new(None),
             unlinked: AtomicBool::new(deleted),
             ack_dirty: Mutex::new(Vec::new()),
@@ -575,6 +583,16 @@ impl Shared {
         Ok(())
     }
 
+    /// Notes spans of `segment` just written over, if a backup is copying it (call
+    /// with `copying` held shared).
+    fn note_overwritten(&self, segment: u64, spans: impl Iterator<Item = Span>) {
+        if let Some((id, noted)) = lock(&self.overwritten).as_mut() {
+            if *id == segment {
+                noted.extend(spans);
+            }
+        }
+    }
+
     /// After a failed fsync every later flush fails (see `Shared::failed`).
     fn fail(&self, e: &StoreError) {
         *lock(&self.failed) = Some(format!("an earlier fsync failed: {e}"));
@@ -677,6 +695,7 @@ impl Shared {
                         .map_err(|e| (e, false))
                 })
                 .and_then(|()| sync(file));
+            self.note_overwritten(segment.id, merged.iter().map(|d| (d.offset, d.len)));
             drop(copying);
             if let Err((e, latch)) = scrubbed {
                 // Queued again (scrubbing a span twice is harmless); the other

@@ -146,6 +146,14 @@ impl Shared {
             }
             written += 1;
         }
+        // All of them (a failed write may have reached part of its header): a span
+        // noted needlessly is only copied again.
+        for t in &taken {
+            if let Some(segment) = &t.segment {
+                let span = (t.loc.offset, u64::from(t.loc.len));
+                self.note_overwritten(segment.id, std::iter::once(span));
+            }
+        }
         drop(copying);
         {
             let mut ack_dirty = lock(&self.ack_dirty);

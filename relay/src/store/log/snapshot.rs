@@ -4,20 +4,26 @@
 //! Under the writer's lock the copy notes every segment and the active segment's
 //! length: every append acknowledged before then lies below that length, and
 //! appends after it land past it (or in later segments), which the copy leaves out.
-//! Each segment is then copied with [`Shared::copying`] held alone, so no dead header
-//! or scrub is half in the copy: each record in it is whole, live or dead, as a scan
-//! at open expects. A removal that runs during the backup may or may not be in the
-//! copy (its message may be delivered again from a restored copy; clients drop
-//! duplicates by message id). Blocks of zeros (scrubbed holes) are left as holes.
+//! Below that length a segment changes only where dead headers and scrubs write over
+//! records, and those hold [`Shared::copying`] shared and note what they wrote while
+//! a segment is being copied ([`Shared::overwritten`]). So each segment is copied
+//! without the lock, and then, with it held alone, only the spans written over
+//! meanwhile are copied again: the copy is then the segment as it stands at that
+//! moment, each record whole, live or dead, as a scan at open expects. Acks wait for
+//! that short patch, never for a whole segment's copy. A removal that runs during
+//! the backup may or may not be in the copy (its message may be delivered again from
+//! a restored copy; clients drop duplicates by message id). Blocks of zeros
+//! (scrubbed holes) are left as holes.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::files::{segment_path, sync_dir};
+use super::holes::erase;
 use super::pinned::sidecar_path;
-use super::{io, lock, LogStore, Segment};
+use super::{io, lock, LogStore, Segment, Shared, Span};
 use crate::store::StoreResult;
 
 /// Bytes read at a time.
@@ -30,6 +36,17 @@ impl LogStore {
     /// appended before this call, with what was removed before it marked dead.
     /// Returns the segments copied.
     pub fn snapshot_into(&self, dest: &Path) -> StoreResult<usize> {
+        self.snapshot_with(dest, CHUNK, &mut |_, _| {})
+    }
+
+    /// [`LogStore::snapshot_into`], reading `chunk` bytes at a time and calling
+    /// `between(segment, copied)` after each chunk (tests pause the copy there).
+    pub(super) fn snapshot_with(
+        &self,
+        dest: &Path,
+        chunk: usize,
+        between: &mut dyn FnMut(u64, u64),
+    ) -> StoreResult<usize> {
         let shared = &*self.shared;
         std::fs::create_dir_all(dest).map_err(|e| io("creating the backup directory", e))?;
         let segments: Vec<(Arc<Segment>, Option<u64>)> = {
@@ -47,9 +64,14 @@ impl LogStore {
             all
         };
         for (segment, limit) in &segments {
-            let copying = shared.copying.write().unwrap_or_else(|e| e.into_inner());
-            copy_segment(segment, *limit, &segment_path(dest, segment.id))?;
-            drop(copying);
+            copy_segment(
+                shared,
+                segment,
+                *limit,
+                &segment_path(dest, segment.id),
+                chunk,
+                between,
+            )?;
             let pinned = sidecar_path(&shared.dir, segment.id);
             if pinned.exists() {
                 std::fs::copy(&pinned, sidecar_path(dest, segment.id))
@@ -62,8 +84,44 @@ impl LogStore {
 }
 
 /// Copies `segment` up to `limit` (its whole length if `None`) into a new file at
-/// `to`, fsynced.
-fn copy_segment(segment: &Segment, limit: Option<u64>, to: &Path) -> StoreResult<()> {
+/// `to`, fsynced: the bytes without [`Shared::copying`], then what was written over
+/// meanwhile again with it held alone (see the module docs).
+fn copy_segment(
+    shared: &Shared,
+    segment: &Segment,
+    limit: Option<u64>,
+    to: &Path,
+    chunk: usize,
+    between: &mut dyn FnMut(u64, u64),
+) -> StoreResult<()> {
+    let exclusive = || shared.copying.write().unwrap_or_else(|e| e.into_inner());
+    {
+        // No write over the segment is under way once this is held: every later
+        // one is noted.
+        let _alone = exclusive();
+        *lock(&shared.overwritten) = Some((segment.id, Vec::new()));
+    }
+    let copied = copy_bytes(segment, limit, to, chunk.max(1), between);
+    let alone = exclusive();
+    let noted = lock(&shared.overwritten).take();
+    let (out, len) = copied?;
+    let spans = noted.map(|(_, spans)| spans).unwrap_or_default();
+    patch(segment, &out, len, &spans)?;
+    drop(alone);
+    out.set_len(len)
+        .and_then(|()| out.sync_all())
+        .map_err(|e| io("writing a backup segment", e))
+}
+
+/// The segment's bytes up to `limit` (or its length) into a new file at `to`, zero
+/// blocks left as holes; the file and the length copied.
+fn copy_bytes(
+    segment: &Segment,
+    limit: Option<u64>,
+    to: &Path,
+    chunk: usize,
+    between: &mut dyn FnMut(u64, u64),
+) -> StoreResult<(File, u64)> {
     let len = match limit {
         Some(l) => l,
         None => segment
@@ -77,10 +135,10 @@ fn copy_segment(segment: &Segment, limit: Option<u64>, to: &Path) -> StoreResult
         .create_new(true)
         .open(to)
         .map_err(|e| io("creating a backup segment", e))?;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; chunk];
     let mut at = 0u64;
     while at < len {
-        let n = usize::try_from((len - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+        let n = usize::try_from((len - at).min(chunk as u64)).unwrap_or(chunk);
         let chunk = &mut buf[..n];
         segment
             .file
@@ -88,15 +146,43 @@ fn copy_segment(segment: &Segment, limit: Option<u64>, to: &Path) -> StoreResult
             .map_err(|e| io("reading a segment for a backup", e))?;
         for (i, block) in chunk.chunks(HOLE).enumerate() {
             if block.iter().any(|&b| b != 0) {
-                out.write_all_at(block, at + (i * HOLE) as u64)
+                crate::store::fault::check(crate::store::fault::Site::BackupWrite)
+                    .and_then(|()| out.write_all_at(block, at + (i * HOLE) as u64))
                     .map_err(|e| io("writing a backup segment", e))?;
             }
         }
         at += n as u64;
+        between(segment.id, at);
     }
-    out.set_len(len)
-        .and_then(|()| out.sync_all())
-        .map_err(|e| io("writing a backup segment", e))
+    Ok((out, len))
+}
+
+/// Copies the spans of `segment` below `len` written over during the copy into
+/// `out` again, zeros included (as holes: the copy may hold what was there before).
+fn patch(segment: &Segment, out: &File, len: u64, spans: &[Span]) -> StoreResult<()> {
+    let mut buf = Vec::new();
+    for &(offset, span) in spans {
+        let end = offset.saturating_add(span).min(len);
+        let mut at = offset;
+        while at < end {
+            let n = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+            buf.resize(n, 0);
+            let failed = |e| io("copying a span written over during the backup", e);
+            segment.file.read_exact_at(&mut buf, at).map_err(failed)?;
+            // A scrubbed span reads as zeros: a hole in the copy too.
+            for (i, block) in buf.chunks(HOLE).enumerate() {
+                let offset = at + (i * HOLE) as u64;
+                if block.iter().any(|&b| b != 0) {
+                    out.write_all_at(block, offset)
+                } else {
+                    erase(out, offset, block.len() as u64)
+                }
+                .map_err(failed)?;
+            }
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -139,5 +225,72 @@ mod tests {
             .append(&addr(1, 1), &[msg(100, 10)], 1, u64::MAX / 2)
             .expect("append");
         assert!(fresh[0] > kept[39], "seqs go on above the copy's");
+    }
+
+    /// How long a step may take before the test calls it stuck.
+    const STUCK: std::time::Duration = std::time::Duration::from_secs(30);
+
+    /// Pauses a copy after its first chunk and, meanwhile, acks messages whose
+    /// records straddle the copied and the uncopied part, scrubs them (one dead span
+    /// over them all, the inner headers erased) and sends: all of that returns while
+    /// the copy waits, and the copy opens with exactly what was queued when it
+    /// finished, each record whole.
+    #[test]
+    fn acks_scrubs_and_sends_go_on_while_a_segment_is_copied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = || LogOptions {
+            background: false,
+            ..LogOptions::default()
+        };
+        let log = LogStore::open(&dir.path().join("log"), options()).expect("open");
+        let mut kept = Vec::new();
+        for i in 0..64u8 {
+            kept.extend(
+                log.append(&addr(1, 1), &[msg(i, 1000)], 1, u64::MAX / 2)
+                    .expect("append"),
+            );
+        }
+        assert_eq!(log.segments(), 1, "one segment, copied in many chunks");
+        let copy = dir.path().join("copy");
+        let (paused_tx, paused) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let (log_ref, copy_ref) = (&log, &copy);
+        std::thread::scope(|s| {
+            let copier = s.spawn(move || {
+                let (log, copy) = (log_ref, copy_ref);
+                let mut first = true;
+                log.snapshot_with(copy, 16 << 10, &mut |_, _| {
+                    if std::mem::take(&mut first) {
+                        paused_tx.send(()).expect("paused");
+                        go_rx.recv_timeout(STUCK).expect("go on");
+                    }
+                })
+            });
+            paused.recv_timeout(STUCK).expect("the copy pauses");
+            let (log, kept) = (&log, &kept);
+            s.spawn(move || {
+                // Records 5..30 run from the first 16 KiB chunk into the rest.
+                log.remove(&addr(1, 1), &kept[5..30]).expect("ack");
+                log.scrub().expect("scrub");
+                let sent = log
+                    .append(&addr(1, 1), &[msg(200, 100)], 1, u64::MAX / 2)
+                    .expect("send");
+                done_tx.send(sent).expect("done");
+            });
+            let sent = done
+                .recv_timeout(STUCK)
+                .expect("an ack, a scrub and a send while the copy waits");
+            assert!(sent[0] > kept[63]);
+            go.send(()).expect("go");
+            assert_eq!(copier.join().expect("copier").expect("snapshot"), 1);
+        });
+        drop(log);
+        let restored = LogStore::open(&copy, options()).expect("open the copy");
+        let got = restored.read(&addr(1, 1), 0, 1000).expect("read");
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        let want: Vec<u64> = kept[..5].iter().chain(&kept[30..]).copied().collect();
+        assert_eq!(seqs, want, "the acks in, the later send out");
+        assert!(got.iter().all(|m| m.payload.len() >= 1000), "whole records");
     }
 }
