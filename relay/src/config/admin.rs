@@ -14,7 +14,9 @@ use crate::error::{Error, Result};
 pub struct AdminConfig {
     /// Where it listens (TCP): `"auto"` (the default: 127.0.0.1, on the relay's
     /// port + 1, so 7444 beside 7443, and any free port when the relay's is 0),
-    /// an address, or `""`/`"off"` for no listener.
+    /// an address, or `""`/`"off"` for no listener. An address off loopback (for a
+    /// Prometheus elsewhere) gets a second listener on loopback, any free port, which
+    /// `admin.addr` names for the local `tern-relay admin` commands.
     #[schemars(with = "String")]
     pub listen: AdminListen,
     /// Whether the admin commands (`/admin/...`) answer peers that are not on
