@@ -1,8 +1,9 @@
-//! The generated bindings (tern-ffi through uniffi-bindgen): Python clients through
-//! a real relay process, and the Kotlin and Swift sources the documented command
-//! produces. The library is the cdylib cargo builds for this package's dependency
-//! on tern-ffi; uniffi-bindgen is this package's `uniffi-bindgen-e2e` (the same
-//! `uniffi_bindgen_main` as tern-ffi's `uniffi-bindgen`), so no nested cargo runs.
+//! The generated bindings (tern-ffi through uniffi-bindgen): Python clients, and
+//! Kotlin clients compiled with kotlinc and run on the JVM, through a real relay
+//! process; and the Swift sources the documented command produces. The library is
+//! the cdylib cargo builds for this package's dependency on tern-ffi; uniffi-bindgen
+//! is this package's `uniffi-bindgen-e2e` (the same `uniffi_bindgen_main` as
+//! tern-ffi's `uniffi-bindgen`), so no nested cargo runs.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
