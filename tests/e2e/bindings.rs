@@ -173,6 +173,8 @@ fn the_documented_command_generates_kotlin_and_swift_sources() {
         "interface TransferProgress",
         "sealed class TernException",
         "class WrongStorageKey",
+        // ffi/bindgen.toml: `message` would clash with Throwable.message
+        "val `relayMessage`: kotlin.String",
     ] {
         assert!(kotlin.contains(api), "the Kotlin source lacks {api:?}");
     }
