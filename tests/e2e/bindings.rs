@@ -1,11 +1,13 @@
-//! The generated bindings (tern-ffi through uniffi-bindgen): Python clients through
-//! a real relay process, and the Kotlin and Swift sources the documented command
-//! produces. The library is the cdylib cargo builds for this package's dependency
-//! on tern-ffi; uniffi-bindgen is this package's `uniffi-bindgen-e2e` (the same
-//! `uniffi_bindgen_main` as tern-ffi's `uniffi-bindgen`), so no nested cargo runs.
+//! The generated bindings (tern-ffi through uniffi-bindgen): Python clients, and
+//! Kotlin clients compiled with kotlinc and run on the JVM, through a real relay
+//! process; and the Swift sources the documented command produces. The library is
+//! the cdylib cargo builds for this package's dependency on tern-ffi; uniffi-bindgen
+//! is this package's `uniffi-bindgen-e2e` (the same `uniffi_bindgen_main` as
+//! tern-ffi's `uniffi-bindgen`), so no nested cargo runs.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::RelayProcess;
@@ -71,6 +73,42 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// Runs `command` to its end or for `limit` at most (then it and its children are
+/// killed), its output in files beside `log` (a pipe could fill and stall it).
+fn run_bounded(command: &mut Command, limit: Duration, log: &Path) -> Output {
+    let (out_path, err_path) = (log.with_extension("out"), log.with_extension("err"));
+    let file =
+        |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(file(&out_path))
+        .stderr(file(&err_path))
+        // Its own process group, so a timeout ends what it started too (kotlinc is a
+        // shell script that starts java).
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {command:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = Command::new("kill")
+                .args(["-KILL", &format!("-{}", child.id())])
+                .status();
+            break child.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let read_bytes = |p: &Path| std::fs::read(p).unwrap_or_default();
+    Output {
+        status,
+        stdout: read_bytes(&out_path),
+        stderr: read_bytes(&err_path),
+    }
+}
+
 /// Python 3 (`$TERN_PYTHON`, else `python3` on PATH); only the standard library.
 fn python() -> String {
     let python = std::env::var("TERN_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -96,26 +134,17 @@ fn python_clients_exchange_messages_and_an_attachment_through_a_relay_process() 
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).expect("work dir");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/bindings/two_clients.py");
-    let mut child = Command::new(python)
-        // No __pycache__ beside the script in the source tree.
-        .arg("-B")
-        .arg(script)
-        .arg(&out)
-        .arg(relay.address.to_string())
-        .arg(&work)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("python output");
+    let output = run_bounded(
+        Command::new(python)
+            // No __pycache__ beside the script in the source tree.
+            .arg("-B")
+            .arg(script)
+            .arg(&out)
+            .arg(relay.address.to_string())
+            .arg(&work),
+        Duration::from_secs(120),
+        &dir.path().join("python"),
+    );
     let (stdout, stderr) = (
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr),
@@ -144,6 +173,8 @@ fn the_documented_command_generates_kotlin_and_swift_sources() {
         "interface TransferProgress",
         "sealed class TernException",
         "class WrongStorageKey",
+        // ffi/bindgen.toml: `message` would clash with Throwable.message
+        "val `relayMessage`: kotlin.String",
     ] {
         assert!(kotlin.contains(api), "the Kotlin source lacks {api:?}");
     }
@@ -170,4 +201,128 @@ fn the_documented_command_generates_kotlin_and_swift_sources() {
         "the Swift module map"
     );
     assert!(out.join("tern.py").exists(), "the Python module too");
+}
+
+/// Where `.ci/setup` installs the Kotlin compiler (npm's `kotlin-compiler`).
+fn kotlinc_cache() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")?;
+    Some(PathBuf::from(home).join(".cache/tern-kotlin/node_modules/kotlin-compiler/bin/kotlinc"))
+}
+
+/// A Kotlin compiler (`$TERN_KOTLINC`, else `kotlinc` on PATH, else where `.ci/setup`
+/// puts it), JNA, kotlinx-coroutines and atomicfu (Debian's jars) and `java`.
+struct Kotlin {
+    kotlinc: PathBuf,
+    jars: Vec<PathBuf>,
+}
+
+fn kotlin() -> Kotlin {
+    let runs = |program: &Path, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        runs(Path::new("java"), "-version"),
+        "the Kotlin bindings test needs Java 11 or later: install Debian's \
+         openjdk-17-jdk-headless (.ci/setup does)"
+    );
+    let kotlinc = [
+        std::env::var_os("TERN_KOTLINC").map(PathBuf::from),
+        Some(PathBuf::from("kotlinc")),
+        kotlinc_cache(),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|k| runs(k, "-version"))
+    .unwrap_or_else(|| {
+        panic!(
+            "the Kotlin bindings test needs a Kotlin compiler (1.9 or later): run .ci/setup \
+             (npm install --prefix ~/.cache/tern-kotlin kotlin-compiler@2.4.20), or set \
+             TERN_KOTLINC"
+        )
+    });
+    // (coroutines 1.0.1 needs atomicfu at run time)
+    let jars: Vec<PathBuf> = ["jna.jar", "kotlinx-coroutines-core.jar", "atomicfu.jar"]
+        .iter()
+        .map(|jar| Path::new("/usr/share/java").join(jar))
+        .collect();
+    for jar in &jars {
+        assert!(
+            jar.exists(),
+            "the Kotlin bindings test needs {}: install Debian's libjna-java, \
+             libkotlinx-coroutines-java and libkotlinx-atomicfu-java (.ci/setup does)",
+            jar.display()
+        );
+    }
+    Kotlin { kotlinc, jars }
+}
+
+fn classpath(entries: &[PathBuf]) -> String {
+    let paths: Vec<String> = entries.iter().map(|p| p.display().to_string()).collect();
+    paths.join(":")
+}
+
+#[test]
+fn the_generated_kotlin_compiles_and_two_kotlin_clients_talk_through_a_relay_process() {
+    let kotlin = kotlin();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bindings");
+    generate(&out);
+    // One compile (kotlinc takes about a minute): the generated source, the program and
+    // the coroutines marker Debian's 1.0.1 lacks, with the Kotlin runtime in the jar.
+    let sources = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/bindings");
+    let app = dir.path().join("two_clients.jar");
+    let compiled = run_bounded(
+        Command::new(&kotlin.kotlinc)
+            .arg(out.join("uniffi/tern/tern.kt"))
+            .arg(Path::new(sources).join("TwoClients.kt"))
+            .arg(Path::new(sources).join("DelicateCoroutinesApi.kt"))
+            .arg("-nowarn")
+            .args(["-cp", &classpath(&kotlin.jars)])
+            .arg("-include-runtime")
+            .arg("-d")
+            .arg(&app),
+        Duration::from_secs(300),
+        &dir.path().join("kotlinc"),
+    );
+    assert!(
+        compiled.status.success(),
+        "kotlinc failed ({}):\n{}{}",
+        compiled.status,
+        String::from_utf8_lossy(&compiled.stdout),
+        String::from_utf8_lossy(&compiled.stderr)
+    );
+
+    let library = cdylib();
+    let relay = RelayProcess::start(&dir.path().join("relay"), &[]).expect("relay");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).expect("work dir");
+    let mut classes = vec![app];
+    classes.extend(kotlin.jars);
+    let output = run_bounded(
+        Command::new("java")
+            .arg(format!(
+                "-Djna.library.path={}",
+                library.parent().expect("library dir").display()
+            ))
+            .args(["-cp", &classpath(&classes), "TwoClientsKt"])
+            .arg(relay.address.to_string())
+            .arg(&work),
+        Duration::from_secs(120),
+        &dir.path().join("java"),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(
+        output.status.success() && stdout.trim_end().ends_with("ok"),
+        "the Kotlin clients failed ({}):\n{stdout}\n{stderr}\nrelay log:\n{}",
+        output.status,
+        relay.log_text()
+    );
 }
