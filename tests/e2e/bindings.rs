@@ -94,9 +94,11 @@ fn run_bounded(command: &mut Command, limit: Duration, log: &Path) -> Output {
             break status;
         }
         if Instant::now() > deadline {
-            let _ = Command::new("kill")
-                .args(["-KILL", &format!("-{}", child.id())])
-                .status();
+            // kill(2) on the child's own group (never `kill -KILL -<pid>`: Debian 12's
+            // procps reads that as a signal number and can hit `kill(-1)`).
+            let group = rustix::process::Pid::from_child(&child);
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            let _ = child.kill();
             break child.wait().expect("wait");
         }
         std::thread::sleep(Duration::from_millis(50));

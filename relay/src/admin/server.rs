@@ -225,11 +225,35 @@ impl std::fmt::Debug for Admin {
 pub(crate) async fn serve(
     (listener, twin): (tokio::net::TcpListener, Option<tokio::net::TcpListener>),
     admin: Arc<Admin>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let upkeep = tokio::spawn(upkeep_loop(admin.clone(), UPKEEP, shutdown.clone()));
+    // Each listener has its own connections: peers off loopback holding every slot of
+    // the configured listener cannot lock the local commands out of the twin.
+    let main = accept_loop(listener, MAX_CONNECTIONS, &admin, shutdown.clone());
+    match twin {
+        Some(twin) => {
+            let local = accept_loop(twin, TWIN_CONNECTIONS, &admin, shutdown);
+            tokio::join!(main, local);
+        }
+        None => main.await,
+    }
+    upkeep.abort();
+    let _ = std::fs::remove_file(admin.data_dir.join(super::token::ADDR_FILE));
+}
+
+/// Connections the loopback twin serves at once (the local commands).
+const TWIN_CONNECTIONS: usize = 4;
+
+/// Serves `listener`, at most `max` connections at once, until `shutdown`.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    max: usize,
+    admin: &Arc<Admin>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(max));
     let mut conns = tokio::task::JoinSet::new();
-    let upkeep = tokio::spawn(upkeep_loop(admin.clone(), UPKEEP, shutdown.clone()));
     loop {
         let permit = tokio::select! {
             _ = shutdown.changed() => break,
@@ -240,7 +264,7 @@ pub(crate) async fn serve(
         };
         let (stream, peer) = tokio::select! {
             _ = shutdown.changed() => break,
-            accepted = accept(&listener, twin.as_ref()) => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     debug!(error = %e, "admin accept failed");
@@ -268,22 +292,6 @@ pub(crate) async fn serve(
         while conns.try_join_next().is_some() {}
     }
     conns.abort_all();
-    upkeep.abort();
-    let _ = std::fs::remove_file(admin.data_dir.join(super::token::ADDR_FILE));
-}
-
-/// The next connection on either listener.
-async fn accept(
-    listener: &tokio::net::TcpListener,
-    twin: Option<&tokio::net::TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match twin {
-        None => listener.accept().await,
-        Some(twin) => tokio::select! {
-            a = listener.accept() => a,
-            a = twin.accept() => a,
-        },
-    }
 }
 
 /// Sets the state gauges and drains histogram samples every `every`, so a relay

@@ -101,6 +101,14 @@ fn copy_segment(
         let _alone = exclusive();
         *lock(&shared.overwritten) = Some((segment.id, Vec::new()));
     }
+    // However the copy ends (a panic included), writes stop being noted.
+    struct Noting<'a>(&'a Shared);
+    impl Drop for Noting<'_> {
+        fn drop(&mut self) {
+            lock(&self.0.overwritten).take();
+        }
+    }
+    let _noting = Noting(shared);
     let copied = copy_bytes(segment, limit, to, chunk.max(1), between);
     let alone = exclusive();
     let noted = lock(&shared.overwritten).take();
@@ -122,14 +130,13 @@ fn copy_bytes(
     chunk: usize,
     between: &mut dyn FnMut(u64, u64),
 ) -> StoreResult<(File, u64)> {
-    let len = match limit {
-        Some(l) => l,
-        None => segment
-            .file
-            .metadata()
-            .map_err(|e| io("reading a segment's length", e))?
-            .len(),
-    };
+    let on_disk = segment
+        .file
+        .metadata()
+        .map_err(|e| io("reading a segment's length", e))?
+        .len();
+    // A failed append marks its segment full without the file being that long.
+    let len = limit.map_or(on_disk, |l| l.min(on_disk));
     let out = OpenOptions::new()
         .write(true)
         .create_new(true)
