@@ -96,6 +96,21 @@ struct Shared {
 /// Bytes of a segment: offset and length.
 type Span = (u64, u64);
 
+/// Sorts `spans` and merges those that overlap or touch.
+fn merge_spans(spans: &mut Vec<Span>) {
+    spans.sort_unstable();
+    let mut out: Vec<Span> = Vec::with_capacity(spans.len());
+    for &(offset, len) in spans.iter() {
+        match out.last_mut() {
+            Some((o, l)) if offset <= o.saturating_add(*l) => {
+                *l = (*l).max(offset.saturating_add(len) - *o);
+            }
+            _ => out.push((offset, len)),
+        }
+    }
+    *spans = out;
+}
+
 #[derive(Debug)]
 struct Segment {
     id: u64,
@@ -588,7 +603,14 @@ impl Shared {
     fn note_overwritten(&self, segment: u64, spans: impl Iterator<Item = Span>) {
         if let Some((id, noted)) = lock(&self.overwritten).as_mut() {
             if *id == segment {
+                let before = noted.len();
                 noted.extend(spans);
+                // Merged each time the list reaches a power of two: memory and the
+                // patch under the lock stay within the segment's size, however many
+                // acks and scrub retries come.
+                if noted.len() >= 1024 && (before + 1).next_power_of_two() <= noted.len() {
+                    merge_spans(noted);
+                }
             }
         }
     }

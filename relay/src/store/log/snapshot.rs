@@ -113,7 +113,8 @@ fn copy_segment(
     let alone = exclusive();
     let noted = lock(&shared.overwritten).take();
     let (out, len) = copied?;
-    let spans = noted.map(|(_, spans)| spans).unwrap_or_default();
+    let mut spans = noted.map(|(_, spans)| spans).unwrap_or_default();
+    super::merge_spans(&mut spans);
     patch(segment, &out, len, &spans)?;
     drop(alone);
     out.set_len(len)
@@ -199,6 +200,13 @@ mod tests {
     use super::*;
     use crate::store::conformance::{addr, msg};
     use crate::store::{LogOptions, MailboxStore};
+
+    #[test]
+    fn spans_written_over_are_merged_where_they_overlap_or_touch() {
+        let mut spans = vec![(100, 10), (0, 5), (105, 20), (5, 5), (200, 1), (130, 0)];
+        super::super::merge_spans(&mut spans);
+        assert_eq!(spans, [(0, 10), (100, 25), (130, 0), (200, 1)]);
+    }
 
     #[test]
     fn a_snapshot_holds_what_was_appended_before_it_and_not_what_was_removed() {
