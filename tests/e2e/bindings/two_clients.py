@@ -148,6 +148,10 @@ async def main():
 
     await alice.shutdown()
     await bob.shutdown()
+    # The library's thread that woke this loop for the last call may still be in
+    # that callback (asyncio's wake-up write): CPython stops a thread that asks for
+    # the GIL once finalizing, which aborts the process (docs/mobile.md, Python).
+    await asyncio.sleep(0.2)
     print("ok")
 
 
