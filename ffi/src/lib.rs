@@ -62,13 +62,30 @@ fn path(p: &str) -> PathBuf {
 /// The runtime every call runs on. A call is awaited from the app's thread (a
 /// Kotlin coroutine's, Swift's executor, Python's event loop), but its work (opening
 /// the store, fsyncs, crypto) runs here, so no call blocks the thread it came from.
-static RUNTIME: LazyLock<std::io::Result<tokio::runtime::Runtime>> = LazyLock::new(|| {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("tern")
-        .enable_all()
-        .build()
-});
+/// `None` once [`stop_threads`] has run.
+static RUNTIME: LazyLock<std::sync::Mutex<Option<std::io::Result<tokio::runtime::Runtime>>>> =
+    LazyLock::new(|| {
+        std::sync::Mutex::new(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("tern")
+                .enable_all()
+                .build(),
+        ))
+    });
+
+/// Stops the library's threads, waiting up to a second for what they are doing; every
+/// later call fails with `Network` "stopped". For a Python program's exit
+/// (`atexit.register(tern.stop_threads)`): CPython stops a thread that asks for the
+/// GIL while it finalizes, and one of these may be in a callback into Python then
+/// (waking asyncio), which would abort the process. Shut clients down first.
+#[uniffi::export]
+pub fn stop_threads() {
+    let runtime = RUNTIME.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(Ok(runtime)) = runtime {
+        runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    }
+}
 
 /// Runs `work` on [`RUNTIME`] and waits for it there. A call the app cancels (its
 /// coroutine or task cancelled, so this future dropped) stops its work too; a panic
@@ -84,10 +101,20 @@ where
             self.0.abort();
         }
     }
-    let runtime = RUNTIME.as_ref().map_err(|e| TernError::Storage {
-        reason: format!("starting the client's threads: {e}"),
-    })?;
-    let mut task = AbortOnDrop(runtime.spawn(work));
+    let handle = match RUNTIME.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        Some(Ok(runtime)) => runtime.handle().clone(),
+        Some(Err(e)) => {
+            return Err(TernError::Storage {
+                reason: format!("starting the client's threads: {e}"),
+            })
+        }
+        None => {
+            return Err(TernError::Network {
+                reason: "stopped (stop_threads)".into(),
+            })
+        }
+    };
+    let mut task = AbortOnDrop(handle.spawn(work));
     match (&mut task.0).await {
         Ok(r) => r,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),

@@ -4,6 +4,7 @@ Run by tests/e2e/bindings.rs as: python3 two_clients.py <bindings dir> <relay> <
 Prints "ok" at the end; any failed check raises (non-zero exit).
 """
 import asyncio
+import atexit
 import os
 import sys
 
@@ -148,11 +149,12 @@ async def main():
 
     await alice.shutdown()
     await bob.shutdown()
-    # The library's thread that woke this loop for the last call may still be in
-    # that callback (asyncio's wake-up write): CPython stops a thread that asks for
-    # the GIL once finalizing, which aborts the process (docs/mobile.md, Python).
-    await asyncio.sleep(0.2)
     print("ok")
+
+
+# Before CPython finalizes: a library thread still in a callback into Python then
+# would abort the process (docs/mobile.md, Python).
+atexit.register(tern.stop_threads)
 
 
 asyncio.run(main())
