@@ -81,6 +81,8 @@ struct Shared {
     /// and the spans written over in it since (see `snapshot.rs`). Noted under
     /// `copying` held shared, so a backup that takes it alone sees every one.
     overwritten: Mutex<Option<(u64, Vec<Span>)>>,
+    /// Held for a whole snapshot: `overwritten` follows one copy at a time.
+    snapshotting: Mutex<()>,
     /// The next segment, zero-filled ahead of time (see [`Shared::prepare_spare`]).
     spare: Mutex<Option<File>>,
     /// A segment was deleted since the last flush: the directory needs an fsync.
@@ -427,6 +429,7 @@ impl LogStore {
             flushing: Mutex::new(()),
             copying: std::sync::RwLock::new(()),
             overwritten: Mutex::new(None),
+            snapshotting: Mutex::new(()),
             spare: Mutex::new(None),
             unlinked: AtomicBool::new(deleted),
             ack_dirty: Mutex::new(Vec::new()),

@@ -48,6 +48,8 @@ impl LogStore {
         between: &mut dyn FnMut(u64, u64),
     ) -> StoreResult<usize> {
         let shared = &*self.shared;
+        // One snapshot at a time (each takes the other's noting over otherwise).
+        let _one = lock(&shared.snapshotting);
         std::fs::create_dir_all(dest).map_err(|e| io("creating the backup directory", e))?;
         let segments: Vec<(Arc<Segment>, Option<u64>)> = {
             let w = lock(&shared.writer);
