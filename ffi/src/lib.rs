@@ -268,6 +268,17 @@ impl TernClient {
             })
     }
 
+    /// Runs `call` with the running client on the library's runtime (`Network`
+    /// "shut down" after [`TernClient::shutdown`]).
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
+        on_runtime(call(self.client()?)).await
+    }
+
     fn take_client(&self) -> Option<Client> {
         self.client.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
@@ -307,17 +318,16 @@ impl TernClient {
 
     /// The card (`tern-contact:…`) to give contacts, as text or a QR code.
     pub async fn contact_card(&self) -> Result<String> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.contact_card().await.to_string()) }).await
+        self.run(|client| async move { Ok(client.contact_card().await.to_string()) })
+            .await
     }
 
     /// Adds (or refreshes) a contact from its card; returns its account id.
     pub async fn add_contact(&self, card: String) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let card: ContactCard = card.parse()?;
             client.add_contact(&card).await?;
-            Ok::<_, TernError>(card.account.as_bytes().to_vec())
+            Ok(card.account.as_bytes().to_vec())
         })
         .await
     }
@@ -325,10 +335,9 @@ impl TernClient {
     /// Queues `body` for every device of account `to`; returns the message id once
     /// it is stored on this device. `Sent` or `SendFailed` follows in the events.
     pub async fn send(&self, to: Vec<u8>, body: Vec<u8>) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client.send(&account(&to)?, &body).await?;
-            Ok::<_, TernError>(id.as_bytes().to_vec())
+            Ok(id.as_bytes().to_vec())
         })
         .await
     }
@@ -340,12 +349,11 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client
                 .send_with_attachments(&account(&to)?, &body, &pointers(&attachments)?)
                 .await?;
-            Ok::<_, TernError>(id.as_bytes().to_vec())
+            Ok(id.as_bytes().to_vec())
         })
         .await
     }
@@ -357,27 +365,25 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client
                 .send_broadcast(&accounts(&contacts)?, &body, &pointers(&attachments)?)
                 .await?;
-            Ok::<_, TernError>(id.as_bytes().to_vec())
+            Ok(id.as_bytes().to_vec())
         })
         .await
     }
 
     /// The app has stored message `seq`: the device forgets it.
     pub async fn confirm(&self, seq: u64) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.confirm(seq).await?) }).await
+        self.run(|client| async move { Ok(client.confirm(seq).await?) })
+            .await
     }
 
     /// Messages waiting in the outbox.
     pub async fn outbox_len(&self) -> Result<u64> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(u64::try_from(client.outbox_len().await).unwrap_or(u64::MAX))
+        self.run(|client| async move {
+            Ok(u64::try_from(client.outbox_len().await).unwrap_or(u64::MAX))
         })
         .await
     }
@@ -392,14 +398,13 @@ impl TernClient {
         content_type: String,
         progress: Option<Arc<dyn TransferProgress>>,
     ) -> Result<Attachment> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let progress = progress_fn(progress);
             let mut pointer = client
                 .upload_attachment_with_progress(&path(&plaintext), &path(&sealed), &progress)
                 .await?;
             pointer.content_type = content_type;
-            Ok::<_, TernError>(Attachment::from(&pointer))
+            Ok(Attachment::from(&pointer))
         })
         .await
     }
@@ -412,15 +417,12 @@ impl TernClient {
         dest: String,
         progress: Option<Arc<dyn TransferProgress>>,
     ) -> Result<u64> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let progress = progress_fn(progress);
             let pointer = attachment.parse()?;
-            Ok::<_, TernError>(
-                client
-                    .download_attachment_with_progress(&pointer, &path(&dest), &progress)
-                    .await?,
-            )
+            Ok(client
+                .download_attachment_with_progress(&pointer, &path(&dest), &progress)
+                .await?)
         })
         .await
     }
@@ -433,31 +435,26 @@ impl TernClient {
         body: Vec<u8>,
         attachment: Attachment,
     ) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client
                 .forward_attachment(&account(&to)?, &body, &attachment.parse()?)
                 .await?;
-            Ok::<_, TernError>(id.as_bytes().to_vec())
+            Ok(id.as_bytes().to_vec())
         })
         .await
     }
 
     /// The safety number with `contact`; `None` for an unknown contact.
     pub async fn safety_number(&self, contact: Vec<u8>) -> Result<Option<String>> {
-        let client = self.client()?;
-        on_runtime(
-            async move { Ok::<_, TernError>(client.safety_number(&account(&contact)?).await) },
-        )
-        .await
+        self.run(|client| async move { Ok(client.safety_number(&account(&contact)?).await) })
+            .await
     }
 
     /// `contact`'s changed identity key waiting for acceptance, if any.
     pub async fn changed_identity(&self, contact: Vec<u8>) -> Result<Option<ChangedIdentity>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let changed = client.changed_identity(&account(&contact)?).await;
-            Ok::<_, TernError>(changed.map(|(key, safety_number)| ChangedIdentity {
+            Ok(changed.map(|(key, safety_number)| ChangedIdentity {
                 identity_key: key.to_vec(),
                 safety_number,
             }))
@@ -469,10 +466,9 @@ impl TernClient {
     /// held messages follow in the events. False if `identity_key` is not the
     /// change waiting.
     pub async fn accept_identity(&self, contact: Vec<u8>, identity_key: Vec<u8>) -> Result<bool> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let key = key32(&identity_key, "an identity key")?;
-            Ok::<_, TernError>(client.accept_identity(&account(&contact)?, &key).await?)
+            Ok(client.accept_identity(&account(&contact)?, &key).await?)
         })
         .await
     }
@@ -483,105 +479,88 @@ impl TernClient {
     /// without wake-ups is `Relay` "push target refused"; an endpoint that fails the
     /// UnifiedPush discovery check is "push endpoint unverified".
     pub async fn set_push_target(&self, target: PushTarget) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.set_push_target(target.into()).await?) })
+        self.run(|client| async move { Ok(client.set_push_target(target.into()).await?) })
             .await
     }
 
     /// Stops wake-ups for this device (say when the user signs out).
     pub async fn clear_push_target(&self) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.clear_push_target().await?) }).await
+        self.run(|client| async move { Ok(client.clear_push_target().await?) })
+            .await
     }
 
     /// The wake-up target this device registered, if any.
     pub async fn push_target(&self) -> Result<Option<PushTarget>> {
-        let client = self.client()?;
-        on_runtime(
-            async move { Ok::<_, TernError>(client.push_target().await?.map(PushTarget::from)) },
-        )
-        .await
+        self.run(|client| async move { Ok(client.push_target().await?.map(PushTarget::from)) })
+            .await
     }
 
     /// Replaces the account's delivery token (primary only), say after blocking someone.
     pub async fn rotate_delivery_token(&self) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.rotate_delivery_token().await?) }).await
+        self.run(|client| async move { Ok(client.rotate_delivery_token().await?) })
+            .await
     }
 
     /// Links the device that showed `link` (primary only); returns its device id.
     pub async fn link_device(&self, link: String) -> Result<u32> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.link_device(&link).await?.id.get()) })
+        self.run(|client| async move { Ok(client.link_device(&link).await?.id.get()) })
             .await
     }
 
     /// This account's devices.
     pub async fn devices(&self) -> Result<Vec<Device>> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .devices()
-                    .await?
-                    .into_iter()
-                    .map(Device::from)
-                    .collect(),
-            )
+        self.run(|client| async move {
+            Ok(client
+                .devices()
+                .await?
+                .into_iter()
+                .map(Device::from)
+                .collect())
         })
         .await
     }
 
     /// Removes device `id` from this account (primary only; never device 1).
     pub async fn remove_device(&self, id: u32) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = DeviceId::new(id).ok_or_else(|| invalid("device 0 does not exist"))?;
-            Ok::<_, TernError>(client.remove_device(id).await?)
+            Ok(client.remove_device(id).await?)
         })
         .await
     }
 
     /// Creates a group with `contacts`; returns its id (32 bytes).
     pub async fn create_group(&self, name: String, contacts: Vec<Vec<u8>>) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client.create_group(&name, &accounts(&contacts)?).await?;
-            Ok::<_, TernError>(id.0.to_vec())
+            Ok(id.0.to_vec())
         })
         .await
     }
 
     /// Adds contacts to a group.
     pub async fn add_members(&self, group: Vec<u8>, contacts: Vec<Vec<u8>>) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .add_members(&group_id(&group)?, &accounts(&contacts)?)
-                    .await?,
-            )
+        self.run(|client| async move {
+            Ok(client
+                .add_members(&group_id(&group)?, &accounts(&contacts)?)
+                .await?)
         })
         .await
     }
 
     /// Removes a member from a group.
     pub async fn remove_member(&self, group: Vec<u8>, member: Vec<u8>) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .remove_member(&group_id(&group)?, &account(&member)?)
-                    .await?,
-            )
+        self.run(|client| async move {
+            Ok(client
+                .remove_member(&group_id(&group)?, &account(&member)?)
+                .await?)
         })
         .await
     }
 
     /// Leaves a group.
     pub async fn leave_group(&self, group: Vec<u8>) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.leave_group(&group_id(&group)?).await?) })
+        self.run(|client| async move { Ok(client.leave_group(&group_id(&group)?).await?) })
             .await
     }
 
@@ -592,34 +571,27 @@ impl TernClient {
         body: Vec<u8>,
         attachments: Vec<Attachment>,
     ) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = client
                 .send_group(&group_id(&group)?, &body, &pointers(&attachments)?)
                 .await?;
-            Ok::<_, TernError>(id.as_bytes().to_vec())
+            Ok(id.as_bytes().to_vec())
         })
         .await
     }
 
     /// Renames a group.
     pub async fn rename_group(&self, group: Vec<u8>, name: String) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(client.rename_group(&group_id(&group)?, &name).await?)
-        })
-        .await
+        self.run(|client| async move { Ok(client.rename_group(&group_id(&group)?, &name).await?) })
+            .await
     }
 
     /// Sets a group's description.
     pub async fn set_group_description(&self, group: Vec<u8>, description: String) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .set_group_description(&group_id(&group)?, &description)
-                    .await?,
-            )
+        self.run(|client| async move {
+            Ok(client
+                .set_group_description(&group_id(&group)?, &description)
+                .await?)
         })
         .await
     }
@@ -630,30 +602,24 @@ impl TernClient {
         group: Vec<u8>,
         picture: Option<Attachment>,
     ) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let picture = picture.as_ref().map(Attachment::parse).transpose()?;
-            Ok::<_, TernError>(
-                client
-                    .set_group_picture(&group_id(&group)?, picture.as_ref())
-                    .await?,
-            )
+            Ok(client
+                .set_group_picture(&group_id(&group)?, picture.as_ref())
+                .await?)
         })
         .await
     }
 
     /// This device's groups.
     pub async fn groups(&self) -> Result<Vec<Group>> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .groups()
-                    .await?
-                    .into_iter()
-                    .map(Group::from)
-                    .collect(),
-            )
+        self.run(|client| async move {
+            Ok(client
+                .groups()
+                .await?
+                .into_iter()
+                .map(Group::from)
+                .collect())
         })
         .await
     }
@@ -661,11 +627,8 @@ impl TernClient {
     /// Starts verifying a phone number (E.164); returns the session id for
     /// [`TernClient::confirm_verification`].
     pub async fn start_verification(&self, number: String) -> Result<Vec<u8>> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(client.start_verification(&number).await?.0.to_vec())
-        })
-        .await
+        self.run(|client| async move { Ok(client.start_verification(&number).await?.0.to_vec()) })
+            .await
     }
 
     /// Confirms a verification with the code the user received; `discoverable`
@@ -677,15 +640,14 @@ impl TernClient {
         code: String,
         discoverable: Option<bool>,
     ) -> Result<bool> {
-        let client = self.client()?;
-        on_runtime(async move {
+        self.run(|client| async move {
             let id = VerificationId(
                 session
                     .as_slice()
                     .try_into()
                     .map_err(|_| invalid("a verification session id is 16 bytes"))?,
             );
-            Ok::<_, TernError>(match discoverable {
+            Ok(match discoverable {
                 Some(choice) => client.confirm_verification_with(id, &code, choice).await?,
                 None => client.confirm_verification(id, &code).await?,
             })
@@ -700,35 +662,30 @@ impl TernClient {
         numbers: Vec<String>,
         default_region: String,
     ) -> Result<DiscoveryReport> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(client.discover(&numbers, &default_region).await?.into())
-        })
+        self.run(
+            |client| async move { Ok(client.discover(&numbers, &default_region).await?.into()) },
+        )
         .await
     }
 
     /// Sets whether this account can be found by its verified number.
     pub async fn set_discoverable(&self, discoverable: bool) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.set_discoverable(discoverable).await?) })
+        self.run(|client| async move { Ok(client.set_discoverable(discoverable).await?) })
             .await
     }
 
     /// Deletes what discovery cached on this device.
     pub async fn forget_discovery(&self) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok::<_, TernError>(client.forget_discovery().await?) }).await
+        self.run(|client| async move { Ok(client.forget_discovery().await?) })
+            .await
     }
 
     /// Writes what the relay holds about this account to a new file `dest` (JSON).
     pub async fn export_account(&self, dest: String, include_ciphertexts: bool) -> Result<u64> {
-        let client = self.client()?;
-        on_runtime(async move {
-            Ok::<_, TernError>(
-                client
-                    .export_account(&path(&dest), include_ciphertexts)
-                    .await?,
-            )
+        self.run(|client| async move {
+            Ok(client
+                .export_account(&path(&dest), include_ciphertexts)
+                .await?)
         })
         .await
     }
@@ -736,8 +693,8 @@ impl TernClient {
     /// Deletes this account on the relay for every device (primary only), then
     /// this device's store: take what the app keeps first.
     pub async fn delete_account(&self) -> Result<()> {
-        let client = self.client()?;
-        on_runtime(async move { Ok(client.delete_account().await?) }).await?;
+        self.run(|client| async move { Ok(client.delete_account().await?) })
+            .await?;
         // Deleting shut the client down; release its store now, as `shutdown` does.
         self.take_client();
         Ok(())
