@@ -716,8 +716,7 @@ impl State {
             return Ok(());
         };
         let mut batch = self.clear_pending_batch(group)?;
-        record.pending_lost(record.pending.clone().as_ref());
-        record.pending = None;
+        record.pending_lost();
         record.wait_epoch = current;
         record.stale_commits = record.stale_commits.saturating_add(1);
         self.put_group(group, record, &mut batch);
@@ -746,8 +745,7 @@ impl State {
         };
         let mut batch = self.clear_pending_batch(group)?;
         // The commit in flight always carries the head op.
-        record.pending_lost(record.pending.clone().as_ref());
-        record.pending = None;
+        record.pending_lost();
         if !record.ops.is_empty() {
             record.ops.remove(0);
         }

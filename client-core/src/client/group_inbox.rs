@@ -572,8 +572,7 @@ impl State {
                 }
                 // Another member's commit took the epoch: ours (if any) lost,
                 // and its welcome's tree with it.
-                record.pending_lost(record.pending.clone().as_ref());
-                record.pending = None;
+                record.pending_lost();
                 Self::drop_tree_upload(group, &mut batch);
                 if record.wait_epoch <= epoch {
                     record.wait_epoch = 0;

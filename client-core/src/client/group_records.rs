@@ -180,14 +180,14 @@ impl GroupRecord {
         });
     }
 
-    /// `pending` will never be answered (stale, refused, or another commit took
-    /// its epoch): the waits its lost tree set on the devices it added go, but for
-    /// those whose removal is already queued.
-    pub(crate) fn pending_lost(&mut self, pending: Option<&PendingCommitRecord>) {
-        let Some(pending) = pending.filter(|p| p.tree_lost) else {
+    /// The pending commit will never be answered (stale, refused, or another
+    /// commit took its epoch): it goes, and so do the waits its lost tree set on the
+    /// devices it added, but for those whose removal is already queued.
+    pub(crate) fn pending_lost(&mut self) {
+        let Some(pending) = self.pending.take().filter(|p| p.tree_lost) else {
             return;
         };
-        let added = super::group_commit::welcome_devices(pending);
+        let added = super::group_commit::welcome_devices(&pending);
         self.tree_lost_waits
             .retain(|w| w.queued || !added.contains(&(w.account.clone(), w.device)));
     }
