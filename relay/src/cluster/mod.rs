@@ -295,7 +295,9 @@ impl Cluster {
                         let mut claimed = Vec::new();
                         for h in hints {
                             match h {
-                                Hint::Mail(a) => self.active.wake(&a),
+                                Hint::Mail(a) => {
+                                    self.active.wake(&a);
+                                }
                                 // Only a device whose delivery this node claims can
                                 // be displaced here: the others cost no read.
                                 Hint::Claimed(a) if self.claims().contains_key(&a) => {

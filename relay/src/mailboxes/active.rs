@@ -106,15 +106,21 @@ impl ActiveMailboxes {
     }
 
     /// Wakes `addr`'s subscriber, if it has one (after a shared commit made new
-    /// messages visible, or a hint from another node).
-    pub(crate) fn wake(&self, addr: &DeviceAddress) {
+    /// messages visible, or a hint from another node); whether it had one.
+    pub(crate) fn wake(&self, addr: &DeviceAddress) -> bool {
         let state = lock(&self.devices).get(addr).cloned();
-        if let Some(state) = state {
-            if let Some(w) = lock(&state.subscriber).as_ref() {
+        let Some(state) = state else {
+            return false;
+        };
+        let woken = match lock(&state.subscriber).as_ref() {
+            Some(w) => {
                 w.notify.notify_one();
+                true
             }
-            self.release(addr, state);
-        }
+            None => false,
+        };
+        self.release(addr, state);
+        woken
     }
 
     /// Whether `addr` has a subscriber here (a connection taking its deliveries).

@@ -129,24 +129,30 @@ async fn settle<T>(
     to: &[DeviceAddress],
     sealed: bool,
 ) -> Result<()> {
-    match staged {
-        Staged::Applied(_) => commit.commit_mailboxes().await?,
+    // Visible only once the transaction committed: woken here then.
+    let wake_here = match staged {
+        Staged::Applied(_) => {
+            commit.commit_mailboxes().await?;
+            false
+        }
         pending => {
             pending.wait().await.map_err(|e| refused(e, sealed))?;
-            // Visible only now.
-            for a in to {
-                active.wake(a);
-            }
+            true
         }
-    }
-    if let Some(cluster) = cluster {
-        for a in to {
+    };
+    for a in to {
+        // The wake-up answers whether a connection here takes the device's mail
+        // (one look at the table, not two).
+        let connected = if wake_here {
+            active.wake(a)
+        } else {
+            push.is_some() && active.has_subscriber(a)
+        };
+        if let Some(cluster) = cluster {
             cluster.mail(a);
         }
-    }
-    // The delivery hook: only once durable, and never waiting (a full queue drops).
-    if let Some(push) = push {
-        for a in to.iter().filter(|a| !active.has_subscriber(a)) {
+        // The delivery hook: only once durable, and never waiting (a full queue drops).
+        if let (Some(push), false) = (push, connected) {
             push.mail(a);
         }
     }

@@ -601,20 +601,26 @@ impl Shared {
         Ok(())
     }
 
-    /// Notes spans of `segment` just written over, if a backup is copying it (call
-    /// with `copying` held shared).
-    fn note_overwritten(&self, segment: u64, spans: impl Iterator<Item = Span>) {
-        if let Some((id, noted)) = lock(&self.overwritten).as_mut() {
-            if *id == segment {
-                let before = noted.len();
-                noted.extend(spans);
-                // Merged each time the list reaches a power of two: memory and the
-                // patch under the lock stay within the segment's size, however many
-                // acks and scrub retries come.
-                if noted.len() >= 1024 && (before + 1).next_power_of_two() <= noted.len() {
-                    merge_spans(noted);
-                }
-            }
+    /// Notes spans just written over (segment id, span) of the segment a backup is
+    /// copying, if one is (call with `copying` held shared). One lock per call: an
+    /// ack notes its whole batch at once.
+    fn note_overwritten(&self, spans: impl IntoIterator<Item = (u64, Span)>) {
+        let mut overwritten = lock(&self.overwritten);
+        let Some((id, noted)) = overwritten.as_mut() else {
+            return;
+        };
+        let before = noted.len();
+        noted.extend(
+            spans
+                .into_iter()
+                .filter(|(s, _)| s == id)
+                .map(|(_, span)| span),
+        );
+        // Merged each time the list reaches a power of two: memory and the patch
+        // under the lock stay within the segment's size, however many acks and
+        // scrub retries come.
+        if noted.len() >= 1024 && (before + 1).next_power_of_two() <= noted.len() {
+            merge_spans(noted);
         }
     }
 
@@ -720,7 +726,7 @@ impl Shared {
                         .map_err(|e| (e, false))
                 })
                 .and_then(|()| sync(file));
-            self.note_overwritten(segment.id, merged.iter().map(|d| (d.offset, d.len)));
+            self.note_overwritten(merged.iter().map(|d| (segment.id, (d.offset, d.len))));
             drop(copying);
             if let Err((e, latch)) = scrubbed {
                 // Queued again (scrubbing a span twice is harmless); the other

@@ -148,12 +148,10 @@ impl Shared {
         }
         // All of them (a failed write may have reached part of its header): a span
         // noted needlessly is only copied again.
-        for t in &taken {
-            if let Some(segment) = &t.segment {
-                let span = (t.loc.offset, u64::from(t.loc.len));
-                self.note_overwritten(segment.id, std::iter::once(span));
-            }
-        }
+        self.note_overwritten(taken.iter().filter_map(|t| {
+            let segment = t.segment.as_ref()?;
+            Some((segment.id, (t.loc.offset, u64::from(t.loc.len))))
+        }));
         drop(copying);
         {
             let mut ack_dirty = lock(&self.ack_dirty);
