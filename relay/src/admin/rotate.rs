@@ -15,6 +15,7 @@ use tern_platform::clock::{Clock, SystemClock};
 use super::server::{failed, json, Admin, Body};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::media::bytes::hex;
 use crate::net::rotation::{Certificates, Source, Staged, DEFAULT_OVERLAP};
 
 /// The largest request body the route reads.
@@ -46,10 +47,6 @@ pub struct Rotated {
     pub next: String,
     /// When the staged one is served (Unix ms).
     pub switch_at_ms: u64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl From<Staged> for Rotated {

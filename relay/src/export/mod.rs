@@ -19,6 +19,7 @@ use tern_platform::clock::UnixMillis;
 use tern_proto::{AccountId, DeviceAddress};
 
 use crate::error::{Error, Result};
+use crate::media::bytes::hex;
 use crate::store::{AccountDays, Stores, DAY_MS};
 use model::{
     Charge, Discovery, EvaluationBuckets, KeyPackages, Media, Prekeys, QueueItem, RateLimits,
@@ -71,10 +72,6 @@ pub struct Exported {
     pub devices: u64,
     /// Queued messages.
     pub messages: u64,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A day as JSON: its number, or `null` when unknown.

@@ -38,6 +38,7 @@ use tracing::{info, warn};
 use super::tls::{self, write_private, CERT_FILE, KEY_FILE};
 use crate::config::TlsConfig;
 use crate::error::{Error, Result};
+use crate::media::bytes::hex;
 
 pub(crate) const NEXT_CERT_FILE: &str = "relay-cert.next.pem";
 pub(crate) const NEXT_KEY_FILE: &str = "relay-key.next.pem";
@@ -140,10 +141,6 @@ pub(crate) struct Staged {
     pub current: Fingerprint,
     /// The staged one, and when it is served.
     pub next: NextCertificate,
-}
-
-fn hex(f: &Fingerprint) -> String {
-    f.0.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
@@ -281,7 +278,7 @@ impl Certificates {
             &data_dir.join(NEXT_CERT_FILE),
             &data_dir.join(NEXT_KEY_FILE),
         )?)?;
-        if hex(&staged.fingerprint) != record.fingerprint {
+        if hex(&staged.fingerprint.0) != record.fingerprint {
             return Err(Error::Tls(format!(
                 "{NEXT_CERT_FILE} is not the certificate {ROTATION_FILE} names: \
                  run rotate-cert again with --replace, or remove both"
@@ -356,7 +353,7 @@ impl Certificates {
         // Written aside first, so a failure leaves what was staged before as it
         // was; then the old record goes, the files move in, the new record last.
         let record = Record {
-            fingerprint: hex(&staged.fingerprint),
+            fingerprint: hex(&staged.fingerprint.0),
             switch_at_ms,
         };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| Error::Tls(e.to_string()))?;

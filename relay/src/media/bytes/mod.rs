@@ -16,7 +16,8 @@ use tern_proto::AccountId;
 use super::BlobResult;
 use crate::store::BlobId;
 
-/// Bytes as lower-case hex: how blob ids name their files and objects.
+/// Bytes as lower-case hex: how blob ids name their files and objects (and how
+/// certificate fingerprints and exports show bytes).
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

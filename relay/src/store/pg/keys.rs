@@ -34,7 +34,8 @@ const FETCH: &str = "WITH k AS ( \
        RETURNING key_id, key) \
      SELECT k.identity_dh, k.signed_prekey, o.key_id, o.key FROM k LEFT JOIN o ON true";
 
-fn params(of: &DeviceAddress) -> (&[u8], i64) {
+/// A device address as its two key columns.
+pub(super) fn params(of: &DeviceAddress) -> (&[u8], i64) {
     (&of.account.as_bytes()[..], i64::from(of.device.get()))
 }
 
@@ -301,11 +302,7 @@ impl KeyPackageStore for PgBackend {
 
 impl PgBackend {
     /// Deletes one device's rows from each of `tables`, in one transaction.
-    pub(super) fn delete_device_rows(
-        &self,
-        tables: &[&str],
-        of: &DeviceAddress,
-    ) -> StoreResult<()> {
+    fn delete_device_rows(&self, tables: &[&str], of: &DeviceAddress) -> StoreResult<()> {
         let (account, device) = params(of);
         self.run(async {
             let mut client = self.client().await?;

@@ -3,6 +3,7 @@
 
 use tern_proto::{AccountId, DeviceAddress, PushTarget};
 
+use super::keys::params;
 use super::PgBackend;
 use crate::store::{PushStore, StoreError, StoreResult};
 
@@ -14,10 +15,6 @@ fn columns(t: &PushTarget) -> (i16, &str, &str) {
         PushTarget::UnifiedPush { endpoint } => (UNIFIED_PUSH, endpoint, ""),
         PushTarget::Gateway { url, device_token } => (GATEWAY, url, device_token),
     }
-}
-
-fn params(of: &DeviceAddress) -> (&[u8], i64) {
-    (&of.account.as_bytes()[..], i64::from(of.device.get()))
 }
 
 impl PushStore for PgBackend {
