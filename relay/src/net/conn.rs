@@ -1,13 +1,14 @@
 //! One client connection: a control stream carrying pipelined requests up and
 //! responses and deliveries down.
 //!
-//! Three tasks share the work. The reader decodes frames and handles each request;
-//! sends run in their own tasks (they wait for a group commit) under a per-connection
-//! cap, so a slow disk slows the reader instead of growing memory. The writer
-//! coalesces outgoing frames into few stream writes. Once authenticated, a delivery
-//! task owns the device's [`DeliveryWindow`]: it pushes on wake-ups and applies acks,
-//! and answers each ack from a task of its own once the deletion's group commit is
-//! done, so pushing never waits for an fsync.
+//! Three tasks share the work. The reader decodes frames and handles each request.
+//! The writer coalesces outgoing frames into few stream writes; it also holds the
+//! answers that wait for a group commit (sends, acks: [`Out::Later`]), under a
+//! per-connection cap, so a slow disk slows the reader instead of growing memory, and
+//! a commit wakes the writer itself rather than a task per request. Once
+//! authenticated, a delivery task owns the device's [`DeliveryWindow`]: it pushes on
+//! wake-ups and applies acks, whose answers wait in the writer for the deletion's
+//! group commit, so pushing never waits for an fsync.
 //!
 //! A connection starts [`Standing::Pending`]: a small frame limit and flow-control
 //! window, and a deadline (`connections.auth_deadline`, counted from its first
@@ -21,10 +22,14 @@
 //! be larger than the small frame limit, up to `standing::GROUP_FRAME` (about 1 MiB):
 //! a commit and its welcome to 1,000 devices.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
@@ -63,6 +68,15 @@ const OUT_QUEUE: usize = 1024;
 /// A queued outgoing frame, boxed: the queue's storage is allocated in blocks of 32
 /// entries, and every connection keeps one; small entries keep idle connections small.
 type Frame = Box<v1::ServerFrame>;
+
+/// What the writer is handed.
+enum Out {
+    /// A frame to write now.
+    Frame(Frame),
+    /// An answer that waits (for a group commit): written once it resolves, in
+    /// whatever order answers resolve (each names its request).
+    Later(Pin<Box<dyn Future<Output = Frame> + Send>>),
+}
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
 /// How long a connection closed for a protocol error lingers so the client can read
@@ -105,7 +119,7 @@ struct Session {
     prefix: AddressPrefix,
     services: Arc<Services>,
     settings: Arc<ConnSettings>,
-    out: mpsc::Sender<Frame>,
+    out: mpsc::Sender<Out>,
     requests: Arc<Semaphore>,
     /// Set once, at registration or authentication; shared with the media streams.
     device: Arc<OnceLock<AuthenticatedDevice>>,
@@ -320,7 +334,7 @@ impl Session {
                         let staged = *next_certificate.borrow_and_update();
                         if let (Some(next), Standing::Authenticated) = (staged, self.standing) {
                             let push = ServerMessage::NextCertificate(next);
-                            let _ = self.out.send(Box::new(push.into())).await;
+                            let _ = self.out.send(Out::Frame(Box::new(push.into()))).await;
                         }
                     }
                     // The relay is stopping; its shutdown ends this loop.
@@ -350,7 +364,10 @@ impl Session {
     }
 
     async fn reply(&self, request_id: u64, result: Result<Reply>) {
-        let _ = self.out.send(response(request_id, result)).await;
+        let _ = self
+            .out
+            .send(Out::Frame(response(request_id, result)))
+            .await;
     }
 
     /// Answers a request the request layer refused, after the checks the relay has
@@ -377,7 +394,7 @@ impl Session {
             id,
             result: Err(answer),
         };
-        let _ = self.out.send(Box::new(message.into())).await;
+        let _ = self.out.send(Out::Frame(Box::new(message.into()))).await;
     }
 
     async fn handle(&mut self, request: ClientRequest) {
@@ -715,11 +732,41 @@ fn response(id: u64, result: Result<Reply>) -> Frame {
     Box::new(ServerMessage::Response { id, result }.into())
 }
 
-/// Writes queued frames, coalescing whatever is ready into one write.
-async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Frame>) {
+/// Writes queued frames, coalescing whatever is ready into one write, and the
+/// answers it holds as they resolve. Ends when every producer is gone and every
+/// answer written, or when the stream breaks (dropping the answers it held: their
+/// requests' permits go with them).
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) {
     let mut buf = BytesMut::new();
-    while let Some(f) = rx.recv().await {
-        frame::encode_ready(&f, rx.len(), || rx.try_recv().ok(), WRITE_BATCH, &mut buf);
+    let mut later = FuturesUnordered::new();
+    let mut open = true;
+    loop {
+        let first = tokio::select! {
+            Some(f) = later.next(), if !later.is_empty() => f,
+            m = rx.recv(), if open => match m {
+                Some(Out::Frame(f)) => f,
+                Some(Out::Later(answer)) => {
+                    later.push(answer);
+                    continue;
+                }
+                None => {
+                    open = false;
+                    continue;
+                }
+            },
+            else => break,
+        };
+        let queued = rx.len();
+        // A poll here registers no waker of ours; the select above polls `later`
+        // again before this task sleeps.
+        let next = || loop {
+            match rx.try_recv() {
+                Ok(Out::Frame(f)) => return Some(f),
+                Ok(Out::Later(answer)) => later.push(answer),
+                Err(_) => return later.next().now_or_never().flatten(),
+            }
+        };
+        frame::encode_ready(&first, queued, next, WRITE_BATCH, &mut buf);
         if send.write_chunk(buf.split().freeze()).await.is_err() {
             return;
         }

@@ -11,7 +11,7 @@ use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
-use super::{response, AckCmd, Frame};
+use super::{response, AckCmd, Frame, Out};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::mailboxes::{Pull, Subscription};
@@ -62,7 +62,7 @@ pub(super) async fn deliver(
     device: AuthenticatedDevice,
     (window_size, window_bytes): (usize, usize),
     max_committing: usize,
-    out: mpsc::Sender<Frame>,
+    out: mpsc::Sender<Out>,
     mut acks: mpsc::Receiver<AckCmd>,
     conn: quinn::Connection,
 ) {
@@ -121,14 +121,13 @@ pub(super) async fn deliver(
                     }
                 }
                 left.owed = window.in_flight() > 0 || !drained;
-                // Answered only once the deletion is durable, from a task of its own:
-                // pushing goes on while the commit's fsync runs. Past the cap of
-                // commits in flight this loop waits, as the reader does for sends.
+                // Answered only once the deletion is durable, by the writer: pushing
+                // goes on while the commit's fsync runs. Past the cap of commits in
+                // flight this loop waits, as the reader does for sends.
                 let Ok(permit) = committing.clone().acquire_owned().await else {
                     return;
                 };
-                let out = out.clone();
-                tokio::spawn(async move {
+                let answer = async move {
                     let result = match result {
                         Ok(acked) => acked.commit().await,
                         Err(e) => Err(e),
@@ -136,10 +135,13 @@ pub(super) async fn deliver(
                     if let Ok(r) = &result {
                         crate::metrics::acked(r.messages);
                     }
-                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
-                    let _ = out.send(response(cmd.request_id, reply)).await;
                     drop(permit);
-                });
+                    let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
+                    response(cmd.request_id, reply)
+                };
+                if out.send(Out::Later(Box::pin(answer))).await.is_err() {
+                    return;
+                }
                 if drained && retry.is_none() {
                     continue;
                 }
@@ -175,14 +177,14 @@ pub(super) async fn deliver(
         // this connection.
         let pushed = pull.messages.len();
         for m in pull.messages {
-            if out.send(delivery(m)).await.is_err() {
+            if out.send(Out::Frame(delivery(m))).await.is_err() {
                 return;
             }
         }
         crate::metrics::delivered(pushed);
         if pull.queue_empty {
             let empty = ServerMessage::QueueEmpty.into();
-            if out.send(Box::new(empty)).await.is_err() {
+            if out.send(Out::Frame(Box::new(empty))).await.is_err() {
                 return;
             }
         }

@@ -6,7 +6,7 @@ use std::future::Future;
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MultiSend, Reply};
 
-use super::{response, Session};
+use super::{response, Out, Session};
 use crate::error::{Error, Result};
 use crate::mailboxes::{append_multi, Appended, MultiAppended};
 use crate::metrics::SendKind;
@@ -71,8 +71,8 @@ impl Session {
     }
 
     /// Appends a send here, in the order requests arrive (so pipelined sends to one
-    /// device are stored in the order sent), then waits for its group commit in its
-    /// own task under the per-connection cap: past the cap the reader waits here,
+    /// device are stored in the order sent); its answer waits for the group commit in
+    /// the writer, under the per-connection cap: past the cap the reader waits here,
     /// which is backpressure instead of a growing queue. True if the append stored
     /// something (its commit may still fail). Counted as a send of `kind` once its
     /// commit is done, so the metrics never count a send that was not acknowledged.
@@ -87,8 +87,7 @@ impl Session {
         };
         let appended = append(&self.services);
         let stored = appended.as_ref().is_ok_and(Pending::stored);
-        let out = self.out.clone();
-        tokio::spawn(async move {
+        let answer = async move {
             let result = match appended {
                 Ok(appended) => {
                     let envelopes = appended.envelopes();
@@ -100,9 +99,10 @@ impl Session {
                 }
                 Err(e) => Err(e),
             };
-            let _ = out.send(response(id, result)).await;
             drop(permit);
-        });
+            response(id, result)
+        };
+        let _ = self.out.send(Out::Later(Box::pin(answer))).await;
         stored
     }
 }
