@@ -191,7 +191,17 @@ pub struct StorageConfig {
     pub mailboxes: MailboxBackend,
     /// Mailbox log segment size, MiB.
     pub segment_mb: u64,
+    /// With `durability = "fsync"` and the embedded backend: how long a flush may wait for more writers while
+    /// traffic flows (sends from independent connections meet in one fsync); "0s"
+    /// flushes at once. Delays senders' acknowledgements only, never a delivery.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub commit_delay: Duration,
 }
+
+/// The longest `storage.commit_delay`: past it a sender's acknowledgement waits
+/// longer than a round trip to a phone, for no more sharing.
+const MAX_COMMIT_DELAY: Duration = Duration::from_millis(100);
 
 /// Where the relay keeps its state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
@@ -276,6 +286,7 @@ impl Default for StorageConfig {
             cache_mb: 256,
             mailboxes: MailboxBackend::Log,
             segment_mb: DEFAULT_SEGMENT_BYTES >> 20,
+            commit_delay: Duration::from_millis(1),
         }
     }
 }
@@ -366,6 +377,10 @@ impl Config {
             check(
                 (1..=1024).contains(&self.storage.segment_mb),
                 "storage.segment_mb must be from 1 to 1024",
+            ),
+            check(
+                self.storage.commit_delay <= MAX_COMMIT_DELAY,
+                "storage.commit_delay must be at most 100ms",
             ),
             self.rate_limits.validate().map_err(Error::Config),
             self.budget.validate(),

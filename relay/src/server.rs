@@ -507,6 +507,7 @@ impl Relay {
             &config.rate_limits,
             budget,
         )?);
+        services.commit().set_delay(config.storage.commit_delay);
         let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
         let mut verification = Verification::new(
             &config.verification,

@@ -63,6 +63,9 @@ struct Common {
     /// `relay=0-1,load=2,3`; either part alone). The relay runs under `taskset -c`.
     #[arg(long, value_parser = parse_pin)]
     pin: Option<Pinning>,
+    /// The relay's `storage.commit_delay` ("0s", "1ms"); default: the relay's own.
+    #[arg(long)]
+    commit_delay: Option<String>,
 }
 
 fn parse_pin(s: &str) -> Result<Pinning, String> {
@@ -266,6 +269,7 @@ fn relay_for(
         log: "warn",
         postgres: common.postgres.as_deref(),
         cpus: relay_cpus.as_deref(),
+        commit_delay: common.commit_delay.as_deref(),
     })
 }
 
@@ -311,6 +315,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                         log: "warn",
                         postgres: common.postgres.as_deref(),
                         cpus: relay_cpus.as_deref(),
+                        commit_delay: common.commit_delay.as_deref(),
                     },
                     Some(&relay),
                 )?),
@@ -428,6 +433,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 log: &relay_log,
                 postgres: common.postgres.as_deref(),
                 cpus: relay_cpus.as_deref(),
+                commit_delay: common.commit_delay.as_deref(),
             };
             let args = load::RestartArgs {
                 messages,
@@ -463,6 +469,7 @@ async fn run(mode: Mode) -> Result<(load::Report, bool), LoadError> {
                 log: "warn",
                 postgres: common.postgres.as_deref(),
                 cpus: relay_cpus.as_deref(),
+                commit_delay: common.commit_delay.as_deref(),
             };
             let args = load::discovery::DiscoveryArgs {
                 users: as_usize(users)?,

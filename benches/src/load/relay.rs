@@ -54,6 +54,28 @@ pub struct RelaySettings<'a> {
     pub postgres: Option<&'a str>,
     /// CPUs the relay may run on (`taskset -c` form, `0-1,3`); `None`: any.
     pub cpus: Option<&'a str>,
+    /// `storage.commit_delay` ("1ms"); `None`: the relay's default.
+    pub commit_delay: Option<&'a str>,
+}
+
+/// The `[storage]` (and `[postgres]`) sections a run's settings ask for.
+fn storage_section(settings: &RelaySettings<'_>) -> String {
+    let quoted = |v: &str| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""));
+    let mut storage = Vec::new();
+    if settings.postgres.is_some() {
+        storage.push("backend = \"postgres\"".to_owned());
+    }
+    if let Some(delay) = settings.commit_delay {
+        storage.push(format!("commit_delay = {}", quoted(delay)));
+    }
+    let mut out = String::new();
+    if !storage.is_empty() {
+        out = format!("\n[storage]\n{}\n", storage.join("\n"));
+    }
+    if let Some(url) = settings.postgres {
+        out += &format!("\n[postgres]\nurl = {}\npool_size = 32\n", quoted(url));
+    }
+    out
 }
 
 /// How long a relay on a fresh data directory may take to start.
@@ -121,15 +143,7 @@ impl RelayUnderTest {
                 "[limits]\nmax_queued_messages = 100000000\nmax_queued_bytes = 1099511627776\nmax_connections = {max_connections}\n\n[media]\nmax_blob_bytes = 17179869184\nmax_upload_bytes_per_sec = 1099511627776\nmax_account_bytes = 1099511627776\n\n[budget]\nmax_queued_messages = 1000000000000\nmax_queued_bytes = 1099511627776\nmax_index_bytes = 1099511627776\nmax_blob_bytes = 1099511627776\n\n[connections]\nmax_per_address = {per_address}\nmax_handshakes_per_address = 1024\nmax_unauthenticated = {unauthenticated}\nauth_deadline = \"1h\"\nanonymous_idle = \"1h\"\n\n{UNTHROTTLED}",
                 per_address = 2 * max_connections,
                 unauthenticated = max_connections.max(2000),
-            ) + &settings
-                .postgres
-                .map(|url| {
-                    format!(
-                        "\n[storage]\nbackend = \"postgres\"\n\n[postgres]\nurl = \"{}\"\npool_size = 32\n",
-                        url.replace('\\', "\\\\").replace('"', "\\\"")
-                    )
-                })
-                .unwrap_or_default(),
+            ) + &storage_section(settings),
         )?;
         // Under taskset, which execs the relay in its own process: the pid is the
         // relay's, and every thread the relay starts inherits the set.
