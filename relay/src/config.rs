@@ -191,9 +191,11 @@ pub struct StorageConfig {
     pub mailboxes: MailboxBackend,
     /// Mailbox log segment size, MiB.
     pub segment_mb: u64,
-    /// With `durability = "fsync"` and the embedded backend: how long a flush may wait for more writers while
-    /// traffic flows (sends from independent connections meet in one fsync); "0s"
-    /// flushes at once. Delays senders' acknowledgements only, never a delivery.
+    /// With `durability = "fsync"` on the embedded backend: how long a flush may wait
+    /// for more writers while traffic flows (sends and acks from independent
+    /// connections then share one fsync); "0s" flushes at once. It delays the answers
+    /// to sends and acks and the push wake-ups after them, never a delivery to a
+    /// connected device.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub commit_delay: Duration,
@@ -532,5 +534,8 @@ mod tests {
         assert!(Config::from_toml("listne = \"127.0.0.1:1\"").is_err());
         assert!(Config::from_toml("[tls]\ncert = \"a.pem\"").is_err());
         assert!(Config::from_toml("[limits]\nmax_frame_bytes = 10").is_err());
+        assert!(Config::from_toml("[storage]\ncommit_delay = \"101ms\"").is_err());
+        let c = Config::from_toml("[storage]\ncommit_delay = \"100ms\"").expect("the longest");
+        assert_eq!(c.storage.commit_delay, Duration::from_millis(100));
     }
 }

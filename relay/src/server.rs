@@ -507,7 +507,10 @@ impl Relay {
             &config.rate_limits,
             budget,
         )?);
-        services.commit().set_delay(config.storage.commit_delay);
+        // The embedded stores' flush (on PostgreSQL the writer batches its own).
+        if shared.is_none() {
+            services.commit().set_delay(config.storage.commit_delay);
+        }
         let discovery = Arc::new(discovery.with_commit(services.commit().clone()));
         let mut verification = Verification::new(
             &config.verification,

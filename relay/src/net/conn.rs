@@ -22,7 +22,9 @@
 //! be larger than the small frame limit, up to `standing::GROUP_FRAME` (about 1 MiB):
 //! a commit and its welcome to 1,000 devices.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -69,14 +71,18 @@ const OUT_QUEUE: usize = 1024;
 /// entries, and every connection keeps one; small entries keep idle connections small.
 type Frame = Box<v1::ServerFrame>;
 
-/// What the writer is handed.
+/// What the writer is handed (16 bytes, against 8 for a frame alone: 256 bytes more
+/// in a connection's first queue block).
 enum Out {
     /// A frame to write now.
     Frame(Frame),
     /// An answer that waits (for a group commit): written once it resolves, in
     /// whatever order answers resolve (each names its request).
-    Later(Pin<Box<dyn Future<Output = Frame> + Send>>),
+    Later(Later),
 }
+
+/// An answer that waits, boxed.
+type Later = Pin<Box<dyn Future<Output = Frame> + Send>>;
 /// Bytes the writer coalesces into one stream write.
 const WRITE_BATCH: usize = 64 * 1024;
 /// How long a connection closed for a protocol error lingers so the client can read
@@ -397,13 +403,54 @@ impl Session {
         let _ = self.out.send(Out::Frame(Box::new(message.into()))).await;
     }
 
+    /// Handles a request: the delivery hot path's kinds here, inline; the others in a
+    /// boxed future ([`Session::handle_rest`]), so that the read loop's state, which
+    /// every idle connection keeps, holds only the hot path's small futures and not
+    /// the largest handler's.
     async fn handle(&mut self, request: ClientRequest) {
         let id = request.id;
         // Kinds and standings only (P9); tests read it to see which path a request took.
         debug!(kind = %request.request.kind(), standing = ?self.standing, "request");
         self.touch_daily();
-        match request.request {
+        self.handle_hot(id, request.request).await;
+    }
+
+    async fn handle_hot(&mut self, id: u64, request: Request) {
+        match request {
             Request::Ping => self.reply(id, Ok(Reply::Ping)).await,
+            Request::Send {
+                to,
+                envelopes,
+                device_list_version,
+            } => self.send(id, to, envelopes, device_list_version).await,
+            Request::SealedSend {
+                to,
+                delivery_token,
+                envelopes,
+                device_list_version,
+            } => {
+                if !self.take_place(id).await {
+                    return;
+                }
+                let sent = self.sealed_send(id, to, delivery_token, envelopes, device_list_version);
+                if sent.await {
+                    self.anonymous_request();
+                }
+            }
+            Request::Ack { seqs } => self.ack(id, seqs).await,
+            Request::MultiSend(send) => self.multi_send(id, send).await,
+            rest => Box::pin(self.handle_rest(id, rest)).await,
+        }
+    }
+
+    async fn handle_rest(&mut self, id: u64, request: Request) {
+        match request {
+            // Never here: `handle_hot` takes them.
+            hot @ (Request::Ping
+            | Request::Send { .. }
+            | Request::SealedSend { .. }
+            | Request::Ack { .. }
+            | Request::MultiSend(_)) => Box::pin(self.handle_hot(id, hot)).await,
             Request::Register {
                 identity_key,
                 device_key,
@@ -476,27 +523,6 @@ impl Session {
                     .map(listing_reply);
                 self.anonymous_reply(id, reply).await
             }
-            Request::Send {
-                to,
-                envelopes,
-                device_list_version,
-            } => self.send(id, to, envelopes, device_list_version).await,
-            Request::SealedSend {
-                to,
-                delivery_token,
-                envelopes,
-                device_list_version,
-            } => {
-                if !self.take_place(id).await {
-                    return;
-                }
-                let sent = self.sealed_send(id, to, delivery_token, envelopes, device_list_version);
-                if sent.await {
-                    self.anonymous_request();
-                }
-            }
-            Request::Ack { seqs } => self.ack(id, seqs).await,
-            Request::MultiSend(send) => self.multi_send(id, send).await,
             request @ (Request::PublishKeyPackages { .. }
             | Request::FetchKeyPackages { .. }
             | Request::CreateGroup { .. }
@@ -733,43 +759,118 @@ fn response(id: u64, result: Result<Reply>) -> Frame {
 }
 
 /// Writes queued frames, coalescing whatever is ready into one write, and the
-/// answers it holds as they resolve. Ends when every producer is gone and every
-/// answer written, or when the stream breaks (dropping the answers it held: their
-/// requests' permits go with them).
+/// answers it holds as they resolve. The answers go on resolving while a write waits
+/// for the client's flow control (their commits are requested, the wake-ups after
+/// them happen, their permits are freed), and are written next. Ends when every
+/// producer is gone and every answer written; if the stream breaks, the answers it
+/// held are finished in a task of their own ([`finish_answers`]).
 async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) {
     let mut buf = BytesMut::new();
-    let mut later = FuturesUnordered::new();
+    let mut later: FuturesUnordered<Answer> = FuturesUnordered::new();
+    // Answers resolved while a write was under way.
+    let mut ready: VecDeque<Frame> = VecDeque::new();
     let mut open = true;
     loop {
-        let first = tokio::select! {
-            Some(f) = later.next(), if !later.is_empty() => f,
-            m = rx.recv(), if open => match m {
-                Some(Out::Frame(f)) => f,
-                Some(Out::Later(answer)) => {
-                    later.push(answer);
-                    continue;
-                }
-                None => {
-                    open = false;
-                    continue;
-                }
+        let first = match ready.pop_front() {
+            Some(f) => f,
+            None => tokio::select! {
+                Some(answer) = later.next(), if !later.is_empty() => match answered(answer) {
+                    Some(f) => f,
+                    None => continue,
+                },
+                m = rx.recv(), if open => match m {
+                    Some(Out::Frame(f)) => f,
+                    Some(Out::Later(answer)) => {
+                        later.push(hold(answer));
+                        continue;
+                    }
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+                else => break,
             },
-            else => break,
         };
-        let queued = rx.len();
-        // A poll here registers no waker of ours; the select above polls `later`
-        // again before this task sleeps.
+        let queued = rx.len() + ready.len();
+        // A poll here registers no waker of ours; `later` is polled again with this
+        // task's own before it sleeps (the write below, or the select above).
         let next = || loop {
+            if let Some(f) = ready.pop_front() {
+                return Some(f);
+            }
             match rx.try_recv() {
                 Ok(Out::Frame(f)) => return Some(f),
-                Ok(Out::Later(answer)) => later.push(answer),
-                Err(_) => return later.next().now_or_never().flatten(),
+                Ok(Out::Later(answer)) => later.push(hold(answer)),
+                Err(_) => match later.next().now_or_never() {
+                    Some(Some(answer)) => {
+                        if let Some(f) = answered(answer) {
+                            return Some(f);
+                        }
+                    }
+                    _ => return None,
+                },
             }
         };
         frame::encode_ready(&first, queued, next, WRITE_BATCH, &mut buf);
-        if send.write_chunk(buf.split().freeze()).await.is_err() {
+        let write = send.write_chunk(buf.split().freeze());
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                written = &mut write => break written,
+                Some(answer) = later.next(), if !later.is_empty() => {
+                    ready.extend(answered(answer));
+                }
+            }
+        };
+        if written.is_err() {
+            finish_answers(later);
             return;
         }
     }
     let _ = send.finish();
+}
+
+/// An answer the writer holds. A panic in one is caught, as a task of its own would
+/// have it, so the connection's other answers go on.
+type Answer =
+    futures::future::CatchUnwind<AssertUnwindSafe<Pin<Box<dyn Future<Output = Frame> + Send>>>>;
+
+fn hold(answer: Later) -> Answer {
+    AssertUnwindSafe(answer).catch_unwind()
+}
+
+/// The frame of a resolved answer; `None` (logged) if it panicked.
+fn answered(answer: std::thread::Result<Frame>) -> Option<Frame> {
+    match answer {
+        Ok(frame) => Some(frame),
+        Err(_) => {
+            warn!("answering a request panicked");
+            None
+        }
+    }
+}
+
+/// Drives answers no one will hear to their end: each one's commit, and the wake-ups
+/// that follow it (other nodes, devices without a connection), still happen.
+fn finish_answers(mut later: FuturesUnordered<Answer>) {
+    if !later.is_empty() {
+        tokio::spawn(async move { while later.next().await.is_some() {} });
+    }
+}
+
+/// Hands `answer` to the writer; if the writer is gone (the stream broke), it runs to
+/// its end in a task of its own ([`finish_answers`] says why). False then.
+/// Boxed by the caller before the call: held unboxed across this call's await, the
+/// answer's future would size the caller's state (every idle connection's).
+async fn answer_later(out: &mpsc::Sender<Out>, answer: Later) -> bool {
+    match out.send(Out::Later(answer)).await {
+        Ok(()) => true,
+        Err(mpsc::error::SendError(unsent)) => {
+            if let Out::Later(answer) = unsent {
+                tokio::spawn(answer);
+            }
+            false
+        }
+    }
 }

@@ -160,13 +160,17 @@ impl GroupCommit {
         let waited = std::time::Instant::now();
         let (done, wait) = oneshot::channel();
         let gate = &self.gate;
-        let waiting = gate.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        // SeqCst here and in `wait_for_company` (a store, then a load, on each side):
+        // either this committer sees the flusher's threshold or the flusher sees
+        // this count. A missed wake-up would only cost the delay.
+        let waiting = gate.pending.fetch_add(1, Ordering::SeqCst) + 1;
         if tx.send((scope, done)).is_err() {
-            gate.pending.fetch_sub(1, Ordering::AcqRel);
+            gate.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(StoreError::Backend("group commit stopped".into()));
         }
-        // One committer, the one that makes the count, ends a delay early.
-        if waiting == gate.early.load(Ordering::Acquire) {
+        // Those that reach the count end a delay early (an unpark of a thread that
+        // is not parked is a flag, not a system call).
+        if waiting >= gate.early.load(Ordering::SeqCst) {
             if let Some(t) = gate.flusher.get() {
                 t.unpark();
             }
@@ -212,10 +216,13 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
         }
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
-        gate.pending.fetch_sub(batch.len(), Ordering::AcqRel);
+        gate.pending.fetch_sub(batch.len(), Ordering::SeqCst);
         last = batch.len();
         let began = Instant::now();
         let (mailboxes, rest) = flush.flush_parts();
+        // Read before anyone is answered: an answered writer that commits again at
+        // once did not arrive during this flush.
+        busy = gate.pending.load(Ordering::SeqCst) > 0;
         crate::metrics::group_commit(batch.len(), began.elapsed());
         let all = mailboxes.clone().and(rest);
         flushes.fetch_add(1, Ordering::Relaxed);
@@ -225,15 +232,16 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
                 Scope::Mailboxes => mailboxes.clone(),
             });
         }
-        busy = gate.pending.load(Ordering::Acquire) > 0;
     }
 }
 
 /// Waits until `delay` has passed or `early` writers are waiting.
 fn wait_for_company(gate: &Gate, delay: Duration, early: usize) {
-    let until = Instant::now() + delay;
-    gate.early.store(early, Ordering::Release);
-    while gate.pending.load(Ordering::Acquire) < early {
+    let Some(until) = Instant::now().checked_add(delay) else {
+        return;
+    };
+    gate.early.store(early, Ordering::SeqCst);
+    while gate.pending.load(Ordering::SeqCst) < early {
         let Some(left) = until.checked_duration_since(Instant::now()) else {
             break;
         };
@@ -242,7 +250,7 @@ fn wait_for_company(gate: &Gate, delay: Duration, early: usize) {
         }
         thread::park_timeout(left);
     }
-    gate.early.store(usize::MAX, Ordering::Release);
+    gate.early.store(usize::MAX, Ordering::SeqCst);
 }
 
 #[cfg(test)]
@@ -295,47 +303,16 @@ mod tests {
         }
     }
 
-    fn delayed(flush: Duration, delay: Duration) -> Arc<GroupCommit> {
-        let gc = GroupCommit::start(Arc::new(TimedFlush(flush)), Durability::Fsync);
-        let gc = Arc::new(gc.expect("start"));
-        gc.set_delay(delay);
-        gc
-    }
-
-    /// Commits arriving one by one, `gap` apart, from independent writers.
-    async fn trickle(gc: &Arc<GroupCommit>, n: usize, gap: Duration) {
-        let mut tasks = Vec::new();
-        for _ in 0..n {
-            let gc = gc.clone();
-            tasks.push(tokio::spawn(async move { gc.commit().await }));
-            tokio::time::sleep(gap).await;
-        }
-        for t in tasks {
-            t.await.expect("join").expect("commit");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_delay_gathers_writers_that_arrive_while_traffic_flows() {
-        let (flush, gap) = (Duration::from_millis(2), Duration::from_millis(1));
-        let plain = delayed(flush, Duration::ZERO);
-        trickle(&plain, 60, gap).await;
-        let gathered = delayed(flush, Duration::from_millis(20));
-        trickle(&gathered, 60, gap).await;
-        let (plain, gathered) = (plain.flushes(), gathered.flushes());
-        // Undelayed: a flush every 2 ms or so (about 30 for 60 ms of arrivals);
-        // delayed: one per 22 ms, a handful.
-        assert!(
-            gathered * 2 < plain,
-            "{gathered} delayed flushes against {plain} undelayed"
-        );
-    }
-
     #[tokio::test]
     async fn a_writer_waiting_on_each_answer_is_not_delayed() {
         // Nobody arrives during its flushes, so no flush waits: ten commits in a row
         // would take 100 s if each waited out the delay.
-        let gc = delayed(Duration::from_millis(1), Duration::from_secs(10));
+        let gc = GroupCommit::start(
+            Arc::new(TimedFlush(Duration::from_millis(1))),
+            Durability::Fsync,
+        );
+        let gc = gc.expect("start");
+        gc.set_delay(Duration::from_secs(10));
         let in_a_row = async {
             for _ in 0..10 {
                 gc.commit().await.expect("commit");
@@ -346,35 +323,73 @@ mod tests {
             .expect("sequential commits waited out the delay");
     }
 
-    #[tokio::test]
-    async fn a_crowd_ends_a_delay_early() {
-        let gc = delayed(Duration::from_millis(50), Duration::from_secs(10));
-        // Two at once: the second arrives during the first's flush, so the flush
-        // that takes it waits for company (up to 10 s).
-        let first = tokio::spawn({
+    /// A flush that says it began, then waits for the test's go.
+    struct GatedFlush {
+        began: tokio::sync::mpsc::UnboundedSender<()>,
+        go: std::sync::Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl Flush for GatedFlush {
+        fn flush(&self) -> Result<(), StoreError> {
+            let _ = self.began.send(());
+            let go = self.go.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = go.recv_timeout(Duration::from_secs(10));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delay_gathers_writers_while_traffic_flows_and_a_crowd_ends_it_early() {
+        let (began_tx, mut began) = tokio::sync::mpsc::unbounded_channel();
+        let (go, go_rx) = mpsc::channel();
+        let flush = GatedFlush {
+            began: began_tx,
+            go: std::sync::Mutex::new(go_rx),
+        };
+        let gc = Arc::new(GroupCommit::start(Arc::new(flush), Durability::Fsync).expect("start"));
+        gc.set_delay(Duration::from_secs(10));
+        let commit = |gc: &Arc<GroupCommit>| {
             let gc = gc.clone();
-            async move { gc.commit().await }
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let second = tokio::spawn({
-            let gc = gc.clone();
-            async move { gc.commit().await }
-        });
-        first.await.expect("join").expect("first");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!second.is_finished(), "the second commit was not delayed");
-        // Enough company ends the wait.
-        let crowd = futures::future::join_all((0..EARLY_MIN).map(|_| gc.commit()));
-        let all = async {
-            let (second, crowd) = tokio::join!(second, crowd);
-            second.expect("join").expect("second");
-            for r in crowd {
-                r.expect("crowd");
+            tokio::spawn(async move { gc.commit().await })
+        };
+        let soon = Duration::from_secs(5);
+        let first = commit(&gc);
+        tokio::time::timeout(soon, began.recv())
+            .await
+            .expect("first flush");
+        // A second writer arrives during that flush: traffic flows.
+        let second = commit(&gc);
+        let arrived = async {
+            while gc.gate.pending.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), all)
+        tokio::time::timeout(soon, arrived).await.expect("second");
+        go.send(()).expect("go");
+        first.await.expect("join").expect("first");
+        // So the flush that takes the second waits for company: none begins.
+        let alone = tokio::time::timeout(Duration::from_millis(300), began.recv()).await;
+        assert!(alone.is_err(), "the second writer was flushed at once");
+        assert!(!second.is_finished());
+        // Enough company ends the wait long before the delay would.
+        let crowd: Vec<_> = (0..EARLY_MIN).map(|_| commit(&gc)).collect();
+        tokio::time::timeout(soon, began.recv())
             .await
             .expect("the crowd did not end the delay");
+        // A straggler the crowd's flush missed would wait out the delay: none now.
+        gc.set_delay(Duration::ZERO);
+        for _ in 0..=EARLY_MIN {
+            let _ = go.send(());
+        }
+        let all = async {
+            second.await.expect("join").expect("second");
+            for c in crowd {
+                c.await.expect("join").expect("crowd");
+            }
+        };
+        tokio::time::timeout(soon, all).await.expect("answers");
+        // The first flush, then the second writer with (nearly) all of the crowd.
+        assert!(gc.flushes() <= 3, "{} flushes", gc.flushes());
     }
 
     /// Mailboxes that flush, and a rest that cannot (sled after an I/O error).

@@ -11,7 +11,7 @@ use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
-use super::{response, AckCmd, Frame, Out};
+use super::{answer_later, response, AckCmd, Frame, Out};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::mailboxes::{Pull, Subscription};
@@ -71,7 +71,9 @@ pub(super) async fn deliver(
     // With several nodes: displaces the device's connection on another node; the
     // claim is withdrawn when this loop ends.
     let _claim = match mailboxes.cluster() {
-        Some(cluster) => Some(cluster.claim(*device.address(), sub.id()).await),
+        // Boxed: a database call's future would otherwise size this loop's state,
+        // which every idle connection keeps.
+        Some(cluster) => Some(Box::pin(cluster.claim(*device.address(), sub.id())).await),
         None => None,
     };
     let mut left = Leaving {
@@ -139,7 +141,7 @@ pub(super) async fn deliver(
                     let reply = result.map(|r| Reply::Ack { deleted: r.messages as u32 });
                     response(cmd.request_id, reply)
                 };
-                if out.send(Out::Later(Box::pin(answer))).await.is_err() {
+                if !answer_later(&out, Box::pin(answer)).await {
                     return;
                 }
                 if drained && retry.is_none() {

@@ -6,7 +6,7 @@ use std::future::Future;
 use bytes::Bytes;
 use tern_proto::{DeviceAddress, MultiSend, Reply};
 
-use super::{response, Out, Session};
+use super::{answer_later, response, Session};
 use crate::error::{Error, Result};
 use crate::mailboxes::{append_multi, Appended, MultiAppended};
 use crate::metrics::SendKind;
@@ -102,7 +102,7 @@ impl Session {
             drop(permit);
             response(id, result)
         };
-        let _ = self.out.send(Out::Later(Box::pin(answer))).await;
+        answer_later(&self.out, Box::pin(answer)).await;
         stored
     }
 }
