@@ -459,13 +459,15 @@ impl Writer {
                 .and_then(|d| u32::try_from(d).ok());
             gone.insert((account, device));
         }
+        // And the appends to a closed head (its mailbox deleted): it returned no row.
         let refused = parts
-            .keys()
-            .filter(|to| {
+            .iter()
+            .filter(|(to, part)| {
                 gone.contains(&(to.account, None))
                     || gone.contains(&(to.account, Some(to.device.get())))
+                    || (!part.appends.is_empty() && !heads.contains_key(*to))
             })
-            .copied()
+            .map(|(to, _)| *to)
             .collect();
         Ok(Locked {
             open,
@@ -569,7 +571,8 @@ impl Writer {
             e.0 += 1;
             e.1 += *len as i64;
         }
-        for to in &refused {
+        // (A closed head took nothing: it has nothing to give back.)
+        for to in refused.iter().filter(|to| heads.contains_key(*to)) {
             if let Some(part) = parts.get(to) {
                 let e = less.entry(*to).or_default();
                 e.0 += part.appended.0;

@@ -64,12 +64,14 @@ impl<'a> InsertCols<'a> {
     }
 }
 
-// The rows come sorted by (account, device), so the locks are taken in that order.
+// The rows come sorted by (account, device), so the locks are taken in that order. A
+// closed head (its mailbox deleted, V15) is locked but left alone and not returned.
 pub(super) const UPSERT_HEADS: &str =
     "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
      SELECT * FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) \
      ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
        messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
+     WHERE h.closed_at IS NULL \
      RETURNING account, device, last_seq, messages, bytes";
 
 /// (The devices, `$2`, are not needed here; the condition on them only gives both
@@ -148,7 +150,7 @@ pub(super) const REMOVE: &str = concat!(
 
 pub(super) const FORGET_EMPTY_HEADS: &str = "DELETE FROM mailbox_heads h \
      USING unnest($1::bytea[], $2::int8[]) d(a, dv) \
-     WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0";
+     WHERE h.account = d.a AND h.device = d.dv AND h.messages = 0 AND h.closed_at IS NULL";
 
 /// Rows of `mailbox_totals` (V2 creates 0..64).
 pub(super) const TOTAL_SLOTS: i32 = 64;
