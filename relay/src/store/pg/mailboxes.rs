@@ -129,7 +129,7 @@ impl MailState {
             hosts: backend.hosts.clone(),
             deadline: backend.deadline,
             slot,
-            accounts,
+            send_sql: super::writer::send_sql(accounts),
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),

@@ -4,10 +4,12 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use super::mailboxes::CLOSE_HEAD;
-use super::testdb::{db, node, sql};
+use super::testdb::{db, execute, node, sql};
 use super::*;
 use crate::store::conformance::{addr, msg};
-use crate::store::{MailboxStore, Usage};
+use tern_proto::DeviceAddress;
+
+use crate::store::{MailboxStore, StoreResult, Usage};
 
 /// The open heads and the messages of account `a` (its first byte).
 fn left(b: &PgBackend, a: u8) -> (i64, i64) {
@@ -76,45 +78,78 @@ fn a_purged_mailbox_keeps_a_closed_head_that_refuses_sends() {
     assert_eq!(left(&a, 71), (0, 0));
 }
 
+/// Runs a mailbox deletion's last transaction by hand (the head closed first, then
+/// `deletion`'s statements on the account and device) while a send to `to` waits for
+/// the head, and returns the send's answer once the deletion has committed.
+fn send_during_deletion(
+    a: &PgBackend,
+    to: DeviceAddress,
+    deletion: &[&str],
+) -> StoreResult<Vec<u64>> {
+    let key = (to.account.as_bytes().as_slice(), i64::from(to.device.get()));
+    a.run(async {
+        let e = |e: tokio_postgres::Error| a.classify(&e);
+        let mut c = a.client().await?;
+        let tx = c.transaction().await.map_err(e)?;
+        tx.query_one(CLOSE_HEAD, &[&key.0, &key.1])
+            .await
+            .map_err(e)?;
+        let waiting = a.queue_append(&to, &[msg(2, 4)], 1_000, 9_000)?;
+        let blocked = super::testdb::a_session_waits(&tx).await.map_err(e)?;
+        assert!(blocked, "the send never waited on the head");
+        for statement in deletion {
+            tx.execute(*statement, &[&key.0, &key.1]).await.map_err(e)?;
+        }
+        tx.commit().await.map_err(e)?;
+        Ok(waiting.await.expect("answer"))
+    })
+    .expect("run")
+}
+
+const PURGE: [&str; 2] = [
+    "DELETE FROM messages WHERE account = $1 AND device = $2",
+    "UPDATE mailbox_heads SET messages = 0, bytes = 0 WHERE account = $1 AND device = $2",
+];
+
 #[test]
 fn a_send_waiting_on_a_head_its_deletion_closes_is_refused_and_leaves_nothing() {
-    // The deletion's last transaction holds the head while a send batch waits for it;
-    // the send's snapshot (and any check made with it) predates the deletion, and no
-    // intent is left to see once the lock is free: only the closed head refuses it.
+    // The send's snapshot (and the deletion check made with it) predates the
+    // deletion, and no intent is left to see: only the closed head refuses it.
     let (_pg, opts) = db();
     let a = node(&opts, "a");
     let to = addr(72, 1);
     a.append(&to, &[msg(1, 4)], 1_000, 9_000).expect("append");
-    let key = (to.account.as_bytes().as_slice(), i64::from(to.device.get()));
-    let waiting = a
-        .run(async {
-            let e = |e: tokio_postgres::Error| a.classify(&e);
-            let mut c = a.client().await?;
-            let tx = c.transaction().await.map_err(e)?;
-            tx.query_one(CLOSE_HEAD, &[&key.0, &key.1])
-                .await
-                .map_err(e)?;
-            let waiting = a.queue_append(&to, &[msg(2, 4)], 1_000, 9_000)?;
-            let blocked = super::testdb::a_session_waits(&tx).await.map_err(e)?;
-            assert!(blocked, "the send never waited on the head");
-            tx.execute(
-                "DELETE FROM messages WHERE account = $1 AND device = $2",
-                &[&key.0, &key.1],
-            )
-            .await
-            .map_err(e)?;
-            tx.execute(
-                "UPDATE mailbox_heads SET messages = 0, bytes = 0 \
-                 WHERE account = $1 AND device = $2",
-                &[&key.0, &key.1],
-            )
-            .await
-            .map_err(e)?;
-            tx.commit().await.map_err(e)?;
-            Ok(waiting.await.expect("answer"))
-        })
-        .expect("run");
-    assert!(matches!(waiting, Err(StoreError::Deleted)), "{waiting:?}");
+    let sent = send_during_deletion(&a, to, &PURGE);
+    assert!(matches!(sent, Err(StoreError::Deleted)), "{sent:?}");
     assert_eq!(left(&a, 72), (0, 0), "no head recreated, no row");
     assert!(a.read(&to, 0, 10).expect("read").is_empty());
+}
+
+#[test]
+fn a_send_that_saw_the_account_before_its_deletion_leaves_nothing() {
+    // With the accounts schema: the deletion removes the account's and device's rows
+    // in the transaction that closes the head; the send's check, made with a snapshot
+    // taken before, still sees them.
+    let (_pg, mut opts) = db();
+    opts.require_accounts = true;
+    let a = node(&opts, "a");
+    let to = addr(73, 1);
+    let account = to.account.as_bytes().as_slice();
+    execute(
+        &a,
+        "INSERT INTO accounts (account, identity_key) VALUES ($1, $2)",
+        &[&account, &vec![7u8; 32]],
+    );
+    execute(
+        &a,
+        "INSERT INTO devices (account, device, device_key) VALUES ($1, 1, $2)",
+        &[&account, &vec![8u8; 32]],
+    );
+    a.append(&to, &[msg(1, 4)], 1_000, 9_000).expect("append");
+    let mut deletion = PURGE.to_vec();
+    deletion.push("DELETE FROM devices WHERE account = $1 AND device = $2");
+    deletion.push("DELETE FROM accounts WHERE account = $1 AND $2::int8 > 0");
+    let sent = send_during_deletion(&a, to, &deletion);
+    assert!(matches!(sent, Err(StoreError::Deleted)), "{sent:?}");
+    assert_eq!(left(&a, 73), (0, 0), "no head recreated, no row");
 }
