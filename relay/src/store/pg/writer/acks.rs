@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
 
-use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
+use super::sql::{HeadCols, BEGIN_GENERIC, LOCK_HEADS, REMOVE};
 use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, UsageCache, Writer};
 
 /// A durability barrier shared by every caller waiting at the time: one transaction
@@ -74,7 +74,7 @@ impl Writer {
         // One round trip: the heads first, in (account, device) order, as every
         // mailbox transaction takes them; then the rows.
         let (began, locked, deleted, committed) = futures::join!(
-            tx.batch_execute("BEGIN"),
+            tx.batch_execute(BEGIN_GENERIC),
             async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
             async {
                 tx.query(

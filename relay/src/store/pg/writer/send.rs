@@ -8,7 +8,7 @@ use tern_proto::DeviceAddress;
 use tokio::sync::oneshot;
 
 use super::acks::removed;
-use super::sql::REMOVE;
+use super::sql::{BEGIN_GENERIC, REMOVE};
 use super::{
     addr_of, removal_cols, AccountCheck, Failure, Op, Open, Outcome, Part, TotalsDelta, Writer,
 };
@@ -79,13 +79,13 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
            FROM unnest($15::bytea[], $16::bytea[], $17::int8[]) b(id, p, x) \
            JOIN refs ON refs.body_id = b.id \
            RETURNING octet_length(payload)::int8 AS len), \
-         tot AS (UPDATE mailbox_totals t SET messages = t.messages + s.c, \
-             bytes = t.bytes + s.b, mailboxes = t.mailboxes + s.e \
-           FROM (SELECT (SELECT count(*) FROM m)::int8 AS c, \
-             ((SELECT coalesce(sum(own), 0) FROM m) + (SELECT coalesce(sum(len), 0) FROM sb))::int8 AS b, \
-             (SELECT count(*) FROM hk WHERE ok AND n > 0 AND messages = n)::int8 AS e) s \
-           WHERE t.slot = $18::int4 AND s.c > 0 \
-           RETURNING s.c, s.b, s.e) \
+         tot AS (UPDATE mailbox_totals t SET messages = t.messages + mm.c, \
+             bytes = t.bytes + mm.own + bb.len, mailboxes = t.mailboxes + ee.e \
+           FROM (SELECT count(*)::int8 AS c, coalesce(sum(own), 0)::int8 AS own FROM m) mm, \
+             (SELECT coalesce(sum(len), 0)::int8 AS len FROM sb) bb, \
+             (SELECT count(*)::int8 AS e FROM hk WHERE ok AND n > 0 AND messages = n) ee \
+           WHERE t.slot = $18::int4 AND mm.c > 0 \
+           RETURNING mm.c, mm.own + bb.len AS b, ee.e) \
          SELECT 1, account, device, last_seq, messages, bytes, ok FROM hk \
          UNION ALL SELECT 3, NULL, NULL, c, b, e, true FROM tot",
         check = check(accounts)
@@ -270,7 +270,7 @@ impl Writer {
         // transaction with a rollback: every result is checked before the batch counts
         // as committed.
         let (began, sent, removed_rows, committed) = futures::join!(
-            tx.batch_execute("BEGIN"),
+            tx.batch_execute(BEGIN_GENERIC),
             send,
             remove,
             tx.batch_execute("COMMIT")

@@ -66,3 +66,11 @@ pub(super) const TOTAL_SLOTS: i32 = 64;
 /// Adds to a totals slot: slot, messages, bytes, mailboxes.
 pub(crate) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
      bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
+
+/// Begins a writer transaction whose statements run on their generic plans. The
+/// writer's statements (data-modifying CTEs over `unnest` arrays) would otherwise be
+/// planned again at every execution (PostgreSQL keeps custom plans when the arrays'
+/// sizes change their estimates): about 1.2 ms of database CPU per batch against
+/// 0.1 ms, where the generic plan (hash joins, index lookups) suits any batch size.
+/// `plan_cache_mode` needs PostgreSQL 12 or later (YugabyteDB 2.25, CockroachDB 23.2).
+pub(super) const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
