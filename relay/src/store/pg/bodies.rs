@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use tern_proto::{DeviceAddress, MessageId};
+use tern_proto::MessageId;
 use tokio::sync::oneshot;
 
 use std::collections::HashSet;
@@ -37,7 +37,7 @@ use tern_platform::clock::UnixMillis;
 use super::mailboxes::{from_db, to_db, TotalsDelta};
 use super::writer::Op;
 use super::PgBackend;
-use crate::store::{SharedAppend, SharedEntry, StoreError, StoreResult, StoredMessage};
+use crate::store::{SharedAppend, StoreError, StoreResult, StoredMessage};
 
 /// How long past its expiry a body is kept whatever its count. The entries expire
 /// with it and their own sweep releases it first, so only a body whose count
@@ -111,10 +111,6 @@ macro_rules! deleted_counts {
     };
 }
 pub(super) use deleted_counts;
-
-/// Inserts bodies: id, payload, expires at, refs.
-pub(super) const INSERT_BODIES: &str = "INSERT INTO shared_bodies (id, payload, expires_at, refs) \
-     SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int8[], $4::int8[])";
 
 const READ_BODIES: &str = "SELECT id, payload FROM shared_bodies WHERE id = ANY($1::bytea[])";
 
@@ -286,21 +282,4 @@ impl PgBackend {
             None => Ok(0),
         }
     }
-}
-
-/// One shared append's body as the writer inserts it, once its refused entries are
-/// known.
-pub(super) struct BodyRow<'a> {
-    pub(super) id: &'a [u8],
-    pub(super) payload: &'a [u8],
-    pub(super) expires_at: i64,
-    pub(super) refs: i64,
-}
-
-/// Entries of `entries` whose mailbox is not in `refused`.
-pub(super) fn kept(
-    entries: &[SharedEntry],
-    refused: &std::collections::HashSet<DeviceAddress>,
-) -> i64 {
-    entries.iter().filter(|e| !refused.contains(&e.to)).count() as i64
 }

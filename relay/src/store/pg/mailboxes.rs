@@ -73,6 +73,14 @@ const EXPIRE: &str = concat!(
     deleted_counts!()
 );
 
+/// Locks a mailbox's head (creating it if need be) and closes it: no send takes a seq
+/// from it again (V15). Returns the messages it counted.
+pub(super) const CLOSE_HEAD: &str =
+    "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes, closed_at) \
+     VALUES ($1, $2, 0, 0, 0, (extract(epoch FROM clock_timestamp()) * 1000)::int8) \
+     ON CONFLICT (account, device) DO UPDATE SET closed_at = coalesce(h.closed_at, EXCLUDED.closed_at) \
+     RETURNING messages";
+
 /// How long a failed usage prefetch answers for the read under the device lock.
 const PREFETCH_FAILURE_HOLDS: Duration = Duration::from_millis(100);
 
@@ -121,7 +129,7 @@ impl MailState {
             hosts: backend.hosts.clone(),
             deadline: backend.deadline,
             slot,
-            accounts,
+            send_sql: super::writer::send_sql(accounts),
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),
@@ -372,7 +380,7 @@ impl PgBackend {
         of: &DeviceAddress,
         delete: &str,
         extra: Option<(Vec<i64>, Vec<i64>)>,
-        forget_head: bool,
+        close_head: bool,
     ) -> StoreResult<Usage> {
         let mail = self.mail()?;
         let (account, device) = key(of);
@@ -381,10 +389,10 @@ impl PgBackend {
         let (delta, freed) = self.run(async {
             let mut client = self.client().await?;
             let k = (account, device);
-            match delete_tx(&mut client, slot, k, delete, extra, forget_head).await {
+            match delete_tx(&mut client, slot, k, delete, extra, close_head).await {
                 // A deadlock victim: once more.
                 Err(e) if super::is_retryable(&e) => {
-                    delete_tx(&mut client, slot, k, delete, extra, forget_head).await
+                    delete_tx(&mut client, slot, k, delete, extra, close_head).await
                 }
                 r => r,
             }
@@ -403,7 +411,7 @@ async fn delete_tx(
     (account, device): (&[u8], i64),
     delete: &str,
     extra: Option<&(Vec<i64>, Vec<i64>)>,
-    forget_head: bool,
+    close_head: bool,
 ) -> Result<(TotalsDelta, Usage), tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let delete = async {
@@ -422,12 +430,8 @@ async fn delete_tx(
     };
     // The head first, as every mailbox transaction takes it: a batch that holds it
     // (it passed the deletion check) has committed before the rows are read.
-    let before: i64 = if forget_head {
-        tx.query_opt(
-            "DELETE FROM mailbox_heads WHERE account = $1 AND device = $2 RETURNING messages",
-            &[&account, &device],
-        )
-        .await?
+    let before: i64 = if close_head {
+        Some(tx.query_one(CLOSE_HEAD, &[&account, &device]).await?)
     } else {
         tx.query_opt(
             "SELECT messages FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
@@ -439,21 +443,19 @@ async fn delete_tx(
     // The mailbox's bytes (entries with their bodies), and the relay's (parts, and
     // the bodies deleted with their last entry).
     let (n, bytes, relay_bytes) = delete.await?;
-    if n == 0 && !forget_head {
+    if n == 0 && !close_head {
         tx.commit().await?;
         return Ok(Default::default());
     }
-    let after = if forget_head {
-        0
-    } else {
+    if n != 0 {
         tx.execute(
             "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
              WHERE account = $1 AND device = $2",
             &[&account, &device, &n, &bytes],
         )
         .await?;
-        before - n
-    };
+    }
+    let after = before - n;
     let delta = TotalsDelta {
         messages: -n,
         bytes: -relay_bytes,
@@ -675,8 +677,8 @@ impl MailboxStore for PgBackend {
             purged.messages += page.messages;
             purged.bytes += page.bytes;
             if page.messages < PURGE_PAGE_ROWS {
-                // The head goes too (account ids are never reused), with anything
-                // that was appended since the last page.
+                // The head is closed (V15: no send takes a seq from it again; ids
+                // are never reused), with anything appended since the last page.
                 let last = self.delete_in_mailbox(of, PURGE_REST, None, true)?;
                 purged.messages += last.messages;
                 purged.bytes += last.bytes;

@@ -635,6 +635,8 @@ mod tests;
 #[cfg(test)]
 mod tests_bodies;
 #[cfg(test)]
+mod tests_closed;
+#[cfg(test)]
 mod tests_discovery;
 #[cfg(test)]
 mod tests_partition;

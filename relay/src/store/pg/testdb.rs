@@ -45,3 +45,20 @@ pub(crate) fn sql(b: &PgBackend, statement: &str) -> Vec<tokio_postgres::Row> {
 pub(crate) fn execute(b: &PgBackend, statement: &str, params: &super::rows::Params<'_>) -> u64 {
     b.run(b.exec(statement, params)).expect(statement)
 }
+
+/// Whether some session came to wait for a lock within about 400 ms, asked through `tx`
+/// (a transaction holding the lock the test expects the writer to wait for).
+pub(crate) async fn a_session_waits(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<bool, tokio_postgres::Error> {
+    for _ in 0..400 {
+        let r = tx
+            .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+            .await?;
+        if r.get::<_, i64>(0) > 0 {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(false)
+}

@@ -103,18 +103,7 @@ fn ack_beside_an_append(a: &PgBackend, of: &DeviceAddress, seq: u64) {
             .await
             .map_err(e)?;
             let held = a.queue_append(&z, &[msg(10, 1)], 1_000, 9_000)?;
-            let mut waiting = false;
-            for _ in 0..400 {
-                let r = tx
-                    .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
-                    .await
-                    .map_err(e)?;
-                if r.get::<_, i64>(0) > 0 {
-                    waiting = true;
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
+            let waiting = super::testdb::a_session_waits(&tx).await.map_err(e)?;
             assert!(waiting, "the writer never waited on the head");
             let ack = a.queue_remove(of, &[seq])?;
             let more = a.queue_append(of, &[msg(1, 3)], 1_000, 9_000)?;

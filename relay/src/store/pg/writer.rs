@@ -5,7 +5,9 @@
 //! A batch takes at most [`MAX_ROWS`] rows or [`MAX_BYTES`] of payload. Its mailboxes
 //! are sorted by (account, device) and their `mailbox_heads` rows locked in that
 //! order first (every mailbox transaction locks heads first), so batches on two
-//! nodes wait for one another rather than deadlock. A batch of removals only (acks)
+//! nodes wait for one another rather than deadlock. A batch with sends is one
+//! statement (heads, rows, bodies, totals: `send.rs`), its removals if any, and
+//! COMMIT, sent at once. A batch of removals only (acks)
 //! is one round trip on a connection that commits without waiting for the flush,
 //! answered after a durability barrier (`Barrier`). Up to [`PIPELINE`] transactions are in
 //! flight: each batch takes its locks after the one before it, so within a mailbox
@@ -14,30 +16,27 @@
 //! [`StoreError::Unavailable`], and nothing in it was acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use tern_proto::{AccountId, DeviceAddress};
+use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use bytes::Bytes;
 use tern_proto::MessageId;
 
-use super::bodies::INSERT_BODIES;
 use super::classify;
 use super::mailboxes::{addr_of, TotalsCache, TotalsDelta, UsageCache};
-use super::rows::account_of;
 use crate::store::{Envelope, SharedEntry, StoreError, StoreResult, Usage};
 
 mod acks;
 mod answer;
-mod inserts;
+mod send;
 mod sql;
 use acks::Barrier;
-use answer::totals_delta;
-use inserts::inserts;
+pub(super) use send::send_sql;
 pub(super) use sql::ADD_TOTALS;
 use sql::*;
 
@@ -119,8 +118,9 @@ pub(super) struct Writer {
     pub(super) hosts: String,
     pub(super) deadline: Duration,
     pub(super) slot: i32,
-    /// Which appends the transaction refuses as to a deleted account.
-    pub(super) accounts: AccountCheck,
+    /// The statement of a batch with sends ([`send_sql`] for the backend's
+    /// [`AccountCheck`]).
+    pub(super) send_sql: String,
     pub(super) totals: Arc<TotalsCache>,
     pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
@@ -252,17 +252,10 @@ fn plan(ops: &[Op]) -> BTreeMap<DeviceAddress, Part> {
 enum Step {
     /// Nothing to write (barriers only).
     Nothing,
-    /// Appends, maybe with removals: the heads are locked, the rest follows.
-    Locked(Box<Locked>),
+    /// Sends, maybe with removals: one statement, then the removals, then COMMIT.
+    Sends,
     /// Removals only: one statement.
     Removals,
-}
-
-/// What the first half of a batch's transaction leaves for the second.
-struct Locked {
-    open: Open,
-    heads: HashMap<DeviceAddress, (i64, i64, i64)>,
-    refused: HashSet<DeviceAddress>,
 }
 
 impl Writer {
@@ -323,30 +316,30 @@ impl Writer {
             let totals_slot = (this.slot + batch_no) % TOTAL_SLOTS;
             batch_no = (batch_no + 1) % PIPELINE as i32;
             let parts = plan(&ops);
-            // The locks are taken here, one batch after another: within a mailbox,
-            // a later batch waits for an earlier one's commit, so seqs follow the queue.
-            // A batch of removals only takes no seqs: its one statement needs no turn.
-            let locked = if parts.is_empty() {
-                Ok(Step::Nothing)
+            let step = if parts.is_empty() {
+                Step::Nothing
             } else if removals {
-                Ok(Step::Removals)
+                Step::Removals
             } else {
-                this.bounded(this.lock(&parts))
-                    .await
-                    .map(|l| Step::Locked(Box::new(l)))
+                Step::Sends
             };
             let (done, next) = oneshot::channel();
             let before = previous.replace(next);
+            // A batch with sends takes its head locks after the one before it has
+            // taken its own: within a mailbox, a later batch waits for an earlier
+            // one's commit, so seqs follow the queue. A batch of removals only takes
+            // no seqs: its one statement needs no turn.
+            let (locked, turn) = oneshot::channel();
+            let turn = matches!(step, Step::Sends).then_some(turn);
             let this = this.clone();
             tokio::spawn(async move {
-                let outcome = match locked {
-                    Ok(Step::Nothing) => Ok(Outcome::default()),
-                    Ok(Step::Locked(locked)) => {
-                        this.bounded(this.finish(*locked, &ops, &parts, totals_slot))
+                let outcome = match step {
+                    Step::Nothing => Ok(Outcome::default()),
+                    Step::Sends => {
+                        this.bounded(this.send(&ops, &parts, totals_slot, locked))
                             .await
                     }
-                    Ok(Step::Removals) => this.bounded(this.remove(&parts, totals_slot)).await,
-                    Err(f) => Err(f),
+                    Step::Removals => this.bounded(this.remove(&parts, totals_slot)).await,
                 };
                 if let Some(before) = before {
                     let _ = before.await;
@@ -358,6 +351,11 @@ impl Writer {
                 let _ = done.send(());
                 drop(slot);
             });
+            // Heard once the statement has answered, or dropped (failed, or given up
+            // at the deadline).
+            if let Some(turn) = turn {
+                let _ = turn.await;
+            }
         }
     }
 
@@ -397,271 +395,6 @@ impl Writer {
         for op in ops {
             op.fail(StoreError::Unavailable(message.clone()));
         }
-    }
-
-    /// BEGIN, the head locks (and counts), the deletion check: one round trip, as
-    /// the three are pipelined (the server runs them in order, so the check runs
-    /// after the locks are held).
-    async fn lock(&self, parts: &BTreeMap<DeviceAddress, Part>) -> Result<Locked, Failure> {
-        // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
-        // connection in the pool inside a transaction nobody commits.
-        let open = Open::from(&self.pool, &self.hosts).await?;
-        let tx = open.client()?;
-        // Prepared first (once per connection), so that each statement below goes
-        // out when first polled, in the order written.
-        let upsert = tx.prepare_cached(UPSERT_HEADS).await?;
-        let check = match self.accounts {
-            AccountCheck::None => None,
-            AccountCheck::Intents => Some(tx.prepare_cached(INTENTS).await?),
-            AccountCheck::IntentsAndRows => Some(tx.prepare_cached(INTENTS_OR_NO_ROW).await?),
-        };
-        // 1. Lock (and create) every head of the batch, in order; count the appends.
-        let mut cols = HeadCols::default();
-        for (to, part) in parts {
-            cols.push(to, part.appended.0, part.appended.0, part.appended.1);
-        }
-        // 2. After the locks: accounts being deleted (or gone) take no more messages
-        //    (a purge locks the heads before deleting, so it sees whatever passed).
-        let (accounts, devices): (Vec<&[u8]>, Vec<i64>) = parts
-            .iter()
-            .filter(|(_, p)| !p.appends.is_empty())
-            .map(|(to, _)| (to.account.as_bytes().as_slice(), i64::from(to.device.get())))
-            .unzip();
-        let checked = async {
-            match &check {
-                Some(st) if !accounts.is_empty() => tx.query(st, &[&accounts, &devices]).await,
-                _ => Ok(Vec::new()),
-            }
-        };
-        let (began, rows, gone_rows) = futures::join!(
-            tx.batch_execute("BEGIN"),
-            async {
-                tx.query(
-                    &upsert,
-                    &[&cols.accounts, &cols.devices, &cols.a, &cols.b, &cols.c],
-                )
-                .await
-            },
-            checked,
-        );
-        began?;
-        let mut heads = HashMap::new();
-        for row in rows? {
-            let to = addr_of(row.try_get(0)?, row.try_get(1)?).map_err(Failure::Other)?;
-            heads.insert(to, (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?));
-        }
-        // Each row a refused mailbox: its account, and its device (NULL: every device).
-        let mut gone: HashSet<(AccountId, Option<u32>)> = HashSet::new();
-        for r in gone_rows? {
-            let account = account_of(r.try_get(0)?).map_err(Failure::Other)?;
-            let device = r
-                .try_get::<_, Option<i64>>(1)?
-                .and_then(|d| u32::try_from(d).ok());
-            gone.insert((account, device));
-        }
-        let refused = parts
-            .keys()
-            .filter(|to| {
-                gone.contains(&(to.account, None))
-                    || gone.contains(&(to.account, Some(to.device.get())))
-            })
-            .copied()
-            .collect();
-        Ok(Locked {
-            open,
-            heads,
-            refused,
-        })
-    }
-
-    /// The messages, the heads' and totals' changes, COMMIT.
-    async fn finish(
-        &self,
-        locked: Locked,
-        ops: &[Op],
-        parts: &BTreeMap<DeviceAddress, Part>,
-        totals_slot: i32,
-    ) -> Result<Outcome, Failure> {
-        let Locked {
-            open,
-            heads,
-            refused,
-        } = locked;
-        let tx = open.client()?;
-        // 3. The inserts and the deletions, pipelined.
-        let (ins, bodies, mut shared_bytes) = inserts(ops, parts, &heads, &refused);
-        let del = removal_cols(parts);
-        // Prepared first (once per connection), so that each statement below goes out
-        // when first polled, in the order written: the round trips are the inserts
-        // and deletions (only when the batch deletes: the heads' decrements need
-        // their answer), then the rest with COMMIT.
-        let insert_st = tx.prepare_cached(INSERT_MESSAGES).await?;
-        let bodies_st = tx.prepare_cached(INSERT_BODIES).await?;
-        let delete_st = tx.prepare_cached(DELETE_MESSAGES).await?;
-        let decrement_st = tx.prepare_cached(DECREMENT_HEADS).await?;
-        let totals_st = tx.prepare_cached(ADD_TOTALS).await?;
-        let forget_st = tx.prepare_cached(FORGET_EMPTY_HEADS).await?;
-        let insert_bodies = async {
-            if bodies.is_empty() {
-                return Ok(0);
-            }
-            let ids: Vec<&[u8]> = bodies.iter().map(|b| b.id).collect();
-            let payloads: Vec<&[u8]> = bodies.iter().map(|b| b.payload).collect();
-            let expires: Vec<i64> = bodies.iter().map(|b| b.expires_at).collect();
-            let refs: Vec<i64> = bodies.iter().map(|b| b.refs).collect();
-            tx.execute(&bodies_st, &[&ids, &payloads, &expires, &refs])
-                .await
-        };
-        let insert_messages = async {
-            if ins.accounts.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &insert_st,
-                &[
-                    &ins.accounts,
-                    &ins.devices,
-                    &ins.seqs,
-                    &ins.ids,
-                    &ins.payloads,
-                    &ins.accepted,
-                    &ins.expires,
-                    &ins.body_ids,
-                    &ins.body_lens,
-                ],
-            )
-            .await
-        };
-        let insert = async {
-            let (b, m) = futures::join!(insert_bodies, insert_messages);
-            Ok::<u64, tokio_postgres::Error>(b? + m?)
-        };
-        // With deletions, the inserts go out beside them; without, beside COMMIT.
-        let mut deleted = Vec::new();
-        let later = if del.accounts.is_empty() {
-            Some(insert)
-        } else {
-            let delete = async {
-                tx.query(&delete_st, &[&del.accounts, &del.devices, &del.a])
-                    .await
-            };
-            let (inserted, deleted_rows) = futures::join!(insert, delete);
-            inserted?;
-            for row in deleted_rows? {
-                // A body deleted with its last entry: the relay's bytes lose it.
-                if row.try_get::<_, i32>(0)? == 2 {
-                    shared_bytes -= row.try_get::<_, i64>(3)?;
-                    continue;
-                }
-                let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
-                let seq: i64 = row.try_get(3)?;
-                let (len, own): (i64, i64) = (row.try_get(4)?, row.try_get(5)?);
-                // The relay's bytes keep an entry's body (other entries hold it).
-                shared_bytes += len - own;
-                deleted.push((to, seq as u64, len.max(0) as u64));
-            }
-            None
-        };
-        // 4. Heads less what was deleted or refused, and this node's totals slot.
-        let mut less: BTreeMap<DeviceAddress, (i64, i64)> = BTreeMap::new();
-        for (to, _, len) in &deleted {
-            let e = less.entry(*to).or_default();
-            e.0 += 1;
-            e.1 += *len as i64;
-        }
-        for to in &refused {
-            if let Some(part) = parts.get(to) {
-                let e = less.entry(*to).or_default();
-                e.0 += part.appended.0;
-                e.1 += part.appended.1;
-            }
-        }
-        let mut dec = HeadCols::default();
-        for (to, (m, b)) in &less {
-            dec.push(to, *m, *b, 0);
-        }
-        // A deleted account's heads leave nothing behind (the purge removed them).
-        let mut gone = HeadCols::default();
-        for to in &refused {
-            gone.push(to, 0, 0, 0);
-        }
-        let mut delta = totals_delta(parts, &heads, &less);
-        delta.bytes += shared_bytes;
-        let inserted = async {
-            match later {
-                Some(insert) => insert.await,
-                None => Ok(0),
-            }
-        };
-        let decrement = async {
-            if dec.accounts.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(
-                &decrement_st,
-                &[&dec.accounts, &dec.devices, &dec.a, &dec.b],
-            )
-            .await
-        };
-        let totals = async {
-            if delta.is_zero() {
-                return Ok(0);
-            }
-            tx.execute(
-                &totals_st,
-                &[
-                    &totals_slot,
-                    &delta.messages,
-                    &delta.bytes,
-                    &delta.mailboxes,
-                ],
-            )
-            .await
-        };
-        let forget = async {
-            if gone.accounts.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&forget_st, &[&gone.accounts, &gone.devices])
-                .await
-        };
-        // COMMIT goes out behind them. Should one of them fail, the server answers the
-        // COMMIT of the aborted transaction with a rollback: every result is checked
-        // before the batch counts as committed.
-        let (i, d, t, f, c) = futures::join!(
-            inserted,
-            decrement,
-            totals,
-            forget,
-            tx.batch_execute("COMMIT")
-        );
-        i?;
-        d?;
-        t?;
-        f?;
-        c?;
-        open.committed();
-        self.totals.apply(delta);
-        // Exact as of this commit: the heads were locked and changed by it.
-        for (to, &(_, messages, bytes)) in &heads {
-            if refused.contains(to) {
-                continue;
-            }
-            let (m, b) = less.get(to).copied().unwrap_or_default();
-            let usage = Usage {
-                messages: (messages - m).max(0) as u64,
-                bytes: (bytes - b).max(0) as u64,
-            };
-            self.usage.set(*to, usage);
-        }
-        self.stats.commits.fetch_add(1, Ordering::Relaxed);
-        let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
-        self.stats.rows.fetch_add(rows, Ordering::Relaxed);
-        Ok(Outcome {
-            heads,
-            refused,
-            deleted,
-        })
     }
 }
 

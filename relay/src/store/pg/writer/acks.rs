@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
 
-use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
-use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, Writer};
+use super::sql::{HeadCols, BEGIN_GENERIC, LOCK_HEADS, REMOVE};
+use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, UsageCache, Writer};
 
 /// A durability barrier shared by every caller waiting at the time: one transaction
 /// that commits synchronously. It writes a record to the WAL (a transactional logical
@@ -73,8 +73,8 @@ impl Writer {
         let remove_st = tx.prepare_cached(REMOVE).await?;
         // One round trip: the heads first, in (account, device) order, as every
         // mailbox transaction takes them; then the rows.
-        let (began, locked, removed, committed) = futures::join!(
-            tx.batch_execute("BEGIN"),
+        let (began, locked, deleted, committed) = futures::join!(
+            tx.batch_execute(BEGIN_GENERIC),
             async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
             async {
                 tx.query(
@@ -87,32 +87,12 @@ impl Writer {
         );
         began?;
         locked?;
-        let rows = removed?;
+        let rows = deleted?;
         committed?;
         open.committed();
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
-        for row in &rows {
-            let kind: i32 = row.try_get(0)?;
-            let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
-            // A body deleted with its last entry.
-            if kind == 2 {
-                delta.bytes -= a;
-                continue;
-            }
-            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
-            if kind == 0 {
-                out.deleted.push((to, a as u64, b.max(0) as u64));
-                delta.messages -= 1;
-                // The relay's bytes: the part (the body goes with its last entry).
-                delta.bytes -= row.try_get::<_, i64>(5)?;
-            } else {
-                delta.mailboxes -= i64::from(a == 0);
-                // Read again when next needed: a send batch on another lane may
-                // have set a newer value meanwhile.
-                self.usage.forget(&to);
-            }
-        }
+        removed(&rows, &mut out, &mut delta, &self.usage)?;
         // Committed (visible to every node, the heads free again): counted now, even
         // should the barrier fail.
         self.totals.apply(delta);
@@ -126,4 +106,36 @@ impl Writer {
         }
         Ok(out)
     }
+}
+
+/// Reads the rows of [`REMOVE`] into `out` (what was deleted) and `delta` (what the
+/// statement took from the totals slot), and forgets the usage of the mailboxes it
+/// changed (read again when next needed: a batch on another lane may set a newer
+/// value meanwhile).
+pub(super) fn removed(
+    rows: &[tokio_postgres::Row],
+    out: &mut Outcome,
+    delta: &mut TotalsDelta,
+    usage: &UsageCache,
+) -> Result<(), Failure> {
+    for row in rows {
+        let kind: i32 = row.try_get(0)?;
+        let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
+        // A body deleted with its last entry.
+        if kind == 2 {
+            delta.bytes -= a;
+            continue;
+        }
+        let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+        if kind == 0 {
+            out.deleted.push((to, a as u64, b.max(0) as u64));
+            delta.messages -= 1;
+            // The relay's bytes: the part (the body goes with its last entry).
+            delta.bytes -= row.try_get::<_, i64>(5)?;
+        } else {
+            delta.mailboxes -= i64::from(a == 0);
+            usage.forget(&to);
+        }
+    }
+    Ok(())
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tern_proto::DeviceAddress;
 
-use super::{Op, Outcome, Part, TotalsDelta, Writer};
+use super::{Op, Outcome, Part, Writer};
 use crate::store::{SharedEntry, StoreError, StoreResult, Usage};
 
 impl Writer {
@@ -57,9 +57,8 @@ impl Writer {
 }
 
 /// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
-/// a refused mailbox (an account being deleted) was not written: its seq is still
-/// given, as for an entry its account's purge then deleted; all refused is
-/// [`StoreError::Deleted`].
+/// a refused mailbox (an account being deleted) was not written: its seq is 0 (no
+/// message has it); all refused is [`StoreError::Deleted`].
 fn shared_seqs(
     entries: &[SharedEntry],
     refused: &HashSet<DeviceAddress>,
@@ -70,6 +69,10 @@ fn shared_seqs(
     }
     let mut seqs = Vec::with_capacity(entries.len());
     for e in entries {
+        if refused.contains(&e.to) {
+            seqs.push(0);
+            continue;
+        }
         let Some(base) = next.get_mut(&e.to) else {
             return Err(StoreError::Backend("mailbox head missing".into()));
         };
@@ -77,26 +80,4 @@ fn shared_seqs(
         seqs.push(*base as u64);
     }
     Ok(seqs)
-}
-
-/// How the totals change: messages and bytes, and mailboxes that became non-empty
-/// less those that emptied.
-pub(super) fn totals_delta(
-    parts: &BTreeMap<DeviceAddress, Part>,
-    heads: &HashMap<DeviceAddress, (i64, i64, i64)>,
-    less: &BTreeMap<DeviceAddress, (i64, i64)>,
-) -> TotalsDelta {
-    let mut delta = TotalsDelta::default();
-    for (to, part) in parts {
-        let Some(&(_, messages, _)) = heads.get(to) else {
-            continue;
-        };
-        let (gone_m, gone_b) = less.get(to).copied().unwrap_or_default();
-        let before = messages - part.appended.0;
-        let after = messages - gone_m;
-        delta.messages += part.appended.0 - gone_m;
-        delta.bytes += part.appended.1 - gone_b;
-        delta.mailboxes += i64::from(after > 0) - i64::from(before > 0);
-    }
-    delta
 }

@@ -1,0 +1,324 @@
+//! A batch with sends: one statement that takes the seqs and writes the rows, then the
+//! batch's removals if any, then COMMIT, all sent at once (one round trip).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use tern_proto::DeviceAddress;
+use tokio::sync::oneshot;
+
+use super::acks::removed;
+use super::sql::{BEGIN_GENERIC, REMOVE};
+use super::{
+    addr_of, removal_cols, AccountCheck, Failure, Op, Open, Outcome, Part, TotalsDelta, Writer,
+};
+use crate::store::{SharedEntry, Usage};
+
+/// Which mailboxes take sends, as an SQL condition on `s.a` (account) and `s.dv`
+/// (device), evaluated with the statement's snapshot. That snapshot predates the head
+/// locks the statement may wait for, so a deletion that completes meanwhile is not
+/// seen here: its closed head (V15) refuses the send instead.
+fn check(accounts: AccountCheck) -> &'static str {
+    macro_rules! intents {
+        () => {
+            "NOT EXISTS (SELECT 1 FROM account_deletions d WHERE d.account = s.a)"
+        };
+    }
+    match accounts {
+        AccountCheck::None => "true",
+        AccountCheck::Intents => intents!(),
+        // Also a mailbox whose device row is gone (a removed device: its removal
+        // deletes the row before it purges the mailbox).
+        AccountCheck::IntentsAndRows => concat!(
+            intents!(),
+            " AND EXISTS (SELECT 1 FROM accounts c WHERE c.account = s.a) \
+             AND EXISTS (SELECT 1 FROM devices v WHERE v.account = s.a AND v.device = s.dv)"
+        ),
+    }
+}
+
+/// The batch's statement for `accounts`. Parameters: the mailboxes, sorted by
+/// (account, device) ($1 account, $2 device, $3 messages appended, $4 their bytes as
+/// the head counts them, $5 whether the batch also removes from it); the message rows
+/// ($6 account, $7 device, $8 how far below the mailbox's new last seq, $9 message id,
+/// $10 payload, $11 accepted at, $12 expires at, $13 shared body id, $14 its length);
+/// the shared bodies ($15 id, $16 payload, $17 expires at); $18 the totals slot.
+///
+/// `h` locks every head of the batch in key order (as every mailbox transaction takes
+/// them) and takes the seqs; a closed head is locked but left alone and returns
+/// nothing, and a mailbox refused by the check is not touched unless the batch also
+/// removes from it (then locked with nothing added, so that the removals take no
+/// head out of order). `m` numbers each mailbox's rows below its new last seq, `sb`
+/// stores each body with the entries written, `tot` adds to the totals slot what was
+/// written. Rows of kind 1 are the heads (with whether they took the sends), of kind
+/// 3 what the totals slot was given (messages, bytes, mailboxes).
+pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
+    format!(
+        "WITH src AS (SELECT s.a, s.dv, s.n, s.b, s.r, ({check}) AS ok \
+           FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::bool[]) \
+             s(a, dv, n, b, r)), \
+         h AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
+           SELECT a, dv, CASE WHEN ok THEN n ELSE 0 END, CASE WHEN ok THEN n ELSE 0 END, \
+             CASE WHEN ok THEN b ELSE 0 END FROM src WHERE ok OR r \
+           ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
+             messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
+           WHERE h.closed_at IS NULL \
+           RETURNING h.account, h.device, h.last_seq, h.messages, h.bytes), \
+         hk AS (SELECT h.*, src.n, src.ok FROM h JOIN src ON src.a = h.account AND src.dv = h.device), \
+         m AS (INSERT INTO messages (account, device, seq, message_id, payload, accepted_at, \
+             expires_at, body_id, body_len) \
+           SELECT r.a, r.dv, hk.last_seq - r.back, r.id, r.p, r.at, r.x, r.bid, r.bl \
+           FROM unnest($6::bytea[], $7::int8[], $8::int8[], $9::bytea[], $10::bytea[], \
+             $11::int8[], $12::int8[], $13::bytea[], $14::int8[]) r(a, dv, back, id, p, at, x, bid, bl) \
+           JOIN hk ON hk.account = r.a AND hk.device = r.dv AND hk.ok \
+           RETURNING body_id, octet_length(payload)::int8 AS own), \
+         refs AS (SELECT body_id, count(*)::int8 AS n FROM m WHERE body_id IS NOT NULL \
+           GROUP BY body_id), \
+         sb AS (INSERT INTO shared_bodies (id, payload, expires_at, refs) \
+           SELECT b.id, b.p, b.x, refs.n \
+           FROM unnest($15::bytea[], $16::bytea[], $17::int8[]) b(id, p, x) \
+           JOIN refs ON refs.body_id = b.id \
+           RETURNING octet_length(payload)::int8 AS len), \
+         tot AS (UPDATE mailbox_totals t SET messages = t.messages + mm.c, \
+             bytes = t.bytes + mm.own + bb.len, mailboxes = t.mailboxes + ee.e \
+           FROM (SELECT count(*)::int8 AS c, coalesce(sum(own), 0)::int8 AS own FROM m) mm, \
+             (SELECT coalesce(sum(len), 0)::int8 AS len FROM sb) bb, \
+             (SELECT count(*)::int8 AS e FROM hk WHERE ok AND n > 0 AND messages = n) ee \
+           WHERE t.slot = $18::int4 AND mm.c > 0 \
+           RETURNING mm.c, mm.own + bb.len AS b, ee.e) \
+         SELECT 1, account, device, last_seq, messages, bytes, ok FROM hk \
+         UNION ALL SELECT 3, NULL, NULL, c, b, e, true FROM tot",
+        check = check(accounts)
+    )
+}
+
+/// The parameters of [`send_sql`].
+#[derive(Default)]
+struct SendCols<'a> {
+    accounts: Vec<&'a [u8]>,
+    devices: Vec<i64>,
+    counts: Vec<i64>,
+    bytes: Vec<i64>,
+    removes: Vec<bool>,
+    m_accounts: Vec<&'a [u8]>,
+    m_devices: Vec<i64>,
+    m_back: Vec<i64>,
+    m_ids: Vec<&'a [u8]>,
+    m_payloads: Vec<&'a [u8]>,
+    m_accepted: Vec<i64>,
+    m_expires: Vec<i64>,
+    m_body_ids: Vec<Option<&'a [u8]>>,
+    m_body_lens: Vec<Option<i64>>,
+    b_ids: Vec<&'a [u8]>,
+    b_payloads: Vec<&'a [u8]>,
+    b_expires: Vec<i64>,
+}
+
+/// One message row: its mailbox, id, payload, times, and shared body (id, length).
+struct Row<'a> {
+    id: &'a [u8],
+    payload: &'a [u8],
+    at: i64,
+    until: i64,
+    body: Option<(&'a [u8], i64)>,
+}
+
+impl<'a> SendCols<'a> {
+    /// Every mailbox of the batch, and its rows numbered in queue order: the k-th of n
+    /// appended to a mailbox gets its new last seq less n - k.
+    fn of(ops: &'a [Op], parts: &'a BTreeMap<DeviceAddress, Part>) -> SendCols<'a> {
+        let mut c = SendCols::default();
+        for (to, part) in parts {
+            c.accounts.push(to.account.as_bytes().as_slice());
+            c.devices.push(i64::from(to.device.get()));
+            c.counts.push(part.appended.0);
+            c.bytes.push(part.appended.1);
+            c.removes.push(!part.removes.is_empty());
+            let mut back = part.appended.0;
+            for &(i, j) in &part.appends {
+                let rows: Vec<Row<'a>> = match ops.get(i) {
+                    Some(Op::Append {
+                        msgs,
+                        accepted_at,
+                        expires_at,
+                        ..
+                    }) => msgs
+                        .iter()
+                        .map(|m| Row {
+                            id: m.message_id.0.as_slice(),
+                            payload: &m.payload,
+                            at: *accepted_at,
+                            until: *expires_at,
+                            body: None,
+                        })
+                        .collect(),
+                    Some(Op::AppendShared {
+                        id,
+                        message_id,
+                        body,
+                        entries,
+                        accepted_at,
+                        expires_at,
+                        ..
+                    }) => entries
+                        .get(j)
+                        .map(|e: &'a SharedEntry| Row {
+                            id: message_id.0.as_slice(),
+                            payload: &e.part,
+                            at: *accepted_at,
+                            until: *expires_at,
+                            body: Some((id.as_slice(), body.len() as i64)),
+                        })
+                        .into_iter()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for r in rows {
+                    back -= 1;
+                    c.m_accounts.push(to.account.as_bytes().as_slice());
+                    c.m_devices.push(i64::from(to.device.get()));
+                    c.m_back.push(back);
+                    c.m_ids.push(r.id);
+                    c.m_payloads.push(r.payload);
+                    c.m_accepted.push(r.at);
+                    c.m_expires.push(r.until);
+                    c.m_body_ids.push(r.body.map(|b| b.0));
+                    c.m_body_lens.push(r.body.map(|b| b.1));
+                }
+            }
+        }
+        for op in ops {
+            if let Op::AppendShared {
+                id,
+                body,
+                expires_at,
+                ..
+            } = op
+            {
+                c.b_ids.push(id.as_slice());
+                c.b_payloads.push(body);
+                c.b_expires.push(*expires_at);
+            }
+        }
+        c
+    }
+}
+
+impl Writer {
+    /// A batch with sends (and maybe removals): `BEGIN`, [`send_sql`], the removals
+    /// ([`REMOVE`]: its heads are locked already), `COMMIT`, pipelined. `locked` hears
+    /// once the statement has answered (its heads are held), so that the next batch
+    /// takes its locks after this one.
+    pub(super) async fn send(
+        &self,
+        ops: &[Op],
+        parts: &BTreeMap<DeviceAddress, Part>,
+        totals_slot: i32,
+        locked: oneshot::Sender<()>,
+    ) -> Result<Outcome, Failure> {
+        let cols = SendCols::of(ops, parts);
+        let del = removal_cols(parts);
+        // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
+        // connection in the pool inside a transaction nobody commits.
+        let open = Open::from(&self.pool, &self.hosts).await?;
+        let tx = open.client()?;
+        // Prepared first (once per connection), so that each statement below goes
+        // out when first polled, in the order written.
+        let send_st = tx.prepare_cached(&self.send_sql).await?;
+        let remove_st = tx.prepare_cached(REMOVE).await?;
+        let c = &cols;
+        let send = async {
+            let rows = tx
+                .query(
+                    &send_st,
+                    &[
+                        &c.accounts,
+                        &c.devices,
+                        &c.counts,
+                        &c.bytes,
+                        &c.removes,
+                        &c.m_accounts,
+                        &c.m_devices,
+                        &c.m_back,
+                        &c.m_ids,
+                        &c.m_payloads,
+                        &c.m_accepted,
+                        &c.m_expires,
+                        &c.m_body_ids,
+                        &c.m_body_lens,
+                        &c.b_ids,
+                        &c.b_payloads,
+                        &c.b_expires,
+                        &totals_slot,
+                    ],
+                )
+                .await;
+            let _ = locked.send(());
+            rows
+        };
+        let remove = async {
+            if del.accounts.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(
+                &remove_st,
+                &[&del.accounts, &del.devices, &del.a, &totals_slot],
+            )
+            .await
+        };
+        // Should a statement fail, the server answers the COMMIT of the aborted
+        // transaction with a rollback: every result is checked before the batch counts
+        // as committed.
+        let (began, sent, removed_rows, committed) = futures::join!(
+            tx.batch_execute(BEGIN_GENERIC),
+            send,
+            remove,
+            tx.batch_execute("COMMIT")
+        );
+        began?;
+        let sent = sent?;
+        let removed_rows = removed_rows?;
+        committed?;
+        open.committed();
+        let mut out = Outcome::default();
+        let mut delta = TotalsDelta::default();
+        for row in &sent {
+            let kind: i32 = row.try_get(0)?;
+            if kind == 3 {
+                delta.messages += row.try_get::<_, i64>(3)?;
+                delta.bytes += row.try_get::<_, i64>(4)?;
+                delta.mailboxes += row.try_get::<_, i64>(5)?;
+                continue;
+            }
+            if !row.try_get::<_, bool>(6)? {
+                continue;
+            }
+            let to = addr_of(row.try_get(1)?, row.try_get(2)?).map_err(Failure::Other)?;
+            out.heads
+                .insert(to, (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?));
+        }
+        // Refused: a mailbox the check turned away, or whose head is closed.
+        out.refused = parts
+            .iter()
+            .filter(|(to, p)| !p.appends.is_empty() && !out.heads.contains_key(*to))
+            .map(|(to, _)| *to)
+            .collect();
+        removed(&removed_rows, &mut out, &mut delta, &self.usage)?;
+        self.totals.apply(delta);
+        // Exact as of this commit (the heads were locked and changed by it), unless
+        // the batch also removed from the mailbox (`removed` forgot those).
+        for (to, &(_, messages, bytes)) in &out.heads {
+            if parts.get(to).is_some_and(|p| p.removes.is_empty()) {
+                let usage = Usage {
+                    messages: messages.max(0) as u64,
+                    bytes: bytes.max(0) as u64,
+                };
+                self.usage.set(*to, usage);
+            }
+        }
+        self.stats.commits.fetch_add(1, Ordering::Relaxed);
+        let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
+        self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+        Ok(out)
+    }
+}
