@@ -833,8 +833,7 @@ async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) 
 
 /// An answer the writer holds. A panic in one is caught, as a task of its own would
 /// have it, so the connection's other answers go on.
-type Answer =
-    futures::future::CatchUnwind<AssertUnwindSafe<Pin<Box<dyn Future<Output = Frame> + Send>>>>;
+type Answer = futures::future::CatchUnwind<AssertUnwindSafe<Later>>;
 
 fn hold(answer: Later) -> Answer {
     AssertUnwindSafe(answer).catch_unwind()

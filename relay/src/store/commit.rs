@@ -13,8 +13,9 @@
 //! from independent connections, not one client waiting on each answer), the flusher
 //! waits up to the *commit delay* for more before it flushes, and flushes early once
 //! about as many are waiting as the last batch held (a busy relay's batches fill
-//! without waiting). The delay postpones only the senders' acknowledgements: a
-//! recipient that is connected is handed the message when it is appended.
+//! without waiting). The delay postpones the answers to writers (sends, acks) and what
+//! waits for them (push wake-ups), never a delivery: a recipient that is connected is
+//! handed the message when it is appended.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -63,9 +64,11 @@ type Waiter = (Scope, oneshot::Sender<Result<(), StoreError>>);
 /// A delayed flush goes early once this many writers wait, whatever the last batch.
 const EARLY_MIN: usize = 16;
 
-/// What the committers and the flusher share about a delayed flush.
+/// What the committers and the flusher share.
 #[derive(Debug)]
 struct Gate {
+    /// Flushes run so far.
+    flushes: AtomicU64,
     /// Commit delay in microseconds (0: none).
     delay_us: AtomicU64,
     /// Waiters sent and not yet taken by the flusher (counted before the send, so
@@ -81,7 +84,6 @@ pub struct GroupCommit {
     mode: Durability,
     flush: Arc<dyn Flush>,
     tx: Option<mpsc::Sender<Waiter>>,
-    flushes: Arc<AtomicU64>,
     gate: Arc<Gate>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -98,8 +100,8 @@ impl std::fmt::Debug for GroupCommit {
 impl GroupCommit {
     /// Starts the flusher thread running `flush` (only needed for `Durability::Fsync`).
     pub fn start(flush: Arc<dyn Flush>, mode: Durability) -> std::io::Result<Self> {
-        let flushes = Arc::new(AtomicU64::new(0));
         let gate = Arc::new(Gate {
+            flushes: AtomicU64::new(0),
             delay_us: AtomicU64::new(0),
             pending: AtomicUsize::new(0),
             early: AtomicUsize::new(usize::MAX),
@@ -110,22 +112,20 @@ impl GroupCommit {
                 mode,
                 flush,
                 tx: None,
-                flushes,
                 gate,
                 thread: None,
             });
         }
         let (tx, rx) = mpsc::channel::<Waiter>();
-        let (counter, run, shared) = (flushes.clone(), flush.clone(), gate.clone());
+        let (run, shared) = (flush.clone(), gate.clone());
         let thread = thread::Builder::new()
             .name("tern-group-commit".into())
-            .spawn(move || flusher(&run, &rx, &counter, &shared))?;
+            .spawn(move || flusher(&run, &rx, &shared))?;
         let _ = gate.flusher.set(thread.thread().clone());
         Ok(GroupCommit {
             mode,
             flush,
             tx: Some(tx),
-            flushes,
             gate,
             thread: Some(thread),
         })
@@ -192,7 +192,7 @@ impl GroupCommit {
 
     /// Flushes run so far.
     pub fn flushes(&self) -> u64 {
-        self.flushes.load(Ordering::Relaxed)
+        self.gate.flushes.load(Ordering::Relaxed)
     }
 }
 
@@ -205,7 +205,7 @@ impl Drop for GroupCommit {
     }
 }
 
-fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &AtomicU64, gate: &Gate) {
+fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, gate: &Gate) {
     // Whether writers arrived during the last flush, and how many that flush took.
     let (mut busy, mut last) = (false, 1);
     // Ends when every sender is dropped.
@@ -225,7 +225,7 @@ fn flusher(flush: &Arc<dyn Flush>, rx: &mpsc::Receiver<Waiter>, flushes: &Atomic
         busy = gate.pending.load(Ordering::SeqCst) > 0;
         crate::metrics::group_commit(batch.len(), began.elapsed());
         let all = mailboxes.clone().and(rest);
-        flushes.fetch_add(1, Ordering::Relaxed);
+        gate.flushes.fetch_add(1, Ordering::Relaxed);
         for (scope, w) in batch {
             let _ = w.send(match scope {
                 Scope::All => all.clone(),
