@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::testdb::{db, execute, node, sql};
+use super::testdb::{append_pair, db, execute, node, sql};
 use super::*;
 use crate::store::conformance::{self, addr, msg};
 use crate::store::{Envelope, MailboxStore, Usage};
@@ -218,14 +218,7 @@ fn an_append_to_an_account_being_deleted_is_refused() {
     );
     assert_eq!(c, 1);
     // Staged together: the one to the account being deleted fails alone.
-    let x = a
-        .queue_append(&gone, &[msg(2, 4)], 1_000, 9_000)
-        .expect("stage");
-    let y = a
-        .queue_append(&kept, &[msg(3, 4)], 1_000, 9_000)
-        .expect("stage");
-    let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
-    let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    let (x, y) = append_pair(&a, (&gone, msg(2, 4)), (&kept, msg(3, 4)));
     assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");
     assert_eq!(y.expect("kept").len(), 1);
     assert_eq!(a.read(&gone, 0, 10).expect("read").len(), 1);

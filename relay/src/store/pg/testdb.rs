@@ -62,3 +62,22 @@ pub(crate) async fn a_session_waits(
     }
     Ok(false)
 }
+
+/// Stages one envelope to each of `first` and `second` (queued one after the other,
+/// so that they can share a batch) and returns each one's answer.
+pub(crate) fn append_pair(
+    b: &PgBackend,
+    first: (&tern_proto::DeviceAddress, crate::store::Envelope),
+    second: (&tern_proto::DeviceAddress, crate::store::Envelope),
+) -> (
+    crate::store::StoreResult<Vec<u64>>,
+    crate::store::StoreResult<Vec<u64>>,
+) {
+    let stage = |(to, m): (&tern_proto::DeviceAddress, crate::store::Envelope)| {
+        b.queue_append(to, &[m], 1_000, 9_000).expect("stage")
+    };
+    let (x, y) = (stage(first), stage(second));
+    let x = b.run(async { Ok(x.await.expect("answer")) }).expect("run");
+    let y = b.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    (x, y)
+}

@@ -4,7 +4,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use super::mailboxes::CLOSE_HEAD;
-use super::testdb::{db, execute, node, sql};
+use super::testdb::{append_pair, db, execute, node, sql};
 use super::*;
 use crate::store::conformance::{addr, msg};
 use tern_proto::DeviceAddress;
@@ -38,14 +38,7 @@ fn a_purged_mailbox_keeps_a_closed_head_that_refuses_sends() {
         Err(StoreError::Deleted)
     ));
     // Staged with a send that goes through: that one alone fails.
-    let x = a
-        .queue_append(&gone, &[msg(5, 4)], 1_000, 9_000)
-        .expect("stage");
-    let y = a
-        .queue_append(&kept, &[msg(6, 4)], 1_000, 9_000)
-        .expect("stage");
-    let x = a.run(async { Ok(x.await.expect("answer")) }).expect("run");
-    let y = a.run(async { Ok(y.await.expect("answer")) }).expect("run");
+    let (x, y) = append_pair(&a, (&gone, msg(5, 4)), (&kept, msg(6, 4)));
     assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");
     assert_eq!(y.expect("kept"), vec![2]);
     let head = &sql(
