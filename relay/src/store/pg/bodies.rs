@@ -6,10 +6,10 @@
 //!   locked in (account, device) order, then the body (`refs` = the entries written)
 //!   and the entries, in the batch's one transaction.
 //! - Every statement that deletes messages (ack, expiry, purge) releases their bodies
-//!   in the same statement ([`release!`]): the bodies' rows are locked in id order
-//!   (after the heads, which every mailbox transaction takes first, so two
-//!   transactions never wait on each other in a cycle), `refs` goes down by the
-//!   entries deleted, and a body whose count reaches 0 is deleted.
+//!   in the same statement ([`release!`]): the bodies' rows are locked in id order,
+//!   last (every mailbox transaction locks its heads, then its totals slot, then
+//!   bodies, so two transactions never wait on each other in a cycle), `refs` goes
+//!   down by the entries deleted, and a body whose count reaches 0 is deleted.
 //! - A mailbox counts an entry as (part + body) bytes; the relay-wide totals count
 //!   the body once: added by the append, subtracted by the deletion that takes it.
 //! - A read fetches the page's bodies by id in a second statement. An entry whose
@@ -51,10 +51,11 @@ const LEAK_PAGE: i64 = 1_000;
 const LEAK_PAGES: usize = 10;
 
 /// Deletes up to `$2` bodies that expired at `$1` or before, whatever their count,
-/// and takes their bytes off totals slot `$3`; returns (bodies, bytes). The rows are
-/// locked in id order, as a release locks them, and one a release deleted meanwhile
-/// is skipped (counted by neither twice).
-const SWEEP_LEAKED: &str = "WITH due AS (SELECT id FROM shared_bodies WHERE expires_at <= $1 \
+/// and takes their bytes off totals slot `$3`; returns (bodies, bytes). The slot is
+/// locked first and the rows in id order, as a release locks them, and one a release
+/// deleted meanwhile is skipped (counted by neither twice).
+const SWEEP_LEAKED: &str = "WITH sl AS (SELECT 1 FROM mailbox_totals WHERE slot = $3 FOR UPDATE), \
+     due AS (SELECT id FROM shared_bodies WHERE expires_at <= $1 AND (SELECT count(*) FROM sl) >= 0 \
        ORDER BY expires_at LIMIT $2), \
      lk AS (SELECT b.id FROM shared_bodies b JOIN due ON b.id = due.id \
        ORDER BY b.id FOR UPDATE OF b), \

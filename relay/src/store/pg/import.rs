@@ -42,7 +42,7 @@ fn seq(v: u64) -> StoreResult<i64> {
 }
 
 fn dev(a: &DeviceAddress) -> i64 {
-    i64::from(a.device.get())
+    super::keys::params(a).1
 }
 
 impl PgBackend {
@@ -342,8 +342,16 @@ impl PgBackend {
                     ],
                 )
                 .await?;
-                // The bodies after the head and in id order, as every mailbox
-                // transaction locks them.
+                // The mailbox was empty before this batch: one more mailbox.
+                let new_mailbox = i64::from(after == count);
+                exec_in(
+                    &tx,
+                    super::writer::ADD_TOTALS,
+                    &[&0i32, &count, &own, &new_mailbox],
+                )
+                .await?;
+                // The bodies after the head and the totals slot, in id order, as
+                // every mailbox transaction locks them.
                 if !refs.is_empty() {
                     exec_in(
                         &tx,
@@ -357,14 +365,6 @@ impl PgBackend {
                     )
                     .await?;
                 }
-                // The mailbox was empty before this batch: one more mailbox.
-                let new_mailbox = i64::from(after == count);
-                exec_in(
-                    &tx,
-                    super::writer::ADD_TOTALS,
-                    &[&0i32, &count, &own, &new_mailbox],
-                )
-                .await?;
             })
         })
     }

@@ -649,3 +649,52 @@ fn an_ack_is_answered_only_once_a_synchronous_commit_covers_it() {
         "{acked:?}"
     );
 }
+
+/// A batch's statements go out with its `COMMIT`, so the server runs them even after
+/// the writer gave up at its deadline (here 1.5 s). Each statement gets half the
+/// statement timeout: a batch held up past the deadline was rolled back by the
+/// server, and what was answered `UNAVAILABLE` did not happen after all.
+#[test]
+fn a_batch_answered_unavailable_at_the_deadline_does_not_commit_later() {
+    let (pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(82, 1);
+    let seqs = a.append(&to, &[msg(1, 8)], 1_000, 9_000).expect("append");
+    let (rt, mut sessions) = super::testdb::sessions(&pg, 2);
+    let (mut head, mut row) = (sessions.remove(0), sessions.remove(0));
+    let key = super::keys::params(&to);
+    let seq = seqs[0] as i64;
+    // The ack's head held 0.9 s, then its row 0.9 s more: 1.8 s in all had each
+    // statement the whole statement timeout.
+    let head_tx = rt.block_on(head.transaction()).expect("begin");
+    rt.block_on(head_tx.execute(
+        "SELECT 1 FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
+        &[&key.0, &key.1],
+    ))
+    .expect("head");
+    let row_tx = rt.block_on(row.transaction()).expect("begin");
+    rt.block_on(row_tx.execute(
+        "SELECT 1 FROM messages WHERE account = $1 AND device = $2 AND seq = $3 FOR UPDATE",
+        &[&key.0, &key.1, &seq],
+    ))
+    .expect("row");
+    let acked = std::thread::scope(|s| {
+        let ack = s.spawn(|| a.remove(&to, &seqs));
+        std::thread::sleep(Duration::from_millis(900));
+        rt.block_on(head_tx.rollback()).expect("release the head");
+        std::thread::sleep(Duration::from_millis(900));
+        rt.block_on(row_tx.rollback()).expect("release the row");
+        ack.join().expect("no panic")
+    });
+    assert!(
+        matches!(acked, Err(StoreError::Unavailable(_))),
+        "{acked:?}"
+    );
+    // Whatever was still running on the server has ended by now.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        a.read(&to, 0, 10).expect("read").len(),
+        1,
+        "not deleted later"
+    );
+}

@@ -22,6 +22,7 @@ use tern_proto::DeviceAddress;
 use tokio::sync::{mpsc, oneshot};
 
 use super::bodies::{deleted_cols, deleted_counts, release};
+use super::keys::params;
 use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
@@ -81,6 +82,10 @@ pub(super) const CLOSE_HEAD: &str =
      ON CONFLICT (account, device) DO UPDATE SET closed_at = coalesce(h.closed_at, EXCLUDED.closed_at) \
      RETURNING messages";
 
+/// Locks a totals slot (`$1`): after the heads and before any shared body, as every
+/// transaction orders them.
+const LOCK_SLOT: &str = "SELECT 1 FROM mailbox_totals WHERE slot = $1 FOR UPDATE";
+
 /// How long a failed usage prefetch answers for the read under the device lock.
 const PREFETCH_FAILURE_HOLDS: Duration = Duration::from_millis(100);
 
@@ -106,14 +111,22 @@ pub(super) struct MailState {
 impl MailState {
     /// Starts the writer on the backend's runtime.
     pub(super) fn start(backend: &PgBackend) -> StoreResult<MailState> {
-        let schema = backend.run(async {
+        // Whether the accounts schema is there, and the engine knows plan_cache_mode.
+        let (schema, generic_plans) = backend.run(async {
             let c = backend.client().await?;
             let row = c
-                .query_one("SELECT to_regclass('account_deletions') IS NOT NULL", &[])
+                .query_one(
+                    "SELECT to_regclass('account_deletions') IS NOT NULL, \
+                     current_setting('plan_cache_mode', true) IS NOT NULL",
+                    &[],
+                )
                 .await
                 .map_err(|e| backend.classify(&e))?;
-            row.try_get::<_, bool>(0)
-                .map_err(|e| StoreError::Backend(format!("schema check: {e}")))
+            let col = |i| {
+                row.try_get::<_, bool>(i)
+                    .map_err(|e| StoreError::Backend(format!("schema check: {e}")))
+            };
+            Ok((col(0)?, col(1)?))
         })?;
         let accounts = match (schema, backend.require_accounts) {
             (false, _) => AccountCheck::None,
@@ -130,6 +143,8 @@ impl MailState {
             deadline: backend.deadline,
             slot,
             send_sql: super::writer::send_sql(accounts),
+            generic_plans,
+            statement_timeout: backend.statement_timeout,
             totals: totals.clone(),
             usage: usage.clone(),
             stats: stats.clone(),
@@ -268,10 +283,6 @@ fn limit(max: usize) -> i64 {
     i64::try_from(max).unwrap_or(i64::MAX)
 }
 
-fn key(a: &DeviceAddress) -> (&[u8], i64) {
-    (a.account.as_bytes().as_slice(), i64::from(a.device.get()))
-}
-
 impl PgBackend {
     pub(super) fn mail(&self) -> StoreResult<&MailState> {
         self.mail
@@ -373,8 +384,8 @@ impl PgBackend {
     }
 
     /// Deletes from one mailbox in a transaction of its own: heads row locked first,
-    /// then `delete` (which returns the count, the mailbox's bytes and the relay's, and
-    /// releases shared bodies), then heads and totals.
+    /// then the totals slot, then `delete` (which returns the count, the mailbox's
+    /// bytes and the relay's, and releases shared bodies), then heads and totals.
     fn delete_in_mailbox(
         &self,
         of: &DeviceAddress,
@@ -383,7 +394,7 @@ impl PgBackend {
         close_head: bool,
     ) -> StoreResult<Usage> {
         let mail = self.mail()?;
-        let (account, device) = key(of);
+        let (account, device) = params(of);
         let slot = mail.slot;
         let extra = extra.as_ref();
         let (delta, freed) = self.run(async {
@@ -440,22 +451,25 @@ async fn delete_tx(
         .await?
     }
     .map_or(Ok(0), |r| r.try_get(0))?;
-    // The mailbox's bytes (entries with their bodies), and the relay's (parts, and
-    // the bodies deleted with their last entry).
-    let (n, bytes, relay_bytes) = delete.await?;
+    // The slot before the bodies `delete` releases (pipelined with it). The
+    // mailbox's bytes (entries with their bodies), and the relay's (parts, and the
+    // bodies deleted with their last entry).
+    let lock_slot: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let (_, (n, bytes, relay_bytes)) =
+        futures::try_join!(tx.execute(LOCK_SLOT, &lock_slot), delete)?;
     if n == 0 && !close_head {
         tx.commit().await?;
         return Ok(Default::default());
     }
-    if n != 0 {
-        tx.execute(
-            "UPDATE mailbox_heads SET messages = messages - $3, bytes = bytes - $4 \
-             WHERE account = $1 AND device = $2",
-            &[&account, &device, &n, &bytes],
-        )
-        .await?;
-    }
-    let after = before - n;
+    // A closed head's mailbox is empty (its rows all deleted under its lock): counted
+    // as such, even had its counts drifted.
+    tx.execute(
+        "UPDATE mailbox_heads SET messages = CASE WHEN $5 THEN 0 ELSE messages - $3 END, \
+         bytes = CASE WHEN $5 THEN 0 ELSE bytes - $4 END WHERE account = $1 AND device = $2",
+        &[&account, &device, &n, &bytes, &close_head],
+    )
+    .await?;
+    let after = if close_head { 0 } else { before - n };
     let delta = TotalsDelta {
         messages: -n,
         bytes: -relay_bytes,
@@ -539,7 +553,7 @@ impl MailboxStore for PgBackend {
         let Some(after) = cursor(after) else {
             return Ok(Vec::new());
         };
-        self.read_page(key(of), after, limit(max))
+        self.read_page(params(of), after, limit(max))
     }
 
     /// Shared bodies whose count drifted (see [`PgBackend::sweep_leaked_bodies`]).
@@ -551,7 +565,7 @@ impl MailboxStore for PgBackend {
         let Some(after) = cursor(after) else {
             return Ok(Vec::new());
         };
-        let (account, device) = key(of);
+        let (account, device) = params(of);
         let rows = self.run(self.rows(
             "SELECT seq FROM messages WHERE account = $1 AND device = $2 AND seq > $3 \
              ORDER BY seq LIMIT $4",
@@ -568,7 +582,7 @@ impl MailboxStore for PgBackend {
     }
 
     fn usage(&self, of: &DeviceAddress) -> StoreResult<Usage> {
-        let (account, device) = key(of);
+        let (account, device) = params(of);
         let rows = self.run(self.rows(
             "SELECT messages, bytes FROM mailbox_heads WHERE account = $1 AND device = $2",
             &[&account, &device],

@@ -131,6 +131,8 @@ pub struct PgBackend {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     deadline: Duration,
+    /// Each statement's limit (the sessions' `statement_timeout`).
+    statement_timeout: Duration,
     // When a call last got no answer at all (a database that hangs).
     hung: Hung,
     node_id: String,
@@ -200,6 +202,7 @@ impl PgBackend {
             config,
             tls,
             deadline: opts.connect_timeout + opts.statement_timeout,
+            statement_timeout: opts.statement_timeout,
             hung: Hung::new(opts.connect_timeout + opts.statement_timeout),
             node_id: opts.node_id.clone(),
             incarnation: format!("{}#{:016x}", opts.node_id, rand::random::<u64>()),

@@ -46,6 +46,32 @@ pub(crate) fn execute(b: &PgBackend, statement: &str, params: &super::rows::Para
     b.run(b.exec(statement, params)).expect(statement)
 }
 
+/// A runtime and `n` sessions of its own on `pg`'s database `tern`: transactions a
+/// test holds open beside the backends (locks they must wait for).
+pub(crate) fn sessions(
+    pg: &TestPostgres,
+    n: usize,
+) -> (tokio::runtime::Runtime, Vec<tokio_postgres::Client>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let clients = (0..n)
+        .map(|_| {
+            let (c, conn) = rt
+                .block_on(tokio_postgres::connect(
+                    &pg.conn_str("tern"),
+                    tokio_postgres::NoTls,
+                ))
+                .expect("connect");
+            rt.spawn(conn);
+            c
+        })
+        .collect();
+    (rt, clients)
+}
+
 /// Whether some session came to wait for a lock within about 400 ms, asked through `tx`
 /// (a transaction holding the lock the test expects the writer to wait for).
 pub(crate) async fn a_session_waits(

@@ -90,7 +90,7 @@ fn ack_beside_an_append(a: &PgBackend, of: &DeviceAddress, seq: u64) {
     let z = addr(39, 1);
     a.append(&z, &[msg(9, 1)], 1_000, 9_000).expect("append");
     let (commits, _) = a.writer_stats();
-    let key = (z.account.as_bytes().as_slice(), i64::from(z.device.get()));
+    let key = super::keys::params(&z);
     let (held, ack, more) = a
         .run(async {
             let e = |e: tokio_postgres::Error| a.classify(&e);
@@ -123,6 +123,50 @@ fn ack_beside_an_append(a: &PgBackend, of: &DeviceAddress, seq: u64) {
         commits + 2,
         "the held append, then the ack and the append in one"
     );
+}
+
+/// Every transaction takes its heads, then its totals slot, then bodies. An ack or a
+/// purge waiting for its slot thus holds no body yet, and a transaction that holds the
+/// slot and then releases the same body (a batch of sends with an ack does) takes it
+/// at once, where the other order deadlocked (a stall of `deadlock_timeout`, then a
+/// failed batch).
+#[test]
+fn a_release_takes_the_totals_slot_before_the_body() {
+    let (pg, opts) = db();
+    let a = node(&opts, "a");
+    let n: Vec<_> = (1..=3).map(|d| addr(47, d)).collect();
+    let body = Bytes::from(vec![0xB4; 300]);
+    let es = entries(&n);
+    let seqs = a.append_shared(&append(&body, &es, 9_000)).expect("append");
+    let (rt, mut sessions) = super::testdb::sessions(&pg, 1);
+    let other = &mut sessions[0];
+    let ack = || a.remove(&n[0], &[seqs[0]]);
+    let purge = || a.purge(&n[1]);
+    let releases: [(
+        &str,
+        &(dyn Fn() -> crate::store::StoreResult<crate::store::Usage> + Sync),
+    ); 2] = [("an ack", &ack), ("a purge", &purge)];
+    for (what, release) in releases {
+        let tx = rt.block_on(other.transaction()).expect("begin");
+        rt.block_on(tx.batch_execute(
+            "SET LOCAL lock_timeout = '5s'; SELECT 1 FROM mailbox_totals FOR UPDATE",
+        ))
+        .expect("every slot");
+        std::thread::scope(|s| {
+            let done = s.spawn(release);
+            let waits = rt.block_on(super::testdb::a_session_waits(&tx));
+            assert!(waits.expect("pg_locks"), "{what} never waited for its slot");
+            // NOWAIT: a body the release held would fail here at once (a blocking
+            // lock would deadlock, and a retried victim would hide it).
+            let body =
+                rt.block_on(tx.query("SELECT refs FROM shared_bodies FOR UPDATE NOWAIT", &[]));
+            assert!(body.is_ok(), "{what} held the body: {body:?}");
+            rt.block_on(tx.rollback()).expect("rollback");
+            let freed = done.join().expect("no panic");
+            assert_eq!(freed.expect(what).bytes, 301, "{what}");
+        });
+    }
+    assert_eq!(rows(&a), (1, 1, 1), "the third entry holds the body");
 }
 
 #[test]

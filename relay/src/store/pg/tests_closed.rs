@@ -79,7 +79,7 @@ fn send_during_deletion(
     to: DeviceAddress,
     deletion: &[&str],
 ) -> StoreResult<Vec<u64>> {
-    let key = (to.account.as_bytes().as_slice(), i64::from(to.device.get()));
+    let key = super::keys::params(&to);
     a.run(async {
         let e = |e: tokio_postgres::Error| a.classify(&e);
         let mut c = a.client().await?;

@@ -121,6 +121,10 @@ pub(super) struct Writer {
     /// The statement of a batch with sends ([`send_sql`] for the backend's
     /// [`AccountCheck`]).
     pub(super) send_sql: String,
+    /// Whether its transactions use generic plans ([`begin_for`]).
+    pub(super) generic_plans: bool,
+    /// The sessions' `statement_timeout`, the most a batch's statement gets.
+    pub(super) statement_timeout: Duration,
     pub(super) totals: Arc<TotalsCache>,
     pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
@@ -132,8 +136,10 @@ pub(super) struct Writer {
     pub(super) barrier: Option<Barrier>,
 }
 
-/// Which appends a batch refuses, checked after the head locks (a purge locks the
-/// heads before deleting, so it sees whatever passed the check).
+/// Which appends a batch refuses, checked by the send statement with its snapshot
+/// (taken before it waits for any head: a deletion that finishes meanwhile is not
+/// seen, and its closed head refuses the send instead; a purge locks the head before
+/// deleting, so it deletes whatever passed the check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum AccountCheck {
     /// None (the accounts schema is not applied).
@@ -178,9 +184,13 @@ const ACK_GATHER_ROWS: usize = 64;
 /// after another in queue order and are answered in queue order.
 pub const PIPELINE: usize = 4;
 
-/// A pooled connection inside a transaction of ours. Dropped before COMMIT (an error,
-/// a deadline), it leaves the pool and closes, which rolls the transaction back: a
-/// connection inside a transaction never goes back to the pool.
+/// A pooled connection inside a transaction of ours. Dropped before [`Open::committed`]
+/// (an error, a deadline), it leaves the pool and closes: a connection inside a
+/// transaction never goes back to the pool. Closed before its `COMMIT` was sent, the
+/// transaction rolls back; closed after (the deadline passed while the `COMMIT` waited,
+/// for the flush or a synchronous standby, which no `statement_timeout` bounds), it may
+/// still commit: its callers hear `UNAVAILABLE` for writes that may be stored, a retry
+/// stores a send again under its message id, and the recipient drops the copy.
 struct Open(Option<deadpool_postgres::Object>);
 
 impl Open {
@@ -369,6 +379,24 @@ impl Writer {
         }
     }
 
+    /// The `BEGIN` of a transaction whose work started at `started`. Its statements
+    /// go out together with the `COMMIT`, so the server runs them all even after the
+    /// writer gave up at its deadline: each of the (at most two) statements gets half
+    /// the time left (less a margin for the round trip; at most `statement_timeout`),
+    /// so the server has aborted the transaction before then, and a write answered
+    /// `UNAVAILABLE` is not stored. Whatever the pool wait and the preparing took
+    /// counts. (A `COMMIT` waiting for the flush or a standby past the deadline still
+    /// may commit: no timeout covers that wait.) Too little left: fails, nothing sent.
+    fn begin(&self, started: Instant) -> Result<String, Failure> {
+        let margin = self.deadline / 20;
+        let left = self.deadline.saturating_sub(started.elapsed() + margin);
+        let each = (left / 2).min(self.statement_timeout);
+        if each < Duration::from_millis(10) {
+            return Err(Failure::Other(self.stale()));
+        }
+        Ok(begin_for(self.generic_plans, each))
+    }
+
     /// Why an op that waited in the queue past the deadline failed (nothing of it
     /// was sent to the database).
     fn stale(&self) -> StoreError {
@@ -380,7 +408,7 @@ impl Writer {
 
     fn too_slow(&self) -> StoreError {
         StoreError::Unavailable(format!(
-            "PostgreSQL at {}: no commit within {:?}",
+            "PostgreSQL at {}: no commit within {:?} (it may yet commit)",
             self.hosts, self.deadline
         ))
     }
@@ -414,7 +442,7 @@ fn removal_cols(parts: &BTreeMap<DeviceAddress, Part>) -> HeadCols<'_> {
     let mut del = HeadCols::default();
     for (to, part) in parts {
         for &s in part.removes.keys() {
-            del.push(to, s as i64, 0, 0);
+            del.push(to, s as i64);
         }
     }
     del

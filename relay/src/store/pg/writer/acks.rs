@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
 
-use super::sql::{HeadCols, BEGIN_GENERIC, LOCK_HEADS, REMOVE};
+use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
 use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, UsageCache, Writer};
 
 /// A durability barrier shared by every caller waiting at the time: one transaction
@@ -55,6 +56,7 @@ impl Writer {
         parts: &BTreeMap<DeviceAddress, Part>,
         totals_slot: i32,
     ) -> Result<Outcome, Failure> {
+        let started = Instant::now();
         let del = removal_cols(parts);
         if del.accounts.is_empty() {
             return Ok(Outcome::default());
@@ -65,16 +67,17 @@ impl Writer {
             .filter(|(_, p)| !p.removes.is_empty())
             .map(|(to, _)| to)
         {
-            heads.push(to, 0, 0, 0);
+            heads.push(to, 0);
         }
         let open = Open::from(&self.lazy, &self.hosts).await?;
         let tx = open.client()?;
         let lock_st = tx.prepare_cached(LOCK_HEADS).await?;
         let remove_st = tx.prepare_cached(REMOVE).await?;
+        let begin = self.begin(started)?;
         // One round trip: the heads first, in (account, device) order, as every
         // mailbox transaction takes them; then the rows.
         let (began, locked, deleted, committed) = futures::join!(
-            tx.batch_execute(BEGIN_GENERIC),
+            tx.batch_execute(&begin),
             async { tx.query(&lock_st, &[&heads.accounts, &heads.devices]).await },
             async {
                 tx.query(

@@ -3,16 +3,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tern_proto::DeviceAddress;
 use tokio::sync::oneshot;
 
 use super::acks::removed;
-use super::sql::{BEGIN_GENERIC, REMOVE};
+use super::sql::REMOVE;
 use super::{
     addr_of, removal_cols, AccountCheck, Failure, Op, Open, Outcome, Part, TotalsDelta, Writer,
 };
-use crate::store::{SharedEntry, Usage};
+use crate::store::pg::keys::params;
+use crate::store::Usage;
 
 /// Which mailboxes take sends, as an SQL condition on `s.a` (account) and `s.dv`
 /// (device), evaluated with the statement's snapshot. That snapshot predates the head
@@ -114,7 +116,7 @@ struct SendCols<'a> {
     b_expires: Vec<i64>,
 }
 
-/// One message row: its mailbox, id, payload, times, and shared body (id, length).
+/// One message row of a mailbox: its id, payload, times, and shared body (id, length).
 struct Row<'a> {
     id: &'a [u8],
     payload: &'a [u8],
@@ -129,29 +131,43 @@ impl<'a> SendCols<'a> {
     fn of(ops: &'a [Op], parts: &'a BTreeMap<DeviceAddress, Part>) -> SendCols<'a> {
         let mut c = SendCols::default();
         for (to, part) in parts {
-            c.accounts.push(to.account.as_bytes().as_slice());
-            c.devices.push(i64::from(to.device.get()));
+            let (account, device) = params(to);
+            c.accounts.push(account);
+            c.devices.push(device);
             c.counts.push(part.appended.0);
             c.bytes.push(part.appended.1);
             c.removes.push(!part.removes.is_empty());
             let mut back = part.appended.0;
+            let mut push = |r: Row<'a>| {
+                back -= 1;
+                c.m_accounts.push(account);
+                c.m_devices.push(device);
+                c.m_back.push(back);
+                c.m_ids.push(r.id);
+                c.m_payloads.push(r.payload);
+                c.m_accepted.push(r.at);
+                c.m_expires.push(r.until);
+                c.m_body_ids.push(r.body.map(|b| b.0));
+                c.m_body_lens.push(r.body.map(|b| b.1));
+            };
             for &(i, j) in &part.appends {
-                let rows: Vec<Row<'a>> = match ops.get(i) {
+                match ops.get(i) {
                     Some(Op::Append {
                         msgs,
                         accepted_at,
                         expires_at,
                         ..
-                    }) => msgs
-                        .iter()
-                        .map(|m| Row {
-                            id: m.message_id.0.as_slice(),
-                            payload: &m.payload,
-                            at: *accepted_at,
-                            until: *expires_at,
-                            body: None,
-                        })
-                        .collect(),
+                    }) => {
+                        for m in msgs {
+                            push(Row {
+                                id: m.message_id.0.as_slice(),
+                                payload: &m.payload,
+                                at: *accepted_at,
+                                until: *expires_at,
+                                body: None,
+                            });
+                        }
+                    }
                     Some(Op::AppendShared {
                         id,
                         message_id,
@@ -160,30 +176,18 @@ impl<'a> SendCols<'a> {
                         accepted_at,
                         expires_at,
                         ..
-                    }) => entries
-                        .get(j)
-                        .map(|e: &'a SharedEntry| Row {
-                            id: message_id.0.as_slice(),
-                            payload: &e.part,
-                            at: *accepted_at,
-                            until: *expires_at,
-                            body: Some((id.as_slice(), body.len() as i64)),
-                        })
-                        .into_iter()
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                for r in rows {
-                    back -= 1;
-                    c.m_accounts.push(to.account.as_bytes().as_slice());
-                    c.m_devices.push(i64::from(to.device.get()));
-                    c.m_back.push(back);
-                    c.m_ids.push(r.id);
-                    c.m_payloads.push(r.payload);
-                    c.m_accepted.push(r.at);
-                    c.m_expires.push(r.until);
-                    c.m_body_ids.push(r.body.map(|b| b.0));
-                    c.m_body_lens.push(r.body.map(|b| b.1));
+                    }) => {
+                        if let Some(e) = entries.get(j) {
+                            push(Row {
+                                id: message_id.0.as_slice(),
+                                payload: &e.part,
+                                at: *accepted_at,
+                                until: *expires_at,
+                                body: Some((id.as_slice(), body.len() as i64)),
+                            });
+                        }
+                    }
+                    _ => {}
                 }
             }
         }
@@ -216,6 +220,7 @@ impl Writer {
         totals_slot: i32,
         locked: oneshot::Sender<()>,
     ) -> Result<Outcome, Failure> {
+        let started = Instant::now();
         let cols = SendCols::of(ops, parts);
         let del = removal_cols(parts);
         // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
@@ -226,6 +231,7 @@ impl Writer {
         // out when first polled, in the order written.
         let send_st = tx.prepare_cached(&self.send_sql).await?;
         let remove_st = tx.prepare_cached(REMOVE).await?;
+        let begin = self.begin(started)?;
         let c = &cols;
         let send = async {
             let rows = tx
@@ -270,7 +276,7 @@ impl Writer {
         // transaction with a rollback: every result is checked before the batch counts
         // as committed.
         let (began, sent, removed_rows, committed) = futures::join!(
-            tx.batch_execute(BEGIN_GENERIC),
+            tx.batch_execute(&begin),
             send,
             remove,
             tx.batch_execute("COMMIT")

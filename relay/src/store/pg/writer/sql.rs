@@ -4,23 +4,20 @@ use tern_proto::DeviceAddress;
 
 use super::super::bodies::{deleted_cols, release};
 
-/// Per-mailbox columns for `unnest`.
+/// Per-mailbox columns for `unnest`: the mailbox and one number (a seq).
 #[derive(Default)]
 pub(super) struct HeadCols<'a> {
     pub(super) accounts: Vec<&'a [u8]>,
     pub(super) devices: Vec<i64>,
     pub(super) a: Vec<i64>,
-    pub(super) b: Vec<i64>,
-    pub(super) c: Vec<i64>,
 }
 
 impl<'a> HeadCols<'a> {
-    pub(super) fn push(&mut self, to: &'a DeviceAddress, a: i64, b: i64, c: i64) {
-        self.accounts.push(to.account.as_bytes().as_slice());
-        self.devices.push(i64::from(to.device.get()));
+    pub(super) fn push(&mut self, to: &'a DeviceAddress, a: i64) {
+        let (account, device) = crate::store::pg::keys::params(to);
+        self.accounts.push(account);
+        self.devices.push(device);
         self.a.push(a);
-        self.b.push(b);
-        self.c.push(c);
     }
 }
 
@@ -29,14 +26,19 @@ pub(super) const LOCK_HEADS: &str = "SELECT 1 FROM mailbox_heads h \
      JOIN unnest($1::bytea[], $2::int8[]) d(a, dv) ON h.account = d.a AND h.device = d.dv \
      ORDER BY h.account, h.device FOR UPDATE OF h";
 
-// After LOCK_HEADS: the rows and their bodies, then their heads' counts (a head exists
-// while its mailbox has rows, so the insert never adds one), then the totals slot.
-// Rows of kind 0 are the deleted messages (seq, the mailbox's bytes, the relay's), of
-// kind 1 the heads after (messages, bytes), of kind 2 the bodies deleted (length).
+// After the heads are locked (LOCK_HEADS, or a send statement): the totals slot `sl`
+// (locked before any body, as every transaction orders them: heads, slot, bodies; the
+// filter on it is always true, a one-time filter run before `d` reads a row), the
+// rows and their bodies, then their heads' counts (a head exists while its mailbox has
+// rows, so the insert never adds one), then the totals slot's counts. Rows of kind 0 are
+// the deleted messages (seq, the mailbox's bytes, the relay's), of kind 1 the heads
+// after (messages, bytes), of kind 2 the bodies deleted (length).
 pub(super) const REMOVE: &str = concat!(
-    "WITH d AS (DELETE FROM messages m \
+    "WITH sl AS (SELECT 1 FROM mailbox_totals WHERE slot = $4 FOR UPDATE), \
+     d AS (DELETE FROM messages m \
        USING unnest($1::bytea[], $2::int8[], $3::int8[]) k(a, dv, s) \
        WHERE m.account = k.a AND m.device = k.dv AND m.seq = k.s \
+         AND (SELECT count(*) FROM sl) >= 0 \
        RETURNING m.account, m.device, m.seq, ",
     deleted_cols!(),
     ")",
@@ -67,10 +69,19 @@ pub(super) const TOTAL_SLOTS: i32 = 64;
 pub(crate) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
      bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
 
-/// Begins a writer transaction whose statements run on their generic plans. The
-/// writer's statements (data-modifying CTEs over `unnest` arrays) would otherwise be
-/// planned again at every execution (PostgreSQL keeps custom plans when the arrays'
-/// sizes change their estimates): about 1.2 ms of database CPU per batch against
-/// 0.1 ms, where the generic plan (hash joins, index lookups) suits any batch size.
-/// `plan_cache_mode` needs PostgreSQL 12 or later (YugabyteDB 2.25, CockroachDB 23.2).
-pub(super) const BEGIN_GENERIC: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+/// How the writer begins a transaction whose statements may each run `each`. Its
+/// statements run on their generic plans where the engine knows `plan_cache_mode`
+/// (`generic_plans`): its statements (data-modifying CTEs over `unnest` arrays) would
+/// otherwise be planned again at every execution (PostgreSQL keeps custom plans when
+/// the arrays' sizes change their estimates), about 1.2 ms of database CPU per batch
+/// against 0.1 ms, where the generic plan (hash joins, index lookups) suits any batch
+/// size. The setting needs PostgreSQL 12 or later (YugabyteDB 2.25, CockroachDB 23.2).
+pub(in crate::store::pg) fn begin_for(generic_plans: bool, each: std::time::Duration) -> String {
+    let each = each.as_millis().max(1);
+    let plans = if generic_plans {
+        "SET LOCAL plan_cache_mode = force_generic_plan; "
+    } else {
+        ""
+    };
+    format!("BEGIN; {plans}SET LOCAL statement_timeout = {each}")
+}
