@@ -103,43 +103,41 @@ impl Appended {
     /// every caller waiting at the time, or the shared backend's batch commit);
     /// returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        let to = std::slice::from_ref(&self.to);
-        settle(
-            self.staged,
-            &self.commit,
+        let (_, wake_here) = settle(self.staged, &self.commit, self.sealed).await?;
+        let hints = (self.cluster.as_deref(), self.push.as_ref());
+        tell(
             &self.active,
-            (self.cluster.as_deref(), self.push.as_ref()),
-            to,
-            self.sealed,
-        )
-        .await?;
+            hints,
+            std::slice::from_ref(&self.to),
+            wake_here,
+        );
         Ok(self.accepted)
     }
 }
 
 /// Waits until `staged` is durable as configured (the group commit every embedded
-/// write shares, or the shared backend's transaction), then tells the mailboxes `to`:
-/// a write the store made visible only now wakes them here, other nodes hear of
-/// them through `cluster`, and those with no connection here get a push wake-up.
-async fn settle<T>(
-    staged: Staged<T>,
-    commit: &GroupCommit,
+/// write shares, or the shared backend's transaction); returns the store's answer, and
+/// whether the write became visible only now (the mailboxes are then woken by
+/// [`tell`]).
+async fn settle<T>(staged: Staged<T>, commit: &GroupCommit, sealed: bool) -> Result<(T, bool)> {
+    match staged {
+        Staged::Applied(v) => {
+            commit.commit_mailboxes().await?;
+            Ok((v, false))
+        }
+        pending => Ok((pending.wait().await.map_err(|e| refused(e, sealed))?, true)),
+    }
+}
+
+/// Tells the mailboxes `to` of a settled write: one the store made visible only now
+/// (`wake_here`) wakes them here, other nodes hear of them through `cluster`, and
+/// those with no connection here get a push wake-up.
+fn tell(
     active: &ActiveMailboxes,
     (cluster, push): (Option<&Cluster>, Option<&Waker>),
     to: &[DeviceAddress],
-    sealed: bool,
-) -> Result<()> {
-    // Visible only once the transaction committed: woken here then.
-    let wake_here = match staged {
-        Staged::Applied(_) => {
-            commit.commit_mailboxes().await?;
-            false
-        }
-        pending => {
-            pending.wait().await.map_err(|e| refused(e, sealed))?;
-            true
-        }
-    };
+    wake_here: bool,
+) {
     for a in to {
         // The wake-up answers whether a connection here takes the device's mail
         // (one look at the table, not two).
@@ -156,7 +154,6 @@ async fn settle<T>(
             push.mail(a);
         }
     }
-    Ok(())
 }
 
 /// Messages [`Mailboxes::ack`] deleted or queued for deletion: gone from reads, and

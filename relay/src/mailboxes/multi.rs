@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult, Refused};
 
-use super::{refused, settle, ActiveMailboxes, Mailboxes};
+use super::{refused, settle, tell, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
 use crate::core::limits::Limits;
@@ -53,7 +53,9 @@ pub fn append_multi(
 pub struct MultiAppended {
     /// `None` when every device was refused: nothing was stored.
     staged: Option<Staged<Vec<u64>>>,
+    /// The entries stored or queued: each device, and the index of its recipient.
     to: Vec<DeviceAddress>,
+    recipients: Vec<u32>,
     refused: Vec<Refused>,
     commit: Arc<GroupCommit>,
     active: Arc<ActiveMailboxes>,
@@ -62,7 +64,8 @@ pub struct MultiAppended {
 }
 
 impl MultiAppended {
-    /// Devices whose entry is stored.
+    /// Devices whose entry is stored or queued (a shared backend may yet refuse some:
+    /// [`MultiAppended::commit`]).
     pub fn accepted(&self) -> usize {
         self.to.len()
     }
@@ -70,20 +73,53 @@ impl MultiAppended {
     /// Waits until the body and its entries are durable as configured (the group
     /// commit every send shares, or the shared backend's transaction); returns what
     /// was accepted and refused.
+    ///
+    /// A shared backend may refuse entries the checks let through (PostgreSQL: an
+    /// account another node is deleting, before this node holds its tombstone): it
+    /// stores none for them and answers seq 0, and their accounts are refused whole,
+    /// as one found deleted before the locks.
     pub async fn commit(self) -> Result<MultiSendResult> {
+        let (mut to, mut refused) = (self.to, self.refused);
         if let Some(staged) = self.staged {
+            let (seqs, wake_here) = settle(staged, &self.commit, true).await?;
+            let mut kept = Vec::with_capacity(to.len());
+            let mut lost: Vec<(u32, DeviceId)> = Vec::new();
+            for ((a, &recipient), seq) in to.iter().zip(&self.recipients).zip(seqs) {
+                if seq == 0 {
+                    lost.push((recipient, a.device));
+                } else {
+                    kept.push((*a, recipient));
+                }
+            }
+            // A recipient none of whose entries was stored is refused whole.
+            for &(recipient, device) in &lost {
+                let whole = !kept.iter().any(|&(_, r)| r == recipient);
+                let r = Refused {
+                    recipient,
+                    device: (!whole).then_some(device),
+                    code: ErrorCode::Unauthorized,
+                };
+                if !refused.contains(&r) {
+                    refused.push(r);
+                }
+            }
+            if !lost.is_empty() {
+                to = kept.into_iter().map(|(a, _)| a).collect();
+                refused.sort_by_key(|r| (r.recipient, r.device));
+            }
             let hints = (self.cluster.as_deref(), self.push.as_ref());
-            settle(staged, &self.commit, &self.active, hints, &self.to, true).await?;
+            tell(&self.active, hints, &to, wake_here);
         }
         Ok(MultiSendResult {
-            accepted: u32::try_from(self.to.len()).unwrap_or(u32::MAX),
-            refused: self.refused,
+            accepted: u32::try_from(to.len()).unwrap_or(u32::MAX),
+            refused,
         })
     }
 }
 
-/// What [`Mailboxes::stage_multi`] stored (`None`: nothing) and for whom.
-type Stored = (Option<Staged<Vec<u64>>>, Vec<DeviceAddress>);
+/// What [`Mailboxes::stage_multi`] stored (`None`: nothing) and for whom (each device
+/// with the index of its recipient).
+type Stored = (Option<Staged<Vec<u64>>>, Vec<(DeviceAddress, u32)>);
 
 /// A device the account checks let through, waiting for its mailbox's.
 struct Candidate {
@@ -193,6 +229,7 @@ impl Mailboxes {
         let mut appended = MultiAppended {
             staged: None,
             to: Vec::new(),
+            recipients: Vec::new(),
             refused: Vec::new(),
             commit: self.commit.clone(),
             active: self.active.clone(),
@@ -209,12 +246,12 @@ impl Mailboxes {
                 self.stage_multi(send, candidates, from, reserve, &mut refusals)
             })?;
             if matches!(staged, Some(Staged::Applied(_))) {
-                for a in &to {
+                for (a, _) in &to {
                     self.active.wake(a);
                 }
             }
             appended.staged = staged;
-            appended.to = to;
+            (appended.to, appended.recipients) = to.into_iter().unzip();
         }
         refusals.sort_by_key(|r| (r.recipient, r.device));
         appended.refused = refusals;
@@ -238,6 +275,7 @@ impl Mailboxes {
             ..self.limits.clone()
         };
         let mut entries = Vec::with_capacity(candidates.len());
+        let mut stored = Vec::with_capacity(candidates.len());
         let mut totals = None;
         for c in candidates {
             let bytes = SharedEntry::bytes(&c.part, &send.body);
@@ -256,10 +294,13 @@ impl Mailboxes {
                 self.rates.intake(&sender, &c.to, usage.messages, 1)
             })();
             match checked {
-                Ok(()) => entries.push(SharedEntry {
-                    to: c.to,
-                    part: c.part,
-                }),
+                Ok(()) => {
+                    stored.push((c.to, c.recipient));
+                    entries.push(SharedEntry {
+                        to: c.to,
+                        part: c.part,
+                    });
+                }
                 Err(e) => {
                     // An account deleted meanwhile is refused whole, as one found
                     // deleted before the locks.
@@ -292,6 +333,6 @@ impl Mailboxes {
             .store
             .stage_append_shared(&append)
             .map_err(|e| refused(e, true))?;
-        Ok((Some(staged), entries.into_iter().map(|e| e.to).collect()))
+        Ok((Some(staged), stored))
     }
 }

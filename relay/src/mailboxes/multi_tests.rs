@@ -242,3 +242,62 @@ async fn expiry_and_purges_release_the_body() {
     assert_eq!(f.store.shared_bodies(), 0, "expired with its entries");
     assert_eq!(f.store.totals(), Default::default());
 }
+
+/// A shared backend may refuse entries the checks let through: on PostgreSQL, an
+/// account another node is deleting (its intent written, its tombstone not yet here).
+/// That recipient is answered refused, not counted as accepted, and gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_the_store_refuses_at_commit_is_reported_refused() {
+    use crate::store::pg::testdb;
+    let (_pg, opts) = testdb::db();
+    let pg = std::sync::Arc::new(testdb::node(&opts, "a"));
+    let memory = std::sync::Arc::new(crate::store::MemoryStore::new());
+    let mut stores = crate::store::Stores::all(memory.clone());
+    stores.mailboxes = pg.clone();
+    let f = crate::testing::fixture_on(stores, memory);
+    let ds = accounts(&f, &[1, 2, 3]).await;
+    let second = f.add_device(&ds[1], 2, [78; 32]).await.expect("device");
+    let deleting = ds[1].address().account;
+    testdb::execute(
+        &pg,
+        "INSERT INTO account_deletions VALUES ($1, '{1}')",
+        &[&deleting.as_bytes().as_slice()],
+    );
+    let s = send(vec![
+        to(&ds[0], &[1]),
+        to(&ds[1], &[1, second.get()]),
+        to(&ds[2], &[1]),
+    ]);
+    let result = multi(&f, &s, false).await.expect("send");
+    let whole = Refused {
+        recipient: 1,
+        device: None,
+        code: ErrorCode::Unauthorized,
+    };
+    assert_eq!(
+        result,
+        MultiSendResult {
+            accepted: 2,
+            refused: vec![whole.clone()],
+        }
+    );
+    assert_eq!(pull(&f, &ds[0]).len(), 1);
+    assert!(
+        pull(&f, &ds[1]).is_empty(),
+        "nothing for the account being deleted"
+    );
+    assert_eq!(pull(&f, &ds[2]).len(), 1);
+    // Only the account being deleted: refused, the send itself answered.
+    let alone = multi(&f, &send(vec![to(&ds[1], &[1, second.get()])]), false).await;
+    assert_eq!(
+        alone.expect("answered"),
+        MultiSendResult {
+            accepted: 0,
+            refused: vec![Refused {
+                recipient: 0,
+                ..whole
+            }],
+        }
+    );
+    assert!(pull(&f, &ds[1]).is_empty());
+}

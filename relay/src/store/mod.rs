@@ -261,7 +261,9 @@ pub trait MailboxStore: Flush {
     /// its entries no longer account for (deleted outside the store, a count that
     /// drifted) goes anyway: the embedded stores drop it when they recount at open,
     /// PostgreSQL's [`MailboxStore::sweep_files`] a day past its expiry whatever its
-    /// count. Visible at once; durable after [`Flush::flush`].
+    /// count. An entry to a mailbox the backend refuses (PostgreSQL: an account being
+    /// deleted, a closed mailbox) is not stored and gets seq 0 (all refused: the
+    /// body is not stored either). Visible at once; durable after [`Flush::flush`].
     fn append_shared(&self, append: &SharedAppend<'_>) -> StoreResult<Vec<u64>>;
 
     /// Shared bodies held now (for tests and the metrics).

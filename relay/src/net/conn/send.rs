@@ -89,14 +89,12 @@ impl Session {
         let stored = appended.as_ref().is_ok_and(Pending::stored);
         let answer = async move {
             let result = match appended {
-                Ok(appended) => {
-                    let envelopes = appended.envelopes();
-                    let answered = appended.answer().await;
-                    if answered.is_ok() && envelopes > 0 {
+                Ok(appended) => appended.answer().await.map(|(reply, envelopes)| {
+                    if envelopes > 0 {
                         crate::metrics::sent(kind, envelopes);
                     }
-                    answered
-                }
+                    reply
+                }),
                 Err(e) => Err(e),
             };
             drop(permit);
@@ -111,24 +109,19 @@ impl Session {
 trait Pending: Send + 'static {
     /// Whether it stored anything.
     fn stored(&self) -> bool;
-    /// The envelopes it stored (for multi: devices).
-    fn envelopes(&self) -> usize;
-    /// Waits until it is durable; the answer.
-    fn answer(self) -> impl Future<Output = Result<Reply>> + Send;
+    /// Waits until it is durable; the answer and the envelopes stored (for multi:
+    /// devices, without those the store refused at commit).
+    fn answer(self) -> impl Future<Output = Result<(Reply, usize)>> + Send;
 }
 
 impl Pending for Appended {
     fn stored(&self) -> bool {
         true
     }
-    fn envelopes(&self) -> usize {
-        self.accepted()
-    }
-    async fn answer(self) -> Result<Reply> {
+    async fn answer(self) -> Result<(Reply, usize)> {
         let n = self.commit().await?;
-        Ok(Reply::Send {
-            accepted: u32::try_from(n).unwrap_or(u32::MAX),
-        })
+        let accepted = u32::try_from(n).unwrap_or(u32::MAX);
+        Ok((Reply::Send { accepted }, n))
     }
 }
 
@@ -136,10 +129,9 @@ impl Pending for MultiAppended {
     fn stored(&self) -> bool {
         self.accepted() > 0
     }
-    fn envelopes(&self) -> usize {
-        self.accepted()
-    }
-    async fn answer(self) -> Result<Reply> {
-        self.commit().await.map(Reply::MultiSend)
+    async fn answer(self) -> Result<(Reply, usize)> {
+        let result = self.commit().await?;
+        let n = result.accepted as usize;
+        Ok((Reply::MultiSend(result), n))
     }
 }

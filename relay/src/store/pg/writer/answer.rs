@@ -1,5 +1,4 @@
-//! Answering a committed batch: each caller's seqs or freed usage, and the totals'
-//! change.
+//! Answering a committed batch: each caller's seqs, or the usage its acks freed.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -58,15 +57,14 @@ impl Writer {
 
 /// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
 /// a refused mailbox (an account being deleted) was not written: its seq is 0 (no
-/// message has it); all refused is [`StoreError::Deleted`].
+/// message has it), also when every entry is refused (the body was not stored
+/// either): the caller refuses their recipients one by one, as for a send that
+/// stored some.
 fn shared_seqs(
     entries: &[SharedEntry],
     refused: &HashSet<DeviceAddress>,
     next: &mut HashMap<DeviceAddress, i64>,
 ) -> StoreResult<Vec<u64>> {
-    if entries.iter().all(|e| refused.contains(&e.to)) {
-        return Err(StoreError::Deleted);
-    }
     let mut seqs = Vec::with_capacity(entries.len());
     for e in entries {
         if refused.contains(&e.to) {
