@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::testdb::{append_pair, db, execute, node, sql};
+use super::testdb::{answer, append_pair, db, execute, node, one_batch, sql};
 use super::*;
 use crate::store::conformance::{self, addr, msg};
 use crate::store::{Envelope, MailboxStore, Usage};
@@ -193,6 +193,51 @@ fn expired_is_swept_through_the_index_and_only_while_still_expired() {
     assert!(a.expired(2_000, 100).expect("expired").is_empty());
     assert_eq!(a.usage(&to).expect("usage"), Usage::default());
     assert_eq!(a.expired(100_000, 10).expect("expired").len(), 10);
+}
+
+/// A batch that sends to and acks in a mailbox the deletion check refuses: the send
+/// is refused, the ack still deletes (the head locked with nothing added), and the
+/// other mailbox's send in the batch is stored.
+#[test]
+fn a_batch_sending_to_and_acking_in_a_refused_mailbox_applies_the_ack_alone() {
+    let (_pg, opts) = db();
+    let setup = node(&opts, "setup");
+    sql(
+        &setup,
+        "CREATE TABLE IF NOT EXISTS account_deletions \
+         (account bytea PRIMARY KEY, devices bigint[] NOT NULL)",
+    );
+    drop(setup);
+    let a = node(&opts, "a");
+    let (gone, kept) = (addr(11, 1), addr(12, 1));
+    let seqs = a
+        .append(&gone, &[msg(1, 4), msg(2, 4)], 1_000, 9_000)
+        .expect("append");
+    let before = a.totals();
+    execute(
+        &a,
+        "INSERT INTO account_deletions VALUES ($1, '{1}')",
+        &[&gone.account.as_bytes().as_slice()],
+    );
+    let (sent, acked, other) = one_batch(&a, || {
+        Ok((
+            a.queue_append(&gone, &[msg(3, 4)], 1_000, 9_000)?,
+            a.queue_remove(&gone, &seqs[..1])?,
+            a.queue_append(&kept, &[msg(4, 4)], 1_000, 9_000)?,
+        ))
+    });
+    let sent = answer(&a, sent);
+    assert!(matches!(sent, Err(StoreError::Deleted)), "{sent:?}");
+    assert_eq!(answer(&a, acked).expect("acked").messages, 1);
+    assert_eq!(answer(&a, other).expect("kept").len(), 1);
+    let left = a.read(&gone, 0, 10).expect("read");
+    assert_eq!(left.iter().map(|m| m.seq).collect::<Vec<_>>(), &seqs[1..]);
+    assert_eq!(
+        a.usage(&gone).expect("usage").messages,
+        1,
+        "the head agrees"
+    );
+    assert_eq!(a.totals().messages, before.messages, "one acked, one sent");
 }
 
 #[test]

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use super::{PgBackend, PgOptions};
+use crate::store::StoreResult;
 use crate::testing::TestPostgres;
 
 /// A fresh cluster with database `tern`, and options for it with short deadlines.
@@ -89,21 +92,62 @@ pub(crate) async fn a_session_waits(
     Ok(false)
 }
 
-/// Stages one envelope to each of `first` and `second` (queued one after the other,
-/// so that they can share a batch) and returns each one's answer.
+/// Runs `stage` (which queues writes) while the writer is held on a batch of its own,
+/// so that everything it queues goes out in the next batch, one transaction. The
+/// writer is held by a send to a gate mailbox whose head this session holds; the
+/// gate's messages are removed again, so the totals are as if it had never been.
+pub(crate) fn one_batch<T: Send + 'static>(
+    b: &PgBackend,
+    stage: impl FnOnce() -> StoreResult<T> + Send,
+) -> T {
+    use crate::store::conformance::{addr, msg};
+    use crate::store::MailboxStore;
+    let gate = addr(0xEE, 1);
+    let mut seqs = b
+        .append(&gate, &[msg(0xEE, 1)], 1_000, 9_000)
+        .expect("gate");
+    let key = super::keys::params(&gate);
+    let (held, staged) = b
+        .run(async {
+            let e = |e: tokio_postgres::Error| b.classify(&e);
+            let mut c = b.client().await?;
+            let tx = c.transaction().await.map_err(e)?;
+            tx.execute(
+                "SELECT 1 FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
+                &[&key.0, &key.1],
+            )
+            .await
+            .map_err(e)?;
+            let held = b.queue_append(&gate, &[msg(0xEF, 1)], 1_000, 9_000)?;
+            assert!(
+                a_session_waits(&tx).await.map_err(e)?,
+                "the gate never held"
+            );
+            let staged = stage()?;
+            tx.rollback().await.map_err(e)?;
+            Ok((held.await.expect("answer"), staged))
+        })
+        .expect("run");
+    seqs.extend(held.expect("gate"));
+    b.remove(&gate, &seqs).expect("gate removed");
+    staged
+}
+
+/// The answer a queued write gets.
+pub(crate) fn answer<R: Send + 'static>(b: &PgBackend, rx: oneshot::Receiver<R>) -> R {
+    b.run(async { Ok(rx.await.expect("answer")) }).expect("run")
+}
+
+/// Stages one envelope to each of `first` and `second` in one batch ([`one_batch`])
+/// and returns each one's answer.
 pub(crate) fn append_pair(
     b: &PgBackend,
     first: (&tern_proto::DeviceAddress, crate::store::Envelope),
     second: (&tern_proto::DeviceAddress, crate::store::Envelope),
-) -> (
-    crate::store::StoreResult<Vec<u64>>,
-    crate::store::StoreResult<Vec<u64>>,
-) {
+) -> (StoreResult<Vec<u64>>, StoreResult<Vec<u64>>) {
     let stage = |(to, m): (&tern_proto::DeviceAddress, crate::store::Envelope)| {
-        b.queue_append(to, &[m], 1_000, 9_000).expect("stage")
+        b.queue_append(to, &[m], 1_000, 9_000)
     };
-    let (x, y) = (stage(first), stage(second));
-    let x = b.run(async { Ok(x.await.expect("answer")) }).expect("run");
-    let y = b.run(async { Ok(y.await.expect("answer")) }).expect("run");
-    (x, y)
+    let (x, y) = one_batch(b, || Ok((stage(first)?, stage(second)?)));
+    (answer(b, x), answer(b, y))
 }
