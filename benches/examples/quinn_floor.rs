@@ -1,0 +1,181 @@
+//! The floor under the relay's memory per idle connection (issue 20, item 4): a bare
+//! quinn server with the relay's transport settings and nothing of Tern's. Each
+//! client connection opens one bidirectional stream, sends a request and reads the
+//! answer (as a client's authentication does), then idles; the server keeps the
+//! connection and the stream open, one task each, as the relay keeps its control
+//! stream. Prints the server process's resident memory per connection, to compare
+//! with `tern-load connections` at the same count. `QUINN_FLOOR` (comma-separated)
+//! tries transport settings the relay does not use: `no-datagrams`, `no-mtud` (no
+//! MTU discovery), `streams2` (2 concurrent streams, not 8), `small-send` (64 KiB
+//! send window).
+//!
+//! ```sh
+//! cargo run --release -p tern-benches --example quinn_floor -- 10000
+//! QUINN_FLOOR=no-mtud,streams2 target/release/examples/quinn_floor 10000
+//! ```
+
+use std::io::BufRead;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{stream, StreamExt, TryStreamExt};
+use sha2::Digest;
+use tern_proto::Fingerprint;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn main() -> Result<(), Error> {
+    let mut args = std::env::args().skip(1);
+    let first = args.next().unwrap_or_else(|| "10000".into());
+    let runtime = tokio::runtime::Runtime::new()?;
+    if first == "serve" {
+        return runtime.block_on(serve());
+    }
+    let count: usize = first.parse()?;
+    runtime.block_on(measure(count.max(2)))
+}
+
+/// The server: prints its port and its certificate's fingerprint, then serves until
+/// its input closes.
+async fn serve() -> Result<(), Error> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)?;
+    tls.alpn_protocols = vec![tern_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // The relay's settings (relay/src/net/mod.rs `transport_config`, default windows).
+    let mut t = quinn::TransportConfig::default();
+    t.receive_window((512u32 * 1024).into());
+    t.max_concurrent_bidi_streams(8u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(Some(quinn::VarInt::from_u32(60_000).into()));
+    for knob in std::env::var("QUINN_FLOOR").unwrap_or_default().split(',') {
+        match knob {
+            "no-datagrams" => {
+                t.datagram_receive_buffer_size(None);
+                t.datagram_send_buffer_size(0);
+            }
+            "no-mtud" => {
+                t.mtu_discovery_config(None);
+            }
+            "streams2" => {
+                t.max_concurrent_bidi_streams(2u32.into());
+            }
+            "small-send" => {
+                t.send_window(64 * 1024);
+            }
+            "" => {}
+            other => eprintln!("quinn_floor: unknown setting {other}, ignored"),
+        }
+    }
+    config.transport_config(Arc::new(t));
+    let endpoint = quinn::Endpoint::server(config, (Ipv4Addr::LOCALHOST, 0).into())?;
+    let fingerprint: [u8; 32] = sha2::Sha256::digest(der.as_ref()).into();
+    println!(
+        "{} {}",
+        endpoint.local_addr()?.port(),
+        Fingerprint(fingerprint)
+    );
+    let accept = async {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+                    return;
+                };
+                let mut request = [0u8; 64];
+                if recv.read_exact(&mut request).await.is_err() {
+                    return;
+                }
+                // Authenticated: the relay raises the window.
+                conn.set_receive_window((16u32 << 20).into());
+                if send.write_all(&request).await.is_err() {
+                    return;
+                }
+                // Idle, holding the stream, until the client goes.
+                let _ = recv.read_to_end(1 << 16).await;
+                drop(send);
+                drop(conn);
+            });
+        }
+    };
+    let stdin_closed = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while std::io::stdin()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    });
+    tokio::select! {
+        () = accept => {}
+        _ = stdin_closed => {}
+    }
+    endpoint.close(0u32.into(), b"done");
+    Ok(())
+}
+
+/// The server process's resident memory, KiB.
+fn rss_kib(pid: u32) -> Result<u64, Error> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or("no VmRSS")?;
+    Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
+}
+
+async fn measure(count: usize) -> Result<(), Error> {
+    let mut server = Command::new(std::env::current_exe()?)
+        .arg("serve")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = server.id();
+    let mut first = String::new();
+    std::io::BufReader::new(server.stdout.take().ok_or("no stdout")?).read_line(&mut first)?;
+    let (port, fingerprint) = first.trim().split_once(' ').ok_or("no port")?;
+    let target: SocketAddr = (Ipv4Addr::LOCALHOST, port.parse()?).into();
+    let fingerprint: Fingerprint = fingerprint.parse().map_err(|e| format!("{e:?}"))?;
+    let (config, _) = tern_client::net::tls::client_config_pinned_to(&[fingerprint])?;
+    let mut endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into())?;
+    endpoint.set_default_client_config(config);
+    let open = |endpoint: quinn::Endpoint| async move {
+        let conn = endpoint.connect(target, "localhost")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[7u8; 64]).await?;
+        let mut answer = [0u8; 64];
+        recv.read_exact(&mut answer).await?;
+        Ok::<_, Error>((conn, send, recv))
+    };
+    // A first connection and a pause: what every connection shares is already there.
+    let one = open(endpoint.clone()).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid)?;
+    let held: Vec<_> = stream::iter(1..count)
+        .map(|_| open(endpoint.clone()))
+        .buffer_unordered(32)
+        .try_collect()
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per = after.saturating_sub(before) as f64 / (count - 1) as f64;
+    println!(
+        "{{\"connections\": {count}, \"server_rss_before_kib\": {before}, \
+         \"server_rss_after_kib\": {after}, \"rss_per_conn_kib\": {per:.1}}}"
+    );
+    drop(held);
+    drop(one);
+    endpoint.close(0u32.into(), b"done");
+    drop(server.stdin.take());
+    server.wait()?;
+    Ok(())
+}
