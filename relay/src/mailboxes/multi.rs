@@ -76,8 +76,9 @@ impl MultiAppended {
     ///
     /// A shared backend may refuse entries the checks let through (PostgreSQL: an
     /// account another node is deleting, before this node holds its tombstone): it
-    /// stores none for them and answers seq 0, and their accounts are refused whole,
-    /// as one found deleted before the locks.
+    /// stores none for them and answers seq 0, and each such device is refused on its
+    /// own: seq 0 does not say whether the account is being deleted or only the device
+    /// was removed (its mailbox closed), so a recipient is never refused whole here.
     pub async fn commit(self) -> Result<MultiSendResult> {
         let (mut to, mut refused) = (self.to, self.refused);
         if let Some(staged) = self.staged {
@@ -88,15 +89,13 @@ impl MultiAppended {
                 if seq == 0 {
                     lost.push((recipient, a.device));
                 } else {
-                    kept.push((*a, recipient));
+                    kept.push(*a);
                 }
             }
-            // A recipient none of whose entries was stored is refused whole.
             for &(recipient, device) in &lost {
-                let whole = !kept.iter().any(|&(_, r)| r == recipient);
                 let r = Refused {
                     recipient,
-                    device: (!whole).then_some(device),
+                    device: Some(device),
                     code: ErrorCode::Unauthorized,
                 };
                 if !refused.contains(&r) {
@@ -104,7 +103,7 @@ impl MultiAppended {
                 }
             }
             if !lost.is_empty() {
-                to = kept.into_iter().map(|(a, _)| a).collect();
+                to = kept;
                 refused.sort_by_key(|r| (r.recipient, r.device));
             }
             let hints = (self.cluster.as_deref(), self.push.as_ref());

@@ -269,16 +269,19 @@ async fn an_account_the_store_refuses_at_commit_is_reported_refused() {
         to(&ds[2], &[1]),
     ]);
     let result = multi(&f, &s, false).await.expect("send");
-    let whole = Refused {
-        recipient: 1,
-        device: None,
-        code: ErrorCode::Unauthorized,
+    // Each device on its own: seq 0 does not tell a deletion from a removed device.
+    let refused = |recipient| {
+        [1, second.get()].map(|d| Refused {
+            recipient,
+            device: Some(tern_proto::DeviceId::new(d).expect("device")),
+            code: ErrorCode::Unauthorized,
+        })
     };
     assert_eq!(
         result,
         MultiSendResult {
             accepted: 2,
-            refused: vec![whole.clone()],
+            refused: refused(1).to_vec(),
         }
     );
     assert_eq!(pull(&f, &ds[0]).len(), 1);
@@ -293,10 +296,7 @@ async fn an_account_the_store_refuses_at_commit_is_reported_refused() {
         alone.expect("answered"),
         MultiSendResult {
             accepted: 0,
-            refused: vec![Refused {
-                recipient: 0,
-                ..whole
-            }],
+            refused: refused(0).to_vec(),
         }
     );
     assert!(pull(&f, &ds[1]).is_empty());

@@ -696,8 +696,8 @@ fn an_ack_is_answered_only_once_a_synchronous_commit_covers_it() {
 }
 
 /// A batch's statements go out with its `COMMIT`, so the server runs them even after
-/// the writer gave up at its deadline (here 1.5 s). Each statement gets half the
-/// statement timeout: a batch held up past the deadline was rolled back by the
+/// the writer gave up at its deadline (here 1.5 s). Each statement gets half of what
+/// is left of the deadline: a batch held up past the deadline was rolled back by the
 /// server, and what was answered `UNAVAILABLE` did not happen after all.
 #[test]
 fn a_batch_answered_unavailable_at_the_deadline_does_not_commit_later() {

@@ -58,8 +58,8 @@ impl Writer {
 /// A shared append's seqs, one per entry, taken from `next` in queue order. An entry to
 /// a refused mailbox (an account being deleted) was not written: its seq is 0 (no
 /// message has it), also when every entry is refused (the body was not stored
-/// either): the caller refuses their recipients one by one, as for a send that
-/// stored some.
+/// either): the caller refuses those devices one by one, as for a send that stored
+/// some.
 fn shared_seqs(
     entries: &[SharedEntry],
     refused: &HashSet<DeviceAddress>,
