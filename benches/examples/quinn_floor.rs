@@ -1,7 +1,8 @@
 //! The floor under the relay's memory per idle connection (issue 20, item 4): a bare
 //! quinn server with the relay's transport settings and nothing of Tern's. Each
 //! client connection opens one bidirectional stream, sends a request and reads the
-//! answer (as a client's authentication does), then idles; the server keeps the
+//! answer (as a client's authentication does), then idles (each is asked once more
+//! after the measurement, so none was lost); the server keeps the
 //! connection and the stream open, one task each, as the relay keeps its control
 //! stream. Prints the server process's resident memory per connection, to compare
 //! with `tern-load connections` at the same count. `QUINN_FLOOR` (comma-separated)
@@ -91,19 +92,15 @@ async fn serve() -> Result<(), Error> {
                 let Ok((mut send, mut recv)) = conn.accept_bi().await else {
                     return;
                 };
+                // Each request answered, the stream held (idle) until the client goes;
+                // after the first, the window is raised as authentication raises it.
                 let mut request = [0u8; 64];
-                if recv.read_exact(&mut request).await.is_err() {
-                    return;
+                while recv.read_exact(&mut request).await.is_ok() {
+                    conn.set_receive_window((16u32 << 20).into());
+                    if send.write_all(&request).await.is_err() {
+                        return;
+                    }
                 }
-                // Authenticated: the relay raises the window.
-                conn.set_receive_window((16u32 << 20).into());
-                if send.write_all(&request).await.is_err() {
-                    return;
-                }
-                // Idle, holding the stream, until the client goes.
-                let _ = recv.read_to_end(1 << 16).await;
-                drop(send);
-                drop(conn);
             });
         }
     };
@@ -120,6 +117,14 @@ async fn serve() -> Result<(), Error> {
         _ = stdin_closed => {}
     }
     endpoint.close(0u32.into(), b"done");
+    Ok(())
+}
+
+/// One request on a held stream, and its answer.
+async fn ask(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) -> Result<(), Error> {
+    send.write_all(&[7u8; 64]).await?;
+    let mut answer = [0u8; 64];
+    recv.read_exact(&mut answer).await?;
     Ok(())
 }
 
@@ -151,9 +156,7 @@ async fn measure(count: usize) -> Result<(), Error> {
     let open = |endpoint: quinn::Endpoint| async move {
         let conn = endpoint.connect(target, "localhost")?.await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(&[7u8; 64]).await?;
-        let mut answer = [0u8; 64];
-        recv.read_exact(&mut answer).await?;
+        ask(&mut send, &mut recv).await?;
         Ok::<_, Error>((conn, send, recv))
     };
     // A first connection and a pause: what every connection shares is already there.
@@ -167,6 +170,13 @@ async fn measure(count: usize) -> Result<(), Error> {
         .await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_kib(pid)?;
+    // Every connection still answers (none was dropped while idle).
+    let mut held = held;
+    stream::iter(held.iter_mut())
+        .map(|(_, send, recv)| ask(send, recv))
+        .buffer_unordered(64)
+        .try_collect::<Vec<()>>()
+        .await?;
     let per = after.saturating_sub(before) as f64 / (count - 1) as f64;
     println!(
         "{{\"connections\": {count}, \"server_rss_before_kib\": {before}, \
