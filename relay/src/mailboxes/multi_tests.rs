@@ -258,11 +258,7 @@ async fn an_account_the_store_refuses_at_commit_is_reported_refused() {
     let ds = accounts(&f, &[1, 2, 3]).await;
     let second = f.add_device(&ds[1], 2, [78; 32]).await.expect("device");
     let deleting = ds[1].address().account;
-    testdb::execute(
-        &pg,
-        "INSERT INTO account_deletions VALUES ($1, '{1}')",
-        &[&deleting.as_bytes().as_slice()],
-    );
+    testdb::begin_deletion(&pg, &deleting);
     let s = send(vec![
         to(&ds[0], &[1]),
         to(&ds[1], &[1, second.get()]),

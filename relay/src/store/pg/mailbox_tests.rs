@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::testdb::{answer, append_pair, db, execute, node, one_batch, sql};
+use super::testdb::{
+    answer, append_pair, begin_deletion, db, deletions_table, execute, node, one_batch, sql,
+};
 use super::*;
 use crate::store::conformance::{self, addr, msg};
 use crate::store::{Envelope, MailboxStore, Usage};
@@ -201,24 +203,14 @@ fn expired_is_swept_through_the_index_and_only_while_still_expired() {
 #[test]
 fn a_batch_sending_to_and_acking_in_a_refused_mailbox_applies_the_ack_alone() {
     let (_pg, opts) = db();
-    let setup = node(&opts, "setup");
-    sql(
-        &setup,
-        "CREATE TABLE IF NOT EXISTS account_deletions \
-         (account bytea PRIMARY KEY, devices bigint[] NOT NULL)",
-    );
-    drop(setup);
+    deletions_table(&opts);
     let a = node(&opts, "a");
     let (gone, kept) = (addr(11, 1), addr(12, 1));
     let seqs = a
         .append(&gone, &[msg(1, 4), msg(2, 4)], 1_000, 9_000)
         .expect("append");
     let before = a.totals();
-    execute(
-        &a,
-        "INSERT INTO account_deletions VALUES ($1, '{1}')",
-        &[&gone.account.as_bytes().as_slice()],
-    );
+    begin_deletion(&a, &gone.account);
     let (sent, acked, other) = one_batch(&a, || {
         Ok((
             a.queue_append(&gone, &[msg(3, 4)], 1_000, 9_000)?,
@@ -243,25 +235,13 @@ fn a_batch_sending_to_and_acking_in_a_refused_mailbox_applies_the_ack_alone() {
 #[test]
 fn an_append_to_an_account_being_deleted_is_refused() {
     let (pg, opts) = db();
-    // The accounts schema (V3) is another package's: its table, as the plan names it.
-    let setup = node(&opts, "setup");
-    sql(
-        &setup,
-        "CREATE TABLE IF NOT EXISTS account_deletions \
-         (account bytea PRIMARY KEY, devices bigint[] NOT NULL)",
-    );
-    drop(setup);
+    deletions_table(&opts);
     let a = node(&opts, "a");
     let (gone, kept) = (addr(9, 1), addr(10, 1));
     a.append(&gone, &[msg(1, 4)], 1_000, 9_000)
         .expect("before the intent");
     let before = a.totals();
-    let c = execute(
-        &a,
-        "INSERT INTO account_deletions VALUES ($1, '{1}')",
-        &[&gone.account.as_bytes().as_slice()],
-    );
-    assert_eq!(c, 1);
+    assert_eq!(begin_deletion(&a, &gone.account), 1);
     // Staged together: the one to the account being deleted fails alone.
     let (x, y) = append_pair(&a, (&gone, msg(2, 4)), (&kept, msg(3, 4)));
     assert!(matches!(x, Err(StoreError::Deleted)), "{x:?}");

@@ -29,6 +29,26 @@ pub(crate) fn node(opts: &PgOptions, id: &str) -> PgBackend {
     PgBackend::open(&opts).expect("open")
 }
 
+/// Creates the accounts schema's table of deletion intents (another package's; the
+/// mailbox store alone does not), before the nodes that must see it start.
+pub(crate) fn deletions_table(opts: &PgOptions) {
+    sql(
+        &node(opts, "setup"),
+        "CREATE TABLE IF NOT EXISTS account_deletions \
+         (account bytea PRIMARY KEY, devices bigint[] NOT NULL)",
+    );
+}
+
+/// Records the intent to delete `account` (device 1), as a deletion on another node
+/// leaves it before this node holds the tombstone.
+pub(crate) fn begin_deletion(b: &PgBackend, account: &tern_proto::AccountId) -> u64 {
+    execute(
+        b,
+        "INSERT INTO account_deletions VALUES ($1, '{1}')",
+        &[&account.as_bytes().as_slice()],
+    )
+}
+
 /// The rows of `statement` with `params`, through `b`'s pool (checks the traits do
 /// not offer, and rows written behind the stores' backs).
 pub(crate) fn query(

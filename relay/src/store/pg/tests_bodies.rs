@@ -9,7 +9,7 @@ use tern_proto::{DeviceAddress, MessageId};
 
 use super::bodies::LEAKED_BODY_GRACE_MS;
 use super::outage::tests::logged;
-use super::testdb::{db, execute, node, query, sql};
+use super::testdb::{answer, db, execute, node, one_batch, query, sql};
 use super::PgBackend;
 use crate::store::conformance::{self, addr, msg};
 use crate::store::{MailboxStore, SharedAppend, SharedEntry};
@@ -78,50 +78,27 @@ fn a_body_to_n_mailboxes_is_one_row_until_the_last_ack() {
     assert_eq!(rows(&a), (0, 0, 0), "gone after the last ack");
     assert_eq!(
         a.totals().bytes,
-        3 + 2,
-        "the messages of their own are left"
+        3,
+        "the message of its own is left (the gate's were removed)"
     );
 }
 
 /// Acks `seq` of `of` and appends a message of 3 bytes to it in one writer
-/// transaction: the writer is held on another mailbox's head (locked here) until both
-/// are queued, so it takes them together, and commits twice in all.
+/// transaction ([`super::testdb::one_batch`]).
 fn ack_beside_an_append(a: &PgBackend, of: &DeviceAddress, seq: u64) {
-    let z = addr(39, 1);
-    a.append(&z, &[msg(9, 1)], 1_000, 9_000).expect("append");
     let (commits, _) = a.writer_stats();
-    let key = super::keys::params(&z);
-    let (held, ack, more) = a
-        .run(async {
-            let e = |e: tokio_postgres::Error| a.classify(&e);
-            let mut c = a.client().await?;
-            let tx = c.transaction().await.map_err(e)?;
-            tx.query(
-                "SELECT 1 FROM mailbox_heads WHERE account = $1 AND device = $2 FOR UPDATE",
-                &[&key.0, &key.1],
-            )
-            .await
-            .map_err(e)?;
-            let held = a.queue_append(&z, &[msg(10, 1)], 1_000, 9_000)?;
-            let waiting = super::testdb::a_session_waits(&tx).await.map_err(e)?;
-            assert!(waiting, "the writer never waited on the head");
-            let ack = a.queue_remove(of, &[seq])?;
-            let more = a.queue_append(of, &[msg(1, 3)], 1_000, 9_000)?;
-            tx.commit().await.map_err(e)?;
-            Ok((
-                held.await.expect("answer"),
-                ack.await.expect("answer"),
-                more.await.expect("answer"),
-            ))
-        })
-        .expect("run");
-    held.expect("held append");
-    assert_eq!(ack.expect("ack").messages, 1);
-    more.expect("append");
+    let (ack, more) = one_batch(a, || {
+        Ok((
+            a.queue_remove(of, &[seq])?,
+            a.queue_append(of, &[msg(1, 3)], 1_000, 9_000)?,
+        ))
+    });
+    assert_eq!(answer(a, ack).expect("ack").messages, 1);
+    answer(a, more).expect("append");
     assert_eq!(
         a.writer_stats().0,
-        commits + 2,
-        "the held append, then the ack and the append in one"
+        commits + 4,
+        "the gate's two appends and its removal, then the ack and the append in one"
     );
 }
 
@@ -214,11 +191,7 @@ fn an_account_being_deleted_gets_no_entry() {
     let (_pg, opts) = db();
     let a = node(&opts, "a");
     let (deleting, kept) = (addr(44, 1), addr(45, 1));
-    execute(
-        &a,
-        "INSERT INTO account_deletions VALUES ($1, '{1}')",
-        &[&deleting.account.as_bytes().as_slice()],
-    );
+    super::testdb::begin_deletion(&a, &deleting.account);
     let body = Bytes::from(vec![0xB3; 40]);
     let es = entries(&[deleting, kept]);
     let seqs = a.append_shared(&append(&body, &es, 9_000)).expect("append");
