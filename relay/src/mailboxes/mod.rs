@@ -105,12 +105,7 @@ impl Appended {
     pub async fn commit(self) -> Result<usize> {
         let (_, wake_here) = settle(self.staged, &self.commit, self.sealed).await?;
         let hints = (self.cluster.as_deref(), self.push.as_ref());
-        tell(
-            &self.active,
-            hints,
-            std::slice::from_ref(&self.to),
-            wake_here,
-        );
+        tell(&self.active, hints, [&self.to], wake_here);
         Ok(self.accepted)
     }
 }
@@ -132,10 +127,10 @@ async fn settle<T>(staged: Staged<T>, commit: &GroupCommit, sealed: bool) -> Res
 /// Tells the mailboxes `to` of a settled write: one the store made visible only now
 /// (`wake_here`) wakes them here, other nodes hear of them through `cluster`, and
 /// those with no connection here get a push wake-up.
-fn tell(
+fn tell<'a>(
     active: &ActiveMailboxes,
     (cluster, push): (Option<&Cluster>, Option<&Waker>),
-    to: &[DeviceAddress],
+    to: impl IntoIterator<Item = &'a DeviceAddress>,
     wake_here: bool,
 ) {
     for a in to {

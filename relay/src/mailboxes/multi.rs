@@ -54,8 +54,7 @@ pub struct MultiAppended {
     /// `None` when every device was refused: nothing was stored.
     staged: Option<Staged<Vec<u64>>>,
     /// The entries stored or queued: each device, and the index of its recipient.
-    to: Vec<DeviceAddress>,
-    recipients: Vec<u32>,
+    to: Vec<(DeviceAddress, u32)>,
     refused: Vec<Refused>,
     commit: Arc<GroupCommit>,
     active: Arc<ActiveMailboxes>,
@@ -80,37 +79,31 @@ impl MultiAppended {
     /// own: seq 0 does not say whether the account is being deleted or only the device
     /// was removed (its mailbox closed), so a recipient is never refused whole here.
     pub async fn commit(self) -> Result<MultiSendResult> {
-        let (mut to, mut refused) = (self.to, self.refused);
+        let mut refused = self.refused;
+        let mut accepted = 0;
         if let Some(staged) = self.staged {
             let (seqs, wake_here) = settle(staged, &self.commit, true).await?;
-            let mut kept = Vec::with_capacity(to.len());
-            let mut lost: Vec<(u32, DeviceId)> = Vec::new();
-            for ((a, &recipient), seq) in to.iter().zip(&self.recipients).zip(seqs) {
-                if seq == 0 {
-                    lost.push((recipient, a.device));
-                } else {
-                    kept.push(*a);
+            let entries = || self.to.iter().zip(&seqs);
+            let kept = || entries().filter(|(_, &seq)| seq != 0).map(|((a, _), _)| a);
+            accepted = kept().count();
+            if accepted < self.to.len() {
+                for (&(a, recipient), _) in entries().filter(|(_, &seq)| seq == 0) {
+                    let r = Refused {
+                        recipient,
+                        device: Some(a.device),
+                        code: ErrorCode::Unauthorized,
+                    };
+                    if !refused.contains(&r) {
+                        refused.push(r);
+                    }
                 }
-            }
-            for &(recipient, device) in &lost {
-                let r = Refused {
-                    recipient,
-                    device: Some(device),
-                    code: ErrorCode::Unauthorized,
-                };
-                if !refused.contains(&r) {
-                    refused.push(r);
-                }
-            }
-            if !lost.is_empty() {
-                to = kept;
                 refused.sort_by_key(|r| (r.recipient, r.device));
             }
             let hints = (self.cluster.as_deref(), self.push.as_ref());
-            tell(&self.active, hints, &to, wake_here);
+            tell(&self.active, hints, kept(), wake_here);
         }
         Ok(MultiSendResult {
-            accepted: u32::try_from(to.len()).unwrap_or(u32::MAX),
+            accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
             refused,
         })
     }
@@ -228,7 +221,6 @@ impl Mailboxes {
         let mut appended = MultiAppended {
             staged: None,
             to: Vec::new(),
-            recipients: Vec::new(),
             refused: Vec::new(),
             commit: self.commit.clone(),
             active: self.active.clone(),
@@ -250,7 +242,7 @@ impl Mailboxes {
                 }
             }
             appended.staged = staged;
-            (appended.to, appended.recipients) = to.into_iter().unzip();
+            appended.to = to;
         }
         refusals.sort_by_key(|r| (r.recipient, r.device));
         appended.refused = refusals;
