@@ -236,13 +236,21 @@ impl PgBackend {
     }
 
     /// A pool of `size` connections whose sessions commit without waiting for the
-    /// WAL flush (the writer's acks, made durable by a barrier before they are
-    /// answered).
+    /// WAL flush (the writer's batches, made durable by a barrier before they are
+    /// answered). Each connection takes a seq epoch as it connects ([`TAKE_EPOCH`]).
     fn lazy_commit_pool(&self, size: usize) -> StoreResult<Pool> {
         let mut config = self.config.clone();
         let options = config.get_options().unwrap_or_default().to_owned();
         config.options(format!("{options} -c synchronous_commit=off"));
-        build_pool(&config, &self.tls, size)
+        let take_epoch = deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(TAKE_EPOCH)
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        });
+        build_pool_with(&config, &self.tls, size, Some(take_epoch))
     }
 
     /// This node's name.
@@ -520,16 +528,52 @@ impl Drop for PgBackend {
 /// refusal classified, a timeout or a closed pool `Unavailable`.
 pub(super) fn pool_error(e: deadpool_postgres::PoolError, hosts: &str) -> StoreError {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => classify(&e, hosts),
+        deadpool_postgres::PoolError::Backend(e)
+        | deadpool_postgres::PoolError::PostCreateHook(deadpool_postgres::HookError::Backend(e)) => {
+            classify(&e, hosts)
+        }
         e => StoreError::Unavailable(format!("PostgreSQL at {hosts}: {e}")),
     }
 }
+
+/// Run by every connection that takes seqs as it connects (V16): keeps `(epoch - 1)
+/// << 40` as the session's `tern.seq_floor`, below which its sends never number, where
+/// `epoch` is the live one (`seq_epoch_live`, an unlogged table: crash recovery empties
+/// it, a promoted standby has it empty) or, when there is none, the next one, taken
+/// from `seq_epochs` and committed synchronously (the session's own commits do not
+/// wait for the flush); one connection at a time (the row lock), so that connections
+/// made together share the epoch they find or take. A crash or failover that loses
+/// unflushed commits thus moves
+/// every later seq above every seq handed out before it, also those of lost commits
+/// that a recipient was already given; without one, seqs stay dense. A connection that
+/// cannot take an epoch (2^23 are used up) is not used.
+pub(super) const TAKE_EPOCH: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
+     SELECT 1 FROM seq_epochs WHERE id = 0 FOR UPDATE; \
+     WITH live AS (SELECT epoch FROM seq_epoch_live WHERE id = 0), \
+     next AS (UPDATE seq_epochs SET epoch = epoch + 1 \
+       WHERE id = 0 AND NOT EXISTS (SELECT 1 FROM live) RETURNING epoch), \
+     kept AS (INSERT INTO seq_epoch_live SELECT 0, epoch FROM next \
+       ON CONFLICT (id) DO NOTHING) \
+     SELECT set_config('tern.seq_floor', \
+       ((coalesce((SELECT epoch FROM live), (SELECT epoch FROM next)) - 1) << 40)::text, \
+       false); \
+     COMMIT";
 
 /// A pool of up to `size` connections made with `config`.
 fn build_pool(
     config: &tokio_postgres::Config,
     tls: &Option<tokio_postgres_rustls::MakeRustlsConnect>,
     size: usize,
+) -> StoreResult<Pool> {
+    build_pool_with(config, tls, size, None)
+}
+
+/// [`build_pool`], running `post_create` on every new connection before its first use.
+fn build_pool_with(
+    config: &tokio_postgres::Config,
+    tls: &Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    size: usize,
+    post_create: Option<deadpool_postgres::Hook>,
 ) -> StoreResult<Pool> {
     let manager_config = ManagerConfig {
         // A connection that broke (failover, restart) is dropped on its way back
@@ -541,12 +585,16 @@ fn build_pool(
         None => Manager::from_config(config.clone(), tokio_postgres::NoTls, manager_config),
     };
     let timeout = config.get_connect_timeout().copied();
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager)
         .max_size(size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(timeout)
         .create_timeout(timeout)
-        .recycle_timeout(timeout)
+        .recycle_timeout(timeout);
+    if let Some(hook) = post_create {
+        builder = builder.post_create(hook);
+    }
+    builder
         .build()
         .map_err(|e| StoreError::Backend(format!("database pool: {e}")))
 }
@@ -561,7 +609,8 @@ pub fn is_retryable(e: &tokio_postgres::Error) -> bool {
 
 /// See [`PgBackend::classify`].
 pub fn classify(e: &tokio_postgres::Error, hosts: &str) -> StoreError {
-    let unavailable = || StoreError::Unavailable(format!("PostgreSQL at {hosts}: {e}"));
+    let text = detailed(e);
+    let unavailable = || StoreError::Unavailable(format!("PostgreSQL at {hosts}: {text}"));
     match e.code() {
         // No SQLSTATE: the connection itself failed (refused, reset, closed, TLS).
         None => unavailable(),
@@ -578,9 +627,21 @@ pub fn classify(e: &tokio_postgres::Error, hosts: &str) -> StoreError {
             } else if *code == SqlState::UNIQUE_VIOLATION {
                 StoreError::Exists
             } else {
-                StoreError::Backend(format!("PostgreSQL: {e}"))
+                StoreError::Backend(format!("PostgreSQL: {text}"))
             }
         }
+    }
+}
+
+/// `e` with what caused it: tokio-postgres says only "db error" or "error connecting
+/// to server" and keeps the rest as the error's source. Of a database error, its
+/// message only: its detail may quote key values (account ids, P9).
+fn detailed(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (e.as_db_error(), e.source()) {
+        (Some(db), _) => format!("{e}: {}", db.message()),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
     }
 }
 
@@ -641,6 +702,8 @@ mod tests_bodies;
 mod tests_closed;
 #[cfg(test)]
 mod tests_discovery;
+#[cfg(test)]
+mod tests_epochs;
 #[cfg(test)]
 mod tests_partition;
 #[cfg(test)]

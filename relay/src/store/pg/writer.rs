@@ -7,13 +7,18 @@
 //! order first (every mailbox transaction locks heads first), so batches on two
 //! nodes wait for one another rather than deadlock. A batch with sends is one
 //! statement (heads, rows, bodies, totals: `send.rs`), its removals if any, and
-//! COMMIT, sent at once. A batch of removals only (acks)
-//! is one round trip on a connection that commits without waiting for the flush,
-//! answered after a durability barrier (`Barrier`). Up to [`PIPELINE`] transactions are in
-//! flight: each batch takes its locks after the one before it, so within a mailbox
-//! seqs follow queue order, and batches are answered in queue order. Each caller
-//! hears after COMMIT; a failed transaction fails every item in it with
-//! [`StoreError::Unavailable`], and nothing in it was acknowledged.
+//! COMMIT, sent at once; a batch of removals only (acks) is one round trip too. Both
+//! commit without waiting for the flush, so a batch holds its heads for its round trip
+//! only, not through an fsync (the next batch, and other nodes' acks, wait for them),
+//! and are answered after a durability barrier (`Barrier`) that one synchronous commit
+//! makes for every batch committed before it. Seen by readers before the flush, a send
+//! may be delivered and then lost with the WAL's tail (a crash, a failover): its
+//! connection's seq epoch (`TAKE_EPOCH`) keeps its seqs from ever being handed out
+//! again. Up to [`PIPELINE`] transactions are in flight: each batch takes its locks
+//! after the one before it, so within a mailbox seqs follow queue order, and batches
+//! are answered in queue order. Each caller hears after its COMMIT and the barrier; a
+//! failed transaction fails every item in it with [`StoreError::Unavailable`], and
+//! nothing in it was acknowledged.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -114,6 +119,7 @@ pub struct WriterStats {
 
 /// What the writer task needs.
 pub(super) struct Writer {
+    /// Commits synchronously: the barrier's.
     pub(super) pool: Pool,
     pub(super) hosts: String,
     pub(super) deadline: Duration,
@@ -128,8 +134,9 @@ pub(super) struct Writer {
     pub(super) totals: Arc<TotalsCache>,
     pub(super) usage: Arc<UsageCache>,
     pub(super) stats: Arc<WriterStats>,
-    /// Connections whose commits do not wait for the WAL flush: a batch of acks
-    /// releases its heads at once instead of holding them through an fsync.
+    /// Connections whose commits do not wait for the WAL flush: a batch releases its
+    /// heads at once instead of holding them through an fsync. Each took a seq epoch
+    /// as it connected.
     pub(super) lazy: Pool,
     /// Makes those commits durable before their callers hear (`None`: commits are
     /// not durable at once anyway, under `durability = "os"`).

@@ -1,5 +1,7 @@
 //! A batch with sends: one statement that takes the seqs and writes the rows, then the
-//! batch's removals if any, then COMMIT, all sent at once (one round trip).
+//! batch's removals if any, then COMMIT, all sent at once (one round trip), on a
+//! connection that commits without waiting for the flush; then a durability barrier
+//! before the callers hear.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -47,7 +49,9 @@ fn check(accounts: AccountCheck) -> &'static str {
 /// the shared bodies ($15 id, $16 payload, $17 expires at); $18 the totals slot.
 ///
 /// `h` locks every head of the batch in key order (as every mailbox transaction takes
-/// them) and takes the seqs; a closed head is locked but left alone and returns
+/// them) and takes the seqs, from at least the session's seq floor (`tern.seq_floor`,
+/// see [`TAKE_EPOCH`](crate::store::pg::TAKE_EPOCH); a session without one fails the
+/// statement rather than number below it); a closed head is locked but left alone and returns
 /// nothing, and a mailbox refused by the check is not touched unless the batch also
 /// removes from it (then locked with nothing added, so that the removals take no
 /// head out of order). `m` numbers each mailbox's rows below its new last seq, `sb`
@@ -56,13 +60,17 @@ fn check(accounts: AccountCheck) -> &'static str {
 /// 3 what the totals slot was given (messages, bytes, mailboxes).
 pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
     format!(
-        "WITH src AS (SELECT s.a, s.dv, s.n, s.b, s.r, ({check}) AS ok \
+        "WITH src AS (SELECT s.a, s.dv, s.n, s.b, s.r, ({check}) AS ok, \
+             current_setting('tern.seq_floor')::int8 AS fl \
            FROM unnest($1::bytea[], $2::int8[], $3::int8[], $4::int8[], $5::bool[]) \
              s(a, dv, n, b, r)), \
          h AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-           SELECT a, dv, CASE WHEN ok THEN n ELSE 0 END, CASE WHEN ok THEN n ELSE 0 END, \
-             CASE WHEN ok THEN b ELSE 0 END FROM src WHERE ok OR r \
-           ON CONFLICT (account, device) DO UPDATE SET last_seq = h.last_seq + EXCLUDED.last_seq, \
+           SELECT a, dv, CASE WHEN ok AND n > 0 THEN fl + n ELSE 0 END, \
+             CASE WHEN ok THEN n ELSE 0 END, CASE WHEN ok THEN b ELSE 0 END \
+           FROM src WHERE ok OR r \
+           ON CONFLICT (account, device) DO UPDATE \
+           SET last_seq = greatest(h.last_seq, EXCLUDED.last_seq - EXCLUDED.messages) \
+               + EXCLUDED.messages, \
              messages = h.messages + EXCLUDED.messages, bytes = h.bytes + EXCLUDED.bytes \
            WHERE h.closed_at IS NULL \
            RETURNING h.account, h.device, h.last_seq, h.messages, h.bytes), \
@@ -225,7 +233,10 @@ impl Writer {
         let del = removal_cols(parts);
         // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
         // connection in the pool inside a transaction nobody commits.
-        let open = Open::from(&self.pool, &self.hosts).await?;
+        // Commits without waiting for the flush: the heads are free for the next
+        // batch (and the other nodes' acks) at once; the barrier below makes the
+        // batch durable before anyone hears.
+        let open = Open::from(&self.lazy, &self.hosts).await?;
         let tx = open.client()?;
         // Prepared first (once per connection), so that each statement below goes
         // out when first polled, in the order written.
@@ -325,6 +336,12 @@ impl Writer {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
         self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+        // Committed and visible (counted above even should the barrier fail); durable
+        // before answered. A send answered `UNAVAILABLE` here may be stored: its retry
+        // is stored again under its message id, and the recipient drops the copy.
+        if let Some(barrier) = &self.barrier {
+            barrier.after(&self.pool, &self.hosts).await?;
+        }
         Ok(out)
     }
 }
