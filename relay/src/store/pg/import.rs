@@ -371,7 +371,9 @@ impl PgBackend {
 
     /// Raises the heads of `mailboxes` (made empty where missing) to `last_seq` at
     /// least, so seqs handed out here continue above every seq the embedded store
-    /// handed out, in mailboxes emptied since too.
+    /// handed out, in mailboxes emptied since too; and the seq epochs (V16) to the
+    /// epoch of `last_seq`, ending the live one, so that the next epoch a connection
+    /// takes numbers from those heads and the one after a lost tail lies above them.
     pub fn import_seq_floor(&self, mailboxes: &[DeviceAddress], last_seq: u64) -> StoreResult<()> {
         let accounts: Vec<&[u8]> = mailboxes
             .iter()
@@ -380,10 +382,12 @@ impl PgBackend {
         let devices: Vec<i64> = mailboxes.iter().map(dev).collect();
         let floor = seq(last_seq)?;
         self.run(self.exec(
-            "INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
-             SELECT a, d, $3, 0, 0 FROM unnest($1::bytea[], $2::int8[]) AS u(a, d) \
-             ON CONFLICT (account, device) DO UPDATE SET \
-             last_seq = greatest(h.last_seq, EXCLUDED.last_seq)",
+            "WITH h AS (INSERT INTO mailbox_heads AS h (account, device, last_seq, messages, bytes) \
+               SELECT a, d, $3, 0, 0 FROM unnest($1::bytea[], $2::int8[]) AS u(a, d) \
+               ON CONFLICT (account, device) DO UPDATE SET \
+               last_seq = greatest(h.last_seq, EXCLUDED.last_seq)), \
+             e AS (UPDATE seq_epochs SET epoch = greatest(epoch, $3::int8 >> 40) WHERE id = 0) \
+             DELETE FROM seq_epoch_live",
             &[&accounts, &devices, &floor],
         ))
         .map(drop)

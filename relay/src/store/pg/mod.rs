@@ -237,15 +237,14 @@ impl PgBackend {
 
     /// A pool of `size` connections whose sessions commit without waiting for the
     /// WAL flush (the writer's batches, made durable by a barrier before they are
-    /// answered). Each connection takes a seq epoch as it connects ([`TAKE_EPOCH`]).
+    /// answered). Each connection takes a seq epoch as it connects ([`take_epoch`]).
     fn lazy_commit_pool(&self, size: usize) -> StoreResult<Pool> {
         let mut config = self.config.clone();
         let options = config.get_options().unwrap_or_default().to_owned();
         config.options(format!("{options} -c synchronous_commit=off"));
         let take_epoch = deadpool_postgres::Hook::async_fn(|client, _| {
             Box::pin(async move {
-                client
-                    .batch_execute(TAKE_EPOCH)
+                take_epoch(client)
                     .await
                     .map_err(deadpool_postgres::HookError::Backend)
             })
@@ -541,23 +540,44 @@ pub(super) fn pool_error(e: deadpool_postgres::PoolError, hosts: &str) -> StoreE
 /// `epoch` is the live one (`seq_epoch_live`, an unlogged table: crash recovery empties
 /// it, a promoted standby has it empty) or, when there is none, the next one, taken
 /// from `seq_epochs` and committed synchronously (the session's own commits do not
-/// wait for the flush); one connection at a time (the row lock), so that connections
-/// made together share the epoch they find or take. A crash or failover that loses
-/// unflushed commits thus moves
+/// wait for the flush), one connection at a time (the row lock), so that connections
+/// made together share it. A crash or failover that loses unflushed commits thus moves
 /// every later seq above every seq handed out before it, also those of lost commits
-/// that a recipient was already given; without one, seqs stay dense. A connection that
-/// cannot take an epoch (2^23 are used up) is not used.
-pub(super) const TAKE_EPOCH: &str = "BEGIN; SET LOCAL synchronous_commit = on; \
-     SELECT 1 FROM seq_epochs WHERE id = 0 FOR UPDATE; \
-     WITH live AS (SELECT epoch FROM seq_epoch_live WHERE id = 0), \
-     next AS (UPDATE seq_epochs SET epoch = epoch + 1 \
-       WHERE id = 0 AND NOT EXISTS (SELECT 1 FROM live) RETURNING epoch), \
-     kept AS (INSERT INTO seq_epoch_live SELECT 0, epoch FROM next \
-       ON CONFLICT (id) DO NOTHING) \
-     SELECT set_config('tern.seq_floor', \
-       ((coalesce((SELECT epoch FROM live), (SELECT epoch FROM next)) - 1) << 40)::text, \
-       false); \
-     COMMIT";
+/// that a recipient was already given; without one, seqs stay dense. A connection
+/// that cannot take an epoch (2^23 are used up) is not used.
+async fn take_epoch(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    const FLOOR: &str = "SELECT set_config('tern.seq_floor', (($1::int8 - 1) << 40)::text, false)";
+    // Nearly always: the live one, read without a lock or a write.
+    let live = client
+        .query("SELECT epoch FROM seq_epoch_live WHERE id = 0", &[])
+        .await?;
+    if let Some(row) = live.first() {
+        let epoch: i64 = row.try_get(0)?;
+        return client.query_one(FLOOR, &[&epoch]).await.map(drop);
+    }
+    client
+        .batch_execute(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL synchronous_commit = on; \
+             SELECT 1 FROM seq_epochs WHERE id = 0 FOR UPDATE",
+        )
+        .await?;
+    // Under the lock, in a snapshot taken after it: the live epoch a connection made
+    // meanwhile recorded, or the next one.
+    let row = client
+        .query_one(
+            "WITH live AS (SELECT epoch FROM seq_epoch_live WHERE id = 0), \
+             next AS (UPDATE seq_epochs SET epoch = epoch + 1 \
+               WHERE id = 0 AND NOT EXISTS (SELECT 1 FROM live) RETURNING epoch), \
+             kept AS (INSERT INTO seq_epoch_live SELECT 0, epoch FROM next) \
+             SELECT coalesce((SELECT epoch FROM live), (SELECT epoch FROM next))",
+            &[],
+        )
+        .await?;
+    // NULL (no `seq_epochs` row) fails here, and the connection is not used.
+    let epoch: i64 = row.try_get(0)?;
+    client.query_one(FLOOR, &[&epoch]).await?;
+    client.batch_execute("COMMIT").await
+}
 
 /// A pool of up to `size` connections made with `config`.
 fn build_pool(

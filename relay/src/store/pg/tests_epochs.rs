@@ -38,10 +38,11 @@ fn append_until_stored(b: &PgBackend, to: &DeviceAddress, n: u8) -> u64 {
     }
 }
 
-#[test]
-fn a_send_lost_with_the_wal_tail_never_gives_its_seq_to_another_message() {
+/// Sends one message to a mailbox (after `prepare`), kills the server before the
+/// send's commit is flushed, and sends another once it is back: the two seqs.
+fn crash_after_an_unflushed_send(prepare: impl FnOnce(&PgBackend, &DeviceAddress)) -> (u64, u64) {
     // The WAL writer flushes asynchronous commits only every 10 s, and nothing else
-    // commits here: a send's commit is still unflushed when the server is killed.
+    // commits here: the send's commit is still unflushed when the server is killed.
     let pg = TestPostgres::start_with(&[("wal_writer_delay", "10s"), ("autovacuum", "off")]);
     pg.create_db("tern");
     let mut opts = PgOptions::new(pg.conn_str("tern"));
@@ -53,6 +54,7 @@ fn a_send_lost_with_the_wal_tail_never_gives_its_seq_to_another_message() {
     opts.durability = crate::store::Durability::Os;
     let b = node(&opts, "a");
     let to = addr(1, 1);
+    prepare(&b, &to);
     let lost = append_until_stored(&b, &to, 1);
     assert_eq!(seqs(&b, &to), vec![lost], "visible before the flush");
 
@@ -65,8 +67,33 @@ fn a_send_lost_with_the_wal_tail_never_gives_its_seq_to_another_message() {
         "the unflushed send survived the crash, so this run shows nothing: {stored:?}"
     );
     assert!(stored.contains(&next), "{stored:?}");
+    (lost, next)
+}
+
+#[test]
+fn a_send_lost_with_the_wal_tail_never_gives_its_seq_to_another_message() {
+    let (lost, next) = crash_after_an_unflushed_send(|_, _| {});
     // Without the epochs the head's last seq rolls back with the lost commit, and the
     // next send takes the lost one's seq: a stale ack of it would delete this one.
+    assert_eq!(lost, 1, "the first epoch numbers from 1");
+    assert!(
+        next >> 40 > lost >> 40,
+        "seq {next:#x} is not in a later epoch than the lost {lost:#x}"
+    );
+}
+
+/// A mailbox moved from an embedded relay starts at that store's epoch floor: the
+/// epoch after a lost tail must lie above it too.
+#[test]
+fn after_a_migration_a_lost_tail_moves_seqs_above_the_imported_heads() {
+    let (lost, next) = crash_after_an_unflushed_send(|b, to| {
+        b.import_seq_floor(&[*to], 5 << 40).expect("import");
+    });
+    assert_eq!(
+        lost,
+        (5 << 40) + 1,
+        "numbering goes on from the imported head"
+    );
     assert!(
         next >> 40 > lost >> 40,
         "seq {next:#x} is not in a later epoch than the lost {lost:#x}"

@@ -13,7 +13,7 @@
 //! and are answered after a durability barrier (`Barrier`) that one synchronous commit
 //! makes for every batch committed before it. Seen by readers before the flush, a send
 //! may be delivered and then lost with the WAL's tail (a crash, a failover): its
-//! connection's seq epoch (`TAKE_EPOCH`) keeps its seqs from ever being handed out
+//! connection's seq epoch (`take_epoch`) keeps its seqs from ever being handed out
 //! again. Up to [`PIPELINE`] transactions are in flight: each batch takes its locks
 //! after the one before it, so within a mailbox seqs follow queue order, and batches
 //! are answered in queue order. Each caller hears after its COMMIT and the barrier; a

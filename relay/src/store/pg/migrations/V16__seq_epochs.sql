@@ -15,7 +15,9 @@ CREATE TABLE seq_epochs (
     id int PRIMARY KEY CHECK (id = 0),
     epoch bigint NOT NULL CHECK (epoch >= 0 AND epoch < 8388608)
 );
-INSERT INTO seq_epochs VALUES (0, 0);
+-- A database that took an embedded relay's mailboxes (`admin migrate`) has heads at
+-- that store's epoch floor: start at their epoch, so the next epoch lies above them.
+INSERT INTO seq_epochs SELECT 0, coalesce(max(last_seq), 0) >> 40 FROM mailbox_heads;
 CREATE UNLOGGED TABLE seq_epoch_live (
     id int PRIMARY KEY CHECK (id = 0),
     epoch bigint NOT NULL

@@ -2,7 +2,7 @@
 //! waiting for the flush, then a durability barrier before the callers hear.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Instant;
 
 use deadpool_postgres::Pool;
@@ -10,14 +10,16 @@ use tern_proto::DeviceAddress;
 
 use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
 use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, UsageCache, Writer};
+use crate::store::StoreError;
 
 /// A durability barrier shared by every caller waiting at the time: one transaction
 /// that commits synchronously. It writes a record to the WAL (a transactional logical
 /// message, which takes no lock; a transaction that only takes an id would commit
 /// without waiting), so its commit waits for the flush and for a synchronous standby.
 /// The WAL is flushed in order, so it makes durable every commit that returned
-/// before it began.
-#[derive(Default)]
+/// before it began, on the same server with nothing lost in between: it also reads
+/// the live seq epoch, which a crash or failover replaces (V16), and a caller whose
+/// batch committed under another epoch is failed (its commit may be gone).
 pub(in crate::store::pg) struct Barrier {
     /// One barrier at a time.
     turn: tokio::sync::Mutex<()>,
@@ -25,24 +27,63 @@ pub(in crate::store::pg) struct Barrier {
     begun: AtomicU64,
     /// The last barrier that completed.
     done: AtomicU64,
+    /// The seq floor of the live epoch the last completed barrier found (`NONE`: none).
+    live: AtomicI64,
 }
 
-impl Barrier {
-    /// Returns once a barrier begun after this call has committed.
-    pub(super) async fn after(&self, pool: &Pool, hosts: &str) -> Result<(), Failure> {
-        let need = self.begun.load(Ordering::SeqCst) + 1;
-        let _turn = self.turn.lock().await;
-        if self.done.load(Ordering::SeqCst) >= need {
-            return Ok(());
+impl Default for Barrier {
+    fn default() -> Self {
+        Barrier {
+            turn: Default::default(),
+            begun: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            live: AtomicI64::new(NONE),
         }
-        let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
-        let open = Open::from(pool, hosts).await?;
-        open.client()?
-            .batch_execute("SELECT pg_logical_emit_message(true, 'tern', '')")
-            .await?;
-        open.committed();
-        self.done.store(no, Ordering::SeqCst);
-        Ok(())
+    }
+}
+
+/// No live epoch (never a floor: floors are multiples of 2^40, at least 0).
+const NONE: i64 = -1;
+
+impl Barrier {
+    /// Returns once a barrier begun after this call has committed, on the server that
+    /// committed the caller's batch under the seq floor `floor` without losing
+    /// anything since (`None`: the batch changed nothing, so there is nothing to lose).
+    pub(super) async fn after(
+        &self,
+        pool: &Pool,
+        hosts: &str,
+        floor: Option<i64>,
+    ) -> Result<(), Failure> {
+        let need = self.begun.load(Ordering::SeqCst) + 1;
+        let turn = self.turn.lock().await;
+        if self.done.load(Ordering::SeqCst) < need {
+            let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
+            let open = Open::from(pool, hosts).await?;
+            let row = open
+                .client()?
+                .query_one(
+                    "SELECT (SELECT (epoch - 1) << 40 FROM seq_epoch_live WHERE id = 0) \
+                     FROM pg_logical_emit_message(true, 'tern', '')",
+                    &[],
+                )
+                .await?;
+            open.committed();
+            let live: Option<i64> = row.try_get(0)?;
+            // Before `done`: whoever sees this barrier done sees its epoch (or a newer one).
+            self.live.store(live.unwrap_or(NONE), Ordering::SeqCst);
+            self.done.store(no, Ordering::SeqCst);
+        }
+        drop(turn);
+        match floor {
+            Some(f) if f != self.live.load(Ordering::SeqCst) => {
+                Err(Failure::Other(StoreError::Unavailable(format!(
+                    "PostgreSQL at {hosts}: the server restarted or failed over before \
+                     the commit was durable (it may be lost)"
+                ))))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -89,9 +130,13 @@ impl Writer {
             tx.batch_execute("COMMIT"),
         );
         began?;
-        locked?;
+        let locked = locked?;
         let rows = deleted?;
         committed?;
+        let floor = match locked.first() {
+            Some(row) => row.try_get::<_, Option<i64>>(0)?,
+            None => None,
+        };
         open.committed();
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
@@ -105,7 +150,7 @@ impl Writer {
             .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
         // Durable before answered.
         if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts).await?;
+            barrier.after(&self.pool, &self.hosts, floor).await?;
         }
         Ok(out)
     }
@@ -141,4 +186,34 @@ pub(super) fn removed(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::Barrier;
+    use crate::store::pg::testdb::{db, execute, node, sql};
+
+    /// A barrier answers only batches committed under the live epoch: after a crash
+    /// (which empties the live epoch) or under another epoch, the batch may be lost.
+    #[test]
+    fn a_barrier_fails_a_batch_committed_under_another_epoch() {
+        let (_pg, opts) = db();
+        let b = node(&opts, "a");
+        execute(&b, "INSERT INTO seq_epoch_live VALUES (0, 3)", &[]);
+        let barrier = Barrier::default();
+        let after = |floor: Option<i64>| {
+            b.run(async { Ok(barrier.after(&b.pool, "db", floor).await.is_ok()) })
+                .expect("run")
+        };
+        assert!(after(Some(2 << 40)), "the live epoch's floor");
+        assert!(after(None), "a batch that changed nothing");
+        assert!(!after(Some(1 << 40)), "an older epoch's floor");
+        sql(&b, "DELETE FROM seq_epoch_live");
+        assert!(
+            !after(Some(2 << 40)),
+            "no live epoch: the server lost its tail"
+        );
+    }
 }

@@ -50,14 +50,15 @@ fn check(accounts: AccountCheck) -> &'static str {
 ///
 /// `h` locks every head of the batch in key order (as every mailbox transaction takes
 /// them) and takes the seqs, from at least the session's seq floor (`tern.seq_floor`,
-/// see [`TAKE_EPOCH`](crate::store::pg::TAKE_EPOCH); a session without one fails the
+/// see `take_epoch` in `store::pg`; a session without one fails the
 /// statement rather than number below it); a closed head is locked but left alone and returns
 /// nothing, and a mailbox refused by the check is not touched unless the batch also
 /// removes from it (then locked with nothing added, so that the removals take no
 /// head out of order). `m` numbers each mailbox's rows below its new last seq, `sb`
 /// stores each body with the entries written, `tot` adds to the totals slot what was
 /// written. Rows of kind 1 are the heads (with whether they took the sends), of kind
-/// 3 what the totals slot was given (messages, bytes, mailboxes).
+/// 3 what the totals slot was given (messages, bytes, mailboxes), of kind 4 the
+/// session's seq floor (which the durability barrier checks).
 pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
     format!(
         "WITH src AS (SELECT s.a, s.dv, s.n, s.b, s.r, ({check}) AS ok, \
@@ -97,7 +98,8 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
            WHERE t.slot = $18::int4 AND mm.c > 0 \
            RETURNING mm.c, mm.own + bb.len AS b, ee.e) \
          SELECT 1, account, device, last_seq, messages, bytes, ok FROM hk \
-         UNION ALL SELECT 3, NULL, NULL, c, b, e, true FROM tot",
+         UNION ALL SELECT 3, NULL, NULL, c, b, e, true FROM tot \
+         UNION ALL SELECT 4, NULL, NULL, current_setting('tern.seq_floor')::int8, 0, 0, true",
         check = check(accounts)
     )
 }
@@ -299,8 +301,13 @@ impl Writer {
         open.committed();
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
+        let mut floor = None;
         for row in &sent {
             let kind: i32 = row.try_get(0)?;
+            if kind == 4 {
+                floor = Some(row.try_get::<_, i64>(3)?);
+                continue;
+            }
             if kind == 3 {
                 delta.messages += row.try_get::<_, i64>(3)?;
                 delta.bytes += row.try_get::<_, i64>(4)?;
@@ -340,7 +347,7 @@ impl Writer {
         // before answered. A send answered `UNAVAILABLE` here may be stored: its retry
         // is stored again under its message id, and the recipient drops the copy.
         if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts).await?;
+            barrier.after(&self.pool, &self.hosts, floor).await?;
         }
         Ok(out)
     }
