@@ -59,9 +59,13 @@ pub struct Mailboxes {
     budget: Arc<Budget>,
     active: Arc<ActiveMailboxes>,
     tombstones: Arc<Tombstones>,
-    cluster: std::sync::OnceLock<Arc<Cluster>>,
+    cluster: Arc<std::sync::OnceLock<Arc<Cluster>>>,
     /// Wake-ups for recipients with no connection (`crate::push`).
     push: std::sync::OnceLock<Waker>,
+    /// The store tells of staged appends as soon as they are readable
+    /// ([`MailboxStore::on_visible`]): those woke their recipients, here and on the
+    /// other nodes, before they were durable.
+    early: bool,
 }
 
 impl std::fmt::Debug for Mailboxes {
@@ -91,6 +95,9 @@ pub struct Appended {
     cluster: Option<Arc<Cluster>>,
     /// Told after the commit when the recipient has no connection here.
     push: Option<Waker>,
+    /// The store woke the recipient as the messages became readable: the commit does
+    /// only what must wait for durability.
+    told: bool,
 }
 
 impl Appended {
@@ -104,8 +111,13 @@ impl Appended {
     /// returns how many there were.
     pub async fn commit(self) -> Result<usize> {
         let (_, wake_here) = settle(self.staged, &self.commit, self.sealed).await?;
-        let hints = (self.cluster.as_deref(), self.push.as_ref());
-        tell(&self.active, hints, [&self.to], wake_here);
+        let (wake_here, cluster) = told(self.told, wake_here, self.cluster.as_deref());
+        tell(
+            &self.active,
+            (cluster, self.push.as_ref()),
+            [&self.to],
+            wake_here,
+        );
         Ok(self.accepted)
     }
 }
@@ -121,6 +133,16 @@ async fn settle<T>(staged: Staged<T>, commit: &GroupCommit, sealed: bool) -> Res
             Ok((v, false))
         }
         pending => Ok((pending.wait().await.map_err(|e| refused(e, sealed))?, true)),
+    }
+}
+
+/// What is left to [`tell`] after a commit: nothing here nor to the other nodes when
+/// the store told of the write as it became readable (`told`).
+fn told(told: bool, wake_here: bool, cluster: Option<&Cluster>) -> (bool, Option<&Cluster>) {
+    if told {
+        (false, None)
+    } else {
+        (wake_here, cluster)
     }
 }
 
@@ -212,6 +234,17 @@ impl Mailboxes {
         rates: Arc<RateLimits>,
         budget: Arc<Budget>,
     ) -> Self {
+        let active: Arc<ActiveMailboxes> = Arc::default();
+        let cluster: Arc<std::sync::OnceLock<Arc<Cluster>>> = Arc::default();
+        let (here, nodes) = (active.clone(), cluster.clone());
+        let early = store.on_visible(Arc::new(move |to: &[DeviceAddress]| {
+            for a in to {
+                here.wake(a);
+                if let Some(cluster) = nodes.get() {
+                    cluster.mail(a);
+                }
+            }
+        }));
         Mailboxes {
             store,
             clock,
@@ -220,10 +253,11 @@ impl Mailboxes {
             commit,
             rates,
             budget,
-            active: Arc::default(),
+            active,
             tombstones: Arc::default(),
-            cluster: std::sync::OnceLock::new(),
+            cluster,
             push: std::sync::OnceLock::new(),
+            early,
         }
     }
 
@@ -280,14 +314,16 @@ impl Mailboxes {
                 .stage_append(to, msgs, now, self.ttl.expires_at(now))
                 .map_err(|e| refused(e, sealed))
         })?;
-        // Woken once its messages are visible: now for a store that applied them,
-        // after the commit for a shared one (a wake now would read nothing).
+        // Woken once its messages are visible: now for a store that applied them;
+        // for a shared one as its commit makes them readable (by the store, if it tells
+        // of them then), else after the commit (a wake now would read nothing).
         if matches!(staged, Staged::Applied(_)) {
             self.active.wake(to);
         }
         Ok(Appended {
             accepted: msgs.len(),
             commit: self.commit.clone(),
+            told: self.early && matches!(staged, Staged::Pending(_)),
             staged,
             to: *to,
             sealed,

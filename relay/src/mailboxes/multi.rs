@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult, Refused};
 
-use super::{refused, settle, tell, ActiveMailboxes, Mailboxes};
+use super::{refused, settle, tell, told, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
 use crate::core::limits::Limits;
@@ -60,6 +60,9 @@ pub struct MultiAppended {
     active: Arc<ActiveMailboxes>,
     cluster: Option<Arc<Cluster>>,
     push: Option<crate::push::Waker>,
+    /// Whether the store tells of its appends as they become readable
+    /// ([`crate::store::MailboxStore::on_visible`]).
+    early: bool,
 }
 
 impl MultiAppended {
@@ -99,8 +102,13 @@ impl MultiAppended {
                 }
                 refused.sort_by_key(|r| (r.recipient, r.device));
             }
-            let hints = (self.cluster.as_deref(), self.push.as_ref());
-            tell(&self.active, hints, kept(), wake_here);
+            let (wake_here, cluster) = told(self.early, wake_here, self.cluster.as_deref());
+            tell(
+                &self.active,
+                (cluster, self.push.as_ref()),
+                kept(),
+                wake_here,
+            );
         }
         Ok(MultiSendResult {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
@@ -226,6 +234,7 @@ impl Mailboxes {
             active: self.active.clone(),
             cluster: self.cluster.get().cloned(),
             push: self.push.get().cloned(),
+            early: self.early,
         };
         if !candidates.is_empty() {
             let addrs: Vec<DeviceAddress> = candidates.iter().map(|c| c.to).collect();

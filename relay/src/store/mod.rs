@@ -58,6 +58,10 @@ pub mod version;
 mod conformance;
 
 pub use self::commit::{Durability, GroupCommit};
+
+/// What a store calls with the mailboxes a commit made readable before it is durable
+/// ([`MailboxStore::on_visible`]).
+pub type VisibleHook = std::sync::Arc<dyn Fn(&[DeviceAddress]) + Send + Sync>;
 pub use self::compose::Stores;
 pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
@@ -311,6 +315,16 @@ pub trait MailboxStore: Flush {
     /// its cache here, so the read under the lock is a memory lookup. Errors are left
     /// for that read to report.
     fn prefetch_usage(&self, _of: &DeviceAddress) {}
+
+    /// Asks the store to call `hook` with the mailboxes that took messages as soon as
+    /// staged appends are readable, before they are durable (a shared backend whose
+    /// commits do not wait for the flush), so that connected recipients are woken
+    /// without waiting for it. True if it will: the caller then wakes no one for those
+    /// appends once they are durable, and does there only what must wait for
+    /// durability (push wake-ups). Default: it will not.
+    fn on_visible(&self, _hook: VisibleHook) -> bool {
+        false
+    }
 
     /// Up to `max` expiry index entries with `expires_at <= now`, oldest first.
     fn expired(&self, now: UnixMillis, max: usize) -> StoreResult<Vec<Expired>>;

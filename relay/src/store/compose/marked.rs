@@ -130,6 +130,9 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn purge(&self, of: &DeviceAddress) -> StoreResult<Usage> {
         self.write(|s| s.purge(of))
     }
+    fn on_visible(&self, hook: crate::store::VisibleHook) -> bool {
+        self.store.on_visible(hook)
+    }
 }
 
 impl<S: AccountStore + ?Sized> AccountStore for Marked<S> {

@@ -727,6 +727,32 @@ fn a_send_frees_its_head_at_commit_and_is_answered_only_once_a_synchronous_commi
     assert_eq!(a.read(&to, 0, 10).expect("read").len(), 2);
 }
 
+/// The store tells of a send's mailbox as soon as its commit makes it readable, not
+/// after the durability barrier: a connected recipient is woken without waiting for
+/// the flush (or, here, for a synchronous standby that never comes).
+#[test]
+fn a_send_is_told_of_once_readable_before_its_barrier() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let (tx, told) = std::sync::mpsc::channel();
+    let hook = move |to: &[tern_proto::DeviceAddress]| drop(tx.send(to.to_vec()));
+    assert!(a.on_visible(Arc::new(hook)));
+    assert!(!a.on_visible(Arc::new(|_: &[_]| {})), "one hook per store");
+    let to = addr(72, 1);
+    a.append(&to, &[msg(1, 8)], 1_000, 9_000).expect("append");
+    let second = Duration::from_secs(1);
+    assert_eq!(told.recv_timeout(second), Ok(vec![to]));
+    sync_standby(&a, "nobody");
+    let (sent, early) = std::thread::scope(|s| {
+        let send = s.spawn(|| a.append(&to, &[msg(2, 8)], 1_000, 9_000));
+        let early = told.recv_timeout(second);
+        (send.join().expect("no panic"), early)
+    });
+    sync_standby(&a, "");
+    assert_eq!(early, Ok(vec![to]), "told while the barrier waited");
+    assert!(matches!(sent, Err(StoreError::Unavailable(_))), "{sent:?}");
+}
+
 /// A batch's statements go out with its `COMMIT`, so the server runs them even after
 /// the writer gave up at its deadline (here 1.5 s). Each statement gets half of what
 /// is left of the deadline: a batch held up past the deadline was rolled back by the

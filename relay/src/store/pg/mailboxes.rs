@@ -27,7 +27,7 @@ use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
     Envelope, Expired, MailboxStore, SharedAppend, Staged, StoreError, StoreResult, StoredMessage,
-    Totals, Usage,
+    Totals, Usage, VisibleHook,
 };
 
 /// How old cached totals may be.
@@ -106,6 +106,8 @@ pub(super) struct MailState {
     pub(super) slot: i32,
     /// Entries reads skipped because their shared body was gone.
     pub(super) skipped: AtomicU64,
+    /// Told of appends once committed, before they are durable.
+    visible: Arc<std::sync::OnceLock<VisibleHook>>,
 }
 
 impl MailState {
@@ -136,6 +138,7 @@ impl MailState {
         let totals = Arc::new(TotalsCache::default());
         let usage = Arc::new(UsageCache::default());
         let stats = Arc::new(WriterStats::default());
+        let visible = Arc::new(std::sync::OnceLock::new());
         let slot = slot_of(backend.node_id());
         let writer = Writer {
             pool: backend.pool.clone(),
@@ -150,6 +153,7 @@ impl MailState {
             stats: stats.clone(),
             lazy: backend.lazy_commit_pool(super::writer::PIPELINE + 1)?,
             barrier: backend.durable.then(Default::default),
+            visible: visible.clone(),
         };
         let (queue, rx) = mpsc::unbounded_channel();
         backend.handle()?.spawn(writer.serve(rx));
@@ -160,6 +164,7 @@ impl MailState {
             stats,
             slot,
             skipped: AtomicU64::new(0),
+            visible,
         })
     }
 }
@@ -491,6 +496,15 @@ async fn delete_tx(
 }
 
 impl MailboxStore for PgBackend {
+    /// The writer tells of a batch's mailboxes after its COMMIT, before the durability
+    /// barrier: recipients read the messages as soon as they are readable. Safe since
+    /// a commit lost with the WAL's tail never gives its seqs to others (seq epochs).
+    fn on_visible(&self, hook: VisibleHook) -> bool {
+        self.mail
+            .as_ref()
+            .is_some_and(|m| m.visible.set(hook).is_ok())
+    }
+
     fn stage_append(
         &self,
         to: &DeviceAddress,

@@ -141,6 +141,9 @@ pub(super) struct Writer {
     /// Makes those commits durable before their callers hear (`None`: commits are
     /// not durable at once anyway, under `durability = "os"`).
     pub(super) barrier: Option<Barrier>,
+    /// Told of the mailboxes a batch appended to once it committed, before the
+    /// barrier ([`crate::store::MailboxStore::on_visible`]).
+    pub(super) visible: Arc<std::sync::OnceLock<crate::store::VisibleHook>>,
 }
 
 /// Which appends a batch refuses, checked by the send statement with its snapshot

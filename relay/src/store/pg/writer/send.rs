@@ -343,6 +343,20 @@ impl Writer {
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
         let rows = ops.iter().map(Op::rows).sum::<usize>() as u64;
         self.stats.rows.fetch_add(rows, Ordering::Relaxed);
+        // Readable now: connected recipients are woken without waiting for the flush.
+        // Should the commit be lost with the WAL's tail, its seqs are never handed out
+        // again (seq epochs), and its sender, never answered, sends again.
+        if let Some(hook) = self.visible.get() {
+            let took: Vec<DeviceAddress> = out
+                .heads
+                .keys()
+                .filter(|to| parts.get(*to).is_some_and(|p| !p.appends.is_empty()))
+                .copied()
+                .collect();
+            if !took.is_empty() {
+                hook(&took);
+            }
+        }
         // Committed and visible (counted above even should the barrier fail); durable
         // before answered. A send answered `UNAVAILABLE` here may be stored: its retry
         // is stored again under its message id, and the recipient drops the copy.
