@@ -236,11 +236,16 @@ impl Mailboxes {
     ) -> Self {
         let active: Arc<ActiveMailboxes> = Arc::default();
         let cluster: Arc<std::sync::OnceLock<Arc<Cluster>>> = Arc::default();
-        let (here, nodes) = (active.clone(), cluster.clone());
+        // Weak: the store holds the hook, and the cluster holds the store.
+        let (here, nodes) = (Arc::downgrade(&active), Arc::downgrade(&cluster));
         let early = store.on_visible(Arc::new(move |to: &[DeviceAddress]| {
+            let (Some(here), nodes) = (here.upgrade(), nodes.upgrade()) else {
+                return;
+            };
+            let cluster = nodes.as_ref().and_then(|n| n.get());
             for a in to {
                 here.wake(a);
-                if let Some(cluster) = nodes.get() {
+                if let Some(cluster) = cluster {
                     cluster.mail(a);
                 }
             }

@@ -85,6 +85,7 @@ impl MultiAppended {
         let mut refused = self.refused;
         let mut accepted = 0;
         if let Some(staged) = self.staged {
+            let early = self.early && matches!(staged, Staged::Pending(_));
             let (seqs, wake_here) = settle(staged, &self.commit, true).await?;
             let entries = || self.to.iter().zip(&seqs);
             let kept = || entries().filter(|(_, &seq)| seq != 0).map(|((a, _), _)| a);
@@ -102,7 +103,7 @@ impl MultiAppended {
                 }
                 refused.sort_by_key(|r| (r.recipient, r.device));
             }
-            let (wake_here, cluster) = told(self.early, wake_here, self.cluster.as_deref());
+            let (wake_here, cluster) = told(early, wake_here, self.cluster.as_deref());
             tell(
                 &self.active,
                 (cluster, self.push.as_ref()),

@@ -740,16 +740,17 @@ fn a_send_is_told_of_once_readable_before_its_barrier() {
     assert!(!a.on_visible(Arc::new(|_: &[_]| {})), "one hook per store");
     let to = addr(72, 1);
     a.append(&to, &[msg(1, 8)], 1_000, 9_000).expect("append");
-    let second = Duration::from_secs(1);
-    assert_eq!(told.recv_timeout(second), Ok(vec![to]));
+    assert_eq!(told.recv_timeout(Duration::from_secs(10)), Ok(vec![to]));
     sync_standby(&a, "nobody");
-    let (sent, early) = std::thread::scope(|s| {
+    let (sent, early, waiting) = std::thread::scope(|s| {
         let send = s.spawn(|| a.append(&to, &[msg(2, 8)], 1_000, 9_000));
-        let early = told.recv_timeout(second);
-        (send.join().expect("no panic"), early)
+        let early = told.recv_timeout(Duration::from_secs(10));
+        let waiting = !send.is_finished();
+        (send.join().expect("no panic"), early, waiting)
     });
     sync_standby(&a, "");
-    assert_eq!(early, Ok(vec![to]), "told while the barrier waited");
+    assert_eq!(early, Ok(vec![to]), "told");
+    assert!(waiting, "told only once the send was answered");
     assert!(matches!(sent, Err(StoreError::Unavailable(_))), "{sent:?}");
 }
 

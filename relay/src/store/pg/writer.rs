@@ -428,7 +428,7 @@ impl Writer {
     fn fail(&self, ops: Vec<Op>, f: Failure) {
         let message = match f {
             Failure::Db(e) => classify(&e, &self.hosts).to_string(),
-            Failure::Other(e) => e.to_string(),
+            Failure::Other(e) | Failure::Epoch(e) => e.to_string(),
         };
         for op in ops {
             op.fail(StoreError::Unavailable(message.clone()));
@@ -439,6 +439,9 @@ impl Writer {
 enum Failure {
     Db(tokio_postgres::Error),
     Other(StoreError),
+    /// The batch committed under a seq epoch that is no longer live: the server lost
+    /// its tail (or is another server) before the barrier, and the batch may be gone.
+    Epoch(StoreError),
 }
 
 impl From<tokio_postgres::Error> for Failure {

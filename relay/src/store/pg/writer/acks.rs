@@ -77,7 +77,7 @@ impl Barrier {
         drop(turn);
         match floor {
             Some(f) if f != self.live.load(Ordering::SeqCst) => {
-                Err(Failure::Other(StoreError::Unavailable(format!(
+                Err(Failure::Epoch(StoreError::Unavailable(format!(
                     "PostgreSQL at {hosts}: the server restarted or failed over before \
                      the commit was durable (it may be lost)"
                 ))))
@@ -88,6 +88,21 @@ impl Barrier {
 }
 
 impl Writer {
+    /// Returns once a barrier covers a batch committed under the seq floor `floor`
+    /// (at once under `durability = "os"`). When the live epoch changed under it, the
+    /// lazy pool's idle connections go too: their floors are stale, and every batch on
+    /// them would fail here again.
+    pub(super) async fn durable(&self, floor: Option<i64>) -> Result<(), Failure> {
+        let Some(barrier) = &self.barrier else {
+            return Ok(());
+        };
+        let result = barrier.after(&self.pool, &self.hosts, floor).await;
+        if matches!(result, Err(Failure::Epoch(_))) {
+            self.lazy.retain(|_, _| false);
+        }
+        result
+    }
+
     /// A batch of removals (acks): one round trip, a transaction that locks their
     /// heads in (account, device) order, then deletes the rows, updates the heads and
     /// the totals slot in one statement, and commits without waiting for the flush, so
@@ -134,7 +149,7 @@ impl Writer {
         let rows = deleted?;
         committed?;
         let floor = match locked.first() {
-            Some(row) => row.try_get::<_, Option<i64>>(0)?,
+            Some(row) => Some(row.try_get::<_, i64>(0)?),
             None => None,
         };
         open.committed();
@@ -149,9 +164,7 @@ impl Writer {
             .rows
             .fetch_add(del.accounts.len() as u64, Ordering::Relaxed);
         // Durable before answered.
-        if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts, floor).await?;
-        }
+        self.durable(floor).await?;
         Ok(out)
     }
 }
@@ -215,5 +228,9 @@ mod tests {
             !after(Some(2 << 40)),
             "no live epoch: the server lost its tail"
         );
+        // The first epoch's floor is 0, which must not pass for "none live".
+        assert!(!after(Some(0)), "floor 0 with no live epoch");
+        execute(&b, "INSERT INTO seq_epoch_live VALUES (0, 1)", &[]);
+        assert!(after(Some(0)), "floor 0 under the first epoch");
     }
 }

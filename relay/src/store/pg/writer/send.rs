@@ -360,9 +360,7 @@ impl Writer {
         // Committed and visible (counted above even should the barrier fail); durable
         // before answered. A send answered `UNAVAILABLE` here may be stored: its retry
         // is stored again under its message id, and the recipient drops the copy.
-        if let Some(barrier) = &self.barrier {
-            barrier.after(&self.pool, &self.hosts, floor).await?;
-        }
+        self.durable(floor).await?;
         Ok(out)
     }
 }

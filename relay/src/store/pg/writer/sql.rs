@@ -23,7 +23,7 @@ impl<'a> HeadCols<'a> {
 
 // The heads of a batch of removals, locked in (account, device) order; on each, the
 // session's seq floor (which the durability barrier checks).
-pub(super) const LOCK_HEADS: &str = "SELECT current_setting('tern.seq_floor', true)::int8 \
+pub(super) const LOCK_HEADS: &str = "SELECT current_setting('tern.seq_floor')::int8 \
      FROM mailbox_heads h \
      JOIN unnest($1::bytea[], $2::int8[]) d(a, dv) ON h.account = d.a AND h.device = d.dv \
      ORDER BY h.account, h.device FOR UPDATE OF h";
