@@ -95,9 +95,8 @@ pub struct Appended {
     cluster: Option<Arc<Cluster>>,
     /// Told after the commit when the recipient has no connection here.
     push: Option<Waker>,
-    /// The store woke the recipient as the messages became readable: the commit does
-    /// only what must wait for durability.
-    told: bool,
+    /// Whether the store tells of its appends as they become readable.
+    early: bool,
 }
 
 impl Appended {
@@ -110,60 +109,65 @@ impl Appended {
     /// every caller waiting at the time, or the shared backend's batch commit);
     /// returns how many there were.
     pub async fn commit(self) -> Result<usize> {
-        let (_, wake_here) = settle(self.staged, &self.commit, self.sealed).await?;
-        let (wake_here, cluster) = told(self.told, wake_here, self.cluster.as_deref());
-        tell(
-            &self.active,
-            (cluster, self.push.as_ref()),
-            [&self.to],
-            wake_here,
-        );
+        let (_, seen) = settle(self.staged, &self.commit, self.sealed, self.early).await?;
+        let hints = (self.cluster.as_deref(), self.push.as_ref());
+        tell(&self.active, hints, [&self.to], seen);
         Ok(self.accepted)
     }
 }
 
+/// When a write's mailboxes were told of it, and so what [`tell`] has left to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// Visible at once (an embedded store): woken when staged; the other nodes and
+    /// push are left.
+    AtStaging,
+    /// Visible only now (a shared backend's commit): everything is left.
+    Now,
+    /// Told by the store as its commit made it readable ([`MailboxStore::on_visible`]):
+    /// only push, which waits for durability, is left.
+    ByStore,
+}
+
 /// Waits until `staged` is durable as configured (the group commit every embedded
 /// write shares, or the shared backend's transaction); returns the store's answer, and
-/// whether the write became visible only now (the mailboxes are then woken by
-/// [`tell`]).
-async fn settle<T>(staged: Staged<T>, commit: &GroupCommit, sealed: bool) -> Result<(T, bool)> {
+/// when its mailboxes saw it (`early`: the store tells of its commits).
+async fn settle<T>(
+    staged: Staged<T>,
+    commit: &GroupCommit,
+    sealed: bool,
+    early: bool,
+) -> Result<(T, Seen)> {
     match staged {
         Staged::Applied(v) => {
             commit.commit_mailboxes().await?;
-            Ok((v, false))
+            Ok((v, Seen::AtStaging))
         }
-        pending => Ok((pending.wait().await.map_err(|e| refused(e, sealed))?, true)),
+        pending => {
+            let v = pending.wait().await.map_err(|e| refused(e, sealed))?;
+            Ok((v, if early { Seen::ByStore } else { Seen::Now }))
+        }
     }
 }
 
-/// What is left to [`tell`] after a commit: nothing here nor to the other nodes when
-/// the store told of the write as it became readable (`told`).
-fn told(told: bool, wake_here: bool, cluster: Option<&Cluster>) -> (bool, Option<&Cluster>) {
-    if told {
-        (false, None)
-    } else {
-        (wake_here, cluster)
-    }
-}
-
-/// Tells the mailboxes `to` of a settled write: one the store made visible only now
-/// (`wake_here`) wakes them here, other nodes hear of them through `cluster`, and
-/// those with no connection here get a push wake-up.
+/// Tells the mailboxes `to` of a write, as far as `seen` leaves to do: one visible only
+/// now wakes them here, other nodes hear of them through `cluster`, and those with no
+/// connection here get a push wake-up (given a `push`, only once durable).
 fn tell<'a>(
     active: &ActiveMailboxes,
     (cluster, push): (Option<&Cluster>, Option<&Waker>),
     to: impl IntoIterator<Item = &'a DeviceAddress>,
-    wake_here: bool,
+    seen: Seen,
 ) {
     for a in to {
         // The wake-up answers whether a connection here takes the device's mail
         // (one look at the table, not two).
-        let connected = if wake_here {
+        let connected = if seen == Seen::Now {
             active.wake(a)
         } else {
             push.is_some() && active.has_subscriber(a)
         };
-        if let Some(cluster) = cluster {
+        if let (Some(cluster), false) = (cluster, seen == Seen::ByStore) {
             cluster.mail(a);
         }
         // The delivery hook: only once durable, and never waiting (a full queue drops).
@@ -236,19 +240,15 @@ impl Mailboxes {
     ) -> Self {
         let active: Arc<ActiveMailboxes> = Arc::default();
         let cluster: Arc<std::sync::OnceLock<Arc<Cluster>>> = Arc::default();
-        // Weak: the store holds the hook, and the cluster holds the store.
+        // Weak: the store holds the hook, and the cluster holds the store. Push waits
+        // for durability: the commit's own `tell` does it.
         let (here, nodes) = (Arc::downgrade(&active), Arc::downgrade(&cluster));
         let early = store.on_visible(Arc::new(move |to: &[DeviceAddress]| {
             let (Some(here), nodes) = (here.upgrade(), nodes.upgrade()) else {
                 return;
             };
-            let cluster = nodes.as_ref().and_then(|n| n.get());
-            for a in to {
-                here.wake(a);
-                if let Some(cluster) = cluster {
-                    cluster.mail(a);
-                }
-            }
+            let cluster = nodes.as_ref().and_then(|n| n.get()).map(|c| &**c);
+            tell(&here, (cluster, None), to, Seen::Now);
         }));
         Mailboxes {
             store,
@@ -328,7 +328,7 @@ impl Mailboxes {
         Ok(Appended {
             accepted: msgs.len(),
             commit: self.commit.clone(),
-            told: self.early && matches!(staged, Staged::Pending(_)),
+            early: self.early,
             staged,
             to: *to,
             sealed,

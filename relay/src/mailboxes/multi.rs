@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use tern_proto::{DeviceAddress, DeviceId, ErrorCode, MultiSend, MultiSendResult, Refused};
 
-use super::{refused, settle, tell, told, ActiveMailboxes, Mailboxes};
+use super::{refused, settle, tell, ActiveMailboxes, Mailboxes};
 use crate::accounts::Accounts;
 use crate::cluster::Cluster;
 use crate::core::limits::Limits;
@@ -85,8 +85,7 @@ impl MultiAppended {
         let mut refused = self.refused;
         let mut accepted = 0;
         if let Some(staged) = self.staged {
-            let early = self.early && matches!(staged, Staged::Pending(_));
-            let (seqs, wake_here) = settle(staged, &self.commit, true).await?;
+            let (seqs, seen) = settle(staged, &self.commit, true, self.early).await?;
             let entries = || self.to.iter().zip(&seqs);
             let kept = || entries().filter(|(_, &seq)| seq != 0).map(|((a, _), _)| a);
             accepted = kept().count();
@@ -103,13 +102,8 @@ impl MultiAppended {
                 }
                 refused.sort_by_key(|r| (r.recipient, r.device));
             }
-            let (wake_here, cluster) = told(early, wake_here, self.cluster.as_deref());
-            tell(
-                &self.active,
-                (cluster, self.push.as_ref()),
-                kept(),
-                wake_here,
-            );
+            let hints = (self.cluster.as_deref(), self.push.as_ref());
+            tell(&self.active, hints, kept(), seen);
         }
         Ok(MultiSendResult {
             accepted: u32::try_from(accepted).unwrap_or(u32::MAX),
