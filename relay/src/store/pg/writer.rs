@@ -38,9 +38,10 @@ use crate::store::{Envelope, SharedEntry, StoreError, StoreResult, Usage};
 
 mod acks;
 mod answer;
+mod barrier;
 mod send;
 mod sql;
-use acks::Barrier;
+use barrier::Barrier;
 pub(super) use send::send_sql;
 pub(super) use sql::ADD_TOTALS;
 use sql::*;
