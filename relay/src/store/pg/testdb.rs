@@ -12,7 +12,12 @@ use crate::testing::TestPostgres;
 
 /// A fresh cluster with database `tern`, and options for it with short deadlines.
 pub(crate) fn db() -> (TestPostgres, PgOptions) {
-    let pg = TestPostgres::start();
+    db_with(&[])
+}
+
+/// [`db`] on a cluster with extra server `settings`.
+pub(crate) fn db_with(settings: &[(&str, &str)]) -> (TestPostgres, PgOptions) {
+    let pg = TestPostgres::start_with(settings);
     pg.create_db("tern");
     let mut opts = PgOptions::new(pg.conn_str("tern"));
     opts.connect_timeout = Duration::from_millis(500);

@@ -7,11 +7,10 @@ use std::time::{Duration, Instant};
 
 use tern_proto::DeviceAddress;
 
-use super::testdb::{db, execute, node};
+use super::testdb::{db, db_with, execute, node};
 use super::*;
 use crate::store::conformance::{addr, msg};
 use crate::store::{MailboxStore, StoreError};
-use crate::testing::TestPostgres;
 
 const FOREVER: u64 = 9_000_000_000_000;
 
@@ -43,12 +42,7 @@ fn append_until_stored(b: &PgBackend, to: &DeviceAddress, n: u8) -> u64 {
 fn crash_after_an_unflushed_send(prepare: impl FnOnce(&PgBackend, &DeviceAddress)) -> (u64, u64) {
     // The WAL writer flushes asynchronous commits only every 10 s, and nothing else
     // commits here: the send's commit is still unflushed when the server is killed.
-    let pg = TestPostgres::start_with(&[("wal_writer_delay", "10s"), ("autovacuum", "off")]);
-    pg.create_db("tern");
-    let mut opts = PgOptions::new(pg.conn_str("tern"));
-    opts.connect_timeout = Duration::from_millis(500);
-    opts.statement_timeout = Duration::from_millis(1000);
-    opts.require_accounts = false;
+    let (pg, mut opts) = db_with(&[("wal_writer_delay", "10s"), ("autovacuum", "off")]);
     // No barrier: the send is answered once committed, as a reader on another node
     // may see it before the barrier.
     opts.durability = crate::store::Durability::Os;
