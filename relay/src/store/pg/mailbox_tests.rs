@@ -727,6 +727,70 @@ fn a_send_frees_its_head_at_commit_and_is_answered_only_once_a_synchronous_commi
     assert_eq!(a.read(&to, 0, 10).expect("read").len(), 2);
 }
 
+/// A batch waiting for its durability barrier holds no place in the writer's
+/// pipeline: with a synchronous standby that never comes, more than
+/// [`PIPELINE`](super::writer::PIPELINE) batches commit one after another while none
+/// of them has been answered, and each is answered once the barrier can commit.
+#[test]
+fn batches_waiting_for_their_barrier_leave_the_pipeline_to_the_next() {
+    let (_pg, mut opts) = db();
+    // Long enough that no batch gives up while the test waits for the next commit.
+    opts.statement_timeout = Duration::from_secs(5);
+    let a = node(&opts, "a");
+    let n = super::writer::PIPELINE + 2;
+    let to: Vec<_> = (0..n as u8).map(|i| addr(100 + i, 1)).collect();
+    a.append(&addr(99, 1), &[msg(1, 8)], 1_000, 9_000)
+        .expect("a first append");
+    sync_standby(&a, "nobody");
+    let (committed, answered_early, sent) = std::thread::scope(|s| {
+        let mut sends = Vec::new();
+        let mut committed = 0;
+        for to in &to {
+            sends.push(s.spawn(|| a.append(to, &[msg(1, 8)], 1_000, 9_000)));
+            // Readable before the next is queued: a batch of its own each.
+            let readable = (0..400).any(|_| {
+                let seen = a.read(to, 0, 10).is_ok_and(|m| m.len() == 1);
+                if !seen {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                seen
+            });
+            if !readable {
+                break;
+            }
+            committed += 1;
+        }
+        let answered_early = sends.iter().any(|s| s.is_finished());
+        sync_standby(&a, "");
+        let sent: Vec<_> = sends
+            .into_iter()
+            .map(|s| s.join().expect("no panic"))
+            .collect();
+        (committed, answered_early, sent)
+    });
+    assert_eq!(committed, n, "batches committed while the earlier waited");
+    assert!(!answered_early, "a send was answered before its barrier");
+    for r in sent {
+        assert!(r.is_ok(), "answered once the barrier committed: {r:?}");
+    }
+}
+
+/// An ack records its mailbox's usage as of its commit (as a send does), so the next
+/// send's check needs no read of the head first.
+#[test]
+fn an_ack_leaves_its_mailboxs_usage_known() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(110, 1);
+    let seqs = a
+        .append(&to, &[msg(1, 8), msg(2, 8), msg(3, 8)], 1_000, 9_000)
+        .expect("append");
+    a.remove(&to, &seqs[..2]).expect("ack");
+    let known = a.mail().expect("mail").usage.fresh(&to);
+    assert_eq!(known, Some(a.usage(&to).expect("usage")));
+    assert_eq!(known.map(|u| u.messages), Some(1));
+}
+
 /// The store tells of a send's mailbox as soon as its commit makes it readable, not
 /// after the durability barrier: a connected recipient is woken without waiting for
 /// the flush (or, here, for a synchronous standby that never comes).

@@ -100,7 +100,7 @@ const USAGE_CACHE_MAX: usize = 100_000;
 pub(super) struct MailState {
     queue: mpsc::UnboundedSender<(Instant, Op)>,
     pub(super) totals: Arc<TotalsCache>,
-    usage: Arc<UsageCache>,
+    pub(super) usage: Arc<UsageCache>,
     stats: Arc<WriterStats>,
     /// This node's row of `mailbox_totals`.
     pub(super) slot: i32,
@@ -113,13 +113,15 @@ pub(super) struct MailState {
 impl MailState {
     /// Starts the writer on the backend's runtime.
     pub(super) fn start(backend: &PgBackend) -> StoreResult<MailState> {
-        // Whether the accounts schema is there, and the engine knows plan_cache_mode.
-        let (schema, generic_plans) = backend.run(async {
+        // Whether the accounts schema is there, and which planner settings the engine
+        // knows.
+        let (schema, plans) = backend.run(async {
             let c = backend.client().await?;
             let row = c
                 .query_one(
                     "SELECT to_regclass('account_deletions') IS NOT NULL, \
-                     current_setting('plan_cache_mode', true) IS NOT NULL",
+                     current_setting('plan_cache_mode', true) IS NOT NULL, \
+                     current_setting('enable_seqscan', true) IS NOT NULL",
                     &[],
                 )
                 .await
@@ -128,7 +130,11 @@ impl MailState {
                 row.try_get::<_, bool>(i)
                     .map_err(|e| StoreError::Backend(format!("schema check: {e}")))
             };
-            Ok((col(0)?, col(1)?))
+            let plans = super::writer::Plans {
+                generic: col(1)?,
+                keyed: col(2)?,
+            };
+            Ok((col(0)?, plans))
         })?;
         let accounts = match (schema, backend.require_accounts) {
             (false, _) => AccountCheck::None,
@@ -146,7 +152,7 @@ impl MailState {
             deadline: backend.deadline,
             slot,
             send_sql: super::writer::send_sql(accounts),
-            generic_plans,
+            plans,
             statement_timeout: backend.statement_timeout,
             totals: totals.clone(),
             usage: usage.clone(),
@@ -239,7 +245,7 @@ impl UsageCache {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn fresh(&self, of: &DeviceAddress) -> Option<Usage> {
+    pub(super) fn fresh(&self, of: &DeviceAddress) -> Option<Usage> {
         self.lock()
             .get(of)
             .filter(|(at, _)| at.elapsed() < TOTALS_MAX_AGE)

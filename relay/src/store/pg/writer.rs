@@ -14,9 +14,10 @@
 //! makes for every batch committed before it. Seen by readers before the flush, a send
 //! may be delivered and then lost with the WAL's tail (a crash, a failover): its
 //! connection's seq epoch (`take_epoch`) keeps its seqs from ever being handed out
-//! again. Up to [`PIPELINE`] transactions are in flight: each batch takes its locks
-//! after the one before it, so within a mailbox seqs follow queue order, and batches
-//! are answered in queue order. Each caller hears after its COMMIT and the barrier; a
+//! again. Up to [`PIPELINE`] transactions are in flight (batches waiting for their
+//! barrier, already committed, are not counted): each batch takes its locks after the
+//! one before it, so within a mailbox seqs follow queue order, and batches are
+//! answered in queue order. Each caller hears after its COMMIT and the barrier; a
 //! failed transaction fails every item in it with [`StoreError::Unavailable`], and
 //! nothing in it was acknowledged.
 
@@ -27,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use bytes::Bytes;
 use tern_proto::MessageId;
@@ -43,8 +44,8 @@ mod send;
 mod sql;
 use barrier::Barrier;
 pub(super) use send::send_sql;
-pub(super) use sql::ADD_TOTALS;
 use sql::*;
+pub(super) use sql::{Plans, ADD_TOTALS};
 
 /// In the error of an op failed before anything of it was written (it waited in the
 /// queue past the deadline).
@@ -128,8 +129,8 @@ pub(super) struct Writer {
     /// The statement of a batch with sends ([`send_sql`] for the backend's
     /// [`AccountCheck`]).
     pub(super) send_sql: String,
-    /// Whether its transactions use generic plans ([`begin_for`]).
-    pub(super) generic_plans: bool,
+    /// How its transactions are planned ([`begin_for`]).
+    pub(super) plans: Plans,
     /// The sessions' `statement_timeout`, the most a batch's statement gets.
     pub(super) statement_timeout: Duration,
     pub(super) totals: Arc<TotalsCache>,
@@ -190,9 +191,9 @@ const ACK_GATHER: Duration = Duration::from_millis(2);
 /// See [`ACK_GATHER`].
 const ACK_GATHER_ROWS: usize = 64;
 
-/// Transactions in flight at once: the next batch takes its head locks while the ones
-/// before it commit (their fsync), so commits overlap. Batches take their locks one
-/// after another in queue order and are answered in queue order.
+/// Transactions in flight at once (each on a lane, [`Lane`]): the next batch takes its
+/// head locks while the ones before it commit, so commits overlap. Batches take their
+/// locks one after another in queue order and are answered in queue order.
 pub const PIPELINE: usize = 4;
 
 /// A pooled connection inside a transaction of ours. Dropped before [`Open::committed`]
@@ -233,6 +234,30 @@ impl Drop for Open {
         if let Some(client) = self.0.take() {
             drop(deadpool_postgres::Object::take(client));
         }
+    }
+}
+
+/// One of the [`PIPELINE`] transactions in flight. Taken before a batch is formed and
+/// given back once its transaction has committed (or failed), not once its callers
+/// are answered: the durability barrier a batch then waits for holds no lane, so the
+/// next batches commit meanwhile.
+struct Lane {
+    id: i32,
+    free: mpsc::UnboundedSender<i32>,
+}
+
+impl Lane {
+    /// The totals row this lane's transactions add into. Each transaction in flight
+    /// has a row of its own: with one per node, its lock (held through COMMIT) would
+    /// serialise the pipeline's commits.
+    fn totals_row(&self, node_slot: i32) -> i32 {
+        (node_slot + self.id) % TOTAL_SLOTS
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let _ = self.free.send(self.id);
     }
 }
 
@@ -283,13 +308,19 @@ impl Writer {
     /// Serves `rx` until every sender is gone.
     pub(super) async fn serve(self, mut rx: mpsc::UnboundedReceiver<(Instant, Op)>) {
         let this = Arc::new(self);
-        let slots = Arc::new(Semaphore::new(PIPELINE));
+        let (free, mut lanes) = mpsc::unbounded_channel();
+        for id in 0..PIPELINE as i32 {
+            let _ = free.send(id);
+        }
         let mut previous: Option<oneshot::Receiver<()>> = None;
-        let mut batch_no: i32 = 0;
         while let Some((queued, first)) = rx.recv().await {
-            // Waiting for a slot lets the queue grow: a bigger batch next.
-            let Ok(slot) = slots.clone().acquire_owned().await else {
+            // Waiting for a lane lets the queue grow: a bigger batch next.
+            let Some(id) = lanes.recv().await else {
                 return;
+            };
+            let lane = Lane {
+                id,
+                free: free.clone(),
             };
             // An op that waited in the queue past the deadline (the database is slow
             // or away) fails before anything of it is written: its caller hears
@@ -327,15 +358,8 @@ impl Writer {
                 }
             }
             if ops.is_empty() {
-                drop(slot);
                 continue;
             }
-            // Each transaction in flight adds into a totals row of its own: with one
-            // row per node, its lock (held through COMMIT) would serialise the
-            // pipeline's commits. Batches finish in order, so the PIPELINE in flight
-            // are consecutive and their rows distinct.
-            let totals_slot = (this.slot + batch_no) % TOTAL_SLOTS;
-            batch_no = (batch_no + 1) % PIPELINE as i32;
             let parts = plan(&ops);
             let step = if parts.is_empty() {
                 Step::Nothing
@@ -356,11 +380,8 @@ impl Writer {
             tokio::spawn(async move {
                 let outcome = match step {
                     Step::Nothing => Ok(Outcome::default()),
-                    Step::Sends => {
-                        this.bounded(this.send(&ops, &parts, totals_slot, locked))
-                            .await
-                    }
-                    Step::Removals => this.bounded(this.remove(&parts, totals_slot)).await,
+                    Step::Sends => this.bounded(this.send(&ops, &parts, lane, locked)).await,
+                    Step::Removals => this.bounded(this.remove(&parts, lane)).await,
                 };
                 if let Some(before) = before {
                     let _ = before.await;
@@ -370,7 +391,6 @@ impl Writer {
                     Err(f) => this.fail(ops, f),
                 }
                 let _ = done.send(());
-                drop(slot);
             });
             // Heard once the statement has answered, or dropped (failed, or given up
             // at the deadline).
@@ -405,7 +425,7 @@ impl Writer {
         if each < Duration::from_millis(10) {
             return Err(Failure::Other(self.stale()));
         }
-        Ok(begin_for(self.generic_plans, each))
+        Ok(begin_for(self.plans, each))
     }
 
     /// Why an op that waited in the queue past the deadline failed (nothing of it

@@ -8,8 +8,12 @@ use std::time::Instant;
 
 use tern_proto::DeviceAddress;
 
+use crate::store::Usage;
+
 use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
-use super::{addr_of, removal_cols, Failure, Open, Outcome, Part, TotalsDelta, UsageCache, Writer};
+use super::{
+    addr_of, removal_cols, Failure, Lane, Open, Outcome, Part, TotalsDelta, UsageCache, Writer,
+};
 
 impl Writer {
     /// A batch of removals (acks): one round trip, a transaction that locks their
@@ -19,9 +23,10 @@ impl Writer {
     pub(super) async fn remove(
         &self,
         parts: &BTreeMap<DeviceAddress, Part>,
-        totals_slot: i32,
+        lane: Lane,
     ) -> Result<Outcome, Failure> {
         let started = Instant::now();
+        let totals_slot = lane.totals_row(self.slot);
         let del = removal_cols(parts);
         if del.accounts.is_empty() {
             return Ok(Outcome::default());
@@ -62,6 +67,7 @@ impl Writer {
             None => None,
         };
         open.committed();
+        drop(lane);
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
         removed(&rows, &mut out, &mut delta, &self.usage)?;
@@ -79,9 +85,12 @@ impl Writer {
 }
 
 /// Reads the rows of [`REMOVE`] into `out` (what was deleted) and `delta` (what the
-/// statement took from the totals slot), and forgets the usage of the mailboxes it
-/// changed (read again when next needed: a batch on another lane may set a newer
-/// value meanwhile).
+/// statement took from the totals slot), and records the usage of the mailboxes it
+/// changed, exact as of this commit. A send batch on another lane may have committed
+/// after it and recorded its newer value first: then the next send's check counts
+/// that batch's messages short, once, and its own commit records the exact value
+/// again (the usage check is soft, as across nodes). Forgetting the usage instead
+/// cost every send after an ack a read before it could be appended.
 pub(super) fn removed(
     rows: &[tokio_postgres::Row],
     out: &mut Outcome,
@@ -104,7 +113,11 @@ pub(super) fn removed(
             delta.bytes -= row.try_get::<_, i64>(5)?;
         } else {
             delta.mailboxes -= i64::from(a == 0);
-            usage.forget(&to);
+            let now = Usage {
+                messages: a.max(0) as u64,
+                bytes: b.max(0) as u64,
+            };
+            usage.set(to, now);
         }
     }
     Ok(())

@@ -51,6 +51,10 @@ impl Default for Barrier {
     }
 }
 
+/// The barrier's transaction: a WAL record, and the live epoch's seq floor.
+const BARRIER: &str = "SELECT (SELECT (epoch - 1) << 40 FROM seq_epoch_live WHERE id = 0) \
+     FROM pg_logical_emit_message(true, 'tern', '')";
+
 /// No live epoch (never a floor: floors are multiples of 2^40, at least 0).
 const NONE: i64 = -1;
 
@@ -79,14 +83,11 @@ impl Barrier {
                 .store(self.arrived.load(Ordering::SeqCst), Ordering::SeqCst);
             let no = self.begun.fetch_add(1, Ordering::SeqCst) + 1;
             let open = Open::from(pool, hosts).await?;
-            let row = open
-                .client()?
-                .query_one(
-                    "SELECT (SELECT (epoch - 1) << 40 FROM seq_epoch_live WHERE id = 0) \
-                     FROM pg_logical_emit_message(true, 'tern', '')",
-                    &[],
-                )
-                .await?;
+            let client = open.client()?;
+            // Prepared once per connection: a barrier is one round trip, not three
+            // (parse, execute, close).
+            let st = client.prepare_cached(BARRIER).await?;
+            let row = client.query_one(&st, &[]).await?;
             open.committed();
             let live: Option<i64> = row.try_get(0)?;
             // Before `done`: whoever sees this barrier done sees its epoch (or a newer one).

@@ -13,7 +13,8 @@ use tokio::sync::oneshot;
 use super::acks::removed;
 use super::sql::REMOVE;
 use super::{
-    addr_of, removal_cols, AccountCheck, Failure, Op, Open, Outcome, Part, TotalsDelta, Writer,
+    addr_of, removal_cols, AccountCheck, Failure, Lane, Op, Open, Outcome, Part, TotalsDelta,
+    Writer,
 };
 use crate::store::pg::keys::params;
 use crate::store::Usage;
@@ -227,10 +228,11 @@ impl Writer {
         &self,
         ops: &[Op],
         parts: &BTreeMap<DeviceAddress, Part>,
-        totals_slot: i32,
+        lane: Lane,
         locked: oneshot::Sender<()>,
     ) -> Result<Outcome, Failure> {
         let started = Instant::now();
+        let totals_slot = lane.totals_row(self.slot);
         let cols = SendCols::of(ops, parts);
         let del = removal_cols(parts);
         // Wrapped before BEGIN: a BEGIN given up at the deadline must not leave its
@@ -299,6 +301,7 @@ impl Writer {
         let removed_rows = removed_rows?;
         committed?;
         open.committed();
+        drop(lane);
         let mut out = Outcome::default();
         let mut delta = TotalsDelta::default();
         let mut floor = None;
@@ -329,8 +332,8 @@ impl Writer {
             .collect();
         removed(&removed_rows, &mut out, &mut delta, &self.usage)?;
         self.totals.apply(delta);
-        // Exact as of this commit (the heads were locked and changed by it), unless
-        // the batch also removed from the mailbox (`removed` forgot those).
+        // Exact as of this commit (the heads were locked and changed by it); where
+        // the batch also removed from the mailbox, `removed` recorded the heads after.
         for (to, &(_, messages, bytes)) in &out.heads {
             if parts.get(to).is_some_and(|p| p.removes.is_empty()) {
                 let usage = Usage {
