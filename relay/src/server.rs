@@ -612,6 +612,9 @@ impl Relay {
                 config.postgres.recheck_interval,
                 shutdown.subscribe(),
             );
+            if let Some(n) = &notifier {
+                joined.notify_after_commits(n);
+            }
             services.mailboxes.join_cluster(joined.clone());
             cluster = Some((joined, notifier));
             info!(

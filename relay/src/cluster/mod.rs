@@ -62,6 +62,7 @@ use self::notify::{Event, Hint, Notifier};
 use crate::mailboxes::ActiveMailboxes;
 use crate::store::codec::addr_bytes;
 use crate::store::pg::lease::NOW_MS;
+use crate::store::pg::writer::CommitNotes;
 use crate::store::pg::PgBackend;
 use crate::store::{StoreError, StoreResult};
 
@@ -97,6 +98,9 @@ pub struct Cluster {
     /// heartbeat whose count was read before it does not clear `peers`' news.
     hinted_ms: std::sync::atomic::AtomicU64,
     started: std::time::Instant,
+    /// Set when the mailbox writer tells the other nodes of new mail itself, right
+    /// after each batch's commit ([`Cluster::notify_after_commits`]).
+    mail_after_commits: std::sync::atomic::AtomicBool,
     /// The re-check and heartbeat tasks.
     tasks: Tasks,
 }
@@ -149,6 +153,7 @@ impl Cluster {
             peers: std::sync::atomic::AtomicBool::new(true),
             hinted_ms: std::sync::atomic::AtomicU64::new(0),
             started: std::time::Instant::now(),
+            mail_after_commits: std::sync::atomic::AtomicBool::new(false),
             tasks: Tasks::default(),
         });
         cluster.tasks.add(
@@ -199,11 +204,39 @@ impl Cluster {
         }
     }
 
-    /// Tells the other nodes that `to` has new mail (call after the commit).
+    /// Tells the other nodes that `to` has new mail (call after the commit), unless
+    /// the commit told them already (see `Cluster::notify_after_commits`).
     pub fn mail(&self, to: &DeviceAddress) {
-        if self.has_peers() {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.mail_after_commits.load(Relaxed) && self.has_peers() {
             self.notifier.publish(Hint::Mail(*to));
         }
+    }
+
+    /// Has the mailbox writer tell the other nodes of new mail with a NOTIFY right
+    /// behind each batch's `COMMIT`, on the batch's own connection and in the same
+    /// round trip, in place of a hint per send through `notifier`'s publisher (a
+    /// transaction and a round trip on a connection of its own, after a hand-off to
+    /// its task). Hints stay best effort: a NOTIFY that fails is found by the
+    /// re-check. Returns whether the writer took it.
+    pub(crate) fn notify_after_commits(
+        self: &Arc<Self>,
+        notifier: &Arc<notify::PgNotifier>,
+    ) -> bool {
+        let cluster = Arc::downgrade(self);
+        let notifier = notifier.clone();
+        let taken = self.pg.notify_after_commits(CommitNotes {
+            channel: notify::CHANNEL,
+            payloads: Box::new(move |to| match cluster.upgrade() {
+                Some(c) if c.has_peers() => notifier.mail_payloads(to),
+                _ => Vec::new(),
+            }),
+        });
+        if taken {
+            self.mail_after_commits
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        taken
     }
 
     /// Whether another node may be listening (see `peers`).

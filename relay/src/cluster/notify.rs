@@ -69,10 +69,13 @@ impl Notifier for NoHints {
     }
 }
 
-/// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is sent on a connection of
-/// its own outside any other transaction, after the change it announces committed:
-/// inside the transaction it would hold PostgreSQL's notification lock through the
-/// commit and serialise every node's commits.
+/// [`Notifier`] over PostgreSQL's LISTEN/NOTIFY. A NOTIFY is a transaction of its
+/// own, after the change it announces committed: inside that change's transaction it
+/// would hold PostgreSQL's notification lock through the commit and serialise every
+/// node's commits, and a full notification queue would fail the change. Mail hints go
+/// right behind the mailbox writer's batch on its connection (see
+/// `Cluster::notify_after_commits`); the publisher here sends the rest (claims) on a
+/// connection of its own.
 pub struct PgNotifier {
     publish: mpsc::Sender<Hint>,
     origin: u32,
@@ -97,6 +100,17 @@ impl PgNotifier {
             events: std::sync::Mutex::new(Some(events)),
             tasks,
         })
+    }
+
+    /// The NOTIFY payloads telling the other nodes of new mail to `to` (180 hints at
+    /// most in each, under PostgreSQL's payload limit).
+    pub fn mail_payloads(&self, to: &[DeviceAddress]) -> Vec<String> {
+        to.chunks(HINTS_PER_NOTIFY)
+            .map(|chunk| {
+                let hints: Vec<Hint> = chunk.iter().map(|a| Hint::Mail(*a)).collect();
+                encode(self.origin, &hints)
+            })
+            .collect()
     }
 
     /// Awaits the publisher and the listener (with its LISTEN connection) after the

@@ -177,3 +177,52 @@ fn a_hint_from_another_node_turns_mail_hints_on_whatever_the_heartbeat_read() {
     a.mail(&to);
     assert_eq!(*hints.0.lock().expect("hints"), vec![Hint::Mail(to)]);
 }
+
+/// A node whose mailbox writer notifies right behind its commits tells the others of
+/// new mail from the batch that stored it, and its publisher sends no second hint.
+#[test]
+fn mail_hints_go_out_right_behind_the_batch_that_stored_the_mail() {
+    use crate::store::{Envelope, MailboxStore};
+    let (_pg, opts) = testdb::db();
+    let a = Arc::new(testdb::node(&opts, "a"));
+    let b = Arc::new(testdb::node(&opts, "b"));
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let (_stop_tx, stop) = watch::channel(false);
+        let wait = Duration::from_secs(10);
+        let tells = super::notify::PgNotifier::start(a.clone(), stop.clone());
+        let hears = super::notify::PgNotifier::start(b.clone(), stop.clone());
+        let mut events = hears.events().expect("b's events");
+        let listening = tokio::time::timeout(wait, events.recv()).await;
+        assert_eq!(listening, Ok(Some(Event::Resync)), "b listens");
+        let active = Arc::new(ActiveMailboxes::default());
+        let cluster = Cluster::start(a.clone(), active, tells.clone(), HEARTBEAT, stop);
+        assert!(cluster.notify_after_commits(&tells));
+        assert!(!cluster.notify_after_commits(&tells), "one writer hook");
+        // b is a peer a knows of (alone, a would tell nobody).
+        let (b_cluster, _stop_b) = join(&b);
+        let (pa, pb, ca) = (a.clone(), b.clone(), cluster.clone());
+        tokio::task::spawn_blocking(move || {
+            pb.run(b_cluster.beat()).expect("b beats");
+            pa.run(ca.beat()).expect("a beats");
+        })
+        .await
+        .expect("no panic");
+        let to = device(9);
+        let m = Envelope {
+            message_id: tern_proto::MessageId([9; 16]),
+            payload: bytes::Bytes::from_static(b"sealed"),
+        };
+        let store = a.clone();
+        tokio::task::spawn_blocking(move || store.append(&to, &[m], 1_000, 9_000))
+            .await
+            .expect("no panic")
+            .expect("append");
+        let heard = tokio::time::timeout(wait, events.recv()).await;
+        assert_eq!(heard, Ok(Some(Event::Hints(vec![Hint::Mail(to)]))));
+        // What the mailboxes layer calls after the commit publishes nothing more.
+        cluster.mail(&to);
+        let more = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+        assert!(more.is_err(), "a second hint: {more:?}");
+    });
+}

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::bodies::{deleted_cols, deleted_counts, release};
 use super::keys::params;
-use super::writer::{AccountCheck, Op, Writer, WriterStats, ADD_TOTALS};
+use super::writer::{AccountCheck, CommitNotes, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
     Envelope, Expired, MailboxStore, SharedAppend, Staged, StoreError, StoreResult, StoredMessage,
@@ -108,6 +108,8 @@ pub(super) struct MailState {
     pub(super) skipped: AtomicU64,
     /// Told of appends once committed, before they are durable.
     visible: Arc<std::sync::OnceLock<VisibleHook>>,
+    /// What a batch with sends tells the other nodes after its commit.
+    notes: Arc<std::sync::OnceLock<CommitNotes>>,
 }
 
 impl MailState {
@@ -145,6 +147,7 @@ impl MailState {
         let usage = Arc::new(UsageCache::default());
         let stats = Arc::new(WriterStats::default());
         let visible = Arc::new(std::sync::OnceLock::new());
+        let notes = Arc::new(std::sync::OnceLock::new());
         let slot = slot_of(backend.node_id());
         let writer = Writer {
             pool: backend.pool.clone(),
@@ -160,6 +163,7 @@ impl MailState {
             lazy: backend.lazy_commit_pool(super::writer::PIPELINE + 1)?,
             barrier: backend.durable.then(Default::default),
             visible: visible.clone(),
+            notes: notes.clone(),
         };
         let (queue, rx) = mpsc::unbounded_channel();
         backend.handle()?.spawn(writer.serve(rx));
@@ -171,6 +175,7 @@ impl MailState {
             slot,
             skipped: AtomicU64::new(0),
             visible,
+            notes,
         })
     }
 }
@@ -499,6 +504,19 @@ async fn delete_tx(
     }
     tx.commit().await?;
     Ok((delta, freed))
+}
+
+impl PgBackend {
+    /// Has every batch with sends NOTIFY the other nodes of its mailboxes right after
+    /// its `COMMIT`, pipelined behind it on the same connection (see [`CommitNotes`]);
+    /// false if a hook was set already or the mailboxes are not on this backend. The
+    /// NOTIFY is a transaction of its own: a full notification queue fails it, never
+    /// the batch, and a hint lost so is found by the nodes' re-check.
+    pub fn notify_after_commits(&self, notes: CommitNotes) -> bool {
+        self.mail
+            .as_ref()
+            .is_some_and(|m| m.notes.set(notes).is_ok())
+    }
 }
 
 impl MailboxStore for PgBackend {

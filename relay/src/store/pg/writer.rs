@@ -146,7 +146,23 @@ pub(super) struct Writer {
     /// Told of the mailboxes a batch appended to once it committed, before the
     /// barrier ([`crate::store::MailboxStore::on_visible`]).
     pub(super) visible: Arc<std::sync::OnceLock<crate::store::VisibleHook>>,
+    /// What a batch with sends tells the other nodes right after its `COMMIT`
+    /// ([`PgBackend::notify_after_commits`](super::PgBackend::notify_after_commits)).
+    pub(super) notes: Arc<std::sync::OnceLock<CommitNotes>>,
 }
+
+/// The NOTIFY a batch with sends makes right after its `COMMIT`, on its own
+/// connection in the same round trip: the other nodes hear of the batch's mailboxes
+/// without a transaction of their own on another connection.
+pub struct CommitNotes {
+    /// The channel.
+    pub channel: &'static str,
+    /// The payloads for the mailboxes a batch appends to (none: nobody to tell).
+    pub payloads: NotePayloads,
+}
+
+/// See [`CommitNotes::payloads`].
+pub type NotePayloads = Box<dyn Fn(&[DeviceAddress]) -> Vec<String> + Send + Sync>;
 
 /// Which appends a batch refuses, checked by the send statement with its snapshot
 /// (taken before it waits for any head: a deletion that finishes meanwhile is not
@@ -191,9 +207,9 @@ const ACK_GATHER: Duration = Duration::from_millis(2);
 /// See [`ACK_GATHER`].
 const ACK_GATHER_ROWS: usize = 64;
 
-/// Transactions in flight at once (each on a lane, [`Lane`]): the next batch takes its
-/// head locks while the ones before it commit, so commits overlap. Batches take their
-/// locks one after another in queue order and are answered in queue order.
+/// Transactions in flight at once (each on a lane of the writer's): the next batch
+/// takes its head locks while the ones before it commit, so commits overlap. Batches
+/// take their locks one after another in queue order and are answered in queue order.
 pub const PIPELINE: usize = 4;
 
 /// A pooled connection inside a transaction of ours. Dropped before [`Open::committed`]

@@ -11,7 +11,7 @@ use tern_proto::DeviceAddress;
 use tokio::sync::oneshot;
 
 use super::acks::removed;
-use super::sql::REMOVE;
+use super::sql::{NOTIFY, REMOVE};
 use super::{
     addr_of, removal_cols, AccountCheck, Failure, Lane, Op, Open, Outcome, Part, TotalsDelta,
     Writer,
@@ -246,6 +246,22 @@ impl Writer {
         // out when first polled, in the order written.
         let send_st = tx.prepare_cached(&self.send_sql).await?;
         let remove_st = tx.prepare_cached(REMOVE).await?;
+        let notes = match self.notes.get() {
+            Some(n) => {
+                let to: Vec<DeviceAddress> = parts
+                    .iter()
+                    .filter(|(_, p)| !p.appends.is_empty())
+                    .map(|(to, _)| *to)
+                    .collect();
+                let payloads = (n.payloads)(&to);
+                if payloads.is_empty() {
+                    None
+                } else {
+                    Some((n.channel, payloads, tx.prepare_cached(NOTIFY).await?))
+                }
+            }
+            None => None,
+        };
         let begin = self.begin(started)?;
         let c = &cols;
         let send = async {
@@ -287,14 +303,24 @@ impl Writer {
             )
             .await
         };
+        // After the COMMIT, in a transaction of its own: its failure (a full
+        // notification queue) loses hints, which the re-check covers, never the batch.
+        let notify = async {
+            if let Some((channel, payloads, st)) = &notes {
+                if let Err(e) = tx.execute(st, &[channel, payloads]).await {
+                    tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
+                }
+            }
+        };
         // Should a statement fail, the server answers the COMMIT of the aborted
         // transaction with a rollback: every result is checked before the batch counts
         // as committed.
-        let (began, sent, removed_rows, committed) = futures::join!(
+        let (began, sent, removed_rows, committed, ()) = futures::join!(
             tx.batch_execute(&begin),
             send,
             remove,
-            tx.batch_execute("COMMIT")
+            tx.batch_execute("COMMIT"),
+            notify
         );
         began?;
         let sent = sent?;

@@ -64,6 +64,9 @@ pub(super) const REMOVE: &str = concat!(
      UNION ALL SELECT 2, NULL, NULL, len, 0, 0 FROM gone"
 );
 
+/// A batch's cross-node hints, after its `COMMIT` (`CommitNotes`): channel, payloads.
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p";
+
 /// Rows of `mailbox_totals` (V2 creates 0..64).
 pub(super) const TOTAL_SLOTS: i32 = 64;
 
