@@ -383,35 +383,85 @@ impl Mailboxes {
         let mut pull = Pull::default();
         while window.room() > 0 {
             let want = window.room();
-            let batch = match self.read(device, window.cursor(), want) {
-                Ok(batch) => batch,
-                // The window already counts what earlier reads found: returning only
-                // the error would drop those messages from this connection.
-                Err(e) if !pull.messages.is_empty() => {
-                    pull.read_failed = Some(e);
-                    return Ok(pull);
-                }
-                Err(e) => return Err(e),
-            };
-            let now = self.clock.now();
-            let short = batch.len() < want;
-            for m in batch {
-                if is_expired(now, m.expires_at) {
-                    window.on_skipped(m.seq);
-                } else if window.on_pushed(m.seq, usize::try_from(m.len()).unwrap_or(usize::MAX)) {
-                    pull.messages.push(m);
-                } else {
-                    // Past the window's byte bound: the rest waits for acks.
-                    return Ok(pull);
-                }
-            }
-            if short {
-                pull.drained = true;
-                pull.queue_empty = window.on_drained();
+            let batch = self.read(device, window.cursor(), want);
+            if !self.took(&mut pull, window, batch, want)? {
                 break;
             }
         }
         Ok(pull)
+    }
+
+    /// [`Mailboxes::pull`] for a delivery task: a store whose reads are round trips
+    /// ([`MailboxStore::read_later`]) is awaited, not waited for on this thread.
+    pub async fn pull_later(
+        &self,
+        device: &AuthenticatedDevice,
+        window: &mut DeliveryWindow,
+    ) -> Result<Pull> {
+        let mut pull = Pull::default();
+        while window.room() > 0 {
+            let want = window.room();
+            let batch = match self.fault_or_read_later(device, window.cursor(), want) {
+                Ok(Some(read)) => read.await.map_err(Error::from),
+                Ok(None) => Ok(self.store.read(device.address(), window.cursor(), want)?),
+                Err(e) => Err(e),
+            };
+            if !self.took(&mut pull, window, batch, want)? {
+                break;
+            }
+        }
+        Ok(pull)
+    }
+
+    /// Takes a read of up to `want` messages into `pull` and `window`; true if the
+    /// window may take more and the mailbox may hold more.
+    fn took(
+        &self,
+        pull: &mut Pull,
+        window: &mut DeliveryWindow,
+        batch: Result<Vec<StoredMessage>>,
+        want: usize,
+    ) -> Result<bool> {
+        let batch = match batch {
+            Ok(batch) => batch,
+            // The window already counts what earlier reads found: returning only
+            // the error would drop those messages from this connection.
+            Err(e) if !pull.messages.is_empty() => {
+                pull.read_failed = Some(e);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let now = self.clock.now();
+        let short = batch.len() < want;
+        for m in batch {
+            if is_expired(now, m.expires_at) {
+                window.on_skipped(m.seq);
+            } else if window.on_pushed(m.seq, usize::try_from(m.len()).unwrap_or(usize::MAX)) {
+                pull.messages.push(m);
+            } else {
+                // Past the window's byte bound: the rest waits for acks.
+                return Ok(false);
+            }
+        }
+        if short {
+            pull.drained = true;
+            pull.queue_empty = window.on_drained();
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// The store's read as a future, if it has one, after the injected faults.
+    fn fault_or_read_later(
+        &self,
+        device: &AuthenticatedDevice,
+        after: u64,
+        max: usize,
+    ) -> Result<Option<crate::store::ReadLater<'_>>> {
+        crate::store::fault::check(crate::store::fault::Site::MailboxRead)
+            .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
+        Ok(self.store.read_later(device.address(), after, max))
     }
 
     fn read(

@@ -62,6 +62,11 @@ pub use self::commit::{Durability, GroupCommit};
 /// What a store calls with the mailboxes a commit made readable before it is durable
 /// ([`MailboxStore::on_visible`]).
 pub type VisibleHook = std::sync::Arc<dyn Fn(&[DeviceAddress]) + Send + Sync>;
+
+/// A read in flight ([`MailboxStore::read_later`]).
+pub type ReadLater<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = StoreResult<Vec<StoredMessage>>> + Send + 'a>,
+>;
 pub use self::compose::Stores;
 pub use self::days::{AccountDays, DeviceDays};
 pub use self::discovery::{DiscoveryStore, TagRecord, DETACHED_NUMBER_RETENTION_MS};
@@ -294,6 +299,13 @@ pub trait MailboxStore: Flush {
     /// Up to `max` messages with a sequence number above `after`, in order.
     /// Includes expired messages: filtering is the caller's rule.
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>>;
+
+    /// [`MailboxStore::read`] as a future, for a store whose reads are network round
+    /// trips: the caller's thread serves other tasks meanwhile instead of blocking.
+    /// `None` (the default): the store reads memory or a local disk; call `read`.
+    fn read_later(&self, _of: &DeviceAddress, _after: u64, _max: usize) -> Option<ReadLater<'_>> {
+        None
+    }
 
     /// Deletes the given messages where present; returns what was deleted.
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage>;

@@ -149,7 +149,9 @@ pub(super) async fn deliver(
                 }
             }
         }
-        let mut pull = match mailboxes.pull(&device, &mut window) {
+        // Boxed: the read's future would otherwise size this loop's state, which
+        // every idle connection keeps.
+        let mut pull = match Box::pin(mailboxes.pull_later(&device, &mut window)).await {
             Ok(p) => p,
             Err(e) => Pull {
                 read_failed: Some(e),

@@ -100,6 +100,14 @@ impl<S: MailboxStore + ?Sized> MailboxStore for Marked<S> {
     fn read(&self, of: &DeviceAddress, after: u64, max: usize) -> StoreResult<Vec<StoredMessage>> {
         self.store.read(of, after, max)
     }
+    fn read_later(
+        &self,
+        of: &DeviceAddress,
+        after: u64,
+        max: usize,
+    ) -> Option<crate::store::ReadLater<'_>> {
+        self.store.read_later(of, after, max)
+    }
     fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
         self.write(|s| s.remove(of, seqs))
     }

@@ -34,10 +34,17 @@ use std::sync::atomic::Ordering;
 
 use tern_platform::clock::UnixMillis;
 
+use tern_proto::DeviceAddress;
+
+use super::keys::params;
 use super::mailboxes::{from_db, to_db, TotalsDelta};
 use super::writer::Op;
-use super::PgBackend;
+use super::{classify, pool_error, PgBackend};
 use crate::store::{SharedAppend, StoreError, StoreResult, StoredMessage};
+
+/// A page of a mailbox: $1 account, $2 device, after seq $3, at most $4.
+const READ_PAGE: &str = "SELECT seq, message_id, payload, accepted_at, expires_at, body_id \
+     FROM messages WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4";
 
 /// How long past its expiry a body is kept whatever its count. The entries expire
 /// with it and their own sweep releases it first, so only a body whose count
@@ -142,11 +149,42 @@ impl PgBackend {
         after: i64,
         max: i64,
     ) -> StoreResult<Vec<StoredMessage>> {
-        let rows = self.run(self.rows(
-            "SELECT seq, message_id, payload, accepted_at, expires_at, body_id FROM messages \
-             WHERE account = $1 AND device = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-            &[&account, &device, &after, &max],
-        ))?;
+        let rows = self.run(self.rows(READ_PAGE, &[&account, &device, &after, &max]))?;
+        self.page(rows, (account, device))
+    }
+
+    /// [`PgBackend::read_page`] for an async caller: the page's statement runs as a
+    /// task on the database runtime, and the caller's thread serves its other tasks
+    /// meanwhile (a delivery's read on every wake-up, where `read_page` would lend the
+    /// thread to the call and cost the runtime a hand-over of its worker each time).
+    pub(super) async fn read_page_later(
+        &self,
+        of: DeviceAddress,
+        after: i64,
+        max: i64,
+    ) -> StoreResult<Vec<StoredMessage>> {
+        let pool = self.pool.clone();
+        let hosts = self.hosts.clone();
+        let rows = self
+            .detached(async move {
+                let (account, device) = params(&of);
+                let client = pool.get().await.map_err(|e| pool_error(e, &hosts))?;
+                let read = async {
+                    let st = client.prepare_cached(READ_PAGE).await?;
+                    client.query(&st, &[&account, &device, &after, &max]).await
+                };
+                read.await.map_err(|e| classify(&e, &hosts))
+            })
+            .await?;
+        self.page(rows, params(&of))
+    }
+
+    /// The messages of a page's rows, with their bodies (read here if shared).
+    fn page(
+        &self,
+        rows: Vec<tokio_postgres::Row>,
+        (account, device): (&[u8], i64),
+    ) -> StoreResult<Vec<StoredMessage>> {
         // The page's bodies in one more statement (a join would not run on Citus,
         // where bodies are not co-located with the mailbox).
         let mut ids: Vec<Vec<u8>> = Vec::new();

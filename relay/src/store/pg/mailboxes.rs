@@ -26,8 +26,8 @@ use super::keys::params;
 use super::writer::{AccountCheck, CommitNotes, Op, Writer, WriterStats, ADD_TOTALS};
 use super::PgBackend;
 use crate::store::{
-    Envelope, Expired, MailboxStore, SharedAppend, Staged, StoreError, StoreResult, StoredMessage,
-    Totals, Usage, VisibleHook,
+    Envelope, Expired, MailboxStore, ReadLater, SharedAppend, Staged, StoreError, StoreResult,
+    StoredMessage, Totals, Usage, VisibleHook,
 };
 
 /// How old cached totals may be.
@@ -592,6 +592,13 @@ impl MailboxStore for PgBackend {
             return Ok(Vec::new());
         };
         self.read_page(params(of), after, limit(max))
+    }
+
+    fn read_later(&self, of: &DeviceAddress, after: u64, max: usize) -> Option<ReadLater<'_>> {
+        let Some(after) = cursor(after) else {
+            return Some(Box::pin(async { Ok(Vec::new()) }));
+        };
+        Some(Box::pin(self.read_page_later(*of, after, limit(max))))
     }
 
     /// Shared bodies whose count drifted (see [`PgBackend::sweep_leaked_bodies`]).

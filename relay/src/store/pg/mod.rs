@@ -326,6 +326,35 @@ impl PgBackend {
         result
     }
 
+    /// `fut` as a task on the database runtime, awaited from the caller's (which it
+    /// does not block) within the deadline, as [`PgBackend::run`] would bound it; a
+    /// task left without an answer is aborted. `fut` owns what it needs (clones of the
+    /// pool and such).
+    pub(super) async fn detached<T, F>(&self, fut: F) -> StoreResult<T>
+    where
+        F: Future<Output = StoreResult<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        if let Some(ago) = self.hung.recently() {
+            return Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: a call got no answer {ago:?} ago",
+                self.hosts
+            )));
+        }
+        let task = self.handle()?.spawn(fut);
+        let abort = task.abort_handle();
+        let joined = async {
+            task.await
+                .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into())))
+        };
+        let result = self.bounded(self.deadline, joined).await;
+        if result.is_err() {
+            abort.abort();
+        }
+        self.outage.observe(&result);
+        result
+    }
+
     /// `fut` with a deadline: a call left without an answer marks the database as
     /// hanging (see [`Hung`]), an answered one clears that.
     async fn bounded<T>(
