@@ -237,11 +237,13 @@ impl PgBackend {
 
     /// A pool of `size` connections whose sessions commit without waiting for the
     /// WAL flush (the writer's batches, made durable by a barrier before they are
-    /// answered). Each connection takes a seq epoch as it connects ([`take_epoch`]).
-    fn lazy_commit_pool(&self, size: usize) -> StoreResult<Pool> {
+    /// answered), planned as `plans` says. Each connection takes a seq epoch as it
+    /// connects ([`take_epoch`]).
+    fn lazy_commit_pool(&self, size: usize, plans: writer::Plans) -> StoreResult<Pool> {
         let mut config = self.config.clone();
         let options = config.get_options().unwrap_or_default().to_owned();
-        config.options(format!("{options} -c synchronous_commit=off"));
+        let plans = plans.options();
+        config.options(format!("{options} -c synchronous_commit=off{plans}"));
         let take_epoch = deadpool_postgres::Hook::async_fn(|client, _| {
             Box::pin(async move {
                 take_epoch(client)

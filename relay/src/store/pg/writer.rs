@@ -129,8 +129,6 @@ pub(super) struct Writer {
     /// The statement of a batch with sends ([`send_sql`] for the backend's
     /// [`AccountCheck`]).
     pub(super) send_sql: String,
-    /// How its transactions are planned ([`begin_for`]).
-    pub(super) plans: Plans,
     /// The sessions' `statement_timeout`, the most a batch's statement gets.
     pub(super) statement_timeout: Duration,
     pub(super) totals: Arc<TotalsCache>,
@@ -441,7 +439,7 @@ impl Writer {
         if each < Duration::from_millis(10) {
             return Err(Failure::Other(self.stale()));
         }
-        Ok(begin_for(self.plans, each))
+        Ok(begin_for(each))
     }
 
     /// Why an op that waited in the queue past the deadline failed (nothing of it

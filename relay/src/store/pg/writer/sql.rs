@@ -74,44 +74,49 @@ pub(super) const TOTAL_SLOTS: i32 = 64;
 pub(crate) const ADD_TOTALS: &str = "UPDATE mailbox_totals SET messages = messages + $2, \
      bytes = bytes + $3, mailboxes = mailboxes + $4 WHERE slot = $1";
 
-/// How the writer's transactions are planned, as far as the engine lets us say.
+/// How the writer's statements are planned, as far as the engine lets us say: set for
+/// the sessions of the writer's own connections ([`Plans::options`]), which run
+/// nothing else.
+///
+/// Generic plans ([`Plans::generic`]): its statements (data-modifying CTEs over
+/// `unnest` arrays) would otherwise be planned again at every execution (PostgreSQL
+/// keeps custom plans when the arrays' sizes change their estimates), about 1.2 ms of
+/// database CPU per batch against 0.1 ms, where the generic plan (hash joins, index
+/// lookups) suits any batch size.
+///
+/// No sequential scans ([`Plans::keyed`]): every row they touch is found by its key,
+/// but a plan is made once per connection, and `messages` keeps few live rows among
+/// many dead ones until autovacuum comes (a mailbox's rows live from send to ack).
+/// Planned while the table looked empty, an ack's `DELETE` joined `messages` by a scan
+/// of every page, dead rows and all: 1,300 pages per ack after 15,000 messages,
+/// growing until the next vacuum and analyze.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(in crate::store::pg) struct Plans {
-    /// Generic plans (`plan_cache_mode`, PostgreSQL 12 or later; YugabyteDB 2.25,
+    /// `plan_cache_mode` is known (PostgreSQL 12 or later; YugabyteDB 2.25,
     /// CockroachDB 23.2).
     pub(in crate::store::pg) generic: bool,
-    /// No sequential scans where an index serves (`enable_seqscan`).
+    /// `enable_seqscan` is known.
     pub(in crate::store::pg) keyed: bool,
 }
 
+impl Plans {
+    /// The session options (`-c name=value`, each with a leading space) that say so.
+    pub(in crate::store::pg) fn options(self) -> String {
+        let mut out = String::new();
+        if self.generic {
+            out.push_str(" -c plan_cache_mode=force_generic_plan");
+        }
+        if self.keyed {
+            out.push_str(" -c enable_seqscan=off");
+        }
+        out
+    }
+}
+
 /// How the writer begins a transaction whose statements may each run `each`.
-///
-/// Its statements run on their generic plans where the engine allows it
-/// ([`Plans::generic`]): its statements (data-modifying CTEs over `unnest` arrays)
-/// would otherwise be planned again at every execution (PostgreSQL keeps custom plans
-/// when the arrays' sizes change their estimates), about 1.2 ms of database CPU per
-/// batch against 0.1 ms, where the generic plan (hash joins, index lookups) suits any
-/// batch size.
-///
-/// And they are planned without sequential scans ([`Plans::keyed`]): every row they
-/// touch is found by its key, but a plan is made once per connection, and `messages`
-/// keeps few live rows among many dead ones until autovacuum comes (a mailbox's rows
-/// live from send to ack). Planned while the table looked empty, an ack's `DELETE`
-/// joined `messages` by a scan of every page, dead rows and all: 1,300 pages per ack
-/// after 15,000 messages, growing until the next vacuum and analyze.
-pub(in crate::store::pg) fn begin_for(plans: Plans, each: std::time::Duration) -> String {
+pub(in crate::store::pg) fn begin_for(each: std::time::Duration) -> String {
     let each = each.as_millis().max(1);
-    let generic = if plans.generic {
-        "SET LOCAL plan_cache_mode = force_generic_plan; "
-    } else {
-        ""
-    };
-    let keyed = if plans.keyed {
-        "SET LOCAL enable_seqscan = off; "
-    } else {
-        ""
-    };
-    format!("BEGIN; {generic}{keyed}SET LOCAL statement_timeout = {each}")
+    format!("BEGIN; SET LOCAL statement_timeout = {each}")
 }
 
 #[cfg(test)]
@@ -125,9 +130,10 @@ mod tests {
     use crate::store::pg::testdb::{db, deletions_table, node};
 
     /// The writer's statements find every row by its key whatever the statistics say:
-    /// planned on a fresh database (empty tables, as at a relay's first batches),
-    /// none of them scans a table. Without `enable_seqscan = off`, an ack's `DELETE`
-    /// joined `messages` by a scan of every page (see [`begin_for`]).
+    /// planned on a fresh database (empty tables, as at a relay's first batches) on
+    /// the writer's connections, none of them scans a table. Without
+    /// `enable_seqscan = off`, an ack's `DELETE` joined `messages` by a scan of every
+    /// page (see [`Plans`]).
     #[test]
     fn the_writers_statements_scan_no_table_when_planned_on_empty_tables() {
         let (_pg, opts) = db();
@@ -144,14 +150,17 @@ mod tests {
         };
         let explained = b
             .run(async {
-                let c = b.client().await?;
+                // The writer's own kind of connection.
+                let lazy = b.lazy_commit_pool(1, plans)?;
+                let c = lazy
+                    .get()
+                    .await
+                    .map_err(|e| crate::store::pg::pool_error(e, "the test's database"))?;
                 let mut out = Vec::new();
                 for (name, statement, params) in &statements {
                     let nulls = vec!["NULL"; *params].join(", ");
-                    let begin = begin_for(plans, Duration::from_secs(5));
-                    let setup = format!(
-                        "{begin}; SET LOCAL tern.seq_floor = 0; PREPARE {name} AS {statement}"
-                    );
+                    let begin = begin_for(Duration::from_secs(5));
+                    let setup = format!("{begin}; PREPARE {name} AS {statement}");
                     c.batch_execute(&setup).await.map_err(|e| b.classify(&e))?;
                     let rows = c
                         .query(&format!("EXPLAIN EXECUTE {name}({nulls})"), &[])
