@@ -223,12 +223,12 @@ impl Cluster {
         self: &Arc<Self>,
         notifier: &Arc<notify::PgNotifier>,
     ) -> bool {
-        let cluster = Arc::downgrade(self);
-        let notifier = notifier.clone();
+        // Weak: the backend holds this hook.
+        let (cluster, notifier) = (Arc::downgrade(self), Arc::downgrade(notifier));
         let taken = self.pg.notify_after_commits(CommitNotes {
             channel: notify::CHANNEL,
-            payloads: Box::new(move |to| match cluster.upgrade() {
-                Some(c) if c.has_peers() => notifier.mail_payloads(to),
+            payloads: Box::new(move |to| match (cluster.upgrade(), notifier.upgrade()) {
+                (Some(c), Some(n)) if c.has_peers() => n.mail_payloads(to),
                 _ => Vec::new(),
             }),
         });

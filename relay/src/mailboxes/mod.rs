@@ -403,7 +403,10 @@ impl Mailboxes {
             let want = window.room();
             let batch = match self.fault_or_read_later(device, window.cursor(), want) {
                 Ok(Some(read)) => read.await.map_err(Error::from),
-                Ok(None) => Ok(self.store.read(device.address(), window.cursor(), want)?),
+                Ok(None) => self
+                    .store
+                    .read(device.address(), window.cursor(), want)
+                    .map_err(Error::from),
                 Err(e) => Err(e),
             };
             if !self.took(&mut pull, window, batch, want)? {

@@ -397,6 +397,17 @@ impl MailboxStore for FailingReads {
 
 #[tokio::test]
 async fn a_pull_whose_second_read_fails_returns_what_the_first_found() {
+    second_read_fails(false).await;
+}
+
+/// The same through [`crate::mailboxes::Mailboxes::pull_later`] (the delivery
+/// task's), on a store without `read_later` (it reads on the caller's thread).
+#[tokio::test]
+async fn a_later_pull_whose_second_read_fails_returns_what_the_first_found() {
+    second_read_fails(true).await;
+}
+
+async fn second_read_fails(later: bool) {
     let memory = Arc::new(crate::store::MemoryStore::new());
     let failing = Arc::new(FailingReads {
         inner: memory.clone(),
@@ -420,10 +431,8 @@ async fn a_pull_whose_second_read_fails_returns_what_the_first_found() {
         .ok_reads
         .store(1, std::sync::atomic::Ordering::SeqCst);
     let mut window = DeliveryWindow::new(3);
-    let pull = f
-        .services
-        .mailboxes()
-        .pull(&bob, &mut window)
+    let pull = pull_by(&f, &bob, &mut window, later)
+        .await
         .expect("what the first read found");
     assert_eq!(ids(&pull), vec![2], "the live message the first read found");
     assert!(pull.read_failed.is_some(), "the caller must pull again");
@@ -431,17 +440,28 @@ async fn a_pull_whose_second_read_fails_returns_what_the_first_found() {
     assert_eq!(window.in_flight(), 1);
 
     // A pull whose first read fails has nothing to return: an error.
-    assert!(f.services.mailboxes().pull(&bob, &mut window).is_err());
+    let failed = pull_by(&f, &bob, &mut window, later).await;
+    assert!(failed.is_err());
 
     // The database back: the rest follows, nothing skipped or pushed twice.
     failing
         .ok_reads
         .store(usize::MAX, std::sync::atomic::Ordering::SeqCst);
-    let rest = f
-        .services
-        .mailboxes()
-        .pull(&bob, &mut window)
-        .expect("pull");
+    let rest = pull_by(&f, &bob, &mut window, later).await.expect("pull");
     assert_eq!(ids(&rest), vec![3, 4]);
     assert!(rest.read_failed.is_none());
+}
+
+async fn pull_by(
+    f: &crate::testing::Fixture,
+    device: &crate::core::auth::AuthenticatedDevice,
+    window: &mut DeliveryWindow,
+    later: bool,
+) -> crate::error::Result<crate::mailboxes::Pull> {
+    let mailboxes = f.services.mailboxes();
+    if later {
+        mailboxes.pull_later(device, window).await
+    } else {
+        mailboxes.pull(device, window)
+    }
 }

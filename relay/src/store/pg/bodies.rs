@@ -157,6 +157,8 @@ impl PgBackend {
     /// task on the database runtime, and the caller's thread serves its other tasks
     /// meanwhile (a delivery's read on every wake-up, where `read_page` would lend the
     /// thread to the call and cost the runtime a hand-over of its worker each time).
+    /// The bodies of shared entries (group messages), when the page has any, are
+    /// still read as `read_page` reads them.
     pub(super) async fn read_page_later(
         &self,
         of: DeviceAddress,

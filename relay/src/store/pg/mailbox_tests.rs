@@ -730,15 +730,16 @@ fn a_send_frees_its_head_at_commit_and_is_answered_only_once_a_synchronous_commi
 /// A batch waiting for its durability barrier holds no place in the writer's
 /// pipeline: with a synchronous standby that never comes, more than
 /// [`PIPELINE`](super::writer::PIPELINE) batches commit one after another while none
-/// of them has been answered, and each is answered once the barrier can commit.
+/// of them has been answered, up to [`UNANSWERED`](super::writer::UNANSWERED); the
+/// next waits, uncommitted. Each is answered once the barrier can commit.
 #[test]
 fn batches_waiting_for_their_barrier_leave_the_pipeline_to_the_next() {
     let (_pg, mut opts) = db();
     // Long enough that no batch gives up while the test waits for the next commit.
-    opts.statement_timeout = Duration::from_secs(5);
+    opts.statement_timeout = Duration::from_secs(10);
     let a = node(&opts, "a");
-    let n = super::writer::PIPELINE + 2;
-    let to: Vec<_> = (0..n as u8).map(|i| addr(100 + i, 1)).collect();
+    let most = super::writer::UNANSWERED;
+    let to: Vec<_> = (0..=most as u32).map(|i| addr(100, i + 1)).collect();
     a.append(&addr(99, 1), &[msg(1, 8)], 1_000, 9_000)
         .expect("a first append");
     sync_standby(&a, "nobody");
@@ -748,7 +749,7 @@ fn batches_waiting_for_their_barrier_leave_the_pipeline_to_the_next() {
         for to in &to {
             sends.push(s.spawn(|| a.append(to, &[msg(1, 8)], 1_000, 9_000)));
             // Readable before the next is queued: a batch of its own each.
-            let readable = (0..400).any(|_| {
+            let readable = (0..200).any(|_| {
                 let seen = a.read(to, 0, 10).is_ok_and(|m| m.len() == 1);
                 if !seen {
                     std::thread::sleep(Duration::from_millis(5));
@@ -768,8 +769,12 @@ fn batches_waiting_for_their_barrier_leave_the_pipeline_to_the_next() {
             .collect();
         (committed, answered_early, sent)
     });
-    assert_eq!(committed, n, "batches committed while the earlier waited");
+    assert_eq!(
+        committed, most,
+        "batches committed while the earlier waited"
+    );
     assert!(!answered_early, "a send was answered before its barrier");
+    assert_eq!(sent.len(), most + 1);
     for r in sent {
         assert!(r.is_ok(), "answered once the barrier committed: {r:?}");
     }

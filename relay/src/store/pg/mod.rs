@@ -329,9 +329,11 @@ impl PgBackend {
     }
 
     /// `fut` as a task on the database runtime, awaited from the caller's (which it
-    /// does not block) within the deadline, as [`PgBackend::run`] would bound it; a
-    /// task left without an answer is aborted. `fut` owns what it needs (clones of the
-    /// pool and such).
+    /// does not block) within the deadline, as [`PgBackend::run`] would bound it; the
+    /// task is aborted if the deadline passes or the caller stops waiting. `fut` owns
+    /// what it needs (clones of the pool and such). Unlike `run`'s calls through
+    /// [`PgBackend::client`], a connect that gets no start-up reply does not mark the
+    /// database as hanging here, and nothing is retried.
     pub(super) async fn detached<T, F>(&self, fut: F) -> StoreResult<T>
     where
         F: Future<Output = StoreResult<T>> + Send + 'static,
@@ -344,15 +346,12 @@ impl PgBackend {
             )));
         }
         let task = self.handle()?.spawn(fut);
-        let abort = task.abort_handle();
+        let _abort = AbortOnDrop(task.abort_handle());
         let joined = async {
             task.await
                 .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into())))
         };
         let result = self.bounded(self.deadline, joined).await;
-        if result.is_err() {
-            abort.abort();
-        }
         self.outage.observe(&result);
         result
     }
@@ -648,6 +647,15 @@ fn build_pool_with(
     builder
         .build()
         .map_err(|e| StoreError::Backend(format!("database pool: {e}")))
+}
+
+/// Aborts a task when dropped (a no-op once it has finished).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Whether `e` is a serialization failure or deadlock worth one retry.

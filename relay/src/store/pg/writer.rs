@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
 use tern_proto::DeviceAddress;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use bytes::Bytes;
 use tern_proto::MessageId;
@@ -210,6 +210,10 @@ const ACK_GATHER_ROWS: usize = 64;
 /// take their locks one after another in queue order and are answered in queue order.
 pub const PIPELINE: usize = 4;
 
+/// Batches taken but not yet answered, at most: in a transaction (a lane each) or
+/// committed and waiting for their durability barrier.
+pub(super) const UNANSWERED: usize = 16 * PIPELINE;
+
 /// A pooled connection inside a transaction of ours. Dropped before [`Open::committed`]
 /// (an error, a deadline), it leaves the pool and closes: a connection inside a
 /// transaction never goes back to the pool. Closed before its `COMMIT` was sent, the
@@ -326,9 +330,16 @@ impl Writer {
         for id in 0..PIPELINE as i32 {
             let _ = free.send(id);
         }
+        let unanswered = Arc::new(Semaphore::new(UNANSWERED));
         let mut previous: Option<oneshot::Receiver<()>> = None;
         while let Some((queued, first)) = rx.recv().await {
-            // Waiting for a lane lets the queue grow: a bigger batch next.
+            // Waiting for a lane lets the queue grow: a bigger batch next. Past
+            // UNANSWERED batches committed and waiting for their barrier (a standby
+            // gone, a stalled fsync), the writer stops taking more: the queue's ops
+            // then fail as stale, unwritten, instead of committing unanswered.
+            let Ok(answer_slot) = unanswered.clone().acquire_owned().await else {
+                return;
+            };
             let Some(id) = lanes.recv().await else {
                 return;
             };
@@ -393,7 +404,10 @@ impl Writer {
             let this = this.clone();
             tokio::spawn(async move {
                 let outcome = match step {
-                    Step::Nothing => Ok(Outcome::default()),
+                    Step::Nothing => {
+                        drop(lane);
+                        Ok(Outcome::default())
+                    }
                     Step::Sends => this.bounded(this.send(&ops, &parts, lane, locked)).await,
                     Step::Removals => this.bounded(this.remove(&parts, lane)).await,
                 };
@@ -405,6 +419,7 @@ impl Writer {
                     Err(f) => this.fail(ops, f),
                 }
                 let _ = done.send(());
+                drop(answer_slot);
             });
             // Heard once the statement has answered, or dropped (failed, or given up
             // at the deadline).

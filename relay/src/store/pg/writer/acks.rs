@@ -90,13 +90,15 @@ impl Writer {
 /// after it and recorded its newer value first: then the next send's check counts
 /// that batch's messages short, once, and its own commit records the exact value
 /// again (the usage check is soft, as across nodes). Forgetting the usage instead
-/// cost every send after an ack a read before it could be appended.
+/// cost every send after an ack a read before it could be appended. Returns the
+/// mailboxes whose usage it recorded.
 pub(super) fn removed(
     rows: &[tokio_postgres::Row],
     out: &mut Outcome,
     delta: &mut TotalsDelta,
     usage: &UsageCache,
-) -> Result<(), Failure> {
+) -> Result<std::collections::HashSet<DeviceAddress>, Failure> {
+    let mut recorded = std::collections::HashSet::new();
     for row in rows {
         let kind: i32 = row.try_get(0)?;
         let (a, b): (i64, i64) = (row.try_get(3)?, row.try_get(4)?);
@@ -118,7 +120,8 @@ pub(super) fn removed(
                 bytes: b.max(0) as u64,
             };
             usage.set(to, now);
+            recorded.insert(to);
         }
     }
-    Ok(())
+    Ok(recorded)
 }

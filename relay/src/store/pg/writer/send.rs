@@ -19,6 +19,9 @@ use super::{
 use crate::store::pg::keys::params;
 use crate::store::Usage;
 
+/// How long a batch waits for its NOTIFY after its COMMIT was answered, at most.
+const NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Which mailboxes take sends, as an SQL condition on `s.a` (account) and `s.dv`
 /// (device), evaluated with the statement's snapshot. That snapshot predates the head
 /// locks the statement may wait for, so a deletion that completes meanwhile is not
@@ -257,7 +260,13 @@ impl Writer {
                 if payloads.is_empty() {
                     None
                 } else {
-                    Some((n.channel, payloads, tx.prepare_cached(NOTIFY).await?))
+                    match tx.prepare_cached(NOTIFY).await {
+                        Ok(st) => Some((n.channel, payloads, st)),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
+                            None
+                        }
+                    }
                 }
             }
             None => None,
@@ -304,24 +313,40 @@ impl Writer {
             .await
         };
         // After the COMMIT, in a transaction of its own: its failure (a full
-        // notification queue) loses hints, which the re-check covers, never the batch.
+        // notification queue) loses hints, which the re-check covers, never the batch,
+        // and the batch waits for it at most NOTIFY_WAIT after the COMMIT's answer.
+        let (commit_answered, answered) = oneshot::channel::<()>();
+        let commit = async {
+            let r = tx.batch_execute("COMMIT").await;
+            let _ = commit_answered.send(());
+            r
+        };
         let notify = async {
-            if let Some((channel, payloads, st)) = &notes {
-                if let Err(e) = tx.execute(st, &[channel, payloads]).await {
-                    tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
-                }
+            let Some((channel, payloads, st)) = &notes else {
+                return;
+            };
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, payloads];
+            let sent = tx.execute(st, &params);
+            tokio::pin!(sent);
+            let waited = async {
+                let _ = answered.await;
+                tokio::time::sleep(NOTIFY_WAIT).await;
+            };
+            // Biased: polled first, the NOTIFY goes out right behind the COMMIT.
+            let outcome = tokio::select! {
+                biased;
+                r = &mut sent => r.map(drop).map_err(|e| e.to_string()),
+                () = waited => Err(format!("no answer within {NOTIFY_WAIT:?}")),
+            };
+            if let Err(e) = outcome {
+                tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
             }
         };
         // Should a statement fail, the server answers the COMMIT of the aborted
         // transaction with a rollback: every result is checked before the batch counts
         // as committed.
-        let (began, sent, removed_rows, committed, ()) = futures::join!(
-            tx.batch_execute(&begin),
-            send,
-            remove,
-            tx.batch_execute("COMMIT"),
-            notify
-        );
+        let (began, sent, removed_rows, committed, ()) =
+            futures::join!(tx.batch_execute(&begin), send, remove, commit, notify);
         began?;
         let sent = sent?;
         let removed_rows = removed_rows?;
@@ -356,12 +381,12 @@ impl Writer {
             .filter(|(to, p)| !p.appends.is_empty() && !out.heads.contains_key(*to))
             .map(|(to, _)| *to)
             .collect();
-        removed(&removed_rows, &mut out, &mut delta, &self.usage)?;
+        let recorded = removed(&removed_rows, &mut out, &mut delta, &self.usage)?;
         self.totals.apply(delta);
         // Exact as of this commit (the heads were locked and changed by it); where
-        // the batch also removed from the mailbox, `removed` recorded the heads after.
+        // the batch's removals changed the mailbox, `removed` recorded the heads after.
         for (to, &(_, messages, bytes)) in &out.heads {
-            if parts.get(to).is_some_and(|p| p.removes.is_empty()) {
+            if !recorded.contains(to) {
                 let usage = Usage {
                     messages: messages.max(0) as u64,
                     bytes: bytes.max(0) as u64,
