@@ -150,6 +150,12 @@ async fn settle<T>(
     }
 }
 
+/// A mailbox read's injected fault, if any (tests).
+fn read_fault() -> Result<()> {
+    crate::store::fault::check(crate::store::fault::Site::MailboxRead)
+        .map_err(|e| StoreError::Unavailable(format!("injected: {e}")).into())
+}
+
 /// Tells the mailboxes `to` of a write, as far as `seen` leaves to do: one visible only
 /// now wakes them here, other nodes hear of them through `cluster`, and those with no
 /// connection here get a push wake-up (given a `push`, only once durable).
@@ -462,8 +468,7 @@ impl Mailboxes {
         after: u64,
         max: usize,
     ) -> Result<Option<crate::store::ReadLater<'_>>> {
-        crate::store::fault::check(crate::store::fault::Site::MailboxRead)
-            .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
+        read_fault()?;
         Ok(self.store.read_later(device.address(), after, max))
     }
 
@@ -473,8 +478,7 @@ impl Mailboxes {
         after: u64,
         max: usize,
     ) -> Result<Vec<StoredMessage>> {
-        crate::store::fault::check(crate::store::fault::Site::MailboxRead)
-            .map_err(|e| StoreError::Unavailable(format!("injected: {e}")))?;
+        read_fault()?;
         Ok(self.store.read(device.address(), after, max)?)
     }
 

@@ -270,6 +270,14 @@ impl UsageCache {
     }
 }
 
+/// A mailbox's usage from its head's counts (`messages`, `bytes`).
+pub(super) fn usage_of(messages: i64, bytes: i64) -> Usage {
+    Usage {
+        messages: messages.max(0) as u64,
+        bytes: bytes.max(0) as u64,
+    }
+}
+
 /// A mailbox address from its columns.
 pub(super) fn addr_of(account: &[u8], device: i64) -> StoreResult<DeviceAddress> {
     let device = u32::try_from(device).map_err(|_| StoreError::Corrupt("device id"))?;
@@ -634,10 +642,7 @@ impl MailboxStore for PgBackend {
         let Some(r) = rows.first() else {
             return Ok(Usage::default());
         };
-        Ok(Usage {
-            messages: self.col::<i64>(r, 0)?.max(0) as u64,
-            bytes: self.col::<i64>(r, 1)?.max(0) as u64,
-        })
+        Ok(usage_of(self.col(r, 0)?, self.col(r, 1)?))
     }
 
     fn usage_and_totals(&self, of: &DeviceAddress) -> StoreResult<(Usage, Totals)> {

@@ -328,6 +328,17 @@ impl PgBackend {
         result
     }
 
+    /// Fails at once while the database is taken for hanging (see [`Hung`]).
+    fn not_hung(&self) -> StoreResult<()> {
+        match self.hung.recently() {
+            Some(ago) => Err(StoreError::Unavailable(format!(
+                "PostgreSQL at {}: a call got no answer {ago:?} ago",
+                self.hosts
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `fut` as a task on the database runtime, awaited from the caller's (which it
     /// does not block) within the deadline, as [`PgBackend::run`] would bound it; the
     /// task is aborted if the deadline passes or the caller stops waiting. `fut` owns
@@ -339,12 +350,7 @@ impl PgBackend {
         F: Future<Output = StoreResult<T>> + Send + 'static,
         T: Send + 'static,
     {
-        if let Some(ago) = self.hung.recently() {
-            return Err(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: a call got no answer {ago:?} ago",
-                self.hosts
-            )));
-        }
+        self.not_hung()?;
         let task = self.handle()?.spawn(fut);
         let _abort = AbortOnDrop(task.abort_handle());
         let joined = async {
@@ -392,12 +398,7 @@ impl PgBackend {
     /// database that just left a call without an answer: for one deadline after
     /// that, calls fail at once instead of each waiting a deadline of its own.
     pub async fn client(&self) -> StoreResult<deadpool_postgres::Object> {
-        if let Some(ago) = self.hung.recently() {
-            return Err(StoreError::Unavailable(format!(
-                "PostgreSQL at {}: a call got no answer {ago:?} ago",
-                self.hosts
-            )));
-        }
+        self.not_hung()?;
         self.pool.get().await.map_err(|e| {
             // A connect that got no start-up reply; not a full pool (a busy node).
             if matches!(

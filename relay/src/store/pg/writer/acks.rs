@@ -8,8 +8,7 @@ use std::time::Instant;
 
 use tern_proto::DeviceAddress;
 
-use crate::store::Usage;
-
+use super::super::mailboxes::usage_of;
 use super::sql::{HeadCols, LOCK_HEADS, REMOVE};
 use super::{
     addr_of, removal_cols, Failure, Lane, Open, Outcome, Part, TotalsDelta, UsageCache, Writer,
@@ -115,11 +114,7 @@ pub(super) fn removed(
             delta.bytes -= row.try_get::<_, i64>(5)?;
         } else {
             delta.mailboxes -= i64::from(a == 0);
-            let now = Usage {
-                messages: a.max(0) as u64,
-                bytes: b.max(0) as u64,
-            };
-            usage.set(to, now);
+            usage.set(to, usage_of(a, b));
             recorded.insert(to);
         }
     }

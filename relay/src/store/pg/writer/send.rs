@@ -17,7 +17,7 @@ use super::{
     Writer,
 };
 use crate::store::pg::keys::params;
-use crate::store::Usage;
+use crate::store::pg::mailboxes::usage_of;
 
 /// How long a batch waits for its NOTIFY after its COMMIT was answered, at most.
 const NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
@@ -249,14 +249,16 @@ impl Writer {
         // out when first polled, in the order written.
         let send_st = tx.prepare_cached(&self.send_sql).await?;
         let remove_st = tx.prepare_cached(REMOVE).await?;
+        // The batch's mailboxes with appends: told of after the COMMIT, here and on
+        // the other nodes.
+        let appended: Vec<DeviceAddress> = parts
+            .iter()
+            .filter(|(_, p)| !p.appends.is_empty())
+            .map(|(to, _)| *to)
+            .collect();
         let notes = match self.notes.get() {
             Some(n) => {
-                let to: Vec<DeviceAddress> = parts
-                    .iter()
-                    .filter(|(_, p)| !p.appends.is_empty())
-                    .map(|(to, _)| *to)
-                    .collect();
-                let payloads = (n.payloads)(&to);
+                let payloads = (n.payloads)(&appended);
                 if payloads.is_empty() {
                     None
                 } else {
@@ -387,11 +389,7 @@ impl Writer {
         // the batch's removals changed the mailbox, `removed` recorded the heads after.
         for (to, &(_, messages, bytes)) in &out.heads {
             if !recorded.contains(to) {
-                let usage = Usage {
-                    messages: messages.max(0) as u64,
-                    bytes: bytes.max(0) as u64,
-                };
-                self.usage.set(*to, usage);
+                self.usage.set(*to, usage_of(messages, bytes));
             }
         }
         self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -401,11 +399,9 @@ impl Writer {
         // Should the commit be lost with the WAL's tail, its seqs are never handed out
         // again (seq epochs), and its sender, never answered, sends again.
         if let Some(hook) = self.visible.get() {
-            let took: Vec<DeviceAddress> = out
-                .heads
-                .keys()
-                .filter(|to| parts.get(*to).is_some_and(|p| !p.appends.is_empty()))
-                .copied()
+            let took: Vec<DeviceAddress> = appended
+                .into_iter()
+                .filter(|to| out.heads.contains_key(to))
                 .collect();
             if !took.is_empty() {
                 hook(&took);
