@@ -297,7 +297,11 @@ fn open_postgres(config: &Config) -> Result<Stores> {
         config.postgres.url.clone().ok_or_else(|| {
             Error::Config("storage.backend = \"postgres\" needs postgres.url".into())
         })?;
-    let pg = open_pg(&pg_options(config, url)?)?;
+    let mut opts = pg_options(config, url)?;
+    // The relay's runtime runs the connections too (`tern-relay serve` builds a
+    // multi-thread one).
+    opts.runtime = tokio::runtime::Handle::try_current().ok();
+    let pg = open_pg(&opts)?;
     if config.objects.url.is_none() {
         warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
     }

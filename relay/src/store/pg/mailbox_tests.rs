@@ -871,3 +871,39 @@ fn a_batch_answered_unavailable_at_the_deadline_does_not_commit_later() {
         "not deleted later"
     );
 }
+
+/// On the relay's own runtime (`PgOptions::runtime`, as `tern-relay serve` opens the
+/// backend): blocking calls from more tasks than the runtime has workers, each waiting
+/// on connections those same workers drive, are all answered; so is an awaited read.
+#[test]
+fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
+    let (_pg, opts) = db();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut shared = opts.clone();
+    shared.runtime = Some(rt.handle().clone());
+    let a = Arc::new(node(&shared, "a"));
+    let to = addr(7, 1);
+    let appends: Vec<_> = (0..8u8)
+        .map(|t| {
+            let a = a.clone();
+            // A blocking call on a worker, as a relay's handler makes one.
+            rt.spawn(async move { a.append(&to, &[msg(t, 64)], 1_000, 9_000) })
+        })
+        .collect();
+    let read = rt.block_on(async {
+        let all = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(appends))
+            .await
+            .expect("every blocking call answered");
+        for r in all {
+            r.expect("task").expect("append");
+        }
+        a.read_later(&to, 0, 100).expect("awaitable").await
+    });
+    assert_eq!(read.expect("read").len(), 8);
+    // The backend goes before the runtime its connections run on.
+    drop(a);
+}

@@ -2,10 +2,11 @@
 //! relay nodes can serve the same accounts (ARCHITECTURE.md "Beyond one machine").
 //!
 //! The store traits are synchronous and the relay calls them from its runtime's
-//! workers, so [`PgBackend`] owns a small runtime of its own (`tern-pg`) that runs the
-//! pool's connections, and every call waits on it through [`PgBackend::run`] with a
-//! deadline: a database that is down or slow makes a call fail as
-//! [`StoreError::Unavailable`] in bounded time, never hang a worker.
+//! workers: the pool's connections run on the relay's own multi-thread runtime
+//! ([`PgOptions::runtime`]; else on a small runtime of the backend's own, `tern-pg`),
+//! and every call waits on them through [`PgBackend::run`] with a deadline: a
+//! database that is down or slow makes a call fail as [`StoreError::Unavailable`] in
+//! bounded time, never hang a worker.
 //!
 //! - `migrate`: versioned schema migrations under an advisory lock.
 //! - `lease`: leases on database time, so one node runs each sweep.
@@ -81,6 +82,11 @@ pub struct PgOptions {
     /// Mailboxes take messages only for accounts with an `accounts` row (the relay);
     /// off for the mailbox store on its own (its conformance tests).
     pub require_accounts: bool,
+    /// The multi-thread runtime to run the connections and the node's background
+    /// work on: the relay's own, so that a database answer wakes the task waiting for
+    /// it on the same threads (a runtime of its own costs a cross-thread wake-up each
+    /// way, and two more threads on the cores). `None`: the backend starts one.
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 impl std::fmt::Debug for PgOptions {
@@ -105,6 +111,7 @@ impl PgOptions {
             node_id: default_node_id(),
             durability: Durability::Fsync,
             require_accounts: true,
+            runtime: None,
         }
     }
 }
@@ -124,7 +131,7 @@ pub fn default_node_id() -> String {
 /// Every store on one PostgreSQL database.
 pub struct PgBackend {
     // `None` only while dropping (a runtime may not be dropped on a runtime thread).
-    runtime: Option<tokio::runtime::Runtime>,
+    runtime: Option<Runtime>,
     pool: Pool,
     /// Whether commits wait for the WAL flush (`durability = "fsync"`).
     durable: bool,
@@ -144,6 +151,12 @@ pub struct PgBackend {
     outage: outage::Outage,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
+}
+
+/// Where the backend's connections and tasks run (see [`PgOptions::runtime`]).
+enum Runtime {
+    Own(tokio::runtime::Runtime),
+    Shared(tokio::runtime::Handle),
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -188,12 +201,21 @@ impl PgBackend {
             }
             None => None,
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("tern-pg")
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Backend(format!("database runtime: {e}")))?;
+        let runtime = match &opts.runtime {
+            Some(handle)
+                if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread =>
+            {
+                Runtime::Shared(handle.clone())
+            }
+            _ => Runtime::Own(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("tern-pg")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| StoreError::Backend(format!("database runtime: {e}")))?,
+            ),
+        };
         let pool = build_pool(&config, &tls, opts.pool_size)?;
         let mut backend = PgBackend {
             runtime: Some(runtime),
@@ -292,11 +314,8 @@ impl PgBackend {
         F: Future<Output = StoreResult<T>> + Send,
         T: Send,
     {
-        let Some(runtime) = &self.runtime else {
-            return Err(StoreError::Backend("database runtime stopped".into()));
-        };
+        let handle = self.handle()?;
         let bounded = self.bounded(deadline, fut);
-        let handle = runtime.handle();
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Err(_) => handle.block_on(bounded),
             Ok(tokio::runtime::RuntimeFlavor::CurrentThread) => std::thread::scope(|s| {
@@ -339,25 +358,32 @@ impl PgBackend {
         }
     }
 
-    /// `fut` as a task on the database runtime, awaited from the caller's (which it
-    /// does not block) within the deadline, as [`PgBackend::run`] would bound it; the
-    /// task is aborted if the deadline passes or the caller stops waiting. `fut` owns
-    /// what it needs (clones of the pool and such). Unlike `run`'s calls through
-    /// [`PgBackend::client`], a connect that gets no start-up reply does not mark the
-    /// database as hanging here, and nothing is retried.
+    /// `fut` awaited by an async caller (which it does not block) within the
+    /// deadline, as [`PgBackend::run`] would bound it, and dropped if the deadline
+    /// passes or the caller stops waiting: in the caller's task on the relay's runtime,
+    /// else as a task on the backend's own. `fut` owns what it needs (clones of the
+    /// pool and such). Unlike `run`'s calls through [`PgBackend::client`], a connect
+    /// that gets no start-up reply does not mark the database as hanging here, and
+    /// nothing is retried.
     pub(super) async fn detached<T, F>(&self, fut: F) -> StoreResult<T>
     where
         F: Future<Output = StoreResult<T>> + Send + 'static,
         T: Send + 'static,
     {
         self.not_hung()?;
-        let task = self.handle()?.spawn(fut);
-        let _abort = AbortOnDrop(task.abort_handle());
-        let joined = async {
-            task.await
-                .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into())))
+        let result = match &self.runtime {
+            // On the caller's own thread: no hand-off to another and back.
+            Some(Runtime::Shared(_)) => self.bounded(self.deadline, fut).await,
+            _ => {
+                let task = self.handle()?.spawn(fut);
+                let _abort = AbortOnDrop(task.abort_handle());
+                let joined = async {
+                    task.await
+                        .unwrap_or_else(|_| Err(StoreError::Backend("database task failed".into())))
+                };
+                self.bounded(self.deadline, joined).await
+            }
         };
-        let result = self.bounded(self.deadline, joined).await;
         self.outage.observe(&result);
         result
     }
@@ -390,7 +416,10 @@ impl PgBackend {
     fn handle(&self) -> StoreResult<&tokio::runtime::Handle> {
         self.runtime
             .as_ref()
-            .map(|r| r.handle())
+            .map(|r| match r {
+                Runtime::Own(own) => own.handle(),
+                Runtime::Shared(handle) => handle,
+            })
             .ok_or_else(|| StoreError::Backend("database runtime stopped".into()))
     }
 
@@ -418,7 +447,7 @@ impl PgBackend {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        Some(self.runtime.as_ref()?.spawn(fut))
+        Some(self.handle().ok()?.spawn(fut))
     }
 
     /// A connection of its own, outside the pool (LISTEN, which a pooled connection
@@ -442,11 +471,7 @@ impl PgBackend {
                 on_message(m);
             }
         }
-        let handle = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| StoreError::Backend("database runtime stopped".into()))?
-            .handle();
+        let handle = self.handle()?;
         match &self.tls {
             Some(tls) => {
                 let (client, conn) = self
@@ -548,7 +573,7 @@ impl Drop for PgBackend {
     fn drop(&mut self) {
         // The relay may drop the backend on one of its own runtime's threads, where
         // dropping a runtime (which blocks) is refused.
-        if let Some(runtime) = self.runtime.take() {
+        if let Some(Runtime::Own(runtime)) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
