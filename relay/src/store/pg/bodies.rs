@@ -153,10 +153,10 @@ impl PgBackend {
         self.page(rows, (account, device))
     }
 
-    /// [`PgBackend::read_page`] for an async caller: the page's statement runs as a
-    /// task on the database runtime, and the caller's thread serves its other tasks
-    /// meanwhile (a delivery's read on every wake-up, where `read_page` would lend the
-    /// thread to the call and cost the runtime a hand-over of its worker each time).
+    /// [`PgBackend::read_page`] for an async caller ([`PgBackend::detached`]): the
+    /// caller's thread serves its other tasks meanwhile (a delivery's read on every
+    /// wake-up, where `read_page` would lend the thread to the call and cost the
+    /// runtime a hand-over of its worker each time).
     /// The bodies of shared entries (group messages), when the page has any, are
     /// still read as `read_page` reads them.
     pub(super) async fn read_page_later(

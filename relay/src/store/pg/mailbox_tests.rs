@@ -907,3 +907,44 @@ fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
     // The backend goes before the runtime its connections run on.
     drop(a);
 }
+
+/// On the relay's own runtime, blocking calls past the limit fail at once as
+/// `Unavailable` (a full blocking pool would leave no thread to drive the connections
+/// and deadlines); those waiting are answered, and a call is taken again after.
+#[test]
+fn on_the_relays_runtime_calls_past_the_limit_fail_at_once() {
+    let (_pg, opts) = db();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut shared = opts.clone();
+    shared.runtime = Some(rt.handle().clone());
+    let mut a = node(&shared, "a");
+    a.blocked = Blocked::new(2);
+    let a = Arc::new(a);
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let a = a.clone();
+            rt.spawn(async move { a.run(a.rows("SELECT pg_sleep(0.4)", &[])) })
+        })
+        .collect();
+    let mut waited = 0;
+    while a.blocked.now.load(std::sync::atomic::Ordering::SeqCst) < 2 && waited < 2_000 {
+        std::thread::sleep(Duration::from_millis(1));
+        waited += 1;
+    }
+    let started = Instant::now();
+    match a.run(a.rows("SELECT 1", &[])) {
+        Err(StoreError::Unavailable(m)) => assert!(m.contains("already waiting"), "{m}"),
+        other => panic!("want Unavailable past the limit, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_millis(200), "at once");
+    for call in slow {
+        rt.block_on(call)
+            .expect("task")
+            .expect("the waiting calls are answered");
+    }
+    assert_eq!(sql(&a, "SELECT 1").len(), 1, "taken again after");
+}

@@ -85,7 +85,9 @@ pub struct PgOptions {
     /// The multi-thread runtime to run the connections and the node's background
     /// work on: the relay's own, so that a database answer wakes the task waiting for
     /// it on the same threads (a runtime of its own costs a cross-thread wake-up each
-    /// way, and two more threads on the cores). `None`: the backend starts one.
+    /// way, and two more threads on the cores). It must outlive the backend, and the
+    /// backend's async calls are awaited on it. `None` (or a current-thread runtime):
+    /// the backend starts one of its own.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 
@@ -149,6 +151,8 @@ pub struct PgBackend {
     require_accounts: bool,
     /// One warning per outage (see `outage.rs`).
     outage: outage::Outage,
+    /// Blocking calls waiting on the relay's runtime (see [`Blocked`]).
+    blocked: Blocked,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
 }
@@ -157,6 +161,47 @@ pub struct PgBackend {
 enum Runtime {
     Own(tokio::runtime::Runtime),
     Shared(tokio::runtime::Handle),
+}
+
+/// Blocking calls ([`PgBackend::run`]) waiting at once on the relay's runtime, at most.
+/// Each holds a thread of that runtime's blocking pool (512 by default), directly or
+/// as the thread a worker handed its core to: were the pool full, a worker entering
+/// `block_in_place` could not hand its core on, and with every core so stuck nothing
+/// would drive the connections or the deadlines, and the node would never recover
+/// (a database that hangs under load). Past this a call fails at once, `Unavailable`.
+const BLOCKED_MAX: usize = 256;
+
+/// A count of blocking calls under a limit.
+#[derive(Debug)]
+struct Blocked {
+    now: std::sync::atomic::AtomicUsize,
+    limit: usize,
+}
+
+/// One blocking call's place under [`Blocked`]'s limit, given back on drop.
+struct BlockedSlot<'a>(&'a Blocked);
+
+impl Blocked {
+    fn new(limit: usize) -> Blocked {
+        Blocked {
+            now: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// A place for one more call; `None` at the limit.
+    fn enter(&self) -> Option<BlockedSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        let before = self.now.fetch_add(1, Ordering::SeqCst);
+        let slot = BlockedSlot(self);
+        (before < self.limit).then_some(slot)
+    }
+}
+
+impl Drop for BlockedSlot<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl std::fmt::Debug for PgBackend {
@@ -231,6 +276,7 @@ impl PgBackend {
             hosts,
             require_accounts: opts.require_accounts,
             outage: outage::Outage::default(),
+            blocked: Blocked::new(BLOCKED_MAX),
             mail: None,
         };
         // A migration (and the wait for another node's) may take long: neither the
@@ -315,6 +361,15 @@ impl PgBackend {
         T: Send,
     {
         let handle = self.handle()?;
+        let _slot = match self.runtime {
+            Some(Runtime::Shared(_)) => Some(self.blocked.enter().ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "PostgreSQL at {}: {} calls already waiting",
+                    self.hosts, self.blocked.limit
+                ))
+            })?),
+            _ => None,
+        };
         let bounded = self.bounded(deadline, fut);
         let result = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
             Err(_) => handle.block_on(bounded),
@@ -370,10 +425,20 @@ impl PgBackend {
         F: Future<Output = StoreResult<T>> + Send + 'static,
         T: Send + 'static,
     {
+        use futures::FutureExt;
         self.not_hung()?;
         let result = match &self.runtime {
-            // On the caller's own thread: no hand-off to another and back.
-            Some(Runtime::Shared(_)) => self.bounded(self.deadline, fut).await,
+            // On the caller's own thread: no hand-off to another and back. A panic
+            // fails the call, as it fails a spawned task, not the caller's task.
+            Some(Runtime::Shared(_)) => {
+                let caught = std::panic::AssertUnwindSafe(fut).catch_unwind();
+                let fut = async {
+                    caught.await.unwrap_or_else(|_| {
+                        Err(StoreError::Backend("database call panicked".into()))
+                    })
+                };
+                self.bounded(self.deadline, fut).await
+            }
             _ => {
                 let task = self.handle()?.spawn(fut);
                 let _abort = AbortOnDrop(task.abort_handle());
