@@ -872,12 +872,8 @@ fn a_batch_answered_unavailable_at_the_deadline_does_not_commit_later() {
     );
 }
 
-/// On the relay's own runtime (`PgOptions::runtime`, as `tern-relay serve` opens the
-/// backend): blocking calls from more tasks than the runtime has workers, each waiting
-/// on connections those same workers drive, are all answered; so is an awaited read.
-#[test]
-fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
-    let (_pg, opts) = db();
+/// A two-worker runtime, as a relay's, and `opts` running on it.
+fn on_a_runtime_of_two(opts: &PgOptions) -> (tokio::runtime::Runtime, PgOptions) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -885,6 +881,16 @@ fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
         .expect("runtime");
     let mut shared = opts.clone();
     shared.runtime = Some(rt.handle().clone());
+    (rt, shared)
+}
+
+/// On the relay's own runtime (`PgOptions::runtime`, as `tern-relay serve` opens the
+/// backend): blocking calls from more tasks than the runtime has workers, each waiting
+/// on connections those same workers drive, are all answered; so is an awaited read.
+#[test]
+fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
+    let (_pg, opts) = db();
+    let (rt, shared) = on_a_runtime_of_two(&opts);
     let a = Arc::new(node(&shared, "a"));
     let to = addr(7, 1);
     let appends: Vec<_> = (0..8u8)
@@ -914,13 +920,7 @@ fn on_the_relays_runtime_blocking_calls_from_every_worker_are_answered() {
 #[test]
 fn on_the_relays_runtime_calls_past_the_limit_fail_at_once() {
     let (_pg, opts) = db();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let mut shared = opts.clone();
-    shared.runtime = Some(rt.handle().clone());
+    let (rt, shared) = on_a_runtime_of_two(&opts);
     let mut a = node(&shared, "a");
     a.blocked = Blocked::new(2);
     let a = Arc::new(a);
