@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
 
 use tokio::sync::watch;
 
@@ -73,6 +73,41 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Takes a stripe's lock with `take` (read or write); when it must wait, the wait
+/// happens off the runtime's worker (`block_in_place`, on a multi-thread runtime).
+/// A reader holds its guard across a database call, which on PostgreSQL the
+/// runtime's own workers drive: a worker that waited while holding its core
+/// (readers queue behind a waiting writer) could leave none to finish those calls,
+/// and nobody would get the lock again.
+fn off_the_worker<'a, G>(
+    lock: &'a RwLock<()>,
+    try_take: impl FnOnce(&'a RwLock<()>) -> Result<G, TryLockError<G>>,
+    take: impl FnOnce(&'a RwLock<()>) -> G,
+) -> G {
+    match try_take(lock) {
+        Ok(g) => g,
+        Err(TryLockError::Poisoned(e)) => e.into_inner(),
+        Err(TryLockError::WouldBlock) => match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| take(lock))
+            }
+            _ => take(lock),
+        },
+    }
+}
+
+fn read(lock: &RwLock<()>) -> RwLockReadGuard<'_, ()> {
+    off_the_worker(lock, RwLock::try_read, |l| {
+        l.read().unwrap_or_else(|e| e.into_inner())
+    })
+}
+
+fn write(lock: &RwLock<()>) -> std::sync::RwLockWriteGuard<'_, ()> {
+    off_the_worker(lock, RwLock::try_write, |l| {
+        l.write().unwrap_or_else(|e| e.into_inner())
+    })
+}
+
 impl Tombstones {
     fn stripe(&self, id: &AccountId) -> &RwLock<()> {
         // Account ids are random, chosen by the relay: any byte spreads them.
@@ -96,17 +131,14 @@ impl Tombstones {
     /// The guard for a write to `id`, `None` if the account is deleted. Hold it
     /// across the check and the write, and take no other `live` guard meanwhile.
     pub(crate) fn live(&self, id: &AccountId) -> Option<Live<'_>> {
-        let guard = self.stripe(id).read().unwrap_or_else(|e| e.into_inner());
+        let guard = read(self.stripe(id));
         (!self.contains(id)).then_some(Live(guard))
     }
 
     /// [`Tombstones::live`] for a write to one device: `None` if the device is
     /// removed or its account deleted.
     pub(crate) fn live_device(&self, addr: &DeviceAddress) -> Option<Live<'_>> {
-        let guard = self
-            .stripe(&addr.account)
-            .read()
-            .unwrap_or_else(|e| e.into_inner());
+        let guard = read(self.stripe(&addr.account));
         (!self.contains_device(addr)).then_some(Live(guard))
     }
 
@@ -114,7 +146,7 @@ impl Tombstones {
     /// watching `Tombstones::watch` are told.
     pub(crate) fn insert(&self, id: AccountId) {
         {
-            let _exclusive = self.stripe(&id).write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = write(self.stripe(&id));
             lock(&self.ids).insert(id);
             self.any.store(true, Ordering::SeqCst);
         }
@@ -125,8 +157,7 @@ impl Tombstones {
     /// are done; its connections are told as for a deletion.
     pub(crate) fn insert_device(&self, addr: DeviceAddress) {
         {
-            let stripe = self.stripe(&addr.account);
-            let _exclusive = stripe.write().unwrap_or_else(|e| e.into_inner());
+            let _exclusive = write(self.stripe(&addr.account));
             lock(&self.devices).insert(addr);
             self.any_device.store(true, Ordering::SeqCst);
         }
@@ -221,6 +252,61 @@ mod tests {
         assert!(t.contains_device(&addr(3, 7)));
         assert_eq!(t.gone(&addr(3, 1)), Some(Gone::Account));
         assert_eq!(t.gone(&addr(1, 1)), None);
+    }
+
+    /// A writer may hold its `live` guard across a blocking call that the runtime's
+    /// own workers must drive (a database call on the relay's runtime). Readers that
+    /// come while a deletion waits for the stripe wait off their workers, so the call
+    /// finishes, the deletion gets the stripe, and so do they (waiting on the workers
+    /// they would leave none to drive the call: this hung).
+    #[test]
+    fn readers_queued_behind_a_deletion_leave_the_workers_free() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let t = Arc::new(Tombstones::default());
+        let id = AccountId([9; 16]);
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let holder = {
+            let t = t.clone();
+            let handle = rt.handle().clone();
+            rt.spawn(async move {
+                let _live = t.live(&id).expect("live");
+                let _ = held_tx.send(());
+                // A call only the runtime's timer (driven by its workers) can end.
+                tokio::task::block_in_place(|| {
+                    handle.block_on(tokio::time::sleep(std::time::Duration::from_millis(300)))
+                });
+            })
+        };
+        held_rx.recv().expect("held");
+        let deletion = {
+            let t = t.clone();
+            std::thread::spawn(move || t.insert(AccountId([9; 16])))
+        };
+        // Let the deletion queue for the stripe, then readers on every worker.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let t = t.clone();
+                rt.spawn(async move { t.live(&id).is_none() })
+            })
+            .collect();
+        // Waited for off the runtime: a hung runtime drives no timer of its own.
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            let held = holder.await;
+            let _ = done_tx.send((held, futures::future::join_all(readers).await));
+        });
+        let Ok((held, readers)) = done_rx.recv_timeout(std::time::Duration::from_secs(10)) else {
+            rt.shutdown_background();
+            panic!("hung: readers waited on the workers the held call needed");
+        };
+        held.expect("holder");
+        deletion.join().expect("deletion");
+        assert!(readers.into_iter().all(|r| r.expect("reader")), "deleted");
     }
 
     /// `at` as a connection authenticates it (a real session proof).

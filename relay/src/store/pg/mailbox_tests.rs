@@ -935,6 +935,11 @@ fn on_the_relays_runtime_calls_past_the_limit_fail_at_once() {
         std::thread::sleep(Duration::from_millis(1));
         waited += 1;
     }
+    assert_eq!(
+        a.blocked.now.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "both slow calls waiting"
+    );
     let started = Instant::now();
     match a.run(a.rows("SELECT 1", &[])) {
         Err(StoreError::Unavailable(m)) => assert!(m.contains("already waiting"), "{m}"),

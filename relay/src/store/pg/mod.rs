@@ -192,9 +192,12 @@ impl Blocked {
     /// A place for one more call; `None` at the limit.
     fn enter(&self) -> Option<BlockedSlot<'_>> {
         use std::sync::atomic::Ordering;
-        let before = self.now.fetch_add(1, Ordering::SeqCst);
-        let slot = BlockedSlot(self);
-        (before < self.limit).then_some(slot)
+        self.now
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BlockedSlot(self))
     }
 }
 
@@ -362,12 +365,17 @@ impl PgBackend {
     {
         let handle = self.handle()?;
         let _slot = match self.runtime {
-            Some(Runtime::Shared(_)) => Some(self.blocked.enter().ok_or_else(|| {
-                StoreError::Unavailable(format!(
-                    "PostgreSQL at {}: {} calls already waiting",
-                    self.hosts, self.blocked.limit
-                ))
-            })?),
+            Some(Runtime::Shared(_)) => match self.blocked.enter() {
+                Some(slot) => Some(slot),
+                None => {
+                    let full = Err(StoreError::Unavailable(format!(
+                        "PostgreSQL at {}: {} calls already waiting",
+                        self.hosts, self.blocked.limit
+                    )));
+                    self.outage.observe(&full);
+                    return full;
+                }
+            },
             _ => None,
         };
         let bounded = self.bounded(deadline, fut);
