@@ -2,9 +2,9 @@
 //! relay nodes can serve the same accounts (ARCHITECTURE.md "Beyond one machine").
 //!
 //! The store traits are synchronous and the relay calls them from its runtime's
-//! workers: the pool's connections run on the relay's own multi-thread runtime
-//! ([`PgOptions::runtime`]; else on a small runtime of the backend's own, `tern-pg`),
-//! and every call waits on them through [`PgBackend::run`] with a deadline: a
+//! workers: the pool's connections run on a small runtime of the backend's own
+//! (`tern-pg`), or on the multi-thread runtime [`PgOptions::runtime`] names, and
+//! every call waits on them through [`PgBackend::run`] with a deadline: a
 //! database that is down or slow makes a call fail as [`StoreError::Unavailable`] in
 //! bounded time, never hang a worker.
 //!
