@@ -144,6 +144,7 @@ pub mod server;
 pub(crate) mod certificates;
 pub(crate) mod groups;
 pub(crate) mod keys;
+pub(crate) mod locks;
 pub(crate) mod net;
 pub mod testing;
 

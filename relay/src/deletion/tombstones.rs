@@ -3,13 +3,15 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use tokio::sync::watch;
 
 use tern_proto::{AccountId, DeviceAddress};
 
 use crate::core::auth::AuthenticatedDevice;
+// A writer holds its stripe across a store call: see `crate::locks`.
+use crate::locks::{read, write};
 
 /// Stripes of the per-account write barrier: few enough to keep, many enough that
 /// unrelated accounts rarely share one.
@@ -71,41 +73,6 @@ pub(crate) enum Gone {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Takes a stripe's lock with `take` (read or write); when it must wait, the wait
-/// happens off the runtime's worker (`block_in_place`, on a multi-thread runtime).
-/// A reader holds its guard across a database call, which on PostgreSQL the
-/// runtime's own workers drive: a worker that waited while holding its core
-/// (readers queue behind a waiting writer) could leave none to finish those calls,
-/// and nobody would get the lock again.
-fn off_the_worker<'a, G>(
-    lock: &'a RwLock<()>,
-    try_take: impl FnOnce(&'a RwLock<()>) -> Result<G, TryLockError<G>>,
-    take: impl FnOnce(&'a RwLock<()>) -> G,
-) -> G {
-    match try_take(lock) {
-        Ok(g) => g,
-        Err(TryLockError::Poisoned(e)) => e.into_inner(),
-        Err(TryLockError::WouldBlock) => match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(|| take(lock))
-            }
-            _ => take(lock),
-        },
-    }
-}
-
-fn read(lock: &RwLock<()>) -> RwLockReadGuard<'_, ()> {
-    off_the_worker(lock, RwLock::try_read, |l| {
-        l.read().unwrap_or_else(|e| e.into_inner())
-    })
-}
-
-fn write(lock: &RwLock<()>) -> std::sync::RwLockWriteGuard<'_, ()> {
-    off_the_worker(lock, RwLock::try_write, |l| {
-        l.write().unwrap_or_else(|e| e.into_inner())
-    })
 }
 
 impl Tombstones {

@@ -338,7 +338,8 @@ impl Discovery {
     /// Charges `n` points to the account's bucket and its number's (both stored,
     /// the number's by its tag) and to the prefix's (in memory): all or none.
     fn charge(&self, account: &AccountId, tag: &Tag, prefix: AddressPrefix, n: u32) -> Result<()> {
-        let _one = self.charging.lock().unwrap_or_else(|e| e.into_inner());
+        // Held across the store's reads and write: waited for off the worker.
+        let _one = crate::locks::lock(&self.charging);
         let b = &self.config.per_account;
         let now = self.clock.now();
         let step = |tat| gcra(tat, now, b.interval_ms(), u64::from(b.burst), u64::from(n));

@@ -137,12 +137,7 @@ impl Groups {
         }
         let before = self.today().saturating_sub(self.idle_days);
         let swept = self.groups.sweep_groups(before, max)?;
-        if let Some((n, _)) = self
-            .count
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some((n, _)) = crate::locks::lock(&self.count).as_mut() {
             *n = n.saturating_sub(swept);
         }
         Ok(swept)
@@ -154,7 +149,8 @@ impl Groups {
         if self.max_groups == 0 {
             return Ok(());
         }
-        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        // Held across a recount in the store: waited for off the worker.
+        let mut count = crate::locks::lock(&self.count);
         let now = self.clock.now();
         let (counted, at) = match *count {
             Some((n, at)) if !self.recount || now.saturating_sub(at) < RECOUNT_MS => (n, at),
@@ -176,24 +172,14 @@ impl Groups {
 
     /// Counts a handle a commit stored again after the sweep deleted it.
     fn tally_restored(&self) {
-        if let Some((n, _)) = self
-            .count
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some((n, _)) = crate::locks::lock(&self.count).as_mut() {
             *n = n.saturating_add(1);
         }
     }
 
     /// Gives back what [`Groups::take_room`] took, for a create that stored nothing.
     fn release_room(&self) {
-        if let Some((n, _)) = self
-            .count
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        if let Some((n, _)) = crate::locks::lock(&self.count).as_mut() {
             *n = n.saturating_sub(1);
         }
     }

@@ -76,7 +76,8 @@ impl ActiveMailboxes {
     ) -> Result<T, E> {
         let state = self.state(addr);
         let result = {
-            let _ordering = lock(&state.ordering);
+            // Held across the store call: waited for off the worker.
+            let _ordering = crate::locks::lock(&state.ordering);
             mutate()
         };
         self.release(addr, state);
@@ -96,7 +97,10 @@ impl ActiveMailboxes {
         sorted.dedup();
         let states: Vec<Arc<MailboxState>> = sorted.iter().map(|a| self.state(a)).collect();
         let result = {
-            let _held: Vec<MutexGuard<'_, ()>> = states.iter().map(|s| lock(&s.ordering)).collect();
+            let _held: Vec<MutexGuard<'_, ()>> = states
+                .iter()
+                .map(|s| crate::locks::lock(&s.ordering))
+                .collect();
             mutate()
         };
         for (addr, state) in sorted.iter().zip(states) {

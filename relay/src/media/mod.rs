@@ -148,7 +148,7 @@ pub(crate) struct RunningUpload {
 
 impl Drop for RunningUpload {
     fn drop(&mut self) {
-        lock(&self.running).remove(&(self.account, self.id));
+        crate::locks::lock(&self.running).remove(&(self.account, self.id));
     }
 }
 
@@ -371,7 +371,7 @@ impl BlobStore {
         }
         let running = {
             // The uploads running now, one entry each: the account's count is theirs.
-            let mut running = lock(&self.running);
+            let mut running = crate::locks::lock(&self.running);
             if running.contains(&(*account, *id)) {
                 return Err(BlobError::InProgress);
             }
@@ -680,13 +680,14 @@ impl BlobStore {
         }
         let before = now.saturating_sub(millis(self.limits.abandon_after));
         // Uploads running now are skipped, so ask for that many more.
-        let running = lock(&self.running).len();
+        let running = crate::locks::lock(&self.running).len();
         for (account, id) in self
             .index
             .stale_uploads(before, max.saturating_add(running))?
         {
-            // Held while removing: a `begin` of this very upload waits for it.
-            let running = lock(&self.running);
+            // Held while removing: a `begin` of this very upload waits for it (off
+            // its worker: this is held across store calls).
+            let running = crate::locks::lock(&self.running);
             if running.contains(&(account, id)) {
                 continue;
             }
