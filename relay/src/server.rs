@@ -300,8 +300,9 @@ fn open_postgres(config: &Config) -> Result<Stores> {
     // On a runtime of its own (`PgOptions::runtime` unset), though the relay's would
     // cost 13-17 % less CPU per message: on the relay's runtime a worker waiting for
     // something held across a database call holds a core that call needs (a hang; on
-    // a runtime apart, a stall). The known locks wait off the worker (`crate::locks`);
-    // export writers' blocking threads and a load test on the shared runtime remain.
+    // a runtime apart, a stall). Most known locks wait off the worker (`crate::locks`);
+    // a mailbox's send ordering, export writers' blocking threads and a load test on
+    // the shared runtime remain.
     let pg = open_pg(&pg_options(config, url)?)?;
     if config.objects.url.is_none() {
         warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
