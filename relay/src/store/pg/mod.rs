@@ -151,8 +151,8 @@ pub struct PgBackend {
     require_accounts: bool,
     /// One warning per outage (see `outage.rs`).
     outage: outage::Outage,
-    /// Blocking calls waiting on the relay's runtime (see [`Blocked`]).
-    blocked: Blocked,
+    /// A permit per blocking call waiting on the relay's runtime (see [`BLOCKED_MAX`]).
+    blocked: tokio::sync::Semaphore,
     // The mailbox writer and totals cache, started once the schema is in place.
     mail: Option<mailboxes::MailState>,
 }
@@ -170,42 +170,6 @@ enum Runtime {
 /// would drive the connections or the deadlines, and the node would never recover
 /// (a database that hangs under load). Past this a call fails at once, `Unavailable`.
 const BLOCKED_MAX: usize = 256;
-
-/// A count of blocking calls under a limit.
-#[derive(Debug)]
-struct Blocked {
-    now: std::sync::atomic::AtomicUsize,
-    limit: usize,
-}
-
-/// One blocking call's place under [`Blocked`]'s limit, given back on drop.
-struct BlockedSlot<'a>(&'a Blocked);
-
-impl Blocked {
-    fn new(limit: usize) -> Blocked {
-        Blocked {
-            now: std::sync::atomic::AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    /// A place for one more call; `None` at the limit.
-    fn enter(&self) -> Option<BlockedSlot<'_>> {
-        use std::sync::atomic::Ordering;
-        self.now
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < self.limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| BlockedSlot(self))
-    }
-}
-
-impl Drop for BlockedSlot<'_> {
-    fn drop(&mut self) {
-        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
 
 impl std::fmt::Debug for PgBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,7 +243,7 @@ impl PgBackend {
             hosts,
             require_accounts: opts.require_accounts,
             outage: outage::Outage::default(),
-            blocked: Blocked::new(BLOCKED_MAX),
+            blocked: tokio::sync::Semaphore::new(BLOCKED_MAX),
             mail: None,
         };
         // A migration (and the wait for another node's) may take long: neither the
@@ -365,12 +329,12 @@ impl PgBackend {
     {
         let handle = self.handle()?;
         let _slot = match self.runtime {
-            Some(Runtime::Shared(_)) => match self.blocked.enter() {
-                Some(slot) => Some(slot),
-                None => {
+            Some(Runtime::Shared(_)) => match self.blocked.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
                     let full = Err(StoreError::Unavailable(format!(
-                        "PostgreSQL at {}: {} calls already waiting",
-                        self.hosts, self.blocked.limit
+                        "PostgreSQL at {}: all {BLOCKED_MAX} calls it may wait for are waiting",
+                        self.hosts
                     )));
                     self.outage.observe(&full);
                     return full;
