@@ -3,7 +3,9 @@
 //! runtime drives (`PgOptions::runtime`); a worker that blocked on such a lock while
 //! keeping its core could leave no worker to drive them, and the holder would never
 //! let go. So a lock that must wait is waited for inside `block_in_place`, which
-//! hands the core to another thread first. Uncontended, it costs one `try_lock`.
+//! hands the core to another thread first. Uncontended, it costs one `try_lock`; a
+//! lock held for a moment (most are: a send's staging) is spun for briefly first, as
+//! handing the core on costs a thread wake-up or two.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
@@ -18,31 +20,54 @@ fn off_the_worker<R>(wait: impl FnOnce() -> R) -> R {
     }
 }
 
-/// The guard `tried` got, else the one `wait` waits for off the worker; a poisoned
-/// lock is taken as it is (what it guards stays consistent between statements).
-fn taken<G>(tried: Result<G, TryLockError<G>>, wait: impl FnOnce() -> G) -> G {
-    match tried {
-        Ok(g) => g,
-        Err(TryLockError::Poisoned(e)) => e.into_inner(),
-        Err(TryLockError::WouldBlock) => off_the_worker(wait),
+/// Tries before the wait is handed off the worker: a few rounds of busy-waiting that
+/// double each time (as `parking_lot`'s spin-wait does), a few microseconds at most.
+const SPINS: u32 = 6;
+
+/// The guard `try_take` gets, tried again for a moment while held, else the one
+/// `wait` waits for off the worker; a poisoned lock is taken as it is (what it
+/// guards stays consistent between statements).
+fn taken<G>(
+    mut try_take: impl FnMut() -> Result<G, TryLockError<G>>,
+    wait: impl FnOnce() -> G,
+) -> G {
+    for round in 0..=SPINS {
+        match try_take() {
+            Ok(g) => return g,
+            Err(TryLockError::Poisoned(e)) => return e.into_inner(),
+            Err(TryLockError::WouldBlock) if round < SPINS => {
+                for _ in 0..1u32 << round {
+                    std::hint::spin_loop();
+                }
+            }
+            Err(TryLockError::WouldBlock) => {}
+        }
     }
+    off_the_worker(wait)
 }
 
 /// `m` locked; see the module docs.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    taken(m.try_lock(), || m.lock().unwrap_or_else(|e| e.into_inner()))
+    taken(
+        || m.try_lock(),
+        || m.lock().unwrap_or_else(|e| e.into_inner()),
+    )
 }
 
 /// `l` read-locked; see the module docs.
 pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    taken(l.try_read(), || l.read().unwrap_or_else(|e| e.into_inner()))
+    taken(
+        || l.try_read(),
+        || l.read().unwrap_or_else(|e| e.into_inner()),
+    )
 }
 
 /// `l` write-locked; see the module docs.
 pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    taken(l.try_write(), || {
-        l.write().unwrap_or_else(|e| e.into_inner())
-    })
+    taken(
+        || l.try_write(),
+        || l.write().unwrap_or_else(|e| e.into_inner()),
+    )
 }
 
 #[cfg(test)]

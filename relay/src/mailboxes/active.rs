@@ -76,9 +76,9 @@ impl ActiveMailboxes {
     ) -> Result<T, E> {
         let state = self.state(addr);
         let result = {
-            // Held across the store call. Waited for on the worker: on a runtime that
-            // drives the store's connections (`PgOptions::runtime`) it must not be.
-            let _ordering = lock(&state.ordering);
+            // Held across the store call, which on a runtime that drives the store's
+            // connections (`PgOptions::runtime`) may need this worker: waited for off it.
+            let _ordering = crate::locks::lock(&state.ordering);
             mutate()
         };
         self.release(addr, state);
@@ -98,7 +98,10 @@ impl ActiveMailboxes {
         sorted.dedup();
         let states: Vec<Arc<MailboxState>> = sorted.iter().map(|a| self.state(a)).collect();
         let result = {
-            let _held: Vec<MutexGuard<'_, ()>> = states.iter().map(|s| lock(&s.ordering)).collect();
+            let _held: Vec<MutexGuard<'_, ()>> = states
+                .iter()
+                .map(|s| crate::locks::lock(&s.ordering))
+                .collect();
             mutate()
         };
         for (addr, state) in sorted.iter().zip(states) {
