@@ -48,6 +48,7 @@ pub struct Services {
     tombstones: Arc<crate::deletion::Tombstones>,
     commit: Arc<GroupCommit>,
     clock: Arc<dyn Clock>,
+    exports: crate::export::ExportGate,
 }
 
 impl std::fmt::Debug for Services {
@@ -163,6 +164,7 @@ impl Services {
             tombstones,
             commit,
             clock,
+            exports: crate::export::ExportGate::default(),
         })
     }
 
@@ -179,6 +181,11 @@ impl Services {
     /// Accounts deleted (or being deleted) since start.
     pub fn tombstones(&self) -> &Arc<crate::deletion::Tombstones> {
         &self.tombstones
+    }
+
+    /// The places among the exports written at once.
+    pub(crate) fn exports(&self) -> &crate::export::ExportGate {
+        &self.exports
     }
 
     /// The group commit every service shares.
@@ -297,13 +304,13 @@ fn open_postgres(config: &Config) -> Result<Stores> {
         config.postgres.url.clone().ok_or_else(|| {
             Error::Config("storage.backend = \"postgres\" needs postgres.url".into())
         })?;
-    // On a runtime of its own (`PgOptions::runtime` unset), though the relay's would
-    // cost 13-17 % less CPU per message: on the relay's runtime a worker waiting for
-    // something held across a database call holds a core that call needs (a hang; on
-    // a runtime apart, a stall). Most known locks wait off the worker (`crate::locks`);
-    // a mailbox's send ordering, export writers' blocking threads and a load test on
-    // the shared runtime remain.
-    let pg = open_pg(&pg_options(config, url)?)?;
+    // The relay's runtime runs the connections too (13-17 % less CPU per message
+    // than a runtime apart). So nothing may wait on a worker for what is held across
+    // a database call: such locks wait off the worker (`crate::locks`), blocking
+    // calls and exports are bounded (`BLOCKED_MAX`, `EXPORTS_AT_ONCE`).
+    let mut opts = pg_options(config, url)?;
+    opts.runtime = tokio::runtime::Handle::try_current().ok();
+    let pg = open_pg(&opts)?;
     if config.objects.url.is_none() {
         warn!("[objects] is not set: blob bytes stay in this node's data directory, where other nodes cannot serve them");
     }

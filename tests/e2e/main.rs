@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 mod connections;
 mod crash;
+mod crowd;
 mod deletion;
 mod delivery;
 mod discovery;

@@ -713,9 +713,17 @@ async fn export(
     options: ExportOptions,
 ) -> Response<Body> {
     crate::metrics::admin_request("export_account");
+    let place = match admin.services.exports().enter() {
+        Ok(p) => p,
+        Err(e) => {
+            let body = serde_json::json!({ "error": e.to_string() });
+            return json(StatusCode::SERVICE_UNAVAILABLE, &body);
+        }
+    };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (services, verification) = (admin.services.clone(), admin.verification.clone());
     tokio::task::spawn_blocking(move || {
+        let _place = place;
         // Deleted, or being deleted (here, or by another node): no export.
         match super::being_deleted(&services, &account) {
             Ok(false) => {}

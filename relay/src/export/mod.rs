@@ -35,6 +35,37 @@ pub const EXPORT_SCHEMA: &str = "tern-account-export";
 /// The JSON Schema (2020-12) of version [`EXPORT_VERSION`].
 pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.json");
 
+/// Exports written at once, over the network and the admin API together. Each holds a
+/// blocking thread while its client reads (up to 30 s a chunk): unbounded, slow readers
+/// could take the blocking pool that store calls and `block_in_place` hand-offs need.
+pub const EXPORTS_AT_ONCE: usize = 16;
+
+/// Places among the exports written at once ([`EXPORTS_AT_ONCE`] on a relay).
+#[derive(Debug, Clone)]
+pub struct ExportGate(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl ExportGate {
+    /// A gate with `places` places.
+    pub fn new(places: usize) -> Self {
+        ExportGate(std::sync::Arc::new(tokio::sync::Semaphore::new(places)))
+    }
+
+    /// A place, held until the export's writer is done; `Unavailable` when every place
+    /// is taken (the client may retry later).
+    pub fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.0
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::Unavailable("too many exports at once; retry later"))
+    }
+}
+
+impl Default for ExportGate {
+    fn default() -> Self {
+        Self::new(EXPORTS_AT_ONCE)
+    }
+}
+
 /// Messages read from a mailbox at a time. The store reads payloads too, so a page
 /// holds at most this many envelopes (4 MiB at the default 256 KiB envelope limit).
 const PAGE: usize = 16;

@@ -327,3 +327,13 @@ async fn the_export_names_the_list_version_and_which_devices_are_primary_and_lis
     assert_eq!(flags(&devices[0]), (Value::from(true), Value::from(true)));
     assert_eq!(flags(&devices[1]), (Value::from(false), Value::from(false)));
 }
+
+#[test]
+fn exports_past_the_gate_are_refused_until_one_ends() {
+    let gate = ExportGate::new(2);
+    let first = gate.enter().expect("a place");
+    let _second = gate.enter().expect("a place");
+    assert!(matches!(gate.enter(), Err(Error::Unavailable(_))));
+    drop(first);
+    assert!(gate.enter().is_ok(), "a place again once an export ended");
+}

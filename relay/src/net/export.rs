@@ -42,10 +42,12 @@ impl Write for ToStream {
     }
 }
 
-/// Streams the export of `device`'s account. An account being deleted is refused as
-/// unauthenticated, and one past `exports_per_account` as rate limited, before
-/// anything is sent; a client that reads nothing for `WRITE_TIMEOUT` ends it; a failure once the JSON has begun
-/// resets the stream, so the client never takes a cut document for a whole one.
+/// Streams the export of `device`'s account. Before anything is sent, an account
+/// being deleted is refused as unauthenticated, one past the relay's
+/// [`crate::export::EXPORTS_AT_ONCE`] as unavailable (using up none of the account's
+/// rate), one past `exports_per_account` as rate limited. A client that reads nothing
+/// for `WRITE_TIMEOUT` ends it; a failure once the JSON has begun resets the stream,
+/// so the client never takes a cut document for a whole one.
 pub(super) async fn stream(
     send: &mut quinn::SendStream,
     services: &Arc<Services>,
@@ -57,6 +59,7 @@ pub(super) async fn stream(
     if services.tombstones().contains(&account) {
         return Err(Error::Unauthorized);
     }
+    let place = services.exports().enter()?;
     services.rate_limits().export(&account)?;
     if !respond(send, BlobStreamResponse::ExportReady).await {
         return Ok(());
@@ -65,6 +68,7 @@ pub(super) async fn stream(
     let s = services.clone();
     let v = verification.clone();
     let writer = tokio::task::spawn_blocking(move || {
+        let _place = place;
         let mut out = std::io::BufWriter::with_capacity(CHUNK, ToStream(tx));
         let now = s.clock().now();
         // A session that cannot be read (its database just failed) is left out: it
