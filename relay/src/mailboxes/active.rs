@@ -8,16 +8,34 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tern_proto::DeviceAddress;
 use tokio::sync::Notify;
 
+use crate::store::StoreError;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded sections leave consistent state even if a store call panics.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Why a call found every place among an ordering lock's waiters taken.
+fn too_busy(busy: crate::locks::Busy) -> StoreError {
+    StoreError::Unavailable(format!("mailboxes: {busy}; retry later"))
+}
+
 /// Mailboxes in use, by device. See the module docs.
-#[derive(Default)]
 pub(crate) struct ActiveMailboxes {
     devices: Mutex<HashMap<DeviceAddress, Arc<MailboxState>>>,
     next_subscriber: AtomicU64,
+    /// Places among the callers waiting off their workers for an ordering lock.
+    waiting: tokio::sync::Semaphore,
+}
+
+impl Default for ActiveMailboxes {
+    fn default() -> Self {
+        ActiveMailboxes {
+            devices: Mutex::default(),
+            next_subscriber: AtomicU64::default(),
+            waiting: tokio::sync::Semaphore::new(crate::locks::WAITING_MAX),
+        }
+    }
 }
 
 impl std::fmt::Debug for ActiveMailboxes {
@@ -68,8 +86,9 @@ impl ActiveMailboxes {
 
     /// Runs `mutate` under the mailbox's ordering lock (held for the store call only,
     /// never across an `.await`). The caller wakes the subscriber once the change is
-    /// visible ([`ActiveMailboxes::wake`]).
-    pub(crate) fn ordered<T, E>(
+    /// visible ([`ActiveMailboxes::wake`]). With [`crate::locks::WAITING_MAX`] callers
+    /// already waiting for ordering locks here, fails at once as `Unavailable`.
+    pub(crate) fn ordered<T, E: From<StoreError>>(
         &self,
         addr: &DeviceAddress,
         mutate: impl FnOnce() -> Result<T, E>,
@@ -78,8 +97,10 @@ impl ActiveMailboxes {
         let result = {
             // Held across the store call, which on a runtime that drives the store's
             // connections (`PgOptions::runtime`) may need this worker: waited for off it.
-            let _ordering = crate::locks::lock(&state.ordering);
-            mutate()
+            match crate::locks::lock_within(&state.ordering, &self.waiting) {
+                Ok(_ordering) => mutate(),
+                Err(busy) => Err(E::from(too_busy(busy))),
+            }
         };
         self.release(addr, state);
         result
@@ -88,7 +109,7 @@ impl ActiveMailboxes {
     /// [`ActiveMailboxes::ordered`] for several mailboxes at once (a multi-recipient
     /// send): their locks are taken in address order, so two such calls never wait
     /// for each other in a cycle, and held together for the one store call.
-    pub(crate) fn ordered_many<T, E>(
+    pub(crate) fn ordered_many<T, E: From<StoreError>>(
         &self,
         addrs: &[DeviceAddress],
         mutate: impl FnOnce() -> Result<T, E>,
@@ -98,11 +119,14 @@ impl ActiveMailboxes {
         sorted.dedup();
         let states: Vec<Arc<MailboxState>> = sorted.iter().map(|a| self.state(a)).collect();
         let result = {
-            let _held: Vec<MutexGuard<'_, ()>> = states
+            let held: Result<Vec<MutexGuard<'_, ()>>, _> = states
                 .iter()
-                .map(|s| crate::locks::lock(&s.ordering))
+                .map(|s| crate::locks::lock_within(&s.ordering, &self.waiting))
                 .collect();
-            mutate()
+            match held {
+                Ok(_held) => mutate(),
+                Err(busy) => Err(E::from(too_busy(busy))),
+            }
         };
         for (addr, state) in sorted.iter().zip(states) {
             self.release(addr, state);
@@ -224,5 +248,62 @@ impl Drop for Subscription {
             }
         }
         self.active.release(&self.address, state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::*;
+
+    /// With every place among the ordering locks' waiters taken, a change to a
+    /// mailbox whose lock is held fails at once as `Unavailable` (on a worker, where
+    /// waiting would hold a blocking thread); one whose lock is free still runs.
+    #[test]
+    fn a_held_mailbox_with_no_place_to_wait_is_unavailable_at_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .expect("runtime");
+        let active = Arc::new(ActiveMailboxes {
+            waiting: tokio::sync::Semaphore::new(0),
+            ..ActiveMailboxes::default()
+        });
+        let (busy, free) = (
+            DeviceAddress::from_wire(&[1; 16], 1).expect("address"),
+            DeviceAddress::from_wire(&[2; 16], 1).expect("address"),
+        );
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let active = active.clone();
+            std::thread::spawn(move || {
+                active.ordered(&busy, || -> Result<(), StoreError> {
+                    let _ = held_tx.send(());
+                    let _ = go_rx.recv();
+                    Ok(())
+                })
+            })
+        };
+        held_rx.recv().expect("held");
+        let a = active.clone();
+        let (refused, ran) = rt.block_on(async move {
+            tokio::spawn(async move {
+                (
+                    a.ordered(&busy, || Ok::<_, StoreError>(())),
+                    a.ordered(&free, || Ok::<_, StoreError>(())),
+                )
+            })
+            .await
+            .expect("task")
+        });
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{refused:?}"
+        );
+        assert!(ran.is_ok());
+        drop(go_tx);
+        holder.join().expect("holder").expect("held change");
     }
 }
