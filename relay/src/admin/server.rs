@@ -688,14 +688,28 @@ async fn delete(admin: &Arc<Admin>, account: tern_proto::AccountId) -> Response<
 }
 
 /// Hands what the export writer writes to the response, in chunks; fails once the
-/// response is gone (the client left), which stops the writer.
-struct ToBody(tokio::sync::mpsc::Sender<Result<Bytes, Error>>);
+/// response is gone (the client left) or takes nothing for
+/// [`crate::export::WRITE_TIMEOUT`] (it stopped reading), which stops the writer and
+/// frees its thread and its place among the exports.
+struct ToBody {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, Error>>,
+    runtime: tokio::runtime::Handle,
+    within: Duration,
+}
+
+impl ToBody {
+    /// Hands `item` over; whether the response took it in time.
+    fn hand_over(&self, item: Result<Bytes, Error>) -> bool {
+        let sent = self.tx.send_timeout(item, self.within);
+        self.runtime.block_on(sent).is_ok()
+    }
+}
 
 impl std::io::Write for ToBody {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
+        if !self.hand_over(Ok(Bytes::copy_from_slice(buf))) {
+            return Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        }
         Ok(buf.len())
     }
 
@@ -722,22 +736,33 @@ async fn export(
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (services, verification) = (admin.services.clone(), admin.verification.clone());
+    let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _place = place;
+        let within = crate::export::WRITE_TIMEOUT;
+        let out = ToBody {
+            tx,
+            runtime,
+            within,
+        };
         // Deleted, or being deleted (here, or by another node): no export.
         match super::being_deleted(&services, &account) {
             Ok(false) => {}
             Ok(true) => {
-                let _ = tx.blocking_send(Err(Error::UnknownRecipient));
+                out.hand_over(Err(Error::UnknownRecipient));
                 return;
             }
             Err(e) => {
-                let _ = tx.blocking_send(Err(e));
+                out.hand_over(Err(e));
                 return;
             }
         }
-        let errors = tx.clone();
-        let mut out = std::io::BufWriter::with_capacity(CHUNK, ToBody(tx));
+        let errors = ToBody {
+            tx: out.tx.clone(),
+            runtime: out.runtime.clone(),
+            within,
+        };
+        let mut out = std::io::BufWriter::with_capacity(CHUNK, out);
         let now = services.clock().now();
         let pending = |a: &tern_proto::AccountId| verification.pending(a).ok().flatten();
         let live = crate::export::Live {
@@ -751,7 +776,7 @@ async fn export(
                         .map_err(|e| Error::Io(e.into_error()))
                 });
         if let Err(e) = written {
-            let _ = errors.blocking_send(Err(e));
+            errors.hand_over(Err(e));
         }
     });
     let first = match rx.recv().await {
@@ -781,6 +806,41 @@ async fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A response that takes nothing more (its client stopped reading) fails the
+    /// export's next write after the timeout, ending the writer and its thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_whose_reader_stopped_fails_its_next_write_in_time() {
+        use std::io::Write as _;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let runtime = tokio::runtime::Handle::current();
+        let within = Duration::from_millis(200);
+        let wrote = tokio::task::spawn_blocking(move || {
+            let mut out = ToBody {
+                tx,
+                runtime,
+                within,
+            };
+            let first = out.write(b"taken into the channel");
+            let started = std::time::Instant::now();
+            let second = out.write(b"no room, and nobody reads");
+            (
+                first.is_ok(),
+                second.map_err(|e| e.kind()),
+                started.elapsed(),
+            )
+        })
+        .await
+        .expect("writer");
+        assert!(wrote.0);
+        assert_eq!(wrote.1, Err(std::io::ErrorKind::BrokenPipe));
+        assert!(
+            wrote.2 >= within && wrote.2 < Duration::from_secs(10),
+            "{:?}",
+            wrote.2
+        );
+        drop(rx);
+    }
 
     #[tokio::test]
     async fn a_fresh_value_is_computed_once_for_concurrent_callers_and_again_when_stale() {

@@ -36,9 +36,14 @@ pub const EXPORT_SCHEMA: &str = "tern-account-export";
 pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.json");
 
 /// Exports written at once, over the network and the admin API together. Each holds a
-/// blocking thread while its client reads (up to 30 s a chunk): unbounded, slow readers
-/// could take the blocking pool that store calls and `block_in_place` hand-offs need.
+/// blocking thread while its client reads (up to [`WRITE_TIMEOUT`] a chunk):
+/// unbounded, slow readers could take the blocking pool that store calls and
+/// `block_in_place` hand-offs need.
 pub const EXPORTS_AT_ONCE: usize = 16;
+
+/// How long one chunk may wait for the client to read it: a client that stops
+/// reading ends its export, and the writer's blocking thread with it.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Places among the exports written at once ([`EXPORTS_AT_ONCE`] on a relay).
 #[derive(Debug, Clone)]

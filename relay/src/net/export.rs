@@ -12,16 +12,13 @@ use tracing::debug;
 use super::media::respond;
 use crate::core::auth::AuthenticatedDevice;
 use crate::error::Error;
-use crate::export::ExportOptions;
+use crate::export::{ExportOptions, WRITE_TIMEOUT};
 use crate::server::Services;
 
 /// Bytes the writer gathers before handing them over.
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the writer and the stream.
 const IN_FLIGHT: usize = 4;
-/// How long one chunk may wait for the client to read it: a client that stops
-/// reading ends its export, and the writer's blocking thread with it.
-const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The stream's reset code when an export fails after it began.
 const FAILED: u32 = 1;
 
