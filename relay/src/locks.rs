@@ -27,7 +27,9 @@ impl std::fmt::Display for Busy {
     }
 }
 
-/// Whether waiting here must leave the worker: on a multi-thread runtime's thread.
+/// Whether waiting here may hold a worker's core: on a multi-thread runtime's thread
+/// (a worker, or a thread of its blocking pool: tokio does not tell them apart, and
+/// `block_in_place` there just runs the wait).
 fn on_a_worker() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)

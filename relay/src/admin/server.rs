@@ -691,17 +691,28 @@ async fn delete(admin: &Arc<Admin>, account: tern_proto::AccountId) -> Response<
 /// response is gone (the client left) or takes nothing for
 /// [`crate::export::WRITE_TIMEOUT`] (it stopped reading), which stops the writer and
 /// frees its thread and its place among the exports.
+#[derive(Clone)]
 struct ToBody {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, Error>>,
     runtime: tokio::runtime::Handle,
     within: Duration,
+    /// Set once a hand-over failed: every later one (the buffer's flush on drop, the
+    /// error's report) fails at once instead of waiting again.
+    broken: Arc<AtomicBool>,
 }
 
 impl ToBody {
     /// Hands `item` over; whether the response took it in time.
     fn hand_over(&self, item: Result<Bytes, Error>) -> bool {
+        if self.broken.load(Ordering::Acquire) {
+            return false;
+        }
         let sent = self.tx.send_timeout(item, self.within);
-        self.runtime.block_on(sent).is_ok()
+        let ok = self.runtime.block_on(sent).is_ok();
+        if !ok {
+            self.broken.store(true, Ordering::Release);
+        }
+        ok
     }
 }
 
@@ -739,11 +750,11 @@ async fn export(
     let runtime = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         let _place = place;
-        let within = crate::export::WRITE_TIMEOUT;
         let out = ToBody {
             tx,
             runtime,
-            within,
+            within: crate::export::WRITE_TIMEOUT,
+            broken: Arc::default(),
         };
         // Deleted, or being deleted (here, or by another node): no export.
         match super::being_deleted(&services, &account) {
@@ -757,11 +768,7 @@ async fn export(
                 return;
             }
         }
-        let errors = ToBody {
-            tx: out.tx.clone(),
-            runtime: out.runtime.clone(),
-            within,
-        };
+        let errors = out.clone();
         let mut out = std::io::BufWriter::with_capacity(CHUNK, out);
         let now = services.clock().now();
         let pending = |a: &tern_proto::AccountId| verification.pending(a).ok().flatten();
@@ -820,14 +827,21 @@ mod tests {
                 tx,
                 runtime,
                 within,
+                broken: Arc::default(),
             };
             let first = out.write(b"taken into the channel");
             let started = std::time::Instant::now();
             let second = out.write(b"no room, and nobody reads");
+            let timed_out = started.elapsed();
+            // Once broken, at once: the buffer's flush on drop, the error's report.
+            let third = out.hand_over(Err(Error::UnknownRecipient));
+            let after = started.elapsed() - timed_out;
             (
                 first.is_ok(),
                 second.map_err(|e| e.kind()),
-                started.elapsed(),
+                timed_out,
+                third,
+                after,
             )
         })
         .await
@@ -839,6 +853,8 @@ mod tests {
             "{:?}",
             wrote.2
         );
+        assert!(!wrote.3, "a broken body takes nothing more");
+        assert!(wrote.4 < within, "{:?}", wrote.4);
         drop(rx);
     }
 

@@ -93,15 +93,35 @@ impl ActiveMailboxes {
         addr: &DeviceAddress,
         mutate: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
-        let state = self.state(addr);
-        let result = {
-            // Held across the store call, which on a runtime that drives the store's
-            // connections (`PgOptions::runtime`) may need this worker: waited for off it.
+        // Held across the store call, which on a runtime that drives the store's
+        // connections (`PgOptions::runtime`) may need this worker: waited for off it.
+        self.with_state(addr, |state| {
             match crate::locks::lock_within(&state.ordering, &self.waiting) {
                 Ok(_ordering) => mutate(),
                 Err(busy) => Err(E::from(too_busy(busy))),
             }
-        };
+        })
+    }
+
+    /// [`ActiveMailboxes::ordered`] for a caller on a blocking thread (a deletion's
+    /// purge, the expiry sweep): it waits as long as the lock is held, taking no
+    /// place among the waiters, as it keeps no worker's core (tokio cannot tell such
+    /// a thread from a worker, so [`crate::locks::lock_within`] would count it).
+    pub(crate) fn ordered_blocking<T, E>(
+        &self,
+        addr: &DeviceAddress,
+        mutate: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.with_state(addr, |state| {
+            let _ordering = crate::locks::lock(&state.ordering);
+            mutate()
+        })
+    }
+
+    /// `f` on `addr`'s state, taken for it and released after.
+    fn with_state<R>(&self, addr: &DeviceAddress, f: impl FnOnce(&MailboxState) -> R) -> R {
+        let state = self.state(addr);
+        let result = f(&state);
         self.release(addr, state);
         result
     }
@@ -259,7 +279,8 @@ mod tests {
 
     /// With every place among the ordering locks' waiters taken, a change to a
     /// mailbox whose lock is held fails at once as `Unavailable` (on a worker, where
-    /// waiting would hold a blocking thread); one whose lock is free still runs.
+    /// waiting would hold a blocking thread); one whose lock is free still runs, and
+    /// a blocking caller's (`ordered_blocking`) waits.
     #[test]
     fn a_held_mailbox_with_no_place_to_wait_is_unavailable_at_once() {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -303,7 +324,29 @@ mod tests {
             "{refused:?}"
         );
         assert!(ran.is_ok());
+        // Several at once, one of them held: refused, and the free one's lock, taken
+        // on the way, is given back.
+        let a = active.clone();
+        let (many, after) = rt.block_on(async move {
+            tokio::spawn(async move {
+                (
+                    a.ordered_many(&[free, busy], || Ok::<_, StoreError>(())),
+                    a.ordered(&free, || Ok::<_, StoreError>(())),
+                )
+            })
+            .await
+            .expect("task")
+        });
+        assert!(matches!(many, Err(StoreError::Unavailable(_))), "{many:?}");
+        assert!(after.is_ok());
+        // A caller on a blocking thread waits for the holder, whatever the places.
+        let a = active.clone();
+        let waiter =
+            rt.spawn_blocking(move || a.ordered_blocking(&busy, || Ok::<_, StoreError>(7)));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!waiter.is_finished(), "waits while the lock is held");
         drop(go_tx);
         holder.join().expect("holder").expect("held change");
+        assert_eq!(rt.block_on(waiter).expect("task").expect("waited"), 7);
     }
 }

@@ -496,9 +496,12 @@ impl Mailboxes {
         })
     }
 
-    /// Deletes every message of a mailbox under its device lock (account deletion).
+    /// Deletes every message of a mailbox under its device lock (account deletion, on
+    /// a blocking thread).
     pub(crate) fn purge(&self, addr: &DeviceAddress) -> Result<Usage> {
-        Ok(self.active.ordered(addr, || self.store.purge(addr))?)
+        Ok(self
+            .active
+            .ordered_blocking(addr, || self.store.purge(addr))?)
     }
 
     /// Finishes the store's deferred removal work now (the log's scrub).
@@ -512,7 +515,7 @@ impl Mailboxes {
     }
 
     /// Deletes up to `batch` expired messages; returns how many it deleted. Costs what
-    /// is expired, not what is stored.
+    /// is expired, not what is stored. Called on a blocking thread.
     pub fn sweep(&self, batch: usize) -> Result<u64> {
         let now = self.clock.now();
         // Kept files first: a kept segment whose deadline passed is then deleted as
@@ -527,7 +530,7 @@ impl Mailboxes {
         for (addr, entries) in by_device {
             let removed = self
                 .active
-                .ordered(&addr, || self.store.expire(&addr, &entries))?;
+                .ordered_blocking(&addr, || self.store.expire(&addr, &entries))?;
             deleted += removed.messages;
         }
         Ok(deleted)

@@ -85,9 +85,10 @@ pub struct PgOptions {
     /// The multi-thread runtime to run the connections and the node's background
     /// work on: the relay's own, so that a database answer wakes the task waiting for
     /// it on the same threads (a runtime of its own costs a cross-thread wake-up each
-    /// way, and two more threads on the cores). It must outlive the backend, and the
-    /// backend's async calls are awaited on it. `None` (or a current-thread runtime):
-    /// the backend starts one of its own.
+    /// way, and two more threads on the cores). It must outlive the backend, the
+    /// backend's async calls are awaited on it, and its blocking pool should have room
+    /// for the waits the relay bounds (1,024 threads, as `tern-relay serve` builds it).
+    /// `None` (or a current-thread runtime): the backend starts one of its own.
     pub runtime: Option<tokio::runtime::Handle>,
 }
 
@@ -164,7 +165,8 @@ enum Runtime {
 }
 
 /// Blocking calls ([`PgBackend::run`]) waiting at once on the relay's runtime, at most.
-/// Each holds a thread of that runtime's blocking pool (512 by default), directly or
+/// Each holds a thread of that runtime's blocking pool (`tern-relay serve` gives it
+/// 1,024, room for these, the waits for mailboxes' ordering locks and exports), directly or
 /// as the thread a worker handed its core to: were the pool full, a worker entering
 /// `block_in_place` could not hand its core on, and with every core so stuck nothing
 /// would drive the connections or the deadlines, and the node would never recover
