@@ -272,7 +272,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
 
     // The blocking pool holds the threads that workers hand their cores to while they
     // wait: room for the bounded waits (256 store calls, 256 ordering-lock waits, 16
-    // exports) with as much again to spare. Threads are made only when needed.
+    // exports) with nearly as much again to spare. Threads are made only when needed.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .max_blocking_threads(1024)
         .enable_all()

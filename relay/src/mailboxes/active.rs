@@ -292,8 +292,9 @@ mod tests {
             ..ActiveMailboxes::default()
         });
         let (busy, free) = (
-            DeviceAddress::from_wire(&[1; 16], 1).expect("address"),
+            // The free one sorts first, so `ordered_many` takes its lock on the way.
             DeviceAddress::from_wire(&[2; 16], 1).expect("address"),
+            DeviceAddress::from_wire(&[1; 16], 1).expect("address"),
         );
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
