@@ -59,6 +59,15 @@ pub enum Error {
     /// The relay is shutting down or at capacity.
     #[error("unavailable: {0}")]
     Unavailable(&'static str),
+    /// As many requests of this kind as the relay runs at once are running; retry
+    /// after the given time.
+    #[error("unavailable: {what}; retry after {retry_after_ms} ms")]
+    Busy {
+        /// What is at its limit.
+        what: &'static str,
+        /// When to retry.
+        retry_after_ms: u64,
+    },
     /// Too many requests of this kind from this address; retry after the given time.
     #[error("rate limited: retry after {retry_after_ms} ms")]
     RateLimited {
@@ -120,7 +129,9 @@ impl Error {
             Error::NotFound => ErrorCode::NotFound,
             Error::MailboxFull(_) => ErrorCode::MailboxFull,
             Error::TooLarge { .. } => ErrorCode::TooLarge,
-            Error::Unavailable(_) | Error::StorageFull { .. } => ErrorCode::Unavailable,
+            Error::Unavailable(_) | Error::Busy { .. } | Error::StorageFull { .. } => {
+                ErrorCode::Unavailable
+            }
             Error::Store(StoreError::NoSpace | StoreError::Unavailable(_)) => {
                 ErrorCode::Unavailable
             }
@@ -183,9 +194,9 @@ impl Error {
     /// When a refused request may be retried, in ms (0: no advice).
     pub fn retry_after_ms(&self) -> u64 {
         match self {
-            Error::RateLimited { retry_after_ms } | Error::StorageFull { retry_after_ms, .. } => {
-                *retry_after_ms
-            }
+            Error::RateLimited { retry_after_ms }
+            | Error::Busy { retry_after_ms, .. }
+            | Error::StorageFull { retry_after_ms, .. } => *retry_after_ms,
             Error::Store(StoreError::NoSpace)
             | Error::Blob(crate::media::BlobError::Store(StoreError::NoSpace))
             | Error::Blob(crate::media::BlobError::Unavailable(_)) => {

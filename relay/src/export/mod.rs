@@ -41,6 +41,10 @@ pub const SCHEMA_V1: &str = include_str!("../../schema/account-export-v1.schema.
 /// `block_in_place` hand-offs need.
 pub const EXPORTS_AT_ONCE: usize = 16;
 
+/// The retry advice of an export refused at [`EXPORTS_AT_ONCE`]: an export lasts
+/// seconds to minutes.
+pub const EXPORT_RETRY_MS: u64 = 10_000;
+
 /// How long one chunk may wait for the client to read it: a client that stops
 /// reading ends its export, and the writer's blocking thread with it.
 pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -55,13 +59,13 @@ impl ExportGate {
         ExportGate(std::sync::Arc::new(tokio::sync::Semaphore::new(places)))
     }
 
-    /// A place, held until the export's writer is done; `Unavailable` when every place
-    /// is taken (the client may retry later).
+    /// A place, held until the export's writer is done; `Busy` (`UNAVAILABLE`, retry
+    /// after [`EXPORT_RETRY_MS`]) when every place is taken.
     pub fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.0
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Error::Unavailable("too many exports at once; retry later"))
+        self.0.clone().try_acquire_owned().map_err(|_| Error::Busy {
+            what: "as many exports as the relay writes at once are running",
+            retry_after_ms: EXPORT_RETRY_MS,
+        })
     }
 }
 

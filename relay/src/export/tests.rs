@@ -333,7 +333,9 @@ fn exports_past_the_gate_are_refused_until_one_ends() {
     let gate = ExportGate::new(2);
     let first = gate.enter().expect("a place");
     let _second = gate.enter().expect("a place");
-    assert!(matches!(gate.enter(), Err(Error::Unavailable(_))));
+    let refused = gate.enter().expect_err("no place left");
+    assert_eq!(refused.code(), tern_proto::ErrorCode::Unavailable);
+    assert_eq!(refused.retry_after_ms(), EXPORT_RETRY_MS);
     drop(first);
     assert!(gate.enter().is_ok(), "a place again once an export ended");
 }
