@@ -7,7 +7,10 @@
 //! lock held for a moment (most are: a send's staging) is spun for briefly first, as
 //! handing the core on costs a thread wake-up or two.
 
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
+use std::sync::{
+    LockResult, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    TryLockError,
+};
 
 use tokio::sync::Semaphore;
 
@@ -68,13 +71,14 @@ fn spun<G>(mut try_take: impl FnMut() -> Result<G, TryLockError<G>>) -> Option<G
     None
 }
 
-fn waited<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// A guard waited for, poisoned or not (as [`spun`] takes it).
+fn unpoisoned<G>(waited: LockResult<G>) -> G {
+    waited.unwrap_or_else(PoisonError::into_inner)
 }
 
 /// `m` locked; see the module docs.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    spun(|| m.try_lock()).unwrap_or_else(|| off_the_worker(|| waited(m)))
+    spun(|| m.try_lock()).unwrap_or_else(|| off_the_worker(|| unpoisoned(m.lock())))
 }
 
 /// `m` locked, for a lock many may wait for at once: a wait off the worker takes one
@@ -87,22 +91,20 @@ pub(crate) fn lock_within<'a, T>(
         return Ok(g);
     }
     if !on_a_worker() {
-        return Ok(waited(m));
+        return Ok(unpoisoned(m.lock()));
     }
     let _place = places.try_acquire().map_err(|_| Busy)?;
-    Ok(tokio::task::block_in_place(|| waited(m)))
+    Ok(tokio::task::block_in_place(|| unpoisoned(m.lock())))
 }
 
 /// `l` read-locked; see the module docs.
 pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    spun(|| l.try_read())
-        .unwrap_or_else(|| off_the_worker(|| l.read().unwrap_or_else(|e| e.into_inner())))
+    spun(|| l.try_read()).unwrap_or_else(|| off_the_worker(|| unpoisoned(l.read())))
 }
 
 /// `l` write-locked; see the module docs.
 pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    spun(|| l.try_write())
-        .unwrap_or_else(|| off_the_worker(|| l.write().unwrap_or_else(|e| e.into_inner())))
+    spun(|| l.try_write()).unwrap_or_else(|| off_the_worker(|| unpoisoned(l.write())))
 }
 
 #[cfg(test)]

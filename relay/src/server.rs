@@ -305,9 +305,10 @@ fn open_postgres(config: &Config) -> Result<Stores> {
             Error::Config("storage.backend = \"postgres\" needs postgres.url".into())
         })?;
     // The relay's runtime runs the connections too (13-20 % less relay CPU per
-    // message than a runtime apart, benches/README "One runtime"). So nothing may wait on a worker for what is held across
-    // a database call: such locks wait off the worker (`crate::locks`), blocking
-    // calls and exports are bounded (`BLOCKED_MAX`, `EXPORTS_AT_ONCE`).
+    // message than a runtime apart, benches/README "One runtime"). So nothing may
+    // wait on a worker for what is held across a database call: such locks wait off
+    // the worker (`crate::locks`), blocking calls and exports are bounded
+    // (`BLOCKED_MAX`, `EXPORTS_AT_ONCE`).
     let mut opts = pg_options(config, url)?;
     opts.runtime = tokio::runtime::Handle::try_current().ok();
     let pg = open_pg(&opts)?;

@@ -344,6 +344,7 @@ pub(super) fn failed(e: &Error) -> Response<Body> {
         Error::UnknownRecipient => StatusCode::NOT_FOUND,
         Error::BadRequest(_) => StatusCode::BAD_REQUEST,
         Error::Config(_) => StatusCode::CONFLICT,
+        Error::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     if status == StatusCode::INTERNAL_SERVER_ERROR {
@@ -740,10 +741,7 @@ async fn export(
     crate::metrics::admin_request("export_account");
     let place = match admin.services.exports().enter() {
         Ok(p) => p,
-        Err(e) => {
-            let body = serde_json::json!({ "error": e.to_string() });
-            return json(StatusCode::SERVICE_UNAVAILABLE, &body);
-        }
+        Err(e) => return failed(&e),
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let (services, verification) = (admin.services.clone(), admin.verification.clone());
