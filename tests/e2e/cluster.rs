@@ -143,7 +143,7 @@ async fn a_database_down_at_start_is_named() {
     std::fs::create_dir_all(&missing).expect("dir");
     let url = format!("host={} dbname=tern user=tern", missing.display());
     let extra = "connect_timeout = \"500ms\"";
-    let err = pg_node(&nodes.data_dir("a"), &url, extra, None, &[], None)
+    let err = pg_node(&nodes.data_dir("a"), &url, extra, None, &[], None, &[])
         .err()
         .expect("no database, no start");
     let text = format!("{err:#}");

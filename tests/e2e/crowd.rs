@@ -14,7 +14,7 @@ use tern_client::net::Incoming;
 use tern_client::Error as ClientError;
 use tern_proto::ErrorCode;
 
-use crate::support::{envelope, number, register, within, PgNodes, RelayProcess};
+use crate::support::{envelope, number, pg_node, register, within, PgNodes, RelayProcess};
 
 /// Senders, each on a connection of its own.
 const SENDERS: u32 = 16;
@@ -54,24 +54,11 @@ where
 }
 
 fn start(nodes: &PgNodes) -> RelayProcess {
+    let extra = "[rate_limits]\nregistrations_per_prefix = \"1000/1m\"\n\
+                 sends_per_account = \"100000/1m\"\nintake_per_sender_per_mailbox = \"100000/1m\"";
     let dir = nodes.data_dir("a");
-    std::fs::create_dir_all(&dir).expect("dir");
-    let config = dir.with_extension("toml");
-    let toml = format!(
-        "[storage]\nbackend = \"postgres\"\n[postgres]\nurl = \"{}\"\n\
-         [rate_limits]\nregistrations_per_prefix = \"1000/1m\"\n\
-         sends_per_account = \"100000/1m\"\nintake_per_sender_per_mailbox = \"100000/1m\"\n",
-        nodes.url()
-    );
-    std::fs::write(&config, toml).expect("config");
-    let flags = ["--config", config.to_str().expect("utf-8 path")];
-    RelayProcess::start_with_env(
-        &dir,
-        "127.0.0.1:0",
-        &flags,
-        &[("TOKIO_WORKER_THREADS", "2")],
-    )
-    .expect("node starts")
+    let env = [("TOKIO_WORKER_THREADS", "2")];
+    pg_node(&dir, &nodes.url(), extra, None, &[], None, &env).expect("node starts")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

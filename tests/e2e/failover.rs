@@ -35,7 +35,7 @@ fn start_node(dir: &Path, url: &str, peer: Option<&RelayProcess>) -> RelayProces
          [rate_limits]\nsends_per_account = \"100000/1m\"\n\
          intake_per_sender_per_mailbox = \"100000/1m\"";
     let peer = peer.map(|p| p.data_dir.as_path());
-    crate::support::pg_node(dir, url, extra, peer, &[], None).expect("node starts")
+    crate::support::pg_node(dir, url, extra, peer, &[], None, &[]).expect("node starts")
 }
 
 /// What the senders saw and when.

@@ -407,6 +407,7 @@ impl PgNodes {
             peer,
             flags,
             self.objects.as_ref(),
+            &[],
         )
     }
 
@@ -444,7 +445,7 @@ impl PgNodes {
 /// does). Its configuration is `[storage]` on PostgreSQL, `[postgres]` with `url`
 /// and then `extra` (more `[postgres]` keys, then whole sections), and with `s3`,
 /// `[objects]` on it (its keys in the node's environment); `flags` go on its command
-/// line.
+/// line, `env` into its environment (`TOKIO_WORKER_THREADS`).
 pub(crate) fn pg_node(
     dir: &Path,
     url: &str,
@@ -452,6 +453,7 @@ pub(crate) fn pg_node(
     peer: Option<&Path>,
     flags: &[&str],
     s3: Option<&TestS3>,
+    env: &[(&str, &str)],
 ) -> anyhow::Result<RelayProcess> {
     std::fs::create_dir_all(dir)?;
     if let Some(peer) = peer {
@@ -465,11 +467,7 @@ pub(crate) fn pg_node(
     std::fs::write(&config, toml)?;
     let mut args = vec!["--config", config.to_str().context("utf-8 path")?];
     args.extend_from_slice(flags);
-    let env = s3.map(TestS3::key_env);
-    RelayProcess::start_with_env(
-        dir,
-        "127.0.0.1:0",
-        &args,
-        env.as_ref().map_or(&[], |e| &e[..]),
-    )
+    let mut all = env.to_vec();
+    all.extend(s3.map(TestS3::key_env).into_iter().flatten());
+    RelayProcess::start_with_env(dir, "127.0.0.1:0", &args, &all)
 }
