@@ -37,6 +37,9 @@ pub mod names {
     pub const SENT_ENVELOPES: &str = "tern_sent_envelopes_total";
     /// Counter: messages pushed to connected devices.
     pub const DELIVERIES: &str = "tern_deliveries_total";
+    /// Counter: messages taken from the rows a cross-node hint carried (pushed
+    /// without reading the mailbox), as many as fit the window.
+    pub const CARRIED: &str = "tern_carried_deliveries_total";
     /// Counter: messages deleted by acknowledgements.
     pub const ACKS: &str = "tern_acked_messages_total";
     /// Gauge: messages queued in every mailbox.
@@ -85,6 +88,7 @@ pub mod names {
         SENDS,
         SENT_ENVELOPES,
         DELIVERIES,
+        CARRIED,
         ACKS,
         QUEUED_MESSAGES,
         QUEUED_BYTES,
@@ -136,6 +140,7 @@ struct Handles {
     /// One per [`Refused`].
     refused: [Counter; 3],
     deliveries: Counter,
+    carried: Counter,
     acks: Counter,
     group_commit_size: Histogram,
     flush_seconds: Histogram,
@@ -177,6 +182,7 @@ impl Handles {
             refused: [Refused::PerAddress, Refused::Full, Refused::AuthDeadline]
                 .map(|c| counter!(CONNECTIONS_REFUSED, "cause" => c.label())),
             deliveries: counter!(DELIVERIES),
+            carried: counter!(CARRIED),
             acks: counter!(ACKS),
             group_commit_size: histogram!(GROUP_COMMIT_SIZE),
             flush_seconds: histogram!(FLUSH_SECONDS),
@@ -403,6 +409,12 @@ pub(crate) fn sent(kind: SendKind, envelopes: usize) {
 pub(crate) fn delivered(n: usize) {
     if let (Some(h), true) = (handles(), n > 0) {
         h.deliveries.increment(n as u64);
+    }
+}
+
+pub(crate) fn carried(n: usize) {
+    if let (Some(h), true) = (handles(), n > 0) {
+        h.carried.increment(n as u64);
     }
 }
 

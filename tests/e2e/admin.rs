@@ -14,7 +14,7 @@ use tern_client::net::RelayConnection;
 use crate::support::{envelope, hex, register, relay_binary, within, RelayProcess};
 
 /// The admin listener's address, from the file the relay writes beside its token.
-fn admin_addr(relay: &RelayProcess) -> String {
+pub(crate) fn admin_addr(relay: &RelayProcess) -> String {
     std::fs::read_to_string(relay.data_dir.join("admin.addr"))
         .expect("admin.addr")
         .trim()
@@ -39,14 +39,14 @@ fn http(addr: &str, method: &str, path: &str, token: Option<&str>) -> (u16, Stri
     (status, body.to_owned())
 }
 
-fn scrape(addr: &str) -> String {
+pub(crate) fn scrape(addr: &str) -> String {
     let (status, body) = http(addr, "GET", "/metrics", None);
     assert_eq!(status, 200, "{body}");
     body
 }
 
 /// `name{labels}` → value, histogram buckets included.
-fn samples(text: &str) -> HashMap<String, f64> {
+pub(crate) fn samples(text: &str) -> HashMap<String, f64> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
         .filter_map(|l| {
@@ -56,7 +56,7 @@ fn samples(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-fn value(s: &HashMap<String, f64>, series: &str) -> f64 {
+pub(crate) fn value(s: &HashMap<String, f64>, series: &str) -> f64 {
     s.get(series).copied().unwrap_or(0.0)
 }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tern_client::net::Incoming;
 use tern_proto::ErrorCode;
 
+use crate::admin;
 use crate::support::{
     envelope, number, pg_node, register, send_until_stored, within, Device, PgNodes,
 };
@@ -50,6 +51,11 @@ async fn a_send_on_one_node_is_pushed_from_another_at_once() {
         latencies[10], latencies[19]
     );
     assert!(latencies[19] < Duration::from_secs(10), "{latencies:?}");
+    // b pushed them from the rows a's hints carried, without reading the mailbox
+    // (all but the first: bob's first read could not know the seq before it).
+    let metrics = admin::samples(&admin::scrape(&admin::admin_addr(&b)));
+    let carried = admin::value(&metrics, "tern_carried_deliveries_total");
+    assert!(carried >= 15.0, "{carried} of 20 pushed from carried rows");
 }
 
 #[tokio::test]

@@ -350,7 +350,16 @@ pub(super) fn failed(e: &Error) -> Response<Body> {
     if status == StatusCode::INTERNAL_SERVER_ERROR {
         warn!(error = %e, "admin command failed");
     }
-    json(status, &serde_json::json!({ "error": e.to_string() }))
+    let mut r = json(status, &serde_json::json!({ "error": e.to_string() }));
+    if let Error::Busy { retry_after_ms, .. } = e {
+        // Whole seconds, rounded up (RFC 9110 §10.2.3).
+        let secs = retry_after_ms.div_ceil(1000).max(1);
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(secs),
+        );
+    }
+    r
 }
 
 async fn route(admin: &Arc<Admin>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {

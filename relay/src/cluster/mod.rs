@@ -227,9 +227,9 @@ impl Cluster {
         let (cluster, notifier) = (Arc::downgrade(self), Arc::downgrade(notifier));
         let taken = self.pg.notify_after_commits(CommitNotes {
             channel: notify::CHANNEL,
-            payloads: Box::new(move |to| match (cluster.upgrade(), notifier.upgrade()) {
-                (Some(c), Some(n)) if c.has_peers() => n.mail_payloads(to),
-                _ => Vec::new(),
+            origin: Box::new(move || match (cluster.upgrade(), notifier.upgrade()) {
+                (Some(c), Some(n)) if c.has_peers() => Some(n.origin_prefix()),
+                _ => None,
             }),
         });
         if taken {
@@ -330,6 +330,9 @@ impl Cluster {
                             match h {
                                 Hint::Mail(a) => {
                                     self.active.wake(&a);
+                                }
+                                Hint::Carried(a, rows) => {
+                                    self.active.wake_with(&a, rows);
                                 }
                                 // Only a device whose delivery this node claims can
                                 // be displaced here: the others cost no read.

@@ -26,14 +26,20 @@ const HINTS_PER_NOTIFY: usize = 180;
 const QUEUE: usize = 65_536;
 
 /// Something another node should know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hint {
     /// The device's mailbox has new messages (sent after their commit).
     Mail(DeviceAddress),
     /// The device connected to a node (its row in `device_sessions` names which):
     /// any other connection of it is displaced.
     Claimed(DeviceAddress),
+    /// The device's mailbox has these new messages, committed by one batch right
+    /// after seq `after` (made by the mailbox writer's send statement): a node whose
+    /// delivery read up to `after` pushes them without reading the mailbox.
+    Carried(DeviceAddress, Carried),
 }
+
+pub use crate::mailboxes::Carried;
 
 /// What a node's listener receives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,15 +108,10 @@ impl PgNotifier {
         })
     }
 
-    /// The NOTIFY payloads telling the other nodes of new mail to `to` (180 hints at
-    /// most in each, under PostgreSQL's payload limit).
-    pub fn mail_payloads(&self, to: &[DeviceAddress]) -> Vec<String> {
-        to.chunks(HINTS_PER_NOTIFY)
-            .map(|chunk| {
-                let hints: Vec<Hint> = chunk.iter().map(|a| Hint::Mail(*a)).collect();
-                encode(self.origin, &hints)
-            })
-            .collect()
+    /// What starts this node's NOTIFY payloads: its origin (`<8 hex>;`), which its own
+    /// listener skips.
+    pub fn origin_prefix(&self) -> String {
+        format!("{:08x};", self.origin)
     }
 
     /// Awaits the publisher and the listener (with its LISTEN connection) after the
@@ -149,7 +150,7 @@ pub fn encode(origin: u32, hints: &[Hint]) -> String {
             out.push(',');
         }
         let (kind, addr) = match h {
-            Hint::Mail(a) => ('m', a),
+            Hint::Mail(a) | Hint::Carried(a, _) => ('m', a),
             Hint::Claimed(a) => ('c', a),
         };
         out.push(kind);
@@ -161,32 +162,97 @@ pub fn encode(origin: u32, hints: &[Hint]) -> String {
 }
 
 /// The origin and hints of a payload; entries that do not parse are skipped (a newer
-/// node's kinds, say).
+/// node's kinds, say), and carried rows that do not parse leave a [`Hint::Mail`].
 pub fn decode(payload: &str) -> (Option<u32>, Vec<Hint>) {
     let Some((origin, list)) = payload.split_once(';') else {
         return (None, Vec::new());
     };
-    let hints = list
-        .split(',')
-        .filter_map(|entry| {
-            let kind = entry.get(..1)?;
-            let hex = entry.get(1..)?;
-            if hex.len() != 2 * ADDR_LEN {
-                return None;
-            }
-            let mut bytes = [0u8; ADDR_LEN];
-            for (i, b) in bytes.iter_mut().enumerate() {
-                *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-            }
-            let addr = parse_addr(&bytes).ok()?;
-            match kind {
-                "m" => Some(Hint::Mail(addr)),
-                "c" => Some(Hint::Claimed(addr)),
-                _ => None,
-            }
+    let mut hints: Vec<Hint> = list.split(',').filter_map(entry).collect();
+    // A carried entry follows a mail entry for the same mailbox, which nodes from
+    // before carried rows act on; here the carried one stands for both.
+    let carried: std::collections::HashSet<DeviceAddress> = hints
+        .iter()
+        .filter_map(|h| match h {
+            Hint::Carried(a, _) => Some(*a),
+            _ => None,
         })
         .collect();
+    if !carried.is_empty() {
+        hints.retain(|h| !matches!(h, Hint::Mail(a) if carried.contains(a)));
+    }
     (u32::from_str_radix(origin, 16).ok(), hints)
+}
+
+/// The origin of a payload, read before the rest.
+fn origin_of(payload: &str) -> Option<u32> {
+    u32::from_str_radix(payload.split_once(';')?.0, 16).ok()
+}
+
+/// One entry: `m<address>`, `c<address>`, or `r<address>:<after>:<rows>` (see the
+/// mailbox writer's `notes_sql`), addresses in hex.
+fn entry(entry: &str) -> Option<Hint> {
+    let kind = entry.get(..1)?;
+    let rest = entry.get(1..)?;
+    let (hex, carried) = match rest.split_once(':') {
+        Some((hex, carried)) => (hex, Some(carried)),
+        None => (rest, None),
+    };
+    let addr = parse_addr(&unhex::<ADDR_LEN>(hex)?).ok()?;
+    match (kind, carried) {
+        ("m", None) => Some(Hint::Mail(addr)),
+        ("c", None) => Some(Hint::Claimed(addr)),
+        ("r", Some(carried)) => Some(match rows(carried) {
+            Some(c) => Hint::Carried(addr, c),
+            None => Hint::Mail(addr),
+        }),
+        _ => None,
+    }
+}
+
+/// `<after>:<row>~<row>…`, each row `<seq>.<message id>.<accepted>.<expires>.<payload>`
+/// (the id in hex, the payload in base64; times as the database keeps them).
+fn rows(text: &str) -> Option<Carried> {
+    use base64::Engine as _;
+    let (after, list) = text.split_once(':')?;
+    let mut rows = Vec::new();
+    for row in list.split('~') {
+        let mut f = row.split('.');
+        let seq = f.next()?.parse::<u64>().ok()?;
+        let id = unhex::<16>(f.next()?)?;
+        let accepted = f.next()?.parse::<i64>().ok()?;
+        let expires = f.next()?.parse::<i64>().ok()?;
+        // PostgreSQL's base64 breaks lines every 76 characters.
+        let text: Vec<u8> = f.next()?.bytes().filter(|&b| b != b'\n').collect();
+        let payload = base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?;
+        if f.next().is_some() {
+            return None;
+        }
+        rows.push(crate::store::StoredMessage {
+            seq,
+            message_id: tern_proto::MessageId(id),
+            payload: bytes::Bytes::from(payload),
+            accepted_at: crate::store::pg::from_db(accepted),
+            expires_at: crate::store::pg::from_db(expires),
+            shared_body: None,
+        });
+    }
+    let ordered = rows.windows(2).all(|w| w[0].seq < w[1].seq);
+    let after = after.parse::<u64>().ok()?;
+    (ordered && rows.first().is_some_and(|r| r.seq > after)).then_some(Carried { after, rows })
+}
+
+/// `N` bytes from `2N` hex digits.
+fn unhex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let mut bytes = [0u8; N];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(bytes)
 }
 
 async fn publisher(
@@ -288,12 +354,12 @@ async fn listener(
         let (tx, lag) = (events.clone(), lagged.clone());
         let on_message = move |m| {
             if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                let (from, hints) = decode(n.payload());
-                if n.channel() == CHANNEL
-                    && from != Some(origin)
-                    && !hints.is_empty()
-                    && tx.try_send(Event::Hints(hints)).is_err()
-                {
+                // This node's own notes are skipped before their rows are decoded.
+                if n.channel() != CHANNEL || origin_of(n.payload()) == Some(origin) {
+                    return;
+                }
+                let (_, hints) = decode(n.payload());
+                if !hints.is_empty() && tx.try_send(Event::Hints(hints)).is_err() {
                     lag.store(true, Ordering::Relaxed);
                 }
             }
@@ -360,5 +426,44 @@ mod tests {
             .map(|i| Hint::Mail(addr(3, i + 1)))
             .collect();
         assert!(encode(u32::MAX, &full).len() < 8000, "fits one NOTIFY");
+    }
+
+    /// Carried rows as the mailbox writer's send statement writes them; rows that do
+    /// not parse, or that do not follow `after` in order, leave a plain mail hint.
+    #[test]
+    fn carried_rows_parse_and_bad_ones_leave_a_mail_hint() {
+        let a = addr(4, 2);
+        let hex: String = addr_bytes(&a).iter().map(|b| format!("{b:02x}")).collect();
+        let id = "11".repeat(16);
+        let text = format!(
+            "0000002a;r{hex}:6:7.{id}.1000.{never}.c2Vh\nbGVk~9.{id}.1001.5.,m{hex}",
+            never = i64::MAX
+        );
+        let (origin, hints) = decode(&text);
+        assert_eq!(origin, Some(42));
+        let row = |seq, at, until, payload: &'static [u8]| crate::store::StoredMessage {
+            seq,
+            message_id: tern_proto::MessageId([0x11; 16]),
+            payload: bytes::Bytes::from_static(payload),
+            accepted_at: at,
+            expires_at: until,
+            shared_body: None,
+        };
+        let rows = vec![row(7, 1000, u64::MAX, b"sealed"), row(9, 1001, 5, b"")];
+        // The mail entry for the same mailbox (for older nodes) is the carried one's.
+        assert_eq!(hints, [Hint::Carried(a, Carried { after: 6, rows })]);
+        for bad in [
+            format!("r{hex}:7:7.{id}.1.2.AA"), // not after `after`
+            format!("r{hex}:1:7.{id}.1.2.AA~7.{id}.1.2.AA"), // not in order
+            format!("r{hex}:1:7.{id}.1.2.!!"), // not base64
+            format!("r{hex}:1:7.{id}.1.2"),    // a field short
+            format!("r{hex}:x:7.{id}.1.2.AA"), // no `after`
+        ] {
+            assert_eq!(
+                decode(&format!("00000001;{bad}")).1,
+                [Hint::Mail(a)],
+                "{bad}"
+            );
+        }
     }
 }

@@ -179,7 +179,9 @@ fn a_hint_from_another_node_turns_mail_hints_on_whatever_the_heartbeat_read() {
 }
 
 /// A node whose mailbox writer notifies right behind its commits tells the others of
-/// new mail from the batch that stored it, and its publisher sends no second hint.
+/// new mail from the batch that stored it, with the rows when they are small (exactly
+/// what a read of the mailbox returns), and its publisher sends no second hint. A
+/// batch to many mailboxes is told in notes that each fit a NOTIFY.
 #[test]
 fn mail_hints_go_out_right_behind_the_batch_that_stored_the_mail() {
     use crate::store::{Envelope, MailboxStore};
@@ -219,10 +221,72 @@ fn mail_hints_go_out_right_behind_the_batch_that_stored_the_mail() {
             .expect("no panic")
             .expect("append");
         let heard = tokio::time::timeout(wait, events.recv()).await;
-        assert_eq!(heard, Ok(Some(Event::Hints(vec![Hint::Mail(to)]))));
+        let store = a.clone();
+        let read = tokio::task::spawn_blocking(move || store.read(&to, 0, 10))
+            .await
+            .expect("no panic")
+            .expect("read");
+        let carried = super::notify::Carried {
+            after: read[0].seq - 1,
+            rows: read,
+        };
+        assert_eq!(
+            heard,
+            Ok(Some(Event::Hints(vec![Hint::Carried(to, carried)])))
+        );
         // What the mailboxes layer calls after the commit publishes nothing more.
         cluster.mail(&to);
         let more = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
         assert!(more.is_err(), "a second hint: {more:?}");
+
+        // Too large to carry: the mailbox alone.
+        let big = Envelope {
+            message_id: tern_proto::MessageId([10; 16]),
+            payload: bytes::Bytes::from(vec![1u8; 4000]),
+        };
+        let store = a.clone();
+        tokio::task::spawn_blocking(move || store.append(&to, &[big], 1_000, 9_000))
+            .await
+            .expect("no panic")
+            .expect("append");
+        let heard = tokio::time::timeout(wait, events.recv()).await;
+        assert_eq!(heard, Ok(Some(Event::Hints(vec![Hint::Mail(to)]))));
+
+        // 300 mailboxes in one batch (queued before any is answered), rows of 600
+        // bytes: many notes, each under the NOTIFY limit, and every mailbox told once.
+        let store = a.clone();
+        let queued = tokio::task::spawn_blocking(move || {
+            (0..300u32)
+                .map(|i| {
+                    let to = DeviceAddress {
+                        account: AccountId([7; 16]),
+                        device: DeviceId::new(i + 1).expect("device"),
+                    };
+                    let m = Envelope {
+                        message_id: tern_proto::MessageId([i as u8; 16]),
+                        payload: bytes::Bytes::from(vec![i as u8; 600]),
+                    };
+                    store.queue_append(&to, &[m], 1_000, 9_000).expect("queue")
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("no panic");
+        for rx in queued {
+            rx.await.expect("answered").expect("stored");
+        }
+        let mut told = std::collections::HashSet::new();
+        while told.len() < 300 {
+            let heard = tokio::time::timeout(wait, events.recv()).await;
+            let Ok(Some(Event::Hints(hints))) = heard else {
+                panic!("{} of 300 told, then {heard:?}", told.len());
+            };
+            for h in hints {
+                let (Hint::Carried(a, _) | Hint::Mail(a)) = h else {
+                    panic!("{h:?}");
+                };
+                assert!(told.insert(a), "told twice: {a:?}");
+            }
+        }
     });
 }

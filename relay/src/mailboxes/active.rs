@@ -2,12 +2,13 @@
 //! only while something uses the mailbox.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tern_proto::DeviceAddress;
 use tokio::sync::Notify;
 
+use super::carried::{Carried, Chain, Taken};
 use crate::store::StoreError;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -24,6 +25,8 @@ fn too_busy(busy: crate::locks::Busy) -> StoreError {
 pub(crate) struct ActiveMailboxes {
     devices: Mutex<HashMap<DeviceAddress, Arc<MailboxState>>>,
     next_subscriber: AtomicU64,
+    /// Payload bytes of the rows hints carried to subscribers here, not yet pushed.
+    carried_bytes: Arc<AtomicUsize>,
     /// Places among the callers waiting off their workers for an ordering lock.
     waiting: tokio::sync::Semaphore,
 }
@@ -33,6 +36,7 @@ impl Default for ActiveMailboxes {
         ActiveMailboxes {
             devices: Mutex::default(),
             next_subscriber: AtomicU64::default(),
+            carried_bytes: Arc::default(),
             waiting: tokio::sync::Semaphore::new(crate::locks::WAITING_MAX),
         }
     }
@@ -57,6 +61,8 @@ struct Wakeup {
     id: u64,
     notify: Notify,
     displaced: AtomicBool,
+    /// Rows carried by hints since the last pull, and whether it must read.
+    carried: Chain,
 }
 
 impl Wakeup {
@@ -163,6 +169,26 @@ impl ActiveMailboxes {
         };
         let woken = match lock(&state.subscriber).as_ref() {
             Some(w) => {
+                w.carried.must_read();
+                w.notify.notify_one();
+                true
+            }
+            None => false,
+        };
+        self.release(addr, state);
+        woken
+    }
+
+    /// Wakes `addr`'s subscriber, if it has one, with the rows a hint from another
+    /// node carried (see [`super::carried`]); whether it had one.
+    pub(crate) fn wake_with(&self, addr: &DeviceAddress, rows: Carried) -> bool {
+        let state = lock(&self.devices).get(addr).cloned();
+        let Some(state) = state else {
+            return false;
+        };
+        let woken = match lock(&state.subscriber).as_ref() {
+            Some(w) => {
+                w.carried.carry(rows);
                 w.notify.notify_one();
                 true
             }
@@ -184,6 +210,7 @@ impl ActiveMailboxes {
             id: self.next_subscriber.fetch_add(1, Ordering::Relaxed),
             notify: Notify::new(),
             displaced: AtomicBool::new(false),
+            carried: Chain::new(self.carried_bytes.clone()),
         });
         let state = self.state(&address);
         if let Some(old) = lock(&state.subscriber).replace(wakeup.clone()) {
@@ -255,6 +282,17 @@ impl Subscription {
     /// Whether a newer connection of the same device took over.
     pub fn displaced(&self) -> bool {
         self.wakeup.displaced.load(Ordering::Acquire)
+    }
+
+    /// For a pull: the rows hints carried since the last one, and whether the
+    /// mailbox must be read too.
+    pub(crate) fn take_carried(&self) -> Taken {
+        self.wakeup.carried.take()
+    }
+
+    /// The next pull reads the mailbox (this one's read failed: its wake-up is spent).
+    pub(crate) fn read_next(&self) {
+        self.wakeup.carried.must_read();
     }
 }
 

@@ -42,10 +42,13 @@ use crate::push::Waker;
 use crate::store::{Envelope, GroupCommit, MailboxStore, Staged, StoreError, StoredMessage, Usage};
 
 mod active;
+pub(crate) mod carried;
 mod multi;
 
 pub(crate) use self::active::ActiveMailboxes;
 pub use self::active::Subscription;
+pub use self::carried::Carried;
+use self::carried::Taken;
 pub use self::multi::{append_multi, MultiAppended, COMMIT_RESERVE};
 
 /// The mailboxes service. See the module docs.
@@ -404,7 +407,46 @@ impl Mailboxes {
         device: &AuthenticatedDevice,
         window: &mut DeliveryWindow,
     ) -> Result<Pull> {
+        self.pull_taken(device, Taken::default(), window).await
+    }
+
+    /// [`Mailboxes::pull_later`] for `sub`'s delivery, which first pushes the rows
+    /// hints from other nodes carried to it ([`carried`]) when they come right after
+    /// the window's cursor, and reads the mailbox only if anything else woke it.
+    pub async fn pull_for(
+        &self,
+        device: &AuthenticatedDevice,
+        sub: &Subscription,
+        window: &mut DeliveryWindow,
+    ) -> Result<Pull> {
+        let taken = sub.take_carried();
+        let pull = self.pull_taken(device, taken, window).await;
+        if !matches!(&pull, Ok(p) if p.read_failed.is_none()) {
+            // The wake-up that brought this pull is spent: the retry must read.
+            sub.read_next();
+        }
+        pull
+    }
+
+    async fn pull_taken(
+        &self,
+        device: &AuthenticatedDevice,
+        taken: Taken,
+        window: &mut DeliveryWindow,
+    ) -> Result<Pull> {
         let mut pull = Pull::default();
+        if let Some(c) = taken.chain.filter(|c| c.after == window.cursor()) {
+            let rows = c.rows.len();
+            // Nothing else woke the delivery: these rows are all there is after the
+            // cursor as of their commit (later commits send their own hints), so
+            // taking fewer than asked for ends the pull as a short read would.
+            let want = if taken.read { rows } else { rows + 1 };
+            let more = self.took(&mut pull, window, Ok(c.rows), want)?;
+            crate::metrics::carried(pull.messages.len());
+            if !more {
+                return Ok(pull);
+            }
+        }
         while window.room() > 0 {
             let want = window.room();
             let batch = match self.fault_or_read_later(device, window.cursor(), want) {

@@ -151,7 +151,7 @@ pub(super) async fn deliver(
         }
         // Boxed: the read's future would otherwise size this loop's state, which
         // every idle connection keeps.
-        let mut pull = match Box::pin(mailboxes.pull_later(&device, &mut window)).await {
+        let mut pull = match Box::pin(mailboxes.pull_for(&device, &sub, &mut window)).await {
             Ok(p) => p,
             Err(e) => Pull {
                 read_failed: Some(e),

@@ -289,7 +289,7 @@ pub(super) fn to_db(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-pub(super) fn from_db(t: i64) -> u64 {
+pub(crate) fn from_db(t: i64) -> u64 {
     if t == i64::MAX {
         u64::MAX
     } else {

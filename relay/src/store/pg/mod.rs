@@ -54,6 +54,7 @@ mod push;
 pub mod rates;
 mod verification;
 
+pub(crate) use mailboxes::from_db;
 pub use rates::PgStartLimits;
 
 /// The longest a start waits for the schema's migrations (its own or another node's).

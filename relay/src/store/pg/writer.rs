@@ -150,17 +150,18 @@ pub(super) struct Writer {
 }
 
 /// The NOTIFY a batch with sends makes right after its `COMMIT`, on its own
-/// connection in the same round trip: the other nodes hear of the batch's mailboxes
-/// without a transaction of their own on another connection.
+/// connection in the same round trip: the other nodes hear of the batch's mailboxes,
+/// with their new rows where small (see `send::notes_sql`), without a transaction of
+/// their own on another connection.
 pub struct CommitNotes {
     /// The channel.
     pub channel: &'static str,
-    /// The payloads for the mailboxes a batch appends to (none: nobody to tell).
-    pub payloads: NotePayloads,
+    /// The origin that starts each note (`<8 hex>;`), or none: nobody to tell.
+    pub origin: NoteOrigin,
 }
 
-/// See [`CommitNotes::payloads`].
-pub type NotePayloads = Box<dyn Fn(&[DeviceAddress]) -> Vec<String> + Send + Sync>;
+/// See [`CommitNotes::origin`].
+pub type NoteOrigin = Box<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// Which appends a batch refuses, checked by the send statement with its snapshot
 /// (taken before it waits for any head: a deletion that finishes meanwhile is not

@@ -62,7 +62,8 @@ fn check(accounts: AccountCheck) -> &'static str {
 /// stores each body with the entries written, `tot` adds to the totals slot what was
 /// written. Rows of kind 1 are the heads (with whether they took the sends), of kind
 /// 3 what the totals slot was given (messages, bytes, mailboxes), of kind 4 the
-/// session's seq floor (which the durability barrier checks).
+/// session's seq floor (which the durability barrier checks), of kind 5 whether the
+/// other nodes' news was noted ([`notes_sql`]: `$19`, `$20`).
 pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
     format!(
         "WITH src AS (SELECT s.a, s.dv, s.n, s.b, s.r, ({check}) AS ok, \
@@ -86,7 +87,10 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
            FROM unnest($6::bytea[], $7::int8[], $8::int8[], $9::bytea[], $10::bytea[], \
              $11::int8[], $12::int8[], $13::bytea[], $14::int8[]) r(a, dv, back, id, p, at, x, bid, bl) \
            JOIN hk ON hk.account = r.a AND hk.device = r.dv AND hk.ok \
-           RETURNING body_id, octet_length(payload)::int8 AS own), \
+           RETURNING account, device, seq, message_id, accepted_at, expires_at, body_id, \
+             CASE WHEN $20::text IS NOT NULL AND octet_length(payload) <= {carried_bytes} \
+               THEN payload END AS payload, \
+             octet_length(payload)::int8 AS own), \
          refs AS (SELECT body_id, count(*)::int8 AS n FROM m WHERE body_id IS NOT NULL \
            GROUP BY body_id), \
          sb AS (INSERT INTO shared_bodies (id, payload, expires_at, refs) \
@@ -100,13 +104,71 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
              (SELECT coalesce(sum(len), 0)::int8 AS len FROM sb) bb, \
              (SELECT count(*)::int8 AS e FROM hk WHERE ok AND n > 0 AND messages = n) ee \
            WHERE t.slot = $18::int4 AND mm.c > 0 \
-           RETURNING mm.c, mm.own + bb.len AS b, ee.e) \
+           RETURNING mm.c, mm.own + bb.len AS b, ee.e), \
+         {notes} \
          SELECT 1, account, device, last_seq, messages, bytes, ok FROM hk \
          UNION ALL SELECT 3, NULL, NULL, c, b, e, true FROM tot \
-         UNION ALL SELECT 4, NULL, NULL, current_setting('tern.seq_floor')::int8, 0, 0, true",
-        check = check(accounts)
+         UNION ALL SELECT 4, NULL, NULL, current_setting('tern.seq_floor')::int8, 0, 0, true \
+         UNION ALL SELECT 5, NULL, NULL, 0, 0, 0, v IS NOT NULL FROM note",
+        check = check(accounts),
+        carried_bytes = CARRIED_BYTES,
+        notes = notes_sql(),
     )
 }
+
+/// The other nodes' news of a batch, made by [`send_sql`] as it writes (the rows'
+/// seqs are known only there) and kept in the session setting `tern.note` for the
+/// NOTIFY that follows the COMMIT ([`NOTIFY`]): `$19` (the batch's nonce and a
+/// space), then, if `$20` (the origin, `<8 hex>;`) is not null, notes separated by
+/// spaces, each `$20` and entries separated by commas. An entry is a mailbox that took
+/// sends, `m<address hex>`, followed by `,r<address hex>:<seq before>:<rows>` when
+/// its rows are few, small, not shared and their text fits (older nodes skip that
+/// part and read the mailbox): rows `<seq>.<message id hex>.<accepted at>.<expires
+/// at>.<payload base64>` separated by `~` (the base64 keeps PostgreSQL's line breaks,
+/// which cost less to keep than to strip). The seq before is the head's last seq less
+/// the rows appended: the mailbox's last seq before them, or the seq floor when that
+/// moved the head up (above any seq a reader can have seen, so it matches none).
+///
+/// Materialized, each entry is made once (inlined, its subquery would run wherever
+/// the entry is named). Chunks: an entry is at most [`ENTRY_MAX`] bytes, and a note
+/// gathers the entries whose running total of bytes falls in one [`ENTRY_MAX`] step,
+/// so it holds less than two steps and the origin, under PostgreSQL's 8,000-byte
+/// NOTIFY payload.
+fn notes_sql() -> String {
+    format!(
+        "car AS (SELECT m.account, m.device FROM m GROUP BY m.account, m.device \
+           HAVING count(*) <= {rows} AND sum(m.own) <= {bytes} AND bool_and(m.body_id IS NULL)), \
+         ent AS MATERIALIZED (SELECT hk.account || substr(int8send(hk.device), 5) AS k, \
+             hk.last_seq - hk.n AS before, \
+             (SELECT string_agg(m.seq || '.' || encode(m.message_id, 'hex') || '.' || \
+                 m.accepted_at || '.' || m.expires_at || '.' || \
+                 encode(m.payload, 'base64'), '~' ORDER BY m.seq) \
+               FROM m JOIN car USING (account, device) \
+               WHERE m.account = hk.account AND m.device = hk.device) AS rows \
+           FROM hk WHERE $20::text IS NOT NULL AND hk.ok AND hk.n > 0), \
+         ents AS MATERIALIZED (SELECT k, 'm' || encode(k, 'hex') || \
+             CASE WHEN octet_length(rows) <= {carried} \
+             THEN ',r' || encode(k, 'hex') || ':' || before || ':' || rows ELSE '' END AS e \
+           FROM ent), \
+         chunks AS (SELECT k, e, sum(octet_length(e) + 1) OVER (ORDER BY k) / {entry} AS c \
+           FROM ents), \
+         note AS (SELECT set_config('tern.note', $19::text || coalesce((SELECT \
+             string_agg(x, ' ') FROM (SELECT $20::text || string_agg(e, ',' ORDER BY k) AS x \
+               FROM chunks GROUP BY c) q), ''), false) AS v)",
+        rows = CARRIED_ROWS,
+        bytes = CARRIED_BYTES,
+        carried = ENTRY_MAX - 150,
+        entry = ENTRY_MAX,
+    )
+}
+
+/// The most rows of one mailbox a note carries.
+const CARRIED_ROWS: usize = 8;
+/// The most payload bytes of one mailbox a note carries.
+const CARRIED_BYTES: usize = 2700;
+
+/// The longest entry of a note, in bytes (see [`notes_sql`]).
+const ENTRY_MAX: usize = 3900;
 
 /// The parameters of [`send_sql`].
 #[derive(Default)]
@@ -256,23 +318,23 @@ impl Writer {
             .filter(|(_, p)| !p.appends.is_empty())
             .map(|(to, _)| *to)
             .collect();
+        // The other nodes hear of the batch's mailboxes (with their rows, where small)
+        // through the notes its statement leaves for the NOTIFY after the COMMIT.
         let notes = match self.notes.get() {
-            Some(n) => {
-                let payloads = (n.payloads)(&appended);
-                if payloads.is_empty() {
-                    None
-                } else {
-                    match tx.prepare_cached(NOTIFY).await {
-                        Ok(st) => Some((n.channel, payloads, st)),
-                        Err(e) => {
-                            tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
-                            None
-                        }
+            Some(n) if !appended.is_empty() => match (n.origin)() {
+                Some(origin) => match tx.prepare_cached(NOTIFY).await {
+                    Ok(st) => Some((n.channel, origin, st)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
+                        None
                     }
-                }
-            }
-            None => None,
+                },
+                None => None,
+            },
+            _ => None,
         };
+        let origin = notes.as_ref().map(|(_, origin, _)| origin.as_str());
+        let nonce = format!("{:016x} ", rand::random::<u64>());
         let begin = self.begin(started)?;
         let c = &cols;
         let send = async {
@@ -298,6 +360,8 @@ impl Writer {
                         &c.b_payloads,
                         &c.b_expires,
                         &totals_slot,
+                        &nonce,
+                        &origin,
                     ],
                 )
                 .await;
@@ -324,10 +388,10 @@ impl Writer {
             r
         };
         let notify = async {
-            let Some((channel, payloads, st)) = &notes else {
+            let Some((channel, _, st)) = &notes else {
                 return;
             };
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, payloads];
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, &nonce];
             let sent = tx.execute(st, &params);
             tokio::pin!(sent);
             let waited = async {
@@ -362,6 +426,10 @@ impl Writer {
             let kind: i32 = row.try_get(0)?;
             if kind == 4 {
                 floor = Some(row.try_get::<_, i64>(3)?);
+                continue;
+            }
+            if kind == 5 {
+                // The notes for the other nodes (read by the NOTIFY).
                 continue;
             }
             if kind == 3 {

@@ -64,8 +64,14 @@ pub(super) const REMOVE: &str = concat!(
      UNION ALL SELECT 2, NULL, NULL, len, 0, 0 FROM gone"
 );
 
-/// A batch's cross-node hints, after its `COMMIT` (`CommitNotes`): channel, payloads.
-pub(super) const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) p";
+/// A batch's cross-node hints, after its `COMMIT` (`CommitNotes`): the notes its send
+/// statement left in `tern.note` (see `notes_sql`), if that batch's nonce (`$2`, with
+/// its space) starts them, on channel `$1`. A batch that failed left no note of its
+/// own (its setting rolled back), so an older note is never sent twice.
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, n) \
+     FROM unnest(string_to_array(substr(current_setting('tern.note', true), \
+       length($2::text) + 1), ' ')) n \
+     WHERE starts_with(current_setting('tern.note', true), $2::text) AND n <> ''";
 
 /// Rows of `mailbox_totals` (V2 creates 0..64).
 pub(super) const TOTAL_SLOTS: i32 = 64;
@@ -140,7 +146,7 @@ mod tests {
         deletions_table(&opts);
         let b = node(&opts, "a");
         let statements = [
-            ("send", send_sql(AccountCheck::Intents), 18),
+            ("send", send_sql(AccountCheck::Intents), 20),
             ("remove", REMOVE.to_owned(), 4),
             ("lock", LOCK_HEADS.to_owned(), 2),
         ];
