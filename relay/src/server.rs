@@ -8,7 +8,7 @@ use std::time::Duration;
 use tern_proto::RelayAddress;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use tern_platform::clock::Clock;
 
@@ -806,6 +806,10 @@ impl Relay {
             .close(tern_proto::close::SHUTTING_DOWN.into(), b"shutting down");
         let flushed = self.services.mailboxes.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        // Their connections are closed: running exports fail their next write.
+        if !self.services.exports().close(Duration::from_secs(2)).await {
+            debug!("exports still running at shutdown");
+        }
         if let Some((cluster, notifier)) = self.cluster {
             if let Some(notifier) = notifier {
                 notifier.stopped(LEAVE_WITHIN).await;

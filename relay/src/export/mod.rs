@@ -51,12 +51,32 @@ pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 
 /// Places among the exports written at once ([`EXPORTS_AT_ONCE`] on a relay).
 #[derive(Debug, Clone)]
-pub struct ExportGate(std::sync::Arc<tokio::sync::Semaphore>);
+pub struct ExportGate(std::sync::Arc<tokio::sync::Semaphore>, u32);
 
 impl ExportGate {
     /// A gate with `places` places.
     pub fn new(places: usize) -> Self {
-        ExportGate(std::sync::Arc::new(tokio::sync::Semaphore::new(places)))
+        let places = u32::try_from(places)
+            .unwrap_or(u32::MAX)
+            .min(u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        ExportGate(
+            std::sync::Arc::new(tokio::sync::Semaphore::new(places as usize)),
+            places,
+        )
+    }
+
+    /// Waits until no export is running, at most `within`, and keeps every place
+    /// taken from then on (a relay stopping starts none): an export's writer runs
+    /// on a blocking thread and waits on the runtime's timers, which must outlive
+    /// it. False if some were still running at the end.
+    pub async fn close(&self, within: std::time::Duration) -> bool {
+        match tokio::time::timeout(within, self.0.acquire_many(self.1)).await {
+            Ok(Ok(all)) => {
+                all.forget();
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A place, held until the export's writer is done; `Busy` (`UNAVAILABLE`, retry

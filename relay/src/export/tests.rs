@@ -339,3 +339,30 @@ fn exports_past_the_gate_are_refused_until_one_ends() {
     drop(first);
     assert!(gate.enter().is_ok(), "a place again once an export ended");
 }
+
+/// A stopping relay waits for the exports running (their writers wait on the
+/// runtime's timers from blocking threads), at most its bound, and starts no more.
+#[test]
+fn closing_the_gate_waits_for_running_exports_and_refuses_new_ones() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let gate = ExportGate::new(4);
+        let running = gate.enter().expect("a place");
+        let held = gate.enter().expect("a place");
+        let ends = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(running);
+        });
+        assert!(
+            !gate.close(std::time::Duration::from_millis(300)).await,
+            "one still running at the bound"
+        );
+        drop(held);
+        assert!(gate.close(std::time::Duration::from_secs(5)).await);
+        ends.join().expect("no panic");
+        assert!(gate.enter().is_err(), "a closed gate starts no export");
+    });
+}
