@@ -411,7 +411,7 @@ impl Mailboxes {
     }
 
     /// [`Mailboxes::pull_later`] for `sub`'s delivery, which first pushes the rows
-    /// hints from other nodes carried to it ([`carried`]) when they come right after
+    /// hints from other nodes carried to it ([`Carried`]) when they come right after
     /// the window's cursor, and reads the mailbox only if anything else woke it.
     pub async fn pull_for(
         &self,
