@@ -167,18 +167,16 @@ pub fn decode(payload: &str) -> (Option<u32>, Vec<Hint>) {
     let Some((origin, list)) = payload.split_once(';') else {
         return (None, Vec::new());
     };
-    let mut hints: Vec<Hint> = list.split(',').filter_map(entry).collect();
-    // A carried entry follows a mail entry for the same mailbox, which nodes from
-    // before carried rows act on; here the carried one stands for both.
-    let carried: std::collections::HashSet<DeviceAddress> = hints
-        .iter()
-        .filter_map(|h| match h {
-            Hint::Carried(a, _) => Some(*a),
-            _ => None,
-        })
-        .collect();
-    if !carried.is_empty() {
-        hints.retain(|h| !matches!(h, Hint::Mail(a) if carried.contains(a)));
+    let mut hints: Vec<Hint> = Vec::new();
+    for h in list.split(',').filter_map(entry) {
+        // A carried entry comes right after a mail entry for the same mailbox, which
+        // nodes from before carried rows act on; here the carried one stands for both.
+        if let (Hint::Carried(a, _), Some(Hint::Mail(m))) = (&h, hints.last()) {
+            if a == m {
+                hints.pop();
+            }
+        }
+        hints.push(h);
     }
     (u32::from_str_radix(origin, 16).ok(), hints)
 }
@@ -436,7 +434,7 @@ mod tests {
         let hex: String = addr_bytes(&a).iter().map(|b| format!("{b:02x}")).collect();
         let id = "11".repeat(16);
         let text = format!(
-            "0000002a;r{hex}:6:7.{id}.1000.{never}.c2Vh\nbGVk~9.{id}.1001.5.,m{hex}",
+            "0000002a;m{hex},r{hex}:6:7.{id}.1000.{never}.c2Vh\nbGVk~9.{id}.1001.5.",
             never = i64::MAX
         );
         let (origin, hints) = decode(&text);

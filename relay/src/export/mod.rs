@@ -56,9 +56,8 @@ pub struct ExportGate(std::sync::Arc<tokio::sync::Semaphore>, u32);
 impl ExportGate {
     /// A gate with `places` places.
     pub fn new(places: usize) -> Self {
-        let places = u32::try_from(places)
-            .unwrap_or(u32::MAX)
-            .min(u32::try_from(tokio::sync::Semaphore::MAX_PERMITS).unwrap_or(u32::MAX));
+        let places =
+            u32::try_from(places.min(tokio::sync::Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
         ExportGate(
             std::sync::Arc::new(tokio::sync::Semaphore::new(places as usize)),
             places,

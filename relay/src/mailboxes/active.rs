@@ -163,32 +163,24 @@ impl ActiveMailboxes {
     /// Wakes `addr`'s subscriber, if it has one (after a shared commit made new
     /// messages visible, or a hint from another node); whether it had one.
     pub(crate) fn wake(&self, addr: &DeviceAddress) -> bool {
-        let state = lock(&self.devices).get(addr).cloned();
-        let Some(state) = state else {
-            return false;
-        };
-        let woken = match lock(&state.subscriber).as_ref() {
-            Some(w) => {
-                w.carried.must_read();
-                w.notify.notify_one();
-                true
-            }
-            None => false,
-        };
-        self.release(addr, state);
-        woken
+        self.wake_subscriber(addr, |w| w.carried.must_read())
     }
 
     /// Wakes `addr`'s subscriber, if it has one, with the rows a hint from another
     /// node carried (see [`super::carried`]); whether it had one.
     pub(crate) fn wake_with(&self, addr: &DeviceAddress, rows: Carried) -> bool {
+        self.wake_subscriber(addr, |w| w.carried.carry(rows))
+    }
+
+    /// Tells `addr`'s subscriber, if it has one, what woke it (`tell`), then wakes it.
+    fn wake_subscriber(&self, addr: &DeviceAddress, tell: impl FnOnce(&Wakeup)) -> bool {
         let state = lock(&self.devices).get(addr).cloned();
         let Some(state) = state else {
             return false;
         };
         let woken = match lock(&state.subscriber).as_ref() {
             Some(w) => {
-                w.carried.carry(rows);
+                tell(w);
                 w.notify.notify_one();
                 true
             }

@@ -118,9 +118,9 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
 
 /// The other nodes' news of a batch, made by [`send_sql`] as it writes (the rows'
 /// seqs are known only there) and kept in the session setting `tern.note` for the
-/// NOTIFY that follows the COMMIT ([`NOTIFY`]): `$19` (the batch's nonce and a
-/// space), then, if `$20` (the origin, `<8 hex>;`) is not null, notes separated by
-/// spaces, each `$20` and entries separated by commas. An entry is a mailbox that took
+/// NOTIFY that follows the COMMIT ([`NOTIFY`]), unless `$20` (the origin, `<8
+/// hex>;`) is null (nobody to tell: nothing is made): `$19` (the batch's nonce and a
+/// space), then notes separated by spaces, each `$20` and entries separated by commas. An entry is a mailbox that took
 /// sends, `m<address hex>`, followed by `,r<address hex>:<seq before>:<rows>` when
 /// its rows are few, small, not shared and their text fits (older nodes skip that
 /// part and read the mailbox): rows `<seq>.<message id hex>.<accepted at>.<expires
@@ -154,7 +154,7 @@ fn notes_sql() -> String {
            FROM ents), \
          note AS (SELECT set_config('tern.note', $19::text || coalesce((SELECT \
              string_agg(x, ' ') FROM (SELECT $20::text || string_agg(e, ',' ORDER BY k) AS x \
-               FROM chunks GROUP BY c) q), ''), false) AS v)",
+               FROM chunks GROUP BY c) q), ''), false) AS v WHERE $20::text IS NOT NULL)",
         rows = CARRIED_ROWS,
         bytes = CARRIED_BYTES,
         carried = ENTRY_MAX - 150,
@@ -334,7 +334,7 @@ impl Writer {
             _ => None,
         };
         let origin = notes.as_ref().map(|(_, origin, _)| origin.as_str());
-        let nonce = format!("{:016x} ", rand::random::<u64>());
+        let nonce = origin.map(|_| format!("{:016x} ", rand::random::<u64>()));
         let begin = self.begin(started)?;
         let c = &cols;
         let send = async {
@@ -388,10 +388,10 @@ impl Writer {
             r
         };
         let notify = async {
-            let Some((channel, _, st)) = &notes else {
+            let (Some((channel, _, st)), Some(nonce)) = (&notes, &nonce) else {
                 return;
             };
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, &nonce];
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, nonce];
             let sent = tx.execute(st, &params);
             tokio::pin!(sent);
             let waited = async {
