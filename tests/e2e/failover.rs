@@ -327,7 +327,7 @@ async fn failover_loses_nothing_acknowledged() {
 }
 
 /// A delivery's read that fails (a database failing over, say) is retried by the
-/// connection's writer itself: the send's wake-up was spent on the failed read, and on one
+/// delivery task itself: the send's wake-up was spent on the failed read, and on one
 /// node nothing else would come to push the message.
 #[tokio::test]
 async fn a_failed_mailbox_read_is_retried_without_another_wake_up() {

@@ -400,7 +400,7 @@ impl Mailboxes {
         Ok(pull)
     }
 
-    /// [`Mailboxes::pull`] for a connection's deliveries: a store whose reads are round trips
+    /// [`Mailboxes::pull`] for a delivery task: a store whose reads are round trips
     /// ([`MailboxStore::read_later`]) is awaited, not waited for on this thread.
     pub async fn pull_later(
         &self,

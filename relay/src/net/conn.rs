@@ -1,15 +1,14 @@
 //! One client connection: a control stream carrying pipelined requests up and
 //! responses and deliveries down.
 //!
-//! Two tasks share the work. The reader decodes frames and handles each request. The
-//! writer ([`writer`]) coalesces outgoing frames into few stream writes; it also holds
-//! the answers that wait for a commit (sends, acks: [`Out::Later`]), under a
+//! Three tasks share the work. The reader decodes frames and handles each request.
+//! The writer coalesces outgoing frames into few stream writes; it also holds the
+//! answers that wait for a group commit (sends, acks: [`Out::Later`]), under a
 //! per-connection cap, so a slow disk slows the reader instead of growing memory, and
 //! a commit wakes the writer itself rather than a task per request. Once
-//! authenticated, the writer also owns the device's deliveries ([`push::Delivering`]):
-//! it pulls on the mailbox's wake-ups straight into its next write, and applies the
-//! acks the reader hands it, whose answers wait among the others for the deletion's
-//! commit, so pushing never waits for an fsync.
+//! authenticated, a delivery task owns the device's [`DeliveryWindow`]: it pushes on
+//! wake-ups and applies acks, whose answers wait in the writer for the deletion's
+//! group commit, so pushing never waits for an fsync.
 //!
 //! A connection starts [`Standing::Pending`]: a small frame limit and flow-control
 //! window, and a deadline (`connections.auth_deadline`, counted from its first
@@ -23,12 +22,16 @@
 //! be larger than the small frame limit, up to `standing::GROUP_FRAME` (about 1 MiB):
 //! a commit and its welcome to 1,000 devices.
 
+use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use tern_proto::frame::{self, FrameError};
 use tern_proto::v1;
 use tern_proto::{
@@ -55,7 +58,6 @@ mod send;
 mod standing;
 mod verification;
 mod wakeups;
-mod writer;
 use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
@@ -69,26 +71,20 @@ const OUT_QUEUE: usize = 1024;
 /// entries, and every connection keeps one; small entries keep idle connections small.
 type Frame = Box<v1::ServerFrame>;
 
-/// What the writer is handed.
+/// What the writer is handed (16 bytes, against 8 for a frame alone: 256 bytes more
+/// in a connection's first queue block).
 enum Out {
     /// A frame to write now.
     Frame(Frame),
     /// An answer that waits (for a group commit): written once it resolves, in
     /// whatever order answers resolve (each names its request).
     Later(Later),
-    /// An ack, for the deliveries the writer owns.
-    Ack(Box<AckCmd>),
-    /// Start delivering: the connection is authenticated.
-    Deliver(Box<push::Start>),
 }
-
-// Every connection keeps a queue block of 32 of these: 24 bytes (a fat pointer and
-// a tag), 256 more per connection than a frame and an answer alone, against the ack
-// channel and delivery task they replace.
-const _: () = assert!(std::mem::size_of::<Out>() <= 24);
 
 /// An answer that waits, boxed.
 type Later = Pin<Box<dyn Future<Output = Frame> + Send>>;
+/// Bytes the writer coalesces into one stream write.
+const WRITE_BATCH: usize = 64 * 1024;
 /// How long a connection closed for a protocol error lingers so the client can read
 /// the error first: a QUIC receiver drops buffered stream data when the connection
 /// closes.
@@ -133,8 +129,8 @@ struct Session {
     requests: Arc<Semaphore>,
     /// Set once, at registration or authentication; shared with the media streams.
     device: Arc<OnceLock<AuthenticatedDevice>>,
-    /// The writer was told to start delivering (the connection is authenticated).
-    delivering: bool,
+    acks: Option<mpsc::Sender<AckCmd>>,
+    delivery: Option<tokio::task::JoinHandle<()>>,
     standing: Standing,
     admission: AdmissionGuard,
     /// When a connection that is not authenticated is closed.
@@ -197,7 +193,7 @@ pub(crate) async fn serve(
     };
     let _open = crate::metrics::OpenConnection::new();
     let (out, out_rx) = mpsc::channel(OUT_QUEUE);
-    let writer = tokio::spawn(writer::write_frames(send, out_rx));
+    let writer = tokio::spawn(write_frames(send, out_rx));
     let device = Arc::new(OnceLock::new());
     let activity = Arc::new(Activity::default());
     // Media transfers arrive as streams of their own. A task of its own accepts them:
@@ -218,7 +214,8 @@ pub(crate) async fn serve(
         requests: Arc::new(Semaphore::new(settings.max_requests)),
         settings,
         out,
-        delivering: false,
+        acks: None,
+        delivery: None,
         standing: Standing::Pending,
         admission: admitted.guard,
         deadline: admitted.deadline,
@@ -362,11 +359,14 @@ impl Session {
         }
     }
 
-    /// Waits for requests in progress (the writer ends the deliveries once the reader
-    /// is gone).
+    /// Waits for requests in progress, then stops the delivery task.
     async fn finish(&mut self) {
         let all = u32::try_from(self.settings.max_requests).unwrap_or(u32::MAX);
         let _ = self.requests.acquire_many(all).await;
+        self.acks = None;
+        if let Some(d) = self.delivery.take() {
+            let _ = d.await;
+        }
     }
 
     async fn reply(&self, request_id: u64, result: Result<Reply>) {
@@ -469,7 +469,7 @@ impl Session {
                     )
                     .await;
                 self.reply(id, result.map(Reply::Register)).await;
-                self.start_delivery().await;
+                self.start_delivery();
             }
             Request::AddDevice {
                 account,
@@ -493,7 +493,7 @@ impl Session {
                     next_certificate,
                 });
                 self.reply(id, reply).await;
-                self.start_delivery().await;
+                self.start_delivery();
             }
             Request::BlobStatus { blob_id } => {
                 if !self.take_place(id).await {
@@ -698,33 +698,38 @@ impl Session {
     }
 
     /// Starts pushing once the connection has just been authenticated.
-    async fn start_delivery(&mut self) {
-        let (Some(device), false) = (self.device.get(), self.delivering) else {
+    fn start_delivery(&mut self) {
+        let (Some(device), None) = (self.device.get(), &self.acks) else {
             return;
         };
-        self.delivering = true;
-        let start = push::Start {
-            services: self.services.clone(),
-            device: device.clone(),
-            window: (
+        let (acks, acks_rx) = mpsc::channel(64);
+        self.acks = Some(acks);
+        self.delivery = Some(tokio::spawn(push::deliver(
+            self.services.clone(),
+            device.clone(),
+            (
                 self.settings.delivery_window,
                 self.settings.delivery_window_bytes,
             ),
-            max_committing: self.settings.max_requests,
-            conn: self.conn.clone(),
-        };
-        let _ = self.out.send(Out::Deliver(Box::new(start))).await;
+            self.settings.max_requests,
+            self.out.clone(),
+            acks_rx,
+            self.conn.clone(),
+        )));
     }
 
     async fn ack(&mut self, id: u64, seqs: Vec<u64>) {
-        if !self.delivering {
-            return self.reply(id, Err(Error::Unauthorized)).await;
+        match &self.acks {
+            Some(acks) => {
+                let _ = acks
+                    .send(AckCmd {
+                        request_id: id,
+                        seqs,
+                    })
+                    .await;
+            }
+            None => self.reply(id, Err(Error::Unauthorized)).await,
         }
-        let cmd = AckCmd {
-            request_id: id,
-            seqs,
-        };
-        let _ = self.out.send(Out::Ack(Box::new(cmd))).await;
     }
 }
 
@@ -753,9 +758,108 @@ fn response(id: u64, result: Result<Reply>) -> Frame {
     Box::new(ServerMessage::Response { id, result }.into())
 }
 
-/// Hands `answer` to the writer; if the writer is gone (it panicked: a broken stream
-/// keeps it running until the reader is gone), the answer runs to its end in a task of
-/// its own, so its commit and the wake-ups after it still happen. False then.
+/// Writes queued frames, coalescing whatever is ready into one write, and the
+/// answers it holds as they resolve. The answers go on resolving while a write waits
+/// for the client's flow control (their commits are requested, the wake-ups after
+/// them happen, their permits are freed), and are written next. Ends when every
+/// producer is gone and every answer written; if the stream breaks, the answers it
+/// held are finished in a task of their own ([`finish_answers`]).
+async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) {
+    let mut buf = BytesMut::new();
+    let mut later: FuturesUnordered<Answer> = FuturesUnordered::new();
+    // Answers resolved while a write was under way.
+    let mut ready: VecDeque<Frame> = VecDeque::new();
+    let mut open = true;
+    loop {
+        let first = match ready.pop_front() {
+            Some(f) => f,
+            None => tokio::select! {
+                Some(answer) = later.next(), if !later.is_empty() => match answered(answer) {
+                    Some(f) => f,
+                    None => continue,
+                },
+                m = rx.recv(), if open => match m {
+                    Some(Out::Frame(f)) => f,
+                    Some(Out::Later(answer)) => {
+                        later.push(hold(answer));
+                        continue;
+                    }
+                    None => {
+                        open = false;
+                        continue;
+                    }
+                },
+                else => break,
+            },
+        };
+        let queued = rx.len() + ready.len();
+        // A poll here registers no waker of ours; `later` is polled again with this
+        // task's own before it sleeps (the write below, or the select above).
+        let next = || loop {
+            if let Some(f) = ready.pop_front() {
+                return Some(f);
+            }
+            match rx.try_recv() {
+                Ok(Out::Frame(f)) => return Some(f),
+                Ok(Out::Later(answer)) => later.push(hold(answer)),
+                Err(_) => match later.next().now_or_never() {
+                    Some(Some(answer)) => {
+                        if let Some(f) = answered(answer) {
+                            return Some(f);
+                        }
+                    }
+                    _ => return None,
+                },
+            }
+        };
+        frame::encode_ready(&first, queued, next, WRITE_BATCH, &mut buf);
+        let write = send.write_chunk(buf.split().freeze());
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                written = &mut write => break written,
+                Some(answer) = later.next(), if !later.is_empty() => {
+                    ready.extend(answered(answer));
+                }
+            }
+        };
+        if written.is_err() {
+            finish_answers(later);
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// An answer the writer holds. A panic in one is caught, as a task of its own would
+/// have it, so the connection's other answers go on.
+type Answer = futures::future::CatchUnwind<AssertUnwindSafe<Later>>;
+
+fn hold(answer: Later) -> Answer {
+    AssertUnwindSafe(answer).catch_unwind()
+}
+
+/// The frame of a resolved answer; `None` (logged) if it panicked.
+fn answered(answer: std::thread::Result<Frame>) -> Option<Frame> {
+    match answer {
+        Ok(frame) => Some(frame),
+        Err(_) => {
+            warn!("answering a request panicked");
+            None
+        }
+    }
+}
+
+/// Drives answers no one will hear to their end: each one's commit, and the wake-ups
+/// that follow it (other nodes, devices without a connection), still happen.
+fn finish_answers(mut later: FuturesUnordered<Answer>) {
+    if !later.is_empty() {
+        tokio::spawn(async move { while later.next().await.is_some() {} });
+    }
+}
+
+/// Hands `answer` to the writer; if the writer is gone (the stream broke), it runs to
+/// its end in a task of its own ([`finish_answers`] says why). False then.
 /// Boxed by the caller before the call: held unboxed across this call's await, the
 /// answer's future would size the caller's state (every idle connection's).
 async fn answer_later(out: &mpsc::Sender<Out>, answer: Later) -> bool {
