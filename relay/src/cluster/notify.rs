@@ -161,11 +161,12 @@ pub fn encode(origin: u32, hints: &[Hint]) -> String {
     out
 }
 
-/// The origin and hints of a payload; entries that do not parse are skipped (a newer
-/// node's kinds, say), and carried rows that do not parse leave a [`Hint::Mail`].
-pub fn decode(payload: &str) -> (Option<u32>, Vec<Hint>) {
-    let Some((origin, list)) = payload.split_once(';') else {
-        return (None, Vec::new());
+/// The hints of a payload (its origin: [`origin_of`]); entries that do not parse are
+/// skipped (a newer node's kinds, say), and carried rows that do not parse leave a
+/// [`Hint::Mail`].
+pub fn decode(payload: &str) -> Vec<Hint> {
+    let Some((_, list)) = payload.split_once(';') else {
+        return Vec::new();
     };
     let mut hints: Vec<Hint> = Vec::new();
     for h in list.split(',').filter_map(entry) {
@@ -178,11 +179,11 @@ pub fn decode(payload: &str) -> (Option<u32>, Vec<Hint>) {
         }
         hints.push(h);
     }
-    (u32::from_str_radix(origin, 16).ok(), hints)
+    hints
 }
 
 /// The origin of a payload, read before the rest.
-fn origin_of(payload: &str) -> Option<u32> {
+pub fn origin_of(payload: &str) -> Option<u32> {
     u32::from_str_radix(payload.split_once(';')?.0, 16).ok()
 }
 
@@ -356,7 +357,7 @@ async fn listener(
                 if n.channel() != CHANNEL || origin_of(n.payload()) == Some(origin) {
                     return;
                 }
-                let (_, hints) = decode(n.payload());
+                let hints = decode(n.payload());
                 if !hints.is_empty() && tx.try_send(Event::Hints(hints)).is_err() {
                     lag.store(true, Ordering::Relaxed);
                 }
@@ -417,9 +418,9 @@ mod tests {
     fn hints_round_trip_and_junk_is_skipped() {
         let hints = vec![Hint::Mail(addr(1, 1)), Hint::Claimed(addr(2, 7))];
         let text = encode(7, &hints);
-        assert_eq!(decode(&text), (Some(7), hints));
-        assert_eq!(decode(""), (None, vec![]));
-        assert!(decode("00000001;x00,m12,mzz").1.is_empty());
+        assert_eq!((origin_of(&text), decode(&text)), (Some(7), hints));
+        assert_eq!((origin_of(""), decode("")), (None, vec![]));
+        assert!(decode("00000001;x00,m12,mzz").is_empty());
         let full: Vec<Hint> = (0..HINTS_PER_NOTIFY as u32)
             .map(|i| Hint::Mail(addr(3, i + 1)))
             .collect();
@@ -437,8 +438,8 @@ mod tests {
             "0000002a;m{hex},r{hex}:6:7.{id}.1000.{never}.c2Vh\nbGVk~9.{id}.1001.5.",
             never = i64::MAX
         );
-        let (origin, hints) = decode(&text);
-        assert_eq!(origin, Some(42));
+        let hints = decode(&text);
+        assert_eq!(origin_of(&text), Some(42));
         let row = |seq, at, until, payload: &'static [u8]| crate::store::StoredMessage {
             seq,
             message_id: tern_proto::MessageId([0x11; 16]),
@@ -457,11 +458,7 @@ mod tests {
             format!("r{hex}:1:7.{id}.1.2"),    // a field short
             format!("r{hex}:x:7.{id}.1.2.AA"), // no `after`
         ] {
-            assert_eq!(
-                decode(&format!("00000001;{bad}")).1,
-                [Hint::Mail(a)],
-                "{bad}"
-            );
+            assert_eq!(decode(&format!("00000001;{bad}")), [Hint::Mail(a)], "{bad}");
         }
     }
 }

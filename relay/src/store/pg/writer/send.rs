@@ -120,11 +120,11 @@ pub(in crate::store::pg) fn send_sql(accounts: AccountCheck) -> String {
 /// seqs are known only there) and kept in the session setting `tern.note` for the
 /// NOTIFY that follows the COMMIT ([`NOTIFY`]), unless `$20` (the origin, `<8
 /// hex>;`) is null (nobody to tell: nothing is made): `$19` (the batch's nonce and a
-/// space), then notes separated by spaces, each `$20` and entries separated by commas. An entry is a mailbox that took
-/// sends, `m<address hex>`, followed by `,r<address hex>:<seq before>:<rows>` when
-/// its rows are few, small, not shared and their text fits (older nodes skip that
-/// part and read the mailbox): rows `<seq>.<message id hex>.<accepted at>.<expires
-/// at>.<payload base64>` separated by `~` (the base64 keeps PostgreSQL's line breaks,
+/// space), then notes separated by spaces, each `$20` and entries separated by
+/// commas. An entry is a mailbox that took sends, `m<address hex>`, followed by
+/// `,r<address hex>:<seq before>:<rows>` when its rows are few, small, not shared and
+/// their text fits (older nodes skip that part and read the mailbox): rows
+/// `<seq>.<message id hex>.<accepted at>.<expires at>.<payload base64>` separated by `~` (the base64 keeps PostgreSQL's line breaks,
 /// which cost less to keep than to strip). The seq before is the head's last seq less
 /// the rows appended: the mailbox's last seq before them, or the seq floor when that
 /// moved the head up (above any seq a reader can have seen, so it matches none).
@@ -319,11 +319,15 @@ impl Writer {
             .map(|(to, _)| *to)
             .collect();
         // The other nodes hear of the batch's mailboxes (with their rows, where small)
-        // through the notes its statement leaves for the NOTIFY after the COMMIT.
+        // through the notes its statement leaves for the NOTIFY after the COMMIT,
+        // started by a nonce of the batch's own.
         let notes = match self.notes.get() {
             Some(n) if !appended.is_empty() => match (n.origin)() {
                 Some(origin) => match tx.prepare_cached(NOTIFY).await {
-                    Ok(st) => Some((n.channel, origin, st)),
+                    Ok(st) => {
+                        let nonce = format!("{:016x} ", rand::random::<u64>());
+                        Some((n.channel, origin, nonce, st))
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "a batch's cross-node hints were not sent");
                         None
@@ -333,8 +337,8 @@ impl Writer {
             },
             _ => None,
         };
-        let origin = notes.as_ref().map(|(_, origin, _)| origin.as_str());
-        let nonce = origin.map(|_| format!("{:016x} ", rand::random::<u64>()));
+        let origin = notes.as_ref().map(|(_, origin, _, _)| origin.as_str());
+        let nonce = notes.as_ref().map(|(_, _, nonce, _)| nonce.as_str());
         let begin = self.begin(started)?;
         let c = &cols;
         let send = async {
@@ -388,7 +392,7 @@ impl Writer {
             r
         };
         let notify = async {
-            let (Some((channel, _, st)), Some(nonce)) = (&notes, &nonce) else {
+            let Some((channel, _, nonce, st)) = &notes else {
                 return;
             };
             let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [channel, nonce];
