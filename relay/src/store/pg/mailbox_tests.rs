@@ -645,20 +645,69 @@ fn acks_sends_and_expiry_on_two_nodes_keep_heads_and_totals_exact() {
 /// Names a synchronous standby that never comes (`"nobody"`), or none (`""`): while
 /// one is named, every synchronous commit waits for it, a commit that does not wait
 /// for the flush does not.
+///
+/// Returns once commits behave so. `SHOW` on one session is not enough: whether
+/// commits wait is a flag in shared memory that the checkpointer sets when it gets
+/// to the reload, which under load comes later. So a probe commits synchronously
+/// until it is seen waiting for the standby (then it is cancelled, which leaves it
+/// committed locally), or, with none named, until it commits.
 fn sync_standby(a: &PgBackend, names: &str) {
     sql(
         a,
         &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'"),
     );
     sql(a, "SELECT pg_reload_conf()");
-    for _ in 0..200 {
-        let now: String = sql(a, "SHOW synchronous_standby_names")[0].get(0);
-        if now == names {
-            return;
+    let pool = &a.pool;
+    let took = a.run(async move {
+        let probe = pool.get().await.expect("a probe session");
+        let watch = pool.get().await.expect("a watching session");
+        let pid: i32 = probe
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        for _ in 0..200 {
+            let commit = probe.batch_execute(
+                "SET synchronous_commit = on; SELECT pg_logical_emit_message(true, 'probe', '')",
+            );
+            tokio::pin!(commit);
+            loop {
+                tokio::select! {
+                    done = &mut commit => {
+                        done.expect("the probe commit");
+                        if names.is_empty() {
+                            return Ok(true);
+                        }
+                        break;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                        let waits: bool = watch
+                            .query_one(
+                                "SELECT coalesce(bool_or(wait_event = 'SyncRep'), false) \
+                                 FROM pg_stat_activity WHERE pid = $1",
+                                &[&pid],
+                            )
+                            .await
+                            .expect("pg_stat_activity")
+                            .get(0);
+                        if waits && !names.is_empty() {
+                            watch
+                                .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                                .await
+                                .expect("cancel the probe");
+                            // Cancelled while waiting for the standby: committed
+                            // locally, a warning, no error.
+                            (&mut commit).await.expect("the cancelled probe");
+                            return Ok(true);
+                        }
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("the reload did not take");
+        Ok(false)
+    });
+    assert!(took.expect("the probe"), "the reload did not take");
 }
 
 #[test]
