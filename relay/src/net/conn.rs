@@ -58,6 +58,8 @@ mod send;
 mod standing;
 mod verification;
 mod wakeups;
+#[cfg(test)]
+mod writer_tests;
 use crate::server::Services;
 pub(crate) use standing::Admitted;
 use standing::Standing;
@@ -763,7 +765,7 @@ fn response(id: u64, result: Result<Reply>) -> Frame {
 /// for the client's flow control (their commits are requested, the wake-ups after
 /// them happen, their permits are freed), and are written next. Ends when every
 /// producer is gone and every answer written; if the stream breaks, the answers it
-/// held are finished in a task of their own ([`finish_answers`]).
+/// held or still queued are finished in a task of their own ([`finish_answers`]).
 async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) {
     let mut buf = BytesMut::new();
     let mut later: FuturesUnordered<Answer> = FuturesUnordered::new();
@@ -824,6 +826,15 @@ async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) 
             }
         };
         if written.is_err() {
+            // Answers still queued go on too: dropped with `rx`, their commits'
+            // wake-ups would never happen. Closed first, so that whatever comes after
+            // runs in a task of its own ([`answer_later`]).
+            rx.close();
+            while let Ok(out) = rx.try_recv() {
+                if let Out::Later(answer) = out {
+                    later.push(hold(answer));
+                }
+            }
             finish_answers(later);
             return;
         }
