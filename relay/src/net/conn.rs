@@ -830,7 +830,9 @@ async fn write_frames(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Out>) 
             // wake-ups would never happen. Closed first, so that whatever comes after
             // runs in a task of its own ([`answer_later`]).
             rx.close();
-            while let Ok(out) = rx.try_recv() {
+            // Until `None`, not while `try_recv` has one: a producer holding a permit
+            // may still be about to send.
+            while let Some(out) = rx.recv().await {
                 if let Out::Later(answer) = out {
                     later.push(hold(answer));
                 }

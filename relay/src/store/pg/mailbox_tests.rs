@@ -658,7 +658,9 @@ fn sync_standby(a: &PgBackend, names: &str) {
     );
     sql(a, "SELECT pg_reload_conf()");
     let pool = &a.pool;
-    let took = a.run(async move {
+    // Past the backend's own deadline: under load the checkpointer can take seconds.
+    let within = Duration::from_secs(30);
+    let took = a.run_within(within + Duration::from_secs(5), async move {
         let probe = pool.get().await.expect("a probe session");
         let watch = pool.get().await.expect("a watching session");
         let pid: i32 = probe
@@ -666,9 +668,12 @@ fn sync_standby(a: &PgBackend, names: &str) {
             .await
             .expect("pid")
             .get(0);
-        for _ in 0..200 {
+        let until = Instant::now() + within;
+        while Instant::now() < until {
+            // SET LOCAL: the session goes back to the pool as it came.
             let commit = probe.batch_execute(
-                "SET synchronous_commit = on; SELECT pg_logical_emit_message(true, 'probe', '')",
+                "BEGIN; SET LOCAL synchronous_commit = on; \
+                 SELECT pg_logical_emit_message(true, 'probe', ''); COMMIT",
             );
             tokio::pin!(commit);
             loop {
@@ -681,6 +686,12 @@ fn sync_standby(a: &PgBackend, names: &str) {
                         break;
                     }
                     _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                        if names.is_empty() {
+                            if Instant::now() >= until {
+                                return Ok(false);
+                            }
+                            continue;
+                        }
                         let waits: bool = watch
                             .query_one(
                                 "SELECT coalesce(bool_or(wait_event = 'SyncRep'), false) \
@@ -690,11 +701,13 @@ fn sync_standby(a: &PgBackend, names: &str) {
                             .await
                             .expect("pg_stat_activity")
                             .get(0);
-                        if waits && !names.is_empty() {
-                            watch
-                                .execute("SELECT pg_cancel_backend($1)", &[&pid])
+                        if waits {
+                            let cancelled: bool = watch
+                                .query_one("SELECT pg_cancel_backend($1)", &[&pid])
                                 .await
-                                .expect("cancel the probe");
+                                .expect("cancel the probe")
+                                .get(0);
+                            assert!(cancelled, "the probe's session was gone");
                             // Cancelled while waiting for the standby: committed
                             // locally, a warning, no error.
                             (&mut commit).await.expect("the cancelled probe");
