@@ -1011,3 +1011,43 @@ fn on_the_relays_runtime_calls_past_the_limit_fail_at_once() {
     }
     assert_eq!(sql(&a, "SELECT 1").len(), 1, "taken again after");
 }
+
+/// A delivery's read (`read_page_later`) that fails on a serialization failure is run
+/// once more, as the other statements are: CockroachDB retries a statement itself
+/// only while its answer fits its results buffer, and a page can be larger. Twice is
+/// an error, not a loop. (The failures come from a view over the table whose filter
+/// raises SQLSTATE 40001 while a counter says so.)
+#[test]
+fn a_delivery_read_is_run_once_more_after_a_serialization_failure() {
+    let (_pg, opts) = db();
+    let a = node(&opts, "a");
+    let to = addr(72, 1);
+    a.append(&to, &[msg(1, 8)], 1_000, 9_000).expect("append");
+    sql(&a, "CREATE SEQUENCE reads");
+    let fail_while = |n: i64| {
+        sql(
+            &a,
+            &format!(
+                "CREATE OR REPLACE FUNCTION conflict() RETURNS bool LANGUAGE plpgsql AS $$ \
+                 BEGIN IF nextval('reads') <= {n} THEN \
+                 RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END IF; \
+                 RETURN true; END $$"
+            ),
+        );
+    };
+    fail_while(1);
+    sql(&a, "ALTER TABLE messages RENAME TO messages_kept");
+    sql(
+        &a,
+        "CREATE VIEW messages AS SELECT * FROM messages_kept WHERE conflict()",
+    );
+    let read = || a.run(a.read_page_later(to, 0, 10));
+    let page = read().expect("read on the second try");
+    assert_eq!(page.len(), 1);
+    // Every read from now on fails: one more try, then the error.
+    fail_while(i64::MAX);
+    let before: i64 = sql(&a, "SELECT last_value FROM reads")[0].get(0);
+    assert!(read().is_err(), "a read that always fails");
+    let after: i64 = sql(&a, "SELECT last_value FROM reads")[0].get(0);
+    assert_eq!(after - before, 2, "tried twice");
+}
