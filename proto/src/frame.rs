@@ -30,6 +30,13 @@ pub enum FrameError {
     /// The body is not a valid message of the expected type.
     #[error("malformed frame: {0}")]
     Malformed(#[from] prost::DecodeError),
+    /// The body's repeated fields hold more elements than any request allows
+    /// (counted before decoding: see [`crate::shape`]). The frame was consumed.
+    #[error("frame holds more than {max} elements")]
+    TooManyElements {
+        /// The limit.
+        max: usize,
+    },
 }
 
 /// Splits a byte stream into frames of at most `max` bytes each.
@@ -102,11 +109,20 @@ impl Decoder {
     }
 
     /// [`Decoder::decode_checked`] for the relay: the next client frame as a request.
+    /// Its repeated fields are counted before it decodes ([`crate::shape`]).
     pub fn decode_request(
         &mut self,
         buf: &mut BytesMut,
     ) -> Result<Option<Result<ClientRequest, RequestError>>, FrameError> {
-        self.decode_checked::<v1::ClientFrame, ClientRequest>(buf)
+        let Some(body) = self.decode(buf)? else {
+            return Ok(None);
+        };
+        let max = crate::shape::MAX_FRAME_ELEMENTS;
+        if !crate::shape::client_frame_within(&body, max) {
+            return Err(FrameError::TooManyElements { max });
+        }
+        let frame = <v1::ClientFrame as prost::Message>::decode(body)?;
+        Ok(Some(ClientRequest::try_from(frame)))
     }
 
     /// [`Decoder::decode_checked`] for the client: the next server frame.

@@ -90,6 +90,7 @@ pub mod media;
 pub mod push;
 pub mod reply;
 pub mod request;
+pub mod shape;
 pub mod verification;
 
 pub use address::{Fingerprint, RelayAddress};

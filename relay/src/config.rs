@@ -376,6 +376,11 @@ impl Config {
                 "limits.max_frame_bytes must exceed max_envelope_bytes by at least 1 KiB",
             ),
             self.connections.validate(l),
+            // A frame's elements are counted before it decodes (the request is one).
+            check(
+                l.max_batch < tern_proto::shape::MAX_FRAME_ELEMENTS,
+                "limits.max_batch must be less than 65536",
+            ),
             check(
                 (1..=1024).contains(&self.storage.segment_mb),
                 "storage.segment_mb must be from 1 to 1024",
@@ -537,5 +542,14 @@ mod tests {
         assert!(Config::from_toml("[storage]\ncommit_delay = \"101ms\"").is_err());
         let c = Config::from_toml("[storage]\ncommit_delay = \"100ms\"").expect("the longest");
         assert_eq!(c.storage.commit_delay, Duration::from_millis(100));
+    }
+
+    /// A batch must fit the elements a frame may hold (counted before it decodes).
+    #[test]
+    fn a_batch_fits_a_frames_elements() {
+        let most = Config::from_toml("[limits]\nmax_batch = 65535").expect("the largest");
+        assert_eq!(most.limits.max_batch, 65_535);
+        let over = Config::from_toml("[limits]\nmax_batch = 65536");
+        assert!(matches!(over, Err(Error::Config(m)) if m.contains("max_batch")));
     }
 }

@@ -199,6 +199,36 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     assert_eq!(r.request_id, 6);
     assert!(matches!(r.result, Some(v1::response::Result::Ping(_))));
 
+    // Before authentication, a multi-send of 400,000 empty recipients (2 bytes each
+    // on the wire, about 120 in memory once decoded): refused by its count before it
+    // decodes, and the stream carries on.
+    let mut crowd = BytesMut::new();
+    frame::encode(
+        &v1::ClientFrame {
+            request_id: 7,
+            body: Some(v1::client_frame::Body::MultiSend(v1::MultiSendRequest {
+                recipients: vec![v1::RecipientAccount::default(); 400_000],
+                ..Default::default()
+            })),
+        },
+        &mut crowd,
+    );
+    frame::encode(
+        &v1::ClientFrame {
+            request_id: 8,
+            body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
+        },
+        &mut crowd,
+    );
+    send.write_all(&crowd).await.unwrap();
+    let r = read_response(&mut recv, &mut buf).await;
+    assert_eq!(
+        (r.request_id, error_code(&r)),
+        (0, Some(v1::ErrorCode::BadRequest))
+    );
+    let r = read_response(&mut recv, &mut buf).await;
+    assert_eq!(r.request_id, 8);
+
     // A frame announcing 1 GiB: refused before the relay reads or allocates it, and
     // the connection is closed as a protocol error.
     let mut huge = BytesMut::new();

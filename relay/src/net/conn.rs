@@ -311,6 +311,10 @@ impl Session {
                         self.reply(0, Err(Error::BadRequest("malformed frame".into())))
                             .await;
                     }
+                    // Counted before decoding, and consumed: the stream goes on.
+                    Err(e @ FrameError::TooManyElements { .. }) => {
+                        self.reply(0, Err(Error::BadRequest(e.to_string()))).await;
+                    }
                 }
             }
             if buf.is_empty() && buf.capacity() > 0 {
