@@ -12,7 +12,7 @@ use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
 /// Elements a client frame may hold in its repeated fields, all together. Above every
 /// count the requests allow (a send's batch is at most this, a multi-send 1,000
 /// devices with their parts, an ack 4,096 seqs), and at about 120 bytes per decoded
-/// element a few MiB at most while a frame decodes.
+/// element under 8 MiB while a frame decodes.
 pub const MAX_FRAME_ELEMENTS: usize = 65_536;
 
 /// What a field listed in a [`Shape`] holds.

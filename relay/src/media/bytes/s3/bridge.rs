@@ -97,9 +97,14 @@ pub(super) fn failed(e: object_store::Error) -> BlobError {
     tracing::debug!(error = %e, "object store call failed");
     match e {
         E::NotFound { .. } => BlobError::NotFound,
-        // Wrong keys or bucket: the operator's to fix, not the client's to retry.
+        // Wrong keys or bucket: the operator's to fix, not the client's to retry. Told
+        // in words of our own: the store's text names the object (a blob id) and the
+        // request, and this one is logged at warn.
         E::PermissionDenied { .. } | E::Unauthenticated { .. } => {
-            BlobError::Io(std::io::Error::other(e))
+            BlobError::Io(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the object store refused the relay's credentials",
+            ))
         }
         _ => BlobError::Unavailable("request failed"),
     }
@@ -202,5 +207,22 @@ impl S3Reader {
         self.bridge
             .call(async move { Ok(store.get_opts(&path, options).await?.into_stream()) })
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failed;
+
+    /// A refusal's text, which is logged at warn, names no object (a blob id).
+    #[test]
+    fn a_refusal_names_no_object() {
+        let refused = object_store::Error::PermissionDenied {
+            path: "blobs/00aa11bb".into(),
+            source: "403 from https://s3.example/bucket/blobs/00aa11bb".into(),
+        };
+        let text = failed(refused).to_string();
+        assert!(text.contains("refused the relay's credentials"), "{text}");
+        assert!(!text.contains("00aa11bb"), "{text}");
     }
 }
