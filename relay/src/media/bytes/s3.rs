@@ -117,6 +117,13 @@ impl std::fmt::Debug for S3Settings {
     }
 }
 
+/// S3's limits: an object of at most 5 TiB, in at most 10,000 parts. A manifest past
+/// them was not written by a relay, and its numbers are not used.
+const MAX_OBJECT_BYTES: u64 = 5 << 40;
+const MAX_PARTS: usize = 10_000;
+/// A manifest's JSON: 10,000 ETags of well under 100 bytes each.
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
 /// An upload's progress as kept beside its staging object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Manifest {
@@ -141,6 +148,24 @@ struct Staging {
     reserved: Option<PartBuffer>,
     /// Last used.
     touched: Instant,
+}
+
+impl Manifest {
+    /// The manifest in `json`, if it is within S3's limits (the bucket is outside the
+    /// relay: what it holds is read as input).
+    fn parse(json: &[u8]) -> BlobResult<Manifest> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            BlobError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("upload manifest: {e}"),
+            ))
+        };
+        let m: Manifest = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
+        if m.committed > MAX_OBJECT_BYTES || m.parts.len() > MAX_PARTS {
+            return Err(invalid(&"past S3's limits"));
+        }
+        Ok(m)
+    }
 }
 
 impl Staging {
@@ -264,12 +289,18 @@ impl S3Bytes {
         let (store, path) = (self.store.clone(), Self::manifest_path(key));
         let got = self.bridge.run(async move {
             let r = store.get(&path).await?;
-            r.bytes().await
+            // Read whole: bounded first.
+            if r.meta.size > MAX_MANIFEST_BYTES {
+                return Ok(None);
+            }
+            r.bytes().await.map(Some)
         })?;
         match got {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                BlobError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-            }),
+            Ok(Some(bytes)) => Manifest::parse(&bytes),
+            Ok(None) => Err(BlobError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "upload manifest: past S3's limits",
+            ))),
             Err(object_store::Error::NotFound { .. }) => Ok(Manifest::default()),
             Err(e) => Err(failed(e)),
         }
@@ -598,5 +629,44 @@ impl BlobBytes for S3Bytes {
             size,
             chunk,
         )))
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use super::{Manifest, MAX_OBJECT_BYTES, MAX_PARTS};
+
+    fn json(m: &Manifest) -> Vec<u8> {
+        serde_json::to_vec(m).expect("json")
+    }
+
+    /// A manifest is read back as written, and one past S3's limits (which a relay
+    /// never writes: a damaged or foreign object) is refused before its numbers are
+    /// added to anything.
+    #[test]
+    fn a_manifest_past_s3s_limits_is_refused() {
+        let fine = Manifest {
+            multipart: Some("up".into()),
+            parts: vec!["\"etag\"".into(); 3],
+            committed: 3 << 20,
+            done: false,
+        };
+        assert_eq!(Manifest::parse(&json(&fine)).expect("parses"), fine);
+        let huge = Manifest {
+            committed: u64::MAX,
+            ..fine.clone()
+        };
+        assert!(Manifest::parse(&json(&huge)).is_err());
+        let most = Manifest {
+            committed: MAX_OBJECT_BYTES,
+            ..fine.clone()
+        };
+        assert!(Manifest::parse(&json(&most)).is_ok());
+        let many = Manifest {
+            parts: vec![String::new(); MAX_PARTS + 1],
+            ..fine
+        };
+        assert!(Manifest::parse(&json(&many)).is_err());
+        assert!(Manifest::parse(b"{").is_err());
     }
 }
