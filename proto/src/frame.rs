@@ -36,6 +36,8 @@ pub enum FrameError {
     TooManyElements {
         /// The limit.
         max: usize,
+        /// The frame's request id, if it came first; else 0.
+        request_id: u64,
     },
 }
 
@@ -118,8 +120,8 @@ impl Decoder {
             return Ok(None);
         };
         let max = crate::shape::MAX_FRAME_ELEMENTS;
-        if !crate::shape::client_frame_within(&body, max) {
-            return Err(FrameError::TooManyElements { max });
+        if let Err(request_id) = crate::shape::client_frame_within(&body, max) {
+            return Err(FrameError::TooManyElements { max, request_id });
         }
         let frame = <v1::ClientFrame as prost::Message>::decode(body)?;
         Ok(Some(ClientRequest::try_from(frame)))

@@ -10,9 +10,10 @@ use prost::bytes::Buf;
 use prost::encoding::{decode_key, decode_varint, DecodeContext, WireType};
 
 /// Elements a client frame may hold in its repeated fields, all together. Above every
-/// count the requests allow (a send's batch is at most this, a multi-send 1,000
+/// count the requests allow (a send's batch is less than this, a multi-send 1,000
 /// devices with their parts, an ack 4,096 seqs), and at about 120 bytes per decoded
-/// element under 8 MiB while a frame decodes.
+/// element about 11 MiB at most while a frame decodes (its vector's last doubling
+/// included).
 pub const MAX_FRAME_ELEMENTS: usize = 65_536;
 
 /// What a field listed in a [`Shape`] holds.
@@ -51,10 +52,23 @@ const CLIENT_FRAME: Shape = &[
 ];
 
 /// Whether the client frame `body` holds at most `max` elements in its repeated
-/// fields. Bytes that are not a valid message pass: decoding them fails anyway.
-pub(crate) fn client_frame_within(body: &[u8], max: usize) -> bool {
+/// fields; if not, `Err` with the frame's request id when it came before the count
+/// ran over (so the refusal can name it), else 0. Bytes that are not a valid message
+/// pass: decoding them fails anyway.
+pub(crate) fn client_frame_within(body: &[u8], max: usize) -> Result<(), u64> {
     let mut count = 0;
-    !matches!(walk(body, CLIENT_FRAME, max, &mut count), Err(Stop::Over))
+    match walk(body, CLIENT_FRAME, max, &mut count) {
+        Err(Stop::Over) => Err(request_id(body)),
+        _ => Ok(()),
+    }
+}
+
+/// The request id (field 1) if it is the frame's first field, as encoders put it.
+fn request_id(mut body: &[u8]) -> u64 {
+    match decode_key(&mut body) {
+        Ok((1, WireType::Varint)) => decode_varint(&mut body).unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// Why a walk stopped early.
@@ -201,15 +215,20 @@ mod tests {
             recipients.extend_from_slice(&[0x1a, 0x00]);
         }
         let body = frame_with(33, &recipients);
-        assert!(!client_frame_within(&body, MAX_FRAME_ELEMENTS));
+        assert_eq!(client_frame_within(&body, MAX_FRAME_ELEMENTS), Err(0));
+        // The request id, when it comes first, names the refusal.
+        let mut named = vec![0x08, 0x2a];
+        named.extend_from_slice(&body);
+        assert_eq!(client_frame_within(&named, MAX_FRAME_ELEMENTS), Err(42));
         // The largest multi-send the requests allow passes.
         let most = frame(v1::client_frame::Body::MultiSend(multi_send(
             1,
             crate::limits::MAX_RECIPIENT_DEVICES,
         )));
-        assert!(client_frame_within(&most, MAX_FRAME_ELEMENTS));
-        assert!(
+        assert_eq!(client_frame_within(&most, MAX_FRAME_ELEMENTS), Ok(()));
+        assert_eq!(
             client_frame_within(b"\xff\xff", MAX_FRAME_ELEMENTS),
+            Ok(()),
             "malformed passes"
         );
     }
@@ -221,18 +240,25 @@ mod tests {
         let proto = include_str!("../proto/tern.proto");
         // message name -> (field number, type, repeated)
         let mut messages: BTreeMap<String, Vec<(u32, String, bool)>> = BTreeMap::new();
-        let mut current: Vec<String> = Vec::new();
+        // The blocks open: a message's name, or None for a oneof (its fields are the
+        // message's) or an enum (its values are not fields).
+        let mut open: Vec<(Option<String>, bool)> = Vec::new();
         for line in proto.lines() {
             let line = line.split("//").next().unwrap_or("").trim();
             let words: Vec<&str> = line.split_whitespace().collect();
             match words.as_slice() {
-                ["message", name, "{"] => current.push((*name).to_owned()),
-                ["oneof", _, "{"] | ["enum", _, "{"] => current.push(String::new()),
+                ["message", name, "{"] => open.push((Some((*name).to_owned()), false)),
+                ["oneof", _, "{"] => open.push((None, false)),
+                ["enum", _, "{"] => open.push((None, true)),
                 ["}"] => {
-                    current.pop();
+                    open.pop();
                 }
+                _ if !line.contains('=') || words.first() == Some(&"option") => {}
                 _ => {
-                    let Some(name) = current.iter().rev().find(|n| !n.is_empty()) else {
+                    let Some((_, false)) = open.last() else {
+                        continue;
+                    };
+                    let Some(name) = open.iter().rev().find_map(|(n, _)| n.clone()) else {
                         continue;
                     };
                     let (repeated, rest) = match words.first() {
@@ -240,15 +266,19 @@ mod tests {
                         Some(&"optional") => (false, &words[1..]),
                         _ => (false, &words[..]),
                     };
-                    if let [ty, _, "=", number] = rest {
-                        if let Ok(n) = number.trim_end_matches(';').parse::<u32>() {
-                            messages.entry(name.clone()).or_default().push((
-                                n,
-                                (*ty).to_owned(),
-                                repeated,
-                            ));
-                        }
-                    }
+                    let field = match rest {
+                        [ty, _, "=", number] => number
+                            .strip_suffix(';')
+                            .and_then(|n| n.parse::<u32>().ok())
+                            .map(|n| (n, (*ty).to_owned())),
+                        _ => None,
+                    };
+                    // Anything else with an `=` in a message (a map, options, a field
+                    // over two lines) would escape the check: this parser must learn it.
+                    let Some((n, ty)) = field else {
+                        panic!("tern.proto: a line this test cannot read: {line:?}");
+                    };
+                    messages.entry(name).or_default().push((n, ty, repeated));
                 }
             }
         }
@@ -265,17 +295,21 @@ mod tests {
         shape: Option<Shape>,
         seen: &mut BTreeSet<String>,
     ) {
-        if !seen.insert(format!("{name}/{}", shape.is_some())) {
+        // A message reached again under the same table is checked once.
+        if !seen.insert(format!("{name}/{:p}", shape.unwrap_or(&[]))) {
             return;
         }
         for (n, ty, repeated) in messages.get(name).into_iter().flatten() {
             let listed = shape.and_then(|s| s.iter().find(|(t, _)| t == n).map(|(_, k)| *k));
             let is_message = messages.contains_key(ty);
             if *repeated {
-                assert!(
-                    listed.is_some(),
-                    "{name}.{n} ({ty}) is repeated but not in the shapes"
-                );
+                let scalar = !is_message && ty != "bytes" && ty != "string";
+                match listed {
+                    None => panic!("{name}.{n} ({ty}) is repeated but not in the shapes"),
+                    // Packed scalars are one element per varint, not per field.
+                    Some(Kind::Scalars) => assert!(scalar, "{name}.{n} ({ty}) is no scalar"),
+                    Some(_) => assert!(!scalar, "{name}.{n} ({ty}) must count as scalars"),
+                }
             }
             if is_message {
                 let inner = match listed {

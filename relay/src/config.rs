@@ -139,7 +139,8 @@ pub struct TlsConfig {
 pub struct LimitsConfig {
     /// Largest envelope payload.
     pub max_envelope_bytes: usize,
-    /// Most envelopes in one send.
+    /// Most envelopes in one send (less than 65,536: a frame holds at most 65,536
+    /// elements in its repeated fields).
     pub max_batch: usize,
     /// Most messages queued per device.
     pub max_queued_messages: u64,

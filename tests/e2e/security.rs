@@ -224,7 +224,11 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(
         (r.request_id, error_code(&r)),
-        (0, Some(v1::ErrorCode::BadRequest))
+        (7, Some(v1::ErrorCode::BadRequest))
+    );
+    assert!(
+        matches!(&r.result, Some(v1::response::Result::Error(e)) if e.message.contains("elements")),
+        "{r:?}"
     );
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(r.request_id, 8);

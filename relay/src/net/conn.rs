@@ -312,8 +312,9 @@ impl Session {
                             .await;
                     }
                     // Counted before decoding, and consumed: the stream goes on.
-                    Err(e @ FrameError::TooManyElements { .. }) => {
-                        self.reply(0, Err(Error::BadRequest(e.to_string()))).await;
+                    Err(e @ FrameError::TooManyElements { request_id, .. }) => {
+                        self.reply(request_id, Err(Error::BadRequest(e.to_string())))
+                            .await;
                     }
                 }
             }

@@ -117,8 +117,9 @@ impl std::fmt::Debug for S3Settings {
     }
 }
 
-/// S3's limits: an object of at most 5 TiB, in at most 10,000 parts. A manifest past
-/// them was not written by a relay, and its numbers are not used.
+/// Past anything a relay writes: S3 takes at most 10,000 parts, and a relay's parts
+/// are at most 256 MiB (`part_mb`), so its uploads stay under 2.5 TiB. A manifest past
+/// these was not written by a relay, and its numbers are not used.
 const MAX_OBJECT_BYTES: u64 = 5 << 40;
 const MAX_PARTS: usize = 10_000;
 /// A manifest's JSON: 10,000 ETags of well under 100 bytes each.
@@ -151,8 +152,8 @@ struct Staging {
 }
 
 impl Manifest {
-    /// The manifest in `json`, if it is within S3's limits (the bucket is outside the
-    /// relay: what it holds is read as input).
+    /// The manifest in `json`, if it is within what a relay writes (the bucket is
+    /// outside the relay: what it holds is read as input).
     fn parse(json: &[u8]) -> BlobResult<Manifest> {
         let invalid = |e: &dyn std::fmt::Display| {
             BlobError::Io(std::io::Error::new(
@@ -162,7 +163,7 @@ impl Manifest {
         };
         let m: Manifest = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
         if m.committed > MAX_OBJECT_BYTES || m.parts.len() > MAX_PARTS {
-            return Err(invalid(&"past S3's limits"));
+            return Err(invalid(&"past what a relay writes"));
         }
         Ok(m)
     }
@@ -299,7 +300,7 @@ impl S3Bytes {
             Ok(Some(bytes)) => Manifest::parse(&bytes),
             Ok(None) => Err(BlobError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "upload manifest: past S3's limits",
+                "upload manifest: past what a relay writes",
             ))),
             Err(object_store::Error::NotFound { .. }) => Ok(Manifest::default()),
             Err(e) => Err(failed(e)),
@@ -594,7 +595,14 @@ impl BlobBytes for S3Bytes {
     fn remove_upload(&self, account: &AccountId, id: &BlobId) -> BlobResult<()> {
         let key = Self::upload_key(account, id);
         let ours = lock(&self.staging).remove(&key).map(|s| s.manifest);
-        let stored = self.load_manifest(&key)?;
+        let stored = match self.load_manifest(&key) {
+            // A manifest that cannot be read names no upload to abort: the objects go
+            // anyway (a multipart upload left behind is for the bucket's lifecycle rule).
+            Err(BlobError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Manifest::default()
+            }
+            r => r?,
+        };
         let mut aborted = None;
         for m in ours.into_iter().chain([stored]) {
             if let (Some(multipart), false) = (m.multipart, m.done) {
@@ -640,11 +648,10 @@ mod manifest_tests {
         serde_json::to_vec(m).expect("json")
     }
 
-    /// A manifest is read back as written, and one past S3's limits (which a relay
-    /// never writes: a damaged or foreign object) is refused before its numbers are
-    /// added to anything.
+    /// A manifest is read back as written, and one past what a relay writes (a
+    /// damaged or foreign object) is refused before its numbers are added to anything.
     #[test]
-    fn a_manifest_past_s3s_limits_is_refused() {
+    fn a_manifest_past_what_a_relay_writes_is_refused() {
         let fine = Manifest {
             multipart: Some("up".into()),
             parts: vec!["\"etag\"".into(); 3],
@@ -668,5 +675,43 @@ mod manifest_tests {
         };
         assert!(Manifest::parse(&json(&many)).is_err());
         assert!(Manifest::parse(b"{").is_err());
+    }
+
+    /// An upload whose manifest cannot be read is still removed (the sweep and a
+    /// fresh `begin` remove uploads), manifest and all.
+    #[test]
+    fn an_upload_with_a_damaged_manifest_is_removed() {
+        use crate::media::bytes::BlobBytes;
+        use object_store::ObjectStore;
+        use tern_proto::AccountId;
+
+        let s3 = crate::testing::TestS3::start();
+        let bytes = super::S3Bytes::open(&super::S3Settings::for_test(
+            &s3,
+            std::time::Duration::from_secs(10),
+        ))
+        .expect("client");
+        let (account, id) = (AccountId([7; 16]), [9; 32]);
+        let path = super::S3Bytes::manifest_path(&super::S3Bytes::upload_key(&account, &id));
+        let store = bytes.store.clone();
+        let at = path.clone();
+        bytes
+            .bridge
+            .call(async move {
+                store
+                    .put(&at, b"{\"committed\": 1e30".to_vec().into())
+                    .await
+            })
+            .expect("put a damaged manifest");
+        bytes.remove_upload(&account, &id).expect("removed");
+        let store = bytes.store.clone();
+        let gone = bytes
+            .bridge
+            .run(async move { store.head(&path).await })
+            .expect("run");
+        assert!(
+            matches!(gone, Err(object_store::Error::NotFound { .. })),
+            "{gone:?}"
+        );
     }
 }
