@@ -35,6 +35,7 @@ pub use self::budget::BudgetConfig;
 pub use self::connections::{ConnectionsConfig, Retry};
 pub use self::discovery::{BucketRate, DiscoveryConfig};
 pub use self::objects::ObjectsConfig;
+pub(crate) use self::objects::MAX_PART_MB;
 pub use self::postgres::PostgresConfig;
 pub use self::push::PushConfig;
 pub use self::rate::{PrekeyLimit, RateLimitsConfig, MAX_DEVICES_BOUND};

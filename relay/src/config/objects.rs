@@ -13,7 +13,7 @@ use crate::media::S3Settings;
 /// S3's smallest part but the last, MiB.
 const MIN_PART_MB: u64 = 5;
 /// The largest part taken here, MiB (one is buffered per running upload).
-const MAX_PART_MB: u64 = 256;
+pub(crate) const MAX_PART_MB: u64 = 256;
 /// The largest node-wide upload buffer taken here, MiB (64 GiB).
 const MAX_BUFFER_MB: u64 = 65_536;
 

@@ -117,11 +117,11 @@ impl std::fmt::Debug for S3Settings {
     }
 }
 
-/// Past anything a relay writes: S3 takes at most 10,000 parts, and a relay's parts
-/// are at most 256 MiB (`part_mb`), so its uploads stay under 2.5 TiB. A manifest past
-/// these was not written by a relay, and its numbers are not used.
-const MAX_OBJECT_BYTES: u64 = 5 << 40;
+/// The most a relay writes: S3 takes at most 10,000 parts, of at most `part_mb` each
+/// (2.5 TiB). A manifest past these was not written by a relay, and its numbers are
+/// not used.
 const MAX_PARTS: usize = 10_000;
+const MAX_OBJECT_BYTES: u64 = MAX_PARTS as u64 * (crate::config::MAX_PART_MB << 20);
 /// A manifest's JSON: 10,000 ETags of well under 100 bytes each.
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
@@ -155,18 +155,24 @@ impl Manifest {
     /// The manifest in `json`, if it is within what a relay writes (the bucket is
     /// outside the relay: what it holds is read as input).
     fn parse(json: &[u8]) -> BlobResult<Manifest> {
-        let invalid = |e: &dyn std::fmt::Display| {
-            BlobError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("upload manifest: {e}"),
-            ))
-        };
-        let m: Manifest = serde_json::from_slice(json).map_err(|e| invalid(&e))?;
+        let m: Manifest = serde_json::from_slice(json).map_err(invalid_manifest)?;
         if m.committed > MAX_OBJECT_BYTES || m.parts.len() > MAX_PARTS {
-            return Err(invalid(&"past what a relay writes"));
+            return Err(invalid_manifest(PAST));
         }
         Ok(m)
     }
+}
+
+/// Why a manifest past [`MAX_PARTS`], [`MAX_OBJECT_BYTES`] or [`MAX_MANIFEST_BYTES`]
+/// is refused.
+const PAST: &str = "past what a relay writes";
+
+/// A manifest that is not one a relay wrote (`remove_upload` tells it by its kind).
+fn invalid_manifest(why: impl std::fmt::Display) -> BlobError {
+    BlobError::Io(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("upload manifest: {why}"),
+    ))
 }
 
 impl Staging {
@@ -298,10 +304,7 @@ impl S3Bytes {
         })?;
         match got {
             Ok(Some(bytes)) => Manifest::parse(&bytes),
-            Ok(None) => Err(BlobError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "upload manifest: past what a relay writes",
-            ))),
+            Ok(None) => Err(invalid_manifest(PAST)),
             Err(object_store::Error::NotFound { .. }) => Ok(Manifest::default()),
             Err(e) => Err(failed(e)),
         }
