@@ -171,17 +171,14 @@ impl PgBackend {
             .detached(async move {
                 let (account, device) = params(&of);
                 let client = pool.get().await.map_err(|e| pool_error(e, &hosts))?;
-                let read = || async {
-                    let st = client.prepare_cached(READ_PAGE).await?;
-                    client.query(&st, &[&account, &device, &after, &max]).await
-                };
                 // Once more on a serialization failure, as `rows` does: CockroachDB
                 // retries a statement itself only while its answer fits its results
                 // buffer, and a page can be larger.
-                match read().await {
-                    Err(e) if super::is_retryable(&e) => read().await,
-                    r => r,
-                }
+                super::retried(|| async {
+                    let st = client.prepare_cached(READ_PAGE).await?;
+                    client.query(&st, &[&account, &device, &after, &max]).await
+                })
+                .await
                 .map_err(|e| classify(&e, &hosts))
             })
             .await?;

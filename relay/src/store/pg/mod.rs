@@ -540,15 +540,25 @@ impl PgBackend {
 
     /// Runs `op` again once when it failed on a serialization failure or a deadlock
     /// (the database chose it as the victim; a retry then usually succeeds).
-    pub async fn retrying<T, F, Fut>(&self, mut op: F) -> StoreResult<T>
+    pub async fn retrying<T, F, Fut>(&self, op: F) -> StoreResult<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, tokio_postgres::Error>>,
     {
-        match op().await {
-            Err(e) if is_retryable(&e) => op().await.map_err(|e| self.classify(&e)),
-            r => r.map_err(|e| self.classify(&e)),
-        }
+        retried(op).await.map_err(|e| self.classify(&e))
+    }
+}
+
+/// [`PgBackend::retrying`] without the backend, for futures that own what they need
+/// ([`PgBackend::detached`]): the database's error as it came.
+pub(super) async fn retried<T, F, Fut>(mut op: F) -> Result<T, tokio_postgres::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tokio_postgres::Error>>,
+{
+    match op().await {
+        Err(e) if is_retryable(&e) => op().await,
+        r => r,
     }
 }
 
