@@ -277,7 +277,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         .max_blocking_threads(1024)
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         // Before anything is announced: a SIGTERM right after readiness stops cleanly.
         #[cfg(unix)]
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -312,8 +312,16 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         relay.shutdown().await?;
         info!("stopped");
         Ok::<_, Box<dyn std::error::Error>>(())
-    })
+    });
+    // Work left on the blocking pool (a media transfer waiting on a hung object store,
+    // up to its deadline) is not waited for past a moment: the stop has flushed the
+    // mailboxes, and an abandoned upload is resumed by its client.
+    runtime.shutdown_timeout(BLOCKING_GRACE);
+    served
 }
+
+/// How long a stopped relay waits for blocking work still running.
+const BLOCKING_GRACE: Duration = Duration::from_secs(2);
 
 /// The configuration `serve` runs with: the file, then the flags over it. Read
 /// again by `admin reload`.

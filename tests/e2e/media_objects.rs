@@ -1,6 +1,8 @@
 //! Blob bytes in an S3-compatible object store: a real relay process configured with
 //! `[objects]` against a real `s3s-fs` server.
 
+use std::path::Path;
+
 use tern_client::media;
 use tern_client::net::RelayConnection;
 use tern_relay::testing::TestS3;
@@ -8,20 +10,25 @@ use tern_relay::testing::TestS3;
 use crate::support::digest;
 use crate::support::{files_under, register, within, RelayProcess};
 
-#[tokio::test]
-async fn an_attachment_goes_to_the_object_store_and_comes_back() {
-    let s3 = TestS3::start();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("relay.toml");
+/// A relay process keeping its blob bytes in `s3`, its data directory `relay` in `dir`.
+fn relay_on(s3: &TestS3, dir: &Path) -> RelayProcess {
+    let config = dir.join("relay.toml");
     std::fs::write(&config, s3.objects_toml()).expect("config");
-    let data = dir.path().join("relay");
-    let relay = RelayProcess::start_with_env(
-        &data,
+    RelayProcess::start_with_env(
+        &dir.join("relay"),
         "127.0.0.1:0",
         &["--config", config.to_str().expect("utf-8")],
         &s3.key_env(),
     )
-    .expect("relay");
+    .expect("relay")
+}
+
+#[tokio::test]
+async fn an_attachment_goes_to_the_object_store_and_comes_back() {
+    let s3 = TestS3::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("relay");
+    let relay = relay_on(&s3, dir.path());
     let alice = register(&relay.address).await;
     // Over two parts.
     let src = dir.path().join("photo");
@@ -60,4 +67,41 @@ async fn an_attachment_goes_to_the_object_store_and_comes_back() {
     .await
     .expect("again");
     assert!(again.existed && again.sent == 0);
+}
+
+/// A relay told to stop while its object store hangs (every request unanswered, as
+/// with a stalled server) exits within its shutdown grace, not after the hanging
+/// calls' 30 s deadline: the upload waiting on the store is abandoned (the client
+/// resumes it later) rather than waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stops_while_its_object_store_hangs() {
+    let s3 = TestS3::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut relay = relay_on(&s3, dir.path());
+    let alice = register(&relay.address).await;
+    let src = dir.path().join("photo");
+    std::fs::write(&src, vec![7u8; 1 << 20]).expect("write");
+    let pointer = media::encrypt_file(&src, &dir.path().join("sealed"))
+        .await
+        .expect("encrypt");
+    s3.freeze();
+    let sealed = dir.path().join("sealed");
+    let upload =
+        tokio::spawn(async move { media::resume_upload(&alice.conn, &pointer, &sealed).await });
+    // The upload's first call to the store is out, and hangs.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(
+        !upload.is_finished(),
+        "the upload waits on the frozen store"
+    );
+    let began = std::time::Instant::now();
+    let status = tokio::task::block_in_place(|| relay.stop()).expect("the relay stops");
+    let took = began.elapsed();
+    s3.thaw();
+    assert!(status.success(), "a clean exit: {status}");
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "stopped in {took:?}, as if it had waited for the store's deadline"
+    );
+    upload.abort();
 }

@@ -182,6 +182,26 @@ impl TestS3 {
             .collect()
     }
 
+    /// Stops the server's process (SIGSTOP) without closing anything: connections are
+    /// still accepted by the kernel, and every request hangs unanswered until
+    /// [`TestS3::thaw`] (or the drop, which kills it).
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a [`TestS3::freeze`]d server run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        let status = Command::new("kill")
+            .args([which, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {which} s3s-fs: {status}");
+    }
+
     /// Kills the server now (for tests of an object store that went away).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
