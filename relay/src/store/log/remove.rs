@@ -1,8 +1,10 @@
 //! Removing messages (acks): marked deleted on disk before the call returns.
 //!
 //! A removal takes the entries out of the index, then writes a dead-span header
-//! ([`record::dead_header`]) over each record in place, so a restart's scan skips it,
-//! and only then queues the span for the scrub that punches out its ciphertext. The
+//! ([`record::dead_header`]) in place over each run of its records that lie end to
+//! end (a send's batch does: one write then marks the batch's whole ack), so a
+//! restart's scan skips them, and only then queues the spans for the scrub that
+//! punches out their ciphertext. The
 //! segments written go on `Shared::ack_dirty`, which the next flush syncs: under
 //! `durability = "fsync"` the group commit an ack waits for makes the mark durable.
 //! Until the spans are queued the segments still count the records live, so neither a
@@ -22,6 +24,42 @@ pub(super) struct Taken {
     seq: u64,
     loc: Loc,
     segment: Option<Arc<Segment>>,
+}
+
+/// The longest span one dead header covers (its length is a `u32`).
+const RUN_MAX: u64 = u32::MAX as u64;
+
+/// `taken` cut into runs, in order: consecutive entries whose records lie end to end
+/// in one segment, `max` bytes at most, each marked by one header. An entry without
+/// a segment is a run of its own.
+fn runs(taken: &[Taken], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut span = 0;
+    for (i, t) in taken.iter().enumerate() {
+        let len = u64::from(t.loc.len);
+        let joins = match (out.last(), i.checked_sub(1).and_then(|p| taken.get(p))) {
+            (Some(run), Some(prev)) => {
+                run.end == i
+                    && prev.segment.is_some()
+                    && t.segment.is_some()
+                    && prev.loc.segment == t.loc.segment
+                    && prev.loc.offset + u64::from(prev.loc.len) == t.loc.offset
+                    && span + len <= max
+            }
+            _ => false,
+        };
+        match out.last_mut() {
+            Some(run) if joins => {
+                run.end = i + 1;
+                span += len;
+            }
+            _ => {
+                out.push(i..i + 1);
+                span = len;
+            }
+        }
+    }
+    out
 }
 
 impl Index {
@@ -123,19 +161,26 @@ impl Shared {
     /// docs). If a write fails, the messages not yet marked stay queued and readable,
     /// and the error is returned; those already marked stay removed.
     pub(super) fn remove(&self, of: &DeviceAddress, seqs: &[u64]) -> StoreResult<Usage> {
-        let (removed, taken) = lock(&self.index).take(of, seqs.iter().copied());
+        let (removed, mut taken) = lock(&self.index).take(of, seqs.iter().copied());
         if taken.is_empty() {
             return Ok(removed);
         }
+        // In file order, whatever order the ack named them in: the runs are longest.
+        taken.sort_unstable_by_key(|t| (t.loc.segment, t.loc.offset));
         let mut written = 0;
         let mut dirty: Vec<Arc<Segment>> = Vec::new();
         let mut failure = None;
         let copying = self.copying.read().unwrap_or_else(|e| e.into_inner());
-        for t in &taken {
-            if let Some(segment) = &t.segment {
-                let marked = record::dead_header(u64::from(t.loc.len), t.seq)
+        for run in runs(&taken, RUN_MAX) {
+            let records = &taken[run.clone()];
+            if let Some((first, segment)) =
+                records.first().and_then(|t| Some((t, t.segment.as_ref()?)))
+            {
+                let span = records.iter().map(|t| u64::from(t.loc.len)).sum();
+                let max_seq = records.iter().map(|t| t.seq).max().unwrap_or(first.seq);
+                let marked = record::dead_header(span, max_seq)
                     .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|h| segment.file.write_all_at(&h, t.loc.offset));
+                    .and_then(|h| segment.file.write_all_at(&h, first.loc.offset));
                 if let Err(e) = marked {
                     failure = Some(e);
                     break;
@@ -144,7 +189,7 @@ impl Shared {
                     dirty.push(segment.clone());
                 }
             }
-            written += 1;
+            written = run.end;
         }
         // All of them (a failed write may have reached part of its header): a span
         // noted needlessly is only copied again.
@@ -173,5 +218,49 @@ impl Shared {
             Some(e) => Err(io("marking removed messages", e)),
             None => Ok(removed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An entry of `len` bytes at `offset` of segment `segment` (none: `u64::MAX`).
+    fn at(segment: u64, offset: u64, len: u32) -> Taken {
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        Taken {
+            seq: offset,
+            loc: Loc {
+                segment,
+                offset,
+                len,
+                expires_at: 0,
+                body: None,
+            },
+            segment: (segment != u64::MAX).then(|| Arc::new(Segment { id: segment, file })),
+        }
+    }
+
+    #[test]
+    fn runs_join_records_end_to_end_in_one_segment_up_to_the_limit() {
+        let taken = [
+            at(1, 20, 10),
+            at(1, 30, 10),
+            at(1, 40, 5),
+            // A gap.
+            at(1, 50, 10),
+            // Another segment at the offset that would have followed.
+            at(2, 60, 10),
+            at(2, 70, 10),
+            // No segment: alone, and joined by nothing.
+            at(u64::MAX, 80, 10),
+            at(2, 90, 10),
+        ];
+        assert_eq!(runs(&taken, RUN_MAX), vec![0..3, 3..4, 4..6, 6..7, 7..8]);
+        // A run ends where its span would pass the limit.
+        assert_eq!(runs(&taken[..3], 20), vec![0..2, 2..3]);
+        assert_eq!(runs(&taken[..3], 25), vec![0..3]);
+        assert_eq!(runs(&taken[..3], 9), vec![0..1, 1..2, 2..3]);
+        assert!(runs(&[], RUN_MAX).is_empty());
     }
 }

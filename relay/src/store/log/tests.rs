@@ -1117,3 +1117,6 @@ fn a_purged_mailbox_leaves_no_address_or_payload_in_the_segments_after_settle() 
 
 #[path = "tests_shared.rs"]
 mod shared;
+
+#[path = "tests_remove.rs"]
+mod removal;

@@ -1,0 +1,104 @@
+//! Acks in the log: records that lie end to end are marked dead by one header.
+
+use super::*;
+
+/// Where `seq` of `of` lies: (segment, offset, length).
+fn place(store: &LogStore, of: &DeviceAddress, seq: u64) -> (u64, u64, u64) {
+    let index = lock(&store.shared.index);
+    let loc = index.mailboxes[of].entries[&seq];
+    (loc.segment, loc.offset, u64::from(loc.len))
+}
+
+/// The first bytes at `offset` of segment `id`, as the scan reads them.
+fn peek(dir: &Path, id: u64, offset: u64) -> record::Next {
+    let file = File::open(segment_path(dir, id)).expect("open");
+    let mut head = [0u8; record::PEEK_LEN];
+    file.read_exact_at(&mut head, offset).expect("read");
+    record::next(&head, u64::MAX)
+}
+
+#[test]
+fn an_ack_of_a_batch_marks_it_dead_with_one_header_and_keeps_it_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (addr(1), addr(2));
+    let store = manual(dir.path(), 1 << 20);
+    let batch: Vec<Envelope> = (1..=5).map(|i| msg(i, &[i; 90])).collect();
+    let first = store.append(&a, &batch, 1, 100).expect("append");
+    let between = one(&store, &b, 6, &[6; 90]);
+    let later: Vec<Envelope> = (7..=8).map(|i| msg(i, &[i; 90])).collect();
+    let second = store.append(&a, &later, 1, 100).expect("append");
+    store.flush().expect("flush");
+    let places: Vec<_> = first
+        .iter()
+        .chain(&second)
+        .map(|s| place(&store, &a, *s))
+        .collect();
+    // Named out of order: the runs follow the file.
+    let mut acked: Vec<u64> = first.iter().chain(&second).copied().collect();
+    acked.reverse();
+    store.remove(&a, &acked).expect("remove");
+
+    // One header over the first batch, one over the second; the records inside a
+    // run keep their own headers (not written), and b's message between is live.
+    let (segment, offset, _) = places[0];
+    let first_span: u64 = places[..5].iter().map(|p| p.2).sum();
+    assert_eq!(
+        peek(dir.path(), segment, offset),
+        record::Next::Dead(first_span, first[4])
+    );
+    for p in &places[1..5] {
+        assert_eq!(peek(dir.path(), p.0, p.1), record::Next::Record(p.2));
+    }
+    let second_span: u64 = places[5..].iter().map(|p| p.2).sum();
+    assert_eq!(
+        peek(dir.path(), places[5].0, places[5].1),
+        record::Next::Dead(second_span, second[1])
+    );
+    let (bs, bo, bl) = place(&store, &b, between);
+    assert_eq!(peek(dir.path(), bs, bo), record::Next::Record(bl));
+
+    // After a crash (no scrub, no flush of the index) the acks hold.
+    crash(store);
+    let store = manual(dir.path(), 1 << 20);
+    assert!(seqs(&store, &a).is_empty(), "acked ones stay gone");
+    assert_eq!(seqs(&store, &b), vec![between]);
+    assert!(disk_holds(dir.path(), &[3; 90]), "not scrubbed yet");
+    store.scrub().expect("scrub");
+    for i in [1u8, 3, 5, 7, 8] {
+        assert!(!disk_holds(dir.path(), &[i; 90]), "ciphertext {i} scrubbed");
+    }
+    assert!(disk_holds(dir.path(), &[6; 90]));
+    // Seqs go on above every acked one.
+    let next = one(&store, &a, 9, b"x");
+    assert!(next > second[1]);
+}
+
+#[test]
+fn a_run_cut_by_a_failed_write_keeps_what_was_not_marked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    // Two records to a segment: a run per segment.
+    let store = manual(dir.path(), 300);
+    let s: Vec<u64> = (1..=4).map(|i| one(&store, &a, i, &[i; 80])).collect();
+    store.flush().expect("flush");
+    let second = place(&store, &a, s[2]).0;
+    assert_ne!(place(&store, &a, s[0]).0, second);
+    refuse_writes(&store, dir.path(), second);
+    assert!(
+        store.remove(&a, &s).is_err(),
+        "the second run's write fails"
+    );
+    assert_eq!(
+        seqs(&store, &a),
+        vec![s[2], s[3]],
+        "the first run is removed"
+    );
+    store.flush().expect("flush");
+    crash(store);
+    let store = manual(dir.path(), 300);
+    assert_eq!(
+        seqs(&store, &a),
+        vec![s[2], s[3]],
+        "and so across a restart"
+    );
+}
