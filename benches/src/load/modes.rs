@@ -420,9 +420,13 @@ pub async fn online_across(
             let every = Duration::from_secs_f64(args.pairs as f64 / args.rate);
             (start + every.mul_f64(i as f64 / args.pairs as f64), every)
         });
-        let runtime = tokio::runtime::Handle::current();
+        // Presealed and unpaced, the sender is a task like any other: a thread of its
+        // own would cost a wake-up across threads per answer (the peers' load
+        // generator sends from a task too). Paced, or sealing as it goes, it keeps a
+        // thread: to sleep precisely, and not to hold a worker while it seals.
+        let on_a_task = schedule.is_none() && presealed.is_some();
         let (stop, sent_bytes) = (stop.clone(), sent_bytes.clone());
-        let sender = tokio::task::spawn_blocking(move || {
+        let send_all = async move {
             let (to, token) = (link.to, link.token);
             let mut pending = futures::stream::FuturesOrdered::new();
             for k in 0..want {
@@ -455,19 +459,23 @@ pub async fn online_across(
                 sent_bytes.fetch_add(envelope.payload.len() as u64, Ordering::Relaxed);
                 pending.push_back(anon.sealed_send(&to, &token, [envelope]));
                 while pending.len() >= inflight {
-                    if let Some(r) = runtime.block_on(pending.next()) {
+                    if let Some(r) = pending.next().await {
                         r?;
                     }
                 }
             }
-            runtime.block_on(async move {
-                while let Some(r) = pending.next().await {
-                    r?;
-                }
-                anon.close().await;
-                Ok::<_, LoadError>(())
-            })
-        });
+            while let Some(r) = pending.next().await {
+                r?;
+            }
+            anon.close().await;
+            Ok::<_, LoadError>(())
+        };
+        let sender = if on_a_task {
+            tokio::spawn(send_all)
+        } else {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || runtime.block_on(send_all))
+        };
         tasks.push((sender, receiver));
     }
     let mut latencies = Vec::new();
