@@ -733,6 +733,12 @@ impl Relay {
         })
     }
 
+    /// The admin listener's state (tests of what a stop does to it).
+    #[cfg(test)]
+    pub(crate) fn admin_state(&self) -> Option<Arc<crate::admin::server::Admin>> {
+        self.admin.as_ref().map(|(_, a)| a.clone())
+    }
+
     /// The admin listener's bound address (metrics, health, admin commands), unless
     /// `[admin] listen = "off"`.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -798,6 +804,9 @@ impl Relay {
     /// A node sharing a database then awaits its cluster tasks and gives up its
     /// claims, heartbeat and leases (within 2 s).
     pub async fn shutdown(self) -> Result<()> {
+        if let Some((_, admin)) = &self.admin {
+            admin.stop();
+        }
         let _ = self.shutdown.send(true);
         for t in self.tasks {
             let _ = t.await;

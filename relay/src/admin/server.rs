@@ -77,6 +77,9 @@ pub(crate) struct Admin {
     pub(crate) readiness: Fresh<std::result::Result<(), String>>,
     /// Set while a backup runs.
     pub(crate) backing_up: Arc<AtomicBool>,
+    /// Set when the relay stops: a running backup is cancelled (and leaves nothing
+    /// behind) rather than waited for or cut off.
+    stopping: AtomicBool,
 }
 
 impl Admin {
@@ -102,7 +105,13 @@ impl Admin {
             allow_remote: config.admin.allow_remote_admin,
             readiness: Fresh::new(READY_FRESH),
             backing_up: Arc::new(AtomicBool::new(false)),
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// The relay is stopping: a running backup is cancelled, and a new one refused.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 }
 
@@ -605,11 +614,11 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         .budget
         .min_free_disk_bytes;
     let began = Instant::now();
+    let state = admin.clone();
     let done = tokio::task::spawn_blocking(move || {
-        // Not cancelled: a relay that stops meanwhile is killed at worst, which
-        // leaves only the partial directory beside `to.dir`.
-        let never = std::sync::atomic::AtomicBool::new(false);
-        let done = backup_new(&stores, &to.dir, &never, reserve);
+        // Cancelled by a stop of the relay (its partial directory removed); only a
+        // relay killed meanwhile leaves that directory beside `to.dir`.
+        let done = backup_new(&stores, &to.dir, &state.stopping, reserve);
         drop(running);
         if let Err(BackupError::Failed(e)) = &done {
             // The reason names paths (blob ids among them): it goes to the caller only.
@@ -635,6 +644,10 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
                 }),
             )
         }
+        Ok(Err(_)) if admin.stopping.load(Ordering::Relaxed) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": STOPPING }),
+        ),
         Ok(Err(BackupError::Refused(why))) => {
             json(StatusCode::CONFLICT, &serde_json::json!({ "error": why }))
         }
@@ -652,6 +665,9 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
         ),
     }
 }
+
+/// A backup's answer when the relay stopped during it.
+const STOPPING: &str = "the relay is stopping: the backup was cancelled and left nothing";
 
 /// What kind of failure `e` is, naming no path.
 fn failure_class(e: &crate::store::StoreError) -> &'static str {
@@ -989,6 +1005,61 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         relay.shutdown().await.expect("shutdown");
+    }
+
+    /// A relay with its admin listener, and the listener's client.
+    async fn with_admin(dir: &Path) -> (crate::Relay, Arc<Admin>, super::super::client::Online) {
+        let config = Config {
+            data_dir: dir.join("relay"),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..Config::default()
+        };
+        let clock = Arc::new(tern_platform::clock::SystemClock);
+        let relay = crate::Relay::start(&config, clock).await.expect("relay");
+        let admin = relay.admin_state().expect("an admin listener");
+        let online = super::super::client::Online::locate(&config.data_dir, None, None)
+            .expect("locate")
+            .expect("the relay's admin address");
+        (relay, admin, online)
+    }
+
+    #[tokio::test]
+    async fn a_stop_cancels_a_backup_which_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (relay, admin, online) = with_admin(dir.path()).await;
+        online
+            .backup(&dir.path().join("before"))
+            .await
+            .expect("a backup while running");
+        // The stop's first step (`Relay::shutdown`).
+        admin.stop();
+        let dest = dir.path().join("during");
+        match online.backup(&dest).await {
+            Err(super::super::client::ClientError::Answered { status, message }) => {
+                assert_eq!((status, message.as_str()), (503, STOPPING));
+            }
+            other => panic!("not cancelled: {other:?}"),
+        }
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["before", "relay"],
+            "nothing at the cancelled one's name or beside it"
+        );
+        relay.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn the_relays_stop_tells_the_admin_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (relay, admin, _) = with_admin(dir.path()).await;
+        assert!(!admin.stopping.load(Ordering::Relaxed));
+        relay.shutdown().await.expect("shutdown");
+        assert!(admin.stopping.load(Ordering::Relaxed));
     }
 
     #[test]
