@@ -121,6 +121,11 @@ struct AckCmd {
     seqs: Vec<u64>,
 }
 
+/// An ack handed to the delivery task, boxed: the channel's storage is allocated in
+/// blocks of 32 entries, and every authenticated connection keeps one (256 bytes of
+/// pointers instead of 1 KiB).
+type Ack = Box<AckCmd>;
+
 struct Session {
     conn: quinn::Connection,
     /// The peer's address as rate limits count it (in memory only, P9).
@@ -131,7 +136,7 @@ struct Session {
     requests: Arc<Semaphore>,
     /// Set once, at registration or authentication; shared with the media streams.
     device: Arc<OnceLock<AuthenticatedDevice>>,
-    acks: Option<mpsc::Sender<AckCmd>>,
+    acks: Option<mpsc::Sender<Ack>>,
     delivery: Option<tokio::task::JoinHandle<()>>,
     standing: Standing,
     admission: AdmissionGuard,
@@ -729,10 +734,10 @@ impl Session {
         match &self.acks {
             Some(acks) => {
                 let _ = acks
-                    .send(AckCmd {
+                    .send(Box::new(AckCmd {
                         request_id: id,
                         seqs,
-                    })
+                    }))
                     .await;
             }
             None => self.reply(id, Err(Error::Unauthorized)).await,

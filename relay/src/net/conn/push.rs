@@ -11,7 +11,7 @@ use tern_proto::{close, Delivery, Reply, ServerMessage};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn};
 
-use super::{answer_later, response, AckCmd, Frame, Out};
+use super::{answer_later, response, Ack, Frame, Out};
 use crate::core::auth::AuthenticatedDevice;
 use crate::core::delivery::DeliveryWindow;
 use crate::mailboxes::{Pull, Subscription};
@@ -63,7 +63,7 @@ pub(super) async fn deliver(
     (window_size, window_bytes): (usize, usize),
     max_committing: usize,
     out: mpsc::Sender<Out>,
-    mut acks: mpsc::Receiver<AckCmd>,
+    mut acks: mpsc::Receiver<Ack>,
     conn: quinn::Connection,
 ) {
     let mailboxes = services.mailboxes();
