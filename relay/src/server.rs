@@ -805,7 +805,7 @@ impl Relay {
     /// claims, heartbeat and leases (within 2 s).
     pub async fn shutdown(self) -> Result<()> {
         if let Some((_, admin)) = &self.admin {
-            admin.stop();
+            admin.stop().await;
         }
         let _ = self.shutdown.send(true);
         for t in self.tasks {

@@ -109,9 +109,14 @@ impl Admin {
         }
     }
 
-    /// The relay is stopping: a running backup is cancelled, and a new one refused.
-    pub(crate) fn stop(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+    /// The relay is stopping: a new backup is refused, and a running one cancelled
+    /// and waited for (it stops at its next step and removes what it wrote), so
+    /// that it answers its caller and leaves no partial directory behind.
+    pub(crate) async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        while self.backing_up.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -189,7 +194,7 @@ struct BackupRunning(Arc<AtomicBool>);
 
 impl BackupRunning {
     fn start(flag: &Arc<AtomicBool>) -> Option<BackupRunning> {
-        flag.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        flag.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .ok()
             .map(|_| BackupRunning(flag.clone()))
     }
@@ -604,6 +609,15 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
             &serde_json::json!({ "error": "a backup is already running: wait for it to finish" }),
         );
     };
+    // Checked after the place is taken (both sequentially consistent): a stop that
+    // began meanwhile either waits for this backup or is seen here.
+    if admin.stopping.load(Ordering::SeqCst) {
+        drop(running);
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({ "error": STOPPING }),
+        );
+    }
     let stores = admin.services.stores().clone();
     // The relay's own disk reserve, kept on the destination too (often the same
     // file system).
@@ -644,7 +658,7 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
                 }),
             )
         }
-        Ok(Err(_)) if admin.stopping.load(Ordering::Relaxed) => json(
+        Ok(Err(BackupError::Cancelled)) => json(
             StatusCode::SERVICE_UNAVAILABLE,
             &serde_json::json!({ "error": STOPPING }),
         ),
@@ -667,7 +681,7 @@ async fn backup(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// A backup's answer when the relay stopped during it.
-const STOPPING: &str = "the relay is stopping: the backup was cancelled and left nothing";
+const STOPPING: &str = "the relay is stopping: no backup was written";
 
 /// What kind of failure `e` is, naming no path.
 fn failure_class(e: &crate::store::StoreError) -> &'static str {
@@ -1023,34 +1037,67 @@ mod tests {
         (relay, admin, online)
     }
 
+    /// The names in `dir`, sorted.
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[tokio::test]
-    async fn a_stop_cancels_a_backup_which_leaves_nothing() {
+    async fn a_backup_asked_for_once_the_stop_began_is_refused_and_writes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (relay, admin, online) = with_admin(dir.path()).await;
         online
             .backup(&dir.path().join("before"))
             .await
             .expect("a backup while running");
-        // The stop's first step (`Relay::shutdown`).
-        admin.stop();
-        let dest = dir.path().join("during");
-        match online.backup(&dest).await {
+        // The stop's first step (`Relay::shutdown`): no backup runs, nothing to wait for.
+        admin.stop().await;
+        match online.backup(&dir.path().join("during")).await {
             Err(super::super::client::ClientError::Answered { status, message }) => {
                 assert_eq!((status, message.as_str()), (503, STOPPING));
             }
-            other => panic!("not cancelled: {other:?}"),
+            other => panic!("not refused: {other:?}"),
         }
-        let mut left: Vec<String> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .collect();
-        left.sort();
-        assert_eq!(
-            left,
-            ["before", "relay"],
-            "nothing at the cancelled one's name or beside it"
-        );
+        assert_eq!(names(dir.path()), ["before", "relay"]);
         relay.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relays_stop_cancels_a_running_backup_which_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (relay, admin, online) = with_admin(dir.path()).await;
+        // Enough files that the copy takes a while, so the stop comes while it runs.
+        let many = dir.path().join("relay").join("uploads");
+        std::fs::create_dir_all(&many).expect("mkdir");
+        for i in 0..20_000 {
+            std::fs::write(many.join(format!("f{i:05}")), [7u8; 256]).expect("write");
+        }
+        let dest = dir.path().join("during");
+        let backup = tokio::spawn(async move { online.backup(&dest).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !names(dir.path())
+            .iter()
+            .any(|n| n.starts_with("during.partial-"))
+        {
+            assert!(!backup.is_finished(), "the backup ended before it was seen");
+            assert!(Instant::now() < deadline, "no backup under way");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        relay.shutdown().await.expect("shutdown");
+        assert!(admin.stopping.load(Ordering::SeqCst));
+        // Its caller heard 503, or saw the listener close: either way, not a backup.
+        let answer = backup.await.expect("the request's task");
+        assert!(answer.is_err(), "cancelled, not completed: {answer:?}");
+        assert_eq!(
+            names(dir.path()),
+            ["relay"],
+            "nothing at its name or beside it"
+        );
     }
 
     #[tokio::test]

@@ -91,7 +91,7 @@ fn io(what: &str, path: &Path, e: &std::io::Error) -> StoreError {
 fn backup(embedded: &Embedded, dest: &Path, cancel: &AtomicBool) -> StoreResult<BackedUp> {
     let check = || {
         if cancel.load(Ordering::Relaxed) {
-            Err(StoreError::Backend("backup: cancelled".into()))
+            Err(StoreError::Backend(CANCELLED.into()))
         } else {
             Ok(())
         }
@@ -161,7 +161,13 @@ pub enum BackupError {
     /// Failed part way; what was written is removed.
     #[error("backup failed: {0}")]
     Failed(#[from] StoreError),
+    /// Stopped through its cancel flag; what was written is removed.
+    #[error("backup cancelled")]
+    Cancelled,
 }
+
+/// The error a cancelled step returns (told apart by [`backup_new`]).
+const CANCELLED: &str = "backup: cancelled";
 
 /// The directory a backup is built in, beside its destination; removed when dropped
 /// unless the backup completed (a failure, a cancel or a panic leaves nothing).
@@ -256,7 +262,10 @@ pub fn backup_new(
     // The umask may have narrowed the mode, never widened it; set it exactly.
     std::fs::set_permissions(&partial.path, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("setting the mode of", &partial.path, &e))?;
-    let done = backup(embedded, &partial.path, cancel)?;
+    let done = backup(embedded, &partial.path, cancel).map_err(|e| match e {
+        StoreError::Backend(m) if m == CANCELLED => BackupError::Cancelled,
+        e => BackupError::Failed(e),
+    })?;
     let dest = parent.join(name);
     rustix::fs::renameat_with(
         rustix::fs::CWD,
@@ -366,7 +375,7 @@ fn copy_tree(from: &Path, to: &Path, link: bool, cancel: &AtomicBool) -> StoreRe
     std::fs::create_dir_all(to).map_err(|e| io("creating", to, &e))?;
     for entry in entries {
         if cancel.load(Ordering::Relaxed) {
-            return Err(StoreError::Backend("backup: cancelled".into()));
+            return Err(StoreError::Backend(CANCELLED.into()));
         }
         let entry = entry.map_err(|e| io("listing", from, &e))?;
         let (src, dst) = (entry.path(), to.join(entry.file_name()));
@@ -487,7 +496,7 @@ mod tests {
         let (_data, out, _lock, stores) = relay_dir();
         let dest = out.path().join("b");
         let failed = backup_new(&stores, &dest, &AtomicBool::new(true), 0);
-        assert!(matches!(failed, Err(BackupError::Failed(_))), "{failed:?}");
+        assert!(matches!(failed, Err(BackupError::Cancelled)), "{failed:?}");
         assert!(!dest.exists(), "a partial backup at its name");
         assert!(
             leftovers(out.path()).is_empty(),
