@@ -213,6 +213,26 @@ struct Dead {
     seq: u64,
 }
 
+impl Dead {
+    /// `spans` (in file order) joined where one ends where the next begins, each with
+    /// how many of `spans` it covers: one dead header marks a whole run, with its
+    /// highest seq (an ack's write, the scrub's).
+    fn join(spans: impl IntoIterator<Item = Dead>) -> Vec<(Dead, usize)> {
+        let mut out: Vec<(Dead, usize)> = Vec::new();
+        for d in spans {
+            match out.last_mut() {
+                Some((m, n)) if m.offset + m.len == d.offset => {
+                    m.len += d.len;
+                    m.seq = m.seq.max(d.seq);
+                    *n += 1;
+                }
+                _ => out.push((d, 1)),
+            }
+        }
+        out
+    }
+}
+
 #[derive(Debug, Default)]
 struct Index {
     mailboxes: HashMap<DeviceAddress, Mailbox>,
@@ -689,16 +709,7 @@ impl Shared {
         let mut work = work.into_iter();
         while let Some((segment, mut spans)) = work.next() {
             spans.sort_unstable();
-            let mut merged: Vec<Dead> = Vec::with_capacity(spans.len());
-            for d in spans {
-                match merged.last_mut() {
-                    Some(m) if m.offset + m.len == d.offset => {
-                        m.len += d.len;
-                        m.seq = m.seq.max(d.seq);
-                    }
-                    _ => merged.push(d),
-                }
-            }
+            let merged: Vec<Dead> = Dead::join(spans).into_iter().map(|(d, _)| d).collect();
             let file = &segment.file;
             let copying = self.copying.read().unwrap_or_else(|e| e.into_inner());
             // Only a failed fsync latches (the kernel may have dropped dirty pages);

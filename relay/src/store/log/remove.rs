@@ -26,40 +26,15 @@ pub(super) struct Taken {
     segment: Option<Arc<Segment>>,
 }
 
-/// The longest span one dead header covers (its length is a `u32`).
-const RUN_MAX: u64 = u32::MAX as u64;
-
-/// `taken` cut into runs, in order: consecutive entries whose records lie end to end
-/// in one segment, `max` bytes at most, each marked by one header. An entry without
-/// a segment is a run of its own.
-fn runs(taken: &[Taken], max: u64) -> Vec<std::ops::Range<usize>> {
-    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
-    let mut span = 0;
-    for (i, t) in taken.iter().enumerate() {
-        let len = u64::from(t.loc.len);
-        let joins = match (out.last(), i.checked_sub(1).and_then(|p| taken.get(p))) {
-            (Some(run), Some(prev)) => {
-                run.end == i
-                    && prev.segment.is_some()
-                    && t.segment.is_some()
-                    && prev.loc.segment == t.loc.segment
-                    && prev.loc.offset + u64::from(prev.loc.len) == t.loc.offset
-                    && span + len <= max
-            }
-            _ => false,
-        };
-        match out.last_mut() {
-            Some(run) if joins => {
-                run.end = i + 1;
-                span += len;
-            }
-            _ => {
-                out.push(i..i + 1);
-                span = len;
-            }
+impl Taken {
+    /// Its record as a dead span.
+    fn dead(&self) -> Dead {
+        Dead {
+            offset: self.loc.offset,
+            len: u64::from(self.loc.len),
+            seq: self.seq,
         }
     }
-    out
 }
 
 impl Index {
@@ -128,11 +103,7 @@ impl Index {
         for t in taken {
             if let Some(s) = self.segments.get_mut(&t.loc.segment) {
                 s.live -= 1;
-                s.dead.push(Dead {
-                    offset: t.loc.offset,
-                    len: u64::from(t.loc.len),
-                    seq: t.seq,
-                });
+                s.dead.push(t.dead());
             }
             if let Some((offset, _)) = t.loc.body {
                 empty.extend(self.release_body(t.loc.segment, offset));
@@ -171,25 +142,25 @@ impl Shared {
         let mut dirty: Vec<Arc<Segment>> = Vec::new();
         let mut failure = None;
         let copying = self.copying.read().unwrap_or_else(|e| e.into_inner());
-        for run in runs(&taken, RUN_MAX) {
-            let records = &taken[run.clone()];
-            if let Some((first, segment)) =
-                records.first().and_then(|t| Some((t, t.segment.as_ref()?)))
-            {
-                let span = records.iter().map(|t| u64::from(t.loc.len)).sum();
-                let max_seq = records.iter().map(|t| t.seq).max().unwrap_or(first.seq);
-                let marked = record::dead_header(span, max_seq)
+        // One header per run of records that lie end to end, segment by segment.
+        'segments: for group in taken.chunk_by(|a, b| a.loc.segment == b.loc.segment) {
+            let Some(segment) = group.first().and_then(|t| t.segment.clone()) else {
+                written += group.len();
+                continue;
+            };
+            for (run, n) in Dead::join(group.iter().map(Taken::dead)) {
+                let marked = record::dead_header(run.len, run.seq)
                     .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|h| segment.file.write_all_at(&h, first.loc.offset));
+                    .and_then(|h| segment.file.write_all_at(&h, run.offset));
                 if let Err(e) = marked {
                     failure = Some(e);
-                    break;
+                    break 'segments;
                 }
                 if dirty.iter().all(|d| d.id != segment.id) {
                     dirty.push(segment.clone());
                 }
+                written += n;
             }
-            written = run.end;
         }
         // All of them (a failed write may have reached part of its header): a span
         // noted needlessly is only copied again.
@@ -225,42 +196,23 @@ impl Shared {
 mod tests {
     use super::*;
 
-    /// An entry of `len` bytes at `offset` of segment `segment` (none: `u64::MAX`).
-    fn at(segment: u64, offset: u64, len: u32) -> Taken {
-        let file = std::fs::File::open("/dev/null").expect("/dev/null");
-        Taken {
-            seq: offset,
-            loc: Loc {
-                segment,
-                offset,
-                len,
-                expires_at: 0,
-                body: None,
-            },
-            segment: (segment != u64::MAX).then(|| Arc::new(Segment { id: segment, file })),
-        }
+    fn dead(offset: u64, len: u64, seq: u64) -> Dead {
+        Dead { offset, len, seq }
     }
 
     #[test]
-    fn runs_join_records_end_to_end_in_one_segment_up_to_the_limit() {
-        let taken = [
-            at(1, 20, 10),
-            at(1, 30, 10),
-            at(1, 40, 5),
+    fn spans_end_to_end_join_with_their_highest_seq() {
+        let spans = [
+            dead(20, 10, 2),
+            dead(30, 10, 1),
+            dead(40, 5, 3),
             // A gap.
-            at(1, 50, 10),
-            // Another segment at the offset that would have followed.
-            at(2, 60, 10),
-            at(2, 70, 10),
-            // No segment: alone, and joined by nothing.
-            at(u64::MAX, 80, 10),
-            at(2, 90, 10),
+            dead(50, 10, 4),
         ];
-        assert_eq!(runs(&taken, RUN_MAX), vec![0..3, 3..4, 4..6, 6..7, 7..8]);
-        // A run ends where its span would pass the limit.
-        assert_eq!(runs(&taken[..3], 20), vec![0..2, 2..3]);
-        assert_eq!(runs(&taken[..3], 25), vec![0..3]);
-        assert_eq!(runs(&taken[..3], 9), vec![0..1, 1..2, 2..3]);
-        assert!(runs(&[], RUN_MAX).is_empty());
+        assert_eq!(
+            Dead::join(spans),
+            vec![(dead(20, 25, 3), 3), (dead(50, 10, 4), 1)]
+        );
+        assert!(Dead::join([]).is_empty());
     }
 }
