@@ -58,16 +58,21 @@ const CLIENT_FRAME: Shape = &[
 pub(crate) fn client_frame_within(body: &[u8], max: usize) -> Result<(), u64> {
     let mut count = 0;
     match walk(body, CLIENT_FRAME, max, &mut count) {
-        Err(Stop::Over) => Err(request_id(body)),
+        Err(Stop::Over) => Err(split_request_id(body).0),
         _ => Ok(()),
     }
 }
 
-/// The request id (field 1) if it is the frame's first field, as encoders put it.
-fn request_id(mut body: &[u8]) -> u64 {
-    match decode_key(&mut body) {
-        Ok((1, WireType::Varint)) => decode_varint(&mut body).unwrap_or(0),
-        _ => 0,
+/// A client frame's request id (field 1) if it is the frame's first field, as
+/// encoders put it, and the bytes after it; else 0 and `body` whole.
+pub fn split_request_id(body: &[u8]) -> (u64, &[u8]) {
+    let mut rest = body;
+    match decode_key(&mut rest) {
+        Ok((1, WireType::Varint)) => match decode_varint(&mut rest) {
+            Ok(id) => (id, rest),
+            Err(_) => (0, body),
+        },
+        _ => (0, body),
     }
 }
 
@@ -83,34 +88,32 @@ fn walk(mut buf: &[u8], shape: Shape, max: usize, count: &mut usize) -> Result<(
     while buf.has_remaining() {
         let (tag, wire) = decode_key(&mut buf).map_err(|_| Stop::Malformed)?;
         let listed = shape.iter().find(|(t, _)| *t == tag).map(|(_, k)| *k);
-        match (wire, listed) {
+        // This field's elements, and a message to look into after them.
+        let (elements, nested) = match (wire, listed) {
             (WireType::LengthDelimited, Some(kind)) => {
                 let len = usize::try_from(decode_varint(&mut buf).map_err(|_| Stop::Malformed)?)
                     .map_err(|_| Stop::Malformed)?;
                 let inner = buf.get(..len).ok_or(Stop::Malformed)?;
-                *count += match kind {
-                    // Every varint ends in a byte under 0x80.
-                    Kind::Scalars => inner.iter().filter(|b| **b < 0x80).count(),
-                    Kind::Leaf | Kind::Message(_) => 1,
-                };
-                if *count > max {
-                    return Err(Stop::Over);
-                }
-                if let Kind::Message(inner_shape) = kind {
-                    walk(inner, inner_shape, max, count)?;
-                }
                 buf.advance(len);
+                match kind {
+                    // Every varint ends in a byte under 0x80.
+                    Kind::Scalars => (inner.iter().filter(|b| **b < 0x80).count(), None),
+                    Kind::Leaf => (1, None),
+                    Kind::Message(inner_shape) => (1, Some((inner, inner_shape))),
+                }
             }
             (_, listed) => {
-                if listed.is_some() {
-                    *count += 1;
-                    if *count > max {
-                        return Err(Stop::Over);
-                    }
-                }
                 prost::encoding::skip_field(wire, tag, &mut buf, DecodeContext::default())
                     .map_err(|_| Stop::Malformed)?;
+                (usize::from(listed.is_some()), None)
             }
+        };
+        *count += elements;
+        if *count > max {
+            return Err(Stop::Over);
+        }
+        if let Some((inner, inner_shape)) = nested {
+            walk(inner, inner_shape, max, count)?;
         }
     }
     Ok(())

@@ -15,9 +15,7 @@ use tern_proto::Reply;
 pub(super) const GROUP_FRAME: usize =
     MAX_COMMIT_SENDS * (DEFAULT_MAX_ENVELOPE + MAX_RECIPIENT_DEVICES * 256) + 8 * 1024;
 
-/// `ClientFrame`'s field numbers of the request id and of the two group bodies
-/// (`proto/tern.proto`).
-const REQUEST_ID_FIELD: u32 = 1;
+/// `ClientFrame`'s field numbers of the two group bodies (`proto/tern.proto`).
 const GROUP_COMMIT_FIELD: u32 = 32;
 const MULTI_SEND_FIELD: u32 = 33;
 
@@ -161,21 +159,16 @@ pub(super) fn fits_group_frame(
 
 /// Whether `body`, the start of a `ClientFrame`, holds a multi-send or a group
 /// commit as its first field after an optional request id.
-pub(super) fn is_group_request(mut body: &[u8]) -> bool {
-    use prost::encoding::{decode_key, decode_varint, WireType};
-    let Ok((mut field, mut wire)) = decode_key(&mut body) else {
-        return false;
-    };
-    if field == REQUEST_ID_FIELD && wire == WireType::Varint {
-        if decode_varint(&mut body).is_err() {
-            return false;
-        }
-        let Ok(next) = decode_key(&mut body) else {
-            return false;
-        };
-        (field, wire) = next;
-    }
-    wire == WireType::LengthDelimited && matches!(field, GROUP_COMMIT_FIELD | MULTI_SEND_FIELD)
+pub(super) fn is_group_request(body: &[u8]) -> bool {
+    use prost::encoding::{decode_key, WireType};
+    let (_, mut rest) = tern_proto::shape::split_request_id(body);
+    matches!(
+        decode_key(&mut rest),
+        Ok((
+            GROUP_COMMIT_FIELD | MULTI_SEND_FIELD,
+            WireType::LengthDelimited
+        ))
+    )
 }
 
 #[cfg(test)]
