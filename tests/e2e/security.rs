@@ -143,6 +143,15 @@ async fn read_response(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> v1::
     }
 }
 
+/// Appends a client frame of `request_id` and `body` to `out`.
+fn request(request_id: u64, body: Option<v1::client_frame::Body>, out: &mut BytesMut) {
+    frame::encode(&v1::ClientFrame { request_id, body }, out);
+}
+
+fn ping() -> Option<v1::client_frame::Body> {
+    Some(v1::client_frame::Body::Ping(v1::PingRequest {}))
+}
+
 fn error_code(r: &v1::Response) -> Option<v1::ErrorCode> {
     match &r.result {
         Some(v1::response::Result::Error(e)) => v1::ErrorCode::try_from(e.code).ok(),
@@ -174,21 +183,9 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
 
     // A request with no body.
     let mut out = BytesMut::new();
-    frame::encode(
-        &v1::ClientFrame {
-            request_id: 5,
-            body: None,
-        },
-        &mut out,
-    );
+    request(5, None, &mut out);
     // A ping still works on the same stream.
-    frame::encode(
-        &v1::ClientFrame {
-            request_id: 6,
-            body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
-        },
-        &mut out,
-    );
+    request(6, ping(), &mut out);
     send.write_all(&out).await.unwrap();
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(
@@ -203,23 +200,16 @@ async fn malformed_and_oversized_frames_get_errors_and_the_relay_keeps_serving()
     // on the wire, about 120 in memory once decoded): refused by its count before it
     // decodes, and the stream carries on.
     let mut crowd = BytesMut::new();
-    frame::encode(
-        &v1::ClientFrame {
-            request_id: 7,
-            body: Some(v1::client_frame::Body::MultiSend(v1::MultiSendRequest {
-                recipients: vec![v1::RecipientAccount::default(); 400_000],
-                ..Default::default()
-            })),
-        },
+    let multi = v1::MultiSendRequest {
+        recipients: vec![v1::RecipientAccount::default(); 400_000],
+        ..Default::default()
+    };
+    request(
+        7,
+        Some(v1::client_frame::Body::MultiSend(multi)),
         &mut crowd,
     );
-    frame::encode(
-        &v1::ClientFrame {
-            request_id: 8,
-            body: Some(v1::client_frame::Body::Ping(v1::PingRequest {})),
-        },
-        &mut crowd,
-    );
+    request(8, ping(), &mut crowd);
     send.write_all(&crowd).await.unwrap();
     let r = read_response(&mut recv, &mut buf).await;
     assert_eq!(
