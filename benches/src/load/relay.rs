@@ -238,24 +238,7 @@ impl RelayUnderTest {
     /// by thread id: each is a thread going to sleep or being put aside, the cost
     /// that grows per message at low rates. See [`switches_since`].
     pub fn context_switches(&self) -> Option<HashMap<u32, u64>> {
-        let pid = self.child.as_ref()?.id();
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-        let mut by_thread = HashMap::new();
-        for task in tasks.flatten() {
-            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-                continue;
-            };
-            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-                continue; // the thread ended meanwhile
-            };
-            let switches = status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum();
-            by_thread.insert(tid, switches);
-        }
-        Some(by_thread)
+        process_switches(self.child.as_ref()?.id())
     }
 
     /// The relay's resident memory now and at its peak, in KiB.
@@ -349,6 +332,28 @@ pub fn switches_since(before: &HashMap<u32, u64>, after: &HashMap<u32, u64>) -> 
         .iter()
         .map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0)))
         .sum()
+}
+
+/// Context switches (voluntary and not) of each thread of process `pid` now alive, by
+/// thread id ([`RelayUnderTest::context_switches`]).
+pub fn process_switches(pid: u32) -> Option<HashMap<u32, u64>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut by_thread = HashMap::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let switches = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        by_thread.insert(tid, switches);
+    }
+    Some(by_thread)
 }
 
 /// CPU time (user + system) process `pid` has used, in seconds; `None` once it is gone.

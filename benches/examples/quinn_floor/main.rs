@@ -1,18 +1,24 @@
-//! The floor under the relay's memory per idle connection (issue 20, item 4): a bare
-//! quinn server with the relay's transport settings and nothing of Tern's. Each
-//! client connection opens one bidirectional stream, sends a request and reads the
-//! answer (as a client's authentication does), then idles (each is asked once more
-//! after the measurement, so none was lost); the server keeps the
-//! connection and the stream open, one task each, as the relay keeps its control
-//! stream. Prints the server process's resident memory per connection, to compare
-//! with `tern-load connections` at the same count. `QUINN_FLOOR` (comma-separated)
-//! tries transport settings the relay does not use: `no-datagrams`, `no-mtud` (no
-//! MTU discovery), `streams2` (2 concurrent streams, not 8), `small-send` (64 KiB
-//! send window).
+//! The floors under the relay's costs (issue 20): a bare quinn server with the relay's
+//! transport settings and nothing of Tern's.
+//!
+//! **Memory per idle connection** (item 4, the default mode). Each client connection
+//! opens one bidirectional stream, sends a request and reads the answer (as a
+//! client's authentication does), then idles (each is asked once more after the
+//! measurement, so none was lost); the server keeps the connection and the stream
+//! open, one task each, as the relay keeps its control stream. Prints the server
+//! process's resident memory per connection, to compare with `tern-load connections`
+//! at the same count. `QUINN_FLOOR` (comma-separated) tries transport settings the
+//! relay does not use: `no-datagrams`, `no-mtud` (no MTU discovery), `streams2` (2
+//! concurrent streams, not 8), `small-send` (64 KiB send window).
+//!
+//! **CPU per forwarded message** (item 3, `forward`): the least a QUIC store and
+//! forward server does per message, to compare with `tern-load online --presealed`
+//! at the same rate (see `forward.rs`).
 //!
 //! ```sh
 //! cargo run --release -p tern-benches --example quinn_floor -- 10000
 //! QUINN_FLOOR=no-mtud,streams2 target/release/examples/quinn_floor 10000
+//! target/release/examples/quinn_floor forward --rate 3000 --fsync --pin relay=0,load=1
 //! ```
 
 use std::io::BufRead;
@@ -25,11 +31,22 @@ use futures::{stream, StreamExt, TryStreamExt};
 use sha2::Digest;
 use tern_proto::Fingerprint;
 
+mod forward;
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let first = args.next().unwrap_or_else(|| "10000".into());
+    match first.as_str() {
+        // Pins this thread before any runtime starts.
+        "forward" => return forward::measure(std::env::args().skip(1)),
+        "serve-forward" => {
+            let log = args.next().map(std::path::PathBuf::from);
+            return tokio::runtime::Runtime::new()?.block_on(forward::serve(log));
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     if first == "serve" {
         return runtime.block_on(serve());
@@ -38,9 +55,9 @@ fn main() -> Result<(), Error> {
     runtime.block_on(measure(count.max(2)))
 }
 
-/// The server: prints its port and its certificate's fingerprint, then serves until
-/// its input closes.
-async fn serve() -> Result<(), Error> {
+/// A server endpoint on loopback with the relay's transport settings (and the
+/// `QUINN_FLOOR` ones), and its certificate's fingerprint.
+fn server_endpoint() -> Result<(quinn::Endpoint, Fingerprint), Error> {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
     let der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der())?;
@@ -85,6 +102,26 @@ async fn serve() -> Result<(), Error> {
         endpoint.local_addr()?.port(),
         Fingerprint(fingerprint)
     );
+    Ok((endpoint, Fingerprint(fingerprint)))
+}
+
+/// Waits until this process's input closes (its parent went or let it go).
+async fn stdin_closed() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        while std::io::stdin()
+            .read_line(&mut line)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await;
+}
+
+/// The server: prints its port and its certificate's fingerprint, then serves until
+/// its input closes.
+async fn serve() -> Result<(), Error> {
+    let (endpoint, _) = server_endpoint()?;
     let accept = async {
         while let Some(incoming) = endpoint.accept().await {
             tokio::spawn(async move {
@@ -104,17 +141,9 @@ async fn serve() -> Result<(), Error> {
             });
         }
     };
-    let stdin_closed = tokio::task::spawn_blocking(|| {
-        let mut line = String::new();
-        while std::io::stdin()
-            .read_line(&mut line)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {}
-    });
     tokio::select! {
         () = accept => {}
-        _ = stdin_closed => {}
+        () = stdin_closed() => {}
     }
     endpoint.close(0u32.into(), b"done");
     Ok(())
@@ -138,13 +167,27 @@ fn rss_kib(pid: u32) -> Result<u64, Error> {
     Ok(line.split_whitespace().nth(1).ok_or("bad VmRSS")?.parse()?)
 }
 
-async fn measure(count: usize) -> Result<(), Error> {
-    let mut server = Command::new(std::env::current_exe()?)
-        .arg("serve")
+/// A server process of this example (`args`, under `taskset -c <cpus>` if given), its
+/// address, and a client endpoint that trusts its certificate. The server runs until
+/// its input is closed.
+fn spawn_server(
+    args: &[&str],
+    cpus: Option<&str>,
+) -> Result<(std::process::Child, SocketAddr, quinn::Endpoint), Error> {
+    let exe = std::env::current_exe()?;
+    let mut command = match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    };
+    let mut server = command
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
-    let pid = server.id();
     let mut first = String::new();
     std::io::BufReader::new(server.stdout.take().ok_or("no stdout")?).read_line(&mut first)?;
     let (port, fingerprint) = first.trim().split_once(' ').ok_or("no port")?;
@@ -153,6 +196,12 @@ async fn measure(count: usize) -> Result<(), Error> {
     let (config, _) = tern_client::net::tls::client_config_pinned_to(&[fingerprint])?;
     let mut endpoint = quinn::Endpoint::client((Ipv4Addr::LOCALHOST, 0).into())?;
     endpoint.set_default_client_config(config);
+    Ok((server, target, endpoint))
+}
+
+async fn measure(count: usize) -> Result<(), Error> {
+    let (mut server, target, endpoint) = spawn_server(&["serve"], None)?;
+    let pid = server.id();
     let open = |endpoint: quinn::Endpoint| async move {
         let conn = endpoint.connect(target, "localhost")?.await?;
         let (mut send, mut recv) = conn.open_bi().await?;
