@@ -273,6 +273,8 @@ pub(crate) fn open_stores_locked(config: &Config, clock: &dyn Clock) -> Result<S
             let options = LogOptions {
                 segment_bytes: config.storage.segment_mb << 20,
                 now: clock.now(),
+                // Every send waits for a flush, which writes the appends with it.
+                write_behind: config.durability == crate::store::Durability::Fsync,
                 ..LogOptions::default()
             };
             let opening = std::time::Instant::now();

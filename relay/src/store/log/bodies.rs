@@ -6,7 +6,6 @@
 //! for the scrub, which marks it dead and punches its bytes out. A crash before that
 //! leaves a body no live entry points at: the scan at open drops it.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -142,9 +141,8 @@ impl LogStore {
         len: u32,
     ) -> StoreResult<Option<Bytes>> {
         let mut buf = vec![0u8; len as usize];
-        segment
-            .file
-            .read_exact_at(&mut buf, offset)
+        self.shared
+            .read_at(segment, &mut buf, offset)
             .map_err(|e| io("reading a body", e))?;
         Ok(record::decode_body(&Bytes::from(buf))?.map(|(_, body)| body))
     }

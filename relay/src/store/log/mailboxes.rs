@@ -10,7 +10,7 @@ use tern_proto::DeviceAddress;
 use tracing::warn;
 
 use super::record::{self, MessageHeader};
-use super::{io, lock, Loc, LogStore, Segment, EARLY_SPARE};
+use super::{io, lock, Loc, LogStore, Segment, Writer, EARLY_SPARE, MAX_PENDING};
 use crate::store::seq::SeqCounters;
 use crate::store::{
     Envelope, Expired, Flush, MailboxStore, SharedAppend, StoreError, StoreResult, StoredMessage,
@@ -50,6 +50,37 @@ impl LogStore {
         let start = w.len;
         w.buf.clear();
         let placed = encode(&mut w.buf, start, &mut w.seqs, w.active.id)?;
+        // Only into a zero-filled spare: an overwrite of blocks already written needs
+        // no new ones, so a full disk cannot fail the flush's write (a segment that
+        // grows, as on a nearly full disk, refuses each append that finds no room).
+        if shared.write_behind && !w.grows && w.buf.len() <= MAX_PENDING {
+            // An injected failure refuses the append here, as it refuses a write.
+            crate::store::fault::check(crate::store::fault::Site::LogAppend)
+                .map_err(|e| io("appending", e))?;
+            let mut pending = lock(&shared.pending);
+            if pending.bytes.len() + w.buf.len() > MAX_PENDING {
+                // No flush came for a while: these go now (on failure this append
+                // is refused with nothing of it kept, and the log latches).
+                drop(pending);
+                shared.write_pending(&w.active)?;
+                pending = lock(&shared.pending);
+            }
+            if pending.bytes.is_empty() {
+                pending.segment = w.active.id;
+                pending.start = start;
+            }
+            pending.bytes.extend_from_slice(&w.buf);
+        } else {
+            self.write_now(w, start, &placed)?;
+        }
+        self.placed(w, placed)
+    }
+
+    /// Writes an append at once (not write-behind, or too large to wait): after the
+    /// appends pending, so the file is written in order.
+    fn write_now(&self, w: &mut Writer, start: u64, placed: &Placed) -> StoreResult<()> {
+        let shared = &*self.shared;
+        shared.write_pending(&w.active)?;
         // On failure nothing is indexed, and the next append starts a new segment
         // rather than write over part of what may have reached this one.
         let written = crate::store::fault::check(crate::store::fault::Site::LogAppend)
@@ -67,6 +98,12 @@ impl LogStore {
             }
             return Err(io("appending", e));
         }
+        Ok(())
+    }
+
+    /// Indexes an append written (or pending), and moves the writer past it.
+    fn placed(&self, w: &mut Writer, placed: Placed) -> StoreResult<Vec<u64>> {
+        let shared = &*self.shared;
         let due = w.spare_due(shared.segment_bytes);
         if w.len < due && w.len + w.buf.len() as u64 >= due {
             // Half way through the segment (or into a growing one): have the next
@@ -181,9 +218,8 @@ impl MailboxStore for LogStore {
         let mut lost = Vec::new();
         for run in runs {
             let mut buf = vec![0u8; usize::try_from(run.end - run.start).unwrap_or(usize::MAX)];
-            run.segment
-                .file
-                .read_exact_at(&mut buf, run.start)
+            self.shared
+                .read_at(&run.segment, &mut buf, run.start)
                 .map_err(|e| io("reading", e))?;
             let buf = Bytes::from(buf);
             for (seq, offset, len, body) in run.items {

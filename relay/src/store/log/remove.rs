@@ -10,7 +10,6 @@
 //! Until the spans are queued the segments still count the records live, so neither a
 //! scrub nor a segment deletion can race the header writes.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use tern_proto::DeviceAddress;
@@ -151,7 +150,7 @@ impl Shared {
             for (run, n) in Dead::join(group.iter().map(Taken::dead)) {
                 let marked = record::dead_header(run.len, run.seq)
                     .map_err(|e| std::io::Error::other(e.to_string()))
-                    .and_then(|h| segment.file.write_all_at(&h, run.offset));
+                    .and_then(|h| self.write_over(&segment, &h, run.offset));
                 if let Err(e) = marked {
                     failure = Some(e);
                     break 'segments;

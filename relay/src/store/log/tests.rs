@@ -19,13 +19,19 @@ fn msg(i: u8, payload: &[u8]) -> Envelope {
     }
 }
 
+/// A log without its background pass.
 fn manual(dir: &Path, segment_bytes: u64) -> LogStore {
+    manual_with(dir, segment_bytes, false)
+}
+
+fn manual_with(dir: &Path, segment_bytes: u64, write_behind: bool) -> LogStore {
     LogStore::open(
         dir,
         LogOptions {
             segment_bytes,
             background: false,
             now: 0,
+            write_behind,
         },
     )
     .expect("open")
@@ -427,6 +433,8 @@ fn zero_filled_spare_segments_are_used_and_read_back() {
         segment_bytes: segment,
         background: true,
         now: 0,
+        // The spares' appends wait for the flush, as under `durability = "fsync"`.
+        write_behind: true,
     };
     let a = addr(1);
     let mut all = Vec::new();
@@ -585,6 +593,7 @@ fn the_background_pass_prepares_the_early_spare_by_itself() {
         segment_bytes: 16 << 20,
         background: true,
         now: 0,
+        write_behind: true,
     };
     let store = LogStore::open(dir.path(), options).expect("open");
     let a = addr(1);
@@ -907,6 +916,7 @@ fn open_at(dir: &Path, now: UnixMillis) -> LogStore {
             segment_bytes: 1 << 20,
             background: false,
             now,
+            write_behind: false,
         },
     )
     .expect("open")
@@ -1120,3 +1130,6 @@ mod shared;
 
 #[path = "tests_remove.rs"]
 mod removal;
+
+#[path = "tests_behind.rs"]
+mod behind;

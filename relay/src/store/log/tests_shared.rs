@@ -123,6 +123,7 @@ fn an_expired_body_and_its_entries_are_dropped_at_open() {
             segment_bytes: 1 << 20,
             background: false,
             now: 200,
+            write_behind: false,
         },
     )
     .expect("open");
