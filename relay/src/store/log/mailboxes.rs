@@ -62,7 +62,7 @@ impl LogStore {
                 // No flush came for a while: these go now (on failure this append
                 // is refused with nothing of it kept, and the log latches).
                 drop(pending);
-                shared.write_pending(&w.active)?;
+                shared.write_pending(w)?;
                 pending = lock(&shared.pending);
             }
             if pending.bytes.is_empty() {
@@ -80,7 +80,7 @@ impl LogStore {
     /// appends pending, so the file is written in order.
     fn write_now(&self, w: &mut Writer, start: u64, placed: &Placed) -> StoreResult<()> {
         let shared = &*self.shared;
-        shared.write_pending(&w.active)?;
+        shared.write_pending(w)?;
         // On failure nothing is indexed, and the next append starts a new segment
         // rather than write over part of what may have reached this one.
         let written = crate::store::fault::check(crate::store::fault::Site::LogAppend)

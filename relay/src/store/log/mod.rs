@@ -625,7 +625,7 @@ impl Shared {
     /// Starts the next segment.
     fn roll(&self, w: &mut Writer) -> StoreResult<()> {
         // The old segment whole before the log leaves it.
-        self.write_pending(&w.active)?;
+        self.write_pending(w)?;
         let id = w.active.id + 1;
         let (segment, grows) = self.next_segment(id, seq::floor(w.seqs.epoch()))?;
         // The new segment's header (its seq floor) is on disk, and named, before the
@@ -676,22 +676,31 @@ impl Shared {
         }
     }
 
-    /// Writes the pending appends into `active` (call with the writer's lock held, so
-    /// that `active` is the segment they belong to). A failure latches as a failed
-    /// fsync does (see `Shared::failed`): it is an I/O error, not a full disk (the
-    /// bytes go into a zero-filled spare), and some of those appends' senders may yet
-    /// wait for a later flush, which must not tell them they are stored.
-    fn write_pending(&self, active: &Segment) -> StoreResult<()> {
+    /// Writes the pending appends into the active segment (with the writer's lock
+    /// held, so that it is the segment they belong to), and marks it for the next
+    /// flush's fsync: a flush that cleared the mark meanwhile did not cover these
+    /// bytes. A failure latches as a failed fsync does (see `Shared::failed`): it is
+    /// an I/O error, not a full disk (the bytes go into a zero-filled spare), and some
+    /// of those appends' senders may yet wait for a later flush, which must not tell
+    /// them they are stored.
+    fn write_pending(&self, w: &mut Writer) -> StoreResult<()> {
         let mut pending = lock(&self.pending);
         if pending.bytes.is_empty() {
             return Ok(());
         }
-        debug_assert_eq!(pending.segment, active.id);
-        if let Err(e) = active.file.write_all_at(&pending.bytes, pending.start) {
-            let e = io("writing appends", e);
+        let written = if pending.segment == w.active.id {
+            w.active
+                .file
+                .write_all_at(&pending.bytes, pending.start)
+                .map_err(|e| io("writing appends", e))
+        } else {
+            Err(StoreError::Corrupt("appends pending for a segment left"))
+        };
+        if let Err(e) = written {
             self.fail(&e);
             return Err(e);
         }
+        w.dirty = true;
         pending.start += pending.bytes.len() as u64;
         pending.bytes.clear();
         if pending.bytes.capacity() > MAX_PENDING {
@@ -768,9 +777,10 @@ impl Shared {
         if let Some(e) = lock(&self.failed).as_ref() {
             return Err(StoreError::Backend(e.clone()));
         }
-        // First, so that a failure leaves the marks below for the next flush (though
-        // it latches): every append whose writer waits for this flush is pending now.
-        self.write_pending(&lock(&self.writer).active)?;
+        // First, so that a failure leaves the marks below (though it latches): every
+        // append whose writer waits for this flush is pending or written by now, and
+        // whatever wrote it marked the segment for the fsync below or a later one.
+        self.write_pending(&mut lock(&self.writer))?;
         let unlinked = self.unlinked.swap(false, Ordering::AcqRel);
         let acked = std::mem::take(&mut *lock(&self.ack_dirty));
         let mut files = {
@@ -824,7 +834,7 @@ impl Shared {
         };
         // Every record taken above was appended before: once this is written, none
         // is only in memory, so no later write brings its ciphertext back over a hole.
-        if let Err(e) = self.write_pending(&lock(&self.writer).active) {
+        if let Err(e) = self.write_pending(&mut lock(&self.writer)) {
             let mut index = lock(&self.index);
             for (segment, spans) in work {
                 if let Some(state) = index.segments.get_mut(&segment.id) {

@@ -52,9 +52,9 @@ impl LogStore {
         let _one = lock(&shared.snapshotting);
         std::fs::create_dir_all(dest).map_err(|e| io("creating the backup directory", e))?;
         let segments: Vec<(Arc<Segment>, Option<u64>)> = {
-            let w = lock(&shared.writer);
+            let mut w = lock(&shared.writer);
             // The copy reads the files: what waits to be written goes first.
-            shared.write_pending(&w.active)?;
+            shared.write_pending(&mut w)?;
             let index = lock(&shared.index);
             let mut all: Vec<_> = index
                 .segments

@@ -273,3 +273,31 @@ fn appends_that_no_flush_takes_are_written_once_they_reach_the_bound() {
     let read = store.read(&a, big - 1, 1).expect("read");
     assert_eq!(read[0].payload.len(), MAX_PENDING + 1);
 }
+
+#[test]
+fn whatever_writes_the_pending_appends_leaves_them_to_the_next_fsync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = addr(1);
+    let store = behind(dir.path(), 1 << 20);
+    let copies = tempfile::tempdir().expect("tempdir");
+    type Write<'a> = &'a dyn Fn(&LogStore);
+    let writers: [(&str, Write<'_>); 2] = [
+        ("a scrub", &|s| s.scrub().expect("scrub")),
+        ("a backup", &|s| {
+            let to = copies.path().join(format!("{}", pending_len(s)));
+            s.snapshot_into(&to).map(|_| ()).expect("backup");
+        }),
+    ];
+    for (i, (name, write)) in writers.into_iter().enumerate() {
+        one(&store, &a, i as u8, &[9; 100]);
+        // A flush that wrote what was pending before this append, and cleared the
+        // segment's mark after it: its fsync did not cover these bytes.
+        lock(&store.shared.writer).dirty = false;
+        write(&store);
+        assert_eq!(pending_len(&store), 0, "{name} wrote them");
+        assert!(
+            lock(&store.shared.writer).dirty,
+            "after {name}, the next flush fsyncs them"
+        );
+    }
+}
