@@ -113,6 +113,29 @@ struct Pending {
     bytes: Vec<u8>,
 }
 
+impl Pending {
+    /// Where `offset..end` of `segment` meets the bytes pending: where that part
+    /// starts in the segment (it runs to `end`), and its indexes into `bytes`. They
+    /// are the segment's tail, so a record that meets them ends within them, and the
+    /// part before is in the file. A range past the tail (nothing was appended there)
+    /// is left to the file.
+    fn overlap(
+        &self,
+        segment: u64,
+        offset: u64,
+        end: u64,
+    ) -> Option<(u64, std::ops::Range<usize>)> {
+        let tail = self.start + self.bytes.len() as u64;
+        if self.bytes.is_empty() || self.segment != segment || end <= self.start || end > tail {
+            return None;
+        }
+        let from = offset.max(self.start);
+        let at = usize::try_from(from - self.start).ok()?;
+        let to = usize::try_from(end - self.start).ok()?;
+        Some((from, at..to))
+    }
+}
+
 /// Pending bytes at which an append writes them at once instead of waiting for a
 /// flush (none comes under `durability = "os"` but the background pass's).
 const MAX_PENDING: usize = 4 << 20;
@@ -306,6 +329,15 @@ impl Index {
         self.expiry.insert((loc.expires_at, to, seq));
         if let Some(s) = self.segments.get_mut(&loc.segment) {
             s.live += 1;
+        }
+    }
+
+    /// Queues spans for the scrub again (a pass that could not finish them).
+    fn requeue(&mut self, work: impl IntoIterator<Item = (Arc<Segment>, Vec<Dead>)>) {
+        for (segment, spans) in work {
+            if let Some(state) = self.segments.get_mut(&segment.id) {
+                state.dead.extend(spans);
+            }
         }
     }
 
@@ -712,31 +744,16 @@ impl Shared {
     /// Reads `buf.len()` bytes at `offset` of `segment`, the pending ones from memory.
     fn read_at(&self, segment: &Segment, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
-        {
-            let pending = lock(&self.pending);
-            let (start, len) = (pending.start, pending.bytes.len() as u64);
-            if len > 0 && pending.segment == segment.id && offset < start + len && start < end {
-                // The part in memory, then what lies outside it from the file (it
-                // left `pending` only once written).
-                let (from, to) = (offset.max(start), end.min(start + len));
-                buf[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
-                    &pending.bytes[(from - start) as usize..(to - start) as usize],
-                );
-                drop(pending);
-                if offset < from {
-                    segment
-                        .file
-                        .read_exact_at(&mut buf[..(from - offset) as usize], offset)?;
-                }
-                if to < end {
-                    segment
-                        .file
-                        .read_exact_at(&mut buf[(to - offset) as usize..], to)?;
-                }
-                return Ok(());
-            }
-        }
-        segment.file.read_exact_at(buf, offset)
+        let pending = lock(&self.pending);
+        let Some((from, part)) = pending.overlap(segment.id, offset, end) else {
+            drop(pending);
+            return segment.file.read_exact_at(buf, offset);
+        };
+        let (head, tail) = buf.split_at_mut((from - offset) as usize);
+        tail.copy_from_slice(&pending.bytes[part]);
+        // The rest left `pending` only once written.
+        drop(pending);
+        segment.file.read_exact_at(head, offset)
     }
 
     /// Writes `bytes` over what lies at `offset` of `segment` (an ack's dead header):
@@ -744,27 +761,17 @@ impl Shared {
     fn write_over(&self, segment: &Segment, bytes: &[u8], offset: u64) -> std::io::Result<()> {
         let end = offset + bytes.len() as u64;
         let mut pending = lock(&self.pending);
-        let (start, len) = (pending.start, pending.bytes.len() as u64);
-        if len > 0 && pending.segment == segment.id && offset < start + len && start < end {
-            let (from, to) = (offset.max(start), end.min(start + len));
-            pending.bytes[(from - start) as usize..(to - start) as usize]
-                .copy_from_slice(&bytes[(from - offset) as usize..(to - offset) as usize]);
+        let Some((from, part)) = pending.overlap(segment.id, offset, end) else {
             drop(pending);
-            // What lies outside it is in the file.
-            if offset < from {
-                segment
-                    .file
-                    .write_all_at(&bytes[..(from - offset) as usize], offset)?;
-            }
-            if to < end {
-                segment
-                    .file
-                    .write_all_at(&bytes[(to - offset) as usize..], to)?;
-            }
+            return segment.file.write_all_at(bytes, offset);
+        };
+        let (head, tail) = bytes.split_at((from - offset) as usize);
+        pending.bytes[part].copy_from_slice(tail);
+        drop(pending);
+        if head.is_empty() {
             return Ok(());
         }
-        drop(pending);
-        segment.file.write_all_at(bytes, offset)
+        segment.file.write_all_at(head, offset)
     }
 
     /// After a failed fsync every later flush fails (see `Shared::failed`).
@@ -835,12 +842,7 @@ impl Shared {
         // Every record taken above was appended before: once this is written, none
         // is only in memory, so no later write brings its ciphertext back over a hole.
         if let Err(e) = self.write_pending(&mut lock(&self.writer)) {
-            let mut index = lock(&self.index);
-            for (segment, spans) in work {
-                if let Some(state) = index.segments.get_mut(&segment.id) {
-                    state.dead.extend(spans);
-                }
-            }
+            lock(&self.index).requeue(work);
             return Err(e);
         }
         let mut first = None;
@@ -887,11 +889,7 @@ impl Shared {
                 } else {
                     Vec::new()
                 };
-                for (segment, spans) in std::iter::once((segment, merged)).chain(rest) {
-                    if let Some(state) = index.segments.get_mut(&segment.id) {
-                        state.dead.extend(spans);
-                    }
-                }
+                index.requeue(std::iter::once((segment, merged)).chain(rest));
                 drop(index);
                 let e = io("scrubbing removed messages", e);
                 if latch {

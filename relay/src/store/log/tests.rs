@@ -53,6 +53,21 @@ fn seqs(store: &LogStore, of: &DeviceAddress) -> Vec<u64> {
         .collect()
 }
 
+/// Where `seq` of `of` lies: (segment, offset, length).
+fn place(store: &LogStore, of: &DeviceAddress, seq: u64) -> (u64, u64, u64) {
+    let index = lock(&store.shared.index);
+    let loc = index.mailboxes[of].entries[&seq];
+    (loc.segment, loc.offset, u64::from(loc.len))
+}
+
+/// The first bytes at `offset` of segment `id`, as the scan reads them.
+fn peek(dir: &Path, id: u64, offset: u64) -> record::Next {
+    let file = File::open(segment_path(dir, id)).expect("open");
+    let mut head = [0u8; record::PEEK_LEN];
+    file.read_exact_at(&mut head, offset).expect("read");
+    record::next(&head, u64::MAX)
+}
+
 fn segment_files(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .expect("list")

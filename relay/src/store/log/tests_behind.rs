@@ -17,18 +17,6 @@ fn pending_len(store: &LogStore) -> usize {
     lock(&store.shared.pending).bytes.len()
 }
 
-/// The first bytes at `offset` of segment `id` on disk, as the scan reads them.
-fn peek(dir: &Path, id: u64, offset: u64) -> record::Next {
-    let file = File::open(segment_path(dir, id)).expect("open");
-    let mut head = [0u8; record::PEEK_LEN];
-    file.read_exact_at(&mut head, offset).expect("read");
-    record::next(&head, u64::MAX)
-}
-
-fn loc(store: &LogStore, of: &DeviceAddress, seq: u64) -> Loc {
-    lock(&store.shared.index).mailboxes[of].entries[&seq]
-}
-
 #[test]
 fn conformance_with_write_behind() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -113,28 +101,29 @@ fn an_ack_of_pending_records_is_written_with_them_and_holds_after_a_crash() {
     let other = one(&store, &b, 4, &[4; 90]);
     // And a run wholly in memory.
     let last = one(&store, &a, 5, &[5; 90]);
-    let (first, next) = (loc(&store, &a, written), loc(&store, &a, pending[0]));
-    let only = loc(&store, &a, last);
+    // Each as (segment, offset, length).
+    let (first, next) = (place(&store, &a, written), place(&store, &a, pending[0]));
+    let only = place(&store, &a, last);
     store
         .remove(&a, &[written, pending[0], pending[1], last])
         .expect("ack");
     assert!(seqs(&store, &a).is_empty());
     // The run's header went to the file; the records in memory keep theirs until
     // the flush writes them as they are now.
-    let run: u64 = u64::from(first.len) + 2 * u64::from(next.len);
+    let run: u64 = first.2 + 2 * next.2;
     assert_eq!(
-        peek(dir.path(), first.segment, first.offset),
+        peek(dir.path(), first.0, first.1),
         record::Next::Dead(run, pending[1])
     );
     store.flush().expect("flush");
     assert_eq!(
-        peek(dir.path(), next.segment, next.offset),
-        record::Next::Record(u64::from(next.len)),
+        peek(dir.path(), next.0, next.1),
+        record::Next::Record(next.2),
         "inside a run, a record keeps its header"
     );
     assert_eq!(
-        peek(dir.path(), only.segment, only.offset),
-        record::Next::Dead(u64::from(only.len), last),
+        peek(dir.path(), only.0, only.1),
+        record::Next::Dead(only.2, last),
         "the header written in memory reached the file"
     );
     crash(store);

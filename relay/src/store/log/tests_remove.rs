@@ -2,21 +2,6 @@
 
 use super::*;
 
-/// Where `seq` of `of` lies: (segment, offset, length).
-fn place(store: &LogStore, of: &DeviceAddress, seq: u64) -> (u64, u64, u64) {
-    let index = lock(&store.shared.index);
-    let loc = index.mailboxes[of].entries[&seq];
-    (loc.segment, loc.offset, u64::from(loc.len))
-}
-
-/// The first bytes at `offset` of segment `id`, as the scan reads them.
-fn peek(dir: &Path, id: u64, offset: u64) -> record::Next {
-    let file = File::open(segment_path(dir, id)).expect("open");
-    let mut head = [0u8; record::PEEK_LEN];
-    file.read_exact_at(&mut head, offset).expect("read");
-    record::next(&head, u64::MAX)
-}
-
 #[test]
 fn an_ack_of_a_batch_marks_it_dead_with_one_header_and_keeps_it_gone() {
     let dir = tempfile::tempdir().expect("tempdir");
